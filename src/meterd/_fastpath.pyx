@@ -1,0 +1,1082 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled core of meterd: wire decoding, rating and debits on C tables.
+
+It does no I/O, no asyncio, no LMDB and no config parsing; ``meterd.core``
+chooses between this module and its pure-Python twin ``_fastpath_py`` and the
+server owns policy, storage and the network.
+
+Amounts are int64 nano-units (1e-9 of a credit). Each credit type has a
+denominator D: an account's carried remainder is kept in units of 1/D nano, so
+sub-nano costs accumulate exactly instead of being rounded away. D is the
+least common multiple of ``per_units * 10**precision`` over the rates of that
+credit type, and each rate carries ``factor = D / (per_units * 10**precision)``.
+"""
+
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint8_t, INT64_MAX
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcmp, memcpy, memset
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from meterd.errors import InvalidInput
+
+cdef extern from *:
+    """
+    typedef __int128 meterd_i128;
+    static inline int meterd_mul(meterd_i128 a, meterd_i128 b, meterd_i128 *r) {
+        return __builtin_mul_overflow(a, b, r);
+    }
+    """
+    ctypedef long long i128 "meterd_i128"
+    int i128_mul "meterd_mul"(i128 a, i128 b, i128 *r) noexcept nogil
+
+# Reasons, mirrored from meterd.v1.Reason.
+cdef enum:
+    REASON_NONE = 0
+    REASON_INSUFFICIENT_BALANCE = 1
+    REASON_UNKNOWN_CUSTOMER = 2
+    REASON_OVERFLOW = 3
+
+# Decoder error codes; the message is built only on the error path.
+cdef enum:
+    E_OK = 0
+    E_TRUNCATED = 1
+    E_WIRE_TYPE = 2
+    E_EMPTY = 3
+    E_TOO_LONG = 4
+    E_CHARSET = 5
+    E_UNKNOWN_METER = 6
+    E_NEGATIVE = 7
+    E_DECIMAL = 8
+    E_OVERFLOW = 9
+    E_NO_PRICE = 10
+    E_TOO_MANY = 11
+    E_VARINT = 12
+
+
+cdef struct Rate:
+    int32_t meter
+    int32_t ct
+    int32_t dim_len          # -1 for the meter's default rate
+    char *dim_value
+    int64_t amount_nano
+    int64_t factor
+
+
+cdef struct Meter:
+    char *name
+    int32_t name_len
+    int32_t ct
+    int32_t precision
+    char *dim_key
+    int32_t dim_key_len      # 0: the meter has a single price
+    int32_t rate_first
+    int32_t rate_count
+    int32_t rate_default     # -1: no default price
+
+
+# One decoded event, pointing into the caller's buffer.
+cdef struct Event:
+    const char *cust
+    int32_t cust_len
+    int32_t meter
+    int32_t rate
+    int32_t account
+    int64_t quantity
+    i128 fine               # cost in 1/D nano-units
+    int32_t err
+    const char *err_ptr      # field name of the error
+    const char *detail
+    int32_t detail_len
+
+
+cdef inline uint64_t _hash(const char *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= <uint8_t>p[i]
+        h *= 1099511628211ULL
+    return h
+
+
+cdef inline int _read_varint(const char *buf, Py_ssize_t end, Py_ssize_t *pos, uint64_t *out) noexcept nogil:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while pos[0] < end:
+        b = <uint8_t>buf[pos[0]]
+        pos[0] += 1
+        if shift == 63 and b > 1:
+            return E_VARINT
+        result |= (<uint64_t>(b & 0x7F)) << shift
+        if b < 0x80:
+            out[0] = result
+            return E_OK
+        shift += 7
+        if shift > 63:
+            return E_VARINT
+    return E_TRUNCATED
+
+
+cdef inline int _skip(const char *buf, Py_ssize_t end, Py_ssize_t *pos, int wt) noexcept nogil:
+    cdef uint64_t v
+    cdef int rc
+    if wt == 0:
+        return _read_varint(buf, end, pos, &v)
+    if wt == 1:
+        if end - pos[0] < 8:
+            return E_TRUNCATED
+        pos[0] += 8
+        return E_OK
+    if wt == 5:
+        if end - pos[0] < 4:
+            return E_TRUNCATED
+        pos[0] += 4
+        return E_OK
+    if wt == 2:
+        rc = _read_varint(buf, end, pos, &v)
+        if rc:
+            return rc
+        if v > <uint64_t>(end - pos[0]):
+            return E_TRUNCATED
+        pos[0] += <Py_ssize_t>v
+        return E_OK
+    return E_WIRE_TYPE
+
+
+cdef inline int _read_len(const char *buf, Py_ssize_t end, Py_ssize_t *pos, Py_ssize_t *start, Py_ssize_t *n) noexcept nogil:
+    cdef uint64_t v
+    cdef int rc = _read_varint(buf, end, pos, &v)
+    if rc:
+        return rc
+    if v > <uint64_t>(end - pos[0]):
+        return E_TRUNCATED
+    start[0] = pos[0]
+    n[0] = <Py_ssize_t>v
+    pos[0] += <Py_ssize_t>v
+    return E_OK
+
+
+cdef int _parse_decimal(const char *p, Py_ssize_t n, int precision, int64_t *out) noexcept nogil:
+    """Exact decimal "123" or "1.25" into an integer of 10**-precision units."""
+    cdef i128 value = 0
+    cdef Py_ssize_t i = 0
+    cdef int frac = -1
+    cdef int digits = 0
+    cdef char c
+    if n == 0:
+        return E_DECIMAL
+    if p[0] == b'-':
+        return E_NEGATIVE
+    for i in range(n):
+        c = p[i]
+        if c == b'.':
+            if frac >= 0:
+                return E_DECIMAL
+            frac = 0
+            continue
+        if c < b'0' or c > b'9':
+            return E_DECIMAL
+        if frac >= 0:
+            frac += 1
+            if frac > precision:
+                return E_DECIMAL
+        digits += 1
+        value = value * 10 + (c - 48)
+        if value > INT64_MAX:
+            return E_OVERFLOW
+    if digits == 0 or frac == 0:
+        return E_DECIMAL
+    if frac < 0:
+        frac = 0
+    while frac < precision:
+        value *= 10
+        frac += 1
+        if value > INT64_MAX:
+            return E_OVERFLOW
+    out[0] = <int64_t>value
+    return E_OK
+
+
+cdef inline bint _id_charset_ok(const char *p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if <uint8_t>p[i] < 0x21 or <uint8_t>p[i] > 0x7E:
+            return False
+    return True
+
+
+cdef class Core:
+    """Accounts, rates and the batch decoder. See the module docstring."""
+
+    cdef int n_ct
+    cdef int n_meters
+    cdef int n_rates
+    cdef int64_t *denom
+    cdef Meter *meters
+    cdef Rate *rates
+    # account table
+    cdef Py_ssize_t count
+    cdef Py_ssize_t cap
+    cdef uint64_t mask
+    cdef int32_t *slots
+    cdef uint32_t *hashes
+    cdef uint64_t *id_off
+    cdef uint8_t *id_len
+    cdef char *arena
+    cdef uint64_t arena_len
+    cdef uint64_t arena_cap
+    cdef int64_t *bal
+    cdef int64_t *resv
+    cdef int64_t *floor_
+    cdef int64_t *rem
+    cdef int64_t *usage
+    cdef uint8_t *dirty
+    # limits and scratch
+    cdef int id_max
+    cdef int batch_max
+    cdef int dims_max
+    cdef int dim_key_max
+    cdef int dim_value_max
+    cdef Event *scratch
+    cdef bint closed
+
+    def __cinit__(self):
+        self.denom = NULL
+        self.meters = NULL
+        self.rates = NULL
+        self.slots = NULL
+        self.hashes = NULL
+        self.id_off = NULL
+        self.id_len = NULL
+        self.arena = NULL
+        self.bal = NULL
+        self.resv = NULL
+        self.floor_ = NULL
+        self.rem = NULL
+        self.usage = NULL
+        self.dirty = NULL
+        self.scratch = NULL
+        self.count = 0
+        self.cap = 0
+        self.closed = False
+
+    def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024):
+        """Build the core for one catalog shape.
+
+        ``meters``: (name, credit_type, precision, price_dimension) tuples;
+        ``rates``: (meter, dimension_value or None, amount_nano, factor) tuples,
+        grouped by meter; ``limits``: customer_id_bytes_max, batch_events_max,
+        dimensions_max, dimension_key_bytes_max, dimension_value_bytes_max.
+        """
+        cdef Py_ssize_t i
+        self.n_ct = len(denominators)
+        self.n_meters = len(meters)
+        self.n_rates = len(rates)
+        self.id_max = limits["customer_id_bytes_max"]
+        self.batch_max = limits["batch_events_max"]
+        self.dims_max = limits["dimensions_max"]
+        self.dim_key_max = limits["dimension_key_bytes_max"]
+        self.dim_value_max = limits["dimension_value_bytes_max"]
+        if self.id_max > 255:
+            raise ValueError("customer_id_bytes_max is at most 255")
+        self.denom = <int64_t *>calloc(max(self.n_ct, 1), sizeof(int64_t))
+        self.meters = <Meter *>calloc(max(self.n_meters, 1), sizeof(Meter))
+        self.rates = <Rate *>calloc(max(self.n_rates, 1), sizeof(Rate))
+        self.scratch = <Event *>calloc(max(self.batch_max, 1), sizeof(Event))
+        if not (self.denom and self.meters and self.rates and self.scratch):
+            raise MemoryError()
+        for i in range(self.n_ct):
+            if denominators[i] <= 0 or denominators[i] > 10**15:
+                raise ValueError("denominator out of range")
+            self.denom[i] = denominators[i]
+        for i in range(self.n_meters):
+            name, ct, precision, dim = meters[i]
+            self.meters[i].name = _dup(name)
+            self.meters[i].name_len = len(name)
+            self.meters[i].ct = ct
+            self.meters[i].precision = precision
+            self.meters[i].dim_key = _dup(dim)
+            self.meters[i].dim_key_len = len(dim)
+            self.meters[i].rate_first = -1
+            self.meters[i].rate_count = 0
+            self.meters[i].rate_default = -1
+        for i in range(self.n_rates):
+            meter, value, amount, factor = rates[i]
+            if self.meters[meter].rate_first < 0:
+                self.meters[meter].rate_first = i
+            elif self.meters[meter].rate_first + self.meters[meter].rate_count != i:
+                raise ValueError("rates must be grouped by meter")
+            self.meters[meter].rate_count += 1
+            self.rates[i].meter = meter
+            self.rates[i].ct = self.meters[meter].ct
+            self.rates[i].amount_nano = amount
+            self.rates[i].factor = factor
+            if value is None:
+                self.rates[i].dim_len = -1
+                self.rates[i].dim_value = NULL
+                self.meters[meter].rate_default = i
+            else:
+                self.rates[i].dim_len = len(value)
+                self.rates[i].dim_value = _dup(value)
+        self._grow(max(capacity, 16))
+
+    def __dealloc__(self):
+        cdef int i
+        if self.meters != NULL:
+            for i in range(self.n_meters):
+                free(self.meters[i].name)
+                free(self.meters[i].dim_key)
+        if self.rates != NULL:
+            for i in range(self.n_rates):
+                free(self.rates[i].dim_value)
+        free(self.denom); free(self.meters); free(self.rates); free(self.scratch)
+        free(self.slots); free(self.hashes); free(self.id_off); free(self.id_len)
+        free(self.arena); free(self.bal); free(self.resv); free(self.floor_)
+        free(self.rem); free(self.usage); free(self.dirty)
+
+    def close(self):
+        """Refuse further use; memory is freed with the object."""
+        self.closed = True
+
+    cdef int _check(self) except -1:
+        if self.closed:
+            raise RuntimeError("core is closed")
+        return 0
+
+    # ---- account table -------------------------------------------------
+
+    cdef int _grow(self, Py_ssize_t new_cap) except -1:
+        cdef Py_ssize_t nslots = 16
+        cdef Py_ssize_t i
+        cdef uint64_t h
+        while nslots < new_cap * 2:
+            nslots *= 2
+        self.hashes = <uint32_t *>_resize(self.hashes, new_cap * sizeof(uint32_t))
+        self.id_off = <uint64_t *>_resize(self.id_off, new_cap * sizeof(uint64_t))
+        self.id_len = <uint8_t *>_resize(self.id_len, new_cap)
+        self.dirty = <uint8_t *>_resize(self.dirty, new_cap)
+        self.bal = <int64_t *>_resize(self.bal, new_cap * self.n_ct * sizeof(int64_t))
+        self.resv = <int64_t *>_resize(self.resv, new_cap * self.n_ct * sizeof(int64_t))
+        self.floor_ = <int64_t *>_resize(self.floor_, new_cap * self.n_ct * sizeof(int64_t))
+        self.rem = <int64_t *>_resize(self.rem, new_cap * self.n_ct * sizeof(int64_t))
+        self.usage = <int64_t *>_resize(self.usage, new_cap * max(self.n_meters, 1) * sizeof(int64_t))
+        free(self.slots)
+        self.slots = <int32_t *>calloc(nslots, sizeof(int32_t))
+        if self.slots == NULL:
+            raise MemoryError()
+        self.mask = nslots - 1
+        self.cap = new_cap
+        for i in range(self.count):
+            h = self.hashes[i] & self.mask
+            while self.slots[h] != 0:
+                h = (h + 1) & self.mask
+            self.slots[h] = <int32_t>(i + 1)
+        return 0
+
+    cdef inline int32_t _find(self, const char *p, Py_ssize_t n) noexcept nogil:
+        cdef uint32_t hv = <uint32_t>_hash(p, n)
+        cdef uint64_t h = hv & self.mask
+        cdef int32_t s
+        while True:
+            s = self.slots[h]
+            if s == 0:
+                return -1
+            s -= 1
+            if self.hashes[s] == hv and self.id_len[s] == n and memcmp(self.arena + self.id_off[s], p, n) == 0:
+                return s
+            h = (h + 1) & self.mask
+
+    cdef int32_t _insert(self, const char *p, Py_ssize_t n) except -2:
+        cdef int32_t idx = self._find(p, n)
+        cdef uint64_t h
+        cdef Py_ssize_t k
+        if idx >= 0:
+            return idx
+        if self.count >= 0x7FFFFFF0:
+            raise MemoryError("account table full")
+        if self.count == self.cap:
+            self._grow(self.cap * 2)
+        if self.arena_len + n > self.arena_cap:
+            self.arena_cap = max(self.arena_cap * 2, self.arena_len + n + 4096)
+            self.arena = <char *>_resize(self.arena, self.arena_cap)
+        idx = <int32_t>self.count
+        memcpy(self.arena + self.arena_len, p, n)
+        self.id_off[idx] = self.arena_len
+        self.id_len[idx] = <uint8_t>n
+        self.arena_len += n
+        self.hashes[idx] = <uint32_t>_hash(p, n)
+        self.dirty[idx] = 1
+        for k in range(self.n_ct):
+            self.bal[idx * self.n_ct + k] = 0
+            self.resv[idx * self.n_ct + k] = 0
+            self.floor_[idx * self.n_ct + k] = 0
+            self.rem[idx * self.n_ct + k] = 0
+        for k in range(self.n_meters):
+            self.usage[idx * self.n_meters + k] = 0
+        h = self.hashes[idx] & self.mask
+        while self.slots[h] != 0:
+            h = (h + 1) & self.mask
+        self.slots[h] = idx + 1
+        self.count += 1
+        return idx
+
+    def __len__(self):
+        return self.count
+
+    def account(self, bytes customer_id):
+        """Index of a customer's account, or -1."""
+        self._check()
+        return self._find(PyBytes_AS_STRING(customer_id), PyBytes_GET_SIZE(customer_id))
+
+    def open_account(self, bytes customer_id):
+        """Index of a customer's account, created empty when missing."""
+        self._check()
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(customer_id)
+        if n == 0 or n > self.id_max or not _id_charset_ok(PyBytes_AS_STRING(customer_id), n):
+            raise InvalidInput("customer_id", "must be 1 to %d printable ASCII characters" % self.id_max)
+        return self._insert(PyBytes_AS_STRING(customer_id), n)
+
+    def customer_id(self, Py_ssize_t idx):
+        self._idx(idx)
+        return PyBytes_FromStringAndSize(self.arena + self.id_off[idx], self.id_len[idx])
+
+    cdef int _idx(self, Py_ssize_t idx) except -1:
+        self._check()
+        if idx < 0 or idx >= self.count:
+            raise IndexError("no account %d" % idx)
+        return 0
+
+    def state(self, Py_ssize_t idx):
+        """(balance, reserved, floor, remainder) per credit type, and usage per meter."""
+        self._idx(idx)
+        cdef Py_ssize_t k, b = idx * self.n_ct
+        cts = [(self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k]) for k in range(self.n_ct)]
+        use = [self.usage[idx * self.n_meters + k] for k in range(self.n_meters)]
+        return cts, use
+
+    def load_state(self, Py_ssize_t idx, list cts, list use):
+        """Set an account's state, as read back from a snapshot."""
+        self._idx(idx)
+        cdef Py_ssize_t k, b = idx * self.n_ct
+        if len(cts) != self.n_ct or len(use) != self.n_meters:
+            raise ValueError("state shape does not match the catalog")
+        for k in range(self.n_ct):
+            self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k] = cts[k]
+            if not (0 <= self.rem[b + k] < self.denom[k]) or self.resv[b + k] < 0:
+                raise ValueError("account state out of range")
+        for k in range(self.n_meters):
+            self.usage[idx * self.n_meters + k] = use[k]
+        self.dirty[idx] = 0
+
+    def take_dirty(self):
+        """Indices of accounts changed since the last call, and clear the marks."""
+        self._check()
+        cdef Py_ssize_t i
+        out = [i for i in range(self.count) if self.dirty[i]]
+        memset(self.dirty, 0, self.count)
+        return out
+
+    def mark_all_dirty(self):
+        self._check()
+        memset(self.dirty, 1, self.count)
+
+    def state_bytes(self, Py_ssize_t idx):
+        """An account's state packed for a snapshot: per credit type
+        (balance, reserved, floor, remainder), then usage per meter, int64 LE."""
+        self._idx(idx)
+        cdef Py_ssize_t k, b = idx * self.n_ct, u = idx * self.n_meters
+        cdef Py_ssize_t words = self.n_ct * 4 + self.n_meters
+        out = PyBytes_FromStringAndSize(NULL, words * 8)
+        cdef int64_t *w = <int64_t *>PyBytes_AS_STRING(out)
+        for k in range(self.n_ct):
+            w[k * 4] = self.bal[b + k]
+            w[k * 4 + 1] = self.resv[b + k]
+            w[k * 4 + 2] = self.floor_[b + k]
+            w[k * 4 + 3] = self.rem[b + k]
+        for k in range(self.n_meters):
+            w[self.n_ct * 4 + k] = self.usage[u + k]
+        return out
+
+    def load_state_bytes(self, bytes customer_id, bytes data):
+        """Create or overwrite an account from ``state_bytes`` output."""
+        self._check()
+        cdef Py_ssize_t k, words = self.n_ct * 4 + self.n_meters
+        if PyBytes_GET_SIZE(data) != words * 8:
+            raise ValueError("state record has the wrong size for this catalog")
+        cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
+        for k in range(self.n_ct):
+            if not (0 <= w[k * 4 + 3] < self.denom[k]) or w[k * 4 + 1] < 0:
+                raise ValueError("account state out of range")
+        cdef Py_ssize_t idx = self.open_account(customer_id)
+        cdef Py_ssize_t b = idx * self.n_ct, u = idx * self.n_meters
+        for k in range(self.n_ct):
+            self.bal[b + k] = w[k * 4]
+            self.resv[b + k] = w[k * 4 + 1]
+            self.floor_[b + k] = w[k * 4 + 2]
+            self.rem[b + k] = w[k * 4 + 3]
+        for k in range(self.n_meters):
+            self.usage[u + k] = w[self.n_ct * 4 + k]
+        self.dirty[idx] = 0
+        return idx
+
+    # ---- money -----------------------------------------------------------
+
+    cdef int _ct(self, Py_ssize_t ct) except -1:
+        if ct < 0 or ct >= self.n_ct:
+            raise IndexError("no credit type %d" % ct)
+        return 0
+
+    def credit(self, Py_ssize_t idx, Py_ssize_t ct, int64_t amount):
+        """Add a signed amount to a balance; returns the new balance."""
+        self._idx(idx); self._ct(ct)
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        cdef i128 v = <i128>self.bal[b] + amount
+        if v > INT64_MAX or v < -INT64_MAX:
+            raise InvalidInput("amount_nano", "balance would overflow")
+        self.bal[b] = <int64_t>v
+        self.dirty[idx] = 1
+        return self.bal[b]
+
+    def set_floor(self, Py_ssize_t idx, Py_ssize_t ct, int64_t floor_nano):
+        self._idx(idx); self._ct(ct)
+        self.floor_[idx * self.n_ct + ct] = floor_nano
+        self.dirty[idx] = 1
+
+    cdef inline i128 _available(self, Py_ssize_t b) noexcept nogil:
+        return <i128>self.bal[b] - self.resv[b] - self.floor_[b]
+
+    def available(self, Py_ssize_t idx, Py_ssize_t ct):
+        self._idx(idx); self._ct(ct)
+        cdef i128 a = self._available(idx * self.n_ct + ct)
+        return <int64_t>a if a > -INT64_MAX else -INT64_MAX
+
+    # ---- rating ----------------------------------------------------------
+
+    cdef int32_t _find_rate(self, int32_t meter, const char *value, Py_ssize_t n) noexcept nogil:
+        cdef Meter *m = &self.meters[meter]
+        cdef int32_t i
+        if value != NULL:
+            for i in range(m.rate_first, m.rate_first + m.rate_count):
+                if self.rates[i].dim_len == n and memcmp(self.rates[i].dim_value, value, n) == 0:
+                    return i
+        return m.rate_default
+
+    def find_rate(self, Py_ssize_t meter, value):
+        """The rate for a meter and its price-dimension value (bytes or None); -1 if none."""
+        self._check()
+        if meter < 0 or meter >= self.n_meters:
+            raise IndexError("no meter %d" % meter)
+        if self.meters[meter].rate_first < 0:
+            return -1
+        if value is None:
+            return self._find_rate(meter, NULL, 0)
+        return self._find_rate(meter, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+
+    cdef int _fine(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil:
+        cdef i128 t
+        if i128_mul(<i128>quantity, <i128>self.rates[rate].amount_nano, &t):
+            return E_OVERFLOW
+        if i128_mul(t, <i128>self.rates[rate].factor, out):
+            return E_OVERFLOW
+        if out[0] / self.denom[self.rates[rate].ct] > INT64_MAX:
+            return E_OVERFLOW
+        return E_OK
+
+    def quote(self, Py_ssize_t rate, int64_t quantity):
+        """(credit type, cost rounded up to a whole nano) of a quantity, without carry."""
+        self._check()
+        if rate < 0 or rate >= self.n_rates:
+            raise IndexError("no rate %d" % rate)
+        if quantity < 0:
+            raise InvalidInput("quantity", "must not be negative")
+        cdef i128 fine
+        if self._fine(<int32_t>rate, quantity, &fine):
+            raise InvalidInput("quantity", "cost overflows 64 bits")
+        cdef int64_t d = self.denom[self.rates[rate].ct]
+        return self.rates[rate].ct, <int64_t>((fine + d - 1) / d)
+
+    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost) noexcept nogil:
+        """Debit one rated event with carry; REASON_* or 0. ``force`` skips the balance check."""
+        cdef int32_t ct = self.rates[rate].ct
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        cdef Py_ssize_t u = idx * self.n_meters + self.rates[rate].meter
+        cdef i128 total = fine + self.rem[b]
+        cdef i128 d = total / self.denom[ct]
+        if d > INT64_MAX or <i128>self.bal[b] - d < -INT64_MAX:
+            return REASON_OVERFLOW
+        if not force and d > 0 and d > self._available(b):
+            return REASON_INSUFFICIENT_BALANCE
+        if <i128>self.usage[u] + quantity > INT64_MAX:
+            return REASON_OVERFLOW
+        self.bal[b] -= <int64_t>d
+        self.rem[b] = <int64_t>(total - d * self.denom[ct])
+        self.usage[u] += quantity
+        self.dirty[idx] = 1
+        cost[0] = <int64_t>d
+        return REASON_NONE
+
+    def reserve(self, Py_ssize_t idx, Py_ssize_t ct, int64_t amount):
+        """Hold an amount if the available balance covers it; True when held."""
+        self._idx(idx); self._ct(ct)
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        if amount < 0:
+            raise InvalidInput("amount", "must not be negative")
+        if amount > self._available(b):
+            return False
+        self.resv[b] += amount
+        self.dirty[idx] = 1
+        return True
+
+    def release(self, Py_ssize_t idx, Py_ssize_t ct, int64_t amount):
+        self._idx(idx); self._ct(ct)
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        if amount < 0 or amount > self.resv[b]:
+            raise ValueError("release of more than is reserved")
+        self.resv[b] -= amount
+        self.dirty[idx] = 1
+
+    def settle(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity, int64_t reserved):
+        """Release a reservation and debit the real usage with carry.
+
+        Returns (cost, overrun): the debit is recorded even when it exceeds
+        the reservation and the available balance (the work was done);
+        ``overrun`` is how far it went past the floor.
+        """
+        self._idx(idx)
+        if rate < 0 or rate >= self.n_rates:
+            raise IndexError("no rate %d" % rate)
+        if quantity < 0:
+            raise InvalidInput("quantity", "must not be negative")
+        cdef int32_t ct = self.rates[rate].ct
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        cdef i128 fine
+        cdef int64_t cost = 0
+        if reserved < 0 or reserved > self.resv[b]:
+            raise ValueError("settle of more than is reserved")
+        if self._fine(<int32_t>rate, quantity, &fine):
+            raise InvalidInput("quantity", "cost overflows 64 bits")
+        self.resv[b] -= reserved
+        if self._debit(idx, <int32_t>rate, quantity, fine, True, &cost) != REASON_NONE:
+            self.resv[b] += reserved
+            raise InvalidInput("quantity", "balance or usage would overflow")
+        cdef i128 a = self._available(b)
+        return cost, <int64_t>(-a if a < 0 else 0)
+
+    def reset_usage(self):
+        """Start a new period: usage counters go to zero."""
+        self._check()
+        memset(self.usage, 0, self.count * self.n_meters * sizeof(int64_t))
+        memset(self.dirty, 1, self.count)
+
+    # ---- wire decoding ---------------------------------------------------
+
+    cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev) noexcept:
+        """Decode and rate one UsageEvent; on error ev.err and ev.err_ptr say why."""
+        cdef Py_ssize_t pos = start, s, n, ks, kn, vs, vn, kpos, kend
+        cdef const char *dim_value = NULL
+        cdef Py_ssize_t dim_len = 0
+        cdef uint64_t key, v
+        cdef int wt, rc, qkind = 0, ndims = 0
+        cdef int64_t qty = 0
+        cdef const char *dec = NULL
+        cdef Py_ssize_t dec_len = 0
+        cdef int32_t i
+        cdef Meter *m
+        ev.cust = NULL
+        ev.cust_len = 0
+        ev.meter = -1
+        ev.err = E_OK
+        ev.err_ptr = b""
+        ev.detail = NULL
+        ev.detail_len = 0
+        cdef const char *mname = NULL
+        cdef Py_ssize_t mlen = 0
+        while pos < end:
+            rc = _read_varint(buf, end, &pos, &key)
+            if rc:
+                ev.err = rc
+                return rc
+            wt = key & 7
+            key >>= 3
+            if key == 1 or key == 2 or key == 4 or key == 5 or key == 7:
+                if wt != 2:
+                    ev.err = E_WIRE_TYPE
+                    ev.err_ptr = _FIELD_NAMES[key]
+                    return E_WIRE_TYPE
+                rc = _read_len(buf, end, &pos, &s, &n)
+                if rc:
+                    ev.err = rc
+                    return rc
+                if key == 1:
+                    ev.cust = buf + s
+                    ev.cust_len = <int32_t>n if n < 0x7FFFFFFF else 0x7FFFFFFF
+                elif key == 2:
+                    mname = buf + s
+                    mlen = n
+                elif key == 4:
+                    qkind = 2
+                    dec = buf + s
+                    dec_len = n
+                elif key == 5:
+                    ndims += 1
+                    if ndims > self.dims_max:
+                        ev.err = E_TOO_MANY
+                        ev.err_ptr = b"dimensions"
+                        return E_TOO_MANY
+                    rc = self._decode_dim(buf, s, s + n, ev, NULL, 0, &dim_value, &dim_len)
+                    if rc:
+                        return rc
+            elif key == 3 or key == 6:
+                if wt != 0:
+                    ev.err = E_WIRE_TYPE
+                    ev.err_ptr = _FIELD_NAMES[key]
+                    return E_WIRE_TYPE
+                rc = _read_varint(buf, end, &pos, &v)
+                if rc:
+                    ev.err = rc
+                    ev.err_ptr = _FIELD_NAMES[key]
+                    return rc
+                if key == 3:
+                    qkind = 1
+                    qty = <int64_t>v
+                elif <int64_t>v < 0:
+                    ev.err = E_NEGATIVE
+                    ev.err_ptr = b"timestamp_ms"
+                    return E_NEGATIVE
+            else:
+                rc = _skip(buf, end, &pos, wt)
+                if rc:
+                    ev.err = rc
+                    return rc
+        # customer id
+        ev.err_ptr = b"customer_id"
+        if ev.cust_len == 0:
+            ev.err = E_EMPTY
+            return E_EMPTY
+        if ev.cust_len > self.id_max:
+            ev.err = E_TOO_LONG
+            return E_TOO_LONG
+        if not _id_charset_ok(ev.cust, ev.cust_len):
+            ev.err = E_CHARSET
+            return E_CHARSET
+        # meter
+        ev.err_ptr = b"meter"
+        for i in range(self.n_meters):
+            if self.meters[i].name_len == mlen and memcmp(self.meters[i].name, mname, mlen) == 0:
+                ev.meter = i
+                break
+        if ev.meter < 0:
+            ev.err = E_UNKNOWN_METER
+            ev.detail = mname
+            ev.detail_len = <int32_t>min(mlen, 64)
+            return E_UNKNOWN_METER
+        m = &self.meters[ev.meter]
+        # quantity
+        if qkind == 2:
+            ev.err_ptr = b"quantity_decimal"
+            rc = _parse_decimal(dec, dec_len, m.precision, &qty)
+            if rc:
+                ev.err = rc
+                return rc
+        else:
+            ev.err_ptr = b"quantity"
+            if qty < 0:
+                ev.err = E_NEGATIVE
+                return E_NEGATIVE
+            if m.precision > 0:
+                rc = _scale(&qty, m.precision)
+                if rc:
+                    ev.err = rc
+                    return rc
+        ev.quantity = qty
+        # rate: the last entry whose key is the meter's price dimension wins
+        if m.dim_key_len > 0:
+            if ndims > 0:
+                pos = start
+                while pos < end:
+                    _read_varint(buf, end, &pos, &key)
+                    if key == ((5 << 3) | 2):
+                        _read_len(buf, end, &pos, &s, &n)
+                        self._decode_dim(buf, s, s + n, ev, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
+                    else:
+                        _skip(buf, end, &pos, key & 7)
+            ev.rate = self._find_rate(ev.meter, dim_value, dim_len)
+        else:
+            ev.rate = m.rate_default
+        if ev.rate < 0:
+            ev.err = E_NO_PRICE
+            ev.err_ptr = b"dimensions"
+            ev.detail = m.dim_key
+            ev.detail_len = m.dim_key_len
+            return E_NO_PRICE
+        if self._fine(ev.rate, qty, &ev.fine):
+            ev.err = E_OVERFLOW
+            ev.err_ptr = b"quantity"
+            return E_OVERFLOW
+        ev.err_ptr = b""
+        return E_OK
+
+    cdef int _decode_dim(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
+                         const char *want, Py_ssize_t want_len,
+                         const char **dim_value, Py_ssize_t *dim_len) noexcept:
+        """Validate one map entry; when its key is ``want``, keep its value."""
+        cdef Py_ssize_t ks = 0, kn = 0, vs = 0, vn = 0, s, n
+        cdef uint64_t key
+        cdef int rc, wt
+        while pos < end:
+            rc = _read_varint(buf, end, &pos, &key)
+            if rc:
+                ev.err = rc
+                ev.err_ptr = b"dimensions"
+                return rc
+            wt = key & 7
+            key >>= 3
+            if (key == 1 or key == 2) and wt == 2:
+                rc = _read_len(buf, end, &pos, &s, &n)
+                if rc:
+                    ev.err = rc
+                    ev.err_ptr = b"dimensions"
+                    return rc
+                if key == 1:
+                    ks = s; kn = n
+                else:
+                    vs = s; vn = n
+            else:
+                rc = _skip(buf, end, &pos, wt)
+                if rc or key == 1 or key == 2:
+                    ev.err = rc if rc else E_WIRE_TYPE
+                    ev.err_ptr = b"dimensions"
+                    return ev.err
+        ev.err_ptr = b"dimensions"
+        if kn == 0 or kn > self.dim_key_max:
+            ev.err = E_TOO_LONG if kn else E_EMPTY
+            return ev.err
+        if vn > self.dim_value_max:
+            ev.err = E_TOO_LONG
+            return ev.err
+        if want != NULL and kn == want_len and memcmp(want, buf + ks, kn) == 0:
+            dim_value[0] = buf + vs
+            dim_len[0] = vn
+        ev.err_ptr = b""
+        return E_OK
+
+    cdef object _event_error(self, Event *ev, str prefix):
+        field = prefix + ev.err_ptr.decode() if ev.err_ptr[0] else prefix.rstrip(".") or "event"
+        if ev.err == E_UNKNOWN_METER:
+            name = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode("utf-8", "replace")
+            return InvalidInput(field, "unknown meter %r" % name)
+        if ev.err == E_NO_PRICE:
+            key = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode()
+            return InvalidInput(field, "no price for this value of %r and the meter has no default" % key)
+        if ev.err == E_TOO_LONG and ev.err_ptr == b"customer_id":
+            return InvalidInput(field, "longer than %d bytes" % self.id_max)
+        return InvalidInput(field, _MESSAGES[ev.err])
+
+    cdef int _decode_batch(self, const char *buf, Py_ssize_t end, uint64_t *seq,
+                           Py_ssize_t *cid_start, Py_ssize_t *cid_len, Py_ssize_t *nev) except -1:
+        """Decode a ReportBatchRequest into the scratch events; raise InvalidInput."""
+        cdef Py_ssize_t pos = 0, s, n
+        cdef uint64_t key
+        cdef int wt, rc
+        cdef Event *ev
+        nev[0] = 0
+        seq[0] = 0
+        cid_start[0] = 0
+        cid_len[0] = 0
+        while pos < end:
+            rc = _read_varint(buf, end, &pos, &key)
+            if rc:
+                raise InvalidInput("batch", _MESSAGES[rc])
+            wt = key & 7
+            key >>= 3
+            if key == 1 or key == 3:
+                if wt != 2:
+                    raise InvalidInput("client_id" if key == 1 else "events", _MESSAGES[E_WIRE_TYPE])
+                rc = _read_len(buf, end, &pos, &s, &n)
+                if rc:
+                    raise InvalidInput("client_id" if key == 1 else "events", _MESSAGES[rc])
+                if key == 1:
+                    cid_start[0] = s
+                    cid_len[0] = n
+                    continue
+                if nev[0] >= self.batch_max:
+                    raise InvalidInput("events", "more than %d events in one batch" % self.batch_max)
+                ev = &self.scratch[nev[0]]
+                if self._decode_event(buf, s, s + n, ev) != E_OK:
+                    raise self._event_error(ev, "events[%d]." % nev[0])
+                nev[0] += 1
+            elif key == 2:
+                if wt != 0:
+                    raise InvalidInput("sequence", _MESSAGES[E_WIRE_TYPE])
+                rc = _read_varint(buf, end, &pos, seq)
+                if rc:
+                    raise InvalidInput("sequence", _MESSAGES[rc])
+            else:
+                rc = _skip(buf, end, &pos, wt)
+                if rc:
+                    raise InvalidInput("batch", _MESSAGES[rc])
+        if cid_len[0] > 128 or not _id_charset_ok(buf + cid_start[0], cid_len[0]):
+            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+        return 0
+
+    def peek_batch(self, bytes data):
+        """Validate a serialized ReportBatchRequest and return (client_id, sequence, events).
+
+        Nothing is applied; a batch that fails here is rejected whole.
+        """
+        self._check()
+        cdef uint64_t seq
+        cdef Py_ssize_t cs, cn, nev
+        cdef const char *buf = PyBytes_AS_STRING(data)
+        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev)
+        return PyBytes_FromStringAndSize(buf + cs, cn), seq, nev
+
+    def apply_batch(self, bytes data):
+        """Decode, validate and apply a ReportBatchRequest.
+
+        Returns (accepted, denied, denials) where ``denials`` is the encoded
+        ``repeated Denial denials = 3`` field of ReportBatchResponse. Raises
+        InvalidInput, with nothing applied, when any event is malformed.
+        """
+        self._check()
+        cdef uint64_t seq
+        cdef Py_ssize_t cs, cn, nev, i
+        cdef const char *buf = PyBytes_AS_STRING(data)
+        cdef Event *ev
+        cdef int reason
+        cdef int64_t cost
+        cdef uint32_t accepted = 0, denied = 0
+        cdef char *out
+        cdef Py_ssize_t olen = 0
+        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev)
+        out = <char *>malloc(nev * 10 + 1)
+        if out == NULL:
+            raise MemoryError()
+        for i in range(nev):
+            ev = &self.scratch[i]
+            ev.account = self._find(ev.cust, ev.cust_len)
+            if ev.account < 0:
+                reason = REASON_UNKNOWN_CUSTOMER
+            else:
+                reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
+            if reason == REASON_NONE:
+                accepted += 1
+            else:
+                denied += 1
+                olen += _put_denial(out + olen, <uint32_t>i, reason)
+        try:
+            return accepted, denied, PyBytes_FromStringAndSize(out, olen)
+        finally:
+            free(out)
+
+    def report(self, bytes data):
+        """Decode and apply a ReportRequest (one event).
+
+        Returns (allowed, reason, credit_type, cost_nano, balance_nano).
+        """
+        self._check()
+        cdef const char *buf = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(data), pos = 0, s = 0, n = -1
+        cdef uint64_t key
+        cdef int wt, rc, reason
+        cdef int64_t cost = 0
+        cdef Event ev
+        while pos < end:
+            rc = _read_varint(buf, end, &pos, &key)
+            if rc:
+                raise InvalidInput("event", _MESSAGES[rc])
+            wt = key & 7
+            key >>= 3
+            if key == 1:
+                if wt != 2:
+                    raise InvalidInput("event", _MESSAGES[E_WIRE_TYPE])
+                rc = _read_len(buf, end, &pos, &s, &n)
+            else:
+                rc = _skip(buf, end, &pos, wt)
+            if rc:
+                raise InvalidInput("event", _MESSAGES[rc])
+        if n < 0:
+            raise InvalidInput("event", "is required")
+        if self._decode_event(buf, s, s + n, &ev) != E_OK:
+            raise self._event_error(&ev, "event.")
+        cdef int32_t ct = self.rates[ev.rate].ct
+        ev.account = self._find(ev.cust, ev.cust_len)
+        if ev.account < 0:
+            return False, REASON_UNKNOWN_CUSTOMER, ct, 0, 0
+        reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
+        return reason == REASON_NONE, reason, ct, cost, self.bal[ev.account * self.n_ct + ct]
+
+
+cdef inline Py_ssize_t _put_varint(char *out, uint64_t v) noexcept nogil:
+    cdef Py_ssize_t n = 0
+    while v >= 0x80:
+        out[n] = <char>((v & 0x7F) | 0x80)
+        v >>= 7
+        n += 1
+    out[n] = <char>v
+    return n + 1
+
+
+cdef inline Py_ssize_t _put_denial(char *out, uint32_t index, int reason) noexcept nogil:
+    """Field 3 (Denial) of ReportBatchResponse: tag, length, index, reason."""
+    cdef char body[12]
+    cdef Py_ssize_t n = 0
+    if index:
+        body[0] = 0x08
+        n = 1 + _put_varint(body + 1, index)
+    body[n] = 0x10
+    n += 1 + _put_varint(body + n + 1, <uint64_t>reason)
+    out[0] = 0x1A
+    out[1] = <char>n
+    memcpy(out + 2, body, n)
+    return n + 2
+
+
+cdef inline int _scale(int64_t *qty, int precision) noexcept nogil:
+    cdef int i
+    for i in range(precision):
+        if qty[0] > INT64_MAX // 10:
+            return E_OVERFLOW
+        qty[0] *= 10
+    return E_OK
+
+
+cdef char *_dup(bytes b) except? NULL:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    cdef char *p = <char *>malloc(n + 1)
+    if p == NULL:
+        raise MemoryError()
+    memcpy(p, PyBytes_AS_STRING(b), n)
+    p[n] = 0
+    return p
+
+
+cdef void *_resize(void *p, size_t n) except NULL:
+    cdef void *q = realloc(p, n if n else 1)
+    if q == NULL:
+        raise MemoryError()
+    return q
+
+
+cdef const char *_FIELD_NAMES[8]
+_FIELD_NAMES[0] = b""
+_FIELD_NAMES[1] = b"customer_id"
+_FIELD_NAMES[2] = b"meter"
+_FIELD_NAMES[3] = b"quantity"
+_FIELD_NAMES[4] = b"quantity_decimal"
+_FIELD_NAMES[5] = b"dimensions"
+_FIELD_NAMES[6] = b"timestamp_ms"
+_FIELD_NAMES[7] = b"idempotency_key"
+
+_MESSAGES = {
+    E_TRUNCATED: "malformed protobuf: truncated",
+    E_WIRE_TYPE: "malformed protobuf: wrong wire type",
+    E_EMPTY: "must not be empty",
+    E_TOO_LONG: "too long",
+    E_CHARSET: "must be printable ASCII without spaces",
+    E_NEGATIVE: "must not be negative",
+    E_DECIMAL: "must be a decimal like 12 or 1.25 with no more decimals than the meter's precision",
+    E_OVERFLOW: "cost or quantity overflows 64 bits",
+    E_TOO_MANY: "too many entries",
+    E_VARINT: "malformed protobuf: bad varint",
+}

@@ -1,0 +1,610 @@
+"""Pure-Python twin of ``_fastpath.pyx``: the same core, the same answers.
+
+It exists so that meterd runs where the extension cannot be built
+(``METERD_NO_EXTENSIONS=1``) and so that tests can compare both cores on the
+same randomised inputs. Keep the two in step: every public method here has the
+same signature, results and error messages as its compiled counterpart.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from meterd.errors import InvalidInput
+
+INT64_MAX = (1 << 63) - 1
+I128_MAX = (1 << 127) - 1
+
+REASON_NONE = 0
+REASON_INSUFFICIENT_BALANCE = 1
+REASON_UNKNOWN_CUSTOMER = 2
+REASON_OVERFLOW = 3
+
+_MSG_TRUNCATED = "malformed protobuf: truncated"
+_MSG_WIRE_TYPE = "malformed protobuf: wrong wire type"
+_MSG_VARINT = "malformed protobuf: bad varint"
+_MSG_EMPTY = "must not be empty"
+_MSG_TOO_LONG = "too long"
+_MSG_CHARSET = "must be printable ASCII without spaces"
+_MSG_NEGATIVE = "must not be negative"
+_MSG_DECIMAL = "must be a decimal like 12 or 1.25 with no more decimals than the meter's precision"
+_MSG_OVERFLOW = "cost or quantity overflows 64 bits"
+_MSG_TOO_MANY = "too many entries"
+
+_FIELD_NAMES = {1: "customer_id", 2: "meter", 3: "quantity", 4: "quantity_decimal",
+                5: "dimensions", 6: "timestamp_ms", 7: "idempotency_key"}
+
+
+class _DecodeError(Exception):
+    """Internal: carries (field, message) up to the batch or report level."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while pos < end:
+        b = buf[pos]
+        pos += 1
+        if shift == 63 and b > 1:
+            raise _DecodeError("", _MSG_VARINT)
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _DecodeError("", _MSG_VARINT)
+    raise _DecodeError("", _MSG_TRUNCATED)
+
+
+def _length(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    n, pos = _varint(buf, pos, end)
+    if n > end - pos:
+        raise _DecodeError("", _MSG_TRUNCATED)
+    return pos, n, pos + n
+
+
+def _skip(buf: bytes, pos: int, end: int, wt: int) -> int:
+    if wt == 0:
+        return _varint(buf, pos, end)[1]
+    if wt == 1 or wt == 5:
+        size = 8 if wt == 1 else 4
+        if end - pos < size:
+            raise _DecodeError("", _MSG_TRUNCATED)
+        return pos + size
+    if wt == 2:
+        return _length(buf, pos, end)[2]
+    raise _DecodeError("", _MSG_WIRE_TYPE)
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def parse_decimal(text: bytes, precision: int) -> int:
+    """Exact decimal b"123" or b"1.25" into an integer of 10**-precision units."""
+    if not text:
+        raise _DecodeError("", _MSG_DECIMAL)
+    if text[:1] == b"-":
+        raise _DecodeError("", _MSG_NEGATIVE)
+    value = 0
+    frac = -1
+    digits = 0
+    for c in text:
+        if c == 0x2E:
+            if frac >= 0:
+                raise _DecodeError("", _MSG_DECIMAL)
+            frac = 0
+            continue
+        if c < 0x30 or c > 0x39:
+            raise _DecodeError("", _MSG_DECIMAL)
+        if frac >= 0:
+            frac += 1
+            if frac > precision:
+                raise _DecodeError("", _MSG_DECIMAL)
+        digits += 1
+        value = value * 10 + (c - 0x30)
+        if value > INT64_MAX:
+            raise _DecodeError("", _MSG_OVERFLOW)
+    if digits == 0 or frac == 0:
+        raise _DecodeError("", _MSG_DECIMAL)
+    frac = max(frac, 0)
+    while frac < precision:
+        value *= 10
+        frac += 1
+        if value > INT64_MAX:
+            raise _DecodeError("", _MSG_OVERFLOW)
+    return value
+
+
+def _id_charset_ok(b: bytes) -> bool:
+    return all(0x21 <= c <= 0x7E for c in b)
+
+
+def _put_varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _denial(index: int, reason: int) -> bytes:
+    body = (b"\x08" + _put_varint(index) if index else b"") + b"\x10" + _put_varint(reason)
+    return b"\x1a" + bytes([len(body)]) + body
+
+
+class Core:
+    """Accounts, rates and the batch decoder; see ``_fastpath.pyx``."""
+
+    def __init__(self, denominators: list, meters: list, rates: list, limits: dict,
+                 capacity: int = 1024) -> None:
+        self.id_max = limits["customer_id_bytes_max"]
+        self.batch_max = limits["batch_events_max"]
+        self.dims_max = limits["dimensions_max"]
+        self.dim_key_max = limits["dimension_key_bytes_max"]
+        self.dim_value_max = limits["dimension_value_bytes_max"]
+        if self.id_max > 255:
+            raise ValueError("customer_id_bytes_max is at most 255")
+        for d in denominators:
+            if d <= 0 or d > 10**15:
+                raise ValueError("denominator out of range")
+        self.denom = list(denominators)
+        self.n_ct = len(denominators)
+        # meters: name, ct, precision, dim_key, rates {value: idx}, default
+        self.meters = []
+        for name, ct, precision, dim in meters:
+            self.meters.append([name, ct, precision, dim, {}, -1])
+        self.rates = []
+        last_meter = -1
+        seen = set()
+        for i, (meter, value, amount, factor) in enumerate(rates):
+            if meter != last_meter:
+                if meter in seen:
+                    raise ValueError("rates must be grouped by meter")
+                seen.add(meter)
+                last_meter = meter
+            m = self.meters[meter]
+            self.rates.append((meter, m[1], amount, factor))
+            if value is None:
+                m[5] = i
+            else:
+                m[4].setdefault(value, i)
+        self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
+        self.ids: list[bytes] = []
+        self.index: dict[bytes, int] = {}
+        self.bal: list[list[int]] = []
+        self.resv: list[list[int]] = []
+        self.floor: list[list[int]] = []
+        self.rem: list[list[int]] = []
+        self.usage: list[list[int]] = []
+        self.dirty: list[bool] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _check(self) -> None:
+        if self.closed:
+            raise RuntimeError("core is closed")
+
+    def _idx(self, idx: int) -> None:
+        self._check()
+        if idx < 0 or idx >= len(self.ids):
+            raise IndexError("no account %d" % idx)
+
+    def _ct(self, ct: int) -> None:
+        if ct < 0 or ct >= self.n_ct:
+            raise IndexError("no credit type %d" % ct)
+
+    # ---- account table ---------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def account(self, customer_id: bytes) -> int:
+        self._check()
+        return self.index.get(customer_id, -1)
+
+    def open_account(self, customer_id: bytes) -> int:
+        self._check()
+        n = len(customer_id)
+        if n == 0 or n > self.id_max or not _id_charset_ok(customer_id):
+            raise InvalidInput("customer_id", "must be 1 to %d printable ASCII characters" % self.id_max)
+        idx = self.index.get(customer_id)
+        if idx is not None:
+            return idx
+        idx = len(self.ids)
+        self.ids.append(bytes(customer_id))
+        self.index[bytes(customer_id)] = idx
+        for table in (self.bal, self.resv, self.floor, self.rem):
+            table.append([0] * self.n_ct)
+        self.usage.append([0] * len(self.meters))
+        self.dirty.append(True)
+        return idx
+
+    def customer_id(self, idx: int) -> bytes:
+        self._idx(idx)
+        return self.ids[idx]
+
+    def state(self, idx: int) -> tuple:
+        self._idx(idx)
+        cts = [(self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k])
+               for k in range(self.n_ct)]
+        return cts, list(self.usage[idx])
+
+    def load_state(self, idx: int, cts: list, use: list) -> None:
+        self._idx(idx)
+        if len(cts) != self.n_ct or len(use) != len(self.meters):
+            raise ValueError("state shape does not match the catalog")
+        for k, (b, r, f, rm) in enumerate(cts):
+            if not (0 <= rm < self.denom[k]) or r < 0:
+                raise ValueError("account state out of range")
+            self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k] = b, r, f, rm
+        self.usage[idx] = list(use)
+        self.dirty[idx] = False
+
+    def take_dirty(self) -> list:
+        self._check()
+        out = [i for i, d in enumerate(self.dirty) if d]
+        self.dirty = [False] * len(self.ids)
+        return out
+
+    def mark_all_dirty(self) -> None:
+        self._check()
+        self.dirty = [True] * len(self.ids)
+
+    def _fmt(self) -> str:
+        return "<%dq" % (self.n_ct * 4 + len(self.meters))
+
+    def state_bytes(self, idx: int) -> bytes:
+        self._idx(idx)
+        words = []
+        for k in range(self.n_ct):
+            words += [self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k]]
+        return struct.pack(self._fmt(), *words, *self.usage[idx])
+
+    def load_state_bytes(self, customer_id: bytes, data: bytes) -> int:
+        self._check()
+        if len(data) != struct.calcsize(self._fmt()):
+            raise ValueError("state record has the wrong size for this catalog")
+        w = struct.unpack(self._fmt(), data)
+        cts = [tuple(w[k * 4:k * 4 + 4]) for k in range(self.n_ct)]
+        for k, c in enumerate(cts):
+            if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
+                raise ValueError("account state out of range")
+        idx = self.open_account(customer_id)
+        self.load_state(idx, cts, list(w[self.n_ct * 4:]))
+        return idx
+
+    # ---- money -----------------------------------------------------------
+
+    def credit(self, idx: int, ct: int, amount: int) -> int:
+        self._idx(idx)
+        self._ct(ct)
+        v = self.bal[idx][ct] + amount
+        if v > INT64_MAX or v < -INT64_MAX:
+            raise InvalidInput("amount_nano", "balance would overflow")
+        self.bal[idx][ct] = v
+        self.dirty[idx] = True
+        return v
+
+    def set_floor(self, idx: int, ct: int, floor_nano: int) -> None:
+        self._idx(idx)
+        self._ct(ct)
+        self.floor[idx][ct] = floor_nano
+        self.dirty[idx] = True
+
+    def _available(self, idx: int, ct: int) -> int:
+        return self.bal[idx][ct] - self.resv[idx][ct] - self.floor[idx][ct]
+
+    def available(self, idx: int, ct: int) -> int:
+        self._idx(idx)
+        self._ct(ct)
+        return max(self._available(idx, ct), -INT64_MAX)
+
+    # ---- rating ----------------------------------------------------------
+
+    def _find_rate(self, meter: int, value) -> int:
+        m = self.meters[meter]
+        if value is not None:
+            r = m[4].get(bytes(value))
+            if r is not None:
+                return r
+        return m[5]
+
+    def find_rate(self, meter: int, value) -> int:
+        self._check()
+        if meter < 0 or meter >= len(self.meters):
+            raise IndexError("no meter %d" % meter)
+        return self._find_rate(meter, value)
+
+    def _fine(self, rate: int, quantity: int) -> int | None:
+        _, ct, amount, factor = self.rates[rate]
+        t = quantity * amount
+        if t > I128_MAX or t < -I128_MAX - 1:
+            return None
+        fine = t * factor
+        if fine > I128_MAX or fine < -I128_MAX - 1:
+            return None
+        if fine // self.denom[ct] > INT64_MAX:
+            return None
+        return fine
+
+    def quote(self, rate: int, quantity: int) -> tuple:
+        self._check()
+        if rate < 0 or rate >= len(self.rates):
+            raise IndexError("no rate %d" % rate)
+        if quantity < 0:
+            raise InvalidInput("quantity", "must not be negative")
+        fine = self._fine(rate, quantity)
+        if fine is None:
+            raise InvalidInput("quantity", "cost overflows 64 bits")
+        ct = self.rates[rate][1]
+        d = self.denom[ct]
+        return ct, (fine + d - 1) // d
+
+    def _debit(self, idx: int, rate: int, quantity: int, fine: int, force: bool) -> tuple:
+        meter, ct, _, _ = self.rates[rate]
+        total = fine + self.rem[idx][ct]
+        d, rem = divmod(total, self.denom[ct])
+        if d > INT64_MAX or self.bal[idx][ct] - d < -INT64_MAX:
+            return REASON_OVERFLOW, 0
+        if not force and d > 0 and d > self._available(idx, ct):
+            return REASON_INSUFFICIENT_BALANCE, 0
+        if self.usage[idx][meter] + quantity > INT64_MAX:
+            return REASON_OVERFLOW, 0
+        self.bal[idx][ct] -= d
+        self.rem[idx][ct] = rem
+        self.usage[idx][meter] += quantity
+        self.dirty[idx] = True
+        return REASON_NONE, d
+
+    def reserve(self, idx: int, ct: int, amount: int) -> bool:
+        self._idx(idx)
+        self._ct(ct)
+        if amount < 0:
+            raise InvalidInput("amount", "must not be negative")
+        if amount > self._available(idx, ct):
+            return False
+        self.resv[idx][ct] += amount
+        self.dirty[idx] = True
+        return True
+
+    def release(self, idx: int, ct: int, amount: int) -> None:
+        self._idx(idx)
+        self._ct(ct)
+        if amount < 0 or amount > self.resv[idx][ct]:
+            raise ValueError("release of more than is reserved")
+        self.resv[idx][ct] -= amount
+        self.dirty[idx] = True
+
+    def settle(self, idx: int, rate: int, quantity: int, reserved: int) -> tuple:
+        self._idx(idx)
+        if rate < 0 or rate >= len(self.rates):
+            raise IndexError("no rate %d" % rate)
+        if quantity < 0:
+            raise InvalidInput("quantity", "must not be negative")
+        ct = self.rates[rate][1]
+        if reserved < 0 or reserved > self.resv[idx][ct]:
+            raise ValueError("settle of more than is reserved")
+        fine = self._fine(rate, quantity)
+        if fine is None:
+            raise InvalidInput("quantity", "cost overflows 64 bits")
+        self.resv[idx][ct] -= reserved
+        reason, cost = self._debit(idx, rate, quantity, fine, True)
+        if reason != REASON_NONE:
+            self.resv[idx][ct] += reserved
+            raise InvalidInput("quantity", "balance or usage would overflow")
+        a = self._available(idx, ct)
+        return cost, (-a if a < 0 else 0)
+
+    def reset_usage(self) -> None:
+        self._check()
+        self.usage = [[0] * len(self.meters) for _ in self.ids]
+        self.dirty = [True] * len(self.ids)
+
+    # ---- wire decoding ---------------------------------------------------
+
+    def _decode_dim(self, buf: bytes, pos: int, end: int):
+        """Validate one map entry; returns (key, value)."""
+        key = value = b""
+        while pos < end:
+            try:
+                tag, pos = _varint(buf, pos, end)
+                wt, fn = tag & 7, tag >> 3
+                if (fn == 1 or fn == 2) and wt == 2:
+                    s, n, pos = _length(buf, pos, end)
+                    if fn == 1:
+                        key = buf[s:s + n]
+                    else:
+                        value = buf[s:s + n]
+                    continue
+                pos = _skip(buf, pos, end, wt)
+            except _DecodeError as e:
+                raise _DecodeError("dimensions", e.message) from None
+            if fn == 1 or fn == 2:
+                raise _DecodeError("dimensions", _MSG_WIRE_TYPE)
+        if not key or len(key) > self.dim_key_max:
+            raise _DecodeError("dimensions", _MSG_TOO_LONG if key else _MSG_EMPTY)
+        if len(value) > self.dim_value_max:
+            raise _DecodeError("dimensions", _MSG_TOO_LONG)
+        return key, value
+
+    def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
+        """Decode and rate one UsageEvent: (customer, meter, rate, quantity, fine)."""
+        cust = b""
+        mname = b""
+        qkind = 0
+        qty = 0
+        dec = b""
+        dims = []
+        while pos < end:
+            tag, pos = _varint(buf, pos, end)
+            wt, fn = tag & 7, tag >> 3
+            if fn in (1, 2, 4, 5, 7):
+                if wt != 2:
+                    raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
+                s, n, pos = _length(buf, pos, end)
+                if fn == 1:
+                    cust = buf[s:s + n]
+                elif fn == 2:
+                    mname = buf[s:s + n]
+                elif fn == 4:
+                    qkind = 2
+                    dec = buf[s:s + n]
+                elif fn == 5:
+                    if len(dims) >= self.dims_max:
+                        raise _DecodeError("dimensions", _MSG_TOO_MANY)
+                    dims.append(self._decode_dim(buf, s, s + n))
+            elif fn in (3, 6):
+                if wt != 0:
+                    raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
+                try:
+                    v, pos = _varint(buf, pos, end)
+                except _DecodeError as e:
+                    raise _DecodeError(_FIELD_NAMES[fn], e.message) from None
+                if fn == 3:
+                    qkind = 1
+                    qty = _signed64(v)
+                elif _signed64(v) < 0:
+                    raise _DecodeError("timestamp_ms", _MSG_NEGATIVE)
+            else:
+                pos = _skip(buf, pos, end, wt)
+        if not cust:
+            raise _DecodeError("customer_id", _MSG_EMPTY)
+        if len(cust) > self.id_max:
+            raise _DecodeError("customer_id", "longer than %d bytes" % self.id_max)
+        if not _id_charset_ok(cust):
+            raise _DecodeError("customer_id", _MSG_CHARSET)
+        meter = self.meter_index.get(mname)
+        if meter is None:
+            raise _DecodeError("meter", "unknown meter %r" % mname[:64].decode("utf-8", "replace"))
+        _, _, precision, dim_key, _, _ = self.meters[meter]
+        if qkind == 2:
+            try:
+                qty = parse_decimal(dec, precision)
+            except _DecodeError as e:
+                raise _DecodeError("quantity_decimal", e.message) from None
+        else:
+            if qty < 0:
+                raise _DecodeError("quantity", _MSG_NEGATIVE)
+            for _ in range(precision):
+                if qty > INT64_MAX // 10:
+                    raise _DecodeError("quantity", _MSG_OVERFLOW)
+                qty *= 10
+        value = None
+        if dim_key:
+            for k, v in dims:
+                if k == dim_key:
+                    value = v
+        rate = self._find_rate(meter, value)
+        if rate < 0:
+            raise _DecodeError("dimensions", "no price for this value of %r and the meter has no default"
+                               % dim_key.decode())
+        fine = self._fine(rate, qty)
+        if fine is None:
+            raise _DecodeError("quantity", _MSG_OVERFLOW)
+        return cust, rate, qty, fine
+
+    def _event(self, buf: bytes, pos: int, end: int, prefix: str) -> tuple:
+        try:
+            return self._decode_event(buf, pos, end)
+        except _DecodeError as e:
+            field = prefix + e.field if e.field else (prefix.rstrip(".") or "event")
+            raise InvalidInput(field, e.message) from None
+
+    def _decode_batch(self, buf: bytes) -> tuple:
+        pos, end = 0, len(buf)
+        cid = b""
+        seq = 0
+        events = []
+        while pos < end:
+            try:
+                tag, pos = _varint(buf, pos, end)
+            except _DecodeError as e:
+                raise InvalidInput("batch", e.message) from None
+            wt, fn = tag & 7, tag >> 3
+            if fn == 1 or fn == 3:
+                name = "client_id" if fn == 1 else "events"
+                if wt != 2:
+                    raise InvalidInput(name, _MSG_WIRE_TYPE)
+                try:
+                    s, n, pos = _length(buf, pos, end)
+                except _DecodeError as e:
+                    raise InvalidInput(name, e.message) from None
+                if fn == 1:
+                    cid = buf[s:s + n]
+                    continue
+                if len(events) >= self.batch_max:
+                    raise InvalidInput("events", "more than %d events in one batch" % self.batch_max)
+                events.append(self._event(buf, s, s + n, "events[%d]." % len(events)))
+            elif fn == 2:
+                if wt != 0:
+                    raise InvalidInput("sequence", _MSG_WIRE_TYPE)
+                try:
+                    seq, pos = _varint(buf, pos, end)
+                except _DecodeError as e:
+                    raise InvalidInput("sequence", e.message) from None
+            else:
+                try:
+                    pos = _skip(buf, pos, end, wt)
+                except _DecodeError as e:
+                    raise InvalidInput("batch", e.message) from None
+        if len(cid) > 128 or not _id_charset_ok(cid):
+            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+        return cid, seq, events
+
+    def peek_batch(self, data: bytes) -> tuple:
+        self._check()
+        cid, seq, events = self._decode_batch(data)
+        return cid, seq, len(events)
+
+    def apply_batch(self, data: bytes) -> tuple:
+        self._check()
+        _, _, events = self._decode_batch(data)
+        accepted = denied = 0
+        out = []
+        for i, (cust, rate, qty, fine) in enumerate(events):
+            idx = self.index.get(cust, -1)
+            if idx < 0:
+                reason = REASON_UNKNOWN_CUSTOMER
+            else:
+                reason, _ = self._debit(idx, rate, qty, fine, False)
+            if reason == REASON_NONE:
+                accepted += 1
+            else:
+                denied += 1
+                out.append(_denial(i, reason))
+        return accepted, denied, b"".join(out)
+
+    def report(self, data: bytes) -> tuple:
+        self._check()
+        pos, end = 0, len(data)
+        s = n = -1
+        while pos < end:
+            try:
+                tag, pos = _varint(data, pos, end)
+                wt, fn = tag & 7, tag >> 3
+                if fn == 1:
+                    if wt != 2:
+                        raise _DecodeError("", _MSG_WIRE_TYPE)
+                    s, n, pos = _length(data, pos, end)
+                else:
+                    pos = _skip(data, pos, end, wt)
+            except _DecodeError as e:
+                raise InvalidInput("event", e.message) from None
+        if n < 0:
+            raise InvalidInput("event", "is required")
+        cust, rate, qty, fine = self._event(data, s, s + n, "event.")
+        ct = self.rates[rate][1]
+        idx = self.index.get(cust, -1)
+        if idx < 0:
+            return False, REASON_UNKNOWN_CUSTOMER, ct, 0, 0
+        reason, cost = self._debit(idx, rate, qty, fine, False)
+        return reason == REASON_NONE, reason, ct, cost, self.bal[idx][ct]

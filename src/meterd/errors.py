@@ -1,0 +1,39 @@
+"""Domain errors shared by the compiled core, its pure-Python twin and the server.
+
+The server maps each class to one gRPC status code in a single place
+(``meterd.server._status_for``); nothing else decides status codes.
+"""
+
+from __future__ import annotations
+
+
+class MeterdError(Exception):
+    """Base class of every error meterd raises on purpose."""
+
+
+class InvalidInput(MeterdError):
+    """A request field is malformed or out of range (gRPC INVALID_ARGUMENT).
+
+    ``field`` names the offending field the way a client wrote it, for example
+    ``events[3].quantity``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(MeterdError):
+    """The customer, reservation or credit type does not exist (NOT_FOUND)."""
+
+
+class StorageFull(MeterdError):
+    """LMDB has no room left (RESOURCE_EXHAUSTED); reads are still served."""
+
+
+class Unavailable(MeterdError):
+    """The daemon is shutting down or recovering (UNAVAILABLE); retry."""
+
+
+class ConfigError(MeterdError):
+    """The configuration or catalog is invalid; the message names file and key."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for package meterd.v1 (see proto/)."""

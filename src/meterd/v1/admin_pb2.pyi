@@ -1,0 +1,93 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GrantRequest(_message.Message):
+    __slots__ = ("customer_id", "credit_type", "amount_nano", "expires_at_ms", "priority", "source", "idempotency_key")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    credit_type: str
+    amount_nano: int
+    expires_at_ms: int
+    priority: int
+    source: str
+    idempotency_key: str
+    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., priority: _Optional[int] = ..., source: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class GrantResponse(_message.Message):
+    __slots__ = ("grant_id", "balance_nano", "duplicate")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    balance_nano: int
+    duplicate: bool
+    def __init__(self, grant_id: _Optional[str] = ..., balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class AdjustRequest(_message.Message):
+    __slots__ = ("customer_id", "credit_type", "amount_nano", "reason", "idempotency_key")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    credit_type: str
+    amount_nano: int
+    reason: str
+    idempotency_key: str
+    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class AdjustResponse(_message.Message):
+    __slots__ = ("balance_nano", "duplicate")
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    balance_nano: int
+    duplicate: bool
+    def __init__(self, balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("customer_id", "after_sequence", "limit")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    after_sequence: int
+    limit: int
+    def __init__(self, customer_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_BEFORE_NANO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_AFTER_NANO_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    time_ms: int
+    kind: str
+    credit_type: str
+    amount_nano: int
+    balance_before_nano: int
+    balance_after_nano: int
+    reference: str
+    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,244 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    DECISION_ALLOW: _ClassVar[Decision]
+    DECISION_DENY: _ClassVar[Decision]
+
+class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REASON_UNSPECIFIED: _ClassVar[Reason]
+    REASON_INSUFFICIENT_BALANCE: _ClassVar[Reason]
+    REASON_UNKNOWN_CUSTOMER: _ClassVar[Reason]
+DECISION_UNSPECIFIED: Decision
+DECISION_ALLOW: Decision
+DECISION_DENY: Decision
+REASON_UNSPECIFIED: Reason
+REASON_INSUFFICIENT_BALANCE: Reason
+REASON_UNKNOWN_CUSTOMER: Reason
+
+class UsageEvent(_message.Message):
+    __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "timestamp_ms", "idempotency_key")
+    class DimensionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_DECIMAL_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    meter: str
+    quantity: int
+    quantity_decimal: str
+    dimensions: _containers.ScalarMap[str, str]
+    timestamp_ms: int
+    idempotency_key: str
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., timestamp_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: UsageEvent
+    def __init__(self, event: _Optional[_Union[UsageEvent, _Mapping]] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("decision", "reason", "credit_type", "cost_nano", "balance_nano", "duplicate")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    reason: Reason
+    credit_type: str
+    cost_nano: int
+    balance_nano: int
+    duplicate: bool
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., credit_type: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ReportBatchRequest(_message.Message):
+    __slots__ = ("client_id", "sequence", "events")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    sequence: int
+    events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
+    def __init__(self, client_id: _Optional[str] = ..., sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+
+class Denial(_message.Message):
+    __slots__ = ("index", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: Reason
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[_Union[Reason, str]] = ...) -> None: ...
+
+class ReportBatchResponse(_message.Message):
+    __slots__ = ("accepted", "denied", "denials", "sequence", "duplicate")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DENIED_FIELD_NUMBER: _ClassVar[int]
+    DENIALS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    denied: int
+    denials: _containers.RepeatedCompositeFieldContainer[Denial]
+    sequence: int
+    duplicate: bool
+    def __init__(self, accepted: _Optional[int] = ..., denied: _Optional[int] = ..., denials: _Optional[_Iterable[_Union[Denial, _Mapping]]] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class AuthorizeRequest(_message.Message):
+    __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "ttl_ms", "idempotency_key")
+    class DimensionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_DECIMAL_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    meter: str
+    quantity: int
+    quantity_decimal: str
+    dimensions: _containers.ScalarMap[str, str]
+    ttl_ms: int
+    idempotency_key: str
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., ttl_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class AuthorizeResponse(_message.Message):
+    __slots__ = ("decision", "reason", "reservation_id", "credit_type", "reserved_nano", "available_nano", "expires_at_ms", "duplicate")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_NANO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    reason: Reason
+    reservation_id: str
+    credit_type: str
+    reserved_nano: int
+    available_nano: int
+    expires_at_ms: int
+    duplicate: bool
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., reservation_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("reservation_id", "quantity", "quantity_decimal")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_DECIMAL_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    quantity: int
+    quantity_decimal: str
+    def __init__(self, reservation_id: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("cost_nano", "released_nano", "balance_nano", "overrun_nano")
+    COST_NANO_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_NANO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    OVERRUN_NANO_FIELD_NUMBER: _ClassVar[int]
+    cost_nano: int
+    released_nano: int
+    balance_nano: int
+    overrun_nano: int
+    def __init__(self, cost_nano: _Optional[int] = ..., released_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., overrun_nano: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released_nano", "available_nano")
+    RELEASED_NANO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    released_nano: int
+    available_nano: int
+    def __init__(self, released_nano: _Optional[int] = ..., available_nano: _Optional[int] = ...) -> None: ...
+
+class GetBalanceRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class Grant(_message.Message):
+    __slots__ = ("grant_id", "remaining_nano", "expires_at_ms", "priority", "source")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_NANO_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    remaining_nano: int
+    expires_at_ms: int
+    priority: int
+    source: str
+    def __init__(self, grant_id: _Optional[str] = ..., remaining_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., priority: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class CreditBalance(_message.Message):
+    __slots__ = ("credit_type", "balance_nano", "reserved_nano", "available_nano", "floor_nano", "grants")
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_NANO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_NANO_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    credit_type: str
+    balance_nano: int
+    reserved_nano: int
+    available_nano: int
+    floor_nano: int
+    grants: _containers.RepeatedCompositeFieldContainer[Grant]
+    def __init__(self, credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., floor_nano: _Optional[int] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
+
+class MeterUsage(_message.Message):
+    __slots__ = ("meter", "quantity")
+    METER_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    meter: str
+    quantity: str
+    def __init__(self, meter: _Optional[str] = ..., quantity: _Optional[str] = ...) -> None: ...
+
+class GetBalanceResponse(_message.Message):
+    __slots__ = ("customer_id", "balances", "usage", "period_start_ms", "period_end_ms")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    BALANCES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    balances: _containers.RepeatedCompositeFieldContainer[CreditBalance]
+    usage: _containers.RepeatedCompositeFieldContainer[MeterUsage]
+    period_start_ms: int
+    period_end_ms: int
+    def __init__(self, customer_id: _Optional[str] = ..., balances: _Optional[_Iterable[_Union[CreditBalance, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ...) -> None: ...
