@@ -919,17 +919,33 @@ cdef class Core:
             raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
         return 0
 
-    def peek_batch(self, bytes data):
-        """Validate a serialized ReportBatchRequest and return (client_id, sequence, events).
+    def batch_header(self, bytes data):
+        """(client_id, sequence) of a serialized ReportBatchRequest, events skipped.
 
-        Nothing is applied; a batch that fails here is rejected whole.
+        Only the header is checked; ``apply_batch`` validates every event.
         """
         self._check()
-        cdef uint64_t seq
-        cdef Py_ssize_t cs, cn, nev
         cdef const char *buf = PyBytes_AS_STRING(data)
-        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev)
-        return PyBytes_FromStringAndSize(buf + cs, cn), seq, nev
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(data), pos = 0, cs = 0, cn = 0
+        cdef uint64_t key, seq = 0
+        cdef int wt, rc
+        while pos < end:
+            rc = _read_varint(buf, end, &pos, &key)
+            if rc:
+                raise InvalidInput("batch", _MESSAGES[rc])
+            wt = key & 7
+            key >>= 3
+            if key == 1 and wt == 2:
+                rc = _read_len(buf, end, &pos, &cs, &cn)
+            elif key == 2 and wt == 0:
+                rc = _read_varint(buf, end, &pos, &seq)
+            else:
+                rc = _skip(buf, end, &pos, wt)
+            if rc:
+                raise InvalidInput("batch", _MESSAGES[rc])
+        if cn > 128 or not _id_charset_ok(buf + cs, cn):
+            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+        return PyBytes_FromStringAndSize(buf + cs, cn), seq
 
     def apply_batch(self, bytes data):
         """Decode, validate and apply a ReportBatchRequest.

@@ -560,10 +560,27 @@ class Core:
             raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
         return cid, seq, events
 
-    def peek_batch(self, data: bytes) -> tuple:
+    def batch_header(self, data: bytes) -> tuple:
         self._check()
-        cid, seq, events = self._decode_batch(data)
-        return cid, seq, len(events)
+        pos, end = 0, len(data)
+        cid = b""
+        seq = 0
+        try:
+            while pos < end:
+                tag, pos = _varint(data, pos, end)
+                wt, fn = tag & 7, tag >> 3
+                if fn == 1 and wt == 2:
+                    s, n, pos = _length(data, pos, end)
+                    cid = data[s:s + n]
+                elif fn == 2 and wt == 0:
+                    seq, pos = _varint(data, pos, end)
+                else:
+                    pos = _skip(data, pos, end, wt)
+        except _DecodeError as e:
+            raise InvalidInput("batch", e.message) from None
+        if len(cid) > 128 or not _id_charset_ok(cid):
+            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+        return cid, seq
 
     def apply_batch(self, data: bytes) -> tuple:
         self._check()

@@ -1,0 +1,257 @@
+"""The catalog: credit types, meters with their prices, and initial customers.
+
+An operator writes it as TOML; ``load_catalog`` validates it once and compiles
+prices into exact integer rates for the core. A price is a decimal ("2.50") or
+a fraction ("1/3") of a credit per ``per`` meter units. Every price becomes
+``amount_nano / denominator`` nano-credits per smallest meter unit, with no
+rounding; the core carries what is below one nano per account.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from importlib import resources
+from typing import Any
+
+from meterd.errors import ConfigError
+
+NANO = 10**9
+DENOMINATOR_MAX = 10**15
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,63}$")
+ID_RE = re.compile(r"^[!-~]{1,128}$")
+DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
+
+
+@dataclass(frozen=True)
+class CreditType:
+    name: str
+    kind: str          # "fiat" or "custom"
+    currency: str      # for fiat
+    decimals: int      # decimals shown to people
+
+
+@dataclass(frozen=True)
+class Meter:
+    name: str
+    credit_type: int
+    precision: int               # decimals allowed in quantities
+    price_dimension: str         # "" when the meter has one price
+    prices: dict[str | None, Fraction]  # nano-credits per smallest unit; None = default
+
+
+@dataclass(frozen=True)
+class CustomerSeed:
+    customer_id: str
+    balances_nano: dict[int, int]
+    overdraft_nano: dict[int, int]   # how far below zero the balance may go
+
+
+@dataclass
+class Catalog:
+    credit_types: list[CreditType]
+    meters: list[Meter]
+    customers: list[CustomerSeed]
+    source: str = "<built-in demo catalog>"
+    credit_index: dict[str, int] = field(default_factory=dict)
+    meter_index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.credit_index = {c.name: i for i, c in enumerate(self.credit_types)}
+        self.meter_index = {m.name: i for i, m in enumerate(self.meters)}
+
+    def compile(self) -> tuple[list[int], list[tuple], list[tuple]]:
+        """Denominators per credit type, meter tuples and rate tuples for the core."""
+        denominators = [1] * len(self.credit_types)
+        for m in self.meters:
+            for price in m.prices.values():
+                d = denominators[m.credit_type]
+                denominators[m.credit_type] = d * price.denominator // math.gcd(d, price.denominator)
+        for i, d in enumerate(denominators):
+            if d > DENOMINATOR_MAX:
+                raise ConfigError(
+                    f"{self.source}: credit_types.{self.credit_types[i].name}: the prices of its meters need "
+                    f"a common denominator of {d}, above {DENOMINATOR_MAX}; simplify the prices")
+        meters = []
+        rates = []
+        for mi, m in enumerate(self.meters):
+            meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode()))
+            for value, price in m.prices.items():
+                d = denominators[m.credit_type]
+                rates.append((mi, None if value is None else value.encode(), price.numerator,
+                              d // price.denominator))
+        return denominators, meters, rates
+
+    def shape(self) -> dict[str, Any]:
+        """What a snapshot needs to map stored accounts onto this catalog."""
+        denominators, _, _ = self.compile()
+        return {
+            "credit_types": [c.name for c in self.credit_types],
+            "meters": [m.name for m in self.meters],
+            "precisions": [m.precision for m in self.meters],
+            "denominators": denominators,
+        }
+
+    def format_quantity(self, meter: int, base_units: int) -> str:
+        """Exact decimal text of a quantity held in the meter's smallest unit."""
+        p = self.meters[meter].precision
+        if p == 0:
+            return str(base_units)
+        whole, frac = divmod(base_units, 10**p)
+        return f"{whole}.{frac:0{p}d}"
+
+
+def _err(source: str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {message}")
+
+
+def parse_amount(text: Any, source: str, key: str) -> Fraction:
+    """A non-negative exact amount: decimal string, integer, or "a/b"."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise _err(source, key, "must be a decimal string like \"2.50\", an integer or a fraction \"1/3\"")
+    s = str(text).strip()
+    if not re.fullmatch(r"\d+(\.\d+)?(/\d+)?", s):
+        raise _err(source, key, f"{s!r} is not a decimal like \"2.50\" or a fraction like \"1/3\"")
+    try:
+        value = Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        raise _err(source, key, f"{s!r} is not a valid amount") from None
+    return value
+
+
+def to_nano(value: Fraction, source: str, key: str) -> int:
+    nano = value * NANO
+    if nano.denominator != 1:
+        raise _err(source, key, "has more than 9 decimals (amounts are held in nano-units)")
+    if nano > 2**62:
+        raise _err(source, key, "is too large")
+    return int(nano)
+
+
+def _table(doc: dict, key: str, source: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise _err(source, key, "must be a table")
+    return value
+
+
+def _check_keys(table: dict, allowed: set[str], source: str, where: str) -> None:
+    for k in table:
+        if k not in allowed:
+            raise _err(source, f"{where}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _credit_types(doc: dict, source: str) -> list[CreditType]:
+    out = []
+    for name, spec in _table(doc, "credit_types", source).items():
+        where = f"credit_types.{name}"
+        if not NAME_RE.match(name):
+            raise _err(source, where, "names are lower-case letters, digits, _ . : - (at most 64)")
+        if not isinstance(spec, dict):
+            raise _err(source, where, "must be a table")
+        _check_keys(spec, {"kind", "currency", "decimals"}, source, where)
+        kind = spec.get("kind", "fiat")
+        if kind not in ("fiat", "custom"):
+            raise _err(source, f"{where}.kind", "must be \"fiat\" or \"custom\"")
+        decimals = spec.get("decimals", 2 if kind == "fiat" else 0)
+        if not isinstance(decimals, int) or not 0 <= decimals <= 9:
+            raise _err(source, f"{where}.decimals", "must be an integer from 0 to 9")
+        currency = spec.get("currency", "USD" if kind == "fiat" else "")
+        if kind == "fiat" and not re.fullmatch(r"[A-Z]{3}", str(currency)):
+            raise _err(source, f"{where}.currency", "must be a three-letter ISO 4217 code")
+        out.append(CreditType(name, kind, str(currency), decimals))
+    if not out:
+        raise _err(source, "credit_types", "at least one credit type is required")
+    return out
+
+
+def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> Meter:
+    where = f"meters.{name}"
+    if not NAME_RE.match(name):
+        raise _err(source, where, "names are lower-case letters, digits, _ . : - (at most 64)")
+    if not isinstance(spec, dict):
+        raise _err(source, where, "must be a table")
+    _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices"}, source, where)
+    ct = spec.get("credit_type")
+    if ct not in credit_index:
+        raise _err(source, f"{where}.credit_type", f"must name one of the credit types {sorted(credit_index)}")
+    precision = spec.get("precision", 0)
+    if not isinstance(precision, int) or isinstance(precision, bool) or not 0 <= precision <= 9:
+        raise _err(source, f"{where}.precision", "must be an integer from 0 to 9")
+    per = spec.get("per", 1)
+    if not isinstance(per, int) or isinstance(per, bool) or not 1 <= per <= 10**12:
+        raise _err(source, f"{where}.per", "must be an integer from 1 to 10^12")
+    dim = spec.get("price_dimension", "")
+    if not isinstance(dim, str) or (dim and not re.fullmatch(r"[!-~]{1,64}", dim)):
+        raise _err(source, f"{where}.price_dimension", "must be a dimension key of 1 to 64 printable characters")
+    scale = NANO / Fraction(per * 10**precision)
+    prices: dict[str | None, Fraction] = {}
+    if "price" in spec:
+        prices[None] = parse_amount(spec["price"], source, f"{where}.price") * scale
+    by_value = spec.get("prices", {})
+    if not isinstance(by_value, dict):
+        raise _err(source, f"{where}.prices", "must be a table of dimension value = price")
+    if by_value and not dim:
+        raise _err(source, f"{where}.prices", "needs price_dimension to say which dimension selects the price")
+    for value, price in by_value.items():
+        if not DIM_VALUE_RE.match(value):
+            raise _err(source, f"{where}.prices.{value}", "dimension values are 1 to 128 printable characters")
+        prices[value] = parse_amount(price, source, f"{where}.prices.{value}") * scale
+    if not prices:
+        raise _err(source, where, "needs a price, or prices by dimension value")
+    return Meter(name, credit_index[ct], precision, dim, prices)
+
+
+def _customers(doc: dict, credit_index: dict[str, int], source: str) -> list[CustomerSeed]:
+    out = []
+    for cid, spec in _table(doc, "customers", source).items():
+        where = f"customers.{cid}"
+        if not ID_RE.match(cid):
+            raise _err(source, where, "customer ids are 1 to 128 printable ASCII characters without spaces")
+        if not isinstance(spec, dict):
+            raise _err(source, where, "must be a table")
+        _check_keys(spec, {"balances", "overdraft"}, source, where)
+        amounts: list[dict[int, int]] = []
+        for key in ("balances", "overdraft"):
+            table = spec.get(key, {})
+            if not isinstance(table, dict):
+                raise _err(source, f"{where}.{key}", "must be a table of credit type = amount")
+            parsed = {}
+            for ct, amount in table.items():
+                if ct not in credit_index:
+                    raise _err(source, f"{where}.{key}.{ct}", "unknown credit type")
+                k = f"{where}.{key}.{ct}"
+                parsed[credit_index[ct]] = to_nano(parse_amount(amount, source, k), source, k)
+            amounts.append(parsed)
+        out.append(CustomerSeed(cid, amounts[0], amounts[1]))
+    return out
+
+
+def parse_catalog(doc: dict, source: str) -> Catalog:
+    _check_keys(doc, {"credit_types", "meters", "customers"}, source, "catalog")
+    credit_types = _credit_types(doc, source)
+    credit_index = {c.name: i for i, c in enumerate(credit_types)}
+    meters = [_meter(n, s, credit_index, source) for n, s in _table(doc, "meters", source).items()]
+    if not meters:
+        raise _err(source, "meters", "at least one meter is required")
+    catalog = Catalog(credit_types, meters, _customers(doc, credit_index, source), source)
+    catalog.compile()  # raises on a denominator that is too large
+    return catalog
+
+
+def load_catalog(path: str | None) -> Catalog:
+    """Read and validate a catalog file, or the built-in demo catalog when ``path`` is empty."""
+    if not path:
+        text = resources.files("meterd").joinpath("demo_catalog.toml").read_text()
+        return parse_catalog(tomllib.loads(text), "<built-in demo catalog>")
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_catalog(doc, path)

@@ -1,0 +1,161 @@
+"""The ``meterd`` command: serve, check-config, balance and grant."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from decimal import Decimal
+from typing import Any, Sequence
+
+from meterd.catalog import NANO, load_catalog
+from meterd.config import Settings, load_settings
+from meterd.errors import ConfigError
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        for k, v in record.__dict__.items():
+            if k not in _RESERVED:
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class KvFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = (f"ts={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(record.created))} "
+                f"level={record.levelname.lower()} logger={record.name} msg={json.dumps(record.getMessage())}")
+        if record.exc_info:
+            line += " exc=" + json.dumps(self.formatException(record.exc_info))
+        return line
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else KvFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file of settings (below flags and METERD_* variables)")
+    p.add_argument("--data-dir", help="where LMDB keeps state (default ./meterd-data)")
+    p.add_argument("--listen", help="data plane address, host:port or unix:path (default 127.0.0.1:50051)")
+    p.add_argument("--admin-listen", help="admin address (default a Unix socket in the data directory)")
+    p.add_argument("--catalog", help="catalog TOML file (default: the built-in demo catalog)")
+    p.add_argument("--no-fsync", dest="fsync", action="store_const", const=False,
+                   help="do not fsync commits (loses acknowledged reports on power loss)")
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    flags = {k: getattr(args, k, None) for k in ("data_dir", "listen", "admin_listen", "catalog", "fsync")}
+    return load_settings(flags, config_path=args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from meterd.server import serve
+
+    settings = _load(args)
+    setup_logging(settings)
+    catalog = load_catalog(settings.catalog)
+    asyncio.run(serve(settings, catalog))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    catalog = load_catalog(settings.catalog)
+    print(f"ok: settings valid; catalog {catalog.source}: {len(catalog.credit_types)} credit types, "
+          f"{len(catalog.meters)} meters, {len(catalog.customers)} customers")
+    return 0
+
+
+def _admin_channel(args: argparse.Namespace) -> Any:
+    import grpc
+
+    return grpc.insecure_channel(_load(args).admin_address)
+
+
+def _credits(nano: int) -> str:
+    return str(Decimal(nano) / NANO)
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    import grpc
+
+    from meterd.v1 import meter_pb2, meter_pb2_grpc
+
+    with grpc.insecure_channel(args.target or _load(args).listen) as ch:
+        resp = meter_pb2_grpc.MeterStub(ch).GetBalance(meter_pb2.GetBalanceRequest(customer_id=args.customer))
+    for b in resp.balances:
+        print(f"{b.credit_type:<20} balance {_credits(b.balance_nano):>20}  reserved {_credits(b.reserved_nano)}"
+              f"  available {_credits(b.available_nano)}")
+    for u in resp.usage:
+        print(f"usage {u.meter:<26} {u.quantity}")
+    return 0
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    from meterd.catalog import parse_amount, to_nano
+    from meterd.v1 import admin_pb2, admin_pb2_grpc
+
+    amount = to_nano(parse_amount(args.amount, "--amount", "amount"), "--amount", "amount")
+    with _admin_channel(args) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).Grant(admin_pb2.GrantRequest(
+            customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount,
+            source=args.source, idempotency_key=args.idempotency_key or ""))
+    print(f"granted {resp.grant_id}: balance {_credits(resp.balance_nano)}{' (duplicate)' if resp.duplicate else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterd", description=(
+        "Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the daemon (Ctrl-C or SIGTERM stops it gracefully)")
+    _settings_args(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate settings and catalog, then exit")
+    _settings_args(p)
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("balance", help="print a customer's balances and usage this period")
+    _settings_args(p)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--target", help="data plane address (default: the --listen setting)")
+    p.set_defaults(func=cmd_balance)
+    p = sub.add_parser("grant", help="add credits to a customer through the admin socket")
+    _settings_args(p)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--credit-type", required=True)
+    p.add_argument("--amount", required=True, help="in credits, exact decimal, for example 25.00")
+    p.add_argument("--source", default="cli")
+    p.add_argument("--idempotency-key")
+    p.set_defaults(func=cmd_grant)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"meterd: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Daemon settings: flags, then METERD_* environment variables, then a TOML
+file, then the embedded defaults. Validated once, at start, with messages that
+name where a bad value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from meterd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = "./meterd-data"
+    listen: str = "127.0.0.1:50051"
+    # Empty: a Unix socket in the data directory, reachable only locally.
+    admin_listen: str = ""
+    catalog: str = ""
+    # LMDB
+    map_size_bytes: int = 1 << 30
+    fsync: bool = True
+    # Group commit: the writer waits at most this long for more work to join a commit.
+    group_commit_window_us: int = 200
+    group_commit_ops_max: int = 4096
+    # Input limits
+    batch_events_max: int = 8000
+    batch_bytes_max: int = 4 << 20
+    customer_id_bytes_max: int = 128
+    client_id_bytes_max: int = 128
+    dimensions_max: int = 16
+    dimension_key_bytes_max: int = 64
+    dimension_value_bytes_max: int = 128
+    idempotency_key_bytes_max: int = 128
+    streams_max: int = 256
+    # State bounds
+    reservation_ttl_s: int = 60
+    reservation_ttl_max_s: int = 3600
+    reservations_max: int = 1_000_000
+    idempotency_window_s: int = 86_400
+    idempotency_keys_max: int = 1_000_000
+    clients_max: int = 100_000
+    client_ttl_s: int = 7 * 86_400
+    # Snapshots of the account table bound the log that a restart replays.
+    snapshot_interval_s: float = 10.0
+    snapshot_log_records_max: int = 50_000
+    shutdown_grace_s: float = 10.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+    @property
+    def admin_address(self) -> str:
+        if self.admin_listen:
+            return self.admin_listen
+        return "unix:" + os.path.join(os.path.abspath(self.data_dir), "admin.sock")
+
+    def core_limits(self) -> dict[str, int]:
+        return {
+            "customer_id_bytes_max": self.customer_id_bytes_max,
+            "batch_events_max": self.batch_events_max,
+            "dimensions_max": self.dimensions_max,
+            "dimension_key_bytes_max": self.dimension_key_bytes_max,
+            "dimension_value_bytes_max": self.dimension_value_bytes_max,
+        }
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(str(value).replace("_", ""))
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, (str, int)):
+            raise ValueError
+        return str(value)
+    except ValueError:
+        raise ConfigError(f"{where}: {name}: expected {kind}, got {value!r}") from None
+
+
+def _validate(s: Settings) -> None:
+    def need(cond: bool, name: str, message: str) -> None:
+        if not cond:
+            raise ConfigError(f"{name}: {message}")
+
+    need(s.map_size_bytes >= 1 << 20, "map_size_bytes", "must be at least 1 MiB")
+    need(0 <= s.group_commit_window_us <= 100_000, "group_commit_window_us", "must be 0 to 100000")
+    need(s.group_commit_ops_max >= 1, "group_commit_ops_max", "must be at least 1")
+    need(1 <= s.batch_events_max <= 100_000, "batch_events_max", "must be 1 to 100000")
+    need(1024 <= s.batch_bytes_max <= 64 << 20, "batch_bytes_max", "must be 1 KiB to 64 MiB")
+    need(1 <= s.customer_id_bytes_max <= 255, "customer_id_bytes_max", "must be 1 to 255")
+    need(1 <= s.client_id_bytes_max <= 128, "client_id_bytes_max", "must be 1 to 128")
+    need(0 <= s.dimensions_max <= 64, "dimensions_max", "must be 0 to 64")
+    need(1 <= s.dimension_key_bytes_max <= 1024, "dimension_key_bytes_max", "must be 1 to 1024")
+    need(1 <= s.dimension_value_bytes_max <= 1024, "dimension_value_bytes_max", "must be 1 to 1024")
+    need(1 <= s.idempotency_key_bytes_max <= 255, "idempotency_key_bytes_max", "must be 1 to 255")
+    need(1 <= s.streams_max <= 100_000, "streams_max", "must be 1 to 100000")
+    need(1 <= s.reservation_ttl_s <= s.reservation_ttl_max_s, "reservation_ttl_s",
+         "must be at least 1 and at most reservation_ttl_max_s")
+    need(s.reservations_max >= 1, "reservations_max", "must be at least 1")
+    need(s.idempotency_window_s >= 1, "idempotency_window_s", "must be at least 1")
+    need(s.idempotency_keys_max >= 1, "idempotency_keys_max", "must be at least 1")
+    need(s.clients_max >= 1, "clients_max", "must be at least 1")
+    need(s.client_ttl_s >= s.idempotency_window_s, "client_ttl_s", "must be at least idempotency_window_s")
+    need(s.snapshot_interval_s > 0, "snapshot_interval_s", "must be positive")
+    need(s.snapshot_log_records_max >= 1, "snapshot_log_records_max", "must be at least 1")
+    need(s.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
+    need(s.log_level in ("debug", "info", "warning", "error"), "log_level", "must be debug, info, warning or error")
+    need(s.log_format in ("json", "kv"), "log_format", "must be json or kv")
+    need(":" in s.listen, "listen", "must be host:port or unix:path")
+    # A full batch must fit in a message, roughly 8 bytes per event at least.
+    need(s.batch_bytes_max >= s.batch_events_max * 8, "batch_bytes_max",
+         "must be at least 8 bytes per event of batch_events_max")
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                  config_path: str | None = None) -> Settings:
+    """Merge the sources in order of precedence and validate the result."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_path or env.get("METERD_CONFIG", "")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for key, value in doc.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{path}: {key}: unknown setting")
+            values[key] = _coerce(key, value, path)
+    for name in _FIELDS:
+        var = "METERD_" + name.upper()
+        if var in env:
+            values[name] = _coerce(name, env[var], var)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            if name not in _FIELDS:
+                raise ConfigError(f"--{name.replace('_', '-')}: unknown setting")
+            values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    settings = dataclasses.replace(Settings(), **values)
+    _validate(settings)
+    return settings

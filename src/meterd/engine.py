@@ -1,0 +1,865 @@
+"""The metering engine: policy around the core, and durability around both.
+
+Every state change happens on the asyncio event loop thread, in order: the
+core applies it in memory, the engine appends a record of it to the LMDB log
+and hands that to the group-commit writer, and the caller is answered only
+once the commit is durable. Restart (and recovery from a failed commit) loads
+the last snapshot of the account table and replays the log after it through
+the same core, so the in-memory state is always a function of what is on disk.
+
+State the core does not hold (client sequences, idempotency keys,
+reservations, grants, the audit trail) is written through to LMDB in the same
+commit as the log record of the change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import collections
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from meterd import core as core_mod
+from meterd.catalog import Catalog
+from meterd.config import Settings
+from meterd.errors import InvalidInput, NotFound, StorageFull, Unavailable
+from meterd.store import Op, Store, Unit, from_u64, u64
+from meterd.v1 import admin_pb2, meter_pb2
+
+log = logging.getLogger("meterd.engine")
+
+ADJUST_PRIORITY = 1_000_000  # credits added by Adjust are spent after every grant
+_DUP_REPORT = b"\x30\x01"      # ReportResponse.duplicate = true
+_DUP_BATCH = b"\x28\x01"       # ReportBatchResponse.duplicate = true
+_DUP_AUTHORIZE = b"\x40\x01"   # AuthorizeResponse.duplicate = true
+_DUP_GRANT = b"\x18\x01"       # GrantResponse.duplicate = true
+_DUP_ADJUST = b"\x10\x01"      # AdjustResponse.duplicate = true
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def month_bounds(ms: int) -> tuple[int, int]:
+    """Start and end (ms, UTC) of the calendar month holding ``ms``."""
+    d = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+    start = dt.datetime(d.year, d.month, 1, tzinfo=dt.timezone.utc)
+    days = calendar.monthrange(d.year, d.month)[1]
+    end = start + dt.timedelta(days=days)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+
+@dataclass
+class ClientState:
+    sequence: int
+    seen_ms: int
+    result: bytes
+    pending: asyncio.Future | None = None
+
+
+@dataclass
+class IdemEntry:
+    expires_ms: int
+    digest: bytes
+    response: bytes
+    pending: asyncio.Future | None = None
+
+
+@dataclass
+class Reservation:
+    reservation_id: str
+    customer_id: str
+    credit_type: int
+    meter: int
+    dim_value: str | None
+    rate: int
+    amount_nano: int
+    expires_at_ms: int
+
+    def to_json(self, catalog: Catalog) -> bytes:
+        return json.dumps({
+            "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
+            "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
+            "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms}).encode()
+
+
+@dataclass
+class Bucket:
+    grant_id: str
+    remaining_nano: int
+    expires_at_ms: int
+    priority: int
+    source: str
+    order: int
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.priority, self.expires_at_ms or (1 << 62), self.order)
+
+
+@dataclass
+class Account:
+    """Per-customer state held in Python: grant buckets per credit type."""
+    buckets: dict[int, list[Bucket]] = field(default_factory=dict)
+
+
+def _hash_request(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _record(kind: bytes, payload: bytes) -> bytes:
+    return kind + u64(now_ms()) + payload
+
+
+class Engine:
+    """Owns the core, the catalog, the Python-held state and the store."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.store = Store(os.path.join(settings.data_dir, "lmdb"), settings.map_size_bytes, settings.fsync,
+                           settings.group_commit_window_us, settings.group_commit_ops_max)
+        self.core: Any = None
+        self.clients: dict[bytes, ClientState] = {}
+        self.idem: collections.OrderedDict[bytes, IdemEntry] = collections.OrderedDict()
+        self.reservations: dict[str, Reservation] = {}
+        self.accounts: dict[str, Account] = {}
+        self.log_pos = 0
+        self.snapshot_pos = 0
+        self.audit_seq = 0
+        self.grant_seq = 0
+        self.period_start_ms = 0
+        self.storage_full: StorageFull | None = None
+        self.closing = False
+        self._snapshot_running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.recover()
+        self._seed_customers()
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.store.start(loop, self._on_commit_failure)
+
+    async def close(self) -> None:
+        """Final snapshot, drain the writer, close LMDB."""
+        self.closing = True
+        try:
+            await self.snapshot()
+        except Exception:  # noqa: BLE001 - the log still holds everything
+            log.exception("final snapshot failed; the log will be replayed at the next start")
+        self.store.stop()
+        self.store.close()
+
+    def _on_commit_failure(self, exc: BaseException) -> None:
+        """A commit failed: everything applied in memory since the last good
+        commit is undone by reloading from disk, and callers got the error."""
+        log.error("commit failed, reloading state from disk: %s", exc)
+        if isinstance(exc, StorageFull):
+            self.storage_full = exc
+        self.recover()
+        self.store.reset()
+
+    def check_writable(self) -> None:
+        if self.closing:
+            raise Unavailable("meterd is shutting down")
+        if self.storage_full is not None:
+            raise self.storage_full
+
+    async def _commit(self, ops: list[Op]) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.store.submit(Unit(ops, fut))
+        await fut
+
+    def _log_op(self, record: bytes) -> Op:
+        self.log_pos += 1
+        return ("log", u64(self.log_pos), record)
+
+    # ---- recovery ------------------------------------------------------------
+
+    def _core_for(self, compiled: tuple) -> Any:
+        denominators, meters, rates = compiled
+        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024)
+
+    def recover(self) -> None:
+        """Rebuild all in-memory state from LMDB: snapshot, then log replay."""
+        store = self.store
+        compiled = self.catalog.compile()
+        stored = store.get("meta", b"catalog")
+        if stored is None:
+            old = compiled
+        else:
+            doc = json.loads(stored)
+            old = (doc["denominators"],
+                   [(m[0].encode(), m[1], m[2], m[3].encode()) for m in doc["meters"]],
+                   [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]])
+        core = self._core_for(old)
+        for key, value in store.items("accounts"):
+            core.load_state_bytes(key, value)
+        self.snapshot_pos = from_u64(store.get("meta", b"snapshot_pos") or u64(0))
+        self.log_pos = self.snapshot_pos
+        replayed = 0
+        for key, record in store.items("log", start=u64(self.snapshot_pos + 1)):
+            self._replay(core, record)
+            self.log_pos = from_u64(key)
+            replayed += 1
+        remapped = stored is not None and old != compiled
+        if remapped:
+            core = self._remap(core, json.loads(stored))
+        self.core = core
+        self._load_python_state()
+        if remapped or replayed or stored is None:
+            self._snapshot_now()
+        log.info("state recovered: %d accounts, %d log records replayed%s", len(core), replayed,
+                 ", catalog changed and accounts remapped" if remapped else "")
+
+    def _replay(self, core: Any, record: bytes) -> None:
+        kind, body = record[:1], record[9:]
+        if kind == b"B":
+            core.apply_batch(body)
+        elif kind == b"R":
+            core.report(body)
+        elif kind in (b"A", b"L", b"G", b"F"):
+            ct, amount = struct.unpack_from("<Hq", body)
+            idx = core.open_account(body[10:])
+            if kind == b"A":
+                if not core.reserve(idx, ct, amount):
+                    raise RuntimeError("log replay diverged: a reservation no longer fits")
+            elif kind == b"L":
+                core.release(idx, ct, amount)
+            elif kind == b"G":
+                core.credit(idx, ct, amount)
+            else:
+                core.set_floor(idx, ct, amount)
+        elif kind == b"C":
+            rate, qty, reserved = struct.unpack_from("<Iqq", body)
+            core.settle(core.account(body[20:]), rate, qty, reserved)
+        elif kind == b"P":
+            core.reset_usage()
+        else:
+            raise RuntimeError(f"unknown log record kind {kind!r}")
+
+    def _remap(self, old: Any, doc: dict) -> Any:
+        """Move accounts onto a changed catalog, matching credit types and meters by name."""
+        new = self._core_for(self.catalog.compile())
+        shape = self.catalog.shape()
+        old_ct = {n: i for i, n in enumerate(doc["credit_types"])}
+        old_m = {n: i for i, n in enumerate(doc["meter_names"])}
+        for i in range(len(old)):
+            cts, use = old.state(i)
+            new_cts = []
+            for k, name in enumerate(shape["credit_types"]):
+                j = old_ct.get(name)
+                if j is None:
+                    new_cts.append((0, 0, 0, 0))
+                    continue
+                bal, resv, floor, rem = cts[j]
+                # The carried remainder is re-expressed in the new denominator; less than one nano may go.
+                new_cts.append((bal, resv, floor, rem * shape["denominators"][k] // doc["denominators"][j]))
+            new_use = []
+            for k, name in enumerate(shape["meters"]):
+                j = old_m.get(name)
+                same = j is not None and doc["precisions"][j] == shape["precisions"][k]
+                new_use.append(use[j] if same else 0)
+            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use)
+        new.mark_all_dirty()
+        return new
+
+    def _catalog_doc(self) -> bytes:
+        denominators, meters, rates = self.catalog.compile()
+        shape = self.catalog.shape()
+        return json.dumps({
+            "denominators": denominators,
+            "meters": [[m[0].decode(), m[1], m[2], m[3].decode()] for m in meters],
+            "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
+            "credit_types": shape["credit_types"], "meter_names": shape["meters"],
+            "precisions": shape["precisions"],
+        }).encode()
+
+    def _snapshot_ops(self) -> list[Op]:
+        ops: list[Op] = [("accounts", self.core.customer_id(i), self.core.state_bytes(i))
+                         for i in self.core.take_dirty()]
+        ops.append(("meta", b"catalog", self._catalog_doc()))
+        ops.append(("meta", b"snapshot_pos", u64(self.log_pos)))
+        ops.append(("trim", u64(self.log_pos), None))
+        return ops
+
+    def _snapshot_now(self) -> None:
+        self.store.write_now(self._snapshot_ops())
+        self.snapshot_pos = self.log_pos
+
+    async def snapshot(self) -> None:
+        """Write changed accounts and drop the log they cover, in one commit."""
+        if self._snapshot_running or (self.log_pos == self.snapshot_pos and self.storage_full is None):
+            return
+        self._snapshot_running = True
+        try:
+            pos = self.log_pos
+            try:
+                await self._commit(self._snapshot_ops())
+            except StorageFull:
+                self.core.mark_all_dirty()
+                raise
+            self.snapshot_pos = pos
+            self.storage_full = None
+        finally:
+            self._snapshot_running = False
+
+    def _load_python_state(self) -> None:
+        now = now_ms()
+        self.clients = {}
+        for key, value in self.store.items("clients"):
+            self.clients[key] = ClientState(from_u64(value[:8]), from_u64(value[8:16]), value[16:])
+        self.idem = collections.OrderedDict()
+        entries = []
+        for key, value in self.store.items("idem"):
+            entries.append((from_u64(value[:8]), key, IdemEntry(from_u64(value[:8]), value[8:16], value[16:])))
+        for _, key, entry in sorted(entries, key=lambda e: e[0]):
+            if entry.expires_ms > now:
+                self.idem[key] = entry
+        self.reservations = {}
+        for key, value in self.store.items("reservations"):
+            self._load_reservation(key.decode(), json.loads(value))
+        self.accounts = {}
+        for key, value in self.store.items("grants"):
+            cust, ct_name, gid = key.decode().split("\x00")
+            doc = json.loads(value)
+            ct = self.catalog.credit_index.get(ct_name)
+            if ct is None:
+                continue
+            acct = self.accounts.setdefault(cust, Account())
+            acct.buckets.setdefault(ct, []).append(Bucket(gid, doc["remaining_nano"], doc["expires_at_ms"],
+                                                          doc["priority"], doc["source"], doc["order"]))
+        self.audit_seq = from_u64(self.store.get("meta", b"audit_seq") or u64(0))
+        self.grant_seq = from_u64(self.store.get("meta", b"grant_seq") or u64(0))
+        self.period_start_ms = from_u64(self.store.get("meta", b"period_start_ms") or u64(0))
+
+    def _load_reservation(self, rid: str, doc: dict) -> None:
+        ct = self.catalog.credit_index.get(doc["credit_type"])
+        meter = self.catalog.meter_index.get(doc["meter"])
+        rate = -1
+        if meter is not None:
+            value = doc["dim_value"]
+            rate = self.core.find_rate(meter, None if value is None else value.encode())
+        self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
+                                             -1 if meter is None else meter, doc["dim_value"], rate,
+                                             doc["amount_nano"], doc["expires_at_ms"])
+
+    def _seed_customers(self) -> None:
+        """Give each catalog customer its initial balances, once."""
+        for seed in self.catalog.customers:
+            for ct, amount in seed.overdraft_nano.items():
+                idx = self.core.open_account(seed.customer_id.encode())
+                if self.core.state(idx)[0][ct][2] != -amount:
+                    self.core.set_floor(idx, ct, -amount)
+                    self.log_pos += 1
+                    self.store.write_now([("log", u64(self.log_pos), _record(
+                        b"F", struct.pack("<Hq", ct, -amount) + seed.customer_id.encode()))])
+            for ct, amount in seed.balances_nano.items():
+                marker = f"seeded\x00{seed.customer_id}\x00{self.catalog.credit_types[ct].name}".encode()
+                if amount == 0 or self.store.get("meta", marker) is not None:
+                    continue
+                ops = self._grant_ops(seed.customer_id, ct, amount, 0, 0, "catalog", "initial balance")
+                self.store.write_now(ops + [("meta", marker, b"1")])
+
+    # ---- idempotency -----------------------------------------------------------
+
+    def _idem_key(self, rpc: str, customer_id: str, key: str) -> bytes:
+        if len(key.encode()) > self.settings.idempotency_key_bytes_max:
+            raise InvalidInput("idempotency_key", f"longer than {self.settings.idempotency_key_bytes_max} bytes")
+        return f"{rpc}\x00{customer_id}\x00{key}".encode()
+
+    async def _replayed(self, key: bytes | None, request: bytes, dup_flag: bytes) -> bytes | None:
+        """The stored answer for a repeated idempotency key, or None for a new one."""
+        if key is None:
+            return None
+        entry = self.idem.get(key)
+        if entry is None or entry.expires_ms <= now_ms():
+            return None
+        if entry.digest and entry.digest != _hash_request(request):
+            raise InvalidInput("idempotency_key", "was used before with a different request")
+        if entry.pending is not None and not entry.pending.done():
+            await asyncio.shield(entry.pending)
+        return entry.response + dup_flag
+
+    def _remember(self, key: bytes | None, request: bytes, response: bytes) -> list[Op]:
+        if key is None:
+            return []
+        ops: list[Op] = []
+        while len(self.idem) >= self.settings.idempotency_keys_max:
+            old, _ = self.idem.popitem(last=False)
+            ops.append(("idem", old, None))
+            log.warning("idempotency key store full (%d); the oldest key was dropped early",
+                        self.settings.idempotency_keys_max)
+        expires = now_ms() + self.settings.idempotency_window_s * 1000
+        digest = _hash_request(request) if request else b""
+        self.idem[key] = IdemEntry(expires, digest, response)
+        ops.append(("idem", key, u64(expires) + (digest or b"\0" * 8) + response))
+        return ops
+
+    def _pending(self, key: bytes | None, fut: asyncio.Future) -> None:
+        if key is not None and key in self.idem:
+            self.idem[key].pending = fut
+
+    async def _commit_with(self, ops: list[Op], key: bytes | None = None) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending(key, fut)
+        self.store.submit(Unit(ops, fut))
+        await fut
+        self._maybe_snapshot()
+
+    def _maybe_snapshot(self) -> None:
+        if self.log_pos - self.snapshot_pos >= self.settings.snapshot_log_records_max and not self._snapshot_running:
+            asyncio.get_running_loop().create_task(self._snapshot_quietly())
+
+    async def _snapshot_quietly(self) -> None:
+        try:
+            await self.snapshot()
+        except StorageFull:
+            pass
+        except Exception:  # noqa: BLE001 - a snapshot is an optimisation
+            log.exception("snapshot failed")
+
+    # ---- data plane ----------------------------------------------------------------
+
+    async def report_batch(self, data: bytes) -> bytes:
+        self.check_writable()
+        if len(data) > self.settings.batch_bytes_max:
+            raise InvalidInput("batch", f"larger than {self.settings.batch_bytes_max} bytes")
+        cid, seq = self.core.batch_header(data)
+        state = self.clients.get(cid) if cid else None
+        if state is not None and seq <= state.sequence:
+            if state.pending is not None and not state.pending.done():
+                await asyncio.shield(state.pending)
+            if seq == state.sequence:
+                return state.result + _DUP_BATCH
+            return meter_pb2.ReportBatchResponse(sequence=seq, duplicate=True).SerializeToString()
+        if cid and state is None and len(self.clients) >= self.settings.clients_max:
+            self._evict_clients()
+            if len(self.clients) >= self.settings.clients_max:
+                raise StorageFull(f"client table full ({self.settings.clients_max} clients)")
+        accepted, denied, denials = self.core.apply_batch(data)
+        result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied,
+                                               sequence=seq).SerializeToString() + denials
+        ops: list[Op] = []
+        if accepted:
+            ops.append(self._log_op(_record(b"B", data)))
+        if cid:
+            ms = now_ms()
+            ops.append(("clients", cid, u64(seq) + u64(ms) + result))
+            state = ClientState(seq, ms, result)
+            self.clients[cid] = state
+        if not ops:
+            return result
+        fut = asyncio.get_running_loop().create_future()
+        if state is not None:
+            state.pending = fut
+        self.store.submit(Unit(ops, fut))
+        await fut
+        self._maybe_snapshot()
+        return result
+
+    def _evict_clients(self) -> None:
+        cutoff = now_ms() - self.settings.client_ttl_s * 1000
+        for cid in [c for c, s in self.clients.items() if s.seen_ms < cutoff]:
+            del self.clients[cid]
+
+    async def report(self, data: bytes) -> bytes:
+        self.check_writable()
+        try:
+            req = meter_pb2.ReportRequest.FromString(data)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError subclasses
+            raise InvalidInput("event", "malformed protobuf") from None
+        key = None
+        if req.event.idempotency_key:
+            key = self._idem_key("report", req.event.customer_id, req.event.idempotency_key)
+            replay = await self._replayed(key, data, _DUP_REPORT)
+            if replay is not None:
+                return replay
+        allowed, reason, ct, cost, balance = self.core.report(data)
+        response = meter_pb2.ReportResponse(
+            decision=meter_pb2.DECISION_ALLOW if allowed else meter_pb2.DECISION_DENY, reason=reason,
+            credit_type=self.catalog.credit_types[ct].name, cost_nano=cost, balance_nano=balance,
+        ).SerializeToString()
+        ops = [self._log_op(_record(b"R", data))] if allowed else []
+        ops += self._remember(key, data, response)
+        if ops:
+            await self._commit_with(ops, key)
+        return response
+
+    def _quantity(self, meter: int, msg: Any, field_prefix: str = "") -> int:
+        """A request's quantity in the meter's smallest unit, exactly."""
+        precision = self.catalog.meters[meter].precision
+        which = msg.WhichOneof("quantity_value")
+        if which == "quantity_decimal":
+            text = msg.quantity_decimal
+            if len(text) > 40:
+                raise InvalidInput(field_prefix + "quantity_decimal", "too long")
+            try:
+                return core_mod._fastpath_py.parse_decimal(text.encode(), precision)
+            except core_mod._fastpath_py._DecodeError as e:
+                raise InvalidInput(field_prefix + "quantity_decimal", e.message) from None
+        if msg.quantity < 0:
+            raise InvalidInput(field_prefix + "quantity", "must not be negative")
+        q = msg.quantity * 10**precision
+        if q > (1 << 63) - 1:
+            raise InvalidInput(field_prefix + "quantity", "cost or quantity overflows 64 bits")
+        return q
+
+    def _customer(self, customer_id: str) -> bytes:
+        b = customer_id.encode()
+        if not b:
+            raise InvalidInput("customer_id", "must not be empty")
+        if len(b) > self.settings.customer_id_bytes_max:
+            raise InvalidInput("customer_id", f"longer than {self.settings.customer_id_bytes_max} bytes")
+        if not all(0x21 <= c <= 0x7E for c in b):
+            raise InvalidInput("customer_id", "must be printable ASCII without spaces")
+        return b
+
+    def _rate(self, meter_name: str, dimensions: Any) -> tuple[int, str | None, int]:
+        meter = self.catalog.meter_index.get(meter_name)
+        if meter is None:
+            raise InvalidInput("meter", f"unknown meter {meter_name[:64]!r}")
+        if len(dimensions) > self.settings.dimensions_max:
+            raise InvalidInput("dimensions", "too many entries")
+        for k, v in dimensions.items():
+            if not k or len(k.encode()) > self.settings.dimension_key_bytes_max \
+                    or len(v.encode()) > self.settings.dimension_value_bytes_max:
+                raise InvalidInput("dimensions", "too long" if k else "must not be empty")
+        key = self.catalog.meters[meter].price_dimension
+        value = dimensions.get(key) if key else None
+        rate = self.core.find_rate(meter, None if value is None else value.encode())
+        if rate < 0:
+            raise InvalidInput("dimensions", f"no price for this value of {key!r} and the meter has no default")
+        return meter, value, rate
+
+    async def authorize(self, data: bytes) -> bytes:
+        self.check_writable()
+        req = meter_pb2.AuthorizeRequest.FromString(data)
+        cust = self._customer(req.customer_id)
+        meter, value, rate = self._rate(req.meter, req.dimensions)
+        qty = self._quantity(meter, req)
+        key = None
+        if req.idempotency_key:
+            key = self._idem_key("authorize", req.customer_id, req.idempotency_key)
+            replay = await self._replayed(key, data, _DUP_AUTHORIZE)
+            if replay is not None:
+                return replay
+        ttl_ms = req.ttl_ms or self.settings.reservation_ttl_s * 1000
+        if ttl_ms > self.settings.reservation_ttl_max_s * 1000:
+            raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
+        ct, amount = self.core.quote(rate, qty)
+        ct_name = self.catalog.credit_types[ct].name
+        idx = self.core.account(cust)
+        deny = None
+        if idx < 0:
+            deny = meter_pb2.REASON_UNKNOWN_CUSTOMER
+        elif len(self.reservations) >= self.settings.reservations_max:
+            raise StorageFull(f"reservation table full ({self.settings.reservations_max})")
+        elif not self.core.reserve(idx, ct, amount):
+            deny = meter_pb2.REASON_INSUFFICIENT_BALANCE
+        if deny is not None:
+            available = self.core.available(idx, ct) if idx >= 0 else 0
+            return meter_pb2.AuthorizeResponse(decision=meter_pb2.DECISION_DENY, reason=deny, credit_type=ct_name,
+                                               available_nano=available).SerializeToString()
+        rid = "r_" + secrets.token_hex(12)
+        res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms)
+        self.reservations[rid] = res
+        response = meter_pb2.AuthorizeResponse(
+            decision=meter_pb2.DECISION_ALLOW, reservation_id=rid, credit_type=ct_name, reserved_nano=amount,
+            available_nano=self.core.available(idx, ct), expires_at_ms=res.expires_at_ms).SerializeToString()
+        ops = [self._log_op(_record(b"A", struct.pack("<Hq", ct, amount) + cust)),
+               ("reservations", rid.encode(), res.to_json(self.catalog))]
+        ops += self._remember(key, data, response)
+        await self._commit_with(ops, key)
+        return response
+
+    def _take_reservation(self, rid: str) -> Reservation:
+        res = self.reservations.get(rid)
+        if res is None:
+            raise NotFound(f"reservation {rid[:64]!r} is unknown, expired or already settled")
+        return res
+
+    async def commit(self, data: bytes) -> bytes:
+        self.check_writable()
+        req = meter_pb2.CommitRequest.FromString(data)
+        key = self._idem_key("settle", "", req.reservation_id)
+        replay = await self._replayed(key, b"", b"")
+        if replay is not None:
+            return replay
+        res = self._take_reservation(req.reservation_id)
+        if res.rate < 0:
+            raise NotFound("the reservation's meter is no longer in the catalog; release it")
+        qty = self._quantity(res.meter, req)
+        cust = res.customer_id.encode()
+        idx = self.core.account(cust)
+        cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano)
+        del self.reservations[res.reservation_id]
+        response = meter_pb2.CommitResponse(
+            cost_nano=cost, released_nano=max(res.amount_nano - cost, 0),
+            balance_nano=self.core.state(idx)[0][res.credit_type][0], overrun_nano=overrun).SerializeToString()
+        if overrun:
+            log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
+                        res.customer_id, res.reservation_id, overrun)
+        ops = [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust)),
+               ("reservations", res.reservation_id.encode(), None)]
+        ops += self._remember(key, b"", response)
+        await self._commit_with(ops, key)
+        return response
+
+    async def release(self, data: bytes) -> bytes:
+        self.check_writable()
+        req = meter_pb2.ReleaseRequest.FromString(data)
+        key = self._idem_key("settle", "", req.reservation_id)
+        replay = await self._replayed(key, b"", b"")
+        if replay is not None:
+            return replay
+        res = self._take_reservation(req.reservation_id)
+        ops = self._release_ops(res)
+        idx = self.core.account(res.customer_id.encode())
+        response = meter_pb2.ReleaseResponse(
+            released_nano=res.amount_nano,
+            available_nano=self.core.available(idx, res.credit_type) if res.credit_type >= 0 else 0,
+        ).SerializeToString()
+        ops += self._remember(key, b"", response)
+        await self._commit_with(ops, key)
+        return response
+
+    def _release_ops(self, res: Reservation) -> list[Op]:
+        del self.reservations[res.reservation_id]
+        ops: list[Op] = [("reservations", res.reservation_id.encode(), None)]
+        if res.credit_type >= 0:
+            cust = res.customer_id.encode()
+            self.core.release(self.core.account(cust), res.credit_type, res.amount_nano)
+            ops.append(self._log_op(_record(b"L", struct.pack("<Hq", res.credit_type, res.amount_nano) + cust)))
+        return ops
+
+    def balance(self, data: bytes) -> bytes:
+        req = meter_pb2.GetBalanceRequest.FromString(data)
+        cust = self._customer(req.customer_id)
+        idx = self.core.account(cust)
+        if idx < 0:
+            raise NotFound(f"customer {req.customer_id!r} has no account")
+        cts, use = self.core.state(idx)
+        acct = self.accounts.get(req.customer_id, Account())
+        out = meter_pb2.GetBalanceResponse(customer_id=req.customer_id)
+        out.period_start_ms, out.period_end_ms = month_bounds(self.period_start_ms or now_ms())
+        for ct, (bal, resv, floor, _) in enumerate(cts):
+            cb = out.balances.add(credit_type=self.catalog.credit_types[ct].name, balance_nano=bal,
+                                  reserved_nano=resv, floor_nano=floor, available_nano=max(bal - resv - floor, -(1 << 63) + 1))
+            for b in self._allocated(acct.buckets.get(ct, []), bal):
+                cb.grants.add(grant_id=b.grant_id, remaining_nano=b.remaining_nano, expires_at_ms=b.expires_at_ms,
+                              priority=b.priority, source=b.source)
+        for m, q in enumerate(use):
+            out.usage.add(meter=self.catalog.meters[m].name, quantity=self.catalog.format_quantity(m, q))
+        return out.SerializeToString()
+
+    # ---- grants and the audit trail ----------------------------------------------
+
+    @staticmethod
+    def _allocated(buckets: list[Bucket], balance: int) -> list[Bucket]:
+        """Buckets with what has been spent since their last update drawn from
+        them in spending order (priority, then soonest expiry, then oldest)."""
+        spent = sum(b.remaining_nano for b in buckets) - max(balance, 0)
+        out = []
+        for b in sorted(buckets, key=Bucket.sort_key):
+            take = min(max(spent, 0), b.remaining_nano)
+            spent -= take
+            out.append(Bucket(b.grant_id, b.remaining_nano - take, b.expires_at_ms, b.priority, b.source, b.order))
+        return out
+
+    def _reconcile(self, customer_id: str, ct: int, balance: int) -> list[Op]:
+        acct = self.accounts.setdefault(customer_id, Account())
+        buckets = self._allocated(acct.buckets.get(ct, []), balance)
+        acct.buckets[ct] = [b for b in buckets if b.remaining_nano > 0]
+        ops: list[Op] = []
+        for b in buckets:
+            key = self._grant_key(customer_id, ct, b.grant_id)
+            ops.append(("grants", key, self._grant_doc(b) if b.remaining_nano > 0 else None))
+        return ops
+
+    def _grant_key(self, customer_id: str, ct: int, grant_id: str) -> bytes:
+        return f"{customer_id}\x00{self.catalog.credit_types[ct].name}\x00{grant_id}".encode()
+
+    @staticmethod
+    def _grant_doc(b: Bucket) -> bytes:
+        return json.dumps({"remaining_nano": b.remaining_nano, "expires_at_ms": b.expires_at_ms,
+                           "priority": b.priority, "source": b.source, "order": b.order}).encode()
+
+    def _audit_op(self, customer_id: str, kind: str, ct: int, amount: int, before: int, after: int,
+                  reference: str) -> list[Op]:
+        self.audit_seq += 1
+        entry = admin_pb2.AuditEntry(sequence=self.audit_seq, time_ms=now_ms(), kind=kind,
+                                     credit_type=self.catalog.credit_types[ct].name, amount_nano=amount,
+                                     balance_before_nano=before, balance_after_nano=after, reference=reference)
+        return [("audit", customer_id.encode() + b"\x00" + u64(self.audit_seq), entry.SerializeToString()),
+                ("meta", b"audit_seq", u64(self.audit_seq))]
+
+    def _credit_ops(self, customer_id: str, ct: int, amount: int) -> tuple[list[Op], int, int]:
+        """Apply a signed credit in the core; returns the log op and the balances around it."""
+        cust = customer_id.encode()
+        idx = self.core.open_account(cust)
+        before = self.core.state(idx)[0][ct][0]
+        after = self.core.credit(idx, ct, amount)
+        return [self._log_op(_record(b"G", struct.pack("<Hq", ct, amount) + cust))], before, after
+
+    def _grant_ops(self, customer_id: str, ct: int, amount: int, expires_at_ms: int, priority: int,
+                   source: str, reference: str) -> list[Op]:
+        idx = self.core.open_account(customer_id.encode())
+        ops = self._reconcile(customer_id, ct, self.core.state(idx)[0][ct][0])
+        credit, before, after = self._credit_ops(customer_id, ct, amount)
+        self.grant_seq += 1
+        gid = f"g_{self.grant_seq}"
+        bucket = Bucket(gid, amount, expires_at_ms, priority, source, self.grant_seq)
+        self.accounts.setdefault(customer_id, Account()).buckets.setdefault(ct, []).append(bucket)
+        ops += credit
+        ops.append(("grants", self._grant_key(customer_id, ct, gid), self._grant_doc(bucket)))
+        ops.append(("meta", b"grant_seq", u64(self.grant_seq)))
+        ops += self._audit_op(customer_id, "grant", ct, amount, before, after, f"{gid} {source} {reference}".strip())
+        return ops
+
+    def _credit_type(self, name: str) -> int:
+        ct = self.catalog.credit_index.get(name)
+        if ct is None:
+            raise InvalidInput("credit_type", f"unknown credit type {name[:64]!r}")
+        return ct
+
+    async def grant(self, req: admin_pb2.GrantRequest) -> bytes:
+        self.check_writable()
+        self._customer(req.customer_id)
+        ct = self._credit_type(req.credit_type)
+        if req.amount_nano <= 0:
+            raise InvalidInput("amount_nano", "must be positive")
+        if req.expires_at_ms < 0 or (req.expires_at_ms and req.expires_at_ms <= now_ms()):
+            raise InvalidInput("expires_at_ms", "must be 0 (never) or in the future")
+        if len(req.source) > 64:
+            raise InvalidInput("source", "longer than 64 characters")
+        key = self._idem_key("grant", req.customer_id, req.idempotency_key) if req.idempotency_key else None
+        data = req.SerializeToString()
+        replay = await self._replayed(key, data, _DUP_GRANT)
+        if replay is not None:
+            return replay
+        ops = self._grant_ops(req.customer_id, ct, req.amount_nano, req.expires_at_ms, req.priority,
+                              req.source or "api", "")
+        gid = f"g_{self.grant_seq}"
+        response = admin_pb2.GrantResponse(grant_id=gid, balance_nano=self.core.state(
+            self.core.account(req.customer_id.encode()))[0][ct][0]).SerializeToString()
+        ops += self._remember(key, data, response)
+        await self._commit_with(ops, key)
+        return response
+
+    async def adjust(self, req: admin_pb2.AdjustRequest) -> bytes:
+        self.check_writable()
+        self._customer(req.customer_id)
+        ct = self._credit_type(req.credit_type)
+        if req.amount_nano == 0:
+            raise InvalidInput("amount_nano", "must not be zero")
+        if not req.reason.strip():
+            raise InvalidInput("reason", "is required for a manual adjustment")
+        if len(req.reason) > 256:
+            raise InvalidInput("reason", "longer than 256 characters")
+        key = self._idem_key("adjust", req.customer_id, req.idempotency_key) if req.idempotency_key else None
+        data = req.SerializeToString()
+        replay = await self._replayed(key, data, _DUP_ADJUST)
+        if replay is not None:
+            return replay
+        if req.amount_nano > 0:
+            ops = self._grant_ops(req.customer_id, ct, req.amount_nano, 0, ADJUST_PRIORITY, "adjust", req.reason)
+            after = self.core.state(self.core.account(req.customer_id.encode()))[0][ct][0]
+        else:
+            idx = self.core.open_account(req.customer_id.encode())
+            ops = self._reconcile(req.customer_id, ct, self.core.state(idx)[0][ct][0])
+            credit, before, after = self._credit_ops(req.customer_id, ct, req.amount_nano)
+            ops += credit
+            ops += self._reconcile(req.customer_id, ct, after)
+            ops += self._audit_op(req.customer_id, "adjust", ct, req.amount_nano, before, after, req.reason)
+        response = admin_pb2.AdjustResponse(balance_nano=after).SerializeToString()
+        ops += self._remember(key, data, response)
+        await self._commit_with(ops, key)
+        return response
+
+    def audit(self, req: admin_pb2.ListAuditRequest) -> admin_pb2.ListAuditResponse:
+        cust = self._customer(req.customer_id)
+        limit = req.limit or 100
+        if limit > 1000:
+            raise InvalidInput("limit", "at most 1000")
+        prefix = cust + b"\x00"
+        rows = self.store.items("audit", start=prefix + u64(req.after_sequence + 1), prefix=prefix, limit=limit)
+        return admin_pb2.ListAuditResponse(entries=[admin_pb2.AuditEntry.FromString(v) for _, v in rows])
+
+    # ---- housekeeping ----------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Expire reservations and grants, roll the period, snapshot when due."""
+        if self.closing:
+            return
+        if self.storage_full is not None:
+            # A snapshot trims the log; when it commits, there is room again.
+            await self._snapshot_quietly()
+            return
+        now = now_ms()
+        ops: list[Op] = []
+        for res in [r for r in self.reservations.values() if r.expires_at_ms <= now]:
+            log.info("reservation expired: customer=%s reservation=%s amount_nano=%d",
+                     res.customer_id, res.reservation_id, res.amount_nano)
+            ops += self._release_ops(res)
+        for cid, acct in list(self.accounts.items()):
+            for ct, buckets in acct.buckets.items():
+                if any(b.expires_at_ms and b.expires_at_ms <= now for b in buckets):
+                    ops += self._expire_grants(cid, ct, now)
+        start, _ = month_bounds(now)
+        if start != self.period_start_ms:
+            if self.period_start_ms:
+                self.core.reset_usage()
+                ops.append(self._log_op(_record(b"P", b"")))
+            self.period_start_ms = start
+            ops.append(("meta", b"period_start_ms", u64(start)))
+        for key in [k for k, e in self.idem.items() if e.expires_ms <= now][:10_000]:
+            del self.idem[key]
+            ops.append(("idem", key, None))
+        if ops:
+            await self._commit_with(ops)
+
+    def _expire_grants(self, customer_id: str, ct: int, now: int) -> list[Op]:
+        idx = self.core.account(customer_id.encode())
+        ops = self._reconcile(customer_id, ct, self.core.state(idx)[0][ct][0])
+        acct = self.accounts[customer_id]
+        for b in [b for b in acct.buckets.get(ct, []) if b.expires_at_ms and b.expires_at_ms <= now]:
+            acct.buckets[ct].remove(b)
+            ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), None))
+            if b.remaining_nano:
+                credit, before, after = self._credit_ops(customer_id, ct, -b.remaining_nano)
+                ops += credit
+                ops += self._audit_op(customer_id, "expire", ct, -b.remaining_nano, before, after, b.grant_id)
+        return ops
+
+    async def run_housekeeping(self, stop: asyncio.Event, period_s: float = 0.5) -> None:
+        last_snapshot = time.monotonic()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=period_s)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            try:
+                await self.sweep()
+                if time.monotonic() - last_snapshot >= self.settings.snapshot_interval_s:
+                    last_snapshot = time.monotonic()
+                    await self._snapshot_quietly()
+            except StorageFull:
+                pass
+            except Exception:  # noqa: BLE001 - housekeeping must keep running
+                log.exception("housekeeping failed")
+
+
+__all__ = ["Engine", "now_ms", "month_bounds", "Callable"]

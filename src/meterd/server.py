@@ -1,0 +1,238 @@
+"""The gRPC servers: thin servicers over the engine.
+
+The data plane (Meter) and the control plane (Admin) listen on separate
+addresses. Meter methods take raw request bytes (``request_deserializer=None``)
+so batches go straight to the compiled core. Domain errors map to status codes
+in one place, ``_status_for``; anything unexpected is logged with its
+traceback and answered INTERNAL without details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meterd.catalog import Catalog
+from meterd.config import Settings
+from meterd.engine import Engine
+from meterd.errors import InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
+from meterd.v1 import admin_pb2, meter_pb2
+
+log = logging.getLogger("meterd.server")
+
+METER_SERVICE = "meterd.v1.Meter"
+ADMIN_SERVICE = "meterd.v1.Admin"
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StorageFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, MeterdError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+async def _call(fn: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext, method: str) -> Any:
+    try:
+        return await fn()
+    except Exception as e:  # noqa: BLE001 - every error becomes one status, here
+        code, message = _status_for(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("unexpected error in %s", method)
+        await context.abort(code, message)
+
+
+def _parse(cls: Any, data: bytes) -> Any:
+    try:
+        return cls.FromString(data)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        raise InvalidInput("request", "malformed protobuf") from None
+
+
+class Servicer:
+    """Both services' handlers; each converts, calls the engine, converts back."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.streams = 0
+
+    # Meter -------------------------------------------------------------------
+    async def report(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.report(data), ctx, "Report")
+
+    async def report_batch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.report_batch(data), ctx, "ReportBatch")
+
+    async def report_stream(self, requests: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        if self.streams >= self.settings.streams_max:
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"too many concurrent streams (streams_max={self.settings.streams_max})")
+        self.streams += 1
+        try:
+            async for data in requests:
+                yield await _call(lambda: self.engine.report_batch(data), ctx, "ReportStream")
+        finally:
+            self.streams -= 1
+
+    async def authorize(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data)), ctx, "Authorize")
+
+    async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.commit(_checked(meter_pb2.CommitRequest, data)), ctx, "Commit")
+
+    async def release(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.release(_checked(meter_pb2.ReleaseRequest, data)), ctx, "Release")
+
+    async def get_balance(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        async def run() -> bytes:
+            return self.engine.balance(_checked(meter_pb2.GetBalanceRequest, data))
+        return await _call(run, ctx, "GetBalance")
+
+    # Admin -------------------------------------------------------------------
+    async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.grant(_parse(admin_pb2.GrantRequest, data)), ctx, "Grant")
+
+    async def adjust(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.adjust(_parse(admin_pb2.AdjustRequest, data)), ctx, "Adjust")
+
+    async def list_audit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        async def run() -> bytes:
+            return self.engine.audit(_parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
+        return await _call(run, ctx, "ListAudit")
+
+    def handlers(self) -> tuple[grpc.GenericRpcHandler, grpc.GenericRpcHandler]:
+        raw = dict(request_deserializer=None, response_serializer=None)
+        meter = grpc.method_handlers_generic_handler(METER_SERVICE, {
+            "Report": grpc.unary_unary_rpc_method_handler(self.report, **raw),
+            "ReportBatch": grpc.unary_unary_rpc_method_handler(self.report_batch, **raw),
+            "ReportStream": grpc.stream_stream_rpc_method_handler(self.report_stream, **raw),
+            "Authorize": grpc.unary_unary_rpc_method_handler(self.authorize, **raw),
+            "Commit": grpc.unary_unary_rpc_method_handler(self.commit, **raw),
+            "Release": grpc.unary_unary_rpc_method_handler(self.release, **raw),
+            "GetBalance": grpc.unary_unary_rpc_method_handler(self.get_balance, **raw),
+        })
+        admin = grpc.method_handlers_generic_handler(ADMIN_SERVICE, {
+            "Grant": grpc.unary_unary_rpc_method_handler(self.grant, **raw),
+            "Adjust": grpc.unary_unary_rpc_method_handler(self.adjust, **raw),
+            "ListAudit": grpc.unary_unary_rpc_method_handler(self.list_audit, **raw),
+        })
+        return meter, admin
+
+
+def _checked(cls: Any, data: bytes) -> bytes:
+    """Reject malformed bytes before the engine sees them; the engine parses again."""
+    _parse(cls, data)
+    return data
+
+
+class MeterdServer:
+    """The daemon: engine, both listeners, health and reflection. start() / stop(grace_s)."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.engine = Engine(settings, catalog)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._stop = asyncio.Event()
+        self._housekeeping: asyncio.Task | None = None
+        self.data_server: grpc.aio.Server | None = None
+        self.admin_server: grpc.aio.Server | None = None
+        self.data_port = 0
+        self.admin_address = ""
+
+    def _server(self, handlers: list[grpc.GenericRpcHandler], services: list[str]) -> grpc.aio.Server:
+        limit = self.settings.batch_bytes_max + (1 << 20)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.settings.streams_max + 1024),
+        ])
+        server.add_generic_rpc_handlers(handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = services + [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        return server
+
+    async def start(self) -> None:
+        servicer = Servicer(self.engine, self.settings)
+        meter, admin = servicer.handlers()
+        self.engine.start(asyncio.get_running_loop())
+        self.data_server = self._server([meter], [METER_SERVICE])
+        self.data_port = self.data_server.add_insecure_port(self.settings.listen)
+        if self.data_port == 0 and not self.settings.listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        self.admin_server = self._server([admin], [ADMIN_SERVICE])
+        self.admin_address = self.settings.admin_address
+        if self.admin_address.startswith("unix:"):
+            path = self.admin_address[5:]
+            if os.path.exists(path):
+                os.unlink(path)
+        port = self.admin_server.add_insecure_port(self.admin_address)
+        if port == 0 and not self.admin_address.startswith("unix:"):
+            raise OSError(f"cannot listen on {self.admin_address}")
+        if self.admin_address.startswith("unix:"):
+            os.chmod(self.admin_address[5:], 0o600)
+        await self.data_server.start()
+        await self.admin_server.start()
+        for name in ("", METER_SERVICE, ADMIN_SERVICE):
+            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        self._housekeeping = asyncio.get_running_loop().create_task(self.engine.run_housekeeping(self._stop))
+        log.info("serving data plane on %s (port %d), admin on %s, core=%s", self.settings.listen,
+                 self.data_port, self.admin_address, "compiled" if _compiled() else "python")
+
+    async def _set_health(self, name: str, status: int) -> None:
+        result = self.health.set(name, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish, final commit, close LMDB."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        log.info("shutting down (grace %.1fs)", grace)
+        for name in ("", METER_SERVICE, ADMIN_SERVICE):
+            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._stop.set()
+        stops = [s.stop(grace) for s in (self.data_server, self.admin_server) if s is not None]
+        await asyncio.gather(*stops)
+        if self._housekeeping is not None:
+            await self._housekeeping
+        await self.engine.close()
+        if self.admin_address.startswith("unix:"):
+            try:
+                os.unlink(self.admin_address[5:])
+            except FileNotFoundError:
+                pass
+        log.info("stopped")
+
+
+def _compiled() -> bool:
+    from meterd import core
+    return core.COMPILED
+
+
+async def serve(settings: Settings, catalog: Catalog, ready: Callable[[MeterdServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = MeterdServer(settings, catalog)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    await server.stop()

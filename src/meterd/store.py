@@ -1,0 +1,242 @@
+"""LMDB storage and the group-commit writer thread.
+
+One writer thread owns every write transaction. Callers hand it units of
+work (a list of puts and deletes) from the event loop; it commits everything
+that is pending in one transaction, fsyncs once, and reports back to the loop,
+so many concurrent callers share one fsync. A failed commit (a full map, say)
+fails its unit and everything queued behind it, because the event loop applied
+those in memory on top of the failed ones; the loop then reloads its state
+from what is on disk before the writer accepts work again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import lmdb
+
+from meterd.errors import StorageFull
+
+log = logging.getLogger("meterd.store")
+
+DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit")
+# An op is (db, key, value): value None deletes; db "trim" deletes log keys <= key.
+Op = tuple[str, bytes, bytes | None]
+
+
+class Unit:
+    """Work for one commit: the ops, and the asyncio future that waits for them."""
+
+    __slots__ = ("ops", "future")
+
+    def __init__(self, ops: list[Op], future: asyncio.Future | None) -> None:
+        self.ops = ops
+        self.future = future
+
+
+class Store:
+    """The LMDB environment, its named databases and the writer thread."""
+
+    def __init__(self, path: str, map_size_bytes: int, fsync: bool,
+                 window_us: int, ops_max: int) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.map_size_bytes = map_size_bytes
+        self.env = lmdb.open(
+            path,
+            map_size=map_size_bytes,
+            max_dbs=len(DBS) + 2,
+            subdir=True,
+            sync=fsync,
+            metasync=fsync,
+            writemap=False,
+            map_async=False,
+            readahead=False,
+            lock=True,
+            max_readers=126,
+        )
+        self.dbs = {name: self.env.open_db(name.encode()) for name in DBS}
+        self.window_s = window_us / 1e6
+        self.ops_max = ops_max
+        self._queue: collections.deque[Unit] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._failed: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_failure: Callable[[BaseException], None] | None = None
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+        self.committed_ops = 0
+
+    # ---- reading (any thread) ----------------------------------------------
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        with self.env.begin(db=self.dbs[db]) as txn:
+            value = txn.get(key)
+            return bytes(value) if value is not None else None
+
+    def items(self, db: str, start: bytes = b"", prefix: bytes = b"", limit: int = 0) -> list[tuple[bytes, bytes]]:
+        """Copies of (key, value) pairs from ``start``, within ``prefix``."""
+        out = []
+        with self.env.begin(db=self.dbs[db]) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(start or prefix):
+                return out
+            for key, value in cur:
+                if prefix and not key.startswith(prefix):
+                    break
+                out.append((bytes(key), bytes(value)))
+                if limit and len(out) >= limit:
+                    break
+        return out
+
+    def usage_bytes(self) -> int:
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    # ---- writing -------------------------------------------------------------
+
+    def write_now(self, ops: Iterable[Op]) -> None:
+        """Commit ops synchronously on the calling thread (start-up and shutdown only)."""
+        with self.env.begin(write=True) as txn:
+            self._apply(txn, ops)
+
+    def _apply(self, txn: lmdb.Transaction, ops: Iterable[Op]) -> int:
+        n = 0
+        for db, key, value in ops:
+            if db == "trim":
+                cur = txn.cursor(db=self.dbs["log"])
+                if cur.first():
+                    while cur.key() <= key:
+                        if not cur.delete():
+                            break
+            elif value is None:
+                txn.delete(key, db=self.dbs[db])
+            else:
+                txn.put(key, value, db=self.dbs[db])
+            n += 1
+        return n
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_failure: Callable[[BaseException], None]) -> None:
+        self._loop = loop
+        self._on_failure = on_failure
+        self._thread = threading.Thread(target=self._run, name="meterd-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, unit: Unit) -> None:
+        with self._cond:
+            if self._failed is not None:
+                self._fail([unit], self._failed)
+                return
+            self._queue.append(unit)
+            self._cond.notify()
+
+    def reset(self) -> None:
+        """Accept work again after the loop has reloaded its state from disk."""
+        with self._cond:
+            self._failed = None
+
+    def _take(self) -> list[Unit] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+        if self.window_s > 0:
+            # Let concurrent callers join this commit, but not for long.
+            deadline = time.monotonic() + self.window_s
+            while len(self._queue) < self.ops_max and time.monotonic() < deadline:
+                time.sleep(self.window_s / 4)
+        with self._cond:
+            group = []
+            n = 0
+            while self._queue and (n < self.ops_max or not group):
+                unit = self._queue.popleft()
+                group.append(unit)
+                n += len(unit.ops)
+            return group
+
+    def _run(self) -> None:
+        while True:
+            group = self._take()
+            if group is None:
+                return
+            try:
+                with self.env.begin(write=True) as txn:
+                    n = 0
+                    for unit in group:
+                        n += self._apply(txn, unit.ops)
+                self.commits += 1
+                self.committed_ops += n
+                self._done(group, None)
+            except lmdb.MapFullError:
+                self._failure(group, StorageFull(
+                    f"storage full: the LMDB map of {self.map_size_bytes} bytes in {self.path} is full; "
+                    "raise map_size_bytes and restart"))
+            except Exception as e:  # noqa: BLE001 - any commit failure must fail its callers
+                log.exception("commit failed")
+                self._failure(group, e)
+
+    def _failure(self, group: list[Unit], exc: BaseException) -> None:
+        with self._cond:
+            self._failed = exc
+            group = group + list(self._queue)
+            self._queue.clear()
+        self._fail(group, exc)
+        if self._loop is not None and self._on_failure is not None:
+            self._loop.call_soon_threadsafe(self._on_failure, exc)
+
+    def _fail(self, group: list[Unit], exc: BaseException) -> None:
+        self._done(group, exc)
+
+    def _done(self, group: list[Unit], exc: BaseException | None) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_resolve, group, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def stop(self) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _resolve(group: list[Unit], exc: BaseException | None) -> None:
+    for unit in group:
+        f = unit.future
+        if f is None or f.done():
+            continue
+        if exc is None:
+            f.set_result(None)
+        else:
+            f.set_exception(exc)
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def from_u64(b: bytes) -> int:
+    return int.from_bytes(b, "big")
+
+
+def record_time_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
