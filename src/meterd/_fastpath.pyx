@@ -939,10 +939,12 @@ cdef class Core:
                 rc = _read_len(buf, end, &pos, &cs, &cn)
             elif key == 2 and wt == 0:
                 rc = _read_varint(buf, end, &pos, &seq)
+            elif key <= 3:
+                rc = _skip(buf, end, &pos, wt) if key == 3 and wt == 2 else E_WIRE_TYPE
             else:
                 rc = _skip(buf, end, &pos, wt)
             if rc:
-                raise InvalidInput("batch", _MESSAGES[rc])
+                raise InvalidInput(_BATCH_FIELDS[key] if key <= 3 else "batch", _MESSAGES[rc])
         if cn > 128 or not _id_charset_ok(buf + cs, cn):
             raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
         return PyBytes_FromStringAndSize(buf + cs, cn), seq
@@ -1083,6 +1085,8 @@ _FIELD_NAMES[4] = b"quantity_decimal"
 _FIELD_NAMES[5] = b"dimensions"
 _FIELD_NAMES[6] = b"timestamp_ms"
 _FIELD_NAMES[7] = b"idempotency_key"
+
+_BATCH_FIELDS = ("batch", "client_id", "sequence", "events")
 
 _MESSAGES = {
     E_TRUNCATED: "malformed protobuf: truncated",

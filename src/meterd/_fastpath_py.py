@@ -35,6 +35,9 @@ _FIELD_NAMES = {1: "customer_id", 2: "meter", 3: "quantity", 4: "quantity_decima
                 5: "dimensions", 6: "timestamp_ms", 7: "idempotency_key"}
 
 
+_BATCH_FIELDS = ("batch", "client_id", "sequence", "events")
+
+
 class _DecodeError(Exception):
     """Internal: carries (field, message) up to the batch or report level."""
 
@@ -565,19 +568,24 @@ class Core:
         pos, end = 0, len(data)
         cid = b""
         seq = 0
-        try:
-            while pos < end:
+        while pos < end:
+            try:
                 tag, pos = _varint(data, pos, end)
-                wt, fn = tag & 7, tag >> 3
+            except _DecodeError as e:
+                raise InvalidInput("batch", e.message) from None
+            wt, fn = tag & 7, tag >> 3
+            try:
                 if fn == 1 and wt == 2:
                     s, n, pos = _length(data, pos, end)
                     cid = data[s:s + n]
                 elif fn == 2 and wt == 0:
                     seq, pos = _varint(data, pos, end)
+                elif fn <= 3 and not (fn == 3 and wt == 2):
+                    raise _DecodeError("", _MSG_WIRE_TYPE)
                 else:
                     pos = _skip(data, pos, end, wt)
-        except _DecodeError as e:
-            raise InvalidInput("batch", e.message) from None
+            except _DecodeError as e:
+                raise InvalidInput(_BATCH_FIELDS[fn] if fn <= 3 else "batch", e.message) from None
         if len(cid) > 128 or not _id_charset_ok(cid):
             raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
         return cid, seq

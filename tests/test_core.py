@@ -1,0 +1,310 @@
+"""The compiled core and its pure-Python twin: exact money, decoding, and sameness."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meterd import _fastpath, _fastpath_py
+from meterd.catalog import parse_catalog
+from meterd.errors import InvalidInput
+from meterd.v1 import meter_pb2 as pb
+
+LIMITS = dict(customer_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
+              dimension_key_bytes_max=64, dimension_value_bytes_max=128)
+CORES = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}
+
+CATALOG = {
+    "credit_types": {"usd": {"kind": "fiat"}, "req": {"kind": "custom", "decimals": 3}},
+    "meters": {
+        "tokens": {"credit_type": "usd", "per": 1_000_000, "price_dimension": "model",
+                   "prices": {"gpt-4o": "2.50", "tiny": "0.0001", "mini": "0.15"}},
+        "requests": {"credit_type": "req", "price_dimension": "model", "price": "1",
+                     "prices": {"haiku": "1/3", "o1": "10", "free": "0"}},
+        "gpu_seconds": {"credit_type": "usd", "precision": 3, "price_dimension": "hardware",
+                        "prices": {"cpu": "0.000100", "h100": "0.001525"}},
+        "images": {"credit_type": "req", "price": "2/7"},
+    },
+}
+
+
+def make_core(kind: str, catalog: dict = CATALOG):
+    denominators, meters, rates = parse_catalog(catalog, "test").compile()
+    return CORES[kind](denominators, meters, rates, dict(LIMITS))
+
+
+def batch(events, client_id: str = "", sequence: int = 0) -> bytes:
+    return pb.ReportBatchRequest(client_id=client_id, sequence=sequence, events=events).SerializeToString()
+
+
+def ev(customer="acme", meter="tokens", quantity=1, **dims) -> pb.UsageEvent:
+    e = pb.UsageEvent(customer_id=customer, meter=meter, dimensions=dims)
+    if isinstance(quantity, str):
+        e.quantity_decimal = quantity
+    else:
+        e.quantity = quantity
+    return e
+
+
+@pytest.fixture(params=list(CORES))
+def core(request):
+    c = make_core(request.param)
+    idx = c.open_account(b"acme")
+    c.credit(idx, 0, 1_000 * 10**9)
+    c.credit(idx, 1, 500 * 10**9)
+    return c
+
+
+def test_a_million_tiny_events_cost_exactly_their_sum(core):
+    # 1 token at $0.0001 per 1M tokens, one million times: exactly $0.0001.
+    data = batch([ev(model="tiny")] * 8000)
+    before = core.state(0)[0][0][0]
+    for _ in range(125):
+        accepted, denied, _ = core.apply_batch(data)
+        assert (accepted, denied) == (8000, 0)
+    assert before - core.state(0)[0][0][0] == 100_000  # nano-dollars = $0.0001
+    assert core.state(0)[1][0] == 1_000_000
+
+
+def test_three_thirds_make_exactly_one_unit(core):
+    before = core.state(0)[0][1][0]
+    core.apply_batch(batch([ev(meter="requests", model="haiku")] * 2))
+    assert before - core.state(0)[0][1][0] == 666_666_666  # the remainder 2/3 nano is carried
+    core.apply_batch(batch([ev(meter="requests", model="haiku")]))
+    assert before - core.state(0)[0][1][0] == 10**9
+    assert core.state(0)[0][1][3] == 0
+
+
+def test_sevenths_and_thirds_share_one_credit_type_exactly(core):
+    before = core.state(0)[0][1][0]
+    core.apply_batch(batch([ev(meter="images")] * 7 + [ev(meter="requests", model="haiku")] * 3))
+    assert before - core.state(0)[0][1][0] == 3 * 10**9
+
+
+def test_decimal_quantities_are_exact(core):
+    # 1.5 s of h100 at $0.001525/s = $0.0022875 = 2287500 nano
+    before = core.state(0)[0][0][0]
+    allowed, reason, ct, cost, balance = core.report(
+        pb.ReportRequest(event=ev(meter="gpu_seconds", quantity="1.5", hardware="h100")).SerializeToString())
+    assert (allowed, reason, ct, cost) == (True, 0, 0, 2_287_500)
+    assert balance == before - 2_287_500
+    assert core.state(0)[1][2] == 1500  # milliseconds
+
+
+def test_unknown_customer_and_insufficient_balance_are_denials_not_errors(core):
+    idx = core.open_account(b"poor")
+    core.credit(idx, 0, 25_000)  # 10 tokens of gpt-4o at 2500 nano each
+    accepted, denied, denials = core.apply_batch(batch(
+        [ev("poor", model="gpt-4o", quantity=4)] * 3 + [ev("ghost", model="gpt-4o")]))
+    assert (accepted, denied) == (2, 2)
+    resp = pb.ReportBatchResponse.FromString(denials)
+    assert [(d.index, d.reason) for d in resp.denials] == [
+        (2, pb.REASON_INSUFFICIENT_BALANCE), (3, pb.REASON_UNKNOWN_CUSTOMER)]
+    assert core.state(idx)[0][0][0] == 5_000
+
+
+def test_a_free_model_is_allowed_at_zero_balance(core):
+    idx = core.open_account(b"broke")
+    accepted, denied, _ = core.apply_batch(batch([ev("broke", meter="requests", model="free")]))
+    assert (accepted, denied) == (1, 0)
+
+
+@pytest.mark.parametrize("event, field", [
+    (ev(meter="nope"), "events[1].meter"),
+    (ev(quantity=-1), "events[1].quantity"),
+    (ev(quantity=2**62, model="gpt-4o"), "events[1].quantity"),
+    (ev(meter="gpu_seconds", quantity="1.2345", hardware="cpu"), "events[1].quantity_decimal"),
+    (ev(meter="gpu_seconds", quantity="1e3", hardware="cpu"), "events[1].quantity_decimal"),
+    (ev(meter="gpu_seconds", quantity="-1", hardware="cpu"), "events[1].quantity_decimal"),
+    (ev(meter="gpu_seconds", quantity=2**62, hardware="cpu"), "events[1].quantity"),
+    (ev(customer=""), "events[1].customer_id"),
+    (ev(customer="x" * 129), "events[1].customer_id"),
+    (ev(customer="has space"), "events[1].customer_id"),
+    (ev(model="unpriced"), "events[1].dimensions"),
+    (ev(**{f"k{i}": "v" for i in range(17)}), "events[1].dimensions"),
+    (ev(model="v" * 129), "events[1].dimensions"),
+])
+def test_a_bad_event_rejects_the_whole_batch_and_debits_nothing(core, event, field):
+    before = core.state(0)
+    with pytest.raises(InvalidInput) as info:
+        core.apply_batch(batch([ev(model="gpt-4o"), event]))
+    assert info.value.field == field
+    assert core.state(0) == before
+
+
+@pytest.mark.parametrize("data, field", [
+    (b"\x1a\x05abc", "events"),
+    (b"\x1a", "events"),
+    (b"\x18\x01", "events"),
+    (b"\xff", "batch"),
+    (b"\x0a\x03a b", "client_id"),
+    (b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f", "sequence"),
+    (b"\x1a\x02\x18\xff", "events[0].quantity"),
+    (b"\x1a\x02\x0a\x05", "events[0]"),
+    (b"\x0b", "client_id"),
+    (b"\x23", "batch"),
+])
+def test_malformed_bytes_name_the_field(core, data, field):
+    before = core.state(0)
+    with pytest.raises(InvalidInput) as info:
+        core.apply_batch(data)
+    assert info.value.field == field
+    assert core.state(0) == before
+
+
+def test_batch_size_limit(core):
+    with pytest.raises(InvalidInput, match="more than 8000 events"):
+        core.apply_batch(batch([ev(model="gpt-4o")] * 8001))
+
+
+def test_batch_header(core):
+    assert core.batch_header(batch([ev(model="gpt-4o")] * 3, "client-7", 42)) == (b"client-7", 42)
+    assert core.batch_header(b"") == (b"", 0)
+
+
+def test_unknown_fields_are_skipped(core):
+    e = ev(model="gpt-4o").SerializeToString() + b"\xa0\x06\x01" + b"\xad\x06\x00\x00\x00\x00"
+    data = b"\x1a" + bytes([len(e)]) + e + b"\xf9\x06" + b"\x00" * 8
+    assert core.apply_batch(data)[:2] == (1, 0)
+
+
+def test_reservations_hold_and_settle_with_carry(core):
+    idx = core.open_account(b"r")
+    core.credit(idx, 1, 10**9)
+    rate = core.find_rate(1, b"haiku")
+    ct, amount = core.quote(rate, 2)
+    assert (ct, amount) == (1, 666_666_667)  # a hold rounds up
+    assert core.reserve(idx, ct, amount)
+    assert not core.reserve(idx, ct, 333_333_334)
+    cost, overrun = core.settle(idx, rate, 1, amount)
+    assert (cost, overrun) == (333_333_333, 0)
+    assert core.state(idx)[0][1][:2] == (666_666_667, 0)
+    assert core.reserve(idx, ct, 666_666_667)
+    core.release(idx, ct, 666_666_667)
+    assert core.available(idx, ct) == 666_666_667
+
+
+def test_settle_records_an_overrun(core):
+    idx = core.open_account(b"o")
+    core.credit(idx, 0, 2500)
+    rate = core.find_rate(0, b"gpt-4o")
+    assert core.reserve(idx, 0, 2500)
+    assert core.settle(idx, rate, 3, 2500) == (7500, 5000)
+    assert core.state(idx)[0][0][0] == -5000
+
+
+def test_overflowing_credit_is_refused(core):
+    idx = core.open_account(b"big")
+    core.credit(idx, 0, 2**63 - 1)
+    with pytest.raises(InvalidInput):
+        core.credit(idx, 0, 1)
+
+
+def test_state_bytes_round_trip(core):
+    core.apply_batch(batch([ev(meter="requests", model="haiku")] * 5))
+    blob = core.state_bytes(0)
+    other = make_core("python" if isinstance(core, _fastpath.Core) else "compiled")
+    idx = other.load_state_bytes(b"acme", blob)
+    assert other.state(idx) == core.state(0)
+    assert other.state_bytes(idx) == blob
+
+
+def test_closed_core_refuses_use(core):
+    core.close()
+    with pytest.raises(RuntimeError):
+        core.account(b"acme")
+
+
+# ---- the two cores agree -----------------------------------------------------
+
+MODELS = ["gpt-4o", "tiny", "mini", "haiku", "o1", "free", "other"]
+
+
+def random_event(rng: random.Random, customers: list[str]) -> pb.UsageEvent:
+    meter = rng.choice(["tokens", "requests", "gpu_seconds", "images"])
+    e = pb.UsageEvent(customer_id=rng.choice(customers), meter=meter)
+    if meter in ("tokens", "requests"):
+        e.dimensions["model"] = rng.choice(MODELS[:3] if meter == "tokens" else MODELS[3:])
+    if meter == "gpu_seconds":
+        e.dimensions["hardware"] = rng.choice(["cpu", "h100"])
+        e.quantity_decimal = f"{rng.randrange(0, 100)}.{rng.randrange(0, 1000):03d}"
+    else:
+        e.quantity = rng.choice([0, 1, 2, 3, rng.randrange(1, 10**6)])
+    if rng.random() < 0.3:
+        e.dimensions["region"] = rng.choice(["eu", "us"])
+    return e
+
+
+def test_both_cores_agree_on_many_random_events():
+    rng = random.Random(20261127)
+    a, b = make_core("compiled"), make_core("python")
+    customers = [f"cust-{i}" for i in range(300)]
+    for c in customers[:250]:  # 50 customers stay unknown
+        usd, req = rng.randrange(0, 10**9), rng.randrange(0, 10**11)
+        for core in (a, b):
+            idx = core.open_account(c.encode())
+            core.credit(idx, 0, usd)
+            core.credit(idx, 1, req)
+    total = 0
+    for round_ in range(60):
+        events = [random_event(rng, customers) for _ in range(rng.randrange(1, 4000))]
+        total += len(events)
+        if round_ % 10 == 9:
+            events[rng.randrange(len(events))].quantity = -5  # rejected whole by both
+        data = batch(events)
+        results = []
+        for core in (a, b):
+            try:
+                results.append(core.apply_batch(data))
+            except InvalidInput as e:
+                results.append(("invalid", str(e)))
+        assert results[0] == results[1]
+        if round_ % 7 == 0:
+            for core in (a, b):
+                core.credit(round_ % 250, round_ % 2, 10**8)
+    assert total > 100_000
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert a.customer_id(i) == b.customer_id(i)
+        assert a.state_bytes(i) == b.state_bytes(i)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_both_cores_agree_on_arbitrary_bytes(data):
+    results = []
+    for kind in CORES:
+        core = make_core(kind)
+        idx = core.open_account(b"acme")
+        core.credit(idx, 0, 10**12)
+        out = []
+        for fn in (core.apply_batch, core.report, core.batch_header):
+            try:
+                out.append(fn(data))
+            except InvalidInput as e:
+                out.append(("invalid", str(e)))
+        out.append(core.state_bytes(idx))
+        results.append(out)
+    assert results[0] == results[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=6))
+def test_both_cores_agree_on_mutated_batches(mutations):
+    data = bytearray(batch([ev(model="gpt-4o", quantity=7), ev(meter="gpu_seconds", quantity="2.5", hardware="cpu"),
+                            ev(meter="requests", model="haiku")], "c", 9))
+    for pos, value in mutations:
+        data[pos % len(data)] = value
+    results = []
+    for kind in CORES:
+        core = make_core(kind)
+        core.credit(core.open_account(b"acme"), 0, 10**12)
+        try:
+            results.append(core.apply_batch(bytes(data)))
+        except InvalidInput as e:
+            results.append(("invalid", str(e)))
+        results.append(core.state_bytes(0))
+    assert results[0::2] == results[0::2][:1] * 2 and results[1] == results[3]
