@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import lmdb
+
 from meterd import core as core_mod
 from meterd.catalog import Catalog
 from meterd.config import Settings
@@ -154,7 +156,7 @@ class Engine:
         """Final snapshot, drain the writer, close LMDB."""
         self.closing = True
         try:
-            await self.snapshot()
+            await self._snapshot_for_close()
         except Exception:  # noqa: BLE001 - the log still holds everything
             log.exception("final snapshot failed; the log will be replayed at the next start")
         self.store.stop()
@@ -166,8 +168,10 @@ class Engine:
         log.error("commit failed, reloading state from disk: %s", exc)
         if isinstance(exc, StorageFull):
             self.storage_full = exc
-        self.recover()
-        self.store.reset()
+        try:
+            self.recover()
+        finally:
+            self.store.reset()
 
     def check_writable(self) -> None:
         if self.closing:
@@ -218,7 +222,15 @@ class Engine:
         self.core = core
         self._load_python_state()
         if remapped or replayed or stored is None:
-            self._snapshot_now()
+            try:
+                self._snapshot_now()
+            except lmdb.MapFullError:
+                if remapped:  # log records of the old catalog must not outlive it
+                    raise StorageFull("the LMDB map is full: no room to move accounts onto the new catalog; "
+                                      "raise map_size_bytes") from None
+                # The log still holds everything; the next snapshot will try again.
+                self.core.mark_all_dirty()
+                log.warning("no room for a snapshot after recovery; the LMDB map is full")
         log.info("state recovered: %d accounts, %d log records replayed%s", len(core), replayed,
                  ", catalog changed and accounts remapped" if remapped else "")
 
@@ -296,6 +308,11 @@ class Engine:
     def _snapshot_now(self) -> None:
         self.store.write_now(self._snapshot_ops())
         self.snapshot_pos = self.log_pos
+
+    async def _snapshot_for_close(self) -> None:
+        while self._snapshot_running:
+            await asyncio.sleep(0.01)
+        await self.snapshot()
 
     async def snapshot(self) -> None:
         """Write changed accounts and drop the log they cover, in one commit."""

@@ -206,6 +206,7 @@ class MeterdServer:
         for name in ("", METER_SERVICE, ADMIN_SERVICE):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._stop.set()
+        self.engine.closing = True  # open streams get UNAVAILABLE for their next batch
         stops = [s.stop(grace) for s in (self.data_server, self.admin_server) if s is not None]
         await asyncio.gather(*stops)
         if self._housekeeping is not None:

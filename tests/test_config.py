@@ -1,0 +1,102 @@
+"""Settings precedence and validation; catalog errors that name file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meterd.catalog import load_catalog, parse_catalog
+from meterd.config import Settings, load_settings
+from meterd.errors import ConfigError
+
+
+def test_defaults_are_embedded():
+    s = load_settings({}, env={})
+    assert (s.data_dir, s.listen, s.fsync) == ("./meterd-data", "127.0.0.1:50051", True)
+    assert s.admin_address.startswith("unix:") and s.admin_address.endswith("meterd-data/admin.sock")
+    assert load_catalog(None).meters
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path):
+    cfg = tmp_path / "meterd.toml"
+    cfg.write_text('listen = "127.0.0.1:1"\ndata_dir = "/from/file"\nbatch_events_max = 100\n')
+    env = {"METERD_LISTEN": "127.0.0.1:2", "METERD_BATCH_EVENTS_MAX": "200"}
+    s = load_settings({"listen": "127.0.0.1:3"}, env=env, config_path=str(cfg))
+    assert (s.listen, s.batch_events_max, s.data_dir) == ("127.0.0.1:3", 200, "/from/file")
+    s = load_settings({}, env={**env, "METERD_CONFIG": str(cfg)})
+    assert s.listen == "127.0.0.1:2"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"METERD_BATCH_EVENTS_MAX": "lots"}, "METERD_BATCH_EVENTS_MAX: batch_events_max: expected int"),
+    ({"METERD_FSYNC": "maybe"}, "METERD_FSYNC: fsync: expected bool"),
+    ({"METERD_MAP_SIZE_BYTES": "1000"}, "map_size_bytes: must be at least 1 MiB"),
+    ({"METERD_RESERVATION_TTL_S": "7200"}, "reservation_ttl_s"),
+    ({"METERD_BATCH_EVENTS_MAX": "100000", "METERD_BATCH_BYTES_MAX": "4096"}, "batch_bytes_max"),
+])
+def test_bad_settings_are_named(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env=env)
+
+
+def test_bad_config_file_is_named(tmp_path: Path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match=f"{cfg}: nonsense: unknown setting"):
+        load_settings({}, env={}, config_path=str(cfg))
+    cfg.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({}, env={}, config_path=str(cfg))
+
+
+BASE = {"credit_types": {"usd": {}}, "meters": {"t": {"credit_type": "usd", "price": "1"}}}
+
+
+@pytest.mark.parametrize("patch, key", [
+    ({"meters": {"t": {"credit_type": "eur", "price": "1"}}}, "meters.t.credit_type"),
+    ({"meters": {"t": {"credit_type": "usd", "price": "-1"}}}, "meters.t.price"),
+    ({"meters": {"t": {"credit_type": "usd", "price": 1.5}}}, "meters.t.price"),
+    ({"meters": {"t": {"credit_type": "usd", "prices": {"a": "1"}}}}, "meters.t.prices"),
+    ({"meters": {"t": {"credit_type": "usd", "price": "1", "precision": 12}}}, "meters.t.precision"),
+    ({"meters": {"t": {"credit_type": "usd", "price": "1", "colour": "red"}}}, "meters.t.colour"),
+    ({"meters": {"T T": {"credit_type": "usd", "price": "1"}}}, "meters.T T"),
+    ({"customers": {"a": {"balances": {"usd": "0.0000000001"}}}}, "customers.a.balances.usd"),
+    ({"customers": {"a b": {}}}, "customers.a b"),
+    ({"credit_types": {"usd": {"kind": "gold"}}}, "credit_types.usd.kind"),
+    ({"meters": {}}, "meters"),
+])
+def test_catalog_errors_name_file_and_key(patch, key):
+    with pytest.raises(ConfigError) as info:
+        parse_catalog({**BASE, **patch}, "catalog.toml")
+    assert str(info.value).startswith(f"catalog.toml: {key}:"), str(info.value)
+
+
+def test_catalog_prices_are_exact_fractions():
+    cat = parse_catalog({"credit_types": {"req": {"kind": "custom"}},
+                         "meters": {"r": {"credit_type": "req", "price_dimension": "model",
+                                          "prices": {"haiku": "1/3", "o1": "10"}, "per": 1}}}, "x")
+    denominators, _, rates = cat.compile()
+    assert denominators == [3]
+    assert rates == [(0, b"haiku", 10**9, 1), (0, b"o1", 10**10, 3)]
+
+
+def test_check_config_cli(tmp_path: Path):
+    ok = subprocess.run([sys.executable, "-m", "meterd", "check-config"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok:" in ok.stdout
+    bad = tmp_path / "cat.toml"
+    bad.write_text('[credit_types.usd]\n[meters.t]\ncredit_type = "usd"\nprice = "x"\n')
+    r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--catalog", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert f"{bad}: meters.t.price:" in r.stderr
+
+
+def test_settings_dataclass_has_units_in_names():
+    for name in Settings.__dataclass_fields__:
+        if name.endswith(("_max", "_s", "_us", "_bytes", "_ms")) or name in (
+                "data_dir", "listen", "admin_listen", "catalog", "fsync", "log_level", "log_format"):
+            continue
+        raise AssertionError(f"setting {name} does not say its unit or role")
