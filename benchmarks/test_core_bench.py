@@ -1,0 +1,62 @@
+"""Micro benchmarks of the core: compiled against the pure-Python twin, in one run.
+
+    python -m pytest benchmarks --benchmark-group-by=group
+
+Compare the two rows of each group as a ratio; absolute figures depend on the
+machine and its neighbours.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meterd import _fastpath, _fastpath_py
+from meterd.catalog import load_catalog
+from meterd.v1 import meter_pb2 as pb
+
+CUSTOMERS = 10_000
+EVENTS = 8_000
+LIMITS = dict(customer_id_bytes_max=128, batch_events_max=EVENTS, dimensions_max=16,
+              dimension_key_bytes_max=64, dimension_value_bytes_max=128)
+MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o4-mini"]
+
+
+def make(kind):
+    denominators, meters, rates = load_catalog(None).compile()
+    core = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}[kind](denominators, meters, rates, dict(LIMITS))
+    for i in range(CUSTOMERS):
+        core.credit(core.open_account(f"customer-{i}".encode()), 0, 10**15)
+    return core
+
+
+def batch_bytes() -> bytes:
+    rng = random.Random(1)
+    events = [pb.UsageEvent(customer_id=f"customer-{rng.randrange(CUSTOMERS)}",
+                            meter=rng.choice(["input_tokens", "output_tokens"]), quantity=rng.randrange(1, 4000),
+                            dimensions={"model": rng.choice(MODELS)}) for _ in range(EVENTS)]
+    return pb.ReportBatchRequest(client_id="bench", sequence=1, events=events).SerializeToString()
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_apply_batch_8000_events(benchmark, kind):
+    benchmark.group = "apply_batch (8000 events, 10k customers)"
+    core = make(kind)
+    data = batch_bytes()
+    accepted, denied, _ = benchmark(core.apply_batch, data)
+    assert (accepted, denied) == (EVENTS, 0)
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_reserve_and_settle(benchmark, kind):
+    benchmark.group = "reserve + settle"
+    core = make(kind)
+    rate = core.find_rate(2, b"gpt-4o")
+
+    def cycle():
+        ct, amount = core.quote(rate, 4096)
+        core.reserve(7, ct, amount)
+        return core.settle(7, rate, 1000, amount)
+
+    assert benchmark(cycle) == (10_000_000, 0)
