@@ -17,6 +17,7 @@ from fractions import Fraction
 from importlib import resources
 from typing import Any
 
+from meterd.config import read_toml
 from meterd.errors import ConfigError
 
 NANO = 10**9
@@ -247,11 +248,4 @@ def load_catalog(path: str | None) -> Catalog:
     if not path:
         text = resources.files("meterd").joinpath("demo_catalog.toml").read_text()
         return parse_catalog(tomllib.loads(text), "<built-in demo catalog>")
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse_catalog(doc, path)
+    return parse_catalog(read_toml(path), path)

@@ -133,6 +133,17 @@ def _validate(s: Settings) -> None:
          "must be at least 8 bytes per event of batch_events_max")
 
 
+def read_toml(path: str) -> dict[str, Any]:
+    """A TOML file as a dict, or a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
                   config_path: str | None = None) -> Settings:
     """Merge the sources in order of precedence and validate the result."""
@@ -140,13 +151,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     values: dict[str, Any] = {}
     path = config_path or env.get("METERD_CONFIG", "")
     if path:
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        doc = read_toml(path)
         for key, value in doc.items():
             if key not in _FIELDS:
                 raise ConfigError(f"{path}: {key}: unknown setting")

@@ -374,8 +374,9 @@ class Engine:
     def _seed_customers(self) -> None:
         """Give each catalog customer its initial balances, once."""
         for seed in self.catalog.customers:
-            for ct, amount in seed.overdraft_nano.items():
-                idx = self.core.open_account(seed.customer_id.encode())
+            idx = self.core.open_account(seed.customer_id.encode())
+            for ct in range(len(self.catalog.credit_types)):
+                amount = seed.overdraft_nano.get(ct, 0)
                 if self.core.state(idx)[0][ct][2] != -amount:
                     self.core.set_floor(idx, ct, -amount)
                     self.log_pos += 1
@@ -600,20 +601,22 @@ class Engine:
         await self._commit_with(ops, key)
         return response
 
-    def _take_reservation(self, rid: str) -> Reservation:
+    async def _settling(self, rid: str) -> tuple[bytes, bytes | None, Reservation]:
+        """The idempotency key of a Commit or Release, its earlier answer if
+        it was settled already, and otherwise the open reservation."""
+        self.check_writable()
+        key = self._idem_key("settle", "", rid)
+        replay = await self._replayed(key, b"", b"")
         res = self.reservations.get(rid)
-        if res is None:
+        if replay is None and res is None:
             raise NotFound(f"reservation {rid[:64]!r} is unknown, expired or already settled")
-        return res
+        return key, replay, res  # type: ignore[return-value]
 
     async def commit(self, data: bytes) -> bytes:
-        self.check_writable()
         req = meter_pb2.CommitRequest.FromString(data)
-        key = self._idem_key("settle", "", req.reservation_id)
-        replay = await self._replayed(key, b"", b"")
+        key, replay, res = await self._settling(req.reservation_id)
         if replay is not None:
             return replay
-        res = self._take_reservation(req.reservation_id)
         if res.rate < 0:
             raise NotFound("the reservation's meter is no longer in the catalog; release it")
         qty = self._quantity(res.meter, req)
@@ -634,13 +637,10 @@ class Engine:
         return response
 
     async def release(self, data: bytes) -> bytes:
-        self.check_writable()
         req = meter_pb2.ReleaseRequest.FromString(data)
-        key = self._idem_key("settle", "", req.reservation_id)
-        replay = await self._replayed(key, b"", b"")
+        key, replay, res = await self._settling(req.reservation_id)
         if replay is not None:
             return replay
-        res = self._take_reservation(req.reservation_id)
         ops = self._release_ops(res)
         idx = self.core.account(res.customer_id.encode())
         response = meter_pb2.ReleaseResponse(

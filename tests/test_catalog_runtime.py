@@ -1,0 +1,112 @@
+"""Catalog behaviour in a running daemon: overdraft, default prices, catalog changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
+
+CATALOG_V1 = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.tokens]
+credit_type = "usd"
+per = 1000000
+price_dimension = "model"
+price = "1.00"
+prices = { "big" = "3.00" }
+
+[meters.calls]
+credit_type = "usd"
+price = "1/3000000000"   # a third of a nano-dollar
+
+[customers.acme]
+balances = { usd = "1.00" }
+overdraft = { usd = "0.50" }
+"""
+
+CATALOG_V2 = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.credits]
+kind = "custom"
+
+[meters.tokens]
+credit_type = "usd"
+per = 1000000
+price_dimension = "model"
+price = "2.00"
+
+[meters.images]
+credit_type = "credits"
+price = "1"
+
+[customers.acme]
+balances = { usd = "1.00", credits = "10" }
+"""
+
+
+def report(d, meter, quantity, **dims):
+    return d.meter.Report(pb.ReportRequest(event=pb.UsageEvent(customer_id="acme", meter=meter, quantity=quantity,
+                                                               dimensions=dims)))
+
+
+def usd(d):
+    resp = d.meter.GetBalance(pb.GetBalanceRequest(customer_id="acme"))
+    return {b.credit_type: b for b in resp.balances}, {u.meter: u.quantity for u in resp.usage}
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_overdraft_default_price_and_catalog_change(make_daemon, tmp_path: Path, core):
+    v1 = tmp_path / "v1.toml"
+    v1.write_text(CATALOG_V1)
+    d = make_daemon(core=core, catalog=str(v1)).start()
+    assert report(d, "tokens", 1_000_000, model="unlisted").cost_nano == 10**9  # the default price
+    r = report(d, "tokens", 100_000, model="big")  # $0.30: into the overdraft
+    assert (r.decision, r.balance_nano) == (pb.DECISION_ALLOW, -300_000_000)
+    r = report(d, "tokens", 100_000, model="big")  # $0.30 more would pass the $0.50 overdraft
+    assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE)
+    assert d.meter.Authorize(pb.AuthorizeRequest(customer_id="acme", meter="tokens", quantity=66_666,
+                                                 dimensions={"model": "unlisted"})).decision == pb.DECISION_ALLOW
+    for _ in range(3):
+        report(d, "calls", 1)  # a third of a nano each: 1 nano in all
+    balances, use = usd(d)
+    assert balances["usd"].floor_nano == -500_000_000
+    assert (balances["usd"].balance_nano, balances["usd"].reserved_nano) == (-300_000_001, 66_666_000)
+    assert use["calls"] == "3"
+    d.stop()
+
+    # A new catalog: a meter goes, a meter and a credit type come, prices change.
+    v2 = tmp_path / "v2.toml"
+    v2.write_text(CATALOG_V2)
+    d.catalog = str(v2)
+    d.start()
+    balances, use = usd(d)
+    assert balances["usd"].balance_nano == -300_000_001   # carried over by name
+    assert balances["usd"].reserved_nano == 66_666_000    # the open reservation still holds
+    assert balances["credits"].balance_nano == 10 * 10**9  # the new credit type was granted once
+    assert use == {"tokens": "1100000", "images": "0"}
+    assert balances["usd"].floor_nano == 0  # the overdraft was taken out of the catalog
+    assert report(d, "tokens", 1, model="x").decision == pb.DECISION_DENY  # no overdraft any more
+    d.admin.Grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=10**9))
+    assert report(d, "tokens", 1, model="x").cost_nano == 2_000  # the new price
+    d.restart()
+    assert usd(d)[0]["credits"].balance_nano == 10 * 10**9  # not granted again
+
+
+def test_all_denied_batch_still_consumes_its_sequence(make_daemon):
+    d = make_daemon().start()
+    req = pb.ReportBatchRequest(client_id="c", sequence=1, events=[pb.UsageEvent(
+        customer_id="ghost", meter="requests", quantity=1, dimensions={"model": "o1"})])
+    first = d.meter.ReportBatch(req)
+    assert (first.accepted, first.denied) == (0, 1)
+    d.kill()
+    d.start()
+    again = d.meter.ReportBatch(req)
+    assert again.duplicate and again.denied == 1
+    assert d.admin.ListAudit(apb.ListAuditRequest(customer_id="ghost")).entries == []
