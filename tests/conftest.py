@@ -72,7 +72,8 @@ class Daemon:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"meterd exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+                    tail = self.log_path.read_text()[-3000:]
+                    raise RuntimeError(f"meterd exited with {self.proc.returncode}: {tail}")
                 try:
                     r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:

@@ -107,7 +107,7 @@ def test_unknown_customer_and_insufficient_balance_are_denials_not_errors(core):
 
 
 def test_a_free_model_is_allowed_at_zero_balance(core):
-    idx = core.open_account(b"broke")
+    core.open_account(b"broke")
     accepted, denied, _ = core.apply_batch(batch([ev("broke", meter="requests", model="free")]))
     assert (accepted, denied) == (1, 0)
 

@@ -1,3 +1,5 @@
-from meterd.cli import main
 import sys
+
+from meterd.cli import main
+
 sys.exit(main())

@@ -446,7 +446,7 @@ class Core:
         qkind = 0
         qty = 0
         dec = b""
-        dims = []
+        dims: list[tuple[bytes, bytes]] = []
         while pos < end:
             tag, pos = _varint(buf, pos, end)
             wt, fn = tag & 7, tag >> 3
@@ -501,11 +501,11 @@ class Core:
                 if qty > INT64_MAX // 10:
                     raise _DecodeError("quantity", _MSG_OVERFLOW)
                 qty *= 10
-        value = None
+        value: bytes | None = None
         if dim_key:
-            for k, v in dims:
+            for k, dim_value in dims:
                 if k == dim_key:
-                    value = v
+                    value = dim_value
         rate = self._find_rate(meter, value)
         if rate < 0:
             raise _DecodeError("dimensions", "no price for this value of %r and the meter has no default"
@@ -526,7 +526,7 @@ class Core:
         pos, end = 0, len(buf)
         cid = b""
         seq = 0
-        events = []
+        events: list[tuple] = []
         while pos < end:
             try:
                 tag, pos = _varint(buf, pos, end)

@@ -21,7 +21,7 @@ if os.environ.get("METERD_NO_EXTENSIONS", "") not in ("", "0"):
     COMPILED = False
 else:
     try:
-        from meterd._fastpath import Core  # type: ignore[no-redef]
+        from meterd._fastpath import Core  # type: ignore[no-redef,assignment]
 
         COMPILED = True
     except ImportError:  # pragma: no cover - depends on the build

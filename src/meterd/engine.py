@@ -217,7 +217,7 @@ class Engine:
             self.log_pos = from_u64(key)
             replayed += 1
         remapped = stored is not None and old != compiled
-        if remapped:
+        if remapped and stored is not None:
             core = self._remap(core, json.loads(stored))
         self.core = core
         self._load_python_state()
@@ -672,7 +672,8 @@ class Engine:
         out.period_start_ms, out.period_end_ms = month_bounds(self.period_start_ms or now_ms())
         for ct, (bal, resv, floor, _) in enumerate(cts):
             cb = out.balances.add(credit_type=self.catalog.credit_types[ct].name, balance_nano=bal,
-                                  reserved_nano=resv, floor_nano=floor, available_nano=max(bal - resv - floor, -(1 << 63) + 1))
+                                  reserved_nano=resv, floor_nano=floor,
+                                  available_nano=max(bal - resv - floor, -(1 << 63) + 1))
             for b in self._allocated(acct.buckets.get(ct, []), bal):
                 cb.grants.add(grant_id=b.grant_id, remaining_nano=b.remaining_nano, expires_at_ms=b.expires_at_ms,
                               priority=b.priority, source=b.source)

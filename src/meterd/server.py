@@ -10,6 +10,7 @@ traceback and answered INTERNAL without details.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -77,14 +78,15 @@ class Servicer:
     async def report_batch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await _call(lambda: self.engine.report_batch(data), ctx, "ReportBatch")
 
-    async def report_stream(self, requests: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def report_stream(self, requests: AsyncIterator[bytes],
+                            ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         if self.streams >= self.settings.streams_max:
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"too many concurrent streams (streams_max={self.settings.streams_max})")
         self.streams += 1
         try:
             async for data in requests:
-                yield await _call(lambda: self.engine.report_batch(data), ctx, "ReportStream")
+                yield await _call(functools.partial(self.engine.report_batch, data), ctx, "ReportStream")
         finally:
             self.streams -= 1
 

@@ -83,7 +83,7 @@ class Store:
 
     def items(self, db: str, start: bytes = b"", prefix: bytes = b"", limit: int = 0) -> list[tuple[bytes, bytes]]:
         """Copies of (key, value) pairs from ``start``, within ``prefix``."""
-        out = []
+        out: list[tuple[bytes, bytes]] = []
         with self.env.begin(db=self.dbs[db]) as txn:
             cur = txn.cursor()
             if not cur.set_range(start or prefix):
@@ -113,7 +113,7 @@ class Store:
             if db == "trim":
                 cur = txn.cursor(db=self.dbs["log"])
                 if cur.first():
-                    while cur.key() <= key:
+                    while bytes(cur.key()) <= key:
                         if not cur.delete():
                             break
             elif value is None:
@@ -154,7 +154,7 @@ class Store:
             while len(self._queue) < self.ops_max and time.monotonic() < deadline:
                 time.sleep(self.window_s / 4)
         with self._cond:
-            group = []
+            group: list[Unit] = []
             n = 0
             while self._queue and (n < self.ops_max or not group):
                 unit = self._queue.popleft()

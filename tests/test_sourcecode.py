@@ -1,0 +1,23 @@
+"""The linters and the type checker pass (configured in pyproject.toml)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_ruff():
+    r = run(sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks", "examples")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_mypy():
+    r = run(sys.executable, "-m", "mypy")
+    assert r.returncode == 0, r.stdout + r.stderr
