@@ -100,3 +100,8 @@ def test_settings_dataclass_has_units_in_names():
                 "data_dir", "listen", "admin_listen", "catalog", "fsync", "log_level", "log_format"):
             continue
         raise AssertionError(f"setting {name} does not say its unit or role")
+
+
+def test_price_too_large_for_64_bits_is_a_config_error():
+    with pytest.raises(ConfigError, match="meters.t.price: too large"):
+        parse_catalog({**BASE, "meters": {"t": {"credit_type": "usd", "price": "10000000000"}}}, "catalog.toml")

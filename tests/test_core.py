@@ -13,7 +13,7 @@ from meterd.catalog import parse_catalog
 from meterd.errors import InvalidInput
 from meterd.v1 import meter_pb2 as pb
 
-LIMITS = dict(customer_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
+LIMITS = dict(customer_id_bytes_max=128, client_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
               dimension_key_bytes_max=64, dimension_value_bytes_max=128)
 CORES = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}
 
@@ -308,3 +308,18 @@ def test_both_cores_agree_on_mutated_batches(mutations):
             results.append(("invalid", str(e)))
         results.append(core.state_bytes(0))
     assert results[0::2] == results[0::2][:1] * 2 and results[1] == results[3]
+
+
+def test_reserved_total_cannot_overflow(core):
+    idx = core.open_account(b"huge")
+    core.credit(idx, 0, 2**63 - 1)
+    core.set_floor(idx, 0, -(2**62))
+    assert core.reserve(idx, 0, 2**63 - 1)
+    with pytest.raises(InvalidInput):
+        core.reserve(idx, 0, 2**62)
+    assert core.available(idx, 0) == 2**62
+    assert len(core.state_bytes(idx)) == 8 * (4 * 2 + 4)
+
+
+def test_overflow_reason_is_in_the_api():
+    assert pb.Reason.Name(3) == "REASON_OVERFLOW"

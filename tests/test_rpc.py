@@ -286,3 +286,52 @@ def test_state_survives_restart_and_kill(daemon):
     assert (b.balance_nano, b.reserved_nano) == (10 * USD - 11 * 2_500_000, 2_500_000)
     assert balance(daemon, "new").balance_nano == USD
     assert daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=0)).cost_nano == 0
+
+
+def test_commit_and_release_cannot_both_settle_a_reservation(daemon):
+    def authorize():
+        return daemon.meter.Authorize(pb.AuthorizeRequest(customer_id="demo", meter="requests", quantity=3,
+                                                          dimensions={"model": "o1"}))
+    a = authorize()
+    daemon.meter.Release(pb.ReleaseRequest(reservation_id=a.reservation_id))
+    with pytest.raises(grpc.RpcError) as info:
+        daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=3))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    b = authorize()
+    daemon.meter.Commit(pb.CommitRequest(reservation_id=b.reservation_id, quantity=1))
+    with pytest.raises(grpc.RpcError) as info:
+        daemon.meter.Release(pb.ReleaseRequest(reservation_id=b.reservation_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    invalid(lambda: daemon.meter.Commit(pb.CommitRequest(reservation_id=b.reservation_id, quantity=2)),
+            "idempotency_key")
+    assert balance(daemon, "demo", "premium_requests").balance_nano == 490 * USD
+
+
+def test_idempotent_retry_may_order_map_entries_differently(daemon):
+    one = pb.ReportRequest(event=usage(key="k", model="gpt-4o", region="eu"))
+    raw = daemon.channel.unary_unary("/meterd.v1.Meter/Report")
+    first = pb.ReportResponse.FromString(raw(one.SerializeToString(deterministic=True)))
+    # the same request with its dimensions in the other order on the wire
+    entries = [pb.UsageEvent(dimensions={k: v}).SerializeToString() for k, v in (("region", "eu"), ("model", "gpt-4o"))]
+    event = pb.UsageEvent(customer_id="demo", meter="input_tokens", quantity=1000, idempotency_key="k")
+    body = event.SerializeToString() + b"".join(entries)
+    again = pb.ReportResponse.FromString(raw(b"\x0a" + bytes([len(body)]) + body))
+    assert again.duplicate and again.balance_nano == first.balance_nano
+
+
+def test_expiring_grant_does_not_take_reserved_money(daemon):
+    grant(daemon, "x", 10 * USD, expires_at_ms=int(time.time() * 1000) + 600)
+    grant(daemon, "x", 10 * USD)
+    a = daemon.meter.Authorize(pb.AuthorizeRequest(customer_id="x", meter="input_tokens", quantity=6_100_000,
+                                                   dimensions={"model": "gpt-4o"}))  # $15.25
+    assert a.decision == pb.DECISION_ALLOW
+    time.sleep(1.5)
+    b = balance(daemon, "x")
+    assert (b.balance_nano, b.reserved_nano) == (a.reserved_nano, a.reserved_nano)  # $4.75 of the grant expired
+    c = daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=6_100_000))
+    assert (c.balance_nano, c.overrun_nano) == (0, 0)
+
+
+def test_audit_paging_at_the_end_of_the_range(daemon):
+    page = daemon.admin.ListAudit(apb.ListAuditRequest(customer_id="demo", after_sequence=2**64 - 1))
+    assert list(page.entries) == []

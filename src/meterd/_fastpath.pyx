@@ -233,6 +233,7 @@ cdef class Core:
     cdef uint8_t *dirty
     # limits and scratch
     cdef int id_max
+    cdef int client_id_max
     cdef int batch_max
     cdef int dims_max
     cdef int dim_key_max
@@ -273,6 +274,7 @@ cdef class Core:
         self.n_meters = len(meters)
         self.n_rates = len(rates)
         self.id_max = limits["customer_id_bytes_max"]
+        self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
         self.dims_max = limits["dimensions_max"]
         self.dim_key_max = limits["dimension_key_bytes_max"]
@@ -291,6 +293,8 @@ cdef class Core:
             self.denom[i] = denominators[i]
         for i in range(self.n_meters):
             name, ct, precision, dim = meters[i]
+            if not (0 <= ct < self.n_ct and 0 <= precision <= 9):
+                raise ValueError("meter %d: credit type or precision out of range" % i)
             self.meters[i].name = _dup(name)
             self.meters[i].name_len = len(name)
             self.meters[i].ct = ct
@@ -302,6 +306,8 @@ cdef class Core:
             self.meters[i].rate_default = -1
         for i in range(self.n_rates):
             meter, value, amount, factor = rates[i]
+            if not (0 <= meter < self.n_meters) or amount < 0 or factor < 1:
+                raise ValueError("rate %d out of range" % i)
             if self.meters[meter].rate_first < 0:
                 self.meters[meter].rate_first = i
             elif self.meters[meter].rate_first + self.meters[meter].rate_count != i:
@@ -548,6 +554,8 @@ cdef class Core:
     def available(self, Py_ssize_t idx, Py_ssize_t ct):
         self._idx(idx); self._ct(ct)
         cdef i128 a = self._available(idx * self.n_ct + ct)
+        if a > INT64_MAX:
+            return INT64_MAX
         return <int64_t>a if a > -INT64_MAX else -INT64_MAX
 
     # ---- rating ----------------------------------------------------------
@@ -623,6 +631,8 @@ cdef class Core:
             raise InvalidInput("amount", "must not be negative")
         if amount > self._available(b):
             return False
+        if <i128>self.resv[b] + amount > INT64_MAX:
+            raise InvalidInput("amount", "reserved total would overflow")
         self.resv[b] += amount
         self.dirty[idx] = 1
         return True
@@ -660,6 +670,8 @@ cdef class Core:
             self.resv[b] += reserved
             raise InvalidInput("quantity", "balance or usage would overflow")
         cdef i128 a = self._available(b)
+        if a < -INT64_MAX:
+            a = -INT64_MAX
         return cost, <int64_t>(-a if a < 0 else 0)
 
     def reset_usage(self):
@@ -915,8 +927,8 @@ cdef class Core:
                 rc = _skip(buf, end, &pos, wt)
                 if rc:
                     raise InvalidInput("batch", _MESSAGES[rc])
-        if cid_len[0] > 128 or not _id_charset_ok(buf + cid_start[0], cid_len[0]):
-            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+        if cid_len[0] > self.client_id_max or not _id_charset_ok(buf + cid_start[0], cid_len[0]):
+            raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
         return 0
 
     def batch_header(self, bytes data):
@@ -939,14 +951,14 @@ cdef class Core:
                 rc = _read_len(buf, end, &pos, &cs, &cn)
             elif key == 2 and wt == 0:
                 rc = _read_varint(buf, end, &pos, &seq)
-            elif key <= 3:
+            elif 1 <= key <= 3:
                 rc = _skip(buf, end, &pos, wt) if key == 3 and wt == 2 else E_WIRE_TYPE
             else:
                 rc = _skip(buf, end, &pos, wt)
             if rc:
-                raise InvalidInput(_BATCH_FIELDS[key] if key <= 3 else "batch", _MESSAGES[rc])
-        if cn > 128 or not _id_charset_ok(buf + cs, cn):
-            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+                raise InvalidInput(_BATCH_FIELDS[key] if 1 <= key <= 3 else "batch", _MESSAGES[rc])
+        if cn > self.client_id_max or not _id_charset_ok(buf + cs, cn):
+            raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
         return PyBytes_FromStringAndSize(buf + cs, cn), seq
 
     def apply_batch(self, bytes data):

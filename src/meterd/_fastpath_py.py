@@ -148,6 +148,7 @@ class Core:
     def __init__(self, denominators: list, meters: list, rates: list, limits: dict,
                  capacity: int = 1024) -> None:
         self.id_max = limits["customer_id_bytes_max"]
+        self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
         self.dims_max = limits["dimensions_max"]
         self.dim_key_max = limits["dimension_key_bytes_max"]
@@ -161,12 +162,17 @@ class Core:
         self.n_ct = len(denominators)
         # meters: name, ct, precision, dim_key, rates {value: idx}, default
         self.meters = []
-        for name, ct, precision, dim in meters:
+        for i, (name, ct, precision, dim) in enumerate(meters):
+            if not (0 <= ct < self.n_ct and 0 <= precision <= 9):
+                raise ValueError("meter %d: credit type or precision out of range" % i)
             self.meters.append([name, ct, precision, dim, {}, -1])
         self.rates = []
         last_meter = -1
         seen = set()
         for i, (meter, value, amount, factor) in enumerate(rates):
+            if not (0 <= meter < len(self.meters)) or amount < 0 or factor < 1 or amount > INT64_MAX \
+                    or factor > INT64_MAX:
+                raise ValueError("rate %d out of range" % i)
             if meter != last_meter:
                 if meter in seen:
                     raise ValueError("rates must be grouped by meter")
@@ -309,7 +315,7 @@ class Core:
     def available(self, idx: int, ct: int) -> int:
         self._idx(idx)
         self._ct(ct)
-        return max(self._available(idx, ct), -INT64_MAX)
+        return min(max(self._available(idx, ct), -INT64_MAX), INT64_MAX)
 
     # ---- rating ----------------------------------------------------------
 
@@ -375,6 +381,8 @@ class Core:
             raise InvalidInput("amount", "must not be negative")
         if amount > self._available(idx, ct):
             return False
+        if self.resv[idx][ct] + amount > INT64_MAX:
+            raise InvalidInput("amount", "reserved total would overflow")
         self.resv[idx][ct] += amount
         self.dirty[idx] = True
         return True
@@ -404,7 +412,7 @@ class Core:
         if reason != REASON_NONE:
             self.resv[idx][ct] += reserved
             raise InvalidInput("quantity", "balance or usage would overflow")
-        a = self._available(idx, ct)
+        a = max(self._available(idx, ct), -INT64_MAX)
         return cost, (-a if a < 0 else 0)
 
     def reset_usage(self) -> None:
@@ -559,8 +567,8 @@ class Core:
                     pos = _skip(buf, pos, end, wt)
                 except _DecodeError as e:
                     raise InvalidInput("batch", e.message) from None
-        if len(cid) > 128 or not _id_charset_ok(cid):
-            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+        if len(cid) > self.client_id_max or not _id_charset_ok(cid):
+            raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
         return cid, seq, events
 
     def batch_header(self, data: bytes) -> tuple:
@@ -580,14 +588,14 @@ class Core:
                     cid = data[s:s + n]
                 elif fn == 2 and wt == 0:
                     seq, pos = _varint(data, pos, end)
-                elif fn <= 3 and not (fn == 3 and wt == 2):
+                elif 1 <= fn <= 3 and not (fn == 3 and wt == 2):
                     raise _DecodeError("", _MSG_WIRE_TYPE)
                 else:
                     pos = _skip(data, pos, end, wt)
             except _DecodeError as e:
-                raise InvalidInput(_BATCH_FIELDS[fn] if fn <= 3 else "batch", e.message) from None
-        if len(cid) > 128 or not _id_charset_ok(cid):
-            raise InvalidInput("client_id", "must be at most 128 printable ASCII characters")
+                raise InvalidInput(_BATCH_FIELDS[fn] if 1 <= fn <= 3 else "batch", e.message) from None
+        if len(cid) > self.client_id_max or not _id_charset_ok(cid):
+            raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
         return cid, seq
 
     def apply_batch(self, data: bytes) -> tuple:

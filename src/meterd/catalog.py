@@ -21,6 +21,7 @@ from meterd.config import read_toml
 from meterd.errors import ConfigError
 
 NANO = 10**9
+INT64_MAX = (1 << 63) - 1
 DENOMINATOR_MAX = 10**15
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,63}$")
 ID_RE = re.compile(r"^[!-~]{1,128}$")
@@ -81,6 +82,9 @@ class Catalog:
         for mi, m in enumerate(self.meters):
             meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode()))
             for value, price in m.prices.items():
+                if price.numerator > INT64_MAX:
+                    key = "price" if value is None else f"prices.{value}"
+                    raise ConfigError(f"{self.source}: meters.{m.name}.{key}: too large for 64-bit nano-units")
                 d = denominators[m.credit_type]
                 rates.append((mi, None if value is None else value.encode(), price.numerator,
                               d // price.denominator))

@@ -61,6 +61,7 @@ class Settings:
     def core_limits(self) -> dict[str, int]:
         return {
             "customer_id_bytes_max": self.customer_id_bytes_max,
+            "client_id_bytes_max": self.client_id_bytes_max,
             "batch_events_max": self.batch_events_max,
             "dimensions_max": self.dimensions_max,
             "dimension_key_bytes_max": self.dimension_key_bytes_max,

@@ -33,7 +33,7 @@ import lmdb
 from meterd import core as core_mod
 from meterd.catalog import Catalog
 from meterd.config import Settings
-from meterd.errors import InvalidInput, NotFound, StorageFull, Unavailable
+from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
 from meterd.store import Op, Store, Unit, from_u64, u64
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -117,6 +117,12 @@ def _hash_request(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
+def _canonical(msg: Any) -> bytes:
+    """A request in a canonical form for idempotency digests: map entries
+    sorted, so a retry whose client serialised them in another order matches."""
+    return msg.SerializeToString(deterministic=True)
+
+
 def _record(kind: bytes, payload: bytes) -> bytes:
     return kind + u64(now_ms()) + payload
 
@@ -140,6 +146,7 @@ class Engine:
         self.grant_seq = 0
         self.period_start_ms = 0
         self.storage_full: StorageFull | None = None
+        self.broken: Exception | None = None
         self.closing = False
         self._snapshot_running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,14 +175,24 @@ class Engine:
         log.error("commit failed, reloading state from disk: %s", exc)
         if isinstance(exc, StorageFull):
             self.storage_full = exc
+        self._try_recover()
+
+    def _try_recover(self) -> None:
+        """Reload from disk; until that works, the store stays failed and writes are refused."""
         try:
             self.recover()
-        finally:
-            self.store.reset()
+        except Exception as e:  # noqa: BLE001 - housekeeping retries
+            self.broken = e
+            log.exception("recovery from disk failed; writes are refused until it succeeds")
+            return
+        self.broken = None
+        self.store.reset()
 
     def check_writable(self) -> None:
         if self.closing:
             raise Unavailable("meterd is shutting down")
+        if self.broken is not None:
+            raise Unavailable("storage failed and meterd is recovering; retry")
         if self.storage_full is not None:
             raise self.storage_full
 
@@ -306,7 +323,11 @@ class Engine:
         return ops
 
     def _snapshot_now(self) -> None:
-        self.store.write_now(self._snapshot_ops())
+        try:
+            self.store.write_now(self._snapshot_ops())
+        except BaseException:
+            self.core.mark_all_dirty()  # the marks were taken; nothing was written
+            raise
         self.snapshot_pos = self.log_pos
 
     async def _snapshot_for_close(self) -> None:
@@ -323,7 +344,7 @@ class Engine:
             pos = self.log_pos
             try:
                 await self._commit(self._snapshot_ops())
-            except StorageFull:
+            except BaseException:
                 self.core.mark_all_dirty()
                 raise
             self.snapshot_pos = pos
@@ -340,9 +361,14 @@ class Engine:
         entries = []
         for key, value in self.store.items("idem"):
             entries.append((from_u64(value[:8]), key, IdemEntry(from_u64(value[:8]), value[8:16], value[16:])))
+        expired: list[Op] = []
         for _, key, entry in sorted(entries, key=lambda e: e[0]):
             if entry.expires_ms > now:
                 self.idem[key] = entry
+            else:
+                expired.append(("idem", key, None))
+        if expired:
+            self.store.write_now(expired)
         self.reservations = {}
         for key, value in self.store.items("reservations"):
             self._load_reservation(key.decode(), json.loads(value))
@@ -374,10 +400,13 @@ class Engine:
     def _seed_customers(self) -> None:
         """Give each catalog customer its initial balances, once."""
         for seed in self.catalog.customers:
-            idx = self.core.open_account(seed.customer_id.encode())
             for ct in range(len(self.catalog.credit_types)):
                 amount = seed.overdraft_nano.get(ct, 0)
-                if self.core.state(idx)[0][ct][2] != -amount:
+                idx = self.core.account(seed.customer_id.encode())
+                current = self.core.state(idx)[0][ct][2] if idx >= 0 else 0
+                if current != -amount:
+                    # open_account is replayed from this record too
+                    idx = self.core.open_account(seed.customer_id.encode())
                     self.core.set_floor(idx, ct, -amount)
                     self.log_pos += 1
                     self.store.write_now([("log", u64(self.log_pos), _record(
@@ -405,8 +434,8 @@ class Engine:
             return None
         if entry.digest and entry.digest != _hash_request(request):
             raise InvalidInput("idempotency_key", "was used before with a different request")
-        if entry.pending is not None and not entry.pending.done():
-            await asyncio.shield(entry.pending)
+        if entry.pending is not None:
+            await asyncio.shield(entry.pending)  # raises if that commit failed
         return entry.response + dup_flag
 
     def _remember(self, key: bytes | None, request: bytes, response: bytes) -> list[Op]:
@@ -456,19 +485,19 @@ class Engine:
         cid, seq = self.core.batch_header(data)
         state = self.clients.get(cid) if cid else None
         if state is not None and seq <= state.sequence:
-            if state.pending is not None and not state.pending.done():
-                await asyncio.shield(state.pending)
+            if state.pending is not None:
+                await asyncio.shield(state.pending)  # raises if that commit failed
             if seq == state.sequence:
                 return state.result + _DUP_BATCH
             return meter_pb2.ReportBatchResponse(sequence=seq, duplicate=True).SerializeToString()
+        ops: list[Op] = []
         if cid and state is None and len(self.clients) >= self.settings.clients_max:
-            self._evict_clients()
+            ops += self._evict_clients()
             if len(self.clients) >= self.settings.clients_max:
                 raise StorageFull(f"client table full ({self.settings.clients_max} clients)")
         accepted, denied, denials = self.core.apply_batch(data)
         result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied,
                                                sequence=seq).SerializeToString() + denials
-        ops: list[Op] = []
         if accepted:
             ops.append(self._log_op(_record(b"B", data)))
         if cid:
@@ -486,10 +515,14 @@ class Engine:
         self._maybe_snapshot()
         return result
 
-    def _evict_clients(self) -> None:
+    def _evict_clients(self) -> list[Op]:
+        """Forget clients idle for longer than client_ttl_s."""
         cutoff = now_ms() - self.settings.client_ttl_s * 1000
+        ops: list[Op] = []
         for cid in [c for c, s in self.clients.items() if s.seen_ms < cutoff]:
             del self.clients[cid]
+            ops.append(("clients", cid, None))
+        return ops
 
     async def report(self, data: bytes) -> bytes:
         self.check_writable()
@@ -500,7 +533,7 @@ class Engine:
         key = None
         if req.event.idempotency_key:
             key = self._idem_key("report", req.event.customer_id, req.event.idempotency_key)
-            replay = await self._replayed(key, data, _DUP_REPORT)
+            replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
             if replay is not None:
                 return replay
         allowed, reason, ct, cost, balance = self.core.report(data)
@@ -509,7 +542,7 @@ class Engine:
             credit_type=self.catalog.credit_types[ct].name, cost_nano=cost, balance_nano=balance,
         ).SerializeToString()
         ops = [self._log_op(_record(b"R", data))] if allowed else []
-        ops += self._remember(key, data, response)
+        ops += self._remember(key, _canonical(req) if key else b"", response)
         if ops:
             await self._commit_with(ops, key)
         return response
@@ -520,8 +553,6 @@ class Engine:
         which = msg.WhichOneof("quantity_value")
         if which == "quantity_decimal":
             text = msg.quantity_decimal
-            if len(text) > 40:
-                raise InvalidInput(field_prefix + "quantity_decimal", "too long")
             try:
                 return core_mod._fastpath_py.parse_decimal(text.encode(), precision)
             except core_mod._fastpath_py._DecodeError as e:
@@ -569,7 +600,7 @@ class Engine:
         key = None
         if req.idempotency_key:
             key = self._idem_key("authorize", req.customer_id, req.idempotency_key)
-            replay = await self._replayed(key, data, _DUP_AUTHORIZE)
+            replay = await self._replayed(key, _canonical(req), _DUP_AUTHORIZE)
             if replay is not None:
                 return replay
         ttl_ms = req.ttl_ms or self.settings.reservation_ttl_s * 1000
@@ -597,24 +628,32 @@ class Engine:
             available_nano=self.core.available(idx, ct), expires_at_ms=res.expires_at_ms).SerializeToString()
         ops = [self._log_op(_record(b"A", struct.pack("<Hq", ct, amount) + cust)),
                ("reservations", rid.encode(), res.to_json(self.catalog))]
-        ops += self._remember(key, data, response)
+        ops += self._remember(key, _canonical(req) if key else b"", response)
         await self._commit_with(ops, key)
         return response
 
-    async def _settling(self, rid: str) -> tuple[bytes, bytes | None, Reservation]:
+    async def _settling(self, rpc: str, req: Any) -> tuple[bytes, bytes | None, Reservation]:
         """The idempotency key of a Commit or Release, its earlier answer if
-        it was settled already, and otherwise the open reservation."""
+        it was settled the same way already, and otherwise the open reservation."""
         self.check_writable()
-        key = self._idem_key("settle", "", rid)
-        replay = await self._replayed(key, b"", b"")
+        rid = req.reservation_id
+        if not rid or len(rid.encode()) > 64:
+            raise NotFound(f"reservation {rid[:64]!r} is unknown")
+        key = self._idem_key(rpc, "", rid)
+        replay = await self._replayed(key, _canonical(req), b"")
+        if replay is not None:
+            return key, replay, None  # type: ignore[return-value]
+        other = "release" if rpc == "commit" else "commit"
+        if self._idem_key(other, "", rid) in self.idem:
+            raise Conflict(f"reservation {rid!r} was settled by {other.capitalize()} already")
         res = self.reservations.get(rid)
-        if replay is None and res is None:
+        if res is None:
             raise NotFound(f"reservation {rid[:64]!r} is unknown, expired or already settled")
-        return key, replay, res  # type: ignore[return-value]
+        return key, None, res
 
     async def commit(self, data: bytes) -> bytes:
         req = meter_pb2.CommitRequest.FromString(data)
-        key, replay, res = await self._settling(req.reservation_id)
+        key, replay, res = await self._settling("commit", req)
         if replay is not None:
             return replay
         if res.rate < 0:
@@ -632,13 +671,13 @@ class Engine:
                         res.customer_id, res.reservation_id, overrun)
         ops = [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust)),
                ("reservations", res.reservation_id.encode(), None)]
-        ops += self._remember(key, b"", response)
+        ops += self._remember(key, _canonical(req), response)
         await self._commit_with(ops, key)
         return response
 
     async def release(self, data: bytes) -> bytes:
         req = meter_pb2.ReleaseRequest.FromString(data)
-        key, replay, res = await self._settling(req.reservation_id)
+        key, replay, res = await self._settling("release", req)
         if replay is not None:
             return replay
         ops = self._release_ops(res)
@@ -647,7 +686,7 @@ class Engine:
             released_nano=res.amount_nano,
             available_nano=self.core.available(idx, res.credit_type) if res.credit_type >= 0 else 0,
         ).SerializeToString()
-        ops += self._remember(key, b"", response)
+        ops += self._remember(key, _canonical(req), response)
         await self._commit_with(ops, key)
         return response
 
@@ -673,7 +712,7 @@ class Engine:
         for ct, (bal, resv, floor, _) in enumerate(cts):
             cb = out.balances.add(credit_type=self.catalog.credit_types[ct].name, balance_nano=bal,
                                   reserved_nano=resv, floor_nano=floor,
-                                  available_nano=max(bal - resv - floor, -(1 << 63) + 1))
+                                  available_nano=min(max(bal - resv - floor, -(1 << 63) + 1), (1 << 63) - 1))
             for b in self._allocated(acct.buckets.get(ct, []), bal):
                 cb.grants.add(grant_id=b.grant_id, remaining_nano=b.remaining_nano, expires_at_ms=b.expires_at_ms,
                               priority=b.priority, source=b.source)
@@ -762,7 +801,7 @@ class Engine:
         if len(req.source) > 64:
             raise InvalidInput("source", "longer than 64 characters")
         key = self._idem_key("grant", req.customer_id, req.idempotency_key) if req.idempotency_key else None
-        data = req.SerializeToString()
+        data = _canonical(req)
         replay = await self._replayed(key, data, _DUP_GRANT)
         if replay is not None:
             return replay
@@ -786,7 +825,7 @@ class Engine:
         if len(req.reason) > 256:
             raise InvalidInput("reason", "longer than 256 characters")
         key = self._idem_key("adjust", req.customer_id, req.idempotency_key) if req.idempotency_key else None
-        data = req.SerializeToString()
+        data = _canonical(req)
         replay = await self._replayed(key, data, _DUP_ADJUST)
         if replay is not None:
             return replay
@@ -811,6 +850,8 @@ class Engine:
         if limit > 1000:
             raise InvalidInput("limit", "at most 1000")
         prefix = cust + b"\x00"
+        if req.after_sequence >= (1 << 64) - 1:
+            return admin_pb2.ListAuditResponse()
         rows = self.store.items("audit", start=prefix + u64(req.after_sequence + 1), prefix=prefix, limit=limit)
         return admin_pb2.ListAuditResponse(entries=[admin_pb2.AuditEntry.FromString(v) for _, v in rows])
 
@@ -852,12 +893,20 @@ class Engine:
         ops = self._reconcile(customer_id, ct, self.core.state(idx)[0][ct][0])
         acct = self.accounts[customer_id]
         for b in [b for b in acct.buckets.get(ct, []) if b.expires_at_ms and b.expires_at_ms <= now]:
-            acct.buckets[ct].remove(b)
-            ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), None))
-            if b.remaining_nano:
-                credit, before, after = self._credit_ops(customer_id, ct, -b.remaining_nano)
+            bal, resv, _, _ = self.core.state(idx)[0][ct]
+            # Money held by open reservations does not expire under them: that part
+            # of the grant goes once they settle (the next sweeps retry).
+            gone = min(b.remaining_nano, max(bal - resv, 0))
+            if gone:
+                credit, before, after = self._credit_ops(customer_id, ct, -gone)
                 ops += credit
-                ops += self._audit_op(customer_id, "expire", ct, -b.remaining_nano, before, after, b.grant_id)
+                ops += self._audit_op(customer_id, "expire", ct, -gone, before, after, b.grant_id)
+            b.remaining_nano -= gone
+            if b.remaining_nano == 0:
+                acct.buckets[ct].remove(b)
+                ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), None))
+            else:
+                ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), self._grant_doc(b)))
         return ops
 
     async def run_housekeeping(self, stop: asyncio.Event, period_s: float = 0.5) -> None:
@@ -869,6 +918,9 @@ class Engine:
                 pass
             if stop.is_set():
                 return
+            if self.broken is not None:
+                self._try_recover()
+                continue
             try:
                 await self.sweep()
                 if time.monotonic() - last_snapshot >= self.settings.snapshot_interval_s:

@@ -27,6 +27,11 @@ class NotFound(MeterdError):
     """The customer, reservation or credit type does not exist (NOT_FOUND)."""
 
 
+class Conflict(MeterdError):
+    """The request contradicts what already happened, for example committing a
+    reservation that was released (FAILED_PRECONDITION)."""
+
+
 class StorageFull(MeterdError):
     """LMDB has no room left (RESOURCE_EXHAUSTED); reads are still served."""
 

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from meterd.catalog import Catalog
 from meterd.config import Settings
 from meterd.engine import Engine
-from meterd.errors import InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
+from meterd.errors import Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
 from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.server")
@@ -41,6 +41,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Conflict):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, MeterdError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
