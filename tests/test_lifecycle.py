@@ -90,3 +90,18 @@ def test_core_choice_is_logged(make_daemon, core):
     d = make_daemon(core=core).start()
     d.stop()
     assert f"core={core}" in d.log_path.read_text()
+
+
+def test_a_second_daemon_on_the_same_data_dir_or_port_is_refused(make_daemon, tmp_path: Path):
+    import sys
+    d = make_daemon().start()
+    same_dir = subprocess.run([sys.executable, "-m", "meterd", "serve", "--data-dir", str(d.data_dir),
+                               "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert same_dir.returncode == 2
+    assert "is in use by another meterd process" in same_dir.stderr
+    same_port = subprocess.run([sys.executable, "-m", "meterd", "serve", "--data-dir", str(tmp_path / "other"),
+                                "--listen", d.target], capture_output=True, text=True, timeout=60)
+    assert same_port.returncode == 2
+    assert f"listen: cannot listen on {d.target}" in same_port.stderr
+    # the first daemon is untouched
+    assert d.meter.Report(pb.ReportRequest(event=EVENT)).decision == pb.DECISION_ALLOW

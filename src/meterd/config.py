@@ -129,6 +129,9 @@ def _validate(s: Settings) -> None:
     need(s.log_level in ("debug", "info", "warning", "error"), "log_level", "must be debug, info, warning or error")
     need(s.log_format in ("json", "kv"), "log_format", "must be json or kv")
     need(":" in s.listen, "listen", "must be host:port or unix:path")
+    admin = s.admin_address
+    need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",
+         f"the Unix socket path {admin[5:]} is longer than 100 bytes; give a shorter one or a loopback port")
     # A full batch must fit in a message, roughly 8 bytes per event at least.
     need(s.batch_bytes_max >= s.batch_events_max * 8, "batch_bytes_max",
          "must be at least 8 bytes per event of batch_events_max")

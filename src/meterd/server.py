@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from meterd.catalog import Catalog
 from meterd.config import Settings
 from meterd.engine import Engine
-from meterd.errors import Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
+from meterd.errors import ConfigError, Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
 from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.server")
@@ -176,18 +176,14 @@ class MeterdServer:
         meter, admin = servicer.handlers()
         self.engine.start(asyncio.get_running_loop())
         self.data_server = self._server([meter], [METER_SERVICE])
-        self.data_port = self.data_server.add_insecure_port(self.settings.listen)
-        if self.data_port == 0 and not self.settings.listen.startswith("unix:"):
-            raise OSError(f"cannot listen on {self.settings.listen}")
+        self.data_port = _bind(self.data_server, self.settings.listen, "listen")
         self.admin_server = self._server([admin], [ADMIN_SERVICE])
         self.admin_address = self.settings.admin_address
         if self.admin_address.startswith("unix:"):
             path = self.admin_address[5:]
             if os.path.exists(path):
                 os.unlink(path)
-        port = self.admin_server.add_insecure_port(self.admin_address)
-        if port == 0 and not self.admin_address.startswith("unix:"):
-            raise OSError(f"cannot listen on {self.admin_address}")
+        _bind(self.admin_server, self.admin_address, "admin_listen")
         if self.admin_address.startswith("unix:"):
             os.chmod(self.admin_address[5:], 0o600)
         await self.data_server.start()
@@ -202,6 +198,14 @@ class MeterdServer:
         result = self.health.set(name, status)
         if asyncio.iscoroutine(result):
             await result
+
+    async def abort(self) -> None:
+        """Undo a start that failed half way: close listeners, the writer and LMDB."""
+        for srv in (self.data_server, self.admin_server):
+            if srv is not None:
+                await srv.stop(0)
+        self.engine.store.stop()
+        self.engine.store.close()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish, final commit, close LMDB."""
@@ -224,6 +228,16 @@ class MeterdServer:
         log.info("stopped")
 
 
+def _bind(server: grpc.aio.Server, address: str, setting: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0 and not address.startswith("unix:"):
+        raise ConfigError(f"{setting}: cannot listen on {address} (in use, or not a local address)")
+    return port
+
+
 def _compiled() -> bool:
     from meterd import core
     return core.COMPILED
@@ -232,7 +246,11 @@ def _compiled() -> bool:
 async def serve(settings: Settings, catalog: Catalog, ready: Callable[[MeterdServer], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = MeterdServer(settings, catalog)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.abort()
+        raise
     if ready is not None:
         ready(server)
     done = asyncio.Event()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import os
 import threading
@@ -21,13 +22,17 @@ from typing import Any, Callable, Iterable
 
 import lmdb
 
-from meterd.errors import StorageFull
+from meterd.errors import ConfigError, StorageFull
 
 log = logging.getLogger("meterd.store")
 
 DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit")
 # An op is (db, key, value): value None deletes; db "trim" deletes log keys <= key.
 Op = tuple[str, bytes, bytes | None]
+
+
+class DataDirInUse(ConfigError):
+    """Another process holds the data directory."""
 
 
 class Unit:
@@ -47,6 +52,19 @@ class Store:
                  window_us: int, ops_max: int) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
+        # LMDB lets several processes share an environment; two daemons on one
+        # data directory would each replay and snapshot over the other's state.
+        self._lock_file = open(os.path.join(path, "meterd.lock"), "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            self._lock_file.close()
+            raise DataDirInUse(f"{path} is in use by another meterd process (pid {holder})") from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
         self.map_size_bytes = map_size_bytes
         self.env = lmdb.open(
             path,
@@ -213,6 +231,7 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        self._lock_file.close()
 
 
 def _resolve(group: list[Unit], exc: BaseException | None) -> None:
