@@ -27,13 +27,21 @@ CATALOG = {
         "gpu_seconds": {"credit_type": "usd", "precision": 3, "price_dimension": "hardware",
                         "prices": {"cpu": "0.000100", "h100": "0.001525"}},
         "images": {"credit_type": "req", "price": "2/7"},
+        "seats": {"credit_type": "usd", "price": "5", "aggregation": "max"},
+        "calls": {"credit_type": "usd", "price": "0.001", "aggregation": "count"},
     },
 }
 
 
+# Plan 1 degrades "req" to "slow" (priority falls one step per 2 requests);
+# plan 2 degrades both credit types to "relax" with no priority step.
+PLANS = [[(0, 0), (1, 2 * 10**9)], [(2, 0), (2, 0)]]
+MODES = [b"slow", b"relax"]
+
+
 def make_core(kind: str, catalog: dict = CATALOG):
     denominators, meters, rates = parse_catalog(catalog, "test").compile()
-    return CORES[kind](denominators, meters, rates, dict(LIMITS))
+    return CORES[kind](denominators, meters, rates, dict(LIMITS), 1024, PLANS, MODES)
 
 
 def batch(events, client_id: str = "", sequence: int = 0) -> bytes:
@@ -63,7 +71,7 @@ def test_a_million_tiny_events_cost_exactly_their_sum(core):
     data = batch([ev(model="tiny")] * 8000)
     before = core.state(0)[0][0][0]
     for _ in range(125):
-        accepted, denied, _ = core.apply_batch(data)
+        accepted, denied, _, _ = core.apply_batch(data)
         assert (accepted, denied) == (8000, 0)
     assert before - core.state(0)[0][0][0] == 100_000  # nano-dollars = $0.0001
     assert core.state(0)[1][0] == 1_000_000
@@ -87,9 +95,9 @@ def test_sevenths_and_thirds_share_one_credit_type_exactly(core):
 def test_decimal_quantities_are_exact(core):
     # 1.5 s of h100 at $0.001525/s = $0.0022875 = 2287500 nano
     before = core.state(0)[0][0][0]
-    allowed, reason, ct, cost, balance = core.report(
+    decision, reason, ct, cost, balance, mode, priority = core.report(
         pb.ReportRequest(event=ev(meter="gpu_seconds", quantity="1.5", hardware="h100")).SerializeToString())
-    assert (allowed, reason, ct, cost) == (True, 0, 0, 2_287_500)
+    assert (decision, reason, ct, cost, mode, priority) == (pb.DECISION_ALLOW, 0, 0, 2_287_500, b"", 0)
     assert balance == before - 2_287_500
     assert core.state(0)[1][2] == 1500  # milliseconds
 
@@ -97,7 +105,7 @@ def test_decimal_quantities_are_exact(core):
 def test_unknown_customer_and_insufficient_balance_are_denials_not_errors(core):
     idx = core.open_account(b"poor")
     core.credit(idx, 0, 25_000)  # 10 tokens of gpt-4o at 2500 nano each
-    accepted, denied, denials = core.apply_batch(batch(
+    accepted, denied, _, denials = core.apply_batch(batch(
         [ev("poor", model="gpt-4o", quantity=4)] * 3 + [ev("ghost", model="gpt-4o")]))
     assert (accepted, denied) == (2, 2)
     resp = pb.ReportBatchResponse.FromString(denials)
@@ -108,7 +116,7 @@ def test_unknown_customer_and_insufficient_balance_are_denials_not_errors(core):
 
 def test_a_free_model_is_allowed_at_zero_balance(core):
     core.open_account(b"broke")
-    accepted, denied, _ = core.apply_batch(batch([ev("broke", meter="requests", model="free")]))
+    accepted, denied, _, _ = core.apply_batch(batch([ev("broke", meter="requests", model="free")]))
     assert (accepted, denied) == (1, 0)
 
 
@@ -168,7 +176,7 @@ def test_batch_header(core):
 def test_unknown_fields_are_skipped(core):
     e = ev(model="gpt-4o").SerializeToString() + b"\xa0\x06\x01" + b"\xad\x06\x00\x00\x00\x00"
     data = b"\x1a" + bytes([len(e)]) + e + b"\xf9\x06" + b"\x00" * 8
-    assert core.apply_batch(data)[:2] == (1, 0)
+    assert core.apply_batch(data)[:3] == (1, 0, 0)
 
 
 def test_reservations_hold_and_settle_with_carry(core):
@@ -224,7 +232,7 @@ MODELS = ["gpt-4o", "tiny", "mini", "haiku", "o1", "free", "other"]
 
 
 def random_event(rng: random.Random, customers: list[str]) -> pb.UsageEvent:
-    meter = rng.choice(["tokens", "requests", "gpu_seconds", "images"])
+    meter = rng.choice(["tokens", "requests", "gpu_seconds", "images", "seats", "calls"])
     e = pb.UsageEvent(customer_id=rng.choice(customers), meter=meter)
     if meter in ("tokens", "requests"):
         e.dimensions["model"] = rng.choice(MODELS[:3] if meter == "tokens" else MODELS[3:])
@@ -244,10 +252,13 @@ def test_both_cores_agree_on_many_random_events():
     customers = [f"cust-{i}" for i in range(300)]
     for c in customers[:250]:  # 50 customers stay unknown
         usd, req = rng.randrange(0, 10**9), rng.randrange(0, 10**11)
+        plan, alert = rng.randrange(3), rng.choice([None, rng.randrange(0, 10**9)])
         for core in (a, b):
             idx = core.open_account(c.encode())
             core.credit(idx, 0, usd)
             core.credit(idx, 1, req)
+            core.set_plan(idx, plan)
+            core.set_alert(idx, 0, alert)
     total = 0
     for round_ in range(60):
         events = [random_event(rng, customers) for _ in range(rng.randrange(1, 4000))]
@@ -262,6 +273,7 @@ def test_both_cores_agree_on_many_random_events():
             except InvalidInput as e:
                 results.append(("invalid", str(e)))
         assert results[0] == results[1]
+        assert a.take_alerts() == b.take_alerts()
         if round_ % 7 == 0:
             for core in (a, b):
                 core.credit(round_ % 250, round_ % 2, 10**8)
@@ -318,8 +330,50 @@ def test_reserved_total_cannot_overflow(core):
     with pytest.raises(InvalidInput):
         core.reserve(idx, 0, 2**62)
     assert core.available(idx, 0) == 2**62
-    assert len(core.state_bytes(idx)) == 8 * (4 * 2 + 4)
+    assert len(core.state_bytes(idx)) == 8 * (6 * 2 + 6 + 1)
 
 
 def test_overflow_reason_is_in_the_api():
     assert pb.Reason.Name(3) == "REASON_OVERFLOW"
+
+
+def test_an_empty_pool_degrades_on_a_plan_with_a_fallback(core):
+    idx = core.open_account(b"pro")
+    core.credit(idx, 1, 2 * 10**9)  # two premium requests
+    core.set_plan(idx, 1)           # "slow" when empty; priority falls one per 2 requests degraded
+    events = [ev("pro", meter="requests", model="o1")] + [ev("pro", meter="requests", model="gpt-4o")] * 6
+    accepted, denied, degraded, details = core.apply_batch(batch(events))
+    assert (accepted, denied, degraded) == (7, 0, 5)
+    resp = pb.ReportBatchResponse.FromString(details)
+    assert [(d.index, d.mode, d.priority) for d in resp.degradations] == [
+        (0, "slow", 95), (3, "slow", 95), (4, "slow", 94), (5, "slow", 94), (6, "slow", 93)]
+    cts, use, plan = core.state(idx)
+    assert (cts[1][0], cts[1][4], use[1], plan) == (0, 14 * 10**9, 7, 1)
+    # usd has no fallback on plan 1: an empty usd balance still denies
+    r = core.report(pb.ReportRequest(event=ev("pro", model="gpt-4o")).SerializeToString())
+    assert r[:2] == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE)
+    core.set_plan(idx, 2)
+    r = core.report(pb.ReportRequest(event=ev("pro", model="gpt-4o")).SerializeToString())
+    assert (r[0], r[5], r[6]) == (pb.DECISION_DEGRADE, b"relax", 100)
+    core.reset_usage(idx)
+    assert core.state(idx)[0][1][4] == 0 and core.state(idx)[1] == [0] * 6
+
+
+def test_low_balance_alerts_fire_once_per_crossing(core):
+    idx = core.open_account(b"low")
+    core.credit(idx, 0, 10 * 10**9)
+    core.set_alert(idx, 0, 5 * 10**9)
+    core.apply_batch(batch([ev("low", model="gpt-4o", quantity=1_000_000)] * 3))  # $2.50 each
+    assert core.take_alerts() == [(idx, 0)]
+    core.apply_batch(batch([ev("low", model="gpt-4o", quantity=1_000_000)]))
+    assert core.take_alerts() == []
+    core.credit(idx, 0, 10 * 10**9)
+    core.credit(idx, 0, -10 * 10**9)
+    assert core.take_alerts() == [(idx, 0)]
+
+
+def test_count_and_max_meters(core):
+    core.apply_batch(batch([ev(meter="calls", quantity=500)] * 3 + [ev(meter="seats", quantity=q) for q in (3, 7, 5)]))
+    cts, use, _ = core.state(0)
+    assert (use[4], use[5]) == (7, 3)  # seats: the maximum; calls: three events
+    assert cts[0][0] == 1_000 * 10**9 - 3 * 1_000_000  # calls cost per event; seats at period end

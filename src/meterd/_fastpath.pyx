@@ -12,7 +12,7 @@ least common multiple of ``per_units * 10**precision`` over the rates of that
 credit type, and each rate carries ``factor = D / (per_units * 10**precision)``.
 """
 
-from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint8_t, INT64_MAX
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcmp, memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -29,12 +29,30 @@ cdef extern from *:
     ctypedef long long i128 "meterd_i128"
     int i128_mul "meterd_mul"(i128 a, i128 b, i128 *r) noexcept nogil
 
-# Reasons, mirrored from meterd.v1.Reason.
+# Reasons, mirrored from meterd.v1.Reason; OUT_DEGRADED is an allowed event
+# served in the plan's fallback mode, not a denial.
 cdef enum:
     REASON_NONE = 0
     REASON_INSUFFICIENT_BALANCE = 1
     REASON_UNKNOWN_CUSTOMER = 2
     REASON_OVERFLOW = 3
+    OUT_DEGRADED = 100
+
+# Decisions, mirrored from meterd.v1.Decision.
+cdef enum:
+    DECISION_ALLOW = 1
+    DECISION_DENY = 2
+    DECISION_DEGRADE = 3
+
+# Meter aggregations of usage in a period.
+cdef enum:
+    AGG_SUM = 0
+    AGG_COUNT = 1
+    AGG_MAX = 2
+    AGG_LATEST = 3
+
+cdef enum:
+    DEF_ALERTS_MAX = 4096
 
 # Decoder error codes; the message is built only on the error path.
 cdef enum:
@@ -67,6 +85,7 @@ cdef struct Meter:
     int32_t name_len
     int32_t ct
     int32_t precision
+    int32_t agg
     char *dim_key
     int32_t dim_key_len      # 0: the meter has a single price
     int32_t rate_first
@@ -230,7 +249,20 @@ cdef class Core:
     cdef int64_t *floor_
     cdef int64_t *rem
     cdef int64_t *usage
+    cdef int64_t *degr
+    cdef int64_t *alert
+    cdef uint16_t *plan_of
     cdef uint8_t *dirty
+    # plans: fallback mode (0 = deny) and priority step per (plan, credit type)
+    cdef int n_plans
+    cdef int32_t *plan_mode
+    cdef int64_t *plan_step
+    cdef list modes
+    cdef const char **mode_ptr
+    cdef int32_t *mode_len
+    cdef int64_t *alerts
+    cdef Py_ssize_t n_alerts
+    cdef bint alerts_lost
     # limits and scratch
     cdef int id_max
     cdef int client_id_max
@@ -255,21 +287,35 @@ cdef class Core:
         self.floor_ = NULL
         self.rem = NULL
         self.usage = NULL
+        self.degr = NULL
+        self.alert = NULL
+        self.plan_of = NULL
+        self.plan_mode = NULL
+        self.plan_step = NULL
+        self.alerts = NULL
+        self.mode_ptr = NULL
+        self.mode_len = NULL
+        self.n_alerts = 0
+        self.alerts_lost = False
         self.dirty = NULL
         self.scratch = NULL
         self.count = 0
         self.cap = 0
         self.closed = False
 
-    def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024):
+    def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
+                 list plans=None, list modes=None):
         """Build the core for one catalog shape.
 
-        ``meters``: (name, credit_type, precision, price_dimension) tuples;
+        ``meters``: (name, credit_type, precision, price_dimension, aggregation) tuples;
         ``rates``: (meter, dimension_value or None, amount_nano, factor) tuples,
         grouped by meter; ``limits``: customer_id_bytes_max, batch_events_max,
         dimensions_max, dimension_key_bytes_max, dimension_value_bytes_max.
+        ``plans``: per plan, per credit type, (fallback mode, priority step);
+        plan 0 is "no plan" and always denies. ``modes``: fallback mode names,
+        mode k being ``modes[k - 1]``.
         """
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, k
         self.n_ct = len(denominators)
         self.n_meters = len(meters)
         self.n_rates = len(rates)
@@ -285,16 +331,44 @@ cdef class Core:
         self.meters = <Meter *>calloc(max(self.n_meters, 1), sizeof(Meter))
         self.rates = <Rate *>calloc(max(self.n_rates, 1), sizeof(Rate))
         self.scratch = <Event *>calloc(max(self.batch_max, 1), sizeof(Event))
-        if not (self.denom and self.meters and self.rates and self.scratch):
+        self.modes = [bytes(m) for m in (modes or [])]
+        self.mode_ptr = <const char **>calloc(len(self.modes) + 1, sizeof(char *))
+        self.mode_len = <int32_t *>calloc(len(self.modes) + 1, sizeof(int32_t))
+        if self.mode_ptr == NULL or self.mode_len == NULL:
             raise MemoryError()
+        for i, m in enumerate(self.modes):
+            if len(m) > 32:
+                raise ValueError("mode names are at most 32 bytes")
+            self.mode_ptr[i + 1] = PyBytes_AS_STRING(m)
+            self.mode_len[i + 1] = len(m)
+        plans = [[(0, 0)] * self.n_ct] + list(plans or [])
+        self.n_plans = len(plans)
+        if self.n_plans > 65535:
+            raise ValueError("too many plans")
+        self.plan_mode = <int32_t *>calloc(self.n_plans * max(self.n_ct, 1), sizeof(int32_t))
+        self.plan_step = <int64_t *>calloc(self.n_plans * max(self.n_ct, 1), sizeof(int64_t))
+        self.alerts = <int64_t *>calloc(DEF_ALERTS_MAX, sizeof(int64_t))
+        if not (self.denom and self.meters and self.rates and self.scratch and self.plan_mode
+                and self.plan_step and self.alerts):
+            raise MemoryError()
+        for i in range(self.n_plans):
+            if len(plans[i]) != self.n_ct:
+                raise ValueError("plan %d: one entry per credit type" % i)
+            for k in range(self.n_ct):
+                mode, step = plans[i][k]
+                if not (0 <= mode <= len(self.modes)) or step < 0:
+                    raise ValueError("plan %d: mode or step out of range" % i)
+                self.plan_mode[i * self.n_ct + k] = mode
+                self.plan_step[i * self.n_ct + k] = step
         for i in range(self.n_ct):
             if denominators[i] <= 0 or denominators[i] > 10**15:
                 raise ValueError("denominator out of range")
             self.denom[i] = denominators[i]
         for i in range(self.n_meters):
-            name, ct, precision, dim = meters[i]
-            if not (0 <= ct < self.n_ct and 0 <= precision <= 9):
-                raise ValueError("meter %d: credit type or precision out of range" % i)
+            name, ct, precision, dim, agg = meters[i]
+            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_LATEST):
+                raise ValueError("meter %d: credit type, precision or aggregation out of range" % i)
+            self.meters[i].agg = agg
             self.meters[i].name = _dup(name)
             self.meters[i].name_len = len(name)
             self.meters[i].ct = ct
@@ -339,6 +413,9 @@ cdef class Core:
         free(self.slots); free(self.hashes); free(self.id_off); free(self.id_len)
         free(self.arena); free(self.bal); free(self.resv); free(self.floor_)
         free(self.rem); free(self.usage); free(self.dirty)
+        free(self.degr); free(self.alert); free(self.plan_of)
+        free(self.plan_mode); free(self.plan_step); free(self.alerts)
+        free(self.mode_ptr); free(self.mode_len)
 
     def close(self):
         """Refuse further use; memory is freed with the object."""
@@ -366,6 +443,9 @@ cdef class Core:
         self.floor_ = <int64_t *>_resize(self.floor_, new_cap * self.n_ct * sizeof(int64_t))
         self.rem = <int64_t *>_resize(self.rem, new_cap * self.n_ct * sizeof(int64_t))
         self.usage = <int64_t *>_resize(self.usage, new_cap * max(self.n_meters, 1) * sizeof(int64_t))
+        self.degr = <int64_t *>_resize(self.degr, new_cap * self.n_ct * sizeof(int64_t))
+        self.alert = <int64_t *>_resize(self.alert, new_cap * self.n_ct * sizeof(int64_t))
+        self.plan_of = <uint16_t *>_resize(self.plan_of, new_cap * sizeof(uint16_t))
         free(self.slots)
         self.slots = <int32_t *>calloc(nslots, sizeof(int32_t))
         if self.slots == NULL:
@@ -417,6 +497,9 @@ cdef class Core:
             self.resv[idx * self.n_ct + k] = 0
             self.floor_[idx * self.n_ct + k] = 0
             self.rem[idx * self.n_ct + k] = 0
+            self.degr[idx * self.n_ct + k] = 0
+            self.alert[idx * self.n_ct + k] = INT64_MIN
+        self.plan_of[idx] = 0
         for k in range(self.n_meters):
             self.usage[idx * self.n_meters + k] = 0
         h = self.hashes[idx] & self.mask
@@ -453,25 +536,32 @@ cdef class Core:
         return 0
 
     def state(self, Py_ssize_t idx):
-        """(balance, reserved, floor, remainder) per credit type, and usage per meter."""
+        """Per credit type (balance, reserved, floor, remainder, degraded, alert),
+        usage per meter, and the plan."""
         self._idx(idx)
         cdef Py_ssize_t k, b = idx * self.n_ct
-        cts = [(self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k]) for k in range(self.n_ct)]
+        cts = [(self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k], self.degr[b + k],
+                self.alert[b + k]) for k in range(self.n_ct)]
         use = [self.usage[idx * self.n_meters + k] for k in range(self.n_meters)]
-        return cts, use
+        return cts, use, self.plan_of[idx]
 
-    def load_state(self, Py_ssize_t idx, list cts, list use):
+    def load_state(self, Py_ssize_t idx, list cts, list use, int plan=0):
         """Set an account's state, as read back from a snapshot."""
         self._idx(idx)
         cdef Py_ssize_t k, b = idx * self.n_ct
         if len(cts) != self.n_ct or len(use) != self.n_meters:
             raise ValueError("state shape does not match the catalog")
+        if not 0 <= plan < self.n_plans:
+            raise ValueError("no plan %d" % plan)
         for k in range(self.n_ct):
-            self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k] = cts[k]
-            if not (0 <= self.rem[b + k] < self.denom[k]) or self.resv[b + k] < 0:
+            if not (0 <= cts[k][3] < self.denom[k]) or cts[k][1] < 0:
                 raise ValueError("account state out of range")
+        for k in range(self.n_ct):
+            (self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k], self.degr[b + k],
+             self.alert[b + k]) = cts[k]
         for k in range(self.n_meters):
             self.usage[idx * self.n_meters + k] = use[k]
+        self.plan_of[idx] = plan
         self.dirty[idx] = 0
 
     def take_dirty(self):
@@ -487,41 +577,50 @@ cdef class Core:
         memset(self.dirty, 1, self.count)
 
     def state_bytes(self, Py_ssize_t idx):
-        """An account's state packed for a snapshot: per credit type
-        (balance, reserved, floor, remainder), then usage per meter, int64 LE."""
+        """An account's state packed for a snapshot, int64 LE words: per credit
+        type (balance, reserved, floor, remainder, degraded, alert), then usage
+        per meter, then the plan."""
         self._idx(idx)
         cdef Py_ssize_t k, b = idx * self.n_ct, u = idx * self.n_meters
-        cdef Py_ssize_t words = self.n_ct * 4 + self.n_meters
+        cdef Py_ssize_t words = self.n_ct * 6 + self.n_meters + 1
         out = PyBytes_FromStringAndSize(NULL, words * 8)
         cdef int64_t *w = <int64_t *>PyBytes_AS_STRING(out)
         for k in range(self.n_ct):
-            w[k * 4] = self.bal[b + k]
-            w[k * 4 + 1] = self.resv[b + k]
-            w[k * 4 + 2] = self.floor_[b + k]
-            w[k * 4 + 3] = self.rem[b + k]
+            w[k * 6] = self.bal[b + k]
+            w[k * 6 + 1] = self.resv[b + k]
+            w[k * 6 + 2] = self.floor_[b + k]
+            w[k * 6 + 3] = self.rem[b + k]
+            w[k * 6 + 4] = self.degr[b + k]
+            w[k * 6 + 5] = self.alert[b + k]
         for k in range(self.n_meters):
-            w[self.n_ct * 4 + k] = self.usage[u + k]
+            w[self.n_ct * 6 + k] = self.usage[u + k]
+        w[words - 1] = self.plan_of[idx]
         return out
 
     def load_state_bytes(self, bytes customer_id, bytes data):
         """Create or overwrite an account from ``state_bytes`` output."""
         self._check()
-        cdef Py_ssize_t k, words = self.n_ct * 4 + self.n_meters
+        cdef Py_ssize_t k, words = self.n_ct * 6 + self.n_meters + 1
         if PyBytes_GET_SIZE(data) != words * 8:
             raise ValueError("state record has the wrong size for this catalog")
         cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
         for k in range(self.n_ct):
-            if not (0 <= w[k * 4 + 3] < self.denom[k]) or w[k * 4 + 1] < 0:
+            if not (0 <= w[k * 6 + 3] < self.denom[k]) or w[k * 6 + 1] < 0:
                 raise ValueError("account state out of range")
+        if not 0 <= w[words - 1] < self.n_plans:
+            raise ValueError("account state names a plan that does not exist")
         cdef Py_ssize_t idx = self.open_account(customer_id)
         cdef Py_ssize_t b = idx * self.n_ct, u = idx * self.n_meters
         for k in range(self.n_ct):
-            self.bal[b + k] = w[k * 4]
-            self.resv[b + k] = w[k * 4 + 1]
-            self.floor_[b + k] = w[k * 4 + 2]
-            self.rem[b + k] = w[k * 4 + 3]
+            self.bal[b + k] = w[k * 6]
+            self.resv[b + k] = w[k * 6 + 1]
+            self.floor_[b + k] = w[k * 6 + 2]
+            self.rem[b + k] = w[k * 6 + 3]
+            self.degr[b + k] = w[k * 6 + 4]
+            self.alert[b + k] = w[k * 6 + 5]
         for k in range(self.n_meters):
-            self.usage[u + k] = w[self.n_ct * 4 + k]
+            self.usage[u + k] = w[self.n_ct * 6 + k]
+        self.plan_of[idx] = <uint16_t>w[words - 1]
         self.dirty[idx] = 0
         return idx
 
@@ -539,8 +638,10 @@ cdef class Core:
         cdef i128 v = <i128>self.bal[b] + amount
         if v > INT64_MAX or v < -INT64_MAX:
             raise InvalidInput("amount_nano", "balance would overflow")
+        cdef int64_t before = self.bal[b]
         self.bal[b] = <int64_t>v
         self.dirty[idx] = 1
+        self._check_alert(b, before)
         return self.bal[b]
 
     def set_floor(self, Py_ssize_t idx, Py_ssize_t ct, int64_t floor_nano):
@@ -604,24 +705,96 @@ cdef class Core:
         return self.rates[rate].ct, <int64_t>((fine + d - 1) / d)
 
     cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost) noexcept nogil:
-        """Debit one rated event with carry; REASON_* or 0. ``force`` skips the balance check."""
+        """Apply one rated event with carry: REASON_NONE (charged), OUT_DEGRADED
+        (served in the plan's fallback mode, not charged) or a denial reason.
+        ``force`` skips the balance check."""
         cdef int32_t ct = self.rates[rate].ct
+        cdef int32_t meter = self.rates[rate].meter
         cdef Py_ssize_t b = idx * self.n_ct + ct
-        cdef Py_ssize_t u = idx * self.n_meters + self.rates[rate].meter
+        cdef Py_ssize_t u = idx * self.n_meters + meter
         cdef i128 total = fine + self.rem[b]
         cdef i128 d = total / self.denom[ct]
+        cdef i128 use
+        cdef int agg = self.meters[meter].agg
+        cdef int64_t before
+        cost[0] = 0
         if d > INT64_MAX or <i128>self.bal[b] - d < -INT64_MAX:
             return REASON_OVERFLOW
-        if not force and d > 0 and d > self._available(b):
-            return REASON_INSUFFICIENT_BALANCE
-        if <i128>self.usage[u] + quantity > INT64_MAX:
+        if agg == AGG_SUM or agg == AGG_COUNT:
+            use = <i128>self.usage[u] + quantity
+        elif agg == AGG_MAX:
+            use = quantity if quantity > self.usage[u] else self.usage[u]
+        else:
+            use = quantity
+        if use > INT64_MAX:
             return REASON_OVERFLOW
+        if not force and d > 0 and d > self._available(b):
+            if self.plan_mode[self.plan_of[idx] * self.n_ct + ct] == 0:
+                return REASON_INSUFFICIENT_BALANCE
+            if <i128>self.degr[b] + d > INT64_MAX:
+                return REASON_OVERFLOW
+            self.degr[b] += <int64_t>d
+            self.usage[u] = <int64_t>use
+            self.dirty[idx] = 1
+            return OUT_DEGRADED
+        before = self.bal[b]
         self.bal[b] -= <int64_t>d
         self.rem[b] = <int64_t>(total - d * self.denom[ct])
-        self.usage[u] += quantity
+        self.usage[u] = <int64_t>use
         self.dirty[idx] = 1
         cost[0] = <int64_t>d
+        self._check_alert(b, before)
         return REASON_NONE
+
+    cdef inline void _check_alert(self, Py_ssize_t b, int64_t before) noexcept nogil:
+        """Note a balance that just fell below its low-balance threshold."""
+        cdef int64_t a = self.alert[b]
+        if a != INT64_MIN and before >= a and self.bal[b] < a:
+            if self.n_alerts < DEF_ALERTS_MAX:
+                self.alerts[self.n_alerts] = b
+                self.n_alerts += 1
+            else:
+                self.alerts_lost = True
+
+    cdef inline uint32_t _priority(self, Py_ssize_t idx, int32_t ct) noexcept nogil:
+        """Queue-priority hint of a degraded event: 100, falling by one per
+        ``step`` of degraded usage this period, down to 0."""
+        cdef int64_t step = self.plan_step[self.plan_of[idx] * self.n_ct + ct]
+        cdef int64_t drop
+        if step <= 0:
+            return 100
+        drop = self.degr[idx * self.n_ct + ct] // step
+        return <uint32_t>(100 - drop if drop < 100 else 0)
+
+    def set_plan(self, Py_ssize_t idx, int plan):
+        self._idx(idx)
+        if not 0 <= plan < self.n_plans:
+            raise IndexError("no plan %d" % plan)
+        self.plan_of[idx] = <uint16_t>plan
+        self.dirty[idx] = 1
+
+    def set_alert(self, Py_ssize_t idx, Py_ssize_t ct, threshold):
+        """Low-balance threshold (nano), or None for none."""
+        self._idx(idx); self._ct(ct)
+        self.alert[idx * self.n_ct + ct] = INT64_MIN if threshold is None else <int64_t>threshold
+        self.dirty[idx] = 1
+
+    def take_alerts(self):
+        """(account, credit type) pairs whose balance fell below their threshold
+        since the last call; when too many to keep, every account below it."""
+        self._check()
+        cdef Py_ssize_t i, b
+        out = []
+        if self.alerts_lost:
+            for b in range(self.count * self.n_ct):
+                if self.alert[b] != INT64_MIN and self.bal[b] < self.alert[b]:
+                    out.append((b // self.n_ct, b % self.n_ct))
+        else:
+            for i in range(self.n_alerts):
+                out.append((self.alerts[i] // self.n_ct, self.alerts[i] % self.n_ct))
+        self.n_alerts = 0
+        self.alerts_lost = False
+        return out
 
     def reserve(self, Py_ssize_t idx, Py_ssize_t ct, int64_t amount):
         """Hold an amount if the available balance covers it; True when held."""
@@ -674,11 +847,19 @@ cdef class Core:
             a = -INT64_MAX
         return cost, <int64_t>(-a if a < 0 else 0)
 
-    def reset_usage(self):
-        """Start a new period: usage counters go to zero."""
+    def reset_usage(self, Py_ssize_t idx=-1):
+        """Start a new period for one account (or all): usage and degraded
+        usage go to zero."""
         self._check()
-        memset(self.usage, 0, self.count * self.n_meters * sizeof(int64_t))
-        memset(self.dirty, 1, self.count)
+        if idx < 0:
+            memset(self.usage, 0, self.count * self.n_meters * sizeof(int64_t))
+            memset(self.degr, 0, self.count * self.n_ct * sizeof(int64_t))
+            memset(self.dirty, 1, self.count)
+            return
+        self._idx(idx)
+        memset(self.usage + idx * self.n_meters, 0, self.n_meters * sizeof(int64_t))
+        memset(self.degr + idx * self.n_ct, 0, self.n_ct * sizeof(int64_t))
+        self.dirty[idx] = 1
 
     # ---- wire decoding ---------------------------------------------------
 
@@ -821,7 +1002,11 @@ cdef class Core:
             ev.detail = m.dim_key
             ev.detail_len = m.dim_key_len
             return E_NO_PRICE
-        if self._fine(ev.rate, qty, &ev.fine):
+        if m.agg == AGG_COUNT:
+            ev.quantity = qty = 1  # a count meter counts events; its price is per event
+        if m.agg == AGG_MAX or m.agg == AGG_LATEST:
+            ev.fine = 0  # gauges are charged on their period's value, at the period's end
+        elif self._fine(ev.rate, qty, &ev.fine):
             ev.err = E_OVERFLOW
             ev.err_ptr = b"quantity"
             return E_OVERFLOW
@@ -964,9 +1149,11 @@ cdef class Core:
     def apply_batch(self, bytes data):
         """Decode, validate and apply a ReportBatchRequest.
 
-        Returns (accepted, denied, denials) where ``denials`` is the encoded
-        ``repeated Denial denials = 3`` field of ReportBatchResponse. Raises
-        InvalidInput, with nothing applied, when any event is malformed.
+        Returns (accepted, denied, degraded, details): accepted counts every
+        allowed event, degraded ones included; ``details`` is the encoded
+        ``denials`` (3) and ``degradations`` (7) fields of ReportBatchResponse,
+        in event order. Raises InvalidInput, with nothing applied, when any
+        event is malformed.
         """
         self._check()
         cdef uint64_t seq
@@ -975,11 +1162,12 @@ cdef class Core:
         cdef Event *ev
         cdef int reason
         cdef int64_t cost
-        cdef uint32_t accepted = 0, denied = 0
+        cdef uint32_t accepted = 0, denied = 0, degraded = 0
+        cdef int32_t mode
         cdef char *out
         cdef Py_ssize_t olen = 0
         self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev)
-        out = <char *>malloc(nev * 10 + 1)
+        out = <char *>malloc(nev * 48 + 1)
         if out == NULL:
             raise MemoryError()
         for i in range(nev):
@@ -991,24 +1179,31 @@ cdef class Core:
                 reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
             if reason == REASON_NONE:
                 accepted += 1
+            elif reason == OUT_DEGRADED:
+                accepted += 1
+                degraded += 1
+                mode = self.plan_mode[self.plan_of[ev.account] * self.n_ct + self.rates[ev.rate].ct]
+                olen += _put_degradation(out + olen, <uint32_t>i, self.mode_ptr[mode], self.mode_len[mode],
+                                         self._priority(ev.account, self.rates[ev.rate].ct))
             else:
                 denied += 1
                 olen += _put_denial(out + olen, <uint32_t>i, reason)
         try:
-            return accepted, denied, PyBytes_FromStringAndSize(out, olen)
+            return accepted, denied, degraded, PyBytes_FromStringAndSize(out, olen)
         finally:
             free(out)
 
     def report(self, bytes data):
         """Decode and apply a ReportRequest (one event).
 
-        Returns (allowed, reason, credit_type, cost_nano, balance_nano).
+        Returns (decision, reason, credit_type, cost_nano, balance_nano, mode,
+        priority); ``mode`` and ``priority`` are b"" and 0 unless degraded.
         """
         self._check()
         cdef const char *buf = PyBytes_AS_STRING(data)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(data), pos = 0, s = 0, n = -1
         cdef uint64_t key
-        cdef int wt, rc, reason
+        cdef int wt, rc, reason, mode
         cdef int64_t cost = 0
         cdef Event ev
         while pos < end:
@@ -1032,9 +1227,16 @@ cdef class Core:
         cdef int32_t ct = self.rates[ev.rate].ct
         ev.account = self._find(ev.cust, ev.cust_len)
         if ev.account < 0:
-            return False, REASON_UNKNOWN_CUSTOMER, ct, 0, 0
+            return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
         reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
-        return reason == REASON_NONE, reason, ct, cost, self.bal[ev.account * self.n_ct + ct]
+        cdef int64_t balance = self.bal[ev.account * self.n_ct + ct]
+        if reason == REASON_NONE:
+            return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0
+        if reason == OUT_DEGRADED:
+            mode = self.plan_mode[self.plan_of[ev.account] * self.n_ct + ct]
+            return (DECISION_DEGRADE, REASON_NONE, ct, 0, balance, self.modes[mode - 1],
+                    self._priority(ev.account, ct))
+        return DECISION_DENY, reason, ct, 0, balance, b"", 0
 
 
 cdef inline Py_ssize_t _put_varint(char *out, uint64_t v) noexcept nogil:
@@ -1057,6 +1259,28 @@ cdef inline Py_ssize_t _put_denial(char *out, uint32_t index, int reason) noexce
     body[n] = 0x10
     n += 1 + _put_varint(body + n + 1, <uint64_t>reason)
     out[0] = 0x1A
+    out[1] = <char>n
+    memcpy(out + 2, body, n)
+    return n + 2
+
+
+cdef inline Py_ssize_t _put_degradation(char *out, uint32_t index, const char *mode, int32_t mode_len,
+                                        uint32_t priority) noexcept nogil:
+    """Field 7 (Degradation) of ReportBatchResponse: index, mode, priority."""
+    cdef char body[48]
+    cdef Py_ssize_t n = 0
+    if index:
+        body[0] = 0x08
+        n = 1 + _put_varint(body + 1, index)
+    if mode_len:
+        body[n] = 0x12
+        body[n + 1] = <char>mode_len
+        memcpy(body + n + 2, mode, mode_len)
+        n += 2 + mode_len
+    if priority:
+        body[n] = 0x18
+        n += 1 + _put_varint(body + n + 1, priority)
+    out[0] = 0x3A
     out[1] = <char>n
     memcpy(out + 2, body, n)
     return n + 2

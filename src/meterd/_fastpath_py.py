@@ -19,6 +19,15 @@ REASON_NONE = 0
 REASON_INSUFFICIENT_BALANCE = 1
 REASON_UNKNOWN_CUSTOMER = 2
 REASON_OVERFLOW = 3
+OUT_DEGRADED = 100
+
+DECISION_ALLOW = 1
+DECISION_DENY = 2
+DECISION_DEGRADE = 3
+
+AGG_SUM, AGG_COUNT, AGG_MAX, AGG_LATEST = 0, 1, 2, 3
+ALERTS_MAX = 4096
+INT64_MIN = -(1 << 63)
 
 _MSG_TRUNCATED = "malformed protobuf: truncated"
 _MSG_WIRE_TYPE = "malformed protobuf: wrong wire type"
@@ -142,11 +151,18 @@ def _denial(index: int, reason: int) -> bytes:
     return b"\x1a" + bytes([len(body)]) + body
 
 
+def _degradation(index: int, mode: bytes, priority: int) -> bytes:
+    body = ((b"\x08" + _put_varint(index) if index else b"")
+            + (b"\x12" + bytes([len(mode)]) + mode if mode else b"")
+            + (b"\x18" + _put_varint(priority) if priority else b""))
+    return b":" + bytes([len(body)]) + body
+
+
 class Core:
     """Accounts, rates and the batch decoder; see ``_fastpath.pyx``."""
 
     def __init__(self, denominators: list, meters: list, rates: list, limits: dict,
-                 capacity: int = 1024) -> None:
+                 capacity: int = 1024, plans: list | None = None, modes: list | None = None) -> None:
         self.id_max = limits["customer_id_bytes_max"]
         self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
@@ -161,11 +177,25 @@ class Core:
         self.denom = list(denominators)
         self.n_ct = len(denominators)
         # meters: name, ct, precision, dim_key, rates {value: idx}, default
+        self.modes = [bytes(m) for m in (modes or [])]
+        if any(len(m) > 32 for m in self.modes):
+            raise ValueError("mode names are at most 32 bytes")
+        self.plans = [[(0, 0)] * self.n_ct] + list(plans or [])
+        if len(self.plans) > 65535:
+            raise ValueError("too many plans")
+        for i, plan in enumerate(self.plans):
+            if len(plan) != self.n_ct:
+                raise ValueError("plan %d: one entry per credit type" % i)
+            for mode, step in plan:
+                if not (0 <= mode <= len(self.modes)) or step < 0:
+                    raise ValueError("plan %d: mode or step out of range" % i)
         self.meters = []
-        for i, (name, ct, precision, dim) in enumerate(meters):
-            if not (0 <= ct < self.n_ct and 0 <= precision <= 9):
-                raise ValueError("meter %d: credit type or precision out of range" % i)
+        self.aggs = []
+        for i, (name, ct, precision, dim, agg) in enumerate(meters):
+            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_LATEST):
+                raise ValueError("meter %d: credit type, precision or aggregation out of range" % i)
             self.meters.append([name, ct, precision, dim, {}, -1])
+            self.aggs.append(agg)
         self.rates = []
         last_meter = -1
         seen = set()
@@ -192,6 +222,11 @@ class Core:
         self.floor: list[list[int]] = []
         self.rem: list[list[int]] = []
         self.usage: list[list[int]] = []
+        self.degr: list[list[int]] = []
+        self.alert: list[list[int]] = []
+        self.plan_of: list[int] = []
+        self.alerts: list[tuple[int, int]] = []
+        self.alerts_lost = False
         self.dirty: list[bool] = []
         self.closed = False
 
@@ -231,8 +266,10 @@ class Core:
         idx = len(self.ids)
         self.ids.append(bytes(customer_id))
         self.index[bytes(customer_id)] = idx
-        for table in (self.bal, self.resv, self.floor, self.rem):
+        for table in (self.bal, self.resv, self.floor, self.rem, self.degr):
             table.append([0] * self.n_ct)
+        self.alert.append([INT64_MIN] * self.n_ct)
+        self.plan_of.append(0)
         self.usage.append([0] * len(self.meters))
         self.dirty.append(True)
         return idx
@@ -243,19 +280,24 @@ class Core:
 
     def state(self, idx: int) -> tuple:
         self._idx(idx)
-        cts = [(self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k])
-               for k in range(self.n_ct)]
-        return cts, list(self.usage[idx])
+        cts = [(self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k], self.degr[idx][k],
+                self.alert[idx][k]) for k in range(self.n_ct)]
+        return cts, list(self.usage[idx]), self.plan_of[idx]
 
-    def load_state(self, idx: int, cts: list, use: list) -> None:
+    def load_state(self, idx: int, cts: list, use: list, plan: int = 0) -> None:
         self._idx(idx)
         if len(cts) != self.n_ct or len(use) != len(self.meters):
             raise ValueError("state shape does not match the catalog")
-        for k, (b, r, f, rm) in enumerate(cts):
-            if not (0 <= rm < self.denom[k]) or r < 0:
+        if not 0 <= plan < len(self.plans):
+            raise ValueError("no plan %d" % plan)
+        for k, c in enumerate(cts):
+            if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
                 raise ValueError("account state out of range")
+        for k, (b, r, f, rm, dg, al) in enumerate(cts):
             self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k] = b, r, f, rm
+            self.degr[idx][k], self.alert[idx][k] = dg, al
         self.usage[idx] = list(use)
+        self.plan_of[idx] = plan
         self.dirty[idx] = False
 
     def take_dirty(self) -> list:
@@ -269,26 +311,25 @@ class Core:
         self.dirty = [True] * len(self.ids)
 
     def _fmt(self) -> str:
-        return "<%dq" % (self.n_ct * 4 + len(self.meters))
+        return "<%dq" % (self.n_ct * 6 + len(self.meters) + 1)
 
     def state_bytes(self, idx: int) -> bytes:
-        self._idx(idx)
-        words = []
-        for k in range(self.n_ct):
-            words += [self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k]]
-        return struct.pack(self._fmt(), *words, *self.usage[idx])
+        cts, use, plan = self.state(idx)
+        return struct.pack(self._fmt(), *[w for c in cts for w in c], *use, plan)
 
     def load_state_bytes(self, customer_id: bytes, data: bytes) -> int:
         self._check()
         if len(data) != struct.calcsize(self._fmt()):
             raise ValueError("state record has the wrong size for this catalog")
         w = struct.unpack(self._fmt(), data)
-        cts = [tuple(w[k * 4:k * 4 + 4]) for k in range(self.n_ct)]
+        cts = [tuple(w[k * 6:k * 6 + 6]) for k in range(self.n_ct)]
         for k, c in enumerate(cts):
             if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
                 raise ValueError("account state out of range")
+        if not 0 <= w[-1] < len(self.plans):
+            raise ValueError("account state names a plan that does not exist")
         idx = self.open_account(customer_id)
-        self.load_state(idx, cts, list(w[self.n_ct * 4:]))
+        self.load_state(idx, cts, list(w[self.n_ct * 6:-1]), w[-1])
         return idx
 
     # ---- money -----------------------------------------------------------
@@ -299,8 +340,10 @@ class Core:
         v = self.bal[idx][ct] + amount
         if v > INT64_MAX or v < -INT64_MAX:
             raise InvalidInput("amount_nano", "balance would overflow")
+        before = self.bal[idx][ct]
         self.bal[idx][ct] = v
         self.dirty[idx] = True
+        self._check_alert(idx, ct, before)
         return v
 
     def set_floor(self, idx: int, ct: int, floor_nano: int) -> None:
@@ -364,15 +407,65 @@ class Core:
         d, rem = divmod(total, self.denom[ct])
         if d > INT64_MAX or self.bal[idx][ct] - d < -INT64_MAX:
             return REASON_OVERFLOW, 0
-        if not force and d > 0 and d > self._available(idx, ct):
-            return REASON_INSUFFICIENT_BALANCE, 0
-        if self.usage[idx][meter] + quantity > INT64_MAX:
+        agg = self.aggs[meter]
+        old = self.usage[idx][meter]
+        use = old + quantity if agg in (AGG_SUM, AGG_COUNT) else max(old, quantity) if agg == AGG_MAX else quantity
+        if use > INT64_MAX:
             return REASON_OVERFLOW, 0
+        if not force and d > 0 and d > self._available(idx, ct):
+            if self.plans[self.plan_of[idx]][ct][0] == 0:
+                return REASON_INSUFFICIENT_BALANCE, 0
+            if self.degr[idx][ct] + d > INT64_MAX:
+                return REASON_OVERFLOW, 0
+            self.degr[idx][ct] += d
+            self.usage[idx][meter] = use
+            self.dirty[idx] = True
+            return OUT_DEGRADED, 0
+        before = self.bal[idx][ct]
         self.bal[idx][ct] -= d
         self.rem[idx][ct] = rem
-        self.usage[idx][meter] += quantity
+        self.usage[idx][meter] = use
         self.dirty[idx] = True
+        self._check_alert(idx, ct, before)
         return REASON_NONE, d
+
+    def _check_alert(self, idx: int, ct: int, before: int) -> None:
+        a = self.alert[idx][ct]
+        if a != INT64_MIN and before >= a and self.bal[idx][ct] < a:
+            if len(self.alerts) < ALERTS_MAX:
+                self.alerts.append((idx, ct))
+            else:
+                self.alerts_lost = True
+
+    def _priority(self, idx: int, ct: int) -> int:
+        step = self.plans[self.plan_of[idx]][ct][1]
+        if step <= 0:
+            return 100
+        return max(100 - self.degr[idx][ct] // step, 0)
+
+    def set_plan(self, idx: int, plan: int) -> None:
+        self._idx(idx)
+        if not 0 <= plan < len(self.plans):
+            raise IndexError("no plan %d" % plan)
+        self.plan_of[idx] = plan
+        self.dirty[idx] = True
+
+    def set_alert(self, idx: int, ct: int, threshold) -> None:
+        self._idx(idx)
+        self._ct(ct)
+        self.alert[idx][ct] = INT64_MIN if threshold is None else threshold
+        self.dirty[idx] = True
+
+    def take_alerts(self) -> list:
+        self._check()
+        if self.alerts_lost:
+            out = [(i, k) for i in range(len(self.ids)) for k in range(self.n_ct)
+                   if self.alert[i][k] != INT64_MIN and self.bal[i][k] < self.alert[i][k]]
+        else:
+            out = list(self.alerts)
+        self.alerts = []
+        self.alerts_lost = False
+        return out
 
     def reserve(self, idx: int, ct: int, amount: int) -> bool:
         self._idx(idx)
@@ -415,10 +508,17 @@ class Core:
         a = max(self._available(idx, ct), -INT64_MAX)
         return cost, (-a if a < 0 else 0)
 
-    def reset_usage(self) -> None:
+    def reset_usage(self, idx: int = -1) -> None:
         self._check()
-        self.usage = [[0] * len(self.meters) for _ in self.ids]
-        self.dirty = [True] * len(self.ids)
+        if idx < 0:
+            self.usage = [[0] * len(self.meters) for _ in self.ids]
+            self.degr = [[0] * self.n_ct for _ in self.ids]
+            self.dirty = [True] * len(self.ids)
+            return
+        self._idx(idx)
+        self.usage[idx] = [0] * len(self.meters)
+        self.degr[idx] = [0] * self.n_ct
+        self.dirty[idx] = True
 
     # ---- wire decoding ---------------------------------------------------
 
@@ -518,7 +618,13 @@ class Core:
         if rate < 0:
             raise _DecodeError("dimensions", "no price for this value of %r and the meter has no default"
                                % dim_key.decode())
-        fine = self._fine(rate, qty)
+        agg = self.aggs[meter]
+        if agg == AGG_COUNT:
+            qty = 1  # a count meter counts events; its price is per event
+        if agg in (AGG_MAX, AGG_LATEST):
+            fine: int | None = 0  # gauges are charged on their period's value, at the period's end
+        else:
+            fine = self._fine(rate, qty)
         if fine is None:
             raise _DecodeError("quantity", _MSG_OVERFLOW)
         return cust, rate, qty, fine
@@ -601,7 +707,7 @@ class Core:
     def apply_batch(self, data: bytes) -> tuple:
         self._check()
         _, _, events = self._decode_batch(data)
-        accepted = denied = 0
+        accepted = denied = degraded = 0
         out = []
         for i, (cust, rate, qty, fine) in enumerate(events):
             idx = self.index.get(cust, -1)
@@ -611,10 +717,16 @@ class Core:
                 reason, _ = self._debit(idx, rate, qty, fine, False)
             if reason == REASON_NONE:
                 accepted += 1
+            elif reason == OUT_DEGRADED:
+                accepted += 1
+                degraded += 1
+                ct = self.rates[rate][1]
+                mode = self.plans[self.plan_of[idx]][ct][0]
+                out.append(_degradation(i, self.modes[mode - 1], self._priority(idx, ct)))
             else:
                 denied += 1
                 out.append(_denial(i, reason))
-        return accepted, denied, b"".join(out)
+        return accepted, denied, degraded, b"".join(out)
 
     def report(self, data: bytes) -> tuple:
         self._check()
@@ -638,6 +750,12 @@ class Core:
         ct = self.rates[rate][1]
         idx = self.index.get(cust, -1)
         if idx < 0:
-            return False, REASON_UNKNOWN_CUSTOMER, ct, 0, 0
+            return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
         reason, cost = self._debit(idx, rate, qty, fine, False)
-        return reason == REASON_NONE, reason, ct, cost, self.bal[idx][ct]
+        balance = self.bal[idx][ct]
+        if reason == REASON_NONE:
+            return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0
+        if reason == OUT_DEGRADED:
+            mode = self.plans[self.plan_of[idx]][ct][0]
+            return DECISION_DEGRADE, REASON_NONE, ct, 0, balance, self.modes[mode - 1], self._priority(idx, ct)
+        return DECISION_DENY, reason, ct, 0, balance, b"", 0

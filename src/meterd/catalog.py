@@ -23,6 +23,7 @@ from meterd.errors import ConfigError
 NANO = 10**9
 INT64_MAX = (1 << 63) - 1
 DENOMINATOR_MAX = 10**15
+AGGREGATIONS = ("sum", "count", "max", "latest")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,63}$")
 ID_RE = re.compile(r"^[!-~]{1,128}$")
 DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
@@ -41,6 +42,7 @@ class Meter:
     name: str
     credit_type: int
     precision: int               # decimals allowed in quantities
+    aggregation: int             # AGGREGATIONS index: how usage adds up in a period
     price_dimension: str         # "" when the meter has one price
     prices: dict[str | None, Fraction]  # nano-credits per smallest unit; None = default
 
@@ -80,7 +82,7 @@ class Catalog:
         meters = []
         rates = []
         for mi, m in enumerate(self.meters):
-            meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode()))
+            meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode(), m.aggregation))
             for value, price in m.prices.items():
                 if price.numerator > INT64_MAX:
                     key = "price" if value is None else f"prices.{value}"
@@ -179,7 +181,11 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
         raise _err(source, where, "names are lower-case letters, digits, _ . : - (at most 64)")
     if not isinstance(spec, dict):
         raise _err(source, where, "must be a table")
-    _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices"}, source, where)
+    _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices", "aggregation"},
+                source, where)
+    agg = spec.get("aggregation", "sum")
+    if agg not in AGGREGATIONS:
+        raise _err(source, f"{where}.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     ct = spec.get("credit_type")
     if ct not in credit_index:
         raise _err(source, f"{where}.credit_type", f"must name one of the credit types {sorted(credit_index)}")
@@ -207,7 +213,9 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
         prices[value] = parse_amount(price, source, f"{where}.prices.{value}") * scale
     if not prices:
         raise _err(source, where, "needs a price, or prices by dimension value")
-    return Meter(name, credit_index[ct], precision, dim, prices)
+    if agg == "count" and precision:
+        raise _err(source, f"{where}.precision", "a count meter counts whole events: precision must be 0")
+    return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dim, prices)
 
 
 def _customers(doc: dict, credit_index: dict[str, int], source: str) -> list[CustomerSeed]:

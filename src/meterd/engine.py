@@ -39,6 +39,7 @@ from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.engine")
 
+INT64_MIN = -(1 << 63)
 ADJUST_PRIORITY = 1_000_000  # credits added by Adjust are spent after every grant
 _DUP_REPORT = b"\x30\x01"      # ReportResponse.duplicate = true
 _DUP_BATCH = b"\x28\x01"       # ReportBatchResponse.duplicate = true
@@ -221,7 +222,7 @@ class Engine:
         else:
             doc = json.loads(stored)
             old = (doc["denominators"],
-                   [(m[0].encode(), m[1], m[2], m[3].encode()) for m in doc["meters"]],
+                   [(m[0].encode(), m[1], m[2], m[3].encode(), m[4]) for m in doc["meters"]],
                    [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]])
         core = self._core_for(old)
         for key, value in store.items("accounts"):
@@ -284,22 +285,23 @@ class Engine:
         old_ct = {n: i for i, n in enumerate(doc["credit_types"])}
         old_m = {n: i for i, n in enumerate(doc["meter_names"])}
         for i in range(len(old)):
-            cts, use = old.state(i)
+            cts, use, plan = old.state(i)
             new_cts = []
             for k, name in enumerate(shape["credit_types"]):
                 j = old_ct.get(name)
                 if j is None:
-                    new_cts.append((0, 0, 0, 0))
+                    new_cts.append((0, 0, 0, 0, 0, INT64_MIN))
                     continue
-                bal, resv, floor, rem = cts[j]
+                bal, resv, floor, rem, degr, alert = cts[j]
                 # The carried remainder is re-expressed in the new denominator; less than one nano may go.
-                new_cts.append((bal, resv, floor, rem * shape["denominators"][k] // doc["denominators"][j]))
+                rem = rem * shape["denominators"][k] // doc["denominators"][j]
+                new_cts.append((bal, resv, floor, rem, degr, alert))
             new_use = []
             for k, name in enumerate(shape["meters"]):
                 j = old_m.get(name)
                 same = j is not None and doc["precisions"][j] == shape["precisions"][k]
                 new_use.append(use[j] if same else 0)
-            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use)
+            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use, 0)
         new.mark_all_dirty()
         return new
 
@@ -308,7 +310,7 @@ class Engine:
         shape = self.catalog.shape()
         return json.dumps({
             "denominators": denominators,
-            "meters": [[m[0].decode(), m[1], m[2], m[3].decode()] for m in meters],
+            "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4]] for m in meters],
             "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
             "credit_types": shape["credit_types"], "meter_names": shape["meters"],
             "precisions": shape["precisions"],
@@ -495,9 +497,9 @@ class Engine:
             ops += self._evict_clients()
             if len(self.clients) >= self.settings.clients_max:
                 raise StorageFull(f"client table full ({self.settings.clients_max} clients)")
-        accepted, denied, denials = self.core.apply_batch(data)
-        result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied,
-                                               sequence=seq).SerializeToString() + denials
+        accepted, denied, degraded, details = self.core.apply_batch(data)
+        result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied, degraded=degraded,
+                                               sequence=seq).SerializeToString() + details
         if accepted:
             ops.append(self._log_op(_record(b"B", data)))
         if cid:
@@ -536,12 +538,11 @@ class Engine:
             replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
             if replay is not None:
                 return replay
-        allowed, reason, ct, cost, balance = self.core.report(data)
+        decision, reason, ct, cost, balance, mode, priority = self.core.report(data)
         response = meter_pb2.ReportResponse(
-            decision=meter_pb2.DECISION_ALLOW if allowed else meter_pb2.DECISION_DENY, reason=reason,
-            credit_type=self.catalog.credit_types[ct].name, cost_nano=cost, balance_nano=balance,
-        ).SerializeToString()
-        ops = [self._log_op(_record(b"R", data))] if allowed else []
+            decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
+            balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
+        ops = [self._log_op(_record(b"R", data))] if decision != meter_pb2.DECISION_DENY else []
         ops += self._remember(key, _canonical(req) if key else b"", response)
         if ops:
             await self._commit_with(ops, key)
@@ -705,11 +706,11 @@ class Engine:
         idx = self.core.account(cust)
         if idx < 0:
             raise NotFound(f"customer {req.customer_id!r} has no account")
-        cts, use = self.core.state(idx)
+        cts, use, _ = self.core.state(idx)
         acct = self.accounts.get(req.customer_id, Account())
         out = meter_pb2.GetBalanceResponse(customer_id=req.customer_id)
         out.period_start_ms, out.period_end_ms = month_bounds(self.period_start_ms or now_ms())
-        for ct, (bal, resv, floor, _) in enumerate(cts):
+        for ct, (bal, resv, floor, *_) in enumerate(cts):
             cb = out.balances.add(credit_type=self.catalog.credit_types[ct].name, balance_nano=bal,
                                   reserved_nano=resv, floor_nano=floor,
                                   available_nano=min(max(bal - resv - floor, -(1 << 63) + 1), (1 << 63) - 1))
@@ -893,7 +894,7 @@ class Engine:
         ops = self._reconcile(customer_id, ct, self.core.state(idx)[0][ct][0])
         acct = self.accounts[customer_id]
         for b in [b for b in acct.buckets.get(ct, []) if b.expires_at_ms and b.expires_at_ms <= now]:
-            bal, resv, _, _ = self.core.state(idx)[0][ct]
+            bal, resv = self.core.state(idx)[0][ct][:2]
             # Money held by open reservations does not expire under them: that part
             # of the grant goes once they settle (the next sweeps retry).
             gone = min(b.remaining_nano, max(bal - resv, 0))

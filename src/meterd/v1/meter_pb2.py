@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15meterd/v1/meter.proto\x12\tmeterd.v1\"\x8f\x02\n\nUsageEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05meter\x18\x02 \x01(\t\x12\x12\n\x08quantity\x18\x03 \x01(\x03H\x00\x12\x1a\n\x10quantity_decimal\x18\x04 \x01(\tH\x00\x12\x39\n\ndimensions\x18\x05 \x03(\x0b\x32%.meterd.v1.UsageEvent.DimensionsEntry\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a\x31\n\x0f\x44imensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0equantity_value\"5\n\rReportRequest\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.meterd.v1.UsageEvent\"\xab\x01\n\x0eReportResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.meterd.v1.Decision\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.meterd.v1.Reason\x12\x13\n\x0b\x63redit_type\x18\x03 \x01(\t\x12\x11\n\tcost_nano\x18\x04 \x01(\x03\x12\x14\n\x0c\x62\x61lance_nano\x18\x05 \x01(\x03\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"`\n\x12ReportBatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12%\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x15.meterd.v1.UsageEvent\":\n\x06\x44\x65nial\x12\r\n\x05index\x18\x01 \x01(\r\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.meterd.v1.Reason\"\x80\x01\n\x13ReportBatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65nied\x18\x02 \x01(\r\x12\"\n\x07\x64\x65nials\x18\x03 \x03(\x0b\x32\x11.meterd.v1.Denial\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"\x95\x02\n\x10\x41uthorizeRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05meter\x18\x02 \x01(\t\x12\x12\n\x08quantity\x18\x03 \x01(\x03H\x00\x12\x1a\n\x10quantity_decimal\x18\x04 \x01(\tH\x00\x12?\n\ndimensions\x18\x05 \x03(\x0b\x32+.meterd.v1.AuthorizeRequest.DimensionsEntry\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a\x31\n\x0f\x44imensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0equantity_value\"\xe3\x01\n\x11\x41uthorizeResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.meterd.v1.Decision\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.meterd.v1.Reason\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x04 \x01(\t\x12\x15\n\rreserved_nano\x18\x05 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x11\n\tduplicate\x18\x08 \x01(\x08\"i\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\x08quantity\x18\x02 \x01(\x03H\x00\x12\x1a\n\x10quantity_decimal\x18\x03 \x01(\tH\x00\x42\x10\n\x0equantity_value\"f\n\x0e\x43ommitResponse\x12\x11\n\tcost_nano\x18\x01 \x01(\x03\x12\x15\n\rreleased_nano\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61lance_nano\x18\x03 \x01(\x03\x12\x14\n\x0coverrun_nano\x18\x04 \x01(\x03\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"@\n\x0fReleaseResponse\x12\x15\n\rreleased_nano\x18\x01 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x02 \x01(\x03\"(\n\x11GetBalanceRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"j\n\x05Grant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x16\n\x0eremaining_nano\x18\x02 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x03\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0e\n\x06source\x18\x05 \x01(\t\"\x9f\x01\n\rCreditBalance\x12\x13\n\x0b\x63redit_type\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x15\n\rreserved_nano\x18\x03 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x04 \x01(\x03\x12\x12\n\nfloor_nano\x18\x05 \x01(\x03\x12 \n\x06grants\x18\x06 \x03(\x0b\x32\x10.meterd.v1.Grant\"-\n\nMeterUsage\x12\r\n\x05meter\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\t\"\xab\x01\n\x12GetBalanceResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12*\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32\x18.meterd.v1.CreditBalance\x12$\n\x05usage\x18\x03 \x03(\x0b\x32\x15.meterd.v1.MeterUsage\x12\x17\n\x0fperiod_start_ms\x18\x04 \x01(\x03\x12\x15\n\rperiod_end_ms\x18\x05 \x01(\x03*K\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02*s\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREASON_INSUFFICIENT_BALANCE\x10\x01\x12\x1b\n\x17REASON_UNKNOWN_CUSTOMER\x10\x02\x12\x13\n\x0fREASON_OVERFLOW\x10\x03\x32\xfb\x03\n\x05Meter\x12=\n\x06Report\x12\x18.meterd.v1.ReportRequest\x1a\x19.meterd.v1.ReportResponse\x12L\n\x0bReportBatch\x12\x1d.meterd.v1.ReportBatchRequest\x1a\x1e.meterd.v1.ReportBatchResponse\x12Q\n\x0cReportStream\x12\x1d.meterd.v1.ReportBatchRequest\x1a\x1e.meterd.v1.ReportBatchResponse(\x01\x30\x01\x12\x46\n\tAuthorize\x12\x1b.meterd.v1.AuthorizeRequest\x1a\x1c.meterd.v1.AuthorizeResponse\x12=\n\x06\x43ommit\x12\x18.meterd.v1.CommitRequest\x1a\x19.meterd.v1.CommitResponse\x12@\n\x07Release\x12\x19.meterd.v1.ReleaseRequest\x1a\x1a.meterd.v1.ReleaseResponse\x12I\n\nGetBalance\x12\x1c.meterd.v1.GetBalanceRequest\x1a\x1d.meterd.v1.GetBalanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15meterd/v1/meter.proto\x12\tmeterd.v1\"\x8f\x02\n\nUsageEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05meter\x18\x02 \x01(\t\x12\x12\n\x08quantity\x18\x03 \x01(\x03H\x00\x12\x1a\n\x10quantity_decimal\x18\x04 \x01(\tH\x00\x12\x39\n\ndimensions\x18\x05 \x03(\x0b\x32%.meterd.v1.UsageEvent.DimensionsEntry\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a\x31\n\x0f\x44imensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0equantity_value\"5\n\rReportRequest\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.meterd.v1.UsageEvent\"\xcb\x01\n\x0eReportResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.meterd.v1.Decision\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.meterd.v1.Reason\x12\x13\n\x0b\x63redit_type\x18\x03 \x01(\t\x12\x11\n\tcost_nano\x18\x04 \x01(\x03\x12\x14\n\x0c\x62\x61lance_nano\x18\x05 \x01(\x03\x12\x11\n\tduplicate\x18\x06 \x01(\x08\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\r\"`\n\x12ReportBatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12%\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x15.meterd.v1.UsageEvent\":\n\x06\x44\x65nial\x12\r\n\x05index\x18\x01 \x01(\r\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.meterd.v1.Reason\"<\n\x0b\x44\x65gradation\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\"\xc0\x01\n\x13ReportBatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65nied\x18\x02 \x01(\r\x12\"\n\x07\x64\x65nials\x18\x03 \x03(\x0b\x32\x11.meterd.v1.Denial\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\r\x12,\n\x0c\x64\x65gradations\x18\x07 \x03(\x0b\x32\x16.meterd.v1.Degradation\"\x95\x02\n\x10\x41uthorizeRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05meter\x18\x02 \x01(\t\x12\x12\n\x08quantity\x18\x03 \x01(\x03H\x00\x12\x1a\n\x10quantity_decimal\x18\x04 \x01(\tH\x00\x12?\n\ndimensions\x18\x05 \x03(\x0b\x32+.meterd.v1.AuthorizeRequest.DimensionsEntry\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a\x31\n\x0f\x44imensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0equantity_value\"\xe3\x01\n\x11\x41uthorizeResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.meterd.v1.Decision\x12!\n\x06reason\x18\x02 \x01(\x0e\x32\x11.meterd.v1.Reason\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x04 \x01(\t\x12\x15\n\rreserved_nano\x18\x05 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x11\n\tduplicate\x18\x08 \x01(\x08\"i\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\x08quantity\x18\x02 \x01(\x03H\x00\x12\x1a\n\x10quantity_decimal\x18\x03 \x01(\tH\x00\x42\x10\n\x0equantity_value\"f\n\x0e\x43ommitResponse\x12\x11\n\tcost_nano\x18\x01 \x01(\x03\x12\x15\n\rreleased_nano\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61lance_nano\x18\x03 \x01(\x03\x12\x14\n\x0coverrun_nano\x18\x04 \x01(\x03\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"@\n\x0fReleaseResponse\x12\x15\n\rreleased_nano\x18\x01 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x02 \x01(\x03\"(\n\x11GetBalanceRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"j\n\x05Grant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x16\n\x0eremaining_nano\x18\x02 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x03\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0e\n\x06source\x18\x05 \x01(\t\"\x9f\x01\n\rCreditBalance\x12\x13\n\x0b\x63redit_type\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x15\n\rreserved_nano\x18\x03 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x04 \x01(\x03\x12\x12\n\nfloor_nano\x18\x05 \x01(\x03\x12 \n\x06grants\x18\x06 \x03(\x0b\x32\x10.meterd.v1.Grant\"-\n\nMeterUsage\x12\r\n\x05meter\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\t\"\xab\x01\n\x12GetBalanceResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12*\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32\x18.meterd.v1.CreditBalance\x12$\n\x05usage\x18\x03 \x03(\x0b\x32\x15.meterd.v1.MeterUsage\x12\x17\n\x0fperiod_start_ms\x18\x04 \x01(\x03\x12\x15\n\rperiod_end_ms\x18\x05 \x01(\x03*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_DEGRADE\x10\x03*s\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREASON_INSUFFICIENT_BALANCE\x10\x01\x12\x1b\n\x17REASON_UNKNOWN_CUSTOMER\x10\x02\x12\x13\n\x0fREASON_OVERFLOW\x10\x03\x32\xfb\x03\n\x05Meter\x12=\n\x06Report\x12\x18.meterd.v1.ReportRequest\x1a\x19.meterd.v1.ReportResponse\x12L\n\x0bReportBatch\x12\x1d.meterd.v1.ReportBatchRequest\x1a\x1e.meterd.v1.ReportBatchResponse\x12Q\n\x0cReportStream\x12\x1d.meterd.v1.ReportBatchRequest\x1a\x1e.meterd.v1.ReportBatchResponse(\x01\x30\x01\x12\x46\n\tAuthorize\x12\x1b.meterd.v1.AuthorizeRequest\x1a\x1c.meterd.v1.AuthorizeResponse\x12=\n\x06\x43ommit\x12\x18.meterd.v1.CommitRequest\x1a\x19.meterd.v1.CommitResponse\x12@\n\x07Release\x12\x19.meterd.v1.ReleaseRequest\x1a\x1a.meterd.v1.ReleaseResponse\x12I\n\nGetBalance\x12\x1c.meterd.v1.GetBalanceRequest\x1a\x1d.meterd.v1.GetBalanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_options = b'8\001'
   _globals['_AUTHORIZEREQUEST_DIMENSIONSENTRY']._loaded_options = None
   _globals['_AUTHORIZEREQUEST_DIMENSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=2190
-  _globals['_DECISION']._serialized_end=2265
-  _globals['_REASON']._serialized_start=2267
-  _globals['_REASON']._serialized_end=2382
+  _globals['_DECISION']._serialized_start=2348
+  _globals['_DECISION']._serialized_end=2445
+  _globals['_REASON']._serialized_start=2447
+  _globals['_REASON']._serialized_end=2562
   _globals['_USAGEEVENT']._serialized_start=37
   _globals['_USAGEEVENT']._serialized_end=308
   _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_start=241
@@ -46,37 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTREQUEST']._serialized_start=310
   _globals['_REPORTREQUEST']._serialized_end=363
   _globals['_REPORTRESPONSE']._serialized_start=366
-  _globals['_REPORTRESPONSE']._serialized_end=537
-  _globals['_REPORTBATCHREQUEST']._serialized_start=539
-  _globals['_REPORTBATCHREQUEST']._serialized_end=635
-  _globals['_DENIAL']._serialized_start=637
-  _globals['_DENIAL']._serialized_end=695
-  _globals['_REPORTBATCHRESPONSE']._serialized_start=698
-  _globals['_REPORTBATCHRESPONSE']._serialized_end=826
-  _globals['_AUTHORIZEREQUEST']._serialized_start=829
-  _globals['_AUTHORIZEREQUEST']._serialized_end=1106
+  _globals['_REPORTRESPONSE']._serialized_end=569
+  _globals['_REPORTBATCHREQUEST']._serialized_start=571
+  _globals['_REPORTBATCHREQUEST']._serialized_end=667
+  _globals['_DENIAL']._serialized_start=669
+  _globals['_DENIAL']._serialized_end=727
+  _globals['_DEGRADATION']._serialized_start=729
+  _globals['_DEGRADATION']._serialized_end=789
+  _globals['_REPORTBATCHRESPONSE']._serialized_start=792
+  _globals['_REPORTBATCHRESPONSE']._serialized_end=984
+  _globals['_AUTHORIZEREQUEST']._serialized_start=987
+  _globals['_AUTHORIZEREQUEST']._serialized_end=1264
   _globals['_AUTHORIZEREQUEST_DIMENSIONSENTRY']._serialized_start=241
   _globals['_AUTHORIZEREQUEST_DIMENSIONSENTRY']._serialized_end=290
-  _globals['_AUTHORIZERESPONSE']._serialized_start=1109
-  _globals['_AUTHORIZERESPONSE']._serialized_end=1336
-  _globals['_COMMITREQUEST']._serialized_start=1338
-  _globals['_COMMITREQUEST']._serialized_end=1443
-  _globals['_COMMITRESPONSE']._serialized_start=1445
-  _globals['_COMMITRESPONSE']._serialized_end=1547
-  _globals['_RELEASEREQUEST']._serialized_start=1549
-  _globals['_RELEASEREQUEST']._serialized_end=1589
-  _globals['_RELEASERESPONSE']._serialized_start=1591
-  _globals['_RELEASERESPONSE']._serialized_end=1655
-  _globals['_GETBALANCEREQUEST']._serialized_start=1657
-  _globals['_GETBALANCEREQUEST']._serialized_end=1697
-  _globals['_GRANT']._serialized_start=1699
-  _globals['_GRANT']._serialized_end=1805
-  _globals['_CREDITBALANCE']._serialized_start=1808
-  _globals['_CREDITBALANCE']._serialized_end=1967
-  _globals['_METERUSAGE']._serialized_start=1969
-  _globals['_METERUSAGE']._serialized_end=2014
-  _globals['_GETBALANCERESPONSE']._serialized_start=2017
-  _globals['_GETBALANCERESPONSE']._serialized_end=2188
-  _globals['_METER']._serialized_start=2385
-  _globals['_METER']._serialized_end=2892
+  _globals['_AUTHORIZERESPONSE']._serialized_start=1267
+  _globals['_AUTHORIZERESPONSE']._serialized_end=1494
+  _globals['_COMMITREQUEST']._serialized_start=1496
+  _globals['_COMMITREQUEST']._serialized_end=1601
+  _globals['_COMMITRESPONSE']._serialized_start=1603
+  _globals['_COMMITRESPONSE']._serialized_end=1705
+  _globals['_RELEASEREQUEST']._serialized_start=1707
+  _globals['_RELEASEREQUEST']._serialized_end=1747
+  _globals['_RELEASERESPONSE']._serialized_start=1749
+  _globals['_RELEASERESPONSE']._serialized_end=1813
+  _globals['_GETBALANCEREQUEST']._serialized_start=1815
+  _globals['_GETBALANCEREQUEST']._serialized_end=1855
+  _globals['_GRANT']._serialized_start=1857
+  _globals['_GRANT']._serialized_end=1963
+  _globals['_CREDITBALANCE']._serialized_start=1966
+  _globals['_CREDITBALANCE']._serialized_end=2125
+  _globals['_METERUSAGE']._serialized_start=2127
+  _globals['_METERUSAGE']._serialized_end=2172
+  _globals['_GETBALANCERESPONSE']._serialized_start=2175
+  _globals['_GETBALANCERESPONSE']._serialized_end=2346
+  _globals['_METER']._serialized_start=2565
+  _globals['_METER']._serialized_end=3072
 # @@protoc_insertion_point(module_scope)

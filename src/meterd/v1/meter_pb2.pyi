@@ -12,6 +12,7 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_UNSPECIFIED: _ClassVar[Decision]
     DECISION_ALLOW: _ClassVar[Decision]
     DECISION_DENY: _ClassVar[Decision]
+    DECISION_DEGRADE: _ClassVar[Decision]
 
 class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_DENY: Decision
+DECISION_DEGRADE: Decision
 REASON_UNSPECIFIED: Reason
 REASON_INSUFFICIENT_BALANCE: Reason
 REASON_UNKNOWN_CUSTOMER: Reason
@@ -59,20 +61,24 @@ class ReportRequest(_message.Message):
     def __init__(self, event: _Optional[_Union[UsageEvent, _Mapping]] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
-    __slots__ = ("decision", "reason", "credit_type", "cost_nano", "balance_nano", "duplicate")
+    __slots__ = ("decision", "reason", "credit_type", "cost_nano", "balance_nano", "duplicate", "mode", "priority")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
     COST_NANO_FIELD_NUMBER: _ClassVar[int]
     BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: Reason
     credit_type: str
     cost_nano: int
     balance_nano: int
     duplicate: bool
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., credit_type: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    mode: str
+    priority: int
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., credit_type: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ReportBatchRequest(_message.Message):
     __slots__ = ("client_id", "sequence", "events")
@@ -92,19 +98,33 @@ class Denial(_message.Message):
     reason: Reason
     def __init__(self, index: _Optional[int] = ..., reason: _Optional[_Union[Reason, str]] = ...) -> None: ...
 
+class Degradation(_message.Message):
+    __slots__ = ("index", "mode", "priority")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    mode: str
+    priority: int
+    def __init__(self, index: _Optional[int] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+
 class ReportBatchResponse(_message.Message):
-    __slots__ = ("accepted", "denied", "denials", "sequence", "duplicate")
+    __slots__ = ("accepted", "denied", "denials", "sequence", "duplicate", "degraded", "degradations")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DENIED_FIELD_NUMBER: _ClassVar[int]
     DENIALS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     denied: int
     denials: _containers.RepeatedCompositeFieldContainer[Denial]
     sequence: int
     duplicate: bool
-    def __init__(self, accepted: _Optional[int] = ..., denied: _Optional[int] = ..., denials: _Optional[_Iterable[_Union[Denial, _Mapping]]] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    degraded: int
+    degradations: _containers.RepeatedCompositeFieldContainer[Degradation]
+    def __init__(self, accepted: _Optional[int] = ..., denied: _Optional[int] = ..., denials: _Optional[_Iterable[_Union[Denial, _Mapping]]] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ..., degraded: _Optional[int] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "ttl_ms", "idempotency_key")
