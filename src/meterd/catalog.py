@@ -17,8 +17,10 @@ from fractions import Fraction
 from importlib import resources
 from typing import Any
 
-from meterd.config import read_toml
+from meterd.config import _FIELDS as SETTINGS_FIELDS
+from meterd.config import CATALOG_TABLES, read_toml
 from meterd.errors import ConfigError
+from meterd.plans import Plan, parse_plans
 
 NANO = 10**9
 INT64_MAX = (1 << 63) - 1
@@ -52,6 +54,7 @@ class CustomerSeed:
     customer_id: str
     balances_nano: dict[int, int]
     overdraft_nano: dict[int, int]   # how far below zero the balance may go
+    plan: str = ""
 
 
 @dataclass
@@ -60,12 +63,28 @@ class Catalog:
     meters: list[Meter]
     customers: list[CustomerSeed]
     source: str = "<built-in demo catalog>"
+    plans: list[Plan] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
     credit_index: dict[str, int] = field(default_factory=dict)
     meter_index: dict[str, int] = field(default_factory=dict)
+    plan_index: dict[str, Plan] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.credit_index = {c.name: i for i, c in enumerate(self.credit_types)}
         self.meter_index = {m.name: i for i, m in enumerate(self.meters)}
+        self.plan_index = {p.name: p for p in self.plans}
+
+    def core_plans(self) -> tuple[list[list[tuple[int, int]]], list[bytes]]:
+        """The core's plan table (fallback mode, priority step per credit type) and mode names."""
+        table = []
+        for plan in self.plans:
+            row = []
+            for ct in range(len(self.credit_types)):
+                policy = plan.credits.get(ct)
+                mode = self.modes.index(policy.fallback) + 1 if policy is not None and policy.fallback else 0
+                row.append((mode, policy.priority_step_nano if policy is not None else 0))
+            table.append(row)
+        return table, [m.encode() for m in self.modes]
 
     def compile(self) -> tuple[list[int], list[tuple], list[tuple]]:
         """Denominators per credit type, meter tuples and rate tuples for the core."""
@@ -218,7 +237,7 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dim, prices)
 
 
-def _customers(doc: dict, credit_index: dict[str, int], source: str) -> list[CustomerSeed]:
+def _customers(doc: dict, credit_index: dict[str, int], plan_names: set[str], source: str) -> list[CustomerSeed]:
     out = []
     for cid, spec in _table(doc, "customers", source).items():
         where = f"customers.{cid}"
@@ -226,7 +245,10 @@ def _customers(doc: dict, credit_index: dict[str, int], source: str) -> list[Cus
             raise _err(source, where, "customer ids are 1 to 128 printable ASCII characters without spaces")
         if not isinstance(spec, dict):
             raise _err(source, where, "must be a table")
-        _check_keys(spec, {"balances", "overdraft"}, source, where)
+        _check_keys(spec, {"balances", "overdraft", "plan"}, source, where)
+        plan = spec.get("plan", "")
+        if plan and plan not in plan_names:
+            raise _err(source, f"{where}.plan", f"unknown plan (known: {', '.join(sorted(plan_names)) or 'none'})")
         amounts: list[dict[int, int]] = []
         for key in ("balances", "overdraft"):
             table = spec.get(key, {})
@@ -239,18 +261,29 @@ def _customers(doc: dict, credit_index: dict[str, int], source: str) -> list[Cus
                 k = f"{where}.{key}.{ct}"
                 parsed[credit_index[ct]] = to_nano(parse_amount(amount, source, k), source, k)
             amounts.append(parsed)
-        out.append(CustomerSeed(cid, amounts[0], amounts[1]))
+        out.append(CustomerSeed(cid, amounts[0], amounts[1], plan))
     return out
 
 
 def parse_catalog(doc: dict, source: str) -> Catalog:
-    _check_keys(doc, {"credit_types", "meters", "customers"}, source, "catalog")
+    _check_keys(doc, {"credit_types", "meters", "customers", "plans"}, source, "catalog")
     credit_types = _credit_types(doc, source)
     credit_index = {c.name: i for i, c in enumerate(credit_types)}
     meters = [_meter(n, s, credit_index, source) for n, s in _table(doc, "meters", source).items()]
     if not meters:
         raise _err(source, "meters", "at least one meter is required")
-    catalog = Catalog(credit_types, meters, _customers(doc, credit_index, source), source)
+    modes: list[str] = []
+
+    def amount(value: Any, key: str) -> int:
+        return to_nano(parse_amount(value, source, key), source, key)
+
+    plans = parse_plans(doc, credit_index, modes, source, amount, _check_keys)
+    customers = _customers(doc, credit_index, {p.name for p in plans}, source)
+    catalog = Catalog(credit_types, meters, customers, source, plans, modes)
+    for m in meters:
+        if m.aggregation >= 2 and None not in m.prices:
+            raise _err(source, f"meters.{m.name}.price", "a max or latest meter is charged on its period's value "
+                       "and needs a default price")
     catalog.compile()  # raises on a denominator that is too large
     return catalog
 
@@ -260,4 +293,7 @@ def load_catalog(path: str | None) -> Catalog:
     if not path:
         text = resources.files("meterd").joinpath("demo_catalog.toml").read_text()
         return parse_catalog(tomllib.loads(text), "<built-in demo catalog>")
-    return parse_catalog(read_toml(path), path)
+    doc = read_toml(path)
+    # A settings file that also holds the catalog: its settings are not catalog keys.
+    doc = {k: v for k, v in doc.items() if k in CATALOG_TABLES or k not in SETTINGS_FIELDS}
+    return parse_catalog(doc, path)

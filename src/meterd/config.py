@@ -70,6 +70,8 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+# A settings file may also hold the catalog (meterd serve --config examples/openai.toml).
+CATALOG_TABLES = ("credit_types", "meters", "plans", "customers")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -157,9 +159,15 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     if path:
         doc = read_toml(path)
         for key, value in doc.items():
+            if key in CATALOG_TABLES:
+                continue
             if key not in _FIELDS:
                 raise ConfigError(f"{path}: {key}: unknown setting")
             values[key] = _coerce(key, value, path)
+        if any(k in doc for k in CATALOG_TABLES):
+            if "catalog" in doc:
+                raise ConfigError(f"{path}: catalog: the file holds a catalog itself; drop the catalog setting")
+            values["catalog"] = path  # the settings file is the catalog too
     for name in _FIELDS:
         var = "METERD_" + name.upper()
         if var in env:

@@ -19,6 +19,7 @@ import calendar
 import collections
 import datetime as dt
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from meterd.catalog import Catalog
 from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
 from meterd.store import Op, Store, Unit, from_u64, u64
+from meterd.subscriptions import Subscription, SubscriptionsMixin
 from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.engine")
@@ -48,8 +50,12 @@ _DUP_GRANT = b"\x18\x01"       # GrantResponse.duplicate = true
 _DUP_ADJUST = b"\x10\x01"      # AdjustResponse.duplicate = true
 
 
+# The clock of every period, expiry and record; tests of period boundaries replace it.
+CLOCK_NS: Callable[[], int] = time.time_ns
+
+
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return CLOCK_NS() // 1_000_000
 
 
 def month_bounds(ms: int) -> tuple[int, int]:
@@ -103,6 +109,7 @@ class Bucket:
     priority: int
     source: str
     order: int
+    rollovers: int = 0  # how many period boundaries these credits have rolled over
 
     def sort_key(self) -> tuple[int, int, int]:
         return (self.priority, self.expires_at_ms or (1 << 62), self.order)
@@ -128,7 +135,14 @@ def _record(kind: bytes, payload: bytes) -> bytes:
     return kind + u64(now_ms()) + payload
 
 
-class Engine:
+def _reset_unplanned(core: Any) -> None:
+    """Calendar-month reset of usage for accounts without a plan (plans roll on their own periods)."""
+    for idx in range(len(core)):
+        if core.state(idx)[2] == 0:
+            core.reset_usage(idx)
+
+
+class Engine(SubscriptionsMixin):
     """Owns the core, the catalog, the Python-held state and the store."""
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
@@ -141,6 +155,9 @@ class Engine:
         self.idem: collections.OrderedDict[bytes, IdemEntry] = collections.OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.accounts: dict[str, Account] = {}
+        self.subs: dict[str, Subscription] = {}
+        self._boundaries: list[tuple[int, str]] = []
+        self._watchers: list[tuple[asyncio.Queue, frozenset[str]]] = []
         self.log_pos = 0
         self.snapshot_pos = 0
         self.audit_seq = 0
@@ -208,14 +225,18 @@ class Engine:
 
     # ---- recovery ------------------------------------------------------------
 
+    def _compiled(self) -> tuple:
+        plans, modes = self.catalog.core_plans()
+        return (*self.catalog.compile(), plans, modes)
+
     def _core_for(self, compiled: tuple) -> Any:
-        denominators, meters, rates = compiled
-        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024)
+        denominators, meters, rates, plans, modes = compiled
+        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes)
 
     def recover(self) -> None:
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""
         store = self.store
-        compiled = self.catalog.compile()
+        compiled = self._compiled()
         stored = store.get("meta", b"catalog")
         if stored is None:
             old = compiled
@@ -223,7 +244,8 @@ class Engine:
             doc = json.loads(stored)
             old = (doc["denominators"],
                    [(m[0].encode(), m[1], m[2], m[3].encode(), m[4]) for m in doc["meters"]],
-                   [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]])
+                   [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]],
+                   [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]])
         core = self._core_for(old)
         for key, value in store.items("accounts"):
             core.load_state_bytes(key, value)
@@ -258,10 +280,16 @@ class Engine:
             core.apply_batch(body)
         elif kind == b"R":
             core.report(body)
-        elif kind in (b"A", b"L", b"G", b"F"):
+        elif kind in (b"A", b"L", b"G", b"F", b"S", b"T", b"U"):
             ct, amount = struct.unpack_from("<Hq", body)
             idx = core.open_account(body[10:])
-            if kind == b"A":
+            if kind == b"S":
+                core.set_plan(idx, amount)
+            elif kind == b"T":
+                core.set_alert(idx, ct, None if amount == INT64_MIN else amount)
+            elif kind == b"U":
+                core.reset_usage(idx)
+            elif kind == b"A":
                 if not core.reserve(idx, ct, amount):
                     raise RuntimeError("log replay diverged: a reservation no longer fits")
             elif kind == b"L":
@@ -274,13 +302,14 @@ class Engine:
             rate, qty, reserved = struct.unpack_from("<Iqq", body)
             core.settle(core.account(body[20:]), rate, qty, reserved)
         elif kind == b"P":
-            core.reset_usage()
+            _reset_unplanned(core)
         else:
             raise RuntimeError(f"unknown log record kind {kind!r}")
 
     def _remap(self, old: Any, doc: dict) -> Any:
         """Move accounts onto a changed catalog, matching credit types and meters by name."""
-        new = self._core_for(self.catalog.compile())
+        new = self._core_for(self._compiled())
+        old_plans = doc["plan_names"]
         shape = self.catalog.shape()
         old_ct = {n: i for i, n in enumerate(doc["credit_types"])}
         old_m = {n: i for i, n in enumerate(doc["meter_names"])}
@@ -301,14 +330,17 @@ class Engine:
                 j = old_m.get(name)
                 same = j is not None and doc["precisions"][j] == shape["precisions"][k]
                 new_use.append(use[j] if same else 0)
-            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use, 0)
+            plan_name = old_plans[plan - 1] if plan else ""
+            new_plan = self.catalog.plan_index[plan_name].index if plan_name in self.catalog.plan_index else 0
+            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use, new_plan)
         new.mark_all_dirty()
         return new
 
     def _catalog_doc(self) -> bytes:
-        denominators, meters, rates = self.catalog.compile()
+        denominators, meters, rates, plans, modes = self._compiled()
         shape = self.catalog.shape()
         return json.dumps({
+            "plans": plans, "modes": [m.decode() for m in modes], "plan_names": [p.name for p in self.catalog.plans],
             "denominators": denominators,
             "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4]] for m in meters],
             "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
@@ -383,7 +415,15 @@ class Engine:
                 continue
             acct = self.accounts.setdefault(cust, Account())
             acct.buckets.setdefault(ct, []).append(Bucket(gid, doc["remaining_nano"], doc["expires_at_ms"],
-                                                          doc["priority"], doc["source"], doc["order"]))
+                                                          doc["priority"], doc["source"], doc["order"],
+                                                          doc.get("rollovers", 0)))
+        self.subs = {}
+        self._boundaries = []
+        for _, value in self.store.items("subs"):
+            sub = Subscription(**json.loads(value))
+            self.subs[sub.customer_id] = sub
+            self._boundaries.append((sub.end_ms, sub.customer_id))
+        heapq.heapify(self._boundaries)
         self.audit_seq = from_u64(self.store.get("meta", b"audit_seq") or u64(0))
         self.grant_seq = from_u64(self.store.get("meta", b"grant_seq") or u64(0))
         self.period_start_ms = from_u64(self.store.get("meta", b"period_start_ms") or u64(0))
@@ -400,10 +440,17 @@ class Engine:
                                              doc["amount_nano"], doc["expires_at_ms"])
 
     def _seed_customers(self) -> None:
-        """Give each catalog customer its initial balances, once."""
+        """Give each catalog customer its initial balances and plan, once."""
         for seed in self.catalog.customers:
+            marker = f"subscribed\x00{seed.customer_id}".encode()
+            if seed.plan and self.store.get("meta", marker) is None and seed.customer_id not in self.subs:
+                ops, _ = self.subscribe_ops(seed.customer_id, seed.plan, now_ms(), now_ms())
+                self.store.write_now(ops + [("meta", marker, b"1")])
+            sub = self.subs.get(seed.customer_id)
+            plan = self.catalog.plan_index.get(sub.plan) if sub else None
             for ct in range(len(self.catalog.credit_types)):
-                amount = seed.overdraft_nano.get(ct, 0)
+                policy = plan.credits.get(ct) if plan else None
+                amount = seed.overdraft_nano.get(ct, -policy.floor_nano if policy else 0)
                 idx = self.core.account(seed.customer_id.encode())
                 current = self.core.state(idx)[0][ct][2] if idx >= 0 else 0
                 if current != -amount:
@@ -459,12 +506,46 @@ class Engine:
         if key is not None and key in self.idem:
             self.idem[key].pending = fut
 
-    async def _commit_with(self, ops: list[Op], key: bytes | None = None) -> None:
-        fut = asyncio.get_running_loop().create_future()
+    async def _commit_with(self, ops: list[Op], key: bytes | None = None,
+                           fut: asyncio.Future | None = None) -> None:
+        fut = fut or asyncio.get_running_loop().create_future()
         self._pending(key, fut)
         self.store.submit(Unit(ops, fut))
         await fut
+        self._publish(ops)
         self._maybe_snapshot()
+
+    def _due_ops(self) -> list[Op]:
+        """Roll the subscriptions whose period has ended, before anything else happens."""
+        if self._boundaries and self._boundaries[0][0] <= now_ms():
+            return self.roll_due(now_ms())
+        return []
+
+    def _publish(self, ops: list[Op]) -> None:
+        """Hand committed audit entries to Watch streams."""
+        if not self._watchers:
+            return
+        for db, _, value in ops:
+            if db != "audit" or value is None:
+                continue
+            entry = admin_pb2.AuditEntry.FromString(value)
+            for queue, kinds in self._watchers:
+                if kinds and entry.kind not in kinds:
+                    continue
+                if queue.full():
+                    queue.get_nowait()  # a slow watcher loses its oldest entries, not the daemon's memory
+                    log.warning("watch stream is slow; dropped an audit entry")
+                queue.put_nowait(entry)
+
+    async def watch(self, req: admin_pb2.WatchRequest) -> Any:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        item = (queue, frozenset(req.kinds))
+        self._watchers.append(item)
+        try:
+            while True:
+                yield (await queue.get()).SerializeToString()
+        finally:
+            self._watchers.remove(item)
 
     def _maybe_snapshot(self) -> None:
         if self.log_pos - self.snapshot_pos >= self.settings.snapshot_log_records_max and not self._snapshot_running:
@@ -492,7 +573,7 @@ class Engine:
             if seq == state.sequence:
                 return state.result + _DUP_BATCH
             return meter_pb2.ReportBatchResponse(sequence=seq, duplicate=True).SerializeToString()
-        ops: list[Op] = []
+        ops: list[Op] = self._due_ops()
         if cid and state is None and len(self.clients) >= self.settings.clients_max:
             ops += self._evict_clients()
             if len(self.clients) >= self.settings.clients_max:
@@ -502,6 +583,7 @@ class Engine:
                                                sequence=seq).SerializeToString() + details
         if accepted:
             ops.append(self._log_op(_record(b"B", data)))
+        ops += self.alert_ops()
         if cid:
             ms = now_ms()
             ops.append(("clients", cid, u64(seq) + u64(ms) + result))
@@ -512,9 +594,7 @@ class Engine:
         fut = asyncio.get_running_loop().create_future()
         if state is not None:
             state.pending = fut
-        self.store.submit(Unit(ops, fut))
-        await fut
-        self._maybe_snapshot()
+        await self._commit_with(ops, None, fut)
         return result
 
     def _evict_clients(self) -> list[Op]:
@@ -538,11 +618,13 @@ class Engine:
             replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
             if replay is not None:
                 return replay
+        pre = self._due_ops()
         decision, reason, ct, cost, balance, mode, priority = self.core.report(data)
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
-        ops = [self._log_op(_record(b"R", data))] if decision != meter_pb2.DECISION_DENY else []
+        ops = pre + ([self._log_op(_record(b"R", data))] if decision != meter_pb2.DECISION_DENY else [])
+        ops += self.alert_ops()
         ops += self._remember(key, _canonical(req) if key else b"", response)
         if ops:
             await self._commit_with(ops, key)
@@ -609,29 +691,48 @@ class Engine:
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         ct, amount = self.core.quote(rate, qty)
         ct_name = self.catalog.credit_types[ct].name
+        if len(self.reservations) >= self.settings.reservations_max:
+            raise StorageFull(f"reservation table full ({self.settings.reservations_max})")
+        pre = self._due_ops()
         idx = self.core.account(cust)
         deny = None
         if idx < 0:
             deny = meter_pb2.REASON_UNKNOWN_CUSTOMER
-        elif len(self.reservations) >= self.settings.reservations_max:
-            raise StorageFull(f"reservation table full ({self.settings.reservations_max})")
         elif not self.core.reserve(idx, ct, amount):
             deny = meter_pb2.REASON_INSUFFICIENT_BALANCE
         if deny is not None:
-            available = self.core.available(idx, ct) if idx >= 0 else 0
-            return meter_pb2.AuthorizeResponse(decision=meter_pb2.DECISION_DENY, reason=deny, credit_type=ct_name,
-                                               available_nano=available).SerializeToString()
+            if pre:
+                await self._commit_with(pre)
+            return self._authorize_refusal(req.customer_id, idx, ct, deny)
         rid = "r_" + secrets.token_hex(12)
         res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms)
         self.reservations[rid] = res
         response = meter_pb2.AuthorizeResponse(
             decision=meter_pb2.DECISION_ALLOW, reservation_id=rid, credit_type=ct_name, reserved_nano=amount,
             available_nano=self.core.available(idx, ct), expires_at_ms=res.expires_at_ms).SerializeToString()
-        ops = [self._log_op(_record(b"A", struct.pack("<Hq", ct, amount) + cust)),
-               ("reservations", rid.encode(), res.to_json(self.catalog))]
+        ops = pre + [self._log_op(_record(b"A", struct.pack("<Hq", ct, amount) + cust)),
+                     ("reservations", rid.encode(), res.to_json(self.catalog))]
         ops += self._remember(key, _canonical(req) if key else b"", response)
         await self._commit_with(ops, key)
         return response
+
+    def _authorize_refusal(self, customer_id: str, idx: int, ct: int, reason: int) -> bytes:
+        """Deny, or degrade when the customer's plan has a fallback mode for this credit type."""
+        ct_name = self.catalog.credit_types[ct].name
+        available = self.core.available(idx, ct) if idx >= 0 else 0
+        sub = self.subs.get(customer_id)
+        plan = self.catalog.plan_index.get(sub.plan) if sub else None
+        policy = plan.credits.get(ct) if plan else None
+        if policy is not None and policy.fallback and reason == meter_pb2.REASON_INSUFFICIENT_BALANCE:
+            degraded = self.core.state(idx)[0][ct][4]
+            step = policy.priority_step_nano
+            priority = max(100 - degraded // step, 0) if step else 100
+            return meter_pb2.AuthorizeResponse(decision=meter_pb2.DECISION_DEGRADE, credit_type=ct_name,
+                                               available_nano=available, mode=policy.fallback,
+                                               priority=priority).SerializeToString()
+        return meter_pb2.AuthorizeResponse(decision=meter_pb2.DECISION_DENY, reason=reason,  # type: ignore[arg-type]
+                                           credit_type=ct_name,
+                                           available_nano=available).SerializeToString()
 
     async def _settling(self, rpc: str, req: Any) -> tuple[bytes, bytes | None, Reservation]:
         """The idempotency key of a Commit or Release, its earlier answer if
@@ -662,6 +763,7 @@ class Engine:
         qty = self._quantity(res.meter, req)
         cust = res.customer_id.encode()
         idx = self.core.account(cust)
+        pre = self._due_ops()
         cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano)
         del self.reservations[res.reservation_id]
         response = meter_pb2.CommitResponse(
@@ -670,8 +772,9 @@ class Engine:
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
-        ops = [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust)),
+        ops = pre + [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust)),
                ("reservations", res.reservation_id.encode(), None)]
+        ops += self.alert_ops()
         ops += self._remember(key, _canonical(req), response)
         await self._commit_with(ops, key)
         return response
@@ -681,7 +784,7 @@ class Engine:
         key, replay, res = await self._settling("release", req)
         if replay is not None:
             return replay
-        ops = self._release_ops(res)
+        ops = self._due_ops() + self._release_ops(res)
         idx = self.core.account(res.customer_id.encode())
         response = meter_pb2.ReleaseResponse(
             released_nano=res.amount_nano,
@@ -709,7 +812,11 @@ class Engine:
         cts, use, _ = self.core.state(idx)
         acct = self.accounts.get(req.customer_id, Account())
         out = meter_pb2.GetBalanceResponse(customer_id=req.customer_id)
-        out.period_start_ms, out.period_end_ms = month_bounds(self.period_start_ms or now_ms())
+        sub = self.subs.get(req.customer_id)
+        if sub is not None:
+            out.plan, out.period_start_ms, out.period_end_ms = sub.plan, sub.start_ms, sub.end_ms
+        else:
+            out.period_start_ms, out.period_end_ms = month_bounds(self.period_start_ms or now_ms())
         for ct, (bal, resv, floor, *_) in enumerate(cts):
             cb = out.balances.add(credit_type=self.catalog.credit_types[ct].name, balance_nano=bal,
                                   reserved_nano=resv, floor_nano=floor,
@@ -732,7 +839,8 @@ class Engine:
         for b in sorted(buckets, key=Bucket.sort_key):
             take = min(max(spent, 0), b.remaining_nano)
             spent -= take
-            out.append(Bucket(b.grant_id, b.remaining_nano - take, b.expires_at_ms, b.priority, b.source, b.order))
+            out.append(Bucket(b.grant_id, b.remaining_nano - take, b.expires_at_ms, b.priority, b.source, b.order,
+                              b.rollovers))
         return out
 
     def _reconcile(self, customer_id: str, ct: int, balance: int) -> list[Op]:
@@ -746,19 +854,26 @@ class Engine:
         return ops
 
     def _grant_key(self, customer_id: str, ct: int, grant_id: str) -> bytes:
-        return f"{customer_id}\x00{self.catalog.credit_types[ct].name}\x00{grant_id}".encode()
+        return self._grant_key_of(self.catalog, customer_id, ct, grant_id)
+
+    @staticmethod
+    def _grant_key_of(catalog: Catalog, customer_id: str, ct: int, grant_id: str) -> bytes:
+        return f"{customer_id}\x00{catalog.credit_types[ct].name}\x00{grant_id}".encode()
 
     @staticmethod
     def _grant_doc(b: Bucket) -> bytes:
         return json.dumps({"remaining_nano": b.remaining_nano, "expires_at_ms": b.expires_at_ms,
-                           "priority": b.priority, "source": b.source, "order": b.order}).encode()
+                           "priority": b.priority, "source": b.source, "order": b.order,
+                           "rollovers": b.rollovers}).encode()
 
     def _audit_op(self, customer_id: str, kind: str, ct: int, amount: int, before: int, after: int,
-                  reference: str) -> list[Op]:
+                  reference: str, charge: int = 0, charge_ct: int = -1) -> list[Op]:
         self.audit_seq += 1
         entry = admin_pb2.AuditEntry(sequence=self.audit_seq, time_ms=now_ms(), kind=kind,
                                      credit_type=self.catalog.credit_types[ct].name, amount_nano=amount,
-                                     balance_before_nano=before, balance_after_nano=after, reference=reference)
+                                     balance_before_nano=before, balance_after_nano=after, reference=reference,
+                                     customer_id=customer_id, charge_nano=charge,
+                                     charge_credit_type=self.catalog.credit_types[charge_ct].name if charge else "")
         return [("audit", customer_id.encode() + b"\x00" + u64(self.audit_seq), entry.SerializeToString()),
                 ("meta", b"audit_seq", u64(self.audit_seq))]
 
@@ -772,18 +887,33 @@ class Engine:
 
     def _grant_ops(self, customer_id: str, ct: int, amount: int, expires_at_ms: int, priority: int,
                    source: str, reference: str) -> list[Op]:
+        ops, _ = self._add_bucket(customer_id, ct, amount, expires_at_ms, priority, source, credit=True,
+                                  reference=reference)
+        return ops
+
+    def _add_bucket(self, customer_id: str, ct: int, amount: int, expires_at_ms: int, priority: int, source: str,
+                    credit: bool, rollovers: int = 0, kind: str = "grant", reference: str = "") -> tuple[list[Op], str]:
+        """A new grant bucket; with ``credit`` its amount is also added to the balance (and audited)."""
         idx = self.core.open_account(customer_id.encode())
         ops = self._reconcile(customer_id, ct, self.core.state(idx)[0][ct][0])
-        credit, before, after = self._credit_ops(customer_id, ct, amount)
         self.grant_seq += 1
         gid = f"g_{self.grant_seq}"
-        bucket = Bucket(gid, amount, expires_at_ms, priority, source, self.grant_seq)
+        if credit:
+            credit_ops, before, after = self._credit_ops(customer_id, ct, amount)
+            ops += credit_ops
+            ops += self._audit_op(customer_id, kind, ct, amount, before, after, f"{gid} {source} {reference}".strip())
+            ops += self.topup_done_ops(customer_id, ct, after)
+        bucket = Bucket(gid, amount, expires_at_ms, priority, source, self.grant_seq, rollovers)
         self.accounts.setdefault(customer_id, Account()).buckets.setdefault(ct, []).append(bucket)
-        ops += credit
         ops.append(("grants", self._grant_key(customer_id, ct, gid), self._grant_doc(bucket)))
         ops.append(("meta", b"grant_seq", u64(self.grant_seq)))
-        ops += self._audit_op(customer_id, "grant", ct, amount, before, after, f"{gid} {source} {reference}".strip())
-        return ops
+        return ops, gid
+
+    def _remove_bucket(self, customer_id: str, ct: int, b: Bucket) -> list[Op]:
+        buckets = self.accounts[customer_id].buckets.get(ct, [])
+        if b in buckets:
+            buckets.remove(b)
+        return [("grants", self._grant_key(customer_id, ct, b.grant_id), None)]
 
     def _credit_type(self, name: str) -> int:
         ct = self.catalog.credit_index.get(name)
@@ -806,7 +936,7 @@ class Engine:
         replay = await self._replayed(key, data, _DUP_GRANT)
         if replay is not None:
             return replay
-        ops = self._grant_ops(req.customer_id, ct, req.amount_nano, req.expires_at_ms, req.priority,
+        ops = self._due_ops() + self._grant_ops(req.customer_id, ct, req.amount_nano, req.expires_at_ms, req.priority,
                               req.source or "api", "")
         gid = f"g_{self.grant_seq}"
         response = admin_pb2.GrantResponse(grant_id=gid, balance_nano=self.core.state(
@@ -831,15 +961,17 @@ class Engine:
         if replay is not None:
             return replay
         if req.amount_nano > 0:
-            ops = self._grant_ops(req.customer_id, ct, req.amount_nano, 0, ADJUST_PRIORITY, "adjust", req.reason)
+            ops = self._due_ops() + self._grant_ops(req.customer_id, ct, req.amount_nano, 0, ADJUST_PRIORITY,
+                                                    "adjust", req.reason)
             after = self.core.state(self.core.account(req.customer_id.encode()))[0][ct][0]
         else:
             idx = self.core.open_account(req.customer_id.encode())
-            ops = self._reconcile(req.customer_id, ct, self.core.state(idx)[0][ct][0])
+            ops = self._due_ops() + self._reconcile(req.customer_id, ct, self.core.state(idx)[0][ct][0])
             credit, before, after = self._credit_ops(req.customer_id, ct, req.amount_nano)
             ops += credit
             ops += self._reconcile(req.customer_id, ct, after)
             ops += self._audit_op(req.customer_id, "adjust", ct, req.amount_nano, before, after, req.reason)
+            ops += self.alert_ops()
         response = admin_pb2.AdjustResponse(balance_nano=after).SerializeToString()
         ops += self._remember(key, data, response)
         await self._commit_with(ops, key)
@@ -856,6 +988,43 @@ class Engine:
         rows = self.store.items("audit", start=prefix + u64(req.after_sequence + 1), prefix=prefix, limit=limit)
         return admin_pb2.ListAuditResponse(entries=[admin_pb2.AuditEntry.FromString(v) for _, v in rows])
 
+    # ---- subscriptions ------------------------------------------------------------------
+
+    async def subscribe(self, req: admin_pb2.SubscribeRequest) -> bytes:
+        self.check_writable()
+        self._customer(req.customer_id)
+        key = self._idem_key("subscribe", req.customer_id, req.idempotency_key) if req.idempotency_key else None
+        replay = await self._replayed(key, _canonical(req), b"")
+        if replay is not None:
+            return replay
+        now = now_ms()
+        if req.start_ms < 0 or req.start_ms > now + 366 * 86_400_000:
+            raise InvalidInput("start_ms", "must be 0 (now) or a time within a year")
+        ops = self._due_ops()
+        sub_ops, sub = self.subscribe_ops(req.customer_id, req.plan, req.start_ms or now, now)
+        ops += sub_ops
+        ops += self.roll_due(now)  # a start in the past catches up on its periods at once
+        response = sub.to_pb().SerializeToString()
+        ops += self._remember(key, _canonical(req), response)
+        await self._commit_with(ops, key)
+        return response
+
+    async def cancel(self, req: admin_pb2.CancelRequest) -> bytes:
+        self.check_writable()
+        self._customer(req.customer_id)
+        ops = self._due_ops()
+        more, sub = self.cancel_ops(req.customer_id, req.at_period_end)
+        await self._commit_with(ops + more)
+        return sub.to_pb().SerializeToString()
+
+    async def change_plan(self, req: admin_pb2.ChangePlanRequest) -> bytes:
+        self.check_writable()
+        self._customer(req.customer_id)
+        ops = self._due_ops()
+        more, sub = self.change_plan_ops(req.customer_id, req.plan, now_ms())
+        await self._commit_with(ops + more + self.alert_ops())
+        return sub.to_pb().SerializeToString()
+
     # ---- housekeeping ----------------------------------------------------------------
 
     async def sweep(self) -> None:
@@ -867,7 +1036,7 @@ class Engine:
             await self._snapshot_quietly()
             return
         now = now_ms()
-        ops: list[Op] = []
+        ops: list[Op] = self._due_ops()
         for res in [r for r in self.reservations.values() if r.expires_at_ms <= now]:
             log.info("reservation expired: customer=%s reservation=%s amount_nano=%d",
                      res.customer_id, res.reservation_id, res.amount_nano)
@@ -879,13 +1048,14 @@ class Engine:
         start, _ = month_bounds(now)
         if start != self.period_start_ms:
             if self.period_start_ms:
-                self.core.reset_usage()
+                _reset_unplanned(self.core)
                 ops.append(self._log_op(_record(b"P", b"")))
             self.period_start_ms = start
             ops.append(("meta", b"period_start_ms", u64(start)))
         for key in [k for k, e in self.idem.items() if e.expires_ms <= now][:10_000]:
             del self.idem[key]
             ops.append(("idem", key, None))
+        ops += self.alert_ops()
         if ops:
             await self._commit_with(ops)
 

@@ -118,6 +118,24 @@ class Servicer:
             return self.engine.audit(_parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
         return await _call(run, ctx, "ListAudit")
 
+    async def subscribe(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.subscribe(_parse(admin_pb2.SubscribeRequest, data)), ctx, "Subscribe")
+
+    async def cancel(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.cancel(_parse(admin_pb2.CancelRequest, data)), ctx, "Cancel")
+
+    async def change_plan(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.change_plan(_parse(admin_pb2.ChangePlanRequest, data)), ctx,
+                           "ChangePlan")
+
+    async def watch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            req = _parse(admin_pb2.WatchRequest, data)
+        except InvalidInput as e:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        async for item in self.engine.watch(req):
+            yield item
+
     def handlers(self) -> tuple[grpc.GenericRpcHandler, grpc.GenericRpcHandler]:
         raw = dict(request_deserializer=None, response_serializer=None)
         meter = grpc.method_handlers_generic_handler(METER_SERVICE, {
@@ -133,6 +151,10 @@ class Servicer:
             "Grant": grpc.unary_unary_rpc_method_handler(self.grant, **raw),
             "Adjust": grpc.unary_unary_rpc_method_handler(self.adjust, **raw),
             "ListAudit": grpc.unary_unary_rpc_method_handler(self.list_audit, **raw),
+            "Subscribe": grpc.unary_unary_rpc_method_handler(self.subscribe, **raw),
+            "Cancel": grpc.unary_unary_rpc_method_handler(self.cancel, **raw),
+            "ChangePlan": grpc.unary_unary_rpc_method_handler(self.change_plan, **raw),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.watch, **raw),
         })
         return meter, admin
 

@@ -67,7 +67,7 @@ class ListAuditRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference")
+    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference", "customer_id", "charge_nano", "charge_credit_type")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,9 @@ class AuditEntry(_message.Message):
     BALANCE_BEFORE_NANO_FIELD_NUMBER: _ClassVar[int]
     BALANCE_AFTER_NANO_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_NANO_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time_ms: int
     kind: str
@@ -84,10 +87,63 @@ class AuditEntry(_message.Message):
     balance_before_nano: int
     balance_after_nano: int
     reference: str
-    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ...) -> None: ...
+    customer_id: str
+    charge_nano: int
+    charge_credit_type: str
+    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ..., customer_id: _Optional[str] = ..., charge_nano: _Optional[int] = ..., charge_credit_type: _Optional[str] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
     __slots__ = ("entries",)
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("customer_id", "plan", "start_ms", "idempotency_key")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    plan: str
+    start_ms: int
+    idempotency_key: str
+    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., start_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class Subscription(_message.Message):
+    __slots__ = ("customer_id", "plan", "anchor_ms", "period_start_ms", "period_end_ms", "cancel_at_period_end")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_AT_PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    plan: str
+    anchor_ms: int
+    period_start_ms: int
+    period_end_ms: int
+    cancel_at_period_end: bool
+    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., anchor_ms: _Optional[int] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("customer_id", "at_period_end")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    at_period_end: bool
+    def __init__(self, customer_id: _Optional[str] = ..., at_period_end: _Optional[bool] = ...) -> None: ...
+
+class ChangePlanRequest(_message.Message):
+    __slots__ = ("customer_id", "plan")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    plan: str
+    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("kinds",)
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ...) -> None: ...

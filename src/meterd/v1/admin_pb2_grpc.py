@@ -49,6 +49,26 @@ class AdminStub:
                 request_serializer=meterd_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=meterd_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_unary(
+                '/meterd.v1.Admin/Subscribe',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.Subscription.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/meterd.v1.Admin/Cancel',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.CancelRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.Subscription.FromString,
+                _registered_method=True)
+        self.ChangePlan = channel.unary_unary(
+                '/meterd.v1.Admin/ChangePlan',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.ChangePlanRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.Subscription.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/meterd.v1.Admin/Watch',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.AuditEntry.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -72,6 +92,33 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """Start a subscription: included credits for the first period, trial credits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePlan(self, request, context):
+        """Change plan mid-period: included credits are prorated by the time left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Audit entries as they are committed, for example auto_topup_requested.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +136,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=meterd_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
                     response_serializer=meterd_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.SubscribeRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.Subscription.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.CancelRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.Subscription.SerializeToString,
+            ),
+            'ChangePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePlan,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.ChangePlanRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.Subscription.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.WatchRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.AuditEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +239,114 @@ class Admin:
             '/meterd.v1.Admin/ListAudit',
             meterd_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
             meterd_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/Subscribe',
+            meterd_dot_v1_dot_admin__pb2.SubscribeRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.Subscription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/Cancel',
+            meterd_dot_v1_dot_admin__pb2.CancelRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.Subscription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/ChangePlan',
+            meterd_dot_v1_dot_admin__pb2.ChangePlanRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.Subscription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meterd.v1.Admin/Watch',
+            meterd_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.AuditEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -152,7 +152,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., ttl_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("decision", "reason", "reservation_id", "credit_type", "reserved_nano", "available_nano", "expires_at_ms", "duplicate")
+    __slots__ = ("decision", "reason", "reservation_id", "credit_type", "reserved_nano", "available_nano", "expires_at_ms", "duplicate", "mode", "priority")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,8 @@ class AuthorizeResponse(_message.Message):
     AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: Reason
     reservation_id: str
@@ -169,7 +171,9 @@ class AuthorizeResponse(_message.Message):
     available_nano: int
     expires_at_ms: int
     duplicate: bool
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., reservation_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    mode: str
+    priority: int
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., reservation_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., duplicate: _Optional[bool] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("reservation_id", "quantity", "quantity_decimal")
@@ -252,15 +256,17 @@ class MeterUsage(_message.Message):
     def __init__(self, meter: _Optional[str] = ..., quantity: _Optional[str] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
-    __slots__ = ("customer_id", "balances", "usage", "period_start_ms", "period_end_ms")
+    __slots__ = ("customer_id", "balances", "usage", "period_start_ms", "period_end_ms", "plan")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     BALANCES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     balances: _containers.RepeatedCompositeFieldContainer[CreditBalance]
     usage: _containers.RepeatedCompositeFieldContainer[MeterUsage]
     period_start_ms: int
     period_end_ms: int
-    def __init__(self, customer_id: _Optional[str] = ..., balances: _Optional[_Iterable[_Union[CreditBalance, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ...) -> None: ...
+    plan: str
+    def __init__(self, customer_id: _Optional[str] = ..., balances: _Optional[_Iterable[_Union[CreditBalance, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...

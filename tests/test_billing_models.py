@@ -1,0 +1,217 @@
+"""The five billing models and a hybrid, from the example catalogs, with exact
+amounts from the published prices; period boundaries crossed on a test clock."""
+
+from __future__ import annotations
+
+import pytest
+from billing import DAY_MS, NANO, START_MS, Billing
+
+from meterd.v1 import meter_pb2 as pb
+
+
+@pytest.fixture(params=["compiled", "python"])
+def make(request, tmp_path, monkeypatch):
+    made = []
+
+    def build(catalog: str) -> Billing:
+        b = Billing(tmp_path, catalog, monkeypatch, core=request.param)
+        made.append(b)
+        return b
+
+    yield build
+    for b in made:
+        b.close()
+
+
+def test_openai_prepaid_dollars(make):
+    b = make("openai")
+    # 1,000 input plus 500 output tokens of gpt-4o cost exactly $0.0075
+    cost = b.report("acme", "input_tokens", 1000, model="gpt-4o").cost_nano
+    cost += b.report("acme", "output_tokens", 500, model="gpt-4o").cost_nano
+    assert cost == 7_500_000
+    assert b.bal("acme", "usd") == 10 * NANO - 7_500_000
+    # promotional credit is spent before paid credit, and expires after a year
+    promo = b.grant("acme", "usd", NANO, priority=0, source="promo", expires_at_ms=START_MS + 365 * DAY_MS)
+    b.report("acme", "output_tokens", 50_000, model="gpt-4o")  # $0.50
+    grants = {g.grant_id: g.remaining_nano for g in b.balance("acme").balances[0].grants}
+    assert grants[promo.grant_id] == NANO // 2
+    # below $5: one automatic top-up request, for what restores $20
+    b.report("acme", "output_tokens", 600_000, model="gpt-4o")  # $6.00
+    b.report("acme", "output_tokens", 1_000, model="gpt-4o")
+    requests = b.audit("acme", "auto_topup_requested")
+    assert len(requests) == 1
+    assert requests[0].charge_nano == 20 * NANO - requests[0].balance_after_nano
+    assert requests[0].charge_credit_type == "usd"
+    # the top-up arrives (outside meterd) and re-arms the request
+    b.grant("acme", "usd", requests[0].charge_nano, source="topup", priority=10)
+    b.report("acme", "output_tokens", 1_600_000, model="gpt-4o")  # $16.00
+    assert len(b.audit("acme", "auto_topup_requested")) == 2
+    # at zero balance: denied, insufficient balance (OpenAI's insufficient_quota)
+    b.report("acme", "output_tokens", int(b.bal("acme", "usd") // 10_000), model="gpt-4o")
+    r = b.report("acme", "output_tokens", 1, model="gpt-4o")
+    assert (r.decision, r.reason, b.bal("acme", "usd")) == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE, 0)
+    b.check_conservation("acme")
+
+
+def test_cursor_premium_requests_slow_pool_and_usage_based_overage(make):
+    b = make("cursor")
+    # model weights: 499 sonnet requests and three haiku requests (1/3 each) use exactly 500
+    for _ in range(499):
+        b.report("alice", "requests", 1, model="claude-3.5-sonnet")
+    for _ in range(3):
+        assert b.report("alice", "requests", 1, model="claude-3.5-haiku").decision == pb.DECISION_ALLOW
+    assert b.bal("alice", "requests") == 0
+    r = b.report("alice", "requests", 1, model="o1")
+    assert (r.decision, r.mode, r.priority, r.cost_nano) == (pb.DECISION_DEGRADE, "slow", 100, 0)
+    assert b.report("alice", "requests", 1, model="gpt-4o-mini").decision == pb.DECISION_ALLOW  # free model
+    # usage-based: past the pool, $0.04 a request up to the $20 limit, billed when it is reached
+    for _ in range(500):
+        assert b.report("bob", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+    for _ in range(500):
+        r = b.report("bob", "requests", 1, model="gpt-4o")
+        assert (r.decision, r.cost_nano) == (pb.DECISION_ALLOW, NANO)
+    charged = b.audit("bob", "overage_charged")
+    assert [(e.amount_nano, e.charge_nano, e.charge_credit_type) for e in charged] == [
+        (500 * NANO, 20 * NANO, "usd")]
+    r = b.report("bob", "requests", 1, model="gpt-4o")
+    assert (r.decision, r.mode) == (pb.DECISION_DEGRADE, "slow")  # the spend limit is reached
+    # a new month: 500 fresh requests, and the overage allowance again
+    b.advance(31 * DAY_MS)
+    assert b.report("bob", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+    assert b.bal("bob", "requests") == 499 * NANO
+    assert len(b.audit("bob", "fee")) == 2
+    b.check_conservation("alice")
+    b.check_conservation("bob")
+
+
+def test_elevenlabs_rollover_caps_and_overage(make):
+    b = make("elevenlabs")
+    # Flash costs half a credit a character: 140,000 characters use 70,000 credits
+    assert b.report("studio", "characters", 140_000, model="eleven_flash_v2_5").cost_nano == 70_000 * NANO
+    # a Creator plan with 30,000 credits unused rolls them into the next month: 130,000
+    b.advance(29 * DAY_MS)  # anchored on Jan 31: the first period ends on Feb 28
+    b.report("studio", "characters", 0, model="eleven_v3")
+    assert b.bal("studio", "credits") == 130_000 * NANO
+    rolled = b.audit("studio", "rolled_over")
+    assert [e.amount_nano for e in rolled] == [30_000 * NANO]
+    # unused for two more months: rolled credits roll only once, at most 2x the quota
+    b.advance(31 * DAY_MS)
+    b.tick()
+    assert b.bal("studio", "credits") == 200_000 * NANO  # 100k rolled (max count reached for the older 30k)
+    assert [e.amount_nano for e in b.audit("studio", "rollover_forfeited")] == [-30_000 * NANO]
+    b.advance(30 * DAY_MS)
+    b.tick()
+    assert b.bal("studio", "credits") == 200_000 * NANO
+    assert b.bal("studio", "credits") <= 300_000 * NANO
+    # overage: 10,000 credits past the balance, billed at cycle end at $0.30 per 1,000
+    b.report("studio", "characters", 210_000, model="eleven_multilingual_v2")
+    assert b.bal("studio", "credits") == -10_000 * NANO
+    b.advance(31 * DAY_MS)
+    b.tick()
+    charged = b.audit("studio", "overage_charged")
+    assert [(e.amount_nano, e.charge_nano) for e in charged] == [(10_000 * NANO, 3 * NANO)]
+    assert b.bal("studio", "credits") == 100_000 * NANO
+    b.check_conservation("studio")
+
+
+def test_elevenlabs_overage_billed_early_past_twice_the_plan_price(make):
+    b = make("elevenlabs")
+    b.report("studio", "characters", 100_000, model="eleven_v3")
+    # $44 of overage at $0.30 per 1,000 credits is 146,666.666... credits
+    b.report("studio", "characters", 146_666, model="eleven_v3")
+    assert b.audit("studio", "overage_charged") == []
+    b.report("studio", "characters", 1, model="eleven_v3")
+    charged = b.audit("studio", "overage_charged")
+    assert [(e.amount_nano, e.charge_nano, e.reference) for e in charged] == [
+        (146_667 * NANO, 44_000_100_000, "threshold")]
+    assert b.bal("studio", "credits") == 0
+
+
+def test_midjourney_fast_time_then_relax_with_falling_priority(make):
+    b = make("midjourney")
+    # job types multiply GPU time: turbo 2x, video 8x, draft 1/2
+    assert b.report("painter", "gpu_seconds", "10", job="turbo").cost_nano == 20 * NANO
+    assert b.report("painter", "gpu_seconds", "10", job="video").cost_nano == 80 * NANO
+    assert b.report("painter", "gpu_seconds", "10", job="draft").cost_nano == 5 * NANO
+    b.report("painter", "gpu_seconds", "53895", job="image")  # 15 hours used exactly
+    assert b.bal("painter", "fast_seconds") == 0
+    priorities = [b.report("painter", "gpu_seconds", "300", job="image") for _ in range(6)]
+    assert all(r.decision == pb.DECISION_DEGRADE and r.mode == "relax" for r in priorities)
+    assert [r.priority for r in priorities] == [100, 99, 99, 98, 98, 97]  # one step per 10 relax minutes
+    # renewal: fast time again, and relax priority resets
+    b.advance(29 * DAY_MS)
+    assert b.report("painter", "gpu_seconds", "60", job="image").decision == pb.DECISION_ALLOW
+    assert b.bal("painter", "fast_seconds") == 53_940 * NANO
+    # Basic has no Relax: denied when fast time is gone, until extra fast hours are bought
+    b.report("sketcher", "gpu_seconds", "12000", job="image")
+    r = b.report("sketcher", "gpu_seconds", "1", job="image")
+    assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE)
+    b.grant("sketcher", "fast_seconds", 3600 * NANO, source="extra-fast-hour")
+    assert b.report("sketcher", "gpu_seconds", "1", job="image").decision == pb.DECISION_ALLOW
+
+
+def test_replicate_per_second_in_arrears_or_prepaid(make):
+    b = make("replicate")
+    # in arrears: no balance check; 1,000.5 s of H100 at $0.001525/s
+    r = b.report("lab", "gpu_seconds", "1000.5", hardware="nvidia-h100")
+    assert (r.decision, r.cost_nano) == (pb.DECISION_ALLOW, 1_525_762_500)
+    big = b.report("lab", "gpu_seconds", "1000000", hardware="8x-nvidia-h100")
+    assert (big.decision, big.balance_nano) == (pb.DECISION_ALLOW, -(1_525_762_500 + 12_200 * NANO))
+    # from prepaid credit: $5 buys 3,571.428 s of A100 and not a second more
+    assert b.report("hobbyist", "gpu_seconds", "3571.428", hardware="nvidia-a100-80gb").decision == \
+        pb.DECISION_ALLOW
+    r = b.report("hobbyist", "gpu_seconds", "1", hardware="nvidia-a100-80gb")
+    assert r.decision == pb.DECISION_DENY
+
+
+def test_hybrid_fee_included_credits_gauges_and_graduated_overage(make):
+    b = make("hybrid")
+    assert [e.charge_nano for e in b.audit("acme", "fee")] == [49 * NANO]
+    # $160 of tokens against $10 included: $150 of overage
+    b.report("acme", "output_tokens", 16_000_000, model="gpt-4o")
+    assert b.bal("acme", "usd") == -150 * NANO
+    for seats in (3, 7, 5):
+        b.report("acme", "seats", seats)
+    for _ in range(3000):
+        b.report("acme", "requests", 1, model="claude-3.5-haiku")  # 1,000 requests
+    r = b.report("acme", "requests", 1, model="claude-3.5-haiku")
+    assert (r.decision, r.mode) == (pb.DECISION_DEGRADE, "slow")
+    b.advance(29 * DAY_MS)
+    b.tick()
+    # seats are charged on the period's maximum (7 x $8), then the overage is billed by tier:
+    # $206 = $100 at list + $106 at 90%
+    assert [e.amount_nano for e in b.audit("acme", "gauge_charged")] == [-56 * NANO]
+    assert [(e.amount_nano, e.charge_nano) for e in b.audit("acme", "overage_charged")] == [
+        (206 * NANO, 100 * NANO + 95_400_000_000)]
+    assert b.bal("acme", "usd") == 10 * NANO
+    assert b.bal("acme", "requests") == 1000 * NANO
+    assert len(b.audit("acme", "fee")) == 2
+
+
+def test_period_rollover_is_identical_after_a_crash(make, tmp_path):
+    b = make("elevenlabs")
+    b.report("studio", "characters", 50_000, model="eleven_v3")
+    b.advance(29 * DAY_MS)
+    b.report("studio", "characters", 1, model="eleven_v3")  # the first event after the boundary rolls
+    before = b.balance("studio")
+    b.restart(clean=False)
+    assert b.balance("studio") == before
+    b.tick()  # nothing is rolled twice
+    assert b.balance("studio") == before
+    assert len(b.audit("studio", "rolled_over")) == 1
+
+
+def test_plan_change_prorates_included_credits(make):
+    b = make("elevenlabs")
+    b.subscribe("newco", "starter", start_ms=START_MS)
+    assert b.bal("newco", "credits") == 30_000 * NANO
+    b.advance(14 * DAY_MS)  # half of the 28-day... first period runs Jan 31 to Feb 28
+    sub = b.change_plan("newco", "creator")
+    left = sub.period_end_ms - b.now_ms
+    length = sub.period_end_ms - sub.period_start_ms
+    expected = 30_000 * NANO - 30_000 * NANO * left // length + 100_000 * NANO * left // length
+    assert b.bal("newco", "credits") == expected
+    assert b.balance("newco").plan == "creator"
+    b.cancel("newco")
+    assert b.bal("newco", "credits") == 0
+    assert b.balance("newco").plan == ""
