@@ -100,6 +100,19 @@ class Billing:
         req = apb.CancelRequest(customer_id=customer, at_period_end=at_period_end)
         return apb.Subscription.FromString(self.run(self.engine.cancel(req)))
 
+    def start_session(self, customer: str, meter: str, timeout_ms: int = 30_000, **dims: str) -> pb.SessionResponse:
+        req = pb.StartSessionRequest(customer_id=customer, meter=meter, dimensions=dims,
+                                     heartbeat_timeout_ms=timeout_ms)
+        return pb.SessionResponse.FromString(self.run(self.engine.start_session(req, self.now_ms)))
+
+    def heartbeat(self, session_id: str) -> pb.SessionResponse:
+        req = pb.HeartbeatRequest(session_id=session_id)
+        return pb.SessionResponse.FromString(self.run(self.engine.heartbeat(req, self.now_ms)))
+
+    def end_session(self, session_id: str) -> pb.SessionResponse:
+        req = pb.EndSessionRequest(session_id=session_id)
+        return pb.SessionResponse.FromString(self.run(self.engine.end_session(req, self.now_ms)))
+
     def tick(self) -> None:
         """What the housekeeping timer does."""
         self.run(self.engine.sweep())

@@ -335,3 +335,22 @@ def test_expiring_grant_does_not_take_reserved_money(daemon):
 def test_audit_paging_at_the_end_of_the_range(daemon):
     page = daemon.admin.ListAudit(apb.ListAuditRequest(customer_id="demo", after_sequence=2**64 - 1))
     assert list(page.entries) == []
+
+
+def test_duration_session_over_grpc(daemon):
+    s = daemon.meter.StartSession(pb.StartSessionRequest(customer_id="demo", meter="gpu_seconds",
+                                                         dimensions={"hardware": "nvidia-h100"},
+                                                         heartbeat_timeout_ms=5000))
+    assert s.decision == pb.DECISION_ALLOW and s.session_id
+    time.sleep(0.3)
+    h = daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))
+    assert h.decision == pb.DECISION_ALLOW
+    end = daemon.meter.EndSession(pb.EndSessionRequest(session_id=s.session_id))
+    millis = int(end.billed_quantity.replace(".", ""))
+    assert millis >= 300 and end.closed
+    assert end.cost_nano == millis * 1_525  # $0.001525 a second, to the millisecond
+    b = balance(daemon, "demo")
+    assert (b.balance_nano, b.reserved_nano) == (10 * USD - end.cost_nano, 0)
+    with pytest.raises(grpc.RpcError) as info:
+        daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

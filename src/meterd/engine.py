@@ -35,6 +35,7 @@ from meterd import core as core_mod
 from meterd.catalog import Catalog
 from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
+from meterd.sessions import Session, SessionsMixin
 from meterd.store import Op, Store, Unit, from_u64, u64
 from meterd.subscriptions import Subscription, SubscriptionsMixin
 from meterd.v1 import admin_pb2, meter_pb2
@@ -142,7 +143,7 @@ def _reset_unplanned(core: Any) -> None:
             core.reset_usage(idx)
 
 
-class Engine(SubscriptionsMixin):
+class Engine(SubscriptionsMixin, SessionsMixin):
     """Owns the core, the catalog, the Python-held state and the store."""
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
@@ -158,6 +159,7 @@ class Engine(SubscriptionsMixin):
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []
         self._watchers: list[tuple[asyncio.Queue, frozenset[str]]] = []
+        self.sessions: dict[str, Session] = {}
         self.log_pos = 0
         self.snapshot_pos = 0
         self.audit_seq = 0
@@ -424,6 +426,7 @@ class Engine(SubscriptionsMixin):
             self.subs[sub.customer_id] = sub
             self._boundaries.append((sub.end_ms, sub.customer_id))
         heapq.heapify(self._boundaries)
+        self.load_sessions(self.store.items("sessions"))
         self.audit_seq = from_u64(self.store.get("meta", b"audit_seq") or u64(0))
         self.grant_seq = from_u64(self.store.get("meta", b"grant_seq") or u64(0))
         self.period_start_ms = from_u64(self.store.get("meta", b"period_start_ms") or u64(0))
@@ -1055,6 +1058,7 @@ class Engine(SubscriptionsMixin):
         for key in [k for k, e in self.idem.items() if e.expires_ms <= now][:10_000]:
             del self.idem[key]
             ops.append(("idem", key, None))
+        ops += self.expire_sessions_ops(now)
         ops += self.alert_ops()
         if ops:
             await self._commit_with(ops)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meterd.catalog import Catalog
 from meterd.config import Settings
-from meterd.engine import Engine
+from meterd.engine import Engine, now_ms
 from meterd.errors import ConfigError, Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -106,6 +106,18 @@ class Servicer:
             return self.engine.balance(_checked(meter_pb2.GetBalanceRequest, data))
         return await _call(run, ctx, "GetBalance")
 
+    async def start_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.start_session(_parse(meter_pb2.StartSessionRequest, data), now_ms()),
+                           ctx, "StartSession")
+
+    async def heartbeat(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.heartbeat(_parse(meter_pb2.HeartbeatRequest, data), now_ms()),
+                           ctx, "Heartbeat")
+
+    async def end_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await _call(lambda: self.engine.end_session(_parse(meter_pb2.EndSessionRequest, data), now_ms()),
+                           ctx, "EndSession")
+
     # Admin -------------------------------------------------------------------
     async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await _call(lambda: self.engine.grant(_parse(admin_pb2.GrantRequest, data)), ctx, "Grant")
@@ -146,6 +158,9 @@ class Servicer:
             "Commit": grpc.unary_unary_rpc_method_handler(self.commit, **raw),
             "Release": grpc.unary_unary_rpc_method_handler(self.release, **raw),
             "GetBalance": grpc.unary_unary_rpc_method_handler(self.get_balance, **raw),
+            "StartSession": grpc.unary_unary_rpc_method_handler(self.start_session, **raw),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat, **raw),
+            "EndSession": grpc.unary_unary_rpc_method_handler(self.end_session, **raw),
         })
         admin = grpc.method_handlers_generic_handler(ADMIN_SERVICE, {
             "Grant": grpc.unary_unary_rpc_method_handler(self.grant, **raw),

@@ -26,7 +26,7 @@ from meterd.errors import ConfigError, StorageFull
 
 log = logging.getLogger("meterd.store")
 
-DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs")
+DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions")
 # An op is (db, key, value): value None deletes; db "trim" deletes log keys <= key.
 Op = tuple[str, bytes, bytes | None]
 

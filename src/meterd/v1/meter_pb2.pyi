@@ -270,3 +270,58 @@ class GetBalanceResponse(_message.Message):
     period_end_ms: int
     plan: str
     def __init__(self, customer_id: _Optional[str] = ..., balances: _Optional[_Iterable[_Union[CreditBalance, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
+
+class StartSessionRequest(_message.Message):
+    __slots__ = ("customer_id", "meter", "dimensions", "heartbeat_timeout_ms", "session_id")
+    class DimensionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    meter: str
+    dimensions: _containers.ScalarMap[str, str]
+    heartbeat_timeout_ms: int
+    session_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., heartbeat_timeout_ms: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class EndSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("decision", "reason", "session_id", "credit_type", "billed_quantity", "cost_nano", "balance_nano", "closed", "started_at_ms")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BILLED_QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    reason: Reason
+    session_id: str
+    credit_type: str
+    billed_quantity: str
+    cost_nano: int
+    balance_nano: int
+    closed: bool
+    started_at_ms: int
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., session_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., billed_quantity: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., closed: _Optional[bool] = ..., started_at_ms: _Optional[int] = ...) -> None: ...

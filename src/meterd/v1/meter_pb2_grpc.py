@@ -69,6 +69,21 @@ class MeterStub:
                 request_serializer=meterd_dot_v1_dot_meter__pb2.GetBalanceRequest.SerializeToString,
                 response_deserializer=meterd_dot_v1_dot_meter__pb2.GetBalanceResponse.FromString,
                 _registered_method=True)
+        self.StartSession = channel.unary_unary(
+                '/meterd.v1.Meter/StartSession',
+                request_serializer=meterd_dot_v1_dot_meter__pb2.StartSessionRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_meter__pb2.SessionResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/meterd.v1.Meter/Heartbeat',
+                request_serializer=meterd_dot_v1_dot_meter__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_meter__pb2.SessionResponse.FromString,
+                _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/meterd.v1.Meter/EndSession',
+                request_serializer=meterd_dot_v1_dot_meter__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_meter__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class MeterServicer:
@@ -116,6 +131,24 @@ class MeterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +186,21 @@ def add_MeterServicer_to_server(servicer, server):
                     servicer.GetBalance,
                     request_deserializer=meterd_dot_v1_dot_meter__pb2.GetBalanceRequest.FromString,
                     response_serializer=meterd_dot_v1_dot_meter__pb2.GetBalanceResponse.SerializeToString,
+            ),
+            'StartSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSession,
+                    request_deserializer=meterd_dot_v1_dot_meter__pb2.StartSessionRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_meter__pb2.SessionResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=meterd_dot_v1_dot_meter__pb2.HeartbeatRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_meter__pb2.SessionResponse.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=meterd_dot_v1_dot_meter__pb2.EndSessionRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_meter__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +392,87 @@ class Meter:
             '/meterd.v1.Meter/GetBalance',
             meterd_dot_v1_dot_meter__pb2.GetBalanceRequest.SerializeToString,
             meterd_dot_v1_dot_meter__pb2.GetBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Meter/StartSession',
+            meterd_dot_v1_dot_meter__pb2.StartSessionRequest.SerializeToString,
+            meterd_dot_v1_dot_meter__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Meter/Heartbeat',
+            meterd_dot_v1_dot_meter__pb2.HeartbeatRequest.SerializeToString,
+            meterd_dot_v1_dot_meter__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Meter/EndSession',
+            meterd_dot_v1_dot_meter__pb2.EndSessionRequest.SerializeToString,
+            meterd_dot_v1_dot_meter__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
