@@ -110,3 +110,43 @@ def test_all_denied_batch_still_consumes_its_sequence(make_daemon):
     again = d.meter.ReportBatch(req)
     assert again.duplicate and again.denied == 1
     assert d.admin.ListAudit(apb.ListAuditRequest(customer_id="ghost")).entries == []
+
+
+def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_path: Path):
+    import signal
+    import time
+
+    import grpc
+
+    path = tmp_path / "catalog.toml"
+    path.write_text(CATALOG_V1)
+    d = make_daemon(catalog=str(path)).start()
+    report(d, "tokens", 1_000_000, model="unlisted")  # $1.00 at the v1 default price
+    a = d.meter.Authorize(pb.AuthorizeRequest(customer_id="acme", meter="tokens", quantity=100_000,
+                                              dimensions={"model": "unlisted"}))
+    path.write_text(CATALOG_V2)
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "credits" not in usd(d)[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    balances, _ = usd(d)
+    assert balances["credits"].balance_nano == 10 * 10**9      # the new credit type's seed grant
+    assert balances["usd"].balance_nano == 0                    # kept
+    assert balances["usd"].reserved_nano == 100_000_000         # the open reservation still holds
+    d.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=50_000))
+    # a catalog that does not validate changes nothing, by signal or by RPC
+    path.write_text("[meters.broken]\n")
+    d.proc.send_signal(signal.SIGHUP)
+    with pytest.raises(grpc.RpcError) as info:
+        d.admin.ReloadCatalog(apb.ReloadCatalogRequest())
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(path) in info.value.details()
+    path.write_text(CATALOG_V2.replace('price = "2.00"', 'price = "4.00"'))
+    r = d.admin.ReloadCatalog(apb.ReloadCatalogRequest())
+    assert (r.credit_types, r.meters) == (2, 2)
+    d.admin.Grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=10**9))
+    assert report(d, "tokens", 1, model="x").cost_nano == 4_000
+    before = usd(d)
+    d.kill()
+    d.start()
+    assert usd(d) == before

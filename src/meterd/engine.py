@@ -132,6 +132,28 @@ def _canonical(msg: Any) -> bytes:
     return msg.SerializeToString(deterministic=True)
 
 
+def _doc_of(catalog: Catalog) -> dict:
+    """What replay needs of a catalog: the core's tables and the names to map accounts by."""
+    denominators, meters, rates = catalog.compile()
+    plans, modes = catalog.core_plans()
+    shape = catalog.shape()
+    doc = {
+        "denominators": denominators,
+        "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4]] for m in meters],
+        "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
+        "plans": plans, "modes": [m.decode() for m in modes], "plan_names": [p.name for p in catalog.plans],
+        "credit_types": shape["credit_types"], "meter_names": shape["meters"], "precisions": shape["precisions"],
+    }
+    return json.loads(json.dumps(doc))  # the form it has after a trip through LMDB
+
+
+def _compiled_of(doc: dict) -> tuple:
+    return (doc["denominators"],
+            [(m[0].encode(), m[1], m[2], m[3].encode(), m[4]) for m in doc["meters"]],
+            [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]],
+            [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]])
+
+
 def _record(kind: bytes, payload: bytes) -> bytes:
     return kind + u64(now_ms()) + payload
 
@@ -228,8 +250,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
     # ---- recovery ------------------------------------------------------------
 
     def _compiled(self) -> tuple:
-        plans, modes = self.catalog.core_plans()
-        return (*self.catalog.compile(), plans, modes)
+        return _compiled_of(_doc_of(self.catalog))
 
     def _core_for(self, compiled: tuple) -> Any:
         denominators, meters, rates, plans, modes = compiled
@@ -238,17 +259,10 @@ class Engine(SubscriptionsMixin, SessionsMixin):
     def recover(self) -> None:
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""
         store = self.store
-        compiled = self._compiled()
+        current = _doc_of(self.catalog)
         stored = store.get("meta", b"catalog")
-        if stored is None:
-            old = compiled
-        else:
-            doc = json.loads(stored)
-            old = (doc["denominators"],
-                   [(m[0].encode(), m[1], m[2], m[3].encode(), m[4]) for m in doc["meters"]],
-                   [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]],
-                   [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]])
-        core = self._core_for(old)
+        doc = current if stored is None else json.loads(stored)
+        core = self._core_for(_compiled_of(doc))
         for key, value in store.items("accounts"):
             core.load_state_bytes(key, value)
         self.snapshot_pos = from_u64(store.get("meta", b"snapshot_pos") or u64(0))
@@ -258,9 +272,9 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             self._replay(core, record)
             self.log_pos = from_u64(key)
             replayed += 1
-        remapped = stored is not None and old != compiled
-        if remapped and stored is not None:
-            core = self._remap(core, json.loads(stored))
+        remapped = doc != current
+        if remapped:
+            core = self._remap(core, doc, current)
         self.core = core
         self._load_python_state()
         if remapped or replayed or stored is None:
@@ -308,52 +322,38 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         else:
             raise RuntimeError(f"unknown log record kind {kind!r}")
 
-    def _remap(self, old: Any, doc: dict) -> Any:
-        """Move accounts onto a changed catalog, matching credit types and meters by name."""
-        new = self._core_for(self._compiled())
-        old_plans = doc["plan_names"]
-        shape = self.catalog.shape()
+    def _remap(self, old: Any, doc: dict, new_doc: dict) -> Any:
+        """Move accounts onto another catalog, matching credit types, meters and plans by name."""
+        new = self._core_for(_compiled_of(new_doc))
         old_ct = {n: i for i, n in enumerate(doc["credit_types"])}
         old_m = {n: i for i, n in enumerate(doc["meter_names"])}
+        new_plans = {n: i + 1 for i, n in enumerate(new_doc["plan_names"])}
         for i in range(len(old)):
             cts, use, plan = old.state(i)
             new_cts = []
-            for k, name in enumerate(shape["credit_types"]):
+            for k, name in enumerate(new_doc["credit_types"]):
                 j = old_ct.get(name)
                 if j is None:
                     new_cts.append((0, 0, 0, 0, 0, INT64_MIN))
                     continue
                 bal, resv, floor, rem, degr, alert = cts[j]
                 # The carried remainder is re-expressed in the new denominator; less than one nano may go.
-                rem = rem * shape["denominators"][k] // doc["denominators"][j]
+                rem = rem * new_doc["denominators"][k] // doc["denominators"][j]
                 new_cts.append((bal, resv, floor, rem, degr, alert))
             new_use = []
-            for k, name in enumerate(shape["meters"]):
+            for k, name in enumerate(new_doc["meter_names"]):
                 j = old_m.get(name)
-                same = j is not None and doc["precisions"][j] == shape["precisions"][k]
+                same = j is not None and doc["precisions"][j] == new_doc["precisions"][k]
                 new_use.append(use[j] if same else 0)
-            plan_name = old_plans[plan - 1] if plan else ""
-            new_plan = self.catalog.plan_index[plan_name].index if plan_name in self.catalog.plan_index else 0
-            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use, new_plan)
+            plan_name = doc["plan_names"][plan - 1] if plan else ""
+            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use, new_plans.get(plan_name, 0))
         new.mark_all_dirty()
         return new
-
-    def _catalog_doc(self) -> bytes:
-        denominators, meters, rates, plans, modes = self._compiled()
-        shape = self.catalog.shape()
-        return json.dumps({
-            "plans": plans, "modes": [m.decode() for m in modes], "plan_names": [p.name for p in self.catalog.plans],
-            "denominators": denominators,
-            "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4]] for m in meters],
-            "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
-            "credit_types": shape["credit_types"], "meter_names": shape["meters"],
-            "precisions": shape["precisions"],
-        }).encode()
 
     def _snapshot_ops(self) -> list[Op]:
         ops: list[Op] = [("accounts", self.core.customer_id(i), self.core.state_bytes(i))
                          for i in self.core.take_dirty()]
-        ops.append(("meta", b"catalog", self._catalog_doc()))
+        ops.append(("meta", b"catalog", json.dumps(_doc_of(self.catalog)).encode()))
         ops.append(("meta", b"snapshot_pos", u64(self.log_pos)))
         ops.append(("trim", u64(self.log_pos), None))
         return ops
@@ -443,12 +443,18 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                                              doc["amount_nano"], doc["expires_at_ms"])
 
     def _seed_customers(self) -> None:
-        """Give each catalog customer its initial balances and plan, once."""
+        ops = self._seed_ops()
+        if ops:
+            self.store.write_now(ops)
+
+    def _seed_ops(self) -> list[Op]:
+        """Give each catalog customer its plan, overdraft and initial balances, once."""
+        ops: list[Op] = []
         for seed in self.catalog.customers:
             marker = f"subscribed\x00{seed.customer_id}".encode()
             if seed.plan and self.store.get("meta", marker) is None and seed.customer_id not in self.subs:
-                ops, _ = self.subscribe_ops(seed.customer_id, seed.plan, now_ms(), now_ms())
-                self.store.write_now(ops + [("meta", marker, b"1")])
+                sub_ops, _ = self.subscribe_ops(seed.customer_id, seed.plan, now_ms(), now_ms())
+                ops += sub_ops + [("meta", marker, b"1")]
             sub = self.subs.get(seed.customer_id)
             plan = self.catalog.plan_index.get(sub.plan) if sub else None
             for ct in range(len(self.catalog.credit_types)):
@@ -460,15 +466,64 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                     # open_account is replayed from this record too
                     idx = self.core.open_account(seed.customer_id.encode())
                     self.core.set_floor(idx, ct, -amount)
-                    self.log_pos += 1
-                    self.store.write_now([("log", u64(self.log_pos), _record(
-                        b"F", struct.pack("<Hq", ct, -amount) + seed.customer_id.encode()))])
+                    ops.append(self._log_op(_record(b"F", struct.pack("<Hq", ct, -amount)
+                                                    + seed.customer_id.encode())))
             for ct, amount in seed.balances_nano.items():
                 marker = f"seeded\x00{seed.customer_id}\x00{self.catalog.credit_types[ct].name}".encode()
                 if amount == 0 or self.store.get("meta", marker) is not None:
                     continue
-                ops = self._grant_ops(seed.customer_id, ct, amount, 0, 0, "catalog", "initial balance")
-                self.store.write_now(ops + [("meta", marker, b"1")])
+                ops += self._grant_ops(seed.customer_id, ct, amount, 0, 0, "catalog", "initial balance")
+                ops.append(("meta", marker, b"1"))
+        return ops
+
+    # ---- catalog reload ---------------------------------------------------------------
+
+    async def reload_catalog(self, new: Catalog) -> None:
+        """Switch to a new catalog without a restart, keeping balances.
+
+        Everything before the switch is committed first; the switch itself
+        happens with no await in between and is committed as one snapshot
+        under the new catalog, so the log never holds records of two catalogs."""
+        self.check_writable()
+        await self._commit_with([])  # a barrier: the writer is FIFO
+        old_doc, new_doc = _doc_of(self.catalog), _doc_of(new)
+        self._check_reload(new)
+        reservations = {rid: json.loads(r.to_json(self.catalog)) for rid, r in self.reservations.items()}
+        buckets = {cust: {self.catalog.credit_types[ct].name: bs for ct, bs in a.buckets.items()}
+                   for cust, a in self.accounts.items()}
+        self.core = self._remap(self.core, old_doc, new_doc)
+        old, self.catalog = self.catalog, new
+        self.reservations = {}
+        for rid, doc in reservations.items():
+            self._load_reservation(rid, doc)
+        self.accounts = {cust: Account({new.credit_index[name]: bs for name, bs in by_name.items()
+                                        if name in new.credit_index}) for cust, by_name in buckets.items()}
+        for s in self.sessions.values():
+            s.meter = new.meter_index[old.meters[s.meter].name]
+            s.credit_type = new.credit_index[old.credit_types[s.credit_type].name]
+        ops = self._seed_ops()
+        ops += self._snapshot_ops()
+        pos = self.log_pos
+        await self._commit_with(ops)
+        self.snapshot_pos = pos
+        log.info("catalog reloaded from %s: %d credit types, %d meters, %d plans", new.source,
+                 len(new.credit_types), len(new.meters), len(new.plans))
+
+    def _check_reload(self, new: Catalog) -> None:
+        """Open reservations and sessions keep the meter and credit type they hold money in."""
+        from meterd.errors import ConfigError
+        for r in self.reservations.values():
+            if r.meter >= 0 and self.catalog.meters[r.meter].name not in new.meter_index:
+                raise ConfigError(f"{new.source}: meters: {self.catalog.meters[r.meter].name} has open "
+                                  "reservations; settle them before removing it")
+        for s in self.sessions.values():
+            if self.catalog.meters[s.meter].name not in new.meter_index or \
+                    self.catalog.credit_types[s.credit_type].name not in new.credit_index:
+                raise ConfigError(f"{new.source}: meters: {self.catalog.meters[s.meter].name} has open sessions")
+        for r in self.reservations.values():
+            if r.credit_type >= 0 and self.catalog.credit_types[r.credit_type].name not in new.credit_index:
+                raise ConfigError(f"{new.source}: credit_types: {self.catalog.credit_types[r.credit_type].name} "
+                                  "has open reservations")
 
     # ---- idempotency -----------------------------------------------------------
 

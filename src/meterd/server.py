@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meterd.catalog import Catalog
+from meterd.catalog import Catalog, load_catalog
 from meterd.config import Settings
 from meterd.engine import Engine, now_ms
 from meterd.errors import ConfigError, Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
@@ -148,6 +148,16 @@ class Servicer:
         async for item in self.engine.watch(req):
             yield item
 
+    async def reload_catalog(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        async def run() -> bytes:
+            _parse(admin_pb2.ReloadCatalogRequest, data)
+            catalog = load_catalog(self.settings.catalog)
+            await self.engine.reload_catalog(catalog)
+            return admin_pb2.ReloadCatalogResponse(source=catalog.source, credit_types=len(catalog.credit_types),
+                                                   meters=len(catalog.meters),
+                                                   plans=len(catalog.plans)).SerializeToString()
+        return await _call(run, ctx, "ReloadCatalog")
+
     def handlers(self) -> tuple[grpc.GenericRpcHandler, grpc.GenericRpcHandler]:
         raw = dict(request_deserializer=None, response_serializer=None)
         meter = grpc.method_handlers_generic_handler(METER_SERVICE, {
@@ -170,6 +180,7 @@ class Servicer:
             "Cancel": grpc.unary_unary_rpc_method_handler(self.cancel, **raw),
             "ChangePlan": grpc.unary_unary_rpc_method_handler(self.change_plan, **raw),
             "Watch": grpc.unary_stream_rpc_method_handler(self.watch, **raw),
+            "ReloadCatalog": grpc.unary_unary_rpc_method_handler(self.reload_catalog, **raw),
         })
         return meter, admin
 
@@ -236,6 +247,13 @@ class MeterdServer:
         if asyncio.iscoroutine(result):
             await result
 
+    async def reload(self) -> None:
+        """SIGHUP: read the catalog again; a bad one is logged and changes nothing."""
+        try:
+            await self.engine.reload_catalog(load_catalog(self.settings.catalog))
+        except Exception as e:  # noqa: BLE001 - the daemon keeps its current catalog
+            log.error("catalog reload failed, keeping the current catalog: %s", e)
+
     async def abort(self) -> None:
         """Undo a start that failed half way: close listeners, the writer and LMDB."""
         for srv in (self.data_server, self.admin_server):
@@ -294,5 +312,6 @@ async def serve(settings: Settings, catalog: Catalog, ready: Callable[[MeterdSer
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
     await done.wait()
     await server.stop()

@@ -147,3 +147,19 @@ class WatchRequest(_message.Message):
     KINDS_FIELD_NUMBER: _ClassVar[int]
     kinds: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReloadCatalogRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadCatalogResponse(_message.Message):
+    __slots__ = ("source", "credit_types", "meters", "plans")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPES_FIELD_NUMBER: _ClassVar[int]
+    METERS_FIELD_NUMBER: _ClassVar[int]
+    PLANS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    credit_types: int
+    meters: int
+    plans: int
+    def __init__(self, source: _Optional[str] = ..., credit_types: _Optional[int] = ..., meters: _Optional[int] = ..., plans: _Optional[int] = ...) -> None: ...

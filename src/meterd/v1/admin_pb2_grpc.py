@@ -69,6 +69,11 @@ class AdminStub:
                 request_serializer=meterd_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
                 response_deserializer=meterd_dot_v1_dot_admin__pb2.AuditEntry.FromString,
                 _registered_method=True)
+        self.ReloadCatalog = channel.unary_unary(
+                '/meterd.v1.Admin/ReloadCatalog',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -119,6 +124,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadCatalog(self, request, context):
+        """Read the configured catalog again and switch to it, keeping balances
+        (SIGHUP does the same). A catalog that does not validate changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +169,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=meterd_dot_v1_dot_admin__pb2.WatchRequest.FromString,
                     response_serializer=meterd_dot_v1_dot_admin__pb2.AuditEntry.SerializeToString,
+            ),
+            'ReloadCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadCatalog,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +365,33 @@ class Admin:
             '/meterd.v1.Admin/Watch',
             meterd_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
             meterd_dot_v1_dot_admin__pb2.AuditEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/ReloadCatalog',
+            meterd_dot_v1_dot_admin__pb2.ReloadCatalogRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.ReloadCatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,
