@@ -201,17 +201,63 @@ def test_period_rollover_is_identical_after_a_crash(make, tmp_path):
     assert len(b.audit("studio", "rolled_over")) == 1
 
 
-def test_plan_change_prorates_included_credits(make):
+def test_upgrades_prorate_now_and_downgrades_wait_for_the_period_end(make):
     b = make("elevenlabs")
     b.subscribe("newco", "starter", start_ms=START_MS)
     assert b.bal("newco", "credits") == 30_000 * NANO
-    b.advance(14 * DAY_MS)  # half of the 28-day... first period runs Jan 31 to Feb 28
+    b.advance(14 * DAY_MS)  # the first period runs from Jan 31 to Feb 28
     sub = b.change_plan("newco", "creator")
     left = sub.period_end_ms - b.now_ms
     length = sub.period_end_ms - sub.period_start_ms
-    expected = 30_000 * NANO - 30_000 * NANO * left // length + 100_000 * NANO * left // length
-    assert b.bal("newco", "credits") == expected
+    assert b.bal("newco", "credits") == 30_000 * NANO + 70_000 * NANO * left // length
+    fees = b.audit("newco", "fee")
+    assert fees[-1].charge_nano == -((-17 * NANO * left) // length)  # $17 more a month, for the time left
     assert b.balance("newco").plan == "creator"
+    # spending it all and downgrading at once mints nothing: the downgrade waits
+    b.report("newco", "characters", b.bal("newco", "credits") // NANO, model="eleven_v3")
+    sub = b.change_plan("newco", "starter")
+    assert (sub.plan, sub.next_plan) == ("creator", "starter")
+    assert b.bal("newco", "credits") == 0
+    b.advance(15 * DAY_MS)
+    b.tick()
+    assert b.balance("newco").plan == "starter"
+    assert b.bal("newco", "credits") == 30_000 * NANO
+    b.check_conservation("newco")
     b.cancel("newco")
     assert b.bal("newco", "credits") == 0
     assert b.balance("newco").plan == ""
+
+
+def test_rollover_spares_credits_held_by_a_reservation(make):
+    b = make("midjourney")
+    b.advance(28 * DAY_MS - 10_000)  # ten seconds before the first period ends (Feb 28)
+    a = b.authorize("painter", "gpu_seconds", 54_000, job="image")  # all 15 fast hours held
+    assert a.decision == pb.DECISION_ALLOW
+    b.advance(20_000)
+    b.tick()
+    assert b.bal("painter", "fast_seconds") == 108_000 * NANO  # the held hours did not expire under it
+    from meterd.v1 import meter_pb2
+    req = meter_pb2.CommitRequest(reservation_id=a.reservation_id, quantity=54_000)
+    b.run(b.engine.commit(req.SerializeToString()))
+    b.tick()
+    assert b.bal("painter", "fast_seconds") == 54_000 * NANO  # paid once, from the old period's hours
+
+
+def test_immediate_cancel_bills_gauges_and_overage(make):
+    b = make("hybrid")
+    b.report("acme", "output_tokens", 16_000_000, model="gpt-4o")
+    b.report("acme", "seats", 7)
+    b.cancel("acme")
+    assert [e.amount_nano for e in b.audit("acme", "gauge_charged")] == [-56 * NANO]
+    assert [e.charge_nano for e in b.audit("acme", "overage_charged")] == [100 * NANO + 95_400_000_000]
+    assert b.bal("acme", "usd") == 0 and b.balance("acme").balances[0].floor_nano == 0
+
+
+def test_arrears_are_billed_each_period(make):
+    b = make("replicate")
+    b.report("lab", "gpu_seconds", "100", hardware="nvidia-h100")
+    b.advance(29 * DAY_MS)
+    b.tick()
+    billed = b.audit("lab", "usage_billed")
+    assert [(e.charge_nano, e.charge_credit_type) for e in billed] == [(152_500_000, "usd")]
+    assert b.bal("lab", "usd") == 0

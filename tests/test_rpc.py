@@ -326,10 +326,15 @@ def test_expiring_grant_does_not_take_reserved_money(daemon):
                                                    dimensions={"model": "gpt-4o"}))  # $15.25
     assert a.decision == pb.DECISION_ALLOW
     time.sleep(1.5)
+    # the hold stands on the expiring grant first (it is spent first): none of it expires yet
     b = balance(daemon, "x")
-    assert (b.balance_nano, b.reserved_nano) == (a.reserved_nano, a.reserved_nano)  # $4.75 of the grant expired
+    assert (b.balance_nano, b.reserved_nano) == (20 * USD, a.reserved_nano)
     c = daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=6_100_000))
-    assert (c.balance_nano, c.overrun_nano) == (0, 0)
+    assert (c.balance_nano, c.overrun_nano) == (20 * USD - a.reserved_nano, 0)
+    time.sleep(1.0)  # the expiring grant was spent in full: nothing is left to expire
+    assert balance(daemon, "x").balance_nano == 20 * USD - a.reserved_nano
+    assert [e.kind for e in daemon.admin.ListAudit(apb.ListAuditRequest(customer_id="x")).entries] == [
+        "grant", "grant"]
 
 
 def test_audit_paging_at_the_end_of_the_range(daemon):

@@ -68,8 +68,10 @@ class Catalog:
     credit_index: dict[str, int] = field(default_factory=dict)
     meter_index: dict[str, int] = field(default_factory=dict)
     plan_index: dict[str, Plan] = field(default_factory=dict)
+    customer_index: dict[str, CustomerSeed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.customer_index = {c.customer_id: c for c in self.customers}
         self.credit_index = {c.name: i for i, c in enumerate(self.credit_types)}
         self.meter_index = {m.name: i for i, m in enumerate(self.meters)}
         self.plan_index = {p.name: p for p in self.plans}

@@ -455,19 +455,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             if seed.plan and self.store.get("meta", marker) is None and seed.customer_id not in self.subs:
                 sub_ops, _ = self.subscribe_ops(seed.customer_id, seed.plan, now_ms(), now_ms())
                 ops += sub_ops + [("meta", marker, b"1")]
-            sub = self.subs.get(seed.customer_id)
-            plan = self.catalog.plan_index.get(sub.plan) if sub else None
             for ct in range(len(self.catalog.credit_types)):
-                policy = plan.credits.get(ct) if plan else None
-                amount = seed.overdraft_nano.get(ct, -policy.floor_nano if policy else 0)
-                idx = self.core.account(seed.customer_id.encode())
-                current = self.core.state(idx)[0][ct][2] if idx >= 0 else 0
-                if current != -amount:
-                    # open_account is replayed from this record too
-                    idx = self.core.open_account(seed.customer_id.encode())
-                    self.core.set_floor(idx, ct, -amount)
-                    ops.append(self._log_op(_record(b"F", struct.pack("<Hq", ct, -amount)
-                                                    + seed.customer_id.encode())))
+                ops += self.floor_ops(seed.customer_id, ct)
             for ct, amount in seed.balances_nano.items():
                 marker = f"seeded\x00{seed.customer_id}\x00{self.catalog.credit_types[ct].name}".encode()
                 if amount == 0 or self.store.get("meta", marker) is not None:
@@ -574,9 +563,18 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         self._maybe_snapshot()
 
     def _due_ops(self) -> list[Op]:
-        """Roll the subscriptions whose period has ended, before anything else happens."""
-        if self._boundaries and self._boundaries[0][0] <= now_ms():
-            return self.roll_due(now_ms())
+        """Roll the subscriptions whose period has ended, before anything else happens.
+
+        The roll is submitted as a commit of its own, ahead of the caller's
+        (the writer is FIFO), so that a caller that then fails on bad input
+        cannot lose it. Returns nothing for the caller to add."""
+        if not (self._boundaries and self._boundaries[0][0] <= now_ms()):
+            return []
+        ops = self.roll_due(now_ms())
+        if ops:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._publish(ops))
+            self.store.submit(Unit(ops, fut))
         return []
 
     def _publish(self, ops: list[Op]) -> None:
@@ -1123,10 +1121,9 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         ops = self._reconcile(customer_id, ct, self.core.state(idx)[0][ct][0])
         acct = self.accounts[customer_id]
         for b in [b for b in acct.buckets.get(ct, []) if b.expires_at_ms and b.expires_at_ms <= now]:
-            bal, resv = self.core.state(idx)[0][ct][:2]
             # Money held by open reservations does not expire under them: that part
             # of the grant goes once they settle (the next sweeps retry).
-            gone = min(b.remaining_nano, max(bal - resv, 0))
+            gone = b.remaining_nano - self.reserved_share(customer_id, ct, b)
             if gone:
                 credit, before, after = self._credit_ops(customer_id, ct, -gone)
                 ops += credit
@@ -1138,6 +1135,19 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             else:
                 ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), self._grant_doc(b)))
         return ops
+
+    def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int:
+        """How much of a bucket open reservations stand on: held amounts are drawn
+        from buckets in spending order, as their settlement will be."""
+        idx = self.core.account(customer_id.encode())
+        bal, resv = self.core.state(idx)[0][ct][:2]
+        held = min(resv, max(bal, 0))
+        for b in sorted(self.accounts[customer_id].buckets.get(ct, []), key=Bucket.sort_key):
+            take = min(held, b.remaining_nano)
+            if b is bucket:
+                return take
+            held -= take
+        return 0
 
     async def run_housekeeping(self, stop: asyncio.Event, period_s: float = 0.5) -> None:
         last_snapshot = time.monotonic()

@@ -253,6 +253,8 @@ def _overage(spec: dict, where: str, credit_index: dict[str, int], source: str, 
                 raise _err(source, f"{tk}.up_to", "tiers must grow")
             if up_to is None and i != len(o["tiers"]) - 1:
                 raise _err(source, f"{tk}.up_to", "only the last tier may be open-ended")
+            if up_to is not None and i == len(o["tiers"]) - 1:
+                raise _err(source, f"{tk}.up_to", "the last tier must be open-ended (no up_to)")
             tiers.append(Tier(up_to, Fraction(amount(t.get("price"), f"{tk}.price"), per * 10**9)))
             last = up_to or last
     else:

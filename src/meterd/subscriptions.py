@@ -38,6 +38,11 @@ class Subscription:
     end_ms: int
     cancel_at_end: bool = False
     topup_pending: list[int] = field(default_factory=list)
+    # Overage billed early in this period, per credit type (as str for JSON):
+    # graduated tiers continue from it and it counts against the limit.
+    overage_billed: dict[str, int] = field(default_factory=dict)
+    # A downgrade waits for the end of the period (the period is paid for).
+    next_plan: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -45,7 +50,7 @@ class Subscription:
     def to_pb(self) -> admin_pb2.Subscription:
         return admin_pb2.Subscription(customer_id=self.customer_id, plan=self.plan, anchor_ms=self.anchor_ms,
                                       period_start_ms=self.start_ms, period_end_ms=self.end_ms,
-                                      cancel_at_period_end=self.cancel_at_end)
+                                      cancel_at_period_end=self.cancel_at_end, next_plan=self.next_plan)
 
 
 class SubscriptionsMixin:
@@ -64,12 +69,40 @@ class SubscriptionsMixin:
     def _audit_op(self, *args: Any, **kw: Any) -> list[Op]: ...  # type: ignore[empty-body]
     def _add_bucket(self, *args: Any, **kw: Any) -> tuple[list[Op], str]: ...  # type: ignore[empty-body]
     def _remove_bucket(self, customer_id: str, ct: int, b: Bucket) -> list[Op]: ...  # type: ignore[empty-body]
+    def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int: ...  # type: ignore[empty-body]
 
     # ---- core settings of a plan, logged so that replay sets them too ----------------
 
     def _core_op(self, kind: bytes, customer_id: str, ct: int, value: int) -> Op:
         from meterd.engine import _record
         return self._log_op(_record(kind, struct.pack("<Hq", ct, value) + customer_id.encode()))
+
+    def effective_floor(self, customer_id: str, ct: int) -> int:
+        """How far below zero a balance may go: the catalog's overdraft for the
+        customer if it names one, else the plan's (an overage limit less what
+        was billed of it early this period, or no limit in arrears), else 0."""
+        seed = self.catalog.customer_index.get(customer_id)
+        if seed is not None and ct in seed.overdraft_nano:
+            return -seed.overdraft_nano[ct]
+        sub = self.subs.get(customer_id)
+        plan = self._plan_or_none(sub.plan) if sub else None
+        policy = plan.credits.get(ct) if plan else None
+        if policy is None:
+            return 0
+        floor = policy.floor_nano
+        if policy.overage is not None and policy.overage.limit_nano is not None:
+            floor = min(floor + sub.overage_billed.get(str(ct), 0), 0)  # type: ignore[union-attr]
+        return floor
+
+    def floor_ops(self, customer_id: str, ct: int) -> list[Op]:
+        """Bring the core's floor in line with ``effective_floor``."""
+        floor = self.effective_floor(customer_id, ct)
+        idx = self.core.account(customer_id.encode())
+        if (self.core.state(idx)[0][ct][2] if idx >= 0 else 0) == floor:
+            return []
+        idx = self.core.open_account(customer_id.encode())
+        self.core.set_floor(idx, ct, floor)
+        return [self._core_op(b"F", customer_id, ct, floor)]
 
     def _apply_plan_ops(self, customer_id: str, plan: Plan | None) -> list[Op]:
         """Plan index, floors and alert thresholds in the core for ``plan`` (None: no plan)."""
@@ -79,12 +112,9 @@ class SubscriptionsMixin:
         ops.append(self._core_op(b"S", customer_id, 0, plan.index if plan else 0))
         for ct in range(len(self.catalog.credit_types)):
             policy = plan.credits.get(ct) if plan else None
-            floor = policy.floor_nano if policy else 0
             alert = policy.alert_nano if policy else None
+            ops += self.floor_ops(customer_id, ct)
             cts = self.core.state(idx)[0][ct]
-            if cts[2] != floor:
-                self.core.set_floor(idx, ct, floor)
-                ops.append(self._core_op(b"F", customer_id, ct, floor))
             if cts[5] != (INT64_MIN if alert is None else alert):
                 self.core.set_alert(idx, ct, alert)
                 ops.append(self._core_op(b"T", customer_id, ct, INT64_MIN if alert is None else alert))
@@ -106,6 +136,9 @@ class SubscriptionsMixin:
         if customer_id in self.subs:
             raise Conflict(f"customer {customer_id!r} is subscribed already; use ChangePlan")
         plan = self._plan(plan_name)
+        if start_ms > now:
+            raise InvalidInput("start_ms", "must not be in the future")
+        # An anchor in the past places the subscription in its current period; past periods are not billed.
         n = 0
         while period_start(start_ms, plan.period, n + 1) <= now:
             n += 1
@@ -115,13 +148,18 @@ class SubscriptionsMixin:
         ops = self._apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
             ops += self._included_ops(sub, plan, ct, plan.credits[ct].included_nano)
-        for ct, amount in plan.trial_nano.items():
-            add, _ = self._add_bucket(customer_id, ct, amount, now + plan.trial_days * 86_400_000, SPENT_FIRST,
-                                      "trial", credit=True)
-            ops += add
+        if plan.trial_nano and not self._had_trial(customer_id):
+            for ct, amount in plan.trial_nano.items():
+                add, _ = self._add_bucket(customer_id, ct, amount, now + plan.trial_days * 86_400_000, SPENT_FIRST,
+                                          "trial", credit=True)
+                ops += add
+            ops.append(("meta", f"trial\x00{customer_id}".encode(), b"1"))  # one trial per customer
         ops += self._fee_ops(sub, plan)
         ops.append(self._put_sub(sub))
         return ops, sub
+
+    def _had_trial(self, customer_id: str) -> bool:
+        return self.store.get("meta", f"trial\x00{customer_id}".encode()) is not None  # type: ignore[attr-defined]
 
     def cancel_ops(self, customer_id: str, at_period_end: bool) -> tuple[list[Op], Subscription]:
         sub = self.subs.get(customer_id)
@@ -130,26 +168,41 @@ class SubscriptionsMixin:
         if at_period_end:
             sub.cancel_at_end = True
             return [self._put_sub(sub)], sub
-        ops = self._end_ops(sub, self._plan_or_none(sub.plan), sub.start_ms)
+        plan = self._plan_or_none(sub.plan)
+        idx = self.core.account(customer_id.encode())
+        ops = self._gauge_ops(sub, idx)  # what the period used so far is charged now
+        for ct, policy in (plan.credits.items() if plan else []):
+            ops += self.settle_overage_ops(customer_id, ct, policy, "cancel")
+        ops += self._end_ops(sub, plan, sub.start_ms)
         return ops, sub
 
     def change_plan_ops(self, customer_id: str, plan_name: str, now: int) -> tuple[list[Op], Subscription]:
+        """An upgrade takes effect now: the fee difference and the extra included
+        credits for the time left, and overage so far billed at the old prices.
+        A downgrade takes effect when the period (already paid for) ends."""
         sub = self.subs.get(customer_id)
         if sub is None:
             raise NotFound(f"customer {customer_id!r} has no subscription")
         new = self._plan(plan_name)
         old = self._plan_or_none(sub.plan)
-        if new.period != (old.period if old else new.period):
+        if old is not None and new.period != old.period:
             raise InvalidInput("plan", "a plan change keeps the billing period; cancel and subscribe instead")
+        sub.next_plan = ""
+        if old is not None and (new.name == old.name or not _is_upgrade(old, new)):
+            if new.name != old.name:
+                sub.next_plan = new.name
+            return [self._put_sub(sub)], sub
         left, length = sub.end_ms - now, sub.end_ms - sub.start_ms
         ops: list[Op] = []
-        # The old plan's credits for the time left go; the new plan's for that time come.
         for ct, policy in (old.credits.items() if old else []):
-            ops += self._prorate_out(sub, ct, policy.included_nano * left // length)
+            ops += self.settle_overage_ops(customer_id, ct, policy, "plan change")
+        ops += self._fee_difference_ops(sub, old, new, left, length)
         sub.plan = new.name
+        sub.overage_billed = {}
         ops += self._apply_plan_ops(customer_id, new)
         for ct, policy in new.credits.items():
-            ops += self._included_ops(sub, new, ct, policy.included_nano * left // length)
+            before = old.credits[ct].included_nano if old and ct in old.credits else 0
+            ops += self._included_ops(sub, new, ct, max(policy.included_nano - before, 0) * left // length)
         ops.append(self._put_sub(sub))
         return ops, sub
 
@@ -163,24 +216,19 @@ class SubscriptionsMixin:
                                   kind="included")
         return ops
 
-    def _prorate_out(self, sub: Subscription, ct: int, amount: int) -> list[Op]:
+    def _fee_difference_ops(self, sub: Subscription, old: Plan | None, new: Plan, left: int, length: int) -> list[Op]:
+        """An upgrade pays the fee difference for the time left; a downgrade is not refunded."""
+        ops: list[Op] = []
         idx = self.core.account(sub.customer_id.encode())
-        ops = self._reconcile(sub.customer_id, ct, self.core.state(idx)[0][ct][0])
-        for b in self._period_buckets(sub, ct, sub.end_ms, ("included",)):
-            take = min(amount, b.remaining_nano)
-            if take <= 0:
+        for ct, fee in new.fees_nano.items():
+            diff = fee - (old.fees_nano.get(ct, 0) if old else 0)
+            if diff <= 0:
                 continue
-            amount -= take
-            b.remaining_nano -= take
-            credit, before, after = self._credit_ops(sub.customer_id, ct, -take)
-            ops += credit + self._audit_op(sub.customer_id, "proration", ct, -take, before, after, b.grant_id)
-            ops += self._remove_bucket(sub.customer_id, ct, b) if b.remaining_nano == 0 else \
-                self._rewrite_bucket(sub.customer_id, ct, b)
+            charge = -((-diff * left) // length)  # rounded up, in the seller's favour by under a nano
+            bal = self.core.state(idx)[0][ct][0]
+            ops += self._audit_op(sub.customer_id, "fee", ct, 0, bal, bal, f"{new.name} upgrade proration",
+                                  charge=charge, charge_ct=ct)
         return ops
-
-    def _rewrite_bucket(self, customer_id: str, ct: int, b: Bucket) -> list[Op]:
-        from meterd.engine import Engine
-        return [("grants", Engine._grant_key_of(self.catalog, customer_id, ct, b.grant_id), Engine._grant_doc(b))]
 
     def _period_buckets(self, sub: Subscription, ct: int, boundary: int, sources: tuple[str, ...]) -> list[Bucket]:
         acct = self.accounts.get(sub.customer_id)
@@ -223,13 +271,19 @@ class SubscriptionsMixin:
             ops += self._reconcile(sub.customer_id, ct, self.core.state(idx)[0][ct][0])
             ops += self._rollover_ops(sub, ct, policy, boundary, ending)
             ops += self._cycle_end_overage_ops(sub, ct, policy)
-            if self.core.state(idx)[0][ct][2] != policy.floor_nano:  # a new period's overage allowance
-                self.core.set_floor(idx, ct, policy.floor_nano)
-                ops.append(self._core_op(b"F", sub.customer_id, ct, policy.floor_nano))
+            if policy.arrears:
+                ops += self._arrears_ops(sub, ct)
+        sub.overage_billed = {}
+        for ct in (plan.credits if plan else {}):
+            ops += self.floor_ops(sub.customer_id, ct)  # a new period's overage allowance
         self.core.reset_usage(idx)
         ops.append(self._core_op(b"U", sub.customer_id, 0, 0))
         if ending:
             return ops + self._end_ops(sub, plan, boundary)
+        if sub.next_plan:  # a downgrade asked for during the period
+            plan = self._plan_or_none(sub.next_plan) or plan
+            sub.plan, sub.next_plan = plan.name, ""  # type: ignore[union-attr]
+            ops += self._apply_plan_ops(sub.customer_id, plan)
         sub.n += 1
         sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.period, sub.n + 1)  # type: ignore[union-attr]
         for ct, policy in plan.credits.items():  # type: ignore[union-attr]
@@ -257,11 +311,10 @@ class SubscriptionsMixin:
                     rolled = min(rolled, r.balance_cap_nano - staying - incoming - rolled_total)
                 rolled = max(rolled, 0)
             forfeited = b.remaining_nano - rolled
+            held = min(forfeited, self.reserved_share(sub.customer_id, ct, b))
             ops += self._remove_bucket(sub.customer_id, ct, b)
-            if forfeited:
-                credit, before, after = self._credit_ops(sub.customer_id, ct, -forfeited)
-                kind = "rollover_forfeited" if r is not None else "expire"
-                ops += credit + self._audit_op(sub.customer_id, kind, ct, -forfeited, before, after, b.grant_id)
+            ops += self._forfeit_ops(sub.customer_id, ct, forfeited, held, "rollover_forfeited" if r else "expire",
+                                     b.grant_id, boundary)
             if rolled:
                 rolled_total += rolled
                 expires = period_start(sub.anchor_ms, self._plan(sub.plan).period,
@@ -271,6 +324,23 @@ class SubscriptionsMixin:
                 bal = self.core.state(self.core.account(sub.customer_id.encode()))[0][ct][0]
                 ops += add + self._audit_op(sub.customer_id, "rolled_over", ct, rolled, bal, bal,
                                             f"{b.grant_id} -> {gid}")
+        return ops
+
+    def _forfeit_ops(self, customer_id: str, ct: int, amount: int, held: int, kind: str, reference: str,
+                     when: int) -> list[Op]:
+        """Take ``amount`` of expiring credit away, except the ``held`` part open
+        reservations stand on: that stays as a bucket already expired, which the
+        grant expiry of the housekeeping timer takes once they settle."""
+        if amount <= 0:
+            return []
+        gone = amount - held
+        ops: list[Op] = []
+        if gone:
+            credit, before, after = self._credit_ops(customer_id, ct, -gone)
+            ops += credit + self._audit_op(customer_id, kind, ct, -gone, before, after, reference)
+        if held:
+            keep, _ = self._add_bucket(customer_id, ct, held, when, SPENT_FIRST, "held", credit=False)
+            ops += keep
         return ops
 
     def _cycle_end_overage_ops(self, sub: Subscription, ct: int, policy: CreditPolicy) -> list[Op]:
@@ -286,16 +356,27 @@ class SubscriptionsMixin:
             return []
         deficit = -bal
         credit, before, after = self._credit_ops(customer_id, ct, deficit)
-        if why == "threshold":
-            # Billed early: what was billed still counts against this period's overage limit.
-            floor = min(self.core.state(idx)[0][ct][2] + deficit, 0)
-            self.core.set_floor(idx, ct, floor)
-            credit.append(self._core_op(b"F", customer_id, ct, floor))
         if policy.overage.at_cycle_end == "forgive" and why == "cycle end":
             return credit + self._audit_op(customer_id, "overage_forgiven", ct, deficit, before, after, why)
-        money = policy.overage.charge(deficit)
+        sub = self.subs[customer_id]
+        # Graduated tiers continue from what was billed earlier in the period, and
+        # what was billed still counts against the period's overage limit.
+        billed = sub.overage_billed.get(str(ct), 0)
+        money = policy.overage.charge(billed + deficit) - policy.overage.charge(billed)
+        sub.overage_billed[str(ct)] = billed + deficit
+        credit += self.floor_ops(customer_id, ct) + [self._put_sub(sub)]
         return credit + self._audit_op(customer_id, "overage_charged", ct, deficit, before, after, why,
                                        charge=money, charge_ct=policy.overage.price_credit_type)
+
+    def _arrears_ops(self, sub: Subscription, ct: int) -> list[Op]:
+        """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""
+        idx = self.core.account(sub.customer_id.encode())
+        bal = self.core.state(idx)[0][ct][0]
+        if bal >= 0:
+            return []
+        credit, before, after = self._credit_ops(sub.customer_id, ct, -bal)
+        return credit + self._audit_op(sub.customer_id, "usage_billed", ct, -bal, before, after,
+                                       f"period {sub.n}", charge=-bal, charge_ct=ct)
 
     def _gauge_ops(self, sub: Subscription, idx: int) -> list[Op]:
         """Max and latest meters are charged once, on their value for the period."""
@@ -320,14 +401,13 @@ class SubscriptionsMixin:
         for ct in (plan.credits if plan else {}):
             ops += self._reconcile(sub.customer_id, ct, self.core.state(idx)[0][ct][0])
             for b in self._period_buckets(sub, ct, 1 << 62, ("included", "rollover")):
+                held = self.reserved_share(sub.customer_id, ct, b)
                 ops += self._remove_bucket(sub.customer_id, ct, b)
-                if b.remaining_nano:
-                    credit, before, after = self._credit_ops(sub.customer_id, ct, -b.remaining_nano)
-                    ops += credit + self._audit_op(sub.customer_id, "expire", ct, -b.remaining_nano, before, after,
-                                                   f"{b.grant_id} subscription ended")
-        ops += self._apply_plan_ops(sub.customer_id, None)
-        del self.subs[sub.customer_id]
+                ops += self._forfeit_ops(sub.customer_id, ct, b.remaining_nano, held, "expire",
+                                         f"{b.grant_id} subscription ended", when)
+        del self.subs[sub.customer_id]  # first: the floors below are those of no plan
         ops.append(("subs", sub.customer_id.encode(), None))
+        ops += self._apply_plan_ops(sub.customer_id, None)
         return ops
 
     # ---- alerts: automatic top-up requests and early overage bills ---------------------
@@ -363,3 +443,12 @@ class SubscriptionsMixin:
             sub.topup_pending.remove(ct)
             return [self._put_sub(sub)]
         return []
+
+
+def _is_upgrade(old: Plan, new: Plan) -> bool:
+    """A plan with a higher fee, or the same fee and more included credits of some type."""
+    old_fee, new_fee = sum(old.fees_nano.values()), sum(new.fees_nano.values())
+    if new_fee != old_fee:
+        return new_fee > old_fee
+    return any(p.included_nano > (old.credits[ct].included_nano if ct in old.credits else 0)
+               for ct, p in new.credits.items())

@@ -111,20 +111,22 @@ class SubscribeRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., start_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Subscription(_message.Message):
-    __slots__ = ("customer_id", "plan", "anchor_ms", "period_start_ms", "period_end_ms", "cancel_at_period_end")
+    __slots__ = ("customer_id", "plan", "anchor_ms", "period_start_ms", "period_end_ms", "cancel_at_period_end", "next_plan")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_AT_PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PLAN_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     plan: str
     anchor_ms: int
     period_start_ms: int
     period_end_ms: int
     cancel_at_period_end: bool
-    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., anchor_ms: _Optional[int] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ...) -> None: ...
+    next_plan: str
+    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., anchor_ms: _Optional[int] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ..., next_plan: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("customer_id", "at_period_end")

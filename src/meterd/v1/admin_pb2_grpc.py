@@ -111,7 +111,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ChangePlan(self, request, context):
-        """Change plan mid-period: included credits are prorated by the time left.
+        """Change plan. An upgrade applies now (fee difference and extra included
+        credits prorated by the time left); a downgrade applies at the period's end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
