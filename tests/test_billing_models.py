@@ -167,9 +167,12 @@ def test_replicate_per_second_in_arrears_or_prepaid(make):
 def test_hybrid_fee_included_credits_gauges_and_graduated_overage(make):
     b = make("hybrid")
     assert [e.charge_nano for e in b.audit("acme", "fee")] == [49 * NANO]
-    # $160 of tokens against $10 included: $150 of overage
+    # the first GPU hour of the period is free: 3,600.5 s of L40S cost half a second
+    assert b.report("acme", "gpu_seconds", "3600.5", hardware="nvidia-l40s").cost_nano == 487_500
+    # $160 of tokens against $10 included (less the half second): $150.0004875 of overage
     b.report("acme", "output_tokens", 16_000_000, model="gpt-4o")
-    assert b.bal("acme", "usd") == -150 * NANO
+    assert b.bal("acme", "usd") == -150 * NANO - 487_500
+    b.grant("acme", "usd", 487_500, source="goodwill")
     for seats in (3, 7, 5):
         b.report("acme", "seats", seats)
     for _ in range(3000):

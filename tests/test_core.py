@@ -35,13 +35,15 @@ CATALOG = {
 
 # Plan 1 degrades "req" to "slow" (priority falls one step per 2 requests);
 # plan 2 degrades both credit types to "relax" with no priority step.
-PLANS = [[(0, 0), (1, 2 * 10**9)], [(2, 0), (2, 0)]]
+# Plan 3 denies when empty, but the first 2,000 tokens and 3 requests of a period are free.
+PLANS = [[(0, 0), (1, 2 * 10**9)], [(2, 0), (2, 0)], [(0, 0), (0, 0)]]
 MODES = [b"slow", b"relax"]
+FREE = [[0] * 6, [0] * 6, [2000, 3, 0, 0, 0, 0]]
 
 
 def make_core(kind: str, catalog: dict = CATALOG):
     denominators, meters, rates = parse_catalog(catalog, "test").compile()
-    return CORES[kind](denominators, meters, rates, dict(LIMITS), 1024, PLANS, MODES)
+    return CORES[kind](denominators, meters, rates, dict(LIMITS), 1024, PLANS, MODES, FREE)
 
 
 def batch(events, client_id: str = "", sequence: int = 0) -> bytes:
@@ -252,7 +254,7 @@ def test_both_cores_agree_on_many_random_events():
     customers = [f"cust-{i}" for i in range(300)]
     for c in customers[:250]:  # 50 customers stay unknown
         usd, req = rng.randrange(0, 10**9), rng.randrange(0, 10**11)
-        plan, alert = rng.randrange(3), rng.choice([None, rng.randrange(0, 10**9)])
+        plan, alert = rng.randrange(4), rng.choice([None, rng.randrange(0, 10**9)])
         for core in (a, b):
             idx = core.open_account(c.encode())
             core.credit(idx, 0, usd)
@@ -377,3 +379,14 @@ def test_count_and_max_meters(core):
     cts, use, _ = core.state(0)
     assert (use[4], use[5]) == (7, 3)  # seats: the maximum; calls: three events
     assert cts[0][0] == 1_000 * 10**9 - 3 * 1_000_000  # calls cost per event; seats at period end
+
+
+def test_free_units_of_a_plan_come_first(core):
+    idx = core.open_account(b"free")
+    core.credit(idx, 0, 10**9)
+    core.set_plan(idx, 3)
+    costs = [core.report(pb.ReportRequest(event=ev("free", model="gpt-4o", quantity=q)).SerializeToString())[3]
+             for q in (1500, 1000, 100)]
+    assert costs == [0, 500 * 2500, 100 * 2500]  # 2,000 free, then $2.50 per 1M
+    core.reset_usage(idx)
+    assert core.report(pb.ReportRequest(event=ev("free", model="gpt-4o", quantity=10)).SerializeToString())[3] == 0

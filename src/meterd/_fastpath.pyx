@@ -257,6 +257,7 @@ cdef class Core:
     cdef int n_plans
     cdef int32_t *plan_mode
     cdef int64_t *plan_step
+    cdef int64_t *plan_free   # free units per (plan, meter) and period
     cdef list modes
     cdef const char **mode_ptr
     cdef int32_t *mode_len
@@ -292,6 +293,7 @@ cdef class Core:
         self.plan_of = NULL
         self.plan_mode = NULL
         self.plan_step = NULL
+        self.plan_free = NULL
         self.alerts = NULL
         self.mode_ptr = NULL
         self.mode_len = NULL
@@ -304,7 +306,7 @@ cdef class Core:
         self.closed = False
 
     def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
-                 list plans=None, list modes=None):
+                 list plans=None, list modes=None, list free=None):
         """Build the core for one catalog shape.
 
         ``meters``: (name, credit_type, precision, price_dimension, aggregation) tuples;
@@ -313,7 +315,8 @@ cdef class Core:
         dimensions_max, dimension_key_bytes_max, dimension_value_bytes_max.
         ``plans``: per plan, per credit type, (fallback mode, priority step);
         plan 0 is "no plan" and always denies. ``modes``: fallback mode names,
-        mode k being ``modes[k - 1]``.
+        mode k being ``modes[k - 1]``. ``free``: per plan (from plan 1), per
+        meter, the units of each period that are not charged.
         """
         cdef Py_ssize_t i, k
         self.n_ct = len(denominators)
@@ -347,10 +350,21 @@ cdef class Core:
             raise ValueError("too many plans")
         self.plan_mode = <int32_t *>calloc(self.n_plans * max(self.n_ct, 1), sizeof(int32_t))
         self.plan_step = <int64_t *>calloc(self.n_plans * max(self.n_ct, 1), sizeof(int64_t))
+        self.plan_free = <int64_t *>calloc(self.n_plans * max(self.n_meters, 1), sizeof(int64_t))
         self.alerts = <int64_t *>calloc(DEF_ALERTS_MAX, sizeof(int64_t))
         if not (self.denom and self.meters and self.rates and self.scratch and self.plan_mode
-                and self.plan_step and self.alerts):
+                and self.plan_step and self.plan_free and self.alerts):
             raise MemoryError()
+        free = free or []
+        if len(free) > self.n_plans - 1:
+            raise ValueError("free units for more plans than there are")
+        for i in range(len(free)):
+            if len(free[i]) != self.n_meters:
+                raise ValueError("plan %d: free units for every meter" % (i + 1))
+            for k in range(self.n_meters):
+                if free[i][k] < 0:
+                    raise ValueError("free units must not be negative")
+                self.plan_free[(i + 1) * self.n_meters + k] = free[i][k]
         for i in range(self.n_plans):
             if len(plans[i]) != self.n_ct:
                 raise ValueError("plan %d: one entry per credit type" % i)
@@ -414,7 +428,7 @@ cdef class Core:
         free(self.arena); free(self.bal); free(self.resv); free(self.floor_)
         free(self.rem); free(self.usage); free(self.dirty)
         free(self.degr); free(self.alert); free(self.plan_of)
-        free(self.plan_mode); free(self.plan_step); free(self.alerts)
+        free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len)
 
     def close(self):
@@ -712,6 +726,12 @@ cdef class Core:
         cdef int32_t meter = self.rates[rate].meter
         cdef Py_ssize_t b = idx * self.n_ct + ct
         cdef Py_ssize_t u = idx * self.n_meters + meter
+        cdef int64_t free_units = self.plan_free[self.plan_of[idx] * self.n_meters + meter]
+        cdef int64_t charged
+        if free_units > self.usage[u] and fine > 0:
+            # The plan's free units this period come first; the rest is rated as usual.
+            charged = quantity - (free_units - self.usage[u]) if quantity > free_units - self.usage[u] else 0
+            self._fine(rate, charged, &fine)  # cannot overflow: charged <= quantity
         cdef i128 total = fine + self.rem[b]
         cdef i128 d = total / self.denom[ct]
         cdef i128 use

@@ -162,7 +162,8 @@ class Core:
     """Accounts, rates and the batch decoder; see ``_fastpath.pyx``."""
 
     def __init__(self, denominators: list, meters: list, rates: list, limits: dict,
-                 capacity: int = 1024, plans: list | None = None, modes: list | None = None) -> None:
+                 capacity: int = 1024, plans: list | None = None, modes: list | None = None,
+                 free: list | None = None) -> None:
         self.id_max = limits["customer_id_bytes_max"]
         self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
@@ -189,6 +190,15 @@ class Core:
             for mode, step in plan:
                 if not (0 <= mode <= len(self.modes)) or step < 0:
                     raise ValueError("plan %d: mode or step out of range" % i)
+        self.free = [[0] * len(meters)] + [list(f) for f in (free or [])]
+        if len(self.free) > len(self.plans):
+            raise ValueError("free units for more plans than there are")
+        for i, f in enumerate(self.free):
+            if len(f) != len(meters):
+                raise ValueError("plan %d: free units for every meter" % i)
+            if any(x < 0 for x in f):
+                raise ValueError("free units must not be negative")
+        self.free += [[0] * len(meters) for _ in range(len(self.plans) - len(self.free))]
         self.meters = []
         self.aggs = []
         for i, (name, ct, precision, dim, agg) in enumerate(meters):
@@ -403,6 +413,10 @@ class Core:
 
     def _debit(self, idx: int, rate: int, quantity: int, fine: int, force: bool) -> tuple:
         meter, ct, _, _ = self.rates[rate]
+        free_units = self.free[self.plan_of[idx]][meter]
+        if free_units > self.usage[idx][meter] and fine > 0:
+            left = free_units - self.usage[idx][meter]
+            fine = self._fine(rate, quantity - left if quantity > left else 0)  # type: ignore[assignment]
         total = fine + self.rem[idx][ct]
         d, rem = divmod(total, self.denom[ct])
         if d > INT64_MAX or self.bal[idx][ct] - d < -INT64_MAX:

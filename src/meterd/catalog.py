@@ -76,6 +76,10 @@ class Catalog:
         self.meter_index = {m.name: i for i, m in enumerate(self.meters)}
         self.plan_index = {p.name: p for p in self.plans}
 
+    def core_free(self) -> list[list[int]]:
+        """Free units a period per plan and meter, in each meter's smallest unit."""
+        return [[int(plan.free_units.get(m.name, 0) * 10**m.precision) for m in self.meters] for plan in self.plans]
+
     def core_plans(self) -> tuple[list[list[tuple[int, int]]], list[bytes]]:
         """The core's plan table (fallback mode, priority step per credit type) and mode names."""
         table = []
@@ -282,6 +286,13 @@ def parse_catalog(doc: dict, source: str) -> Catalog:
     plans = parse_plans(doc, credit_index, modes, source, amount, _check_keys)
     customers = _customers(doc, credit_index, {p.name for p in plans}, source)
     catalog = Catalog(credit_types, meters, customers, source, plans, modes)
+    for plan in plans:
+        for meter_name, units in plan.free_units.items():
+            m = catalog.meters[catalog.meter_index[meter_name]] if meter_name in catalog.meter_index else None
+            if m is None:
+                raise _err(source, f"plans.{plan.name}.free.{meter_name}", "unknown meter")
+            if (units * 10**m.precision).denominator != 1:
+                raise _err(source, f"plans.{plan.name}.free.{meter_name}", f"has more than {m.precision} decimals")
     for m in meters:
         if m.aggregation >= 2 and None not in m.prices:
             raise _err(source, f"meters.{m.name}.price", "a max or latest meter is charged on its period's value "

@@ -142,6 +142,7 @@ def _doc_of(catalog: Catalog) -> dict:
         "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4]] for m in meters],
         "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
         "plans": plans, "modes": [m.decode() for m in modes], "plan_names": [p.name for p in catalog.plans],
+        "free": catalog.core_free(),
         "credit_types": shape["credit_types"], "meter_names": shape["meters"], "precisions": shape["precisions"],
     }
     return json.loads(json.dumps(doc))  # the form it has after a trip through LMDB
@@ -151,7 +152,7 @@ def _compiled_of(doc: dict) -> tuple:
     return (doc["denominators"],
             [(m[0].encode(), m[1], m[2], m[3].encode(), m[4]) for m in doc["meters"]],
             [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]],
-            [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]])
+            [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]], doc["free"])
 
 
 def _record(kind: bytes, payload: bytes) -> bytes:
@@ -253,8 +254,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         return _compiled_of(_doc_of(self.catalog))
 
     def _core_for(self, compiled: tuple) -> Any:
-        denominators, meters, rates, plans, modes = compiled
-        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes)
+        denominators, meters, rates, plans, modes, free = compiled
+        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes, free)
 
     def recover(self) -> None:
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""

@@ -96,6 +96,7 @@ class Plan:
     credits: dict[int, CreditPolicy]
     trial_nano: dict[int, int] = field(default_factory=dict)
     trial_days: int = 0
+    free_units: dict[str, Fraction] = field(default_factory=dict)  # meter name -> free units a period
 
 
 # ---- period arithmetic -----------------------------------------------------------------
@@ -152,7 +153,7 @@ def parse_plans(doc: dict, credit_index: dict[str, int], modes: list[str], sourc
         where = f"plans.{name}"
         if not isinstance(spec, dict):
             raise _err(source, where, "must be a table")
-        check_keys(spec, {"period", "fee", "credits", "trial"}, source, where)
+        check_keys(spec, {"period", "fee", "credits", "trial", "free"}, source, where)
         period = spec.get("period", "month")
         if period not in PERIODS:
             raise _err(source, f"{where}.period", f"must be one of {', '.join(PERIODS)}")
@@ -173,7 +174,10 @@ def parse_plans(doc: dict, credit_index: dict[str, int], modes: list[str], sourc
         days = _int(trial, "days", f"{where}.trial", source, 0, 0, 3650)
         if trial_nano and not days:
             raise _err(source, f"{where}.trial.days", "trial credits need a number of days")
-        plans.append(Plan(name, len(plans) + 1, period, fees, credits, trial_nano, days))
+        free = {}
+        for meter, value in _sub(spec, "free", where, source).items():
+            free[meter] = Fraction(amount(value, f"{where}.free.{meter}"), 10**9)
+        plans.append(Plan(name, len(plans) + 1, period, fees, credits, trial_nano, days, free))
     return plans
 
 
