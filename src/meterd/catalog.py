@@ -127,6 +127,42 @@ class Catalog:
             "denominators": denominators,
         }
 
+    def describe(self) -> str:
+        """What the catalog says, in words, for ``meterd check-config``."""
+        lines = [f"catalog {self.source}"]
+        for ct in self.credit_types:
+            unit = ct.currency if ct.kind == "fiat" else "custom unit"
+            lines.append(f"  credit type {ct.name}: {unit}, {ct.decimals} decimals")
+        for m in self.meters:
+            ct = self.credit_types[m.credit_type].name
+            agg = AGGREGATIONS[m.aggregation]
+            by = f" by {m.price_dimension}" if m.price_dimension else ""
+            prices = ", ".join(f"{'default' if k is None else k} {_per_unit(p, m.precision)}"
+                               for k, p in m.prices.items())
+            lines.append(f"  meter {m.name}: {agg}, {m.precision} decimals, priced in {ct}{by}: {prices}")
+        for plan in self.plans:
+            fees = ", ".join(f"{_nano(v)} {self.credit_types[ct].name}" for ct, v in plan.fees_nano.items()) or "none"
+            lines.append(f"  plan {plan.name}: every {plan.period}, fee {fees}")
+            for ct, p in plan.credits.items():
+                parts = [f"includes {_nano(p.included_nano)}"]
+                if p.rollover:
+                    parts.append(f"rolls over {p.rollover.max_percent}% up to {p.rollover.max_count} times")
+                if p.overage:
+                    limit = "no limit" if p.overage.limit_nano is None else f"limit {_nano(p.overage.limit_nano)}"
+                    parts.append(f"overage ({limit}, {p.overage.at_cycle_end} at period end)")
+                if p.arrears:
+                    parts.append("billed in arrears")
+                if p.fallback:
+                    parts.append(f"falls back to {p.fallback}")
+                if p.low_balance_nano is not None:
+                    parts.append(f"asks for a top-up below {_nano(p.low_balance_nano)}")
+                lines.append(f"    {self.credit_types[ct].name}: " + ", ".join(parts))
+        for c in self.customers:
+            lines.append(f"  customer {c.customer_id}: plan {c.plan or 'none'}, balances "
+                         + (", ".join(f"{_nano(v)} {self.credit_types[ct].name}"
+                                      for ct, v in c.balances_nano.items()) or "none"))
+        return "\n".join(lines)
+
     def format_quantity(self, meter: int, base_units: int) -> str:
         """Exact decimal text of a quantity held in the meter's smallest unit."""
         p = self.meters[meter].precision
@@ -134,6 +170,18 @@ class Catalog:
             return str(base_units)
         whole, frac = divmod(base_units, 10**p)
         return f"{whole}.{frac:0{p}d}"
+
+
+def _nano(v: int) -> str:
+    whole, frac = divmod(abs(v), NANO)
+    text = f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+    return ("-" if v < 0 else "") + text
+
+
+def _per_unit(price: Fraction, precision: int) -> str:
+    """A price held per smallest unit, shown per whole unit of the meter."""
+    per_unit = price * 10**precision / NANO
+    return str(per_unit.numerator) if per_unit.denominator == 1 else f"{per_unit.numerator}/{per_unit.denominator}"
 
 
 def _err(source: str, key: str, message: str) -> ConfigError:
@@ -189,8 +237,9 @@ def _credit_types(doc: dict, source: str) -> list[CreditType]:
         if kind not in ("fiat", "custom"):
             raise _err(source, f"{where}.kind", "must be \"fiat\" or \"custom\"")
         decimals = spec.get("decimals", 2 if kind == "fiat" else 0)
-        if not isinstance(decimals, int) or not 0 <= decimals <= 9:
-            raise _err(source, f"{where}.decimals", "must be an integer from 0 to 9")
+        top = 9 if kind == "fiat" else 3
+        if not isinstance(decimals, int) or isinstance(decimals, bool) or not 0 <= decimals <= top:
+            raise _err(source, f"{where}.decimals", f"must be an integer from 0 to {top} for a {kind} credit type")
         currency = spec.get("currency", "USD" if kind == "fiat" else "")
         if kind == "fiat" and not re.fullmatch(r"[A-Z]{3}", str(currency)):
             raise _err(source, f"{where}.currency", "must be a three-letter ISO 4217 code")
@@ -209,6 +258,8 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices", "aggregation"},
                 source, where)
     agg = spec.get("aggregation", "sum")
+    if agg == "unique_count":
+        raise _err(source, f"{where}.aggregation", "unique_count is not supported yet (sum, count, max, latest are)")
     if agg not in AGGREGATIONS:
         raise _err(source, f"{where}.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     ct = spec.get("credit_type")

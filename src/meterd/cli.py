@@ -75,10 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.file:
+        args.config = args.file
     settings = _load(args)
     catalog = load_catalog(settings.catalog)
+    print(catalog.describe())
     print(f"ok: settings valid; catalog {catalog.source}: {len(catalog.credit_types)} credit types, "
-          f"{len(catalog.meters)} meters, {len(catalog.customers)} customers")
+          f"{len(catalog.meters)} meters, {len(catalog.plans)} plans, {len(catalog.customers)} customers")
     return 0
 
 
@@ -127,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon (Ctrl-C or SIGTERM stops it gracefully)")
     _settings_args(p)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("check-config", help="validate settings and catalog, then exit")
+    p = sub.add_parser("check-config", help="validate settings and catalog, print what they say, then exit")
+    p.add_argument("file", nargs="?", help="a settings file, a catalog, or both in one (same as --config)")
     _settings_args(p)
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("balance", help="print a customer's balances and usage this period")
