@@ -130,16 +130,16 @@ class Catalog:
     def describe(self) -> str:
         """What the catalog says, in words, for ``meterd check-config``."""
         lines = [f"catalog {self.source}"]
-        for ct in self.credit_types:
-            unit = ct.currency if ct.kind == "fiat" else "custom unit"
-            lines.append(f"  credit type {ct.name}: {unit}, {ct.decimals} decimals")
+        for credit in self.credit_types:
+            unit = credit.currency if credit.kind == "fiat" else "custom unit"
+            lines.append(f"  credit type {credit.name}: {unit}, {credit.decimals} decimals")
         for m in self.meters:
-            ct = self.credit_types[m.credit_type].name
+            priced_in = self.credit_types[m.credit_type].name
             agg = AGGREGATIONS[m.aggregation]
             by = f" by {m.price_dimension}" if m.price_dimension else ""
             prices = ", ".join(f"{'default' if k is None else k} {_per_unit(p, m.precision)}"
                                for k, p in m.prices.items())
-            lines.append(f"  meter {m.name}: {agg}, {m.precision} decimals, priced in {ct}{by}: {prices}")
+            lines.append(f"  meter {m.name}: {agg}, {m.precision} decimals, priced in {priced_in}{by}: {prices}")
         for plan in self.plans:
             fees = ", ".join(f"{_nano(v)} {self.credit_types[ct].name}" for ct, v in plan.fees_nano.items()) or "none"
             lines.append(f"  plan {plan.name}: every {plan.period}, fee {fees}")
