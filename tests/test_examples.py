@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
+
+from conftest import free_port
+from test_lifecycle import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,37 +27,37 @@ def test_quickstart_example(make_daemon):
     assert lines[4].startswith("balance premium_requests: 499.000000000")
 
 
-EXAMPLE_EVENTS = {
-    "openai": ("acme", "input_tokens", {"model": "gpt-4o"}),
-    "cursor": ("alice", "requests", {"model": "claude-3.5-haiku"}),
-    "elevenlabs": ("studio", "characters", {"model": "eleven_flash_v2_5"}),
-    "midjourney": ("painter", "gpu_seconds", {"job": "turbo"}),
-    "replicate": ("lab", "gpu_seconds", {"hardware": "nvidia-h100"}),
-    "hybrid": ("acme", "requests", {"model": "o1"}),
-}
+def readme_sessions() -> dict[str, list[str]]:
+    text = (ROOT / "README.md").read_text()
+    found = re.findall(r"<!-- session: (\w+) -->\n```text\n(.*?)\n```", text, re.S)
+    return {name: body.splitlines() for name, body in found}
 
 
-def test_each_example_catalog_starts_with_serve_config(tmp_path):
-    import grpc
-    from conftest import free_port
-    from test_lifecycle import wait_serving
-
-    from meterd.v1 import meter_pb2 as pb
-    from meterd.v1 import meter_pb2_grpc
-
-    for name, (customer, meter, dims) in EXAMPLE_EVENTS.items():
+def test_each_example_catalog_serves_the_session_the_readme_shows(tmp_path):
+    sessions = readme_sessions()
+    assert set(sessions) == {"openai", "cursor", "elevenlabs", "midjourney", "replicate", "hybrid"}
+    for name, expected in sessions.items():
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "meterd", "serve", "--config",
                                  str(ROOT / "examples" / f"{name}.toml"), "--listen", f"127.0.0.1:{port}"],
                                 cwd=tmp_path, stderr=subprocess.PIPE, text=True)
         try:
             wait_serving(f"127.0.0.1:{port}", proc)
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                r = meter_pb2_grpc.MeterStub(ch).Report(pb.ReportRequest(event=pb.UsageEvent(
-                    customer_id=customer, meter=meter, quantity=1, dimensions=dims)))
-            assert r.decision == pb.DECISION_ALLOW, (name, r)
-            assert (tmp_path / "meterd-data" / name).is_dir()  # each example keeps its own data
+            out = subprocess.run([sys.executable, str(ROOT / "examples" / "session.py"), name, f"127.0.0.1:{port}"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
         finally:
             proc.terminate()
             proc.communicate(timeout=30)
         assert proc.returncode == 0
+        got = out.stdout.splitlines()
+        assert len(got) == len(expected), (name, got)
+        for line, want in zip(got, expected, strict=True):
+            if want.startswith("EndSession"):  # the time a session ran depends on the machine
+                m = re.fullmatch(r"EndSession after about a second -> billed (\d+)\.(\d{3}) s, "
+                                 r"cost ([\d.]+) usd", line)
+                assert m and int(m[1]) >= 1, line
+                millis = int(m[1]) * 1000 + int(m[2])
+                assert Decimal(m[3]) == Decimal(millis * 1_525) / 10**9  # $0.001525 a second, exactly
+                continue
+            assert line == want, name

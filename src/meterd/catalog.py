@@ -141,25 +141,27 @@ class Catalog:
                                for k, p in m.prices.items())
             lines.append(f"  meter {m.name}: {agg}, {m.precision} decimals, priced in {priced_in}{by}: {prices}")
         for plan in self.plans:
-            fees = ", ".join(f"{_nano(v)} {self.credit_types[ct].name}" for ct, v in plan.fees_nano.items()) or "none"
+            fees = ", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
+                             for ct, v in plan.fees_nano.items()) or "none"
             lines.append(f"  plan {plan.name}: every {plan.period}, fee {fees}")
             for ct, p in plan.credits.items():
-                parts = [f"includes {_nano(p.included_nano)}"]
+                parts = [f"includes {format_nano(p.included_nano)}"]
                 if p.rollover:
                     parts.append(f"rolls over {p.rollover.max_percent}% up to {p.rollover.max_count} times")
                 if p.overage:
-                    limit = "no limit" if p.overage.limit_nano is None else f"limit {_nano(p.overage.limit_nano)}"
+                    limit = ("no limit" if p.overage.limit_nano is None
+                             else f"limit {format_nano(p.overage.limit_nano)}")
                     parts.append(f"overage ({limit}, {p.overage.at_cycle_end} at period end)")
                 if p.arrears:
                     parts.append("billed in arrears")
                 if p.fallback:
                     parts.append(f"falls back to {p.fallback}")
                 if p.low_balance_nano is not None:
-                    parts.append(f"asks for a top-up below {_nano(p.low_balance_nano)}")
+                    parts.append(f"asks for a top-up below {format_nano(p.low_balance_nano)}")
                 lines.append(f"    {self.credit_types[ct].name}: " + ", ".join(parts))
         for c in self.customers:
             lines.append(f"  customer {c.customer_id}: plan {c.plan or 'none'}, balances "
-                         + (", ".join(f"{_nano(v)} {self.credit_types[ct].name}"
+                         + (", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
                                       for ct, v in c.balances_nano.items()) or "none"))
         return "\n".join(lines)
 
@@ -172,7 +174,8 @@ class Catalog:
         return f"{whole}.{frac:0{p}d}"
 
 
-def _nano(v: int) -> str:
+def format_nano(v: int) -> str:
+    """Nano-units as an exact decimal: 2500000000 -> 2.5."""
     whole, frac = divmod(abs(v), NANO)
     text = f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
     return ("-" if v < 0 else "") + text

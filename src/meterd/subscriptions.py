@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from meterd.catalog import format_nano
 from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.plans import CreditPolicy, Plan, period_start
 from meterd.store import Op
@@ -425,7 +426,8 @@ class SubscriptionsMixin:
             if policy.low_balance_nano is not None and bal < policy.low_balance_nano and ct not in sub.topup_pending:
                 sub.topup_pending.append(ct)
                 ops += self._audit_op(customer_id, "auto_topup_requested", ct, 0, bal, bal,
-                                      f"below {policy.low_balance_nano}", charge=policy.topup_target_nano - bal,
+                                      f"below {format_nano(policy.low_balance_nano)}",
+                                      charge=policy.topup_target_nano - bal,
                                       charge_ct=ct)
                 ops.append(self._put_sub(sub))
             elif policy.overage is not None and policy.overage.bill_threshold_nano is not None \
