@@ -150,3 +150,24 @@ def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_
     d.kill()
     d.start()
     assert usd(d) == before
+
+
+def test_watch_streams_auto_topup_requests(make_daemon):
+    import threading
+
+    root = Path(__file__).resolve().parent.parent
+    d = make_daemon(catalog=str(root / "examples" / "openai.toml")).start()
+    stream = d.admin.Watch(apb.WatchRequest(kinds=["auto_topup_requested"]))
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(next(stream)))
+    reader.start()
+    import time
+    time.sleep(0.3)  # let the stream open before the event
+    r = report(d, "output_tokens", 600_000, model="gpt-4o")  # $6 of $10: below the $5 threshold
+    assert r.balance_nano == 4 * 10**9
+    reader.join(10)
+    stream.cancel()
+    assert len(seen) == 1
+    entry = seen[0]
+    assert (entry.customer_id, entry.kind, entry.charge_nano, entry.charge_credit_type) == (
+        "acme", "auto_topup_requested", 16 * 10**9, "usd")

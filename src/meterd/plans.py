@@ -69,6 +69,7 @@ class CreditPolicy:
     priority_step_nano: int     # degraded usage per step down of the priority hint
     low_balance_nano: int | None  # ask for an automatic top-up below this
     topup_target_nano: int | None
+    expiry_days: int | None = None  # included credits: None expire at the period's end, 0 never, N after N days
 
     @property
     def floor_nano(self) -> int:
@@ -199,7 +200,7 @@ def _credit_policy(spec: Any, where: str, credit_index: dict[str, int], modes: l
     if not isinstance(spec, dict):
         raise _err(source, where, "must be a table")
     check_keys(spec, {"included", "rollover", "overage", "arrears", "fallback", "priority_step",
-                      "low_balance", "topup_target"}, source, where)
+                      "low_balance", "topup_target", "expiry"}, source, where)
     included = amount(spec.get("included", "0"), f"{where}.included")
     rollover = None
     if "rollover" in spec:
@@ -229,7 +230,18 @@ def _credit_policy(spec: Any, where: str, credit_index: dict[str, int], modes: l
         raise _err(source, f"{where}.topup_target", "low_balance and a larger topup_target go together")
     if low is not None and overage is not None and overage.bill_threshold_nano is not None:
         raise _err(source, f"{where}.low_balance", "cannot be combined with an overage bill_threshold")
-    return CreditPolicy(included, rollover, overage, arrears, fallback, step, low, target)
+    expiry = spec.get("expiry", "period")
+    if expiry == "period":
+        expiry_days = None
+    elif expiry == "never":
+        expiry_days = 0
+    elif isinstance(expiry, int) and not isinstance(expiry, bool) and 1 <= expiry <= 36_500:
+        expiry_days = expiry
+    else:
+        raise _err(source, f"{where}.expiry", 'must be "period", "never" or a number of days from 1 to 36500')
+    if expiry_days is not None and rollover is not None:
+        raise _err(source, f"{where}.rollover", "rollover applies to credits that expire with the period")
+    return CreditPolicy(included, rollover, overage, arrears, fallback, step, low, target, expiry_days)
 
 
 def _overage(spec: dict, where: str, credit_index: dict[str, int], source: str, amount: Any,

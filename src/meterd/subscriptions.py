@@ -213,7 +213,11 @@ class SubscriptionsMixin:
     def _included_ops(self, sub: Subscription, plan: Plan, ct: int, amount: int) -> list[Op]:
         if amount <= 0:
             return []
-        ops, _ = self._add_bucket(sub.customer_id, ct, amount, sub.end_ms, SPENT_FIRST, "included", credit=True,
+        days = plan.credits[ct].expiry_days
+        # Credits that live on past the period are not the period's: they are not rolled or forfeited with it.
+        source = "included" if days is None else "granted"
+        expires = sub.end_ms if days is None else (sub.start_ms + days * 86_400_000 if days else 0)
+        ops, _ = self._add_bucket(sub.customer_id, ct, amount, expires, SPENT_FIRST, source, credit=True,
                                   kind="included")
         return ops
 
