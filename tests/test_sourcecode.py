@@ -21,3 +21,8 @@ def test_ruff():
 def test_mypy():
     r = run(sys.executable, "-m", "mypy")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_benchmarks_still_run():
+    r = run(sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable", "-p", "no:cacheprovider")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
