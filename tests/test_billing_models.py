@@ -264,3 +264,18 @@ def test_arrears_are_billed_each_period(make):
     billed = b.audit("lab", "usage_billed")
     assert [(e.charge_nano, e.charge_credit_type) for e in billed] == [(152_500_000, "usd")]
     assert b.bal("lab", "usd") == 0
+
+
+def test_unique_count_meter_charges_distinct_users_at_period_end(make):
+    b = make("hybrid")
+    for user in ("ann", "bob", "ann", "cy", "bob", "ann"):
+        assert b.report("acme", "active_users", 0, user=user).cost_nano == 0
+    assert {u.meter: u.quantity for u in b.balance("acme").usage}["active_users"] == "3"
+    b.restart(clean=False)  # the distinct users of the period survive a crash
+    b.report("acme", "active_users", 0, user="dee")
+    b.report("acme", "active_users", 0, user="ann")
+    b.advance(29 * DAY_MS)
+    b.tick()
+    charged = [e for e in b.audit("acme", "gauge_charged") if e.reference.startswith("active_users")]
+    assert [(e.amount_nano, e.reference) for e in charged] == [(-8 * NANO, "active_users=4")]
+    assert {u.meter: u.quantity for u in b.balance("acme").usage}["active_users"] == "0"

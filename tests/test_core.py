@@ -29,6 +29,7 @@ CATALOG = {
         "images": {"credit_type": "req", "price": "2/7"},
         "seats": {"credit_type": "usd", "price": "5", "aggregation": "max"},
         "calls": {"credit_type": "usd", "price": "0.001", "aggregation": "count"},
+        "users": {"credit_type": "usd", "price": "2", "aggregation": "unique_count", "unique_dimension": "user"},
     },
 }
 
@@ -38,7 +39,7 @@ CATALOG = {
 # Plan 3 denies when empty, but the first 2,000 tokens and 3 requests of a period are free.
 PLANS = [[(0, 0), (1, 2 * 10**9)], [(2, 0), (2, 0)], [(0, 0), (0, 0)]]
 MODES = [b"slow", b"relax"]
-FREE = [[0] * 6, [0] * 6, [2000, 3, 0, 0, 0, 0]]
+FREE = [[0] * 7, [0] * 7, [2000, 3, 0, 0, 0, 0, 0]]
 
 
 def make_core(kind: str, catalog: dict = CATALOG):
@@ -234,10 +235,12 @@ MODELS = ["gpt-4o", "tiny", "mini", "haiku", "o1", "free", "other"]
 
 
 def random_event(rng: random.Random, customers: list[str]) -> pb.UsageEvent:
-    meter = rng.choice(["tokens", "requests", "gpu_seconds", "images", "seats", "calls"])
+    meter = rng.choice(["tokens", "requests", "gpu_seconds", "images", "seats", "calls", "users"])
     e = pb.UsageEvent(customer_id=rng.choice(customers), meter=meter)
     if meter in ("tokens", "requests"):
         e.dimensions["model"] = rng.choice(MODELS[:3] if meter == "tokens" else MODELS[3:])
+    if meter == "users":
+        e.dimensions["user"] = f"u{rng.randrange(50)}"
     if meter == "gpu_seconds":
         e.dimensions["hardware"] = rng.choice(["cpu", "h100"])
         e.quantity_decimal = f"{rng.randrange(0, 100)}.{rng.randrange(0, 1000):03d}"
@@ -332,7 +335,7 @@ def test_reserved_total_cannot_overflow(core):
     with pytest.raises(InvalidInput):
         core.reserve(idx, 0, 2**62)
     assert core.available(idx, 0) == 2**62
-    assert len(core.state_bytes(idx)) == 8 * (6 * 2 + 6 + 1)
+    assert len(core.state_bytes(idx)) == 8 * (6 * 2 + 7 + 1 + 1)  # credit types, meters, plan, no distinct values
 
 
 def test_overflow_reason_is_in_the_api():
@@ -358,7 +361,7 @@ def test_an_empty_pool_degrades_on_a_plan_with_a_fallback(core):
     r = core.report(pb.ReportRequest(event=ev("pro", model="gpt-4o")).SerializeToString())
     assert (r[0], r[5], r[6]) == (pb.DECISION_DEGRADE, b"relax", 100)
     core.reset_usage(idx)
-    assert core.state(idx)[0][1][4] == 0 and core.state(idx)[1] == [0] * 6
+    assert core.state(idx)[0][1][4] == 0 and core.state(idx)[1] == [0] * 7
 
 
 def test_low_balance_alerts_fire_once_per_crossing(core):
@@ -390,3 +393,32 @@ def test_free_units_of_a_plan_come_first(core):
     assert costs == [0, 500 * 2500, 100 * 2500]  # 2,000 free, then $2.50 per 1M
     core.reset_usage(idx)
     assert core.report(pb.ReportRequest(event=ev("free", model="gpt-4o", quantity=10)).SerializeToString())[3] == 0
+
+
+def test_unique_count_meters_count_distinct_values_per_period(core):
+    events = [ev(meter="users", quantity=0, user=u) for u in ("ann", "bob", "ann", "cy", "bob")]
+    assert core.apply_batch(batch(events))[:3] == (5, 0, 0)
+    assert core.state(0)[1][6] == 3
+    blob = core.state_bytes(0)
+    other = make_core("python" if isinstance(core, _fastpath.Core) else "compiled")
+    idx = other.load_state_bytes(b"acme", blob)
+    assert other.state_bytes(idx) == blob and other.uniques(idx) == core.uniques(0)
+    other.apply_batch(batch([ev(meter="users", user="ann"), ev(meter="users", user="dee")]))
+    assert other.state(idx)[1][6] == 4  # ann was seen this period already
+    core.reset_usage(0)
+    core.apply_batch(batch([ev(meter="users", user="ann")]))
+    assert core.state(0)[1][6] == 1 and len(core.uniques(0)) == 1
+    with pytest.raises(InvalidInput, match="needs the 'user' dimension"):
+        core.apply_batch(batch([ev(meter="users")]))
+    assert core.force_charge(0, core.find_rate(6, None), 1) == 2 * 10**9
+
+
+def test_many_distinct_values_survive_growth_and_period_resets(core):
+    for period in range(3):
+        for chunk in range(5):
+            fresh = range(chunk * 1000, chunk * 1000 + 1000)
+            core.apply_batch(batch([ev(meter="users", user=f"p{period}-{i}") for i in fresh]
+                                   + [ev(meter="users", user=f"p{period}-{i}") for i in range(0, 500)]))
+        assert core.state(0)[1][6] == 5000
+        assert len(core.uniques(0)) == 5000
+        core.reset_usage(0)

@@ -50,6 +50,7 @@ cdef enum:
     AGG_COUNT = 1
     AGG_MAX = 2
     AGG_LATEST = 3
+    AGG_UNIQUE = 4
 
 cdef enum:
     DEF_ALERTS_MAX = 4096
@@ -69,6 +70,7 @@ cdef enum:
     E_NO_PRICE = 10
     E_TOO_MANY = 11
     E_VARINT = 12
+    E_NO_UNIQUE = 13
 
 
 cdef struct Rate:
@@ -80,12 +82,25 @@ cdef struct Rate:
     int64_t factor
 
 
+# A distinct value seen by a unique_count meter in an account's period. Entries
+# of one account are chained (``next``) so that a snapshot finds them; an
+# account's period reset bumps its epoch, which makes its old entries stale.
+cdef struct UEntry:
+    uint64_t vhash
+    int32_t acct
+    int32_t meter
+    uint32_t epoch
+    int32_t next
+
+
 cdef struct Meter:
     char *name
     int32_t name_len
     int32_t ct
     int32_t precision
     int32_t agg
+    char *uniq_key           # unique_count meters: the dimension whose distinct values count
+    int32_t uniq_key_len
     char *dim_key
     int32_t dim_key_len      # 0: the meter has a single price
     int32_t rate_first
@@ -238,6 +253,14 @@ cdef class Core:
     cdef Py_ssize_t cap
     cdef uint64_t mask
     cdef int32_t *slots
+    # distinct values of unique_count meters
+    cdef UEntry *uent
+    cdef Py_ssize_t n_uent
+    cdef Py_ssize_t cap_uent
+    cdef int32_t *uidx
+    cdef uint64_t umask
+    cdef int32_t *uhead
+    cdef uint32_t *uepoch
     cdef uint32_t *hashes
     cdef uint64_t *id_off
     cdef uint8_t *id_len
@@ -279,6 +302,13 @@ cdef class Core:
         self.meters = NULL
         self.rates = NULL
         self.slots = NULL
+        self.uent = NULL
+        self.uidx = NULL
+        self.uhead = NULL
+        self.uepoch = NULL
+        self.n_uent = 0
+        self.cap_uent = 0
+        self.umask = 0
         self.hashes = NULL
         self.id_off = NULL
         self.id_len = NULL
@@ -379,10 +409,14 @@ cdef class Core:
                 raise ValueError("denominator out of range")
             self.denom[i] = denominators[i]
         for i in range(self.n_meters):
-            name, ct, precision, dim, agg = meters[i]
-            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_LATEST):
+            name, ct, precision, dim, agg, uniq = meters[i]
+            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_UNIQUE):
                 raise ValueError("meter %d: credit type, precision or aggregation out of range" % i)
+            if (agg == AGG_UNIQUE) != (len(uniq) > 0):
+                raise ValueError("meter %d: a unique_count meter, and only one, names its dimension" % i)
             self.meters[i].agg = agg
+            self.meters[i].uniq_key = _dup(uniq)
+            self.meters[i].uniq_key_len = len(uniq)
             self.meters[i].name = _dup(name)
             self.meters[i].name_len = len(name)
             self.meters[i].ct = ct
@@ -419,6 +453,7 @@ cdef class Core:
         if self.meters != NULL:
             for i in range(self.n_meters):
                 free(self.meters[i].name)
+                free(self.meters[i].uniq_key)
                 free(self.meters[i].dim_key)
         if self.rates != NULL:
             for i in range(self.n_rates):
@@ -428,6 +463,7 @@ cdef class Core:
         free(self.arena); free(self.bal); free(self.resv); free(self.floor_)
         free(self.rem); free(self.usage); free(self.dirty)
         free(self.degr); free(self.alert); free(self.plan_of)
+        free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len)
 
@@ -460,6 +496,8 @@ cdef class Core:
         self.degr = <int64_t *>_resize(self.degr, new_cap * self.n_ct * sizeof(int64_t))
         self.alert = <int64_t *>_resize(self.alert, new_cap * self.n_ct * sizeof(int64_t))
         self.plan_of = <uint16_t *>_resize(self.plan_of, new_cap * sizeof(uint16_t))
+        self.uhead = <int32_t *>_resize(self.uhead, new_cap * sizeof(int32_t))
+        self.uepoch = <uint32_t *>_resize(self.uepoch, new_cap * sizeof(uint32_t))
         free(self.slots)
         self.slots = <int32_t *>calloc(nslots, sizeof(int32_t))
         if self.slots == NULL:
@@ -514,6 +552,8 @@ cdef class Core:
             self.degr[idx * self.n_ct + k] = 0
             self.alert[idx * self.n_ct + k] = INT64_MIN
         self.plan_of[idx] = 0
+        self.uhead[idx] = -1
+        self.uepoch[idx] = 0
         for k in range(self.n_meters):
             self.usage[idx * self.n_meters + k] = 0
         h = self.hashes[idx] & self.mask
@@ -596,8 +636,9 @@ cdef class Core:
         per meter, then the plan."""
         self._idx(idx)
         cdef Py_ssize_t k, b = idx * self.n_ct, u = idx * self.n_meters
+        cdef list uniq = self.uniques(idx)
         cdef Py_ssize_t words = self.n_ct * 6 + self.n_meters + 1
-        out = PyBytes_FromStringAndSize(NULL, words * 8)
+        out = PyBytes_FromStringAndSize(NULL, (words + 1 + 2 * len(uniq)) * 8)
         cdef int64_t *w = <int64_t *>PyBytes_AS_STRING(out)
         for k in range(self.n_ct):
             w[k * 6] = self.bal[b + k]
@@ -609,15 +650,20 @@ cdef class Core:
         for k in range(self.n_meters):
             w[self.n_ct * 6 + k] = self.usage[u + k]
         w[words - 1] = self.plan_of[idx]
+        w[words] = len(uniq)
+        for k in range(len(uniq)):
+            w[words + 1 + 2 * k] = uniq[k][0]
+            w[words + 2 + 2 * k] = <int64_t><uint64_t>uniq[k][1]
         return out
 
     def load_state_bytes(self, bytes customer_id, bytes data):
         """Create or overwrite an account from ``state_bytes`` output."""
         self._check()
         cdef Py_ssize_t k, words = self.n_ct * 6 + self.n_meters + 1
-        if PyBytes_GET_SIZE(data) != words * 8:
-            raise ValueError("state record has the wrong size for this catalog")
         cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
+        if PyBytes_GET_SIZE(data) < (words + 1) * 8 or \
+                PyBytes_GET_SIZE(data) != (words + 1 + 2 * w[words]) * 8 or w[words] < 0:
+            raise ValueError("state record has the wrong size for this catalog")
         for k in range(self.n_ct):
             if not (0 <= w[k * 6 + 3] < self.denom[k]) or w[k * 6 + 1] < 0:
                 raise ValueError("account state out of range")
@@ -635,6 +681,8 @@ cdef class Core:
         for k in range(self.n_meters):
             self.usage[u + k] = w[self.n_ct * 6 + k]
         self.plan_of[idx] = <uint16_t>w[words - 1]
+        for k in range(w[words]):
+            self.add_unique(idx, <int>w[words + 1 + 2 * k], <uint64_t>w[words + 2 + 2 * k])
         self.dirty[idx] = 0
         return idx
 
@@ -737,6 +785,7 @@ cdef class Core:
         cdef i128 use
         cdef int agg = self.meters[meter].agg
         cdef int64_t before
+        cdef bint new_value = False
         cost[0] = 0
         if d > INT64_MAX or <i128>self.bal[b] - d < -INT64_MAX:
             return REASON_OVERFLOW
@@ -744,6 +793,9 @@ cdef class Core:
             use = <i128>self.usage[u] + quantity
         elif agg == AGG_MAX:
             use = quantity if quantity > self.usage[u] else self.usage[u]
+        elif agg == AGG_UNIQUE:
+            new_value = self._ufind(<int32_t>idx, meter, <uint64_t>quantity) < 0
+            use = <i128>self.usage[u] + new_value
         else:
             use = quantity
         if use > INT64_MAX:
@@ -755,16 +807,121 @@ cdef class Core:
                 return REASON_OVERFLOW
             self.degr[b] += <int64_t>d
             self.usage[u] = <int64_t>use
+            if new_value:
+                self._uinsert(<int32_t>idx, meter, <uint64_t>quantity)
             self.dirty[idx] = 1
             return OUT_DEGRADED
         before = self.bal[b]
         self.bal[b] -= <int64_t>d
         self.rem[b] = <int64_t>(total - d * self.denom[ct])
         self.usage[u] = <int64_t>use
+        if new_value:
+            self._uinsert(<int32_t>idx, meter, <uint64_t>quantity)
         self.dirty[idx] = 1
         cost[0] = <int64_t>d
         self._check_alert(b, before)
         return REASON_NONE
+
+    # ---- distinct values of unique_count meters --------------------------------
+
+    cdef inline uint64_t _ukey(self, int32_t acct, int32_t meter, uint32_t epoch, uint64_t vhash) noexcept nogil:
+        cdef uint64_t h = (vhash ^ (<uint64_t>acct * 0x9E3779B97F4A7C15ULL) ^ (<uint64_t>meter * 0xC2B2AE3D27D4EB4FULL)
+                           ^ (<uint64_t>epoch * 0x165667B19E3779F9ULL))
+        h ^= h >> 33
+        h *= 0xFF51AFD7ED558CCDULL
+        h ^= h >> 33
+        return h
+
+    cdef int32_t _ufind(self, int32_t acct, int32_t meter, uint64_t vhash) noexcept nogil:
+        cdef uint32_t epoch = self.uepoch[acct]
+        cdef uint64_t h
+        cdef int32_t slot
+        cdef UEntry *e
+        if self.uidx == NULL:
+            return -1
+        h = self._ukey(acct, meter, epoch, vhash) & self.umask
+        while True:
+            slot = self.uidx[h]
+            if slot == 0:
+                return -1
+            e = &self.uent[slot - 1]
+            if e.vhash == vhash and e.acct == acct and e.meter == meter and e.epoch == epoch:
+                return slot - 1
+            h = (h + 1) & self.umask
+
+    cdef void _uinsert(self, int32_t acct, int32_t meter, uint64_t vhash) noexcept nogil:
+        """Add a distinct value; room was made by _ureserve."""
+        cdef Py_ssize_t i = self.n_uent
+        cdef UEntry *e = &self.uent[i]
+        cdef uint64_t h
+        e.vhash = vhash
+        e.acct = acct
+        e.meter = meter
+        e.epoch = self.uepoch[acct]
+        e.next = self.uhead[acct]
+        self.uhead[acct] = <int32_t>i
+        self.n_uent += 1
+        h = self._ukey(acct, meter, e.epoch, vhash) & self.umask
+        while self.uidx[h] != 0:
+            h = (h + 1) & self.umask
+        self.uidx[h] = <int32_t>(i + 1)
+
+    cdef int _ureserve(self, Py_ssize_t more) except -1:
+        """Room for ``more`` new distinct values: drop stale entries, grow if need be."""
+        cdef Py_ssize_t i, live = 0, nslots = 16, new_cap
+        cdef UEntry *old = self.uent
+        cdef Py_ssize_t n_old = self.n_uent
+        if self.n_uent + more <= self.cap_uent:
+            return 0
+        for i in range(n_old):
+            if old[i].epoch == self.uepoch[old[i].acct]:
+                live += 1
+        new_cap = max(64, (live + more) * 2)
+        if new_cap > 0x3FFFFFFF:
+            raise MemoryError("too many distinct values")
+        while nslots < new_cap * 2:
+            nslots *= 2
+        self.uent = <UEntry *>malloc(new_cap * sizeof(UEntry))
+        if self.uent == NULL:
+            self.uent = old
+            raise MemoryError()
+        free(self.uidx)
+        self.uidx = <int32_t *>calloc(nslots, sizeof(int32_t))
+        if self.uidx == NULL:
+            free(old)
+            self.n_uent = 0
+            raise MemoryError()
+        self.umask = nslots - 1
+        self.cap_uent = new_cap
+        self.n_uent = 0
+        for i in range(self.count):
+            self.uhead[i] = -1
+        for i in range(n_old):
+            if old[i].epoch == self.uepoch[old[i].acct]:
+                self._uinsert(old[i].acct, old[i].meter, old[i].vhash)
+        free(old)
+        return 0
+
+    def uniques(self, Py_ssize_t idx):
+        """(meter, value hash) of the distinct values counted this period, sorted."""
+        self._idx(idx)
+        cdef int32_t i = self.uhead[idx]
+        out = []
+        while i >= 0:
+            if self.uent[i].epoch == self.uepoch[idx]:
+                out.append((self.uent[i].meter, self.uent[i].vhash))
+            i = self.uent[i].next
+        out.sort()
+        return out
+
+    def add_unique(self, Py_ssize_t idx, int meter, uint64_t vhash):
+        """Count a distinct value as seen this period (snapshots and catalog changes)."""
+        self._idx(idx)
+        if not (0 <= meter < self.n_meters and self.meters[meter].agg == AGG_UNIQUE):
+            raise ValueError("meter %d does not count distinct values" % meter)
+        if self._ufind(<int32_t>idx, meter, vhash) < 0:
+            self._ureserve(1)
+            self._uinsert(<int32_t>idx, meter, vhash)
 
     cdef inline void _check_alert(self, Py_ssize_t b, int64_t before) noexcept nogil:
         """Note a balance that just fell below its low-balance threshold."""
@@ -854,6 +1011,8 @@ cdef class Core:
         cdef Py_ssize_t b = idx * self.n_ct + ct
         cdef i128 fine
         cdef int64_t cost = 0
+        if self.meters[self.rates[rate].meter].agg > AGG_COUNT:
+            raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end")
         if reserved < 0 or reserved > self.resv[b]:
             raise ValueError("settle of more than is reserved")
         if self._fine(<int32_t>rate, quantity, &fine):
@@ -867,18 +1026,44 @@ cdef class Core:
             a = -INT64_MAX
         return cost, <int64_t>(-a if a < 0 else 0)
 
+    def force_charge(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity):
+        """Debit the cost of ``quantity`` at ``rate`` with carry, whatever the
+        balance, without counting usage (a gauge's value at period end)."""
+        self._idx(idx)
+        if rate < 0 or rate >= self.n_rates or quantity < 0:
+            raise ValueError("no such rate, or a negative quantity")
+        cdef int32_t ct = self.rates[rate].ct
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        cdef i128 fine, total, d
+        if self._fine(<int32_t>rate, quantity, &fine):
+            raise InvalidInput("quantity", "cost overflows 64 bits")
+        total = fine + self.rem[b]
+        d = total / self.denom[ct]
+        if <i128>self.bal[b] - d < -INT64_MAX:
+            raise InvalidInput("quantity", "balance would overflow")
+        cdef int64_t before = self.bal[b]
+        self.bal[b] -= <int64_t>d
+        self.rem[b] = <int64_t>(total - d * self.denom[ct])
+        self.dirty[idx] = 1
+        self._check_alert(b, before)
+        return <int64_t>d
+
     def reset_usage(self, Py_ssize_t idx=-1):
         """Start a new period for one account (or all): usage and degraded
         usage go to zero."""
         self._check()
+        cdef Py_ssize_t i
         if idx < 0:
             memset(self.usage, 0, self.count * self.n_meters * sizeof(int64_t))
             memset(self.degr, 0, self.count * self.n_ct * sizeof(int64_t))
             memset(self.dirty, 1, self.count)
+            for i in range(self.count):
+                self.uepoch[i] += 1
             return
         self._idx(idx)
         memset(self.usage + idx * self.n_meters, 0, self.n_meters * sizeof(int64_t))
         memset(self.degr + idx * self.n_ct, 0, self.n_ct * sizeof(int64_t))
+        self.uepoch[idx] += 1  # this period's distinct values start again
         self.dirty[idx] = 1
 
     # ---- wire decoding ---------------------------------------------------
@@ -1024,7 +1209,26 @@ cdef class Core:
             return E_NO_PRICE
         if m.agg == AGG_COUNT:
             ev.quantity = qty = 1  # a count meter counts events; its price is per event
-        if m.agg == AGG_MAX or m.agg == AGG_LATEST:
+        if m.agg == AGG_UNIQUE:
+            # The distinct-value key travels in the quantity field: a unique_count
+            # meter has no quantity of its own.
+            dim_value = NULL
+            pos = start
+            while pos < end:
+                _read_varint(buf, end, &pos, &key)
+                if key == ((5 << 3) | 2):
+                    _read_len(buf, end, &pos, &s, &n)
+                    self._decode_dim(buf, s, s + n, ev, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
+                else:
+                    _skip(buf, end, &pos, key & 7)
+            if dim_value == NULL:
+                ev.err = E_NO_UNIQUE
+                ev.err_ptr = b"dimensions"
+                ev.detail = m.uniq_key
+                ev.detail_len = m.uniq_key_len
+                return E_NO_UNIQUE
+            ev.quantity = <int64_t>_hash(dim_value, dim_len)
+        if m.agg == AGG_MAX or m.agg == AGG_LATEST or m.agg == AGG_UNIQUE:
             ev.fine = 0  # gauges are charged on their period's value, at the period's end
         elif self._fine(ev.rate, qty, &ev.fine):
             ev.err = E_OVERFLOW
@@ -1085,6 +1289,9 @@ cdef class Core:
         if ev.err == E_NO_PRICE:
             key = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode()
             return InvalidInput(field, "no price for this value of %r and the meter has no default" % key)
+        if ev.err == E_NO_UNIQUE:
+            key = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode()
+            return InvalidInput(field, "a unique_count meter needs the %r dimension" % key)
         if ev.err == E_TOO_LONG and ev.err_ptr == b"customer_id":
             return InvalidInput(field, "longer than %d bytes" % self.id_max)
         return InvalidInput(field, _MESSAGES[ev.err])
@@ -1187,6 +1394,7 @@ cdef class Core:
         cdef char *out
         cdef Py_ssize_t olen = 0
         self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev)
+        self._ureserve(nev)
         out = <char *>malloc(nev * 48 + 1)
         if out == NULL:
             raise MemoryError()
@@ -1245,6 +1453,7 @@ cdef class Core:
         if self._decode_event(buf, s, s + n, &ev) != E_OK:
             raise self._event_error(&ev, "event.")
         cdef int32_t ct = self.rates[ev.rate].ct
+        self._ureserve(1)
         ev.account = self._find(ev.cust, ev.cust_len)
         if ev.account < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0

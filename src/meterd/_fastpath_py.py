@@ -25,7 +25,8 @@ DECISION_ALLOW = 1
 DECISION_DENY = 2
 DECISION_DEGRADE = 3
 
-AGG_SUM, AGG_COUNT, AGG_MAX, AGG_LATEST = 0, 1, 2, 3
+AGG_SUM, AGG_COUNT, AGG_MAX, AGG_LATEST, AGG_UNIQUE = 0, 1, 2, 3, 4
+U64 = (1 << 64) - 1
 ALERTS_MAX = 4096
 INT64_MIN = -(1 << 63)
 
@@ -133,6 +134,14 @@ def parse_decimal(text: bytes, precision: int) -> int:
     return value
 
 
+def _hash64(b: bytes) -> int:
+    """FNV-1a, 64 bits, as the compiled core hashes ids and distinct values."""
+    h = 14695981039346656037
+    for c in b:
+        h = ((h ^ c) * 1099511628211) & U64
+    return h
+
+
 def _id_charset_ok(b: bytes) -> bool:
     return all(0x21 <= c <= 0x7E for c in b)
 
@@ -201,11 +210,15 @@ class Core:
         self.free += [[0] * len(meters) for _ in range(len(self.plans) - len(self.free))]
         self.meters = []
         self.aggs = []
-        for i, (name, ct, precision, dim, agg) in enumerate(meters):
-            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_LATEST):
+        self.uniq_keys = []
+        for i, (name, ct, precision, dim, agg, uniq) in enumerate(meters):
+            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_UNIQUE):
                 raise ValueError("meter %d: credit type, precision or aggregation out of range" % i)
+            if (agg == AGG_UNIQUE) != (len(uniq) > 0):
+                raise ValueError("meter %d: a unique_count meter, and only one, names its dimension" % i)
             self.meters.append([name, ct, precision, dim, {}, -1])
             self.aggs.append(agg)
+            self.uniq_keys.append(uniq)
         self.rates = []
         last_meter = -1
         seen = set()
@@ -235,6 +248,7 @@ class Core:
         self.degr: list[list[int]] = []
         self.alert: list[list[int]] = []
         self.plan_of: list[int] = []
+        self.uniq: list[set[tuple[int, int]]] = []
         self.alerts: list[tuple[int, int]] = []
         self.alerts_lost = False
         self.dirty: list[bool] = []
@@ -280,6 +294,7 @@ class Core:
             table.append([0] * self.n_ct)
         self.alert.append([INT64_MIN] * self.n_ct)
         self.plan_of.append(0)
+        self.uniq.append(set())
         self.usage.append([0] * len(self.meters))
         self.dirty.append(True)
         return idx
@@ -325,13 +340,19 @@ class Core:
 
     def state_bytes(self, idx: int) -> bytes:
         cts, use, plan = self.state(idx)
-        return struct.pack(self._fmt(), *[w for c in cts for w in c], *use, plan)
+        uniq = self.uniques(idx)
+        tail = [len(uniq)] + [w for m, v in uniq for w in (m, _signed64(v))]
+        return struct.pack(self._fmt(), *[w for c in cts for w in c], *use, plan) + \
+            struct.pack("<%dq" % len(tail), *tail)
 
     def load_state_bytes(self, customer_id: bytes, data: bytes) -> int:
         self._check()
-        if len(data) != struct.calcsize(self._fmt()):
+        size = struct.calcsize(self._fmt())
+        n = struct.unpack_from("<q", data, size)[0] if len(data) >= size + 8 else -1
+        if n < 0 or len(data) != size + 8 + 16 * n:
             raise ValueError("state record has the wrong size for this catalog")
-        w = struct.unpack(self._fmt(), data)
+        w = struct.unpack(self._fmt(), data[:size])
+        pairs = struct.unpack_from("<%dq" % (2 * n), data, size + 8)
         cts = [tuple(w[k * 6:k * 6 + 6]) for k in range(self.n_ct)]
         for k, c in enumerate(cts):
             if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
@@ -340,7 +361,37 @@ class Core:
             raise ValueError("account state names a plan that does not exist")
         idx = self.open_account(customer_id)
         self.load_state(idx, cts, list(w[self.n_ct * 6:-1]), w[-1])
+        for k in range(n):
+            self.add_unique(idx, pairs[2 * k], pairs[2 * k + 1] & U64)
         return idx
+
+    def uniques(self, idx: int) -> list:
+        self._idx(idx)
+        return sorted(self.uniq[idx])
+
+    def add_unique(self, idx: int, meter: int, vhash: int) -> None:
+        self._idx(idx)
+        if not (0 <= meter < len(self.meters) and self.aggs[meter] == AGG_UNIQUE):
+            raise ValueError("meter %d does not count distinct values" % meter)
+        self.uniq[idx].add((meter, vhash & U64))
+
+    def force_charge(self, idx: int, rate: int, quantity: int) -> int:
+        self._idx(idx)
+        if rate < 0 or rate >= len(self.rates) or quantity < 0:
+            raise ValueError("no such rate, or a negative quantity")
+        ct = self.rates[rate][1]
+        fine = self._fine(rate, quantity)
+        if fine is None:
+            raise InvalidInput("quantity", "cost overflows 64 bits")
+        d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
+        if self.bal[idx][ct] - d < -INT64_MAX:
+            raise InvalidInput("quantity", "balance would overflow")
+        before = self.bal[idx][ct]
+        self.bal[idx][ct] -= d
+        self.rem[idx][ct] = rem
+        self.dirty[idx] = True
+        self._check_alert(idx, ct, before)
+        return d
 
     # ---- money -----------------------------------------------------------
 
@@ -423,7 +474,12 @@ class Core:
             return REASON_OVERFLOW, 0
         agg = self.aggs[meter]
         old = self.usage[idx][meter]
-        use = old + quantity if agg in (AGG_SUM, AGG_COUNT) else max(old, quantity) if agg == AGG_MAX else quantity
+        key = (meter, quantity & U64)
+        new_value = agg == AGG_UNIQUE and key not in self.uniq[idx]
+        if agg == AGG_UNIQUE:
+            use = old + new_value
+        else:
+            use = old + quantity if agg in (AGG_SUM, AGG_COUNT) else max(old, quantity) if agg == AGG_MAX else quantity
         if use > INT64_MAX:
             return REASON_OVERFLOW, 0
         if not force and d > 0 and d > self._available(idx, ct):
@@ -433,12 +489,16 @@ class Core:
                 return REASON_OVERFLOW, 0
             self.degr[idx][ct] += d
             self.usage[idx][meter] = use
+            if new_value:
+                self.uniq[idx].add(key)
             self.dirty[idx] = True
             return OUT_DEGRADED, 0
         before = self.bal[idx][ct]
         self.bal[idx][ct] -= d
         self.rem[idx][ct] = rem
         self.usage[idx][meter] = use
+        if new_value:
+            self.uniq[idx].add(key)
         self.dirty[idx] = True
         self._check_alert(idx, ct, before)
         return REASON_NONE, d
@@ -509,6 +569,8 @@ class Core:
         if quantity < 0:
             raise InvalidInput("quantity", "must not be negative")
         ct = self.rates[rate][1]
+        if self.aggs[self.rates[rate][0]] > AGG_COUNT:
+            raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end")
         if reserved < 0 or reserved > self.resv[idx][ct]:
             raise ValueError("settle of more than is reserved")
         fine = self._fine(rate, quantity)
@@ -527,11 +589,13 @@ class Core:
         if idx < 0:
             self.usage = [[0] * len(self.meters) for _ in self.ids]
             self.degr = [[0] * self.n_ct for _ in self.ids]
+            self.uniq = [set() for _ in self.ids]
             self.dirty = [True] * len(self.ids)
             return
         self._idx(idx)
         self.usage[idx] = [0] * len(self.meters)
         self.degr[idx] = [0] * self.n_ct
+        self.uniq[idx] = set()
         self.dirty[idx] = True
 
     # ---- wire decoding ---------------------------------------------------
@@ -635,7 +699,16 @@ class Core:
         agg = self.aggs[meter]
         if agg == AGG_COUNT:
             qty = 1  # a count meter counts events; its price is per event
-        if agg in (AGG_MAX, AGG_LATEST):
+        if agg == AGG_UNIQUE:
+            uniq_key = self.uniq_keys[meter]
+            found: bytes | None = None
+            for dim_k, dim_v in dims:
+                if dim_k == uniq_key:
+                    found = dim_v
+            if found is None:
+                raise _DecodeError("dimensions", "a unique_count meter needs the %r dimension" % uniq_key.decode())
+            qty = _signed64(_hash64(found))
+        if agg in (AGG_MAX, AGG_LATEST, AGG_UNIQUE):
             fine: int | None = 0  # gauges are charged on their period's value, at the period's end
         else:
             fine = self._fine(rate, qty)

@@ -25,7 +25,7 @@ from meterd.plans import Plan, parse_plans
 NANO = 10**9
 INT64_MAX = (1 << 63) - 1
 DENOMINATOR_MAX = 10**15
-AGGREGATIONS = ("sum", "count", "max", "latest")
+AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,63}$")
 ID_RE = re.compile(r"^[!-~]{1,128}$")
 DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
@@ -47,6 +47,7 @@ class Meter:
     aggregation: int             # AGGREGATIONS index: how usage adds up in a period
     price_dimension: str         # "" when the meter has one price
     prices: dict[str | None, Fraction]  # nano-credits per smallest unit; None = default
+    unique_dimension: str = ""   # unique_count: the dimension whose distinct values are counted
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ class Catalog:
         meters = []
         rates = []
         for mi, m in enumerate(self.meters):
-            meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode(), m.aggregation))
+            meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode(), m.aggregation,
+                           m.unique_dimension.encode()))
             for value, price in m.prices.items():
                 if price.numerator > INT64_MAX:
                     key = "price" if value is None else f"prices.{value}"
@@ -258,11 +260,13 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
         raise _err(source, where, "names are lower-case letters, digits, _ . : - (at most 64)")
     if not isinstance(spec, dict):
         raise _err(source, where, "must be a table")
-    _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices", "aggregation"},
-                source, where)
+    _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices", "aggregation",
+                       "unique_dimension"}, source, where)
     agg = spec.get("aggregation", "sum")
-    if agg == "unique_count":
-        raise _err(source, f"{where}.aggregation", "unique_count is not supported yet (sum, count, max, latest are)")
+    unique = spec.get("unique_dimension", "")
+    if (agg == "unique_count") != bool(unique) or not isinstance(unique, str) or len(unique) > 64:
+        raise _err(source, f"{where}.unique_dimension",
+                   "a unique_count meter names the dimension whose distinct values it counts (and only it does)")
     if agg not in AGGREGATIONS:
         raise _err(source, f"{where}.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     ct = spec.get("credit_type")
@@ -294,7 +298,7 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
         raise _err(source, where, "needs a price, or prices by dimension value")
     if agg == "count" and precision:
         raise _err(source, f"{where}.precision", "a count meter counts whole events: precision must be 0")
-    return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dim, prices)
+    return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dim, prices, unique)
 
 
 def _customers(doc: dict, credit_index: dict[str, int], plan_names: set[str], source: str) -> list[CustomerSeed]:
@@ -349,8 +353,8 @@ def parse_catalog(doc: dict, source: str) -> Catalog:
                 raise _err(source, f"plans.{plan.name}.free.{meter_name}", f"has more than {m.precision} decimals")
     for m in meters:
         if m.aggregation >= 2 and None not in m.prices:
-            raise _err(source, f"meters.{m.name}.price", "a max or latest meter is charged on its period's value "
-                       "and needs a default price")
+            raise _err(source, f"meters.{m.name}.price", "a max, latest or unique_count meter is charged on its "
+                       "period's value and needs a default price")
     catalog.compile()  # raises on a denominator that is too large
     return catalog
 

@@ -139,7 +139,7 @@ def _doc_of(catalog: Catalog) -> dict:
     shape = catalog.shape()
     doc = {
         "denominators": denominators,
-        "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4]] for m in meters],
+        "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4], m[5].decode()] for m in meters],
         "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in rates],
         "plans": plans, "modes": [m.decode() for m in modes], "plan_names": [p.name for p in catalog.plans],
         "free": catalog.core_free(),
@@ -150,7 +150,7 @@ def _doc_of(catalog: Catalog) -> dict:
 
 def _compiled_of(doc: dict) -> tuple:
     return (doc["denominators"],
-            [(m[0].encode(), m[1], m[2], m[3].encode(), m[4]) for m in doc["meters"]],
+            [(m[0].encode(), m[1], m[2], m[3].encode(), m[4], m[5].encode()) for m in doc["meters"]],
             [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]],
             [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]], doc["free"])
 
@@ -318,6 +318,9 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         elif kind == b"C":
             rate, qty, reserved = struct.unpack_from("<Iqq", body)
             core.settle(core.account(body[20:]), rate, qty, reserved)
+        elif kind == b"Q":
+            rate, qty = struct.unpack_from("<Iq", body)
+            core.force_charge(core.account(body[12:]), rate, qty)
         elif kind == b"P":
             _reset_unplanned(core)
         else:
@@ -347,7 +350,13 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                 same = j is not None and doc["precisions"][j] == new_doc["precisions"][k]
                 new_use.append(use[j] if same else 0)
             plan_name = doc["plan_names"][plan - 1] if plan else ""
-            new.load_state(new.open_account(old.customer_id(i)), new_cts, new_use, new_plans.get(plan_name, 0))
+            idx = new.open_account(old.customer_id(i))
+            new.load_state(idx, new_cts, new_use, new_plans.get(plan_name, 0))
+            new_meter = {n: k for k, n in enumerate(new_doc["meter_names"])}
+            for meter, vhash in old.uniques(i):
+                moved = new_meter.get(doc["meter_names"][meter])
+                if moved is not None and new_doc["meters"][moved][4] == 4 and new_use[moved]:
+                    new.add_unique(idx, moved, vhash)
         new.mark_all_dirty()
         return new
 
@@ -725,6 +734,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                     or len(v.encode()) > self.settings.dimension_value_bytes_max:
                 raise InvalidInput("dimensions", "too long" if k else "must not be empty")
         key = self.catalog.meters[meter].price_dimension
+        if self.catalog.meters[meter].aggregation > 1:
+            raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end; report it")
         value = dimensions.get(key) if key else None
         rate = self.core.find_rate(meter, None if value is None else value.encode())
         if rate < 0:

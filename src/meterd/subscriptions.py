@@ -384,7 +384,7 @@ class SubscriptionsMixin:
                                        f"period {sub.n}", charge=-bal, charge_ct=ct)
 
     def _gauge_ops(self, sub: Subscription, idx: int) -> list[Op]:
-        """Max and latest meters are charged once, on their value for the period."""
+        """Max, latest and unique_count meters are charged once, on their value for the period."""
         from meterd.engine import _record
         ops: list[Op] = []
         use = self.core.state(idx)[1]
@@ -392,8 +392,8 @@ class SubscriptionsMixin:
             if meter.aggregation < 2 or not use[m]:
                 continue
             rate = self.core.find_rate(m, None)
-            cost, _ = self.core.settle(idx, rate, use[m], 0)
-            ops.append(self._log_op(_record(b"C", struct.pack("<Iqq", rate, use[m], 0) + sub.customer_id.encode())))
+            cost = self.core.force_charge(idx, rate, use[m])
+            ops.append(self._log_op(_record(b"Q", struct.pack("<Iq", rate, use[m]) + sub.customer_id.encode())))
             bal = self.core.state(idx)[0][meter.credit_type][0]
             ops += self._audit_op(sub.customer_id, "gauge_charged", meter.credit_type, -cost, bal + cost, bal,
                                   f"{meter.name}={self.catalog.format_quantity(m, use[m])}")
