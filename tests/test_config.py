@@ -105,3 +105,26 @@ def test_settings_dataclass_has_units_in_names():
 def test_price_too_large_for_64_bits_is_a_config_error():
     with pytest.raises(ConfigError, match="meters.t.price: too large"):
         parse_catalog({**BASE, "meters": {"t": {"credit_type": "usd", "price": "10000000000"}}}, "catalog.toml")
+
+
+def test_the_readme_catalog_example_is_valid():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", text, re.S) if "[plans." in b]
+    assert blocks, "the README shows a catalog with a plan"
+    for block in blocks:
+        catalog = parse_catalog(tomllib.loads(block), "README.md")
+        assert catalog.plans and catalog.customers
+
+
+def test_custom_credit_amounts_keep_to_their_decimals():
+    doc = {"credit_types": {"req": {"kind": "custom", "decimals": 0}},
+           "meters": {"r": {"credit_type": "req", "price": "1/3"}},
+           "customers": {"a": {"balances": {"req": "1.5"}}}}
+    with pytest.raises(ConfigError, match="customers.a.balances.req: has more decimals than req allows"):
+        parse_catalog(doc, "catalog.toml")
+    with pytest.raises(ConfigError, match="from 0 to 3 for a custom"):
+        parse_catalog({**doc, "credit_types": {"req": {"kind": "custom", "decimals": 4}}}, "catalog.toml")

@@ -262,6 +262,7 @@ def test_bad_control_plane_input(daemon):
     invalid(lambda: daemon.meter.Authorize(pb.AuthorizeRequest(customer_id="demo", meter="zzz")), "meter")
     invalid(lambda: grant(daemon, "demo", 0), "amount_nano")
     invalid(lambda: grant(daemon, "demo", 5, credit_type="eur"), "credit_type")
+    invalid(lambda: grant(daemon, "demo", 1, credit_type="premium_requests"), "amount_nano")  # 3 decimals
     invalid(lambda: grant(daemon, "bad id", 5), "customer_id")
     invalid(lambda: grant(daemon, "demo", 5, expires_at_ms=1000), "expires_at_ms")
     invalid(lambda: daemon.admin.Adjust(apb.AdjustRequest(customer_id="demo", credit_type="usd", amount_nano=5)),

@@ -145,21 +145,40 @@ class Catalog:
         for plan in self.plans:
             fees = ", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
                              for ct, v in plan.fees_nano.items()) or "none"
-            lines.append(f"  plan {plan.name}: every {plan.period}, fee {fees}")
+            extra = ""
+            if plan.free_units:
+                extra += ", free each period: " + ", ".join(f"{v} {k}" for k, v in plan.free_units.items())
+            if plan.trial_nano:
+                extra += f", a {plan.trial_days}-day trial of " + ", ".join(
+                    f"{format_nano(v)} {self.credit_types[ct].name}" for ct, v in plan.trial_nano.items())
+            lines.append(f"  plan {plan.name}: every {plan.period}, fee {fees}{extra}")
             for ct, p in plan.credits.items():
-                parts = [f"includes {format_nano(p.included_nano)}"]
+                expiry = {None: "at the period's end", 0: "never"}.get(p.expiry_days, f"after {p.expiry_days} days")
+                parts = [f"includes {format_nano(p.included_nano)} (expiring {expiry})"]
                 if p.rollover:
-                    parts.append(f"rolls over {p.rollover.max_percent}% up to {p.rollover.max_count} times")
+                    r = p.rollover
+                    caps = "".join([f", at most {format_nano(r.max_nano)}" if r.max_nano is not None else "",
+                                    f", balance capped at {format_nano(r.balance_cap_nano)}"
+                                    if r.balance_cap_nano is not None else ""])
+                    life = f"{r.lifetime_periods} periods" if r.lifetime_periods else "ever"
+                    parts.append(f"rolls over {r.max_percent}% up to {r.max_count} times{caps}, living {life}")
                 if p.overage:
-                    limit = ("no limit" if p.overage.limit_nano is None
-                             else f"limit {format_nano(p.overage.limit_nano)}")
-                    parts.append(f"overage ({limit}, {p.overage.at_cycle_end} at period end)")
+                    o = p.overage
+                    limit = "no limit" if o.limit_nano is None else f"limit {format_nano(o.limit_nano)}"
+                    money = self.credit_types[o.price_credit_type].name
+                    tiers = "; ".join(f"{'rest' if t.up_to_nano is None else 'to ' + format_nano(t.up_to_nano)} at "
+                                      f"{_exact(t.price)} {money}" for t in o.tiers)
+                    early = f", billed early at {format_nano(o.bill_threshold_nano)}" \
+                        if o.bill_threshold_nano is not None else ""
+                    parts.append(f"overage ({limit}; {tiers} per unit; {o.at_cycle_end} at period end{early})")
                 if p.arrears:
                     parts.append("billed in arrears")
                 if p.fallback:
-                    parts.append(f"falls back to {p.fallback}")
-                if p.low_balance_nano is not None:
-                    parts.append(f"asks for a top-up below {format_nano(p.low_balance_nano)}")
+                    step = f", priority falling per {format_nano(p.priority_step_nano)}" if p.priority_step_nano else ""
+                    parts.append(f"falls back to {p.fallback}{step}")
+                if p.low_balance_nano is not None and p.topup_target_nano is not None:
+                    parts.append(f"asks for a top-up to {format_nano(p.topup_target_nano)} "
+                                 f"below {format_nano(p.low_balance_nano)}")
                 lines.append(f"    {self.credit_types[ct].name}: " + ", ".join(parts))
         for c in self.customers:
             lines.append(f"  customer {c.customer_id}: plan {c.plan or 'none'}, balances "
@@ -185,8 +204,23 @@ def format_nano(v: int) -> str:
 
 def _per_unit(price: Fraction, precision: int) -> str:
     """A price held per smallest unit, shown per whole unit of the meter."""
-    per_unit = price * 10**precision / NANO
-    return str(per_unit.numerator) if per_unit.denominator == 1 else f"{per_unit.numerator}/{per_unit.denominator}"
+    return _exact(price * 10**precision / NANO)
+
+
+def _exact(value: Fraction) -> str:
+    """A decimal when it ends (0.0000025), a fraction when it does not (1/3)."""
+    d = value.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    if d != 1:
+        return f"{value.numerator}/{value.denominator}"
+    digits = 0
+    while (value * 10**digits).denominator != 1:
+        digits += 1
+    whole = value * 10**digits
+    text = str(whole.numerator).rjust(digits + 1, "0")
+    return text if digits == 0 else f"{text[:-digits]}.{text[-digits:]}"
 
 
 def _err(source: str, key: str, message: str) -> ConfigError:
@@ -329,6 +363,32 @@ def _customers(doc: dict, credit_index: dict[str, int], plan_names: set[str], so
     return out
 
 
+def step_nano(credit: CreditType) -> int:
+    """The smallest amount a custom credit type is granted in (fiat types: one nano)."""
+    return 10 ** (9 - credit.decimals) if credit.kind == "custom" else 1
+
+
+def _check_custom_decimals(catalog: Catalog) -> None:
+    """Amounts of a custom credit type in the catalog keep to its decimals."""
+    def check(ct: int, value: int | None, key: str) -> None:
+        credit = catalog.credit_types[ct]
+        if value is not None and value % step_nano(credit):
+            raise _err(catalog.source, key, f"has more decimals than {credit.name} allows ({credit.decimals})")
+    for c in catalog.customers:
+        for ct, v in c.balances_nano.items():
+            check(ct, v, f"customers.{c.customer_id}.balances.{catalog.credit_types[ct].name}")
+        for ct, v in c.overdraft_nano.items():
+            check(ct, v, f"customers.{c.customer_id}.overdraft.{catalog.credit_types[ct].name}")
+    for plan in catalog.plans:
+        for ct, v in plan.trial_nano.items():
+            check(ct, v, f"plans.{plan.name}.trial.credits.{catalog.credit_types[ct].name}")
+        for ct, p in plan.credits.items():
+            where = f"plans.{plan.name}.credits.{catalog.credit_types[ct].name}"
+            check(ct, p.included_nano, f"{where}.included")
+            check(ct, p.low_balance_nano, f"{where}.low_balance")
+            check(ct, p.topup_target_nano, f"{where}.topup_target")
+
+
 def parse_catalog(doc: dict, source: str) -> Catalog:
     _check_keys(doc, {"credit_types", "meters", "customers", "plans"}, source, "catalog")
     credit_types = _credit_types(doc, source)
@@ -344,6 +404,7 @@ def parse_catalog(doc: dict, source: str) -> Catalog:
     plans = parse_plans(doc, credit_index, modes, source, amount, _check_keys)
     customers = _customers(doc, credit_index, {p.name for p in plans}, source)
     catalog = Catalog(credit_types, meters, customers, source, plans, modes)
+    _check_custom_decimals(catalog)
     for plan in plans:
         for meter_name, units in plan.free_units.items():
             m = catalog.meters[catalog.meter_index[meter_name]] if meter_name in catalog.meter_index else None

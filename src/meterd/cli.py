@@ -157,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"meterd: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a client command's gRPC error, said in one line
+        import grpc
+        if isinstance(e, grpc.RpcError):
+            print(f"meterd: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        raise
     except KeyboardInterrupt:
         return 130
 

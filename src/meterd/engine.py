@@ -32,7 +32,7 @@ from typing import Any, Callable
 import lmdb
 
 from meterd import core as core_mod
-from meterd.catalog import Catalog
+from meterd.catalog import Catalog, step_nano
 from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
 from meterd.sessions import Session, SessionsMixin
@@ -465,14 +465,18 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             if seed.plan and self.store.get("meta", marker) is None and seed.customer_id not in self.subs:
                 sub_ops, _ = self.subscribe_ops(seed.customer_id, seed.plan, now_ms(), now_ms())
                 ops += sub_ops + [("meta", marker, b"1")]
-            for ct in range(len(self.catalog.credit_types)):
-                ops += self.floor_ops(seed.customer_id, ct)
+            if seed.customer_id not in self.subs:
+                for ct in range(len(self.catalog.credit_types)):
+                    ops += self.floor_ops(seed.customer_id, ct)
             for ct, amount in seed.balances_nano.items():
                 marker = f"seeded\x00{seed.customer_id}\x00{self.catalog.credit_types[ct].name}".encode()
                 if amount == 0 or self.store.get("meta", marker) is not None:
                     continue
                 ops += self._grant_ops(seed.customer_id, ct, amount, 0, 0, "catalog", "initial balance")
                 ops.append(("meta", marker, b"1"))
+        # A changed catalog may change the floors and thresholds of every subscription's plan.
+        for customer_id, sub in self.subs.items():
+            ops += self._apply_plan_ops(customer_id, self.catalog.plan_index.get(sub.plan))
         return ops
 
     # ---- catalog reload ---------------------------------------------------------------
@@ -983,16 +987,20 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             buckets.remove(b)
         return [("grants", self._grant_key(customer_id, ct, b.grant_id), None)]
 
-    def _credit_type(self, name: str) -> int:
+    def _credit_type(self, name: str, amount_nano: int) -> int:
         ct = self.catalog.credit_index.get(name)
         if ct is None:
             raise InvalidInput("credit_type", f"unknown credit type {name[:64]!r}")
+        credit = self.catalog.credit_types[ct]
+        if amount_nano % step_nano(credit):
+            raise InvalidInput("amount_nano", f"{credit.name} is granted in steps of {step_nano(credit)} nano "
+                               f"({credit.decimals} decimals)")
         return ct
 
     async def grant(self, req: admin_pb2.GrantRequest) -> bytes:
         self.check_writable()
         self._customer(req.customer_id)
-        ct = self._credit_type(req.credit_type)
+        ct = self._credit_type(req.credit_type, req.amount_nano)
         if req.amount_nano <= 0:
             raise InvalidInput("amount_nano", "must be positive")
         if req.expires_at_ms < 0 or (req.expires_at_ms and req.expires_at_ms <= now_ms()):
@@ -1016,7 +1024,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
     async def adjust(self, req: admin_pb2.AdjustRequest) -> bytes:
         self.check_writable()
         self._customer(req.customer_id)
-        ct = self._credit_type(req.credit_type)
+        ct = self._credit_type(req.credit_type, req.amount_nano)
         if req.amount_nano == 0:
             raise InvalidInput("amount_nano", "must not be zero")
         if not req.reason.strip():
@@ -1116,6 +1124,9 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         start, _ = month_bounds(now)
         if start != self.period_start_ms:
             if self.period_start_ms:
+                for idx in range(len(self.core)):  # gauges of accounts without a plan: their month ends
+                    if self.core.state(idx)[2] == 0:
+                        ops += self.gauge_ops(self.core.customer_id(idx).decode(), idx)
                 _reset_unplanned(self.core)
                 ops.append(self._log_op(_record(b"P", b"")))
             self.period_start_ms = start

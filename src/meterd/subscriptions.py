@@ -109,8 +109,9 @@ class SubscriptionsMixin:
         """Plan index, floors and alert thresholds in the core for ``plan`` (None: no plan)."""
         idx = self.core.open_account(customer_id.encode())
         ops = []
-        self.core.set_plan(idx, plan.index if plan else 0)
-        ops.append(self._core_op(b"S", customer_id, 0, plan.index if plan else 0))
+        if self.core.state(idx)[2] != (plan.index if plan else 0):
+            self.core.set_plan(idx, plan.index if plan else 0)
+            ops.append(self._core_op(b"S", customer_id, 0, plan.index if plan else 0))
         for ct in range(len(self.catalog.credit_types)):
             policy = plan.credits.get(ct) if plan else None
             alert = policy.alert_nano if policy else None
@@ -174,6 +175,8 @@ class SubscriptionsMixin:
         ops = self._gauge_ops(sub, idx)  # what the period used so far is charged now
         for ct, policy in (plan.credits.items() if plan else []):
             ops += self.settle_overage_ops(customer_id, ct, policy, "cancel")
+            if policy.arrears:
+                ops += self._arrears_ops(sub, ct)
         ops += self._end_ops(sub, plan, sub.start_ms)
         return ops, sub
 
@@ -189,7 +192,7 @@ class SubscriptionsMixin:
         if old is not None and new.period != old.period:
             raise InvalidInput("plan", "a plan change keeps the billing period; cancel and subscribe instead")
         sub.next_plan = ""
-        if old is not None and (new.name == old.name or not _is_upgrade(old, new)):
+        if old is not None and (new.name == old.name or _is_downgrade(old, new)):
             if new.name != old.name:
                 sub.next_plan = new.name
             return [self._put_sub(sub)], sub
@@ -361,7 +364,7 @@ class SubscriptionsMixin:
             return []
         deficit = -bal
         credit, before, after = self._credit_ops(customer_id, ct, deficit)
-        if policy.overage.at_cycle_end == "forgive" and why == "cycle end":
+        if policy.overage.at_cycle_end == "forgive" and why in ("cycle end", "cancel"):
             return credit + self._audit_op(customer_id, "overage_forgiven", ct, deficit, before, after, why)
         sub = self.subs[customer_id]
         # Graduated tiers continue from what was billed earlier in the period, and
@@ -384,6 +387,9 @@ class SubscriptionsMixin:
                                        f"period {sub.n}", charge=-bal, charge_ct=ct)
 
     def _gauge_ops(self, sub: Subscription, idx: int) -> list[Op]:
+        return self.gauge_ops(sub.customer_id, idx)
+
+    def gauge_ops(self, customer_id: str, idx: int) -> list[Op]:
         """Max, latest and unique_count meters are charged once, on their value for the period."""
         from meterd.engine import _record
         ops: list[Op] = []
@@ -393,9 +399,9 @@ class SubscriptionsMixin:
                 continue
             rate = self.core.find_rate(m, None)
             cost = self.core.force_charge(idx, rate, use[m])
-            ops.append(self._log_op(_record(b"Q", struct.pack("<Iq", rate, use[m]) + sub.customer_id.encode())))
+            ops.append(self._log_op(_record(b"Q", struct.pack("<Iq", rate, use[m]) + customer_id.encode())))
             bal = self.core.state(idx)[0][meter.credit_type][0]
-            ops += self._audit_op(sub.customer_id, "gauge_charged", meter.credit_type, -cost, bal + cost, bal,
+            ops += self._audit_op(customer_id, "gauge_charged", meter.credit_type, -cost, bal + cost, bal,
                                   f"{meter.name}={self.catalog.format_quantity(m, use[m])}")
         return ops
 
@@ -451,10 +457,15 @@ class SubscriptionsMixin:
         return []
 
 
-def _is_upgrade(old: Plan, new: Plan) -> bool:
-    """A plan with a higher fee, or the same fee and more included credits of some type."""
+def _is_downgrade(old: Plan, new: Plan) -> bool:
+    """A lower fee, or the same fee and fewer included credits of some type (and more of none).
+    Anything else (an upgrade, or a plan as dear, such as turning usage-based pricing on)
+    applies at once."""
     old_fee, new_fee = sum(old.fees_nano.values()), sum(new.fees_nano.values())
     if new_fee != old_fee:
-        return new_fee > old_fee
-    return any(p.included_nano > (old.credits[ct].included_nano if ct in old.credits else 0)
-               for ct, p in new.credits.items())
+        return new_fee < old_fee
+    def included(plan: Plan, ct: int) -> int:
+        return plan.credits[ct].included_nano if ct in plan.credits else 0
+    cts = set(old.credits) | set(new.credits)
+    return any(included(new, ct) < included(old, ct) for ct in cts) and \
+        not any(included(new, ct) > included(old, ct) for ct in cts)
