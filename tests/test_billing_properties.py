@@ -1,5 +1,10 @@
 """Random sequences of usage, grants, plan changes, period boundaries and
-restarts, on both cores side by side; invariants checked after every step."""
+restarts, on both cores side by side; invariants checked after every step.
+
+Three catalogs: ElevenLabs (rollover caps, unlimited overage billed at the
+period's end), Cursor (weights, a degraded fallback, an overage spend limit
+billed early) and the hybrid (graduated overage, gauges, distinct users, free
+units, two credit types)."""
 
 from __future__ import annotations
 
@@ -13,38 +18,61 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterd.errors import Conflict, InvalidInput, NotFound
+from meterd.v1 import admin_pb2 as apb
 
-CUSTOMERS = ["studio", "a", "b"]
-PLANS = ["free", "starter", "creator", "pro"]
-MODELS = ["eleven_flash_v2_5", "eleven_v3"]
+CUSTOMERS = ["a", "b", "c"]
+# per catalog: the plans, the credit type grants go to, and events as (meter, dimensions, quantity range)
+SETUPS = {
+    "elevenlabs": (["free", "starter", "creator", "pro"], "credits",
+                   [("characters", {"model": "eleven_flash_v2_5"}, 400_000),
+                    ("characters", {"model": "eleven_v3"}, 400_000)]),
+    "cursor": (["pro", "pro_usage_based"], "requests",
+               [("requests", {"model": "claude-3.5-haiku"}, 3), ("requests", {"model": "o1"}, 1),
+                ("requests", {"model": "gpt-4o"}, 1)]),
+    "hybrid": (["team"], "usd",
+               [("output_tokens", {"model": "gpt-4o"}, 3_000_000), ("requests", {"model": "o1"}, 1),
+                ("seats", {}, 40), ("active_users", {"user": "u"}, 0),
+                ("gpu_seconds", {"hardware": "nvidia-h100"}, 5000)]),
+}
 
-step = st.one_of(
-    st.tuples(st.just("report"), st.sampled_from(CUSTOMERS), st.integers(0, 400_000), st.sampled_from(MODELS)),
-    st.tuples(st.just("grant"), st.sampled_from(CUSTOMERS), st.integers(1, 50_000), st.integers(0, 3),
-              st.one_of(st.none(), st.integers(1, 60))),
-    st.tuples(st.just("adjust"), st.sampled_from(CUSTOMERS), st.integers(-20_000, -1)),
-    st.tuples(st.just("advance"), st.integers(1, 40 * DAY_MS)),
-    st.tuples(st.just("tick")),
-    st.tuples(st.just("change_plan"), st.sampled_from(CUSTOMERS), st.sampled_from(PLANS)),
-    st.tuples(st.just("resubscribe"), st.sampled_from(CUSTOMERS), st.sampled_from(PLANS)),
-    st.tuples(st.just("restart"), st.booleans()),
-)
+
+def steps_for(catalog: str) -> st.SearchStrategy:
+    plans, _, events = SETUPS[catalog]
+    return st.one_of(
+        st.tuples(st.just("report"), st.sampled_from(CUSTOMERS), st.integers(0, len(events) - 1),
+                  st.integers(0, 1_000_000), st.integers(0, 9)),
+        st.tuples(st.just("grant"), st.sampled_from(CUSTOMERS), st.integers(1, 500), st.integers(0, 3),
+                  st.one_of(st.none(), st.integers(1, 60))),
+        st.tuples(st.just("adjust"), st.sampled_from(CUSTOMERS), st.integers(-200, -1)),
+        st.tuples(st.just("advance"), st.integers(1, 40 * DAY_MS)),
+        st.tuples(st.just("tick")),
+        st.tuples(st.just("change_plan"), st.sampled_from(CUSTOMERS), st.sampled_from(plans)),
+        st.tuples(st.just("resubscribe"), st.sampled_from(CUSTOMERS), st.sampled_from(plans)),
+        st.tuples(st.just("restart"), st.booleans()),
+    )
 
 
-def apply(b: Billing, op: tuple) -> None:
-    from meterd.v1 import admin_pb2 as apb
+def apply(b: Billing, catalog: str, op: tuple) -> None:
+    _, credit, events = SETUPS[catalog]
     kind = op[0]
     try:
         if kind == "report":
-            r = b.report(op[1], "characters", op[2], model=op[3])
+            meter, dims, top = events[op[2]]
+            dims = {k: (v + str(op[4]) if k == "user" else v) for k, v in dims.items()}
+            quantity = op[3] % (top + 1)
+            if meter == "gpu_seconds":
+                quantity = f"{quantity}.{op[4]}"
+            r = b.report(op[1], meter, quantity, **dims)
             if r.cost_nano:  # usage never takes a balance below its allowed overage
-                cts = b.engine.core.state(b.engine.core.account(op[1].encode()))[0][1]
+                idx = b.engine.core.account(op[1].encode())
+                ct = b.catalog.credit_index[r.credit_type]
+                cts = b.engine.core.state(idx)[0][ct]
                 assert r.balance_nano - cts[1] >= cts[2], (op, r.balance_nano, cts)
         elif kind == "grant":
             expires = b.now_ms + op[4] * DAY_MS if op[4] else 0
-            b.grant(op[1], "credits", op[2] * NANO, priority=op[3], expires_at_ms=expires)
+            b.grant(op[1], credit, op[2] * NANO, priority=op[3], expires_at_ms=expires)
         elif kind == "adjust":
-            b.run(b.engine.adjust(apb.AdjustRequest(customer_id=op[1], credit_type="credits",
+            b.run(b.engine.adjust(apb.AdjustRequest(customer_id=op[1], credit_type=credit,
                                                     amount_nano=op[2] * NANO, reason="property test")))
         elif kind == "advance":
             b.advance(op[1])
@@ -70,42 +98,47 @@ def check(b: Billing) -> None:
         b.check_conservation(customer)
         sub = b.engine.subs.get(customer)
         plan = b.catalog.plan_index.get(sub.plan) if sub else None
-        policy = plan.credits.get(1) if plan else None
-        if policy is not None and policy.rollover is not None and policy.rollover.max_nano is not None:
-            acct = b.engine.accounts.get(customer)
-            rolled = sum(x.remaining_nano for x in acct.buckets.get(1, []) if x.source == "rollover") if acct else 0
-            assert rolled <= policy.rollover.max_nano
+        acct = b.engine.accounts.get(customer)
+        for ct, policy in (plan.credits.items() if plan else []):
+            r = policy.rollover
+            if r is None or acct is None:
+                continue
+            rolled = [x for x in acct.buckets.get(ct, []) if x.source == "rollover"]
+            assert all(x.rollovers <= r.max_count for x in rolled)
+            if r.max_nano is not None:
+                assert sum(x.remaining_nano for x in rolled) <= r.max_nano
+        for e in b.audit(customer, "rolled_over"):
+            policy = plan.credits.get(b.catalog.credit_index[e.credit_type]) if plan else None
+            if policy is not None and policy.rollover is not None and policy.rollover.max_nano is not None:
+                assert e.amount_nano <= policy.rollover.max_nano
 
 
 def state(b: Billing) -> list:
-    out = []
-    for customer in CUSTOMERS:
-        if b.engine.core.account(customer.encode()) >= 0:
-            out.append(b.balance(customer).SerializeToString(deterministic=True))
-    return out
+    return [b.balance(c).SerializeToString(deterministic=True) for c in CUSTOMERS
+            if b.engine.core.account(c.encode()) >= 0]
 
 
-EXAMPLES = 500 if os.environ.get("METERD_SOAK") else 60
+def run_history(catalog: str, core: str, steps: list, monkeypatch: pytest.MonkeyPatch) -> list:
+    with tempfile.TemporaryDirectory() as d, monkeypatch.context() as m:
+        b = Billing(Path(d), catalog, m, core=core)
+        b.subscribe("a", SETUPS[catalog][0][0])
+        for op in steps:
+            apply(b, catalog, op)
+            check(b)
+        result = state(b)
+        b.close()
+        return result
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(step, min_size=1, max_size=30))
-def test_random_billing_histories_keep_every_invariant_on_both_cores(monkeypatch: pytest.MonkeyPatch, steps):
-    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-        with monkeypatch.context() as m1:
-            compiled = Billing(Path(d1), "elevenlabs", m1, core="compiled")
-            compiled.subscribe("a", "starter")
-            for op in steps:
-                apply(compiled, op)
-                check(compiled)
-            results_c = state(compiled)
-            compiled.close()
-        with monkeypatch.context() as m2:
-            python = Billing(Path(d2), "elevenlabs", m2, core="python")
-            python.subscribe("a", "starter")
-            for op in steps:
-                apply(python, op)
-                check(python)
-            results_p = state(python)
-            python.close()
-    assert results_c == results_p
+EXAMPLES = 300 if os.environ.get("METERD_SOAK") else 60
+
+
+@pytest.mark.parametrize("catalog", sorted(SETUPS))
+def test_random_billing_histories_keep_every_invariant_on_both_cores(catalog: str, monkeypatch: pytest.MonkeyPatch):
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(steps_for(catalog), min_size=1, max_size=30))
+    def history(steps: list) -> None:
+        assert run_history(catalog, "compiled", steps, monkeypatch) == \
+            run_history(catalog, "python", steps, monkeypatch)
+
+    history()
