@@ -279,3 +279,47 @@ def test_unique_count_meter_charges_distinct_users_at_period_end(make):
     charged = [e for e in b.audit("acme", "gauge_charged") if e.reference.startswith("active_users")]
     assert [(e.amount_nano, e.reference) for e in charged] == [(-8 * NANO, "active_users=4")]
     assert {u.meter: u.quantity for u in b.balance("acme").usage}["active_users"] == "0"
+
+
+CARRY = """
+[credit_types.usd]
+kind = "fiat"
+[credit_types.cr]
+kind = "custom"
+[meters.m]
+credit_type = "cr"
+price = "1"
+[plans.p]
+period = "month"
+[plans.p.credits.cr]
+included = "100"
+overage = { price = "0.10", price_in = "usd", at_cycle_end = "AT_END" }
+"""
+
+
+@pytest.mark.parametrize("at_end, balance_after, charges", [
+    ("bill", 100, [(50, 5)]),
+    ("forgive", 100, []),
+    ("carry", 100, []),          # billed a period later; the new credits stay whole
+    ("carry_repay", 50, []),     # the new credits pay the deficit back
+])
+def test_what_happens_to_a_deficit_at_the_period_end(tmp_path, monkeypatch, at_end, balance_after, charges):
+    path = tmp_path / "carry.toml"
+    path.write_text(CARRY.replace("AT_END", at_end))
+    b = Billing(tmp_path, str(path), monkeypatch)
+    try:
+        b.subscribe("x", "p", start_ms=START_MS)
+        b.report("x", "m", 150)
+        b.advance(29 * DAY_MS)
+        b.tick()
+        assert b.bal("x", "cr") == balance_after * NANO
+        assert [(e.amount_nano // NANO, e.charge_nano // 10**8 // 10) for e in b.audit("x", "overage_charged")] \
+            == charges
+        if at_end == "carry":
+            assert [e.amount_nano for e in b.audit("x", "deficit_carried")] == [50 * NANO]
+            b.advance(31 * DAY_MS)
+            b.tick()
+            assert [(e.amount_nano, e.charge_nano) for e in b.audit("x", "overage_charged")] == [(50 * NANO, 5 * NANO)]
+        b.check_conservation("x")
+    finally:
+        b.close()

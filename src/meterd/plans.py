@@ -17,7 +17,11 @@ from typing import Any
 from meterd.errors import ConfigError
 
 PERIODS = ("day", "week", "month", "year")
-AT_CYCLE_END = ("bill", "forgive", "carry")
+# What happens to a negative balance when a period ends: billed; forgiven; carried
+# (taken off the balance, so the next period's credits are whole, and billed at
+# the next period's end); or carried and repaid (the balance stays negative and
+# the next period's credits pay it back).
+AT_CYCLE_END = ("bill", "forgive", "carry", "carry_repay")
 ARREARS_FLOOR_NANO = -(1 << 62)
 DAY_MS = 86_400_000
 

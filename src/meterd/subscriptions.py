@@ -44,6 +44,8 @@ class Subscription:
     overage_billed: dict[str, int] = field(default_factory=dict)
     # A downgrade waits for the end of the period (the period is paid for).
     next_plan: str = ""
+    # at_cycle_end = "carry": the deficit carried from the last period, billed at this one's end.
+    carried: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -352,9 +354,25 @@ class SubscriptionsMixin:
         return ops
 
     def _cycle_end_overage_ops(self, sub: Subscription, ct: int, policy: CreditPolicy) -> list[Op]:
-        if policy.overage is None or policy.overage.at_cycle_end == "carry":
+        if policy.overage is None or policy.overage.at_cycle_end == "carry_repay":
             return []
-        return self.settle_overage_ops(sub.customer_id, ct, policy, "cycle end")
+        if policy.overage.at_cycle_end != "carry":
+            return self.settle_overage_ops(sub.customer_id, ct, policy, "cycle end")
+        ops: list[Op] = []
+        idx = self.core.account(sub.customer_id.encode())
+        bal = self.core.state(idx)[0][ct][0]
+        owed = sub.carried.pop(str(ct), 0)
+        if owed:  # last period's carried deficit is billed now, at the prices of that overage
+            billed = sub.overage_billed.get(str(ct), 0)
+            money = policy.overage.charge(billed + owed) - policy.overage.charge(billed)
+            ops += self._audit_op(sub.customer_id, "overage_charged", ct, owed, bal, bal, "carried from last period",
+                                  charge=money, charge_ct=policy.overage.price_credit_type)
+        if bal < 0:
+            credit, before, after = self._credit_ops(sub.customer_id, ct, -bal)
+            ops += credit + self._audit_op(sub.customer_id, "deficit_carried", ct, -bal, before, after,
+                                           "billed at the end of the next period")
+            sub.carried[str(ct)] = -bal
+        return ops
 
     def settle_overage_ops(self, customer_id: str, ct: int, policy: CreditPolicy, why: str) -> list[Op]:
         """Bill (or forgive) what the customer owes below zero, and bring the balance back to zero."""
