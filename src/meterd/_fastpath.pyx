@@ -1190,14 +1190,7 @@ cdef class Core:
         # rate: the last entry whose key is the meter's price dimension wins
         if m.dim_key_len > 0:
             if ndims > 0:
-                pos = start
-                while pos < end:
-                    _read_varint(buf, end, &pos, &key)
-                    if key == ((5 << 3) | 2):
-                        _read_len(buf, end, &pos, &s, &n)
-                        self._decode_dim(buf, s, s + n, ev, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
-                    else:
-                        _skip(buf, end, &pos, key & 7)
+                self._dim_value(buf, start, end, ev, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
             ev.rate = self._find_rate(ev.meter, dim_value, dim_len)
         else:
             ev.rate = m.rate_default
@@ -1213,14 +1206,7 @@ cdef class Core:
             # The distinct-value key travels in the quantity field: a unique_count
             # meter has no quantity of its own.
             dim_value = NULL
-            pos = start
-            while pos < end:
-                _read_varint(buf, end, &pos, &key)
-                if key == ((5 << 3) | 2):
-                    _read_len(buf, end, &pos, &s, &n)
-                    self._decode_dim(buf, s, s + n, ev, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
-                else:
-                    _skip(buf, end, &pos, key & 7)
+            self._dim_value(buf, start, end, ev, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
             if dim_value == NULL:
                 ev.err = E_NO_UNIQUE
                 ev.err_ptr = b"dimensions"
@@ -1236,6 +1222,20 @@ cdef class Core:
             return E_OVERFLOW
         ev.err_ptr = b""
         return E_OK
+
+    cdef void _dim_value(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
+                         const char *want, Py_ssize_t want_len,
+                         const char **value, Py_ssize_t *value_len) noexcept:
+        """The value of the last dimension whose key is ``want`` (the event was validated already)."""
+        cdef uint64_t key
+        cdef Py_ssize_t s, n
+        while pos < end:
+            _read_varint(buf, end, &pos, &key)
+            if key == ((5 << 3) | 2):
+                _read_len(buf, end, &pos, &s, &n)
+                self._decode_dim(buf, s, s + n, ev, want, want_len, value, value_len)
+            else:
+                _skip(buf, end, &pos, key & 7)
 
     cdef int _decode_dim(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
                          const char *want, Py_ssize_t want_len,
