@@ -44,7 +44,7 @@ FREE = [[0] * 7, [0] * 7, [2000, 3, 0, 0, 0, 0, 0]]
 
 def make_core(kind: str, catalog: dict = CATALOG):
     denominators, meters, rates = parse_catalog(catalog, "test").compile()
-    return CORES[kind](denominators, meters, rates, dict(LIMITS), 1024, PLANS, MODES, FREE)
+    return CORES[kind](denominators, meters, rates, dict(LIMITS), 1024, PLANS, MODES, FREE, [b"usd", b"req"])
 
 
 def batch(events, client_id: str = "", sequence: int = 0) -> bytes:
@@ -156,7 +156,8 @@ def test_a_bad_event_rejects_the_whole_batch_and_debits_nothing(core, event, fie
     (b"\x1a\x02\x18\xff", "events[0].quantity"),
     (b"\x1a\x02\x0a\x05", "events[0]"),
     (b"\x0b", "client_id"),
-    (b"\x23", "batch"),
+    (b"\x23", "details"),
+    (b"\x2b", "batch"),
 ])
 def test_malformed_bytes_name_the_field(core, data, field):
     before = core.state(0)
@@ -271,6 +272,8 @@ def test_both_cores_agree_on_many_random_events():
         if round_ % 10 == 9:
             events[rng.randrange(len(events))].quantity = -5  # rejected whole by both
         data = batch(events)
+        if round_ % 2:
+            data += b"\x20\x01"  # details: one result per event
         results = []
         for core in (a, b):
             try:
@@ -422,3 +425,22 @@ def test_many_distinct_values_survive_growth_and_period_resets(core):
         assert core.state(0)[1][6] == 5000
         assert len(core.uniques(0)) == 5000
         core.reset_usage(0)
+
+
+def test_batch_details_give_every_decision(core):
+    idx = core.open_account(b"pro")
+    core.credit(idx, 1, 2 * 10**9)
+    core.set_plan(idx, 1)
+    req = pb.ReportBatchRequest(details=True, events=[
+        ev(model="gpt-4o", quantity=1000), ev("pro", meter="requests", model="o1"),
+        ev("pro", meter="requests", model="haiku"), ev("ghost", model="gpt-4o")])
+    accepted, denied, degraded, blob = core.apply_batch(req.SerializeToString())
+    resp = pb.ReportBatchResponse.FromString(blob)
+    got = [(r.index, r.decision, r.reason, r.credit_type, r.cost_nano, r.balance_nano, r.mode, r.priority)
+           for r in resp.results]
+    assert got == [
+        (0, pb.DECISION_ALLOW, 0, "usd", 2_500_000, 1000 * 10**9 - 2_500_000, "", 0),
+        (1, pb.DECISION_DEGRADE, 0, "req", 0, 2 * 10**9, "slow", 95),
+        (2, pb.DECISION_ALLOW, 0, "req", 333_333_333, 1_666_666_667, "", 0),
+        (3, pb.DECISION_DENY, pb.REASON_UNKNOWN_CUSTOMER, "usd", 0, 0, "", 0)]
+    assert (accepted, denied, degraded) == (3, 1, 1)

@@ -360,3 +360,10 @@ def test_duration_session_over_grpc(daemon):
     with pytest.raises(grpc.RpcError) as info:
         daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_report_batch_details_over_grpc(daemon):
+    r = daemon.meter.ReportBatch(pb.ReportBatchRequest(details=True, events=[usage(), usage("ghost")]))
+    assert [(x.index, x.decision, x.credit_type, x.cost_nano, x.balance_nano) for x in r.results] == [
+        (0, pb.DECISION_ALLOW, "usd", 2_500_000, 10 * USD - 2_500_000), (1, pb.DECISION_DENY, "usd", 0, 0)]
+    assert r.results[1].reason == pb.REASON_UNKNOWN_CUSTOMER

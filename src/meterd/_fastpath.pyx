@@ -284,6 +284,9 @@ cdef class Core:
     cdef list modes
     cdef const char **mode_ptr
     cdef int32_t *mode_len
+    cdef list credit_names
+    cdef const char **ct_name
+    cdef int32_t *ct_name_len
     cdef int64_t *alerts
     cdef Py_ssize_t n_alerts
     cdef bint alerts_lost
@@ -327,6 +330,8 @@ cdef class Core:
         self.alerts = NULL
         self.mode_ptr = NULL
         self.mode_len = NULL
+        self.ct_name = NULL
+        self.ct_name_len = NULL
         self.n_alerts = 0
         self.alerts_lost = False
         self.dirty = NULL
@@ -336,7 +341,7 @@ cdef class Core:
         self.closed = False
 
     def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
-                 list plans=None, list modes=None, list free=None):
+                 list plans=None, list modes=None, list free=None, list credit_names=None):
         """Build the core for one catalog shape.
 
         ``meters``: (name, credit_type, precision, price_dimension, aggregation) tuples;
@@ -346,7 +351,8 @@ cdef class Core:
         ``plans``: per plan, per credit type, (fallback mode, priority step);
         plan 0 is "no plan" and always denies. ``modes``: fallback mode names,
         mode k being ``modes[k - 1]``. ``free``: per plan (from plan 1), per
-        meter, the units of each period that are not charged.
+        meter, the units of each period that are not charged. ``credit_names``:
+        the credit types' names, for detailed batch results.
         """
         cdef Py_ssize_t i, k
         self.n_ct = len(denominators)
@@ -364,6 +370,16 @@ cdef class Core:
         self.meters = <Meter *>calloc(max(self.n_meters, 1), sizeof(Meter))
         self.rates = <Rate *>calloc(max(self.n_rates, 1), sizeof(Rate))
         self.scratch = <Event *>calloc(max(self.batch_max, 1), sizeof(Event))
+        self.credit_names = [bytes(n) for n in (credit_names or [b""] * self.n_ct)]
+        if len(self.credit_names) != self.n_ct or any(len(n) > 64 for n in self.credit_names):
+            raise ValueError("one name of at most 64 bytes per credit type")
+        self.ct_name = <const char **>calloc(max(self.n_ct, 1), sizeof(char *))
+        self.ct_name_len = <int32_t *>calloc(max(self.n_ct, 1), sizeof(int32_t))
+        if self.ct_name == NULL or self.ct_name_len == NULL:
+            raise MemoryError()
+        for i in range(self.n_ct):
+            self.ct_name[i] = PyBytes_AS_STRING(self.credit_names[i])
+            self.ct_name_len[i] = len(self.credit_names[i])
         self.modes = [bytes(m) for m in (modes or [])]
         self.mode_ptr = <const char **>calloc(len(self.modes) + 1, sizeof(char *))
         self.mode_len = <int32_t *>calloc(len(self.modes) + 1, sizeof(int32_t))
@@ -465,7 +481,7 @@ cdef class Core:
         free(self.degr); free(self.alert); free(self.plan_of)
         free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
-        free(self.mode_ptr); free(self.mode_len)
+        free(self.mode_ptr); free(self.mode_len); free(self.ct_name); free(self.ct_name_len)
 
     def close(self):
         """Refuse further use; memory is freed with the object."""
@@ -1297,7 +1313,8 @@ cdef class Core:
         return InvalidInput(field, _MESSAGES[ev.err])
 
     cdef int _decode_batch(self, const char *buf, Py_ssize_t end, uint64_t *seq,
-                           Py_ssize_t *cid_start, Py_ssize_t *cid_len, Py_ssize_t *nev) except -1:
+                           Py_ssize_t *cid_start, Py_ssize_t *cid_len, Py_ssize_t *nev,
+                           uint64_t *details) except -1:
         """Decode a ReportBatchRequest into the scratch events; raise InvalidInput."""
         cdef Py_ssize_t pos = 0, s, n
         cdef uint64_t key
@@ -1305,6 +1322,7 @@ cdef class Core:
         cdef Event *ev
         nev[0] = 0
         seq[0] = 0
+        details[0] = 0
         cid_start[0] = 0
         cid_len[0] = 0
         while pos < end:
@@ -1335,6 +1353,12 @@ cdef class Core:
                 rc = _read_varint(buf, end, &pos, seq)
                 if rc:
                     raise InvalidInput("sequence", _MESSAGES[rc])
+            elif key == 4:
+                if wt != 0:
+                    raise InvalidInput("details", _MESSAGES[E_WIRE_TYPE])
+                rc = _read_varint(buf, end, &pos, details)
+                if rc:
+                    raise InvalidInput("details", _MESSAGES[rc])
             else:
                 rc = _skip(buf, end, &pos, wt)
                 if rc:
@@ -1390,17 +1414,23 @@ cdef class Core:
         cdef int reason
         cdef int64_t cost
         cdef uint32_t accepted = 0, denied = 0, degraded = 0
-        cdef int32_t mode
+        cdef int32_t mode, ct
         cdef char *out
         cdef Py_ssize_t olen = 0
-        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev)
+        cdef uint64_t details
+        cdef uint32_t prio
+        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev, &details)
         self._ureserve(nev)
-        out = <char *>malloc(nev * 48 + 1)
+        out = <char *>malloc(nev * (48 + (160 if details else 0)) + 1)
         if out == NULL:
             raise MemoryError()
         for i in range(nev):
             ev = &self.scratch[i]
             ev.account = self._find(ev.cust, ev.cust_len)
+            cost = 0
+            mode = 0
+            prio = 0
+            ct = self.rates[ev.rate].ct
             if ev.account < 0:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
@@ -1410,12 +1440,20 @@ cdef class Core:
             elif reason == OUT_DEGRADED:
                 accepted += 1
                 degraded += 1
-                mode = self.plan_mode[self.plan_of[ev.account] * self.n_ct + self.rates[ev.rate].ct]
-                olen += _put_degradation(out + olen, <uint32_t>i, self.mode_ptr[mode], self.mode_len[mode],
-                                         self._priority(ev.account, self.rates[ev.rate].ct))
+                mode = self.plan_mode[self.plan_of[ev.account] * self.n_ct + ct]
+                prio = self._priority(ev.account, ct)
+                olen += _put_degradation(out + olen, <uint32_t>i, self.mode_ptr[mode], self.mode_len[mode], prio)
             else:
                 denied += 1
                 olen += _put_denial(out + olen, <uint32_t>i, reason)
+            if details:
+                olen += _put_result(out + olen, <uint32_t>i,
+                                    DECISION_ALLOW if reason == REASON_NONE else
+                                    DECISION_DEGRADE if reason == OUT_DEGRADED else DECISION_DENY,
+                                    reason if reason != OUT_DEGRADED else 0,
+                                    self.ct_name[ct], self.ct_name_len[ct], cost,
+                                    self.bal[ev.account * self.n_ct + ct] if ev.account >= 0 else 0,
+                                    self.mode_ptr[mode], self.mode_len[mode], prio)
         try:
             return accepted, denied, degraded, PyBytes_FromStringAndSize(out, olen)
         finally:
@@ -1513,6 +1551,45 @@ cdef inline Py_ssize_t _put_degradation(char *out, uint32_t index, const char *m
     out[1] = <char>n
     memcpy(out + 2, body, n)
     return n + 2
+
+
+cdef inline Py_ssize_t _put_result(char *out, uint32_t index, int decision, int reason, const char *ct,
+                                   int32_t ct_len, int64_t cost, int64_t balance, const char *mode,
+                                   int32_t mode_len, uint32_t priority) noexcept nogil:
+    """Field 8 (EventResult) of ReportBatchResponse, fields in number order, zeros left out."""
+    cdef char body[160]
+    cdef Py_ssize_t n = 0
+    if index:
+        body[n] = 0x08
+        n += 1 + _put_varint(body + n + 1, index)
+    body[n] = 0x10
+    n += 1 + _put_varint(body + n + 1, <uint64_t>decision)
+    if reason:
+        body[n] = 0x18
+        n += 1 + _put_varint(body + n + 1, <uint64_t>reason)
+    if ct_len:
+        body[n] = 0x22
+        body[n + 1] = <char>ct_len
+        memcpy(body + n + 2, ct, ct_len)
+        n += 2 + ct_len
+    if cost:
+        body[n] = 0x28
+        n += 1 + _put_varint(body + n + 1, <uint64_t>cost)
+    if balance:
+        body[n] = 0x30
+        n += 1 + _put_varint(body + n + 1, <uint64_t>balance)
+    if mode_len:
+        body[n] = 0x3A
+        body[n + 1] = <char>mode_len
+        memcpy(body + n + 2, mode, mode_len)
+        n += 2 + mode_len
+    if priority:
+        body[n] = 0x40
+        n += 1 + _put_varint(body + n + 1, priority)
+    out[0] = 0x42
+    cdef Py_ssize_t h = 1 + _put_varint(out + 1, <uint64_t>n)
+    memcpy(out + h, body, n)
+    return h + n
 
 
 cdef inline int _scale(int64_t *qty, int precision) noexcept nogil:

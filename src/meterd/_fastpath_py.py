@@ -160,6 +160,18 @@ def _denial(index: int, reason: int) -> bytes:
     return b"\x1a" + bytes([len(body)]) + body
 
 
+def _result(index: int, decision: int, reason: int, ct: bytes, cost: int, balance: int, mode: bytes,
+            priority: int) -> bytes:
+    body = ((b"\x08" + _put_varint(index) if index else b"") + b"\x10" + _put_varint(decision)
+            + (b"\x18" + _put_varint(reason) if reason else b"")
+            + (b"\x22" + bytes([len(ct)]) + ct if ct else b"")
+            + (b"\x28" + _put_varint(cost & U64) if cost else b"")
+            + (b"\x30" + _put_varint(balance & U64) if balance else b"")
+            + (b"\x3a" + bytes([len(mode)]) + mode if mode else b"")
+            + (b"\x40" + _put_varint(priority) if priority else b""))
+    return b"\x42" + _put_varint(len(body)) + body
+
+
 def _degradation(index: int, mode: bytes, priority: int) -> bytes:
     body = ((b"\x08" + _put_varint(index) if index else b"")
             + (b"\x12" + bytes([len(mode)]) + mode if mode else b"")
@@ -172,7 +184,7 @@ class Core:
 
     def __init__(self, denominators: list, meters: list, rates: list, limits: dict,
                  capacity: int = 1024, plans: list | None = None, modes: list | None = None,
-                 free: list | None = None) -> None:
+                 free: list | None = None, credit_names: list | None = None) -> None:
         self.id_max = limits["customer_id_bytes_max"]
         self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
@@ -187,6 +199,9 @@ class Core:
         self.denom = list(denominators)
         self.n_ct = len(denominators)
         # meters: name, ct, precision, dim_key, rates {value: idx}, default
+        self.credit_names = [bytes(n) for n in (credit_names or [b""] * self.n_ct)]
+        if len(self.credit_names) != self.n_ct or any(len(n) > 64 for n in self.credit_names):
+            raise ValueError("one name of at most 64 bytes per credit type")
         self.modes = [bytes(m) for m in (modes or [])]
         if any(len(m) > 32 for m in self.modes):
             raise ValueError("mode names are at most 32 bytes")
@@ -727,6 +742,7 @@ class Core:
         pos, end = 0, len(buf)
         cid = b""
         seq = 0
+        details = 0
         events: list[tuple] = []
         while pos < end:
             try:
@@ -748,13 +764,18 @@ class Core:
                 if len(events) >= self.batch_max:
                     raise InvalidInput("events", "more than %d events in one batch" % self.batch_max)
                 events.append(self._event(buf, s, s + n, "events[%d]." % len(events)))
-            elif fn == 2:
+            elif fn == 2 or fn == 4:
+                name = "sequence" if fn == 2 else "details"
                 if wt != 0:
-                    raise InvalidInput("sequence", _MSG_WIRE_TYPE)
+                    raise InvalidInput(name, _MSG_WIRE_TYPE)
                 try:
-                    seq, pos = _varint(buf, pos, end)
+                    v, pos = _varint(buf, pos, end)
                 except _DecodeError as e:
-                    raise InvalidInput("sequence", e.message) from None
+                    raise InvalidInput(name, e.message) from None
+                if fn == 2:
+                    seq = v
+                else:
+                    details = v
             else:
                 try:
                     pos = _skip(buf, pos, end, wt)
@@ -762,7 +783,7 @@ class Core:
                     raise InvalidInput("batch", e.message) from None
         if len(cid) > self.client_id_max or not _id_charset_ok(cid):
             raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
-        return cid, seq, events
+        return cid, seq, events, details
 
     def batch_header(self, data: bytes) -> tuple:
         self._check()
@@ -793,26 +814,34 @@ class Core:
 
     def apply_batch(self, data: bytes) -> tuple:
         self._check()
-        _, _, events = self._decode_batch(data)
+        _, _, events, details = self._decode_batch(data)
         accepted = denied = degraded = 0
         out = []
         for i, (cust, rate, qty, fine) in enumerate(events):
             idx = self.index.get(cust, -1)
+            ct = self.rates[rate][1]
+            cost = mode = priority = 0
             if idx < 0:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
-                reason, _ = self._debit(idx, rate, qty, fine, False)
+                reason, cost = self._debit(idx, rate, qty, fine, False)
             if reason == REASON_NONE:
                 accepted += 1
             elif reason == OUT_DEGRADED:
                 accepted += 1
                 degraded += 1
-                ct = self.rates[rate][1]
                 mode = self.plans[self.plan_of[idx]][ct][0]
-                out.append(_degradation(i, self.modes[mode - 1], self._priority(idx, ct)))
+                priority = self._priority(idx, ct)
+                out.append(_degradation(i, self.modes[mode - 1], priority))
             else:
                 denied += 1
                 out.append(_denial(i, reason))
+            if details:
+                decision = DECISION_ALLOW if reason == REASON_NONE else \
+                    DECISION_DEGRADE if reason == OUT_DEGRADED else DECISION_DENY
+                out.append(_result(i, decision, 0 if reason == OUT_DEGRADED else reason, self.credit_names[ct], cost,
+                                   self.bal[idx][ct] if idx >= 0 else 0, self.modes[mode - 1] if mode else b"",
+                                   priority))
         return accepted, denied, degraded, b"".join(out)
 
     def report(self, data: bytes) -> tuple:

@@ -152,7 +152,8 @@ def _compiled_of(doc: dict) -> tuple:
     return (doc["denominators"],
             [(m[0].encode(), m[1], m[2], m[3].encode(), m[4], m[5].encode()) for m in doc["meters"]],
             [(r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]],
-            [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]], doc["free"])
+            [[tuple(c) for c in row] for row in doc["plans"]], [m.encode() for m in doc["modes"]], doc["free"],
+            [n.encode() for n in doc["credit_types"]])
 
 
 def _record(kind: bytes, payload: bytes) -> bytes:
@@ -254,8 +255,9 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         return _compiled_of(_doc_of(self.catalog))
 
     def _core_for(self, compiled: tuple) -> Any:
-        denominators, meters, rates, plans, modes, free = compiled
-        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes, free)
+        denominators, meters, rates, plans, modes, free, names = compiled
+        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes, free,
+                             names)
 
     def recover(self) -> None:
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""

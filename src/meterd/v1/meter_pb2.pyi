@@ -81,14 +81,36 @@ class ReportResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., credit_type: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ReportBatchRequest(_message.Message):
-    __slots__ = ("client_id", "sequence", "events")
+    __slots__ = ("client_id", "sequence", "events", "details")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     sequence: int
     events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
-    def __init__(self, client_id: _Optional[str] = ..., sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+    details: bool
+    def __init__(self, client_id: _Optional[str] = ..., sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ..., details: _Optional[bool] = ...) -> None: ...
+
+class EventResult(_message.Message):
+    __slots__ = ("index", "decision", "reason", "credit_type", "cost_nano", "balance_nano", "mode", "priority")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    decision: Decision
+    reason: Reason
+    credit_type: str
+    cost_nano: int
+    balance_nano: int
+    mode: str
+    priority: int
+    def __init__(self, index: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., credit_type: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Denial(_message.Message):
     __slots__ = ("index", "reason")
@@ -109,7 +131,7 @@ class Degradation(_message.Message):
     def __init__(self, index: _Optional[int] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ReportBatchResponse(_message.Message):
-    __slots__ = ("accepted", "denied", "denials", "sequence", "duplicate", "degraded", "degradations")
+    __slots__ = ("accepted", "denied", "denials", "sequence", "duplicate", "degraded", "degradations", "results")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DENIED_FIELD_NUMBER: _ClassVar[int]
     DENIALS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +139,7 @@ class ReportBatchResponse(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     denied: int
     denials: _containers.RepeatedCompositeFieldContainer[Denial]
@@ -124,7 +147,8 @@ class ReportBatchResponse(_message.Message):
     duplicate: bool
     degraded: int
     degradations: _containers.RepeatedCompositeFieldContainer[Degradation]
-    def __init__(self, accepted: _Optional[int] = ..., denied: _Optional[int] = ..., denials: _Optional[_Iterable[_Union[Denial, _Mapping]]] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ..., degraded: _Optional[int] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ...) -> None: ...
+    results: _containers.RepeatedCompositeFieldContainer[EventResult]
+    def __init__(self, accepted: _Optional[int] = ..., denied: _Optional[int] = ..., denials: _Optional[_Iterable[_Union[Denial, _Mapping]]] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ..., degraded: _Optional[int] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "ttl_ms", "idempotency_key")
