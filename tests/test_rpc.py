@@ -367,3 +367,21 @@ def test_report_batch_details_over_grpc(daemon):
     assert [(x.index, x.decision, x.credit_type, x.cost_nano, x.balance_nano) for x in r.results] == [
         (0, pb.DECISION_ALLOW, "usd", 2_500_000, 10 * USD - 2_500_000), (1, pb.DECISION_DENY, "usd", 0, 0)]
     assert r.results[1].reason == pb.REASON_UNKNOWN_CUSTOMER
+
+
+def test_a_stream_that_fails_mid_way_is_made_whole_by_retrying_its_sequences(daemon):
+    def batches(bad: int):
+        for seq in range(1, 11):
+            meter = "nope" if seq == bad else "requests"
+            yield pb.ReportBatchRequest(client_id="retry", sequence=seq,
+                                        events=[usage(meter=meter, quantity=1, model="gpt-4o")] * 5)
+    with pytest.raises(grpc.RpcError) as info:
+        list(daemon.meter.ReportStream(batches(bad=5)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # the client resends every batch it has no answer for; each is counted once
+    answers = list(daemon.meter.ReportStream(batches(bad=0)))
+    assert [a.sequence for a in answers] == list(range(1, 11))
+    assert [a.duplicate for a in answers] == [True] * 4 + [False] * 6  # 1-4 were answered before
+    used = {u.meter: u.quantity for u in daemon.meter.GetBalance(pb.GetBalanceRequest(customer_id="demo")).usage}
+    assert used["requests"] == "50"
+    assert balance(daemon, "demo", "premium_requests").balance_nano == 450 * USD

@@ -10,7 +10,6 @@ traceback and answered INTERNAL without details.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -82,15 +81,50 @@ class Servicer:
 
     async def report_stream(self, requests: AsyncIterator[bytes],
                             ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Batches are applied in the order they arrive and answered in that order,
+        with up to ``stream_window`` of them waiting for their commit at once, so one
+        stream is not held to one fsync per batch."""
         if self.streams >= self.settings.streams_max:
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"too many concurrent streams (streams_max={self.settings.streams_max})")
         self.streams += 1
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+
+        failed = False
+
+        async def step(data: bytes) -> bytes:
+            # Steps start in creation order and apply before their first await, so
+            # once one batch fails none after it is applied: the client can resend
+            # them all with their sequences.
+            nonlocal failed
+            if failed:
+                raise Unavailable("an earlier batch on this stream failed")
+            try:
+                return await self.engine.report_batch(data)
+            except BaseException:
+                failed = True
+                raise
+
+        async def read() -> None:
+            try:
+                async for data in requests:
+                    await pending.put(loop.create_task(step(data)))
+            finally:
+                await pending.put(None)
+
+        reader = loop.create_task(read())
         try:
-            async for data in requests:
-                yield await _call(functools.partial(self.engine.report_batch, data), ctx, "ReportStream")
+            while (task := await pending.get()) is not None:
+                yield await _call(_later(task), ctx, "ReportStream")
         finally:
             self.streams -= 1
+            reader.cancel()
+            while not pending.empty():  # answers nobody will read: the client retries by sequence
+                left = pending.get_nowait()
+                if left is not None:
+                    left.cancel()
+                    left.add_done_callback(_retrieve)
 
     async def authorize(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await _call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data)), ctx, "Authorize")
@@ -183,6 +217,21 @@ class Servicer:
             "ReloadCatalog": grpc.unary_unary_rpc_method_handler(self.reload_catalog, **raw),
         })
         return meter, admin
+
+
+STREAM_WINDOW = 32  # batches of one ReportStream waiting for their commit at once
+
+
+def _later(task: asyncio.Task) -> Callable[[], Awaitable[Any]]:
+    """For _call: a task that is already running, awaited when its turn comes."""
+    async def result() -> Any:
+        return await task
+    return result
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _checked(cls: Any, data: bytes) -> bytes:
