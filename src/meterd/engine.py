@@ -1197,4 +1197,4 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                 log.exception("housekeeping failed")
 
 
-__all__ = ["Engine", "now_ms", "month_bounds", "Callable"]
+__all__ = ["Engine", "now_ms", "month_bounds"]

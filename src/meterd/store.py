@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import lmdb
 
@@ -113,10 +113,6 @@ class Store:
                 if limit and len(out) >= limit:
                     break
         return out
-
-    def usage_bytes(self) -> int:
-        info = self.env.info()
-        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
 
     # ---- writing -------------------------------------------------------------
 
@@ -251,11 +247,3 @@ def u64(n: int) -> bytes:
 
 def from_u64(b: bytes) -> int:
     return int.from_bytes(b, "big")
-
-
-def record_time_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
