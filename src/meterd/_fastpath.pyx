@@ -1516,80 +1516,64 @@ cdef inline Py_ssize_t _put_varint(char *out, uint64_t v) noexcept nogil:
     return n + 1
 
 
+# Protobuf fields as proto3 serialises them: in field-number order, zero and
+# empty values left out. ``out`` always has room (sized by the caller).
+
+cdef inline Py_ssize_t _put_uint(char *out, char tag, uint64_t v) noexcept nogil:
+    if v == 0:
+        return 0
+    out[0] = tag
+    return 1 + _put_varint(out + 1, v)
+
+
+cdef inline Py_ssize_t _put_str(char *out, char tag, const char *p, int32_t n) noexcept nogil:
+    if n == 0:
+        return 0
+    out[0] = tag
+    out[1] = <char>n  # names and modes are at most 64 bytes
+    memcpy(out + 2, p, n)
+    return 2 + n
+
+
+cdef inline Py_ssize_t _put_message(char *out, char tag, const char *body, Py_ssize_t n) noexcept nogil:
+    out[0] = tag
+    cdef Py_ssize_t h = 1 + _put_varint(out + 1, <uint64_t>n)
+    memcpy(out + h, body, n)
+    return h + n
+
+
 cdef inline Py_ssize_t _put_denial(char *out, uint32_t index, int reason) noexcept nogil:
-    """Field 3 (Denial) of ReportBatchResponse: tag, length, index, reason."""
-    cdef char body[12]
-    cdef Py_ssize_t n = 0
-    if index:
-        body[0] = 0x08
-        n = 1 + _put_varint(body + 1, index)
-    body[n] = 0x10
-    n += 1 + _put_varint(body + n + 1, <uint64_t>reason)
-    out[0] = 0x1A
-    out[1] = <char>n
-    memcpy(out + 2, body, n)
-    return n + 2
+    """Field 3 (Denial) of ReportBatchResponse."""
+    cdef char body[16]
+    cdef Py_ssize_t n = _put_uint(body, 0x08, index)
+    n += _put_uint(body + n, 0x10, <uint64_t>reason)
+    return _put_message(out, 0x1A, body, n)
 
 
 cdef inline Py_ssize_t _put_degradation(char *out, uint32_t index, const char *mode, int32_t mode_len,
                                         uint32_t priority) noexcept nogil:
-    """Field 7 (Degradation) of ReportBatchResponse: index, mode, priority."""
+    """Field 7 (Degradation) of ReportBatchResponse."""
     cdef char body[48]
-    cdef Py_ssize_t n = 0
-    if index:
-        body[0] = 0x08
-        n = 1 + _put_varint(body + 1, index)
-    if mode_len:
-        body[n] = 0x12
-        body[n + 1] = <char>mode_len
-        memcpy(body + n + 2, mode, mode_len)
-        n += 2 + mode_len
-    if priority:
-        body[n] = 0x18
-        n += 1 + _put_varint(body + n + 1, priority)
-    out[0] = 0x3A
-    out[1] = <char>n
-    memcpy(out + 2, body, n)
-    return n + 2
+    cdef Py_ssize_t n = _put_uint(body, 0x08, index)
+    n += _put_str(body + n, 0x12, mode, mode_len)
+    n += _put_uint(body + n, 0x18, priority)
+    return _put_message(out, 0x3A, body, n)
 
 
 cdef inline Py_ssize_t _put_result(char *out, uint32_t index, int decision, int reason, const char *ct,
                                    int32_t ct_len, int64_t cost, int64_t balance, const char *mode,
                                    int32_t mode_len, uint32_t priority) noexcept nogil:
-    """Field 8 (EventResult) of ReportBatchResponse, fields in number order, zeros left out."""
+    """Field 8 (EventResult) of ReportBatchResponse."""
     cdef char body[160]
-    cdef Py_ssize_t n = 0
-    if index:
-        body[n] = 0x08
-        n += 1 + _put_varint(body + n + 1, index)
-    body[n] = 0x10
-    n += 1 + _put_varint(body + n + 1, <uint64_t>decision)
-    if reason:
-        body[n] = 0x18
-        n += 1 + _put_varint(body + n + 1, <uint64_t>reason)
-    if ct_len:
-        body[n] = 0x22
-        body[n + 1] = <char>ct_len
-        memcpy(body + n + 2, ct, ct_len)
-        n += 2 + ct_len
-    if cost:
-        body[n] = 0x28
-        n += 1 + _put_varint(body + n + 1, <uint64_t>cost)
-    if balance:
-        body[n] = 0x30
-        n += 1 + _put_varint(body + n + 1, <uint64_t>balance)
-    if mode_len:
-        body[n] = 0x3A
-        body[n + 1] = <char>mode_len
-        memcpy(body + n + 2, mode, mode_len)
-        n += 2 + mode_len
-    if priority:
-        body[n] = 0x40
-        n += 1 + _put_varint(body + n + 1, priority)
-    out[0] = 0x42
-    cdef Py_ssize_t h = 1 + _put_varint(out + 1, <uint64_t>n)
-    memcpy(out + h, body, n)
-    return h + n
+    cdef Py_ssize_t n = _put_uint(body, 0x08, index)
+    n += _put_uint(body + n, 0x10, <uint64_t>decision)
+    n += _put_uint(body + n, 0x18, <uint64_t>reason)
+    n += _put_str(body + n, 0x22, ct, ct_len)
+    n += _put_uint(body + n, 0x28, <uint64_t>cost)
+    n += _put_uint(body + n, 0x30, <uint64_t>balance)
+    n += _put_str(body + n, 0x3A, mode, mode_len)
+    n += _put_uint(body + n, 0x40, priority)
+    return _put_message(out, 0x42, body, n)
 
 
 cdef inline int _scale(int64_t *qty, int precision) noexcept nogil:

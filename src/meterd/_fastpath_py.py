@@ -155,28 +155,31 @@ def _put_varint(v: int) -> bytes:
     return bytes(out)
 
 
+def _uint(tag: int, v: int) -> bytes:
+    """A varint field as proto3 writes it: left out when zero."""
+    return bytes([tag]) + _put_varint(v & U64) if v else b""
+
+
+def _str(tag: int, b: bytes) -> bytes:
+    return bytes([tag, len(b)]) + b if b else b""
+
+
+def _message(tag: int, body: bytes) -> bytes:
+    return bytes([tag]) + _put_varint(len(body)) + body
+
+
 def _denial(index: int, reason: int) -> bytes:
-    body = (b"\x08" + _put_varint(index) if index else b"") + b"\x10" + _put_varint(reason)
-    return b"\x1a" + bytes([len(body)]) + body
+    return _message(0x1A, _uint(0x08, index) + _uint(0x10, reason))
+
+
+def _degradation(index: int, mode: bytes, priority: int) -> bytes:
+    return _message(0x3A, _uint(0x08, index) + _str(0x12, mode) + _uint(0x18, priority))
 
 
 def _result(index: int, decision: int, reason: int, ct: bytes, cost: int, balance: int, mode: bytes,
             priority: int) -> bytes:
-    body = ((b"\x08" + _put_varint(index) if index else b"") + b"\x10" + _put_varint(decision)
-            + (b"\x18" + _put_varint(reason) if reason else b"")
-            + (b"\x22" + bytes([len(ct)]) + ct if ct else b"")
-            + (b"\x28" + _put_varint(cost & U64) if cost else b"")
-            + (b"\x30" + _put_varint(balance & U64) if balance else b"")
-            + (b"\x3a" + bytes([len(mode)]) + mode if mode else b"")
-            + (b"\x40" + _put_varint(priority) if priority else b""))
-    return b"\x42" + _put_varint(len(body)) + body
-
-
-def _degradation(index: int, mode: bytes, priority: int) -> bytes:
-    body = ((b"\x08" + _put_varint(index) if index else b"")
-            + (b"\x12" + bytes([len(mode)]) + mode if mode else b"")
-            + (b"\x18" + _put_varint(priority) if priority else b""))
-    return b":" + bytes([len(body)]) + body
+    return _message(0x42, _uint(0x08, index) + _uint(0x10, decision) + _uint(0x18, reason) + _str(0x22, ct)
+                    + _uint(0x28, cost) + _uint(0x30, balance) + _str(0x3A, mode) + _uint(0x40, priority))
 
 
 class Core:
