@@ -182,6 +182,9 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         self.accounts: dict[str, Account] = {}
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []
+        # When reservations and grants expire, so that the timer looks only at what is due.
+        self._reservation_expiry: list[tuple[int, str]] = []
+        self._grant_expiry: list[tuple[int, str, int]] = []
         self._watchers: list[tuple[asyncio.Queue, frozenset[str]]] = []
         self.sessions: dict[str, Session] = {}
         self.log_pos = 0
@@ -439,9 +442,16 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             self._boundaries.append((sub.end_ms, sub.customer_id))
         heapq.heapify(self._boundaries)
         self.load_sessions(self.store.items("sessions"))
+        self._index_expiries()
         self.audit_seq = from_u64(self.store.get("meta", b"audit_seq") or u64(0))
         self.grant_seq = from_u64(self.store.get("meta", b"grant_seq") or u64(0))
         self.period_start_ms = from_u64(self.store.get("meta", b"period_start_ms") or u64(0))
+
+    def _index_expiries(self) -> None:
+        self._reservation_expiry = [(r.expires_at_ms, rid) for rid, r in self.reservations.items()]
+        heapq.heapify(self._reservation_expiry)
+        self._grant_expiry = sorted({(b.expires_at_ms, cust, ct) for cust, a in self.accounts.items()
+                                     for ct, bs in a.buckets.items() for b in bs if b.expires_at_ms})
 
     def _load_reservation(self, rid: str, doc: dict) -> None:
         ct = self.catalog.credit_index.get(doc["credit_type"])
@@ -506,6 +516,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         for s in self.sessions.values():
             s.meter = new.meter_index[old.meters[s.meter].name]
             s.credit_type = new.credit_index[old.credit_types[s.credit_type].name]
+        self._index_expiries()
         ops = self._seed_ops()
         ops += self._snapshot_ops()
         pos = self.log_pos
@@ -562,6 +573,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         expires = now_ms() + self.settings.idempotency_window_s * 1000
         digest = _hash_request(request) if request else b""
         self.idem[key] = IdemEntry(expires, digest, response)
+        self.idem.move_to_end(key)  # the dict stays in expiry order: the window is the same for every key
         ops.append(("idem", key, u64(expires) + (digest or b"\0" * 8) + response))
         return ops
 
@@ -781,6 +793,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         rid = "r_" + secrets.token_hex(12)
         res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms)
         self.reservations[rid] = res
+        heapq.heappush(self._reservation_expiry, (res.expires_at_ms, rid))
         response = meter_pb2.AuthorizeResponse(
             decision=meter_pb2.DECISION_ALLOW, reservation_id=rid, credit_type=ct_name, reserved_nano=amount,
             available_nano=self.core.available(idx, ct), expires_at_ms=res.expires_at_ms).SerializeToString()
@@ -978,6 +991,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             ops += self._audit_op(customer_id, kind, ct, amount, before, after, f"{gid} {source} {reference}".strip())
             ops += self.topup_done_ops(customer_id, ct, after)
         bucket = Bucket(gid, amount, expires_at_ms, priority, source, self.grant_seq, rollovers)
+        if expires_at_ms:
+            heapq.heappush(self._grant_expiry, (expires_at_ms, customer_id, ct))
         self.accounts.setdefault(customer_id, Account()).buckets.setdefault(ct, []).append(bucket)
         ops.append(("grants", self._grant_key(customer_id, ct, gid), self._grant_doc(bucket)))
         ops.append(("meta", b"grant_seq", u64(self.grant_seq)))
@@ -1115,14 +1130,25 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             return
         now = now_ms()
         ops: list[Op] = self._due_ops()
-        for res in [r for r in self.reservations.values() if r.expires_at_ms <= now]:
+        while self._reservation_expiry and self._reservation_expiry[0][0] <= now:
+            _, rid = heapq.heappop(self._reservation_expiry)
+            res = self.reservations.get(rid)
+            if res is None or res.expires_at_ms > now:
+                continue  # settled already
             log.info("reservation expired: customer=%s reservation=%s amount_nano=%d",
                      res.customer_id, res.reservation_id, res.amount_nano)
             ops += self._release_ops(res)
-        for cid, acct in list(self.accounts.items()):
-            for ct, buckets in acct.buckets.items():
-                if any(b.expires_at_ms and b.expires_at_ms <= now for b in buckets):
-                    ops += self._expire_grants(cid, ct, now)
+        retry = set()
+        while self._grant_expiry and self._grant_expiry[0][0] <= now:
+            _, cid, ct = heapq.heappop(self._grant_expiry)
+            acct = self.accounts.get(cid)
+            if acct is None or not any(b.expires_at_ms and b.expires_at_ms <= now for b in acct.buckets.get(ct, [])):
+                continue
+            ops += self._expire_grants(cid, ct, now)
+            if any(b.expires_at_ms and b.expires_at_ms <= now for b in acct.buckets.get(ct, [])):
+                retry.add((cid, ct))  # held by a reservation: try again on the next tick
+        for cid, ct in retry:
+            heapq.heappush(self._grant_expiry, (now + 1, cid, ct))
         start, _ = month_bounds(now)
         if start != self.period_start_ms:
             if self.period_start_ms:
@@ -1133,7 +1159,12 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                 ops.append(self._log_op(_record(b"P", b"")))
             self.period_start_ms = start
             ops.append(("meta", b"period_start_ms", u64(start)))
-        for key in [k for k, e in self.idem.items() if e.expires_ms <= now][:10_000]:
+        for _ in range(10_000):  # oldest first: stop at the first key still in its window
+            if not self.idem:
+                break
+            key, entry = next(iter(self.idem.items()))
+            if entry.expires_ms > now:
+                break
             del self.idem[key]
             ops.append(("idem", key, None))
         ops += self.expire_sessions_ops(now)
