@@ -282,10 +282,15 @@ def test_both_cores_agree_on_many_random_events():
                 results.append(("invalid", str(e)))
         assert results[0] == results[1]
         assert a.take_alerts() == b.take_alerts()
+        if round_ % 3 == 2:
+            assert sorted(a.take_usage()) == sorted(b.take_usage())
+        for core in (a, b):
+            core.set_clock(1_790_000_000_000 + round_ * 20_000)
         if round_ % 7 == 0:
             for core in (a, b):
                 core.credit(round_ % 250, round_ % 2, 10**8)
     assert total > 100_000
+    assert sorted(a.take_usage()) == sorted(b.take_usage())
     assert len(a) == len(b)
     for i in range(len(a)):
         assert a.customer_id(i) == b.customer_id(i)
@@ -444,3 +449,61 @@ def test_batch_details_give_every_decision(core):
         (2, pb.DECISION_ALLOW, 0, "req", 333_333_333, 1_666_666_667, "", 0),
         (3, pb.DECISION_DENY, pb.REASON_UNKNOWN_CUSTOMER, "usd", 0, 0, "", 0)]
     assert (accepted, denied, degraded) == (3, 1, 1)
+
+
+def _dims(raw: bytes) -> dict:
+    return dict(pb.UsageEvent.FromString(raw).dimensions)
+
+
+def test_usage_is_aggregated_by_customer_meter_dimensions_and_window(core):
+    core.set_clock(1_790_000_030_000)  # 30 s into a minute
+    first = pb.UsageEvent(customer_id="acme", meter="tokens", quantity=1000)
+    first.dimensions["model"] = "gpt-4o"
+    first.dimensions["project"] = "p1"
+    # The same set in the other order lands in the same aggregate.
+    swapped = pb.UsageEvent(customer_id="acme", meter="tokens", quantity=3000)
+    swapped.dimensions["project"] = "p1"
+    swapped.dimensions["model"] = "gpt-4o"
+    core.apply_batch(batch([first, swapped, ev(quantity=7, model="mini"), ev("nobody", quantity=5, model="mini")]))
+    core.set_clock(1_790_000_061_000)  # the next minute
+    core.apply_batch(batch([ev(quantity=7, model="mini")]))
+    rows = sorted((w, tuple(sorted(_dims(d).items())), c, m, q, cost, n) for c, m, d, w, q, cost, n in core.take_usage())
+    minute = 1_790_000_030_000 - 1_790_000_030_000 % 60_000
+    # 4,000 gpt-4o tokens at $2.50 per million: $0.01; 7 mini tokens at $0.15 per million: 1,050 nano.
+    assert rows == [
+        (minute, (("model", "gpt-4o"), ("project", "p1")), b"acme", 0, 4000, 10_000_000, 2),
+        (minute, (("model", "mini"),), b"acme", 0, 7, 1050, 1),
+        (minute + 60_000, (("model", "mini"),), b"acme", 0, 7, 1050, 1),
+    ]
+    assert core.take_usage() == []  # handed over once
+
+
+def test_usage_counts_what_was_allowed_and_what_it_cost(core):
+    poor = core.open_account(b"poor")
+    core.credit(poor, 0, 2_000_000)  # $0.002: 10k mini tokens ($0.0015) fit, 10k gpt-4o ($0.025) do not
+    result = core.apply_batch(batch([ev("poor", quantity=10_000, model="mini"), ev("poor", quantity=10_000,
+                                                                                   model="gpt-4o")]))
+    assert result[:2] == (1, 1)
+    rows = core.take_usage()
+    assert [(c, _dims(d), q, cost, n) for c, m, d, w, q, cost, n in rows] == [
+        (b"poor", {"model": "mini"}, 10_000, 1_500_000, 1)]
+
+
+def test_settled_reservations_count_as_usage_with_their_price_dimension(core):
+    idx = core.account(b"acme")
+    rate = core.find_rate(0, b"gpt-4o")
+    assert core.reserve(idx, 0, 10**9)
+    cost, _ = core.settle(idx, rate, 2000, 10**9)
+    rows = core.take_usage()
+    assert [(c, m, _dims(d), q, cost_, n) for c, m, d, w, q, cost_, n in rows] == [
+        (b"acme", 0, {"model": "gpt-4o"}, 2000, cost, 1)]
+    assert cost == 5_000_000  # 2,000 gpt-4o tokens: $0.005
+
+
+def test_degraded_usage_is_counted_without_cost():
+    for kind in CORES:
+        c = make_core(kind)
+        idx = c.open_account(b"slow")
+        c.set_plan(idx, 2)  # relax when empty
+        assert c.apply_batch(batch([ev("slow", meter="requests", quantity=3, model="o1")]))[:3] == (1, 0, 1)
+        assert [(q, cost, n) for *_, q, cost, n in c.take_usage()] == [(3, 0, 1)]

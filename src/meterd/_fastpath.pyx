@@ -108,6 +108,18 @@ cdef struct Meter:
     int32_t rate_default     # -1: no default price
 
 
+# Usage of one (account, meter, dimension set, window) since the last
+# take_usage: what the ledger receives, aggregated.
+cdef struct Agg:
+    int32_t acct
+    int32_t meter
+    uint64_t dhash
+    int64_t window
+    i128 qty
+    i128 cost
+    int64_t events
+
+
 # One decoded event, pointing into the caller's buffer.
 cdef struct Event:
     const char *cust
@@ -121,6 +133,9 @@ cdef struct Event:
     const char *err_ptr      # field name of the error
     const char *detail
     int32_t detail_len
+    uint64_t dhash          # sum of the hashes of the dimension entries: the same for any order
+    Py_ssize_t start        # the event's bytes in the caller's buffer
+    Py_ssize_t end
 
 
 cdef inline uint64_t _hash(const char *p, Py_ssize_t n) noexcept nogil:
@@ -299,6 +314,17 @@ cdef class Core:
     cdef int dim_value_max
     cdef Event *scratch
     cdef bint closed
+    # usage aggregates, open addressing on (acct, meter, dhash, window)
+    cdef Agg *agg
+    cdef Py_ssize_t n_agg
+    cdef Py_ssize_t cap_agg
+    cdef int32_t *aslots
+    cdef uint64_t amask
+    cdef int64_t window_ms
+    cdef int64_t cur_window
+    cdef dict dims_of        # dhash -> the dimension entries, encoded as UsageEvent field 5
+    cdef list rate_dims      # per rate: its price dimension as a dimension set
+    cdef uint64_t *rate_dhash
 
     def __cinit__(self):
         self.denom = NULL
@@ -339,6 +365,16 @@ cdef class Core:
         self.count = 0
         self.cap = 0
         self.closed = False
+        self.agg = NULL
+        self.n_agg = 0
+        self.cap_agg = 0
+        self.aslots = NULL
+        self.amask = 0
+        self.window_ms = 60000
+        self.cur_window = 0
+        self.dims_of = {}
+        self.rate_dims = []
+        self.rate_dhash = NULL
 
     def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
                  list plans=None, list modes=None, list free=None, list credit_names=None):
@@ -462,7 +498,19 @@ cdef class Core:
             else:
                 self.rates[i].dim_len = len(value)
                 self.rates[i].dim_value = _dup(value)
+        self.rate_dhash = <uint64_t *>calloc(max(self.n_rates, 1), sizeof(uint64_t))
+        if self.rate_dhash == NULL:
+            raise MemoryError()
+        for i in range(self.n_rates):
+            meter, value, amount, factor = rates[i]
+            if value is None:
+                self.rate_dims.append(b"")
+                continue
+            body = _dim_entry(meters[meter][3], value)
+            self.rate_dims.append(b"\x2a" + _varint_bytes(len(body)) + body)
+            self.rate_dhash[i] = _hash(PyBytes_AS_STRING(body), len(body))
         self._grow(max(capacity, 16))
+        self._agg_grow(64)
 
     def __dealloc__(self):
         cdef int i
@@ -482,6 +530,7 @@ cdef class Core:
         free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len); free(self.ct_name); free(self.ct_name_len)
+        free(self.agg); free(self.aslots); free(self.rate_dhash)
 
     def close(self):
         """Refuse further use; memory is freed with the object."""
@@ -972,6 +1021,111 @@ cdef class Core:
         self.alert[idx * self.n_ct + ct] = INT64_MIN if threshold is None else <int64_t>threshold
         self.dirty[idx] = 1
 
+    # ---- usage aggregates for the ledger ---------------------------------------
+
+    def set_window(self, int64_t window_ms):
+        """The width of a usage window (one minute by default)."""
+        if window_ms < 1:
+            raise ValueError("the usage window must be at least 1 ms")
+        self.window_ms = window_ms
+
+    def set_clock(self, int64_t now_ms):
+        """The time of what is applied next: its usage goes to this time's window."""
+        self.cur_window = now_ms - now_ms % self.window_ms
+
+    cdef int _agg_grow(self, Py_ssize_t new_cap) except -1:
+        cdef Py_ssize_t nslots = 16, i
+        cdef uint64_t h
+        while nslots < new_cap * 2:
+            nslots *= 2
+        self.agg = <Agg *>_resize(self.agg, new_cap * sizeof(Agg))
+        free(self.aslots)
+        self.aslots = <int32_t *>calloc(nslots, sizeof(int32_t))
+        if self.aslots == NULL:
+            raise MemoryError()
+        self.amask = nslots - 1
+        self.cap_agg = new_cap
+        for i in range(self.n_agg):
+            h = self._akey(self.agg[i].acct, self.agg[i].meter, self.agg[i].dhash, self.agg[i].window) & self.amask
+            while self.aslots[h] != 0:
+                h = (h + 1) & self.amask
+            self.aslots[h] = <int32_t>(i + 1)
+        return 0
+
+    cdef inline uint64_t _akey(self, int32_t acct, int32_t meter, uint64_t dhash, int64_t window) noexcept nogil:
+        cdef uint64_t h = (dhash ^ (<uint64_t>acct * 0x9E3779B97F4A7C15ULL) ^ (<uint64_t>meter * 0xC2B2AE3D27D4EB4FULL)
+                           ^ (<uint64_t>window * 0x165667B19E3779F9ULL))
+        h ^= h >> 33
+        h *= 0xFF51AFD7ED558CCDULL
+        h ^= h >> 33
+        return h
+
+    cdef int _usage(self, int32_t acct, int32_t rate, uint64_t dhash, int64_t quantity, int64_t cost,
+                    const char *buf, Py_ssize_t start, Py_ssize_t end) except -1:
+        """Add one allowed event to its aggregate. ``buf`` (NULL for the rate's
+        own dimension) is the event, for the dimension set of a new aggregate."""
+        cdef int32_t meter = self.rates[rate].meter
+        cdef uint64_t h = self._akey(acct, meter, dhash, self.cur_window) & self.amask
+        cdef int32_t slot
+        cdef Agg *a
+        cdef int kind = self.meters[meter].agg
+        while True:
+            slot = self.aslots[h]
+            if slot == 0:
+                break
+            a = &self.agg[slot - 1]
+            if a.acct == acct and a.meter == meter and a.dhash == dhash and a.window == self.cur_window:
+                break
+            h = (h + 1) & self.amask
+        if slot == 0:
+            if dhash not in self.dims_of:
+                self.dims_of[dhash] = _dims_of_event(buf, start, end) if buf != NULL else self.rate_dims[rate]
+            if (self.n_agg + 1) * 2 > self.cap_agg:
+                self._agg_grow(self.cap_agg * 2)
+                return self._usage(acct, rate, dhash, quantity, cost, buf, start, end)
+            a = &self.agg[self.n_agg]
+            self.n_agg += 1
+            self.aslots[h] = <int32_t>self.n_agg
+            a.acct = acct
+            a.meter = meter
+            a.dhash = dhash
+            a.window = self.cur_window
+            a.qty = 0
+            a.cost = 0
+            a.events = 0
+        if kind == AGG_SUM or kind == AGG_COUNT:
+            a.qty += quantity
+        elif kind == AGG_MAX:
+            if quantity > a.qty:
+                a.qty = quantity
+        elif kind == AGG_LATEST:
+            a.qty = quantity
+        a.cost += cost
+        a.events += 1
+        return 0
+
+    def usage_pending(self):
+        """How many aggregates wait for take_usage."""
+        return self.n_agg
+
+    def take_usage(self):
+        """Hand over and forget the usage aggregated since the last call:
+        (customer_id, meter, dimensions, window_start_ms, quantity, cost_nano,
+        events) tuples, where ``dimensions`` is UsageEvent field 5 as it came
+        with the first event of the set."""
+        self._check()
+        cdef Py_ssize_t i
+        cdef Agg *a
+        out = []
+        for i in range(self.n_agg):
+            a = &self.agg[i]
+            out.append((self.customer_id(a.acct), a.meter, self.dims_of[a.dhash], a.window,
+                        _py_i128(a.qty), _py_i128(a.cost), a.events))
+        self.n_agg = 0
+        memset(self.aslots, 0, (self.amask + 1) * sizeof(int32_t))
+        self.dims_of = {}
+        return out
+
     def take_alerts(self):
         """(account, credit type) pairs whose balance fell below their threshold
         since the last call; when too many to keep, every account below it."""
@@ -1037,6 +1191,7 @@ cdef class Core:
         if self._debit(idx, <int32_t>rate, quantity, fine, True, &cost) != REASON_NONE:
             self.resv[b] += reserved
             raise InvalidInput("quantity", "balance or usage would overflow")
+        self._usage(<int32_t>idx, <int32_t>rate, self.rate_dhash[rate], quantity, cost, NULL, 0, 0)
         cdef i128 a = self._available(b)
         if a < -INT64_MAX:
             a = -INT64_MAX
@@ -1103,6 +1258,9 @@ cdef class Core:
         ev.err_ptr = b""
         ev.detail = NULL
         ev.detail_len = 0
+        ev.dhash = 0
+        ev.start = start
+        ev.end = end
         cdef const char *mname = NULL
         cdef Py_ssize_t mlen = 0
         while pos < end:
@@ -1140,6 +1298,7 @@ cdef class Core:
                     rc = self._decode_dim(buf, s, s + n, ev, NULL, 0, &dim_value, &dim_len)
                     if rc:
                         return rc
+                    ev.dhash += _hash(buf + s, n)
             elif key == 3 or key == 6:
                 if wt != 0:
                     ev.err = E_WIRE_TYPE
@@ -1435,6 +1594,8 @@ cdef class Core:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
                 reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
+            if reason == REASON_NONE or reason == OUT_DEGRADED:
+                self._usage(ev.account, ev.rate, ev.dhash, ev.quantity, cost, buf, ev.start, ev.end)
             if reason == REASON_NONE:
                 accepted += 1
             elif reason == OUT_DEGRADED:
@@ -1496,6 +1657,8 @@ cdef class Core:
         if ev.account < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
         reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
+        if reason == REASON_NONE or reason == OUT_DEGRADED:
+            self._usage(ev.account, ev.rate, ev.dhash, ev.quantity, cost, buf, ev.start, ev.end)
         cdef int64_t balance = self.bal[ev.account * self.n_ct + ct]
         if reason == REASON_NONE:
             return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0
@@ -1583,6 +1746,47 @@ cdef inline int _scale(int64_t *qty, int precision) noexcept nogil:
             return E_OVERFLOW
         qty[0] *= 10
     return E_OK
+
+
+cdef object _py_i128(i128 v):
+    """A 128-bit integer as a Python int."""
+    cdef bint neg = v < 0
+    cdef unsigned long long hi, lo
+    if neg:
+        v = -v
+    hi = <unsigned long long>(v >> 64)
+    lo = <unsigned long long>(v & <i128>0xFFFFFFFFFFFFFFFFULL)
+    cdef object high = hi
+    r = (high << 64) | lo
+    return -r if neg else r
+
+
+def _varint_bytes(uint64_t v):
+    cdef char out[10]
+    return PyBytes_FromStringAndSize(out, _put_varint(out, v))
+
+
+def _dim_entry(bytes key, bytes value):
+    """The body of one dimensions map entry, as protobuf encodes it."""
+    return b"\x0a" + _varint_bytes(len(key)) + key + b"\x12" + _varint_bytes(len(value)) + value
+
+
+cdef bytes _dims_of_event(const char *buf, Py_ssize_t pos, Py_ssize_t end):
+    """The dimension entries (field 5) of an already validated UsageEvent, in order."""
+    cdef uint64_t key = 0
+    cdef Py_ssize_t s = 0, n = 0, mark
+    cdef int wt
+    parts = []
+    while pos < end:
+        mark = pos
+        _read_varint(buf, end, &pos, &key)
+        wt = key & 7
+        if key >> 3 == 5 and wt == 2:
+            _read_len(buf, end, &pos, &s, &n)
+            parts.append(PyBytes_FromStringAndSize(buf + mark, s + n - mark))
+        else:
+            _skip(buf, end, &pos, wt)
+    return b"".join(parts)
 
 
 cdef char *_dup(bytes b) except? NULL:

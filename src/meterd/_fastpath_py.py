@@ -142,6 +142,11 @@ def _hash64(b: bytes) -> int:
     return h
 
 
+def _dim_entry(key: bytes, value: bytes) -> bytes:
+    """The body of one dimensions map entry, as protobuf encodes it."""
+    return b"\x0a" + _put_varint(len(key)) + key + b"\x12" + _put_varint(len(value)) + value
+
+
 def _id_charset_ok(b: bytes) -> bool:
     return all(0x21 <= c <= 0x7E for c in b)
 
@@ -256,6 +261,18 @@ class Core:
             else:
                 m[4].setdefault(value, i)
         self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
+        # Usage aggregates for the ledger: (acct, meter, dims hash, window) -> [quantity, cost, events].
+        self.agg: dict[tuple[int, int, int, int], list[int]] = {}
+        self.dims_of: dict[int, bytes] = {}
+        self.window_ms = 60000
+        self.cur_window = 0
+        self.rate_dims: list[tuple[int, bytes]] = []
+        for meter, value, _, _ in rates:
+            if value is None:
+                self.rate_dims.append((0, b""))
+            else:
+                body = _dim_entry(meters[meter][3], value)
+                self.rate_dims.append((_hash64(body), b"\x2a" + _put_varint(len(body)) + body))
         self.ids: list[bytes] = []
         self.index: dict[bytes, int] = {}
         self.bal: list[list[int]] = []
@@ -548,6 +565,44 @@ class Core:
         self.alert[idx][ct] = INT64_MIN if threshold is None else threshold
         self.dirty[idx] = True
 
+    # ---- usage aggregates for the ledger ---------------------------------
+
+    def set_window(self, window_ms: int) -> None:
+        if window_ms < 1:
+            raise ValueError("the usage window must be at least 1 ms")
+        self.window_ms = window_ms
+
+    def set_clock(self, now_ms: int) -> None:
+        self.cur_window = now_ms - now_ms % self.window_ms
+
+    def _usage(self, idx: int, rate: int, dhash: int, dims: bytes, quantity: int, cost: int) -> None:
+        meter = self.rates[rate][0]
+        key = (idx, meter, dhash, self.cur_window)
+        a = self.agg.get(key)
+        if a is None:
+            self.dims_of.setdefault(dhash, dims)
+            a = self.agg[key] = [0, 0, 0]
+        kind = self.aggs[meter]
+        if kind in (AGG_SUM, AGG_COUNT):
+            a[0] += quantity
+        elif kind == AGG_MAX:
+            a[0] = max(a[0], quantity)
+        elif kind == AGG_LATEST:
+            a[0] = quantity
+        a[1] += cost
+        a[2] += 1
+
+    def usage_pending(self) -> int:
+        return len(self.agg)
+
+    def take_usage(self) -> list:
+        self._check()
+        out = [(self.ids[acct], meter, self.dims_of[dhash], window, q, c, n)
+               for (acct, meter, dhash, window), (q, c, n) in self.agg.items()]
+        self.agg = {}
+        self.dims_of = {}
+        return out
+
     def take_alerts(self) -> list:
         self._check()
         if self.alerts_lost:
@@ -599,6 +654,7 @@ class Core:
         if reason != REASON_NONE:
             self.resv[idx][ct] += reserved
             raise InvalidInput("quantity", "balance or usage would overflow")
+        self._usage(idx, rate, *self.rate_dims[rate], quantity, cost)
         a = max(self._available(idx, ct), -INT64_MAX)
         return cost, (-a if a < 0 else 0)
 
@@ -644,14 +700,17 @@ class Core:
         return key, value
 
     def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
-        """Decode and rate one UsageEvent: (customer, meter, rate, quantity, fine)."""
+        """Decode and rate one UsageEvent: (customer, rate, quantity, fine, dims hash, dims)."""
         cust = b""
         mname = b""
         qkind = 0
         qty = 0
         dec = b""
         dims: list[tuple[bytes, bytes]] = []
+        dhash = 0
+        raw: list[bytes] = []
         while pos < end:
+            mark = pos
             tag, pos = _varint(buf, pos, end)
             wt, fn = tag & 7, tag >> 3
             if fn in (1, 2, 4, 5, 7):
@@ -669,6 +728,8 @@ class Core:
                     if len(dims) >= self.dims_max:
                         raise _DecodeError("dimensions", _MSG_TOO_MANY)
                     dims.append(self._decode_dim(buf, s, s + n))
+                    dhash = (dhash + _hash64(buf[s:s + n])) & U64
+                    raw.append(buf[mark:s + n])
             elif fn in (3, 6):
                 if wt != 0:
                     raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
@@ -732,7 +793,7 @@ class Core:
             fine = self._fine(rate, qty)
         if fine is None:
             raise _DecodeError("quantity", _MSG_OVERFLOW)
-        return cust, rate, qty, fine
+        return cust, rate, qty, fine, dhash, b"".join(raw)
 
     def _event(self, buf: bytes, pos: int, end: int, prefix: str) -> tuple:
         try:
@@ -820,7 +881,7 @@ class Core:
         _, _, events, details = self._decode_batch(data)
         accepted = denied = degraded = 0
         out = []
-        for i, (cust, rate, qty, fine) in enumerate(events):
+        for i, (cust, rate, qty, fine, dhash, dims) in enumerate(events):
             idx = self.index.get(cust, -1)
             ct = self.rates[rate][1]
             cost = mode = priority = 0
@@ -828,6 +889,8 @@ class Core:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
                 reason, cost = self._debit(idx, rate, qty, fine, False)
+            if reason == REASON_NONE or reason == OUT_DEGRADED:
+                self._usage(idx, rate, dhash, dims, qty, cost)
             if reason == REASON_NONE:
                 accepted += 1
             elif reason == OUT_DEGRADED:
@@ -865,12 +928,14 @@ class Core:
                 raise InvalidInput("event", e.message) from None
         if n < 0:
             raise InvalidInput("event", "is required")
-        cust, rate, qty, fine = self._event(data, s, s + n, "event.")
+        cust, rate, qty, fine, dhash, dims = self._event(data, s, s + n, "event.")
         ct = self.rates[rate][1]
         idx = self.index.get(cust, -1)
         if idx < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
         reason, cost = self._debit(idx, rate, qty, fine, False)
+        if reason == REASON_NONE or reason == OUT_DEGRADED:
+            self._usage(idx, rate, dhash, dims, qty, cost)
         balance = self.bal[idx][ct]
         if reason == REASON_NONE:
             return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0
