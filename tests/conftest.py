@@ -139,3 +139,110 @@ def make_daemon(tmp_path: Path) -> Iterator:
     yield make
     for d in made:
         d.stop(signal.SIGKILL)
+
+
+# --- PostgreSQL for the central ledger -------------------------------------------------------------
+# METERD_TEST_POSTGRES_URL points the tests at a running server (.ci/run starts one with
+# scripts/postgres-test-server); without it a server is started for the session when Debian's
+# postgresql binaries are installed. METERD_REQUIRE_POSTGRES=1 turns "no PostgreSQL" into a failure.
+
+POSTGRES_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "postgres-test-server"
+POSTGRES_UNAVAILABLE = "PostgreSQL not available: set METERD_TEST_POSTGRES_URL or install Debian's postgresql package"
+
+
+def _postgres_required() -> bool:
+    return os.environ.get("METERD_REQUIRE_POSTGRES") == "1"
+
+
+def _postgres_binaries_installed() -> bool:
+    import glob
+
+    return any(
+        os.access(os.path.join(d, "pg_ctl"), os.X_OK) and os.access(os.path.join(d, "initdb"), os.X_OK)
+        for d in glob.glob("/usr/lib/postgresql/*/bin")
+    )
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        if _postgres_required():
+            raise
+        pytest.skip("psycopg is not installed: pip install '.[postgresql]'")
+    return psycopg
+
+
+def _postgres_database_url(postgres_url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(postgres_url)._replace(path="/" + name))
+
+
+def new_postgres_database(postgres_url: str) -> str:
+    """Creates an empty database with a unique name on the server of postgres_url; returns its URL.
+
+    The caller drops it with drop_postgres_database (the ledger_url fixture does).
+    """
+    import uuid
+
+    psycopg = _psycopg()
+    from psycopg import sql
+
+    name = f"meterd_test_{uuid.uuid4().hex}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return _postgres_database_url(postgres_url, name)
+
+
+def drop_postgres_database(postgres_url: str, database_url: str) -> None:
+    """Drops the database of database_url (made by new_postgres_database), closing its connections."""
+    from urllib.parse import urlsplit
+
+    psycopg = _psycopg()
+    from psycopg import sql
+
+    name = urlsplit(database_url).path.lstrip("/")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a PostgreSQL server (superuser, database postgres) for the whole session."""
+    url = os.environ.get("METERD_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if not _postgres_binaries_installed():
+        if _postgres_required():
+            pytest.fail(POSTGRES_UNAVAILABLE)
+        pytest.skip(POSTGRES_UNAVAILABLE)
+    import shutil
+    import tempfile
+
+    # Not under pytest's tmp_path: its root is private to this user, and the server runs as postgres.
+    server_dir = tempfile.mkdtemp(prefix="meterd-pg-")
+    try:
+        r = subprocess.run([str(POSTGRES_SCRIPT), "start", server_dir], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            pytest.fail(f"scripts/postgres-test-server start failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        yield r.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(POSTGRES_SCRIPT), "stop", server_dir], capture_output=True, timeout=120)
+        shutil.rmtree(server_dir, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty central ledger: a SQLite file, or a fresh PostgreSQL database dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.db"
+        return
+    server_url = request.getfixturevalue("postgres_url")
+    url = new_postgres_database(server_url)
+    try:
+        yield url
+    finally:
+        drop_postgres_database(server_url, url)

@@ -467,7 +467,8 @@ def test_usage_is_aggregated_by_customer_meter_dimensions_and_window(core):
     core.apply_batch(batch([first, swapped, ev(quantity=7, model="mini"), ev("nobody", quantity=5, model="mini")]))
     core.set_clock(1_790_000_061_000)  # the next minute
     core.apply_batch(batch([ev(quantity=7, model="mini")]))
-    rows = sorted((w, tuple(sorted(_dims(d).items())), c, m, q, cost, n) for c, m, d, w, q, cost, n in core.take_usage())
+    rows = sorted((w, tuple(sorted(_dims(d).items())), c, m, q, cost, n)
+                  for c, m, d, w, q, cost, n in core.take_usage())
     minute = 1_790_000_030_000 - 1_790_000_030_000 % 60_000
     # 4,000 gpt-4o tokens at $2.50 per million: $0.01; 7 mini tokens at $0.15 per million: 1,050 nano.
     assert rows == [

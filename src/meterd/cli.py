@@ -1,4 +1,4 @@
-"""The ``meterd`` command: serve, check-config, balance and grant."""
+"""The ``meterd`` command: serve, check-config, balance, grant, statement, usage and ledger migrate."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from meterd.catalog import NANO, load_catalog
 from meterd.config import Settings, load_settings
-from meterd.errors import ConfigError
+from meterd.errors import ConfigError, InvalidInput
+from meterd.ledger import LedgerError
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -57,10 +58,12 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", help="catalog TOML file (default: the built-in demo catalog)")
     p.add_argument("--no-fsync", dest="fsync", action="store_const", const=False,
                    help="do not fsync commits (loses acknowledged reports on power loss)")
+    p.add_argument("--ledger", help="central ledger: sqlite:///PATH or postgresql://USER@HOST/DB "
+                   "(default: ledger.sqlite3 in the data directory)")
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    flags = {k: getattr(args, k, None) for k in ("data_dir", "listen", "admin_listen", "catalog", "fsync")}
+    flags = {k: getattr(args, k, None) for k in ("data_dir", "listen", "admin_listen", "catalog", "fsync", "ledger")}
     return load_settings(flags, config_path=args.config)
 
 
@@ -123,6 +126,57 @@ def cmd_grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_ledger(args: argparse.Namespace, migrate: bool = False) -> Any:
+    from meterd.ledger import Ledger
+
+    ledger = Ledger(_load(args).ledger_url)
+    if migrate or ledger.dialect == "sqlite":
+        ledger.migrate()
+    ledger.check_schema()
+    return ledger
+
+
+def cmd_ledger_migrate(args: argparse.Namespace) -> int:
+    from meterd.ledger import SCHEMA_VERSION, redact
+
+    with _open_ledger(args, migrate=True) as ledger:
+        url = redact(ledger.url)
+    print(f"ledger {url}: schema at version {SCHEMA_VERSION}")
+    return 0
+
+
+def cmd_statement(args: argparse.Namespace) -> int:
+    from meterd.ledger import render_statement, statement
+
+    with _open_ledger(args) as ledger:
+        st = statement(ledger, args.customer, args.period)
+    print(json.dumps(st, indent=2) if args.json else render_statement(st))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from meterd.ledger import WINDOWS, parse_time, usage_query
+
+    start = parse_time(args.from_, "--from")
+    end = parse_time(args.to, "--to")
+    groups = [g for g in (args.group_by or "").split(",") if g]
+    with _open_ledger(args) as ledger:
+        rows = usage_query(ledger, args.customer, args.meter, start, end, groups, args.window or "")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ["window" if args.window in WINDOWS else "from", "meter", *groups, "quantity", "cost", "events"]
+    table = [[time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["window_start_ms"] / 1000)), r["meter"],
+              *[r[g] for g in groups], r["quantity"], f"{_credits(r['cost_nano'])} {r['credit_type']}",
+              str(r["events"])] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
+    for row in [head, *table]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no usage in this range)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterd", description=(
         "Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny."))
@@ -147,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="cli")
     p.add_argument("--idempotency-key")
     p.set_defaults(func=cmd_grant)
+    p = sub.add_parser("statement", help="what a customer owes for a month, from the central ledger")
+    _settings_args(p)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--period", required=True, help="a calendar month in UTC, for example 2026-11")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_statement)
+    p = sub.add_parser("usage", help="usage from the central ledger, by window and dimension")
+    _settings_args(p)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--meter", help="one meter (default: all)")
+    p.add_argument("--from", dest="from_", required=True, help="start, for example 2026-11-01 (UTC)")
+    p.add_argument("--to", required=True, help="end (exclusive), for example 2026-12-01")
+    p.add_argument("--group-by", help="dimensions to group by, comma-separated, for example model")
+    p.add_argument("--window", choices=["minute", "hour", "day"], help="one row per window (default: the range)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_usage)
+    p = sub.add_parser("ledger", help="central ledger administration")
+    lsub = p.add_subparsers(dest="ledger_command", required=True)
+    p = lsub.add_parser("migrate", help="create or upgrade the ledger's tables (versioned migrations)")
+    _settings_args(p)
+    p.set_defaults(func=cmd_ledger_migrate)
     return parser
 
 
@@ -154,9 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, InvalidInput) as e:
         print(f"meterd: {e}", file=sys.stderr)
         return 2
+    except LedgerError as e:
+        print(f"meterd: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - a client command's gRPC error, said in one line
         import grpc
         if isinstance(e, grpc.RpcError):

@@ -49,8 +49,26 @@ class Settings:
     snapshot_interval_s: float = 10.0
     snapshot_log_records_max: int = 50_000
     shutdown_grace_s: float = 10.0
+    # The central ledger: sqlite:///PATH or postgresql://USER@HOST/DB. Empty: a
+    # SQLite file in the data directory.
+    ledger: str = ""
+    # Stable identity of this sidecar in the ledger; empty: generated once and
+    # kept in the data directory.
+    sidecar_id: str = ""
+    ledger_flush_interval_s: float = 5.0
+    ledger_flush_rows_max: int = 20_000
+    ledger_timeout_s: float = 10.0
+    ledger_retry_max_s: float = 60.0
+    # Usage is aggregated per customer, meter, dimension set and window of this width.
+    usage_window_s: int = 60
     log_level: str = "info"
     log_format: str = "json"
+
+    @property
+    def ledger_url(self) -> str:
+        if self.ledger:
+            return self.ledger
+        return "sqlite:///" + os.path.join(os.path.abspath(self.data_dir), "ledger.sqlite3")
 
     @property
     def admin_address(self) -> str:
@@ -130,6 +148,21 @@ def _validate(s: Settings) -> None:
     need(s.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
     need(s.log_level in ("debug", "info", "warning", "error"), "log_level", "must be debug, info, warning or error")
     need(s.log_format in ("json", "kv"), "log_format", "must be json or kv")
+    need(s.ledger_flush_interval_s > 0, "ledger_flush_interval_s", "must be positive")
+    need(1 <= s.ledger_flush_rows_max <= 1_000_000, "ledger_flush_rows_max", "must be 1 to 1000000")
+    need(s.ledger_timeout_s > 0, "ledger_timeout_s", "must be positive")
+    need(s.ledger_retry_max_s >= s.ledger_flush_interval_s, "ledger_retry_max_s",
+         "must be at least ledger_flush_interval_s")
+    need(1 <= s.usage_window_s <= 86_400 and 86_400 % s.usage_window_s == 0, "usage_window_s",
+         "must divide a day: 1 to 86400 seconds, for example 60 or 3600")
+    need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",
+         "must be at most 64 printable ASCII characters without spaces")
+    if s.ledger:
+        from meterd.ledger import parse_url
+        try:
+            parse_url(s.ledger)
+        except ConfigError as e:
+            raise ConfigError(f"ledger: {e}") from None
     need(":" in s.listen, "listen", "must be host:port or unix:path")
     admin = s.admin_address
     need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",

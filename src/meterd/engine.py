@@ -35,6 +35,7 @@ from meterd import core as core_mod
 from meterd.catalog import Catalog, step_nano
 from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
+from meterd.flush import LedgerMixin, usage_rows
 from meterd.sessions import Session, SessionsMixin
 from meterd.store import Op, Store, Unit, from_u64, u64
 from meterd.subscriptions import Subscription, SubscriptionsMixin
@@ -156,8 +157,9 @@ def _compiled_of(doc: dict) -> tuple:
             [n.encode() for n in doc["credit_types"]])
 
 
-def _record(kind: bytes, payload: bytes) -> bytes:
-    return kind + u64(now_ms()) + payload
+def _record(kind: bytes, payload: bytes, at_ms: int | None = None) -> bytes:
+    """A log record: its kind, when it was applied (its usage window on replay), its payload."""
+    return kind + u64(now_ms() if at_ms is None else at_ms) + payload
 
 
 def _reset_unplanned(core: Any) -> None:
@@ -167,7 +169,7 @@ def _reset_unplanned(core: Any) -> None:
             core.reset_usage(idx)
 
 
-class Engine(SubscriptionsMixin, SessionsMixin):
+class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     """Owns the core, the catalog, the Python-held state and the store."""
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
@@ -197,6 +199,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         self.closing = False
         self._snapshot_running = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.effective_ms: int | None = None
+        self._init_ledger()
         self.recover()
         self._seed_customers()
 
@@ -213,6 +217,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             await self._snapshot_for_close()
         except Exception:  # noqa: BLE001 - the log still holds everything
             log.exception("final snapshot failed; the log will be replayed at the next start")
+        await self.final_flush()
+        self.close_ledger()
         self.store.stop()
         self.store.close()
 
@@ -259,12 +265,17 @@ class Engine(SubscriptionsMixin, SessionsMixin):
 
     def _core_for(self, compiled: tuple) -> Any:
         denominators, meters, rates, plans, modes, free, names = compiled
-        return core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes, free,
+        core = core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes, free,
                              names)
+        core.set_window(self.settings.usage_window_s * 1000)
+        return core
 
     def recover(self) -> None:
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""
         store = self.store
+        self.recoveries += 1
+        self._usage_carry = []
+        self._load_ledger_state()
         current = _doc_of(self.catalog)
         stored = store.get("meta", b"catalog")
         doc = current if stored is None else json.loads(stored)
@@ -298,6 +309,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
 
     def _replay(self, core: Any, record: bytes) -> None:
         kind, body = record[:1], record[9:]
+        core.set_clock(from_u64(record[1:9]))
         if kind == b"B":
             core.apply_batch(body)
         elif kind == b"R":
@@ -334,6 +346,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
     def _remap(self, old: Any, doc: dict, new_doc: dict) -> Any:
         """Move accounts onto another catalog, matching credit types, meters and plans by name."""
         new = self._core_for(_compiled_of(new_doc))
+        self._usage_carry += usage_rows(old.take_usage(), doc)  # named by the catalog they were made under
         old_ct = {n: i for i, n in enumerate(doc["credit_types"])}
         old_m = {n: i for i, n in enumerate(doc["meter_names"])}
         new_plans = {n: i + 1 for i, n in enumerate(new_doc["plan_names"])}
@@ -368,16 +381,20 @@ class Engine(SubscriptionsMixin, SessionsMixin):
     def _snapshot_ops(self) -> list[Op]:
         ops: list[Op] = [("accounts", self.core.customer_id(i), self.core.state_bytes(i))
                          for i in self.core.take_dirty()]
-        ops.append(("meta", b"catalog", json.dumps(_doc_of(self.catalog)).encode()))
+        doc = _doc_of(self.catalog)
+        ops += self._drain_ops(doc)
+        ops.append(("meta", b"catalog", json.dumps(doc).encode()))
         ops.append(("meta", b"snapshot_pos", u64(self.log_pos)))
         ops.append(("trim", u64(self.log_pos), None))
         return ops
 
     def _snapshot_now(self) -> None:
+        generation = self.recoveries
         try:
             self.store.write_now(self._snapshot_ops())
         except BaseException:
             self.core.mark_all_dirty()  # the marks were taken; nothing was written
+            self._drain_failed(generation)
             raise
         self.snapshot_pos = self.log_pos
 
@@ -393,10 +410,12 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         self._snapshot_running = True
         try:
             pos = self.log_pos
+            generation = self.recoveries
             try:
                 await self._commit(self._snapshot_ops())
             except BaseException:
                 self.core.mark_all_dirty()
+                self._drain_failed(generation)
                 raise
             self.snapshot_pos = pos
             self.storage_full = None
@@ -662,11 +681,13 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             ops += self._evict_clients()
             if len(self.clients) >= self.settings.clients_max:
                 raise StorageFull(f"client table full ({self.settings.clients_max} clients)")
+        at = now_ms()
+        self.core.set_clock(at)
         accepted, denied, degraded, details = self.core.apply_batch(data)
         result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied, degraded=degraded,
                                                sequence=seq).SerializeToString() + details
         if accepted:
-            ops.append(self._log_op(_record(b"B", data)))
+            ops.append(self._log_op(_record(b"B", data, at)))
         ops += self.alert_ops()
         if cid:
             ms = now_ms()
@@ -703,11 +724,13 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             if replay is not None:
                 return replay
         pre = self._due_ops()
+        at = now_ms()
+        self.core.set_clock(at)
         decision, reason, ct, cost, balance, mode, priority = self.core.report(data)
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
-        ops = pre + ([self._log_op(_record(b"R", data))] if decision != meter_pb2.DECISION_DENY else [])
+        ops = pre + ([self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else [])
         ops += self.alert_ops()
         ops += self._remember(key, _canonical(req) if key else b"", response)
         if ops:
@@ -851,6 +874,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         cust = res.customer_id.encode()
         idx = self.core.account(cust)
         pre = self._due_ops()
+        at = now_ms()
+        self.core.set_clock(at)
         cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano)
         del self.reservations[res.reservation_id]
         response = meter_pb2.CommitResponse(
@@ -859,7 +884,7 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
-        ops = pre + [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust)),
+        ops = pre + [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust, at)),
                ("reservations", res.reservation_id.encode(), None)]
         ops += self.alert_ops()
         ops += self._remember(key, _canonical(req), response)
@@ -954,14 +979,22 @@ class Engine(SubscriptionsMixin, SessionsMixin):
                            "rollovers": b.rollovers}).encode()
 
     def _audit_op(self, customer_id: str, kind: str, ct: int, amount: int, before: int, after: int,
-                  reference: str, charge: int = 0, charge_ct: int = -1) -> list[Op]:
+                  reference: str, charge: int = 0, charge_ct: int = -1, source: str = "",
+                  tiers: list[tuple[int, int, str, int]] | None = None) -> list[Op]:
+        """An audit entry, kept per customer and queued in the outbox for the ledger."""
         self.audit_seq += 1
-        entry = admin_pb2.AuditEntry(sequence=self.audit_seq, time_ms=now_ms(), kind=kind,
+        t = now_ms()
+        entry = admin_pb2.AuditEntry(sequence=self.audit_seq, time_ms=t, kind=kind,
                                      credit_type=self.catalog.credit_types[ct].name, amount_nano=amount,
                                      balance_before_nano=before, balance_after_nano=after, reference=reference,
                                      customer_id=customer_id, charge_nano=charge,
-                                     charge_credit_type=self.catalog.credit_types[charge_ct].name if charge else "")
-        return [("audit", customer_id.encode() + b"\x00" + u64(self.audit_seq), entry.SerializeToString()),
+                                     charge_credit_type=self.catalog.credit_types[charge_ct].name if charge else "",
+                                     source=source, effective_ms=t if self.effective_ms is None else self.effective_ms,
+                                     tiers=[admin_pb2.ChargeTier(tier=n, units_nano=u, unit_price=p, charge_nano=c)
+                                            for n, u, p, c in tiers or []])
+        value = entry.SerializeToString()
+        return [("audit", customer_id.encode() + b"\x00" + u64(self.audit_seq), value),
+                ("outbox", u64(self.audit_seq), value),
                 ("meta", b"audit_seq", u64(self.audit_seq))]
 
     def _credit_ops(self, customer_id: str, ct: int, amount: int) -> tuple[list[Op], int, int]:
@@ -988,7 +1021,10 @@ class Engine(SubscriptionsMixin, SessionsMixin):
         if credit:
             credit_ops, before, after = self._credit_ops(customer_id, ct, amount)
             ops += credit_ops
-            ops += self._audit_op(customer_id, kind, ct, amount, before, after, f"{gid} {source} {reference}".strip())
+            if kind == "grant" and source in ("refund", "adjust"):
+                kind = source  # a refund, or a positive manual adjustment, is its own kind in the audit trail
+            ops += self._audit_op(customer_id, kind, ct, amount, before, after, f"{gid} {source} {reference}".strip(),
+                                  source=source)
             ops += self.topup_done_ops(customer_id, ct, after)
         bucket = Bucket(gid, amount, expires_at_ms, priority, source, self.grant_seq, rollovers)
         if expires_at_ms:
@@ -1063,7 +1099,8 @@ class Engine(SubscriptionsMixin, SessionsMixin):
             credit, before, after = self._credit_ops(req.customer_id, ct, req.amount_nano)
             ops += credit
             ops += self._reconcile(req.customer_id, ct, after)
-            ops += self._audit_op(req.customer_id, "adjust", ct, req.amount_nano, before, after, req.reason)
+            ops += self._audit_op(req.customer_id, "adjust", ct, req.amount_nano, before, after, req.reason,
+                                  source="adjust")
             ops += self.alert_ops()
         response = admin_pb2.AdjustResponse(balance_nano=after).SerializeToString()
         ops += self._remember(key, data, response)

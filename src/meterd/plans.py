@@ -53,6 +53,55 @@ class Overage:
                 break
         return -((-total.numerator) // total.denominator)
 
+    def breakdown(self, from_nano: int, to_nano: int) -> list[tuple[int, int, str, int]]:
+        """The charge for the units from ``from_nano`` to ``to_nano`` of a
+        period's overage, tier by tier: (tier, units, unit price, charge).
+        The charges add up to ``charge(to_nano) - charge(from_nano)`` exactly."""
+        out = []
+        start = 0
+        exact = Fraction(0)
+        for tier in self.tiers:
+            end = to_nano if tier.up_to_nano is None else min(to_nano, tier.up_to_nano)
+            below = max(0, min(end, from_nano) - start)
+            exact += below * tier.price  # what earlier bills of the period already charged
+            start = max(start, end)
+        done = exact
+        start = 0
+        for n, tier in enumerate(self.tiers, 1):
+            end = to_nano if tier.up_to_nano is None else min(to_nano, tier.up_to_nano)
+            units = max(0, end - max(start, from_nano))
+            if units:
+                after = done + units * tier.price
+                out.append((n, units, _price_text(tier.price), _ceil(after) - _ceil(done)))
+                done = after
+            start = max(start, end)
+            if start >= to_nano:
+                break
+        return out
+
+
+def _ceil(x: Fraction) -> int:
+    return -((-x.numerator) // x.denominator)
+
+
+def _price_text(price: Fraction) -> str:
+    """A price exactly: a decimal when it has one, else a fraction."""
+    d = price.denominator
+    twos = fives = 0
+    while d % 2 == 0:
+        d //= 2
+        twos += 1
+    while d % 5 == 0:
+        d //= 5
+        fives += 1
+    if d != 1:
+        return f"{price.numerator}/{price.denominator}"
+    places = max(twos, fives)
+    scaled = price.numerator * 10**places // price.denominator
+    sign = "-" if scaled < 0 else ""
+    whole, frac = divmod(abs(scaled), 10**places)
+    return f"{sign}{whole}" + (f".{frac:0{places}d}".rstrip("0").rstrip(".") if places else "")
+
 
 @dataclass(frozen=True)
 class Rollover:

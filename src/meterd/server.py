@@ -23,6 +23,7 @@ from meterd.catalog import Catalog, load_catalog
 from meterd.config import Settings
 from meterd.engine import Engine, now_ms
 from meterd.errors import ConfigError, Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
+from meterd.ledger import redact
 from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.server")
@@ -192,6 +193,18 @@ class Servicer:
                                                    plans=len(catalog.plans)).SerializeToString()
         return await _call(run, ctx, "ReloadCatalog")
 
+    async def get_statement(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        async def run() -> bytes:
+            req = _parse(admin_pb2.StatementRequest, data)
+            return statement_message(await self.engine.statement(req.customer_id, req.period)).SerializeToString()
+        return await _call(run, ctx, "GetStatement")
+
+    async def get_ledger_status(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        async def run() -> bytes:
+            _parse(admin_pb2.LedgerStatusRequest, data)
+            return self.engine.ledger_status().SerializeToString()
+        return await _call(run, ctx, "GetLedgerStatus")
+
     def handlers(self) -> tuple[grpc.GenericRpcHandler, grpc.GenericRpcHandler]:
         raw = dict(request_deserializer=None, response_serializer=None)
         meter = grpc.method_handlers_generic_handler(METER_SERVICE, {
@@ -215,11 +228,24 @@ class Servicer:
             "ChangePlan": grpc.unary_unary_rpc_method_handler(self.change_plan, **raw),
             "Watch": grpc.unary_stream_rpc_method_handler(self.watch, **raw),
             "ReloadCatalog": grpc.unary_unary_rpc_method_handler(self.reload_catalog, **raw),
+            "GetStatement": grpc.unary_unary_rpc_method_handler(self.get_statement, **raw),
+            "GetLedgerStatus": grpc.unary_unary_rpc_method_handler(self.get_ledger_status, **raw),
         })
         return meter, admin
 
 
 STREAM_WINDOW = 32  # batches of one ReportStream waiting for their commit at once
+
+
+def statement_message(st: dict) -> admin_pb2.Statement:
+    """A statement from the ledger as its protobuf message."""
+    lines = [admin_pb2.StatementLine(
+        section=x["section"], description=x["description"], credit_type=x["credit_type"],
+        amount_nano=x["amount_nano"], quantity=x.get("quantity", ""), events=x.get("events", 0),
+        tiers=[admin_pb2.ChargeTier(**t) for t in x.get("tiers", [])]) for x in st["lines"]]
+    return admin_pb2.Statement(customer_id=st["customer_id"], period=st["period"], from_ms=st["from_ms"],
+                               to_ms=st["to_ms"], lines=lines,
+                               totals=[admin_pb2.StatementTotal(**t) for t in st["totals"]])
 
 
 def _later(task: asyncio.Task) -> Callable[[], Awaitable[Any]]:
@@ -249,6 +275,7 @@ class MeterdServer:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._stop = asyncio.Event()
         self._housekeeping: asyncio.Task | None = None
+        self._flusher: asyncio.Task | None = None
         self.data_server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
         self.data_port = 0
@@ -288,8 +315,10 @@ class MeterdServer:
         for name in ("", METER_SERVICE, ADMIN_SERVICE):
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         self._housekeeping = asyncio.get_running_loop().create_task(self.engine.run_housekeeping(self._stop))
-        log.info("serving data plane on %s (port %d), admin on %s, core=%s", self.settings.listen,
-                 self.data_port, self.admin_address, "compiled" if _compiled() else "python")
+        self._flusher = asyncio.get_running_loop().create_task(self.engine.run_flusher(self._stop))
+        log.info("serving data plane on %s (port %d), admin on %s, core=%s, sidecar %s flushing to %s",
+                 self.settings.listen, self.data_port, self.admin_address, "compiled" if _compiled() else "python",
+                 self.engine.sidecar_id, redact(self.settings.ledger_url))
 
     async def _set_health(self, name: str, status: int) -> None:
         result = self.health.set(name, status)
@@ -321,8 +350,9 @@ class MeterdServer:
         self.engine.closing = True  # open streams get UNAVAILABLE for their next batch
         stops = [s.stop(grace) for s in (self.data_server, self.admin_server) if s is not None]
         await asyncio.gather(*stops)
-        if self._housekeeping is not None:
-            await self._housekeeping
+        for task in (self._housekeeping, self._flusher):
+            if task is not None:
+                await task
         await self.engine.close()
         if self.admin_address.startswith("unix:"):
             try:

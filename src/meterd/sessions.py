@@ -85,8 +85,10 @@ class SessionsMixin:
         units = max(self._interval_units(s, until_ms - s.billed_ms), 0)
         idx = self.core.account(s.customer_id.encode())
         rate = self._session_rate(s)
+        at = max(until_ms - 1, 0)  # the usage belongs to the window the interval ends in
+        self.core.set_clock(at)
         cost, _ = self.core.settle(idx, rate, units, s.reserved_nano)
-        record = _record(b"C", struct.pack("<Iqq", rate, units, s.reserved_nano) + s.customer_id.encode())
+        record = _record(b"C", struct.pack("<Iqq", rate, units, s.reserved_nano) + s.customer_id.encode(), at)
         s.reserved_nano = 0
         s.billed_ms += self._units_ms(s, units)  # the part of a unit not yet billed is carried
         s.billed_units += units

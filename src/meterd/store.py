@@ -26,8 +26,10 @@ from meterd.errors import ConfigError, StorageFull
 
 log = logging.getLogger("meterd.store")
 
-DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions")
-# An op is (db, key, value): value None deletes; db "trim" deletes log keys <= key.
+DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions",
+       "usage", "outbox")
+# An op is (db, key, value): value None deletes; db "trim" deletes the keys <= key
+# of the database named by value (the log when value is None).
 Op = tuple[str, bytes, bytes | None]
 
 
@@ -99,6 +101,10 @@ class Store:
             value = txn.get(key)
             return bytes(value) if value is not None else None
 
+    def count(self, db: str) -> int:
+        with self.env.begin(db=self.dbs[db]) as txn:
+            return int(txn.stat(self.dbs[db])["entries"])
+
     def items(self, db: str, start: bytes = b"", prefix: bytes = b"", limit: int = 0) -> list[tuple[bytes, bytes]]:
         """Copies of (key, value) pairs from ``start``, within ``prefix``."""
         out: list[tuple[bytes, bytes]] = []
@@ -125,7 +131,7 @@ class Store:
         n = 0
         for db, key, value in ops:
             if db == "trim":
-                cur = txn.cursor(db=self.dbs["log"])
+                cur = txn.cursor(db=self.dbs[value.decode() if value else "log"])
                 if cur.first():
                     while bytes(cur.key()) <= key:
                         if not cur.delete():

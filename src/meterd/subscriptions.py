@@ -64,6 +64,7 @@ class SubscriptionsMixin:
     accounts: dict
     subs: dict[str, Subscription]
     _boundaries: list[tuple[int, str]]
+    effective_ms: int | None
 
     # provided by Engine
     def _log_op(self, record: bytes) -> Op: ...  # type: ignore[empty-body]
@@ -273,6 +274,13 @@ class SubscriptionsMixin:
     def _roll(self, sub: Subscription) -> list[Op]:
         plan = self._plan_or_none(sub.plan)
         boundary = sub.end_ms
+        self.effective_ms = boundary - 1  # what the ended period owes belongs to it
+        try:
+            return self._roll_at(sub, plan, boundary)
+        finally:
+            self.effective_ms = None
+
+    def _roll_at(self, sub: Subscription, plan: Plan | None, boundary: int) -> list[Op]:
         ops: list[Op] = []
         ending = sub.cancel_at_end or plan is None
         idx = self.core.account(sub.customer_id.encode())
@@ -295,6 +303,7 @@ class SubscriptionsMixin:
             sub.plan, sub.next_plan = plan.name, ""  # type: ignore[union-attr]
             ops += self._apply_plan_ops(sub.customer_id, plan)
         sub.n += 1
+        self.effective_ms = boundary
         sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.period, sub.n + 1)  # type: ignore[union-attr]
         for ct, policy in plan.credits.items():  # type: ignore[union-attr]
             ops += self._included_ops(sub, plan, ct, policy.included_nano)  # type: ignore[arg-type]
@@ -366,7 +375,8 @@ class SubscriptionsMixin:
             billed = sub.overage_billed.get(str(ct), 0)
             money = policy.overage.charge(billed + owed) - policy.overage.charge(billed)
             ops += self._audit_op(sub.customer_id, "overage_charged", ct, owed, bal, bal, "carried from last period",
-                                  charge=money, charge_ct=policy.overage.price_credit_type)
+                                  charge=money, charge_ct=policy.overage.price_credit_type,
+                                  tiers=policy.overage.breakdown(billed, billed + owed))
         if bal < 0:
             credit, before, after = self._credit_ops(sub.customer_id, ct, -bal)
             ops += credit + self._audit_op(sub.customer_id, "deficit_carried", ct, -bal, before, after,
@@ -392,7 +402,8 @@ class SubscriptionsMixin:
         sub.overage_billed[str(ct)] = billed + deficit
         credit += self.floor_ops(customer_id, ct) + [self._put_sub(sub)]
         return credit + self._audit_op(customer_id, "overage_charged", ct, deficit, before, after, why,
-                                       charge=money, charge_ct=policy.overage.price_credit_type)
+                                       charge=money, charge_ct=policy.overage.price_credit_type,
+                                       tiers=policy.overage.breakdown(billed, billed + deficit))
 
     def _arrears_ops(self, sub: Subscription, ct: int) -> list[Op]:
         """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""

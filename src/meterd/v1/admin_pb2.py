@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15meterd/v1/admin.proto\x12\tmeterd.v1\"\x9f\x01\n\x0cGrantRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x02 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x03 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x04 \x01(\x03\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"J\n\rGrantResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"w\n\rAdjustRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x02 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"9\n\x0e\x41\x64justResponse\x12\x14\n\x0c\x62\x61lance_nano\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"N\n\x10ListAuditRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"\xf9\x01\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x04 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x05 \x01(\x03\x12\x1b\n\x13\x62\x61lance_before_nano\x18\x06 \x01(\x03\x12\x1a\n\x12\x62\x61lance_after_nano\x18\x07 \x01(\x03\x12\x11\n\treference\x18\x08 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\t \x01(\t\x12\x13\n\x0b\x63harge_nano\x18\n \x01(\x03\x12\x1a\n\x12\x63harge_credit_type\x18\x0b \x01(\t\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.meterd.v1.AuditEntry\"`\n\x10SubscribeRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\xa5\x01\n\x0cSubscription\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x11\n\tanchor_ms\x18\x03 \x01(\x03\x12\x17\n\x0fperiod_start_ms\x18\x04 \x01(\x03\x12\x15\n\rperiod_end_ms\x18\x05 \x01(\x03\x12\x1c\n\x14\x63\x61ncel_at_period_end\x18\x06 \x01(\x08\x12\x11\n\tnext_plan\x18\x07 \x01(\t\";\n\rCancelRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x15\n\rat_period_end\x18\x02 \x01(\x08\"6\n\x11\x43hangePlanRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\"\x1d\n\x0cWatchRequest\x12\r\n\x05kinds\x18\x01 \x03(\t\"\x16\n\x14ReloadCatalogRequest\"\\\n\x15ReloadCatalogResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x14\n\x0c\x63redit_types\x18\x02 \x01(\r\x12\x0e\n\x06meters\x18\x03 \x01(\r\x12\r\n\x05plans\x18\x04 \x01(\r2\x9e\x04\n\x05\x41\x64min\x12:\n\x05Grant\x12\x17.meterd.v1.GrantRequest\x1a\x18.meterd.v1.GrantResponse\x12=\n\x06\x41\x64just\x12\x18.meterd.v1.AdjustRequest\x1a\x19.meterd.v1.AdjustResponse\x12\x46\n\tListAudit\x12\x1b.meterd.v1.ListAuditRequest\x1a\x1c.meterd.v1.ListAuditResponse\x12\x41\n\tSubscribe\x12\x1b.meterd.v1.SubscribeRequest\x1a\x17.meterd.v1.Subscription\x12;\n\x06\x43\x61ncel\x12\x18.meterd.v1.CancelRequest\x1a\x17.meterd.v1.Subscription\x12\x43\n\nChangePlan\x12\x1c.meterd.v1.ChangePlanRequest\x1a\x17.meterd.v1.Subscription\x12\x39\n\x05Watch\x12\x17.meterd.v1.WatchRequest\x1a\x15.meterd.v1.AuditEntry0\x01\x12R\n\rReloadCatalog\x12\x1f.meterd.v1.ReloadCatalogRequest\x1a .meterd.v1.ReloadCatalogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15meterd/v1/admin.proto\x12\tmeterd.v1\"\x9f\x01\n\x0cGrantRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x02 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x03 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x04 \x01(\x03\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"J\n\rGrantResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"w\n\rAdjustRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x02 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"9\n\x0e\x41\x64justResponse\x12\x14\n\x0c\x62\x61lance_nano\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"N\n\x10ListAuditRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"\xc5\x02\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x04 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x05 \x01(\x03\x12\x1b\n\x13\x62\x61lance_before_nano\x18\x06 \x01(\x03\x12\x1a\n\x12\x62\x61lance_after_nano\x18\x07 \x01(\x03\x12\x11\n\treference\x18\x08 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\t \x01(\t\x12\x13\n\x0b\x63harge_nano\x18\n \x01(\x03\x12\x1a\n\x12\x63harge_credit_type\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12$\n\x05tiers\x18\r \x03(\x0b\x32\x15.meterd.v1.ChargeTier\x12\x14\n\x0c\x65\x66\x66\x65\x63tive_ms\x18\x0e \x01(\x03\"W\n\nChargeTier\x12\x0c\n\x04tier\x18\x01 \x01(\r\x12\x12\n\nunits_nano\x18\x02 \x01(\x03\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x13\n\x0b\x63harge_nano\x18\x04 \x01(\x03\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.meterd.v1.AuditEntry\"`\n\x10SubscribeRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\xa5\x01\n\x0cSubscription\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x11\n\tanchor_ms\x18\x03 \x01(\x03\x12\x17\n\x0fperiod_start_ms\x18\x04 \x01(\x03\x12\x15\n\rperiod_end_ms\x18\x05 \x01(\x03\x12\x1c\n\x14\x63\x61ncel_at_period_end\x18\x06 \x01(\x08\x12\x11\n\tnext_plan\x18\x07 \x01(\t\";\n\rCancelRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x15\n\rat_period_end\x18\x02 \x01(\x08\"6\n\x11\x43hangePlanRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\"\x1d\n\x0cWatchRequest\x12\r\n\x05kinds\x18\x01 \x03(\t\"\x16\n\x14ReloadCatalogRequest\"\\\n\x15ReloadCatalogResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x14\n\x0c\x63redit_types\x18\x02 \x01(\r\x12\x0e\n\x06meters\x18\x03 \x01(\r\x12\r\n\x05plans\x18\x04 \x01(\r\"7\n\x10StatementRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\"\xa7\x01\n\rStatementLine\x12\x0f\n\x07section\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0b\x63redit_type\x18\x03 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x04 \x01(\x03\x12\x10\n\x08quantity\x18\x05 \x01(\t\x12\x0e\n\x06\x65vents\x18\x06 \x01(\x04\x12$\n\x05tiers\x18\x07 \x03(\x0b\x32\x15.meterd.v1.ChargeTier\"\x9f\x02\n\x0eStatementTotal\x12\x13\n\x0b\x63redit_type\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0eminor_decimals\x18\x03 \x01(\r\x12\x11\n\tfees_nano\x18\x04 \x01(\x03\x12\x14\n\x0coverage_nano\x18\x05 \x01(\x03\x12\x12\n\nusage_nano\x18\x06 \x01(\x03\x12\x1c\n\x14\x63redits_applied_nano\x18\x07 \x01(\x03\x12\x19\n\x11usage_billed_nano\x18\x08 \x01(\x03\x12\x12\n\ntotal_nano\x18\t \x01(\x03\x12\x17\n\x0f\x63\x61rried_in_nano\x18\n \x01(\x03\x12\x18\n\x10\x63\x61rried_out_nano\x18\x0b \x01(\x03\x12\x11\n\tdue_minor\x18\x0c \x01(\x03\"\xa4\x01\n\tStatement\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12\x0f\n\x07\x66rom_ms\x18\x03 \x01(\x03\x12\r\n\x05to_ms\x18\x04 \x01(\x03\x12\'\n\x05lines\x18\x05 \x03(\x0b\x32\x18.meterd.v1.StatementLine\x12)\n\x06totals\x18\x06 \x03(\x0b\x32\x19.meterd.v1.StatementTotal\"\x15\n\x13LedgerStatusRequest\"\xca\x01\n\x0cLedgerStatus\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x0e\n\x06ledger\x18\x02 \x01(\t\x12\x18\n\x10\x66lushed_sequence\x18\x03 \x01(\x04\x12\x1a\n\x12\x62\x61\x63klog_usage_rows\x18\x04 \x01(\x04\x12\x17\n\x0f\x62\x61\x63klog_entries\x18\x05 \x01(\x04\x12\x15\n\rlast_flush_ms\x18\x06 \x01(\x03\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\r2\xad\x05\n\x05\x41\x64min\x12:\n\x05Grant\x12\x17.meterd.v1.GrantRequest\x1a\x18.meterd.v1.GrantResponse\x12=\n\x06\x41\x64just\x12\x18.meterd.v1.AdjustRequest\x1a\x19.meterd.v1.AdjustResponse\x12\x46\n\tListAudit\x12\x1b.meterd.v1.ListAuditRequest\x1a\x1c.meterd.v1.ListAuditResponse\x12\x41\n\tSubscribe\x12\x1b.meterd.v1.SubscribeRequest\x1a\x17.meterd.v1.Subscription\x12;\n\x06\x43\x61ncel\x12\x18.meterd.v1.CancelRequest\x1a\x17.meterd.v1.Subscription\x12\x43\n\nChangePlan\x12\x1c.meterd.v1.ChangePlanRequest\x1a\x17.meterd.v1.Subscription\x12\x39\n\x05Watch\x12\x17.meterd.v1.WatchRequest\x1a\x15.meterd.v1.AuditEntry0\x01\x12R\n\rReloadCatalog\x12\x1f.meterd.v1.ReloadCatalogRequest\x1a .meterd.v1.ReloadCatalogResponse\x12\x41\n\x0cGetStatement\x12\x1b.meterd.v1.StatementRequest\x1a\x14.meterd.v1.Statement\x12J\n\x0fGetLedgerStatus\x12\x1e.meterd.v1.LedgerStatusRequest\x1a\x17.meterd.v1.LedgerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAUDITREQUEST']._serialized_start=454
   _globals['_LISTAUDITREQUEST']._serialized_end=532
   _globals['_AUDITENTRY']._serialized_start=535
-  _globals['_AUDITENTRY']._serialized_end=784
-  _globals['_LISTAUDITRESPONSE']._serialized_start=786
-  _globals['_LISTAUDITRESPONSE']._serialized_end=845
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=847
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=943
-  _globals['_SUBSCRIPTION']._serialized_start=946
-  _globals['_SUBSCRIPTION']._serialized_end=1111
-  _globals['_CANCELREQUEST']._serialized_start=1113
-  _globals['_CANCELREQUEST']._serialized_end=1172
-  _globals['_CHANGEPLANREQUEST']._serialized_start=1174
-  _globals['_CHANGEPLANREQUEST']._serialized_end=1228
-  _globals['_WATCHREQUEST']._serialized_start=1230
-  _globals['_WATCHREQUEST']._serialized_end=1259
-  _globals['_RELOADCATALOGREQUEST']._serialized_start=1261
-  _globals['_RELOADCATALOGREQUEST']._serialized_end=1283
-  _globals['_RELOADCATALOGRESPONSE']._serialized_start=1285
-  _globals['_RELOADCATALOGRESPONSE']._serialized_end=1377
-  _globals['_ADMIN']._serialized_start=1380
-  _globals['_ADMIN']._serialized_end=1922
+  _globals['_AUDITENTRY']._serialized_end=860
+  _globals['_CHARGETIER']._serialized_start=862
+  _globals['_CHARGETIER']._serialized_end=949
+  _globals['_LISTAUDITRESPONSE']._serialized_start=951
+  _globals['_LISTAUDITRESPONSE']._serialized_end=1010
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1012
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1108
+  _globals['_SUBSCRIPTION']._serialized_start=1111
+  _globals['_SUBSCRIPTION']._serialized_end=1276
+  _globals['_CANCELREQUEST']._serialized_start=1278
+  _globals['_CANCELREQUEST']._serialized_end=1337
+  _globals['_CHANGEPLANREQUEST']._serialized_start=1339
+  _globals['_CHANGEPLANREQUEST']._serialized_end=1393
+  _globals['_WATCHREQUEST']._serialized_start=1395
+  _globals['_WATCHREQUEST']._serialized_end=1424
+  _globals['_RELOADCATALOGREQUEST']._serialized_start=1426
+  _globals['_RELOADCATALOGREQUEST']._serialized_end=1448
+  _globals['_RELOADCATALOGRESPONSE']._serialized_start=1450
+  _globals['_RELOADCATALOGRESPONSE']._serialized_end=1542
+  _globals['_STATEMENTREQUEST']._serialized_start=1544
+  _globals['_STATEMENTREQUEST']._serialized_end=1599
+  _globals['_STATEMENTLINE']._serialized_start=1602
+  _globals['_STATEMENTLINE']._serialized_end=1769
+  _globals['_STATEMENTTOTAL']._serialized_start=1772
+  _globals['_STATEMENTTOTAL']._serialized_end=2059
+  _globals['_STATEMENT']._serialized_start=2062
+  _globals['_STATEMENT']._serialized_end=2226
+  _globals['_LEDGERSTATUSREQUEST']._serialized_start=2228
+  _globals['_LEDGERSTATUSREQUEST']._serialized_end=2249
+  _globals['_LEDGERSTATUS']._serialized_start=2252
+  _globals['_LEDGERSTATUS']._serialized_end=2454
+  _globals['_ADMIN']._serialized_start=2457
+  _globals['_ADMIN']._serialized_end=3142
 # @@protoc_insertion_point(module_scope)

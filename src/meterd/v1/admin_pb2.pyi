@@ -67,7 +67,7 @@ class ListAuditRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference", "customer_id", "charge_nano", "charge_credit_type")
+    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference", "customer_id", "charge_nano", "charge_credit_type", "source", "tiers", "effective_ms")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,9 @@ class AuditEntry(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     CHARGE_NANO_FIELD_NUMBER: _ClassVar[int]
     CHARGE_CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_MS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time_ms: int
     kind: str
@@ -90,7 +93,22 @@ class AuditEntry(_message.Message):
     customer_id: str
     charge_nano: int
     charge_credit_type: str
-    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ..., customer_id: _Optional[str] = ..., charge_nano: _Optional[int] = ..., charge_credit_type: _Optional[str] = ...) -> None: ...
+    source: str
+    tiers: _containers.RepeatedCompositeFieldContainer[ChargeTier]
+    effective_ms: int
+    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ..., customer_id: _Optional[str] = ..., charge_nano: _Optional[int] = ..., charge_credit_type: _Optional[str] = ..., source: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[ChargeTier, _Mapping]]] = ..., effective_ms: _Optional[int] = ...) -> None: ...
+
+class ChargeTier(_message.Message):
+    __slots__ = ("tier", "units_nano", "unit_price", "charge_nano")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    UNITS_NANO_FIELD_NUMBER: _ClassVar[int]
+    UNIT_PRICE_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_NANO_FIELD_NUMBER: _ClassVar[int]
+    tier: int
+    units_nano: int
+    unit_price: str
+    charge_nano: int
+    def __init__(self, tier: _Optional[int] = ..., units_nano: _Optional[int] = ..., unit_price: _Optional[str] = ..., charge_nano: _Optional[int] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
     __slots__ = ("entries",)
@@ -165,3 +183,97 @@ class ReloadCatalogResponse(_message.Message):
     meters: int
     plans: int
     def __init__(self, source: _Optional[str] = ..., credit_types: _Optional[int] = ..., meters: _Optional[int] = ..., plans: _Optional[int] = ...) -> None: ...
+
+class StatementRequest(_message.Message):
+    __slots__ = ("customer_id", "period")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    period: str
+    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ...) -> None: ...
+
+class StatementLine(_message.Message):
+    __slots__ = ("section", "description", "credit_type", "amount_nano", "quantity", "events", "tiers")
+    SECTION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    section: str
+    description: str
+    credit_type: str
+    amount_nano: int
+    quantity: str
+    events: int
+    tiers: _containers.RepeatedCompositeFieldContainer[ChargeTier]
+    def __init__(self, section: _Optional[str] = ..., description: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., quantity: _Optional[str] = ..., events: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[ChargeTier, _Mapping]]] = ...) -> None: ...
+
+class StatementTotal(_message.Message):
+    __slots__ = ("credit_type", "currency", "minor_decimals", "fees_nano", "overage_nano", "usage_nano", "credits_applied_nano", "usage_billed_nano", "total_nano", "carried_in_nano", "carried_out_nano", "due_minor")
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MINOR_DECIMALS_FIELD_NUMBER: _ClassVar[int]
+    FEES_NANO_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_NANO_FIELD_NUMBER: _ClassVar[int]
+    USAGE_NANO_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_APPLIED_NANO_FIELD_NUMBER: _ClassVar[int]
+    USAGE_BILLED_NANO_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NANO_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_IN_NANO_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_OUT_NANO_FIELD_NUMBER: _ClassVar[int]
+    DUE_MINOR_FIELD_NUMBER: _ClassVar[int]
+    credit_type: str
+    currency: str
+    minor_decimals: int
+    fees_nano: int
+    overage_nano: int
+    usage_nano: int
+    credits_applied_nano: int
+    usage_billed_nano: int
+    total_nano: int
+    carried_in_nano: int
+    carried_out_nano: int
+    due_minor: int
+    def __init__(self, credit_type: _Optional[str] = ..., currency: _Optional[str] = ..., minor_decimals: _Optional[int] = ..., fees_nano: _Optional[int] = ..., overage_nano: _Optional[int] = ..., usage_nano: _Optional[int] = ..., credits_applied_nano: _Optional[int] = ..., usage_billed_nano: _Optional[int] = ..., total_nano: _Optional[int] = ..., carried_in_nano: _Optional[int] = ..., carried_out_nano: _Optional[int] = ..., due_minor: _Optional[int] = ...) -> None: ...
+
+class Statement(_message.Message):
+    __slots__ = ("customer_id", "period", "from_ms", "to_ms", "lines", "totals")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    FROM_MS_FIELD_NUMBER: _ClassVar[int]
+    TO_MS_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    period: str
+    from_ms: int
+    to_ms: int
+    lines: _containers.RepeatedCompositeFieldContainer[StatementLine]
+    totals: _containers.RepeatedCompositeFieldContainer[StatementTotal]
+    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ..., from_ms: _Optional[int] = ..., to_ms: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[StatementLine, _Mapping]]] = ..., totals: _Optional[_Iterable[_Union[StatementTotal, _Mapping]]] = ...) -> None: ...
+
+class LedgerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LedgerStatus(_message.Message):
+    __slots__ = ("sidecar_id", "ledger", "flushed_sequence", "backlog_usage_rows", "backlog_entries", "last_flush_ms", "last_error", "consecutive_failures")
+    SIDECAR_ID_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
+    FLUSHED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_USAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FLUSH_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    sidecar_id: str
+    ledger: str
+    flushed_sequence: int
+    backlog_usage_rows: int
+    backlog_entries: int
+    last_flush_ms: int
+    last_error: str
+    consecutive_failures: int
+    def __init__(self, sidecar_id: _Optional[str] = ..., ledger: _Optional[str] = ..., flushed_sequence: _Optional[int] = ..., backlog_usage_rows: _Optional[int] = ..., backlog_entries: _Optional[int] = ..., last_flush_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,16 @@ class AdminStub:
                 request_serializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogRequest.SerializeToString,
                 response_deserializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogResponse.FromString,
                 _registered_method=True)
+        self.GetStatement = channel.unary_unary(
+                '/meterd.v1.Admin/GetStatement',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.StatementRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.Statement.FromString,
+                _registered_method=True)
+        self.GetLedgerStatus = channel.unary_unary(
+                '/meterd.v1.Admin/GetLedgerStatus',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.LedgerStatusRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.LedgerStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -133,6 +143,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatement(self, request, context):
+        """A customer's statement for a month, computed by the central ledger.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLedgerStatus(self, request, context):
+        """How far the flush to the central ledger has got.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +199,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReloadCatalog,
                     request_deserializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogRequest.FromString,
                     response_serializer=meterd_dot_v1_dot_admin__pb2.ReloadCatalogResponse.SerializeToString,
+            ),
+            'GetStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatement,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.StatementRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.Statement.SerializeToString,
+            ),
+            'GetLedgerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedgerStatus,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.LedgerStatusRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.LedgerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +427,60 @@ class Admin:
             '/meterd.v1.Admin/ReloadCatalog',
             meterd_dot_v1_dot_admin__pb2.ReloadCatalogRequest.SerializeToString,
             meterd_dot_v1_dot_admin__pb2.ReloadCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/GetStatement',
+            meterd_dot_v1_dot_admin__pb2.StatementRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.Statement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedgerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/GetLedgerStatus',
+            meterd_dot_v1_dot_admin__pb2.LedgerStatusRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.LedgerStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,328 @@
+"""Usage aggregates in LMDB and their exactly-once flush to the central ledger.
+
+The core aggregates allowed usage per (customer, meter, dimension set, window)
+in memory. Every snapshot moves those aggregates into the LMDB ``usage``
+database in the same commit that trims the log they came from, so each event
+is either in the log (and re-aggregated by replay after a crash) or in an
+aggregate row, never both and never neither. Audit entries go to the
+``outbox`` database in the commit that makes them.
+
+A flush takes a fixed range of those rows, records it in LMDB as the pending
+flush ``(sidecar_id, sequence)`` before sending, and sends it; the ledger
+applies it in one transaction with the record of that sequence. Only after the
+ledger has committed does the sidecar delete the range. A crash or a timeout
+in between resends the same range under the same sequence, which the ledger
+recognises and does not apply again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import random
+import uuid
+from typing import Any
+
+from meterd.ledger import CreditTypeInfo, Entry, Flush, Ledger, LedgerError, UsageRow, canonical_dimensions, redact
+from meterd.store import Op, from_u64, u64
+from meterd.v1 import admin_pb2, meter_pb2
+
+log = logging.getLogger("meterd.flush")
+
+AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
+
+
+def usage_rows(taken: list[tuple], doc: dict) -> list[UsageRow]:
+    """The core's aggregates as ledger rows, named by the catalog they were made under."""
+    rows = []
+    for cust, meter, dims, window, qty, cost, events in taken:
+        spec = doc["meters"][meter]
+        decoded = dict(meter_pb2.UsageEvent.FromString(dims).dimensions) if dims else {}
+        rows.append(UsageRow(cust.decode(), doc["meter_names"][meter], canonical_dimensions(decoded), window,
+                             doc["credit_types"][spec[1]], AGGREGATIONS[spec[4]], doc["precisions"][meter],
+                             qty, cost, events))
+    return rows
+
+
+def _row_bytes(r: UsageRow) -> bytes:
+    return json.dumps([r.customer_id, r.meter, r.dimensions, r.window_start_ms, r.credit_type, r.aggregation,
+                       r.precision, r.quantity, r.cost_nano, r.events], separators=(",", ":")).encode()
+
+
+def _entry_of(value: bytes) -> Entry:
+    e = admin_pb2.AuditEntry.FromString(value)
+    tiers = [{"tier": t.tier, "units_nano": t.units_nano, "unit_price": t.unit_price, "charge_nano": t.charge_nano}
+             for t in e.tiers]
+    return Entry(e.sequence, e.time_ms, e.effective_ms or e.time_ms, e.customer_id, e.kind, e.source,
+                 e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano, e.reference,
+                 e.charge_nano, e.charge_credit_type, json.dumps({"tiers": tiers}) if tiers else "{}")
+
+
+class LedgerMixin:
+    """The engine's side of the ledger: draining, flushing and status."""
+
+    # Provided by the engine.
+    store: Any
+    core: Any
+    catalog: Any
+    settings: Any
+    audit_seq: int
+
+    def _init_ledger(self) -> None:
+        self._usage_carry: list[UsageRow] = []
+        self._draining: list[UsageRow] = []
+        self.recoveries = 0
+        self.sidecar_id = ""
+        self.flushed_seq = 0
+        self.drain_seq = 0
+        self.last_flush_ms = 0
+        self.last_flush_error = ""
+        self.flush_failures = 0
+        self._ledger: Ledger | None = None
+        self._ledger_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meterd-ledger")
+        self._backlog_warned = 0
+        self._flush_lock = asyncio.Lock()
+
+    def _load_ledger_state(self) -> None:
+        sid = self.store.get("meta", b"sidecar_id")
+        if sid is None:
+            sid = (self.settings.sidecar_id or f"sc-{uuid.uuid4().hex[:16]}").encode()
+            self.store.write_now([("meta", b"sidecar_id", sid)])
+        elif self.settings.sidecar_id and self.settings.sidecar_id.encode() != sid:
+            from meterd.errors import ConfigError
+            raise ConfigError(f"sidecar_id {self.settings.sidecar_id!r} differs from {sid.decode()!r}, the id this "
+                              "data directory already flushed under; the ledger would count it as a new sidecar")
+        self.sidecar_id = sid.decode()
+        self.flushed_seq = from_u64(self.store.get("meta", b"flush_seq") or u64(0))
+        self.drain_seq = from_u64(self.store.get("meta", b"drain_seq") or u64(0))
+
+    # ---- draining the core into LMDB ---------------------------------------------------------
+
+    def _drain_ops(self, doc: dict) -> list[Op]:
+        """Move the core's aggregates into LMDB rows, with one ``deducted``
+        entry per customer and credit type for what they cost."""
+        rows = self._usage_carry + usage_rows(self.core.take_usage(), doc)
+        self._usage_carry = []
+        self._draining = rows
+        if not rows:
+            return []
+        self.drain_seq += 1
+        prefix = u64(self.drain_seq)
+        ops: list[Op] = [("usage", prefix + i.to_bytes(4, "big"), _row_bytes(r)) for i, r in enumerate(rows)]
+        ops.append(("meta", b"drain_seq", prefix))
+        spent: dict[tuple[str, str], int] = {}
+        for r in rows:
+            if r.cost_nano:
+                spent[(r.customer_id, r.credit_type)] = spent.get((r.customer_id, r.credit_type), 0) + r.cost_nano
+        now = self._now_ms()
+        for (cust, ct_name), cost in sorted(spent.items()):
+            ct = self.catalog.credit_index.get(ct_name)
+            idx = self.core.account(cust.encode())
+            after = self.core.state(idx)[0][ct][0] if ct is not None and idx >= 0 else 0
+            self.audit_seq += 1
+            entry = admin_pb2.AuditEntry(sequence=self.audit_seq, time_ms=now, effective_ms=now, kind="deducted",
+                                         credit_type=ct_name, amount_nano=-cost, balance_before_nano=after + cost,
+                                         balance_after_nano=after, customer_id=cust, source="usage",
+                                         reference=f"usage {self.sidecar_id}/{self.drain_seq}")
+            ops.append(("outbox", u64(self.audit_seq), entry.SerializeToString()))
+        ops.append(("meta", b"audit_seq", u64(self.audit_seq)))
+        return ops
+
+    def _drain_failed(self, generation: int) -> None:
+        """A snapshot that took the core's aggregates did not commit: keep them
+        for the next one, unless state was reloaded from disk meanwhile (then
+        replay has rebuilt them)."""
+        if generation == self.recoveries:
+            self._usage_carry = self._draining + self._usage_carry
+        self._draining = []
+
+    def _now_ms(self) -> int:
+        from meterd.engine import now_ms
+        return now_ms()
+
+    # ---- flushing ---------------------------------------------------------------------------------
+
+    def _ledger_url(self) -> str:
+        return self.settings.ledger_url
+
+    def _ledger_call(self, fn: Any, *args: Any) -> Any:
+        """Runs on the ledger thread: one connection, opened (and migrated, for
+        SQLite) on first use and dropped after any failure."""
+        if self._ledger is None:
+            ledger = Ledger(self._ledger_url(), self.settings.ledger_timeout_s)
+            try:
+                if ledger.dialect == "sqlite":
+                    ledger.migrate()
+                ledger.check_schema()
+            except BaseException:
+                ledger.close()
+                raise
+            self._ledger = ledger
+        try:
+            return fn(self._ledger, *args)
+        except BaseException:
+            try:
+                self._ledger.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._ledger = None
+            raise
+
+    async def _on_ledger_thread(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._ledger_pool, self._ledger_call, fn, *args)
+        return await asyncio.wait_for(fut, timeout=self.settings.ledger_timeout_s)
+
+    def _flush_pending(self) -> dict | None:
+        raw = self.store.get("meta", b"flush_pending")
+        return json.loads(raw) if raw else None
+
+    def _flush_bounds(self) -> tuple[bytes | None, int | None]:
+        """The last usage key and outbox sequence of the next flush, at most
+        ledger_flush_rows_max of each."""
+        limit = self.settings.ledger_flush_rows_max
+        usage = self.store.items("usage", limit=limit)
+        entries = self.store.items("outbox", limit=limit)
+        return (usage[-1][0] if usage else None), (from_u64(entries[-1][0]) if entries else None)
+
+    def _build_flush(self, pending: dict) -> Flush:
+        usage: list[UsageRow] = []
+        if pending["usage_to"]:
+            end = bytes.fromhex(pending["usage_to"])
+            for key, value in self.store.items("usage", limit=self.settings.ledger_flush_rows_max):
+                if key > end:
+                    break
+                usage.append(UsageRow(*json.loads(value)))
+        entries: list[Entry] = []
+        if pending["outbox_to"]:
+            for key, value in self.store.items("outbox", limit=self.settings.ledger_flush_rows_max):
+                if from_u64(key) > pending["outbox_to"]:
+                    break
+                entries.append(_entry_of(value))
+        cts = [CreditTypeInfo(c.name, c.kind, c.currency if c.kind == "fiat" else "", c.decimals)
+               for c in self.catalog.credit_types]
+        return Flush(self.sidecar_id, pending["seq"], cts, usage, entries)
+
+    async def flush_once(self) -> bool:
+        """Send one flush if there is anything to send. Returns True when more
+        remains (a backlog larger than one flush)."""
+        async with self._flush_lock:
+            return await self._flush_once()
+
+    async def _flush_once(self) -> bool:
+        await self.snapshot()  # type: ignore[attr-defined]
+        pending = self._flush_pending()
+        if pending is None:
+            usage_to, outbox_to = self._flush_bounds()
+            if usage_to is None and outbox_to is None:
+                self._flushed_ok()
+                return False
+            pending = {"seq": self.flushed_seq + 1, "usage_to": usage_to.hex() if usage_to else "",
+                       "outbox_to": outbox_to or 0}
+            # Recorded before it is sent: a resend after a crash carries the same rows under the same sequence.
+            await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
+        flush = self._build_flush(pending)
+        applied = await self._on_ledger_thread(Ledger.apply_flush, flush)
+        if not applied:
+            log.info("flush %d was already in the ledger; not applied again", pending["seq"])
+        ops: list[Op] = [("meta", b"flush_seq", u64(pending["seq"])), ("meta", b"flush_pending", None)]
+        if pending["usage_to"]:
+            ops.append(("trim", bytes.fromhex(pending["usage_to"]), b"usage"))
+        if pending["outbox_to"]:
+            ops.append(("trim", u64(pending["outbox_to"]), b"outbox"))
+        await self._commit(ops)  # type: ignore[attr-defined]
+        self.flushed_seq = pending["seq"]
+        self._flushed_ok()
+        return self.store.count("usage") > 0 or self.store.count("outbox") > 0
+
+    def _flushed_ok(self) -> None:
+        self.last_flush_ms = self._now_ms()
+        self.last_flush_error = ""
+        self.flush_failures = 0
+        self._backlog_warned = 0
+
+    def backlog(self) -> tuple[int, int]:
+        return self.store.count("usage"), self.store.count("outbox")
+
+    async def run_flusher(self, stop: asyncio.Event) -> None:
+        """Flush every ledger_flush_interval_s; back off exponentially, with
+        jitter, while the ledger fails, and catch up when it returns."""
+        interval = self.settings.ledger_flush_interval_s
+        delay = interval
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            if self.broken is not None or self.closing:  # type: ignore[attr-defined]
+                delay = interval
+                continue
+            try:
+                more = await self.flush_once()
+                delay = 0.0 if more else interval
+            except Exception as e:  # noqa: BLE001 - the ledger may fail in any way; keep serving
+                self.flush_failures += 1
+                self.last_flush_error = _describe(e)
+                cap = self.settings.ledger_retry_max_s
+                delay = min(cap, interval * 2 ** min(self.flush_failures, 20)) * random.uniform(0.5, 1.0)
+                self._warn_backlog(delay)
+
+    def _warn_backlog(self, delay: float) -> None:
+        rows, entries = self.backlog()
+        total = rows + entries
+        # Warn at the first failure and each time the backlog doubles.
+        if self.flush_failures == 1 or total >= 2 * max(self._backlog_warned, 1):
+            self._backlog_warned = max(total, 1)
+            log.warning("ledger flush failed (%d in a row): %s; %d usage rows and %d entries wait in LMDB; "
+                        "next try in %.1f s", self.flush_failures, self.last_flush_error, rows, entries, delay)
+
+    async def final_flush(self) -> None:
+        """At shutdown: one last attempt, bounded by the ledger timeout."""
+        try:
+            await self.flush_once()
+        except Exception as e:  # noqa: BLE001 - what is not flushed stays in LMDB for the next start
+            log.warning("final ledger flush failed, the backlog stays in LMDB: %s", _describe(e))
+
+    def ledger_status(self) -> admin_pb2.LedgerStatus:
+        rows, entries = self.backlog()
+        return admin_pb2.LedgerStatus(sidecar_id=self.sidecar_id, ledger=redact(self._ledger_url()),
+                                      flushed_sequence=self.flushed_seq, backlog_usage_rows=rows,
+                                      backlog_entries=entries, last_flush_ms=self.last_flush_ms,
+                                      last_error=self.last_flush_error, consecutive_failures=self.flush_failures)
+
+    async def statement(self, customer_id: str, period: str) -> dict:
+        from meterd.errors import InvalidInput, Unavailable
+        from meterd.ledger import period_bounds, statement
+        if not customer_id:
+            raise InvalidInput("customer_id", "is required")
+        period_bounds(period)
+        try:
+            await self.flush_once()  # what this sidecar knows is in the ledger before it is asked
+            return await self._on_ledger_thread(statement, customer_id, period)
+        except InvalidInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - any ledger failure
+            raise Unavailable(f"the ledger is unavailable: {_describe(e)}") from None
+
+    def close_ledger(self) -> None:
+        def close() -> None:
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+        self._ledger_pool.submit(close)
+        self._ledger_pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "the ledger did not answer in time"
+    if isinstance(e, LedgerError):
+        return str(e)
+    return f"{type(e).__name__}: {str(e).strip()[:300]}"
+
+
+__all__ = ["LedgerMixin", "usage_rows"]

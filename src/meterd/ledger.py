@@ -1,0 +1,682 @@
+"""The central ledger: the system of record that sidecars flush to.
+
+A ledger is a SQL database, SQLite by default (one file, no set-up) or
+PostgreSQL (shared by many sidecars on many machines). It holds:
+
+- ``meterd_usage``: usage per customer, meter, dimension set and time window;
+- ``meterd_entries``: every credit movement, append-only, with the balances
+  before and after and a reference to its source;
+- ``meterd_flushes`` and ``meterd_sidecars``: which flush of which sidecar was
+  applied, so that a repeated flush is applied once;
+- ``meterd_credit_types``: currencies and decimals, for statements.
+
+A flush is applied in one transaction together with the record of its
+``(sidecar_id, sequence)``. Statements and usage queries are computed from
+these tables. Every statement is parameterised.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import unquote, urlsplit
+
+from meterd.errors import ConfigError, InvalidInput, MeterdError
+
+
+class LedgerError(MeterdError):
+    """The ledger refused or failed an operation."""
+
+
+class SchemaBehind(LedgerError):
+    """The ledger's schema is older than this meterd: run `meterd ledger migrate`."""
+
+
+# ---- schema -------------------------------------------------------------------
+
+# Each migration is applied once, in order, in its own transaction. ``{id}``
+# becomes the dialect's auto-increment key. Never edit a released migration:
+# add the next one.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "usage, entries, flushes, sidecars, credit types", [
+        """CREATE TABLE meterd_sidecars (
+            sidecar_id TEXT PRIMARY KEY,
+            last_sequence BIGINT NOT NULL,
+            first_flush_ms BIGINT NOT NULL,
+            last_flush_ms BIGINT NOT NULL)""",
+        """CREATE TABLE meterd_flushes (
+            sidecar_id TEXT NOT NULL,
+            sequence BIGINT NOT NULL,
+            applied_ms BIGINT NOT NULL,
+            usage_rows INTEGER NOT NULL,
+            entries INTEGER NOT NULL,
+            PRIMARY KEY (sidecar_id, sequence))""",
+        """CREATE TABLE meterd_credit_types (
+            name TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            currency TEXT NOT NULL,
+            decimals INTEGER NOT NULL)""",
+        """CREATE TABLE meterd_usage (
+            customer_id TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            dimensions TEXT NOT NULL,
+            window_start_ms BIGINT NOT NULL,
+            credit_type TEXT NOT NULL,
+            aggregation TEXT NOT NULL,
+            precision INTEGER NOT NULL,
+            quantity BIGINT NOT NULL CHECK ({int_check}quantity{int_check_end}),
+            cost_nano BIGINT NOT NULL CHECK ({int_check}cost_nano{int_check_end}),
+            events BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, meter, dimensions, window_start_ms))""",
+        "CREATE INDEX meterd_usage_window ON meterd_usage (customer_id, window_start_ms)",
+        """CREATE TABLE meterd_entries (
+            id {id},
+            sidecar_id TEXT NOT NULL,
+            source_sequence BIGINT NOT NULL,
+            flush_sequence BIGINT NOT NULL,
+            time_ms BIGINT NOT NULL,
+            effective_ms BIGINT NOT NULL,
+            customer_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            source TEXT NOT NULL,
+            credit_type TEXT NOT NULL,
+            amount_nano BIGINT NOT NULL,
+            balance_before_nano BIGINT NOT NULL,
+            balance_after_nano BIGINT NOT NULL,
+            reference TEXT NOT NULL,
+            charge_nano BIGINT NOT NULL,
+            charge_credit_type TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            UNIQUE (sidecar_id, source_sequence))""",
+        "CREATE INDEX meterd_entries_customer ON meterd_entries (customer_id, effective_ms)",
+        "{append_only}",
+    ]),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_DIALECT = {
+    "sqlite": {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        # SQLite turns an overflowing integer sum into a float: refuse it instead.
+        "int_check": "typeof(", "int_check_end": ") = 'integer'",
+        "append_only": """CREATE TRIGGER meterd_entries_append_only BEFORE UPDATE ON meterd_entries
+            BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+            CREATE TRIGGER meterd_entries_no_delete BEFORE DELETE ON meterd_entries
+            BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END""",
+    },
+    "postgresql": {
+        "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "int_check": "", "int_check_end": " IS NOT NULL",
+        "append_only": """CREATE FUNCTION meterd_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'ledger entries are append-only'; END $$;
+            CREATE TRIGGER meterd_entries_append_only BEFORE UPDATE OR DELETE ON meterd_entries
+            FOR EACH ROW EXECUTE FUNCTION meterd_append_only()""",
+    },
+}
+
+# Entry kinds whose charge is owed by the customer.
+CHARGE_KINDS = ("fee", "overage_charged", "usage_billed")
+
+_USAGE_UPSERT = """INSERT INTO meterd_usage (customer_id, meter, dimensions, window_start_ms, credit_type,
+    aggregation, precision, quantity, cost_nano, events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (customer_id, meter, dimensions, window_start_ms) DO UPDATE SET
+    quantity = CASE
+        WHEN meterd_usage.aggregation = 'max' THEN
+            CASE WHEN excluded.quantity > meterd_usage.quantity THEN excluded.quantity ELSE meterd_usage.quantity END
+        WHEN meterd_usage.aggregation = 'latest' THEN excluded.quantity
+        WHEN meterd_usage.aggregation = 'unique_count' THEN 0
+        ELSE meterd_usage.quantity + excluded.quantity END,
+    cost_nano = meterd_usage.cost_nano + excluded.cost_nano,
+    events = meterd_usage.events + excluded.events"""
+
+_ENTRY_INSERT = """INSERT INTO meterd_entries (sidecar_id, source_sequence, flush_sequence, time_ms, effective_ms,
+    customer_id, kind, source, credit_type, amount_nano, balance_before_nano, balance_after_nano, reference,
+    charge_nano, charge_credit_type, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
+# ---- what a flush carries ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    customer_id: str
+    meter: str
+    dimensions: str          # canonical JSON: sorted keys, no spaces
+    window_start_ms: int
+    credit_type: str
+    aggregation: str
+    precision: int
+    quantity: int
+    cost_nano: int
+    events: int
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.customer_id, self.meter, self.dimensions, self.window_start_ms)
+
+
+@dataclass(frozen=True)
+class Entry:
+    source_sequence: int
+    time_ms: int
+    effective_ms: int
+    customer_id: str
+    kind: str
+    source: str
+    credit_type: str
+    amount_nano: int
+    balance_before_nano: int
+    balance_after_nano: int
+    reference: str
+    charge_nano: int = 0
+    charge_credit_type: str = ""
+    detail: str = "{}"
+
+
+@dataclass(frozen=True)
+class CreditTypeInfo:
+    name: str
+    kind: str
+    currency: str
+    decimals: int
+
+
+@dataclass
+class Flush:
+    sidecar_id: str
+    sequence: int
+    credit_types: list[CreditTypeInfo] = field(default_factory=list)
+    usage: list[UsageRow] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+
+
+def canonical_dimensions(dims: dict[str, str]) -> str:
+    return json.dumps(dims, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def merge_usage(rows: Iterable[UsageRow]) -> list[UsageRow]:
+    """One row per (customer, meter, dimensions, window), as the ledger would merge them."""
+    merged: dict[tuple, UsageRow] = {}
+    for r in rows:
+        prev = merged.get(r.key)
+        if prev is None:
+            merged[r.key] = r
+            continue
+        if r.aggregation == "max":
+            q = max(prev.quantity, r.quantity)
+        elif r.aggregation == "latest":
+            q = r.quantity
+        elif r.aggregation == "unique_count":
+            q = 0
+        else:
+            q = prev.quantity + r.quantity
+        merged[r.key] = UsageRow(r.customer_id, r.meter, r.dimensions, r.window_start_ms, r.credit_type,
+                                 r.aggregation, r.precision, q, prev.cost_nano + r.cost_nano, prev.events + r.events)
+    return [merged[k] for k in sorted(merged)]  # a fixed order: concurrent flushes lock rows alike
+
+
+# ---- connections -------------------------------------------------------------------------
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """('sqlite', path) or ('postgresql', conninfo URL) from a --ledger URL."""
+    if url.startswith("sqlite:///"):
+        # sqlite:///relative/path or sqlite:////absolute/path
+        path = unquote(url[len("sqlite:///"):])
+        if not path:
+            raise ConfigError(f"ledger URL {url!r}: no file after sqlite:///")
+        return "sqlite", path
+    if url.startswith(("postgresql://", "postgres://")):
+        if not urlsplit(url).hostname and "host=" not in url:
+            raise ConfigError(f"ledger URL {redact(url)!r}: no host")
+        return "postgresql", url
+    raise ConfigError(f"ledger URL {redact(url)!r}: use sqlite:///PATH or postgresql://USER@HOST/DB")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+class Ledger:
+    """One connection to a ledger database. Not shared between threads: every
+    method runs on the caller's thread, so give each thread its own Ledger."""
+
+    def __init__(self, url: str, connect_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.dialect, target = parse_url(url)
+        self._lock = threading.Lock()
+        if self.dialect == "sqlite":
+            path = target
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+            self.conn: Any = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+        else:
+            try:
+                import psycopg
+            except ImportError:  # pragma: no cover - depends on the install
+                raise ConfigError("a PostgreSQL ledger needs psycopg: pip install 'meterd[postgresql]'") from None
+            try:
+                self.conn = psycopg.connect(target, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)))
+            except psycopg.Error as e:
+                raise LedgerError(f"cannot connect to {redact(url)}: {str(e).strip()}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.dialect == "sqlite" else sql.replace("?", "%s")
+
+    def _exec(self, sql: str, params: Sequence = ()) -> Any:
+        return self.conn.execute(self._sql(sql), params)
+
+    def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        return list(self._exec(sql, params).fetchall())
+
+    def _begin(self) -> None:
+        self._exec("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
+
+    def _transaction(self) -> "_Tx":
+        return _Tx(self)
+
+    # ---- schema ----------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        try:
+            rows = self._rows("SELECT MAX(version) FROM meterd_schema_migrations")
+        except Exception:  # noqa: BLE001 - the table does not exist yet: version 0
+            self._rollback_quietly()
+            return 0
+        return int(rows[0][0] or 0)
+
+    def _rollback_quietly(self) -> None:
+        if self.dialect == "postgresql":
+            try:
+                self.conn.rollback()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations this ledger lacks; returns their versions."""
+        applied: list[int] = []
+        with self._transaction():
+            if self.dialect == "postgresql":
+                # Several sidecars may start at once: one migrates, the others wait.
+                self._exec("SELECT pg_advisory_xact_lock(7243001)")
+            self._exec("CREATE TABLE IF NOT EXISTS meterd_schema_migrations (version INTEGER PRIMARY KEY, "
+                       "description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
+            done = {r[0] for r in self._rows("SELECT version FROM meterd_schema_migrations")}
+            for version, description, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    text = statement.format(**_DIALECT[self.dialect])
+                    for part in _split(text, self.dialect):
+                        self.conn.execute(part)
+                self._exec("INSERT INTO meterd_schema_migrations (version, description, applied_ms) VALUES (?, ?, ?)",
+                           (version, description, _now_ms()))
+                applied.append(version)
+        return applied
+
+    def check_schema(self) -> None:
+        version = self.schema_version()
+        if version < SCHEMA_VERSION:
+            raise SchemaBehind(f"the ledger {redact(self.url)} has schema version {version}, meterd needs "
+                               f"{SCHEMA_VERSION}: run `meterd ledger migrate --ledger URL`")
+        if version > SCHEMA_VERSION:
+            raise SchemaBehind(f"the ledger {redact(self.url)} has schema version {version}, newer than this "
+                               f"meterd ({SCHEMA_VERSION}): upgrade meterd")
+
+    # ---- flushes ---------------------------------------------------------------------
+
+    def apply_flush(self, flush: Flush) -> bool:
+        """Apply a flush once. Returns False when this (sidecar, sequence) was
+        applied before; nothing is applied twice."""
+        now = _now_ms()
+        with self._transaction():
+            if self.dialect == "postgresql":
+                self._exec("INSERT INTO meterd_sidecars (sidecar_id, last_sequence, first_flush_ms, last_flush_ms) "
+                           "VALUES (?, 0, ?, ?) ON CONFLICT (sidecar_id) DO NOTHING", (flush.sidecar_id, now, now))
+                row = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ? FOR UPDATE",
+                                 (flush.sidecar_id,))
+            else:
+                self._exec("INSERT INTO meterd_sidecars (sidecar_id, last_sequence, first_flush_ms, last_flush_ms) "
+                           "VALUES (?, 0, ?, ?) ON CONFLICT (sidecar_id) DO NOTHING", (flush.sidecar_id, now, now))
+                row = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ?", (flush.sidecar_id,))
+            if flush.sequence <= row[0][0]:
+                return False
+            self._exec("INSERT INTO meterd_flushes (sidecar_id, sequence, applied_ms, usage_rows, entries) "
+                       "VALUES (?, ?, ?, ?, ?)", (flush.sidecar_id, flush.sequence, now, len(flush.usage),
+                                                  len(flush.entries)))
+            for ct in flush.credit_types:
+                self._exec("INSERT INTO meterd_credit_types (name, kind, currency, decimals) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, currency = excluded.currency, "
+                           "decimals = excluded.decimals", (ct.name, ct.kind, ct.currency, ct.decimals))
+            cur = self.conn.cursor()
+            usage = merge_usage(flush.usage)
+            if usage:
+                cur.executemany(self._sql(_USAGE_UPSERT), [
+                    (r.customer_id, r.meter, r.dimensions, r.window_start_ms, r.credit_type, r.aggregation,
+                     r.precision, r.quantity, r.cost_nano, r.events) for r in usage])
+            if flush.entries:
+                cur.executemany(self._sql(_ENTRY_INSERT), [
+                    (flush.sidecar_id, e.source_sequence, flush.sequence, e.time_ms, e.effective_ms, e.customer_id,
+                     e.kind, e.source, e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano,
+                     e.reference, e.charge_nano, e.charge_credit_type, e.detail) for e in flush.entries])
+            self._exec("UPDATE meterd_sidecars SET last_sequence = ?, last_flush_ms = ? WHERE sidecar_id = ?",
+                       (flush.sequence, now, flush.sidecar_id))
+        return True
+
+    def last_sequence(self, sidecar_id: str) -> int:
+        rows = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ?", (sidecar_id,))
+        return int(rows[0][0]) if rows else 0
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def credit_types(self) -> dict[str, CreditTypeInfo]:
+        return {r[0]: CreditTypeInfo(r[0], r[1], r[2], int(r[3]))
+                for r in self._rows("SELECT name, kind, currency, decimals FROM meterd_credit_types")}
+
+    def entries(self, customer_id: str, from_ms: int | None = None, to_ms: int | None = None) -> list[Entry]:
+        sql = ("SELECT source_sequence, time_ms, effective_ms, customer_id, kind, source, credit_type, amount_nano, "
+               "balance_before_nano, balance_after_nano, reference, charge_nano, charge_credit_type, detail "
+               "FROM meterd_entries WHERE customer_id = ?")
+        params: list[Any] = [customer_id]
+        if from_ms is not None:
+            sql += " AND effective_ms >= ?"
+            params.append(from_ms)
+        if to_ms is not None:
+            sql += " AND effective_ms < ?"
+            params.append(to_ms)
+        sql += " ORDER BY effective_ms, id"
+        return [Entry(*r) for r in self._rows(sql, params)]
+
+    def usage_rows(self, customer_id: str, from_ms: int, to_ms: int, meter: str | None = None) -> list[UsageRow]:
+        sql = ("SELECT customer_id, meter, dimensions, window_start_ms, credit_type, aggregation, precision, quantity, "
+               "cost_nano, events FROM meterd_usage WHERE customer_id = ? AND window_start_ms >= ? "
+               "AND window_start_ms < ?")
+        params: list[Any] = [customer_id, from_ms, to_ms]
+        if meter is not None:
+            sql += " AND meter = ?"
+            params.append(meter)
+        sql += " ORDER BY window_start_ms, meter, dimensions"
+        return [UsageRow(*r) for r in self._rows(sql, params)]
+
+    def charges_before(self, customer_id: str, before_ms: int) -> dict[str, int]:
+        """Everything charged to the customer before a time, per money credit type."""
+        marks = ", ".join("?" for _ in CHARGE_KINDS)
+        rows = self._rows(f"SELECT charge_credit_type, SUM(charge_nano) FROM meterd_entries WHERE customer_id = ? "
+                          f"AND effective_ms < ? AND kind IN ({marks}) AND charge_nano <> 0 "
+                          f"GROUP BY charge_credit_type", (customer_id, before_ms, *CHARGE_KINDS))
+        return {r[0]: int(r[1]) for r in rows}
+
+    def totals(self) -> dict[str, int]:
+        """Ledger-wide sums, for checks: events, quantity and cost over all usage rows."""
+        r = self._rows("SELECT COALESCE(SUM(events), 0), COALESCE(SUM(cost_nano), 0), COUNT(*) FROM meterd_usage")[0]
+        return {"events": int(r[0]), "cost_nano": int(r[1]), "rows": int(r[2])}
+
+
+class _Tx:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def __enter__(self) -> None:
+        self.ledger._lock.acquire()
+        try:
+            self.ledger._begin()
+        except BaseException:
+            self.ledger._lock.release()
+            raise
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.ledger._exec("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.ledger._lock.release()
+
+
+def _split(text: str, dialect: str) -> Iterator[str]:
+    """A migration statement may hold several; split them where it is safe."""
+    if "$$" in text:
+        head, body, tail = text.split("$$", 2)
+        yield head + "$$" + body + "$$" + tail.split(";", 1)[0]
+        rest = tail.split(";", 1)[1] if ";" in tail else ""
+        for part in rest.split(";"):
+            if part.strip():
+                yield part.strip()
+        return
+    if dialect == "sqlite" and "CREATE TRIGGER" in text:
+        for part in re.split(r"(?<=END);", text):
+            if part.strip():
+                yield part.strip()
+        return
+    yield text
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---- statements -----------------------------------------------------------------------------
+
+
+def period_bounds(period: str) -> tuple[int, int]:
+    """[from, to) in ms for a calendar month 'YYYY-MM' in UTC."""
+    m = re.fullmatch(r"(\d{4})-(\d{2})", period or "")
+    if not m or not 1 <= int(m.group(2)) <= 12:
+        raise InvalidInput("period", f"{period!r} is not a month like 2026-11")
+    year, month = int(m.group(1)), int(m.group(2))
+    start = calendar.timegm((year, month, 1, 0, 0, 0))
+    nxt = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))
+    return start * 1000, nxt * 1000
+
+
+def _fmt(nano: int, decimals: int = 9) -> str:
+    sign = "-" if nano < 0 else ""
+    whole, frac = divmod(abs(nano), 10**9)
+    text = f"{frac:09d}".rstrip("0")
+    text = text + "0" * max(0, decimals - len(text)) if decimals < 9 else text
+    return f"{sign}{whole}" + (f".{text}" if text else "")
+
+
+def format_quantity(q: int, precision: int) -> str:
+    if precision == 0:
+        return str(q)
+    sign = "-" if q < 0 else ""
+    whole, frac = divmod(abs(q), 10**precision)
+    return f"{sign}{whole}.{frac:0{precision}d}"
+
+
+def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
+    """What the customer owes for a calendar month, exactly.
+
+    Charges are what the sidecars booked: recurring fees (with prorations),
+    overage by tier, and usage billed in arrears. Usage in money credit types
+    is listed by meter and price; the part of it paid from prepaid or granted
+    balances is "credits applied". Amounts due are in the currency's minor
+    units; what is smaller than a minor unit is carried to the next period,
+    so the amounts due over all periods add up to the exact charges.
+    """
+    if not customer_id:
+        raise InvalidInput("customer_id", "is required")
+    start, end = period_bounds(period)
+    cts = ledger.credit_types()
+    entries = ledger.entries(customer_id, start, end)
+    usage = ledger.usage_rows(customer_id, start, end)
+    lines: list[dict] = []
+    money: dict[str, dict[str, int]] = {}
+
+    def bucket(ct: str) -> dict[str, int]:
+        return money.setdefault(ct, {"fees": 0, "overage": 0, "usage": 0, "usage_billed": 0,
+                                     "overage_units": 0, "gauges": 0})
+
+    for e in entries:
+        if e.kind == "fee":
+            bucket(e.charge_credit_type)["fees"] += e.charge_nano
+            lines.append({"section": "fees", "description": e.reference, "credit_type": e.charge_credit_type,
+                          "amount_nano": e.charge_nano})
+        elif e.kind == "overage_charged":
+            b = bucket(e.charge_credit_type)
+            b["overage"] += e.charge_nano
+            if cts.get(e.credit_type, CreditTypeInfo("", "custom", "", 0)).kind == "fiat" \
+                    and e.credit_type == e.charge_credit_type:
+                b["overage_units"] += e.amount_nano
+            detail = json.loads(e.detail or "{}")
+            tiers = detail.get("tiers", [])
+            lines.append({"section": "overage", "description": f"{_fmt(e.amount_nano)} {e.credit_type} over the "
+                          f"included amount ({e.reference})", "credit_type": e.charge_credit_type,
+                          "amount_nano": e.charge_nano, "tiers": tiers})
+        elif e.kind == "usage_billed":
+            bucket(e.charge_credit_type)["usage_billed"] += e.charge_nano
+            lines.append({"section": "usage_billed", "description": f"usage billed in arrears ({e.reference})",
+                          "credit_type": e.charge_credit_type, "amount_nano": e.charge_nano})
+        elif e.kind == "gauge_charged" and cts.get(e.credit_type, CreditTypeInfo("", "", "", 0)).kind == "fiat":
+            bucket(e.credit_type)["gauges"] += -e.amount_nano
+            lines.append({"section": "usage", "description": e.reference, "credit_type": e.credit_type,
+                          "amount_nano": -e.amount_nano, "quantity": ""})
+    grouped: dict[tuple[str, str, str], list[int]] = {}
+    precisions: dict[str, int] = {}
+    for r in usage:
+        g = grouped.setdefault((r.credit_type, r.meter, r.dimensions), [0, 0, 0])
+        g[0] += r.quantity if r.aggregation in ("sum", "count") else 0
+        g[1] += r.cost_nano
+        g[2] += r.events
+        precisions[r.meter] = r.precision
+    for (ct, meter, dims), (q, cost, n) in sorted(grouped.items()):
+        info = cts.get(ct)
+        section = "usage" if info is not None and info.kind == "fiat" else "credits_used"
+        if section == "usage":
+            bucket(ct)["usage"] += cost
+        dims_text = ", ".join(f"{k}={v}" for k, v in json.loads(dims).items())
+        lines.append({"section": section, "description": meter + (f" ({dims_text})" if dims_text else ""),
+                      "credit_type": ct, "amount_nano": cost, "quantity": format_quantity(q, precisions[meter]),
+                      "events": n})
+    before = ledger.charges_before(customer_id, start)
+    upto = ledger.charges_before(customer_id, end)
+    totals = []
+    for ct in sorted(money):
+        b = money[ct]
+        info = cts.get(ct, CreditTypeInfo(ct, "fiat", ct.upper(), 2))
+        charged = b["fees"] + b["overage"] + b["usage_billed"]
+        applied = b["usage"] + b["gauges"] - b["usage_billed"] - b["overage_units"]
+        unit = 10 ** (9 - info.decimals)
+        due = upto.get(ct, 0) // unit - before.get(ct, 0) // unit
+        totals.append({"credit_type": ct, "currency": info.currency, "minor_decimals": info.decimals,
+                       "fees_nano": b["fees"], "overage_nano": b["overage"],
+                       "usage_nano": b["usage"] + b["gauges"], "credits_applied_nano": applied,
+                       "usage_billed_nano": b["usage_billed"], "total_nano": charged,
+                       "carried_in_nano": before.get(ct, 0) % unit, "carried_out_nano": upto.get(ct, 0) % unit,
+                       "due_minor": due})
+        if applied:
+            lines.append({"section": "credits_applied", "description": "usage paid from prepaid or granted credit",
+                          "credit_type": ct, "amount_nano": -applied})
+    return {"customer_id": customer_id, "period": period, "from_ms": start, "to_ms": end,
+            "lines": lines, "totals": totals}
+
+
+_SECTION_TITLES = {"fees": "Recurring fees", "overage": "Overage", "usage": "Usage charges",
+                   "usage_billed": "Billed in arrears", "credits_applied": "Credits applied",
+                   "credits_used": "Credits used (custom units)"}
+
+
+def render_statement(st: dict) -> str:
+    """A statement as a table for people."""
+    start = dt.datetime.fromtimestamp(st["from_ms"] / 1000, dt.timezone.utc).date()
+    end = dt.datetime.fromtimestamp(st["to_ms"] / 1000, dt.timezone.utc).date()
+    out = [f"Statement for {st['customer_id']}, {st['period']} ({start} to {end}, UTC)", ""]
+    for section, title in _SECTION_TITLES.items():
+        lines = [x for x in st["lines"] if x["section"] == section]
+        if not lines:
+            continue
+        out.append(title)
+        for x in lines:
+            qty = f"  {x['quantity']}" if x.get("quantity") else ""
+            out.append(f"  {x['description'] + qty:<60} {x['credit_type']:>8} {_fmt(x['amount_nano']):>18}")
+            for t in x.get("tiers", []):
+                out.append(f"    tier {t['tier']}: {_fmt(t['units_nano'])} x {t['unit_price']:<30}"
+                           f" {x['credit_type']:>8} {_fmt(t['charge_nano']):>18}")
+        out.append("")
+    if not st["totals"]:
+        out.append("Nothing is owed for this period.")
+    for t in st["totals"]:
+        d = t["minor_decimals"]
+        due = t["due_minor"]
+        sign = "-" if due < 0 else ""
+        whole, frac = divmod(abs(due), 10**d) if d else (abs(due), 0)
+        due_text = f"{sign}{whole}" + (f".{frac:0{d}d}" if d else "")
+        out.append(f"Total charged ({t['credit_type']}): {_fmt(t['total_nano'])} exactly")
+        out.append(f"Amount due: {t['currency']} {due_text}  (sub-minor-unit remainder carried: "
+                   f"in {_fmt(t['carried_in_nano'])}, out {_fmt(t['carried_out_nano'])})")
+    return "\n".join(out)
+
+
+# ---- usage queries --------------------------------------------------------------------------------
+
+WINDOWS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+def parse_time(text: str, field_name: str) -> int:
+    """ms since the epoch from an ISO date or date-time (UTC unless it says otherwise), or ms digits."""
+    if re.fullmatch(r"\d{10,}", text or ""):
+        return int(text)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(field_name, f"{text!r} is not a date like 2026-11-01 or 2026-11-01T12:00") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+def usage_query(ledger: Ledger, customer_id: str, meter: str | None, from_ms: int, to_ms: int,
+                group_by: Sequence[str] = (), window: str = "") -> list[dict]:
+    """Usage summed per window (minute, hour, day, or the whole range) and per
+    the values of the dimensions in ``group_by``."""
+    if not customer_id:
+        raise InvalidInput("customer_id", "is required")
+    if window and window not in WINDOWS:
+        raise InvalidInput("window", f"must be one of {', '.join(WINDOWS)}")
+    if to_ms <= from_ms:
+        raise InvalidInput("to", "must be after from")
+    width = WINDOWS.get(window, 0)
+    groups: dict[tuple, list[int]] = {}
+    precision: dict[str, int] = {}
+    for r in ledger.usage_rows(customer_id, from_ms, to_ms, meter):
+        dims = json.loads(r.dimensions)
+        start = r.window_start_ms - r.window_start_ms % width if width else from_ms
+        key = (start, r.meter, r.credit_type) + tuple(dims.get(g, "") for g in group_by)
+        g = groups.setdefault(key, [0, 0, 0])
+        g[0] += r.quantity if r.aggregation in ("sum", "count") else 0
+        g[1] += r.cost_nano
+        g[2] += r.events
+        precision[r.meter] = r.precision
+    out = []
+    for key in sorted(groups):
+        q, cost, n = groups[key]
+        start, m, ct = key[:3]
+        row = {"window_start_ms": start, "meter": m}
+        row.update(dict(zip(group_by, key[3:], strict=True)))
+        row.update({"quantity": format_quantity(q, precision[m]), "cost_nano": cost, "credit_type": ct,
+                    "events": n})
+        out.append(row)
+    return out
