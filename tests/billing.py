@@ -13,6 +13,7 @@ from meterd import engine as engine_mod
 from meterd.catalog import load_catalog
 from meterd.config import Settings
 from meterd.engine import Engine
+from meterd.ledger import Ledger
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
@@ -25,14 +26,17 @@ START_MS = 1_769_817_600_000
 
 class Billing:
     def __init__(self, tmp: Path, catalog: str, monkeypatch: pytest.MonkeyPatch, core: str = "compiled",
-                 start_ms: int = START_MS) -> None:
+                 start_ms: int = START_MS, ledger: str = "") -> None:
         self.now_ms = start_ms
         monkeypatch.setattr(engine_mod, "CLOCK_NS", lambda: self.now_ms * 1_000_000)
         if core == "python":
             from meterd import _fastpath_py
             from meterd import core as core_mod
             monkeypatch.setattr(core_mod, "Core", _fastpath_py.Core)
-        self.settings = Settings(data_dir=str(tmp / "data"), fsync=False)
+        if ledger:  # as the operator would, with `meterd ledger migrate` (SQLite ledgers migrate themselves)
+            with Ledger(ledger) as lg:
+                lg.migrate()
+        self.settings = Settings(data_dir=str(tmp / "data"), fsync=False, ledger=ledger)
         self.catalog = load_catalog(str(ROOT / "examples" / f"{catalog}.toml") if "/" not in catalog else catalog)
         self.loop = asyncio.new_event_loop()
         self.engine = self._open()
@@ -127,6 +131,15 @@ class Billing:
     def audit(self, customer: str, kind: str | None = None) -> list[apb.AuditEntry]:
         entries = self.engine.audit(apb.ListAuditRequest(customer_id=customer, limit=1000)).entries
         return [e for e in entries if kind is None or e.kind == kind]
+
+    def flush(self) -> None:
+        """What the flush timer does: everything so far goes to the central ledger."""
+        while self.run(self.engine.flush_once()):
+            pass
+
+    def statement(self, customer: str, period: str) -> dict:
+        """The customer's statement for a month, from the central ledger (after a flush)."""
+        return self.run(self.engine.statement(customer, period))
 
     def check_conservation(self, customer: str) -> None:
         """Credits are neither created nor lost: every balance change is an

@@ -213,20 +213,36 @@ class LedgerMixin:
 
     async def _flush_once(self) -> bool:
         await self.snapshot()  # type: ignore[attr-defined]
-        pending = self._flush_pending()
+        pending = await self.prepare_flush()
         if pending is None:
-            usage_to, outbox_to = self._flush_bounds()
-            if usage_to is None and outbox_to is None:
-                self._flushed_ok()
-                return False
-            pending = {"seq": self.flushed_seq + 1, "usage_to": usage_to.hex() if usage_to else "",
-                       "outbox_to": outbox_to or 0}
-            # Recorded before it is sent: a resend after a crash carries the same rows under the same sequence.
-            await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
-        flush = self._build_flush(pending)
-        applied = await self._on_ledger_thread(Ledger.apply_flush, flush)
-        if not applied:
+            self._flushed_ok()
+            return False
+        if not await self.send_flush(pending):
             log.info("flush %d was already in the ledger; not applied again", pending["seq"])
+        await self.finish_flush(pending)
+        return self.store.count("usage") > 0 or self.store.count("outbox") > 0
+
+    async def prepare_flush(self) -> dict | None:
+        """The pending flush: the one a crash interrupted, or a new one over
+        the oldest rows; None when there is nothing to send."""
+        pending = self._flush_pending()
+        if pending is not None:
+            return pending
+        usage_to, outbox_to = self._flush_bounds()
+        if usage_to is None and outbox_to is None:
+            return None
+        pending = {"seq": self.flushed_seq + 1, "usage_to": usage_to.hex() if usage_to else "",
+                   "outbox_to": outbox_to or 0}
+        # Recorded before it is sent: a resend after a crash carries the same rows under the same sequence.
+        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
+        return pending
+
+    async def send_flush(self, pending: dict) -> bool:
+        """Send a pending flush; False when the ledger already had it."""
+        return bool(await self._on_ledger_thread(Ledger.apply_flush, self._build_flush(pending)))
+
+    async def finish_flush(self, pending: dict) -> None:
+        """The ledger has committed the flush: forget what it holds."""
         ops: list[Op] = [("meta", b"flush_seq", u64(pending["seq"])), ("meta", b"flush_pending", None)]
         if pending["usage_to"]:
             ops.append(("trim", bytes.fromhex(pending["usage_to"]), b"usage"))
@@ -235,7 +251,6 @@ class LedgerMixin:
         await self._commit(ops)  # type: ignore[attr-defined]
         self.flushed_seq = pending["seq"]
         self._flushed_ok()
-        return self.store.count("usage") > 0 or self.store.count("outbox") > 0
 
     def _flushed_ok(self) -> None:
         self.last_flush_ms = self._now_ms()
@@ -301,7 +316,10 @@ class LedgerMixin:
             raise InvalidInput("customer_id", "is required")
         period_bounds(period)
         try:
-            await self.flush_once()  # what this sidecar knows is in the ledger before it is asked
+            # What this sidecar knows goes to the ledger before it is asked (a crashed flush may come first).
+            for _ in range(100):
+                if not await self.flush_once():
+                    break
             return await self._on_ledger_thread(statement, customer_id, period)
         except InvalidInput:
             raise

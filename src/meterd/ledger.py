@@ -419,8 +419,9 @@ class Ledger:
         if meter is not None:
             sql += " AND meter = ?"
             params.append(meter)
-        sql += " ORDER BY window_start_ms, meter, dimensions"
-        return [UsageRow(*r) for r in self._rows(sql, params)]
+        # Sorted here: the two engines' collations order text differently.
+        return sorted((UsageRow(*r) for r in self._rows(sql, params)),
+                      key=lambda r: (r.window_start_ms, r.meter, r.dimensions))
 
     def charges_before(self, customer_id: str, before_ms: int) -> dict[str, int]:
         """Everything charged to the customer before a time, per money credit type."""

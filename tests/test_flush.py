@@ -1,0 +1,236 @@
+"""Sidecars flush usage and audit entries to the central ledger exactly once:
+across crashes at any point of a flush, while the ledger is away, and with
+several sidecars sharing one ledger. Same tests on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from billing import Billing
+from conftest import drop_postgres_database, new_postgres_database
+from test_crash import COST_NANO, GRANT_NANO, Client
+
+from meterd.ledger import Ledger, period_bounds
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
+
+NOV_1 = period_bounds("2026-11")[0]
+KILLS = 40 if os.environ.get("METERD_SOAK") else 8
+
+
+def tokens(customer: str, n: int, model: str = "gpt-4o", **dims: str) -> list[pb.UsageEvent]:
+    return [pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=1000,
+                          dimensions={"model": model, **dims}) for _ in range(n)]
+
+
+def ledger_totals(url: str) -> dict:
+    with Ledger(url) as lg:
+        lg.migrate()
+        return lg.totals()
+
+
+def test_usage_and_audit_entries_reach_the_ledger_aggregated(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1 + 3_600_000, ledger=ledger_url)
+    b.grant("newco", "usd", 10 * 10**9, source="topup")
+    assert b.batch(tokens("newco", 3) + tokens("newco", 2, project="p1")).accepted == 5
+    b.advance(60_000)
+    assert b.batch(tokens("newco", 1)).accepted == 1
+    b.flush()
+    with Ledger(ledger_url) as lg:
+        rows = lg.usage_rows("newco", NOV_1, NOV_1 + 86_400_000)
+        # One row per dimension set and minute; 1,000 gpt-4o input tokens cost $0.0025.
+        assert [(r.dimensions, r.window_start_ms - NOV_1, r.quantity, r.cost_nano, r.events) for r in rows] == [
+            ('{"model":"gpt-4o","project":"p1"}', 3_600_000, 2000, 5_000_000, 2),
+            ('{"model":"gpt-4o"}', 3_600_000, 3000, 7_500_000, 3),
+            ('{"model":"gpt-4o"}', 3_660_000, 1000, 2_500_000, 1)]
+        kinds = [(e.kind, e.source, e.amount_nano, e.balance_before_nano, e.balance_after_nano)
+                 for e in lg.entries("newco")]
+    # The grant, then the usage of the flush window as one deduction with the balances around it.
+    assert kinds == [("grant", "topup", 10 * 10**9, 0, 10 * 10**9),
+                     ("deducted", "usage", -15_000_000, 10 * 10**9, 10 * 10**9 - 15_000_000)]
+    status = b.engine.ledger_status()
+    assert (status.flushed_sequence, status.backlog_usage_rows, status.backlog_entries) == (1, 0, 0)
+    b.close()
+
+
+def test_a_crash_after_the_ledger_committed_does_not_count_twice(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("acme", "usd", 10 * 10**9)
+    b.batch(tokens("acme", 4))
+    b.run(b.engine.snapshot())
+    pending = b.run(b.engine.prepare_flush())
+    assert b.run(b.engine.send_flush(pending)) is True
+    b.restart(clean=False)  # dies before it could forget what the ledger has
+    assert b.engine.ledger_status().backlog_usage_rows == 1
+    b.batch(tokens("acme", 1))
+    b.flush()  # resends flush 1 (the ledger says it has it), then sends flush 2
+    assert ledger_totals(ledger_url)["events"] == 5
+    assert b.engine.ledger_status().flushed_sequence == 2
+    b.close()
+
+
+def test_a_crash_before_the_snapshot_is_replayed_into_the_aggregates(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("acme", "usd", 10 * 10**9)
+    b.batch(tokens("acme", 2))
+    b.flush()
+    b.batch(tokens("acme", 3))  # in the log only
+    b.restart(clean=False)
+    b.flush()
+    b.restart(clean=False)  # nothing new: nothing is sent twice
+    b.flush()
+    assert ledger_totals(ledger_url) == {"events": 5, "cost_nano": 5 * 2_500_000, "rows": 1}
+    b.close()
+
+
+def test_a_catalog_reload_keeps_the_usage_it_had_not_flushed(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("acme", "usd", 10 * 10**9)
+    b.batch(tokens("acme", 2))
+    b.run(b.engine.reload_catalog(b.catalog))
+    b.batch(tokens("acme", 1))
+    b.flush()
+    assert ledger_totals(ledger_url)["events"] == 3
+    b.close()
+
+
+def _break(url: str, tmp_path: Path, postgres_url: str | None) -> str:
+    """A URL of this backend that fails now and works once _mend has run."""
+    if url.startswith("sqlite"):
+        blocker = tmp_path / "later"
+        blocker.write_text("a file where the ledger's directory should be")
+        return f"sqlite:///{blocker}/ledger.db"
+    assert postgres_url is not None
+    return url.rsplit("/", 1)[0] + "/meterd_not_yet_" + str(os.getpid())
+
+
+def _mend(url: str, tmp_path: Path, postgres_url: str | None) -> None:
+    if url.startswith("sqlite"):
+        (tmp_path / "later").unlink()
+        (tmp_path / "later").mkdir()
+        return
+    import psycopg
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    # PostgreSQL ledgers are migrated by the operator, not by the sidecar.
+    r = subprocess.run([sys.executable, "-m", "meterd", "ledger", "migrate", "--ledger", url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_sidecar_serves_while_the_ledger_is_away_and_catches_up(ledger_url, tmp_path, make_daemon, request):
+    postgres_url = request.getfixturevalue("postgres_url") if ledger_url.startswith("postgres") else None
+    url = _break(ledger_url, tmp_path, postgres_url)
+    d = make_daemon(extra_env={"METERD_LEDGER": url, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1",
+                               "METERD_LEDGER_RETRY_MAX_S": "0.5", "METERD_LEDGER_FLUSH_ROWS_MAX": "7"}).start()
+    try:
+        d.admin.Grant(apb.GrantRequest(customer_id="away", credit_type="usd", amount_nano=GRANT_NANO))
+        acked = 0
+        for i in range(30):
+            events = [pb.UsageEvent(customer_id="away", meter="input_tokens", quantity=1,
+                                    dimensions={"model": "gpt-4o", "n": str(i)})]
+            r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="c", sequence=i + 1, events=events * 3))
+            acked += r.accepted
+            time.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # every failed attempt first moves new usage into LMDB
+            status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
+            if status.backlog_usage_rows == 30:
+                break
+            time.sleep(0.05)
+        assert status.consecutive_failures > 0 and status.last_error
+        assert status.backlog_usage_rows == 30 and status.flushed_sequence == 0
+        assert "failed" in d.log_path.read_text()  # the warning names the backlog
+        _mend(url, tmp_path, postgres_url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
+            if status.backlog_usage_rows == 0 and status.backlog_entries == 0:
+                break
+            time.sleep(0.1)
+        assert (status.backlog_usage_rows, status.backlog_entries, status.last_error) == (0, 0, "")
+        assert status.flushed_sequence >= 5  # 30 rows and the entries, at most 7 of each per flush
+        assert ledger_totals(url) == {"events": acked, "cost_nano": acked * COST_NANO, "rows": 30}
+    finally:
+        d.stop()
+        if postgres_url is not None:
+            drop_postgres_database(postgres_url, url)
+
+
+def test_many_sidecars_killed_mid_flush_leave_exact_ledger_totals(ledger_url, make_daemon, tmp_path):
+    # SQLite is shared by processes of one machine; PostgreSQL by any number of machines.
+    ledger_totals(ledger_url)  # migrated by the operator first
+    sidecars = []
+    for s in range(3):
+        d = make_daemon(name=f"sidecar{s}", extra_env={"METERD_LEDGER": ledger_url,
+                                                       "METERD_LEDGER_FLUSH_INTERVAL_S": "0.05",
+                                                       "METERD_SNAPSHOT_INTERVAL_S": "0.2"}).start()
+        sidecars.append(d)
+    stop = threading.Event()
+    clients = []
+    for s, d in enumerate(sidecars):
+        for k in range(2):
+            n = s * 10 + k
+            d.admin.Grant(apb.GrantRequest(customer_id=f"crash-{n}", credit_type="usd", amount_nano=GRANT_NANO))
+            clients.append(Client(d.target, n, unary=False, stop=stop))
+    for c in clients:
+        c.start()
+    rng = random.Random(11)
+    for _ in range(KILLS):
+        time.sleep(rng.uniform(0.2, 0.6))
+        victim = rng.choice(sidecars)
+        victim.kill()
+        victim.start()
+    time.sleep(0.5)
+    stop.set()
+    for c in clients:
+        c.join(60)
+        assert not c.is_alive()
+    ids = set()
+    for d in sidecars:
+        ids.add(d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).sidecar_id)
+        d.stop()  # a graceful stop flushes what is left
+    assert len(ids) == 3  # each keeps its own id across restarts
+    acked = sum(c.acked_events for c in clients)
+    assert acked > 0 and sum(c.retries for c in clients) > 0
+    totals = ledger_totals(ledger_url)
+    assert (totals["events"], totals["cost_nano"]) == (acked, acked * COST_NANO)
+    resent = sum(d.log_path.read_text().count("already in the ledger") for d in sidecars)
+    print(f"acked {acked} events; {resent} flushes were resent after a kill and not applied twice")
+    with Ledger(ledger_url) as lg:
+        for c in clients:
+            used = sum(r.events for r in lg.usage_rows(c.customer, 0, 1 << 62))
+            deducted = -sum(e.amount_nano for e in lg.entries(c.customer) if e.kind == "deducted")
+            assert (used, deducted) == (c.acked_events, c.acked_events * COST_NANO), c.customer
+
+
+@pytest.fixture
+def pg_ledger(postgres_url):
+    url = new_postgres_database(postgres_url)
+    yield url
+    drop_postgres_database(postgres_url, url)
+
+
+def test_a_postgresql_ledger_must_be_migrated_by_the_operator(pg_ledger, make_daemon):
+    d = make_daemon(extra_env={"METERD_LEDGER": pg_ledger, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1"}).start()
+    try:
+        d.meter.Report(pb.ReportRequest(event=tokens("demo", 1)[0]))
+        deadline = time.monotonic() + 10
+        while not d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).last_error and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "meterd ledger migrate" in d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).last_error
+        r = subprocess.run([sys.executable, "-m", "meterd", "ledger", "migrate", "--ledger", pg_ledger],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "schema at version" in r.stdout, r.stderr
+        st = d.admin.GetStatement(apb.StatementRequest(customer_id="demo", period=time.strftime("%Y-%m")))
+        assert any(x.section == "usage" and x.amount_nano == 2_500_000 for x in st.lines), st
+    finally:
+        d.stop()
