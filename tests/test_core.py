@@ -468,7 +468,7 @@ def test_usage_is_aggregated_by_customer_meter_dimensions_and_window(core):
     core.set_clock(1_790_000_061_000)  # the next minute
     core.apply_batch(batch([ev(quantity=7, model="mini")]))
     rows = sorted((w, tuple(sorted(_dims(d).items())), c, m, q, cost, n)
-                  for c, m, d, w, q, cost, n in core.take_usage())
+                  for c, m, d, w, q, cost, n, _ in core.take_usage())
     minute = 1_790_000_030_000 - 1_790_000_030_000 % 60_000
     # 4,000 gpt-4o tokens at $2.50 per million: $0.01; 7 mini tokens at $0.15 per million: 1,050 nano.
     assert rows == [
@@ -486,8 +486,8 @@ def test_usage_counts_what_was_allowed_and_what_it_cost(core):
                                                                                    model="gpt-4o")]))
     assert result[:2] == (1, 1)
     rows = core.take_usage()
-    assert [(c, _dims(d), q, cost, n) for c, m, d, w, q, cost, n in rows] == [
-        (b"poor", {"model": "mini"}, 10_000, 1_500_000, 1)]
+    assert [(c, _dims(d), q, cost, n, bal) for c, m, d, w, q, cost, n, bal in rows] == [
+        (b"poor", {"model": "mini"}, 10_000, 1_500_000, 1, 500_000)]  # and the balance after it
 
 
 def test_settled_reservations_count_as_usage_with_their_price_dimension(core):
@@ -496,7 +496,7 @@ def test_settled_reservations_count_as_usage_with_their_price_dimension(core):
     assert core.reserve(idx, 0, 10**9)
     cost, _ = core.settle(idx, rate, 2000, 10**9)
     rows = core.take_usage()
-    assert [(c, m, _dims(d), q, cost_, n) for c, m, d, w, q, cost_, n in rows] == [
+    assert [(c, m, _dims(d), q, cost_, n) for c, m, d, w, q, cost_, n, _ in rows] == [
         (b"acme", 0, {"model": "gpt-4o"}, 2000, cost, 1)]
     assert cost == 5_000_000  # 2,000 gpt-4o tokens: $0.005
 
@@ -507,4 +507,4 @@ def test_degraded_usage_is_counted_without_cost():
         idx = c.open_account(b"slow")
         c.set_plan(idx, 2)  # relax when empty
         assert c.apply_batch(batch([ev("slow", meter="requests", quantity=3, model="o1")]))[:3] == (1, 0, 1)
-        assert [(q, cost, n) for *_, q, cost, n in c.take_usage()] == [(3, 0, 1)]
+        assert [(q, cost, n) for *_, q, cost, n, _ in c.take_usage()] == [(3, 0, 1)]

@@ -18,7 +18,7 @@ import calendar
 import pytest
 from billing import NANO, Billing
 
-from meterd.ledger import Ledger, period_bounds, render_statement
+from meterd.ledger import period_bounds, render_statement
 from meterd.v1 import meter_pb2 as pb
 
 # 2026-11-01T00:00:00Z, 2026-12-01T00:00:00Z and 2027-01-01T00:00:00Z in ms.
@@ -38,15 +38,12 @@ def test_the_clock_anchors_are_calendar_months():
     assert period_bounds("2026-11") == (NOV, DEC) and period_bounds("2026-12") == (DEC, JAN)
 
 
-@pytest.fixture
-def make(ledger_url, tmp_path, monkeypatch):
-    # SQLite ledgers are migrated on first use; PostgreSQL ones by `meterd ledger migrate`.
-    with Ledger(ledger_url) as lg:
-        lg.migrate()
+@pytest.fixture(params=["compiled", "python"])
+def make(request, ledger_url, tmp_path, monkeypatch):
     made: list[Billing] = []
 
     def build(catalog: str) -> Billing:
-        b = Billing(tmp_path, catalog, monkeypatch, start_ms=NOV, ledger=ledger_url)
+        b = Billing(tmp_path, catalog, monkeypatch, core=request.param, start_ms=NOV, ledger=ledger_url)
         made.append(b)
         return b
 
@@ -109,6 +106,8 @@ def test_openai_prepaid_usage_is_paid_from_credit_and_nothing_is_due(make):
     # gpt-4.1 - / - / 8.00, gpt-4.1-mini 0.40 / - / -, o4-mini - / - / 4.40.
     b.report("acme", "input_tokens", 1_000, model="gpt-4o")          # 1,000 x $2.50/1M  = $0.0025
     b.report("acme", "output_tokens", 500, model="gpt-4o")           # 500 x $10.00/1M   = $0.005
+    b.flush()  # a flush mid-month: what follows in the same minute is merged into the ledger's rows
+    b.report("acme", "input_tokens", 1_000, model="gpt-4o")          # another $0.0025
     b.advance(3 * DAY)
     b.report("acme", "cached_input_tokens", 10_000, model="gpt-4o")  # 10,000 x $1.25/1M = $0.0125
     b.report("acme", "input_tokens", 20_000, model="gpt-4o-mini")    # 20,000 x $0.15/1M = $0.003
@@ -116,10 +115,10 @@ def test_openai_prepaid_usage_is_paid_from_credit_and_nothing_is_due(make):
     b.report("acme", "input_tokens", 1, model="gpt-4.1-mini")        # 1 x $0.40/1M      = $0.0000004
     b.advance(5 * DAY + 7 * MINUTE)
     b.report("acme", "output_tokens", 600_000, model="gpt-4o")       # 600,000 x $10/1M  = $6
-    # spent so far: 0.0025 + 0.005 + 0.0125 + 0.003 + 0.0146652 + 0.0000004 + 6 = $6.0376656;
-    # the balance, $3.9623344, is below $5: a top-up to $20 is requested, $16.0376656 (paid elsewhere)
+    # spent so far: 2 x 0.0025 + 0.005 + 0.0125 + 0.003 + 0.0146652 + 0.0000004 + 6 = $6.0401656;
+    # the balance, $3.9598344, is below $5: a top-up to $20 is requested, $16.0401656 (paid elsewhere)
     (req,) = b.audit("acme", "auto_topup_requested")
-    assert (req.balance_after_nano, req.charge_nano) == (3_962_334_400, 16_037_665_600)
+    assert (req.balance_after_nano, req.charge_nano) == (3_959_834_400, 16_040_165_600)
     b.grant("acme", "usd", req.charge_nano, source="topup", priority=10)
     b.advance(10 * DAY)
     b.report("acme", "output_tokens", 100_000, model="gpt-4.1")      # 100,000 x $8/1M = $0.80
@@ -133,15 +132,15 @@ def test_openai_prepaid_usage_is_paid_from_credit_and_nothing_is_due(make):
     assert section(st, "usage") == [
         use("cached_input_tokens (model=gpt-4o)", "10000", 12_500_000, 1),
         use("input_tokens (model=gpt-4.1-mini)", "1", 400, 1),
-        use("input_tokens (model=gpt-4o)", "1000", 2_500_000, 1),
+        use("input_tokens (model=gpt-4o)", "2000", 5_000_000, 2),  # one minute, two flushes
         use("input_tokens (model=gpt-4o-mini)", "20000", 3_000_000, 1),
         use("output_tokens (model=gpt-4.1)", "100000", 800_000_000, 1),
         use("output_tokens (model=gpt-4o)", "600500", 6_005_000_000, 2),  # $0.005 + $6, two events
         use("output_tokens (model=o4-mini)", "3333", 14_665_200, 1),
     ]
-    # all of it, $6.8376656, came out of the prepaid balance; the top-up request is not a charge
-    used = 12_500_000 + 400 + 2_500_000 + 3_000_000 + 800_000_000 + 6_005_000_000 + 14_665_200
-    assert used == 6_837_665_600
+    # all of it, $6.8401656, came out of the prepaid balance; the top-up request is not a charge
+    used = 12_500_000 + 400 + 5_000_000 + 3_000_000 + 800_000_000 + 6_005_000_000 + 14_665_200
+    assert used == 6_840_165_600
     assert section(st, "credits_applied") == [{"section": "credits_applied", "credit_type": "usd",
                                                "description": "usage paid from prepaid or granted credit",
                                                "amount_nano": -used}]
@@ -472,8 +471,11 @@ def test_hybrid_fee_gauges_and_graduated_overage(make):
         use("input_tokens (model=gpt-4o-mini)", "1000000", 150_000_000, 1),
         use("output_tokens (model=gpt-4o)", "16000000", 160 * NANO, 1),
     ]
-    gauges = [(x["description"], x["amount_nano"]) for x in usage if x["quantity"] == ""]
+    gauges = [(x["description"], x["amount_nano"]) for x in usage if "=" in x["description"].split(" ")[0]]
     assert gauges == [("seats=7", 56 * NANO), ("active_users=4", 8 * NANO)]
+    # A max meter's usage line shows the period's largest value; distinct counts do not add up across windows.
+    assert [(x["description"], x["quantity"]) for x in usage if x["description"] == "seats"] == [("seats", "7")]
+    assert {x["quantity"] for x in usage if x["description"].startswith("active_users (")} == {""}
     assert sum(x["amount_nano"] for x in usage) == 224_150_487_500  # gauge meters' own rows cost nothing
     assert section(st, "credits_used") == [
         use("requests (model=claude-3.5-haiku)", "1", 0, 1, "requests", "credits_used"),  # slow: free

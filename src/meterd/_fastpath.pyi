@@ -5,8 +5,8 @@ from typing import Any
 
 # (bal, reserved, floor, remainder, degraded, alert threshold or INT64_MIN) per credit type
 CreditState = tuple[int, int, int, int, int, int]
-# (customer_id, meter, dimension entries, window_start_ms, quantity, cost_nano, events)
-UsageAggregate = tuple[bytes, int, bytes, int, int, int, int]
+# (customer_id, meter, dimension entries, window_start_ms, quantity, cost_nano, events, balance_nano)
+UsageAggregate = tuple[bytes, int, bytes, int, int, int, int, int]
 
 class Core:
     def __init__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],

@@ -1111,8 +1111,9 @@ cdef class Core:
     def take_usage(self):
         """Hand over and forget the usage aggregated since the last call:
         (customer_id, meter, dimensions, window_start_ms, quantity, cost_nano,
-        events) tuples, where ``dimensions`` is UsageEvent field 5 as it came
-        with the first event of the set."""
+        events, balance_nano) tuples, where ``dimensions`` is UsageEvent field 5
+        as it came with the first event of the set and ``balance_nano`` is the
+        account's balance now, in the meter's credit type."""
         self._check()
         cdef Py_ssize_t i
         cdef Agg *a
@@ -1120,7 +1121,8 @@ cdef class Core:
         for i in range(self.n_agg):
             a = &self.agg[i]
             out.append((self.customer_id(a.acct), a.meter, self.dims_of[a.dhash], a.window,
-                        _py_i128(a.qty), _py_i128(a.cost), a.events))
+                        _py_i128(a.qty), _py_i128(a.cost), a.events,
+                        self.bal[a.acct * self.n_ct + self.meters[a.meter].ct]))
         self.n_agg = 0
         memset(self.aslots, 0, (self.amask + 1) * sizeof(int32_t))
         self.dims_of = {}

@@ -597,7 +597,7 @@ class Core:
 
     def take_usage(self) -> list:
         self._check()
-        out = [(self.ids[acct], meter, self.dims_of[dhash], window, q, c, n)
+        out = [(self.ids[acct], meter, self.dims_of[dhash], window, q, c, n, self.bal[acct][self.meters[meter][1]])
                for (acct, meter, dhash, window), (q, c, n) in self.agg.items()]
         self.agg = {}
         self.dims_of = {}

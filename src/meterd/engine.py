@@ -35,7 +35,7 @@ from meterd import core as core_mod
 from meterd.catalog import Catalog, step_nano
 from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
-from meterd.flush import LedgerMixin, usage_rows
+from meterd.flush import Drained, LedgerMixin
 from meterd.sessions import Session, SessionsMixin
 from meterd.store import Op, Store, Unit, from_u64, u64
 from meterd.subscriptions import Subscription, SubscriptionsMixin
@@ -274,7 +274,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""
         store = self.store
         self.recoveries += 1
-        self._usage_carry = []
+        self._usage_carry = Drained()
         self._load_ledger_state()
         current = _doc_of(self.catalog)
         stored = store.get("meta", b"catalog")
@@ -346,7 +346,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     def _remap(self, old: Any, doc: dict, new_doc: dict) -> Any:
         """Move accounts onto another catalog, matching credit types, meters and plans by name."""
         new = self._core_for(_compiled_of(new_doc))
-        self._usage_carry += usage_rows(old.take_usage(), doc)  # named by the catalog they were made under
+        self._usage_carry.add(old.take_usage(), doc)  # named by the catalog they were made under
         old_ct = {n: i for i, n in enumerate(doc["credit_types"])}
         old_m = {n: i for i, n in enumerate(doc["meter_names"])}
         new_plans = {n: i + 1 for i, n in enumerate(new_doc["plan_names"])}

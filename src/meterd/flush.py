@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import logging
 import random
+import struct
 import uuid
 from typing import Any
 
@@ -34,24 +35,68 @@ log = logging.getLogger("meterd.flush")
 AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
 
 
-def usage_rows(taken: list[tuple], doc: dict) -> list[UsageRow]:
-    """The core's aggregates as ledger rows, named by the catalog they were made under."""
-    rows = []
-    for cust, meter, dims, window, qty, cost, events in taken:
-        spec = doc["meters"][meter]
-        decoded = dict(meter_pb2.UsageEvent.FromString(dims).dimensions) if dims else {}
-        rows.append(UsageRow(cust.decode(), doc["meter_names"][meter], canonical_dimensions(decoded), window,
-                             doc["credit_types"][spec[1]], AGGREGATIONS[spec[4]], doc["precisions"][meter],
-                             qty, cost, events))
-    return rows
+# An aggregate row in LMDB: five names separated by NUL (ids and names cannot hold
+# one), then precision, window, quantity, cost and events.
+_ROW = struct.Struct("<iqqqq")
+# A deduction in the outbox: "D", sequence, time, amount, balance after, then the
+# customer, credit type and reference separated by NUL. Other outbox values are
+# AuditEntry messages, which never start with "D".
+_DEDUCTED = struct.Struct("<qqqq")
 
 
-def _row_bytes(r: UsageRow) -> bytes:
-    return json.dumps([r.customer_id, r.meter, r.dimensions, r.window_start_ms, r.credit_type, r.aggregation,
-                       r.precision, r.quantity, r.cost_nano, r.events], separators=(",", ":")).encode()
+class Drained:
+    """The core's aggregates encoded for LMDB, and what they cost per customer and credit type."""
+
+    __slots__ = ("rows", "spent")
+
+    def __init__(self) -> None:
+        self.rows: list[bytes] = []
+        self.spent: dict[tuple[str, str], list[int]] = {}  # (customer, credit type) -> [cost, balance after]
+
+    def add(self, taken: list[tuple], doc: dict) -> None:
+        """Name the aggregates by the catalog they were made under; no per-row objects on the event loop."""
+        dims_text: dict[bytes, str] = {}  # few dimension sets are shared by many rows
+        names, cts, precisions, specs = doc["meter_names"], doc["credit_types"], doc["precisions"], doc["meters"]
+        pack, rows, spent = _ROW.pack, self.rows, self.spent
+        for cust, meter, dims, window, qty, cost, events, balance in taken:
+            text = dims_text.get(dims)
+            if text is None:
+                decoded = dict(meter_pb2.UsageEvent.FromString(dims).dimensions) if dims else {}
+                text = dims_text[dims] = canonical_dimensions(decoded)
+            spec = specs[meter]
+            customer, ct = cust.decode(), cts[spec[1]]
+            rows.append(b"\x00".join((cust, names[meter].encode(), text.encode(), ct.encode(),
+                                      AGGREGATIONS[spec[4]].encode()))
+                        + pack(precisions[meter], window, qty, cost, events))
+            if cost:
+                s = spent.get((customer, ct))
+                if s is None:
+                    spent[(customer, ct)] = [cost, balance]
+                else:
+                    s[0] += cost
+
+    def extend(self, other: "Drained") -> None:
+        self.rows += other.rows
+        for key, (cost, balance) in other.spent.items():
+            s = self.spent.setdefault(key, [0, balance])
+            s[0] += cost
+
+
+def _row_of(value: bytes) -> UsageRow:
+    cust, meter, dims, ct, agg = value[:-_ROW.size].decode().split("\x00")
+    precision, window, qty, cost, events = _ROW.unpack_from(value, len(value) - _ROW.size)
+    return UsageRow(cust, meter, dims, window, ct, agg, precision, qty, cost, events)
+
+
+def _deducted(seq: int, at_ms: int, customer: str, ct: str, cost: int, after: int, reference: str) -> bytes:
+    return b"D" + _DEDUCTED.pack(seq, at_ms, -cost, after) + "\x00".join((customer, ct, reference)).encode()
 
 
 def _entry_of(value: bytes) -> Entry:
+    if value[:1] == b"D":
+        seq, at, amount, after = _DEDUCTED.unpack_from(value, 1)
+        customer, ct, reference = value[1 + _DEDUCTED.size:].decode().split("\x00")
+        return Entry(seq, at, at, customer, "deducted", "usage", ct, amount, after - amount, after, reference)
     e = admin_pb2.AuditEntry.FromString(value)
     tiers = [{"tier": t.tier, "units_nano": t.units_nano, "unit_price": t.unit_price, "charge_nano": t.charge_nano}
              for t in e.tiers]
@@ -71,8 +116,8 @@ class LedgerMixin:
     audit_seq: int
 
     def _init_ledger(self) -> None:
-        self._usage_carry: list[UsageRow] = []
-        self._draining: list[UsageRow] = []
+        self._usage_carry = Drained()
+        self._draining = Drained()
         self.recoveries = 0
         self.sidecar_id = ""
         self.flushed_seq = 0
@@ -103,30 +148,22 @@ class LedgerMixin:
     def _drain_ops(self, doc: dict) -> list[Op]:
         """Move the core's aggregates into LMDB rows, with one ``deducted``
         entry per customer and credit type for what they cost."""
-        rows = self._usage_carry + usage_rows(self.core.take_usage(), doc)
-        self._usage_carry = []
-        self._draining = rows
-        if not rows:
+        drained = self._usage_carry
+        drained.add(self.core.take_usage(), doc)
+        self._usage_carry = Drained()
+        self._draining = drained
+        if not drained.rows:
             return []
         self.drain_seq += 1
         prefix = u64(self.drain_seq)
-        ops: list[Op] = [("usage", prefix + i.to_bytes(4, "big"), _row_bytes(r)) for i, r in enumerate(rows)]
+        ops: list[Op] = [("usage", prefix + i.to_bytes(4, "big"), value) for i, value in enumerate(drained.rows)]
         ops.append(("meta", b"drain_seq", prefix))
-        spent: dict[tuple[str, str], int] = {}
-        for r in rows:
-            if r.cost_nano:
-                spent[(r.customer_id, r.credit_type)] = spent.get((r.customer_id, r.credit_type), 0) + r.cost_nano
         now = self._now_ms()
-        for (cust, ct_name), cost in sorted(spent.items()):
-            ct = self.catalog.credit_index.get(ct_name)
-            idx = self.core.account(cust.encode())
-            after = self.core.state(idx)[0][ct][0] if ct is not None and idx >= 0 else 0
+        reference = f"usage {self.sidecar_id}/{self.drain_seq}"
+        for (customer, ct), (cost, after) in sorted(drained.spent.items()):
             self.audit_seq += 1
-            entry = admin_pb2.AuditEntry(sequence=self.audit_seq, time_ms=now, effective_ms=now, kind="deducted",
-                                         credit_type=ct_name, amount_nano=-cost, balance_before_nano=after + cost,
-                                         balance_after_nano=after, customer_id=cust, source="usage",
-                                         reference=f"usage {self.sidecar_id}/{self.drain_seq}")
-            ops.append(("outbox", u64(self.audit_seq), entry.SerializeToString()))
+            ops.append(("outbox", u64(self.audit_seq), _deducted(self.audit_seq, now, customer, ct, cost, after,
+                                                                 reference)))
         ops.append(("meta", b"audit_seq", u64(self.audit_seq)))
         return ops
 
@@ -135,8 +172,9 @@ class LedgerMixin:
         for the next one, unless state was reloaded from disk meanwhile (then
         replay has rebuilt them)."""
         if generation == self.recoveries:
-            self._usage_carry = self._draining + self._usage_carry
-        self._draining = []
+            self._draining.extend(self._usage_carry)
+            self._usage_carry = self._draining
+        self._draining = Drained()
 
     def _now_ms(self) -> int:
         from meterd.engine import now_ms
@@ -194,7 +232,7 @@ class LedgerMixin:
             for key, value in self.store.items("usage", limit=self.settings.ledger_flush_rows_max):
                 if key > end:
                     break
-                usage.append(UsageRow(*json.loads(value)))
+                usage.append(_row_of(value))
         entries: list[Entry] = []
         if pending["outbox_to"]:
             for key, value in self.store.items("outbox", limit=self.settings.ledger_flush_rows_max):
@@ -343,4 +381,4 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip()[:300]}"
 
 
-__all__ = ["LedgerMixin", "usage_rows"]
+__all__ = ["Drained", "LedgerMixin"]

@@ -203,6 +203,18 @@ def canonical_dimensions(dims: dict[str, str]) -> str:
     return json.dumps(dims, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def combine(aggregation: str, total: int, quantity: int) -> int:
+    """Quantities of one meter over several windows, in window order: summed,
+    or the largest, or the last. Distinct counts do not combine (0)."""
+    if aggregation == "max":
+        return max(total, quantity)
+    if aggregation == "latest":
+        return quantity
+    if aggregation == "unique_count":
+        return 0
+    return total + quantity
+
+
 def merge_usage(rows: Iterable[UsageRow]) -> list[UsageRow]:
     """One row per (customer, meter, dimensions, window), as the ledger would merge them."""
     merged: dict[tuple, UsageRow] = {}
@@ -211,14 +223,7 @@ def merge_usage(rows: Iterable[UsageRow]) -> list[UsageRow]:
         if prev is None:
             merged[r.key] = r
             continue
-        if r.aggregation == "max":
-            q = max(prev.quantity, r.quantity)
-        elif r.aggregation == "latest":
-            q = r.quantity
-        elif r.aggregation == "unique_count":
-            q = 0
-        else:
-            q = prev.quantity + r.quantity
+        q = combine(r.aggregation, prev.quantity, r.quantity)
         merged[r.key] = UsageRow(r.customer_id, r.meter, r.dimensions, r.window_start_ms, r.credit_type,
                                  r.aggregation, r.precision, q, prev.cost_nano + r.cost_nano, prev.events + r.events)
     return [merged[k] for k in sorted(merged)]  # a fixed order: concurrent flushes lock rows alike
@@ -557,21 +562,23 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
                           "amount_nano": -e.amount_nano, "quantity": ""})
     grouped: dict[tuple[str, str, str], list[int]] = {}
     precisions: dict[str, int] = {}
+    aggregations: dict[str, str] = {}
     for r in usage:
         g = grouped.setdefault((r.credit_type, r.meter, r.dimensions), [0, 0, 0])
-        g[0] += r.quantity if r.aggregation in ("sum", "count") else 0
+        g[0] = combine(r.aggregation, g[0], r.quantity)  # rows come in window order
         g[1] += r.cost_nano
         g[2] += r.events
         precisions[r.meter] = r.precision
+        aggregations[r.meter] = r.aggregation
     for (ct, meter, dims), (q, cost, n) in sorted(grouped.items()):
         info = cts.get(ct)
         section = "usage" if info is not None and info.kind == "fiat" else "credits_used"
         if section == "usage":
             bucket(ct)["usage"] += cost
         dims_text = ", ".join(f"{k}={v}" for k, v in json.loads(dims).items())
+        shown = "" if aggregations[meter] == "unique_count" else format_quantity(q, precisions[meter])
         lines.append({"section": section, "description": meter + (f" ({dims_text})" if dims_text else ""),
-                      "credit_type": ct, "amount_nano": cost, "quantity": format_quantity(q, precisions[meter]),
-                      "events": n})
+                      "credit_type": ct, "amount_nano": cost, "quantity": shown, "events": n})
     before = ledger.charges_before(customer_id, start)
     upto = ledger.charges_before(customer_id, end)
     totals = []
@@ -601,21 +608,27 @@ _SECTION_TITLES = {"fees": "Recurring fees", "overage": "Overage", "usage": "Usa
 
 
 def render_statement(st: dict) -> str:
-    """A statement as a table for people."""
+    """A statement as a table for people: money with at least its currency's decimals, exact."""
     start = dt.datetime.fromtimestamp(st["from_ms"] / 1000, dt.timezone.utc).date()
     end = dt.datetime.fromtimestamp(st["to_ms"] / 1000, dt.timezone.utc).date()
+    places = {t["credit_type"]: t["minor_decimals"] for t in st["totals"]}
+
+    def amount(nano: int, ct: str) -> str:
+        return _fmt(nano, places.get(ct, 9))
+
     out = [f"Statement for {st['customer_id']}, {st['period']} ({start} to {end}, UTC)", ""]
+    row = "  {:<58} {:>12} {:>10} {:>16}"
     for section, title in _SECTION_TITLES.items():
         lines = [x for x in st["lines"] if x["section"] == section]
         if not lines:
             continue
         out.append(title)
         for x in lines:
-            qty = f"  {x['quantity']}" if x.get("quantity") else ""
-            out.append(f"  {x['description'] + qty:<60} {x['credit_type']:>8} {_fmt(x['amount_nano']):>18}")
+            out.append(row.format(x["description"][:58], x.get("quantity", ""), x["credit_type"][:10],
+                                  amount(x["amount_nano"], x["credit_type"])))
             for t in x.get("tiers", []):
-                out.append(f"    tier {t['tier']}: {_fmt(t['units_nano'])} x {t['unit_price']:<30}"
-                           f" {x['credit_type']:>8} {_fmt(t['charge_nano']):>18}")
+                out.append(row.format(f"  tier {t['tier']}: {_fmt(t['units_nano'])} x {t['unit_price']}"[:46], "",
+                                      x["credit_type"][:10], amount(t["charge_nano"], x["credit_type"])))
         out.append("")
     if not st["totals"]:
         out.append("Nothing is owed for this period.")
@@ -623,11 +636,14 @@ def render_statement(st: dict) -> str:
         d = t["minor_decimals"]
         due = t["due_minor"]
         sign = "-" if due < 0 else ""
-        whole, frac = divmod(abs(due), 10**d) if d else (abs(due), 0)
+        whole, frac = divmod(abs(due), 10**d)
         due_text = f"{sign}{whole}" + (f".{frac:0{d}d}" if d else "")
-        out.append(f"Total charged ({t['credit_type']}): {_fmt(t['total_nano'])} exactly")
-        out.append(f"Amount due: {t['currency']} {due_text}  (sub-minor-unit remainder carried: "
-                   f"in {_fmt(t['carried_in_nano'])}, out {_fmt(t['carried_out_nano'])})")
+        out.append(f"Total charged ({t['credit_type']}): {amount(t['total_nano'], t['credit_type'])} "
+                   f"(fees {amount(t['fees_nano'], t['credit_type'])}, overage "
+                   f"{amount(t['overage_nano'], t['credit_type'])}, billed in arrears "
+                   f"{amount(t['usage_billed_nano'], t['credit_type'])})")
+        out.append(f"Amount due: {t['currency']} {due_text}  (below a minor unit, carried in "
+                   f"{_fmt(t['carried_in_nano'])}, carried to next month {_fmt(t['carried_out_nano'])})")
     return "\n".join(out)
 
 
@@ -667,7 +683,7 @@ def usage_query(ledger: Ledger, customer_id: str, meter: str | None, from_ms: in
         start = r.window_start_ms - r.window_start_ms % width if width else from_ms
         key = (start, r.meter, r.credit_type) + tuple(dims.get(g, "") for g in group_by)
         g = groups.setdefault(key, [0, 0, 0])
-        g[0] += r.quantity if r.aggregation in ("sum", "count") else 0
+        g[0] = combine(r.aggregation, g[0], r.quantity)  # rows come in window order
         g[1] += r.cost_nano
         g[2] += r.events
         precision[r.meter] = r.precision
