@@ -4,6 +4,7 @@ several sidecars sharing one ledger. Same tests on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -57,7 +58,42 @@ def test_usage_and_audit_entries_reach_the_ledger_aggregated(ledger_url, tmp_pat
                      ("deducted", "usage", -15_000_000, 10 * 10**9, 10 * 10**9 - 15_000_000)]
     status = b.engine.ledger_status()
     assert (status.flushed_sequence, status.backlog_usage_rows, status.backlog_entries) == (1, 0, 0)
+    # Refunds and manual corrections are kinds of their own.
+    b.grant("newco", "usd", 2 * 10**9, source="refund")
+    b.run(b.engine.adjust(apb.AdjustRequest(customer_id="newco", credit_type="usd", amount_nano=-10**9,
+                                            reason="duplicate charge reversed")))
+    b.flush()
+    with Ledger(ledger_url) as lg:
+        tail = [(e.kind, e.source, e.amount_nano, e.reference) for e in lg.entries("newco")[2:]]
+    assert tail == [("refund", "refund", 2 * 10**9, "g_3 refund"),  # g_1 is the catalog's, g_2 the top-up
+                    ("adjust", "adjust", -10**9, "duplicate charge reversed")]
     b.close()
+
+
+def test_the_cli_reads_statements_and_usage_from_the_ledger(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    b = Billing(tmp_path, "replicate", monkeypatch, start_ms=NOV_1, ledger=url)
+    b.report("lab", "gpu_seconds", "1000.5", hardware="nvidia-h100")  # x $0.001525 = $1.5257625
+    b.flush()
+    b.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "meterd", *args, "--ledger", url], capture_output=True,
+                              text=True, timeout=60)
+
+    r = cli("usage", "--customer", "lab", "--from", "2026-11-01", "--to", "2026-12-01", "--group-by", "hardware",
+            "--window", "day", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [(x["hardware"], x["quantity"], x["cost_nano"]) for x in json.loads(r.stdout)] == [
+        ("nvidia-h100", "1000.500", 1_525_762_500)]
+    r = cli("statement", "--customer", "lab", "--period", "2026-11")
+    assert r.returncode == 0, r.stderr
+    assert "gpu_seconds (hardware=nvidia-h100)" in r.stdout and "1.5257625" in r.stdout
+    r = cli("statement", "--customer", "lab", "--period", "2026-13")
+    assert (r.returncode, r.stderr.strip()) == (2, "meterd: --period: '2026-13' is not a month like 2026-11")
+    r = subprocess.run([sys.executable, "-m", "meterd", "statement", "--customer", "lab", "--period", "2026-11",
+                        "--ledger", "mysql://u:secret@h/db"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "ledger URL" in r.stderr and "secret" not in r.stderr
 
 
 def test_a_crash_after_the_ledger_committed_does_not_count_twice(ledger_url, tmp_path, monkeypatch):

@@ -157,8 +157,8 @@ def cmd_statement(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from meterd.ledger import WINDOWS, parse_time, usage_query
 
-    start = parse_time(args.from_, "--from")
-    end = parse_time(args.to, "--to")
+    start = parse_time(args.from_, "from")
+    end = parse_time(args.to, "to")
     groups = [g for g in (args.group_by or "").split(",") if g]
     with _open_ledger(args) as ledger:
         rows = usage_query(ledger, args.customer, args.meter, start, end, groups, args.window or "")
@@ -225,11 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Fields of domain errors, as the flags that set them.
+_FLAGS = {"customer_id": "--customer", "period": "--period", "window": "--window", "to": "--to", "from": "--from"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, InvalidInput) as e:
+    except InvalidInput as e:
+        flag = _FLAGS.get(e.field, e.field)
+        print(f"meterd: {flag}: {str(e).split(': ', 1)[-1]}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
         print(f"meterd: {e}", file=sys.stderr)
         return 2
     except LedgerError as e:

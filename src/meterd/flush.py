@@ -334,7 +334,10 @@ class LedgerMixin:
                         "next try in %.1f s", self.flush_failures, self.last_flush_error, rows, entries, delay)
 
     async def final_flush(self) -> None:
-        """At shutdown: one last attempt, bounded by the ledger timeout."""
+        """At shutdown: one last attempt, bounded by the ledger timeout, unless
+        the ledger is known to be away (the backlog stays in LMDB)."""
+        if self.flush_failures:
+            return
         try:
             await self.flush_once()
         except Exception as e:  # noqa: BLE001 - what is not flushed stays in LMDB for the next start

@@ -274,7 +274,9 @@ class Ledger:
             except ImportError:  # pragma: no cover - depends on the install
                 raise ConfigError("a PostgreSQL ledger needs psycopg: pip install 'meterd[postgresql]'") from None
             try:
-                self.conn = psycopg.connect(target, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)))
+                # A slow server fails the statement instead of holding the flush thread forever.
+                self.conn = psycopg.connect(target, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
+                                            options=f"-c statement_timeout={int(connect_timeout_s * 1000)}")
             except psycopg.Error as e:
                 raise LedgerError(f"cannot connect to {redact(url)}: {str(e).strip()}") from None
 
