@@ -26,7 +26,7 @@ START_MS = 1_769_817_600_000
 
 class Billing:
     def __init__(self, tmp: Path, catalog: str, monkeypatch: pytest.MonkeyPatch, core: str = "compiled",
-                 start_ms: int = START_MS, ledger: str = "") -> None:
+                 start_ms: int = START_MS, ledger: str = "", sidecar_id: str = "") -> None:
         self.now_ms = start_ms
         monkeypatch.setattr(engine_mod, "CLOCK_NS", lambda: self.now_ms * 1_000_000)
         if core == "python":
@@ -36,7 +36,7 @@ class Billing:
         if ledger:  # as the operator would, with `meterd ledger migrate` (SQLite ledgers migrate themselves)
             with Ledger(ledger) as lg:
                 lg.migrate()
-        self.settings = Settings(data_dir=str(tmp / "data"), fsync=False, ledger=ledger)
+        self.settings = Settings(data_dir=str(tmp / "data"), fsync=False, ledger=ledger, sidecar_id=sidecar_id)
         self.catalog = load_catalog(str(ROOT / "examples" / f"{catalog}.toml") if "/" not in catalog else catalog)
         self.loop = asyncio.new_event_loop()
         self.engine = self._open()

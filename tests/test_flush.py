@@ -4,9 +4,11 @@ several sidecars sharing one ledger. Same tests on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ from billing import Billing
 from conftest import drop_postgres_database, new_postgres_database
 from test_crash import COST_NANO, GRANT_NANO, Client
 
+from meterd import engine as engine_mod
 from meterd.ledger import Ledger, period_bounds
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
@@ -270,3 +273,93 @@ def test_a_postgresql_ledger_must_be_migrated_by_the_operator(pg_ledger, make_da
         assert any(x.section == "usage" and x.amount_nano == 2_500_000 for x in st.lines), st
     finally:
         d.stop()
+
+
+def test_a_new_data_directory_under_a_known_sidecar_id_continues_its_sequence(ledger_url, tmp_path, monkeypatch):
+    # A pod with a fixed sidecar_id whose data directory (an emptyDir) is lost on restart.
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url, sidecar_id="pod-0")
+    b.grant("newco", "usd", 10**10)
+    for _ in range(3):
+        b.batch(tokens("newco", 5))
+        b.flush()
+    b.close()
+    shutil.rmtree(b.settings.data_dir)
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1 + 60_000, ledger=ledger_url, sidecar_id="pod-0")
+    b.grant("newco", "usd", 10**10)
+    b.batch(tokens("newco", 7))
+    b.flush()
+    assert b.engine.ledger_status().flushed_sequence == 4  # after the ledger's 3
+    assert ledger_totals(ledger_url)["events"] == 22
+    b.close()
+
+
+def test_two_data_directories_under_one_sidecar_id_are_refused_not_merged(ledger_url, tmp_path, monkeypatch):
+    a = Billing(tmp_path / "a", "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url, sidecar_id="same")
+    b = Billing(tmp_path / "b", "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url, sidecar_id="same")
+    for x in (a, b):
+        x.grant("newco", "usd", 10**10)
+        x.batch(tokens("newco", 2))
+    a.flush()
+    b.flush()  # b's first flush takes the id over (a replaced pod looks the same)
+    a.batch(tokens("newco", 1))
+    with pytest.raises(Exception, match="another data directory"):
+        a.flush()
+    assert a.engine.ledger_status().backlog_usage_rows == 1
+    assert ledger_totals(ledger_url)["events"] == 4  # a's last event waits in its LMDB, not lost or merged
+    a.close()
+    b.close()
+
+
+def test_a_pending_flush_keeps_its_rows_when_the_limit_is_lowered(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("newco", "usd", 10**10)
+    for _ in range(10):  # ten snapshots: ten usage rows
+        b.batch(tokens("newco", 1))
+        b.advance(60_000)
+        b.run(b.engine.snapshot())
+    assert b.engine.backlog()[0] == 10
+    assert b.run(b.engine.prepare_flush())["rows"][0] == 10
+    b.settings = dataclasses.replace(b.settings, ledger_flush_rows_max=3)  # lowered before the resend
+    b.restart(clean=False)
+    b.flush()
+    assert b.engine.backlog() == (0, 0)
+    assert ledger_totals(ledger_url)["events"] == 10
+    b.close()
+
+
+def test_a_snapshot_that_fails_early_does_not_resend_the_last_drain(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("newco", "usd", 10**10)
+    b.batch(tokens("newco", 5))
+    b.run(b.engine.snapshot())  # drained and committed
+    b.batch(tokens("newco", 1))
+    real = engine_mod._doc_of
+    calls: list[int] = []
+
+    def fails_once(catalog):
+        if not calls:
+            calls.append(1)
+            raise MemoryError("injected")
+        return real(catalog)
+
+    monkeypatch.setattr(engine_mod, "_doc_of", fails_once)
+    with pytest.raises(MemoryError):
+        b.run(b.engine.snapshot())
+    monkeypatch.setattr(engine_mod, "_doc_of", real)
+    b.flush()
+    assert ledger_totals(ledger_url)["events"] == 6
+    b.close()
+
+
+def test_accounts_without_a_plan_have_their_gauges_on_the_month_they_used(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "hybrid", monkeypatch, start_ms=NOV_1 + 86_400_000, ledger=ledger_url)
+    b.tick()
+    b.grant("solo", "usd", 100 * 10**9)  # no plan: calendar months
+    assert b.report("solo", "seats", 7).decision == pb.DECISION_ALLOW  # the month's most: 7 x $8
+    b.now_ms = period_bounds("2026-12")[0] + 1000
+    b.tick()
+    b.flush()
+    seats = [x["amount_nano"] for x in b.statement("solo", "2026-11")["lines"] if x["description"] == "seats=7"]
+    assert seats == [56 * 10**9]
+    assert not [x for x in b.statement("solo", "2026-12")["lines"] if x["description"].startswith("seats=")]
+    b.close()

@@ -16,6 +16,7 @@ from meterd.ledger import (
     Flush,
     Ledger,
     SchemaBehind,
+    SidecarConflict,
     UsageRow,
     parse_url,
     period_bounds,
@@ -79,6 +80,20 @@ def test_sidecars_have_their_own_sequences(ledger):
     assert ledger.apply_flush(Flush("sc-b", 1, [USD], [row()], [entry(1)]))  # same numbers, another sidecar
     assert ledger.totals()["events"] == 2
     assert len(ledger.entries("acme")) == 2
+
+
+def test_one_sidecar_id_from_two_data_directories(ledger):
+    def flush(seq, incarnation, first=False):
+        return Flush("pod-0", seq, [USD], [row()], [entry(seq)], incarnation, first)
+
+    assert ledger.apply_flush(flush(1, "a", first=True)) and ledger.apply_flush(flush(2, "a"))
+    with pytest.raises(SidecarConflict, match="another data directory"):
+        ledger.apply_flush(flush(1, "b", first=True))  # not after the ledger's last: refused, not swallowed
+    assert ledger.apply_flush(flush(3, "b", first=True))  # a replacement continues the sequence
+    assert ledger.apply_flush(flush(3, "b", first=True)) is False  # and its resend is a duplicate
+    with pytest.raises(SidecarConflict):
+        ledger.apply_flush(flush(3, "a"))  # the old directory may not flush any more
+    assert ledger.totals()["events"] == 3 and len(ledger.entries("acme")) == 3
 
 
 def test_concurrent_resends_of_one_flush_apply_once(ledger_url, ledger):

@@ -379,6 +379,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         return new
 
     def _snapshot_ops(self) -> list[Op]:
+        self._draining = Drained()  # set by _drain_ops: what this snapshot takes from the core
         ops: list[Op] = [("accounts", self.core.customer_id(i), self.core.state_bytes(i))
                          for i in self.core.take_dirty()]
         doc = _doc_of(self.catalog)
@@ -396,6 +397,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             self.core.mark_all_dirty()  # the marks were taken; nothing was written
             self._drain_failed(generation)
             raise
+        self._draining = Drained()
         self.snapshot_pos = self.log_pos
 
     async def _snapshot_for_close(self) -> None:
@@ -417,6 +419,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 self.core.mark_all_dirty()
                 self._drain_failed(generation)
                 raise
+            self._draining = Drained()
             self.snapshot_pos = pos
             self.storage_full = None
         finally:
@@ -1189,9 +1192,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         start, _ = month_bounds(now)
         if start != self.period_start_ms:
             if self.period_start_ms:
-                for idx in range(len(self.core)):  # gauges of accounts without a plan: their month ends
-                    if self.core.state(idx)[2] == 0:
-                        ops += self.gauge_ops(self.core.customer_id(idx).decode(), idx)
+                self.effective_ms = start - 1  # what the ended month owes belongs to it
+                try:
+                    for idx in range(len(self.core)):  # gauges of accounts without a plan: their month ends
+                        if self.core.state(idx)[2] == 0:
+                            ops += self.gauge_ops(self.core.customer_id(idx).decode(), idx)
+                finally:
+                    self.effective_ms = None
                 _reset_unplanned(self.core)
                 ops.append(self._log_op(_record(b"P", b"")))
             self.period_start_ms = start

@@ -33,6 +33,7 @@ from meterd.v1 import admin_pb2, meter_pb2
 log = logging.getLogger("meterd.flush")
 
 AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
+INT64_MAX = (1 << 63) - 1
 
 
 # An aggregate row in LMDB: five names separated by NUL (ids and names cannot hold
@@ -65,21 +66,29 @@ class Drained:
                 text = dims_text[dims] = canonical_dimensions(decoded)
             spec = specs[meter]
             customer, ct = cust.decode(), cts[spec[1]]
-            rows.append(b"\x00".join((cust, names[meter].encode(), text.encode(), ct.encode(),
-                                      AGGREGATIONS[spec[4]].encode()))
-                        + pack(precisions[meter], window, qty, cost, events))
-            if cost:
+            head = b"\x00".join((cust, names[meter].encode(), text.encode(), ct.encode(),
+                                 AGGREGATIONS[spec[4]].encode()))
+            total = cost
+            while qty > INT64_MAX or cost > INT64_MAX:  # a 128-bit aggregate goes as several rows
+                part_q, part_c = min(qty, INT64_MAX), min(cost, INT64_MAX)
+                rows.append(head + pack(precisions[meter], window, part_q, part_c, 0))
+                qty, cost = qty - part_q, cost - part_c
+            rows.append(head + pack(precisions[meter], window, qty, cost, events))
+            if total or (customer, ct) in spent:
                 s = spent.get((customer, ct))
                 if s is None:
-                    spent[(customer, ct)] = [cost, balance]
+                    spent[(customer, ct)] = [total, balance]
                 else:
-                    s[0] += cost
+                    s[0] += total
+                    s[1] = balance  # the latest balance
 
     def extend(self, other: "Drained") -> None:
+        """Add what was drained after this."""
         self.rows += other.rows
         for key, (cost, balance) in other.spent.items():
             s = self.spent.setdefault(key, [0, balance])
             s[0] += cost
+            s[1] = balance
 
 
 def _row_of(value: bytes) -> UsageRow:
@@ -120,6 +129,7 @@ class LedgerMixin:
         self._draining = Drained()
         self.recoveries = 0
         self.sidecar_id = ""
+        self.incarnation = ""
         self.flushed_seq = 0
         self.drain_seq = 0
         self.last_flush_ms = 0
@@ -134,12 +144,15 @@ class LedgerMixin:
         sid = self.store.get("meta", b"sidecar_id")
         if sid is None:
             sid = (self.settings.sidecar_id or f"sc-{uuid.uuid4().hex[:16]}").encode()
-            self.store.write_now([("meta", b"sidecar_id", sid)])
+            # The incarnation tells this data directory from another one that uses the same sidecar_id.
+            self.store.write_now([("meta", b"sidecar_id", sid),
+                                  ("meta", b"incarnation", uuid.uuid4().hex.encode())])
         elif self.settings.sidecar_id and self.settings.sidecar_id.encode() != sid:
             from meterd.errors import ConfigError
             raise ConfigError(f"sidecar_id {self.settings.sidecar_id!r} differs from {sid.decode()!r}, the id this "
                               "data directory already flushed under; the ledger would count it as a new sidecar")
         self.sidecar_id = sid.decode()
+        self.incarnation = (self.store.get("meta", b"incarnation") or b"").decode()
         self.flushed_seq = from_u64(self.store.get("meta", b"flush_seq") or u64(0))
         self.drain_seq = from_u64(self.store.get("meta", b"drain_seq") or u64(0))
 
@@ -217,31 +230,27 @@ class LedgerMixin:
         raw = self.store.get("meta", b"flush_pending")
         return json.loads(raw) if raw else None
 
-    def _flush_bounds(self) -> tuple[bytes | None, int | None]:
+    def _flush_bounds(self) -> tuple[bytes | None, int | None, list[int]]:
         """The last usage key and outbox sequence of the next flush, at most
-        ledger_flush_rows_max of each."""
+        ledger_flush_rows_max of each, and how many rows that makes."""
         limit = self.settings.ledger_flush_rows_max
-        usage = self.store.items("usage", limit=limit)
-        entries = self.store.items("outbox", limit=limit)
-        return (usage[-1][0] if usage else None), (from_u64(entries[-1][0]) if entries else None)
+        usage_to, n_usage = self.store.first_keys("usage", limit)
+        outbox_to, n_outbox = self.store.first_keys("outbox", limit)
+        return usage_to, (from_u64(outbox_to) if outbox_to else None), [n_usage, n_outbox]
 
     def _build_flush(self, pending: dict) -> Flush:
-        usage: list[UsageRow] = []
-        if pending["usage_to"]:
-            end = bytes.fromhex(pending["usage_to"])
-            for key, value in self.store.items("usage", limit=self.settings.ledger_flush_rows_max):
-                if key > end:
-                    break
-                usage.append(_row_of(value))
-        entries: list[Entry] = []
-        if pending["outbox_to"]:
-            for key, value in self.store.items("outbox", limit=self.settings.ledger_flush_rows_max):
-                if from_u64(key) > pending["outbox_to"]:
-                    break
-                entries.append(_entry_of(value))
+        """Exactly the rows the pending flush recorded, whatever the limits are now."""
+        usage = ([_row_of(v) for _, v in self.store.items_upto("usage", bytes.fromhex(pending["usage_to"]))]
+                 if pending["usage_to"] else [])
+        entries = ([_entry_of(v) for _, v in self.store.items_upto("outbox", u64(pending["outbox_to"]))]
+                   if pending["outbox_to"] else [])
+        if "rows" in pending and (len(usage), len(entries)) != tuple(pending["rows"]):
+            raise LedgerError(f"flush {pending['seq']}: LMDB holds {len(usage)} usage rows and {len(entries)} "
+                              f"entries, not the {pending['rows']} recorded; refusing to send it")
         cts = [CreditTypeInfo(c.name, c.kind, c.currency if c.kind == "fiat" else "", c.decimals)
                for c in self.catalog.credit_types]
-        return Flush(self.sidecar_id, pending["seq"], cts, usage, entries)
+        return Flush(self.sidecar_id, pending["seq"], cts, usage, entries, self.incarnation,
+                     pending.get("first", False))
 
     async def flush_once(self) -> bool:
         """Send one flush if there is anything to send. Returns True when more
@@ -266,18 +275,28 @@ class LedgerMixin:
         pending = self._flush_pending()
         if pending is not None:
             return pending
-        usage_to, outbox_to = self._flush_bounds()
+        usage_to, outbox_to, rows = await asyncio.to_thread(self._flush_bounds)  # reads, off the event loop
         if usage_to is None and outbox_to is None:
             return None
-        pending = {"seq": self.flushed_seq + 1, "usage_to": usage_to.hex() if usage_to else "",
-                   "outbox_to": outbox_to or 0}
+        first = self.flushed_seq == 0
+        base = self.flushed_seq
+        if first:
+            # A new data directory under an id the ledger may know (a replaced pod, say):
+            # its sequences continue after the ledger's.
+            base = await self._on_ledger_thread(Ledger.last_sequence, self.sidecar_id)
+        pending = {"seq": base + 1, "usage_to": usage_to.hex() if usage_to else "",
+                   "outbox_to": outbox_to or 0, "rows": rows, "first": first}
         # Recorded before it is sent: a resend after a crash carries the same rows under the same sequence.
         await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
         return pending
 
     async def send_flush(self, pending: dict) -> bool:
         """Send a pending flush; False when the ledger already had it."""
-        return bool(await self._on_ledger_thread(Ledger.apply_flush, self._build_flush(pending)))
+        return bool(await self._on_ledger_thread(self._apply_pending, pending))
+
+    def _apply_pending(self, ledger: Ledger, pending: dict) -> bool:
+        """On the ledger thread: read the flush's rows from LMDB and apply them."""
+        return ledger.apply_flush(self._build_flush(pending))
 
     async def finish_flush(self, pending: dict) -> None:
         """The ledger has committed the flush: forget what it holds."""
@@ -373,7 +392,7 @@ class LedgerMixin:
                 self._ledger.close()
                 self._ledger = None
         self._ledger_pool.submit(close)
-        self._ledger_pool.shutdown(wait=True, cancel_futures=False)
+        self._ledger_pool.shutdown(wait=False)  # a slow ledger call may still be running: not on the loop
 
 
 def _describe(e: BaseException) -> str:

@@ -36,6 +36,10 @@ class LedgerError(MeterdError):
     """The ledger refused or failed an operation."""
 
 
+class SidecarConflict(LedgerError):
+    """Two data directories flush under one sidecar_id."""
+
+
 class SchemaBehind(LedgerError):
     """The ledger's schema is older than this meterd: run `meterd ledger migrate`."""
 
@@ -49,12 +53,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "usage, entries, flushes, sidecars, credit types", [
         """CREATE TABLE meterd_sidecars (
             sidecar_id TEXT PRIMARY KEY,
+            incarnation TEXT NOT NULL,
             last_sequence BIGINT NOT NULL,
             first_flush_ms BIGINT NOT NULL,
             last_flush_ms BIGINT NOT NULL)""",
         """CREATE TABLE meterd_flushes (
             sidecar_id TEXT NOT NULL,
             sequence BIGINT NOT NULL,
+            incarnation TEXT NOT NULL,
             applied_ms BIGINT NOT NULL,
             usage_rows INTEGER NOT NULL,
             entries INTEGER NOT NULL,
@@ -80,6 +86,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE meterd_entries (
             id {id},
             sidecar_id TEXT NOT NULL,
+            incarnation TEXT NOT NULL,
             source_sequence BIGINT NOT NULL,
             flush_sequence BIGINT NOT NULL,
             time_ms BIGINT NOT NULL,
@@ -95,7 +102,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             charge_nano BIGINT NOT NULL,
             charge_credit_type TEXT NOT NULL,
             detail TEXT NOT NULL,
-            UNIQUE (sidecar_id, source_sequence))""",
+            UNIQUE (sidecar_id, incarnation, source_sequence))""",
         "CREATE INDEX meterd_entries_customer ON meterd_entries (customer_id, effective_ms)",
         "{append_only}",
     ]),
@@ -138,9 +145,9 @@ _USAGE_UPSERT = """INSERT INTO meterd_usage (customer_id, meter, dimensions, win
     cost_nano = meterd_usage.cost_nano + excluded.cost_nano,
     events = meterd_usage.events + excluded.events"""
 
-_ENTRY_INSERT = """INSERT INTO meterd_entries (sidecar_id, source_sequence, flush_sequence, time_ms, effective_ms,
-    customer_id, kind, source, credit_type, amount_nano, balance_before_nano, balance_after_nano, reference,
-    charge_nano, charge_credit_type, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_ENTRY_INSERT = """INSERT INTO meterd_entries (sidecar_id, incarnation, source_sequence, flush_sequence, time_ms,
+    effective_ms, customer_id, kind, source, credit_type, amount_nano, balance_before_nano, balance_after_nano,
+    reference, charge_nano, charge_credit_type, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 
 # ---- what a flush carries ------------------------------------------------------------
@@ -197,6 +204,9 @@ class Flush:
     credit_types: list[CreditTypeInfo] = field(default_factory=list)
     usage: list[UsageRow] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
+    # Which data directory sends it; a new one takes over an id with its first flush.
+    incarnation: str = ""
+    first: bool = False
 
 
 def canonical_dimensions(dims: dict[str, str]) -> str:
@@ -260,6 +270,7 @@ class Ledger:
         self.url = url
         self.dialect, target = parse_url(url)
         self._lock = threading.Lock()
+        self._known_credit_types: set[CreditTypeInfo] = set()
         if self.dialect == "sqlite":
             path = target
             parent = os.path.dirname(os.path.abspath(path))
@@ -275,8 +286,10 @@ class Ledger:
                 raise ConfigError("a PostgreSQL ledger needs psycopg: pip install 'meterd[postgresql]'") from None
             try:
                 # A slow server fails the statement instead of holding the flush thread forever.
+                ms = int(connect_timeout_s * 1000)
                 self.conn = psycopg.connect(target, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
-                                            options=f"-c statement_timeout={int(connect_timeout_s * 1000)}")
+                                            options=f"-c statement_timeout={ms} "
+                                                    f"-c idle_in_transaction_session_timeout={ms}")
             except psycopg.Error as e:
                 raise LedgerError(f"cannot connect to {redact(url)}: {str(e).strip()}") from None
 
@@ -359,26 +372,27 @@ class Ledger:
     def apply_flush(self, flush: Flush) -> bool:
         """Apply a flush once. Returns False when this (sidecar, sequence) was
         applied before; nothing is applied twice."""
+        self._note_credit_types(flush.credit_types)
         now = _now_ms()
+        lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
         with self._transaction():
-            if self.dialect == "postgresql":
-                self._exec("INSERT INTO meterd_sidecars (sidecar_id, last_sequence, first_flush_ms, last_flush_ms) "
-                           "VALUES (?, 0, ?, ?) ON CONFLICT (sidecar_id) DO NOTHING", (flush.sidecar_id, now, now))
-                row = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ? FOR UPDATE",
-                                 (flush.sidecar_id,))
-            else:
-                self._exec("INSERT INTO meterd_sidecars (sidecar_id, last_sequence, first_flush_ms, last_flush_ms) "
-                           "VALUES (?, 0, ?, ?) ON CONFLICT (sidecar_id) DO NOTHING", (flush.sidecar_id, now, now))
-                row = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ?", (flush.sidecar_id,))
-            if flush.sequence <= row[0][0]:
+            self._exec("INSERT INTO meterd_sidecars (sidecar_id, incarnation, last_sequence, first_flush_ms, "
+                       "last_flush_ms) VALUES (?, ?, 0, ?, ?) ON CONFLICT (sidecar_id) DO NOTHING",
+                       (flush.sidecar_id, flush.incarnation, now, now))
+            (last, incarnation), = self._rows("SELECT last_sequence, incarnation FROM meterd_sidecars "
+                                              "WHERE sidecar_id = ?" + lock, (flush.sidecar_id,))
+            if incarnation != flush.incarnation:
+                if not (flush.first and flush.sequence == last + 1):
+                    raise SidecarConflict(
+                        f"sidecar_id {flush.sidecar_id!r} is flushing from another data directory too (the ledger "
+                        f"has its flush {last}); give each data directory its own sidecar_id")
+                self._exec("UPDATE meterd_sidecars SET incarnation = ? WHERE sidecar_id = ?",
+                           (flush.incarnation, flush.sidecar_id))
+            elif flush.sequence <= last:
                 return False
-            self._exec("INSERT INTO meterd_flushes (sidecar_id, sequence, applied_ms, usage_rows, entries) "
-                       "VALUES (?, ?, ?, ?, ?)", (flush.sidecar_id, flush.sequence, now, len(flush.usage),
-                                                  len(flush.entries)))
-            for ct in flush.credit_types:
-                self._exec("INSERT INTO meterd_credit_types (name, kind, currency, decimals) VALUES (?, ?, ?, ?) "
-                           "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, currency = excluded.currency, "
-                           "decimals = excluded.decimals", (ct.name, ct.kind, ct.currency, ct.decimals))
+            self._exec("INSERT INTO meterd_flushes (sidecar_id, sequence, incarnation, applied_ms, usage_rows, "
+                       "entries) VALUES (?, ?, ?, ?, ?, ?)", (flush.sidecar_id, flush.sequence, flush.incarnation,
+                                                              now, len(flush.usage), len(flush.entries)))
             cur = self.conn.cursor()
             usage = merge_usage(flush.usage)
             if usage:
@@ -387,12 +401,26 @@ class Ledger:
                      r.precision, r.quantity, r.cost_nano, r.events) for r in usage])
             if flush.entries:
                 cur.executemany(self._sql(_ENTRY_INSERT), [
-                    (flush.sidecar_id, e.source_sequence, flush.sequence, e.time_ms, e.effective_ms, e.customer_id,
-                     e.kind, e.source, e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano,
-                     e.reference, e.charge_nano, e.charge_credit_type, e.detail) for e in flush.entries])
+                    (flush.sidecar_id, flush.incarnation, e.source_sequence, flush.sequence, e.time_ms,
+                     e.effective_ms, e.customer_id, e.kind, e.source, e.credit_type, e.amount_nano,
+                     e.balance_before_nano, e.balance_after_nano, e.reference, e.charge_nano,
+                     e.charge_credit_type, e.detail) for e in flush.entries])
             self._exec("UPDATE meterd_sidecars SET last_sequence = ?, last_flush_ms = ? WHERE sidecar_id = ?",
                        (flush.sequence, now, flush.sidecar_id))
         return True
+
+    def _note_credit_types(self, credit_types: list[CreditTypeInfo]) -> None:
+        """Credit types in a short transaction of their own, only when they are new or
+        changed, so that flushes of many sidecars do not queue on these rows."""
+        new = sorted(set(credit_types) - self._known_credit_types, key=lambda c: c.name)
+        if not new:
+            return
+        with self._transaction():
+            for ct in new:
+                self._exec("INSERT INTO meterd_credit_types (name, kind, currency, decimals) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, currency = excluded.currency, "
+                           "decimals = excluded.decimals", (ct.name, ct.kind, ct.currency, ct.decimals))
+        self._known_credit_types.update(new)
 
     def last_sequence(self, sidecar_id: str) -> int:
         rows = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ?", (sidecar_id,))

@@ -105,6 +105,26 @@ class Store:
         with self.env.begin(db=self.dbs[db]) as txn:
             return int(txn.stat(self.dbs[db])["entries"])
 
+    def first_keys(self, db: str, n: int) -> tuple[bytes | None, int]:
+        """The last of the first ``n`` keys of a database and how many there are (keys only)."""
+        last, count = None, 0
+        with self.env.begin(db=self.dbs[db]) as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                last, count = bytes(key), count + 1
+                if count >= n:
+                    break
+        return last, count
+
+    def items_upto(self, db: str, stop: bytes) -> list[tuple[bytes, bytes]]:
+        """Copies of the (key, value) pairs from the first key to ``stop``, inclusive."""
+        out: list[tuple[bytes, bytes]] = []
+        with self.env.begin(db=self.dbs[db]) as txn:
+            for key, value in txn.cursor():
+                if bytes(key) > stop:
+                    break
+                out.append((bytes(key), bytes(value)))
+        return out
+
     def items(self, db: str, start: bytes = b"", prefix: bytes = b"", limit: int = 0) -> list[tuple[bytes, bytes]]:
         """Copies of (key, value) pairs from ``start``, within ``prefix``."""
         out: list[tuple[bytes, bytes]] = []
