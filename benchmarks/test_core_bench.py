@@ -60,3 +60,27 @@ def test_reserve_and_settle(benchmark, kind):
         return core.settle(7, rate, 1000, amount)
 
     assert benchmark(cycle) == (10_000_000, 0)
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_drain_usage_for_the_ledger(benchmark, kind):
+    """What a snapshot does with the usage of one 8000-event batch: take the
+    core's aggregates and encode them as LMDB rows with their deductions."""
+    from meterd.engine import _doc_of
+    from meterd.flush import Drained
+
+    benchmark.group = "drain usage aggregates (one 8000-event batch over 10k customers)"
+    core = make(kind)
+    data = batch_bytes()
+    doc = _doc_of(load_catalog(None))
+
+    def drain() -> Drained:
+        drained = Drained()
+        drained.add(core.take_usage(), doc)
+        return drained
+
+    def setup() -> None:  # a batch's worth of aggregates to drain
+        core.apply_batch(data)
+
+    drained = benchmark.pedantic(drain, setup=setup, rounds=30)
+    assert 0 < len(drained.rows) <= EVENTS and sum(cost for cost, _ in drained.spent.values()) > 0

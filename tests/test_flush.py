@@ -8,16 +8,18 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from billing import Billing
-from conftest import drop_postgres_database, new_postgres_database
+from conftest import drop_postgres_database, free_port, new_postgres_database
 from test_crash import COST_NANO, GRANT_NANO, Client
 
 from meterd import engine as engine_mod
@@ -168,8 +170,10 @@ def _mend(url: str, tmp_path: Path, postgres_url: str | None) -> None:
 def test_the_sidecar_serves_while_the_ledger_is_away_and_catches_up(ledger_url, tmp_path, make_daemon, request):
     postgres_url = request.getfixturevalue("postgres_url") if ledger_url.startswith("postgres") else None
     url = _break(ledger_url, tmp_path, postgres_url)
+    metrics = free_port()
     d = make_daemon(extra_env={"METERD_LEDGER": url, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1",
-                               "METERD_LEDGER_RETRY_MAX_S": "0.5", "METERD_LEDGER_FLUSH_ROWS_MAX": "7"}).start()
+                               "METERD_LEDGER_RETRY_MAX_S": "0.5", "METERD_LEDGER_FLUSH_ROWS_MAX": "7",
+                               "METERD_METRICS_LISTEN": f"127.0.0.1:{metrics}"}).start()
     try:
         d.admin.Grant(apb.GrantRequest(customer_id="away", credit_type="usd", amount_nano=GRANT_NANO))
         acked = 0
@@ -188,6 +192,9 @@ def test_the_sidecar_serves_while_the_ledger_is_away_and_catches_up(ledger_url, 
         assert status.consecutive_failures > 0 and status.last_error
         assert status.backlog_usage_rows == 30 and status.flushed_sequence == 0
         assert "failed" in d.log_path.read_text()  # the warning names the backlog
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        assert 'meterd_ledger_backlog{kind="usage_rows"} 30.0' in scraped
+        assert re.search(r'meterd_ledger_flushes_total\{outcome="failed"\} [1-9]', scraped)
         _mend(url, tmp_path, postgres_url)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -59,6 +59,8 @@ class Settings:
     ledger_flush_rows_max: int = 20_000
     ledger_timeout_s: float = 10.0
     ledger_retry_max_s: float = 60.0
+    # Prometheus metrics over HTTP (host:port); empty: off.
+    metrics_listen: str = ""
     # Usage is aggregated per customer, meter, dimension set and window of this width.
     usage_window_s: int = 60
     log_level: str = "info"
@@ -157,6 +159,9 @@ def _validate(s: Settings) -> None:
          "must divide a day: 1 to 86400 seconds, for example 60 or 3600")
     need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",
          "must be at most 64 printable ASCII characters without spaces")
+    port = s.metrics_listen.rpartition(":")[2]
+    need(not s.metrics_listen or (port.isdigit() and 0 < int(port) < 65536), "metrics_listen",
+         "must be host:port, for example 127.0.0.1:9464")
     if s.ledger:
         from meterd.ledger import parse_url
         try:

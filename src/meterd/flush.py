@@ -135,6 +135,7 @@ class LedgerMixin:
         self.last_flush_ms = 0
         self.last_flush_error = ""
         self.flush_failures = 0
+        self.flush_outcomes = {"applied": 0, "duplicate": 0, "failed": 0}
         self._ledger: Ledger | None = None
         self._ledger_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meterd-ledger")
         self._backlog_warned = 0
@@ -264,7 +265,10 @@ class LedgerMixin:
         if pending is None:
             self._flushed_ok()
             return False
-        if not await self.send_flush(pending):
+        if await self.send_flush(pending):
+            self.flush_outcomes["applied"] += 1
+        else:
+            self.flush_outcomes["duplicate"] += 1
             log.info("flush %d was already in the ledger; not applied again", pending["seq"])
         await self.finish_flush(pending)
         return self.store.count("usage") > 0 or self.store.count("outbox") > 0
@@ -338,6 +342,7 @@ class LedgerMixin:
                 delay = 0.0 if more else interval
             except Exception as e:  # noqa: BLE001 - the ledger may fail in any way; keep serving
                 self.flush_failures += 1
+                self.flush_outcomes["failed"] += 1
                 self.last_flush_error = _describe(e)
                 cap = self.settings.ledger_retry_max_s
                 delay = min(cap, interval * 2 ** min(self.flush_failures, 20)) * random.uniform(0.5, 1.0)

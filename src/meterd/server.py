@@ -276,6 +276,7 @@ class MeterdServer:
         self._stop = asyncio.Event()
         self._housekeeping: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
+        self._metrics: Any = None
         self.data_server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
         self.data_port = 0
@@ -316,6 +317,9 @@ class MeterdServer:
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         self._housekeeping = asyncio.get_running_loop().create_task(self.engine.run_housekeeping(self._stop))
         self._flusher = asyncio.get_running_loop().create_task(self.engine.run_flusher(self._stop))
+        if self.settings.metrics_listen:
+            from meterd.metrics import serve_metrics
+            self._metrics = serve_metrics(self.settings.metrics_listen, self.engine)
         log.info("serving data plane on %s (port %d), admin on %s, core=%s, sidecar %s flushing to %s",
                  self.settings.listen, self.data_port, self.admin_address, "compiled" if _compiled() else "python",
                  self.engine.sidecar_id, redact(self.settings.ledger_url))
@@ -353,6 +357,8 @@ class MeterdServer:
         for task in (self._housekeeping, self._flusher):
             if task is not None:
                 await task
+        if self._metrics is not None:
+            self._metrics[0].shutdown()
         await self.engine.close()
         if self.admin_address.startswith("unix:"):
             try:
