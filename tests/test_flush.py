@@ -370,3 +370,29 @@ def test_accounts_without_a_plan_have_their_gauges_on_the_month_they_used(ledger
     assert seats == [56 * 10**9]
     assert not [x for x in b.statement("solo", "2026-12")["lines"] if x["description"].startswith("seats=")]
     b.close()
+
+
+def test_a_snapshot_whose_encoding_fails_keeps_the_aggregates_for_the_next(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("newco", "usd", 10**10)
+    b.batch(tokens("newco", 2))
+    real = engine_mod.Engine._encode
+    calls: list[int] = []
+
+    def fails_once(self, *args):
+        if not calls:
+            calls.append(1)
+            raise MemoryError("injected")
+        return real(self, *args)
+
+    monkeypatch.setattr(engine_mod.Engine, "_encode", fails_once)
+    with pytest.raises(MemoryError):
+        b.run(b.engine.snapshot())  # the aggregates were taken from the core: they must not vanish
+    b.batch(tokens("newco", 3, model="gpt-4o-mini"))
+    b.flush()
+    b.restart(clean=False)
+    b.flush()
+    with Ledger(ledger_url) as lg:
+        got = sorted((r.dimensions, r.events) for r in lg.usage_rows("newco", 0, 1 << 62))
+    assert got == [('{"model":"gpt-4o"}', 2), ('{"model":"gpt-4o-mini"}', 3)]
+    b.close()

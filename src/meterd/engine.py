@@ -379,14 +379,26 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         return new
 
     def _snapshot_ops(self) -> list[Op]:
+        """A snapshot's ops, all made now (start-up, reload and shutdown)."""
+        accounts, doc, taken = self._snapshot_take()
+        drained = self._take_carry()
+        drained.add(taken, doc)
+        drained.finish(self.drain_seq + 1, now_ms(), self.sidecar_id)
+        return self._snapshot_finish(accounts, doc, drained, self.drain_seq + 1, self.log_pos)
+
+    def _snapshot_take(self) -> tuple[list[Op], dict, list[tuple]]:
+        """Everything a snapshot reads from the core, in one go: the changed
+        accounts and the usage aggregates, as of the current log position."""
         self._draining = Drained()  # set by _drain_ops: what this snapshot takes from the core
         ops: list[Op] = [("accounts", self.core.customer_id(i), self.core.state_bytes(i))
                          for i in self.core.take_dirty()]
-        doc = _doc_of(self.catalog)
-        ops += self._drain_ops(doc)
+        return ops, _doc_of(self.catalog), self.core.take_usage()
+
+    def _snapshot_finish(self, ops: list[Op], doc: dict, drained: Drained, drain_seq: int, pos: int) -> list[Op]:
+        ops += self._drain_ops(drained, drain_seq)
         ops.append(("meta", b"catalog", json.dumps(doc).encode()))
-        ops.append(("meta", b"snapshot_pos", u64(self.log_pos)))
-        ops.append(("trim", u64(self.log_pos), None))
+        ops.append(("meta", b"snapshot_pos", u64(pos)))
+        ops.append(("trim", u64(pos), None))
         return ops
 
     def _snapshot_now(self) -> None:
@@ -406,17 +418,33 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         await self.snapshot()
 
     async def snapshot(self) -> None:
-        """Write changed accounts and drop the log they cover, in one commit."""
+        """Write changed accounts and drop the log they cover, in one commit.
+
+        The core is read at once; the usage aggregates are encoded on a worker
+        thread, so that a large drain does not stall the event loop. Changes
+        made meanwhile are in the log after this snapshot's position."""
         if self._snapshot_running or (self.log_pos == self.snapshot_pos and self.storage_full is None):
             return
         self._snapshot_running = True
         try:
             pos = self.log_pos
             generation = self.recoveries
+            accounts, doc, taken = self._snapshot_take()
+            carry, drain_seq = self._take_carry(), self.drain_seq + 1
+            finished = False
             try:
-                await self._commit(self._snapshot_ops())
+                drained = await asyncio.to_thread(self._encode, carry, taken, doc, drain_seq)
+                if generation != self.recoveries:
+                    return  # state was reloaded from disk meanwhile: the log still has all of it
+                ops = self._snapshot_finish(accounts, doc, drained, drain_seq, pos)
+                finished = True
+                await self._commit(ops)
             except BaseException:
                 self.core.mark_all_dirty()
+                if not finished:  # the aggregates were taken from the core but are in no op: keep them
+                    self._draining = Drained()
+                    self._draining.extend(carry)
+                    self._draining.add(taken, doc)
                 self._drain_failed(generation)
                 raise
             self._draining = Drained()
@@ -424,6 +452,15 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             self.storage_full = None
         finally:
             self._snapshot_running = False
+
+    def _encode(self, carry: Drained, taken: list[tuple], doc: dict, drain_seq: int) -> Drained:
+        """On a worker thread: what was carried, then the new aggregates, as LMDB rows and
+        deductions. ``carry`` is left as it was, for a retry if this snapshot fails."""
+        drained = Drained()
+        drained.extend(carry)
+        drained.add(taken, doc)
+        drained.finish(drain_seq, now_ms(), self.sidecar_id)
+        return drained
 
     def _load_python_state(self) -> None:
         now = now_ms()
@@ -522,6 +559,15 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         happens with no await in between and is committed as one snapshot
         under the new catalog, so the log never holds records of two catalogs."""
         self.check_writable()
+        while self._snapshot_running:  # a snapshot of the old catalog must not land after the switch
+            await asyncio.sleep(0.01)
+        self._snapshot_running = True
+        try:
+            await self._reload_catalog(new)
+        finally:
+            self._snapshot_running = False
+
+    async def _reload_catalog(self, new: Catalog) -> None:
         await self._commit_with([])  # a barrier: the writer is FIFO
         old_doc, new_doc = _doc_of(self.catalog), _doc_of(new)
         self._check_reload(new)

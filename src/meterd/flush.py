@@ -39,20 +39,22 @@ INT64_MAX = (1 << 63) - 1
 # An aggregate row in LMDB: five names separated by NUL (ids and names cannot hold
 # one), then precision, window, quantity, cost and events.
 _ROW = struct.Struct("<iqqqq")
-# A deduction in the outbox: "D", sequence, time, amount, balance after, then the
-# customer, credit type and reference separated by NUL. Other outbox values are
-# AuditEntry messages, which never start with "D".
-_DEDUCTED = struct.Struct("<qqqq")
+# A deduction in the outbox (its sequence is the key): "D", time, amount, balance
+# after, then the customer, credit type and reference separated by NUL. Other
+# outbox values are AuditEntry messages, which never start with "D".
+_DEDUCTED = struct.Struct("<qqq")
 
 
 class Drained:
     """The core's aggregates encoded for LMDB, and what they cost per customer and credit type."""
 
-    __slots__ = ("rows", "spent")
+    __slots__ = ("rows", "spent", "usage_ops", "deducted")
 
     def __init__(self) -> None:
         self.rows: list[bytes] = []
         self.spent: dict[tuple[str, str], list[int]] = {}  # (customer, credit type) -> [cost, balance after]
+        self.usage_ops: list[Op] = []
+        self.deducted: list[bytes] = []
 
     def add(self, taken: list[tuple], doc: dict) -> None:
         """Name the aggregates by the catalog they were made under; no per-row objects on the event loop."""
@@ -82,6 +84,15 @@ class Drained:
                     s[0] += total
                     s[1] = balance  # the latest balance
 
+    def finish(self, drain_seq: int, at_ms: int, sidecar_id: str) -> None:
+        """The LMDB ops of the rows under drain ``drain_seq``, and one deduction per
+        customer and credit type (their outbox sequences are given on the loop)."""
+        prefix = u64(drain_seq)
+        self.usage_ops = [("usage", prefix + i.to_bytes(4, "big"), v) for i, v in enumerate(self.rows)]
+        reference = f"usage {sidecar_id}/{drain_seq}"
+        self.deducted = [_deducted(at_ms, customer, ct, cost, after, reference)
+                         for (customer, ct), (cost, after) in sorted(self.spent.items())]
+
     def extend(self, other: "Drained") -> None:
         """Add what was drained after this."""
         self.rows += other.rows
@@ -97,13 +108,14 @@ def _row_of(value: bytes) -> UsageRow:
     return UsageRow(cust, meter, dims, window, ct, agg, precision, qty, cost, events)
 
 
-def _deducted(seq: int, at_ms: int, customer: str, ct: str, cost: int, after: int, reference: str) -> bytes:
-    return b"D" + _DEDUCTED.pack(seq, at_ms, -cost, after) + "\x00".join((customer, ct, reference)).encode()
+def _deducted(at_ms: int, customer: str, ct: str, cost: int, after: int, reference: str) -> bytes:
+    return b"D" + _DEDUCTED.pack(at_ms, -cost, after) + "\x00".join((customer, ct, reference)).encode()
 
 
-def _entry_of(value: bytes) -> Entry:
+def _entry_of(key: bytes, value: bytes) -> Entry:
     if value[:1] == b"D":
-        seq, at, amount, after = _DEDUCTED.unpack_from(value, 1)
+        seq = from_u64(key)
+        at, amount, after = _DEDUCTED.unpack_from(value, 1)
         customer, ct, reference = value[1 + _DEDUCTED.size:].decode().split("\x00")
         return Entry(seq, at, at, customer, "deducted", "usage", ct, amount, after - amount, after, reference)
     e = admin_pb2.AuditEntry.FromString(value)
@@ -159,25 +171,21 @@ class LedgerMixin:
 
     # ---- draining the core into LMDB ---------------------------------------------------------
 
-    def _drain_ops(self, doc: dict) -> list[Op]:
-        """Move the core's aggregates into LMDB rows, with one ``deducted``
-        entry per customer and credit type for what they cost."""
-        drained = self._usage_carry
-        drained.add(self.core.take_usage(), doc)
-        self._usage_carry = Drained()
+    def _take_carry(self) -> Drained:
+        """Aggregates an earlier snapshot could not commit: they go first in the next one."""
+        carry, self._usage_carry = self._usage_carry, Drained()
+        return carry
+
+    def _drain_ops(self, drained: Drained, drain_seq: int) -> list[Op]:
+        """The ops of a finished drain; outbox sequences are given here, in order."""
         self._draining = drained
         if not drained.rows:
             return []
-        self.drain_seq += 1
-        prefix = u64(self.drain_seq)
-        ops: list[Op] = [("usage", prefix + i.to_bytes(4, "big"), value) for i, value in enumerate(drained.rows)]
-        ops.append(("meta", b"drain_seq", prefix))
-        now = self._now_ms()
-        reference = f"usage {self.sidecar_id}/{self.drain_seq}"
-        for (customer, ct), (cost, after) in sorted(drained.spent.items()):
-            self.audit_seq += 1
-            ops.append(("outbox", u64(self.audit_seq), _deducted(self.audit_seq, now, customer, ct, cost, after,
-                                                                 reference)))
+        self.drain_seq = drain_seq
+        ops = drained.usage_ops + [("meta", b"drain_seq", u64(drain_seq))]
+        first = self.audit_seq + 1
+        self.audit_seq += len(drained.deducted)
+        ops += [("outbox", u64(first + i), value) for i, value in enumerate(drained.deducted)]
         ops.append(("meta", b"audit_seq", u64(self.audit_seq)))
         return ops
 
@@ -243,7 +251,7 @@ class LedgerMixin:
         """Exactly the rows the pending flush recorded, whatever the limits are now."""
         usage = ([_row_of(v) for _, v in self.store.items_upto("usage", bytes.fromhex(pending["usage_to"]))]
                  if pending["usage_to"] else [])
-        entries = ([_entry_of(v) for _, v in self.store.items_upto("outbox", u64(pending["outbox_to"]))]
+        entries = ([_entry_of(k, v) for k, v in self.store.items_upto("outbox", u64(pending["outbox_to"]))]
                    if pending["outbox_to"] else [])
         if "rows" in pending and (len(usage), len(entries)) != tuple(pending["rows"]):
             raise LedgerError(f"flush {pending['seq']}: LMDB holds {len(usage)} usage rows and {len(entries)} "
