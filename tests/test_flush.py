@@ -4,6 +4,8 @@ several sidecars sharing one ledger. Same tests on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -395,4 +397,74 @@ def test_a_snapshot_whose_encoding_fails_keeps_the_aggregates_for_the_next(ledge
     with Ledger(ledger_url) as lg:
         got = sorted((r.dimensions, r.events) for r in lg.usage_rows("newco", 0, 1 << 62))
     assert got == [('{"model":"gpt-4o"}', 2), ('{"model":"gpt-4o-mini"}', 3)]
+    b.close()
+
+
+def test_a_replacement_whose_first_flush_lost_the_race_renumbers_it(ledger_url, tmp_path, monkeypatch):
+    old = Billing(tmp_path / "old", "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url, sidecar_id="pod-0")
+    new = Billing(tmp_path / "new", "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url, sidecar_id="pod-0")
+    for b in (old, new):
+        b.grant("newco", "usd", 10**10)
+    old.batch(tokens("newco", 1))
+    old.flush()  # the ledger has pod-0's flush 1
+    new.batch(tokens("newco", 2))
+    new.run(new.engine.snapshot())
+    assert new.run(new.engine.prepare_flush())["seq"] == 2  # recorded as flush 2...
+    old.batch(tokens("newco", 4))
+    old.close()  # ...but the old pod's last flush, on SIGTERM, is flush 2
+    new.flush()  # renumbered after the ledger's last, not refused forever
+    assert new.engine.backlog() == (0, 0)
+    assert ledger_totals(ledger_url)["events"] == 7
+    new.close()
+
+
+def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
+    """Cancel ``start()`` while the commit it submitted is waiting in the writer."""
+    engine = b.engine
+    engine.store.window_s = 0.3  # the writer holds commits back for 0.3 s
+    submitted: list[list] = []
+    real = engine._commit
+
+    async def spy(ops):
+        submitted.append(ops)
+        await real(ops)
+
+    engine._commit = spy
+
+    async def drive() -> None:
+        task = asyncio.ensure_future(start())
+        while not (submitted and submitted_when(submitted[-1])):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.8)  # the commit lands all the same
+
+    b.run(drive())
+    engine.store.window_s = 0
+    del engine._commit
+
+
+def test_a_cancelled_snapshot_does_not_count_its_usage_twice(ledger_url, tmp_path, monkeypatch):
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("newco", "usd", 10**10)
+    b.batch(tokens("newco", 5))
+    _cancel_during_commit(b, lambda ops: any(op[0] == "usage" for op in ops), b.engine.snapshot)
+    b.batch(tokens("newco", 1))
+    b.flush()
+    assert ledger_totals(ledger_url)["events"] == 6
+    b.close()
+
+
+def test_a_cancelled_flush_does_not_reuse_its_sequence(ledger_url, tmp_path, monkeypatch):
+    # A client's deadline on GetStatement cancels the handler while its flush commits.
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("newco", "usd", 10**10)
+    b.batch(tokens("newco", 5))
+    b.flush()
+    b.batch(tokens("newco", 2))
+    _cancel_during_commit(b, lambda ops: any(op[1] == b"flush_seq" for op in ops), b.engine.flush_once)
+    b.batch(tokens("newco", 3))
+    b.flush()
+    assert ledger_totals(ledger_url)["events"] == 10 and b.engine.backlog() == (0, 0)
     b.close()

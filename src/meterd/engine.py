@@ -422,7 +422,12 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
         The core is read at once; the usage aggregates are encoded on a worker
         thread, so that a large drain does not stall the event loop. Changes
-        made meanwhile are in the log after this snapshot's position."""
+        made meanwhile are in the log after this snapshot's position. It runs
+        as a task of its own: a cancelled caller cannot stop it between its
+        commit and the bookkeeping of that commit."""
+        await asyncio.shield(asyncio.ensure_future(self._snapshot()))
+
+    async def _snapshot(self) -> None:
         if self._snapshot_running or (self.log_pos == self.snapshot_pos and self.storage_full is None):
             return
         self._snapshot_running = True
@@ -448,8 +453,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 self._drain_failed(generation)
                 raise
             self._draining = Drained()
-            self.snapshot_pos = pos
-            self.storage_full = None
+            if generation == self.recoveries:  # else recovery has set both from disk
+                self.snapshot_pos = pos
+                self.storage_full = None
         finally:
             self._snapshot_running = False
 

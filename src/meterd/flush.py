@@ -26,7 +26,17 @@ import struct
 import uuid
 from typing import Any
 
-from meterd.ledger import CreditTypeInfo, Entry, Flush, Ledger, LedgerError, UsageRow, canonical_dimensions, redact
+from meterd.ledger import (
+    CreditTypeInfo,
+    Entry,
+    Flush,
+    Ledger,
+    LedgerError,
+    SidecarConflict,
+    UsageRow,
+    canonical_dimensions,
+    redact,
+)
 from meterd.store import Op, from_u64, u64
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -263,17 +273,31 @@ class LedgerMixin:
 
     async def flush_once(self) -> bool:
         """Send one flush if there is anything to send. Returns True when more
-        remains (a backlog larger than one flush)."""
+        remains (a backlog larger than one flush). The flush runs as a task of
+        its own: a cancelled caller (a client's deadline on GetStatement, say)
+        cannot stop it between a commit and the bookkeeping of that commit."""
+        return await asyncio.shield(asyncio.ensure_future(self._flush_locked()))
+
+    async def _flush_locked(self) -> bool:
         async with self._flush_lock:
             return await self._flush_once()
 
     async def _flush_once(self) -> bool:
+        while self._snapshot_running:  # type: ignore[attr-defined]  # a snapshot started elsewhere: wait
+            await asyncio.sleep(0.005)
         await self.snapshot()  # type: ignore[attr-defined]
         pending = await self.prepare_flush()
         if pending is None:
             self._flushed_ok()
             return False
-        if await self.send_flush(pending):
+        try:
+            applied = await self.send_flush(pending)
+        except SidecarConflict:
+            if not pending.get("first"):
+                raise
+            pending = await self._rebase(pending)  # another directory's last flush came first
+            applied = await self.send_flush(pending)
+        if applied:
             self.flush_outcomes["applied"] += 1
         else:
             self.flush_outcomes["duplicate"] += 1
@@ -281,12 +305,24 @@ class LedgerMixin:
         await self.finish_flush(pending)
         return self.store.count("usage") > 0 or self.store.count("outbox") > 0
 
+    async def _rebase(self, pending: dict) -> dict:
+        """A first flush that lost the race for the next sequence of its id to
+        the directory it replaces, and never reached the ledger: renumber it."""
+        if await self._on_ledger_thread(Ledger.has_flushed, self.sidecar_id, self.incarnation):
+            raise SidecarConflict(f"sidecar_id {self.sidecar_id!r}: flush {pending['seq']} conflicts with the ledger")
+        last = await self._on_ledger_thread(Ledger.last_sequence, self.sidecar_id)
+        pending = dict(pending, seq=last + 1)
+        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
+        return pending
+
     async def prepare_flush(self) -> dict | None:
         """The pending flush: the one a crash interrupted, or a new one over
         the oldest rows; None when there is nothing to send."""
         pending = self._flush_pending()
         if pending is not None:
             return pending
+        # What is on disk, not in memory: a finished flush is committed before it is counted.
+        self.flushed_seq = from_u64(self.store.get("meta", b"flush_seq") or u64(0))
         usage_to, outbox_to, rows = await asyncio.to_thread(self._flush_bounds)  # reads, off the event loop
         if usage_to is None and outbox_to is None:
             return None

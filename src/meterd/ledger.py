@@ -422,6 +422,11 @@ class Ledger:
                            "decimals = excluded.decimals", (ct.name, ct.kind, ct.currency, ct.decimals))
         self._known_credit_types.update(new)
 
+    def has_flushed(self, sidecar_id: str, incarnation: str) -> bool:
+        """Whether any flush of this data directory (incarnation) was applied."""
+        return bool(self._rows("SELECT 1 FROM meterd_flushes WHERE sidecar_id = ? AND incarnation = ? LIMIT 1",
+                               (sidecar_id, incarnation)))
+
     def last_sequence(self, sidecar_id: str) -> int:
         rows = self._rows("SELECT last_sequence FROM meterd_sidecars WHERE sidecar_id = ?", (sidecar_id,))
         return int(rows[0][0]) if rows else 0
