@@ -38,6 +38,13 @@ def tokens(customer: str, n: int, model: str = "gpt-4o", **dims: str) -> list[pb
                           dimensions={"model": model, **dims}) for _ in range(n)]
 
 
+def funded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger_url: str) -> Billing:
+    """An engine on the OpenAI-style catalog whose customer newco holds $10."""
+    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
+    b.grant("newco", "usd", 10**10)
+    return b
+
+
 def ledger_totals(url: str) -> dict:
     with Ledger(url) as lg:
         lg.migrate()
@@ -320,8 +327,7 @@ def test_two_data_directories_under_one_sidecar_id_are_refused_not_merged(ledger
 
 
 def test_a_pending_flush_keeps_its_rows_when_the_limit_is_lowered(ledger_url, tmp_path, monkeypatch):
-    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
-    b.grant("newco", "usd", 10**10)
+    b = funded(tmp_path, monkeypatch, ledger_url)
     for _ in range(10):  # ten snapshots: ten usage rows
         b.batch(tokens("newco", 1))
         b.advance(60_000)
@@ -337,8 +343,7 @@ def test_a_pending_flush_keeps_its_rows_when_the_limit_is_lowered(ledger_url, tm
 
 
 def test_a_snapshot_that_fails_early_does_not_resend_the_last_drain(ledger_url, tmp_path, monkeypatch):
-    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
-    b.grant("newco", "usd", 10**10)
+    b = funded(tmp_path, monkeypatch, ledger_url)
     b.batch(tokens("newco", 5))
     b.run(b.engine.snapshot())  # drained and committed
     b.batch(tokens("newco", 1))
@@ -375,8 +380,7 @@ def test_accounts_without_a_plan_have_their_gauges_on_the_month_they_used(ledger
 
 
 def test_a_snapshot_whose_encoding_fails_keeps_the_aggregates_for_the_next(ledger_url, tmp_path, monkeypatch):
-    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
-    b.grant("newco", "usd", 10**10)
+    b = funded(tmp_path, monkeypatch, ledger_url)
     b.batch(tokens("newco", 2))
     real = engine_mod.Engine._encode
     calls: list[int] = []
@@ -446,8 +450,7 @@ def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
 
 
 def test_a_cancelled_snapshot_does_not_count_its_usage_twice(ledger_url, tmp_path, monkeypatch):
-    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
-    b.grant("newco", "usd", 10**10)
+    b = funded(tmp_path, monkeypatch, ledger_url)
     b.batch(tokens("newco", 5))
     _cancel_during_commit(b, lambda ops: any(op[0] == "usage" for op in ops), b.engine.snapshot)
     b.batch(tokens("newco", 1))
@@ -458,8 +461,7 @@ def test_a_cancelled_snapshot_does_not_count_its_usage_twice(ledger_url, tmp_pat
 
 def test_a_cancelled_flush_does_not_reuse_its_sequence(ledger_url, tmp_path, monkeypatch):
     # A client's deadline on GetStatement cancels the handler while its flush commits.
-    b = Billing(tmp_path, "openai", monkeypatch, start_ms=NOV_1, ledger=ledger_url)
-    b.grant("newco", "usd", 10**10)
+    b = funded(tmp_path, monkeypatch, ledger_url)
     b.batch(tokens("newco", 5))
     b.flush()
     b.batch(tokens("newco", 2))
