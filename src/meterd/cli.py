@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from decimal import Decimal
@@ -177,6 +178,20 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark suite lives in the source tree (benchmarks/), next to what it measures."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the checkout, when run as the installed `meterd` command
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError:
+        print("meterd: bench runs from a checkout of the source tree: cd to it and run `meterd bench` "
+              "(or `python -m benchmarks`)", file=sys.stderr)
+        return 2
+    rest = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    return bench_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterd", description=(
         "Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny."))
@@ -217,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", choices=["minute", "hour", "day"], help="one row per window (default: the range)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_usage)
+    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout); options after --",
+                       description="Runs `python -m benchmarks`: micro, end-to-end, baselines and capacity, "
+                                   "then prints a table and writes benchmarks/results/latest.json.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on, for example -- --seconds 3")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("ledger", help="central ledger administration")
     lsub = p.add_subparsers(dest="ledger_command", required=True)
     p = lsub.add_parser("migrate", help="create or upgrade the ledger's tables (versioned migrations)")

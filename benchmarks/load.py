@@ -1,0 +1,306 @@
+"""End-to-end load: a real meterd (or a bare gRPC echo server) on loopback,
+driven by client processes that send pre-serialised requests, so that the
+client is not what is measured.
+
+Two shapes of load:
+
+- closed loop (saturation): each process keeps ``inflight`` calls open and
+  sends the next as soon as one returns;
+- open loop (a fixed offered load): each process sends on a schedule, and a
+  call's latency counts from when it was due, not from when it was sent, so a
+  slow server cannot hide its queueing (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from meterd.v1 import meter_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o4-mini"]
+CUSTOMERS = 10_000
+BALANCE = "1000000000"  # dollars: no event is denied during a run
+
+
+@dataclass
+class Run:
+    """One measured scenario."""
+    name: str
+    offered: float | None          # calls/s asked for (None: saturation)
+    calls_per_s: float
+    events_per_s: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    errors: int = 0
+    detail: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- servers -------------------------------------------------------------------------------
+
+
+def bench_catalog(path: Path, customers: int = CUSTOMERS) -> None:
+    """The demo catalog's meters, and customers with large balances."""
+    demo = (ROOT / "src" / "meterd" / "demo_catalog.toml").read_text()
+    head = demo.split("[customers.")[0]
+    with open(path, "w") as f:
+        f.write(head)
+        for i in range(customers):
+            f.write(f'[customers.c{i}]\nbalances = {{ usd = "{BALANCE}" }}\n')
+
+
+class Server:
+    """A meterd daemon, or the echo server, as a subprocess on loopback."""
+
+    def __init__(self, kind: str = "meterd", fsync: bool = True, customers: int = CUSTOMERS) -> None:
+        self.kind = kind
+        self.fsync = fsync
+        self.customers = customers
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"meterd-bench-{kind}-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        env = dict(os.environ)
+        env.pop("METERD_NO_EXTENSIONS", None)
+        if self.kind == "echo":
+            cmd = [sys.executable, "-m", "benchmarks.echo", self.target]
+        else:
+            catalog = self.dir / "catalog.toml"
+            bench_catalog(catalog, self.customers)
+            cmd = [sys.executable, "-m", "meterd", "serve", "--data-dir", str(self.dir / "data"),
+                   "--listen", self.target, "--catalog", str(catalog)]
+            if not self.fsync:
+                cmd.append("--no-fsync")
+            env["METERD_LOG_LEVEL"] = "warning"
+        self.log = open(self.dir / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as ch:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.kind} exited: {(self.dir / 'server.log').read_text()[-2000:]}")
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    if self.kind == "echo":
+                        return
+                    from grpc_health.v1 import health_pb2, health_pb2_grpc
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                except grpc.FutureTimeoutError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} did not become ready")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---- requests, pre-serialised --------------------------------------------------------------
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def batch_body(size: int, seed: int) -> bytes:
+    """The events of a ReportBatchRequest (field 3), over CUSTOMERS customers and mixed models."""
+    import random
+    rng = random.Random(seed)
+    events = [pb.UsageEvent(customer_id=f"c{rng.randrange(CUSTOMERS)}",
+                            meter=rng.choice(["input_tokens", "output_tokens"]), quantity=rng.randrange(1, 4000),
+                            dimensions={"model": rng.choice(MODELS)}) for _ in range(size)]
+    return pb.ReportBatchRequest(events=events).SerializeToString()
+
+
+class Batches:
+    """ReportBatchRequests of one client: the same events, a new sequence each time."""
+
+    def __init__(self, client_id: str, size: int, seed: int) -> None:
+        self.prefix = b"\x0a" + _varint(len(client_id)) + client_id.encode()
+        self.body = batch_body(size, seed)
+        self.seq = 0
+
+    def next(self) -> bytes:
+        self.seq += 1
+        return self.prefix + b"\x10" + _varint(self.seq) + self.body
+
+
+def unary_requests(method: str, seed: int, n: int = 512) -> list[bytes]:
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        cust, model = f"c{rng.randrange(CUSTOMERS)}", rng.choice(MODELS)
+        if method == "Authorize":
+            out.append(pb.AuthorizeRequest(customer_id=cust, meter="output_tokens", quantity=rng.randrange(1, 4000),
+                                           dimensions={"model": model}, ttl_ms=2000).SerializeToString())
+        else:
+            out.append(pb.ReportRequest(event=pb.UsageEvent(customer_id=cust, meter="input_tokens",
+                                                            quantity=rng.randrange(1, 4000),
+                                                            dimensions={"model": model})).SerializeToString())
+    return out
+
+
+# ---- one client process --------------------------------------------------------------------------------
+
+
+def _client(target: str, method: str, kind: str, proc: int, seconds: float, inflight: int, rate: float,
+            batch: int, out: Any) -> None:
+    """Runs in a child process; puts (calls, events, errors, latencies_ms) on ``out``."""
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
+                                                     ("grpc.max_receive_message_length", 64 << 20)])
+    service = "Echo" if kind == "echo" else "meterd.v1.Meter"
+    path = f"/{service}/{'Call' if kind == 'echo' else method}"
+    if method == "ReportStream":
+        out.put(_stream(channel, path.replace("ReportBatch", "ReportStream"), proc, seconds, batch))
+        return
+    call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+    if method == "ReportBatch":
+        batches = Batches(f"bench-{os.getpid()}", batch, proc)
+        make: Callable[[int], bytes] = lambda i: batches.next()  # noqa: E731
+        per_call = batch
+    else:
+        reqs = unary_requests(method, proc)
+        make = lambda i: reqs[i % len(reqs)]  # noqa: E731
+        per_call = 1
+    lock = threading.Lock()
+    latencies: list[float] = []
+    counts = [0, 0]  # done, errors
+    slots = threading.Semaphore(inflight)
+    start = time.monotonic()
+    end = start + seconds
+
+    def done(fut: Any, due: float) -> None:
+        ok = fut.exception() is None
+        with lock:
+            latencies.append((time.monotonic() - due) * 1000)
+            counts[0] += 1
+            counts[1] += 0 if ok else 1
+        slots.release()
+
+    i = 0
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if rate > 0:
+            due = start + i / rate
+            if due > now:
+                time.sleep(due - now)
+        else:
+            due = now
+        slots.acquire()
+        fut = call.future(make(i), timeout=30)
+        fut.add_done_callback(lambda f, d=due: done(f, d))
+        i += 1
+    for _ in range(inflight):
+        slots.acquire()
+    elapsed = time.monotonic() - start
+    out.put((counts[0] - counts[1], (counts[0] - counts[1]) * per_call, counts[1], latencies, elapsed))
+    channel.close()
+
+
+def _stream(channel: grpc.Channel, path: str, proc: int, seconds: float, batch: int) -> tuple:
+    call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+    batches = Batches(f"stream-{os.getpid()}", batch, proc)
+    stop = time.monotonic() + seconds
+    sent = threading.Semaphore(64)  # requests ahead of their answers
+
+    def requests() -> Iterator[bytes]:
+        while time.monotonic() < stop:
+            sent.acquire()
+            yield batches.next()
+
+    start = time.monotonic()
+    acked = errors = 0
+    try:
+        for _ in call(requests(), timeout=seconds + 60):
+            acked += 1
+            sent.release()
+    except grpc.RpcError:
+        errors += 1
+    elapsed = time.monotonic() - start
+    return acked, acked * batch, errors, [], elapsed
+
+
+def drive(target: str, method: str, kind: str = "meterd", processes: int = 2, seconds: float = 5.0,
+          inflight: int = 16, rate: float = 0.0, batch: int = 1) -> Run:
+    """Run client processes against a server and sum what they measured."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(target, method, kind, p, seconds, inflight,
+                                                rate / processes if rate else 0.0, batch, out))
+             for p in range(processes)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=seconds + 180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    calls = sum(r[0] for r in results)
+    events = sum(r[1] for r in results)
+    errors = sum(r[2] for r in results)
+    elapsed = max(r[4] for r in results)
+    lat = sorted(x for r in results for x in r[3])
+
+    def pct(q: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
+
+    name = f"{kind} {method}" + (f" x{batch}" if batch > 1 else "")
+    return Run(name, rate or None, calls / elapsed, events / elapsed, pct(0.5), pct(0.99), pct(0.999), errors,
+               f"{processes} client processes, {inflight} in flight each" if not rate else
+               f"{processes} client processes, open loop")
+
+
+if __name__ == "__main__":
+    with Server("meterd") as s:
+        print(drive(s.target, "ReportBatch", batch=1000, seconds=3))
