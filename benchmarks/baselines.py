@@ -621,3 +621,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+LMDB_COMMIT_LATENCY = "LMDB durable commit of one put, p99 (the floor of a durable answer)"
+
+
+def lmdb_commit_latency(commits: int = 300, progress: Progress = print) -> list[Result]:
+    """How long one small durable commit takes here: no durable answer can be faster."""
+    import lmdb
+
+    progress(f"lmdb: {commits} single-put commits with sync")
+    work = tempfile.mkdtemp(prefix="meterd-bench-lmdb-latency-")
+    try:
+        env = lmdb.open(work, map_size=64 << 20, sync=True, metasync=True)
+        times = []
+        for i in range(commits):
+            t = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(i.to_bytes(8, "big"), b"x" * 64)
+            times.append((time.perf_counter() - t) * 1000)
+        env.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    times.sort()
+    p50, p99 = times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+    return [Result(LMDB_COMMIT_LATENCY, round(p99, 3), "ms", f"p50 {p50:.3f} ms, {commits} commits, fsync on")]
