@@ -508,3 +508,69 @@ def test_degraded_usage_is_counted_without_cost():
         c.set_plan(idx, 2)  # relax when empty
         assert c.apply_batch(batch([ev("slow", meter="requests", quantity=3, model="o1")]))[:3] == (1, 0, 1)
         assert [(q, cost, n) for *_, q, cost, n, _ in c.take_usage()] == [(3, 0, 1)]
+
+
+def test_aggregates_past_64_bits_are_exact():
+    """A window's sum may pass 64 bits (quantity, and cost with top-ups between events)."""
+    out = []
+    for kind in CORES:
+        c = make_core(kind)
+        idx = c.open_account(b"huge")
+        c.set_clock(1_790_000_000_000)
+        for _ in range(3):
+            c.credit(idx, 0, 2**63 - 1 - c.state(idx)[0][0][0])
+            c.reset_usage(idx)  # a new period: its usage counter starts again, the window's aggregate does not
+            # 3.6e15 gpt-4o tokens cost 9e18 nano; "free" requests cost nothing however many.
+            c.apply_batch(batch([ev("huge", quantity=3_600_000_000_000_000, model="gpt-4o"),
+                                 ev("huge", meter="requests", quantity=2**62, model="free")]))
+        rows = sorted((m, q, cost, n) for _, m, _, _, q, cost, n, _ in c.take_usage())
+        assert rows == [(0, 3 * 3_600_000_000_000_000, 3 * 9 * 10**18, 3), (1, 3 * 2**62, 0, 3)]
+        c.apply_batch(batch([ev("huge", meter="requests", quantity=1, model="free")]))
+        assert [(q, n) for *_, q, _, n, _ in c.take_usage()] == [(1, 1)]  # nothing of the sums is left behind
+        out.append(rows)
+    assert out[0] == out[1]
+
+
+def test_reservations_floors_degradation_and_thresholds_return_to_their_defaults():
+    """The compiled core keeps these apart from the account row; both cores give the same states."""
+    cores = [make_core(kind) for kind in CORES]
+    for c in cores:
+        for name in (b"plain", b"floor", b"held", b"slow"):
+            c.credit(c.open_account(name), 0, 10**9)
+        c.set_floor(c.account(b"plain"), 0, 0)
+        c.set_alert(c.account(b"plain"), 1, None)
+        c.set_floor(c.account(b"floor"), 0, -5 * 10**9)
+        c.set_alert(c.account(b"floor"), 0, 10**8)
+        held = c.account(b"held")
+        assert c.reserve(held, 0, 4 * 10**8)
+        c.release(held, 0, 4 * 10**8)
+        slow = c.account(b"slow")
+        c.set_plan(slow, 2)
+        c.apply_batch(batch([ev("slow", quantity=10**9, model="gpt-4o")]))  # $2,500: degraded
+        assert c.state(slow)[0][0][4] == 2_500 * 10**9
+        c.reset_usage(slow)
+        c.apply_batch(batch([ev("floor", quantity=10**6, model="gpt-4o")]))  # $2.50 of $1, floor -$5
+        assert c.take_alerts() == [(c.account(b"floor"), 0)]
+    states = [[c.state_bytes(i) for i in range(len(c))] for c in cores]
+    assert states[0] == states[1]
+    for c in cores:
+        assert c.state(c.account(b"plain"))[0] == [(10**9, 0, 0, 0, 0, -(2**63)), (0, 0, 0, 0, 0, -(2**63))]
+        assert c.state(c.account(b"floor"))[0][0][1:3] == (0, -5 * 10**9)
+        assert c.state(c.account(b"slow"))[0][0][4] == 0
+
+
+def test_load_states_loads_many_snapshot_records():
+    src = make_core("compiled")
+    for i in range(3000):
+        idx = src.open_account(b"c%d" % i)
+        src.credit(idx, i % 2, i * 1000)
+        if i % 7 == 0:
+            src.set_floor(idx, 0, -i)
+    records = [(src.customer_id(i), src.state_bytes(i)) for i in range(len(src))]
+    for kind in CORES:
+        c = make_core(kind)
+        assert c.load_states(iter(records)) == 3000
+        assert [(c.customer_id(i), c.state_bytes(i)) for i in range(len(c))] == records
+        assert c.take_dirty() == []
+        with pytest.raises(ValueError):
+            c.load_states([(b"bad", b"\x00" * 8)])

@@ -67,3 +67,58 @@ def test_disk_error_during_commit_and_recovery(tmp_path: Path, monkeypatch: pyte
         again.store.close()
 
     asyncio.run(run())
+
+
+
+def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A start reads no grant buckets, only the index of when grants expire; a
+    data directory from before that index gets it built at its first start."""
+    from meterd import engine as engine_mod
+
+    now = {"ms": 1_790_000_000_000}
+    monkeypatch.setattr(engine_mod, "CLOCK_NS", lambda: now["ms"] * 1_000_000)
+    settings = Settings(data_dir=str(tmp_path / "d"), fsync=False)
+
+    def grants(engine: Engine, customer: str) -> list[int]:
+        resp = pb.GetBalanceResponse.FromString(
+            engine.balance(pb.GetBalanceRequest(customer_id=customer).SerializeToString()))
+        return sorted(g.remaining_nano for g in resp.balances[0].grants)
+
+    async def granted(customers: list[str]) -> None:
+        engine = Engine(settings, load_catalog(None))
+        engine.start(asyncio.get_running_loop())
+        for customer in customers:
+            await engine.grant(apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=7 * 10**9))
+            await engine.grant(apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=3 * 10**9,
+                                                expires_at_ms=now["ms"] + 60_000))
+        await engine.close()
+
+    async def run() -> None:
+        await granted(["a", "b"])
+        engine = Engine(settings, load_catalog(None))
+        assert engine.accounts.loaded() == []  # the start read no buckets
+        assert grants(engine, "a") == [3 * 10**9, 7 * 10**9]  # read now
+        now["ms"] += 61_000
+        engine.start(asyncio.get_running_loop())
+        await engine.sweep()
+        assert balance(engine, "a") == balance(engine, "b") == 7 * 10**9
+        assert grants(engine, "b") == [7 * 10**9]
+        await engine.close()
+
+        # A data directory from before the index: its first start builds it.
+        await granted(["c"])
+        engine = Engine(settings, load_catalog(None))
+        engine.store.write_now([("grant_expiry", k, None) for k, _ in engine.store.items("grant_expiry")]
+                               + [("meta", b"grant_expiry_index", None)])
+        engine.close_ledger()
+        engine.store.close()
+        engine = Engine(settings, load_catalog(None))
+        assert len(engine.store.items("grant_expiry")) == 1
+        now["ms"] += 61_000
+        engine.start(asyncio.get_running_loop())
+        await engine.sweep()
+        assert balance(engine, "c") == 7 * 10**9
+        assert engine.store.items("grant_expiry") == []
+        await engine.close()
+
+    asyncio.run(run())

@@ -109,15 +109,27 @@ cdef struct Meter:
 
 
 # Usage of one (account, meter, dimension set, window) since the last
-# take_usage: what the ledger receives, aggregated.
+# take_usage: what the ledger receives, aggregated. 48 bytes: a sum that would
+# pass 64 bits moves what it has to Core.agg_spill (rare) and starts again.
 cdef struct Agg:
-    int32_t acct
-    int32_t meter
     uint64_t dhash
     int64_t window
-    i128 qty
-    i128 cost
+    int64_t qty
+    int64_t cost
     int64_t events
+    int32_t acct
+    int32_t meter
+
+
+# The state of an account and credit type that most accounts never set:
+# held by reservations, an overdraft floor, degraded usage this period, a
+# low-balance threshold. An account has these rows (one per credit type) only
+# once one of them is set to other than its default (0, 0, 0, INT64_MIN).
+cdef struct Ext:
+    int64_t resv
+    int64_t floor
+    int64_t degr
+    int64_t alert
 
 
 # One decoded event, pointing into the caller's buffer.
@@ -283,12 +295,13 @@ cdef class Core:
     cdef uint64_t arena_len
     cdef uint64_t arena_cap
     cdef int64_t *bal
-    cdef int64_t *resv
-    cdef int64_t *floor_
     cdef int64_t *rem
     cdef int64_t *usage
-    cdef int64_t *degr
-    cdef int64_t *alert
+    cdef int32_t *ext        # per account: its first Ext row, or -1 (all defaults)
+    cdef Ext *xrows
+    cdef Py_ssize_t n_x
+    cdef Py_ssize_t cap_x
+    cdef bint has_unique     # uhead and uepoch exist only for a catalog with unique_count meters
     cdef uint16_t *plan_of
     cdef uint8_t *dirty
     # plans: fallback mode (0 = deny) and priority step per (plan, credit type)
@@ -318,6 +331,7 @@ cdef class Core:
     cdef Agg *agg
     cdef Py_ssize_t n_agg
     cdef Py_ssize_t cap_agg
+    cdef dict agg_spill      # aggregate index -> [quantity, cost] moved out before 64 bits overflowed
     cdef int32_t *aslots
     cdef uint64_t amask
     cdef int64_t window_ms
@@ -343,12 +357,13 @@ cdef class Core:
         self.id_len = NULL
         self.arena = NULL
         self.bal = NULL
-        self.resv = NULL
-        self.floor_ = NULL
         self.rem = NULL
         self.usage = NULL
-        self.degr = NULL
-        self.alert = NULL
+        self.ext = NULL
+        self.xrows = NULL
+        self.n_x = 0
+        self.cap_x = 0
+        self.has_unique = False
         self.plan_of = NULL
         self.plan_mode = NULL
         self.plan_step = NULL
@@ -368,6 +383,7 @@ cdef class Core:
         self.agg = NULL
         self.n_agg = 0
         self.cap_agg = 0
+        self.agg_spill = {}
         self.aslots = NULL
         self.amask = 0
         self.window_ms = 60000
@@ -467,6 +483,8 @@ cdef class Core:
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
                 raise ValueError("meter %d: a unique_count meter, and only one, names its dimension" % i)
             self.meters[i].agg = agg
+            if agg == AGG_UNIQUE:
+                self.has_unique = True
             self.meters[i].uniq_key = _dup(uniq)
             self.meters[i].uniq_key_len = len(uniq)
             self.meters[i].name = _dup(name)
@@ -524,9 +542,9 @@ cdef class Core:
                 free(self.rates[i].dim_value)
         free(self.denom); free(self.meters); free(self.rates); free(self.scratch)
         free(self.slots); free(self.hashes); free(self.id_off); free(self.id_len)
-        free(self.arena); free(self.bal); free(self.resv); free(self.floor_)
+        free(self.arena); free(self.bal); free(self.ext); free(self.xrows)
         free(self.rem); free(self.usage); free(self.dirty)
-        free(self.degr); free(self.alert); free(self.plan_of)
+        free(self.plan_of)
         free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len); free(self.ct_name); free(self.ct_name_len)
@@ -554,15 +572,13 @@ cdef class Core:
         self.id_len = <uint8_t *>_resize(self.id_len, new_cap)
         self.dirty = <uint8_t *>_resize(self.dirty, new_cap)
         self.bal = <int64_t *>_resize(self.bal, new_cap * self.n_ct * sizeof(int64_t))
-        self.resv = <int64_t *>_resize(self.resv, new_cap * self.n_ct * sizeof(int64_t))
-        self.floor_ = <int64_t *>_resize(self.floor_, new_cap * self.n_ct * sizeof(int64_t))
         self.rem = <int64_t *>_resize(self.rem, new_cap * self.n_ct * sizeof(int64_t))
         self.usage = <int64_t *>_resize(self.usage, new_cap * max(self.n_meters, 1) * sizeof(int64_t))
-        self.degr = <int64_t *>_resize(self.degr, new_cap * self.n_ct * sizeof(int64_t))
-        self.alert = <int64_t *>_resize(self.alert, new_cap * self.n_ct * sizeof(int64_t))
+        self.ext = <int32_t *>_resize(self.ext, new_cap * sizeof(int32_t))
         self.plan_of = <uint16_t *>_resize(self.plan_of, new_cap * sizeof(uint16_t))
-        self.uhead = <int32_t *>_resize(self.uhead, new_cap * sizeof(int32_t))
-        self.uepoch = <uint32_t *>_resize(self.uepoch, new_cap * sizeof(uint32_t))
+        if self.has_unique:
+            self.uhead = <int32_t *>_resize(self.uhead, new_cap * sizeof(int32_t))
+            self.uepoch = <uint32_t *>_resize(self.uepoch, new_cap * sizeof(uint32_t))
         free(self.slots)
         self.slots = <int32_t *>calloc(nslots, sizeof(int32_t))
         if self.slots == NULL:
@@ -611,14 +627,12 @@ cdef class Core:
         self.dirty[idx] = 1
         for k in range(self.n_ct):
             self.bal[idx * self.n_ct + k] = 0
-            self.resv[idx * self.n_ct + k] = 0
-            self.floor_[idx * self.n_ct + k] = 0
             self.rem[idx * self.n_ct + k] = 0
-            self.degr[idx * self.n_ct + k] = 0
-            self.alert[idx * self.n_ct + k] = INT64_MIN
+        self.ext[idx] = -1
         self.plan_of[idx] = 0
-        self.uhead[idx] = -1
-        self.uepoch[idx] = 0
+        if self.has_unique:
+            self.uhead[idx] = -1
+            self.uepoch[idx] = 0
         for k in range(self.n_meters):
             self.usage[idx * self.n_meters + k] = 0
         h = self.hashes[idx] & self.mask
@@ -627,6 +641,74 @@ cdef class Core:
         self.slots[h] = idx + 1
         self.count += 1
         return idx
+
+    # ---- rarely set state (Ext rows) ---------------------------------------
+
+    cdef inline Ext *_xp(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        """The account's Ext row of a credit type, or NULL while all are defaults."""
+        cdef int32_t e = self.ext[idx]
+        return NULL if e < 0 else &self.xrows[e + ct]
+
+    cdef int _xreserve(self, Py_ssize_t accounts) except -1:
+        """Room for that many more accounts' Ext rows, so that _xnew cannot fail."""
+        cdef Py_ssize_t need = self.n_x + accounts * self.n_ct, new_cap
+        if need <= self.cap_x:
+            return 0
+        if need > 0x7FFFFFF0:
+            raise MemoryError("too many accounts with reservations, floors or thresholds")
+        new_cap = max(need, self.cap_x * 2, 64)
+        self.xrows = <Ext *>_resize(self.xrows, new_cap * sizeof(Ext))
+        self.cap_x = new_cap
+        return 0
+
+    cdef inline Ext *_xnew(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        """The account's Ext row of a credit type, made (with defaults) if need be;
+        room was made by _xreserve."""
+        cdef Py_ssize_t k
+        if self.ext[idx] < 0:
+            for k in range(self.n_ct):
+                self.xrows[self.n_x + k].resv = 0
+                self.xrows[self.n_x + k].floor = 0
+                self.xrows[self.n_x + k].degr = 0
+                self.xrows[self.n_x + k].alert = INT64_MIN
+            self.ext[idx] = <int32_t>self.n_x
+            self.n_x += self.n_ct
+        return &self.xrows[self.ext[idx] + ct]
+
+    cdef Ext *_xw(self, Py_ssize_t idx, Py_ssize_t ct) except NULL:
+        """The account's Ext row of a credit type, for writing."""
+        if self.ext[idx] < 0:
+            self._xreserve(1)
+        return self._xnew(idx, ct)
+
+    cdef inline int64_t _resv(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        cdef Ext *x = self._xp(idx, ct)
+        return 0 if x == NULL else x.resv
+
+    cdef inline int64_t _floor(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        cdef Ext *x = self._xp(idx, ct)
+        return 0 if x == NULL else x.floor
+
+    cdef inline int64_t _degr(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        cdef Ext *x = self._xp(idx, ct)
+        return 0 if x == NULL else x.degr
+
+    cdef inline int64_t _alert(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        cdef Ext *x = self._xp(idx, ct)
+        return INT64_MIN if x == NULL else x.alert
+
+    cdef int _set_ext(self, Py_ssize_t idx, Py_ssize_t ct, int64_t resv, int64_t floor, int64_t degr,
+                      int64_t alert) except -1:
+        """Set all four; an account whose rows are all defaults gets none."""
+        cdef Ext *x
+        if self.ext[idx] < 0 and resv == 0 and floor == 0 and degr == 0 and alert == INT64_MIN:
+            return 0
+        x = self._xw(idx, ct)
+        x.resv = resv
+        x.floor = floor
+        x.degr = degr
+        x.alert = alert
+        return 0
 
     def __len__(self):
         return self.count
@@ -659,8 +741,8 @@ cdef class Core:
         usage per meter, and the plan."""
         self._idx(idx)
         cdef Py_ssize_t k, b = idx * self.n_ct
-        cts = [(self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k], self.degr[b + k],
-                self.alert[b + k]) for k in range(self.n_ct)]
+        cts = [(self.bal[b + k], self._resv(idx, k), self._floor(idx, k), self.rem[b + k], self._degr(idx, k),
+                self._alert(idx, k)) for k in range(self.n_ct)]
         use = [self.usage[idx * self.n_meters + k] for k in range(self.n_meters)]
         return cts, use, self.plan_of[idx]
 
@@ -675,9 +757,12 @@ cdef class Core:
         for k in range(self.n_ct):
             if not (0 <= cts[k][3] < self.denom[k]) or cts[k][1] < 0:
                 raise ValueError("account state out of range")
+        cdef int64_t bal, resv, floor, rem, degr, alert
         for k in range(self.n_ct):
-            (self.bal[b + k], self.resv[b + k], self.floor_[b + k], self.rem[b + k], self.degr[b + k],
-             self.alert[b + k]) = cts[k]
+            bal, resv, floor, rem, degr, alert = cts[k]
+            self.bal[b + k] = bal
+            self.rem[b + k] = rem
+            self._set_ext(idx, k, resv, floor, degr, alert)
         for k in range(self.n_meters):
             self.usage[idx * self.n_meters + k] = use[k]
         self.plan_of[idx] = plan
@@ -707,11 +792,11 @@ cdef class Core:
         cdef int64_t *w = <int64_t *>PyBytes_AS_STRING(out)
         for k in range(self.n_ct):
             w[k * 6] = self.bal[b + k]
-            w[k * 6 + 1] = self.resv[b + k]
-            w[k * 6 + 2] = self.floor_[b + k]
+            w[k * 6 + 1] = self._resv(idx, k)
+            w[k * 6 + 2] = self._floor(idx, k)
             w[k * 6 + 3] = self.rem[b + k]
-            w[k * 6 + 4] = self.degr[b + k]
-            w[k * 6 + 5] = self.alert[b + k]
+            w[k * 6 + 4] = self._degr(idx, k)
+            w[k * 6 + 5] = self._alert(idx, k)
         for k in range(self.n_meters):
             w[self.n_ct * 6 + k] = self.usage[u + k]
         w[words - 1] = self.plan_of[idx]
@@ -724,6 +809,19 @@ cdef class Core:
     def load_state_bytes(self, bytes customer_id, bytes data):
         """Create or overwrite an account from ``state_bytes`` output."""
         self._check()
+        return self._load_state(customer_id, data)
+
+    def load_states(self, records):
+        """``load_state_bytes`` for each (customer_id, data) pair of an iterable; returns how many."""
+        self._check()
+        cdef Py_ssize_t n = 0
+        cdef bytes customer_id, data
+        for customer_id, data in records:
+            self._load_state(customer_id, data)
+            n += 1
+        return n
+
+    cdef Py_ssize_t _load_state(self, bytes customer_id, bytes data) except -1:
         cdef Py_ssize_t k, words = self.n_ct * 6 + self.n_meters + 1
         cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
         if PyBytes_GET_SIZE(data) < (words + 1) * 8 or \
@@ -734,15 +832,15 @@ cdef class Core:
                 raise ValueError("account state out of range")
         if not 0 <= w[words - 1] < self.n_plans:
             raise ValueError("account state names a plan that does not exist")
-        cdef Py_ssize_t idx = self.open_account(customer_id)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(customer_id)
+        if n == 0 or n > self.id_max or not _id_charset_ok(PyBytes_AS_STRING(customer_id), n):
+            raise InvalidInput("customer_id", "must be 1 to %d printable ASCII characters" % self.id_max)
+        cdef Py_ssize_t idx = self._insert(PyBytes_AS_STRING(customer_id), n)
         cdef Py_ssize_t b = idx * self.n_ct, u = idx * self.n_meters
         for k in range(self.n_ct):
             self.bal[b + k] = w[k * 6]
-            self.resv[b + k] = w[k * 6 + 1]
-            self.floor_[b + k] = w[k * 6 + 2]
             self.rem[b + k] = w[k * 6 + 3]
-            self.degr[b + k] = w[k * 6 + 4]
-            self.alert[b + k] = w[k * 6 + 5]
+            self._set_ext(idx, k, w[k * 6 + 1], w[k * 6 + 2], w[k * 6 + 4], w[k * 6 + 5])
         for k in range(self.n_meters):
             self.usage[u + k] = w[self.n_ct * 6 + k]
         self.plan_of[idx] = <uint16_t>w[words - 1]
@@ -768,20 +866,24 @@ cdef class Core:
         cdef int64_t before = self.bal[b]
         self.bal[b] = <int64_t>v
         self.dirty[idx] = 1
-        self._check_alert(b, before)
+        self._check_alert(idx, ct, before)
         return self.bal[b]
 
     def set_floor(self, Py_ssize_t idx, Py_ssize_t ct, int64_t floor_nano):
         self._idx(idx); self._ct(ct)
-        self.floor_[idx * self.n_ct + ct] = floor_nano
+        if floor_nano != 0 or self.ext[idx] >= 0:
+            self._xw(idx, ct).floor = floor_nano
         self.dirty[idx] = 1
 
-    cdef inline i128 _available(self, Py_ssize_t b) noexcept nogil:
-        return <i128>self.bal[b] - self.resv[b] - self.floor_[b]
+    cdef inline i128 _available(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        cdef Ext *x = self._xp(idx, ct)
+        if x == NULL:
+            return <i128>self.bal[idx * self.n_ct + ct]
+        return <i128>self.bal[idx * self.n_ct + ct] - x.resv - x.floor
 
     def available(self, Py_ssize_t idx, Py_ssize_t ct):
         self._idx(idx); self._ct(ct)
-        cdef i128 a = self._available(idx * self.n_ct + ct)
+        cdef i128 a = self._available(idx, ct)
         if a > INT64_MAX:
             return INT64_MAX
         return <int64_t>a if a > -INT64_MAX else -INT64_MAX
@@ -865,12 +967,12 @@ cdef class Core:
             use = quantity
         if use > INT64_MAX:
             return REASON_OVERFLOW
-        if not force and d > 0 and d > self._available(b):
+        if not force and d > 0 and d > self._available(idx, ct):
             if self.plan_mode[self.plan_of[idx] * self.n_ct + ct] == 0:
                 return REASON_INSUFFICIENT_BALANCE
-            if <i128>self.degr[b] + d > INT64_MAX:
+            if <i128>self._degr(idx, ct) + d > INT64_MAX:
                 return REASON_OVERFLOW
-            self.degr[b] += <int64_t>d
+            self._xnew(idx, ct).degr += <int64_t>d  # room was made by the caller
             self.usage[u] = <int64_t>use
             if new_value:
                 self._uinsert(<int32_t>idx, meter, <uint64_t>quantity)
@@ -884,7 +986,7 @@ cdef class Core:
             self._uinsert(<int32_t>idx, meter, <uint64_t>quantity)
         self.dirty[idx] = 1
         cost[0] = <int64_t>d
-        self._check_alert(b, before)
+        self._check_alert(idx, ct, before)
         return REASON_NONE
 
     # ---- distinct values of unique_count meters --------------------------------
@@ -936,7 +1038,7 @@ cdef class Core:
         cdef Py_ssize_t i, live = 0, nslots = 16, new_cap
         cdef UEntry *old = self.uent
         cdef Py_ssize_t n_old = self.n_uent
-        if self.n_uent + more <= self.cap_uent:
+        if not self.has_unique or self.n_uent + more <= self.cap_uent:
             return 0
         for i in range(n_old):
             if old[i].epoch == self.uepoch[old[i].acct]:
@@ -970,8 +1072,10 @@ cdef class Core:
     def uniques(self, Py_ssize_t idx):
         """(meter, value hash) of the distinct values counted this period, sorted."""
         self._idx(idx)
-        cdef int32_t i = self.uhead[idx]
         out = []
+        if not self.has_unique:
+            return out
+        cdef int32_t i = self.uhead[idx]
         while i >= 0:
             if self.uent[i].epoch == self.uepoch[idx]:
                 out.append((self.uent[i].meter, self.uent[i].vhash))
@@ -988,9 +1092,13 @@ cdef class Core:
             self._ureserve(1)
             self._uinsert(<int32_t>idx, meter, vhash)
 
-    cdef inline void _check_alert(self, Py_ssize_t b, int64_t before) noexcept nogil:
+    cdef inline void _check_alert(self, Py_ssize_t idx, Py_ssize_t ct, int64_t before) noexcept nogil:
         """Note a balance that just fell below its low-balance threshold."""
-        cdef int64_t a = self.alert[b]
+        cdef Ext *x = self._xp(idx, ct)
+        if x == NULL:
+            return
+        cdef Py_ssize_t b = idx * self.n_ct + ct
+        cdef int64_t a = x.alert
         if a != INT64_MIN and before >= a and self.bal[b] < a:
             if self.n_alerts < DEF_ALERTS_MAX:
                 self.alerts[self.n_alerts] = b
@@ -1005,7 +1113,7 @@ cdef class Core:
         cdef int64_t drop
         if step <= 0:
             return 100
-        drop = self.degr[idx * self.n_ct + ct] // step
+        drop = self._degr(idx, ct) // step
         return <uint32_t>(100 - drop if drop < 100 else 0)
 
     def set_plan(self, Py_ssize_t idx, int plan):
@@ -1018,7 +1126,9 @@ cdef class Core:
     def set_alert(self, Py_ssize_t idx, Py_ssize_t ct, threshold):
         """Low-balance threshold (nano), or None for none."""
         self._idx(idx); self._ct(ct)
-        self.alert[idx * self.n_ct + ct] = INT64_MIN if threshold is None else <int64_t>threshold
+        cdef int64_t a = INT64_MIN if threshold is None else <int64_t>threshold
+        if a != INT64_MIN or self.ext[idx] >= 0:
+            self._xw(idx, ct).alert = a
         self.dirty[idx] = 1
 
     # ---- usage aggregates for the ledger ---------------------------------------
@@ -1080,7 +1190,7 @@ cdef class Core:
         if slot == 0:
             if dhash not in self.dims_of:
                 self.dims_of[dhash] = _dims_of_event(buf, start, end) if buf != NULL else self.rate_dims[rate]
-            if (self.n_agg + 1) * 2 > self.cap_agg:
+            if self.n_agg == self.cap_agg:
                 self._agg_grow(self.cap_agg * 2)
                 return self._usage(acct, rate, dhash, quantity, cost, buf, start, end)
             a = &self.agg[self.n_agg]
@@ -1093,6 +1203,8 @@ cdef class Core:
             a.qty = 0
             a.cost = 0
             a.events = 0
+        if (kind == AGG_SUM or kind == AGG_COUNT) and a.qty > INT64_MAX - quantity or a.cost > INT64_MAX - cost:
+            self._spill(a)
         if kind == AGG_SUM or kind == AGG_COUNT:
             a.qty += quantity
         elif kind == AGG_MAX:
@@ -1102,6 +1214,19 @@ cdef class Core:
             a.qty = quantity
         a.cost += cost
         a.events += 1
+        return 0
+
+    cdef int _spill(self, Agg *a) except -1:
+        """Move a sum that is about to pass 64 bits out of the aggregate (quantity
+        and cost are never negative): take_usage adds it back."""
+        cdef Py_ssize_t i = a - self.agg
+        cdef int kind = self.meters[a.meter].agg
+        spilled = self.agg_spill.setdefault(i, [0, 0])
+        if kind == AGG_SUM or kind == AGG_COUNT:
+            spilled[0] += a.qty
+            a.qty = 0
+        spilled[1] += a.cost
+        a.cost = 0
         return 0
 
     def usage_pending(self):
@@ -1120,12 +1245,24 @@ cdef class Core:
         out = []
         for i in range(self.n_agg):
             a = &self.agg[i]
-            out.append((self.customer_id(a.acct), a.meter, self.dims_of[a.dhash], a.window,
-                        _py_i128(a.qty), _py_i128(a.cost), a.events,
+            qty, cost = a.qty, a.cost
+            if self.agg_spill:
+                spilled = self.agg_spill.get(i)
+                if spilled is not None:
+                    qty, cost = qty + spilled[0], cost + spilled[1]
+            out.append((self.customer_id(a.acct), a.meter, self.dims_of[a.dhash], a.window, qty, cost, a.events,
                         self.bal[a.acct * self.n_ct + self.meters[a.meter].ct]))
         self.n_agg = 0
-        memset(self.aslots, 0, (self.amask + 1) * sizeof(int32_t))
+        self.agg_spill = {}
         self.dims_of = {}
+        if self.cap_agg > 4096:
+            # The tables go back to the system: they fill again by the next snapshot,
+            # and growing them costs less than the tuples above.
+            free(self.agg)
+            self.agg = NULL
+            self._agg_grow(64)
+        else:
+            memset(self.aslots, 0, (self.amask + 1) * sizeof(int32_t))
         return out
 
     def take_alerts(self):
@@ -1133,10 +1270,12 @@ cdef class Core:
         since the last call; when too many to keep, every account below it."""
         self._check()
         cdef Py_ssize_t i, b
+        cdef int64_t a
         out = []
         if self.alerts_lost:
             for b in range(self.count * self.n_ct):
-                if self.alert[b] != INT64_MIN and self.bal[b] < self.alert[b]:
+                a = self._alert(b // self.n_ct, b % self.n_ct)
+                if a != INT64_MIN and self.bal[b] < a:
                     out.append((b // self.n_ct, b % self.n_ct))
         else:
             for i in range(self.n_alerts):
@@ -1151,20 +1290,22 @@ cdef class Core:
         cdef Py_ssize_t b = idx * self.n_ct + ct
         if amount < 0:
             raise InvalidInput("amount", "must not be negative")
-        if amount > self._available(b):
+        if amount > self._available(idx, ct):
             return False
-        if <i128>self.resv[b] + amount > INT64_MAX:
+        if <i128>self._resv(idx, ct) + amount > INT64_MAX:
             raise InvalidInput("amount", "reserved total would overflow")
-        self.resv[b] += amount
+        if amount:
+            self._xw(idx, ct).resv += amount
         self.dirty[idx] = 1
         return True
 
     def release(self, Py_ssize_t idx, Py_ssize_t ct, int64_t amount):
         self._idx(idx); self._ct(ct)
         cdef Py_ssize_t b = idx * self.n_ct + ct
-        if amount < 0 or amount > self.resv[b]:
+        if amount < 0 or amount > self._resv(idx, ct):
             raise ValueError("release of more than is reserved")
-        self.resv[b] -= amount
+        if amount:
+            self._xp(idx, ct).resv -= amount
         self.dirty[idx] = 1
 
     def settle(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity, int64_t reserved):
@@ -1185,16 +1326,19 @@ cdef class Core:
         cdef int64_t cost = 0
         if self.meters[self.rates[rate].meter].agg > AGG_COUNT:
             raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end")
-        if reserved < 0 or reserved > self.resv[b]:
+        if reserved < 0 or reserved > self._resv(idx, ct):
             raise ValueError("settle of more than is reserved")
         if self._fine(<int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", "cost overflows 64 bits")
-        self.resv[b] -= reserved
+        cdef Ext *x = self._xp(idx, ct)  # there is one when anything is reserved
+        if reserved:
+            x.resv -= reserved
         if self._debit(idx, <int32_t>rate, quantity, fine, True, &cost) != REASON_NONE:
-            self.resv[b] += reserved
+            if reserved:
+                x.resv += reserved
             raise InvalidInput("quantity", "balance or usage would overflow")
         self._usage(<int32_t>idx, <int32_t>rate, self.rate_dhash[rate], quantity, cost, NULL, 0, 0)
-        cdef i128 a = self._available(b)
+        cdef i128 a = self._available(idx, ct)
         if a < -INT64_MAX:
             a = -INT64_MAX
         return cost, <int64_t>(-a if a < 0 else 0)
@@ -1218,7 +1362,7 @@ cdef class Core:
         self.bal[b] -= <int64_t>d
         self.rem[b] = <int64_t>(total - d * self.denom[ct])
         self.dirty[idx] = 1
-        self._check_alert(b, before)
+        self._check_alert(idx, ct, before)
         return <int64_t>d
 
     def reset_usage(self, Py_ssize_t idx=-1):
@@ -1226,17 +1370,23 @@ cdef class Core:
         usage go to zero."""
         self._check()
         cdef Py_ssize_t i
+        cdef Py_ssize_t k
         if idx < 0:
             memset(self.usage, 0, self.count * self.n_meters * sizeof(int64_t))
-            memset(self.degr, 0, self.count * self.n_ct * sizeof(int64_t))
+            for i in range(self.n_x):
+                self.xrows[i].degr = 0
             memset(self.dirty, 1, self.count)
-            for i in range(self.count):
-                self.uepoch[i] += 1
+            if self.has_unique:
+                for i in range(self.count):
+                    self.uepoch[i] += 1
             return
         self._idx(idx)
         memset(self.usage + idx * self.n_meters, 0, self.n_meters * sizeof(int64_t))
-        memset(self.degr + idx * self.n_ct, 0, self.n_ct * sizeof(int64_t))
-        self.uepoch[idx] += 1  # this period's distinct values start again
+        if self.ext[idx] >= 0:
+            for k in range(self.n_ct):
+                self.xrows[self.ext[idx] + k].degr = 0
+        if self.has_unique:
+            self.uepoch[idx] += 1  # this period's distinct values start again
         self.dirty[idx] = 1
 
     # ---- wire decoding ---------------------------------------------------
@@ -1582,6 +1732,7 @@ cdef class Core:
         cdef uint32_t prio
         self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev, &details)
         self._ureserve(nev)
+        self._xreserve(nev)
         out = <char *>malloc(nev * (48 + (160 if details else 0)) + 1)
         if out == NULL:
             raise MemoryError()
@@ -1655,6 +1806,7 @@ cdef class Core:
             raise self._event_error(&ev, "event.")
         cdef int32_t ct = self.rates[ev.rate].ct
         self._ureserve(1)
+        self._xreserve(1)
         ev.account = self._find(ev.cust, ev.cust_len)
         if ev.account < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
@@ -1748,19 +1900,6 @@ cdef inline int _scale(int64_t *qty, int precision) noexcept nogil:
             return E_OVERFLOW
         qty[0] *= 10
     return E_OK
-
-
-cdef object _py_i128(i128 v):
-    """A 128-bit integer as a Python int."""
-    cdef bint neg = v < 0
-    cdef unsigned long long hi, lo
-    if neg:
-        v = -v
-    hi = <unsigned long long>(v >> 64)
-    lo = <unsigned long long>(v & <i128>0xFFFFFFFFFFFFFFFFULL)
-    cdef object high = hi
-    r = (high << 64) | lo
-    return -r if neg else r
 
 
 def _varint_bytes(uint64_t v):

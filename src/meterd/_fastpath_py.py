@@ -9,6 +9,7 @@ same signature, results and error messages as its compiled counterpart.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from meterd.errors import InvalidInput
 
@@ -399,6 +400,14 @@ class Core:
         for k in range(n):
             self.add_unique(idx, pairs[2 * k], pairs[2 * k + 1] & U64)
         return idx
+
+    def load_states(self, records: Any) -> int:
+        """``load_state_bytes`` for each (customer_id, data) pair of an iterable; returns how many."""
+        n = 0
+        for customer_id, data in records:
+            self.load_state_bytes(customer_id, data)
+            n += 1
+        return n
 
     def uniques(self, idx: int) -> list:
         self._idx(idx)

@@ -27,7 +27,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, overload
 
 import lmdb
 
@@ -123,6 +123,55 @@ class Account:
     buckets: dict[int, list[Bucket]] = field(default_factory=dict)
 
 
+class Accounts:
+    """The grant buckets of every customer, read from LMDB the first time a
+    customer's are needed: a start does not parse a million grants. What is
+    loaded is authoritative from then on (changes are applied here first, then
+    committed); a customer not loaded has no change in flight, so LMDB has its
+    buckets as they are."""
+
+    def __init__(self, load: Callable[[str], Account | None]) -> None:
+        self._load = load
+        self._loaded: dict[str, Account] = {}
+
+    @overload
+    def get(self, customer_id: str) -> Account | None: ...
+
+    @overload
+    def get(self, customer_id: str, default: Account) -> Account: ...
+
+    def get(self, customer_id: str, default: Account | None = None) -> Account | None:
+        acct = self._loaded.get(customer_id)
+        if acct is None:
+            acct = self._load(customer_id)
+            if acct is None:
+                return default
+            self._loaded[customer_id] = acct
+        return acct
+
+    def __getitem__(self, customer_id: str) -> Account:
+        acct = self.get(customer_id)
+        if acct is None:
+            raise KeyError(customer_id)
+        return acct
+
+    def __setitem__(self, customer_id: str, acct: Account) -> None:
+        self._loaded[customer_id] = acct
+
+    def __contains__(self, customer_id: object) -> bool:
+        return isinstance(customer_id, str) and self.get(customer_id) is not None
+
+    def setdefault(self, customer_id: str, default: Account) -> Account:
+        acct = self.get(customer_id)
+        if acct is None:
+            acct = self._loaded[customer_id] = default
+        return acct
+
+    def loaded(self) -> list[tuple[str, Account]]:
+        """The customers whose buckets are in memory (the others' are in LMDB as they are)."""
+        return list(self._loaded.items())
+
+
 def _hash_request(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
@@ -181,7 +230,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.clients: dict[bytes, ClientState] = {}
         self.idem: collections.OrderedDict[bytes, IdemEntry] = collections.OrderedDict()
         self.reservations: dict[str, Reservation] = {}
-        self.accounts: dict[str, Account] = {}
+        self.accounts = Accounts(self._load_buckets)
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []
         # When reservations and grants expire, so that the timer looks only at what is due.
@@ -263,9 +312,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     def _compiled(self) -> tuple:
         return _compiled_of(_doc_of(self.catalog))
 
-    def _core_for(self, compiled: tuple) -> Any:
+    def _core_for(self, compiled: tuple, accounts: int = 0) -> Any:
         denominators, meters, rates, plans, modes, free, names = compiled
-        core = core_mod.Core(denominators, meters, rates, self.settings.core_limits(), 1024, plans, modes, free,
+        capacity = max(1024, accounts + accounts // 8)  # room to grow before the table is rehashed
+        core = core_mod.Core(denominators, meters, rates, self.settings.core_limits(), capacity, plans, modes, free,
                              names)
         core.set_window(self.settings.usage_window_s * 1000)
         return core
@@ -273,15 +323,15 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     def recover(self) -> None:
         """Rebuild all in-memory state from LMDB: snapshot, then log replay."""
         store = self.store
+        started = time.perf_counter()
         self.recoveries += 1
         self._usage_carry = Drained()
         self._load_ledger_state()
         current = _doc_of(self.catalog)
         stored = store.get("meta", b"catalog")
         doc = current if stored is None else json.loads(stored)
-        core = self._core_for(_compiled_of(doc))
-        for key, value in store.items("accounts"):
-            core.load_state_bytes(key, value)
+        core = self._core_for(_compiled_of(doc), store.count("accounts"))
+        store.scan("accounts", core.load_states)
         self.snapshot_pos = from_u64(store.get("meta", b"snapshot_pos") or u64(0))
         self.log_pos = self.snapshot_pos
         replayed = 0
@@ -304,8 +354,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 # The log still holds everything; the next snapshot will try again.
                 self.core.mark_all_dirty()
                 log.warning("no room for a snapshot after recovery; the LMDB map is full")
-        log.info("state recovered: %d accounts, %d log records replayed%s", len(core), replayed,
-                 ", catalog changed and accounts remapped" if remapped else "")
+        took = time.perf_counter() - started
+        log.info("state recovered: %d accounts, %d log records replayed%s, in %.3fs", len(core), replayed,
+                 ", catalog changed and accounts remapped" if remapped else "", took,
+                 extra={"recovery_s": round(took, 4)})
 
     def _replay(self, core: Any, record: bytes) -> None:
         kind, body = record[:1], record[9:]
@@ -488,17 +540,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.reservations = {}
         for key, value in self.store.items("reservations"):
             self._load_reservation(key.decode(), json.loads(value))
-        self.accounts = {}
-        for key, value in self.store.items("grants"):
-            cust, ct_name, gid = key.decode().split("\x00")
-            doc = json.loads(value)
-            ct = self.catalog.credit_index.get(ct_name)
-            if ct is None:
-                continue
-            acct = self.accounts.setdefault(cust, Account())
-            acct.buckets.setdefault(ct, []).append(Bucket(gid, doc["remaining_nano"], doc["expires_at_ms"],
-                                                          doc["priority"], doc["source"], doc["order"],
-                                                          doc.get("rollovers", 0)))
+        self.accounts = Accounts(self._load_buckets)  # grant buckets are read when first needed
+        if self.store.get("meta", b"grant_expiry_index") is None:
+            self._build_expiry_index()
         self.subs = {}
         self._boundaries = []
         for _, value in self.store.items("subs"):
@@ -512,11 +556,51 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.grant_seq = from_u64(self.store.get("meta", b"grant_seq") or u64(0))
         self.period_start_ms = from_u64(self.store.get("meta", b"period_start_ms") or u64(0))
 
+    def _load_buckets(self, customer_id: str) -> Account | None:
+        """A customer's grant buckets as LMDB has them (in key order), or None when there are none."""
+        rows = self.store.items("grants", prefix=customer_id.encode() + b"\x00")
+        if not rows:
+            return None
+        acct = Account()
+        for key, value in rows:
+            _, ct_name, gid = key.decode().split("\x00")
+            ct = self.catalog.credit_index.get(ct_name)
+            if ct is None:
+                continue
+            doc = json.loads(value)
+            acct.buckets.setdefault(ct, []).append(Bucket(gid, doc["remaining_nano"], doc["expires_at_ms"],
+                                                          doc["priority"], doc["source"], doc["order"],
+                                                          doc.get("rollovers", 0)))
+        return acct if acct.buckets else None
+
+    def _build_expiry_index(self) -> None:
+        """Once, for a data directory from before the index: every grant that expires, by when."""
+        ops: list[Op] = []
+        for key, value in self.store.items("grants"):
+            expires = json.loads(value)["expires_at_ms"]
+            if expires:
+                ops.append(("grant_expiry", u64(expires) + key, b""))
+        ops.append(("meta", b"grant_expiry_index", b"1"))
+        self.store.write_now(ops)
+
     def _index_expiries(self) -> None:
+        """When reservations and grants expire. The grants come from their index
+        in LMDB (what is committed) and from the buckets in memory."""
         self._reservation_expiry = [(r.expires_at_ms, rid) for rid, r in self.reservations.items()]
         heapq.heapify(self._reservation_expiry)
-        self._grant_expiry = sorted({(b.expires_at_ms, cust, ct) for cust, a in self.accounts.items()
-                                     for ct, bs in a.buckets.items() for b in bs if b.expires_at_ms})
+        due: set[tuple[int, str, int]] = set()
+
+        def index(rows: Any) -> None:
+            for key, _ in rows:
+                cust, ct_name, _gid = key[8:].decode().split("\x00")
+                ct = self.catalog.credit_index.get(ct_name)
+                if ct is not None:
+                    due.add((from_u64(key[:8]), cust, ct))
+
+        self.store.scan("grant_expiry", index)
+        due.update((b.expires_at_ms, cust, ct) for cust, a in self.accounts.loaded()
+                   for ct, bs in a.buckets.items() for b in bs if b.expires_at_ms)
+        self._grant_expiry = sorted(due)
 
     def _load_reservation(self, rid: str, doc: dict) -> None:
         ct = self.catalog.credit_index.get(doc["credit_type"])
@@ -579,14 +663,16 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self._check_reload(new)
         reservations = {rid: json.loads(r.to_json(self.catalog)) for rid, r in self.reservations.items()}
         buckets = {cust: {self.catalog.credit_types[ct].name: bs for ct, bs in a.buckets.items()}
-                   for cust, a in self.accounts.items()}
+                   for cust, a in self.accounts.loaded()}
         self.core = self._remap(self.core, old_doc, new_doc)
         old, self.catalog = self.catalog, new
         self.reservations = {}
         for rid, doc in reservations.items():
             self._load_reservation(rid, doc)
-        self.accounts = {cust: Account({new.credit_index[name]: bs for name, bs in by_name.items()
-                                        if name in new.credit_index}) for cust, by_name in buckets.items()}
+        self.accounts = Accounts(self._load_buckets)  # the others are read under the new catalog's names
+        for cust, by_name in buckets.items():
+            self.accounts[cust] = Account({new.credit_index[name]: bs for name, bs in by_name.items()
+                                           if name in new.credit_index})
         for s in self.sessions.values():
             s.meter = new.meter_index[old.meters[s.meter].name]
             s.credit_type = new.credit_index[old.credit_types[s.credit_type].name]
@@ -1016,9 +1102,17 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         acct.buckets[ct] = [b for b in buckets if b.remaining_nano > 0]
         ops: list[Op] = []
         for b in buckets:
-            key = self._grant_key(customer_id, ct, b.grant_id)
-            ops.append(("grants", key, self._grant_doc(b) if b.remaining_nano > 0 else None))
+            ops += self._grant_row_ops(customer_id, ct, b, b.remaining_nano > 0)
         return ops
+
+    def _grant_row_ops(self, customer_id: str, ct: int, b: Bucket, keep: bool) -> list[Op]:
+        """Write a bucket's row, or delete it and its entry in the expiry index."""
+        key = self._grant_key(customer_id, ct, b.grant_id)
+        if keep:
+            return [("grants", key, self._grant_doc(b))]
+        if b.expires_at_ms:
+            return [("grants", key, None), ("grant_expiry", u64(b.expires_at_ms) + key, None)]
+        return [("grants", key, None)]
 
     def _grant_key(self, customer_id: str, ct: int, grant_id: str) -> bytes:
         return self._grant_key_of(self.catalog, customer_id, ct, grant_id)
@@ -1085,7 +1179,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if expires_at_ms:
             heapq.heappush(self._grant_expiry, (expires_at_ms, customer_id, ct))
         self.accounts.setdefault(customer_id, Account()).buckets.setdefault(ct, []).append(bucket)
-        ops.append(("grants", self._grant_key(customer_id, ct, gid), self._grant_doc(bucket)))
+        ops += self._grant_row_ops(customer_id, ct, bucket, True)
+        if expires_at_ms:
+            ops.append(("grant_expiry", u64(expires_at_ms) + self._grant_key(customer_id, ct, gid), b""))
         ops.append(("meta", b"grant_seq", u64(self.grant_seq)))
         return ops, gid
 
@@ -1093,7 +1189,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         buckets = self.accounts[customer_id].buckets.get(ct, [])
         if b in buckets:
             buckets.remove(b)
-        return [("grants", self._grant_key(customer_id, ct, b.grant_id), None)]
+        return self._grant_row_ops(customer_id, ct, b, False)
 
     def _credit_type(self, name: str, amount_nano: int) -> int:
         ct = self.catalog.credit_index.get(name)
@@ -1283,9 +1379,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             b.remaining_nano -= gone
             if b.remaining_nano == 0:
                 acct.buckets[ct].remove(b)
-                ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), None))
-            else:
-                ops.append(("grants", self._grant_key(customer_id, ct, b.grant_id), self._grant_doc(b)))
+            ops += self._grant_row_ops(customer_id, ct, b, b.remaining_nano > 0)
         return ops
 
     def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int:

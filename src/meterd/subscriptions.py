@@ -23,7 +23,7 @@ from meterd.store import Op
 from meterd.v1 import admin_pb2
 
 if TYPE_CHECKING:
-    from meterd.engine import Bucket
+    from meterd.engine import Accounts, Bucket
 
 INT64_MIN = -(1 << 63)
 SPENT_FIRST = 0  # bucket priority of a plan's own credits: spent before grants bought separately
@@ -61,7 +61,7 @@ class SubscriptionsMixin:
 
     core: Any
     catalog: Any
-    accounts: dict
+    accounts: Accounts
     subs: dict[str, Subscription]
     _boundaries: list[tuple[int, str]]
     effective_ms: int | None
@@ -315,7 +315,7 @@ class SubscriptionsMixin:
         """What is left of credits expiring at the boundary rolls over within the caps; the rest is forfeited."""
         ops: list[Op] = []
         expiring = self._period_buckets(sub, ct, boundary, ("included", "rollover"))
-        staying = sum(b.remaining_nano for b in self.accounts.get(sub.customer_id).buckets.get(ct, [])  # type: ignore[union-attr]
+        staying = sum(b.remaining_nano for b in self.accounts[sub.customer_id].buckets.get(ct, [])
                       if b not in expiring)
         incoming = 0 if ending else policy.included_nano
         rolled_total = 0
