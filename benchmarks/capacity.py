@@ -23,6 +23,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from meterd._fastpath_py import _put_varint as _varint
+
 Progress = Callable[[str], Any]
 
 # The per-account tables of the compiled core (src/meterd/_fastpath.pyx, Core._grow),
@@ -104,15 +106,6 @@ def core_accounting(customers: int, id_bytes: int, n_ct: int, n_meters: int, uni
 
 def _customer(i: int) -> bytes:
     return b"customer-%07d" % i  # 16 bytes
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
 
 
 def _field(tag: int, body: bytes) -> bytes:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from meterd._fastpath_py import _put_varint as _varint
 from meterd.v1 import meter_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,15 +142,6 @@ class Server:
 
 
 # ---- requests, pre-serialised --------------------------------------------------------------
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
 
 
 def batch_body(size: int, seed: int) -> bytes:
