@@ -204,7 +204,9 @@ def table(res: dict) -> str:
         lines.append(f"  {r['name']:<42} {r['core']:<32} {r['events_per_s']:>14,.0f}/s")
     lines.append("== baselines ==")
     for r in res.get("baselines", []):
-        value = "skipped: " + r["skipped"] if r.get("skipped") else f"{r['value']:,.0f} {r['unit']}"
+        v = r.get("value")
+        number = "" if v is None else (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3f}")
+        value = "skipped: " + r["skipped"] if r.get("skipped") else f"{number} {r['unit']}"
         lines.append(f"  {r['name']:<60} {value}")
     lines.append("== targets ==")
     for t in res.get("targets", []):
