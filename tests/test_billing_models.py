@@ -323,3 +323,17 @@ def test_what_happens_to_a_deficit_at_the_period_end(tmp_path, monkeypatch, at_e
         b.check_conservation("x")
     finally:
         b.close()
+
+
+def test_a_burst_of_expiring_reservations_is_released_in_chunks(make):
+    b = make("openai")  # acme holds $10.00
+    for _ in range(700):  # more than one housekeeping commit's worth
+        assert b.authorize("acme", "output_tokens", 10, model="gpt-4o").decision == pb.DECISION_ALLOW
+    held = next(x for x in b.balance("acme").balances if x.credit_type == "usd")
+    assert held.reserved_nano == 700 * 100_000  # 10 gpt-4o output tokens: $0.0001 each
+    b.advance(61_000)  # past the default 60 s lifetime
+    b.tick()
+    after = next(x for x in b.balance("acme").balances if x.credit_type == "usd")
+    assert (after.reserved_nano, after.available_nano) == (0, 10 * NANO)
+    b.restart(clean=False)  # and every release was committed
+    assert next(x for x in b.balance("acme").balances if x.credit_type == "usd").reserved_nano == 0

@@ -45,6 +45,7 @@ log = logging.getLogger("meterd.engine")
 
 INT64_MIN = -(1 << 63)
 ADJUST_PRIORITY = 1_000_000  # credits added by Adjust are spent after every grant
+SWEEP_CHUNK = 256  # log records per housekeeping commit, so that a burst of expiries does not stall calls
 _DUP_REPORT = b"\x30\x01"      # ReportResponse.duplicate = true
 _DUP_BATCH = b"\x28\x01"       # ReportBatchResponse.duplicate = true
 _DUP_AUTHORIZE = b"\x40\x01"   # AuthorizeResponse.duplicate = true
@@ -1308,6 +1309,21 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
     # ---- housekeeping ----------------------------------------------------------------
 
+    async def _expire_reservations(self, now: int) -> None:
+        """Release what is due, a chunk per commit: the event loop serves calls in between."""
+        while self._reservation_expiry and self._reservation_expiry[0][0] <= now:
+            ops: list[Op] = []
+            while self._reservation_expiry and self._reservation_expiry[0][0] <= now and len(ops) < SWEEP_CHUNK:
+                _, rid = heapq.heappop(self._reservation_expiry)
+                res = self.reservations.get(rid)
+                if res is None or res.expires_at_ms > now:
+                    continue  # settled already
+                log.info("reservation expired: customer=%s reservation=%s amount_nano=%d",
+                         res.customer_id, res.reservation_id, res.amount_nano)
+                ops += self._release_ops(res)
+            if ops:
+                await self._commit_with(ops)
+
     async def sweep(self) -> None:
         """Expire reservations and grants, roll the period, snapshot when due."""
         if self.closing:
@@ -1318,14 +1334,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             return
         now = now_ms()
         ops: list[Op] = self._due_ops()
-        while self._reservation_expiry and self._reservation_expiry[0][0] <= now:
-            _, rid = heapq.heappop(self._reservation_expiry)
-            res = self.reservations.get(rid)
-            if res is None or res.expires_at_ms > now:
-                continue  # settled already
-            log.info("reservation expired: customer=%s reservation=%s amount_nano=%d",
-                     res.customer_id, res.reservation_id, res.amount_nano)
-            ops += self._release_ops(res)
+        await self._expire_reservations(now)
         retry = set()
         while self._grant_expiry and self._grant_expiry[0][0] <= now:
             _, cid, ct = heapq.heappop(self._grant_expiry)

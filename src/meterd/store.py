@@ -196,10 +196,15 @@ class Store:
             if not self._queue:
                 return None
         if self.window_s > 0:
-            # Let concurrent callers join this commit, but not for long.
+            # Let concurrent callers join this commit, but not for long, and only
+            # while they keep coming: a lone caller is committed after one slice.
             deadline = time.monotonic() + self.window_s
+            seen = len(self._queue)
             while len(self._queue) < self.ops_max and time.monotonic() < deadline:
                 time.sleep(self.window_s / 4)
+                if len(self._queue) == seen:
+                    break
+                seen = len(self._queue)
         with self._cond:
             group: list[Unit] = []
             n = 0
