@@ -15,6 +15,7 @@ from meterd.catalog import load_catalog
 from meterd.config import Settings
 from meterd.engine import Engine
 from meterd.errors import Unavailable
+from meterd.store import u64
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
@@ -119,6 +120,22 @@ def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, 
         await engine.sweep()
         assert balance(engine, "c") == 7 * 10**9
         assert engine.store.items("grant_expiry") == []
+        await engine.close()
+
+        # An older meterd granted in the directory after the index was built: the stamp no longer
+        # matches the grant sequence, so the next start indexes those grants too.
+        await granted(["d"])
+        engine = Engine(settings, load_catalog(None))
+        engine.store.write_now([("grant_expiry", k, None) for k, _ in engine.store.items("grant_expiry")]
+                               + [("meta", b"grant_seq", u64(engine.grant_seq + 1))])
+        engine.close_ledger()
+        engine.store.close()
+        engine = Engine(settings, load_catalog(None))
+        assert len(engine.store.items("grant_expiry")) == 1
+        now["ms"] += 61_000
+        engine.start(asyncio.get_running_loop())
+        await engine.sweep()
+        assert balance(engine, "d") == 7 * 10**9
         await engine.close()
 
     asyncio.run(run())

@@ -542,7 +542,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         for key, value in self.store.items("reservations"):
             self._load_reservation(key.decode(), json.loads(value))
         self.accounts = Accounts(self._load_buckets)  # grant buckets are read when first needed
-        if self.store.get("meta", b"grant_expiry_index") is None:
+        # The index is stamped with the grant sequence it covers: a data directory that an older
+        # meterd (without the index) has granted in since is indexed again.
+        if self.store.get("meta", b"grant_expiry_index") != (self.store.get("meta", b"grant_seq") or u64(0)):
             self._build_expiry_index()
         self.subs = {}
         self._boundaries = []
@@ -581,7 +583,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             expires = json.loads(value)["expires_at_ms"]
             if expires:
                 ops.append(("grant_expiry", u64(expires) + key, b""))
-        ops.append(("meta", b"grant_expiry_index", b"1"))
+        ops.append(("meta", b"grant_expiry_index", self.store.get("meta", b"grant_seq") or u64(0)))
         self.store.write_now(ops)
 
     def _index_expiries(self) -> None:
@@ -1184,6 +1186,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if expires_at_ms:
             ops.append(("grant_expiry", u64(expires_at_ms) + self._grant_key(customer_id, ct, gid), b""))
         ops.append(("meta", b"grant_seq", u64(self.grant_seq)))
+        ops.append(("meta", b"grant_expiry_index", u64(self.grant_seq)))  # the index covers this grant too
         return ops, gid
 
     def _remove_bucket(self, customer_id: str, ct: int, b: Bucket) -> list[Op]:
