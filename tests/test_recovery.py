@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -106,36 +107,27 @@ def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, 
         assert grants(engine, "b") == [7 * 10**9]
         await engine.close()
 
-        # A data directory from before the index: its first start builds it.
-        await granted(["c"])
-        engine = Engine(settings, load_catalog(None))
-        engine.store.write_now([("grant_expiry", k, None) for k, _ in engine.store.items("grant_expiry")]
-                               + [("meta", b"grant_expiry_index", None)])
-        engine.close_ledger()
-        engine.store.close()
-        engine = Engine(settings, load_catalog(None))
-        assert len(engine.store.items("grant_expiry")) == 1
-        now["ms"] += 61_000
-        engine.start(asyncio.get_running_loop())
-        await engine.sweep()
-        assert balance(engine, "c") == 7 * 10**9
-        assert engine.store.items("grant_expiry") == []
-        await engine.close()
+        async def without_index_entries(customer: str, meta: Any) -> None:
+            """As an older meterd would leave it: grants, and no index entries for them."""
+            await granted([customer])
+            engine = Engine(settings, load_catalog(None))
+            engine.store.write_now([("grant_expiry", k, None) for k, _ in engine.store.items("grant_expiry")]
+                                   + [("meta", *meta(engine))])
+            engine.close_ledger()
+            engine.store.close()
+            engine = Engine(settings, load_catalog(None))
+            assert len(engine.store.items("grant_expiry")) == 1  # indexed again at this start
+            now["ms"] += 61_000
+            engine.start(asyncio.get_running_loop())
+            await engine.sweep()
+            assert balance(engine, customer) == 7 * 10**9
+            assert engine.store.items("grant_expiry") == []
+            await engine.close()
 
+        # A data directory from before the index: its first start builds it.
+        await without_index_entries("c", lambda e: (b"grant_expiry_index", None))
         # An older meterd granted in the directory after the index was built: the stamp no longer
         # matches the grant sequence, so the next start indexes those grants too.
-        await granted(["d"])
-        engine = Engine(settings, load_catalog(None))
-        engine.store.write_now([("grant_expiry", k, None) for k, _ in engine.store.items("grant_expiry")]
-                               + [("meta", b"grant_seq", u64(engine.grant_seq + 1))])
-        engine.close_ledger()
-        engine.store.close()
-        engine = Engine(settings, load_catalog(None))
-        assert len(engine.store.items("grant_expiry")) == 1
-        now["ms"] += 61_000
-        engine.start(asyncio.get_running_loop())
-        await engine.sweep()
-        assert balance(engine, "d") == 7 * 10**9
-        await engine.close()
+        await without_index_entries("d", lambda e: (b"grant_seq", u64(e.grant_seq + 1)))
 
     asyncio.run(run())
