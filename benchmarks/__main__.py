@@ -66,39 +66,62 @@ def unary_calls(seconds: float, progress: Callable[[str], None]) -> list[dict]:
     why = unary.available()
     if why:
         return [{"name": "unary calls", "skipped": why}]
-    report = load.unary_requests("Report", 1, 1)[0]
+    report = load.report_request()
     authorize = pb.AuthorizeRequest(customer_id="c1", meter="output_tokens", quantity=1000,
                                     dimensions={"model": "gpt-4o"}, ttl_ms=2000).SerializeToString()
     runs: list[dict] = []
+
+    def sweep(target: str, path: str, request: bytes, method: str, shares: tuple[float, ...],
+              calls: int) -> None:
+        """Saturation first, then fixed offered loads at these shares of it."""
+        progress(f"unary: {method} at saturation")
+        name = "echo (bare gRPC)" if method == "Echo" else f"meterd {method}"
+        sat = unary.h2load(target, path, request, name, calls=calls)
+        runs.append(sat.as_dict() | {"method": method, "load": "saturation"})
+        for share in shares:
+            progress(f"unary: {method} at {share:.0%} of its saturation")
+            r = unary.h2load(target, path, request, name, rate=sat.calls_per_s * share, seconds=seconds)
+            runs.append(r.as_dict() | {"method": method, "load": share})
+
+    loads = (0.25, 0.5, 0.75)
     with load.Server("echo") as echo:
-        progress("unary: echo server at saturation")
-        sat = unary.h2load(echo.target, "/Echo/Call", report, "echo (bare gRPC)", calls=int(8000 * seconds))
-        runs.append(sat.as_dict() | {"method": "Echo", "load": "saturation"})
-        for share in (0.25, 0.5, 0.75):
-            progress(f"unary: echo at {share:.0%} of its saturation")
-            r = unary.h2load(echo.target, "/Echo/Call", report, "echo (bare gRPC)", rate=sat.calls_per_s * share,
-                             seconds=seconds)
-            runs.append(r.as_dict() | {"method": "Echo", "load": share})
+        sweep(echo.target, "/Echo/Call", report, "Echo", loads, int(8000 * seconds))
     with load.Server("meterd") as server:
         for method, request in (("Report", report), ("Authorize", authorize)):
-            progress(f"unary: {method} at saturation")
-            path = f"/meterd.v1.Meter/{method}"
-            sat = unary.h2load(server.target, path, request, f"meterd {method}", calls=int(4000 * seconds))
-            runs.append(sat.as_dict() | {"method": method, "load": "saturation"})
-            for share in (0.25, 0.5, 0.75):
-                progress(f"unary: {method} at {share:.0%} of its saturation")
-                r = unary.h2load(server.target, path, request, f"meterd {method}", rate=sat.calls_per_s * share,
-                                 seconds=seconds)
-                runs.append(r.as_dict() | {"method": method, "load": share})
+            _check_allowed(server.target, method, request)
+            before = _usage(server.target)
+            sweep(server.target, f"/meterd.v1.Meter/{method}", request, method, loads, int(4000 * seconds))
+            if method == "Report":  # h2load sees HTTP, not gRPC statuses: count what meterd applied
+                ok = sum(r["extra"]["ok_calls"] for r in runs if r["method"] == "Report")
+                applied = _usage(server.target) - before
+                if applied != ok:
+                    raise RuntimeError(f"h2load counted {ok} Report calls but meterd applied {applied}")
+                progress(f"unary: meterd applied exactly the {applied:,} Report calls h2load counted")
     with load.Server("meterd", fsync=False) as server:
-        progress("unary: Authorize without fsync, at saturation and at half of it")
-        path = "/meterd.v1.Meter/Authorize"
-        sat = unary.h2load(server.target, path, authorize, "meterd Authorize (no fsync)", calls=int(4000 * seconds))
-        runs.append(sat.as_dict() | {"method": "Authorize (no fsync)", "load": "saturation"})
-        r = unary.h2load(server.target, path, authorize, "meterd Authorize (no fsync)", rate=sat.calls_per_s / 2,
-                         seconds=seconds)
-        runs.append(r.as_dict() | {"method": "Authorize (no fsync)", "load": 0.5})
+        sweep(server.target, "/meterd.v1.Meter/Authorize", authorize, "Authorize (no fsync)", (0.5,),
+              int(4000 * seconds))
     return runs
+
+
+def _check_allowed(target: str, method: str, request: bytes) -> None:
+    """The request a run repeats is valid and allowed (h2load cannot tell a gRPC error from a success)."""
+    import grpc
+    with grpc.insecure_channel(target) as ch:
+        answer = ch.unary_unary(f"/meterd.v1.Meter/{method}", request_serializer=None,
+                                response_deserializer=None)(request, timeout=10)
+    cls = pb.ReportResponse if method == "Report" else pb.AuthorizeResponse
+    if cls.FromString(answer).decision != pb.DECISION_ALLOW:
+        raise RuntimeError(f"the {method} request of the benchmark is not allowed")
+
+
+def _usage(target: str) -> int:
+    """Events of 1,000 input tokens customer c1 has reported this period."""
+    import grpc
+
+    from meterd.v1 import meter_pb2_grpc
+    with grpc.insecure_channel(target) as ch:
+        r = meter_pb2_grpc.MeterStub(ch).GetBalance(pb.GetBalanceRequest(customer_id="c1"), timeout=10)
+    return next((int(u.quantity) for u in r.usage if u.meter == "input_tokens"), 0) // 1000
 
 
 def capacity(customers: int, progress: Callable[[str], None]) -> dict:

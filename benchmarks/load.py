@@ -1,14 +1,10 @@
-"""End-to-end load: a real meterd (or a bare gRPC echo server) on loopback,
-driven by client processes that send pre-serialised requests, so that the
-client is not what is measured.
+"""End-to-end ingest load, and the servers of the suite: a real meterd (or a
+bare gRPC echo server) on loopback.
 
-Two shapes of load:
-
-- closed loop (saturation): each process keeps ``inflight`` calls open and
-  sends the next as soon as one returns;
-- open loop (a fixed offered load): each process sends on a schedule, and a
-  call's latency counts from when it was due, not from when it was sent, so a
-  slow server cannot hide its queueing (no coordinated omission).
+Client processes send pre-serialised batches, so that the client is not what
+is measured: each keeps ``inflight`` ReportBatch calls open (a closed loop, at
+saturation), or one ReportStream with batches ahead of their answers. Unary
+calls are driven by h2load instead (``benchmarks.unary``).
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import grpc
 
@@ -167,44 +163,25 @@ class Batches:
         return self.prefix + b"\x10" + _varint(self.seq) + self.body
 
 
-def unary_requests(method: str, seed: int, n: int = 512) -> list[bytes]:
-    import random
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        cust, model = f"c{rng.randrange(CUSTOMERS)}", rng.choice(MODELS)
-        if method == "Authorize":
-            out.append(pb.AuthorizeRequest(customer_id=cust, meter="output_tokens", quantity=rng.randrange(1, 4000),
-                                           dimensions={"model": model}, ttl_ms=2000).SerializeToString())
-        else:
-            out.append(pb.ReportRequest(event=pb.UsageEvent(customer_id=cust, meter="input_tokens",
-                                                            quantity=rng.randrange(1, 4000),
-                                                            dimensions={"model": model})).SerializeToString())
-    return out
+def report_request() -> bytes:
+    """One ReportRequest, for the unary runs."""
+    return pb.ReportRequest(event=pb.UsageEvent(customer_id="c1", meter="input_tokens", quantity=1000,
+                                                dimensions={"model": "gpt-4o"})).SerializeToString()
 
 
 # ---- one client process --------------------------------------------------------------------------------
 
 
-def _client(target: str, method: str, kind: str, proc: int, seconds: float, inflight: int, rate: float,
-            batch: int, out: Any) -> None:
-    """Runs in a child process; puts (calls, events, errors, latencies_ms) on ``out``."""
+def _client(target: str, method: str, proc: int, seconds: float, inflight: int, batch: int, out: Any) -> None:
+    """Runs in a child process; puts (calls, events, errors, latencies_ms, elapsed_s) on ``out``."""
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
                                                      ("grpc.max_receive_message_length", 64 << 20)])
-    service = "Echo" if kind == "echo" else "meterd.v1.Meter"
-    path = f"/{service}/{'Call' if kind == 'echo' else method}"
     if method == "ReportStream":
-        out.put(_stream(channel, path.replace("ReportBatch", "ReportStream"), proc, seconds, batch))
+        out.put(_stream(channel, "/meterd.v1.Meter/ReportStream", proc, seconds, batch))
         return
-    call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-    if method == "ReportBatch":
-        batches = Batches(f"bench-{os.getpid()}", batch, proc)
-        make: Callable[[int], bytes] = lambda i: batches.next()  # noqa: E731
-        per_call = batch
-    else:
-        reqs = unary_requests(method, proc)
-        make = lambda i: reqs[i % len(reqs)]  # noqa: E731
-        per_call = 1
+    call = channel.unary_unary("/meterd.v1.Meter/ReportBatch", request_serializer=None,
+                               response_deserializer=None)
+    batches = Batches(f"bench-{os.getpid()}", batch, proc)
     lock = threading.Lock()
     latencies: list[float] = []
     counts = [0, 0]  # done, errors
@@ -212,33 +189,23 @@ def _client(target: str, method: str, kind: str, proc: int, seconds: float, infl
     start = time.monotonic()
     end = start + seconds
 
-    def done(fut: Any, due: float) -> None:
+    def done(fut: Any, sent: float) -> None:
         ok = fut.exception() is None
         with lock:
-            latencies.append((time.monotonic() - due) * 1000)
+            latencies.append((time.monotonic() - sent) * 1000)
             counts[0] += 1
             counts[1] += 0 if ok else 1
         slots.release()
 
-    i = 0
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            break
-        if rate > 0:
-            due = start + i / rate
-            if due > now:
-                time.sleep(due - now)
-        else:
-            due = now
+    while time.monotonic() < end:
         slots.acquire()
-        fut = call.future(make(i), timeout=30)
-        fut.add_done_callback(lambda f, d=due: done(f, d))
-        i += 1
+        sent = time.monotonic()
+        fut = call.future(batches.next(), timeout=30)
+        fut.add_done_callback(lambda f, t=sent: done(f, t))
     for _ in range(inflight):
         slots.acquire()
     elapsed = time.monotonic() - start
-    out.put((counts[0] - counts[1], (counts[0] - counts[1]) * per_call, counts[1], latencies, elapsed))
+    out.put((counts[0] - counts[1], (counts[0] - counts[1]) * batch, counts[1], latencies, elapsed))
     channel.close()
 
 
@@ -265,13 +232,12 @@ def _stream(channel: grpc.Channel, path: str, proc: int, seconds: float, batch: 
     return acked, acked * batch, errors, [], elapsed
 
 
-def drive(target: str, method: str, kind: str = "meterd", processes: int = 2, seconds: float = 5.0,
-          inflight: int = 16, rate: float = 0.0, batch: int = 1) -> Run:
-    """Run client processes against a server and sum what they measured."""
+def drive(target: str, method: str, processes: int = 2, seconds: float = 5.0, inflight: int = 16,
+          batch: int = 1000) -> Run:
+    """Run client processes against a meterd and sum what they measured."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(target, method, kind, p, seconds, inflight,
-                                                rate / processes if rate else 0.0, batch, out))
+    procs = [ctx.Process(target=_client, args=(target, method, p, seconds, inflight, batch, out))
              for p in range(processes)]
     for p in procs:
         p.start()
@@ -287,10 +253,10 @@ def drive(target: str, method: str, kind: str = "meterd", processes: int = 2, se
     def pct(q: float) -> float | None:
         return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
-    name = f"{kind} {method}" + (f" x{batch}" if batch > 1 else "")
-    return Run(name, rate or None, calls / elapsed, events / elapsed, pct(0.5), pct(0.99), pct(0.999), errors,
-               f"{processes} client processes, {inflight} in flight each" if not rate else
-               f"{processes} client processes, open loop")
+    detail = f"{processes} client processes, " + (f"{inflight} calls in flight each" if method == "ReportBatch"
+                                                   else "one stream each")
+    return Run(f"meterd {method} x{batch}", None, calls / elapsed, events / elapsed, pct(0.5), pct(0.99),
+               pct(0.999), errors, detail)
 
 
 if __name__ == "__main__":

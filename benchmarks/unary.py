@@ -69,6 +69,7 @@ def h2load(target: str, path: str, request: bytes, name: str, calls: int = 0, co
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 3) if lat else None
 
         return Run(name, rate or None, len(ok) / span_s, len(ok) / span_s, pct(0.5), pct(0.99), pct(0.999),
-                   errors, f"h2load, {connections} connections" + ("" if rate else f", {streams} streams each"))
+                   errors, f"h2load, {connections} connections" + ("" if rate else f", {streams} streams each"),
+                   {"ok_calls": len(ok)})
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 from billing import Billing
 from conftest import drop_postgres_database, free_port, new_postgres_database
@@ -470,3 +471,12 @@ def test_a_cancelled_flush_does_not_reuse_its_sequence(ledger_url, tmp_path, mon
     b.flush()
     assert ledger_totals(ledger_url)["events"] == 10 and b.engine.backlog() == (0, 0)
     b.close()
+
+
+def test_get_statement_names_a_bad_field(make_daemon):
+    d = make_daemon().start()
+    for req, field in ((apb.StatementRequest(customer_id="demo", period="2026-13"), "period"),
+                       (apb.StatementRequest(customer_id="", period="2026-11"), "customer_id")):
+        with pytest.raises(grpc.RpcError) as e:
+            d.admin.GetStatement(req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)

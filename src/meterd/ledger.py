@@ -18,15 +18,15 @@ these tables. Every statement is parameterised.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 from meterd.errors import ConfigError, InvalidInput, MeterdError
@@ -47,7 +47,8 @@ class SchemaBehind(LedgerError):
 # ---- schema -------------------------------------------------------------------
 
 # Each migration is applied once, in order, in its own transaction. ``{id}``
-# becomes the dialect's auto-increment key. Never edit a released migration:
+# becomes the dialect's auto-increment key; "@name" stands for the dialect's own
+# statements of that name. Never edit a released migration:
 # add the next one.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "usage, entries, flushes, sidecars, credit types", [
@@ -104,29 +105,33 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             detail TEXT NOT NULL,
             UNIQUE (sidecar_id, incarnation, source_sequence))""",
         "CREATE INDEX meterd_entries_customer ON meterd_entries (customer_id, effective_ms)",
-        "{append_only}",
+        "@append_only",
     ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_DIALECT = {
+_DIALECT: dict[str, dict[str, Any]] = {
     "sqlite": {
         "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
         # SQLite turns an overflowing integer sum into a float: refuse it instead.
         "int_check": "typeof(", "int_check_end": ") = 'integer'",
-        "append_only": """CREATE TRIGGER meterd_entries_append_only BEFORE UPDATE ON meterd_entries
-            BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
-            CREATE TRIGGER meterd_entries_no_delete BEFORE DELETE ON meterd_entries
-            BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END""",
+        "append_only": [
+            "CREATE TRIGGER meterd_entries_append_only BEFORE UPDATE ON meterd_entries "
+            "BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END",
+            "CREATE TRIGGER meterd_entries_no_delete BEFORE DELETE ON meterd_entries "
+            "BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END",
+        ],
     },
     "postgresql": {
         "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         "int_check": "", "int_check_end": " IS NOT NULL",
-        "append_only": """CREATE FUNCTION meterd_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN RAISE EXCEPTION 'ledger entries are append-only'; END $$;
-            CREATE TRIGGER meterd_entries_append_only BEFORE UPDATE OR DELETE ON meterd_entries
-            FOR EACH ROW EXECUTE FUNCTION meterd_append_only()""",
+        "append_only": [
+            "CREATE FUNCTION meterd_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN RAISE EXCEPTION 'ledger entries are append-only'; END $$",
+            "CREATE TRIGGER meterd_entries_append_only BEFORE UPDATE OR DELETE ON meterd_entries "
+            "FOR EACH ROW EXECUTE FUNCTION meterd_append_only()",
+        ],
     },
 }
 
@@ -269,7 +274,6 @@ class Ledger:
     def __init__(self, url: str, connect_timeout_s: float = 10.0) -> None:
         self.url = url
         self.dialect, target = parse_url(url)
-        self._lock = threading.Lock()
         self._known_credit_types: set[CreditTypeInfo] = set()
         if self.dialect == "sqlite":
             path = target
@@ -316,8 +320,16 @@ class Ledger:
     def _begin(self) -> None:
         self._exec("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
 
-    def _transaction(self) -> "_Tx":
-        return _Tx(self)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One explicit transaction (the connections run in autocommit mode otherwise)."""
+        self._begin()
+        try:
+            yield
+        except BaseException:
+            self._exec("ROLLBACK")
+            raise
+        self._exec("COMMIT")
 
     # ---- schema ----------------------------------------------------------------------
 
@@ -325,16 +337,8 @@ class Ledger:
         try:
             rows = self._rows("SELECT MAX(version) FROM meterd_schema_migrations")
         except Exception:  # noqa: BLE001 - the table does not exist yet: version 0
-            self._rollback_quietly()
             return 0
         return int(rows[0][0] or 0)
-
-    def _rollback_quietly(self) -> None:
-        if self.dialect == "postgresql":
-            try:
-                self.conn.rollback()
-            except Exception:  # noqa: BLE001
-                pass
 
     def migrate(self) -> list[int]:
         """Apply the migrations this ledger lacks; returns their versions."""
@@ -349,10 +353,11 @@ class Ledger:
             for version, description, statements in MIGRATIONS:
                 if version in done:
                     continue
+                dialect = _DIALECT[self.dialect]
                 for statement in statements:
-                    text = statement.format(**_DIALECT[self.dialect])
-                    for part in _split(text, self.dialect):
-                        self.conn.execute(part)
+                    for text in (dialect[statement[1:]] if statement.startswith("@")
+                                 else [statement.format(**dialect)]):
+                        self.conn.execute(text)
                 self._exec("INSERT INTO meterd_schema_migrations (version, description, applied_ms) VALUES (?, ?, ?)",
                            (version, description, _now_ms()))
                 applied.append(version)
@@ -477,43 +482,6 @@ class Ledger:
         return {"events": int(r[0]), "cost_nano": int(r[1]), "rows": int(r[2])}
 
 
-class _Tx:
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-
-    def __enter__(self) -> None:
-        self.ledger._lock.acquire()
-        try:
-            self.ledger._begin()
-        except BaseException:
-            self.ledger._lock.release()
-            raise
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            self.ledger._exec("COMMIT" if exc_type is None else "ROLLBACK")
-        finally:
-            self.ledger._lock.release()
-
-
-def _split(text: str, dialect: str) -> Iterator[str]:
-    """A migration statement may hold several; split them where it is safe."""
-    if "$$" in text:
-        head, body, tail = text.split("$$", 2)
-        yield head + "$$" + body + "$$" + tail.split(";", 1)[0]
-        rest = tail.split(";", 1)[1] if ";" in tail else ""
-        for part in rest.split(";"):
-            if part.strip():
-                yield part.strip()
-        return
-    if dialect == "sqlite" and "CREATE TRIGGER" in text:
-        for part in re.split(r"(?<=END);", text):
-            if part.strip():
-                yield part.strip()
-        return
-    yield text
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -546,6 +514,17 @@ def format_quantity(q: int, precision: int) -> str:
     sign = "-" if q < 0 else ""
     whole, frac = divmod(abs(q), 10**precision)
     return f"{sign}{whole}.{frac:0{precision}d}"
+
+
+def _sum_usage(rows: Iterable[UsageRow], key: Callable[[UsageRow], tuple]) -> dict[tuple, list[int]]:
+    """Usage rows (in window order) summed per key: [quantity by the meter's aggregation, cost, events]."""
+    out: dict[tuple, list[int]] = {}
+    for r in rows:
+        g = out.setdefault(key(r), [0, 0, 0])
+        g[0] = combine(r.aggregation, g[0], r.quantity)
+        g[1] += r.cost_nano
+        g[2] += r.events
+    return out
 
 
 def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
@@ -595,23 +574,16 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
             bucket(e.credit_type)["gauges"] += -e.amount_nano
             lines.append({"section": "usage", "description": e.reference, "credit_type": e.credit_type,
                           "amount_nano": -e.amount_nano, "quantity": ""})
-    grouped: dict[tuple[str, str, str], list[int]] = {}
-    precisions: dict[str, int] = {}
-    aggregations: dict[str, str] = {}
-    for r in usage:
-        g = grouped.setdefault((r.credit_type, r.meter, r.dimensions), [0, 0, 0])
-        g[0] = combine(r.aggregation, g[0], r.quantity)  # rows come in window order
-        g[1] += r.cost_nano
-        g[2] += r.events
-        precisions[r.meter] = r.precision
-        aggregations[r.meter] = r.aggregation
-    for (ct, meter, dims), (q, cost, n) in sorted(grouped.items()):
+    meters = {r.meter: r for r in usage}  # precision and aggregation
+    for (ct, meter, dims), (q, cost, n) in sorted(_sum_usage(usage, lambda r: (r.credit_type, r.meter,
+                                                                                r.dimensions)).items()):
         info = cts.get(ct)
         section = "usage" if info is not None and info.kind == "fiat" else "credits_used"
         if section == "usage":
             bucket(ct)["usage"] += cost
         dims_text = ", ".join(f"{k}={v}" for k, v in json.loads(dims).items())
-        shown = "" if aggregations[meter] == "unique_count" else format_quantity(q, precisions[meter])
+        m = meters[meter]
+        shown = "" if m.aggregation == "unique_count" else format_quantity(q, m.precision)
         lines.append({"section": section, "description": meter + (f" ({dims_text})" if dims_text else ""),
                       "credit_type": ct, "amount_nano": cost, "quantity": shown, "events": n})
     before = ledger.charges_before(customer_id, start)
@@ -652,18 +624,19 @@ def render_statement(st: dict) -> str:
         return _fmt(nano, places.get(ct, 9))
 
     out = [f"Statement for {st['customer_id']}, {st['period']} ({start} to {end}, UTC)", ""]
-    row = "  {:<58} {:>12} {:>10} {:>16}"
+    width = max([8] + [len(x["credit_type"]) for x in st["lines"]])
+    row = "  {:<58} {:>12} {:>%d} {:>16}" % width
     for section, title in _SECTION_TITLES.items():
         lines = [x for x in st["lines"] if x["section"] == section]
         if not lines:
             continue
         out.append(title)
         for x in lines:
-            out.append(row.format(x["description"][:58], x.get("quantity", ""), x["credit_type"][:10],
+            out.append(row.format(x["description"][:58], x.get("quantity", ""), x["credit_type"],
                                   amount(x["amount_nano"], x["credit_type"])))
             for t in x.get("tiers", []):
                 out.append(row.format(f"  tier {t['tier']}: {_fmt(t['units_nano'])} x {t['unit_price']}"[:46], "",
-                                      x["credit_type"][:10], amount(t["charge_nano"], x["credit_type"])))
+                                      x["credit_type"], amount(t["charge_nano"], x["credit_type"])))
         out.append("")
     if not st["totals"]:
         out.append("Nothing is owed for this period.")
@@ -711,17 +684,15 @@ def usage_query(ledger: Ledger, customer_id: str, meter: str | None, from_ms: in
     if to_ms <= from_ms:
         raise InvalidInput("to", "must be after from")
     width = WINDOWS.get(window, 0)
-    groups: dict[tuple, list[int]] = {}
-    precision: dict[str, int] = {}
-    for r in ledger.usage_rows(customer_id, from_ms, to_ms, meter):
+    rows = ledger.usage_rows(customer_id, from_ms, to_ms, meter)
+    precision = {r.meter: r.precision for r in rows}
+
+    def window_and_group(r: UsageRow) -> tuple:
         dims = json.loads(r.dimensions)
         start = r.window_start_ms - r.window_start_ms % width if width else from_ms
-        key = (start, r.meter, r.credit_type) + tuple(dims.get(g, "") for g in group_by)
-        g = groups.setdefault(key, [0, 0, 0])
-        g[0] = combine(r.aggregation, g[0], r.quantity)  # rows come in window order
-        g[1] += r.cost_nano
-        g[2] += r.events
-        precision[r.meter] = r.precision
+        return (start, r.meter, r.credit_type) + tuple(dims.get(g, "") for g in group_by)
+
+    groups = _sum_usage(rows, window_and_group)
     out = []
     for key in sorted(groups):
         q, cost, n = groups[key]
