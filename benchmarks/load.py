@@ -89,8 +89,9 @@ class Server:
     def __enter__(self) -> "Server":
         env = dict(os.environ)
         env.pop("METERD_NO_EXTENSIONS", None)
-        if self.kind == "echo":
-            cmd = [sys.executable, "-m", "benchmarks.echo", self.target]
+        if self.kind in ("echo", "echo-handoff"):
+            cmd = [sys.executable, "-m", "benchmarks.echo", self.target] + (["--handoff"] if "handoff" in self.kind
+                                                                            else [])
         else:
             catalog = self.dir / "catalog.toml"
             bench_catalog(catalog, self.customers)
@@ -110,17 +111,16 @@ class Server:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError(f"{self.kind} exited: {(self.dir / 'server.log').read_text()[-2000:]}")
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                    if self.kind == "echo":
+                try:  # plain calls: channel_ready_future leaves a polling thread that fails when ch closes
+                    if self.kind.startswith("echo"):
+                        ch.unary_unary("/Echo/Call", request_serializer=None, response_deserializer=None)(
+                            b"", timeout=1)
                         return
                     from grpc_health.v1 import health_pb2, health_pb2_grpc
                     r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
-                    pass
-                except grpc.FutureTimeoutError:
                     pass
                 time.sleep(0.05)
         raise TimeoutError(f"{self.kind} did not become ready")

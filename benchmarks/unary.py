@@ -39,26 +39,38 @@ def _framed(message: bytes) -> bytes:
 
 def h2load(target: str, path: str, request: bytes, name: str, calls: int = 0, connections: int = 8,
            streams: int = 16, rate: float = 0.0, seconds: float = 5.0) -> Run:
-    """One h2load run: saturation (``rate`` 0) or a fixed offered load in calls/s."""
+    """One h2load run: saturation (``rate`` 0) or a fixed offered load in calls/s.
+
+    At a fixed load each connection is its own h2load process with its own
+    timing script, offset so that the calls of all connections interleave
+    evenly instead of starting together in bursts."""
     work = Path(tempfile.mkdtemp(prefix="meterd-h2load-"))
     try:
         body = work / "request.bin"
         body.write_bytes(_framed(request))
         uri = f"http://{target}{path}"
-        cmd = [H2LOAD, "-c", str(connections), "-t", "1", "-H", "content-type: application/grpc",
-               "-H", "te: trailers", "-d", str(body), "--log-file", str(work / "log.txt")]
+        base = [H2LOAD, "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body)]
         if rate:
             per_client = rate / connections
             n = max(1, int(per_client * seconds))
-            script = work / "timing.txt"
-            script.write_text("".join(f"{i * 1000 / per_client:.3f}\t{uri}\n" for i in range(n)))
-            cmd += ["-m", "1000", "--timing-script-file", str(script), uri]
+            period_ms = 1000 / per_client
+            cmds = []
+            for k in range(connections):
+                script = work / f"timing{k}.txt"
+                offset = k * period_ms / connections
+                script.write_text("".join(f"{offset + i * period_ms:.3f}\t{uri}\n" for i in range(n)))
+                cmds.append(base + ["-c", "1", "-m", "1000", "--timing-script-file", str(script),
+                                    "--log-file", str(work / f"log{k}.txt"), uri])
         else:
-            cmd += ["-m", str(streams), "-n", str(calls), uri]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 10 + 120)
-        if r.returncode != 0:
-            raise RuntimeError(f"h2load failed: {r.stderr[-500:]}")
-        lines = [line.split("\t") for line in (work / "log.txt").read_text().splitlines() if line]
+            cmds = [base + ["-c", str(connections), "-m", str(streams), "-n", str(calls),
+                            "--log-file", str(work / "log0.txt"), uri]]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
+        for proc in procs:
+            _, err = proc.communicate(timeout=seconds * 10 + 120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"h2load failed: {err[-500:]}")
+        lines = [line.split("\t") for log in sorted(work.glob("log*.txt")) for line in log.read_text().splitlines()
+                 if line]
         starts = [int(x[0]) for x in lines]
         ok = [int(x[2]) for x in lines if x[1] == "200"]
         errors = len(lines) - len(ok)
@@ -68,8 +80,9 @@ def h2load(target: str, path: str, request: bytes, name: str, calls: int = 0, co
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 3) if lat else None
 
+        detail = (f"h2load, {connections} processes of 1 connection, staggered schedules" if rate
+                  else f"h2load, {connections} connections, {streams} streams each")
         return Run(name, rate or None, len(ok) / span_s, len(ok) / span_s, pct(0.5), pct(0.99), pct(0.999),
-                   errors, f"h2load, {connections} connections" + ("" if rate else f", {streams} streams each"),
-                   {"ok_calls": len(ok)})
+                   errors, detail, {"ok_calls": len(ok)})
     finally:
         shutil.rmtree(work, ignore_errors=True)

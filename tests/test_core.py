@@ -306,7 +306,7 @@ def test_both_cores_agree_on_arbitrary_bytes(data):
         idx = core.open_account(b"acme")
         core.credit(idx, 0, 10**12)
         out = []
-        for fn in (core.apply_batch, core.report, core.batch_header):
+        for fn in (core.apply_batch, core.report, core.report_wire, core.batch_header):
             try:
                 out.append(fn(data))
             except InvalidInput as e:
@@ -333,6 +333,86 @@ def test_both_cores_agree_on_mutated_batches(mutations):
             results.append(("invalid", str(e)))
         results.append(core.state_bytes(0))
     assert results[0::2] == results[0::2][:1] * 2 and results[1] == results[3]
+
+
+def test_report_wire_is_what_protobuf_would_serialise():
+    """The unary hot path answers in wire form; the bytes must be protobuf's own,
+    for allowed, degraded and denied events, negative balances, both cores."""
+    rng = random.Random(7)
+    customers = [f"cust-{i}" for i in range(40)]
+    cores = {kind: (make_core(kind), make_core(kind)) for kind in CORES}
+    for i, c in enumerate(customers[:35]):
+        usd, req = rng.choice([0, 10**6, 10**9]), rng.choice([0, 3 * 10**9])
+        for core in [core for pair in cores.values() for core in pair]:
+            idx = core.open_account(c.encode())
+            core.credit(idx, 0, usd)
+            core.credit(idx, 1, req)
+            core.set_plan(idx, i % 4)
+            if i % 5 == 0:
+                core.set_floor(idx, 0, -10**9)  # overage: balances go negative
+    seen = set()
+    for _ in range(3000):
+        data = pb.ReportRequest(event=random_event(rng, customers)).SerializeToString()
+        answers = []
+        for wire, plain in cores.values():
+            try:
+                out = wire.report_wire(data)
+            except InvalidInput as e:
+                with pytest.raises(InvalidInput, match=str(e)):
+                    plain.report(data)
+                answers.append(str(e))
+                continue
+            decision, reason, ct, cost, balance, mode, priority = plain.report(data)
+            expected = pb.ReportResponse(decision=decision, reason=reason, credit_type=["usd", "req"][ct],
+                                         cost_nano=cost, balance_nano=balance, mode=mode.decode(),
+                                         priority=priority).SerializeToString()
+            assert out == (decision, expected)
+            answers.append(out)
+            seen.add((decision, balance < 0))
+        assert answers[0] == answers[1]
+    assert {(pb.DECISION_ALLOW, False), (pb.DECISION_ALLOW, True), (pb.DECISION_DENY, False),
+            (pb.DECISION_DEGRADE, False)} <= seen
+    for wire, plain in cores.values():
+        assert [wire.state_bytes(i) for i in range(len(wire))] == [plain.state_bytes(i) for i in range(len(plain))]
+
+
+UTF8_CASES = [b"gpt-4o", "δοκιμή".encode(), "模型".encode(), "🤖".encode(), b"\xff", b"\xc0\xaf", b"\xe0\x80\xaf",
+              b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xe2\x82", b"a\x80", b"\xf5\x80\x80\x80",
+              b"\xef\xbf\xbf", b"\xf4\x8f\xbf\xbf", b"\xc2"]
+
+
+@pytest.mark.parametrize("value", UTF8_CASES)
+def test_dimensions_must_be_utf8_as_protobuf_requires(core, value):
+    # An aggregate keyed by bytes no client or ledger can read would stall the flush.
+    entry = b"\x0a\x06region\x12" + bytes([len(value)]) + value
+    event = ev(model="gpt-4o").SerializeToString() + b"\x2a" + bytes([len(entry)]) + entry
+    valid = True
+    try:
+        pb.UsageEvent.FromString(event)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        valid = False
+    assert valid == (value.decode("utf-8", "ignore").encode() == value)
+    data = batch([]) + b"\x1a" + bytes([len(event)]) + event
+    before = core.state_bytes(0)
+    if valid:
+        assert core.apply_batch(data)[:2] == (1, 0)
+    else:
+        with pytest.raises(InvalidInput, match=r"events\[0\]\.dimensions: must be valid UTF-8"):
+            core.apply_batch(data)
+        with pytest.raises(InvalidInput, match=r"event\.dimensions: must be valid UTF-8"):
+            core.report_wire(b"\x0a" + bytes([len(event)]) + event)
+        assert core.state_bytes(0) == before
+
+
+def test_report_wire_leaves_an_event_with_an_idempotency_key_alone(core):
+    before = core.state_bytes(0)
+    keyed = pb.ReportRequest(event=pb.UsageEvent(customer_id="acme", meter="tokens", quantity=5,
+                                                 dimensions={"model": "gpt-4o"}, idempotency_key="k1"))
+    assert core.report_wire(keyed.SerializeToString()) is None
+    assert core.state_bytes(0) == before and core.usage_pending() == 0
+    with pytest.raises(InvalidInput, match="event.quantity"):  # still checked first
+        keyed.event.quantity = -1
+        core.report_wire(keyed.SerializeToString())
 
 
 def test_reserved_total_cannot_overflow(core):

@@ -71,6 +71,7 @@ cdef enum:
     E_TOO_MANY = 11
     E_VARINT = 12
     E_NO_UNIQUE = 13
+    E_UTF8 = 14
 
 
 cdef struct Rate:
@@ -148,6 +149,57 @@ cdef struct Event:
     uint64_t dhash          # sum of the hashes of the dimension entries: the same for any order
     Py_ssize_t start        # the event's bytes in the caller's buffer
     Py_ssize_t end
+
+
+cdef struct Outcome:
+    int decision
+    int reason
+    int32_t ct
+    int64_t cost
+    int64_t balance
+    int32_t mode             # the fallback mode's index from 1, or 0
+    uint32_t priority
+
+
+cdef inline bint _utf8_ok(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    """Strict UTF-8, as protobuf requires of strings: no overlong forms, no
+    surrogates, nothing above U+10FFFF."""
+    cdef Py_ssize_t i = 0
+    cdef uint8_t c, c1
+    while i < n:
+        c = p[i]
+        if c < 0x80:
+            i += 1
+            continue
+        if c < 0xC2:
+            return 0
+        if c < 0xE0:
+            if i + 1 >= n or (p[i + 1] & 0xC0) != 0x80:
+                return 0
+            i += 2
+            continue
+        if c < 0xF0:
+            if i + 2 >= n:
+                return 0
+            c1 = p[i + 1]
+            if (c1 & 0xC0) != 0x80 or (p[i + 2] & 0xC0) != 0x80:
+                return 0
+            if (c == 0xE0 and c1 < 0xA0) or (c == 0xED and c1 >= 0xA0):
+                return 0
+            i += 3
+            continue
+        if c < 0xF5:
+            if i + 3 >= n:
+                return 0
+            c1 = p[i + 1]
+            if (c1 & 0xC0) != 0x80 or (p[i + 2] & 0xC0) != 0x80 or (p[i + 3] & 0xC0) != 0x80:
+                return 0
+            if (c == 0xF0 and c1 < 0x90) or (c == 0xF4 and c1 >= 0x90):
+                return 0
+            i += 4
+            continue
+        return 0
+    return 1
 
 
 cdef inline uint64_t _hash(const char *p, Py_ssize_t n) noexcept nogil:
@@ -1602,6 +1654,9 @@ cdef class Core:
         if vn > self.dim_value_max:
             ev.err = E_TOO_LONG
             return ev.err
+        if not _utf8_ok(<const uint8_t *>buf + ks, kn) or not _utf8_ok(<const uint8_t *>buf + vs, vn):
+            ev.err = E_UTF8  # protobuf strings: the ledger and every client must be able to read them
+            return ev.err
         if want != NULL and kn == want_len and memcmp(want, buf + ks, kn) == 0:
             dim_value[0] = buf + vs
             dim_len[0] = vn
@@ -1773,18 +1828,15 @@ cdef class Core:
         finally:
             free(out)
 
-    def report(self, bytes data):
-        """Decode and apply a ReportRequest (one event).
-
-        Returns (decision, reason, credit_type, cost_nano, balance_nano, mode,
-        priority); ``mode`` and ``priority`` are b"" and 0 unless degraded.
-        """
+    cdef int _report(self, bytes data, bint keyless, Outcome *o) except -1:
+        """Decode and apply a ReportRequest (one event) into ``o``. With
+        ``keyless``, an event that carries an idempotency key is left alone and
+        1 is returned (the caller must check the key first); else 0."""
         self._check()
         cdef const char *buf = PyBytes_AS_STRING(data)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(data), pos = 0, s = 0, n = -1
         cdef uint64_t key
-        cdef int wt, rc, reason, mode
-        cdef int64_t cost = 0
+        cdef int wt, rc, reason
         cdef Event ev
         while pos < end:
             rc = _read_varint(buf, end, &pos, &key)
@@ -1804,23 +1856,84 @@ cdef class Core:
             raise InvalidInput("event", "is required")
         if self._decode_event(buf, s, s + n, &ev) != E_OK:
             raise self._event_error(&ev, "event.")
+        if keyless and _has_string(buf, s, s + n, 7):
+            return 1
         cdef int32_t ct = self.rates[ev.rate].ct
+        o.ct = ct
+        o.reason = REASON_NONE
+        o.cost = 0
+        o.balance = 0
+        o.mode = 0
+        o.priority = 0
         self._ureserve(1)
         self._xreserve(1)
         ev.account = self._find(ev.cust, ev.cust_len)
         if ev.account < 0:
-            return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
-        reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
+            o.decision = DECISION_DENY
+            o.reason = REASON_UNKNOWN_CUSTOMER
+            return 0
+        reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &o.cost)
         if reason == REASON_NONE or reason == OUT_DEGRADED:
-            self._usage(ev.account, ev.rate, ev.dhash, ev.quantity, cost, buf, ev.start, ev.end)
-        cdef int64_t balance = self.bal[ev.account * self.n_ct + ct]
+            self._usage(ev.account, ev.rate, ev.dhash, ev.quantity, o.cost, buf, ev.start, ev.end)
+        o.balance = self.bal[ev.account * self.n_ct + ct]
         if reason == REASON_NONE:
-            return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0
-        if reason == OUT_DEGRADED:
-            mode = self.plan_mode[self.plan_of[ev.account] * self.n_ct + ct]
-            return (DECISION_DEGRADE, REASON_NONE, ct, 0, balance, self.modes[mode - 1],
-                    self._priority(ev.account, ct))
-        return DECISION_DENY, reason, ct, 0, balance, b"", 0
+            o.decision = DECISION_ALLOW
+        elif reason == OUT_DEGRADED:
+            o.decision = DECISION_DEGRADE
+            o.cost = 0
+            o.mode = self.plan_mode[self.plan_of[ev.account] * self.n_ct + ct]
+            o.priority = self._priority(ev.account, ct)
+        else:
+            o.decision = DECISION_DENY
+            o.reason = reason
+            o.cost = 0
+        return 0
+
+    def report(self, bytes data):
+        """Decode and apply a ReportRequest (one event).
+
+        Returns (decision, reason, credit_type, cost_nano, balance_nano, mode,
+        priority); ``mode`` and ``priority`` are b"" and 0 unless degraded.
+        """
+        cdef Outcome o
+        self._report(data, False, &o)
+        return (o.decision, o.reason, o.ct, o.cost, o.balance, self.modes[o.mode - 1] if o.mode else b"",
+                o.priority)
+
+    def report_wire(self, bytes data):
+        """``report`` for the unary hot path: returns None, having applied
+        nothing, when the event carries an idempotency key; else (decision,
+        the serialised ReportResponse)."""
+        cdef Outcome o
+        if self._report(data, True, &o):
+            return None
+        cdef char out[256]
+        cdef Py_ssize_t n = _put_uint(out, 0x08, <uint64_t>o.decision)
+        n += _put_uint(out + n, 0x10, <uint64_t>o.reason)
+        n += _put_str(out + n, 0x1A, self.ct_name[o.ct], self.ct_name_len[o.ct])
+        n += _put_uint(out + n, 0x20, <uint64_t>o.cost)
+        n += _put_uint(out + n, 0x28, <uint64_t>o.balance)
+        if o.mode:
+            n += _put_str(out + n, 0x3A, self.mode_ptr[o.mode], self.mode_len[o.mode])
+        n += _put_uint(out + n, 0x40, o.priority)
+        return o.decision, PyBytes_FromStringAndSize(out, n)
+
+
+cdef int _has_string(const char *buf, Py_ssize_t pos, Py_ssize_t end, uint64_t field) noexcept:
+    """Whether a (well-formed) message has a non-empty length-delimited ``field``."""
+    cdef uint64_t key = 0
+    cdef Py_ssize_t s = 0, n = 0
+    while pos < end:
+        if _read_varint(buf, end, &pos, &key):
+            return 0
+        if key >> 3 == field and key & 7 == 2:
+            if _read_len(buf, end, &pos, &s, &n):
+                return 0
+            if n > 0:
+                return 1
+        elif _skip(buf, end, &pos, key & 7):
+            return 0
+    return 0
 
 
 cdef inline Py_ssize_t _put_varint(char *out, uint64_t v) noexcept nogil:
@@ -1970,4 +2083,5 @@ _MESSAGES = {
     E_OVERFLOW: "cost or quantity overflows 64 bits",
     E_TOO_MANY: "too many entries",
     E_VARINT: "malformed protobuf: bad varint",
+    E_UTF8: "must be valid UTF-8",
 }

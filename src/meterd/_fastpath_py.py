@@ -41,6 +41,7 @@ _MSG_NEGATIVE = "must not be negative"
 _MSG_DECIMAL = "must be a decimal like 12 or 1.25 with no more decimals than the meter's precision"
 _MSG_OVERFLOW = "cost or quantity overflows 64 bits"
 _MSG_TOO_MANY = "too many entries"
+_MSG_UTF8 = "must be valid UTF-8"
 
 _FIELD_NAMES = {1: "customer_id", 2: "meter", 3: "quantity", 4: "quantity_decimal",
                 5: "dimensions", 6: "timestamp_ms", 7: "idempotency_key"}
@@ -150,6 +151,22 @@ def _dim_entry(key: bytes, value: bytes) -> bytes:
 
 def _id_charset_ok(b: bytes) -> bool:
     return all(0x21 <= c <= 0x7E for c in b)
+
+
+def _has_string(buf: bytes, pos: int, end: int, field: int) -> bool:
+    """Whether a (well-formed) message has a non-empty length-delimited ``field``."""
+    try:
+        while pos < end:
+            tag, pos = _varint(buf, pos, end)
+            if tag >> 3 == field and tag & 7 == 2:
+                s, n, pos = _length(buf, pos, end)
+                if n:
+                    return True
+            else:
+                pos = _skip(buf, pos, end, tag & 7)
+    except _DecodeError:
+        return False
+    return False
 
 
 def _put_varint(v: int) -> bytes:
@@ -706,6 +723,11 @@ class Core:
             raise _DecodeError("dimensions", _MSG_TOO_LONG if key else _MSG_EMPTY)
         if len(value) > self.dim_value_max:
             raise _DecodeError("dimensions", _MSG_TOO_LONG)
+        try:
+            key.decode()
+            value.decode()
+        except UnicodeDecodeError:
+            raise _DecodeError("dimensions", _MSG_UTF8) from None
         return key, value
 
     def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
@@ -920,6 +942,17 @@ class Core:
         return accepted, denied, degraded, b"".join(out)
 
     def report(self, data: bytes) -> tuple:
+        return self._report(data, False)  # type: ignore[return-value]
+
+    def report_wire(self, data: bytes) -> tuple[int, bytes] | None:
+        out = self._report(data, True)
+        if out is None:
+            return None
+        decision, reason, ct, cost, balance, mode, priority = out
+        return decision, (_uint(0x08, decision) + _uint(0x10, reason) + _str(0x1A, self.credit_names[ct])
+                          + _uint(0x20, cost) + _uint(0x28, balance) + _str(0x3A, mode) + _uint(0x40, priority))
+
+    def _report(self, data: bytes, keyless: bool) -> tuple | None:
         self._check()
         pos, end = 0, len(data)
         s = n = -1
@@ -938,6 +971,8 @@ class Core:
         if n < 0:
             raise InvalidInput("event", "is required")
         cust, rate, qty, fine, dhash, dims = self._event(data, s, s + n, "event.")
+        if keyless and _has_string(data, s, s + n, 7):
+            return None
         ct = self.rates[rate][1]
         idx = self.index.get(cust, -1)
         if idx < 0:

@@ -24,9 +24,14 @@ class Settings:
     # LMDB
     map_size_bytes: int = 1 << 30
     fsync: bool = True
-    # Group commit: the writer waits at most this long for more work to join a commit.
+    # Group commit: while the event loop is busy, the writer waits this long for
+    # more work to join a commit; when it keeps up, the writer commits at once.
     group_commit_window_us: int = 200
     group_commit_ops_max: int = 4096
+    # How long a Python thread may hold the GIL while another waits for it
+    # (CPython's default is 5000): background work such as a ledger flush then
+    # delays a call by at most about this much at a time.
+    gil_switch_interval_us: int = 1000
     # Input limits
     batch_events_max: int = 8000
     batch_bytes_max: int = 4 << 20
@@ -129,6 +134,7 @@ def _validate(s: Settings) -> None:
     need(s.map_size_bytes >= 1 << 20, "map_size_bytes", "must be at least 1 MiB")
     need(0 <= s.group_commit_window_us <= 100_000, "group_commit_window_us", "must be 0 to 100000")
     need(s.group_commit_ops_max >= 1, "group_commit_ops_max", "must be at least 1")
+    need(100 <= s.gil_switch_interval_us <= 100_000, "gil_switch_interval_us", "must be 100 to 100000")
     need(1 <= s.batch_events_max <= 100_000, "batch_events_max", "must be 1 to 100000")
     need(1024 <= s.batch_bytes_max <= 64 << 20, "batch_bytes_max", "must be 1 KiB to 64 MiB")
     need(1 <= s.customer_id_bytes_max <= 255, "customer_id_bytes_max", "must be 1 to 255")

@@ -857,28 +857,39 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
     async def report(self, data: bytes) -> bytes:
         self.check_writable()
+        self._due_ops()
+        at = now_ms()
+        self.core.set_clock(at)
+        out = self.core.report_wire(data)  # applies and answers in wire form, unless the event has a key
+        if out is None:
+            return await self._report_keyed(data)
+        decision, response = out
+        ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
+        ops += self.alert_ops()
+        if ops:
+            await self._commit_with(ops)
+        return response
+
+    async def _report_keyed(self, data: bytes) -> bytes:
+        """A Report with an idempotency key: a repeat gets the first answer."""
         try:
             req = meter_pb2.ReportRequest.FromString(data)
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError subclasses
             raise InvalidInput("event", "malformed protobuf") from None
-        key = None
-        if req.event.idempotency_key:
-            key = self._idem_key("report", req.event.customer_id, req.event.idempotency_key)
-            replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
-            if replay is not None:
-                return replay
-        pre = self._due_ops()
+        key = self._idem_key("report", req.event.customer_id, req.event.idempotency_key)
+        replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
+        if replay is not None:
+            return replay
         at = now_ms()
         self.core.set_clock(at)
         decision, reason, ct, cost, balance, mode, priority = self.core.report(data)
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
-        ops = pre + ([self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else [])
+        ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
         ops += self.alert_ops()
-        ops += self._remember(key, _canonical(req) if key else b"", response)
-        if ops:
-            await self._commit_with(ops, key)
+        ops += self._remember(key, _canonical(req), response)
+        await self._commit_with(ops, key)
         return response
 
     def _quantity(self, meter: int, msg: Any, field_prefix: str = "") -> int:

@@ -94,6 +94,8 @@ class Store:
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.committed_ops = 0
+        self._lag_s = 0.0  # how late the loop ran the last commit's callback
+        self.window_waits = 0
 
     # ---- reading (any thread) ----------------------------------------------
 
@@ -195,16 +197,13 @@ class Store:
                 self._cond.wait()
             if not self._queue:
                 return None
-        if self.window_s > 0:
-            # Let concurrent callers join this commit, but not for long, and only
-            # while they keep coming: a lone caller is committed after one slice.
-            deadline = time.monotonic() + self.window_s
-            seen = len(self._queue)
-            while len(self._queue) < self.ops_max and time.monotonic() < deadline:
-                time.sleep(self.window_s / 4)
-                if len(self._queue) == seen:
-                    break
-                seen = len(self._queue)
+        if self.window_s > 0 and self._lag_s > self.window_s:
+            # The event loop is busy (it ran the last commit's callback more than
+            # a window late): let more callers join this commit, for one sleep
+            # rather than a polling loop, as every wake-up of this thread takes
+            # the GIL from the loop. When the loop keeps up, commit at once.
+            self.window_waits += 1
+            time.sleep(self.window_s)
         with self._cond:
             group: list[Unit] = []
             n = 0
@@ -251,7 +250,7 @@ class Store:
         if self._loop is None:
             return
         try:
-            self._loop.call_soon_threadsafe(_resolve, group, exc)
+            self._loop.call_soon_threadsafe(self._resolve, group, exc, time.perf_counter())
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
@@ -266,6 +265,11 @@ class Store:
     def close(self) -> None:
         self.env.close()
         self._lock_file.close()
+
+    def _resolve(self, group: list[Unit], exc: BaseException | None, posted: float) -> None:
+        """On the loop: answer a group's callers, and note how late the loop got to it."""
+        self._lag_s = time.perf_counter() - posted
+        _resolve(group, exc)
 
 
 def _resolve(group: list[Unit], exc: BaseException | None) -> None:
