@@ -75,8 +75,8 @@ def unary_calls(seconds: float, progress: Callable[[str], None]) -> list[dict]:
               calls: int) -> None:
         """Saturation first, then fixed offered loads at these shares of it."""
         progress(f"unary: {method} at saturation")
-        name = {"Echo": "echo (bare gRPC)", "Echo handoff": "echo, answered after a thread handoff"}.get(
-            method, f"meterd {method}")
+        name = {"Echo": "echo (bare gRPC)", "Echo handoff": "echo, answered after a thread handoff",
+                "Echo durable": "echo, answered after an LMDB group commit"}.get(method, f"meterd {method}")
         sat = unary.h2load(target, path, request, name, calls=calls)
         runs.append(sat.as_dict() | {"method": method, "load": "saturation"})
         for share in shares:
@@ -89,6 +89,8 @@ def unary_calls(seconds: float, progress: Callable[[str], None]) -> list[dict]:
         sweep(echo.target, "/Echo/Call", report, "Echo", loads, int(8000 * seconds))
     with load.Server("echo-handoff") as echo:
         sweep(echo.target, "/Echo/Call", report, "Echo handoff", (0.5,), int(8000 * seconds))
+    with load.Server("echo-durable") as echo:
+        sweep(echo.target, "/Echo/Call", report, "Echo durable", (0.5,), int(8000 * seconds))
     with load.Server("meterd") as server:
         for method, request in (("Report", report), ("Authorize", authorize)):
             _check_allowed(server.target, method, request)
@@ -193,13 +195,18 @@ def targets(res: dict) -> list[dict]:
         ratio = rep["calls_per_s"] / echo["calls_per_s"]
         add("unary Report vs bare echo", round(ratio, 2), ">= 0.8", ratio >= 0.8, "h2load, saturation")
         handoff = _find(un, method="Echo handoff", load="saturation")
+        durable = _find(un, method="Echo durable", load="saturation")
         if handoff:
             add("  for scale: echo answered after a thread handoff, vs bare echo",
                 round(handoff["calls_per_s"] / echo["calls_per_s"], 2), "(ceiling)", None,
                 "the ceiling of any answer that waits for another thread, as a durable one must")
-            add("  unary Report vs that ceiling", round(rep["calls_per_s"] / handoff["calls_per_s"], 2), "", None,
-                "meterd's own share")
-    for method in ("Echo", "Echo handoff"):
+        if durable:
+            add("  for scale: echo answered after an LMDB group commit, vs bare echo",
+                round(durable["calls_per_s"] / echo["calls_per_s"], 2), "(ceiling)", None,
+                "the ceiling of a durable answer on this stack")
+            add("  unary Report vs that durable echo", round(rep["calls_per_s"] / durable["calls_per_s"], 2), "",
+                None, "meterd's own share")
+    for method in ("Echo", "Echo handoff", "Echo durable"):
         half = _find(un, method=method, load=0.5)
         if half and half.get("p99_ms") is not None:
             add(f"  for scale: {method.lower()} p99 at half of its saturation (ms)", half["p99_ms"], "", None,

@@ -89,9 +89,10 @@ class Server:
     def __enter__(self) -> "Server":
         env = dict(os.environ)
         env.pop("METERD_NO_EXTENSIONS", None)
-        if self.kind in ("echo", "echo-handoff"):
-            cmd = [sys.executable, "-m", "benchmarks.echo", self.target] + (["--handoff"] if "handoff" in self.kind
-                                                                            else [])
+        if self.kind.startswith("echo"):
+            cmd = [sys.executable, "-m", "benchmarks.echo", self.target]
+            cmd += {"echo": [], "echo-handoff": ["--handoff"],
+                    "echo-durable": ["--handoff", "--durable", str(self.dir / "lmdb")]}[self.kind]
         else:
             catalog = self.dir / "catalog.toml"
             bench_catalog(catalog, self.customers)
