@@ -30,7 +30,9 @@ class Daemon:
     """A meterd subprocess with its stubs; restartable on the same data directory."""
 
     def __init__(self, data_dir: Path, core: str = "compiled", catalog: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.credentials = credentials  # TLS: how the test's clients trust (and show themselves to) the daemon
         self.data_dir = data_dir
         self.core = core
         self.catalog = catalog
@@ -60,15 +62,22 @@ class Daemon:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_serving(timeout_s)
-        self.channel = grpc.insecure_channel(self.target)
-        self.admin_channel = grpc.insecure_channel(self.admin_target)
+        self.channel = self.connect(self.target)
+        self.admin_channel = self.connect(self.admin_target)
         self.meter = meter_pb2_grpc.MeterStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.admin_channel)
         return self
 
+    def connect(self, target: str) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(target)
+        # A Unix socket has no host name: the daemon's certificate is checked for "localhost".
+        options = [("grpc.ssl_target_name_override", "localhost")] if target.startswith("unix:") else []
+        return grpc.secure_channel(target, self.credentials, options=options)
+
     def _wait_serving(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as ch:
+        with self.connect(self.target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -131,8 +140,8 @@ def make_daemon(tmp_path: Path) -> Iterator:
     made: list[Daemon] = []
 
     def make(core: str = "compiled", catalog: str | None = None, name: str = "data",
-             extra_env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(tmp_path / name, core=core, catalog=catalog, extra_env=extra_env)
+             extra_env: dict[str, str] | None = None, credentials: grpc.ChannelCredentials | None = None) -> Daemon:
+        d = Daemon(tmp_path / name, core=core, catalog=catalog, extra_env=extra_env, credentials=credentials)
         made.append(d)
         return d
 

@@ -89,10 +89,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_channel(args: argparse.Namespace) -> Any:
+def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str, str]]]:
+    """A channel to the daemon named by the settings, and the metadata each call carries.
+
+    With TLS on, the server is trusted through --tls-ca (default: tls_cert_file,
+    right for a self-signed certificate); --tls-cert/--tls-key present a client
+    certificate. Admin calls carry the token of --token-file (default:
+    admin_token_file)."""
     import grpc
 
-    return grpc.insecure_channel(_load(args).admin_address)
+    from meterd.security import channel_credentials, read_token
+
+    settings = _load(args)
+    address = settings.admin_address if admin else (getattr(args, "target", None) or settings.listen)
+    if settings.tls_cert_file:
+        creds = channel_credentials(args.tls_ca or settings.tls_cert_file, args.tls_cert or "", args.tls_key or "")
+        # A Unix socket has no host name: the daemon's certificate is checked for "localhost".
+        options = [("grpc.ssl_target_name_override", "localhost")] if address.startswith("unix:") else []
+        channel = grpc.secure_channel(address, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(address)
+    token_file = args.token_file or (settings.admin_token_file if admin else "")
+    metadata = [("authorization", "Bearer " + read_token("--token-file", token_file))] if token_file else []
+    return channel, metadata
 
 
 def _credits(nano: int) -> str:
@@ -100,12 +119,13 @@ def _credits(nano: int) -> str:
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
-    import grpc
 
     from meterd.v1 import meter_pb2, meter_pb2_grpc
 
-    with grpc.insecure_channel(args.target or _load(args).listen) as ch:
-        resp = meter_pb2_grpc.MeterStub(ch).GetBalance(meter_pb2.GetBalanceRequest(customer_id=args.customer))
+    channel, metadata = _connect(args, admin=False)
+    with channel as ch:
+        resp = meter_pb2_grpc.MeterStub(ch).GetBalance(meter_pb2.GetBalanceRequest(customer_id=args.customer),
+                                                       metadata=metadata)
     for b in resp.balances:
         print(f"{b.credit_type:<20} balance {_credits(b.balance_nano):>20}  reserved {_credits(b.reserved_nano)}"
               f"  available {_credits(b.available_nano)}")
@@ -119,10 +139,11 @@ def cmd_grant(args: argparse.Namespace) -> int:
     from meterd.v1 import admin_pb2, admin_pb2_grpc
 
     amount = to_nano(parse_amount(args.amount, "--amount", "amount"), "--amount", "amount")
-    with _admin_channel(args) as ch:
+    channel, metadata = _connect(args, admin=True)
+    with channel as ch:
         resp = admin_pb2_grpc.AdminStub(ch).Grant(admin_pb2.GrantRequest(
             customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount,
-            source=args.source, idempotency_key=args.idempotency_key or ""))
+            source=args.source, idempotency_key=args.idempotency_key or ""), metadata=metadata)
     print(f"granted {resp.grant_id}: balance {_credits(resp.balance_nano)}{' (duplicate)' if resp.duplicate else ''}")
     return 0
 
@@ -192,6 +213,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(rest)
 
 
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", help="CA file to trust the daemon's certificate (default: tls_cert_file)")
+    p.add_argument("--tls-cert", help="client certificate, for mutual TLS")
+    p.add_argument("--tls-key", help="client certificate's key, for mutual TLS")
+    p.add_argument("--token-file", help="file with the bearer token (default for admin: admin_token_file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterd", description=(
         "Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny."))
@@ -207,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_args(p)
     p.add_argument("--customer", required=True)
     p.add_argument("--target", help="data plane address (default: the --listen setting)")
+    _client_args(p)
     p.set_defaults(func=cmd_balance)
     p = sub.add_parser("grant", help="add credits to a customer through the admin socket")
     _settings_args(p)
@@ -215,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amount", required=True, help="in credits, exact decimal, for example 25.00")
     p.add_argument("--source", default="cli")
     p.add_argument("--idempotency-key")
+    _client_args(p)
     p.set_defaults(func=cmd_grant)
     p = sub.add_parser("statement", help="what a customer owes for a month, from the central ledger")
     _settings_args(p)

@@ -64,6 +64,16 @@ class Settings:
     ledger_flush_rows_max: int = 20_000
     ledger_timeout_s: float = 10.0
     ledger_retry_max_s: float = 60.0
+    # TLS for both listeners (PEM files, read again on SIGHUP). A client CA turns
+    # on mutual TLS: every client must present a certificate it signed.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Admin authentication: a bearer token kept in a file, and/or the names
+    # (subject alternative names, else common names) of client certificates
+    # allowed to use Admin, comma-separated. Required for a TCP admin listener.
+    admin_token_file: str = ""
+    admin_client_names: str = ""
     # Prometheus metrics over HTTP (host:port); empty: off.
     metrics_listen: str = ""
     # Usage is aggregated per customer, meter, dimension set and window of this width.
@@ -178,6 +188,17 @@ def _validate(s: Settings) -> None:
     admin = s.admin_address
     need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",
          f"the Unix socket path {admin[5:]} is longer than 100 bytes; give a shorter one or a loopback port")
+    # TLS and Admin authentication (meterd.security): refuse what would expose Admin.
+    need(bool(s.tls_cert_file) == bool(s.tls_key_file), "tls_cert_file", "tls_cert_file and tls_key_file go together")
+    need(not s.tls_client_ca_file or bool(s.tls_cert_file), "tls_client_ca_file",
+         "mutual TLS needs tls_cert_file and tls_key_file")
+    need(not s.admin_client_names or bool(s.tls_client_ca_file), "admin_client_names",
+         "client certificates need tls_client_ca_file (mutual TLS)")
+    if not admin.startswith("unix:"):
+        need(bool(s.admin_token_file or s.admin_client_names), "admin_listen",
+             "a TCP admin listener needs authentication: set admin_token_file, or admin_client_names with mutual TLS")
+        need(bool(s.tls_cert_file), "admin_listen", "a TCP admin listener needs TLS (tls_cert_file and "
+             "tls_key_file), so that its token or certificates are not sent in the clear")
     # A full batch must fit in a message, roughly 8 bytes per event at least.
     need(s.batch_bytes_max >= s.batch_events_max * 8, "batch_bytes_max",
          "must be at least 8 bytes per event of batch_events_max")

@@ -26,6 +26,7 @@ from meterd.config import Settings
 from meterd.engine import Engine, now_ms
 from meterd.errors import ConfigError, Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
 from meterd.ledger import redact
+from meterd.security import AdminAuth, Credentials
 from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.server")
@@ -74,9 +75,10 @@ def _parse(cls: Any, data: bytes) -> Any:
 class Servicer:
     """Both services' handlers; each converts, calls the engine, converts back."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, admin_auth: AdminAuth | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.admin_auth = admin_auth or AdminAuth(settings)
         self.streams = 0
 
     # Meter -------------------------------------------------------------------
@@ -219,6 +221,26 @@ class Servicer:
             return self.engine.ledger_status().SerializeToString()
         return await _call(run, ctx, "GetLedgerStatus")
 
+    async def _refuse(self, ctx: grpc.aio.ServicerContext, method: str) -> None:
+        log.warning("Admin %s refused: not authenticated (peer %s)", method, ctx.peer())
+        await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
+                        "Admin requires authentication: a bearer token or an allowed client certificate")
+
+    def _authenticated(self, fn: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]) -> Any:
+        async def handler(data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+            if not self.admin_auth.allowed(ctx):
+                await self._refuse(ctx, fn.__name__)
+            return await fn(data, ctx)
+        return handler
+
+    def _authenticated_stream(self, fn: Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]) -> Any:
+        async def handler(data: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            if not self.admin_auth.allowed(ctx):
+                await self._refuse(ctx, fn.__name__)
+            async for item in fn(data, ctx):
+                yield item
+        return handler
+
     def handlers(self) -> tuple[grpc.GenericRpcHandler, grpc.GenericRpcHandler]:
         raw = dict(request_deserializer=None, response_serializer=None)
         meter = grpc.method_handlers_generic_handler(METER_SERVICE, {
@@ -233,18 +255,14 @@ class Servicer:
             "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat, **raw),
             "EndSession": grpc.unary_unary_rpc_method_handler(self.end_session, **raw),
         })
-        admin = grpc.method_handlers_generic_handler(ADMIN_SERVICE, {
-            "Grant": grpc.unary_unary_rpc_method_handler(self.grant, **raw),
-            "Adjust": grpc.unary_unary_rpc_method_handler(self.adjust, **raw),
-            "ListAudit": grpc.unary_unary_rpc_method_handler(self.list_audit, **raw),
-            "Subscribe": grpc.unary_unary_rpc_method_handler(self.subscribe, **raw),
-            "Cancel": grpc.unary_unary_rpc_method_handler(self.cancel, **raw),
-            "ChangePlan": grpc.unary_unary_rpc_method_handler(self.change_plan, **raw),
-            "Watch": grpc.unary_stream_rpc_method_handler(self.watch, **raw),
-            "ReloadCatalog": grpc.unary_unary_rpc_method_handler(self.reload_catalog, **raw),
-            "GetStatement": grpc.unary_unary_rpc_method_handler(self.get_statement, **raw),
-            "GetLedgerStatus": grpc.unary_unary_rpc_method_handler(self.get_ledger_status, **raw),
-        })
+        unary = {"Grant": self.grant, "Adjust": self.adjust, "ListAudit": self.list_audit,
+                 "Subscribe": self.subscribe, "Cancel": self.cancel, "ChangePlan": self.change_plan,
+                 "ReloadCatalog": self.reload_catalog, "GetStatement": self.get_statement,
+                 "GetLedgerStatus": self.get_ledger_status}
+        admin_methods = {name: grpc.unary_unary_rpc_method_handler(self._authenticated(fn), **raw)
+                         for name, fn in unary.items()}
+        admin_methods["Watch"] = grpc.unary_stream_rpc_method_handler(self._authenticated_stream(self.watch), **raw)
+        admin = grpc.method_handlers_generic_handler(ADMIN_SERVICE, admin_methods)
         return meter, admin
 
 
@@ -285,6 +303,8 @@ class MeterdServer:
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
+        self.credentials = Credentials(settings) if settings.tls_cert_file else None  # reads the files now
+        self.admin_auth = AdminAuth(settings)
         self.engine = Engine(settings, catalog)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._stop = asyncio.Event()
@@ -311,18 +331,18 @@ class MeterdServer:
         return server
 
     async def start(self) -> None:
-        servicer = Servicer(self.engine, self.settings)
+        servicer = Servicer(self.engine, self.settings, self.admin_auth)
         meter, admin = servicer.handlers()
         self.engine.start(asyncio.get_running_loop())
         self.data_server = self._server([meter], [METER_SERVICE])
-        self.data_port = _bind(self.data_server, self.settings.listen, "listen")
+        self.data_port = _bind(self.data_server, self.settings.listen, "listen", self.credentials)
         self.admin_server = self._server([admin], [ADMIN_SERVICE])
         self.admin_address = self.settings.admin_address
         if self.admin_address.startswith("unix:"):
             path = self.admin_address[5:]
             if os.path.exists(path):
                 os.unlink(path)
-        _bind(self.admin_server, self.admin_address, "admin_listen")
+        _bind(self.admin_server, self.admin_address, "admin_listen", self.credentials)
         if self.admin_address.startswith("unix:"):
             os.chmod(self.admin_address[5:], 0o600)
         await self.data_server.start()
@@ -334,8 +354,10 @@ class MeterdServer:
         if self.settings.metrics_listen:
             from meterd.metrics import serve_metrics
             self._metrics = serve_metrics(self.settings.metrics_listen, self.engine)
-        log.info("serving data plane on %s (port %d), admin on %s, core=%s, sidecar %s flushing to %s",
-                 self.settings.listen, self.data_port, self.admin_address, "compiled" if _compiled() else "python",
+        log.info("serving data plane on %s (port %d), admin on %s, %s, core=%s, sidecar %s flushing to %s",
+                 self.settings.listen, self.data_port, self.admin_address,
+                 ("mutual TLS" if self.settings.tls_client_ca_file else "TLS") if self.credentials else "no TLS",
+                 "compiled" if _compiled() else "python",
                  self.engine.sidecar_id, redact(self.settings.ledger_url))
 
     async def _set_health(self, name: str, status: int) -> None:
@@ -344,7 +366,17 @@ class MeterdServer:
             await result
 
     async def reload(self) -> None:
-        """SIGHUP: read the catalog again; a bad one is logged and changes nothing."""
+        """SIGHUP: read the catalog, the TLS certificates and the admin token again;
+        a bad file is logged by name and changes nothing."""
+        for what, fn in (("TLS certificates", self.credentials.reload if self.credentials else None),
+                         ("admin token", self.admin_auth.reload)):
+            if fn is None:
+                continue
+            try:
+                fn()
+                log.info("reloaded the %s", what)
+            except ConfigError as e:
+                log.error("reloading the %s failed, keeping the current ones: %s", what, e)
         try:
             await self.engine.reload_catalog(load_catalog(self.settings.catalog))
         except Exception as e:  # noqa: BLE001 - the daemon keeps its current catalog
@@ -382,9 +414,12 @@ class MeterdServer:
         log.info("stopped")
 
 
-def _bind(server: grpc.aio.Server, address: str, setting: str) -> int:
+def _bind(server: grpc.aio.Server, address: str, setting: str, credentials: Credentials | None = None) -> int:
     try:
-        port = server.add_insecure_port(address)
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0 and not address.startswith("unix:"):

@@ -1,0 +1,139 @@
+"""TLS on both listeners, optional mutual TLS, and who may use Admin.
+
+- ``tls_cert_file`` / ``tls_key_file`` turn TLS on for the data plane and the
+  admin listener. ``tls_client_ca_file`` adds mutual TLS: a client must then
+  present a certificate signed by that CA, on both listeners.
+- The files are read again on SIGHUP; new connections use the new
+  certificate, open ones keep theirs. A file that cannot be read or parsed
+  keeps the current certificate and is logged by name.
+- Admin requires authentication: a bearer token (``admin_token_file``,
+  compared as SHA-256 digests in constant time) or a client certificate whose
+  name is in ``admin_client_names`` (mutual TLS). Without either, Admin is
+  only offered on the daemon's own Unix socket (mode 0600), where the file
+  permissions decide; a TCP admin listener is refused at start.
+
+No token or key is ever logged: messages name the setting and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+from typing import Any
+
+import grpc
+
+from meterd.config import Settings
+from meterd.errors import ConfigError
+
+log = logging.getLogger("meterd.security")
+
+TOKEN_BYTES_MIN = 16
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot read {path}: {e.strerror}") from None
+
+
+def _pem(setting: str, path: str, marker: bytes) -> bytes:
+    data = _read(setting, path)
+    if marker not in data:
+        raise ConfigError(f"{setting}: {path} holds no PEM {marker.decode().strip('- ')}")
+    return data
+
+
+class Credentials:
+    """The server's TLS identity, swapped on reload without restarting the listeners."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pending: Any = None
+        self.initial = self._configuration()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.tls_cert_file)
+
+    def _configuration(self) -> Any:
+        s = self.settings
+        key = _pem("tls_key_file", s.tls_key_file, b"PRIVATE KEY-----")
+        cert = _pem("tls_cert_file", s.tls_cert_file, b"-----BEGIN CERTIFICATE-----")
+        ca = _pem("tls_client_ca_file", s.tls_client_ca_file, b"-----BEGIN CERTIFICATE-----") \
+            if s.tls_client_ca_file else None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self._fetch,
+                                                   require_client_authentication=bool(
+                                                       self.settings.tls_client_ca_file))
+
+    def _fetch(self) -> Any:
+        # Called by grpc before every new TLS handshake.
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def reload(self) -> None:
+        """Read the certificate files again (SIGHUP). Raises ConfigError and keeps the old ones."""
+        config = self._configuration()
+        with self._lock:
+            self._pending = config
+
+
+class AdminAuth:
+    """Decides whether an Admin call is authenticated."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = frozenset(n.strip().encode() for n in settings.admin_client_names.split(",") if n.strip())
+        self.digest: bytes | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the token file again (SIGHUP); raises ConfigError and keeps the old token."""
+        if self.settings.admin_token_file:
+            token = read_token("admin_token_file", self.settings.admin_token_file)
+            self.digest = hashlib.sha256(token.encode()).digest()
+
+    @property
+    def required(self) -> bool:
+        return self.digest is not None or bool(self.names)
+
+    def allowed(self, ctx: grpc.aio.ServicerContext) -> bool:
+        if not self.required:
+            return True  # only reachable on the 0600 Unix socket (checked at start)
+        if self.digest is not None:
+            for key, value in ctx.invocation_metadata() or ():
+                if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                    offered = hashlib.sha256(value[7:].strip().encode()).digest()
+                    if hmac.compare_digest(offered, self.digest):
+                        return True
+        if self.names:
+            identities = ctx.peer_identities() or []
+            if any(name in self.names for name in identities):
+                return True
+        return False
+
+
+def read_token(setting: str, path: str) -> str:
+    """A bearer token from a file: printable ASCII, at least TOKEN_BYTES_MIN bytes, surrounding space ignored."""
+    token = _read(setting, path).strip()
+    if len(token) < TOKEN_BYTES_MIN or not all(0x21 <= c <= 0x7E for c in token):
+        raise ConfigError(f"{setting}: the token in {path} must be at least {TOKEN_BYTES_MIN} printable ASCII "
+                          "characters without spaces")
+    return token.decode()
+
+
+def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """Client side, for the CLI and tests: trust ``ca_file``; present a certificate for mutual TLS."""
+    ca = _read("tls_ca_file", ca_file) if ca_file else None
+    cert = _read("tls_client_cert_file", cert_file) if cert_file else None
+    key = _read("tls_client_key_file", key_file) if key_file else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)

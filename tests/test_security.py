@@ -1,0 +1,214 @@
+"""TLS on both listeners, mutual TLS, certificate reload on SIGHUP, and Admin
+authentication, against a real daemon with real certificates."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from meterd.config import load_settings
+from meterd.errors import ConfigError
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import admin_pb2_grpc
+from meterd.v1 import meter_pb2 as pb
+from meterd.v1 import meter_pb2_grpc
+
+TOKEN = "s3cr3t-admin-token-9f8e7d6c5b4a"
+
+
+class CA:
+    """A throwaway certificate authority that writes PEM files."""
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, server: bool) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        names: list[x509.GeneralName] = [x509.DNSName(common_name)]
+        if server:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    ca, clients = CA("meterd test CA"), CA("meterd client CA")
+    files = {"ca": ca.pem(), "client_ca": clients.pem()}
+    files["server"], files["server_key"] = ca.issue("meterd", server=True)
+    files["ops"], files["ops_key"] = clients.issue("ops", server=False)
+    files["app"], files["app_key"] = clients.issue("app", server=False)
+    other = CA("another CA")
+    files["other_ca"] = other.pem()
+    files["other_server"], files["other_server_key"] = other.issue("meterd", server=True)
+    files["token"] = (TOKEN + "\n").encode()
+    out = {}
+    for name, data in files.items():
+        path = tmp_path / f"{name}.pem"
+        path.write_bytes(data)
+        out[name] = path
+    return out
+
+
+def _creds(pki: dict[str, Path], ca: str = "ca", client: str | None = None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki[ca].read_bytes(),
+        private_key=pki[f"{client}_key"].read_bytes() if client else None,
+        certificate_chain=pki[client].read_bytes() if client else None)
+
+
+def _tls_env(pki: dict[str, Path], mutual: bool = False) -> dict[str, str]:
+    env = {"METERD_TLS_CERT_FILE": str(pki["server"]), "METERD_TLS_KEY_FILE": str(pki["server_key"]),
+           "METERD_ADMIN_TOKEN_FILE": str(pki["token"])}
+    if mutual:
+        env |= {"METERD_TLS_CLIENT_CA_FILE": str(pki["client_ca"]), "METERD_ADMIN_CLIENT_NAMES": "ops"}
+    return env
+
+
+def _grant(channel: grpc.Channel, metadata=None) -> apb.GrantResponse:
+    return admin_pb2_grpc.AdminStub(channel).Grant(
+        apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=10**9), metadata=metadata, timeout=10)
+
+
+def _report(channel: grpc.Channel) -> pb.ReportResponse:
+    return meter_pb2_grpc.MeterStub(channel).Report(pb.ReportRequest(event=pb.UsageEvent(
+        customer_id="acme", meter="input_tokens", quantity=10, dimensions={"model": "gpt-4o"})), timeout=10)
+
+
+def test_tls_on_both_listeners_and_admin_needs_its_token(make_daemon, pki):
+    d = make_daemon(extra_env=_tls_env(pki), credentials=_creds(pki)).start()
+    bearer = [("authorization", "Bearer " + TOKEN)]
+    assert _grant(d.admin_channel, bearer).balance_nano == 10**9
+    assert _report(d.channel).decision == pb.DECISION_ALLOW
+    for metadata in (None, [("authorization", "Bearer " + TOKEN[:-1] + "x")], [("authorization", TOKEN)]):
+        with pytest.raises(grpc.RpcError) as e:
+            _grant(d.admin_channel, metadata)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:  # Watch, a stream, is guarded too
+        next(iter(admin_pb2_grpc.AdminStub(d.admin_channel).Watch(apb.WatchRequest(), timeout=5)))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for target in (d.target, d.admin_target):  # plaintext is not spoken on either listener
+        with grpc.insecure_channel(target) as ch, pytest.raises(grpc.RpcError) as e:
+            _report(ch) if target == d.target else _grant(ch, bearer)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.secure_channel(d.target, _creds(pki, ca="other_ca")) as ch, pytest.raises(grpc.RpcError) as e:
+        _report(ch)  # a client that does not trust the daemon's CA
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    d.stop()
+    log = d.log_path.read_text()
+    assert "refused: not authenticated" in log
+    assert TOKEN not in log and TOKEN[:8] not in log
+
+
+def test_mutual_tls_admits_certified_clients_and_names_who_may_use_admin(make_daemon, pki):
+    d = make_daemon(extra_env=_tls_env(pki, mutual=True), credentials=_creds(pki, client="app")).start()
+    assert _report(d.channel).decision in (pb.DECISION_ALLOW, pb.DECISION_DENY)  # "app" may use the data plane
+    with pytest.raises(grpc.RpcError) as e:
+        _grant(d.admin_channel)  # ...but is not named in admin_client_names
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.secure_channel(d.admin_target, _creds(pki, client="ops"),
+                             options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+        assert _grant(ch).balance_nano == 10**9
+    assert _grant(d.admin_channel, [("authorization", "Bearer " + TOKEN)]).balance_nano == 2 * 10**9
+    with grpc.secure_channel(d.target, _creds(pki)) as ch, pytest.raises(grpc.RpcError) as e:
+        _report(ch)  # no client certificate: the handshake fails
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_certificates_are_read_again_on_sighup(make_daemon, pki):
+    d = make_daemon(extra_env=_tls_env(pki), credentials=_creds(pki)).start()
+    _grant(d.admin_channel, [("authorization", "Bearer " + TOKEN)])
+    pki["server"].write_bytes(b"not a certificate")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    with d.connect(d.target) as ch:
+        assert _report(ch).decision == pb.DECISION_ALLOW  # a bad file keeps the current certificate
+    pki["server"].write_bytes(pki["other_server"].read_bytes())
+    pki["server_key"].write_bytes(pki["other_server_key"].read_bytes())
+    os.kill(d.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:  # new connections get the new certificate
+        try:
+            with grpc.secure_channel(d.target, _creds(pki, ca="other_ca")) as ch:
+                assert _report(ch).decision == pb.DECISION_ALLOW
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "the new certificate was not served"
+            time.sleep(0.2)
+    with grpc.secure_channel(d.target, _creds(pki)) as ch, pytest.raises(grpc.RpcError):
+        _report(ch)  # the old CA no longer vouches for the daemon
+    d.stop()
+    log = d.log_path.read_text()
+    assert "reloading the TLS certificates failed" in log and str(pki["server"]) in log
+
+
+def test_the_cli_presents_the_admin_token_and_trusts_the_certificate(make_daemon, pki, tmp_path):
+    env = _tls_env(pki)
+    d = make_daemon(extra_env=env, credentials=_creds(pki)).start()
+    cmd = [sys.executable, "-m", "meterd", "grant", "--data-dir", str(d.data_dir), "--customer", "acme",
+           "--credit-type", "usd", "--amount", "2.50", "--tls-ca", str(pki["ca"])]
+    r = subprocess.run(cmd, env=os.environ | env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "balance 2.5" in r.stdout
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("x" * 32)
+    r = subprocess.run(cmd + ["--token-file", str(wrong)], env=os.environ | env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "UNAUTHENTICATED" in r.stderr
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"admin_listen": "127.0.0.1:7777"}, "admin_listen: a TCP admin listener needs authentication"),
+    ({"admin_listen": "127.0.0.1:7777", "admin_token_file": "/t"}, "admin_listen: a TCP admin listener needs TLS"),
+    ({"tls_cert_file": "/c"}, "tls_cert_file: tls_cert_file and tls_key_file go together"),
+    ({"tls_client_ca_file": "/ca"}, "tls_client_ca_file: mutual TLS needs"),
+    ({"admin_client_names": "ops"}, "admin_client_names: client certificates need tls_client_ca_file"),
+])
+def test_settings_that_would_expose_admin_are_refused(settings, field):
+    with pytest.raises(ConfigError, match=field):
+        load_settings(settings, env={})
+
+
+def test_unreadable_or_bad_files_are_named(make_daemon, pki, tmp_path):
+    short = tmp_path / "short-token"
+    short.write_text("abc")
+    for env, message in (
+            (_tls_env(pki) | {"METERD_TLS_KEY_FILE": str(tmp_path / "missing.pem")}, "tls_key_file: cannot read"),
+            (_tls_env(pki) | {"METERD_TLS_CERT_FILE": str(short)}, "tls_cert_file: " + str(short)),
+            ({"METERD_ADMIN_TOKEN_FILE": str(short)}, "admin_token_file: the token in " + str(short))):
+        d = make_daemon(extra_env=env, name=f"bad{len(message)}")
+        with pytest.raises(RuntimeError, match="meterd exited") as e:
+            d.start(timeout_s=20)
+        assert message in str(e.value)
