@@ -22,9 +22,8 @@ from cryptography.x509.oid import NameOID
 from meterd.config import load_settings
 from meterd.errors import ConfigError
 from meterd.v1 import admin_pb2 as apb
-from meterd.v1 import admin_pb2_grpc
+from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 from meterd.v1 import meter_pb2 as pb
-from meterd.v1 import meter_pb2_grpc
 
 TOKEN = "s3cr3t-admin-token-9f8e7d6c5b4a"
 

@@ -1,0 +1,159 @@
+"""The ledger fails a transaction midway, or is made slow by a lock another
+client holds: the sidecar keeps serving, and the ledger converges exactly
+once the fault is gone. On SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from conftest import drop_postgres_database, new_postgres_database
+
+from meterd.ledger import Ledger
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
+
+COST_NANO = 2_500  # one gpt-4o input token
+GRANT_NANO = 10**15
+
+SQLITE_FAULT = """
+CREATE TABLE fault_switch (armed INTEGER NOT NULL);
+INSERT INTO fault_switch VALUES (1);
+CREATE TRIGGER fault_midway BEFORE INSERT ON meterd_entries
+WHEN (SELECT armed FROM fault_switch) = 1
+BEGIN SELECT RAISE(ABORT, 'injected fault'); END;
+"""
+POSTGRES_FAULT = """
+CREATE TABLE fault_switch (armed BOOLEAN NOT NULL);
+INSERT INTO fault_switch VALUES (TRUE);
+CREATE FUNCTION fault_midway() RETURNS trigger AS $$
+BEGIN
+  IF (SELECT armed FROM fault_switch) THEN RAISE EXCEPTION 'injected fault'; END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER fault_midway BEFORE INSERT ON meterd_entries FOR EACH ROW EXECUTE FUNCTION fault_midway();
+"""
+
+
+class Admin:
+    """A second client of the ledger's database: injects faults and holds locks."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite"):
+            self.conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None, check_same_thread=False)
+        else:
+            import psycopg
+            self.conn = psycopg.connect(url, autocommit=True)
+
+    def run(self, sql: str) -> None:
+        if self.url.startswith("sqlite"):
+            self.conn.executescript(sql)
+        else:
+            self.conn.execute(sql)
+
+    def arm(self, on: bool) -> None:
+        if self.url.startswith("sqlite"):
+            self.run(f"UPDATE fault_switch SET armed = {int(on)}")
+        else:
+            self.run(f"UPDATE fault_switch SET armed = {'TRUE' if on else 'FALSE'}")
+
+    def hold_lock(self, seconds: float) -> threading.Thread:
+        """Lock the usage table in a transaction for a while, from another thread."""
+        started = threading.Event()
+
+        def hold() -> None:
+            if self.url.startswith("sqlite"):
+                self.conn.execute("BEGIN EXCLUSIVE")
+                started.set()
+                time.sleep(seconds)
+                self.conn.execute("COMMIT")
+            else:
+                with self.conn.transaction():
+                    self.conn.execute("LOCK TABLE meterd_usage IN ACCESS EXCLUSIVE MODE")
+                    started.set()
+                    time.sleep(seconds)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert started.wait(10)
+        return t
+
+
+@pytest.fixture
+def ledger(ledger_url, request):
+    """A migrated ledger of its own (a new database on PostgreSQL)."""
+    url, postgres_url = ledger_url, None
+    if ledger_url.startswith("postgres"):
+        postgres_url = request.getfixturevalue("postgres_url")
+        url = new_postgres_database(postgres_url)
+    with Ledger(url) as lg:
+        lg.migrate()
+    yield url
+    if postgres_url is not None:
+        drop_postgres_database(postgres_url, url)
+
+
+def _wait_status(d, done, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
+        if done(status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def test_a_transaction_failing_midway_and_a_slow_ledger_converge_exactly(ledger, make_daemon):
+    admin = Admin(ledger)
+    d = make_daemon(extra_env={"METERD_LEDGER": ledger, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1",
+                               "METERD_LEDGER_RETRY_MAX_S": "0.3", "METERD_LEDGER_TIMEOUT_S": "1",
+                               "METERD_SNAPSHOT_INTERVAL_S": "0.2"}).start()
+    d.admin.Grant(apb.GrantRequest(customer_id="faulty", credit_type="usd", amount_nano=GRANT_NANO))
+    acked, seq = 0, 0
+
+    def send(batches: int) -> None:
+        nonlocal acked, seq
+        for _ in range(batches):
+            seq += 1
+            event = pb.UsageEvent(customer_id="faulty", meter="input_tokens", quantity=1,
+                                  dimensions={"model": "gpt-4o", "batch": str(seq % 7)})
+            r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=seq, events=[event] * 5),
+                                    timeout=10)
+            assert r.accepted == 5  # the data plane keeps answering whatever the ledger does
+            acked += 5
+            time.sleep(0.01)
+
+    send(10)
+    _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and s.flushed_sequence > 0)
+    before = d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).flushed_sequence
+    with Ledger(ledger) as lg:
+        events_before = lg.totals()["events"]
+
+    # 1. Every flush transaction now fails after its usage rows, at its first entry.
+    admin.run(SQLITE_FAULT if ledger.startswith("sqlite") else POSTGRES_FAULT)
+    send(20)
+    status = _wait_status(d, lambda s: s.consecutive_failures >= 3)
+    assert "injected fault" in status.last_error and status.flushed_sequence == before
+    with Ledger(ledger) as lg:  # the failed transactions left nothing behind
+        assert lg.totals()["events"] == events_before
+    admin.arm(False)
+    _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and not s.last_error)
+
+    # 2. Another client holds a lock on the usage table for longer than a flush may take.
+    holder = admin.hold_lock(3.0)
+    send(20)
+    holder.join()
+    _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and not s.last_error)
+    assert d.stop() == 0
+    with Ledger(ledger) as lg:
+        assert lg.totals()["events"] == acked == 250
+        assert lg.totals()["cost_nano"] == acked * COST_NANO
+        deducted = -sum(e.amount_nano for e in lg.entries("faulty") if e.kind == "deducted")
+        assert deducted == acked * COST_NANO
+    log = d.log_path.read_text()
+    assert "injected fault" in log
+    if ledger.startswith("postgres"):  # the lock outlasted statement_timeout: the flush failed and was retried
+        assert "the ledger did not answer in time" in log or "statement timeout" in log
