@@ -211,3 +211,89 @@ def test_unreadable_or_bad_files_are_named(make_daemon, pki, tmp_path):
         with pytest.raises(RuntimeError, match="meterd exited") as e:
             d.start(timeout_s=20)
         assert message in str(e.value)
+
+
+ACME_TOKEN, GLOBEX_TOKEN = "acme-token-0123456789abcdef", "globex-token-fedcba9876543210"
+
+
+def _tokens_file(tmp_path: Path) -> Path:
+    import hashlib
+    path = tmp_path / "tokens.toml"
+    path.write_text("".join(
+        f'[tenants.{name}]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\ncustomers = "{prefix}"\n'
+        for name, token, prefix in (("acme", ACME_TOKEN, "acme-"), ("globex", GLOBEX_TOKEN, "globex-"))))
+    return path
+
+
+def test_data_plane_tokens_confine_each_tenant_to_its_customers(make_daemon, tmp_path):
+    d = make_daemon(extra_env={"METERD_DATA_TOKENS_FILE": str(_tokens_file(tmp_path))}).start()
+    for customer in ("acme-1", "globex-1"):
+        d.admin.Grant(apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=10**12))
+    acme, globex = [("authorization", "Bearer " + ACME_TOKEN)], [("authorization", "Bearer " + GLOBEX_TOKEN)]
+    stub = meter_pb2_grpc.MeterStub(d.channel)
+
+    def event(customer: str) -> pb.UsageEvent:
+        return pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=1000, dimensions={"model": "gpt-4o"})
+
+    def code(fn, request, metadata):
+        try:
+            fn(request, metadata=metadata, timeout=10)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    assert code(stub.Report, pb.ReportRequest(event=event("acme-1")), acme) == grpc.StatusCode.OK
+    assert code(stub.Report, pb.ReportRequest(event=event("acme-1")), None) == grpc.StatusCode.UNAUTHENTICATED
+    assert code(stub.Report, pb.ReportRequest(event=event("acme-1")),
+                [("authorization", "Bearer wrong-token-000000000")]) == grpc.StatusCode.UNAUTHENTICATED
+    assert code(stub.Report, pb.ReportRequest(event=event("globex-1")), acme) == grpc.StatusCode.PERMISSION_DENIED
+    keyed = event("globex-1")
+    keyed.idempotency_key = "k1"
+    assert code(stub.Report, pb.ReportRequest(event=keyed), globex) == grpc.StatusCode.OK
+    assert code(stub.Report, pb.ReportRequest(event=keyed), acme) == grpc.StatusCode.PERMISSION_DENIED  # no replay
+    # One foreign event rejects the whole batch; nothing is applied.
+    batch = pb.ReportBatchRequest(client_id="c", sequence=1, events=[event("acme-1"), event("globex-1")])
+    assert code(stub.ReportBatch, batch, acme) == grpc.StatusCode.PERMISSION_DENIED
+    # Client ids are per tenant: globex's sequence 5 does not make acme's batches duplicates.
+    assert stub.ReportBatch(pb.ReportBatchRequest(client_id="c", sequence=5, events=[event("globex-1")]),
+                            metadata=globex).accepted == 1
+    r = stub.ReportBatch(pb.ReportBatchRequest(client_id="c", sequence=2, events=[event("acme-1")]), metadata=acme)
+    assert (r.accepted, r.duplicate) == (1, False)
+    assert code(stub.GetBalance, pb.GetBalanceRequest(customer_id="globex-1"), acme) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    auth = stub.Authorize(pb.AuthorizeRequest(customer_id="globex-1", meter="output_tokens", quantity=10,
+                                              dimensions={"model": "gpt-4o"}), metadata=globex)
+    assert code(stub.Authorize, pb.AuthorizeRequest(customer_id="globex-1", meter="output_tokens", quantity=10,
+                                                    dimensions={"model": "gpt-4o"}), acme) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert code(stub.Commit, pb.CommitRequest(reservation_id=auth.reservation_id, quantity=1), acme) == \
+        grpc.StatusCode.NOT_FOUND  # another tenant's reservation is not even said to exist
+    assert code(stub.Commit, pb.CommitRequest(reservation_id=auth.reservation_id, quantity=1), globex) == \
+        grpc.StatusCode.OK
+    session = stub.StartSession(pb.StartSessionRequest(customer_id="acme-1", meter="gpu_seconds",
+                                                       dimensions={"hardware": "nvidia-h100"}), metadata=acme)
+    assert code(stub.Heartbeat, pb.HeartbeatRequest(session_id=session.session_id), globex) == \
+        grpc.StatusCode.NOT_FOUND
+    assert code(stub.EndSession, pb.EndSessionRequest(session_id=session.session_id), acme) == grpc.StatusCode.OK
+    balances = {c: stub.GetBalance(pb.GetBalanceRequest(customer_id=c), metadata=m).usage
+                for c, m in (("acme-1", acme), ("globex-1", globex))}
+    assert [int(u.quantity) for u in balances["acme-1"] if u.meter == "input_tokens"] == [2000]
+    assert [int(u.quantity) for u in balances["globex-1"] if u.meter == "input_tokens"] == [2000]
+    d.stop()
+    log = d.log_path.read_text()
+    assert ACME_TOKEN not in log and GLOBEX_TOKEN not in log and "no valid token" in log
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[tenants.acme]\ntoken_sha256 = \"abc\"\ncustomers = \"a\"\n", "tenants.acme.token_sha256: must be 64"),
+    ("[tenants.acme]\ncustomers = \"a\"\n", "tenants.acme: needs token_sha256 and customers"),
+    ("[other]\n", "expected [tenants.NAME] tables"),
+    ("not toml [", "is not valid TOML"),
+])
+def test_a_bad_tokens_file_is_named(tmp_path, text, message):
+    from meterd.security import DataTokens
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="data_tokens_file: " + str(path)) as e:
+        DataTokens(load_settings({}, env={"METERD_DATA_TOKENS_FILE": str(path)}))
+    assert message in str(e.value)

@@ -17,7 +17,7 @@ from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcmp, memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from meterd.errors import InvalidInput
+from meterd.errors import Forbidden, InvalidInput
 
 cdef extern from *:
     """
@@ -72,6 +72,7 @@ cdef enum:
     E_VARINT = 12
     E_NO_UNIQUE = 13
     E_UTF8 = 14
+    E_TENANT = 15
 
 
 cdef struct Rate:
@@ -379,6 +380,10 @@ cdef class Core:
     cdef int dim_value_max
     cdef Event *scratch
     cdef bint closed
+    # While a call runs for a data-plane token: the customer id prefix it may meter.
+    cdef bytes tenant
+    cdef const char *tenant_ptr
+    cdef Py_ssize_t tenant_len     # -1: no restriction
     # usage aggregates, open addressing on (acct, meter, dhash, window)
     cdef Agg *agg
     cdef Py_ssize_t n_agg
@@ -432,6 +437,7 @@ cdef class Core:
         self.count = 0
         self.cap = 0
         self.closed = False
+        self.tenant_len = -1
         self.agg = NULL
         self.n_agg = 0
         self.cap_agg = 0
@@ -1536,6 +1542,10 @@ cdef class Core:
         if not _id_charset_ok(ev.cust, ev.cust_len):
             ev.err = E_CHARSET
             return E_CHARSET
+        if self.tenant_len >= 0 and (ev.cust_len < self.tenant_len
+                                     or memcmp(ev.cust, self.tenant_ptr, self.tenant_len) != 0):
+            ev.err = E_TENANT
+            return E_TENANT
         # meter
         ev.err_ptr = b"meter"
         for i in range(self.n_meters):
@@ -1676,7 +1686,18 @@ cdef class Core:
             return InvalidInput(field, "a unique_count meter needs the %r dimension" % key)
         if ev.err == E_TOO_LONG and ev.err_ptr == b"customer_id":
             return InvalidInput(field, "longer than %d bytes" % self.id_max)
+        if ev.err == E_TENANT:
+            return Forbidden(field, _MESSAGES[ev.err])
         return InvalidInput(field, _MESSAGES[ev.err])
+
+    cdef int _set_tenant(self, bytes tenant) except -1:
+        self.tenant = tenant
+        if tenant is None:
+            self.tenant_len = -1
+        else:
+            self.tenant_ptr = PyBytes_AS_STRING(tenant)
+            self.tenant_len = PyBytes_GET_SIZE(tenant)
+        return 0
 
     cdef int _decode_batch(self, const char *buf, Py_ssize_t end, uint64_t *seq,
                            Py_ssize_t *cid_start, Py_ssize_t *cid_len, Py_ssize_t *nev,
@@ -1763,15 +1784,23 @@ cdef class Core:
             raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
         return PyBytes_FromStringAndSize(buf + cs, cn), seq
 
-    def apply_batch(self, bytes data):
+    def apply_batch(self, bytes data, bytes tenant=None):
         """Decode, validate and apply a ReportBatchRequest.
 
         Returns (accepted, denied, degraded, details): accepted counts every
         allowed event, degraded ones included; ``details`` is the encoded
         ``denials`` (3) and ``degradations`` (7) fields of ReportBatchResponse,
         in event order. Raises InvalidInput, with nothing applied, when any
-        event is malformed.
+        event is malformed, and Forbidden when ``tenant`` is given and an
+        event's customer id does not start with it.
         """
+        self._set_tenant(tenant)
+        try:
+            return self._apply_batch(data)
+        finally:
+            self._set_tenant(None)
+
+    cdef object _apply_batch(self, bytes data):
         self._check()
         cdef uint64_t seq
         cdef Py_ssize_t cs, cn, nev, i
@@ -1889,23 +1918,37 @@ cdef class Core:
             o.cost = 0
         return 0
 
-    def report(self, bytes data):
+    def report(self, bytes data, bytes tenant=None):
         """Decode and apply a ReportRequest (one event).
 
         Returns (decision, reason, credit_type, cost_nano, balance_nano, mode,
         priority); ``mode`` and ``priority`` are b"" and 0 unless degraded.
+        ``tenant`` as for apply_batch.
         """
         cdef Outcome o
-        self._report(data, False, &o)
+        self._set_tenant(tenant)
+        try:
+            self._report(data, False, &o)
+        finally:
+            self._set_tenant(None)
         return (o.decision, o.reason, o.ct, o.cost, o.balance, self.modes[o.mode - 1] if o.mode else b"",
                 o.priority)
 
-    def report_wire(self, bytes data):
+    def report_wire(self, bytes data, bytes tenant=None):
         """``report`` for the unary hot path: returns None, having applied
         nothing, when the event carries an idempotency key; else (decision,
         the serialised ReportResponse)."""
         cdef Outcome o
-        if self._report(data, True, &o):
+        cdef int keyed
+        if tenant is None:
+            keyed = self._report(data, True, &o)
+        else:
+            self._set_tenant(tenant)
+            try:
+                keyed = self._report(data, True, &o)
+            finally:
+                self._set_tenant(None)
+        if keyed:
             return None
         cdef char out[256]
         cdef Py_ssize_t n = _put_uint(out, 0x08, <uint64_t>o.decision)
@@ -2084,4 +2127,5 @@ _MESSAGES = {
     E_TOO_MANY: "too many entries",
     E_VARINT: "malformed protobuf: bad varint",
     E_UTF8: "must be valid UTF-8",
+    E_TENANT: "is not one of this token's customers",
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from meterd.errors import InvalidInput
+from meterd.errors import Forbidden, InvalidInput
 
 INT64_MAX = (1 << 63) - 1
 I128_MAX = (1 << 127) - 1
@@ -42,6 +42,7 @@ _MSG_DECIMAL = "must be a decimal like 12 or 1.25 with no more decimals than the
 _MSG_OVERFLOW = "cost or quantity overflows 64 bits"
 _MSG_TOO_MANY = "too many entries"
 _MSG_UTF8 = "must be valid UTF-8"
+_MSG_TENANT = "is not one of this token's customers"
 
 _FIELD_NAMES = {1: "customer_id", 2: "meter", 3: "quantity", 4: "quantity_decimal",
                 5: "dimensions", 6: "timestamp_ms", 7: "idempotency_key"}
@@ -306,6 +307,7 @@ class Core:
         self.alerts_lost = False
         self.dirty: list[bool] = []
         self.closed = False
+        self.tenant: bytes | None = None  # while a call runs for a data-plane token: its customer id prefix
 
     def close(self) -> None:
         self.closed = True
@@ -781,6 +783,8 @@ class Core:
             raise _DecodeError("customer_id", "longer than %d bytes" % self.id_max)
         if not _id_charset_ok(cust):
             raise _DecodeError("customer_id", _MSG_CHARSET)
+        if self.tenant is not None and not cust.startswith(self.tenant):
+            raise _DecodeError("customer_id", _MSG_TENANT)
         meter = self.meter_index.get(mname)
         if meter is None:
             raise _DecodeError("meter", "unknown meter %r" % mname[:64].decode("utf-8", "replace"))
@@ -831,7 +835,16 @@ class Core:
             return self._decode_event(buf, pos, end)
         except _DecodeError as e:
             field = prefix + e.field if e.field else (prefix.rstrip(".") or "event")
+            if e.message == _MSG_TENANT:
+                raise Forbidden(field, e.message) from None
             raise InvalidInput(field, e.message) from None
+
+    def _tenant_call(self, tenant: bytes | None, fn: Any, *args: Any) -> Any:
+        self.tenant = tenant
+        try:
+            return fn(*args)
+        finally:
+            self.tenant = None
 
     def _decode_batch(self, buf: bytes) -> tuple:
         pos, end = 0, len(buf)
@@ -907,7 +920,10 @@ class Core:
             raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
         return cid, seq
 
-    def apply_batch(self, data: bytes) -> tuple:
+    def apply_batch(self, data: bytes, tenant: bytes | None = None) -> tuple:
+        return self._tenant_call(tenant, self._apply_batch, data)  # type: ignore[no-any-return]
+
+    def _apply_batch(self, data: bytes) -> tuple:
         self._check()
         _, _, events, details = self._decode_batch(data)
         accepted = denied = degraded = 0
@@ -941,11 +957,11 @@ class Core:
                                    priority))
         return accepted, denied, degraded, b"".join(out)
 
-    def report(self, data: bytes) -> tuple:
-        return self._report(data, False)  # type: ignore[return-value]
+    def report(self, data: bytes, tenant: bytes | None = None) -> tuple:
+        return self._tenant_call(tenant, self._report, data, False)  # type: ignore[no-any-return]
 
-    def report_wire(self, data: bytes) -> tuple[int, bytes] | None:
-        out = self._report(data, True)
+    def report_wire(self, data: bytes, tenant: bytes | None = None) -> tuple[int, bytes] | None:
+        out = self._tenant_call(tenant, self._report, data, True)
         if out is None:
             return None
         decision, reason, ct, cost, balance, mode, priority = out

@@ -74,6 +74,9 @@ class Settings:
     # allowed to use Admin, comma-separated. Required for a TCP admin listener.
     admin_token_file: str = ""
     admin_client_names: str = ""
+    # Per-tenant bearer tokens for the data plane (meterd.security.DataTokens);
+    # empty: the data plane needs no token.
+    data_tokens_file: str = ""
     # Prometheus metrics over HTTP (host:port); empty: off.
     metrics_listen: str = ""
     # Usage is aggregated per customer, meter, dimension set and window of this width.

@@ -34,8 +34,9 @@ import lmdb
 from meterd import core as core_mod
 from meterd.catalog import Catalog, step_nano
 from meterd.config import Settings
-from meterd.errors import Conflict, InvalidInput, NotFound, StorageFull, Unavailable
+from meterd.errors import Conflict, Forbidden, InvalidInput, NotFound, StorageFull, Unavailable
 from meterd.flush import Drained, LedgerMixin
+from meterd.security import Tenant
 from meterd.sessions import Session, SessionsMixin
 from meterd.store import Op, Store, Unit, from_u64, u64
 from meterd.subscriptions import Subscription, SubscriptionsMixin
@@ -177,6 +178,12 @@ def _hash_request(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
+def check_tenant(tenant: Tenant | None, customer_id: str, field: str) -> None:
+    """A data-plane token may meter only the customers whose ids start with its prefix."""
+    if tenant is not None and not customer_id.encode().startswith(tenant.prefix):
+        raise Forbidden(field, "is not one of this token's customers")
+
+
 def _canonical(msg: Any) -> bytes:
     """A request in a canonical form for idempotency digests: map entries
     sorted, so a retry whose client serialised them in another order matches."""
@@ -234,6 +241,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.accounts = Accounts(self._load_buckets)
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []
+        self._rolling: asyncio.Future | None = None  # the last period roll submitted
         # When reservations and grants expire, so that the timer looks only at what is due.
         self._reservation_expiry: list[tuple[int, str]] = []
         self._grant_expiry: list[tuple[int, str, int]] = []
@@ -766,7 +774,15 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             fut = asyncio.get_running_loop().create_future()
             fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._publish(ops))
             self.store.submit(Unit(ops, fut))
+            self._rolling = fut
         return []
+
+    async def _roll_settled(self) -> None:
+        """A caller with nothing of its own to commit still answers only once the
+        period roll it may have set off is durable, like the state it was answered from."""
+        fut = self._rolling
+        if fut is not None and not fut.done():
+            await asyncio.shield(fut)
 
     def _publish(self, ops: list[Op]) -> None:
         """Hand committed audit entries to Watch streams."""
@@ -808,11 +824,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
     # ---- data plane ----------------------------------------------------------------
 
-    async def report_batch(self, data: bytes) -> bytes:
+    async def report_batch(self, data: bytes, tenant: Tenant | None = None) -> bytes:
         self.check_writable()
         if len(data) > self.settings.batch_bytes_max:
             raise InvalidInput("batch", f"larger than {self.settings.batch_bytes_max} bytes")
         cid, seq = self.core.batch_header(data)
+        if tenant is not None and cid:
+            cid = tenant.key + cid  # each tenant's client ids are its own: no replaying another's sequence
         state = self.clients.get(cid) if cid else None
         if state is not None and seq <= state.sequence:
             if state.pending is not None:
@@ -827,7 +845,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 raise StorageFull(f"client table full ({self.settings.clients_max} clients)")
         at = now_ms()
         self.core.set_clock(at)
-        accepted, denied, degraded, details = self.core.apply_batch(data)
+        accepted, denied, degraded, details = self.core.apply_batch(data, None if tenant is None else tenant.prefix)
         result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied, degraded=degraded,
                                                sequence=seq).SerializeToString() + details
         if accepted:
@@ -839,6 +857,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             state = ClientState(seq, ms, result)
             self.clients[cid] = state
         if not ops:
+            await self._roll_settled()
             return result
         fut = asyncio.get_running_loop().create_future()
         if state is not None:
@@ -855,34 +874,39 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             ops.append(("clients", cid, None))
         return ops
 
-    async def report(self, data: bytes) -> bytes:
+    async def report(self, data: bytes, tenant: Tenant | None = None) -> bytes:
         self.check_writable()
         self._due_ops()
         at = now_ms()
         self.core.set_clock(at)
-        out = self.core.report_wire(data)  # applies and answers in wire form, unless the event has a key
+        # Applies and answers in wire form, unless the event has a key.
+        out = self.core.report_wire(data, None if tenant is None else tenant.prefix)
         if out is None:
-            return await self._report_keyed(data)
+            return await self._report_keyed(data, tenant)
         decision, response = out
         ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
         ops += self.alert_ops()
         if ops:
             await self._commit_with(ops)
+        elif self._rolling is not None:
+            await self._roll_settled()
         return response
 
-    async def _report_keyed(self, data: bytes) -> bytes:
+    async def _report_keyed(self, data: bytes, tenant: Tenant | None) -> bytes:
         """A Report with an idempotency key: a repeat gets the first answer."""
         try:
             req = meter_pb2.ReportRequest.FromString(data)
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError subclasses
             raise InvalidInput("event", "malformed protobuf") from None
+        check_tenant(tenant, req.event.customer_id, "event.customer_id")  # before any replay
         key = self._idem_key("report", req.event.customer_id, req.event.idempotency_key)
         replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
         if replay is not None:
             return replay
         at = now_ms()
         self.core.set_clock(at)
-        decision, reason, ct, cost, balance, mode, priority = self.core.report(data)
+        decision, reason, ct, cost, balance, mode, priority = self.core.report(
+            data, None if tenant is None else tenant.prefix)
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
@@ -938,9 +962,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise InvalidInput("dimensions", f"no price for this value of {key!r} and the meter has no default")
         return meter, value, rate
 
-    async def authorize(self, data: bytes) -> bytes:
+    async def authorize(self, data: bytes, tenant: Tenant | None = None) -> bytes:
         self.check_writable()
         req = meter_pb2.AuthorizeRequest.FromString(data)
+        check_tenant(tenant, req.customer_id, "customer_id")
         cust = self._customer(req.customer_id)
         meter, value, rate = self._rate(req.meter, req.dimensions)
         qty = self._quantity(meter, req)
@@ -967,6 +992,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if deny is not None:
             if pre:
                 await self._commit_with(pre)
+            await self._roll_settled()
             return self._authorize_refusal(req.customer_id, idx, ct, deny)
         rid = "r_" + secrets.token_hex(12)
         res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms)

@@ -23,6 +23,14 @@ class InvalidInput(MeterdError):
         self.field = field
 
 
+class Forbidden(MeterdError):
+    """The caller's token does not cover this customer (PERMISSION_DENIED)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class NotFound(MeterdError):
     """The customer, reservation or credit type does not exist (NOT_FOUND)."""
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import threading
+import tomllib
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -120,6 +123,75 @@ class AdminAuth:
             if any(name in self.names for name in identities):
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who a data-plane token belongs to, and which customers it may meter."""
+    name: str
+    prefix: bytes      # customer ids must start with it ("" for all)
+    key: bytes         # namespaces the tenant's batch client ids: name + NUL
+
+
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class DataTokens:
+    """Per-tenant bearer tokens for the data plane (``data_tokens_file``).
+
+    The file is TOML, one table per tenant, holding the token's SHA-256 (the
+    token itself is never stored) and the prefix of the customer ids it may
+    meter::
+
+        [tenants.acme]
+        token_sha256 = "<64 hex digits: sha256 of the token>"
+        customers = "acme-"
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.data_tokens_file
+        self.by_digest: dict[bytes, Tenant] = {}
+        self.reload()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)
+
+    def reload(self) -> None:
+        """Read the file again (SIGHUP); raises ConfigError naming the file and key, keeping the old tokens."""
+        if not self.path:
+            return
+        try:
+            doc = tomllib.loads(_read("data_tokens_file", self.path).decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"data_tokens_file: {self.path} is not valid TOML: {e}") from None
+        tenants = doc.get("tenants")
+        if not isinstance(tenants, dict) or not tenants or set(doc) != {"tenants"}:
+            raise ConfigError(f"data_tokens_file: {self.path}: expected [tenants.NAME] tables and nothing else")
+        by_digest: dict[bytes, Tenant] = {}
+        for name, spec in tenants.items():
+            where = f"{self.path}: tenants.{name}"
+            if not _TENANT_NAME.fullmatch(name):
+                raise ConfigError(f"data_tokens_file: {where}: a tenant name is 1 to 64 of A-Z a-z 0-9 _ . -")
+            if not isinstance(spec, dict) or set(spec) != {"token_sha256", "customers"}:
+                raise ConfigError(f"data_tokens_file: {where}: needs token_sha256 and customers, nothing else")
+            digest, prefix = spec["token_sha256"], spec["customers"]
+            if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+                raise ConfigError(f"data_tokens_file: {where}.token_sha256: must be 64 lowercase hex digits")
+            if not isinstance(prefix, str) or not all(0x21 <= ord(c) <= 0x7E for c in prefix) or len(prefix) > 64:
+                raise ConfigError(f"data_tokens_file: {where}.customers: a customer id prefix, printable ASCII")
+            if bytes.fromhex(digest) in by_digest:
+                raise ConfigError(f"data_tokens_file: {where}.token_sha256: the same token as another tenant")
+            by_digest[bytes.fromhex(digest)] = Tenant(name, prefix.encode(), name.encode() + b"\0")
+        self.by_digest = by_digest
+
+    def tenant(self, ctx: grpc.aio.ServicerContext) -> Tenant | None:
+        """The tenant whose token the call carries, or None."""
+        for key, value in ctx.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                return self.by_digest.get(hashlib.sha256(value[7:].strip().encode()).digest())
+        return None
 
 
 def read_token(setting: str, path: str) -> str:

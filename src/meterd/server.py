@@ -23,10 +23,19 @@ from grpc_reflection.v1alpha import reflection
 
 from meterd.catalog import Catalog, load_catalog
 from meterd.config import Settings
-from meterd.engine import Engine, now_ms
-from meterd.errors import ConfigError, Conflict, InvalidInput, MeterdError, NotFound, StorageFull, Unavailable
+from meterd.engine import Engine, check_tenant, now_ms
+from meterd.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    MeterdError,
+    NotFound,
+    StorageFull,
+    Unavailable,
+)
 from meterd.ledger import redact
-from meterd.security import AdminAuth, Credentials
+from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
 from meterd.v1 import admin_pb2, meter_pb2
 
 log = logging.getLogger("meterd.server")
@@ -40,6 +49,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Forbidden):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, StorageFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
@@ -75,23 +86,42 @@ def _parse(cls: Any, data: bytes) -> Any:
 class Servicer:
     """Both services' handlers; each converts, calls the engine, converts back."""
 
-    def __init__(self, engine: Engine, settings: Settings, admin_auth: AdminAuth | None = None) -> None:
+    def __init__(self, engine: Engine, settings: Settings, admin_auth: AdminAuth | None = None,
+                 data_tokens: DataTokens | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.admin_auth = admin_auth or AdminAuth(settings)
+        self.data_tokens = data_tokens or DataTokens(settings)
         self.streams = 0
+
+    async def _tenant(self, ctx: grpc.aio.ServicerContext) -> Tenant | None:
+        """The caller's tenant when the data plane needs tokens (None when it does not)."""
+        if not self.data_tokens.enabled:
+            return None
+        tenant = self.data_tokens.tenant(ctx)
+        if tenant is None:
+            log.warning("data plane call refused: no valid token (peer %s)", ctx.peer())
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "this data plane requires a tenant's bearer token")
+        return tenant
+
+    def _own(self, tenant: Tenant | None, customer_id: str | None, what: str) -> None:
+        """Another tenant's open reservation or session is reported as unknown."""
+        if tenant is not None and customer_id is not None and not customer_id.encode().startswith(tenant.prefix):
+            raise NotFound(f"{what} is unknown")
 
     # Meter -------------------------------------------------------------------
     async def report(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        tenant = await self._tenant(ctx) if self.data_tokens.enabled else None
         try:  # the hot path: no closure, one coroutine less
-            return await self.engine.report(data)
+            return await self.engine.report(data, tenant)
         except Exception as e:  # noqa: BLE001 - every error becomes one status
             await _abort(e, ctx, "Report")
             raise  # not reached: abort raises
 
     async def report_batch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        tenant = await self._tenant(ctx)
         try:
-            return await self.engine.report_batch(data)
+            return await self.engine.report_batch(data, tenant)
         except Exception as e:  # noqa: BLE001 - every error becomes one status
             await _abort(e, ctx, "ReportBatch")
             raise  # not reached: abort raises
@@ -104,6 +134,7 @@ class Servicer:
         if self.streams >= self.settings.streams_max:
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"too many concurrent streams (streams_max={self.settings.streams_max})")
+        tenant = await self._tenant(ctx)
         self.streams += 1
         loop = asyncio.get_running_loop()
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
@@ -118,7 +149,7 @@ class Servicer:
             if failed:
                 raise Unavailable("an earlier batch on this stream failed")
             try:
-                return await self.engine.report_batch(data)
+                return await self.engine.report_batch(data, tenant)
             except BaseException:
                 failed = True
                 raise
@@ -144,30 +175,71 @@ class Servicer:
                     left.add_done_callback(_retrieve)
 
     async def authorize(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data)), ctx, "Authorize")
+        tenant = await self._tenant(ctx)
+        return await _call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data), tenant), ctx,
+                           "Authorize")
+
+    def _reservation_owner(self, reservation_id: str) -> str | None:
+        res = self.engine.reservations.get(reservation_id)
+        return None if res is None else res.customer_id
+
+    def _session_owner(self, session_id: str) -> str | None:
+        s = self.engine.sessions.get(session_id)
+        return None if s is None else s.customer_id
 
     async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.commit(_checked(meter_pb2.CommitRequest, data)), ctx, "Commit")
+        tenant = await self._tenant(ctx)
+
+        async def run() -> bytes:
+            req = _parse(meter_pb2.CommitRequest, data)
+            self._own(tenant, self._reservation_owner(req.reservation_id), "reservation")
+            return await self.engine.commit(data)
+        return await _call(run, ctx, "Commit")
 
     async def release(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.release(_checked(meter_pb2.ReleaseRequest, data)), ctx, "Release")
+        tenant = await self._tenant(ctx)
+
+        async def run() -> bytes:
+            req = _parse(meter_pb2.ReleaseRequest, data)
+            self._own(tenant, self._reservation_owner(req.reservation_id), "reservation")
+            return await self.engine.release(data)
+        return await _call(run, ctx, "Release")
 
     async def get_balance(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        tenant = await self._tenant(ctx)
+
         async def run() -> bytes:
-            return self.engine.balance(_checked(meter_pb2.GetBalanceRequest, data))
+            check_tenant(tenant, _parse(meter_pb2.GetBalanceRequest, data).customer_id, "customer_id")
+            return self.engine.balance(data)
         return await _call(run, ctx, "GetBalance")
 
     async def start_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.start_session(_parse(meter_pb2.StartSessionRequest, data), now_ms()),
-                           ctx, "StartSession")
+        tenant = await self._tenant(ctx)
+
+        async def run() -> bytes:
+            req = _parse(meter_pb2.StartSessionRequest, data)
+            check_tenant(tenant, req.customer_id, "customer_id")
+            self._own(tenant, self._session_owner(req.session_id), "session")
+            return await self.engine.start_session(req, now_ms())
+        return await _call(run, ctx, "StartSession")
 
     async def heartbeat(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.heartbeat(_parse(meter_pb2.HeartbeatRequest, data), now_ms()),
-                           ctx, "Heartbeat")
+        tenant = await self._tenant(ctx)
+
+        async def run() -> bytes:
+            req = _parse(meter_pb2.HeartbeatRequest, data)
+            self._own(tenant, self._session_owner(req.session_id), "session")
+            return await self.engine.heartbeat(req, now_ms())
+        return await _call(run, ctx, "Heartbeat")
 
     async def end_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.end_session(_parse(meter_pb2.EndSessionRequest, data), now_ms()),
-                           ctx, "EndSession")
+        tenant = await self._tenant(ctx)
+
+        async def run() -> bytes:
+            req = _parse(meter_pb2.EndSessionRequest, data)
+            self._own(tenant, self._session_owner(req.session_id), "session")
+            return await self.engine.end_session(req, now_ms())
+        return await _call(run, ctx, "EndSession")
 
     # Admin -------------------------------------------------------------------
     async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
@@ -305,6 +377,7 @@ class MeterdServer:
         self.settings = settings
         self.credentials = Credentials(settings) if settings.tls_cert_file else None  # reads the files now
         self.admin_auth = AdminAuth(settings)
+        self.data_tokens = DataTokens(settings)
         self.engine = Engine(settings, catalog)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._stop = asyncio.Event()
@@ -331,7 +404,7 @@ class MeterdServer:
         return server
 
     async def start(self) -> None:
-        servicer = Servicer(self.engine, self.settings, self.admin_auth)
+        servicer = Servicer(self.engine, self.settings, self.admin_auth, self.data_tokens)
         meter, admin = servicer.handlers()
         self.engine.start(asyncio.get_running_loop())
         self.data_server = self._server([meter], [METER_SERVICE])
@@ -369,7 +442,7 @@ class MeterdServer:
         """SIGHUP: read the catalog, the TLS certificates and the admin token again;
         a bad file is logged by name and changes nothing."""
         for what, fn in (("TLS certificates", self.credentials.reload if self.credentials else None),
-                         ("admin token", self.admin_auth.reload)):
+                         ("admin token", self.admin_auth.reload), ("data plane tokens", self.data_tokens.reload)):
             if fn is None:
                 continue
             try:

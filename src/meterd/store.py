@@ -16,13 +16,14 @@ import collections
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import lmdb
 
-from meterd.errors import ConfigError, StorageFull
+from meterd.errors import ConfigError, MeterdError, StorageFull, Unavailable
 
 log = logging.getLogger("meterd.store")
 
@@ -36,6 +37,10 @@ T = TypeVar("T")
 
 class DataDirInUse(ConfigError):
     """Another process holds the data directory."""
+
+
+# Below this much free space, a failed commit is taken for a full disk.
+DISK_FREE_MIN_BYTES = 16 << 20
 
 
 class Unit:
@@ -231,8 +236,23 @@ class Store:
                     f"storage full: the LMDB map of {self.map_size_bytes} bytes in {self.path} is full; "
                     "raise map_size_bytes and restart"))
             except Exception as e:  # noqa: BLE001 - any commit failure must fail its callers
-                log.exception("commit failed")
-                self._failure(group, e)
+                self._failure(group, self._classify(e, group))
+
+    def _classify(self, exc: Exception, group: list[Unit]) -> MeterdError:
+        """What callers are told of a failed commit. LMDB reports a full disk as
+        EIO (a short write), so the free space decides: too little left is a
+        full disk, anything else a storage failure they may retry."""
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            free = -1
+        needed = 2 * sum(len(k) + len(v or b"") for unit in group for _, k, v in unit.ops)
+        if "No space left" in str(exc) or 0 <= free < max(DISK_FREE_MIN_BYTES, needed):
+            log.error("commit failed: the disk holding %s is full (%d bytes free): %s", self.path, max(free, 0), exc)
+            return StorageFull(f"storage full: no space left on the disk holding {self.path}; "
+                               "writes are refused until there is room again")
+        log.error("commit failed", exc_info=exc)
+        return Unavailable(f"storage failed ({exc}); meterd reloads its state from disk: retry")
 
     def _failure(self, group: list[Unit], exc: BaseException) -> None:
         with self._cond:
