@@ -25,9 +25,12 @@ def amount(nano: int) -> str:
 
 
 class Session:
-    def __init__(self, target: str, admin_target: str) -> None:
+    def __init__(self, target: str, admin_target: str, admin_token_file: str) -> None:
         self.meter = meter_pb2_grpc.MeterStub(grpc.insecure_channel(target))
         self.admin = admin_pb2_grpc.AdminStub(grpc.insecure_channel(admin_target))
+        # Admin always needs a token: by default the one meterd keeps in its data directory.
+        with open(admin_token_file) as f:
+            self.admin_auth = [("authorization", "Bearer " + f.read().strip())]
 
     def report(self, customer: str, meter: str, quantity: int | str, quiet: bool = False,
                **dims: str) -> pb.ReportResponse:
@@ -57,7 +60,8 @@ class Session:
         return r
 
     def audit(self, customer: str, kind: str) -> None:
-        for e in self.admin.ListAudit(apb.ListAuditRequest(customer_id=customer, limit=1000)).entries:
+        for e in self.admin.ListAudit(apb.ListAuditRequest(customer_id=customer, limit=1000),
+                                      metadata=self.admin_auth).entries:
             if e.kind == kind:
                 what = f"{amount(e.amount_nano)} {e.credit_type}" if e.amount_nano else ""
                 money = f"{amount(e.charge_nano)} {e.charge_credit_type}" if e.charge_nano else ""
@@ -100,7 +104,7 @@ def midjourney(s: Session) -> None:
     s.report("sketcher", "gpu_seconds", "12000", job="image")
     s.report("sketcher", "gpu_seconds", "20", job="image")
     s.admin.Grant(apb.GrantRequest(customer_id="sketcher", credit_type="fast_seconds", amount_nano=3600 * 10**9,
-                                   source="extra fast hour, $4"))
+                                   source="extra fast hour, $4"), metadata=s.admin_auth)
     print("Grant sketcher 3600 fast_seconds (an extra fast hour)")
     s.report("sketcher", "gpu_seconds", "20", job="image")
 
@@ -129,8 +133,9 @@ def hybrid(s: Session) -> None:
 SESSIONS = {f.__name__: f for f in (openai, cursor, elevenlabs, midjourney, replicate, hybrid)}
 
 
-def main(name: str, target: str = "127.0.0.1:50051", admin: str = "") -> None:
-    SESSIONS[name](Session(target, admin or f"unix:./meterd-data/{name}/admin.sock"))
+def main(name: str, target: str = "127.0.0.1:50051", data_dir: str = "") -> None:
+    data_dir = data_dir or f"./meterd-data/{name}"
+    SESSIONS[name](Session(target, f"unix:{data_dir}/admin.sock", f"{data_dir}/admin.token"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -24,6 +25,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call that does not carry its own."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", "Bearer " + token)
+
+    def _details(self, details: Any) -> Any:
+        metadata = list(details.metadata or [])
+        if not any(k == "authorization" for k, _ in metadata):
+            metadata.append(self.header)
+        return _Details(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+                        details.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                   "wait_for_ready", "compression")),
+               grpc.ClientCallDetails):
+    pass
 
 
 class Daemon:
@@ -63,10 +90,15 @@ class Daemon:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_serving(timeout_s)
         self.channel = self.connect(self.target)
-        self.admin_channel = self.connect(self.admin_target)
+        self.admin_channel = grpc.intercept_channel(self.connect(self.admin_target), Bearer(self.admin_token()))
         self.meter = meter_pb2_grpc.MeterStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.admin_channel)
         return self
+
+    def admin_token(self) -> str:
+        """The Admin token: the configured file, or the one the daemon made in its data directory."""
+        path = self.extra_env.get("METERD_ADMIN_TOKEN_FILE") or str(self.data_dir / "admin.token")
+        return Path(path).read_text().strip()
 
     def connect(self, target: str) -> grpc.Channel:
         if self.credentials is None:

@@ -52,6 +52,11 @@ SEEDS: dict[str, tuple[str, bytes]] = {
     "ChangePlan": ("meterd.v1.Admin", apb.ChangePlanRequest(customer_id="acme", plan="pro").SerializeToString()),
     "GetStatement": ("meterd.v1.Admin", apb.StatementRequest(customer_id="acme", period="2026-11").SerializeToString()),
     "GetLedgerStatus": ("meterd.v1.Admin", b""),
+    "ReloadCatalog": ("meterd.v1.Admin", b""),
+    # Streams: ReportStream gets the input twice on one stream; Watch is open until its deadline.
+    "ReportStream": ("meterd.v1.Meter", pb.ReportBatchRequest(client_id="g", sequence=1, events=[EVENT] * 2,
+                                                              details=True).SerializeToString()),
+    "Watch": ("meterd.v1.Admin", apb.WatchRequest(kinds=["grant"]).SerializeToString()),
 }
 
 
@@ -75,11 +80,18 @@ def _call(d: Daemon, method: str, data: bytes) -> None:
     service, _ = SEEDS[method]
     channel = d.admin_channel if service.endswith("Admin") else d.channel
     before = _balances(d)
+    path, raw = f"/{service}/{method}", dict(request_serializer=None, response_deserializer=None)
     try:
-        channel.unary_unary(f"/{service}/{method}", request_serializer=None, response_deserializer=None)(
-            data, timeout=10)
+        if method == "ReportStream":
+            list(channel.stream_stream(path, **raw)(iter([data, data]), timeout=10))
+        elif method == "Watch":
+            list(channel.unary_stream(path, **raw)(data, timeout=0.2))
+        else:
+            channel.unary_unary(path, **raw)(data, timeout=10)
         return
     except grpc.RpcError as e:
+        if method == "Watch" and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return  # a valid Watch stays open: it was answered, not hung
         assert e.code() in EXPECTED, (method, data, e.code(), e.details())
         assert e.details(), (method, data)  # every refusal says why
     assert _balances(d) == before, (method, data)  # a rejected call debits nothing

@@ -111,12 +111,13 @@ def test_tls_on_both_listeners_and_admin_needs_its_token(make_daemon, pki):
     bearer = [("authorization", "Bearer " + TOKEN)]
     assert _grant(d.admin_channel, bearer).balance_nano == 10**9
     assert _report(d.channel).decision == pb.DECISION_ALLOW
+    raw = d.connect(d.admin_target)  # TLS, but no token of its own
     for metadata in (None, [("authorization", "Bearer " + TOKEN[:-1] + "x")], [("authorization", TOKEN)]):
         with pytest.raises(grpc.RpcError) as e:
-            _grant(d.admin_channel, metadata)
+            _grant(raw, metadata)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as e:  # Watch, a stream, is guarded too
-        next(iter(admin_pb2_grpc.AdminStub(d.admin_channel).Watch(apb.WatchRequest(), timeout=5)))
+        next(iter(admin_pb2_grpc.AdminStub(raw).Watch(apb.WatchRequest(), timeout=5)))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     for target in (d.target, d.admin_target):  # plaintext is not spoken on either listener
         with grpc.insecure_channel(target) as ch, pytest.raises(grpc.RpcError) as e:
@@ -135,7 +136,7 @@ def test_mutual_tls_admits_certified_clients_and_names_who_may_use_admin(make_da
     d = make_daemon(extra_env=_tls_env(pki, mutual=True), credentials=_creds(pki, client="app")).start()
     assert _report(d.channel).decision in (pb.DECISION_ALLOW, pb.DECISION_DENY)  # "app" may use the data plane
     with pytest.raises(grpc.RpcError) as e:
-        _grant(d.admin_channel)  # ...but is not named in admin_client_names
+        _grant(d.connect(d.admin_target))  # ...but is not named in admin_client_names (and has no token)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with grpc.secure_channel(d.admin_target, _creds(pki, client="ops"),
                              options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
@@ -189,7 +190,6 @@ def test_the_cli_presents_the_admin_token_and_trusts_the_certificate(make_daemon
 
 
 @pytest.mark.parametrize("settings, field", [
-    ({"admin_listen": "127.0.0.1:7777"}, "admin_listen: a TCP admin listener needs authentication"),
     ({"admin_listen": "127.0.0.1:7777", "admin_token_file": "/t"}, "admin_listen: a TCP admin listener needs TLS"),
     ({"tls_cert_file": "/c"}, "tls_cert_file: tls_cert_file and tls_key_file go together"),
     ({"tls_client_ca_file": "/ca"}, "tls_client_ca_file: mutual TLS needs"),
@@ -198,6 +198,24 @@ def test_the_cli_presents_the_admin_token_and_trusts_the_certificate(make_daemon
 def test_settings_that_would_expose_admin_are_refused(settings, field):
     with pytest.raises(ConfigError, match=field):
         load_settings(settings, env={})
+
+
+def test_admin_always_needs_a_token_by_default_the_one_in_the_data_directory(make_daemon, tmp_path):
+    d = make_daemon().start()
+    token_file = d.data_dir / "admin.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert _grant(d.admin_channel).balance_nano == 10**9  # the harness sends the daemon's own token
+    with grpc.insecure_channel(d.admin_target) as raw, pytest.raises(grpc.RpcError) as e:
+        _grant(raw)  # even on the 0600 socket: no token, no Admin
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    token = token_file.read_text().strip()
+    d.restart()  # the token is made once and kept
+    assert token_file.read_text().strip() == token
+    r = subprocess.run([sys.executable, "-m", "meterd", "grant", "--data-dir", str(d.data_dir), "--customer", "acme",
+                        "--credit-type", "usd", "--amount", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # the CLI finds the token in the data directory
+    d.stop()
+    assert token not in d.log_path.read_text()
 
 
 def test_unreadable_or_bad_files_are_named(make_daemon, pki, tmp_path):

@@ -95,7 +95,7 @@ def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str
     With TLS on, the server is trusted through --tls-ca (default: tls_cert_file,
     right for a self-signed certificate); --tls-cert/--tls-key present a client
     certificate. Admin calls carry the token of --token-file (default:
-    admin_token_file)."""
+    admin_token_file, or the token the daemon keeps in its data directory)."""
     import grpc
 
     from meterd.security import channel_credentials, read_token
@@ -109,7 +109,7 @@ def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str
         channel = grpc.secure_channel(address, creds, options=options)
     else:
         channel = grpc.insecure_channel(address)
-    token_file = args.token_file or (settings.admin_token_file if admin else "")
+    token_file = args.token_file or (settings.admin_token_path if admin else "")
     metadata = [("authorization", "Bearer " + read_token("--token-file", token_file))] if token_file else []
     return channel, metadata
 
@@ -217,7 +217,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="CA file to trust the daemon's certificate (default: tls_cert_file)")
     p.add_argument("--tls-cert", help="client certificate, for mutual TLS")
     p.add_argument("--tls-key", help="client certificate's key, for mutual TLS")
-    p.add_argument("--token-file", help="file with the bearer token (default for admin: admin_token_file)")
+    p.add_argument("--token-file", help="file with the bearer token (default for admin: admin_token_file, else "
+                   "<data_dir>/admin.token)")
 
 
 def build_parser() -> argparse.ArgumentParser:

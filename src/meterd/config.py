@@ -69,9 +69,9 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-    # Admin authentication: a bearer token kept in a file, and/or the names
-    # (subject alternative names, else common names) of client certificates
-    # allowed to use Admin, comma-separated. Required for a TCP admin listener.
+    # Admin authentication: a bearer token kept in a file (empty: <data_dir>/admin.token,
+    # generated at the first start), and/or the names (subject alternative names,
+    # else common names) of client certificates allowed to use Admin, comma-separated.
     admin_token_file: str = ""
     admin_client_names: str = ""
     # Per-tenant bearer tokens for the data plane (meterd.security.DataTokens);
@@ -95,6 +95,12 @@ class Settings:
         if self.admin_listen:
             return self.admin_listen
         return "unix:" + os.path.join(os.path.abspath(self.data_dir), "admin.sock")
+
+    @property
+    def admin_token_path(self) -> str:
+        if self.admin_token_file:
+            return self.admin_token_file
+        return os.path.join(os.path.abspath(self.data_dir), "admin.token")
 
     def core_limits(self) -> dict[str, int]:
         return {
@@ -198,8 +204,6 @@ def _validate(s: Settings) -> None:
     need(not s.admin_client_names or bool(s.tls_client_ca_file), "admin_client_names",
          "client certificates need tls_client_ca_file (mutual TLS)")
     if not admin.startswith("unix:"):
-        need(bool(s.admin_token_file or s.admin_client_names), "admin_listen",
-             "a TCP admin listener needs authentication: set admin_token_file, or admin_client_names with mutual TLS")
         need(bool(s.tls_cert_file), "admin_listen", "a TCP admin listener needs TLS (tls_cert_file and "
              "tls_key_file), so that its token or certificates are not sent in the clear")
     # A full batch must fit in a message, roughly 8 bytes per event at least.

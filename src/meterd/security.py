@@ -6,11 +6,12 @@
 - The files are read again on SIGHUP; new connections use the new
   certificate, open ones keep theirs. A file that cannot be read or parsed
   keeps the current certificate and is logged by name.
-- Admin requires authentication: a bearer token (``admin_token_file``,
-  compared as SHA-256 digests in constant time) or a client certificate whose
-  name is in ``admin_client_names`` (mutual TLS). Without either, Admin is
-  only offered on the daemon's own Unix socket (mode 0600), where the file
-  permissions decide; a TCP admin listener is refused at start.
+- Admin always requires authentication: a bearer token (compared as SHA-256
+  digests in constant time) or a client certificate whose name is in
+  ``admin_client_names`` (mutual TLS). The token is ``admin_token_file``; by
+  default ``<data_dir>/admin.token``, generated at the first start with mode
+  0600, so that whoever may read the data directory may use Admin (the CLI
+  reads it from there). A TCP admin listener without TLS is refused at start.
 
 No token or key is ever logged: messages name the setting and the file.
 """
@@ -20,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
+import secrets
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -101,17 +104,12 @@ class AdminAuth:
 
     def reload(self) -> None:
         """Read the token file again (SIGHUP); raises ConfigError and keeps the old token."""
-        if self.settings.admin_token_file:
-            token = read_token("admin_token_file", self.settings.admin_token_file)
-            self.digest = hashlib.sha256(token.encode()).digest()
-
-    @property
-    def required(self) -> bool:
-        return self.digest is not None or bool(self.names)
+        path = self.settings.admin_token_path
+        if not self.settings.admin_token_file:
+            generate_token(path)  # the default file: made once, at the first start
+        self.digest = hashlib.sha256(read_token("admin_token_file", path).encode()).digest()
 
     def allowed(self, ctx: grpc.aio.ServicerContext) -> bool:
-        if not self.required:
-            return True  # only reachable on the 0600 Unix socket (checked at start)
         if self.digest is not None:
             for key, value in ctx.invocation_metadata() or ():
                 if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
@@ -192,6 +190,19 @@ class DataTokens:
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 return self.by_digest.get(hashlib.sha256(value[7:].strip().encode()).digest())
         return None
+
+
+def generate_token(path: str) -> None:
+    """Write a new random token to ``path`` (mode 0600) unless the file exists."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as e:
+        raise ConfigError(f"admin_token_file: cannot create {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
 
 
 def read_token(setting: str, path: str) -> str:
