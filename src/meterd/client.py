@@ -1,0 +1,645 @@
+"""Python client for meterd: unary calls, a background batcher, reservations
+and duration sessions; a thread-based ``MeterClient`` and an asyncio
+``AsyncMeterClient`` with the same methods.
+
+    from meterd.client import MeterClient
+
+    with MeterClient("127.0.0.1:50051") as meter:
+        meter.enqueue("acme", "input_tokens", 1200, model="gpt-4o")   # batched, returns at once
+        with meter.reserve("acme", "output_tokens", 4000, model="gpt-4o") as r:
+            tokens = generate(max_tokens=4000)                          # the work
+            r.actual = tokens                                           # committed on exit
+        with meter.session("acme", "gpu_seconds", hardware="nvidia-h100") as s:
+            while not s.should_stop: step()                             # heartbeats in the background
+
+The batcher sends ``ReportBatch`` calls of at most ``batch_max`` events, or
+whatever arrived within ``linger_s``, each with this client's ``client_id``
+and the next sequence number. A batch is resent with the same sequence until
+it is acknowledged, so a retry after a timeout or a daemon restart is never
+counted twice. An event the daemon rejects (the error names its index) is
+handed to ``on_error`` and the rest of its batch is resent. The queue is
+bounded: ``on_full="block"`` makes ``enqueue`` wait (back-pressure),
+``"drop"`` makes it return False. ``close()`` delivers what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+
+import grpc
+
+from meterd.v1 import meter_pb2 as pb
+from meterd.v1 import meter_pb2_grpc
+
+log = logging.getLogger("meterd.client")
+
+Quantity = int | str | Decimal
+ErrorHandler = Callable[[pb.UsageEvent, str], None]
+
+# Codes after which the same batch is sent again, unchanged.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN})
+_EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+
+
+class Denied(Exception):
+    """``reserve`` was refused: the balance cannot cover the reservation."""
+
+    def __init__(self, response: pb.AuthorizeResponse) -> None:
+        super().__init__(f"reservation denied: {pb.Reason.Name(response.reason)}")
+        self.response = response
+
+
+def usage_event(customer_id: str, meter: str, quantity: Quantity, dimensions: Mapping[str, str] | None = None,
+                idempotency_key: str = "") -> pb.UsageEvent:
+    """A UsageEvent; a ``str`` or ``Decimal`` quantity is sent as an exact decimal."""
+    event = pb.UsageEvent(customer_id=customer_id, meter=meter, dimensions=dict(dimensions or {}),
+                          idempotency_key=idempotency_key)
+    if isinstance(quantity, int):
+        event.quantity = quantity
+    else:
+        event.quantity_decimal = str(quantity)
+    return event
+
+
+def _quantity_fields(quantity: Quantity) -> dict[str, Any]:
+    return {"quantity": quantity} if isinstance(quantity, int) else {"quantity_decimal": str(quantity)}
+
+
+def _backoff(attempt: int, retry_max_s: float) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(retry_max_s, 0.05 * 2 ** min(attempt, 16)))
+
+
+def _channel(target: str, credentials: grpc.ChannelCredentials | None, aio: bool) -> Any:
+    options = [("grpc.ssl_target_name_override", "localhost")] if credentials and target.startswith("unix:") else []
+    module: Any = grpc.aio if aio else grpc
+    if credentials is None:
+        return module.insecure_channel(target)
+    return module.secure_channel(target, credentials, options=options)
+
+
+@dataclass
+class _Batch:
+    """Events on their way, under one sequence number until acknowledged."""
+    sequence: int
+    events: list[pb.UsageEvent]
+    attempts: int = 0
+
+    def request(self, client_id: str) -> pb.ReportBatchRequest:
+        return pb.ReportBatchRequest(client_id=client_id, sequence=self.sequence, events=self.events)
+
+    def handle_error(self, e: grpc.RpcError, on_error: ErrorHandler) -> bool:
+        """After a failed send: True to send again (perhaps without a rejected event), False to give up."""
+        if e.code() in RETRYABLE:
+            self.attempts += 1
+            return True
+        found = _EVENT_INDEX.match(e.details() or "")
+        if found and int(found.group(1)) < len(self.events):
+            # The batch was rejected whole and did not use up its sequence: resend the rest.
+            on_error(self.events.pop(int(found.group(1))), e.details() or "")
+            return bool(self.events)
+        for event in self.events:
+            on_error(event, f"{e.code().name}: {e.details()}")
+        return False
+
+
+def _log_error(event: pb.UsageEvent, message: str) -> None:
+    log.error("usage event for %s dropped: %s", event.customer_id, message)
+
+
+@dataclass
+class Stats:
+    """What the batcher did: events acknowledged, dropped (queue full or rejected), batches resent."""
+    acknowledged: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    retries: int = 0
+    batches: int = 0
+
+
+class _Base:
+    """What both clients share: settings, the channel, and the requests they send."""
+
+    def __init__(self, target: str, token: str | None, credentials: grpc.ChannelCredentials | None,
+                 client_id: str | None, timeout_s: float, batch_max: int, linger_s: float, on_full: str,
+                 retry_max_s: float, on_error: ErrorHandler | None, aio: bool) -> None:
+        if on_full not in ("block", "drop"):
+            raise ValueError("on_full must be 'block' or 'drop'")
+        self.channel = _channel(target, credentials, aio=aio)
+        self.stub = meter_pb2_grpc.MeterStub(self.channel)
+        self.metadata = (("authorization", "Bearer " + token),) if token else None
+        self.client_id = client_id or "py-" + uuid.uuid4().hex
+        self.timeout_s, self.batch_max, self.linger_s = timeout_s, batch_max, linger_s
+        self.on_full, self.retry_max_s = on_full, retry_max_s
+        self.on_error = on_error or _log_error
+        self.stats = Stats()
+        self._sequence = 0
+        self._pending = 0  # enqueued and not yet acknowledged or dropped
+        self._closing = False
+        self._deadline = float("inf")
+
+    def _call(self) -> dict[str, Any]:
+        return {"timeout": self.timeout_s, "metadata": self.metadata}
+
+    @staticmethod
+    def _authorize_request(customer_id: str, meter: str, quantity: Quantity, ttl_ms: int, idempotency_key: str,
+                           dimensions: dict[str, str]) -> pb.AuthorizeRequest:
+        return pb.AuthorizeRequest(customer_id=customer_id, meter=meter, dimensions=dimensions, ttl_ms=ttl_ms,
+                                   idempotency_key=idempotency_key, **_quantity_fields(quantity))
+
+    @staticmethod
+    def _session_request(customer_id: str, meter: str, heartbeat_timeout_ms: int, session_id: str,
+                         dimensions: dict[str, str]) -> pb.StartSessionRequest:
+        return pb.StartSessionRequest(customer_id=customer_id, meter=meter, dimensions=dimensions,
+                                      heartbeat_timeout_ms=heartbeat_timeout_ms, session_id=session_id)
+
+    def _event(self, customer_id: str, meter: str, quantity: Quantity, dimensions: dict[str, str]) -> pb.UsageEvent:
+        if self._closing:
+            raise RuntimeError("the client is closed")
+        self._pending += 1
+        return usage_event(customer_id, meter, quantity, dimensions)
+
+    def _rejected(self, event: pb.UsageEvent, message: str) -> None:
+        self.stats.rejected += 1
+        self.on_error(event, message)
+
+    def _give_up(self, batch: _Batch, e: grpc.RpcError) -> float | None:
+        """After a failed send: seconds to wait before sending again, or None to give up on the batch."""
+        if not batch.handle_error(e, self._rejected):
+            return None
+        if e.code() not in RETRYABLE:
+            return 0.0  # a rejected event was taken out: send the rest at once
+        self.stats.retries += 1
+        wait = _backoff(batch.attempts, self.retry_max_s)
+        if time.monotonic() + wait > self._deadline:
+            for event in batch.events:
+                self.on_error(event, f"not delivered before close: {e.code().name}")
+            return None
+        return wait
+
+
+# ---- the thread-based client --------------------------------------------------------------------
+
+
+@dataclass
+class _Reservation:
+    client: Any
+    response: pb.AuthorizeResponse
+    customer_id: str
+    meter: str
+    dimensions: dict[str, str]
+    actual: Quantity | None = None  # what the context manager commits (default: the reserved quantity)
+    settled: Any = None             # the CommitResponse, ReleaseResponse or (degraded) ReportResponse
+
+    @property
+    def degraded(self) -> bool:
+        """Allowed in a fallback mode: nothing is held, and the usage is reported when committed."""
+        return self.response.decision == pb.DECISION_DEGRADE
+
+    def _commit_request(self, quantity: Quantity) -> pb.CommitRequest:
+        return pb.CommitRequest(reservation_id=self.response.reservation_id, **_quantity_fields(quantity))
+
+    def _release_request(self) -> pb.ReleaseRequest:
+        return pb.ReleaseRequest(reservation_id=self.response.reservation_id)
+
+
+class Reservation(_Reservation):
+    """An ``Authorize`` in progress; commit the actual usage, or leave it to the context manager."""
+
+    def commit(self, quantity: Quantity) -> Any:
+        """Debit ``quantity`` (at most what was reserved is held; more is still recorded)."""
+        if self.degraded:
+            self.settled = self.client.report(self.customer_id, self.meter, quantity, **self.dimensions)
+        else:
+            self.settled = self.client.stub.Commit(self._commit_request(quantity), **self.client._call())
+        return self.settled
+
+    def release(self) -> None:
+        if not self.degraded and self.settled is None:
+            self.settled = self.client.stub.Release(self._release_request(), **self.client._call())
+
+
+class Session:
+    """A duration session; a background thread heartbeats until it ends."""
+
+    def __init__(self, client: MeterClient, response: pb.SessionResponse, heartbeat_s: float) -> None:
+        self.client = client
+        self.session_id = response.session_id
+        self.last = response
+        self._stop = threading.Event()
+        self._denied = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
+                                        name=f"meterd-session-{self.session_id}")
+        self._thread.start()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once meterd closed the session (the balance cannot cover more): stop the work."""
+        return self._denied.is_set()
+
+    def _beat(self, heartbeat_s: float) -> None:
+        while not self._stop.wait(heartbeat_s):
+            try:
+                self.last = self.client.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id),
+                                                       timeout=self.client.timeout_s, metadata=self.client.metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    self._denied.set()
+                    return
+                continue
+            if self.last.decision == pb.DECISION_DENY or self.last.closed:
+                self._denied.set()
+                return
+
+    def end(self) -> pb.SessionResponse:
+        self._stop.set()
+        self._thread.join()
+        if not self._denied.is_set():
+            self.last = self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
+                                                    timeout=self.client.timeout_s, metadata=self.client.metadata)
+        return self.last
+
+
+class MeterClient(_Base):
+    """A thread-safe client with a background batcher thread. Use as a context manager, or call close()."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, client_id: str | None = None,
+                 timeout_s: float = 10.0, batch_max: int = 1000, linger_s: float = 0.05,
+                 queue_max: int = 100_000, on_full: str = "block", retry_max_s: float = 5.0,
+                 on_error: ErrorHandler | None = None) -> None:
+        super().__init__(target, token, credentials, client_id, timeout_s, batch_max, linger_s, on_full,
+                         retry_max_s, on_error, aio=False)
+        self._queue: queue.Queue[pb.UsageEvent | None] = queue.Queue(maxsize=queue_max)
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="meterd-batcher")
+        self._thread.start()
+
+    def __enter__(self) -> MeterClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- unary calls ---------------------------------------------------------------------
+
+    def report(self, customer_id: str, meter: str, quantity: Quantity, idempotency_key: str = "",
+               **dimensions: str) -> pb.ReportResponse:
+        """One event, answered at once with allow, degrade or deny (durable when answered)."""
+        return self.stub.Report(pb.ReportRequest(event=usage_event(customer_id, meter, quantity, dimensions,
+                                                                   idempotency_key)),
+                                timeout=self.timeout_s, metadata=self.metadata)
+
+    def balance(self, customer_id: str) -> pb.GetBalanceResponse:
+        return self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), timeout=self.timeout_s,
+                                    metadata=self.metadata)
+
+    def authorize(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+                  idempotency_key: str = "", **dimensions: str) -> pb.AuthorizeResponse:
+        return self.stub.Authorize(self._authorize_request(customer_id, meter, quantity, ttl_ms, idempotency_key,
+                                                           dimensions), **self._call())
+
+    @contextlib.contextmanager
+    def reserve(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+                idempotency_key: str = "", **dimensions: str) -> Iterator[Reservation]:
+        """Authorize → work → Commit. Raises Denied if refused; releases on an exception;
+        on a normal exit commits ``r.actual`` (default: the reserved quantity) unless
+        the body committed itself."""
+        response = self.authorize(customer_id, meter, quantity, ttl_ms, idempotency_key, **dimensions)
+        if response.decision == pb.DECISION_DENY:
+            raise Denied(response)
+        r = Reservation(self, response, customer_id, meter, dict(dimensions))
+        try:
+            yield r
+        except BaseException:
+            r.release()
+            raise
+        if r.settled is None:
+            r.commit(quantity if r.actual is None else r.actual)
+
+    @contextlib.contextmanager
+    def session(self, customer_id: str, meter: str, heartbeat_s: float = 10.0, heartbeat_timeout_ms: int = 0,
+                session_id: str = "", **dimensions: str) -> Iterator[Session]:
+        """StartSession, heartbeats every ``heartbeat_s`` in the background, EndSession on exit.
+        Raises Denied-like errors as grpc.RpcError; check ``s.should_stop`` in long work."""
+        response = self.stub.StartSession(self._session_request(customer_id, meter, heartbeat_timeout_ms, session_id,
+                                                                dimensions), **self._call())
+        if response.decision == pb.DECISION_DENY:
+            raise RuntimeError(f"session refused: {pb.Reason.Name(response.reason)}")
+        s = Session(self, response, heartbeat_s)
+        try:
+            yield s
+        finally:
+            s.end()
+
+    # ---- the batcher ---------------------------------------------------------------------
+
+    def enqueue(self, customer_id: str, meter: str, quantity: Quantity, **dimensions: str) -> bool:
+        """Queue one event for the next batch. False if the queue is full and on_full is 'drop'."""
+        with self._idle:
+            event = self._event(customer_id, meter, quantity, dimensions)
+        try:
+            self._queue.put(event, block=self.on_full == "block")
+        except queue.Full:
+            self._settle(1, dropped=True)
+            return False
+        return True
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every event enqueued so far is acknowledged or dropped."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Deliver what is queued (for at most ``timeout_s``), then stop."""
+        if self._closing:
+            return
+        self._closing = True
+        self._deadline = time.monotonic() + timeout_s
+        self._queue.put(None)
+        self._thread.join()
+        self.channel.close()
+
+    def _settle(self, n: int, dropped: bool = False) -> None:
+        with self._idle:
+            self._pending -= n
+            if dropped:
+                self.stats.dropped += n
+            else:
+                self.stats.acknowledged += n
+            self._idle.notify_all()
+
+    def _take(self) -> tuple[list[pb.UsageEvent], bool]:
+        """The next batch: up to batch_max events, or what came within linger_s of the first."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        events, end = [first], time.monotonic() + self.linger_s
+        while len(events) < self.batch_max:
+            try:
+                event = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if event is None:
+                return events, True
+            events.append(event)
+        return events, False
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            events, done = self._take()
+            if not events:
+                continue
+            self._sequence += 1
+            self._deliver(_Batch(self._sequence, events))
+        while True:  # what is left after close() began
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if left is not None:
+                self._sequence += 1
+                self._deliver(_Batch(self._sequence, [left]))
+
+    def _deliver(self, batch: _Batch) -> None:
+        total = len(batch.events)
+        self.stats.batches += 1
+        while True:
+            try:
+                self.stub.ReportBatch(batch.request(self.client_id), wait_for_ready=True, **self._call())
+                self._settle(len(batch.events))
+                self._settle(total - len(batch.events), dropped=True)
+                return
+            except grpc.RpcError as e:
+                wait = self._give_up(batch, e)
+                if wait is None:
+                    self._settle(total, dropped=True)
+                    return
+                time.sleep(wait)
+
+
+# ---- the asyncio client -------------------------------------------------------------------------
+
+
+class AsyncReservation(_Reservation):
+    """``Reservation`` for AsyncMeterClient."""
+
+    async def commit(self, quantity: Quantity) -> Any:
+        if self.degraded:
+            self.settled = await self.client.report(self.customer_id, self.meter, quantity, **self.dimensions)
+        else:
+            self.settled = await self.client.stub.Commit(self._commit_request(quantity), **self.client._call())
+        return self.settled
+
+    async def release(self) -> None:
+        if not self.degraded and self.settled is None:
+            self.settled = await self.client.stub.Release(self._release_request(), **self.client._call())
+
+
+@dataclass
+class AsyncSession:
+    """``Session`` for AsyncMeterClient: a task heartbeats until it ends."""
+    client: AsyncMeterClient
+    last: pb.SessionResponse
+    heartbeat_s: float
+    should_stop: bool = False
+    _task: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def session_id(self) -> str:
+        return self.last.session_id
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                self.last = await self.client.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id),
+                                                             timeout=self.client.timeout_s,
+                                                             metadata=self.client.metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    self.should_stop = True
+                    return
+                continue
+            if self.last.decision == pb.DECISION_DENY or self.last.closed:
+                self.should_stop = True
+                return
+
+    async def end(self) -> pb.SessionResponse:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not self.should_stop:
+            self.last = await self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
+                                                          timeout=self.client.timeout_s,
+                                                          metadata=self.client.metadata)
+        return self.last
+
+
+class AsyncMeterClient(_Base):
+    """The asyncio client: the same methods as MeterClient, as coroutines; the batcher is a task.
+    Create it inside a running loop; use ``async with`` or await close()."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, client_id: str | None = None,
+                 timeout_s: float = 10.0, batch_max: int = 1000, linger_s: float = 0.05,
+                 queue_max: int = 100_000, on_full: str = "block", retry_max_s: float = 5.0,
+                 on_error: ErrorHandler | None = None) -> None:
+        super().__init__(target, token, credentials, client_id, timeout_s, batch_max, linger_s, on_full,
+                         retry_max_s, on_error, aio=True)
+        self._queue: asyncio.Queue[pb.UsageEvent | None] = asyncio.Queue(maxsize=queue_max)
+        self._idle = asyncio.Condition()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def __aenter__(self) -> AsyncMeterClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def report(self, customer_id: str, meter: str, quantity: Quantity, idempotency_key: str = "",
+                     **dimensions: str) -> pb.ReportResponse:
+        return await self.stub.Report(pb.ReportRequest(event=usage_event(customer_id, meter, quantity, dimensions,
+                                                                         idempotency_key)),
+                                      timeout=self.timeout_s, metadata=self.metadata)
+
+    async def balance(self, customer_id: str) -> pb.GetBalanceResponse:
+        return await self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), timeout=self.timeout_s,
+                                          metadata=self.metadata)
+
+    async def authorize(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+                        idempotency_key: str = "", **dimensions: str) -> pb.AuthorizeResponse:
+        return await self.stub.Authorize(self._authorize_request(customer_id, meter, quantity, ttl_ms,
+                                                                 idempotency_key, dimensions), **self._call())
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+                      idempotency_key: str = "", **dimensions: str) -> AsyncIterator[AsyncReservation]:
+        """As MeterClient.reserve."""
+        response = await self.authorize(customer_id, meter, quantity, ttl_ms, idempotency_key, **dimensions)
+        if response.decision == pb.DECISION_DENY:
+            raise Denied(response)
+        r = AsyncReservation(self, response, customer_id, meter, dict(dimensions))
+        try:
+            yield r
+        except BaseException:
+            await r.release()
+            raise
+        if r.settled is None:
+            await r.commit(quantity if r.actual is None else r.actual)
+
+    @contextlib.asynccontextmanager
+    async def session(self, customer_id: str, meter: str, heartbeat_s: float = 10.0, heartbeat_timeout_ms: int = 0,
+                      session_id: str = "", **dimensions: str) -> AsyncIterator[AsyncSession]:
+        """As MeterClient.session."""
+        response = await self.stub.StartSession(self._session_request(customer_id, meter, heartbeat_timeout_ms,
+                                                                      session_id, dimensions), **self._call())
+        if response.decision == pb.DECISION_DENY:
+            raise RuntimeError(f"session refused: {pb.Reason.Name(response.reason)}")
+        s = AsyncSession(self, response, heartbeat_s)
+        s._task = asyncio.get_running_loop().create_task(s._beat())
+        try:
+            yield s
+        finally:
+            await s.end()
+
+    async def enqueue(self, customer_id: str, meter: str, quantity: Quantity, **dimensions: str) -> bool:
+        """Queue one event for the next batch. False if the queue is full and on_full is 'drop'."""
+        event = self._event(customer_id, meter, quantity, dimensions)
+        if self.on_full == "drop":
+            try:
+                self._queue.put_nowait(event)
+            except asyncio.QueueFull:
+                await self._settle(1, dropped=True)
+                return False
+        else:
+            await self._queue.put(event)
+        return True
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        async with self._idle:
+            try:
+                await asyncio.wait_for(self._idle.wait_for(lambda: self._pending == 0), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._deadline = time.monotonic() + timeout_s
+        await self._queue.put(None)
+        await self._task
+        await self.channel.close()
+
+    async def _settle(self, n: int, dropped: bool = False) -> None:
+        async with self._idle:
+            self._pending -= n
+            if dropped:
+                self.stats.dropped += n
+            else:
+                self.stats.acknowledged += n
+            self._idle.notify_all()
+
+    async def _take(self) -> tuple[list[pb.UsageEvent], bool]:
+        first = await self._queue.get()
+        if first is None:
+            return [], True
+        events, end = [first], time.monotonic() + self.linger_s
+        while len(events) < self.batch_max:
+            try:
+                event = await asyncio.wait_for(self._queue.get(), max(0.0, end - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if event is None:
+                return events, True
+            events.append(event)
+        return events, False
+
+    async def _run(self) -> None:
+        done = False
+        while not done:
+            events, done = await self._take()
+            if events:
+                self._sequence += 1
+                await self._deliver(_Batch(self._sequence, events))
+        while not self._queue.empty():
+            left = self._queue.get_nowait()
+            if left is not None:
+                self._sequence += 1
+                await self._deliver(_Batch(self._sequence, [left]))
+
+    async def _deliver(self, batch: _Batch) -> None:
+        total = len(batch.events)
+        self.stats.batches += 1
+        while True:
+            try:
+                await self.stub.ReportBatch(batch.request(self.client_id), wait_for_ready=True, **self._call())
+                await self._settle(len(batch.events))
+                await self._settle(total - len(batch.events), dropped=True)
+                return
+            except grpc.RpcError as e:
+                wait = self._give_up(batch, e)
+                if wait is None:
+                    await self._settle(total, dropped=True)
+                    return
+                await asyncio.sleep(wait)
+
+
+__all__ = ["AsyncMeterClient", "AsyncReservation", "AsyncSession", "Denied", "MeterClient", "Reservation",
+           "Session", "Stats", "usage_event"]

@@ -1,0 +1,178 @@
+"""meterd.client against a real daemon: the batcher delivers exactly once across
+a SIGKILL, rejected events go to on_error, the queue bounds hold, and the
+reservation and session helpers settle what they started."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+from meterd.client import AsyncMeterClient, Denied, MeterClient
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
+
+COST_NANO = 2_500  # one gpt-4o input token
+
+
+def _used(d, customer: str, meter: str = "input_tokens") -> int:
+    r = d.meter.GetBalance(pb.GetBalanceRequest(customer_id=customer))
+    return int(next((u.quantity for u in r.usage if u.meter == meter), 0))
+
+
+def _usd(d, customer: str) -> pb.CreditBalance:
+    r = d.meter.GetBalance(pb.GetBalanceRequest(customer_id=customer))
+    return next(b for b in r.balances if b.credit_type == "usd")
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    d = make_daemon().start()
+    for customer in ("acme", "globex"):
+        d.admin.Grant(apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=10**15))
+    return d
+
+
+def test_many_threads_enqueue_and_every_event_is_counted_once_across_a_kill(daemon):
+    errors: list = []
+    client = MeterClient(daemon.target, batch_max=500, linger_s=0.02, retry_max_s=0.5,
+                         on_error=lambda e, m: errors.append(m))
+    per_thread, threads = 3000, 8
+
+    def produce(n: int) -> None:
+        for i in range(per_thread):
+            assert client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+            if i % 100 == 0:
+                time.sleep(0.01)
+
+    workers = [threading.Thread(target=produce, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    time.sleep(0.15)
+    daemon.kill()  # batches in flight are resent with their sequences once it is back
+    acknowledged_at_kill = client.stats.acknowledged
+    time.sleep(0.3)
+    daemon.start()
+    for w in workers:
+        w.join()
+    client.close()
+    assert errors == []
+    assert client.stats.acknowledged == per_thread * threads and client.stats.dropped == 0
+    assert 0 < acknowledged_at_kill < per_thread * threads  # the kill came in the middle
+    assert _used(daemon, "acme") == per_thread * threads
+    assert _usd(daemon, "acme").balance_nano == 10**15 - COST_NANO * per_thread * threads
+
+
+def test_a_rejected_event_goes_to_on_error_and_the_rest_of_its_batch_is_delivered(daemon):
+    errors: list = []
+    with MeterClient(daemon.target, linger_s=0.2, on_error=lambda e, m: errors.append((e.meter, m))) as client:
+        for i in range(10):
+            client.enqueue("acme", "input_tokens" if i != 4 else "no_such_meter", 1, model="gpt-4o")
+        client.enqueue("acme", "input_tokens", -1, model="gpt-4o")
+        assert client.flush(30)
+        assert client.stats.batches == 1
+    assert [meter for meter, _ in errors] == ["no_such_meter", "input_tokens"]
+    assert "unknown meter" in errors[0][1] and "must not be negative" in errors[1][1]
+    assert _used(daemon, "acme") == 9
+
+
+def test_the_queue_is_bounded_drop_or_block(daemon):
+    daemon.stop()  # nothing is acknowledged while the daemon is away
+    client = MeterClient(daemon.target, queue_max=10, batch_max=5, linger_s=0.01, on_full="drop",
+                         retry_max_s=0.2)
+    accepted = sum(client.enqueue("acme", "input_tokens", 1, model="gpt-4o") for _ in range(100))
+    assert accepted < 100 and client.stats.dropped == 100 - accepted
+    daemon.start()
+    client.close()
+    assert _used(daemon, "acme") == accepted == client.stats.acknowledged
+
+    blocking = MeterClient(daemon.target, queue_max=2, batch_max=1, linger_s=0)
+    for _ in range(50):  # never refused: enqueue waits for room
+        assert blocking.enqueue("globex", "input_tokens", 1, model="gpt-4o")
+    blocking.close()
+    assert _used(daemon, "globex") == 50
+
+
+def test_close_gives_up_after_its_timeout_and_says_so(daemon):
+    daemon.stop()
+    errors: list = []
+    client = MeterClient(daemon.target, retry_max_s=0.1, timeout_s=0.5, on_error=lambda e, m: errors.append(m))
+    client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+    client.close(timeout_s=1.0)
+    assert client.stats.dropped == 1 and errors and "not delivered before close" in errors[0]
+
+
+def test_reserve_commits_the_actual_usage_or_releases_on_an_exception(daemon):
+    with MeterClient(daemon.target) as client:
+        with client.reserve("acme", "output_tokens", 4000, model="gpt-4o") as r:
+            assert _usd(daemon, "acme").reserved_nano == 4000 * 10_000
+            r.actual = 1234
+        assert r.settled.cost_nano == 1234 * 10_000
+        with pytest.raises(TimeoutError):
+            with client.reserve("acme", "output_tokens", 4000, model="gpt-4o"):
+                raise TimeoutError("the model did not answer")
+        assert _usd(daemon, "acme").reserved_nano == 0
+        assert _used(daemon, "acme", "output_tokens") == 1234
+        with pytest.raises(Denied):
+            with client.reserve("nobody", "output_tokens", 10, model="gpt-4o"):
+                pytest.fail("a denied reservation must not run its body")
+
+
+def test_a_session_heartbeats_in_the_background_and_ends(daemon):
+    with MeterClient(daemon.target) as client:
+        with client.session("acme", "gpu_seconds", heartbeat_s=0.2, hardware="nvidia-h100") as s:
+            time.sleep(0.7)
+            assert not s.should_stop
+        last = s.last
+    assert last.closed and last.cost_nano > 0
+
+
+def test_the_asyncio_client_does_the_same(daemon):
+    async def main() -> None:
+        errors: list = []
+        async with AsyncMeterClient(daemon.target, batch_max=200, linger_s=0.01,
+                                    on_error=lambda e, m: errors.append(m)) as client:
+            await asyncio.gather(*(client.enqueue("globex", "input_tokens", 2, model="gpt-4o")
+                                   for _ in range(1000)))
+            await client.enqueue("globex", "no_such_meter", 1)
+            assert await client.flush(30)
+            r = await client.report("globex", "input_tokens", 5, model="gpt-4o")
+            assert r.decision == pb.DECISION_ALLOW
+            async with client.reserve("globex", "output_tokens", 100, model="gpt-4o") as res:
+                res.actual = 60
+            with pytest.raises(RuntimeError):
+                async with client.reserve("globex", "output_tokens", 100, model="gpt-4o"):
+                    raise RuntimeError("the work failed")
+            async with client.session("globex", "gpu_seconds", heartbeat_s=0.1, hardware="cpu") as s:
+                await asyncio.sleep(0.35)
+            assert s.last.closed
+            assert (await client.balance("globex")).balances
+        assert len(errors) == 1 and "unknown meter" in errors[0]
+        assert client.stats.acknowledged == 1000
+
+    asyncio.run(main())
+    assert _used(daemon, "globex") == 2005
+    assert _used(daemon, "globex", "output_tokens") == 60
+    assert _usd(daemon, "globex").reserved_nano == 0
+
+
+def test_a_data_plane_token_is_sent_with_every_call(make_daemon, tmp_path):
+    import hashlib
+    token = "client-token-0123456789abcdef"
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[tenants.acme]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+                      'customers = "acme"\n')
+    d = make_daemon(extra_env={"METERD_DATA_TOKENS_FILE": str(tokens)}).start()
+    d.admin.Grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=10**12))
+    with MeterClient(d.target, token=token) as client:
+        assert client.report("acme", "input_tokens", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+        client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+    with MeterClient(d.target) as anonymous, pytest.raises(grpc.RpcError) as e:
+        anonymous.report("acme", "input_tokens", 1, model="gpt-4o")
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with MeterClient(d.target, token=token) as client:
+        usage = client.balance("acme").usage
+    assert [int(u.quantity) for u in usage if u.meter == "input_tokens"] == [2]
