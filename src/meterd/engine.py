@@ -178,6 +178,10 @@ def _hash_request(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
+DECISION_NAMES = {meter_pb2.DECISION_ALLOW: "allow", meter_pb2.DECISION_DEGRADE: "degrade",
+                  meter_pb2.DECISION_DENY: "deny"}
+
+
 def check_tenant(tenant: Tenant | None, customer_id: str, field: str) -> None:
     """A data-plane token may meter only the customers whose ids start with its prefix."""
     if tenant is not None and not customer_id.encode().startswith(tenant.prefix):
@@ -242,6 +246,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []
         self._rolling: asyncio.Future | None = None  # the last period roll submitted
+        self.decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (rpc, outcome), for metrics
         # When reservations and grants expire, so that the timer looks only at what is due.
         self._reservation_expiry: list[tuple[int, str]] = []
         self._grant_expiry: list[tuple[int, str, int]] = []
@@ -846,6 +851,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         at = now_ms()
         self.core.set_clock(at)
         accepted, denied, degraded, details = self.core.apply_batch(data, None if tenant is None else tenant.prefix)
+        self.decisions[("ReportBatch", "allow")] += accepted - degraded
+        self.decisions[("ReportBatch", "degrade")] += degraded
+        self.decisions[("ReportBatch", "deny")] += denied
         result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied, degraded=degraded,
                                                sequence=seq).SerializeToString() + details
         if accepted:
@@ -884,6 +892,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if out is None:
             return await self._report_keyed(data, tenant)
         decision, response = out
+        self.decisions[("Report", DECISION_NAMES[decision])] += 1
         ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
         ops += self.alert_ops()
         if ops:
@@ -907,6 +916,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.core.set_clock(at)
         decision, reason, ct, cost, balance, mode, priority = self.core.report(
             data, None if tenant is None else tenant.prefix)
+        self.decisions[("Report", DECISION_NAMES[decision])] += 1
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
@@ -993,7 +1003,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             if pre:
                 await self._commit_with(pre)
             await self._roll_settled()
-            return self._authorize_refusal(req.customer_id, idx, ct, deny)
+            refusal = self._authorize_refusal(req.customer_id, idx, ct, deny)
+            self.decisions[("Authorize", DECISION_NAMES[meter_pb2.AuthorizeResponse.FromString(refusal).decision])] += 1
+            return refusal
         rid = "r_" + secrets.token_hex(12)
         res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms)
         self.reservations[rid] = res
@@ -1004,6 +1016,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         ops = pre + [self._log_op(_record(b"A", struct.pack("<Hq", ct, amount) + cust)),
                      ("reservations", rid.encode(), res.to_json(self.catalog))]
         ops += self._remember(key, _canonical(req) if key else b"", response)
+        self.decisions[("Authorize", "allow")] += 1
         await self._commit_with(ops, key)
         return response
 

@@ -1,18 +1,64 @@
 """Prometheus metrics on an HTTP port (``metrics_listen``), read at scrape time.
 
-Nothing is counted per event: a scrape reads the engine's own counters and
-LMDB's entry counts, so metrics cost the request path nothing.
+The request path only bumps plain integers (decisions by RPC and outcome) and
+fills fixed-bucket histograms (latency per RPC, group-commit size and time);
+a scrape turns them into metric families. No lock is taken per call: each
+counter has one writing thread (the event loop, or the LMDB writer).
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from meterd.errors import ConfigError
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class Histogram:
+    """Fixed buckets, filled by one thread, read by the scrape."""
+
+    __slots__ = ("bounds", "counts", "total", "n")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def family(self, name: str, documentation: str, labels: list[str] | None = None,
+               by: dict[tuple[str, ...], Histogram] | None = None) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, labels=labels)
+        for label_values, h in (by or {(): self}).items():
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, h.bounds), "+Inf"], h.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(label_values), buckets, h.total)
+        return family
+
+
+class Timings:
+    """Latency per RPC (updated on the event loop)."""
+
+    def __init__(self) -> None:
+        self.latency: dict[tuple[str, ...], Histogram] = collections.defaultdict(lambda: Histogram(LATENCY_BUCKETS))
+
+    def observe(self, method: str, started: float) -> None:
+        self.latency[(method,)].observe(time.perf_counter() - started)
 
 
 class LedgerCollector(Collector):
@@ -41,11 +87,43 @@ class LedgerCollector(Collector):
         yield flushes
 
 
-def serve_metrics(address: str, engine: Any) -> tuple[Any, Any]:
+class DaemonCollector(Collector):
+    """Calls, decisions, group commits and LMDB's map."""
+
+    def __init__(self, engine: Any, timings: Timings) -> None:
+        self.engine = engine
+        self.timings = timings
+
+    def collect(self) -> Iterator[Any]:
+        t, store = self.timings, self.engine.store
+        decisions = CounterMetricFamily("meterd_decisions", "Decisions by RPC and outcome (a batch counts each "
+                                        "event)", labels=["rpc", "decision"])
+        events = 0
+        for (rpc, decision), n in sorted(self.engine.decisions.items()):
+            decisions.add_metric([rpc, decision], n)
+            events += n if rpc in ("Report", "ReportBatch") else 0
+        yield decisions
+        yield CounterMetricFamily("meterd_events", "Usage events decided (Report and ReportBatch)", value=events)
+        yield Histogram(LATENCY_BUCKETS).family("meterd_rpc_duration_seconds", "Time from a call's arrival at "
+                                                "the handler to its answer, by RPC", ["rpc"], dict(t.latency))
+        yield store.group_sizes.family("meterd_commit_group_calls", "Callers whose work shared one group commit")
+        yield store.commit_seconds.family("meterd_commit_seconds", "Time of one LMDB commit, fsync included")
+        info, stat = store.env.info(), store.env.stat()
+        yield GaugeMetricFamily("meterd_lmdb_map_used_bytes", "Pages of the LMDB map in use",
+                                value=(info["last_pgno"] + 1) * stat["psize"])
+        yield GaugeMetricFamily("meterd_lmdb_map_size_bytes", "The LMDB map size (map_size_bytes)",
+                                value=info["map_size"])
+        last = self.engine.last_flush_ms
+        yield GaugeMetricFamily("meterd_ledger_flush_lag_seconds", "Time since the last successful flush",
+                                value=max(0.0, time.time() - last / 1000) if last else 0.0)
+
+
+def serve_metrics(address: str, engine: Any, timings: Timings | None = None) -> tuple[Any, Any]:
     """Start the metrics HTTP server on ``host:port`` in a thread of its own."""
     host, _, port = address.rpartition(":")
     registry = CollectorRegistry()
     registry.register(LedgerCollector(engine))
+    registry.register(DaemonCollector(engine, timings or Timings()))
     try:
         return start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
     except (OSError, ValueError) as e:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -35,6 +36,7 @@ from meterd.errors import (
     Unavailable,
 )
 from meterd.ledger import redact
+from meterd.metrics import Timings
 from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -62,11 +64,17 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+TIMINGS = Timings()  # latency per RPC, for the metrics endpoint
+
+
 async def _call(fn: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext, method: str) -> Any:
+    started = time.perf_counter()
     try:
         return await fn()
     except Exception as e:  # noqa: BLE001 - every error becomes one status, here
         await _abort(e, context, method)
+    finally:
+        TIMINGS.observe(method, started)
 
 
 async def _abort(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
@@ -111,20 +119,26 @@ class Servicer:
 
     # Meter -------------------------------------------------------------------
     async def report(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
         tenant = await self._tenant(ctx) if self.data_tokens.enabled else None
         try:  # the hot path: no closure, one coroutine less
             return await self.engine.report(data, tenant)
         except Exception as e:  # noqa: BLE001 - every error becomes one status
             await _abort(e, ctx, "Report")
             raise  # not reached: abort raises
+        finally:
+            TIMINGS.observe("Report", started)
 
     async def report_batch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
         tenant = await self._tenant(ctx)
         try:
             return await self.engine.report_batch(data, tenant)
         except Exception as e:  # noqa: BLE001 - every error becomes one status
             await _abort(e, ctx, "ReportBatch")
             raise  # not reached: abort raises
+        finally:
+            TIMINGS.observe("ReportBatch", started)
 
     async def report_stream(self, requests: AsyncIterator[bytes],
                             ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -426,7 +440,7 @@ class MeterdServer:
         self._flusher = asyncio.get_running_loop().create_task(self.engine.run_flusher(self._stop))
         if self.settings.metrics_listen:
             from meterd.metrics import serve_metrics
-            self._metrics = serve_metrics(self.settings.metrics_listen, self.engine)
+            self._metrics = serve_metrics(self.settings.metrics_listen, self.engine, TIMINGS)
         log.info("serving data plane on %s (port %d), admin on %s, %s, core=%s, sidecar %s flushing to %s",
                  self.settings.listen, self.data_port, self.admin_address,
                  ("mutual TLS" if self.settings.tls_client_ca_file else "TLS") if self.credentials else "no TLS",

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import lmdb
 
 from meterd.errors import ConfigError, MeterdError, StorageFull, Unavailable
+from meterd.metrics import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 
 log = logging.getLogger("meterd.store")
 
@@ -100,6 +101,8 @@ class Store:
         self.commits = 0
         self.committed_ops = 0
         self._lag_s = 0.0  # how late the loop ran the last commit's callback
+        self.group_sizes = Histogram(SIZE_BUCKETS)       # filled by the writer thread
+        self.commit_seconds = Histogram(LATENCY_BUCKETS)
         self.window_waits = 0
 
     # ---- reading (any thread) ----------------------------------------------
@@ -224,10 +227,13 @@ class Store:
             if group is None:
                 return
             try:
+                started = time.perf_counter()
                 with self.env.begin(write=True) as txn:
                     n = 0
                     for unit in group:
                         n += self._apply(txn, unit.ops)
+                self.commit_seconds.observe(time.perf_counter() - started)
+                self.group_sizes.observe(len(group))
                 self.commits += 1
                 self.committed_ops += n
                 self._done(group, None)
