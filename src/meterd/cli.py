@@ -134,17 +134,90 @@ def cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_grant(args: argparse.Namespace) -> int:
+def _nano(text: str, where: str, signed: bool = False) -> int:
     from meterd.catalog import parse_amount, to_nano
+
+    negative = signed and text.strip().startswith("-")
+    amount = to_nano(parse_amount(text.strip().lstrip("-") if negative else text, where, "amount"), where, "amount")
+    return -amount if negative else amount
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
     from meterd.v1 import admin_pb2, admin_pb2_grpc
 
-    amount = to_nano(parse_amount(args.amount, "--amount", "amount"), "--amount", "amount")
+    if args.from_csv:
+        return _bulk_grants(args)
+    if not (args.customer and args.credit_type and args.amount):
+        raise ConfigError("--customer, --credit-type and --amount are required (or --from-csv FILE)")
+    amount = _nano(args.amount, "--amount")
     channel, metadata = _connect(args, admin=True)
     with channel as ch:
         resp = admin_pb2_grpc.AdminStub(ch).Grant(admin_pb2.GrantRequest(
             customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount,
             source=args.source, idempotency_key=args.idempotency_key or ""), metadata=metadata)
     print(f"granted {resp.grant_id}: balance {_credits(resp.balance_nano)}{' (duplicate)' if resp.duplicate else ''}")
+    return 0
+
+
+def _bulk_grants(args: argparse.Namespace) -> int:
+    """One grant per CSV row (customer,credit_type,amount[,idempotency_key]), with a progress bar.
+    Every row is checked before the first grant; a row without a key gets file:line as its key,
+    so running the same file again grants nothing twice."""
+    import csv
+
+    import grpc
+
+    from meterd.progress import Progress
+    from meterd.v1 import admin_pb2, admin_pb2_grpc
+
+    path = args.from_csv
+    try:
+        with open(path, newline="") as f:
+            rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if row and not row[0].startswith("#")]
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if rows and rows[0][1][:3] == ["customer", "credit_type", "amount"]:
+        rows = rows[1:]  # a header
+    requests = []
+    for n, row in rows:
+        if len(row) not in (3, 4):
+            raise ConfigError(f"{path}:{n}: expected customer,credit_type,amount[,idempotency_key]")
+        key = row[3] if len(row) == 4 else f"{path}:{n}"
+        requests.append(admin_pb2.GrantRequest(customer_id=row[0], credit_type=row[1],
+                                               amount_nano=_nano(row[2], f"{path}:{n}: amount"),
+                                               source=args.source, idempotency_key=key))
+    channel, metadata = _connect(args, admin=True)
+    progress = Progress(len(requests), "granting")
+    duplicates = 0
+    with channel as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        for (n, _), request in zip(rows, requests, strict=True):
+            try:
+                duplicates += stub.Grant(request, metadata=metadata, timeout=30).duplicate
+            except grpc.RpcError as e:
+                progress.close()
+                print(f"meterd: {path}:{n}: {e.code().name}: {e.details()}; "  # type: ignore[attr-defined]
+                      "the rows before it were granted (run the file again: they will not be granted twice)",
+                      file=sys.stderr)
+                return 1
+            progress.advance()
+    progress.close()
+    print(f"granted {len(requests) - duplicates} rows from {path}"
+          + (f" ({duplicates} already granted earlier)" if duplicates else ""))
+    return 0
+
+
+def cmd_adjust(args: argparse.Namespace) -> int:
+    from meterd.v1 import admin_pb2, admin_pb2_grpc
+
+    amount = _nano(args.amount, "--amount", signed=True)
+    channel, metadata = _connect(args, admin=True)
+    with channel as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).Adjust(admin_pb2.AdjustRequest(
+            customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount, reason=args.reason,
+            idempotency_key=args.idempotency_key or ""), metadata=metadata)
+    print(f"adjusted by {_credits(amount)}: balance {_credits(resp.balance_nano)}"
+          f"{' (duplicate)' if resp.duplicate else ''}")
     return 0
 
 
@@ -221,41 +294,71 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                    "<data_dir>/admin.token)")
 
 
+def _command(sub: Any, name: str, summary: str, examples: str, settings: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                       epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if settings:
+        _settings_args(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meterd", description=(
-        "Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny."))
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the daemon (Ctrl-C or SIGTERM stops it gracefully)")
-    _settings_args(p)
+    parser = argparse.ArgumentParser(
+        prog="meterd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny.",
+        epilog="Settings come from flags, then METERD_* variables, then --config FILE, then the defaults.\n"
+               "Run `meterd COMMAND --help` for a command's options and examples.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _command(sub, "serve", "run the daemon (Ctrl-C or SIGTERM stops it gracefully)",
+                 "  meterd serve                                   # embedded defaults, demo catalog\n"
+                 "  meterd serve --config examples/cursor.toml     # settings and catalog in one file\n"
+                 "  METERD_LEDGER=postgresql://meterd@db/ledger meterd serve --catalog catalog.toml")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("check-config", help="validate settings and catalog, print what they say, then exit")
+    p = _command(sub, "check-config", "validate settings and catalog, print what they say, then exit",
+                 "  meterd check-config examples/openai.toml\n  meterd check-config --catalog catalog.toml")
     p.add_argument("file", nargs="?", help="a settings file, a catalog, or both in one (same as --config)")
-    _settings_args(p)
     p.set_defaults(func=cmd_check_config)
-    p = sub.add_parser("balance", help="print a customer's balances and usage this period")
-    _settings_args(p)
-    p.add_argument("--customer", required=True)
+    p = _command(sub, "balance", "print a customer's balances and usage this period",
+                 "  meterd balance --customer demo\n"
+                 "  meterd balance --customer acme --target 10.0.0.5:50051 --token-file tenant.token")
+    p.add_argument("--customer", required=True, help="the customer id")
     p.add_argument("--target", help="data plane address (default: the --listen setting)")
     _client_args(p)
     p.set_defaults(func=cmd_balance)
-    p = sub.add_parser("grant", help="add credits to a customer through the admin socket")
-    _settings_args(p)
-    p.add_argument("--customer", required=True)
-    p.add_argument("--credit-type", required=True)
-    p.add_argument("--amount", required=True, help="in credits, exact decimal, for example 25.00")
-    p.add_argument("--source", default="cli")
-    p.add_argument("--idempotency-key")
+    p = _command(sub, "grant", "add credits to a customer, or to many from a CSV file (Admin)",
+                 "  meterd grant --customer acme --credit-type usd --amount 25.00\n"
+                 "  meterd grant --customer acme --credit-type usd --amount 25.00 --idempotency-key topup-8812\n"
+                 "  meterd grant --from-csv topups.csv      # customer,credit_type,amount[,idempotency_key]")
+    p.add_argument("--customer", help="the customer id")
+    p.add_argument("--credit-type", help="a credit type of the catalog, for example usd")
+    p.add_argument("--amount", help="in credits, exact decimal, for example 25.00")
+    p.add_argument("--source", default="cli", help="recorded on the grant (default cli); 'refund' marks refunds")
+    p.add_argument("--idempotency-key", help="a repeat with the same key grants nothing more")
+    p.add_argument("--from-csv", metavar="FILE", help="one grant per row, with a progress bar; rows without a key "
+                   "are keyed by file and line, so a second run grants nothing twice")
     _client_args(p)
     p.set_defaults(func=cmd_grant)
-    p = sub.add_parser("statement", help="what a customer owes for a month, from the central ledger")
-    _settings_args(p)
-    p.add_argument("--customer", required=True)
+    p = _command(sub, "adjust", "correct a balance up or down, with a reason for the audit trail (Admin)",
+                 "  meterd adjust --customer acme --credit-type usd --amount -3.50 --reason 'double-billed job 77'")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--credit-type", required=True, help="a credit type of the catalog")
+    p.add_argument("--amount", required=True, help="signed exact decimal: positive credits, negative debits")
+    p.add_argument("--reason", required=True, help="why, for the audit trail and the statement")
+    p.add_argument("--idempotency-key", help="a repeat with the same key adjusts nothing more")
+    _client_args(p)
+    p.set_defaults(func=cmd_adjust)
+    p = _command(sub, "statement", "what a customer owes for a month, from the central ledger",
+                 "  meterd statement --customer demo --period 2026-11\n"
+                 "  meterd statement --customer demo --period 2026-11 --json")
+    p.add_argument("--customer", required=True, help="the customer id")
     p.add_argument("--period", required=True, help="a calendar month in UTC, for example 2026-11")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_statement)
-    p = sub.add_parser("usage", help="usage from the central ledger, by window and dimension")
-    _settings_args(p)
-    p.add_argument("--customer", required=True)
+    p = _command(sub, "usage", "usage from the central ledger, by window and dimension",
+                 "  meterd usage --customer demo --from 2026-11-01 --to 2026-12-01 --group-by model\n"
+                 "  meterd usage --customer demo --meter input_tokens --from 2026-11-27 --to 2026-11-28 "
+                 "--window hour --json")
+    p.add_argument("--customer", required=True, help="the customer id")
     p.add_argument("--meter", help="one meter (default: all)")
     p.add_argument("--from", dest="from_", required=True, help="start, for example 2026-11-01 (UTC)")
     p.add_argument("--to", required=True, help="end (exclusive), for example 2026-12-01")
@@ -263,15 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", choices=["minute", "hour", "day"], help="one row per window (default: the range)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_usage)
-    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout); options after --",
-                       description="Runs `python -m benchmarks`: micro, end-to-end, baselines and capacity, "
-                                   "then prints a table and writes benchmarks/results/latest.json.")
+    p = _command(sub, "bench", "run the benchmark suite from a source checkout (about 4 minutes)",
+                 "  meterd bench\n  meterd bench -- --seconds 3 --skip capacity,baselines", settings=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on, for example -- --seconds 3")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("ledger", help="central ledger administration")
-    lsub = p.add_subparsers(dest="ledger_command", required=True)
-    p = lsub.add_parser("migrate", help="create or upgrade the ledger's tables (versioned migrations)")
-    _settings_args(p)
+    p = sub.add_parser("ledger", help="central ledger administration",
+                       description="Central ledger administration.")
+    lsub = p.add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
+    p = _command(lsub, "migrate", "create or upgrade the ledger's tables (versioned migrations)",
+                 "  meterd ledger migrate --ledger postgresql://meterd@db.internal/ledger")
     p.set_defaults(func=cmd_ledger_migrate)
     return parser
 

@@ -1,0 +1,105 @@
+"""The operator's CLI against a real daemon: grant, bulk grants from CSV with a
+progress bar, adjust, balance, and the help texts."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from meterd.progress import Progress
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
+
+COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "statement", "usage", "bench", "ledger migrate"]
+
+
+def meterd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meterd", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _usd(d, customer: str) -> int:
+    r = d.meter.GetBalance(pb.GetBalanceRequest(customer_id=customer))
+    return next(b.balance_nano for b in r.balances if b.credit_type == "usd")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself_with_examples(command):
+    import argparse
+
+    from meterd.cli import build_parser
+    r = meterd(*command.split(), "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "meterd " + command in r.stdout
+    parser = build_parser()
+    for word in command.split():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    for action in parser._actions:
+        assert action.help, f"meterd {command}: {action.option_strings or action.dest} has no help text"
+
+
+def test_grant_adjust_and_balance(make_daemon):
+    d = make_daemon().start()
+    data_dir = str(d.data_dir)
+    r = meterd("grant", "--data-dir", data_dir, "--customer", "acme", "--credit-type", "usd", "--amount", "25.00",
+               "--idempotency-key", "k1")
+    assert r.returncode == 0 and "balance 25" in r.stdout, r.stderr
+    again = meterd("grant", "--data-dir", data_dir, "--customer", "acme", "--credit-type", "usd", "--amount",
+                   "25.00", "--idempotency-key", "k1")
+    assert "(duplicate)" in again.stdout
+    r = meterd("adjust", "--data-dir", data_dir, "--customer", "acme", "--credit-type", "usd", "--amount", "-3.50",
+               "--reason", "double-billed job 77")
+    assert r.returncode == 0 and "adjusted by -3.5: balance 21.5" in r.stdout, r.stderr
+    assert _usd(d, "acme") == 21_500_000_000
+    entry = d.admin.ListAudit(apb.ListAuditRequest(customer_id="acme", limit=10)).entries[-1]
+    assert (entry.kind, entry.reference) == ("adjust", "double-billed job 77")
+    r = meterd("balance", "--customer", "acme", "--target", d.target)
+    assert r.returncode == 0 and "usd" in r.stdout and "21.5" in r.stdout
+    r = meterd("adjust", "--data-dir", data_dir, "--customer", "acme", "--credit-type", "usd", "--amount", "1.2.3",
+               "--reason", "x")
+    assert r.returncode == 2 and "--amount" in r.stderr
+    r = meterd("grant", "--data-dir", data_dir, "--customer", "acme")
+    assert r.returncode == 2 and "--from-csv" in r.stderr
+
+
+def test_bulk_grants_from_csv_once_each_with_progress(make_daemon, tmp_path):
+    d = make_daemon().start()
+    rows = (["customer,credit_type,amount"] + [f"c{i},usd,1.25" for i in range(300)]
+            + ["# a comment", "vip,usd,100,vip-1"])
+    csv_file = tmp_path / "topups.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    args = ("grant", "--data-dir", str(d.data_dir), "--from-csv", str(csv_file))
+    r = meterd(*args)
+    assert r.returncode == 0, r.stderr
+    assert "granted 301 rows" in r.stdout
+    progress = [line for line in r.stderr.splitlines() if line.startswith("granting [")]
+    assert progress[-1].startswith("granting [" + "#" * 30 + "] 100% 301/301")  # not a terminal: a line per tenth
+    assert 5 <= len(progress) <= 11
+    r = meterd(*args)  # the same file again grants nothing twice
+    assert r.returncode == 0 and "granted 0 rows" in r.stdout and "301 already granted" in r.stdout
+    assert _usd(d, "c7") == 1_250_000_000 and _usd(d, "vip") == 100 * 10**9
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,usd,1\nb,usd\n")
+    r = meterd("grant", "--data-dir", str(d.data_dir), "--from-csv", str(bad))
+    assert r.returncode == 2 and f"{bad}:2: expected customer,credit_type,amount" in r.stderr
+    with pytest.raises(grpc.RpcError) as e:  # every row is checked before the first grant
+        d.meter.GetBalance(pb.GetBalanceRequest(customer_id="a"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_progress_bar_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    p = Progress(4, "copying", stream=out, width=8)
+    for _ in range(4):
+        p.advance()
+    p.close()
+    text = out.getvalue()
+    assert text.count("\r") == 5 and text.endswith("\n")
+    assert "copying [########] 100% 4/4" in text and "copying [####....]  50% 2/4" in text
