@@ -99,10 +99,46 @@ def test_the_queue_is_bounded_drop_or_block(daemon):
 def test_close_gives_up_after_its_timeout_and_says_so(daemon):
     daemon.stop()
     errors: list = []
-    client = MeterClient(daemon.target, retry_max_s=0.1, timeout_s=0.5, on_error=lambda e, m: errors.append(m))
-    client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+    client = MeterClient(daemon.target, retry_max_s=0.1, batch_max=1, linger_s=0,
+                         on_error=lambda e, m: errors.append(m))  # each call may wait 10 s (timeout_s)
+    for _ in range(4):
+        client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+    started = time.monotonic()
     client.close(timeout_s=1.0)
-    assert client.stats.dropped == 1 and errors and "not delivered before close" in errors[0]
+    assert time.monotonic() - started < 8  # bounded by close's timeout, not by 4 calls of 10 s
+    assert client.stats.dropped == 4 and len(errors) == 4 and all("not delivered before close" in m for m in errors)
+
+
+def test_a_client_id_kept_across_restarts_keeps_counting(daemon):
+    for _ in range(2):  # the same service restarted with a stable client_id
+        with MeterClient(daemon.target, client_id="billing-worker-0") as client:
+            for _ in range(3):
+                client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+        assert client.stats.acknowledged == 3
+    assert _used(daemon, "acme") == 6
+    errors: list = []
+    stale = MeterClient(daemon.target, client_id="billing-worker-0", on_error=lambda e, m: errors.append(m))
+    stale._sequence = 5  # a sequence below what the daemon has seen: answered as a duplicate, not counted
+    stale.enqueue("acme", "input_tokens", 1, model="gpt-4o")
+    stale.close()
+    assert stale.stats.dropped == 1 and "was used before" in errors[0]
+    assert _used(daemon, "acme") == 6
+
+
+def test_batches_stay_under_the_daemons_size_limit(daemon):
+    dims = {f"d{i}": "v" * 120 for i in range(15)} | {"model": "gpt-4o"}  # about 2 KB an event
+    with MeterClient(daemon.target, batch_max=8000, linger_s=0.5) as client:
+        for _ in range(3000):  # about 6 MB: more than one 4 MiB batch
+            client.enqueue("acme", "input_tokens", 1, **dims)
+    assert client.stats.acknowledged == 3000 and client.stats.batches >= 2 and client.stats.dropped == 0
+    assert _used(daemon, "acme") == 3000
+
+
+def test_an_event_that_cannot_be_built_is_not_left_pending(daemon):
+    with MeterClient(daemon.target) as client:
+        with pytest.raises(ValueError):
+            client.enqueue("acme", "input_tokens", 2**64, model="gpt-4o")
+        assert client.flush(10)
 
 
 def test_reserve_commits_the_actual_usage_or_releases_on_an_exception(daemon):

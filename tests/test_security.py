@@ -149,29 +149,39 @@ def test_mutual_tls_admits_certified_clients_and_names_who_may_use_admin(make_da
 
 def test_certificates_are_read_again_on_sighup(make_daemon, pki):
     d = make_daemon(extra_env=_tls_env(pki), credentials=_creds(pki)).start()
-    _grant(d.admin_channel, [("authorization", "Bearer " + TOKEN)])
+    bearer = [("authorization", "Bearer " + TOKEN)]
+    _grant(d.admin_channel, bearer)
+    server_cert = pki["server"].read_bytes()
     pki["server"].write_bytes(b"not a certificate")
     os.kill(d.proc.pid, signal.SIGHUP)
     time.sleep(0.5)
+    pki["server"].write_bytes(pki["other_server"].read_bytes())  # a rotation half done: the new
+    os.kill(d.proc.pid, signal.SIGHUP)                           # certificate, still the old key
+    time.sleep(0.5)
     with d.connect(d.target) as ch:
-        assert _report(ch).decision == pb.DECISION_ALLOW  # a bad file keeps the current certificate
+        assert _report(ch).decision == pb.DECISION_ALLOW  # bad files keep the current certificate
+    pki["server"].write_bytes(server_cert)
     pki["server"].write_bytes(pki["other_server"].read_bytes())
     pki["server_key"].write_bytes(pki["other_server_key"].read_bytes())
     os.kill(d.proc.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while True:  # new connections get the new certificate
-        try:
-            with grpc.secure_channel(d.target, _creds(pki, ca="other_ca")) as ch:
-                assert _report(ch).decision == pb.DECISION_ALLOW
-            break
-        except grpc.RpcError:
-            assert time.monotonic() < deadline, "the new certificate was not served"
-            time.sleep(0.2)
-    with grpc.secure_channel(d.target, _creds(pki)) as ch, pytest.raises(grpc.RpcError):
-        _report(ch)  # the old CA no longer vouches for the daemon
+    new_ca = _creds(pki, ca="other_ca")
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    for target, call in ((d.target, lambda ch: _report(ch)), (d.admin_target, lambda ch: _grant(ch, bearer))):
+        deadline = time.monotonic() + 10
+        while True:  # new connections to both listeners get the new certificate
+            try:
+                with grpc.secure_channel(target, new_ca, options=options) as ch:
+                    call(ch)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, f"the new certificate was not served on {target}"
+                time.sleep(0.2)
+        with grpc.secure_channel(target, _creds(pki), options=options) as ch, pytest.raises(grpc.RpcError):
+            call(ch)  # the old CA no longer vouches for the daemon
     d.stop()
     log = d.log_path.read_text()
     assert "reloading the TLS certificates failed" in log and str(pki["server"]) in log
+    assert "do not make a certificate and its key" in log
 
 
 def test_the_cli_presents_the_admin_token_and_trusts_the_certificate(make_daemon, pki, tmp_path):
@@ -293,6 +303,14 @@ def test_data_plane_tokens_confine_each_tenant_to_its_customers(make_daemon, tmp
     assert code(stub.Heartbeat, pb.HeartbeatRequest(session_id=session.session_id), globex) == \
         grpc.StatusCode.NOT_FOUND
     assert code(stub.EndSession, pb.EndSessionRequest(session_id=session.session_id), acme) == grpc.StatusCode.OK
+    chosen = {}  # a session id a client chooses is its tenant's own: no squatting, no probing
+    for name, metadata, customer in (("globex", globex, "globex-1"), ("acme", acme, "acme-1")):
+        chosen[name] = stub.StartSession(pb.StartSessionRequest(
+            customer_id=customer, meter="gpu_seconds", dimensions={"hardware": "cpu"}, session_id="job-42"),
+            metadata=metadata).session_id
+    assert chosen == {"globex": "globex:job-42", "acme": "acme:job-42"}
+    for name, metadata in (("globex", globex), ("acme", acme)):
+        stub.EndSession(pb.EndSessionRequest(session_id=chosen[name]), metadata=metadata)
     balances = {c: stub.GetBalance(pb.GetBalanceRequest(customer_id=c), metadata=m).usage
                 for c, m in (("acme-1", acme), ("globex-1", globex))}
     assert [int(u.quantity) for u in balances["acme-1"] if u.meter == "input_tokens"] == [2000]

@@ -12,9 +12,11 @@ and duration sessions; a thread-based ``MeterClient`` and an asyncio
         with meter.session("acme", "gpu_seconds", hardware="nvidia-h100") as s:
             while not s.should_stop: step()                             # heartbeats in the background
 
-The batcher sends ``ReportBatch`` calls of at most ``batch_max`` events, or
-whatever arrived within ``linger_s``, each with this client's ``client_id``
-and the next sequence number. A batch is resent with the same sequence until
+The batcher sends ``ReportBatch`` calls of at most ``batch_max`` events and
+``batch_bytes_max`` bytes, or whatever arrived within ``linger_s``, each with
+this client's ``client_id`` and the next sequence number (sequences start
+from the clock, so a process that keeps its ``client_id`` across restarts
+still moves forward). A batch is resent with the same sequence until
 it is acknowledged, so a retry after a timeout or a daemon restart is never
 counted twice. An event the daemon rejects (the error names its index) is
 handed to ``on_error`` and the rest of its batch is resent. The queue is
@@ -51,6 +53,7 @@ ErrorHandler = Callable[[pb.UsageEvent, str], None]
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN})
 _EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+BATCH_BYTES_MAX = (4 << 20) - (64 << 10)  # under the daemon's default batch_bytes_max (4 MiB)
 
 
 class Denied(Exception):
@@ -134,7 +137,8 @@ class _Base:
 
     def __init__(self, target: str, token: str | None, credentials: grpc.ChannelCredentials | None,
                  client_id: str | None, timeout_s: float, batch_max: int, linger_s: float, on_full: str,
-                 retry_max_s: float, on_error: ErrorHandler | None, aio: bool) -> None:
+                 retry_max_s: float, on_error: ErrorHandler | None, aio: bool,
+                 batch_bytes_max: int = BATCH_BYTES_MAX) -> None:
         if on_full not in ("block", "drop"):
             raise ValueError("on_full must be 'block' or 'drop'")
         self.channel = _channel(target, credentials, aio=aio)
@@ -145,13 +149,47 @@ class _Base:
         self.on_full, self.retry_max_s = on_full, retry_max_s
         self.on_error = on_error or _log_error
         self.stats = Stats()
-        self._sequence = 0
+        # Sequences must grow for a client_id, even across restarts of a process that keeps its
+        # client_id: start from the clock (in microseconds); the daemon allows skips.
+        self._sequence = time.time_ns() // 1000
+        self.batch_bytes_max = batch_bytes_max
+        self._carry: pb.UsageEvent | None = None  # an event that did not fit the last batch
         self._pending = 0  # enqueued and not yet acknowledged or dropped
         self._closing = False
         self._deadline = float("inf")
 
     def _call(self) -> dict[str, Any]:
         return {"timeout": self.timeout_s, "metadata": self.metadata}
+
+    def _send(self) -> dict[str, Any] | None:
+        """A batch call's options; once close() began, its deadline bounds the call (None: it has passed)."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            return None
+        return {"timeout": min(self.timeout_s, left), "metadata": self.metadata, "wait_for_ready": True}
+
+    def _add(self, events: list[pb.UsageEvent], size: int, event: pb.UsageEvent) -> int:
+        """Add ``event`` to the batch being built; -1 (keeping it for the next batch) when it would not fit."""
+        n = event.ByteSize() + 5  # the event's tag and length in the batch
+        if events and size + n > self.batch_bytes_max:
+            self._carry = event
+            return -1
+        events.append(event)
+        return size + n
+
+    def _acknowledged(self, batch: _Batch, r: pb.ReportBatchResponse) -> bool:
+        """False when a first attempt is answered as a duplicate: the sequence was used before
+        (a client_id reused with lower sequences) and these events were not counted."""
+        if r.duplicate and batch.attempts == 0:
+            for event in batch.events:
+                self.on_error(event, f"sequence {batch.sequence} of client_id {self.client_id!r} was used before: "
+                                     "not counted")
+            return False
+        return True
+
+    def _not_sent(self, batch: _Batch) -> None:
+        for event in batch.events:
+            self.on_error(event, "not delivered before close")
 
     @staticmethod
     def _authorize_request(customer_id: str, meter: str, quantity: Quantity, ttl_ms: int, idempotency_key: str,
@@ -168,8 +206,9 @@ class _Base:
     def _event(self, customer_id: str, meter: str, quantity: Quantity, dimensions: dict[str, str]) -> pb.UsageEvent:
         if self._closing:
             raise RuntimeError("the client is closed")
+        event = usage_event(customer_id, meter, quantity, dimensions)  # may raise: count it only once built
         self._pending += 1
-        return usage_event(customer_id, meter, quantity, dimensions)
+        return event
 
     def _rejected(self, event: pb.UsageEvent, message: str) -> None:
         self.stats.rejected += 1
@@ -184,8 +223,7 @@ class _Base:
         self.stats.retries += 1
         wait = _backoff(batch.attempts, self.retry_max_s)
         if time.monotonic() + wait > self._deadline:
-            for event in batch.events:
-                self.on_error(event, f"not delivered before close: {e.code().name}")
+            self._not_sent(batch)
             return None
         return wait
 
@@ -279,9 +317,9 @@ class MeterClient(_Base):
                  credentials: grpc.ChannelCredentials | None = None, client_id: str | None = None,
                  timeout_s: float = 10.0, batch_max: int = 1000, linger_s: float = 0.05,
                  queue_max: int = 100_000, on_full: str = "block", retry_max_s: float = 5.0,
-                 on_error: ErrorHandler | None = None) -> None:
+                 on_error: ErrorHandler | None = None, batch_bytes_max: int = BATCH_BYTES_MAX) -> None:
         super().__init__(target, token, credentials, client_id, timeout_s, batch_max, linger_s, on_full,
-                         retry_max_s, on_error, aio=False)
+                         retry_max_s, on_error, aio=False, batch_bytes_max=batch_bytes_max)
         self._queue: queue.Queue[pb.UsageEvent | None] = queue.Queue(maxsize=queue_max)
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True, name="meterd-batcher")
@@ -382,11 +420,13 @@ class MeterClient(_Base):
             self._idle.notify_all()
 
     def _take(self) -> tuple[list[pb.UsageEvent], bool]:
-        """The next batch: up to batch_max events, or what came within linger_s of the first."""
-        first = self._queue.get()
+        """The next batch: up to batch_max events and batch_bytes_max bytes, or what came within
+        linger_s of the first."""
+        first, self._carry = (self._carry, None) if self._carry is not None else (self._queue.get(), None)
         if first is None:
             return [], True
-        events, end = [first], time.monotonic() + self.linger_s
+        events: list[pb.UsageEvent] = []
+        size, end = self._add(events, 0, first), time.monotonic() + self.linger_s
         while len(events) < self.batch_max:
             try:
                 event = self._queue.get(timeout=max(0.0, end - time.monotonic()))
@@ -394,7 +434,9 @@ class MeterClient(_Base):
                 break
             if event is None:
                 return events, True
-            events.append(event)
+            size = self._add(events, size, event)
+            if size < 0:
+                break
         return events, False
 
     def _run(self) -> None:
@@ -418,10 +460,16 @@ class MeterClient(_Base):
         total = len(batch.events)
         self.stats.batches += 1
         while True:
+            options = self._send()
+            if options is None:
+                self._not_sent(batch)
+                self._settle(total, dropped=True)
+                return
             try:
-                self.stub.ReportBatch(batch.request(self.client_id), wait_for_ready=True, **self._call())
-                self._settle(len(batch.events))
-                self._settle(total - len(batch.events), dropped=True)
+                r = self.stub.ReportBatch(batch.request(self.client_id), **options)
+                counted = len(batch.events) if self._acknowledged(batch, r) else 0
+                self._settle(counted)
+                self._settle(total - counted, dropped=True)
                 return
             except grpc.RpcError as e:
                 wait = self._give_up(batch, e)
@@ -498,9 +546,9 @@ class AsyncMeterClient(_Base):
                  credentials: grpc.ChannelCredentials | None = None, client_id: str | None = None,
                  timeout_s: float = 10.0, batch_max: int = 1000, linger_s: float = 0.05,
                  queue_max: int = 100_000, on_full: str = "block", retry_max_s: float = 5.0,
-                 on_error: ErrorHandler | None = None) -> None:
+                 on_error: ErrorHandler | None = None, batch_bytes_max: int = BATCH_BYTES_MAX) -> None:
         super().__init__(target, token, credentials, client_id, timeout_s, batch_max, linger_s, on_full,
-                         retry_max_s, on_error, aio=True)
+                         retry_max_s, on_error, aio=True, batch_bytes_max=batch_bytes_max)
         self._queue: asyncio.Queue[pb.UsageEvent | None] = asyncio.Queue(maxsize=queue_max)
         self._idle = asyncio.Condition()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -597,10 +645,11 @@ class AsyncMeterClient(_Base):
             self._idle.notify_all()
 
     async def _take(self) -> tuple[list[pb.UsageEvent], bool]:
-        first = await self._queue.get()
+        first, self._carry = (self._carry, None) if self._carry is not None else (await self._queue.get(), None)
         if first is None:
             return [], True
-        events, end = [first], time.monotonic() + self.linger_s
+        events: list[pb.UsageEvent] = []
+        size, end = self._add(events, 0, first), time.monotonic() + self.linger_s
         while len(events) < self.batch_max:
             try:
                 event = await asyncio.wait_for(self._queue.get(), max(0.0, end - time.monotonic()))
@@ -608,7 +657,9 @@ class AsyncMeterClient(_Base):
                 break
             if event is None:
                 return events, True
-            events.append(event)
+            size = self._add(events, size, event)
+            if size < 0:
+                break
         return events, False
 
     async def _run(self) -> None:
@@ -628,10 +679,16 @@ class AsyncMeterClient(_Base):
         total = len(batch.events)
         self.stats.batches += 1
         while True:
+            options = self._send()
+            if options is None:
+                self._not_sent(batch)
+                await self._settle(total, dropped=True)
+                return
             try:
-                await self.stub.ReportBatch(batch.request(self.client_id), wait_for_ready=True, **self._call())
-                await self._settle(len(batch.events))
-                await self._settle(total - len(batch.events), dropped=True)
+                r = await self.stub.ReportBatch(batch.request(self.client_id), **options)
+                counted = len(batch.events) if self._acknowledged(batch, r) else 0
+                await self._settle(counted)
+                await self._settle(total - counted, dropped=True)
                 return
             except grpc.RpcError as e:
                 wait = self._give_up(batch, e)

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -55,13 +56,18 @@ def _pem(setting: str, path: str, marker: bytes) -> bytes:
 
 
 class Credentials:
-    """The server's TLS identity, swapped on reload without restarting the listeners."""
+    """The server's TLS identity, swapped on reload without restarting the listeners.
+
+    Each listener has its own fetcher, which hands every new generation of the
+    configuration to its listener once: both listeners move to a reloaded
+    certificate, whichever sees a handshake first."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._pending: Any = None
         self.initial = self._configuration()
+        self._current: Any = self.initial
+        self._generation = 0
 
     @property
     def enabled(self) -> bool:
@@ -73,24 +79,34 @@ class Credentials:
         cert = _pem("tls_cert_file", s.tls_cert_file, b"-----BEGIN CERTIFICATE-----")
         ca = _pem("tls_client_ca_file", s.tls_client_ca_file, b"-----BEGIN CERTIFICATE-----") \
             if s.tls_client_ca_file else None
+        try:  # grpc would keep the old pair without a word: check that the key belongs to the certificate
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(s.tls_cert_file, s.tls_key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"tls_cert_file: {s.tls_cert_file} and tls_key_file {s.tls_key_file} do not make a "
+                              f"certificate and its key ({e})") from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self.initial, self._fetch,
+        """Credentials for one listener (call once per listener)."""
+        seen = [0]
+
+        def fetch() -> Any:  # called by grpc before every new TLS handshake on this listener
+            with self._lock:
+                if seen[0] == self._generation:
+                    return None
+                seen[0] = self._generation
+                return self._current
+
+        return grpc.dynamic_ssl_server_credentials(self.initial, fetch,
                                                    require_client_authentication=bool(
                                                        self.settings.tls_client_ca_file))
-
-    def _fetch(self) -> Any:
-        # Called by grpc before every new TLS handshake.
-        with self._lock:
-            pending, self._pending = self._pending, None
-        return pending
 
     def reload(self) -> None:
         """Read the certificate files again (SIGHUP). Raises ConfigError and keeps the old ones."""
         config = self._configuration()
         with self._lock:
-            self._pending = config
+            self._current = config
+            self._generation += 1
 
 
 class AdminAuth:

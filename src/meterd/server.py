@@ -233,6 +233,10 @@ class Servicer:
         async def run() -> bytes:
             req = _parse(meter_pb2.StartSessionRequest, data)
             check_tenant(tenant, req.customer_id, "customer_id")
+            if tenant is not None and req.session_id:  # each tenant's chosen session ids are its own
+                req.session_id = f"{tenant.name}:{req.session_id}"
+                if len(req.session_id) > 64:
+                    raise InvalidInput("session_id", f"at most {63 - len(tenant.name)} characters with this token")
             self._own(tenant, self._session_owner(req.session_id), "session")
             return await self.engine.start_session(req, now_ms())
         return await _call(run, ctx, "StartSession")
