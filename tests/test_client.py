@@ -212,3 +212,19 @@ def test_a_data_plane_token_is_sent_with_every_call(make_daemon, tmp_path):
     with MeterClient(d.target, token=token) as client:
         usage = client.balance("acme").usage
     assert [int(u.quantity) for u in usage if u.meter == "input_tokens"] == [2]
+
+
+def test_the_readme_example_runs_as_written(make_daemon):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### The Python client", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    d = make_daemon().start()  # the built-in demo catalog: customer demo holds $10.00
+    r = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:50051", d.target)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # $0.003 + $0.000025 of input, 1,234 output tokens at $10 per million, and the H100 seconds billed
+    assert int(r.stdout) < 10 * 10**9 - 3_025_000 - 12_340_000

@@ -291,7 +291,7 @@ class Session:
         while not self._stop.wait(heartbeat_s):
             try:
                 self.last = self.client.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id),
-                                                       timeout=self.client.timeout_s, metadata=self.client.metadata)
+                                                       **self.client._call())
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     self._denied.set()
@@ -306,7 +306,7 @@ class Session:
         self._thread.join()
         if not self._denied.is_set():
             self.last = self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
-                                                    timeout=self.client.timeout_s, metadata=self.client.metadata)
+                                                    **self.client._call())
         return self.last
 
 
@@ -338,11 +338,10 @@ class MeterClient(_Base):
         """One event, answered at once with allow, degrade or deny (durable when answered)."""
         return self.stub.Report(pb.ReportRequest(event=usage_event(customer_id, meter, quantity, dimensions,
                                                                    idempotency_key)),
-                                timeout=self.timeout_s, metadata=self.metadata)
+                                **self._call())
 
     def balance(self, customer_id: str) -> pb.GetBalanceResponse:
-        return self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), timeout=self.timeout_s,
-                                    metadata=self.metadata)
+        return self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), **self._call())
 
     def authorize(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
                   idempotency_key: str = "", **dimensions: str) -> pb.AuthorizeResponse:
@@ -515,8 +514,7 @@ class AsyncSession:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 self.last = await self.client.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id),
-                                                             timeout=self.client.timeout_s,
-                                                             metadata=self.client.metadata)
+                                                             **self.client._call())
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     self.should_stop = True
@@ -533,8 +531,7 @@ class AsyncSession:
                 await self._task
         if not self.should_stop:
             self.last = await self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
-                                                          timeout=self.client.timeout_s,
-                                                          metadata=self.client.metadata)
+                                                          **self.client._call())
         return self.last
 
 
@@ -563,11 +560,10 @@ class AsyncMeterClient(_Base):
                      **dimensions: str) -> pb.ReportResponse:
         return await self.stub.Report(pb.ReportRequest(event=usage_event(customer_id, meter, quantity, dimensions,
                                                                          idempotency_key)),
-                                      timeout=self.timeout_s, metadata=self.metadata)
+                                      **self._call())
 
     async def balance(self, customer_id: str) -> pb.GetBalanceResponse:
-        return await self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), timeout=self.timeout_s,
-                                          metadata=self.metadata)
+        return await self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), **self._call())
 
     async def authorize(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
                         idempotency_key: str = "", **dimensions: str) -> pb.AuthorizeResponse:

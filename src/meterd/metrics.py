@@ -39,16 +39,21 @@ class Histogram:
         self.total += value
         self.n += 1
 
-    def family(self, name: str, documentation: str, labels: list[str] | None = None,
-               by: dict[tuple[str, ...], Histogram] | None = None) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(name, documentation, labels=labels)
-        for label_values, h in (by or {(): self}).items():
-            cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, h.bounds), "+Inf"], h.counts, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            family.add_metric(list(label_values), buckets, h.total)
-        return family
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        return histogram_family(name, documentation, [], {(): self})
+
+
+def histogram_family(name: str, documentation: str, labels: list[str],
+                     by: dict[tuple[str, ...], Histogram]) -> HistogramMetricFamily:
+    """Histograms, one per set of label values, as one metric family."""
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for label_values, h in by.items():
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, h.bounds), "+Inf"], h.counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric(list(label_values), buckets, h.total)
+    return family
 
 
 class Timings:
@@ -104,8 +109,8 @@ class DaemonCollector(Collector):
             events += n if rpc in ("Report", "ReportBatch") else 0
         yield decisions
         yield CounterMetricFamily("meterd_events", "Usage events decided (Report and ReportBatch)", value=events)
-        yield Histogram(LATENCY_BUCKETS).family("meterd_rpc_duration_seconds", "Time from a call's arrival at "
-                                                "the handler to its answer, by RPC", ["rpc"], dict(t.latency))
+        yield histogram_family("meterd_rpc_duration_seconds", "Time from a call's arrival at the handler to its "
+                               "answer, by RPC", ["rpc"], dict(t.latency))
         yield store.group_sizes.family("meterd_commit_group_calls", "Callers whose work shared one group commit")
         yield store.commit_seconds.family("meterd_commit_seconds", "Time of one LMDB commit, fsync included")
         info, stat = store.env.info(), store.env.stat()

@@ -193,31 +193,32 @@ class Servicer:
         return await _call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data), tenant), ctx,
                            "Authorize")
 
-    def _reservation_owner(self, reservation_id: str) -> str | None:
-        res = self.engine.reservations.get(reservation_id)
+    def _reservation_owner(self, req: Any) -> str | None:
+        res = self.engine.reservations.get(req.reservation_id)
         return None if res is None else res.customer_id
 
-    def _session_owner(self, session_id: str) -> str | None:
-        s = self.engine.sessions.get(session_id)
+    def _session_owner(self, req: Any) -> str | None:
+        s = self.engine.sessions.get(req.session_id)
         return None if s is None else s.customer_id
 
-    async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+    async def _by_id(self, data: bytes, ctx: grpc.aio.ServicerContext, method: str, cls: Any,
+                     owner: Callable[[Any], str | None], handler: Callable[[Any], Awaitable[bytes]]) -> bytes:
+        """A call that names an open reservation or session by id: another tenant's is unknown."""
         tenant = await self._tenant(ctx)
 
         async def run() -> bytes:
-            req = _parse(meter_pb2.CommitRequest, data)
-            self._own(tenant, self._reservation_owner(req.reservation_id), "reservation")
-            return await self.engine.commit(data)
-        return await _call(run, ctx, "Commit")
+            req = _parse(cls, data)
+            self._own(tenant, owner(req), "reservation" if hasattr(req, "reservation_id") else "session")
+            return await handler(req)
+        return await _call(run, ctx, method)
+
+    async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await self._by_id(data, ctx, "Commit", meter_pb2.CommitRequest, self._reservation_owner,
+                                 lambda req: self.engine.commit(data))
 
     async def release(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        tenant = await self._tenant(ctx)
-
-        async def run() -> bytes:
-            req = _parse(meter_pb2.ReleaseRequest, data)
-            self._own(tenant, self._reservation_owner(req.reservation_id), "reservation")
-            return await self.engine.release(data)
-        return await _call(run, ctx, "Release")
+        return await self._by_id(data, ctx, "Release", meter_pb2.ReleaseRequest, self._reservation_owner,
+                                 lambda req: self.engine.release(data))
 
     async def get_balance(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
@@ -237,27 +238,17 @@ class Servicer:
                 req.session_id = f"{tenant.name}:{req.session_id}"
                 if len(req.session_id) > 64:
                     raise InvalidInput("session_id", f"at most {63 - len(tenant.name)} characters with this token")
-            self._own(tenant, self._session_owner(req.session_id), "session")
+            self._own(tenant, self._session_owner(req), "session")
             return await self.engine.start_session(req, now_ms())
         return await _call(run, ctx, "StartSession")
 
     async def heartbeat(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        tenant = await self._tenant(ctx)
-
-        async def run() -> bytes:
-            req = _parse(meter_pb2.HeartbeatRequest, data)
-            self._own(tenant, self._session_owner(req.session_id), "session")
-            return await self.engine.heartbeat(req, now_ms())
-        return await _call(run, ctx, "Heartbeat")
+        return await self._by_id(data, ctx, "Heartbeat", meter_pb2.HeartbeatRequest, self._session_owner,
+                                 lambda req: self.engine.heartbeat(req, now_ms()))
 
     async def end_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        tenant = await self._tenant(ctx)
-
-        async def run() -> bytes:
-            req = _parse(meter_pb2.EndSessionRequest, data)
-            self._own(tenant, self._session_owner(req.session_id), "session")
-            return await self.engine.end_session(req, now_ms())
-        return await _call(run, ctx, "EndSession")
+        return await self._by_id(data, ctx, "EndSession", meter_pb2.EndSessionRequest, self._session_owner,
+                                 lambda req: self.engine.end_session(req, now_ms()))
 
     # Admin -------------------------------------------------------------------
     async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
