@@ -123,7 +123,10 @@ def test_authorize_commit_partial_returns_the_rest(daemon):
     b = balance(daemon, "demo")
     assert (b.balance_nano, b.reserved_nano) == (10 * USD - 10_000_000, 0)
     # settling twice answers the same, and does not debit again
-    assert daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=1000)) == c
+    again = daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=1000))
+    assert again.duplicate and not c.duplicate
+    again.duplicate = False
+    assert again == c
     assert balance(daemon, "demo").balance_nano == 10 * USD - 10_000_000
 
 
@@ -304,7 +307,7 @@ def test_commit_and_release_cannot_both_settle_a_reservation(daemon):
         daemon.meter.Release(pb.ReleaseRequest(reservation_id=b.reservation_id))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     invalid(lambda: daemon.meter.Commit(pb.CommitRequest(reservation_id=b.reservation_id, quantity=2)),
-            "idempotency_key")
+            "quantity")
     assert balance(daemon, "demo", "premium_requests").balance_nano == 490 * USD
 
 
@@ -357,8 +360,15 @@ def test_duration_session_over_grpc(daemon):
     assert end.cost_nano == millis * 1_525  # $0.001525 a second, to the millisecond
     b = balance(daemon, "demo")
     assert (b.balance_nano, b.reserved_nano) == (10 * USD - end.cost_nano, 0)
+    # A retried EndSession or Heartbeat (its first answer lost) learns what was billed, and bills nothing more.
+    for again in (daemon.meter.EndSession(pb.EndSessionRequest(session_id=s.session_id)),
+                  daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))):
+        assert again.duplicate and not end.duplicate
+        again.duplicate = False
+        assert again == end
+    assert balance(daemon, "demo").balance_nano == 10 * USD - end.cost_nano
     with pytest.raises(grpc.RpcError) as info:
-        daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))
+        daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id="s_never_started"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -48,7 +48,12 @@ def test_a_session_whose_heartbeats_stop_closes_at_the_last_one(replicate):
     assert b.bal("lab", "usd") == -4 * 225_000  # only the 4 s up to the last heartbeat
     assert reserved(b, "lab") == 0
     b.advance(1_000)
-    with pytest.raises(Exception, match="unknown or closed"):
+    late = b.heartbeat(s.session_id)  # the closed session's final answer, again; nothing more is billed
+    assert late.duplicate and late.closed and late.cost_nano == 4 * 225_000
+    assert b.bal("lab", "usd") == -4 * 225_000
+    b.advance(86_400_000)  # past the idempotency window, and swept
+    b.tick()
+    with pytest.raises(Exception, match="unknown"):
         b.heartbeat(s.session_id)
 
 

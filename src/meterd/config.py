@@ -42,13 +42,28 @@ class Settings:
     dimension_value_bytes_max: int = 128
     idempotency_key_bytes_max: int = 128
     streams_max: int = 256
-    # State bounds
+    # With data-plane tokens, no tenant holds more than this many streams; any
+    # stream without a request for stream_idle_timeout_s is closed.
+    streams_per_tenant_max: int = 32
+    stream_idle_timeout_s: float = 300.0
+    # State bounds (a *_per_tenant_max applies with data-plane tokens, to each tenant)
     reservation_ttl_s: int = 60
     reservation_ttl_max_s: int = 3600
     reservations_max: int = 1_000_000
+    reservations_per_tenant_max: int = 100_000
+    sessions_max: int = 100_000
+    sessions_per_tenant_max: int = 10_000
     idempotency_window_s: int = 86_400
-    idempotency_keys_max: int = 1_000_000
+    # Unary idempotency keys remembered within their window, in LMDB (never
+    # dropped early: a full store refuses new keyed calls instead).
+    idempotency_keys_max: int = 10_000_000
+    idempotency_keys_per_tenant_max: int = 1_000_000
+    # Final answers of settled reservations and ended sessions, for retries;
+    # a reservation or session is refused when there is no room for its answer.
+    settled_answers_max: int = 10_000_000
+    settled_answers_per_tenant_max: int = 1_000_000
     clients_max: int = 100_000
+    clients_per_tenant_max: int = 10_000
     client_ttl_s: int = 7 * 86_400
     # Snapshots of the account table bound the log that a restart replays.
     snapshot_interval_s: float = 10.0
@@ -169,6 +184,16 @@ def _validate(s: Settings) -> None:
     need(s.idempotency_window_s >= 1, "idempotency_window_s", "must be at least 1")
     need(s.idempotency_keys_max >= 1, "idempotency_keys_max", "must be at least 1")
     need(s.clients_max >= 1, "clients_max", "must be at least 1")
+    need(s.sessions_max >= 1, "sessions_max", "must be at least 1")
+    need(s.stream_idle_timeout_s > 0, "stream_idle_timeout_s", "must be positive")
+    need(s.settled_answers_max >= 1, "settled_answers_max", "must be at least 1")
+    for per_tenant, total in (("reservations_per_tenant_max", "reservations_max"),
+                              ("sessions_per_tenant_max", "sessions_max"),
+                              ("idempotency_keys_per_tenant_max", "idempotency_keys_max"),
+                              ("settled_answers_per_tenant_max", "settled_answers_max"),
+                              ("clients_per_tenant_max", "clients_max"),
+                              ("streams_per_tenant_max", "streams_max")):
+        need(1 <= getattr(s, per_tenant) <= getattr(s, total), per_tenant, f"must be 1 to {total}")
     need(s.client_ttl_s >= s.idempotency_window_s, "client_ttl_s", "must be at least idempotency_window_s")
     need(s.snapshot_interval_s > 0, "snapshot_interval_s", "must be positive")
     need(s.snapshot_log_records_max >= 1, "snapshot_log_records_max", "must be at least 1")

@@ -32,9 +32,11 @@ from typing import Any, Callable, overload
 import lmdb
 
 from meterd import core as core_mod
+from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key
+from meterd.answers import label_of_key as _label_of_key
 from meterd.catalog import Catalog, step_nano
 from meterd.config import Settings
-from meterd.errors import Conflict, Forbidden, InvalidInput, NotFound, StorageFull, Unavailable
+from meterd.errors import Conflict, Forbidden, InvalidInput, LimitReached, NotFound, StorageFull, Unavailable
 from meterd.flush import Drained, LedgerMixin
 from meterd.security import Tenant
 from meterd.sessions import Session, SessionsMixin
@@ -52,6 +54,10 @@ _DUP_BATCH = b"\x28\x01"       # ReportBatchResponse.duplicate = true
 _DUP_AUTHORIZE = b"\x40\x01"   # AuthorizeResponse.duplicate = true
 _DUP_GRANT = b"\x18\x01"       # GrantResponse.duplicate = true
 _DUP_ADJUST = b"\x10\x01"      # AdjustResponse.duplicate = true
+_DUP_COMMIT = b"\x28\x01"      # CommitResponse.duplicate = true
+_DUP_RELEASE = b"\x18\x01"     # ReleaseResponse.duplicate = true
+SETTLED_BY = {b"C": "Commit", b"R": "Release"}  # the first byte of a reservation's settled answer
+EXPIRE_CHUNK = 10_000  # remembered answers forgotten per housekeeping tick, at most
 
 
 # The clock of every period, expiry and record; tests of period boundaries replace it.
@@ -80,14 +86,6 @@ class ClientState:
 
 
 @dataclass
-class IdemEntry:
-    expires_ms: int
-    digest: bytes
-    response: bytes
-    pending: asyncio.Future | None = None
-
-
-@dataclass
 class Reservation:
     reservation_id: str
     customer_id: str
@@ -97,12 +95,13 @@ class Reservation:
     rate: int
     amount_nano: int
     expires_at_ms: int
+    tenant: str = ""  # the label of the tenant that made it: its settled answer is that tenant's
 
     def to_json(self, catalog: Catalog) -> bytes:
         return json.dumps({
             "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
             "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
-            "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms}).encode()
+            "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant}).encode()
 
 
 @dataclass
@@ -182,6 +181,11 @@ DECISION_NAMES = {meter_pb2.DECISION_ALLOW: "allow", meter_pb2.DECISION_DEGRADE:
                   meter_pb2.DECISION_DENY: "deny"}
 
 
+def label_of(tenant: Tenant | None) -> str:
+    """Whose quota a data-plane call uses: its tenant's, or the one tenant of a daemon without tokens."""
+    return "" if tenant is None else tenant.name
+
+
 def check_tenant(tenant: Tenant | None, customer_id: str, field: str) -> None:
     """A data-plane token may meter only the customers whose ids start with its prefix."""
     if tenant is not None and not customer_id.encode().startswith(tenant.prefix):
@@ -240,8 +244,16 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                            settings.group_commit_window_us, settings.group_commit_ops_max)
         self.core: Any = None
         self.clients: dict[bytes, ClientState] = {}
-        self.idem: collections.OrderedDict[bytes, IdemEntry] = collections.OrderedDict()
+        window_ms = settings.idempotency_window_s * 1000
+        self.idem = AnswerStore(self.store, "idem", window_ms, settings.idempotency_keys_max,
+                                settings.idempotency_keys_per_tenant_max, "idempotency_keys_max",
+                                "idempotency_keys_per_tenant_max")
+        self.settled = AnswerStore(self.store, "settled", window_ms, settings.settled_answers_max,
+                                   settings.settled_answers_per_tenant_max, "settled_answers_max",
+                                   "settled_answers_per_tenant_max")
+        self.tenants = bool(settings.data_tokens_file)  # per-tenant quotas apply
         self.reservations: dict[str, Reservation] = {}
+        self.reservations_of: collections.Counter[str] = collections.Counter()  # open, per tenant label
         self.accounts = Accounts(self._load_buckets)
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []
@@ -252,6 +264,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self._grant_expiry: list[tuple[int, str, int]] = []
         self._watchers: list[tuple[asyncio.Queue, frozenset[str]]] = []
         self.sessions: dict[str, Session] = {}
+        self.sessions_by_tenant: collections.Counter[str] = collections.Counter()
         self.log_pos = 0
         self.snapshot_pos = 0
         self.audit_seq = 0
@@ -539,21 +552,14 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.clients = {}
         for key, value in self.store.items("clients"):
             self.clients[key] = ClientState(from_u64(value[:8]), from_u64(value[8:16]), value[16:])
-        self.idem = collections.OrderedDict()
-        entries = []
-        for key, value in self.store.items("idem"):
-            entries.append((from_u64(value[:8]), key, IdemEntry(from_u64(value[:8]), value[8:16], value[16:])))
-        expired: list[Op] = []
-        for _, key, entry in sorted(entries, key=lambda e: e[0]):
-            if entry.expires_ms > now:
-                self.idem[key] = entry
-            else:
-                expired.append(("idem", key, None))
-        if expired:
-            self.store.write_now(expired)
+        if self.store.get("meta", b"answers_format") is None:
+            self._migrate_answers(now)
+        self.idem.load()
+        self.settled.load()
         self.reservations = {}
         for key, value in self.store.items("reservations"):
             self._load_reservation(key.decode(), json.loads(value))
+        self.reservations_of = collections.Counter(r.tenant for r in self.reservations.values())
         self.accounts = Accounts(self._load_buckets)  # grant buckets are read when first needed
         # The index is stamped with the grant sequence it covers: a data directory that an older
         # meterd (without the index) has granted in since is indexed again.
@@ -571,6 +577,27 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.audit_seq = from_u64(self.store.get("meta", b"audit_seq") or u64(0))
         self.grant_seq = from_u64(self.store.get("meta", b"grant_seq") or u64(0))
         self.period_start_ms = from_u64(self.store.get("meta", b"period_start_ms") or u64(0))
+
+    def _migrate_answers(self, now: int) -> None:
+        """Once, for a data directory from before answers were kept per tenant: every
+        remembered key still in its window moves to the store and key it has now."""
+        ops: list[Op] = []
+        counts: collections.Counter[bytes] = collections.Counter()
+        for key, value in self.store.items("idem"):
+            ops.append(("idem", key, None))
+            expires = from_u64(value[:8])
+            if expires <= now:
+                continue
+            rpc, _, rest = key.partition(b"\x00")
+            if rpc in (b"commit", b"release") and rest.startswith(b"\x00"):
+                db, new = "settled", entry_key("", "reservation", rest[1:].decode())
+                value = value[:16] + (b"C" if rpc == b"commit" else b"R") + value[16:]
+            else:
+                db, new = "idem", b"\x00" + key
+            ops += [(db, new, value), (db + "_expiry", u64(expires) + new, b"")]
+            counts[db.encode()] += 1
+        ops += [("meta", db + b"_count\x00", u64(n)) for db, n in counts.items()]
+        self.store.write_now(ops + [("meta", b"answers_format", b"2")])
 
     def _load_buckets(self, customer_id: str) -> Account | None:
         """A customer's grant buckets as LMDB has them (in key order), or None when there are none."""
@@ -627,7 +654,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             rate = self.core.find_rate(meter, None if value is None else value.encode())
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
                                              -1 if meter is None else meter, doc["dim_value"], rate,
-                                             doc["amount_nano"], doc["expires_at_ms"])
+                                             doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""))
 
     def _seed_customers(self) -> None:
         ops = self._seed_ops()
@@ -719,17 +746,23 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
     # ---- idempotency -----------------------------------------------------------
 
-    def _idem_key(self, rpc: str, customer_id: str, key: str) -> bytes:
+    def _idem_key(self, label: str, rpc: str, customer_id: str, key: str) -> bytes:
         if len(key.encode()) > self.settings.idempotency_key_bytes_max:
             raise InvalidInput("idempotency_key", f"longer than {self.settings.idempotency_key_bytes_max} bytes")
-        return f"{rpc}\x00{customer_id}\x00{key}".encode()
+        return entry_key(label, rpc, customer_id, key)
+
+    def _admin_key(self, rpc: str, req: Any) -> bytes | None:
+        """An Admin call's idempotency key, in the admin's own quota (None without one)."""
+        return self._idem_key(ADMIN_LABEL, rpc, req.customer_id, req.idempotency_key) if req.idempotency_key else None
 
     async def _replayed(self, key: bytes | None, request: bytes, dup_flag: bytes) -> bytes | None:
-        """The stored answer for a repeated idempotency key, or None for a new one."""
+        """The stored answer for a repeated idempotency key, or None for a new one,
+        which is refused when its tenant has no room left to remember it."""
         if key is None:
             return None
-        entry = self.idem.get(key)
-        if entry is None or entry.expires_ms <= now_ms():
+        entry = self.idem.get(key, now_ms())
+        if entry is None:
+            self.idem.room(_label_of_key(key), self.tenants)
             return None
         if entry.digest and entry.digest != _hash_request(request):
             raise InvalidInput("idempotency_key", "was used before with a different request")
@@ -740,22 +773,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     def _remember(self, key: bytes | None, request: bytes, response: bytes) -> list[Op]:
         if key is None:
             return []
-        ops: list[Op] = []
-        while len(self.idem) >= self.settings.idempotency_keys_max:
-            old, _ = self.idem.popitem(last=False)
-            ops.append(("idem", old, None))
-            log.warning("idempotency key store full (%d); the oldest key was dropped early",
-                        self.settings.idempotency_keys_max)
-        expires = now_ms() + self.settings.idempotency_window_s * 1000
         digest = _hash_request(request) if request else b""
-        self.idem[key] = IdemEntry(expires, digest, response)
-        self.idem.move_to_end(key)  # the dict stays in expiry order: the window is the same for every key
-        ops.append(("idem", key, u64(expires) + (digest or b"\0" * 8) + response))
-        return ops
+        return self.idem.put_ops(_label_of_key(key), key, digest, response, now_ms())
 
     def _pending(self, key: bytes | None, fut: asyncio.Future) -> None:
-        if key is not None and key in self.idem:
-            self.idem[key].pending = fut
+        if key is not None:
+            self.idem.in_flight(key, fut)
+            self.settled.in_flight(key, fut)
 
     async def _commit_with(self, ops: list[Op], key: bytes | None = None,
                            fut: asyncio.Future | None = None) -> None:
@@ -908,7 +932,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError subclasses
             raise InvalidInput("event", "malformed protobuf") from None
         check_tenant(tenant, req.event.customer_id, "event.customer_id")  # before any replay
-        key = self._idem_key("report", req.event.customer_id, req.event.idempotency_key)
+        key = self._idem_key(label_of(tenant), "report", req.event.customer_id, req.event.idempotency_key)
         replay = await self._replayed(key, _canonical(req), _DUP_REPORT)
         if replay is not None:
             return replay
@@ -922,8 +946,12 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
         ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
         ops += self.alert_ops()
-        ops += self._remember(key, _canonical(req), response)
-        await self._commit_with(ops, key)
+        if reason != meter_pb2.REASON_UNKNOWN_CUSTOMER:  # nothing is kept for a customer that does not exist
+            ops += self._remember(key, _canonical(req), response)
+        if ops:
+            await self._commit_with(ops, key)
+        else:
+            await self._roll_settled()
         return response
 
     def _quantity(self, meter: int, msg: Any, field_prefix: str = "") -> int:
@@ -981,7 +1009,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         qty = self._quantity(meter, req)
         key = None
         if req.idempotency_key:
-            key = self._idem_key("authorize", req.customer_id, req.idempotency_key)
+            key = self._idem_key(label_of(tenant), "authorize", req.customer_id, req.idempotency_key)
             replay = await self._replayed(key, _canonical(req), _DUP_AUTHORIZE)
             if replay is not None:
                 return replay
@@ -990,8 +1018,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         ct, amount = self.core.quote(rate, qty)
         ct_name = self.catalog.credit_types[ct].name
-        if len(self.reservations) >= self.settings.reservations_max:
-            raise StorageFull(f"reservation table full ({self.settings.reservations_max})")
+        self._hold_room(label_of(tenant))
         pre = self._due_ops()
         idx = self.core.account(cust)
         deny = None
@@ -1007,8 +1034,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             self.decisions[("Authorize", DECISION_NAMES[meter_pb2.AuthorizeResponse.FromString(refusal).decision])] += 1
             return refusal
         rid = "r_" + secrets.token_hex(12)
-        res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms)
+        res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms, label_of(tenant))
         self.reservations[rid] = res
+        self.reservations_of[res.tenant] += 1
         heapq.heappush(self._reservation_expiry, (res.expires_at_ms, rid))
         response = meter_pb2.AuthorizeResponse(
             decision=meter_pb2.DECISION_ALLOW, reservation_id=rid, credit_type=ct_name, reserved_nano=amount,
@@ -1019,6 +1047,17 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.decisions[("Authorize", "allow")] += 1
         await self._commit_with(ops, key)
         return response
+
+    def _hold_room(self, label: str) -> None:
+        """A new reservation needs a place in the table, and one for its settled answer later."""
+        if len(self.reservations) >= self.settings.reservations_max:
+            raise LimitReached(f"reservation table full ({len(self.reservations)} open; "
+                               f"reservations_max={self.settings.reservations_max})")
+        if self.tenants and self.reservations_of[label] >= self.settings.reservations_per_tenant_max:
+            raise LimitReached(f"reservation table full for tenant {label!r} ({self.reservations_of[label]} open; "
+                               f"reservations_per_tenant_max={self.settings.reservations_per_tenant_max})")
+        self.settled.room(label, self.tenants, 1 + self.reservations_of[label] + self.sessions_of(label),
+                          1 + len(self.reservations) + len(self.sessions))
 
     def _authorize_refusal(self, customer_id: str, idx: int, ct: int, reason: int) -> bytes:
         """Deny, or degrade when the customer's plan has a fallback mode for this credit type."""
@@ -1038,28 +1077,39 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                                            credit_type=ct_name,
                                            available_nano=available).SerializeToString()
 
-    async def _settling(self, rpc: str, req: Any) -> tuple[bytes, bytes | None, Reservation]:
-        """The idempotency key of a Commit or Release, its earlier answer if
-        it was settled the same way already, and otherwise the open reservation."""
+    async def _settled_answer(self, key: bytes, by: bytes, request: bytes, what: str) -> bytes | None:
+        """The final answer a reservation or session left (without its first byte,
+        which says what settled it), or None when it has none in its window."""
+        entry = self.settled.get(key, now_ms())
+        if entry is None:
+            return None
+        if entry.response[:1] != by:
+            raise Conflict(f"{what} was settled by {SETTLED_BY.get(entry.response[:1], 'another call')} already")
+        if entry.digest and entry.digest != _hash_request(request):
+            raise InvalidInput("quantity", f"{what} was settled before with a different quantity")
+        if entry.pending is not None:
+            await asyncio.shield(entry.pending)  # raises if that commit failed
+        return entry.response[1:]
+
+    async def _settling(self, by: bytes, req: Any, tenant: Tenant | None) -> tuple[bytes, bytes | None, Reservation]:
+        """The settled-answer key of a Commit (``by`` b"C") or Release (b"R"), the
+        earlier answer if the reservation was settled the same way already, and
+        otherwise the open reservation. Answers are kept per tenant."""
         self.check_writable()
         rid = req.reservation_id
         if not rid or len(rid.encode()) > 64:
             raise NotFound(f"reservation {rid[:64]!r} is unknown")
-        key = self._idem_key(rpc, "", rid)
-        replay = await self._replayed(key, _canonical(req), b"")
+        key = entry_key(label_of(tenant), "reservation", rid)
+        replay = await self._settled_answer(key, by, _canonical(req), f"reservation {rid!r}")
         if replay is not None:
-            return key, replay, None  # type: ignore[return-value]
-        other = "release" if rpc == "commit" else "commit"
-        if self._idem_key(other, "", rid) in self.idem:
-            raise Conflict(f"reservation {rid!r} was settled by {other.capitalize()} already")
+            return key, replay + (_DUP_COMMIT if by == b"C" else _DUP_RELEASE), None  # type: ignore[return-value]
         res = self.reservations.get(rid)
         if res is None:
             raise NotFound(f"reservation {rid[:64]!r} is unknown, expired or already settled")
         return key, None, res
 
-    async def commit(self, data: bytes) -> bytes:
-        req = meter_pb2.CommitRequest.FromString(data)
-        key, replay, res = await self._settling("commit", req)
+    async def commit(self, req: meter_pb2.CommitRequest, tenant: Tenant | None = None) -> bytes:
+        key, replay, res = await self._settling(b"C", req, tenant)
         if replay is not None:
             return replay
         if res.rate < 0:
@@ -1071,23 +1121,23 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         at = now_ms()
         self.core.set_clock(at)
         cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano)
-        del self.reservations[res.reservation_id]
-        response = meter_pb2.CommitResponse(
-            cost_nano=cost, released_nano=max(res.amount_nano - cost, 0),
-            balance_nano=self.core.state(idx)[0][res.credit_type][0], overrun_nano=overrun).SerializeToString()
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
+        self._forget_reservation(res)
         ops = pre + [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust, at)),
                ("reservations", res.reservation_id.encode(), None)]
+        ops += self.expire_held_ops(res.customer_id, res.credit_type, at)
+        response = meter_pb2.CommitResponse(
+            cost_nano=cost, released_nano=max(res.amount_nano - cost, 0),
+            balance_nano=self.core.state(idx)[0][res.credit_type][0], overrun_nano=overrun).SerializeToString()
         ops += self.alert_ops()
-        ops += self._remember(key, _canonical(req), response)
+        ops += self.settled.put_ops(label_of(tenant), key, _hash_request(_canonical(req)), b"C" + response, at)
         await self._commit_with(ops, key)
         return response
 
-    async def release(self, data: bytes) -> bytes:
-        req = meter_pb2.ReleaseRequest.FromString(data)
-        key, replay, res = await self._settling("release", req)
+    async def release(self, req: meter_pb2.ReleaseRequest, tenant: Tenant | None = None) -> bytes:
+        key, replay, res = await self._settling(b"R", req, tenant)
         if replay is not None:
             return replay
         ops = self._due_ops() + self._release_ops(res)
@@ -1096,17 +1146,25 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             released_nano=res.amount_nano,
             available_nano=self.core.available(idx, res.credit_type) if res.credit_type >= 0 else 0,
         ).SerializeToString()
-        ops += self._remember(key, _canonical(req), response)
+        ops += self.settled.put_ops(label_of(tenant), key, _hash_request(_canonical(req)), b"R" + response, now_ms())
         await self._commit_with(ops, key)
         return response
 
-    def _release_ops(self, res: Reservation) -> list[Op]:
+    def _forget_reservation(self, res: Reservation) -> None:
         del self.reservations[res.reservation_id]
+        self.reservations_of[res.tenant] -= 1
+        if self.reservations_of[res.tenant] <= 0:
+            del self.reservations_of[res.tenant]
+
+    def _release_ops(self, res: Reservation) -> list[Op]:
+        """Give a reservation back; credits of an ended period it held go at once, by that period's rules."""
+        self._forget_reservation(res)
         ops: list[Op] = [("reservations", res.reservation_id.encode(), None)]
         if res.credit_type >= 0:
             cust = res.customer_id.encode()
             self.core.release(self.core.account(cust), res.credit_type, res.amount_nano)
             ops.append(self._log_op(_record(b"L", struct.pack("<Hq", res.credit_type, res.amount_nano) + cust)))
+            ops += self.expire_held_ops(res.customer_id, res.credit_type, now_ms())
         return ops
 
     def balance(self, data: bytes) -> bytes:
@@ -1265,7 +1323,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise InvalidInput("expires_at_ms", "must be 0 (never) or in the future")
         if len(req.source) > 64:
             raise InvalidInput("source", "longer than 64 characters")
-        key = self._idem_key("grant", req.customer_id, req.idempotency_key) if req.idempotency_key else None
+        key = self._admin_key("grant", req)
         data = _canonical(req)
         replay = await self._replayed(key, data, _DUP_GRANT)
         if replay is not None:
@@ -1289,7 +1347,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise InvalidInput("reason", "is required for a manual adjustment")
         if len(req.reason) > 256:
             raise InvalidInput("reason", "longer than 256 characters")
-        key = self._idem_key("adjust", req.customer_id, req.idempotency_key) if req.idempotency_key else None
+        key = self._admin_key("adjust", req)
         data = _canonical(req)
         replay = await self._replayed(key, data, _DUP_ADJUST)
         if replay is not None:
@@ -1328,7 +1386,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     async def subscribe(self, req: admin_pb2.SubscribeRequest) -> bytes:
         self.check_writable()
         self._customer(req.customer_id)
-        key = self._idem_key("subscribe", req.customer_id, req.idempotency_key) if req.idempotency_key else None
+        key = self._admin_key("subscribe", req)
         replay = await self._replayed(key, _canonical(req), b"")
         if replay is not None:
             return replay
@@ -1413,14 +1471,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 ops.append(self._log_op(_record(b"P", b"")))
             self.period_start_ms = start
             ops.append(("meta", b"period_start_ms", u64(start)))
-        for _ in range(10_000):  # oldest first: stop at the first key still in its window
-            if not self.idem:
-                break
-            key, entry = next(iter(self.idem.items()))
-            if entry.expires_ms > now:
-                break
-            del self.idem[key]
-            ops.append(("idem", key, None))
+        ops += self.idem.expire_ops(now, EXPIRE_CHUNK)
+        ops += self.settled.expire_ops(now, EXPIRE_CHUNK)
         ops += self.expire_sessions_ops(now)
         ops += self.alert_ops()
         if ops:
@@ -1443,6 +1495,18 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 acct.buckets[ct].remove(b)
             ops += self._grant_row_ops(customer_id, ct, b, b.remaining_nano > 0)
         return ops
+
+    def expire_held_ops(self, customer_id: str, ct: int, now: int) -> list[Op]:
+        """When a hold settles, the credits of an ended period that it spared (a
+        bucket already past its expiry) go in the same commit, under the rules that
+        period ended with: nothing freed by the settlement is ever spendable."""
+        # The sweep puts a bucket it must retry back in the heap at its now + 1.
+        if not (self._grant_expiry and self._grant_expiry[0][0] <= now + 1):
+            return []
+        acct = self.accounts.get(customer_id)
+        if acct is None or not any(b.expires_at_ms and b.expires_at_ms <= now for b in acct.buckets.get(ct, [])):
+            return []
+        return self._expire_grants(customer_id, ct, now)
 
     def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int:
         """How much of a bucket open reservations stand on: held amounts are drawn

@@ -44,6 +44,11 @@ class StorageFull(MeterdError):
     """LMDB has no room left (RESOURCE_EXHAUSTED); reads are still served."""
 
 
+class LimitReached(MeterdError):
+    """A bounded table or quota (a tenant's, or the daemon's) is full of live
+    entries (RESOURCE_EXHAUSTED); the message names the limit. Nothing was applied."""
+
+
 class Unavailable(MeterdError):
     """The daemon is shutting down or recovering (UNAVAILABLE); retry."""
 

@@ -24,12 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from meterd.catalog import Catalog, load_catalog
 from meterd.config import Settings
-from meterd.engine import Engine, check_tenant, now_ms
+from meterd.engine import Engine, check_tenant, label_of, now_ms
 from meterd.errors import (
     ConfigError,
     Conflict,
     Forbidden,
     InvalidInput,
+    LimitReached,
     MeterdError,
     NotFound,
     StorageFull,
@@ -53,7 +54,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Forbidden):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, StorageFull):
+    if isinstance(exc, (StorageFull, LimitReached)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
@@ -202,23 +203,24 @@ class Servicer:
         return None if s is None else s.customer_id
 
     async def _by_id(self, data: bytes, ctx: grpc.aio.ServicerContext, method: str, cls: Any,
-                     owner: Callable[[Any], str | None], handler: Callable[[Any], Awaitable[bytes]]) -> bytes:
+                     owner: Callable[[Any], str | None],
+                     handler: Callable[[Any, Tenant | None], Awaitable[bytes]]) -> bytes:
         """A call that names an open reservation or session by id: another tenant's is unknown."""
         tenant = await self._tenant(ctx)
 
         async def run() -> bytes:
             req = _parse(cls, data)
             self._own(tenant, owner(req), "reservation" if hasattr(req, "reservation_id") else "session")
-            return await handler(req)
+            return await handler(req, tenant)
         return await _call(run, ctx, method)
 
     async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Commit", meter_pb2.CommitRequest, self._reservation_owner,
-                                 lambda req: self.engine.commit(data))
+                                 self.engine.commit)
 
     async def release(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Release", meter_pb2.ReleaseRequest, self._reservation_owner,
-                                 lambda req: self.engine.release(data))
+                                 self.engine.release)
 
     async def get_balance(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
@@ -239,16 +241,16 @@ class Servicer:
                 if len(req.session_id) > 64:
                     raise InvalidInput("session_id", f"at most {63 - len(tenant.name)} characters with this token")
             self._own(tenant, self._session_owner(req), "session")
-            return await self.engine.start_session(req, now_ms())
+            return await self.engine.start_session(req, now_ms(), label_of(tenant))
         return await _call(run, ctx, "StartSession")
 
     async def heartbeat(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Heartbeat", meter_pb2.HeartbeatRequest, self._session_owner,
-                                 lambda req: self.engine.heartbeat(req, now_ms()))
+                                 lambda req, tenant: self.engine.heartbeat(req, now_ms(), label_of(tenant)))
 
     async def end_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "EndSession", meter_pb2.EndSessionRequest, self._session_owner,
-                                 lambda req: self.engine.end_session(req, now_ms()))
+                                 lambda req, tenant: self.engine.end_session(req, now_ms(), label_of(tenant)))
 
     # Admin -------------------------------------------------------------------
     async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:

@@ -10,18 +10,21 @@ heartbeat: the held amount is released and nothing after it is billed.
 
 from __future__ import annotations
 
+import collections
 import json
 import secrets
 import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from meterd.errors import InvalidInput, NotFound
+from meterd.answers import entry_key
+from meterd.errors import InvalidInput, LimitReached, NotFound
 from meterd.store import Op
 from meterd.v1 import meter_pb2
 
 SESSION_TIMEOUT_MS = 30_000
 SESSION_TIMEOUT_MAX_MS = 600_000
+_DUP_SESSION = b"\x50\x01"  # SessionResponse.duplicate = true
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Session:
     reserved_nano: int      # held for the next interval
     billed_units: int = 0
     cost_nano: int = 0
+    tenant: str = ""        # the label of the tenant that started it: its final answer is that tenant's
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -48,7 +52,13 @@ class SessionsMixin:
 
     core: Any
     catalog: Any
+    settings: Any
+    settled: Any
+    tenants: bool
+    reservations: dict
+    reservations_of: collections.Counter[str]
     sessions: dict[str, Session]
+    sessions_by_tenant: collections.Counter[str]
 
     def _log_op(self, record: bytes) -> Op: ...  # type: ignore[empty-body]
     def _customer(self, customer_id: str) -> bytes: ...  # type: ignore[empty-body]
@@ -57,6 +67,36 @@ class SessionsMixin:
     def alert_ops(self) -> list[Op]: ...  # type: ignore[empty-body]
     def check_writable(self) -> None: ...
     async def _commit_with(self, ops: list[Op], key: bytes | None = None, fut: Any = None) -> None: ...
+    async def _settled_answer(self, key: bytes, by: bytes, request: bytes, what: str) -> bytes | None: ...
+
+    def expire_held_ops(self, customer_id: str, ct: int, now: int) -> list[Op]: ...  # type: ignore[empty-body]
+
+    def sessions_of(self, label: str) -> int:
+        return self.sessions_by_tenant[label]
+
+    def _session_room(self, label: str) -> None:
+        """A new session needs a place in the table, and one for its final answer later."""
+        if len(self.sessions) >= self.settings.sessions_max:
+            raise LimitReached(f"session table full ({len(self.sessions)} open; "
+                               f"sessions_max={self.settings.sessions_max})")
+        if self.tenants and self.sessions_by_tenant[label] >= self.settings.sessions_per_tenant_max:
+            raise LimitReached(f"session table full for tenant {label!r} ({self.sessions_by_tenant[label]} open; "
+                               f"sessions_per_tenant_max={self.settings.sessions_per_tenant_max})")
+        self.settled.room(label, self.tenants, 1 + self.reservations_of[label] + self.sessions_by_tenant[label],
+                          1 + len(self.reservations) + len(self.sessions))
+
+    def _close_ops(self, s: Session, response: bytes, now: int) -> list[Op]:
+        """Forget an ended session, keeping its final answer for retries within the window."""
+        del self.sessions[s.session_id]
+        self.sessions_by_tenant[s.tenant] -= 1
+        if self.sessions_by_tenant[s.tenant] <= 0:
+            del self.sessions_by_tenant[s.tenant]
+        return [("sessions", s.session_id.encode(), None)] + \
+            self.settled.put_ops(s.tenant, self._session_key(s.tenant, s.session_id), b"", b"S" + response, now)
+
+    @staticmethod
+    def _session_key(label: str, sid: str) -> bytes:
+        return entry_key(label, "session", sid)
 
     def _session_rate(self, s: Session) -> int:
         return self.core.find_rate(s.meter, None if s.dim_value is None else s.dim_value.encode())
@@ -93,7 +133,7 @@ class SessionsMixin:
         s.billed_ms += self._units_ms(s, units)  # the part of a unit not yet billed is carried
         s.billed_units += units
         s.cost_nano += cost
-        return [self._log_op(record)]
+        return [self._log_op(record)] + self.expire_held_ops(s.customer_id, s.credit_type, until_ms)
 
     def _session_response(self, s: Session, decision: int, closed: bool, reason: int = 0) -> bytes:
         idx = self.core.account(s.customer_id.encode())
@@ -104,7 +144,7 @@ class SessionsMixin:
             balance_nano=self.core.state(idx)[0][s.credit_type][0], closed=closed,
             started_at_ms=s.started_ms).SerializeToString()
 
-    async def start_session(self, req: meter_pb2.StartSessionRequest, now: int) -> bytes:
+    async def start_session(self, req: meter_pb2.StartSessionRequest, now: int, label: str = "") -> bytes:
         self.check_writable()
         cust = self._customer(req.customer_id)
         meter, value, rate = self._rate(req.meter, req.dimensions)
@@ -121,10 +161,11 @@ class SessionsMixin:
             if existing.customer_id != req.customer_id:
                 raise InvalidInput("session_id", "is in use by another customer")
             return self._session_response(existing, meter_pb2.DECISION_ALLOW, False)
+        self._session_room(label)
         ct = self.core.quote(rate, 0)[0]
         idx = self.core.account(cust)
         ops = self._due_ops()
-        s = Session(sid, req.customer_id, meter, value, ct, now, now, now, timeout, 0)
+        s = Session(sid, req.customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label)
         hold = self._hold_ops(s) if idx >= 0 else None
         if hold is None:
             if ops:
@@ -134,47 +175,56 @@ class SessionsMixin:
                                              credit_type=self.catalog.credit_types[ct].name,
                                              closed=True).SerializeToString()
         self.sessions[sid] = s
+        self.sessions_by_tenant[label] += 1
         ops += hold + [("sessions", sid.encode(), s.to_json())]
         await self._commit_with(ops)
         return self._session_response(s, meter_pb2.DECISION_ALLOW, False)
 
-    def _open_session(self, sid: str) -> Session:
+    async def _open_session(self, sid: str, label: str) -> tuple[Session | None, bytes | None]:
+        """The open session, or the final answer of one that ended within the window
+        (marked duplicate), so that a retried Heartbeat or EndSession learns what was billed."""
         s = self.sessions.get(sid)
-        if s is None:
-            raise NotFound(f"session {sid[:64]!r} is unknown or closed")
-        return s
+        if s is not None:
+            return s, None
+        final = await self._settled_answer(self._session_key(label, sid), b"S", b"", f"session {sid[:64]!r}")
+        if final is None:
+            raise NotFound(f"session {sid[:64]!r} is unknown, or ended longer ago than the idempotency window")
+        return None, final + _DUP_SESSION
 
-    async def heartbeat(self, req: meter_pb2.HeartbeatRequest, now: int) -> bytes:
+    async def heartbeat(self, req: meter_pb2.HeartbeatRequest, now: int, label: str = "") -> bytes:
         self.check_writable()
-        s = self._open_session(req.session_id)
+        s, final = await self._open_session(req.session_id, label)
+        if s is None:
+            return final  # type: ignore[return-value]
         ops = self._due_ops() + self._bill_ops(s, now)
         s.heartbeat_ms = min(now, s.heartbeat_ms + s.timeout_ms)
         hold = self._hold_ops(s)
         if hold is None:
-            del self.sessions[s.session_id]
-            ops += self.alert_ops() + [("sessions", s.session_id.encode(), None)]
-            await self._commit_with(ops)
-            return self._session_response(s, meter_pb2.DECISION_DENY, True, meter_pb2.REASON_INSUFFICIENT_BALANCE)
+            response = self._session_response(s, meter_pb2.DECISION_DENY, True, meter_pb2.REASON_INSUFFICIENT_BALANCE)
+            ops += self.alert_ops() + self._close_ops(s, response, now)
+            await self._commit_with(ops, self._session_key(s.tenant, s.session_id))
+            return response
         ops += hold + self.alert_ops() + [("sessions", s.session_id.encode(), s.to_json())]
         await self._commit_with(ops)
         return self._session_response(s, meter_pb2.DECISION_ALLOW, False)
 
-    async def end_session(self, req: meter_pb2.EndSessionRequest, now: int) -> bytes:
+    async def end_session(self, req: meter_pb2.EndSessionRequest, now: int, label: str = "") -> bytes:
         self.check_writable()
-        s = self._open_session(req.session_id)
+        s, final = await self._open_session(req.session_id, label)
+        if s is None:
+            return final  # type: ignore[return-value]
         ops = self._due_ops() + self._bill_ops(s, now)
-        del self.sessions[s.session_id]
-        ops += self.alert_ops() + [("sessions", s.session_id.encode(), None)]
-        await self._commit_with(ops)
-        return self._session_response(s, meter_pb2.DECISION_ALLOW, True)
+        response = self._session_response(s, meter_pb2.DECISION_ALLOW, True)
+        ops += self._close_ops(s, response, now) + self.alert_ops()
+        await self._commit_with(ops, self._session_key(s.tenant, s.session_id))
+        return response
 
     def expire_sessions_ops(self, now: int) -> list[Op]:
         """Close sessions whose heartbeats stopped, at their last heartbeat."""
         ops: list[Op] = []
         for s in [s for s in self.sessions.values() if now - s.heartbeat_ms > s.timeout_ms]:
             ops += self._bill_ops(s, s.heartbeat_ms)  # bills up to the last heartbeat; the hold is released
-            del self.sessions[s.session_id]
-            ops.append(("sessions", s.session_id.encode(), None))
+            ops += self._close_ops(s, self._session_response(s, meter_pb2.DECISION_ALLOW, True), now)
         return ops
 
     def load_sessions(self, items: list[tuple[bytes, bytes]]) -> None:
@@ -182,3 +232,4 @@ class SessionsMixin:
         for key, value in items:
             doc = json.loads(value)
             self.sessions[key.decode()] = Session(**doc)
+        self.sessions_by_tenant = collections.Counter(s.tenant for s in self.sessions.values())

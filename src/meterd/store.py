@@ -29,7 +29,7 @@ from meterd.metrics import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 log = logging.getLogger("meterd.store")
 
 DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions",
-       "usage", "outbox", "grant_expiry")
+       "usage", "outbox", "grant_expiry", "idem_expiry", "settled", "settled_expiry")
 # An op is (db, key, value): value None deletes; db "trim" deletes the keys <= key
 # of the database named by value (the log when value is None).
 Op = tuple[str, bytes, bytes | None]

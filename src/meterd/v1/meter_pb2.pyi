@@ -210,16 +210,18 @@ class CommitRequest(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("cost_nano", "released_nano", "balance_nano", "overrun_nano")
+    __slots__ = ("cost_nano", "released_nano", "balance_nano", "overrun_nano", "duplicate")
     COST_NANO_FIELD_NUMBER: _ClassVar[int]
     RELEASED_NANO_FIELD_NUMBER: _ClassVar[int]
     BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
     OVERRUN_NANO_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     cost_nano: int
     released_nano: int
     balance_nano: int
     overrun_nano: int
-    def __init__(self, cost_nano: _Optional[int] = ..., released_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., overrun_nano: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, cost_nano: _Optional[int] = ..., released_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., overrun_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id",)
@@ -228,12 +230,14 @@ class ReleaseRequest(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("released_nano", "available_nano")
+    __slots__ = ("released_nano", "available_nano", "duplicate")
     RELEASED_NANO_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     released_nano: int
     available_nano: int
-    def __init__(self, released_nano: _Optional[int] = ..., available_nano: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, released_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class GetBalanceRequest(_message.Message):
     __slots__ = ("customer_id",)
@@ -329,7 +333,7 @@ class EndSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("decision", "reason", "session_id", "credit_type", "billed_quantity", "cost_nano", "balance_nano", "closed", "started_at_ms")
+    __slots__ = ("decision", "reason", "session_id", "credit_type", "billed_quantity", "cost_nano", "balance_nano", "closed", "started_at_ms", "duplicate")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +343,7 @@ class SessionResponse(_message.Message):
     BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: Reason
     session_id: str
@@ -348,4 +353,5 @@ class SessionResponse(_message.Message):
     balance_nano: int
     closed: bool
     started_at_ms: int
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., session_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., billed_quantity: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., closed: _Optional[bool] = ..., started_at_ms: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., session_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., billed_quantity: _Optional[str] = ..., cost_nano: _Optional[int] = ..., balance_nano: _Optional[int] = ..., closed: _Optional[bool] = ..., started_at_ms: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
