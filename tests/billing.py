@@ -41,6 +41,7 @@ class Billing:
         self.loop = asyncio.new_event_loop()
         self.engine = self._open()
         self.charged: dict[tuple[str, str], int] = {}
+        self.holders: dict[str, tuple[str, str]] = {}  # reservation id: its customer and credit type
 
     def _open(self) -> Engine:
         engine = Engine(self.settings, self.catalog)
@@ -86,7 +87,21 @@ class Billing:
 
     def authorize(self, customer: str, meter: str, quantity: int, **dims: str) -> pb.AuthorizeResponse:
         req = pb.AuthorizeRequest(customer_id=customer, meter=meter, quantity=quantity, dimensions=dims)
-        return pb.AuthorizeResponse.FromString(self.run(self.engine.authorize(req.SerializeToString())))
+        a = pb.AuthorizeResponse.FromString(self.run(self.engine.authorize(req.SerializeToString())))
+        self.holders[a.reservation_id] = (customer, a.credit_type)
+        return a
+
+    def commit(self, reservation_id: str, quantity: int) -> pb.CommitResponse:
+        req = pb.CommitRequest(reservation_id=reservation_id, quantity=quantity)
+        c = pb.CommitResponse.FromString(self.run(self.engine.commit(req)))
+        if not c.duplicate:
+            key = self.holders[reservation_id]
+            self.charged[key] = self.charged.get(key, 0) + c.cost_nano
+        return c
+
+    def release(self, reservation_id: str) -> pb.ReleaseResponse:
+        req = pb.ReleaseRequest(reservation_id=reservation_id)
+        return pb.ReleaseResponse.FromString(self.run(self.engine.release(req)))
 
     def grant(self, customer: str, credit_type: str, amount_nano: int, **kw: Any) -> apb.GrantResponse:
         req = apb.GrantRequest(customer_id=customer, credit_type=credit_type, amount_nano=amount_nano, **kw)

@@ -239,9 +239,7 @@ def test_rollover_spares_credits_held_by_a_reservation(make):
     b.advance(20_000)
     b.tick()
     assert b.bal("painter", "fast_seconds") == 108_000 * NANO  # the held hours did not expire under it
-    from meterd.v1 import meter_pb2
-    req = meter_pb2.CommitRequest(reservation_id=a.reservation_id, quantity=54_000)
-    b.run(b.engine.commit(req.SerializeToString()))
+    b.commit(a.reservation_id, 54_000)
     b.tick()
     assert b.bal("painter", "fast_seconds") == 54_000 * NANO  # paid once, from the old period's hours
 
@@ -337,3 +335,113 @@ def test_a_burst_of_expiring_reservations_is_released_in_chunks(make):
     assert (after.reserved_nano, after.available_nano) == (0, 10 * NANO)
     b.restart(clean=False)  # and every release was committed
     assert next(x for x in b.balance("acme").balances if x.credit_type == "usd").reserved_nano == 0
+
+
+ROLLOVER_CATALOG = """
+[credit_types.credits]
+kind = "custom"
+
+[meters.characters]
+credit_type = "credits"
+price = "1"
+
+[plans.creator]
+period = "month"
+[plans.creator.credits.credits]
+included = "100000"
+rollover = { max_percent = 100, max_count = 1, max = "30000" }
+
+[customers.studio]
+plan = "creator"
+"""
+
+
+def test_credits_freed_by_an_old_period_hold_go_in_the_same_commit(make, tmp_path):
+    path = tmp_path / "rollover.toml"
+    path.write_text(ROLLOVER_CATALOG)
+    b = make(str(path))
+    assert b.report("studio", "characters", 50_000).decision == pb.DECISION_ALLOW  # 50,000 left unused
+    b.advance(28 * DAY_MS - 10_000)  # ten seconds before the period ends (Feb 28)
+    hold = b.authorize("studio", "characters", 10_000)
+    b.advance(20_000)
+    b.tick()  # the boundary: 30,000 roll over, 10,000 are forfeited, 10,000 are spared for the hold
+    assert [e.amount_nano for e in b.audit("studio", "rolled_over")] == [30_000 * NANO]
+    assert sum(e.amount_nano for e in b.audit("studio", "rollover_forfeited")) == -10_000 * NANO
+    assert b.bal("studio", "credits") == 140_000 * NANO
+    c = b.commit(hold.reservation_id, 6_000)
+    # The 4,000 the hold no longer needs were the old period's: they go with the commit, not a second later.
+    assert c.balance_nano == 130_000 * NANO
+    assert b.bal("studio", "credits") == 130_000 * NANO
+    assert b.report("studio", "characters", 130_001).decision == pb.DECISION_DENY
+    assert b.report("studio", "characters", 130_000).decision == pb.DECISION_ALLOW
+    assert [e.amount_nano for e in b.audit("studio", "expire")] == [-4_000 * NANO]
+    b.check_conservation("studio")
+
+
+def test_an_old_period_hold_released_or_expired_forfeits_what_it_spared(make, tmp_path):
+    path = tmp_path / "rollover.toml"
+    path.write_text(ROLLOVER_CATALOG)
+    b = make(str(path))
+    b.report("studio", "characters", 50_000)
+    b.advance(28 * DAY_MS - 10_000)
+    released = b.authorize("studio", "characters", 6_000)
+    expiring = b.authorize("studio", "characters", 4_000)
+    b.advance(20_000)
+    b.tick()
+    assert b.bal("studio", "credits") == 140_000 * NANO
+    r = b.release(released.reservation_id)
+    assert r.available_nano == 134_000 * NANO - 4_000 * NANO  # the other hold still stands on 4,000
+    assert b.bal("studio", "credits") == 134_000 * NANO
+    b.advance(60_000)  # past the second hold's TTL: the sweep releases it, and its spared credits go with it
+    b.tick()
+    assert (b.bal("studio", "credits"), b.balance("studio").balances[0].reserved_nano) == (130_000 * NANO, 0)
+    assert sorted(e.amount_nano for e in b.audit("studio", "expire")) == [-6_000 * NANO, -4_000 * NANO]
+    b.check_conservation("studio")
+
+
+SPEND_LIMIT_CATALOG = """
+[credit_types.usd]
+kind = "fiat"
+currency = "USD"
+
+[credit_types.requests]
+kind = "custom"
+
+[meters.requests]
+credit_type = "requests"
+price = "1"
+
+[plans.budget5]
+period = "month"
+fee = { usd = "10.00" }
+[plans.budget5.credits.requests]
+included = "300"
+overage = { price = "0.04", price_in = "usd", spend_limit = "5.00", at_cycle_end = "bill" }
+
+[plans.budget20]
+period = "month"
+fee = { usd = "10.00" }
+[plans.budget20.credits.requests]
+included = "300"
+overage = { price = "0.04", price_in = "usd", spend_limit = "20.00", at_cycle_end = "bill" }
+
+[customers.dev]
+plan = "budget5"
+"""
+
+
+def test_a_raised_spend_limit_counts_the_overage_already_billed_this_period(make, tmp_path):
+    path = tmp_path / "copilot.toml"
+    path.write_text(SPEND_LIMIT_CATALOG)
+    b = make(str(path))
+    assert b.report("dev", "requests", 400).decision == pb.DECISION_ALLOW  # 300 included, then $4 of overage
+    b.change_plan("dev", "budget20")  # the $5 budget raised to $20: the $4 so far is billed at once
+    assert [e.charge_nano for e in b.audit("dev", "overage_charged")] == [4 * NANO]
+    assert b.report("dev", "requests", 50).decision == pb.DECISION_ALLOW  # $6 of overage in the month
+    requests = next(x for x in b.balance("dev").balances if x.credit_type == "requests")
+    assert requests.available_nano == 350 * NANO  # $20 is 500 requests, and 150 were used
+    assert b.report("dev", "requests", 351).decision != pb.DECISION_ALLOW
+    assert b.report("dev", "requests", 350).decision == pb.DECISION_ALLOW
+    b.advance(28 * DAY_MS + 1)
+    b.tick()  # the month ends: its overage adds up to the $20 budget, not $24
+    assert sum(e.charge_nano for e in b.audit("dev", "overage_charged")) == 20 * NANO

@@ -205,7 +205,9 @@ class SubscriptionsMixin:
             ops += self.settle_overage_ops(customer_id, ct, policy, "plan change")
         ops += self._fee_difference_ops(sub, old, new, left, length)
         sub.plan = new.name
-        sub.overage_billed = {}
+        # What was billed of the period's overage stays billed: the new plan's limit
+        # counts it (the period's overage, whatever plan it was under), and its
+        # graduated tiers continue from it.
         ops += self._apply_plan_ops(customer_id, new)
         for ct, policy in new.credits.items():
             before = old.credits[ct].included_nano if old and ct in old.credits else 0
