@@ -138,6 +138,11 @@ def capacity(customers: int, progress: Callable[[str], None]) -> dict:
             "restart": cap.restart_ready_seconds(customers, progress=progress)}
 
 
+def remembered_keys(keys: int, progress: Callable[[str], None]) -> dict:
+    from benchmarks import keys as k
+    return k.remembered_keys(keys, progress)
+
+
 def baselines(seconds: float, progress: Callable[[str], None]) -> list[dict]:
     from dataclasses import asdict
 
@@ -229,6 +234,13 @@ def targets(res: dict) -> list[dict]:
         s = cap["restart"].get("ready_median_s")
         add("ready after restart with 1M customers (s)", None if s is None else round(s, 3), "<= 2 s",
             s is not None and s <= 2.0, "exec to health SERVING, median of 3")
+    keys = res.get("keys", {})
+    if "anon_bytes_per_key" in keys:
+        b = keys["anon_bytes_per_key"]
+        add(f"private memory per remembered idempotency key ({keys['keys']:,} keys)", round(b, 1), "<= 128 B",
+            b <= 128, "RssAnon delta; the map's pages are page cache: "
+            f"{keys['file_bytes_per_key']:.0f} B/key resident after all were written, "
+            f"{keys['disk_bytes_per_key']:.0f} B/key on disk")
     return out
 
 
@@ -296,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each end-to-end run (default 5)")
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers for the capacity section")
-    parser.add_argument("--skip", default="", help="sections to skip: micro,ingest,unary,baselines,capacity")
+    parser.add_argument("--keys", type=int, default=10_000_000, help="remembered idempotency keys for the keys section")
+    parser.add_argument("--skip", default="",
+                        help="sections to skip: micro,ingest,unary,baselines,capacity,keys")
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json", help="where to write the results")
     parser.add_argument("--plot", type=Path, default=RESULTS / "unary.png", help="where to draw the plot")
     args = parser.parse_args(argv)
@@ -309,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         ("unary", lambda: unary_calls(args.seconds, progress)),
         ("baselines", lambda: baselines(args.seconds, progress)),
         ("capacity", lambda: capacity(args.customers, progress)),
+        ("keys", lambda: remembered_keys(args.keys, progress)),
     ]
     for name, section in sections:
         if name in skip:

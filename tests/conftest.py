@@ -287,3 +287,30 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         drop_postgres_database(server_url, url)
+
+
+# --- Two tenants with data-plane tokens -------------------------------------------------------------
+ACME_TOKEN, GLOBEX_TOKEN = "acme-token-0123456789abcdef", "globex-token-fedcba9876543210"
+ACME, GLOBEX = [("authorization", "Bearer " + ACME_TOKEN)], [("authorization", "Bearer " + GLOBEX_TOKEN)]
+
+
+def tokens_file(folder: Path) -> Path:
+    """A data_tokens_file with tenants acme (customers acme-...) and globex (globex-...)."""
+    import hashlib
+    path = folder / "tokens.toml"
+    path.write_text("".join(
+        f'[tenants.{name}]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\ncustomers = "{prefix}"\n'
+        for name, token, prefix in (("acme", ACME_TOKEN, "acme-"), ("globex", GLOBEX_TOKEN, "globex-"))))
+    return path
+
+
+@pytest.fixture
+def tenants(make_daemon, tmp_path: Path):
+    """Starts a daemon with the two tenants' tokens and ``env``; acme-1 and globex-1 hold $100 each."""
+    def start(**env: str) -> tuple[Daemon, meter_pb2_grpc.MeterStub]:
+        d = make_daemon(extra_env={"METERD_DATA_TOKENS_FILE": str(tokens_file(tmp_path)), **env}).start()
+        from meterd.v1 import admin_pb2
+        for customer in ("acme-1", "globex-1"):
+            d.admin.Grant(admin_pb2.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=100 * 10**9))
+        return d, meter_pb2_grpc.MeterStub(d.channel)
+    return start

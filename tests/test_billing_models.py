@@ -396,6 +396,8 @@ def test_an_old_period_hold_released_or_expired_forfeits_what_it_spared(make, tm
     b.tick()
     assert (b.bal("studio", "credits"), b.balance("studio").balances[0].reserved_nano) == (130_000 * NANO, 0)
     assert sorted(e.amount_nano for e in b.audit("studio", "expire")) == [-6_000 * NANO, -4_000 * NANO]
+    with pytest.raises(Exception, match="unknown, expired or already settled"):
+        b.commit(expiring.reservation_id, 1)
     b.check_conservation("studio")
 
 

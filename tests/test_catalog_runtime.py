@@ -99,9 +99,12 @@ def test_overdraft_default_price_and_catalog_change(make_daemon, tmp_path: Path,
     assert usd(d)[0]["credits"].balance_nano == 10 * 10**9  # not granted again
 
 
-def test_all_denied_batch_still_consumes_its_sequence(make_daemon):
+def test_all_denied_batch_of_a_known_client_still_consumes_its_sequence(make_daemon):
     d = make_daemon().start()
-    req = pb.ReportBatchRequest(client_id="c", sequence=1, events=[pb.UsageEvent(
+    known = pb.ReportBatchRequest(client_id="c", sequence=1, events=[pb.UsageEvent(
+        customer_id="demo", meter="requests", quantity=1, dimensions={"model": "o1"})])
+    assert d.meter.ReportBatch(known).accepted == 1
+    req = pb.ReportBatchRequest(client_id="c", sequence=2, events=[pb.UsageEvent(
         customer_id="ghost", meter="requests", quantity=1, dimensions={"model": "o1"})])
     first = d.meter.ReportBatch(req)
     assert (first.accepted, first.denied) == (0, 1)
@@ -110,6 +113,17 @@ def test_all_denied_batch_still_consumes_its_sequence(make_daemon):
     again = d.meter.ReportBatch(req)
     assert again.duplicate and again.denied == 1
     assert d.admin.ListAudit(apb.ListAuditRequest(customer_id="ghost")).entries == []
+
+
+def test_a_new_client_whose_batch_changes_nothing_is_not_kept(make_daemon):
+    d = make_daemon().start()
+    req = pb.ReportBatchRequest(client_id="ghostly", sequence=1, events=[pb.UsageEvent(
+        customer_id="ghost", meter="requests", quantity=1, dimensions={"model": "o1"})])
+    assert (d.meter.ReportBatch(req).denied, d.meter.ReportBatch(req).duplicate) == (1, False)
+    d.kill()
+    d.start()
+    again = d.meter.ReportBatch(req)  # decided again: still nothing applied, and nothing kept
+    assert (again.accepted, again.denied, again.duplicate) == (0, 1, False)
 
 
 def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_path: Path):

@@ -228,3 +228,37 @@ def test_the_readme_example_runs_as_written(make_daemon):
     assert r.returncode == 0, r.stderr
     # $0.003 + $0.000025 of input, 1,234 output tokens at $10 per million, and the H100 seconds billed
     assert int(r.stdout) < 10 * 10**9 - 3_025_000 - 12_340_000
+
+
+def test_the_default_client_id_is_taken_over_by_the_next_process_and_never_shared():
+    import subprocess
+    import sys
+
+    from meterd.client import default_client_id, release_client_id
+    script = "from meterd.client import default_client_id; print(default_client_id())"
+
+    def in_a_new_process() -> str:
+        return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    first, again = in_a_new_process(), in_a_new_process()
+    assert first == again  # a restarted process gets the same id: the daemon's client table does not grow
+    held = default_client_id()  # while this process holds it, another process gets another id
+    try:
+        assert held == first and in_a_new_process() != held
+    finally:
+        release_client_id(held)
+    assert in_a_new_process() == first
+
+
+def test_a_session_closed_by_the_daemon_still_ends_with_its_final_answer(daemon):
+    with MeterClient(daemon.target) as client:
+        with client.session("acme", "gpu_seconds", heartbeat_s=3600, heartbeat_timeout_ms=1000,
+                            hardware="nvidia-h100") as s:
+            deadline = time.monotonic() + 30
+            while _usd(daemon, "acme").reserved_nano and time.monotonic() < deadline:
+                time.sleep(0.05)  # no heartbeat: the daemon closes the session at its timeout
+            assert _usd(daemon, "acme").reserved_nano == 0
+        final = s.final
+    # EndSession after the close gets the final answer again, not NOT_FOUND.
+    assert final is not None and final.closed and final.duplicate
+    assert final.session_id == s.session_id and final.cost_nano == 0

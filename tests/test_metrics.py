@@ -47,7 +47,7 @@ def test_the_metrics_endpoint_counts_what_the_daemon_did(make_daemon):
     commits = m[("meterd_commit_seconds_count", ())]
     assert commits >= 8 and m[("meterd_commit_group_calls_count", ())] == commits  # one observation per commit
     assert m[("meterd_commit_group_calls_sum", ())] >= 8  # every durable call was in some group
-    assert 0 < m[("meterd_lmdb_map_used_bytes", ())] < m[("meterd_lmdb_map_size_bytes", ())] == 1 << 30
+    assert 0 < m[("meterd_lmdb_map_used_bytes", ())] < m[("meterd_lmdb_map_size_bytes", ())] == 8 << 30
     assert ("meterd_ledger_flush_lag_seconds", ()) in m and ("meterd_ledger_backlog", (("kind", "entries"),)) in m
 
 

@@ -18,10 +18,15 @@ refused (RESOURCE_EXHAUSTED, naming the limit) rather than a key forgotten.
 
 Layout, for a store named ``N``:
 
-- ``N``: ``label`` → ``u64 expires_ms`` + 8-byte request digest + answer.
-  The key is length-prefixed with the tenant's label, so tenants never share
-  a key;
-- ``N_expiry``: ``u64 expires_ms`` + key → tenant label, swept oldest first;
+- ``N``: the entry's id → ``u64 expires_ms`` + 8-byte request digest +
+  the tenant's label (length-prefixed) + answer. An entry's key is length-prefixed with the tenant's label (so
+  tenants never share one) and stored as its id, a 128-bit BLAKE2b of it
+  keyed with a secret of the data directory: 16 bytes whatever the key's
+  length, and no tenant can make two keys meet (collisions among 10M keys:
+  about 1e-25 by chance);
+- ``N_expiry``: ``u64 expires_ms`` + ``u32`` sequence + id (no value), swept
+  oldest first. The sequence orders the keys of one millisecond, so the index
+  is only ever appended to (its pages are filled, not split in half);
 - ``meta``: ``N_count`` + NUL + tenant label → u64, the tenant's live entries.
 
 An entry made by a call whose commit is still in flight is held in memory
@@ -33,12 +38,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import secrets
 from dataclasses import dataclass
 
 from meterd.errors import LimitReached
 from meterd.store import Op, Store, from_u64, u64
 
 ADMIN_LABEL = "(admin)"  # not a valid tenant name: admin calls never share a tenant's quota
+SECRET_KEY = b"answers_secret"  # in meta: what entry ids are keyed with
 
 
 @dataclass
@@ -70,11 +78,18 @@ class AnswerStore:
         self.pending: dict[bytes, Answer] = {}
         self.counts: dict[str, int] = {}
         self.total = 0
+        self._secret = b""
+        self._seq = 0  # orders the expiry index within a millisecond
 
     # ---- state -------------------------------------------------------------
 
     def load(self) -> None:
-        """Counts from LMDB; entries in flight are forgotten (their commit failed or never ran)."""
+        """Counts from LMDB; entries in flight are forgotten (their commit failed or never ran).
+        Called at start-up (before the writer runs) and after a failed commit."""
+        self._secret = self.store.get("meta", SECRET_KEY) or b""
+        if not self._secret:
+            self._secret = secrets.token_bytes(32)
+            self.store.write_now([("meta", SECRET_KEY, self._secret)])
         self.pending = {}
         prefix = self._count_prefix()
         self.counts = {k[len(prefix):].decode(): from_u64(v)
@@ -89,14 +104,19 @@ class AnswerStore:
 
     # ---- reading -----------------------------------------------------------
 
+    def entry_id(self, key: bytes) -> bytes:
+        return hashlib.blake2b(key, digest_size=16, key=self._secret).digest()
+
     def get(self, key: bytes, now_ms: int) -> Answer | None:
         """The live entry under ``key``: one in flight, else the committed one."""
+        key = self.entry_id(key)
         entry = self.pending.get(key)
         if entry is None:
             value = self.store.get(self.name, key)
             if value is None:
                 return None
-            entry = Answer(from_u64(value[:8]), value[8:16], value[16:])
+            digest = value[8:16]
+            entry = Answer(from_u64(value[:8]), b"" if digest == bytes(8) else digest, value[17 + value[16]:])
         if entry.expires_ms <= now_ms:
             return None
         return entry
@@ -121,14 +141,18 @@ class AnswerStore:
     def put_ops(self, label: str, key: bytes, digest: bytes, response: bytes, now_ms: int) -> list[Op]:
         """Remember an answer (held in memory until ``settle`` is told its commit resolved)."""
         expires = now_ms + self.window_ms
+        key = self.entry_id(key)
         self.pending[key] = Answer(expires, digest, response)
         self.counts[label] = self.counts.get(label, 0) + 1
         self.total += label != ADMIN_LABEL
-        return [(self.name, key, u64(expires) + (digest or b"\0" * 8) + response),
-                (self.expiry_db, u64(expires) + key, label.encode()),
+        lb = label.encode()
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return [(self.name, key, u64(expires) + (digest or b"\0" * 8) + bytes((len(lb),)) + lb + response),
+                (self.expiry_db, u64(expires) + self._seq.to_bytes(4, "big") + key, b""),
                 self._count_op(label)]
 
     def in_flight(self, key: bytes, fut: asyncio.Future) -> None:
+        key = self.entry_id(key)
         entry = self.pending.get(key)
         if entry is not None:
             entry.pending = fut
@@ -143,18 +167,20 @@ class AnswerStore:
         """Forget up to ``limit`` entries whose window has passed, oldest first."""
         ops: list[Op] = []
         changed: set[str] = set()
-        for ekey, label_b in self.store.items(self.expiry_db, limit=limit):
+        for ekey, _ in self.store.items(self.expiry_db, limit=limit):
             expires = from_u64(ekey[:8])
             if expires > now_ms:
                 break
-            key = ekey[8:]
+            key = ekey[12:]
             if key in self.pending:
                 break  # made again while in flight: wait for its commit
             value = self.store.get(self.name, key)
-            if value is not None and from_u64(value[:8]) == expires:
-                ops.append((self.name, key, None))  # not made again since
             ops.append((self.expiry_db, ekey, None))
-            label = label_b.decode()
+            if value is None:
+                continue  # not possible unless the data directory was edited by hand
+            if from_u64(value[:8]) == expires:
+                ops.append((self.name, key, None))  # not made again since
+            label = value[17:17 + value[16]].decode()
             self.counts[label] = self.counts.get(label, 0) - 1
             self.total -= label != ADMIN_LABEL
             changed.add(label)

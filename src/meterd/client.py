@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import queue
 import random
 import re
+import socket
+import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
@@ -54,6 +57,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN})
 _EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
 BATCH_BYTES_MAX = (4 << 20) - (64 << 10)  # under the daemon's default batch_bytes_max (4 MiB)
+SESSION_END_ATTEMPTS = 8  # EndSession is resent this many times at most (it is safe to resend)
 
 
 class Denied(Exception):
@@ -78,6 +82,53 @@ def usage_event(customer_id: str, meter: str, quantity: Quantity, dimensions: Ma
 
 def _quantity_fields(quantity: Quantity) -> dict[str, Any]:
     return {"quantity": quantity} if isinstance(quantity, int) else {"quantity_decimal": str(quantity)}
+
+
+CLIENT_SLOTS_MAX = 4096  # batch client ids one host may hold at once, per user
+_held_slots: dict[str, Any] = {}  # client id: the lock file that holds it, open while its client lives
+
+
+def release_client_id(client_id: str) -> None:
+    """Give a default client id back (a closed client); the process's exit does the same."""
+    f = _held_slots.pop(client_id, None)
+    if f is not None:
+        f.close()
+
+
+def default_client_id() -> str:
+    """A batch client id for this process that the next process takes over.
+
+    The daemon remembers every client id for ``client_ttl_s`` (in a table with
+    a quota), so a new random id per process would fill it with restarts. The
+    id is instead this host's name and the first free slot, a lock file held
+    while the client lives: a restarted process takes its slot (and id) back,
+    and its sequences, which start from the clock, still move forward; two
+    clients at once never share one."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+    folder = os.path.join(tempfile.gettempdir(), f"meterd-client-ids-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for slot in range(CLIENT_SLOTS_MAX):
+        f = open(os.path.join(folder, f"{slot}.lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        client_id = f"py-{host}-{slot}"
+        _held_slots[client_id] = f
+        return client_id
+    raise RuntimeError(f"no free client id slot in {folder}: {CLIENT_SLOTS_MAX} clients hold one; "
+                       "pass client_id=")
+
+
+def _resend_end(e: grpc.RpcError, attempt: int) -> bool:
+    """After a failed EndSession: True to send it again, False when the session is
+    gone (it ended longer ago than the daemon keeps final answers); raises otherwise."""
+    if e.code() == grpc.StatusCode.NOT_FOUND:
+        return False
+    if e.code() not in RETRYABLE or attempt >= SESSION_END_ATTEMPTS:
+        raise e
+    return True
 
 
 def _backoff(attempt: int, retry_max_s: float) -> float:
@@ -144,7 +195,7 @@ class _Base:
         self.channel = _channel(target, credentials, aio=aio)
         self.stub = meter_pb2_grpc.MeterStub(self.channel)
         self.metadata = (("authorization", "Bearer " + token),) if token else None
-        self.client_id = client_id or "py-" + uuid.uuid4().hex
+        self.client_id = client_id or default_client_id()
         self.timeout_s, self.batch_max, self.linger_s = timeout_s, batch_max, linger_s
         self.on_full, self.retry_max_s = on_full, retry_max_s
         self.on_error = on_error or _log_error
@@ -301,12 +352,26 @@ class Session:
                 self._denied.set()
                 return
 
+    @property
+    def final(self) -> pb.SessionResponse | None:
+        """The session's final answer once it ended: the time billed and its cost."""
+        return self.last if self.last.closed else None
+
     def end(self) -> pb.SessionResponse:
+        """EndSession, resent until answered: a retry after a lost answer gets the
+        same final answer back (marked duplicate), and bills nothing more."""
         self._stop.set()
         self._thread.join()
-        if not self._denied.is_set():
-            self.last = self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
-                                                    **self.client._call())
+        attempt = 0
+        while not self.last.closed:
+            try:
+                self.last = self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
+                                                        **self.client._call())
+            except grpc.RpcError as e:
+                if not _resend_end(e, attempt):
+                    return self.last
+                attempt += 1
+                time.sleep(_backoff(attempt, self.client.retry_max_s))
         return self.last
 
 
@@ -408,6 +473,7 @@ class MeterClient(_Base):
         self._queue.put(None)
         self._thread.join()
         self.channel.close()
+        release_client_id(self.client_id)
 
     def _settle(self, n: int, dropped: bool = False) -> None:
         with self._idle:
@@ -524,14 +590,27 @@ class AsyncSession:
                 self.should_stop = True
                 return
 
+    @property
+    def final(self) -> pb.SessionResponse | None:
+        """As Session.final."""
+        return self.last if self.last.closed else None
+
     async def end(self) -> pb.SessionResponse:
+        """As Session.end."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if not self.should_stop:
-            self.last = await self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
-                                                          **self.client._call())
+        attempt = 0
+        while not self.last.closed:
+            try:
+                self.last = await self.client.stub.EndSession(pb.EndSessionRequest(session_id=self.session_id),
+                                                              **self.client._call())
+            except grpc.RpcError as e:
+                if not _resend_end(e, attempt):
+                    return self.last
+                attempt += 1
+                await asyncio.sleep(_backoff(attempt, self.client.retry_max_s))
         return self.last
 
 
@@ -630,6 +709,7 @@ class AsyncMeterClient(_Base):
         await self._queue.put(None)
         await self._task
         await self.channel.close()
+        release_client_id(self.client_id)
 
     async def _settle(self, n: int, dropped: bool = False) -> None:
         async with self._idle:

@@ -186,6 +186,12 @@ def label_of(tenant: Tenant | None) -> str:
     return "" if tenant is None else tenant.name
 
 
+def _client_label(cid: bytes) -> str:
+    """The tenant a batch client id belongs to (tenants' ids are their name and a NUL, then the client's)."""
+    name, nul, _ = cid.partition(b"\x00")
+    return name.decode() if nul else ""
+
+
 def check_tenant(tenant: Tenant | None, customer_id: str, field: str) -> None:
     """A data-plane token may meter only the customers whose ids start with its prefix."""
     if tenant is not None and not customer_id.encode().startswith(tenant.prefix):
@@ -244,6 +250,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                            settings.group_commit_window_us, settings.group_commit_ops_max)
         self.core: Any = None
         self.clients: dict[bytes, ClientState] = {}
+        self.clients_of: collections.Counter[str] = collections.Counter()  # batch clients per tenant label
         window_ms = settings.idempotency_window_s * 1000
         self.idem = AnswerStore(self.store, "idem", window_ms, settings.idempotency_keys_max,
                                 settings.idempotency_keys_per_tenant_max, "idempotency_keys_max",
@@ -552,10 +559,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.clients = {}
         for key, value in self.store.items("clients"):
             self.clients[key] = ClientState(from_u64(value[:8]), from_u64(value[8:16]), value[16:])
-        if self.store.get("meta", b"answers_format") is None:
-            self._migrate_answers(now)
+        self.clients_of = collections.Counter(_client_label(cid) for cid in self.clients)
         self.idem.load()
         self.settled.load()
+        if self.store.get("meta", b"answers_format") is None:
+            self._migrate_answers(now)
+            self.idem.load()
+            self.settled.load()
         self.reservations = {}
         for key, value in self.store.items("reservations"):
             self._load_reservation(key.decode(), json.loads(value))
@@ -580,23 +590,28 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
     def _migrate_answers(self, now: int) -> None:
         """Once, for a data directory from before answers were kept per tenant: every
-        remembered key still in its window moves to the store and key it has now."""
+        remembered key still in its window moves to the store and key it has now
+        (the admin's calls to the admin's quota, the data plane's to the one tenant
+        of a daemon without tokens, which is all that meterd had)."""
         ops: list[Op] = []
-        counts: collections.Counter[bytes] = collections.Counter()
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for key, value in self.store.items("idem"):
             ops.append(("idem", key, None))
             expires = from_u64(value[:8])
             if expires <= now:
                 continue
-            rpc, _, rest = key.partition(b"\x00")
-            if rpc in (b"commit", b"release") and rest.startswith(b"\x00"):
-                db, new = "settled", entry_key("", "reservation", rest[1:].decode())
-                value = value[:16] + (b"C" if rpc == b"commit" else b"R") + value[16:]
+            rpc, _, rest = key.decode().partition("\x00")
+            label = ADMIN_LABEL if rpc in ("grant", "adjust", "subscribe") else ""
+            lb = bytes((len(label),)) + label.encode()
+            if rpc in ("commit", "release") and rest.startswith("\x00"):
+                db, new = "settled", self.settled.entry_id(entry_key("", "reservation", rest[1:]))
+                value = value[:16] + lb + (b"C" if rpc == "commit" else b"R") + value[16:]
             else:
-                db, new = "idem", b"\x00" + key
-            ops += [(db, new, value), (db + "_expiry", u64(expires) + new, b"")]
-            counts[db.encode()] += 1
-        ops += [("meta", db + b"_count\x00", u64(n)) for db, n in counts.items()]
+                db, new = "idem", self.idem.entry_id(entry_key(label, rpc, *rest.split("\x00", 1)))
+                value = value[:16] + lb + value[16:]
+            ops += [(db, new, value), (db + "_expiry", u64(expires) + bytes(4) + new, b"")]
+            counts[(db, label)] += 1
+        ops += [("meta", f"{db}_count\x00{label}".encode(), u64(n)) for (db, label), n in counts.items()]
         self.store.write_now(ops + [("meta", b"answers_format", b"2")])
 
     def _load_buckets(self, customer_id: str) -> Account | None:
@@ -868,10 +883,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                 return state.result + _DUP_BATCH
             return meter_pb2.ReportBatchResponse(sequence=seq, duplicate=True).SerializeToString()
         ops: list[Op] = self._due_ops()
-        if cid and state is None and len(self.clients) >= self.settings.clients_max:
-            ops += self._evict_clients()
-            if len(self.clients) >= self.settings.clients_max:
-                raise StorageFull(f"client table full ({self.settings.clients_max} clients)")
+        if cid and state is None:
+            ops += self._client_room(label_of(tenant))
         at = now_ms()
         self.core.set_clock(at)
         accepted, denied, degraded, details = self.core.apply_batch(data, None if tenant is None else tenant.prefix)
@@ -883,9 +896,11 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if accepted:
             ops.append(self._log_op(_record(b"B", data, at)))
         ops += self.alert_ops()
-        if cid:
+        if cid and (state is not None or accepted):  # a new client that changed nothing is not kept
             ms = now_ms()
             ops.append(("clients", cid, u64(seq) + u64(ms) + result))
+            if state is None:
+                self.clients_of[label_of(tenant)] += 1
             state = ClientState(seq, ms, result)
             self.clients[cid] = state
         if not ops:
@@ -897,12 +912,29 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         await self._commit_with(ops, None, fut)
         return result
 
+    def _client_room(self, label: str) -> list[Op]:
+        """Room for a new batch client, in the daemon's table and in its tenant's
+        share of it; clients idle for longer than client_ttl_s are forgotten to make it."""
+        full = len(self.clients) >= self.settings.clients_max
+        if not full and not (self.tenants and self.clients_of[label] >= self.settings.clients_per_tenant_max):
+            return []
+        ops = self._evict_clients()
+        if len(self.clients) >= self.settings.clients_max:
+            raise LimitReached(f"client table full ({len(self.clients)} batch clients seen within client_ttl_s; "
+                               f"clients_max={self.settings.clients_max})")
+        if self.tenants and self.clients_of[label] >= self.settings.clients_per_tenant_max:
+            raise LimitReached(f"client table full for tenant {label!r} ({self.clients_of[label]} batch clients "
+                               f"seen within client_ttl_s; clients_per_tenant_max="
+                               f"{self.settings.clients_per_tenant_max})")
+        return ops
+
     def _evict_clients(self) -> list[Op]:
         """Forget clients idle for longer than client_ttl_s."""
         cutoff = now_ms() - self.settings.client_ttl_s * 1000
         ops: list[Op] = []
         for cid in [c for c, s in self.clients.items() if s.seen_ms < cutoff]:
             del self.clients[cid]
+            self.clients_of[_client_label(cid)] -= 1
             ops.append(("clients", cid, None))
         return ops
 

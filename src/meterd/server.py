@@ -10,6 +10,7 @@ traceback and answered INTERNAL without details.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import os
@@ -102,6 +103,7 @@ class Servicer:
         self.admin_auth = admin_auth or AdminAuth(settings)
         self.data_tokens = data_tokens or DataTokens(settings)
         self.streams = 0
+        self.streams_of: collections.Counter[str] = collections.Counter()  # open ReportStreams per tenant
 
     async def _tenant(self, ctx: grpc.aio.ServicerContext) -> Tenant | None:
         """The caller's tenant when the data plane needs tokens (None when it does not)."""
@@ -146,15 +148,21 @@ class Servicer:
         """Batches are applied in the order they arrive and answered in that order,
         with up to ``stream_window`` of them waiting for their commit at once, so one
         stream is not held to one fsync per batch."""
+        tenant = await self._tenant(ctx)
+        label = label_of(tenant)
         if self.streams >= self.settings.streams_max:
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"too many concurrent streams (streams_max={self.settings.streams_max})")
-        tenant = await self._tenant(ctx)
+        if tenant is not None and self.streams_of[label] >= self.settings.streams_per_tenant_max:
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"too many concurrent streams for tenant {label!r} "
+                            f"(streams_per_tenant_max={self.settings.streams_per_tenant_max})")
         self.streams += 1
+        self.streams_of[label] += 1
         loop = asyncio.get_running_loop()
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-
-        failed = False
+        idle_s = self.settings.stream_idle_timeout_s
+        failed = idle = False
 
         async def step(data: bytes) -> bytes:
             # Steps start in creation order and apply before their first await, so
@@ -170,8 +178,17 @@ class Servicer:
                 raise
 
         async def read() -> None:
+            nonlocal idle
+            it = requests.__aiter__()
             try:
-                async for data in requests:
+                while True:
+                    try:
+                        data = await asyncio.wait_for(it.__anext__(), idle_s)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.TimeoutError:  # a held stream slot that sends nothing is given back
+                        idle = True
+                        return
                     await pending.put(loop.create_task(step(data)))
             finally:
                 await pending.put(None)
@@ -180,8 +197,15 @@ class Servicer:
         try:
             while (task := await pending.get()) is not None:
                 yield await _call(_later(task), ctx, "ReportStream")
+            if idle:
+                await ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no request on this stream for {idle_s:g} s (stream_idle_timeout_s); "
+                                "open a new one to send more")
         finally:
             self.streams -= 1
+            self.streams_of[label] -= 1
+            if self.streams_of[label] <= 0:
+                del self.streams_of[label]
             reader.cancel()
             while not pending.empty():  # answers nobody will read: the client retries by sequence
                 left = pending.get_nowait()

@@ -30,6 +30,8 @@ log = logging.getLogger("meterd.store")
 
 DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions",
        "usage", "outbox", "grant_expiry", "idem_expiry", "settled", "settled_expiry")
+# Databases whose keys are written in (nearly always) increasing order.
+APPENDED = frozenset({"idem_expiry", "settled_expiry"})
 # An op is (db, key, value): value None deletes; db "trim" deletes the keys <= key
 # of the database named by value (the log when value is None).
 Op = tuple[str, bytes, bytes | None]
@@ -175,6 +177,10 @@ class Store:
                             break
             elif value is None:
                 txn.delete(key, db=self.dbs[db])
+            elif db in APPENDED:
+                # Keys that mostly grow: appended pages are filled, not split in half.
+                if not txn.put(key, value, db=self.dbs[db], append=True):
+                    txn.put(key, value, db=self.dbs[db])
             else:
                 txn.put(key, value, db=self.dbs[db])
             n += 1
