@@ -103,3 +103,33 @@ def test_the_progress_bar_redraws_in_place_on_a_terminal():
     text = out.getvalue()
     assert text.count("\r") == 5 and text.endswith("\n")
     assert "copying [########] 100% 4/4" in text and "copying [####....]  50% 2/4" in text
+
+
+def test_ledger_reads_never_create_and_bad_input_is_named_without_a_traceback(tmp_path):
+    missing = tmp_path / "ledgr.sqlite3"  # a mistyped path
+    for command in (("usage", "--from", "2026-11-01", "--to", "2026-12-01"), ("statement", "--period", "2026-11")):
+        r = meterd(*command, "--customer", "c1", "--ledger", f"sqlite:///{missing}")
+        assert (r.returncode, r.stderr.strip()) == (1, f"meterd: no ledger at {missing}: the file does not exist "
+                                                       "(reading never creates one; check --ledger)")
+        assert not missing.exists()
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("not a database\n" * 100)
+    r = meterd("statement", "--customer", "c1", "--period", "2026-11", "--ledger", f"sqlite:///{not_a_db}")
+    assert r.returncode == 1 and r.stderr.startswith(f"meterd: the ledger {not_a_db} is not a SQLite database"), \
+        r.stderr
+    assert not_a_db.read_text() == "not a database\n" * 100 and "Traceback" not in r.stderr
+    other = tmp_path / "other.sqlite3"  # a database, but not a ledger: read, not migrated
+    import sqlite3
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    r = meterd("usage", "--customer", "c1", "--from", "2026-11-01", "--to", "2026-12-01", "--ledger",
+               f"sqlite:///{other}")
+    assert r.returncode == 1 and "holds no meterd tables" in r.stderr, r.stderr
+    with sqlite3.connect(other) as conn:
+        assert [n for (n,) in conn.execute("SELECT name FROM sqlite_master")] == ["t"]
+    assert meterd("ledger", "migrate", "--ledger", f"sqlite:///{missing}").returncode == 0  # migrate creates
+    r = meterd("statement", "--customer", "c1", "--period", "9999-12", "--ledger", f"sqlite:///{missing}")
+    assert (r.returncode, r.stderr.strip()) == (2, "meterd: --period: '9999-12' is out of range: a month from "
+                                                   "1970-01 to 9998-12")
+    r = meterd("statement", "--customer", "c1", "--period", "9998-12", "--ledger", f"sqlite:///{missing}")
+    assert r.returncode == 0 and "Nothing is owed" in r.stdout, r.stderr

@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args)
     setup_logging(settings)
     catalog = load_catalog(settings.catalog)
+    os.umask(0o077)  # whatever meterd makes is its user's alone; each file is also given its mode explicitly
     asyncio.run(serve(settings, catalog))
     return 0
 
@@ -81,8 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.file:
         args.config = args.file
+    from meterd.preflight import preflight
+
     settings = _load(args)
     catalog = load_catalog(settings.catalog)
+    preflight(settings, catalog)  # what serve checks before it starts, changing nothing
     print(catalog.describe())
     print(f"ok: settings valid; catalog {catalog.source}: {len(catalog.credit_types)} credit types, "
           f"{len(catalog.meters)} meters, {len(catalog.plans)} plans, {len(catalog.customers)} customers")
@@ -98,10 +102,14 @@ def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str
     admin_token_file, or the token the daemon keeps in its data directory)."""
     import grpc
 
-    from meterd.security import channel_credentials, read_token
+    from meterd.security import channel_credentials, check_server_socket, read_token
 
     settings = _load(args)
     address = settings.admin_address if admin else (getattr(args, "target", None) or settings.listen)
+    token_file = args.token_file or (settings.admin_token_path if admin else "")
+    metadata = [("authorization", "Bearer " + read_token("--token-file", token_file))] if token_file else []
+    if metadata and address.startswith("unix:"):
+        check_server_socket("admin_listen" if admin else "--target", address[5:], token_file)
     if settings.tls_cert_file:
         creds = channel_credentials(args.tls_ca or settings.tls_cert_file, args.tls_cert or "", args.tls_key or "")
         # A Unix socket has no host name: the daemon's certificate is checked for "localhost".
@@ -109,8 +117,6 @@ def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str
         channel = grpc.secure_channel(address, creds, options=options)
     else:
         channel = grpc.insecure_channel(address)
-    token_file = args.token_file or (settings.admin_token_path if admin else "")
-    metadata = [("authorization", "Bearer " + read_token("--token-file", token_file))] if token_file else []
     return channel, metadata
 
 
@@ -222,12 +228,17 @@ def cmd_adjust(args: argparse.Namespace) -> int:
 
 
 def _open_ledger(args: argparse.Namespace, migrate: bool = False) -> Any:
+    """The ledger to migrate (made when missing), or to read: reads never create nor change one."""
     from meterd.ledger import Ledger
 
-    ledger = Ledger(_load(args).ledger_url)
-    if migrate or ledger.dialect == "sqlite":
-        ledger.migrate()
-    ledger.check_schema()
+    ledger = Ledger(_load(args).ledger_url, create=migrate)
+    try:
+        if migrate:
+            ledger.migrate()
+        ledger.check_schema()
+    except BaseException:
+        ledger.close()
+        raise
     return ledger
 
 

@@ -37,6 +37,7 @@ from meterd.errors import (
 )
 from meterd.ledger import redact
 from meterd.metrics import Timings
+from meterd.preflight import preflight
 from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -384,6 +385,7 @@ class MeterdServer:
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
+        preflight(settings, catalog, create=True)  # what check-config checks, before anything is made
         self.credentials = Credentials(settings) if settings.tls_cert_file else None  # reads the files now
         self.admin_auth = AdminAuth(settings)
         self.data_tokens = DataTokens(settings)
@@ -422,7 +424,7 @@ class MeterdServer:
         self.admin_address = self.settings.admin_address
         if self.admin_address.startswith("unix:"):
             path = self.admin_address[5:]
-            if os.path.exists(path):
+            if os.path.lexists(path):  # check_paths found meterd's own socket, left by an earlier run
                 os.unlink(path)
         _bind(self.admin_server, self.admin_address, "admin_listen", self.credentials)
         if self.admin_address.startswith("unix:"):
