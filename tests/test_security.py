@@ -467,3 +467,56 @@ def test_the_cli_sends_the_admin_token_only_to_the_daemons_own_socket(make_daemo
     r = _meterd(*grant, "--admin-listen", f"unix:{open_dir / 'admin.sock'}")
     assert r.returncode == 2 and f"admin_listen: {open_dir} is writable by group and others" in r.stderr, r.stderr
     assert _meterd(*grant).returncode == 0  # the daemon's own socket, as before
+
+
+def _tenants(path: Path, *tenants: tuple[str, str, str]) -> Path:
+    import hashlib
+    path.write_text("".join(f'[tenants.{name}]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+                            f'customers = "{prefix}"\n' for name, token, prefix in tenants))
+    return path
+
+
+@pytest.mark.parametrize("prefixes, message", [
+    (("acme", "acmecorp-"), "tenants acme (customers 'acme') and b ('acmecorp-') overlap"),
+    (("acme-", "acme-"), "tenants acme (customers 'acme-') and b ('acme-') overlap"),
+    (("acme-eu-", "x-", "acme-"), "tenants c (customers 'acme-') and acme ('acme-eu-') overlap"),
+    (("", "acme-"), "tenants.acme.customers: a customer id prefix, 1 to 64 printable ASCII characters"),
+])
+def test_tenant_prefixes_must_not_overlap_nor_be_empty(tmp_path, prefixes, message):
+    from meterd.security import DataTokens
+    names = ["acme", "b", "c"]
+    path = _tenants(tmp_path / "tokens.toml", *[(n, f"{n}-token-0123456789abcdef", p)
+                                                for n, p in zip(names, prefixes)])
+    with pytest.raises(ConfigError, match="data_tokens_file: " + str(path)) as e:
+        DataTokens(load_settings({}, env={"METERD_DATA_TOKENS_FILE": str(path)}))
+    assert message in str(e.value)
+
+
+def test_a_reload_with_overlapping_prefixes_keeps_the_current_tokens(make_daemon, tmp_path):
+    path = _tenants(tmp_path / "tokens.toml", ("acme", ACME_TOKEN, "acme-"))
+    d = make_daemon(extra_env={"METERD_DATA_TOKENS_FILE": str(path)}).start()
+    d.admin.Grant(apb.GrantRequest(customer_id="acme-1", credit_type="usd", amount_nano=10**12))
+    balance = pb.GetBalanceRequest(customer_id="acme-1")
+    stub = meter_pb2_grpc.MeterStub(d.channel)
+    _tenants(path, ("acme", ACME_TOKEN, "acme"), ("corp", GLOBEX_TOKEN, "acmecorp-"))
+
+    def reload_and_wait(line: str) -> str:
+        seen = d.log_path.read_text().count(line)
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while d.log_path.read_text().count(line) == seen:  # the daemon logs each reload's outcome
+            assert time.monotonic() < deadline, "the daemon did not log the reload"
+            time.sleep(0.02)
+        return d.log_path.read_text()
+
+    log = reload_and_wait("reloading the data plane tokens failed")
+    assert f"data_tokens_file: {path}: tenants acme (customers 'acme') and corp ('acmecorp-') overlap" in log
+    stub.GetBalance(balance, metadata=[("authorization", "Bearer " + ACME_TOKEN)], timeout=10)  # still acme's
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetBalance(balance, metadata=[("authorization", "Bearer " + GLOBEX_TOKEN)], timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    _tenants(path, ("acme", ACME_TOKEN, "acme-"), ("corp", GLOBEX_TOKEN, "acmecorp-"))
+    reload_and_wait("reloaded the data plane tokens")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetBalance(balance, metadata=[("authorization", "Bearer " + GLOBEX_TOKEN)], timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a tenant now, of other customers

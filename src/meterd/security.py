@@ -296,7 +296,7 @@ class AdminAuth:
 class Tenant:
     """Who a data-plane token belongs to, and which customers it may meter."""
     name: str
-    prefix: bytes      # customer ids must start with it ("" for all)
+    prefix: bytes      # customer ids must start with it; no tenant's starts another's
     key: bytes         # namespaces the tenant's batch client ids: name + NUL
 
 
@@ -346,11 +346,14 @@ class DataTokens:
             digest, prefix = spec["token_sha256"], spec["customers"]
             if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
                 raise ConfigError(f"data_tokens_file: {where}.token_sha256: must be 64 lowercase hex digits")
-            if not isinstance(prefix, str) or not all(0x21 <= ord(c) <= 0x7E for c in prefix) or len(prefix) > 64:
-                raise ConfigError(f"data_tokens_file: {where}.customers: a customer id prefix, printable ASCII")
+            if not isinstance(prefix, str) or not all(0x21 <= ord(c) <= 0x7E for c in prefix) or \
+                    not 1 <= len(prefix) <= 64:
+                raise ConfigError(f"data_tokens_file: {where}.customers: a customer id prefix, 1 to 64 printable "
+                                  "ASCII characters (an empty one would hold every other tenant's customers)")
             if bytes.fromhex(digest) in by_digest:
                 raise ConfigError(f"data_tokens_file: {where}.token_sha256: the same token as another tenant")
             by_digest[bytes.fromhex(digest)] = Tenant(name, prefix.encode(), name.encode() + b"\0")
+        _check_disjoint(self.path, list(by_digest.values()))
         self.by_digest = by_digest
 
     def tenant(self, ctx: grpc.aio.ServicerContext) -> Tenant | None:
@@ -359,6 +362,18 @@ class DataTokens:
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 return self.by_digest.get(hashlib.sha256(value[7:].strip().encode()).digest())
         return None
+
+
+def _check_disjoint(path: str, tenants: list[Tenant]) -> None:
+    """No customer id may belong to two tenants: no prefix starts another. Sorted, a prefix
+    comes right before the prefixes that start with it, so neighbours are enough to compare."""
+    ordered = sorted(tenants, key=lambda t: t.prefix)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.prefix.startswith(a.prefix):
+            raise ConfigError(f"data_tokens_file: {path}: tenants {a.name} (customers {a.prefix.decode()!r}) and "
+                              f"{b.name} ({b.prefix.decode()!r}) overlap: every customer id starting with "
+                              f"{b.prefix.decode()!r} would be both's; give them prefixes neither of which starts "
+                              "the other, such as 'acme-' and 'acmecorp-'")
 
 
 def generate_token(path: str) -> None:
