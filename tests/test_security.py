@@ -486,7 +486,7 @@ def test_tenant_prefixes_must_not_overlap_nor_be_empty(tmp_path, prefixes, messa
     from meterd.security import DataTokens
     names = ["acme", "b", "c"]
     path = _tenants(tmp_path / "tokens.toml", *[(n, f"{n}-token-0123456789abcdef", p)
-                                                for n, p in zip(names, prefixes)])
+                                                for n, p in zip(names, prefixes, strict=False)])
     with pytest.raises(ConfigError, match="data_tokens_file: " + str(path)) as e:
         DataTokens(load_settings({}, env={"METERD_DATA_TOKENS_FILE": str(path)}))
     assert message in str(e.value)
@@ -520,3 +520,24 @@ def test_a_reload_with_overlapping_prefixes_keeps_the_current_tokens(make_daemon
     with pytest.raises(grpc.RpcError) as e:
         stub.GetBalance(balance, metadata=[("authorization", "Bearer " + GLOBEX_TOKEN)], timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a tenant now, of other customers
+
+
+def test_reflection_on_the_data_port_describes_only_the_data_plane(make_daemon):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    d = make_daemon().start()
+    data = ProtoReflectionDescriptorDatabase(d.channel)
+    assert set(data.get_services()) == {"meterd.v1.Meter", "grpc.health.v1.Health",
+                                        "grpc.reflection.v1alpha.ServerReflection"}
+    assert data.FindFileContainingSymbol("meterd.v1.Meter").name == "meterd/v1/meter.proto"
+    assert data.FindFileContainingSymbol("meterd.v1.ReportRequest").message_type
+    for symbol in ("meterd.v1.Admin", "meterd.v1.GrantRequest"):
+        with pytest.raises(KeyError):
+            data.FindFileContainingSymbol(symbol)
+    with pytest.raises(KeyError):
+        data.FindFileByName("meterd/v1/admin.proto")
+    admin = ProtoReflectionDescriptorDatabase(d.admin_channel)  # the admin listener describes its own API
+    assert "meterd.v1.Admin" in admin.get_services()
+    assert admin.FindFileContainingSymbol("meterd.v1.GrantRequest").name == "meterd/v1/admin.proto"
+    with pytest.raises(KeyError):
+        admin.FindFileContainingSymbol("meterd.v1.ReportBatchRequest")

@@ -368,7 +368,7 @@ def _check_disjoint(path: str, tenants: list[Tenant]) -> None:
     """No customer id may belong to two tenants: no prefix starts another. Sorted, a prefix
     comes right before the prefixes that start with it, so neighbours are enough to compare."""
     ordered = sorted(tenants, key=lambda t: t.prefix)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if b.prefix.startswith(a.prefix):
             raise ConfigError(f"data_tokens_file: {path}: tenants {a.name} (customers {a.prefix.decode()!r}) and "
                               f"{b.name} ({b.prefix.decode()!r}) overlap: every customer id starting with "

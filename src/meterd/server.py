@@ -19,6 +19,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -400,7 +401,8 @@ class MeterdServer:
         self.data_port = 0
         self.admin_address = ""
 
-    def _server(self, handlers: list[grpc.GenericRpcHandler], services: list[str]) -> grpc.aio.Server:
+    def _server(self, handlers: list[grpc.GenericRpcHandler], services: list[str],
+                files: list[Any]) -> grpc.aio.Server:
         limit = self.settings.batch_bytes_max + (1 << 20)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -411,16 +413,16 @@ class MeterdServer:
         server.add_generic_rpc_handlers(handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = services + [health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
+        reflection.enable_server_reflection(names, server, pool=_pool(files))
         return server
 
     async def start(self) -> None:
         servicer = Servicer(self.engine, self.settings, self.admin_auth, self.data_tokens)
         meter, admin = servicer.handlers()
         self.engine.start(asyncio.get_running_loop())
-        self.data_server = self._server([meter], [METER_SERVICE])
+        self.data_server = self._server([meter], [METER_SERVICE], [meter_pb2.DESCRIPTOR])
         self.data_port = _bind(self.data_server, self.settings.listen, "listen", self.credentials)
-        self.admin_server = self._server([admin], [ADMIN_SERVICE])
+        self.admin_server = self._server([admin], [ADMIN_SERVICE], [admin_pb2.DESCRIPTOR])
         self.admin_address = self.settings.admin_address
         if self.admin_address.startswith("unix:"):
             path = self.admin_address[5:]
@@ -496,6 +498,27 @@ class MeterdServer:
             except FileNotFoundError:
                 pass
         log.info("stopped")
+
+
+def _pool(files: list[Any]) -> descriptor_pool.DescriptorPool:
+    """What reflection may describe on one listener: its own proto files (with what they import), health and
+    reflection, and nothing else; the default pool would describe the admin API on the data port too."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in [*files, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]:
+        add(file)
+    return pool
 
 
 def _bind(server: grpc.aio.Server, address: str, setting: str, credentials: Credentials | None = None) -> int:
