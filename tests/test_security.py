@@ -189,7 +189,7 @@ def test_the_cli_presents_the_admin_token_and_trusts_the_certificate(make_daemon
     env = _tls_env(pki)
     d = make_daemon(extra_env=env, credentials=_creds(pki)).start()
     cmd = [sys.executable, "-m", "meterd", "grant", "--data-dir", str(d.data_dir), "--customer", "acme",
-           "--credit-type", "usd", "--amount", "2.50", "--tls-ca", str(pki["ca"])]
+           "--credit-type", "usd", "--amount", "2.50", "--tls-ca", str(pki["ca"]), "--new-customer"]
     r = subprocess.run(cmd, env=os.environ | env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "balance 2.5" in r.stdout
@@ -440,7 +440,7 @@ def test_what_another_user_could_read_or_replace_is_refused_by_check_config_and_
 
 def test_the_cli_sends_the_admin_token_only_to_the_daemons_own_socket(make_daemon, tmp_path):
     d = make_daemon().start()
-    grant = ("grant", "--data-dir", str(d.data_dir), "--customer", "acme", "--credit-type", "usd", "--amount", "1")
+    grant = ("grant", "--data-dir", str(d.data_dir), "--customer", "demo", "--credit-type", "usd", "--amount", "1")
     assert _meterd(*grant).returncode == 0
     sock = d.data_dir / "admin.sock"
     sock.rename(d.data_dir / "real.sock")
