@@ -165,3 +165,18 @@ def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, fallbac
     catalog.write_text(CATALOG_32_E.replace("FALLBACK", "é" * 16))  # 32 bytes: both accept it
     r = subprocess.run([sys.executable, "-m", "meterd", *runs[0]], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_reloaded_catalog_gets_the_checks_of_the_start(make_daemon, tmp_path: Path):
+    import grpc
+
+    from meterd.v1 import admin_pb2 as apb
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(CATALOG_32_E.replace("FALLBACK", "slow") + '[customers.ab]\nplan = "p"\n')
+    d = make_daemon(catalog=str(catalog), extra_env={"METERD_CUSTOMER_ID_BYTES_MAX": "3"}).start()
+    catalog.write_text(CATALOG_32_E.replace("FALLBACK", "slow") + '[customers.abcd]\nplan = "p"\n')
+    with pytest.raises(grpc.RpcError) as e:
+        d.admin.ReloadCatalog(apb.ReloadCatalogRequest())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.details() == (f"{catalog}: customers.abcd: the id is longer than customer_id_bytes_max "
+                                 "(3 bytes)")

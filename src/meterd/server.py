@@ -38,7 +38,7 @@ from meterd.errors import (
 )
 from meterd.ledger import redact
 from meterd.metrics import Timings
-from meterd.preflight import preflight
+from meterd.preflight import check_core, preflight
 from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -286,6 +286,7 @@ class Servicer:
         async def run() -> bytes:
             _parse(admin_pb2.ReloadCatalogRequest, data)
             catalog = load_catalog(self.settings.catalog)
+            check_core(self.settings, catalog)  # as at start: a catalog the core refuses is named, not INTERNAL
             await self.engine.reload_catalog(catalog)
             return admin_pb2.ReloadCatalogResponse(source=catalog.source, credit_types=len(catalog.credit_types),
                                                    meters=len(catalog.meters),
@@ -464,7 +465,9 @@ class MeterdServer:
             except ConfigError as e:
                 log.error("reloading the %s failed, keeping the current ones: %s", what, e)
         try:
-            await self.engine.reload_catalog(load_catalog(self.settings.catalog))
+            catalog = load_catalog(self.settings.catalog)
+            check_core(self.settings, catalog)
+            await self.engine.reload_catalog(catalog)
         except Exception as e:  # noqa: BLE001 - the daemon keeps its current catalog
             log.error("catalog reload failed, keeping the current catalog: %s", e)
 
