@@ -4,8 +4,10 @@ progress bar, adjust, balance, and the help texts."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -45,7 +47,7 @@ def test_grant_adjust_and_balance(make_daemon):
     d = make_daemon().start()
     data_dir = str(d.data_dir)
     r = meterd("grant", "--data-dir", data_dir, "--customer", "acme", "--credit-type", "usd", "--amount", "25.00",
-               "--idempotency-key", "k1")
+               "--idempotency-key", "k1", "--new-customer")
     assert r.returncode == 0 and "balance 25" in r.stdout, r.stderr
     again = meterd("grant", "--data-dir", data_dir, "--customer", "acme", "--credit-type", "usd", "--amount",
                    "25.00", "--idempotency-key", "k1")
@@ -71,7 +73,7 @@ def test_bulk_grants_from_csv_once_each_with_progress(make_daemon, tmp_path):
             + ["# a comment", "vip,usd,100,vip-1"])
     csv_file = tmp_path / "topups.csv"
     csv_file.write_text("\n".join(rows) + "\n")
-    args = ("grant", "--data-dir", str(d.data_dir), "--from-csv", str(csv_file))
+    args = ("grant", "--data-dir", str(d.data_dir), "--from-csv", str(csv_file), "--new-customer")
     r = meterd(*args)
     assert r.returncode == 0, r.stderr
     assert "granted 301 rows" in r.stdout
@@ -103,3 +105,97 @@ def test_the_progress_bar_redraws_in_place_on_a_terminal():
     text = out.getvalue()
     assert text.count("\r") == 5 and text.endswith("\n")
     assert "copying [########] 100% 4/4" in text and "copying [####....]  50% 2/4" in text
+
+
+def test_ledger_reads_never_create_and_bad_input_is_named_without_a_traceback(tmp_path):
+    missing = tmp_path / "ledgr.sqlite3"  # a mistyped path
+    for command in (("usage", "--from", "2026-11-01", "--to", "2026-12-01"), ("statement", "--period", "2026-11")):
+        r = meterd(*command, "--customer", "c1", "--ledger", f"sqlite:///{missing}")
+        assert (r.returncode, r.stderr.strip()) == (1, f"meterd: no ledger at {missing}: the file does not exist "
+                                                       "(reading never creates one; check --ledger)")
+        assert not missing.exists()
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("not a database\n" * 100)
+    r = meterd("statement", "--customer", "c1", "--period", "2026-11", "--ledger", f"sqlite:///{not_a_db}")
+    assert r.returncode == 1 and r.stderr.startswith(f"meterd: the ledger {not_a_db} is not a SQLite database"), \
+        r.stderr
+    assert not_a_db.read_text() == "not a database\n" * 100 and "Traceback" not in r.stderr
+    other = tmp_path / "other.sqlite3"  # a database, but not a ledger: read, not migrated
+    import sqlite3
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    r = meterd("usage", "--customer", "c1", "--from", "2026-11-01", "--to", "2026-12-01", "--ledger",
+               f"sqlite:///{other}")
+    assert r.returncode == 1 and "holds no meterd tables" in r.stderr, r.stderr
+    with sqlite3.connect(other) as conn:
+        assert [n for (n,) in conn.execute("SELECT name FROM sqlite_master")] == ["t"]
+    assert meterd("ledger", "migrate", "--ledger", f"sqlite:///{missing}").returncode == 0  # migrate creates
+    r = meterd("statement", "--customer", "c1", "--period", "9999-12", "--ledger", f"sqlite:///{missing}")
+    assert (r.returncode, r.stderr.strip()) == (2, "meterd: --period: '9999-12' is out of range: a month from "
+                                                   "1970-01 to 9998-12")
+    r = meterd("statement", "--customer", "c1", "--period", "9998-12", "--ledger", f"sqlite:///{missing}")
+    assert r.returncode == 0 and "Nothing is owed" in r.stdout, r.stderr
+
+
+def test_a_grant_is_positive_and_creates_a_customer_only_when_told(make_daemon, tmp_path):
+    d = make_daemon().start()
+    grant = ("grant", "--data-dir", str(d.data_dir), "--credit-type", "usd")
+    for amount in ("-1", "0", "0.00"):
+        r = meterd(*grant, "--customer", "demo", "--amount", amount)
+        assert (r.returncode, r.stderr.strip()) == (2, f"meterd: --amount: '{amount}' must be positive; use "
+                                                       "`meterd adjust` (with --reason) to take credits away")
+    r = meterd(*grant, "--customer", "demoo", "--amount", "5")  # a typo of demo
+    assert (r.returncode, r.stderr.strip()) == (2, "meterd: --customer: customer 'demoo' is not in the catalog and "
+                                                   "has no account: check the id, or pass --new-customer to create "
+                                                   "it with this grant")
+    with pytest.raises(grpc.RpcError) as e:
+        d.meter.GetBalance(pb.GetBalanceRequest(customer_id="demoo"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was made
+    assert meterd(*grant, "--customer", "demo", "--amount", "5").returncode == 0  # the catalog's customer
+    r = meterd(*grant, "--customer", "newco", "--amount", "5", "--new-customer")
+    assert r.returncode == 0 and "balance 5" in r.stdout, r.stderr
+    assert meterd(*grant, "--customer", "newco", "--amount", "1").returncode == 0  # it has an account now
+    assert _usd(d, "demo") == 15 * 10**9 and _usd(d, "newco") == 6 * 10**9
+    rows = tmp_path / "rows.csv"
+    rows.write_text("newco,usd,1\nnewc0,usd,1\nnewcp,usd,1\n")
+    r = meterd("grant", "--data-dir", str(d.data_dir), "--from-csv", str(rows))
+    assert (r.returncode, r.stderr.strip()) == (2, f"meterd: {rows}:2: customer 'newc0' (and 1 more) is not in the "
+                                                   "catalog and has no account: check the id, or pass "
+                                                   "--new-customer to create it with this grant")
+    assert _usd(d, "newco") == 6 * 10**9  # every row is checked before the first grant
+    rows.write_text("newco,usd,-1\n")
+    r = meterd("grant", "--data-dir", str(d.data_dir), "--from-csv", str(rows))
+    assert r.returncode == 2 and f"{rows}:1: amount: '-1' must be positive; use `meterd adjust`" in r.stderr
+
+
+HOSTILE = "o1\x1b[2J\x1b]0;owned\x07\nTotal charged (usd): 0.00\u202e"
+
+
+def test_control_characters_are_escaped_and_a_closed_pipe_ends_quietly(make_daemon):
+    import os
+
+    d = make_daemon().start()
+    ev = pb.UsageEvent(customer_id="demo", meter="requests", quantity=1, dimensions={"model": HOSTILE,
+                                                                                     "user": "u\x1b[31m1"})
+    assert d.meter.Report(pb.ReportRequest(event=ev)).decision == pb.DECISION_ALLOW
+    period = time.strftime("%Y-%m", time.gmtime())
+    d.admin.GetStatement(apb.StatementRequest(customer_id="demo", period=period))  # flushes to the ledger first
+    ledger = ("--ledger", f"sqlite:///{d.data_dir / 'ledger.sqlite3'}")
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    usage = ("usage", "--customer", "demo", "--from", day, "--to", "2100-01-01", "--group-by", "model,user", *ledger)
+    statement = ("statement", "--customer", "demo", "--period", period, *ledger)
+    escaped = "o1\\x1b[2J\\x1b]0;owned\\x07\\x0aTotal charged (usd): 0.00\\u202e"
+    for args in (usage, statement):
+        r = meterd(*args)
+        assert r.returncode == 0, r.stderr
+        assert escaped[:40] in r.stdout, r.stdout  # a statement cuts descriptions at 58 characters
+        assert not any(c in r.stdout for c in "\x1b\x07\u202e") and "\nTotal charged (usd): 0.00\u202e" not in r.stdout
+    assert "u\\x1b[31m1" in meterd(*usage).stdout
+    assert json.loads(meterd(*statement, "--json").stdout)["lines"]  # JSON escapes by itself
+    for args in (("balance", "--customer", "demo", "--target", d.target), usage, statement):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line: `meterd ... | head -0`
+        r = subprocess.run([sys.executable, "-m", "meterd", *args], stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+        os.close(write)
+        assert (r.returncode, r.stderr) == (141, ""), (args, r.stderr)

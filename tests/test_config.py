@@ -129,3 +129,54 @@ def test_custom_credit_amounts_keep_to_their_decimals():
         parse_catalog(doc, "catalog.toml")
     with pytest.raises(ConfigError, match="from 0 to 3 for a custom"):
         parse_catalog({**doc, "credit_types": {"req": {"kind": "custom", "decimals": 4}}}, "catalog.toml")
+
+
+CATALOG_32_E = """
+[credit_types.usd]
+kind = "fiat"
+currency = "USD"
+[meters.tok]
+credit_type = "usd"
+price = "0.01"
+[plans.p.credits.usd]
+included = "1"
+fallback = "FALLBACK"
+"""
+
+
+@pytest.mark.parametrize("fallback, env, message", [
+    ("é" * 32, {}, "plans.p.credits.usd.fallback: must be a mode name of letters, digits and _ (at most 32 bytes"),
+    ("slow", {"METERD_CUSTOMER_ID_BYTES_MAX": "3"},
+     "customers.acme: the id is longer than customer_id_bytes_max (3 bytes)"),
+])
+def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, fallback, env, message):
+    import os
+
+    from conftest import free_port
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(CATALOG_32_E.replace("FALLBACK", fallback) + '[customers.acme]\nplan = "p"\n')
+    runs = [["check-config", "--catalog", str(catalog)],
+            ["serve", "--catalog", str(catalog), "--listen", f"127.0.0.1:{free_port()}"]]
+    for args in runs:
+        r = subprocess.run([sys.executable, "-m", "meterd", *args, "--data-dir", str(tmp_path / "data")],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith(f"meterd: {catalog}: {message}"), (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    catalog.write_text(CATALOG_32_E.replace("FALLBACK", "é" * 16))  # 32 bytes: both accept it
+    r = subprocess.run([sys.executable, "-m", "meterd", *runs[0]], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_reloaded_catalog_gets_the_checks_of_the_start(make_daemon, tmp_path: Path):
+    import grpc
+
+    from meterd.v1 import admin_pb2 as apb
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(CATALOG_32_E.replace("FALLBACK", "slow") + '[customers.ab]\nplan = "p"\n')
+    d = make_daemon(catalog=str(catalog), extra_env={"METERD_CUSTOMER_ID_BYTES_MAX": "3"}).start()
+    catalog.write_text(CATALOG_32_E.replace("FALLBACK", "slow") + '[customers.abcd]\nplan = "p"\n')
+    with pytest.raises(grpc.RpcError) as e:
+        d.admin.ReloadCatalog(apb.ReloadCatalogRequest())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.details() == (f"{catalog}: customers.abcd: the id is longer than customer_id_bytes_max "
+                                 "(3 bytes)")

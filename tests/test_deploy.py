@@ -67,7 +67,9 @@ def test_the_kubernetes_manifest_shares_the_socket_and_keeps_the_data():
     settings = (DEPLOY / "meterd.toml").read_text()
     assert mounts["model"]["meterd-socket"] == mounts["meterd"]["meterd-socket"] == "/run/meterd"
     assert 'listen = "unix:/run/meterd/meterd.sock"' in settings
-    assert mounts["meterd"]["meterd-data"] == "/var/lib/meterd" and 'data_dir = "/var/lib/meterd"' in settings
+    assert mounts["meterd"]["meterd-data"] == "/var/lib/meterd" and 'data_dir = "/var/lib/meterd/data"' in settings
+    assert mounts["meterd"]["meterd-secrets"] == "/etc/meterd/secrets/admin.token"  # the file, not a link
+    assert 'admin_token_file = "/etc/meterd/secrets/admin.token"' in settings
     assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["meterd-data"]
     assert containers["meterd"]["args"] == ["serve", "--config", "/etc/meterd/meterd.toml"]
     assert pod["terminationGracePeriodSeconds"] > 20  # more than shutdown_grace_s: the last flush has time

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -188,7 +189,7 @@ def test_the_cli_presents_the_admin_token_and_trusts_the_certificate(make_daemon
     env = _tls_env(pki)
     d = make_daemon(extra_env=env, credentials=_creds(pki)).start()
     cmd = [sys.executable, "-m", "meterd", "grant", "--data-dir", str(d.data_dir), "--customer", "acme",
-           "--credit-type", "usd", "--amount", "2.50", "--tls-ca", str(pki["ca"])]
+           "--credit-type", "usd", "--amount", "2.50", "--tls-ca", str(pki["ca"]), "--new-customer"]
     r = subprocess.run(cmd, env=os.environ | env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "balance 2.5" in r.stdout
@@ -333,3 +334,210 @@ def test_a_bad_tokens_file_is_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match="data_tokens_file: " + str(path)) as e:
         DataTokens(load_settings({}, env={"METERD_DATA_TOKENS_FILE": str(path)}))
     assert message in str(e.value)
+
+
+# --- the data directory, the token files and the sockets are meterd's user's own ---------------------------------
+
+NOBODY = 65534  # another local user (the tests run as root, which may give files away)
+
+
+def _meterd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meterd", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_directories_are_0700_and_files_0600_under_umask_022(make_daemon):
+    old = os.umask(0o022)
+    try:
+        d = make_daemon().start()
+    finally:
+        os.umask(old)
+    _grant(d.admin_channel)
+    assert (d.data_dir / "admin.sock").stat().st_mode & 0o777 == 0o600
+    d.stop()
+    modes = {str(p.relative_to(d.data_dir)): p.stat().st_mode & 0o777 for p in [d.data_dir, *d.data_dir.rglob("*")]}
+    assert modes.pop(".") == modes.pop("lmdb") == 0o700
+    assert {"admin.token", "ledger.sqlite3", "lmdb/data.mdb", "lmdb/lock.mdb", "lmdb/meterd.lock"} <= set(modes)
+    assert set(modes.values()) == {0o600}, modes
+    # Files an earlier version left readable by others are tightened at the next start.
+    (d.data_dir / "lmdb" / "data.mdb").chmod(0o644)
+    (d.data_dir / "ledger.sqlite3").chmod(0o644)
+    d.start()
+    assert (d.data_dir / "lmdb" / "data.mdb").stat().st_mode & 0o777 == 0o600
+    assert (d.data_dir / "ledger.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def _token(path: Path) -> Path:
+    path.write_text("a-long-enough-admin-token-1234\n")
+    return path
+
+
+def _socket_of(path: Path, uid: int) -> Any:
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.listen()
+    os.chown(path, uid, -1)
+    return s
+
+
+def _plant(case: str, data: Path, tmp_path: Path) -> tuple[dict[str, str], str]:
+    """Set up one thing another user could have done; returns the settings and the message expected."""
+    data.mkdir(mode=0o700)
+    if case == "data dir 0777":
+        data.chmod(0o777)
+        return {}, f"data_dir: {data} is writable by group and others (mode 0777)"
+    if case == "data dir of another user":
+        os.chown(data, NOBODY, -1)
+        return {}, f"data_dir: {data} belongs to uid {NOBODY}"
+    if case == "token a symlink":
+        (data / "admin.token").symlink_to(_token(tmp_path / "planted.token"))
+        return {}, f"admin_token_file: {data / 'admin.token'} is a symbolic link"
+    if case == "token of another user":
+        os.chown(_token(data / "admin.token"), NOBODY, -1)
+        return {}, f"admin_token_file: {data / 'admin.token'} belongs to uid {NOBODY}"
+    if case == "token group-writable":
+        _token(tmp_path / "admin.token").chmod(0o620)
+        return ({"METERD_ADMIN_TOKEN_FILE": str(tmp_path / "admin.token")},
+                f"admin_token_file: {tmp_path / 'admin.token'} is writable by group (mode 0620)")
+    if case == "tenant tokens world-writable":
+        tokens = _tokens_file(tmp_path)
+        tokens.chmod(0o646)
+        return {"METERD_DATA_TOKENS_FILE": str(tokens)}, f"data_tokens_file: {tokens} is writable by others"
+    if case == "socket a regular file":
+        (data / "admin.sock").write_text("")
+        return {}, f"admin_listen: {data / 'admin.sock'} exists and is not a socket"
+    if case == "socket of another user":
+        _plant.sockets.append(_socket_of(data / "admin.sock", NOBODY))  # type: ignore[attr-defined]
+        return {}, f"admin_listen: the socket {data / 'admin.sock'} belongs to uid {NOBODY}"
+    if case == "map of another user":
+        (data / "lmdb").mkdir(mode=0o700)
+        os.chown(_token(data / "lmdb" / "data.mdb"), NOBODY, -1)
+        return {}, f"data_dir: {data / 'lmdb' / 'data.mdb'} belongs to uid {NOBODY}"
+    raise ValueError(case)
+
+
+_plant.sockets = []  # type: ignore[attr-defined]
+PLANTED = ["data dir 0777", "data dir of another user", "token a symlink", "token of another user",
+           "token group-writable", "tenant tokens world-writable", "socket a regular file", "socket of another user",
+           "map of another user"]
+
+
+@pytest.mark.parametrize("case", PLANTED)
+def test_what_another_user_could_read_or_replace_is_refused_by_check_config_and_serve(case, tmp_path):
+    from conftest import free_port
+    data = tmp_path / "data"
+    env, message = _plant(case, data, tmp_path)
+    before = sorted(str(p) for p in data.rglob("*"))
+    for command in (["check-config"], ["serve", "--listen", f"127.0.0.1:{free_port()}"]):
+        r = subprocess.run([sys.executable, "-m", "meterd", *command, "--data-dir", str(data)],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr.count("\n")) == (2, 1), r.stderr
+        assert r.stderr.startswith("meterd: " + message) and "Traceback" not in r.stderr, r.stderr
+        assert sorted(str(p) for p in data.rglob("*")) == before  # nothing was made before the refusal
+    for s in _plant.sockets:  # type: ignore[attr-defined]
+        s.close()
+
+
+def test_the_cli_sends_the_admin_token_only_to_the_daemons_own_socket(make_daemon, tmp_path):
+    d = make_daemon().start()
+    grant = ("grant", "--data-dir", str(d.data_dir), "--customer", "demo", "--credit-type", "usd", "--amount", "1")
+    assert _meterd(*grant).returncode == 0
+    sock = d.data_dir / "admin.sock"
+    sock.rename(d.data_dir / "real.sock")
+    fake = _socket_of(sock, NOBODY)  # another user's listener, in place of the daemon's
+    fake.setblocking(False)
+    try:
+        r = _meterd(*grant)
+        assert r.returncode == 2 and f"admin_listen: the socket {sock} belongs to uid {NOBODY}" in r.stderr, r.stderr
+        assert "not sending the token" in r.stderr and "Traceback" not in r.stderr
+        with pytest.raises(BlockingIOError):
+            fake.accept()  # nobody even connected
+    finally:
+        fake.close()
+    sock.unlink()
+    sock.write_text("")  # not a socket at all
+    r = _meterd(*grant)
+    assert r.returncode == 2 and f"admin_listen: {sock} is not a socket" in r.stderr, r.stderr
+    sock.unlink()
+    (d.data_dir / "real.sock").rename(sock)
+    open_dir = tmp_path / "open"  # the daemon's own socket, but in a directory anyone may change
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    (open_dir / "admin.sock").symlink_to(sock)
+    r = _meterd(*grant, "--admin-listen", f"unix:{open_dir / 'admin.sock'}")
+    assert r.returncode == 2 and f"admin_listen: {open_dir} is writable by group and others" in r.stderr, r.stderr
+    assert _meterd(*grant).returncode == 0  # the daemon's own socket, as before
+
+
+def _tenants(path: Path, *tenants: tuple[str, str, str]) -> Path:
+    import hashlib
+    path.write_text("".join(f'[tenants.{name}]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+                            f'customers = "{prefix}"\n' for name, token, prefix in tenants))
+    return path
+
+
+@pytest.mark.parametrize("prefixes, message", [
+    (("acme", "acmecorp-"), "tenants acme (customers 'acme') and b ('acmecorp-') overlap"),
+    (("acme-", "acme-"), "tenants acme (customers 'acme-') and b ('acme-') overlap"),
+    (("acme-eu-", "x-", "acme-"), "tenants c (customers 'acme-') and acme ('acme-eu-') overlap"),
+    (("", "acme-"), "tenants.acme.customers: a customer id prefix, 1 to 64 printable ASCII characters"),
+])
+def test_tenant_prefixes_must_not_overlap_nor_be_empty(tmp_path, prefixes, message):
+    from meterd.security import DataTokens
+    names = ["acme", "b", "c"]
+    path = _tenants(tmp_path / "tokens.toml", *[(n, f"{n}-token-0123456789abcdef", p)
+                                                for n, p in zip(names, prefixes, strict=False)])
+    with pytest.raises(ConfigError, match="data_tokens_file: " + str(path)) as e:
+        DataTokens(load_settings({}, env={"METERD_DATA_TOKENS_FILE": str(path)}))
+    assert message in str(e.value)
+
+
+def test_a_reload_with_overlapping_prefixes_keeps_the_current_tokens(make_daemon, tmp_path):
+    path = _tenants(tmp_path / "tokens.toml", ("acme", ACME_TOKEN, "acme-"))
+    d = make_daemon(extra_env={"METERD_DATA_TOKENS_FILE": str(path)}).start()
+    d.admin.Grant(apb.GrantRequest(customer_id="acme-1", credit_type="usd", amount_nano=10**12))
+    balance = pb.GetBalanceRequest(customer_id="acme-1")
+    stub = meter_pb2_grpc.MeterStub(d.channel)
+    _tenants(path, ("acme", ACME_TOKEN, "acme"), ("corp", GLOBEX_TOKEN, "acmecorp-"))
+
+    def reload_and_wait(line: str) -> str:
+        seen = d.log_path.read_text().count(line)
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while d.log_path.read_text().count(line) == seen:  # the daemon logs each reload's outcome
+            assert time.monotonic() < deadline, "the daemon did not log the reload"
+            time.sleep(0.02)
+        return d.log_path.read_text()
+
+    log = reload_and_wait("reloading the data plane tokens failed")
+    assert f"data_tokens_file: {path}: tenants acme (customers 'acme') and corp ('acmecorp-') overlap" in log
+    stub.GetBalance(balance, metadata=[("authorization", "Bearer " + ACME_TOKEN)], timeout=10)  # still acme's
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetBalance(balance, metadata=[("authorization", "Bearer " + GLOBEX_TOKEN)], timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    _tenants(path, ("acme", ACME_TOKEN, "acme-"), ("corp", GLOBEX_TOKEN, "acmecorp-"))
+    reload_and_wait("reloaded the data plane tokens")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetBalance(balance, metadata=[("authorization", "Bearer " + GLOBEX_TOKEN)], timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a tenant now, of other customers
+
+
+def test_reflection_on_the_data_port_describes_only_the_data_plane(make_daemon):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    d = make_daemon().start()
+    data = ProtoReflectionDescriptorDatabase(d.channel)
+    assert set(data.get_services()) == {"meterd.v1.Meter", "grpc.health.v1.Health",
+                                        "grpc.reflection.v1alpha.ServerReflection"}
+    assert data.FindFileContainingSymbol("meterd.v1.Meter").name == "meterd/v1/meter.proto"
+    assert data.FindFileContainingSymbol("meterd.v1.ReportRequest").message_type
+    for symbol in ("meterd.v1.Admin", "meterd.v1.GrantRequest"):
+        with pytest.raises(KeyError):
+            data.FindFileContainingSymbol(symbol)
+    with pytest.raises(KeyError):
+        data.FindFileByName("meterd/v1/admin.proto")
+    admin = ProtoReflectionDescriptorDatabase(d.admin_channel)  # the admin listener describes its own API
+    assert "meterd.v1.Admin" in admin.get_services()
+    assert admin.FindFileContainingSymbol("meterd.v1.GrantRequest").name == "meterd/v1/admin.proto"
+    with pytest.raises(KeyError):
+        admin.FindFileContainingSymbol("meterd.v1.ReportBatchRequest")

@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args)
     setup_logging(settings)
     catalog = load_catalog(settings.catalog)
+    os.umask(0o077)  # whatever meterd makes is its user's alone; each file is also given its mode explicitly
     asyncio.run(serve(settings, catalog))
     return 0
 
@@ -81,8 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.file:
         args.config = args.file
+    from meterd.preflight import preflight
+
     settings = _load(args)
     catalog = load_catalog(settings.catalog)
+    preflight(settings, catalog)  # what serve checks before it starts, changing nothing
     print(catalog.describe())
     print(f"ok: settings valid; catalog {catalog.source}: {len(catalog.credit_types)} credit types, "
           f"{len(catalog.meters)} meters, {len(catalog.plans)} plans, {len(catalog.customers)} customers")
@@ -98,10 +102,14 @@ def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str
     admin_token_file, or the token the daemon keeps in its data directory)."""
     import grpc
 
-    from meterd.security import channel_credentials, read_token
+    from meterd.security import channel_credentials, check_server_socket, read_token
 
     settings = _load(args)
     address = settings.admin_address if admin else (getattr(args, "target", None) or settings.listen)
+    token_file = args.token_file or (settings.admin_token_path if admin else "")
+    metadata = [("authorization", "Bearer " + read_token("--token-file", token_file))] if token_file else []
+    if metadata and address.startswith("unix:"):
+        check_server_socket("admin_listen" if admin else "--target", address[5:], token_file)
     if settings.tls_cert_file:
         creds = channel_credentials(args.tls_ca or settings.tls_cert_file, args.tls_cert or "", args.tls_key or "")
         # A Unix socket has no host name: the daemon's certificate is checked for "localhost".
@@ -109,9 +117,28 @@ def _connect(args: argparse.Namespace, admin: bool) -> tuple[Any, list[tuple[str
         channel = grpc.secure_channel(address, creds, options=options)
     else:
         channel = grpc.insecure_channel(address)
-    token_file = args.token_file or (settings.admin_token_path if admin else "")
-    metadata = [("authorization", "Bearer " + read_token("--token-file", token_file))] if token_file else []
     return channel, metadata
+
+
+def _safe(text: str) -> str:
+    """Text from the daemon or the ledger (customer ids, dimensions, names) for a terminal: control and
+    other unprintable characters as escapes, so that none can move the cursor, recolour or forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else
+                   f"\\U{ord(c):08x}" for c in text)
+
+
+def _safe_all(value: Any) -> Any:
+    """``_safe`` on every string of a statement (JSON output escapes them itself)."""
+    if isinstance(value, str):
+        return _safe(value)
+    if isinstance(value, dict):
+        return {k: _safe_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe_all(v) for v in value]
+    return value
 
 
 def _credits(nano: int) -> str:
@@ -127,10 +154,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
         resp = meter_pb2_grpc.MeterStub(ch).GetBalance(meter_pb2.GetBalanceRequest(customer_id=args.customer),
                                                        metadata=metadata)
     for b in resp.balances:
-        print(f"{b.credit_type:<20} balance {_credits(b.balance_nano):>20}  reserved {_credits(b.reserved_nano)}"
-              f"  available {_credits(b.available_nano)}")
+        print(f"{_safe(b.credit_type):<20} balance {_credits(b.balance_nano):>20}  reserved "
+              f"{_credits(b.reserved_nano)}  available {_credits(b.available_nano)}")
     for u in resp.usage:
-        print(f"usage {u.meter:<26} {u.quantity}")
+        print(f"usage {_safe(u.meter):<26} {_safe(u.quantity)}")
     return 0
 
 
@@ -142,6 +169,40 @@ def _nano(text: str, where: str, signed: bool = False) -> int:
     return -amount if negative else amount
 
 
+def _grant_amount(text: str, where: str) -> int:
+    """A grant's amount: positive; taking credits away is an adjustment, with its reason."""
+    amount = 0 if text.strip().startswith("-") else _nano(text, where)
+    if amount <= 0:
+        raise ConfigError(f"{where}: {_safe(repr(text.strip()))} must be positive; use `meterd adjust` (with "
+                          "--reason) to take credits away")
+    return amount
+
+
+def _unknown_customers(stub: Any, metadata: Any, args: argparse.Namespace, customers: list[str]) -> list[str]:
+    """The customers neither in the catalog nor with an account in the daemon (every account made by the
+    catalog, a grant or a subscription has audit entries). A mistyped id would otherwise get its own
+    account and the credits, silently."""
+    from meterd.v1 import admin_pb2
+
+    catalog = load_catalog(_load(args).catalog).customer_index
+    unknown = []
+    for customer in dict.fromkeys(customers):
+        if customer in catalog:
+            continue
+        audit = stub.ListAudit(admin_pb2.ListAuditRequest(customer_id=customer, limit=1), metadata=metadata,
+                               timeout=30)
+        if not audit.entries:
+            unknown.append(customer)
+    return unknown
+
+
+def _refuse_new(unknown: list[str], where: str) -> None:
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"{where}: customer {_safe(repr(unknown[0]))}{more} is not in the catalog and has no "
+                          "account: check the id, or pass --new-customer to create it with this grant")
+
+
 def cmd_grant(args: argparse.Namespace) -> int:
     from meterd.v1 import admin_pb2, admin_pb2_grpc
 
@@ -149,9 +210,12 @@ def cmd_grant(args: argparse.Namespace) -> int:
         return _bulk_grants(args)
     if not (args.customer and args.credit_type and args.amount):
         raise ConfigError("--customer, --credit-type and --amount are required (or --from-csv FILE)")
-    amount = _nano(args.amount, "--amount")
+    amount = _grant_amount(args.amount, "--amount")
     channel, metadata = _connect(args, admin=True)
     with channel as ch:
+        if not args.new_customer:
+            _refuse_new(_unknown_customers(admin_pb2_grpc.AdminStub(ch), metadata, args, [args.customer]),
+                        "--customer")
         resp = admin_pb2_grpc.AdminStub(ch).Grant(admin_pb2.GrantRequest(
             customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount,
             source=args.source, idempotency_key=args.idempotency_key or ""), metadata=metadata)
@@ -184,19 +248,24 @@ def _bulk_grants(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}:{n}: expected customer,credit_type,amount[,idempotency_key]")
         key = row[3] if len(row) == 4 else f"{path}:{n}"
         requests.append(admin_pb2.GrantRequest(customer_id=row[0], credit_type=row[1],
-                                               amount_nano=_nano(row[2], f"{path}:{n}: amount"),
+                                               amount_nano=_grant_amount(row[2], f"{path}:{n}: amount"),
                                                source=args.source, idempotency_key=key))
     channel, metadata = _connect(args, admin=True)
-    progress = Progress(len(requests), "granting")
     duplicates = 0
     with channel as ch:
         stub = admin_pb2_grpc.AdminStub(ch)
+        if not args.new_customer:
+            unknown = _unknown_customers(stub, metadata, args, [r.customer_id for r in requests])
+            first = next((n for (n, _), r in zip(rows, requests, strict=True) if unknown and
+                          r.customer_id == unknown[0]), 0)
+            _refuse_new(unknown, f"{path}:{first}")
+        progress = Progress(len(requests), "granting")
         for (n, _), request in zip(rows, requests, strict=True):
             try:
                 duplicates += stub.Grant(request, metadata=metadata, timeout=30).duplicate
             except grpc.RpcError as e:
                 progress.close()
-                print(f"meterd: {path}:{n}: {e.code().name}: {e.details()}; "  # type: ignore[attr-defined]
+                print(f"meterd: {path}:{n}: {e.code().name}: {_safe(e.details() or '')}; "  # type: ignore[attr-defined]
                       "the rows before it were granted (run the file again: they will not be granted twice)",
                       file=sys.stderr)
                 return 1
@@ -222,12 +291,17 @@ def cmd_adjust(args: argparse.Namespace) -> int:
 
 
 def _open_ledger(args: argparse.Namespace, migrate: bool = False) -> Any:
+    """The ledger to migrate (made when missing), or to read: reads never create nor change one."""
     from meterd.ledger import Ledger
 
-    ledger = Ledger(_load(args).ledger_url)
-    if migrate or ledger.dialect == "sqlite":
-        ledger.migrate()
-    ledger.check_schema()
+    ledger = Ledger(_load(args).ledger_url, create=migrate)
+    try:
+        if migrate:
+            ledger.migrate()
+        ledger.check_schema()
+    except BaseException:
+        ledger.close()
+        raise
     return ledger
 
 
@@ -245,7 +319,7 @@ def cmd_statement(args: argparse.Namespace) -> int:
 
     with _open_ledger(args) as ledger:
         st = statement(ledger, args.customer, args.period)
-    print(json.dumps(st, indent=2) if args.json else render_statement(st))
+    print(json.dumps(st, indent=2) if args.json else render_statement(_safe_all(st)))
     return 0
 
 
@@ -264,6 +338,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     table = [[time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["window_start_ms"] / 1000)), r["meter"],
               *[r[g] for g in groups], r["quantity"], f"{_credits(r['cost_nano'])} {r['credit_type']}",
               str(r["events"])] for r in rows]
+    head, table = [_safe(h) for h in head], [[_safe(str(x)) for x in row] for row in table]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
     for row in [head, *table]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
@@ -328,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "grant", "add credits to a customer, or to many from a CSV file (Admin)",
                  "  meterd grant --customer acme --credit-type usd --amount 25.00\n"
                  "  meterd grant --customer acme --credit-type usd --amount 25.00 --idempotency-key topup-8812\n"
-                 "  meterd grant --from-csv topups.csv      # customer,credit_type,amount[,idempotency_key]")
+                 "  meterd grant --customer newco --credit-type usd --amount 5 --new-customer   # a new account\n"
+                 "  meterd grant --from-csv topups.csv      # customer,credit_type,amount[,idempotency_key]\n"
+                 "Amounts are positive (take credits away with `meterd adjust`). A customer that is neither in the\n"
+                 "catalog nor has an account is refused unless --new-customer says to create it.")
     p.add_argument("--customer", help="the customer id")
     p.add_argument("--credit-type", help="a credit type of the catalog, for example usd")
     p.add_argument("--amount", help="in credits, exact decimal, for example 25.00")
@@ -336,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="a repeat with the same key grants nothing more")
     p.add_argument("--from-csv", metavar="FILE", help="one grant per row, with a progress bar; rows without a key "
                    "are keyed by file and line, so a second run grants nothing twice")
+    p.add_argument("--new-customer", action="store_true", help="allow granting to a customer that is not in the "
+                   "catalog and has no account yet, creating it (without it such a grant is refused, so that a "
+                   "mistyped id gets no credits)")
     _client_args(p)
     p.set_defaults(func=cmd_grant)
     p = _command(sub, "adjust", "correct a balance up or down, with a reason for the audit trail (Admin)",
@@ -384,23 +465,35 @@ _FLAGS = {"customer_id": "--customer", "period": "--period", "window": "--window
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe is still caught, rather than at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`meterd balance | head`): stop quietly, as other commands do on SIGPIPE.
+        # Python's own flush at exit would fail again, so stdout goes nowhere from here on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except InvalidInput as e:
         flag = _FLAGS.get(e.field, e.field)
-        print(f"meterd: {flag}: {str(e).split(': ', 1)[-1]}", file=sys.stderr)
+        print(f"meterd: {flag}: {_safe(str(e).split(': ', 1)[-1])}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        print(f"meterd: {e}", file=sys.stderr)
+        print(f"meterd: {_safe(str(e))}", file=sys.stderr)
         return 2
     except LedgerError as e:
-        print(f"meterd: {e}", file=sys.stderr)
+        print(f"meterd: {_safe(str(e))}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - a client command's gRPC error, said in one line
         import grpc
         if isinstance(e, grpc.RpcError):
-            print(f"meterd: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"meterd: {e.code().name}: {_safe(e.details() or '')}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
         raise
     except KeyboardInterrupt:

@@ -267,22 +267,41 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
+def _sqlite(path: str, create: bool) -> sqlite3.Connection:
+    """A connection to a SQLite ledger, made 0600 when it is new (SQLite gives its WAL files the same mode)."""
+    if not os.path.exists(path):
+        if not create:
+            raise LedgerError(f"no ledger at {path}: the file does not exist (reading never creates one; "
+                              "check --ledger)")
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            raise LedgerError(f"cannot create the ledger {path}: {e.strerror}") from None
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA schema_version")  # reads the header: fails here on a file that is not a database
+        if create:  # a reader changes nothing, not even the journal mode of a file that is not meterd's
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except sqlite3.DatabaseError as e:
+        raise LedgerError(f"the ledger {path} is not a SQLite database ({e})") from None
+    return conn
+
+
 class Ledger:
     """One connection to a ledger database. Not shared between threads: every
     method runs on the caller's thread, so give each thread its own Ledger."""
 
-    def __init__(self, url: str, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = 10.0, create: bool = True) -> None:
+        """``create=False`` (reads): a SQLite file that does not exist is an error, not a new ledger."""
         self.url = url
         self.dialect, target = parse_url(url)
         self._known_credit_types: set[CreditTypeInfo] = set()
         if self.dialect == "sqlite":
-            path = target
-            parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, exist_ok=True)
-            self.conn: Any = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA busy_timeout=30000")
+            self.conn: Any = _sqlite(target, create)
         else:
             try:
                 import psycopg
@@ -365,6 +384,9 @@ class Ledger:
 
     def check_schema(self) -> None:
         version = self.schema_version()
+        if version == 0:
+            raise SchemaBehind(f"the ledger {redact(self.url)} holds no meterd tables: if it is the right one, "
+                               "run `meterd ledger migrate --ledger URL`")
         if version < SCHEMA_VERSION:
             raise SchemaBehind(f"the ledger {redact(self.url)} has schema version {version}, meterd needs "
                                f"{SCHEMA_VERSION}: run `meterd ledger migrate --ledger URL`")
@@ -495,6 +517,8 @@ def period_bounds(period: str) -> tuple[int, int]:
     if not m or not 1 <= int(m.group(2)) <= 12:
         raise InvalidInput("period", f"{period!r} is not a month like 2026-11")
     year, month = int(m.group(1)), int(m.group(2))
+    if not 1970 <= year <= 9998:  # the ledger counts ms since 1970; a period ends within the calendar's years
+        raise InvalidInput("period", f"{period!r} is out of range: a month from 1970-01 to 9998-12")
     start = calendar.timegm((year, month, 1, 0, 0, 0))
     nxt = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))
     return start * 1000, nxt * 1000

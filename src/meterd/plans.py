@@ -272,8 +272,11 @@ def _credit_policy(spec: Any, where: str, credit_index: dict[str, int], modes: l
     if arrears and overage is not None:
         raise _err(source, f"{where}.arrears", "a credit billed in arrears has no overage")
     fallback = spec.get("fallback", "")
-    if not isinstance(fallback, str) or (fallback and not fallback.replace("_", "").isalnum()) or len(fallback) > 32:
-        raise _err(source, f"{where}.fallback", "must be a mode name of letters, digits and _ (at most 32)")
+    # The core keeps mode names as bytes: count the bytes, not the characters.
+    if not isinstance(fallback, str) or (fallback and not fallback.replace("_", "").isalnum()) or \
+            len(fallback.encode()) > 32:
+        raise _err(source, f"{where}.fallback", "must be a mode name of letters, digits and _ (at most 32 bytes "
+                   f"in UTF-8), got {fallback!r}")
     if fallback and fallback not in modes:
         modes.append(fallback)
     step = amount(spec.get("priority_step", "0"), f"{where}.priority_step")

@@ -20,6 +20,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,6 +40,7 @@ from meterd.errors import (
 )
 from meterd.ledger import redact
 from meterd.metrics import Timings
+from meterd.preflight import check_core, preflight
 from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -310,6 +312,7 @@ class Servicer:
         async def run() -> bytes:
             _parse(admin_pb2.ReloadCatalogRequest, data)
             catalog = load_catalog(self.settings.catalog)
+            check_core(self.settings, catalog)  # as at start: a catalog the core refuses is named, not INTERNAL
             await self.engine.reload_catalog(catalog)
             return admin_pb2.ReloadCatalogResponse(source=catalog.source, credit_types=len(catalog.credit_types),
                                                    meters=len(catalog.meters),
@@ -410,6 +413,7 @@ class MeterdServer:
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
+        preflight(settings, catalog, create=True)  # what check-config checks, before anything is made
         self.credentials = Credentials(settings) if settings.tls_cert_file else None  # reads the files now
         self.admin_auth = AdminAuth(settings)
         self.data_tokens = DataTokens(settings)
@@ -424,7 +428,8 @@ class MeterdServer:
         self.data_port = 0
         self.admin_address = ""
 
-    def _server(self, handlers: list[grpc.GenericRpcHandler], services: list[str]) -> grpc.aio.Server:
+    def _server(self, handlers: list[grpc.GenericRpcHandler], services: list[str],
+                files: list[Any]) -> grpc.aio.Server:
         limit = self.settings.batch_bytes_max + (1 << 20)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -435,20 +440,20 @@ class MeterdServer:
         server.add_generic_rpc_handlers(handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = services + [health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
+        reflection.enable_server_reflection(names, server, pool=_pool(files))
         return server
 
     async def start(self) -> None:
         servicer = Servicer(self.engine, self.settings, self.admin_auth, self.data_tokens)
         meter, admin = servicer.handlers()
         self.engine.start(asyncio.get_running_loop())
-        self.data_server = self._server([meter], [METER_SERVICE])
+        self.data_server = self._server([meter], [METER_SERVICE], [meter_pb2.DESCRIPTOR])
         self.data_port = _bind(self.data_server, self.settings.listen, "listen", self.credentials)
-        self.admin_server = self._server([admin], [ADMIN_SERVICE])
+        self.admin_server = self._server([admin], [ADMIN_SERVICE], [admin_pb2.DESCRIPTOR])
         self.admin_address = self.settings.admin_address
         if self.admin_address.startswith("unix:"):
             path = self.admin_address[5:]
-            if os.path.exists(path):
+            if os.path.lexists(path):  # check_paths found meterd's own socket, left by an earlier run
                 os.unlink(path)
         _bind(self.admin_server, self.admin_address, "admin_listen", self.credentials)
         if self.admin_address.startswith("unix:"):
@@ -486,7 +491,9 @@ class MeterdServer:
             except ConfigError as e:
                 log.error("reloading the %s failed, keeping the current ones: %s", what, e)
         try:
-            await self.engine.reload_catalog(load_catalog(self.settings.catalog))
+            catalog = load_catalog(self.settings.catalog)
+            check_core(self.settings, catalog)
+            await self.engine.reload_catalog(catalog)
         except Exception as e:  # noqa: BLE001 - the daemon keeps its current catalog
             log.error("catalog reload failed, keeping the current catalog: %s", e)
 
@@ -520,6 +527,27 @@ class MeterdServer:
             except FileNotFoundError:
                 pass
         log.info("stopped")
+
+
+def _pool(files: list[Any]) -> descriptor_pool.DescriptorPool:
+    """What reflection may describe on one listener: its own proto files (with what they import), health and
+    reflection, and nothing else; the default pool would describe the admin API on the data port too."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in [*files, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]:
+        add(file)
+    return pool
 
 
 def _bind(server: grpc.aio.Server, address: str, setting: str, credentials: Credentials | None = None) -> int:

@@ -61,11 +61,12 @@ class Store:
 
     def __init__(self, path: str, map_size_bytes: int, fsync: bool,
                  window_us: int, ops_max: int) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # nobody else reads the balances (nor the tokens' digests)
         self.path = path
         # LMDB lets several processes share an environment; two daemons on one
         # data directory would each replay and snapshot over the other's state.
-        self._lock_file = open(os.path.join(path, "meterd.lock"), "a+")
+        self._lock_file = os.fdopen(os.open(os.path.join(path, "meterd.lock"),
+                                            os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -89,6 +90,7 @@ class Store:
             readahead=False,
             lock=True,
             max_readers=126,
+            mode=0o600,  # data.mdb and lock.mdb (0600 under any umask that does not take from the owner)
         )
         self.dbs = {name: self.env.open_db(name.encode()) for name in DBS}
         self.window_s = window_us / 1e6

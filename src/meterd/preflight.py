@@ -1,0 +1,47 @@
+"""What ``serve`` checks before it starts, and ``check-config`` checks without starting.
+
+Both commands go through ``preflight``, so a configuration that check-config
+passes is one that serve accepts: the settings, the catalog as the core will
+hold it (names counted in bytes, with the settings' limits), the TLS files,
+the token files, and the data directory and sockets (``check_paths``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from meterd.catalog import Catalog
+from meterd.config import Settings
+from meterd.errors import ConfigError
+from meterd.security import Credentials, DataTokens, check_paths, read_token
+
+
+def preflight(settings: Settings, catalog: Catalog, create: bool = False) -> None:
+    """Raise ConfigError naming the file or setting that serve would refuse.
+
+    ``create`` (serve): make the data directory when it is missing; without
+    it nothing on disk is changed."""
+    check_paths(settings, create)
+    check_core(settings, catalog)
+    if settings.tls_cert_file:
+        Credentials(settings)  # reads the files and checks that the key belongs to the certificate
+    DataTokens(settings)
+    # The default token is made at the first start; once it exists it is checked as serve reads it.
+    if settings.admin_token_file or os.path.lexists(settings.admin_token_path):
+        read_token("admin_token_file", settings.admin_token_path, private=True)
+
+
+def check_core(settings: Settings, catalog: Catalog) -> None:
+    """Build the core's tables from the catalog exactly as the engine does at start."""
+    from meterd import core
+    from meterd.engine import _compiled_of, _doc_of
+
+    for c in catalog.customers:  # the engine creates them at start, under the same limit as any call
+        if len(c.customer_id.encode()) > settings.customer_id_bytes_max:
+            raise ConfigError(f"{catalog.source}: customers.{c.customer_id}: the id is longer than "
+                              f"customer_id_bytes_max ({settings.customer_id_bytes_max} bytes)")
+    denominators, meters, rates, plans, modes, free, names = _compiled_of(_doc_of(catalog))
+    try:
+        core.Core(denominators, meters, rates, settings.core_limits(), 1024, plans, modes, free, names)
+    except (ValueError, OverflowError) as e:
+        raise ConfigError(f"{catalog.source}: the catalog does not fit the core's tables: {e}") from None
