@@ -41,6 +41,7 @@ import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Iterator
 
 from meterd.errors import LimitReached
 from meterd.store import Op, Store, from_u64, u64
@@ -167,10 +168,16 @@ class AnswerStore:
         """Forget up to ``limit`` entries whose window has passed, oldest first."""
         ops: list[Op] = []
         changed: set[str] = set()
-        for ekey, _ in self.store.items(self.expiry_db, limit=limit):
+        def due(rows: Iterator[tuple[bytes, bytes]]) -> list[bytes]:
+            out: list[bytes] = []
+            for ekey, _ in rows:  # oldest first: stop at the first one still in its window
+                if from_u64(bytes(ekey[:8])) > now_ms or len(out) >= limit:
+                    break
+                out.append(bytes(ekey))
+            return out
+
+        for ekey in self.store.scan(self.expiry_db, due):
             expires = from_u64(ekey[:8])
-            if expires > now_ms:
-                break
             key = ekey[12:]
             if key in self.pending:
                 break  # made again while in flight: wait for its commit
