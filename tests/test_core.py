@@ -14,7 +14,8 @@ from meterd.errors import InvalidInput
 from meterd.v1 import meter_pb2 as pb
 
 LIMITS = dict(customer_id_bytes_max=128, client_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
-              dimension_key_bytes_max=64, dimension_value_bytes_max=128)
+              dimension_key_bytes_max=64, dimension_value_bytes_max=128,
+              dimension_sets_per_window_max=1000)
 CORES = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}
 
 CATALOG = {
