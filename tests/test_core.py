@@ -679,7 +679,8 @@ def _wrap_batch(*events: bytes) -> bytes:
 
 
 def _usage(core) -> list:
-    return sorted((c, m, tuple(sorted(_dims(d).items())), q, cost, n) for c, m, d, _, q, cost, n, _ in core.take_usage())
+    return sorted((c, m, tuple(sorted(_dims(d).items())), q, cost, n)
+                  for c, m, d, _, q, cost, n, _ in core.take_usage())
 
 
 def test_sets_that_differ_by_one_character_are_apart_and_keep_their_own_labels(core):

@@ -1077,7 +1077,7 @@ class Core:
                     self._agg_undo(made)
                     raise InvalidInput("events[%d].dimensions" % i, sets_message(cust, self.sets_max))
             slots.append((idx, key))
-        for i, (cust, _, rate, qty, fine, _, uval) in enumerate(events):
+        for i, (_, _, rate, qty, fine, _, uval) in enumerate(events):
             idx, key = slots[i]
             ct = self.rates[rate][1]
             cost = mode = priority = 0
