@@ -912,3 +912,41 @@ def test_both_cores_agree_on_random_sets_under_a_cap():
         assert out[:len(out) // 2] == out[len(out) // 2:]
     assert a.take_usage() == b.take_usage()
     assert [a.state_bytes(i) for i in range(len(a))] == [b.state_bytes(i) for i in range(len(b))]
+
+
+_ENTRY_PARTS = st.sampled_from([
+    b"\x0a\x05model", b"\x0a\x04user", b"\x0a\x06region", b"\x12\x02o1", b"\x12\x05haiku", b"\x12\x00", b"\x12\x02eu",
+    b"\x18\x01", b"\x1a\x01x", b"\x25\x01\x02\x03\x04", b"\x08\x07", b"\x10\x01", b"\x02\x00", b"\x12\x02\xc3\x28",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_ENTRY_PARTS, max_size=4), max_size=5))
+def test_both_cores_rate_and_file_random_map_entries_as_protobuf_parses_them(entries):
+    """Random map entries (unknown fields, wrong wire types, repeated keys and values,
+    field number 0, bad UTF-8): both cores give the same answer, refuse what protobuf
+    refuses, and otherwise rate and file the event as protobuf's parse of it."""
+    raw = _event_bytes(*(_entry(b"".join(parts)) for parts in entries))
+    try:
+        parsed = pb.UsageEvent.FromString(raw)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        parsed = None
+    outcomes = []
+    for kind in CORES:
+        c = make_core(kind)
+        c.credit(c.open_account(b"acme"), 1, 10**12)
+        try:
+            outcomes.append((c.apply_batch(_wrap_batch(raw)), c.state_bytes(0), _usage(c)))
+        except InvalidInput as e:
+            outcomes.append(("invalid", str(e)))
+    assert outcomes[0] == outcomes[1]
+    if parsed is None:
+        assert outcomes[0][0] == "invalid"
+        return
+    if outcomes[0][0] == "invalid":  # the core's own limits (an empty key), never a dimension protobuf dropped
+        assert "" in parsed.dimensions
+        return
+    clean = pb.UsageEvent(customer_id="acme", meter="requests", quantity=3, dimensions=dict(parsed.dimensions))
+    c = make_core("compiled")
+    c.credit(c.open_account(b"acme"), 1, 10**12)
+    assert (c.apply_batch(batch([clean])), c.state_bytes(0), _usage(c)) == outcomes[0]
