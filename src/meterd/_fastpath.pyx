@@ -455,6 +455,8 @@ cdef class Core:
     cdef int64_t window_ms
     cdef int64_t cur_window
     cdef list rate_dims      # per rate: its price dimension as a canonical dimension set
+    cdef const char **rate_dptr  # and its bytes, length and hash, for settle
+    cdef int32_t *rate_dlen
     cdef uint64_t *rate_dhash
 
     def __cinit__(self):
@@ -522,6 +524,8 @@ cdef class Core:
         self.window_ms = 60000
         self.cur_window = 0
         self.rate_dims = []
+        self.rate_dptr = NULL
+        self.rate_dlen = NULL
         self.rate_dhash = NULL
 
     def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
@@ -658,7 +662,9 @@ cdef class Core:
                 self.rates[i].dim_len = len(value)
                 self.rates[i].dim_value = _dup(value)
         self.rate_dhash = <uint64_t *>calloc(max(self.n_rates, 1), sizeof(uint64_t))
-        if self.rate_dhash == NULL:
+        self.rate_dptr = <const char **>calloc(max(self.n_rates, 1), sizeof(char *))
+        self.rate_dlen = <int32_t *>calloc(max(self.n_rates, 1), sizeof(int32_t))
+        if self.rate_dhash == NULL or self.rate_dptr == NULL or self.rate_dlen == NULL:
             raise MemoryError()
         for i in range(self.n_rates):
             meter, value, amount, factor = rates[i]
@@ -669,6 +675,9 @@ cdef class Core:
             body = _dim_entry(meters[meter][3], value)
             self.rate_dims.append(b"\x2a" + _varint_bytes(len(body)) + body)
             self.rate_dhash[i] = _hash_set(PyBytes_AS_STRING(self.rate_dims[i]), len(self.rate_dims[i]))
+        for i in range(self.n_rates):
+            self.rate_dptr[i] = PyBytes_AS_STRING(self.rate_dims[i])
+            self.rate_dlen[i] = <int32_t>len(self.rate_dims[i])
         self._grow(max(capacity, 16))
         self._agg_grow(64)
 
@@ -690,7 +699,7 @@ cdef class Core:
         free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len); free(self.ct_name); free(self.ct_name_len)
-        free(self.agg); free(self.aslots); free(self.rate_dhash)
+        free(self.agg); free(self.aslots); free(self.rate_dhash); free(self.rate_dptr); free(self.rate_dlen)
         free(self.spans); free(self.cbuf); free(self.darena); free(self.uarena)
         free(self.nsets); free(self.nsets_win)
 
@@ -1670,10 +1679,9 @@ cdef class Core:
             raise InvalidInput("quantity", "cost overflows 64 bits")
         # A settlement is not refused for dimension_sets_per_window_max: the work
         # was done, and its one dimension is a priced value of the catalog.
-        cdef bytes dims = self.rate_dims[rate]
         cdef Py_ssize_t mark = self.n_agg
-        cdef int32_t i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, PyBytes_AS_STRING(dims),
-                                        <int32_t>PyBytes_GET_SIZE(dims), self.rate_dhash[rate], False)
+        cdef int32_t i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate],
+                                        self.rate_dlen[rate], self.rate_dhash[rate], False)
         cdef Ext *x = self._xp(idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved
