@@ -39,6 +39,7 @@ ACCOUNT_COLUMNS = [
     ("dirty (uint8)", 0, 0, 1),
     ("plan_of (uint16)", 0, 0, 2),
     ("ext (int32: the account's Ext rows, or none)", 0, 0, 4),
+    ("nsets, nsets_win (int32, int64: dimension sets made in a window)", 0, 0, 12),
 ]
 # struct Ext, per credit type, only for an account with something reserved, a
 # floor, degraded usage or a low-balance threshold: resv, floor, degr, alert.
@@ -46,8 +47,8 @@ EXT_BYTES_PER_CT = 32
 # Per account, only when the catalog has unique_count meters: uhead (int32), uepoch (uint32).
 UNIQUE_COLUMNS = 8
 SLOT_BYTES = 4           # int32 per hash slot, accounts and aggregates alike
-AGG_BYTES = 48           # struct Agg
-EVENT_BYTES = 112        # struct Event (scratch of one batch)
+AGG_BYTES = 64           # struct Agg; its dimension set's canonical bytes are in an arena besides
+EVENT_BYTES = 128        # struct Event (scratch of one batch)
 
 
 def _rss(pid: int | None = None) -> int:

@@ -18,7 +18,8 @@ CUSTOMERS = 10_000
 EVENTS = 100_000
 MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o4-mini"]
 LIMITS = dict(customer_id_bytes_max=128, client_id_bytes_max=128, batch_events_max=EVENTS, dimensions_max=16,
-              dimension_key_bytes_max=64, dimension_value_bytes_max=128)
+              dimension_key_bytes_max=64, dimension_value_bytes_max=128,
+              dimension_sets_per_window_max=1000)
 CORES: dict[str, Any] = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}
 
 

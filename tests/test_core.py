@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +15,8 @@ from meterd.errors import InvalidInput
 from meterd.v1 import meter_pb2 as pb
 
 LIMITS = dict(customer_id_bytes_max=128, client_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
-              dimension_key_bytes_max=64, dimension_value_bytes_max=128)
+              dimension_key_bytes_max=64, dimension_value_bytes_max=128,
+              dimension_sets_per_window_max=1000)
 CORES = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}
 
 CATALOG = {
@@ -654,3 +656,297 @@ def test_load_states_loads_many_snapshot_records():
         assert c.take_dirty() == []
         with pytest.raises(ValueError):
             c.load_states([(b"bad", b"\x00" * 8)])
+
+
+# ---- dimension sets, as protobuf sees them ---------------------------------------
+
+
+def _entry(body: bytes) -> bytes:
+    return b"\x2a" + bytes([len(body)]) + body
+
+
+def _kv(key: bytes, value: bytes) -> bytes:
+    return b"\x0a" + bytes([len(key)]) + key + b"\x12" + bytes([len(value)]) + value
+
+
+def _event_bytes(*entries: bytes, customer: bytes = b"acme", meter: bytes = b"requests", quantity: int = 3) -> bytes:
+    return (b"\x0a" + bytes([len(customer)]) + customer + b"\x12" + bytes([len(meter)]) + meter
+            + b"\x18" + bytes([quantity]) + b"".join(entries))
+
+
+def _wrap_batch(*events: bytes) -> bytes:
+    return b"".join(b"\x1a" + bytes([len(e)]) + e for e in events)
+
+
+def _usage(core) -> list:
+    return sorted((c, m, tuple(sorted(_dims(d).items())), q, cost, n)
+                  for c, m, d, _, q, cost, n, _ in core.take_usage())
+
+
+def test_sets_that_differ_by_one_character_are_apart_and_keep_their_own_labels(core):
+    """The sums of the entries' hashes of these two sets are equal: they were one aggregate."""
+    other = core.open_account(b"other")
+    core.credit(other, 0, 10**12)
+    a = ev(meter="tokens", quantity=1000, model="gpt-4o", user="u0")
+    b = ev(meter="tokens", quantity=1000, model="mini", user="u1")
+    pairs = [{"model": "m-a", "user": "u0"}, {"model": "m-b", "user": "u1"}]
+    c = [ev(meter="images", quantity=1, **p) for p in pairs]
+    core.apply_batch(batch([a, ev("other", meter="tokens", quantity=1000, model="mini", user="u1"), c[0]]))
+    core.report(pb.ReportRequest(event=b).SerializeToString())
+    core.report(pb.ReportRequest(event=c[1]).SerializeToString())
+    assert _usage(core) == [
+        (b"acme", 0, (("model", "gpt-4o"), ("user", "u0")), 1000, 2_500_000, 1),
+        (b"acme", 0, (("model", "mini"), ("user", "u1")), 1000, 150_000, 1),
+        (b"acme", 3, (("model", "m-a"), ("user", "u0")), 1, 285_714_285, 1),  # 2/7, the rest carried
+        (b"acme", 3, (("model", "m-b"), ("user", "u1")), 1, 285_714_286, 1),
+        (b"other", 0, (("model", "mini"), ("user", "u1")), 1000, 150_000, 1)]
+
+
+def test_the_same_set_in_any_order_or_with_a_repeated_key_is_one_set(core):
+    """As protobuf's map: entries in any order, and of a repeated key the last wins."""
+    events = [_event_bytes(_entry(_kv(b"model", b"o1")), _entry(_kv(b"region", b"eu"))),
+              _event_bytes(_entry(_kv(b"region", b"eu")), _entry(_kv(b"model", b"o1"))),
+              _event_bytes(_entry(_kv(b"model", b"haiku")), _entry(_kv(b"region", b"eu")),
+                           _entry(_kv(b"model", b"o1"))),
+              _event_bytes(_entry(_kv(b"model", b"o1") + b"\x12\x02eu"[:0]), _entry(_kv(b"region", b"us")
+                                                                               + b"\x12\x02eu"))]
+    core.apply_batch(_wrap_batch(*events))
+    assert [dict(pb.UsageEvent.FromString(e).dimensions) for e in events] == [{"model": "o1", "region": "eu"}] * 4
+    assert _usage(core) == [(b"acme", 1, (("model", "o1"), ("region", "eu")), 12, 120 * 10**9, 4)]
+
+
+# Map entries as protobuf's parser treats them: an entry with a field other than its
+# key and value (wire type 2) is no entry at all (it goes to the unknown fields).
+ENTRIES = [
+    _entry(_kv(b"model", b"o1") + b"\x18\x01"),                      # unknown varint field
+    _entry(b"\x0a\x05model" + b"\x1a\x01x" + b"\x12\x02o1"),          # unknown length-delimited, in the middle
+    _entry(_kv(b"model", b"o1") + b"\x25\x01\x02\x03\x04"),          # unknown fixed32
+    _entry(_kv(b"model", b"o1") + b"\x21" + b"\x00" * 8),            # unknown fixed64
+    _entry(b"\x08\x01" + b"\x12\x02o1"),                             # the key with a wrong wire type
+    _entry(b"\x0a\x05model" + b"\x10\x01"),                          # the value with a wrong wire type
+    _entry(b"\x0a\x05model"),                                        # no value: ""
+    _entry(b"\x0a\x05model\x12\x05haiku\x12\x02o1"),                 # the value twice: the last
+    _entry(b"\x0a\x03xxx\x0a\x05model\x12\x02o1"),                   # the key twice: the last
+]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("kind", list(CORES))
+def test_map_entries_are_rated_and_filed_as_protobuf_parses_them(kind, entry):
+    """The raw event against the event protobuf parses from it, re-encoded: the same
+    decision, cost, balance and ledger row. A dropped entry leaves the default
+    price (1 credit) where o1 costs 10."""
+    raw = _event_bytes(entry, _entry(_kv(b"region", b"eu")))
+    parsed = pb.UsageEvent.FromString(raw)
+    clean = pb.UsageEvent(customer_id=parsed.customer_id, meter=parsed.meter, quantity=parsed.quantity,
+                          dimensions=dict(parsed.dimensions)).SerializeToString()
+    results = []
+    for data in (raw, clean):
+        c = make_core(kind)
+        c.credit(c.open_account(b"acme"), 1, 10**12)
+        report = c.report(b"\x0a" + bytes([len(data)]) + data)
+        applied = c.apply_batch(_wrap_batch(data))
+        results.append((report, applied, c.state_bytes(0), _usage(c)))
+    assert results[0] == results[1]
+    expected = 10 if parsed.dimensions.get("model") == "o1" else 1
+    assert results[0][0][3] == 3 * expected * 10**9
+
+
+def test_field_number_zero_is_malformed_as_protobuf_says(core):
+    event = ev(model="gpt-4o").SerializeToString()
+    cases = {
+        "batch": (b"\x00\x01" + _wrap_batch(event), pb.ReportBatchRequest),
+        "events[0]": (_wrap_batch(event + b"\x00\x01"), pb.ReportBatchRequest),
+        "events[0].dimensions": (_wrap_batch(_event_bytes(_entry(_kv(b"model", b"o1") + b"\x02\x00"))),
+                                 pb.ReportBatchRequest),
+    }
+    before = core.state_bytes(0)
+    for field, (data, message) in cases.items():
+        with pytest.raises(Exception, match="Wire format was corrupt"):
+            message.FromString(data)
+        with pytest.raises(InvalidInput, match="field number 0") as info:
+            core.apply_batch(data)
+        assert info.value.field == field
+    with pytest.raises(InvalidInput, match="field number 0"):
+        core.batch_header(b"\x00\x01")
+    for data, field in ((b"\x00\x01\x0a" + bytes([len(event)]) + event, "event"),
+                        (b"\x0a" + bytes([len(event) + 2]) + event + b"\x00\x01", "event")):
+        with pytest.raises(Exception, match="Wire format was corrupt"):
+            pb.ReportRequest.FromString(data)
+        for fn in (core.report, core.report_wire):
+            with pytest.raises(InvalidInput, match="field number 0") as info:
+                fn(data)
+            assert info.value.field == field
+    assert core.state_bytes(0) == before and core.take_usage() == []
+
+
+@pytest.mark.parametrize("field, tag", [("idempotency_key", 0x3A), ("customer_id", 0x0A), ("meter", 0x12),
+                                        ("quantity_decimal", 0x22)])
+def test_invalid_utf8_in_any_string_of_a_batch_is_refused_as_protobuf_refuses_it(core, field, tag):
+    """Every occurrence of a string field is checked, also one that a later one replaces."""
+    good = ev(model="gpt-4o").SerializeToString()
+    data = _wrap_batch(good + bytes([tag, 2]) + b"\xc3\x28" + good)  # a later valid one wins in the core's view
+    with pytest.raises(Exception, match="bad UTF-8"):
+        pb.ReportBatchRequest.FromString(data)
+    before = core.state_bytes(0)
+    with pytest.raises(InvalidInput, match="UTF-8") as info:
+        core.apply_batch(data)
+    assert info.value.field == f"events[0].{field}"
+    assert core.state_bytes(0) == before
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        core.apply_batch(b"\x0a\x02\xc3\x28" + _wrap_batch(good))  # the client id
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        core.batch_header(b"\x0a\x02\xc3\x28")
+
+
+def test_a_missing_price_names_the_meter_the_dimension_and_the_value(core):
+    with pytest.raises(InvalidInput) as info:
+        core.apply_batch(batch([ev(model="gpt-5")]))
+    assert str(info.value) == "events[0].dimensions: meter 'tokens' has no price for model='gpt-5' and no default"
+    with pytest.raises(InvalidInput) as info:
+        core.report(pb.ReportRequest(event=ev(region="eu")).SerializeToString())
+    assert str(info.value) == "event.dimensions: meter 'tokens' needs the 'model' dimension: it has no default price"
+
+
+def test_too_many_decimals_names_the_meters_precision(core):
+    with pytest.raises(InvalidInput) as info:
+        core.apply_batch(batch([ev(meter="gpu_seconds", quantity="1.2345", hardware="cpu")]))
+    assert str(info.value) == "events[0].quantity_decimal: meter 'gpu_seconds' has precision 3: at most 3 decimals"
+    with pytest.raises(InvalidInput) as info:
+        core.apply_batch(batch([ev(meter="images", quantity="1.5")]))
+    assert str(info.value) == "events[0].quantity_decimal: meter 'images' counts whole units (precision 0): no decimals"
+
+
+# ---- distinct values by their bytes --------------------------------------------
+
+
+def test_distinct_values_are_kept_by_their_bytes_and_snapshots_of_hashes_still_load():
+    def old_record(core, idx, values):  # the format that kept only 64-bit hashes
+        words = core.state_bytes(idx)[:8 * (6 * 2 + 7 + 1)]
+        return words + struct.pack("<q", len(values)) + b"".join(
+            struct.pack("<qQ", 6, _fastpath_py._hash64(v)) for v in values)
+
+    results = []
+    for kind in CORES:
+        c = make_core(kind)
+        idx = c.open_account(b"acme")
+        c.apply_batch(batch([ev(meter="users", user="ann")]))
+        assert c.uniques(idx) == [(6, b"ann")]
+        c.reset_usage(idx)
+        c.load_state_bytes(b"acme", old_record(c, idx, [b"bob", b"cy"]))
+        assert c.uniques(idx) == [(6, _fastpath_py._hash64(b"bob")), (6, _fastpath_py._hash64(b"cy"))]
+        c.apply_batch(batch([ev(meter="users", user=u) for u in ("bob", "dee", "cy", "dee")]))
+        assert c.state(idx)[1][6] == 1  # bob and cy were seen (by their hashes), dee is new
+        blob = c.state_bytes(idx)
+        other = make_core(kind)
+        assert other.uniques(other.load_state_bytes(b"acme", blob)) == c.uniques(idx)
+        assert other.state_bytes(0) == blob
+        results.append(blob)
+    assert results[0] == results[1]
+
+
+# ---- dimension_sets_per_window_max ---------------------------------------------------
+
+
+def capped_core(kind: str, limit: int):
+    denominators, meters, rates = parse_catalog(CATALOG, "test").compile()
+    c = CORES[kind](denominators, meters, rates, dict(LIMITS, dimension_sets_per_window_max=limit), 1024, PLANS,
+                    MODES, FREE, [b"usd", b"req"])
+    for name in (b"acme", b"beta"):
+        c.credit(c.open_account(name), 0, 10**12)
+    c.set_clock(1_790_000_000_000)
+    return c
+
+
+@pytest.mark.parametrize("kind", list(CORES))
+def test_new_dimension_sets_past_the_cap_are_refused_whole(kind):
+    c = capped_core(kind, 3)
+    sets = [ev(model="mini", request=f"r{i}") for i in range(4)]
+    assert c.apply_batch(batch(sets[:2] + [ev("ghost", model="mini", request="x")] * 5))[:2] == (2, 5)
+    c.take_usage()  # the window's sets stay counted after a snapshot
+    before = c.state_bytes(0)
+    with pytest.raises(InvalidInput) as info:
+        c.apply_batch(batch([sets[0], sets[2], sets[3]]))
+    assert info.value.field == "events[2].dimensions"
+    assert "customer 'acme' has 3 distinct dimension sets in this usage window" in str(info.value)
+    assert "dimension_sets_per_window_max" in str(info.value)
+    assert c.state_bytes(0) == before and c.take_usage() == []  # nothing applied
+    with pytest.raises(InvalidInput, match="dimension_sets_per_window_max") as info:
+        c.apply_batch(batch([sets[2], sets[3]]))
+    assert info.value.field == "events[1].dimensions"
+    assert c.apply_batch(batch(sets[:3] * 2))[:2] == (6, 0)  # the third fits, the known ones count once
+    with pytest.raises(InvalidInput, match="dimension_sets_per_window_max") as info:
+        c.report(pb.ReportRequest(event=sets[3]).SerializeToString())
+    assert info.value.field == "event.dimensions"
+    assert c.report(pb.ReportRequest(event=ev("beta", model="mini", request="r3")).SerializeToString())[0] == 1
+    # Settlements are not refused (the work was done) and unique_count values are not sets.
+    rate = c.find_rate(0, b"gpt-4o")
+    assert c.reserve(0, 0, 10**6)
+    c.settle(0, rate, 10, 10**6)
+    assert c.apply_batch(batch([ev(meter="users", user=f"u{i}") for i in range(10)]))[:2] == (10, 0)
+    assert len(c.uniques(0)) == 10
+    c.set_dimension_sets_capped(False)  # as while the log is replayed
+    assert c.apply_batch(batch([sets[3]]))[:2] == (1, 0)
+    c.set_dimension_sets_capped(True)
+    c.set_clock(1_790_000_060_000)  # a new window
+    assert c.apply_batch(batch([ev(model="mini", request=f"n{i}") for i in range(3)]))[:2] == (3, 0)
+
+
+def test_both_cores_agree_on_random_sets_under_a_cap():
+    rng = random.Random(12)
+    a, b = capped_core("compiled", 20), capped_core("python", 20)
+    for round_ in range(200):
+        events = [ev(rng.choice(["acme", "beta", "ghost"]), model=rng.choice(["mini", "gpt-4o"]),
+                     **{rng.choice(["user", "request"]): f"v{rng.randrange(12)}"}) for _ in range(rng.randrange(1, 6))]
+        data = batch(events) if round_ % 3 else pb.ReportRequest(event=events[0]).SerializeToString()
+        out = []
+        for c in (a, b):
+            try:
+                out.append((c.apply_batch if round_ % 3 else c.report)(data))
+            except InvalidInput as e:
+                out.append(("invalid", str(e)))
+            if round_ % 7 == 0:
+                out.append(c.take_usage())
+            if round_ % 50 == 49:
+                c.set_clock(1_790_000_000_000 + round_ * 1000)
+        assert out[:len(out) // 2] == out[len(out) // 2:]
+    assert a.take_usage() == b.take_usage()
+    assert [a.state_bytes(i) for i in range(len(a))] == [b.state_bytes(i) for i in range(len(b))]
+
+
+_ENTRY_PARTS = st.sampled_from([
+    b"\x0a\x05model", b"\x0a\x04user", b"\x0a\x06region", b"\x12\x02o1", b"\x12\x05haiku", b"\x12\x00", b"\x12\x02eu",
+    b"\x18\x01", b"\x1a\x01x", b"\x25\x01\x02\x03\x04", b"\x08\x07", b"\x10\x01", b"\x02\x00", b"\x12\x02\xc3\x28",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_ENTRY_PARTS, max_size=4), max_size=5))
+def test_both_cores_rate_and_file_random_map_entries_as_protobuf_parses_them(entries):
+    """Random map entries (unknown fields, wrong wire types, repeated keys and values,
+    field number 0, bad UTF-8): both cores give the same answer, refuse what protobuf
+    refuses, and otherwise rate and file the event as protobuf's parse of it."""
+    raw = _event_bytes(*(_entry(b"".join(parts)) for parts in entries))
+    try:
+        parsed = pb.UsageEvent.FromString(raw)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        parsed = None
+    outcomes = []
+    for kind in CORES:
+        c = make_core(kind)
+        c.credit(c.open_account(b"acme"), 1, 10**12)
+        try:
+            outcomes.append((c.apply_batch(_wrap_batch(raw)), c.state_bytes(0), _usage(c)))
+        except InvalidInput as e:
+            outcomes.append(("invalid", str(e)))
+    assert outcomes[0] == outcomes[1]
+    if parsed is None:
+        assert outcomes[0][0] == "invalid"
+        return
+    if outcomes[0][0] == "invalid":  # the core's own limits (an empty key), never a dimension protobuf dropped
+        assert "" in parsed.dimensions
+        return
+    clean = pb.UsageEvent(customer_id="acme", meter="requests", quantity=3, dimensions=dict(parsed.dimensions))
+    c = make_core("compiled")
+    c.credit(c.open_account(b"acme"), 1, 10**12)
+    assert (c.apply_batch(batch([clean])), c.state_bytes(0), _usage(c)) == outcomes[0]

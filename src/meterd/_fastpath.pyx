@@ -14,10 +14,15 @@ credit type, and each rate carries ``factor = D / (per_units * 10**precision)``.
 
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from meterd.errors import Forbidden, InvalidInput
+# The messages that name catalog values are made in one place for both cores.
+from meterd._fastpath_py import no_price_message as _no_price_message
+from meterd._fastpath_py import precision_message as _precision_message
+from meterd._fastpath_py import sets_message as _sets_message
+from meterd._fastpath_py import unique_order as _unique_order
 
 cdef extern from *:
     """
@@ -73,6 +78,8 @@ cdef enum:
     E_NO_UNIQUE = 13
     E_UTF8 = 14
     E_TENANT = 15
+    E_FIELD0 = 16
+    E_PRECISION = 17
 
 
 cdef struct Rate:
@@ -84,11 +91,14 @@ cdef struct Rate:
     int64_t factor
 
 
-# A distinct value seen by a unique_count meter in an account's period. Entries
-# of one account are chained (``next``) so that a snapshot finds them; an
-# account's period reset bumps its epoch, which makes its old entries stale.
+# A distinct value seen by a unique_count meter in an account's period, compared
+# by its bytes (in Core.uarena); the hash only picks the bucket. Entries of one
+# account are chained (``next``) so that a snapshot finds them; an account's
+# period reset bumps its epoch, which makes its old entries stale. 40 bytes.
 cdef struct UEntry:
     uint64_t vhash
+    uint64_t voff
+    int32_t vlen             # -1: known only by its hash (a snapshot from before values were kept)
     int32_t acct
     int32_t meter
     uint32_t epoch
@@ -111,16 +121,31 @@ cdef struct Meter:
 
 
 # Usage of one (account, meter, dimension set, window) since the last
-# take_usage: what the ledger receives, aggregated. 48 bytes: a sum that would
-# pass 64 bits moves what it has to Core.agg_spill (rare) and starts again.
+# take_usage: what the ledger receives, aggregated. The dimension set is its
+# canonical bytes (Core.darena), compared in full; the hash only picks the
+# bucket. 64 bytes and the set's bytes: a sum that would pass 64 bits moves what
+# it has to Core.agg_spill (rare) and starts again. An aggregate of the current
+# window outlives take_usage, emptied, so that the sets of a window are counted
+# once against dimension_sets_per_window_max.
 cdef struct Agg:
     uint64_t dhash
     int64_t window
     int64_t qty
     int64_t cost
     int64_t events
+    uint64_t doff
+    int32_t dlen
     int32_t acct
     int32_t meter
+
+
+# One dimensions map entry of the event being decoded: its key and value in the
+# caller's buffer.
+cdef struct Span:
+    const char *key
+    const char *value
+    int32_t key_len
+    int32_t value_len
 
 
 # The state of an account and credit type that most accounts never set:
@@ -147,9 +172,12 @@ cdef struct Event:
     const char *err_ptr      # field name of the error
     const char *detail
     int32_t detail_len
-    uint64_t dhash          # sum of the hashes of the dimension entries: the same for any order
-    Py_ssize_t start        # the event's bytes in the caller's buffer
-    Py_ssize_t end
+    const char *uval        # unique_count meters: the distinct value, in the caller's buffer
+    int32_t ulen
+    Py_ssize_t coff         # the canonical dimension set, in Core.cbuf
+    int32_t clen
+    uint64_t chash          # its hash, for bucketing only
+    int32_t agg             # its aggregate, found or made before anything is applied; -1 for none
 
 
 cdef struct Outcome:
@@ -209,6 +237,24 @@ cdef inline uint64_t _hash(const char *p, Py_ssize_t n) noexcept nogil:
     for i in range(n):
         h ^= <uint8_t>p[i]
         h *= 1099511628211ULL
+    return h
+
+
+cdef inline uint64_t _hash_set(const char *p, Py_ssize_t n) noexcept nogil:
+    """A hash of a dimension set's canonical bytes, eight bytes at a step; it only
+    picks a bucket (sets are compared in full), so it need not be FNV-1a."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL ^ <uint64_t>n, w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL
+        h ^= h >> 29
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, p + i, n - i)
+        h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL
+        h ^= h >> 32
     return h
 
 
@@ -293,7 +339,7 @@ cdef int _parse_decimal(const char *p, Py_ssize_t n, int precision, int64_t *out
         if frac >= 0:
             frac += 1
             if frac > precision:
-                return E_DECIMAL
+                return E_PRECISION
         digits += 1
         value = value * 10 + (c - 48)
         if value > INT64_MAX:
@@ -341,6 +387,9 @@ cdef class Core:
     cdef uint64_t umask
     cdef int32_t *uhead
     cdef uint32_t *uepoch
+    cdef char *uarena        # the distinct values' bytes
+    cdef uint64_t uarena_len
+    cdef uint64_t uarena_cap
     cdef uint32_t *hashes
     cdef uint64_t *id_off
     cdef uint8_t *id_len
@@ -378,23 +427,36 @@ cdef class Core:
     cdef int dims_max
     cdef int dim_key_max
     cdef int dim_value_max
+    cdef int32_t sets_max        # dimension_sets_per_window_max
+    cdef bint sets_capped        # off while the log is replayed: what was applied once is applied again
     cdef Event *scratch
+    cdef Span *spans             # the dimension entries of the event being decoded, sorted by key
+    cdef char *cbuf              # canonical dimension sets of the events being decoded
+    cdef Py_ssize_t cbuf_len
+    cdef Py_ssize_t cbuf_cap
     cdef bint closed
     # While a call runs for a data-plane token: the customer id prefix it may meter.
     cdef bytes tenant
     cdef const char *tenant_ptr
     cdef Py_ssize_t tenant_len     # -1: no restriction
-    # usage aggregates, open addressing on (acct, meter, dhash, window)
+    # usage aggregates, open addressing on (acct, meter, dimension set, window)
     cdef Agg *agg
     cdef Py_ssize_t n_agg
     cdef Py_ssize_t cap_agg
+    cdef Py_ssize_t n_live   # aggregates with events since the last take_usage
     cdef dict agg_spill      # aggregate index -> [quantity, cost] moved out before 64 bits overflowed
     cdef int32_t *aslots
     cdef uint64_t amask
+    cdef char *darena        # the aggregates' dimension sets, canonical bytes
+    cdef Py_ssize_t darena_len
+    cdef Py_ssize_t darena_cap
+    cdef int32_t *nsets      # per account: dimension sets made in window nsets_win
+    cdef int64_t *nsets_win
     cdef int64_t window_ms
     cdef int64_t cur_window
-    cdef dict dims_of        # dhash -> the dimension entries, encoded as UsageEvent field 5
-    cdef list rate_dims      # per rate: its price dimension as a dimension set
+    cdef list rate_dims      # per rate: its price dimension as a canonical dimension set
+    cdef const char **rate_dptr  # and its bytes, length and hash, for settle
+    cdef int32_t *rate_dlen
     cdef uint64_t *rate_dhash
 
     def __cinit__(self):
@@ -406,6 +468,9 @@ cdef class Core:
         self.uidx = NULL
         self.uhead = NULL
         self.uepoch = NULL
+        self.uarena = NULL
+        self.uarena_len = 0
+        self.uarena_cap = 0
         self.n_uent = 0
         self.cap_uent = 0
         self.umask = 0
@@ -434,6 +499,12 @@ cdef class Core:
         self.alerts_lost = False
         self.dirty = NULL
         self.scratch = NULL
+        self.spans = NULL
+        self.cbuf = NULL
+        self.cbuf_len = 0
+        self.cbuf_cap = 0
+        self.sets_max = 0
+        self.sets_capped = True
         self.count = 0
         self.cap = 0
         self.closed = False
@@ -441,13 +512,20 @@ cdef class Core:
         self.agg = NULL
         self.n_agg = 0
         self.cap_agg = 0
+        self.n_live = 0
         self.agg_spill = {}
         self.aslots = NULL
         self.amask = 0
+        self.darena = NULL
+        self.darena_len = 0
+        self.darena_cap = 0
+        self.nsets = NULL
+        self.nsets_win = NULL
         self.window_ms = 60000
         self.cur_window = 0
-        self.dims_of = {}
         self.rate_dims = []
+        self.rate_dptr = NULL
+        self.rate_dlen = NULL
         self.rate_dhash = NULL
 
     def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
@@ -457,7 +535,8 @@ cdef class Core:
         ``meters``: (name, credit_type, precision, price_dimension, aggregation) tuples;
         ``rates``: (meter, dimension_value or None, amount_nano, factor) tuples,
         grouped by meter; ``limits``: customer_id_bytes_max, batch_events_max,
-        dimensions_max, dimension_key_bytes_max, dimension_value_bytes_max.
+        dimensions_max, dimension_key_bytes_max, dimension_value_bytes_max,
+        dimension_sets_per_window_max.
         ``plans``: per plan, per credit type, (fallback mode, priority step);
         plan 0 is "no plan" and always denies. ``modes``: fallback mode names,
         mode k being ``modes[k - 1]``. ``free``: per plan (from plan 1), per
@@ -474,8 +553,16 @@ cdef class Core:
         self.dims_max = limits["dimensions_max"]
         self.dim_key_max = limits["dimension_key_bytes_max"]
         self.dim_value_max = limits["dimension_value_bytes_max"]
+        self.sets_max = limits["dimension_sets_per_window_max"]
         if self.id_max > 255:
             raise ValueError("customer_id_bytes_max is at most 255")
+        if self.sets_max < 1:
+            raise ValueError("dimension_sets_per_window_max is at least 1")
+        if not (0 <= self.dims_max <= 1024 and 1 <= self.dim_key_max <= 65536 and 0 <= self.dim_value_max <= 65536):
+            raise ValueError("dimension limits out of range")
+        self.spans = <Span *>calloc(max(self.dims_max, 1), sizeof(Span))
+        if self.spans == NULL:
+            raise MemoryError()
         self.denom = <int64_t *>calloc(max(self.n_ct, 1), sizeof(int64_t))
         self.meters = <Meter *>calloc(max(self.n_meters, 1), sizeof(Meter))
         self.rates = <Rate *>calloc(max(self.n_rates, 1), sizeof(Rate))
@@ -575,16 +662,22 @@ cdef class Core:
                 self.rates[i].dim_len = len(value)
                 self.rates[i].dim_value = _dup(value)
         self.rate_dhash = <uint64_t *>calloc(max(self.n_rates, 1), sizeof(uint64_t))
-        if self.rate_dhash == NULL:
+        self.rate_dptr = <const char **>calloc(max(self.n_rates, 1), sizeof(char *))
+        self.rate_dlen = <int32_t *>calloc(max(self.n_rates, 1), sizeof(int32_t))
+        if self.rate_dhash == NULL or self.rate_dptr == NULL or self.rate_dlen == NULL:
             raise MemoryError()
         for i in range(self.n_rates):
             meter, value, amount, factor = rates[i]
             if value is None:
                 self.rate_dims.append(b"")
+                self.rate_dhash[i] = _hash_set(NULL, 0)
                 continue
             body = _dim_entry(meters[meter][3], value)
             self.rate_dims.append(b"\x2a" + _varint_bytes(len(body)) + body)
-            self.rate_dhash[i] = _hash(PyBytes_AS_STRING(body), len(body))
+            self.rate_dhash[i] = _hash_set(PyBytes_AS_STRING(self.rate_dims[i]), len(self.rate_dims[i]))
+        for i in range(self.n_rates):
+            self.rate_dptr[i] = PyBytes_AS_STRING(self.rate_dims[i])
+            self.rate_dlen[i] = <int32_t>len(self.rate_dims[i])
         self._grow(max(capacity, 16))
         self._agg_grow(64)
 
@@ -606,7 +699,9 @@ cdef class Core:
         free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len); free(self.ct_name); free(self.ct_name_len)
-        free(self.agg); free(self.aslots); free(self.rate_dhash)
+        free(self.agg); free(self.aslots); free(self.rate_dhash); free(self.rate_dptr); free(self.rate_dlen)
+        free(self.spans); free(self.cbuf); free(self.darena); free(self.uarena)
+        free(self.nsets); free(self.nsets_win)
 
     def close(self):
         """Refuse further use; memory is freed with the object."""
@@ -634,6 +729,8 @@ cdef class Core:
         self.usage = <int64_t *>_resize(self.usage, new_cap * max(self.n_meters, 1) * sizeof(int64_t))
         self.ext = <int32_t *>_resize(self.ext, new_cap * sizeof(int32_t))
         self.plan_of = <uint16_t *>_resize(self.plan_of, new_cap * sizeof(uint16_t))
+        self.nsets = <int32_t *>_resize(self.nsets, new_cap * sizeof(int32_t))
+        self.nsets_win = <int64_t *>_resize(self.nsets_win, new_cap * sizeof(int64_t))
         if self.has_unique:
             self.uhead = <int32_t *>_resize(self.uhead, new_cap * sizeof(int32_t))
             self.uepoch = <uint32_t *>_resize(self.uepoch, new_cap * sizeof(uint32_t))
@@ -688,6 +785,8 @@ cdef class Core:
             self.rem[idx * self.n_ct + k] = 0
         self.ext[idx] = -1
         self.plan_of[idx] = 0
+        self.nsets[idx] = 0
+        self.nsets_win[idx] = INT64_MIN
         if self.has_unique:
             self.uhead[idx] = -1
             self.uepoch[idx] = 0
@@ -841,13 +940,23 @@ cdef class Core:
     def state_bytes(self, Py_ssize_t idx):
         """An account's state packed for a snapshot, int64 LE words: per credit
         type (balance, reserved, floor, remainder, degraded, alert), then usage
-        per meter, then the plan."""
+        per meter, then the plan; then 0, or -n and this period's n distinct
+        values, each as int32 LE meter and length and the value's bytes (length
+        -1: an 8-byte hash, a value kept by a version that kept only hashes).
+        A word n >= 0 followed by n (meter, hash) pairs is that older format,
+        which _load_state still reads."""
         self._idx(idx)
-        cdef Py_ssize_t k, b = idx * self.n_ct, u = idx * self.n_meters
+        cdef Py_ssize_t k, b = idx * self.n_ct, u = idx * self.n_meters, size
         cdef list uniq = self.uniques(idx)
         cdef Py_ssize_t words = self.n_ct * 6 + self.n_meters + 1
-        out = PyBytes_FromStringAndSize(NULL, (words + 1 + 2 * len(uniq)) * 8)
+        size = (words + 1) * 8
+        for meter, value in uniq:
+            size += 8 + (len(value) if isinstance(value, bytes) else 8)
+        out = PyBytes_FromStringAndSize(NULL, size)
         cdef int64_t *w = <int64_t *>PyBytes_AS_STRING(out)
+        cdef char *p = PyBytes_AS_STRING(out) + (words + 1) * 8
+        cdef int32_t head[2]
+        cdef uint64_t h
         for k in range(self.n_ct):
             w[k * 6] = self.bal[b + k]
             w[k * 6 + 1] = self._resv(idx, k)
@@ -858,10 +967,20 @@ cdef class Core:
         for k in range(self.n_meters):
             w[self.n_ct * 6 + k] = self.usage[u + k]
         w[words - 1] = self.plan_of[idx]
-        w[words] = len(uniq)
-        for k in range(len(uniq)):
-            w[words + 1 + 2 * k] = uniq[k][0]
-            w[words + 2 + 2 * k] = <int64_t><uint64_t>uniq[k][1]
+        w[words] = -len(uniq)
+        for meter, value in uniq:
+            head[0] = meter
+            if isinstance(value, bytes):
+                head[1] = len(value)
+                memcpy(p, head, 8)
+                memcpy(p + 8, PyBytes_AS_STRING(value), head[1])
+                p += 8 + head[1]
+            else:
+                head[1] = -1
+                h = value
+                memcpy(p, head, 8)
+                memcpy(p + 8, &h, 8)
+                p += 16
         return out
 
     def load_state_bytes(self, bytes customer_id, bytes data):
@@ -882,14 +1001,15 @@ cdef class Core:
     cdef Py_ssize_t _load_state(self, bytes customer_id, bytes data) except -1:
         cdef Py_ssize_t k, words = self.n_ct * 6 + self.n_meters + 1
         cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
-        if PyBytes_GET_SIZE(data) < (words + 1) * 8 or \
-                PyBytes_GET_SIZE(data) != (words + 1 + 2 * w[words]) * 8 or w[words] < 0:
-            raise ValueError("state record has the wrong size for this catalog")
+        cdef list uniq = self._state_uniques(data, words)
         for k in range(self.n_ct):
             if not (0 <= w[k * 6 + 3] < self.denom[k]) or w[k * 6 + 1] < 0:
                 raise ValueError("account state out of range")
         if not 0 <= w[words - 1] < self.n_plans:
             raise ValueError("account state names a plan that does not exist")
+        for meter, value in uniq:
+            if not (0 <= meter < self.n_meters and self.meters[meter].agg == AGG_UNIQUE):
+                raise ValueError("account state counts distinct values of a meter that does not")
         cdef Py_ssize_t n = PyBytes_GET_SIZE(customer_id)
         if n == 0 or n > self.id_max or not _id_charset_ok(PyBytes_AS_STRING(customer_id), n):
             raise InvalidInput("customer_id", "must be 1 to %d printable ASCII characters" % self.id_max)
@@ -902,10 +1022,48 @@ cdef class Core:
         for k in range(self.n_meters):
             self.usage[u + k] = w[self.n_ct * 6 + k]
         self.plan_of[idx] = <uint16_t>w[words - 1]
-        for k in range(w[words]):
-            self.add_unique(idx, <int>w[words + 1 + 2 * k], <uint64_t>w[words + 2 + 2 * k])
+        for meter, value in uniq:
+            self.add_unique(idx, meter, value)
         self.dirty[idx] = 0
         return idx
+
+    cdef list _state_uniques(self, bytes data, Py_ssize_t words):
+        """The distinct values of a state record, (meter, bytes or hash) pairs; raise
+        ValueError for a record of the wrong size."""
+        cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data), k, pos
+        cdef int64_t n
+        cdef int32_t head[2]
+        cdef uint64_t h
+        cdef const char *p = PyBytes_AS_STRING(data)
+        out = []
+        if size < (words + 1) * 8:
+            raise ValueError("state record has the wrong size for this catalog")
+        n = w[words]
+        if n >= 0:  # the format that kept only hashes
+            if n > size // 16 or size != (words + 1 + 2 * n) * 8:
+                raise ValueError("state record has the wrong size for this catalog")
+            for k in range(n):
+                out.append((w[words + 1 + 2 * k], <uint64_t>w[words + 2 + 2 * k]))
+            return out
+        pos = (words + 1) * 8
+        for k in range(-n):
+            if size - pos < 8:
+                raise ValueError("state record has the wrong size for this catalog")
+            memcpy(head, p + pos, 8)
+            pos += 8
+            if head[1] == -1 and size - pos >= 8:
+                memcpy(&h, p + pos, 8)
+                out.append((head[0], h))
+                pos += 8
+            elif 0 <= head[1] <= size - pos:
+                out.append((head[0], PyBytes_FromStringAndSize(p + pos, head[1])))
+                pos += head[1]
+            else:
+                raise ValueError("state record has the wrong size for this catalog")
+        if pos != size:
+            raise ValueError("state record has the wrong size for this catalog")
+        return out
 
     # ---- money -----------------------------------------------------------
 
@@ -991,10 +1149,11 @@ cdef class Core:
         cdef int64_t d = self.denom[self.rates[rate].ct]
         return self.rates[rate].ct, <int64_t>((fine + d - 1) / d)
 
-    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost) noexcept nogil:
+    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost,
+                    const char *uval, Py_ssize_t ulen) noexcept nogil:
         """Apply one rated event with carry: REASON_NONE (charged), OUT_DEGRADED
         (served in the plan's fallback mode, not charged) or a denial reason.
-        ``force`` skips the balance check."""
+        ``force`` skips the balance check; ``uval`` is a unique_count meter's value."""
         cdef int32_t ct = self.rates[rate].ct
         cdef int32_t meter = self.rates[rate].meter
         cdef Py_ssize_t b = idx * self.n_ct + ct
@@ -1011,6 +1170,7 @@ cdef class Core:
         cdef int agg = self.meters[meter].agg
         cdef int64_t before
         cdef bint new_value = False
+        cdef uint64_t vhash = 0
         cost[0] = 0
         if d > INT64_MAX or <i128>self.bal[b] - d < -INT64_MAX:
             return REASON_OVERFLOW
@@ -1019,7 +1179,8 @@ cdef class Core:
         elif agg == AGG_MAX:
             use = quantity if quantity > self.usage[u] else self.usage[u]
         elif agg == AGG_UNIQUE:
-            new_value = self._ufind(<int32_t>idx, meter, <uint64_t>quantity) < 0
+            vhash = _hash(uval, ulen)
+            new_value = self._ufind(<int32_t>idx, meter, vhash, uval, ulen) < 0
             use = <i128>self.usage[u] + new_value
         else:
             use = quantity
@@ -1033,7 +1194,7 @@ cdef class Core:
             self._xnew(idx, ct).degr += <int64_t>d  # room was made by the caller
             self.usage[u] = <int64_t>use
             if new_value:
-                self._uinsert(<int32_t>idx, meter, <uint64_t>quantity)
+                self._uinsert(<int32_t>idx, meter, vhash, uval, ulen)
             self.dirty[idx] = 1
             return OUT_DEGRADED
         before = self.bal[b]
@@ -1041,7 +1202,7 @@ cdef class Core:
         self.rem[b] = <int64_t>(total - d * self.denom[ct])
         self.usage[u] = <int64_t>use
         if new_value:
-            self._uinsert(<int32_t>idx, meter, <uint64_t>quantity)
+            self._uinsert(<int32_t>idx, meter, vhash, uval, ulen)
         self.dirty[idx] = 1
         cost[0] = <int64_t>d
         self._check_alert(idx, ct, before)
@@ -1057,7 +1218,9 @@ cdef class Core:
         h ^= h >> 33
         return h
 
-    cdef int32_t _ufind(self, int32_t acct, int32_t meter, uint64_t vhash) noexcept nogil:
+    cdef int32_t _ufind(self, int32_t acct, int32_t meter, uint64_t vhash, const char *val,
+                        Py_ssize_t vlen) noexcept nogil:
+        """The entry of a distinct value (``vlen`` -1: known by its hash only), or -1."""
         cdef uint32_t epoch = self.uepoch[acct]
         cdef uint64_t h
         cdef int32_t slot
@@ -1070,16 +1233,24 @@ cdef class Core:
             if slot == 0:
                 return -1
             e = &self.uent[slot - 1]
-            if e.vhash == vhash and e.acct == acct and e.meter == meter and e.epoch == epoch:
+            if e.vhash == vhash and e.acct == acct and e.meter == meter and e.epoch == epoch and (
+                    e.vlen < 0 or vlen < 0
+                    or (e.vlen == vlen and memcmp(self.uarena + e.voff, val, vlen) == 0)):
                 return slot - 1
             h = (h + 1) & self.umask
 
-    cdef void _uinsert(self, int32_t acct, int32_t meter, uint64_t vhash) noexcept nogil:
+    cdef void _uinsert(self, int32_t acct, int32_t meter, uint64_t vhash, const char *val,
+                       Py_ssize_t vlen) noexcept nogil:
         """Add a distinct value; room was made by _ureserve."""
         cdef Py_ssize_t i = self.n_uent
         cdef UEntry *e = &self.uent[i]
         cdef uint64_t h
         e.vhash = vhash
+        e.vlen = <int32_t>vlen
+        e.voff = self.uarena_len
+        if vlen > 0:
+            memcpy(self.uarena + self.uarena_len, val, vlen)
+            self.uarena_len += vlen
         e.acct = acct
         e.meter = meter
         e.epoch = self.uepoch[acct]
@@ -1091,64 +1262,100 @@ cdef class Core:
             h = (h + 1) & self.umask
         self.uidx[h] = <int32_t>(i + 1)
 
-    cdef int _ureserve(self, Py_ssize_t more) except -1:
-        """Room for ``more`` new distinct values: drop stale entries, grow if need be."""
-        cdef Py_ssize_t i, live = 0, nslots = 16, new_cap
+    cdef int _ureserve(self, Py_ssize_t more, Py_ssize_t more_bytes) except -1:
+        """Room for ``more`` new distinct values of ``more_bytes`` in all: drop
+        stale entries, grow if need be."""
+        cdef Py_ssize_t i, live = 0, live_bytes = 0, nslots = 16, new_cap, arena_cap
         cdef UEntry *old = self.uent
+        cdef char *old_arena = self.uarena
         cdef Py_ssize_t n_old = self.n_uent
-        if not self.has_unique or self.n_uent + more <= self.cap_uent:
+        if not self.has_unique:
             return 0
-        for i in range(n_old):
-            if old[i].epoch == self.uepoch[old[i].acct]:
-                live += 1
-        new_cap = max(64, (live + more) * 2)
-        if new_cap > 0x3FFFFFFF:
-            raise MemoryError("too many distinct values")
-        while nslots < new_cap * 2:
-            nslots *= 2
-        self.uent = <UEntry *>malloc(new_cap * sizeof(UEntry))
-        if self.uent == NULL:
-            self.uent = old
-            raise MemoryError()
-        free(self.uidx)
-        self.uidx = <int32_t *>calloc(nslots, sizeof(int32_t))
-        if self.uidx == NULL:
-            free(old)
+        if self.n_uent + more > self.cap_uent:
+            for i in range(n_old):
+                if old[i].epoch == self.uepoch[old[i].acct]:
+                    live += 1
+                    live_bytes += old[i].vlen if old[i].vlen > 0 else 0
+            new_cap = max(64, (live + more) * 2)
+            if new_cap > 0x3FFFFFFF:
+                raise MemoryError("too many distinct values")
+            while nslots < new_cap * 2:
+                nslots *= 2
+            arena_cap = max(4096, (live_bytes + more_bytes) * 2)
+            self.uent = <UEntry *>malloc(new_cap * sizeof(UEntry))
+            self.uarena = <char *>malloc(arena_cap)
+            if self.uent == NULL or self.uarena == NULL:
+                free(self.uent)
+                free(self.uarena)
+                self.uent = old
+                self.uarena = old_arena
+                raise MemoryError()
+            free(self.uidx)
+            self.uidx = <int32_t *>calloc(nslots, sizeof(int32_t))
+            if self.uidx == NULL:
+                free(old)
+                free(old_arena)
+                self.n_uent = 0
+                self.cap_uent = 0
+                self.uarena_len = 0
+                self.uarena_cap = arena_cap
+                raise MemoryError()
+            self.umask = nslots - 1
+            self.cap_uent = new_cap
+            self.uarena_cap = arena_cap
+            self.uarena_len = 0
             self.n_uent = 0
-            raise MemoryError()
-        self.umask = nslots - 1
-        self.cap_uent = new_cap
-        self.n_uent = 0
-        for i in range(self.count):
-            self.uhead[i] = -1
-        for i in range(n_old):
-            if old[i].epoch == self.uepoch[old[i].acct]:
-                self._uinsert(old[i].acct, old[i].meter, old[i].vhash)
-        free(old)
+            for i in range(self.count):
+                self.uhead[i] = -1
+            for i in range(n_old):
+                if old[i].epoch == self.uepoch[old[i].acct]:
+                    self._uinsert(old[i].acct, old[i].meter, old[i].vhash, old_arena + old[i].voff, old[i].vlen)
+            free(old)
+            free(old_arena)
+        if self.uarena_len + more_bytes > self.uarena_cap:
+            self.uarena_cap = max(self.uarena_cap * 2, self.uarena_len + more_bytes)
+            self.uarena = <char *>_resize(self.uarena, self.uarena_cap)
         return 0
 
     def uniques(self, Py_ssize_t idx):
-        """(meter, value hash) of the distinct values counted this period, sorted."""
+        """(meter, value) of the distinct values counted this period, sorted;
+        ``value`` is the value's bytes, or its 64-bit hash for a value read back
+        from a snapshot of a version that kept only hashes."""
         self._idx(idx)
         out = []
         if not self.has_unique:
             return out
         cdef int32_t i = self.uhead[idx]
+        cdef UEntry *e
         while i >= 0:
-            if self.uent[i].epoch == self.uepoch[idx]:
-                out.append((self.uent[i].meter, self.uent[i].vhash))
-            i = self.uent[i].next
-        out.sort()
+            e = &self.uent[i]
+            if e.epoch == self.uepoch[idx]:
+                out.append((e.meter, e.vhash if e.vlen < 0 else PyBytes_FromStringAndSize(self.uarena + e.voff,
+                                                                                        e.vlen)))
+            i = e.next
+        out.sort(key=_unique_order)
         return out
 
-    def add_unique(self, Py_ssize_t idx, int meter, uint64_t vhash):
-        """Count a distinct value as seen this period (snapshots and catalog changes)."""
+    def add_unique(self, Py_ssize_t idx, int meter, value):
+        """Count a distinct value (its bytes, or a 64-bit hash) as seen this
+        period (snapshots and catalog changes)."""
         self._idx(idx)
         if not (0 <= meter < self.n_meters and self.meters[meter].agg == AGG_UNIQUE):
             raise ValueError("meter %d does not count distinct values" % meter)
-        if self._ufind(<int32_t>idx, meter, vhash) < 0:
-            self._ureserve(1)
-            self._uinsert(<int32_t>idx, meter, vhash)
+        cdef uint64_t vhash
+        cdef const char *p = NULL
+        cdef Py_ssize_t n = -1
+        if isinstance(value, bytes):
+            p = PyBytes_AS_STRING(value)
+            n = PyBytes_GET_SIZE(value)
+            if n > 0x7FFFFFFF:
+                raise ValueError("distinct value too long")
+            vhash = _hash(p, n)
+        else:
+            vhash = value
+        if self._ufind(<int32_t>idx, meter, vhash, p, n) < 0:
+            self._ureserve(1, max(n, 0))
+            self._uinsert(<int32_t>idx, meter, vhash, p, n)
 
     cdef inline void _check_alert(self, Py_ssize_t idx, Py_ssize_t ct, int64_t before) noexcept nogil:
         """Note a balance that just fell below its low-balance threshold."""
@@ -1201,7 +1408,13 @@ cdef class Core:
         """The time of what is applied next: its usage goes to this time's window."""
         self.cur_window = now_ms - now_ms % self.window_ms
 
+    def set_dimension_sets_capped(self, bint capped):
+        """Whether dimension_sets_per_window_max refuses new sets (on by default).
+        The log replay turns it off: what was applied once is applied again."""
+        self.sets_capped = capped
+
     cdef int _agg_grow(self, Py_ssize_t new_cap) except -1:
+        """Resize the aggregate table to ``new_cap`` (at least n_agg) and rebuild its index."""
         cdef Py_ssize_t nslots = 16, i
         cdef uint64_t h
         while nslots < new_cap * 2:
@@ -1228,39 +1441,88 @@ cdef class Core:
         h ^= h >> 33
         return h
 
-    cdef int _usage(self, int32_t acct, int32_t rate, uint64_t dhash, int64_t quantity, int64_t cost,
-                    const char *buf, Py_ssize_t start, Py_ssize_t end) except -1:
-        """Add one allowed event to its aggregate. ``buf`` (NULL for the rate's
-        own dimension) is the event, for the dimension set of a new aggregate."""
-        cdef int32_t meter = self.rates[rate].meter
+    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, const char *dims, int32_t dlen,
+                                  uint64_t dhash, uint64_t *slot_out) noexcept nogil:
+        """The aggregate of (account, meter, dimension set, current window), or -1;
+        ``slot_out`` is where it is or would go. The set is compared byte for byte."""
         cdef uint64_t h = self._akey(acct, meter, dhash, self.cur_window) & self.amask
         cdef int32_t slot
         cdef Agg *a
-        cdef int kind = self.meters[meter].agg
         while True:
             slot = self.aslots[h]
             if slot == 0:
-                break
+                slot_out[0] = h
+                return -1
             a = &self.agg[slot - 1]
-            if a.acct == acct and a.meter == meter and a.dhash == dhash and a.window == self.cur_window:
-                break
+            if (a.dhash == dhash and a.acct == acct and a.meter == meter and a.window == self.cur_window
+                    and a.dlen == dlen and memcmp(self.darena + a.doff, dims, dlen) == 0):
+                slot_out[0] = h
+                return slot - 1
             h = (h + 1) & self.amask
-        if slot == 0:
-            if dhash not in self.dims_of:
-                self.dims_of[dhash] = _dims_of_event(buf, start, end) if buf != NULL else self.rate_dims[rate]
-            if self.n_agg == self.cap_agg:
-                self._agg_grow(self.cap_agg * 2)
-                return self._usage(acct, rate, dhash, quantity, cost, buf, start, end)
-            a = &self.agg[self.n_agg]
-            self.n_agg += 1
-            self.aslots[h] = <int32_t>self.n_agg
-            a.acct = acct
-            a.meter = meter
-            a.dhash = dhash
-            a.window = self.cur_window
-            a.qty = 0
-            a.cost = 0
-            a.events = 0
+
+    cdef int32_t _agg_slot(self, int32_t acct, int32_t meter, const char *dims, int32_t dlen, uint64_t dhash,
+                           bint capped) except -2:
+        """The aggregate of an event, made (empty) if new; -1 when ``capped`` and
+        the account has made dimension_sets_per_window_max sets in this window.
+        A unique_count meter's sets are not counted: its distinct values, each in
+        its own set, are what it counts."""
+        cdef uint64_t h
+        cdef int32_t i = self._agg_find(acct, meter, dims, dlen, dhash, &h)
+        cdef Agg *a
+        cdef bint counted = self.meters[meter].agg != AGG_UNIQUE
+        if i >= 0:
+            return i
+        if self.nsets_win[acct] != self.cur_window:
+            self.nsets_win[acct] = self.cur_window
+            self.nsets[acct] = 0
+        if counted and capped and self.sets_capped and self.nsets[acct] >= self.sets_max:
+            return -1
+        if self.n_agg >= 0x3FFFFFFF:
+            raise MemoryError("too many usage aggregates")
+        if self.n_agg == self.cap_agg:
+            self._agg_grow(self.cap_agg * 2)
+            self._agg_find(acct, meter, dims, dlen, dhash, &h)
+        if self.darena_len + dlen > self.darena_cap:
+            self.darena_cap = max(self.darena_cap * 2, self.darena_len + dlen, 4096)
+            self.darena = <char *>_resize(self.darena, self.darena_cap)
+        i = <int32_t>self.n_agg
+        a = &self.agg[i]
+        self.n_agg += 1
+        self.aslots[h] = i + 1
+        a.acct = acct
+        a.meter = meter
+        a.dhash = dhash
+        a.window = self.cur_window
+        a.doff = self.darena_len
+        a.dlen = dlen
+        memcpy(self.darena + self.darena_len, dims, dlen)
+        self.darena_len += dlen
+        a.qty = 0
+        a.cost = 0
+        a.events = 0
+        self.nsets[acct] += counted
+        return i
+
+    cdef void _agg_undo(self, Py_ssize_t mark) noexcept nogil:
+        """Forget the aggregates made since there were ``mark``, last first: each
+        made only its own slot non-empty, so clearing them in reverse order leaves
+        the index as it was."""
+        cdef uint64_t h
+        cdef Agg *a
+        while self.n_agg > mark:
+            a = &self.agg[self.n_agg - 1]
+            h = self._akey(a.acct, a.meter, a.dhash, a.window) & self.amask
+            while self.aslots[h] != self.n_agg:
+                h = (h + 1) & self.amask
+            self.aslots[h] = 0
+            self.nsets[a.acct] -= self.meters[a.meter].agg != AGG_UNIQUE
+            self.darena_len = a.doff
+            self.n_agg -= 1
+
+    cdef inline int _agg_add(self, int32_t i, int64_t quantity, int64_t cost) except -1:
+        """Add one allowed event to aggregate ``i``."""
+        cdef Agg *a = &self.agg[i]
+        cdef int kind = self.meters[a.meter].agg
         if (kind == AGG_SUM or kind == AGG_COUNT) and a.qty > INT64_MAX - quantity or a.cost > INT64_MAX - cost:
             self._spill(a)
         if kind == AGG_SUM or kind == AGG_COUNT:
@@ -1271,6 +1533,8 @@ cdef class Core:
         elif kind == AGG_LATEST:
             a.qty = quantity
         a.cost += cost
+        if a.events == 0:
+            self.n_live += 1
         a.events += 1
         return 0
 
@@ -1289,39 +1553,64 @@ cdef class Core:
 
     def usage_pending(self):
         """How many aggregates wait for take_usage."""
-        return self.n_agg
+        return self.n_live
 
     def take_usage(self):
         """Hand over and forget the usage aggregated since the last call:
         (customer_id, meter, dimensions, window_start_ms, quantity, cost_nano,
-        events, balance_nano) tuples, where ``dimensions`` is UsageEvent field 5
-        as it came with the first event of the set and ``balance_nano`` is the
-        account's balance now, in the meter's credit type."""
+        events, balance_nano) tuples, where ``dimensions`` is the dimension set as
+        UsageEvent field 5, entries sorted by key, and ``balance_nano`` is the
+        account's balance now, in the meter's credit type. The current window's
+        sets stay known, emptied, for dimension_sets_per_window_max."""
         self._check()
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, keep = 0
         cdef Agg *a
         out = []
         for i in range(self.n_agg):
             a = &self.agg[i]
+            if a.events == 0:
+                continue
             qty, cost = a.qty, a.cost
             if self.agg_spill:
                 spilled = self.agg_spill.get(i)
                 if spilled is not None:
                     qty, cost = qty + spilled[0], cost + spilled[1]
-            out.append((self.customer_id(a.acct), a.meter, self.dims_of[a.dhash], a.window, qty, cost, a.events,
-                        self.bal[a.acct * self.n_ct + self.meters[a.meter].ct]))
-        self.n_agg = 0
+            out.append((self.customer_id(a.acct), a.meter, PyBytes_FromStringAndSize(self.darena + a.doff, a.dlen),
+                        a.window, qty, cost, a.events, self.bal[a.acct * self.n_ct + self.meters[a.meter].ct]))
+        self._agg_keep_window()
+        return out
+
+    cdef int _agg_keep_window(self) except -1:
+        """Keep only the current window's aggregates, emptied, in their order."""
+        cdef Py_ssize_t i, keep = 0, dlen = 0
+        cdef Agg *a
+        for i in range(self.n_agg):
+            a = &self.agg[i]
+            if a.window != self.cur_window:
+                continue
+            if a.dlen:
+                memmove(self.darena + dlen, self.darena + a.doff, a.dlen)  # offsets only fall
+            a.doff = dlen
+            dlen += a.dlen
+            a.qty = 0
+            a.cost = 0
+            a.events = 0
+            self.agg[keep] = a[0]
+            keep += 1
+        self.n_agg = keep
+        self.darena_len = dlen
+        self.n_live = 0
         self.agg_spill = {}
-        self.dims_of = {}
-        if self.cap_agg > 4096:
+        if self.darena_cap > 1 << 20 and self.darena_cap > 4 * dlen:
+            self.darena_cap = max(4096, 2 * dlen)
+            self.darena = <char *>_resize(self.darena, self.darena_cap)
+        if self.cap_agg > 4096 and self.cap_agg > 4 * keep:
             # The tables go back to the system: they fill again by the next snapshot,
             # and growing them costs less than the tuples above.
-            free(self.agg)
-            self.agg = NULL
-            self._agg_grow(64)
+            self._agg_grow(max(64, 2 * keep))
         else:
-            memset(self.aslots, 0, (self.amask + 1) * sizeof(int32_t))
-        return out
+            self._agg_grow(self.cap_agg)
+        return 0
 
     def take_alerts(self):
         """(account, credit type) pairs whose balance fell below their threshold
@@ -1388,14 +1677,20 @@ cdef class Core:
             raise ValueError("settle of more than is reserved")
         if self._fine(<int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", "cost overflows 64 bits")
+        # A settlement is not refused for dimension_sets_per_window_max: the work
+        # was done, and its one dimension is a priced value of the catalog.
+        cdef Py_ssize_t mark = self.n_agg
+        cdef int32_t i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate],
+                                        self.rate_dlen[rate], self.rate_dhash[rate], False)
         cdef Ext *x = self._xp(idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved
-        if self._debit(idx, <int32_t>rate, quantity, fine, True, &cost) != REASON_NONE:
+        if self._debit(idx, <int32_t>rate, quantity, fine, True, &cost, NULL, 0) != REASON_NONE:
             if reserved:
                 x.resv += reserved
+            self._agg_undo(mark)
             raise InvalidInput("quantity", "balance or usage would overflow")
-        self._usage(<int32_t>idx, <int32_t>rate, self.rate_dhash[rate], quantity, cost, NULL, 0, 0)
+        self._agg_add(i, quantity, cost)
         cdef i128 a = self._available(idx, ct)
         if a < -INT64_MAX:
             a = -INT64_MAX
@@ -1450,12 +1745,13 @@ cdef class Core:
     # ---- wire decoding ---------------------------------------------------
 
     cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev) noexcept:
-        """Decode and rate one UsageEvent; on error ev.err and ev.err_ptr say why."""
-        cdef Py_ssize_t pos = start, s, n, ks, kn, vs, vn, kpos, kend
+        """Decode and rate one UsageEvent; on error ev.err and ev.err_ptr say why.
+        Its canonical dimension set goes to cbuf, which has room (see _cbuf_reserve)."""
+        cdef Py_ssize_t pos = start, s, n
         cdef const char *dim_value = NULL
         cdef Py_ssize_t dim_len = 0
         cdef uint64_t key, v
-        cdef int wt, rc, qkind = 0, ndims = 0
+        cdef int wt, rc, qkind = 0, ndims = 0, nspans = 0
         cdef int64_t qty = 0
         cdef const char *dec = NULL
         cdef Py_ssize_t dec_len = 0
@@ -1468,9 +1764,11 @@ cdef class Core:
         ev.err_ptr = b""
         ev.detail = NULL
         ev.detail_len = 0
-        ev.dhash = 0
-        ev.start = start
-        ev.end = end
+        ev.uval = NULL
+        ev.ulen = 0
+        ev.clen = 0
+        ev.coff = self.cbuf_len
+        ev.agg = -1
         cdef const char *mname = NULL
         cdef Py_ssize_t mlen = 0
         while pos < end:
@@ -1480,6 +1778,9 @@ cdef class Core:
                 return rc
             wt = key & 7
             key >>= 3
+            if key == 0:
+                ev.err = E_FIELD0
+                return E_FIELD0
             if key == 1 or key == 2 or key == 4 or key == 5 or key == 7:
                 if wt != 2:
                     ev.err = E_WIRE_TYPE
@@ -1489,6 +1790,15 @@ cdef class Core:
                 if rc:
                     ev.err = rc
                     return rc
+                if key == 5:
+                    rc = self._decode_dim(buf, s, s + n, ev, &nspans)
+                    if rc:
+                        return rc
+                    continue
+                if not _utf8_ok(<const uint8_t *>buf + s, n):
+                    ev.err = E_UTF8  # every string field, as protobuf checks each occurrence
+                    ev.err_ptr = _FIELD_NAMES[key]
+                    return E_UTF8
                 if key == 1:
                     ev.cust = buf + s
                     ev.cust_len = <int32_t>n if n < 0x7FFFFFFF else 0x7FFFFFFF
@@ -1499,16 +1809,6 @@ cdef class Core:
                     qkind = 2
                     dec = buf + s
                     dec_len = n
-                elif key == 5:
-                    ndims += 1
-                    if ndims > self.dims_max:
-                        ev.err = E_TOO_MANY
-                        ev.err_ptr = b"dimensions"
-                        return E_TOO_MANY
-                    rc = self._decode_dim(buf, s, s + n, ev, NULL, 0, &dim_value, &dim_len)
-                    if rc:
-                        return rc
-                    ev.dhash += _hash(buf + s, n)
             elif key == 3 or key == 6:
                 if wt != 0:
                     ev.err = E_WIRE_TYPE
@@ -1576,111 +1876,150 @@ cdef class Core:
                     ev.err = rc
                     return rc
         ev.quantity = qty
-        # rate: the last entry whose key is the meter's price dimension wins
+        # rate: of the entries whose key is the meter's price dimension, the last wins (protobuf's map)
         if m.dim_key_len > 0:
-            if ndims > 0:
-                self._dim_value(buf, start, end, ev, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
+            self._span_value(nspans, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
             ev.rate = self._find_rate(ev.meter, dim_value, dim_len)
         else:
             ev.rate = m.rate_default
         if ev.rate < 0:
             ev.err = E_NO_PRICE
             ev.err_ptr = b"dimensions"
-            ev.detail = m.dim_key
-            ev.detail_len = m.dim_key_len
+            ev.detail = dim_value
+            ev.detail_len = <int32_t>dim_len
             return E_NO_PRICE
         if m.agg == AGG_COUNT:
             ev.quantity = qty = 1  # a count meter counts events; its price is per event
         if m.agg == AGG_UNIQUE:
-            # The distinct-value key travels in the quantity field: a unique_count
-            # meter has no quantity of its own.
             dim_value = NULL
-            self._dim_value(buf, start, end, ev, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
+            self._span_value(nspans, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
             if dim_value == NULL:
                 ev.err = E_NO_UNIQUE
                 ev.err_ptr = b"dimensions"
                 ev.detail = m.uniq_key
                 ev.detail_len = m.uniq_key_len
                 return E_NO_UNIQUE
-            ev.quantity = <int64_t>_hash(dim_value, dim_len)
+            ev.uval = dim_value
+            ev.ulen = <int32_t>dim_len
+            ev.quantity = 0  # a unique_count meter has no quantity of its own
         if m.agg == AGG_MAX or m.agg == AGG_LATEST or m.agg == AGG_UNIQUE:
             ev.fine = 0  # gauges are charged on their period's value, at the period's end
         elif self._fine(ev.rate, qty, &ev.fine):
             ev.err = E_OVERFLOW
             ev.err_ptr = b"quantity"
             return E_OVERFLOW
+        ev.clen = <int32_t>_put_dims(self.cbuf + ev.coff, self.spans, nspans)
+        ev.chash = _hash_set(self.cbuf + ev.coff, ev.clen)
+        self.cbuf_len += ev.clen
         ev.err_ptr = b""
         return E_OK
 
-    cdef void _dim_value(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
-                         const char *want, Py_ssize_t want_len,
-                         const char **value, Py_ssize_t *value_len) noexcept:
-        """The value of the last dimension whose key is ``want`` (the event was validated already)."""
-        cdef uint64_t key
-        cdef Py_ssize_t s, n
-        while pos < end:
-            _read_varint(buf, end, &pos, &key)
-            if key == ((5 << 3) | 2):
-                _read_len(buf, end, &pos, &s, &n)
-                self._decode_dim(buf, s, s + n, ev, want, want_len, value, value_len)
-            else:
-                _skip(buf, end, &pos, key & 7)
+    cdef void _span_value(self, int nspans, const char *want, Py_ssize_t want_len,
+                          const char **value, Py_ssize_t *value_len) noexcept nogil:
+        """The value of the entry whose key is ``want`` (entries are unique by key), if any."""
+        cdef int i
+        for i in range(nspans):
+            if self.spans[i].key_len == want_len and memcmp(self.spans[i].key, want, want_len) == 0:
+                value[0] = self.spans[i].value
+                value_len[0] = self.spans[i].value_len
+                return
 
-    cdef int _decode_dim(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
-                         const char *want, Py_ssize_t want_len,
-                         const char **dim_value, Py_ssize_t *dim_len) noexcept:
-        """Validate one map entry; when its key is ``want``, keep its value."""
+    cdef int _decode_dim(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev, int *nspans) noexcept:
+        """Validate one map entry and put it among the spans, sorted by key; a later
+        entry of the same key replaces the earlier one. An entry with any field
+        but its key and value (wire type 2) is left out: protobuf's parser moves
+        such an entry to the unknown fields, so it is no dimension at all."""
         cdef Py_ssize_t ks = 0, kn = 0, vs = 0, vn = 0, s, n
         cdef uint64_t key
-        cdef int rc, wt
+        cdef int rc, wt, i, c
+        cdef bint other = False
+        ev.err_ptr = b"dimensions"
         while pos < end:
             rc = _read_varint(buf, end, &pos, &key)
             if rc:
                 ev.err = rc
-                ev.err_ptr = b"dimensions"
                 return rc
             wt = key & 7
             key >>= 3
+            if key == 0:
+                ev.err = E_FIELD0
+                return E_FIELD0
             if (key == 1 or key == 2) and wt == 2:
                 rc = _read_len(buf, end, &pos, &s, &n)
                 if rc:
                     ev.err = rc
-                    ev.err_ptr = b"dimensions"
                     return rc
+                if not _utf8_ok(<const uint8_t *>buf + s, n):
+                    ev.err = E_UTF8  # protobuf strings: the ledger and every client must be able to read them
+                    return E_UTF8
                 if key == 1:
                     ks = s; kn = n
                 else:
                     vs = s; vn = n
             else:
                 rc = _skip(buf, end, &pos, wt)
-                if rc or key == 1 or key == 2:
-                    ev.err = rc if rc else E_WIRE_TYPE
-                    ev.err_ptr = b"dimensions"
-                    return ev.err
-        ev.err_ptr = b"dimensions"
+                if rc:
+                    ev.err = rc
+                    return rc
+                other = True
+        if other:
+            ev.err_ptr = b""
+            return E_OK
         if kn == 0 or kn > self.dim_key_max:
             ev.err = E_TOO_LONG if kn else E_EMPTY
             return ev.err
         if vn > self.dim_value_max:
             ev.err = E_TOO_LONG
             return ev.err
-        if not _utf8_ok(<const uint8_t *>buf + ks, kn) or not _utf8_ok(<const uint8_t *>buf + vs, vn):
-            ev.err = E_UTF8  # protobuf strings: the ledger and every client must be able to read them
-            return ev.err
-        if want != NULL and kn == want_len and memcmp(want, buf + ks, kn) == 0:
-            dim_value[0] = buf + vs
-            dim_len[0] = vn
+        # Insertion by key: entries are few (dimensions_max).
+        for i in range(nspans[0]):
+            c = _keycmp(buf + ks, kn, self.spans[i].key, self.spans[i].key_len)
+            if c == 0:
+                self.spans[i].value = buf + vs
+                self.spans[i].value_len = <int32_t>vn
+                ev.err_ptr = b""
+                return E_OK
+            if c < 0:
+                break
+        else:
+            i = nspans[0]
+        if nspans[0] >= self.dims_max:
+            ev.err = E_TOO_MANY
+            return E_TOO_MANY
+        memmove(&self.spans[i + 1], &self.spans[i], (nspans[0] - i) * sizeof(Span))
+        self.spans[i].key = buf + ks
+        self.spans[i].key_len = <int32_t>kn
+        self.spans[i].value = buf + vs
+        self.spans[i].value_len = <int32_t>vn
+        nspans[0] += 1
         ev.err_ptr = b""
         return E_OK
 
+    cdef int _cbuf_reserve(self, Py_ssize_t data_len) except -1:
+        """Room in cbuf for the canonical dimension sets of a message of
+        ``data_len`` bytes: an entry takes at least 5 bytes on the wire and at
+        most 2 more in canonical form (its value written even when empty)."""
+        cdef Py_ssize_t need = 2 * data_len + 64
+        self.cbuf_len = 0
+        if need > self.cbuf_cap or (self.cbuf_cap > 1 << 22 and need < self.cbuf_cap // 8):
+            self.cbuf = <char *>_resize(self.cbuf, need)
+            self.cbuf_cap = need
+        return 0
+
     cdef object _event_error(self, Event *ev, str prefix):
         field = prefix + ev.err_ptr.decode() if ev.err_ptr[0] else prefix.rstrip(".") or "event"
+        cdef Meter *m
         if ev.err == E_UNKNOWN_METER:
             name = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode("utf-8", "replace")
             return InvalidInput(field, "unknown meter %r" % name)
         if ev.err == E_NO_PRICE:
-            key = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode()
-            return InvalidInput(field, "no price for this value of %r and the meter has no default" % key)
+            m = &self.meters[ev.meter]
+            return InvalidInput(field, _no_price_message(
+                PyBytes_FromStringAndSize(m.name, m.name_len), PyBytes_FromStringAndSize(m.dim_key, m.dim_key_len),
+                None if ev.detail == NULL else PyBytes_FromStringAndSize(ev.detail, ev.detail_len)))
+        if ev.err == E_PRECISION:
+            m = &self.meters[ev.meter]
+            return InvalidInput(field, _precision_message(PyBytes_FromStringAndSize(m.name, m.name_len), m.precision))
         if ev.err == E_NO_UNIQUE:
             key = PyBytes_FromStringAndSize(ev.detail, ev.detail_len).decode()
             return InvalidInput(field, "a unique_count meter needs the %r dimension" % key)
@@ -1689,6 +2028,9 @@ cdef class Core:
         if ev.err == E_TENANT:
             return Forbidden(field, _MESSAGES[ev.err])
         return InvalidInput(field, _MESSAGES[ev.err])
+
+    cdef object _sets_error(self, Event *ev, str field):
+        return InvalidInput(field, _sets_message(PyBytes_FromStringAndSize(ev.cust, ev.cust_len), self.sets_max))
 
     cdef int _set_tenant(self, bytes tenant) except -1:
         self.tenant = tenant
@@ -1712,12 +2054,15 @@ cdef class Core:
         details[0] = 0
         cid_start[0] = 0
         cid_len[0] = 0
+        self._cbuf_reserve(end)
         while pos < end:
             rc = _read_varint(buf, end, &pos, &key)
             if rc:
                 raise InvalidInput("batch", _MESSAGES[rc])
             wt = key & 7
             key >>= 3
+            if key == 0:
+                raise InvalidInput("batch", _MESSAGES[E_FIELD0])
             if key == 1 or key == 3:
                 if wt != 2:
                     raise InvalidInput("client_id" if key == 1 else "events", _MESSAGES[E_WIRE_TYPE])
@@ -1725,6 +2070,8 @@ cdef class Core:
                 if rc:
                     raise InvalidInput("client_id" if key == 1 else "events", _MESSAGES[rc])
                 if key == 1:
+                    if not _utf8_ok(<const uint8_t *>buf + s, n):
+                        raise InvalidInput("client_id", _MESSAGES[E_UTF8])
                     cid_start[0] = s
                     cid_len[0] = n
                     continue
@@ -1770,8 +2117,12 @@ cdef class Core:
                 raise InvalidInput("batch", _MESSAGES[rc])
             wt = key & 7
             key >>= 3
+            if key == 0:
+                raise InvalidInput("batch", _MESSAGES[E_FIELD0])
             if key == 1 and wt == 2:
                 rc = _read_len(buf, end, &pos, &cs, &cn)
+                if rc == E_OK and not _utf8_ok(<const uint8_t *>buf + cs, cn):
+                    rc = E_UTF8
             elif key == 2 and wt == 0:
                 rc = _read_varint(buf, end, &pos, &seq)
             elif 1 <= key <= 3:
@@ -1814,15 +2165,27 @@ cdef class Core:
         cdef Py_ssize_t olen = 0
         cdef uint64_t details
         cdef uint32_t prio
+        cdef Py_ssize_t mark
         self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev, &details)
-        self._ureserve(nev)
+        self._ureserve(nev, PyBytes_GET_SIZE(data))
         self._xreserve(nev)
-        out = <char *>malloc(nev * (48 + (160 if details else 0)) + 1)
-        if out == NULL:
-            raise MemoryError()
+        # Every event's aggregate first, so that a batch over the cap on dimension
+        # sets is refused whole, with nothing applied.
+        mark = self.n_agg
         for i in range(nev):
             ev = &self.scratch[i]
             ev.account = self._find(ev.cust, ev.cust_len)
+            if ev.account >= 0:
+                ev.agg = self._agg_slot(ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
+                if ev.agg < 0:
+                    self._agg_undo(mark)
+                    raise self._sets_error(ev, "events[%d].dimensions" % i)
+        out = <char *>malloc(nev * (48 + (160 if details else 0)) + 1)
+        if out == NULL:
+            self._agg_undo(mark)
+            raise MemoryError()
+        for i in range(nev):
+            ev = &self.scratch[i]
             cost = 0
             mode = 0
             prio = 0
@@ -1830,9 +2193,9 @@ cdef class Core:
             if ev.account < 0:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
-                reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost)
+                reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost, ev.uval, ev.ulen)
             if reason == REASON_NONE or reason == OUT_DEGRADED:
-                self._usage(ev.account, ev.rate, ev.dhash, ev.quantity, cost, buf, ev.start, ev.end)
+                self._agg_add(ev.agg, ev.quantity, cost)
             if reason == REASON_NONE:
                 accepted += 1
             elif reason == OUT_DEGRADED:
@@ -1867,12 +2230,15 @@ cdef class Core:
         cdef uint64_t key
         cdef int wt, rc, reason
         cdef Event ev
+        self._cbuf_reserve(end)
         while pos < end:
             rc = _read_varint(buf, end, &pos, &key)
             if rc:
                 raise InvalidInput("event", _MESSAGES[rc])
             wt = key & 7
             key >>= 3
+            if key == 0:
+                raise InvalidInput("event", _MESSAGES[E_FIELD0])
             if key == 1:
                 if wt != 2:
                     raise InvalidInput("event", _MESSAGES[E_WIRE_TYPE])
@@ -1894,16 +2260,19 @@ cdef class Core:
         o.balance = 0
         o.mode = 0
         o.priority = 0
-        self._ureserve(1)
+        self._ureserve(1, ev.ulen)
         self._xreserve(1)
         ev.account = self._find(ev.cust, ev.cust_len)
         if ev.account < 0:
             o.decision = DECISION_DENY
             o.reason = REASON_UNKNOWN_CUSTOMER
             return 0
-        reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &o.cost)
+        ev.agg = self._agg_slot(ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
+        if ev.agg < 0:
+            raise self._sets_error(&ev, "event.dimensions")
+        reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &o.cost, ev.uval, ev.ulen)
         if reason == REASON_NONE or reason == OUT_DEGRADED:
-            self._usage(ev.account, ev.rate, ev.dhash, ev.quantity, o.cost, buf, ev.start, ev.end)
+            self._agg_add(ev.agg, ev.quantity, o.cost)
         o.balance = self.bal[ev.account * self.n_ct + ct]
         if reason == REASON_NONE:
             o.decision = DECISION_ALLOW
@@ -2049,6 +2418,44 @@ cdef inline Py_ssize_t _put_result(char *out, uint32_t index, int decision, int 
     return _put_message(out, 0x42, body, n)
 
 
+cdef inline int _keycmp(const char *a, Py_ssize_t an, const char *b, Py_ssize_t bn) noexcept nogil:
+    """Byte order of two keys, a shorter prefix first (a loop: keys are short)."""
+    cdef Py_ssize_t i, n = an if an < bn else bn
+    for i in range(n):
+        if a[i] != b[i]:
+            return -1 if <uint8_t>a[i] < <uint8_t>b[i] else 1
+    return -1 if an < bn else (1 if an > bn else 0)
+
+
+cdef inline Py_ssize_t _varint_len(uint64_t v) noexcept nogil:
+    cdef Py_ssize_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef Py_ssize_t _put_dims(char *out, const Span *spans, int n) noexcept nogil:
+    """A dimension set's canonical bytes: its entries, sorted by key and unique,
+    as UsageEvent field 5, each with its key and its value (even when empty)."""
+    cdef Py_ssize_t o = 0, body
+    cdef int i
+    for i in range(n):
+        body = 2 + _varint_len(spans[i].key_len) + spans[i].key_len + _varint_len(spans[i].value_len) \
+            + spans[i].value_len
+        out[o] = 0x2A
+        o += 1 + _put_varint(out + o + 1, <uint64_t>body)
+        out[o] = 0x0A
+        o += 1 + _put_varint(out + o + 1, <uint64_t>spans[i].key_len)
+        memcpy(out + o, spans[i].key, spans[i].key_len)
+        o += spans[i].key_len
+        out[o] = 0x12
+        o += 1 + _put_varint(out + o + 1, <uint64_t>spans[i].value_len)
+        memcpy(out + o, spans[i].value, spans[i].value_len)
+        o += spans[i].value_len
+    return o
+
+
 cdef inline int _scale(int64_t *qty, int precision) noexcept nogil:
     cdef int i
     for i in range(precision):
@@ -2066,24 +2473,6 @@ def _varint_bytes(uint64_t v):
 def _dim_entry(bytes key, bytes value):
     """The body of one dimensions map entry, as protobuf encodes it."""
     return b"\x0a" + _varint_bytes(len(key)) + key + b"\x12" + _varint_bytes(len(value)) + value
-
-
-cdef bytes _dims_of_event(const char *buf, Py_ssize_t pos, Py_ssize_t end):
-    """The dimension entries (field 5) of an already validated UsageEvent, in order."""
-    cdef uint64_t key = 0
-    cdef Py_ssize_t s = 0, n = 0, mark
-    cdef int wt
-    parts = []
-    while pos < end:
-        mark = pos
-        _read_varint(buf, end, &pos, &key)
-        wt = key & 7
-        if key >> 3 == 5 and wt == 2:
-            _read_len(buf, end, &pos, &s, &n)
-            parts.append(PyBytes_FromStringAndSize(buf + mark, s + n - mark))
-        else:
-            _skip(buf, end, &pos, wt)
-    return b"".join(parts)
 
 
 cdef char *_dup(bytes b) except? NULL:
@@ -2128,4 +2517,5 @@ _MESSAGES = {
     E_VARINT: "malformed protobuf: bad varint",
     E_UTF8: "must be valid UTF-8",
     E_TENANT: "is not one of this token's customers",
+    E_FIELD0: "malformed protobuf: field number 0",
 }

@@ -43,6 +43,7 @@ _MSG_OVERFLOW = "cost or quantity overflows 64 bits"
 _MSG_TOO_MANY = "too many entries"
 _MSG_UTF8 = "must be valid UTF-8"
 _MSG_TENANT = "is not one of this token's customers"
+_MSG_FIELD0 = "malformed protobuf: field number 0"
 
 _FIELD_NAMES = {1: "customer_id", 2: "meter", 3: "quantity", 4: "quantity_decimal",
                 5: "dimensions", 6: "timestamp_ms", 7: "idempotency_key"}
@@ -101,8 +102,9 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
-def parse_decimal(text: bytes, precision: int) -> int:
-    """Exact decimal b"123" or b"1.25" into an integer of 10**-precision units."""
+def parse_decimal(text: bytes, precision: int, meter: bytes = b"") -> int:
+    """Exact decimal b"123" or b"1.25" into an integer of 10**-precision units;
+    ``meter`` names the meter in the error for too many decimals."""
     if not text:
         raise _DecodeError("", _MSG_DECIMAL)
     if text[:1] == b"-":
@@ -121,7 +123,7 @@ def parse_decimal(text: bytes, precision: int) -> int:
         if frac >= 0:
             frac += 1
             if frac > precision:
-                raise _DecodeError("", _MSG_DECIMAL)
+                raise _DecodeError("", precision_message(meter, precision))
         digits += 1
         value = value * 10 + (c - 0x30)
         if value > INT64_MAX:
@@ -137,6 +139,36 @@ def parse_decimal(text: bytes, precision: int) -> int:
     return value
 
 
+def no_price_message(meter: bytes, key: bytes, value: bytes | None) -> str:
+    """Why an event has no price: its meter, the price dimension and the value it
+    had, or that it had none."""
+    name, dim = meter.decode("utf-8", "replace"), key.decode("utf-8", "replace")
+    if not dim:
+        return "meter %r has no price" % name
+    if value is None:
+        return "meter %r needs the %r dimension: it has no default price" % (name, dim)
+    return "meter %r has no price for %s=%r and no default" % (name, dim, value[:64].decode("utf-8", "replace"))
+
+
+def precision_message(meter: bytes, precision: int) -> str:
+    name = meter.decode("utf-8", "replace")
+    if precision == 0:
+        return "meter %r counts whole units (precision 0): no decimals" % name
+    return "meter %r has precision %d: at most %d decimals" % (name, precision, precision)
+
+
+def sets_message(customer: bytes, limit: int) -> str:
+    return ("customer %r has %d distinct dimension sets in this usage window, as many as "
+            "dimension_sets_per_window_max allows (a set counts once per meter); keep one-off values "
+            "such as request ids out of dimensions" % (customer.decode(), limit))
+
+
+def unique_order(entry: tuple) -> tuple:
+    """Distinct values in snapshot order: by meter, hashes (from older snapshots) first."""
+    meter, value = entry
+    return (meter, 0, value, b"") if isinstance(value, int) else (meter, 1, 0, value)
+
+
 def _hash64(b: bytes) -> int:
     """FNV-1a, 64 bits, as the compiled core hashes ids and distinct values."""
     h = 14695981039346656037
@@ -148,6 +180,15 @@ def _hash64(b: bytes) -> int:
 def _dim_entry(key: bytes, value: bytes) -> bytes:
     """The body of one dimensions map entry, as protobuf encodes it."""
     return b"\x0a" + _put_varint(len(key)) + key + b"\x12" + _put_varint(len(value)) + value
+
+
+def _utf8_ok(b: bytes) -> bool:
+    """Strict UTF-8, as protobuf requires of strings."""
+    try:
+        b.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _id_charset_ok(b: bytes) -> bool:
@@ -218,8 +259,14 @@ class Core:
         self.dims_max = limits["dimensions_max"]
         self.dim_key_max = limits["dimension_key_bytes_max"]
         self.dim_value_max = limits["dimension_value_bytes_max"]
+        self.sets_max = limits["dimension_sets_per_window_max"]
+        self.sets_capped = True  # off while the log is replayed
         if self.id_max > 255:
             raise ValueError("customer_id_bytes_max is at most 255")
+        if self.sets_max < 1:
+            raise ValueError("dimension_sets_per_window_max is at least 1")
+        if not (0 <= self.dims_max <= 1024 and 1 <= self.dim_key_max <= 65536 and 0 <= self.dim_value_max <= 65536):
+            raise ValueError("dimension limits out of range")
         for d in denominators:
             if d <= 0 or d > 10**15:
                 raise ValueError("denominator out of range")
@@ -280,18 +327,20 @@ class Core:
             else:
                 m[4].setdefault(value, i)
         self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
-        # Usage aggregates for the ledger: (acct, meter, dims hash, window) -> [quantity, cost, events].
-        self.agg: dict[tuple[int, int, int, int], list[int]] = {}
-        self.dims_of: dict[int, bytes] = {}
+        # Usage aggregates for the ledger: (acct, meter, canonical dimension set, window) ->
+        # [quantity, cost, events]. The current window's outlive take_usage, emptied.
+        self.agg: dict[tuple[int, int, bytes, int], list[int]] = {}
+        self.n_live = 0
+        self.nsets: list[list[int]] = []  # per account: [window, dimension sets made in it]
         self.window_ms = 60000
         self.cur_window = 0
-        self.rate_dims: list[tuple[int, bytes]] = []
+        self.rate_dims: list[bytes] = []
         for meter, value, _, _ in rates:
             if value is None:
-                self.rate_dims.append((0, b""))
+                self.rate_dims.append(b"")
             else:
                 body = _dim_entry(meters[meter][3], value)
-                self.rate_dims.append((_hash64(body), b"\x2a" + _put_varint(len(body)) + body))
+                self.rate_dims.append(b"\x2a" + _put_varint(len(body)) + body)
         self.ids: list[bytes] = []
         self.index: dict[bytes, int] = {}
         self.bal: list[list[int]] = []
@@ -302,7 +351,11 @@ class Core:
         self.degr: list[list[int]] = []
         self.alert: list[list[int]] = []
         self.plan_of: list[int] = []
-        self.uniq: list[set[tuple[int, int]]] = []
+        # Per account: the distinct values of this period, (meter, bytes), or (meter, hash)
+        # for a value read from a snapshot of a version that kept only hashes; and how
+        # many of those there are.
+        self.uniq: list[set[tuple[int, bytes | int]]] = []
+        self.uniq_hashed: list[int] = []
         self.alerts: list[tuple[int, int]] = []
         self.alerts_lost = False
         self.dirty: list[bool] = []
@@ -350,6 +403,8 @@ class Core:
         self.alert.append([INT64_MIN] * self.n_ct)
         self.plan_of.append(0)
         self.uniq.append(set())
+        self.uniq_hashed.append(0)
+        self.nsets.append([INT64_MIN, 0])
         self.usage.append([0] * len(self.meters))
         self.dirty.append(True)
         return idx
@@ -396,28 +451,58 @@ class Core:
     def state_bytes(self, idx: int) -> bytes:
         cts, use, plan = self.state(idx)
         uniq = self.uniques(idx)
-        tail = [len(uniq)] + [w for m, v in uniq for w in (m, _signed64(v))]
+        tail = [struct.pack("<ii", m, len(v)) + v if isinstance(v, bytes) else struct.pack("<iiQ", m, -1, v)
+                for m, v in uniq]
         return struct.pack(self._fmt(), *[w for c in cts for w in c], *use, plan) + \
-            struct.pack("<%dq" % len(tail), *tail)
+            struct.pack("<q", -len(uniq)) + b"".join(tail)
+
+    def _state_uniques(self, data: bytes, size: int) -> list:
+        wrong = ValueError("state record has the wrong size for this catalog")
+        if len(data) < size + 8:
+            raise wrong
+        n = struct.unpack_from("<q", data, size)[0]
+        if n >= 0:  # the format that kept only hashes
+            if len(data) != size + 8 + 16 * n:
+                raise wrong
+            pairs = struct.unpack_from("<%dq" % (2 * n), data, size + 8)
+            return [(pairs[2 * k], pairs[2 * k + 1] & U64) for k in range(n)]
+        out: list[tuple[int, bytes | int]] = []
+        pos = size + 8
+        for _ in range(-n):
+            if len(data) - pos < 8:
+                raise wrong
+            meter, length = struct.unpack_from("<ii", data, pos)
+            pos += 8
+            if length == -1 and len(data) - pos >= 8:
+                out.append((meter, struct.unpack_from("<Q", data, pos)[0]))
+                pos += 8
+            elif 0 <= length <= len(data) - pos:
+                out.append((meter, data[pos:pos + length]))
+                pos += length
+            else:
+                raise wrong
+        if pos != len(data):
+            raise wrong
+        return out
 
     def load_state_bytes(self, customer_id: bytes, data: bytes) -> int:
         self._check()
         size = struct.calcsize(self._fmt())
-        n = struct.unpack_from("<q", data, size)[0] if len(data) >= size + 8 else -1
-        if n < 0 or len(data) != size + 8 + 16 * n:
-            raise ValueError("state record has the wrong size for this catalog")
+        uniq = self._state_uniques(data, size)
         w = struct.unpack(self._fmt(), data[:size])
-        pairs = struct.unpack_from("<%dq" % (2 * n), data, size + 8)
         cts = [tuple(w[k * 6:k * 6 + 6]) for k in range(self.n_ct)]
         for k, c in enumerate(cts):
             if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
                 raise ValueError("account state out of range")
         if not 0 <= w[-1] < len(self.plans):
             raise ValueError("account state names a plan that does not exist")
+        for meter, _ in uniq:
+            if not (0 <= meter < len(self.meters) and self.aggs[meter] == AGG_UNIQUE):
+                raise ValueError("account state counts distinct values of a meter that does not")
         idx = self.open_account(customer_id)
         self.load_state(idx, cts, list(w[self.n_ct * 6:-1]), w[-1])
-        for k in range(n):
-            self.add_unique(idx, pairs[2 * k], pairs[2 * k + 1] & U64)
+        for meter, value in uniq:
+            self.add_unique(idx, meter, value)
         return idx
 
     def load_states(self, records: Any) -> int:
@@ -430,13 +515,30 @@ class Core:
 
     def uniques(self, idx: int) -> list:
         self._idx(idx)
-        return sorted(self.uniq[idx])
+        return sorted(self.uniq[idx], key=unique_order)
 
-    def add_unique(self, idx: int, meter: int, vhash: int) -> None:
+    def _seen(self, idx: int, meter: int, value: bytes | int) -> bool:
+        """Whether a distinct value was counted this period: by its bytes, or by its
+        hash against values known only by theirs (and the other way round)."""
+        uniq = self.uniq[idx]
+        if isinstance(value, int):
+            return (meter, value) in uniq or any(m == meter and isinstance(v, bytes) and _hash64(v) == value
+                                                 for m, v in uniq)
+        return (meter, value) in uniq or (self.uniq_hashed[idx] > 0 and (meter, _hash64(value)) in uniq)
+
+    def _add_seen(self, idx: int, meter: int, value: bytes | int) -> None:
+        self.uniq[idx].add((meter, value))
+        if isinstance(value, int):
+            self.uniq_hashed[idx] += 1
+
+    def add_unique(self, idx: int, meter: int, value: bytes | int) -> None:
         self._idx(idx)
         if not (0 <= meter < len(self.meters) and self.aggs[meter] == AGG_UNIQUE):
             raise ValueError("meter %d does not count distinct values" % meter)
-        self.uniq[idx].add((meter, vhash & U64))
+        if isinstance(value, int) and not 0 <= value <= U64:
+            raise OverflowError("a distinct value's hash is 64 bits")
+        if not self._seen(idx, meter, value):
+            self._add_seen(idx, meter, value)
 
     def force_charge(self, idx: int, rate: int, quantity: int) -> int:
         self._idx(idx)
@@ -525,7 +627,7 @@ class Core:
         d = self.denom[ct]
         return ct, (fine + d - 1) // d
 
-    def _debit(self, idx: int, rate: int, quantity: int, fine: int, force: bool) -> tuple:
+    def _debit(self, idx: int, rate: int, quantity: int, fine: int, force: bool, uval: bytes = b"") -> tuple:
         meter, ct, _, _ = self.rates[rate]
         free_units = self.free[self.plan_of[idx]][meter]
         if free_units > self.usage[idx][meter] and fine > 0:
@@ -537,8 +639,7 @@ class Core:
             return REASON_OVERFLOW, 0
         agg = self.aggs[meter]
         old = self.usage[idx][meter]
-        key = (meter, quantity & U64)
-        new_value = agg == AGG_UNIQUE and key not in self.uniq[idx]
+        new_value = agg == AGG_UNIQUE and not self._seen(idx, meter, uval)
         if agg == AGG_UNIQUE:
             use = old + new_value
         else:
@@ -553,7 +654,7 @@ class Core:
             self.degr[idx][ct] += d
             self.usage[idx][meter] = use
             if new_value:
-                self.uniq[idx].add(key)
+                self._add_seen(idx, meter, uval)
             self.dirty[idx] = True
             return OUT_DEGRADED, 0
         before = self.bal[idx][ct]
@@ -561,7 +662,7 @@ class Core:
         self.rem[idx][ct] = rem
         self.usage[idx][meter] = use
         if new_value:
-            self.uniq[idx].add(key)
+            self._add_seen(idx, meter, uval)
         self.dirty[idx] = True
         self._check_alert(idx, ct, before)
         return REASON_NONE, d
@@ -603,14 +704,35 @@ class Core:
     def set_clock(self, now_ms: int) -> None:
         self.cur_window = now_ms - now_ms % self.window_ms
 
-    def _usage(self, idx: int, rate: int, dhash: int, dims: bytes, quantity: int, cost: int) -> None:
-        meter = self.rates[rate][0]
-        key = (idx, meter, dhash, self.cur_window)
-        a = self.agg.get(key)
-        if a is None:
-            self.dims_of.setdefault(dhash, dims)
-            a = self.agg[key] = [0, 0, 0]
-        kind = self.aggs[meter]
+    def set_dimension_sets_capped(self, capped: bool) -> None:
+        self.sets_capped = bool(capped)
+
+    def _agg_slot(self, idx: int, meter: int, dims: bytes, capped: bool, made: list | None) -> tuple | None:
+        """The key of an event's aggregate, made (empty) if new, its key added to
+        ``made``; None when ``capped`` and over dimension_sets_per_window_max."""
+        key = (idx, meter, dims, self.cur_window)
+        if key in self.agg:
+            return key
+        counted = self.aggs[meter] != AGG_UNIQUE  # its distinct values, each in its own set, are what it counts
+        sets = self.nsets[idx]
+        if sets[0] != self.cur_window:
+            sets[0], sets[1] = self.cur_window, 0
+        if counted and capped and self.sets_capped and sets[1] >= self.sets_max:
+            return None
+        self.agg[key] = [0, 0, 0]
+        sets[1] += counted
+        if made is not None:
+            made.append(key)
+        return key
+
+    def _agg_undo(self, made: list) -> None:
+        for key in reversed(made):
+            del self.agg[key]
+            self.nsets[key[0]][1] -= self.aggs[key[1]] != AGG_UNIQUE
+
+    def _agg_add(self, key: tuple, quantity: int, cost: int) -> None:
+        a = self.agg[key]
+        kind = self.aggs[key[1]]
         if kind in (AGG_SUM, AGG_COUNT):
             a[0] += quantity
         elif kind == AGG_MAX:
@@ -618,17 +740,19 @@ class Core:
         elif kind == AGG_LATEST:
             a[0] = quantity
         a[1] += cost
+        if a[2] == 0:
+            self.n_live += 1
         a[2] += 1
 
     def usage_pending(self) -> int:
-        return len(self.agg)
+        return self.n_live
 
     def take_usage(self) -> list:
         self._check()
-        out = [(self.ids[acct], meter, self.dims_of[dhash], window, q, c, n, self.bal[acct][self.meters[meter][1]])
-               for (acct, meter, dhash, window), (q, c, n) in self.agg.items()]
-        self.agg = {}
-        self.dims_of = {}
+        out = [(self.ids[acct], meter, dims, window, q, c, n, self.bal[acct][self.meters[meter][1]])
+               for (acct, meter, dims, window), (q, c, n) in self.agg.items() if n]
+        self.agg = {key: [0, 0, 0] for key in self.agg if key[3] == self.cur_window}
+        self.n_live = 0
         return out
 
     def take_alerts(self) -> list:
@@ -677,12 +801,15 @@ class Core:
         fine = self._fine(rate, quantity)
         if fine is None:
             raise InvalidInput("quantity", "cost overflows 64 bits")
+        made: list = []
+        key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate], False, made)
         self.resv[idx][ct] -= reserved
         reason, cost = self._debit(idx, rate, quantity, fine, True)
         if reason != REASON_NONE:
             self.resv[idx][ct] += reserved
+            self._agg_undo(made)
             raise InvalidInput("quantity", "balance or usage would overflow")
-        self._usage(idx, rate, *self.rate_dims[rate], quantity, cost)
+        self._agg_add(key, quantity, cost)  # type: ignore[arg-type]
         a = max(self._available(idx, ct), -INT64_MAX)
         return cost, (-a if a < 0 else 0)
 
@@ -692,64 +819,76 @@ class Core:
             self.usage = [[0] * len(self.meters) for _ in self.ids]
             self.degr = [[0] * self.n_ct for _ in self.ids]
             self.uniq = [set() for _ in self.ids]
+            self.uniq_hashed = [0] * len(self.ids)
             self.dirty = [True] * len(self.ids)
             return
         self._idx(idx)
         self.usage[idx] = [0] * len(self.meters)
         self.degr[idx] = [0] * self.n_ct
         self.uniq[idx] = set()
+        self.uniq_hashed[idx] = 0
         self.dirty[idx] = True
 
     # ---- wire decoding ---------------------------------------------------
 
-    def _decode_dim(self, buf: bytes, pos: int, end: int):
-        """Validate one map entry; returns (key, value)."""
+    def _decode_dim(self, buf: bytes, pos: int, end: int, dims: dict) -> None:
+        """Validate one map entry into ``dims``; a later entry of a key replaces the
+        earlier one. An entry with any field but its key and value (wire type 2)
+        is left out: protobuf's parser moves it to the unknown fields."""
         key = value = b""
+        other = False
         while pos < end:
             try:
                 tag, pos = _varint(buf, pos, end)
                 wt, fn = tag & 7, tag >> 3
+                if fn == 0:
+                    raise _DecodeError("", _MSG_FIELD0)
                 if (fn == 1 or fn == 2) and wt == 2:
                     s, n, pos = _length(buf, pos, end)
+                    if not _utf8_ok(buf[s:s + n]):
+                        raise _DecodeError("", _MSG_UTF8)
                     if fn == 1:
                         key = buf[s:s + n]
                     else:
                         value = buf[s:s + n]
                     continue
                 pos = _skip(buf, pos, end, wt)
+                other = True
             except _DecodeError as e:
                 raise _DecodeError("dimensions", e.message) from None
-            if fn == 1 or fn == 2:
-                raise _DecodeError("dimensions", _MSG_WIRE_TYPE)
+        if other:
+            return
         if not key or len(key) > self.dim_key_max:
             raise _DecodeError("dimensions", _MSG_TOO_LONG if key else _MSG_EMPTY)
         if len(value) > self.dim_value_max:
             raise _DecodeError("dimensions", _MSG_TOO_LONG)
-        try:
-            key.decode()
-            value.decode()
-        except UnicodeDecodeError:
-            raise _DecodeError("dimensions", _MSG_UTF8) from None
-        return key, value
+        if key not in dims and len(dims) >= self.dims_max:
+            raise _DecodeError("dimensions", _MSG_TOO_MANY)
+        dims[key] = value
 
     def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
-        """Decode and rate one UsageEvent: (customer, rate, quantity, fine, dims hash, dims)."""
+        """Decode and rate one UsageEvent: (customer, meter, rate, quantity, fine,
+        canonical dimension set, distinct value)."""
         cust = b""
         mname = b""
         qkind = 0
         qty = 0
         dec = b""
-        dims: list[tuple[bytes, bytes]] = []
-        dhash = 0
-        raw: list[bytes] = []
+        dims: dict[bytes, bytes] = {}
         while pos < end:
-            mark = pos
             tag, pos = _varint(buf, pos, end)
             wt, fn = tag & 7, tag >> 3
+            if fn == 0:
+                raise _DecodeError("", _MSG_FIELD0)
             if fn in (1, 2, 4, 5, 7):
                 if wt != 2:
                     raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
                 s, n, pos = _length(buf, pos, end)
+                if fn == 5:
+                    self._decode_dim(buf, s, s + n, dims)
+                    continue
+                if not _utf8_ok(buf[s:s + n]):
+                    raise _DecodeError(_FIELD_NAMES[fn], _MSG_UTF8)  # each occurrence, as protobuf checks
                 if fn == 1:
                     cust = buf[s:s + n]
                 elif fn == 2:
@@ -757,12 +896,6 @@ class Core:
                 elif fn == 4:
                     qkind = 2
                     dec = buf[s:s + n]
-                elif fn == 5:
-                    if len(dims) >= self.dims_max:
-                        raise _DecodeError("dimensions", _MSG_TOO_MANY)
-                    dims.append(self._decode_dim(buf, s, s + n))
-                    dhash = (dhash + _hash64(buf[s:s + n])) & U64
-                    raw.append(buf[mark:s + n])
             elif fn in (3, 6):
                 if wt != 0:
                     raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
@@ -788,10 +921,10 @@ class Core:
         meter = self.meter_index.get(mname)
         if meter is None:
             raise _DecodeError("meter", "unknown meter %r" % mname[:64].decode("utf-8", "replace"))
-        _, _, precision, dim_key, _, _ = self.meters[meter]
+        name, _, precision, dim_key, _, _ = self.meters[meter]
         if qkind == 2:
             try:
-                qty = parse_decimal(dec, precision)
+                qty = parse_decimal(dec, precision, name)
             except _DecodeError as e:
                 raise _DecodeError("quantity_decimal", e.message) from None
         else:
@@ -801,34 +934,29 @@ class Core:
                 if qty > INT64_MAX // 10:
                     raise _DecodeError("quantity", _MSG_OVERFLOW)
                 qty *= 10
-        value: bytes | None = None
-        if dim_key:
-            for k, dim_value in dims:
-                if k == dim_key:
-                    value = dim_value
+        value = dims.get(dim_key) if dim_key else None
         rate = self._find_rate(meter, value)
         if rate < 0:
-            raise _DecodeError("dimensions", "no price for this value of %r and the meter has no default"
-                               % dim_key.decode())
+            raise _DecodeError("dimensions", no_price_message(name, dim_key, value))
         agg = self.aggs[meter]
         if agg == AGG_COUNT:
             qty = 1  # a count meter counts events; its price is per event
+        found = b""
         if agg == AGG_UNIQUE:
             uniq_key = self.uniq_keys[meter]
-            found: bytes | None = None
-            for dim_k, dim_v in dims:
-                if dim_k == uniq_key:
-                    found = dim_v
-            if found is None:
+            if uniq_key not in dims:
                 raise _DecodeError("dimensions", "a unique_count meter needs the %r dimension" % uniq_key.decode())
-            qty = _signed64(_hash64(found))
+            found = dims[uniq_key]
+            qty = 0  # a unique_count meter has no quantity of its own
         if agg in (AGG_MAX, AGG_LATEST, AGG_UNIQUE):
             fine: int | None = 0  # gauges are charged on their period's value, at the period's end
         else:
             fine = self._fine(rate, qty)
         if fine is None:
             raise _DecodeError("quantity", _MSG_OVERFLOW)
-        return cust, rate, qty, fine, dhash, b"".join(raw)
+        canonical = b"".join(b"\x2a" + _put_varint(len(body)) + body
+                             for body in (_dim_entry(k, v) for k, v in sorted(dims.items())))
+        return cust, meter, rate, qty, fine, canonical, found
 
     def _event(self, buf: bytes, pos: int, end: int, prefix: str) -> tuple:
         try:
@@ -858,6 +986,8 @@ class Core:
             except _DecodeError as e:
                 raise InvalidInput("batch", e.message) from None
             wt, fn = tag & 7, tag >> 3
+            if fn == 0:
+                raise InvalidInput("batch", _MSG_FIELD0)
             if fn == 1 or fn == 3:
                 name = "client_id" if fn == 1 else "events"
                 if wt != 2:
@@ -867,6 +997,8 @@ class Core:
                 except _DecodeError as e:
                     raise InvalidInput(name, e.message) from None
                 if fn == 1:
+                    if not _utf8_ok(buf[s:s + n]):
+                        raise InvalidInput("client_id", _MSG_UTF8)
                     cid = buf[s:s + n]
                     continue
                 if len(events) >= self.batch_max:
@@ -904,10 +1036,14 @@ class Core:
             except _DecodeError as e:
                 raise InvalidInput("batch", e.message) from None
             wt, fn = tag & 7, tag >> 3
+            if fn == 0:
+                raise InvalidInput("batch", _MSG_FIELD0)
             try:
                 if fn == 1 and wt == 2:
                     s, n, pos = _length(data, pos, end)
                     cid = data[s:s + n]
+                    if not _utf8_ok(cid):
+                        raise _DecodeError("", _MSG_UTF8)
                 elif fn == 2 and wt == 0:
                     seq, pos = _varint(data, pos, end)
                 elif 1 <= fn <= 3 and not (fn == 3 and wt == 2):
@@ -928,16 +1064,29 @@ class Core:
         _, _, events, details = self._decode_batch(data)
         accepted = denied = degraded = 0
         out = []
-        for i, (cust, rate, qty, fine, dhash, dims) in enumerate(events):
+        # Every event's aggregate first, so that a batch over the cap on dimension
+        # sets is refused whole, with nothing applied.
+        made: list = []
+        slots = []
+        for i, (cust, meter, _, _, _, dims, _) in enumerate(events):
             idx = self.index.get(cust, -1)
+            key = None
+            if idx >= 0:
+                key = self._agg_slot(idx, meter, dims, True, made)
+                if key is None:
+                    self._agg_undo(made)
+                    raise InvalidInput("events[%d].dimensions" % i, sets_message(cust, self.sets_max))
+            slots.append((idx, key))
+        for i, (_, _, rate, qty, fine, _, uval) in enumerate(events):
+            idx, key = slots[i]
             ct = self.rates[rate][1]
             cost = mode = priority = 0
             if idx < 0:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
-                reason, cost = self._debit(idx, rate, qty, fine, False)
+                reason, cost = self._debit(idx, rate, qty, fine, False, uval)
             if reason == REASON_NONE or reason == OUT_DEGRADED:
-                self._usage(idx, rate, dhash, dims, qty, cost)
+                self._agg_add(key, qty, cost)  # type: ignore[arg-type]
             if reason == REASON_NONE:
                 accepted += 1
             elif reason == OUT_DEGRADED:
@@ -976,6 +1125,8 @@ class Core:
             try:
                 tag, pos = _varint(data, pos, end)
                 wt, fn = tag & 7, tag >> 3
+                if fn == 0:
+                    raise _DecodeError("", _MSG_FIELD0)
                 if fn == 1:
                     if wt != 2:
                         raise _DecodeError("", _MSG_WIRE_TYPE)
@@ -986,16 +1137,19 @@ class Core:
                 raise InvalidInput("event", e.message) from None
         if n < 0:
             raise InvalidInput("event", "is required")
-        cust, rate, qty, fine, dhash, dims = self._event(data, s, s + n, "event.")
+        cust, meter, rate, qty, fine, dims, uval = self._event(data, s, s + n, "event.")
         if keyless and _has_string(data, s, s + n, 7):
             return None
         ct = self.rates[rate][1]
         idx = self.index.get(cust, -1)
         if idx < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
-        reason, cost = self._debit(idx, rate, qty, fine, False)
+        key = self._agg_slot(idx, meter, dims, True, None)
+        if key is None:
+            raise InvalidInput("event.dimensions", sets_message(cust, self.sets_max))
+        reason, cost = self._debit(idx, rate, qty, fine, False, uval)
         if reason == REASON_NONE or reason == OUT_DEGRADED:
-            self._usage(idx, rate, dhash, dims, qty, cost)
+            self._agg_add(key, qty, cost)
         balance = self.bal[idx][ct]
         if reason == REASON_NONE:
             return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0

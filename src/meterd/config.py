@@ -42,6 +42,10 @@ class Settings:
     dimensions_max: int = 16
     dimension_key_bytes_max: int = 64
     dimension_value_bytes_max: int = 128
+    # Distinct dimension sets a customer may report per meter in one usage window;
+    # a new set past it is refused (INVALID_ARGUMENT), so that one-off values such
+    # as request ids in dimensions cannot fill memory, LMDB and the ledger.
+    dimension_sets_per_window_max: int = 1000
     idempotency_key_bytes_max: int = 128
     streams_max: int = 256
     # With data-plane tokens, no tenant holds more than this many streams; any
@@ -127,6 +131,7 @@ class Settings:
             "dimensions_max": self.dimensions_max,
             "dimension_key_bytes_max": self.dimension_key_bytes_max,
             "dimension_value_bytes_max": self.dimension_value_bytes_max,
+            "dimension_sets_per_window_max": self.dimension_sets_per_window_max,
         }
 
 
@@ -178,6 +183,8 @@ def _validate(s: Settings) -> None:
     need(0 <= s.dimensions_max <= 64, "dimensions_max", "must be 0 to 64")
     need(1 <= s.dimension_key_bytes_max <= 1024, "dimension_key_bytes_max", "must be 1 to 1024")
     need(1 <= s.dimension_value_bytes_max <= 1024, "dimension_value_bytes_max", "must be 1 to 1024")
+    need(1 <= s.dimension_sets_per_window_max <= 1_000_000, "dimension_sets_per_window_max",
+         "must be 1 to 1000000")
     need(1 <= s.idempotency_key_bytes_max <= 255, "idempotency_key_bytes_max", "must be 1 to 255")
     need(1 <= s.streams_max <= 100_000, "streams_max", "must be 1 to 100000")
     need(1 <= s.reservation_ttl_s <= s.reservation_ttl_max_s, "reservation_ttl_s",

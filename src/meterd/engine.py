@@ -369,10 +369,12 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.snapshot_pos = from_u64(store.get("meta", b"snapshot_pos") or u64(0))
         self.log_pos = self.snapshot_pos
         replayed = 0
+        core.set_dimension_sets_capped(False)  # what was applied once is applied again
         for key, record in store.items("log", start=u64(self.snapshot_pos + 1)):
             self._replay(core, record)
             self.log_pos = from_u64(key)
             replayed += 1
+        core.set_dimension_sets_capped(True)
         remapped = doc != current
         if remapped:
             core = self._remap(core, doc, current)
@@ -457,10 +459,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             idx = new.open_account(old.customer_id(i))
             new.load_state(idx, new_cts, new_use, new_plans.get(plan_name, 0))
             new_meter = {n: k for k, n in enumerate(new_doc["meter_names"])}
-            for meter, vhash in old.uniques(i):
+            for meter, value in old.uniques(i):  # its bytes, or a hash read from an older snapshot
                 moved = new_meter.get(doc["meter_names"][meter])
                 if moved is not None and new_doc["meters"][moved][4] == 4 and new_use[moved]:
-                    new.add_unique(idx, moved, vhash)
+                    new.add_unique(idx, moved, value)
         new.mark_all_dirty()
         return new
 
@@ -993,7 +995,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if which == "quantity_decimal":
             text = msg.quantity_decimal
             try:
-                return core_mod._fastpath_py.parse_decimal(text.encode(), precision)
+                return core_mod._fastpath_py.parse_decimal(text.encode(), precision,
+                                                           self.catalog.meters[meter].name.encode())
             except core_mod._fastpath_py._DecodeError as e:
                 raise InvalidInput(field_prefix + "quantity_decimal", e.message) from None
         if msg.quantity < 0:
@@ -1029,7 +1032,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         value = dimensions.get(key) if key else None
         rate = self.core.find_rate(meter, None if value is None else value.encode())
         if rate < 0:
-            raise InvalidInput("dimensions", f"no price for this value of {key!r} and the meter has no default")
+            raise InvalidInput("dimensions", core_mod._fastpath_py.no_price_message(
+                meter_name.encode(), key.encode(), None if value is None else value.encode()))
         return meter, value, rate
 
     async def authorize(self, data: bytes, tenant: Tenant | None = None) -> bytes:
