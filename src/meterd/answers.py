@@ -31,7 +31,8 @@ Layout, for a store named ``N``:
 
 An entry made by a call whose commit is still in flight is held in memory
 (``pending``) until the commit resolves, so a concurrent retry waits for
-the same commit and gets the same answer.
+the same commit and gets the same answer. Every commit the engine submits
+takes the entries made since the last one (``flight``), whoever made them.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class AnswerStore:
         self.total = 0
         self._secret = b""
         self._seq = 0  # orders the expiry index within a millisecond
+        self._unsent: list[tuple[bytes, Answer]] = []  # made since the last commit was submitted
 
     # ---- state -------------------------------------------------------------
 
@@ -92,6 +94,7 @@ class AnswerStore:
             self._secret = secrets.token_bytes(32)
             self.store.write_now([("meta", SECRET_KEY, self._secret)])
         self.pending = {}
+        self._unsent = []
         prefix = self._count_prefix()
         self.counts = {k[len(prefix):].decode(): from_u64(v)
                        for k, v in self.store.items("meta", prefix=prefix)}
@@ -143,7 +146,8 @@ class AnswerStore:
         """Remember an answer (held in memory until ``settle`` is told its commit resolved)."""
         expires = now_ms + self.window_ms
         key = self.entry_id(key)
-        self.pending[key] = Answer(expires, digest, response)
+        entry = self.pending[key] = Answer(expires, digest, response)
+        self._unsent.append((key, entry))
         self.counts[label] = self.counts.get(label, 0) + 1
         self.total += label != ADMIN_LABEL
         lb = label.encode()
@@ -152,17 +156,21 @@ class AnswerStore:
                 (self.expiry_db, u64(expires) + self._seq.to_bytes(4, "big") + key, b""),
                 self._count_op(label)]
 
-    def in_flight(self, key: bytes, fut: asyncio.Future) -> None:
-        key = self.entry_id(key)
-        entry = self.pending.get(key)
-        if entry is not None:
+    def flight(self, fut: asyncio.Future) -> None:
+        """The entries made since the last commit are in the one just submitted: until
+        ``fut`` resolves, a retry waits for it; then LMDB has them (or the commit failed
+        and the engine reloads from disk, which calls load())."""
+        if not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, []
+        for _, entry in unsent:
             entry.pending = fut
-            fut.add_done_callback(functools.partial(self._resolved, key, entry))
+        fut.add_done_callback(functools.partial(self._resolved, unsent))
 
-    def _resolved(self, key: bytes, entry: Answer, fut: asyncio.Future) -> None:
-        # Committed: LMDB has it now. Failed: the engine reloads from disk (and calls load()).
-        if self.pending.get(key) is entry:
-            del self.pending[key]
+    def _resolved(self, unsent: list[tuple[bytes, Answer]], fut: asyncio.Future) -> None:
+        for key, entry in unsent:
+            if self.pending.get(key) is entry:
+                del self.pending[key]
 
     def expire_ops(self, now_ms: int, limit: int) -> list[Op]:
         """Forget up to ``limit`` entries whose window has passed, oldest first."""

@@ -48,6 +48,7 @@ log = logging.getLogger("meterd.engine")
 
 INT64_MIN = -(1 << 63)
 ADJUST_PRIORITY = 1_000_000  # credits added by Adjust are spent after every grant
+HELD = "held"  # the bucket source of an ended period's credits spared for its open holds
 SWEEP_CHUNK = 256  # log records per housekeeping commit, so that a burst of expiries does not stall calls
 _DUP_REPORT = b"\x30\x01"      # ReportResponse.duplicate = true
 _DUP_BATCH = b"\x28\x01"       # ReportBatchResponse.duplicate = true
@@ -96,12 +97,15 @@ class Reservation:
     amount_nano: int
     expires_at_ms: int
     tenant: str = ""  # the label of the tenant that made it: its settled answer is that tenant's
+    # Credits of a period that ended while this was open, kept for it (see Engine.spared_ops).
+    spared_nano: int = 0
 
     def to_json(self, catalog: Catalog) -> bytes:
         return json.dumps({
             "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
             "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
-            "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant}).encode()
+            "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant,
+            "spared_nano": self.spared_nano}).encode()
 
 
 @dataclass
@@ -671,7 +675,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             rate = self.core.find_rate(meter, None if value is None else value.encode())
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
                                              -1 if meter is None else meter, doc["dim_value"], rate,
-                                             doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""))
+                                             doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""),
+                                             doc.get("spared_nano", 0))
 
     def _seed_customers(self) -> None:
         ops = self._seed_ops()
@@ -793,16 +798,15 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         digest = _hash_request(request) if request else b""
         return self.idem.put_ops(_label_of_key(key), key, digest, response, now_ms())
 
-    def _pending(self, key: bytes | None, fut: asyncio.Future) -> None:
-        if key is not None:
-            self.idem.in_flight(key, fut)
-            self.settled.in_flight(key, fut)
+    def _pending(self, fut: asyncio.Future) -> None:
+        """Answers remembered by the ops of the commit just submitted wait for it."""
+        self.idem.flight(fut)
+        self.settled.flight(fut)
 
-    async def _commit_with(self, ops: list[Op], key: bytes | None = None,
-                           fut: asyncio.Future | None = None) -> None:
+    async def _commit_with(self, ops: list[Op], fut: asyncio.Future | None = None) -> None:
         fut = fut or asyncio.get_running_loop().create_future()
-        self._pending(key, fut)
         self.store.submit(Unit(ops, fut))
+        self._pending(fut)
         await fut
         self._publish(ops)
         self._maybe_snapshot()
@@ -911,7 +915,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         fut = asyncio.get_running_loop().create_future()
         if state is not None:
             state.pending = fut
-        await self._commit_with(ops, None, fut)
+        await self._commit_with(ops, fut)
         return result
 
     def _client_room(self, label: str) -> list[Op]:
@@ -983,7 +987,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if reason != meter_pb2.REASON_UNKNOWN_CUSTOMER:  # nothing is kept for a customer that does not exist
             ops += self._remember(key, _canonical(req), response)
         if ops:
-            await self._commit_with(ops, key)
+            await self._commit_with(ops)
         else:
             await self._roll_settled()
         return response
@@ -1081,7 +1085,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                      ("reservations", rid.encode(), res.to_json(self.catalog))]
         ops += self._remember(key, _canonical(req) if key else b"", response)
         self.decisions[("Authorize", "allow")] += 1
-        await self._commit_with(ops, key)
+        await self._commit_with(ops)
         return response
 
     def _hold_room(self, label: str) -> None:
@@ -1163,13 +1167,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self._forget_reservation(res)
         ops = pre + [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust, at)),
                ("reservations", res.reservation_id.encode(), None)]
-        ops += self.expire_held_ops(res.customer_id, res.credit_type, at)
+        ops += self.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
         response = meter_pb2.CommitResponse(
             cost_nano=cost, released_nano=max(res.amount_nano - cost, 0),
             balance_nano=self.core.state(idx)[0][res.credit_type][0], overrun_nano=overrun).SerializeToString()
         ops += self.alert_ops()
         ops += self.settled.put_ops(label_of(tenant), key, _hash_request(_canonical(req)), b"C" + response, at)
-        await self._commit_with(ops, key)
+        await self._commit_with(ops)
         return response
 
     async def release(self, req: meter_pb2.ReleaseRequest, tenant: Tenant | None = None) -> bytes:
@@ -1183,7 +1187,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             available_nano=self.core.available(idx, res.credit_type) if res.credit_type >= 0 else 0,
         ).SerializeToString()
         ops += self.settled.put_ops(label_of(tenant), key, _hash_request(_canonical(req)), b"R" + response, now_ms())
-        await self._commit_with(ops, key)
+        await self._commit_with(ops)
         return response
 
     def _forget_reservation(self, res: Reservation) -> None:
@@ -1200,7 +1204,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             cust = res.customer_id.encode()
             self.core.release(self.core.account(cust), res.credit_type, res.amount_nano)
             ops.append(self._log_op(_record(b"L", struct.pack("<Hq", res.credit_type, res.amount_nano) + cust)))
-            ops += self.expire_held_ops(res.customer_id, res.credit_type, now_ms())
+            ops += self.spared_ops(res.customer_id, res.credit_type, res.spared_nano, 0)
         return ops
 
     def balance(self, data: bytes) -> bytes:
@@ -1233,10 +1237,14 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     @staticmethod
     def _allocated(buckets: list[Bucket], balance: int) -> list[Bucket]:
         """Buckets with what has been spent since their last update drawn from
-        them in spending order (priority, then soonest expiry, then oldest)."""
-        spent = sum(b.remaining_nano for b in buckets) - max(balance, 0)
-        out = []
-        for b in sorted(buckets, key=Bucket.sort_key):
+        them in spending order (priority, then soonest expiry, then oldest).
+        Credits spared for open holds (source "held") are not drawn: only the
+        settlement of those holds spends them (``spared_ops``)."""
+        held = [b for b in buckets if b.source == HELD]
+        spendable = [b for b in buckets if b.source != HELD]
+        spent = sum(b.remaining_nano for b in spendable) - max(balance - sum(b.remaining_nano for b in held), 0)
+        out = list(held)
+        for b in sorted(spendable, key=Bucket.sort_key):
             take = min(max(spent, 0), b.remaining_nano)
             spent -= take
             out.append(Bucket(b.grant_id, b.remaining_nano - take, b.expires_at_ms, b.priority, b.source, b.order,
@@ -1370,7 +1378,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         response = admin_pb2.GrantResponse(grant_id=gid, balance_nano=self.core.state(
             self.core.account(req.customer_id.encode()))[0][ct][0]).SerializeToString()
         ops += self._remember(key, data, response)
-        await self._commit_with(ops, key)
+        await self._commit_with(ops)
         return response
 
     async def adjust(self, req: admin_pb2.AdjustRequest) -> bytes:
@@ -1403,7 +1411,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             ops += self.alert_ops()
         response = admin_pb2.AdjustResponse(balance_nano=after).SerializeToString()
         ops += self._remember(key, data, response)
-        await self._commit_with(ops, key)
+        await self._commit_with(ops)
         return response
 
     def audit(self, req: admin_pb2.ListAuditRequest) -> admin_pb2.ListAuditResponse:
@@ -1435,7 +1443,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         ops += self.roll_due(now)  # a start in the past catches up on its periods at once
         response = sub.to_pb().SerializeToString()
         ops += self._remember(key, _canonical(req), response)
-        await self._commit_with(ops, key)
+        await self._commit_with(ops)
         return response
 
     async def cancel(self, req: admin_pb2.CancelRequest) -> bytes:
@@ -1520,8 +1528,12 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         acct = self.accounts[customer_id]
         for b in [b for b in acct.buckets.get(ct, []) if b.expires_at_ms and b.expires_at_ms <= now]:
             # Money held by open reservations does not expire under them: that part
-            # of the grant goes once they settle (the next sweeps retry).
-            gone = b.remaining_nano - self.reserved_share(customer_id, ct, b)
+            # of the grant goes once they settle (the next sweeps retry). What an
+            # ended period spared for its holds goes with their settlement; any more
+            # than they were given (a directory from an older meterd) goes now.
+            kept = self.spared_total(customer_id, ct) if b.source == HELD else \
+                self.reserved_share(customer_id, ct, b)
+            gone = max(b.remaining_nano - kept, 0)
             if gone:
                 credit, before, after = self._credit_ops(customer_id, ct, -gone)
                 ops += credit
@@ -1532,25 +1544,78 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             ops += self._grant_row_ops(customer_id, ct, b, b.remaining_nano > 0)
         return ops
 
-    def expire_held_ops(self, customer_id: str, ct: int, now: int) -> list[Op]:
-        """When a hold settles, the credits of an ended period that it spared (a
-        bucket already past its expiry) go in the same commit, under the rules that
-        period ended with: nothing freed by the settlement is ever spendable."""
-        # The sweep puts a bucket it must retry back in the heap at its now + 1.
-        if not (self._grant_expiry and self._grant_expiry[0][0] <= now + 1):
+    # ---- credits of an ended period spared for the holds open at its end ------------------
+    #
+    # At a period boundary, the expiring credits that open holds stand on are not
+    # forfeited under them: each hold is given its share (``spared_nano``), kept in
+    # a bucket of source "held" that nothing else may spend. When the hold settles,
+    # in the same commit, its cost is paid from that share first and the rest of the
+    # share is forfeited, as the ended period's rules say: the new period never gets
+    # to spend it, and its own usage is never paid with it.
+
+    def holds_of(self, customer_id: str, ct: int) -> list[Any]:
+        """The open reservations and sessions of a customer in a credit type, oldest expiry first."""
+        out: list[Any] = [r for r in self.reservations.values() if r.customer_id == customer_id
+                          and r.credit_type == ct and r.amount_nano > 0]
+        out.sort(key=lambda r: (r.expires_at_ms, r.reservation_id))
+        out += [s for s in self.sessions.values() if s.customer_id == customer_id and s.credit_type == ct
+                and s.reserved_nano > 0]
+        return out
+
+    def spare_ops(self, customer_id: str, ct: int, amount: int) -> list[Op]:
+        """Give ``amount`` of ended-period credits to the open holds that stand on them."""
+        ops: list[Op] = []
+        for h in self.holds_of(customer_id, ct):
+            if amount <= 0:
+                break
+            room = (h.amount_nano if isinstance(h, Reservation) else h.reserved_nano) - h.spared_nano
+            give = min(max(room, 0), amount)
+            if give:
+                h.spared_nano += give
+                amount -= give
+                ops.append(("reservations", h.reservation_id.encode(), h.to_json(self.catalog))
+                           if isinstance(h, Reservation) else ("sessions", h.session_id.encode(), h.to_json()))
+        if amount:
+            raise RuntimeError(f"spared {amount} nano more than the open holds of {customer_id!r} stand on")
+        return ops
+
+    def spared_total(self, customer_id: str, ct: int) -> int:
+        return sum(h.spared_nano for h in self.holds_of(customer_id, ct))
+
+    def spared_ops(self, customer_id: str, ct: int, spared: int, cost: int) -> list[Op]:
+        """A hold with ``spared`` credits of an ended period settled at ``cost``: the
+        cost is paid from them first, and the rest is forfeited, in this commit."""
+        if spared <= 0:
             return []
         acct = self.accounts.get(customer_id)
-        if acct is None or not any(b.expires_at_ms and b.expires_at_ms <= now for b in acct.buckets.get(ct, [])):
-            return []
-        return self._expire_grants(customer_id, ct, now)
+        held = sorted((b for b in (acct.buckets.get(ct, []) if acct else []) if b.source == HELD),
+                      key=lambda b: (b.expires_at_ms, b.order))
+        ops: list[Op] = []
+        left = spared
+        for b in held:
+            take = min(b.remaining_nano, left)
+            b.remaining_nano -= take
+            left -= take
+            if b.remaining_nano == 0:
+                acct.buckets[ct].remove(b)  # type: ignore[union-attr]
+            ops += self._grant_row_ops(customer_id, ct, b, b.remaining_nano > 0)
+        forfeit = spared - left - min(cost, spared - left)
+        if forfeit:
+            credit, before, after = self._credit_ops(customer_id, ct, -forfeit)
+            ops += credit + self._audit_op(customer_id, "expire", ct, -forfeit, before, after,
+                                           (held[0].grant_id if held else "") + " spared for a hold that settled")
+        return ops
 
     def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int:
         """How much of a bucket open reservations stand on: held amounts are drawn
-        from buckets in spending order, as their settlement will be."""
+        from buckets in spending order, as their settlement will be (credits already
+        spared for holds, and what they were spared for, are left out)."""
         idx = self.core.account(customer_id.encode())
         bal, resv = self.core.state(idx)[0][ct][:2]
-        held = min(resv, max(bal, 0))
-        for b in sorted(self.accounts[customer_id].buckets.get(ct, []), key=Bucket.sort_key):
+        buckets = self.accounts[customer_id].buckets.get(ct, [])
+        spared_held = sum(b.remaining_nano for b in buckets if b.source == HELD)
+        held = min(resv - self.spared_total(customer_id, ct), max(bal - spared_held, 0))
+        for b in sorted((b for b in buckets if b.source != HELD), key=Bucket.sort_key):
             take = min(held, b.remaining_nano)
             if b is bucket:
                 return take

@@ -42,6 +42,7 @@ class Session:
     billed_units: int = 0
     cost_nano: int = 0
     tenant: str = ""        # the label of the tenant that started it: its final answer is that tenant's
+    spared_nano: int = 0    # credits of a period that ended during its held interval, kept for it
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -66,10 +67,10 @@ class SessionsMixin:
     def _due_ops(self) -> list[Op]: ...  # type: ignore[empty-body]
     def alert_ops(self) -> list[Op]: ...  # type: ignore[empty-body]
     def check_writable(self) -> None: ...
-    async def _commit_with(self, ops: list[Op], key: bytes | None = None, fut: Any = None) -> None: ...
+    async def _commit_with(self, ops: list[Op], fut: Any = None) -> None: ...
     async def _settled_answer(self, key: bytes, by: bytes, request: bytes, what: str) -> bytes | None: ...
 
-    def expire_held_ops(self, customer_id: str, ct: int, now: int) -> list[Op]: ...  # type: ignore[empty-body]
+    def spared_ops(self, customer_id: str, ct: int, spared: int, cost: int) -> list[Op]: ...  # type: ignore[empty-body]
 
     def sessions_of(self, label: str) -> int:
         return self.sessions_by_tenant[label]
@@ -133,7 +134,8 @@ class SessionsMixin:
         s.billed_ms += self._units_ms(s, units)  # the part of a unit not yet billed is carried
         s.billed_units += units
         s.cost_nano += cost
-        return [self._log_op(record)] + self.expire_held_ops(s.customer_id, s.credit_type, until_ms)
+        spared, s.spared_nano = s.spared_nano, 0
+        return [self._log_op(record)] + self.spared_ops(s.customer_id, s.credit_type, spared, cost)
 
     def _session_response(self, s: Session, decision: int, closed: bool, reason: int = 0) -> bytes:
         idx = self.core.account(s.customer_id.encode())
@@ -202,7 +204,7 @@ class SessionsMixin:
         if hold is None:
             response = self._session_response(s, meter_pb2.DECISION_DENY, True, meter_pb2.REASON_INSUFFICIENT_BALANCE)
             ops += self.alert_ops() + self._close_ops(s, response, now)
-            await self._commit_with(ops, self._session_key(s.tenant, s.session_id))
+            await self._commit_with(ops)
             return response
         ops += hold + self.alert_ops() + [("sessions", s.session_id.encode(), s.to_json())]
         await self._commit_with(ops)
@@ -216,7 +218,7 @@ class SessionsMixin:
         ops = self._due_ops() + self._bill_ops(s, now)
         response = self._session_response(s, meter_pb2.DECISION_ALLOW, True)
         ops += self._close_ops(s, response, now) + self.alert_ops()
-        await self._commit_with(ops, self._session_key(s.tenant, s.session_id))
+        await self._commit_with(ops)
         return response
 
     def expire_sessions_ops(self, now: int) -> list[Op]:

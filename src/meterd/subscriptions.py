@@ -74,6 +74,7 @@ class SubscriptionsMixin:
     def _add_bucket(self, *args: Any, **kw: Any) -> tuple[list[Op], str]: ...  # type: ignore[empty-body]
     def _remove_bucket(self, customer_id: str, ct: int, b: Bucket) -> list[Op]: ...  # type: ignore[empty-body]
     def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int: ...  # type: ignore[empty-body]
+    def spare_ops(self, customer_id: str, ct: int, amount: int) -> list[Op]: ...  # type: ignore[empty-body]
 
     # ---- core settings of a plan, logged so that replay sets them too ----------------
 
@@ -361,7 +362,7 @@ class SubscriptionsMixin:
             ops += credit + self._audit_op(customer_id, kind, ct, -gone, before, after, reference)
         if held:
             keep, _ = self._add_bucket(customer_id, ct, held, when, SPENT_FIRST, "held", credit=False)
-            ops += keep
+            ops += keep + self.spare_ops(customer_id, ct, held)
         return ops
 
     def _cycle_end_overage_ops(self, sub: Subscription, ct: int, policy: CreditPolicy) -> list[Op]:
