@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -12,7 +13,9 @@ import time
 import grpc
 import pytest
 
+from meterd.errors import StorageFull
 from meterd.ledger import Ledger
+from meterd.store import Store, Unit, u64
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 from meterd.v1 import meter_pb2_grpc
@@ -255,3 +258,46 @@ def test_a_full_disk_is_resource_exhausted_and_writes_resume_when_space_returns(
     assert int({u.meter: u.quantity for u in resp.usage}["input_tokens"]) == acked
     assert next(b for b in resp.balances if b.credit_type == "usd").balance_nano == 10**15 - 2500 * acked
     assert "no space left on the disk" in d.log_path.read_text()
+
+
+def test_the_writer_keeps_the_reserve_above_the_high_water_mark_for_maintenance(tmp_path):
+    """On a real LMDB: data-plane work is refused from the high-water mark, may not take the map
+    past the middle of the reserve, and maintenance can still commit; deletes bring use back
+    under the low-water mark, and data-plane work is accepted again."""
+    async def main() -> None:
+        store = Store(str(tmp_path), 1 << 20, False, 0, 4096, high_water_percent=50, low_water_percent=30)
+        loop = asyncio.get_running_loop()
+        failures: list[BaseException] = []
+        store.start(loop, failures.append)
+
+        async def commit(ops: list, maintenance: bool = False) -> None:
+            fut = loop.create_future()
+            store.submit(Unit(ops, fut, maintenance))
+            await fut
+
+        n = 0
+        while not store.use.refusing:
+            store.check_room()  # the engine's check before it applies anything
+            await commit([("usage", u64(n), b"x" * 1000)])
+            n += 1
+        assert store.use.high_bytes <= store.use.used_bytes < store.use.ceiling_bytes
+        with pytest.raises(StorageFull, match=r"map_size_bytes 1048576 .* map_high_water_percent \(50%\)"):
+            store.check_room()
+        # Data-plane work admitted just under the mark may not take the reserve's second half...
+        big = [("usage", u64(n + i), b"y" * 1000) for i in range((store.use.ceiling_bytes >> 10) // 3)]
+        with pytest.raises(StorageFull, match="map_high_water_percent"):
+            await commit(big)
+        assert store.get("usage", u64(n)) is None and len(failures) == 1
+        store.reset()  # (the engine reloads its state from disk first)
+        # ...which maintenance may use.
+        await commit([("meta", b"flush_pending", b"z" * 1000)] + big, maintenance=True)
+        assert store.use.used_bytes > store.use.ceiling_bytes and store.use.refusing
+        # Deletes give their pages back: under the low-water mark, data-plane work is accepted again.
+        await commit([("trim", u64(n + len(big) - 1), b"usage")], maintenance=True)
+        assert store.use.used_bytes < store.use.low_bytes and not store.use.refusing
+        store.check_room()
+        await commit([("usage", u64(0), b"x")])
+        store.stop()
+        store.close()
+
+    asyncio.run(main())
