@@ -39,9 +39,10 @@ def test_flags_beat_environment_beat_file(tmp_path: Path):
     ({"METERD_MAP_HIGH_WATER_PERCENT": "99"}, "map_high_water_percent: must be 10 to 95"),
     ({"METERD_MAP_LOW_WATER_PERCENT": "80"}, "map_low_water_percent: must be at least 1 and less than "
                                              "map_high_water_percent"),
-    # 20% of an 8 MiB map cannot hold one 4 MiB batch: snapshots and flushes would have no room left.
-    ({"METERD_MAP_SIZE_BYTES": str(8 << 20)}, r"map_high_water_percent: leaves 1677721 bytes of map_size_bytes "
-                                              r"\(8388608\) above it .* batch_bytes_max \(4194304\)"),
+    # 20% of a 32 MiB map cannot hold two 4 MiB batches (one admitted under the mark, then its snapshot).
+    ({"METERD_MAP_SIZE_BYTES": str(32 << 20)}, r"map_high_water_percent: leaves 6710886 bytes of map_size_bytes "
+                                               r"\(33554432\) above it .* two batches of batch_bytes_max "
+                                               r"\(4194304\)"),
 ])
 def test_bad_settings_are_named(env, message):
     with pytest.raises(ConfigError, match=message):

@@ -20,8 +20,8 @@ from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 from meterd.v1 import meter_pb2_grpc
 
-# A 1 MiB map keeps 20% above its high-water mark, which must hold a whole batch.
-SMALL_BATCHES = {"METERD_BATCH_BYTES_MAX": str(128 << 10)}
+# A 1 MiB map keeps 20% above its high-water mark, which must hold two whole batches.
+SMALL_BATCHES = {"METERD_BATCH_BYTES_MAX": str(96 << 10)}
 
 
 def unique_events(customer: str, seq: int, n: int) -> list[pb.UsageEvent]:
@@ -32,16 +32,16 @@ def unique_events(customer: str, seq: int, n: int) -> list[pb.UsageEvent]:
 
 def test_full_map_is_resource_exhausted_and_nothing_is_lost(make_daemon):
     # The ledger flush is held off, so usage rows pile up in LMDB until the map is full.
-    env = {"METERD_MAP_SIZE_BYTES": str(1 << 20), "METERD_LEDGER_FLUSH_INTERVAL_S": "3600",
+    env = {"METERD_MAP_SIZE_BYTES": str(4 << 20), "METERD_LEDGER_FLUSH_INTERVAL_S": "3600",
            "METERD_LEDGER_RETRY_MAX_S": "3600", **SMALL_BATCHES}
     d = make_daemon(extra_env=env).start()
     d.admin.Grant(apb.GrantRequest(customer_id="big", credit_type="usd", amount_nano=10**15))
     acked = 0
     exhausted = None
-    for seq in range(1, 200):
+    for seq in range(1, 2000):
         try:
             r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=seq,
-                                                          events=unique_events("big", seq, 500)))
+                                                          events=unique_events("big", seq, 200)))
             acked += r.accepted
         except grpc.RpcError as e:
             exhausted = e
@@ -62,8 +62,9 @@ def test_full_map_is_resource_exhausted_and_nothing_is_lost(make_daemon):
     assert int({u.meter: u.quantity for u in resp.usage}["input_tokens"]) == acked
     usd = next(b for b in resp.balances if b.credit_type == "usd")
     assert usd.balance_nano == 10**15 - 2500 * acked
-    r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=500, events=unique_events("big", 500, 500)))
-    assert r.accepted == 500
+    r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=5000,
+                                                  events=unique_events("big", 5000, 200)))
+    assert r.accepted == 200
 
 
 def test_a_log_that_would_fill_the_map_is_snapshotted_in_time(make_daemon):
@@ -268,7 +269,13 @@ def test_the_writer_keeps_the_reserve_above_the_high_water_mark_for_maintenance(
         store = Store(str(tmp_path), 1 << 20, False, 0, 4096, high_water_percent=50, low_water_percent=30)
         loop = asyncio.get_running_loop()
         failures: list[BaseException] = []
-        store.start(loop, failures.append)
+        failed = asyncio.Event()
+
+        def on_failure(e: BaseException) -> None:
+            failures.append(e)
+            failed.set()
+
+        store.start(loop, on_failure)
 
         async def commit(ops: list, maintenance: bool = False) -> None:
             fut = loop.create_future()
@@ -287,6 +294,7 @@ def test_the_writer_keeps_the_reserve_above_the_high_water_mark_for_maintenance(
         big = [("usage", u64(n + i), b"y" * 1000) for i in range((store.use.ceiling_bytes >> 10) // 3)]
         with pytest.raises(StorageFull, match="map_high_water_percent"):
             await commit(big)
+        await asyncio.wait_for(failed.wait(), 30)
         assert store.get("usage", u64(n)) is None and len(failures) == 1
         store.reset()  # (the engine reloads its state from disk first)
         # ...which maintenance may use.

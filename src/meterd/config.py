@@ -159,10 +159,12 @@ def _validate(s: Settings) -> None:
     need(10 <= s.map_high_water_percent <= 95, "map_high_water_percent", "must be 10 to 95")
     need(1 <= s.map_low_water_percent < s.map_high_water_percent, "map_low_water_percent",
          "must be at least 1 and less than map_high_water_percent")
+    # The reserve above the high-water mark holds a batch admitted just under it, and then the
+    # snapshot that writes its usage as rows before the trim frees its log record.
     reserve = s.map_size_bytes * (100 - s.map_high_water_percent) // 100
-    need(reserve >= s.batch_bytes_max, "map_high_water_percent",
+    need(reserve >= 2 * s.batch_bytes_max, "map_high_water_percent",
          f"leaves {reserve} bytes of map_size_bytes ({s.map_size_bytes}) above it for snapshots and flushes, "
-         f"less than one batch of batch_bytes_max ({s.batch_bytes_max}); raise map_size_bytes or lower either")
+         f"less than two batches of batch_bytes_max ({s.batch_bytes_max}); raise map_size_bytes or lower either")
     need(0 <= s.group_commit_window_us <= 100_000, "group_commit_window_us", "must be 0 to 100000")
     need(s.group_commit_ops_max >= 1, "group_commit_ops_max", "must be at least 1")
     need(100 <= s.gil_switch_interval_us <= 100_000, "gil_switch_interval_us", "must be 100 to 100000")
