@@ -380,7 +380,10 @@ class Store:
             self._queue.clear()
         self._fail(group, exc)
         if self._loop is not None and self._on_failure is not None:
-            self._loop.call_soon_threadsafe(self._on_failure, exc)
+            try:
+                self._loop.call_soon_threadsafe(self._on_failure, exc)
+            except RuntimeError:  # the loop is closed: there is no state left to reload
+                pass
 
     def _fail(self, group: list[Unit], exc: BaseException) -> None:
         self._done(group, exc)
