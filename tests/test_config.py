@@ -36,6 +36,13 @@ def test_flags_beat_environment_beat_file(tmp_path: Path):
     ({"METERD_MAP_SIZE_BYTES": "1000"}, "map_size_bytes: must be at least 1 MiB"),
     ({"METERD_RESERVATION_TTL_S": "7200"}, "reservation_ttl_s"),
     ({"METERD_BATCH_EVENTS_MAX": "100000", "METERD_BATCH_BYTES_MAX": "4096"}, "batch_bytes_max"),
+    ({"METERD_MAP_HIGH_WATER_PERCENT": "99"}, "map_high_water_percent: must be 10 to 95"),
+    ({"METERD_MAP_LOW_WATER_PERCENT": "80"}, "map_low_water_percent: must be at least 1 and less than "
+                                             "map_high_water_percent"),
+    # 20% of a 32 MiB map cannot hold two 4 MiB batches (one admitted under the mark, then its snapshot).
+    ({"METERD_MAP_SIZE_BYTES": str(32 << 20)}, r"map_high_water_percent: leaves 6710886 bytes of map_size_bytes "
+                                               r"\(33554432\) above it .* two batches of batch_bytes_max "
+                                               r"\(4194304\)"),
 ])
 def test_bad_settings_are_named(env, message):
     with pytest.raises(ConfigError, match=message):
@@ -96,7 +103,7 @@ def test_check_config_cli(tmp_path: Path):
 
 def test_settings_dataclass_has_units_in_names():
     for name in Settings.__dataclass_fields__:
-        if name.endswith(("_max", "_s", "_us", "_bytes", "_ms", "_file")) or name in (
+        if name.endswith(("_max", "_s", "_us", "_bytes", "_ms", "_file", "_percent")) or name in (
                 "data_dir", "listen", "admin_listen", "catalog", "fsync", "log_level", "log_format", "ledger",
                 "metrics_listen", "sidecar_id", "admin_client_names"):
             continue

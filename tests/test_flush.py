@@ -430,9 +430,9 @@ def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
     submitted: list[list] = []
     real = engine._commit
 
-    async def spy(ops):
+    async def spy(ops, maintenance=False):
         submitted.append(ops)
-        await real(ops)
+        await real(ops, maintenance)
 
     engine._commit = spy
 

@@ -2,75 +2,206 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import shutil
 import subprocess
+import threading
 import time
 
 import grpc
 import pytest
 
+from meterd.errors import StorageFull
+from meterd.ledger import Ledger
+from meterd.store import Store, Unit, u64
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
+from meterd.v1 import meter_pb2_grpc
+
+# A 1 MiB map keeps 20% above its high-water mark, which must hold two whole batches.
+SMALL_BATCHES = {"METERD_BATCH_BYTES_MAX": str(96 << 10)}
+
+
+def unique_events(customer: str, seq: int, n: int) -> list[pb.UsageEvent]:
+    """Events that each make a usage row of their own (a request id in the dimensions)."""
+    return [pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=1,
+                          dimensions={"model": "gpt-4o", "request": f"{seq}-{i}"}) for i in range(n)]
 
 
 def test_full_map_is_resource_exhausted_and_nothing_is_lost(make_daemon):
-    env = {"METERD_MAP_SIZE_BYTES": str(1 << 20), "METERD_SNAPSHOT_INTERVAL_S": "3600",
-           "METERD_SNAPSHOT_LOG_RECORDS_MAX": "1000000"}
+    # The ledger flush is held off, so usage rows pile up in LMDB until the map is full.
+    env = {"METERD_MAP_SIZE_BYTES": str(4 << 20), "METERD_LEDGER_FLUSH_INTERVAL_S": "3600",
+           "METERD_LEDGER_RETRY_MAX_S": "3600", **SMALL_BATCHES}
     d = make_daemon(extra_env=env).start()
     d.admin.Grant(apb.GrantRequest(customer_id="big", credit_type="usd", amount_nano=10**15))
-    event = pb.UsageEvent(customer_id="big", meter="input_tokens", quantity=1, dimensions={"model": "gpt-4o"})
     acked = 0
     exhausted = None
-    for seq in range(1, 200):
+    for seq in range(1, 2000):
         try:
-            r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=seq, events=[event] * 2000))
+            r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=seq,
+                                                          events=unique_events("big", seq, 200)))
             acked += r.accepted
         except grpc.RpcError as e:
             exhausted = e
             break
     assert exhausted is not None and exhausted.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "map_size_bytes" in exhausted.details()
+    assert "map_size_bytes" in exhausted.details() and "map_high_water_percent" in exhausted.details()
     # reads keep being served, and show exactly what was acknowledged
     resp = d.meter.GetBalance(pb.GetBalanceRequest(customer_id="big"))
     assert int({u.meter: u.quantity for u in resp.usage}["input_tokens"]) == acked
     assert d.admin.ListAudit(apb.ListAuditRequest(customer_id="big")).entries[0].kind == "grant"
+    # the map was refused at its high-water mark, before it was full: no commit failed
+    assert "commit failed" not in d.log_path.read_text()
     # a restart with a bigger map recovers the same state and accepts work again
     d.stop()
-    d.extra_env = {"METERD_MAP_SIZE_BYTES": str(64 << 20)}
+    d.extra_env = {**env, "METERD_MAP_SIZE_BYTES": str(64 << 20)}
     d.start()
     resp = d.meter.GetBalance(pb.GetBalanceRequest(customer_id="big"))
     assert int({u.meter: u.quantity for u in resp.usage}["input_tokens"]) == acked
     usd = next(b for b in resp.balances if b.credit_type == "usd")
     assert usd.balance_nano == 10**15 - 2500 * acked
-    r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=500, events=[event] * 2000))
-    assert r.accepted == 2000
+    r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=5000,
+                                                  events=unique_events("big", 5000, 200)))
+    assert r.accepted == 200
 
 
-def test_full_map_clears_when_a_snapshot_trims_the_log(make_daemon):
+def test_a_log_that_would_fill_the_map_is_snapshotted_in_time(make_daemon):
+    # No timed snapshots: 400,000 events of one aggregate would fill a 1 MiB map with their log
+    # alone. A snapshot is due whenever the log takes an eighth of the map's reserve.
     env = {"METERD_MAP_SIZE_BYTES": str(1 << 20), "METERD_SNAPSHOT_INTERVAL_S": "3600",
-           "METERD_SNAPSHOT_LOG_RECORDS_MAX": "1000000"}
+           "METERD_SNAPSHOT_LOG_RECORDS_MAX": "1000000", **SMALL_BATCHES}
     d = make_daemon(extra_env=env).start()
     event = pb.UsageEvent(customer_id="demo", meter="requests", quantity=0, dimensions={"model": "gpt-4o"})
-    for seq in range(1, 200):
+    for seq in range(1, 201):
+        r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=seq, events=[event] * 2000))
+        assert r.accepted == 2000
+    resp = d.meter.GetBalance(pb.GetBalanceRequest(customer_id="demo"))
+    assert {u.meter: u.quantity for u in resp.usage}["requests"] == "0"
+    assert "commit failed" not in d.log_path.read_text()
+
+
+FREE_CATALOG = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.calls]
+credit_type = "usd"
+price = "0"
+""" + "".join(f"\n[customers.t{i:02d}]\nbalances = {{ usd = \"1.00\" }}\n" for i in range(20))
+
+
+class FreeLoad(threading.Thread):
+    """Zero-cost events with 15 random dimension values each, in batches, until
+    the daemon refuses one or the test stops it; counts what was acknowledged."""
+
+    def __init__(self, target: str, n: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.stub = meter_pb2_grpc.MeterStub(grpc.insecure_channel(target))
+        self.client_id, self.rng, self.stop_event = f"load-{n}", random.Random(n), stop
+        self.acked = 0
+        self.refusal: grpc.RpcError | None = None
+        self.error: BaseException | None = None
+        self.seq = 0
+
+    def batch(self, size: int) -> list[pb.UsageEvent]:
+        rng = self.rng
+        return [pb.UsageEvent(customer_id=f"t{rng.randrange(20):02d}", meter="calls", quantity=1,
+                              dimensions={f"d{j}": f"{rng.getrandbits(64):016x}" for j in range(15)})
+                for _ in range(size)]
+
+    def send(self, size: int) -> int:
+        self.seq += 1
+        r = self.stub.ReportBatch(pb.ReportBatchRequest(client_id=self.client_id, sequence=self.seq,
+                                                        events=self.batch(size)), timeout=30)
+        if r.accepted != size:
+            raise AssertionError(f"{size - r.accepted} of {size} zero-cost events not accepted: {r}")
+        self.acked += size
+        return size
+
+    def run(self) -> None:
         try:
-            d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=seq, events=[event] * 2000))
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            break
-    else:
-        raise AssertionError("the map never filled")
-    # while full, the housekeeping loop keeps trying a snapshot, which drops the log it covers
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+            while not self.stop_event.is_set():
+                try:
+                    self.send(200)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    self.refusal = e  # not acknowledged: nothing of it was applied
+                    self.stop_event.set()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+            self.stop_event.set()
+
+
+def usage_events(d, customers: int = 20) -> int:
+    total = 0
+    for i in range(customers):
+        resp = d.meter.GetBalance(pb.GetBalanceRequest(customer_id=f"t{i:02d}"))
+        total += int({u.meter: u.quantity for u in resp.usage}.get("calls", "0"))
+    return total
+
+
+def wait_for(what: str, check, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_full_map_recovers_by_itself_once_the_flush_has_drained(make_daemon, tmp_path):
+    """Issue 12, section 6: random dimension values outrun the flush until writes are
+    refused; once the load stops, the flush drains the map and writes are accepted
+    again without a restart, and the ledger holds every acknowledged event."""
+    catalog = tmp_path / "free.toml"
+    catalog.write_text(FREE_CATALOG)
+    ledger = tmp_path / "ledger.sqlite3"
+    d = make_daemon(catalog=str(catalog), extra_env={
+        "METERD_MAP_SIZE_BYTES": str(16 << 20), "METERD_BATCH_BYTES_MAX": str(1 << 20),
+        "METERD_LEDGER": f"sqlite:///{ledger}", "METERD_LEDGER_FLUSH_INTERVAL_S": "0.5",
+        "METERD_LEDGER_FLUSH_ROWS_MAX": "20",  # the flush drains slower than the load comes in
+        "METERD_FSYNC": "false", "METERD_SNAPSHOT_INTERVAL_S": "1"}).start()
+    pid = d.proc.pid
+    stop = threading.Event()
+    load = [FreeLoad(d.target, n, stop) for n in range(3)]
+    for t in load:
+        t.start()
+    for t in load:
+        t.join(timeout=300)
+        assert not t.is_alive(), "the map never reached its high-water mark"
+    errors = [t.error for t in load if t.error is not None]
+    assert not errors, errors
+    refusal = next(t.refusal for t in load if t.refusal is not None)
+    assert "map_high_water_percent" in refusal.details() and "map_size_bytes" in refusal.details(), refusal
+    acked = sum(t.acked for t in load)
+    # Refused writes changed nothing; reads are served meanwhile.
+    assert usage_events(d) == acked
+
+    def accepted_again() -> bool:
         try:
-            d.meter.ReportBatch(pb.ReportBatchRequest(client_id="f", sequence=1000, events=[event] * 10))
-            break
+            acked_before = load[0].acked
+            load[0].send(1)
         except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            time.sleep(0.2)
-    else:
-        raise AssertionError("writes did not resume after the log was trimmed")
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+            assert load[0].acked == acked_before
+            return False
+        return True
+
+    wait_for("writes to be accepted again", accepted_again, 120)
+    assert d.proc.pid == pid and d.proc.poll() is None  # the same process: no restart
+    acked = sum(t.acked for t in load)
+    # Once the backlog is in the ledger, it holds exactly the acknowledged events.
+    wait_for("the backlog to drain", lambda: (lambda s: s.backlog_usage_rows == s.backlog_entries == 0)(
+        d.admin.GetLedgerStatus(apb.LedgerStatusRequest())), 120)
+    assert usage_events(d) == acked
+    with Ledger(f"sqlite:///{ledger}") as lg:
+        totals = lg.totals()
+    assert (totals["events"], totals["cost_nano"]) == (acked, 0)
+    log = d.log_path.read_text()
+    assert "commit failed" not in log and "accepted again" in log
+    assert d.stop() == 0
 
 
 @pytest.fixture
@@ -128,3 +259,53 @@ def test_a_full_disk_is_resource_exhausted_and_writes_resume_when_space_returns(
     assert int({u.meter: u.quantity for u in resp.usage}["input_tokens"]) == acked
     assert next(b for b in resp.balances if b.credit_type == "usd").balance_nano == 10**15 - 2500 * acked
     assert "no space left on the disk" in d.log_path.read_text()
+
+
+def test_the_writer_keeps_the_reserve_above_the_high_water_mark_for_maintenance(tmp_path):
+    """On a real LMDB: data-plane work is refused from the high-water mark, may not take the map
+    past the middle of the reserve, and maintenance can still commit; deletes bring use back
+    under the low-water mark, and data-plane work is accepted again."""
+    async def main() -> None:
+        store = Store(str(tmp_path), 1 << 20, False, 0, 4096, high_water_percent=50, low_water_percent=30)
+        loop = asyncio.get_running_loop()
+        failures: list[BaseException] = []
+        failed = asyncio.Event()
+
+        def on_failure(e: BaseException) -> None:
+            failures.append(e)
+            failed.set()
+
+        store.start(loop, on_failure)
+
+        async def commit(ops: list, maintenance: bool = False) -> None:
+            fut = loop.create_future()
+            store.submit(Unit(ops, fut, maintenance))
+            await fut
+
+        n = 0
+        while not store.use.refusing:
+            store.check_room()  # the engine's check before it applies anything
+            await commit([("usage", u64(n), b"x" * 1000)])
+            n += 1
+        assert store.use.high_bytes <= store.use.used_bytes < store.use.ceiling_bytes
+        with pytest.raises(StorageFull, match=r"map_size_bytes 1048576 .* map_high_water_percent \(50%\)"):
+            store.check_room()
+        # Data-plane work admitted just under the mark may not take the reserve's second half...
+        big = [("usage", u64(n + i), b"y" * 1000) for i in range((store.use.ceiling_bytes >> 10) // 3)]
+        with pytest.raises(StorageFull, match="map_high_water_percent"):
+            await commit(big)
+        await asyncio.wait_for(failed.wait(), 30)
+        assert store.get("usage", u64(n)) is None and len(failures) == 1
+        store.reset()  # (the engine reloads its state from disk first)
+        # ...which maintenance may use.
+        await commit([("meta", b"flush_pending", b"z" * 1000)] + big, maintenance=True)
+        assert store.use.used_bytes > store.use.ceiling_bytes and store.use.refusing
+        # Deletes give their pages back: under the low-water mark, data-plane work is accepted again.
+        await commit([("trim", u64(n + len(big) - 1), b"usage")], maintenance=True)
+        assert store.use.used_bytes < store.use.low_bytes and not store.use.refusing
+        store.check_room()
+        await commit([("usage", u64(0), b"x")])
+        store.stop()
+        store.close()
+
+    asyncio.run(main())

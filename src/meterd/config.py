@@ -25,6 +25,11 @@ class Settings:
     # Room for 10M remembered keys and 10M settled answers (about 140 B each)
     # besides the accounts; the file grows only as it is used.
     map_size_bytes: int = 8 << 30
+    # Data-plane writes are refused once this much of the map is in use, and
+    # accepted again under the low-water mark; the rest of the map is kept for
+    # the snapshots, flushes and housekeeping that free space.
+    map_high_water_percent: int = 80
+    map_low_water_percent: int = 60
     fsync: bool = True
     # Group commit: while the event loop is busy, the writer waits this long for
     # more work to join a commit; when it keeps up, the writer commits at once.
@@ -173,6 +178,15 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name}: {message}")
 
     need(s.map_size_bytes >= 1 << 20, "map_size_bytes", "must be at least 1 MiB")
+    need(10 <= s.map_high_water_percent <= 95, "map_high_water_percent", "must be 10 to 95")
+    need(1 <= s.map_low_water_percent < s.map_high_water_percent, "map_low_water_percent",
+         "must be at least 1 and less than map_high_water_percent")
+    # The reserve above the high-water mark holds a batch admitted just under it, and then the
+    # snapshot that writes its usage as rows before the trim frees its log record.
+    reserve = s.map_size_bytes * (100 - s.map_high_water_percent) // 100
+    need(reserve >= 2 * s.batch_bytes_max, "map_high_water_percent",
+         f"leaves {reserve} bytes of map_size_bytes ({s.map_size_bytes}) above it for snapshots and flushes, "
+         f"less than two batches of batch_bytes_max ({s.batch_bytes_max}); raise map_size_bytes or lower either")
     need(0 <= s.group_commit_window_us <= 100_000, "group_commit_window_us", "must be 0 to 100000")
     need(s.group_commit_ops_max >= 1, "group_commit_ops_max", "must be at least 1")
     need(100 <= s.gil_switch_interval_us <= 100_000, "gil_switch_interval_us", "must be 100 to 100000")

@@ -251,7 +251,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.settings = settings
         self.catalog = catalog
         self.store = Store(os.path.join(settings.data_dir, "lmdb"), settings.map_size_bytes, settings.fsync,
-                           settings.group_commit_window_us, settings.group_commit_ops_max)
+                           settings.group_commit_window_us, settings.group_commit_ops_max,
+                           settings.map_high_water_percent, settings.map_low_water_percent)
         self.core: Any = None
         self.clients: dict[bytes, ClientState] = {}
         self.clients_of: collections.Counter[str] = collections.Counter()  # batch clients per tenant label
@@ -335,10 +336,11 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise Unavailable("storage failed and meterd is recovering; retry")
         if self.storage_full is not None:
             raise self.storage_full
+        self.store.check_room()  # above the map's high-water mark: refused before anything is applied
 
-    async def _commit(self, ops: list[Op]) -> None:
+    async def _commit(self, ops: list[Op], maintenance: bool = False) -> None:
         fut = asyncio.get_running_loop().create_future()
-        self.store.submit(Unit(ops, fut))
+        self.store.submit(Unit(ops, fut, maintenance))
         await fut
 
     def _log_op(self, record: bytes) -> Op:
@@ -535,7 +537,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                     return  # state was reloaded from disk meanwhile: the log still has all of it
                 ops = self._snapshot_finish(accounts, doc, drained, drain_seq, pos)
                 finished = True
-                await self._commit(ops)
+                await self._commit(ops, maintenance=True)  # trims the log: may use the map's reserve
             except BaseException:
                 self.core.mark_all_dirty()
                 if not finished:  # the aggregates were taken from the core but are in no op: keep them
@@ -803,9 +805,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.idem.flight(fut)
         self.settled.flight(fut)
 
-    async def _commit_with(self, ops: list[Op], fut: asyncio.Future | None = None) -> None:
+    async def _commit_with(self, ops: list[Op], fut: asyncio.Future | None = None,
+                           maintenance: bool = False) -> None:
         fut = fut or asyncio.get_running_loop().create_future()
-        self.store.submit(Unit(ops, fut))
+        self.store.submit(Unit(ops, fut, maintenance))
         self._pending(fut)
         await fut
         self._publish(ops)
@@ -823,7 +826,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if ops:
             fut = asyncio.get_running_loop().create_future()
             fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._publish(ops))
-            self.store.submit(Unit(ops, fut))
+            self.store.submit(Unit(ops, fut, maintenance=True))  # a period roll must not wait for room
             self._rolling = fut
         return []
 
@@ -861,7 +864,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             self._watchers.remove(item)
 
     def _maybe_snapshot(self) -> None:
-        if self.log_pos - self.snapshot_pos >= self.settings.snapshot_log_records_max and not self._snapshot_running:
+        use = self.store.use  # a long log would need more of the map's reserve than it has to become usage rows
+        due = self.log_pos - self.snapshot_pos >= self.settings.snapshot_log_records_max or (
+            use.log_bytes >= use.snapshot_log_bytes and self.log_pos != self.snapshot_pos)
+        if due and not self._snapshot_running:
             asyncio.get_running_loop().create_task(self._snapshot_quietly())
 
     async def _snapshot_quietly(self) -> None:
@@ -1477,16 +1483,19 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                          res.customer_id, res.reservation_id, res.amount_nano)
                 ops += self._release_ops(res)
             if ops:
-                await self._commit_with(ops)
+                await self._commit_with(ops, maintenance=True)
 
     async def sweep(self) -> None:
         """Expire reservations and grants, roll the period, snapshot when due."""
         if self.closing:
             return
-        if self.storage_full is not None:
-            # A snapshot trims the log; when it commits, there is room again.
+        if self.storage_full is not None or self.store.use.refusing:
+            # A snapshot trims the log: after a failed commit, the one that commits clears
+            # the failure; above the map's high-water mark, it turns the log into rows the
+            # flush drains. Housekeeping is maintenance, so it goes on while writes are refused.
             await self._snapshot_quietly()
-            return
+            if self.storage_full is not None:
+                return
         now = now_ms()
         ops: list[Op] = self._due_ops()
         await self._expire_reservations(now)
@@ -1520,7 +1529,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         ops += self.expire_sessions_ops(now)
         ops += self.alert_ops()
         if ops:
-            await self._commit_with(ops)
+            await self._commit_with(ops, maintenance=True)
 
     def _expire_grants(self, customer_id: str, ct: int, now: int) -> list[Op]:
         idx = self.core.account(customer_id.encode())

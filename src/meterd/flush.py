@@ -312,7 +312,8 @@ class LedgerMixin:
             raise SidecarConflict(f"sidecar_id {self.sidecar_id!r}: flush {pending['seq']} conflicts with the ledger")
         last = await self._on_ledger_thread(Ledger.last_sequence, self.sidecar_id)
         pending = dict(pending, seq=last + 1)
-        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
+        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())],  # type: ignore[attr-defined]
+                           maintenance=True)
         return pending
 
     async def prepare_flush(self) -> dict | None:
@@ -335,7 +336,9 @@ class LedgerMixin:
         pending = {"seq": base + 1, "usage_to": usage_to.hex() if usage_to else "",
                    "outbox_to": outbox_to or 0, "rows": rows, "first": first}
         # Recorded before it is sent: a resend after a crash carries the same rows under the same sequence.
-        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())])  # type: ignore[attr-defined]
+        # Maintenance: it may use the map's reserve, as the flush is what frees the map.
+        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())],  # type: ignore[attr-defined]
+                           maintenance=True)
         return pending
 
     async def send_flush(self, pending: dict) -> bool:
@@ -353,7 +356,7 @@ class LedgerMixin:
             ops.append(("trim", bytes.fromhex(pending["usage_to"]), b"usage"))
         if pending["outbox_to"]:
             ops.append(("trim", u64(pending["outbox_to"]), b"outbox"))
-        await self._commit(ops)  # type: ignore[attr-defined]
+        await self._commit(ops, maintenance=True)  # type: ignore[attr-defined]
         self.flushed_seq = pending["seq"]
         self._flushed_ok()
 

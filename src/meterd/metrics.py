@@ -113,11 +113,15 @@ class DaemonCollector(Collector):
                                "answer, by RPC", ["rpc"], dict(t.latency))
         yield store.group_sizes.family("meterd_commit_group_calls", "Callers whose work shared one group commit")
         yield store.commit_seconds.family("meterd_commit_seconds", "Time of one LMDB commit, fsync included")
-        info, stat = store.env.info(), store.env.stat()
+        use = store.use  # measured by the writer after each commit (the pages in use, not the file's high-water)
         yield GaugeMetricFamily("meterd_lmdb_map_used_bytes", "Pages of the LMDB map in use",
-                                value=(info["last_pgno"] + 1) * stat["psize"])
+                                value=use.used_bytes)
         yield GaugeMetricFamily("meterd_lmdb_map_size_bytes", "The LMDB map size (map_size_bytes)",
-                                value=info["map_size"])
+                                value=use.map_size_bytes)
+        yield GaugeMetricFamily("meterd_lmdb_map_high_water_bytes", "Map use from which data-plane writes are "
+                                "refused (map_high_water_percent)", value=use.high_bytes)
+        yield GaugeMetricFamily("meterd_lmdb_writes_refused", "1 while data-plane writes are refused because the "
+                                "map is above its high-water mark", value=int(use.refusing))
         last = self.engine.last_flush_ms
         yield GaugeMetricFamily("meterd_ledger_flush_lag_seconds", "Time since the last successful flush",
                                 value=max(0.0, time.time() - last / 1000) if last else 0.0)

@@ -7,6 +7,15 @@ so many concurrent callers share one fsync. A failed commit (a full map, say)
 fails its unit and everything queued behind it, because the event loop applied
 those in memory on top of the failed ones; the loop then reloads its state
 from what is on disk before the writer accepts work again.
+
+The writer keeps the map from filling up in the first place. After each
+commit it measures how much of the map is in use; above the high-water mark
+data-plane writes are refused before anything is applied (``check_room``),
+until the flush to the ledger has brought use back under the low-water mark.
+What lies above the high-water mark is the maintenance reserve: the commits
+that free space (snapshots that trim the log, flush bookkeeping and the
+deletes after a flush, housekeeping) are marked ``maintenance`` and may use
+it, while a data-plane commit may never take the map past the middle of it.
 """
 
 from __future__ import annotations
@@ -44,23 +53,76 @@ class DataDirInUse(ConfigError):
 
 # Below this much free space, a failed commit is taken for a full disk.
 DISK_FREE_MIN_BYTES = 16 << 20
+# LMDB's freelist stores each free page's number in 8 bytes.
+_FREELIST_ENTRY_BYTES = 8
 
 
 class Unit:
-    """Work for one commit: the ops, and the asyncio future that waits for them."""
+    """Work for one commit: the ops, the asyncio future that waits for them, and
+    whether it is maintenance (which frees space, or is needed to) rather than
+    a data-plane write (which only adds)."""
 
-    __slots__ = ("ops", "future")
+    __slots__ = ("ops", "future", "maintenance")
 
-    def __init__(self, ops: list[Op], future: asyncio.Future | None) -> None:
+    def __init__(self, ops: list[Op], future: asyncio.Future | None, maintenance: bool = False) -> None:
         self.ops = ops
         self.future = future
+        self.maintenance = maintenance
+
+
+class MapUse:
+    """How much of the LMDB map is in use, and the marks that decide whether
+    data-plane writes are accepted. Written by the writer thread, read by the
+    event loop (single attribute reads and writes, so the GIL is enough)."""
+
+    def __init__(self, map_size_bytes: int, high_water_percent: int, low_water_percent: int) -> None:
+        self.map_size_bytes = map_size_bytes
+        self.high_water_percent = high_water_percent
+        self.low_water_percent = low_water_percent
+        self.high_bytes = map_size_bytes * high_water_percent // 100
+        self.low_bytes = map_size_bytes * low_water_percent // 100
+        # Data-plane commits may take use at most halfway into the reserve, so
+        # that maintenance always keeps the other half.
+        self.ceiling_bytes = self.high_bytes + (map_size_bytes - self.high_bytes) // 2
+        # A snapshot moves the log into usage rows in one commit, and the pages
+        # the trim frees are not reused in that commit: keep the log small
+        # enough that what it turns into fits the reserve several times over.
+        self.snapshot_log_bytes = max(1, (map_size_bytes - self.high_bytes) // 8)
+        self.used_bytes = 0
+        self.log_bytes = 0
+        self.refusing = False  # data-plane writes are refused
+
+    def update(self, used_bytes: int, log_bytes: int) -> None:
+        """Hysteresis: refuse from the high-water mark until under the low one."""
+        self.used_bytes, self.log_bytes = used_bytes, log_bytes
+        if used_bytes >= self.high_bytes:
+            if not self.refusing:
+                log.warning("the LMDB map is %d%% used (%d of %d bytes): data-plane writes are refused until "
+                            "the flush to the ledger brings it under map_low_water_percent (%d%%)",
+                            100 * used_bytes // self.map_size_bytes, used_bytes, self.map_size_bytes,
+                            self.low_water_percent)
+            self.refusing = True
+        elif used_bytes < self.low_bytes and self.refusing:
+            self.refusing = False
+            log.warning("the LMDB map is %d%% used (%d of %d bytes), under map_low_water_percent: "
+                        "data-plane writes are accepted again", 100 * used_bytes // self.map_size_bytes,
+                        used_bytes, self.map_size_bytes)
+
+    def refusal(self, path: str, used_bytes: int | None = None) -> StorageFull:
+        used = self.used_bytes if used_bytes is None else used_bytes
+        return StorageFull(
+            f"storage full: the LMDB map in {path} holds {used} bytes of map_size_bytes "
+            f"{self.map_size_bytes} ({100 * used // self.map_size_bytes}%); writes are refused above "
+            f"map_high_water_percent ({self.high_water_percent}%) until the flush to the ledger brings it under "
+            f"map_low_water_percent ({self.low_water_percent}%); if the ledger is reachable and this persists, "
+            "raise map_size_bytes")
 
 
 class Store:
     """The LMDB environment, its named databases and the writer thread."""
 
     def __init__(self, path: str, map_size_bytes: int, fsync: bool,
-                 window_us: int, ops_max: int) -> None:
+                 window_us: int, ops_max: int, high_water_percent: int = 80, low_water_percent: int = 60) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)  # nobody else reads the balances (nor the tokens' digests)
         self.path = path
         # LMDB lets several processes share an environment; two daemons on one
@@ -93,6 +155,11 @@ class Store:
             mode=0o600,  # data.mdb and lock.mdb (0600 under any umask that does not take from the owner)
         )
         self.dbs = {name: self.env.open_db(name.encode()) for name in DBS}
+        self._trees = [self.env.open_db(None), *self.dbs.values()]  # the main database names the others
+        self._psize = int(self.env.stat()["psize"])
+        self.use = MapUse(int(self.env.info()["map_size"]), high_water_percent, low_water_percent)
+        with self.env.begin() as txn:
+            self.use.update(*self._measure(txn))
         self.window_s = window_us / 1e6
         self.ops_max = ops_max
         self._queue: collections.deque[Unit] = collections.deque()
@@ -108,6 +175,37 @@ class Store:
         self.group_sizes = Histogram(SIZE_BUCKETS)       # filled by the writer thread
         self.commit_seconds = Histogram(LATENCY_BUCKETS)
         self.window_waits = 0
+
+    # ---- map use -------------------------------------------------------------
+
+    def _measure(self, txn: lmdb.Transaction) -> tuple[int, int]:
+        """Bytes of the map in use, and of them the log's, as of ``txn`` (a write
+        transaction sees its own changes; a handful of O(1) lookups).
+
+        Not env.info()'s last_pgno: that is the file's high-water mark, and it
+        never comes down, because LMDB keeps freed pages in its freelist and
+        reuses them rather than shrinking the file. What is in use is the pages
+        of every B-tree (branch, leaf and overflow pages of the main database
+        and each named one), the two meta pages, and the freelist's own pages,
+        8 bytes per free page id: estimated from the pages below last_pgno that
+        no tree holds. Deleting rows after a flush lowers this measure; pages
+        freed by the last commit or pinned by a reader are not reusable yet,
+        which the reserve above the high-water mark absorbs."""
+        pages, log_pages = 2, 0
+        for db in self._trees:
+            st = txn.stat(db)
+            n = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            pages += n
+            if db is self.dbs["log"]:
+                log_pages = n
+        free = max(0, int(self.env.info()["last_pgno"]) + 1 - pages)
+        pages += -(-free * _FREELIST_ENTRY_BYTES // self._psize)
+        return pages * self._psize, log_pages * self._psize
+
+    def check_room(self) -> None:
+        """Refuse a data-plane write, before anything is applied, while the map is above its high-water mark."""
+        if self.use.refusing:
+            raise self.use.refusal(self.path)
 
     # ---- reading (any thread) ----------------------------------------------
 
@@ -167,6 +265,8 @@ class Store:
         """Commit ops synchronously on the calling thread (start-up and shutdown only)."""
         with self.env.begin(write=True) as txn:
             self._apply(txn, ops)
+            measured = self._measure(txn)
+        self.use.update(*measured)
 
     def _apply(self, txn: lmdb.Transaction, ops: Iterable[Op]) -> int:
         n = 0
@@ -240,15 +340,28 @@ class Store:
                     n = 0
                     for unit in group:
                         n += self._apply(txn, unit.ops)
+                    used, log_bytes = self._measure(txn)
+                    if used > self.use.ceiling_bytes and not all(unit.maintenance for unit in group):
+                        raise _OverCeiling(used)  # aborts the transaction
+                self.use.update(used, log_bytes)
                 self.commit_seconds.observe(time.perf_counter() - started)
                 self.group_sizes.observe(len(group))
                 self.commits += 1
                 self.committed_ops += n
                 self._done(group, None)
+            except _OverCeiling as e:
+                # Data-plane work admitted just under the high-water mark, more of it
+                # than the reserve holds: failed rather than let it take maintenance's room.
+                log.error("a commit would take the LMDB map to %d bytes, past the maintenance reserve above "
+                          "map_high_water_percent; failed", e.used_bytes)
+                self.use.refusing = True  # until the flush brings use under the low-water mark
+                self._failure(group, self.use.refusal(self.path, e.used_bytes))
             except lmdb.MapFullError:
+                self.use.refusing = True
                 self._failure(group, StorageFull(
-                    f"storage full: the LMDB map of {self.map_size_bytes} bytes in {self.path} is full; "
-                    "raise map_size_bytes and restart"))
+                    f"storage full: the LMDB map of map_size_bytes {self.map_size_bytes} bytes in {self.path} "
+                    "is full; writes are refused until there is room again: raise map_size_bytes and restart "
+                    "if the flush to the ledger does not make it"))
             except Exception as e:  # noqa: BLE001 - any commit failure must fail its callers
                 self._failure(group, self._classify(e, group))
 
@@ -275,7 +388,10 @@ class Store:
             self._queue.clear()
         self._fail(group, exc)
         if self._loop is not None and self._on_failure is not None:
-            self._loop.call_soon_threadsafe(self._on_failure, exc)
+            try:
+                self._loop.call_soon_threadsafe(self._on_failure, exc)
+            except RuntimeError:  # the loop is closed: there is no state left to reload
+                pass
 
     def _fail(self, group: list[Unit], exc: BaseException) -> None:
         self._done(group, exc)
@@ -304,6 +420,12 @@ class Store:
         """On the loop: answer a group's callers, and note how late the loop got to it."""
         self._lag_s = time.perf_counter() - posted
         _resolve(group, exc)
+
+
+class _OverCeiling(Exception):
+    def __init__(self, used_bytes: int) -> None:
+        super().__init__(used_bytes)
+        self.used_bytes = used_bytes
 
 
 def _resolve(group: list[Unit], exc: BaseException | None) -> None:
