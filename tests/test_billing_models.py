@@ -447,3 +447,104 @@ def test_a_raised_spend_limit_counts_the_overage_already_billed_this_period(make
     b.advance(28 * DAY_MS + 1)
     b.tick()  # the month ends: its overage adds up to the $20 budget, not $24
     assert sum(e.charge_nano for e in b.audit("dev", "overage_charged")) == 20 * NANO
+
+
+@pytest.mark.parametrize("settle", ["release", "commit nothing", "expire"])
+def test_new_period_usage_is_never_paid_with_credits_spared_for_an_old_hold(make, tmp_path, settle):
+    path = tmp_path / "rollover.toml"
+    path.write_text(ROLLOVER_CATALOG)
+    b = make(str(path))
+    b.report("studio", "characters", 50_000)
+    b.advance(28 * DAY_MS - 10_000)
+    old = b.authorize("studio", "characters", 10_000)
+    b.advance(20_000)
+    b.tick()  # 30,000 roll over, 10,000 forfeited, 10,000 spared for the hold
+    b.report("studio", "characters", 5_000)  # the new period's own usage, while the old hold is open
+    if settle == "release":
+        b.release(old.reservation_id)
+    elif settle == "commit nothing":
+        b.commit(old.reservation_id, 0)
+    else:
+        b.advance(60_000)
+        b.tick()
+    # 100,000 included + 30,000 rolled - 5,000 used: the spared 10,000 all go.
+    assert b.bal("studio", "credits") == 125_000 * NANO
+    assert [e.amount_nano for e in b.audit("studio", "expire")] == [-10_000 * NANO]
+    b.check_conservation("studio")
+
+
+def test_a_new_period_hold_does_not_keep_what_was_spared_for_an_old_one(make, tmp_path):
+    path = tmp_path / "rollover.toml"
+    path.write_text(ROLLOVER_CATALOG)
+    b = make(str(path))
+    b.report("studio", "characters", 50_000)
+    b.advance(28 * DAY_MS - 10_000)
+    old = b.authorize("studio", "characters", 10_000)
+    b.advance(20_000)
+    b.tick()
+    new = b.authorize("studio", "characters", 20_000)
+    b.release(old.reservation_id)
+    assert b.bal("studio", "credits") == 130_000 * NANO
+    assert b.report("studio", "characters", 110_001).decision == pb.DECISION_DENY  # 130,000 less the new hold
+    assert b.report("studio", "characters", 110_000).decision == pb.DECISION_ALLOW
+    b.commit(new.reservation_id, 20_000)
+    assert b.bal("studio", "credits") == 0
+    b.check_conservation("studio")
+
+
+def test_an_old_hold_that_costs_more_than_was_spared_pays_the_rest_from_the_new_period(make, tmp_path):
+    path = tmp_path / "rollover.toml"
+    path.write_text(ROLLOVER_CATALOG)
+    b = make(str(path))
+    b.report("studio", "characters", 50_000)
+    b.advance(28 * DAY_MS - 10_000)
+    old = b.authorize("studio", "characters", 10_000)
+    b.advance(20_000)
+    b.tick()
+    assert b.commit(old.reservation_id, 12_000).balance_nano == 128_000 * NANO  # 10,000 spared, 2,000 new
+    assert b.audit("studio", "expire") == []
+    b.check_conservation("studio")
+
+
+SESSION_CATALOG = ROLLOVER_CATALOG.replace('[plans.creator]', '''[meters.seconds]
+credit_type = "credits"
+price = "100"
+
+[plans.creator]''')
+
+
+def test_a_session_closed_by_its_timeout_after_a_boundary_forfeits_what_was_spared(make, tmp_path):
+    path = tmp_path / "session.toml"
+    path.write_text(SESSION_CATALOG)
+    b = make(str(path))
+    b.report("studio", "characters", 50_000)
+    b.advance(28 * DAY_MS - 10_000)
+    s = b.start_session("studio", "seconds", timeout_ms=30_000)  # holds 30 s at 100 a second
+    b.advance(20_000)
+    b.tick()  # 3,000 of the forfeited credits are spared for the session's hold
+    assert b.bal("studio", "credits") == 133_000 * NANO
+    b.advance(25_000)  # no heartbeat for 45 s: the sweep closes the session at its last one, billing nothing
+    b.tick()
+    assert b.bal("studio", "credits") == 130_000 * NANO
+    assert [e.amount_nano for e in b.audit("studio", "expire")] == [-3_000 * NANO]
+    assert b.report("studio", "characters", 130_001).decision == pb.DECISION_DENY
+    assert b.heartbeat(s.session_id).duplicate
+    b.check_conservation("studio")
+
+
+def test_a_spend_limit_counts_money_across_a_plan_change_to_other_prices(make, tmp_path):
+    catalog = SPEND_LIMIT_CATALOG.replace(
+        'overage = { price = "0.04", price_in = "usd", spend_limit = "20.00", at_cycle_end = "bill" }',
+        'overage = { price = "0.02", price_in = "usd", spend_limit = "20.00", at_cycle_end = "bill" }')
+    path = tmp_path / "cheaper.toml"
+    path.write_text(catalog)
+    b = make(str(path))
+    assert b.report("dev", "requests", 400).decision == pb.DECISION_ALLOW  # 100 over, $4 at $0.04
+    b.change_plan("dev", "budget20")  # $4 billed at once; $16 of the $20 are left, at $0.02: 800 requests
+    requests = next(x for x in b.balance("dev").balances if x.credit_type == "requests")
+    assert requests.available_nano == 800 * NANO
+    assert b.report("dev", "requests", 801).decision != pb.DECISION_ALLOW
+    assert b.report("dev", "requests", 800).decision == pb.DECISION_ALLOW
+    b.advance(28 * DAY_MS + 1)
+    b.tick()
+    assert sum(e.charge_nano for e in b.audit("dev", "overage_charged")) == 20 * NANO

@@ -39,6 +39,22 @@ class Overage:
     tiers: tuple[Tier, ...]     # graduated: each unit is priced by the tier it falls in
     at_cycle_end: str           # bill | forgive | carry
     bill_threshold_nano: int | None  # bill early once this much credit is owed
+    spend_limit_nano: int | None = None  # a limit given in money (``limit_nano`` is its units at these prices)
+
+    def units_within(self, from_nano: int, money_nano: int) -> int:
+        """The most overage units after ``from_nano`` of them whose graduated price
+        (continuing from there) stays within ``money_nano``."""
+        if money_nano <= 0:
+            return 0
+        base = self.charge(from_nano)
+        lo, hi = 0, 1 << 62
+        while lo < hi:  # charge() only grows
+            mid = (lo + hi + 1) // 2
+            if self.charge(from_nano + mid) - base <= money_nano:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def charge(self, units_nano: int) -> int:
         """Exact money (nano) for ``units_nano`` of overage, graduated by tier; rounded up."""
@@ -343,7 +359,8 @@ def _overage(spec: dict, where: str, credit_index: dict[str, int], source: str, 
     threshold_units = None
     if threshold is not None:
         threshold_units = _units_for_spend(tiers, amount(threshold, f"{k}.bill_threshold"))
-    return Overage(limit, money, tuple(tiers), at_end, threshold_units)
+    spend = amount(o["spend_limit"], f"{k}.spend_limit") if "spend_limit" in o else None
+    return Overage(limit, money, tuple(tiers), at_end, threshold_units, spend)
 
 
 def _units_for_spend(tiers: list[Tier], money_nano: int) -> int:

@@ -46,6 +46,9 @@ class Subscription:
     next_plan: str = ""
     # at_cycle_end = "carry": the deficit carried from the last period, billed at this one's end.
     carried: dict[str, int] = field(default_factory=dict)
+    # The money billed for this period's overage, per credit type: a spend limit
+    # counts it, whatever plan (and prices) it was billed under.
+    overage_charged: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -95,7 +98,16 @@ class SubscriptionsMixin:
         if policy is None:
             return 0
         floor = policy.floor_nano
-        if policy.overage is not None and policy.overage.limit_nano is not None:
+        overage = policy.overage
+        billed = sub.overage_billed.get(str(ct), 0) if sub is not None else 0
+        charged = sub.overage_charged.get(str(ct), 0) if sub is not None else 0
+        if overage is not None and overage.spend_limit_nano is not None and (billed or charged) \
+                and charged != overage.charge(billed):
+            # Billed at other prices (before a plan change): what the limit leaves of the
+            # period's money, in units at this plan's prices, the graduated tiers
+            # continuing from the units billed so far.
+            floor = -overage.units_within(billed, overage.spend_limit_nano - charged)
+        elif overage is not None and overage.limit_nano is not None:
             floor = min(floor + sub.overage_billed.get(str(ct), 0), 0)  # type: ignore[union-attr]
         return floor
 
@@ -294,7 +306,7 @@ class SubscriptionsMixin:
             ops += self._cycle_end_overage_ops(sub, ct, policy)
             if policy.arrears:
                 ops += self._arrears_ops(sub, ct)
-        sub.overage_billed = {}
+        sub.overage_billed, sub.overage_charged = {}, {}
         for ct in (plan.credits if plan else {}):
             ops += self.floor_ops(sub.customer_id, ct)  # a new period's overage allowance
         self.core.reset_usage(idx)
@@ -403,6 +415,7 @@ class SubscriptionsMixin:
         billed = sub.overage_billed.get(str(ct), 0)
         money = policy.overage.charge(billed + deficit) - policy.overage.charge(billed)
         sub.overage_billed[str(ct)] = billed + deficit
+        sub.overage_charged[str(ct)] = sub.overage_charged.get(str(ct), 0) + money
         credit += self.floor_ops(customer_id, ct) + [self._put_sub(sub)]
         return credit + self._audit_op(customer_id, "overage_charged", ct, deficit, before, after, why,
                                        charge=money, charge_ct=policy.overage.price_credit_type,
