@@ -155,3 +155,35 @@ def test_keys_remembered_by_an_older_meterd_are_kept_after_the_upgrade(tmp_path,
         assert not apb.GrantResponse.FromString(b.run(b.engine.grant(grant))).duplicate  # its window is over
     finally:
         b.close()
+
+
+def test_a_tenants_keys_remembered_by_an_older_meterd_stay_that_tenants(tmp_path, monkeypatch):
+    import dataclasses
+
+    from billing import Billing
+    from conftest import tokens_file
+
+    from meterd.engine import _canonical, _hash_request
+    from meterd.security import Tenant
+    from meterd.store import u64
+    b = Billing(tmp_path, "openai", monkeypatch)
+    try:
+        b.grant("acme-1", "usd", 10 * USD)
+        report = pb.ReportRequest(event=_event("acme-1", "req-1"))
+        first = pb.ReportResponse(decision=pb.DECISION_ALLOW, credit_type="usd", cost_nano=2_500_000,
+                                  balance_nano=10 * USD - 2_500_000)
+        b.restart()
+        b.engine.store.stop()
+        b.engine.store.write_now([
+            ("idem", b"report\x00acme-1\x00req-1",
+             u64(b.now_ms + 3_600_000) + _hash_request(_canonical(report)) + first.SerializeToString()),
+            ("meta", b"answers_format", None)])
+        b.settings = dataclasses.replace(b.settings, data_tokens_file=str(tokens_file(tmp_path)))
+        b.restart(clean=False)  # the upgrade, on a daemon with data-plane tokens
+        acme = Tenant("acme", b"acme-", b"acme\x00")
+        before = b.bal("acme-1", "usd")
+        replay = pb.ReportResponse.FromString(b.run(b.engine.report(report.SerializeToString(), acme)))
+        assert replay.duplicate and b.bal("acme-1", "usd") == before
+        assert b.engine.idem.counts == {"acme": 1}
+    finally:
+        b.close()

@@ -598,9 +598,14 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
 
     def _migrate_answers(self, now: int) -> None:
         """Once, for a data directory from before answers were kept per tenant: every
-        remembered key still in its window moves to the store and key it has now
-        (the admin's calls to the admin's quota, the data plane's to the one tenant
-        of a daemon without tokens, which is all that meterd had)."""
+        remembered key still in its window moves to the store and key it has now:
+        the admin's calls to the admin's quota, the data plane's to the tenant whose
+        prefix the customer has (or the one tenant of a daemon without tokens). A
+        settled reservation's answer did not say whose it was: it goes to no tenant,
+        so with tokens a retried Commit or Release of it is NOT_FOUND (and applies
+        nothing)."""
+        from meterd.security import DataTokens
+        tenants = list(DataTokens(self.settings).by_digest.values()) if self.settings.data_tokens_file else []
         ops: list[Op] = []
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for key, value in self.store.items("idem"):
@@ -609,7 +614,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             if expires <= now:
                 continue
             rpc, _, rest = key.decode().partition("\x00")
-            label = ADMIN_LABEL if rpc in ("grant", "adjust", "subscribe") else ""
+            customer = rest.partition("\x00")[0].encode()
+            label = ADMIN_LABEL if rpc in ("grant", "adjust", "subscribe") else \
+                next((t.name for t in tenants if customer.startswith(t.prefix)), "")
             lb = bytes((len(label),)) + label.encode()
             if rpc in ("commit", "release") and rest.startswith("\x00"):
                 db, new = "settled", self.settled.entry_id(entry_key("", "reservation", rest[1:]))
