@@ -5,6 +5,8 @@ reservation and session helpers settle what they started."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import threading
 import time
 
@@ -231,23 +233,40 @@ def test_the_readme_example_runs_as_written(make_daemon):
 
 
 def test_the_default_client_id_is_taken_over_by_the_next_process_and_never_shared():
+    import shutil
     import subprocess
     import sys
 
     from meterd.client import default_client_id, release_client_id
     script = "from meterd.client import default_client_id; print(default_client_id())"
 
-    def in_a_new_process() -> str:
-        return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                              text=True).stdout.strip()
+    def in_a_new_process(*prefix: str, env: dict | None = None) -> str:
+        return subprocess.run([*prefix, sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                              env=env).stdout.strip()
     first, again = in_a_new_process(), in_a_new_process()
     assert first == again  # a restarted process gets the same id: the daemon's client table does not grow
     held = default_client_id()  # while this process holds it, another process gets another id
     try:
         assert held == first and in_a_new_process() != held
+        # $TMPDIR does not move the lock files: a process with another one still sees the slot held.
+        assert in_a_new_process(env={**os.environ, "TMPDIR": "/var/tmp"}) != held
+        if shutil.which("unshare"):  # another mount namespace (another container): another id
+            other = in_a_new_process("unshare", "--mount")
+            assert other != held and other.rsplit("-", 2)[1] != held.rsplit("-", 2)[1]
     finally:
         release_client_id(held)
     assert in_a_new_process() == first
+
+
+def test_a_lock_folder_another_user_could_change_gives_a_random_client_id(tmp_path, monkeypatch):
+    from meterd import client as client_mod
+    monkeypatch.setattr(client_mod, "SLOTS_FOLDER", str(tmp_path))
+    folder = tmp_path / f"meterd-client-ids-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    a, b = client_mod.default_client_id(), client_mod.default_client_id()
+    assert a != b and re.fullmatch(r"py-[0-9a-f]{32}", a), a
+    assert list(folder.iterdir()) == []  # nothing was made in it
 
 
 def test_a_session_closed_by_the_daemon_still_ends_with_its_final_answer(daemon):

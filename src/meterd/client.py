@@ -34,8 +34,9 @@ import os
 import queue
 import random
 import re
+import secrets
 import socket
-import tempfile
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,14 +86,17 @@ def _quantity_fields(quantity: Quantity) -> dict[str, Any]:
 
 
 CLIENT_SLOTS_MAX = 4096  # batch client ids one host may hold at once, per user
-_held_slots: dict[str, Any] = {}  # client id: the lock file that holds it, open while its client lives
+_held_slots: dict[str, int] = {}  # client id: the lock file that holds it, open while its client lives
 
 
 def release_client_id(client_id: str) -> None:
     """Give a default client id back (a closed client); the process's exit does the same."""
-    f = _held_slots.pop(client_id, None)
-    if f is not None:
-        f.close()
+    fd = _held_slots.pop(client_id, None)
+    if fd is not None:
+        os.close(fd)
+
+
+SLOTS_FOLDER = "/tmp"  # fixed, not $TMPDIR: every process of a mount namespace must see the same lock files
 
 
 def default_client_id() -> str:
@@ -100,25 +104,45 @@ def default_client_id() -> str:
 
     The daemon remembers every client id for ``client_ttl_s`` (in a table with
     a quota), so a new random id per process would fill it with restarts. The
-    id is instead this host's name and the first free slot, a lock file held
-    while the client lives: a restarted process takes its slot (and id) back,
-    and its sequences, which start from the clock, still move forward; two
-    clients at once never share one."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
-    folder = os.path.join(tempfile.gettempdir(), f"meterd-client-ids-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    id is instead ``py-<host>-<mount namespace>-<slot>``: the first free slot
+    of this user's lock files in /tmp, held while the client lives. A restarted
+    process takes its slot (and id) back, and its sequences, which start from
+    the clock, still move forward. Two live clients never share an id: in one
+    mount namespace the lock files keep them apart, and two namespaces (such as
+    two containers of one pod, with one host name and separate /tmp) differ in
+    the namespace part. Where that cannot be made safe (no /proc, a lock folder
+    another user could change), the id is random, as before."""
+    try:
+        return _slot_client_id()
+    except OSError as e:
+        log.warning("no stable client id (%s); using a random one", e)
+        return "py-" + secrets.token_hex(16)
+
+
+def _slot_client_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:48] or "host"
+    namespace = os.stat("/proc/self/ns/mnt").st_ino
+    uid = os.getuid()
+    folder = os.path.join(SLOTS_FOLDER, f"meterd-client-ids-{uid}")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise OSError(f"{folder} is not a directory of this user that nobody else may change")
     for slot in range(CLIENT_SLOTS_MAX):
-        f = open(os.path.join(folder, f"{slot}.lock"), "a")
+        fd = os.open(os.path.join(folder, f"{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.close()
+            os.close(fd)
             continue
-        client_id = f"py-{host}-{slot}"
-        _held_slots[client_id] = f
+        client_id = f"py-{host}-{namespace}-{slot}"
+        _held_slots[client_id] = fd
         return client_id
-    raise RuntimeError(f"no free client id slot in {folder}: {CLIENT_SLOTS_MAX} clients hold one; "
-                       "pass client_id=")
+    raise OSError(f"no free client id slot in {folder}: {CLIENT_SLOTS_MAX} clients hold one")
 
 
 def _resend_end(e: grpc.RpcError, attempt: int) -> bool:
