@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -135,3 +136,34 @@ def test_an_idle_stream_is_closed_and_gives_its_slot_back(make_daemon):
     assert outcome.get(timeout=30).accepted == 1
     requests.put(None)
     assert outcome.get(timeout=30) == grpc.StatusCode.OK
+
+
+def test_a_stream_whose_answers_are_not_read_is_closed_and_gives_its_slot_back(make_daemon):
+    d = make_daemon(extra_env={"METERD_STREAMS_MAX": "1", "METERD_STREAM_IDLE_TIMEOUT_S": "1"}).start()
+    events = [pb.UsageEvent(customer_id=f"nobody-{i}", meter="requests", quantity=1, dimensions={"model": "gpt-4o"})
+              for i in range(2000)]
+    batch = pb.ReportBatchRequest(events=events)  # every event denied: each answer lists 2000 denials
+    stop = threading.Event()
+
+    def requests():
+        for _ in range(400):
+            yield batch
+        stop.wait()  # then send nothing, and never read an answer: flow control stops the daemon's writes
+
+    channel = grpc.insecure_channel(d.target)
+    call = meter_pb2_grpc.MeterStub(channel).ReportStream(requests())
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the daemon has closed the unread stream, the only slot is taken
+            try:
+                r = next(d.meter.ReportStream(iter([batch]), timeout=10))
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                assert time.monotonic() < deadline, "the unread stream kept its slot"
+                time.sleep(0.1)
+        assert r.denied == 2000
+    finally:
+        stop.set()
+        call.cancel()
+        channel.close()

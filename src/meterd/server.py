@@ -145,11 +145,12 @@ class Servicer:
         finally:
             TIMINGS.observe("ReportBatch", started)
 
-    async def report_stream(self, requests: AsyncIterator[bytes],
-                            ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def report_stream(self, requests: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> None:
         """Batches are applied in the order they arrive and answered in that order,
         with up to ``stream_window`` of them waiting for their commit at once, so one
-        stream is not held to one fsync per batch."""
+        stream is not held to one fsync per batch. A stream that sends no request,
+        or reads no answer, for ``stream_idle_timeout_s`` is closed: it gives its
+        slot back either way."""
         tenant = await self._tenant(ctx)
         label = label_of(tenant)
         if self.streams >= self.settings.streams_max:
@@ -198,11 +199,13 @@ class Servicer:
         reader = loop.create_task(read())
         try:
             while (task := await pending.get()) is not None:
-                yield await _call(_later(task), ctx, "ReportStream")
+                answer = await _call(_later(task), ctx, "ReportStream")
+                try:
+                    await asyncio.wait_for(ctx.write(answer), idle_s)
+                except asyncio.TimeoutError:
+                    return _end_idle(ctx, f"no answer on this stream was read for {idle_s:g} s")
             if idle:
-                await ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no request on this stream for {idle_s:g} s (stream_idle_timeout_s); "
-                                "open a new one to send more")
+                return _end_idle(ctx, f"no request on this stream for {idle_s:g} s")
         finally:
             self.streams -= 1
             self.streams_of[label] -= 1
@@ -527,6 +530,13 @@ class MeterdServer:
             except FileNotFoundError:
                 pass
         log.info("stopped")
+
+
+def _end_idle(ctx: grpc.aio.ServicerContext, what: str) -> None:
+    """End an idle stream. Not with abort(), which waits to send the status: a
+    client that reads nothing would hold the stream (and its slot) for ever."""
+    ctx.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+    ctx.set_details(f"{what} (stream_idle_timeout_s); open a new stream to send more")
 
 
 def _pool(files: list[Any]) -> descriptor_pool.DescriptorPool:
