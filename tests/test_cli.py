@@ -135,6 +135,30 @@ def test_ledger_reads_never_create_and_bad_input_is_named_without_a_traceback(tm
                                                    "1970-01 to 9998-12")
     r = meterd("statement", "--customer", "c1", "--period", "9998-12", "--ledger", f"sqlite:///{missing}")
     assert r.returncode == 0 and "Nothing is owed" in r.stdout, r.stderr
+    r = meterd("usage", "--customer", "c1", "--from", "0000000000", "--to", "9" * 20, "--ledger",
+               f"sqlite:///{missing}")
+    assert r.returncode == 2 and "--to" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_check_config_refuses_a_sidecar_id_the_data_directory_was_not_made_under(make_daemon):
+    d = make_daemon(extra_env={"METERD_SIDECAR_ID": "sidecar-a"}).start()
+    d.stop()
+    import os
+    env = {**os.environ, "METERD_SIDECAR_ID": "sidecar-b"}
+    for command in ("check-config", "serve"):
+        r = subprocess.run([sys.executable, "-m", "meterd", command, "--data-dir", str(d.data_dir), "--listen",
+                            "127.0.0.1:0"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "sidecar_id 'sidecar-b' differs from 'sidecar-a'" in r.stderr, (command, r)
+
+
+@pytest.mark.parametrize("listen, message", [
+    ("127.0.0.1:99999", "listen: '127.0.0.1:99999': the port must be 0 to 65535"),
+    ("unix:/nonexistent-dir/meter.sock", "listen: cannot listen on unix:/nonexistent-dir/meter.sock"),
+])
+def test_an_address_that_cannot_be_listened_on_is_refused(tmp_path, listen, message):
+    for command in ("check-config", "serve"):
+        r = meterd(command, "--data-dir", str(tmp_path / "data"), "--listen", listen)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (command, r.stderr)
 
 
 def test_a_grant_is_positive_and_creates_a_customer_only_when_told(make_daemon, tmp_path):

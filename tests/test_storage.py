@@ -22,6 +22,9 @@ from meterd.v1 import meter_pb2_grpc
 
 # A 1 MiB map keeps 20% above its high-water mark, which must hold two whole batches.
 SMALL_BATCHES = {"METERD_BATCH_BYTES_MAX": str(96 << 10)}
+# These tests fill the map with distinct dimension sets, which the cap per customer and window would
+# otherwise refuse first (that cap is tested in tests/test_dimension_sets.py).
+UNCAPPED = {"METERD_DIMENSION_SETS_PER_WINDOW_MAX": "1000000"}
 
 
 def unique_events(customer: str, seq: int, n: int) -> list[pb.UsageEvent]:
@@ -33,7 +36,7 @@ def unique_events(customer: str, seq: int, n: int) -> list[pb.UsageEvent]:
 def test_full_map_is_resource_exhausted_and_nothing_is_lost(make_daemon):
     # The ledger flush is held off, so usage rows pile up in LMDB until the map is full.
     env = {"METERD_MAP_SIZE_BYTES": str(4 << 20), "METERD_LEDGER_FLUSH_INTERVAL_S": "3600",
-           "METERD_LEDGER_RETRY_MAX_S": "3600", **SMALL_BATCHES}
+           "METERD_LEDGER_RETRY_MAX_S": "3600", **SMALL_BATCHES, **UNCAPPED}
     d = make_daemon(extra_env=env).start()
     d.admin.Grant(apb.GrantRequest(customer_id="big", credit_type="usd", amount_nano=10**15))
     acked = 0
@@ -162,7 +165,7 @@ def test_a_full_map_recovers_by_itself_once_the_flush_has_drained(make_daemon, t
         "METERD_MAP_SIZE_BYTES": str(16 << 20), "METERD_BATCH_BYTES_MAX": str(1 << 20),
         "METERD_LEDGER": f"sqlite:///{ledger}", "METERD_LEDGER_FLUSH_INTERVAL_S": "0.5",
         "METERD_LEDGER_FLUSH_ROWS_MAX": "20",  # the flush drains slower than the load comes in
-        "METERD_FSYNC": "false", "METERD_SNAPSHOT_INTERVAL_S": "1"}).start()
+        "METERD_FSYNC": "false", "METERD_SNAPSHOT_INTERVAL_S": "1", **UNCAPPED}).start()
     pid = d.proc.pid
     stop = threading.Event()
     load = [FreeLoad(d.target, n, stop) for n in range(3)]

@@ -243,6 +243,11 @@ def _validate(s: Settings) -> None:
         except ConfigError as e:
             raise ConfigError(f"ledger: {e}") from None
     need(":" in s.listen, "listen", "must be host:port or unix:path")
+    for name in ("listen", "admin_listen"):
+        address = getattr(s, name)
+        port = address.rpartition(":")[2]
+        need(not address or address.startswith("unix:") or (port.isdigit() and int(port) <= 65535), name,
+             f"{address!r}: the port must be 0 to 65535")
     admin = s.admin_address
     need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",
          f"the Unix socket path {admin[5:]} is longer than 100 bytes; give a shorter one or a loopback port")

@@ -171,9 +171,7 @@ class LedgerMixin:
             self.store.write_now([("meta", b"sidecar_id", sid),
                                   ("meta", b"incarnation", uuid.uuid4().hex.encode())])
         elif self.settings.sidecar_id and self.settings.sidecar_id.encode() != sid:
-            from meterd.errors import ConfigError
-            raise ConfigError(f"sidecar_id {self.settings.sidecar_id!r} differs from {sid.decode()!r}, the id this "
-                              "data directory already flushed under; the ledger would count it as a new sidecar")
+            raise sidecar_id_differs(self.settings.sidecar_id, sid.decode())
         self.sidecar_id = sid.decode()
         self.incarnation = (self.store.get("meta", b"incarnation") or b"").decode()
         self.flushed_seq = from_u64(self.store.get("meta", b"flush_seq") or u64(0))
@@ -445,6 +443,12 @@ class LedgerMixin:
                 self._ledger = None
         self._ledger_pool.submit(close)
         self._ledger_pool.shutdown(wait=False)  # a slow ledger call may still be running: not on the loop
+
+
+def sidecar_id_differs(configured: str, stored: str) -> Exception:
+    from meterd.errors import ConfigError
+    return ConfigError(f"sidecar_id {configured!r} differs from {stored!r}, the id this data directory already "
+                       "flushed under; the ledger would count it as a new sidecar")
 
 
 def _describe(e: BaseException) -> str:

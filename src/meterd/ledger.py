@@ -682,11 +682,14 @@ def render_statement(st: dict) -> str:
 # ---- usage queries --------------------------------------------------------------------------------
 
 WINDOWS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+TIME_MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: what a date can say
 
 
 def parse_time(text: str, field_name: str) -> int:
     """ms since the epoch from an ISO date or date-time (UTC unless it says otherwise), or ms digits."""
     if re.fullmatch(r"\d{10,}", text or ""):
+        if int(text) > TIME_MS_MAX:
+            raise InvalidInput(field_name, f"{text[:32]!r} is after 9999-12-31 (milliseconds since 1970)")
         return int(text)
     try:
         t = dt.datetime.fromisoformat(text)

@@ -23,6 +23,9 @@ def preflight(settings: Settings, catalog: Catalog, create: bool = False) -> Non
     it nothing on disk is changed."""
     check_paths(settings, create)
     check_core(settings, catalog)
+    check_sidecar_id(settings)
+    if settings.listen.startswith("unix:") and not os.path.isdir(os.path.dirname(settings.listen[5:]) or "."):
+        raise ConfigError(f"listen: cannot listen on {settings.listen}: its directory does not exist")
     if settings.tls_cert_file:
         Credentials(settings)  # reads the files and checks that the key belongs to the certificate
     DataTokens(settings)
@@ -45,3 +48,23 @@ def check_core(settings: Settings, catalog: Catalog) -> None:
         core.Core(denominators, meters, rates, settings.core_limits(), 1024, plans, modes, free, names)
     except (ValueError, OverflowError) as e:
         raise ConfigError(f"{catalog.source}: the catalog does not fit the core's tables: {e}") from None
+
+
+def check_sidecar_id(settings: Settings) -> None:
+    """A data directory keeps the sidecar id it first flushed under; another one is refused."""
+    path = os.path.join(settings.data_dir, "lmdb")
+    if not settings.sidecar_id or not os.path.exists(os.path.join(path, "data.mdb")):
+        return
+    import lmdb
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=32, subdir=True)  # a running daemon may hold it
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            sid = txn.get(b"sidecar_id", db=meta)
+    except lmdb.Error:
+        return  # a directory the daemon has not finished making: serve says what is wrong with it
+    finally:
+        env.close()
+    if sid is not None and bytes(sid) != settings.sidecar_id.encode():
+        from meterd.flush import sidecar_id_differs
+        raise sidecar_id_differs(settings.sidecar_id, bytes(sid).decode())

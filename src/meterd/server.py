@@ -566,10 +566,11 @@ def _bind(server: grpc.aio.Server, address: str, setting: str, credentials: Cred
             port = server.add_secure_port(address, credentials.server_credentials())
         else:
             port = server.add_insecure_port(address)
-    except RuntimeError:
+    except RuntimeError:  # gRPC's "failed to bind", also for a Unix socket it cannot make
         port = 0
-    if port == 0 and not address.startswith("unix:"):
-        raise ConfigError(f"{setting}: cannot listen on {address} (in use, or not a local address)")
+    if port == 0:
+        raise ConfigError(f"{setting}: cannot listen on {address} (in use, not a local address, or a Unix "
+                          "socket whose directory is missing or not writable)")
     return port
 
 
