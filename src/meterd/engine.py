@@ -888,7 +888,6 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     # ---- data plane ----------------------------------------------------------------
 
     async def report_batch(self, data: bytes, tenant: Tenant | None = None) -> bytes:
-        self.check_writable()
         if len(data) > self.settings.batch_bytes_max:
             raise InvalidInput("batch", f"larger than {self.settings.batch_bytes_max} bytes")
         cid, seq = self.core.batch_header(data)
@@ -901,6 +900,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             if seq == state.sequence:
                 return state.result + _DUP_BATCH
             return meter_pb2.ReportBatchResponse(sequence=seq, duplicate=True).SerializeToString()
+        self.check_writable()  # after the replay: a retry is answered even while writes are refused
         ops: list[Op] = self._due_ops()
         if cid and state is None:
             ops += self._client_room(label_of(tenant))
@@ -1147,8 +1147,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
     async def _settling(self, by: bytes, req: Any, tenant: Tenant | None) -> tuple[bytes, bytes | None, Reservation]:
         """The settled-answer key of a Commit (``by`` b"C") or Release (b"R"), the
         earlier answer if the reservation was settled the same way already, and
-        otherwise the open reservation. Answers are kept per tenant."""
-        self.check_writable()
+        otherwise the open reservation. Answers are kept per tenant; a retry is
+        answered even while writes are refused."""
         rid = req.reservation_id
         if not rid or len(rid.encode()) > 64:
             raise NotFound(f"reservation {rid[:64]!r} is unknown")
@@ -1156,6 +1156,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         replay = await self._settled_answer(key, by, _canonical(req), f"reservation {rid!r}")
         if replay is not None:
             return key, replay + (_DUP_COMMIT if by == b"C" else _DUP_RELEASE), None  # type: ignore[return-value]
+        self.check_writable()
         res = self.reservations.get(rid)
         if res is None:
             raise NotFound(f"reservation {rid[:64]!r} is unknown, expired or already settled")

@@ -194,10 +194,10 @@ class SessionsMixin:
         return None, final + _DUP_SESSION
 
     async def heartbeat(self, req: meter_pb2.HeartbeatRequest, now: int, label: str = "") -> bytes:
-        self.check_writable()
         s, final = await self._open_session(req.session_id, label)
         if s is None:
             return final  # type: ignore[return-value]
+        self.check_writable()
         ops = self._due_ops() + self._bill_ops(s, now)
         s.heartbeat_ms = min(now, s.heartbeat_ms + s.timeout_ms)
         hold = self._hold_ops(s)
@@ -211,10 +211,10 @@ class SessionsMixin:
         return self._session_response(s, meter_pb2.DECISION_ALLOW, False)
 
     async def end_session(self, req: meter_pb2.EndSessionRequest, now: int, label: str = "") -> bytes:
-        self.check_writable()
         s, final = await self._open_session(req.session_id, label)
         if s is None:
             return final  # type: ignore[return-value]
+        self.check_writable()
         ops = self._due_ops() + self._bill_ops(s, now)
         response = self._session_response(s, meter_pb2.DECISION_ALLOW, True)
         ops += self._close_ops(s, response, now) + self.alert_ops()
