@@ -99,8 +99,9 @@ class FreeLoad(threading.Thread):
     """Zero-cost events with 15 random dimension values each, in batches, until
     the daemon refuses one or the test stops it; counts what was acknowledged."""
 
-    def __init__(self, target: str, n: int, stop: threading.Event) -> None:
+    def __init__(self, target: str, n: int, stop: threading.Event, customers: int = 20) -> None:
         super().__init__(daemon=True)
+        self.customers = customers
         self.stub = meter_pb2_grpc.MeterStub(grpc.insecure_channel(target))
         self.client_id, self.rng, self.stop_event = f"load-{n}", random.Random(n), stop
         self.acked = 0
@@ -110,7 +111,7 @@ class FreeLoad(threading.Thread):
 
     def batch(self, size: int) -> list[pb.UsageEvent]:
         rng = self.rng
-        return [pb.UsageEvent(customer_id=f"t{rng.randrange(20):02d}", meter="calls", quantity=1,
+        return [pb.UsageEvent(customer_id=f"t{rng.randrange(self.customers):02d}", meter="calls", quantity=1,
                               dimensions={f"d{j}": f"{rng.getrandbits(64):016x}" for j in range(15)})
                 for _ in range(size)]
 
@@ -312,3 +313,26 @@ def test_the_writer_keeps_the_reserve_above_the_high_water_mark_for_maintenance(
         store.close()
 
     asyncio.run(main())
+
+
+def test_one_customers_random_dimension_values_are_capped_before_they_fill_the_map(make_daemon, tmp_path):
+    """The same load with the default settings: the cap on new dimension sets per
+    customer and window refuses it (naming the setting) long before the map fills,
+    and every other customer is served as before."""
+    catalog = tmp_path / "free.toml"
+    catalog.write_text(FREE_CATALOG)
+    d = make_daemon(catalog=str(catalog), extra_env={"METERD_MAP_SIZE_BYTES": str(64 << 20)}).start()
+    load = FreeLoad(d.target, 0, threading.Event(), customers=1)  # all of it from one customer
+    refused = None
+    for _ in range(100):
+        try:
+            load.send(200)
+        except grpc.RpcError as e:
+            refused = e
+            break
+    assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
+    assert "dimension_sets_per_window_max" in refused.details()
+    assert load.acked <= 1000  # what the cap allows in one window
+    other = d.meter.ReportBatch(pb.ReportBatchRequest(events=[pb.UsageEvent(
+        customer_id="t01", meter="calls", quantity=1, dimensions={"model": "m"})] * 100))
+    assert other.accepted == 100
