@@ -47,7 +47,7 @@ EXT_BYTES_PER_CT = 32
 # Per account, only when the catalog has unique_count meters: uhead (int32), uepoch (uint32).
 UNIQUE_COLUMNS = 8
 SLOT_BYTES = 4           # int32 per hash slot, accounts and aggregates alike
-AGG_BYTES = 64           # struct Agg; its dimension set's canonical bytes are in an arena besides
+AGG_BYTES = 48           # struct Agg; its dimension set (a DSet and its bytes) is shared
 EVENT_BYTES = 128        # struct Event (scratch of one batch)
 
 

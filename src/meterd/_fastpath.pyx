@@ -120,21 +120,27 @@ cdef struct Meter:
     int32_t rate_default     # -1: no default price
 
 
+# A dimension set that aggregates name: its canonical bytes (in Core.darena),
+# compared in full when a set is looked up; the hash only picks the bucket. One
+# copy whatever the number of accounts and windows that use it (most use a few).
+cdef struct DSet:
+    uint64_t hash
+    uint32_t off
+    int32_t len
+    int32_t refs             # aggregates that name it; none: gone at the next compaction
+
+
 # Usage of one (account, meter, dimension set, window) since the last
-# take_usage: what the ledger receives, aggregated. The dimension set is its
-# canonical bytes (Core.darena), compared in full; the hash only picks the
-# bucket. 64 bytes and the set's bytes: a sum that would pass 64 bits moves what
-# it has to Core.agg_spill (rare) and starts again. An aggregate of the current
-# window outlives take_usage, emptied, so that the sets of a window are counted
-# once against dimension_sets_per_window_max.
+# take_usage: what the ledger receives, aggregated. 48 bytes: a sum that would
+# pass 64 bits moves what it has to Core.agg_spill (rare) and starts again. An
+# aggregate of the current window outlives take_usage, emptied, so that the sets
+# of a window are counted once against dimension_sets_per_window_max.
 cdef struct Agg:
-    uint64_t dhash
     int64_t window
     int64_t qty
     int64_t cost
     int64_t events
-    uint64_t doff
-    int32_t dlen
+    int32_t dset             # its set, in Core.dsets
     int32_t acct
     int32_t meter
 
@@ -450,6 +456,11 @@ cdef class Core:
     cdef char *darena        # the aggregates' dimension sets, canonical bytes
     cdef Py_ssize_t darena_len
     cdef Py_ssize_t darena_cap
+    cdef DSet *dsets         # the sets, open addressing on their bytes
+    cdef Py_ssize_t n_dsets
+    cdef Py_ssize_t cap_dsets
+    cdef int32_t *dslots
+    cdef uint64_t dmask
     cdef int32_t *nsets      # per account: dimension sets made in window nsets_win
     cdef int64_t *nsets_win
     cdef int64_t window_ms
@@ -510,6 +521,11 @@ cdef class Core:
         self.closed = False
         self.tenant_len = -1
         self.agg = NULL
+        self.dsets = NULL
+        self.n_dsets = 0
+        self.cap_dsets = 0
+        self.dslots = NULL
+        self.dmask = 0
         self.n_agg = 0
         self.cap_agg = 0
         self.n_live = 0
@@ -699,7 +715,7 @@ cdef class Core:
         free(self.uent); free(self.uidx); free(self.uhead); free(self.uepoch)
         free(self.plan_mode); free(self.plan_step); free(self.plan_free); free(self.alerts)
         free(self.mode_ptr); free(self.mode_len); free(self.ct_name); free(self.ct_name_len)
-        free(self.agg); free(self.aslots); free(self.rate_dhash); free(self.rate_dptr); free(self.rate_dlen)
+        free(self.agg); free(self.aslots); free(self.dsets); free(self.dslots); free(self.rate_dhash); free(self.rate_dptr); free(self.rate_dlen)
         free(self.spans); free(self.cbuf); free(self.darena); free(self.uarena)
         free(self.nsets); free(self.nsets_win)
 
@@ -1427,25 +1443,105 @@ cdef class Core:
         self.amask = nslots - 1
         self.cap_agg = new_cap
         for i in range(self.n_agg):
-            h = self._akey(self.agg[i].acct, self.agg[i].meter, self.agg[i].dhash, self.agg[i].window) & self.amask
+            h = self._akey(self.agg[i].acct, self.agg[i].meter, self.agg[i].dset, self.agg[i].window) & self.amask
             while self.aslots[h] != 0:
                 h = (h + 1) & self.amask
             self.aslots[h] = <int32_t>(i + 1)
         return 0
 
-    cdef inline uint64_t _akey(self, int32_t acct, int32_t meter, uint64_t dhash, int64_t window) noexcept nogil:
-        cdef uint64_t h = (dhash ^ (<uint64_t>acct * 0x9E3779B97F4A7C15ULL) ^ (<uint64_t>meter * 0xC2B2AE3D27D4EB4FULL)
+    cdef inline uint64_t _akey(self, int32_t acct, int32_t meter, uint64_t dset, int64_t window) noexcept nogil:
+        cdef uint64_t h = ((dset * 0xD6E8FEB86659FD93ULL) ^ (<uint64_t>acct * 0x9E3779B97F4A7C15ULL) ^ (<uint64_t>meter * 0xC2B2AE3D27D4EB4FULL)
                            ^ (<uint64_t>window * 0x165667B19E3779F9ULL))
         h ^= h >> 33
         h *= 0xFF51AFD7ED558CCDULL
         h ^= h >> 33
         return h
 
-    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, const char *dims, int32_t dlen,
-                                  uint64_t dhash, uint64_t *slot_out) noexcept nogil:
+    # ---- dimension sets ---------------------------------------------------------------------
+
+    cdef inline int32_t _dset_find(self, const char *dims, int32_t dlen, uint64_t dhash,
+                                   uint64_t *slot_out) noexcept nogil:
+        """The set with these bytes, or -1; ``slot_out`` is where it is or would go."""
+        cdef uint64_t h
+        cdef int32_t slot
+        cdef DSet *d
+        if self.dslots == NULL:
+            slot_out[0] = 0
+            return -1
+        h = (dhash ^ (dhash >> 29)) & self.dmask
+        while True:
+            slot = self.dslots[h]
+            if slot == 0:
+                slot_out[0] = h
+                return -1
+            d = &self.dsets[slot - 1]
+            if d.hash == dhash and d.len == dlen and memcmp(self.darena + d.off, dims, dlen) == 0:
+                slot_out[0] = h
+                return slot - 1
+            h = (h + 1) & self.dmask
+
+    cdef int _dset_index(self) except -1:
+        """Size the set index for cap_dsets sets and fill it from the table."""
+        cdef Py_ssize_t nslots = 16, i
+        cdef uint64_t h
+        while nslots < self.cap_dsets * 2:
+            nslots *= 2
+        free(self.dslots)
+        self.dslots = <int32_t *>calloc(nslots, sizeof(int32_t))
+        if self.dslots == NULL:
+            raise MemoryError()
+        self.dmask = nslots - 1
+        for i in range(self.n_dsets):
+            h = (self.dsets[i].hash ^ (self.dsets[i].hash >> 29)) & self.dmask
+            while self.dslots[h] != 0:
+                h = (h + 1) & self.dmask
+            self.dslots[h] = <int32_t>(i + 1)
+        return 0
+
+    cdef int32_t _dset_intern(self, const char *dims, int32_t dlen, uint64_t dhash) except -1:
+        """The set with these bytes, added if new."""
+        cdef uint64_t h
+        cdef int32_t d = self._dset_find(dims, dlen, dhash, &h)
+        if d >= 0:
+            return d
+        if self.n_dsets >= 0x3FFFFFFF or self.darena_len + dlen > 0xFFFFFFFF:
+            raise MemoryError("too many dimension sets")
+        if self.n_dsets == self.cap_dsets:
+            self.cap_dsets = max(64, self.cap_dsets * 2)
+            self.dsets = <DSet *>_resize(self.dsets, self.cap_dsets * sizeof(DSet))
+            self._dset_index()
+            self._dset_find(dims, dlen, dhash, &h)
+        if self.darena_len + dlen > self.darena_cap:
+            self.darena_cap = max(self.darena_cap * 2, self.darena_len + dlen, 4096)
+            self.darena = <char *>_resize(self.darena, self.darena_cap)
+        d = <int32_t>self.n_dsets
+        self.n_dsets += 1
+        self.dslots[h] = d + 1
+        self.dsets[d].hash = dhash
+        self.dsets[d].off = <uint32_t>self.darena_len
+        self.dsets[d].len = dlen
+        self.dsets[d].refs = 0
+        memcpy(self.darena + self.darena_len, dims, dlen)
+        self.darena_len += dlen
+        return d
+
+    cdef void _dset_pop(self) noexcept nogil:
+        """Forget the set added last (no aggregate names it): its slot is the only one
+        it made non-empty, so the index is as it was before it came."""
+        cdef DSet *d = &self.dsets[self.n_dsets - 1]
+        cdef uint64_t h = (d.hash ^ (d.hash >> 29)) & self.dmask
+        while self.dslots[h] != self.n_dsets:
+            h = (h + 1) & self.dmask
+        self.dslots[h] = 0
+        self.darena_len = d.off
+        self.n_dsets -= 1
+
+    # ---- aggregates ---------------------------------------------------------------------------
+
+    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, int32_t dset, uint64_t *slot_out) noexcept nogil:
         """The aggregate of (account, meter, dimension set, current window), or -1;
-        ``slot_out`` is where it is or would go. The set is compared byte for byte."""
-        cdef uint64_t h = self._akey(acct, meter, dhash, self.cur_window) & self.amask
+        ``slot_out`` is where it is or would go."""
+        cdef uint64_t h = self._akey(acct, meter, dset, self.cur_window) & self.amask
         cdef int32_t slot
         cdef Agg *a
         while True:
@@ -1454,8 +1550,7 @@ cdef class Core:
                 slot_out[0] = h
                 return -1
             a = &self.agg[slot - 1]
-            if (a.dhash == dhash and a.acct == acct and a.meter == meter and a.window == self.cur_window
-                    and a.dlen == dlen and memcmp(self.darena + a.doff, dims, dlen) == 0):
+            if a.dset == dset and a.acct == acct and a.meter == meter and a.window == self.cur_window:
                 slot_out[0] = h
                 return slot - 1
             h = (h + 1) & self.amask
@@ -1467,11 +1562,14 @@ cdef class Core:
         A unique_count meter's sets are not counted: its distinct values, each in
         its own set, are what it counts."""
         cdef uint64_t h
-        cdef int32_t i = self._agg_find(acct, meter, dims, dlen, dhash, &h)
+        cdef int32_t d = self._dset_find(dims, dlen, dhash, &h)
+        cdef int32_t i = -1
         cdef Agg *a
         cdef bint counted = self.meters[meter].agg != AGG_UNIQUE
-        if i >= 0:
-            return i
+        if d >= 0:
+            i = self._agg_find(acct, meter, d, &h)
+            if i >= 0:
+                return i
         if self.nsets_win[acct] != self.cur_window:
             self.nsets_win[acct] = self.cur_window
             self.nsets[acct] = 0
@@ -1479,24 +1577,20 @@ cdef class Core:
             return -1
         if self.n_agg >= 0x3FFFFFFF:
             raise MemoryError("too many usage aggregates")
+        if d < 0:
+            d = self._dset_intern(dims, dlen, dhash)
         if self.n_agg == self.cap_agg:
             self._agg_grow(self.cap_agg * 2)
-            self._agg_find(acct, meter, dims, dlen, dhash, &h)
-        if self.darena_len + dlen > self.darena_cap:
-            self.darena_cap = max(self.darena_cap * 2, self.darena_len + dlen, 4096)
-            self.darena = <char *>_resize(self.darena, self.darena_cap)
+        self._agg_find(acct, meter, d, &h)
         i = <int32_t>self.n_agg
         a = &self.agg[i]
         self.n_agg += 1
         self.aslots[h] = i + 1
         a.acct = acct
         a.meter = meter
-        a.dhash = dhash
+        a.dset = d
+        self.dsets[d].refs += 1
         a.window = self.cur_window
-        a.doff = self.darena_len
-        a.dlen = dlen
-        memcpy(self.darena + self.darena_len, dims, dlen)
-        self.darena_len += dlen
         a.qty = 0
         a.cost = 0
         a.events = 0
@@ -1511,12 +1605,16 @@ cdef class Core:
         cdef Agg *a
         while self.n_agg > mark:
             a = &self.agg[self.n_agg - 1]
-            h = self._akey(a.acct, a.meter, a.dhash, a.window) & self.amask
+            h = self._akey(a.acct, a.meter, a.dset, a.window) & self.amask
             while self.aslots[h] != self.n_agg:
                 h = (h + 1) & self.amask
             self.aslots[h] = 0
             self.nsets[a.acct] -= self.meters[a.meter].agg != AGG_UNIQUE
-            self.darena_len = a.doff
+            self.dsets[a.dset].refs -= 1
+            # Sets made since the mark are named only by aggregates made since: in
+            # reverse order, each is the last one when its last aggregate goes.
+            while self.n_dsets and self.dsets[self.n_dsets - 1].refs == 0 and self.n_dsets - 1 >= a.dset:
+                self._dset_pop()
             self.n_agg -= 1
 
     cdef inline int _agg_add(self, int32_t i, int64_t quantity, int64_t cost) except -1:
@@ -1575,35 +1673,66 @@ cdef class Core:
                 spilled = self.agg_spill.get(i)
                 if spilled is not None:
                     qty, cost = qty + spilled[0], cost + spilled[1]
-            out.append((self.customer_id(a.acct), a.meter, PyBytes_FromStringAndSize(self.darena + a.doff, a.dlen),
+            out.append((self.customer_id(a.acct), a.meter,
+                        PyBytes_FromStringAndSize(self.darena + self.dsets[a.dset].off, self.dsets[a.dset].len),
                         a.window, qty, cost, a.events, self.bal[a.acct * self.n_ct + self.meters[a.meter].ct]))
         self._agg_keep_window()
         return out
 
     cdef int _agg_keep_window(self) except -1:
-        """Keep only the current window's aggregates, emptied, in their order."""
-        cdef Py_ssize_t i, keep = 0, dlen = 0
+        """Keep only the current window's aggregates, emptied, in their order, and
+        only the sets they name (copied out in the order they are first named)."""
+        cdef Py_ssize_t i, keep = 0, dlen = 0, n = 0, live_bytes = 0
+        cdef int32_t d
         cdef Agg *a
+        cdef int32_t *remap = <int32_t *>malloc(max(self.n_dsets, 1) * sizeof(int32_t))
+        cdef DSet *sets = <DSet *>malloc(max(self.n_dsets, 1) * sizeof(DSet))
+        cdef char *arena = NULL
+        if remap == NULL or sets == NULL:
+            free(remap)
+            free(sets)
+            raise MemoryError()
+        for i in range(self.n_dsets):
+            remap[i] = -1
+        for i in range(self.n_agg):
+            a = &self.agg[i]
+            if a.window == self.cur_window and remap[a.dset] < 0:
+                remap[a.dset] = -2
+                live_bytes += self.dsets[a.dset].len
+        arena = <char *>malloc(max(4096, 2 * live_bytes))
+        if arena == NULL:
+            free(remap)
+            free(sets)
+            raise MemoryError()
         for i in range(self.n_agg):
             a = &self.agg[i]
             if a.window != self.cur_window:
                 continue
-            if a.dlen:
-                memmove(self.darena + dlen, self.darena + a.doff, a.dlen)  # offsets only fall
-            a.doff = dlen
-            dlen += a.dlen
+            d = remap[a.dset]
+            if d < 0:
+                d = remap[a.dset] = <int32_t>n
+                sets[n] = self.dsets[a.dset]
+                sets[n].off = <uint32_t>dlen
+                sets[n].refs = 0
+                memcpy(arena + dlen, self.darena + self.dsets[a.dset].off, sets[n].len)
+                dlen += sets[n].len
+                n += 1
+            sets[d].refs += 1
+            a.dset = d
             a.qty = 0
             a.cost = 0
             a.events = 0
             self.agg[keep] = a[0]
             keep += 1
+        free(remap)
+        free(self.dsets)
+        free(self.darena)
+        self.dsets, self.n_dsets, self.cap_dsets = sets, n, max(self.n_dsets, 1)
+        self.darena, self.darena_len, self.darena_cap = arena, dlen, max(4096, 2 * live_bytes)
         self.n_agg = keep
-        self.darena_len = dlen
         self.n_live = 0
         self.agg_spill = {}
-        if self.darena_cap > 1 << 20 and self.darena_cap > 4 * dlen:
-            self.darena_cap = max(4096, 2 * dlen)
-            self.darena = <char *>_resize(self.darena, self.darena_cap)
+        self._dset_index()
         if self.cap_agg > 4096 and self.cap_agg > 4 * keep:
             # The tables go back to the system: they fill again by the next snapshot,
             # and growing them costs less than the tuples above.
