@@ -950,3 +950,37 @@ def test_both_cores_rate_and_file_random_map_entries_as_protobuf_parses_them(ent
     c = make_core("compiled")
     c.credit(c.open_account(b"acme"), 1, 10**12)
     assert (c.apply_batch(batch([clean])), c.state_bytes(0), _usage(c)) == outcomes[0]
+
+
+def test_a_report_with_its_event_given_twice_is_refused_not_rated_on_one_part(core):
+    first = _event_bytes(_entry(_kv(b"model", b"o1")))
+    second = pb.UsageEvent(customer_id="acme", meter="requests", quantity=3).SerializeToString()
+    data = b"".join(b"\x0a" + bytes([len(e)]) + e for e in (first, second))
+    assert pb.ReportRequest.FromString(data).event.dimensions == {"model": "o1"}  # protobuf merges the two
+    before = core.state_bytes(0)
+    for fn in (core.report, core.report_wire):
+        with pytest.raises(InvalidInput, match="appears more than once") as info:
+            fn(data)
+        assert info.value.field == "event"
+    assert core.state_bytes(0) == before and core.take_usage() == []
+
+
+def test_an_idempotency_key_given_twice_is_the_last_one_as_protobuf_reads_it(core):
+    event = pb.UsageEvent(customer_id="acme", meter="requests", quantity=3).SerializeToString()
+    for keys, keyed in ((b"\x3a\x01k\x3a\x00", False), (b"\x3a\x00\x3a\x01k", True)):
+        body = event + keys
+        data = b"\x0a" + bytes([len(body)]) + body
+        assert bool(pb.ReportRequest.FromString(data).event.idempotency_key) == keyed
+        assert (core.report_wire(data) is None) == keyed  # a keyed event is left for the key check
+
+
+@pytest.mark.parametrize("tag", [b"\x88\x80\x80\x80\x80\x00", b"\x80\x80\x80\x80\x10"])  # 6 bytes; 2**32
+def test_field_tags_protobuf_refuses_are_refused(core, tag):
+    event = ev(model="gpt-4o").SerializeToString() + tag + b"\x01"
+    data = _wrap_batch(event)
+    with pytest.raises(Exception, match="Wire format was corrupt"):
+        pb.ReportBatchRequest.FromString(data)
+    before = core.state_bytes(0)
+    with pytest.raises(InvalidInput, match="bad varint"):
+        core.apply_batch(data)
+    assert core.state_bytes(0) == before and core.take_usage() == []

@@ -283,6 +283,17 @@ cdef inline int _read_varint(const char *buf, Py_ssize_t end, Py_ssize_t *pos, u
     return E_TRUNCATED
 
 
+cdef inline int _read_tag(const char *buf, Py_ssize_t end, Py_ssize_t *pos, uint64_t *out) noexcept nogil:
+    """A field's tag: as protobuf, at most 5 bytes and below 2**32."""
+    cdef Py_ssize_t start = pos[0]
+    cdef int rc = _read_varint(buf, end, pos, out)
+    if rc:
+        return rc
+    if out[0] >> 32 or pos[0] - start > 5:
+        return E_VARINT
+    return E_OK
+
+
 cdef inline int _skip(const char *buf, Py_ssize_t end, Py_ssize_t *pos, int wt) noexcept nogil:
     cdef uint64_t v
     cdef int rc
@@ -1901,7 +1912,7 @@ cdef class Core:
         cdef const char *mname = NULL
         cdef Py_ssize_t mlen = 0
         while pos < end:
-            rc = _read_varint(buf, end, &pos, &key)
+            rc = _read_tag(buf, end, &pos, &key)
             if rc:
                 ev.err = rc
                 return rc
@@ -2064,7 +2075,7 @@ cdef class Core:
         cdef bint other = False
         ev.err_ptr = b"dimensions"
         while pos < end:
-            rc = _read_varint(buf, end, &pos, &key)
+            rc = _read_tag(buf, end, &pos, &key)
             if rc:
                 ev.err = rc
                 return rc
@@ -2185,7 +2196,7 @@ cdef class Core:
         cid_len[0] = 0
         self._cbuf_reserve(end)
         while pos < end:
-            rc = _read_varint(buf, end, &pos, &key)
+            rc = _read_tag(buf, end, &pos, &key)
             if rc:
                 raise InvalidInput("batch", _MESSAGES[rc])
             wt = key & 7
@@ -2241,7 +2252,7 @@ cdef class Core:
         cdef uint64_t key, seq = 0
         cdef int wt, rc
         while pos < end:
-            rc = _read_varint(buf, end, &pos, &key)
+            rc = _read_tag(buf, end, &pos, &key)
             if rc:
                 raise InvalidInput("batch", _MESSAGES[rc])
             wt = key & 7
@@ -2361,7 +2372,7 @@ cdef class Core:
         cdef Event ev
         self._cbuf_reserve(end)
         while pos < end:
-            rc = _read_varint(buf, end, &pos, &key)
+            rc = _read_tag(buf, end, &pos, &key)
             if rc:
                 raise InvalidInput("event", _MESSAGES[rc])
             wt = key & 7
@@ -2371,6 +2382,8 @@ cdef class Core:
             if key == 1:
                 if wt != 2:
                     raise InvalidInput("event", _MESSAGES[E_WIRE_TYPE])
+                if n >= 0:  # protobuf would merge the two; no client splits a message so
+                    raise InvalidInput("event", "appears more than once in the request")
                 rc = _read_len(buf, end, &pos, &s, &n)
             else:
                 rc = _skip(buf, end, &pos, wt)
@@ -2461,20 +2474,20 @@ cdef class Core:
 
 
 cdef int _has_string(const char *buf, Py_ssize_t pos, Py_ssize_t end, uint64_t field) noexcept:
-    """Whether a (well-formed) message has a non-empty length-delimited ``field``."""
+    """Whether a (well-formed) message has a non-empty length-delimited ``field``
+    (its last occurrence, which is what protobuf reads)."""
     cdef uint64_t key = 0
-    cdef Py_ssize_t s = 0, n = 0
+    cdef Py_ssize_t s = 0, n = 0, last = 0
     while pos < end:
-        if _read_varint(buf, end, &pos, &key):
+        if _read_tag(buf, end, &pos, &key):
             return 0
         if key >> 3 == field and key & 7 == 2:
             if _read_len(buf, end, &pos, &s, &n):
                 return 0
-            if n > 0:
-                return 1
+            last = n
         elif _skip(buf, end, &pos, key & 7):
             return 0
-    return 0
+    return last > 0
 
 
 cdef inline Py_ssize_t _put_varint(char *out, uint64_t v) noexcept nogil:

@@ -61,6 +61,14 @@ class _DecodeError(Exception):
         self.message = message
 
 
+def _tag(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A field's tag: as protobuf, at most 5 bytes and below 2**32."""
+    tag, after = _varint(buf, pos, end)
+    if tag >> 32 or after - pos > 5:
+        raise _DecodeError("", _MSG_VARINT)
+    return tag, after
+
+
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     result = 0
     shift = 0
@@ -196,19 +204,19 @@ def _id_charset_ok(b: bytes) -> bool:
 
 
 def _has_string(buf: bytes, pos: int, end: int, field: int) -> bool:
-    """Whether a (well-formed) message has a non-empty length-delimited ``field``."""
+    """Whether a (well-formed) message has a non-empty length-delimited ``field``
+    (its last occurrence, which is what protobuf reads)."""
+    last = 0
     try:
         while pos < end:
-            tag, pos = _varint(buf, pos, end)
+            tag, pos = _tag(buf, pos, end)
             if tag >> 3 == field and tag & 7 == 2:
-                s, n, pos = _length(buf, pos, end)
-                if n:
-                    return True
+                s, last, pos = _length(buf, pos, end)
             else:
                 pos = _skip(buf, pos, end, tag & 7)
     except _DecodeError:
         return False
-    return False
+    return last > 0
 
 
 def _put_varint(v: int) -> bytes:
@@ -839,7 +847,7 @@ class Core:
         other = False
         while pos < end:
             try:
-                tag, pos = _varint(buf, pos, end)
+                tag, pos = _tag(buf, pos, end)
                 wt, fn = tag & 7, tag >> 3
                 if fn == 0:
                     raise _DecodeError("", _MSG_FIELD0)
@@ -876,7 +884,7 @@ class Core:
         dec = b""
         dims: dict[bytes, bytes] = {}
         while pos < end:
-            tag, pos = _varint(buf, pos, end)
+            tag, pos = _tag(buf, pos, end)
             wt, fn = tag & 7, tag >> 3
             if fn == 0:
                 raise _DecodeError("", _MSG_FIELD0)
@@ -982,7 +990,7 @@ class Core:
         events: list[tuple] = []
         while pos < end:
             try:
-                tag, pos = _varint(buf, pos, end)
+                tag, pos = _tag(buf, pos, end)
             except _DecodeError as e:
                 raise InvalidInput("batch", e.message) from None
             wt, fn = tag & 7, tag >> 3
@@ -1032,7 +1040,7 @@ class Core:
         seq = 0
         while pos < end:
             try:
-                tag, pos = _varint(data, pos, end)
+                tag, pos = _tag(data, pos, end)
             except _DecodeError as e:
                 raise InvalidInput("batch", e.message) from None
             wt, fn = tag & 7, tag >> 3
@@ -1123,13 +1131,15 @@ class Core:
         s = n = -1
         while pos < end:
             try:
-                tag, pos = _varint(data, pos, end)
+                tag, pos = _tag(data, pos, end)
                 wt, fn = tag & 7, tag >> 3
                 if fn == 0:
                     raise _DecodeError("", _MSG_FIELD0)
                 if fn == 1:
                     if wt != 2:
                         raise _DecodeError("", _MSG_WIRE_TYPE)
+                    if n >= 0:  # protobuf would merge the two; no client splits a message so
+                        raise _DecodeError("", "appears more than once in the request")
                     s, n, pos = _length(data, pos, end)
                 else:
                     pos = _skip(data, pos, end, wt)
