@@ -336,3 +336,52 @@ def test_one_customers_random_dimension_values_are_capped_before_they_fill_the_m
     other = d.meter.ReportBatch(pb.ReportBatchRequest(events=[pb.UsageEvent(
         customer_id="t01", meter="calls", quantity=1, dimensions={"model": "m"})] * 100))
     assert other.accepted == 100
+
+
+def test_a_burst_refused_at_the_ceiling_under_the_high_water_mark_does_not_keep_writes_refused(tmp_path, monkeypatch):
+    """Several batches, each admitted under the high-water mark, join one group commit that would pass
+    the ceiling: that group fails, but with use itself under the mark, the next commit that measures it
+    (a snapshot, a flush) lets data-plane writes in again; use need not fall under the low-water mark."""
+    import functools
+
+    import billing
+    from billing import Billing
+
+    from meterd.config import Settings
+    map_bytes = 4 << 20
+    monkeypatch.setattr(billing, "Settings", functools.partial(Settings, map_size_bytes=map_bytes,
+                                                               batch_bytes_max=256 << 10))
+    catalog = tmp_path / "c.toml"
+    catalog.write_text('[credit_types.usd]\nkind = "fiat"\ncurrency = "USD"\n\n'
+                       '[meters.calls]\ncredit_type = "usd"\nprice = "0.001"\n')
+    b = Billing(tmp_path, str(catalog), monkeypatch)
+    try:
+        use = b.engine.store.use
+        i = 0
+        while use.used_bytes < 0.65 * map_bytes:  # accounts and grants: nothing the flush can drain
+            b.grant(f"cust{i:05d}", "usd", 10**12, source="s" * 60)
+            i += 1
+            if i % 200 == 0:
+                b.run(b.engine.snapshot())
+                b.flush()
+        assert use.low_bytes < use.used_bytes < use.high_bytes and not use.refusing
+
+        def big_batch(k: int) -> bytes:
+            dims = {f"k{j:02d}": f"{k}-" + "v" * 120 for j in range(16)}
+            return pb.ReportBatchRequest(events=[pb.UsageEvent(customer_id=f"cust{k:05d}", meter="calls",
+                                                               quantity=1, dimensions=dims)] * 90).SerializeToString()
+        b.engine.store.window_s, b.engine.store._lag_s = 0.3, 1.0  # a busy loop: callers join one commit
+
+        async def burst() -> list:
+            return await asyncio.gather(*(b.engine.report_batch(big_batch(k)) for k in range(6)),
+                                        return_exceptions=True)
+        results = b.run(burst())
+        assert any(isinstance(r, Exception) for r in results), results  # the group passed the ceiling
+        b.engine.store.window_s = 0
+        b.advance(2000)
+        b.tick()
+        b.run(b.engine.snapshot())  # a maintenance commit measures the map again
+        assert use.used_bytes < use.high_bytes and not use.refusing
+        assert b.report("cust00000", "calls", 1).decision == pb.DECISION_ALLOW
+    finally:
+        b.close()

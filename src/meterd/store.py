@@ -91,6 +91,9 @@ class MapUse:
         self.used_bytes = 0
         self.log_bytes = 0
         self.refusing = False  # data-plane writes are refused
+        # Refused because a group would have passed the ceiling, with use itself under
+        # the high-water mark: accepted again by the next commit measured under it.
+        self.over_ceiling = False
 
     def update(self, used_bytes: int, log_bytes: int) -> None:
         """Hysteresis: refuse from the high-water mark until under the low one."""
@@ -102,9 +105,9 @@ class MapUse:
                             100 * used_bytes // self.map_size_bytes, used_bytes, self.map_size_bytes,
                             self.low_water_percent)
             self.refusing = True
-        elif used_bytes < self.low_bytes and self.refusing:
-            self.refusing = False
-            log.warning("the LMDB map is %d%% used (%d of %d bytes), under map_low_water_percent: "
+        elif self.refusing and (used_bytes < self.low_bytes or self.over_ceiling):
+            self.refusing = self.over_ceiling = False
+            log.warning("the LMDB map is %d%% used (%d of %d bytes), with room for data-plane writes: "
                         "data-plane writes are accepted again", 100 * used_bytes // self.map_size_bytes,
                         used_bytes, self.map_size_bytes)
 
@@ -354,7 +357,10 @@ class Store:
                 # than the reserve holds: failed rather than let it take maintenance's room.
                 log.error("a commit would take the LMDB map to %d bytes, past the maintenance reserve above "
                           "map_high_water_percent; failed", e.used_bytes)
-                self.use.refusing = True  # until the flush brings use under the low-water mark
+                # Nothing of it was committed: use is as it was. Refuse until the next
+                # commit (a snapshot or flush, soon) measures it, so that the same burst
+                # does not fail again and again meanwhile.
+                self.use.refusing = self.use.over_ceiling = True
                 self._failure(group, self.use.refusal(self.path, e.used_bytes))
             except lmdb.MapFullError:
                 self.use.refusing = True
