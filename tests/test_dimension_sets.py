@@ -159,3 +159,49 @@ def test_a_daemon_refuses_new_dimension_sets_past_the_cap_and_the_ledger_gets_no
     assert sorted(r.dimensions for r in rows) == sorted(
         canonical_dimensions({"model": "m-a", "request": f"req-{i}"}) for i in range(5))
     assert sum(r.cost_nano for r in rows) == 5 * 1_000_000_000
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_reserved_and_session_usage_is_filed_under_the_set_it_was_sent_with(tmp_path, monkeypatch, core):
+    catalog = CATALOG + '\n[meters.gpu]\ncredit_type = "usd"\nprice = "0.01"\n'
+    path = tmp_path / "sets.toml"
+    path.write_text(catalog)
+    b = Billing(tmp_path, str(path), monkeypatch, core=core, start_ms=NOV_1 + 30_000)
+    b.grant("c1", "usd", 10**13)
+    holds = [(b.authorize("c1", "tokens", 5000, model="m-a", user=user), q)
+             for user, q in (("alice", 1000), ("bob", 2000))]
+    plain = b.authorize("c1", "tokens", 5000, model="m-b")  # only its price dimension, as before
+    s = b.start_session("c1", "gpu", user="carol")
+    b.run(b.engine.snapshot())
+    for hold, quantity in holds:
+        b.commit(hold.reservation_id, quantity)
+    b.commit(plain.reservation_id, 500)
+    b.advance(5_000)
+    b.end_session(s.session_id)
+    b.restart(clean=False)  # as after kill -9: the log after the snapshot is replayed
+    b.flush()
+    with Ledger(b.settings.ledger or f"sqlite:///{tmp_path}/data/ledger.sqlite3") as lg:
+        rows = {(r.meter, r.dimensions): r.quantity for r in lg.usage_rows("c1", NOV_1, NOV_1 + 86_400_000)}
+    assert rows == {("tokens", canonical_dimensions({"model": "m-a", "user": "alice"})): 1000,
+                    ("tokens", canonical_dimensions({"model": "m-a", "user": "bob"})): 2000,
+                    ("tokens", canonical_dimensions({"model": "m-b"})): 500,
+                    ("gpu", canonical_dimensions({"user": "carol"})): 5}
+    b.close()
+
+
+def test_a_settlement_whose_set_does_not_fit_the_cap_is_filed_under_its_price_dimension(tmp_path, monkeypatch):
+    import dataclasses
+    b = Billing(tmp_path, write_catalog(tmp_path), monkeypatch, start_ms=NOV_1 + 30_000)
+    b.settings = dataclasses.replace(b.settings, dimension_sets_per_window_max=2)
+    b.restart()
+    b.grant("c1", "usd", 10**13)
+    holds = [b.authorize("c1", "tokens", 5000, model="m-a", user=f"u{i}") for i in range(3)]
+    for hold in holds:
+        b.commit(hold.reservation_id, 1000)  # never refused: the work was done
+    b.flush()
+    with Ledger(f"sqlite:///{tmp_path}/data/ledger.sqlite3") as lg:
+        rows = sorted((r.dimensions, r.quantity) for r in lg.usage_rows("c1", NOV_1, NOV_1 + 86_400_000))
+    assert rows == sorted([(canonical_dimensions({"model": "m-a", "user": "u0"}), 1000),
+                           (canonical_dimensions({"model": "m-a", "user": "u1"}), 1000),
+                           (canonical_dimensions({"model": "m-a"}), 1000)])
+    b.close()

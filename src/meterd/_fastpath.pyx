@@ -1795,12 +1795,33 @@ cdef class Core:
             self._xp(idx, ct).resv -= amount
         self.dirty[idx] = 1
 
-    def settle(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity, int64_t reserved):
+    def set_allowed(self, Py_ssize_t idx, int meter, bytes dims):
+        """Whether usage of ``meter`` under the dimension set ``dims`` fits
+        dimension_sets_per_window_max now: a set the account has in this window
+        always does."""
+        self._idx(idx)
+        if not 0 <= meter < self.n_meters:
+            raise IndexError("no meter %d" % meter)
+        cdef uint64_t h
+        cdef const char *p = PyBytes_AS_STRING(dims)
+        cdef int32_t n = <int32_t>len(dims)
+        cdef int32_t d = self._dset_find(p, n, _hash_set(p, n), &h)
+        if d >= 0 and self._agg_find(<int32_t>idx, meter, d, &h) >= 0:
+            return True
+        if self.meters[meter].agg == AGG_UNIQUE or not self.sets_capped:
+            return True
+        if self.nsets_win[idx] != self.cur_window:
+            return self.sets_max > 0
+        return self.nsets[idx] < self.sets_max
+
+    def settle(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity, int64_t reserved, bytes dims=None):
         """Release a reservation and debit the real usage with carry.
 
         Returns (cost, overrun): the debit is recorded even when it exceeds
         the reservation and the available balance (the work was done);
-        ``overrun`` is how far it went past the floor.
+        ``overrun`` is how far it went past the floor. The usage is filed under
+        ``dims`` (a canonical dimension set, as ``canonical_set`` makes it), or
+        under the rate's price dimension alone.
         """
         self._idx(idx)
         if rate < 0 or rate >= self.n_rates:
@@ -1818,10 +1839,16 @@ cdef class Core:
         if self._fine(<int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", "cost overflows 64 bits")
         # A settlement is not refused for dimension_sets_per_window_max: the work
-        # was done, and its one dimension is a priced value of the catalog.
+        # was done. The engine files it under its price dimension alone when its
+        # own set does not fit (set_allowed), and logs which it chose.
         cdef Py_ssize_t mark = self.n_agg
-        cdef int32_t i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate],
-                                        self.rate_dlen[rate], self.rate_dhash[rate], False)
+        cdef int32_t i
+        if dims is None:
+            i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate], self.rate_dlen[rate],
+                               self.rate_dhash[rate], False)
+        else:
+            i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, PyBytes_AS_STRING(dims), <int32_t>len(dims),
+                               _hash_set(PyBytes_AS_STRING(dims), len(dims)), False)
         cdef Ext *x = self._xp(idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved

@@ -185,6 +185,12 @@ def _hash64(b: bytes) -> int:
     return h
 
 
+def canonical_set(dims: dict[bytes, bytes]) -> bytes:
+    """A dimension set as the cores keep it: its entries sorted by key, as UsageEvent field 5."""
+    return b"".join(b"\x2a" + _put_varint(len(body)) + body
+                    for body in (_dim_entry(k, v) for k, v in sorted(dims.items())))
+
+
 def _dim_entry(key: bytes, value: bytes) -> bytes:
     """The body of one dimensions map entry, as protobuf encodes it."""
     return b"\x0a" + _put_varint(len(key)) + key + b"\x12" + _put_varint(len(value)) + value
@@ -795,7 +801,18 @@ class Core:
         self.resv[idx][ct] -= amount
         self.dirty[idx] = True
 
-    def settle(self, idx: int, rate: int, quantity: int, reserved: int) -> tuple:
+    def set_allowed(self, idx: int, meter: int, dims: bytes) -> bool:
+        self._idx(idx)
+        if not 0 <= meter < len(self.aggs):
+            raise IndexError("no meter %d" % meter)
+        if (idx, meter, dims, self.cur_window) in self.agg:
+            return True
+        if self.aggs[meter] == AGG_UNIQUE or not self.sets_capped:
+            return True
+        sets = self.nsets[idx]
+        return sets[1] < self.sets_max if sets[0] == self.cur_window else self.sets_max > 0
+
+    def settle(self, idx: int, rate: int, quantity: int, reserved: int, dims: bytes | None = None) -> tuple:
         self._idx(idx)
         if rate < 0 or rate >= len(self.rates):
             raise IndexError("no rate %d" % rate)
@@ -810,7 +827,7 @@ class Core:
         if fine is None:
             raise InvalidInput("quantity", "cost overflows 64 bits")
         made: list = []
-        key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate], False, made)
+        key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate] if dims is None else dims, False, made)
         self.resv[idx][ct] -= reserved
         reason, cost = self._debit(idx, rate, quantity, fine, True)
         if reason != REASON_NONE:
@@ -962,9 +979,7 @@ class Core:
             fine = self._fine(rate, qty)
         if fine is None:
             raise _DecodeError("quantity", _MSG_OVERFLOW)
-        canonical = b"".join(b"\x2a" + _put_varint(len(body)) + body
-                             for body in (_dim_entry(k, v) for k, v in sorted(dims.items())))
-        return cust, meter, rate, qty, fine, canonical, found
+        return cust, meter, rate, qty, fine, canonical_set(dims), found
 
     def _event(self, buf: bytes, pos: int, end: int, prefix: str) -> tuple:
         try:

@@ -99,13 +99,15 @@ class Reservation:
     tenant: str = ""  # the label of the tenant that made it: its settled answer is that tenant's
     # Credits of a period that ended while this was open, kept for it (see Engine.spared_ops).
     spared_nano: int = 0
+    # Its dimension set (canonical bytes), when it has more than its price dimension: the usage is filed under it.
+    dims: bytes | None = None
 
     def to_json(self, catalog: Catalog) -> bytes:
         return json.dumps({
             "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
             "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
             "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant,
-            "spared_nano": self.spared_nano}).encode()
+            "spared_nano": self.spared_nano, "dims": None if self.dims is None else self.dims.hex()}).encode()
 
 
 @dataclass
@@ -235,6 +237,32 @@ def _compiled_of(doc: dict) -> tuple:
 def _record(kind: bytes, payload: bytes, at_ms: int | None = None) -> bytes:
     """A log record: its kind, when it was applied (its usage window on replay), its payload."""
     return kind + u64(now_ms() if at_ms is None else at_ms) + payload
+
+
+def dimension_set(price_dimension: str, dimensions: Any) -> bytes | None:
+    """A reservation's or session's dimension set, as the cores keep it; None when it
+    has nothing but its price dimension (the rate's own set says as much)."""
+    if not dimensions or set(dimensions) <= {price_dimension}:
+        return None
+    return core_mod._fastpath_py.canonical_set({k.encode(): v.encode() for k, v in dimensions.items()})
+
+
+def settle_record(core: Any, idx: int, rate: int, meter: int, qty: int, reserved: int, dims: bytes | None,
+                  cust: bytes) -> tuple[bytes, bytes | None]:
+    """The log record kind of a settlement, and the set it is filed under: its own,
+    or its price dimension alone when its own does not fit dimension_sets_per_window_max
+    (a settlement is never refused: the work was done)."""
+    if dims is not None and not core.set_allowed(idx, meter, dims):
+        log.warning("usage of customer %s filed under its price dimension alone: its dimension set does not "
+                    "fit dimension_sets_per_window_max", cust.decode())
+        dims = None
+    return (b"C" if dims is None else b"M"), dims
+
+
+def settle_body(rate: int, qty: int, reserved: int, dims: bytes | None, cust: bytes) -> bytes:
+    if dims is None:
+        return struct.pack("<Iqq", rate, qty, reserved) + cust
+    return struct.pack("<IqqI", rate, qty, reserved, len(dims)) + dims + cust
 
 
 def _reset_unplanned(core: Any) -> None:
@@ -429,6 +457,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         elif kind == b"C":
             rate, qty, reserved = struct.unpack_from("<Iqq", body)
             core.settle(core.account(body[20:]), rate, qty, reserved)
+        elif kind == b"M":  # a settlement filed under its own dimension set
+            rate, qty, reserved, n = struct.unpack_from("<IqqI", body)
+            core.settle(core.account(body[24 + n:]), rate, qty, reserved, body[24:24 + n])
         elif kind == b"Q":
             rate, qty = struct.unpack_from("<Iq", body)
             core.force_charge(core.account(body[12:]), rate, qty)
@@ -685,7 +716,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
                                              -1 if meter is None else meter, doc["dim_value"], rate,
                                              doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""),
-                                             doc.get("spared_nano", 0))
+                                             doc.get("spared_nano", 0),
+                                             None if doc.get("dims") is None else bytes.fromhex(doc["dims"]))
 
     def _seed_customers(self) -> None:
         ops = self._seed_ops()
@@ -1087,7 +1119,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             self.decisions[("Authorize", DECISION_NAMES[meter_pb2.AuthorizeResponse.FromString(refusal).decision])] += 1
             return refusal
         rid = "r_" + secrets.token_hex(12)
-        res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms, label_of(tenant))
+        res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms, label_of(tenant),
+                          dims=dimension_set(self.catalog.meters[meter].price_dimension, req.dimensions))
         self.reservations[rid] = res
         self.reservations_of[res.tenant] += 1
         heapq.heappush(self._reservation_expiry, (res.expires_at_ms, rid))
@@ -1174,12 +1207,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         pre = self._due_ops()
         at = now_ms()
         self.core.set_clock(at)
-        cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano)
+        record, dims = settle_record(self.core, idx, res.rate, res.meter, qty, res.amount_nano, res.dims, cust)
+        cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano, dims)
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
         self._forget_reservation(res)
-        ops = pre + [self._log_op(_record(b"C", struct.pack("<Iqq", res.rate, qty, res.amount_nano) + cust, at)),
+        ops = pre + [self._log_op(_record(record, settle_body(res.rate, qty, res.amount_nano, dims, cust), at)),
                ("reservations", res.reservation_id.encode(), None)]
         ops += self.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
         response = meter_pb2.CommitResponse(

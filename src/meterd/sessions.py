@@ -43,6 +43,7 @@ class Session:
     cost_nano: int = 0
     tenant: str = ""        # the label of the tenant that started it: its final answer is that tenant's
     spared_nano: int = 0    # credits of a period that ended during its held interval, kept for it
+    dims_hex: str = ""      # its dimension set, when it has more than its price dimension (hex)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -121,15 +122,18 @@ class SessionsMixin:
 
     def _bill_ops(self, s: Session, until_ms: int) -> list[Op]:
         """Settle the time from ``billed_ms`` to ``until_ms`` against the held amount."""
-        from meterd.engine import _record
+        from meterd.engine import _record, settle_body, settle_record
         until_ms = min(until_ms, s.heartbeat_ms + s.timeout_ms)  # never past what was held
         units = max(self._interval_units(s, until_ms - s.billed_ms), 0)
         idx = self.core.account(s.customer_id.encode())
         rate = self._session_rate(s)
         at = max(until_ms - 1, 0)  # the usage belongs to the window the interval ends in
         self.core.set_clock(at)
-        cost, _ = self.core.settle(idx, rate, units, s.reserved_nano)
-        record = _record(b"C", struct.pack("<Iqq", rate, units, s.reserved_nano) + s.customer_id.encode(), at)
+        cust = s.customer_id.encode()
+        kind, dims = settle_record(self.core, idx, rate, s.meter, units, s.reserved_nano,
+                                   bytes.fromhex(s.dims_hex) if s.dims_hex else None, cust)
+        cost, _ = self.core.settle(idx, rate, units, s.reserved_nano, dims)
+        record = _record(kind, settle_body(rate, units, s.reserved_nano, dims, cust), at)
         s.reserved_nano = 0
         s.billed_ms += self._units_ms(s, units)  # the part of a unit not yet billed is carried
         s.billed_units += units
@@ -167,7 +171,10 @@ class SessionsMixin:
         ct = self.core.quote(rate, 0)[0]
         idx = self.core.account(cust)
         ops = self._due_ops()
-        s = Session(sid, req.customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label)
+        from meterd.engine import dimension_set
+        dims = dimension_set(self.catalog.meters[meter].price_dimension, req.dimensions)
+        s = Session(sid, req.customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label,
+                    dims_hex="" if dims is None else dims.hex())
         hold = self._hold_ops(s) if idx >= 0 else None
         if hold is None:
             if ops:
