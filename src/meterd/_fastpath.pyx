@@ -1569,14 +1569,13 @@ cdef class Core:
     cdef int32_t _agg_slot(self, int32_t acct, int32_t meter, const char *dims, int32_t dlen, uint64_t dhash,
                            bint capped) except -2:
         """The aggregate of an event, made (empty) if new; -1 when ``capped`` and
-        the account has made dimension_sets_per_window_max sets in this window.
-        A unique_count meter's sets are not counted: its distinct values, each in
-        its own set, are what it counts."""
+        the account has made dimension_sets_per_window_max sets in this window
+        (a unique_count meter's too: each distinct value is a set of its own)."""
         cdef uint64_t h
         cdef int32_t d = self._dset_find(dims, dlen, dhash, &h)
         cdef int32_t i = -1
         cdef Agg *a
-        cdef bint counted = self.meters[meter].agg != AGG_UNIQUE
+        cdef bint counted = True
         if d >= 0:
             i = self._agg_find(acct, meter, d, &h)
             if i >= 0:
@@ -1620,7 +1619,7 @@ cdef class Core:
             while self.aslots[h] != self.n_agg:
                 h = (h + 1) & self.amask
             self.aslots[h] = 0
-            self.nsets[a.acct] -= self.meters[a.meter].agg != AGG_UNIQUE
+            self.nsets[a.acct] -= 1
             self.dsets[a.dset].refs -= 1
             # Sets made since the mark are named only by aggregates made since: in
             # reverse order, each is the last one when its last aggregate goes.
@@ -1808,7 +1807,7 @@ cdef class Core:
         cdef int32_t d = self._dset_find(p, n, _hash_set(p, n), &h)
         if d >= 0 and self._agg_find(<int32_t>idx, meter, d, &h) >= 0:
             return True
-        if self.meters[meter].agg == AGG_UNIQUE or not self.sets_capped:
+        if not self.sets_capped:
             return True
         if self.nsets_win[idx] != self.cur_window:
             return self.sets_max > 0

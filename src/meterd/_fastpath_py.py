@@ -727,7 +727,7 @@ class Core:
         key = (idx, meter, dims, self.cur_window)
         if key in self.agg:
             return key
-        counted = self.aggs[meter] != AGG_UNIQUE  # its distinct values, each in its own set, are what it counts
+        counted = True  # a unique_count meter's sets too: each distinct value is a set of its own
         sets = self.nsets[idx]
         if sets[0] != self.cur_window:
             sets[0], sets[1] = self.cur_window, 0
@@ -742,7 +742,7 @@ class Core:
     def _agg_undo(self, made: list) -> None:
         for key in reversed(made):
             del self.agg[key]
-            self.nsets[key[0]][1] -= self.aggs[key[1]] != AGG_UNIQUE
+            self.nsets[key[0]][1] -= 1
 
     def _agg_add(self, key: tuple, quantity: int, cost: int) -> None:
         a = self.agg[key]
@@ -807,7 +807,7 @@ class Core:
             raise IndexError("no meter %d" % meter)
         if (idx, meter, dims, self.cur_window) in self.agg:
             return True
-        if self.aggs[meter] == AGG_UNIQUE or not self.sets_capped:
+        if not self.sets_capped:
             return True
         sets = self.nsets[idx]
         return sets[1] < self.sets_max if sets[0] == self.cur_window else self.sets_max > 0
