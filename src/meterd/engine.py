@@ -1548,8 +1548,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             if acct is None or not any(b.expires_at_ms and b.expires_at_ms <= now for b in acct.buckets.get(ct, [])):
                 continue
             ops += self._expire_grants(cid, ct, now)
-            if any(b.expires_at_ms and b.expires_at_ms <= now for b in acct.buckets.get(ct, [])):
-                retry.add((cid, ct))  # held by a reservation: try again on the next tick
+            # Held by a reservation: try again on the next tick. Credits spared for a hold
+            # are not: its settlement takes them (spared_ops).
+            if any(b.expires_at_ms and b.expires_at_ms <= now and b.source != HELD for b in acct.buckets.get(ct, [])):
+                retry.add((cid, ct))
         for cid, ct in retry:
             heapq.heappush(self._grant_expiry, (now + 1, cid, ct))
         start, _ = month_bounds(now)
