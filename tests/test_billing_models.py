@@ -356,15 +356,23 @@ plan = "creator"
 """
 
 
-def test_credits_freed_by_an_old_period_hold_go_in_the_same_commit(make, tmp_path):
+def across_a_boundary(make, tmp_path, *holds: int, catalog: str = ROLLOVER_CATALOG):
+    """50,000 of the period's 100,000 used, then ``holds`` reserved ten seconds before
+    it ends, then the boundary: 30,000 roll over, and of the 20,000 forfeited, what
+    the holds stand on (up to 20,000) is spared for them."""
     path = tmp_path / "rollover.toml"
-    path.write_text(ROLLOVER_CATALOG)
+    path.write_text(catalog)
     b = make(str(path))
-    assert b.report("studio", "characters", 50_000).decision == pb.DECISION_ALLOW  # 50,000 left unused
+    assert b.report("studio", "characters", 50_000).decision == pb.DECISION_ALLOW
     b.advance(28 * DAY_MS - 10_000)  # ten seconds before the period ends (Feb 28)
-    hold = b.authorize("studio", "characters", 10_000)
+    made = [b.authorize("studio", "characters", amount) for amount in holds]
     b.advance(20_000)
-    b.tick()  # the boundary: 30,000 roll over, 10,000 are forfeited, 10,000 are spared for the hold
+    b.tick()
+    return b, made
+
+
+def test_credits_freed_by_an_old_period_hold_go_in_the_same_commit(make, tmp_path):
+    b, (hold,) = across_a_boundary(make, tmp_path, 10_000)
     assert [e.amount_nano for e in b.audit("studio", "rolled_over")] == [30_000 * NANO]
     assert sum(e.amount_nano for e in b.audit("studio", "rollover_forfeited")) == -10_000 * NANO
     assert b.bal("studio", "credits") == 140_000 * NANO
@@ -379,15 +387,7 @@ def test_credits_freed_by_an_old_period_hold_go_in_the_same_commit(make, tmp_pat
 
 
 def test_an_old_period_hold_released_or_expired_forfeits_what_it_spared(make, tmp_path):
-    path = tmp_path / "rollover.toml"
-    path.write_text(ROLLOVER_CATALOG)
-    b = make(str(path))
-    b.report("studio", "characters", 50_000)
-    b.advance(28 * DAY_MS - 10_000)
-    released = b.authorize("studio", "characters", 6_000)
-    expiring = b.authorize("studio", "characters", 4_000)
-    b.advance(20_000)
-    b.tick()
+    b, (released, expiring) = across_a_boundary(make, tmp_path, 6_000, 4_000)
     assert b.bal("studio", "credits") == 140_000 * NANO
     r = b.release(released.reservation_id)
     assert r.available_nano == 134_000 * NANO - 4_000 * NANO  # the other hold still stands on 4,000
@@ -451,14 +451,7 @@ def test_a_raised_spend_limit_counts_the_overage_already_billed_this_period(make
 
 @pytest.mark.parametrize("settle", ["release", "commit nothing", "expire"])
 def test_new_period_usage_is_never_paid_with_credits_spared_for_an_old_hold(make, tmp_path, settle):
-    path = tmp_path / "rollover.toml"
-    path.write_text(ROLLOVER_CATALOG)
-    b = make(str(path))
-    b.report("studio", "characters", 50_000)
-    b.advance(28 * DAY_MS - 10_000)
-    old = b.authorize("studio", "characters", 10_000)
-    b.advance(20_000)
-    b.tick()  # 30,000 roll over, 10,000 forfeited, 10,000 spared for the hold
+    b, (old,) = across_a_boundary(make, tmp_path, 10_000)
     b.report("studio", "characters", 5_000)  # the new period's own usage, while the old hold is open
     if settle == "release":
         b.release(old.reservation_id)
@@ -474,14 +467,7 @@ def test_new_period_usage_is_never_paid_with_credits_spared_for_an_old_hold(make
 
 
 def test_a_new_period_hold_does_not_keep_what_was_spared_for_an_old_one(make, tmp_path):
-    path = tmp_path / "rollover.toml"
-    path.write_text(ROLLOVER_CATALOG)
-    b = make(str(path))
-    b.report("studio", "characters", 50_000)
-    b.advance(28 * DAY_MS - 10_000)
-    old = b.authorize("studio", "characters", 10_000)
-    b.advance(20_000)
-    b.tick()
+    b, (old,) = across_a_boundary(make, tmp_path, 10_000)
     new = b.authorize("studio", "characters", 20_000)
     b.release(old.reservation_id)
     assert b.bal("studio", "credits") == 130_000 * NANO
@@ -493,14 +479,7 @@ def test_a_new_period_hold_does_not_keep_what_was_spared_for_an_old_one(make, tm
 
 
 def test_an_old_hold_that_costs_more_than_was_spared_pays_the_rest_from_the_new_period(make, tmp_path):
-    path = tmp_path / "rollover.toml"
-    path.write_text(ROLLOVER_CATALOG)
-    b = make(str(path))
-    b.report("studio", "characters", 50_000)
-    b.advance(28 * DAY_MS - 10_000)
-    old = b.authorize("studio", "characters", 10_000)
-    b.advance(20_000)
-    b.tick()
+    b, (old,) = across_a_boundary(make, tmp_path, 10_000)
     assert b.commit(old.reservation_id, 12_000).balance_nano == 128_000 * NANO  # 10,000 spared, 2,000 new
     assert b.audit("studio", "expire") == []
     b.check_conservation("studio")

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import ACME_TOKEN, GLOBEX_TOKEN, tokens_file
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -242,16 +243,8 @@ def test_unreadable_or_bad_files_are_named(make_daemon, pki, tmp_path):
         assert message in str(e.value)
 
 
-ACME_TOKEN, GLOBEX_TOKEN = "acme-token-0123456789abcdef", "globex-token-fedcba9876543210"
-
-
 def _tokens_file(tmp_path: Path) -> Path:
-    import hashlib
-    path = tmp_path / "tokens.toml"
-    path.write_text("".join(
-        f'[tenants.{name}]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\ncustomers = "{prefix}"\n'
-        for name, token, prefix in (("acme", ACME_TOKEN, "acme-"), ("globex", GLOBEX_TOKEN, "globex-"))))
-    return path
+    return tokens_file(tmp_path)
 
 
 def test_data_plane_tokens_confine_each_tenant_to_its_customers(make_daemon, tmp_path):
