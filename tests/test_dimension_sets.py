@@ -170,12 +170,14 @@ def test_reserved_and_session_usage_is_filed_under_the_set_it_was_sent_with(tmp_
     b.grant("c1", "usd", 10**13)
     holds = [(b.authorize("c1", "tokens", 5000, model="m-a", user=user), q)
              for user, q in (("alice", 1000), ("bob", 2000))]
-    plain = b.authorize("c1", "tokens", 5000, model="m-b")  # only its price dimension, as before
+    plain = b.authorize("c1", "tokens", 5000, model="m-b")  # only its price dimension
+    default = b.authorize("c1", "calls", 10, model="m-z")  # priced by the meter's default: its rate has no set
     s = b.start_session("c1", "gpu", user="carol")
     b.run(b.engine.snapshot())
     for hold, quantity in holds:
         b.commit(hold.reservation_id, quantity)
     b.commit(plain.reservation_id, 500)
+    b.commit(default.reservation_id, 7)
     b.advance(5_000)
     b.end_session(s.session_id)
     b.restart(clean=False)  # as after kill -9: the log after the snapshot is replayed
@@ -185,6 +187,7 @@ def test_reserved_and_session_usage_is_filed_under_the_set_it_was_sent_with(tmp_
     assert rows == {("tokens", canonical_dimensions({"model": "m-a", "user": "alice"})): 1000,
                     ("tokens", canonical_dimensions({"model": "m-a", "user": "bob"})): 2000,
                     ("tokens", canonical_dimensions({"model": "m-b"})): 500,
+                    ("calls", canonical_dimensions({"model": "m-z"})): 7,
                     ("gpu", canonical_dimensions({"user": "carol"})): 5}
     b.close()
 

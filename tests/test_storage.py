@@ -385,3 +385,27 @@ def test_a_burst_refused_at_the_ceiling_under_the_high_water_mark_does_not_keep_
         assert b.report("cust00000", "calls", 1).decision == pb.DECISION_ALLOW
     finally:
         b.close()
+
+
+def test_a_refusal_at_the_ceiling_keeps_the_hysteresis_of_the_water_marks():
+    from meterd.store import MapUse
+    mib = 1 << 20
+    under = MapUse(100 * mib, 80, 60)
+    under.update(70 * mib, 0)
+    under.refuse_over_ceiling()  # a group would have passed the ceiling; use is at 70%
+    under.update(85 * mib, 0)  # a snapshot then takes it past the high-water mark
+    under.update(75 * mib, 0)
+    assert under.refusing  # from there only the low-water mark lets writes in again
+    under.update(59 * mib, 0)
+    assert not under.refusing
+    over = MapUse(100 * mib, 80, 60)
+    over.update(81 * mib, 0)  # refusing by the high-water mark
+    over.refuse_over_ceiling()  # a group admitted just before fails at the ceiling
+    over.update(79 * mib, 0)
+    assert over.refusing
+    brief = MapUse(100 * mib, 80, 60)
+    brief.update(70 * mib, 0)
+    brief.refuse_over_ceiling()
+    assert brief.refusing
+    brief.update(70 * mib, 0)  # the next commit measures 70%: under the mark, writes come in again
+    assert not brief.refusing

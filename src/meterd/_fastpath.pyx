@@ -1446,11 +1446,30 @@ cdef class Core:
         cdef uint64_t h
         while nslots < new_cap * 2:
             nslots *= 2
-        self.agg = <Agg *>_resize(self.agg, new_cap * sizeof(Agg))
-        free(self.aslots)
-        self.aslots = <int32_t *>calloc(nslots, sizeof(int32_t))
-        if self.aslots == NULL:
-            raise MemoryError()
+        cdef int32_t *slots = <int32_t *>calloc(nslots, sizeof(int32_t))
+        if slots == NULL:
+            if new_cap > self.cap_agg or self.aslots == NULL:
+                raise MemoryError()  # growing: nothing has changed, the tables are as they were
+            # Shrinking or rebuilding (the table was compacted): the index it has is
+            # large enough; refill it in place rather than fail with a stale one.
+            nslots = self.amask + 1
+            memset(self.aslots, 0, nslots * sizeof(int32_t))
+            slots = self.aslots
+            new_cap = self.cap_agg
+        elif new_cap != self.cap_agg:
+            try:
+                self.agg = <Agg *>_resize(self.agg, new_cap * sizeof(Agg))
+            except MemoryError:
+                free(slots)
+                if new_cap > self.cap_agg or self.aslots == NULL:
+                    raise  # growing: nothing has changed
+                nslots = self.amask + 1  # shrinking, as above: keep the table, refill its index
+                memset(self.aslots, 0, nslots * sizeof(int32_t))
+                slots = self.aslots
+                new_cap = self.cap_agg
+        if slots != self.aslots:
+            free(self.aslots)
+        self.aslots = slots
         self.amask = nslots - 1
         self.cap_agg = new_cap
         for i in range(self.n_agg):
@@ -1491,23 +1510,18 @@ cdef class Core:
                 return slot - 1
             h = (h + 1) & self.dmask
 
-    cdef int _dset_index(self) except -1:
-        """Size the set index for cap_dsets sets and fill it from the table."""
-        cdef Py_ssize_t nslots = 16, i
+    cdef void _dset_index(self, int32_t *slots, uint64_t mask) noexcept nogil:
+        """Make ``slots`` (zeroed, a power of two, ``mask`` + 1 of them) the set index, filled from the table."""
+        cdef Py_ssize_t i
         cdef uint64_t h
-        while nslots < self.cap_dsets * 2:
-            nslots *= 2
-        free(self.dslots)
-        self.dslots = <int32_t *>calloc(nslots, sizeof(int32_t))
-        if self.dslots == NULL:
-            raise MemoryError()
-        self.dmask = nslots - 1
         for i in range(self.n_dsets):
-            h = (self.dsets[i].hash ^ (self.dsets[i].hash >> 29)) & self.dmask
-            while self.dslots[h] != 0:
-                h = (h + 1) & self.dmask
-            self.dslots[h] = <int32_t>(i + 1)
-        return 0
+            h = (self.dsets[i].hash ^ (self.dsets[i].hash >> 29)) & mask
+            while slots[h] != 0:
+                h = (h + 1) & mask
+            slots[h] = <int32_t>(i + 1)
+        free(self.dslots)
+        self.dslots = slots
+        self.dmask = mask
 
     cdef int32_t _dset_intern(self, const char *dims, int32_t dlen, uint64_t dhash) except -1:
         """The set with these bytes, added if new."""
@@ -1517,14 +1531,28 @@ cdef class Core:
             return d
         if self.n_dsets >= 0x3FFFFFFF or self.darena_len + dlen > 0xFFFFFFFF:
             raise MemoryError("too many dimension sets")
-        if self.n_dsets == self.cap_dsets:
-            self.cap_dsets = max(64, self.cap_dsets * 2)
-            self.dsets = <DSet *>_resize(self.dsets, self.cap_dsets * sizeof(DSet))
-            self._dset_index()
-            self._dset_find(dims, dlen, dhash, &h)
+        cdef Py_ssize_t cap, nslots
+        cdef int32_t *slots
+        # Each capacity is set only once its allocation has succeeded: a failed one
+        # (MemoryError, the call refused) leaves the tables as they were.
         if self.darena_len + dlen > self.darena_cap:
-            self.darena_cap = max(self.darena_cap * 2, self.darena_len + dlen, 4096)
-            self.darena = <char *>_resize(self.darena, self.darena_cap)
+            cap = max(self.darena_cap * 2, self.darena_len + dlen, 4096)
+            self.darena = <char *>_resize(self.darena, cap)
+            self.darena_cap = cap
+        if self.n_dsets == self.cap_dsets:
+            cap = max(64, self.cap_dsets * 2)
+            nslots = _pow2_slots(cap)
+            slots = <int32_t *>calloc(nslots, sizeof(int32_t))
+            if slots == NULL:
+                raise MemoryError()
+            try:
+                self.dsets = <DSet *>_resize(self.dsets, cap * sizeof(DSet))
+            except MemoryError:
+                free(slots)
+                raise
+            self.cap_dsets = cap
+            self._dset_index(slots, nslots - 1)
+            self._dset_find(dims, dlen, dhash, &h)
         d = <int32_t>self.n_dsets
         self.n_dsets += 1
         self.dslots[h] = d + 1
@@ -1695,24 +1723,26 @@ cdef class Core:
         cdef Py_ssize_t i, keep = 0, dlen = 0, n = 0, live_bytes = 0
         cdef int32_t d
         cdef Agg *a
+        cdef Py_ssize_t nslots = _pow2_slots(max(self.n_dsets, 1))
         cdef int32_t *remap = <int32_t *>malloc(max(self.n_dsets, 1) * sizeof(int32_t))
         cdef DSet *sets = <DSet *>malloc(max(self.n_dsets, 1) * sizeof(DSet))
+        cdef int32_t *slots = <int32_t *>calloc(nslots, sizeof(int32_t))
         cdef char *arena = NULL
-        if remap == NULL or sets == NULL:
+        if remap != NULL:
+            for i in range(self.n_dsets):
+                remap[i] = -1
+            for i in range(self.n_agg):
+                a = &self.agg[i]
+                if a.window == self.cur_window and remap[a.dset] < 0:
+                    remap[a.dset] = -2
+                    live_bytes += self.dsets[a.dset].len
+            arena = <char *>malloc(max(4096, 2 * live_bytes))
+        if remap == NULL or sets == NULL or slots == NULL or arena == NULL:
+            # Nothing has changed yet: the tables stay as they were.
             free(remap)
             free(sets)
-            raise MemoryError()
-        for i in range(self.n_dsets):
-            remap[i] = -1
-        for i in range(self.n_agg):
-            a = &self.agg[i]
-            if a.window == self.cur_window and remap[a.dset] < 0:
-                remap[a.dset] = -2
-                live_bytes += self.dsets[a.dset].len
-        arena = <char *>malloc(max(4096, 2 * live_bytes))
-        if arena == NULL:
-            free(remap)
-            free(sets)
+            free(slots)
+            free(arena)
             raise MemoryError()
         for i in range(self.n_agg):
             a = &self.agg[i]
@@ -1742,7 +1772,7 @@ cdef class Core:
         self.n_agg = keep
         self.n_live = 0
         self.agg_spill = {}
-        self._dset_index()
+        self._dset_index(slots, nslots - 1)
         if self.cap_agg > 4096 and self.cap_agg > 4 * keep:
             # The tables go back to the system: they fill again by the next snapshot,
             # and growing them costs less than the tuples above.
@@ -2651,6 +2681,14 @@ cdef char *_dup(bytes b) except? NULL:
     memcpy(p, PyBytes_AS_STRING(b), n)
     p[n] = 0
     return p
+
+
+cdef inline Py_ssize_t _pow2_slots(Py_ssize_t entries) noexcept nogil:
+    """Index slots for a table of ``entries``: a power of two, at least twice as many."""
+    cdef Py_ssize_t n = 16
+    while n < entries * 2:
+        n *= 2
+    return n
 
 
 cdef void *_resize(void *p, size_t n) except NULL:

@@ -239,10 +239,11 @@ def _record(kind: bytes, payload: bytes, at_ms: int | None = None) -> bytes:
     return kind + u64(now_ms() if at_ms is None else at_ms) + payload
 
 
-def dimension_set(price_dimension: str, dimensions: Any) -> bytes | None:
-    """A reservation's or session's dimension set, as the cores keep it; None when it
-    has nothing but its price dimension (the rate's own set says as much)."""
-    if not dimensions or set(dimensions) <= {price_dimension}:
+def dimension_set(dimensions: Any) -> bytes | None:
+    """A reservation's or session's dimension set, as the cores keep it; None when it has
+    none. (Its price dimension alone is not left to the rate: a meter's default price
+    has an empty set, whatever value the request gave.)"""
+    if not dimensions:
         return None
     return core_mod._fastpath_py.canonical_set({k.encode(): v.encode() for k, v in dimensions.items()})
 
@@ -1120,7 +1121,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             return refusal
         rid = "r_" + secrets.token_hex(12)
         res = Reservation(rid, req.customer_id, ct, meter, value, rate, amount, now_ms() + ttl_ms, label_of(tenant),
-                          dims=dimension_set(self.catalog.meters[meter].price_dimension, req.dimensions))
+                          dims=dimension_set(req.dimensions))
         self.reservations[rid] = res
         self.reservations_of[res.tenant] += 1
         heapq.heappush(self._reservation_expiry, (res.expires_at_ms, rid))

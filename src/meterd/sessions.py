@@ -172,7 +172,7 @@ class SessionsMixin:
         idx = self.core.account(cust)
         ops = self._due_ops()
         from meterd.engine import dimension_set
-        dims = dimension_set(self.catalog.meters[meter].price_dimension, req.dimensions)
+        dims = dimension_set(req.dimensions)
         s = Session(sid, req.customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label,
                     dims_hex="" if dims is None else dims.hex())
         hold = self._hold_ops(s) if idx >= 0 else None

@@ -99,6 +99,7 @@ class MapUse:
         """Hysteresis: refuse from the high-water mark until under the low one."""
         self.used_bytes, self.log_bytes = used_bytes, log_bytes
         if used_bytes >= self.high_bytes:
+            self.over_ceiling = False  # from here the low-water mark decides again
             if not self.refusing:
                 log.warning("the LMDB map is %d%% used (%d of %d bytes): data-plane writes are refused until "
                             "the flush to the ledger brings it under map_low_water_percent (%d%%)",
@@ -110,6 +111,14 @@ class MapUse:
             log.warning("the LMDB map is %d%% used (%d of %d bytes), with room for data-plane writes: "
                         "data-plane writes are accepted again", 100 * used_bytes // self.map_size_bytes,
                         used_bytes, self.map_size_bytes)
+
+    def refuse_over_ceiling(self) -> None:
+        """A data-plane group failed for passing the ceiling: nothing of it was committed,
+        so use is as last measured. Under the high-water mark, refuse only until the next
+        commit measures it (a snapshot, a flush: soon), so that the same burst does not fail
+        again and again meanwhile; over it, the low-water mark decides as always."""
+        self.refusing = True
+        self.over_ceiling = self.used_bytes < self.high_bytes
 
     def refusal(self, path: str, used_bytes: int | None = None) -> StorageFull:
         used = self.used_bytes if used_bytes is None else used_bytes
@@ -357,10 +366,7 @@ class Store:
                 # than the reserve holds: failed rather than let it take maintenance's room.
                 log.error("a commit would take the LMDB map to %d bytes, past the maintenance reserve above "
                           "map_high_water_percent; failed", e.used_bytes)
-                # Nothing of it was committed: use is as it was. Refuse until the next
-                # commit (a snapshot or flush, soon) measures it, so that the same burst
-                # does not fail again and again meanwhile.
-                self.use.refusing = self.use.over_ceiling = True
+                self.use.refuse_over_ceiling()
                 self._failure(group, self.use.refusal(self.path, e.used_bytes))
             except lmdb.MapFullError:
                 self.use.refusing = True
