@@ -187,3 +187,31 @@ def test_a_tenants_keys_remembered_by_an_older_meterd_stay_that_tenants(tmp_path
         assert b.engine.idem.counts == {"acme": 1}
     finally:
         b.close()
+
+
+def test_retries_of_remembered_keyed_calls_are_answered_while_writes_are_refused(tmp_path, monkeypatch):
+    from billing import Billing
+
+    from meterd.errors import StorageFull
+    b = Billing(tmp_path, "openai", monkeypatch)
+    try:
+        grant = apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=5 * USD, idempotency_key="p-1")
+        report = pb.ReportRequest(event=_event("acme", "r-1")).SerializeToString()
+        authorize = pb.AuthorizeRequest(customer_id="acme", meter="output_tokens", quantity=10,
+                                        dimensions={"model": "gpt-4o"}, idempotency_key="a-1").SerializeToString()
+        first = (b.run(b.engine.grant(grant)), b.run(b.engine.report(report)), b.run(b.engine.authorize(authorize)))
+        b.engine.store.use.refusing = True  # as above the map's high-water mark
+        again = (apb.GrantResponse.FromString(b.run(b.engine.grant(grant))),
+                 pb.ReportResponse.FromString(b.run(b.engine.report(report))),
+                 pb.AuthorizeResponse.FromString(b.run(b.engine.authorize(authorize))))
+        assert all(r.duplicate for r in again)
+        for retry, original in zip(again, first, strict=True):
+            retry.duplicate = False
+            assert retry.SerializeToString() == original
+        with pytest.raises(StorageFull):  # a new key, or none, is refused as any write is
+            b.run(b.engine.report(pb.ReportRequest(event=_event("acme", "r-2")).SerializeToString()))
+        with pytest.raises(StorageFull):
+            b.run(b.engine.report(pb.ReportRequest(event=_event("acme")).SerializeToString()))
+    finally:
+        b.engine.store.use.refusing = False
+        b.close()

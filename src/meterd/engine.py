@@ -367,6 +367,44 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise self.storage_full
         self.store.check_room()  # above the map's high-water mark: refused before anything is applied
 
+    def _writable_or_replay(self, keyed: Callable[[], tuple[bytes, bytes, bytes] | None]) -> bytes | None:
+        """``check_writable``; while writes are refused, a retry of a keyed call that was
+        remembered is still answered (``keyed`` gives its key, its canonical request and
+        the duplicate flag, or None when it has no key)."""
+        try:
+            self.check_writable()
+            return None
+        except (StorageFull, Unavailable) as refused:
+            try:
+                found = keyed()
+            except Exception:  # noqa: BLE001 - a request that cannot be read: the refusal stands
+                found = None
+            entry = self.idem.get(found[0], now_ms()) if found is not None else None
+            if found is None or entry is None or entry.pending is not None or \
+                    (entry.digest and entry.digest != _hash_request(found[1])):
+                raise refused from None
+            return entry.response + found[2]
+
+    def _keyed_report(self, data: bytes, tenant: Tenant | None) -> tuple[bytes, bytes, bytes] | None:
+        req = meter_pb2.ReportRequest.FromString(data)
+        if not req.event.idempotency_key:
+            return None
+        check_tenant(tenant, req.event.customer_id, "event.customer_id")
+        key = self._idem_key(label_of(tenant), "report", req.event.customer_id, req.event.idempotency_key)
+        return key, _canonical(req), _DUP_REPORT
+
+    def _keyed_authorize(self, data: bytes, tenant: Tenant | None) -> tuple[bytes, bytes, bytes] | None:
+        req = meter_pb2.AuthorizeRequest.FromString(data)
+        if not req.idempotency_key:
+            return None
+        check_tenant(tenant, req.customer_id, "customer_id")
+        key = self._idem_key(label_of(tenant), "authorize", req.customer_id, req.idempotency_key)
+        return key, _canonical(req), _DUP_AUTHORIZE
+
+    def _keyed_admin(self, rpc: str, req: Any, dup: bytes) -> tuple[bytes, bytes, bytes] | None:
+        key = self._admin_key(rpc, req)
+        return None if key is None else (key, _canonical(req), dup)
+
     async def _commit(self, ops: list[Op], maintenance: bool = False) -> None:
         fut = asyncio.get_running_loop().create_future()
         self.store.submit(Unit(ops, fut, maintenance))
@@ -991,7 +1029,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         return ops
 
     async def report(self, data: bytes, tenant: Tenant | None = None) -> bytes:
-        self.check_writable()
+        replay = self._writable_or_replay(lambda: self._keyed_report(data, tenant))
+        if replay is not None:
+            return replay
         self._due_ops()
         at = now_ms()
         self.core.set_clock(at)
@@ -1087,7 +1127,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         return meter, value, rate
 
     async def authorize(self, data: bytes, tenant: Tenant | None = None) -> bytes:
-        self.check_writable()
+        replay = self._writable_or_replay(lambda: self._keyed_authorize(data, tenant))
+        if replay is not None:
+            return replay
         req = meter_pb2.AuthorizeRequest.FromString(data)
         check_tenant(tenant, req.customer_id, "customer_id")
         cust = self._customer(req.customer_id)
@@ -1407,7 +1449,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         return ct
 
     async def grant(self, req: admin_pb2.GrantRequest) -> bytes:
-        self.check_writable()
+        replay = self._writable_or_replay(lambda: self._keyed_admin("grant", req, _DUP_GRANT))
+        if replay is not None:
+            return replay
         self._customer(req.customer_id)
         ct = self._credit_type(req.credit_type, req.amount_nano)
         if req.amount_nano <= 0:
@@ -1431,7 +1475,9 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         return response
 
     async def adjust(self, req: admin_pb2.AdjustRequest) -> bytes:
-        self.check_writable()
+        replay = self._writable_or_replay(lambda: self._keyed_admin("adjust", req, _DUP_ADJUST))
+        if replay is not None:
+            return replay
         self._customer(req.customer_id)
         ct = self._credit_type(req.credit_type, req.amount_nano)
         if req.amount_nano == 0:
