@@ -42,6 +42,7 @@ class Billing:
         self.engine = self._open()
         self.charged: dict[tuple[str, str], int] = {}
         self.holders: dict[str, tuple[str, str]] = {}  # reservation id: its customer and credit type
+        self.plans_seen: dict[str, set[str]] = {}  # customer: every plan it has been on (property tests)
 
     def _open(self) -> Engine:
         engine = Engine(self.settings, self.catalog)
@@ -49,7 +50,15 @@ class Billing:
         return engine
 
     def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
+        """Run one call; a call that fails still waits, as the server does, for the
+        period roll it may have set off before it failed (it was submitted first)."""
+        async def call() -> Any:
+            try:
+                return await coro
+            except BaseException:
+                await self.engine._roll_settled()
+                raise
+        return self.loop.run_until_complete(call())
 
     def advance(self, ms: int) -> None:
         self.now_ms += ms

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import secrets
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, overload
@@ -32,12 +31,14 @@ from typing import Any, Callable, overload
 import lmdb
 
 from meterd import core as core_mod
+from meterd import records
 from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key
 from meterd.answers import label_of_key as _label_of_key
 from meterd.catalog import Catalog, step_nano
 from meterd.config import Settings
 from meterd.errors import Conflict, Forbidden, InvalidInput, LimitReached, NotFound, StorageFull, Unavailable
 from meterd.flush import Drained, LedgerMixin
+from meterd.records import Kind
 from meterd.security import Tenant
 from meterd.sessions import Session, SessionsMixin
 from meterd.store import Op, Store, Unit, from_u64, u64
@@ -234,11 +235,6 @@ def _compiled_of(doc: dict) -> tuple:
             [n.encode() for n in doc["credit_types"]])
 
 
-def _record(kind: bytes, payload: bytes, at_ms: int | None = None) -> bytes:
-    """A log record: its kind, when it was applied (its usage window on replay), its payload."""
-    return kind + u64(now_ms() if at_ms is None else at_ms) + payload
-
-
 def dimension_set(dimensions: Any) -> bytes | None:
     """A reservation's or session's dimension set, as the cores keep it; None when it has
     none. (Its price dimension alone is not left to the rate: a meter's default price
@@ -248,29 +244,15 @@ def dimension_set(dimensions: Any) -> bytes | None:
     return core_mod._fastpath_py.canonical_set({k.encode(): v.encode() for k, v in dimensions.items()})
 
 
-def settle_record(core: Any, idx: int, rate: int, meter: int, qty: int, reserved: int, dims: bytes | None,
-                  cust: bytes) -> tuple[bytes, bytes | None]:
-    """The log record kind of a settlement, and the set it is filed under: its own,
-    or its price dimension alone when its own does not fit dimension_sets_per_window_max
-    (a settlement is never refused: the work was done)."""
+def settle_set(core: Any, idx: int, meter: int, dims: bytes | None, cust: bytes) -> bytes | None:
+    """The set a settlement is filed under: its own, or its price dimension alone when its
+    own does not fit dimension_sets_per_window_max (a settlement is never refused: the
+    work was done)."""
     if dims is not None and not core.set_allowed(idx, meter, dims):
         log.warning("usage of customer %s filed under its price dimension alone: its dimension set does not "
                     "fit dimension_sets_per_window_max", cust.decode())
-        dims = None
-    return (b"C" if dims is None else b"M"), dims
-
-
-def settle_body(rate: int, qty: int, reserved: int, dims: bytes | None, cust: bytes) -> bytes:
-    if dims is None:
-        return struct.pack("<Iqq", rate, qty, reserved) + cust
-    return struct.pack("<IqqI", rate, qty, reserved, len(dims)) + dims + cust
-
-
-def _reset_unplanned(core: Any) -> None:
-    """Calendar-month reset of usage for accounts without a plan (plans roll on their own periods)."""
-    for idx in range(len(core)):
-        if core.state(idx)[2] == 0:
-            core.reset_usage(idx)
+        return None
+    return dims
 
 
 class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
@@ -410,6 +392,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         self.store.submit(Unit(ops, fut, maintenance))
         await fut
 
+    def _now_ms(self) -> int:
+        """The clock every record and period is stamped by (the mixins' parts use it too)."""
+        return now_ms()
+
     def _log_op(self, record: bytes) -> Op:
         self.log_pos += 1
         return ("log", u64(self.log_pos), record)
@@ -444,7 +430,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         replayed = 0
         core.set_dimension_sets_capped(False)  # what was applied once is applied again
         for key, record in store.items("log", start=u64(self.snapshot_pos + 1)):
-            self._replay(core, record)
+            records.replay(core, record)
             self.log_pos = from_u64(key)
             replayed += 1
         core.set_dimension_sets_capped(True)
@@ -467,45 +453,6 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         log.info("state recovered: %d accounts, %d log records replayed%s, in %.3fs", len(core), replayed,
                  ", catalog changed and accounts remapped" if remapped else "", took,
                  extra={"recovery_s": round(took, 4)})
-
-    def _replay(self, core: Any, record: bytes) -> None:
-        kind, body = record[:1], record[9:]
-        core.set_clock(from_u64(record[1:9]))
-        if kind == b"B":
-            core.apply_batch(body)
-        elif kind == b"R":
-            core.report(body)
-        elif kind in (b"A", b"L", b"G", b"F", b"S", b"T", b"U"):
-            ct, amount = struct.unpack_from("<Hq", body)
-            idx = core.open_account(body[10:])
-            if kind == b"S":
-                core.set_plan(idx, amount)
-            elif kind == b"T":
-                core.set_alert(idx, ct, None if amount == INT64_MIN else amount)
-            elif kind == b"U":
-                core.reset_usage(idx)
-            elif kind == b"A":
-                if not core.reserve(idx, ct, amount):
-                    raise RuntimeError("log replay diverged: a reservation no longer fits")
-            elif kind == b"L":
-                core.release(idx, ct, amount)
-            elif kind == b"G":
-                core.credit(idx, ct, amount)
-            else:
-                core.set_floor(idx, ct, amount)
-        elif kind == b"C":
-            rate, qty, reserved = struct.unpack_from("<Iqq", body)
-            core.settle(core.account(body[20:]), rate, qty, reserved)
-        elif kind == b"M":  # a settlement filed under its own dimension set
-            rate, qty, reserved, n = struct.unpack_from("<IqqI", body)
-            core.settle(core.account(body[24 + n:]), rate, qty, reserved, body[24:24 + n])
-        elif kind == b"Q":
-            rate, qty = struct.unpack_from("<Iq", body)
-            core.force_charge(core.account(body[12:]), rate, qty)
-        elif kind == b"P":
-            _reset_unplanned(core)
-        else:
-            raise RuntimeError(f"unknown log record kind {kind!r}")
 
     def _remap(self, old: Any, doc: dict, new_doc: dict) -> Any:
         """Move accounts onto another catalog, matching credit types, meters and plans by name."""
@@ -984,7 +931,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         result = meter_pb2.ReportBatchResponse(accepted=accepted, denied=denied, degraded=degraded,
                                                sequence=seq).SerializeToString() + details
         if accepted:
-            ops.append(self._log_op(_record(b"B", data, at)))
+            ops.append(self._log_op(records.message(Kind.BATCH, data, at)))
         ops += self.alert_ops()
         if cid and (state is not None or accepted):  # a new client that changed nothing is not kept
             ms = now_ms()
@@ -1041,7 +988,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             return await self._report_keyed(data, tenant)
         decision, response = out
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
-        ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
+        ops = [self._log_op(records.message(Kind.REPORT, data, at))] if decision != meter_pb2.DECISION_DENY else []
         ops += self.alert_ops()
         if ops:
             await self._commit_with(ops)
@@ -1068,7 +1015,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.catalog.credit_types[ct].name, cost_nano=cost,
             balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
-        ops = [self._log_op(_record(b"R", data, at))] if decision != meter_pb2.DECISION_DENY else []
+        ops = [self._log_op(records.message(Kind.REPORT, data, at))] if decision != meter_pb2.DECISION_DENY else []
         ops += self.alert_ops()
         if reason != meter_pb2.REASON_UNKNOWN_CUSTOMER:  # nothing is kept for a customer that does not exist
             ops += self._remember(key, _canonical(req), response)
@@ -1170,7 +1117,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         response = meter_pb2.AuthorizeResponse(
             decision=meter_pb2.DECISION_ALLOW, reservation_id=rid, credit_type=ct_name, reserved_nano=amount,
             available_nano=self.core.available(idx, ct), expires_at_ms=res.expires_at_ms).SerializeToString()
-        ops = pre + [self._log_op(_record(b"A", struct.pack("<Hq", ct, amount) + cust)),
+        ops = pre + [self._log_op(records.account(Kind.RESERVE, cust, ct, amount, now_ms())),
                      ("reservations", rid.encode(), res.to_json(self.catalog))]
         ops += self._remember(key, _canonical(req) if key else b"", response)
         self.decisions[("Authorize", "allow")] += 1
@@ -1250,13 +1197,13 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         pre = self._due_ops()
         at = now_ms()
         self.core.set_clock(at)
-        record, dims = settle_record(self.core, idx, res.rate, res.meter, qty, res.amount_nano, res.dims, cust)
+        dims = settle_set(self.core, idx, res.meter, res.dims, cust)
         cost, overrun = self.core.settle(idx, res.rate, qty, res.amount_nano, dims)
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
         self._forget_reservation(res)
-        ops = pre + [self._log_op(_record(record, settle_body(res.rate, qty, res.amount_nano, dims, cust), at)),
+        ops = pre + [self._log_op(records.settle(cust, res.rate, qty, res.amount_nano, dims, at)),
                ("reservations", res.reservation_id.encode(), None)]
         ops += self.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
         response = meter_pb2.CommitResponse(
@@ -1294,7 +1241,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         if res.credit_type >= 0:
             cust = res.customer_id.encode()
             self.core.release(self.core.account(cust), res.credit_type, res.amount_nano)
-            ops.append(self._log_op(_record(b"L", struct.pack("<Hq", res.credit_type, res.amount_nano) + cust)))
+            ops.append(self._log_op(records.account(Kind.RELEASE, cust, res.credit_type, res.amount_nano, now_ms())))
             ops += self.spared_ops(res.customer_id, res.credit_type, res.spared_nano, 0)
         return ops
 
@@ -1398,7 +1345,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         idx = self.core.open_account(cust)
         before = self.core.state(idx)[0][ct][0]
         after = self.core.credit(idx, ct, amount)
-        return [self._log_op(_record(b"G", struct.pack("<Hq", ct, amount) + cust))], before, after
+        return [self._log_op(records.account(Kind.CREDIT, cust, ct, amount, now_ms()))], before, after
 
     def _grant_ops(self, customer_id: str, ct: int, amount: int, expires_at_ms: int, priority: int,
                    source: str, reference: str) -> list[Op]:
@@ -1611,8 +1558,8 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
                             ops += self.gauge_ops(self.core.customer_id(idx).decode(), idx)
                 finally:
                     self.effective_ms = None
-                _reset_unplanned(self.core)
-                ops.append(self._log_op(_record(b"P", b"")))
+                records.reset_unplanned(self.core)
+                ops.append(self._log_op(records.period(now_ms())))
             self.period_start_ms = start
             ops.append(("meta", b"period_start_ms", u64(start)))
         ops += self.idem.expire_ops(now, EXPIRE_CHUNK)

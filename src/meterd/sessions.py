@@ -13,12 +13,13 @@ from __future__ import annotations
 import collections
 import json
 import secrets
-import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from meterd import records
 from meterd.answers import entry_key
 from meterd.errors import InvalidInput, LimitReached, NotFound
+from meterd.records import Kind
 from meterd.store import Op
 from meterd.v1 import meter_pb2
 
@@ -63,6 +64,7 @@ class SessionsMixin:
     sessions_by_tenant: collections.Counter[str]
 
     def _log_op(self, record: bytes) -> Op: ...  # type: ignore[empty-body]
+    def _now_ms(self) -> int: ...  # type: ignore[empty-body]
     def _customer(self, customer_id: str) -> bytes: ...  # type: ignore[empty-body]
     def _rate(self, meter_name: str, dimensions: Any) -> tuple[int, str | None, int]: ...  # type: ignore[empty-body]
     def _due_ops(self) -> list[Op]: ...  # type: ignore[empty-body]
@@ -112,17 +114,17 @@ class SessionsMixin:
 
     def _hold_ops(self, s: Session) -> list[Op] | None:
         """Reserve the next interval; None when the balance cannot cover it."""
-        from meterd.engine import _record
         _, amount = self.core.quote(self._session_rate(s), self._interval_units(s, s.timeout_ms))
         idx = self.core.account(s.customer_id.encode())
         if not self.core.reserve(idx, s.credit_type, amount):
             return None
         s.reserved_nano = amount
-        return [self._log_op(_record(b"A", struct.pack("<Hq", s.credit_type, amount) + s.customer_id.encode()))]
+        record = records.account(Kind.RESERVE, s.customer_id.encode(), s.credit_type, amount, self._now_ms())
+        return [self._log_op(record)]
 
     def _bill_ops(self, s: Session, until_ms: int) -> list[Op]:
         """Settle the time from ``billed_ms`` to ``until_ms`` against the held amount."""
-        from meterd.engine import _record, settle_body, settle_record
+        from meterd.engine import settle_set
         until_ms = min(until_ms, s.heartbeat_ms + s.timeout_ms)  # never past what was held
         units = max(self._interval_units(s, until_ms - s.billed_ms), 0)
         idx = self.core.account(s.customer_id.encode())
@@ -130,10 +132,9 @@ class SessionsMixin:
         at = max(until_ms - 1, 0)  # the usage belongs to the window the interval ends in
         self.core.set_clock(at)
         cust = s.customer_id.encode()
-        kind, dims = settle_record(self.core, idx, rate, s.meter, units, s.reserved_nano,
-                                   bytes.fromhex(s.dims_hex) if s.dims_hex else None, cust)
+        dims = settle_set(self.core, idx, s.meter, bytes.fromhex(s.dims_hex) if s.dims_hex else None, cust)
         cost, _ = self.core.settle(idx, rate, units, s.reserved_nano, dims)
-        record = _record(kind, settle_body(rate, units, s.reserved_nano, dims, cust), at)
+        record = records.settle(cust, rate, units, s.reserved_nano, dims, at)
         s.reserved_nano = 0
         s.billed_ms += self._units_ms(s, units)  # the part of a unit not yet billed is carried
         s.billed_units += units

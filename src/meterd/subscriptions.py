@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import heapq
 import json
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from meterd import records
 from meterd.catalog import format_nano
 from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.plans import CreditPolicy, Plan, period_start
+from meterd.records import Kind
 from meterd.store import Op
 from meterd.v1 import admin_pb2
 
@@ -71,6 +72,7 @@ class SubscriptionsMixin:
 
     # provided by Engine
     def _log_op(self, record: bytes) -> Op: ...  # type: ignore[empty-body]
+    def _now_ms(self) -> int: ...  # type: ignore[empty-body]
     def _credit_ops(self, customer_id: str, ct: int, amount: int) -> tuple[list[Op], int, int]: ...  # type: ignore[empty-body]  # noqa: E501
     def _reconcile(self, customer_id: str, ct: int, balance: int) -> list[Op]: ...  # type: ignore[empty-body]
     def _audit_op(self, *args: Any, **kw: Any) -> list[Op]: ...  # type: ignore[empty-body]
@@ -81,9 +83,8 @@ class SubscriptionsMixin:
 
     # ---- core settings of a plan, logged so that replay sets them too ----------------
 
-    def _core_op(self, kind: bytes, customer_id: str, ct: int, value: int) -> Op:
-        from meterd.engine import _record
-        return self._log_op(_record(kind, struct.pack("<Hq", ct, value) + customer_id.encode()))
+    def _core_op(self, kind: Kind, customer_id: str, ct: int, value: int) -> Op:
+        return self._log_op(records.account(kind, customer_id.encode(), ct, value, self._now_ms()))
 
     def effective_floor(self, customer_id: str, ct: int) -> int:
         """How far below zero a balance may go: the catalog's overdraft for the
@@ -119,7 +120,7 @@ class SubscriptionsMixin:
             return []
         idx = self.core.open_account(customer_id.encode())
         self.core.set_floor(idx, ct, floor)
-        return [self._core_op(b"F", customer_id, ct, floor)]
+        return [self._core_op(Kind.FLOOR, customer_id, ct, floor)]
 
     def _apply_plan_ops(self, customer_id: str, plan: Plan | None) -> list[Op]:
         """Plan index, floors and alert thresholds in the core for ``plan`` (None: no plan)."""
@@ -127,7 +128,7 @@ class SubscriptionsMixin:
         ops = []
         if self.core.state(idx)[2] != (plan.index if plan else 0):
             self.core.set_plan(idx, plan.index if plan else 0)
-            ops.append(self._core_op(b"S", customer_id, 0, plan.index if plan else 0))
+            ops.append(self._core_op(Kind.PLAN, customer_id, 0, plan.index if plan else 0))
         for ct in range(len(self.catalog.credit_types)):
             policy = plan.credits.get(ct) if plan else None
             alert = policy.alert_nano if policy else None
@@ -135,7 +136,7 @@ class SubscriptionsMixin:
             cts = self.core.state(idx)[0][ct]
             if cts[5] != (INT64_MIN if alert is None else alert):
                 self.core.set_alert(idx, ct, alert)
-                ops.append(self._core_op(b"T", customer_id, ct, INT64_MIN if alert is None else alert))
+                ops.append(self._core_op(Kind.ALERT, customer_id, ct, INT64_MIN if alert is None else alert))
         return ops
 
     def _put_sub(self, sub: Subscription) -> Op:
@@ -310,7 +311,7 @@ class SubscriptionsMixin:
         for ct in (plan.credits if plan else {}):
             ops += self.floor_ops(sub.customer_id, ct)  # a new period's overage allowance
         self.core.reset_usage(idx)
-        ops.append(self._core_op(b"U", sub.customer_id, 0, 0))
+        ops.append(self._core_op(Kind.RESET_USAGE, sub.customer_id, 0, 0))
         if ending:
             return ops + self._end_ops(sub, plan, boundary)
         if sub.next_plan:  # a downgrade asked for during the period
@@ -436,7 +437,6 @@ class SubscriptionsMixin:
 
     def gauge_ops(self, customer_id: str, idx: int) -> list[Op]:
         """Max, latest and unique_count meters are charged once, on their value for the period."""
-        from meterd.engine import _record
         ops: list[Op] = []
         use = self.core.state(idx)[1]
         for m, meter in enumerate(self.catalog.meters):
@@ -444,7 +444,7 @@ class SubscriptionsMixin:
                 continue
             rate = self.core.find_rate(m, None)
             cost = self.core.force_charge(idx, rate, use[m])
-            ops.append(self._log_op(_record(b"Q", struct.pack("<Iq", rate, use[m]) + customer_id.encode())))
+            ops.append(self._log_op(records.force_charge(customer_id.encode(), rate, use[m], self._now_ms())))
             bal = self.core.state(idx)[0][meter.credit_type][0]
             ops += self._audit_op(customer_id, "gauge_charged", meter.credit_type, -cost, bal + cost, bal,
                                   f"{meter.name}={self.catalog.format_quantity(m, use[m])}")
