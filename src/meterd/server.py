@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import os
@@ -71,11 +72,14 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 TIMINGS = Timings()  # latency per RPC, for the metrics endpoint
 
 
-async def _call(fn: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext, method: str) -> Any:
+async def _call(fn: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext, method: str,
+                settled: Callable[[], Awaitable[None]] | None = None) -> Any:
     started = time.perf_counter()
     try:
         return await fn()
     except Exception as e:  # noqa: BLE001 - every error becomes one status, here
+        if settled is not None:
+            await settled()  # a period roll the call set off before it failed is durable first
         await _abort(e, context, method)
     finally:
         TIMINGS.observe(method, started)
@@ -117,6 +121,14 @@ class Servicer:
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "this data plane requires a tenant's bearer token")
         return tenant
 
+    def _call(self, fn: Callable[[], Awaitable[Any]], ctx: grpc.aio.ServicerContext, method: str) -> Awaitable[Any]:
+        return _call(fn, ctx, method, self._roll_settled)
+
+    async def _roll_settled(self) -> None:
+        """Wait for a period roll in flight; its own failure is the writer's to report, not this call's."""
+        with contextlib.suppress(Exception):
+            await self.engine._roll_settled()
+
     def _own(self, tenant: Tenant | None, customer_id: str | None, what: str) -> None:
         """Another tenant's open reservation or session is reported as unknown."""
         if tenant is not None and customer_id is not None and not customer_id.encode().startswith(tenant.prefix):
@@ -129,6 +141,7 @@ class Servicer:
         try:  # the hot path: no closure, one coroutine less
             return await self.engine.report(data, tenant)
         except Exception as e:  # noqa: BLE001 - every error becomes one status
+            await self._roll_settled()
             await _abort(e, ctx, "Report")
             raise  # not reached: abort raises
         finally:
@@ -140,6 +153,7 @@ class Servicer:
         try:
             return await self.engine.report_batch(data, tenant)
         except Exception as e:  # noqa: BLE001 - every error becomes one status
+            await self._roll_settled()
             await _abort(e, ctx, "ReportBatch")
             raise  # not reached: abort raises
         finally:
@@ -199,7 +213,7 @@ class Servicer:
         reader = loop.create_task(read())
         try:
             while (task := await pending.get()) is not None:
-                answer = await _call(_later(task), ctx, "ReportStream")
+                answer = await self._call(_later(task), ctx, "ReportStream")
                 try:
                     await asyncio.wait_for(ctx.write(answer), idle_s)
                 except asyncio.TimeoutError:
@@ -220,7 +234,7 @@ class Servicer:
 
     async def authorize(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
-        return await _call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data), tenant), ctx,
+        return await self._call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data), tenant), ctx,
                            "Authorize")
 
     def _reservation_owner(self, req: Any) -> str | None:
@@ -241,7 +255,7 @@ class Servicer:
             req = _parse(cls, data)
             self._own(tenant, owner(req), "reservation" if hasattr(req, "reservation_id") else "session")
             return await handler(req, tenant)
-        return await _call(run, ctx, method)
+        return await self._call(run, ctx, method)
 
     async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Commit", meter_pb2.CommitRequest, self._reservation_owner,
@@ -257,7 +271,7 @@ class Servicer:
         async def run() -> bytes:
             check_tenant(tenant, _parse(meter_pb2.GetBalanceRequest, data).customer_id, "customer_id")
             return self.engine.balance(data)
-        return await _call(run, ctx, "GetBalance")
+        return await self._call(run, ctx, "GetBalance")
 
     async def start_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
@@ -271,7 +285,7 @@ class Servicer:
                     raise InvalidInput("session_id", f"at most {63 - len(tenant.name)} characters with this token")
             self._own(tenant, self._session_owner(req), "session")
             return await self.engine.start_session(req, now_ms(), label_of(tenant))
-        return await _call(run, ctx, "StartSession")
+        return await self._call(run, ctx, "StartSession")
 
     async def heartbeat(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Heartbeat", meter_pb2.HeartbeatRequest, self._session_owner,
@@ -283,24 +297,25 @@ class Servicer:
 
     # Admin -------------------------------------------------------------------
     async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.grant(_parse(admin_pb2.GrantRequest, data)), ctx, "Grant")
+        return await self._call(lambda: self.engine.grant(_parse(admin_pb2.GrantRequest, data)), ctx, "Grant")
 
     async def adjust(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.adjust(_parse(admin_pb2.AdjustRequest, data)), ctx, "Adjust")
+        return await self._call(lambda: self.engine.adjust(_parse(admin_pb2.AdjustRequest, data)), ctx, "Adjust")
 
     async def list_audit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             return self.engine.audit(_parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
-        return await _call(run, ctx, "ListAudit")
+        return await self._call(run, ctx, "ListAudit")
 
     async def subscribe(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.subscribe(_parse(admin_pb2.SubscribeRequest, data)), ctx, "Subscribe")
+        return await self._call(lambda: self.engine.subscribe(_parse(admin_pb2.SubscribeRequest, data)), ctx,
+                                "Subscribe")
 
     async def cancel(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.cancel(_parse(admin_pb2.CancelRequest, data)), ctx, "Cancel")
+        return await self._call(lambda: self.engine.cancel(_parse(admin_pb2.CancelRequest, data)), ctx, "Cancel")
 
     async def change_plan(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await _call(lambda: self.engine.change_plan(_parse(admin_pb2.ChangePlanRequest, data)), ctx,
+        return await self._call(lambda: self.engine.change_plan(_parse(admin_pb2.ChangePlanRequest, data)), ctx,
                            "ChangePlan")
 
     async def watch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -320,19 +335,19 @@ class Servicer:
             return admin_pb2.ReloadCatalogResponse(source=catalog.source, credit_types=len(catalog.credit_types),
                                                    meters=len(catalog.meters),
                                                    plans=len(catalog.plans)).SerializeToString()
-        return await _call(run, ctx, "ReloadCatalog")
+        return await self._call(run, ctx, "ReloadCatalog")
 
     async def get_statement(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             req = _parse(admin_pb2.StatementRequest, data)
             return statement_message(await self.engine.statement(req.customer_id, req.period)).SerializeToString()
-        return await _call(run, ctx, "GetStatement")
+        return await self._call(run, ctx, "GetStatement")
 
     async def get_ledger_status(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             _parse(admin_pb2.LedgerStatusRequest, data)
             return self.engine.ledger_status().SerializeToString()
-        return await _call(run, ctx, "GetLedgerStatus")
+        return await self._call(run, ctx, "GetLedgerStatus")
 
     async def _refuse(self, ctx: grpc.aio.ServicerContext, method: str) -> None:
         log.warning("Admin %s refused: not authenticated (peer %s)", method, ctx.peer())
