@@ -161,7 +161,7 @@ class Servicer:
 
     async def report_stream(self, requests: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> None:
         """Batches are applied in the order they arrive and answered in that order,
-        with up to ``stream_window`` of them waiting for their commit at once, so one
+        with up to STREAM_WINDOW of them waiting for their commit at once, so one
         stream is not held to one fsync per batch. A stream that sends no request,
         or reads no answer, for ``stream_idle_timeout_s`` is closed: it gives its
         slot back either way."""
