@@ -21,6 +21,18 @@ from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 CORES = ["compiled", "python"]
 
 
+def wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
+    """Poll ``check`` until it returns something true (and return that); fail naming
+    ``what`` at the deadline. For what a test can only observe from outside, such as a
+    daemon's log line or a timer that closes a session."""
+    deadline = time.monotonic() + deadline_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s:g} s waiting for {what}")
+        time.sleep(0.02)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+from conftest import wait_until
 
 from meterd.client import AsyncMeterClient, Denied, MeterClient
 from meterd.v1 import admin_pb2 as apb
@@ -273,10 +274,8 @@ def test_a_session_closed_by_the_daemon_still_ends_with_its_final_answer(daemon)
     with MeterClient(daemon.target) as client:
         with client.session("acme", "gpu_seconds", heartbeat_s=3600, heartbeat_timeout_ms=1000,
                             hardware="nvidia-h100") as s:
-            deadline = time.monotonic() + 30
-            while _usd(daemon, "acme").reserved_nano and time.monotonic() < deadline:
-                time.sleep(0.05)  # no heartbeat: the daemon closes the session at its timeout
-            assert _usd(daemon, "acme").reserved_nano == 0
+            # No heartbeat: the daemon's timer closes the session at its timeout.
+            wait_until(lambda: _usd(daemon, "acme").reserved_nano == 0, "the session to be closed")
         final = s.final
     # EndSession after the close gets the final answer again, not NOT_FOUND.
     assert final is not None and final.closed and final.duplicate

@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+from conftest import wait_until
 
 from meterd.errors import StorageFull
 from meterd.ledger import Ledger
@@ -147,14 +148,6 @@ def usage_events(d, customers: int = 20) -> int:
     return total
 
 
-def wait_for(what: str, check, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_a_full_map_recovers_by_itself_once_the_flush_has_drained(make_daemon, tmp_path):
     """Issue 12, section 6: random dimension values outrun the flush until writes are
     refused; once the load stops, the flush drains the map and writes are accepted
@@ -193,12 +186,12 @@ def test_a_full_map_recovers_by_itself_once_the_flush_has_drained(make_daemon, t
             return False
         return True
 
-    wait_for("writes to be accepted again", accepted_again, 120)
+    wait_until(accepted_again, "writes to be accepted again", 120)
     assert d.proc.pid == pid and d.proc.poll() is None  # the same process: no restart
     acked = sum(t.acked for t in load)
     # Once the backlog is in the ledger, it holds exactly the acknowledged events.
-    wait_for("the backlog to drain", lambda: (lambda s: s.backlog_usage_rows == s.backlog_entries == 0)(
-        d.admin.GetLedgerStatus(apb.LedgerStatusRequest())), 120)
+    wait_until(lambda: (lambda s: s.backlog_usage_rows == s.backlog_entries == 0)(
+        d.admin.GetLedgerStatus(apb.LedgerStatusRequest())), "the backlog to drain", 120)
     assert usage_events(d) == acked
     with Ledger(f"sqlite:///{ledger}") as lg:
         totals = lg.totals()

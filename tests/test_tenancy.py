@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 
 import grpc
 import pytest
-from conftest import ACME, GLOBEX
+from conftest import ACME, GLOBEX, wait_until
 
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
@@ -153,15 +152,13 @@ def test_a_stream_whose_answers_are_not_read_is_closed_and_gives_its_slot_back(m
     channel = grpc.insecure_channel(d.target)
     call = meter_pb2_grpc.MeterStub(channel).ReportStream(requests())
     try:
-        deadline = time.monotonic() + 60
-        while True:  # until the daemon has closed the unread stream, the only slot is taken
+        def second_stream():  # until the daemon has closed the unread stream, the only slot is taken
             try:
-                r = next(d.meter.ReportStream(iter([batch]), timeout=10))
-                break
+                return next(d.meter.ReportStream(iter([batch]), timeout=10))
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-                assert time.monotonic() < deadline, "the unread stream kept its slot"
-                time.sleep(0.1)
+                return None
+        r = wait_until(second_stream, "the unread stream to give its slot back", 60)
         assert r.denied == 2000
     finally:
         stop.set()

@@ -1093,7 +1093,7 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         ct, amount = self.core.quote(rate, qty)
         ct_name = self.catalog.credit_types[ct].name
-        self._hold_room(label_of(tenant))
+        self.open_room("reservation", label_of(tenant))
         pre = self._due_ops()
         idx = self.core.account(cust)
         deny = None
@@ -1124,15 +1124,19 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         await self._commit_with(ops)
         return response
 
-    def _hold_room(self, label: str) -> None:
-        """A new reservation needs a place in the table, and one for its settled answer later."""
-        if len(self.reservations) >= self.settings.reservations_max:
-            raise LimitReached(f"reservation table full ({len(self.reservations)} open; "
-                               f"reservations_max={self.settings.reservations_max})")
-        if self.tenants and self.reservations_of[label] >= self.settings.reservations_per_tenant_max:
-            raise LimitReached(f"reservation table full for tenant {label!r} ({self.reservations_of[label]} open; "
-                               f"reservations_per_tenant_max={self.settings.reservations_per_tenant_max})")
-        self.settled.room(label, self.tenants, 1 + self.reservations_of[label] + self.sessions_of(label),
+    def open_room(self, table: str, label: str) -> None:
+        """A new reservation or session (``table``) needs a place in its table, the daemon's
+        and its tenant's share of it, and one for the final answer it will leave."""
+        n, mine = ((len(self.reservations), self.reservations_of[label]) if table == "reservation"
+                   else (len(self.sessions), self.sessions_by_tenant[label]))
+        total_max = getattr(self.settings, f"{table}s_max")
+        tenant_max = getattr(self.settings, f"{table}s_per_tenant_max")
+        if n >= total_max:
+            raise LimitReached(f"{table} table full ({n} open; {table}s_max={total_max})")
+        if self.tenants and mine >= tenant_max:
+            raise LimitReached(f"{table} table full for tenant {label!r} ({mine} open; "
+                               f"{table}s_per_tenant_max={tenant_max})")
+        self.settled.room(label, self.tenants, 1 + self.reservations_of[label] + self.sessions_by_tenant[label],
                           1 + len(self.reservations) + len(self.sessions))
 
     def _authorize_refusal(self, customer_id: str, idx: int, ct: int, reason: int) -> bytes:
@@ -1661,7 +1665,10 @@ class Engine(SubscriptionsMixin, SessionsMixin, LedgerMixin):
         bal, resv = self.core.state(idx)[0][ct][:2]
         buckets = self.accounts[customer_id].buckets.get(ct, [])
         spared_held = sum(b.remaining_nano for b in buckets if b.source == HELD)
-        held = min(resv - self.spared_total(customer_id, ct), max(bal - spared_held, 0))
+        # Credits are spared for holds only with a held bucket, and a settlement takes both:
+        # without one, no open hold has any, and the holds need not be looked through.
+        spared = self.spared_total(customer_id, ct) if spared_held else 0
+        held = min(resv - spared, max(bal - spared_held, 0))
         for b in sorted((b for b in buckets if b.source != HELD), key=Bucket.sort_key):
             take = min(held, b.remaining_nano)
             if b is bucket:

@@ -18,7 +18,7 @@ from typing import Any
 
 from meterd import records
 from meterd.answers import entry_key
-from meterd.errors import InvalidInput, LimitReached, NotFound
+from meterd.errors import InvalidInput, NotFound
 from meterd.records import Kind
 from meterd.store import Op
 from meterd.v1 import meter_pb2
@@ -75,19 +75,7 @@ class SessionsMixin:
 
     def spared_ops(self, customer_id: str, ct: int, spared: int, cost: int) -> list[Op]: ...  # type: ignore[empty-body]
 
-    def sessions_of(self, label: str) -> int:
-        return self.sessions_by_tenant[label]
-
-    def _session_room(self, label: str) -> None:
-        """A new session needs a place in the table, and one for its final answer later."""
-        if len(self.sessions) >= self.settings.sessions_max:
-            raise LimitReached(f"session table full ({len(self.sessions)} open; "
-                               f"sessions_max={self.settings.sessions_max})")
-        if self.tenants and self.sessions_by_tenant[label] >= self.settings.sessions_per_tenant_max:
-            raise LimitReached(f"session table full for tenant {label!r} ({self.sessions_by_tenant[label]} open; "
-                               f"sessions_per_tenant_max={self.settings.sessions_per_tenant_max})")
-        self.settled.room(label, self.tenants, 1 + self.reservations_of[label] + self.sessions_by_tenant[label],
-                          1 + len(self.reservations) + len(self.sessions))
+    def open_room(self, table: str, label: str) -> None: ...
 
     def _close_ops(self, s: Session, response: bytes, now: int) -> list[Op]:
         """Forget an ended session, keeping its final answer for retries within the window."""
@@ -168,7 +156,7 @@ class SessionsMixin:
             if existing.customer_id != req.customer_id:
                 raise InvalidInput("session_id", "is in use by another customer")
             return self._session_response(existing, meter_pb2.DECISION_ALLOW, False)
-        self._session_room(label)
+        self.open_room("session", label)
         ct = self.core.quote(rate, 0)[0]
         idx = self.core.account(cust)
         ops = self._due_ops()
