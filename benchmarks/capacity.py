@@ -131,14 +131,12 @@ def _memory_child(customers: int) -> dict:
     from meterd import core as core_mod
     from meterd.catalog import load_catalog
     from meterd.config import Settings
-    from meterd.engine import _compiled_of, _doc_of
 
     if not core_mod.COMPILED:
         raise RuntimeError("the compiled core is not built: python setup.py build_ext --inplace")
     settings = Settings()
     limits = settings.core_limits()
-    doc = _doc_of(load_catalog(None))
-    denominators, meters, rates, plans, modes, free, names = _compiled_of(doc)
+    denominators, meters, rates, plans, modes, free, names = load_catalog(None).compiled.core_args()
     batch_max = limits["batch_events_max"]
     gc.collect()
     rss_empty = _rss()
@@ -230,12 +228,12 @@ def build_data_dir(path: str, customers: int, progress: Progress = print) -> dic
     for first in range(0, customers, chunk):
         ops = []
         for i in range(first, min(first + chunk, customers)):
-            ops += engine._grant_ops(_customer(i).decode(), 0, 25 * 10**9, 0, 0, "api", "")
+            ops += engine.grants.grant_ops(_customer(i).decode(), 0, 25 * 10**9, 0, 0, "api", "")[0]
         engine.store.write_now(ops)
         progress(f"restart: granted {min(first + chunk, customers):,} customers")
-    engine._snapshot_now()
+    engine.snapshots.write_now()
     accounts = engine.store.count("accounts")
-    engine.close_ledger()
+    engine.flusher.close()
     engine.store.close()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
     return {"accounts": accounts, "seconds_to_build": time.perf_counter() - t0, "bytes_on_disk": size}

@@ -67,17 +67,16 @@ def test_reserve_and_settle(benchmark, kind):
 def test_drain_usage_for_the_ledger(benchmark, kind):
     """What a snapshot does with the usage of one 8000-event batch: take the
     core's aggregates and encode them as LMDB rows with their deductions."""
-    from meterd.engine import _doc_of
-    from meterd.flush import Drained
+    from meterd.drain import Drained
 
     benchmark.group = "drain usage aggregates (one 8000-event batch over 10k customers)"
     core = make(kind)
     data = batch_bytes()
-    doc = _doc_of(load_catalog(None))
+    compiled = load_catalog(None).compiled
 
     def drain() -> Drained:
         drained = Drained()
-        drained.add(core.take_usage(), doc)
+        drained.add(core.take_usage(), compiled)
         return drained
 
     def setup() -> None:  # a batch's worth of aggregates to drain

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from meterd import engine as engine_mod
+from meterd import wire
 from meterd.catalog import load_catalog
+from meterd.clock import ManualClock
 from meterd.config import Settings
 from meterd.engine import Engine
 from meterd.ledger import Ledger
@@ -27,8 +28,7 @@ START_MS = 1_769_817_600_000
 class Billing:
     def __init__(self, tmp: Path, catalog: str, monkeypatch: pytest.MonkeyPatch, core: str = "compiled",
                  start_ms: int = START_MS, ledger: str = "", sidecar_id: str = "") -> None:
-        self.now_ms = start_ms
-        monkeypatch.setattr(engine_mod, "CLOCK_NS", lambda: self.now_ms * 1_000_000)
+        self.clock = ManualClock(start_ms)
         if core == "python":
             from meterd import _fastpath_py
             from meterd import core as core_mod
@@ -45,9 +45,17 @@ class Billing:
         self.plans_seen: dict[str, set[str]] = {}  # customer: every plan it has been on (property tests)
 
     def _open(self) -> Engine:
-        engine = Engine(self.settings, self.catalog)
+        engine = Engine(self.settings, self.catalog, clock=self.clock)
         engine.start(self.loop)
         return engine
+
+    @property
+    def now_ms(self) -> int:
+        return self.clock.ms
+
+    @now_ms.setter
+    def now_ms(self, ms: int) -> None:
+        self.clock.ms = ms
 
     def run(self, coro: Any) -> Any:
         """Run one call; a call that fails still waits, as the server does, for the
@@ -56,7 +64,7 @@ class Billing:
             try:
                 return await coro
             except BaseException:
-                await self.engine._roll_settled()
+                await self.engine.roll_settled()
                 raise
         return self.loop.run_until_complete(call())
 
@@ -96,13 +104,13 @@ class Billing:
 
     def authorize(self, customer: str, meter: str, quantity: int, **dims: str) -> pb.AuthorizeResponse:
         req = pb.AuthorizeRequest(customer_id=customer, meter=meter, quantity=quantity, dimensions=dims)
-        a = pb.AuthorizeResponse.FromString(self.run(self.engine.authorize(req.SerializeToString())))
+        a = pb.AuthorizeResponse.FromString(self.run(wire.authorize(self.engine, req)))
         self.holders[a.reservation_id] = (customer, a.credit_type)
         return a
 
     def commit(self, reservation_id: str, quantity: int) -> pb.CommitResponse:
         req = pb.CommitRequest(reservation_id=reservation_id, quantity=quantity)
-        c = pb.CommitResponse.FromString(self.run(self.engine.commit(req)))
+        c = pb.CommitResponse.FromString(self.run(wire.commit(self.engine, req)))
         if not c.duplicate:
             key = self.holders[reservation_id]
             self.charged[key] = self.charged.get(key, 0) + c.cost_nano
@@ -110,50 +118,50 @@ class Billing:
 
     def release(self, reservation_id: str) -> pb.ReleaseResponse:
         req = pb.ReleaseRequest(reservation_id=reservation_id)
-        return pb.ReleaseResponse.FromString(self.run(self.engine.release(req)))
+        return pb.ReleaseResponse.FromString(self.run(wire.release(self.engine, req)))
 
     def grant(self, customer: str, credit_type: str, amount_nano: int, **kw: Any) -> apb.GrantResponse:
         req = apb.GrantRequest(customer_id=customer, credit_type=credit_type, amount_nano=amount_nano, **kw)
-        return apb.GrantResponse.FromString(self.run(self.engine.grant(req)))
+        return apb.GrantResponse.FromString(self.run(wire.grant(self.engine, req)))
 
     def subscribe(self, customer: str, plan: str, start_ms: int = 0) -> apb.Subscription:
         req = apb.SubscribeRequest(customer_id=customer, plan=plan, start_ms=start_ms)
-        return apb.Subscription.FromString(self.run(self.engine.subscribe(req)))
+        return apb.Subscription.FromString(self.run(wire.subscribe(self.engine, req)))
 
     def change_plan(self, customer: str, plan: str) -> apb.Subscription:
         req = apb.ChangePlanRequest(customer_id=customer, plan=plan)
-        return apb.Subscription.FromString(self.run(self.engine.change_plan(req)))
+        return apb.Subscription.FromString(self.run(wire.change_plan(self.engine, req)))
 
     def cancel(self, customer: str, at_period_end: bool = False) -> apb.Subscription:
         req = apb.CancelRequest(customer_id=customer, at_period_end=at_period_end)
-        return apb.Subscription.FromString(self.run(self.engine.cancel(req)))
+        return apb.Subscription.FromString(self.run(wire.cancel(self.engine, req)))
 
     def start_session(self, customer: str, meter: str, timeout_ms: int = 30_000, **dims: str) -> pb.SessionResponse:
         req = pb.StartSessionRequest(customer_id=customer, meter=meter, dimensions=dims,
                                      heartbeat_timeout_ms=timeout_ms)
-        return pb.SessionResponse.FromString(self.run(self.engine.start_session(req, self.now_ms)))
+        return pb.SessionResponse.FromString(self.run(wire.start_session(self.engine, req)))
 
     def heartbeat(self, session_id: str) -> pb.SessionResponse:
         req = pb.HeartbeatRequest(session_id=session_id)
-        return pb.SessionResponse.FromString(self.run(self.engine.heartbeat(req, self.now_ms)))
+        return pb.SessionResponse.FromString(self.run(wire.heartbeat(self.engine, req)))
 
     def end_session(self, session_id: str) -> pb.SessionResponse:
         req = pb.EndSessionRequest(session_id=session_id)
-        return pb.SessionResponse.FromString(self.run(self.engine.end_session(req, self.now_ms)))
+        return pb.SessionResponse.FromString(self.run(wire.end_session(self.engine, req)))
 
     def tick(self) -> None:
         """What the housekeeping timer does."""
         self.run(self.engine.sweep())
 
     def balance(self, customer: str) -> pb.GetBalanceResponse:
-        data = pb.GetBalanceRequest(customer_id=customer).SerializeToString()
-        return pb.GetBalanceResponse.FromString(self.engine.balance(data))
+        req = pb.GetBalanceRequest(customer_id=customer)
+        return pb.GetBalanceResponse.FromString(wire.balance(self.engine, req))
 
     def bal(self, customer: str, credit_type: str) -> int:
         return next(b.balance_nano for b in self.balance(customer).balances if b.credit_type == credit_type)
 
     def audit(self, customer: str, kind: str | None = None) -> list[apb.AuditEntry]:
-        entries = self.engine.audit(apb.ListAuditRequest(customer_id=customer, limit=1000)).entries
+        entries = wire.audit(self.engine, apb.ListAuditRequest(customer_id=customer, limit=1000)).entries
         return [e for e in entries if kind is None or e.kind == kind]
 
     def flush(self) -> None:

@@ -17,6 +17,7 @@ from billing import DAY_MS, NANO, Billing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meterd import wire
 from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.v1 import admin_pb2 as apb
 
@@ -72,7 +73,7 @@ def apply(b: Billing, catalog: str, op: tuple) -> None:
             expires = b.now_ms + op[4] * DAY_MS if op[4] else 0
             b.grant(op[1], credit, op[2] * NANO, priority=op[3], expires_at_ms=expires)
         elif kind == "adjust":
-            b.run(b.engine.adjust(apb.AdjustRequest(customer_id=op[1], credit_type=credit,
+            b.run(wire.adjust(b.engine, apb.AdjustRequest(customer_id=op[1], credit_type=credit,
                                                     amount_nano=op[2] * NANO, reason="property test")))
         elif kind == "advance":
             b.advance(op[1])
@@ -83,7 +84,7 @@ def apply(b: Billing, catalog: str, op: tuple) -> None:
             b.change_plan(op[1], op[2])
         elif kind == "resubscribe":
             b.plans_seen.setdefault(op[1], set()).add(op[2])
-            if op[1] in b.engine.subs:
+            if op[1] in b.engine.subscriptions.subs:
                 b.cancel(op[1])
             b.subscribe(op[1], op[2])
         elif kind == "restart":
@@ -98,9 +99,9 @@ def check(b: Billing) -> None:
         if core.account(customer.encode()) < 0:
             continue
         b.check_conservation(customer)
-        sub = b.engine.subs.get(customer)
+        sub = b.engine.subscriptions.subs.get(customer)
         plan = b.catalog.plan_index.get(sub.plan) if sub else None
-        acct = b.engine.accounts.get(customer)
+        acct = b.engine.grants.accounts.get(customer)
         for ct, policy in (plan.credits.items() if plan else []):
             r = policy.rollover
             if r is None or acct is None:

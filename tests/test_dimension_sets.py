@@ -13,6 +13,7 @@ import grpc
 import pytest
 from billing import Billing
 
+from meterd import wire
 from meterd.errors import InvalidInput
 from meterd.ledger import Ledger, canonical_dimensions, period_bounds
 from meterd.v1 import meter_pb2 as pb
@@ -117,7 +118,7 @@ def test_a_missing_price_and_too_many_decimals_are_named_in_authorize_and_report
     assert str(info.value) == "event.dimensions: meter 'tokens' has no price for model='gpt-5' and no default"
     req = pb.AuthorizeRequest(customer_id="c1", meter="calls", quantity_decimal="1.5")
     with pytest.raises(InvalidInput) as info:
-        b.run(b.engine.authorize(req.SerializeToString()))
+        b.run(wire.authorize(b.engine, req))
     assert str(info.value) == "quantity_decimal: meter 'calls' counts whole units (precision 0): no decimals"
     with pytest.raises(InvalidInput) as info:
         b.report("c1", "calls", "1.5")

@@ -25,7 +25,9 @@ from billing import Billing
 from conftest import drop_postgres_database, free_port, new_postgres_database
 from test_crash import COST_NANO, GRANT_NANO, Client
 
-from meterd import engine as engine_mod
+from meterd import drain as drain_mod
+from meterd import snapshots as snapshots_mod
+from meterd import wire
 from meterd.ledger import Ledger, period_bounds
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
@@ -75,7 +77,7 @@ def test_usage_and_audit_entries_reach_the_ledger_aggregated(ledger_url, tmp_pat
     assert (status.flushed_sequence, status.backlog_usage_rows, status.backlog_entries) == (1, 0, 0)
     # Refunds and manual corrections are kinds of their own.
     b.grant("newco", "usd", 2 * 10**9, source="refund")
-    b.run(b.engine.adjust(apb.AdjustRequest(customer_id="newco", credit_type="usd", amount_nano=-10**9,
+    b.run(wire.adjust(b.engine, apb.AdjustRequest(customer_id="newco", credit_type="usd", amount_nano=-10**9,
                                             reason="duplicate charge reversed")))
     b.flush()
     with Ledger(ledger_url) as lg:
@@ -116,8 +118,8 @@ def test_a_crash_after_the_ledger_committed_does_not_count_twice(ledger_url, tmp
     b.grant("acme", "usd", 10 * 10**9)
     b.batch(tokens("acme", 4))
     b.run(b.engine.snapshot())
-    pending = b.run(b.engine.prepare_flush())
-    assert b.run(b.engine.send_flush(pending)) is True
+    pending = b.run(b.engine.flusher.prepare_flush())
+    assert b.run(b.engine.flusher.send_flush(pending)) is True
     b.restart(clean=False)  # dies before it could forget what the ledger has
     assert b.engine.ledger_status().backlog_usage_rows == 1
     b.batch(tokens("acme", 1))
@@ -334,7 +336,7 @@ def test_a_pending_flush_keeps_its_rows_when_the_limit_is_lowered(ledger_url, tm
         b.advance(60_000)
         b.run(b.engine.snapshot())
     assert b.engine.backlog()[0] == 10
-    assert b.run(b.engine.prepare_flush())["rows"][0] == 10
+    assert b.run(b.engine.flusher.prepare_flush())["rows"][0] == 10
     b.settings = dataclasses.replace(b.settings, ledger_flush_rows_max=3)  # lowered before the resend
     b.restart(clean=False)
     b.flush()
@@ -348,19 +350,19 @@ def test_a_snapshot_that_fails_early_does_not_resend_the_last_drain(ledger_url, 
     b.batch(tokens("newco", 5))
     b.run(b.engine.snapshot())  # drained and committed
     b.batch(tokens("newco", 1))
-    real = engine_mod._doc_of
+    real = drain_mod.Drains.done
     calls: list[int] = []
 
-    def fails_once(catalog):
+    def fails_once(self):  # the snapshot's first step, before it takes anything from the core
+        real(self)
         if not calls:
             calls.append(1)
             raise MemoryError("injected")
-        return real(catalog)
 
-    monkeypatch.setattr(engine_mod, "_doc_of", fails_once)
+    monkeypatch.setattr(drain_mod.Drains, "done", fails_once)
     with pytest.raises(MemoryError):
         b.run(b.engine.snapshot())
-    monkeypatch.setattr(engine_mod, "_doc_of", real)
+    monkeypatch.setattr(drain_mod.Drains, "done", real)
     b.flush()
     assert ledger_totals(ledger_url)["events"] == 6
     b.close()
@@ -383,7 +385,7 @@ def test_accounts_without_a_plan_have_their_gauges_on_the_month_they_used(ledger
 def test_a_snapshot_whose_encoding_fails_keeps_the_aggregates_for_the_next(ledger_url, tmp_path, monkeypatch):
     b = funded(tmp_path, monkeypatch, ledger_url)
     b.batch(tokens("newco", 2))
-    real = engine_mod.Engine._encode
+    real = snapshots_mod.Snapshots._encode
     calls: list[int] = []
 
     def fails_once(self, *args):
@@ -392,7 +394,7 @@ def test_a_snapshot_whose_encoding_fails_keeps_the_aggregates_for_the_next(ledge
             raise MemoryError("injected")
         return real(self, *args)
 
-    monkeypatch.setattr(engine_mod.Engine, "_encode", fails_once)
+    monkeypatch.setattr(snapshots_mod.Snapshots, "_encode", fails_once)
     with pytest.raises(MemoryError):
         b.run(b.engine.snapshot())  # the aggregates were taken from the core: they must not vanish
     b.batch(tokens("newco", 3, model="gpt-4o-mini"))
@@ -414,7 +416,7 @@ def test_a_replacement_whose_first_flush_lost_the_race_renumbers_it(ledger_url, 
     old.flush()  # the ledger has pod-0's flush 1
     new.batch(tokens("newco", 2))
     new.run(new.engine.snapshot())
-    assert new.run(new.engine.prepare_flush())["seq"] == 2  # recorded as flush 2...
+    assert new.run(new.engine.flusher.prepare_flush())["seq"] == 2  # recorded as flush 2...
     old.batch(tokens("newco", 4))
     old.close()  # ...but the old pod's last flush, on SIGTERM, is flush 2
     new.flush()  # renumbered after the ledger's last, not refused forever
@@ -428,13 +430,13 @@ def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
     engine = b.engine
     engine.store.window_s = 0.3  # the writer holds commits back for 0.3 s
     submitted: list[list] = []
-    real = engine._commit
+    real = engine.journal.commit
 
     async def spy(ops, maintenance=False):
         submitted.append(ops)
         await real(ops, maintenance)
 
-    engine._commit = spy
+    engine.journal.commit = spy  # type: ignore[method-assign]
 
     async def drive() -> None:
         task = asyncio.ensure_future(start())
@@ -447,7 +449,7 @@ def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
 
     b.run(drive())
     engine.store.window_s = 0
-    del engine._commit
+    del engine.journal.commit
 
 
 def test_a_cancelled_snapshot_does_not_count_its_usage_twice(ledger_url, tmp_path, monkeypatch):

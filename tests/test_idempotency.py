@@ -8,6 +8,7 @@ import grpc
 import pytest
 from conftest import ACME, GLOBEX
 
+from meterd import wire
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
@@ -120,8 +121,9 @@ def test_settled_answers_have_a_budget_and_a_reservation_needs_room_for_its_own(
 def test_keys_remembered_by_an_older_meterd_are_kept_after_the_upgrade(tmp_path, monkeypatch):
     from billing import Billing
 
-    from meterd.engine import _canonical, _hash_request
+    from meterd.idempotency import digest as _hash_request
     from meterd.store import u64
+    from meterd.wire import canonical as _canonical
     b = Billing(tmp_path, "openai", monkeypatch)
     try:
         grant = apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=25 * USD,
@@ -143,7 +145,7 @@ def test_keys_remembered_by_an_older_meterd_are_kept_after_the_upgrade(tmp_path,
             ("meta", b"answers_format", None)])
         b.restart(clean=False)
         before = b.bal("acme", "usd")
-        again = apb.GrantResponse.FromString(b.run(b.engine.grant(grant)))
+        again = apb.GrantResponse.FromString(b.run(wire.grant(b.engine, grant)))
         assert again.duplicate and again.grant_id == "g_77"
         replay = pb.ReportResponse.FromString(b.run(b.engine.report(report.SerializeToString())))
         assert replay.duplicate and replay.cost_nano == 2_500_000
@@ -152,7 +154,7 @@ def test_keys_remembered_by_an_older_meterd_are_kept_after_the_upgrade(tmp_path,
         b.advance(3_600_001)
         b.tick()
         assert b.engine.idem.counts == {}
-        assert not apb.GrantResponse.FromString(b.run(b.engine.grant(grant))).duplicate  # its window is over
+        assert not apb.GrantResponse.FromString(b.run(wire.grant(b.engine, grant))).duplicate  # its window is over
     finally:
         b.close()
 
@@ -163,9 +165,10 @@ def test_a_tenants_keys_remembered_by_an_older_meterd_stay_that_tenants(tmp_path
     from billing import Billing
     from conftest import tokens_file
 
-    from meterd.engine import _canonical, _hash_request
+    from meterd.idempotency import digest as _hash_request
     from meterd.security import Tenant
     from meterd.store import u64
+    from meterd.wire import canonical as _canonical
     b = Billing(tmp_path, "openai", monkeypatch)
     try:
         b.grant("acme-1", "usd", 10 * USD)
@@ -198,12 +201,13 @@ def test_retries_of_remembered_keyed_calls_are_answered_while_writes_are_refused
         grant = apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=5 * USD, idempotency_key="p-1")
         report = pb.ReportRequest(event=_event("acme", "r-1")).SerializeToString()
         authorize = pb.AuthorizeRequest(customer_id="acme", meter="output_tokens", quantity=10,
-                                        dimensions={"model": "gpt-4o"}, idempotency_key="a-1").SerializeToString()
-        first = (b.run(b.engine.grant(grant)), b.run(b.engine.report(report)), b.run(b.engine.authorize(authorize)))
+                                        dimensions={"model": "gpt-4o"}, idempotency_key="a-1")
+        first = (b.run(wire.grant(b.engine, grant)), b.run(b.engine.report(report)),
+                 b.run(wire.authorize(b.engine, authorize)))
         b.engine.store.use.refusing = True  # as above the map's high-water mark
-        again = (apb.GrantResponse.FromString(b.run(b.engine.grant(grant))),
+        again = (apb.GrantResponse.FromString(b.run(wire.grant(b.engine, grant))),
                  pb.ReportResponse.FromString(b.run(b.engine.report(report))),
-                 pb.AuthorizeResponse.FromString(b.run(b.engine.authorize(authorize))))
+                 pb.AuthorizeResponse.FromString(b.run(wire.authorize(b.engine, authorize))))
         assert all(r.duplicate for r in again)
         for retry, original in zip(again, first, strict=True):
             retry.duplicate = False

@@ -12,7 +12,9 @@ import lmdb
 import pytest
 
 from meterd import store as store_mod
+from meterd import wire
 from meterd.catalog import load_catalog
+from meterd.clock import ManualClock
 from meterd.config import Settings
 from meterd.engine import Engine
 from meterd.errors import Unavailable
@@ -25,8 +27,7 @@ REPORT = pb.ReportRequest(event=pb.UsageEvent(customer_id="demo", meter="input_t
 
 
 def balance(engine: Engine, customer: str) -> int:
-    resp = pb.GetBalanceResponse.FromString(
-        engine.balance(pb.GetBalanceRequest(customer_id=customer).SerializeToString()))
+    resp = pb.GetBalanceResponse.FromString(wire.balance(engine, pb.GetBalanceRequest(customer_id=customer)))
     return resp.balances[0].balance_nano
 
 
@@ -45,7 +46,7 @@ def test_disk_error_during_commit_and_recovery(tmp_path: Path, monkeypatch: pyte
     async def run() -> None:
         engine = Engine(settings, load_catalog(None))
         engine.start(asyncio.get_running_loop())
-        await engine.grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=5 * 10**9))
+        await wire.grant(engine, apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=5 * 10**9))
         before = balance(engine, "demo")
         failing["on"] = True
         with pytest.raises(Unavailable, match="storage failed .*EIO"):  # not INTERNAL: the caller may retry
@@ -55,8 +56,8 @@ def test_disk_error_during_commit_and_recovery(tmp_path: Path, monkeypatch: pyte
         with pytest.raises(Unavailable):
             await engine.report(REPORT)  # recovery could not snapshot: writes are refused
         failing["on"] = False
-        engine._try_recover()  # what housekeeping does on its next tick
-        assert engine.broken is None
+        engine.recovery.try_recover()  # what housekeeping does on its next tick
+        assert engine.journal.broken is None
         await engine.report(REPORT)
         await engine.snapshot()
         assert balance(engine, "acme") == 5 * 10**9
@@ -75,32 +76,28 @@ def test_disk_error_during_commit_and_recovery(tmp_path: Path, monkeypatch: pyte
 def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A start reads no grant buckets, only the index of when grants expire; a
     data directory from before that index gets it built at its first start."""
-    from meterd import engine as engine_mod
-
-    now = {"ms": 1_790_000_000_000}
-    monkeypatch.setattr(engine_mod, "CLOCK_NS", lambda: now["ms"] * 1_000_000)
+    clock = ManualClock(1_790_000_000_000)
     settings = Settings(data_dir=str(tmp_path / "d"), fsync=False)
 
     def grants(engine: Engine, customer: str) -> list[int]:
-        resp = pb.GetBalanceResponse.FromString(
-            engine.balance(pb.GetBalanceRequest(customer_id=customer).SerializeToString()))
+        resp = pb.GetBalanceResponse.FromString(wire.balance(engine, pb.GetBalanceRequest(customer_id=customer)))
         return sorted(g.remaining_nano for g in resp.balances[0].grants)
 
     async def granted(customers: list[str]) -> None:
-        engine = Engine(settings, load_catalog(None))
+        engine = Engine(settings, load_catalog(None), clock=clock)
         engine.start(asyncio.get_running_loop())
         for customer in customers:
-            await engine.grant(apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=7 * 10**9))
-            await engine.grant(apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=3 * 10**9,
-                                                expires_at_ms=now["ms"] + 60_000))
+            await wire.grant(engine, apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=7 * 10**9))
+            await wire.grant(engine, apb.GrantRequest(customer_id=customer, credit_type="usd", amount_nano=3 * 10**9,
+                                                      expires_at_ms=clock.ms + 60_000))
         await engine.close()
 
     async def run() -> None:
         await granted(["a", "b"])
-        engine = Engine(settings, load_catalog(None))
-        assert engine.accounts.loaded() == []  # the start read no buckets
+        engine = Engine(settings, load_catalog(None), clock=clock)
+        assert engine.grants.accounts.loaded() == []  # the start read no buckets
         assert grants(engine, "a") == [3 * 10**9, 7 * 10**9]  # read now
-        now["ms"] += 61_000
+        clock.advance(61_000)
         engine.start(asyncio.get_running_loop())
         await engine.sweep()
         assert balance(engine, "a") == balance(engine, "b") == 7 * 10**9
@@ -110,14 +107,14 @@ def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, 
         async def without_index_entries(customer: str, meta: Any) -> None:
             """As an older meterd would leave it: grants, and no index entries for them."""
             await granted([customer])
-            engine = Engine(settings, load_catalog(None))
+            engine = Engine(settings, load_catalog(None), clock=clock)
             engine.store.write_now([("grant_expiry", k, None) for k, _ in engine.store.items("grant_expiry")]
                                    + [("meta", *meta(engine))])
-            engine.close_ledger()
+            engine.flusher.close()
             engine.store.close()
-            engine = Engine(settings, load_catalog(None))
+            engine = Engine(settings, load_catalog(None), clock=clock)
             assert len(engine.store.items("grant_expiry")) == 1  # indexed again at this start
-            now["ms"] += 61_000
+            clock.advance(61_000)
             engine.start(asyncio.get_running_loop())
             await engine.sweep()
             assert balance(engine, customer) == 7 * 10**9
@@ -128,6 +125,6 @@ def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, 
         await without_index_entries("c", lambda e: (b"grant_expiry_index", None))
         # An older meterd granted in the directory after the index was built: the stamp no longer
         # matches the grant sequence, so the next start indexes those grants too.
-        await without_index_entries("d", lambda e: (b"grant_seq", u64(e.grant_seq + 1)))
+        await without_index_entries("d", lambda e: (b"grant_seq", u64(e.grants.seq + 1)))
 
     asyncio.run(run())

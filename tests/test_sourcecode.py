@@ -23,6 +23,13 @@ def test_mypy():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_layers():
+    """The import contract in pyproject.toml: meterd's modules in layers, no cycles."""
+    r = run(sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+            "sys.exit(lint_imports_command())")
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+
+
 def test_benchmarks_still_run():
     r = run(sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable", "-p", "no:cacheprovider")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -9,6 +9,8 @@ rounding; the core carries what is below one nano per account.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 import tomllib
@@ -58,6 +60,54 @@ class CustomerSeed:
     plan: str = ""
 
 
+@dataclass(frozen=True)
+class CompiledCatalog:
+    """A catalog in the one form the core takes, with the names that map stored
+    accounts and aggregates onto it. Built once per catalog (``Catalog.compiled``);
+    each snapshot stores it in LMDB (``to_json``) so that replay uses the catalog
+    the log was written under; two are the same catalog when they are equal."""
+
+    denominators: tuple[int, ...]
+    meters: tuple[tuple[bytes, int, int, bytes, int, bytes], ...]  # name, credit type, precision, price
+    # dimension, aggregation, unique dimension
+    rates: tuple[tuple[int, bytes | None, int, int], ...]  # meter, dimension value, numerator, multiplier
+    plans: tuple[tuple[tuple[int, int], ...], ...]         # per plan and credit type: fallback mode, step
+    modes: tuple[bytes, ...]
+    free: tuple[tuple[int, ...], ...]                      # per plan and meter: free units a period
+    credit_types: tuple[str, ...]
+    meter_names: tuple[str, ...]
+    precisions: tuple[int, ...]
+    plan_names: tuple[str, ...]
+
+    def core_args(self) -> tuple[list, list, list, list, list, list, list]:
+        """The core's constructor arguments (after the limits and capacity)."""
+        return (list(self.denominators), list(self.meters), list(self.rates), [list(row) for row in self.plans],
+                list(self.modes), [list(row) for row in self.free], [n.encode() for n in self.credit_types])
+
+    @functools.cached_property
+    def json(self) -> bytes:
+        """The stored form (the layout older data directories have too)."""
+        return json.dumps({
+            "denominators": list(self.denominators),
+            "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4], m[5].decode()] for m in self.meters],
+            "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in self.rates],
+            "plans": [[list(c) for c in row] for row in self.plans], "modes": [m.decode() for m in self.modes],
+            "plan_names": list(self.plan_names), "free": [list(row) for row in self.free],
+            "credit_types": list(self.credit_types), "meter_names": list(self.meter_names),
+            "precisions": list(self.precisions)}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CompiledCatalog:
+        doc = json.loads(data)
+        return cls(tuple(doc["denominators"]),
+                   tuple((m[0].encode(), m[1], m[2], m[3].encode(), m[4], m[5].encode()) for m in doc["meters"]),
+                   tuple((r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]),
+                   tuple(tuple(tuple(c) for c in row) for row in doc["plans"]),
+                   tuple(m.encode() for m in doc["modes"]), tuple(tuple(row) for row in doc["free"]),
+                   tuple(doc["credit_types"]), tuple(doc["meter_names"]), tuple(doc["precisions"]),
+                   tuple(doc["plan_names"]))
+
+
 @dataclass
 class Catalog:
     credit_types: list[CreditType]
@@ -76,6 +126,17 @@ class Catalog:
         self.credit_index = {c.name: i for i, c in enumerate(self.credit_types)}
         self.meter_index = {m.name: i for i, m in enumerate(self.meters)}
         self.plan_index = {p.name: p for p in self.plans}
+
+    @functools.cached_property
+    def compiled(self) -> CompiledCatalog:
+        """This catalog in the core's form, compiled once."""
+        denominators, meters, rates = self.compile()
+        plans, modes = self.core_plans()
+        return CompiledCatalog(tuple(denominators), tuple(meters), tuple(rates),
+                               tuple(tuple(row) for row in plans), tuple(modes),
+                               tuple(tuple(row) for row in self.core_free()),
+                               tuple(c.name for c in self.credit_types), tuple(m.name for m in self.meters),
+                               tuple(m.precision for m in self.meters), tuple(p.name for p in self.plans))
 
     def core_free(self) -> list[list[int]]:
         """Free units a period per plan and meter, in each meter's smallest unit."""

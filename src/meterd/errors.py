@@ -40,6 +40,10 @@ class Conflict(MeterdError):
     reservation that was released (FAILED_PRECONDITION)."""
 
 
+class Unauthenticated(MeterdError):
+    """The call carries no credentials this daemon accepts (UNAUTHENTICATED)."""
+
+
 class StorageFull(MeterdError):
     """LMDB has no room left (RESOURCE_EXHAUSTED); reads are still served."""
 

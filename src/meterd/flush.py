@@ -1,18 +1,13 @@
-"""Usage aggregates in LMDB and their exactly-once flush to the central ledger.
+"""The exactly-once flush of usage aggregates and audit entries to the central ledger.
 
-The core aggregates allowed usage per (customer, meter, dimension set, window)
-in memory. Every snapshot moves those aggregates into the LMDB ``usage``
-database in the same commit that trims the log they came from, so each event
-is either in the log (and re-aggregated by replay after a crash) or in an
-aggregate row, never both and never neither. Audit entries go to the
-``outbox`` database in the commit that makes them.
-
-A flush takes a fixed range of those rows, records it in LMDB as the pending
-flush ``(sidecar_id, sequence)`` before sending, and sends it; the ledger
-applies it in one transaction with the record of that sequence. Only after the
-ledger has committed does the sidecar delete the range. A crash or a timeout
-in between resends the same range under the same sequence, which the ledger
-recognises and does not apply again.
+Snapshots move the core's aggregates into the LMDB ``usage`` database, and
+audit entries go to the ``outbox`` database in the commit that makes them
+(meterd.drain). A flush takes a fixed range of those rows, records it in LMDB
+as the pending flush ``(sidecar_id, sequence)`` before sending, and sends it;
+the ledger applies it in one transaction with the record of that sequence.
+Only after the ledger has committed does the sidecar delete the range. A
+crash or a timeout in between resends the same range under the same sequence,
+which the ledger recognises and does not apply again.
 """
 
 from __future__ import annotations
@@ -22,138 +17,40 @@ import concurrent.futures
 import json
 import logging
 import random
-import struct
 import uuid
 from typing import Any
 
-from meterd.ledger import (
-    CreditTypeInfo,
-    Entry,
-    Flush,
-    Ledger,
-    LedgerError,
-    SidecarConflict,
-    UsageRow,
-    canonical_dimensions,
-    redact,
-)
-from meterd.store import Op, from_u64, u64
-from meterd.v1 import admin_pb2, meter_pb2
+from meterd.clock import Clock
+from meterd.config import Settings
+from meterd.drain import Drains, entry_of, row_of
+from meterd.errors import ConfigError, InvalidInput, Unavailable
+from meterd.journal import Journal
+from meterd.ledger import CreditTypeInfo, Flush, Ledger, LedgerError, SidecarConflict, period_bounds, redact, statement
+from meterd.results import LedgerState
+from meterd.snapshots import Snapshots
+from meterd.state import Live
+from meterd.store import Op, Store, from_u64, u64
 
 log = logging.getLogger("meterd.flush")
 
-AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
-INT64_MAX = (1 << 63) - 1
+STATEMENT_FLUSHES_MAX = 100  # flushes sent before a statement is read, at most (a backlog larger than that waits)
 
 
-# An aggregate row in LMDB: five names separated by NUL (ids and names cannot hold
-# one), then precision, window, quantity, cost and events.
-_ROW = struct.Struct("<iqqqq")
-# A deduction in the outbox (its sequence is the key): "D", time, amount, balance
-# after, then the customer, credit type and reference separated by NUL. Other
-# outbox values are AuditEntry messages, which never start with "D".
-_DEDUCTED = struct.Struct("<qqq")
+class Flusher:
+    """The sidecar's side of the ledger: its identity there, flushing, and status."""
 
-
-class Drained:
-    """The core's aggregates encoded for LMDB, and what they cost per customer and credit type."""
-
-    __slots__ = ("rows", "spent", "usage_ops", "deducted")
-
-    def __init__(self) -> None:
-        self.rows: list[bytes] = []
-        self.spent: dict[tuple[str, str], list[int]] = {}  # (customer, credit type) -> [cost, balance after]
-        self.usage_ops: list[Op] = []
-        self.deducted: list[bytes] = []
-
-    def add(self, taken: list[tuple], doc: dict) -> None:
-        """Name the aggregates by the catalog they were made under; no per-row objects on the event loop."""
-        dims_text: dict[bytes, str] = {}  # few dimension sets are shared by many rows
-        names, cts, precisions, specs = doc["meter_names"], doc["credit_types"], doc["precisions"], doc["meters"]
-        pack, rows, spent = _ROW.pack, self.rows, self.spent
-        for cust, meter, dims, window, qty, cost, events, balance in taken:
-            text = dims_text.get(dims)
-            if text is None:
-                decoded = dict(meter_pb2.UsageEvent.FromString(dims).dimensions) if dims else {}
-                text = dims_text[dims] = canonical_dimensions(decoded)
-            spec = specs[meter]
-            customer, ct = cust.decode(), cts[spec[1]]
-            head = b"\x00".join((cust, names[meter].encode(), text.encode(), ct.encode(),
-                                 AGGREGATIONS[spec[4]].encode()))
-            total = cost
-            while qty > INT64_MAX or cost > INT64_MAX:  # a 128-bit aggregate goes as several rows
-                part_q, part_c = min(qty, INT64_MAX), min(cost, INT64_MAX)
-                rows.append(head + pack(precisions[meter], window, part_q, part_c, 0))
-                qty, cost = qty - part_q, cost - part_c
-            rows.append(head + pack(precisions[meter], window, qty, cost, events))
-            if total or (customer, ct) in spent:
-                s = spent.get((customer, ct))
-                if s is None:
-                    spent[(customer, ct)] = [total, balance]
-                else:
-                    s[0] += total
-                    s[1] = balance  # the latest balance
-
-    def finish(self, drain_seq: int, at_ms: int, sidecar_id: str) -> None:
-        """The LMDB ops of the rows under drain ``drain_seq``, and one deduction per
-        customer and credit type (their outbox sequences are given on the loop)."""
-        prefix = u64(drain_seq)
-        self.usage_ops = [("usage", prefix + i.to_bytes(4, "big"), v) for i, v in enumerate(self.rows)]
-        reference = f"usage {sidecar_id}/{drain_seq}"
-        self.deducted = [_deducted(at_ms, customer, ct, cost, after, reference)
-                         for (customer, ct), (cost, after) in sorted(self.spent.items())]
-
-    def extend(self, other: "Drained") -> None:
-        """Add what was drained after this."""
-        self.rows += other.rows
-        for key, (cost, balance) in other.spent.items():
-            s = self.spent.setdefault(key, [0, balance])
-            s[0] += cost
-            s[1] = balance
-
-
-def _row_of(value: bytes) -> UsageRow:
-    cust, meter, dims, ct, agg = value[:-_ROW.size].decode().split("\x00")
-    precision, window, qty, cost, events = _ROW.unpack_from(value, len(value) - _ROW.size)
-    return UsageRow(cust, meter, dims, window, ct, agg, precision, qty, cost, events)
-
-
-def _deducted(at_ms: int, customer: str, ct: str, cost: int, after: int, reference: str) -> bytes:
-    return b"D" + _DEDUCTED.pack(at_ms, -cost, after) + "\x00".join((customer, ct, reference)).encode()
-
-
-def _entry_of(key: bytes, value: bytes) -> Entry:
-    if value[:1] == b"D":
-        seq = from_u64(key)
-        at, amount, after = _DEDUCTED.unpack_from(value, 1)
-        customer, ct, reference = value[1 + _DEDUCTED.size:].decode().split("\x00")
-        return Entry(seq, at, at, customer, "deducted", "usage", ct, amount, after - amount, after, reference)
-    e = admin_pb2.AuditEntry.FromString(value)
-    tiers = [{"tier": t.tier, "units_nano": t.units_nano, "unit_price": t.unit_price, "charge_nano": t.charge_nano}
-             for t in e.tiers]
-    return Entry(e.sequence, e.time_ms, e.effective_ms or e.time_ms, e.customer_id, e.kind, e.source,
-                 e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano, e.reference,
-                 e.charge_nano, e.charge_credit_type, json.dumps({"tiers": tiers}) if tiers else "{}")
-
-
-class LedgerMixin:
-    """The engine's side of the ledger: draining, flushing and status."""
-
-    # Provided by the engine.
-    store: Any
-    core: Any
-    catalog: Any
-    settings: Any
-    audit_seq: int
-
-    def _init_ledger(self) -> None:
-        self._usage_carry = Drained()
-        self._draining = Drained()
-        self.recoveries = 0
+    def __init__(self, settings: Settings, store: Store, live: Live, journal: Journal, drains: Drains,
+                 snapshots: Snapshots, clock: Clock) -> None:
+        self.settings = settings
+        self.store = store
+        self.live = live
+        self.journal = journal
+        self.drains = drains
+        self.snapshots = snapshots
+        self.clock = clock
         self.sidecar_id = ""
         self.incarnation = ""
         self.flushed_seq = 0
-        self.drain_seq = 0
         self.last_flush_ms = 0
         self.last_flush_error = ""
         self.flush_failures = 0
@@ -163,7 +60,8 @@ class LedgerMixin:
         self._backlog_warned = 0
         self._flush_lock = asyncio.Lock()
 
-    def _load_ledger_state(self) -> None:
+    def load(self) -> None:
+        """This data directory's identity in the ledger, made at its first start."""
         sid = self.store.get("meta", b"sidecar_id")
         if sid is None:
             sid = (self.settings.sidecar_id or f"sc-{uuid.uuid4().hex[:16]}").encode()
@@ -175,40 +73,7 @@ class LedgerMixin:
         self.sidecar_id = sid.decode()
         self.incarnation = (self.store.get("meta", b"incarnation") or b"").decode()
         self.flushed_seq = from_u64(self.store.get("meta", b"flush_seq") or u64(0))
-        self.drain_seq = from_u64(self.store.get("meta", b"drain_seq") or u64(0))
-
-    # ---- draining the core into LMDB ---------------------------------------------------------
-
-    def _take_carry(self) -> Drained:
-        """Aggregates an earlier snapshot could not commit: they go first in the next one."""
-        carry, self._usage_carry = self._usage_carry, Drained()
-        return carry
-
-    def _drain_ops(self, drained: Drained, drain_seq: int) -> list[Op]:
-        """The ops of a finished drain; outbox sequences are given here, in order."""
-        self._draining = drained
-        if not drained.rows:
-            return []
-        self.drain_seq = drain_seq
-        ops = drained.usage_ops + [("meta", b"drain_seq", u64(drain_seq))]
-        first = self.audit_seq + 1
-        self.audit_seq += len(drained.deducted)
-        ops += [("outbox", u64(first + i), value) for i, value in enumerate(drained.deducted)]
-        ops.append(("meta", b"audit_seq", u64(self.audit_seq)))
-        return ops
-
-    def _drain_failed(self, generation: int) -> None:
-        """A snapshot that took the core's aggregates did not commit: keep them
-        for the next one, unless state was reloaded from disk meanwhile (then
-        replay has rebuilt them)."""
-        if generation == self.recoveries:
-            self._draining.extend(self._usage_carry)
-            self._usage_carry = self._draining
-        self._draining = Drained()
-
-    def _now_ms(self) -> int:
-        from meterd.engine import now_ms
-        return now_ms()
+        self.drains.sidecar_id = self.sidecar_id
 
     # ---- flushing ---------------------------------------------------------------------------------
 
@@ -257,15 +122,15 @@ class LedgerMixin:
 
     def _build_flush(self, pending: dict) -> Flush:
         """Exactly the rows the pending flush recorded, whatever the limits are now."""
-        usage = ([_row_of(v) for _, v in self.store.items_upto("usage", bytes.fromhex(pending["usage_to"]))]
+        usage = ([row_of(v) for _, v in self.store.items_upto("usage", bytes.fromhex(pending["usage_to"]))]
                  if pending["usage_to"] else [])
-        entries = ([_entry_of(k, v) for k, v in self.store.items_upto("outbox", u64(pending["outbox_to"]))]
+        entries = ([entry_of(k, v) for k, v in self.store.items_upto("outbox", u64(pending["outbox_to"]))]
                    if pending["outbox_to"] else [])
         if "rows" in pending and (len(usage), len(entries)) != tuple(pending["rows"]):
             raise LedgerError(f"flush {pending['seq']}: LMDB holds {len(usage)} usage rows and {len(entries)} "
                               f"entries, not the {pending['rows']} recorded; refusing to send it")
         cts = [CreditTypeInfo(c.name, c.kind, c.currency if c.kind == "fiat" else "", c.decimals)
-               for c in self.catalog.credit_types]
+               for c in self.live.catalog.credit_types]
         return Flush(self.sidecar_id, pending["seq"], cts, usage, entries, self.incarnation,
                      pending.get("first", False))
 
@@ -281,9 +146,8 @@ class LedgerMixin:
             return await self._flush_once()
 
     async def _flush_once(self) -> bool:
-        while self._snapshot_running:  # type: ignore[attr-defined]  # a snapshot started elsewhere: wait
-            await asyncio.sleep(0.005)
-        await self.snapshot()  # type: ignore[attr-defined]
+        await self.snapshots.wait_idle()  # a snapshot started elsewhere
+        await self.snapshots.snapshot()
         pending = await self.prepare_flush()
         if pending is None:
             self._flushed_ok()
@@ -310,7 +174,7 @@ class LedgerMixin:
             raise SidecarConflict(f"sidecar_id {self.sidecar_id!r}: flush {pending['seq']} conflicts with the ledger")
         last = await self._on_ledger_thread(Ledger.last_sequence, self.sidecar_id)
         pending = dict(pending, seq=last + 1)
-        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())],  # type: ignore[attr-defined]
+        await self.journal.commit([("meta", b"flush_pending", json.dumps(pending).encode())],
                            maintenance=True)
         return pending
 
@@ -335,7 +199,7 @@ class LedgerMixin:
                    "outbox_to": outbox_to or 0, "rows": rows, "first": first}
         # Recorded before it is sent: a resend after a crash carries the same rows under the same sequence.
         # Maintenance: it may use the map's reserve, as the flush is what frees the map.
-        await self._commit([("meta", b"flush_pending", json.dumps(pending).encode())],  # type: ignore[attr-defined]
+        await self.journal.commit([("meta", b"flush_pending", json.dumps(pending).encode())],
                            maintenance=True)
         return pending
 
@@ -354,12 +218,12 @@ class LedgerMixin:
             ops.append(("trim", bytes.fromhex(pending["usage_to"]), b"usage"))
         if pending["outbox_to"]:
             ops.append(("trim", u64(pending["outbox_to"]), b"outbox"))
-        await self._commit(ops, maintenance=True)  # type: ignore[attr-defined]
+        await self.journal.commit(ops, maintenance=True)
         self.flushed_seq = pending["seq"]
         self._flushed_ok()
 
     def _flushed_ok(self) -> None:
-        self.last_flush_ms = self._now_ms()
+        self.last_flush_ms = self.clock.now_ms()
         self.last_flush_error = ""
         self.flush_failures = 0
         self._backlog_warned = 0
@@ -379,7 +243,7 @@ class LedgerMixin:
                 pass
             if stop.is_set():
                 return
-            if self.broken is not None or self.closing:  # type: ignore[attr-defined]
+            if self.journal.broken is not None or self.journal.closing:
                 delay = interval
                 continue
             try:
@@ -412,22 +276,18 @@ class LedgerMixin:
         except Exception as e:  # noqa: BLE001 - what is not flushed stays in LMDB for the next start
             log.warning("final ledger flush failed, the backlog stays in LMDB: %s", _describe(e))
 
-    def ledger_status(self) -> admin_pb2.LedgerStatus:
+    def status(self) -> LedgerState:
         rows, entries = self.backlog()
-        return admin_pb2.LedgerStatus(sidecar_id=self.sidecar_id, ledger=redact(self._ledger_url()),
-                                      flushed_sequence=self.flushed_seq, backlog_usage_rows=rows,
-                                      backlog_entries=entries, last_flush_ms=self.last_flush_ms,
-                                      last_error=self.last_flush_error, consecutive_failures=self.flush_failures)
+        return LedgerState(self.sidecar_id, redact(self._ledger_url()), self.flushed_seq, rows, entries,
+                           self.last_flush_ms, self.last_flush_error, self.flush_failures)
 
     async def statement(self, customer_id: str, period: str) -> dict:
-        from meterd.errors import InvalidInput, Unavailable
-        from meterd.ledger import period_bounds, statement
         if not customer_id:
             raise InvalidInput("customer_id", "is required")
         period_bounds(period)
         try:
             # What this sidecar knows goes to the ledger before it is asked (a crashed flush may come first).
-            for _ in range(100):
+            for _ in range(STATEMENT_FLUSHES_MAX):
                 if not await self.flush_once():
                     break
             return await self._on_ledger_thread(statement, customer_id, period)
@@ -436,7 +296,7 @@ class LedgerMixin:
         except Exception as e:  # noqa: BLE001 - any ledger failure
             raise Unavailable(f"the ledger is unavailable: {_describe(e)}") from None
 
-    def close_ledger(self) -> None:
+    def close(self) -> None:
         def close() -> None:
             if self._ledger is not None:
                 self._ledger.close()
@@ -446,7 +306,6 @@ class LedgerMixin:
 
 
 def sidecar_id_differs(configured: str, stored: str) -> Exception:
-    from meterd.errors import ConfigError
     return ConfigError(f"sidecar_id {configured!r} differs from {stored!r}, the id this data directory already "
                        "flushed under; the ledger would count it as a new sidecar")
 
@@ -459,4 +318,4 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip()[:300]}"
 
 
-__all__ = ["Drained", "LedgerMixin"]
+__all__ = ["Flusher"]

@@ -73,7 +73,7 @@ class LedgerCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Any]:
-        e = self.engine
+        e = self.engine.flusher
         rows, entries = e.backlog()
         backlog = GaugeMetricFamily("meterd_ledger_backlog", "Aggregates and audit entries in LMDB waiting for "
                                     "the central ledger", labels=["kind"])
@@ -122,7 +122,7 @@ class DaemonCollector(Collector):
                                 "refused (map_high_water_percent)", value=use.high_bytes)
         yield GaugeMetricFamily("meterd_lmdb_writes_refused", "1 while data-plane writes are refused because the "
                                 "map is above its high-water mark", value=int(use.refusing))
-        last = self.engine.last_flush_ms
+        last = self.engine.flusher.last_flush_ms
         yield GaugeMetricFamily("meterd_ledger_flush_lag_seconds", "Time since the last successful flush",
                                 value=max(0.0, time.time() - last / 1000) if last else 0.0)
 

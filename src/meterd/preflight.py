@@ -37,14 +37,13 @@ def preflight(settings: Settings, catalog: Catalog, create: bool = False) -> Non
 def check_core(settings: Settings, catalog: Catalog) -> None:
     """Build the core's tables from the catalog exactly as the engine does at start."""
     from meterd import core
-    from meterd.engine import _compiled_of, _doc_of
 
     for c in catalog.customers:  # the engine creates them at start, under the same limit as any call
         if len(c.customer_id.encode()) > settings.customer_id_bytes_max:
             raise ConfigError(f"{catalog.source}: customers.{c.customer_id}: the id is longer than "
                               f"customer_id_bytes_max ({settings.customer_id_bytes_max} bytes)")
-    denominators, meters, rates, plans, modes, free, names = _compiled_of(_doc_of(catalog))
     try:
+        denominators, meters, rates, plans, modes, free, names = catalog.compiled.core_args()
         core.Core(denominators, meters, rates, settings.core_limits(), 1024, plans, modes, free, names)
     except (ValueError, OverflowError) as e:
         raise ConfigError(f"{catalog.source}: the catalog does not fit the core's tables: {e}") from None

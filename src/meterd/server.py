@@ -25,9 +25,10 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from meterd import wire
 from meterd.catalog import Catalog, load_catalog
 from meterd.config import Settings
-from meterd.engine import Engine, check_tenant, label_of, now_ms
+from meterd.engine import Engine
 from meterd.errors import (
     ConfigError,
     Conflict,
@@ -37,6 +38,7 @@ from meterd.errors import (
     MeterdError,
     NotFound,
     StorageFull,
+    Unauthenticated,
     Unavailable,
 )
 from meterd.ledger import redact
@@ -44,6 +46,7 @@ from meterd.metrics import Timings
 from meterd.preflight import check_core, preflight
 from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
 from meterd.v1 import admin_pb2, meter_pb2
+from meterd.validate import check_tenant, label_of
 
 log = logging.getLogger("meterd.server")
 
@@ -58,6 +61,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Forbidden):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, (StorageFull, LimitReached)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
@@ -92,11 +97,7 @@ async def _abort(exc: Exception, context: grpc.aio.ServicerContext, method: str)
     await context.abort(code, message)
 
 
-def _parse(cls: Any, data: bytes) -> Any:
-    try:
-        return cls.FromString(data)
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError
-        raise InvalidInput("request", "malformed protobuf") from None
+_parse = wire.parse
 
 
 class Servicer:
@@ -118,7 +119,7 @@ class Servicer:
         tenant = self.data_tokens.tenant(ctx)
         if tenant is None:
             log.warning("data plane call refused: no valid token (peer %s)", ctx.peer())
-            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "this data plane requires a tenant's bearer token")
+            await _abort(Unauthenticated("this data plane requires a tenant's bearer token"), ctx, "data plane")
         return tenant
 
     def _call(self, fn: Callable[[], Awaitable[Any]], ctx: grpc.aio.ServicerContext, method: str) -> Awaitable[Any]:
@@ -127,7 +128,7 @@ class Servicer:
     async def _roll_settled(self) -> None:
         """Wait for a period roll in flight; its own failure is the writer's to report, not this call's."""
         with contextlib.suppress(Exception):
-            await self.engine._roll_settled()
+            await self.engine.roll_settled()
 
     def _own(self, tenant: Tenant | None, customer_id: str | None, what: str) -> None:
         """Another tenant's open reservation or session is reported as unknown."""
@@ -168,12 +169,12 @@ class Servicer:
         tenant = await self._tenant(ctx)
         label = label_of(tenant)
         if self.streams >= self.settings.streams_max:
-            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"too many concurrent streams (streams_max={self.settings.streams_max})")
+            await _abort(LimitReached(f"too many concurrent streams (streams_max={self.settings.streams_max})"),
+                         ctx, "ReportStream")
         if tenant is not None and self.streams_of[label] >= self.settings.streams_per_tenant_max:
-            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"too many concurrent streams for tenant {label!r} "
-                            f"(streams_per_tenant_max={self.settings.streams_per_tenant_max})")
+            await _abort(LimitReached(f"too many concurrent streams for tenant {label!r} "
+                                      f"(streams_per_tenant_max={self.settings.streams_per_tenant_max})"),
+                         ctx, "ReportStream")
         self.streams += 1
         self.streams_of[label] += 1
         loop = asyncio.get_running_loop()
@@ -234,15 +235,15 @@ class Servicer:
 
     async def authorize(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
-        return await self._call(lambda: self.engine.authorize(_checked(meter_pb2.AuthorizeRequest, data), tenant), ctx,
-                           "Authorize")
+        return await self._call(lambda: wire.authorize(self.engine, _parse(meter_pb2.AuthorizeRequest, data), tenant),
+                                ctx, "Authorize")
 
     def _reservation_owner(self, req: Any) -> str | None:
-        res = self.engine.reservations.get(req.reservation_id)
+        res = self.engine.holds.reservations.get(req.reservation_id)
         return None if res is None else res.customer_id
 
     def _session_owner(self, req: Any) -> str | None:
-        s = self.engine.sessions.get(req.session_id)
+        s = self.engine.holds.sessions.get(req.session_id)
         return None if s is None else s.customer_id
 
     async def _by_id(self, data: bytes, ctx: grpc.aio.ServicerContext, method: str, cls: Any,
@@ -259,18 +260,19 @@ class Servicer:
 
     async def commit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Commit", meter_pb2.CommitRequest, self._reservation_owner,
-                                 self.engine.commit)
+                                 lambda req, tenant: wire.commit(self.engine, req, tenant))
 
     async def release(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Release", meter_pb2.ReleaseRequest, self._reservation_owner,
-                                 self.engine.release)
+                                 lambda req, tenant: wire.release(self.engine, req, tenant))
 
     async def get_balance(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
 
         async def run() -> bytes:
-            check_tenant(tenant, _parse(meter_pb2.GetBalanceRequest, data).customer_id, "customer_id")
-            return self.engine.balance(data)
+            req = _parse(meter_pb2.GetBalanceRequest, data)
+            check_tenant(tenant, req.customer_id, "customer_id")
+            return wire.balance(self.engine, req)
         return await self._call(run, ctx, "GetBalance")
 
     async def start_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
@@ -284,47 +286,49 @@ class Servicer:
                 if len(req.session_id) > 64:
                     raise InvalidInput("session_id", f"at most {63 - len(tenant.name)} characters with this token")
             self._own(tenant, self._session_owner(req), "session")
-            return await self.engine.start_session(req, now_ms(), label_of(tenant))
+            return await wire.start_session(self.engine, req, tenant)
         return await self._call(run, ctx, "StartSession")
 
     async def heartbeat(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "Heartbeat", meter_pb2.HeartbeatRequest, self._session_owner,
-                                 lambda req, tenant: self.engine.heartbeat(req, now_ms(), label_of(tenant)))
+                                 lambda req, tenant: wire.heartbeat(self.engine, req, tenant))
 
     async def end_session(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         return await self._by_id(data, ctx, "EndSession", meter_pb2.EndSessionRequest, self._session_owner,
-                                 lambda req, tenant: self.engine.end_session(req, now_ms(), label_of(tenant)))
+                                 lambda req, tenant: wire.end_session(self.engine, req, tenant))
 
     # Admin -------------------------------------------------------------------
     async def grant(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await self._call(lambda: self.engine.grant(_parse(admin_pb2.GrantRequest, data)), ctx, "Grant")
+        return await self._call(lambda: wire.grant(self.engine, _parse(admin_pb2.GrantRequest, data)), ctx, "Grant")
 
     async def adjust(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await self._call(lambda: self.engine.adjust(_parse(admin_pb2.AdjustRequest, data)), ctx, "Adjust")
+        return await self._call(lambda: wire.adjust(self.engine, _parse(admin_pb2.AdjustRequest, data)), ctx,
+                                "Adjust")
 
     async def list_audit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
-            return self.engine.audit(_parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
+            return wire.audit(self.engine, _parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
         return await self._call(run, ctx, "ListAudit")
 
     async def subscribe(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await self._call(lambda: self.engine.subscribe(_parse(admin_pb2.SubscribeRequest, data)), ctx,
+        return await self._call(lambda: wire.subscribe(self.engine, _parse(admin_pb2.SubscribeRequest, data)), ctx,
                                 "Subscribe")
 
     async def cancel(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await self._call(lambda: self.engine.cancel(_parse(admin_pb2.CancelRequest, data)), ctx, "Cancel")
+        return await self._call(lambda: wire.cancel(self.engine, _parse(admin_pb2.CancelRequest, data)), ctx,
+                                "Cancel")
 
     async def change_plan(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return await self._call(lambda: self.engine.change_plan(_parse(admin_pb2.ChangePlanRequest, data)), ctx,
-                           "ChangePlan")
+        return await self._call(lambda: wire.change_plan(self.engine, _parse(admin_pb2.ChangePlanRequest, data)),
+                                ctx, "ChangePlan")
 
     async def watch(self, data: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
             req = _parse(admin_pb2.WatchRequest, data)
         except InvalidInput as e:
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        async for item in self.engine.watch(req):
-            yield item
+            await _abort(e, ctx, "Watch")
+        async for entry in self.engine.watch(frozenset(req.kinds)):
+            yield entry.SerializeToString()
 
     async def reload_catalog(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
@@ -340,19 +344,19 @@ class Servicer:
     async def get_statement(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             req = _parse(admin_pb2.StatementRequest, data)
-            return statement_message(await self.engine.statement(req.customer_id, req.period)).SerializeToString()
+            return wire.statement(await self.engine.statement(req.customer_id, req.period)).SerializeToString()
         return await self._call(run, ctx, "GetStatement")
 
     async def get_ledger_status(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             _parse(admin_pb2.LedgerStatusRequest, data)
-            return self.engine.ledger_status().SerializeToString()
+            return wire.ledger_status(self.engine).SerializeToString()
         return await self._call(run, ctx, "GetLedgerStatus")
 
     async def _refuse(self, ctx: grpc.aio.ServicerContext, method: str) -> None:
         log.warning("Admin %s refused: not authenticated (peer %s)", method, ctx.peer())
-        await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "Admin requires authentication: a bearer token or an allowed client certificate")
+        await _abort(Unauthenticated("Admin requires authentication: a bearer token or an allowed client "
+                                     "certificate"), ctx, method)
 
     def _authenticated(self, fn: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]) -> Any:
         async def handler(data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
@@ -397,17 +401,6 @@ class Servicer:
 STREAM_WINDOW = 32  # batches of one ReportStream waiting for their commit at once
 
 
-def statement_message(st: dict) -> admin_pb2.Statement:
-    """A statement from the ledger as its protobuf message."""
-    lines = [admin_pb2.StatementLine(
-        section=x["section"], description=x["description"], credit_type=x["credit_type"],
-        amount_nano=x["amount_nano"], quantity=x.get("quantity", ""), events=x.get("events", 0),
-        tiers=[admin_pb2.ChargeTier(**t) for t in x.get("tiers", [])]) for x in st["lines"]]
-    return admin_pb2.Statement(customer_id=st["customer_id"], period=st["period"], from_ms=st["from_ms"],
-                               to_ms=st["to_ms"], lines=lines,
-                               totals=[admin_pb2.StatementTotal(**t) for t in st["totals"]])
-
-
 def _later(task: asyncio.Task) -> Callable[[], Awaitable[Any]]:
     """For _call: a task that is already running, awaited when its turn comes."""
     async def result() -> Any:
@@ -418,12 +411,6 @@ def _later(task: asyncio.Task) -> Callable[[], Awaitable[Any]]:
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _checked(cls: Any, data: bytes) -> bytes:
-    """Reject malformed bytes before the engine sees them; the engine parses again."""
-    _parse(cls, data)
-    return data
 
 
 class MeterdServer:
@@ -489,7 +476,7 @@ class MeterdServer:
                  self.settings.listen, self.data_port, self.admin_address,
                  ("mutual TLS" if self.settings.tls_client_ca_file else "TLS") if self.credentials else "no TLS",
                  "compiled" if _compiled() else "python",
-                 self.engine.sidecar_id, redact(self.settings.ledger_url))
+                 self.engine.flusher.sidecar_id, redact(self.settings.ledger_url))
 
     async def _set_health(self, name: str, status: int) -> None:
         result = self.health.set(name, status)
@@ -530,7 +517,7 @@ class MeterdServer:
         for name in ("", METER_SERVICE, ADMIN_SERVICE):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._stop.set()
-        self.engine.closing = True  # open streams get UNAVAILABLE for their next batch
+        self.engine.journal.closing = True  # open streams get UNAVAILABLE for their next batch
         stops = [s.stop(grace) for s in (self.data_server, self.admin_server) if s is not None]
         await asyncio.gather(*stops)
         for task in (self._housekeeping, self._flusher):

@@ -10,87 +10,98 @@ restart reaches the same state.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import json
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from meterd import records
+from meterd.audit import Audit
 from meterd.catalog import format_nano
+from meterd.clock import Clock
 from meterd.errors import Conflict, InvalidInput, NotFound
+from meterd.grants import Grants
+from meterd.holds import Holds
+from meterd.journal import Journal
 from meterd.plans import CreditPolicy, Plan, period_start
 from meterd.records import Kind
-from meterd.store import Op
-from meterd.v1 import admin_pb2
-
-if TYPE_CHECKING:
-    from meterd.engine import Accounts, Bucket
+from meterd.state import Bucket, Live, Subscription
+from meterd.store import Op, Store
 
 INT64_MIN = -(1 << 63)
 SPENT_FIRST = 0  # bucket priority of a plan's own credits: spent before grants bought separately
+SUBSCRIBE_AHEAD_MS_MAX = 366 * 86_400_000  # how far ahead a subscription's start may be given
 
 
-@dataclass
-class Subscription:
-    customer_id: str
-    plan: str
-    anchor_ms: int
-    n: int                      # index of the current period
-    start_ms: int
-    end_ms: int
-    cancel_at_end: bool = False
-    topup_pending: list[int] = field(default_factory=list)
-    # Overage billed early in this period, per credit type (as str for JSON):
-    # graduated tiers continue from it and it counts against the limit.
-    overage_billed: dict[str, int] = field(default_factory=dict)
-    # A downgrade waits for the end of the period (the period is paid for).
-    next_plan: str = ""
-    # at_cycle_end = "carry": the deficit carried from the last period, billed at this one's end.
-    carried: dict[str, int] = field(default_factory=dict)
-    # The money billed for this period's overage, per credit type: a spend limit
-    # counts it, whatever plan (and prices) it was billed under.
-    overage_charged: dict[str, int] = field(default_factory=dict)
+class Subscriptions:
+    """Plans and their periods; see the module docstring."""
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+    def __init__(self, store: Store, live: Live, journal: Journal, clock: Clock, audit: Audit, grants: Grants,
+                 holds: Holds) -> None:
+        self.store = store
+        self.live = live
+        self.journal = journal
+        self.clock = clock
+        self.audit = audit
+        self.grants = grants
+        self.holds = holds
+        self.subs: dict[str, Subscription] = {}
+        self._boundaries: list[tuple[int, str]] = []  # (period end, customer), soonest first
+        self.rolling: asyncio.Future | None = None  # the last period roll submitted
+        grants.credited.append(self.topup_done_ops)
 
-    def to_pb(self) -> admin_pb2.Subscription:
-        return admin_pb2.Subscription(customer_id=self.customer_id, plan=self.plan, anchor_ms=self.anchor_ms,
-                                      period_start_ms=self.start_ms, period_end_ms=self.end_ms,
-                                      cancel_at_period_end=self.cancel_at_end, next_plan=self.next_plan)
+    def load(self) -> None:
+        self.subs = {}
+        self._boundaries = []
+        for _, value in self.store.items("subs"):
+            sub = Subscription(**json.loads(value))
+            self.subs[sub.customer_id] = sub
+            self._boundaries.append((sub.end_ms, sub.customer_id))
+        heapq.heapify(self._boundaries)
 
+    def due_ops(self) -> list[Op]:
+        """Roll the subscriptions whose period has ended, before anything else happens.
 
-class SubscriptionsMixin:
-    """Engine methods for plans; see the module docstring. Mixed into Engine."""
+        The roll is submitted as a commit of its own, ahead of the caller's
+        (the writer is FIFO), so that a caller that then fails on bad input
+        cannot lose it. Returns nothing for the caller to add."""
+        now = self.clock.now_ms()
+        if not (self._boundaries and self._boundaries[0][0] <= now):
+            return []
+        ops = self.roll_due(now)
+        if ops:
+            self.rolling = self.journal.submit_ahead(ops)
+        return []
 
-    core: Any
-    catalog: Any
-    accounts: Accounts
-    subs: dict[str, Subscription]
-    _boundaries: list[tuple[int, str]]
-    effective_ms: int | None
+    async def roll_settled(self) -> None:
+        """A caller with nothing of its own to commit still answers only once the
+        period roll it may have set off is durable, like the state it was answered from."""
+        fut = self.rolling
+        if fut is not None and not fut.done():
+            await asyncio.shield(fut)
 
-    # provided by Engine
-    def _log_op(self, record: bytes) -> Op: ...  # type: ignore[empty-body]
-    def _now_ms(self) -> int: ...  # type: ignore[empty-body]
-    def _credit_ops(self, customer_id: str, ct: int, amount: int) -> tuple[list[Op], int, int]: ...  # type: ignore[empty-body]  # noqa: E501
-    def _reconcile(self, customer_id: str, ct: int, balance: int) -> list[Op]: ...  # type: ignore[empty-body]
-    def _audit_op(self, *args: Any, **kw: Any) -> list[Op]: ...  # type: ignore[empty-body]
-    def _add_bucket(self, *args: Any, **kw: Any) -> tuple[list[Op], str]: ...  # type: ignore[empty-body]
-    def _remove_bucket(self, customer_id: str, ct: int, b: Bucket) -> list[Op]: ...  # type: ignore[empty-body]
-    def reserved_share(self, customer_id: str, ct: int, bucket: Bucket) -> int: ...  # type: ignore[empty-body]
-    def spare_ops(self, customer_id: str, ct: int, amount: int) -> list[Op]: ...  # type: ignore[empty-body]
+    def fallback(self, customer_id: str, ct: int) -> tuple[str, int] | None:
+        """The plan's fallback mode for a credit type and the priority hint for the
+        customer's degraded usage, or None when the plan has none."""
+        sub = self.subs.get(customer_id)
+        plan = self.live.catalog.plan_index.get(sub.plan) if sub else None
+        policy = plan.credits.get(ct) if plan else None
+        if policy is None or not policy.fallback:
+            return None
+        core = self.live.core
+        degraded = core.state(core.account(customer_id.encode()))[0][ct][4]
+        step = policy.priority_step_nano
+        return policy.fallback, (max(100 - degraded // step, 0) if step else 100)
 
     # ---- core settings of a plan, logged so that replay sets them too ----------------
 
     def _core_op(self, kind: Kind, customer_id: str, ct: int, value: int) -> Op:
-        return self._log_op(records.account(kind, customer_id.encode(), ct, value, self._now_ms()))
+        return self.journal.log_op(records.account(kind, customer_id.encode(), ct, value, self.clock.now_ms()))
 
     def effective_floor(self, customer_id: str, ct: int) -> int:
         """How far below zero a balance may go: the catalog's overdraft for the
         customer if it names one, else the plan's (an overage limit less what
         was billed of it early this period, or no limit in arrears), else 0."""
-        seed = self.catalog.customer_index.get(customer_id)
+        seed = self.live.catalog.customer_index.get(customer_id)
         if seed is not None and ct in seed.overdraft_nano:
             return -seed.overdraft_nano[ct]
         sub = self.subs.get(customer_id)
@@ -115,27 +126,27 @@ class SubscriptionsMixin:
     def floor_ops(self, customer_id: str, ct: int) -> list[Op]:
         """Bring the core's floor in line with ``effective_floor``."""
         floor = self.effective_floor(customer_id, ct)
-        idx = self.core.account(customer_id.encode())
-        if (self.core.state(idx)[0][ct][2] if idx >= 0 else 0) == floor:
+        idx = self.live.core.account(customer_id.encode())
+        if (self.live.core.state(idx)[0][ct][2] if idx >= 0 else 0) == floor:
             return []
-        idx = self.core.open_account(customer_id.encode())
-        self.core.set_floor(idx, ct, floor)
+        idx = self.live.core.open_account(customer_id.encode())
+        self.live.core.set_floor(idx, ct, floor)
         return [self._core_op(Kind.FLOOR, customer_id, ct, floor)]
 
-    def _apply_plan_ops(self, customer_id: str, plan: Plan | None) -> list[Op]:
+    def apply_plan_ops(self, customer_id: str, plan: Plan | None) -> list[Op]:
         """Plan index, floors and alert thresholds in the core for ``plan`` (None: no plan)."""
-        idx = self.core.open_account(customer_id.encode())
+        idx = self.live.core.open_account(customer_id.encode())
         ops = []
-        if self.core.state(idx)[2] != (plan.index if plan else 0):
-            self.core.set_plan(idx, plan.index if plan else 0)
+        if self.live.core.state(idx)[2] != (plan.index if plan else 0):
+            self.live.core.set_plan(idx, plan.index if plan else 0)
             ops.append(self._core_op(Kind.PLAN, customer_id, 0, plan.index if plan else 0))
-        for ct in range(len(self.catalog.credit_types)):
+        for ct in range(len(self.live.catalog.credit_types)):
             policy = plan.credits.get(ct) if plan else None
             alert = policy.alert_nano if policy else None
             ops += self.floor_ops(customer_id, ct)
-            cts = self.core.state(idx)[0][ct]
+            cts = self.live.core.state(idx)[0][ct]
             if cts[5] != (INT64_MIN if alert is None else alert):
-                self.core.set_alert(idx, ct, alert)
+                self.live.core.set_alert(idx, ct, alert)
                 ops.append(self._core_op(Kind.ALERT, customer_id, ct, INT64_MIN if alert is None else alert))
         return ops
 
@@ -144,7 +155,7 @@ class SubscriptionsMixin:
         return ("subs", sub.customer_id.encode(), sub.to_json())
 
     def _plan(self, name: str) -> Plan:
-        plan = self.catalog.plan_index.get(name)
+        plan = self.live.catalog.plan_index.get(name)
         if plan is None:
             raise InvalidInput("plan", f"unknown plan {name[:64]!r}")
         return plan
@@ -164,13 +175,13 @@ class SubscriptionsMixin:
         sub = Subscription(customer_id, plan.name, start_ms, n, period_start(start_ms, plan.period, n),
                            period_start(start_ms, plan.period, n + 1))
         self.subs[customer_id] = sub
-        ops = self._apply_plan_ops(customer_id, plan)
+        ops = self.apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
             ops += self._included_ops(sub, plan, ct, plan.credits[ct].included_nano)
         if plan.trial_nano and not self._had_trial(customer_id):
             for ct, amount in plan.trial_nano.items():
-                add, _ = self._add_bucket(customer_id, ct, amount, now + plan.trial_days * 86_400_000, SPENT_FIRST,
-                                          "trial", credit=True)
+                add, _ = self.grants.add_bucket(customer_id, ct, amount, now + plan.trial_days * 86_400_000,
+                                                SPENT_FIRST, "trial", credit=True)
                 ops += add
             ops.append(("meta", f"trial\x00{customer_id}".encode(), b"1"))  # one trial per customer
         ops += self._fee_ops(sub, plan)
@@ -178,7 +189,7 @@ class SubscriptionsMixin:
         return ops, sub
 
     def _had_trial(self, customer_id: str) -> bool:
-        return self.store.get("meta", f"trial\x00{customer_id}".encode()) is not None  # type: ignore[attr-defined]
+        return self.store.get("meta", f"trial\x00{customer_id}".encode()) is not None
 
     def cancel_ops(self, customer_id: str, at_period_end: bool) -> tuple[list[Op], Subscription]:
         sub = self.subs.get(customer_id)
@@ -188,7 +199,7 @@ class SubscriptionsMixin:
             sub.cancel_at_end = True
             return [self._put_sub(sub)], sub
         plan = self._plan_or_none(sub.plan)
-        idx = self.core.account(customer_id.encode())
+        idx = self.live.core.account(customer_id.encode())
         ops = self._gauge_ops(sub, idx)  # what the period used so far is charged now
         for ct, policy in (plan.credits.items() if plan else []):
             ops += self.settle_overage_ops(customer_id, ct, policy, "cancel")
@@ -222,7 +233,7 @@ class SubscriptionsMixin:
         # What was billed of the period's overage stays billed: the new plan's limit
         # counts it (the period's overage, whatever plan it was under), and its
         # graduated tiers continue from it.
-        ops += self._apply_plan_ops(customer_id, new)
+        ops += self.apply_plan_ops(customer_id, new)
         for ct, policy in new.credits.items():
             before = old.credits[ct].included_nano if old and ct in old.credits else 0
             ops += self._included_ops(sub, new, ct, max(policy.included_nano - before, 0) * left // length)
@@ -230,7 +241,7 @@ class SubscriptionsMixin:
         return ops, sub
 
     def _plan_or_none(self, name: str) -> Plan | None:
-        return self.catalog.plan_index.get(name)
+        return self.live.catalog.plan_index.get(name)
 
     def _included_ops(self, sub: Subscription, plan: Plan, ct: int, amount: int) -> list[Op]:
         if amount <= 0:
@@ -239,26 +250,26 @@ class SubscriptionsMixin:
         # Credits that live on past the period are not the period's: they are not rolled or forfeited with it.
         source = "included" if days is None else "granted"
         expires = sub.end_ms if days is None else (sub.start_ms + days * 86_400_000 if days else 0)
-        ops, _ = self._add_bucket(sub.customer_id, ct, amount, expires, SPENT_FIRST, source, credit=True,
+        ops, _ = self.grants.add_bucket(sub.customer_id, ct, amount, expires, SPENT_FIRST, source, credit=True,
                                   kind="included")
         return ops
 
     def _fee_difference_ops(self, sub: Subscription, old: Plan | None, new: Plan, left: int, length: int) -> list[Op]:
         """An upgrade pays the fee difference for the time left; a downgrade is not refunded."""
         ops: list[Op] = []
-        idx = self.core.account(sub.customer_id.encode())
+        idx = self.live.core.account(sub.customer_id.encode())
         for ct, fee in new.fees_nano.items():
             diff = fee - (old.fees_nano.get(ct, 0) if old else 0)
             if diff <= 0:
                 continue
             charge = -((-diff * left) // length)  # rounded up, in the seller's favour by under a nano
-            bal = self.core.state(idx)[0][ct][0]
-            ops += self._audit_op(sub.customer_id, "fee", ct, 0, bal, bal, f"{new.name} upgrade proration",
+            bal = self.live.core.state(idx)[0][ct][0]
+            ops += self.audit.entry_ops(sub.customer_id, "fee", ct, 0, bal, bal, f"{new.name} upgrade proration",
                                   charge=charge, charge_ct=ct)
         return ops
 
     def _period_buckets(self, sub: Subscription, ct: int, boundary: int, sources: tuple[str, ...]) -> list[Bucket]:
-        acct = self.accounts.get(sub.customer_id)
+        acct = self.grants.accounts.get(sub.customer_id)
         if acct is None:
             return []
         return sorted((b for b in acct.buckets.get(ct, []) if b.source in sources and b.expires_at_ms
@@ -266,10 +277,10 @@ class SubscriptionsMixin:
 
     def _fee_ops(self, sub: Subscription, plan: Plan) -> list[Op]:
         ops: list[Op] = []
-        idx = self.core.account(sub.customer_id.encode())
+        idx = self.live.core.account(sub.customer_id.encode())
         for ct, fee in plan.fees_nano.items():
-            bal = self.core.state(idx)[0][ct][0] if idx >= 0 else 0
-            ops += self._audit_op(sub.customer_id, "fee", ct, 0, bal, bal, f"{plan.name} period {sub.n}",
+            bal = self.live.core.state(idx)[0][ct][0] if idx >= 0 else 0
+            ops += self.audit.entry_ops(sub.customer_id, "fee", ct, 0, bal, bal, f"{plan.name} period {sub.n}",
                                   charge=fee, charge_ct=ct)
         return ops
 
@@ -290,19 +301,16 @@ class SubscriptionsMixin:
     def _roll(self, sub: Subscription) -> list[Op]:
         plan = self._plan_or_none(sub.plan)
         boundary = sub.end_ms
-        self.effective_ms = boundary - 1  # what the ended period owes belongs to it
-        try:
+        with self.audit.effective(boundary - 1):  # what the ended period owes belongs to it
             return self._roll_at(sub, plan, boundary)
-        finally:
-            self.effective_ms = None
 
     def _roll_at(self, sub: Subscription, plan: Plan | None, boundary: int) -> list[Op]:
         ops: list[Op] = []
         ending = sub.cancel_at_end or plan is None
-        idx = self.core.account(sub.customer_id.encode())
+        idx = self.live.core.account(sub.customer_id.encode())
         ops += self._gauge_ops(sub, idx)  # the ended period's gauges, before its overage is settled
         for ct, policy in (plan.credits.items() if plan else []):
-            ops += self._reconcile(sub.customer_id, ct, self.core.state(idx)[0][ct][0])
+            ops += self.grants.reconcile(sub.customer_id, ct, self.live.core.state(idx)[0][ct][0])
             ops += self._rollover_ops(sub, ct, policy, boundary, ending)
             ops += self._cycle_end_overage_ops(sub, ct, policy)
             if policy.arrears:
@@ -310,16 +318,16 @@ class SubscriptionsMixin:
         sub.overage_billed, sub.overage_charged = {}, {}
         for ct in (plan.credits if plan else {}):
             ops += self.floor_ops(sub.customer_id, ct)  # a new period's overage allowance
-        self.core.reset_usage(idx)
+        self.live.core.reset_usage(idx)
         ops.append(self._core_op(Kind.RESET_USAGE, sub.customer_id, 0, 0))
         if ending:
             return ops + self._end_ops(sub, plan, boundary)
         if sub.next_plan:  # a downgrade asked for during the period
             plan = self._plan_or_none(sub.next_plan) or plan
             sub.plan, sub.next_plan = plan.name, ""  # type: ignore[union-attr]
-            ops += self._apply_plan_ops(sub.customer_id, plan)
+            ops += self.apply_plan_ops(sub.customer_id, plan)
         sub.n += 1
-        self.effective_ms = boundary
+        self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
         sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.period, sub.n + 1)  # type: ignore[union-attr]
         for ct, policy in plan.credits.items():  # type: ignore[union-attr]
             ops += self._included_ops(sub, plan, ct, policy.included_nano)  # type: ignore[arg-type]
@@ -331,7 +339,7 @@ class SubscriptionsMixin:
         """What is left of credits expiring at the boundary rolls over within the caps; the rest is forfeited."""
         ops: list[Op] = []
         expiring = self._period_buckets(sub, ct, boundary, ("included", "rollover"))
-        staying = sum(b.remaining_nano for b in self.accounts[sub.customer_id].buckets.get(ct, [])
+        staying = sum(b.remaining_nano for b in self.grants.accounts[sub.customer_id].buckets.get(ct, [])
                       if b not in expiring)
         incoming = 0 if ending else policy.included_nano
         rolled_total = 0
@@ -346,18 +354,18 @@ class SubscriptionsMixin:
                     rolled = min(rolled, r.balance_cap_nano - staying - incoming - rolled_total)
                 rolled = max(rolled, 0)
             forfeited = b.remaining_nano - rolled
-            held = min(forfeited, self.reserved_share(sub.customer_id, ct, b))
-            ops += self._remove_bucket(sub.customer_id, ct, b)
+            held = min(forfeited, self.holds.reserved_share(sub.customer_id, ct, b))
+            ops += self.grants.remove_bucket(sub.customer_id, ct, b)
             ops += self._forfeit_ops(sub.customer_id, ct, forfeited, held, "rollover_forfeited" if r else "expire",
                                      b.grant_id, boundary)
             if rolled:
                 rolled_total += rolled
                 expires = period_start(sub.anchor_ms, self._plan(sub.plan).period,
                                        sub.n + 1 + r.lifetime_periods) if r.lifetime_periods else 0  # type: ignore[union-attr]
-                add, gid = self._add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
+                add, gid = self.grants.add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
                                             credit=False, rollovers=b.rollovers + 1)
-                bal = self.core.state(self.core.account(sub.customer_id.encode()))[0][ct][0]
-                ops += add + self._audit_op(sub.customer_id, "rolled_over", ct, rolled, bal, bal,
+                bal = self.live.core.state(self.live.core.account(sub.customer_id.encode()))[0][ct][0]
+                ops += add + self.audit.entry_ops(sub.customer_id, "rolled_over", ct, rolled, bal, bal,
                                             f"{b.grant_id} -> {gid}")
         return ops
 
@@ -371,11 +379,11 @@ class SubscriptionsMixin:
         gone = amount - held
         ops: list[Op] = []
         if gone:
-            credit, before, after = self._credit_ops(customer_id, ct, -gone)
-            ops += credit + self._audit_op(customer_id, kind, ct, -gone, before, after, reference)
+            credit, before, after = self.grants.credit_ops(customer_id, ct, -gone)
+            ops += credit + self.audit.entry_ops(customer_id, kind, ct, -gone, before, after, reference)
         if held:
-            keep, _ = self._add_bucket(customer_id, ct, held, when, SPENT_FIRST, "held", credit=False)
-            ops += keep + self.spare_ops(customer_id, ct, held)
+            keep, _ = self.grants.add_bucket(customer_id, ct, held, when, SPENT_FIRST, "held", credit=False)
+            ops += keep + self.holds.spare_ops(customer_id, ct, held)
         return ops
 
     def _cycle_end_overage_ops(self, sub: Subscription, ct: int, policy: CreditPolicy) -> list[Op]:
@@ -384,32 +392,33 @@ class SubscriptionsMixin:
         if policy.overage.at_cycle_end != "carry":
             return self.settle_overage_ops(sub.customer_id, ct, policy, "cycle end")
         ops: list[Op] = []
-        idx = self.core.account(sub.customer_id.encode())
-        bal = self.core.state(idx)[0][ct][0]
+        idx = self.live.core.account(sub.customer_id.encode())
+        bal = self.live.core.state(idx)[0][ct][0]
         owed = sub.carried.pop(str(ct), 0)
         if owed:  # last period's carried deficit is billed now, at the prices of that overage
             billed = sub.overage_billed.get(str(ct), 0)
             money = policy.overage.charge(billed + owed) - policy.overage.charge(billed)
-            ops += self._audit_op(sub.customer_id, "overage_charged", ct, owed, bal, bal, "carried from last period",
-                                  charge=money, charge_ct=policy.overage.price_credit_type,
-                                  tiers=policy.overage.breakdown(billed, billed + owed))
+            ops += self.audit.entry_ops(sub.customer_id, "overage_charged", ct, owed, bal, bal,
+                                        "carried from last period", charge=money,
+                                        charge_ct=policy.overage.price_credit_type,
+                                        tiers=policy.overage.breakdown(billed, billed + owed))
         if bal < 0:
-            credit, before, after = self._credit_ops(sub.customer_id, ct, -bal)
-            ops += credit + self._audit_op(sub.customer_id, "deficit_carried", ct, -bal, before, after,
+            credit, before, after = self.grants.credit_ops(sub.customer_id, ct, -bal)
+            ops += credit + self.audit.entry_ops(sub.customer_id, "deficit_carried", ct, -bal, before, after,
                                            "billed at the end of the next period")
             sub.carried[str(ct)] = -bal
         return ops
 
     def settle_overage_ops(self, customer_id: str, ct: int, policy: CreditPolicy, why: str) -> list[Op]:
         """Bill (or forgive) what the customer owes below zero, and bring the balance back to zero."""
-        idx = self.core.account(customer_id.encode())
-        bal = self.core.state(idx)[0][ct][0]
+        idx = self.live.core.account(customer_id.encode())
+        bal = self.live.core.state(idx)[0][ct][0]
         if bal >= 0 or policy.overage is None:
             return []
         deficit = -bal
-        credit, before, after = self._credit_ops(customer_id, ct, deficit)
+        credit, before, after = self.grants.credit_ops(customer_id, ct, deficit)
         if policy.overage.at_cycle_end == "forgive" and why in ("cycle end", "cancel"):
-            return credit + self._audit_op(customer_id, "overage_forgiven", ct, deficit, before, after, why)
+            return credit + self.audit.entry_ops(customer_id, "overage_forgiven", ct, deficit, before, after, why)
         sub = self.subs[customer_id]
         # Graduated tiers continue from what was billed earlier in the period, and
         # what was billed still counts against the period's overage limit.
@@ -418,18 +427,18 @@ class SubscriptionsMixin:
         sub.overage_billed[str(ct)] = billed + deficit
         sub.overage_charged[str(ct)] = sub.overage_charged.get(str(ct), 0) + money
         credit += self.floor_ops(customer_id, ct) + [self._put_sub(sub)]
-        return credit + self._audit_op(customer_id, "overage_charged", ct, deficit, before, after, why,
+        return credit + self.audit.entry_ops(customer_id, "overage_charged", ct, deficit, before, after, why,
                                        charge=money, charge_ct=policy.overage.price_credit_type,
                                        tiers=policy.overage.breakdown(billed, billed + deficit))
 
     def _arrears_ops(self, sub: Subscription, ct: int) -> list[Op]:
         """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""
-        idx = self.core.account(sub.customer_id.encode())
-        bal = self.core.state(idx)[0][ct][0]
+        idx = self.live.core.account(sub.customer_id.encode())
+        bal = self.live.core.state(idx)[0][ct][0]
         if bal >= 0:
             return []
-        credit, before, after = self._credit_ops(sub.customer_id, ct, -bal)
-        return credit + self._audit_op(sub.customer_id, "usage_billed", ct, -bal, before, after,
+        credit, before, after = self.grants.credit_ops(sub.customer_id, ct, -bal)
+        return credit + self.audit.entry_ops(sub.customer_id, "usage_billed", ct, -bal, before, after,
                                        f"period {sub.n}", charge=-bal, charge_ct=ct)
 
     def _gauge_ops(self, sub: Subscription, idx: int) -> list[Op]:
@@ -438,49 +447,50 @@ class SubscriptionsMixin:
     def gauge_ops(self, customer_id: str, idx: int) -> list[Op]:
         """Max, latest and unique_count meters are charged once, on their value for the period."""
         ops: list[Op] = []
-        use = self.core.state(idx)[1]
-        for m, meter in enumerate(self.catalog.meters):
+        use = self.live.core.state(idx)[1]
+        for m, meter in enumerate(self.live.catalog.meters):
             if meter.aggregation < 2 or not use[m]:
                 continue
-            rate = self.core.find_rate(m, None)
-            cost = self.core.force_charge(idx, rate, use[m])
-            ops.append(self._log_op(records.force_charge(customer_id.encode(), rate, use[m], self._now_ms())))
-            bal = self.core.state(idx)[0][meter.credit_type][0]
-            ops += self._audit_op(customer_id, "gauge_charged", meter.credit_type, -cost, bal + cost, bal,
-                                  f"{meter.name}={self.catalog.format_quantity(m, use[m])}")
+            rate = self.live.core.find_rate(m, None)
+            cost = self.live.core.force_charge(idx, rate, use[m])
+            record = records.force_charge(customer_id.encode(), rate, use[m], self.clock.now_ms())
+            ops.append(self.journal.log_op(record))
+            bal = self.live.core.state(idx)[0][meter.credit_type][0]
+            ops += self.audit.entry_ops(customer_id, "gauge_charged", meter.credit_type, -cost, bal + cost, bal,
+                                  f"{meter.name}={self.live.catalog.format_quantity(m, use[m])}")
         return ops
 
     def _end_ops(self, sub: Subscription, plan: Plan | None, when: int) -> list[Op]:
         """End a subscription: its credits go, the account leaves the plan."""
         ops: list[Op] = []
-        idx = self.core.account(sub.customer_id.encode())
+        idx = self.live.core.account(sub.customer_id.encode())
         for ct in (plan.credits if plan else {}):
-            ops += self._reconcile(sub.customer_id, ct, self.core.state(idx)[0][ct][0])
+            ops += self.grants.reconcile(sub.customer_id, ct, self.live.core.state(idx)[0][ct][0])
             for b in self._period_buckets(sub, ct, 1 << 62, ("included", "rollover")):
-                held = self.reserved_share(sub.customer_id, ct, b)
-                ops += self._remove_bucket(sub.customer_id, ct, b)
+                held = self.holds.reserved_share(sub.customer_id, ct, b)
+                ops += self.grants.remove_bucket(sub.customer_id, ct, b)
                 ops += self._forfeit_ops(sub.customer_id, ct, b.remaining_nano, held, "expire",
                                          f"{b.grant_id} subscription ended", when)
         del self.subs[sub.customer_id]  # first: the floors below are those of no plan
         ops.append(("subs", sub.customer_id.encode(), None))
-        ops += self._apply_plan_ops(sub.customer_id, None)
+        ops += self.apply_plan_ops(sub.customer_id, None)
         return ops
 
     # ---- alerts: automatic top-up requests and early overage bills ---------------------
 
     def alert_ops(self) -> list[Op]:
         ops: list[Op] = []
-        for idx, ct in self.core.take_alerts():
-            customer_id = self.core.customer_id(idx).decode()
+        for idx, ct in self.live.core.take_alerts():
+            customer_id = self.live.core.customer_id(idx).decode()
             sub = self.subs.get(customer_id)
             plan = self._plan_or_none(sub.plan) if sub else None
             policy = plan.credits.get(ct) if plan else None
             if policy is None or sub is None:
                 continue
-            bal = self.core.state(idx)[0][ct][0]
+            bal = self.live.core.state(idx)[0][ct][0]
             if policy.low_balance_nano is not None and bal < policy.low_balance_nano and ct not in sub.topup_pending:
                 sub.topup_pending.append(ct)
-                ops += self._audit_op(customer_id, "auto_topup_requested", ct, 0, bal, bal,
+                ops += self.audit.entry_ops(customer_id, "auto_topup_requested", ct, 0, bal, bal,
                                       f"below {format_nano(policy.low_balance_nano)}",
                                       charge=policy.topup_target_nano - bal,
                                       charge_ct=ct)

@@ -1,0 +1,134 @@
+"""The control plane's calls on balances and plans: Grant, Adjust, Subscribe,
+Cancel and ChangePlan (each idempotent by key where the API has one), and the
+reads GetBalance and ListAudit."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from meterd import validate
+from meterd.audit import Audit
+from meterd.clock import Clock, month_bounds
+from meterd.config import Settings
+from meterd.errors import InvalidInput, NotFound
+from meterd.grants import Grants
+from meterd.housekeeping import Housekeeping
+from meterd.idempotency import Idempotency
+from meterd.journal import Journal
+from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Replay
+from meterd.state import Account, Live, Subscription
+from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, Subscriptions
+
+INT64_MAX = (1 << 63) - 1
+
+
+class Admin:
+    def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, audit: Audit,
+                 grants: Grants, subscriptions: Subscriptions, housekeeping: Housekeeping,
+                 idempotency: Idempotency, encode: Callable[[object], bytes]) -> None:
+        self.settings = settings
+        self.live = live
+        self.journal = journal
+        self.clock = clock
+        self.audit = audit
+        self.grants = grants
+        self.subscriptions = subscriptions
+        self.housekeeping = housekeeping
+        self.idempotency = idempotency
+        self.encode = encode
+
+    async def grant(self, customer_id: str, credit_type: str, amount_nano: int, expires_at_ms: int, priority: int,
+                    source: str, keyed: Keyed | None) -> Granted | Replay:
+        replay = self.idempotency.writable_or_replay_admin("grant", customer_id, keyed)
+        if replay is not None:
+            return replay
+        validate.customer(self.settings, customer_id)
+        ct = self.grants.credit_type(credit_type, amount_nano)
+        self.grants.check_grant(amount_nano, expires_at_ms, source)
+        key = self.idempotency.admin_key("grant", customer_id, keyed)
+        replay = await self.idempotency.replayed(key, keyed)
+        if replay is not None:
+            return replay
+        self.subscriptions.due_ops()
+        ops, gid = self.grants.grant_ops(customer_id, ct, amount_nano, expires_at_ms, priority, source or "api", "")
+        answer = Granted(gid, self.grants.balance_of(customer_id, ct))
+        ops += self.idempotency.remember(key, keyed, self.encode(answer))
+        await self.journal.commit_with(ops)
+        return answer
+
+    async def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str,
+                     keyed: Keyed | None) -> Adjusted | Replay:
+        replay = self.idempotency.writable_or_replay_admin("adjust", customer_id, keyed)
+        if replay is not None:
+            return replay
+        validate.customer(self.settings, customer_id)
+        ct = self.grants.credit_type(credit_type, amount_nano)
+        self.grants.check_adjust(amount_nano, reason)
+        key = self.idempotency.admin_key("adjust", customer_id, keyed)
+        replay = await self.idempotency.replayed(key, keyed)
+        if replay is not None:
+            return replay
+        self.subscriptions.due_ops()
+        ops, after = self.grants.adjust_ops(customer_id, ct, amount_nano, reason)
+        if amount_nano < 0:
+            ops += self.subscriptions.alert_ops()
+        answer = Adjusted(after)
+        ops += self.idempotency.remember(key, keyed, self.encode(answer))
+        await self.journal.commit_with(ops)
+        return answer
+
+    async def subscribe(self, customer_id: str, plan: str, start_ms: int,
+                        keyed: Keyed | None) -> Subscription | Replay:
+        self.journal.check_writable()
+        validate.customer(self.settings, customer_id)
+        key = self.idempotency.admin_key("subscribe", customer_id, keyed)
+        replay = await self.idempotency.replayed(key, keyed)
+        if replay is not None:
+            return replay
+        now = self.clock.now_ms()
+        if start_ms < 0 or start_ms > now + SUBSCRIBE_AHEAD_MS_MAX:
+            raise InvalidInput("start_ms", "must be 0 (now) or a time within a year")
+        self.subscriptions.due_ops()
+        ops, sub = self.subscriptions.subscribe_ops(customer_id, plan, start_ms or now, now)
+        ops += self.subscriptions.roll_due(now)  # a start in the past catches up on its periods at once
+        ops += self.idempotency.remember(key, keyed, self.encode(sub))
+        await self.journal.commit_with(ops)
+        return sub
+
+    async def cancel(self, customer_id: str, at_period_end: bool) -> Subscription:
+        self.journal.check_writable()
+        validate.customer(self.settings, customer_id)
+        self.subscriptions.due_ops()
+        ops, sub = self.subscriptions.cancel_ops(customer_id, at_period_end)
+        await self.journal.commit_with(ops)
+        return sub
+
+    async def change_plan(self, customer_id: str, plan: str) -> Subscription:
+        self.journal.check_writable()
+        validate.customer(self.settings, customer_id)
+        self.subscriptions.due_ops()
+        ops, sub = self.subscriptions.change_plan_ops(customer_id, plan, self.clock.now_ms())
+        await self.journal.commit_with(ops + self.subscriptions.alert_ops())
+        return sub
+
+    def balance(self, customer_id: str) -> BalanceView:
+        core, catalog = self.live.core, self.live.catalog
+        idx = core.account(validate.customer(self.settings, customer_id))
+        if idx < 0:
+            raise NotFound(f"customer {customer_id!r} has no account")
+        cts, use, _ = core.state(idx)
+        acct = self.grants.accounts.get(customer_id, Account())
+        sub = self.subscriptions.subs.get(customer_id)
+        if sub is not None:
+            out = BalanceView(customer_id, sub.start_ms, sub.end_ms, sub.plan)
+        else:
+            out = BalanceView(customer_id, *month_bounds(self.housekeeping.period_start_ms or self.clock.now_ms()))
+        for ct, (bal, resv, floor, *_) in enumerate(cts):
+            available = min(max(bal - resv - floor, -INT64_MAX), INT64_MAX)
+            out.balances.append(CreditBalance(catalog.credit_types[ct].name, bal, resv, floor, available,
+                                              self.grants.allocated(acct.buckets.get(ct, []), bal)))
+        out.usage = [(catalog.meters[m].name, catalog.format_quantity(m, q)) for m, q in enumerate(use)]
+        return out
+
+    def audit_entries(self, customer_id: str, after_sequence: int, limit: int) -> list:
+        return self.audit.entries(validate.customer(self.settings, customer_id), after_sequence, limit)

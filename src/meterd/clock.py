@@ -1,0 +1,40 @@
+"""The clock every period, expiry and log record is stamped by.
+
+One object, handed to each component that reads the time; tests of period
+boundaries and expiries give the engine a ``ManualClock`` and move it.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import time
+
+
+class Clock:
+    """Wall-clock time in milliseconds since the epoch (UTC)."""
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class ManualClock(Clock):
+    """A clock that moves only when told to."""
+
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
+
+
+def month_bounds(ms: int) -> tuple[int, int]:
+    """Start and end (ms, UTC) of the calendar month holding ``ms``."""
+    d = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+    start = dt.datetime(d.year, d.month, 1, tzinfo=dt.timezone.utc)
+    days = calendar.monthrange(d.year, d.month)[1]
+    end = start + dt.timedelta(days=days)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)

@@ -1,0 +1,84 @@
+"""Idempotency keys of unary calls: a retry gets the first answer back, and a
+key reused with another request is refused. The answers live in an
+``AnswerStore`` (LMDB); this is the policy around it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key, label_of_key
+from meterd.clock import Clock
+from meterd.config import Settings
+from meterd.errors import InvalidInput, StorageFull, Unavailable
+from meterd.journal import Journal
+from meterd.results import Keyed, Replay
+from meterd.store import Op
+
+
+def digest(request: bytes) -> bytes:
+    """What a remembered answer keeps of its request, to tell a reused key."""
+    return hashlib.blake2b(request, digest_size=8).digest()
+
+
+class Idempotency:
+    def __init__(self, settings: Settings, answers: AnswerStore, journal: Journal, clock: Clock,
+                 tenants: bool) -> None:
+        self.settings = settings
+        self.answers = answers
+        self.journal = journal
+        self.clock = clock
+        self.tenants = tenants  # per-tenant quotas apply
+
+    def key(self, label: str, rpc: str, customer_id: str, keyed: Keyed | None) -> bytes | None:
+        """The store key of a call (None without an idempotency key); Admin calls pass ADMIN_LABEL."""
+        if keyed is None:
+            return None
+        if len(keyed.key.encode()) > self.settings.idempotency_key_bytes_max:
+            raise InvalidInput("idempotency_key", f"longer than {self.settings.idempotency_key_bytes_max} bytes")
+        return entry_key(label, rpc, customer_id, keyed.key)
+
+    def admin_key(self, rpc: str, customer_id: str, keyed: Keyed | None) -> bytes | None:
+        """An Admin call's key, in the admin's own quota."""
+        return self.key(ADMIN_LABEL, rpc, customer_id, keyed)
+
+    def writable_or_replay(self, label: str, rpc: str, customer_id: str, keyed: Keyed | None) -> Replay | None:
+        """``check_writable``; while writes are refused, a retry of a keyed call that was
+        remembered (and has landed) is still answered."""
+        try:
+            self.journal.check_writable()
+            return None
+        except (StorageFull, Unavailable) as refused:
+            try:
+                key = self.key(label, rpc, customer_id, keyed)
+            except InvalidInput:
+                key = None
+            entry = self.answers.get(key, self.clock.now_ms()) if key is not None else None
+            if keyed is None or entry is None or entry.pending is not None or \
+                    (entry.digest and entry.digest != digest(keyed.request)):
+                raise refused from None
+            return Replay(entry.response)
+
+    def writable_or_replay_admin(self, rpc: str, customer_id: str, keyed: Keyed | None) -> Replay | None:
+        return self.writable_or_replay(ADMIN_LABEL, rpc, customer_id, keyed)
+
+    async def replayed(self, key: bytes | None, keyed: Keyed | None) -> Replay | None:
+        """The stored answer for a repeated key, or None for a new one, which is
+        refused when its tenant has no room left to remember it."""
+        if key is None or keyed is None:
+            return None
+        entry = self.answers.get(key, self.clock.now_ms())
+        if entry is None:
+            self.answers.room(label_of_key(key), self.tenants)
+            return None
+        if entry.digest and entry.digest != digest(keyed.request):
+            raise InvalidInput("idempotency_key", "was used before with a different request")
+        if entry.pending is not None:
+            await asyncio.shield(entry.pending)  # raises if that commit failed
+        return Replay(entry.response)
+
+    def remember(self, key: bytes | None, keyed: Keyed | None, response: bytes) -> list[Op]:
+        if key is None or keyed is None:
+            return []
+        return self.answers.put_ops(label_of_key(key), key, digest(keyed.request) if keyed.request else b"",
+                                    response, self.clock.now_ms())

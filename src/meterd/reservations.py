@@ -1,0 +1,215 @@
+"""Reservations: Authorize holds an amount for up to its time to live; Commit
+settles the real usage against it (exactly, the rest given back) and Release
+gives it all back. Each settled reservation leaves its final answer for
+retries (``settled`` answers); one that times out is released by the
+housekeeping timer."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+from typing import Callable, Mapping
+
+from meterd import records, validate
+from meterd.answers import AnswerStore, entry_key
+from meterd.clock import Clock
+from meterd.config import Settings
+from meterd.errors import Conflict, InvalidInput, NotFound
+from meterd.holds import Holds
+from meterd.idempotency import Idempotency, digest
+from meterd.journal import Journal
+from meterd.records import Kind
+from meterd.results import (
+    ALLOW,
+    DECISION_NAMES,
+    DEGRADE,
+    DENY,
+    REASON_INSUFFICIENT_BALANCE,
+    REASON_UNKNOWN_CUSTOMER,
+    Authorized,
+    Committed,
+    Keyed,
+    Quantity,
+    Released,
+    Replay,
+)
+from meterd.security import Tenant
+from meterd.state import Live, Reservation
+from meterd.store import Op
+from meterd.subscriptions import Subscriptions
+
+log = logging.getLogger("meterd.engine")
+
+RESERVATION_ID_BYTES_MAX = 64
+SETTLED_BY = {b"C": "Commit", b"R": "Release"}  # the first byte of a reservation's settled answer
+
+
+class Reservations:
+    def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, holds: Holds,
+                 subscriptions: Subscriptions, idempotency: Idempotency, settled: AnswerStore,
+                 encode: Callable[[object], bytes], decisions: collections.Counter[tuple[str, str]]) -> None:
+        self.settings = settings
+        self.live = live
+        self.journal = journal
+        self.clock = clock
+        self.holds = holds
+        self.subscriptions = subscriptions
+        self.idempotency = idempotency
+        self.settled = settled
+        self.encode = encode        # an answer as it is remembered for retries (the API's wire form)
+        self.decisions = decisions  # (rpc, outcome) counts, for metrics
+
+    async def authorize(self, tenant: Tenant | None, customer_id: str, meter_name: str,
+                        dimensions: Mapping[str, str], quantity: Quantity, ttl_ms: int,
+                        keyed: Keyed | None) -> Authorized | Replay:
+        label = validate.label_of(tenant)
+        validate.check_tenant(tenant, customer_id, "customer_id")
+        replay = self.idempotency.writable_or_replay(label, "authorize", customer_id, keyed)
+        if replay is not None:
+            return replay
+        cust = validate.customer(self.settings, customer_id)
+        meter, value, rate = validate.rate(self.settings, self.live, meter_name, dimensions)
+        qty = validate.quantity(self.live, meter, quantity)
+        key = self.idempotency.key(label, "authorize", customer_id, keyed)
+        replay = await self.idempotency.replayed(key, keyed)
+        if replay is not None:
+            return replay
+        ttl_ms = ttl_ms or self.settings.reservation_ttl_s * 1000
+        if ttl_ms > self.settings.reservation_ttl_max_s * 1000:
+            raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
+        core = self.live.core
+        ct, amount = core.quote(rate, qty)
+        self.holds.open_room("reservation", label)
+        self.subscriptions.due_ops()
+        idx = core.account(cust)
+        if idx < 0 or not core.reserve(idx, ct, amount):
+            await self.subscriptions.roll_settled()
+            refusal = self._refusal(customer_id, idx, ct)
+            self.decisions[("Authorize", DECISION_NAMES[refusal.decision])] += 1
+            return refusal
+        now = self.clock.now_ms()
+        res = Reservation("r_" + secrets.token_hex(12), customer_id, ct, meter, value, rate, amount, now + ttl_ms,
+                          label, dims=validate.dimension_set(dimensions))
+        self.holds.add_reservation(res)
+        answer = Authorized(ALLOW, self.live.catalog.credit_types[ct].name, core.available(idx, ct),
+                            reservation_id=res.reservation_id, reserved_nano=amount, expires_at_ms=res.expires_at_ms)
+        ops = [self.journal.log_op(records.account(Kind.RESERVE, cust, ct, amount, now)),
+               ("reservations", res.reservation_id.encode(), res.to_json(self.live.catalog))]
+        if key is not None:
+            ops += self.idempotency.remember(key, keyed, self.encode(answer))
+        self.decisions[("Authorize", "allow")] += 1
+        await self.journal.commit_with(ops)
+        return answer
+
+    def _refusal(self, customer_id: str, idx: int, ct: int) -> Authorized:
+        """Deny, or degrade when the customer's plan has a fallback mode for this credit type."""
+        ct_name = self.live.catalog.credit_types[ct].name
+        available = self.live.core.available(idx, ct) if idx >= 0 else 0
+        if idx < 0:
+            return Authorized(DENY, ct_name, available, reason=REASON_UNKNOWN_CUSTOMER)
+        fallback = self.subscriptions.fallback(customer_id, ct)
+        if fallback is not None:
+            return Authorized(DEGRADE, ct_name, available, mode=fallback[0], priority=fallback[1])
+        return Authorized(DENY, ct_name, available, reason=REASON_INSUFFICIENT_BALANCE)
+
+    async def settled_answer(self, key: bytes, by: bytes, request: bytes, what: str) -> bytes | None:
+        """The final answer a reservation or session left (without its first byte,
+        which says what settled it), or None when it has none in its window."""
+        entry = self.settled.get(key, self.clock.now_ms())
+        if entry is None:
+            return None
+        if entry.response[:1] != by:
+            raise Conflict(f"{what} was settled by {SETTLED_BY.get(entry.response[:1], 'another call')} already")
+        if entry.digest and entry.digest != digest(request):
+            raise InvalidInput("quantity", f"{what} was settled before with a different quantity")
+        if entry.pending is not None:
+            await asyncio.shield(entry.pending)  # raises if that commit failed
+        return entry.response[1:]
+
+    async def _settling(self, by: bytes, tenant: Tenant | None, rid: str,
+                        request: bytes) -> tuple[bytes, Replay | Reservation]:
+        """The settled-answer key of a Commit (``by`` b"C") or Release (b"R"), and the
+        earlier answer if the reservation was settled the same way already, or else
+        the open reservation. Answers are kept per tenant; a retry is answered even
+        while writes are refused."""
+        if not rid or len(rid.encode()) > RESERVATION_ID_BYTES_MAX:
+            raise NotFound(f"reservation {rid[:RESERVATION_ID_BYTES_MAX]!r} is unknown")
+        key = entry_key(validate.label_of(tenant), "reservation", rid)
+        replay = await self.settled_answer(key, by, request, f"reservation {rid!r}")
+        if replay is not None:
+            return key, Replay(replay)
+        self.journal.check_writable()
+        res = self.holds.reservations.get(rid)
+        if res is None:
+            raise NotFound(f"reservation {rid[:RESERVATION_ID_BYTES_MAX]!r} is unknown, expired or already settled")
+        return key, res
+
+    async def commit(self, tenant: Tenant | None, reservation_id: str, quantity: Quantity,
+                     request: bytes) -> Committed | Replay:
+        key, res = await self._settling(b"C", tenant, reservation_id, request)
+        if isinstance(res, Replay):
+            return res
+        if res.rate < 0:
+            raise NotFound("the reservation's meter is no longer in the catalog; release it")
+        qty = validate.quantity(self.live, res.meter, quantity)
+        core = self.live.core
+        cust = res.customer_id.encode()
+        idx = core.account(cust)
+        self.subscriptions.due_ops()
+        at = self.clock.now_ms()
+        core.set_clock(at)
+        dims = validate.settle_set(core, idx, res.meter, res.dims, cust)
+        cost, overrun = core.settle(idx, res.rate, qty, res.amount_nano, dims)
+        if overrun:
+            log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
+                        res.customer_id, res.reservation_id, overrun)
+        self.holds.forget_reservation(res)
+        ops = [self.journal.log_op(records.settle(cust, res.rate, qty, res.amount_nano, dims, at)),
+               ("reservations", res.reservation_id.encode(), None)]
+        ops += self.holds.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
+        answer = Committed(cost, max(res.amount_nano - cost, 0), core.state(idx)[0][res.credit_type][0], overrun)
+        ops += self.subscriptions.alert_ops()
+        ops += self.settled.put_ops(validate.label_of(tenant), key, digest(request), b"C" + self.encode(answer), at)
+        await self.journal.commit_with(ops)
+        return answer
+
+    async def release(self, tenant: Tenant | None, reservation_id: str, request: bytes) -> Released | Replay:
+        key, res = await self._settling(b"R", tenant, reservation_id, request)
+        if isinstance(res, Replay):
+            return res
+        self.subscriptions.due_ops()
+        ops = self.release_ops(res)
+        core = self.live.core
+        idx = core.account(res.customer_id.encode())
+        answer = Released(res.amount_nano, core.available(idx, res.credit_type) if res.credit_type >= 0 else 0)
+        ops += self.settled.put_ops(validate.label_of(tenant), key, digest(request), b"R" + self.encode(answer),
+                                    self.clock.now_ms())
+        await self.journal.commit_with(ops)
+        return answer
+
+    def release_ops(self, res: Reservation) -> list[Op]:
+        """Give a reservation back; credits of an ended period it held go at once, by that period's rules."""
+        self.holds.forget_reservation(res)
+        ops: list[Op] = [("reservations", res.reservation_id.encode(), None)]
+        if res.credit_type >= 0:
+            cust = res.customer_id.encode()
+            core = self.live.core
+            core.release(core.account(cust), res.credit_type, res.amount_nano)
+            ops.append(self.journal.log_op(records.account(Kind.RELEASE, cust, res.credit_type, res.amount_nano,
+                                                           self.clock.now_ms())))
+            ops += self.holds.spared_ops(res.customer_id, res.credit_type, res.spared_nano, 0)
+        return ops
+
+    async def expire(self, now: int, chunk: int) -> None:
+        """Release what is due, ``chunk`` ops per commit: the event loop serves calls in between."""
+        while True:
+            ops: list[Op] = []
+            while len(ops) < chunk and (res := self.holds.pop_due(now)) is not None:
+                log.info("reservation expired: customer=%s reservation=%s amount_nano=%d",
+                         res.customer_id, res.reservation_id, res.amount_nano)
+                ops += self.release_ops(res)
+            if not ops:
+                return
+            await self.journal.commit_with(ops, maintenance=True)

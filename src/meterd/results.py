@@ -1,0 +1,119 @@
+"""What the engine answers, in its own terms: the servicers turn these into
+protobuf messages (meterd.wire), and the engine never sees one.
+
+Decision and reason codes have the numbers of the API's enums (the cores return
+them); a test holds the two together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meterd.state import Bucket
+
+ALLOW, DENY, DEGRADE = 1, 2, 3
+REASON_NONE, REASON_INSUFFICIENT_BALANCE, REASON_UNKNOWN_CUSTOMER, REASON_OVERFLOW = 0, 1, 2, 3
+DECISION_NAMES = {ALLOW: "allow", DEGRADE: "degrade", DENY: "deny"}
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """An idempotency key, and the request it came with in a canonical form (for the digest)."""
+    key: str
+    request: bytes
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A remembered answer, as it was first encoded: a retry gets it back, marked duplicate."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A request's quantity: whole units, or an exact decimal (``decimal`` not None)."""
+    whole: int = 0
+    decimal: str | None = None
+
+
+@dataclass
+class Authorized:
+    decision: int
+    credit_type: str
+    available_nano: int
+    reason: int = REASON_NONE
+    reservation_id: str = ""
+    reserved_nano: int = 0
+    expires_at_ms: int = 0
+    mode: str = ""
+    priority: int = 0
+
+
+@dataclass
+class Committed:
+    cost_nano: int
+    released_nano: int
+    balance_nano: int
+    overrun_nano: int
+
+
+@dataclass
+class Released:
+    released_nano: int
+    available_nano: int
+
+
+@dataclass
+class SessionState:
+    decision: int
+    session_id: str
+    credit_type: str
+    closed: bool
+    reason: int = REASON_NONE
+    billed_quantity: str = ""
+    cost_nano: int = 0
+    balance_nano: int = 0
+    started_at_ms: int = 0
+
+
+@dataclass
+class Granted:
+    grant_id: str
+    balance_nano: int
+
+
+@dataclass
+class Adjusted:
+    balance_nano: int
+
+
+@dataclass
+class CreditBalance:
+    credit_type: str
+    balance_nano: int
+    reserved_nano: int
+    floor_nano: int
+    available_nano: int
+    grants: list[Bucket] = field(default_factory=list)
+
+
+@dataclass
+class BalanceView:
+    customer_id: str
+    period_start_ms: int
+    period_end_ms: int
+    plan: str = ""
+    balances: list[CreditBalance] = field(default_factory=list)
+    usage: list[tuple[str, str]] = field(default_factory=list)  # (meter, exact quantity)
+
+
+@dataclass
+class LedgerState:
+    sidecar_id: str
+    ledger: str  # its URL, without credentials
+    flushed_sequence: int
+    backlog_usage_rows: int
+    backlog_entries: int
+    last_flush_ms: int
+    last_error: str
+    consecutive_failures: int

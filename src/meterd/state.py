@@ -1,0 +1,181 @@
+"""The records the engine's components keep in Python, and the core and catalog in force.
+
+Each type here is owned by one component (named on it) and written through to
+LMDB by that component, in the commit of the change; the others only read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, overload
+
+if TYPE_CHECKING:
+    from meterd.catalog import Catalog
+
+HELD = "held"  # the bucket source of an ended period's credits spared for its open holds
+
+
+class Live:
+    """The core and the catalog in force. Recovery and a catalog reload replace
+    both at once; every component reads them here, never a copy of its own."""
+
+    __slots__ = ("core", "catalog")
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.core: Any = None  # set by the first recovery
+
+
+@dataclass
+class ClientState:
+    """A batch client's last sequence and its answer (owned by clients.Clients)."""
+    sequence: int
+    seen_ms: int
+    result: bytes
+    pending: asyncio.Future | None = None
+
+
+@dataclass
+class Reservation:
+    """An open hold made by Authorize (owned by holds.Holds)."""
+    reservation_id: str
+    customer_id: str
+    credit_type: int
+    meter: int
+    dim_value: str | None
+    rate: int
+    amount_nano: int
+    expires_at_ms: int
+    tenant: str = ""  # the label of the tenant that made it: its settled answer is that tenant's
+    # Credits of a period that ended while this was open, kept for it (see holds.Holds.spared_ops).
+    spared_nano: int = 0
+    # Its dimension set (canonical bytes), when it has more than its price dimension: the usage is filed under it.
+    dims: bytes | None = None
+
+    def to_json(self, catalog: Catalog) -> bytes:
+        return json.dumps({
+            "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
+            "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
+            "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant,
+            "spared_nano": self.spared_nano, "dims": None if self.dims is None else self.dims.hex()}).encode()
+
+
+@dataclass
+class Session:
+    """An open duration session (owned by holds.Holds, run by sessions.Sessions)."""
+    session_id: str
+    customer_id: str
+    meter: int
+    dim_value: str | None
+    credit_type: int
+    started_ms: int
+    billed_ms: int          # time up to here is billed
+    heartbeat_ms: int       # the last heartbeat (or the start)
+    timeout_ms: int
+    reserved_nano: int      # held for the next interval
+    billed_units: int = 0
+    cost_nano: int = 0
+    tenant: str = ""        # the label of the tenant that started it: its final answer is that tenant's
+    spared_nano: int = 0    # credits of a period that ended during its held interval, kept for it
+    dims_hex: str = ""      # its dimension set, when it has more than its price dimension (hex)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+
+@dataclass
+class Subscription:
+    """A customer on a plan and its current period (owned by subscriptions.Subscriptions)."""
+    customer_id: str
+    plan: str
+    anchor_ms: int
+    n: int                      # index of the current period
+    start_ms: int
+    end_ms: int
+    cancel_at_end: bool = False
+    topup_pending: list[int] = field(default_factory=list)
+    # Overage billed early in this period, per credit type (as str for JSON):
+    # graduated tiers continue from it and it counts against the limit.
+    overage_billed: dict[str, int] = field(default_factory=dict)
+    # A downgrade waits for the end of the period (the period is paid for).
+    next_plan: str = ""
+    # at_cycle_end = "carry": the deficit carried from the last period, billed at this one's end.
+    carried: dict[str, int] = field(default_factory=dict)
+    # The money billed for this period's overage, per credit type: a spend limit
+    # counts it, whatever plan (and prices) it was billed under.
+    overage_charged: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+
+@dataclass
+class Bucket:
+    """A grant's remaining credits (owned by grants.Grants)."""
+    grant_id: str
+    remaining_nano: int
+    expires_at_ms: int
+    priority: int
+    source: str
+    order: int
+    rollovers: int = 0  # how many period boundaries these credits have rolled over
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.priority, self.expires_at_ms or (1 << 62), self.order)
+
+
+@dataclass
+class Account:
+    """Per-customer state held in Python: grant buckets per credit type."""
+    buckets: dict[int, list[Bucket]] = field(default_factory=dict)
+
+
+class Accounts:
+    """The grant buckets of every customer, read from LMDB the first time a
+    customer's are needed: a start does not parse a million grants. What is
+    loaded is authoritative from then on (changes are applied here first, then
+    committed); a customer not loaded has no change in flight, so LMDB has its
+    buckets as they are."""
+
+    def __init__(self, load: Callable[[str], Account | None]) -> None:
+        self._load = load
+        self._loaded: dict[str, Account] = {}
+
+    @overload
+    def get(self, customer_id: str) -> Account | None: ...
+
+    @overload
+    def get(self, customer_id: str, default: Account) -> Account: ...
+
+    def get(self, customer_id: str, default: Account | None = None) -> Account | None:
+        acct = self._loaded.get(customer_id)
+        if acct is None:
+            acct = self._load(customer_id)
+            if acct is None:
+                return default
+            self._loaded[customer_id] = acct
+        return acct
+
+    def __getitem__(self, customer_id: str) -> Account:
+        acct = self.get(customer_id)
+        if acct is None:
+            raise KeyError(customer_id)
+        return acct
+
+    def __setitem__(self, customer_id: str, acct: Account) -> None:
+        self._loaded[customer_id] = acct
+
+    def __contains__(self, customer_id: object) -> bool:
+        return isinstance(customer_id, str) and self.get(customer_id) is not None
+
+    def setdefault(self, customer_id: str, default: Account) -> Account:
+        acct = self.get(customer_id)
+        if acct is None:
+            acct = self._loaded[customer_id] = default
+        return acct
+
+    def loaded(self) -> list[tuple[str, Account]]:
+        """The customers whose buckets are in memory (the others' are in LMDB as they are)."""
+        return list(self._loaded.items())

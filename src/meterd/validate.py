@@ -1,0 +1,101 @@
+"""Checks of untrusted input that the components share: customer ids, meters
+and their prices, quantities, dimensions and tenants. Each failure names the
+field and what is wrong with it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from meterd import _fastpath_py
+from meterd.config import Settings
+from meterd.errors import Forbidden, InvalidInput
+from meterd.results import Quantity
+from meterd.security import Tenant
+from meterd.state import Live
+
+log = logging.getLogger("meterd.engine")
+
+INT64_MAX = (1 << 63) - 1
+NAME_ECHO_CHARS = 64  # at most this much of an unknown name is repeated in an error
+
+
+def label_of(tenant: Tenant | None) -> str:
+    """Whose quota a data-plane call uses: its tenant's, or the one tenant of a daemon without tokens."""
+    return "" if tenant is None else tenant.name
+
+
+def check_tenant(tenant: Tenant | None, customer_id: str, field: str) -> None:
+    """A data-plane token may meter only the customers whose ids start with its prefix."""
+    if tenant is not None and not customer_id.encode().startswith(tenant.prefix):
+        raise Forbidden(field, "is not one of this token's customers")
+
+
+def customer(settings: Settings, customer_id: str) -> bytes:
+    b = customer_id.encode()
+    if not b:
+        raise InvalidInput("customer_id", "must not be empty")
+    if len(b) > settings.customer_id_bytes_max:
+        raise InvalidInput("customer_id", f"longer than {settings.customer_id_bytes_max} bytes")
+    if not all(0x21 <= c <= 0x7E for c in b):
+        raise InvalidInput("customer_id", "must be printable ASCII without spaces")
+    return b
+
+
+def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[str, str]) -> tuple[int, str | None, int]:
+    """The meter, its price dimension's value and the rate of a held amount."""
+    catalog = live.catalog
+    meter = catalog.meter_index.get(meter_name)
+    if meter is None:
+        raise InvalidInput("meter", f"unknown meter {meter_name[:NAME_ECHO_CHARS]!r}")
+    if len(dimensions) > settings.dimensions_max:
+        raise InvalidInput("dimensions", "too many entries")
+    for k, v in dimensions.items():
+        if not k or len(k.encode()) > settings.dimension_key_bytes_max \
+                or len(v.encode()) > settings.dimension_value_bytes_max:
+            raise InvalidInput("dimensions", "too long" if k else "must not be empty")
+    key = catalog.meters[meter].price_dimension
+    if catalog.meters[meter].aggregation > 1:
+        raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end; report it")
+    value = dimensions.get(key) if key else None
+    found = live.core.find_rate(meter, None if value is None else value.encode())
+    if found < 0:
+        raise InvalidInput("dimensions", _fastpath_py.no_price_message(
+            meter_name.encode(), key.encode(), None if value is None else value.encode()))
+    return meter, value, found
+
+
+def quantity(live: Live, meter: int, q: Quantity, field_prefix: str = "") -> int:
+    """A request's quantity in the meter's smallest unit, exactly."""
+    spec = live.catalog.meters[meter]
+    if q.decimal is not None:
+        try:
+            return _fastpath_py.parse_decimal(q.decimal.encode(), spec.precision, spec.name.encode())
+        except _fastpath_py._DecodeError as e:
+            raise InvalidInput(field_prefix + "quantity_decimal", e.message) from None
+    if q.whole < 0:
+        raise InvalidInput(field_prefix + "quantity", "must not be negative")
+    units = q.whole * 10**spec.precision
+    if units > INT64_MAX:
+        raise InvalidInput(field_prefix + "quantity", "cost or quantity overflows 64 bits")
+    return units
+
+
+def dimension_set(dimensions: Mapping[str, str]) -> bytes | None:
+    """A reservation's or session's dimension set, as the cores keep it; None when it has
+    none. (Its price dimension alone is not left to the rate: a meter's default price
+    has an empty set, whatever value the request gave.)"""
+    if not dimensions:
+        return None
+    return _fastpath_py.canonical_set({k.encode(): v.encode() for k, v in dimensions.items()})
+
+
+def settle_set(core: Any, idx: int, meter: int, dims: bytes | None, cust: bytes) -> bytes | None:
+    """The set a settlement is filed under: its own, or its price dimension alone when its
+    own does not fit dimension_sets_per_window_max (a settlement is never refused: the
+    work was done)."""
+    if dims is not None and not core.set_allowed(idx, meter, dims):
+        log.warning("usage of customer %s filed under its price dimension alone: its dimension set does not "
+                    "fit dimension_sets_per_window_max", cust.decode())
+        return None
+    return dims
