@@ -21,7 +21,7 @@ from typing import Any
 
 from meterd.config import _FIELDS as SETTINGS_FIELDS
 from meterd.config import CATALOG_TABLES, read_toml
-from meterd.errors import ConfigError
+from meterd.errors import ConfigError, invariant
 from meterd.plans import Plan, parse_plans
 
 NANO = 10**9
@@ -95,6 +95,29 @@ class CompiledCatalog:
             "plan_names": list(self.plan_names), "free": [list(row) for row in self.free],
             "credit_types": list(self.credit_types), "meter_names": list(self.meter_names),
             "precisions": list(self.precisions)}).encode()
+
+    def check(self) -> None:
+        """The tables agree with each other (before a snapshot stores them, and after one is read back)."""
+        credit_types, meters = len(self.credit_types), len(self.meters)
+        invariant(len(self.denominators) == credit_types and all(d >= 1 for d in self.denominators),
+                  "compiled catalog: one positive denominator per credit type")
+        invariant(len(self.meter_names) == len(self.precisions) == meters, "compiled catalog: one name and "
+                  "precision per meter")
+        invariant(all(0 <= m[1] < credit_types for m in self.meters), "compiled catalog: meters priced in a "
+                  "credit type it has")
+        invariant(all(0 <= r[0] < meters for r in self.rates), "compiled catalog: rates of meters it has")
+        invariant(len(self.plans) == len(self.free) == len(self.plan_names), "compiled catalog: one row per plan")
+        invariant(all(len(row) == credit_types for row in self.plans), "compiled catalog: a plan row per credit "
+                  "type")
+        invariant(all(len(row) == meters for row in self.free), "compiled catalog: free units per meter")
+
+    @functools.cached_property
+    def checked_json(self) -> bytes:
+        """The stored form, once it is known to read back as this catalog."""
+        self.check()
+        invariant(CompiledCatalog.from_json(self.json) == self, "compiled catalog: its stored form reads back "
+                  "as itself")
+        return self.json
 
     @classmethod
     def from_json(cls, data: bytes) -> CompiledCatalog:

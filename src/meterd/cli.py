@@ -377,22 +377,8 @@ def _command(sub: Any, name: str, summary: str, examples: str, settings: bool = 
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="meterd", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny.",
-        epilog="Settings come from flags, then METERD_* variables, then --config FILE, then the defaults.\n"
-               "Run `meterd COMMAND --help` for a command's options and examples.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = _command(sub, "serve", "run the daemon (Ctrl-C or SIGTERM stops it gracefully)",
-                 "  meterd serve                                   # embedded defaults, demo catalog\n"
-                 "  meterd serve --config examples/cursor.toml     # settings and catalog in one file\n"
-                 "  METERD_LEDGER=postgresql://meterd@db/ledger meterd serve --catalog catalog.toml")
-    p.set_defaults(func=cmd_serve)
-    p = _command(sub, "check-config", "validate settings and catalog, print what they say, then exit",
-                 "  meterd check-config examples/openai.toml\n  meterd check-config --catalog catalog.toml")
-    p.add_argument("file", nargs="?", help="a settings file, a catalog, or both in one (same as --config)")
-    p.set_defaults(func=cmd_check_config)
+def _balance_commands(sub: Any) -> None:
+    """balance, grant and adjust: calls on a running daemon."""
     p = _command(sub, "balance", "print a customer's balances and usage this period",
                  "  meterd balance --customer demo\n"
                  "  meterd balance --customer acme --target 10.0.0.5:50051 --token-file tenant.token")
@@ -428,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="a repeat with the same key adjusts nothing more")
     _client_args(p)
     p.set_defaults(func=cmd_adjust)
+
+
+def _ledger_commands(sub: Any) -> None:
+    """statement and usage: reads of the central ledger."""
     p = _command(sub, "statement", "what a customer owes for a month, from the central ledger",
                  "  meterd statement --customer demo --period 2026-11\n"
                  "  meterd statement --customer demo --period 2026-11 --json")
@@ -447,6 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", choices=["minute", "hour", "day"], help="one row per window (default: the range)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_usage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meterd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Real-time metering sidecar: rate usage, debit balances at once, answer allow or deny.",
+        epilog="Settings come from flags, then METERD_* variables, then --config FILE, then the defaults.\n"
+               "Run `meterd COMMAND --help` for a command's options and examples.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _command(sub, "serve", "run the daemon (Ctrl-C or SIGTERM stops it gracefully)",
+                 "  meterd serve                                   # embedded defaults, demo catalog\n"
+                 "  meterd serve --config examples/cursor.toml     # settings and catalog in one file\n"
+                 "  METERD_LEDGER=postgresql://meterd@db/ledger meterd serve --catalog catalog.toml")
+    p.set_defaults(func=cmd_serve)
+    p = _command(sub, "check-config", "validate settings and catalog, print what they say, then exit",
+                 "  meterd check-config examples/openai.toml\n  meterd check-config --catalog catalog.toml")
+    p.add_argument("file", nargs="?", help="a settings file, a catalog, or both in one (same as --config)")
+    p.set_defaults(func=cmd_check_config)
+    _balance_commands(sub)
+    _ledger_commands(sub)
     p = _command(sub, "bench", "run the benchmark suite from a source checkout (about 4 minutes)",
                  "  meterd bench\n  meterd bench -- --seconds 3 --skip capacity,baselines", settings=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on, for example -- --seconds 3")

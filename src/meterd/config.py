@@ -172,44 +172,62 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {name}: expected {kind}, got {value!r}") from None
 
 
-def _validate(s: Settings) -> None:
-    def need(cond: bool, name: str, message: str) -> None:
-        if not cond:
-            raise ConfigError(f"{name}: {message}")
+def _need(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {message}")
 
-    need(s.map_size_bytes >= 1 << 20, "map_size_bytes", "must be at least 1 MiB")
-    need(10 <= s.map_high_water_percent <= 95, "map_high_water_percent", "must be 10 to 95")
-    need(1 <= s.map_low_water_percent < s.map_high_water_percent, "map_low_water_percent",
+
+def _validate(s: Settings) -> None:
+    _check_storage(s)
+    _check_sizes(s)
+    _check_tables(s)
+    _check_timers(s)
+    _check_addresses(s)
+
+
+def _check_storage(s: Settings) -> None:
+    """The LMDB map and its reserve."""
+    _need(s.map_size_bytes >= 1 << 20, "map_size_bytes", "must be at least 1 MiB")
+    _need(10 <= s.map_high_water_percent <= 95, "map_high_water_percent", "must be 10 to 95")
+    _need(1 <= s.map_low_water_percent < s.map_high_water_percent, "map_low_water_percent",
          "must be at least 1 and less than map_high_water_percent")
     # The reserve above the high-water mark holds a batch admitted just under it, and then the
     # snapshot that writes its usage as rows before the trim frees its log record.
     reserve = s.map_size_bytes * (100 - s.map_high_water_percent) // 100
-    need(reserve >= 2 * s.batch_bytes_max, "map_high_water_percent",
+    _need(reserve >= 2 * s.batch_bytes_max, "map_high_water_percent",
          f"leaves {reserve} bytes of map_size_bytes ({s.map_size_bytes}) above it for snapshots and flushes, "
          f"less than two batches of batch_bytes_max ({s.batch_bytes_max}); raise map_size_bytes or lower either")
-    need(0 <= s.group_commit_window_us <= 100_000, "group_commit_window_us", "must be 0 to 100000")
-    need(s.group_commit_ops_max >= 1, "group_commit_ops_max", "must be at least 1")
-    need(100 <= s.gil_switch_interval_us <= 100_000, "gil_switch_interval_us", "must be 100 to 100000")
-    need(1 <= s.batch_events_max <= 100_000, "batch_events_max", "must be 1 to 100000")
-    need(1024 <= s.batch_bytes_max <= 64 << 20, "batch_bytes_max", "must be 1 KiB to 64 MiB")
-    need(1 <= s.customer_id_bytes_max <= 255, "customer_id_bytes_max", "must be 1 to 255")
-    need(1 <= s.client_id_bytes_max <= 128, "client_id_bytes_max", "must be 1 to 128")
-    need(0 <= s.dimensions_max <= 64, "dimensions_max", "must be 0 to 64")
-    need(1 <= s.dimension_key_bytes_max <= 1024, "dimension_key_bytes_max", "must be 1 to 1024")
-    need(1 <= s.dimension_value_bytes_max <= 1024, "dimension_value_bytes_max", "must be 1 to 1024")
-    need(1 <= s.dimension_sets_per_window_max <= 1_000_000, "dimension_sets_per_window_max",
+
+
+def _check_sizes(s: Settings) -> None:
+    """The bounds of one call: batches, ids, dimensions, streams."""
+    _need(0 <= s.group_commit_window_us <= 100_000, "group_commit_window_us", "must be 0 to 100000")
+    _need(s.group_commit_ops_max >= 1, "group_commit_ops_max", "must be at least 1")
+    _need(100 <= s.gil_switch_interval_us <= 100_000, "gil_switch_interval_us", "must be 100 to 100000")
+    _need(1 <= s.batch_events_max <= 100_000, "batch_events_max", "must be 1 to 100000")
+    _need(1024 <= s.batch_bytes_max <= 64 << 20, "batch_bytes_max", "must be 1 KiB to 64 MiB")
+    _need(1 <= s.customer_id_bytes_max <= 255, "customer_id_bytes_max", "must be 1 to 255")
+    _need(1 <= s.client_id_bytes_max <= 128, "client_id_bytes_max", "must be 1 to 128")
+    _need(0 <= s.dimensions_max <= 64, "dimensions_max", "must be 0 to 64")
+    _need(1 <= s.dimension_key_bytes_max <= 1024, "dimension_key_bytes_max", "must be 1 to 1024")
+    _need(1 <= s.dimension_value_bytes_max <= 1024, "dimension_value_bytes_max", "must be 1 to 1024")
+    _need(1 <= s.dimension_sets_per_window_max <= 1_000_000, "dimension_sets_per_window_max",
          "must be 1 to 1000000")
-    need(1 <= s.idempotency_key_bytes_max <= 255, "idempotency_key_bytes_max", "must be 1 to 255")
-    need(1 <= s.streams_max <= 100_000, "streams_max", "must be 1 to 100000")
-    need(1 <= s.reservation_ttl_s <= s.reservation_ttl_max_s, "reservation_ttl_s",
+    _need(1 <= s.idempotency_key_bytes_max <= 255, "idempotency_key_bytes_max", "must be 1 to 255")
+    _need(1 <= s.streams_max <= 100_000, "streams_max", "must be 1 to 100000")
+
+
+def _check_tables(s: Settings) -> None:
+    """The bounded tables and their per-tenant shares."""
+    _need(1 <= s.reservation_ttl_s <= s.reservation_ttl_max_s, "reservation_ttl_s",
          "must be at least 1 and at most reservation_ttl_max_s")
-    need(s.reservations_max >= 1, "reservations_max", "must be at least 1")
-    need(s.idempotency_window_s >= 1, "idempotency_window_s", "must be at least 1")
-    need(s.idempotency_keys_max >= 1, "idempotency_keys_max", "must be at least 1")
-    need(s.clients_max >= 1, "clients_max", "must be at least 1")
-    need(s.sessions_max >= 1, "sessions_max", "must be at least 1")
-    need(s.stream_idle_timeout_s > 0, "stream_idle_timeout_s", "must be positive")
-    need(s.settled_answers_max >= 1, "settled_answers_max", "must be at least 1")
+    _need(s.reservations_max >= 1, "reservations_max", "must be at least 1")
+    _need(s.idempotency_window_s >= 1, "idempotency_window_s", "must be at least 1")
+    _need(s.idempotency_keys_max >= 1, "idempotency_keys_max", "must be at least 1")
+    _need(s.clients_max >= 1, "clients_max", "must be at least 1")
+    _need(s.sessions_max >= 1, "sessions_max", "must be at least 1")
+    _need(s.stream_idle_timeout_s > 0, "stream_idle_timeout_s", "must be positive")
+    _need(s.settled_answers_max >= 1, "settled_answers_max", "must be at least 1")
     for per_tenant, total in (("reservations_per_tenant_max", "reservations_max"),
                               ("sessions_per_tenant_max", "sessions_max"),
                               ("idempotency_keys_per_tenant_max", "idempotency_keys_max"),
@@ -217,24 +235,32 @@ def _validate(s: Settings) -> None:
                               ("clients_per_tenant_max", "clients_max"),
                               ("streams_per_tenant_max", "streams_max")):
         # Above the total it has no effect: the total is reached first.
-        need(getattr(s, per_tenant) >= 1, per_tenant, f"must be at least 1 (it applies below {total})")
-    need(s.client_ttl_s >= s.idempotency_window_s, "client_ttl_s", "must be at least idempotency_window_s")
-    need(s.snapshot_interval_s > 0, "snapshot_interval_s", "must be positive")
-    need(s.snapshot_log_records_max >= 1, "snapshot_log_records_max", "must be at least 1")
-    need(s.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
-    need(s.log_level in ("debug", "info", "warning", "error"), "log_level", "must be debug, info, warning or error")
-    need(s.log_format in ("json", "kv"), "log_format", "must be json or kv")
-    need(s.ledger_flush_interval_s > 0, "ledger_flush_interval_s", "must be positive")
-    need(1 <= s.ledger_flush_rows_max <= 1_000_000, "ledger_flush_rows_max", "must be 1 to 1000000")
-    need(s.ledger_timeout_s > 0, "ledger_timeout_s", "must be positive")
-    need(s.ledger_retry_max_s >= s.ledger_flush_interval_s, "ledger_retry_max_s",
+        _need(getattr(s, per_tenant) >= 1, per_tenant, f"must be at least 1 (it applies below {total})")
+
+
+def _check_timers(s: Settings) -> None:
+    """Timers, logging and the ledger."""
+    _need(s.client_ttl_s >= s.idempotency_window_s, "client_ttl_s", "must be at least idempotency_window_s")
+    _need(s.snapshot_interval_s > 0, "snapshot_interval_s", "must be positive")
+    _need(s.snapshot_log_records_max >= 1, "snapshot_log_records_max", "must be at least 1")
+    _need(s.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
+    _need(s.log_level in ("debug", "info", "warning", "error"), "log_level", "must be debug, info, warning or error")
+    _need(s.log_format in ("json", "kv"), "log_format", "must be json or kv")
+    _need(s.ledger_flush_interval_s > 0, "ledger_flush_interval_s", "must be positive")
+    _need(1 <= s.ledger_flush_rows_max <= 1_000_000, "ledger_flush_rows_max", "must be 1 to 1000000")
+    _need(s.ledger_timeout_s > 0, "ledger_timeout_s", "must be positive")
+    _need(s.ledger_retry_max_s >= s.ledger_flush_interval_s, "ledger_retry_max_s",
          "must be at least ledger_flush_interval_s")
-    need(1 <= s.usage_window_s <= 86_400 and 86_400 % s.usage_window_s == 0, "usage_window_s",
+    _need(1 <= s.usage_window_s <= 86_400 and 86_400 % s.usage_window_s == 0, "usage_window_s",
          "must divide a day: 1 to 86400 seconds, for example 60 or 3600")
-    need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",
+    _need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",
          "must be at most 64 printable ASCII characters without spaces")
+
+
+def _check_addresses(s: Settings) -> None:
+    """Listeners, TLS and who may use Admin."""
     port = s.metrics_listen.rpartition(":")[2]
-    need(not s.metrics_listen or (port.isdigit() and 0 < int(port) < 65536), "metrics_listen",
+    _need(not s.metrics_listen or (port.isdigit() and 0 < int(port) < 65536), "metrics_listen",
          "must be host:port, for example 127.0.0.1:9464")
     if s.ledger:
         from meterd.ledger import parse_url
@@ -242,26 +268,26 @@ def _validate(s: Settings) -> None:
             parse_url(s.ledger)
         except ConfigError as e:
             raise ConfigError(f"ledger: {e}") from None
-    need(":" in s.listen, "listen", "must be host:port or unix:path")
+    _need(":" in s.listen, "listen", "must be host:port or unix:path")
     for name in ("listen", "admin_listen"):
         address = getattr(s, name)
         port = address.rpartition(":")[2]
-        need(not address or address.startswith("unix:") or (port.isdigit() and int(port) <= 65535), name,
+        _need(not address or address.startswith("unix:") or (port.isdigit() and int(port) <= 65535), name,
              f"{address!r}: the port must be 0 to 65535")
     admin = s.admin_address
-    need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",
+    _need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",
          f"the Unix socket path {admin[5:]} is longer than 100 bytes; give a shorter one or a loopback port")
     # TLS and Admin authentication (meterd.security): refuse what would expose Admin.
-    need(bool(s.tls_cert_file) == bool(s.tls_key_file), "tls_cert_file", "tls_cert_file and tls_key_file go together")
-    need(not s.tls_client_ca_file or bool(s.tls_cert_file), "tls_client_ca_file",
+    _need(bool(s.tls_cert_file) == bool(s.tls_key_file), "tls_cert_file", "tls_cert_file and tls_key_file go together")
+    _need(not s.tls_client_ca_file or bool(s.tls_cert_file), "tls_client_ca_file",
          "mutual TLS needs tls_cert_file and tls_key_file")
-    need(not s.admin_client_names or bool(s.tls_client_ca_file), "admin_client_names",
+    _need(not s.admin_client_names or bool(s.tls_client_ca_file), "admin_client_names",
          "client certificates need tls_client_ca_file (mutual TLS)")
     if not admin.startswith("unix:"):
-        need(bool(s.tls_cert_file), "admin_listen", "a TCP admin listener needs TLS (tls_cert_file and "
+        _need(bool(s.tls_cert_file), "admin_listen", "a TCP admin listener needs TLS (tls_cert_file and "
              "tls_key_file), so that its token or certificates are not sent in the clear")
     # A full batch must fit in a message, roughly 8 bytes per event at least.
-    need(s.batch_bytes_max >= s.batch_events_max * 8, "batch_bytes_max",
+    _need(s.batch_bytes_max >= s.batch_events_max * 8, "batch_bytes_max",
          "must be at least 8 bytes per event of batch_events_max")
 
 

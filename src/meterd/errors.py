@@ -44,6 +44,10 @@ class Unauthenticated(MeterdError):
     """The call carries no credentials this daemon accepts (UNAUTHENTICATED)."""
 
 
+class TimedOut(MeterdError):
+    """The peer let a time limit pass, such as a stream that sends or reads nothing (DEADLINE_EXCEEDED)."""
+
+
 class StorageFull(MeterdError):
     """LMDB has no room left (RESOURCE_EXHAUSTED); reads are still served."""
 
@@ -59,3 +63,14 @@ class Unavailable(MeterdError):
 
 class ConfigError(MeterdError):
     """The configuration or catalog is invalid; the message names file and key."""
+
+
+class InvariantBroken(MeterdError):
+    """What meterd holds true of its own state is not: a bug, or a damaged data
+    directory. Raised before anything built on it is written (gRPC INTERNAL)."""
+
+
+def invariant(holds: bool, what: str) -> None:
+    """Assert ``what`` of meterd's own state, always (not only in debug runs)."""
+    if not holds:
+        raise InvariantBroken(what)

@@ -28,6 +28,7 @@ from meterd.journal import Journal
 from meterd.records import Kind
 from meterd.state import HELD, Account, Accounts, Bucket, Live
 from meterd.store import Op, Store, from_u64, u64
+from meterd.validate import NAME_ECHO_CHARS
 
 ADJUST_PRIORITY = 1_000_000  # credits added by Adjust are spent after every grant
 SOURCE_CHARS_MAX = 64        # a grant's source label
@@ -232,7 +233,7 @@ class Grants:
         catalog = self.live.catalog
         ct = catalog.credit_index.get(name)
         if ct is None:
-            raise InvalidInput("credit_type", f"unknown credit type {name[:64]!r}")
+            raise InvalidInput("credit_type", f"unknown credit type {name[:NAME_ECHO_CHARS]!r}")
         credit = catalog.credit_types[ct]
         if amount_nano % step_nano(credit):
             raise InvalidInput("amount_nano", f"{credit.name} is granted in steps of {step_nano(credit)} nano "

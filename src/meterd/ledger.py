@@ -565,22 +565,32 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
         raise InvalidInput("customer_id", "is required")
     start, end = period_bounds(period)
     cts = ledger.credit_types()
-    entries = ledger.entries(customer_id, start, end)
-    usage = ledger.usage_rows(customer_id, start, end)
     lines: list[dict] = []
     money: dict[str, dict[str, int]] = {}
+    _entry_lines(ledger.entries(customer_id, start, end), cts, money, lines)
+    _usage_lines(ledger.usage_rows(customer_id, start, end), cts, money, lines)
+    totals = _totals(money, cts, ledger.charges_before(customer_id, start), ledger.charges_before(customer_id, end),
+                     lines)
+    return {"customer_id": customer_id, "period": period, "from_ms": start, "to_ms": end,
+            "lines": lines, "totals": totals}
 
-    def bucket(ct: str) -> dict[str, int]:
-        return money.setdefault(ct, {"fees": 0, "overage": 0, "usage": 0, "usage_billed": 0,
-                                     "overage_units": 0, "gauges": 0})
 
+def _money(money: dict[str, dict[str, int]], ct: str) -> dict[str, int]:
+    """A statement's sums of one credit type."""
+    return money.setdefault(ct, {"fees": 0, "overage": 0, "usage": 0, "usage_billed": 0,
+                                 "overage_units": 0, "gauges": 0})
+
+
+def _entry_lines(entries: list[Entry], cts: dict[str, CreditTypeInfo], money: dict[str, dict[str, int]],
+                 lines: list[dict]) -> None:
+    """The lines of what the sidecars booked: fees, overage, usage billed in arrears, gauges."""
     for e in entries:
         if e.kind == "fee":
-            bucket(e.charge_credit_type)["fees"] += e.charge_nano
+            _money(money, e.charge_credit_type)["fees"] += e.charge_nano
             lines.append({"section": "fees", "description": e.reference, "credit_type": e.charge_credit_type,
                           "amount_nano": e.charge_nano})
         elif e.kind == "overage_charged":
-            b = bucket(e.charge_credit_type)
+            b = _money(money, e.charge_credit_type)
             b["overage"] += e.charge_nano
             if cts.get(e.credit_type, CreditTypeInfo("", "custom", "", 0)).kind == "fiat" \
                     and e.credit_type == e.charge_credit_type:
@@ -591,27 +601,35 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
                           f"included amount ({e.reference})", "credit_type": e.charge_credit_type,
                           "amount_nano": e.charge_nano, "tiers": tiers})
         elif e.kind == "usage_billed":
-            bucket(e.charge_credit_type)["usage_billed"] += e.charge_nano
+            _money(money, e.charge_credit_type)["usage_billed"] += e.charge_nano
             lines.append({"section": "usage_billed", "description": f"usage billed in arrears ({e.reference})",
                           "credit_type": e.charge_credit_type, "amount_nano": e.charge_nano})
         elif e.kind == "gauge_charged" and cts.get(e.credit_type, CreditTypeInfo("", "", "", 0)).kind == "fiat":
-            bucket(e.credit_type)["gauges"] += -e.amount_nano
+            _money(money, e.credit_type)["gauges"] += -e.amount_nano
             lines.append({"section": "usage", "description": e.reference, "credit_type": e.credit_type,
                           "amount_nano": -e.amount_nano, "quantity": ""})
+
+
+def _usage_lines(usage: list[UsageRow], cts: dict[str, CreditTypeInfo], money: dict[str, dict[str, int]],
+                 lines: list[dict]) -> None:
+    """Usage by meter and dimensions: charges in money credit types, credits used in custom ones."""
     meters = {r.meter: r for r in usage}  # precision and aggregation
     for (ct, meter, dims), (q, cost, n) in sorted(_sum_usage(usage, lambda r: (r.credit_type, r.meter,
                                                                                 r.dimensions)).items()):
         info = cts.get(ct)
         section = "usage" if info is not None and info.kind == "fiat" else "credits_used"
         if section == "usage":
-            bucket(ct)["usage"] += cost
+            _money(money, ct)["usage"] += cost
         dims_text = ", ".join(f"{k}={v}" for k, v in json.loads(dims).items())
         m = meters[meter]
         shown = "" if m.aggregation == "unique_count" else format_quantity(q, m.precision)
         lines.append({"section": section, "description": meter + (f" ({dims_text})" if dims_text else ""),
                       "credit_type": ct, "amount_nano": cost, "quantity": shown, "events": n})
-    before = ledger.charges_before(customer_id, start)
-    upto = ledger.charges_before(customer_id, end)
+
+
+def _totals(money: dict[str, dict[str, int]], cts: dict[str, CreditTypeInfo], before: dict[str, int],
+            upto: dict[str, int], lines: list[dict]) -> list[dict]:
+    """Per credit type: what was charged, the credits applied, and what is due in minor units (the rest carried)."""
     totals = []
     for ct in sorted(money):
         b = money[ct]
@@ -629,8 +647,7 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
         if applied:
             lines.append({"section": "credits_applied", "description": "usage paid from prepaid or granted credit",
                           "credit_type": ct, "amount_nano": -applied})
-    return {"customer_id": customer_id, "period": period, "from_ms": start, "to_ms": end,
-            "lines": lines, "totals": totals}
+    return totals
 
 
 _SECTION_TITLES = {"fees": "Recurring fees", "overage": "Overage", "usage": "Usage charges",

@@ -19,7 +19,7 @@ from meterd.catalog import Catalog, CompiledCatalog
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.drain import Drained, Drains
-from meterd.errors import ConfigError, StorageFull
+from meterd.errors import ConfigError, StorageFull, invariant
 from meterd.flush import Flusher
 from meterd.grants import Grants
 from meterd.holds import Holds
@@ -113,13 +113,18 @@ class Recovery:
         current = self.live.catalog.compiled
         stored = store.get("meta", b"catalog")
         was = current if stored is None else CompiledCatalog.from_json(stored)
-        core = new_core(self.settings, was, store.count("accounts"))
+        was.check()
+        accounts = store.count("accounts")
+        core = new_core(self.settings, was, accounts)
         store.scan("accounts", core.load_states)
+        invariant(len(core) == accounts, f"{accounts} accounts in the snapshot, {len(core)} read back")
         self.journal.snapshot_pos = from_u64(store.get("meta", b"snapshot_pos") or u64(0))
         self.journal.log_pos = self.journal.snapshot_pos
         replayed = 0
         core.set_dimension_sets_capped(False)  # what was applied once is applied again
         for key, record in store.items("log", start=u64(self.journal.snapshot_pos + 1)):
+            invariant(from_u64(key) == self.journal.log_pos + 1, f"the log skips from record "
+                      f"{self.journal.log_pos} to {from_u64(key)}")
             records.replay(core, record)
             self.journal.log_pos = from_u64(key)
             replayed += 1

@@ -34,10 +34,12 @@ from meterd.errors import (
     Conflict,
     Forbidden,
     InvalidInput,
+    InvariantBroken,
     LimitReached,
     MeterdError,
     NotFound,
     StorageFull,
+    TimedOut,
     Unauthenticated,
     Unavailable,
 )
@@ -45,6 +47,7 @@ from meterd.ledger import redact
 from meterd.metrics import Timings
 from meterd.preflight import check_core, preflight
 from meterd.security import AdminAuth, Credentials, DataTokens, Tenant
+from meterd.sessions import SESSION_ID_CHARS_MAX
 from meterd.v1 import admin_pb2, meter_pb2
 from meterd.validate import check_tenant, label_of
 
@@ -67,8 +70,12 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, TimedOut):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, Conflict):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, InvariantBroken):
+        return grpc.StatusCode.INTERNAL, "internal error"
     if isinstance(exc, MeterdError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
@@ -168,15 +175,7 @@ class Servicer:
         slot back either way."""
         tenant = await self._tenant(ctx)
         label = label_of(tenant)
-        if self.streams >= self.settings.streams_max:
-            await _abort(LimitReached(f"too many concurrent streams (streams_max={self.settings.streams_max})"),
-                         ctx, "ReportStream")
-        if tenant is not None and self.streams_of[label] >= self.settings.streams_per_tenant_max:
-            await _abort(LimitReached(f"too many concurrent streams for tenant {label!r} "
-                                      f"(streams_per_tenant_max={self.settings.streams_per_tenant_max})"),
-                         ctx, "ReportStream")
-        self.streams += 1
-        self.streams_of[label] += 1
+        await self._take_stream_slot(tenant, label, ctx)
         loop = asyncio.get_running_loop()
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         idle_s = self.settings.stream_idle_timeout_s
@@ -222,16 +221,31 @@ class Servicer:
             if idle:
                 return _end_idle(ctx, f"no request on this stream for {idle_s:g} s")
         finally:
-            self.streams -= 1
-            self.streams_of[label] -= 1
-            if self.streams_of[label] <= 0:
-                del self.streams_of[label]
+            self._give_stream_slot(label)
             reader.cancel()
             while not pending.empty():  # answers nobody will read: the client retries by sequence
                 left = pending.get_nowait()
                 if left is not None:
                     left.cancel()
                     left.add_done_callback(_retrieve)
+
+    async def _take_stream_slot(self, tenant: Tenant | None, label: str, ctx: grpc.aio.ServicerContext) -> None:
+        """A stream's place among the daemon's streams and its tenant's share of them."""
+        if self.streams >= self.settings.streams_max:
+            await _abort(LimitReached(f"too many concurrent streams (streams_max={self.settings.streams_max})"),
+                         ctx, "ReportStream")
+        if tenant is not None and self.streams_of[label] >= self.settings.streams_per_tenant_max:
+            await _abort(LimitReached(f"too many concurrent streams for tenant {label!r} "
+                                      f"(streams_per_tenant_max={self.settings.streams_per_tenant_max})"),
+                         ctx, "ReportStream")
+        self.streams += 1
+        self.streams_of[label] += 1
+
+    def _give_stream_slot(self, label: str) -> None:
+        self.streams -= 1
+        self.streams_of[label] -= 1
+        if self.streams_of[label] <= 0:
+            del self.streams_of[label]
 
     async def authorize(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         tenant = await self._tenant(ctx)
@@ -283,8 +297,9 @@ class Servicer:
             check_tenant(tenant, req.customer_id, "customer_id")
             if tenant is not None and req.session_id:  # each tenant's chosen session ids are its own
                 req.session_id = f"{tenant.name}:{req.session_id}"
-                if len(req.session_id) > 64:
-                    raise InvalidInput("session_id", f"at most {63 - len(tenant.name)} characters with this token")
+                if len(req.session_id) > SESSION_ID_CHARS_MAX:
+                    raise InvalidInput("session_id", f"at most {SESSION_ID_CHARS_MAX - 1 - len(tenant.name)} "
+                                       "characters with this token")
             self._own(tenant, self._session_owner(req), "session")
             return await wire.start_session(self.engine, req, tenant)
         return await self._call(run, ctx, "StartSession")
@@ -537,8 +552,9 @@ class MeterdServer:
 def _end_idle(ctx: grpc.aio.ServicerContext, what: str) -> None:
     """End an idle stream. Not with abort(), which waits to send the status: a
     client that reads nothing would hold the stream (and its slot) for ever."""
-    ctx.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
-    ctx.set_details(f"{what} (stream_idle_timeout_s); open a new stream to send more")
+    code, message = _status_for(TimedOut(f"{what} (stream_idle_timeout_s); open a new stream to send more"))
+    ctx.set_code(code)
+    ctx.set_details(message)
 
 
 def _pool(files: list[Any]) -> descriptor_pool.DescriptorPool:

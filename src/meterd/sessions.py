@@ -29,6 +29,7 @@ from meterd.store import Op
 from meterd.subscriptions import Subscriptions
 
 SESSION_TIMEOUT_MS = 30_000
+SESSION_TIMEOUT_MIN_MS = 1000
 SESSION_TIMEOUT_MAX_MS = 600_000
 SESSION_ID_CHARS_MAX = 64
 
@@ -107,8 +108,8 @@ class Sessions:
         spec = self.live.catalog.meters[meter]
         if spec.precision > 3 or spec.aggregation != 0:
             raise InvalidInput("meter", "a session meter counts seconds: a sum meter with precision 0 to 3")
-        if not 1000 <= timeout <= SESSION_TIMEOUT_MAX_MS:
-            raise InvalidInput("heartbeat_timeout_ms", f"must be 1000 to {SESSION_TIMEOUT_MAX_MS}")
+        if not SESSION_TIMEOUT_MIN_MS <= timeout <= SESSION_TIMEOUT_MAX_MS:
+            raise InvalidInput("heartbeat_timeout_ms", f"must be {SESSION_TIMEOUT_MIN_MS} to {SESSION_TIMEOUT_MAX_MS}")
         if len(sid) > SESSION_ID_CHARS_MAX or not all(0x21 <= ord(c) <= 0x7E for c in sid):
             raise InvalidInput("session_id", f"must be at most {SESSION_ID_CHARS_MAX} printable ASCII characters")
 

@@ -18,7 +18,7 @@ from meterd.catalog import CompiledCatalog
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.drain import Drained, Drains
-from meterd.errors import StorageFull
+from meterd.errors import StorageFull, invariant
 from meterd.journal import Journal
 from meterd.state import Live
 from meterd.store import Op, Store, u64
@@ -82,8 +82,13 @@ class Snapshots:
 
     def _finish(self, ops: list[Op], compiled: CompiledCatalog, drained: Drained, drain_seq: int,
                 pos: int) -> list[Op]:
+        invariant(self.journal.snapshot_pos <= pos <= self.journal.log_pos,
+                  f"snapshot at log position {pos} outside {self.journal.snapshot_pos}..{self.journal.log_pos}")
+        invariant(drain_seq == self.drains.seq + 1, f"drain {drain_seq} does not follow drain {self.drains.seq}")
+        invariant(all(op[1][:8] == u64(drain_seq) for op in drained.usage_ops),
+                  f"usage rows of drain {drain_seq} filed under another")
         ops += self.drains.ops(drained, drain_seq)
-        ops.append(("meta", b"catalog", compiled.json))
+        ops.append(("meta", b"catalog", compiled.checked_json))
         ops.append(("meta", b"snapshot_pos", u64(pos)))
         ops.append(("trim", u64(pos), None))
         return ops

@@ -26,6 +26,7 @@ from meterd.plans import CreditPolicy, Plan, period_start
 from meterd.records import Kind
 from meterd.state import Bucket, Live, Subscription
 from meterd.store import Op, Store
+from meterd.validate import NAME_ECHO_CHARS
 
 INT64_MIN = -(1 << 63)
 SPENT_FIRST = 0  # bucket priority of a plan's own credits: spent before grants bought separately
@@ -157,7 +158,7 @@ class Subscriptions:
     def _plan(self, name: str) -> Plan:
         plan = self.live.catalog.plan_index.get(name)
         if plan is None:
-            raise InvalidInput("plan", f"unknown plan {name[:64]!r}")
+            raise InvalidInput("plan", f"unknown plan {name[:NAME_ECHO_CHARS]!r}")
         return plan
 
     # ---- subscribe, cancel, change plan ---------------------------------------------
