@@ -54,7 +54,7 @@ from meterd.reservations import Reservations
 from meterd.sessions import Sessions
 from meterd.snapshots import Snapshots
 from meterd.state import Live
-from meterd.store import Op, Store
+from meterd.store import Store
 from meterd.subscriptions import Subscriptions
 
 log = logging.getLogger("meterd.engine")
@@ -176,10 +176,6 @@ class Engine:
 
     def backlog(self) -> tuple[int, int]:
         return self.flusher.backlog()
-
-    async def commit(self, ops: list[Op]) -> None:
-        """Commit ops of the store's own (tests and tools that write a row as meterd would)."""
-        await self.journal.commit(ops)
 
 
 __all__ = ["Engine"]
