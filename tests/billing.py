@@ -64,7 +64,7 @@ class Billing:
             try:
                 return await coro
             except BaseException:
-                await self.engine.roll_settled()
+                await self.engine.after_failure()
                 raise
         return self.loop.run_until_complete(call())
 

@@ -219,3 +219,48 @@ def test_retries_of_remembered_keyed_calls_are_answered_while_writes_are_refused
     finally:
         b.engine.store.use.refusing = False
         b.close()
+
+
+def test_subscribe_answers_what_it_made_even_when_a_change_lands_during_its_commit(tmp_path, monkeypatch):
+    import asyncio
+
+    from billing import Billing
+
+    (tmp_path / "c.toml").write_text('[credit_types.usd]\nkind = "fiat"\ncurrency = "USD"\n'
+                                     '[meters.calls]\ncredit_type = "usd"\nprice = "0.01"\n'
+                                     '[plans.basic]\nperiod = "month"\nfee = { usd = "10.00" }\n'
+                                     '[plans.pro]\nperiod = "month"\nfee = { usd = "20.00" }\n')
+    b = Billing(tmp_path, str(tmp_path / "c.toml"), monkeypatch)
+    try:
+        b.grant("c1", "usd", 5 * USD)
+        subscribe = apb.SubscribeRequest(customer_id="c1", plan="basic", idempotency_key="k1")
+
+        async def together() -> list[bytes]:
+            return await asyncio.gather(
+                wire.subscribe(b.engine, subscribe),
+                wire.cancel(b.engine, apb.CancelRequest(customer_id="c1", at_period_end=True)),
+                wire.change_plan(b.engine, apb.ChangePlanRequest(customer_id="c1", plan="pro")))
+
+        first = apb.Subscription.FromString(b.run(together())[0])
+        assert first.plan == "basic" and not first.cancel_at_period_end
+        assert apb.Subscription.FromString(b.run(wire.subscribe(b.engine, subscribe))) == first  # its retry
+    finally:
+        b.close()
+
+
+def test_authorize_while_writes_are_refused_answers_the_refusal_for_any_customer(tmp_path, monkeypatch):
+    from billing import Billing
+
+    from meterd.errors import Unavailable
+    from meterd.security import Tenant
+    b = Billing(tmp_path, "openai", monkeypatch)
+    try:
+        b.engine.journal.closing = True  # as while shutting down
+        tenant = Tenant("t1", b"t1-", b"t1\x00")
+        req = pb.AuthorizeRequest(customer_id="other-1", meter="input_tokens", quantity=10,
+                                  dimensions={"model": "gpt-4o"})
+        with pytest.raises(Unavailable):  # as Report answers; not which customers the token has
+            b.run(wire.authorize(b.engine, req, tenant))
+    finally:
+        b.engine.journal.closing = False
+        b.close()

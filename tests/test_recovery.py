@@ -128,3 +128,65 @@ def test_grants_are_read_when_needed_and_expire_after_a_restart(tmp_path: Path, 
         await without_index_entries("d", lambda e: (b"grant_seq", u64(e.grants.seq + 1)))
 
     asyncio.run(run())
+
+
+OVERFLOW_CATALOG = '''
+[credit_types.usd]
+kind = "fiat"
+currency = "USD"
+[meters.calls]
+credit_type = "usd"
+price = "1.00"
+[plans.p]
+period = "month"
+[plans.p.credits.usd]
+included = "1.00"
+low_balance = "5.00"
+topup_target = "50.00"
+'''
+
+
+def test_a_call_that_fails_half_way_changes_nothing_and_leaves_no_gap_in_the_log(tmp_path, monkeypatch):
+    """A Subscribe whose included credits would overflow the balance fails after it has set
+    the plan in memory and taken a log position: it is undone as a whole, and the log on
+    disk goes on without a gap, so a restart replays exactly what was acknowledged."""
+    from billing import Billing
+
+    (tmp_path / "c.toml").write_text(OVERFLOW_CATALOG)
+    b = Billing(tmp_path, str(tmp_path / "c.toml"), monkeypatch)
+    try:
+        full = ((1 << 63) - 1) // 10**7 * 10**7 - 10**7
+        b.grant("big", "usd", full)
+        b.grant("other", "usd", 100 * 10**9)
+        with pytest.raises(Exception, match="overflow"):
+            b.subscribe("big", "p")
+        assert "big" not in b.engine.subscriptions.subs
+        assert b.bal("big", "usd") == full
+        assert b.balance("big").plan == ""
+        assert b.report("other", "calls", 1).decision == pb.DECISION_ALLOW
+        positions = [int.from_bytes(k, "big") for k, _ in b.engine.store.items("log")]
+        assert positions == list(range(positions[0], positions[0] + len(positions)))
+        b.restart(clean=False)  # as after kill -9
+        assert b.bal("other", "usd") == 99 * 10**9 and b.bal("big", "usd") == full
+        assert "big" not in b.engine.subscriptions.subs
+    finally:
+        b.close()
+
+
+def test_a_grant_rearms_no_top_up_of_a_plan_a_reload_removed(tmp_path, monkeypatch):
+    from billing import Billing
+
+    from meterd.catalog import load_catalog
+
+    (tmp_path / "c.toml").write_text(OVERFLOW_CATALOG)
+    b = Billing(tmp_path, str(tmp_path / "c.toml"), monkeypatch)
+    try:
+        b.subscribe("acme", "p")  # 1.00 included
+        b.grant("acme", "usd", 8 * 10**9)
+        b.report("acme", "calls", 5)  # 4.00, below low_balance: a top-up is asked for
+        assert len(b.audit("acme", "auto_topup_requested")) == 1
+        (tmp_path / "d.toml").write_text(OVERFLOW_CATALOG.split("[plans.p]")[0])
+        b.run(b.engine.reload_catalog(load_catalog(str(tmp_path / "d.toml"))))
+        assert b.grant("acme", "usd", 10 * 10**9).balance_nano == 14 * 10**9
+    finally:
+        b.close()

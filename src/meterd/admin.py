@@ -4,6 +4,7 @@ reads GetBalance and ListAudit."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from meterd import validate
@@ -92,8 +93,9 @@ class Admin:
         ops, sub = self.subscriptions.subscribe_ops(customer_id, plan, start_ms or now, now)
         ops += self.subscriptions.roll_due(now)  # a start in the past catches up on its periods at once
         ops += self.idempotency.remember(key, keyed, self.encode(sub))
+        answer = dataclasses.replace(sub)  # as remembered: a change while this commits is not this answer's
         await self.journal.commit_with(ops)
-        return sub
+        return answer
 
     async def cancel(self, customer_id: str, at_period_end: bool) -> Subscription:
         self.journal.check_writable()

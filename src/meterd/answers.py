@@ -156,6 +156,11 @@ class AnswerStore:
                 (self.expiry_db, u64(expires) + self._seq.to_bytes(4, "big") + key, b""),
                 self._count_op(label)]
 
+    @property
+    def unsent(self) -> int:
+        """Answers remembered since the last commit was submitted."""
+        return len(self._unsent)
+
     def flight(self, fut: asyncio.Future) -> None:
         """The entries made since the last commit are in the one just submitted: until
         ``fut`` resolves, a retry waits for it; then LMDB has them (or the commit failed

@@ -140,8 +140,19 @@ class Engine:
         self.store.stop()
         self.store.close()
 
-    async def roll_settled(self) -> None:
-        """Wait for a period roll in flight (a failed call answers only once it is durable)."""
+    async def after_failure(self) -> None:
+        """A call failed: it answers only once the period roll it may have set off is
+        durable. If it had changed state in memory before failing (log records or
+        answers it never submitted), the state is reloaded from disk, once what was
+        committed before it has landed; writes are refused meanwhile."""
+        if self.journal.abandon():
+            log.error("a call failed after changing state in memory; reloading state from disk")
+            self.journal.reloading = True
+            try:
+                await self.journal.barrier()
+                self.recovery.try_recover()
+            finally:
+                self.journal.reloading = False
         await self.subscriptions.roll_settled()
 
     async def reload_catalog(self, new: Catalog) -> None:

@@ -57,7 +57,7 @@ class Housekeeping:
     async def sweep(self) -> None:
         """Expire reservations and grants, roll the periods, forget old answers."""
         journal = self.journal
-        if journal.closing:
+        if journal.closing or journal.reloading:
             return
         if journal.storage_full is not None or self.store.use.refusing:
             # A snapshot trims the log: after a failed commit, the one that commits clears

@@ -65,10 +65,12 @@ class Reservations:
                         dimensions: Mapping[str, str], quantity: Quantity, ttl_ms: int,
                         keyed: Keyed | None) -> Authorized | Replay:
         label = validate.label_of(tenant)
-        validate.check_tenant(tenant, customer_id, "customer_id")
-        replay = self.idempotency.writable_or_replay(label, "authorize", customer_id, keyed)
+        owned = tenant is None or customer_id.encode().startswith(tenant.prefix)
+        # While writes are refused, a remembered retry is answered; any other call gets the refusal.
+        replay = self.idempotency.writable_or_replay(label, "authorize", customer_id, keyed if owned else None)
         if replay is not None:
             return replay
+        validate.check_tenant(tenant, customer_id, "customer_id")
         cust = validate.customer(self.settings, customer_id)
         meter, value, rate = validate.rate(self.settings, self.live, meter_name, dimensions)
         qty = validate.quantity(self.live, meter, quantity)

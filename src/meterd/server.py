@@ -133,9 +133,10 @@ class Servicer:
         return _call(fn, ctx, method, self._roll_settled)
 
     async def _roll_settled(self) -> None:
-        """Wait for a period roll in flight; its own failure is the writer's to report, not this call's."""
+        """After a failed call (see Engine.after_failure); a failure of the roll itself is the writer's to
+        report, not this call's."""
         with contextlib.suppress(Exception):
-            await self.engine.roll_settled()
+            await self.engine.after_failure()
 
     def _own(self, tenant: Tenant | None, customer_id: str | None, what: str) -> None:
         """Another tenant's open reservation or session is reported as unknown."""

@@ -138,7 +138,6 @@ class Sessions:
                     dims_hex="" if dims is None else dims.hex())
         hold = self._hold_ops(s) if idx >= 0 else None
         if hold is None:
-            await self.subscriptions.roll_settled()
             reason = REASON_INSUFFICIENT_BALANCE if idx >= 0 else REASON_UNKNOWN_CUSTOMER
             return SessionState(DENY, sid, self.live.catalog.credit_types[ct].name, True, reason)
         self.holds.add_session(s)

@@ -506,7 +506,8 @@ class Subscriptions:
         sub = self.subs.get(customer_id)
         if sub is None or ct not in sub.topup_pending:
             return []
-        policy = self._plan(sub.plan).credits.get(ct)
+        plan = self._plan_or_none(sub.plan)  # a plan a reload removed asks for no top-up
+        policy = plan.credits.get(ct) if plan else None
         if policy is None or policy.low_balance_nano is None or balance >= policy.low_balance_nano:
             sub.topup_pending.remove(ct)
             return [self._put_sub(sub)]
