@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -30,6 +31,16 @@ def wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s:g} s waiting for {what}")
         time.sleep(0.02)
+    return result
+
+
+async def async_wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
+    """``wait_until`` for a test running on an event loop: the loop runs while it polls."""
+    deadline = time.monotonic() + deadline_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
     return result
 
 

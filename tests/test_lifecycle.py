@@ -7,11 +7,11 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meterd.v1 import meter_pb2 as pb
@@ -21,17 +21,17 @@ EVENT = pb.UsageEvent(customer_id="demo", meter="input_tokens", quantity=10, dim
 
 
 def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
+                return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
             except grpc.RpcError:
-                time.sleep(0.05)
-    raise TimeoutError
+                return False
+
+        wait_until(serving, f"meterd to serve on {target}", timeout_s)
 
 
 def test_meterd_serve_runs_with_embedded_defaults(tmp_path: Path):
@@ -71,8 +71,8 @@ def test_sigterm_finishes_in_flight_calls_and_exits_zero(make_daemon):
 
     t = threading.Thread(target=stream)
     t.start()
-    while len(acked) < 20:
-        time.sleep(0.01)
+    wait_until(lambda: len(acked) >= 20 or errors, "20 batches of the stream to be acknowledged")
+    assert not errors
     rc = d.stop(signal.SIGTERM)
     t.join(30)
     assert rc == 0
