@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import threading
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import wait_until
+from conftest import Bearer, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 from meterd.v1 import meter_pb2 as pb
-from meterd.v1 import meter_pb2_grpc
 
 EVENT = pb.UsageEvent(customer_id="demo", meter="input_tokens", quantity=10, dimensions={"model": "gpt-4o"})
 
@@ -34,24 +37,54 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 30) -> 
         wait_until(serving, f"meterd to serve on {target}", timeout_s)
 
 
+DEFAULT_LISTEN = ("127.0.0.1", 50051)
+
+
 def test_meterd_serve_runs_with_embedded_defaults(tmp_path: Path):
     exe = shutil.which("meterd")
     assert exe, "the meterd command is installed by `pip install .`"
-    proc = subprocess.Popen([exe, "serve"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    with socket.socket() as probe:  # whoever holds the default port would answer in place of this daemon
+        try:
+            probe.bind(DEFAULT_LISTEN)
+        except OSError as e:
+            pytest.skip(f"{DEFAULT_LISTEN[0]}:{DEFAULT_LISTEN[1]}, meterd's default address, is in use: {e}")
+    target, data = "%s:%d" % DEFAULT_LISTEN, tmp_path / "meterd-data"
+    log_path = tmp_path / "serve.log"
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([exe, "serve"], cwd=tmp_path, stderr=log, text=True)
     try:
-        wait_serving("127.0.0.1:50051", proc)
-        with grpc.insecure_channel("127.0.0.1:50051") as ch:
-            r = meter_pb2_grpc.MeterStub(ch).Report(pb.ReportRequest(event=EVENT))
-        assert r.decision == pb.DECISION_ALLOW
-        assert (tmp_path / "meterd-data" / "admin.sock").exists()
+        wait_serving(target, proc)
+        # This process is the one serving: it is alive and says it listens on the default port...
+        serving = wait_until(lambda: [r["msg"] for r in records() if r["msg"].startswith("serving data plane")],
+                             "the daemon to log where it serves")
+        assert proc.poll() is None
+        assert serving[0].startswith(f"serving data plane on {target} (port {DEFAULT_LISTEN[1]}), admin on "
+                                     f"unix:{data / 'admin.sock'}"), serving
+        # ...and it answers for a customer that only its own data directory holds.
+        customer = f"lifecycle-{uuid.uuid4().hex}"
+        admin = grpc.intercept_channel(grpc.insecure_channel(f"unix:{data / 'admin.sock'}"),
+                                       Bearer((data / "admin.token").read_text().strip()))
+        with admin, grpc.insecure_channel(target) as ch:
+            admin_pb2_grpc.AdminStub(admin).Grant(apb.GrantRequest(customer_id=customer, credit_type="usd",
+                                                                   amount_nano=10**9))
+            stub = meter_pb2_grpc.MeterStub(ch)
+            mine = pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=10,
+                                 dimensions={"model": "gpt-4o"})
+            r = stub.Report(pb.ReportRequest(event=mine))
+            assert (r.decision, r.balance_nano) == (pb.DECISION_ALLOW, 10**9 - 25_000)  # 10 gpt-4o input tokens
+            r = stub.Report(pb.ReportRequest(event=EVENT))  # the embedded demo catalog: demo holds $10
+            assert (r.decision, r.balance_nano) == (pb.DECISION_ALLOW, 10 * 10**9 - 25_000)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
-    assert records[-1]["msg"] == "stopped"
-    assert not (tmp_path / "meterd-data" / "admin.sock").exists()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log_path.read_text()
+    assert records() and all({"ts", "level", "logger", "msg"} <= set(r) for r in records())
+    assert records()[-1]["msg"] == "stopped"
+    assert not (data / "admin.sock").exists()
 
 
 def test_sigterm_finishes_in_flight_calls_and_exits_zero(make_daemon):
