@@ -1,4 +1,8 @@
-"""Fixtures: a temporary data directory and a real meterd process on loopback."""
+"""Fixtures: a temporary data directory and a real meterd process on loopback.
+
+``--no-extensions`` runs the whole suite on the pure-Python twin of the core
+(METERD_NO_EXTENSIONS=1, in this process and in every daemon it starts): the
+cases of the compiled core are skipped."""
 
 from __future__ import annotations
 
@@ -20,6 +24,43 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 
 CORES = ["compiled", "python"]
+
+_no_compiled: str | None = None  # why the compiled core is not tested in this run (pytest_configure)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-extensions", action="store_true", default=False,
+                     help="run the whole suite on the pure-Python twin of the core (METERD_NO_EXTENSIONS=1); "
+                          "the compiled core's cases are skipped")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _no_compiled
+    if config.getoption("no_extensions"):
+        # Before any test module imports meterd.core, which chooses its core once, at import.
+        os.environ["METERD_NO_EXTENSIONS"] = "1"
+        if "meterd.core" in sys.modules and sys.modules["meterd.core"].COMPILED:
+            raise pytest.UsageError("--no-extensions: meterd.core was imported with the compiled core already")
+        _no_compiled = "--no-extensions: the suite runs on the pure-Python twin alone"
+    elif os.environ.get("METERD_NO_EXTENSIONS", "") not in ("", "0"):
+        _no_compiled = "METERD_NO_EXTENSIONS is set: meterd runs on the pure-Python twin"
+    else:
+        try:
+            import meterd._fastpath  # noqa: F401
+        except ImportError as e:
+            _no_compiled = f"the compiled core is not built ({e}): python setup.py build_ext --inplace"
+
+
+def compiled_core_unavailable() -> str | None:
+    """Why this run does not test the compiled core, or None when it does."""
+    return _no_compiled
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if _no_compiled and callspec is not None and "compiled" in callspec.params.values():
+            item.add_marker(pytest.mark.skip(reason=f"compiled core: {_no_compiled}"))
 
 
 def wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
@@ -102,7 +143,7 @@ class Daemon:
     def start(self, timeout_s: float = 30.0) -> "Daemon":
         env = dict(os.environ)
         env.pop("METERD_NO_EXTENSIONS", None)
-        if self.core == "python":
+        if self.core == "python" or _no_compiled:  # --no-extensions: every daemon runs the twin
             env["METERD_NO_EXTENSIONS"] = "1"
         env.update(self.extra_env)
         cmd = [sys.executable, "-m", "meterd", "serve", "--data-dir", str(self.data_dir),

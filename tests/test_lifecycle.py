@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -125,8 +126,18 @@ def test_core_choice_is_logged(make_daemon, core):
     assert f"core={core}" in d.log_path.read_text()
 
 
+def test_no_extensions_runs_this_process_and_every_daemon_on_the_twin(request, make_daemon):
+    if not request.config.getoption("no_extensions"):
+        pytest.skip("checks what --no-extensions does: run the suite with it")
+    from meterd import _fastpath_py, core
+    assert core.COMPILED is False and core.Core is _fastpath_py.Core
+    assert "meterd._fastpath" not in sys.modules  # nothing in this run loaded the compiled core
+    d = make_daemon().start()  # the default core of the fixtures, "compiled": the twin all the same
+    d.stop()
+    assert "core=python" in d.log_path.read_text() and "core=compiled" not in d.log_path.read_text()
+
+
 def test_a_second_daemon_on_the_same_data_dir_or_port_is_refused(make_daemon, tmp_path: Path):
-    import sys
     d = make_daemon().start()
     same_dir = subprocess.run([sys.executable, "-m", "meterd", "serve", "--data-dir", str(d.data_dir),
                                "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
