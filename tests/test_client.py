@@ -247,6 +247,7 @@ def test_the_readme_example_runs_as_written(make_daemon):
     assert int(r.stdout) < 10 * 10**9 - 3_025_000 - 12_340_000
 
 
+@pytest.mark.spawns
 def test_the_default_client_id_is_taken_over_by_the_next_process_and_never_shared():
     import shutil
     import subprocess

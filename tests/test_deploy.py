@@ -21,6 +21,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "examples" / "deploy"
 EXAMPLES = DEPLOY.parent
 
 
+@pytest.mark.spawns
 def test_the_sidecar_settings_serve_on_the_shared_unix_socket(tmp_path):
     root = tmp_path / "r"  # stands for /, so that the settings run unchanged otherwise
     settings = (DEPLOY / "meterd.toml").read_text()
@@ -76,6 +77,7 @@ def test_the_kubernetes_manifest_shares_the_socket_and_keeps_the_data():
     assert containers["meterd"]["readinessProbe"]["httpGet"]["port"] == "metrics"
 
 
+@pytest.mark.spawns
 def test_systemd_accepts_the_unit(tmp_path):
     analyze, meterd = shutil.which("systemd-analyze"), shutil.which("meterd")
     if analyze is None or meterd is None:

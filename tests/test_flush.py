@@ -85,6 +85,7 @@ def test_usage_and_audit_entries_reach_the_ledger_aggregated(ledger_url, tmp_pat
     b.close()
 
 
+@pytest.mark.spawns
 def test_the_cli_reads_statements_and_usage_from_the_ledger(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/ledger.db"
     b = Billing(tmp_path, "replicate", monkeypatch, start_ms=NOV_1, ledger=url)

@@ -21,6 +21,7 @@ from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 from meterd.v1 import meter_pb2 as pb
 
+pytestmark = pytest.mark.spawns  # meterd serve
 EVENT = pb.UsageEvent(customer_id="demo", meter="input_tokens", quantity=10, dimensions={"model": "gpt-4o"})
 
 

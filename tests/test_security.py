@@ -413,6 +413,7 @@ PLANTED = ["data dir 0777", "data dir of another user", "token a symlink", "toke
            "map of another user"]
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("case", PLANTED)
 def test_what_another_user_could_read_or_replace_is_refused_by_check_config_and_serve(case, tmp_path):
     from conftest import free_port
