@@ -1,7 +1,14 @@
-"""Fixtures: a temporary data directory and a real meterd process on loopback."""
+"""Fixtures: a temporary data directory and a real meterd process on loopback.
+
+``--no-extensions`` runs the whole suite on the pure-Python twin of the core
+(METERD_NO_EXTENSIONS=1, in this process and in every daemon it starts): the
+cases of the compiled core are skipped. ``-m inprocess`` runs only the tests
+that start no process (no daemon, no meterd command, no PostgreSQL server):
+the engine's logic, in seconds."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -20,6 +27,87 @@ from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 
 CORES = ["compiled", "python"]
 
+# Fixtures that start processes: a test using one is not in the in-process tier.
+PROCESS_FIXTURES = frozenset({"daemon", "make_daemon", "tenants", "postgres_url"})
+_no_compiled: str | None = None  # why the compiled core is not tested in this run (pytest_configure)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-extensions", action="store_true", default=False,
+                     help="run the whole suite on the pure-Python twin of the core (METERD_NO_EXTENSIONS=1); "
+                          "the compiled core's cases are skipped")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _no_compiled
+    if _guards_tier(config):
+        sys.addaudithook(_refuse_processes)
+    if config.getoption("no_extensions"):
+        # Before any test module imports meterd.core, which chooses its core once, at import.
+        os.environ["METERD_NO_EXTENSIONS"] = "1"
+        if "meterd.core" in sys.modules and sys.modules["meterd.core"].COMPILED:
+            raise pytest.UsageError("--no-extensions: meterd.core was imported with the compiled core already")
+        _no_compiled = "--no-extensions: the suite runs on the pure-Python twin alone"
+    elif os.environ.get("METERD_NO_EXTENSIONS", "") not in ("", "0"):
+        _no_compiled = "METERD_NO_EXTENSIONS is set: meterd runs on the pure-Python twin"
+    else:
+        try:
+            import meterd._fastpath  # noqa: F401
+        except ImportError as e:
+            _no_compiled = f"the compiled core is not built ({e}): python setup.py build_ext --inplace"
+
+
+def compiled_core_unavailable() -> str | None:
+    """Why this run does not test the compiled core, or None when it does."""
+    return _no_compiled
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return (bool(PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+            or item.get_closest_marker("spawns") is not None
+            or (callspec is not None and callspec.params.get("ledger_url") == "postgresql"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if _no_compiled and callspec is not None and "compiled" in callspec.params.values():
+            item.add_marker(pytest.mark.skip(reason=f"compiled core: {_no_compiled}"))
+        if not _starts_processes(item):
+            item.add_marker(pytest.mark.inprocess)
+
+
+_PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.posix_spawn", "os.exec", "os.spawn", "os.fork",
+                             "os.forkpty"})
+_in_process_test: list[str] = []  # the in-process test running now, when -m selects the tier
+
+
+def _refuse_processes(event: str, args: tuple) -> None:
+    if _in_process_test and event in _PROCESS_EVENTS:
+        raise RuntimeError(f"{_in_process_test[0]} is in the in-process tier (-m inprocess) but starts a process "
+                           f"({event}): use a daemon fixture or mark it @pytest.mark.spawns")
+
+
+def _guards_tier(config: pytest.Config) -> bool:
+    """Whether -m selects the in-process tier: then the tier is checked (pytest_configure adds the hook)."""
+    return "inprocess" in (config.getoption("markexpr") or "")
+
+
+def _in_process_phase(item: pytest.Item) -> Iterator[None]:
+    """Keeps -m inprocess honest: under it, a test of that tier whose setup (its fixtures of
+    any scope) or body starts a process fails, naming itself."""
+    if item.get_closest_marker("inprocess") is not None and _guards_tier(item.config):
+        _in_process_test.append(item.nodeid)
+    try:
+        yield
+    finally:
+        _in_process_test.clear()
+
+
+pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_in_process_phase)
+pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_in_process_phase)
+
 
 def wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
     """Poll ``check`` until it returns something true (and return that); fail naming
@@ -30,6 +118,16 @@ def wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s:g} s waiting for {what}")
         time.sleep(0.02)
+    return result
+
+
+async def async_wait_until(check: Any, what: str, deadline_s: float = 30.0) -> Any:
+    """``wait_until`` for a test running on an event loop: the loop runs while it polls."""
+    deadline = time.monotonic() + deadline_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
     return result
 
 
@@ -91,7 +189,7 @@ class Daemon:
     def start(self, timeout_s: float = 30.0) -> "Daemon":
         env = dict(os.environ)
         env.pop("METERD_NO_EXTENSIONS", None)
-        if self.core == "python":
+        if self.core == "python" or _no_compiled:  # --no-extensions: every daemon runs the twin
             env["METERD_NO_EXTENSIONS"] = "1"
         env.update(self.extra_env)
         cmd = [sys.executable, "-m", "meterd", "serve", "--data-dir", str(self.data_dir),

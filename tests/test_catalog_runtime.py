@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
@@ -128,7 +129,6 @@ def test_a_new_client_whose_batch_changes_nothing_is_not_kept(make_daemon):
 
 def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_path: Path):
     import signal
-    import time
 
     import grpc
 
@@ -140,9 +140,7 @@ def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_
                                               dimensions={"model": "unlisted"}))
     path.write_text(CATALOG_V2)
     d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "credits" not in usd(d)[0] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "credits" in usd(d)[0], "the catalog reloaded on SIGHUP to bring the credits credit type")
     balances, _ = usd(d)
     assert balances["credits"].balance_nano == 10 * 10**9      # the new credit type's seed grant
     assert balances["usd"].balance_nano == 0                    # kept
@@ -150,7 +148,11 @@ def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_
     d.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=50_000))
     # a catalog that does not validate changes nothing, by signal or by RPC
     path.write_text("[meters.broken]\n")
+    before = usd(d)
     d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "catalog reload failed, keeping the current catalog" in d.log_path.read_text(),
+               "the daemon to refuse the broken catalog on SIGHUP")
+    assert usd(d) == before
     with pytest.raises(grpc.RpcError) as info:
         d.admin.ReloadCatalog(apb.ReloadCatalogRequest())
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -167,21 +169,50 @@ def test_catalog_reloads_on_sighup_and_by_rpc_keeping_balances(make_daemon, tmp_
 
 
 def test_watch_streams_auto_topup_requests(make_daemon):
+    import queue
     import threading
+
+    import grpc
 
     root = Path(__file__).resolve().parent.parent
     d = make_daemon(catalog=str(root / "examples" / "openai.toml")).start()
-    stream = d.admin.Watch(apb.WatchRequest(kinds=["auto_topup_requested"]))
-    seen = []
-    reader = threading.Thread(target=lambda: seen.append(next(stream)))
+    # Grants to a customer of the test's own mark points in the stream (the daemon sends nothing
+    # when a stream opens): the first one seen proves the stream is open.
+    stream = d.admin.Watch(apb.WatchRequest(kinds=["auto_topup_requested", "grant"]))
+    entries: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            for entry in stream:
+                entries.put(entry)
+        except grpc.RpcError as e:  # cancelled at the end
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    import time
-    time.sleep(0.3)  # let the stream open before the event
+
+    def marker() -> apb.AuditEntry | None:
+        d.admin.Grant(apb.GrantRequest(customer_id="marker", credit_type="usd", amount_nano=1))
+        try:
+            return entries.get(timeout=0.2)
+        except queue.Empty:
+            return None
+
+    first = wait_until(marker, "the Watch stream to deliver a grant made after it opened")
+    assert (first.customer_id, first.kind) == ("marker", "grant")
     r = report(d, "output_tokens", 600_000, model="gpt-4o")  # $6 of $10: below the $5 threshold
     assert r.balance_nano == 4 * 10**9
-    reader.join(10)
+    r = report(d, "output_tokens", 100_000, model="gpt-4o")  # $1 more: a request is pending already
+    assert r.balance_nano == 3 * 10**9
+    d.admin.Grant(apb.GrantRequest(customer_id="marker", credit_type="usd", amount_nano=2))  # the end mark
+    seen = []
+    while not seen or seen[-1].amount_nano != 2:
+        seen.append(entries.get(timeout=30))
     stream.cancel()
-    assert len(seen) == 1
-    entry = seen[0]
+    requests = [e for e in seen if e.kind == "auto_topup_requested"]
+    assert all((e.customer_id, e.kind) == ("marker", "grant") for e in seen if e.kind != "auto_topup_requested")
+    assert len(requests) == 1  # one request, not one per event under the threshold
+    entry = requests[0]
     assert (entry.customer_id, entry.kind, entry.charge_nano, entry.charge_credit_type) == (
         "acme", "auto_topup_requested", 16 * 10**9, "usd")

@@ -16,6 +16,7 @@ from meterd.progress import Progress
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
+pytestmark = pytest.mark.spawns  # meterd commands
 COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "statement", "usage", "bench", "ledger migrate"]
 
 

@@ -8,11 +8,11 @@ import asyncio
 import os
 import re
 import threading
-import time
+from decimal import Decimal
 
 import grpc
 import pytest
-from conftest import wait_until
+from conftest import async_wait_until, wait_until
 
 from meterd.client import AsyncMeterClient, Denied, MeterClient
 from meterd.v1 import admin_pb2 as apb
@@ -44,27 +44,28 @@ def test_many_threads_enqueue_and_every_event_is_counted_once_across_a_kill(daem
     client = MeterClient(daemon.target, batch_max=500, linger_s=0.02, retry_max_s=0.5,
                          on_error=lambda e, m: errors.append(m))
     per_thread, threads = 3000, 8
+    killed = threading.Event()
 
     def produce(n: int) -> None:
         for i in range(per_thread):
+            if i == per_thread // 3:
+                assert killed.wait(60)  # the rest is enqueued while the daemon is away
             assert client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
-            if i % 100 == 0:
-                time.sleep(0.01)
 
     workers = [threading.Thread(target=produce, args=(n,)) for n in range(threads)]
     for w in workers:
         w.start()
-    time.sleep(0.15)
+    wait_until(lambda: client.stats.acknowledged > 0, "the daemon to acknowledge a first batch")
     daemon.kill()  # batches in flight are resent with their sequences once it is back
     acknowledged_at_kill = client.stats.acknowledged
-    time.sleep(0.3)
-    daemon.start()
+    killed.set()
     for w in workers:
         w.join()
+    daemon.start()
     client.close()
     assert errors == []
     assert client.stats.acknowledged == per_thread * threads and client.stats.dropped == 0
-    assert 0 < acknowledged_at_kill < per_thread * threads  # the kill came in the middle
+    assert 0 < acknowledged_at_kill <= threads * (per_thread // 3)  # the kill came in the middle
     assert _used(daemon, "acme") == per_thread * threads
     assert _usd(daemon, "acme").balance_nano == 10**15 - COST_NANO * per_thread * threads
 
@@ -102,14 +103,17 @@ def test_the_queue_is_bounded_drop_or_block(daemon):
 def test_close_gives_up_after_its_timeout_and_says_so(daemon):
     daemon.stop()
     errors: list = []
-    client = MeterClient(daemon.target, retry_max_s=0.1, batch_max=1, linger_s=0,
-                         on_error=lambda e, m: errors.append(m))  # each call may wait 10 s (timeout_s)
+    # The batcher holds the events until close() (linger_s), and a call may wait an hour (timeout_s).
+    client = MeterClient(daemon.target, retry_max_s=0.1, batch_max=100, linger_s=3600, timeout_s=3600,
+                         on_error=lambda e, m: errors.append(m))
     for _ in range(4):
         client.enqueue("acme", "input_tokens", 1, model="gpt-4o")
-    started = time.monotonic()
-    client.close(timeout_s=1.0)
-    assert time.monotonic() - started < 8  # bounded by close's timeout, not by 4 calls of 10 s
-    assert client.stats.dropped == 4 and len(errors) == 4 and all("not delivered before close" in m for m in errors)
+    closing = threading.Thread(target=client.close, kwargs={"timeout_s": 1.0}, daemon=True)
+    closing.start()
+    # Bounded by close's timeout: without it, the call would wait for an hour.
+    wait_until(lambda: not closing.is_alive(), "close(timeout_s=1.0) to return")
+    assert client.stats.dropped == 4 and client.stats.acknowledged == 0
+    assert len(errors) == 4 and all("not delivered before close" in m for m in errors)
 
 
 def test_a_client_id_kept_across_restarts_keeps_counting(daemon):
@@ -163,10 +167,18 @@ def test_reserve_commits_the_actual_usage_or_releases_on_an_exception(daemon):
 def test_a_session_heartbeats_in_the_background_and_ends(daemon):
     with MeterClient(daemon.target) as client:
         with client.session("acme", "gpu_seconds", heartbeat_s=0.2, hardware="nvidia-h100") as s:
-            time.sleep(0.7)
+            started = s.last
+
+            def billed_beat() -> pb.SessionResponse | None:
+                last = s.last
+                return last if last is not started and Decimal(last.billed_quantity) > 0 else None
+
+            # The background thread's heartbeats bill the time so far and keep the session open.
+            beat = wait_until(billed_beat, "a heartbeat to bill the session's time")
+            assert beat.decision == pb.DECISION_ALLOW and not beat.closed
             assert not s.should_stop
         last = s.last
-    assert last.closed and last.cost_nano > 0
+    assert last.closed and last.cost_nano >= beat.cost_nano > 0
 
 
 def test_the_asyncio_client_does_the_same(daemon):
@@ -186,7 +198,9 @@ def test_the_asyncio_client_does_the_same(daemon):
                 async with client.reserve("globex", "output_tokens", 100, model="gpt-4o"):
                     raise RuntimeError("the work failed")
             async with client.session("globex", "gpu_seconds", heartbeat_s=0.1, hardware="cpu") as s:
-                await asyncio.sleep(0.35)
+                started = s.last
+                await async_wait_until(lambda: s.last is not started, "a heartbeat of the session's task")
+                assert s.last.decision == pb.DECISION_ALLOW and not s.should_stop
             assert s.last.closed
             assert (await client.balance("globex")).balances
         assert len(errors) == 1 and "unknown meter" in errors[0]
@@ -233,6 +247,7 @@ def test_the_readme_example_runs_as_written(make_daemon):
     assert int(r.stdout) < 10 * 10**9 - 3_025_000 - 12_340_000
 
 
+@pytest.mark.spawns
 def test_the_default_client_id_is_taken_over_by_the_next_process_and_never_shared():
     import shutil
     import subprocess

@@ -90,6 +90,7 @@ def test_catalog_prices_are_exact_fractions():
     assert rates == [(0, b"haiku", 10**9, 1), (0, b"o1", 10**10, 3)]
 
 
+@pytest.mark.spawns
 def test_check_config_cli(tmp_path: Path):
     ok = subprocess.run([sys.executable, "-m", "meterd", "check-config"], capture_output=True, text=True)
     assert ok.returncode == 0 and "ok:" in ok.stdout
@@ -151,6 +152,7 @@ fallback = "FALLBACK"
 """
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("fallback, env, message", [
     ("é" * 32, {}, "plans.p.credits.usd.fallback: must be a mode name of letters, digits and _ (at most 32 bytes"),
     ("slow", {"METERD_CUSTOMER_ID_BYTES_MAX": "3"},

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 import struct
 
 import pytest
+from conftest import compiled_core_unavailable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterd import _fastpath, _fastpath_py
+from meterd import _fastpath_py
 from meterd.catalog import parse_catalog
 from meterd.errors import InvalidInput
 from meterd.v1 import meter_pb2 as pb
 
+# The compiled core is imported only when this run tests it (not under --no-extensions, nor
+# when it is not built): its cases are then skipped, by conftest or by needs_compiled.
+NO_COMPILED = compiled_core_unavailable()
+_fastpath = None if NO_COMPILED else importlib.import_module("meterd._fastpath")
+needs_compiled = pytest.mark.skipif(NO_COMPILED is not None, reason=f"compares the two cores; {NO_COMPILED}")
+
 LIMITS = dict(customer_id_bytes_max=128, client_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
               dimension_key_bytes_max=64, dimension_value_bytes_max=128,
               dimension_sets_per_window_max=1000)
-CORES = {"compiled": _fastpath.Core, "python": _fastpath_py.Core}
+CORES = {"compiled": _fastpath.Core if _fastpath else None, "python": _fastpath_py.Core}
 
 CATALOG = {
     "credit_types": {"usd": {"kind": "fiat"}, "req": {"kind": "custom", "decimals": 3}},
@@ -217,6 +225,7 @@ def test_overflowing_credit_is_refused(core):
         core.credit(idx, 0, 1)
 
 
+@needs_compiled
 def test_state_bytes_round_trip(core):
     core.apply_batch(batch([ev(meter="requests", model="haiku")] * 5))
     blob = core.state_bytes(0)
@@ -254,6 +263,7 @@ def random_event(rng: random.Random, customers: list[str]) -> pb.UsageEvent:
     return e
 
 
+@needs_compiled
 def test_both_cores_agree_on_many_random_events():
     rng = random.Random(20261127)
     a, b = make_core("compiled"), make_core("python")
@@ -299,6 +309,7 @@ def test_both_cores_agree_on_many_random_events():
         assert a.state_bytes(i) == b.state_bytes(i)
 
 
+@needs_compiled
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=300))
 def test_both_cores_agree_on_arbitrary_bytes(data):
@@ -318,6 +329,7 @@ def test_both_cores_agree_on_arbitrary_bytes(data):
     assert results[0] == results[1]
 
 
+@needs_compiled
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=6))
 def test_both_cores_agree_on_mutated_batches(mutations):
@@ -337,6 +349,7 @@ def test_both_cores_agree_on_mutated_batches(mutations):
     assert results[0::2] == results[0::2][:1] * 2 and results[1] == results[3]
 
 
+@needs_compiled
 def test_report_wire_is_what_protobuf_would_serialise():
     """The unary hot path answers in wire form; the bytes must be protobuf's own,
     for allowed, degraded and denied events, negative balances, both cores."""
@@ -485,6 +498,7 @@ def test_free_units_of_a_plan_come_first(core):
     assert core.report(pb.ReportRequest(event=ev("free", model="gpt-4o", quantity=10)).SerializeToString())[3] == 0
 
 
+@needs_compiled
 def test_unique_count_meters_count_distinct_values_per_period(core):
     events = [ev(meter="users", quantity=0, user=u) for u in ("ann", "bob", "ann", "cy", "bob")]
     assert core.apply_batch(batch(events))[:3] == (5, 0, 0)
@@ -584,36 +598,35 @@ def test_settled_reservations_count_as_usage_with_their_price_dimension(core):
     assert cost == 5_000_000  # 2,000 gpt-4o tokens: $0.005
 
 
-def test_degraded_usage_is_counted_without_cost():
-    for kind in CORES:
-        c = make_core(kind)
-        idx = c.open_account(b"slow")
-        c.set_plan(idx, 2)  # relax when empty
-        assert c.apply_batch(batch([ev("slow", meter="requests", quantity=3, model="o1")]))[:3] == (1, 0, 1)
-        assert [(q, cost, n) for *_, q, cost, n, _ in c.take_usage()] == [(3, 0, 1)]
+@pytest.mark.parametrize("kind", list(CORES))
+def test_degraded_usage_is_counted_without_cost(kind):
+    c = make_core(kind)
+    idx = c.open_account(b"slow")
+    c.set_plan(idx, 2)  # relax when empty
+    assert c.apply_batch(batch([ev("slow", meter="requests", quantity=3, model="o1")]))[:3] == (1, 0, 1)
+    assert [(q, cost, n) for *_, q, cost, n, _ in c.take_usage()] == [(3, 0, 1)]
 
 
-def test_aggregates_past_64_bits_are_exact():
-    """A window's sum may pass 64 bits (quantity, and cost with top-ups between events)."""
-    out = []
-    for kind in CORES:
-        c = make_core(kind)
-        idx = c.open_account(b"huge")
-        c.set_clock(1_790_000_000_000)
-        for _ in range(3):
-            c.credit(idx, 0, 2**63 - 1 - c.state(idx)[0][0][0])
-            c.reset_usage(idx)  # a new period: its usage counter starts again, the window's aggregate does not
-            # 3.6e15 gpt-4o tokens cost 9e18 nano; "free" requests cost nothing however many.
-            c.apply_batch(batch([ev("huge", quantity=3_600_000_000_000_000, model="gpt-4o"),
-                                 ev("huge", meter="requests", quantity=2**62, model="free")]))
-        rows = sorted((m, q, cost, n) for _, m, _, _, q, cost, n, _ in c.take_usage())
-        assert rows == [(0, 3 * 3_600_000_000_000_000, 3 * 9 * 10**18, 3), (1, 3 * 2**62, 0, 3)]
-        c.apply_batch(batch([ev("huge", meter="requests", quantity=1, model="free")]))
-        assert [(q, n) for *_, q, _, n, _ in c.take_usage()] == [(1, 1)]  # nothing of the sums is left behind
-        out.append(rows)
-    assert out[0] == out[1]
+@pytest.mark.parametrize("kind", list(CORES))
+def test_aggregates_past_64_bits_are_exact(kind):
+    """A window's sum may pass 64 bits (quantity, and cost with top-ups between events);
+    each core gives exactly these rows."""
+    c = make_core(kind)
+    idx = c.open_account(b"huge")
+    c.set_clock(1_790_000_000_000)
+    for _ in range(3):
+        c.credit(idx, 0, 2**63 - 1 - c.state(idx)[0][0][0])
+        c.reset_usage(idx)  # a new period: its usage counter starts again, the window's aggregate does not
+        # 3.6e15 gpt-4o tokens cost 9e18 nano; "free" requests cost nothing however many.
+        c.apply_batch(batch([ev("huge", quantity=3_600_000_000_000_000, model="gpt-4o"),
+                             ev("huge", meter="requests", quantity=2**62, model="free")]))
+    rows = sorted((m, q, cost, n) for _, m, _, _, q, cost, n, _ in c.take_usage())
+    assert rows == [(0, 3 * 3_600_000_000_000_000, 3 * 9 * 10**18, 3), (1, 3 * 2**62, 0, 3)]
+    c.apply_batch(batch([ev("huge", meter="requests", quantity=1, model="free")]))
+    assert [(q, n) for *_, q, _, n, _ in c.take_usage()] == [(1, 1)]  # nothing of the sums is left behind
 
 
+@needs_compiled
 def test_reservations_floors_degradation_and_thresholds_return_to_their_defaults():
     """The compiled core keeps these apart from the account row; both cores give the same states."""
     cores = [make_core(kind) for kind in CORES]
@@ -642,6 +655,7 @@ def test_reservations_floors_degradation_and_thresholds_return_to_their_defaults
         assert c.state(c.account(b"slow"))[0][0][4] == 0
 
 
+@needs_compiled
 def test_load_states_loads_many_snapshot_records():
     src = make_core("compiled")
     for i in range(3000):
@@ -821,6 +835,7 @@ def test_too_many_decimals_names_the_meters_precision(core):
 # ---- distinct values by their bytes --------------------------------------------
 
 
+@needs_compiled
 def test_distinct_values_are_kept_by_their_bytes_and_snapshots_of_hashes_still_load():
     def old_record(core, idx, values):  # the format that kept only 64-bit hashes
         words = core.state_bytes(idx)[:8 * (6 * 2 + 7 + 1)]
@@ -894,6 +909,7 @@ def test_new_dimension_sets_past_the_cap_are_refused_whole(kind):
     assert c.apply_batch(batch([ev(model="mini", request=f"n{i}") for i in range(3)]))[:2] == (3, 0)
 
 
+@needs_compiled
 def test_both_cores_agree_on_random_sets_under_a_cap():
     rng = random.Random(12)
     a, b = capped_core("compiled", 20), capped_core("python", 20)
@@ -922,6 +938,7 @@ _ENTRY_PARTS = st.sampled_from([
 ])
 
 
+@needs_compiled
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(_ENTRY_PARTS, max_size=4), max_size=5))
 def test_both_cores_rate_and_file_random_map_entries_as_protobuf_parses_them(entries):

@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+from conftest import wait_until
 
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
@@ -66,6 +67,13 @@ class Client(threading.Thread):
         channel.close()
 
 
+def wait_for_progress(clients: list) -> None:
+    """Until every client has been acknowledged more than it had been: the daemon serves each again."""
+    before = [c.acked_events for c in clients]
+    wait_until(lambda: all(c.acked_events > n for c, n in zip(clients, before, strict=True)),
+               "every client to be acknowledged again")
+
+
 def test_sigkill_under_load_loses_nothing_and_counts_nothing_twice(make_daemon):
     d = make_daemon().start()
     for n in range(4):
@@ -76,10 +84,10 @@ def test_sigkill_under_load_loses_nothing_and_counts_nothing_twice(make_daemon):
         c.start()
     rng = random.Random(7)
     for _ in range(KILLS):
-        time.sleep(rng.uniform(0.2, 0.8))
+        time.sleep(rng.uniform(0.2, 0.8))  # when to kill: a random input, nothing waits on it
         d.kill()
         d.start()  # must open LMDB cleanly and replay its log every time
-    time.sleep(0.5)
+        wait_for_progress(clients)  # the load is on again before the next kill
     stop.set()
     for c in clients:
         c.join(60)
@@ -179,10 +187,18 @@ def test_kill_harness_through_flushes_and_a_period_rollover(make_daemon, tmp_pat
     kills = sorted([boundary - 0.05, boundary + 0.02, boundary + 0.25]
                    + [time.monotonic() + rng.uniform(0.1, 0.45) * i for i in range(1, HARNESS_KILLS - 2)])
     for at in kills:
-        time.sleep(max(0.0, at - time.monotonic()))
+        time.sleep(max(0.0, at - time.monotonic()))  # when to kill: a random input, nothing waits on it
         d.kill()
         d.start()  # LMDB must open cleanly and replay its log every time
-    time.sleep(0.3)
+    wait_for_progress(clients)  # the daemon serves again after the last kill...
+    committed = reserver.committed
+    wait_until(lambda: reserver.committed > committed, "a reservation to be committed after the last kill")
+
+    def renewed() -> bool:  # ...and it has rolled the subscribers' day over
+        return all(sum(e.kind == "fee" for e in d.admin.ListAudit(apb.ListAuditRequest(
+            customer_id=f"sub-{n}", limit=100)).entries) >= 2 for n in range(3))
+
+    wait_until(renewed, "the subscribers' period to roll over")
     stop.set()
     for c in clients + [reserver]:
         c.join(60)

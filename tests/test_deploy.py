@@ -7,13 +7,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, wait_until
 
 from meterd.v1 import meter_pb2 as pb
 from meterd.v1 import meter_pb2_grpc
@@ -22,6 +21,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "examples" / "deploy"
 EXAMPLES = DEPLOY.parent
 
 
+@pytest.mark.spawns
 def test_the_sidecar_settings_serve_on_the_shared_unix_socket(tmp_path):
     root = tmp_path / "r"  # stands for /, so that the settings run unchanged otherwise
     settings = (DEPLOY / "meterd.toml").read_text()
@@ -43,10 +43,11 @@ def test_the_sidecar_settings_serve_on_the_shared_unix_socket(tmp_path):
                              "--ledger", f"sqlite:///{tmp_path}/ledger.sqlite3"], stderr=subprocess.PIPE, text=True)
     socket = root / "run/meterd/meterd.sock"
     try:
-        deadline = time.monotonic() + 30
-        while not socket.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.05)
+        def listening() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return socket.exists()
+
+        wait_until(listening, f"meterd to listen on {socket}")
         with grpc.insecure_channel(f"unix:{socket}") as ch:
             r = meter_pb2_grpc.MeterStub(ch).Report(pb.ReportRequest(event=pb.UsageEvent(
                 customer_id="acme", meter="input_tokens", quantity=1000, dimensions={"model": "gpt-4o"})),
@@ -76,6 +77,7 @@ def test_the_kubernetes_manifest_shares_the_socket_and_keeps_the_data():
     assert containers["meterd"]["readinessProbe"]["httpGet"]["port"] == "metrics"
 
 
+@pytest.mark.spawns
 def test_systemd_accepts_the_unit(tmp_path):
     analyze, meterd = shutil.which("systemd-analyze"), shutil.which("meterd")
     if analyze is None or meterd is None:

@@ -8,9 +8,11 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 from test_lifecycle import wait_serving
 
+pytestmark = pytest.mark.spawns  # the examples and meterd serve
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import pytest
 from billing import Billing
-from conftest import drop_postgres_database, free_port, new_postgres_database
-from test_crash import COST_NANO, GRANT_NANO, Client
+from conftest import async_wait_until, drop_postgres_database, free_port, new_postgres_database, wait_until
+from test_crash import COST_NANO, GRANT_NANO, Client, wait_for_progress
 
 from meterd import drain as drain_mod
 from meterd import snapshots as snapshots_mod
@@ -87,6 +87,7 @@ def test_usage_and_audit_entries_reach_the_ledger_aggregated(ledger_url, tmp_pat
     b.close()
 
 
+@pytest.mark.spawns
 def test_the_cli_reads_statements_and_usage_from_the_ledger(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/ledger.db"
     b = Billing(tmp_path, "replicate", monkeypatch, start_ms=NOV_1, ledger=url)
@@ -194,13 +195,12 @@ def test_the_sidecar_serves_while_the_ledger_is_away_and_catches_up(ledger_url, 
                                     dimensions={"model": "gpt-4o", "n": str(i)})]
             r = d.meter.ReportBatch(pb.ReportBatchRequest(client_id="c", sequence=i + 1, events=events * 3))
             acked += r.accepted
-            time.sleep(0.02)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # every failed attempt first moves new usage into LMDB
+
+        def failed_with_all_rows() -> apb.LedgerStatus | None:  # each attempt first moves new usage into LMDB
             status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
-            if status.backlog_usage_rows == 30:
-                break
-            time.sleep(0.05)
+            return status if status.backlog_usage_rows == 30 and status.consecutive_failures > 0 else None
+
+        status = wait_until(failed_with_all_rows, "a failed flush attempt after all 30 rows")
         assert status.consecutive_failures > 0 and status.last_error
         assert status.backlog_usage_rows == 30 and status.flushed_sequence == 0
         assert "failed" in d.log_path.read_text()  # the warning names the backlog
@@ -208,12 +208,12 @@ def test_the_sidecar_serves_while_the_ledger_is_away_and_catches_up(ledger_url, 
         assert 'meterd_ledger_backlog{kind="usage_rows"} 30.0' in scraped
         assert re.search(r'meterd_ledger_flushes_total\{outcome="failed"\} [1-9]', scraped)
         _mend(url, tmp_path, postgres_url)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def drained() -> apb.LedgerStatus | None:
             status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
-            if status.backlog_usage_rows == 0 and status.backlog_entries == 0:
-                break
-            time.sleep(0.1)
+            return status if status.backlog_usage_rows == 0 and status.backlog_entries == 0 else None
+
+        status = wait_until(drained, "the backlog to reach the mended ledger")
         assert (status.backlog_usage_rows, status.backlog_entries, status.last_error) == (0, 0, "")
         assert status.flushed_sequence >= 5  # 30 rows and the entries, at most 7 of each per flush
         assert ledger_totals(url) == {"events": acked, "cost_nano": acked * COST_NANO, "rows": 30}
@@ -243,11 +243,11 @@ def test_many_sidecars_killed_mid_flush_leave_exact_ledger_totals(ledger_url, ma
         c.start()
     rng = random.Random(11)
     for _ in range(KILLS):
-        time.sleep(rng.uniform(0.2, 0.6))
+        time.sleep(rng.uniform(0.2, 0.6))  # when to kill, and which: random inputs, nothing waits on them
         victim = rng.choice(sidecars)
         victim.kill()
         victim.start()
-    time.sleep(0.5)
+        wait_for_progress(clients)  # the load is on again before the next kill
     stop.set()
     for c in clients:
         c.join(60)
@@ -281,9 +281,7 @@ def test_a_postgresql_ledger_must_be_migrated_by_the_operator(pg_ledger, make_da
     d = make_daemon(extra_env={"METERD_LEDGER": pg_ledger, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1"}).start()
     try:
         d.meter.Report(pb.ReportRequest(event=tokens("demo", 1)[0]))
-        deadline = time.monotonic() + 10
-        while not d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).last_error and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).last_error, "a failed flush")
         assert "meterd ledger migrate" in d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).last_error
         r = subprocess.run([sys.executable, "-m", "meterd", "ledger", "migrate", "--ledger", pg_ledger],
                            capture_output=True, text=True, timeout=60)
@@ -425,6 +423,12 @@ def test_a_replacement_whose_first_flush_lost_the_race_renumbers_it(ledger_url, 
     new.close()
 
 
+def _landed(b: Billing, ops: list) -> bool:
+    """Whether LMDB holds what ``ops`` wrote."""
+    final = {(db, key): value for db, key, value in ops if db != "trim"}
+    return all(b.engine.store.get(db, key) == value for (db, key), value in final.items())
+
+
 def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
     """Cancel ``start()`` while the commit it submitted is waiting in the writer."""
     engine = b.engine
@@ -445,7 +449,7 @@ def _cancel_during_commit(b: Billing, submitted_when, start) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.8)  # the commit lands all the same
+        await async_wait_until(lambda: _landed(b, submitted[-1]), "the commit to land all the same")
 
     b.run(drive())
     engine.store.window_s = 0

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
+pytestmark = pytest.mark.spawns  # the module's daemon (fuzzed)
 SOAK = bool(os.environ.get("METERD_SOAK"))
 # Per test below; in soak mode about 1.1M inputs in all. METERD_FUZZ_EXAMPLES overrides.
 EXAMPLES = int(os.environ.get("METERD_FUZZ_EXAMPLES", 0)) or (100_000 if SOAK else 150)

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import tempfile
 import threading
-import time
 
 import pytest
 from conftest import (
@@ -21,6 +20,7 @@ from conftest import (
     drop_postgres_database,
     free_port,
     new_postgres_database,
+    wait_until,
 )
 
 from meterd.ledger import Ledger
@@ -72,21 +72,21 @@ class Admin:
         else:
             self.run(f"UPDATE fault_switch SET armed = {'TRUE' if on else 'FALSE'}")
 
-    def hold_lock(self, seconds: float) -> threading.Thread:
-        """Lock the usage table in a transaction for a while, from another thread."""
+    def hold_lock(self, release: threading.Event) -> threading.Thread:
+        """Lock the usage table in a transaction, from another thread, until ``release`` is set."""
         started = threading.Event()
 
         def hold() -> None:
             if self.url.startswith("sqlite"):
                 self.conn.execute("BEGIN EXCLUSIVE")
                 started.set()
-                time.sleep(seconds)
+                release.wait(120)
                 self.conn.execute("COMMIT")
             else:
                 with self.conn.transaction():
                     self.conn.execute("LOCK TABLE meterd_usage IN ACCESS EXCLUSIVE MODE")
                     started.set()
-                    time.sleep(seconds)
+                    release.wait(120)
 
         t = threading.Thread(target=hold)
         t.start()
@@ -109,13 +109,10 @@ def ledger(ledger_url, request):
 
 
 def _wait_status(d, done, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
-        if done(status):
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
+    def status():
+        s = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
+        return s if done(s) else None
+    return wait_until(status, "the ledger status to change", timeout_s)
 
 
 def test_a_transaction_failing_midway_and_a_slow_ledger_converge_exactly(ledger, make_daemon):
@@ -136,7 +133,6 @@ def test_a_transaction_failing_midway_and_a_slow_ledger_converge_exactly(ledger,
                                     timeout=10)
             assert r.accepted == 5  # the data plane keeps answering whatever the ledger does
             acked += 5
-            time.sleep(0.01)
 
     send(10)
     _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and s.flushed_sequence > 0)
@@ -154,9 +150,12 @@ def test_a_transaction_failing_midway_and_a_slow_ledger_converge_exactly(ledger,
     admin.arm(False)
     _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and not s.last_error)
 
-    # 2. Another client holds a lock on the usage table for longer than a flush may take.
-    holder = admin.hold_lock(3.0)
+    # 2. Another client holds a lock on the usage table until a flush has failed for it.
+    release = threading.Event()
+    holder = admin.hold_lock(release)
     send(20)
+    status = _wait_status(d, lambda s: s.consecutive_failures >= 1)
+    release.set()
     holder.join()
     _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and not s.last_error)
     assert d.stop() == 0
@@ -167,7 +166,9 @@ def test_a_transaction_failing_midway_and_a_slow_ledger_converge_exactly(ledger,
         assert deducted == acked * COST_NANO
     log = d.log_path.read_text()
     assert "injected fault" in log
-    if ledger.startswith("postgres"):  # the lock outlasted statement_timeout: the flush failed and was retried
+    # The lock outlasted the ledger's timeout: the flush failed, and was retried once the lock was gone.
+    assert "the ledger did not answer in time" in status.last_error or "statement timeout" in status.last_error
+    if ledger.startswith("postgres"):
         assert "the ledger did not answer in time" in log or "statement timeout" in log
 
 
@@ -203,7 +204,6 @@ def test_a_postgresql_server_stopped_for_a_while_is_caught_up_with_exactly(make_
                                   dimensions={"model": "gpt-4o", "n": str(seq % 5)})
             acked += d.meter.ReportBatch(pb.ReportBatchRequest(client_id="s", sequence=seq, events=[event] * 3),
                                          timeout=10).accepted  # served while the ledger is down
-            time.sleep(0.02)
         status = _wait_status(d, lambda s: s.consecutive_failures >= 2)
         assert status.last_error and status.backlog_usage_rows > 0
         assert server("start") == url

@@ -5,53 +5,88 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import Bearer, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import admin_pb2_grpc, meter_pb2_grpc
 from meterd.v1 import meter_pb2 as pb
-from meterd.v1 import meter_pb2_grpc
 
+pytestmark = pytest.mark.spawns  # meterd serve
 EVENT = pb.UsageEvent(customer_id="demo", meter="input_tokens", quantity=10, dimensions={"model": "gpt-4o"})
 
 
 def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
+                return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
             except grpc.RpcError:
-                time.sleep(0.05)
-    raise TimeoutError
+                return False
+
+        wait_until(serving, f"meterd to serve on {target}", timeout_s)
+
+
+DEFAULT_LISTEN = ("127.0.0.1", 50051)
 
 
 def test_meterd_serve_runs_with_embedded_defaults(tmp_path: Path):
     exe = shutil.which("meterd")
     assert exe, "the meterd command is installed by `pip install .`"
-    proc = subprocess.Popen([exe, "serve"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    with socket.socket() as probe:  # whoever holds the default port would answer in place of this daemon
+        try:
+            probe.bind(DEFAULT_LISTEN)
+        except OSError as e:
+            pytest.skip(f"{DEFAULT_LISTEN[0]}:{DEFAULT_LISTEN[1]}, meterd's default address, is in use: {e}")
+    target, data = "%s:%d" % DEFAULT_LISTEN, tmp_path / "meterd-data"
+    log_path = tmp_path / "serve.log"
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([exe, "serve"], cwd=tmp_path, stderr=log, text=True)
     try:
-        wait_serving("127.0.0.1:50051", proc)
-        with grpc.insecure_channel("127.0.0.1:50051") as ch:
-            r = meter_pb2_grpc.MeterStub(ch).Report(pb.ReportRequest(event=EVENT))
-        assert r.decision == pb.DECISION_ALLOW
-        assert (tmp_path / "meterd-data" / "admin.sock").exists()
+        wait_serving(target, proc)
+        # This process is the one serving: it is alive and says it listens on the default port...
+        serving = wait_until(lambda: [r["msg"] for r in records() if r["msg"].startswith("serving data plane")],
+                             "the daemon to log where it serves")
+        assert proc.poll() is None
+        assert serving[0].startswith(f"serving data plane on {target} (port {DEFAULT_LISTEN[1]}), admin on "
+                                     f"unix:{data / 'admin.sock'}"), serving
+        # ...and it answers for a customer that only its own data directory holds.
+        customer = f"lifecycle-{uuid.uuid4().hex}"
+        admin = grpc.intercept_channel(grpc.insecure_channel(f"unix:{data / 'admin.sock'}"),
+                                       Bearer((data / "admin.token").read_text().strip()))
+        with admin, grpc.insecure_channel(target) as ch:
+            admin_pb2_grpc.AdminStub(admin).Grant(apb.GrantRequest(customer_id=customer, credit_type="usd",
+                                                                   amount_nano=10**9))
+            stub = meter_pb2_grpc.MeterStub(ch)
+            mine = pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=10,
+                                 dimensions={"model": "gpt-4o"})
+            r = stub.Report(pb.ReportRequest(event=mine))
+            assert (r.decision, r.balance_nano) == (pb.DECISION_ALLOW, 10**9 - 25_000)  # 10 gpt-4o input tokens
+            r = stub.Report(pb.ReportRequest(event=EVENT))  # the embedded demo catalog: demo holds $10
+            assert (r.decision, r.balance_nano) == (pb.DECISION_ALLOW, 10 * 10**9 - 25_000)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
-    assert records[-1]["msg"] == "stopped"
-    assert not (tmp_path / "meterd-data" / "admin.sock").exists()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log_path.read_text()
+    assert records() and all({"ts", "level", "logger", "msg"} <= set(r) for r in records())
+    assert records()[-1]["msg"] == "stopped"
+    assert not (data / "admin.sock").exists()
 
 
 def test_sigterm_finishes_in_flight_calls_and_exits_zero(make_daemon):
@@ -71,8 +106,8 @@ def test_sigterm_finishes_in_flight_calls_and_exits_zero(make_daemon):
 
     t = threading.Thread(target=stream)
     t.start()
-    while len(acked) < 20:
-        time.sleep(0.01)
+    wait_until(lambda: len(acked) >= 20 or errors, "20 batches of the stream to be acknowledged")
+    assert not errors
     rc = d.stop(signal.SIGTERM)
     t.join(30)
     assert rc == 0
@@ -92,8 +127,18 @@ def test_core_choice_is_logged(make_daemon, core):
     assert f"core={core}" in d.log_path.read_text()
 
 
+def test_no_extensions_runs_this_process_and_every_daemon_on_the_twin(request, make_daemon):
+    if not request.config.getoption("no_extensions"):
+        pytest.skip("checks what --no-extensions does: run the suite with it")
+    from meterd import _fastpath_py, core
+    assert core.COMPILED is False and core.Core is _fastpath_py.Core
+    assert "meterd._fastpath" not in sys.modules  # nothing in this run loaded the compiled core
+    d = make_daemon().start()  # the default core of the fixtures, "compiled": the twin all the same
+    d.stop()
+    assert "core=python" in d.log_path.read_text() and "core=compiled" not in d.log_path.read_text()
+
+
 def test_a_second_daemon_on_the_same_data_dir_or_port_is_refused(make_daemon, tmp_path: Path):
-    import sys
     d = make_daemon().start()
     same_dir = subprocess.run([sys.executable, "-m", "meterd", "serve", "--data-dir", str(d.data_dir),
                                "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)

@@ -10,6 +10,7 @@ from typing import Any
 
 import lmdb
 import pytest
+from conftest import async_wait_until
 
 from meterd import store as store_mod
 from meterd import wire
@@ -51,7 +52,7 @@ def test_disk_error_during_commit_and_recovery(tmp_path: Path, monkeypatch: pyte
         failing["on"] = True
         with pytest.raises(Unavailable, match="storage failed .*EIO"):  # not INTERNAL: the caller may retry
             await engine.report(REPORT)
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: balance(engine, "demo") == before, "the engine to reload its state from disk")
         assert balance(engine, "demo") == before  # the unacknowledged debit was undone
         with pytest.raises(Unavailable):
             await engine.report(REPORT)  # recovery could not snapshot: writes are refused

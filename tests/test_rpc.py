@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from decimal import Decimal
 
 import grpc
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -34,6 +36,10 @@ def grant(d, customer, amount_nano, credit_type="usd", **kw):
 def balance(d, customer, credit_type="usd"):
     resp = d.meter.GetBalance(pb.GetBalanceRequest(customer_id=customer))
     return next(b for b in resp.balances if b.credit_type == credit_type)
+
+
+def _audit_kinds(daemon, customer: str) -> list[str]:
+    return [e.kind for e in daemon.admin.ListAudit(apb.ListAuditRequest(customer_id=customer)).entries]
 
 
 def invalid(call, field: str) -> None:
@@ -145,10 +151,7 @@ def test_reservation_expires_after_its_ttl(daemon):
     a = daemon.meter.Authorize(pb.AuthorizeRequest(customer_id="demo", meter="input_tokens", quantity=10**6,
                                                    dimensions={"model": "gpt-4o"}, ttl_ms=300))
     assert balance(daemon, "demo").reserved_nano == 2_500_000_000
-    deadline = time.monotonic() + 10
-    while balance(daemon, "demo").reserved_nano and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert balance(daemon, "demo").reserved_nano == 0
+    wait_until(lambda: balance(daemon, "demo").reserved_nano == 0, "the reservation to expire")
     with pytest.raises(grpc.RpcError) as info:
         daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=1))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -203,12 +206,9 @@ def test_grants_are_spent_by_priority_and_audited(daemon):
 def test_expired_grant_is_removed_and_audited(daemon):
     grant(daemon, "e", USD, expires_at_ms=int(time.time() * 1000) + 400, source="promo")
     grant(daemon, "e", 2 * USD, source="paid")
-    deadline = time.monotonic() + 10
-    while balance(daemon, "e").balance_nano != 2 * USD and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: "expire" in _audit_kinds(daemon, "e"), "the promo grant's expiry to be audited")
     assert balance(daemon, "e").balance_nano == 2 * USD
-    kinds = [e.kind for e in daemon.admin.ListAudit(apb.ListAuditRequest(customer_id="e")).entries]
-    assert kinds == ["grant", "grant", "expire"]
+    assert _audit_kinds(daemon, "e") == ["grant", "grant", "expire"]
 
 
 def test_admin_is_not_served_on_the_data_plane(daemon):
@@ -323,22 +323,30 @@ def test_idempotent_retry_may_order_map_entries_differently(daemon):
     assert again.duplicate and again.balance_nano == first.balance_nano
 
 
+def _expired_at(daemon, customer: str, expires_at_ms: int) -> None:
+    """Grant ``customer`` $1 that expires at ``expires_at_ms`` and wait until its expiry is audited:
+    the sweep that expired it also looked at every other grant due by then, in the same commit."""
+    grant(daemon, customer, USD, expires_at_ms=expires_at_ms)
+    wait_until(lambda: "expire" in _audit_kinds(daemon, customer), f"the grant of {customer} to expire")
+
+
 def test_expiring_grant_does_not_take_reserved_money(daemon):
-    grant(daemon, "x", 10 * USD, expires_at_ms=int(time.time() * 1000) + 600)
+    expires_at_ms = int(time.time() * 1000) + 600
+    grant(daemon, "x", 10 * USD, expires_at_ms=expires_at_ms)
     grant(daemon, "x", 10 * USD)
     a = daemon.meter.Authorize(pb.AuthorizeRequest(customer_id="x", meter="input_tokens", quantity=6_100_000,
                                                    dimensions={"model": "gpt-4o"}))  # $15.25
     assert a.decision == pb.DECISION_ALLOW
-    time.sleep(1.5)
+    _expired_at(daemon, "x-mark", expires_at_ms)  # x's expiring grant is due too
     # the hold stands on the expiring grant first (it is spent first): none of it expires yet
     b = balance(daemon, "x")
     assert (b.balance_nano, b.reserved_nano) == (20 * USD, a.reserved_nano)
     c = daemon.meter.Commit(pb.CommitRequest(reservation_id=a.reservation_id, quantity=6_100_000))
     assert (c.balance_nano, c.overrun_nano) == (20 * USD - a.reserved_nano, 0)
-    time.sleep(1.0)  # the expiring grant was spent in full: nothing is left to expire
+    _expired_at(daemon, "x-mark-2", int(time.time() * 1000) + 100)  # a sweep after the commit looked at x again
+    # the expiring grant was spent in full: nothing is left to expire
     assert balance(daemon, "x").balance_nano == 20 * USD - a.reserved_nano
-    assert [e.kind for e in daemon.admin.ListAudit(apb.ListAuditRequest(customer_id="x")).entries] == [
-        "grant", "grant"]
+    assert _audit_kinds(daemon, "x") == ["grant", "grant"]
 
 
 def test_audit_paging_at_the_end_of_the_range(daemon):
@@ -351,12 +359,16 @@ def test_duration_session_over_grpc(daemon):
                                                          dimensions={"hardware": "nvidia-h100"},
                                                          heartbeat_timeout_ms=5000))
     assert s.decision == pb.DECISION_ALLOW and s.session_id
-    time.sleep(0.3)
-    h = daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))
-    assert h.decision == pb.DECISION_ALLOW
+
+    def billed_heartbeat() -> pb.SessionResponse | None:  # once the daemon's clock has moved on
+        h = daemon.meter.Heartbeat(pb.HeartbeatRequest(session_id=s.session_id))
+        assert h.decision == pb.DECISION_ALLOW and not h.closed
+        return h if Decimal(h.billed_quantity) > 0 else None
+
+    h = wait_until(billed_heartbeat, "a heartbeat to bill some of the session's time")
     end = daemon.meter.EndSession(pb.EndSessionRequest(session_id=s.session_id))
     millis = int(end.billed_quantity.replace(".", ""))
-    assert millis >= 300 and end.closed
+    assert millis >= int(h.billed_quantity.replace(".", "")) > 0 and end.closed  # billed up to the end
     assert end.cost_nano == millis * 1_525  # $0.001525 a second, to the millisecond
     b = balance(daemon, "demo")
     assert (b.balance_nano, b.reserved_nano) == (10 * USD - end.cost_nano, 0)
