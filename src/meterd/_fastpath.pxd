@@ -14,8 +14,11 @@
 # shared with the pure-Python twin come from corespec.pxd.
 #
 # A C method a layer calls on the one below goes through the vtable, even when
-# it is declared inline; the few such calls on the hot paths name their class
-# (``_Accounts._find(self, ...)``), which Cython compiles to a direct call.
+# it is declared inline; such calls on the hot paths name their class
+# (``_Accounts._find(self, ...)``), which Cython compiles to a direct call. And
+# as a C method's address is in the vtable, the C compiler seldom inlines one:
+# the hot helpers that have one caller are functions of the .pxi, not methods
+# declared here (``_event_fields``, ``_apply_event``, ...).
 
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t
 

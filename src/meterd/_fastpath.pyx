@@ -106,7 +106,8 @@ cdef class Core(_Decoder):
             ev = &self.scratch[i]
             ev.account = _Accounts._find(self, ev.cust, ev.cust_len)
             if ev.account >= 0:
-                ev.agg = self._agg_slot(ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
+                ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash,
+                                               True)
                 if ev.agg < 0:
                     self._agg_undo(mark)
                     raise self._sets_error(ev, "events[%d].dimensions" % i)
@@ -122,11 +123,9 @@ cdef class Core(_Decoder):
         ``keyless``, an event that carries an idempotency key is left alone and
         1 is returned (the caller must check the key first); else 0."""
         self._check()
-        cdef const char *buf = PyBytes_AS_STRING(data)
-        cdef Py_ssize_t s, n
         cdef Event ev
-        _decode_report(self, buf, PyBytes_GET_SIZE(data), &ev, &s, &n)
-        if keyless and _has_string(buf, s, s + n, F_IDEMPOTENCY_KEY):
+        _decode_report(self, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &ev)
+        if keyless and ev.keyed:
             return 1
         self._ureserve(1, ev.ulen)
         self._xreserve(1)
@@ -188,7 +187,7 @@ cdef inline Py_ssize_t _apply_event(Core self, uint32_t i, Event *ev, bint detai
     if ev.account < 0:
         reason = REASON_UNKNOWN_CUSTOMER
     else:
-        reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &cost, ev.uval, ev.ulen)
+        reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, False, &cost, ev.uval, ev.ulen)
     if reason == REASON_NONE or reason == OUT_DEGRADED:
         _Aggregates._agg_add(self, ev.agg, ev.quantity, cost)
     if reason == REASON_NONE:
@@ -228,10 +227,10 @@ cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
         o.decision = DECISION_DENY
         o.reason = REASON_UNKNOWN_CUSTOMER
         return 0
-    ev.agg = self._agg_slot(ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
+    ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
     if ev.agg < 0:
         raise self._sets_error(ev, "event.dimensions")
-    reason = self._debit(ev.account, ev.rate, ev.quantity, ev.fine, False, &o.cost, ev.uval, ev.ulen)
+    reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, False, &o.cost, ev.uval, ev.ulen)
     if reason == REASON_NONE or reason == OUT_DEGRADED:
         _Aggregates._agg_add(self, ev.agg, ev.quantity, o.cost)
     o.balance = self.bal[ev.account * self.n_ct + ct]

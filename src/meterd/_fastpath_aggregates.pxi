@@ -452,9 +452,9 @@ cdef class _Aggregates(_Accounts):
         cdef int64_t cost = 0
         if self.meters[self.rates[rate].meter].agg > AGG_COUNT:
             raise InvalidInput("meter", spec.MSG_SETTLE_GAUGE)
-        if reserved < 0 or reserved > self._resv(idx, ct):
+        if reserved < 0 or reserved > _Accounts._resv(self, idx, ct):
             raise ValueError(spec.MSG_SETTLE_TOO_MUCH)
-        if self._fine(<int32_t>rate, quantity, &fine):
+        if _Accounts._fine(self, <int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         # A settlement is not refused for dimension_sets_per_window_max: the work
         # was done. The engine files it under its price dimension alone when its
@@ -462,21 +462,21 @@ cdef class _Aggregates(_Accounts):
         cdef Py_ssize_t mark = self.n_agg
         cdef int32_t i
         if dims is None:
-            i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate], self.rate_dlen[rate],
-                               self.rate_dhash[rate], False)
+            i = _Aggregates._agg_slot(self, <int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate],
+                                      self.rate_dlen[rate], self.rate_dhash[rate], False)
         else:
-            i = self._agg_slot(<int32_t>idx, self.rates[rate].meter, PyBytes_AS_STRING(dims), <int32_t>len(dims),
-                               _hash_set(PyBytes_AS_STRING(dims), len(dims)), False)
-        cdef Ext *x = self._xp(idx, ct)  # there is one when anything is reserved
+            i = _Aggregates._agg_slot(self, <int32_t>idx, self.rates[rate].meter, PyBytes_AS_STRING(dims),
+                                      <int32_t>len(dims), _hash_set(PyBytes_AS_STRING(dims), len(dims)), False)
+        cdef Ext *x = _Accounts._xp(self, idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved
-        if self._debit(idx, <int32_t>rate, quantity, fine, True, &cost, NULL, 0) != REASON_NONE:
+        if _Accounts._debit(self, idx, <int32_t>rate, quantity, fine, True, &cost, NULL, 0) != REASON_NONE:
             if reserved:
                 x.resv += reserved
             self._agg_undo(mark)
             raise InvalidInput("quantity", spec.MSG_SETTLE_OVERFLOW)
         self._agg_add(i, quantity, cost)
-        cdef i128 a = self._available(idx, ct)
+        cdef i128 a = _Accounts._available(self, idx, ct)
         if a < -INT64_MAX:
             a = -INT64_MAX
         return cost, <int64_t>(-a if a < 0 else 0)

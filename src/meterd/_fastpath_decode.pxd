@@ -64,6 +64,7 @@ cdef struct Event:
     int32_t clen
     uint64_t chash          # its hash, for bucketing only
     int32_t agg             # its aggregate, found or made before anything is applied; -1 for none
+    bint keyed              # it has an idempotency key (not empty)
 
 
 # What the field loop of an event leaves for the checks after it.
@@ -98,9 +99,6 @@ cdef class _Decoder(_Aggregates):
     cdef int _cbuf_reserve(self, Py_ssize_t data_len) except -1
     # one UsageEvent
     cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev) noexcept
-    cdef void _span_value(self, int nspans, const char *want, Py_ssize_t want_len,
-                          const char **value, Py_ssize_t *value_len) noexcept nogil
-    cdef int _decode_dim(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev, int *nspans) noexcept
     cdef object _event_error(self, Event *ev, str prefix)
     # requests
     cdef int _decode_batch(self, const char *buf, Py_ssize_t end, uint64_t *seq,

@@ -95,23 +95,6 @@ cdef inline int _read_len(const char *buf, Py_ssize_t end, Py_ssize_t *pos, Py_s
     return E_OK
 
 
-cdef int _has_string(const char *buf, Py_ssize_t pos, Py_ssize_t end, uint64_t field) noexcept:
-    """Whether a (well-formed) message has a non-empty length-delimited ``field``
-    (its last occurrence, which is what protobuf reads)."""
-    cdef uint64_t key = 0
-    cdef Py_ssize_t s = 0, n = 0, last = 0
-    while pos < end:
-        if _read_tag(buf, end, &pos, &key):
-            return 0
-        if key >> 3 == field and key & 7 == 2:
-            if _read_len(buf, end, &pos, &s, &n):
-                return 0
-            last = n
-        elif _skip(buf, end, &pos, key & 7):
-            return 0
-    return last > 0
-
-
 # ---- values ------------------------------------------------------------------------
 
 cdef inline bint _utf8_ok(const uint8_t *p, Py_ssize_t n) noexcept nogil:
@@ -286,6 +269,7 @@ cdef class _Decoder(_Aggregates):
         ev.clen = 0
         ev.coff = self.cbuf_len
         ev.agg = -1
+        ev.keyed = False
         rc = _event_fields(self, buf, start, end, ev, &f)
         if rc == E_OK:
             rc = _event_customer(self, ev)
@@ -303,60 +287,6 @@ cdef class _Decoder(_Aggregates):
         self.cbuf_len += ev.clen
         ev.err_field = F_NONE
         return E_OK
-
-    cdef void _span_value(self, int nspans, const char *want, Py_ssize_t want_len,
-                          const char **value, Py_ssize_t *value_len) noexcept nogil:
-        """The value of the entry whose key is ``want`` (entries are unique by key), if any."""
-        cdef int i
-        for i in range(nspans):
-            if self.spans[i].key_len == want_len and memcmp(self.spans[i].key, want, want_len) == 0:
-                value[0] = self.spans[i].value
-                value_len[0] = self.spans[i].value_len
-                return
-
-    cdef int _decode_dim(self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev, int *nspans) noexcept:
-        """Validate one map entry and put it among the spans. An entry with any
-        field but its key and value (wire type 2) is left out: protobuf's parser
-        moves such an entry to the unknown fields, so it is no dimension at all."""
-        cdef Py_ssize_t ks = 0, kn = 0, vs = 0, vn = 0, s, n
-        cdef uint64_t key
-        cdef int rc, wt
-        cdef bint other = False
-        ev.err_field = F_DIMENSIONS
-        while pos < end:
-            rc = _read_tag(buf, end, &pos, &key)
-            if rc:
-                return rc
-            wt = key & 7
-            key >>= 3
-            if key == 0:
-                return E_FIELD0
-            if (key == 1 or key == 2) and wt == 2:
-                rc = _read_len(buf, end, &pos, &s, &n)
-                if rc:
-                    return rc
-                if not _utf8_ok(<const uint8_t *>buf + s, n):
-                    return E_UTF8  # protobuf strings: the ledger and every client must be able to read them
-                if key == 1:
-                    ks = s; kn = n
-                else:
-                    vs = s; vn = n
-            else:
-                rc = _skip(buf, end, &pos, wt)
-                if rc:
-                    return rc
-                other = True
-        if other:
-            ev.err_field = F_NONE
-            return E_OK
-        if kn == 0 or kn > self.dim_key_max:
-            return E_TOO_LONG if kn else E_EMPTY
-        if vn > self.dim_value_max:
-            return E_TOO_LONG
-        rc = _dim_insert(self, buf + ks, kn, buf + vs, vn, nspans)
-        if rc == E_OK:
-            ev.err_field = F_NONE
-        return rc
 
     cdef object _event_error(self, Event *ev, str prefix):
         name = spec.EVENT_FIELDS[ev.err_field]
@@ -420,7 +350,7 @@ cdef class _Decoder(_Aggregates):
                 if nev[0] >= self.batch_max:
                     raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max)
                 ev = &self.scratch[nev[0]]
-                if self._decode_event(buf, s, s + n, ev) != E_OK:
+                if _Decoder._decode_event(self, buf, s, s + n, ev) != E_OK:
                     raise self._event_error(ev, "events[%d]." % nev[0])
                 nev[0] += 1
             elif key == 2 or key == 4:
@@ -476,24 +406,19 @@ cdef class _Decoder(_Aggregates):
 
 # ---- helpers of _Decoder -----------------------------------------------------------
 # Functions rather than C methods: a C method's address is in the vtable, which
-# keeps the C compiler from inlining it into its one caller, and these are on
-# the hot path (each is called from one place).
+# keeps the C compiler from inlining it into its caller, and these are on the
+# hot path (each is called from one or two places).
 
 cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
                               Fields *f) noexcept:
     """The field loop: strings checked for UTF-8, dimensions into spans; the
-    customer id into ``ev``, the meter's name and the quantity into ``f``. As
-    protobuf, the last occurrence of a field wins and unknown fields are skipped."""
+    customer id and whether there is an idempotency key into ``ev``, the meter's
+    name and the quantity into ``f``. As protobuf, the last occurrence of a field
+    wins and unknown fields are skipped."""
     cdef Py_ssize_t s, n
     cdef uint64_t key, v
     cdef int wt, rc
-    f.mname = NULL
-    f.mlen = 0
-    f.qkind = 0
-    f.qty = 0
-    f.dec = NULL
-    f.dec_len = 0
-    f.nspans = 0
+    memset(f, 0, sizeof(Fields))
     while pos < end:
         rc = _read_tag(buf, end, &pos, &key)
         if rc:
@@ -511,7 +436,7 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
             if rc:
                 return rc
             if key == F_DIMENSIONS:
-                rc = self._decode_dim(buf, s, s + n, ev, &f.nspans)
+                rc = _decode_dim(self, buf, s, s + n, ev, &f.nspans)
                 if rc:
                     return rc
                 continue
@@ -528,6 +453,8 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
                 f.qkind = 2
                 f.dec = buf + s
                 f.dec_len = n
+            else:  # F_IDEMPOTENCY_KEY: its last occurrence is the one protobuf reads
+                ev.keyed = n > 0
         elif key == F_QUANTITY or key == F_TIMESTAMP_MS:
             if wt != 0:
                 ev.err_field = <int32_t>key
@@ -603,8 +530,8 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
     cdef Py_ssize_t dim_len = 0
     cdef int64_t qty = f.qty
     if m.dim_key_len > 0:
-        self._span_value(f.nspans, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
-        ev.rate = self._find_rate(ev.meter, dim_value, dim_len)
+        _span_value(self, f.nspans, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
+        ev.rate = _Accounts._find_rate(self, ev.meter, dim_value, dim_len)
     else:
         ev.rate = m.rate_default
     if ev.rate < 0:
@@ -616,7 +543,7 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
         ev.quantity = qty = 1  # a count meter counts events; its price is per event
     if m.agg == AGG_UNIQUE:
         dim_value = NULL
-        self._span_value(f.nspans, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
+        _span_value(self, f.nspans, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)
         if dim_value == NULL:
             ev.err_field = F_DIMENSIONS
             ev.detail = m.uniq_key
@@ -627,10 +554,67 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
         ev.quantity = 0  # a unique_count meter has no quantity of its own
     if m.agg == AGG_MAX or m.agg == AGG_LATEST or m.agg == AGG_UNIQUE:
         ev.fine = 0  # gauges are charged on their period's value, at the period's end
-    elif self._fine(ev.rate, qty, &ev.fine):
+    elif _Accounts._fine(self, ev.rate, qty, &ev.fine):
         ev.err_field = F_QUANTITY
         return E_OVERFLOW
     return E_OK
+
+
+cdef inline void _span_value(_Decoder self, int nspans, const char *want, Py_ssize_t want_len,
+                             const char **value, Py_ssize_t *value_len) noexcept nogil:
+    """The value of the entry whose key is ``want`` (entries are unique by key), if any."""
+    cdef int i
+    for i in range(nspans):
+        if self.spans[i].key_len == want_len and memcmp(self.spans[i].key, want, want_len) == 0:
+            value[0] = self.spans[i].value
+            value_len[0] = self.spans[i].value_len
+            return
+
+
+cdef inline int _decode_dim(_Decoder self, const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev,
+                            int *nspans) noexcept nogil:
+    """Validate one map entry and put it among the spans. An entry with any
+    field but its key and value (wire type 2) is left out: protobuf's parser
+    moves such an entry to the unknown fields, so it is no dimension at all."""
+    cdef Py_ssize_t ks = 0, kn = 0, vs = 0, vn = 0, s, n
+    cdef uint64_t key
+    cdef int rc, wt
+    cdef bint other = False
+    ev.err_field = F_DIMENSIONS
+    while pos < end:
+        rc = _read_tag(buf, end, &pos, &key)
+        if rc:
+            return rc
+        wt = key & 7
+        key >>= 3
+        if key == 0:
+            return E_FIELD0
+        if (key == 1 or key == 2) and wt == 2:
+            rc = _read_len(buf, end, &pos, &s, &n)
+            if rc:
+                return rc
+            if not _utf8_ok(<const uint8_t *>buf + s, n):
+                return E_UTF8  # protobuf strings: the ledger and every client must be able to read them
+            if key == 1:
+                ks = s; kn = n
+            else:
+                vs = s; vn = n
+        else:
+            rc = _skip(buf, end, &pos, wt)
+            if rc:
+                return rc
+            other = True
+    if other:
+        ev.err_field = F_NONE
+        return E_OK
+    if kn == 0 or kn > self.dim_key_max:
+        return E_TOO_LONG if kn else E_EMPTY
+    if vn > self.dim_value_max:
+        return E_TOO_LONG
+    rc = _dim_insert(self, buf + ks, kn, buf + vs, vn, nspans)
+    if rc == E_OK:
+        ev.err_field = F_NONE
+    return rc
 
 
 cdef inline int _dim_insert(_Decoder self, const char *key, Py_ssize_t kn, const char *value, Py_ssize_t vn,
@@ -659,15 +643,11 @@ cdef inline int _dim_insert(_Decoder self, const char *key, Py_ssize_t kn, const
     return E_OK
 
 
-cdef inline int _decode_report(_Decoder self, const char *buf, Py_ssize_t end, Event *ev, Py_ssize_t *start,
-                               Py_ssize_t *n) except -1:
-    """Decode a ReportRequest's event (its only field) into ``ev``; raise
-    InvalidInput. ``start`` and ``n`` are where the event is in ``buf``."""
-    cdef Py_ssize_t pos = 0
+cdef inline int _decode_report(_Decoder self, const char *buf, Py_ssize_t end, Event *ev) except -1:
+    """Decode a ReportRequest's event (its only field) into ``ev``; raise InvalidInput."""
+    cdef Py_ssize_t pos = 0, start = 0, n = -1
     cdef uint64_t key
     cdef int wt, rc
-    start[0] = 0
-    n[0] = -1
     self._cbuf_reserve(end)
     while pos < end:
         rc = _read_tag(buf, end, &pos, &key)
@@ -680,15 +660,15 @@ cdef inline int _decode_report(_Decoder self, const char *buf, Py_ssize_t end, E
         if key == 1:
             if wt != 2:
                 raise InvalidInput("event", _MESSAGES[E_WIRE_TYPE])
-            if n[0] >= 0:  # protobuf would merge the two; no client splits a message so
+            if n >= 0:  # protobuf would merge the two; no client splits a message so
                 raise InvalidInput("event", spec.MSG_EVENT_TWICE)
-            rc = _read_len(buf, end, &pos, start, n)
+            rc = _read_len(buf, end, &pos, &start, &n)
         else:
             rc = _skip(buf, end, &pos, wt)
         if rc:
             raise InvalidInput("event", _MESSAGES[rc])
-    if n[0] < 0:
+    if n < 0:
         raise InvalidInput("event", spec.MSG_REQUIRED)
-    if self._decode_event(buf, start[0], start[0] + n[0], ev) != E_OK:
+    if _Decoder._decode_event(self, buf, start, start + n, ev) != E_OK:
         raise self._event_error(ev, "event.")
     return 0
