@@ -2,54 +2,47 @@
 
 It exists so that meterd runs where the extension cannot be built
 (``METERD_NO_EXTENSIONS=1``) and so that tests can compare both cores on the
-same randomised inputs. Keep the two in step: every public method here has the
-same signature, results and error messages as its compiled counterpart.
+same randomised inputs. Keep the two in step: both implement
+``meterd.core.CoreAPI`` (mypy checks this one against it, and the stub of the
+compiled one), and both take their codes, limits, messages and the priority
+formula from ``meterd.corespec``.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Iterable
 
+from meterd import corespec as spec
+from meterd.corespec import (
+    AGG_COUNT,
+    AGG_LATEST,
+    AGG_MAX,
+    AGG_SUM,
+    AGG_UNIQUE,
+    ALERTS_MAX,
+    DECISION_ALLOW,
+    DECISION_DEGRADE,
+    DECISION_DENY,
+    INT64_MAX,
+    INT64_MIN,
+    OUT_DEGRADED,
+    REASON_INSUFFICIENT_BALANCE,
+    REASON_NONE,
+    REASON_OVERFLOW,
+    REASON_UNKNOWN_CUSTOMER,
+    CreditState,
+    UsageAggregate,
+    no_price_message,
+    precision_message,
+    relax_priority,
+    sets_message,
+    unique_order,
+)
 from meterd.errors import Forbidden, InvalidInput
 
-INT64_MAX = (1 << 63) - 1
 I128_MAX = (1 << 127) - 1
-
-REASON_NONE = 0
-REASON_INSUFFICIENT_BALANCE = 1
-REASON_UNKNOWN_CUSTOMER = 2
-REASON_OVERFLOW = 3
-OUT_DEGRADED = 100
-
-DECISION_ALLOW = 1
-DECISION_DENY = 2
-DECISION_DEGRADE = 3
-
-AGG_SUM, AGG_COUNT, AGG_MAX, AGG_LATEST, AGG_UNIQUE = 0, 1, 2, 3, 4
 U64 = (1 << 64) - 1
-ALERTS_MAX = 4096
-INT64_MIN = -(1 << 63)
-
-_MSG_TRUNCATED = "malformed protobuf: truncated"
-_MSG_WIRE_TYPE = "malformed protobuf: wrong wire type"
-_MSG_VARINT = "malformed protobuf: bad varint"
-_MSG_EMPTY = "must not be empty"
-_MSG_TOO_LONG = "too long"
-_MSG_CHARSET = "must be printable ASCII without spaces"
-_MSG_NEGATIVE = "must not be negative"
-_MSG_DECIMAL = "must be a decimal like 12 or 1.25 with no more decimals than the meter's precision"
-_MSG_OVERFLOW = "cost or quantity overflows 64 bits"
-_MSG_TOO_MANY = "too many entries"
-_MSG_UTF8 = "must be valid UTF-8"
-_MSG_TENANT = "is not one of this token's customers"
-_MSG_FIELD0 = "malformed protobuf: field number 0"
-
-_FIELD_NAMES = {1: "customer_id", 2: "meter", 3: "quantity", 4: "quantity_decimal",
-                5: "dimensions", 6: "timestamp_ms", 7: "idempotency_key"}
-
-
-_BATCH_FIELDS = ("batch", "client_id", "sequence", "events")
 
 
 class _DecodeError(Exception):
@@ -65,7 +58,7 @@ def _tag(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     """A field's tag: as protobuf, at most 5 bytes and below 2**32."""
     tag, after = _varint(buf, pos, end)
     if tag >> 32 or after - pos > 5:
-        raise _DecodeError("", _MSG_VARINT)
+        raise _DecodeError("", spec.MSG_VARINT)
     return tag, after
 
 
@@ -76,20 +69,20 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         b = buf[pos]
         pos += 1
         if shift == 63 and b > 1:
-            raise _DecodeError("", _MSG_VARINT)
+            raise _DecodeError("", spec.MSG_VARINT)
         result |= (b & 0x7F) << shift
         if b < 0x80:
             return result, pos
         shift += 7
         if shift > 63:
-            raise _DecodeError("", _MSG_VARINT)
-    raise _DecodeError("", _MSG_TRUNCATED)
+            raise _DecodeError("", spec.MSG_VARINT)
+    raise _DecodeError("", spec.MSG_TRUNCATED)
 
 
 def _length(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
     n, pos = _varint(buf, pos, end)
     if n > end - pos:
-        raise _DecodeError("", _MSG_TRUNCATED)
+        raise _DecodeError("", spec.MSG_TRUNCATED)
     return pos, n, pos + n
 
 
@@ -99,11 +92,11 @@ def _skip(buf: bytes, pos: int, end: int, wt: int) -> int:
     if wt == 1 or wt == 5:
         size = 8 if wt == 1 else 4
         if end - pos < size:
-            raise _DecodeError("", _MSG_TRUNCATED)
+            raise _DecodeError("", spec.MSG_TRUNCATED)
         return pos + size
     if wt == 2:
         return _length(buf, pos, end)[2]
-    raise _DecodeError("", _MSG_WIRE_TYPE)
+    raise _DecodeError("", spec.MSG_WIRE_TYPE)
 
 
 def _signed64(v: int) -> int:
@@ -114,20 +107,20 @@ def parse_decimal(text: bytes, precision: int, meter: bytes = b"") -> int:
     """Exact decimal b"123" or b"1.25" into an integer of 10**-precision units;
     ``meter`` names the meter in the error for too many decimals."""
     if not text:
-        raise _DecodeError("", _MSG_DECIMAL)
+        raise _DecodeError("", spec.MSG_DECIMAL)
     if text[:1] == b"-":
-        raise _DecodeError("", _MSG_NEGATIVE)
+        raise _DecodeError("", spec.MSG_NEGATIVE)
     value = 0
     frac = -1
     digits = 0
     for c in text:
         if c == 0x2E:
             if frac >= 0:
-                raise _DecodeError("", _MSG_DECIMAL)
+                raise _DecodeError("", spec.MSG_DECIMAL)
             frac = 0
             continue
         if c < 0x30 or c > 0x39:
-            raise _DecodeError("", _MSG_DECIMAL)
+            raise _DecodeError("", spec.MSG_DECIMAL)
         if frac >= 0:
             frac += 1
             if frac > precision:
@@ -135,46 +128,16 @@ def parse_decimal(text: bytes, precision: int, meter: bytes = b"") -> int:
         digits += 1
         value = value * 10 + (c - 0x30)
         if value > INT64_MAX:
-            raise _DecodeError("", _MSG_OVERFLOW)
+            raise _DecodeError("", spec.MSG_OVERFLOW)
     if digits == 0 or frac == 0:
-        raise _DecodeError("", _MSG_DECIMAL)
+        raise _DecodeError("", spec.MSG_DECIMAL)
     frac = max(frac, 0)
     while frac < precision:
         value *= 10
         frac += 1
         if value > INT64_MAX:
-            raise _DecodeError("", _MSG_OVERFLOW)
+            raise _DecodeError("", spec.MSG_OVERFLOW)
     return value
-
-
-def no_price_message(meter: bytes, key: bytes, value: bytes | None) -> str:
-    """Why an event has no price: its meter, the price dimension and the value it
-    had, or that it had none."""
-    name, dim = meter.decode("utf-8", "replace"), key.decode("utf-8", "replace")
-    if not dim:
-        return "meter %r has no price" % name
-    if value is None:
-        return "meter %r needs the %r dimension: it has no default price" % (name, dim)
-    return "meter %r has no price for %s=%r and no default" % (name, dim, value[:64].decode("utf-8", "replace"))
-
-
-def precision_message(meter: bytes, precision: int) -> str:
-    name = meter.decode("utf-8", "replace")
-    if precision == 0:
-        return "meter %r counts whole units (precision 0): no decimals" % name
-    return "meter %r has precision %d: at most %d decimals" % (name, precision, precision)
-
-
-def sets_message(customer: bytes, limit: int) -> str:
-    return ("customer %r has %d distinct dimension sets in this usage window, as many as "
-            "dimension_sets_per_window_max allows (a set counts once per meter); keep one-off values "
-            "such as request ids out of dimensions" % (customer.decode(), limit))
-
-
-def unique_order(entry: tuple) -> tuple:
-    """Distinct values in snapshot order: by meter, hashes (from older snapshots) first."""
-    meter, value = entry
-    return (meter, 0, value, b"") if isinstance(value, int) else (meter, 1, 0, value)
 
 
 def _hash64(b: bytes) -> int:
@@ -264,97 +227,31 @@ def _result(index: int, decision: int, reason: int, ct: bytes, cost: int, balanc
 class Core:
     """Accounts, rates and the batch decoder; see ``_fastpath.pyx``."""
 
-    def __init__(self, denominators: list, meters: list, rates: list, limits: dict,
-                 capacity: int = 1024, plans: list | None = None, modes: list | None = None,
-                 free: list | None = None, credit_names: list | None = None) -> None:
+    def __init__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int], capacity: int = 1024,
+                 plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
+                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> None:
+        # As the compiled core: accounts and rating, then aggregates, then the decoder.
+        self._init_accounts(denominators, meters, rates, limits, plans, modes, free, credit_names)
+        self._init_aggregates(meters, rates, limits)
+        self._init_decoder(limits)
+
+    def _init_accounts(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                       rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
+                       plans: list[list[tuple[int, int]]] | None, modes: list[bytes] | None,
+                       free: list[list[int]] | None, credit_names: list[bytes] | None) -> None:
         self.id_max = limits["customer_id_bytes_max"]
-        self.client_id_max = limits["client_id_bytes_max"]
-        self.batch_max = limits["batch_events_max"]
-        self.dims_max = limits["dimensions_max"]
-        self.dim_key_max = limits["dimension_key_bytes_max"]
-        self.dim_value_max = limits["dimension_value_bytes_max"]
-        self.sets_max = limits["dimension_sets_per_window_max"]
-        self.sets_capped = True  # off while the log is replayed
-        if self.id_max > 255:
-            raise ValueError("customer_id_bytes_max is at most 255")
-        if self.sets_max < 1:
-            raise ValueError("dimension_sets_per_window_max is at least 1")
-        if not (0 <= self.dims_max <= 1024 and 1 <= self.dim_key_max <= 65536 and 0 <= self.dim_value_max <= 65536):
-            raise ValueError("dimension limits out of range")
+        if self.id_max > spec.CUSTOMER_ID_BYTES_LIMIT:
+            raise ValueError(spec.MSG_ID_LIMIT)
         for d in denominators:
-            if d <= 0 or d > 10**15:
-                raise ValueError("denominator out of range")
+            if d <= 0 or d > spec.DENOMINATOR_MAX:
+                raise ValueError(spec.MSG_DENOMINATOR)
         self.denom = list(denominators)
         self.n_ct = len(denominators)
-        # meters: name, ct, precision, dim_key, rates {value: idx}, default
-        self.credit_names = [bytes(n) for n in (credit_names or [b""] * self.n_ct)]
-        if len(self.credit_names) != self.n_ct or any(len(n) > 64 for n in self.credit_names):
-            raise ValueError("one name of at most 64 bytes per credit type")
-        self.modes = [bytes(m) for m in (modes or [])]
-        if any(len(m) > 32 for m in self.modes):
-            raise ValueError("mode names are at most 32 bytes")
-        self.plans = [[(0, 0)] * self.n_ct] + list(plans or [])
-        if len(self.plans) > 65535:
-            raise ValueError("too many plans")
-        for i, plan in enumerate(self.plans):
-            if len(plan) != self.n_ct:
-                raise ValueError("plan %d: one entry per credit type" % i)
-            for mode, step in plan:
-                if not (0 <= mode <= len(self.modes)) or step < 0:
-                    raise ValueError("plan %d: mode or step out of range" % i)
-        self.free = [[0] * len(meters)] + [list(f) for f in (free or [])]
-        if len(self.free) > len(self.plans):
-            raise ValueError("free units for more plans than there are")
-        for i, f in enumerate(self.free):
-            if len(f) != len(meters):
-                raise ValueError("plan %d: free units for every meter" % i)
-            if any(x < 0 for x in f):
-                raise ValueError("free units must not be negative")
-        self.free += [[0] * len(meters) for _ in range(len(self.plans) - len(self.free))]
-        self.meters = []
-        self.aggs = []
-        self.uniq_keys = []
-        for i, (name, ct, precision, dim, agg, uniq) in enumerate(meters):
-            if not (0 <= ct < self.n_ct and 0 <= precision <= 9 and AGG_SUM <= agg <= AGG_UNIQUE):
-                raise ValueError("meter %d: credit type, precision or aggregation out of range" % i)
-            if (agg == AGG_UNIQUE) != (len(uniq) > 0):
-                raise ValueError("meter %d: a unique_count meter, and only one, names its dimension" % i)
-            self.meters.append([name, ct, precision, dim, {}, -1])
-            self.aggs.append(agg)
-            self.uniq_keys.append(uniq)
-        self.rates = []
-        last_meter = -1
-        seen = set()
-        for i, (meter, value, amount, factor) in enumerate(rates):
-            if not (0 <= meter < len(self.meters)) or amount < 0 or factor < 1 or amount > INT64_MAX \
-                    or factor > INT64_MAX:
-                raise ValueError("rate %d out of range" % i)
-            if meter != last_meter:
-                if meter in seen:
-                    raise ValueError("rates must be grouped by meter")
-                seen.add(meter)
-                last_meter = meter
-            m = self.meters[meter]
-            self.rates.append((meter, m[1], amount, factor))
-            if value is None:
-                m[5] = i
-            else:
-                m[4].setdefault(value, i)
-        self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
-        # Usage aggregates for the ledger: (acct, meter, canonical dimension set, window) ->
-        # [quantity, cost, events]. The current window's outlive take_usage, emptied.
-        self.agg: dict[tuple[int, int, bytes, int], list[int]] = {}
-        self.n_live = 0
-        self.nsets: list[list[int]] = []  # per account: [window, dimension sets made in it]
-        self.window_ms = 60000
-        self.cur_window = 0
-        self.rate_dims: list[bytes] = []
-        for meter, value, _, _ in rates:
-            if value is None:
-                self.rate_dims.append(b"")
-            else:
-                body = _dim_entry(meters[meter][3], value)
-                self.rate_dims.append(b"\x2a" + _put_varint(len(body)) + body)
+        self._init_names(credit_names, modes)
+        self._init_plans(plans, free, len(meters))
+        self._init_meters(meters)
+        self._init_rates(rates)
         self.ids: list[bytes] = []
         self.index: dict[bytes, int] = {}
         self.bal: list[list[int]] = []
@@ -374,6 +271,103 @@ class Core:
         self.alerts_lost = False
         self.dirty: list[bool] = []
         self.closed = False
+
+    def _init_names(self, credit_names: list[bytes] | None, modes: list[bytes] | None) -> None:
+        self.credit_names = [bytes(n) for n in (credit_names or [b""] * self.n_ct)]
+        if len(self.credit_names) != self.n_ct or any(len(n) > spec.NAME_BYTES_MAX for n in self.credit_names):
+            raise ValueError(spec.MSG_CREDIT_NAMES)
+        self.modes = [bytes(m) for m in (modes or [])]
+        if any(len(m) > spec.MODE_BYTES_MAX for m in self.modes):
+            raise ValueError(spec.MSG_MODE_NAMES)
+
+    def _init_plans(self, plans: list[list[tuple[int, int]]] | None, free: list[list[int]] | None,
+                    n_meters: int) -> None:
+        """Per plan (plan 0: none, which always denies): (fallback mode, priority step)
+        per credit type, and free units per meter."""
+        self.plans = [[(0, 0)] * self.n_ct] + list(plans or [])
+        if len(self.plans) > spec.PLANS_MAX:
+            raise ValueError(spec.MSG_PLANS)
+        for i, plan in enumerate(self.plans):
+            if len(plan) != self.n_ct:
+                raise ValueError(spec.MSG_PLAN_ENTRIES % i)
+            for mode, step in plan:
+                if not (0 <= mode <= len(self.modes)) or step < 0:
+                    raise ValueError(spec.MSG_PLAN_RANGE % i)
+        self.free = [[0] * n_meters] + [list(f) for f in (free or [])]
+        if len(self.free) > len(self.plans):
+            raise ValueError(spec.MSG_FREE_PLANS)
+        for i, f in enumerate(self.free):
+            if len(f) != n_meters:
+                raise ValueError(spec.MSG_FREE_METERS % i)
+            if any(x < 0 for x in f):
+                raise ValueError(spec.MSG_FREE_NEGATIVE)
+        self.free += [[0] * n_meters for _ in range(len(self.plans) - len(self.free))]
+
+    def _init_meters(self, meters: list[tuple[bytes, int, int, bytes, int, bytes]]) -> None:
+        # per meter: [name, ct, precision, dim_key, rates {value: idx}, default rate]
+        self.meters: list[list[Any]] = []
+        self.aggs: list[int] = []
+        self.uniq_keys: list[bytes] = []
+        for i, (name, ct, precision, dim, agg, uniq) in enumerate(meters):
+            if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE):
+                raise ValueError(spec.MSG_METER_RANGE % i)
+            if (agg == AGG_UNIQUE) != (len(uniq) > 0):
+                raise ValueError(spec.MSG_METER_UNIQUE % i)
+            self.meters.append([name, ct, precision, dim, {}, -1])
+            self.aggs.append(agg)
+            self.uniq_keys.append(uniq)
+        self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
+
+    def _init_rates(self, rates: list[tuple[int, bytes | None, int, int]]) -> None:
+        self.rates: list[tuple[int, int, int, int]] = []  # (meter, ct, amount_nano, factor)
+        last_meter = -1
+        seen = set()
+        for i, (meter, value, amount, factor) in enumerate(rates):
+            if not (0 <= meter < len(self.meters)) or amount < 0 or factor < 1 or amount > INT64_MAX \
+                    or factor > INT64_MAX:
+                raise ValueError(spec.MSG_RATE_RANGE % i)
+            if meter != last_meter:
+                if meter in seen:
+                    raise ValueError(spec.MSG_RATES_GROUPED)
+                seen.add(meter)
+                last_meter = meter
+            m = self.meters[meter]
+            self.rates.append((meter, m[1], amount, factor))
+            if value is None:
+                m[5] = i
+            else:
+                m[4].setdefault(value, i)
+
+    def _init_aggregates(self, meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                         rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int]) -> None:
+        self.sets_max = limits["dimension_sets_per_window_max"]
+        if self.sets_max < 1:
+            raise ValueError(spec.MSG_SETS_LIMIT)
+        self.sets_capped = True  # off while the log is replayed
+        # Usage aggregates for the ledger: (acct, meter, canonical dimension set, window) ->
+        # [quantity, cost, events]. The current window's outlive take_usage, emptied.
+        self.agg: dict[tuple[int, int, bytes, int], list[int]] = {}
+        self.n_live = 0
+        self.nsets: list[list[int]] = []  # per account: [window, dimension sets made in it]
+        self.window_ms = 60000
+        self.cur_window = 0
+        self.rate_dims: list[bytes] = []
+        for meter, value, _, _ in rates:
+            if value is None:
+                self.rate_dims.append(b"")
+            else:
+                body = _dim_entry(meters[meter][3], value)
+                self.rate_dims.append(b"\x2a" + _put_varint(len(body)) + body)
+
+    def _init_decoder(self, limits: dict[str, int]) -> None:
+        self.client_id_max = limits["client_id_bytes_max"]
+        self.batch_max = limits["batch_events_max"]
+        self.dims_max = limits["dimensions_max"]
+        self.dim_key_max = limits["dimension_key_bytes_max"]
+        self.dim_value_max = limits["dimension_value_bytes_max"]
+        if not (0 <= self.dims_max <= spec.DIMENSIONS_LIMIT and 1 <= self.dim_key_max <= spec.DIMENSION_KEY_BYTES_LIMIT
+                and 0 <= self.dim_value_max <= spec.DIMENSION_VALUE_BYTES_LIMIT):
+            raise ValueError(spec.MSG_DIMS_LIMITS)
         self.tenant: bytes | None = None  # while a call runs for a data-plane token: its customer id prefix
 
     def close(self) -> None:
@@ -381,16 +375,16 @@ class Core:
 
     def _check(self) -> None:
         if self.closed:
-            raise RuntimeError("core is closed")
+            raise RuntimeError(spec.MSG_CLOSED)
 
     def _idx(self, idx: int) -> None:
         self._check()
         if idx < 0 or idx >= len(self.ids):
-            raise IndexError("no account %d" % idx)
+            raise IndexError(spec.MSG_NO_ACCOUNT % idx)
 
     def _ct(self, ct: int) -> None:
         if ct < 0 or ct >= self.n_ct:
-            raise IndexError("no credit type %d" % ct)
+            raise IndexError(spec.MSG_NO_CREDIT_TYPE % ct)
 
     # ---- account table ---------------------------------------------------
 
@@ -405,7 +399,7 @@ class Core:
         self._check()
         n = len(customer_id)
         if n == 0 or n > self.id_max or not _id_charset_ok(customer_id):
-            raise InvalidInput("customer_id", "must be 1 to %d printable ASCII characters" % self.id_max)
+            raise InvalidInput("customer_id", spec.MSG_CUSTOMER_ID % self.id_max)
         idx = self.index.get(customer_id)
         if idx is not None:
             return idx
@@ -427,21 +421,21 @@ class Core:
         self._idx(idx)
         return self.ids[idx]
 
-    def state(self, idx: int) -> tuple:
+    def state(self, idx: int) -> tuple[list[CreditState], list[int], int]:
         self._idx(idx)
         cts = [(self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k], self.degr[idx][k],
                 self.alert[idx][k]) for k in range(self.n_ct)]
         return cts, list(self.usage[idx]), self.plan_of[idx]
 
-    def load_state(self, idx: int, cts: list, use: list, plan: int = 0) -> None:
+    def load_state(self, idx: int, cts: list[Any], use: list[int], plan: int = 0) -> None:
         self._idx(idx)
         if len(cts) != self.n_ct or len(use) != len(self.meters):
-            raise ValueError("state shape does not match the catalog")
+            raise ValueError(spec.MSG_STATE_SHAPE)
         if not 0 <= plan < len(self.plans):
-            raise ValueError("no plan %d" % plan)
+            raise ValueError(spec.MSG_NO_PLAN % plan)
         for k, c in enumerate(cts):
             if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
-                raise ValueError("account state out of range")
+                raise ValueError(spec.MSG_STATE_RANGE)
         for k, (b, r, f, rm, dg, al) in enumerate(cts):
             self.bal[idx][k], self.resv[idx][k], self.floor[idx][k], self.rem[idx][k] = b, r, f, rm
             self.degr[idx][k], self.alert[idx][k] = dg, al
@@ -449,7 +443,7 @@ class Core:
         self.plan_of[idx] = plan
         self.dirty[idx] = False
 
-    def take_dirty(self) -> list:
+    def take_dirty(self) -> list[int]:
         self._check()
         out = [i for i, d in enumerate(self.dirty) if d]
         self.dirty = [False] * len(self.ids)
@@ -471,7 +465,7 @@ class Core:
             struct.pack("<q", -len(uniq)) + b"".join(tail)
 
     def _state_uniques(self, data: bytes, size: int) -> list:
-        wrong = ValueError("state record has the wrong size for this catalog")
+        wrong = ValueError(spec.MSG_STATE_SIZE)
         if len(data) < size + 8:
             raise wrong
         n = struct.unpack_from("<q", data, size)[0]
@@ -507,19 +501,19 @@ class Core:
         cts = [tuple(w[k * 6:k * 6 + 6]) for k in range(self.n_ct)]
         for k, c in enumerate(cts):
             if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
-                raise ValueError("account state out of range")
+                raise ValueError(spec.MSG_STATE_RANGE)
         if not 0 <= w[-1] < len(self.plans):
-            raise ValueError("account state names a plan that does not exist")
+            raise ValueError(spec.MSG_STATE_PLAN)
         for meter, _ in uniq:
             if not (0 <= meter < len(self.meters) and self.aggs[meter] == AGG_UNIQUE):
-                raise ValueError("account state counts distinct values of a meter that does not")
+                raise ValueError(spec.MSG_STATE_UNIQUE)
         idx = self.open_account(customer_id)
         self.load_state(idx, cts, list(w[self.n_ct * 6:-1]), w[-1])
         for meter, value in uniq:
             self.add_unique(idx, meter, value)
         return idx
 
-    def load_states(self, records: Any) -> int:
+    def load_states(self, records: Iterable[tuple[bytes, bytes]]) -> int:
         """``load_state_bytes`` for each (customer_id, data) pair of an iterable; returns how many."""
         n = 0
         for customer_id, data in records:
@@ -527,7 +521,7 @@ class Core:
             n += 1
         return n
 
-    def uniques(self, idx: int) -> list:
+    def uniques(self, idx: int) -> list[tuple[int, bytes | int]]:
         self._idx(idx)
         return sorted(self.uniq[idx], key=unique_order)
 
@@ -548,7 +542,7 @@ class Core:
     def add_unique(self, idx: int, meter: int, value: bytes | int) -> None:
         self._idx(idx)
         if not (0 <= meter < len(self.meters) and self.aggs[meter] == AGG_UNIQUE):
-            raise ValueError("meter %d does not count distinct values" % meter)
+            raise ValueError(spec.MSG_NOT_UNIQUE % meter)
         if isinstance(value, int) and not 0 <= value <= U64:
             raise OverflowError("a distinct value's hash is 64 bits")
         if not self._seen(idx, meter, value):
@@ -557,14 +551,14 @@ class Core:
     def force_charge(self, idx: int, rate: int, quantity: int) -> int:
         self._idx(idx)
         if rate < 0 or rate >= len(self.rates) or quantity < 0:
-            raise ValueError("no such rate, or a negative quantity")
+            raise ValueError(spec.MSG_FORCE_CHARGE)
         ct = self.rates[rate][1]
         fine = self._fine(rate, quantity)
         if fine is None:
-            raise InvalidInput("quantity", "cost overflows 64 bits")
+            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
         if self.bal[idx][ct] - d < -INT64_MAX:
-            raise InvalidInput("quantity", "balance would overflow")
+            raise InvalidInput("quantity", spec.MSG_BALANCE_OVERFLOW)
         before = self.bal[idx][ct]
         self.bal[idx][ct] -= d
         self.rem[idx][ct] = rem
@@ -579,7 +573,7 @@ class Core:
         self._ct(ct)
         v = self.bal[idx][ct] + amount
         if v > INT64_MAX or v < -INT64_MAX:
-            raise InvalidInput("amount_nano", "balance would overflow")
+            raise InvalidInput("amount_nano", spec.MSG_BALANCE_OVERFLOW)
         before = self.bal[idx][ct]
         self.bal[idx][ct] = v
         self.dirty[idx] = True
@@ -610,10 +604,10 @@ class Core:
                 return r
         return m[5]
 
-    def find_rate(self, meter: int, value) -> int:
+    def find_rate(self, meter: int, value: bytes | None) -> int:
         self._check()
         if meter < 0 or meter >= len(self.meters):
-            raise IndexError("no meter %d" % meter)
+            raise IndexError(spec.MSG_NO_METER % meter)
         return self._find_rate(meter, value)
 
     def _fine(self, rate: int, quantity: int) -> int | None:
@@ -628,15 +622,15 @@ class Core:
             return None
         return fine
 
-    def quote(self, rate: int, quantity: int) -> tuple:
+    def quote(self, rate: int, quantity: int) -> tuple[int, int]:
         self._check()
         if rate < 0 or rate >= len(self.rates):
-            raise IndexError("no rate %d" % rate)
+            raise IndexError(spec.MSG_NO_RATE % rate)
         if quantity < 0:
-            raise InvalidInput("quantity", "must not be negative")
+            raise InvalidInput("quantity", spec.MSG_NEGATIVE)
         fine = self._fine(rate, quantity)
         if fine is None:
-            raise InvalidInput("quantity", "cost overflows 64 bits")
+            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         ct = self.rates[rate][1]
         d = self.denom[ct]
         return ct, (fine + d - 1) // d
@@ -690,19 +684,16 @@ class Core:
                 self.alerts_lost = True
 
     def _priority(self, idx: int, ct: int) -> int:
-        step = self.plans[self.plan_of[idx]][ct][1]
-        if step <= 0:
-            return 100
-        return max(100 - self.degr[idx][ct] // step, 0)
+        return relax_priority(self.degr[idx][ct], self.plans[self.plan_of[idx]][ct][1])
 
     def set_plan(self, idx: int, plan: int) -> None:
         self._idx(idx)
         if not 0 <= plan < len(self.plans):
-            raise IndexError("no plan %d" % plan)
+            raise IndexError(spec.MSG_NO_PLAN % plan)
         self.plan_of[idx] = plan
         self.dirty[idx] = True
 
-    def set_alert(self, idx: int, ct: int, threshold) -> None:
+    def set_alert(self, idx: int, ct: int, threshold: int | None) -> None:
         self._idx(idx)
         self._ct(ct)
         self.alert[idx][ct] = INT64_MIN if threshold is None else threshold
@@ -712,7 +703,7 @@ class Core:
 
     def set_window(self, window_ms: int) -> None:
         if window_ms < 1:
-            raise ValueError("the usage window must be at least 1 ms")
+            raise ValueError(spec.MSG_WINDOW)
         self.window_ms = window_ms
 
     def set_clock(self, now_ms: int) -> None:
@@ -761,7 +752,7 @@ class Core:
     def usage_pending(self) -> int:
         return self.n_live
 
-    def take_usage(self) -> list:
+    def take_usage(self) -> list[UsageAggregate]:
         self._check()
         out = [(self.ids[acct], meter, dims, window, q, c, n, self.bal[acct][self.meters[meter][1]])
                for (acct, meter, dims, window), (q, c, n) in self.agg.items() if n]
@@ -769,7 +760,7 @@ class Core:
         self.n_live = 0
         return out
 
-    def take_alerts(self) -> list:
+    def take_alerts(self) -> list[tuple[int, int]]:
         self._check()
         if self.alerts_lost:
             out = [(i, k) for i in range(len(self.ids)) for k in range(self.n_ct)
@@ -784,11 +775,11 @@ class Core:
         self._idx(idx)
         self._ct(ct)
         if amount < 0:
-            raise InvalidInput("amount", "must not be negative")
+            raise InvalidInput("amount", spec.MSG_NEGATIVE)
         if amount > self._available(idx, ct):
             return False
         if self.resv[idx][ct] + amount > INT64_MAX:
-            raise InvalidInput("amount", "reserved total would overflow")
+            raise InvalidInput("amount", spec.MSG_RESERVED_OVERFLOW)
         self.resv[idx][ct] += amount
         self.dirty[idx] = True
         return True
@@ -797,14 +788,14 @@ class Core:
         self._idx(idx)
         self._ct(ct)
         if amount < 0 or amount > self.resv[idx][ct]:
-            raise ValueError("release of more than is reserved")
+            raise ValueError(spec.MSG_RELEASE_TOO_MUCH)
         self.resv[idx][ct] -= amount
         self.dirty[idx] = True
 
     def set_allowed(self, idx: int, meter: int, dims: bytes) -> bool:
         self._idx(idx)
         if not 0 <= meter < len(self.aggs):
-            raise IndexError("no meter %d" % meter)
+            raise IndexError(spec.MSG_NO_METER % meter)
         if (idx, meter, dims, self.cur_window) in self.agg:
             return True
         if not self.sets_capped:
@@ -812,20 +803,21 @@ class Core:
         sets = self.nsets[idx]
         return sets[1] < self.sets_max if sets[0] == self.cur_window else self.sets_max > 0
 
-    def settle(self, idx: int, rate: int, quantity: int, reserved: int, dims: bytes | None = None) -> tuple:
+    def settle(self, idx: int, rate: int, quantity: int, reserved: int,
+               dims: bytes | None = None) -> tuple[int, int]:
         self._idx(idx)
         if rate < 0 or rate >= len(self.rates):
-            raise IndexError("no rate %d" % rate)
+            raise IndexError(spec.MSG_NO_RATE % rate)
         if quantity < 0:
-            raise InvalidInput("quantity", "must not be negative")
+            raise InvalidInput("quantity", spec.MSG_NEGATIVE)
         ct = self.rates[rate][1]
         if self.aggs[self.rates[rate][0]] > AGG_COUNT:
-            raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end")
+            raise InvalidInput("meter", spec.MSG_SETTLE_GAUGE)
         if reserved < 0 or reserved > self.resv[idx][ct]:
-            raise ValueError("settle of more than is reserved")
+            raise ValueError(spec.MSG_SETTLE_TOO_MUCH)
         fine = self._fine(rate, quantity)
         if fine is None:
-            raise InvalidInput("quantity", "cost overflows 64 bits")
+            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         made: list = []
         key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate] if dims is None else dims, False, made)
         self.resv[idx][ct] -= reserved
@@ -833,7 +825,7 @@ class Core:
         if reason != REASON_NONE:
             self.resv[idx][ct] += reserved
             self._agg_undo(made)
-            raise InvalidInput("quantity", "balance or usage would overflow")
+            raise InvalidInput("quantity", spec.MSG_SETTLE_OVERFLOW)
         self._agg_add(key, quantity, cost)  # type: ignore[arg-type]
         a = max(self._available(idx, ct), -INT64_MAX)
         return cost, (-a if a < 0 else 0)
@@ -867,11 +859,11 @@ class Core:
                 tag, pos = _tag(buf, pos, end)
                 wt, fn = tag & 7, tag >> 3
                 if fn == 0:
-                    raise _DecodeError("", _MSG_FIELD0)
+                    raise _DecodeError("", spec.MSG_FIELD0)
                 if (fn == 1 or fn == 2) and wt == 2:
                     s, n, pos = _length(buf, pos, end)
                     if not _utf8_ok(buf[s:s + n]):
-                        raise _DecodeError("", _MSG_UTF8)
+                        raise _DecodeError("", spec.MSG_UTF8)
                     if fn == 1:
                         key = buf[s:s + n]
                     else:
@@ -884,36 +876,46 @@ class Core:
         if other:
             return
         if not key or len(key) > self.dim_key_max:
-            raise _DecodeError("dimensions", _MSG_TOO_LONG if key else _MSG_EMPTY)
+            raise _DecodeError("dimensions", spec.MSG_TOO_LONG if key else spec.MSG_EMPTY)
         if len(value) > self.dim_value_max:
-            raise _DecodeError("dimensions", _MSG_TOO_LONG)
+            raise _DecodeError("dimensions", spec.MSG_TOO_LONG)
         if key not in dims and len(dims) >= self.dims_max:
-            raise _DecodeError("dimensions", _MSG_TOO_MANY)
+            raise _DecodeError("dimensions", spec.MSG_TOO_MANY)
         dims[key] = value
 
     def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
         """Decode and rate one UsageEvent: (customer, meter, rate, quantity, fine,
         canonical dimension set, distinct value)."""
-        cust = b""
-        mname = b""
-        qkind = 0
-        qty = 0
-        dec = b""
+        cust, mname, qkind, qty, dec, dims = self._event_fields(buf, pos, end)
+        self._event_customer(cust)
+        meter = self.meter_index.get(mname)
+        if meter is None:
+            raise _DecodeError("meter", spec.unknown_meter_message(mname))
+        qty = self._event_quantity(meter, qkind, qty, dec)
+        rate, qty, fine, found = self._event_rate(meter, qty, dims)
+        return cust, meter, rate, qty, fine, canonical_set(dims), found
+
+    def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes, int, int, bytes, dict[bytes, bytes]]:
+        """The field loop: (customer, meter name, quantity kind (0: none, 1:
+        quantity, 2: quantity_decimal), quantity, decimal, dimensions). As protobuf,
+        the last occurrence of a field wins and unknown fields are skipped."""
+        cust = mname = dec = b""
+        qkind = qty = 0
         dims: dict[bytes, bytes] = {}
         while pos < end:
             tag, pos = _tag(buf, pos, end)
             wt, fn = tag & 7, tag >> 3
             if fn == 0:
-                raise _DecodeError("", _MSG_FIELD0)
+                raise _DecodeError("", spec.MSG_FIELD0)
             if fn in (1, 2, 4, 5, 7):
                 if wt != 2:
-                    raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
+                    raise _DecodeError(spec.EVENT_FIELDS[fn], spec.MSG_WIRE_TYPE)
                 s, n, pos = _length(buf, pos, end)
                 if fn == 5:
                     self._decode_dim(buf, s, s + n, dims)
                     continue
                 if not _utf8_ok(buf[s:s + n]):
-                    raise _DecodeError(_FIELD_NAMES[fn], _MSG_UTF8)  # each occurrence, as protobuf checks
+                    raise _DecodeError(spec.EVENT_FIELDS[fn], spec.MSG_UTF8)  # each occurrence, as protobuf checks
                 if fn == 1:
                     cust = buf[s:s + n]
                 elif fn == 2:
@@ -923,42 +925,50 @@ class Core:
                     dec = buf[s:s + n]
             elif fn in (3, 6):
                 if wt != 0:
-                    raise _DecodeError(_FIELD_NAMES[fn], _MSG_WIRE_TYPE)
+                    raise _DecodeError(spec.EVENT_FIELDS[fn], spec.MSG_WIRE_TYPE)
                 try:
                     v, pos = _varint(buf, pos, end)
                 except _DecodeError as e:
-                    raise _DecodeError(_FIELD_NAMES[fn], e.message) from None
+                    raise _DecodeError(spec.EVENT_FIELDS[fn], e.message) from None
                 if fn == 3:
                     qkind = 1
                     qty = _signed64(v)
                 elif _signed64(v) < 0:
-                    raise _DecodeError("timestamp_ms", _MSG_NEGATIVE)
+                    raise _DecodeError("timestamp_ms", spec.MSG_NEGATIVE)
             else:
                 pos = _skip(buf, pos, end, wt)
+        return cust, mname, qkind, qty, dec, dims
+
+    def _event_customer(self, cust: bytes) -> None:
+        """The customer id: present, short enough, printable, and the token's."""
         if not cust:
-            raise _DecodeError("customer_id", _MSG_EMPTY)
+            raise _DecodeError("customer_id", spec.MSG_EMPTY)
         if len(cust) > self.id_max:
-            raise _DecodeError("customer_id", "longer than %d bytes" % self.id_max)
+            raise _DecodeError("customer_id", spec.MSG_ID_TOO_LONG % self.id_max)
         if not _id_charset_ok(cust):
-            raise _DecodeError("customer_id", _MSG_CHARSET)
+            raise _DecodeError("customer_id", spec.MSG_CHARSET)
         if self.tenant is not None and not cust.startswith(self.tenant):
-            raise _DecodeError("customer_id", _MSG_TENANT)
-        meter = self.meter_index.get(mname)
-        if meter is None:
-            raise _DecodeError("meter", "unknown meter %r" % mname[:64].decode("utf-8", "replace"))
-        name, _, precision, dim_key, _, _ = self.meters[meter]
+            raise _DecodeError("customer_id", spec.MSG_TENANT)
+
+    def _event_quantity(self, meter: int, qkind: int, qty: int, dec: bytes) -> int:
+        """The quantity in the meter's smallest units, from either of its fields."""
+        name, _, precision, _, _, _ = self.meters[meter]
         if qkind == 2:
             try:
-                qty = parse_decimal(dec, precision, name)
+                return parse_decimal(dec, precision, name)
             except _DecodeError as e:
                 raise _DecodeError("quantity_decimal", e.message) from None
-        else:
-            if qty < 0:
-                raise _DecodeError("quantity", _MSG_NEGATIVE)
-            for _ in range(precision):
-                if qty > INT64_MAX // 10:
-                    raise _DecodeError("quantity", _MSG_OVERFLOW)
-                qty *= 10
+        if qty < 0:
+            raise _DecodeError("quantity", spec.MSG_NEGATIVE)
+        for _ in range(precision):
+            if qty > INT64_MAX // 10:
+                raise _DecodeError("quantity", spec.MSG_OVERFLOW)
+            qty *= 10
+        return qty
+
+    def _event_rate(self, meter: int, qty: int, dims: dict[bytes, bytes]) -> tuple[int, int, int, bytes]:
+        """(rate, quantity, cost in 1/D nano, distinct value of a unique_count meter)."""
+        name, _, _, dim_key, _, _ = self.meters[meter]
         value = dims.get(dim_key) if dim_key else None
         rate = self._find_rate(meter, value)
         if rate < 0:
@@ -970,7 +980,7 @@ class Core:
         if agg == AGG_UNIQUE:
             uniq_key = self.uniq_keys[meter]
             if uniq_key not in dims:
-                raise _DecodeError("dimensions", "a unique_count meter needs the %r dimension" % uniq_key.decode())
+                raise _DecodeError("dimensions", spec.no_unique_message(uniq_key))
             found = dims[uniq_key]
             qty = 0  # a unique_count meter has no quantity of its own
         if agg in (AGG_MAX, AGG_LATEST, AGG_UNIQUE):
@@ -978,15 +988,15 @@ class Core:
         else:
             fine = self._fine(rate, qty)
         if fine is None:
-            raise _DecodeError("quantity", _MSG_OVERFLOW)
-        return cust, meter, rate, qty, fine, canonical_set(dims), found
+            raise _DecodeError("quantity", spec.MSG_OVERFLOW)
+        return rate, qty, fine, found
 
     def _event(self, buf: bytes, pos: int, end: int, prefix: str) -> tuple:
         try:
             return self._decode_event(buf, pos, end)
         except _DecodeError as e:
             field = prefix + e.field if e.field else (prefix.rstrip(".") or "event")
-            if e.message == _MSG_TENANT:
+            if e.message == spec.MSG_TENANT:
                 raise Forbidden(field, e.message) from None
             raise InvalidInput(field, e.message) from None
 
@@ -1010,27 +1020,27 @@ class Core:
                 raise InvalidInput("batch", e.message) from None
             wt, fn = tag & 7, tag >> 3
             if fn == 0:
-                raise InvalidInput("batch", _MSG_FIELD0)
+                raise InvalidInput("batch", spec.MSG_FIELD0)
             if fn == 1 or fn == 3:
                 name = "client_id" if fn == 1 else "events"
                 if wt != 2:
-                    raise InvalidInput(name, _MSG_WIRE_TYPE)
+                    raise InvalidInput(name, spec.MSG_WIRE_TYPE)
                 try:
                     s, n, pos = _length(buf, pos, end)
                 except _DecodeError as e:
                     raise InvalidInput(name, e.message) from None
                 if fn == 1:
                     if not _utf8_ok(buf[s:s + n]):
-                        raise InvalidInput("client_id", _MSG_UTF8)
+                        raise InvalidInput("client_id", spec.MSG_UTF8)
                     cid = buf[s:s + n]
                     continue
                 if len(events) >= self.batch_max:
-                    raise InvalidInput("events", "more than %d events in one batch" % self.batch_max)
+                    raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max)
                 events.append(self._event(buf, s, s + n, "events[%d]." % len(events)))
             elif fn == 2 or fn == 4:
                 name = "sequence" if fn == 2 else "details"
                 if wt != 0:
-                    raise InvalidInput(name, _MSG_WIRE_TYPE)
+                    raise InvalidInput(name, spec.MSG_WIRE_TYPE)
                 try:
                     v, pos = _varint(buf, pos, end)
                 except _DecodeError as e:
@@ -1045,10 +1055,10 @@ class Core:
                 except _DecodeError as e:
                     raise InvalidInput("batch", e.message) from None
         if len(cid) > self.client_id_max or not _id_charset_ok(cid):
-            raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
+            raise InvalidInput("client_id", spec.MSG_CLIENT_ID % self.client_id_max)
         return cid, seq, events, details
 
-    def batch_header(self, data: bytes) -> tuple:
+    def batch_header(self, data: bytes) -> tuple[bytes, int]:
         self._check()
         pos, end = 0, len(data)
         cid = b""
@@ -1060,26 +1070,26 @@ class Core:
                 raise InvalidInput("batch", e.message) from None
             wt, fn = tag & 7, tag >> 3
             if fn == 0:
-                raise InvalidInput("batch", _MSG_FIELD0)
+                raise InvalidInput("batch", spec.MSG_FIELD0)
             try:
                 if fn == 1 and wt == 2:
                     s, n, pos = _length(data, pos, end)
                     cid = data[s:s + n]
                     if not _utf8_ok(cid):
-                        raise _DecodeError("", _MSG_UTF8)
+                        raise _DecodeError("", spec.MSG_UTF8)
                 elif fn == 2 and wt == 0:
                     seq, pos = _varint(data, pos, end)
                 elif 1 <= fn <= 3 and not (fn == 3 and wt == 2):
-                    raise _DecodeError("", _MSG_WIRE_TYPE)
+                    raise _DecodeError("", spec.MSG_WIRE_TYPE)
                 else:
                     pos = _skip(data, pos, end, wt)
             except _DecodeError as e:
-                raise InvalidInput(_BATCH_FIELDS[fn] if 1 <= fn <= 3 else "batch", e.message) from None
+                raise InvalidInput(spec.BATCH_FIELDS[fn] if 1 <= fn <= 3 else "batch", e.message) from None
         if len(cid) > self.client_id_max or not _id_charset_ok(cid):
-            raise InvalidInput("client_id", "must be at most %d printable ASCII characters" % self.client_id_max)
+            raise InvalidInput("client_id", spec.MSG_CLIENT_ID % self.client_id_max)
         return cid, seq
 
-    def apply_batch(self, data: bytes, tenant: bytes | None = None) -> tuple:
+    def apply_batch(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, bytes]:
         return self._tenant_call(tenant, self._apply_batch, data)  # type: ignore[no-any-return]
 
     def _apply_batch(self, data: bytes) -> tuple:
@@ -1129,7 +1139,7 @@ class Core:
                                    priority))
         return accepted, denied, degraded, b"".join(out)
 
-    def report(self, data: bytes, tenant: bytes | None = None) -> tuple:
+    def report(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, int, int, bytes, int]:
         return self._tenant_call(tenant, self._report, data, False)  # type: ignore[no-any-return]
 
     def report_wire(self, data: bytes, tenant: bytes | None = None) -> tuple[int, bytes] | None:
@@ -1149,19 +1159,19 @@ class Core:
                 tag, pos = _tag(data, pos, end)
                 wt, fn = tag & 7, tag >> 3
                 if fn == 0:
-                    raise _DecodeError("", _MSG_FIELD0)
+                    raise _DecodeError("", spec.MSG_FIELD0)
                 if fn == 1:
                     if wt != 2:
-                        raise _DecodeError("", _MSG_WIRE_TYPE)
+                        raise _DecodeError("", spec.MSG_WIRE_TYPE)
                     if n >= 0:  # protobuf would merge the two; no client splits a message so
-                        raise _DecodeError("", "appears more than once in the request")
+                        raise _DecodeError("", spec.MSG_EVENT_TWICE)
                     s, n, pos = _length(data, pos, end)
                 else:
                     pos = _skip(data, pos, end, wt)
             except _DecodeError as e:
                 raise InvalidInput("event", e.message) from None
         if n < 0:
-            raise InvalidInput("event", "is required")
+            raise InvalidInput("event", spec.MSG_REQUIRED)
         cust, meter, rate, qty, fine, dims, uval = self._event(data, s, s + n, "event.")
         if keyless and _has_string(data, s, s + n, 7):
             return None

@@ -21,14 +21,14 @@ from typing import Any
 
 from meterd.config import _FIELDS as SETTINGS_FIELDS
 from meterd.config import CATALOG_TABLES, read_toml
+from meterd.corespec import DENOMINATOR_MAX, NAME_BYTES_MAX
 from meterd.errors import ConfigError, invariant
 from meterd.plans import Plan, parse_plans
 
 NANO = 10**9
 INT64_MAX = (1 << 63) - 1
-DENOMINATOR_MAX = 10**15
 AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,63}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,%d}$" % (NAME_BYTES_MAX - 1))  # the cores' limit on names
 ID_RE = re.compile(r"^[!-~]{1,128}$")
 DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
 

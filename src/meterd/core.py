@@ -1,32 +1,120 @@
-"""Chooses the compiled core or its pure-Python twin, once, at import.
+"""Chooses the compiled core or its pure-Python twin, once, at import, and
+says what either is: ``CoreAPI``.
 
 ``METERD_NO_EXTENSIONS=1`` selects the twin; so does a missing extension,
 with a warning, so that a source checkout still runs.
+
+``CoreAPI`` is the one definition of the core's API. mypy checks both cores
+against it (at the end of this module): the twin, ``_fastpath_py.Core``, as
+written, and the compiled one, ``_fastpath.Core``, through its stub
+``_fastpath.pyi``, which tests/test_core_contract.py holds to the built module
+(mypy's stubtest). Code that holds a core annotates it ``CoreAPI``; ``Core`` is
+the class to build one with.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from meterd import _fastpath_py
+from meterd.corespec import (
+    REASON_INSUFFICIENT_BALANCE,
+    REASON_NONE,
+    REASON_OVERFLOW,
+    REASON_UNKNOWN_CUSTOMER,
+    CreditState,
+    UsageAggregate,
+)
 
-REASON_NONE = _fastpath_py.REASON_NONE
-REASON_INSUFFICIENT_BALANCE = _fastpath_py.REASON_INSUFFICIENT_BALANCE
-REASON_UNKNOWN_CUSTOMER = _fastpath_py.REASON_UNKNOWN_CUSTOMER
-REASON_OVERFLOW = _fastpath_py.REASON_OVERFLOW
 
+class CoreAPI(Protocol):
+    """A core: accounts, rates and the wire decoder for one catalog shape. See
+    ``_fastpath.pyx`` for what each method does; the twin answers the same."""
+
+    def close(self) -> None: ...
+    def __len__(self) -> int: ...
+    # accounts and snapshots
+    def account(self, customer_id: bytes) -> int: ...
+    def open_account(self, customer_id: bytes) -> int: ...
+    def customer_id(self, idx: int) -> bytes: ...
+    def state(self, idx: int) -> tuple[list[CreditState], list[int], int]: ...
+    def load_state(self, idx: int, cts: list[Any], use: list[int], plan: int = 0) -> None: ...
+    def take_dirty(self) -> list[int]: ...
+    def mark_all_dirty(self) -> None: ...
+    def state_bytes(self, idx: int) -> bytes: ...
+    def load_state_bytes(self, customer_id: bytes, data: bytes) -> int: ...
+    def load_states(self, records: Iterable[tuple[bytes, bytes]]) -> int: ...
+    # (meter, the value's bytes, or its 64-bit hash when read from a snapshot that kept only hashes)
+    def uniques(self, idx: int) -> list[tuple[int, bytes | int]]: ...
+    def add_unique(self, idx: int, meter: int, value: bytes | int) -> None: ...
+    # money and rating
+    def credit(self, idx: int, ct: int, amount: int) -> int: ...
+    def set_floor(self, idx: int, ct: int, floor_nano: int) -> None: ...
+    def available(self, idx: int, ct: int) -> int: ...
+    def find_rate(self, meter: int, value: bytes | None) -> int: ...
+    def quote(self, rate: int, quantity: int) -> tuple[int, int]: ...
+    def reserve(self, idx: int, ct: int, amount: int) -> bool: ...
+    def release(self, idx: int, ct: int, amount: int) -> None: ...
+    def settle(self, idx: int, rate: int, quantity: int, reserved: int,
+               dims: bytes | None = None) -> tuple[int, int]: ...
+    def force_charge(self, idx: int, rate: int, quantity: int) -> int: ...
+    def reset_usage(self, idx: int = -1) -> None: ...
+    # plans and alerts
+    def set_plan(self, idx: int, plan: int) -> None: ...
+    def set_alert(self, idx: int, ct: int, threshold: int | None) -> None: ...
+    def take_alerts(self) -> list[tuple[int, int]]: ...
+    # usage aggregates
+    def set_window(self, window_ms: int) -> None: ...
+    def set_clock(self, now_ms: int) -> None: ...
+    def set_dimension_sets_capped(self, capped: bool) -> None: ...
+    def set_allowed(self, idx: int, meter: int, dims: bytes) -> bool: ...
+    def usage_pending(self) -> int: ...
+    def take_usage(self) -> list[UsageAggregate]: ...
+    # the wire
+    def batch_header(self, data: bytes) -> tuple[bytes, int]: ...
+    def apply_batch(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, bytes]: ...
+    def report(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, int, int, bytes, int]: ...
+    def report_wire(self, data: bytes, tenant: bytes | None = None) -> tuple[int, bytes] | None: ...
+
+
+class CoreClass(Protocol):
+    """What builds a core: either core's class (its constructor's signature)."""
+
+    def __call__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int], capacity: int = 1024,
+                 plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
+                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> CoreAPI: ...
+
+
+Core: CoreClass
 if os.environ.get("METERD_NO_EXTENSIONS", "") not in ("", "0"):
     Core = _fastpath_py.Core
     COMPILED = False
 else:
     try:
-        from meterd._fastpath import Core  # type: ignore[no-redef,assignment]
+        from meterd import _fastpath
 
+        Core = _fastpath.Core
         COMPILED = True
     except ImportError:  # pragma: no cover - depends on the build
         logging.getLogger("meterd").warning("compiled core missing; using the pure-Python twin")
-        Core = _fastpath_py.Core  # type: ignore[misc]
+        Core = _fastpath_py.Core
         COMPILED = False
 
-__all__ = ["Core", "COMPILED"]
+
+if TYPE_CHECKING:
+    # Both cores against the one API: a method missing from either, or a signature
+    # or type that does not match, fails mypy here, naming the method.
+    from meterd import _fastpath
+
+    def _both_cores_are_core_apis(twin: _fastpath_py.Core, compiled: _fastpath.Core) -> None:
+        _twin: CoreAPI = twin
+        _compiled: CoreAPI = compiled
+
+    _twin_class: CoreClass = _fastpath_py.Core
+    _compiled_class: CoreClass = _fastpath.Core
+
+__all__ = ["Core", "CoreAPI", "CoreClass", "COMPILED", "REASON_NONE", "REASON_INSUFFICIENT_BALANCE",
+           "REASON_UNKNOWN_CUSTOMER", "REASON_OVERFLOW"]

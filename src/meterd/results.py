@@ -1,18 +1,22 @@
 """What the engine answers, in its own terms: the servicers turn these into
 protobuf messages (meterd.wire), and the engine never sees one.
 
-Decision and reason codes have the numbers of the API's enums (the cores return
-them); a test holds the two together.
+Decision and reason codes are the cores' (meterd.corespec), which have the
+numbers of the API's enums; a test holds the two together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meterd.corespec import DECISION_ALLOW as ALLOW
+from meterd.corespec import DECISION_DEGRADE as DEGRADE
+from meterd.corespec import DECISION_DENY as DENY
+from meterd.corespec import REASON_INSUFFICIENT_BALANCE, REASON_NONE, REASON_OVERFLOW, REASON_UNKNOWN_CUSTOMER
 from meterd.state import Bucket
 
-ALLOW, DENY, DEGRADE = 1, 2, 3
-REASON_NONE, REASON_INSUFFICIENT_BALANCE, REASON_UNKNOWN_CUSTOMER, REASON_OVERFLOW = 0, 1, 2, 3
+__all__ = ["ALLOW", "DENY", "DEGRADE", "REASON_NONE", "REASON_INSUFFICIENT_BALANCE", "REASON_UNKNOWN_CUSTOMER",
+           "REASON_OVERFLOW"]
 DECISION_NAMES = {ALLOW: "allow", DEGRADE: "degrade", DENY: "deny"}
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, overload
+from typing import TYPE_CHECKING, Callable, overload
 
 if TYPE_CHECKING:
     from meterd.catalog import Catalog
+    from meterd.core import CoreAPI
 
 HELD = "held"  # the bucket source of an ended period's credits spared for its open holds
 
@@ -25,7 +26,7 @@ class Live:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self.core: Any = None  # set by the first recovery
+        self.core: CoreAPI = None  # type: ignore[assignment]  # set by the first recovery
 
 
 @dataclass

@@ -18,6 +18,7 @@ from meterd import records
 from meterd.audit import Audit
 from meterd.catalog import format_nano
 from meterd.clock import Clock
+from meterd.corespec import relax_priority
 from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.holds import Holds
@@ -90,8 +91,7 @@ class Subscriptions:
             return None
         core = self.live.core
         degraded = core.state(core.account(customer_id.encode()))[0][ct][4]
-        step = policy.priority_step_nano
-        return policy.fallback, (max(100 - degraded // step, 0) if step else 100)
+        return policy.fallback, relax_priority(degraded, policy.priority_step_nano)
 
     # ---- core settings of a plan, logged so that replay sets them too ----------------
 
@@ -489,12 +489,11 @@ class Subscriptions:
             if policy is None or sub is None:
                 continue
             bal = self.live.core.state(idx)[0][ct][0]
-            if policy.low_balance_nano is not None and bal < policy.low_balance_nano and ct not in sub.topup_pending:
+            low, target = policy.low_balance_nano, policy.topup_target_nano  # set together (plans.py)
+            if low is not None and target is not None and bal < low and ct not in sub.topup_pending:
                 sub.topup_pending.append(ct)
                 ops += self.audit.entry_ops(customer_id, "auto_topup_requested", ct, 0, bal, bal,
-                                      f"below {format_nano(policy.low_balance_nano)}",
-                                      charge=policy.topup_target_nano - bal,
-                                      charge_ct=ct)
+                                            f"below {format_nano(low)}", charge=target - bal, charge_ct=ct)
                 ops.append(self._put_sub(sub))
             elif policy.overage is not None and policy.overage.bill_threshold_nano is not None \
                     and bal <= -policy.overage.bill_threshold_nano:

@@ -5,14 +5,18 @@ field and what is wrong with it."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from meterd import _fastpath_py
 from meterd.config import Settings
+from meterd.corespec import no_price_message
 from meterd.errors import Forbidden, InvalidInput
 from meterd.results import Quantity
 from meterd.security import Tenant
 from meterd.state import Live
+
+if TYPE_CHECKING:
+    from meterd.core import CoreAPI
 
 log = logging.getLogger("meterd.engine")
 
@@ -60,7 +64,7 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
     value = dimensions.get(key) if key else None
     found = live.core.find_rate(meter, None if value is None else value.encode())
     if found < 0:
-        raise InvalidInput("dimensions", _fastpath_py.no_price_message(
+        raise InvalidInput("dimensions", no_price_message(
             meter_name.encode(), key.encode(), None if value is None else value.encode()))
     return meter, value, found
 
@@ -90,7 +94,7 @@ def dimension_set(dimensions: Mapping[str, str]) -> bytes | None:
     return _fastpath_py.canonical_set({k.encode(): v.encode() for k, v in dimensions.items()})
 
 
-def settle_set(core: Any, idx: int, meter: int, dims: bytes | None, cust: bytes) -> bytes | None:
+def settle_set(core: CoreAPI, idx: int, meter: int, dims: bytes | None, cust: bytes) -> bytes | None:
     """The set a settlement is filed under: its own, or its price dimension alone when its
     own does not fit dimension_sets_per_window_max (a settlement is never refused: the
     work was done)."""

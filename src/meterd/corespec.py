@@ -1,0 +1,204 @@
+"""The twin contract: what the compiled core (``_fastpath.pyx``) and its
+pure-Python twin (``_fastpath_py.py``) share, defined once.
+
+Both cores take from here their codes (reasons, decisions, aggregations), the
+limits their tables and buffers are sized for, every error message they both
+raise, and the priority hint of a degraded decision. The compiled core reads
+the messages from this module (error paths are not hot); the values it needs
+in C are repeated in ``corespec.pxd``, and the compiled core refuses to import
+when they differ from these (tests/test_core_contract.py checks them too).
+The API itself is ``meterd.core.CoreAPI``.
+"""
+
+from __future__ import annotations
+
+# ---- codes -----------------------------------------------------------------
+
+# Reasons, as meterd.v1.Reason. OUT_DEGRADED is no reason on the wire: it is what
+# a debit answers for an event served in its plan's fallback mode.
+REASON_NONE = 0
+REASON_INSUFFICIENT_BALANCE = 1
+REASON_UNKNOWN_CUSTOMER = 2
+REASON_OVERFLOW = 3
+OUT_DEGRADED = 100
+
+# Decisions, as meterd.v1.Decision.
+DECISION_ALLOW = 1
+DECISION_DENY = 2
+DECISION_DEGRADE = 3
+
+# How a meter's usage adds up in a period: indices of catalog.AGGREGATIONS.
+AGG_SUM = 0
+AGG_COUNT = 1
+AGG_MAX = 2
+AGG_LATEST = 3
+AGG_UNIQUE = 4
+
+# ---- limits ----------------------------------------------------------------
+
+# Names of credit types (catalog.NAME_RE) and of fallback modes (plans.py): the
+# cores refuse longer ones, and size the responses they encode for these. A name
+# is written with a one-byte length, so both stay below 128.
+NAME_BYTES_MAX = 64
+MODE_BYTES_MAX = 32
+# The largest customer_id_bytes_max (config.py): a customer id's length is one byte.
+CUSTOMER_ID_BYTES_LIMIT = 255
+# The largest dimensions_max, dimension_key_bytes_max and dimension_value_bytes_max.
+DIMENSIONS_LIMIT = 1024
+DIMENSION_KEY_BYTES_LIMIT = 65536
+DIMENSION_VALUE_BYTES_LIMIT = 65536
+# A credit type's common denominator (catalog.py simplifies prices below it).
+DENOMINATOR_MAX = 10**15
+# Decimals of a meter's quantities.
+PRECISION_MAX = 9
+# Plans, "no plan" included: an account's plan is 16 bits.
+PLANS_MAX = 65535
+# Low-balance alerts kept between two take_alerts; past it, take_alerts scans.
+ALERTS_MAX = 4096
+# How much of a caller's bytes (a meter name, a dimension value) an error quotes.
+QUOTE_BYTES_MAX = 64
+
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+
+# ---- field names -----------------------------------------------------------
+
+# UsageEvent's fields by number (0: none), and ReportBatchRequest's header fields.
+EVENT_FIELDS = ("", "customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "timestamp_ms",
+                "idempotency_key")
+BATCH_FIELDS = ("batch", "client_id", "sequence", "events")
+
+# ---- messages --------------------------------------------------------------
+# Those with a %-placeholder take the value named in their comment.
+
+# The wire decoder.
+MSG_TRUNCATED = "malformed protobuf: truncated"
+MSG_WIRE_TYPE = "malformed protobuf: wrong wire type"
+MSG_VARINT = "malformed protobuf: bad varint"
+MSG_FIELD0 = "malformed protobuf: field number 0"
+MSG_EMPTY = "must not be empty"
+MSG_TOO_LONG = "too long"
+MSG_CHARSET = "must be printable ASCII without spaces"
+MSG_NEGATIVE = "must not be negative"
+MSG_DECIMAL = "must be a decimal like 12 or 1.25 with no more decimals than the meter's precision"
+MSG_OVERFLOW = "cost or quantity overflows 64 bits"
+MSG_TOO_MANY = "too many entries"
+MSG_UTF8 = "must be valid UTF-8"
+MSG_TENANT = "is not one of this token's customers"  # raised as Forbidden
+MSG_ID_TOO_LONG = "longer than %d bytes"  # customer_id_bytes_max
+MSG_BATCH_TOO_LONG = "more than %d events in one batch"  # batch_events_max
+MSG_CLIENT_ID = "must be at most %d printable ASCII characters"  # client_id_bytes_max
+MSG_EVENT_TWICE = "appears more than once in the request"
+MSG_REQUIRED = "is required"
+
+# Accounts, money and rating.
+MSG_CUSTOMER_ID = "must be 1 to %d printable ASCII characters"  # customer_id_bytes_max
+MSG_CLOSED = "core is closed"
+MSG_NO_ACCOUNT = "no account %d"
+MSG_NO_CREDIT_TYPE = "no credit type %d"
+MSG_NO_METER = "no meter %d"
+MSG_NO_RATE = "no rate %d"
+MSG_NO_PLAN = "no plan %d"
+MSG_BALANCE_OVERFLOW = "balance would overflow"
+MSG_COST_OVERFLOW = "cost overflows 64 bits"
+MSG_RESERVED_OVERFLOW = "reserved total would overflow"
+MSG_RELEASE_TOO_MUCH = "release of more than is reserved"
+MSG_SETTLE_TOO_MUCH = "settle of more than is reserved"
+MSG_SETTLE_GAUGE = "a max, latest or unique_count meter is charged at period end"
+MSG_SETTLE_OVERFLOW = "balance or usage would overflow"
+MSG_FORCE_CHARGE = "no such rate, or a negative quantity"
+MSG_NOT_UNIQUE = "meter %d does not count distinct values"
+MSG_WINDOW = "the usage window must be at least 1 ms"
+
+# Snapshots.
+MSG_STATE_SHAPE = "state shape does not match the catalog"
+MSG_STATE_RANGE = "account state out of range"
+MSG_STATE_PLAN = "account state names a plan that does not exist"
+MSG_STATE_UNIQUE = "account state counts distinct values of a meter that does not"
+MSG_STATE_SIZE = "state record has the wrong size for this catalog"
+
+# Building a core (ValueError: the engine's catalog compiler never makes these).
+MSG_ID_LIMIT = "customer_id_bytes_max is at most %d" % CUSTOMER_ID_BYTES_LIMIT
+MSG_SETS_LIMIT = "dimension_sets_per_window_max is at least 1"
+MSG_DIMS_LIMITS = "dimension limits out of range"
+MSG_CREDIT_NAMES = "one name of at most %d bytes per credit type" % NAME_BYTES_MAX
+MSG_MODE_NAMES = "mode names are at most %d bytes" % MODE_BYTES_MAX
+MSG_PLANS = "too many plans"
+MSG_FREE_PLANS = "free units for more plans than there are"
+MSG_FREE_METERS = "plan %d: free units for every meter"  # plan
+MSG_FREE_NEGATIVE = "free units must not be negative"
+MSG_PLAN_ENTRIES = "plan %d: one entry per credit type"  # plan
+MSG_PLAN_RANGE = "plan %d: mode or step out of range"  # plan
+MSG_DENOMINATOR = "denominator out of range"
+MSG_METER_RANGE = "meter %d: credit type, precision or aggregation out of range"  # meter
+MSG_METER_UNIQUE = "meter %d: a unique_count meter, and only one, names its dimension"  # meter
+MSG_RATE_RANGE = "rate %d out of range"  # rate
+MSG_RATES_GROUPED = "rates must be grouped by meter"
+
+
+def _quote(b: bytes) -> str:
+    return b[:QUOTE_BYTES_MAX].decode("utf-8", "replace")
+
+
+def unknown_meter_message(meter: bytes) -> str:
+    return "unknown meter %r" % _quote(meter)
+
+
+def no_price_message(meter: bytes, key: bytes, value: bytes | None) -> str:
+    """Why an event has no price: its meter, the price dimension and the value it
+    had, or that it had none."""
+    name, dim = meter.decode("utf-8", "replace"), key.decode("utf-8", "replace")
+    if not dim:
+        return "meter %r has no price" % name
+    if value is None:
+        return "meter %r needs the %r dimension: it has no default price" % (name, dim)
+    return "meter %r has no price for %s=%r and no default" % (name, dim, _quote(value))
+
+
+def no_unique_message(key: bytes) -> str:
+    """A unique_count meter's event without the dimension whose values it counts."""
+    return "a unique_count meter needs the %r dimension" % key.decode()
+
+
+def precision_message(meter: bytes, precision: int) -> str:
+    name = meter.decode("utf-8", "replace")
+    if precision == 0:
+        return "meter %r counts whole units (precision 0): no decimals" % name
+    return "meter %r has precision %d: at most %d decimals" % (name, precision, precision)
+
+
+def sets_message(customer: bytes, limit: int) -> str:
+    return ("customer %r has %d distinct dimension sets in this usage window, as many as "
+            "dimension_sets_per_window_max allows (a set counts once per meter); keep one-off values "
+            "such as request ids out of dimensions" % (customer.decode(), limit))
+
+
+# ---- formulas --------------------------------------------------------------
+
+PRIORITY_MAX = 100
+
+
+def relax_priority(degraded_nano: int, step_nano: int) -> int:
+    """The queue-priority hint of a degraded decision (Midjourney's relax mode):
+    100, falling by one per ``step_nano`` of usage degraded this period, down to
+    0; always 100 when the plan sets no step (0). ``degraded_nano`` is never
+    negative. The compiled core has the same formula in C (``relax_priority`` in
+    _fastpath_accounts.pxi), which tests/test_core_contract.py holds to this one."""
+    if step_nano <= 0:
+        return PRIORITY_MAX
+    return max(PRIORITY_MAX - degraded_nano // step_nano, 0)
+
+
+def unique_order(entry: tuple[int, bytes | int]) -> tuple[int, int, int, bytes]:
+    """Distinct values in snapshot order: by meter, hashes (from older snapshots) first."""
+    meter, value = entry
+    return (meter, 0, value, b"") if isinstance(value, int) else (meter, 1, 0, value)
+
+
+# ---- shapes ------------------------------------------------------------------
+
+# Per credit type: (balance, reserved, floor, remainder, degraded, alert threshold or INT64_MIN).
+CreditState = tuple[int, int, int, int, int, int]
+# (customer_id, meter, dimension set: UsageEvent field 5 entries sorted by key, window_start_ms,
+#  quantity, cost_nano, events, balance_nano)
+UsageAggregate = tuple[bytes, int, bytes, int, int, int, int, int]
