@@ -3,8 +3,9 @@
 # one layer, and the .pxi of the same name implements it. Each layer is a cdef
 # class built on the one before, and Core, the only one meterd uses, is the last:
 #
-#   _Accounts    _fastpath_accounts    the catalog's tables, accounts, snapshots,
-#                                      distinct values, money, rating, plans, alerts
+#   _Tables      _fastpath_tables      the catalog's tables, the account table, Ext rows
+#   _State       _fastpath_state       an account's state, distinct values, snapshot records
+#   _Accounts    _fastpath_accounts    money, rating and debits, plans, alerts
 #   _Aggregates  _fastpath_aggregates  usage windows, dimension sets, settle
 #   _Decoder     _fastpath_decode      the wire decoder (ReportBatchRequest, ReportRequest)
 #   Core         _fastpath.pyx         construction; apply_batch, report, report_wire
@@ -15,7 +16,7 @@
 #
 # A C method a layer calls on the one below goes through the vtable, even when
 # it is declared inline; such calls on the hot paths name their class
-# (``_Accounts._find(self, ...)``), which Cython compiles to a direct call. And
+# (``_Tables._find(self, ...)``), which Cython compiles to a direct call. And
 # as a C method's address is in the vtable, the C compiler seldom inlines one:
 # the hot helpers that have one caller are functions of the .pxi, not methods
 # declared here (``_event_fields``, ``_apply_event``, ...).
@@ -39,6 +40,8 @@ cdef extern from *:
     ctypedef long long i128 "meterd_i128"
     int i128_mul "meterd_mul"(i128 a, i128 b, i128 *r) noexcept nogil
 
+include "_fastpath_tables.pxd"
+include "_fastpath_state.pxd"
 include "_fastpath_accounts.pxd"
 include "_fastpath_aggregates.pxd"
 include "_fastpath_decode.pxd"

@@ -27,6 +27,8 @@ from meterd.errors import Forbidden, InvalidInput
 
 include "_fastpath_base.pxi"
 include "_fastpath_encode.pxi"
+include "_fastpath_tables.pxi"
+include "_fastpath_state.pxi"
 include "_fastpath_accounts.pxi"
 include "_fastpath_aggregates.pxi"
 include "_fastpath_decode.pxi"
@@ -104,7 +106,7 @@ cdef class Core(_Decoder):
         cdef Event *ev
         for i in range(nev):
             ev = &self.scratch[i]
-            ev.account = _Accounts._find(self, ev.cust, ev.cust_len)
+            ev.account = _Tables._find(self, ev.cust, ev.cust_len)
             if ev.account >= 0:
                 ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash,
                                                True)
@@ -222,7 +224,7 @@ cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
     o.balance = 0
     o.mode = 0
     o.priority = 0
-    ev.account = _Accounts._find(self, ev.cust, ev.cust_len)
+    ev.account = _Tables._find(self, ev.cust, ev.cust_len)
     if ev.account < 0:
         o.decision = DECISION_DENY
         o.reason = REASON_UNKNOWN_CUSTOMER

@@ -1,164 +1,21 @@
-# Accounts and rating (included by _fastpath.pxd; implemented in _fastpath_accounts.pxi):
-# the catalog's tables, the account table with its snapshots, the rarely set
-# state of an account (Ext rows), distinct values of unique_count meters, money,
-# rating and debits, plans and low-balance alerts.
+# Money, rating, plans and alerts (included by _fastpath.pxd; implemented in
+# _fastpath_accounts.pxi).
 
 
-cdef struct Rate:
-    int32_t meter
-    int32_t ct
-    int32_t dim_len          # -1 for the meter's default rate
-    char *dim_value
-    int64_t amount_nano
-    int64_t factor
-
-
-cdef struct Meter:
-    char *name
-    int32_t name_len
-    int32_t ct
-    int32_t precision
-    int32_t agg
-    char *uniq_key           # unique_count meters: the dimension whose distinct values count
-    int32_t uniq_key_len
-    char *dim_key
-    int32_t dim_key_len      # 0: the meter has a single price
-    int32_t rate_first
-    int32_t rate_count
-    int32_t rate_default     # -1: no default price
-
-
-# A distinct value seen by a unique_count meter in an account's period, compared
-# by its bytes (in uarena); the hash only picks the bucket. Entries of one
-# account are chained (``next``) so that a snapshot finds them; an account's
-# period reset bumps its epoch, which makes its old entries stale. 40 bytes.
-cdef struct UEntry:
-    uint64_t vhash
-    uint64_t voff
-    int32_t vlen             # -1: known only by its hash (a snapshot from before values were kept)
-    int32_t acct
-    int32_t meter
-    uint32_t epoch
-    int32_t next
-
-
-# The state of an account and credit type that most accounts never set:
-# held by reservations, an overdraft floor, degraded usage this period, a
-# low-balance threshold. An account has these rows (one per credit type) only
-# once one of them is set to other than its default (0, 0, 0, INT64_MIN).
-cdef struct Ext:
-    int64_t resv
-    int64_t floor
-    int64_t degr
-    int64_t alert
-
-
-cdef enum:
-    ACCOUNTS_MAX = 0x7FFFFFF0    # account indices are int32, and so are their slots
-    ROWS_MAX = 0x3FFFFFFF        # other tables of int32 indices, with twice as many int32 slots
-
-
-cdef class _Accounts:
-    # the catalog's shape
-    cdef int n_ct
-    cdef int n_meters
-    cdef int n_rates
-    cdef int64_t *denom
-    cdef Meter *meters
-    cdef Rate *rates
-    cdef int id_max              # customer_id_bytes_max
-    cdef bint closed
-    # account table
-    cdef Py_ssize_t count
-    cdef Py_ssize_t cap
-    cdef uint64_t mask
-    cdef int32_t *slots
-    cdef uint32_t *hashes
-    cdef uint64_t *id_off
-    cdef uint8_t *id_len
-    cdef char *arena
-    cdef uint64_t arena_len
-    cdef uint64_t arena_cap
-    cdef int64_t *bal
-    cdef int64_t *rem
-    cdef int64_t *usage
-    cdef uint16_t *plan_of
-    cdef uint8_t *dirty
-    cdef int32_t *ext            # per account: its first Ext row, or -1 (all defaults)
-    cdef Ext *xrows
-    cdef Py_ssize_t n_x
-    cdef Py_ssize_t cap_x
-    # distinct values of unique_count meters
-    cdef bint has_unique         # uhead and uepoch exist only for a catalog with unique_count meters
-    cdef UEntry *uent
-    cdef Py_ssize_t n_uent
-    cdef Py_ssize_t cap_uent
-    cdef int32_t *uidx
-    cdef uint64_t umask
-    cdef int32_t *uhead
-    cdef uint32_t *uepoch
-    cdef char *uarena            # the distinct values' bytes
-    cdef uint64_t uarena_len
-    cdef uint64_t uarena_cap
-    # plans: fallback mode (0 = deny) and priority step per (plan, credit type)
-    cdef int n_plans
-    cdef int32_t *plan_mode
-    cdef int64_t *plan_step
-    cdef int64_t *plan_free      # free units per (plan, meter) and period
-    cdef list modes
-    cdef const char **mode_ptr
-    cdef int32_t *mode_len
-    cdef list credit_names
-    cdef const char **ct_name
-    cdef int32_t *ct_name_len
+cdef class _Accounts(_State):
     # low-balance alerts since take_alerts: account * n_ct + credit type
     cdef int64_t *alerts
     cdef Py_ssize_t n_alerts
     cdef bint alerts_lost
 
-    # construction
     cdef int _init_accounts(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity,
                             list plans, list modes, list free, list credit_names) except -1
-    cdef int _init_names(self, list credit_names, list modes) except -1
-    cdef int _init_plans(self, list plans, list free) except -1
-    cdef int _init_meters(self, list meters) except -1
-    cdef int _init_rates(self, list rates) except -1
-    cdef int _check(self) except -1
-    cdef int _idx(self, Py_ssize_t idx) except -1
-    cdef int _ct(self, Py_ssize_t ct) except -1
-    # account table
-    cdef int _grow(self, Py_ssize_t new_cap) except -1
-    cdef inline int32_t _find(self, const char *p, Py_ssize_t n) noexcept nogil
-    cdef int32_t _insert(self, const char *p, Py_ssize_t n) except -2
-    cdef int _check_id(self, bytes customer_id) except -1
-    # Ext rows
-    cdef inline Ext *_xp(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef int _xreserve(self, Py_ssize_t accounts) except -1
-    cdef inline Ext *_xnew(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef Ext *_xw(self, Py_ssize_t idx, Py_ssize_t ct) except NULL
-    cdef inline int64_t _resv(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef inline int64_t _floor(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef inline int64_t _degr(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef inline int64_t _alert(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef int _set_ext(self, Py_ssize_t idx, Py_ssize_t ct, int64_t resv, int64_t floor, int64_t degr,
-                      int64_t alert) except -1
-    # snapshots
-    cdef Py_ssize_t _load_state(self, bytes customer_id, bytes data) except -1
-    cdef list _state_uniques(self, bytes data, Py_ssize_t words)
     # money and rating
     cdef inline i128 _available(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
     cdef int32_t _find_rate(self, int32_t meter, const char *value, Py_ssize_t n) noexcept nogil
     cdef int _fine(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil
     cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost,
                     const char *uval, Py_ssize_t ulen) noexcept nogil
-    # distinct values
-    cdef inline uint64_t _ukey(self, int32_t acct, int32_t meter, uint32_t epoch, uint64_t vhash) noexcept nogil
-    cdef int32_t _ufind(self, int32_t acct, int32_t meter, uint64_t vhash, const char *val,
-                        Py_ssize_t vlen) noexcept nogil
-    cdef void _uinsert(self, int32_t acct, int32_t meter, uint64_t vhash, const char *val,
-                       Py_ssize_t vlen) noexcept nogil
-    cdef int _ureserve(self, Py_ssize_t more, Py_ssize_t more_bytes) except -1
-    cdef int _urebuild(self, Py_ssize_t more, Py_ssize_t more_bytes) except -1
     # plans and alerts
     cdef inline void _check_alert(self, Py_ssize_t idx, Py_ssize_t ct, int64_t before) noexcept nogil
     cdef inline uint32_t _priority(self, Py_ssize_t idx, int32_t ct) noexcept nogil

@@ -52,7 +52,7 @@ cdef class _Aggregates(_Accounts):
         for i in range(self.cap, new_cap):
             self.nsets[i] = 0
             self.nsets_win[i] = INT64_MIN
-        return _Accounts._grow(self, new_cap)
+        return _Tables._grow(self, new_cap)
 
     # ---- usage aggregates for the ledger ---------------------------------------
 
@@ -452,7 +452,7 @@ cdef class _Aggregates(_Accounts):
         cdef int64_t cost = 0
         if self.meters[self.rates[rate].meter].agg > AGG_COUNT:
             raise InvalidInput("meter", spec.MSG_SETTLE_GAUGE)
-        if reserved < 0 or reserved > _Accounts._resv(self, idx, ct):
+        if reserved < 0 or reserved > _Tables._resv(self, idx, ct):
             raise ValueError(spec.MSG_SETTLE_TOO_MUCH)
         if _Accounts._fine(self, <int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
@@ -467,7 +467,7 @@ cdef class _Aggregates(_Accounts):
         else:
             i = _Aggregates._agg_slot(self, <int32_t>idx, self.rates[rate].meter, PyBytes_AS_STRING(dims),
                                       <int32_t>len(dims), _hash_set(PyBytes_AS_STRING(dims), len(dims)), False)
-        cdef Ext *x = _Accounts._xp(self, idx, ct)  # there is one when anything is reserved
+        cdef Ext *x = _Tables._xp(self, idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved
         if _Accounts._debit(self, idx, <int32_t>rate, quantity, fine, True, &cost, NULL, 0) != REASON_NONE:
