@@ -1,4 +1,4 @@
-# Usage aggregates, the second layer of Core (declared in _fastpath_aggregates.pxd):
+# Usage aggregates, the fourth layer of Core (declared in _fastpath_aggregates.pxd):
 # usage per (account, meter, dimension set, window) for the ledger, the
 # dimension sets those name, dimension_sets_per_window_max, and settle, which
 # debits (the layer below) and files the usage (this one).

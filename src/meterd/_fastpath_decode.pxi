@@ -1,4 +1,4 @@
-# The wire decoder, the third layer of Core (declared in _fastpath_decode.pxd):
+# The wire decoder, the fifth layer of Core (declared in _fastpath_decode.pxd):
 # protobuf's wire primitives, then UsageEvent, ReportBatchRequest and
 # ReportRequest into rated events in the scratch table, validated in full
 # before anything is applied. Errors are codes (E_*) until a request is refused:
