@@ -224,22 +224,17 @@ def _result(index: int, decision: int, reason: int, ct: bytes, cost: int, balanc
                     + _uint(0x28, cost) + _uint(0x30, balance) + _str(0x3A, mode) + _uint(0x40, priority))
 
 
-class Core:
-    """Accounts, rates and the batch decoder; see ``_fastpath.pyx``."""
+class _Tables:
+    """The catalog's tables and the account table, the lowest layer of Core; see
+    ``_fastpath_tables.pxi``."""
 
-    def __init__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int], capacity: int = 1024,
-                 plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
-                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> None:
-        # As the compiled core: accounts and rating, then aggregates, then the decoder.
-        self._init_accounts(denominators, meters, rates, limits, plans, modes, free, credit_names)
-        self._init_aggregates(meters, rates, limits)
-        self._init_decoder(limits)
+    # ---- construction ----------------------------------------------------
 
-    def _init_accounts(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                       rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
-                       plans: list[list[tuple[int, int]]] | None, modes: list[bytes] | None,
-                       free: list[list[int]] | None, credit_names: list[bytes] | None) -> None:
+    def _init_tables(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                     rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
+                     plans: list[list[tuple[int, int]]] | None, modes: list[bytes] | None,
+                     free: list[list[int]] | None, credit_names: list[bytes] | None) -> None:
+        """The catalog's tables and an empty account table; see Core.__init__."""
         self.id_max = limits["customer_id_bytes_max"]
         if self.id_max > spec.CUSTOMER_ID_BYTES_LIMIT:
             raise ValueError(spec.MSG_ID_LIMIT)
@@ -267,8 +262,6 @@ class Core:
         # many of those there are.
         self.uniq: list[set[tuple[int, bytes | int]]] = []
         self.uniq_hashed: list[int] = []
-        self.alerts: list[tuple[int, int]] = []
-        self.alerts_lost = False
         self.dirty: list[bool] = []
         self.closed = False
 
@@ -338,38 +331,6 @@ class Core:
             else:
                 m[4].setdefault(value, i)
 
-    def _init_aggregates(self, meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                         rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int]) -> None:
-        self.sets_max = limits["dimension_sets_per_window_max"]
-        if self.sets_max < 1:
-            raise ValueError(spec.MSG_SETS_LIMIT)
-        self.sets_capped = True  # off while the log is replayed
-        # Usage aggregates for the ledger: (acct, meter, canonical dimension set, window) ->
-        # [quantity, cost, events]. The current window's outlive take_usage, emptied.
-        self.agg: dict[tuple[int, int, bytes, int], list[int]] = {}
-        self.n_live = 0
-        self.nsets: list[list[int]] = []  # per account: [window, dimension sets made in it]
-        self.window_ms = 60000
-        self.cur_window = 0
-        self.rate_dims: list[bytes] = []
-        for meter, value, _, _ in rates:
-            if value is None:
-                self.rate_dims.append(b"")
-            else:
-                body = _dim_entry(meters[meter][3], value)
-                self.rate_dims.append(b"\x2a" + _put_varint(len(body)) + body)
-
-    def _init_decoder(self, limits: dict[str, int]) -> None:
-        self.client_id_max = limits["client_id_bytes_max"]
-        self.batch_max = limits["batch_events_max"]
-        self.dims_max = limits["dimensions_max"]
-        self.dim_key_max = limits["dimension_key_bytes_max"]
-        self.dim_value_max = limits["dimension_value_bytes_max"]
-        if not (0 <= self.dims_max <= spec.DIMENSIONS_LIMIT and 1 <= self.dim_key_max <= spec.DIMENSION_KEY_BYTES_LIMIT
-                and 0 <= self.dim_value_max <= spec.DIMENSION_VALUE_BYTES_LIMIT):
-            raise ValueError(spec.MSG_DIMS_LIMITS)
-        self.tenant: bytes | None = None  # while a call runs for a data-plane token: its customer id prefix
-
     def close(self) -> None:
         self.closed = True
 
@@ -406,20 +367,32 @@ class Core:
         idx = len(self.ids)
         self.ids.append(bytes(customer_id))
         self.index[bytes(customer_id)] = idx
+        self._add_rows()
+        return idx
+
+    def _add_rows(self) -> None:
+        """A new account's row in each table of accounts, as the compiled core's
+        _grow makes room for them; a layer with tables of its own per account adds
+        its rows too (_Aggregates._add_rows)."""
         for table in (self.bal, self.resv, self.floor, self.rem, self.degr):
             table.append([0] * self.n_ct)
         self.alert.append([INT64_MIN] * self.n_ct)
         self.plan_of.append(0)
         self.uniq.append(set())
         self.uniq_hashed.append(0)
-        self.nsets.append([INT64_MIN, 0])
         self.usage.append([0] * len(self.meters))
         self.dirty.append(True)
-        return idx
 
     def customer_id(self, idx: int) -> bytes:
         self._idx(idx)
         return self.ids[idx]
+
+
+class _State(_Tables):
+    """An account's state as a whole, the distinct values of unique_count meters
+    and the state records of snapshots; see ``_fastpath_state.pxi``."""
+
+    # ---- an account's state ----------------------------------------------
 
     def state(self, idx: int) -> tuple[list[CreditState], list[int], int]:
         self._idx(idx)
@@ -452,6 +425,8 @@ class Core:
     def mark_all_dirty(self) -> None:
         self._check()
         self.dirty = [True] * len(self.ids)
+
+    # ---- snapshots -------------------------------------------------------
 
     def _fmt(self) -> str:
         return "<%dq" % (self.n_ct * 6 + len(self.meters) + 1)
@@ -521,6 +496,8 @@ class Core:
             n += 1
         return n
 
+    # ---- distinct values of unique_count meters --------------------------
+
     def uniques(self, idx: int) -> list[tuple[int, bytes | int]]:
         self._idx(idx)
         return sorted(self.uniq[idx], key=unique_order)
@@ -548,23 +525,18 @@ class Core:
         if not self._seen(idx, meter, value):
             self._add_seen(idx, meter, value)
 
-    def force_charge(self, idx: int, rate: int, quantity: int) -> int:
-        self._idx(idx)
-        if rate < 0 or rate >= len(self.rates) or quantity < 0:
-            raise ValueError(spec.MSG_FORCE_CHARGE)
-        ct = self.rates[rate][1]
-        fine = self._fine(rate, quantity)
-        if fine is None:
-            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
-        d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
-        if self.bal[idx][ct] - d < -INT64_MAX:
-            raise InvalidInput("quantity", spec.MSG_BALANCE_OVERFLOW)
-        before = self.bal[idx][ct]
-        self.bal[idx][ct] -= d
-        self.rem[idx][ct] = rem
-        self.dirty[idx] = True
-        self._check_alert(idx, ct, before)
-        return d
+
+class _Accounts(_State):
+    """Money, rating and debits, plans and alerts; see ``_fastpath_accounts.pxi``."""
+
+    def _init_accounts(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                       rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
+                       plans: list[list[tuple[int, int]]] | None, modes: list[bytes] | None,
+                       free: list[list[int]] | None, credit_names: list[bytes] | None) -> None:
+        """The catalog's tables, an empty account table and no alerts yet; see Core.__init__."""
+        self._init_tables(denominators, meters, rates, limits, plans, modes, free, credit_names)
+        self.alerts: list[tuple[int, int]] = []
+        self.alerts_lost = False
 
     # ---- money -----------------------------------------------------------
 
@@ -593,6 +565,27 @@ class Core:
         self._idx(idx)
         self._ct(ct)
         return min(max(self._available(idx, ct), -INT64_MAX), INT64_MAX)
+
+    def reserve(self, idx: int, ct: int, amount: int) -> bool:
+        self._idx(idx)
+        self._ct(ct)
+        if amount < 0:
+            raise InvalidInput("amount", spec.MSG_NEGATIVE)
+        if amount > self._available(idx, ct):
+            return False
+        if self.resv[idx][ct] + amount > INT64_MAX:
+            raise InvalidInput("amount", spec.MSG_RESERVED_OVERFLOW)
+        self.resv[idx][ct] += amount
+        self.dirty[idx] = True
+        return True
+
+    def release(self, idx: int, ct: int, amount: int) -> None:
+        self._idx(idx)
+        self._ct(ct)
+        if amount < 0 or amount > self.resv[idx][ct]:
+            raise ValueError(spec.MSG_RELEASE_TOO_MUCH)
+        self.resv[idx][ct] -= amount
+        self.dirty[idx] = True
 
     # ---- rating ----------------------------------------------------------
 
@@ -675,13 +668,41 @@ class Core:
         self._check_alert(idx, ct, before)
         return REASON_NONE, d
 
-    def _check_alert(self, idx: int, ct: int, before: int) -> None:
-        a = self.alert[idx][ct]
-        if a != INT64_MIN and before >= a and self.bal[idx][ct] < a:
-            if len(self.alerts) < ALERTS_MAX:
-                self.alerts.append((idx, ct))
-            else:
-                self.alerts_lost = True
+    def force_charge(self, idx: int, rate: int, quantity: int) -> int:
+        self._idx(idx)
+        if rate < 0 or rate >= len(self.rates) or quantity < 0:
+            raise ValueError(spec.MSG_FORCE_CHARGE)
+        ct = self.rates[rate][1]
+        fine = self._fine(rate, quantity)
+        if fine is None:
+            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
+        d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
+        if self.bal[idx][ct] - d < -INT64_MAX:
+            raise InvalidInput("quantity", spec.MSG_BALANCE_OVERFLOW)
+        before = self.bal[idx][ct]
+        self.bal[idx][ct] -= d
+        self.rem[idx][ct] = rem
+        self.dirty[idx] = True
+        self._check_alert(idx, ct, before)
+        return d
+
+    def reset_usage(self, idx: int = -1) -> None:
+        self._check()
+        if idx < 0:
+            self.usage = [[0] * len(self.meters) for _ in self.ids]
+            self.degr = [[0] * self.n_ct for _ in self.ids]
+            self.uniq = [set() for _ in self.ids]
+            self.uniq_hashed = [0] * len(self.ids)
+            self.dirty = [True] * len(self.ids)
+            return
+        self._idx(idx)
+        self.usage[idx] = [0] * len(self.meters)
+        self.degr[idx] = [0] * self.n_ct
+        self.uniq[idx] = set()
+        self.uniq_hashed[idx] = 0
+        self.dirty[idx] = True
+
+    # ---- plans and alerts ------------------------------------------------
 
     def _priority(self, idx: int, ct: int) -> int:
         return relax_priority(self.degr[idx][ct], self.plans[self.plan_of[idx]][ct][1])
@@ -693,11 +714,61 @@ class Core:
         self.plan_of[idx] = plan
         self.dirty[idx] = True
 
+    def _check_alert(self, idx: int, ct: int, before: int) -> None:
+        a = self.alert[idx][ct]
+        if a != INT64_MIN and before >= a and self.bal[idx][ct] < a:
+            if len(self.alerts) < ALERTS_MAX:
+                self.alerts.append((idx, ct))
+            else:
+                self.alerts_lost = True
+
     def set_alert(self, idx: int, ct: int, threshold: int | None) -> None:
         self._idx(idx)
         self._ct(ct)
         self.alert[idx][ct] = INT64_MIN if threshold is None else threshold
         self.dirty[idx] = True
+
+    def take_alerts(self) -> list[tuple[int, int]]:
+        self._check()
+        if self.alerts_lost:
+            out = [(i, k) for i in range(len(self.ids)) for k in range(self.n_ct)
+                   if self.alert[i][k] != INT64_MIN and self.bal[i][k] < self.alert[i][k]]
+        else:
+            out = list(self.alerts)
+        self.alerts = []
+        self.alerts_lost = False
+        return out
+
+
+class _Aggregates(_Accounts):
+    """Usage aggregates for the ledger, dimension sets and settle; see
+    ``_fastpath_aggregates.pxi``."""
+
+    def _init_aggregates(self, meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                         rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int]) -> None:
+        self.sets_max = limits["dimension_sets_per_window_max"]
+        if self.sets_max < 1:
+            raise ValueError(spec.MSG_SETS_LIMIT)
+        self.sets_capped = True  # off while the log is replayed
+        # Usage aggregates for the ledger: (acct, meter, canonical dimension set, window) ->
+        # [quantity, cost, events]. The current window's outlive take_usage, emptied.
+        self.agg: dict[tuple[int, int, bytes, int], list[int]] = {}
+        self.n_live = 0
+        self.nsets: list[list[int]] = []  # per account: [window, dimension sets made in it]
+        self.window_ms = 60000
+        self.cur_window = 0
+        self.rate_dims: list[bytes] = []
+        for meter, value, _, _ in rates:
+            if value is None:
+                self.rate_dims.append(b"")
+            else:
+                body = _dim_entry(meters[meter][3], value)
+                self.rate_dims.append(b"\x2a" + _put_varint(len(body)) + body)
+
+    def _add_rows(self) -> None:
+        """The rows of the layers below, and this layer's: the dimension sets made in a window."""
+        super()._add_rows()
+        self.nsets.append([INT64_MIN, 0])
 
     # ---- usage aggregates for the ledger ---------------------------------
 
@@ -760,38 +831,6 @@ class Core:
         self.n_live = 0
         return out
 
-    def take_alerts(self) -> list[tuple[int, int]]:
-        self._check()
-        if self.alerts_lost:
-            out = [(i, k) for i in range(len(self.ids)) for k in range(self.n_ct)
-                   if self.alert[i][k] != INT64_MIN and self.bal[i][k] < self.alert[i][k]]
-        else:
-            out = list(self.alerts)
-        self.alerts = []
-        self.alerts_lost = False
-        return out
-
-    def reserve(self, idx: int, ct: int, amount: int) -> bool:
-        self._idx(idx)
-        self._ct(ct)
-        if amount < 0:
-            raise InvalidInput("amount", spec.MSG_NEGATIVE)
-        if amount > self._available(idx, ct):
-            return False
-        if self.resv[idx][ct] + amount > INT64_MAX:
-            raise InvalidInput("amount", spec.MSG_RESERVED_OVERFLOW)
-        self.resv[idx][ct] += amount
-        self.dirty[idx] = True
-        return True
-
-    def release(self, idx: int, ct: int, amount: int) -> None:
-        self._idx(idx)
-        self._ct(ct)
-        if amount < 0 or amount > self.resv[idx][ct]:
-            raise ValueError(spec.MSG_RELEASE_TOO_MUCH)
-        self.resv[idx][ct] -= amount
-        self.dirty[idx] = True
-
     def set_allowed(self, idx: int, meter: int, dims: bytes) -> bool:
         self._idx(idx)
         if not 0 <= meter < len(self.aggs):
@@ -830,21 +869,28 @@ class Core:
         a = max(self._available(idx, ct), -INT64_MAX)
         return cost, (-a if a < 0 else 0)
 
-    def reset_usage(self, idx: int = -1) -> None:
-        self._check()
-        if idx < 0:
-            self.usage = [[0] * len(self.meters) for _ in self.ids]
-            self.degr = [[0] * self.n_ct for _ in self.ids]
-            self.uniq = [set() for _ in self.ids]
-            self.uniq_hashed = [0] * len(self.ids)
-            self.dirty = [True] * len(self.ids)
-            return
-        self._idx(idx)
-        self.usage[idx] = [0] * len(self.meters)
-        self.degr[idx] = [0] * self.n_ct
-        self.uniq[idx] = set()
-        self.uniq_hashed[idx] = 0
-        self.dirty[idx] = True
+
+class _Decoder(_Aggregates):
+    """The wire decoder: UsageEvent, ReportBatchRequest and ReportRequest into
+    rated events; see ``_fastpath_decode.pxi``."""
+
+    def _init_decoder(self, limits: dict[str, int]) -> None:
+        self.client_id_max = limits["client_id_bytes_max"]
+        self.batch_max = limits["batch_events_max"]
+        self.dims_max = limits["dimensions_max"]
+        self.dim_key_max = limits["dimension_key_bytes_max"]
+        self.dim_value_max = limits["dimension_value_bytes_max"]
+        if not (0 <= self.dims_max <= spec.DIMENSIONS_LIMIT and 1 <= self.dim_key_max <= spec.DIMENSION_KEY_BYTES_LIMIT
+                and 0 <= self.dim_value_max <= spec.DIMENSION_VALUE_BYTES_LIMIT):
+            raise ValueError(spec.MSG_DIMS_LIMITS)
+        self.tenant: bytes | None = None  # while a call runs for a data-plane token: its customer id prefix
+
+    def _tenant_call(self, tenant: bytes | None, fn: Any, *args: Any) -> Any:
+        self.tenant = tenant
+        try:
+            return fn(*args)
+        finally:
+            self.tenant = None
 
     # ---- wire decoding ---------------------------------------------------
 
@@ -1000,13 +1046,6 @@ class Core:
                 raise Forbidden(field, e.message) from None
             raise InvalidInput(field, e.message) from None
 
-    def _tenant_call(self, tenant: bytes | None, fn: Any, *args: Any) -> Any:
-        self.tenant = tenant
-        try:
-            return fn(*args)
-        finally:
-            self.tenant = None
-
     def _decode_batch(self, buf: bytes) -> tuple:
         pos, end = 0, len(buf)
         cid = b""
@@ -1088,6 +1127,21 @@ class Core:
         if len(cid) > self.client_id_max or not _id_charset_ok(cid):
             raise InvalidInput("client_id", spec.MSG_CLIENT_ID % self.client_id_max)
         return cid, seq
+
+
+class Core(_Decoder):
+    """Accounts, rates and the batch decoder; see ``_fastpath.pyx``. As the
+    compiled core, a chain of classes, one per concern: _Tables, _State,
+    _Accounts, _Aggregates, _Decoder and this one."""
+
+    def __init__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
+                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int], capacity: int = 1024,
+                 plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
+                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> None:
+        # As the compiled core: the tables, accounts and rating, then aggregates, then the decoder.
+        self._init_accounts(denominators, meters, rates, limits, plans, modes, free, credit_names)
+        self._init_aggregates(meters, rates, limits)
+        self._init_decoder(limits)
 
     def apply_batch(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, bytes]:
         return self._tenant_call(tenant, self._apply_batch, data)  # type: ignore[no-any-return]
