@@ -191,3 +191,46 @@ def test_a_grant_rearms_no_top_up_of_a_plan_a_reload_removed(tmp_path, monkeypat
         assert b.grant("acme", "usd", 10 * 10**9).balance_nano == 14 * 10**9
     finally:
         b.close()
+
+
+def test_a_sweep_that_fails_half_way_is_undone_too(tmp_path, monkeypatch):
+    """The housekeeping timer goes through the same undo as a failed call: a sweep step
+    that credited an account and took a log position, then failed, leaves neither."""
+    from billing import Billing
+
+    from meterd import records
+    from meterd.holds import Holds
+    from meterd.records import Kind
+
+    b = Billing(tmp_path, "openai", monkeypatch)
+    try:
+        b.grant("acme", "usd", 10 * 10**9)
+        before = b.bal("acme", "usd")
+        failed = []
+
+        def broken_step(self, now):  # a defect in a sweep step, after it changed the core
+            if not failed:
+                failed.append(1)
+                idx = self.live.core.account(b"acme")
+                self.live.core.credit(idx, 0, 5 * 10**9)
+                self.grants.journal.log_op(records.account(Kind.CREDIT, b"acme", 0, 5 * 10**9, now))
+                raise RuntimeError("injected")
+            return []
+
+        monkeypatch.setattr(Holds, "expire_grants_ops", broken_step)
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(b.engine.run_housekeeping(stop, period_s=0.01))
+            await async_wait_until(lambda: failed and b.engine.journal.unsubmitted == 0
+                                   and not b.engine.journal.reloading, "the failed sweep to be undone")
+            stop.set()
+            await task
+
+        b.run(run())
+        assert b.bal("acme", "usd") == before  # the uncommitted credit is gone from memory
+        assert b.report("acme", "input_tokens", 1000, model="gpt-4o").decision == pb.DECISION_ALLOW
+        positions = [int.from_bytes(k, "big") for k, _ in b.engine.store.items("log")]
+        assert positions == list(range(positions[0], positions[0] + len(positions)))
+    finally:
+        b.close()

@@ -50,7 +50,7 @@ class Admin:
         replay = await self.idempotency.replayed(key, keyed)
         if replay is not None:
             return replay
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         ops, gid = self.grants.grant_ops(customer_id, ct, amount_nano, expires_at_ms, priority, source or "api", "")
         answer = Granted(gid, self.grants.balance_of(customer_id, ct))
         ops += self.idempotency.remember(key, keyed, self.encode(answer))
@@ -69,7 +69,7 @@ class Admin:
         replay = await self.idempotency.replayed(key, keyed)
         if replay is not None:
             return replay
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         ops, after = self.grants.adjust_ops(customer_id, ct, amount_nano, reason)
         if amount_nano < 0:
             ops += self.subscriptions.alert_ops()
@@ -89,7 +89,7 @@ class Admin:
         now = self.clock.now_ms()
         if start_ms < 0 or start_ms > now + SUBSCRIBE_AHEAD_MS_MAX:
             raise InvalidInput("start_ms", "must be 0 (now) or a time within a year")
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         ops, sub = self.subscriptions.subscribe_ops(customer_id, plan, start_ms or now, now)
         ops += self.subscriptions.roll_due(now)  # a start in the past catches up on its periods at once
         ops += self.idempotency.remember(key, keyed, self.encode(sub))
@@ -100,7 +100,7 @@ class Admin:
     async def cancel(self, customer_id: str, at_period_end: bool) -> Subscription:
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         ops, sub = self.subscriptions.cancel_ops(customer_id, at_period_end)
         await self.journal.commit_with(ops)
         return sub
@@ -108,7 +108,7 @@ class Admin:
     async def change_plan(self, customer_id: str, plan: str) -> Subscription:
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         ops, sub = self.subscriptions.change_plan_ops(customer_id, plan, self.clock.now_ms())
         await self.journal.commit_with(ops + self.subscriptions.alert_ops())
         return sub

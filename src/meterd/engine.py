@@ -46,7 +46,7 @@ from meterd.flush import Flusher
 from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.housekeeping import Housekeeping
-from meterd.idempotency import Idempotency
+from meterd.idempotency import Idempotency, Settled
 from meterd.journal import Journal
 from meterd.recovery import Recovery
 from meterd.reports import Reports
@@ -95,16 +95,17 @@ class Engine:
         self.holds = holds = Holds(settings, store, live, grants, self.settled, tenants)
         self.subscriptions = subs = Subscriptions(store, live, journal, clock, audit, grants, holds)
         self.idempotency = idem = Idempotency(settings, self.idem, journal, clock, tenants)
-        self.reservations = Reservations(settings, live, journal, clock, holds, subs, idem, self.settled, encode,
+        settled = Settled(self.settled, clock)
+        self.reservations = Reservations(settings, live, journal, clock, holds, subs, idem, settled, encode,
                                          self.decisions)
-        self.sessions = Sessions(settings, live, journal, clock, holds, subs, self.reservations, encode)
+        self.sessions = Sessions(settings, live, journal, clock, holds, subs, settled, encode)
         self.reports = Reports(settings, store, live, journal, clock, subs, idem, self.decisions)
         self.drains = drains = Drains(store, audit)
         self.snapshots = snapshots = Snapshots(settings, store, live, journal, drains, clock)
         self.flusher = flusher = Flusher(settings, store, live, journal, drains, snapshots, clock)
         self.housekeeping = Housekeeping(settings, store, live, journal, clock, audit, holds, subs,
                                          self.reservations, self.sessions, snapshots, (self.idem, self.settled),
-                                         lambda: self.recovery.try_recover())
+                                         lambda: self.recovery.try_recover(), lambda: self.recovery.undo_failed())
         self.admin = Admin(settings, live, journal, clock, audit, grants, subs, self.housekeeping, idem, encode)
         self.recovery = Recovery(settings, store, live, journal, clock, drains, snapshots, flusher, audit, grants,
                                  holds, subs, self.reports, self.housekeeping, (self.idem, self.settled))
@@ -141,18 +142,9 @@ class Engine:
         self.store.close()
 
     async def after_failure(self) -> None:
-        """A call failed: it answers only once the period roll it may have set off is
-        durable. If it had changed state in memory before failing (log records or
-        answers it never submitted), the state is reloaded from disk, once what was
-        committed before it has landed; writes are refused meanwhile."""
-        if self.journal.abandon():
-            log.error("a call failed after changing state in memory; reloading state from disk")
-            self.journal.reloading = True
-            try:
-                await self.journal.barrier()
-                self.recovery.try_recover()
-            finally:
-                self.journal.reloading = False
+        """A call failed: what it changed in memory is undone (``Recovery.undo_failed``),
+        and it answers only once the period roll it may have set off is durable."""
+        await self.recovery.undo_failed()
         await self.subscriptions.roll_settled()
 
     async def reload_catalog(self, new: Catalog) -> None:

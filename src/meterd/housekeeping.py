@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from meterd import records
 from meterd.answers import AnswerStore
@@ -35,7 +35,8 @@ EXPIRE_CHUNK = 10_000  # remembered answers forgotten per housekeeping tick, at 
 class Housekeeping:
     def __init__(self, settings: Settings, store: Store, live: Live, journal: Journal, clock: Clock, audit: Audit,
                  holds: Holds, subscriptions: Subscriptions, reservations: Reservations, sessions: Sessions,
-                 snapshots: Snapshots, answers: tuple[AnswerStore, ...], recover: Callable[[], None]) -> None:
+                 snapshots: Snapshots, answers: tuple[AnswerStore, ...], recover: Callable[[], None],
+                 undo: Callable[[], Awaitable[None]]) -> None:
         self.settings = settings
         self.store = store
         self.live = live
@@ -49,6 +50,7 @@ class Housekeeping:
         self.snapshots = snapshots
         self.answers = answers
         self.recover = recover  # reloads state from disk after a failed commit; raises while it cannot
+        self.undo = undo        # undoes in memory a sweep that failed half way (Recovery.undo_failed)
         self.period_start_ms = 0  # the calendar month of accounts without a plan
 
     def load(self) -> None:
@@ -67,7 +69,7 @@ class Housekeeping:
             if journal.storage_full is not None:
                 return
         now = self.clock.now_ms()
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due(now)
         await self.reservations.expire(now, SWEEP_CHUNK)
         ops = self.holds.expire_grants_ops(now)
         ops += self._month_ops(now)
@@ -114,6 +116,7 @@ class Housekeeping:
                     last_snapshot = time.monotonic()
                     await self.snapshots.quietly()
             except StorageFull:
-                pass
+                await self.undo()
             except Exception:  # noqa: BLE001 - housekeeping must keep running
                 log.exception("housekeeping failed")
+                await self.undo()

@@ -1,6 +1,10 @@
-"""Idempotency keys of unary calls: a retry gets the first answer back, and a
-key reused with another request is refused. The answers live in an
-``AnswerStore`` (LMDB); this is the policy around it."""
+"""Remembered answers, the policy around their ``AnswerStore`` (LMDB):
+
+- ``Idempotency``: the keys of unary calls. A retry gets the first answer back,
+  and a key reused with another request is refused.
+- ``Settled``: the final answer a reservation or a session leaves, its first
+  byte saying what settled it, so that a retried Commit, Release, Heartbeat or
+  EndSession learns what was billed."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import hashlib
 from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key, label_of_key
 from meterd.clock import Clock
 from meterd.config import Settings
-from meterd.errors import InvalidInput, StorageFull, Unavailable
+from meterd.errors import Conflict, InvalidInput, StorageFull, Unavailable
 from meterd.journal import Journal
 from meterd.results import Keyed, Replay
 from meterd.store import Op
@@ -53,11 +57,19 @@ class Idempotency:
                 key = self.key(label, rpc, customer_id, keyed)
             except InvalidInput:
                 key = None
-            entry = self.answers.get(key, self.clock.now_ms()) if key is not None else None
-            if keyed is None or entry is None or entry.pending is not None or \
-                    (entry.digest and entry.digest != digest(keyed.request)):
+            replay = self.landed(key, keyed)
+            if replay is None:
                 raise refused from None
-            return Replay(entry.response)
+            return replay
+
+    def landed(self, key: bytes | None, keyed: Keyed | None) -> Replay | None:
+        """The committed answer of this very request, or None (no key, not remembered, still
+        in flight, or another request under the key): what is answered while writes are refused."""
+        entry = self.answers.get(key, self.clock.now_ms()) if key is not None and keyed is not None else None
+        if entry is None or entry.pending is not None or \
+                (entry.digest and entry.digest != digest(keyed.request)):  # type: ignore[union-attr]
+            return None
+        return Replay(entry.response)
 
     def writable_or_replay_admin(self, rpc: str, customer_id: str, keyed: Keyed | None) -> Replay | None:
         return self.writable_or_replay(ADMIN_LABEL, rpc, customer_id, keyed)
@@ -82,3 +94,32 @@ class Idempotency:
             return []
         return self.answers.put_ops(label_of_key(key), key, digest(keyed.request) if keyed.request else b"",
                                     response, self.clock.now_ms())
+
+
+SETTLED_BY = {b"C": "Commit", b"R": "Release"}  # the first byte of a reservation's settled answer
+
+
+class Settled:
+    """The final answers of reservations and sessions, kept per tenant for the idempotency window."""
+
+    def __init__(self, answers: AnswerStore, clock: Clock) -> None:
+        self.answers = answers
+        self.clock = clock
+
+    async def answer(self, key: bytes, by: bytes, request: bytes, what: str) -> Replay | None:
+        """The final answer ``what`` left when settled ``by`` (b"C", b"R" or b"S"), or None
+        when it has none in its window."""
+        entry = self.answers.get(key, self.clock.now_ms())
+        if entry is None:
+            return None
+        if entry.response[:1] != by:
+            raise Conflict(f"{what} was settled by {SETTLED_BY.get(entry.response[:1], 'another call')} already")
+        if entry.digest and entry.digest != digest(request):
+            raise InvalidInput("quantity", f"{what} was settled before with a different quantity")
+        if entry.pending is not None:
+            await asyncio.shield(entry.pending)  # raises if that commit failed
+        return Replay(entry.response[1:])
+
+    def put_ops(self, label: str, key: bytes, by: bytes, request: bytes, answer: bytes, now: int) -> list[Op]:
+        """Keep a final answer (``request`` digested, unless empty: a session's end is not checked)."""
+        return self.answers.put_ops(label, key, digest(request) if request else b"", by + answer, now)

@@ -36,15 +36,14 @@ def preflight(settings: Settings, catalog: Catalog, create: bool = False) -> Non
 
 def check_core(settings: Settings, catalog: Catalog) -> None:
     """Build the core's tables from the catalog exactly as the engine does at start."""
-    from meterd import core
+    from meterd.recovery import new_core
 
     for c in catalog.customers:  # the engine creates them at start, under the same limit as any call
         if len(c.customer_id.encode()) > settings.customer_id_bytes_max:
             raise ConfigError(f"{catalog.source}: customers.{c.customer_id}: the id is longer than "
                               f"customer_id_bytes_max ({settings.customer_id_bytes_max} bytes)")
     try:
-        denominators, meters, rates, plans, modes, free, names = catalog.compiled.core_args()
-        core.Core(denominators, meters, rates, settings.core_limits(), 1024, plans, modes, free, names)
+        new_core(settings, catalog.compiled).close()
     except (ValueError, OverflowError) as e:
         raise ConfigError(f"{catalog.source}: the catalog does not fit the core's tables: {e}") from None
 

@@ -168,6 +168,21 @@ class Recovery:
         self.journal.broken = None
         self.store.reset()
 
+    async def undo_failed(self) -> None:
+        """Whatever failed (a call, a sweep, a catalog reload) and had changed state in
+        memory first (log records or answers it never submitted) is undone: its log
+        positions are given back, and the state is reloaded from disk once what was
+        committed before it has landed; writes are refused meanwhile."""
+        if not self.journal.abandon():
+            return
+        log.error("a change failed after it was applied in memory; reloading state from disk")
+        self.journal.reloading = True
+        try:
+            await self.journal.barrier()
+            self.try_recover()
+        finally:
+            self.journal.reloading = False
+
     def on_commit_failure(self, exc: BaseException) -> None:
         """A commit failed: everything applied in memory since the last good
         commit is undone by reloading from disk, and callers got the error."""

@@ -16,7 +16,7 @@ import collections
 from meterd import records, validate
 from meterd.clock import Clock
 from meterd.config import Settings
-from meterd.errors import InvalidInput, LimitReached, StorageFull, Unavailable
+from meterd.errors import InvalidInput, LimitReached, MeterdError, StorageFull, Unavailable
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
 from meterd.records import Kind
@@ -84,9 +84,9 @@ class Reports:
                 return state.result + DUP_BATCH
             return meter_pb2.ReportBatchResponse(sequence=seq, duplicate=True).SerializeToString()
         self.journal.check_writable()  # after the replay: a retry is answered even while writes are refused
-        self.subscriptions.due_ops()
-        ops: list[Op] = self._client_room(validate.label_of(tenant)) if cid and state is None else []
         at = self.clock.now_ms()
+        self.subscriptions.roll_if_due(at)
+        ops: list[Op] = self._client_room(validate.label_of(tenant)) if cid and state is None else []
         core.set_clock(at)
         accepted, denied, degraded, details = core.apply_batch(data, None if tenant is None else tenant.prefix)
         self.decisions[("ReportBatch", "allow")] += accepted - degraded
@@ -157,8 +157,8 @@ class Reports:
             if replay is None:
                 raise
             return replay
-        self.subscriptions.due_ops()
         at = self.clock.now_ms()
+        self.subscriptions.roll_if_due(at)
         core = self.live.core
         core.set_clock(at)
         # Applies and answers in wire form, unless the event has a key.
@@ -176,15 +176,10 @@ class Reports:
         return response
 
     def _refused_replay(self, data: bytes, tenant: Tenant | None) -> bytes | None:
+        """While writes are refused: the answer of a keyed Report that was remembered, or None."""
         try:
-            req = keyed_report(data)
-            if not req.event.idempotency_key:
-                return None
-            keyed = Keyed(req.event.idempotency_key, req.SerializeToString(deterministic=True))
-            validate.check_tenant(tenant, req.event.customer_id, "event.customer_id")
-            replay = self.idempotency.writable_or_replay(validate.label_of(tenant), "report",
-                                                         req.event.customer_id, keyed)
-        except Exception:  # noqa: BLE001 - a request that cannot be read, or not remembered: the refusal stands
+            replay = self.idempotency.landed(*self._keyed(data, tenant))
+        except MeterdError:  # a request that cannot be read, or not this token's: the refusal stands
             return None
         return None if replay is None else replay.data + DUP_REPORT
 

@@ -6,19 +6,18 @@ housekeeping timer."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import secrets
 from typing import Callable, Mapping
 
 from meterd import records, validate
-from meterd.answers import AnswerStore, entry_key
+from meterd.answers import entry_key
 from meterd.clock import Clock
 from meterd.config import Settings
-from meterd.errors import Conflict, InvalidInput, NotFound
+from meterd.errors import InvalidInput, NotFound
 from meterd.holds import Holds
-from meterd.idempotency import Idempotency, digest
+from meterd.idempotency import Idempotency, Settled
 from meterd.journal import Journal
 from meterd.records import Kind
 from meterd.results import (
@@ -43,12 +42,11 @@ from meterd.subscriptions import Subscriptions
 log = logging.getLogger("meterd.engine")
 
 RESERVATION_ID_BYTES_MAX = 64
-SETTLED_BY = {b"C": "Commit", b"R": "Release"}  # the first byte of a reservation's settled answer
 
 
 class Reservations:
     def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, holds: Holds,
-                 subscriptions: Subscriptions, idempotency: Idempotency, settled: AnswerStore,
+                 subscriptions: Subscriptions, idempotency: Idempotency, settled: Settled,
                  encode: Callable[[object], bytes], decisions: collections.Counter[tuple[str, str]]) -> None:
         self.settings = settings
         self.live = live
@@ -84,7 +82,7 @@ class Reservations:
         core = self.live.core
         ct, amount = core.quote(rate, qty)
         self.holds.open_room("reservation", label)
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         idx = core.account(cust)
         if idx < 0 or not core.reserve(idx, ct, amount):
             await self.subscriptions.roll_settled()
@@ -116,20 +114,6 @@ class Reservations:
             return Authorized(DEGRADE, ct_name, available, mode=fallback[0], priority=fallback[1])
         return Authorized(DENY, ct_name, available, reason=REASON_INSUFFICIENT_BALANCE)
 
-    async def settled_answer(self, key: bytes, by: bytes, request: bytes, what: str) -> bytes | None:
-        """The final answer a reservation or session left (without its first byte,
-        which says what settled it), or None when it has none in its window."""
-        entry = self.settled.get(key, self.clock.now_ms())
-        if entry is None:
-            return None
-        if entry.response[:1] != by:
-            raise Conflict(f"{what} was settled by {SETTLED_BY.get(entry.response[:1], 'another call')} already")
-        if entry.digest and entry.digest != digest(request):
-            raise InvalidInput("quantity", f"{what} was settled before with a different quantity")
-        if entry.pending is not None:
-            await asyncio.shield(entry.pending)  # raises if that commit failed
-        return entry.response[1:]
-
     async def _settling(self, by: bytes, tenant: Tenant | None, rid: str,
                         request: bytes) -> tuple[bytes, Replay | Reservation]:
         """The settled-answer key of a Commit (``by`` b"C") or Release (b"R"), and the
@@ -139,9 +123,9 @@ class Reservations:
         if not rid or len(rid.encode()) > RESERVATION_ID_BYTES_MAX:
             raise NotFound(f"reservation {rid[:RESERVATION_ID_BYTES_MAX]!r} is unknown")
         key = entry_key(validate.label_of(tenant), "reservation", rid)
-        replay = await self.settled_answer(key, by, request, f"reservation {rid!r}")
+        replay = await self.settled.answer(key, by, request, f"reservation {rid!r}")
         if replay is not None:
-            return key, Replay(replay)
+            return key, replay
         self.journal.check_writable()
         res = self.holds.reservations.get(rid)
         if res is None:
@@ -159,8 +143,8 @@ class Reservations:
         core = self.live.core
         cust = res.customer_id.encode()
         idx = core.account(cust)
-        self.subscriptions.due_ops()
         at = self.clock.now_ms()
+        self.subscriptions.roll_if_due(at)
         core.set_clock(at)
         dims = validate.settle_set(core, idx, res.meter, res.dims, cust)
         cost, overrun = core.settle(idx, res.rate, qty, res.amount_nano, dims)
@@ -173,7 +157,7 @@ class Reservations:
         ops += self.holds.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
         answer = Committed(cost, max(res.amount_nano - cost, 0), core.state(idx)[0][res.credit_type][0], overrun)
         ops += self.subscriptions.alert_ops()
-        ops += self.settled.put_ops(validate.label_of(tenant), key, digest(request), b"C" + self.encode(answer), at)
+        ops += self.settled.put_ops(validate.label_of(tenant), key, b"C", request, self.encode(answer), at)
         await self.journal.commit_with(ops)
         return answer
 
@@ -181,12 +165,12 @@ class Reservations:
         key, res = await self._settling(b"R", tenant, reservation_id, request)
         if isinstance(res, Replay):
             return res
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         ops = self.release_ops(res)
         core = self.live.core
         idx = core.account(res.customer_id.encode())
         answer = Released(res.amount_nano, core.available(idx, res.credit_type) if res.credit_type >= 0 else 0)
-        ops += self.settled.put_ops(validate.label_of(tenant), key, digest(request), b"R" + self.encode(answer),
+        ops += self.settled.put_ops(validate.label_of(tenant), key, b"R", request, self.encode(answer),
                                     self.clock.now_ms())
         await self.journal.commit_with(ops)
         return answer

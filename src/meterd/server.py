@@ -517,6 +517,7 @@ class MeterdServer:
             await self.engine.reload_catalog(catalog)
         except Exception as e:  # noqa: BLE001 - the daemon keeps its current catalog
             log.error("catalog reload failed, keeping the current catalog: %s", e)
+            await self.engine.after_failure()
 
     async def abort(self) -> None:
         """Undo a start that failed half way: close listeners, the writer and LMDB."""

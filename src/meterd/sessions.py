@@ -19,9 +19,9 @@ from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.errors import InvalidInput, NotFound
 from meterd.holds import Holds
+from meterd.idempotency import Settled
 from meterd.journal import Journal
 from meterd.records import Kind
-from meterd.reservations import Reservations
 from meterd.results import ALLOW, DENY, REASON_INSUFFICIENT_BALANCE, REASON_UNKNOWN_CUSTOMER, Replay, SessionState
 from meterd.security import Tenant
 from meterd.state import Live, Session
@@ -38,23 +38,21 @@ class Sessions:
     """Duration sessions; see the module docstring."""
 
     def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, holds: Holds,
-                 subscriptions: Subscriptions, reservations: Reservations,
-                 encode: Callable[[object], bytes]) -> None:
+                 subscriptions: Subscriptions, settled: Settled, encode: Callable[[object], bytes]) -> None:
         self.settings = settings
         self.live = live
         self.journal = journal
         self.clock = clock
         self.holds = holds
         self.subscriptions = subscriptions
-        self.reservations = reservations  # whose settled answers a session's final answer is kept with
-        self.settled = reservations.settled
+        self.settled = settled
         self.encode = encode
 
     def _close_ops(self, s: Session, answer: SessionState, now: int) -> list[Op]:
         """Forget an ended session, keeping its final answer for retries within the window."""
         self.holds.forget_session(s)
         return [("sessions", s.session_id.encode(), None)] + \
-            self.settled.put_ops(s.tenant, _key(s.tenant, s.session_id), b"", b"S" + self.encode(answer), now)
+            self.settled.put_ops(s.tenant, _key(s.tenant, s.session_id), b"S", b"", self.encode(answer), now)
 
     def _rate(self, s: Session) -> int:
         return self.live.core.find_rate(s.meter, None if s.dim_value is None else s.dim_value.encode())
@@ -131,7 +129,7 @@ class Sessions:
         core = self.live.core
         ct = core.quote(rate, 0)[0]
         idx = core.account(cust)
-        self.subscriptions.due_ops()
+        self.subscriptions.roll_if_due()
         now = self.clock.now_ms()
         dims = validate.dimension_set(dimensions)
         s = Session(sid, customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label,
@@ -150,21 +148,27 @@ class Sessions:
         s = self.holds.sessions.get(sid)
         if s is not None:
             return s
-        final = await self.reservations.settled_answer(_key(label, sid), b"S", b"",
-                                                       f"session {sid[:SESSION_ID_CHARS_MAX]!r}")
+        final = await self.settled.answer(_key(label, sid), b"S", b"", f"session {sid[:SESSION_ID_CHARS_MAX]!r}")
         if final is None:
             raise NotFound(f"session {sid[:SESSION_ID_CHARS_MAX]!r} is unknown, or ended longer ago than the "
                            "idempotency window")
-        return Replay(final)
+        return final
 
-    async def heartbeat(self, tenant: Tenant | None, session_id: str) -> SessionState | Replay:
+    async def _billed(self, tenant: Tenant | None, session_id: str) -> tuple[Session, int, list[Op]] | Replay:
+        """An open session with its time billed up to now, or the final answer of one that ended."""
         s = await self._open(session_id, validate.label_of(tenant))
         if isinstance(s, Replay):
             return s
         self.journal.check_writable()
         now = self.clock.now_ms()
-        self.subscriptions.due_ops()
-        ops = self._bill_ops(s, now)
+        self.subscriptions.roll_if_due(now)
+        return s, now, self._bill_ops(s, now)
+
+    async def heartbeat(self, tenant: Tenant | None, session_id: str) -> SessionState | Replay:
+        billed = await self._billed(tenant, session_id)
+        if isinstance(billed, Replay):
+            return billed
+        s, now, ops = billed
         s.heartbeat_ms = min(now, s.heartbeat_ms + s.timeout_ms)
         hold = self._hold_ops(s)
         if hold is None:
@@ -177,13 +181,10 @@ class Sessions:
         return self._state(s, ALLOW, False)
 
     async def end(self, tenant: Tenant | None, session_id: str) -> SessionState | Replay:
-        s = await self._open(session_id, validate.label_of(tenant))
-        if isinstance(s, Replay):
-            return s
-        self.journal.check_writable()
-        now = self.clock.now_ms()
-        self.subscriptions.due_ops()
-        ops = self._bill_ops(s, now)
+        billed = await self._billed(tenant, session_id)
+        if isinstance(billed, Replay):
+            return billed
+        s, now, ops = billed
         answer = self._state(s, ALLOW, True)
         ops += self._close_ops(s, answer, now) + self.subscriptions.alert_ops()
         await self.journal.commit_with(ops)

@@ -60,19 +60,19 @@ class Subscriptions:
             self._boundaries.append((sub.end_ms, sub.customer_id))
         heapq.heapify(self._boundaries)
 
-    def due_ops(self) -> list[Op]:
+    def roll_if_due(self, now: int | None = None) -> None:
         """Roll the subscriptions whose period has ended, before anything else happens.
 
         The roll is submitted as a commit of its own, ahead of the caller's
         (the writer is FIFO), so that a caller that then fails on bad input
-        cannot lose it. Returns nothing for the caller to add."""
-        now = self.clock.now_ms()
+        cannot lose it."""
+        if now is None:
+            now = self.clock.now_ms()
         if not (self._boundaries and self._boundaries[0][0] <= now):
-            return []
+            return
         ops = self.roll_due(now)
         if ops:
             self.rolling = self.journal.submit_ahead(ops)
-        return []
 
     async def roll_settled(self) -> None:
         """A caller with nothing of its own to commit still answers only once the
