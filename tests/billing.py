@@ -27,8 +27,10 @@ START_MS = 1_769_817_600_000
 
 class Billing:
     def __init__(self, tmp: Path, catalog: str, monkeypatch: pytest.MonkeyPatch, core: str = "compiled",
-                 start_ms: int = START_MS, ledger: str = "", sidecar_id: str = "") -> None:
-        self.clock = ManualClock(start_ms)
+                 start_ms: int = START_MS, ledger: str = "", sidecar_id: str = "", balances: str = "local",
+                 loop: asyncio.AbstractEventLoop | None = None, clock: ManualClock | None = None) -> None:
+        """``loop`` and ``clock`` may be shared by several harnesses (sidecars on one ledger, in ledger mode)."""
+        self.clock = clock or ManualClock(start_ms)
         if core == "python":
             from meterd import _fastpath_py
             from meterd import core as core_mod
@@ -36,9 +38,11 @@ class Billing:
         if ledger:  # as the operator would, with `meterd ledger migrate` (SQLite ledgers migrate themselves)
             with Ledger(ledger) as lg:
                 lg.migrate()
-        self.settings = Settings(data_dir=str(tmp / "data"), fsync=False, ledger=ledger, sidecar_id=sidecar_id)
+        self.settings = Settings(data_dir=str(tmp / "data"), fsync=False, ledger=ledger, sidecar_id=sidecar_id,
+                                 balances=balances)
         self.catalog = load_catalog(str(ROOT / "examples" / f"{catalog}.toml") if "/" not in catalog else catalog)
-        self.loop = asyncio.new_event_loop()
+        self.own_loop = loop is None
+        self.loop = loop or asyncio.new_event_loop()
         self.engine = self._open()
         self.charged: dict[tuple[str, str], int] = {}
         self.holders: dict[str, tuple[str, str]] = {}  # reservation id: its customer and credit type
@@ -82,7 +86,8 @@ class Billing:
 
     def close(self) -> None:
         self.run(self.engine.close())
-        self.loop.close()
+        if self.own_loop:
+            self.loop.close()
 
     # ---- calls ---------------------------------------------------------------------
 

@@ -11,11 +11,12 @@ from meterd import validate
 from meterd.audit import Audit
 from meterd.clock import Clock, month_bounds
 from meterd.config import Settings
-from meterd.errors import InvalidInput, NotFound
+from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.housekeeping import Housekeeping
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
+from meterd.leases import Leases
 from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Replay
 from meterd.state import Account, Live, Subscription
 from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, Subscriptions
@@ -26,7 +27,7 @@ INT64_MAX = (1 << 63) - 1
 class Admin:
     def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, audit: Audit,
                  grants: Grants, subscriptions: Subscriptions, housekeeping: Housekeeping,
-                 idempotency: Idempotency, encode: Callable[[object], bytes]) -> None:
+                 idempotency: Idempotency, encode: Callable[[object], bytes], leases: Leases | None = None) -> None:
         self.settings = settings
         self.live = live
         self.journal = journal
@@ -37,9 +38,17 @@ class Admin:
         self.housekeeping = housekeeping
         self.idempotency = idempotency
         self.encode = encode
+        self.leases = leases  # ledger mode: grants and adjustments commit in the central ledger
 
     async def grant(self, customer_id: str, credit_type: str, amount_nano: int, expires_at_ms: int, priority: int,
                     source: str, keyed: Keyed | None) -> Granted | Replay:
+        if self.leases is not None:  # ledger mode: one transaction in the ledger, idempotent there by key
+            validate.customer(self.settings, customer_id)
+            self.grants.credit_type(credit_type, amount_nano)
+            self.grants.check_grant(amount_nano, expires_at_ms, source)
+            central = await self.leases.grant(customer_id, credit_type, amount_nano, expires_at_ms, priority,
+                                              source or "api", keyed)
+            return Granted(central.grant_id, central.balance_nano)
         replay = self.idempotency.writable_or_replay_admin("grant", customer_id, keyed)
         if replay is not None:
             return replay
@@ -59,6 +68,12 @@ class Admin:
 
     async def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str,
                      keyed: Keyed | None) -> Adjusted | Replay:
+        if self.leases is not None:  # ledger mode: one transaction in the ledger, idempotent there by key
+            validate.customer(self.settings, customer_id)
+            self.grants.credit_type(credit_type, amount_nano)
+            self.grants.check_adjust(amount_nano, reason)
+            return Adjusted((await self.leases.adjust(customer_id, credit_type, amount_nano, reason,
+                                                      keyed)).balance_nano)
         replay = self.idempotency.writable_or_replay_admin("adjust", customer_id, keyed)
         if replay is not None:
             return replay
@@ -80,6 +95,7 @@ class Admin:
 
     async def subscribe(self, customer_id: str, plan: str, start_ms: int,
                         keyed: Keyed | None) -> Subscription | Replay:
+        self._plans_served()
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
         key = self.idempotency.admin_key("subscribe", customer_id, keyed)
@@ -98,6 +114,7 @@ class Admin:
         return answer
 
     async def cancel(self, customer_id: str, at_period_end: bool) -> Subscription:
+        self._plans_served()
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
         self.subscriptions.roll_if_due()
@@ -106,12 +123,18 @@ class Admin:
         return sub
 
     async def change_plan(self, customer_id: str, plan: str) -> Subscription:
+        self._plans_served()
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
         self.subscriptions.roll_if_due()
         ops, sub = self.subscriptions.change_plan_ops(customer_id, plan, self.clock.now_ms())
         await self.journal.commit_with(ops + self.subscriptions.alert_ops())
         return sub
+
+    def _plans_served(self) -> None:
+        if self.leases is not None:
+            raise Conflict("subscriptions are served in local mode only for now (balances = \"local\"); in ledger "
+                           "mode a customer's credits are granted with Grant, and shared by every sidecar")
 
     def balance(self, customer_id: str) -> BalanceView:
         core, catalog = self.live.core, self.live.catalog

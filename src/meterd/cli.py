@@ -61,10 +61,14 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="do not fsync commits (loses acknowledged reports on power loss)")
     p.add_argument("--ledger", help="central ledger: sqlite:///PATH or postgresql://USER@HOST/DB "
                    "(default: ledger.sqlite3 in the data directory)")
+    p.add_argument("--balances", choices=("local", "ledger"),
+                   help="local: this sidecar's own balances (default); ledger: balances shared by every "
+                   "sidecar on the ledger, each spending an escrow lease")
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    flags = {k: getattr(args, k, None) for k in ("data_dir", "listen", "admin_listen", "catalog", "fsync", "ledger")}
+    flags = {k: getattr(args, k, None) for k in ("data_dir", "listen", "admin_listen", "catalog", "fsync", "ledger",
+                                                 "balances")}
     return load_settings(flags, config_path=args.config)
 
 

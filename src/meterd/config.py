@@ -90,6 +90,23 @@ class Settings:
     ledger_flush_rows_max: int = 20_000
     ledger_timeout_s: float = 10.0
     ledger_retry_max_s: float = 60.0
+    # Whose balances these are: "local" (this sidecar's own) or "ledger" (a customer's balance
+    # lives in the ledger and is shared by every sidecar pointed at it; each spends only an
+    # escrow lease of it: README, Many sidecars). Ledger mode needs `ledger` set.
+    balances: str = "local"
+    # A lease holds about the customer's recent spend rate here times this horizon, at most a
+    # fair share of what is left centrally, and at least one request; it is refilled in the
+    # background when it would last less than lease_low_water_s at that rate.
+    lease_refill_horizon_s: float = 10.0
+    lease_low_water_s: float = 2.0
+    lease_requests_min: int = 10   # a new lease has room for this many requests like the one that asked
+    # A request its lease cannot cover waits at most this long for a top-up (and for other
+    # sidecars to give back what they hold, when the ledger has too little left).
+    lease_wait_ms: int = 500
+    # How often a sidecar asks the ledger which of its leases are wanted back.
+    lease_heartbeat_ms: int = 200
+    lease_idle_s: float = 30.0     # a lease not spent from for this long is given back
+    leases_max: int = 100_000      # leases held at once (customers times credit types)
     # TLS for both listeners (PEM files, read again on SIGHUP). A client CA turns
     # on mutual TLS: every client must present a certificate it signed.
     tls_cert_file: str = ""
@@ -251,10 +268,29 @@ def _check_timers(s: Settings) -> None:
     _need(s.ledger_timeout_s > 0, "ledger_timeout_s", "must be positive")
     _need(s.ledger_retry_max_s >= s.ledger_flush_interval_s, "ledger_retry_max_s",
          "must be at least ledger_flush_interval_s")
+    _check_leases(s)
     _need(1 <= s.usage_window_s <= 86_400 and 86_400 % s.usage_window_s == 0, "usage_window_s",
          "must divide a day: 1 to 86400 seconds, for example 60 or 3600")
     _need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",
          "must be at most 64 printable ASCII characters without spaces")
+
+
+def _check_leases(s: Settings) -> None:
+    """Ledger mode and its leases."""
+    _need(s.balances in ("local", "ledger"), "balances", f"{s.balances!r}: must be local or ledger")
+    _need(s.balances == "local" or bool(s.ledger), "balances",
+         "ledger mode shares balances through a ledger that every sidecar reaches: set ledger to "
+         "postgresql://USER@HOST/DB (or sqlite:///PATH for sidecars on one host)")
+    _need(s.lease_refill_horizon_s > 0, "lease_refill_horizon_s", "must be positive")
+    _need(0 < s.lease_low_water_s < s.lease_refill_horizon_s, "lease_low_water_s",
+         "must be positive and less than lease_refill_horizon_s")
+    _need(1 <= s.lease_requests_min <= 1_000_000, "lease_requests_min", "must be 1 to 1000000")
+    _need(10 <= s.lease_heartbeat_ms <= 10_000, "lease_heartbeat_ms", "must be 10 to 10000")
+    _need(s.lease_wait_ms >= 2 * s.lease_heartbeat_ms, "lease_wait_ms",
+         "must be at least twice lease_heartbeat_ms, so that a recall can come back within it")
+    _need(s.lease_wait_ms <= s.ledger_timeout_s * 1000, "lease_wait_ms", "must be at most ledger_timeout_s")
+    _need(s.lease_idle_s > 0, "lease_idle_s", "must be positive")
+    _need(1 <= s.leases_max <= 10_000_000, "leases_max", "must be 1 to 10000000")
 
 
 def _check_addresses(s: Settings) -> None:

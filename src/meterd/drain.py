@@ -15,7 +15,7 @@ import struct
 
 from meterd.audit import Audit
 from meterd.catalog import CompiledCatalog
-from meterd.ledger import Entry, UsageRow, canonical_dimensions
+from meterd.ledger import Entry, Settlement, UsageRow, canonical_dimensions
 from meterd.store import Op, Store, from_u64, u64
 from meterd.v1 import admin_pb2, meter_pb2
 
@@ -97,6 +97,19 @@ def row_of(value: bytes) -> UsageRow:
 
 def _deducted(at_ms: int, customer: str, ct: str, cost: int, after: int, reference: str) -> bytes:
     return b"D" + _DEDUCTED.pack(at_ms, -cost, after) + "\x00".join((customer, ct, reference)).encode()
+
+
+def settlement_value(customer_id: str, credit_type: str, consumed_total_nano: int) -> bytes:
+    """An outbox row of a lease's consumption (ledger mode): "S", the running total, the customer and credit type."""
+    return b"S" + struct.pack("<q", consumed_total_nano) + f"{customer_id}\x00{credit_type}".encode()
+
+
+def settlement_of(value: bytes) -> Settlement | None:
+    """The settlement an outbox row holds, or None when it holds an audit entry or a deduction."""
+    if value[:1] != b"S":
+        return None
+    customer, ct = value[9:].decode().split("\x00")
+    return Settlement(customer, ct, struct.unpack_from("<q", value, 1)[0])
 
 
 def entry_of(key: bytes, value: bytes) -> Entry:

@@ -17,6 +17,7 @@ those below it):
     Subscriptions  plans, period rolls, overage, alerts
     Holds          the open reservations and sessions, and credits spared for them
     Grants         grant buckets: the local balance authority
+    Leases         ledger mode: escrow leases of balances that live in the central ledger
     Audit          the audit trail and Watch
     Idempotency    idempotency keys (answers in an AnswerStore)
     Journal        log positions, commits, write refusal
@@ -48,6 +49,7 @@ from meterd.holds import Holds
 from meterd.housekeeping import Housekeeping
 from meterd.idempotency import Idempotency, Settled
 from meterd.journal import Journal
+from meterd.leases import Leases, check_catalog
 from meterd.recovery import Recovery
 from meterd.reports import Reports
 from meterd.reservations import Reservations
@@ -96,19 +98,25 @@ class Engine:
         self.subscriptions = subs = Subscriptions(store, live, journal, clock, audit, grants, holds)
         self.idempotency = idem = Idempotency(settings, self.idem, journal, clock, tenants)
         settled = Settled(self.settled, clock)
-        self.reservations = Reservations(settings, live, journal, clock, holds, subs, idem, settled, encode,
-                                         self.decisions)
-        self.sessions = Sessions(settings, live, journal, clock, holds, subs, settled, encode)
-        self.reports = Reports(settings, store, live, journal, clock, subs, idem, self.decisions)
         self.drains = drains = Drains(store, audit)
         self.snapshots = snapshots = Snapshots(settings, store, live, journal, drains, clock)
         self.flusher = flusher = Flusher(settings, store, live, journal, drains, snapshots, clock)
+        self.leases = leases = None
+        if settings.balances == "ledger":  # balances shared through the ledger: this sidecar spends leases of them
+            check_catalog(live.catalog)
+            self.leases = leases = Leases(settings, store, live, journal, clock, flusher)
+            snapshots.settling = leases.settling
+        self.reservations = Reservations(settings, live, journal, clock, holds, subs, idem, settled, encode,
+                                         self.decisions, leases)
+        self.sessions = Sessions(settings, live, journal, clock, holds, subs, settled, encode)
+        self.reports = Reports(settings, store, live, journal, clock, subs, idem, self.decisions, leases)
         self.housekeeping = Housekeeping(settings, store, live, journal, clock, audit, holds, subs,
                                          self.reservations, self.sessions, snapshots, (self.idem, self.settled),
                                          lambda: self.recovery.try_recover(), lambda: self.recovery.undo_failed())
-        self.admin = Admin(settings, live, journal, clock, audit, grants, subs, self.housekeeping, idem, encode)
+        self.admin = Admin(settings, live, journal, clock, audit, grants, subs, self.housekeeping, idem, encode,
+                           leases)
         self.recovery = Recovery(settings, store, live, journal, clock, drains, snapshots, flusher, audit, grants,
-                                 holds, subs, self.reports, self.housekeeping, (self.idem, self.settled))
+                                 holds, subs, self.reports, self.housekeeping, (self.idem, self.settled), leases)
         # The hot paths, bound once: a servicer's call goes straight to the component.
         self.report = self.reports.report
         self.report_batch = self.reports.report_batch
@@ -130,6 +138,8 @@ class Engine:
 
     async def close(self) -> None:
         """Final snapshot, drain the writer, close LMDB."""
+        if self.leases is not None:
+            await self.leases.return_all()  # before the final snapshot: it settles what was spent
         self.journal.closing = True
         try:
             await self.snapshots.wait_idle()
@@ -138,6 +148,8 @@ class Engine:
             log.exception("final snapshot failed; the log will be replayed at the next start")
         await self.flusher.final_flush()
         self.flusher.close()
+        if self.leases is not None:
+            self.leases.close()
         self.store.stop()
         self.store.close()
 
@@ -166,7 +178,11 @@ class Engine:
         await self.housekeeping.run(stop, period_s)
 
     async def run_flusher(self, stop: asyncio.Event) -> None:
-        await self.flusher.run_flusher(stop)
+        """The flush, and in ledger mode the leases' heartbeat beside it."""
+        if self.leases is None:
+            await self.flusher.run_flusher(stop)
+        else:
+            await asyncio.gather(self.flusher.run_flusher(stop), self.leases.run(stop))
 
     async def flush_once(self) -> bool:
         return await self.flusher.flush_once()

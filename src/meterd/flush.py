@@ -22,8 +22,9 @@ from typing import Any
 
 from meterd.clock import Clock
 from meterd.config import Settings
-from meterd.drain import Drains, entry_of, row_of
+from meterd.drain import Drains, entry_of, row_of, settlement_of
 from meterd.errors import ConfigError, InvalidInput, Unavailable
+from meterd.escrow import Escrow
 from meterd.journal import Journal
 from meterd.ledger import CreditTypeInfo, Flush, Ledger, LedgerError, SidecarConflict, period_bounds, redact, statement
 from meterd.results import LedgerState
@@ -34,6 +35,53 @@ from meterd.store import Op, Store, from_u64, u64
 log = logging.getLogger("meterd.flush")
 
 STATEMENT_FLUSHES_MAX = 100  # flushes sent before a statement is read, at most (a backlog larger than that waits)
+
+
+class LedgerLink:
+    """One connection to the ledger on a thread of its own: opened (and migrated,
+    for SQLite) on first use, dropped after any failure, every call bounded by
+    ledger_timeout_s. The flush and the leases each have one, so that a long
+    flush never holds up a lease."""
+
+    def __init__(self, settings: Settings, thread_name: str) -> None:
+        self.settings = settings
+        self._ledger: Ledger | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=thread_name)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self._ledger is None:
+            ledger = Ledger(self.settings.ledger_url, self.settings.ledger_timeout_s)
+            try:
+                if ledger.dialect == "sqlite":
+                    ledger.migrate()
+                ledger.check_schema()
+            except BaseException:
+                ledger.close()
+                raise
+            self._ledger = ledger
+        try:
+            return fn(self._ledger, *args)
+        except BaseException:
+            try:
+                self._ledger.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._ledger = None
+            raise
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(ledger, *args)`` on the link's thread."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, self._call, fn, *args)
+        return await asyncio.wait_for(fut, timeout=self.settings.ledger_timeout_s)
+
+    def close(self) -> None:
+        def close() -> None:
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+        self._pool.submit(close)
+        self._pool.shutdown(wait=False)  # a slow ledger call may still be running: not on the loop
 
 
 class Flusher:
@@ -55,8 +103,7 @@ class Flusher:
         self.last_flush_error = ""
         self.flush_failures = 0
         self.flush_outcomes = {"applied": 0, "duplicate": 0, "failed": 0}
-        self._ledger: Ledger | None = None
-        self._ledger_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meterd-ledger")
+        self.link = LedgerLink(settings, "meterd-ledger")
         self._backlog_warned = 0
         self._flush_lock = asyncio.Lock()
 
@@ -80,33 +127,8 @@ class Flusher:
     def _ledger_url(self) -> str:
         return self.settings.ledger_url
 
-    def _ledger_call(self, fn: Any, *args: Any) -> Any:
-        """Runs on the ledger thread: one connection, opened (and migrated, for
-        SQLite) on first use and dropped after any failure."""
-        if self._ledger is None:
-            ledger = Ledger(self._ledger_url(), self.settings.ledger_timeout_s)
-            try:
-                if ledger.dialect == "sqlite":
-                    ledger.migrate()
-                ledger.check_schema()
-            except BaseException:
-                ledger.close()
-                raise
-            self._ledger = ledger
-        try:
-            return fn(self._ledger, *args)
-        except BaseException:
-            try:
-                self._ledger.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._ledger = None
-            raise
-
     async def _on_ledger_thread(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._ledger_pool, self._ledger_call, fn, *args)
-        return await asyncio.wait_for(fut, timeout=self.settings.ledger_timeout_s)
+        return await self.link.call(fn, *args)
 
     def _flush_pending(self) -> dict | None:
         raw = self.store.get("meta", b"flush_pending")
@@ -124,15 +146,21 @@ class Flusher:
         """Exactly the rows the pending flush recorded, whatever the limits are now."""
         usage = ([row_of(v) for _, v in self.store.items_upto("usage", bytes.fromhex(pending["usage_to"]))]
                  if pending["usage_to"] else [])
-        entries = ([entry_of(k, v) for k, v in self.store.items_upto("outbox", u64(pending["outbox_to"]))]
-                   if pending["outbox_to"] else [])
-        if "rows" in pending and (len(usage), len(entries)) != tuple(pending["rows"]):
-            raise LedgerError(f"flush {pending['seq']}: LMDB holds {len(usage)} usage rows and {len(entries)} "
-                              f"entries, not the {pending['rows']} recorded; refusing to send it")
+        outbox = self.store.items_upto("outbox", u64(pending["outbox_to"])) if pending["outbox_to"] else []
+        entries, settlements = [], []
+        for k, v in outbox:
+            settled = settlement_of(v)
+            if settled is None:
+                entries.append(entry_of(k, v))
+            else:
+                settlements.append(settled)
+        if "rows" in pending and (len(usage), len(outbox)) != tuple(pending["rows"]):
+            raise LedgerError(f"flush {pending['seq']}: LMDB holds {len(usage)} usage rows and {len(outbox)} "
+                              f"outbox rows, not the {pending['rows']} recorded; refusing to send it")
         cts = [CreditTypeInfo(c.name, c.kind, c.currency if c.kind == "fiat" else "", c.decimals)
                for c in self.live.catalog.credit_types]
         return Flush(self.sidecar_id, pending["seq"], cts, usage, entries, self.incarnation,
-                     pending.get("first", False))
+                     pending.get("first", False), settlements)
 
     async def flush_once(self) -> bool:
         """Send one flush if there is anything to send. Returns True when more
@@ -209,7 +237,12 @@ class Flusher:
 
     def _apply_pending(self, ledger: Ledger, pending: dict) -> bool:
         """On the ledger thread: read the flush's rows from LMDB and apply them."""
-        return ledger.apply_flush(self._build_flush(pending))
+        flush = self._build_flush(pending)
+        if not flush.settlements:
+            return ledger.apply_flush(flush)
+        now = self.clock.now_ms()
+        return ledger.apply_flush(flush, lambda lg: Escrow(lg).settle(flush.sidecar_id, flush.incarnation,
+                                                                       flush.settlements, now))
 
     async def finish_flush(self, pending: dict) -> None:
         """The ledger has committed the flush: forget what it holds."""
@@ -297,12 +330,7 @@ class Flusher:
             raise Unavailable(f"the ledger is unavailable: {_describe(e)}") from None
 
     def close(self) -> None:
-        def close() -> None:
-            if self._ledger is not None:
-                self._ledger.close()
-                self._ledger = None
-        self._ledger_pool.submit(close)
-        self._ledger_pool.shutdown(wait=False)  # a slow ledger call may still be running: not on the loop
+        self.link.close()
 
 
 def sidecar_id_differs(configured: str, stored: str) -> Exception:

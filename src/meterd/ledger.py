@@ -40,6 +40,10 @@ class SidecarConflict(LedgerError):
     """Two data directories flush under one sidecar_id."""
 
 
+class Fenced(LedgerError):
+    """A sidecar incarnation the ledger no longer accepts (replaced, or released by an operator)."""
+
+
 class SchemaBehind(LedgerError):
     """The ledger's schema is older than this meterd: run `meterd ledger migrate`."""
 
@@ -106,6 +110,75 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             UNIQUE (sidecar_id, incarnation, source_sequence))""",
         "CREATE INDEX meterd_entries_customer ON meterd_entries (customer_id, effective_ms)",
         "@append_only",
+    ]),
+    (2, "escrow: central balances, grant buckets, leases, keys, fenced incarnations", [
+        # One row per customer and credit type: the sums that the conservation check holds to
+        # granted = available + leased + consumed + expired. Every lease transaction of the
+        # customer's credit type locks it first, so they serialise there and nowhere else.
+        """CREATE TABLE meterd_balances (
+            customer_id TEXT NOT NULL,
+            credit_type TEXT NOT NULL,
+            granted_nano BIGINT NOT NULL,
+            available_nano BIGINT NOT NULL,
+            leased_nano BIGINT NOT NULL,
+            consumed_nano BIGINT NOT NULL,
+            expired_nano BIGINT NOT NULL,
+            overdrawn_nano BIGINT NOT NULL,
+            grants_made BIGINT NOT NULL,
+            entries_made BIGINT NOT NULL,
+            updated_ms BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, credit_type))""",
+        """CREATE TABLE meterd_grants (
+            customer_id TEXT NOT NULL,
+            credit_type TEXT NOT NULL,
+            grant_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            priority BIGINT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            reference TEXT NOT NULL,
+            amount_nano BIGINT NOT NULL,
+            remaining_nano BIGINT NOT NULL CHECK (remaining_nano >= 0),
+            leased_nano BIGINT NOT NULL CHECK (leased_nano >= 0),
+            consumed_nano BIGINT NOT NULL,
+            expired_nano BIGINT NOT NULL,
+            created_ms BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, credit_type, grant_id))""",
+        """CREATE TABLE meterd_leases (
+            sidecar_id TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            credit_type TEXT NOT NULL,
+            incarnation TEXT NOT NULL,
+            amount_nano BIGINT NOT NULL,
+            leased_total_nano BIGINT NOT NULL,
+            returned_total_nano BIGINT NOT NULL,
+            consumed_total_nano BIGINT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            recall_ms BIGINT NOT NULL,
+            acquisitions BIGINT NOT NULL,
+            updated_ms BIGINT NOT NULL,
+            PRIMARY KEY (sidecar_id, customer_id, credit_type))""",
+        "CREATE INDEX meterd_leases_customer ON meterd_leases (customer_id, credit_type)",
+        """CREATE TABLE meterd_lease_parts (
+            sidecar_id TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            credit_type TEXT NOT NULL,
+            grant_id TEXT NOT NULL,
+            amount_nano BIGINT NOT NULL CHECK (amount_nano > 0),
+            PRIMARY KEY (sidecar_id, customer_id, credit_type, grant_id))""",
+        """CREATE TABLE meterd_keys (
+            key TEXT PRIMARY KEY,
+            digest TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            created_ms BIGINT NOT NULL)""",
+        """CREATE TABLE meterd_fenced (
+            sidecar_id TEXT NOT NULL,
+            incarnation TEXT NOT NULL,
+            fenced_ms BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (sidecar_id, incarnation))""",
+        "ALTER TABLE meterd_sidecars ADD COLUMN last_seen_ms BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE meterd_sidecars ADD COLUMN released_ms BIGINT NOT NULL DEFAULT 0",
     ]),
 ]
 
@@ -195,6 +268,14 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """What a sidecar in ledger mode has consumed of a lease, in all (a running total)."""
+    customer_id: str
+    credit_type: str
+    consumed_total_nano: int
+
+
+@dataclass(frozen=True)
 class CreditTypeInfo:
     name: str
     kind: str
@@ -212,6 +293,7 @@ class Flush:
     # Which data directory sends it; a new one takes over an id with its first flush.
     incarnation: str = ""
     first: bool = False
+    settlements: list[Settlement] = field(default_factory=list)
 
 
 def canonical_dimensions(dims: dict[str, str]) -> str:
@@ -396,9 +478,10 @@ class Ledger:
 
     # ---- flushes ---------------------------------------------------------------------
 
-    def apply_flush(self, flush: Flush) -> bool:
+    def apply_flush(self, flush: Flush, within: Callable[["Ledger"], None] | None = None) -> bool:
         """Apply a flush once. Returns False when this (sidecar, sequence) was
-        applied before; nothing is applied twice."""
+        applied before; nothing is applied twice. ``within`` runs in the same
+        transaction, after the rows are in (the settlement of leases)."""
         self._note_credit_types(flush.credit_types)
         now = _now_ms()
         lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
@@ -406,8 +489,10 @@ class Ledger:
             self._exec("INSERT INTO meterd_sidecars (sidecar_id, incarnation, last_sequence, first_flush_ms, "
                        "last_flush_ms) VALUES (?, ?, 0, ?, ?) ON CONFLICT (sidecar_id) DO NOTHING",
                        (flush.sidecar_id, flush.incarnation, now, now))
-            (last, incarnation), = self._rows("SELECT last_sequence, incarnation FROM meterd_sidecars "
-                                              "WHERE sidecar_id = ?" + lock, (flush.sidecar_id,))
+            (last, incarnation, released), = self._rows("SELECT last_sequence, incarnation, released_ms FROM "
+                                                        "meterd_sidecars WHERE sidecar_id = ?" + lock,
+                                                        (flush.sidecar_id,))
+            self.refuse_fenced(flush.sidecar_id, flush.incarnation, released)
             if incarnation != flush.incarnation:
                 if not (flush.first and flush.sequence == last + 1):
                     raise SidecarConflict(
@@ -432,9 +517,21 @@ class Ledger:
                      e.effective_ms, e.customer_id, e.kind, e.source, e.credit_type, e.amount_nano,
                      e.balance_before_nano, e.balance_after_nano, e.reference, e.charge_nano,
                      e.charge_credit_type, e.detail) for e in flush.entries])
+            if within is not None:
+                within(self)
             self._exec("UPDATE meterd_sidecars SET last_sequence = ?, last_flush_ms = ? WHERE sidecar_id = ?",
                        (flush.sequence, now, flush.sidecar_id))
         return True
+
+    def refuse_fenced(self, sidecar_id: str, incarnation: str, released_ms: int) -> None:
+        """A released sidecar, or a data directory whose id another one has taken over, is refused for good."""
+        if released_ms:
+            raise Fenced(f"sidecar_id {sidecar_id!r} was released from the ledger (meterd ledger release-sidecar); "
+                         "a sidecar under a released id is refused for good: give it a new sidecar_id")
+        if self._rows("SELECT 1 FROM meterd_fenced WHERE sidecar_id = ? AND incarnation = ?",
+                      (sidecar_id, incarnation)):
+            raise Fenced(f"sidecar_id {sidecar_id!r}: this data directory (incarnation {incarnation[:12]}) was "
+                         "replaced by another under the same id, which took over its leases; it is refused for good")
 
     def _note_credit_types(self, credit_types: list[CreditTypeInfo]) -> None:
         """Credit types in a short transaction of their own, only when they are new or

@@ -25,6 +25,7 @@ from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.housekeeping import Housekeeping
 from meterd.journal import Journal
+from meterd.leases import Leases, check_catalog
 from meterd.reports import Reports
 from meterd.snapshots import Snapshots
 from meterd.state import Live
@@ -87,8 +88,9 @@ class Recovery:
     def __init__(self, settings: Settings, store: Store, live: Live, journal: Journal, clock: Clock,
                  drains: Drains, snapshots: Snapshots, flusher: Flusher, audit: Any, grants: Grants, holds: Holds,
                  subscriptions: Subscriptions, reports: Reports, housekeeping: Housekeeping,
-                 answers: tuple[AnswerStore, AnswerStore]) -> None:
+                 answers: tuple[AnswerStore, AnswerStore], leases: Leases | None = None) -> None:
         self.settings = settings
+        self.leases = leases  # ledger mode: the leases held, and the catalog's balances granted centrally
         self.store = store
         self.live = live
         self.journal = journal
@@ -201,6 +203,8 @@ class Recovery:
             self.settled.load()
         self.holds.load()
         self.grants.load()
+        if self.leases is not None:
+            self.leases.load()
         self.subscriptions.load()
         self.grants.index_expiries()
         self.audit.load()
@@ -242,6 +246,8 @@ class Recovery:
     # ---- the catalog's seeds ---------------------------------------------------------
 
     def seed(self) -> None:
+        if self.leases is not None:
+            self.leases.seed(self.live.catalog)
         ops = self.seed_ops()
         if ops:
             self.store.write_now(ops)
@@ -260,7 +266,7 @@ class Recovery:
             if seed.customer_id not in subs.subs:
                 for ct in range(len(catalog.credit_types)):
                     ops += subs.floor_ops(seed.customer_id, ct)
-            for ct, amount in seed.balances_nano.items():
+            for ct, amount in seed.balances_nano.items() if self.leases is None else ():  # else granted centrally
                 marker = f"seeded\x00{seed.customer_id}\x00{catalog.credit_types[ct].name}".encode()
                 if amount == 0 or self.store.get("meta", marker) is not None:
                     continue
@@ -301,6 +307,12 @@ class Recovery:
     def _check_reload(self, new: Catalog) -> None:
         """Open reservations and sessions keep the meter and credit type they hold money in."""
         old = self.live.catalog
+        if self.leases is not None:
+            check_catalog(new)
+            for cust, ct in self.leases.held:
+                if old.credit_types[ct].name not in new.credit_index:
+                    raise ConfigError(f"{new.source}: credit_types: {old.credit_types[ct].name} is leased from the "
+                                      f"ledger (customer {cust!r}); it stays while leases of it are held")
         for r in self.holds.reservations.values():
             if r.meter >= 0 and old.meters[r.meter].name not in new.meter_index:
                 raise ConfigError(f"{new.source}: meters: {old.meters[r.meter].name} has open "

@@ -19,8 +19,9 @@ from meterd.config import Settings
 from meterd.errors import InvalidInput, LimitReached, MeterdError, StorageFull, Unavailable
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
+from meterd.leases import Leases
 from meterd.records import Kind
-from meterd.results import DECISION_NAMES, DENY, REASON_UNKNOWN_CUSTOMER, Keyed, Replay
+from meterd.results import DECISION_NAMES, DENY, REASON_OVERFLOW, REASON_UNKNOWN_CUSTOMER, Keyed, Quantity, Replay
 from meterd.security import Tenant
 from meterd.state import ClientState, Live
 from meterd.store import Op, Store, from_u64, u64
@@ -49,7 +50,7 @@ def keyed_report(data: bytes) -> meter_pb2.ReportRequest:
 class Reports:
     def __init__(self, settings: Settings, store: Store, live: Live, journal: Journal, clock: Clock,
                  subscriptions: Subscriptions, idempotency: Idempotency,
-                 decisions: collections.Counter[tuple[str, str]]) -> None:
+                 decisions: collections.Counter[tuple[str, str]], leases: Leases | None = None) -> None:
         self.settings = settings
         self.store = store
         self.live = live
@@ -58,6 +59,7 @@ class Reports:
         self.subscriptions = subscriptions
         self.idempotency = idempotency
         self.decisions = decisions
+        self.leases = leases  # ledger mode: what tops up a lease that cannot cover a request
         self.tenants = idempotency.tenants
         self.clients: dict[bytes, ClientState] = {}
         self.clients_of: collections.Counter[str] = collections.Counter()  # batch clients per tenant label
@@ -97,12 +99,15 @@ class Reports:
         if accepted:
             ops.append(self.journal.log_op(records.message(Kind.BATCH, data, at)))
         ops += self.subscriptions.alert_ops()
-        if cid and (state is not None or accepted):  # a new client that changed nothing is not kept
+        # A new client that changed nothing is not kept, unless its denials get a second chance (ledger mode).
+        if cid and (state is not None or accepted or (denied and self.leases is not None)):
             ops.append(("clients", cid, u64(seq) + u64(at) + result))
             if state is None:
                 self.clients_of[validate.label_of(tenant)] += 1
             state = ClientState(seq, at, result)
             self.clients[cid] = state
+        if denied and self.leases is not None:
+            return await self._report_batch_again(data, result, tenant, ops, cid, seq, at, state)
         if not ops:
             await self.subscriptions.roll_settled()
             return result
@@ -111,6 +116,112 @@ class Reports:
             state.pending = fut
         await self.journal.commit_with(ops, fut)
         return result
+
+    async def _report_batch_again(self, data: bytes, result: bytes, tenant: Tenant | None, ops: list[Op],
+                                  cid: bytes, seq: int, at: int, state: ClientState | None) -> bytes:
+        """Ledger mode, a batch with denials: what it changed is submitted first, then its
+        denied events get a second chance; the client's answer is the merged one."""
+        first = self.journal.submit_ahead(ops) if ops else None
+        fut = asyncio.get_running_loop().create_future()
+        if state is not None:
+            state.pending = fut
+        try:
+            try:
+                merged = await self._second_chance(data, result, tenant)
+            except MeterdError:  # writes refused meanwhile, say: the first answer stands
+                merged = None
+            after: list[Op] = []
+            if merged is not None:
+                result = merged
+                if cid and state is not None:
+                    state.result = result
+                    after.append(("clients", cid, u64(seq) + u64(at) + result))
+            if first is not None:
+                await first
+            await self.journal.commit_with(after, fut)
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # retrieved: the caller gets it from here
+            raise
+        return result
+
+    # ---- ledger mode: a second chance for what the leases could not cover ------------------
+
+    def _need(self, event: meter_pb2.UsageEvent) -> tuple[str, int, int] | None:
+        """The customer, credit type and cost of a denied event (None: one no lease can help)."""
+        try:
+            meter, _, rate = validate.rate(self.settings, self.live, event.meter, event.dimensions)
+            which = event.WhichOneof("quantity_value")
+            qty = validate.quantity(self.live, meter, Quantity(event.quantity, event.quantity_decimal
+                                                               if which == "quantity_decimal" else None))
+            ct, cost = self.live.core.quote(rate, qty)
+        except MeterdError:
+            return None
+        return event.customer_id, ct, cost
+
+    def _after_wait(self, core: object) -> None:
+        """After waiting for a lease: writes still taken, and the same catalog (a reload renumbers its meters)."""
+        self.journal.check_writable()
+        if self.live.core is not core:
+            raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
+
+    async def _covered(self, event: meter_pb2.UsageEvent) -> bool:
+        """A denied event: whether a top-up of its customer's lease now covers it."""
+        need = self._need(event)
+        assert self.leases is not None  # for mypy: only asked in ledger mode
+        return need is not None and await self.leases.cover(*need)
+
+    async def _second_chance(self, data: bytes, result: bytes, tenant: Tenant | None) -> bytes | None:
+        """The denied events of a batch, after their leases were topped up: applied again as
+        a batch of their own (its own log record), and merged into the batch's answer.
+        None when none of them could be covered."""
+        resp = meter_pb2.ReportBatchResponse.FromString(result)
+        req = meter_pb2.ReportBatchRequest.FromString(data)
+        retry = [d.index for d in resp.denials if d.reason != REASON_OVERFLOW]
+        needs: dict[tuple[str, int], list[int]] = {}  # the denied events' costs, summed, and the least of them
+        for i in retry:
+            need = self._need(req.events[i])
+            if need is not None:
+                n = needs.setdefault(need[:2], [0, need[2]])
+                n[0], n[1] = n[0] + need[2], min(n[1], need[2])
+        leases = self.leases
+        assert leases is not None  # for mypy: only asked in ledger mode
+        helped = False
+        for (c, ct), (total, least) in sorted(needs.items()):
+            # All of them if the balance allows, else what there is: part of the batch may pass.
+            helped = await leases.cover(c, ct, total) or leases.available(c, ct) >= least or helped
+        if not helped:
+            return None
+        self.journal.check_writable()  # events are named by their place in the batch: a reload meanwhile is harmless
+        sub = meter_pb2.ReportBatchRequest(events=[req.events[i] for i in retry], details=req.details)
+        sub_data = sub.SerializeToString()
+        at = self.clock.now_ms()
+        core = self.live.core
+        core.set_clock(at)
+        accepted, denied, degraded, details = core.apply_batch(sub_data, None if tenant is None else tenant.prefix)
+        if not accepted:
+            return None
+        again = meter_pb2.ReportBatchResponse.FromString(details)
+        self.journal.submit_ahead([self.journal.log_op(records.message(Kind.BATCH, sub_data, at))]
+                                  + self.subscriptions.alert_ops())
+        self.decisions[("ReportBatch", "allow")] += accepted - degraded
+        self.decisions[("ReportBatch", "degrade")] += degraded
+        self.decisions[("ReportBatch", "deny")] -= accepted
+        merged = meter_pb2.ReportBatchResponse(accepted=resp.accepted + accepted, denied=resp.denied - accepted,
+                                               degraded=resp.degraded + degraded, sequence=resp.sequence)
+        still = {retry[d.index]: d.reason for d in again.denials}
+        merged.denials.extend(d for d in resp.denials if d.index not in retry or d.index in still)
+        merged.degradations.extend(resp.degradations)
+        merged.degradations.extend(meter_pb2.Degradation(index=retry[g.index], mode=g.mode, priority=g.priority)
+                                   for g in again.degradations)
+        merged.degradations.sort(key=lambda g: g.index)
+        results = list(resp.results)
+        for r in again.results:
+            r.index = retry[r.index]
+            results[r.index] = r
+        merged.results.extend(results)
+        return merged.SerializeToString()
 
     def _client_room(self, label: str) -> list[Op]:
         """Room for a new batch client, in the daemon's table and in its tenant's
@@ -166,6 +277,14 @@ class Reports:
         if out is None:
             return await self._report_keyed(data, tenant)
         decision, response = out
+        if decision == DENY and self.leases is not None and await self._covered(meter_pb2.ReportRequest.FromString(
+                data).event):
+            self._after_wait(core)
+            core.set_clock(self.clock.now_ms())
+            out = core.report_wire(data, None if tenant is None else tenant.prefix)
+            assert out is not None  # for mypy: a key-less event stays key-less
+            decision, response = out
+            at = self.clock.now_ms()
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
         ops = [self.journal.log_op(records.message(Kind.REPORT, data, at))] if decision != DENY else []
         ops += self.subscriptions.alert_ops()
@@ -194,6 +313,13 @@ class Reports:
         core.set_clock(at)
         decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                           else tenant.prefix)
+        if decision == DENY and self.leases is not None and await self._covered(
+                meter_pb2.ReportRequest.FromString(data).event):
+            self._after_wait(core)
+            at = self.clock.now_ms()
+            core.set_clock(at)
+            decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
+                                                                              else tenant.prefix)
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.live.catalog.credit_types[ct].name,  # type: ignore[arg-type]

@@ -15,10 +15,11 @@ from meterd import records, validate
 from meterd.answers import entry_key
 from meterd.clock import Clock
 from meterd.config import Settings
-from meterd.errors import InvalidInput, NotFound
+from meterd.errors import InvalidInput, NotFound, Unavailable
 from meterd.holds import Holds
 from meterd.idempotency import Idempotency, Settled
 from meterd.journal import Journal
+from meterd.leases import Leases
 from meterd.records import Kind
 from meterd.results import (
     ALLOW,
@@ -47,7 +48,8 @@ RESERVATION_ID_BYTES_MAX = 64
 class Reservations:
     def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, holds: Holds,
                  subscriptions: Subscriptions, idempotency: Idempotency, settled: Settled,
-                 encode: Callable[[object], bytes], decisions: collections.Counter[tuple[str, str]]) -> None:
+                 encode: Callable[[object], bytes], decisions: collections.Counter[tuple[str, str]],
+                 leases: Leases | None = None) -> None:
         self.settings = settings
         self.live = live
         self.journal = journal
@@ -58,6 +60,7 @@ class Reservations:
         self.settled = settled
         self.encode = encode        # an answer as it is remembered for retries (the API's wire form)
         self.decisions = decisions  # (rpc, outcome) counts, for metrics
+        self.leases = leases        # ledger mode: what tops up a lease that cannot cover a reservation
 
     async def authorize(self, tenant: Tenant | None, customer_id: str, meter_name: str,
                         dimensions: Mapping[str, str], quantity: Quantity, ttl_ms: int,
@@ -84,7 +87,14 @@ class Reservations:
         self.holds.open_room("reservation", label)
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
-        if idx < 0 or not core.reserve(idx, ct, amount):
+        reserved = idx >= 0 and core.reserve(idx, ct, amount)
+        if not reserved and self.leases is not None and await self.leases.cover(customer_id, ct, amount):
+            self.journal.check_writable()
+            if self.live.core is not core:
+                raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
+            idx = core.account(cust)
+            reserved = idx >= 0 and core.reserve(idx, ct, amount)
+        if not reserved:
             await self.subscriptions.roll_settled()
             refusal = self._refusal(customer_id, idx, ct)
             self.decisions[("Authorize", DECISION_NAMES[refusal.decision])] += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from meterd.catalog import CompiledCatalog
 from meterd.clock import Clock
@@ -38,6 +38,8 @@ class Snapshots:
         self.running = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # Ledger mode: the outbox rows of the leases' consumption, for the accounts a snapshot writes.
+        self.settling: Callable[[list[int]], list[bytes]] | None = None
         journal.listeners.append(self.maybe)
 
     @contextlib.asynccontextmanager
@@ -85,7 +87,11 @@ class Snapshots:
         accounts and the usage aggregates, as of the current log position."""
         core = self.live.core
         self.drains.done()
-        ops: list[Op] = [("accounts", core.customer_id(i), core.state_bytes(i)) for i in core.take_dirty()]
+        dirty = core.take_dirty()
+        ops: list[Op] = [("accounts", core.customer_id(i), core.state_bytes(i)) for i in dirty]
+        settled = self.settling(dirty) if self.settling is not None else []
+        if settled:  # ledger mode: what the changed accounts have consumed of their leases
+            ops += self.drains.audit.outbox_ops(settled)
         return ops, self.live.catalog.compiled, core.take_usage()
 
     def _finish(self, ops: list[Op], compiled: CompiledCatalog, drained: Drained, drain_seq: int,

@@ -37,7 +37,7 @@ from meterd.metrics import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 
 log = logging.getLogger("meterd.store")
 
-DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions",
+DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions", "leases",
        "usage", "outbox", "grant_expiry", "idem_expiry", "settled", "settled_expiry")
 # Databases whose keys are written in (nearly always) increasing order.
 APPENDED = frozenset({"idem_expiry", "settled_expiry"})

@@ -1,0 +1,696 @@
+"""Escrow leases: a customer's balance in the central ledger, spent by many sidecars.
+
+In ledger mode (``balances = "ledger"``) a customer's credits live in the
+ledger, as grant buckets (``meterd_grants``) under one row of sums per
+customer and credit type (``meterd_balances``). A sidecar spends only what it
+has leased: a lease transaction moves an amount out of the buckets, in
+burn-down order (priority, then soonest expiry, then oldest), into the
+sidecar's lease (``meterd_leases``, with the buckets it came from in
+``meterd_lease_parts``). A sidecar that spends only its own lease cannot
+overspend the balance, even while it is cut off from the ledger: this is the
+escrow method (O'Neil 1986) and the demarcation protocol.
+
+Every figure a sidecar sends is a running total per lease (leased, given
+back, consumed), so a call repeated after a timeout, or a flush sent twice,
+changes nothing the second time. Consumption comes with the flush, in its
+transaction (``settle``); remainders come back with ``give_back``. Parts are
+consumed from the front of the burn-down order and given back from its end,
+so the buckets drawn first are the ones spent; a part given back after its
+bucket expired is expired then.
+
+At every moment, per customer and credit type, and again summed over buckets:
+
+    granted = available + leased + consumed + expired
+
+(``check``, and ``meterd ledger check``). Consumption beyond a lease (an
+outage allowance spent while the ledger was away) is drawn from the available
+buckets, and beyond them is *overdrawn*: available goes below zero and the
+next grant repays it first.
+
+Every transaction on a customer's credit type locks its ``meterd_balances``
+row first (SQLite serialises all writers anyway), and a flush settles in the
+sorted order of those rows, so concurrent sidecars never deadlock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
+from meterd.ledger import Ledger, LedgerError, Settlement
+
+NEVER_MS = 1 << 62               # the burn-down order puts grants that never expire last
+ADJUST_PRIORITY = 1_000_000      # credits added by Adjust are spent after every grant
+GRANTS_OPEN_MAX = 1_000          # buckets with credit left, per customer and credit type
+RECALLS_PER_HEARTBEAT_MAX = 1_000
+KEY_CHARS_MAX = 300
+
+
+@dataclass(frozen=True)
+class Granted:
+    grant_id: str
+    balance_nano: int            # available + leased, after the grant
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """What a lease transaction gave, and what it saw."""
+    known: bool                  # the customer has a balance of this credit type in the ledger
+    granted_nano: int = 0        # moved into the lease by this call
+    leased_total_nano: int = 0   # everything ever moved into this lease (a running total)
+    amount_nano: int = 0         # what the lease holds now, as the ledger counts it
+    expires_at_ms: int = 0       # when its soonest part expires (0: never)
+    available_nano: int = 0      # central, after this call
+    elsewhere_nano: int = 0      # held by other sidecars' leases
+    recalled: int = 0            # other leases asked to come back
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease row, as the ledger has it."""
+    customer_id: str
+    credit_type: str
+    incarnation: str
+    amount_nano: int
+    leased_total_nano: int
+    returned_total_nano: int
+    consumed_total_nano: int
+    expires_at_ms: int
+    recall_ms: int
+    updated_ms: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    recalls: list[tuple[str, str]]   # (customer, credit type) whose leases are asked back
+    sharers: int                     # sidecars seen lately, for the fair share (0: not counted this time)
+
+
+@dataclass
+class _Sums:
+    """A meterd_balances row."""
+    granted: int
+    available: int
+    leased: int
+    consumed: int
+    expired: int
+    overdrawn: int
+    grants_made: int
+    entries_made: int
+
+    @property
+    def balance(self) -> int:
+        return self.available + self.leased
+
+
+@dataclass
+class _Bucket:
+    grant_id: str
+    seq: int
+    priority: int
+    expires_at_ms: int
+    amount: int
+    remaining: int
+    leased: int
+    consumed: int
+    expired: int
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.priority, self.expires_at_ms or NEVER_MS, self.seq)
+
+    def expired_at(self, now_ms: int) -> bool:
+        return 0 < self.expires_at_ms <= now_ms
+
+
+_SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano, overdrawn_nano, grants_made, "
+         "entries_made")
+_BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
+           "expired_nano")
+_LEASE = ("customer_id, credit_type, incarnation, amount_nano, leased_total_nano, returned_total_nano, "
+          "consumed_total_nano, expires_at_ms, recall_ms, updated_ms")
+
+
+def lease_size(need_nano: int, want_nano: int, available_nano: int, sharers: int) -> int:
+    """How much a lease takes: what the sidecar wants (its spend rate times the
+    refill horizon), at most a fair share of what is available centrally, and
+    at least one request (``need_nano``) when that much is there. Above one
+    request it is a whole number of requests, so no fragment too small for a
+    request is left at a lease while the rest stays central. Less than one
+    request, when that is all there is: it adds up with a recall."""
+    if available_nano <= 0:
+        return 0
+    share = available_nano // max(1, sharers)
+    size = min(max(want_nano, need_nano), max(share, need_nano), available_nano)
+    if 0 < need_nano < size < available_nano:
+        size -= size % need_nano
+    return size
+
+
+class Escrow:
+    """The ledger's side of ledger mode, over one Ledger connection."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._lock = " FOR UPDATE" if ledger.dialect == "postgresql" else ""
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        return self.ledger._rows(sql, tuple(params))
+
+    def _exec(self, sql: str, params: Iterable[Any] = ()) -> None:
+        self.ledger._exec(sql, tuple(params))
+
+    def _sums(self, customer_id: str, credit_type: str, create: bool, now_ms: int) -> _Sums | None:
+        """The customer's sums, locked until the transaction ends; made (zero) with ``create``."""
+        if create:
+            self._exec(f"INSERT INTO meterd_balances (customer_id, credit_type, {_SUMS}, updated_ms) "
+                       "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, ?) ON CONFLICT (customer_id, credit_type) DO NOTHING",
+                       (customer_id, credit_type, now_ms))
+        rows = self._rows(f"SELECT {_SUMS} FROM meterd_balances WHERE customer_id = ? AND credit_type = ?"
+                          + self._lock, (customer_id, credit_type))
+        return _Sums(*(int(v) for v in rows[0])) if rows else None
+
+    def _put_sums(self, customer_id: str, credit_type: str, s: _Sums, now_ms: int) -> None:
+        invariant(s.granted == s.available + s.leased + s.consumed + s.expired,
+                  f"{customer_id}/{credit_type}: granted {s.granted} != available {s.available} + leased "
+                  f"{s.leased} + consumed {s.consumed} + expired {s.expired}")
+        self._exec("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, "
+                   "consumed_nano = ?, expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, "
+                   "updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
+                   (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
+                    s.entries_made, now_ms, customer_id, credit_type))
+
+    def _buckets(self, customer_id: str, credit_type: str, where: str = "remaining_nano > 0",
+                 params: tuple = ()) -> list[_Bucket]:
+        """The customer's buckets that match ``where`` (a fixed condition, with ``params``), in burn-down order."""
+        rows = self._rows(f"SELECT {_BUCKET} FROM meterd_grants WHERE customer_id = ? AND credit_type = ? AND "
+                          f"({where})", (customer_id, credit_type, *params))
+        return sorted((_Bucket(r[0], *(int(v) for v in r[1:])) for r in rows), key=_Bucket.sort_key)
+
+    def _put_bucket(self, customer_id: str, credit_type: str, b: _Bucket) -> None:
+        self._exec("UPDATE meterd_grants SET amount_nano = ?, remaining_nano = ?, leased_nano = ?, consumed_nano = ?, "
+                   "expired_nano = ? WHERE customer_id = ? AND credit_type = ? AND grant_id = ?",
+                   (b.amount, b.remaining, b.leased, b.consumed, b.expired, customer_id, credit_type, b.grant_id))
+
+    def _entry(self, s: _Sums, customer_id: str, credit_type: str, kind: str, source: str, amount: int,
+               before: int, reference: str, now_ms: int) -> None:
+        """An audit entry of a central movement, with the balance (available + leased) around it.
+        Central entries are numbered per customer and credit type, under sidecar id ''."""
+        s.entries_made += 1
+        self._exec("INSERT INTO meterd_entries (sidecar_id, incarnation, source_sequence, flush_sequence, time_ms, "
+                   "effective_ms, customer_id, kind, source, credit_type, amount_nano, balance_before_nano, "
+                   "balance_after_nano, reference, charge_nano, charge_credit_type, detail) "
+                   "VALUES ('', ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, '', '{}')",
+                   (f"{len(customer_id)}:{customer_id}/{credit_type}", s.entries_made, now_ms, now_ms,
+                    customer_id, kind, source, credit_type, amount, before, s.balance, reference))
+
+    def _replayed(self, key: str, digest: str) -> dict | None:
+        if not key:
+            return None
+        if len(key) > KEY_CHARS_MAX:
+            raise InvalidInput("idempotency_key", f"longer than {KEY_CHARS_MAX} characters")
+        rows = self._rows("SELECT digest, answer FROM meterd_keys WHERE key = ?", (key,))
+        if not rows:
+            return None
+        if rows[0][0] != digest:
+            raise InvalidInput("idempotency_key", "was used before with a different request")
+        return dict(json.loads(rows[0][1]))
+
+    def _remember(self, key: str, digest: str, answer: dict, now_ms: int) -> None:
+        if key:
+            self._exec("INSERT INTO meterd_keys (key, digest, answer, created_ms) VALUES (?, ?, ?, ?)",
+                       (key, digest, json.dumps(answer), now_ms))
+
+    # ---- expiry ----------------------------------------------------------------------
+
+    def _expire(self, customer_id: str, credit_type: str, s: _Sums, now_ms: int) -> None:
+        """What is left centrally of the buckets that have expired (their leased
+        parts expire as they are given back)."""
+        for b in self._buckets(customer_id, credit_type, "remaining_nano > 0 AND expires_at_ms > 0 AND "
+                               "expires_at_ms <= ?", (now_ms,)):
+            before = s.balance
+            amount, b.expired, b.remaining = b.remaining, b.expired + b.remaining, 0
+            s.available -= amount
+            s.expired += amount
+            self._put_bucket(customer_id, credit_type, b)
+            self._entry(s, customer_id, credit_type, "expired", "ledger", -amount, before,
+                        f"{b.grant_id} expired", now_ms)
+
+    # ---- grants and adjustments ------------------------------------------------------
+
+    def grant(self, customer_id: str, credit_type: str, amount_nano: int, expires_at_ms: int, priority: int,
+              source: str, reference: str, now_ms: int, key: str = "", digest: str = "") -> Granted:
+        """A new grant bucket, in one transaction; idempotent by ``key`` (with the request's ``digest``)."""
+        invariant(amount_nano > 0, f"grant of {amount_nano}")
+        with self.ledger._transaction():
+            replay = self._replayed(key, digest)
+            if replay is not None:
+                return Granted(replay["grant_id"], replay["balance_nano"], duplicate=True)
+            answer = self._grant(customer_id, credit_type, amount_nano, expires_at_ms, priority, source, reference,
+                                 now_ms)
+            self._remember(key, digest, dataclasses.asdict(answer), now_ms)
+        return answer
+
+    def _grant(self, customer_id: str, credit_type: str, amount: int, expires_at_ms: int, priority: int,
+               source: str, reference: str, now_ms: int) -> Granted:
+        s = self._sums(customer_id, credit_type, True, now_ms)
+        invariant(s is not None, "the balance row was just made")
+        assert s is not None  # for mypy: invariant raised otherwise
+        self._expire(customer_id, credit_type, s, now_ms)
+        (open_count,), = self._rows("SELECT COUNT(*) FROM meterd_grants WHERE customer_id = ? AND credit_type = ? "
+                                    "AND (remaining_nano > 0 OR leased_nano > 0)", (customer_id, credit_type))
+        if int(open_count) >= GRANTS_OPEN_MAX:
+            raise LimitReached(f"customer {customer_id!r} has {open_count} grants of {credit_type} with credit left "
+                               f"(at most {GRANTS_OPEN_MAX}); let some be spent or expire first")
+        before = s.balance
+        repaid = min(amount, s.overdrawn)  # what was spent beyond the balance is paid first
+        s.grants_made += 1
+        grant_id = f"G{s.grants_made}"
+        self._exec(f"INSERT INTO meterd_grants (customer_id, credit_type, {_BUCKET}, source, reference, created_ms) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?)",
+                   (customer_id, credit_type, grant_id, s.grants_made, priority, expires_at_ms, amount,
+                    amount - repaid, repaid, source, reference, now_ms))
+        s.granted += amount
+        s.available += amount
+        s.overdrawn -= repaid
+        kind = source if source in ("refund", "adjust") else "grant"
+        self._entry(s, customer_id, credit_type, kind, source, amount, before,
+                    f"{grant_id} {source} {reference}".strip(), now_ms)
+        self._put_sums(customer_id, credit_type, s, now_ms)
+        return Granted(grant_id, s.balance)
+
+    def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str, now_ms: int,
+               key: str = "", digest: str = "") -> Granted:
+        """A manual adjustment: a credit is a bucket spent after every grant; a debit
+        comes off the available buckets in burn-down order, and only what is available."""
+        invariant(amount_nano != 0, "an adjustment of 0")
+        with self.ledger._transaction():
+            replay = self._replayed(key, digest)
+            if replay is not None:
+                return Granted(replay["grant_id"], replay["balance_nano"], duplicate=True)
+            if amount_nano > 0:
+                answer = self._grant(customer_id, credit_type, amount_nano, 0, ADJUST_PRIORITY, "adjust", reason,
+                                     now_ms)
+            else:
+                answer = self._debit(customer_id, credit_type, -amount_nano, reason, now_ms)
+            self._remember(key, digest, dataclasses.asdict(answer), now_ms)
+        return answer
+
+    def _debit(self, customer_id: str, credit_type: str, amount: int, reason: str, now_ms: int) -> Granted:
+        s = self._sums(customer_id, credit_type, False, now_ms)
+        if s is None:
+            raise NotFound(f"customer {customer_id!r} has no {credit_type} balance in the ledger")
+        self._expire(customer_id, credit_type, s, now_ms)
+        if amount > s.available:
+            raise InvalidInput("amount_nano", f"-{amount} is more than the {max(s.available, 0)} available "
+                               f"centrally; {s.leased} is leased to sidecars and comes back as they return it")
+        before, left = s.balance, amount
+        for b in self._buckets(customer_id, credit_type):
+            take = min(left, b.remaining)
+            b.remaining -= take
+            b.amount -= take
+            left -= take
+            self._put_bucket(customer_id, credit_type, b)
+            if not left:
+                break
+        invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
+        s.granted -= amount
+        s.available -= amount
+        self._entry(s, customer_id, credit_type, "adjust", "adjust", -amount, before, reason, now_ms)
+        self._put_sums(customer_id, credit_type, s, now_ms)
+        return Granted("", s.balance)
+
+    # ---- sidecars: admission and fencing ---------------------------------------------
+
+    def _admit(self, sidecar_id: str, incarnation: str, now_ms: int) -> None:
+        """Refuse a fenced incarnation; a new one takes the id over (the one it
+        replaces is fenced, and its leases come back)."""
+        rows = self._rows("SELECT incarnation, released_ms, last_seen_ms FROM meterd_sidecars WHERE sidecar_id = ?",
+                          (sidecar_id,))
+        if not rows:
+            self._exec("INSERT INTO meterd_sidecars (sidecar_id, incarnation, last_sequence, first_flush_ms, "
+                       "last_flush_ms, last_seen_ms) VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (sidecar_id) DO NOTHING",
+                       (sidecar_id, incarnation, now_ms, now_ms))
+            rows = self._rows("SELECT incarnation, released_ms, last_seen_ms FROM meterd_sidecars "
+                              "WHERE sidecar_id = ?", (sidecar_id,))
+        current, released, seen = rows[0][0], int(rows[0][1]), int(rows[0][2])
+        self.ledger.refuse_fenced(sidecar_id, incarnation, released)
+        if current != incarnation:
+            self._exec("INSERT INTO meterd_fenced (sidecar_id, incarnation, fenced_ms, reason) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (sidecar_id, incarnation) DO NOTHING",
+                       (sidecar_id, current, now_ms, "replaced"))
+            self._exec("UPDATE meterd_sidecars SET incarnation = ?, last_seen_ms = ? WHERE sidecar_id = ?",
+                       (incarnation, now_ms, sidecar_id))
+            self._release_leases(sidecar_id, now_ms, other_than=incarnation)
+        elif now_ms - seen >= 1000:  # liveness, at most once a second: not a write per call
+            self._exec("UPDATE meterd_sidecars SET last_seen_ms = ? WHERE sidecar_id = ?", (now_ms, sidecar_id))
+
+    def _release_leases(self, sidecar_id: str, now_ms: int,
+                        other_than: str | None = None) -> list[tuple[str, str, int]]:
+        """Give back every lease of a sidecar (of incarnations other than ``other_than``)."""
+        where = "sidecar_id = ? AND amount_nano > 0"
+        params: list[Any] = [sidecar_id]
+        if other_than is not None:
+            where += " AND incarnation <> ?"
+            params.append(other_than)
+        out = []
+        for cust, ct in sorted(self._rows(f"SELECT customer_id, credit_type FROM meterd_leases WHERE {where}",
+                                          params)):
+            s = self._sums(cust, ct, False, now_ms)
+            lease = self._lease(sidecar_id, cust, ct)
+            if s is None or lease is None or not lease.amount_nano:
+                continue
+            self._give_back(s, sidecar_id, lease, lease.amount_nano, now_ms)
+            self._exec("UPDATE meterd_leases SET returned_total_nano = returned_total_nano + ? WHERE sidecar_id = ? "
+                       "AND customer_id = ? AND credit_type = ?", (lease.amount_nano, sidecar_id, cust, ct))
+            self._put_sums(cust, ct, s, now_ms)
+            out.append((cust, ct, lease.amount_nano))
+        return out
+
+    def release_sidecar(self, sidecar_id: str, now_ms: int) -> list[tuple[str, str, int]]:
+        """Fence a sidecar for good and give back what its leases hold (what it
+        spent and never settled is given back to the customer: it is unknown)."""
+        with self.ledger._transaction():
+            rows = self._rows("SELECT incarnation, released_ms FROM meterd_sidecars WHERE sidecar_id = ?"
+                              + self._lock, (sidecar_id,))
+            if not rows:
+                raise NotFound(f"the ledger has no sidecar {sidecar_id!r}")
+            self._exec("INSERT INTO meterd_fenced (sidecar_id, incarnation, fenced_ms, reason) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (sidecar_id, incarnation) DO NOTHING", (sidecar_id, rows[0][0], now_ms, "released"))
+            if not int(rows[0][1]):
+                self._exec("UPDATE meterd_sidecars SET released_ms = ? WHERE sidecar_id = ?", (now_ms, sidecar_id))
+            return self._release_leases(sidecar_id, now_ms)
+
+    def heartbeat(self, sidecar_id: str, incarnation: str, now_ms: int, count_sharers: bool,
+                  live_ms: int) -> Heartbeat:
+        """A sidecar's periodic call: the leases asked back from it, and (when asked) how many
+        sidecars were seen within ``live_ms``."""
+        with self.ledger._transaction():
+            self._admit(sidecar_id, incarnation, now_ms)
+            recalls = [(r[0], r[1]) for r in self._rows(
+                "SELECT customer_id, credit_type FROM meterd_leases WHERE sidecar_id = ? AND recall_ms > 0 "
+                f"AND amount_nano > 0 LIMIT {RECALLS_PER_HEARTBEAT_MAX}", (sidecar_id,))]
+            sharers = 0
+            if count_sharers:
+                (sharers,), = self._rows("SELECT COUNT(*) FROM meterd_sidecars WHERE released_ms = 0 AND "
+                                         "last_seen_ms >= ?", (now_ms - live_ms,))
+        return Heartbeat(recalls, int(sharers))
+
+    # ---- leases --------------------------------------------------------------------------
+
+    def _lease(self, sidecar_id: str, customer_id: str, credit_type: str) -> Lease | None:
+        rows = self._rows(f"SELECT {_LEASE} FROM meterd_leases WHERE sidecar_id = ? AND customer_id = ? AND "
+                          "credit_type = ?" + self._lock, (sidecar_id, customer_id, credit_type))
+        if not rows:
+            return None
+        r = rows[0]
+        return Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
+
+    def _parts(self, sidecar_id: str, customer_id: str, credit_type: str) -> list[tuple[_Bucket, int]]:
+        """A lease's parts with their buckets, in burn-down order."""
+        rows = self._rows(f"SELECT p.amount_nano, {', '.join('g.' + c.strip() for c in _BUCKET.split(','))} "
+                          "FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
+                          "g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE p.sidecar_id = ? AND "
+                          "p.customer_id = ? AND p.credit_type = ?", (sidecar_id, customer_id, credit_type))
+        parts = [(_Bucket(r[1], *(int(v) for v in r[2:])), int(r[0])) for r in rows]
+        return sorted(parts, key=lambda p: p[0].sort_key())
+
+    def _put_part(self, sidecar_id: str, customer_id: str, credit_type: str, grant_id: str, amount: int) -> None:
+        if amount:
+            self._exec("INSERT INTO meterd_lease_parts (sidecar_id, customer_id, credit_type, grant_id, amount_nano) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sidecar_id, customer_id, credit_type, grant_id) "
+                       "DO UPDATE SET amount_nano = excluded.amount_nano",
+                       (sidecar_id, customer_id, credit_type, grant_id, amount))
+        else:
+            self._exec("DELETE FROM meterd_lease_parts WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ? "
+                       "AND grant_id = ?", (sidecar_id, customer_id, credit_type, grant_id))
+
+    def _soonest_expiry(self, sidecar_id: str, customer_id: str, credit_type: str) -> int:
+        expiries = [b.expires_at_ms for b, _ in self._parts(sidecar_id, customer_id, credit_type) if b.expires_at_ms]
+        return min(expiries, default=0)
+
+    def acquire(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, need_nano: int,
+                want_nano: int, sharers: int, now_ms: int) -> LeaseGrant:
+        """One lease transaction: move up to ``lease_size`` from the buckets, in
+        burn-down order, into this sidecar's lease. When that is less than
+        ``need_nano``, the other leases of the customer's credit type are
+        recalled (they come back at their sidecars' next heartbeat)."""
+        with self.ledger._transaction():
+            self._admit(sidecar_id, incarnation, now_ms)
+            s = self._sums(customer_id, credit_type, False, now_ms)
+            if s is None:
+                return LeaseGrant(known=False)
+            self._expire(customer_id, credit_type, s, now_ms)
+            lease = self._own_lease(sidecar_id, incarnation, customer_id, credit_type, s, now_ms)
+            size = lease_size(need_nano, want_nano, s.available, sharers)
+            left = size
+            held = {b.grant_id: amount for b, amount in self._parts(sidecar_id, customer_id, credit_type)}
+            for b in self._buckets(customer_id, credit_type):
+                take = min(left, b.remaining)
+                if not take:
+                    break
+                b.remaining -= take
+                b.leased += take
+                left -= take
+                self._put_bucket(customer_id, credit_type, b)
+                self._put_part(sidecar_id, customer_id, credit_type, b.grant_id, held.get(b.grant_id, 0) + take)
+            invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
+            s.available -= size
+            s.leased += size
+            (elsewhere,), = self._rows("SELECT COALESCE(SUM(amount_nano), 0) FROM meterd_leases WHERE "
+                                       "customer_id = ? AND credit_type = ? AND sidecar_id <> ?",
+                                       (customer_id, credit_type, sidecar_id))
+            recalled = 0
+            # need_nano is what the sidecar is short of: the ledger's figure of its lease lags its spending.
+            if size < need_nano and int(elsewhere) > 0:
+                recalled = len(self._rows("SELECT sidecar_id FROM meterd_leases WHERE customer_id = ? AND "
+                                          "credit_type = ? AND sidecar_id <> ? AND amount_nano > 0",
+                                          (customer_id, credit_type, sidecar_id)))
+                self._exec("UPDATE meterd_leases SET recall_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
+                           "sidecar_id <> ? AND amount_nano > 0 AND recall_ms = 0",
+                           (now_ms, customer_id, credit_type, sidecar_id))
+            expires = self._soonest_expiry(sidecar_id, customer_id, credit_type)
+            self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
+                       "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ? WHERE sidecar_id = ? "
+                       "AND customer_id = ? AND credit_type = ?",
+                       (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
+            self._put_sums(customer_id, credit_type, s, now_ms)
+        return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
+                          int(elsewhere), recalled)
+
+    def _own_lease(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, s: _Sums,
+                   now_ms: int) -> Lease:
+        """This sidecar's lease row, made when missing. A row left by an incarnation
+        that was replaced is given back first (a replacement racing its lease call)."""
+        self._exec(f"INSERT INTO meterd_leases (sidecar_id, {_LEASE}, acquisitions) VALUES "
+                   "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) DO NOTHING",
+                   (sidecar_id, customer_id, credit_type, incarnation, now_ms))
+        lease = self._lease(sidecar_id, customer_id, credit_type)
+        invariant(lease is not None, "the lease row was just made")
+        assert lease is not None  # for mypy: invariant raised otherwise
+        if lease.incarnation != incarnation:
+            self._give_back(s, sidecar_id, lease, lease.amount_nano, now_ms)
+            self._exec("UPDATE meterd_leases SET incarnation = ?, amount_nano = 0, leased_total_nano = 0, "
+                       "returned_total_nano = 0, consumed_total_nano = 0, recall_ms = 0 WHERE sidecar_id = ? AND "
+                       "customer_id = ? AND credit_type = ?", (incarnation, sidecar_id, customer_id, credit_type))
+            lease = dataclasses.replace(lease, incarnation=incarnation, amount_nano=0, leased_total_nano=0,
+                                        returned_total_nano=0, consumed_total_nano=0, recall_ms=0)
+        return lease
+
+    def _give_back(self, s: _Sums, sidecar_id: str, lease: Lease, amount: int, now_ms: int) -> None:
+        """Move ``amount`` out of a lease, from the end of the burn-down order:
+        into its buckets' remaining, or expired for a bucket past its expiry."""
+        left = amount
+        for b, part in reversed(self._parts(sidecar_id, lease.customer_id, lease.credit_type)):
+            take = min(left, part)
+            if not take:
+                break
+            b.leased -= take
+            if b.expired_at(now_ms):
+                b.expired += take
+                s.expired += take
+            else:
+                b.remaining += take
+                s.available += take
+            left -= take
+            self._put_bucket(lease.customer_id, lease.credit_type, b)
+            self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part - take)
+        invariant(left == 0, f"lease {sidecar_id}/{lease.customer_id}/{lease.credit_type}: parts hold less than "
+                             f"its {lease.amount_nano}")
+        s.leased -= amount
+        self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, recall_ms = 0, expires_at_ms = ?, "
+                   "updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                   (amount, self._soonest_expiry(sidecar_id, lease.customer_id, lease.credit_type), now_ms,
+                    sidecar_id, lease.customer_id, lease.credit_type))
+
+    def give_back(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str,
+                  returned_total_nano: int, now_ms: int, consumed_total_nano: int | None = None) -> int:
+        """A sidecar gives back part of a lease, named by the running total it has
+        given back; returns what this call moved (0 for a repeat). An answer to a
+        recall also settles what the sidecar has consumed (durably) so far, so that
+        the lease holds exactly what it has free or on hold; the recall is answered."""
+        with self.ledger._transaction():
+            self._admit(sidecar_id, incarnation, now_ms)
+            s = self._sums(customer_id, credit_type, False, now_ms)
+            lease = self._lease(sidecar_id, customer_id, credit_type)
+            if s is None or lease is None or lease.incarnation != incarnation:
+                return 0
+            if consumed_total_nano is not None:
+                self._settle_one(s, sidecar_id, incarnation, Settlement(customer_id, credit_type,
+                                                                        consumed_total_nano), now_ms)
+                lease = self._lease(sidecar_id, customer_id, credit_type)
+                assert lease is not None  # for mypy: it was there a moment ago, under the lock
+            self._exec("UPDATE meterd_leases SET recall_ms = 0 WHERE sidecar_id = ? AND customer_id = ? AND "
+                       "credit_type = ?", (sidecar_id, customer_id, credit_type))
+            delta = returned_total_nano - lease.returned_total_nano
+            if delta <= 0:
+                self._put_sums(customer_id, credit_type, s, now_ms)
+                return 0
+            if delta > lease.amount_nano:
+                raise LedgerError(f"lease {sidecar_id}/{customer_id}/{credit_type}: a return of {delta} is more than "
+                                  f"the {lease.amount_nano} it holds")
+            self._give_back(s, sidecar_id, lease, delta, now_ms)
+            self._exec("UPDATE meterd_leases SET returned_total_nano = ? WHERE sidecar_id = ? AND customer_id = ? "
+                       "AND credit_type = ?", (returned_total_nano, sidecar_id, customer_id, credit_type))
+            self._put_sums(customer_id, credit_type, s, now_ms)
+        return delta
+
+    def settle(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
+        """Consumption of leases, inside a flush's transaction (``Ledger.apply_flush``'s ``within``)."""
+        for st in sorted(settlements, key=lambda x: (x.customer_id, x.credit_type)):
+            s = self._sums(st.customer_id, st.credit_type, True, now_ms)
+            assert s is not None  # made when missing
+            self._settle_one(s, sidecar_id, incarnation, st, now_ms)
+            self._put_sums(st.customer_id, st.credit_type, s, now_ms)
+
+    def _settle_one(self, s: _Sums, sidecar_id: str, incarnation: str, st: Settlement, now_ms: int) -> None:
+        """A lease's consumption up to a running total (again: nothing)."""
+        lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
+        delta = st.consumed_total_nano - lease.consumed_total_nano
+        if delta > 0:
+            from_lease = self._consume_parts(sidecar_id, lease, delta)
+            rest = delta - from_lease  # spent beyond the lease: an outage allowance
+            beyond = self._consume_available(st.customer_id, st.credit_type, rest)
+            s.leased -= from_lease
+            s.available -= rest
+            s.overdrawn += beyond
+            s.consumed += delta
+            self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, consumed_total_nano = ?, expires_at_ms "
+                       "= ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                       (from_lease, st.consumed_total_nano,
+                        self._soonest_expiry(sidecar_id, st.customer_id, st.credit_type), now_ms, sidecar_id,
+                        st.customer_id, st.credit_type))
+
+    def _consume_parts(self, sidecar_id: str, lease: Lease, amount: int) -> int:
+        """Consume up to ``amount`` of a lease, from the front of the burn-down order."""
+        left = amount
+        for b, part in self._parts(sidecar_id, lease.customer_id, lease.credit_type):
+            take = min(left, part)
+            if not take:
+                break
+            b.leased -= take
+            b.consumed += take
+            left -= take
+            self._put_bucket(lease.customer_id, lease.credit_type, b)
+            self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part - take)
+        return amount - left
+
+    def _consume_available(self, customer_id: str, credit_type: str, amount: int) -> int:
+        """Consume up to ``amount`` straight from the buckets; returns what they could not cover."""
+        left = amount
+        for b in self._buckets(customer_id, credit_type) if amount else []:
+            take = min(left, b.remaining)
+            b.remaining -= take
+            b.consumed += take
+            left -= take
+            self._put_bucket(customer_id, credit_type, b)
+            if not left:
+                break
+        return left
+
+    def leases_of(self, sidecar_id: str) -> list[Lease]:
+        return [Lease(r[0], r[1], r[2], *(int(v) for v in r[3:])) for r in self._rows(
+            f"SELECT {_LEASE} FROM meterd_leases WHERE sidecar_id = ? ORDER BY customer_id, credit_type",
+            (sidecar_id,))]
+
+    # ---- reads and the check -------------------------------------------------------------
+
+    def balance(self, customer_id: str, now_ms: int) -> list[dict]:
+        """Per credit type: the sums, the buckets with credit left, and the leases (a read; expired
+        credit still counted as available until the next transaction on the customer shows it as expired)."""
+        out = []
+        for r in self._rows(f"SELECT credit_type, {_SUMS}, updated_ms FROM meterd_balances WHERE customer_id = ? "
+                            "ORDER BY credit_type", (customer_id,)):
+            ct = r[0]
+            s = _Sums(*(int(v) for v in r[1:9]))
+            buckets = [dataclasses.asdict(b) for b in self._buckets(customer_id, ct,
+                                                                    "remaining_nano > 0 OR leased_nano > 0")]
+            leases = [{"sidecar_id": row[0], "amount_nano": int(row[1]), "updated_ms": int(row[2])}
+                      for row in self._rows("SELECT sidecar_id, amount_nano, updated_ms FROM meterd_leases WHERE "
+                                            "customer_id = ? AND credit_type = ? AND amount_nano <> 0 ORDER BY "
+                                            "sidecar_id", (customer_id, ct))]
+            out.append({"credit_type": ct, "balance_nano": s.balance, "granted_nano": s.granted,
+                        "available_nano": s.available, "leased_nano": s.leased, "consumed_nano": s.consumed,
+                        "expired_nano": s.expired, "overdrawn_nano": s.overdrawn, "updated_ms": int(r[9]),
+                        "buckets": buckets, "leases": leases})
+        return out
+
+    def check(self) -> list[str]:
+        """Every way the ledger's escrow figures can disagree, as sentences; [] when they all hold."""
+        problems: list[str] = []
+        sums = {(r[0], r[1]): _Sums(*(int(v) for v in r[2:])) for r in
+                self._rows(f"SELECT customer_id, credit_type, {_SUMS} FROM meterd_balances")}
+        buckets = {(r[0], r[1]): [int(v or 0) for v in r[2:]] for r in self._rows(
+            "SELECT customer_id, credit_type, SUM(amount_nano), SUM(remaining_nano), SUM(leased_nano), "
+            "SUM(consumed_nano), SUM(expired_nano) FROM meterd_grants GROUP BY customer_id, credit_type")}
+        leases = {(r[0], r[1]): int(r[2] or 0) for r in self._rows(
+            "SELECT customer_id, credit_type, SUM(amount_nano) FROM meterd_leases GROUP BY customer_id, credit_type")}
+        parts = {(r[0], r[1]): int(r[2] or 0) for r in self._rows(
+            "SELECT customer_id, credit_type, SUM(amount_nano) FROM meterd_lease_parts "
+            "GROUP BY customer_id, credit_type")}
+        for key in sorted(set(sums) | set(buckets) | set(leases) | set(parts)):
+            name = f"{key[0]}/{key[1]}"
+            s = sums.get(key)
+            if s is None:
+                problems.append(f"{name}: buckets or leases without a balance row")
+                continue
+            if s.granted != s.available + s.leased + s.consumed + s.expired:
+                problems.append(f"{name}: granted {s.granted} != available {s.available} + leased {s.leased} + "
+                                f"consumed {s.consumed} + expired {s.expired}")
+            amount, remaining, leased, consumed, expired = buckets.get(key, [0, 0, 0, 0, 0])
+            expect = {"granted": (s.granted, amount), "available": (s.available, remaining - s.overdrawn),
+                      "leased": (s.leased, leased), "consumed": (s.consumed, consumed + s.overdrawn),
+                      "expired": (s.expired, expired)}
+            for what, (have, want) in expect.items():
+                if have != want:
+                    problems.append(f"{name}: {what} {have}, but its buckets add up to {want}")
+            if leases.get(key, 0) != s.leased:
+                problems.append(f"{name}: leased {s.leased}, but its leases hold {leases.get(key, 0)}")
+            if parts.get(key, 0) != s.leased:
+                problems.append(f"{name}: leased {s.leased}, but its lease parts hold {parts.get(key, 0)}")
+            if s.overdrawn < 0:
+                problems.append(f"{name}: overdrawn {s.overdrawn} is negative")
+        for r in self._rows("SELECT sidecar_id, customer_id, credit_type, amount_nano, leased_total_nano, "
+                            "returned_total_nano FROM meterd_leases WHERE amount_nano < 0 OR "
+                            "amount_nano > leased_total_nano - returned_total_nano"):
+            problems.append(f"lease {r[0]}/{r[1]}/{r[2]}: holds {r[3]}, outside 0..{int(r[4]) - int(r[5])} "
+                            "(leased less given back)")
+        return problems
+
+    def totals(self) -> dict[str, int]:
+        """Ledger-wide sums of the escrow figures (for `meterd ledger check`)."""
+        r = self._rows("SELECT COUNT(*), COALESCE(SUM(granted_nano), 0), COALESCE(SUM(available_nano), 0), "
+                       "COALESCE(SUM(leased_nano), 0), COALESCE(SUM(consumed_nano), 0), "
+                       "COALESCE(SUM(expired_nano), 0) FROM meterd_balances")[0]
+        (n_leases,), = self._rows("SELECT COUNT(*) FROM meterd_leases WHERE amount_nano <> 0")
+        return {"balances": int(r[0]), "granted_nano": int(r[1]), "available_nano": int(r[2]),
+                "leased_nano": int(r[3]), "consumed_nano": int(r[4]), "expired_nano": int(r[5]),
+                "leases": int(n_leases)}
+
+
+__all__ = ["Escrow", "Granted", "Heartbeat", "Lease", "LeaseGrant", "Settlement", "lease_size", "ADJUST_PRIORITY"]

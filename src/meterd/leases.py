@@ -1,0 +1,446 @@
+"""Leases: this sidecar's escrow slices of customers' central balances (ledger mode).
+
+With ``balances = "ledger"`` a customer's balance lives in the central ledger
+(meterd.escrow) and this sidecar spends only what it has leased of it. The
+core holds a lease exactly as it holds a local balance, so the hot paths are
+those of local mode; this component moves credit in and out of the core:
+
+- **in**: a lease transaction in the ledger first, then a credit in the core
+  (a log record). The ledger answers with the running total it has leased
+  here, so a credit lost to a crash or a timeout is made good by the next
+  answer;
+- **out** (a recall, an idle lease, an expiring grant, shutdown): a debit in
+  the core, durable in LMDB first, then the running total given back is sent
+  to the ledger (again until it is acknowledged);
+- **consumed**: ``leased_in - given_back - balance`` per lease, written by
+  each snapshot into the outbox and settled by the flush, exactly once.
+
+A request the lease cannot cover waits (at most ``lease_wait_ms``) for a top-up,
+and for other sidecars to give back what they hold when the ledger has too
+little left. A deny while credit sat at another sidecar is a *false deny*,
+counted. When the ledger cannot be reached, the leases held keep serving and
+the rest is denied: this is money, so it fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from meterd import records
+from meterd.catalog import Catalog
+from meterd.clock import Clock
+from meterd.config import Settings
+from meterd.drain import settlement_value
+from meterd.errors import ConfigError, InvalidInput, LimitReached, MeterdError, NotFound, Unavailable
+from meterd.escrow import Escrow, Granted, LeaseGrant
+from meterd.flush import Flusher, LedgerLink
+from meterd.journal import Journal
+from meterd.records import Kind
+from meterd.results import Keyed
+from meterd.state import Live
+from meterd.store import Op, Store
+
+log = logging.getLogger("meterd.leases")
+
+UNKNOWN_CUSTOMERS_MAX = 10_000   # customers the ledger does not know, remembered for a heartbeat
+SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars sharing the ledger
+SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
+WAIT_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Held:
+    """One lease as this sidecar holds it."""
+
+    __slots__ = ("leased_in", "given_back", "sent_back", "expires_at_ms", "unit_nano", "rate_nano_s", "mark_nano",
+                 "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "exhausted_until", "lock")
+
+    def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0) -> None:
+        self.leased_in = leased_in      # running totals, durable in LMDB ("leases")
+        self.given_back = given_back
+        self.sent_back = given_back     # what the ledger has acknowledged of given_back (-1: not known)
+        self.expires_at_ms = 0
+        self.unit_nano = 1              # the last request that asked for a top-up
+        self.rate_nano_s = 0            # recent spend rate here
+        self.mark_nano = -1             # consumed at the last look, and when
+        self.mark_ms = now_ms
+        self.used_ms = now_ms
+        self.central_nano = 0           # as the last answer from the ledger said
+        self.elsewhere_nano = 0
+        self.exhausted_until = 0.0      # monotonic time before which the balance is known to be spent
+        self.lock = asyncio.Lock()
+
+    def doc(self) -> bytes:
+        return json.dumps({"leased_in": self.leased_in, "given_back": self.given_back}).encode()
+
+
+def check_catalog(catalog: Catalog) -> None:
+    """What ledger mode does not serve yet, refused at start and at reload."""
+    for seed in catalog.customers:
+        if seed.plan:
+            raise ConfigError(f"customers.{seed.customer_id}.plan: plans are served in local mode only for now "
+                              "(balances = \"local\"); in ledger mode grant the customer's credits instead")
+        if any(seed.overdraft_nano.values()):
+            raise ConfigError(f"customers.{seed.customer_id}.overdraft: an overdraft is served in local mode only "
+                              "for now; in ledger mode grant the spend limit as a balance")
+
+
+class Leases:
+    def __init__(self, settings: Settings, store: Store, live: Live, journal: Journal, clock: Clock,
+                 flusher: Flusher) -> None:
+        self.settings = settings
+        self.store = store
+        self.live = live
+        self.journal = journal
+        self.clock = clock
+        self.flusher = flusher
+        self.held: dict[tuple[str, int], Held] = {}
+        self.of_customer: dict[str, set[int]] = collections.defaultdict(set)
+        self.link = LedgerLink(settings, "meterd-lease")
+        self.sharers = 1
+        self.unknown: dict[str, float] = {}  # customer -> monotonic time until which the ledger is not asked again
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.wait_ms = [0] * (len(WAIT_BUCKETS_MS) + 1)  # sync waits by latency bucket
+        self.wait_ms_sum = 0
+        self.reachable = False
+        self.last_error = ""
+        self.seeds: list[tuple[str, str, int]] = []  # catalog balances not yet granted centrally
+        self._beats = 0
+        self._scan_from = 0
+        self.generation = 0
+
+    # ---- state ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.generation += 1  # counts loads from disk: a figure read before one may not be durable
+        names = self.live.catalog.credit_index
+        self.held, self.of_customer = {}, collections.defaultdict(set)
+        now = self.clock.now_ms()
+        for key, value in self.store.items("leases"):
+            cust, ct_name = key.decode().split("\x00")
+            ct = names.get(ct_name)
+            if ct is None:
+                continue
+            doc = json.loads(value)
+            h = self.held[(cust, ct)] = Held(doc["leased_in"], doc["given_back"], now)
+            h.sent_back = -1  # sent again at the next heartbeat: the ledger may not have heard of the last one
+            self.of_customer[cust].add(ct)
+
+    def seed(self, catalog: Catalog) -> None:
+        """The catalog's initial balances, granted once centrally (by key) whichever sidecar starts first."""
+        self.seeds = [(seed.customer_id, catalog.credit_types[ct].name, amount)
+                      for seed in catalog.customers for ct, amount in seed.balances_nano.items() if amount > 0]
+
+    def _key(self, customer_id: str, ct: int) -> bytes:
+        return f"{customer_id}\x00{self.live.catalog.credit_types[ct].name}".encode()
+
+    def _held(self, customer_id: str, ct: int) -> Held | None:
+        h = self.held.get((customer_id, ct))
+        if h is None and len(self.held) < self.settings.leases_max:
+            h = self.held[(customer_id, ct)] = Held(now_ms=self.clock.now_ms())
+            self.of_customer[customer_id].add(ct)
+        return h
+
+    def available(self, customer_id: str, ct: int) -> int:
+        """What the core can spend of the customer's lease now."""
+        core = self.live.core
+        idx = core.account(customer_id.encode())
+        return core.available(idx, ct) if idx >= 0 else 0
+
+    def _consumed(self, h: Held, customer_id: str, ct: int) -> int:
+        core = self.live.core
+        idx = core.account(customer_id.encode())
+        balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
+        return h.leased_in - h.given_back - balance
+
+    def _move_ops(self, customer_id: str, ct: int, h: Held, amount: int) -> list[Op]:
+        """Credit (or debit) the core by what comes into (or goes out of) the lease: a log record
+        and the lease's running totals, in one commit."""
+        core = self.live.core
+        cust = customer_id.encode()
+        core.credit(core.open_account(cust), ct, amount)
+        if amount > 0:
+            h.leased_in += amount
+        else:
+            h.given_back -= amount
+        return [self.journal.log_op(records.account(Kind.CREDIT, cust, ct, amount, self.clock.now_ms())),
+                ("leases", self._key(customer_id, ct), h.doc())]
+
+    def settling(self, dirty: list[int]) -> list[bytes]:
+        """For a snapshot: the outbox rows of what the changed accounts have consumed of their leases."""
+        core, names = self.live.core, self.live.catalog.credit_types
+        out = []
+        for idx in dirty:
+            cust = core.customer_id(idx).decode()
+            cts = self.of_customer.get(cust)
+            if not cts:
+                continue
+            state = core.state(idx)[0]
+            for ct in sorted(cts):
+                h = self.held[(cust, ct)]
+                out.append(settlement_value(cust, names[ct].name, h.leased_in - h.given_back - state[ct][0]))
+        return out
+
+    # ---- the ledger's side ------------------------------------------------------------
+
+    async def _escrow(self, method: str, *args: Any) -> Any:
+        def call(ledger: Any) -> Any:
+            return getattr(Escrow(ledger), method)(*args)
+        try:
+            out = await self.link.call(call)
+        except MeterdError as e:
+            self.reachable = True  # it answered: the refusal is the caller's
+            self.last_error = str(e)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the ledger: fail closed
+            self.reachable = False
+            self.last_error = f"{type(e).__name__}: {str(e).strip()[:300]}" if str(e) else "the ledger did not answer"
+            self.counts["ledger_failures"] += 1
+            raise
+        self.reachable = True
+        return out
+
+    def _ids(self) -> tuple[str, str]:
+        return self.flusher.sidecar_id, self.flusher.incarnation
+
+    async def _acquire(self, customer_id: str, ct: int, h: Held, need: int, want: int) -> LeaseGrant:
+        """One lease transaction, and the credit it brings (by the ledger's running total)."""
+        name = self.live.catalog.credit_types[ct].name
+        g: LeaseGrant = await self._escrow("acquire", *self._ids(), customer_id, name, need, want, self.sharers,
+                                           self.clock.now_ms())
+        self.counts["acquisitions"] += 1
+        if not g.known:
+            return g
+        h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
+        if g.recalled:
+            self.counts["recalls_asked"] += g.recalled
+        arrived = g.leased_total_nano - h.leased_in
+        if arrived > 0:  # this call's grant, and any an earlier answer never brought
+            self.journal.submit_ahead(self._move_ops(customer_id, ct, h, arrived))
+            self.counts["leased_nano"] += arrived
+        return g
+
+    def _want(self, h: Held, cost: int) -> int:
+        horizon = int(h.rate_nano_s * self.settings.lease_refill_horizon_s)
+        return max(horizon, cost * (self.settings.lease_requests_min if not h.rate_nano_s else 1))
+
+    async def cover(self, customer_id: str, ct: int, cost: int) -> bool:
+        """A request of ``cost`` that the lease cannot cover: top it up, waiting for
+        recalled credit at most ``lease_wait_ms``. True when the lease now covers it."""
+        started = time.monotonic()
+        if self.unknown.get(customer_id, 0.0) > started or self.journal.closing:
+            return False
+        h = self._held(customer_id, ct)
+        if h is None:
+            self.counts["leases_full"] += 1
+            return False
+        h.unit_nano = max(cost, 1)
+        deadline = started + self.settings.lease_wait_ms / 1000
+        async with h.lock:  # one top-up per lease at a time; the others then find it covered
+            covered = await self._cover(customer_id, ct, h, cost, started, deadline)
+        if covered:
+            waited = int((time.monotonic() - started) * 1000)
+            self.counts["sync_waits"] += 1
+            self.wait_ms_sum += waited
+            self.wait_ms[next((i for i, b in enumerate(WAIT_BUCKETS_MS) if waited <= b), len(WAIT_BUCKETS_MS))] += 1
+        return covered
+
+    async def _cover(self, customer_id: str, ct: int, h: Held, cost: int, started: float, deadline: float) -> bool:
+        poll = self.settings.lease_heartbeat_ms / 4000
+        while True:
+            have = self.available(customer_id, ct)
+            if have >= cost:
+                return True
+            if h.exhausted_until > time.monotonic():
+                return False
+            try:
+                g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have, self._want(h, cost)),
+                                           max(deadline - time.monotonic(), 0.001))
+            except Exception:  # noqa: BLE001 - the ledger is away or slow: deny (fail closed)
+                self.counts["denied_ledger_away"] += 1
+                return False
+            if not g.known:
+                self._forget_unknown(customer_id, ct)
+                return False
+            have = self.available(customer_id, ct)
+            if have >= cost:
+                return True
+            if have + g.available_nano + g.elsewhere_nano < cost:  # the whole balance cannot cover it
+                h.exhausted_until = time.monotonic() + self.settings.lease_heartbeat_ms / 1000
+                self.counts["denied_exhausted"] += 1
+                return False
+            if time.monotonic() + poll >= deadline:
+                self.counts["false_denies"] += 1  # credit was left at other sidecars' leases
+                return False
+            await asyncio.sleep(poll)  # recalled leases come back at their sidecars' next heartbeat
+
+    def _forget_unknown(self, customer_id: str, ct: int) -> None:
+        h = self.held.get((customer_id, ct))
+        if h is not None and not h.leased_in:
+            del self.held[(customer_id, ct)]
+            self.of_customer[customer_id].discard(ct)
+            if not self.of_customer[customer_id]:
+                del self.of_customer[customer_id]
+        if len(self.unknown) >= UNKNOWN_CUSTOMERS_MAX:
+            self.unknown.pop(next(iter(self.unknown)))
+        self.unknown[customer_id] = time.monotonic() + self.settings.lease_heartbeat_ms / 1000
+
+    async def give_back(self, customer_id: str, ct: int, amount: int | None = None, settle: bool = False) -> int:
+        """Give back ``amount`` (default: all the lease has free), durable here before the
+        ledger hears of it. With ``settle`` (a recall), what was consumed comes along."""
+        h = self.held.get((customer_id, ct))
+        if h is None:
+            return 0
+        free = self.available(customer_id, ct)
+        amount = free if amount is None else min(amount, free)
+        generation = self.generation
+        consumed = self._consumed(h, customer_id, ct)  # as of now: durable once what follows has landed
+        if amount > 0:
+            await self.journal.commit_with(self._move_ops(customer_id, ct, h, -amount))
+        elif settle:
+            await self.journal.barrier()
+        durable = settle and generation == self.generation  # no reload from disk meanwhile
+        await self._send_back(customer_id, ct, h, consumed if durable else None)
+        return max(amount, 0)
+
+    async def _send_back(self, customer_id: str, ct: int, h: Held, consumed: int | None = None) -> None:
+        if h.sent_back == h.given_back and consumed is None:
+            return
+        total = h.given_back
+        moved = await self._escrow("give_back", *self._ids(), customer_id, self.live.catalog.credit_types[ct].name,
+                                   total, self.clock.now_ms(), consumed)
+        h.sent_back = total
+        self.counts["returned_nano"] += moved
+
+    # ---- the background -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Every lease_heartbeat_ms: answer recalls, send what is owed back, grant the
+        catalog's seeds, and look after a slice of the leases (refill, idle, expiry)."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.lease_heartbeat_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set() or self.journal.closing or self.journal.broken is not None:
+                return
+            try:
+                await self.beat()
+            except Exception as e:  # noqa: BLE001 - the ledger may fail in any way; keep serving the leases held
+                if self.counts["ledger_failures"] <= 1 or self.counts["ledger_failures"] % 100 == 0:
+                    log.warning("lease heartbeat failed: %s", e)
+
+    async def beat(self) -> None:
+        """One heartbeat (tests call it to move time on)."""
+        self._beats += 1
+        count = self._beats % SHARERS_EVERY == 1
+        hb = await self._escrow("heartbeat", *self._ids(), self.clock.now_ms(), count,
+                                int(self.settings.lease_idle_s * 1000))
+        if count:
+            self.sharers = max(hb.sharers, 1)
+        names = self.live.catalog.credit_index
+        for cust, ct_name in hb.recalls:
+            ct = names.get(ct_name)
+            if ct is not None:
+                self.counts["recalls_answered"] += 1
+                await self.give_back(cust, ct, settle=True)
+        while self.seeds:
+            cust, ct_name, amount = self.seeds[0]
+            await self._escrow("grant", cust, ct_name, amount, 0, 0, "catalog", "initial balance",
+                               self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
+            self.seeds.pop(0)
+        await self._look_after()
+
+    async def _look_after(self) -> None:
+        keys = list(self.held)
+        if not keys:
+            return
+        start = self._scan_from % len(keys)
+        chosen = (keys[start:] + keys[:start])[:SCAN_PER_HEARTBEAT_MAX]
+        self._scan_from = start + len(chosen)
+        now = self.clock.now_ms()
+        for customer_id, ct in chosen:
+            h = self.held.get((customer_id, ct))
+            if h is None or h.lock.locked():
+                continue
+            if h.sent_back != h.given_back:
+                await self._send_back(customer_id, ct, h)
+            self._measure(h, customer_id, ct, now)
+            free = self.available(customer_id, ct)
+            if (h.expires_at_ms and now >= h.expires_at_ms) or (
+                    free > 0 and now - h.used_ms >= self.settings.lease_idle_s * 1000):
+                if free > 0:
+                    self.counts["idle_returns"] += 1
+                    await self.give_back(customer_id, ct)
+                h.expires_at_ms = 0
+            elif h.rate_nano_s and free < max(h.unit_nano, int(h.rate_nano_s * self.settings.lease_low_water_s)):
+                async with h.lock:
+                    self.counts["refills"] += 1
+                    await self._acquire(customer_id, ct, h, h.unit_nano, self._want(h, h.unit_nano))
+
+    def _measure(self, h: Held, customer_id: str, ct: int, now: int) -> None:
+        """The recent spend rate of a lease, from its consumption between looks."""
+        consumed = self._consumed(h, customer_id, ct)
+        if h.mark_nano < 0:
+            h.mark_nano, h.mark_ms = consumed, now
+            return
+        if consumed != h.mark_nano:
+            h.used_ms = now
+        elapsed = now - h.mark_ms
+        if elapsed >= 1000:
+            rate = (consumed - h.mark_nano) * 1000 // elapsed
+            h.rate_nano_s = (h.rate_nano_s + max(rate, 0)) // 2
+            h.mark_nano, h.mark_ms = consumed, now
+
+    async def return_all(self) -> None:
+        """At shutdown: give back what every lease has free, bounded by the ledger timeout."""
+        try:
+            async with asyncio.timeout(self.settings.ledger_timeout_s):
+                for customer_id, ct in list(self.held):
+                    await self.give_back(customer_id, ct)
+        except Exception as e:  # noqa: BLE001 - what is not given back stays leased until the next start
+            log.warning("giving back leases at shutdown stopped: %s", e)
+
+    # ---- central grants -------------------------------------------------------------------
+
+    async def grant(self, customer_id: str, credit_type: str, amount_nano: int, expires_at_ms: int, priority: int,
+                    source: str, keyed: Keyed | None) -> Granted:
+        key, digest = _keyed("grant", customer_id, keyed)
+        return await self._central("grant", customer_id, credit_type, amount_nano, expires_at_ms, priority, source,
+                                   "", self.clock.now_ms(), key, digest)
+
+    async def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str,
+                     keyed: Keyed | None) -> Granted:
+        key, digest = _keyed("adjust", customer_id, keyed)
+        return await self._central("adjust", customer_id, credit_type, amount_nano, reason, self.clock.now_ms(), key,
+                                   digest)
+
+    async def _central(self, method: str, *args: Any) -> Any:
+        """A control-plane call in the ledger: its refusals stand; a ledger that fails is UNAVAILABLE."""
+        try:
+            return await self._escrow(method, *args)
+        except (InvalidInput, NotFound, LimitReached):
+            raise
+        except Exception:  # noqa: BLE001 - described in last_error
+            raise Unavailable(f"the ledger is unavailable: {self.last_error or 'it refused the call'}") from None
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def _central_key(scope: str, customer_id: str, name: str) -> str:
+    return f"{scope}/{len(customer_id)}:{customer_id}/{name}"
+
+
+def _keyed(scope: str, customer_id: str, keyed: Keyed | None) -> tuple[str, str]:
+    if keyed is None or not keyed.key:
+        return "", ""
+    return _central_key(scope, customer_id, keyed.key), hashlib.sha256(keyed.request).hexdigest()
+
+
+__all__ = ["Leases", "Held", "check_catalog"]

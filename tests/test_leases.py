@@ -1,0 +1,300 @@
+"""Ledger mode: one customer balance in the central ledger, spent by many sidecars
+through escrow leases. The ledger's side (meterd.escrow) on SQLite and PostgreSQL,
+then sidecars (real engines on real LMDB) sharing one ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from billing import Billing
+
+from meterd.clock import ManualClock
+from meterd.config import load_settings
+from meterd.errors import ConfigError, InvalidInput
+from meterd.escrow import Escrow, lease_size
+from meterd.ledger import Fenced, Ledger, Settlement
+from meterd.v1 import meter_pb2 as pb
+
+T0 = 1_800_000_000_000
+
+
+@pytest.fixture
+def escrow(ledger_url: str):
+    with Ledger(ledger_url) as lg:
+        lg.migrate()
+        e = Escrow(lg)
+        yield e
+        assert e.check() == []  # conservation, after every test
+
+
+def test_lease_size_is_rate_times_horizon_within_a_fair_share_and_at_least_one_request():
+    assert lease_size(need_nano=10, want_nano=1_000, available_nano=10_000, sharers=4) == 1_000
+    assert lease_size(10, 100_000, 10_000, 4) == 2_500             # a fair share of what is left
+    assert lease_size(10, 1, 10_000, 4) == 10                       # at least one request
+    assert lease_size(3_000, 1, 10_000, 4) == 3_000                 # even above a fair share
+    assert lease_size(10, 1_005, 10_000, 1) == 1_000                # whole requests: no fragment left at the lease
+    assert lease_size(10, 100, 7, 1) == 7                           # less than a request: all there is
+    assert lease_size(10, 100, 0, 1) == 0
+    assert lease_size(10, 100, -5, 1) == 0
+
+
+def test_grant_is_idempotent_by_key_and_refuses_a_reused_key(escrow: Escrow):
+    g = escrow.grant("c1", "usd", 5_000, 0, 0, "api", "", T0, key="k", digest="a")
+    assert (g.grant_id, g.balance_nano, g.duplicate) == ("G1", 5_000, False)
+    again = escrow.grant("c1", "usd", 5_000, 0, 0, "api", "", T0, key="k", digest="a")
+    assert (again.grant_id, again.balance_nano, again.duplicate) == ("G1", 5_000, True)
+    with pytest.raises(InvalidInput, match="idempotency_key"):
+        escrow.grant("c1", "usd", 6_000, 0, 0, "api", "", T0, key="k", digest="b")
+    assert escrow.balance("c1", T0)[0]["granted_nano"] == 5_000
+    entries = [(e.kind, e.amount_nano, e.balance_before_nano, e.balance_after_nano)
+               for e in escrow.ledger.entries("c1")]
+    assert entries == [("grant", 5_000, 0, 5_000)]
+
+
+def test_leases_draw_in_burn_down_order_and_consumption_comes_off_the_front(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 5, "api", "", T0)              # last: lower priority
+    escrow.grant("c1", "usd", 1_000, T0 + 60_000, 0, "promo", "", T0)  # first: expires soonest
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)              # second: never expires
+    g = escrow.acquire("s1", "i1", "c1", "usd", 100, 1_500, 1, T0)
+    assert (g.granted_nano, g.amount_nano, g.expires_at_ms, g.available_nano) == (1_500, 1_500, T0 + 60_000, 1_500)
+    buckets = {b["grant_id"]: (b["remaining"], b["leased"]) for b in escrow.balance("c1", T0)[0]["buckets"]}
+    assert buckets == {"G2": (0, 1_000), "G3": (500, 500), "G1": (1_000, 0)}
+    with escrow.ledger._transaction():
+        escrow.settle("s1", "i1", [Settlement("c1", "usd", 1_200)], T0 + 1)
+    # A settlement sent again (a resent flush) changes nothing: the figure is a running total.
+    with escrow.ledger._transaction():
+        escrow.settle("s1", "i1", [Settlement("c1", "usd", 1_200)], T0 + 2)
+    assert escrow.give_back("s1", "i1", "c1", "usd", 300, T0 + 3) == 300
+    assert escrow.give_back("s1", "i1", "c1", "usd", 300, T0 + 4) == 0  # a repeat
+    b = escrow.balance("c1", T0)[0]
+    assert {x["grant_id"]: (x["remaining"], x["leased"], x["consumed"]) for x in b["buckets"]} == {
+        "G3": (800, 0, 200), "G1": (1_000, 0, 0)}
+    assert (b["available_nano"], b["leased_nano"], b["consumed_nano"]) == (1_800, 0, 1_200)
+
+
+def test_expiry_is_central_and_a_leased_part_expires_as_it_comes_back(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, T0 + 10, 0, "promo", "", T0)
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "i1", "c1", "usd", 500, 500, 1, T0)     # 500 of the promo
+    g = escrow.acquire("s2", "i2", "c1", "usd", 100, 100, 1, T0 + 20)  # the promo's other 500 expire first
+    assert g.granted_nano == 100
+    b = escrow.balance("c1", T0 + 20)[0]
+    assert (b["expired_nano"], b["available_nano"]) == (500, 900)
+    escrow.give_back("s1", "i1", "c1", "usd", 500, T0 + 30)          # past its expiry: expired, not available
+    b = escrow.balance("c1", T0 + 30)[0]
+    assert (b["expired_nano"], b["available_nano"], b["leased_nano"]) == (1_000, 900, 100)
+    assert [(e.kind, e.amount_nano) for e in escrow.ledger.entries("c1")][-1] == ("expired", -500)
+
+
+def test_a_short_lease_recalls_the_others(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.heartbeat("s1", "i1", T0, False, 1_000)
+    escrow.acquire("s1", "i1", "c1", "usd", 100, 900, 1, T0)
+    g = escrow.acquire("s2", "i2", "c1", "usd", 300, 300, 2, T0)
+    assert (g.granted_nano, g.elsewhere_nano, g.recalled) == (100, 900, 1)
+    assert escrow.heartbeat("s1", "i1", T0 + 1, False, 1_000).recalls == [("c1", "usd")]
+    escrow.give_back("s1", "i1", "c1", "usd", 900, T0 + 2)
+    assert escrow.heartbeat("s1", "i1", T0 + 3, False, 1_000).recalls == []  # answered
+    g = escrow.acquire("s2", "i2", "c1", "usd", 200, 200, 2, T0 + 4)
+    assert (g.granted_nano, g.amount_nano) == (200, 300)
+
+
+def test_a_new_incarnation_takes_over_and_the_old_one_is_fenced(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "old", "c1", "usd", 400, 400, 1, T0)
+    escrow.heartbeat("s1", "new", T0 + 1, False, 1_000)  # a replaced pod with a new data directory
+    assert escrow.balance("c1", T0)[0]["available_nano"] == 1_000  # the old lease came back
+    with pytest.raises(Fenced, match="replaced"):
+        escrow.acquire("s1", "old", "c1", "usd", 1, 1, 1, T0 + 2)
+    with pytest.raises(Fenced):
+        escrow.ledger.apply_flush(_flush("s1", "old", 1, [Settlement("c1", "usd", 400)]))
+    assert escrow.acquire("s1", "new", "c1", "usd", 100, 100, 1, T0 + 3).granted_nano == 100
+
+
+def test_release_sidecar_fences_it_for_good_and_gives_its_remainder_back(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "i1", "c1", "usd", 600, 600, 1, T0)
+    assert escrow.release_sidecar("s1", T0 + 1) == [("c1", "usd", 600)]
+    for inc in ("i1", "another"):
+        with pytest.raises(Fenced, match="released"):
+            escrow.heartbeat("s1", inc, T0 + 2, False, 1_000)
+    assert escrow.balance("c1", T0)[0]["available_nano"] == 1_000
+
+
+def test_consumption_beyond_a_lease_is_drawn_from_available_then_overdrawn(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "i1", "c1", "usd", 100, 100, 1, T0)
+    with escrow.ledger._transaction():
+        escrow.settle("s1", "i1", [Settlement("c1", "usd", 1_300)], T0 + 1)  # spent beyond it, as in an outage
+    b = escrow.balance("c1", T0)[0]
+    assert (b["available_nano"], b["consumed_nano"], b["overdrawn_nano"]) == (-300, 1_300, 300)
+    escrow.grant("c1", "usd", 500, 0, 0, "api", "", T0 + 2)  # repays what was overdrawn first
+    b = escrow.balance("c1", T0)[0]
+    assert (b["available_nano"], b["overdrawn_nano"], b["balance_nano"]) == (200, 0, 200)
+
+
+def test_a_debit_takes_only_what_is_available_centrally(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "i1", "c1", "usd", 800, 800, 1, T0)
+    with pytest.raises(InvalidInput, match="800 is leased"):
+        escrow.adjust("c1", "usd", -300, "refund", T0)
+    assert escrow.adjust("c1", "usd", -200, "goodwill reversed", T0).balance_nano == 800
+
+
+def _flush(sidecar_id: str, incarnation: str, seq: int, settlements: list[Settlement]):
+    from meterd.ledger import Flush
+    return Flush(sidecar_id, seq, incarnation=incarnation, first=seq == 1, settlements=settlements)
+
+
+def test_settings_refuse_ledger_mode_without_a_shared_ledger():
+    with pytest.raises(ConfigError, match="balances: ledger mode"):
+        load_settings({"balances": "ledger"}, env={})
+    with pytest.raises(ConfigError, match="balances: 'remote'"):
+        load_settings({"balances": "remote"}, env={})
+    assert load_settings({}, env={"METERD_BALANCES": "ledger", "METERD_LEDGER": "sqlite:////tmp/x.db"}).balances \
+        == "ledger"
+
+
+# ---- sidecars on one ledger -----------------------------------------------------------------------
+
+COST = 2_500_000  # 1,000 gpt-4o input tokens at $2.50 per 1M, in nano-USD
+CATALOG = """
+[credit_types.usd]
+kind = "fiat"
+currency = "USD"
+decimals = 2
+
+[meters.input_tokens]
+credit_type = "usd"
+per = 1000000
+price_dimension = "model"
+prices = { "gpt-4o" = "2.50" }
+
+[plans.pro]
+period = "month"
+fee = { usd = "20.00" }
+"""
+
+
+class Sidecars:
+    """N engines in ledger mode on one ledger, one event loop and one clock, each with its heartbeat running."""
+
+    def __init__(self, tmp: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch, n: int, core: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.clock = ManualClock(T0)
+        if "postgresql" in ledger_url:
+            with Ledger(ledger_url) as lg:
+                lg.migrate()
+        catalog = tmp / "catalog.toml"
+        catalog.write_text(CATALOG)
+        self.nodes = [Billing(tmp / f"s{i}", str(catalog), monkeypatch, core=core, ledger=ledger_url,
+                              sidecar_id=f"s{i}", balances="ledger", loop=self.loop, clock=self.clock)
+                      for i in range(n)]
+        self.stops = [asyncio.Event() for _ in self.nodes]
+        self.beats = [self.loop.create_task(node.engine.leases.run(stop))
+                      for node, stop in zip(self.nodes, self.stops, strict=True)]
+        self.ledger_url = ledger_url
+
+    def kill(self, i: int) -> None:
+        """Sidecar i as after kill -9, then started again on its data (and its heartbeat with it)."""
+        self.stops[i].set()
+        self.loop.run_until_complete(self.beats[i])
+        self.nodes[i].restart(clean=False)
+        self.stops[i] = asyncio.Event()
+        self.beats[i] = self.loop.create_task(self.nodes[i].engine.leases.run(self.stops[i]))
+
+    def close(self) -> None:
+        for stop in self.stops:
+            stop.set()
+        self.loop.run_until_complete(asyncio.gather(*self.beats))
+        for node in self.nodes:
+            node.close()
+        self.loop.close()
+
+    def escrow_check(self) -> tuple[list[str], dict]:
+        with Ledger(self.ledger_url) as lg:
+            e = Escrow(lg)
+            return e.check(), e.balance("acme", T0)[0]
+
+
+@pytest.fixture(params=["compiled", "python"])
+def sidecars(request, tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch):
+    made: list[Sidecars] = []
+
+    def make(n: int = 4) -> Sidecars:
+        s = Sidecars(tmp_path, ledger_url, monkeypatch, n, request.param)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+def _event(customer: str = "acme") -> pb.UsageEvent:
+    return pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=1_000, dimensions={"model": "gpt-4o"})
+
+
+def test_four_sidecars_allow_exactly_what_the_balance_covers(sidecars):
+    s = sidecars(4)
+    k = 37
+    granted = s.nodes[0].grant("acme", "usd", k * COST)
+    assert granted.balance_nano == k * COST
+    allowed = denied = i = 0
+    while denied < 8:  # the unary, batch and reservation paths, round robin over the sidecars
+        i += 1
+        assert i < 3 * k, "the balance ran out too early, or never"
+        node = s.nodes[i % 4]
+        if i % 3 == 0:
+            ok = node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+        elif i % 3 == 1:
+            ok = node.batch([_event()]).accepted == 1
+        else:
+            a = node.authorize("acme", "input_tokens", 1_000, model="gpt-4o")
+            ok = a.decision == pb.DECISION_ALLOW
+            if ok:
+                assert node.commit(a.reservation_id, 1_000).cost_nano == COST
+        allowed += ok
+        denied += not ok
+        assert denied == 0 or allowed == k, ("denied while credit was left",
+                                             [dict(n.engine.leases.counts) for n in s.nodes], s.escrow_check())
+    assert allowed == k  # no overspend, and no credit stranded at a sidecar
+    for node in s.nodes:
+        node.flush()
+    problems, b = s.escrow_check()
+    assert problems == []
+    assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * COST, 0)
+
+
+def test_a_batch_with_several_events_gets_a_second_chance_for_its_denials(sidecars):
+    s = sidecars(2)
+    s.nodes[0].grant("acme", "usd", 10 * COST)
+    r = s.nodes[1].batch([_event() for _ in range(12)])
+    assert (r.accepted, r.denied) == (10, 2)
+    assert sorted(d.index for d in r.denials) == [10, 11]
+    s.nodes[1].flush()
+    problems, b = s.escrow_check()
+    assert problems == [] and b["consumed_nano"] == 10 * COST
+
+
+def test_a_lease_survives_a_kill_and_what_was_spent_is_settled_once(sidecars):
+    s = sidecars(2)
+    s.nodes[0].grant("acme", "usd", 20 * COST)
+    for _ in range(5):
+        assert s.nodes[0].report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    s.kill(0)  # the lease and the spend are in its LMDB
+    for _ in range(15):
+        assert s.nodes[1].report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    assert s.nodes[1].report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY
+    for node in s.nodes:
+        node.flush()
+    problems, b = s.escrow_check()
+    assert problems == [] and b["consumed_nano"] == 20 * COST
+
+
+def test_subscriptions_are_refused_in_ledger_mode(sidecars):
+    s = sidecars(1)
+    from meterd.errors import Conflict
+    with pytest.raises(Conflict, match="local mode only"):
+        s.nodes[0].subscribe("acme", "pro")
