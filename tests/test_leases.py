@@ -298,3 +298,39 @@ def test_subscriptions_are_refused_in_ledger_mode(sidecars):
     from meterd.errors import Conflict
     with pytest.raises(Conflict, match="local mode only"):
         s.nodes[0].subscribe("acme", "pro")
+
+
+@pytest.mark.spawns
+def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_sidecar(tmp_path: Path):
+    import subprocess
+    import sys
+
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(CATALOG)
+    url = f"sqlite:///{tmp_path}/ledger.db"
+
+    def meterd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "meterd", *args, "--ledger", url, "--catalog", str(catalog)],
+                              capture_output=True, text=True, timeout=60)
+
+    assert meterd("ledger", "migrate").returncode == 0
+    grant = ["grant", "--customer", "acme", "--credit-type", "usd", "--amount", "10.00", "--idempotency-key", "k1"]
+    assert "granted G1 in the ledger: balance 10" in meterd(*grant).stdout
+    assert "(duplicate)" in meterd(*grant).stdout
+    r = meterd("adjust", "--customer", "acme", "--credit-type", "usd", "--amount", "-20", "--reason", "x")
+    assert r.returncode == 2 and "--amount:" in r.stderr and "available centrally" in r.stderr
+    assert "balance 8.5" in meterd("adjust", "--customer", "acme", "--credit-type", "usd", "--amount", "-1.50",
+                                   "--reason", "goodwill reversed").stdout
+    r = meterd("balance", "--customer", "acme")
+    assert "balance                  8.5  available 8.5  leased 0" in r.stdout
+    r = meterd("ledger", "check")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok")
+    r = meterd("ledger", "release-sidecar", "nope")
+    assert r.returncode == 1 and "no sidecar 'nope'" in r.stderr and "Traceback" not in r.stderr
+    with Ledger(url) as lg:
+        e = Escrow(lg)
+        e.acquire("s1", "i1", "acme", "usd", 1, 10**9, 1, T0)
+    r = meterd("ledger", "release-sidecar", "s1")
+    assert r.returncode == 0 and "acme" in r.stdout and "fenced for good" in r.stdout
+    r = meterd("grant", "--customer", "acme", "--credit-type", "eur", "--amount", "1")
+    assert r.returncode == 2 and "'eur' is not a credit type" in r.stderr

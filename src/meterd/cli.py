@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from meterd.catalog import NANO, load_catalog
 from meterd.config import Settings, load_settings
-from meterd.errors import ConfigError, InvalidInput
+from meterd.errors import ConfigError, InvalidInput, MeterdError
 from meterd.ledger import LedgerError
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -150,8 +150,10 @@ def _credits(nano: int) -> str:
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
-
     from meterd.v1 import meter_pb2, meter_pb2_grpc
+
+    if args.ledger is not None:
+        return _central_balance(args)
 
     channel, metadata = _connect(args, admin=False)
     with channel as ch:
@@ -162,6 +164,23 @@ def cmd_balance(args: argparse.Namespace) -> int:
               f"{_credits(b.reserved_nano)}  available {_credits(b.available_nano)}")
     for u in resp.usage:
         print(f"usage {_safe(u.meter):<26} {_safe(u.quantity)}")
+    return 0
+
+
+def _central_balance(args: argparse.Namespace) -> int:
+    """Ledger mode: a customer's balance as the ledger has it, with what sidecars hold of it."""
+    from meterd.escrow import Escrow
+
+    with _open_ledger(args) as ledger:
+        rows = Escrow(ledger).balance(args.customer, time.time_ns() // 1_000_000)
+    if not rows:
+        raise ConfigError(f"--customer: {_safe(repr(args.customer))} has no balance in the ledger")
+    for b in rows:
+        print(f"{_safe(b['credit_type']):<20} balance {_credits(b['balance_nano']):>20}  available "
+              f"{_credits(b['available_nano'])}  leased {_credits(b['leased_nano'])}  consumed "
+              f"{_credits(b['consumed_nano'])}  expired {_credits(b['expired_nano'])}")
+        for lease in b["leases"]:
+            print(f"  lease {_safe(lease['sidecar_id']):<30} {_credits(lease['amount_nano'])}")
     return 0
 
 
@@ -207,14 +226,49 @@ def _refuse_new(unknown: list[str], where: str) -> None:
                           "account: check the id, or pass --new-customer to create it with this grant")
 
 
+def _central(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """Ledger mode, with no sidecar: a grant or adjustment in one transaction of the ledger,
+    idempotent there by key (the same key through a sidecar's Admin is the same grant)."""
+    from meterd import validate, wire
+    from meterd.escrow import Escrow
+    from meterd.leases import central_key
+    from meterd.state import Live
+
+    settings = _load(args)
+    live = Live(load_catalog(settings.catalog))
+    validate.customer(settings, request.customer_id)
+    ct = live.catalog.credit_index.get(request.credit_type)
+    if ct is None:
+        raise ConfigError(f"--credit-type: {_safe(repr(request.credit_type))} is not a credit type of the catalog")
+    key, digest = central_key(method, request.customer_id, wire.keyed(request))
+    now = time.time_ns() // 1_000_000
+    with _open_ledger(args) as ledger:
+        escrow = Escrow(ledger)
+        if method == "grant":
+            return escrow.grant(request.customer_id, request.credit_type, request.amount_nano, 0, 0, request.source,
+                                "", now, key, digest)
+        return escrow.adjust(request.customer_id, request.credit_type, request.amount_nano, request.reason, now, key,
+                             digest)
+
+
 def cmd_grant(args: argparse.Namespace) -> int:
     from meterd.v1 import admin_pb2, admin_pb2_grpc
 
     if args.from_csv:
+        if args.ledger is not None:
+            raise ConfigError("--from-csv goes through a sidecar's Admin: drop --ledger (a sidecar in ledger mode "
+                              "grants centrally)")
         return _bulk_grants(args)
     if not (args.customer and args.credit_type and args.amount):
         raise ConfigError("--customer, --credit-type and --amount are required (or --from-csv FILE)")
     amount = _grant_amount(args.amount, "--amount")
+    if args.ledger is not None:
+        g = _central(args, "grant", admin_pb2.GrantRequest(customer_id=args.customer, credit_type=args.credit_type,
+                                                           amount_nano=amount, source=args.source,
+                                                           idempotency_key=args.idempotency_key or ""))
+        print(f"granted {g.grant_id} in the ledger: balance {_credits(g.balance_nano)}"
+              f"{' (duplicate)' if g.duplicate else ''}")
+        return 0
     channel, metadata = _connect(args, admin=True)
     with channel as ch:
         if not args.new_customer:
@@ -284,6 +338,13 @@ def cmd_adjust(args: argparse.Namespace) -> int:
     from meterd.v1 import admin_pb2, admin_pb2_grpc
 
     amount = _nano(args.amount, "--amount", signed=True)
+    if args.ledger is not None:
+        g = _central(args, "adjust", admin_pb2.AdjustRequest(
+            customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount, reason=args.reason,
+            idempotency_key=args.idempotency_key or ""))
+        print(f"adjusted by {_credits(amount)} in the ledger: balance {_credits(g.balance_nano)}"
+              f"{' (duplicate)' if g.duplicate else ''}")
+        return 0
     channel, metadata = _connect(args, admin=True)
     with channel as ch:
         resp = admin_pb2_grpc.AdminStub(ch).Adjust(admin_pb2.AdjustRequest(
@@ -307,6 +368,33 @@ def _open_ledger(args: argparse.Namespace, migrate: bool = False) -> Any:
         ledger.close()
         raise
     return ledger
+
+
+def cmd_ledger_check(args: argparse.Namespace) -> int:
+    """granted = available + leased + consumed + expired, for every customer and credit type."""
+    from meterd.escrow import Escrow
+
+    with _open_ledger(args) as ledger:
+        escrow = Escrow(ledger)
+        problems, totals = escrow.check(), escrow.totals()
+    print(f"{totals['balances']} balances, {totals['leases']} leases held: granted {_credits(totals['granted_nano'])}"
+          f" = available {_credits(totals['available_nano'])} + leased {_credits(totals['leased_nano'])} + consumed "
+          f"{_credits(totals['consumed_nano'])} + expired {_credits(totals['expired_nano'])}")
+    for p in problems:
+        print(f"meterd: ledger check: {_safe(p)}", file=sys.stderr)
+    print("ok" if not problems else f"{len(problems)} problems")
+    return 1 if problems else 0
+
+
+def cmd_ledger_release(args: argparse.Namespace) -> int:
+    from meterd.escrow import Escrow
+
+    with _open_ledger(args) as ledger:
+        returned = Escrow(ledger).release_sidecar(args.sidecar_id, time.time_ns() // 1_000_000)
+    print(f"sidecar {_safe(args.sidecar_id)} is fenced for good; {len(returned)} leases given back")
+    for customer, ct, amount in returned:
+        print(f"  {_safe(customer):<30} {_safe(ct):<12} {_credits(amount)}")
+    return 0
 
 
 def cmd_ledger_migrate(args: argparse.Namespace) -> int:
@@ -471,11 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(lsub, "migrate", "create or upgrade the ledger's tables (versioned migrations)",
                  "  meterd ledger migrate --ledger postgresql://meterd@db.internal/ledger")
     p.set_defaults(func=cmd_ledger_migrate)
+    p = _command(lsub, "check", "check that granted = available + leased + consumed + expired everywhere",
+                 "  meterd ledger check --ledger postgresql://meterd@db.internal/ledger")
+    p.set_defaults(func=cmd_ledger_check)
+    p = _command(lsub, "release-sidecar", "fence a dead sidecar for good and give back what its leases hold",
+                 "  meterd ledger release-sidecar sc-0123 --ledger postgresql://meterd@db.internal/ledger")
+    p.add_argument("sidecar_id", help="the sidecar's id in the ledger")
+    p.set_defaults(func=cmd_ledger_release)
     return parser
 
 
 # Fields of domain errors, as the flags that set them.
-_FLAGS = {"customer_id": "--customer", "period": "--period", "window": "--window", "to": "--to", "from": "--from"}
+_FLAGS = {"customer_id": "--customer", "period": "--period", "window": "--window", "to": "--to", "from": "--from",
+          "amount_nano": "--amount"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -501,7 +597,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except ConfigError as e:
         print(f"meterd: {_safe(str(e))}", file=sys.stderr)
         return 2
-    except LedgerError as e:
+    except (LedgerError, MeterdError) as e:  # the ledger's, or a refusal of what it was asked (NotFound, ...)
         print(f"meterd: {_safe(str(e))}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - a client command's gRPC error, said in one line

@@ -410,13 +410,13 @@ class Leases:
 
     async def grant(self, customer_id: str, credit_type: str, amount_nano: int, expires_at_ms: int, priority: int,
                     source: str, keyed: Keyed | None) -> Granted:
-        key, digest = _keyed("grant", customer_id, keyed)
+        key, digest = central_key("grant", customer_id, keyed)
         return await self._central("grant", customer_id, credit_type, amount_nano, expires_at_ms, priority, source,
                                    "", self.clock.now_ms(), key, digest)
 
     async def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str,
                      keyed: Keyed | None) -> Granted:
-        key, digest = _keyed("adjust", customer_id, keyed)
+        key, digest = central_key("adjust", customer_id, keyed)
         return await self._central("adjust", customer_id, credit_type, amount_nano, reason, self.clock.now_ms(), key,
                                    digest)
 
@@ -437,10 +437,11 @@ def _central_key(scope: str, customer_id: str, name: str) -> str:
     return f"{scope}/{len(customer_id)}:{customer_id}/{name}"
 
 
-def _keyed(scope: str, customer_id: str, keyed: Keyed | None) -> tuple[str, str]:
+def central_key(scope: str, customer_id: str, keyed: Keyed | None) -> tuple[str, str]:
+    """A control-plane call's idempotency key in the ledger, and its request's digest (('', '') without a key)."""
     if keyed is None or not keyed.key:
         return "", ""
     return _central_key(scope, customer_id, keyed.key), hashlib.sha256(keyed.request).hexdigest()
 
 
-__all__ = ["Leases", "Held", "check_catalog"]
+__all__ = ["Leases", "Held", "central_key", "check_catalog"]
