@@ -334,3 +334,32 @@ def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_
     assert r.returncode == 0 and "acme" in r.stdout and "fenced for good" in r.stdout
     r = meterd("grant", "--customer", "acme", "--credit-type", "eur", "--amount", "1")
     assert r.returncode == 2 and "'eur' is not a credit type" in r.stderr
+
+
+def test_balance_status_and_metrics_say_what_a_lease_holds(sidecars):
+    from meterd import wire
+    from meterd.metrics import LedgerCollector
+
+    s = sidecars(2)
+    s.nodes[0].grant("acme", "usd", 100 * COST)
+    for _ in range(3):
+        assert s.nodes[1].report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    b = s.nodes[1].balance("acme").balances[0]
+    lease = b.lease_nano
+    # The first lease is room for lease_requests_min requests, within a fair share of the 100 left.
+    assert b.ledger and lease == 10 * COST - 3 * COST
+    assert b.central_available_nano == 90 * COST and b.ledger_seen_ms == T0
+    assert b.balance_nano == lease + 90 * COST == b.available_nano
+    status = wire.ledger_status(s.nodes[1].engine)
+    assert status.leases_held == 1 and status.leases_reachable
+    assert [(x.customer_id, x.credit_type, x.balance_nano, x.leased_nano) for x in status.leases] == [
+        ("acme", "usd", lease, 10 * COST)]
+    families = {f.name: f for f in LedgerCollector(s.nodes[1].engine).collect()}
+    assert families["meterd_leases_held"].samples[0].value == 1
+    assert families["meterd_lease_acquisitions"].samples[0].value == 1
+    assert families["meterd_lease_leased_nano"].samples[0].value == 10 * COST
+    waits = {x.labels.get("le"): x.value for x in families["meterd_lease_sync_wait_seconds"].samples
+             if x.name.endswith("_bucket")}
+    assert waits["+Inf"] == 1
+    with pytest.raises(Exception, match="no lease at this sidecar"):
+        s.nodes[0].balance("acme")

@@ -140,6 +140,9 @@ class Admin:
         core, catalog = self.live.core, self.live.catalog
         idx = core.account(validate.customer(self.settings, customer_id))
         if idx < 0:
+            if self.leases is not None:
+                raise NotFound(f"customer {customer_id!r} has no lease at this sidecar yet (its first request takes "
+                               "one); `meterd balance --ledger URL` reads the ledger")
             raise NotFound(f"customer {customer_id!r} has no account")
         cts, use, _ = core.state(idx)
         acct = self.grants.accounts.get(customer_id, Account())
@@ -150,8 +153,12 @@ class Admin:
             out = BalanceView(customer_id, *month_bounds(self.housekeeping.period_start_ms or self.clock.now_ms()))
         for ct, (bal, resv, floor, *_) in enumerate(cts):
             available = min(max(bal - resv - floor, -INT64_MAX), INT64_MAX)
-            out.balances.append(CreditBalance(catalog.credit_types[ct].name, bal, resv, floor, available,
-                                              self.grants.allocated(acct.buckets.get(ct, []), bal)))
+            grants = self.grants.allocated(acct.buckets.get(ct, []), bal)
+            lease = self.leases.view(customer_id, ct) if self.leases is not None else None
+            if lease is not None:  # ledger mode: the lease here and what the ledger had left when last asked
+                bal, available = bal + lease.central_available_nano, available + lease.central_available_nano
+            out.balances.append(CreditBalance(catalog.credit_types[ct].name, bal, resv, floor, available, grants,
+                                              lease))
         out.usage = [(catalog.meters[m].name, catalog.format_quantity(m, q)) for m, q in enumerate(use)]
         return out
 

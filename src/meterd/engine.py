@@ -61,6 +61,8 @@ from meterd.subscriptions import Subscriptions
 
 log = logging.getLogger("meterd.engine")
 
+LEASES_LISTED_MAX = 1000  # leases that GetLedgerStatus lists (leases_held counts them all)
+
 
 class Engine:
     """A sidecar's components over one store, one core and one catalog."""
@@ -191,7 +193,12 @@ class Engine:
         return await self.flusher.statement(customer_id, period)
 
     def ledger_status(self) -> Any:
-        return self.flusher.status()
+        status = self.flusher.status()
+        if self.leases is not None:
+            status.leases = self.leases.rows(LEASES_LISTED_MAX)
+            status.leases_held = len(self.leases.held)
+            status.leases_reachable, status.leases_error = self.leases.reachable, self.leases.last_error
+        return status
 
     def backlog(self) -> tuple[int, int]:
         return self.flusher.backlog()

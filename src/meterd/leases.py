@@ -41,8 +41,9 @@ from meterd.errors import ConfigError, InvalidInput, LimitReached, MeterdError, 
 from meterd.escrow import Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
+from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
-from meterd.results import Keyed
+from meterd.results import Keyed, LeaseRow, LeaseView
 from meterd.state import Live
 from meterd.store import Op, Store
 
@@ -51,14 +52,13 @@ log = logging.getLogger("meterd.leases")
 UNKNOWN_CUSTOMERS_MAX = 10_000   # customers the ledger does not know, remembered for a heartbeat
 SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars sharing the ledger
 SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
-WAIT_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class Held:
     """One lease as this sidecar holds it."""
 
     __slots__ = ("leased_in", "given_back", "sent_back", "expires_at_ms", "unit_nano", "rate_nano_s", "mark_nano",
-                 "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "exhausted_until", "lock")
+                 "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms", "exhausted_until", "lock")
 
     def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0) -> None:
         self.leased_in = leased_in      # running totals, durable in LMDB ("leases")
@@ -72,6 +72,7 @@ class Held:
         self.used_ms = now_ms
         self.central_nano = 0           # as the last answer from the ledger said
         self.elsewhere_nano = 0
+        self.seen_ms = 0                # when the ledger last answered about it
         self.exhausted_until = 0.0      # monotonic time before which the balance is known to be spent
         self.lock = asyncio.Lock()
 
@@ -186,6 +187,28 @@ class Leases:
                 out.append(settlement_value(cust, names[ct].name, h.leased_in - h.given_back - state[ct][0]))
         return out
 
+    def view(self, customer_id: str, ct: int) -> LeaseView | None:
+        """What this sidecar knows of a customer's central balance (None: it holds no lease of it)."""
+        h = self.held.get((customer_id, ct))
+        if h is None:
+            return None
+        core = self.live.core
+        idx = core.account(customer_id.encode())
+        balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
+        return LeaseView(balance, h.central_nano, h.elsewhere_nano, h.seen_ms, self.flusher.last_flush_ms)
+
+    def rows(self, limit: int) -> list[LeaseRow]:
+        """The leases held, for GetLedgerStatus: the first ``limit`` by customer."""
+        core, names = self.live.core, self.live.catalog.credit_types
+        out = []
+        for (cust, ct) in sorted(self.held)[:limit]:
+            h = self.held[(cust, ct)]
+            idx = core.account(cust.encode())
+            balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
+            out.append(LeaseRow(cust, names[ct].name, balance, self.available(cust, ct), h.leased_in, h.given_back,
+                                h.expires_at_ms, h.rate_nano_s))
+        return out
+
     # ---- the ledger's side ------------------------------------------------------------
 
     async def _escrow(self, method: str, *args: Any) -> Any:
@@ -217,6 +240,7 @@ class Leases:
         if not g.known:
             return g
         h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
+        h.seen_ms = self.clock.now_ms()
         if g.recalled:
             self.counts["recalls_asked"] += g.recalled
         arrived = g.leased_total_nano - h.leased_in

@@ -90,6 +90,44 @@ class LedgerCollector(Collector):
         for outcome, n in sorted(e.flush_outcomes.items()):
             flushes.add_metric([outcome], n)
         yield flushes
+        if self.engine.leases is not None:
+            yield from _lease_families(self.engine.leases)
+
+
+# Bounds of the lease wait histogram, ms (meterd.leases counts into them).
+WAIT_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# Lease counters (meterd.leases) by what they count, with their help text.
+_LEASE_COUNTERS = {
+    "acquisitions": "Lease transactions in the ledger (top-ups and refills)",
+    "refills": "Background refills of a lease below its low-water mark",
+    "sync_waits": "Requests that waited for a top-up and were then covered",
+    "recalls_asked": "Other sidecars' leases recalled by this sidecar's top-ups",
+    "recalls_answered": "Recalls of this sidecar's leases answered",
+    "false_denies": "Denials while credit was left at other sidecars' leases (a recall did not come back in time)",
+    "denied_exhausted": "Denials because the whole balance could not cover the request",
+    "denied_ledger_away": "Denials because the ledger could not be reached for a top-up (fail closed)",
+    "idle_returns": "Leases given back because they were idle or their grant expired",
+    "leases_full": "Top-ups refused because leases_max leases are held",
+    "ledger_failures": "Lease calls to the ledger that failed",
+}
+
+
+def _lease_families(leases: Any) -> Iterator[Any]:
+    yield GaugeMetricFamily("meterd_leases_held", "Leases of central balances held by this sidecar",
+                            value=len(leases.held))
+    for name, help_text in _LEASE_COUNTERS.items():
+        yield CounterMetricFamily(f"meterd_lease_{name}", help_text, value=leases.counts[name])
+    for name, help_text in (("leased_nano", "Credit moved into this sidecar's leases, nano-units"),
+                            ("returned_nano", "Credit given back to the ledger, nano-units")):
+        yield CounterMetricFamily(f"meterd_lease_{name}", help_text, value=leases.counts[name])
+    buckets = []
+    total = 0
+    for bound, n in zip(WAIT_BUCKETS_MS, leases.wait_ms, strict=False):
+        total += n
+        buckets.append((str(bound / 1000), total))
+    buckets.append(("+Inf", total + leases.wait_ms[-1]))
+    yield HistogramMetricFamily("meterd_lease_sync_wait_seconds", "How long a covered request waited for its "
+                                "top-up", buckets=buckets, sum_value=leases.wait_ms_sum / 1000)
 
 
 class DaemonCollector(Collector):

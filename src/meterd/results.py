@@ -91,6 +91,16 @@ class Adjusted:
     balance_nano: int
 
 
+@dataclass(frozen=True)
+class LeaseView:
+    """Ledger mode: what a sidecar's figure of a balance is made of, and how old each part is."""
+    lease_nano: int               # the lease held here, exact and current
+    central_available_nano: int   # as of ledger_seen_ms
+    leased_elsewhere_nano: int    # as of ledger_seen_ms, as the ledger counts other sidecars' leases
+    ledger_seen_ms: int
+    settled_ms: int               # this sidecar's last flush
+
+
 @dataclass
 class CreditBalance:
     credit_type: str
@@ -99,6 +109,19 @@ class CreditBalance:
     floor_nano: int
     available_nano: int
     grants: list[Bucket] = field(default_factory=list)
+    ledger: LeaseView | None = None
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    customer_id: str
+    credit_type: str
+    balance_nano: int
+    available_nano: int
+    leased_nano: int
+    given_back_nano: int
+    expires_at_ms: int
+    rate_nano_per_s: int
 
 
 @dataclass
@@ -121,3 +144,7 @@ class LedgerState:
     last_flush_ms: int
     last_error: str
     consecutive_failures: int
+    leases: list[LeaseRow] = field(default_factory=list)
+    leases_held: int = 0
+    leases_reachable: bool = False
+    leases_error: str = ""

@@ -10,6 +10,7 @@ so the tag and the value are two bytes).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from meterd.errors import InvalidInput
@@ -99,7 +100,9 @@ def message(result: object) -> Any:
             sidecar_id=result.sidecar_id, ledger=result.ledger, flushed_sequence=result.flushed_sequence,
             backlog_usage_rows=result.backlog_usage_rows, backlog_entries=result.backlog_entries,
             last_flush_ms=result.last_flush_ms, last_error=result.last_error,
-            consecutive_failures=result.consecutive_failures)
+            consecutive_failures=result.consecutive_failures, leases_held=result.leases_held,
+            leases_reachable=result.leases_reachable, leases_error=result.leases_error,
+            leases=[admin_pb2.Lease(**dataclasses.asdict(x)) for x in result.leases])
     raise TypeError(f"no wire form for {type(result).__name__}")
 
 
@@ -109,6 +112,11 @@ def _balance(view: BalanceView) -> meter_pb2.GetBalanceResponse:
     for b in view.balances:
         cb = out.balances.add(credit_type=b.credit_type, balance_nano=b.balance_nano, reserved_nano=b.reserved_nano,
                               floor_nano=b.floor_nano, available_nano=b.available_nano)
+        if b.ledger is not None:
+            cb.ledger = True
+            cb.lease_nano, cb.central_available_nano = b.ledger.lease_nano, b.ledger.central_available_nano
+            cb.leased_elsewhere_nano, cb.ledger_seen_ms = b.ledger.leased_elsewhere_nano, b.ledger.ledger_seen_ms
+            cb.settled_ms = b.ledger.settled_ms
         for g in b.grants:
             cb.grants.add(grant_id=g.grant_id, remaining_nano=g.remaining_nano, expires_at_ms=g.expires_at_ms,
                           priority=g.priority, source=g.source)
@@ -189,7 +197,7 @@ def audit(engine: Any, req: admin_pb2.ListAuditRequest) -> admin_pb2.ListAuditRe
 
 
 def ledger_status(engine: Any) -> admin_pb2.LedgerStatus:
-    return message(engine.flusher.status())
+    return message(engine.ledger_status())
 
 
 def statement(st: dict) -> admin_pb2.Statement:

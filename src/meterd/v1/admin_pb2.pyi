@@ -259,7 +259,7 @@ class LedgerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LedgerStatus(_message.Message):
-    __slots__ = ("sidecar_id", "ledger", "flushed_sequence", "backlog_usage_rows", "backlog_entries", "last_flush_ms", "last_error", "consecutive_failures")
+    __slots__ = ("sidecar_id", "ledger", "flushed_sequence", "backlog_usage_rows", "backlog_entries", "last_flush_ms", "last_error", "consecutive_failures", "leases", "leases_held", "leases_reachable", "leases_error")
     SIDECAR_ID_FIELD_NUMBER: _ClassVar[int]
     LEDGER_FIELD_NUMBER: _ClassVar[int]
     FLUSHED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,10 @@ class LedgerStatus(_message.Message):
     LAST_FLUSH_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_HELD_FIELD_NUMBER: _ClassVar[int]
+    LEASES_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    LEASES_ERROR_FIELD_NUMBER: _ClassVar[int]
     sidecar_id: str
     ledger: str
     flushed_sequence: int
@@ -276,4 +280,28 @@ class LedgerStatus(_message.Message):
     last_flush_ms: int
     last_error: str
     consecutive_failures: int
-    def __init__(self, sidecar_id: _Optional[str] = ..., ledger: _Optional[str] = ..., flushed_sequence: _Optional[int] = ..., backlog_usage_rows: _Optional[int] = ..., backlog_entries: _Optional[int] = ..., last_flush_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ...) -> None: ...
+    leases: _containers.RepeatedCompositeFieldContainer[Lease]
+    leases_held: int
+    leases_reachable: bool
+    leases_error: str
+    def __init__(self, sidecar_id: _Optional[str] = ..., ledger: _Optional[str] = ..., flushed_sequence: _Optional[int] = ..., backlog_usage_rows: _Optional[int] = ..., backlog_entries: _Optional[int] = ..., last_flush_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., leases_held: _Optional[int] = ..., leases_reachable: _Optional[bool] = ..., leases_error: _Optional[str] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("customer_id", "credit_type", "balance_nano", "available_nano", "leased_nano", "given_back_nano", "expires_at_ms", "rate_nano_per_s")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    LEASED_NANO_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_BACK_NANO_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    RATE_NANO_PER_S_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    credit_type: str
+    balance_nano: int
+    available_nano: int
+    leased_nano: int
+    given_back_nano: int
+    expires_at_ms: int
+    rate_nano_per_s: int
+    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., leased_nano: _Optional[int] = ..., given_back_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., rate_nano_per_s: _Optional[int] = ...) -> None: ...

@@ -260,20 +260,32 @@ class Grant(_message.Message):
     def __init__(self, grant_id: _Optional[str] = ..., remaining_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., priority: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class CreditBalance(_message.Message):
-    __slots__ = ("credit_type", "balance_nano", "reserved_nano", "available_nano", "floor_nano", "grants")
+    __slots__ = ("credit_type", "balance_nano", "reserved_nano", "available_nano", "floor_nano", "grants", "ledger", "lease_nano", "central_available_nano", "leased_elsewhere_nano", "ledger_seen_ms", "settled_ms")
     CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
     BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
     RESERVED_NANO_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
     FLOOR_NANO_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_NANO_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    LEASED_ELSEWHERE_NANO_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_MS_FIELD_NUMBER: _ClassVar[int]
     credit_type: str
     balance_nano: int
     reserved_nano: int
     available_nano: int
     floor_nano: int
     grants: _containers.RepeatedCompositeFieldContainer[Grant]
-    def __init__(self, credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., floor_nano: _Optional[int] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
+    ledger: bool
+    lease_nano: int
+    central_available_nano: int
+    leased_elsewhere_nano: int
+    ledger_seen_ms: int
+    settled_ms: int
+    def __init__(self, credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., floor_nano: _Optional[int] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., ledger: _Optional[bool] = ..., lease_nano: _Optional[int] = ..., central_available_nano: _Optional[int] = ..., leased_elsewhere_nano: _Optional[int] = ..., ledger_seen_ms: _Optional[int] = ..., settled_ms: _Optional[int] = ...) -> None: ...
 
 class MeterUsage(_message.Message):
     __slots__ = ("meter", "quantity")
