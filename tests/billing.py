@@ -28,7 +28,8 @@ START_MS = 1_769_817_600_000
 class Billing:
     def __init__(self, tmp: Path, catalog: str, monkeypatch: pytest.MonkeyPatch, core: str = "compiled",
                  start_ms: int = START_MS, ledger: str = "", sidecar_id: str = "", balances: str = "local",
-                 loop: asyncio.AbstractEventLoop | None = None, clock: ManualClock | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, clock: ManualClock | None = None,
+                 **settings: Any) -> None:
         """``loop`` and ``clock`` may be shared by several harnesses (sidecars on one ledger, in ledger mode)."""
         self.clock = clock or ManualClock(start_ms)
         if core == "python":
@@ -39,7 +40,7 @@ class Billing:
             with Ledger(ledger) as lg:
                 lg.migrate()
         self.settings = Settings(data_dir=str(tmp / "data"), fsync=False, ledger=ledger, sidecar_id=sidecar_id,
-                                 balances=balances)
+                                 balances=balances, **settings)
         self.catalog = load_catalog(str(ROOT / "examples" / f"{catalog}.toml") if "/" not in catalog else catalog)
         self.own_loop = loop is None
         self.loop = loop or asyncio.new_event_loop()

@@ -6,16 +6,24 @@ boundaries and expiries give the engine a ``ManualClock`` and move it.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime as dt
 import time
 
 
 class Clock:
-    """Wall-clock time in milliseconds since the epoch (UTC)."""
+    """Wall-clock time in milliseconds since the epoch (UTC); and, for deadlines and
+    waits, monotonic time and sleeping (a simulation replaces both)."""
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 class ManualClock(Clock):

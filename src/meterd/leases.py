@@ -29,7 +29,6 @@ import collections
 import hashlib
 import json
 import logging
-import time
 from typing import Any
 
 from meterd import records
@@ -256,7 +255,7 @@ class Leases:
     async def cover(self, customer_id: str, ct: int, cost: int) -> bool:
         """A request of ``cost`` that the lease cannot cover: top it up, waiting for
         recalled credit at most ``lease_wait_ms``. True when the lease now covers it."""
-        started = time.monotonic()
+        started = self.clock.monotonic()
         if self.unknown.get(customer_id, 0.0) > started or self.journal.closing:
             return False
         h = self._held(customer_id, ct)
@@ -268,7 +267,7 @@ class Leases:
         async with h.lock:  # one top-up per lease at a time; the others then find it covered
             covered = await self._cover(customer_id, ct, h, cost, started, deadline)
         if covered:
-            waited = int((time.monotonic() - started) * 1000)
+            waited = int((self.clock.monotonic() - started) * 1000)
             self.counts["sync_waits"] += 1
             self.wait_ms_sum += waited
             self.wait_ms[next((i for i, b in enumerate(WAIT_BUCKETS_MS) if waited <= b), len(WAIT_BUCKETS_MS))] += 1
@@ -280,11 +279,11 @@ class Leases:
             have = self.available(customer_id, ct)
             if have >= cost:
                 return True
-            if h.exhausted_until > time.monotonic():
+            if h.exhausted_until > self.clock.monotonic():
                 return False
             try:
                 g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have, self._want(h, cost)),
-                                           max(deadline - time.monotonic(), 0.001))
+                                           max(deadline - self.clock.monotonic(), 0.001))
             except Exception:  # noqa: BLE001 - the ledger is away or slow: deny (fail closed)
                 self.counts["denied_ledger_away"] += 1
                 return False
@@ -295,13 +294,13 @@ class Leases:
             if have >= cost:
                 return True
             if have + g.available_nano + g.elsewhere_nano < cost:  # the whole balance cannot cover it
-                h.exhausted_until = time.monotonic() + self.settings.lease_heartbeat_ms / 1000
+                h.exhausted_until = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
                 self.counts["denied_exhausted"] += 1
                 return False
-            if time.monotonic() + poll >= deadline:
+            if self.clock.monotonic() + poll >= deadline:
                 self.counts["false_denies"] += 1  # credit was left at other sidecars' leases
                 return False
-            await asyncio.sleep(poll)  # recalled leases come back at their sidecars' next heartbeat
+            await self.clock.sleep(poll)  # recalled leases come back at their sidecars' next heartbeat
 
     def _forget_unknown(self, customer_id: str, ct: int) -> None:
         h = self.held.get((customer_id, ct))
@@ -312,7 +311,7 @@ class Leases:
                 del self.of_customer[customer_id]
         if len(self.unknown) >= UNKNOWN_CUSTOMERS_MAX:
             self.unknown.pop(next(iter(self.unknown)))
-        self.unknown[customer_id] = time.monotonic() + self.settings.lease_heartbeat_ms / 1000
+        self.unknown[customer_id] = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
 
     async def give_back(self, customer_id: str, ct: int, amount: int | None = None, settle: bool = False) -> int:
         """Give back ``amount`` (default: all the lease has free), durable here before the
