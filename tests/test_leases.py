@@ -363,3 +363,146 @@ def test_balance_status_and_metrics_say_what_a_lease_holds(sidecars):
     assert waits["+Inf"] == 1
     with pytest.raises(Exception, match="no lease at this sidecar"):
         s.nodes[0].balance("acme")
+
+
+# ---- what an independent review found, each kept as a test ----------------------------------------
+
+def _one(tmp: Path, url: str, monkeypatch: pytest.MonkeyPatch, name: str = "s0", catalog: str = CATALOG,
+         clock: ManualClock | None = None, loop: asyncio.AbstractEventLoop | None = None,
+         sidecar_id: str = "s0") -> Billing:
+    cat = tmp / f"{name}.toml"
+    cat.write_text(catalog)
+    with Ledger(url) as lg:
+        lg.migrate()
+    return Billing(tmp / name, str(cat), monkeypatch, core="python", ledger=url, sidecar_id=sidecar_id,
+                   balances="ledger", clock=clock or ManualClock(T0), loop=loop)
+
+
+def _consumed(node: Billing, url: str, customer: str = "acme") -> int:
+    node.flush()
+    with Ledger(url) as lg:
+        e = Escrow(lg)
+        assert e.check() == []
+        return sum(b["consumed_nano"] for b in e.balance(customer, T0))
+
+
+def test_a_keyed_call_retried_while_it_waits_for_its_lease_is_applied_once(tmp_path: Path, ledger_url: str,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    from meterd import wire
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    node.grant("acme", "usd", 10 * COST)
+    event = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=1_000, dimensions={"model": "gpt-4o"},
+                          idempotency_key="k-1")
+    data = pb.ReportRequest(event=event).SerializeToString()
+
+    async def twice(call):
+        return await asyncio.gather(call(), call())
+    answers = [pb.ReportResponse.FromString(a) for a in node.run(twice(lambda: node.engine.report(data)))]
+    assert sorted(a.duplicate for a in answers) == [False, True]
+    req = pb.AuthorizeRequest(customer_id="acme", meter="input_tokens", quantity=1_000,
+                              dimensions={"model": "gpt-4o"}, idempotency_key="a-1")
+    node.grant("other", "usd", 10 * COST)  # a customer whose first Authorize waits for a lease
+    req.customer_id = "other"
+    held = [pb.AuthorizeResponse.FromString(a)
+            for a in node.run(twice(lambda: wire.authorize(node.engine, req)))]
+    assert len({a.reservation_id for a in held}) == 1
+    assert _consumed(node, ledger_url) == COST
+
+
+def test_a_second_chance_never_overwrites_a_later_batch_of_its_client(tmp_path: Path, ledger_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    node.grant("acme", "usd", 100 * COST)
+    node.grant("beta", "usd", 100 * COST)
+    assert node.report("beta", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+
+    def batch(seq: int, customer: str) -> bytes:
+        ev = pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=1_000, dimensions={"model": "gpt-4o"})
+        return pb.ReportBatchRequest(client_id="app-1", sequence=seq, events=[ev]).SerializeToString()
+
+    async def concurrently():
+        first = asyncio.ensure_future(node.engine.report_batch(batch(1, "acme")))  # waits for a lease
+        await asyncio.sleep(0)
+        second = await node.engine.report_batch(batch(2, "beta"))  # answered meanwhile
+        return await first, second
+    node.run(concurrently())
+    node.restart(clean=True)
+    again = pb.ReportBatchResponse.FromString(node.run(node.engine.report_batch(batch(2, "beta"))))
+    assert again.duplicate
+    assert _consumed(node, ledger_url, "beta") == 2 * COST
+
+
+def test_a_lease_whose_answer_was_lost_is_taken_in_at_the_next_heartbeat(tmp_path: Path, ledger_url: str,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    real = Escrow.acquire
+    lose = {"next": True}
+
+    def acquire(self, *args, **kw):
+        out = real(self, *args, **kw)  # committed in the ledger ...
+        if lose["next"]:
+            lose["next"] = False
+            raise TimeoutError("the answer was lost")  # ... and its answer never arrives
+        return out
+    monkeypatch.setattr(Escrow, "acquire", acquire)
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    node.grant("acme", "usd", 10 * COST)
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY  # fails closed
+    node.restart(clean=False)  # and the sidecar is killed before its next heartbeat
+    node.run(node.engine.leases.beat())  # looks the lease up, and takes it in
+    allowed = sum(node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+                  for _ in range(12))
+    assert allowed == 10
+    node.run(node.engine.leases.return_all())
+    assert _consumed(node, ledger_url) == 10 * COST
+
+
+def test_a_fenced_sidecar_stops_spending_its_leases(tmp_path: Path, ledger_url: str,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    old = _one(tmp_path, ledger_url, monkeypatch, "old")
+    other = _one(tmp_path, ledger_url, monkeypatch, "other", clock=old.clock, loop=old.loop, sidecar_id="s1")
+    old.grant("acme", "usd", 10 * COST)
+    assert old.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).release_sidecar("s0", T0 + 1)  # the operator took it for dead, and gave its lease back
+    with pytest.raises(Fenced):
+        old.run(old.engine.leases.beat())
+    assert [old.report("acme", "input_tokens", 1_000, model="gpt-4o").decision for _ in range(3)] == \
+        [pb.DECISION_DENY] * 3
+    # What it spent and never settled was given back with the rest (in the customer's favour: README).
+    assert sum(other.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+               for _ in range(12)) == 10
+    other.close()
+
+
+def test_a_flush_that_takes_an_id_over_fences_the_data_directory_it_replaces(escrow: Escrow):
+    from meterd.ledger import Flush
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "old", "c1", "usd", 400, 400, 1, T0)
+    assert escrow.ledger.apply_flush(Flush("s1", 1, incarnation="old", first=True))
+    assert escrow.ledger.apply_flush(Flush("s1", 2, incarnation="new", first=True),
+                                     lambda lg: Escrow(lg).settle_flush("s1", "new", [], T0 + 1))
+    assert escrow.balance("c1", T0)[0]["available_nano"] == 1_000  # the old lease came back
+    with pytest.raises(Fenced):
+        escrow.heartbeat("s1", "old", T0 + 2, False, 1_000)
+    escrow.heartbeat("s1", "new", T0 + 3, False, 1_000)
+
+
+def test_a_catalog_reload_that_renumbers_credit_types_keeps_the_leases(tmp_path: Path, ledger_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    from meterd.catalog import load_catalog
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    node.grant("acme", "usd", 10 * COST)
+    allowed = node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    renumbered = tmp_path / "renumbered.toml"
+    renumbered.write_text('[credit_types.credits]\nkind = "custom"\n' + CATALOG)
+    node.run(node.engine.reload_catalog(load_catalog(str(renumbered))))
+    allowed += sum(node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+                   for _ in range(30))
+    assert allowed == 10
+    assert _consumed(node, ledger_url) == 10 * COST
+
+
+def test_a_grant_past_64_bits_is_refused_as_invalid(escrow: Escrow):
+    escrow.grant("c1", "usd", (1 << 62), 0, 0, "api", "", T0)
+    with pytest.raises(InvalidInput, match="64 bits"):
+        escrow.grant("c1", "usd", (1 << 62), 0, 0, "api", "", T0)

@@ -47,6 +47,7 @@ ADJUST_PRIORITY = 1_000_000      # credits added by Adjust are spent after every
 GRANTS_OPEN_MAX = 1_000          # buckets with credit left, per customer and credit type
 RECALLS_PER_HEARTBEAT_MAX = 1_000
 KEY_CHARS_MAX = 300
+INT64_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,9 @@ class Escrow:
         if int(open_count) >= GRANTS_OPEN_MAX:
             raise LimitReached(f"customer {customer_id!r} has {open_count} grants of {credit_type} with credit left "
                                f"(at most {GRANTS_OPEN_MAX}); let some be spent or expire first")
+        if s.granted + amount > INT64_MAX:
+            raise InvalidInput("amount_nano", f"would take {customer_id!r}'s {credit_type} granted in all past "
+                               "64 bits (9.2e18 nano)")
         before = s.balance
         repaid = min(amount, s.overdrawn)  # what was spent beyond the balance is paid first
         s.grants_made += 1
@@ -560,8 +564,14 @@ class Escrow:
             self._put_sums(customer_id, credit_type, s, now_ms)
         return delta
 
+    def settle_flush(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
+        """Inside a flush's transaction (``Ledger.apply_flush``'s ``within``): the leases of a data
+        directory this flush has taken the id over from come back, then the consumption is settled."""
+        self._release_leases(sidecar_id, now_ms, other_than=incarnation)
+        self.settle(sidecar_id, incarnation, settlements, now_ms)
+
     def settle(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
-        """Consumption of leases, inside a flush's transaction (``Ledger.apply_flush``'s ``within``)."""
+        """Consumption of leases, up to running totals (again: nothing)."""
         for st in sorted(settlements, key=lambda x: (x.customer_id, x.credit_type)):
             s = self._sums(st.customer_id, st.credit_type, True, now_ms)
             assert s is not None  # made when missing

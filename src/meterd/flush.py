@@ -238,11 +238,11 @@ class Flusher:
     def _apply_pending(self, ledger: Ledger, pending: dict) -> bool:
         """On the ledger thread: read the flush's rows from LMDB and apply them."""
         flush = self._build_flush(pending)
-        if not flush.settlements:
+        if self.settings.balances != "ledger":
             return ledger.apply_flush(flush)
         now = self.clock.now_ms()
-        return ledger.apply_flush(flush, lambda lg: Escrow(lg).settle(flush.sidecar_id, flush.incarnation,
-                                                                       flush.settlements, now))
+        return ledger.apply_flush(flush, lambda lg: Escrow(lg).settle_flush(flush.sidecar_id, flush.incarnation,
+                                                                             flush.settlements, now))
 
     async def finish_flush(self, pending: dict) -> None:
         """The ledger has committed the flush: forget what it holds."""

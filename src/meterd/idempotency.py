@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from typing import AsyncIterator
 
 from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key, label_of_key
 from meterd.clock import Clock
@@ -33,6 +35,9 @@ class Idempotency:
         self.journal = journal
         self.clock = clock
         self.tenants = tenants  # per-tenant quotas apply
+        # Keys whose first call is waiting (for a lease, in ledger mode) between its lookup and its answer:
+        # a retry meanwhile waits for that answer instead of applying the request again.
+        self.waiting: dict[bytes, asyncio.Future] = {}
 
     def key(self, label: str, rpc: str, customer_id: str, keyed: Keyed | None) -> bytes | None:
         """The store key of a call (None without an idempotency key); Admin calls pass ADMIN_LABEL."""
@@ -79,6 +84,8 @@ class Idempotency:
         refused when its tenant has no room left to remember it."""
         if key is None or keyed is None:
             return None
+        while key in self.waiting:
+            await asyncio.shield(self.waiting[key])
         entry = self.answers.get(key, self.clock.now_ms())
         if entry is None:
             self.answers.room(label_of_key(key), self.tenants)
@@ -88,6 +95,21 @@ class Idempotency:
         if entry.pending is not None:
             await asyncio.shield(entry.pending)  # raises if that commit failed
         return Replay(entry.response)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: bytes | None) -> AsyncIterator[None]:
+        """While a keyed call awaits between its lookup and its answer: retries of its key wait.
+        The answer must be remembered with no await after the block, so that they find it."""
+        if key is None or key in self.waiting:
+            yield
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[key] = fut
+        try:
+            yield
+        finally:
+            del self.waiting[key]
+            fut.set_result(None)
 
     def remember(self, key: bytes | None, keyed: Keyed | None, response: bytes) -> list[Op]:
         if key is None or keyed is None:

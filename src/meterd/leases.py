@@ -40,6 +40,7 @@ from meterd.errors import ConfigError, InvalidInput, LimitReached, MeterdError, 
 from meterd.escrow import Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
+from meterd.ledger import Fenced
 from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
 from meterd.results import Keyed, LeaseRow, LeaseView
@@ -51,13 +52,15 @@ log = logging.getLogger("meterd.leases")
 UNKNOWN_CUSTOMERS_MAX = 10_000   # customers the ledger does not know, remembered for a heartbeat
 SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars sharing the ledger
 SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
+LOOKUPS_PER_HEARTBEAT_MAX = 200  # lease calls for customers not held here, per heartbeat
 
 
 class Held:
     """One lease as this sidecar holds it."""
 
     __slots__ = ("leased_in", "given_back", "sent_back", "expires_at_ms", "unit_nano", "rate_nano_s", "mark_nano",
-                 "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms", "exhausted_until", "lock")
+                 "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms", "exhausted_until", "uncertain",
+                 "lock")
 
     def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0) -> None:
         self.leased_in = leased_in      # running totals, durable in LMDB ("leases")
@@ -73,6 +76,9 @@ class Held:
         self.elsewhere_nano = 0
         self.seen_ms = 0                # when the ledger last answered about it
         self.exhausted_until = 0.0      # monotonic time before which the balance is known to be spent
+        # A lease call failed, or this sidecar restarted: the ledger may have leased more than came in here
+        # (its answer was lost). The next heartbeat asks (a lease call for nothing) and takes it in.
+        self.uncertain = False
         self.lock = asyncio.Lock()
 
     def doc(self) -> bytes:
@@ -113,11 +119,15 @@ class Leases:
         self._beats = 0
         self._scan_from = 0
         self.generation = 0
+        self.reconciled = False  # with the ledger's leases of this data directory, since the last start
+        self.fenced = False      # the ledger refuses this data directory for good
+        self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
 
     # ---- state ------------------------------------------------------------------------
 
     def load(self) -> None:
         self.generation += 1  # counts loads from disk: a figure read before one may not be durable
+        self.reconciled = False
         names = self.live.catalog.credit_index
         self.held, self.of_customer = {}, collections.defaultdict(set)
         now = self.clock.now_ms()
@@ -129,6 +139,15 @@ class Leases:
             doc = json.loads(value)
             h = self.held[(cust, ct)] = Held(doc["leased_in"], doc["given_back"], now)
             h.sent_back = -1  # sent again at the next heartbeat: the ledger may not have heard of the last one
+            h.uncertain = True
+            self.of_customer[cust].add(ct)
+
+    def rename(self, old: Catalog, new: Catalog) -> None:
+        """A catalog reload: the leases move to the new catalog's credit type numbers (check_reload
+        has refused a catalog without a credit type that is leased)."""
+        self.held = {(cust, new.credit_index[old.credit_types[ct].name]): h for (cust, ct), h in self.held.items()}
+        self.of_customer = collections.defaultdict(set)
+        for cust, ct in self.held:
             self.of_customer[cust].add(ct)
 
     def seed(self, catalog: Catalog) -> None:
@@ -215,6 +234,11 @@ class Leases:
             return getattr(Escrow(ledger), method)(*args)
         try:
             out = await self.link.call(call)
+        except Fenced as e:
+            self.reachable = True
+            self.last_error = str(e)
+            self._void()
+            raise
         except MeterdError as e:
             self.reachable = True  # it answered: the refusal is the caller's
             self.last_error = str(e)
@@ -227,14 +251,32 @@ class Leases:
         self.reachable = True
         return out
 
+    def _void(self) -> None:
+        """The ledger refuses this data directory for good (replaced under its id, or released by an
+        operator) and has taken its leases back: nothing more is spent from them here."""
+        if not self.fenced:
+            log.error("the ledger refuses this sidecar (%s): its leases are void, and requests they would have "
+                      "covered are denied", self.last_error)
+        self.fenced = True
+        ops: list[Op] = []
+        for (customer_id, ct), h in self.held.items():
+            free = self.available(customer_id, ct)
+            if free > 0:
+                ops += self._move_ops(customer_id, ct, h, -free)
+            h.sent_back = h.given_back  # the ledger has it back already
+        if ops:
+            self.journal.submit_ahead(ops)
+
     def _ids(self) -> tuple[str, str]:
         return self.flusher.sidecar_id, self.flusher.incarnation
 
     async def _acquire(self, customer_id: str, ct: int, h: Held, need: int, want: int) -> LeaseGrant:
         """One lease transaction, and the credit it brings (by the ledger's running total)."""
         name = self.live.catalog.credit_types[ct].name
+        h.uncertain = True  # until its answer is in
         g: LeaseGrant = await self._escrow("acquire", *self._ids(), customer_id, name, need, want, self.sharers,
                                            self.clock.now_ms())
+        h.uncertain = False
         self.counts["acquisitions"] += 1
         if not g.known:
             return g
@@ -256,15 +298,25 @@ class Leases:
         """A request of ``cost`` that the lease cannot cover: top it up, waiting for
         recalled credit at most ``lease_wait_ms``. True when the lease now covers it."""
         started = self.clock.monotonic()
-        if self.unknown.get(customer_id, 0.0) > started or self.journal.closing:
+        if self.fenced or self.unknown.get(customer_id, 0.0) > started or self.journal.closing:
             return False
-        h = self._held(customer_id, ct)
+        h = self.held.get((customer_id, ct))
         if h is None:
-            self.counts["leases_full"] += 1
-            return False
+            # A customer not held here costs a lease call: at most so many per heartbeat, so that
+            # made-up customer ids cannot keep the ledger busy.
+            if self.lookups >= LOOKUPS_PER_HEARTBEAT_MAX:
+                self.counts["lookups_limited"] += 1
+                return False
+            self.lookups += 1
+            h = self._held(customer_id, ct)
+            if h is None:
+                self.counts["leases_full"] += 1
+                return False
         h.unit_nano = max(cost, 1)
         deadline = started + self.settings.lease_wait_ms / 1000
         async with h.lock:  # one top-up per lease at a time; the others then find it covered
+            if self.held.get((customer_id, ct)) is not h:  # forgotten meanwhile (an unknown customer)
+                return False
             covered = await self._cover(customer_id, ct, h, cost, started, deadline)
         if covered:
             waited = int((self.clock.monotonic() - started) * 1000)
@@ -361,9 +413,12 @@ class Leases:
     async def beat(self) -> None:
         """One heartbeat (tests call it to move time on)."""
         self._beats += 1
+        self.lookups = 0
         count = self._beats % SHARERS_EVERY == 1
         hb = await self._escrow("heartbeat", *self._ids(), self.clock.now_ms(), count,
                                 int(self.settings.lease_idle_s * 1000))
+        if not self.reconciled:
+            await self._reconcile()
         if count:
             self.sharers = max(hb.sharers, 1)
         names = self.live.catalog.credit_index
@@ -379,6 +434,22 @@ class Leases:
             self.seeds.pop(0)
         await self._look_after()
 
+    async def _reconcile(self) -> None:
+        """Once after each start: a lease the ledger made for this data directory whose answer
+        never came in (lost, then a restart) is looked up and taken in at the next look."""
+        names = self.live.catalog.credit_index
+        sid, incarnation = self._ids()
+        for lease in await self._escrow("leases_of", sid):
+            ct = names.get(lease.credit_type)
+            if ct is None or lease.incarnation != incarnation:
+                continue
+            h = self.held.get((lease.customer_id, ct))
+            if h is None or lease.leased_total_nano > h.leased_in:
+                h = h or self._held(lease.customer_id, ct)
+                if h is not None:
+                    h.uncertain = True
+        self.reconciled = True
+
     async def _look_after(self) -> None:
         keys = list(self.held)
         if not keys:
@@ -393,6 +464,12 @@ class Leases:
                 continue
             if h.sent_back != h.given_back:
                 await self._send_back(customer_id, ct, h)
+            if h.uncertain:
+                async with h.lock:
+                    g = await self._acquire(customer_id, ct, h, 0, 0)  # moves nothing; brings in what was leased
+                if not g.known:
+                    self._forget_unknown(customer_id, ct)
+                    continue
             self._measure(h, customer_id, ct, now)
             free = self.available(customer_id, ct)
             if (h.expires_at_ms and now >= h.expires_at_ms) or (
@@ -424,7 +501,11 @@ class Leases:
         """At shutdown: give back what every lease has free, bounded by the ledger timeout."""
         try:
             async with asyncio.timeout(self.settings.ledger_timeout_s):
-                for customer_id, ct in list(self.held):
+                if not self.reconciled:
+                    await self._reconcile()
+                for (customer_id, ct), h in list(self.held.items()):
+                    if h.uncertain:
+                        await self._acquire(customer_id, ct, h, 0, 0)
                     await self.give_back(customer_id, ct)
         except Exception as e:  # noqa: BLE001 - what is not given back stays leased until the next start
             log.warning("giving back leases at shutdown stopped: %s", e)

@@ -500,6 +500,11 @@ class Ledger:
                         f"has its flush {last}); give each data directory its own sidecar_id")
                 self._exec("UPDATE meterd_sidecars SET incarnation = ? WHERE sidecar_id = ?",
                            (flush.incarnation, flush.sidecar_id))
+                # The data directory it replaces is refused from now on (in ledger mode its leases
+                # come back in ``within``, Escrow.settle_flush).
+                self._exec("INSERT INTO meterd_fenced (sidecar_id, incarnation, fenced_ms, reason) VALUES "
+                           "(?, ?, ?, 'replaced') ON CONFLICT (sidecar_id, incarnation) DO NOTHING",
+                           (flush.sidecar_id, incarnation, now))
             elif flush.sequence <= last:
                 return False
             self._exec("INSERT INTO meterd_flushes (sidecar_id, sequence, incarnation, applied_ms, usage_rows, "

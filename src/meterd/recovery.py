@@ -296,6 +296,8 @@ class Recovery:
             self.live.catalog = new
             self.holds.rename(old, new)
             self.grants.rename(old, new)
+            if self.leases is not None:
+                self.leases.rename(old, new)
             self.grants.index_expiries()
             ops = self.seed_ops() + self.snapshots.ops_now()
             pos = self.journal.log_pos

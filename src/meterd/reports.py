@@ -133,7 +133,7 @@ class Reports:
             after: list[Op] = []
             if merged is not None:
                 result = merged
-                if cid and state is not None:
+                if cid and state is not None and self.clients.get(cid) is state:  # no later batch meanwhile
                     state.result = result
                     after.append(("clients", cid, u64(seq) + u64(at) + result))
             if first is not None:
@@ -313,8 +313,12 @@ class Reports:
         core.set_clock(at)
         decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                           else tenant.prefix)
-        if decision == DENY and self.leases is not None and await self._covered(
-                meter_pb2.ReportRequest.FromString(data).event):
+        if decision == DENY and self.leases is not None:
+            async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
+                covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event)
+        else:
+            covered = False
+        if covered:
             self._after_wait(core)
             at = self.clock.now_ms()
             core.set_clock(at)

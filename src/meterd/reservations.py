@@ -88,10 +88,15 @@ class Reservations:
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
         reserved = idx >= 0 and core.reserve(idx, ct, amount)
-        if not reserved and self.leases is not None and await self.leases.cover(customer_id, ct, amount):
+        covered = False
+        if not reserved and self.leases is not None:
+            async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
+                covered = await self.leases.cover(customer_id, ct, amount)
+        if covered:
             self.journal.check_writable()
             if self.live.core is not core:
                 raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
+            self.holds.open_room("reservation", label)  # other calls may have taken it meanwhile
             idx = core.account(cust)
             reserved = idx >= 0 and core.reserve(idx, ct, amount)
         if not reserved:
