@@ -74,10 +74,15 @@ def bench_catalog(path: Path, customers: int = CUSTOMERS) -> None:
 class Server:
     """A meterd daemon, or the echo server, as a subprocess on loopback."""
 
-    def __init__(self, kind: str = "meterd", fsync: bool = True, customers: int = CUSTOMERS) -> None:
+    def __init__(self, kind: str = "meterd", fsync: bool = True, customers: int = CUSTOMERS,
+                 env: dict[str, str] | None = None, seeded: bool = True) -> None:
+        """``env``: settings for the daemon; ``seeded``: the catalog grants the customers' balances
+        (else they are granted elsewhere, in the ledger say)."""
         self.kind = kind
         self.fsync = fsync
         self.customers = customers
+        self.env = env or {}
+        self.seeded = seeded
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"meterd-bench-{kind}-"))
         self.proc: subprocess.Popen | None = None
@@ -95,12 +100,13 @@ class Server:
                     "echo-durable": ["--handoff", "--durable", str(self.dir / "lmdb")]}[self.kind]
         else:
             catalog = self.dir / "catalog.toml"
-            bench_catalog(catalog, self.customers)
+            bench_catalog(catalog, self.customers if self.seeded else 0)
             cmd = [sys.executable, "-m", "meterd", "serve", "--data-dir", str(self.dir / "data"),
                    "--listen", self.target, "--catalog", str(catalog)]
             if not self.fsync:
                 cmd.append("--no-fsync")
             env["METERD_LOG_LEVEL"] = "warning"
+            env.update(self.env)
         self.log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()

@@ -75,6 +75,13 @@ def test_the_kubernetes_manifest_shares_the_socket_and_keeps_the_data():
     assert containers["meterd"]["args"] == ["serve", "--config", "/etc/meterd/meterd.toml"]
     assert pod["terminationGracePeriodSeconds"] > 20  # more than shutdown_grace_s: the last flush has time
     assert containers["meterd"]["readinessProbe"]["httpGet"]["port"] == "metrics"
+    # Many replicas share each customer's balance through the one ledger, which the Job migrates.
+    env = {e["name"]: e for e in containers["meterd"]["env"]}
+    assert sts["spec"]["replicas"] > 1 and env["METERD_BALANCES"]["value"] == "ledger"
+    assert env["METERD_LEDGER"]["valueFrom"]["secretKeyRef"] == {"name": "meterd-ledger", "key": "url"}
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["ledger", "migrate"]
+    assert any(d["kind"] == "StatefulSet" and d["metadata"]["name"] == "ledger-db" for d in docs)
 
 
 @pytest.mark.spawns

@@ -434,16 +434,16 @@ def test_a_second_chance_never_overwrites_a_later_batch_of_its_client(tmp_path: 
 
 def test_a_lease_whose_answer_was_lost_is_taken_in_at_the_next_heartbeat(tmp_path: Path, ledger_url: str,
                                                                          monkeypatch: pytest.MonkeyPatch):
-    real = Escrow.acquire
+    real = Escrow.acquire_many
     lose = {"next": True}
 
-    def acquire(self, *args, **kw):
+    def acquire_many(self, *args, **kw):
         out = real(self, *args, **kw)  # committed in the ledger ...
         if lose["next"]:
             lose["next"] = False
             raise TimeoutError("the answer was lost")  # ... and its answer never arrives
         return out
-    monkeypatch.setattr(Escrow, "acquire", acquire)
+    monkeypatch.setattr(Escrow, "acquire_many", acquire_many)
     node = _one(tmp_path, ledger_url, monkeypatch)
     node.grant("acme", "usd", 10 * COST)
     assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY  # fails closed

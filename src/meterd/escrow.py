@@ -444,46 +444,61 @@ class Escrow:
         burn-down order, into this sidecar's lease. When that is less than
         ``need_nano``, the other leases of the customer's credit type are
         recalled (they come back at their sidecars' next heartbeat)."""
+        return self.acquire_many(sidecar_id, incarnation, [(customer_id, credit_type, need_nano, want_nano)], sharers,
+                                 now_ms)[0]
+
+    def acquire_many(self, sidecar_id: str, incarnation: str, wants: list[tuple[str, str, int, int]], sharers: int,
+                     now_ms: int) -> list[LeaseGrant]:
+        """Leases of several customers' credit types (customer, credit type, need, want) in one
+        transaction, locked in sorted order; the answers in the order asked."""
+        invariant(len({(c, ct) for c, ct, _, _ in wants}) == len(wants), "a lease asked twice in one call")
         with self.ledger._transaction():
             self._admit(sidecar_id, incarnation, now_ms)
-            s = self._sums(customer_id, credit_type, False, now_ms)
-            if s is None:
-                return LeaseGrant(known=False)
-            self._expire(customer_id, credit_type, s, now_ms)
-            lease = self._own_lease(sidecar_id, incarnation, customer_id, credit_type, s, now_ms)
-            size = lease_size(need_nano, want_nano, s.available, sharers)
-            left = size
-            held = {b.grant_id: amount for b, amount in self._parts(sidecar_id, customer_id, credit_type)}
-            for b in self._buckets(customer_id, credit_type):
-                take = min(left, b.remaining)
-                if not take:
-                    break
-                b.remaining -= take
-                b.leased += take
-                left -= take
-                self._put_bucket(customer_id, credit_type, b)
-                self._put_part(sidecar_id, customer_id, credit_type, b.grant_id, held.get(b.grant_id, 0) + take)
-            invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
-            s.available -= size
-            s.leased += size
-            (elsewhere,), = self._rows("SELECT COALESCE(SUM(amount_nano), 0) FROM meterd_leases WHERE "
-                                       "customer_id = ? AND credit_type = ? AND sidecar_id <> ?",
-                                       (customer_id, credit_type, sidecar_id))
-            recalled = 0
-            # need_nano is what the sidecar is short of: the ledger's figure of its lease lags its spending.
-            if size < need_nano and int(elsewhere) > 0:
-                recalled = len(self._rows("SELECT sidecar_id FROM meterd_leases WHERE customer_id = ? AND "
-                                          "credit_type = ? AND sidecar_id <> ? AND amount_nano > 0",
-                                          (customer_id, credit_type, sidecar_id)))
-                self._exec("UPDATE meterd_leases SET recall_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
-                           "sidecar_id <> ? AND amount_nano > 0 AND recall_ms = 0",
-                           (now_ms, customer_id, credit_type, sidecar_id))
-            expires = self._soonest_expiry(sidecar_id, customer_id, credit_type)
+            out = {(c, ct): self._acquire_one(sidecar_id, incarnation, c, ct, need, want, sharers, now_ms)
+                   for c, ct, need, want in sorted(wants)}
+        return [out[(c, ct)] for c, ct, _, _ in wants]
+
+    def _acquire_one(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, need_nano: int,
+                     want_nano: int, sharers: int, now_ms: int) -> LeaseGrant:
+        s = self._sums(customer_id, credit_type, False, now_ms)
+        if s is None:
+            return LeaseGrant(known=False)
+        self._expire(customer_id, credit_type, s, now_ms)
+        lease = self._own_lease(sidecar_id, incarnation, customer_id, credit_type, s, now_ms)
+        size = lease_size(need_nano, want_nano, s.available, sharers)
+        left = size
+        held = {b.grant_id: amount for b, amount in self._parts(sidecar_id, customer_id, credit_type)} if size else {}
+        for b in self._buckets(customer_id, credit_type) if size else []:
+            take = min(left, b.remaining)
+            if not take:
+                break
+            b.remaining -= take
+            b.leased += take
+            left -= take
+            self._put_bucket(customer_id, credit_type, b)
+            self._put_part(sidecar_id, customer_id, credit_type, b.grant_id, held.get(b.grant_id, 0) + take)
+        invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
+        s.available -= size
+        s.leased += size
+        (elsewhere,), = self._rows("SELECT COALESCE(SUM(amount_nano), 0) FROM meterd_leases WHERE "
+                                   "customer_id = ? AND credit_type = ? AND sidecar_id <> ?",
+                                   (customer_id, credit_type, sidecar_id))
+        recalled = 0
+        # need_nano is what the sidecar is short of: the ledger's figure of its lease lags its spending.
+        if size < need_nano and int(elsewhere) > 0:
+            recalled = len(self._rows("SELECT sidecar_id FROM meterd_leases WHERE customer_id = ? AND "
+                                      "credit_type = ? AND sidecar_id <> ? AND amount_nano > 0",
+                                      (customer_id, credit_type, sidecar_id)))
+            self._exec("UPDATE meterd_leases SET recall_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
+                       "sidecar_id <> ? AND amount_nano > 0 AND recall_ms = 0",
+                       (now_ms, customer_id, credit_type, sidecar_id))
+        expires = self._soonest_expiry(sidecar_id, customer_id, credit_type) if size else lease.expires_at_ms
+        if size:
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
                        "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ? WHERE sidecar_id = ? "
                        "AND customer_id = ? AND credit_type = ?",
                        (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
-            self._put_sums(customer_id, credit_type, s, now_ms)
+        self._put_sums(customer_id, credit_type, s, now_ms)  # expiry may have moved it, even without a lease
         return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
                           int(elsewhere), recalled)
 

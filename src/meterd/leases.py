@@ -52,7 +52,8 @@ log = logging.getLogger("meterd.leases")
 UNKNOWN_CUSTOMERS_MAX = 10_000   # customers the ledger does not know, remembered for a heartbeat
 SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars sharing the ledger
 SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
-LOOKUPS_PER_HEARTBEAT_MAX = 200  # lease calls for customers not held here, per heartbeat
+LOOKUPS_PER_HEARTBEAT_MAX = 5_000  # lease calls for customers not held here, per heartbeat
+LEASE_CALL_ASKS_MAX = 1_000      # leases asked for in one transaction
 
 
 class Held:
@@ -60,7 +61,7 @@ class Held:
 
     __slots__ = ("leased_in", "given_back", "sent_back", "expires_at_ms", "unit_nano", "rate_nano_s", "mark_nano",
                  "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms", "exhausted_until", "uncertain",
-                 "lock")
+                 "last_size", "acquired_ms", "acquired_consumed", "lock")
 
     def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0) -> None:
         self.leased_in = leased_in      # running totals, durable in LMDB ("leases")
@@ -79,6 +80,9 @@ class Held:
         # A lease call failed, or this sidecar restarted: the ledger may have leased more than came in here
         # (its answer was lost). The next heartbeat asks (a lease call for nothing) and takes it in.
         self.uncertain = False
+        self.last_size = 0              # the last lease's size, and when and at what consumption it was asked
+        self.acquired_ms = 0
+        self.acquired_consumed = 0
         self.lock = asyncio.Lock()
 
     def doc(self) -> bytes:
@@ -121,6 +125,8 @@ class Leases:
         self.generation = 0
         self.reconciled = False  # with the ledger's leases of this data directory, since the last start
         self.fenced = False      # the ledger refuses this data directory for good
+        self._asking: list[tuple[str, int, Held, int, int, asyncio.Future]] = []  # lease calls for the next transaction
+        self._sender: asyncio.Future | None = None
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
 
     # ---- state ------------------------------------------------------------------------
@@ -271,28 +277,73 @@ class Leases:
         return self.flusher.sidecar_id, self.flusher.incarnation
 
     async def _acquire(self, customer_id: str, ct: int, h: Held, need: int, want: int) -> LeaseGrant:
-        """One lease transaction, and the credit it brings (by the ledger's running total)."""
-        name = self.live.catalog.credit_types[ct].name
+        """A lease transaction for one customer's credit type, and the credit it brings (by the
+        ledger's running total). Calls made while one is in flight go together in the next
+        transaction (``Escrow.acquire_many``), as commits do in LMDB: a batch with denials of
+        many customers costs one round trip, not one each."""
         h.uncertain = True  # until its answer is in
-        g: LeaseGrant = await self._escrow("acquire", *self._ids(), customer_id, name, need, want, self.sharers,
-                                           self.clock.now_ms())
+        fut: asyncio.Future[LeaseGrant] = asyncio.get_running_loop().create_future()
+        self._asking.append((customer_id, ct, h, need, want, fut))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_asks())
+        return await fut
+
+    async def _send_asks(self) -> None:
+        while self._asking:
+            batch, self._asking = self._asking[:LEASE_CALL_ASKS_MAX], self._asking[LEASE_CALL_ASKS_MAX:]
+            names = self.live.catalog.credit_types
+            wants = [(c, names[ct].name, need, want) for c, ct, _, need, want, _ in batch]
+            try:
+                grants = await self._escrow("acquire_many", *self._ids(), wants, self.sharers, self.clock.now_ms())
+            except BaseException as e:  # noqa: BLE001 - every waiter hears of it; the leases stay uncertain
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                        fut.exception()  # retrieved: a waiter that timed out does not leave it unread
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            ops: list[Op] = []
+            for (customer_id, ct, h, _, _, fut), g in zip(batch, grants, strict=True):
+                ops += self._took(customer_id, ct, h, g)  # whether or not its caller still waits
+                if not fut.done():
+                    fut.set_result(g)
+            if ops:
+                self.journal.submit_ahead(ops)
+
+    def _took(self, customer_id: str, ct: int, h: Held, g: LeaseGrant) -> list[Op]:
+        """What a lease answer brings: the credit the ledger has moved here and this sidecar has not had."""
         h.uncertain = False
         self.counts["acquisitions"] += 1
         if not g.known:
-            return g
+            return []
         h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
         h.seen_ms = self.clock.now_ms()
+        if g.granted_nano:
+            h.last_size = g.granted_nano
         if g.recalled:
             self.counts["recalls_asked"] += g.recalled
         arrived = g.leased_total_nano - h.leased_in
-        if arrived > 0:  # this call's grant, and any an earlier answer never brought
-            self.journal.submit_ahead(self._move_ops(customer_id, ct, h, arrived))
-            self.counts["leased_nano"] += arrived
-        return g
+        if arrived <= 0:
+            return []
+        self.counts["leased_nano"] += arrived  # this call's grant, and any an earlier answer never brought
+        return self._move_ops(customer_id, ct, h, arrived)
 
     def _want(self, h: Held, cost: int) -> int:
-        horizon = int(h.rate_nano_s * self.settings.lease_refill_horizon_s)
-        return max(horizon, cost * (self.settings.lease_requests_min if not h.rate_nano_s else 1))
+        """The spend rate here times the refill horizon; a lease that ran out sooner than the low-water
+        time has too small a rate: twice the last one, then (a new lease) room for lease_requests_min."""
+        want = int(h.rate_nano_s * self.settings.lease_refill_horizon_s)
+        now = self.clock.now_ms()
+        if h.last_size and now - h.acquired_ms < self.settings.lease_low_water_s * 1000:
+            want = max(want, 2 * h.last_size)
+        return max(want, cost * (self.settings.lease_requests_min if not h.rate_nano_s else 1))
+
+    def _rate_at_top_up(self, h: Held, customer_id: str, ct: int) -> None:
+        """A top-up tells the spend rate since the last one, long before the heartbeat's look would."""
+        now, consumed = self.clock.now_ms(), self._consumed(h, customer_id, ct)
+        if h.acquired_ms and now > h.acquired_ms:
+            h.rate_nano_s = max(h.rate_nano_s, (consumed - h.acquired_consumed) * 1000 // (now - h.acquired_ms))
+        h.acquired_ms, h.acquired_consumed = now, consumed
 
     async def cover(self, customer_id: str, ct: int, cost: int) -> bool:
         """A request of ``cost`` that the lease cannot cover: top it up, waiting for
@@ -333,6 +384,7 @@ class Leases:
                 return True
             if h.exhausted_until > self.clock.monotonic():
                 return False
+            self._rate_at_top_up(h, customer_id, ct)
             try:
                 g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have, self._want(h, cost)),
                                            max(deadline - self.clock.monotonic(), 0.001))
@@ -458,18 +510,16 @@ class Leases:
         chosen = (keys[start:] + keys[:start])[:SCAN_PER_HEARTBEAT_MAX]
         self._scan_from = start + len(chosen)
         now = self.clock.now_ms()
+        asks: list[tuple[str, int, Held, int, int]] = []  # lease calls, made together (one transaction)
         for customer_id, ct in chosen:
             h = self.held.get((customer_id, ct))
             if h is None or h.lock.locked():
                 continue
             if h.sent_back != h.given_back:
                 await self._send_back(customer_id, ct, h)
-            if h.uncertain:
-                async with h.lock:
-                    g = await self._acquire(customer_id, ct, h, 0, 0)  # moves nothing; brings in what was leased
-                if not g.known:
-                    self._forget_unknown(customer_id, ct)
-                    continue
+            if h.uncertain:  # moves nothing; brings in what was leased
+                asks.append((customer_id, ct, h, 0, 0))
+                continue
             self._measure(h, customer_id, ct, now)
             free = self.available(customer_id, ct)
             if (h.expires_at_ms and now >= h.expires_at_ms) or (
@@ -479,9 +529,16 @@ class Leases:
                     await self.give_back(customer_id, ct)
                 h.expires_at_ms = 0
             elif h.rate_nano_s and free < max(h.unit_nano, int(h.rate_nano_s * self.settings.lease_low_water_s)):
-                async with h.lock:
-                    self.counts["refills"] += 1
-                    await self._acquire(customer_id, ct, h, h.unit_nano, self._want(h, h.unit_nano))
+                self.counts["refills"] += 1
+                asks.append((customer_id, ct, h, h.unit_nano, self._want(h, h.unit_nano)))
+        for (customer_id, ct), g in await asyncio.gather(*(self._locked_acquire(*a) for a in asks)):
+            if not g.known:
+                self._forget_unknown(customer_id, ct)
+
+    async def _locked_acquire(self, customer_id: str, ct: int, h: Held, need: int,
+                              want: int) -> tuple[tuple[str, int], LeaseGrant]:
+        async with h.lock:
+            return (customer_id, ct), await self._acquire(customer_id, ct, h, need, want)
 
     def _measure(self, h: Held, customer_id: str, ct: int, now: int) -> None:
         """The recent spend rate of a lease, from its consumption between looks."""

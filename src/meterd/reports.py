@@ -187,11 +187,12 @@ class Reports:
                 n[0], n[1] = n[0] + need[2], min(n[1], need[2])
         leases = self.leases
         assert leases is not None  # for mypy: only asked in ledger mode
-        helped = False
-        for (c, ct), (total, least) in sorted(needs.items()):
-            # All of them if the balance allows, else what there is: part of the batch may pass.
-            helped = await leases.cover(c, ct, total) or leases.available(c, ct) >= least or helped
-        if not helped:
+        # All of them if the balance allows, else what there is: part of the batch may pass. The
+        # customers' top-ups go together, in one lease transaction.
+        asked = sorted(needs.items())
+        covered = await asyncio.gather(*(leases.cover(c, ct, total) for (c, ct), (total, _) in asked))
+        if not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in zip(asked, covered,
+                                                                                               strict=True)):
             return None
         self.journal.check_writable()  # events are named by their place in the batch: a reload meanwhile is harmless
         sub = meter_pb2.ReportBatchRequest(events=[req.events[i] for i in retry], details=req.details)

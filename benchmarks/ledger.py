@@ -1,0 +1,294 @@
+"""Ledger mode (balances shared by many sidecars through escrow leases), measured.
+
+- **Hot path:** the same load on a sidecar in ledger mode and one in local mode,
+  as interleaved trials (local, ledger, local, ledger, ...): durable
+  ``ReportBatch`` of 1,000 events and unary ``Report`` at saturation. The
+  verdict is the ratio of the medians, with the range of the per-pair ratios.
+- **Ledger load:** lease transactions per second that one PostgreSQL on this
+  machine takes, from many simulated sidecars (each a real ``LedgerLink``, its
+  own thread and connection, running the real ``Escrow`` calls), and their
+  latency.
+- **The contested path:** four sidecar daemons, one customer whose balance covers
+  exactly K events, clients on all four until it runs out: exactly K allowed,
+  how long the requests that waited for a top-up or a recall waited (from the
+  daemons' own histograms), and how many denials were false (credit left at
+  another sidecar).
+
+Run alone: ``python -m benchmarks.ledger [--seconds 3] [--trials 5]``; the
+suite runs it as its ``ledger`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+
+from benchmarks import load, unary
+from meterd.config import Settings
+from meterd.escrow import Escrow
+from meterd.flush import LedgerLink
+from meterd.ledger import Ledger
+from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+NANO = 10**9
+BIG_NANO = 10**9 * NANO  # $1e9 each: no event is denied in the hot-path runs
+
+
+class Postgres:
+    """A PostgreSQL server of the benchmark's own (scripts/postgres-test-server), or METERD_BENCH_POSTGRES_URL."""
+
+    def __init__(self) -> None:
+        self.url = os.environ.get("METERD_BENCH_POSTGRES_URL", "")
+        self.dir = ""
+
+    def __enter__(self) -> "Postgres":
+        if not self.url:
+            self.dir = tempfile.mkdtemp(prefix="meterd-bench-pg-", dir="/tmp")
+            env = dict(os.environ, POSTGRES_TEST_PORT=str(load.free_port()))
+            r = subprocess.run([str(ROOT / "scripts" / "postgres-test-server"), "start", self.dir], env=env,
+                               capture_output=True, text=True, timeout=600)
+            if r.returncode != 0:
+                raise RuntimeError(f"postgres-test-server: {r.stderr[-500:]}")
+            self.url = r.stdout.strip().splitlines()[-1]
+        return self
+
+    def database(self, name: str) -> str:
+        import psycopg
+        from psycopg import sql
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        from urllib.parse import urlsplit, urlunsplit
+        url = urlunsplit(urlsplit(self.url)._replace(path="/" + name))
+        with Ledger(url) as lg:
+            lg.migrate()
+        return url
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.dir:
+            subprocess.run([str(ROOT / "scripts" / "postgres-test-server"), "stop", self.dir], capture_output=True,
+                           timeout=120)
+
+
+def _grant_all(url: str, customers: int, amount: int) -> float:
+    """Every bench customer's balance in the ledger, as the operator grants it; returns the seconds it took."""
+    started = time.monotonic()
+    with Ledger(url) as lg:
+        e = Escrow(lg)
+        for i in range(customers):
+            e.grant(f"c{i}", "usd", amount, 0, 0, "bench", "", int(time.time() * 1000))
+    return time.monotonic() - started
+
+
+def _metrics(port: int) -> dict[str, float]:
+    """A daemon's Prometheus metrics, name{labels} -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _denied(port: int) -> float:
+    return sum(v for k, v in _metrics(port).items() if k.startswith("meterd_decisions_total") and 'deny"' in k)
+
+
+def _spread(ledger: list[float], local: list[float]) -> dict:
+    pairs = [a / b for a, b in zip(ledger, local, strict=True) if b]
+    return {"ledger": ledger, "local": local, "ratio_of_medians": round(statistics.median(ledger) /
+                                                                         statistics.median(local), 3),
+            "pair_ratios_min": round(min(pairs), 3), "pair_ratios_max": round(max(pairs), 3)}
+
+
+def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str], None]) -> dict:
+    """Ledger mode against local mode, interleaved, on the same load."""
+    url = pg.database("meterd_bench_hot")
+    progress(f"ledger: granting {load.CUSTOMERS} customers centrally")
+    granted_s = _grant_all(url, load.CUSTOMERS, BIG_NANO)
+    ports = {"local": load.free_port(), "ledger": load.free_port()}
+    envs = {"local": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['local']}"},
+            "ledger": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['ledger']}", "METERD_BALANCES": "ledger",
+                       "METERD_LEDGER": url}}
+    batch: dict[str, list[float]] = {"local": [], "ledger": []}
+    report: dict[str, list[float]] = {"local": [], "ledger": []}
+    h2 = not unary.available()
+    request = load.report_request()
+    with load.Server("meterd", env=envs["local"]) as local, \
+            load.Server("meterd", env=envs["ledger"], seeded=False) as ledger:
+        servers = {"local": local, "ledger": ledger}
+        for name, server in servers.items():  # leases sized by a measured rate, in ledger mode
+            progress(f"ledger: warming up the {name} sidecar")
+            load.drive(server.target, "ReportBatch", processes=2, seconds=max(seconds, 4), inflight=16, batch=1000)
+        denied_before = {name: _denied(ports[name]) for name in servers}
+        for t in range(trials):
+            for name, server in servers.items():
+                progress(f"ledger: trial {t + 1}/{trials}, {name} mode")
+                run = load.drive(server.target, "ReportBatch", processes=2, seconds=seconds, inflight=16, batch=1000)
+                batch[name].append(round(run.events_per_s))
+                if h2:
+                    u = unary.h2load(server.target, "/meterd.v1.Meter/Report", request, f"Report {name}",
+                                     calls=int(20_000 * seconds))
+                    report[name].append(round(u.calls_per_s))
+        denied = {name: _denied(ports[name]) - denied_before[name] for name in servers}
+        leases = _metrics(ports["ledger"])
+    out = {"customers": load.CUSTOMERS, "granted_centrally_s": round(granted_s, 1), "trials": trials,
+           "seconds": seconds, "denied_during_trials": denied,
+           "report_batch_x1000_events_per_s": _spread(batch["ledger"], batch["local"]),
+           "lease_acquisitions": leases.get("meterd_lease_acquisitions_total", 0),
+           "lease_sync_waits": leases.get("meterd_lease_sync_waits_total", 0)}
+    if h2:
+        out["unary_report_calls_per_s"] = _spread(report["ledger"], report["local"])
+    return out
+
+
+def ledger_load(pg: Postgres, sidecars: int, customers: int, seconds: float,
+                progress: Callable[[str], None]) -> dict:
+    """Lease transactions per second on one PostgreSQL: ``sidecars`` simulated sidecars, each its own
+    LedgerLink (thread and connection), each taking and giving back leases of random customers."""
+    url = pg.database("meterd_bench_load")
+    progress(f"ledger: load of {sidecars} simulated sidecars on {customers} customers")
+    _grant_all(url, customers, BIG_NANO)
+    settings = Settings(ledger=url, balances="ledger", ledger_timeout_s=30)
+    latencies: list[float] = []
+
+    async def sidecar(k: int, stop: float) -> int:
+        import random
+        rng = random.Random(k)
+        link = LedgerLink(settings, f"bench-lease-{k}")
+        done, given = 0, {}
+        await link.call(lambda lg: Escrow(lg).heartbeat(f"b{k}", "i", int(time.time() * 1000), False, 60_000))
+        while time.monotonic() < stop:
+            cust = f"c{rng.randrange(customers)}"
+            t0 = time.monotonic()
+            if rng.random() < 0.5 or cust not in given:
+                g = await link.call(lambda lg, c=cust: Escrow(lg).acquire(f"b{k}", "i", c, "usd", 10**6, 10**8,
+                                                                           sidecars, int(time.time() * 1000)))
+                given.setdefault(cust, [0, 0])[0] = g.leased_total_nano
+            else:
+                total = given[cust]
+                total[1] += (total[0] - total[1]) // 2
+                await link.call(lambda lg, c=cust, back=total[1]: Escrow(lg).give_back(
+                    f"b{k}", "i", c, "usd", back, int(time.time() * 1000)))
+            latencies.append((time.monotonic() - t0) * 1000)
+            done += 1
+        link.close()
+        return done
+
+    async def run() -> list[int]:
+        stop = time.monotonic() + seconds
+        return await asyncio.gather(*(sidecar(k, stop) for k in range(sidecars)))
+    started = time.monotonic()
+    counts = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    with Ledger(url) as lg:
+        problems = Escrow(lg).check()
+    lat = sorted(latencies)
+    return {"sidecars": sidecars, "customers": customers, "transactions_per_s": round(sum(counts) / elapsed),
+            "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[int(len(lat) * 0.99)], 2),
+            "conservation_problems": len(problems)}
+
+
+def contested(pg: Postgres, progress: Callable[[str], None], k: int = 2_000) -> dict:
+    """Four busy sidecars on one customer whose balance covers exactly k events, until it runs out."""
+    url = pg.database("meterd_bench_contested")
+    cost = 2_500_000  # 1,000 gpt-4o input tokens in the demo catalog, nano-USD
+    progress(f"ledger: the contested path, 4 sidecars and a balance of {k} events")
+    with Ledger(url) as lg:
+        Escrow(lg).grant("shared", "usd", k * cost, 0, 0, "bench", "", int(time.time() * 1000))
+    ports = [load.free_port() for _ in range(4)]
+    servers = [load.Server("meterd", env={"METERD_BALANCES": "ledger", "METERD_LEDGER": url,
+                                          "METERD_METRICS_LISTEN": f"127.0.0.1:{p}"}, customers=0)
+               for p in ports]
+    event = pb.UsageEvent(customer_id="shared", meter="input_tokens", quantity=1000, dimensions={"model": "gpt-4o"})
+    request = pb.ReportRequest(event=event)
+    allowed = [0] * 16
+    started = time.monotonic()
+    try:
+        for s in servers:
+            s.__enter__()
+
+        def client(i: int) -> None:
+            with grpc.insecure_channel(servers[i % 4].target) as ch:
+                call = ch.unary_unary("/meterd.v1.Meter/Report", request_serializer=pb.ReportRequest.SerializeToString,
+                                      response_deserializer=pb.ReportResponse.FromString)
+                denials = 0
+                while denials < 20:
+                    ok = call(request, timeout=30).decision == pb.DECISION_ALLOW
+                    allowed[i] += ok
+                    denials = 0 if ok else denials + 1
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        m = [_metrics(p) for p in ports]
+    finally:
+        for s in servers:
+            s.__exit__(None, None, None)
+    buckets: dict[float, float] = {}
+    for metrics in m:
+        for key, v in metrics.items():
+            if key.startswith("meterd_lease_sync_wait_seconds_bucket"):
+                le = key.split('le="')[1].split('"')[0]
+                bound = float("inf") if le == "+Inf" else float(le)
+                buckets[bound] = buckets.get(bound, 0) + v
+    waits = buckets.get(float("inf"), 0)
+    p99 = next((b for b in sorted(buckets) if buckets[b] >= 0.99 * waits), None) if waits else None
+    p50 = next((b for b in sorted(buckets) if buckets[b] >= 0.5 * waits), None) if waits else None
+    false = sum(x.get("meterd_lease_false_denies_total", 0) for x in m)
+    denied = sum(v for x in m for key, v in x.items() if key.startswith("meterd_decisions_total") and 'deny"' in key)
+    return {"balance_events": k, "allowed": sum(allowed), "exact": sum(allowed) == k, "seconds": round(elapsed, 1),
+            "sync_waits": waits, "sync_wait_p50_ms_at_most": None if p50 is None else p50 * 1000,
+            "sync_wait_p99_ms_at_most": None if p99 is None else p99 * 1000,
+            "recalls_asked": sum(x.get("meterd_lease_recalls_asked_total", 0) for x in m),
+            "false_denies": false, "denied": denied,
+            "false_deny_rate": round(false / denied, 4) if denied else 0.0}
+
+
+def run(seconds: float, trials: int, progress: Callable[[str], None]) -> dict:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return {"skipped": "psycopg is not installed: pip install '.[postgresql]'"}
+    with Postgres() as pg:
+        return {"hot_path": hot_path(pg, seconds, trials, progress),
+                "ledger_load": ledger_load(pg, 32, 10_000, seconds, progress),
+                "contested": contested(pg, progress)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    res = run(args.seconds, args.trials, lambda m: print(f"[{time.monotonic() - start:6.1f}s] {m}",
+                                                          file=sys.stderr, flush=True))
+    res["machine"] = {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()[0]}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
