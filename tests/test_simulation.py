@@ -224,6 +224,7 @@ class Simulation:
         self.open = [r for r in self.open if r[0] != i or r[1] in held]
 
     def _kill(self, i: int, node: Billing, customer: str, tokens: int) -> None:
+        node.run(node.engine.leases.quiet())  # its lease calls in flight reach the ledger first (or not: lost)
         node.restart(clean=False)  # as after kill -9: what was acknowledged is in LMDB
         self._wrap(node)
         self._forget_expired(i)
@@ -299,6 +300,8 @@ class Simulation:
         for n in range(steps):
             self.faults.step, self.faults.calls = n, 0
             self.step()
+            for node in self.nodes:  # refills run in the background: each step ends with them, for a replay
+                node.run(node.engine.leases.quiet())
             self.check()
         self.finish()
 

@@ -34,10 +34,11 @@ sorted order of those rows, so concurrent sidecars never deadlock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
 from meterd.ledger import Ledger, LedgerError, Settlement
@@ -467,7 +468,8 @@ class Escrow:
         lease = self._own_lease(sidecar_id, incarnation, customer_id, credit_type, s, now_ms)
         size = lease_size(need_nano, want_nano, s.available, sharers)
         left = size
-        held = {b.grant_id: amount for b, amount in self._parts(sidecar_id, customer_id, credit_type)} if size else {}
+        held = {b.grant_id: (b, amount) for b, amount in self._parts(sidecar_id, customer_id, credit_type)} \
+            if size else {}
         for b in self._buckets(customer_id, credit_type) if size else []:
             take = min(left, b.remaining)
             if not take:
@@ -476,13 +478,12 @@ class Escrow:
             b.leased += take
             left -= take
             self._put_bucket(customer_id, credit_type, b)
-            self._put_part(sidecar_id, customer_id, credit_type, b.grant_id, held.get(b.grant_id, 0) + take)
+            self._put_part(sidecar_id, customer_id, credit_type, b.grant_id, held.get(b.grant_id, (b, 0))[1] + take)
+            held[b.grant_id] = (b, held.get(b.grant_id, (b, 0))[1] + take)
         invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
         s.available -= size
         s.leased += size
-        (elsewhere,), = self._rows("SELECT COALESCE(SUM(amount_nano), 0) FROM meterd_leases WHERE "
-                                   "customer_id = ? AND credit_type = ? AND sidecar_id <> ?",
-                                   (customer_id, credit_type, sidecar_id))
+        elsewhere = s.leased - lease.amount_nano - size  # every lease of the customer's credit type, less this one
         recalled = 0
         # need_nano is what the sidecar is short of: the ledger's figure of its lease lags its spending.
         if size < need_nano and int(elsewhere) > 0:
@@ -492,7 +493,8 @@ class Escrow:
             self._exec("UPDATE meterd_leases SET recall_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
                        "sidecar_id <> ? AND amount_nano > 0 AND recall_ms = 0",
                        (now_ms, customer_id, credit_type, sidecar_id))
-        expires = self._soonest_expiry(sidecar_id, customer_id, credit_type) if size else lease.expires_at_ms
+        expires = min((b.expires_at_ms for b, amount in held.values() if amount and b.expires_at_ms), default=0) \
+            if size else lease.expires_at_ms
         if size:
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
                        "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ? WHERE sidecar_id = ? "
@@ -506,12 +508,12 @@ class Escrow:
                    now_ms: int) -> Lease:
         """This sidecar's lease row, made when missing. A row left by an incarnation
         that was replaced is given back first (a replacement racing its lease call)."""
-        self._exec(f"INSERT INTO meterd_leases (sidecar_id, {_LEASE}, acquisitions) VALUES "
-                   "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) DO NOTHING",
-                   (sidecar_id, customer_id, credit_type, incarnation, now_ms))
-        lease = self._lease(sidecar_id, customer_id, credit_type)
-        invariant(lease is not None, "the lease row was just made")
-        assert lease is not None  # for mypy: invariant raised otherwise
+        # One statement: made when missing, and read (locked, in PostgreSQL, by the update).
+        r, = self._rows(f"INSERT INTO meterd_leases (sidecar_id, {_LEASE}, acquisitions) VALUES "
+                        "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) "
+                        f"DO UPDATE SET acquisitions = meterd_leases.acquisitions RETURNING {_LEASE}",
+                        (sidecar_id, customer_id, credit_type, incarnation, now_ms))
+        lease = Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
         if lease.incarnation != incarnation:
             self._give_back(s, sidecar_id, lease, lease.amount_nano, now_ms)
             self._exec("UPDATE meterd_leases SET incarnation = ?, amount_nano = 0, leased_total_nano = 0, "
@@ -646,8 +648,12 @@ class Escrow:
     # ---- reads and the check -------------------------------------------------------------
 
     def balance(self, customer_id: str, now_ms: int) -> list[dict]:
-        """Per credit type: the sums, the buckets with credit left, and the leases (a read; expired
-        credit still counted as available until the next transaction on the customer shows it as expired)."""
+        """Per credit type: the sums, the buckets with credit left, and the leases (a read, of one
+        moment; expired credit is counted as available until the next transaction on the customer)."""
+        with self._snapshot():
+            return self._balance(customer_id)
+
+    def _balance(self, customer_id: str) -> list[dict]:
         out = []
         for r in self._rows(f"SELECT credit_type, {_SUMS}, updated_ms FROM meterd_balances WHERE customer_id = ? "
                             "ORDER BY credit_type", (customer_id,)):
@@ -665,8 +671,23 @@ class Escrow:
                         "buckets": buckets, "leases": leases})
         return out
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Reads that see one moment of a ledger that sidecars keep changing (one read transaction)."""
+        self._exec("BEGIN" if self.ledger.dialect == "sqlite" else
+                   "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            yield
+        finally:
+            self._exec("ROLLBACK")
+
     def check(self) -> list[str]:
-        """Every way the ledger's escrow figures can disagree, as sentences; [] when they all hold."""
+        """Every way the ledger's escrow figures can disagree, as sentences; [] when they all hold.
+        Read in one transaction: a check of a live ledger sees one moment of it."""
+        with self._snapshot():
+            return self._check()
+
+    def _check(self) -> list[str]:
         problems: list[str] = []
         sums = {(r[0], r[1]): _Sums(*(int(v) for v in r[2:])) for r in
                 self._rows(f"SELECT customer_id, credit_type, {_SUMS} FROM meterd_balances")}
@@ -709,6 +730,10 @@ class Escrow:
 
     def totals(self) -> dict[str, int]:
         """Ledger-wide sums of the escrow figures (for `meterd ledger check`)."""
+        with self._snapshot():
+            return self._totals()
+
+    def _totals(self) -> dict[str, int]:
         r = self._rows("SELECT COUNT(*), COALESCE(SUM(granted_nano), 0), COALESCE(SUM(available_nano), 0), "
                        "COALESCE(SUM(leased_nano), 0), COALESCE(SUM(consumed_nano), 0), "
                        "COALESCE(SUM(expired_nano), 0) FROM meterd_balances")[0]

@@ -108,6 +108,8 @@ _LEASE_COUNTERS = {
     "denied_ledger_away": "Denials because the ledger could not be reached for a top-up (fail closed)",
     "idle_returns": "Leases given back because they were idle or their grant expired",
     "leases_full": "Top-ups refused because leases_max leases are held",
+    "lookups_limited": "Top-ups refused for customers not held here, past the lookups allowed per heartbeat",
+    "denied_busy": "Denials because the lease's top-up in flight did not end within lease_wait_ms",
     "ledger_failures": "Lease calls to the ledger that failed",
 }
 
