@@ -41,7 +41,6 @@ from meterd.config import Settings
 from meterd.escrow import Escrow
 from meterd.flush import LedgerLink
 from meterd.ledger import Ledger
-from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,11 +116,14 @@ def _spread(ledger: list[float], local: list[float]) -> dict:
             "pair_ratios_min": round(min(pairs), 3), "pair_ratios_max": round(max(pairs), 3)}
 
 
-def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str], None]) -> dict:
-    """Ledger mode against local mode, interleaved, on the same load."""
+def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str], None],
+             customers: int = 1_000) -> dict:
+    """Ledger mode against local mode, interleaved, on the same load: batches over ``customers``
+    customers (each sidecar's active customers; the whole suite's ingest uses 10,000)."""
+    load.CUSTOMERS = customers  # the client processes (forked) draw their batches' customers from it
     url = pg.database("meterd_bench_hot")
-    progress(f"ledger: granting {load.CUSTOMERS} customers centrally")
-    granted_s = _grant_all(url, load.CUSTOMERS, BIG_NANO)
+    progress(f"ledger: granting {customers} customers centrally")
+    granted_s = _grant_all(url, customers, BIG_NANO)
     ports = {"local": load.free_port(), "ledger": load.free_port()}
     envs = {"local": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['local']}"},
             "ledger": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['ledger']}", "METERD_BALANCES": "ledger",
@@ -130,12 +132,20 @@ def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str]
     report: dict[str, list[float]] = {"local": [], "ledger": []}
     h2 = not unary.available()
     request = load.report_request()
-    with load.Server("meterd", env=envs["local"]) as local, \
-            load.Server("meterd", env=envs["ledger"], seeded=False) as ledger:
+    with load.Server("meterd", env=envs["local"], customers=customers) as local, \
+            load.Server("meterd", env=envs["ledger"], customers=customers, seeded=False) as ledger:
         servers = {"local": local, "ledger": ledger}
-        for name, server in servers.items():  # leases sized by a measured rate, in ledger mode
-            progress(f"ledger: warming up the {name} sidecar")
-            load.drive(server.target, "ReportBatch", processes=2, seconds=max(seconds, 4), inflight=16, batch=1000)
+        progress("ledger: warming up the local sidecar")
+        load.drive(local.target, "ReportBatch", processes=2, seconds=seconds, inflight=16, batch=1000)
+        # Ledger mode: until a warm-up run has no denial (every customer's lease sized by its rate).
+        warm_up_s = time.monotonic()
+        for _ in range(30):
+            before = _denied(ports["ledger"])
+            progress("ledger: warming up the ledger-mode sidecar (its first leases)")
+            load.drive(ledger.target, "ReportBatch", processes=2, seconds=seconds, inflight=16, batch=1000)
+            if _denied(ports["ledger"]) == before:
+                break
+        warm_up_s = time.monotonic() - warm_up_s
         denied_before = {name: _denied(ports[name]) for name in servers}
         for t in range(trials):
             for name, server in servers.items():
@@ -148,7 +158,8 @@ def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str]
                     report[name].append(round(u.calls_per_s))
         denied = {name: _denied(ports[name]) - denied_before[name] for name in servers}
         leases = _metrics(ports["ledger"])
-    out = {"customers": load.CUSTOMERS, "granted_centrally_s": round(granted_s, 1), "trials": trials,
+    out = {"customers": customers, "granted_centrally_s": round(granted_s, 1), "warm_up_s": round(warm_up_s, 1),
+           "trials": trials,
            "seconds": seconds, "denied_during_trials": denied,
            "report_batch_x1000_events_per_s": _spread(batch["ledger"], batch["local"]),
            "lease_acquisitions": leases.get("meterd_lease_acquisitions_total", 0),
@@ -263,26 +274,29 @@ def contested(pg: Postgres, progress: Callable[[str], None], k: int = 2_000) -> 
             "false_deny_rate": round(false / denied, 4) if denied else 0.0}
 
 
-def run(seconds: float, trials: int, progress: Callable[[str], None]) -> dict:
+def run(seconds: float, trials: int, progress: Callable[[str], None], only: str = "") -> dict:
     try:
         import psycopg  # noqa: F401
     except ImportError:
         return {"skipped": "psycopg is not installed: pip install '.[postgresql]'"}
+    parts: dict[str, Callable[[Postgres], dict]] = {
+        "hot_path": lambda pg: hot_path(pg, seconds, trials, progress),
+        "ledger_load": lambda pg: ledger_load(pg, 32, 10_000, seconds, progress),
+        "contested": lambda pg: contested(pg, progress)}
     with Postgres() as pg:
-        return {"hot_path": hot_path(pg, seconds, trials, progress),
-                "ledger_load": ledger_load(pg, 32, 10_000, seconds, progress),
-                "contested": contested(pg, progress)}
+        return {name: part(pg) for name, part in parts.items() if not only or name == only}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--only", choices=("hot_path", "ledger_load", "contested"), help="one part")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
     args = parser.parse_args(argv)
     start = time.monotonic()
     res = run(args.seconds, args.trials, lambda m: print(f"[{time.monotonic() - start:6.1f}s] {m}",
-                                                          file=sys.stderr, flush=True))
+                                                          file=sys.stderr, flush=True), args.only or "")
     res["machine"] = {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()[0]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))

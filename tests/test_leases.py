@@ -506,3 +506,31 @@ def test_a_grant_past_64_bits_is_refused_as_invalid(escrow: Escrow):
     escrow.grant("c1", "usd", (1 << 62), 0, 0, "api", "", T0)
     with pytest.raises(InvalidInput, match="64 bits"):
         escrow.grant("c1", "usd", (1 << 62), 0, 0, "api", "", T0)
+
+
+SECONDS_CATALOG = CATALOG + """
+[meters.gpu_seconds]
+credit_type = "usd"
+precision = 3
+price_dimension = "hardware"
+prices = { "nvidia-h100" = "0.001525" }
+"""
+
+
+def test_a_duration_session_holds_and_bills_from_leases(tmp_path: Path, ledger_url: str,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """Per-second metering: each heartbeat bills the time so far and holds the next interval, topping
+    up the lease when it cannot (the first one takes the lease)."""
+    node = _one(tmp_path, ledger_url, monkeypatch, catalog=SECONDS_CATALOG)
+    node.grant("lab", "usd", 1 * 10**9)  # $1.00: 655.7 s of an H100 at $0.001525 a second
+    started = node.start_session("lab", "gpu_seconds", timeout_ms=30_000, hardware="nvidia-h100")
+    assert started.decision == pb.DECISION_ALLOW
+    for _ in range(10):
+        node.advance(20_000)
+        assert node.heartbeat(started.session_id).decision == pb.DECISION_ALLOW
+    node.advance(5_500)
+    ended = node.end_session(started.session_id)
+    assert ended.closed and ended.decision == pb.DECISION_ALLOW
+    assert ended.cost_nano == 205_500 * 1_525  # 205.5 s, exactly
+    node.run(node.engine.leases.return_all())
+    assert _consumed(node, ledger_url, "lab") == 205_500 * 1_525

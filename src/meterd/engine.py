@@ -110,7 +110,7 @@ class Engine:
             snapshots.settling = leases.settling
         self.reservations = Reservations(settings, live, journal, clock, holds, subs, idem, settled, encode,
                                          self.decisions, leases)
-        self.sessions = Sessions(settings, live, journal, clock, holds, subs, settled, encode)
+        self.sessions = Sessions(settings, live, journal, clock, holds, subs, settled, encode, leases)
         self.reports = Reports(settings, store, live, journal, clock, subs, idem, self.decisions, leases)
         self.housekeeping = Housekeeping(settings, store, live, journal, clock, audit, holds, subs,
                                          self.reservations, self.sessions, snapshots, (self.idem, self.settled),

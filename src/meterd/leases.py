@@ -125,7 +125,9 @@ class Leases:
         self.generation = 0
         self.reconciled = False  # with the ledger's leases of this data directory, since the last start
         self.fenced = False      # the ledger refuses this data directory for good
-        self._asking: list[tuple[str, int, Held, int, int, asyncio.Future]] = []  # lease calls for the next transaction
+        # Lease calls for the next transaction: customer, credit type, lease, need, want, the caller's
+        # future, and whether the lease was uncertain before.
+        self._asking: list[tuple[str, int, Held, int, int, asyncio.Future, bool]] = []
         self._sender: asyncio.Future | None = None
         self._refills: set[asyncio.Future] = set()  # background refills in flight
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
@@ -282,9 +284,9 @@ class Leases:
         ledger's running total). Calls made while one is in flight go together in the next
         transaction (``Escrow.acquire_many``), as commits do in LMDB: a batch with denials of
         many customers costs one round trip, not one each."""
-        h.uncertain = True  # until its answer is in
+        was, h.uncertain = h.uncertain, True  # until its answer is in
         fut: asyncio.Future[LeaseGrant] = asyncio.get_running_loop().create_future()
-        self._asking.append((customer_id, ct, h, need, want, fut))
+        self._asking.append((customer_id, ct, h, need, want, fut, was))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_asks())
         return await fut
@@ -292,12 +294,17 @@ class Leases:
     async def _send_asks(self) -> None:
         while self._asking:
             batch, self._asking = self._asking[:LEASE_CALL_ASKS_MAX], self._asking[LEASE_CALL_ASKS_MAX:]
+            for ask in [a for a in batch if a[5].done()]:  # its caller stopped waiting (its deadline passed)
+                ask[2].uncertain = ask[6]  # never sent: it leased nothing
+                batch.remove(ask)
+            if not batch:
+                continue
             names = self.live.catalog.credit_types
-            wants = [(c, names[ct].name, need, want) for c, ct, _, need, want, _ in batch]
+            wants = [(c, names[ct].name, need, want) for c, ct, _, need, want, _, _ in batch]
             try:
                 grants = await self._escrow("acquire_many", *self._ids(), wants, self.sharers, self.clock.now_ms())
             except BaseException as e:  # noqa: BLE001 - every waiter hears of it; the leases stay uncertain
-                for *_, fut in batch:
+                for *_, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
                         fut.exception()  # retrieved: a waiter that timed out does not leave it unread
@@ -305,7 +312,7 @@ class Leases:
                     raise
                 continue
             ops: list[Op] = []
-            for (customer_id, ct, h, _, _, fut), g in zip(batch, grants, strict=True):
+            for (customer_id, ct, h, _, _, fut, _), g in zip(batch, grants, strict=True):
                 ops += self._took(customer_id, ct, h, g)  # whether or not its caller still waits
                 if not fut.done():
                     fut.set_result(g)
@@ -330,12 +337,12 @@ class Leases:
         self.counts["leased_nano"] += arrived  # this call's grant, and any an earlier answer never brought
         return self._move_ops(customer_id, ct, h, arrived)
 
-    def _want(self, h: Held, cost: int) -> int:
-        """The spend rate here times the refill horizon; a lease that ran out sooner than the low-water
-        time has too small a rate: twice the last one, then (a new lease) room for lease_requests_min."""
+    def _want(self, h: Held, cost: int, ran_out: bool = False) -> int:
+        """The spend rate here times the refill horizon. A lease that ran out (a request waits) was too
+        small for the rate as measured: at least twice the last one. A new lease: room for
+        lease_requests_min requests like the one that asks."""
         want = int(h.rate_nano_s * self.settings.lease_refill_horizon_s)
-        now = self.clock.now_ms()
-        if h.last_size and now - h.acquired_ms < self.settings.lease_low_water_s * 1000:
+        if ran_out and h.last_size:
             want = max(want, 2 * h.last_size)
         return max(want, cost * (self.settings.lease_requests_min if not h.rate_nano_s else 1))
 
@@ -394,7 +401,7 @@ class Leases:
                 return False
             self._rate_at_top_up(h, customer_id, ct)
             try:
-                g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have, self._want(h, cost)),
+                g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have, self._want(h, cost, True)),
                                            max(deadline - self.clock.monotonic(), 0.001))
             except Exception:  # noqa: BLE001 - the ledger is away or slow: deny (fail closed)
                 self.counts["denied_ledger_away"] += 1
@@ -536,9 +543,12 @@ class Leases:
                     self.counts["idle_returns"] += 1
                     await self.give_back(customer_id, ct)
                 h.expires_at_ms = 0
-            elif h.rate_nano_s and free < max(h.unit_nano, int(h.rate_nano_s * self.settings.lease_low_water_s)):
+            elif h.rate_nano_s and free < max(h.unit_nano, int(h.rate_nano_s * self.settings.lease_low_water_s),
+                                              h.last_size // 5):
+                # Below its low-water mark (or a fifth of its last size: a rate that fell in a pause comes
+                # back): refilled to the rate times the horizon, and never to less than its last size.
                 self.counts["refills"] += 1
-                asks.append((customer_id, ct, h, h.unit_nano, self._want(h, h.unit_nano)))
+                asks.append((customer_id, ct, h, h.unit_nano, max(self._want(h, h.unit_nano), h.last_size)))
         for ask in asks:  # in the background: the heartbeat does not wait for the ledger's answers
             task = asyncio.ensure_future(self._refill(*ask))
             self._refills.add(task)
@@ -567,9 +577,9 @@ class Leases:
         if consumed != h.mark_nano:
             h.used_ms = now
         elapsed = now - h.mark_ms
-        if elapsed >= 1000:
+        if elapsed >= 1000:  # a moving average over about four seconds: a pause does not forget the rate at once
             rate = (consumed - h.mark_nano) * 1000 // elapsed
-            h.rate_nano_s = (h.rate_nano_s + max(rate, 0)) // 2
+            h.rate_nano_s += (max(rate, 0) - h.rate_nano_s) // 4
             h.mark_nano, h.mark_ms = consumed, now
 
     async def return_all(self) -> None:

@@ -17,10 +17,11 @@ from meterd import records, validate
 from meterd.answers import entry_key
 from meterd.clock import Clock
 from meterd.config import Settings
-from meterd.errors import InvalidInput, NotFound
+from meterd.errors import InvalidInput, NotFound, Unavailable
 from meterd.holds import Holds
 from meterd.idempotency import Settled
 from meterd.journal import Journal
+from meterd.leases import Leases
 from meterd.records import Kind
 from meterd.results import ALLOW, DENY, REASON_INSUFFICIENT_BALANCE, REASON_UNKNOWN_CUSTOMER, Replay, SessionState
 from meterd.security import Tenant
@@ -38,8 +39,10 @@ class Sessions:
     """Duration sessions; see the module docstring."""
 
     def __init__(self, settings: Settings, live: Live, journal: Journal, clock: Clock, holds: Holds,
-                 subscriptions: Subscriptions, settled: Settled, encode: Callable[[object], bytes]) -> None:
+                 subscriptions: Subscriptions, settled: Settled, encode: Callable[[object], bytes],
+                 leases: Leases | None = None) -> None:
         self.settings = settings
+        self.leases = leases  # ledger mode: what tops up a lease that cannot hold the next interval
         self.live = live
         self.journal = journal
         self.clock = clock
@@ -74,6 +77,18 @@ class Sessions:
         s.reserved_nano = amount
         record = records.account(Kind.RESERVE, s.customer_id.encode(), s.credit_type, amount, self.clock.now_ms())
         return [self.journal.log_op(record)]
+
+    async def _covered(self, s: Session) -> bool:
+        """Ledger mode: whether a top-up of the customer's lease now lets it hold the next interval."""
+        if self.leases is None:
+            return False
+        core = self.live.core
+        _, amount = core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))
+        covered = await self.leases.cover(s.customer_id, s.credit_type, amount)
+        self.journal.check_writable()
+        if self.live.core is not core:
+            raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
+        return covered
 
     def _bill_ops(self, s: Session, until_ms: int) -> list[Op]:
         """Settle the time from ``billed_ms`` to ``until_ms`` against the held amount."""
@@ -135,6 +150,12 @@ class Sessions:
         s = Session(sid, customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label,
                     dims_hex="" if dims is None else dims.hex())
         hold = self._hold_ops(s) if idx >= 0 else None
+        if hold is None and await self._covered(s):
+            self.holds.open_room("session", label)  # other calls may have taken it meanwhile
+            if sid in self.holds.sessions:
+                raise Unavailable(f"session {sid[:SESSION_ID_CHARS_MAX]!r} was started meanwhile; retry")
+            idx = core.account(cust)
+            hold = self._hold_ops(s) if idx >= 0 else None
         if hold is None:
             reason = REASON_INSUFFICIENT_BALANCE if idx >= 0 else REASON_UNKNOWN_CUSTOMER
             return SessionState(DENY, sid, self.live.catalog.credit_types[ct].name, True, reason)
@@ -171,6 +192,20 @@ class Sessions:
         s, now, ops = billed
         s.heartbeat_ms = min(now, s.heartbeat_ms + s.timeout_ms)
         hold = self._hold_ops(s)
+        if hold is None and self.leases is not None:
+            # The time so far is billed (submitted first: nothing awaits with a record in hand), then
+            # the lease is topped up for the next interval.
+            first = self.journal.submit_ahead(ops) if ops else None
+            ops = []
+            if await self._covered(s) and self.holds.sessions.get(s.session_id) is s:
+                hold = self._hold_ops(s)
+            if first is not None:
+                await first
+            if self.holds.sessions.get(s.session_id) is not s:  # ended meanwhile: its final answer stands
+                final = await self._open(s.session_id, s.tenant)
+                if isinstance(final, Replay):
+                    return final
+                raise Unavailable(f"session {s.session_id[:SESSION_ID_CHARS_MAX]!r} changed meanwhile; retry")
         if hold is None:
             answer = self._state(s, DENY, True, REASON_INSUFFICIENT_BALANCE)
             ops += self.subscriptions.alert_ops() + self._close_ops(s, answer, now)
