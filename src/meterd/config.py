@@ -97,9 +97,9 @@ class Settings:
     # A lease holds about the customer's recent spend rate here times this horizon, at most a
     # fair share of what is left centrally, and at least one request; it is refilled in the
     # background when it would last less than lease_low_water_s at that rate.
-    lease_refill_horizon_s: float = 10.0
-    lease_low_water_s: float = 2.0
-    lease_requests_min: int = 10   # a new lease has room for this many requests like the one that asked
+    lease_refill_horizon_s: float = 30.0
+    lease_low_water_s: float = 5.0
+    lease_requests_min: int = 100  # a new lease has room for this many requests like the one that asked
     # A request its lease cannot cover waits at most this long for a top-up (and for other
     # sidecars to give back what they hold, when the ledger has too little left).
     lease_wait_ms: int = 500

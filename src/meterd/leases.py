@@ -125,9 +125,9 @@ class Leases:
         self.generation = 0
         self.reconciled = False  # with the ledger's leases of this data directory, since the last start
         self.fenced = False      # the ledger refuses this data directory for good
-        # Lease calls for the next transaction: customer, credit type, lease, need, want, the caller's
-        # future, and whether the lease was uncertain before.
-        self._asking: list[tuple[str, int, Held, int, int, asyncio.Future, bool]] = []
+        # Lease calls for the next transaction: customer, credit type name, lease, need, want, the
+        # caller's future, and the generation of the state it was asked for.
+        self._asking: list[tuple[str, str, Held, int, int, asyncio.Future, int]] = []
         self._sender: asyncio.Future | None = None
         self._refills: set[asyncio.Future] = set()  # background refills in flight
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
@@ -284,23 +284,32 @@ class Leases:
         ledger's running total). Calls made while one is in flight go together in the next
         transaction (``Escrow.acquire_many``), as commits do in LMDB: a batch with denials of
         many customers costs one round trip, not one each."""
-        was, h.uncertain = h.uncertain, True  # until its answer is in
+        h.uncertain = True  # until an answer is in
         fut: asyncio.Future[LeaseGrant] = asyncio.get_running_loop().create_future()
-        self._asking.append((customer_id, ct, h, need, want, fut, was))
+        # By credit type name, and with the generation of the state it is for: a catalog reload
+        # renumbers credit types, and a reload from disk makes new leases, meanwhile.
+        self._asking.append((customer_id, self.live.catalog.credit_types[ct].name, h, need, want, fut,
+                             self.generation))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_asks())
         return await fut
 
     async def _send_asks(self) -> None:
         while self._asking:
-            batch, self._asking = self._asking[:LEASE_CALL_ASKS_MAX], self._asking[LEASE_CALL_ASKS_MAX:]
-            for ask in [a for a in batch if a[5].done()]:  # its caller stopped waiting (its deadline passed)
-                ask[2].uncertain = ask[6]  # never sent: it leased nothing
-                batch.remove(ask)
+            batch: list[tuple[str, str, Held, int, int, asyncio.Future, int]] = []
+            later, keys = [], set()
+            for ask in self._asking:
+                if ask[5].done():  # its caller stopped waiting: not sent (the lease stays uncertain: harmless)
+                    continue
+                if (ask[0], ask[1]) in keys or len(batch) >= LEASE_CALL_ASKS_MAX:
+                    later.append(ask)  # one ask per lease in a transaction; the next one goes after
+                else:
+                    keys.add((ask[0], ask[1]))
+                    batch.append(ask)
+            self._asking = later
             if not batch:
                 continue
-            names = self.live.catalog.credit_types
-            wants = [(c, names[ct].name, need, want) for c, ct, _, need, want, _, _ in batch]
+            wants = [(c, name, need, want) for c, name, _, need, want, _, _ in batch]
             try:
                 grants = await self._escrow("acquire_many", *self._ids(), wants, self.sharers, self.clock.now_ms())
             except BaseException as e:  # noqa: BLE001 - every waiter hears of it; the leases stay uncertain
@@ -312,8 +321,13 @@ class Leases:
                     raise
                 continue
             ops: list[Op] = []
-            for (customer_id, ct, h, _, _, fut, _), g in zip(batch, grants, strict=True):
-                ops += self._took(customer_id, ct, h, g)  # whether or not its caller still waits
+            names = self.live.catalog.credit_index
+            for (customer_id, name, h, _, _, fut, generation), g in zip(batch, grants, strict=True):
+                ct = names.get(name)
+                # Whether or not its caller still waits. Not for state reloaded from disk meanwhile: that
+                # made new leases, which ask again (they are uncertain) and take in the same running total.
+                if ct is not None and generation == self.generation and self.held.get((customer_id, ct)) is h:
+                    ops += self._took(customer_id, ct, h, g)
                 if not fut.done():
                     fut.set_result(g)
             if ops:
@@ -588,10 +602,19 @@ class Leases:
             async with asyncio.timeout(self.settings.ledger_timeout_s):
                 if not self.reconciled:
                     await self._reconcile()
+                failed = 0
                 for (customer_id, ct), h in list(self.held.items()):
-                    if h.uncertain:
-                        await self._acquire(customer_id, ct, h, 0, 0)
-                    await self.give_back(customer_id, ct)
+                    try:
+                        async with h.lock:
+                            if h.uncertain:
+                                await self._acquire(customer_id, ct, h, 0, 0)
+                            await self.give_back(customer_id, ct)
+                    except (asyncio.TimeoutError, asyncio.CancelledError):
+                        raise
+                    except Exception:  # noqa: BLE001 - this lease stays leased; the others are given back
+                        failed += 1
+                if failed:
+                    log.warning("%d leases could not be given back at shutdown: %s", failed, self.last_error)
         except Exception as e:  # noqa: BLE001 - what is not given back stays leased until the next start
             log.warning("giving back leases at shutdown stopped: %s", e)
 

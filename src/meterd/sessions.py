@@ -195,12 +195,12 @@ class Sessions:
         if hold is None and self.leases is not None:
             # The time so far is billed (submitted first: nothing awaits with a record in hand), then
             # the lease is topped up for the next interval.
-            first = self.journal.submit_ahead(ops) if ops else None
+            # The session's row goes with the billed time: a crash meanwhile restarts from both.
+            first = self.journal.submit_ahead(ops + [("sessions", s.session_id.encode(), s.to_json())])
             ops = []
             if await self._covered(s) and self.holds.sessions.get(s.session_id) is s:
                 hold = self._hold_ops(s)
-            if first is not None:
-                await first
+            await first
             if self.holds.sessions.get(s.session_id) is not s:  # ended meanwhile: its final answer stands
                 final = await self._open(s.session_id, s.tenant)
                 if isinstance(final, Replay):
