@@ -385,6 +385,42 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(server_dir, ignore_errors=True)
 
 
+class OwnPostgres:
+    """A PostgreSQL server of a test's own, which the test stops and starts again (same port, same data)."""
+
+    def __init__(self) -> None:
+        if not _postgres_binaries_installed():
+            if _postgres_required():
+                pytest.fail(POSTGRES_UNAVAILABLE)
+            pytest.skip(POSTGRES_UNAVAILABLE)
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="meterd-pg-own-", dir="/tmp")  # the postgres user must reach it
+        self.env = dict(os.environ, POSTGRES_TEST_PORT=str(free_port()))
+
+    def __call__(self, action: str) -> str:
+        """``start`` (returns the URL) or ``stop``."""
+        r = subprocess.run([str(POSTGRES_SCRIPT), action, self.dir], env=self.env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    def remove(self) -> None:
+        import shutil
+
+        subprocess.run([str(POSTGRES_SCRIPT), "stop", self.dir], env=self.env, capture_output=True, timeout=600)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    server = OwnPostgres()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """URL of an empty central ledger: a SQLite file, or a fresh PostgreSQL database dropped afterwards."""

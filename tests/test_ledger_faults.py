@@ -4,21 +4,12 @@ once the fault is gone. On SQLite and on a real PostgreSQL."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 import threading
 
 import pytest
 from conftest import (
-    POSTGRES_SCRIPT,
-    POSTGRES_UNAVAILABLE,
-    _postgres_binaries_installed,
-    _postgres_required,
     drop_postgres_database,
-    free_port,
     new_postgres_database,
     wait_until,
 )
@@ -172,46 +163,30 @@ def test_a_transaction_failing_midway_and_a_slow_ledger_converge_exactly(ledger,
         assert "the ledger did not answer in time" in log or "statement timeout" in log
 
 
-def test_a_postgresql_server_stopped_for_a_while_is_caught_up_with_exactly(make_daemon):
+def test_a_postgresql_server_stopped_for_a_while_is_caught_up_with_exactly(make_daemon, own_postgres):
     """A PostgreSQL server of the test's own is stopped and started again on the same port."""
-    if not _postgres_binaries_installed():
-        if _postgres_required():
-            pytest.fail(POSTGRES_UNAVAILABLE)
-        pytest.skip(POSTGRES_UNAVAILABLE)
-    pg_dir = tempfile.mkdtemp(prefix="meterd-pg-stop-", dir="/tmp")  # the postgres user must reach it
-    env = dict(os.environ, POSTGRES_TEST_PORT=str(free_port()))
-
-    def server(action: str) -> str:
-        r = subprocess.run([str(POSTGRES_SCRIPT), action, pg_dir], env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
-
-    try:
-        url = server("start")
-        with Ledger(url) as lg:
-            lg.migrate()
-        d = make_daemon(extra_env={"METERD_LEDGER": url, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1",
-                                   "METERD_LEDGER_RETRY_MAX_S": "0.3", "METERD_LEDGER_TIMEOUT_S": "2",
-                                   "METERD_SNAPSHOT_INTERVAL_S": "0.2"}).start()
-        d.admin.Grant(apb.GrantRequest(customer_id="stopped", credit_type="usd", amount_nano=GRANT_NANO))
-        acked = 0
-        for seq in range(1, 41):
-            if seq == 11:
-                _wait_status(d, lambda s: s.flushed_sequence > 0 and s.backlog_usage_rows == 0)
-                server("stop")
-            event = pb.UsageEvent(customer_id="stopped", meter="input_tokens", quantity=1,
-                                  dimensions={"model": "gpt-4o", "n": str(seq % 5)})
-            acked += d.meter.ReportBatch(pb.ReportBatchRequest(client_id="s", sequence=seq, events=[event] * 3),
-                                         timeout=10).accepted  # served while the ledger is down
-        status = _wait_status(d, lambda s: s.consecutive_failures >= 2)
-        assert status.last_error and status.backlog_usage_rows > 0
-        assert server("start") == url
-        _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and not s.last_error)
-        assert d.stop() == 0
-        with Ledger(url) as lg:
-            assert lg.totals()["events"] == acked == 120
-            assert lg.totals()["cost_nano"] == acked * COST_NANO
-    finally:
-        server("stop")
-        shutil.rmtree(pg_dir, ignore_errors=True)
+    server = own_postgres
+    url = server("start")
+    with Ledger(url) as lg:
+        lg.migrate()
+    d = make_daemon(extra_env={"METERD_LEDGER": url, "METERD_LEDGER_FLUSH_INTERVAL_S": "0.1",
+                               "METERD_LEDGER_RETRY_MAX_S": "0.3", "METERD_LEDGER_TIMEOUT_S": "2",
+                               "METERD_SNAPSHOT_INTERVAL_S": "0.2"}).start()
+    d.admin.Grant(apb.GrantRequest(customer_id="stopped", credit_type="usd", amount_nano=GRANT_NANO))
+    acked = 0
+    for seq in range(1, 41):
+        if seq == 11:
+            _wait_status(d, lambda s: s.flushed_sequence > 0 and s.backlog_usage_rows == 0)
+            server("stop")
+        event = pb.UsageEvent(customer_id="stopped", meter="input_tokens", quantity=1,
+                              dimensions={"model": "gpt-4o", "n": str(seq % 5)})
+        acked += d.meter.ReportBatch(pb.ReportBatchRequest(client_id="s", sequence=seq, events=[event] * 3),
+                                     timeout=10).accepted  # served while the ledger is down
+    status = _wait_status(d, lambda s: s.consecutive_failures >= 2)
+    assert status.last_error and status.backlog_usage_rows > 0
+    assert server("start") == url
+    _wait_status(d, lambda s: s.backlog_usage_rows == 0 and s.backlog_entries == 0 and not s.last_error)
+    assert d.stop() == 0
+    with Ledger(url) as lg:
+        assert lg.totals()["events"] == acked == 120
+        assert lg.totals()["cost_nano"] == acked * COST_NANO

@@ -4,16 +4,12 @@ are allowed, whatever is killed, stopped or replaced meanwhile."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import POSTGRES_SCRIPT, POSTGRES_UNAVAILABLE, _postgres_binaries_installed, _postgres_required, free_port
+from test_leases import CATALOG
 
 from meterd.escrow import Escrow
 from meterd.ledger import Ledger
@@ -23,18 +19,6 @@ from meterd.v1 import meter_pb2 as pb
 pytestmark = pytest.mark.spawns
 
 COST = 2_500_000  # 1,000 gpt-4o input tokens at $2.50 per 1M, in nano-USD
-CATALOG = """
-[credit_types.usd]
-kind = "fiat"
-currency = "USD"
-decimals = 2
-
-[meters.input_tokens]
-credit_type = "usd"
-per = 1000000
-price_dimension = "model"
-prices = { "gpt-4o" = "2.50" }
-"""
 FAST = {"METERD_LEDGER_FLUSH_INTERVAL_S": "0.2", "METERD_SNAPSHOT_INTERVAL_S": "0.2",
         "METERD_LEDGER_RETRY_MAX_S": "0.5", "METERD_LEDGER_TIMEOUT_S": "3", "METERD_LEASE_HEARTBEAT_MS": "50",
         "METERD_LEASE_WAIT_MS": "1000"}
@@ -209,42 +193,25 @@ def test_a_replaced_pod_takes_over_its_sidecar_id_and_the_old_data_directory_is_
     assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * COST, 0)
 
 
-def test_while_the_ledger_is_stopped_sidecars_serve_from_their_leases_and_fail_closed(make_daemon, tmp_path: Path):
-    if not _postgres_binaries_installed():
-        if _postgres_required():
-            pytest.fail(POSTGRES_UNAVAILABLE)
-        pytest.skip(POSTGRES_UNAVAILABLE)
-    pg_dir = tempfile.mkdtemp(prefix="meterd-pg-leases-", dir="/tmp")  # the postgres user must reach it
-    env = dict(os.environ, POSTGRES_TEST_PORT=str(free_port()))
-
-    def server(action: str) -> str:
-        r = subprocess.run([str(POSTGRES_SCRIPT), action, pg_dir], env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
-
-    try:
-        k = 100
-        url = _migrated(server("start"))
-        sidecars = _sidecars(make_daemon, tmp_path, url, n=2)
-        sidecars[0].admin.Grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=k * COST))
-        allowed = sum(d.meter.Report(pb.ReportRequest(event=_event())).decision == pb.DECISION_ALLOW
-                      for d in sidecars)
-        assert allowed == 2  # each sidecar holds a lease now
-        server("stop")
-        during = 0
-        for _ in range(k):  # served from the leases held, then denied: never more than the balance
-            for d in sidecars:
-                during += d.meter.Report(pb.ReportRequest(event=_event()), timeout=10).decision == pb.DECISION_ALLOW
-        assert 0 < during < k - allowed
-        assert server("start") == url
-        clients = Clients(sidecars)
-        clients.drain()
-        assert allowed + during + clients.allowed == k
+def test_while_the_ledger_is_stopped_sidecars_serve_from_their_leases_and_fail_closed(make_daemon, tmp_path: Path,
+                                                                                       own_postgres):
+    k = 100
+    url = _migrated(own_postgres("start"))
+    sidecars = _sidecars(make_daemon, tmp_path, url, n=2)
+    sidecars[0].admin.Grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=k * COST))
+    allowed = sum(d.meter.Report(pb.ReportRequest(event=_event())).decision == pb.DECISION_ALLOW for d in sidecars)
+    assert allowed == 2  # each sidecar holds a lease now
+    own_postgres("stop")
+    during = 0
+    for _ in range(k):  # served from the leases held, then denied: never more than the balance
         for d in sidecars:
-            assert d.stop() == 0
-        b = _settled(url)
-        assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * COST, 0)
-    finally:
-        server("stop")
-        shutil.rmtree(pg_dir, ignore_errors=True)
+            during += d.meter.Report(pb.ReportRequest(event=_event()), timeout=10).decision == pb.DECISION_ALLOW
+    assert 0 < during < k - allowed
+    assert own_postgres("start") == url
+    clients = Clients(sidecars)
+    clients.drain()
+    assert allowed + during + clients.allowed == k
+    for d in sidecars:
+        assert d.stop() == 0
+    b = _settled(url)
+    assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * COST, 0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from billing import Billing
+from test_leases import CATALOG
 
 from meterd.clock import ManualClock
 from meterd.escrow import Escrow
@@ -34,18 +35,6 @@ STEPS = 160
 T0 = 1_800_000_000_000
 CUSTOMERS = ("a", "b")
 PER_TOKEN_NANO = 2_500  # $2.50 per 1M tokens
-CATALOG = """
-[credit_types.usd]
-kind = "fiat"
-currency = "USD"
-decimals = 2
-
-[meters.input_tokens]
-credit_type = "usd"
-per = 1000000
-price_dimension = "model"
-prices = { "gpt-4o" = "2.50" }
-"""
 SETTINGS = {"lease_heartbeat_ms": 100, "lease_wait_ms": 2000, "lease_idle_s": 5.0, "lease_refill_horizon_s": 10.0,
             "lease_low_water_s": 2.0, "reservation_ttl_s": 5}
 

@@ -40,7 +40,7 @@ class SidecarConflict(LedgerError):
     """Two data directories flush under one sidecar_id."""
 
 
-class Fenced(LedgerError):
+class Fenced(SidecarConflict):
     """A sidecar incarnation the ledger no longer accepts (replaced, or released by an operator)."""
 
 
@@ -535,8 +535,9 @@ class Ledger:
                          "a sidecar under a released id is refused for good: give it a new sidecar_id")
         if self._rows("SELECT 1 FROM meterd_fenced WHERE sidecar_id = ? AND incarnation = ?",
                       (sidecar_id, incarnation)):
-            raise Fenced(f"sidecar_id {sidecar_id!r}: this data directory (incarnation {incarnation[:12]}) was "
-                         "replaced by another under the same id, which took over its leases; it is refused for good")
+            raise Fenced(f"sidecar_id {sidecar_id!r} is used by another data directory, which replaced this one "
+                         f"(incarnation {incarnation[:12]}); this one is refused for good: give each data directory "
+                         "its own sidecar_id")
 
     def _note_credit_types(self, credit_types: list[CreditTypeInfo]) -> None:
         """Credit types in a short transaction of their own, only when they are new or
