@@ -5,6 +5,7 @@ then sidecars (real engines on real LMDB) sharing one ledger."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from meterd.clock import ManualClock
 from meterd.config import load_settings
 from meterd.errors import ConfigError, InvalidInput
 from meterd.escrow import Escrow, lease_size
+from meterd.leases import Leases
 from meterd.ledger import Fenced, Ledger, Settlement
 from meterd.v1 import meter_pb2 as pb
 
@@ -334,6 +336,18 @@ def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_
     assert r.returncode == 0 and "acme" in r.stdout and "fenced for good" in r.stdout
     r = meterd("grant", "--customer", "acme", "--credit-type", "eur", "--amount", "1")
     assert r.returncode == 2 and "'eur' is not a credit type" in r.stderr
+    r = meterd("balance", "--customer", "nobody")
+    assert r.returncode == 2 and "'nobody' has no balance in the ledger" in r.stderr
+    # The README's `meterd serve --balances ledger`: check-config checks what serve would refuse.
+    assert meterd("check-config", "--balances", "ledger").returncode == 0
+    plan = tmp_path / "with-plan.toml"
+    plan.write_text(CATALOG + '[customers.acme]\nplan = "pro"\n')
+    r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger", "--ledger", url,
+                        "--catalog", str(plan)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "customers.acme.plan: plans are served in local mode only" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "METERD_LEDGER": ""})
+    assert r.returncode == 2 and "balances: ledger mode shares balances" in r.stderr
 
 
 def test_balance_status_and_metrics_say_what_a_lease_holds(sidecars):
@@ -422,9 +436,17 @@ def test_a_second_chance_never_overwrites_a_later_batch_of_its_client(tmp_path: 
         ev = pb.UsageEvent(customer_id=customer, meter="input_tokens", quantity=1_000, dimensions={"model": "gpt-4o"})
         return pb.ReportBatchRequest(client_id="app-1", sequence=seq, events=[ev]).SerializeToString()
 
+    waiting = asyncio.Event()
+    real_cover = Leases.cover
+
+    async def cover(self, *args):
+        waiting.set()
+        return await real_cover(self, *args)
+    monkeypatch.setattr(Leases, "cover", cover)
+
     async def concurrently():
-        first = asyncio.ensure_future(node.engine.report_batch(batch(1, "acme")))  # waits for a lease
-        await asyncio.sleep(0)
+        first = asyncio.ensure_future(node.engine.report_batch(batch(1, "acme")))
+        await asyncio.wait_for(waiting.wait(), 30)  # it waits for a lease
         second = await node.engine.report_batch(batch(2, "beta"))  # answered meanwhile
         return await first, second
     node.run(concurrently())

@@ -31,8 +31,7 @@ def test_reload_from_disk_while_lease_call_in_flight(tmp_path, monkeypatch):
     async def scenario():
         nonlocal allowed
         task = asyncio.ensure_future(node.engine.report(data))   # denied: tops its lease up
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(entered.wait, 30), "the lease call never reached the ledger"
         node.engine.recovery.try_recover()   # an unrelated commit failed meanwhile: state reloaded from disk
         release.set()
         try:

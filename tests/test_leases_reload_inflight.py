@@ -29,8 +29,7 @@ def test_reload_while_lease_call_in_flight(tmp_path, monkeypatch):
 
     async def scenario():
         task = asyncio.ensure_future(node.engine.report(data))   # denied: waits for its first lease
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(entered.wait, 30), "the lease call never reached the ledger"
         await node.engine.reload_catalog(load_catalog(str(renumbered)))  # SIGHUP meanwhile: usd 0 -> 1
         release.set()
         try:

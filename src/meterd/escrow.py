@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
 from meterd.ledger import Ledger, LedgerError, Settlement
@@ -435,10 +435,6 @@ class Escrow:
             self._exec("DELETE FROM meterd_lease_parts WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ? "
                        "AND grant_id = ?", (sidecar_id, customer_id, credit_type, grant_id))
 
-    def _soonest_expiry(self, sidecar_id: str, customer_id: str, credit_type: str) -> int:
-        expiries = [b.expires_at_ms for b, _ in self._parts(sidecar_id, customer_id, credit_type) if b.expires_at_ms]
-        return min(expiries, default=0)
-
     def acquire(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, need_nano: int,
                 want_nano: int, sharers: int, now_ms: int) -> LeaseGrant:
         """One lease transaction: move up to ``lease_size`` from the buckets, in
@@ -523,31 +519,42 @@ class Escrow:
                                         returned_total_nano=0, consumed_total_nano=0, recall_ms=0)
         return lease
 
+    def _move_parts(self, sidecar_id: str, lease: Lease, amount: int, from_end: bool,
+                    book: Callable[[_Bucket, int], None]) -> tuple[int, int]:
+        """Move up to ``amount`` out of a lease's parts: from the front of the burn-down order
+        (consumption) or from its end (give-backs); ``book`` says where each take goes in its bucket.
+        Returns what moved and the soonest expiry of what the lease keeps (0: never)."""
+        parts = self._parts(sidecar_id, lease.customer_id, lease.credit_type)
+        left, expiries = amount, []
+        for b, part in reversed(parts) if from_end else parts:
+            take = min(left, part)
+            if take:
+                b.leased -= take
+                book(b, take)
+                left -= take
+                self._put_bucket(lease.customer_id, lease.credit_type, b)
+                self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part - take)
+            if part > take and b.expires_at_ms:
+                expiries.append(b.expires_at_ms)
+        return amount - left, min(expiries, default=0)
+
     def _give_back(self, s: _Sums, sidecar_id: str, lease: Lease, amount: int, now_ms: int) -> None:
         """Move ``amount`` out of a lease, from the end of the burn-down order:
         into its buckets' remaining, or expired for a bucket past its expiry."""
-        left = amount
-        for b, part in reversed(self._parts(sidecar_id, lease.customer_id, lease.credit_type)):
-            take = min(left, part)
-            if not take:
-                break
-            b.leased -= take
+        def back(b: _Bucket, take: int) -> None:
             if b.expired_at(now_ms):
                 b.expired += take
                 s.expired += take
             else:
                 b.remaining += take
                 s.available += take
-            left -= take
-            self._put_bucket(lease.customer_id, lease.credit_type, b)
-            self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part - take)
-        invariant(left == 0, f"lease {sidecar_id}/{lease.customer_id}/{lease.credit_type}: parts hold less than "
-                             f"its {lease.amount_nano}")
+        moved, expires = self._move_parts(sidecar_id, lease, amount, True, back)
+        invariant(moved == amount, f"lease {sidecar_id}/{lease.customer_id}/{lease.credit_type}: parts hold less "
+                                   f"than its {lease.amount_nano}")
         s.leased -= amount
         self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, recall_ms = 0, expires_at_ms = ?, "
                    "updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
-                   (amount, self._soonest_expiry(sidecar_id, lease.customer_id, lease.credit_type), now_ms,
-                    sidecar_id, lease.customer_id, lease.credit_type))
+                   (amount, expires, now_ms, sidecar_id, lease.customer_id, lease.credit_type))
 
     def give_back(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str,
                   returned_total_nano: int, now_ms: int, consumed_total_nano: int | None = None) -> int:
@@ -600,7 +607,9 @@ class Escrow:
         lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
         delta = st.consumed_total_nano - lease.consumed_total_nano
         if delta > 0:
-            from_lease = self._consume_parts(sidecar_id, lease, delta)
+            def consumed(b: _Bucket, take: int) -> None:
+                b.consumed += take
+            from_lease, expires = self._move_parts(sidecar_id, lease, delta, False, consumed)
             rest = delta - from_lease  # spent beyond the lease: an outage allowance
             beyond = self._consume_available(st.customer_id, st.credit_type, rest)
             s.leased -= from_lease
@@ -609,23 +618,8 @@ class Escrow:
             s.consumed += delta
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, consumed_total_nano = ?, expires_at_ms "
                        "= ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
-                       (from_lease, st.consumed_total_nano,
-                        self._soonest_expiry(sidecar_id, st.customer_id, st.credit_type), now_ms, sidecar_id,
-                        st.customer_id, st.credit_type))
-
-    def _consume_parts(self, sidecar_id: str, lease: Lease, amount: int) -> int:
-        """Consume up to ``amount`` of a lease, from the front of the burn-down order."""
-        left = amount
-        for b, part in self._parts(sidecar_id, lease.customer_id, lease.credit_type):
-            take = min(left, part)
-            if not take:
-                break
-            b.leased -= take
-            b.consumed += take
-            left -= take
-            self._put_bucket(lease.customer_id, lease.credit_type, b)
-            self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part - take)
-        return amount - left
+                       (from_lease, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
+                        st.credit_type))
 
     def _consume_available(self, customer_id: str, credit_type: str, amount: int) -> int:
         """Consume up to ``amount`` straight from the buckets; returns what they could not cover."""
