@@ -8,6 +8,10 @@
   machine takes, from many simulated sidecars (each a real ``LedgerLink``, its
   own thread and connection, running the real ``Escrow`` calls), and their
   latency.
+- **Steady state:** one ledger-mode sidecar under a steady load over many
+  customers, with a short refill horizon so that a window spans several: the
+  lease calls it makes per customer per refill horizon, once its leases are
+  sized by the rates (the goal: about one).
 - **The contested path:** four sidecar daemons, one customer whose balance covers
   exactly K events, clients on all four until it runs out: exactly K allowed,
   how long the requests that waited for a top-up or a recall waited (from the
@@ -216,6 +220,32 @@ def ledger_load(pg: Postgres, sidecars: int, customers: int, seconds: float,
             "conservation_problems": len(problems)}
 
 
+def steady(pg: Postgres, progress: Callable[[str], None], customers: int = 200, horizon_s: float = 5.0,
+           window_s: float = 20.0) -> dict:
+    """Lease calls per (customer, sidecar) per refill horizon at a steady load, after a warm-up
+    of two horizons; counted from the daemon's metrics over ``window_s``."""
+    load.CUSTOMERS = customers
+    url = pg.database("meterd_bench_steady")
+    _grant_all(url, customers, BIG_NANO)
+    port = load.free_port()
+    env = {"METERD_METRICS_LISTEN": f"127.0.0.1:{port}", "METERD_BALANCES": "ledger", "METERD_LEDGER": url,
+           "METERD_LEASE_REFILL_HORIZON_S": str(horizon_s), "METERD_LEASE_LOW_WATER_S": str(horizon_s / 5)}
+    names = ("acquisitions", "refills", "sync_waits")
+    with load.Server("meterd", env=env, customers=customers, seeded=False) as server:
+        progress(f"ledger: steady state, {customers} customers, warming up for {2 * horizon_s:.0f} s")
+        load.drive(server.target, "ReportBatch", processes=2, seconds=2 * horizon_s, inflight=4, batch=1000)
+        before = _metrics(port)
+        progress(f"ledger: steady state, a window of {window_s:.0f} s")
+        run = load.drive(server.target, "ReportBatch", processes=2, seconds=window_s, inflight=4, batch=1000)
+        after = _metrics(port)
+    counts = {n: after.get(f"meterd_lease_{n}_total", 0) - before.get(f"meterd_lease_{n}_total", 0) for n in names}
+    horizons = window_s / horizon_s
+    return {"customers": customers, "refill_horizon_s": horizon_s, "window_s": window_s,
+            "events_per_s": round(run.events_per_s), "lease_calls_in_window": counts,
+            "lease_calls_per_customer_per_horizon": round(counts["acquisitions"] / customers / horizons, 3),
+            "sync_waits_per_customer_per_horizon": round(counts["sync_waits"] / customers / horizons, 3)}
+
+
 def contested(pg: Postgres, progress: Callable[[str], None], k: int = 2_000) -> dict:
     """Four busy sidecars on one customer whose balance covers exactly k events, until it runs out."""
     url = pg.database("meterd_bench_contested")
@@ -282,6 +312,7 @@ def run(seconds: float, trials: int, progress: Callable[[str], None], only: str 
     parts: dict[str, Callable[[Postgres], dict]] = {
         "hot_path": lambda pg: hot_path(pg, seconds, trials, progress),
         "ledger_load": lambda pg: ledger_load(pg, 32, 10_000, seconds, progress),
+        "steady": lambda pg: steady(pg, progress),
         "contested": lambda pg: contested(pg, progress)}
     with Postgres() as pg:
         return {name: part(pg) for name, part in parts.items() if not only or name == only}
@@ -291,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--only", choices=("hot_path", "ledger_load", "contested"), help="one part")
+    parser.add_argument("--only", choices=("hot_path", "ledger_load", "steady", "contested"), help="one part")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
     args = parser.parse_args(argv)
     start = time.monotonic()

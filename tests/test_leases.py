@@ -125,16 +125,34 @@ def test_release_sidecar_fences_it_for_good_and_gives_its_remainder_back(escrow:
     assert escrow.balance("c1", T0)[0]["available_nano"] == 1_000
 
 
-def test_consumption_beyond_a_lease_is_drawn_from_available_then_overdrawn(escrow: Escrow):
+def test_consumption_beyond_a_lease_is_a_debt_repaid_from_available_then_by_the_next_grant(escrow: Escrow):
     escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.set_allowance("c1", "usd", 2_000, T0)
     escrow.acquire("s1", "i1", "c1", "usd", 100, 100, 1, T0)
     with escrow.ledger._transaction():
         escrow.settle("s1", "i1", [Settlement("c1", "usd", 1_300)], T0 + 1)  # spent beyond it, as in an outage
     b = escrow.balance("c1", T0)[0]
-    assert (b["available_nano"], b["consumed_nano"], b["overdrawn_nano"]) == (-300, 1_300, 300)
-    escrow.grant("c1", "usd", 500, 0, 0, "api", "", T0 + 2)  # repays what was overdrawn first
+    assert (b["available_nano"], b["leased_nano"], b["consumed_nano"], b["overdrawn_nano"], b["lease_debts_nano"]) \
+        == (0, -300, 1_300, 300, 300)  # what was available repaid most of the debt at once
+    lease, = escrow.leases_of("s1")
+    assert (lease.amount_nano, lease.leased_total_nano) == (-300, 1_000)  # the sidecar takes 900 in, by total
+    escrow.grant("c1", "usd", 500, 0, 0, "api", "", T0 + 2)  # repays the lease's debt first
     b = escrow.balance("c1", T0)[0]
-    assert (b["available_nano"], b["overdrawn_nano"], b["balance_nano"]) == (200, 0, 200)
+    assert (b["available_nano"], b["overdrawn_nano"], b["lease_debts_nano"], b["balance_nano"]) == (200, 0, 0, 200)
+    g = escrow.acquire("s1", "i1", "c1", "usd", 100, 100, 1, T0 + 3)
+    assert (g.leased_total_nano, g.amount_nano, g.allowance_nano) == (1_400, 100, 2_000)
+
+
+def test_the_debt_of_a_released_sidecar_is_overdrawn_and_repaid_by_the_next_grant(escrow: Escrow):
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
+    escrow.acquire("s1", "i1", "c1", "usd", 1_000, 1_000, 1, T0)
+    with escrow.ledger._transaction():
+        escrow.settle("s1", "i1", [Settlement("c1", "usd", 1_250)], T0 + 1)
+    assert escrow.release_sidecar("s1", T0 + 2) == [("c1", "usd", -250)]
+    b = escrow.balance("c1", T0)[0]
+    assert (b["available_nano"], b["leased_nano"], b["overdrawn_nano"], b["lease_debts_nano"]) == (-250, 0, 250, 0)
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0 + 3)
+    assert escrow.balance("c1", T0)[0]["available_nano"] == 750
 
 
 def test_a_debit_takes_only_what_is_available_centrally(escrow: Escrow):
@@ -338,6 +356,13 @@ def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_
     assert r.returncode == 2 and "'eur' is not a credit type" in r.stderr
     r = meterd("balance", "--customer", "nobody")
     assert r.returncode == 2 and "'nobody' has no balance in the ledger" in r.stderr
+    r = meterd("ledger", "allowance", "--customer", "acme", "--credit-type", "usd", "--amount", "2.00")
+    assert r.returncode == 0 and "outage allowance of acme in usd: 2 per sidecar (was 0)" in r.stdout
+    assert "outage allowance 2 per sidecar; overdrawn 0" in meterd("balance", "--customer", "acme").stdout
+    for bad, says in ((["--credit-type", "eur", "--amount", "1"], "'eur' is not a credit type"),
+                      (["--credit-type", "usd", "--amount", "-1"], "--amount:")):
+        r = meterd("ledger", "allowance", "--customer", "acme", *bad)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # The README's `meterd serve --balances ledger`: check-config checks what serve would refuse.
     assert meterd("check-config", "--balances", "ledger").returncode == 0
     plan = tmp_path / "with-plan.toml"
@@ -558,3 +583,70 @@ def test_a_duration_session_holds_and_bills_from_leases(tmp_path: Path, ledger_u
     assert ended.cost_nano == 205_500 * 1_525  # 205.5 s, exactly
     node.run(node.engine.leases.return_all())
     assert _consumed(node, ledger_url, "lab") == 205_500 * 1_525
+
+
+# ---- an outage allowance ------------------------------------------------------------------------
+
+class Outage:
+    """The ledger cannot be reached from a sidecar: every call to it fails as a refused connection would."""
+
+    def __init__(self, node: Billing) -> None:
+        self.node = node
+        self.on = False
+        self.wrap()
+
+    def wrap(self) -> None:  # again after a restart: a new engine has new links
+        for link in (self.node.engine.leases.link, self.node.engine.flusher.link):
+            real = link.call
+
+            async def call(fn, *args, _real=real):
+                if self.on:
+                    raise ConnectionRefusedError("the ledger is away")
+                return await _real(fn, *args)
+            link.call = call
+
+
+def test_an_outage_allowance_bounds_what_a_sidecar_spends_beyond_its_lease_and_is_repaid(
+        tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch):
+    from meterd import wire
+    from meterd.metrics import LedgerCollector
+
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).set_allowance("acme", "usd", 2 * COST, T0)
+    node.grant("acme", "usd", 10 * COST)
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW  # leases all 10
+    outage = Outage(node)
+    outage.on = True
+    # A hold borrowed and released gives its credit back to the borrowed, not to the ledger.
+    hold = node.authorize("acme", "input_tokens", 10_000, model="gpt-4o")  # 10 requests: 9 leased, 1 borrowed
+    assert hold.decision == pb.DECISION_ALLOW
+    node.release(hold.reservation_id)
+    decisions = [node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision for _ in range(13)]
+    assert decisions == [pb.DECISION_ALLOW] * 11 + [pb.DECISION_DENY] * 2  # 9 of the lease, 2 borrowed
+    row, = wire.ledger_status(node.engine).leases
+    assert (row.borrowed_nano, row.outage_allowance_nano, row.balance_nano) == (2 * COST, 2 * COST, 0)
+    node.restart(clean=False)  # killed meanwhile: what was borrowed is durable, so the room is not had twice
+    outage.wrap()
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY
+    families = {f.name: f for f in LedgerCollector(node.engine).collect()}
+    assert families["meterd_lease_borrowed_nano"].samples[0].value == 0  # counters start again with the process
+    outage.on = False
+    node.flush()
+    with Ledger(ledger_url) as lg:
+        e = Escrow(lg)
+        assert e.check() == []
+        b = e.balance("acme", T0)[0]
+        assert (b["consumed_nano"], b["overdrawn_nano"], b["lease_debts_nano"], b["balance_nano"]) == \
+            (12 * COST, 2 * COST, 2 * COST, -2 * COST)  # exactly the allowance, beyond the balance
+        e.grant("acme", "usd", 5 * COST, 0, 0, "api", "", T0)  # repays the debt first
+        assert e.balance("acme", T0)[0]["available_nano"] == 3 * COST
+    node.run(node.engine.leases.beat())  # asks the ledger, and takes its repayment in: nothing borrowed any more
+    node.run(node.engine.leases.quiet())
+    row, = wire.ledger_status(node.engine).leases
+    assert (row.borrowed_nano, row.balance_nano) == (0, 0)
+    allowed = sum(node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+                  for _ in range(5))
+    assert allowed == 3
+    node.run(node.engine.leases.return_all())
+    assert _consumed(node, ledger_url) == 15 * COST  # all that was granted, and not a nano more

@@ -215,3 +215,32 @@ def test_while_the_ledger_is_stopped_sidecars_serve_from_their_leases_and_fail_c
         assert d.stop() == 0
     b = _settled(url)
     assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * COST, 0)
+
+
+def test_an_outage_allowance_lets_each_sidecar_spend_that_much_beyond_its_lease_and_nothing_is_lost(
+        make_daemon, tmp_path: Path, own_postgres):
+    k, allowance = 100, 3 * COST
+    url = _migrated(own_postgres("start"))
+    with Ledger(url) as lg:
+        Escrow(lg).set_allowance("acme", "usd", allowance, 0)
+    sidecars = _sidecars(make_daemon, tmp_path, url, n=2)
+    sidecars[0].admin.Grant(apb.GrantRequest(customer_id="acme", credit_type="usd", amount_nano=k * COST))
+    allowed = sum(d.meter.Report(pb.ReportRequest(event=_event())).decision == pb.DECISION_ALLOW for d in sidecars)
+    assert allowed == 2
+    own_postgres("stop")
+    for d in sidecars:  # each spends its lease, then its allowance, then is denied
+        denials = 0
+        while denials < 3:
+            got = d.meter.Report(pb.ReportRequest(event=_event()), timeout=10).decision == pb.DECISION_ALLOW
+            allowed += got
+            denials = 0 if got else denials + 1
+        row, = d.admin.GetLedgerStatus(apb.LedgerStatusRequest()).leases
+        assert (row.borrowed_nano, row.outage_allowance_nano, row.available_nano) == (allowance, allowance, 0)
+    assert own_postgres("start") == url
+    clients = Clients(sidecars)
+    clients.drain()  # what was borrowed came out of what the ledger had left: still exactly k
+    assert allowed + clients.allowed == k
+    for d in sidecars:
+        assert d.stop() == 0
+    b = _settled(url)
+    assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"], b["overdrawn_nano"]) == (k * COST, 0, 0)

@@ -4,9 +4,11 @@ requests and lost answers between sidecars and the ledger, ledger outages and
 clock skew. Every history is seeded; the same seed replays the same history.
 
 After every step it checks the conservation equation in the ledger, that nothing
-was overdrawn (zero overspend) and that no sidecar's lease went below zero; at
-the end, with the faults healed, that every lease was settled or given back and
-that the ledger's consumption is exactly what the clients were told they spent.
+was overdrawn (zero overspend) beyond what a customer's outage allowance permits
+(the allowance times the number of sidecars), and that no sidecar's lease went
+below zero; at the end, with the faults healed, that every lease was settled or
+given back and that the ledger's consumption is exactly what the clients were
+told they spent.
 
     pytest tests/test_simulation.py                    # a bounded number of seeds (CI)
     METERD_SOAK=1 pytest tests/test_simulation.py      # thousands
@@ -108,6 +110,11 @@ class Simulation:
                       for i in range(n)]
         for node in self.nodes:
             self._wrap(node)
+        # Customer "b" may have an outage allowance: each sidecar may spend that much beyond its lease.
+        self.allowance = {"a": 0, "b": self.rng.choice((0, 0, 1_000, 5_000)) * PER_TOKEN_NANO}
+        for customer, amount in self.allowance.items():
+            if amount:
+                self.escrow.set_allowance(customer, "usd", amount, T0)
         self.granted = dict.fromkeys(CUSTOMERS, 0)   # what the operator granted, less what it took away
         self.spent = dict.fromkeys(CUSTOMERS, 0)     # what clients were told they spent
         self.open: list[tuple[int, str, str, int]] = []  # reservations: sidecar, id, customer, reserved
@@ -250,15 +257,19 @@ class Simulation:
     def check(self) -> None:
         assert self.escrow.check() == []
         for customer in CUSTOMERS:
+            bound = self.allowance[customer] * len(self.nodes)
             for b in self.escrow.balance(customer, 0):
-                assert b["overdrawn_nano"] == 0, f"{customer} overspent its balance by {b['overdrawn_nano']}"
-            assert self.spent[customer] <= self.granted[customer]
+                assert b["overdrawn_nano"] <= bound, f"{customer} overspent its balance by {b['overdrawn_nano']}"
+            assert self.spent[customer] <= self.granted[customer] + bound
         for node in self.nodes:
             core = node.engine.core
             for customer in CUSTOMERS:
                 idx = core.account(customer.encode())
                 if idx >= 0:
                     assert core.available(idx, 0) >= 0 and core.state(idx)[0][0][0] >= 0, "a lease went below zero"
+                h = node.engine.leases.held.get((customer, 0))
+                if h is not None:
+                    assert 0 <= h.borrowed <= self.allowance[customer], f"{customer} borrowed {h.borrowed}"
 
     def finish(self) -> None:
         """The faults healed: open reservations released, every lease given back, everything flushed."""
@@ -275,7 +286,10 @@ class Simulation:
             consumed = sum(b["consumed_nano"] for b in rows)
             assert consumed == self.spent[customer], f"{customer}: the ledger has {consumed} consumed, clients " \
                                                      f"were told {self.spent[customer]}"
-            assert all(b["leased_nano"] == 0 for b in rows), "a lease was neither settled nor given back"
+            # What is left leased is the debt of what was spent beyond leases, when nothing was left to repay it.
+            assert all(b["leased_nano"] + b["lease_debts_nano"] == 0 for b in rows), \
+                "a lease was neither settled nor given back"
+            assert all(b["lease_debts_nano"] <= self.allowance[customer] * len(self.nodes) for b in rows)
 
     def close(self) -> None:
         for node in self.nodes:

@@ -179,6 +179,9 @@ def _central_balance(args: argparse.Namespace) -> int:
         print(f"{_safe(b['credit_type']):<20} balance {_credits(b['balance_nano']):>20}  available "
               f"{_credits(b['available_nano'])}  leased {_credits(b['leased_nano'])}  consumed "
               f"{_credits(b['consumed_nano'])}  expired {_credits(b['expired_nano'])}")
+        if b["allowance_nano"] or b["overdrawn_nano"]:
+            print(f"  outage allowance {_credits(b['allowance_nano'])} per sidecar; overdrawn "
+                  f"{_credits(b['overdrawn_nano'])} (leases in debt {_credits(b['lease_debts_nano'])})")
         for lease in b["leases"]:
             print(f"  lease {_safe(lease['sidecar_id']):<30} {_credits(lease['amount_nano'])}")
     return 0
@@ -226,20 +229,24 @@ def _refuse_new(unknown: list[str], where: str) -> None:
                           "account: check the id, or pass --new-customer to create it with this grant")
 
 
+def _central_target(args: argparse.Namespace, customer_id: str, credit_type: str) -> None:
+    """A customer id the settings accept, and a credit type of the catalog (a central call's target)."""
+    from meterd import validate
+
+    settings = _load(args)
+    validate.customer(settings, customer_id)
+    if credit_type not in load_catalog(settings.catalog).credit_index:
+        raise ConfigError(f"--credit-type: {_safe(repr(credit_type))} is not a credit type of the catalog")
+
+
 def _central(args: argparse.Namespace, method: str, request: Any) -> Any:
     """Ledger mode, with no sidecar: a grant or adjustment in one transaction of the ledger,
     idempotent there by key (the same key through a sidecar's Admin is the same grant)."""
-    from meterd import validate, wire
+    from meterd import wire
     from meterd.escrow import Escrow
     from meterd.leases import central_key
-    from meterd.state import Live
 
-    settings = _load(args)
-    live = Live(load_catalog(settings.catalog))
-    validate.customer(settings, request.customer_id)
-    ct = live.catalog.credit_index.get(request.credit_type)
-    if ct is None:
-        raise ConfigError(f"--credit-type: {_safe(repr(request.credit_type))} is not a credit type of the catalog")
+    _central_target(args, request.customer_id, request.credit_type)
     key, digest = central_key(method, request.customer_id, wire.keyed(request))
     now = time.time_ns() // 1_000_000
     with _open_ledger(args) as ledger:
@@ -393,7 +400,21 @@ def cmd_ledger_release(args: argparse.Namespace) -> int:
         returned = Escrow(ledger).release_sidecar(args.sidecar_id, time.time_ns() // 1_000_000)
     print(f"sidecar {_safe(args.sidecar_id)} is fenced for good; {len(returned)} leases given back")
     for customer, ct, amount in returned:
-        print(f"  {_safe(customer):<30} {_safe(ct):<12} {_credits(amount)}")
+        print(f"  {_safe(customer):<30} {_safe(ct):<12} {_credits(amount)}"
+              + ("  (spent beyond its lease in an outage: now the customer's overdrawn)" if amount < 0 else ""))
+    return 0
+
+
+def cmd_ledger_allowance(args: argparse.Namespace) -> int:
+    """A customer's outage allowance: what each sidecar may spend beyond its lease while the ledger is away."""
+    from meterd.escrow import Escrow
+
+    _central_target(args, args.customer, args.credit_type)
+    amount = _nano(args.amount, "--amount")
+    with _open_ledger(args) as ledger:
+        before = Escrow(ledger).set_allowance(args.customer, args.credit_type, amount, time.time_ns() // 1_000_000)
+    print(f"outage allowance of {_safe(args.customer)} in {_safe(args.credit_type)}: {_credits(amount)} per sidecar "
+          f"(was {_credits(before)}); sidecars learn it with their next lease call")
     return 0
 
 
@@ -566,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
                  "  meterd ledger release-sidecar sc-0123 --ledger postgresql://meterd@db.internal/ledger")
     p.add_argument("sidecar_id", help="the sidecar's id in the ledger")
     p.set_defaults(func=cmd_ledger_release)
+    p = _command(lsub, "allowance", "set what each sidecar may spend of a customer beyond its lease while the "
+                 "ledger is away (default 0: fail closed)",
+                 "  meterd ledger allowance --customer acme --credit-type usd --amount 2.00 "
+                 "--ledger postgresql://meterd@db.internal/ledger")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--credit-type", required=True, help="the credit type, for example usd")
+    p.add_argument("--amount", required=True, help="per sidecar, in the credit type's units; 0 turns it off")
+    p.set_defaults(func=cmd_ledger_allowance)
     return parser
 
 

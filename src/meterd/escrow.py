@@ -22,10 +22,13 @@ At every moment, per customer and credit type, and again summed over buckets:
 
     granted = available + leased + consumed + expired
 
-(``check``, and ``meterd ledger check``). Consumption beyond a lease (an
-outage allowance spent while the ledger was away) is drawn from the available
-buckets, and beyond them is *overdrawn*: available goes below zero and the
-next grant repays it first.
+(``check``, and ``meterd ledger check``). A lease holds exactly what was leased
+to it, less what came back and what was consumed, by the sidecar's running
+totals. Consumption beyond a lease (an outage allowance, spent while the
+sidecar could not reach the ledger) leaves the lease in debt: its amount goes
+below zero, in no bucket, and its sidecar's next lease repays it first. The
+debt of a lease whose sidecar is replaced or released becomes the customer's
+*overdrawn*: available goes below zero, and the next grant repays it first.
 
 Every transaction on a customer's credit type locks its ``meterd_balances``
 row first (SQLite serialises all writers anyway), and a flush settles in the
@@ -69,6 +72,7 @@ class LeaseGrant:
     available_nano: int = 0      # central, after this call
     elsewhere_nano: int = 0      # held by other sidecars' leases
     recalled: int = 0            # other leases asked to come back
+    allowance_nano: int = 0      # what the sidecar may spend beyond its lease while the ledger is away
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class _Sums:
     overdrawn: int
     grants_made: int
     entries_made: int
+    allowance: int = 0           # outage_allowance_nano (set on its own, never by _put_sums)
 
     @property
     def balance(self) -> int:
@@ -130,6 +135,7 @@ class _Bucket:
 
 _SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano, overdrawn_nano, grants_made, "
          "entries_made")
+_SUMS_READ = _SUMS + ", outage_allowance_nano"
 _BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
            "expired_nano")
 _LEASE = ("customer_id, credit_type, incarnation, amount_nano, leased_total_nano, returned_total_nano, "
@@ -173,7 +179,7 @@ class Escrow:
             self._exec(f"INSERT INTO meterd_balances (customer_id, credit_type, {_SUMS}, updated_ms) "
                        "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, ?) ON CONFLICT (customer_id, credit_type) DO NOTHING",
                        (customer_id, credit_type, now_ms))
-        rows = self._rows(f"SELECT {_SUMS} FROM meterd_balances WHERE customer_id = ? AND credit_type = ?"
+        rows = self._rows(f"SELECT {_SUMS_READ} FROM meterd_balances WHERE customer_id = ? AND credit_type = ?"
                           + self._lock, (customer_id, credit_type))
         return _Sums(*(int(v) for v in rows[0])) if rows else None
 
@@ -283,6 +289,10 @@ class Escrow:
         s.granted += amount
         s.available += amount
         s.overdrawn -= repaid
+        # Leases in debt (spent beyond them in an outage) are repaid next, then the rest is available.
+        for r in self._rows(f"SELECT sidecar_id, {_LEASE} FROM meterd_leases WHERE customer_id = ? AND credit_type "
+                            "= ? AND amount_nano < 0 ORDER BY sidecar_id" + self._lock, (customer_id, credit_type)):
+            self._repay(s, r[0], Lease(r[1], r[2], r[3], *(int(v) for v in r[4:])), now_ms)
         kind = source if source in ("refund", "adjust") else "grant"
         self._entry(s, customer_id, credit_type, kind, source, amount, before,
                     f"{grant_id} {source} {reference}".strip(), now_ms)
@@ -358,7 +368,7 @@ class Escrow:
     def _release_leases(self, sidecar_id: str, now_ms: int,
                         other_than: str | None = None) -> list[tuple[str, str, int]]:
         """Give back every lease of a sidecar (of incarnations other than ``other_than``)."""
-        where = "sidecar_id = ? AND amount_nano > 0"
+        where = "sidecar_id = ? AND amount_nano <> 0"
         params: list[Any] = [sidecar_id]
         if other_than is not None:
             where += " AND incarnation <> ?"
@@ -370,12 +380,28 @@ class Escrow:
             lease = self._lease(sidecar_id, cust, ct)
             if s is None or lease is None or not lease.amount_nano:
                 continue
-            self._give_back(s, sidecar_id, lease, lease.amount_nano, now_ms)
-            self._exec("UPDATE meterd_leases SET returned_total_nano = returned_total_nano + ? WHERE sidecar_id = ? "
-                       "AND customer_id = ? AND credit_type = ?", (lease.amount_nano, sidecar_id, cust, ct))
+            self._take_back(s, sidecar_id, lease, now_ms)
             self._put_sums(cust, ct, s, now_ms)
             out.append((cust, ct, lease.amount_nano))
         return out
+
+    def _take_back(self, s: _Sums, sidecar_id: str, lease: Lease, now_ms: int) -> None:
+        """A lease of an incarnation that is gone comes back whole: what it holds is given back; its
+        debt (spent beyond it in an outage) becomes the customer's overdrawn, repaid by the next grant."""
+        if lease.amount_nano > 0:
+            self._give_back(s, sidecar_id, lease, lease.amount_nano, now_ms)
+            self._exec("UPDATE meterd_leases SET returned_total_nano = returned_total_nano + ? WHERE sidecar_id = ? "
+                       "AND customer_id = ? AND credit_type = ?", (lease.amount_nano, sidecar_id, lease.customer_id,
+                                                                  lease.credit_type))
+        elif lease.amount_nano < 0:
+            debt = -lease.amount_nano
+            s.leased += debt
+            s.available -= debt
+            s.overdrawn += debt
+            # As if the customer's overdrawn credit had been leased to it: its running totals still add up.
+            self._exec("UPDATE meterd_leases SET amount_nano = 0, leased_total_nano = leased_total_nano + ?, "
+                       "recall_ms = 0, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                       (debt, now_ms, sidecar_id, lease.customer_id, lease.credit_type))
 
     def release_sidecar(self, sidecar_id: str, now_ms: int) -> list[tuple[str, str, int]]:
         """Fence a sidecar for good and give back what its leases hold (what it
@@ -463,22 +489,9 @@ class Escrow:
         self._expire(customer_id, credit_type, s, now_ms)
         lease = self._own_lease(sidecar_id, incarnation, customer_id, credit_type, s, now_ms)
         size = lease_size(need_nano, want_nano, s.available, sharers)
-        left = size
         held = {b.grant_id: (b, amount) for b, amount in self._parts(sidecar_id, customer_id, credit_type)} \
             if size else {}
-        for b in self._buckets(customer_id, credit_type) if size else []:
-            take = min(left, b.remaining)
-            if not take:
-                break
-            b.remaining -= take
-            b.leased += take
-            left -= take
-            self._put_bucket(customer_id, credit_type, b)
-            self._put_part(sidecar_id, customer_id, credit_type, b.grant_id, held.get(b.grant_id, (b, 0))[1] + take)
-            held[b.grant_id] = (b, held.get(b.grant_id, (b, 0))[1] + take)
-        invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
-        s.available -= size
-        s.leased += size
+        self._draw(s, sidecar_id, lease, size, held)
         elsewhere = s.leased - lease.amount_nano - size  # every lease of the customer's credit type, less this one
         recalled = 0
         # need_nano is what the sidecar is short of: the ledger's figure of its lease lags its spending.
@@ -498,7 +511,42 @@ class Escrow:
                        (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
         self._put_sums(customer_id, credit_type, s, now_ms)  # expiry may have moved it, even without a lease
         return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
-                          int(elsewhere), recalled)
+                          int(elsewhere), recalled, s.allowance)
+
+    def _draw(self, s: _Sums, sidecar_id: str, lease: Lease, size: int, held: dict[str, tuple[_Bucket, int]]) -> None:
+        """Move ``size`` of the available buckets, in burn-down order, into a lease: first into
+        consumed for what the lease owes (its debt), then into its parts (``held``: parts by grant,
+        updated). The caller moves the lease row's figures."""
+        left, debt = size, max(-lease.amount_nano, 0)
+        for b in self._buckets(lease.customer_id, lease.credit_type) if size else []:
+            take = min(left, b.remaining)
+            if not take:
+                break
+            repaid = min(take, debt)
+            b.remaining -= take
+            b.consumed += repaid
+            b.leased += take - repaid
+            left -= take
+            debt -= repaid
+            self._put_bucket(lease.customer_id, lease.credit_type, b)
+            if take > repaid:
+                part = held.get(b.grant_id, (b, 0))[1] + take - repaid
+                self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part)
+                held[b.grant_id] = (b, part)
+        invariant(left == 0, f"{lease.customer_id}/{lease.credit_type}: buckets hold less than the available "
+                             f"{s.available}")
+        s.available -= size
+        s.leased += size
+
+    def _repay(self, s: _Sums, sidecar_id: str, lease: Lease, now_ms: int) -> None:
+        """A lease in debt repaid from what is available centrally, as a lease the ledger makes
+        on its own (its sidecar takes it in by the running total leased, as any other)."""
+        repaid = min(max(-lease.amount_nano, 0), max(s.available, 0))
+        if repaid:
+            self._draw(s, sidecar_id, lease, repaid, {})
+            self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
+                       "+ ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                       (repaid, repaid, now_ms, sidecar_id, lease.customer_id, lease.credit_type))
 
     def _own_lease(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, s: _Sums,
                    now_ms: int) -> Lease:
@@ -511,7 +559,7 @@ class Escrow:
                         (sidecar_id, customer_id, credit_type, incarnation, now_ms))
         lease = Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
         if lease.incarnation != incarnation:
-            self._give_back(s, sidecar_id, lease, lease.amount_nano, now_ms)
+            self._take_back(s, sidecar_id, lease, now_ms)
             self._exec("UPDATE meterd_leases SET incarnation = ?, amount_nano = 0, leased_total_nano = 0, "
                        "returned_total_nano = 0, consumed_total_nano = 0, recall_ms = 0 WHERE sidecar_id = ? AND "
                        "customer_id = ? AND credit_type = ?", (incarnation, sidecar_id, customer_id, credit_type))
@@ -609,30 +657,31 @@ class Escrow:
         if delta > 0:
             def consumed(b: _Bucket, take: int) -> None:
                 b.consumed += take
-            from_lease, expires = self._move_parts(sidecar_id, lease, delta, False, consumed)
-            rest = delta - from_lease  # spent beyond the lease: an outage allowance
-            beyond = self._consume_available(st.customer_id, st.credit_type, rest)
-            s.leased -= from_lease
-            s.available -= rest
-            s.overdrawn += beyond
+            # Beyond its parts (an outage allowance spent), the lease goes into debt: in no bucket.
+            _, expires = self._move_parts(sidecar_id, lease, delta, False, consumed)
+            s.leased -= delta
             s.consumed += delta
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, consumed_total_nano = ?, expires_at_ms "
                        "= ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
-                       (from_lease, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
+                       (delta, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
                         st.credit_type))
+            if delta > lease.amount_nano:
+                self._repay(s, sidecar_id, dataclasses.replace(lease, amount_nano=lease.amount_nano - delta), now_ms)
 
-    def _consume_available(self, customer_id: str, credit_type: str, amount: int) -> int:
-        """Consume up to ``amount`` straight from the buckets; returns what they could not cover."""
-        left = amount
-        for b in self._buckets(customer_id, credit_type) if amount else []:
-            take = min(left, b.remaining)
-            b.remaining -= take
-            b.consumed += take
-            left -= take
-            self._put_bucket(customer_id, credit_type, b)
-            if not left:
-                break
-        return left
+    def set_allowance(self, customer_id: str, credit_type: str, amount_nano: int, now_ms: int) -> int:
+        """The customer's outage allowance of a credit type: what each sidecar may spend beyond its
+        lease while it cannot reach the ledger (0: none, fail closed). Returns the one it replaces."""
+        if not 0 <= amount_nano <= INT64_MAX:
+            raise InvalidInput("amount_nano", f"{amount_nano} is not an allowance (0 up to 64 bits)")
+        with self.ledger._transaction():
+            s = self._sums(customer_id, credit_type, True, now_ms)
+            assert s is not None  # made when missing
+            self._exec("UPDATE meterd_balances SET outage_allowance_nano = ?, updated_ms = ? WHERE customer_id = ? "
+                       "AND credit_type = ?", (amount_nano, now_ms, customer_id, credit_type))
+            self._entry(s, customer_id, credit_type, "allowance", "ledger", 0, s.balance,
+                        f"outage allowance {s.allowance} -> {amount_nano}", now_ms)
+            self._put_sums(customer_id, credit_type, s, now_ms)
+        return s.allowance
 
     def leases_of(self, sidecar_id: str) -> list[Lease]:
         return [Lease(r[0], r[1], r[2], *(int(v) for v in r[3:])) for r in self._rows(
@@ -649,20 +698,22 @@ class Escrow:
 
     def _balance(self, customer_id: str) -> list[dict]:
         out = []
-        for r in self._rows(f"SELECT credit_type, {_SUMS}, updated_ms FROM meterd_balances WHERE customer_id = ? "
-                            "ORDER BY credit_type", (customer_id,)):
+        for r in self._rows(f"SELECT credit_type, {_SUMS_READ}, updated_ms FROM meterd_balances WHERE "
+                            "customer_id = ? ORDER BY credit_type", (customer_id,)):
             ct = r[0]
-            s = _Sums(*(int(v) for v in r[1:9]))
+            s = _Sums(*(int(v) for v in r[1:10]))
             buckets = [dataclasses.asdict(b) for b in self._buckets(customer_id, ct,
                                                                     "remaining_nano > 0 OR leased_nano > 0")]
             leases = [{"sidecar_id": row[0], "amount_nano": int(row[1]), "updated_ms": int(row[2])}
                       for row in self._rows("SELECT sidecar_id, amount_nano, updated_ms FROM meterd_leases WHERE "
                                             "customer_id = ? AND credit_type = ? AND amount_nano <> 0 ORDER BY "
                                             "sidecar_id", (customer_id, ct))]
+            debts = sum(-lease["amount_nano"] for lease in leases if lease["amount_nano"] < 0)
             out.append({"credit_type": ct, "balance_nano": s.balance, "granted_nano": s.granted,
                         "available_nano": s.available, "leased_nano": s.leased, "consumed_nano": s.consumed,
-                        "expired_nano": s.expired, "overdrawn_nano": s.overdrawn, "updated_ms": int(r[9]),
-                        "buckets": buckets, "leases": leases})
+                        "expired_nano": s.expired, "overdrawn_nano": max(-s.balance, 0), "lease_debts_nano": debts,
+                        "allowance_nano": s.allowance, "updated_ms": int(r[10]), "buckets": buckets,
+                        "leases": leases})
         return out
 
     @contextlib.contextmanager
@@ -688,8 +739,9 @@ class Escrow:
         buckets = {(r[0], r[1]): [int(v or 0) for v in r[2:]] for r in self._rows(
             "SELECT customer_id, credit_type, SUM(amount_nano), SUM(remaining_nano), SUM(leased_nano), "
             "SUM(consumed_nano), SUM(expired_nano) FROM meterd_grants GROUP BY customer_id, credit_type")}
-        leases = {(r[0], r[1]): int(r[2] or 0) for r in self._rows(
-            "SELECT customer_id, credit_type, SUM(amount_nano) FROM meterd_leases GROUP BY customer_id, credit_type")}
+        leases = {(r[0], r[1]): (int(r[2] or 0), int(r[3] or 0)) for r in self._rows(
+            "SELECT customer_id, credit_type, SUM(amount_nano), SUM(CASE WHEN amount_nano < 0 THEN -amount_nano "
+            "ELSE 0 END) FROM meterd_leases GROUP BY customer_id, credit_type")}
         parts = {(r[0], r[1]): int(r[2] or 0) for r in self._rows(
             "SELECT customer_id, credit_type, SUM(amount_nano) FROM meterd_lease_parts "
             "GROUP BY customer_id, credit_type")}
@@ -703,23 +755,30 @@ class Escrow:
                 problems.append(f"{name}: granted {s.granted} != available {s.available} + leased {s.leased} + "
                                 f"consumed {s.consumed} + expired {s.expired}")
             amount, remaining, leased, consumed, expired = buckets.get(key, [0, 0, 0, 0, 0])
+            held, debts = leases.get(key, (0, 0))  # debts: spent beyond leases, in no bucket
             expect = {"granted": (s.granted, amount), "available": (s.available, remaining - s.overdrawn),
-                      "leased": (s.leased, leased), "consumed": (s.consumed, consumed + s.overdrawn),
+                      "leased": (s.leased, leased - debts), "consumed": (s.consumed, consumed + s.overdrawn + debts),
                       "expired": (s.expired, expired)}
             for what, (have, want) in expect.items():
                 if have != want:
                     problems.append(f"{name}: {what} {have}, but its buckets add up to {want}")
-            if leases.get(key, 0) != s.leased:
-                problems.append(f"{name}: leased {s.leased}, but its leases hold {leases.get(key, 0)}")
-            if parts.get(key, 0) != s.leased:
-                problems.append(f"{name}: leased {s.leased}, but its lease parts hold {parts.get(key, 0)}")
+            if held != s.leased:
+                problems.append(f"{name}: leased {s.leased}, but its leases hold {held}")
+            if parts.get(key, 0) != s.leased + debts:
+                problems.append(f"{name}: leases hold {s.leased + debts} (debts aside), but their parts hold "
+                                f"{parts.get(key, 0)}")
             if s.overdrawn < 0:
                 problems.append(f"{name}: overdrawn {s.overdrawn} is negative")
         for r in self._rows("SELECT sidecar_id, customer_id, credit_type, amount_nano, leased_total_nano, "
-                            "returned_total_nano FROM meterd_leases WHERE amount_nano < 0 OR "
-                            "amount_nano > leased_total_nano - returned_total_nano"):
-            problems.append(f"lease {r[0]}/{r[1]}/{r[2]}: holds {r[3]}, outside 0..{int(r[4]) - int(r[5])} "
-                            "(leased less given back)")
+                            "returned_total_nano, consumed_total_nano FROM meterd_leases WHERE amount_nano <> "
+                            "leased_total_nano - returned_total_nano - consumed_total_nano"):
+            problems.append(f"lease {r[0]}/{r[1]}/{r[2]}: holds {r[3]}, not what was leased ({r[4]}) less what "
+                            f"came back ({r[5]}) and was consumed ({r[6]})")
+        for r in self._rows("SELECT l.sidecar_id, l.customer_id, l.credit_type, l.amount_nano FROM meterd_leases l "
+                            "WHERE l.amount_nano < 0 AND EXISTS (SELECT 1 FROM meterd_lease_parts p WHERE "
+                            "p.sidecar_id = l.sidecar_id AND p.customer_id = l.customer_id AND "
+                            "p.credit_type = l.credit_type)"):
+            problems.append(f"lease {r[0]}/{r[1]}/{r[2]}: in debt ({r[3]}) but holds parts of grants")
         return problems
 
     def totals(self) -> dict[str, int]:

@@ -12,14 +12,23 @@ those of local mode; this component moves credit in and out of the core:
 - **out** (a recall, an idle lease, an expiring grant, shutdown): a debit in
   the core, durable in LMDB first, then the running total given back is sent
   to the ledger (again until it is acknowledged);
-- **consumed**: ``leased_in - given_back - balance`` per lease, written by
-  each snapshot into the outbox and settled by the flush, exactly once.
+- **consumed**: ``leased_in - given_back + borrowed - balance`` per lease,
+  written by each snapshot into the outbox and settled by the flush, exactly
+  once.
 
 A request the lease cannot cover waits (at most ``lease_wait_ms``) for a top-up,
 and for other sidecars to give back what they hold when the ledger has too
 little left. A deny while credit sat at another sidecar is a *false deny*,
 counted. When the ledger cannot be reached, the leases held keep serving and
-the rest is denied: this is money, so it fails closed.
+the rest is denied: this is money, so it fails closed. A customer with an
+*outage allowance* (set in the ledger, learnt with every lease answer) may
+spend up to that much beyond this sidecar's lease meanwhile: it is *borrowed*,
+durable in LMDB like the running totals, and settled as consumption beyond the
+lease, which leaves the lease in debt at the ledger. What comes into the lease
+next repays the borrowed credit first (the ledger does the same with the debt),
+and what is borrowed and still free is cancelled before anything is given back.
+So at no moment does a sidecar spend more than the allowance beyond what the
+ledger has leased to it.
 """
 
 from __future__ import annotations
@@ -59,13 +68,17 @@ LEASE_CALL_ASKS_MAX = 250        # leases asked for in one transaction (about 1 
 class Held:
     """One lease as this sidecar holds it."""
 
-    __slots__ = ("leased_in", "given_back", "sent_back", "expires_at_ms", "unit_nano", "rate_nano_s", "mark_nano",
-                 "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms", "exhausted_until", "uncertain",
-                 "last_size", "acquired_ms", "acquired_consumed", "lock")
+    __slots__ = ("leased_in", "given_back", "borrowed", "allowance_nano", "sent_back", "expires_at_ms", "unit_nano",
+                 "rate_nano_s", "mark_nano", "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms",
+                 "exhausted_until", "uncertain", "last_size", "acquired_ms", "acquired_consumed", "asked_flush_ms",
+                 "lock")
 
-    def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0) -> None:
+    def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0, borrowed: int = 0,
+                 allowance_nano: int = 0) -> None:
         self.leased_in = leased_in      # running totals, durable in LMDB ("leases")
         self.given_back = given_back
+        self.borrowed = borrowed        # credited beyond the lease in an outage, not yet repaid or cancelled
+        self.allowance_nano = allowance_nano  # the customer's outage allowance, as the ledger last said
         self.sent_back = given_back     # what the ledger has acknowledged of given_back (-1: not known)
         self.expires_at_ms = 0
         self.unit_nano = 1              # the last request that asked for a top-up
@@ -83,10 +96,12 @@ class Held:
         self.last_size = 0              # the last lease's size, and when and at what consumption it was asked
         self.acquired_ms = 0
         self.acquired_consumed = 0
+        self.asked_flush_ms = 0         # the flush after which the ledger was asked what it repaid of a debt
         self.lock = asyncio.Lock()
 
     def doc(self) -> bytes:
-        return json.dumps({"leased_in": self.leased_in, "given_back": self.given_back}).encode()
+        return json.dumps({"leased_in": self.leased_in, "given_back": self.given_back, "borrowed": self.borrowed,
+                           "allowance_nano": self.allowance_nano}).encode()
 
 
 def check_catalog(catalog: Catalog) -> None:
@@ -146,8 +161,10 @@ class Leases:
             if ct is None:
                 continue
             doc = json.loads(value)
-            h = self.held[(cust, ct)] = Held(doc["leased_in"], doc["given_back"], now)
-            h.sent_back = -1  # sent again at the next heartbeat: the ledger may not have heard of the last one
+            h = self.held[(cust, ct)] = Held(doc["leased_in"], doc["given_back"], now, doc.get("borrowed", 0),
+                                             doc.get("allowance_nano", 0))
+            # Sent again at the next heartbeat: the ledger may not have heard of the last one.
+            h.sent_back = -1 if h.given_back else 0
             h.uncertain = True
             self.of_customer[cust].add(ct)
 
@@ -184,20 +201,29 @@ class Leases:
         core = self.live.core
         idx = core.account(customer_id.encode())
         balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
-        return h.leased_in - h.given_back - balance
+        return h.leased_in - h.given_back + h.borrowed - balance
 
-    def _move_ops(self, customer_id: str, ct: int, h: Held, amount: int) -> list[Op]:
-        """Credit (or debit) the core by what comes into (or goes out of) the lease: a log record
-        and the lease's running totals, in one commit."""
-        core = self.live.core
-        cust = customer_id.encode()
-        core.credit(core.open_account(cust), ct, amount)
-        if amount > 0:
-            h.leased_in += amount
-        else:
-            h.given_back -= amount
-        return [self.journal.log_op(records.account(Kind.CREDIT, cust, ct, amount, self.clock.now_ms())),
-                ("leases", self._key(customer_id, ct), h.doc())]
+    def _move_ops(self, customer_id: str, ct: int, h: Held, leased: int = 0, given: int = 0,
+                  borrowed: int = 0) -> list[Op]:
+        """Move the lease's running totals (and borrowed credit), and credit or debit the core by
+        what that brings or takes: a log record and the totals, in one commit."""
+        amount = leased - given + borrowed
+        h.leased_in += leased
+        h.given_back += given
+        h.borrowed += borrowed
+        ops: list[Op] = []
+        if amount:
+            core = self.live.core
+            cust = customer_id.encode()
+            core.credit(core.open_account(cust), ct, amount)
+            ops.append(self.journal.log_op(records.account(Kind.CREDIT, cust, ct, amount, self.clock.now_ms())))
+        return ops + [("leases", self._key(customer_id, ct), h.doc())]
+
+    def _give_ops(self, customer_id: str, ct: int, h: Held, amount: int) -> list[Op]:
+        """Take ``amount`` of the lease's free credit out of the core: what is borrowed is
+        cancelled first (the ledger never had it), the rest is given back."""
+        cancel = min(amount, h.borrowed)
+        return self._move_ops(customer_id, ct, h, given=amount - cancel, borrowed=-cancel)
 
     def settling(self, dirty: list[int]) -> list[bytes]:
         """For a snapshot: the outbox rows of what the changed accounts have consumed of their leases."""
@@ -211,7 +237,8 @@ class Leases:
             state = core.state(idx)[0]
             for ct in sorted(cts):
                 h = self.held[(cust, ct)]
-                out.append(settlement_value(cust, names[ct].name, h.leased_in - h.given_back - state[ct][0]))
+                out.append(settlement_value(cust, names[ct].name,
+                                            h.leased_in - h.given_back + h.borrowed - state[ct][0]))
         return out
 
     def view(self, customer_id: str, ct: int) -> LeaseView | None:
@@ -233,7 +260,7 @@ class Leases:
             idx = core.account(cust.encode())
             balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
             out.append(LeaseRow(cust, names[ct].name, balance, self.available(cust, ct), h.leased_in, h.given_back,
-                                h.expires_at_ms, h.rate_nano_s))
+                                h.expires_at_ms, h.rate_nano_s, h.borrowed, h.allowance_nano))
         return out
 
     # ---- the ledger's side ------------------------------------------------------------
@@ -271,7 +298,7 @@ class Leases:
         for (customer_id, ct), h in self.held.items():
             free = self.available(customer_id, ct)
             if free > 0:
-                ops += self._move_ops(customer_id, ct, h, -free)
+                ops += self._give_ops(customer_id, ct, h, free)
             h.sent_back = h.given_back  # the ledger has it back already
         if ops:
             self.journal.submit_ahead(ops)
@@ -339,6 +366,8 @@ class Leases:
         self.counts["acquisitions"] += 1
         if not g.known:
             return []
+        allowance_changed = g.allowance_nano != h.allowance_nano
+        h.allowance_nano = g.allowance_nano
         h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
         h.seen_ms = self.clock.now_ms()
         if g.granted_nano:
@@ -347,9 +376,10 @@ class Leases:
             self.counts["recalls_asked"] += g.recalled
         arrived = g.leased_total_nano - h.leased_in
         if arrived <= 0:
-            return []
+            return [("leases", self._key(customer_id, ct), h.doc())] if allowance_changed else []
         self.counts["leased_nano"] += arrived  # this call's grant, and any an earlier answer never brought
-        return self._move_ops(customer_id, ct, h, arrived)
+        repaid = min(arrived, h.borrowed)  # credit borrowed in an outage is now the ledger's: repaid first
+        return self._move_ops(customer_id, ct, h, leased=arrived, borrowed=-repaid)
 
     def _want(self, h: Held, cost: int, ran_out: bool = False) -> int:
         """The spend rate here times the refill horizon. A lease that ran out (a request waits) was too
@@ -390,6 +420,8 @@ class Leases:
         try:  # one top-up per lease at a time; the others then find it covered (or time out waiting)
             await asyncio.wait_for(h.lock.acquire(), max(deadline - self.clock.monotonic(), 0.001))
         except asyncio.TimeoutError:
+            if not self.reachable and self._borrow(customer_id, ct, h, cost):
+                return True
             self.counts["denied_busy"] += 1
             return False
         try:
@@ -414,10 +446,13 @@ class Leases:
             if h.exhausted_until > self.clock.monotonic():
                 return False
             self._rate_at_top_up(h, customer_id, ct)
-            try:
-                g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have, self._want(h, cost, True)),
+            try:  # what is borrowed is repaid first out of what comes in: asked for on top
+                g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have + h.borrowed,
+                                                         self._want(h, cost, True) + h.borrowed),
                                            max(deadline - self.clock.monotonic(), 0.001))
-            except Exception:  # noqa: BLE001 - the ledger is away or slow: deny (fail closed)
+            except Exception:  # noqa: BLE001 - the ledger is away or slow: fail closed, or borrow within the allowance
+                if self._borrow(customer_id, ct, h, cost):
+                    return True
                 self.counts["denied_ledger_away"] += 1
                 return False
             if not g.known:
@@ -434,6 +469,22 @@ class Leases:
                 self.counts["false_denies"] += 1  # credit was left at other sidecars' leases
                 return False
             await self.clock.sleep(poll)  # recalled leases come back at their sidecars' next heartbeat
+
+    def _borrow(self, customer_id: str, ct: int, h: Held, cost: int) -> bool:
+        """The ledger did not answer in time: credit the core with what the request lacks, if the
+        customer's outage allowance has that much room left here (durable before the answer:
+        the request's own record commits after it)."""
+        short = cost - self.available(customer_id, ct)
+        if short <= 0:
+            return True
+        # Not while a give-back is unacknowledged: the ledger could settle the borrowed spending
+        # before that give-back arrives, and find the lease holding less than it gives back.
+        if self.fenced or h.sent_back != h.given_back or h.borrowed + short > h.allowance_nano:
+            return False
+        self.journal.submit_ahead(self._move_ops(customer_id, ct, h, borrowed=short))
+        self.counts["borrows"] += 1
+        self.counts["borrowed_nano"] += short
+        return True
 
     def _forget_unknown(self, customer_id: str, ct: int) -> None:
         h = self.held.get((customer_id, ct))
@@ -453,11 +504,12 @@ class Leases:
         if h is None:
             return 0
         free = self.available(customer_id, ct)
-        amount = free if amount is None else min(amount, free)
+        cancel = min(free, h.borrowed)  # borrowed credit still free goes first (the ledger never had it)
+        amount = free - cancel if amount is None else min(amount, free - cancel)
         generation = self.generation
         consumed = self._consumed(h, customer_id, ct)  # as of now: durable once what follows has landed
-        if amount > 0:
-            await self.journal.commit_with(self._move_ops(customer_id, ct, h, -amount))
+        if amount > 0 or cancel > 0:
+            await self.journal.commit_with(self._move_ops(customer_id, ct, h, given=max(amount, 0), borrowed=-cancel))
         elif settle:
             await self.journal.barrier()
         durable = settle and generation == self.generation  # no reload from disk meanwhile
@@ -546,7 +598,10 @@ class Leases:
                 continue
             if h.sent_back != h.given_back:
                 await self._send_back(customer_id, ct, h)
-            if h.uncertain:  # moves nothing; brings in what was leased
+            # Moves nothing; brings in what was leased (an answer lost, or a debt the ledger repaid at a
+            # flush since the last ask).
+            if h.uncertain or (h.borrowed and self.reachable and self.flusher.last_flush_ms > h.asked_flush_ms):
+                h.asked_flush_ms = self.flusher.last_flush_ms
                 asks.append((customer_id, ct, h, 0, 0))
                 continue
             self._measure(h, customer_id, ct, now)

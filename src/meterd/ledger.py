@@ -180,6 +180,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE meterd_sidecars ADD COLUMN last_seen_ms BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE meterd_sidecars ADD COLUMN released_ms BIGINT NOT NULL DEFAULT 0",
     ]),
+    (3, "escrow: an outage allowance per customer and credit type", [
+        # What each sidecar may spend beyond its lease while it cannot reach the ledger.
+        "ALTER TABLE meterd_balances ADD COLUMN outage_allowance_nano BIGINT NOT NULL DEFAULT 0",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

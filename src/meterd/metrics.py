@@ -111,6 +111,7 @@ _LEASE_COUNTERS = {
     "lookups_limited": "Top-ups refused for customers not held here, past the lookups allowed per heartbeat",
     "denied_busy": "Denials because the lease's top-up in flight did not end within lease_wait_ms",
     "ledger_failures": "Lease calls to the ledger that failed",
+    "borrows": "Requests covered by the customer's outage allowance while the ledger was away",
 }
 
 
@@ -120,7 +121,8 @@ def _lease_families(leases: Any) -> Iterator[Any]:
     for name, help_text in _LEASE_COUNTERS.items():
         yield CounterMetricFamily(f"meterd_lease_{name}", help_text, value=leases.counts[name])
     for name, help_text in (("leased_nano", "Credit moved into this sidecar's leases, nano-units"),
-                            ("returned_nano", "Credit given back to the ledger, nano-units")):
+                            ("returned_nano", "Credit given back to the ledger, nano-units"),
+                            ("borrowed_nano", "Credit spent beyond leases within outage allowances, nano-units")):
         yield CounterMetricFamily(f"meterd_lease_{name}", help_text, value=leases.counts[name])
     buckets = []
     total = 0

@@ -122,6 +122,8 @@ class LeaseRow:
     given_back_nano: int
     expires_at_ms: int
     rate_nano_per_s: int
+    borrowed_nano: int
+    outage_allowance_nano: int
 
 
 @dataclass

@@ -287,7 +287,7 @@ class LedgerStatus(_message.Message):
     def __init__(self, sidecar_id: _Optional[str] = ..., ledger: _Optional[str] = ..., flushed_sequence: _Optional[int] = ..., backlog_usage_rows: _Optional[int] = ..., backlog_entries: _Optional[int] = ..., last_flush_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., leases_held: _Optional[int] = ..., leases_reachable: _Optional[bool] = ..., leases_error: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("customer_id", "credit_type", "balance_nano", "available_nano", "leased_nano", "given_back_nano", "expires_at_ms", "rate_nano_per_s")
+    __slots__ = ("customer_id", "credit_type", "balance_nano", "available_nano", "leased_nano", "given_back_nano", "expires_at_ms", "rate_nano_per_s", "borrowed_nano", "outage_allowance_nano")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
     BALANCE_NANO_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +296,8 @@ class Lease(_message.Message):
     GIVEN_BACK_NANO_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
     RATE_NANO_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BORROWED_NANO_FIELD_NUMBER: _ClassVar[int]
+    OUTAGE_ALLOWANCE_NANO_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     credit_type: str
     balance_nano: int
@@ -304,4 +306,6 @@ class Lease(_message.Message):
     given_back_nano: int
     expires_at_ms: int
     rate_nano_per_s: int
-    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., leased_nano: _Optional[int] = ..., given_back_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., rate_nano_per_s: _Optional[int] = ...) -> None: ...
+    borrowed_nano: int
+    outage_allowance_nano: int
+    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., leased_nano: _Optional[int] = ..., given_back_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., rate_nano_per_s: _Optional[int] = ..., borrowed_nano: _Optional[int] = ..., outage_allowance_nano: _Optional[int] = ...) -> None: ...
