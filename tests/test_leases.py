@@ -410,13 +410,14 @@ def test_balance_status_and_metrics_say_what_a_lease_holds(sidecars):
 
 def _one(tmp: Path, url: str, monkeypatch: pytest.MonkeyPatch, name: str = "s0", catalog: str = CATALOG,
          clock: ManualClock | None = None, loop: asyncio.AbstractEventLoop | None = None,
-         sidecar_id: str = "s0") -> Billing:
+         sidecar_id: str = "s0", **settings) -> Billing:
     cat = tmp / f"{name}.toml"
     cat.write_text(catalog)
     with Ledger(url) as lg:
         lg.migrate()
     return Billing(tmp / name, str(cat), monkeypatch, core="python", ledger=url, sidecar_id=sidecar_id,
-                   balances="ledger", clock=clock or ManualClock(T0), loop=loop, lease_requests_min=10)
+                   balances="ledger", clock=clock or ManualClock(T0), loop=loop,
+                   **{"lease_requests_min": 10, **settings})
 
 
 def _consumed(node: Billing, url: str, customer: str = "acme") -> int:
@@ -650,3 +651,67 @@ def test_an_outage_allowance_bounds_what_a_sidecar_spends_beyond_its_lease_and_i
     assert allowed == 3
     node.run(node.engine.leases.return_all())
     assert _consumed(node, ledger_url) == 15 * COST  # all that was granted, and not a nano more
+
+
+# ---- leases forgotten once settled ----------------------------------------------------------------
+
+def test_an_idle_settled_lease_is_forgotten_and_taken_up_again_from_the_ledgers_totals(
+        tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch):
+    node = _one(tmp_path, ledger_url, monkeypatch, lease_idle_s=5.0)
+    leases = node.engine.leases
+    node.grant("acme", "usd", 25 * COST)
+    for _ in range(3):
+        assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+
+    def beat(ms: int) -> None:
+        node.advance(ms)
+        node.run(leases.beat())
+        node.run(leases.quiet())
+    beat(6_000)  # idle: what it has free goes back
+    assert list(node.engine.store.items("leases")) != []
+    beat(0)      # not yet settled (no flush since): kept
+    assert ("acme", 0) in leases.held
+    node.flush()
+    beat(6_000)  # settled, given back, idle again: forgotten, here and in LMDB
+    node.run(node.engine.journal.barrier())
+    assert leases.held == {} and list(node.engine.store.items("leases")) == []
+    assert leases.counts["forgotten"] == 1
+    node.restart(clean=False)  # nothing of it is loaded again
+    assert node.engine.leases.held == {}
+    node.run(node.engine.leases.beat())
+    assert node.engine.leases.held == {}  # the reconciliation does not bring it back either
+    # The first answer of the lease made again is lost; the next heartbeat takes in what it holds.
+    real, lost = Escrow.acquire_many, {"next": True}
+
+    def acquire_many(self, *args, **kw):
+        out = real(self, *args, **kw)
+        if lost.pop("next", False):
+            raise TimeoutError("the answer was lost")
+        return out
+    monkeypatch.setattr(Escrow, "acquire_many", acquire_many)
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY
+    node.run(node.engine.leases.beat())
+    node.run(node.engine.leases.quiet())
+    allowed = sum(node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+                  for _ in range(30))
+    assert allowed == 22  # exactly what is left of 25: nothing counted twice, nothing stranded
+    node.run(node.engine.leases.return_all())
+    assert _consumed(node, ledger_url) == 25 * COST
+
+
+def test_made_up_customer_ids_of_one_tenant_use_only_its_share_of_the_lookups(tmp_path: Path, ledger_url: str,
+                                                                               monkeypatch: pytest.MonkeyPatch):
+    from meterd.leases import LOOKUPS_PER_TENANT_MAX
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    node.grant("b-real", "usd", 10 * COST)
+    leases = node.engine.leases
+
+    async def flood() -> list[bool]:
+        return await asyncio.gather(*(leases.cover(f"a-made-up-{i}", 0, COST, "tenant-a")
+                                      for i in range(LOOKUPS_PER_TENANT_MAX + 1)))
+    assert not any(node.run(flood()))
+    assert leases.counts["lookups_limited"] == 1 and leases.lookups == LOOKUPS_PER_TENANT_MAX
+    assert node.run(leases.cover("b-real", 0, COST, "tenant-b"))  # another tenant's customer is still looked up
+    node.run(leases.beat())  # the shares start again with each heartbeat
+    assert not node.run(leases.cover("a-made-up-again", 0, COST, "tenant-a"))
+    assert leases.counts["lookups_limited"] == 1

@@ -73,6 +73,8 @@ class LeaseGrant:
     elsewhere_nano: int = 0      # held by other sidecars' leases
     recalled: int = 0            # other leases asked to come back
     allowance_nano: int = 0      # what the sidecar may spend beyond its lease while the ledger is away
+    returned_total_nano: int = 0  # running totals of the lease: given back, and consumed as settled
+    consumed_total_nano: int = 0
 
 
 @dataclass(frozen=True)
@@ -511,7 +513,7 @@ class Escrow:
                        (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
         self._put_sums(customer_id, credit_type, s, now_ms)  # expiry may have moved it, even without a lease
         return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
-                          int(elsewhere), recalled, s.allowance)
+                          int(elsewhere), recalled, s.allowance, lease.returned_total_nano, lease.consumed_total_nano)
 
     def _draw(self, s: _Sums, sidecar_id: str, lease: Lease, size: int, held: dict[str, tuple[_Bucket, int]]) -> None:
         """Move ``size`` of the available buckets, in burn-down order, into a lease: first into
@@ -682,6 +684,21 @@ class Escrow:
                         f"outage allowance {s.allowance} -> {amount_nano}", now_ms)
             self._put_sums(customer_id, credit_type, s, now_ms)
         return s.allowance
+
+    def settled_leases(self, sidecar_id: str, incarnation: str,
+                       leases: list[tuple[str, str, int, int, int]]) -> list[bool]:
+        """For each (customer, credit type, leased, given back, consumed) a sidecar holds: whether the
+        ledger has exactly those running totals, and the lease holds nothing. Such a lease the sidecar
+        can forget; the row stays here, and when the sidecar comes back to the customer its running
+        totals go on from these (a read, of one moment)."""
+        with self._snapshot():
+            out = []
+            for cust, ct, leased, returned, consumed in leases:
+                rows = self._rows("SELECT incarnation, amount_nano, leased_total_nano, returned_total_nano, "
+                                  "consumed_total_nano FROM meterd_leases WHERE sidecar_id = ? AND customer_id = ? "
+                                  "AND credit_type = ?", (sidecar_id, cust, ct))
+                out.append(bool(rows) and tuple(rows[0]) == (incarnation, 0, leased, returned, consumed))
+            return out
 
     def leases_of(self, sidecar_id: str) -> list[Lease]:
         return [Lease(r[0], r[1], r[2], *(int(v) for v in r[3:])) for r in self._rows(

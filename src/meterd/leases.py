@@ -62,6 +62,7 @@ UNKNOWN_CUSTOMERS_MAX = 10_000   # customers the ledger does not know, remembere
 SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars sharing the ledger
 SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
 LOOKUPS_PER_HEARTBEAT_MAX = 5_000  # lease calls for customers not held here, per heartbeat
+LOOKUPS_PER_TENANT_MAX = 1_000   # of them, per tenant (with data-plane tokens)
 LEASE_CALL_ASKS_MAX = 250        # leases asked for in one transaction (about 1 ms each in PostgreSQL)
 
 
@@ -71,7 +72,7 @@ class Held:
     __slots__ = ("leased_in", "given_back", "borrowed", "allowance_nano", "sent_back", "expires_at_ms", "unit_nano",
                  "rate_nano_s", "mark_nano", "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms",
                  "exhausted_until", "uncertain", "last_size", "acquired_ms", "acquired_consumed", "asked_flush_ms",
-                 "lock")
+                 "fresh", "verified_ms", "lock")
 
     def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0, borrowed: int = 0,
                  allowance_nano: int = 0) -> None:
@@ -97,6 +98,10 @@ class Held:
         self.acquired_ms = 0
         self.acquired_consumed = 0
         self.asked_flush_ms = 0         # the flush after which the ledger was asked what it repaid of a debt
+        # Made here, not loaded: its running totals go on from the ledger's (a lease this sidecar
+        # forgot, or never had), learnt from the first answer.
+        self.fresh = False
+        self.verified_ms = 0            # when the ledger was last asked whether this lease can be forgotten
         self.lock = asyncio.Lock()
 
     def doc(self) -> bytes:
@@ -146,6 +151,7 @@ class Leases:
         self._sender: asyncio.Future | None = None
         self._refills: set[asyncio.Future] = set()  # background refills in flight
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
+        self.lookups_of: collections.Counter[str] = collections.Counter()  # of them, by tenant label
 
     # ---- state ------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class Leases:
         h = self.held.get((customer_id, ct))
         if h is None and len(self.held) < self.settings.leases_max:
             h = self.held[(customer_id, ct)] = Held(now_ms=self.clock.now_ms())
+            h.fresh = True
             self.of_customer[customer_id].add(ct)
         return h
 
@@ -197,11 +204,14 @@ class Leases:
         idx = core.account(customer_id.encode())
         return core.available(idx, ct) if idx >= 0 else 0
 
-    def _consumed(self, h: Held, customer_id: str, ct: int) -> int:
+    def _balance(self, customer_id: str, ct: int) -> int:
+        """The lease's balance in the core: what it has free and on hold."""
         core = self.live.core
         idx = core.account(customer_id.encode())
-        balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
-        return h.leased_in - h.given_back + h.borrowed - balance
+        return core.state(idx)[0][ct][0] if idx >= 0 else 0
+
+    def _consumed(self, h: Held, customer_id: str, ct: int) -> int:
+        return h.leased_in - h.given_back + h.borrowed - self._balance(customer_id, ct)
 
     def _move_ops(self, customer_id: str, ct: int, h: Held, leased: int = 0, given: int = 0,
                   borrowed: int = 0) -> list[Op]:
@@ -246,21 +256,17 @@ class Leases:
         h = self.held.get((customer_id, ct))
         if h is None:
             return None
-        core = self.live.core
-        idx = core.account(customer_id.encode())
-        balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
-        return LeaseView(balance, h.central_nano, h.elsewhere_nano, h.seen_ms, self.flusher.last_flush_ms)
+        return LeaseView(self._balance(customer_id, ct), h.central_nano, h.elsewhere_nano, h.seen_ms,
+                         self.flusher.last_flush_ms)
 
     def rows(self, limit: int) -> list[LeaseRow]:
         """The leases held, for GetLedgerStatus: the first ``limit`` by customer."""
-        core, names = self.live.core, self.live.catalog.credit_types
+        names = self.live.catalog.credit_types
         out = []
         for (cust, ct) in sorted(self.held)[:limit]:
             h = self.held[(cust, ct)]
-            idx = core.account(cust.encode())
-            balance = core.state(idx)[0][ct][0] if idx >= 0 else 0
-            out.append(LeaseRow(cust, names[ct].name, balance, self.available(cust, ct), h.leased_in, h.given_back,
-                                h.expires_at_ms, h.rate_nano_s, h.borrowed, h.allowance_nano))
+            out.append(LeaseRow(cust, names[ct].name, self._balance(cust, ct), self.available(cust, ct), h.leased_in,
+                                h.given_back, h.expires_at_ms, h.rate_nano_s, h.borrowed, h.allowance_nano))
         return out
 
     # ---- the ledger's side ------------------------------------------------------------
@@ -368,6 +374,13 @@ class Leases:
             return []
         allowance_changed = g.allowance_nano != h.allowance_nano
         h.allowance_nano = g.allowance_nano
+        if h.fresh:
+            # The first answer for a lease made here: what this sidecar had of it before (forgotten
+            # once all was settled and given back) is what the ledger has as given back and consumed.
+            # Whatever it holds now, answers lost meanwhile included, comes in below.
+            h.fresh = False
+            h.leased_in = h.sent_back = h.given_back = g.returned_total_nano
+            h.leased_in += g.consumed_total_nano
         h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
         h.seen_ms = self.clock.now_ms()
         if g.granted_nano:
@@ -397,20 +410,24 @@ class Leases:
             h.rate_nano_s = max(h.rate_nano_s, (consumed - h.acquired_consumed) * 1000 // (now - h.acquired_ms))
         h.acquired_ms, h.acquired_consumed = now, consumed
 
-    async def cover(self, customer_id: str, ct: int, cost: int) -> bool:
+    async def cover(self, customer_id: str, ct: int, cost: int, label: str = "") -> bool:
         """A request of ``cost`` that the lease cannot cover: top it up, waiting for
-        recalled credit at most ``lease_wait_ms``. True when the lease now covers it."""
+        recalled credit at most ``lease_wait_ms``. True when the lease now covers it.
+        ``label``: the calling tenant's (with data-plane tokens), whose share of lookups it uses."""
         started = self.clock.monotonic()
         if self.fenced or self.unknown.get(customer_id, 0.0) > started or self.journal.closing:
             return False
         h = self.held.get((customer_id, ct))
         if h is None:
-            # A customer not held here costs a lease call: at most so many per heartbeat, so that
-            # made-up customer ids cannot keep the ledger busy.
-            if self.lookups >= LOOKUPS_PER_HEARTBEAT_MAX:
+            # A customer not held here costs a lease call: at most so many per heartbeat (and per
+            # tenant), so that made-up customer ids cannot keep the ledger, or the other tenants, waiting.
+            if self.lookups >= LOOKUPS_PER_HEARTBEAT_MAX or (label and
+                                                             self.lookups_of[label] >= LOOKUPS_PER_TENANT_MAX):
                 self.counts["lookups_limited"] += 1
                 return False
             self.lookups += 1
+            if label:
+                self.lookups_of[label] += 1
             h = self._held(customer_id, ct)
             if h is None:
                 self.counts["leases_full"] += 1
@@ -547,6 +564,7 @@ class Leases:
         """One heartbeat (tests call it to move time on)."""
         self._beats += 1
         self.lookups = 0
+        self.lookups_of.clear()
         count = self._beats % SHARERS_EVERY == 1
         hb = await self._escrow("heartbeat", *self._ids(), self.clock.now_ms(), count,
                                 int(self.settings.lease_idle_s * 1000))
@@ -577,6 +595,8 @@ class Leases:
             if ct is None or lease.incarnation != incarnation:
                 continue
             h = self.held.get((lease.customer_id, ct))
+            if h is None and lease.amount_nano <= 0:
+                continue  # forgotten here once settled: nothing to take in
             if h is None or lease.leased_total_nano > h.leased_in:
                 h = h or self._held(lease.customer_id, ct)
                 if h is not None:
@@ -591,7 +611,9 @@ class Leases:
         chosen = (keys[start:] + keys[:start])[:SCAN_PER_HEARTBEAT_MAX]
         self._scan_from = start + len(chosen)
         now = self.clock.now_ms()
+        idle_ms = self.settings.lease_idle_s * 1000
         asks: list[tuple[str, int, Held, int, int]] = []  # lease calls, made together (one transaction)
+        forget: list[tuple[str, int, Held, int, int, int]] = []  # leases that may be forgotten, asked together
         for customer_id, ct in chosen:
             h = self.held.get((customer_id, ct))
             if h is None or h.lock.locked():
@@ -606,22 +628,56 @@ class Leases:
                 continue
             self._measure(h, customer_id, ct, now)
             free = self.available(customer_id, ct)
-            if (h.expires_at_ms and now >= h.expires_at_ms) or (
-                    free > 0 and now - h.used_ms >= self.settings.lease_idle_s * 1000):
+            idle = now - h.used_ms >= idle_ms
+            if (h.expires_at_ms and now >= h.expires_at_ms) or (free > 0 and idle):
                 if free > 0:
                     self.counts["idle_returns"] += 1
                     await self.give_back(customer_id, ct)
                 h.expires_at_ms = 0
+            elif idle and now - h.verified_ms >= idle_ms and self._empty(h, customer_id, ct):
+                h.verified_ms = now  # asked at most once per idle period
+                forget.append((customer_id, ct, h, h.leased_in, h.given_back, self._consumed(h, customer_id, ct)))
             elif h.rate_nano_s and free < max(h.unit_nano, int(h.rate_nano_s * self.settings.lease_low_water_s),
                                               h.last_size // 5):
                 # Below its low-water mark (or a fifth of its last size: a rate that fell in a pause comes
                 # back): refilled to the rate times the horizon, and never to less than its last size.
                 self.counts["refills"] += 1
                 asks.append((customer_id, ct, h, h.unit_nano, max(self._want(h, h.unit_nano), h.last_size)))
-        for ask in asks:  # in the background: the heartbeat does not wait for the ledger's answers
-            task = asyncio.ensure_future(self._refill(*ask))
+        # In the background: the heartbeat does not wait for the ledger's answers.
+        for work in [self._refill(*ask) for ask in asks] + ([self._forget(forget)] if forget else []):
+            task = asyncio.ensure_future(work)
             self._refills.add(task)
             task.add_done_callback(self._refills.discard)
+
+    def _empty(self, h: Held, customer_id: str, ct: int) -> bool:
+        """Nothing free or on hold here, nothing borrowed, and the ledger has heard of every give-back."""
+        return not h.fresh and not h.uncertain and not h.borrowed and h.sent_back == h.given_back and \
+            self._balance(customer_id, ct) == 0
+
+    async def _forget(self, leases: list[tuple[str, int, Held, int, int, int]]) -> None:
+        """Forget idle, empty leases whose running totals the ledger has exactly (all settled), so
+        that a sidecar's memory and LMDB hold only the leases in use. The ledger keeps the row; a lease
+        made again for the customer takes its running totals up from there (Held.fresh)."""
+        names = self.live.catalog.credit_types
+        try:
+            asked = [(c, names[ct].name, leased, given, consumed) for c, ct, _, leased, given, consumed in leases]
+            settled = await self._escrow("settled_leases", *self._ids(), asked)
+        except Exception:  # noqa: BLE001 - asked again after the next idle period
+            return
+        ops: list[Op] = []
+        for (customer_id, ct, h, leased, given, _), yes in zip(leases, settled, strict=True):
+            # Unchanged meanwhile (a reload renumbers or replaces leases; a top-up holds the lock).
+            if not yes or self.held.get((customer_id, ct)) is not h or h.lock.locked() or \
+                    (h.leased_in, h.given_back) != (leased, given) or not self._empty(h, customer_id, ct):
+                continue
+            del self.held[(customer_id, ct)]
+            self.of_customer[customer_id].discard(ct)
+            if not self.of_customer[customer_id]:
+                del self.of_customer[customer_id]
+            ops.append(("leases", self._key(customer_id, ct), None))
+            self.counts["forgotten"] += 1
+        if ops:
+            self.journal.submit_ahead(ops)
 
     async def quiet(self) -> None:
         """Returns once the background refills and lease calls in flight are done (tests)."""

@@ -112,6 +112,7 @@ _LEASE_COUNTERS = {
     "denied_busy": "Denials because the lease's top-up in flight did not end within lease_wait_ms",
     "ledger_failures": "Lease calls to the ledger that failed",
     "borrows": "Requests covered by the customer's outage allowance while the ledger was away",
+    "forgotten": "Leases forgotten here once idle, empty and settled (the ledger keeps their totals)",
 }
 
 

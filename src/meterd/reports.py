@@ -166,11 +166,11 @@ class Reports:
         if self.live.core is not core:
             raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
 
-    async def _covered(self, event: meter_pb2.UsageEvent) -> bool:
+    async def _covered(self, event: meter_pb2.UsageEvent, tenant: Tenant | None) -> bool:
         """A denied event: whether a top-up of its customer's lease now covers it."""
         need = self._need(event)
         assert self.leases is not None  # for mypy: only asked in ledger mode
-        return need is not None and await self.leases.cover(*need)
+        return need is not None and await self.leases.cover(*need, validate.label_of(tenant))
 
     async def _second_chance(self, data: bytes, result: bytes, tenant: Tenant | None) -> bytes | None:
         """The denied events of a batch, after their leases were topped up: applied again as
@@ -190,7 +190,8 @@ class Reports:
         # All of them if the balance allows, else what there is: part of the batch may pass. The
         # customers' top-ups go together, in one lease transaction.
         asked = sorted(needs.items())
-        covered = await asyncio.gather(*(leases.cover(c, ct, total) for (c, ct), (total, _) in asked))
+        label = validate.label_of(tenant)
+        covered = await asyncio.gather(*(leases.cover(c, ct, total, label) for (c, ct), (total, _) in asked))
         if not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in zip(asked, covered,
                                                                                                strict=True)):
             return None
@@ -279,7 +280,7 @@ class Reports:
             return await self._report_keyed(data, tenant)
         decision, response = out
         if decision == DENY and self.leases is not None and await self._covered(meter_pb2.ReportRequest.FromString(
-                data).event):
+                data).event, tenant):
             self._after_wait(core)
             core.set_clock(self.clock.now_ms())
             out = core.report_wire(data, None if tenant is None else tenant.prefix)
@@ -316,7 +317,7 @@ class Reports:
                                                                           else tenant.prefix)
         if decision == DENY and self.leases is not None:
             async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
-                covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event)
+                covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event, tenant)
         else:
             covered = False
         if covered:

@@ -91,7 +91,7 @@ class Reservations:
         covered = False
         if not reserved and self.leases is not None:
             async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
-                covered = await self.leases.cover(customer_id, ct, amount)
+                covered = await self.leases.cover(customer_id, ct, amount, label)
         if covered:
             self.journal.check_writable()
             if self.live.core is not core:

@@ -84,7 +84,7 @@ class Sessions:
             return False
         core = self.live.core
         _, amount = core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))
-        covered = await self.leases.cover(s.customer_id, s.credit_type, amount)
+        covered = await self.leases.cover(s.customer_id, s.credit_type, amount, s.tenant)
         self.journal.check_writable()
         if self.live.core is not core:
             raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
