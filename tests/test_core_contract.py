@@ -57,8 +57,9 @@ def test_the_compiled_core_refuses_to_load_against_other_values(monkeypatch):
 
 
 def test_codes_are_the_wire_and_the_catalog():
-    assert (corespec.REASON_INSUFFICIENT_BALANCE, corespec.REASON_UNKNOWN_CUSTOMER, corespec.REASON_OVERFLOW) == (
-        pb.REASON_INSUFFICIENT_BALANCE, pb.REASON_UNKNOWN_CUSTOMER, pb.REASON_OVERFLOW)
+    assert (corespec.REASON_INSUFFICIENT_BALANCE, corespec.REASON_UNKNOWN_CUSTOMER, corespec.REASON_OVERFLOW,
+            corespec.REASON_LEDGER_UNAVAILABLE) == (pb.REASON_INSUFFICIENT_BALANCE, pb.REASON_UNKNOWN_CUSTOMER,
+                                                    pb.REASON_OVERFLOW, pb.REASON_LEDGER_UNAVAILABLE)
     assert (corespec.DECISION_ALLOW, corespec.DECISION_DENY, corespec.DECISION_DEGRADE) == (
         pb.DECISION_ALLOW, pb.DECISION_DENY, pb.DECISION_DEGRADE)
     assert corespec.OUT_DEGRADED not in pb.Reason.values()

@@ -715,3 +715,36 @@ def test_made_up_customer_ids_of_one_tenant_use_only_its_share_of_the_lookups(tm
     node.run(leases.beat())  # the shares start again with each heartbeat
     assert not node.run(leases.cover("a-made-up-again", 0, COST, "tenant-a"))
     assert leases.counts["lookups_limited"] == 1
+
+
+def test_a_denial_for_want_of_the_ledger_says_so_on_every_path_and_a_keyed_one_is_not_remembered(
+        tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch):
+    from meterd import wire
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    node.grant("acme", "usd", 10 * COST)
+    node.grant("newco", "usd", 10 * COST)  # never served here yet
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    for _ in range(9):
+        node.report("acme", "input_tokens", 1_000, model="gpt-4o")
+    outage = Outage(node)
+    outage.on = True
+    for customer in ("acme", "newco"):  # a lease spent, and a customer this sidecar has no lease of
+        r = node.report(customer, "input_tokens", 1_000, model="gpt-4o")
+        assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_LEDGER_UNAVAILABLE)
+        b = node.batch([_event(customer), _event(customer)])
+        assert [d.reason for d in b.denials] == [pb.REASON_LEDGER_UNAVAILABLE] * 2
+        a = node.authorize(customer, "input_tokens", 1_000, model="gpt-4o")
+        assert (a.decision, a.reason) == (pb.DECISION_DENY, pb.REASON_LEDGER_UNAVAILABLE)
+        s = node.start_session(customer, "input_tokens", model="gpt-4o")
+        assert (s.decision, s.reason) == (pb.DECISION_DENY, pb.REASON_LEDGER_UNAVAILABLE)
+    keyed = pb.UsageEvent(customer_id="newco", meter="input_tokens", quantity=1_000, dimensions={"model": "gpt-4o"},
+                          idempotency_key="k-outage")
+    data = pb.ReportRequest(event=keyed).SerializeToString()
+    first = pb.ReportResponse.FromString(node.run(node.engine.report(data)))
+    assert first.reason == pb.REASON_LEDGER_UNAVAILABLE
+    outage.on = False
+    again = pb.ReportResponse.FromString(node.run(node.engine.report(data)))  # decided again, not replayed
+    assert (again.decision, again.duplicate) == (pb.DECISION_ALLOW, False)
+    r = node.report("acme", "input_tokens", 1_000, model="gpt-4o")  # the ledger back: the truth
+    assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE)
+    assert wire.ledger_status(node.engine).leases_reachable

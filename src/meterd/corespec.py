@@ -20,6 +20,7 @@ REASON_NONE = 0
 REASON_INSUFFICIENT_BALANCE = 1
 REASON_UNKNOWN_CUSTOMER = 2
 REASON_OVERFLOW = 3
+REASON_LEDGER_UNAVAILABLE = 4  # the engine's, in ledger mode (a lease not topped up in time); no core answers it
 OUT_DEGRADED = 100
 
 # Decisions, as meterd.v1.Decision.

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import hashlib
 import json
 import logging
@@ -64,6 +65,16 @@ SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and exp
 LOOKUPS_PER_HEARTBEAT_MAX = 5_000  # lease calls for customers not held here, per heartbeat
 LOOKUPS_PER_TENANT_MAX = 1_000   # of them, per tenant (with data-plane tokens)
 LEASE_CALL_ASKS_MAX = 250        # leases asked for in one transaction (about 1 ms each in PostgreSQL)
+
+
+class Cover(enum.Enum):
+    """What a top-up gave: true when the lease covers the request now."""
+    COVERED = "covered"
+    SHORT = "short"              # the whole balance cannot cover it, or the ledger does not know the customer
+    UNAVAILABLE = "unavailable"  # not in time: the ledger away or slow, recalled credit not back yet, limits
+
+    def __bool__(self) -> bool:
+        return self is Cover.COVERED
 
 
 class Held:
@@ -410,13 +421,15 @@ class Leases:
             h.rate_nano_s = max(h.rate_nano_s, (consumed - h.acquired_consumed) * 1000 // (now - h.acquired_ms))
         h.acquired_ms, h.acquired_consumed = now, consumed
 
-    async def cover(self, customer_id: str, ct: int, cost: int, label: str = "") -> bool:
+    async def cover(self, customer_id: str, ct: int, cost: int, label: str = "") -> Cover:
         """A request of ``cost`` that the lease cannot cover: top it up, waiting for
         recalled credit at most ``lease_wait_ms``. True when the lease now covers it.
         ``label``: the calling tenant's (with data-plane tokens), whose share of lookups it uses."""
         started = self.clock.monotonic()
-        if self.fenced or self.unknown.get(customer_id, 0.0) > started or self.journal.closing:
-            return False
+        if self.unknown.get(customer_id, 0.0) > started:
+            return Cover.SHORT
+        if self.fenced or self.journal.closing:
+            return Cover.UNAVAILABLE
         h = self.held.get((customer_id, ct))
         if h is None:
             # A customer not held here costs a lease call: at most so many per heartbeat (and per
@@ -424,26 +437,26 @@ class Leases:
             if self.lookups >= LOOKUPS_PER_HEARTBEAT_MAX or (label and
                                                              self.lookups_of[label] >= LOOKUPS_PER_TENANT_MAX):
                 self.counts["lookups_limited"] += 1
-                return False
+                return Cover.UNAVAILABLE
             self.lookups += 1
             if label:
                 self.lookups_of[label] += 1
             h = self._held(customer_id, ct)
             if h is None:
                 self.counts["leases_full"] += 1
-                return False
+                return Cover.UNAVAILABLE
         h.unit_nano = max(cost, 1)
         deadline = started + self.settings.lease_wait_ms / 1000
         try:  # one top-up per lease at a time; the others then find it covered (or time out waiting)
             await asyncio.wait_for(h.lock.acquire(), max(deadline - self.clock.monotonic(), 0.001))
         except asyncio.TimeoutError:
             if not self.reachable and self._borrow(customer_id, ct, h, cost):
-                return True
+                return Cover.COVERED
             self.counts["denied_busy"] += 1
-            return False
+            return Cover.UNAVAILABLE
         try:
             if self.held.get((customer_id, ct)) is not h:  # forgotten meanwhile (an unknown customer)
-                return False
+                return Cover.SHORT
             covered = await self._cover(customer_id, ct, h, cost, started, deadline)
         finally:
             h.lock.release()
@@ -454,14 +467,14 @@ class Leases:
             self.wait_ms[next((i for i, b in enumerate(WAIT_BUCKETS_MS) if waited <= b), len(WAIT_BUCKETS_MS))] += 1
         return covered
 
-    async def _cover(self, customer_id: str, ct: int, h: Held, cost: int, started: float, deadline: float) -> bool:
+    async def _cover(self, customer_id: str, ct: int, h: Held, cost: int, started: float, deadline: float) -> Cover:
         poll = self.settings.lease_heartbeat_ms / 4000
         while True:
             have = self.available(customer_id, ct)
             if have >= cost:
-                return True
+                return Cover.COVERED
             if h.exhausted_until > self.clock.monotonic():
-                return False
+                return Cover.SHORT
             self._rate_at_top_up(h, customer_id, ct)
             try:  # what is borrowed is repaid first out of what comes in: asked for on top
                 g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have + h.borrowed,
@@ -469,22 +482,22 @@ class Leases:
                                            max(deadline - self.clock.monotonic(), 0.001))
             except Exception:  # noqa: BLE001 - the ledger is away or slow: fail closed, or borrow within the allowance
                 if self._borrow(customer_id, ct, h, cost):
-                    return True
+                    return Cover.COVERED
                 self.counts["denied_ledger_away"] += 1
-                return False
+                return Cover.UNAVAILABLE
             if not g.known:
                 self._forget_unknown(customer_id, ct)
-                return False
+                return Cover.SHORT
             have = self.available(customer_id, ct)
             if have >= cost:
-                return True
+                return Cover.COVERED
             if have + g.available_nano + g.elsewhere_nano < cost:  # the whole balance cannot cover it
                 h.exhausted_until = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
                 self.counts["denied_exhausted"] += 1
-                return False
+                return Cover.SHORT
             if self.clock.monotonic() + poll >= deadline:
                 self.counts["false_denies"] += 1  # credit was left at other sidecars' leases
-                return False
+                return Cover.UNAVAILABLE
             await self.clock.sleep(poll)  # recalled leases come back at their sidecars' next heartbeat
 
     def _borrow(self, customer_id: str, ct: int, h: Held, cost: int) -> bool:
@@ -767,4 +780,4 @@ def central_key(scope: str, customer_id: str, keyed: Keyed | None) -> tuple[str,
     return _central_key(scope, customer_id, keyed.key), hashlib.sha256(keyed.request).hexdigest()
 
 
-__all__ = ["Leases", "Held", "central_key", "check_catalog"]
+__all__ = ["Cover", "Leases", "Held", "central_key", "check_catalog"]

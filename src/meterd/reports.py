@@ -19,9 +19,18 @@ from meterd.config import Settings
 from meterd.errors import InvalidInput, LimitReached, MeterdError, StorageFull, Unavailable
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
-from meterd.leases import Leases
+from meterd.leases import Cover, Leases
 from meterd.records import Kind
-from meterd.results import DECISION_NAMES, DENY, REASON_OVERFLOW, REASON_UNKNOWN_CUSTOMER, Keyed, Quantity, Replay
+from meterd.results import (
+    DECISION_NAMES,
+    DENY,
+    REASON_LEDGER_UNAVAILABLE,
+    REASON_OVERFLOW,
+    REASON_UNKNOWN_CUSTOMER,
+    Keyed,
+    Quantity,
+    Replay,
+)
 from meterd.security import Tenant
 from meterd.state import ClientState, Live
 from meterd.store import Op, Store, from_u64, u64
@@ -166,11 +175,11 @@ class Reports:
         if self.live.core is not core:
             raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
 
-    async def _covered(self, event: meter_pb2.UsageEvent, tenant: Tenant | None) -> bool:
+    async def _covered(self, event: meter_pb2.UsageEvent, tenant: Tenant | None) -> Cover:
         """A denied event: whether a top-up of its customer's lease now covers it."""
         need = self._need(event)
         assert self.leases is not None  # for mypy: only asked in ledger mode
-        return need is not None and await self.leases.cover(*need, validate.label_of(tenant))
+        return Cover.SHORT if need is None else await self.leases.cover(*need, validate.label_of(tenant))
 
     async def _second_chance(self, data: bytes, result: bytes, tenant: Tenant | None) -> bytes | None:
         """The denied events of a batch, after their leases were topped up: applied again as
@@ -192,9 +201,10 @@ class Reports:
         asked = sorted(needs.items())
         label = validate.label_of(tenant)
         covered = await asyncio.gather(*(leases.cover(c, ct, total, label) for (c, ct), (total, _) in asked))
+        away = {key for (key, _), ok in zip(asked, covered, strict=True) if ok is Cover.UNAVAILABLE}
         if not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in zip(asked, covered,
                                                                                                strict=True)):
-            return None
+            return self._unavailable(resp, req, away) if away else None
         self.journal.check_writable()  # events are named by their place in the batch: a reload meanwhile is harmless
         sub = meter_pb2.ReportBatchRequest(events=[req.events[i] for i in retry], details=req.details)
         sub_data = sub.SerializeToString()
@@ -223,7 +233,22 @@ class Reports:
             r.index = retry[r.index]
             results[r.index] = r
         merged.results.extend(results)
-        return merged.SerializeToString()
+        return self._unavailable(merged, req, away) if away else merged.SerializeToString()
+
+    def _unavailable(self, resp: meter_pb2.ReportBatchResponse, req: meter_pb2.ReportBatchRequest,
+                     away: set[tuple[str, int]]) -> bytes:
+        """A batch's answer whose denials of customers whose leases could not be topped up in time
+        say so (REASON_LEDGER_UNAVAILABLE) rather than what the lease alone said."""
+        def marked(i: int) -> bool:
+            need = self._need(req.events[i])
+            return need is not None and need[:2] in away
+        for d in resp.denials:
+            if d.reason != REASON_OVERFLOW and marked(d.index):
+                d.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
+        for r in resp.results:
+            if r.decision == DENY and r.reason != REASON_OVERFLOW and marked(r.index):
+                r.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
+        return resp.SerializeToString()
 
     def _client_room(self, label: str) -> list[Op]:
         """Room for a new batch client, in the daemon's table and in its tenant's
@@ -279,14 +304,20 @@ class Reports:
         if out is None:
             return await self._report_keyed(data, tenant)
         decision, response = out
-        if decision == DENY and self.leases is not None and await self._covered(meter_pb2.ReportRequest.FromString(
-                data).event, tenant):
-            self._after_wait(core)
-            core.set_clock(self.clock.now_ms())
-            out = core.report_wire(data, None if tenant is None else tenant.prefix)
-            assert out is not None  # for mypy: a key-less event stays key-less
-            decision, response = out
-            at = self.clock.now_ms()
+        if decision == DENY and self.leases is not None:
+            covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event, tenant)
+            if covered:
+                self._after_wait(core)
+                core.set_clock(self.clock.now_ms())
+                out = core.report_wire(data, None if tenant is None else tenant.prefix)
+                assert out is not None  # for mypy: a key-less event stays key-less
+                decision, response = out
+                at = self.clock.now_ms()
+            elif covered is Cover.UNAVAILABLE:
+                answer = meter_pb2.ReportResponse.FromString(response)
+                if answer.reason != REASON_OVERFLOW:
+                    answer.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
+                    response = answer.SerializeToString()
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
         ops = [self.journal.log_op(records.message(Kind.REPORT, data, at))] if decision != DENY else []
         ops += self.subscriptions.alert_ops()
@@ -319,20 +350,23 @@ class Reports:
             async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
                 covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event, tenant)
         else:
-            covered = False
+            covered = Cover.SHORT
         if covered:
             self._after_wait(core)
             at = self.clock.now_ms()
             core.set_clock(at)
             decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                               else tenant.prefix)
+        if decision == DENY and covered is Cover.UNAVAILABLE and reason != REASON_OVERFLOW:
+            reason = REASON_LEDGER_UNAVAILABLE
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.live.catalog.credit_types[ct].name,  # type: ignore[arg-type]
             cost_nano=cost, balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
         ops = [self.journal.log_op(records.message(Kind.REPORT, data, at))] if decision != DENY else []
         ops += self.subscriptions.alert_ops()
-        if reason != REASON_UNKNOWN_CUSTOMER:  # nothing is kept for a customer that does not exist
+        # Nothing is kept for a customer that does not exist, nor for a refusal that a retry may not get.
+        if reason not in (REASON_UNKNOWN_CUSTOMER, REASON_LEDGER_UNAVAILABLE):
             ops += self.idempotency.remember(key, keyed, response)
         if ops:
             await self.journal.commit_with(ops)

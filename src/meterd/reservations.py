@@ -19,7 +19,7 @@ from meterd.errors import InvalidInput, NotFound, Unavailable
 from meterd.holds import Holds
 from meterd.idempotency import Idempotency, Settled
 from meterd.journal import Journal
-from meterd.leases import Leases
+from meterd.leases import Cover, Leases
 from meterd.records import Kind
 from meterd.results import (
     ALLOW,
@@ -27,6 +27,7 @@ from meterd.results import (
     DEGRADE,
     DENY,
     REASON_INSUFFICIENT_BALANCE,
+    REASON_LEDGER_UNAVAILABLE,
     REASON_UNKNOWN_CUSTOMER,
     Authorized,
     Committed,
@@ -88,7 +89,7 @@ class Reservations:
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
         reserved = idx >= 0 and core.reserve(idx, ct, amount)
-        covered = False
+        covered = Cover.SHORT
         if not reserved and self.leases is not None:
             async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
                 covered = await self.leases.cover(customer_id, ct, amount, label)
@@ -101,7 +102,7 @@ class Reservations:
             reserved = idx >= 0 and core.reserve(idx, ct, amount)
         if not reserved:
             await self.subscriptions.roll_settled()
-            refusal = self._refusal(customer_id, idx, ct)
+            refusal = self._refusal(customer_id, idx, ct, covered is Cover.UNAVAILABLE)
             self.decisions[("Authorize", DECISION_NAMES[refusal.decision])] += 1
             return refusal
         now = self.clock.now_ms()
@@ -118,10 +119,13 @@ class Reservations:
         await self.journal.commit_with(ops)
         return answer
 
-    def _refusal(self, customer_id: str, idx: int, ct: int) -> Authorized:
-        """Deny, or degrade when the customer's plan has a fallback mode for this credit type."""
+    def _refusal(self, customer_id: str, idx: int, ct: int, unavailable: bool = False) -> Authorized:
+        """Deny, or degrade when the customer's plan has a fallback mode for this credit type.
+        ``unavailable``: ledger mode, and the lease could not be topped up in time."""
         ct_name = self.live.catalog.credit_types[ct].name
         available = self.live.core.available(idx, ct) if idx >= 0 else 0
+        if unavailable:
+            return Authorized(DENY, ct_name, available, reason=REASON_LEDGER_UNAVAILABLE)
         if idx < 0:
             return Authorized(DENY, ct_name, available, reason=REASON_UNKNOWN_CUSTOMER)
         fallback = self.subscriptions.fallback(customer_id, ct)

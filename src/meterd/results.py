@@ -12,11 +12,17 @@ from dataclasses import dataclass, field
 from meterd.corespec import DECISION_ALLOW as ALLOW
 from meterd.corespec import DECISION_DEGRADE as DEGRADE
 from meterd.corespec import DECISION_DENY as DENY
-from meterd.corespec import REASON_INSUFFICIENT_BALANCE, REASON_NONE, REASON_OVERFLOW, REASON_UNKNOWN_CUSTOMER
+from meterd.corespec import (
+    REASON_INSUFFICIENT_BALANCE,
+    REASON_LEDGER_UNAVAILABLE,
+    REASON_NONE,
+    REASON_OVERFLOW,
+    REASON_UNKNOWN_CUSTOMER,
+)
 from meterd.state import Bucket
 
 __all__ = ["ALLOW", "DENY", "DEGRADE", "REASON_NONE", "REASON_INSUFFICIENT_BALANCE", "REASON_UNKNOWN_CUSTOMER",
-           "REASON_OVERFLOW"]
+           "REASON_OVERFLOW", "REASON_LEDGER_UNAVAILABLE"]
 DECISION_NAMES = {ALLOW: "allow", DEGRADE: "degrade", DENY: "deny"}
 
 

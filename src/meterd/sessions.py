@@ -21,9 +21,17 @@ from meterd.errors import InvalidInput, NotFound, Unavailable
 from meterd.holds import Holds
 from meterd.idempotency import Settled
 from meterd.journal import Journal
-from meterd.leases import Leases
+from meterd.leases import Cover, Leases
 from meterd.records import Kind
-from meterd.results import ALLOW, DENY, REASON_INSUFFICIENT_BALANCE, REASON_UNKNOWN_CUSTOMER, Replay, SessionState
+from meterd.results import (
+    ALLOW,
+    DENY,
+    REASON_INSUFFICIENT_BALANCE,
+    REASON_LEDGER_UNAVAILABLE,
+    REASON_UNKNOWN_CUSTOMER,
+    Replay,
+    SessionState,
+)
 from meterd.security import Tenant
 from meterd.state import Live, Session
 from meterd.store import Op
@@ -78,10 +86,10 @@ class Sessions:
         record = records.account(Kind.RESERVE, s.customer_id.encode(), s.credit_type, amount, self.clock.now_ms())
         return [self.journal.log_op(record)]
 
-    async def _covered(self, s: Session) -> bool:
+    async def _covered(self, s: Session) -> Cover:
         """Ledger mode: whether a top-up of the customer's lease now lets it hold the next interval."""
         if self.leases is None:
-            return False
+            return Cover.SHORT
         core = self.live.core
         _, amount = core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))
         covered = await self.leases.cover(s.customer_id, s.credit_type, amount, s.tenant)
@@ -150,14 +158,16 @@ class Sessions:
         s = Session(sid, customer_id, meter, value, ct, now, now, now, timeout, 0, tenant=label,
                     dims_hex="" if dims is None else dims.hex())
         hold = self._hold_ops(s) if idx >= 0 else None
-        if hold is None and await self._covered(s):
+        covered = await self._covered(s) if hold is None else Cover.COVERED
+        if hold is None and covered:
             self.holds.open_room("session", label)  # other calls may have taken it meanwhile
             if sid in self.holds.sessions:
                 raise Unavailable(f"session {sid[:SESSION_ID_CHARS_MAX]!r} was started meanwhile; retry")
             idx = core.account(cust)
             hold = self._hold_ops(s) if idx >= 0 else None
         if hold is None:
-            reason = REASON_INSUFFICIENT_BALANCE if idx >= 0 else REASON_UNKNOWN_CUSTOMER
+            reason = REASON_LEDGER_UNAVAILABLE if covered is Cover.UNAVAILABLE else \
+                REASON_INSUFFICIENT_BALANCE if idx >= 0 else REASON_UNKNOWN_CUSTOMER
             return SessionState(DENY, sid, self.live.catalog.credit_types[ct].name, True, reason)
         self.holds.add_session(s)
         await self.journal.commit_with(hold + [("sessions", sid.encode(), s.to_json())])
@@ -192,14 +202,18 @@ class Sessions:
         s, now, ops = billed
         s.heartbeat_ms = min(now, s.heartbeat_ms + s.timeout_ms)
         hold = self._hold_ops(s)
+        reason = REASON_INSUFFICIENT_BALANCE
         if hold is None and self.leases is not None:
             # The time so far is billed (submitted first: nothing awaits with a record in hand), then
             # the lease is topped up for the next interval.
             # The session's row goes with the billed time: a crash meanwhile restarts from both.
             first = self.journal.submit_ahead(ops + [("sessions", s.session_id.encode(), s.to_json())])
             ops = []
-            if await self._covered(s) and self.holds.sessions.get(s.session_id) is s:
+            covered = await self._covered(s)
+            if covered and self.holds.sessions.get(s.session_id) is s:
                 hold = self._hold_ops(s)
+            elif covered is Cover.UNAVAILABLE:
+                reason = REASON_LEDGER_UNAVAILABLE
             await first
             if self.holds.sessions.get(s.session_id) is not s:  # ended meanwhile: its final answer stands
                 final = await self._open(s.session_id, s.tenant)
@@ -207,7 +221,7 @@ class Sessions:
                     return final
                 raise Unavailable(f"session {s.session_id[:SESSION_ID_CHARS_MAX]!r} changed meanwhile; retry")
         if hold is None:
-            answer = self._state(s, DENY, True, REASON_INSUFFICIENT_BALANCE)
+            answer = self._state(s, DENY, True, reason)
             ops += self.subscriptions.alert_ops() + self._close_ops(s, answer, now)
             await self.journal.commit_with(ops)
             return answer

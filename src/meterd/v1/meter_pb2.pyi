@@ -20,6 +20,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_INSUFFICIENT_BALANCE: _ClassVar[Reason]
     REASON_UNKNOWN_CUSTOMER: _ClassVar[Reason]
     REASON_OVERFLOW: _ClassVar[Reason]
+    REASON_LEDGER_UNAVAILABLE: _ClassVar[Reason]
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_DENY: Decision
@@ -28,6 +29,7 @@ REASON_UNSPECIFIED: Reason
 REASON_INSUFFICIENT_BALANCE: Reason
 REASON_UNKNOWN_CUSTOMER: Reason
 REASON_OVERFLOW: Reason
+REASON_LEDGER_UNAVAILABLE: Reason
 
 class UsageEvent(_message.Message):
     __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "timestamp_ms", "idempotency_key")
