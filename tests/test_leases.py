@@ -748,3 +748,55 @@ def test_a_denial_for_want_of_the_ledger_says_so_on_every_path_and_a_keyed_one_i
     r = node.report("acme", "input_tokens", 1_000, model="gpt-4o")  # the ledger back: the truth
     assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE)
     assert wire.ledger_status(node.engine).leases_reachable
+
+
+@pytest.mark.parametrize("reload", ["catalog", "disk"])
+def test_a_reload_while_a_failing_top_up_waits_borrows_nothing_on_the_lease_it_replaced(
+        reload: str, tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch):
+    from meterd.catalog import load_catalog
+    from meterd.errors import Unavailable
+    node = _one(tmp_path, ledger_url, monkeypatch, lease_wait_ms=5_000)
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).set_allowance("acme", "usd", 5 * COST, T0)
+    node.grant("acme", "usd", 2 * COST)
+    for _ in range(2):  # the lease (all of the balance) is spent
+        assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    leases = node.engine.leases
+    entered, gate = asyncio.Event(), asyncio.Event()
+    real = leases.link.call
+
+    async def hanging_then_refused(fn, *args):
+        entered.set()
+        await gate.wait()
+        raise ConnectionRefusedError("the ledger is away")
+    leases.link.call = hanging_then_refused
+    renumbered = tmp_path / "renumbered.toml"  # usd becomes credit type 1
+    renumbered.write_text('[credit_types.credits]\nkind = "custom"\n' + CATALOG)
+
+    async def scenario():
+        data = pb.ReportRequest(event=_event()).SerializeToString()
+        waiting = asyncio.ensure_future(node.engine.report(data))
+        await entered.wait()  # the request waits for its top-up
+        if reload == "catalog":
+            await node.engine.reload_catalog(load_catalog(str(renumbered)))
+        else:
+            node.engine.recovery.try_recover()  # as after a failed commit: the state reloaded from disk
+        gate.set()
+        try:
+            return pb.ReportResponse.FromString(await waiting)
+        except Unavailable:
+            return None
+    answer = node.run(scenario())
+    assert answer is None or answer.decision == pb.DECISION_DENY
+    leases = node.engine.leases
+    leases.link.call = real
+    usd = node.engine.live.catalog.credit_index["usd"]
+    core = node.engine.core
+    idx = core.account(b"acme")
+    assert [core.state(idx)[0][ct][0] for ct in range(len(node.engine.live.catalog.credit_types))] == \
+        [0] * len(node.engine.live.catalog.credit_types)  # nothing credited, on any credit type
+    assert leases.held[("acme", usd)].borrowed == 0
+    node.run(leases.beat())
+    node.run(leases.quiet())
+    node.run(leases.return_all())
+    assert _consumed(node, ledger_url) == 2 * COST

@@ -504,6 +504,8 @@ class Leases:
         """The ledger did not answer in time: credit the core with what the request lacks, if the
         customer's outage allowance has that much room left here (durable before the answer:
         the request's own record commits after it)."""
+        if self.held.get((customer_id, ct)) is not h:
+            return False  # a reload (of the catalog, or from disk) while the top-up waited: not this lease now
         short = cost - self.available(customer_id, ct)
         if short <= 0:
             return True
