@@ -155,6 +155,22 @@ def test_the_debt_of_a_released_sidecar_is_overdrawn_and_repaid_by_the_next_gran
     assert escrow.balance("c1", T0)[0]["available_nano"] == 750
 
 
+@pytest.mark.parametrize("released", [False, True])
+def test_what_is_owed_is_paid_from_credit_given_back_before_that_credit_can_expire(escrow: Escrow, released: bool):
+    escrow.set_allowance("c1", "usd", 500, T0)
+    escrow.grant("c1", "usd", 2_000, T0 + 100, 0, "promo", "", T0)   # expires at T0 + 100
+    escrow.acquire("s1", "i1", "c1", "usd", 1_000, 1_000, 2, T0)
+    escrow.acquire("s2", "i2", "c1", "usd", 1_000, 1_000, 2, T0)
+    with escrow.ledger._transaction():  # s1 spent 250 beyond its lease (an outage)
+        escrow.settle("s1", "i1", [Settlement("c1", "usd", 1_250)], T0 + 1)
+    assert escrow.give_back("s2", "i2", "c1", "usd", 1_000, T0 + 2) == 1_000  # pays s1's debt first
+    if released:
+        escrow.release_sidecar("s1", T0 + 3)
+    escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0 + 300)  # after the promo expired
+    b = escrow.balance("c1", T0 + 300)[0]
+    assert (b["consumed_nano"], b["expired_nano"], b["balance_nano"], b["overdrawn_nano"]) == (1_250, 750, 1_000, 0)
+
+
 def test_a_debit_takes_only_what_is_available_centrally(escrow: Escrow):
     escrow.grant("c1", "usd", 1_000, 0, 0, "api", "", T0)
     escrow.acquire("s1", "i1", "c1", "usd", 800, 800, 1, T0)

@@ -110,6 +110,11 @@ class _Sums:
     grants_made: int
     entries_made: int
     allowance: int = 0           # outage_allowance_nano (set on its own, never by _put_sums)
+    debts: int = 0               # what leases owe: the sum of their amounts below zero
+
+    def moved(self, before: int, after: int) -> None:
+        """A lease's amount went from ``before`` to ``after``: its debt with it."""
+        self.debts += max(-after, 0) - max(-before, 0)
 
     @property
     def balance(self) -> int:
@@ -137,7 +142,7 @@ class _Bucket:
 
 _SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano, overdrawn_nano, grants_made, "
          "entries_made")
-_SUMS_READ = _SUMS + ", outage_allowance_nano"
+_SUMS_READ = _SUMS + ", outage_allowance_nano, debts_nano"
 _BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
            "expired_nano")
 _LEASE = ("customer_id, credit_type, incarnation, amount_nano, leased_total_nano, returned_total_nano, "
@@ -189,11 +194,14 @@ class Escrow:
         invariant(s.granted == s.available + s.leased + s.consumed + s.expired,
                   f"{customer_id}/{credit_type}: granted {s.granted} != available {s.available} + leased "
                   f"{s.leased} + consumed {s.consumed} + expired {s.expired}")
+        invariant(s.available <= 0 or not (s.overdrawn or s.debts),
+                  f"{customer_id}/{credit_type}: {s.available} available while {s.overdrawn} is overdrawn and "
+                  f"leases owe {s.debts}")
         self._exec("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, "
                    "consumed_nano = ?, expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, "
-                   "updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
+                   "debts_nano = ?, updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
                    (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
-                    s.entries_made, now_ms, customer_id, credit_type))
+                    s.entries_made, s.debts, now_ms, customer_id, credit_type))
 
     def _buckets(self, customer_id: str, credit_type: str, where: str = "remaining_nano > 0",
                  params: tuple = ()) -> list[_Bucket]:
@@ -281,20 +289,15 @@ class Escrow:
             raise InvalidInput("amount_nano", f"would take {customer_id!r}'s {credit_type} granted in all past "
                                "64 bits (9.2e18 nano)")
         before = s.balance
-        repaid = min(amount, s.overdrawn)  # what was spent beyond the balance is paid first
         s.grants_made += 1
         grant_id = f"G{s.grants_made}"
         self._exec(f"INSERT INTO meterd_grants (customer_id, credit_type, {_BUCKET}, source, reference, created_ms) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 0, ?, ?, ?)",
-                   (customer_id, credit_type, grant_id, s.grants_made, priority, expires_at_ms, amount,
-                    amount - repaid, repaid, source, reference, now_ms))
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?)",
+                   (customer_id, credit_type, grant_id, s.grants_made, priority, expires_at_ms, amount, amount,
+                    source, reference, now_ms))
         s.granted += amount
         s.available += amount
-        s.overdrawn -= repaid
-        # Leases in debt (spent beyond them in an outage) are repaid next, then the rest is available.
-        for r in self._rows(f"SELECT sidecar_id, {_LEASE} FROM meterd_leases WHERE customer_id = ? AND credit_type "
-                            "= ? AND amount_nano < 0 ORDER BY sidecar_id" + self._lock, (customer_id, credit_type)):
-            self._repay(s, r[0], Lease(r[1], r[2], r[3], *(int(v) for v in r[4:])), now_ms)
+        self._settle_debts(s, customer_id, credit_type, now_ms)  # what was spent beyond the balance is paid first
         kind = source if source in ("refund", "adjust") else "grant"
         self._entry(s, customer_id, credit_type, kind, source, amount, before,
                     f"{grant_id} {source} {reference}".strip(), now_ms)
@@ -383,6 +386,7 @@ class Escrow:
             if s is None or lease is None or not lease.amount_nano:
                 continue
             self._take_back(s, sidecar_id, lease, now_ms)
+            self._settle_debts(s, cust, ct, now_ms)
             self._put_sums(cust, ct, s, now_ms)
             out.append((cust, ct, lease.amount_nano))
         return out
@@ -397,6 +401,7 @@ class Escrow:
                                                                   lease.credit_type))
         elif lease.amount_nano < 0:
             debt = -lease.amount_nano
+            s.moved(lease.amount_nano, 0)
             s.leased += debt
             s.available -= debt
             s.overdrawn += debt
@@ -494,6 +499,7 @@ class Escrow:
         held = {b.grant_id: (b, amount) for b, amount in self._parts(sidecar_id, customer_id, credit_type)} \
             if size else {}
         self._draw(s, sidecar_id, lease, size, held)
+        s.moved(lease.amount_nano, lease.amount_nano + size)
         elsewhere = s.leased - lease.amount_nano - size  # every lease of the customer's credit type, less this one
         recalled = 0
         # need_nano is what the sidecar is short of: the ledger's figure of its lease lags its spending.
@@ -546,9 +552,31 @@ class Escrow:
         repaid = min(max(-lease.amount_nano, 0), max(s.available, 0))
         if repaid:
             self._draw(s, sidecar_id, lease, repaid, {})
+            s.moved(lease.amount_nano, lease.amount_nano + repaid)
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
                        "+ ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
                        (repaid, repaid, now_ms, sidecar_id, lease.customer_id, lease.credit_type))
+
+    def _settle_debts(self, s: _Sums, customer_id: str, credit_type: str, now_ms: int) -> None:
+        """Whenever credit may have become available (a grant, a give-back, a lease taken back):
+        what was overdrawn is paid out of the buckets first, in burn-down order, then what leases
+        owe, so that no credit is left to expire (or to be leased) while anything is owed."""
+        if s.overdrawn and s.available + s.overdrawn > 0:
+            left = s.overdrawn
+            for b in self._buckets(customer_id, credit_type):
+                take = min(left, b.remaining)
+                b.remaining -= take
+                b.consumed += take
+                left -= take
+                self._put_bucket(customer_id, credit_type, b)
+                if not left:
+                    break
+            s.overdrawn = left  # available (remaining less overdrawn) does not change
+        if s.debts and s.available > 0:
+            for r in self._rows(f"SELECT sidecar_id, {_LEASE} FROM meterd_leases WHERE customer_id = ? AND "
+                                "credit_type = ? AND amount_nano < 0 ORDER BY sidecar_id" + self._lock,
+                                (customer_id, credit_type)):
+                self._repay(s, r[0], Lease(r[1], r[2], r[3], *(int(v) for v in r[4:])), now_ms)
 
     def _own_lease(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, s: _Sums,
                    now_ms: int) -> Lease:
@@ -562,6 +590,7 @@ class Escrow:
         lease = Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
         if lease.incarnation != incarnation:
             self._take_back(s, sidecar_id, lease, now_ms)
+            self._settle_debts(s, customer_id, credit_type, now_ms)
             self._exec("UPDATE meterd_leases SET incarnation = ?, amount_nano = 0, leased_total_nano = 0, "
                        "returned_total_nano = 0, consumed_total_nano = 0, recall_ms = 0 WHERE sidecar_id = ? AND "
                        "customer_id = ? AND credit_type = ?", (incarnation, sidecar_id, customer_id, credit_type))
@@ -635,6 +664,7 @@ class Escrow:
             self._give_back(s, sidecar_id, lease, delta, now_ms)
             self._exec("UPDATE meterd_leases SET returned_total_nano = ? WHERE sidecar_id = ? AND customer_id = ? "
                        "AND credit_type = ?", (returned_total_nano, sidecar_id, customer_id, credit_type))
+            self._settle_debts(s, customer_id, credit_type, now_ms)
             self._put_sums(customer_id, credit_type, s, now_ms)
         return delta
 
@@ -663,12 +693,13 @@ class Escrow:
             _, expires = self._move_parts(sidecar_id, lease, delta, False, consumed)
             s.leased -= delta
             s.consumed += delta
+            s.moved(lease.amount_nano, lease.amount_nano - delta)
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, consumed_total_nano = ?, expires_at_ms "
                        "= ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
                        (delta, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
                         st.credit_type))
-            if delta > lease.amount_nano:
-                self._repay(s, sidecar_id, dataclasses.replace(lease, amount_nano=lease.amount_nano - delta), now_ms)
+            if delta > lease.amount_nano:  # into debt: repaid at once from what is available, if any
+                self._settle_debts(s, st.customer_id, st.credit_type, now_ms)
 
     def set_allowance(self, customer_id: str, credit_type: str, amount_nano: int, now_ms: int) -> int:
         """The customer's outage allowance of a credit type: what each sidecar may spend beyond its
@@ -718,7 +749,7 @@ class Escrow:
         for r in self._rows(f"SELECT credit_type, {_SUMS_READ}, updated_ms FROM meterd_balances WHERE "
                             "customer_id = ? ORDER BY credit_type", (customer_id,)):
             ct = r[0]
-            s = _Sums(*(int(v) for v in r[1:10]))
+            s = _Sums(*(int(v) for v in r[1:11]))
             buckets = [dataclasses.asdict(b) for b in self._buckets(customer_id, ct,
                                                                     "remaining_nano > 0 OR leased_nano > 0")]
             leases = [{"sidecar_id": row[0], "amount_nano": int(row[1]), "updated_ms": int(row[2])}
@@ -729,7 +760,7 @@ class Escrow:
             out.append({"credit_type": ct, "balance_nano": s.balance, "granted_nano": s.granted,
                         "available_nano": s.available, "leased_nano": s.leased, "consumed_nano": s.consumed,
                         "expired_nano": s.expired, "overdrawn_nano": max(-s.balance, 0), "lease_debts_nano": debts,
-                        "allowance_nano": s.allowance, "updated_ms": int(r[10]), "buckets": buckets,
+                        "allowance_nano": s.allowance, "updated_ms": int(r[11]), "buckets": buckets,
                         "leases": leases})
         return out
 
@@ -752,7 +783,7 @@ class Escrow:
     def _check(self) -> list[str]:
         problems: list[str] = []
         sums = {(r[0], r[1]): _Sums(*(int(v) for v in r[2:])) for r in
-                self._rows(f"SELECT customer_id, credit_type, {_SUMS} FROM meterd_balances")}
+                self._rows(f"SELECT customer_id, credit_type, {_SUMS_READ} FROM meterd_balances")}
         buckets = {(r[0], r[1]): [int(v or 0) for v in r[2:]] for r in self._rows(
             "SELECT customer_id, credit_type, SUM(amount_nano), SUM(remaining_nano), SUM(leased_nano), "
             "SUM(consumed_nano), SUM(expired_nano) FROM meterd_grants GROUP BY customer_id, credit_type")}
@@ -781,6 +812,11 @@ class Escrow:
                     problems.append(f"{name}: {what} {have}, but its buckets add up to {want}")
             if held != s.leased:
                 problems.append(f"{name}: leased {s.leased}, but its leases hold {held}")
+            if debts != s.debts:
+                problems.append(f"{name}: leases owe {s.debts}, but their debts add up to {debts}")
+            if s.available > 0 and (s.overdrawn or s.debts):
+                problems.append(f"{name}: {s.available} available while {s.overdrawn} is overdrawn and leases owe "
+                                f"{s.debts}")
             if parts.get(key, 0) != s.leased + debts:
                 problems.append(f"{name}: leases hold {s.leased + debts} (debts aside), but their parts hold "
                                 f"{parts.get(key, 0)}")

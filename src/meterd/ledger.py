@@ -181,8 +181,12 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE meterd_sidecars ADD COLUMN released_ms BIGINT NOT NULL DEFAULT 0",
     ]),
     (3, "escrow: an outage allowance per customer and credit type", [
-        # What each sidecar may spend beyond its lease while it cannot reach the ledger.
+        # What each sidecar may spend beyond its lease while it cannot reach the ledger; what leases
+        # owe, spent beyond them (their amounts below zero, summed); and when an allowance changed
+        # that the lease's sidecar has not yet acknowledged.
         "ALTER TABLE meterd_balances ADD COLUMN outage_allowance_nano BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE meterd_balances ADD COLUMN debts_nano BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE meterd_leases ADD COLUMN refresh_ms BIGINT NOT NULL DEFAULT 0",
     ]),
 ]
 
