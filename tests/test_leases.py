@@ -816,3 +816,27 @@ def test_a_reload_while_a_failing_top_up_waits_borrows_nothing_on_the_lease_it_r
     node.run(leases.quiet())
     node.run(leases.return_all())
     assert _consumed(node, ledger_url) == 2 * COST
+
+
+def test_a_changed_outage_allowance_reaches_a_sidecar_at_its_next_heartbeat(tmp_path: Path, ledger_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    node = _one(tmp_path, ledger_url, monkeypatch)
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).set_allowance("acme", "usd", 2 * COST, T0)
+    node.grant("acme", "usd", 10 * COST)
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW  # learns 2
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).set_allowance("acme", "usd", 0, T0 + 1)  # the operator turns it off
+    node.run(node.engine.leases.beat())  # told, and taken in (durably)
+    node.restart(clean=False)            # what it took in survives a kill
+    outage = Outage(node)
+    outage.on = True
+    allowed = 1 + sum(node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+                      for _ in range(12))
+    assert allowed == 10  # fail closed again: not a request beyond the balance
+    outage.on = False
+    for _ in range(2):  # told again (the restart forgot the acknowledgement), then acknowledged
+        node.run(node.engine.leases.beat())
+    with Ledger(ledger_url) as lg:
+        (flagged,), = lg._rows("SELECT COUNT(*) FROM meterd_leases WHERE refresh_ms > 0", ())
+    assert flagged == 0

@@ -414,7 +414,7 @@ def cmd_ledger_allowance(args: argparse.Namespace) -> int:
     with _open_ledger(args) as ledger:
         before = Escrow(ledger).set_allowance(args.customer, args.credit_type, amount, time.time_ns() // 1_000_000)
     print(f"outage allowance of {_safe(args.customer)} in {_safe(args.credit_type)}: {_credits(amount)} per sidecar "
-          f"(was {_credits(before)}); sidecars learn it with their next lease call")
+          f"(was {_credits(before)}); sidecars holding a lease of it learn it at their next heartbeat")
     return 0
 
 

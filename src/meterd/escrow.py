@@ -50,6 +50,7 @@ NEVER_MS = 1 << 62               # the burn-down order puts grants that never ex
 ADJUST_PRIORITY = 1_000_000      # credits added by Adjust are spent after every grant
 GRANTS_OPEN_MAX = 1_000          # buckets with credit left, per customer and credit type
 RECALLS_PER_HEARTBEAT_MAX = 1_000
+REFRESHES_PER_HEARTBEAT_MAX = 1_000  # changed allowances told per heartbeat, and acknowledged
 KEY_CHARS_MAX = 300
 INT64_MAX = (1 << 63) - 1
 
@@ -96,6 +97,9 @@ class Lease:
 class Heartbeat:
     recalls: list[tuple[str, str]]   # (customer, credit type) whose leases are asked back
     sharers: int                     # sidecars seen lately, for the fair share (0: not counted this time)
+    # (customer, credit type, version, allowance): outage allowances changed for leases of this sidecar,
+    # told until the sidecar acknowledges that version.
+    allowances: list[tuple[str, str, int, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -425,19 +429,27 @@ class Escrow:
             return self._release_leases(sidecar_id, now_ms)
 
     def heartbeat(self, sidecar_id: str, incarnation: str, now_ms: int, count_sharers: bool,
-                  live_ms: int) -> Heartbeat:
-        """A sidecar's periodic call: the leases asked back from it, and (when asked) how many
-        sidecars were seen within ``live_ms``."""
+                  live_ms: int, acknowledged: Iterable[tuple[str, str, int]] = ()) -> Heartbeat:
+        """A sidecar's periodic call: the leases asked back from it, the outage allowances changed
+        for its leases (after clearing those it ``acknowledged``, by version), and (when asked) how
+        many sidecars were seen within ``live_ms``."""
         with self.ledger._transaction():
             self._admit(sidecar_id, incarnation, now_ms)
+            for cust, ct, version in list(acknowledged)[:REFRESHES_PER_HEARTBEAT_MAX]:
+                self._exec("UPDATE meterd_leases SET refresh_ms = 0 WHERE sidecar_id = ? AND customer_id = ? AND "
+                           "credit_type = ? AND refresh_ms = ?", (sidecar_id, cust, ct, version))
             recalls = [(r[0], r[1]) for r in self._rows(
                 "SELECT customer_id, credit_type FROM meterd_leases WHERE sidecar_id = ? AND recall_ms > 0 "
                 f"AND amount_nano > 0 LIMIT {RECALLS_PER_HEARTBEAT_MAX}", (sidecar_id,))]
+            allowances = [(r[0], r[1], int(r[2]), int(r[3])) for r in self._rows(
+                "SELECT l.customer_id, l.credit_type, l.refresh_ms, b.outage_allowance_nano FROM meterd_leases l "
+                "JOIN meterd_balances b ON b.customer_id = l.customer_id AND b.credit_type = l.credit_type "
+                f"WHERE l.sidecar_id = ? AND l.refresh_ms > 0 LIMIT {REFRESHES_PER_HEARTBEAT_MAX}", (sidecar_id,))]
             sharers = 0
             if count_sharers:
                 (sharers,), = self._rows("SELECT COUNT(*) FROM meterd_sidecars WHERE released_ms = 0 AND "
                                          "last_seen_ms >= ?", (now_ms - live_ms,))
-        return Heartbeat(recalls, int(sharers))
+        return Heartbeat(recalls, int(sharers), allowances)
 
     # ---- leases --------------------------------------------------------------------------
 
@@ -711,6 +723,9 @@ class Escrow:
             assert s is not None  # made when missing
             self._exec("UPDATE meterd_balances SET outage_allowance_nano = ?, updated_ms = ? WHERE customer_id = ? "
                        "AND credit_type = ?", (amount_nano, now_ms, customer_id, credit_type))
+            # Every sidecar with a lease of it hears at its next heartbeat (a new version each time).
+            self._exec("UPDATE meterd_leases SET refresh_ms = CASE WHEN refresh_ms >= ? THEN refresh_ms + 1 ELSE ? "
+                       "END WHERE customer_id = ? AND credit_type = ?", (now_ms, now_ms, customer_id, credit_type))
             self._entry(s, customer_id, credit_type, "allowance", "ledger", 0, s.balance,
                         f"outage allowance {s.allowance} -> {amount_nano}", now_ms)
             self._put_sums(customer_id, credit_type, s, now_ms)

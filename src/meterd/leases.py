@@ -163,6 +163,7 @@ class Leases:
         self._refills: set[asyncio.Future] = set()  # background refills in flight
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
         self.lookups_of: collections.Counter[str] = collections.Counter()  # of them, by tenant label
+        self._acknowledged: list[tuple[str, str, int]] = []  # changed allowances taken in, to tell the ledger
 
     # ---- state ------------------------------------------------------------------------
 
@@ -581,8 +582,12 @@ class Leases:
         self.lookups = 0
         self.lookups_of.clear()
         count = self._beats % SHARERS_EVERY == 1
+        acknowledged = self._acknowledged
         hb = await self._escrow("heartbeat", *self._ids(), self.clock.now_ms(), count,
-                                int(self.settings.lease_idle_s * 1000))
+                                int(self.settings.lease_idle_s * 1000), acknowledged)
+        told = set(acknowledged)
+        self._acknowledged = [a for a in self._acknowledged if a not in told]
+        await self._take_allowances(hb.allowances)
         if not self.reconciled:
             await self._reconcile()
         if count:
@@ -599,6 +604,20 @@ class Leases:
                                self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
             self.seeds.pop(0)
         await self._look_after()
+
+    async def _take_allowances(self, allowances: list[tuple[str, str, int, int]]) -> None:
+        """Outage allowances changed in the ledger: taken in (durably) before the ledger hears they were."""
+        names = self.live.catalog.credit_index
+        ops: list[Op] = []
+        for cust, ct_name, version, allowance in allowances:
+            ct = names.get(ct_name, -1)
+            h = self.held.get((cust, ct))
+            if h is not None and h.allowance_nano != allowance:
+                h.allowance_nano = allowance
+                ops.append(("leases", self._key(cust, ct), h.doc()))
+            self._acknowledged.append((cust, ct_name, version))
+        if ops:
+            await self.journal.commit_with(ops)
 
     async def _reconcile(self) -> None:
         """Once after each start: a lease the ledger made for this data directory whose answer

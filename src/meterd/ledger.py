@@ -187,6 +187,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE meterd_balances ADD COLUMN outage_allowance_nano BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE meterd_balances ADD COLUMN debts_nano BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE meterd_leases ADD COLUMN refresh_ms BIGINT NOT NULL DEFAULT 0",
+        # A heartbeat looks for its sidecar's recalled and refreshed leases: few rows among many.
+        "CREATE INDEX meterd_leases_recalled ON meterd_leases (sidecar_id) WHERE recall_ms > 0",
+        "CREATE INDEX meterd_leases_refreshed ON meterd_leases (sidecar_id) WHERE refresh_ms > 0",
     ]),
 ]
 
