@@ -4,6 +4,10 @@
   as interleaved trials (local, ledger, local, ledger, ...): durable
   ``ReportBatch`` of 1,000 events and unary ``Report`` at saturation. The
   verdict is the ratio of the medians, with the range of the per-pair ratios.
+- **Pinned:** the same comparison with each sidecar on CPU 0 and the load
+  generators and PostgreSQL on CPU 1 (``taskset``), so that the ledger-mode
+  sidecar does not share its CPU with the ledger's server: what is left is
+  the cost of ledger mode itself.
 - **Ledger load:** lease transactions per second that one PostgreSQL on this
   machine takes, from many simulated sidecars (each a real ``LedgerLink``, its
   own thread and connection, running the real ``Escrow`` calls), and their
@@ -28,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,10 @@ from meterd.v1 import meter_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 NANO = 10**9
 BIG_NANO = 10**9 * NANO  # $1e9 each: no event is denied in the hot-path runs
+# The hot-path comparisons: a ledger-mode sidecar keeps its leases through the other mode's trials
+# (they would be given back after 30 s idle, and sized again from nothing); what a customer coming
+# back after a pause costs is the warm-up, measured on its own.
+HOT_PATH_IDLE_S = "600"
 
 
 class Postgres:
@@ -131,6 +140,7 @@ def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str]
     ports = {"local": load.free_port(), "ledger": load.free_port()}
     envs = {"local": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['local']}"},
             "ledger": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['ledger']}", "METERD_BALANCES": "ledger",
+                       "METERD_LEASE_IDLE_S": HOT_PATH_IDLE_S,
                        "METERD_LEDGER": url}}
     batch: dict[str, list[float]] = {"local": [], "ledger": []}
     report: dict[str, list[float]] = {"local": [], "ledger": []}
@@ -171,6 +181,57 @@ def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str]
     if h2:
         out["unary_report_calls_per_s"] = _spread(report["ledger"], report["local"])
     return out
+
+
+def _pin(pid: int, cpu: int) -> None:
+    subprocess.run(["taskset", "-a", "-cp", str(cpu), str(pid)], check=True, capture_output=True)
+
+
+def pinned(pg: Postgres, trials: int, progress: Callable[[str], None], customers: int = 1_000,
+                 calls: int = 60_000) -> dict:
+    """Unary Report and durable ReportBatch in ledger mode against local mode, interleaved, each
+    sidecar pinned to CPU 0, the load generators (this process's children) and PostgreSQL's
+    processes to CPU 1."""
+    if (os.cpu_count() or 1) < 2 or unary.available() or not shutil.which("taskset"):
+        return {"skipped": "needs 2 CPUs, taskset and h2load"}
+    load.CUSTOMERS = customers
+    url = pg.database("meterd_bench_pinned")
+    _grant_all(url, customers, BIG_NANO)
+    request = load.report_request()
+    calls_per_s: dict[str, list[float]] = {"local": [], "ledger": []}
+    events_per_s: dict[str, list[float]] = {"local": [], "ledger": []}
+    mask = os.sched_getaffinity(0)
+    try:
+        with load.Server("meterd", customers=customers) as local, \
+                load.Server("meterd", env={"METERD_BALANCES": "ledger", "METERD_LEDGER": url,
+                                           "METERD_LEASE_IDLE_S": HOT_PATH_IDLE_S}, customers=customers,
+                            seeded=False) as ledger:
+            servers = {"local": local, "ledger": ledger}
+            os.sched_setaffinity(0, {1})
+            for server in servers.values():
+                assert server.proc is not None
+                _pin(server.proc.pid, 0)
+            pids = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                subprocess.run(["taskset", "-a", "-cp", "1", pid], capture_output=True)  # a process may be gone
+            for name, server in servers.items():  # the leases, and the code paths, warmed up
+                progress(f"ledger: pinned, warming up the {name}-mode sidecar")
+                for _ in range(3):
+                    load.drive(server.target, "ReportBatch", processes=1, seconds=3, inflight=16, batch=1000)
+                unary.h2load(server.target, "/meterd.v1.Meter/Report", request, f"warm-up {name}", calls=calls // 2)
+            for t in range(trials):
+                for name, server in servers.items():
+                    progress(f"ledger: pinned, trial {t + 1}/{trials}, {name} mode")
+                    run = unary.h2load(server.target, "/meterd.v1.Meter/Report", request, f"Report {name}",
+                                       calls=calls)
+                    calls_per_s[name].append(round(run.calls_per_s))
+                    batch = load.drive(server.target, "ReportBatch", processes=1, seconds=3, inflight=16, batch=1000)
+                    events_per_s[name].append(round(batch.events_per_s))
+    finally:
+        os.sched_setaffinity(0, mask)
+    return {"pinned": {"sidecars": [0], "h2load_and_postgresql": [1], "postgresql_processes": len(pids)},
+            "trials": trials, "unary_report_calls_per_s": _spread(calls_per_s["ledger"], calls_per_s["local"]),
+            "report_batch_x1000_events_per_s": _spread(events_per_s["ledger"], events_per_s["local"])}
 
 
 def ledger_load(pg: Postgres, sidecars: int, customers: int, seconds: float,
@@ -311,6 +372,7 @@ def run(seconds: float, trials: int, progress: Callable[[str], None], only: str 
         return {"skipped": "psycopg is not installed: pip install '.[postgresql]'"}
     parts: dict[str, Callable[[Postgres], dict]] = {
         "hot_path": lambda pg: hot_path(pg, seconds, trials, progress),
+        "pinned": lambda pg: pinned(pg, max(trials, 7), progress),
         "ledger_load": lambda pg: ledger_load(pg, 32, 10_000, seconds, progress),
         "steady": lambda pg: steady(pg, progress),
         "contested": lambda pg: contested(pg, progress)}
@@ -322,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--only", choices=("hot_path", "ledger_load", "steady", "contested"), help="one part")
+    parser.add_argument("--only", choices=("hot_path", "pinned", "ledger_load", "steady", "contested"),
+                        help="one part")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
     args = parser.parse_args(argv)
     start = time.monotonic()

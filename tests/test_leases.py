@@ -139,8 +139,8 @@ def test_consumption_beyond_a_lease_is_a_debt_repaid_from_available_then_by_the_
     escrow.grant("c1", "usd", 500, 0, 0, "api", "", T0 + 2)  # repays the lease's debt first
     b = escrow.balance("c1", T0)[0]
     assert (b["available_nano"], b["overdrawn_nano"], b["lease_debts_nano"], b["balance_nano"]) == (200, 0, 0, 200)
-    g = escrow.acquire("s1", "i1", "c1", "usd", 100, 100, 1, T0 + 3)
-    assert (g.leased_total_nano, g.amount_nano, g.allowance_nano) == (1_400, 100, 2_000)
+    g = escrow.acquire("s1", "i1", "c1", "usd", 100, 100, 1, T0 + 3)  # sized by its history: all 200 left
+    assert (g.leased_total_nano, g.amount_nano, g.allowance_nano) == (1_500, 200, 2_000)
 
 
 def test_the_debt_of_a_released_sidecar_is_overdrawn_and_repaid_by_the_next_grant(escrow: Escrow):

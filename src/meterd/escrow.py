@@ -91,6 +91,7 @@ class Lease:
     expires_at_ms: int
     recall_ms: int
     updated_ms: int
+    acquisitions: int = 0        # lease calls that moved credit into it (read by _own_lease only)
 
 
 @dataclass(frozen=True)
@@ -507,6 +508,10 @@ class Escrow:
             return LeaseGrant(known=False)
         self._expire(customer_id, credit_type, s, now_ms)
         lease = self._own_lease(sidecar_id, incarnation, customer_id, credit_type, s, now_ms)
+        if need_nano > 0 and lease.amount_nano <= 0 and lease.acquisitions:
+            # Empty (run out, given back when idle, or forgotten by its sidecar and made again): at least
+            # its average size so far, so that a customer coming back is not sized from nothing again.
+            want_nano = max(want_nano, lease.leased_total_nano // lease.acquisitions)
         size = lease_size(need_nano, want_nano, s.available, sharers)
         held = {b.grant_id: (b, amount) for b, amount in self._parts(sidecar_id, customer_id, credit_type)} \
             if size else {}
@@ -597,7 +602,7 @@ class Escrow:
         # One statement: made when missing, and read (locked, in PostgreSQL, by the update).
         r, = self._rows(f"INSERT INTO meterd_leases (sidecar_id, {_LEASE}, acquisitions) VALUES "
                         "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) "
-                        f"DO UPDATE SET acquisitions = meterd_leases.acquisitions RETURNING {_LEASE}",
+                        f"DO UPDATE SET acquisitions = meterd_leases.acquisitions RETURNING {_LEASE}, acquisitions",
                         (sidecar_id, customer_id, credit_type, incarnation, now_ms))
         lease = Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
         if lease.incarnation != incarnation:

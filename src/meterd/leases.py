@@ -64,7 +64,7 @@ SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars
 SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
 LOOKUPS_PER_HEARTBEAT_MAX = 5_000  # lease calls for customers not held here, per heartbeat
 LOOKUPS_PER_TENANT_MAX = 1_000   # of them, per tenant (with data-plane tokens)
-LEASE_CALL_ASKS_MAX = 250        # leases asked for in one transaction (about 1 ms each in PostgreSQL)
+LEASE_CALL_ASKS_MAX = 64         # leases asked for in one transaction (1-10 ms each in PostgreSQL): its latency
 
 
 class Cover(enum.Enum):
@@ -158,7 +158,8 @@ class Leases:
         self.fenced = False      # the ledger refuses this data directory for good
         # Lease calls for the next transaction: customer, credit type name, lease, need, want, the
         # caller's future, and the generation of the state it was asked for.
-        self._asking: list[tuple[str, str, Held, int, int, asyncio.Future, int]] = []
+        # (and whether a request waits for it: those go first).
+        self._asking: list[tuple[str, str, Held, int, int, asyncio.Future, int, bool]] = []
         self._sender: asyncio.Future | None = None
         self._refills: set[asyncio.Future] = set()  # background refills in flight
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
@@ -324,7 +325,8 @@ class Leases:
     def _ids(self) -> tuple[str, str]:
         return self.flusher.sidecar_id, self.flusher.incarnation
 
-    async def _acquire(self, customer_id: str, ct: int, h: Held, need: int, want: int) -> LeaseGrant:
+    async def _acquire(self, customer_id: str, ct: int, h: Held, need: int, want: int,
+                       waiting: bool = False) -> LeaseGrant:
         """A lease transaction for one customer's credit type, and the credit it brings (by the
         ledger's running total). Calls made while one is in flight go together in the next
         transaction (``Escrow.acquire_many``), as commits do in LMDB: a batch with denials of
@@ -333,15 +335,26 @@ class Leases:
         fut: asyncio.Future[LeaseGrant] = asyncio.get_running_loop().create_future()
         # By credit type name, and with the generation of the state it is for: a catalog reload
         # renumbers credit types, and a reload from disk makes new leases, meanwhile.
-        self._asking.append((customer_id, self.live.catalog.credit_types[ct].name, h, need, want, fut,
-                             self.generation))
+        ask = (customer_id, self.live.catalog.credit_types[ct].name, h, need, want, fut, self.generation)
+        if waiting:  # a request waits for it: ahead of the background's refills
+            self._asking.insert(sum(1 for a in self._asking if a[7]), ask + (True,))
+        else:
+            self._asking.append(ask + (False,))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_asks())
         return await fut
 
+    def _hurry(self, h: Held) -> None:
+        """A request waits on a lease whose refill is queued: that ask goes ahead of the others."""
+        for i, ask in enumerate(self._asking):
+            if ask[2] is h and not ask[7]:
+                del self._asking[i]
+                self._asking.insert(sum(1 for a in self._asking if a[7]), ask[:7] + (True,))
+                return
+
     async def _send_asks(self) -> None:
         while self._asking:
-            batch: list[tuple[str, str, Held, int, int, asyncio.Future, int]] = []
+            batch: list[tuple[str, str, Held, int, int, asyncio.Future, int, bool]] = []
             later, keys = [], set()
             for ask in self._asking:
                 if ask[5].done():  # its caller stopped waiting: not sent (the lease stays uncertain: harmless)
@@ -354,11 +367,12 @@ class Leases:
             self._asking = later
             if not batch:
                 continue
-            wants = [(c, name, need, want) for c, name, _, need, want, _, _ in batch]
+            wants = [(c, name, need, want) for c, name, _, need, want, *_ in batch]
             try:
                 grants = await self._escrow("acquire_many", *self._ids(), wants, self.sharers, self.clock.now_ms())
             except BaseException as e:  # noqa: BLE001 - every waiter hears of it; the leases stay uncertain
-                for *_, fut, _ in batch:
+                for ask in batch:
+                    fut = ask[5]
                     if not fut.done():
                         fut.set_exception(e)
                         fut.exception()  # retrieved: a waiter that timed out does not leave it unread
@@ -367,7 +381,7 @@ class Leases:
                 continue
             ops: list[Op] = []
             names = self.live.catalog.credit_index
-            for (customer_id, name, h, _, _, fut, generation), g in zip(batch, grants, strict=True):
+            for (customer_id, name, h, _, _, fut, generation, _), g in zip(batch, grants, strict=True):
                 ct = names.get(name)
                 # Whether or not its caller still waits. Not for state reloaded from disk meanwhile: that
                 # made new leases, which ask again (they are uncertain) and take in the same running total.
@@ -448,6 +462,8 @@ class Leases:
                 return Cover.UNAVAILABLE
         h.unit_nano = max(cost, 1)
         deadline = started + self.settings.lease_wait_ms / 1000
+        if h.lock.locked():
+            self._hurry(h)
         try:  # one top-up per lease at a time; the others then find it covered (or time out waiting)
             await asyncio.wait_for(h.lock.acquire(), max(deadline - self.clock.monotonic(), 0.001))
         except asyncio.TimeoutError:
@@ -479,7 +495,7 @@ class Leases:
             self._rate_at_top_up(h, customer_id, ct)
             try:  # what is borrowed is repaid first out of what comes in: asked for on top
                 g = await asyncio.wait_for(self._acquire(customer_id, ct, h, cost - have + h.borrowed,
-                                                         self._want(h, cost, True) + h.borrowed),
+                                                         self._want(h, cost, True) + h.borrowed, waiting=True),
                                            max(deadline - self.clock.monotonic(), 0.001))
             except Exception:  # noqa: BLE001 - the ledger is away or slow: fail closed, or borrow within the allowance
                 if self._borrow(customer_id, ct, h, cost):
@@ -561,8 +577,12 @@ class Leases:
     # ---- the background -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Every lease_heartbeat_ms: answer recalls, send what is owed back, grant the
-        catalog's seeds, and look after a slice of the leases (refill, idle, expiry)."""
+        """Every lease_heartbeat_ms: the heartbeat (answer recalls, grant the catalog's seeds),
+        and, on a loop of its own so that a ledger slow to answer does not hold it up, a look
+        after a slice of the leases (refill, idle, expiry, what is owed back)."""
+        await asyncio.gather(self._every(stop, self._heartbeat), self._every(stop, self._look_after))
+
+    async def _every(self, stop: asyncio.Event, work: Any) -> None:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.lease_heartbeat_ms / 1000)
@@ -571,13 +591,17 @@ class Leases:
             if stop.is_set() or self.journal.closing or self.journal.broken is not None:
                 return
             try:
-                await self.beat()
+                await work()
             except Exception as e:  # noqa: BLE001 - the ledger may fail in any way; keep serving the leases held
                 if self.counts["ledger_failures"] <= 1 or self.counts["ledger_failures"] % 100 == 0:
                     log.warning("lease heartbeat failed: %s", e)
 
     async def beat(self) -> None:
-        """One heartbeat (tests call it to move time on)."""
+        """One heartbeat and one look after the leases (tests call it to move time on)."""
+        await self._heartbeat()
+        await self._look_after()
+
+    async def _heartbeat(self) -> None:
         self._beats += 1
         self.lookups = 0
         self.lookups_of.clear()
@@ -603,7 +627,6 @@ class Leases:
             await self._escrow("grant", cust, ct_name, amount, 0, 0, "catalog", "initial balance",
                                self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
             self.seeds.pop(0)
-        await self._look_after()
 
     async def _take_allowances(self, allowances: list[tuple[str, str, int, int]]) -> None:
         """Outage allowances changed in the ledger: taken in (durably) before the ledger hears they were."""
