@@ -840,3 +840,71 @@ def test_a_changed_outage_allowance_reaches_a_sidecar_at_its_next_heartbeat(tmp_
     with Ledger(ledger_url) as lg:
         (flagged,), = lg._rows("SELECT COUNT(*) FROM meterd_leases WHERE refresh_ms > 0", ())
     assert flagged == 0
+
+
+def _forgotten_soon(node: Billing) -> None:
+    """acme spends 3 of its 25, its lease goes idle, is given back and settled: ready to be forgotten."""
+    node.grant("acme", "usd", 25 * COST)
+    for _ in range(3):
+        assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    node.advance(6_000)
+    node.run(node.engine.leases.beat())
+    node.run(node.engine.leases.quiet())
+    node.flush()
+
+
+def test_a_request_that_meets_its_lease_being_forgotten_is_served_from_a_new_one(
+        tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch):
+    node = _one(tmp_path, ledger_url, monkeypatch, lease_idle_s=5.0)
+    _forgotten_soon(node)
+    leases = node.engine.leases
+    h = leases.held[("acme", 0)]
+    real = Leases._escrow
+
+    async def settled_at_once(self, method, *args):
+        return [True] if method == "settled_leases" else await real(self, method, *args)
+    monkeypatch.setattr(Leases, "_escrow", settled_at_once)
+    data = pb.ReportRequest(event=pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=1_000,
+                                                dimensions={"model": "gpt-4o"}, idempotency_key="k-1"))
+
+    async def race():
+        request = asyncio.ensure_future(node.engine.report(data.SerializeToString()))
+        # It waits for the lease's lock; meanwhile the lease is forgotten.
+        forget = asyncio.ensure_future(leases._forget([("acme", 0, h, h.leased_in, h.given_back,
+                                                        leases._consumed(h, "acme", 0))]))
+        return pb.ReportResponse.FromString(await request), await forget
+    answer, _ = node.run(race())
+    assert leases.counts["forgotten"] == 1 and leases.held[("acme", 0)] is not h
+    assert (answer.decision, answer.cost_nano) == (pb.DECISION_ALLOW, COST)
+    node.run(leases.return_all())
+    assert _consumed(node, ledger_url) == 4 * COST
+
+
+def test_a_lease_made_again_is_not_written_before_its_first_answer(tmp_path: Path, ledger_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    node = _one(tmp_path, ledger_url, monkeypatch, lease_idle_s=5.0)
+    _forgotten_soon(node)
+    node.advance(6_000)
+    node.run(node.engine.leases.beat())
+    node.run(node.engine.leases.quiet())
+    assert node.engine.leases.held == {}  # forgotten
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).set_allowance("acme", "usd", COST, T0 + 20_000)
+    outage = Outage(node)
+    outage.on = True
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY  # made again
+    outage.on = False
+    node.run(node.engine.leases._heartbeat())  # tells the changed allowance: not written for a fresh lease
+    outage.on = True
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_DENY  # no borrow
+    outage.on = False
+    node.run(node.engine.journal.barrier())
+    assert list(node.engine.store.items("leases")) == []
+    node.restart(clean=False)
+    node.run(node.engine.leases.beat())
+    node.run(node.engine.leases.quiet())
+    allowed = sum(node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+                  for _ in range(30))
+    assert allowed == 22  # what is left of 25, no more
+    node.run(node.engine.leases.return_all())
+    assert _consumed(node, ledger_url) == 25 * COST

@@ -472,11 +472,15 @@ class Leases:
             self.counts["denied_busy"] += 1
             return Cover.UNAVAILABLE
         try:
-            if self.held.get((customer_id, ct)) is not h:  # forgotten meanwhile (an unknown customer)
-                return Cover.SHORT
-            covered = await self._cover(customer_id, ct, h, cost, started, deadline)
+            if self.held.get((customer_id, ct)) is not h:
+                forgotten = True  # while this waited: an unknown customer, or an idle lease forgotten
+            else:
+                forgotten = False
+                covered = await self._cover(customer_id, ct, h, cost, started, deadline)
         finally:
             h.lock.release()
+        if forgotten:  # asked again: a customer the ledger does not know is remembered so, and refused at once
+            return await self.cover(customer_id, ct, cost, label)
         if covered:
             waited = int((self.clock.monotonic() - started) * 1000)
             self.counts["sync_waits"] += 1
@@ -521,8 +525,10 @@ class Leases:
         """The ledger did not answer in time: credit the core with what the request lacks, if the
         customer's outage allowance has that much room left here (durable before the answer:
         the request's own record commits after it)."""
-        if self.held.get((customer_id, ct)) is not h:
-            return False  # a reload (of the catalog, or from disk) while the top-up waited: not this lease now
+        if self.held.get((customer_id, ct)) is not h or h.fresh:
+            # A reload (of the catalog, or from disk) while the top-up waited: not this lease now. A
+            # fresh lease has no running totals yet (its first answer brings them): nothing to borrow on.
+            return False
         short = cost - self.available(customer_id, ct)
         if short <= 0:
             return True
@@ -635,7 +641,9 @@ class Leases:
         for cust, ct_name, version, allowance in allowances:
             ct = names.get(ct_name, -1)
             h = self.held.get((cust, ct))
-            if h is not None and h.allowance_nano != allowance:
+            # A fresh lease learns it with its first answer, and is not written before it: its running
+            # totals are not known until then (written as 0/0, a restart would take it as a lease from nothing).
+            if h is not None and not h.fresh and h.allowance_nano != allowance:
                 h.allowance_nano = allowance
                 ops.append(("leases", self._key(cust, ct), h.doc()))
             self._acknowledged.append((cust, ct_name, version))
