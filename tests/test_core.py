@@ -8,7 +8,7 @@ import struct
 
 import pytest
 from conftest import compiled_core_unavailable
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meterd import _fastpath_py
@@ -676,21 +676,30 @@ def test_load_states_loads_many_snapshot_records():
 # ---- dimension sets, as protobuf sees them ---------------------------------------
 
 
+def _len(data: bytes) -> bytes:
+    """A length as protobuf writes it (a varint: one byte below 128, more above)."""
+    n, out = len(data), bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out) + bytes([n])
+
+
 def _entry(body: bytes) -> bytes:
-    return b"\x2a" + bytes([len(body)]) + body
+    return b"\x2a" + _len(body) + body
 
 
 def _kv(key: bytes, value: bytes) -> bytes:
-    return b"\x0a" + bytes([len(key)]) + key + b"\x12" + bytes([len(value)]) + value
+    return b"\x0a" + _len(key) + key + b"\x12" + _len(value) + value
 
 
 def _event_bytes(*entries: bytes, customer: bytes = b"acme", meter: bytes = b"requests", quantity: int = 3) -> bytes:
-    return (b"\x0a" + bytes([len(customer)]) + customer + b"\x12" + bytes([len(meter)]) + meter
+    return (b"\x0a" + _len(customer) + customer + b"\x12" + _len(meter) + meter
             + b"\x18" + bytes([quantity]) + b"".join(entries))
 
 
 def _wrap_batch(*events: bytes) -> bytes:
-    return b"".join(b"\x1a" + bytes([len(e)]) + e for e in events)
+    return b"".join(b"\x1a" + _len(e) + e for e in events)
 
 
 def _usage(core) -> list:
@@ -941,6 +950,7 @@ _ENTRY_PARTS = st.sampled_from([
 @needs_compiled
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(_ENTRY_PARTS, max_size=4), max_size=5))
+@example([[b"\x0a\x05model"] * 4] * 5)  # an event past 127 bytes: its length takes two bytes
 def test_both_cores_rate_and_file_random_map_entries_as_protobuf_parses_them(entries):
     """Random map entries (unknown fields, wrong wire types, repeated keys and values,
     field number 0, bad UTF-8): both cores give the same answer, refuse what protobuf

@@ -376,7 +376,8 @@ def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_
     assert r.returncode == 0 and "outage allowance of acme in usd: 2 per sidecar (was 0)" in r.stdout
     assert "outage allowance 2 per sidecar; overdrawn 0" in meterd("balance", "--customer", "acme").stdout
     for bad, says in ((["--credit-type", "eur", "--amount", "1"], "'eur' is not a credit type"),
-                      (["--credit-type", "usd", "--amount", "-1"], "--amount:")):
+                      (["--credit-type", "usd", "--amount", "-1"], "--amount:"),
+                      (["--credit-type", "usd", "--amount", "\u0663"], "is not a decimal")):
         r = meterd("ledger", "allowance", "--customer", "acme", *bad)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     # The README's `meterd serve --balances ledger`: check-config checks what serve would refuse.

@@ -316,7 +316,7 @@ def parse_amount(text: Any, source: str, key: str) -> Fraction:
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise _err(source, key, "must be a decimal string like \"2.50\", an integer or a fraction \"1/3\"")
     s = str(text).strip()
-    if not re.fullmatch(r"\d+(\.\d+)?(/\d+)?", s):
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(/[0-9]+)?", s):  # ASCII digits only (\d takes any script's)
         raise _err(source, key, f"{s!r} is not a decimal like \"2.50\" or a fraction like \"1/3\"")
     try:
         value = Fraction(s)

@@ -296,7 +296,7 @@ def _check_leases(s: Settings) -> None:
 def _check_addresses(s: Settings) -> None:
     """Listeners, TLS and who may use Admin."""
     port = s.metrics_listen.rpartition(":")[2]
-    _need(not s.metrics_listen or (port.isdigit() and 0 < int(port) < 65536), "metrics_listen",
+    _need(not s.metrics_listen or (port.isascii() and port.isdigit() and 0 < int(port) < 65536), "metrics_listen",
          "must be host:port, for example 127.0.0.1:9464")
     if s.ledger:
         from meterd.ledger import parse_url
@@ -308,8 +308,9 @@ def _check_addresses(s: Settings) -> None:
     for name in ("listen", "admin_listen"):
         address = getattr(s, name)
         port = address.rpartition(":")[2]
-        _need(not address or address.startswith("unix:") or (port.isdigit() and int(port) <= 65535), name,
-             f"{address!r}: the port must be 0 to 65535")
+        _need(not address or address.startswith("unix:") or (port.isascii() and port.isdigit() and
+                                                              int(port) <= 65535), name,
+              f"{address!r}: the port must be 0 to 65535")
     admin = s.admin_address
     _need(not admin.startswith("unix:") or len(admin) - 5 < 100, "admin_listen",
          f"the Unix socket path {admin[5:]} is longer than 100 bytes; give a shorter one or a loopback port")

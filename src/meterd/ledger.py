@@ -627,7 +627,7 @@ def _now_ms() -> int:
 
 def period_bounds(period: str) -> tuple[int, int]:
     """[from, to) in ms for a calendar month 'YYYY-MM' in UTC."""
-    m = re.fullmatch(r"(\d{4})-(\d{2})", period or "")
+    m = re.fullmatch(r"([0-9]{4})-([0-9]{2})", period or "")
     if not m or not 1 <= int(m.group(2)) <= 12:
         raise InvalidInput("period", f"{period!r} is not a month like 2026-11")
     year, month = int(m.group(1)), int(m.group(2))
@@ -818,7 +818,7 @@ TIME_MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: what a date can s
 
 def parse_time(text: str, field_name: str) -> int:
     """ms since the epoch from an ISO date or date-time (UTC unless it says otherwise), or ms digits."""
-    if re.fullmatch(r"\d{10,}", text or ""):
+    if re.fullmatch(r"[0-9]{10,}", text or ""):
         if int(text) > TIME_MS_MAX:
             raise InvalidInput(field_name, f"{text[:32]!r} is after 9999-12-31 (milliseconds since 1970)")
         return int(text)
