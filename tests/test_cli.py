@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,7 +18,8 @@ from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
 pytestmark = pytest.mark.spawns  # meterd commands
-COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "statement", "usage", "bench", "ledger migrate"]
+COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "subscribe", "cancel", "change-plan", "audit",
+            "statement", "usage", "bench", "ledger migrate"]
 
 
 def meterd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -224,3 +226,31 @@ def test_control_characters_are_escaped_and_a_closed_pipe_ends_quietly(make_daem
                            text=True, timeout=60)
         os.close(write)
         assert (r.returncode, r.stderr) == (141, ""), (args, r.stderr)
+
+
+def test_subscriptions_and_the_audit_trail_from_the_command_line(make_daemon):
+    root = Path(__file__).resolve().parent.parent
+    d = make_daemon(catalog=str(root / "examples" / "cursor.toml")).start()
+    data_dir = ["--data-dir", str(d.data_dir)]
+    r = meterd("subscribe", *data_dir, "--customer", "acme", "--plan", "pro", "--idempotency-key", "s-1")
+    assert r.returncode == 0 and "acme: plan pro, period " in r.stdout, r.stderr
+    assert meterd("subscribe", *data_dir, "--customer", "acme", "--plan", "pro", "--idempotency-key",
+                  "s-1").returncode == 0  # a repeat subscribes once
+    r = meterd("change-plan", *data_dir, "--customer", "acme", "--plan", "nope")
+    assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
+    r = meterd("cancel", *data_dir, "--customer", "acme", "--at-period-end")
+    assert r.returncode == 0 and "(cancelled at the period's end)" in r.stdout, r.stderr
+    r = meterd("audit", *data_dir, "--customer", "acme", "--json")
+    kinds = [e["kind"] for e in json.loads(r.stdout)]
+    assert r.returncode == 0 and "fee" in kinds and "included" in kinds, r.stdout
+    r = meterd("audit", *data_dir, "--customer", "acme", "--limit", "1")
+    first = int(r.stdout.split()[0])  # one entry, and where the next page starts
+    assert r.returncode == 0 and f"(more after {first}: --after {first})" in r.stdout, r.stdout
+    r = meterd("subscribe", *data_dir, "--customer", "acme", "--plan", "pro", "--start", "yesterday")
+    assert r.returncode == 2 and "--start" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert d.stop() == 0  # its last flush: the ledger has the month so far
+    this_month = time.strftime("%Y-%m", time.gmtime())
+    r = meterd("statement", *data_dir, "--customer", "acme")  # this month by default
+    assert r.returncode == 0 and f"Statement for acme, {this_month}" in r.stdout, r.stderr
+    r = meterd("usage", *data_dir, "--customer", "acme")      # likewise
+    assert r.returncode == 0, r.stderr

@@ -362,6 +362,76 @@ def cmd_adjust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _date_ms(text: str | None, where: str) -> int:
+    """A date (YYYY-MM-DD, UTC midnight) or an ISO time, as ms; None or empty: 0 (now)."""
+    from meterd.ledger import parse_time
+
+    return parse_time(text, where) if text else 0
+
+
+def _subscription(args: argparse.Namespace, call: str, request: Any) -> int:
+    """Subscribe, Cancel or ChangePlan on a running daemon (Admin), and what the subscription is after it."""
+    from meterd.v1 import admin_pb2_grpc
+
+    channel, metadata = _connect(args, admin=True)
+    with channel as ch:
+        sub = getattr(admin_pb2_grpc.AdminStub(ch), call)(request, metadata=metadata)
+
+    def day(ms: int) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) if ms else "-"
+    print(f"{_safe(sub.customer_id)}: plan {_safe(sub.plan) or '(none)'}, period {day(sub.period_start_ms)} to "
+          f"{day(sub.period_end_ms)} UTC"
+          + (" (cancelled at the period's end)" if sub.cancel_at_period_end else "")
+          + (f"; then {_safe(sub.next_plan)}" if sub.next_plan else ""))
+    return 0
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from meterd.v1 import admin_pb2
+
+    return _subscription(args, "Subscribe", admin_pb2.SubscribeRequest(
+        customer_id=args.customer, plan=args.plan, start_ms=_date_ms(args.start, "start"),
+        idempotency_key=args.idempotency_key or ""))
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from meterd.v1 import admin_pb2
+
+    return _subscription(args, "Cancel", admin_pb2.CancelRequest(customer_id=args.customer,
+                                                                  at_period_end=args.at_period_end))
+
+
+def cmd_change_plan(args: argparse.Namespace) -> int:
+    from meterd.v1 import admin_pb2
+
+    return _subscription(args, "ChangePlan", admin_pb2.ChangePlanRequest(customer_id=args.customer, plan=args.plan))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """A customer's audit trail on a running daemon, oldest first, a page at a time."""
+    from google.protobuf import json_format
+
+    from meterd.v1 import admin_pb2, admin_pb2_grpc
+
+    channel, metadata = _connect(args, admin=True)
+    with channel as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).ListAudit(admin_pb2.ListAuditRequest(
+            customer_id=args.customer, after_sequence=args.after, limit=args.limit), metadata=metadata)
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(e, preserving_proto_field_name=True) for e in resp.entries],
+                         indent=2))
+        return 0
+    for e in resp.entries:
+        print(f"{e.sequence:>8}  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(e.time_ms / 1000))}  "
+              f"{_safe(e.kind):<22} {_safe(e.credit_type):<10} {_credits(e.amount_nano):>16}  balance "
+              f"{_credits(e.balance_before_nano)} -> {_credits(e.balance_after_nano)}  {_safe(e.reference)}")
+    if not resp.entries:
+        print("(no audit entries" + (f" after {args.after})" if args.after else ")"))
+    elif len(resp.entries) == args.limit:
+        print(f"(more after {resp.entries[-1].sequence}: --after {resp.entries[-1].sequence})")
+    return 0
+
+
 def _open_ledger(args: argparse.Namespace, migrate: bool = False) -> Any:
     """The ledger to migrate (made when missing), or to read: reads never create nor change one."""
     from meterd.ledger import Ledger
@@ -430,8 +500,9 @@ def cmd_ledger_migrate(args: argparse.Namespace) -> int:
 def cmd_statement(args: argparse.Namespace) -> int:
     from meterd.ledger import render_statement, statement
 
+    period = args.period or time.strftime("%Y-%m", time.gmtime())  # default: this month, UTC
     with _open_ledger(args) as ledger:
-        st = statement(ledger, args.customer, args.period)
+        st = statement(ledger, args.customer, period)
     print(json.dumps(st, indent=2) if args.json else render_statement(_safe_all(st)))
     return 0
 
@@ -439,8 +510,11 @@ def cmd_statement(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from meterd.ledger import WINDOWS, parse_time, usage_query
 
-    start = parse_time(args.from_, "from")
-    end = parse_time(args.to, "to")
+    now = time.gmtime()
+    month = f"{now.tm_year:04d}-{now.tm_mon:02d}-01"
+    following = f"{now.tm_year + now.tm_mon // 12:04d}-{now.tm_mon % 12 + 1:02d}-01"
+    start = parse_time(args.from_ or month, "from")  # default: this month, UTC
+    end = parse_time(args.to or following, "to")
     groups = [g for g in (args.group_by or "").split(",") if g]
     with _open_ledger(args) as ledger:
         rows = usage_query(ledger, args.customer, args.meter, start, end, groups, args.window or "")
@@ -527,6 +601,41 @@ def _balance_commands(sub: Any) -> None:
     p.add_argument("--idempotency-key", help="a repeat with the same key adjusts nothing more")
     _client_args(p)
     p.set_defaults(func=cmd_adjust)
+    _subscription_commands(sub)
+
+
+def _subscription_commands(sub: Any) -> None:
+    """subscribe, cancel, change-plan and audit: Admin calls on a running daemon."""
+    p = _command(sub, "subscribe", "start a customer's subscription to a plan of the catalog (Admin)",
+                 "  meterd subscribe --customer acme --plan pro\n"
+                 "  meterd subscribe --customer acme --plan pro --start 2026-12-01 --idempotency-key sub-acme-1")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--plan", required=True, help="a plan of the catalog")
+    p.add_argument("--start", help="the periods' anchor, a date or time in UTC (default: now)")
+    p.add_argument("--idempotency-key", help="a repeat with the same key subscribes once")
+    _client_args(p)
+    p.set_defaults(func=cmd_subscribe)
+    p = _command(sub, "cancel", "end a customer's subscription, now (billing what is owed) or at the period's end",
+                 "  meterd cancel --customer acme\n  meterd cancel --customer acme --at-period-end")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--at-period-end", action="store_true", help="keep the plan until its period ends")
+    _client_args(p)
+    p.set_defaults(func=cmd_cancel)
+    p = _command(sub, "change-plan", "move a customer to another plan: an upgrade now (prorated), a downgrade at "
+                 "the period's end", "  meterd change-plan --customer acme --plan team")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--plan", required=True, help="a plan of the catalog")
+    _client_args(p)
+    p.set_defaults(func=cmd_change_plan)
+    p = _command(sub, "audit", "a customer's audit trail: every movement of its balances, oldest first",
+                 "  meterd audit --customer acme\n  meterd audit --customer acme --after 120 --limit 50 --json")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--after", type=int, default=0, help="entries after this sequence number (default: from the "
+                   "first)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many entries (1 to 1000, default 100)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _client_args(p)
+    p.set_defaults(func=cmd_audit)
 
 
 def _ledger_commands(sub: Any) -> None:
@@ -535,7 +644,7 @@ def _ledger_commands(sub: Any) -> None:
                  "  meterd statement --customer demo --period 2026-11\n"
                  "  meterd statement --customer demo --period 2026-11 --json")
     p.add_argument("--customer", required=True, help="the customer id")
-    p.add_argument("--period", required=True, help="a calendar month in UTC, for example 2026-11")
+    p.add_argument("--period", help="a calendar month in UTC, for example 2026-11 (default: this month)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_statement)
     p = _command(sub, "usage", "usage from the central ledger, by window and dimension",
@@ -544,8 +653,8 @@ def _ledger_commands(sub: Any) -> None:
                  "--window hour --json")
     p.add_argument("--customer", required=True, help="the customer id")
     p.add_argument("--meter", help="one meter (default: all)")
-    p.add_argument("--from", dest="from_", required=True, help="start, for example 2026-11-01 (UTC)")
-    p.add_argument("--to", required=True, help="end (exclusive), for example 2026-12-01")
+    p.add_argument("--from", dest="from_", help="start, for example 2026-11-01 (UTC; default: this month's first)")
+    p.add_argument("--to", help="end (exclusive), for example 2026-12-01 (default: next month's first)")
     p.add_argument("--group-by", help="dimensions to group by, comma-separated, for example model")
     p.add_argument("--window", choices=["minute", "hour", "day"], help="one row per window (default: the range)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -600,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Fields of domain errors, as the flags that set them.
 _FLAGS = {"customer_id": "--customer", "period": "--period", "window": "--window", "to": "--to", "from": "--from",
-          "amount_nano": "--amount"}
+          "amount_nano": "--amount", "start": "--start"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
