@@ -19,7 +19,8 @@ from meterd.v1 import meter_pb2 as pb
 
 pytestmark = pytest.mark.spawns  # meterd commands
 COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "subscribe", "cancel", "change-plan", "audit",
-            "statement", "usage", "bench", "ledger migrate"]
+            "statement", "usage", "bench", "ledger migrate", "ledger check", "ledger release-sidecar",
+            "ledger allowance"]
 
 
 def meterd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -246,11 +247,16 @@ def test_subscriptions_and_the_audit_trail_from_the_command_line(make_daemon):
     r = meterd("audit", *data_dir, "--customer", "acme", "--limit", "1")
     first = int(r.stdout.split()[0])  # one entry, and where the next page starts
     assert r.returncode == 0 and f"(more after {first}: --after {first})" in r.stdout, r.stdout
+    for flag, bad in (("--limit", "-1"), ("--limit", "0"), ("--limit", "1001"), ("--after", "-5"), ("--after", "x")):
+        r = meterd("audit", *data_dir, "--customer", "acme", flag, bad)
+        assert r.returncode == 2 and f"argument {flag}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = meterd("subscribe", *data_dir, "--customer", "acme", "--plan", "pro", "--start", "yesterday")
     assert r.returncode == 2 and "--start" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert d.stop() == 0  # its last flush: the ledger has the month so far
     this_month = time.strftime("%Y-%m", time.gmtime())
     r = meterd("statement", *data_dir, "--customer", "acme")  # this month by default
     assert r.returncode == 0 and f"Statement for acme, {this_month}" in r.stdout, r.stderr
-    r = meterd("usage", *data_dir, "--customer", "acme")      # likewise
+    r = meterd("usage", *data_dir, "--customer", "acme", "--json")  # likewise
     assert r.returncode == 0, r.stderr
+    assert all(time.strftime("%Y-%m", time.gmtime(row["window_start_ms"] / 1000)) == this_month
+               for row in json.loads(r.stdout))

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from decimal import Decimal
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from meterd.catalog import NANO, load_catalog
 from meterd.config import Settings, load_settings
@@ -229,14 +229,16 @@ def _refuse_new(unknown: list[str], where: str) -> None:
                           "account: check the id, or pass --new-customer to create it with this grant")
 
 
-def _central_target(args: argparse.Namespace, customer_id: str, credit_type: str) -> None:
-    """A customer id the settings accept, and a credit type of the catalog (a central call's target)."""
+def _central_target(args: argparse.Namespace, customer_id: str, credit_type: str) -> Settings:
+    """A customer id the settings accept, and a credit type of the catalog (a central call's target);
+    returns the settings, for the ledger."""
     from meterd import validate
 
     settings = _load(args)
     validate.customer(settings, customer_id)
     if credit_type not in load_catalog(settings.catalog).credit_index:
         raise ConfigError(f"--credit-type: {_safe(repr(credit_type))} is not a credit type of the catalog")
+    return settings
 
 
 def _central(args: argparse.Namespace, method: str, request: Any) -> Any:
@@ -246,10 +248,10 @@ def _central(args: argparse.Namespace, method: str, request: Any) -> Any:
     from meterd.escrow import Escrow
     from meterd.leases import central_key
 
-    _central_target(args, request.customer_id, request.credit_type)
+    settings = _central_target(args, request.customer_id, request.credit_type)
     key, digest = central_key(method, request.customer_id, wire.keyed(request))
     now = time.time_ns() // 1_000_000
-    with _open_ledger(args) as ledger:
+    with _open_ledger(args, settings=settings) as ledger:
         escrow = Escrow(ledger)
         if method == "grant":
             return escrow.grant(request.customer_id, request.credit_type, request.amount_nano, 0, 0, request.source,
@@ -342,7 +344,7 @@ def _bulk_grants(args: argparse.Namespace) -> int:
 
 
 def cmd_adjust(args: argparse.Namespace) -> int:
-    from meterd.v1 import admin_pb2, admin_pb2_grpc
+    from meterd.v1 import admin_pb2
 
     amount = _nano(args.amount, "--amount", signed=True)
     if args.ledger is not None:
@@ -352,11 +354,9 @@ def cmd_adjust(args: argparse.Namespace) -> int:
         print(f"adjusted by {_credits(amount)} in the ledger: balance {_credits(g.balance_nano)}"
               f"{' (duplicate)' if g.duplicate else ''}")
         return 0
-    channel, metadata = _connect(args, admin=True)
-    with channel as ch:
-        resp = admin_pb2_grpc.AdminStub(ch).Adjust(admin_pb2.AdjustRequest(
-            customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount, reason=args.reason,
-            idempotency_key=args.idempotency_key or ""), metadata=metadata)
+    resp = _admin(args, "Adjust", admin_pb2.AdjustRequest(
+        customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount, reason=args.reason,
+        idempotency_key=args.idempotency_key or ""))
     print(f"adjusted by {_credits(amount)}: balance {_credits(resp.balance_nano)}"
           f"{' (duplicate)' if resp.duplicate else ''}")
     return 0
@@ -369,18 +369,27 @@ def _date_ms(text: str | None, where: str) -> int:
     return parse_time(text, where) if text else 0
 
 
-def _subscription(args: argparse.Namespace, call: str, request: Any) -> int:
-    """Subscribe, Cancel or ChangePlan on a running daemon (Admin), and what the subscription is after it."""
+def _admin(args: argparse.Namespace, call: str, request: Any) -> Any:
+    """One Admin call on the running daemon named by the settings."""
     from meterd.v1 import admin_pb2_grpc
 
     channel, metadata = _connect(args, admin=True)
     with channel as ch:
-        sub = getattr(admin_pb2_grpc.AdminStub(ch), call)(request, metadata=metadata)
+        return getattr(admin_pb2_grpc.AdminStub(ch), call)(request, metadata=metadata)
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def _subscription(args: argparse.Namespace, call: str, request: Any) -> int:
+    """Subscribe, Cancel or ChangePlan on a running daemon (Admin), and what the subscription is after it."""
+    sub = _admin(args, call, request)
 
     def day(ms: int) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) if ms else "-"
+        return _utc(ms) if ms else "-"
     print(f"{_safe(sub.customer_id)}: plan {_safe(sub.plan) or '(none)'}, period {day(sub.period_start_ms)} to "
-          f"{day(sub.period_end_ms)} UTC"
+          f"{day(sub.period_end_ms)}"
           + (" (cancelled at the period's end)" if sub.cancel_at_period_end else "")
           + (f"; then {_safe(sub.next_plan)}" if sub.next_plan else ""))
     return 0
@@ -411,18 +420,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """A customer's audit trail on a running daemon, oldest first, a page at a time."""
     from google.protobuf import json_format
 
-    from meterd.v1 import admin_pb2, admin_pb2_grpc
+    from meterd.v1 import admin_pb2
 
-    channel, metadata = _connect(args, admin=True)
-    with channel as ch:
-        resp = admin_pb2_grpc.AdminStub(ch).ListAudit(admin_pb2.ListAuditRequest(
-            customer_id=args.customer, after_sequence=args.after, limit=args.limit), metadata=metadata)
+    resp = _admin(args, "ListAudit", admin_pb2.ListAuditRequest(customer_id=args.customer,
+                                                                 after_sequence=args.after, limit=args.limit))
     if args.json:
         print(json.dumps([json_format.MessageToDict(e, preserving_proto_field_name=True) for e in resp.entries],
                          indent=2))
         return 0
     for e in resp.entries:
-        print(f"{e.sequence:>8}  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(e.time_ms / 1000))}  "
+        print(f"{e.sequence:>8}  {_utc(e.time_ms)}  "
               f"{_safe(e.kind):<22} {_safe(e.credit_type):<10} {_credits(e.amount_nano):>16}  balance "
               f"{_credits(e.balance_before_nano)} -> {_credits(e.balance_after_nano)}  {_safe(e.reference)}")
     if not resp.entries:
@@ -432,11 +439,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_ledger(args: argparse.Namespace, migrate: bool = False) -> Any:
+def _open_ledger(args: argparse.Namespace, migrate: bool = False, settings: Settings | None = None) -> Any:
     """The ledger to migrate (made when missing), or to read: reads never create nor change one."""
     from meterd.ledger import Ledger
 
-    ledger = Ledger(_load(args).ledger_url, create=migrate)
+    ledger = Ledger((settings or _load(args)).ledger_url, create=migrate)
     try:
         if migrate:
             ledger.migrate()
@@ -479,9 +486,9 @@ def cmd_ledger_allowance(args: argparse.Namespace) -> int:
     """A customer's outage allowance: what each sidecar may spend beyond its lease while the ledger is away."""
     from meterd.escrow import Escrow
 
-    _central_target(args, args.customer, args.credit_type)
+    settings = _central_target(args, args.customer, args.credit_type)
     amount = _nano(args.amount, "--amount")
-    with _open_ledger(args) as ledger:
+    with _open_ledger(args, settings=settings) as ledger:
         before = Escrow(ledger).set_allowance(args.customer, args.credit_type, amount, time.time_ns() // 1_000_000)
     print(f"outage allowance of {_safe(args.customer)} in {_safe(args.credit_type)}: {_credits(amount)} per sidecar "
           f"(was {_credits(before)}); sidecars holding a lease of it learn it at their next heartbeat")
@@ -497,24 +504,26 @@ def cmd_ledger_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _this_month() -> str:
+    """The current calendar month in UTC, as a period (YYYY-MM)."""
+    return time.strftime("%Y-%m", time.gmtime())
+
+
 def cmd_statement(args: argparse.Namespace) -> int:
     from meterd.ledger import render_statement, statement
 
-    period = args.period or time.strftime("%Y-%m", time.gmtime())  # default: this month, UTC
     with _open_ledger(args) as ledger:
-        st = statement(ledger, args.customer, period)
+        st = statement(ledger, args.customer, args.period or _this_month())
     print(json.dumps(st, indent=2) if args.json else render_statement(_safe_all(st)))
     return 0
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from meterd.ledger import WINDOWS, parse_time, usage_query
+    from meterd.ledger import WINDOWS, parse_time, period_bounds, usage_query
 
-    now = time.gmtime()
-    month = f"{now.tm_year:04d}-{now.tm_mon:02d}-01"
-    following = f"{now.tm_year + now.tm_mon // 12:04d}-{now.tm_mon % 12 + 1:02d}-01"
-    start = parse_time(args.from_ or month, "from")  # default: this month, UTC
-    end = parse_time(args.to or following, "to")
+    month_start, month_end = period_bounds(_this_month())  # the default range
+    start = parse_time(args.from_, "from") if args.from_ else month_start
+    end = parse_time(args.to, "to") if args.to else month_end
     groups = [g for g in (args.group_by or "").split(",") if g]
     with _open_ledger(args) as ledger:
         rows = usage_query(ledger, args.customer, args.meter, start, end, groups, args.window or "")
@@ -522,7 +531,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     head = ["window" if args.window in WINDOWS else "from", "meter", *groups, "quantity", "cost", "events"]
-    table = [[time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["window_start_ms"] / 1000)), r["meter"],
+    table = [[_utc(r["window_start_ms"]), r["meter"],
               *[r[g] for g in groups], r["quantity"], f"{_credits(r['cost_nano'])} {r['credit_type']}",
               str(r["events"])] for r in rows]
     head, table = [_safe(h) for h in head], [[_safe(str(x)) for x in row] for row in table]
@@ -604,6 +613,18 @@ def _balance_commands(sub: Any) -> None:
     _subscription_commands(sub)
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (a usage error names the flag otherwise)."""
+    def parse(text: str) -> int:
+        if not text.isascii() or not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+    return parse
+
+
 def _subscription_commands(sub: Any) -> None:
     """subscribe, cancel, change-plan and audit: Admin calls on a running daemon."""
     p = _command(sub, "subscribe", "start a customer's subscription to a plan of the catalog (Admin)",
@@ -630,9 +651,10 @@ def _subscription_commands(sub: Any) -> None:
     p = _command(sub, "audit", "a customer's audit trail: every movement of its balances, oldest first",
                  "  meterd audit --customer acme\n  meterd audit --customer acme --after 120 --limit 50 --json")
     p.add_argument("--customer", required=True, help="the customer id")
-    p.add_argument("--after", type=int, default=0, help="entries after this sequence number (default: from the "
-                   "first)")
-    p.add_argument("--limit", type=int, default=100, help="at most this many entries (1 to 1000, default 100)")
+    p.add_argument("--after", type=_bounded(0, 2**63 - 1), default=0, help="entries after this sequence number "
+                   "(default: from the first)")
+    p.add_argument("--limit", type=_bounded(1, 1000), default=100, help="at most this many entries (1 to 1000, "
+                   "default 100)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _client_args(p)
     p.set_defaults(func=cmd_audit)

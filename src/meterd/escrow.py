@@ -154,6 +154,11 @@ _LEASE = ("customer_id, credit_type, incarnation, amount_nano, leased_total_nano
           "consumed_total_nano, expires_at_ms, recall_ms, updated_ms")
 
 
+def _lease(r: tuple) -> Lease:
+    """A Lease from a row of _LEASE (and acquisitions, when read)."""
+    return Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
+
+
 def lease_size(need_nano: int, want_nano: int, available_nano: int, sharers: int) -> int:
     """How much a lease takes: what the sidecar wants (its spend rate times the
     refill horizon), at most a fair share of what is available centrally, and
@@ -334,16 +339,11 @@ class Escrow:
         if amount > s.available:
             raise InvalidInput("amount_nano", f"-{amount} is more than the {max(s.available, 0)} available "
                                f"centrally; {s.leased} is leased to sidecars and comes back as they return it")
-        before, left = s.balance, amount
-        for b in self._buckets(customer_id, credit_type):
-            take = min(left, b.remaining)
-            b.remaining -= take
+        before = s.balance
+
+        def debited(b: _Bucket, take: int) -> None:
             b.amount -= take
-            left -= take
-            self._put_bucket(customer_id, credit_type, b)
-            if not left:
-                break
-        invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
+        self._take_remaining(s, customer_id, credit_type, amount, debited)
         s.granted -= amount
         s.available -= amount
         self._entry(s, customer_id, credit_type, "adjust", "adjust", -amount, before, reason, now_ms)
@@ -459,8 +459,7 @@ class Escrow:
                           "credit_type = ?" + self._lock, (sidecar_id, customer_id, credit_type))
         if not rows:
             return None
-        r = rows[0]
-        return Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
+        return _lease(rows[0])
 
     def _parts(self, sidecar_id: str, customer_id: str, credit_type: str) -> list[tuple[_Bucket, int]]:
         """A lease's parts with their buckets, in burn-down order."""
@@ -542,26 +541,37 @@ class Escrow:
         """Move ``size`` of the available buckets, in burn-down order, into a lease: first into
         consumed for what the lease owes (its debt), then into its parts (``held``: parts by grant,
         updated). The caller moves the lease row's figures."""
-        left, debt = size, max(-lease.amount_nano, 0)
-        for b in self._buckets(lease.customer_id, lease.credit_type) if size else []:
-            take = min(left, b.remaining)
-            if not take:
-                break
+        debt = max(-lease.amount_nano, 0)
+
+        def drawn(b: _Bucket, take: int) -> None:
+            nonlocal debt
             repaid = min(take, debt)
-            b.remaining -= take
+            debt -= repaid
             b.consumed += repaid
             b.leased += take - repaid
-            left -= take
-            debt -= repaid
-            self._put_bucket(lease.customer_id, lease.credit_type, b)
             if take > repaid:
                 part = held.get(b.grant_id, (b, 0))[1] + take - repaid
                 self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part)
                 held[b.grant_id] = (b, part)
-        invariant(left == 0, f"{lease.customer_id}/{lease.credit_type}: buckets hold less than the available "
-                             f"{s.available}")
+        self._take_remaining(s, lease.customer_id, lease.credit_type, size, drawn)
         s.available -= size
         s.leased += size
+
+    def _take_remaining(self, s: _Sums, customer_id: str, credit_type: str, amount: int,
+                        book: Callable[[_Bucket, int], None]) -> int:
+        """Take ``amount`` out of the buckets' remaining credit, in burn-down order; ``book`` says
+        where each take goes in its bucket. The buckets must hold it (the caller checked ``s``)."""
+        left = amount
+        for b in self._buckets(customer_id, credit_type) if amount else []:
+            take = min(left, b.remaining)
+            if not take:
+                break
+            b.remaining -= take
+            book(b, take)
+            left -= take
+            self._put_bucket(customer_id, credit_type, b)
+        invariant(left == 0, f"{customer_id}/{credit_type}: buckets hold less than the available {s.available}")
+        return amount
 
     def _repay(self, s: _Sums, sidecar_id: str, lease: Lease, now_ms: int) -> None:
         """A lease in debt repaid from what is available centrally, as a lease the ledger makes
@@ -579,21 +589,16 @@ class Escrow:
         what was overdrawn is paid out of the buckets first, in burn-down order, then what leases
         owe, so that no credit is left to expire (or to be leased) while anything is owed."""
         if s.overdrawn and s.available + s.overdrawn > 0:
-            left = s.overdrawn
-            for b in self._buckets(customer_id, credit_type):
-                take = min(left, b.remaining)
-                b.remaining -= take
+            def consumed(b: _Bucket, take: int) -> None:
                 b.consumed += take
-                left -= take
-                self._put_bucket(customer_id, credit_type, b)
-                if not left:
-                    break
-            s.overdrawn = left  # available (remaining less overdrawn) does not change
+            # As much as the buckets hold; available (remaining less overdrawn) does not change.
+            repaid = min(s.overdrawn, s.available + s.overdrawn)
+            s.overdrawn -= self._take_remaining(s, customer_id, credit_type, repaid, consumed)
         if s.debts and s.available > 0:
             for r in self._rows(f"SELECT sidecar_id, {_LEASE} FROM meterd_leases WHERE customer_id = ? AND "
                                 "credit_type = ? AND amount_nano < 0 ORDER BY sidecar_id" + self._lock,
                                 (customer_id, credit_type)):
-                self._repay(s, r[0], Lease(r[1], r[2], r[3], *(int(v) for v in r[4:])), now_ms)
+                self._repay(s, r[0], _lease(r[1:]), now_ms)
 
     def _own_lease(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, s: _Sums,
                    now_ms: int) -> Lease:
@@ -604,7 +609,7 @@ class Escrow:
                         "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) "
                         f"DO UPDATE SET acquisitions = meterd_leases.acquisitions RETURNING {_LEASE}, acquisitions",
                         (sidecar_id, customer_id, credit_type, incarnation, now_ms))
-        lease = Lease(r[0], r[1], r[2], *(int(v) for v in r[3:]))
+        lease = _lease(r)
         if lease.incarnation != incarnation:
             self._take_back(s, sidecar_id, lease, now_ms)
             self._settle_debts(s, customer_id, credit_type, now_ms)
@@ -752,7 +757,7 @@ class Escrow:
             return out
 
     def leases_of(self, sidecar_id: str) -> list[Lease]:
-        return [Lease(r[0], r[1], r[2], *(int(v) for v in r[3:])) for r in self._rows(
+        return [_lease(r) for r in self._rows(
             f"SELECT {_LEASE} FROM meterd_leases WHERE sidecar_id = ? ORDER BY customer_id, credit_type",
             (sidecar_id,))]
 

@@ -115,6 +115,10 @@ class Held:
         self.verified_ms = 0            # when the ledger was last asked whether this lease can be forgotten
         self.lock = asyncio.Lock()
 
+    def consumed(self, balance: int) -> int:
+        """What has been spent of the lease, given its balance in the core."""
+        return self.leased_in - self.given_back + self.borrowed - balance
+
     def doc(self) -> bytes:
         return json.dumps({"leased_in": self.leased_in, "given_back": self.given_back, "borrowed": self.borrowed,
                            "allowance_nano": self.allowance_nano}).encode()
@@ -224,7 +228,7 @@ class Leases:
         return core.state(idx)[0][ct][0] if idx >= 0 else 0
 
     def _consumed(self, h: Held, customer_id: str, ct: int) -> int:
-        return h.leased_in - h.given_back + h.borrowed - self._balance(customer_id, ct)
+        return h.consumed(self._balance(customer_id, ct))
 
     def _move_ops(self, customer_id: str, ct: int, h: Held, leased: int = 0, given: int = 0,
                   borrowed: int = 0) -> list[Op]:
@@ -242,11 +246,14 @@ class Leases:
             ops.append(self.journal.log_op(records.account(Kind.CREDIT, cust, ct, amount, self.clock.now_ms())))
         return ops + [("leases", self._key(customer_id, ct), h.doc())]
 
-    def _give_ops(self, customer_id: str, ct: int, h: Held, amount: int) -> list[Op]:
-        """Take ``amount`` of the lease's free credit out of the core: what is borrowed is
-        cancelled first (the ledger never had it), the rest is given back."""
-        cancel = min(amount, h.borrowed)
-        return self._move_ops(customer_id, ct, h, given=amount - cancel, borrowed=-cancel)
+    def _give_ops(self, customer_id: str, ct: int, h: Held, amount: int | None = None) -> tuple[list[Op], int]:
+        """Take the lease's free credit out of the core: what is borrowed is cancelled first (the
+        ledger never had it), then up to ``amount`` (default: all the rest) is given back.
+        Returns the ops ([] for nothing) and what is given back."""
+        free = self.available(customer_id, ct)
+        cancel = max(min(free, h.borrowed), 0)
+        given = max(free - cancel if amount is None else min(amount, free - cancel), 0)
+        return (self._move_ops(customer_id, ct, h, given=given, borrowed=-cancel) if given or cancel else []), given
 
     def settling(self, dirty: list[int]) -> list[bytes]:
         """For a snapshot: the outbox rows of what the changed accounts have consumed of their leases."""
@@ -260,8 +267,7 @@ class Leases:
             state = core.state(idx)[0]
             for ct in sorted(cts):
                 h = self.held[(cust, ct)]
-                out.append(settlement_value(cust, names[ct].name,
-                                            h.leased_in - h.given_back + h.borrowed - state[ct][0]))
+                out.append(settlement_value(cust, names[ct].name, h.consumed(state[ct][0])))
         return out
 
     def view(self, customer_id: str, ct: int) -> LeaseView | None:
@@ -315,9 +321,7 @@ class Leases:
         self.fenced = True
         ops: list[Op] = []
         for (customer_id, ct), h in self.held.items():
-            free = self.available(customer_id, ct)
-            if free > 0:
-                ops += self._give_ops(customer_id, ct, h, free)
+            ops += self._give_ops(customer_id, ct, h)[0]
             h.sent_back = h.given_back  # the ledger has it back already
         if ops:
             self.journal.submit_ahead(ops)
@@ -558,13 +562,11 @@ class Leases:
         h = self.held.get((customer_id, ct))
         if h is None:
             return 0
-        free = self.available(customer_id, ct)
-        cancel = min(free, h.borrowed)  # borrowed credit still free goes first (the ledger never had it)
-        amount = free - cancel if amount is None else min(amount, free - cancel)
         generation = self.generation
         consumed = self._consumed(h, customer_id, ct)  # as of now: durable once what follows has landed
-        if amount > 0 or cancel > 0:
-            await self.journal.commit_with(self._move_ops(customer_id, ct, h, given=max(amount, 0), borrowed=-cancel))
+        ops, amount = self._give_ops(customer_id, ct, h, amount)
+        if ops:
+            await self.journal.commit_with(ops)
         elif settle:
             await self.journal.barrier()
         durable = settle and generation == self.generation  # no reload from disk meanwhile

@@ -189,9 +189,11 @@ class Reports:
         req = meter_pb2.ReportBatchRequest.FromString(data)
         retry = [d.index for d in resp.denials if d.reason != REASON_OVERFLOW]
         needs: dict[tuple[str, int], list[int]] = {}  # the denied events' costs, summed, and the least of them
+        lease_of: dict[int, tuple[str, int]] = {}       # each denied event's lease (customer, credit type)
         for i in retry:
             need = self._need(req.events[i])
             if need is not None:
+                lease_of[i] = need[:2]
                 n = needs.setdefault(need[:2], [0, need[2]])
                 n[0], n[1] = n[0] + need[2], min(n[1], need[2])
         leases = self.leases
@@ -201,10 +203,11 @@ class Reports:
         asked = sorted(needs.items())
         label = validate.label_of(tenant)
         covered = await asyncio.gather(*(leases.cover(c, ct, total, label) for (c, ct), (total, _) in asked))
-        away = {key for (key, _), ok in zip(asked, covered, strict=True) if ok is Cover.UNAVAILABLE}
+        away_leases = {key for (key, _), ok in zip(asked, covered, strict=True) if ok is Cover.UNAVAILABLE}
+        away = {i for i, key in lease_of.items() if key in away_leases}  # events denied for want of the ledger
         if not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in zip(asked, covered,
                                                                                                strict=True)):
-            return self._unavailable(resp, req, away) if away else None
+            return self._unavailable(resp, away) if away else None
         self.journal.check_writable()  # events are named by their place in the batch: a reload meanwhile is harmless
         sub = meter_pb2.ReportBatchRequest(events=[req.events[i] for i in retry], details=req.details)
         sub_data = sub.SerializeToString()
@@ -213,7 +216,7 @@ class Reports:
         core.set_clock(at)
         accepted, denied, degraded, details = core.apply_batch(sub_data, None if tenant is None else tenant.prefix)
         if not accepted:
-            return None
+            return self._unavailable(resp, away) if away else None
         again = meter_pb2.ReportBatchResponse.FromString(details)
         self.journal.submit_ahead([self.journal.log_op(records.message(Kind.BATCH, sub_data, at))]
                                   + self.subscriptions.alert_ops())
@@ -233,20 +236,17 @@ class Reports:
             r.index = retry[r.index]
             results[r.index] = r
         merged.results.extend(results)
-        return self._unavailable(merged, req, away) if away else merged.SerializeToString()
+        return self._unavailable(merged, away) if away else merged.SerializeToString()
 
-    def _unavailable(self, resp: meter_pb2.ReportBatchResponse, req: meter_pb2.ReportBatchRequest,
-                     away: set[tuple[str, int]]) -> bytes:
-        """A batch's answer whose denials of customers whose leases could not be topped up in time
-        say so (REASON_LEDGER_UNAVAILABLE) rather than what the lease alone said."""
-        def marked(i: int) -> bool:
-            need = self._need(req.events[i])
-            return need is not None and need[:2] in away
+    @staticmethod
+    def _unavailable(resp: meter_pb2.ReportBatchResponse, away: set[int]) -> bytes:
+        """A batch's answer whose denials of events (by index) whose leases could not be topped up
+        in time say so (REASON_LEDGER_UNAVAILABLE) rather than what the lease alone said."""
         for d in resp.denials:
-            if d.reason != REASON_OVERFLOW and marked(d.index):
+            if d.index in away and d.reason != REASON_OVERFLOW:
                 d.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
         for r in resp.results:
-            if r.decision == DENY and r.reason != REASON_OVERFLOW and marked(r.index):
+            if r.decision == DENY and r.index in away and r.reason != REASON_OVERFLOW:
                 r.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
         return resp.SerializeToString()
 

@@ -124,13 +124,13 @@ class Reservations:
         ``unavailable``: ledger mode, and the lease could not be topped up in time."""
         ct_name = self.live.catalog.credit_types[ct].name
         available = self.live.core.available(idx, ct) if idx >= 0 else 0
+        fallback = self.subscriptions.fallback(customer_id, ct) if idx >= 0 else None
+        if fallback is not None:
+            return Authorized(DEGRADE, ct_name, available, mode=fallback[0], priority=fallback[1])
         if unavailable:
             return Authorized(DENY, ct_name, available, reason=REASON_LEDGER_UNAVAILABLE)
         if idx < 0:
             return Authorized(DENY, ct_name, available, reason=REASON_UNKNOWN_CUSTOMER)
-        fallback = self.subscriptions.fallback(customer_id, ct)
-        if fallback is not None:
-            return Authorized(DEGRADE, ct_name, available, mode=fallback[0], priority=fallback[1])
         return Authorized(DENY, ct_name, available, reason=REASON_INSUFFICIENT_BALANCE)
 
     async def _settling(self, by: bytes, tenant: Tenant | None, rid: str,

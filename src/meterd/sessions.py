@@ -75,10 +75,14 @@ class Sessions:
     def _units_ms(self, s: Session, units: int) -> int:
         return units * 1000 // 10 ** self.live.catalog.meters[s.meter].precision
 
+    def _interval_cost(self, s: Session) -> int:
+        """What the next interval (a heartbeat timeout) of the session costs."""
+        return self.live.core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))[1]
+
     def _hold_ops(self, s: Session) -> list[Op] | None:
         """Reserve the next interval; None when the balance cannot cover it."""
         core = self.live.core
-        _, amount = core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))
+        amount = self._interval_cost(s)
         idx = core.account(s.customer_id.encode())
         if not core.reserve(idx, s.credit_type, amount):
             return None
@@ -91,8 +95,7 @@ class Sessions:
         if self.leases is None:
             return Cover.SHORT
         core = self.live.core
-        _, amount = core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))
-        covered = await self.leases.cover(s.customer_id, s.credit_type, amount, s.tenant)
+        covered = await self.leases.cover(s.customer_id, s.credit_type, self._interval_cost(s), s.tenant)
         self.journal.check_writable()
         if self.live.core is not core:
             raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
