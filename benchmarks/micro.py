@@ -65,7 +65,7 @@ def run(progress: Callable[[str], None] = print) -> list[dict]:
         out.append({"name": "decode + validate 100k events", "core": kind, "seconds": t,
                     "events_per_s": EVENTS / t})
         core.take_usage()
-        rate = core.find_rate(2, b"gpt-4o")
+        rate = core.find_rate(2, {b"model": b"gpt-4o"})
 
         def cycles(n: int = 20_000) -> None:
             for _ in range(n):

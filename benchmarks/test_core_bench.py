@@ -53,7 +53,7 @@ def test_apply_batch_8000_events(benchmark, kind):
 def test_reserve_and_settle(benchmark, kind):
     benchmark.group = "reserve + settle"
     core = make(kind)
-    rate = core.find_rate(2, b"gpt-4o")
+    rate = core.find_rate(2, {b"model": b"gpt-4o"})
 
     def cycle():
         ct, amount = core.quote(rate, 4096)

@@ -196,7 +196,7 @@ def test_unknown_fields_are_skipped(core):
 def test_reservations_hold_and_settle_with_carry(core):
     idx = core.open_account(b"r")
     core.credit(idx, 1, 10**9)
-    rate = core.find_rate(1, b"haiku")
+    rate = core.find_rate(1, {b"model": b"haiku"})
     ct, amount = core.quote(rate, 2)
     assert (ct, amount) == (1, 666_666_667)  # a hold rounds up
     assert core.reserve(idx, ct, amount)
@@ -212,7 +212,7 @@ def test_reservations_hold_and_settle_with_carry(core):
 def test_settle_records_an_overrun(core):
     idx = core.open_account(b"o")
     core.credit(idx, 0, 2500)
-    rate = core.find_rate(0, b"gpt-4o")
+    rate = core.find_rate(0, {b"model": b"gpt-4o"})
     assert core.reserve(idx, 0, 2500)
     assert core.settle(idx, rate, 3, 2500) == (7500, 5000)
     assert core.state(idx)[0][0][0] == -5000
@@ -514,7 +514,7 @@ def test_unique_count_meters_count_distinct_values_per_period(core):
     assert core.state(0)[1][6] == 1 and len(core.uniques(0)) == 1
     with pytest.raises(InvalidInput, match="needs the 'user' dimension"):
         core.apply_batch(batch([ev(meter="users")]))
-    assert core.force_charge(0, core.find_rate(6, None), 1) == 2 * 10**9
+    assert core.force_charge(0, core.find_rate(6, {}), 1) == 2 * 10**9
 
 
 def test_many_distinct_values_survive_growth_and_period_resets(core):
@@ -589,7 +589,7 @@ def test_usage_counts_what_was_allowed_and_what_it_cost(core):
 
 def test_settled_reservations_count_as_usage_with_their_price_dimension(core):
     idx = core.account(b"acme")
-    rate = core.find_rate(0, b"gpt-4o")
+    rate = core.find_rate(0, {b"model": b"gpt-4o"})
     assert core.reserve(idx, 0, 10**9)
     cost, _ = core.settle(idx, rate, 2000, 10**9)
     rows = core.take_usage()
@@ -905,7 +905,7 @@ def test_new_dimension_sets_past_the_cap_are_refused_whole(kind):
     assert info.value.field == "event.dimensions"
     assert c.report(pb.ReportRequest(event=ev("beta", model="mini", request="r3")).SerializeToString())[0] == 1
     # Settlements are not refused (the work was done); a unique_count meter's sets count like any other.
-    rate = c.find_rate(0, b"gpt-4o")
+    rate = c.find_rate(0, {b"model": b"gpt-4o"})
     assert c.reserve(0, 0, 10**6)
     c.settle(0, rate, 10, 10**6)
     with pytest.raises(InvalidInput, match="dimension_sets_per_window_max"):

@@ -3,13 +3,13 @@ includes). meterd.core checks this Core, as the twin in _fastpath_py.py, against
 meterd.core.CoreAPI; tests/test_core_contract.py checks this stub against the
 built module (mypy's stubtest)."""
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from meterd.corespec import CreditState, UsageAggregate
+from meterd.corespec import CreditState, MeterRow, RateRow, UsageAggregate
 
 class Core:
-    def __init__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
+    def __init__(self, denominators: list[int], meters: list[MeterRow],
+                 rates: list[RateRow], limits: dict[str, int],
                  capacity: int = 1024, plans: list[list[tuple[int, int]]] | None = None,
                  modes: list[bytes] | None = None, free: list[list[int]] | None = None,
                  credit_names: list[bytes] | None = None) -> None: ...
@@ -28,7 +28,7 @@ class Core:
     def credit(self, idx: int, ct: int, amount: int) -> int: ...
     def set_floor(self, idx: int, ct: int, floor_nano: int) -> None: ...
     def available(self, idx: int, ct: int) -> int: ...
-    def find_rate(self, meter: int, value: bytes | None) -> int: ...
+    def find_rate(self, meter: int, dims: Mapping[bytes, bytes]) -> int: ...
     def quote(self, rate: int, quantity: int) -> tuple[int, int]: ...
     # (meter, the value's bytes, or its 64-bit hash when read from a snapshot that kept only hashes)
     def uniques(self, idx: int) -> list[tuple[int, bytes | int]]: ...

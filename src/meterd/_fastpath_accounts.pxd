@@ -12,7 +12,10 @@ cdef class _Accounts(_State):
                             list plans, list modes, list free, list credit_names) except -1
     # money and rating
     cdef inline i128 _available(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
-    cdef int32_t _find_rate(self, int32_t meter, const char *value, Py_ssize_t n) noexcept nogil
+    cdef int32_t _find_rate(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil
+    cdef int32_t _no_price_pos(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil
+    cdef int _price_values(self, int32_t meter, object dims, const char **value, int32_t *value_len,
+                           list keep) except -1
     cdef int _fine(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil
     cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost,
                     const char *uval, Py_ssize_t ulen) noexcept nogil

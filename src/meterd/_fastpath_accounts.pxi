@@ -88,25 +88,80 @@ cdef class _Accounts(_State):
 
     # ---- rating ----------------------------------------------------------
 
-    cdef int32_t _find_rate(self, int32_t meter, const char *value, Py_ssize_t n) noexcept nogil:
+    cdef int32_t _find_rate(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil:
+        """The rate of an event whose price dimensions have these values (NULL: the
+        event has none): of the rates that match, the one with the largest mask
+        (corespec.rate_mask); -1 if none does."""
         cdef Meter *m = &self.meters[meter]
-        cdef int32_t i
-        if value != NULL:
-            for i in range(m.rate_first, m.rate_first + m.rate_count):
-                if self.rates[i].dim_len == n and memcmp(self.rates[i].dim_value, value, n) == 0:
-                    return i
-        return m.rate_default
+        cdef int32_t k, n = m.n_dims, r
+        cdef uint32_t mask, present = 0
+        cdef uint64_t vh[PRICE_DIMENSIONS_MAX]
+        if n == 0:
+            return m.rate_default
+        for k in range(n):
+            if value[k] != NULL:
+                present |= 1u << (n - 1 - k)
+                vh[k] = _hash(value[k], value_len[k])
+        mask = (1u << n) - 1
+        while True:
+            if (m.masks >> mask) & 1 and (mask & ~present) == 0:
+                r = _Tables._rate_at(self, meter, mask, value, value_len, _rate_hash(meter, mask, vh, n))
+                if r >= 0:
+                    return r
+            if mask == 0:
+                return -1
+            mask -= 1
 
-    def find_rate(self, Py_ssize_t meter, value):
-        """The rate for a meter and its price-dimension value (bytes or None); -1 if none."""
+    cdef int32_t _no_price_pos(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil:
+        """The price dimension an event without a rate is refused for (corespec.no_price_position)."""
+        cdef Meter *m = &self.meters[meter]
+        cdef int32_t i, j, r
+        cdef Rate *rt
+        cdef bint ok
+        for i in range(m.n_dims):
+            ok = False
+            for r in range(m.rate_first, m.rate_first + m.rate_count):
+                rt = &self.rates[r]
+                for j in range(i + 1):
+                    if (rt.mask >> (m.n_dims - 1 - j)) & 1 and (
+                            value[j] == NULL or rt.value_len[j] != value_len[j]
+                            or memcmp(rt.value[j], value[j], value_len[j]) != 0):
+                        break
+                else:
+                    ok = True
+                    break
+            if not ok:
+                return i
+        return m.n_dims - 1 if m.n_dims > 0 else 0
+
+    cdef int _price_values(self, int32_t meter, object dims, const char **value, int32_t *value_len,
+                           list keep) except -1:
+        """The values of a meter's price dimensions in a mapping of bytes to bytes, or
+        their defaults."""
+        cdef Meter *m = &self.meters[meter]
+        cdef int32_t k
+        for k in range(m.n_dims):
+            found = dims.get(PyBytes_FromStringAndSize(m.dim_key[k], m.dim_key_len[k]))
+            if found is None:
+                value[k] = m.dim_default[k]
+                value_len[k] = m.dim_default_len[k]
+            else:
+                found = bytes(found)
+                keep.append(found)
+                value[k] = PyBytes_AS_STRING(found)
+                value_len[k] = <int32_t>PyBytes_GET_SIZE(found)
+        return 0
+
+    def find_rate(self, Py_ssize_t meter, dims):
+        """The rate of a meter for an event with these dimensions (bytes to bytes); -1 if none."""
+        cdef const char *value[PRICE_DIMENSIONS_MAX]
+        cdef int32_t value_len[PRICE_DIMENSIONS_MAX]
+        keep = []
         self._check()
         if meter < 0 or meter >= self.n_meters:
             raise IndexError(spec.MSG_NO_METER % meter)
-        if self.meters[meter].rate_first < 0:
-            return -1
-        if value is None:
-            return self._find_rate(meter, NULL, 0)
-        return self._find_rate(meter, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+        self._price_values(<int32_t>meter, dims, value, value_len, keep)
+        return self._find_rate(<int32_t>meter, value, value_len)
 
     cdef int _fine(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil:
         """The cost of ``quantity`` at ``rate`` in 1/D nano-units; 1 when it would

@@ -19,8 +19,8 @@ cdef class _Aggregates(_Accounts):
         free(self.rate_dhash); free(self.rate_dptr); free(self.rate_dlen)
 
     cdef int _init_aggregates(self, list meters, list rates, dict limits) except -1:
-        """dimension_sets_per_window_max, each rate's price dimension as a dimension
-        set (for settle), and an empty aggregate table; see Core.__init__."""
+        """dimension_sets_per_window_max, each rate's price dimensions (those it names
+        a value of) as a dimension set (for settle), and an empty aggregate table; see Core.__init__."""
         cdef Py_ssize_t i
         self.sets_max = limits["dimension_sets_per_window_max"]
         if self.sets_max < 1:
@@ -31,12 +31,10 @@ cdef class _Aggregates(_Accounts):
         if self.rate_dhash == NULL or self.rate_dptr == NULL or self.rate_dlen == NULL:
             raise MemoryError()
         for i in range(self.n_rates):
-            meter, value, amount, factor = rates[i]
-            if value is None:
-                self.rate_dims.append(b"")
-            else:
-                body = _dim_entry(meters[meter][3], value)
-                self.rate_dims.append(b"\x2a" + _varint_bytes(len(body)) + body)
+            meter, key, amount, factor = rates[i]
+            named = sorted((bytes(d), bytes(v)) for d, v in zip(meters[meter][3], key) if v is not None)
+            self.rate_dims.append(b"".join(b"\x2a" + _varint_bytes(len(body)) + body
+                                           for body in (_dim_entry(d, v) for d, v in named)))
             self.rate_dptr[i] = PyBytes_AS_STRING(self.rate_dims[i])
             self.rate_dlen[i] = <int32_t>len(self.rate_dims[i])
             self.rate_dhash[i] = _hash_set(self.rate_dptr[i], self.rate_dlen[i])

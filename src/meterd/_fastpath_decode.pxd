@@ -58,6 +58,7 @@ cdef struct Event:
     int32_t err_field        # the field the error is about (F_*), or F_NONE
     const char *detail
     int32_t detail_len
+    int32_t detail_dim       # E_NO_PRICE: the price dimension it is about
     const char *uval        # unique_count meters: the distinct value, in the caller's buffer
     int32_t ulen
     Py_ssize_t coff         # the canonical dimension set, in cbuf

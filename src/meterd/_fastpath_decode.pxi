@@ -296,8 +296,10 @@ cdef class _Decoder(_Aggregates):
             return InvalidInput(field, spec.unknown_meter_message(PyBytes_FromStringAndSize(ev.detail, ev.detail_len)))
         if ev.err == E_NO_PRICE:
             m = &self.meters[ev.meter]
+            key = b"" if m.n_dims == 0 else PyBytes_FromStringAndSize(m.dim_key[ev.detail_dim],
+                                                                      m.dim_key_len[ev.detail_dim])
             return InvalidInput(field, spec.no_price_message(
-                PyBytes_FromStringAndSize(m.name, m.name_len), PyBytes_FromStringAndSize(m.dim_key, m.dim_key_len),
+                PyBytes_FromStringAndSize(m.name, m.name_len), key,
                 None if ev.detail == NULL else PyBytes_FromStringAndSize(ev.detail, ev.detail_len)))
         if ev.err == E_PRECISION:
             m = &self.meters[ev.meter]
@@ -528,16 +530,29 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
     cdef Meter *m = &self.meters[ev.meter]
     cdef const char *dim_value = NULL
     cdef Py_ssize_t dim_len = 0
+    cdef const char *value[PRICE_DIMENSIONS_MAX]
+    cdef int32_t value_len[PRICE_DIMENSIONS_MAX]
+    cdef int32_t k
     cdef int64_t qty = f.qty
-    if m.dim_key_len > 0:
-        _span_value(self, f.nspans, m.dim_key, m.dim_key_len, &dim_value, &dim_len)
-        ev.rate = _Accounts._find_rate(self, ev.meter, dim_value, dim_len)
+    if m.n_dims > 0:
+        for k in range(m.n_dims):
+            dim_value = NULL
+            dim_len = 0
+            _span_value(self, f.nspans, m.dim_key[k], m.dim_key_len[k], &dim_value, &dim_len)
+            if dim_value == NULL:  # priced as its default value, if it has one
+                dim_value = m.dim_default[k]
+                dim_len = m.dim_default_len[k]
+            value[k] = dim_value
+            value_len[k] = <int32_t>dim_len
+        ev.rate = _Accounts._find_rate(self, ev.meter, value, value_len)
     else:
         ev.rate = m.rate_default
     if ev.rate < 0:
         ev.err_field = F_DIMENSIONS
-        ev.detail = dim_value
-        ev.detail_len = <int32_t>dim_len
+        k = _Accounts._no_price_pos(self, ev.meter, value, value_len) if m.n_dims > 0 else 0
+        ev.detail_dim = k
+        ev.detail = value[k] if m.n_dims > 0 else NULL
+        ev.detail_len = value_len[k] if m.n_dims > 0 else 0
         return E_NO_PRICE
     if m.agg == AGG_COUNT:
         ev.quantity = qty = 1  # a count meter counts events; its price is per event

@@ -11,7 +11,7 @@ formula from ``meterd.corespec``.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from meterd import corespec as spec
 from meterd.corespec import (
@@ -32,6 +32,8 @@ from meterd.corespec import (
     REASON_OVERFLOW,
     REASON_UNKNOWN_CUSTOMER,
     CreditState,
+    MeterRow,
+    RateRow,
     UsageAggregate,
     no_price_message,
     precision_message,
@@ -154,6 +156,21 @@ def canonical_set(dims: dict[bytes, bytes]) -> bytes:
                     for body in (_dim_entry(k, v) for k, v in sorted(dims.items())))
 
 
+def set_items(dims: bytes) -> dict[bytes, bytes]:
+    """A canonical dimension set's entries: the inverse of canonical_set."""
+    out = {}
+    pos, end = 0, len(dims)
+    while pos < end:
+        _, pos = _tag(dims, pos, end)
+        start, _, pos = _length(dims, pos, end)
+        _, at = _tag(dims, start, pos)
+        k_at, _, after = _length(dims, at, pos)
+        _, at = _tag(dims, after, pos)
+        v_at, _, at = _length(dims, at, pos)
+        out[dims[k_at:after]] = dims[v_at:at]
+    return out
+
+
 def _dim_entry(key: bytes, value: bytes) -> bytes:
     """The body of one dimensions map entry, as protobuf encodes it."""
     return b"\x0a" + _put_varint(len(key)) + key + b"\x12" + _put_varint(len(value)) + value
@@ -230,8 +247,8 @@ class _Tables:
 
     # ---- construction ----------------------------------------------------
 
-    def _init_tables(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                     rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
+    def _init_tables(self, denominators: list[int], meters: list[MeterRow],
+                     rates: list[RateRow], limits: dict[str, int],
                      plans: list[list[tuple[int, int]]] | None, modes: list[bytes] | None,
                      free: list[list[int]] | None, credit_names: list[bytes] | None) -> None:
         """The catalog's tables and an empty account table; see Core.__init__."""
@@ -296,40 +313,52 @@ class _Tables:
                 raise ValueError(spec.MSG_FREE_NEGATIVE)
         self.free += [[0] * n_meters for _ in range(len(self.plans) - len(self.free))]
 
-    def _init_meters(self, meters: list[tuple[bytes, int, int, bytes, int, bytes]]) -> None:
-        # per meter: [name, ct, precision, dim_key, rates {value: idx}, default rate]
+    def _init_meters(self, meters: list[MeterRow]) -> None:
+        # per meter: [name, ct, precision, price dimensions, rates {(mask, values): idx}, default rate,
+        # masks its rates have, largest first, the values an event without a price dimension is priced as]
         self.meters: list[list[Any]] = []
         self.aggs: list[int] = []
         self.uniq_keys: list[bytes] = []
-        for i, (name, ct, precision, dim, agg, uniq) in enumerate(meters):
+        for i, (name, ct, precision, dims, agg, uniq, defaults) in enumerate(meters):
             if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE):
                 raise ValueError(spec.MSG_METER_RANGE % i)
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
                 raise ValueError(spec.MSG_METER_UNIQUE % i)
-            self.meters.append([name, ct, precision, dim, {}, -1])
+            dims = tuple(bytes(d) for d in dims)
+            if len(dims) > spec.PRICE_DIMENSIONS_MAX or len(set(dims)) != len(dims) or len(defaults) != len(dims):
+                raise ValueError(spec.MSG_METER_DIMS % (i, spec.PRICE_DIMENSIONS_MAX))
+            self.meters.append([name, ct, precision, dims, {}, -1, [],
+                                tuple(None if v is None else bytes(v) for v in defaults)])
             self.aggs.append(agg)
             self.uniq_keys.append(uniq)
         self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
 
-    def _init_rates(self, rates: list[tuple[int, bytes | None, int, int]]) -> None:
+    def _init_rates(self, rates: list[RateRow]) -> None:
         self.rates: list[tuple[int, int, int, int]] = []  # (meter, ct, amount_nano, factor)
+        self.rate_keys: list[tuple[bytes | None, ...]] = []
         last_meter = -1
         seen = set()
-        for i, (meter, value, amount, factor) in enumerate(rates):
+        for i, (meter, key, amount, factor) in enumerate(rates):
             if not (0 <= meter < len(self.meters)) or amount < 0 or factor < 1 or amount > INT64_MAX \
                     or factor > INT64_MAX:
                 raise ValueError(spec.MSG_RATE_RANGE % i)
+            m = self.meters[meter]
+            if len(key) != len(m[3]):
+                raise ValueError(spec.MSG_RATE_KEY % i)
             if meter != last_meter:
                 if meter in seen:
                     raise ValueError(spec.MSG_RATES_GROUPED)
                 seen.add(meter)
                 last_meter = meter
-            m = self.meters[meter]
+            key = tuple(None if v is None else bytes(v) for v in key)
             self.rates.append((meter, m[1], amount, factor))
-            if value is None:
+            self.rate_keys.append(key)
+            mask = spec.rate_mask(key)
+            m[4].setdefault((mask, tuple(v for v in key if v is not None)), i)  # of two with one key, the first
+            if mask == 0 and m[5] < 0:
                 m[5] = i
-            else:
-                m[4].setdefault(value, i)
+            if mask not in m[6]:
+                m[6] = sorted(m[6] + [mask], reverse=True)
 
     def close(self) -> None:
         self.closed = True
@@ -529,8 +558,8 @@ class _State(_Tables):
 class _Accounts(_State):
     """Money, rating and debits, plans and alerts; see ``_fastpath_accounts.pxi``."""
 
-    def _init_accounts(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                       rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int],
+    def _init_accounts(self, denominators: list[int], meters: list[MeterRow],
+                       rates: list[RateRow], limits: dict[str, int],
                        plans: list[list[tuple[int, int]]] | None, modes: list[bytes] | None,
                        free: list[list[int]] | None, credit_names: list[bytes] | None) -> None:
         """The catalog's tables, an empty account table and no alerts yet; see Core.__init__."""
@@ -589,19 +618,27 @@ class _Accounts(_State):
 
     # ---- rating ----------------------------------------------------------
 
-    def _find_rate(self, meter: int, value) -> int:
+    def _price_values(self, meter: int, dims: Mapping[bytes, bytes]) -> tuple[bytes | None, ...]:
         m = self.meters[meter]
-        if value is not None:
-            r = m[4].get(bytes(value))
-            if r is not None:
-                return r
-        return m[5]
+        return tuple(m[7][k] if dims.get(d) is None else bytes(dims[d]) for k, d in enumerate(m[3]))
 
-    def find_rate(self, meter: int, value: bytes | None) -> int:
+    def _find_rate(self, meter: int, values: tuple[bytes | None, ...]) -> int:
+        """Of the rates that match, the one with the largest mask (corespec.rate_mask)."""
+        m = self.meters[meter]
+        n = len(values)
+        present = spec.rate_mask(values)
+        for mask in m[6]:
+            if mask & ~present == 0:
+                r = m[4].get((mask, tuple(v for i, v in enumerate(values) if (mask >> (n - 1 - i)) & 1)))
+                if r is not None:
+                    return r
+        return -1
+
+    def find_rate(self, meter: int, dims: Mapping[bytes, bytes]) -> int:
         self._check()
         if meter < 0 or meter >= len(self.meters):
             raise IndexError(spec.MSG_NO_METER % meter)
-        return self._find_rate(meter, value)
+        return self._find_rate(meter, self._price_values(meter, dims))
 
     def _fine(self, rate: int, quantity: int) -> int | None:
         _, ct, amount, factor = self.rates[rate]
@@ -744,8 +781,8 @@ class _Aggregates(_Accounts):
     """Usage aggregates for the ledger, dimension sets and settle; see
     ``_fastpath_aggregates.pxi``."""
 
-    def _init_aggregates(self, meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                         rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int]) -> None:
+    def _init_aggregates(self, meters: list[MeterRow],
+                         rates: list[RateRow], limits: dict[str, int]) -> None:
         self.sets_max = limits["dimension_sets_per_window_max"]
         if self.sets_max < 1:
             raise ValueError(spec.MSG_SETS_LIMIT)
@@ -758,12 +795,9 @@ class _Aggregates(_Accounts):
         self.window_ms = 60000
         self.cur_window = 0
         self.rate_dims: list[bytes] = []
-        for meter, value, _, _ in rates:
-            if value is None:
-                self.rate_dims.append(b"")
-            else:
-                body = _dim_entry(meters[meter][3], value)
-                self.rate_dims.append(b"\x2a" + _put_varint(len(body)) + body)
+        for meter, key, _, _ in rates:
+            named = {bytes(d): bytes(v) for d, v in zip(meters[meter][3], key, strict=True) if v is not None}
+            self.rate_dims.append(canonical_set(named))
 
     def _add_rows(self) -> None:
         """The rows of the layers below, and this layer's: the dimension sets made in a window."""
@@ -998,7 +1032,7 @@ class _Decoder(_Aggregates):
 
     def _event_quantity(self, meter: int, qkind: int, qty: int, dec: bytes) -> int:
         """The quantity in the meter's smallest units, from either of its fields."""
-        name, _, precision, _, _, _ = self.meters[meter]
+        name, _, precision = self.meters[meter][:3]
         if qkind == 2:
             try:
                 return parse_decimal(dec, precision, name)
@@ -1014,11 +1048,13 @@ class _Decoder(_Aggregates):
 
     def _event_rate(self, meter: int, qty: int, dims: dict[bytes, bytes]) -> tuple[int, int, int, bytes]:
         """(rate, quantity, cost in 1/D nano, distinct value of a unique_count meter)."""
-        name, _, _, dim_key, _, _ = self.meters[meter]
-        value = dims.get(dim_key) if dim_key else None
-        rate = self._find_rate(meter, value)
+        name, _, _, keys = self.meters[meter][:4]
+        values = self._price_values(meter, dims)
+        rate = self._find_rate(meter, values)
         if rate < 0:
-            raise _DecodeError("dimensions", no_price_message(name, dim_key, value))
+            k = spec.no_price_position([self.rate_keys[r] for r in self.meters[meter][4].values()], values)
+            raise _DecodeError("dimensions", no_price_message(name, keys[k] if keys else b"",
+                                                              values[k] if keys else None))
         agg = self.aggs[meter]
         if agg == AGG_COUNT:
             qty = 1  # a count meter counts events; its price is per event
@@ -1134,8 +1170,8 @@ class Core(_Decoder):
     compiled core, a chain of classes, one per concern: _Tables, _State,
     _Accounts, _Aggregates, _Decoder and this one."""
 
-    def __init__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int], capacity: int = 1024,
+    def __init__(self, denominators: list[int], meters: list[MeterRow],
+                 rates: list[RateRow], limits: dict[str, int], capacity: int = 1024,
                  plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
                  free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> None:
         # As the compiled core: the tables, accounts and rating, then aggregates, then the decoder.

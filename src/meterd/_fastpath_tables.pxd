@@ -7,8 +7,10 @@
 cdef struct Rate:
     int32_t meter
     int32_t ct
-    int32_t dim_len          # -1 for the meter's default rate
-    char *dim_value
+    uint32_t mask            # the price dimensions it names a value of (corespec.rate_mask); 0: default
+    uint64_t hash            # of its meter, mask and values (_rate_hash), in the rate table
+    char *value[PRICE_DIMENSIONS_MAX]       # per price dimension in the mask: the value
+    int32_t value_len[PRICE_DIMENSIONS_MAX]
     int64_t amount_nano
     int64_t factor
 
@@ -21,11 +23,15 @@ cdef struct Meter:
     int32_t agg
     char *uniq_key           # unique_count meters: the dimension whose distinct values count
     int32_t uniq_key_len
-    char *dim_key
-    int32_t dim_key_len      # 0: the meter has a single price
+    int32_t n_dims           # price dimensions; 0: the meter has a single price
+    char *dim_key[PRICE_DIMENSIONS_MAX]
+    int32_t dim_key_len[PRICE_DIMENSIONS_MAX]
+    char *dim_default[PRICE_DIMENSIONS_MAX]      # the value an event without the dimension is priced as
+    int32_t dim_default_len[PRICE_DIMENSIONS_MAX]  # (NULL: none)
+    uint32_t masks           # bit k: some rate has mask k
     int32_t rate_first
     int32_t rate_count
-    int32_t rate_default     # -1: no default price
+    int32_t rate_default     # -1: no default price (mask 0)
 
 
 # The state of an account and credit type that most accounts never set:
@@ -52,6 +58,8 @@ cdef class _Tables:
     cdef int64_t *denom
     cdef Meter *meters
     cdef Rate *rates
+    cdef int32_t *rate_slots     # the rate table: rates by hash (index + 1; 0 empty)
+    cdef uint64_t rate_mask
     cdef int id_max              # customer_id_bytes_max
     cdef bint closed
     # account table
@@ -98,6 +106,8 @@ cdef class _Tables:
     cdef int _init_plans(self, list plans, list free) except -1
     cdef int _init_meters(self, list meters) except -1
     cdef int _init_rates(self, list rates) except -1
+    cdef int32_t _rate_at(self, int32_t meter, uint32_t mask, const char **value, const int32_t *value_len,
+                          uint64_t h) noexcept nogil
     cdef int _check(self) except -1
     cdef int _idx(self, Py_ssize_t idx) except -1
     cdef int _ct(self, Py_ssize_t ct) except -1

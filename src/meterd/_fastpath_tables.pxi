@@ -4,21 +4,36 @@
 # rarely set state of an account (Ext rows).
 
 
+cdef inline uint64_t _rate_hash(int32_t meter, uint32_t mask, const uint64_t *value_hash, int32_t n) noexcept nogil:
+    """A rate's place in the rate table: its meter, its mask and the hashes of the
+    values its mask names."""
+    cdef uint64_t h = (<uint64_t>meter * 0x9E3779B97F4A7C15ULL) ^ (<uint64_t>mask * 0xC2B2AE3D27D4EB4FULL)
+    cdef int32_t k
+    for k in range(n):
+        if (mask >> (n - 1 - k)) & 1:
+            h = (h ^ value_hash[k]) * 0xFF51AFD7ED558CCDULL
+            h ^= h >> 29
+    return h
+
+
 cdef class _Tables:
     """The catalog's tables and the account table; see _fastpath.pxd. A new
     object is zeroed: every pointer starts NULL and every count 0."""
 
     def __dealloc__(self):
-        cdef int i
+        cdef int i, k
         if self.meters != NULL:
             for i in range(self.n_meters):
                 free(self.meters[i].name)
                 free(self.meters[i].uniq_key)
-                free(self.meters[i].dim_key)
+                for k in range(PRICE_DIMENSIONS_MAX):
+                    free(self.meters[i].dim_key[k])
+                    free(self.meters[i].dim_default[k])
         if self.rates != NULL:
             for i in range(self.n_rates):
-                free(self.rates[i].dim_value)
-        free(self.denom); free(self.meters); free(self.rates)
+                for k in range(PRICE_DIMENSIONS_MAX):
+                    free(self.rates[i].value[k])
+        free(self.denom); free(self.meters); free(self.rates); free(self.rate_slots)
         free(self.slots); free(self.hashes); free(self.id_off); free(self.id_len)
         free(self.arena); free(self.bal); free(self.ext); free(self.xrows)
         free(self.rem); free(self.usage); free(self.dirty)
@@ -117,14 +132,18 @@ cdef class _Tables:
         return 0
 
     cdef int _init_meters(self, list meters) except -1:
-        """(name, credit_type, precision, price_dimension, aggregation, unique_dimension) per meter."""
-        cdef Py_ssize_t i
+        """(name, credit_type, precision, price dimensions, aggregation, unique_dimension,
+        the value (or None) an event without a price dimension is priced as) per meter."""
+        cdef Py_ssize_t i, k
         for i in range(self.n_meters):
-            name, ct, precision, dim, agg, uniq = meters[i]
+            name, ct, precision, dims, agg, uniq, defaults = meters[i]
             if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE):
                 raise ValueError(spec.MSG_METER_RANGE % i)
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
                 raise ValueError(spec.MSG_METER_UNIQUE % i)
+            dims = [bytes(d) for d in dims]
+            if len(dims) > PRICE_DIMENSIONS_MAX or len(set(dims)) != len(dims) or len(defaults) != len(dims):
+                raise ValueError(spec.MSG_METER_DIMS % (i, PRICE_DIMENSIONS_MAX))
             self.meters[i].agg = agg
             if agg == AGG_UNIQUE:
                 self.has_unique = True
@@ -134,37 +153,88 @@ cdef class _Tables:
             self.meters[i].name_len = len(name)
             self.meters[i].ct = ct
             self.meters[i].precision = precision
-            self.meters[i].dim_key = _dup(dim)
-            self.meters[i].dim_key_len = len(dim)
+            self.meters[i].n_dims = len(dims)
+            for k in range(len(dims)):
+                self.meters[i].dim_key[k] = _dup(dims[k])
+                self.meters[i].dim_key_len[k] = len(dims[k])
+                if defaults[k] is not None:
+                    self.meters[i].dim_default[k] = _dup(bytes(defaults[k]))
+                    self.meters[i].dim_default_len[k] = len(defaults[k])
+            self.meters[i].masks = 0
             self.meters[i].rate_first = -1
             self.meters[i].rate_count = 0
             self.meters[i].rate_default = -1
         return 0
 
     cdef int _init_rates(self, list rates) except -1:
-        """(meter, dimension value or None, amount_nano, factor) per rate, grouped by meter."""
-        cdef Py_ssize_t i
+        """(meter, a value or None (any) per price dimension, amount_nano, factor) per
+        rate, grouped by meter, and the rate table; of two rates with one key the
+        first holds."""
+        cdef Py_ssize_t i, k, nslots = 16
+        cdef Meter *m
+        cdef uint64_t h, vh[PRICE_DIMENSIONS_MAX]
+        while nslots < self.n_rates * 2:
+            nslots *= 2
+        self.rate_slots = <int32_t *>calloc(nslots, sizeof(int32_t))
+        if self.rate_slots == NULL:
+            raise MemoryError()
+        self.rate_mask = nslots - 1
         for i in range(self.n_rates):
-            meter, value, amount, factor = rates[i]
+            meter, key, amount, factor = rates[i]
             if not (0 <= meter < self.n_meters) or amount < 0 or factor < 1:
                 raise ValueError(spec.MSG_RATE_RANGE % i)
-            if self.meters[meter].rate_first < 0:
-                self.meters[meter].rate_first = i
-            elif self.meters[meter].rate_first + self.meters[meter].rate_count != i:
+            m = &self.meters[meter]
+            if len(key) != m.n_dims:
+                raise ValueError(spec.MSG_RATE_KEY % i)
+            if m.rate_first < 0:
+                m.rate_first = i
+            elif m.rate_first + m.rate_count != i:
                 raise ValueError(spec.MSG_RATES_GROUPED)
-            self.meters[meter].rate_count += 1
+            m.rate_count += 1
             self.rates[i].meter = meter
-            self.rates[i].ct = self.meters[meter].ct
+            self.rates[i].ct = m.ct
             self.rates[i].amount_nano = amount
             self.rates[i].factor = factor
-            if value is None:
-                self.rates[i].dim_len = -1
-                self.rates[i].dim_value = NULL
-                self.meters[meter].rate_default = i
-            else:
-                self.rates[i].dim_len = len(value)
-                self.rates[i].dim_value = _dup(value)
+            self.rates[i].mask = spec.rate_mask(tuple(key))
+            for k in range(m.n_dims):
+                if key[k] is not None:
+                    value = bytes(key[k])
+                    self.rates[i].value[k] = _dup(value)
+                    self.rates[i].value_len[k] = len(value)
+                    vh[k] = _hash(self.rates[i].value[k], len(value))
+            self.rates[i].hash = _rate_hash(meter, self.rates[i].mask, vh, m.n_dims)
+            if _Tables._rate_at(self, <int32_t>meter, self.rates[i].mask, <const char **>self.rates[i].value,
+                                self.rates[i].value_len, self.rates[i].hash) >= 0:
+                continue  # a second rate with the same key: the first holds
+            m.masks |= 1u << self.rates[i].mask
+            if self.rates[i].mask == 0:
+                m.rate_default = i
+            h = self.rates[i].hash & self.rate_mask
+            while self.rate_slots[h] != 0:
+                h = (h + 1) & self.rate_mask
+            self.rate_slots[h] = <int32_t>(i + 1)
         return 0
+
+    cdef int32_t _rate_at(self, int32_t meter, uint32_t mask, const char **value, const int32_t *value_len,
+                          uint64_t h) noexcept nogil:
+        """The rate of a meter with that mask and those values (at the mask's
+        dimensions), or -1."""
+        cdef uint64_t slot = h & self.rate_mask
+        cdef int32_t s, k, n = self.meters[meter].n_dims
+        cdef Rate *r
+        while True:
+            s = self.rate_slots[slot]
+            if s == 0:
+                return -1
+            r = &self.rates[s - 1]
+            if r.hash == h and r.meter == meter and r.mask == mask:
+                for k in range(n):
+                    if (mask >> (n - 1 - k)) & 1 and (r.value_len[k] != value_len[k]
+                                                      or memcmp(r.value[k], value[k], value_len[k]) != 0):
+                        break
+                else:
+                    return s - 1
+            slot = (slot + 1) & self.rate_mask
 
     def close(self):
         """Refuse further use; memory is freed with the object."""

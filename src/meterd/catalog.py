@@ -21,7 +21,7 @@ from typing import Any
 
 from meterd.config import _FIELDS as SETTINGS_FIELDS
 from meterd.config import CATALOG_TABLES, read_toml
-from meterd.corespec import DENOMINATOR_MAX, NAME_BYTES_MAX
+from meterd.corespec import DENOMINATOR_MAX, NAME_BYTES_MAX, PRICE_DIMENSIONS_MAX, rate_mask
 from meterd.errors import ConfigError, invariant
 from meterd.plans import Plan, parse_plans
 
@@ -31,6 +31,7 @@ AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,%d}$" % (NAME_BYTES_MAX - 1))  # the cores' limit on names
 ID_RE = re.compile(r"^[!-~]{1,128}$")
 DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
+WILDCARD = "*"  # in a price table: any value of the dimension, or none
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,22 @@ class Meter:
     credit_type: int
     precision: int               # decimals allowed in quantities
     aggregation: int             # AGGREGATIONS index: how usage adds up in a period
-    price_dimension: str         # "" when the meter has one price
-    prices: dict[str | None, Fraction]  # nano-credits per smallest unit; None = default
+    price_dimensions: tuple[str, ...]  # the dimensions that select the price; () when it has one price
+    # nano-credits per smallest unit, by a value per price dimension (None: any value, or none)
+    prices: dict[tuple[str | None, ...], Fraction]
     unique_dimension: str = ""   # unique_count: the dimension whose distinct values are counted
+    # per price dimension: the value an event without it is priced as (None: it is not)
+    dimension_defaults: tuple[str | None, ...] = ()
+    per: int = 1                 # the units the catalog's prices are written per
+
+    @property
+    def defaults(self) -> tuple[str | None, ...]:
+        return self.dimension_defaults or (None,) * len(self.price_dimensions)
+
+    @property
+    def default_key(self) -> tuple[None, ...]:
+        """The key of the price for any value of every price dimension."""
+        return (None,) * len(self.price_dimensions)
 
 
 @dataclass(frozen=True)
@@ -68,9 +82,11 @@ class CompiledCatalog:
     the log was written under; two are the same catalog when they are equal."""
 
     denominators: tuple[int, ...]
-    meters: tuple[tuple[bytes, int, int, bytes, int, bytes], ...]  # name, credit type, precision, price
-    # dimension, aggregation, unique dimension
-    rates: tuple[tuple[int, bytes | None, int, int], ...]  # meter, dimension value, numerator, multiplier
+    # name, credit type, precision, price dimensions, aggregation, unique dimension, and per price
+    # dimension the value an event without it is priced as (None: none)
+    meters: tuple[tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...]], ...]
+    # meter, a value (None: any) per price dimension, numerator, multiplier
+    rates: tuple[tuple[int, tuple[bytes | None, ...], int, int], ...]
     plans: tuple[tuple[tuple[int, int], ...], ...]         # per plan and credit type: fallback mode, step
     modes: tuple[bytes, ...]
     free: tuple[tuple[int, ...], ...]                      # per plan and meter: free units a period
@@ -89,8 +105,9 @@ class CompiledCatalog:
         """The stored form (the layout older data directories have too)."""
         return json.dumps({
             "denominators": list(self.denominators),
-            "meters": [[m[0].decode(), m[1], m[2], m[3].decode(), m[4], m[5].decode()] for m in self.meters],
-            "rates": [[r[0], None if r[1] is None else r[1].decode(), r[2], r[3]] for r in self.rates],
+            "meters": [[m[0].decode(), m[1], m[2], [d.decode() for d in m[3]], m[4], m[5].decode(),
+                        [None if v is None else v.decode() for v in m[6]]] for m in self.meters],
+            "rates": [[r[0], [None if v is None else v.decode() for v in r[1]], r[2], r[3]] for r in self.rates],
             "plans": [[list(c) for c in row] for row in self.plans], "modes": [m.decode() for m in self.modes],
             "plan_names": list(self.plan_names), "free": [list(row) for row in self.free],
             "credit_types": list(self.credit_types), "meter_names": list(self.meter_names),
@@ -105,7 +122,8 @@ class CompiledCatalog:
                   "precision per meter")
         invariant(all(0 <= m[1] < credit_types for m in self.meters), "compiled catalog: meters priced in a "
                   "credit type it has")
-        invariant(all(0 <= r[0] < meters for r in self.rates), "compiled catalog: rates of meters it has")
+        invariant(all(0 <= r[0] < meters and len(r[1]) == len(self.meters[r[0]][3]) for r in self.rates),
+                  "compiled catalog: rates of meters it has, a value (or any) per price dimension")
         invariant(len(self.plans) == len(self.free) == len(self.plan_names), "compiled catalog: one row per plan")
         invariant(all(len(row) == credit_types for row in self.plans), "compiled catalog: a plan row per credit "
                   "type")
@@ -122,13 +140,24 @@ class CompiledCatalog:
     @classmethod
     def from_json(cls, data: bytes) -> CompiledCatalog:
         doc = json.loads(data)
-        return cls(tuple(doc["denominators"]),
-                   tuple((m[0].encode(), m[1], m[2], m[3].encode(), m[4], m[5].encode()) for m in doc["meters"]),
-                   tuple((r[0], None if r[1] is None else r[1].encode(), r[2], r[3]) for r in doc["rates"]),
+        # Data directories from before price tables hold one price dimension per meter
+        # ("" for none), no dimension defaults, and one value per rate (null for the default).
+        meters = tuple((m[0].encode(), m[1], m[2], tuple(d.encode() for d in _listed(m[3])), m[4], m[5].encode(),
+                        tuple(None if v is None else v.encode() for v in (m[6] if len(m) > 6
+                                                                          else [None] * len(_listed(m[3])))))
+                       for m in doc["meters"])
+        rates = tuple((r[0], tuple(None if v is None else v.encode()
+                                   for v in (r[1] if isinstance(r[1], list) else [r[1]] * len(meters[r[0]][3]))),
+                       r[2], r[3]) for r in doc["rates"])
+        return cls(tuple(doc["denominators"]), meters, rates,
                    tuple(tuple(tuple(c) for c in row) for row in doc["plans"]),
                    tuple(m.encode() for m in doc["modes"]), tuple(tuple(row) for row in doc["free"]),
                    tuple(doc["credit_types"]), tuple(doc["meter_names"]), tuple(doc["precisions"]),
                    tuple(doc["plan_names"]))
+
+
+def _listed(dims: str | list[str]) -> list[str]:
+    return dims if isinstance(dims, list) else [dims] if dims else []
 
 
 @dataclass
@@ -192,14 +221,15 @@ class Catalog:
         meters = []
         rates = []
         for mi, m in enumerate(self.meters):
-            meters.append((m.name.encode(), m.credit_type, m.precision, m.price_dimension.encode(), m.aggregation,
-                           m.unique_dimension.encode()))
-            for value, price in m.prices.items():
+            meters.append((m.name.encode(), m.credit_type, m.precision, tuple(d.encode() for d in m.price_dimensions),
+                           m.aggregation, m.unique_dimension.encode(),
+                           tuple(None if v is None else v.encode() for v in m.defaults)))
+            for key, price in m.prices.items():
                 if price.numerator > INT64_MAX:
-                    key = "price" if value is None else f"prices.{value}"
-                    raise ConfigError(f"{self.source}: meters.{m.name}.{key}: too large for 64-bit nano-units")
+                    where = "price" if key == m.default_key else "prices." + ".".join(v or WILDCARD for v in key)
+                    raise ConfigError(f"{self.source}: meters.{m.name}.{where}: too large for 64-bit nano-units")
                 d = denominators[m.credit_type]
-                rates.append((mi, None if value is None else value.encode(), price.numerator,
+                rates.append((mi, tuple(None if v is None else v.encode() for v in key), price.numerator,
                               d // price.denominator))
         return denominators, meters, rates
 
@@ -222,10 +252,20 @@ class Catalog:
         for m in self.meters:
             priced_in = self.credit_types[m.credit_type].name
             agg = AGGREGATIONS[m.aggregation]
-            by = f" by {m.price_dimension}" if m.price_dimension else ""
-            prices = ", ".join(f"{'default' if k is None else k} {_per_unit(p, m.precision)}"
-                               for k, p in m.prices.items())
-            lines.append(f"  meter {m.name}: {agg}, {m.precision} decimals, priced in {priced_in}{by}: {prices}")
+            head = f"  meter {m.name}: {agg}, {m.precision} decimals, priced in {priced_in}"
+            per = f" per {m.per}" if m.per > 1 else ""
+            if len(m.price_dimensions) <= 1:
+                by = f" by {m.price_dimensions[0]}" if m.price_dimensions else ""
+                prices = ", ".join(f"{'default' if not k or k[0] is None else k[0]} "
+                                   f"{_per_unit(price * m.per, m.precision)}" for k, price in m.prices.items())
+                lines.append(f"{head}{by}{per}: {prices}{_defaulted(m)}")
+                continue
+            lines.append(f"{head}{per} by {' × '.join(m.price_dimensions)}{_defaulted(m)}; the first row that "
+                         f"matches holds (a value before *, {m.price_dimensions[0]} first):")
+            for k, price in sorted(m.prices.items(), key=lambda row: -rate_mask(_shape(row[0]))):
+                cells = ", ".join(f"{d}={WILDCARD if v is None else v}"
+                                  for d, v in zip(m.price_dimensions, k, strict=True))
+                lines.append(f"    {cells}: {_per_unit(price * m.per, m.precision)}")
         for plan in self.plans:
             fees = ", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
                              for ct, v in plan.fees_nano.items()) or "none"
@@ -277,6 +317,17 @@ class Catalog:
             return str(base_units)
         whole, frac = divmod(base_units, 10**p)
         return f"{whole}.{frac:0{p}d}"
+
+
+def _shape(key: tuple[str | None, ...]) -> tuple[bytes | None, ...]:
+    """Which of a row's dimensions have a value (for corespec.rate_mask)."""
+    return tuple(None if v is None else b"" for v in key)
+
+
+def _defaulted(m: Meter) -> str:
+    """What an event without a price dimension is priced as, in words."""
+    said = [f"{d}={v}" for d, v in zip(m.price_dimensions, m.defaults, strict=True) if v is not None]
+    return f" (an event without it priced as {', '.join(said)})" if said else ""
 
 
 def format_nano(v: int) -> str:
@@ -378,8 +429,8 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
         raise _err(source, where, "names are lower-case letters, digits, _ . : - (at most 64)")
     if not isinstance(spec, dict):
         raise _err(source, where, "must be a table")
-    _check_keys(spec, {"credit_type", "precision", "price_dimension", "per", "price", "prices", "aggregation",
-                       "unique_dimension"}, source, where)
+    _check_keys(spec, {"credit_type", "precision", "price_dimension", "price_dimensions", "per", "price", "prices",
+                       "aggregation", "unique_dimension", "dimension_defaults"}, source, where)
     agg = spec.get("aggregation", "sum")
     unique = spec.get("unique_dimension", "")
     if (agg == "unique_count") != bool(unique) or not isinstance(unique, str) or len(unique) > 64:
@@ -396,27 +447,81 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     per = spec.get("per", 1)
     if not isinstance(per, int) or isinstance(per, bool) or not 1 <= per <= 10**12:
         raise _err(source, f"{where}.per", "must be an integer from 1 to 10^12")
-    dim = spec.get("price_dimension", "")
-    if not isinstance(dim, str) or (dim and not re.fullmatch(r"[!-~]{1,64}", dim)):
-        raise _err(source, f"{where}.price_dimension", "must be a dimension key of 1 to 64 printable characters")
+    dims = _price_dimensions(spec, source, where)
     scale = NANO / Fraction(per * 10**precision)
-    prices: dict[str | None, Fraction] = {}
+    prices: dict[tuple[str | None, ...], Fraction] = {}
     if "price" in spec:
-        prices[None] = parse_amount(spec["price"], source, f"{where}.price") * scale
+        prices[(None,) * len(dims)] = parse_amount(spec["price"], source, f"{where}.price") * scale
     by_value = spec.get("prices", {})
     if not isinstance(by_value, dict):
         raise _err(source, f"{where}.prices", "must be a table of dimension value = price")
-    if by_value and not dim:
+    if by_value and not dims:
         raise _err(source, f"{where}.prices", "needs price_dimension to say which dimension selects the price")
-    for value, price in by_value.items():
-        if not DIM_VALUE_RE.match(value):
-            raise _err(source, f"{where}.prices.{value}", "dimension values are 1 to 128 printable characters")
-        prices[value] = parse_amount(price, source, f"{where}.prices.{value}") * scale
+    for key, price, at in _price_rows(by_value, dims, source, f"{where}.prices"):
+        if key in prices:
+            raise _err(source, at, "gives the same price twice (with price, or with \"*\" for the same "
+                       "dimensions)")
+        prices[key] = parse_amount(price, source, at) * scale
     if not prices:
         raise _err(source, where, "needs a price, or prices by dimension value")
     if agg == "count" and precision:
         raise _err(source, f"{where}.precision", "a count meter counts whole events: precision must be 0")
-    return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dim, prices, unique)
+    defaults = spec.get("dimension_defaults", {})
+    if not isinstance(defaults, dict):
+        raise _err(source, f"{where}.dimension_defaults", "must be a table of price dimension = value")
+    for d, v in defaults.items():
+        if d not in dims:
+            raise _err(source, f"{where}.dimension_defaults.{d}", f"is not a price dimension of the meter "
+                       f"({', '.join(dims) or 'it has none'})")
+        if not isinstance(v, str) or v == WILDCARD or not DIM_VALUE_RE.match(v):
+            raise _err(source, f"{where}.dimension_defaults.{d}", "must be a dimension value of 1 to 128 "
+                       "printable characters (not *)")
+    return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dims, prices, unique,
+                 tuple(defaults.get(d) for d in dims), per)
+
+
+def _price_dimensions(spec: dict, source: str, where: str) -> tuple[str, ...]:
+    """The dimensions that select a meter's price: ``price_dimension`` (one) or
+    ``price_dimensions`` (a list, the first weighing most when rates compete)."""
+    if "price_dimension" in spec and "price_dimensions" in spec:
+        raise _err(source, f"{where}.price_dimensions", "give price_dimension or price_dimensions, not both")
+    if "price_dimensions" in spec:
+        key, dims = "price_dimensions", spec["price_dimensions"]
+        if not isinstance(dims, list) or not dims:
+            raise _err(source, f"{where}.{key}", "must be a list of dimension keys, such as [\"model\", \"tier\"]")
+    else:
+        key, one = "price_dimension", spec.get("price_dimension", "")
+        dims = [one] if one else []
+    if len(dims) > PRICE_DIMENSIONS_MAX:
+        raise _err(source, f"{where}.{key}", f"at most {PRICE_DIMENSIONS_MAX} price dimensions")
+    for d in dims:
+        if not isinstance(d, str) or not re.fullmatch(r"[!-~]{1,64}", d):
+            raise _err(source, f"{where}.{key}", f"{d!r} is not a dimension key of 1 to 64 printable characters")
+    if len(set(dims)) != len(dims):
+        raise _err(source, f"{where}.{key}", "names a dimension twice")
+    return tuple(dims)
+
+
+def _price_rows(table: dict, dims: tuple[str, ...], source: str, where: str,
+                head: tuple[str | None, ...] = ()) -> list[tuple[tuple[str | None, ...], Any, str]]:
+    """A price table's rows (key, price, where it is written): a table per price
+    dimension in order, its keys that dimension's values, "*" for any value (or
+    none). A price written before the last dimension holds for any value of the
+    rest."""
+    rows: list[tuple[tuple[str | None, ...], Any, str]] = []
+    depth = len(head)
+    for value, entry in table.items():
+        at = f"{where}.{value}"
+        if value != WILDCARD and not DIM_VALUE_RE.match(value):
+            raise _err(source, at, "dimension values are 1 to 128 printable characters")
+        key = head + (None if value == WILDCARD else value,)
+        if isinstance(entry, dict):
+            if depth + 1 == len(dims):
+                raise _err(source, at, f"must be a price: the table is keyed by {', '.join(dims)}")
+            rows += _price_rows(entry, dims, source, at, key)
+        else:
+            rows.append((key + (None,) * (len(dims) - len(key)), entry, at))
+    return rows
 
 
 def _customers(doc: dict, credit_index: dict[str, int], plan_names: set[str], source: str) -> list[CustomerSeed]:
@@ -497,7 +602,7 @@ def parse_catalog(doc: dict, source: str) -> Catalog:
             if (units * 10**m.precision).denominator != 1:
                 raise _err(source, f"plans.{plan.name}.free.{meter_name}", f"has more than {m.precision} decimals")
     for m in meters:
-        if m.aggregation >= 2 and None not in m.prices:
+        if m.aggregation >= 2 and m.default_key not in m.prices:
             raise _err(source, f"meters.{m.name}.price", "a max, latest or unique_count meter is charged on its "
                        "period's value and needs a default price")
     catalog.compile()  # raises on a denominator that is too large

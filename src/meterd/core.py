@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 
 from meterd import _fastpath_py
 from meterd.corespec import (
@@ -25,6 +25,8 @@ from meterd.corespec import (
     REASON_OVERFLOW,
     REASON_UNKNOWN_CUSTOMER,
     CreditState,
+    MeterRow,
+    RateRow,
     UsageAggregate,
 )
 
@@ -53,7 +55,7 @@ class CoreAPI(Protocol):
     def credit(self, idx: int, ct: int, amount: int) -> int: ...
     def set_floor(self, idx: int, ct: int, floor_nano: int) -> None: ...
     def available(self, idx: int, ct: int) -> int: ...
-    def find_rate(self, meter: int, value: bytes | None) -> int: ...
+    def find_rate(self, meter: int, dims: Mapping[bytes, bytes]) -> int: ...
     def quote(self, rate: int, quantity: int) -> tuple[int, int]: ...
     def reserve(self, idx: int, ct: int, amount: int) -> bool: ...
     def release(self, idx: int, ct: int, amount: int) -> None: ...
@@ -82,8 +84,8 @@ class CoreAPI(Protocol):
 class CoreClass(Protocol):
     """What builds a core: either core's class (its constructor's signature)."""
 
-    def __call__(self, denominators: list[int], meters: list[tuple[bytes, int, int, bytes, int, bytes]],
-                 rates: list[tuple[int, bytes | None, int, int]], limits: dict[str, int], capacity: int = 1024,
+    def __call__(self, denominators: list[int], meters: list[MeterRow],
+                 rates: list[RateRow], limits: dict[str, int], capacity: int = 1024,
                  plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
                  free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> CoreAPI: ...
 

@@ -52,6 +52,8 @@ DIMENSION_VALUE_BYTES_LIMIT = 65536
 DENOMINATOR_MAX = 10**15
 # Decimals of a meter's quantities.
 PRECISION_MAX = 9
+# The dimensions a meter's price table is keyed by.
+PRICE_DIMENSIONS_MAX = 4
 # Plans, "no plan" included: an account's plan is 16 bits.
 PLANS_MAX = 65535
 # Low-balance alerts kept between two take_alerts; past it, take_alerts scans.
@@ -134,6 +136,8 @@ MSG_DENOMINATOR = "denominator out of range"
 MSG_METER_RANGE = "meter %d: credit type, precision or aggregation out of range"  # meter
 MSG_METER_UNIQUE = "meter %d: a unique_count meter, and only one, names its dimension"  # meter
 MSG_RATE_RANGE = "rate %d out of range"  # rate
+MSG_METER_DIMS = "meter %d: at most %d distinct price dimensions"  # meter, PRICE_DIMENSIONS_MAX
+MSG_RATE_KEY = "rate %d: one value (or None, any value) per price dimension of its meter"  # rate
 MSG_RATES_GROUPED = "rates must be grouped by meter"
 
 
@@ -154,6 +158,25 @@ def no_price_message(meter: bytes, key: bytes, value: bytes | None) -> str:
     if value is None:
         return "meter %r needs the %r dimension: it has no default price" % (name, dim)
     return "meter %r has no price for %s=%r and no default" % (name, dim, _quote(value))
+
+
+def no_price_position(keys: list[tuple[bytes | None, ...]], values: tuple[bytes | None, ...]) -> int:
+    """Which price dimension an event without a price is refused for: the first
+    whose value (or absence) no rate matches, together with the dimensions
+    before it. A rate's None matches any value and none. The compiled core has
+    the same rule in C (``_no_price_pos`` in _fastpath_accounts.pxi)."""
+    for i in range(len(values)):
+        if not any(all(k[j] is None or k[j] == values[j] for j in range(i + 1)) for k in keys):
+            return i
+    return max(len(values) - 1, 0)
+
+
+def rate_mask(key: tuple[bytes | None, ...]) -> int:
+    """Which price dimensions a rate names a value of: bit n-1-i for dimension i, so
+    that the most specific rate, the first dimension weighing most, has the largest
+    mask (a price table tries its masks from the largest down)."""
+    n = len(key)
+    return sum(1 << (n - 1 - i) for i, v in enumerate(key) if v is not None)
 
 
 def no_unique_message(key: bytes) -> str:
@@ -197,6 +220,12 @@ def unique_order(entry: tuple[int, bytes | int]) -> tuple[int, int, int, bytes]:
 
 
 # ---- shapes ------------------------------------------------------------------
+
+# A meter as the cores take it: name, credit type, precision, price dimensions, aggregation,
+# unique dimension, and per price dimension the value an event without it is priced as (or None).
+MeterRow = tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...]]
+# A rate: its meter, a value per price dimension (None: any), amount_nano and factor.
+RateRow = tuple[int, tuple[bytes | None, ...], int, int]
 
 # Per credit type: (balance, reserved, floor, remainder, degraded, alert threshold or INT64_MIN).
 CreditState = tuple[int, int, int, int, int, int]

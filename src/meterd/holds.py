@@ -17,6 +17,7 @@ import heapq
 import json
 from typing import Any
 
+from meterd import validate
 from meterd.answers import AnswerStore
 from meterd.config import Settings
 from meterd.errors import LimitReached
@@ -59,15 +60,12 @@ class Holds:
         catalog = self.live.catalog
         ct = catalog.credit_index.get(doc["credit_type"])
         meter = catalog.meter_index.get(doc["meter"])
-        rate = -1
-        if meter is not None:
-            value = doc["dim_value"]
-            rate = self.live.core.find_rate(meter, None if value is None else value.encode())
+        dims = None if doc.get("dims") is None else bytes.fromhex(doc["dims"])
+        rate = -1 if meter is None else validate.held_rate(self.live, meter, dims, doc["dim_value"])
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
                                              -1 if meter is None else meter, doc["dim_value"], rate,
                                              doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""),
-                                             doc.get("spared_nano", 0),
-                                             None if doc.get("dims") is None else bytes.fromhex(doc["dims"]))
+                                             doc.get("spared_nano", 0), dims)
 
     def rename(self, old: Any, new: Any) -> None:
         """A catalog reload: holds move to the new catalog's numbers (``check_reload`` made sure they exist)."""

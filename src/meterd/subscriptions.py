@@ -452,7 +452,7 @@ class Subscriptions:
         for m, meter in enumerate(self.live.catalog.meters):
             if meter.aggregation < 2 or not use[m]:
                 continue
-            rate = self.live.core.find_rate(m, None)
+            rate = self.live.core.find_rate(m, {})
             cost = self.live.core.force_charge(idx, rate, use[m])
             record = records.force_charge(customer_id.encode(), rate, use[m], self.clock.now_ms())
             ops.append(self.journal.log_op(record))

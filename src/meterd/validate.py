@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from meterd import _fastpath_py
 from meterd.config import Settings
-from meterd.corespec import no_price_message
+from meterd.corespec import no_price_message, no_price_position
 from meterd.errors import Forbidden, InvalidInput
 from meterd.results import Quantity
 from meterd.security import Tenant
@@ -47,7 +47,8 @@ def customer(settings: Settings, customer_id: str) -> bytes:
 
 
 def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[str, str]) -> tuple[int, str | None, int]:
-    """The meter, its price dimension's value and the rate of a held amount."""
+    """The meter, its price dimension's value (when it has one: older versions read it
+    back) and the rate of a held amount."""
     catalog = live.catalog
     meter = catalog.meter_index.get(meter_name)
     if meter is None:
@@ -58,15 +59,28 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
         if not k or len(k.encode()) > settings.dimension_key_bytes_max \
                 or len(v.encode()) > settings.dimension_value_bytes_max:
             raise InvalidInput("dimensions", "too long" if k else "must not be empty")
-    key = catalog.meters[meter].price_dimension
     if catalog.meters[meter].aggregation > 1:
         raise InvalidInput("meter", "a max, latest or unique_count meter is charged at period end; report it")
-    value = dimensions.get(key) if key else None
-    found = live.core.find_rate(meter, None if value is None else value.encode())
+    given = {k.encode(): v.encode() for k, v in dimensions.items()}
+    found = live.core.find_rate(meter, given)
+    keys = catalog.meters[meter].price_dimensions
     if found < 0:
+        values = tuple(given.get(k.encode(), None if d is None else d.encode())
+                       for k, d in zip(keys, catalog.meters[meter].defaults, strict=True))
+        at = no_price_position([tuple(None if v is None else v.encode() for v in key)
+                                for key in catalog.meters[meter].prices], values)
         raise InvalidInput("dimensions", no_price_message(
-            meter_name.encode(), key.encode(), None if value is None else value.encode()))
-    return meter, value, found
+            meter_name.encode(), keys[at].encode() if keys else b"", values[at] if keys else None))
+    return meter, dimensions.get(keys[0]) if len(keys) == 1 else None, found
+
+
+def held_rate(live: Live, meter: int, dims: bytes | None, value: str | None) -> int:
+    """The rate of a reservation or session from its dimension set; one written by
+    an older version without a set held only its price dimension's value."""
+    keys = live.catalog.meters[meter].price_dimensions
+    if dims is None and value is not None and len(keys) == 1:
+        return live.core.find_rate(meter, {keys[0].encode(): value.encode()})
+    return live.core.find_rate(meter, {} if dims is None else _fastpath_py.set_items(dims))
 
 
 def quantity(live: Live, meter: int, q: Quantity, field_prefix: str = "") -> int:

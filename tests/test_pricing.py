@@ -1,0 +1,303 @@
+"""Prices as companies publish them (issue: price sheets in the catalog): each
+scenario's amounts are computed by hand with Fraction, on both cores."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from billing import NANO, Billing
+from conftest import compiled_core_unavailable
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meterd import _fastpath_py
+from meterd.catalog import CompiledCatalog, load_catalog, parse_catalog
+from meterd.corespec import rate_mask
+from meterd.errors import ConfigError, InvalidInput
+from meterd.v1 import meter_pb2 as pb
+
+NO_COMPILED = compiled_core_unavailable()
+CORES = {"python": _fastpath_py.Core}
+if NO_COMPILED is None:
+    CORES["compiled"] = importlib.import_module("meterd._fastpath").Core
+LIMITS = dict(customer_id_bytes_max=128, client_id_bytes_max=128, batch_events_max=8000, dimensions_max=16,
+              dimension_key_bytes_max=64, dimension_value_bytes_max=128, dimension_sets_per_window_max=1000)
+
+# GPU seconds by hardware and region: a value before a wildcard, the first dimension weighing most.
+GPU = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.gpu_seconds]
+credit_type = "usd"
+precision = 3
+price_dimensions = ["hardware", "region"]
+price = "0.0001"                        # any hardware, any region
+
+[meters.gpu_seconds.prices]
+h100 = { "*" = "0.001525", "eu-west" = "0.0017" }
+"*" = { "eu-west" = "0.0005" }
+
+[meters.no_region_row]                  # (h100, *) and (*, eu-west) both match h100 in eu-west
+credit_type = "usd"
+price_dimensions = ["hardware", "region"]
+prices = { h100 = "3", "*" = { eu-west = "2" } }
+
+[customers.acme]
+balances = { usd = "100" }
+"""
+
+
+@pytest.fixture(params=["compiled", "python"])
+def make(request, tmp_path, monkeypatch):
+    if request.param == "compiled" and NO_COMPILED is not None:
+        pytest.skip(NO_COMPILED)
+    made = []
+
+    def build(catalog: str) -> Billing:
+        if "\n" in catalog:
+            path = tmp_path / f"catalog{len(made)}.toml"
+            path.write_text(catalog)
+            catalog = str(path)
+        b = Billing(tmp_path / str(len(made)), catalog, monkeypatch, core=request.param)
+        made.append(b)
+        return b
+
+    yield build
+    for b in made:
+        b.close()
+
+
+def nano(price: str, per: int, quantity: Fraction) -> Fraction:
+    """The exact cost in nano-units of ``quantity`` meter units at ``price`` per ``per`` units."""
+    return Fraction(price) / per * quantity * NANO
+
+
+def test_a_price_table_by_hardware_and_region_picks_the_most_specific_row(make):
+    b = make(GPU)
+    cases = [  # (dimensions, the row that holds, its price per second)
+        ({"hardware": "h100", "region": "eu-west"}, "0.0017"),
+        ({"hardware": "h100", "region": "us-east"}, "0.001525"),
+        ({"hardware": "h100"}, "0.001525"),  # no region: a wildcard matches it
+        ({"hardware": "t4", "region": "eu-west"}, "0.0005"),
+        ({"region": "eu-west"}, "0.0005"),
+        ({"hardware": "t4", "region": "us-east"}, "0.0001"),
+        ({}, "0.0001"),
+    ]
+    carried = Fraction(0)
+    for dims, price in cases:
+        exact = nano(price, 1, Fraction("1.234")) + carried
+        r = b.report("acme", "gpu_seconds", "1.234", **dims)
+        assert r.decision == pb.DECISION_ALLOW
+        assert r.cost_nano == int(exact), dims  # whole nanos; what is below one is carried to the next
+        carried = exact - int(exact)
+    # (h100, *) holds over (*, eu-west) for h100 in eu-west: the hardware is the first dimension
+    assert b.report("acme", "no_region_row", 1, hardware="h100", region="eu-west").cost_nano == 3 * NANO
+    assert b.report("acme", "no_region_row", 1, hardware="t4", region="eu-west").cost_nano == 2 * NANO
+    b.check_conservation("acme")
+
+
+def test_openai_service_tiers_are_priced_per_model_and_refused_when_unpriced(make):
+    b = make("openai")
+    # batch is half the standard price; a request without a tier is priced as "default"
+    cost = b.report("acme", "input_tokens", 400_000, model="gpt-4o", service_tier="batch").cost_nano
+    assert cost == nano("1.25", 10**6, Fraction(400_000))
+    assert b.report("acme", "input_tokens", 400_000, model="gpt-4o").cost_nano == nano("2.50", 10**6, 400_000)
+    assert b.report("acme", "output_tokens", 3, model="o4-mini", service_tier="flex").cost_nano == \
+        int(nano("2.20", 10**6, Fraction(3)))
+    before = b.bal("acme", "usd")
+    for dims, message in [
+        ({"model": "gpt-4o", "service_tier": "priority"},
+         "meter 'input_tokens' has no price for service_tier='priority' and no default"),
+        ({"model": "gpt-5", "service_tier": "batch"},
+         "meter 'input_tokens' has no price for model='gpt-5' and no default"),
+        ({"model": "gpt-4o", "service_tier": "flex"},  # flex is priced for o4-mini only
+         "meter 'input_tokens' has no price for service_tier='flex' and no default"),
+        ({"service_tier": "batch"}, "meter 'input_tokens' needs the 'model' dimension: it has no default price"),
+    ]:
+        with pytest.raises(InvalidInput) as e:
+            b.report("acme", "input_tokens", 1000, **dims)
+        assert str(e.value) == "event.dimensions: " + message, dims
+        with pytest.raises(InvalidInput) as e:
+            b.authorize("acme", "input_tokens", 1000, **dims)
+        assert str(e.value) == "dimensions: " + message, dims
+    assert b.bal("acme", "usd") == before  # nothing refused was applied
+
+
+def test_a_batch_is_rated_row_by_row_and_refused_whole_for_one_unpriced_event(make):
+    b = make("openai")
+    events = [pb.UsageEvent(customer_id="acme", meter="output_tokens", quantity=1000,
+                            dimensions={"model": m, "service_tier": t})
+              for m, t in [("gpt-4.1", "batch"), ("gpt-4.1", "default"), ("gpt-4.1-mini", "batch")]]
+    r = b.batch(events)
+    assert r.accepted == 3
+    assert b.bal("acme", "usd") == 10 * NANO - nano("4.00", 10**6, 1000) - nano("8.00", 10**6, 1000) \
+        - nano("0.80", 10**6, 1000)
+    before = b.bal("acme", "usd")
+    bad = events + [pb.UsageEvent(customer_id="acme", meter="output_tokens", quantity=1,
+                                  dimensions={"model": "gpt-4.1", "service_tier": "turbo"})]
+    with pytest.raises(InvalidInput) as e:
+        b.batch(bad)
+    assert e.value.field == "events[3].dimensions" and "service_tier='turbo'" in str(e.value)
+    assert b.bal("acme", "usd") == before
+
+
+def test_a_hold_is_priced_by_its_whole_table_and_keeps_its_rate_across_a_restart(make):
+    b = make("openai")
+    a = b.authorize("acme", "output_tokens", 100_000, model="gpt-4o", service_tier="batch")
+    assert a.reserved_nano == nano("5.00", 10**6, 100_000)
+    b.restart()
+    c = b.commit(a.reservation_id, 60_000)
+    assert c.cost_nano == nano("5.00", 10**6, 60_000)
+    assert b.bal("acme", "usd") == 10 * NANO - c.cost_nano
+    s = b.start_session("acme", "input_tokens", model="o4-mini", service_tier="flex")
+    assert s.decision == pb.DECISION_ALLOW
+
+
+def test_check_config_shows_the_table_in_the_order_rows_are_tried(tmp_path):
+    path = tmp_path / "gpu.toml"
+    path.write_text(GPU)
+    text = load_catalog(str(path)).describe()
+    rows = text.split("meter gpu_seconds:")[1].split("meter no_region_row")[0].splitlines()
+    assert rows[0].endswith("by hardware × region; the first row that matches holds (a value before *, "
+                            "hardware first):")
+    assert [r.strip() for r in rows[1:] if r.strip()] == [
+        "hardware=h100, region=eu-west: 0.0017", "hardware=h100, region=*: 0.001525",
+        "hardware=*, region=eu-west: 0.0005", "hardware=*, region=*: 0.0001"]
+    openai = Path(__file__).parent.parent / "examples" / "openai.toml"
+    assert "priced as service_tier=default" in load_catalog(str(openai)).describe()
+
+
+@pytest.mark.parametrize("meter, message", [
+    ({"price_dimensions": ["model", "tier"], "prices": {"a": {"b": {"c": "1"}}}},
+     "meters.m.prices.a.b: must be a price: the table is keyed by model, tier"),
+    ({"price_dimensions": ["model", "tier"], "price": "1", "prices": {"*": "2"}},
+     "meters.m.prices.*: gives the same price twice"),
+    ({"price_dimensions": ["model", "model"], "price": "1"}, "meters.m.price_dimensions: names a dimension twice"),
+    ({"price_dimensions": ["a", "b", "c", "d", "e"], "price": "1"},
+     "meters.m.price_dimensions: at most 4 price dimensions"),
+    ({"price_dimension": "a", "price_dimensions": ["a"], "price": "1"},
+     "meters.m.price_dimensions: give price_dimension or price_dimensions, not both"),
+    ({"price_dimensions": "model", "price": "1"}, "meters.m.price_dimensions: must be a list of dimension keys"),
+    ({"price_dimension": "model", "price": "1", "dimension_defaults": {"tier": "x"}},
+     "meters.m.dimension_defaults.tier: is not a price dimension of the meter (model)"),
+    ({"price_dimension": "model", "price": "1", "dimension_defaults": {"model": "*"}},
+     "meters.m.dimension_defaults.model: must be a dimension value"),
+    ({"price_dimensions": ["model", "tier"], "prices": {"a": {"b c": "1"}}},
+     "meters.m.prices.a.b c: dimension values are 1 to 128 printable characters"),
+])
+def test_a_price_table_that_cannot_be_read_is_refused_naming_the_key(meter, message):
+    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
+    with pytest.raises(ConfigError) as e:
+        parse_catalog(doc, "c.toml")
+    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+
+
+def test_a_snapshot_from_before_price_tables_reads_as_the_same_catalog():
+    compiled = load_catalog(None).compiled
+    doc = json.loads(compiled.json)
+    for m in doc["meters"]:  # the layout older data directories have
+        assert len(m[3]) <= 1 and m[6] == [None] * len(m[3])
+        m[3] = m[3][0] if m[3] else ""
+        del m[6]
+    for r in doc["rates"]:
+        r[1] = r[1][0] if r[1] else None
+    assert CompiledCatalog.from_json(json.dumps(doc).encode()) == compiled
+
+
+# ---- both cores and a brute-force reading of the rule ---------------------------------------
+
+VALUES = [b"a", b"b", b"c"]
+
+
+def brute_force(keys: list[tuple[bytes | None, ...]], values: tuple[bytes | None, ...]) -> int:
+    """The rule as the README says it: of the rows that match (a * matches anything), the one whose
+    values come before wildcards earliest, the first dimension weighing most; the first written of
+    two equal rows."""
+    best, best_rank = -1, None
+    for i, key in enumerate(keys):
+        if all(k is None or k == v for k, v in zip(key, values, strict=True)):
+            rank = tuple(k is not None for k in key)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = i, rank
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 4), data=st.data())
+def test_both_cores_pick_the_row_the_rule_says(n, data):
+    cell = st.sampled_from(VALUES + [None])
+    keys = data.draw(st.lists(st.tuples(*[cell] * n), min_size=1, max_size=12))
+    defaults = tuple(data.draw(st.lists(st.sampled_from([None, b"a"]), min_size=n, max_size=n)))
+    dims = tuple(b"d%d" % i for i in range(n))
+    rates = [(0, key, i + 1, 1) for i, key in enumerate(keys)]
+    cores = [core_class([1], [(b"m", 0, 0, dims, 0, b"", defaults)], rates, dict(LIMITS), 16, [], [], [], [b"usd"])
+             for core_class in CORES.values()]
+    for _ in range(8):
+        event = {d: v for d, v in zip(dims, data.draw(st.tuples(*[cell] * n)), strict=True) if v is not None}
+        values = tuple(event.get(d, dflt) for d, dflt in zip(dims, defaults, strict=True))
+        want = brute_force(keys, values)
+        for core in cores:
+            assert core.find_rate(0, event) == want, (keys, event)
+
+
+def test_both_cores_rate_random_events_of_a_table_alike(tmp_path):
+    """Many rows and events: the same rates, costs and refusals from both cores."""
+    if NO_COMPILED is not None:
+        pytest.skip(NO_COMPILED)
+    rng = random.Random(7)
+    models = [f"m{i}" for i in range(40)]
+    tiers = ["std", "batch", "flex", "priority"]
+    prices = {m: {t: f"{rng.randint(1, 900)}/{rng.choice([1, 3, 7])}" for t in rng.sample(tiers, 2)}
+              for m in models}
+    prices["*"] = {"batch": "1/2"}
+    doc = {"credit_types": {"usd": {}}, "meters": {"t": {"credit_type": "usd", "per": 1000,
+                                                         "price_dimensions": ["model", "tier"],
+                                                         "prices": prices}}}
+    compiled = parse_catalog(doc, "t").compiled
+    cores = [core_class(*compiled.core_args()[:3], dict(LIMITS), 16, [], [], [], [b"usd"])
+             for core_class in CORES.values()]
+    for core in cores:
+        core.credit(core.open_account(b"acme"), 0, 10**15)
+    events = [pb.UsageEvent(customer_id="acme", meter="t", quantity=rng.randint(0, 10**6),
+                            dimensions={"model": rng.choice(models + ["zz"]), "tier": rng.choice(tiers)})
+              for _ in range(400)]
+    for i in range(0, len(events), 20):
+        body = pb.ReportBatchRequest(events=events[i:i + 20]).SerializeToString()
+        answers = []
+        for core in cores:
+            try:
+                answers.append(core.apply_batch(body))
+            except InvalidInput as e:
+                answers.append(str(e))
+        assert answers[0] == answers[1]
+    assert cores[0].state(0) == cores[1].state(0)
+    keys = [r[1] for r in compiled.rates]
+    for e in events:
+        values = (e.dimensions["model"].encode(), e.dimensions["tier"].encode())
+        assert cores[0].find_rate(0, dict(zip((b"model", b"tier"), values, strict=True))) == brute_force(keys, values)
+    assert rate_mask((b"x", None)) == 2 and rate_mask((None, b"y")) == 1
+
+
+def test_the_readme_price_table_prices_as_the_readme_says(make, tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("### Price tables")[1].split("```toml\n")[1].split("```")[0]
+    b = make('[credit_types.usd]\nkind = "fiat"\n[customers.acme]\nbalances = { usd = "100" }\n' + table)
+    price = {("gpt-4o", "batch"): "5.00", ("gpt-4.1", "batch"): "6.00", ("o4-mini", "flex"): "2.20",
+             ("gpt-4o", None): "10.00"}
+    for (model, tier), want in price.items():
+        dims = {"model": model} if tier is None else {"model": model, "service_tier": tier}
+        assert b.report("acme", "output_tokens", 10**6, **dims).cost_nano == Fraction(want) * NANO
+    with pytest.raises(InvalidInput, match="has no price for service_tier='priority' and no default"):
+        b.report("acme", "output_tokens", 1, model="gpt-4o", service_tier="priority")
+    assert b.report("acme", "output_tokens", 10**6, service_tier="batch").cost_nano == 6 * NANO  # "*": or none
+
+
+def test_the_examples_still_load(tmp_path):
+    for path in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
+        load_catalog(str(path)).compiled.check()
