@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import random
+import tomllib
 from fractions import Fraction
 from pathlib import Path
 
@@ -202,9 +203,9 @@ def test_a_snapshot_from_before_price_tables_reads_as_the_same_catalog():
     compiled = load_catalog(None).compiled
     doc = json.loads(compiled.json)
     for m in doc["meters"]:  # the layout older data directories have
-        assert len(m[3]) <= 1 and m[6] == [None] * len(m[3])
+        assert len(m[3]) <= 1 and m[6:] == [[None] * len(m[3]), 1, 0]
         m[3] = m[3][0] if m[3] else ""
-        del m[6]
+        del m[6:]
     for r in doc["rates"]:
         r[1] = r[1][0] if r[1] else None
     assert CompiledCatalog.from_json(json.dumps(doc).encode()) == compiled
@@ -236,8 +237,8 @@ def test_both_cores_pick_the_row_the_rule_says(n, data):
     defaults = tuple(data.draw(st.lists(st.sampled_from([None, b"a"]), min_size=n, max_size=n)))
     dims = tuple(b"d%d" % i for i in range(n))
     rates = [(0, key, i + 1, 1) for i, key in enumerate(keys)]
-    cores = [core_class([1], [(b"m", 0, 0, dims, 0, b"", defaults)], rates, dict(LIMITS), 16, [], [], [], [b"usd"])
-             for core_class in CORES.values()]
+    meter = (b"m", 0, 0, dims, 0, b"", defaults, 1, 0)
+    cores = [core_class([1], [meter], rates, dict(LIMITS), 16, [], [], [], [b"usd"]) for core_class in CORES.values()]
     for _ in range(8):
         event = {d: v for d, v in zip(dims, data.draw(st.tuples(*[cell] * n)), strict=True) if v is not None}
         values = tuple(event.get(d, dflt) for d, dflt in zip(dims, defaults, strict=True))
@@ -298,6 +299,190 @@ def test_the_readme_price_table_prices_as_the_readme_says(make, tmp_path):
     assert b.report("acme", "output_tokens", 10**6, service_tier="batch").cost_nano == 6 * NANO  # "*": or none
 
 
+def test_the_readme_increment_example_bills_as_it_says(make):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("### Increments and minimums")[1].split("```toml\n")[1].split("```")[0]
+    b = make('[credit_types.usd]\nkind = "fiat"\n[customers.acme]\nbalances = { usd = "100" }\n' + table)
+    exact = nano("0.0000166667", 1, Fraction("1.3"))  # below the minimum
+    assert exact < NANO // 100
+    assert b.report("acme", "duration", "1.234").cost_nano == NANO // 100
+    assert b.report("acme", "duration", "1000.01").cost_nano == int(nano("0.0000166667", 1, Fraction("1000.1")))
+
+
 def test_the_examples_still_load(tmp_path):
     for path in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
         load_catalog(str(path)).compiled.check()
+
+
+# ---- billing increments and minimums ----------------------------------------------------------
+
+STEPS = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.duration]                       # seconds, to the millisecond, billed in 100 ms steps
+credit_type = "usd"
+precision = 3
+increment = "0.1"
+price = "0.00001"
+
+[meters.characters]                     # billed in blocks of 100 characters, at least $0.01 a request
+credit_type = "usd"
+per = 1000
+increment = "100"
+minimum = "0.01"
+price = "0.30"
+
+[meters.tokens]                         # $2.50 per 1M tokens, at least $0.001 a request
+credit_type = "usd"
+per = 1000000
+minimum = "0.001"
+price_dimension = "model"
+prices = { "gpt-4o" = "2.50" }
+
+[meters.gpu_seconds]                    # a session meter: its time billed in whole seconds, at least $0.05
+credit_type = "usd"
+precision = 3
+increment = "1"
+minimum = "0.05"
+price = "0.001525"
+
+[plans.free_tokens]
+period = "month"
+free = { tokens = "1000" }
+
+[customers.acme]
+balances = { usd = "100" }
+
+[customers.bob]
+plan = "free_tokens"
+balances = { usd = "100" }
+"""
+
+
+def test_quantities_are_rounded_up_to_the_meters_increment(make):
+    b = make(STEPS)
+    r = b.report("acme", "duration", "1.234")  # billed as 1.3 s
+    assert r.cost_nano == nano("0.00001", 1, Fraction("1.3"))
+    assert b.report("acme", "duration", "1.2").cost_nano == nano("0.00001", 1, Fraction("1.2"))  # on a step
+    assert b.report("acme", "duration", 0).cost_nano == 0
+    with pytest.raises(InvalidInput, match=r"meter 'duration' has precision 3: at most 3 decimals"):
+        b.report("acme", "duration", "1.2345")
+    # 250 characters are billed as 300: $0.09, above the $0.01 minimum
+    assert b.report("acme", "characters", 250).cost_nano == nano("0.30", 1000, Fraction(300))
+    # 1 character is billed as 100 ($0.03), still above the minimum
+    assert b.report("acme", "characters", 1).cost_nano == nano("0.30", 1000, Fraction(100))
+    b.flush()
+    lines = {line["description"]: line for line in b.statement("acme", "2026-01")["lines"]
+             if line["section"] == "usage"}
+    assert lines["duration"]["quantity"] == "2.500"  # what was billed: 1.3 + 1.2 + 0
+    assert lines["characters"]["quantity"] == "400"
+    b.check_conservation("acme")
+
+
+def test_an_event_costs_at_least_the_meters_minimum_except_what_is_free(make):
+    b = make(STEPS)
+    # 100 tokens of gpt-4o: $0.00025 exactly, charged the $0.001 minimum
+    assert b.report("acme", "tokens", 100, model="gpt-4o").cost_nano == NANO // 1000
+    # 10,000 tokens: $0.025, above it
+    assert b.report("acme", "tokens", 10_000, model="gpt-4o").cost_nano == nano("2.50", 10**6, 10_000)
+    assert b.report("acme", "tokens", 0, model="gpt-4o").cost_nano == 0  # nothing happened: nothing charged
+    # bob (subscribed by the catalog) has 1,000 free tokens a month: no minimum on a free event, the
+    # minimum on a part-free one
+    assert b.report("bob", "tokens", 900, model="gpt-4o").cost_nano == 0
+    assert b.report("bob", "tokens", 200, model="gpt-4o").cost_nano == NANO // 1000  # 100 charged: $0.00025
+    assert b.report("bob", "tokens", 2000, model="gpt-4o").cost_nano == nano("2.50", 10**6, 2000)
+    b.check_conservation("acme")
+    b.check_conservation("bob")
+    # a batch is rated event by event, each with its minimum
+    before = b.bal("acme", "usd")
+    r = b.batch([pb.UsageEvent(customer_id="acme", meter="tokens", quantity=1, dimensions={"model": "gpt-4o"})] * 3)
+    assert r.accepted == 3
+    assert b.bal("acme", "usd") == before - 3 * NANO // 1000
+
+
+def test_a_hold_reserves_and_a_commit_charges_by_increment_and_minimum(make):
+    b = make(STEPS)
+    a = b.authorize("acme", "characters", 150)  # held as 200 characters: $0.06
+    assert a.reserved_nano == nano("0.30", 1000, Fraction(200))
+    c = b.commit(a.reservation_id, 101)  # 200 characters again
+    assert c.cost_nano == nano("0.30", 1000, Fraction(200))
+    a = b.authorize("acme", "tokens", 10, model="gpt-4o")  # $0.000025: the minimum is held
+    assert a.reserved_nano == NANO // 1000
+    b.restart(clean=False)  # the settlement below is replayed from the log after this kill
+    assert b.commit(a.reservation_id, 10).cost_nano == NANO // 1000
+    a = b.authorize("acme", "tokens", 10, model="gpt-4o")
+    assert b.commit(a.reservation_id, 0).cost_nano == 0  # nothing used: nothing charged
+    before = b.bal("acme", "usd")
+    b.restart(clean=False)
+    assert b.bal("acme", "usd") == before
+    b.check_conservation("acme")
+
+
+def test_a_session_is_billed_in_whole_increments_and_at_least_its_minimum(make):
+    b = make(STEPS)
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000)
+    b.advance(2_500)
+    h = b.heartbeat(s.session_id)  # 2.5 s so far, billed as it runs
+    b.advance(20_000)
+    b.heartbeat(s.session_id)
+    b.advance(16_700)
+    e = b.end_session(s.session_id)  # 39.2 s in all, billed as 40 s: $0.061, above the minimum
+    assert e.billed_quantity == "40.000"
+    assert e.cost_nano == nano("0.001525", 1, Fraction(40))
+    assert h.cost_nano <= e.cost_nano
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000)
+    b.advance(2_300)
+    e = b.end_session(s.session_id)  # 2.3 s, billed as 3 s: $0.004575, raised to the $0.05 minimum
+    assert e.billed_quantity == "3.000"
+    assert e.cost_nano == NANO // 20
+    assert b.bal("acme", "usd") == 100 * NANO - nano("0.001525", 1, Fraction(40)) - NANO // 20
+    b.restart(clean=False)  # the log replays the two sessions' bills to the same balance
+    assert b.bal("acme", "usd") == 100 * NANO - nano("0.001525", 1, Fraction(40)) - NANO // 20
+
+
+@pytest.mark.parametrize("meter, message", [
+    ({"precision": 1, "increment": "0.05", "price": "1"},
+     "meters.m.increment: has more decimals than the meter's precision (1)"),
+    ({"increment": "0", "price": "1"}, "meters.m.increment: must be above zero"),
+    ({"aggregation": "count", "increment": "2", "price": "1"},
+     "meters.m.increment: only a sum meter's quantities are rounded"),
+    ({"aggregation": "max", "minimum": "1", "price": "1"},
+     "meters.m.minimum: a max, latest or unique_count meter is charged on its period's value"),
+    ({"minimum": "0.0000000001", "price": "1"}, "meters.m.minimum: has more than 9 decimals"),
+])
+def test_an_increment_or_minimum_that_cannot_hold_is_refused(meter, message):
+    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
+    with pytest.raises(ConfigError) as e:
+        parse_catalog(doc, "c.toml")
+    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(["duration", "characters", "tokens"]),
+                                 st.integers(0, 5_000_000)), min_size=1, max_size=30))
+def test_increments_and_minimums_conserve_money_exactly_in_both_cores(events):
+    """What the account paid is the whole nanos of the exact sum, event by event: each event's quantity
+    rounded up to its meter's increment, its cost at least its meter's minimum (when not zero)."""
+    catalog = parse_catalog(tomllib.loads(STEPS), "steps")
+    compiled = catalog.compiled
+    cores = [core_class(*compiled.core_args()[:3], dict(LIMITS), 16, [], [], [], [b"usd"])
+             for core_class in CORES.values()]
+    for core in cores:
+        core.credit(core.open_account(b"acme"), 0, 10**15)
+    exact = Fraction(0)
+    for name, units in events:
+        m = catalog.meters[catalog.meter_index[name]]
+        billed = -(-units // m.increment) * m.increment
+        cost = next(iter(m.prices.values())) * billed
+        exact += max(cost, m.minimum_nano) if billed else 0
+        body = pb.ReportBatchRequest(events=[pb.UsageEvent(
+            customer_id="acme", meter=name, quantity_decimal=catalog.format_quantity(catalog.meter_index[name], units),
+            dimensions={"model": "gpt-4o"})]).SerializeToString()
+        answers = [core.apply_batch(body) for core in cores]
+        assert answers[0] == answers[-1]
+    for core in cores:
+        balance = core.state(0)[0][0][0]
+        assert balance == 10**15 - int(exact)  # floor: what is below a nano is carried, never lost
+        usage = core.state(0)[1]
+        assert usage[catalog.meter_index["duration"]] % 100 == 0  # counted as billed: whole 100 ms steps

@@ -189,7 +189,8 @@ cdef inline Py_ssize_t _apply_event(Core self, uint32_t i, Event *ev, bint detai
     if ev.account < 0:
         reason = REASON_UNKNOWN_CUSTOMER
     else:
-        reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, False, &cost, ev.uval, ev.ulen)
+        reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, _minimum(self, ev), False, &cost,
+                                  ev.uval, ev.ulen)
     if reason == REASON_NONE or reason == OUT_DEGRADED:
         _Aggregates._agg_add(self, ev.agg, ev.quantity, cost)
     if reason == REASON_NONE:
@@ -214,6 +215,11 @@ cdef inline Py_ssize_t _apply_event(Core self, uint32_t i, Event *ev, bint detai
     return n
 
 
+cdef inline int64_t _minimum(Core self, Event *ev) noexcept nogil:
+    """The least a decoded event costs: its meter's minimum, if anything happened."""
+    return self.meters[ev.meter].minimum if ev.quantity > 0 else 0
+
+
 cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
     """Apply a decoded event alone (room was made for it) into ``o``."""
     cdef int32_t ct = self.rates[ev.rate].ct
@@ -232,7 +238,8 @@ cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
     ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
     if ev.agg < 0:
         raise self._sets_error(ev, "event.dimensions")
-    reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, False, &o.cost, ev.uval, ev.ulen)
+    reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, _minimum(self, ev), False, &o.cost,
+                              ev.uval, ev.ulen)
     if reason == REASON_NONE or reason == OUT_DEGRADED:
         _Aggregates._agg_add(self, ev.agg, ev.quantity, o.cost)
     o.balance = self.bal[ev.account * self.n_ct + ct]

@@ -176,23 +176,28 @@ cdef class _Accounts(_State):
         return 0
 
     def quote(self, Py_ssize_t rate, int64_t quantity):
-        """(credit type, cost rounded up to a whole nano) of a quantity, without carry."""
+        """(credit type, cost rounded up to a whole nano) of one event of that quantity
+        (rounded up to the meter's increment, at least its minimum), without carry."""
         self._check()
         if rate < 0 or rate >= self.n_rates:
             raise IndexError(spec.MSG_NO_RATE % rate)
         if quantity < 0:
             raise InvalidInput("quantity", spec.MSG_NEGATIVE)
         cdef i128 fine
-        if self._fine(<int32_t>rate, quantity, &fine):
-            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
+        cdef Meter *m = &self.meters[self.rates[rate].meter]
         cdef int64_t d = self.denom[self.rates[rate].ct]
+        if _round_up(&quantity, m.increment) or self._fine(<int32_t>rate, quantity, &fine):
+            raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
+        if quantity > 0 and fine < <i128>m.minimum * d:
+            fine = <i128>m.minimum * d
         return self.rates[rate].ct, <int64_t>((fine + d - 1) / d)
 
-    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, bint force, int64_t *cost,
-                    const char *uval, Py_ssize_t ulen) noexcept nogil:
+    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, bint force,
+                    int64_t *cost, const char *uval, Py_ssize_t ulen) noexcept nogil:
         """Apply one rated event with carry: REASON_NONE (charged), OUT_DEGRADED
         (served in the plan's fallback mode, not charged) or a denial reason.
-        ``force`` skips the balance check; ``uval`` is a unique_count meter's value.
+        It costs at least ``minimum`` nano unless the plan's free units cover it
+        all. ``force`` skips the balance check; ``uval`` is a unique_count meter's value.
         Its calls of _ufind and _uinsert (not inline) go through the vtable, as
         when they were of this class: named as _State's, they made gcc's code for
         _debit two instructions longer per event (callgrind), unique_count or not."""
@@ -206,6 +211,10 @@ cdef class _Accounts(_State):
             # The plan's free units this period come first; the rest is rated as usual.
             charged = quantity - (free_units - self.usage[u]) if quantity > free_units - self.usage[u] else 0
             self._fine(rate, charged, &fine)  # cannot overflow: charged <= quantity
+            if charged == 0:
+                minimum = 0  # free: no minimum
+        if fine < <i128>minimum * self.denom[ct]:
+            fine = <i128>minimum * self.denom[ct]
         cdef i128 total = fine + self.rem[b]
         cdef i128 d = total / self.denom[ct]
         cdef i128 use

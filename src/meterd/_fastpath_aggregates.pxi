@@ -431,14 +431,17 @@ cdef class _Aggregates(_Accounts):
             return self.sets_max > 0
         return self.nsets[idx] < self.sets_max
 
-    def settle(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity, int64_t reserved, bytes dims=None):
+    def settle(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity, int64_t reserved, bytes dims=None,
+               int64_t minimum_nano=0):
         """Release a reservation and debit the real usage with carry.
 
         Returns (cost, overrun): the debit is recorded even when it exceeds
         the reservation and the available balance (the work was done);
         ``overrun`` is how far it went past the floor. The usage is filed under
         ``dims`` (a canonical dimension set, as ``canonical_set`` makes it), or
-        under the rate's price dimension alone.
+        under the rate's price dimensions alone. The quantity is taken as it
+        is (the caller rounds it to the meter's increment); the debit costs at
+        least ``minimum_nano`` unless the plan's free units cover it.
         """
         self._idx(idx)
         if rate < 0 or rate >= self.n_rates:
@@ -452,6 +455,8 @@ cdef class _Aggregates(_Accounts):
             raise InvalidInput("meter", spec.MSG_SETTLE_GAUGE)
         if reserved < 0 or reserved > _Tables._resv(self, idx, ct):
             raise ValueError(spec.MSG_SETTLE_TOO_MUCH)
+        if minimum_nano < 0 or minimum_nano > spec.MINIMUM_NANO_MAX:
+            raise InvalidInput("minimum_nano", spec.MSG_MINIMUM)
         if _Accounts._fine(self, <int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         # A settlement is not refused for dimension_sets_per_window_max: the work
@@ -468,7 +473,7 @@ cdef class _Aggregates(_Accounts):
         cdef Ext *x = _Tables._xp(self, idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved
-        if _Accounts._debit(self, idx, <int32_t>rate, quantity, fine, True, &cost, NULL, 0) != REASON_NONE:
+        if _Accounts._debit(self, idx, <int32_t>rate, quantity, fine, minimum_nano, True, &cost, NULL, 0) != REASON_NONE:
             if reserved:
                 x.resv += reserved
             self._agg_undo(mark)

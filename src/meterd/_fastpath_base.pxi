@@ -28,6 +28,21 @@ cdef inline uint64_t _hash_set(const char *p, Py_ssize_t n) noexcept nogil:
     return h
 
 
+cdef inline int _round_up(int64_t *quantity, int64_t increment) noexcept nogil:
+    """A quantity (not negative) rounded up to a multiple of ``increment``; 1 when
+    that would overflow."""
+    cdef int64_t r
+    if increment <= 1:
+        return 0
+    r = quantity[0] % increment
+    if r == 0:
+        return 0
+    if quantity[0] > INT64_MAX - (increment - r):
+        return 1
+    quantity[0] += increment - r
+    return 0
+
+
 cdef char *_dup(bytes b) except? NULL:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
     cdef char *p = <char *>malloc(n + 1)

@@ -556,6 +556,10 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
         return E_NO_PRICE
     if m.agg == AGG_COUNT:
         ev.quantity = qty = 1  # a count meter counts events; its price is per event
+    if _round_up(&qty, m.increment):  # billed in whole increments
+        ev.err_field = F_QUANTITY
+        return E_OVERFLOW
+    ev.quantity = qty
     if m.agg == AGG_UNIQUE:
         dim_value = NULL
         _span_value(self, f.nspans, m.uniq_key, m.uniq_key_len, &dim_value, &dim_len)

@@ -171,6 +171,12 @@ def set_items(dims: bytes) -> dict[bytes, bytes]:
     return out
 
 
+def _round_up(quantity: int, increment: int) -> int | None:
+    """A quantity rounded up to a multiple of ``increment``; None when past 64 bits."""
+    rounded = -(-quantity // increment) * increment
+    return None if rounded > INT64_MAX else rounded
+
+
 def _dim_entry(key: bytes, value: bytes) -> bytes:
     """The body of one dimensions map entry, as protobuf encodes it."""
     return b"\x0a" + _put_varint(len(key)) + key + b"\x12" + _put_varint(len(value)) + value
@@ -315,12 +321,15 @@ class _Tables:
 
     def _init_meters(self, meters: list[MeterRow]) -> None:
         # per meter: [name, ct, precision, price dimensions, rates {(mask, values): idx}, default rate,
-        # masks its rates have, largest first, the values an event without a price dimension is priced as]
+        # masks its rates have, largest first, the values an event without a price dimension is priced as,
+        # increment, minimum]
         self.meters: list[list[Any]] = []
         self.aggs: list[int] = []
         self.uniq_keys: list[bytes] = []
-        for i, (name, ct, precision, dims, agg, uniq, defaults) in enumerate(meters):
-            if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE):
+        for i, (name, ct, precision, dims, agg, uniq, defaults, increment, minimum) in enumerate(meters):
+            if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE
+                    and 1 <= increment <= INT64_MAX and (increment == 1 or agg == AGG_SUM)
+                    and 0 <= minimum <= spec.MINIMUM_NANO_MAX and (minimum == 0 or agg <= AGG_COUNT)):
                 raise ValueError(spec.MSG_METER_RANGE % i)
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
                 raise ValueError(spec.MSG_METER_UNIQUE % i)
@@ -328,7 +337,7 @@ class _Tables:
             if len(dims) > spec.PRICE_DIMENSIONS_MAX or len(set(dims)) != len(dims) or len(defaults) != len(dims):
                 raise ValueError(spec.MSG_METER_DIMS % (i, spec.PRICE_DIMENSIONS_MAX))
             self.meters.append([name, ct, precision, dims, {}, -1, [],
-                                tuple(None if v is None else bytes(v) for v in defaults)])
+                                tuple(None if v is None else bytes(v) for v in defaults), increment, minimum])
             self.aggs.append(agg)
             self.uniq_keys.append(uniq)
         self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
@@ -640,6 +649,10 @@ class _Accounts(_State):
             raise IndexError(spec.MSG_NO_METER % meter)
         return self._find_rate(meter, self._price_values(meter, dims))
 
+    def _minimum(self, meter: int, quantity: int) -> int:
+        """The least a decoded event costs: its meter's minimum, if anything happened."""
+        return self.meters[meter][9] if quantity > 0 else 0
+
     def _fine(self, rate: int, quantity: int) -> int | None:
         _, ct, amount, factor = self.rates[rate]
         t = quantity * amount
@@ -658,19 +671,28 @@ class _Accounts(_State):
             raise IndexError(spec.MSG_NO_RATE % rate)
         if quantity < 0:
             raise InvalidInput("quantity", spec.MSG_NEGATIVE)
-        fine = self._fine(rate, quantity)
-        if fine is None:
+        meter, ct = self.rates[rate][:2]
+        rounded = _round_up(quantity, self.meters[meter][8])
+        fine = None if rounded is None else self._fine(rate, rounded)
+        if rounded is None or fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
-        ct = self.rates[rate][1]
         d = self.denom[ct]
+        if rounded > 0:
+            fine = max(fine, self.meters[meter][9] * d)
         return ct, (fine + d - 1) // d
 
-    def _debit(self, idx: int, rate: int, quantity: int, fine: int, force: bool, uval: bytes = b"") -> tuple:
+    def _debit(self, idx: int, rate: int, quantity: int, fine: int, minimum: int, force: bool,
+               uval: bytes = b"") -> tuple:
+        """At least ``minimum`` nano unless the plan's free units cover it all."""
         meter, ct, _, _ = self.rates[rate]
         free_units = self.free[self.plan_of[idx]][meter]
         if free_units > self.usage[idx][meter] and fine > 0:
             left = free_units - self.usage[idx][meter]
-            fine = self._fine(rate, quantity - left if quantity > left else 0)  # type: ignore[assignment]
+            charged = quantity - left if quantity > left else 0
+            fine = self._fine(rate, charged)  # type: ignore[assignment]
+            if charged == 0:
+                minimum = 0  # free: no minimum
+        fine = max(fine, minimum * self.denom[ct])
         total = fine + self.rem[idx][ct]
         d, rem = divmod(total, self.denom[ct])
         if d > INT64_MAX or self.bal[idx][ct] - d < -INT64_MAX:
@@ -877,7 +899,7 @@ class _Aggregates(_Accounts):
         return sets[1] < self.sets_max if sets[0] == self.cur_window else self.sets_max > 0
 
     def settle(self, idx: int, rate: int, quantity: int, reserved: int,
-               dims: bytes | None = None) -> tuple[int, int]:
+               dims: bytes | None = None, minimum_nano: int = 0) -> tuple[int, int]:
         self._idx(idx)
         if rate < 0 or rate >= len(self.rates):
             raise IndexError(spec.MSG_NO_RATE % rate)
@@ -888,13 +910,15 @@ class _Aggregates(_Accounts):
             raise InvalidInput("meter", spec.MSG_SETTLE_GAUGE)
         if reserved < 0 or reserved > self.resv[idx][ct]:
             raise ValueError(spec.MSG_SETTLE_TOO_MUCH)
+        if not 0 <= minimum_nano <= spec.MINIMUM_NANO_MAX:
+            raise InvalidInput("minimum_nano", spec.MSG_MINIMUM)
         fine = self._fine(rate, quantity)
         if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         made: list = []
         key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate] if dims is None else dims, False, made)
         self.resv[idx][ct] -= reserved
-        reason, cost = self._debit(idx, rate, quantity, fine, True)
+        reason, cost = self._debit(idx, rate, quantity, fine, minimum_nano, True)
         if reason != REASON_NONE:
             self.resv[idx][ct] += reserved
             self._agg_undo(made)
@@ -1058,6 +1082,10 @@ class _Decoder(_Aggregates):
         agg = self.aggs[meter]
         if agg == AGG_COUNT:
             qty = 1  # a count meter counts events; its price is per event
+        rounded = _round_up(qty, self.meters[meter][8])  # billed in whole increments
+        if rounded is None:
+            raise _DecodeError("quantity", spec.MSG_OVERFLOW)
+        qty = rounded
         found = b""
         if agg == AGG_UNIQUE:
             uniq_key = self.uniq_keys[meter]
@@ -1200,14 +1228,14 @@ class Core(_Decoder):
                     self._agg_undo(made)
                     raise InvalidInput("events[%d].dimensions" % i, sets_message(cust, self.sets_max))
             slots.append((idx, key))
-        for i, (_, _, rate, qty, fine, _, uval) in enumerate(events):
+        for i, (_, meter, rate, qty, fine, _, uval) in enumerate(events):
             idx, key = slots[i]
             ct = self.rates[rate][1]
             cost = mode = priority = 0
             if idx < 0:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
-                reason, cost = self._debit(idx, rate, qty, fine, False, uval)
+                reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), False, uval)
             if reason == REASON_NONE or reason == OUT_DEGRADED:
                 self._agg_add(key, qty, cost)  # type: ignore[arg-type]
             if reason == REASON_NONE:
@@ -1272,7 +1300,7 @@ class Core(_Decoder):
         key = self._agg_slot(idx, meter, dims, True, None)
         if key is None:
             raise InvalidInput("event.dimensions", sets_message(cust, self.sets_max))
-        reason, cost = self._debit(idx, rate, qty, fine, False, uval)
+        reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), False, uval)
         if reason == REASON_NONE or reason == OUT_DEGRADED:
             self._agg_add(key, qty, cost)
         balance = self.bal[idx][ct]

@@ -29,6 +29,8 @@ cdef struct Meter:
     char *dim_default[PRICE_DIMENSIONS_MAX]      # the value an event without the dimension is priced as
     int32_t dim_default_len[PRICE_DIMENSIONS_MAX]  # (NULL: none)
     uint32_t masks           # bit k: some rate has mask k
+    int64_t increment        # sum meters: quantities are rounded up to a multiple of this (1: none)
+    int64_t minimum          # the least an event that is not free costs, in nano (0: none)
     int32_t rate_first
     int32_t rate_count
     int32_t rate_default     # -1: no default price (mask 0)

@@ -133,12 +133,17 @@ cdef class _Tables:
 
     cdef int _init_meters(self, list meters) except -1:
         """(name, credit_type, precision, price dimensions, aggregation, unique_dimension,
-        the value (or None) an event without a price dimension is priced as) per meter."""
+        the value (or None) an event without a price dimension is priced as, the
+        increment and the minimum) per meter."""
         cdef Py_ssize_t i, k
         for i in range(self.n_meters):
-            name, ct, precision, dims, agg, uniq, defaults = meters[i]
-            if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE):
+            name, ct, precision, dims, agg, uniq, defaults, increment, minimum = meters[i]
+            if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE
+                    and 1 <= increment <= INT64_MAX and (increment == 1 or agg == AGG_SUM)
+                    and 0 <= minimum <= spec.MINIMUM_NANO_MAX and (minimum == 0 or agg <= AGG_COUNT)):
                 raise ValueError(spec.MSG_METER_RANGE % i)
+            self.meters[i].increment = increment
+            self.meters[i].minimum = minimum
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
                 raise ValueError(spec.MSG_METER_UNIQUE % i)
             dims = [bytes(d) for d in dims]

@@ -21,7 +21,7 @@ from typing import Any
 
 from meterd.config import _FIELDS as SETTINGS_FIELDS
 from meterd.config import CATALOG_TABLES, read_toml
-from meterd.corespec import DENOMINATOR_MAX, NAME_BYTES_MAX, PRICE_DIMENSIONS_MAX, rate_mask
+from meterd.corespec import DENOMINATOR_MAX, NAME_BYTES_MAX, PRICE_DIMENSIONS_MAX, MeterRow, rate_mask
 from meterd.errors import ConfigError, invariant
 from meterd.plans import Plan, parse_plans
 
@@ -55,6 +55,12 @@ class Meter:
     # per price dimension: the value an event without it is priced as (None: it is not)
     dimension_defaults: tuple[str | None, ...] = ()
     per: int = 1                 # the units the catalog's prices are written per
+    increment: int = 1           # quantities are rounded up to a multiple of this (smallest units)
+    minimum_nano: int = 0        # the least an event costs, unless it is free
+
+    def billed(self, quantity: int) -> int:
+        """A quantity (smallest units) as it is billed: rounded up to the increment."""
+        return -(-quantity // self.increment) * self.increment
 
     @property
     def defaults(self) -> tuple[str | None, ...]:
@@ -82,9 +88,7 @@ class CompiledCatalog:
     the log was written under; two are the same catalog when they are equal."""
 
     denominators: tuple[int, ...]
-    # name, credit type, precision, price dimensions, aggregation, unique dimension, and per price
-    # dimension the value an event without it is priced as (None: none)
-    meters: tuple[tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...]], ...]
+    meters: tuple[MeterRow, ...]  # as corespec.MeterRow describes them
     # meter, a value (None: any) per price dimension, numerator, multiplier
     rates: tuple[tuple[int, tuple[bytes | None, ...], int, int], ...]
     plans: tuple[tuple[tuple[int, int], ...], ...]         # per plan and credit type: fallback mode, step
@@ -106,7 +110,7 @@ class CompiledCatalog:
         return json.dumps({
             "denominators": list(self.denominators),
             "meters": [[m[0].decode(), m[1], m[2], [d.decode() for d in m[3]], m[4], m[5].decode(),
-                        [None if v is None else v.decode() for v in m[6]]] for m in self.meters],
+                        [None if v is None else v.decode() for v in m[6]], m[7], m[8]] for m in self.meters],
             "rates": [[r[0], [None if v is None else v.decode() for v in r[1]], r[2], r[3]] for r in self.rates],
             "plans": [[list(c) for c in row] for row in self.plans], "modes": [m.decode() for m in self.modes],
             "plan_names": list(self.plan_names), "free": [list(row) for row in self.free],
@@ -141,10 +145,12 @@ class CompiledCatalog:
     def from_json(cls, data: bytes) -> CompiledCatalog:
         doc = json.loads(data)
         # Data directories from before price tables hold one price dimension per meter
-        # ("" for none), no dimension defaults, and one value per rate (null for the default).
+        # ("" for none), no dimension defaults, increments or minimums, and one value per
+        # rate (null for the default).
         meters = tuple((m[0].encode(), m[1], m[2], tuple(d.encode() for d in _listed(m[3])), m[4], m[5].encode(),
                         tuple(None if v is None else v.encode() for v in (m[6] if len(m) > 6
-                                                                          else [None] * len(_listed(m[3])))))
+                                                                          else [None] * len(_listed(m[3])))),
+                        m[7] if len(m) > 7 else 1, m[8] if len(m) > 8 else 0)
                        for m in doc["meters"])
         rates = tuple((r[0], tuple(None if v is None else v.encode()
                                    for v in (r[1] if isinstance(r[1], list) else [r[1]] * len(meters[r[0]][3]))),
@@ -223,7 +229,7 @@ class Catalog:
         for mi, m in enumerate(self.meters):
             meters.append((m.name.encode(), m.credit_type, m.precision, tuple(d.encode() for d in m.price_dimensions),
                            m.aggregation, m.unique_dimension.encode(),
-                           tuple(None if v is None else v.encode() for v in m.defaults)))
+                           tuple(None if v is None else v.encode() for v in m.defaults), m.increment, m.minimum_nano))
             for key, price in m.prices.items():
                 if price.numerator > INT64_MAX:
                     where = "price" if key == m.default_key else "prices." + ".".join(v or WILDCARD for v in key)
@@ -258,10 +264,10 @@ class Catalog:
                 by = f" by {m.price_dimensions[0]}" if m.price_dimensions else ""
                 prices = ", ".join(f"{'default' if not k or k[0] is None else k[0]} "
                                    f"{_per_unit(price * m.per, m.precision)}" for k, price in m.prices.items())
-                lines.append(f"{head}{by}{per}: {prices}{_defaulted(m)}")
+                lines.append(f"{head}{by}{per}: {prices}{_defaulted(m)}{self._steps(m)}")
                 continue
-            lines.append(f"{head}{per} by {' × '.join(m.price_dimensions)}{_defaulted(m)}; the first row that "
-                         f"matches holds (a value before *, {m.price_dimensions[0]} first):")
+            lines.append(f"{head}{per} by {' × '.join(m.price_dimensions)}{_defaulted(m)}{self._steps(m)}; "
+                         f"the first row that matches holds (a value before *, {m.price_dimensions[0]} first):")
             for k, price in sorted(m.prices.items(), key=lambda row: -rate_mask(_shape(row[0]))):
                 cells = ", ".join(f"{d}={WILDCARD if v is None else v}"
                                   for d, v in zip(m.price_dimensions, k, strict=True))
@@ -309,6 +315,17 @@ class Catalog:
                          + (", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
                                       for ct, v in c.balances_nano.items()) or "none"))
         return "\n".join(lines)
+
+    def _steps(self, m: Meter) -> str:
+        """A meter's increment and minimum, in words."""
+        said = []
+        if m.increment > 1:
+            step = self.format_quantity(self.meter_index[m.name], m.increment)
+            said.append(f"quantities rounded up to a multiple of {step}")
+        if m.minimum_nano:
+            said.append(f"at least {format_nano(m.minimum_nano)} {self.credit_types[m.credit_type].name} an event "
+                        "that is not free")
+        return "".join(f", {s}" for s in said)
 
     def format_quantity(self, meter: int, base_units: int) -> str:
         """Exact decimal text of a quantity held in the meter's smallest unit."""
@@ -430,7 +447,7 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     if not isinstance(spec, dict):
         raise _err(source, where, "must be a table")
     _check_keys(spec, {"credit_type", "precision", "price_dimension", "price_dimensions", "per", "price", "prices",
-                       "aggregation", "unique_dimension", "dimension_defaults"}, source, where)
+                       "aggregation", "unique_dimension", "dimension_defaults", "increment", "minimum"}, source, where)
     agg = spec.get("aggregation", "sum")
     unique = spec.get("unique_dimension", "")
     if (agg == "unique_count") != bool(unique) or not isinstance(unique, str) or len(unique) > 64:
@@ -476,8 +493,32 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
         if not isinstance(v, str) or v == WILDCARD or not DIM_VALUE_RE.match(v):
             raise _err(source, f"{where}.dimension_defaults.{d}", "must be a dimension value of 1 to 128 "
                        "printable characters (not *)")
+    increment, minimum = _steps(spec, agg, precision, source, where)
     return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dims, prices, unique,
-                 tuple(defaults.get(d) for d in dims), per)
+                 tuple(defaults.get(d) for d in dims), per, increment, minimum)
+
+
+def _steps(spec: dict, agg: str, precision: int, source: str, where: str) -> tuple[int, int]:
+    """A meter's billing increment (in its smallest units) and minimum charge per event (nano)."""
+    increment, minimum = 1, 0
+    if "increment" in spec:
+        units = parse_amount(spec["increment"], source, f"{where}.increment") * 10**precision
+        if units.denominator != 1:
+            raise _err(source, f"{where}.increment", f"has more decimals than the meter's precision ({precision})")
+        if units == 0:
+            raise _err(source, f"{where}.increment", "must be above zero")
+        if agg != "sum" and units != 1:
+            raise _err(source, f"{where}.increment", "only a sum meter's quantities are rounded (a count meter's "
+                       "is one event; the others are charged on their period's value)")
+        if units > INT64_MAX:
+            raise _err(source, f"{where}.increment", "is too large")
+        increment = int(units)
+    if "minimum" in spec:
+        if agg not in ("sum", "count"):
+            raise _err(source, f"{where}.minimum", "a max, latest or unique_count meter is charged on its "
+                       "period's value, not per event: it has no minimum")
+        minimum = to_nano(parse_amount(spec["minimum"], source, f"{where}.minimum"), source, f"{where}.minimum")
+    return increment, minimum
 
 
 def _price_dimensions(spec: dict, source: str, where: str) -> tuple[str, ...]:

@@ -54,6 +54,8 @@ DENOMINATOR_MAX = 10**15
 PRECISION_MAX = 9
 # The dimensions a meter's price table is keyed by.
 PRICE_DIMENSIONS_MAX = 4
+# A meter's minimum charge per event (catalog amounts are at most this).
+MINIMUM_NANO_MAX = 1 << 62
 # Plans, "no plan" included: an account's plan is 16 bits.
 PLANS_MAX = 65535
 # Low-balance alerts kept between two take_alerts; past it, take_alerts scans.
@@ -109,6 +111,7 @@ MSG_RELEASE_TOO_MUCH = "release of more than is reserved"
 MSG_SETTLE_TOO_MUCH = "settle of more than is reserved"
 MSG_SETTLE_GAUGE = "a max, latest or unique_count meter is charged at period end"
 MSG_SETTLE_OVERFLOW = "balance or usage would overflow"
+MSG_MINIMUM = "must be 0 to 2^62"
 MSG_FORCE_CHARGE = "no such rate, or a negative quantity"
 MSG_NOT_UNIQUE = "meter %d does not count distinct values"
 MSG_WINDOW = "the usage window must be at least 1 ms"
@@ -133,7 +136,7 @@ MSG_FREE_NEGATIVE = "free units must not be negative"
 MSG_PLAN_ENTRIES = "plan %d: one entry per credit type"  # plan
 MSG_PLAN_RANGE = "plan %d: mode or step out of range"  # plan
 MSG_DENOMINATOR = "denominator out of range"
-MSG_METER_RANGE = "meter %d: credit type, precision or aggregation out of range"  # meter
+MSG_METER_RANGE = "meter %d: credit type, precision, aggregation, increment or minimum out of range"  # meter
 MSG_METER_UNIQUE = "meter %d: a unique_count meter, and only one, names its dimension"  # meter
 MSG_RATE_RANGE = "rate %d out of range"  # rate
 MSG_METER_DIMS = "meter %d: at most %d distinct price dimensions"  # meter, PRICE_DIMENSIONS_MAX
@@ -222,8 +225,10 @@ def unique_order(entry: tuple[int, bytes | int]) -> tuple[int, int, int, bytes]:
 # ---- shapes ------------------------------------------------------------------
 
 # A meter as the cores take it: name, credit type, precision, price dimensions, aggregation,
-# unique dimension, and per price dimension the value an event without it is priced as (or None).
-MeterRow = tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...]]
+# unique dimension, per price dimension the value an event without it is priced as (or None),
+# the increment its quantities are rounded up to (smallest units; 1: none), and the least an
+# event that is not free costs (nano; 0: none).
+MeterRow = tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...], int, int]
 # A rate: its meter, a value per price dimension (None: any), amount_nano and factor.
 RateRow = tuple[int, tuple[bytes | None, ...], int, int]
 

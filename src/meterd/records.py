@@ -18,6 +18,9 @@ INT64_MIN = -(1 << 63)  # an alert threshold of none
 _ACCOUNT = struct.Struct("<Hq")        # credit type, amount: then the customer id
 _SETTLE = struct.Struct("<Iqq")        # rate, quantity, reserved: then the customer id
 _SETTLE_IN_SET = struct.Struct("<IqqI")  # rate, quantity, reserved, set length: then the set, the customer id
+# rate, quantity, reserved, minimum, set length (NO_SET: the rate's): then the set, the customer id
+_SETTLE_AT_LEAST = struct.Struct("<IqqqI")
+NO_SET = 0xFFFFFFFF
 _CHARGE = struct.Struct("<Iq")         # rate, quantity: then the customer id
 
 
@@ -33,6 +36,7 @@ class Kind(bytes, enum.Enum):
     RESET_USAGE = b"U"     # the period's usage starts again
     SETTLE = b"C"          # a hold settled, the usage under the rate's own set
     SETTLE_IN_SET = b"M"   # a hold settled, the usage under its own dimension set
+    SETTLE_AT_LEAST = b"N"  # a hold settled at a minimum charge, under its own set or the rate's
     FORCE_CHARGE = b"Q"    # a gauge charged on its period's value
     PERIOD = b"P"          # a calendar month ended: accounts without a plan reset their usage
 
@@ -59,8 +63,14 @@ def account(kind: Kind, customer: bytes, ct: int, value: int, at_ms: int) -> byt
     return _head(kind, at_ms) + _ACCOUNT.pack(ct, value) + customer
 
 
-def settle(customer: bytes, rate: int, quantity: int, reserved: int, dims: bytes | None, at_ms: int) -> bytes:
-    """A settlement: under its own dimension set when it has one (``dims``), else the rate's."""
+def settle(customer: bytes, rate: int, quantity: int, reserved: int, dims: bytes | None, at_ms: int,
+           minimum_nano: int = 0) -> bytes:
+    """A settlement: under its own dimension set when it has one (``dims``), else the rate's;
+    costing at least ``minimum_nano`` (records of the other kinds have none)."""
+    if minimum_nano:
+        n = NO_SET if dims is None else len(dims)
+        return _head(Kind.SETTLE_AT_LEAST, at_ms) + _SETTLE_AT_LEAST.pack(rate, quantity, reserved, minimum_nano, n) \
+            + (dims or b"") + customer
     if dims is None:
         return _head(Kind.SETTLE, at_ms) + _SETTLE.pack(rate, quantity, reserved) + customer
     return _head(Kind.SETTLE_IN_SET, at_ms) + _SETTLE_IN_SET.pack(rate, quantity, reserved, len(dims)) + dims \
@@ -100,6 +110,11 @@ def replay(core: Any, record: bytes) -> None:
         rate, qty, reserved, n = _SETTLE_IN_SET.unpack_from(body)
         start = _SETTLE_IN_SET.size
         core.settle(core.account(body[start + n:]), rate, qty, reserved, body[start:start + n])
+    elif kind == Kind.SETTLE_AT_LEAST:
+        rate, qty, reserved, minimum, n = _SETTLE_AT_LEAST.unpack_from(body)
+        start = _SETTLE_AT_LEAST.size
+        dims, customer = (None, body[start:]) if n == NO_SET else (body[start:start + n], body[start + n:])
+        core.settle(core.account(customer), rate, qty, reserved, dims, minimum)
     elif kind == Kind.FORCE_CHARGE:
         rate, qty = _CHARGE.unpack_from(body)
         core.force_charge(core.account(body[_CHARGE.size:]), rate, qty)

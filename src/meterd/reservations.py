@@ -158,7 +158,7 @@ class Reservations:
             return res
         if res.rate < 0:
             raise NotFound("the reservation's meter is no longer in the catalog; release it")
-        qty = validate.quantity(self.live, res.meter, quantity)
+        qty, minimum = validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity))
         core = self.live.core
         cust = res.customer_id.encode()
         idx = core.account(cust)
@@ -166,12 +166,12 @@ class Reservations:
         self.subscriptions.roll_if_due(at)
         core.set_clock(at)
         dims = validate.settle_set(core, idx, res.meter, res.dims, cust)
-        cost, overrun = core.settle(idx, res.rate, qty, res.amount_nano, dims)
+        cost, overrun = core.settle(idx, res.rate, qty, res.amount_nano, dims, minimum)
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
         self.holds.forget_reservation(res)
-        ops = [self.journal.log_op(records.settle(cust, res.rate, qty, res.amount_nano, dims, at)),
+        ops = [self.journal.log_op(records.settle(cust, res.rate, qty, res.amount_nano, dims, at, minimum)),
                ("reservations", res.reservation_id.encode(), None)]
         ops += self.holds.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
         answer = Committed(cost, max(res.amount_nano - cost, 0), core.state(idx)[0][res.credit_type][0], overrun)

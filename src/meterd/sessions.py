@@ -101,19 +101,25 @@ class Sessions:
             raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
         return covered
 
-    def _bill_ops(self, s: Session, until_ms: int) -> list[Op]:
-        """Settle the time from ``billed_ms`` to ``until_ms`` against the held amount."""
+    def _bill_ops(self, s: Session, until_ms: int, final: bool = False) -> list[Op]:
+        """Settle the time from ``billed_ms`` to ``until_ms`` against the held amount. The
+        last bill of a session rounds its whole time up to the meter's increment and
+        brings its cost up to the meter's minimum: the session is one event."""
         core = self.live.core
         until_ms = min(until_ms, s.heartbeat_ms + s.timeout_ms)  # never past what was held
         units = max(self._interval_units(s, until_ms - s.billed_ms), 0)
+        minimum = 0
+        if final:
+            total, minimum = validate.billed(self.live, s.meter, s.billed_units + units)
+            units, minimum = total - s.billed_units, max(minimum - s.cost_nano, 0)
         cust = s.customer_id.encode()
         idx = core.account(cust)
         rate = self._rate(s)
         at = max(until_ms - 1, 0)  # the usage belongs to the window the interval ends in
         core.set_clock(at)
         dims = validate.settle_set(core, idx, s.meter, bytes.fromhex(s.dims_hex) if s.dims_hex else None, cust)
-        cost, _ = core.settle(idx, rate, units, s.reserved_nano, dims)
-        record = records.settle(cust, rate, units, s.reserved_nano, dims, at)
+        cost, _ = core.settle(idx, rate, units, s.reserved_nano, dims, minimum)
+        record = records.settle(cust, rate, units, s.reserved_nano, dims, at, minimum)
         s.reserved_nano = 0
         s.billed_ms += self._units_ms(s, units)  # the part of a unit not yet billed is carried
         s.billed_units += units
@@ -188,7 +194,8 @@ class Sessions:
                            "idempotency window")
         return final
 
-    async def _billed(self, tenant: Tenant | None, session_id: str) -> tuple[Session, int, list[Op]] | Replay:
+    async def _billed(self, tenant: Tenant | None, session_id: str,
+                      final: bool = False) -> tuple[Session, int, list[Op]] | Replay:
         """An open session with its time billed up to now, or the final answer of one that ended."""
         s = await self._open(session_id, validate.label_of(tenant))
         if isinstance(s, Replay):
@@ -196,7 +203,7 @@ class Sessions:
         self.journal.check_writable()
         now = self.clock.now_ms()
         self.subscriptions.roll_if_due(now)
-        return s, now, self._bill_ops(s, now)
+        return s, now, self._bill_ops(s, now, final)
 
     async def heartbeat(self, tenant: Tenant | None, session_id: str) -> SessionState | Replay:
         billed = await self._billed(tenant, session_id)
@@ -224,6 +231,7 @@ class Sessions:
                     return final
                 raise Unavailable(f"session {s.session_id[:SESSION_ID_CHARS_MAX]!r} changed meanwhile; retry")
         if hold is None:
+            ops += self._bill_ops(s, now, final=True)  # the session ends: its increment and minimum
             answer = self._state(s, DENY, True, reason)
             ops += self.subscriptions.alert_ops() + self._close_ops(s, answer, now)
             await self.journal.commit_with(ops)
@@ -233,7 +241,7 @@ class Sessions:
         return self._state(s, ALLOW, False)
 
     async def end(self, tenant: Tenant | None, session_id: str) -> SessionState | Replay:
-        billed = await self._billed(tenant, session_id)
+        billed = await self._billed(tenant, session_id, final=True)
         if isinstance(billed, Replay):
             return billed
         s, now, ops = billed
@@ -246,7 +254,7 @@ class Sessions:
         """Close sessions whose heartbeats stopped, at their last heartbeat."""
         ops: list[Op] = []
         for s in [s for s in self.holds.sessions.values() if now - s.heartbeat_ms > s.timeout_ms]:
-            ops += self._bill_ops(s, s.heartbeat_ms)  # bills up to the last heartbeat; the hold is released
+            ops += self._bill_ops(s, s.heartbeat_ms, final=True)  # up to the last heartbeat; the hold is released
             ops += self._close_ops(s, self._state(s, ALLOW, True), now)
         return ops
 

@@ -99,6 +99,16 @@ def quantity(live: Live, meter: int, q: Quantity, field_prefix: str = "") -> int
     return units
 
 
+def billed(live: Live, meter: int, units: int, field: str = "quantity") -> tuple[int, int]:
+    """One event's quantity as it is billed (rounded up to the meter's increment) and the
+    least it costs (the meter's minimum, when anything happened)."""
+    spec = live.catalog.meters[meter]
+    rounded = spec.billed(units)
+    if rounded > INT64_MAX:
+        raise InvalidInput(field, "cost or quantity overflows 64 bits")
+    return rounded, spec.minimum_nano if rounded > 0 else 0
+
+
 def dimension_set(dimensions: Mapping[str, str]) -> bytes | None:
     """A reservation's or session's dimension set, as the cores keep it; None when it has
     none. (Its price dimension alone is not left to the rate: a meter's default price
