@@ -3,6 +3,7 @@ scenario's amounts are computed by hand with Fraction, on both cores."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import random
@@ -486,3 +487,105 @@ def test_increments_and_minimums_conserve_money_exactly_in_both_cores(events):
         assert balance == 10**15 - int(exact)  # floor: what is below a nano is carried, never lost
         usage = core.state(0)[1]
         assert usage[catalog.meter_index["duration"]] % 100 == 0  # counted as billed: whole 100 ms steps
+
+
+# ---- event time -------------------------------------------------------------------------------
+
+HOUR_MS = 3_600_000
+
+
+def statement_usage(b: Billing, period: str) -> dict[str, tuple[str, int]]:
+    return {line["description"]: (line["quantity"], line["amount_nano"])
+            for line in b.statement("acme", period)["lines"] if line["section"] == "usage"}
+
+
+def test_a_late_event_lands_in_the_window_and_month_it_belongs_to(make):
+    b = make("openai")
+    jan_31_late = b.now_ms + 24 * HOUR_MS - 30_000  # 2026-01-31T23:59:30Z
+    b.advance(25 * HOUR_MS)  # 2026-02-01T01:00Z
+    before = b.bal("acme", "usd")
+    event = pb.UsageEvent(customer_id="acme", meter="output_tokens", quantity=1000, timestamp_ms=jan_31_late,
+                          dimensions={"model": "gpt-4o"})
+    r = pb.ReportResponse.FromString(b.run(b.engine.report(pb.ReportRequest(event=event).SerializeToString())))
+    assert r.cost_nano == nano("10.00", 10**6, 1000)
+    assert b.bal("acme", "usd") == before - r.cost_nano  # the money moves when the event arrives
+    b.report("acme", "input_tokens", 2000, model="gpt-4o")  # no timestamp: it is of now
+    b.restart(clean=False)  # the log replays the late event into its own window
+    b.flush()
+    assert statement_usage(b, "2026-01") == {"output_tokens (model=gpt-4o)": ("1000", r.cost_nano)}
+    assert statement_usage(b, "2026-02") == {"input_tokens (model=gpt-4o)": ("2000", nano("2.50", 10**6, 2000))}
+
+
+def test_an_event_too_far_from_the_clock_is_refused_naming_the_setting(make):
+    b = make("openai")
+    now = b.now_ms
+    before = b.bal("acme", "usd")
+    ok = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=10, dimensions={"model": "gpt-4o"})
+    for ts, message in [
+        (now - 40 * 24 * HOUR_MS, f"is {40 * 24 * HOUR_MS} ms before the sidecar's clock ({now}): events older "
+                                  "than event_late_max_s (86400 s) are refused"),
+        (now + 301_000, f"is 301000 ms after the sidecar's clock ({now}): events further ahead than "
+                        "event_early_max_s are refused"),
+        (1_769_817_600, "events older than event_late_max_s"),  # seconds sent as milliseconds: 1970
+    ]:
+        late = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=10, timestamp_ms=ts,
+                             dimensions={"model": "gpt-4o"})
+        with pytest.raises(InvalidInput) as e:
+            b.batch([ok, late])
+        assert str(e.value).startswith("events[1].timestamp_ms: ") and message in str(e.value), str(e.value)
+        with pytest.raises(InvalidInput, match="^event.timestamp_ms: "):
+            b.run(b.engine.report(pb.ReportRequest(event=late).SerializeToString()))
+    assert b.bal("acme", "usd") == before  # nothing of a refused batch was applied
+    at_edge = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=10, timestamp_ms=now + 300_000,
+                            dimensions={"model": "gpt-4o"})
+    assert b.batch([at_edge]).accepted == 1  # 5 minutes ahead is within event_early_max_s
+
+
+def test_a_replay_keeps_what_it_applied_whatever_the_settings_say_now(make, tmp_path):
+    b = make("openai")
+    late = b.now_ms - 20 * HOUR_MS
+    event = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=4000, timestamp_ms=late,
+                          dimensions={"model": "gpt-4o"})
+    b.run(b.engine.report(pb.ReportRequest(event=event).SerializeToString()))
+    after = b.bal("acme", "usd")
+    b.settings = dataclasses.replace(b.settings, event_late_max_s=60)
+    b.restart(clean=False)
+    assert b.bal("acme", "usd") == after
+    b.flush()
+    assert statement_usage(b, "2026-01") == {"input_tokens (model=gpt-4o)": ("4000", nano("2.50", 10**6, 4000))}
+    with pytest.raises(InvalidInput, match="event_late_max_s \\(60 s\\)"):
+        b.run(b.engine.report(pb.ReportRequest(event=event).SerializeToString()))
+
+
+@settings(max_examples=100, deadline=None)
+@given(offsets=st.lists(st.one_of(st.just(None), st.integers(-2 * 86_400_000, 2 * 86_400_000)), min_size=1,
+                        max_size=12))
+def test_both_cores_file_timestamps_in_the_same_windows(offsets):
+    """The same windows for the same timestamps, and the same refusals, from both cores."""
+    compiled = load_catalog(None).compiled
+    cores = [core_class(*compiled.core_args()[:3], dict(LIMITS), 16, [], [], [], list(compiled.core_args()[6]))
+             for core_class in CORES.values()]
+    now = 1_769_817_600_000 + 12_345
+    for core in cores:
+        core.set_window(60_000)
+        core.set_event_times(86_400_000, 300_000)
+        core.set_clock(now)
+        core.credit(core.open_account(b"acme"), 0, 10**15)
+    for offset in offsets:
+        event = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=7, dimensions={"model": "gpt-4o"})
+        if offset is not None:
+            event.timestamp_ms = now + offset
+        body = pb.ReportBatchRequest(events=[event]).SerializeToString()
+        answers = []
+        for core in cores:
+            try:
+                answers.append(core.apply_batch(body))
+            except InvalidInput as e:
+                answers.append(str(e))
+        assert answers[0] == answers[-1]
+        fits = offset is None or -86_400_000 <= offset <= 300_000
+        assert isinstance(answers[0], tuple) == fits, (offset, answers[0])
+    taken = [sorted(core.take_usage()) for core in cores]
+    assert taken[0] == taken[-1]
+    windows = {t[3] for t in taken[0]}
+    assert all(w % 60_000 == 0 for w in windows)

@@ -109,7 +109,7 @@ cdef class Core(_Decoder):
             ev.account = _Tables._find(self, ev.cust, ev.cust_len)
             if ev.account >= 0:
                 ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash,
-                                               True)
+                                               ev.window, True)
                 if ev.agg < 0:
                     self._agg_undo(mark)
                     raise self._sets_error(ev, "events[%d].dimensions" % i)
@@ -235,7 +235,8 @@ cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
         o.decision = DECISION_DENY
         o.reason = REASON_UNKNOWN_CUSTOMER
         return 0
-    ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, True)
+    ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, ev.window,
+                                   True)
     if ev.agg < 0:
         raise self._sets_error(ev, "event.dimensions")
     reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, _minimum(self, ev), False, &o.cost,

@@ -56,6 +56,9 @@ cdef class _Aggregates(_Accounts):
     cdef int64_t *nsets_win
     cdef int64_t window_ms
     cdef int64_t cur_window
+    cdef int64_t now_ms          # the clock (set_clock)
+    cdef int64_t late_ms         # how far before it, and after it, an event's timestamp_ms may be
+    cdef int64_t early_ms
     cdef list rate_dims          # per rate: its price dimension as a canonical dimension set
     cdef const char **rate_dptr  # and its bytes, length and hash, for settle
     cdef int32_t *rate_dlen
@@ -72,9 +75,10 @@ cdef class _Aggregates(_Accounts):
     # aggregates
     cdef int _agg_grow(self, Py_ssize_t new_cap) except -1
     cdef inline uint64_t _akey(self, int32_t acct, int32_t meter, uint64_t dset, int64_t window) noexcept nogil
-    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, int32_t dset, uint64_t *slot_out) noexcept nogil
+    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, int32_t dset, int64_t window,
+                                  uint64_t *slot_out) noexcept nogil
     cdef int32_t _agg_slot(self, int32_t acct, int32_t meter, const char *dims, int32_t dlen, uint64_t dhash,
-                           bint capped) except -2
+                           int64_t window, bint capped) except -2
     cdef void _agg_undo(self, Py_ssize_t mark) noexcept nogil
     cdef inline int _agg_add(self, int32_t i, int64_t quantity, int64_t cost) except -1
     cdef int _spill(self, Agg *a) except -1

@@ -11,6 +11,8 @@ cdef class _Aggregates(_Accounts):
         self.sets_capped = True
         self.agg_spill = {}
         self.window_ms = 60000
+        self.late_ms = INT64_MAX
+        self.early_ms = INT64_MAX
         self.rate_dims = []
 
     def __dealloc__(self):
@@ -61,8 +63,19 @@ cdef class _Aggregates(_Accounts):
         self.window_ms = window_ms
 
     def set_clock(self, int64_t now_ms):
-        """The time of what is applied next: its usage goes to this time's window."""
+        """The time of what is applied next: its usage goes to this time's window
+        (an event's to its timestamp_ms's, when it has one)."""
+        self.now_ms = now_ms
         self.cur_window = now_ms - now_ms % self.window_ms
+
+    def set_event_times(self, int64_t late_ms, int64_t early_ms):
+        """How far before the clock, and after it, an event's timestamp_ms may be
+        (INT64_MAX: any distance, as at first; the log replay allows any: what was
+        applied once is applied again)."""
+        if late_ms < 0 or early_ms < 0:
+            raise ValueError(spec.MSG_EVENT_TIMES)
+        self.late_ms = late_ms
+        self.early_ms = early_ms
 
     def set_dimension_sets_capped(self, bint capped):
         """Whether dimension_sets_per_window_max refuses new sets (on by default).
@@ -206,10 +219,11 @@ cdef class _Aggregates(_Accounts):
 
     # ---- aggregates ---------------------------------------------------------------------------
 
-    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, int32_t dset, uint64_t *slot_out) noexcept nogil:
-        """The aggregate of (account, meter, dimension set, current window), or -1;
+    cdef inline int32_t _agg_find(self, int32_t acct, int32_t meter, int32_t dset, int64_t window,
+                                  uint64_t *slot_out) noexcept nogil:
+        """The aggregate of (account, meter, dimension set, window), or -1;
         ``slot_out`` is where it is or would go."""
-        cdef uint64_t h = self._akey(acct, meter, dset, self.cur_window) & self.amask
+        cdef uint64_t h = self._akey(acct, meter, dset, window) & self.amask
         cdef int32_t slot
         cdef Agg *a
         while True:
@@ -218,23 +232,25 @@ cdef class _Aggregates(_Accounts):
                 slot_out[0] = h
                 return -1
             a = &self.agg[slot - 1]
-            if a.dset == dset and a.acct == acct and a.meter == meter and a.window == self.cur_window:
+            if a.dset == dset and a.acct == acct and a.meter == meter and a.window == window:
                 slot_out[0] = h
                 return slot - 1
             h = (h + 1) & self.amask
 
     cdef int32_t _agg_slot(self, int32_t acct, int32_t meter, const char *dims, int32_t dlen, uint64_t dhash,
-                           bint capped) except -2:
-        """The aggregate of an event, made (empty) if new; -1 when ``capped`` and
-        the account has made dimension_sets_per_window_max sets in this window
-        (a unique_count meter's too: each distinct value is a set of its own)."""
+                           int64_t window, bint capped) except -2:
+        """The aggregate of an event in ``window``, made (empty) if new; -1 when
+        ``capped`` and the account has made dimension_sets_per_window_max sets in
+        the current window (a unique_count meter's too: each distinct value is a
+        set of its own; and an earlier window's, for a late event, counts in the
+        current one)."""
         cdef uint64_t h
         cdef int32_t d = self._dset_find(dims, dlen, dhash, &h)
         cdef int32_t i = -1
         cdef Agg *a
         cdef bint counted = True
         if d >= 0:
-            i = self._agg_find(acct, meter, d, &h)
+            i = self._agg_find(acct, meter, d, window, &h)
             if i >= 0:
                 return i
         if self.nsets_win[acct] != self.cur_window:
@@ -248,7 +264,7 @@ cdef class _Aggregates(_Accounts):
             d = self._dset_intern(dims, dlen, dhash)
         if self.n_agg == self.cap_agg:
             self._agg_grow(self.cap_agg * 2)
-        self._agg_find(acct, meter, d, &h)
+        self._agg_find(acct, meter, d, window, &h)
         i = <int32_t>self.n_agg
         a = &self.agg[i]
         self.n_agg += 1
@@ -257,7 +273,7 @@ cdef class _Aggregates(_Accounts):
         a.meter = meter
         a.dset = d
         self.dsets[d].refs += 1
-        a.window = self.cur_window
+        a.window = window
         a.qty = 0
         a.cost = 0
         a.events = 0
@@ -423,7 +439,7 @@ cdef class _Aggregates(_Accounts):
         cdef const char *p = PyBytes_AS_STRING(dims)
         cdef int32_t n = <int32_t>len(dims)
         cdef int32_t d = self._dset_find(p, n, _hash_set(p, n), &h)
-        if d >= 0 and self._agg_find(<int32_t>idx, meter, d, &h) >= 0:
+        if d >= 0 and self._agg_find(<int32_t>idx, meter, d, self.cur_window, &h) >= 0:
             return True
         if not self.sets_capped:
             return True
@@ -466,10 +482,11 @@ cdef class _Aggregates(_Accounts):
         cdef int32_t i
         if dims is None:
             i = _Aggregates._agg_slot(self, <int32_t>idx, self.rates[rate].meter, self.rate_dptr[rate],
-                                      self.rate_dlen[rate], self.rate_dhash[rate], False)
+                                      self.rate_dlen[rate], self.rate_dhash[rate], self.cur_window, False)
         else:
             i = _Aggregates._agg_slot(self, <int32_t>idx, self.rates[rate].meter, PyBytes_AS_STRING(dims),
-                                      <int32_t>len(dims), _hash_set(PyBytes_AS_STRING(dims), len(dims)), False)
+                                      <int32_t>len(dims), _hash_set(PyBytes_AS_STRING(dims), len(dims)),
+                                      self.cur_window, False)
         cdef Ext *x = _Tables._xp(self, idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved

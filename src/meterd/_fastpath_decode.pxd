@@ -23,6 +23,7 @@ cdef enum:
     E_TENANT = 15
     E_FIELD0 = 16
     E_PRECISION = 17
+    E_EVENT_TIME = 18
 
 # UsageEvent's fields, by number (corespec.EVENT_FIELDS names them).
 cdef enum:
@@ -59,6 +60,7 @@ cdef struct Event:
     const char *detail
     int32_t detail_len
     int32_t detail_dim       # E_NO_PRICE: the price dimension it is about
+    int64_t window           # the usage window its timestamp_ms (or the clock) puts it in; E_EVENT_TIME: the timestamp
     const char *uval        # unique_count meters: the distinct value, in the caller's buffer
     int32_t ulen
     Py_ssize_t coff         # the canonical dimension set, in cbuf
@@ -77,6 +79,7 @@ cdef struct Fields:
     const char *dec
     Py_ssize_t dec_len
     int nspans               # dimension entries, in spans
+    int64_t ts               # timestamp_ms (0: none)
 
 
 cdef class _Decoder(_Aggregates):

@@ -270,6 +270,7 @@ cdef class _Decoder(_Aggregates):
         ev.coff = self.cbuf_len
         ev.agg = -1
         ev.keyed = False
+        ev.window = self.cur_window
         rc = _event_fields(self, buf, start, end, ev, &f)
         if rc == E_OK:
             rc = _event_customer(self, ev)
@@ -279,6 +280,8 @@ cdef class _Decoder(_Aggregates):
             rc = _event_quantity(self, ev, &f)
         if rc == E_OK:
             rc = _event_rate(self, ev, &f)
+        if rc == E_OK:
+            rc = _event_time(self, ev, &f)
         if rc:
             ev.err = rc
             return rc
@@ -309,6 +312,8 @@ cdef class _Decoder(_Aggregates):
             return InvalidInput(field, spec.no_unique_message(PyBytes_FromStringAndSize(ev.detail, ev.detail_len)))
         if ev.err == E_TOO_LONG and ev.err_field == F_CUSTOMER_ID:
             return InvalidInput(field, spec.MSG_ID_TOO_LONG % self.id_max)
+        if ev.err == E_EVENT_TIME:
+            return InvalidInput(field, spec.event_time_message(ev.window, self.now_ms, self.late_ms))
         if ev.err == E_TENANT:
             return Forbidden(field, _MESSAGES[ev.err])
         return InvalidInput(field, _MESSAGES[ev.err])
@@ -471,6 +476,8 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
             elif <int64_t>v < 0:
                 ev.err_field = F_TIMESTAMP_MS
                 return E_NEGATIVE
+            else:
+                f.ts = <int64_t>v
         else:
             rc = _skip(buf, end, &pos, wt)
             if rc:
@@ -576,6 +583,21 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
     elif _Accounts._fine(self, ev.rate, qty, &ev.fine):
         ev.err_field = F_QUANTITY
         return E_OVERFLOW
+    return E_OK
+
+
+cdef inline int _event_time(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+    """The usage window of the event's timestamp_ms, within the distances allowed
+    from the clock, or the clock's when it has none (0)."""
+    if f.ts == 0:
+        ev.window = self.cur_window
+        return E_OK
+    if (f.ts < self.now_ms and self.now_ms - f.ts > self.late_ms) or (f.ts > self.now_ms
+                                                                      and f.ts - self.now_ms > self.early_ms):
+        ev.err_field = F_TIMESTAMP_MS
+        ev.window = f.ts
+        return E_EVENT_TIME
+    ev.window = f.ts - f.ts % self.window_ms
     return E_OK
 
 

@@ -815,7 +815,8 @@ class _Aggregates(_Accounts):
         self.n_live = 0
         self.nsets: list[list[int]] = []  # per account: [window, dimension sets made in it]
         self.window_ms = 60000
-        self.cur_window = 0
+        self.cur_window = self.now_ms = 0
+        self.late_ms = self.early_ms = INT64_MAX  # how far before and after the clock an event may be
         self.rate_dims: list[bytes] = []
         for meter, key, _, _ in rates:
             named = {bytes(d): bytes(v) for d, v in zip(meters[meter][3], key, strict=True) if v is not None}
@@ -834,15 +835,23 @@ class _Aggregates(_Accounts):
         self.window_ms = window_ms
 
     def set_clock(self, now_ms: int) -> None:
+        self.now_ms = now_ms
         self.cur_window = now_ms - now_ms % self.window_ms
+
+    def set_event_times(self, late_ms: int, early_ms: int) -> None:
+        if late_ms < 0 or early_ms < 0:
+            raise ValueError(spec.MSG_EVENT_TIMES)
+        self.late_ms, self.early_ms = late_ms, early_ms
 
     def set_dimension_sets_capped(self, capped: bool) -> None:
         self.sets_capped = bool(capped)
 
-    def _agg_slot(self, idx: int, meter: int, dims: bytes, capped: bool, made: list | None) -> tuple | None:
-        """The key of an event's aggregate, made (empty) if new, its key added to
-        ``made``; None when ``capped`` and over dimension_sets_per_window_max."""
-        key = (idx, meter, dims, self.cur_window)
+    def _agg_slot(self, idx: int, meter: int, dims: bytes, window: int, capped: bool,
+                  made: list | None) -> tuple | None:
+        """The key of an event's aggregate in ``window``, made (empty) if new, its key
+        added to ``made``; None when ``capped`` and over dimension_sets_per_window_max
+        (sets made in the current window, an earlier window's for a late event too)."""
+        key = (idx, meter, dims, window)
         if key in self.agg:
             return key
         counted = True  # a unique_count meter's sets too: each distinct value is a set of its own
@@ -916,7 +925,8 @@ class _Aggregates(_Accounts):
         if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         made: list = []
-        key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate] if dims is None else dims, False, made)
+        key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate] if dims is None else dims,
+                             self.cur_window, False, made)
         self.resv[idx][ct] -= reserved
         reason, cost = self._debit(idx, rate, quantity, fine, minimum_nano, True)
         if reason != REASON_NONE:
@@ -990,21 +1000,32 @@ class _Decoder(_Aggregates):
     def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
         """Decode and rate one UsageEvent: (customer, meter, rate, quantity, fine,
         canonical dimension set, distinct value)."""
-        cust, mname, qkind, qty, dec, dims = self._event_fields(buf, pos, end)
+        cust, mname, qkind, qty, dec, dims, ts = self._event_fields(buf, pos, end)
         self._event_customer(cust)
         meter = self.meter_index.get(mname)
         if meter is None:
             raise _DecodeError("meter", spec.unknown_meter_message(mname))
         qty = self._event_quantity(meter, qkind, qty, dec)
         rate, qty, fine, found = self._event_rate(meter, qty, dims)
-        return cust, meter, rate, qty, fine, canonical_set(dims), found
+        return cust, meter, rate, qty, fine, canonical_set(dims), found, self._event_window(ts)
 
-    def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes, int, int, bytes, dict[bytes, bytes]]:
+    def _event_window(self, ts: int) -> int:
+        """The usage window of an event's timestamp_ms, within the distances allowed from
+        the clock, or the clock's when it has none (0)."""
+        if ts == 0:
+            return self.cur_window
+        if (ts < self.now_ms and self.now_ms - ts > self.late_ms) or (ts > self.now_ms
+                                                                      and ts - self.now_ms > self.early_ms):
+            raise _DecodeError("timestamp_ms", spec.event_time_message(ts, self.now_ms, self.late_ms))
+        return ts - ts % self.window_ms
+
+    def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes, int, int, bytes,
+                                                                      dict[bytes, bytes], int]:
         """The field loop: (customer, meter name, quantity kind (0: none, 1:
-        quantity, 2: quantity_decimal), quantity, decimal, dimensions). As protobuf,
-        the last occurrence of a field wins and unknown fields are skipped."""
+        quantity, 2: quantity_decimal), quantity, decimal, dimensions, timestamp).
+        As protobuf, the last occurrence of a field wins and unknown fields are skipped."""
         cust = mname = dec = b""
-        qkind = qty = 0
+        qkind = qty = ts = 0
         dims: dict[bytes, bytes] = {}
         while pos < end:
             tag, pos = _tag(buf, pos, end)
@@ -1039,9 +1060,11 @@ class _Decoder(_Aggregates):
                     qty = _signed64(v)
                 elif _signed64(v) < 0:
                     raise _DecodeError("timestamp_ms", spec.MSG_NEGATIVE)
+                else:
+                    ts = v
             else:
                 pos = _skip(buf, pos, end, wt)
-        return cust, mname, qkind, qty, dec, dims
+        return cust, mname, qkind, qty, dec, dims, ts
 
     def _event_customer(self, cust: bytes) -> None:
         """The customer id: present, short enough, printable, and the token's."""
@@ -1219,16 +1242,16 @@ class Core(_Decoder):
         # sets is refused whole, with nothing applied.
         made: list = []
         slots = []
-        for i, (cust, meter, _, _, _, dims, _) in enumerate(events):
+        for i, (cust, meter, _, _, _, dims, _, window) in enumerate(events):
             idx = self.index.get(cust, -1)
             key = None
             if idx >= 0:
-                key = self._agg_slot(idx, meter, dims, True, made)
+                key = self._agg_slot(idx, meter, dims, window, True, made)
                 if key is None:
                     self._agg_undo(made)
                     raise InvalidInput("events[%d].dimensions" % i, sets_message(cust, self.sets_max))
             slots.append((idx, key))
-        for i, (_, meter, rate, qty, fine, _, uval) in enumerate(events):
+        for i, (_, meter, rate, qty, fine, _, uval, _) in enumerate(events):
             idx, key = slots[i]
             ct = self.rates[rate][1]
             cost = mode = priority = 0
@@ -1290,14 +1313,14 @@ class Core(_Decoder):
                 raise InvalidInput("event", e.message) from None
         if n < 0:
             raise InvalidInput("event", spec.MSG_REQUIRED)
-        cust, meter, rate, qty, fine, dims, uval = self._event(data, s, s + n, "event.")
+        cust, meter, rate, qty, fine, dims, uval, window = self._event(data, s, s + n, "event.")
         if keyless and _has_string(data, s, s + n, 7):
             return None
         ct = self.rates[rate][1]
         idx = self.index.get(cust, -1)
         if idx < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
-        key = self._agg_slot(idx, meter, dims, True, None)
+        key = self._agg_slot(idx, meter, dims, window, True, None)
         if key is None:
             raise InvalidInput("event.dimensions", sets_message(cust, self.sets_max))
         reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), False, uval)

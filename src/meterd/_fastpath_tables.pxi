@@ -177,7 +177,8 @@ cdef class _Tables:
         first holds."""
         cdef Py_ssize_t i, k, nslots = 16
         cdef Meter *m
-        cdef uint64_t h, vh[PRICE_DIMENSIONS_MAX]
+        cdef uint64_t h
+        cdef uint64_t vh[PRICE_DIMENSIONS_MAX]
         while nslots < self.n_rates * 2:
             nslots *= 2
         self.rate_slots = <int32_t *>calloc(nslots, sizeof(int32_t))

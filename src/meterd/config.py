@@ -124,6 +124,11 @@ class Settings:
     metrics_listen: str = ""
     # Usage is aggregated per customer, meter, dimension set and window of this width.
     usage_window_s: int = 60
+    # An event's timestamp_ms puts its usage in the window (and statement) it belongs
+    # to when it is at most this far before the sidecar's clock, or after it; further
+    # off, the event is refused. (0: no timestamp, the event is of now.)
+    event_late_max_s: int = 86_400
+    event_early_max_s: int = 300
     log_level: str = "info"
     log_format: str = "json"
 
@@ -271,6 +276,8 @@ def _check_timers(s: Settings) -> None:
     _check_leases(s)
     _need(1 <= s.usage_window_s <= 86_400 and 86_400 % s.usage_window_s == 0, "usage_window_s",
          "must divide a day: 1 to 86400 seconds, for example 60 or 3600")
+    _need(0 <= s.event_late_max_s <= 40 * 86_400, "event_late_max_s", "must be 0 to 3456000 (40 days)")
+    _need(0 <= s.event_early_max_s <= 86_400, "event_early_max_s", "must be 0 to 86400")
     _need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",
          "must be at most 64 printable ASCII characters without spaces")
 

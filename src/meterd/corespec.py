@@ -115,6 +115,7 @@ MSG_MINIMUM = "must be 0 to 2^62"
 MSG_FORCE_CHARGE = "no such rate, or a negative quantity"
 MSG_NOT_UNIQUE = "meter %d does not count distinct values"
 MSG_WINDOW = "the usage window must be at least 1 ms"
+MSG_EVENT_TIMES = "how far an event's time may be from the clock is not negative"
 
 # Snapshots.
 MSG_STATE_SHAPE = "state shape does not match the catalog"
@@ -180,6 +181,16 @@ def rate_mask(key: tuple[bytes | None, ...]) -> int:
     mask (a price table tries its masks from the largest down)."""
     n = len(key)
     return sum(1 << (n - 1 - i) for i, v in enumerate(key) if v is not None)
+
+
+def event_time_message(timestamp_ms: int, now_ms: int, late_ms: int) -> str:
+    """Why an event's timestamp_ms is refused: too far before the sidecar's clock
+    (more than ``late_ms``), or else too far after it."""
+    if timestamp_ms < now_ms and now_ms - timestamp_ms > late_ms:
+        return ("is %d ms before the sidecar's clock (%d): events older than event_late_max_s (%d s) are refused"
+                % (now_ms - timestamp_ms, now_ms, late_ms // 1000))
+    return ("is %d ms after the sidecar's clock (%d): events further ahead than event_early_max_s are refused"
+            % (timestamp_ms - now_ms, now_ms))
 
 
 def no_unique_message(key: bytes) -> str:

@@ -18,6 +18,7 @@ from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key
 from meterd.catalog import Catalog, CompiledCatalog
 from meterd.clock import Clock
 from meterd.config import Settings
+from meterd.corespec import INT64_MAX
 from meterd.drain import Drained, Drains
 from meterd.errors import ConfigError, StorageFull, invariant
 from meterd.flush import Flusher
@@ -45,6 +46,7 @@ def new_core(settings: Settings, compiled: CompiledCatalog, accounts: int = 0) -
     capacity = max(CORE_CAPACITY_MIN, accounts + accounts // 8)
     core = core_mod.Core(denominators, meters, rates, settings.core_limits(), capacity, plans, modes, free, names)
     core.set_window(settings.usage_window_s * 1000)
+    core.set_event_times(settings.event_late_max_s * 1000, settings.event_early_max_s * 1000)
     return core
 
 
@@ -124,7 +126,8 @@ class Recovery:
         self.journal.log_pos = self.journal.snapshot_pos
         self.journal.unsubmitted = 0
         replayed = 0
-        core.set_dimension_sets_capped(False)  # what was applied once is applied again
+        core.set_dimension_sets_capped(False)  # what was applied once is applied again,
+        core.set_event_times(INT64_MAX, INT64_MAX)  # whatever the settings say now
         for key, record in store.items("log", start=u64(self.journal.snapshot_pos + 1)):
             if from_u64(key) != self.journal.log_pos + 1:
                 # Only a call that failed after taking a position leaves one (an older meterd did
@@ -135,6 +138,7 @@ class Recovery:
             self.journal.log_pos = from_u64(key)
             replayed += 1
         core.set_dimension_sets_capped(True)
+        core.set_event_times(self.settings.event_late_max_s * 1000, self.settings.event_early_max_s * 1000)
         remapped = was != current
         if remapped:
             self.drains.carry(_drained(core.take_usage(), was))  # named by the catalog they were made under
