@@ -75,6 +75,12 @@ def make(request, tmp_path, monkeypatch):
         b.close()
 
 
+def both_cores(denominators: list, meters: list, rates: list, names: list | None = None) -> list:
+    """The cores this run tests, each with the same tables and no plans."""
+    return [core_class(denominators, meters, rates, dict(LIMITS), 16, [], [], [], names or [b"usd"])
+            for core_class in CORES.values()]
+
+
 def nano(price: str, per: int, quantity: Fraction) -> Fraction:
     """The exact cost in nano-units of ``quantity`` meter units at ``price`` per ``per`` units."""
     return Fraction(price) / per * quantity * NANO
@@ -239,7 +245,7 @@ def test_both_cores_pick_the_row_the_rule_says(n, data):
     dims = tuple(b"d%d" % i for i in range(n))
     rates = [(0, key, i + 1, 1) for i, key in enumerate(keys)]
     meter = (b"m", 0, 0, dims, 0, b"", defaults, 1, 0)
-    cores = [core_class([1], [meter], rates, dict(LIMITS), 16, [], [], [], [b"usd"]) for core_class in CORES.values()]
+    cores = both_cores([1], [meter], rates)
     for _ in range(8):
         event = {d: v for d, v in zip(dims, data.draw(st.tuples(*[cell] * n)), strict=True) if v is not None}
         values = tuple(event.get(d, dflt) for d, dflt in zip(dims, defaults, strict=True))
@@ -262,8 +268,7 @@ def test_both_cores_rate_random_events_of_a_table_alike(tmp_path):
                                                          "price_dimensions": ["model", "tier"],
                                                          "prices": prices}}}
     compiled = parse_catalog(doc, "t").compiled
-    cores = [core_class(*compiled.core_args()[:3], dict(LIMITS), 16, [], [], [], [b"usd"])
-             for core_class in CORES.values()]
+    cores = both_cores(*compiled.core_args()[:3])
     for core in cores:
         core.credit(core.open_account(b"acme"), 0, 10**15)
     events = [pb.UsageEvent(customer_id="acme", meter="t", quantity=rng.randint(0, 10**6),
@@ -451,6 +456,9 @@ def test_a_session_is_billed_in_whole_increments_and_at_least_its_minimum(make):
     ({"aggregation": "max", "minimum": "1", "price": "1"},
      "meters.m.minimum: a max, latest or unique_count meter is charged on its period's value"),
     ({"minimum": "0.0000000001", "price": "1"}, "meters.m.minimum: has more than 9 decimals"),
+    ({"aggregation": "max", "price": "1", "price_dimension": "tier", "dimension_defaults": {"tier": "gold"}},
+     "meters.m.dimension_defaults: a max, latest or unique_count meter is charged on its period's value at its "
+     "default price"),
 ])
 def test_an_increment_or_minimum_that_cannot_hold_is_refused(meter, message):
     doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
@@ -467,8 +475,7 @@ def test_increments_and_minimums_conserve_money_exactly_in_both_cores(events):
     rounded up to its meter's increment, its cost at least its meter's minimum (when not zero)."""
     catalog = parse_catalog(tomllib.loads(STEPS), "steps")
     compiled = catalog.compiled
-    cores = [core_class(*compiled.core_args()[:3], dict(LIMITS), 16, [], [], [], [b"usd"])
-             for core_class in CORES.values()]
+    cores = both_cores(*compiled.core_args()[:3])
     for core in cores:
         core.credit(core.open_account(b"acme"), 0, 10**15)
     exact = Fraction(0)
@@ -563,8 +570,7 @@ def test_a_replay_keeps_what_it_applied_whatever_the_settings_say_now(make, tmp_
 def test_both_cores_file_timestamps_in_the_same_windows(offsets):
     """The same windows for the same timestamps, and the same refusals, from both cores."""
     compiled = load_catalog(None).compiled
-    cores = [core_class(*compiled.core_args()[:3], dict(LIMITS), 16, [], [], [], list(compiled.core_args()[6]))
-             for core_class in CORES.values()]
+    cores = both_cores(*compiled.core_args()[:3], names=list(compiled.core_args()[6]))
     now = 1_769_817_600_000 + 12_345
     for core in cores:
         core.set_window(60_000)
@@ -589,3 +595,103 @@ def test_both_cores_file_timestamps_in_the_same_windows(offsets):
     assert taken[0] == taken[-1]
     windows = {t[3] for t in taken[0]}
     assert all(w % 60_000 == 0 for w in windows)
+
+
+# ---- found by review: free units, session holds, reloads ---------------------------------------
+
+FREE_SESSIONS = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.gpu_seconds]
+credit_type = "usd"
+precision = 3
+minimum = "0.05"
+price = "0.001"
+
+[meters.requests]                       # a fee per request, and 100 free requests a month
+credit_type = "usd"
+minimum = "0.01"
+price = "0"
+
+[plans.free_gpu]
+period = "month"
+free = { gpu_seconds = "1000", requests = "100" }
+
+[customers.bob]
+plan = "free_gpu"
+balances = { usd = "100" }
+
+[customers.acme]
+balances = { usd = "0.10" }
+"""
+
+
+def test_what_free_units_cover_costs_nothing_whatever_the_minimum(make):
+    b = make(FREE_SESSIONS)
+    assert b.report("bob", "requests", 1).cost_nano == 0
+    s = b.start_session("bob", "gpu_seconds", timeout_ms=30_000)
+    b.advance(10_000)
+    b.heartbeat(s.session_id)
+    assert b.end_session(s.session_id).cost_nano == 0  # ended just after a heartbeat
+    s = b.start_session("bob", "gpu_seconds", timeout_ms=30_000)
+    b.advance(10_000)
+    b.heartbeat(s.session_id)
+    b.advance(31_000)
+    b.tick()  # expired: billed up to its last heartbeat
+    assert b.bal("bob", "usd") == 100 * NANO
+
+
+def test_a_sessions_heartbeat_holds_its_interval_not_the_minimum(make):
+    b = make(FREE_SESSIONS)
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000)  # $0.03 an interval, $0.10 balance
+    for _ in range(2):
+        b.advance(30_000)
+        h = b.heartbeat(s.session_id)
+    assert (h.decision, h.closed, h.cost_nano) == (pb.DECISION_ALLOW, False, 60_000_000)  # $0.04 left holds $0.03
+
+
+TABLE = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.gpu_seconds]
+credit_type = "usd"
+price_dimensions = ["hardware", "region"]
+
+[meters.gpu_seconds.prices]
+h100 = { "*" = "0.002" }
+t4 = { "*" = "0.001" }
+
+[customers.acme]
+balances = { usd = "100" }
+"""
+
+
+def test_a_reload_that_drops_the_row_of_an_open_hold_is_refused(make):
+    b = make(TABLE)
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000, hardware="h100", region="eu")
+    a = b.authorize("acme", "gpu_seconds", 100, hardware="t4")
+    for drop, what in [('h100 = { "*" = "0.002" }\n', "sessions"), ('t4 = { "*" = "0.001" }\n', "reservations")]:
+        new = parse_catalog(tomllib.loads(TABLE.replace(drop, "")), "new.toml")
+        with pytest.raises(ConfigError, match=f"new.toml: meters.gpu_seconds: has open {what} priced by a row"):
+            b.run(b.engine.reload_catalog(new))
+    b.advance(5_000)
+    assert b.commit(a.reservation_id, 100).cost_nano == nano("0.001", 1, 100)
+    assert b.end_session(s.session_id).cost_nano == nano("0.002", 1, 5)
+
+
+def test_a_restart_under_a_catalog_without_a_sessions_row_releases_its_hold(make, tmp_path):
+    b = make(TABLE)
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000, hardware="h100")
+    assert b.balance("acme").balances[0].reserved_nano > 0
+    path = tmp_path / "without_h100.toml"
+    path.write_text(TABLE.replace('h100 = { "*" = "0.002" }\n', ""))
+    b.run(b.engine.close())
+    b.catalog = load_catalog(str(path))
+    b.engine = b._open()
+    b.advance(5_000)
+    e = b.heartbeat(s.session_id)  # no price: it is closed, nothing billed, its hold released
+    assert (e.decision, e.closed, e.cost_nano) == (pb.DECISION_DENY, True, 0)
+    assert b.balance("acme").balances[0].reserved_nano == 0
+    assert b.bal("acme", "usd") == 100 * NANO

@@ -176,20 +176,17 @@ cdef class _Accounts(_State):
         return 0
 
     def quote(self, Py_ssize_t rate, int64_t quantity):
-        """(credit type, cost rounded up to a whole nano) of one event of that quantity
-        (rounded up to the meter's increment, at least its minimum), without carry."""
+        """(credit type, cost rounded up to a whole nano) of a quantity, without carry
+        (as it is: the engine rounds an event's to its meter's increment and minimum)."""
         self._check()
         if rate < 0 or rate >= self.n_rates:
             raise IndexError(spec.MSG_NO_RATE % rate)
         if quantity < 0:
             raise InvalidInput("quantity", spec.MSG_NEGATIVE)
         cdef i128 fine
-        cdef Meter *m = &self.meters[self.rates[rate].meter]
-        cdef int64_t d = self.denom[self.rates[rate].ct]
-        if _round_up(&quantity, m.increment) or self._fine(<int32_t>rate, quantity, &fine):
+        if self._fine(<int32_t>rate, quantity, &fine):
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
-        if quantity > 0 and fine < <i128>m.minimum * d:
-            fine = <i128>m.minimum * d
+        cdef int64_t d = self.denom[self.rates[rate].ct]
         return self.rates[rate].ct, <int64_t>((fine + d - 1) / d)
 
     cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, bint force,
@@ -207,7 +204,7 @@ cdef class _Accounts(_State):
         cdef Py_ssize_t u = idx * self.n_meters + meter
         cdef int64_t free_units = self.plan_free[self.plan_of[idx] * self.n_meters + meter]
         cdef int64_t charged
-        if free_units > self.usage[u] and fine > 0:
+        if free_units > self.usage[u] and (fine > 0 or minimum > 0):
             # The plan's free units this period come first; the rest is rated as usual.
             charged = quantity - (free_units - self.usage[u]) if quantity > free_units - self.usage[u] else 0
             self._fine(rate, charged, &fine)  # cannot overflow: charged <= quantity

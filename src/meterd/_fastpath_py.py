@@ -671,14 +671,11 @@ class _Accounts(_State):
             raise IndexError(spec.MSG_NO_RATE % rate)
         if quantity < 0:
             raise InvalidInput("quantity", spec.MSG_NEGATIVE)
-        meter, ct = self.rates[rate][:2]
-        rounded = _round_up(quantity, self.meters[meter][8])
-        fine = None if rounded is None else self._fine(rate, rounded)
-        if rounded is None or fine is None:
+        fine = self._fine(rate, quantity)
+        if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
+        ct = self.rates[rate][1]
         d = self.denom[ct]
-        if rounded > 0:
-            fine = max(fine, self.meters[meter][9] * d)
         return ct, (fine + d - 1) // d
 
     def _debit(self, idx: int, rate: int, quantity: int, fine: int, minimum: int, force: bool,
@@ -686,7 +683,7 @@ class _Accounts(_State):
         """At least ``minimum`` nano unless the plan's free units cover it all."""
         meter, ct, _, _ = self.rates[rate]
         free_units = self.free[self.plan_of[idx]][meter]
-        if free_units > self.usage[idx][meter] and fine > 0:
+        if free_units > self.usage[idx][meter] and (fine > 0 or minimum > 0):
             left = free_units - self.usage[idx][meter]
             charged = quantity - left if quantity > left else 0
             fine = self._fine(rate, charged)  # type: ignore[assignment]

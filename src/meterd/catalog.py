@@ -486,6 +486,9 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     defaults = spec.get("dimension_defaults", {})
     if not isinstance(defaults, dict):
         raise _err(source, f"{where}.dimension_defaults", "must be a table of price dimension = value")
+    if defaults and agg not in ("sum", "count"):
+        raise _err(source, f"{where}.dimension_defaults", "a max, latest or unique_count meter is charged on its "
+                   "period's value at its default price: dimension_defaults do not apply to it")
     for d, v in defaults.items():
         if d not in dims:
             raise _err(source, f"{where}.dimension_defaults.{d}", f"is not a price dimension of the meter "

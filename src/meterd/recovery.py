@@ -12,8 +12,8 @@ from typing import Any
 
 import lmdb
 
+from meterd import _fastpath_py, records, validate
 from meterd import core as core_mod
-from meterd import records
 from meterd.answers import ADMIN_LABEL, AnswerStore, entry_key
 from meterd.catalog import Catalog, CompiledCatalog
 from meterd.clock import Clock
@@ -331,6 +331,23 @@ class Recovery:
             if r.credit_type >= 0 and old.credit_types[r.credit_type].name not in new.credit_index:
                 raise ConfigError(f"{new.source}: credit_types: {old.credit_types[r.credit_type].name} "
                                   "has open reservations")
+        self._check_held_rates(new)
+
+    def _check_held_rates(self, new: Catalog) -> None:
+        """Open holds keep a price in the new catalog, in the credit type they hold money in."""
+        old = self.live.catalog
+        probe = _fastpath_py.Core(*new.compiled.core_args()[:3], self.settings.core_limits(), 16)
+        holds = [("reservations", r.meter, r.credit_type, r.dims, r.dim_value)
+                 for r in self.holds.reservations.values() if r.meter >= 0 and r.credit_type >= 0]
+        holds += [("sessions", s.meter, s.credit_type, bytes.fromhex(s.dims_hex) if s.dims_hex else None,
+                   s.dim_value) for s in self.holds.sessions.values()]
+        for what, meter, ct, dims, value in holds:
+            name = old.meters[meter].name
+            m = new.meter_index[name]  # _check_reload made sure it is there
+            if new.credit_types[new.meters[m].credit_type].name != old.credit_types[ct].name \
+                    or validate.rate_of_hold(new, probe, m, dims, value) < 0:
+                raise ConfigError(f"{new.source}: meters.{name}: has open {what} priced by a row it would no "
+                                  "longer have (or in another credit type); settle them before changing it")
 
 
 def _drained(taken: list[tuple], compiled: CompiledCatalog) -> Drained:

@@ -164,7 +164,7 @@ class Reports:
             which = event.WhichOneof("quantity_value")
             qty = validate.quantity(self.live, meter, Quantity(event.quantity, event.quantity_decimal
                                                                if which == "quantity_decimal" else None))
-            ct, cost = self.live.core.quote(rate, qty)
+            ct, cost = validate.event_quote(self.live, meter, rate, qty)
         except MeterdError:
             return None
         return event.customer_id, ct, cost

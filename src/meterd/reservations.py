@@ -84,7 +84,7 @@ class Reservations:
         if ttl_ms > self.settings.reservation_ttl_max_s * 1000:
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         core = self.live.core
-        ct, amount = core.quote(rate, qty)
+        ct, amount = validate.event_quote(self.live, meter, rate, qty)
         self.holds.open_room("reservation", label)
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
@@ -157,7 +157,8 @@ class Reservations:
         if isinstance(res, Replay):
             return res
         if res.rate < 0:
-            raise NotFound("the reservation's meter is no longer in the catalog; release it")
+            raise NotFound("the reservation's meter, or its price for the reservation's dimensions, is no longer "
+                           "in the catalog; release it")
         qty, minimum = validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity))
         core = self.live.core
         cust = res.customer_id.encode()

@@ -10,6 +10,7 @@ heartbeat: the held amount is released and nothing after it is billed.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Callable, Mapping
 
@@ -36,6 +37,8 @@ from meterd.security import Tenant
 from meterd.state import Live, Session
 from meterd.store import Op
 from meterd.subscriptions import Subscriptions
+
+log = logging.getLogger("meterd.engine")
 
 SESSION_TIMEOUT_MS = 30_000
 SESSION_TIMEOUT_MIN_MS = 1000
@@ -80,8 +83,11 @@ class Sessions:
         return self.live.core.quote(self._rate(s), self._interval_units(s, s.timeout_ms))[1]
 
     def _hold_ops(self, s: Session) -> list[Op] | None:
-        """Reserve the next interval; None when the balance cannot cover it."""
+        """Reserve the next interval; None when the balance cannot cover it, or the
+        session's price is no longer in the catalog (a restart under another one)."""
         core = self.live.core
+        if self._rate(s) < 0:
+            return None
         amount = self._interval_cost(s)
         idx = core.account(s.customer_id.encode())
         if not core.reserve(idx, s.credit_type, amount):
@@ -115,6 +121,8 @@ class Sessions:
         cust = s.customer_id.encode()
         idx = core.account(cust)
         rate = self._rate(s)
+        if rate < 0:
+            return self._unpriced_ops(s, idx)
         at = max(until_ms - 1, 0)  # the usage belongs to the window the interval ends in
         core.set_clock(at)
         dims = validate.settle_set(core, idx, s.meter, bytes.fromhex(s.dims_hex) if s.dims_hex else None, cust)
@@ -126,6 +134,18 @@ class Sessions:
         s.cost_nano += cost
         spared, s.spared_nano = s.spared_nano, 0
         return [self.journal.log_op(record)] + self.holds.spared_ops(s.customer_id, s.credit_type, spared, cost)
+
+    def _unpriced_ops(self, s: Session, idx: int) -> list[Op]:
+        """A session whose price is no longer in the catalog (it was restarted under one
+        without it: a reload refuses that) cannot be billed: its hold is released."""
+        log.error("session %s of customer %s has no price in the catalog now; its time since %d is not billed and "
+                  "its hold of %d nano is released", s.session_id, s.customer_id, s.billed_ms, s.reserved_nano)
+        held, s.reserved_nano = s.reserved_nano, 0
+        if not held:
+            return []
+        self.live.core.release(idx, s.credit_type, held)
+        record = records.account(Kind.RELEASE, s.customer_id.encode(), s.credit_type, held, self.clock.now_ms())
+        return [self.journal.log_op(record)]
 
     def _state(self, s: Session, decision: int, closed: bool, reason: int = 0) -> SessionState:
         core = self.live.core

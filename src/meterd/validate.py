@@ -16,6 +16,7 @@ from meterd.security import Tenant
 from meterd.state import Live
 
 if TYPE_CHECKING:
+    from meterd.catalog import Catalog
     from meterd.core import CoreAPI
 
 log = logging.getLogger("meterd.engine")
@@ -75,12 +76,17 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
 
 
 def held_rate(live: Live, meter: int, dims: bytes | None, value: str | None) -> int:
-    """The rate of a reservation or session from its dimension set; one written by
-    an older version without a set held only its price dimension's value."""
-    keys = live.catalog.meters[meter].price_dimensions
+    """The rate of a reservation or session from its dimension set (-1: none)."""
+    return rate_of_hold(live.catalog, live.core, meter, dims, value)
+
+
+def rate_of_hold(catalog: Catalog, core: CoreAPI, meter: int, dims: bytes | None, value: str | None) -> int:
+    """The rate of a hold in a catalog and its core; a hold written by an older version
+    without a dimension set kept only its price dimension's value."""
+    keys = catalog.meters[meter].price_dimensions
     if dims is None and value is not None and len(keys) == 1:
-        return live.core.find_rate(meter, {keys[0].encode(): value.encode()})
-    return live.core.find_rate(meter, {} if dims is None else _fastpath_py.set_items(dims))
+        return core.find_rate(meter, {keys[0].encode(): value.encode()})
+    return core.find_rate(meter, {} if dims is None else _fastpath_py.set_items(dims))
 
 
 def quantity(live: Live, meter: int, q: Quantity, field_prefix: str = "") -> int:
@@ -97,6 +103,14 @@ def quantity(live: Live, meter: int, q: Quantity, field_prefix: str = "") -> int
     if units > INT64_MAX:
         raise InvalidInput(field_prefix + "quantity", "cost or quantity overflows 64 bits")
     return units
+
+
+def event_quote(live: Live, meter: int, rate: int, units: int) -> tuple[int, int]:
+    """(credit type, the most one event of ``units`` costs): rounded up to the meter's
+    increment, at least its minimum (what Authorize holds, and a lease must cover)."""
+    billed_units, minimum = billed(live, meter, units)
+    ct, amount = live.core.quote(rate, billed_units)
+    return ct, max(amount, minimum)
 
 
 def billed(live: Live, meter: int, units: int, field: str = "quantity") -> tuple[int, int]:
