@@ -89,7 +89,7 @@ def test_catalog_prices_are_exact_fractions():
                                           "prices": {"haiku": "1/3", "o1": "10"}, "per": 1}}}, "x")
     denominators, _, rates = cat.compile()
     assert denominators == [3]
-    assert rates == [(0, (b"haiku",), 10**9, 1), (0, (b"o1",), 10**10, 3)]
+    assert rates == [(0, (b"haiku",), 10**9, 1, ()), (0, (b"o1",), 10**10, 3, ())]
 
 
 @pytest.mark.spawns

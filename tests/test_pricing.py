@@ -12,7 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from billing import NANO, Billing
+from billing import DAY_MS, NANO, Billing
 from conftest import compiled_core_unavailable
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -210,11 +210,13 @@ def test_a_snapshot_from_before_price_tables_reads_as_the_same_catalog():
     compiled = load_catalog(None).compiled
     doc = json.loads(compiled.json)
     for m in doc["meters"]:  # the layout older data directories have
-        assert len(m[3]) <= 1 and m[6:] == [[None] * len(m[3]), 1, 0]
+        assert len(m[3]) <= 1 and m[6:] == [[None] * len(m[3]), 1, 0, 0]
         m[3] = m[3][0] if m[3] else ""
         del m[6:]
     for r in doc["rates"]:
         r[1] = r[1][0] if r[1] else None
+        assert r[4] == []
+        del r[4:]
     assert CompiledCatalog.from_json(json.dumps(doc).encode()) == compiled
 
 
@@ -243,8 +245,8 @@ def test_both_cores_pick_the_row_the_rule_says(n, data):
     keys = data.draw(st.lists(st.tuples(*[cell] * n), min_size=1, max_size=12))
     defaults = tuple(data.draw(st.lists(st.sampled_from([None, b"a"]), min_size=n, max_size=n)))
     dims = tuple(b"d%d" % i for i in range(n))
-    rates = [(0, key, i + 1, 1) for i, key in enumerate(keys)]
-    meter = (b"m", 0, 0, dims, 0, b"", defaults, 1, 0)
+    rates = [(0, key, i + 1, 1, ()) for i, key in enumerate(keys)]
+    meter = (b"m", 0, 0, dims, 0, b"", defaults, 1, 0, 0)
     cores = both_cores([1], [meter], rates)
     for _ in range(8):
         event = {d: v for d, v in zip(dims, data.draw(st.tuples(*[cell] * n)), strict=True) if v is not None}
@@ -695,3 +697,216 @@ def test_a_restart_under_a_catalog_without_a_sessions_row_releases_its_hold(make
     assert (e.decision, e.closed, e.cost_nano) == (pb.DECISION_DENY, True, 0)
     assert b.balance("acme").balances[0].reserved_nano == 0
     assert b.bal("acme", "usd") == 100 * NANO
+
+
+def test_a_session_survives_a_restart_under_a_catalog_that_numbers_its_meter_otherwise(make, tmp_path):
+    two = '[credit_types.usd]\nkind = "fiat"\n[credit_types.eur]\nkind = "fiat"\ncurrency = "EUR"\n'
+    meters = ['[meters.gpu_seconds]\ncredit_type = "usd"\nprice = "0.001"\n',
+              '[meters.other]\ncredit_type = "eur"\nprice = "0.05"\n']
+    customers = '[customers.acme]\nbalances = { usd = "100", eur = "100" }\n'
+    b = make(two + "".join(meters) + customers)
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000)
+    b.run(b.engine.close())
+    path = tmp_path / "reordered.toml"
+    path.write_text('[credit_types.eur]\nkind = "fiat"\ncurrency = "EUR"\n[credit_types.usd]\nkind = "fiat"\n'
+                    + "".join(reversed(meters)) + customers)
+    b.catalog = load_catalog(str(path))
+    b.engine = b._open()
+    b.advance(10_000)
+    e = b.end_session(s.session_id)
+    assert (e.credit_type, e.cost_nano) == ("usd", 10 * NANO // 1000)
+    assert {x.credit_type: (x.balance_nano, x.reserved_nano) for x in b.balance("acme").balances} == \
+        {"usd": (100 * NANO - 10 * NANO // 1000, 0), "eur": (100 * NANO, 0)}
+    t = b.start_session("acme", "other", timeout_ms=30_000)
+    b.run(b.engine.close())
+    without = tmp_path / "without_other.toml"
+    without.write_text(two + meters[0] + customers)
+    b.catalog = load_catalog(str(without))
+    with pytest.raises(ConfigError, match=f"meters: other \\(in eur\\) has open sessions \\(session '{t.session_id}'"):
+        b._open()
+    b.catalog = load_catalog(str(path))  # with it back, it starts, and the session is there
+    b.engine = b._open()
+    assert b.end_session(t.session_id).closed
+
+
+# ---- graduated and volume tiers ---------------------------------------------------------------
+
+TIERS = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.gb_seconds]                     # graduated over the month's usage: units 1-10 at $2, 11-30 at $1, then $0.50
+credit_type = "usd"
+price = [{ up_to = "10", price = "2" }, { up_to = "30", price = "1" }, { price = "0.50" }]
+
+[meters.by_arch]                        # a tier list per row of a price table
+credit_type = "usd"
+price_dimension = "arch"
+prices = { x86 = [{ up_to = "10", price = "3" }, { price = "1" }], arm = "0.25" }
+
+[meters.seats]                          # volume: every seat at the price of the tier the count falls in
+credit_type = "usd"
+aggregation = "max"
+tier_mode = "volume"
+price = [{ up_to = "10", price = "8" }, { up_to = "50", price = "6" }, { price = "4" }]
+
+[meters.graduated_seats]
+credit_type = "usd"
+aggregation = "max"
+price = [{ up_to = "10", price = "8" }, { up_to = "50", price = "6" }, { price = "4" }]
+
+[plans.monthly]
+period = "month"
+
+[plans.five_free]
+period = "month"
+free = { gb_seconds = "5" }
+
+[customers.acme]
+plan = "monthly"
+balances = { usd = "1000" }
+
+[customers.bob]
+plan = "five_free"
+balances = { usd = "1000" }
+"""
+
+
+def graduated(tiers: list[tuple[int | None, str]], start: int, end: int) -> Fraction:
+    """The cost of units start+1 .. end, each at the tier its place falls in (by hand)."""
+    total, low = Fraction(0), 0
+    for up_to, price in tiers:
+        high = end if up_to is None else up_to
+        total += max(0, min(end, high) - max(start, low)) * Fraction(price)
+        low = high
+    return total
+
+
+GB = [(10, "2"), (30, "1"), (None, "0.50")]
+SEATS = [(10, "8"), (50, "6"), (None, "4")]
+
+
+def test_graduated_tiers_price_each_unit_by_its_place_in_the_months_usage(make):
+    b = make(TIERS)
+    used = 0
+    for q in (8, 5, 20, 10):
+        assert b.report("acme", "gb_seconds", q).cost_nano == graduated(GB, used, used + q) * NANO
+        used += q
+    assert graduated(GB, 0, 43) == 16 + 7 + Fraction(37, 2) + 5  # 8@2; 2@2+3@1; 17@1+3@0.5; 10@0.5
+    # free units come first: bob's 8 units are 5 free, then units 6-8 at $2
+    assert b.report("bob", "gb_seconds", 8).cost_nano == 3 * 2 * NANO
+    # a row of a table can have tiers of its own; the tiers count the meter's usage this period
+    assert b.report("acme", "by_arch", 12, arch="x86").cost_nano == (10 * 3 + 2 * 1) * NANO
+    assert b.report("acme", "by_arch", 4, arch="arm").cost_nano == NANO
+    assert b.report("acme", "by_arch", 1, arch="x86").cost_nano == NANO  # the 17th unit of the meter
+    # a hold covers the dearest tier; the commit charges by place
+    a = b.authorize("acme", "gb_seconds", 10)
+    assert a.reserved_nano == 10 * 2 * NANO
+    assert b.commit(a.reservation_id, 10).cost_nano == 10 * NANO // 2
+    b.check_conservation("acme")
+
+
+def test_the_next_period_starts_again_from_the_first_tier(make):
+    b = make(TIERS)
+    b.report("acme", "gb_seconds", 40)
+    b.advance(31 * DAY_MS)
+    b.tick()  # the period rolls
+    assert b.report("acme", "gb_seconds", 1).cost_nano == 2 * NANO
+
+
+def test_volume_tiers_price_every_seat_at_the_tier_the_count_reaches(make):
+    b = make(TIERS)
+    b.report("acme", "seats", 12)
+    b.report("acme", "graduated_seats", 12)
+    before = b.bal("acme", "usd")
+    b.advance(31 * DAY_MS)
+    b.tick()  # the period's end charges gauges on their value
+    charged = {e.reference: -e.amount_nano for e in b.audit("acme", "gauge_charged")}
+    assert sorted(charged.values()) == sorted([12 * 6 * NANO, int(graduated(SEATS, 0, 12) * NANO)])
+    assert before - b.bal("acme", "usd") == (12 * 6 + 10 * 8 + 2 * 6) * NANO
+
+
+@pytest.mark.parametrize("meter, message", [
+    ({"price": [{"up_to": "10", "price": "1"}]}, "meters.m.price: the last tier has no up_to"),
+    ({"price": [{"up_to": "10", "price": "1"}, {"up_to": "5", "price": "1"}, {"price": "1"}]},
+     "meters.m.price[1].up_to: must be above the tier before it (10)"),
+    ({"price": [{"price": "1"}, {"price": "2"}]}, "meters.m.price[0].up_to: is required"),
+    ({"price": [{"up_to": "1.5", "price": "1"}, {"price": "2"}]},
+     "meters.m.price[0].up_to: has more decimals than the meter's precision (0)"),
+    ({"tier_mode": "volume", "price": [{"up_to": "1", "price": "1"}, {"price": "2"}]},
+     "meters.m.tier_mode: volume tiers price a period's value at its end"),
+    ({"tier_mode": "steps", "price": "1"}, "meters.m.tier_mode: must be graduated or volume"),
+    ({"price": [{"up_to": "1", "cost": "1"}, {"price": "2"}]}, "meters.m.price[0].cost: unknown key"),
+    ({"price": []}, "meters.m.price: a tier list needs at least one tier"),
+])
+def test_a_tier_list_that_cannot_hold_is_refused(meter, message):
+    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
+    with pytest.raises(ConfigError) as e:
+        parse_catalog(doc, "c.toml")
+    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+
+
+def test_check_config_shows_the_tiers(tmp_path):
+    path = tmp_path / "tiers.toml"
+    path.write_text(TIERS)
+    text = load_catalog(str(path)).describe()
+    assert "meter gb_seconds: sum, 0 decimals, priced in usd: default to 10 at 2, to 30 at 1, rest at 0.5 " \
+           "(graduated over the period's usage)" in text
+    assert "rest at 4 (volume: every unit at the tier the period's value reaches)" in text
+
+
+@settings(max_examples=150, deadline=None)
+@given(bounds=st.lists(st.integers(1, 50), min_size=1, max_size=5, unique=True),
+       prices=st.lists(st.fractions(min_value=0, max_value=20, max_denominator=7), min_size=6, max_size=6),
+       quantities=st.lists(st.integers(0, 40), min_size=1, max_size=15))
+def test_graduated_tiers_add_up_to_the_tiers_of_the_total_in_both_cores(bounds, prices, quantities):
+    """Event by event, what is charged adds up, to the nano, to the whole period's usage priced
+    tier by tier (what is below a nano carried), in both cores alike."""
+    bounds = sorted(bounds)
+    tiers = [(b, str(p)) for b, p in zip(bounds, prices, strict=False)] + [(None, str(prices[-1]))]
+    rows = ", ".join(f'{{ up_to = "{b}", price = "{p}" }}' if b else f'{{ price = "{p}" }}' for b, p in tiers)
+    catalog = parse_catalog(tomllib.loads(f'[credit_types.usd]\nkind = "fiat"\n[meters.m]\ncredit_type = "usd"\n'
+                                          f"price = [{rows}]\n"), "t")
+    cores = both_cores(*catalog.compiled.core_args()[:3])
+    for core in cores:
+        core.credit(core.open_account(b"acme"), 0, 10**15)
+    for q in quantities:
+        body = pb.ReportBatchRequest(events=[pb.UsageEvent(customer_id="acme", meter="m", quantity=q)])
+        answers = [core.apply_batch(body.SerializeToString()) for core in cores]
+        assert answers[0] == answers[-1]
+    exact = graduated([(b, p) for b, p in tiers], 0, sum(quantities)) * NANO
+    for core in cores:
+        assert core.state(0)[0][0][0] == 10**15 - int(exact)
+
+
+def test_the_readme_tier_example_prices_as_it_says(make):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("### Tiers")[1].split("```toml\n")[1].split("```")[0]
+    b = make('[credit_types.usd]\nkind = "fiat"\n[plans.p]\nperiod = "month"\n[customers.acme]\nplan = "p"\n'
+             'balances = { usd = "1000000" }\n' + table)
+    x86 = [(6 * 10**9 * 1000, "0.0000166667"), (15 * 10**9 * 1000, "0.000015"), (None, "0.0000133334")]
+    first = graduated(x86, 0, 2500) / 1000 * NANO
+    assert b.report("acme", "gb_seconds", "2.5").cost_nano == int(first)
+    both = first + Fraction("0.0000133334") * NANO  # what is below a nano is carried to the next
+    assert b.report("acme", "gb_seconds", "1", architecture="arm").cost_nano == int(both) - int(first)
+    b.report("acme", "seats", 12)
+    b.advance(31 * DAY_MS)
+    b.tick()
+    assert [-e.amount_nano for e in b.audit("acme", "gauge_charged")] == [12 * 6 * NANO]
+
+
+def test_the_lambda_example_bills_its_free_tier_then_by_the_published_prices(make):
+    b = make("lambda")
+    # 399,999.5 GB-seconds and the first requests are free
+    assert b.report("acme", "gb_seconds", "399999.5").cost_nano == 0
+    assert b.report("acme", "requests", 1).cost_nano == 0
+    assert b.bal("acme", "usd") == 50 * NANO
+    # the next 1.5 GB-seconds: 0.5 free, 1 at $0.0000166667 (what is below a nano is carried)
+    x86 = Fraction("0.0000166667") * NANO
+    assert b.report("acme", "gb_seconds", "1.5").cost_nano == int(x86)
+    # Arm is its own row, on the same month's usage: past the free tier, at Arm's first tier
+    arm = b.report("acme", "gb_seconds", "100", architecture="arm64").cost_nano
+    assert arm == int(x86 + 100 * Fraction("0.0000133334") * NANO) - int(x86)
+    # without the free tier, a request costs $0.20 per million
+    b.grant("bob", "usd", NANO)
+    assert [b.report("bob", "requests", 1).cost_nano for _ in range(3)] == [200, 200, 200]

@@ -175,9 +175,45 @@ cdef class _Accounts(_State):
             return 1
         return 0
 
+    cdef int _graduated(self, int32_t rate, int64_t start, int64_t end, i128 *out) noexcept nogil:
+        """The cost of the units at places ``start`` to ``end`` of the period, each at
+        the tier its place falls in, in 1/D nano-units; 1 when it would not fit 64
+        bits once divided by D."""
+        cdef Rate *r = &self.rates[rate]
+        cdef Tier *t
+        cdef int64_t low = 0, lo, hi
+        cdef i128 total = 0, part
+        cdef int32_t k
+        for k in range(r.tier_count):
+            t = &self.tiers[r.tier_first + k]
+            lo = start if start > low else low
+            hi = end if end < t.up_to else t.up_to
+            if hi > lo:
+                if i128_mul(<i128>(hi - lo), <i128>t.amount_nano * t.factor, &part):
+                    return 1
+                total += part
+            low = t.up_to
+            if low >= end:
+                break
+        out[0] = total
+        return 1 if total / self.denom[r.ct] > INT64_MAX else 0
+
+    cdef int _volume(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil:
+        """The cost of ``quantity`` units all at the tier the quantity falls in."""
+        cdef Rate *r = &self.rates[rate]
+        cdef Tier *t = &self.tiers[r.tier_first]
+        cdef int32_t k = 0
+        while quantity > t.up_to and k + 1 < r.tier_count:
+            k += 1
+            t = &self.tiers[r.tier_first + k]
+        if i128_mul(<i128>quantity, <i128>t.amount_nano * t.factor, out):
+            return 1
+        return 1 if out[0] / self.denom[r.ct] > INT64_MAX else 0
+
     def quote(self, Py_ssize_t rate, int64_t quantity):
         """(credit type, cost rounded up to a whole nano) of a quantity, without carry
-        (as it is: the engine rounds an event's to its meter's increment and minimum)."""
+        (as it is: the engine rounds an event's to its meter's increment and minimum),
+        at the rate's dearest tier when it has tiers: what a hold must cover."""
         self._check()
         if rate < 0 or rate >= self.n_rates:
             raise IndexError(spec.MSG_NO_RATE % rate)
@@ -203,13 +239,22 @@ cdef class _Accounts(_State):
         cdef Py_ssize_t b = idx * self.n_ct + ct
         cdef Py_ssize_t u = idx * self.n_meters + meter
         cdef int64_t free_units = self.plan_free[self.plan_of[idx] * self.n_meters + meter]
-        cdef int64_t charged
-        if free_units > self.usage[u] and (fine > 0 or minimum > 0):
+        cdef int64_t charged, start = self.usage[u]
+        cdef bint tiered = self.rates[rate].tier_count > 0 and self.meters[meter].agg <= AGG_COUNT
+        if free_units > self.usage[u] and (fine > 0 or minimum > 0 or tiered):
             # The plan's free units this period come first; the rest is rated as usual.
             charged = quantity - (free_units - self.usage[u]) if quantity > free_units - self.usage[u] else 0
-            self._fine(rate, charged, &fine)  # cannot overflow: charged <= quantity
+            start = self.usage[u] + (quantity - charged)
+            if not tiered:
+                self._fine(rate, charged, &fine)  # cannot overflow: charged <= quantity
             if charged == 0:
                 minimum = 0  # free: no minimum
+        if tiered:
+            # Each unit at the tier its place in the period's usage falls in (none dearer than the
+            # rate's own price, which the decoder's check of ``fine`` used: this cannot overflow).
+            if <i128>self.usage[u] + quantity > INT64_MAX or self._graduated(rate, start, self.usage[u] + quantity,
+                                                                              &fine):
+                return REASON_OVERFLOW
         if fine < <i128>minimum * self.denom[ct]:
             fine = <i128>minimum * self.denom[ct]
         cdef i128 total = fine + self.rem[b]
@@ -258,14 +303,22 @@ cdef class _Accounts(_State):
 
     def force_charge(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity):
         """Debit the cost of ``quantity`` at ``rate`` with carry, whatever the
-        balance, without counting usage (a gauge's value at period end)."""
+        balance, without counting usage (a gauge's value at period end): by its
+        tiers, graduated or by volume, when it has them."""
         self._idx(idx)
         if rate < 0 or rate >= self.n_rates or quantity < 0:
             raise ValueError(spec.MSG_FORCE_CHARGE)
         cdef int32_t ct = self.rates[rate].ct
         cdef Py_ssize_t b = idx * self.n_ct + ct
         cdef i128 fine, total, d
-        if self._fine(<int32_t>rate, quantity, &fine):
+        cdef int rc
+        if self.rates[rate].tier_count == 0:
+            rc = self._fine(<int32_t>rate, quantity, &fine)
+        elif self.meters[self.rates[rate].meter].tier_mode == TIER_VOLUME:
+            rc = self._volume(<int32_t>rate, quantity, &fine)
+        else:
+            rc = self._graduated(<int32_t>rate, 0, quantity, &fine)
+        if rc:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         total = fine + self.rem[b]
         d = total / self.denom[ct]

@@ -33,7 +33,7 @@ cdef class _Aggregates(_Accounts):
         if self.rate_dhash == NULL or self.rate_dptr == NULL or self.rate_dlen == NULL:
             raise MemoryError()
         for i in range(self.n_rates):
-            meter, key, amount, factor = rates[i]
+            meter, key = rates[i][:2]
             named = sorted((bytes(d), bytes(v)) for d, v in zip(meters[meter][3], key) if v is not None)
             self.rate_dims.append(b"".join(b"\x2a" + _varint_bytes(len(body)) + body
                                            for body in (_dim_entry(d, v) for d, v in named)))

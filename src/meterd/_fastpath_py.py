@@ -171,6 +171,17 @@ def set_items(dims: bytes) -> dict[bytes, bytes]:
     return out
 
 
+def _checked_tiers(rate: int, steps: tuple, dearest: int) -> tuple:
+    """A rate's tiers: up_to rising to INT64_MAX, none dearer than the rate's own price."""
+    last = 0
+    for k, (up_to, amount, factor) in enumerate(steps):
+        if not (last < up_to <= INT64_MAX and 0 <= amount <= INT64_MAX and 1 <= factor <= INT64_MAX) \
+                or (k == len(steps) - 1) != (up_to == INT64_MAX) or amount * factor > dearest:
+            raise ValueError(spec.MSG_RATE_RANGE % rate)
+        last = up_to
+    return steps
+
+
 def _round_up(quantity: int, increment: int) -> int | None:
     """A quantity rounded up to a multiple of ``increment``; None when past 64 bits."""
     rounded = -(-quantity // increment) * increment
@@ -322,14 +333,15 @@ class _Tables:
     def _init_meters(self, meters: list[MeterRow]) -> None:
         # per meter: [name, ct, precision, price dimensions, rates {(mask, values): idx}, default rate,
         # masks its rates have, largest first, the values an event without a price dimension is priced as,
-        # increment, minimum]
+        # increment, minimum, tier mode]
         self.meters: list[list[Any]] = []
         self.aggs: list[int] = []
         self.uniq_keys: list[bytes] = []
-        for i, (name, ct, precision, dims, agg, uniq, defaults, increment, minimum) in enumerate(meters):
+        for i, (name, ct, precision, dims, agg, uniq, defaults, increment, minimum, tier_mode) in enumerate(meters):
             if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE
                     and 1 <= increment <= INT64_MAX and (increment == 1 or agg == AGG_SUM)
-                    and 0 <= minimum <= spec.MINIMUM_NANO_MAX and (minimum == 0 or agg <= AGG_COUNT)):
+                    and 0 <= minimum <= spec.MINIMUM_NANO_MAX and (minimum == 0 or agg <= AGG_COUNT)
+                    and (tier_mode == spec.TIER_GRADUATED or (tier_mode == spec.TIER_VOLUME and agg > AGG_COUNT))):
                 raise ValueError(spec.MSG_METER_RANGE % i)
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
                 raise ValueError(spec.MSG_METER_UNIQUE % i)
@@ -337,7 +349,8 @@ class _Tables:
             if len(dims) > spec.PRICE_DIMENSIONS_MAX or len(set(dims)) != len(dims) or len(defaults) != len(dims):
                 raise ValueError(spec.MSG_METER_DIMS % (i, spec.PRICE_DIMENSIONS_MAX))
             self.meters.append([name, ct, precision, dims, {}, -1, [],
-                                tuple(None if v is None else bytes(v) for v in defaults), increment, minimum])
+                                tuple(None if v is None else bytes(v) for v in defaults), increment, minimum,
+                                tier_mode])
             self.aggs.append(agg)
             self.uniq_keys.append(uniq)
         self.meter_index = {m[0]: i for i, m in reversed(list(enumerate(self.meters)))}
@@ -347,10 +360,12 @@ class _Tables:
         self.rate_keys: list[tuple[bytes | None, ...]] = []
         last_meter = -1
         seen = set()
-        for i, (meter, key, amount, factor) in enumerate(rates):
+        self.tiers: list[tuple[tuple[int, int, int], ...]] = []  # per rate: (up_to, amount_nano, factor)
+        for i, (meter, key, amount, factor, steps) in enumerate(rates):
             if not (0 <= meter < len(self.meters)) or amount < 0 or factor < 1 or amount > INT64_MAX \
                     or factor > INT64_MAX:
                 raise ValueError(spec.MSG_RATE_RANGE % i)
+            self.tiers.append(_checked_tiers(i, tuple(tuple(t) for t in steps), amount * factor))
             m = self.meters[meter]
             if len(key) != len(m[3]):
                 raise ValueError(spec.MSG_RATE_KEY % i)
@@ -649,6 +664,22 @@ class _Accounts(_State):
             raise IndexError(spec.MSG_NO_METER % meter)
         return self._find_rate(meter, self._price_values(meter, dims))
 
+    def _graduated(self, rate: int, start: int, end: int) -> int | None:
+        """The cost of the units at places ``start`` to ``end`` of the period, each at its
+        tier's price, in 1/D nano-units; None past 64 bits once divided by D."""
+        total = low = 0
+        for up_to, amount, factor in self.tiers[rate]:
+            total += max(0, min(end, up_to) - max(start, low)) * amount * factor
+            low = up_to
+        return None if total // self.denom[self.rates[rate][1]] > INT64_MAX else total
+
+    def _volume(self, rate: int, quantity: int) -> int | None:
+        """The cost of ``quantity`` units all at the tier the quantity falls in."""
+        steps = self.tiers[rate]
+        amount, factor = next(((a, f) for up_to, a, f in steps if quantity <= up_to), steps[-1][1:])
+        fine = quantity * amount * factor
+        return None if fine // self.denom[self.rates[rate][1]] > INT64_MAX else fine
+
     def _minimum(self, meter: int, quantity: int) -> int:
         """The least a decoded event costs: its meter's minimum, if anything happened."""
         return self.meters[meter][9] if quantity > 0 else 0
@@ -683,12 +714,21 @@ class _Accounts(_State):
         """At least ``minimum`` nano unless the plan's free units cover it all."""
         meter, ct, _, _ = self.rates[rate]
         free_units = self.free[self.plan_of[idx]][meter]
-        if free_units > self.usage[idx][meter] and (fine > 0 or minimum > 0):
-            left = free_units - self.usage[idx][meter]
+        used = start = self.usage[idx][meter]
+        tiered = bool(self.tiers[rate]) and self.aggs[meter] <= AGG_COUNT
+        if free_units > used and (fine > 0 or minimum > 0 or tiered):
+            left = free_units - used
             charged = quantity - left if quantity > left else 0
-            fine = self._fine(rate, charged)  # type: ignore[assignment]
+            start = used + quantity - charged
+            if not tiered:
+                fine = self._fine(rate, charged)  # type: ignore[assignment]
             if charged == 0:
                 minimum = 0  # free: no minimum
+        if tiered:
+            graduated = None if used + quantity > INT64_MAX else self._graduated(rate, start, used + quantity)
+            if graduated is None:
+                return REASON_OVERFLOW, 0
+            fine = graduated
         fine = max(fine, minimum * self.denom[ct])
         total = fine + self.rem[idx][ct]
         d, rem = divmod(total, self.denom[ct])
@@ -729,7 +769,12 @@ class _Accounts(_State):
         if rate < 0 or rate >= len(self.rates) or quantity < 0:
             raise ValueError(spec.MSG_FORCE_CHARGE)
         ct = self.rates[rate][1]
-        fine = self._fine(rate, quantity)
+        if not self.tiers[rate]:
+            fine = self._fine(rate, quantity)
+        elif self.meters[self.rates[rate][0]][10] == spec.TIER_VOLUME:
+            fine = self._volume(rate, quantity)
+        else:
+            fine = self._graduated(rate, 0, quantity)
         if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
@@ -815,7 +860,7 @@ class _Aggregates(_Accounts):
         self.cur_window = self.now_ms = 0
         self.late_ms = self.early_ms = INT64_MAX  # how far before and after the clock an event may be
         self.rate_dims: list[bytes] = []
-        for meter, key, _, _ in rates:
+        for meter, key, *_ in rates:
             named = {bytes(d): bytes(v) for d, v in zip(meters[meter][3], key, strict=True) if v is not None}
             self.rate_dims.append(canonical_set(named))
 

@@ -4,6 +4,12 @@
 # account (Ext rows).
 
 
+cdef struct Tier:
+    int64_t up_to            # the units of the period it prices end here (INT64_MAX: the rest)
+    int64_t amount_nano
+    int64_t factor
+
+
 cdef struct Rate:
     int32_t meter
     int32_t ct
@@ -11,8 +17,10 @@ cdef struct Rate:
     uint64_t hash            # of its meter, mask and values (_rate_hash), in the rate table
     char *value[PRICE_DIMENSIONS_MAX]       # per price dimension in the mask: the value
     int32_t value_len[PRICE_DIMENSIONS_MAX]
-    int64_t amount_nano
+    int64_t amount_nano      # with tiers, the dearest tier's (what a quote holds)
     int64_t factor
+    int32_t tier_first       # its tiers in the tier table (tier_count 0: one price)
+    int32_t tier_count
 
 
 cdef struct Meter:
@@ -31,6 +39,7 @@ cdef struct Meter:
     uint32_t masks           # bit k: some rate has mask k
     int64_t increment        # sum meters: quantities are rounded up to a multiple of this (1: none)
     int64_t minimum          # the least an event that is not free costs, in nano (0: none)
+    int32_t tier_mode        # TIER_GRADUATED or TIER_VOLUME (corespec)
     int32_t rate_first
     int32_t rate_count
     int32_t rate_default     # -1: no default price (mask 0)
@@ -61,6 +70,8 @@ cdef class _Tables:
     cdef Meter *meters
     cdef Rate *rates
     cdef int32_t *rate_slots     # the rate table: rates by hash (index + 1; 0 empty)
+    cdef Tier *tiers             # the rates' tiers, each rate's together
+    cdef int n_tiers
     cdef uint64_t rate_mask
     cdef int id_max              # customer_id_bytes_max
     cdef bint closed
@@ -108,6 +119,7 @@ cdef class _Tables:
     cdef int _init_plans(self, list plans, list free) except -1
     cdef int _init_meters(self, list meters) except -1
     cdef int _init_rates(self, list rates) except -1
+    cdef int _init_tiers(self, Py_ssize_t rate, tuple steps) except -1
     cdef int32_t _rate_at(self, int32_t meter, uint32_t mask, const char **value, const int32_t *value_len,
                           uint64_t h) noexcept nogil
     cdef int _check(self) except -1

@@ -33,7 +33,7 @@ cdef class _Tables:
             for i in range(self.n_rates):
                 for k in range(PRICE_DIMENSIONS_MAX):
                     free(self.rates[i].value[k])
-        free(self.denom); free(self.meters); free(self.rates); free(self.rate_slots)
+        free(self.denom); free(self.meters); free(self.rates); free(self.rate_slots); free(self.tiers)
         free(self.slots); free(self.hashes); free(self.id_off); free(self.id_len)
         free(self.arena); free(self.bal); free(self.ext); free(self.xrows)
         free(self.rem); free(self.usage); free(self.dirty)
@@ -137,11 +137,13 @@ cdef class _Tables:
         increment and the minimum) per meter."""
         cdef Py_ssize_t i, k
         for i in range(self.n_meters):
-            name, ct, precision, dims, agg, uniq, defaults, increment, minimum = meters[i]
+            name, ct, precision, dims, agg, uniq, defaults, increment, minimum, tier_mode = meters[i]
             if not (0 <= ct < self.n_ct and 0 <= precision <= spec.PRECISION_MAX and AGG_SUM <= agg <= AGG_UNIQUE
                     and 1 <= increment <= INT64_MAX and (increment == 1 or agg == AGG_SUM)
-                    and 0 <= minimum <= spec.MINIMUM_NANO_MAX and (minimum == 0 or agg <= AGG_COUNT)):
+                    and 0 <= minimum <= spec.MINIMUM_NANO_MAX and (minimum == 0 or agg <= AGG_COUNT)
+                    and (tier_mode == spec.TIER_GRADUATED or (tier_mode == spec.TIER_VOLUME and agg > AGG_COUNT))):
                 raise ValueError(spec.MSG_METER_RANGE % i)
+            self.meters[i].tier_mode = tier_mode
             self.meters[i].increment = increment
             self.meters[i].minimum = minimum
             if (agg == AGG_UNIQUE) != (len(uniq) > 0):
@@ -182,11 +184,12 @@ cdef class _Tables:
         while nslots < self.n_rates * 2:
             nslots *= 2
         self.rate_slots = <int32_t *>calloc(nslots, sizeof(int32_t))
-        if self.rate_slots == NULL:
+        self.tiers = <Tier *>calloc(max(sum(len(r[4]) for r in rates), 1), sizeof(Tier))
+        if self.rate_slots == NULL or self.tiers == NULL:
             raise MemoryError()
         self.rate_mask = nslots - 1
         for i in range(self.n_rates):
-            meter, key, amount, factor = rates[i]
+            meter, key, amount, factor, steps = rates[i]
             if not (0 <= meter < self.n_meters) or amount < 0 or factor < 1:
                 raise ValueError(spec.MSG_RATE_RANGE % i)
             m = &self.meters[meter]
@@ -201,6 +204,7 @@ cdef class _Tables:
             self.rates[i].ct = m.ct
             self.rates[i].amount_nano = amount
             self.rates[i].factor = factor
+            self._init_tiers(i, tuple(steps))
             self.rates[i].mask = spec.rate_mask(tuple(key))
             for k in range(m.n_dims):
                 if key[k] is not None:
@@ -219,6 +223,25 @@ cdef class _Tables:
             while self.rate_slots[h] != 0:
                 h = (h + 1) & self.rate_mask
             self.rate_slots[h] = <int32_t>(i + 1)
+        return 0
+
+    cdef int _init_tiers(self, Py_ssize_t rate, tuple steps) except -1:
+        """A rate's tiers: (up_to, amount_nano, factor), up_to rising to INT64_MAX,
+        none dearer than the rate's own price (what a quote holds)."""
+        cdef Py_ssize_t k
+        cdef int64_t last = 0
+        self.rates[rate].tier_first = self.n_tiers
+        self.rates[rate].tier_count = len(steps)
+        for k in range(len(steps)):
+            up_to, amount, factor = steps[k]
+            if not (last < up_to <= INT64_MAX and amount >= 0 and factor >= 1) or (k == len(steps) - 1) != (
+                    up_to == INT64_MAX) or <i128>amount * factor > <i128>self.rates[rate].amount_nano * self.rates[rate].factor:
+                raise ValueError(spec.MSG_RATE_RANGE % rate)
+            self.tiers[self.n_tiers].up_to = up_to
+            self.tiers[self.n_tiers].amount_nano = amount
+            self.tiers[self.n_tiers].factor = factor
+            self.n_tiers += 1
+            last = up_to
         return 0
 
     cdef int32_t _rate_at(self, int32_t meter, uint32_t mask, const char **value, const int32_t *value_len,

@@ -21,13 +21,22 @@ from typing import Any
 
 from meterd.config import _FIELDS as SETTINGS_FIELDS
 from meterd.config import CATALOG_TABLES, read_toml
-from meterd.corespec import DENOMINATOR_MAX, NAME_BYTES_MAX, PRICE_DIMENSIONS_MAX, MeterRow, rate_mask
+from meterd.corespec import (
+    DENOMINATOR_MAX,
+    NAME_BYTES_MAX,
+    PRICE_DIMENSIONS_MAX,
+    TIERS_PER_PRICE_MAX,
+    MeterRow,
+    RateRow,
+    rate_mask,
+)
 from meterd.errors import ConfigError, invariant
 from meterd.plans import Plan, parse_plans
 
 NANO = 10**9
 INT64_MAX = (1 << 63) - 1
 AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
+TIER_MODES = ("graduated", "volume")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,%d}$" % (NAME_BYTES_MAX - 1))  # the cores' limit on names
 ID_RE = re.compile(r"^[!-~]{1,128}$")
 DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
@@ -57,6 +66,10 @@ class Meter:
     per: int = 1                 # the units the catalog's prices are written per
     increment: int = 1           # quantities are rounded up to a multiple of this (smallest units)
     minimum_nano: int = 0        # the least an event costs, unless it is free
+    # Rows priced by tiers (their ``prices`` entry is the dearest tier): (up to, in smallest units, or
+    # None for the rest; nano-credits per smallest unit), graduated over the period's usage, or by volume.
+    tiers: dict[tuple[str | None, ...], tuple[tuple[int | None, Fraction], ...]] = field(default_factory=dict)
+    tier_mode: int = 0           # TIER_MODES index
 
     def billed(self, quantity: int) -> int:
         """A quantity (smallest units) as it is billed: rounded up to the increment."""
@@ -89,8 +102,7 @@ class CompiledCatalog:
 
     denominators: tuple[int, ...]
     meters: tuple[MeterRow, ...]  # as corespec.MeterRow describes them
-    # meter, a value (None: any) per price dimension, numerator, multiplier
-    rates: tuple[tuple[int, tuple[bytes | None, ...], int, int], ...]
+    rates: tuple[RateRow, ...]  # as corespec.RateRow describes them
     plans: tuple[tuple[tuple[int, int], ...], ...]         # per plan and credit type: fallback mode, step
     modes: tuple[bytes, ...]
     free: tuple[tuple[int, ...], ...]                      # per plan and meter: free units a period
@@ -110,8 +122,9 @@ class CompiledCatalog:
         return json.dumps({
             "denominators": list(self.denominators),
             "meters": [[m[0].decode(), m[1], m[2], [d.decode() for d in m[3]], m[4], m[5].decode(),
-                        [None if v is None else v.decode() for v in m[6]], m[7], m[8]] for m in self.meters],
-            "rates": [[r[0], [None if v is None else v.decode() for v in r[1]], r[2], r[3]] for r in self.rates],
+                        [None if v is None else v.decode() for v in m[6]], m[7], m[8], m[9]] for m in self.meters],
+            "rates": [[r[0], [None if v is None else v.decode() for v in r[1]], r[2], r[3], [list(t) for t in r[4]]]
+                      for r in self.rates],
             "plans": [[list(c) for c in row] for row in self.plans], "modes": [m.decode() for m in self.modes],
             "plan_names": list(self.plan_names), "free": [list(row) for row in self.free],
             "credit_types": list(self.credit_types), "meter_names": list(self.meter_names),
@@ -150,11 +163,11 @@ class CompiledCatalog:
         meters = tuple((m[0].encode(), m[1], m[2], tuple(d.encode() for d in _listed(m[3])), m[4], m[5].encode(),
                         tuple(None if v is None else v.encode() for v in (m[6] if len(m) > 6
                                                                           else [None] * len(_listed(m[3])))),
-                        m[7] if len(m) > 7 else 1, m[8] if len(m) > 8 else 0)
+                        m[7] if len(m) > 7 else 1, m[8] if len(m) > 8 else 0, m[9] if len(m) > 9 else 0)
                        for m in doc["meters"])
         rates = tuple((r[0], tuple(None if v is None else v.encode()
                                    for v in (r[1] if isinstance(r[1], list) else [r[1]] * len(meters[r[0]][3]))),
-                       r[2], r[3]) for r in doc["rates"])
+                       r[2], r[3], tuple(tuple(t) for t in r[4]) if len(r) > 4 else ()) for r in doc["rates"])
         return cls(tuple(doc["denominators"]), meters, rates,
                    tuple(tuple(tuple(c) for c in row) for row in doc["plans"]),
                    tuple(m.encode() for m in doc["modes"]), tuple(tuple(row) for row in doc["free"]),
@@ -212,11 +225,11 @@ class Catalog:
             table.append(row)
         return table, [m.encode() for m in self.modes]
 
-    def compile(self) -> tuple[list[int], list[tuple], list[tuple]]:
+    def compile(self) -> tuple[list[int], list[MeterRow], list[RateRow]]:
         """Denominators per credit type, meter tuples and rate tuples for the core."""
         denominators = [1] * len(self.credit_types)
         for m in self.meters:
-            for price in m.prices.values():
+            for price in [*m.prices.values(), *(p for rows in m.tiers.values() for _, p in rows)]:
                 d = denominators[m.credit_type]
                 denominators[m.credit_type] = d * price.denominator // math.gcd(d, price.denominator)
         for i, d in enumerate(denominators):
@@ -229,15 +242,21 @@ class Catalog:
         for mi, m in enumerate(self.meters):
             meters.append((m.name.encode(), m.credit_type, m.precision, tuple(d.encode() for d in m.price_dimensions),
                            m.aggregation, m.unique_dimension.encode(),
-                           tuple(None if v is None else v.encode() for v in m.defaults), m.increment, m.minimum_nano))
+                           tuple(None if v is None else v.encode() for v in m.defaults), m.increment, m.minimum_nano,
+                           m.tier_mode))
             for key, price in m.prices.items():
-                if price.numerator > INT64_MAX:
-                    where = "price" if key == m.default_key else "prices." + ".".join(v or WILDCARD for v in key)
-                    raise ConfigError(f"{self.source}: meters.{m.name}.{where}: too large for 64-bit nano-units")
+                where = "price" if key == m.default_key else "prices." + ".".join(v or WILDCARD for v in key)
                 d = denominators[m.credit_type]
-                rates.append((mi, tuple(None if v is None else v.encode() for v in key), price.numerator,
-                              d // price.denominator))
+                steps = tuple((INT64_MAX if up_to is None else up_to, self._numerator(p, m, where), d // p.denominator)
+                              for up_to, p in m.tiers.get(key, ()))
+                rates.append((mi, tuple(None if v is None else v.encode() for v in key),
+                              self._numerator(price, m, where), d // price.denominator, steps))
         return denominators, meters, rates
+
+    def _numerator(self, price: Fraction, m: Meter, where: str) -> int:
+        if price.numerator > INT64_MAX:
+            raise ConfigError(f"{self.source}: meters.{m.name}.{where}: too large for 64-bit nano-units")
+        return price.numerator
 
     def shape(self) -> dict[str, Any]:
         """What a snapshot needs to map stored accounts onto this catalog."""
@@ -262,8 +281,8 @@ class Catalog:
             per = f" per {m.per}" if m.per > 1 else ""
             if len(m.price_dimensions) <= 1:
                 by = f" by {m.price_dimensions[0]}" if m.price_dimensions else ""
-                prices = ", ".join(f"{'default' if not k or k[0] is None else k[0]} "
-                                   f"{_per_unit(price * m.per, m.precision)}" for k, price in m.prices.items())
+                prices = ", ".join(f"{'default' if not k or k[0] is None else k[0]} {_price_text(m, k, price)}"
+                                   for k, price in m.prices.items())
                 lines.append(f"{head}{by}{per}: {prices}{_defaulted(m)}{self._steps(m)}")
                 continue
             lines.append(f"{head}{per} by {' × '.join(m.price_dimensions)}{_defaulted(m)}{self._steps(m)}; "
@@ -271,7 +290,7 @@ class Catalog:
             for k, price in sorted(m.prices.items(), key=lambda row: -rate_mask(_shape(row[0]))):
                 cells = ", ".join(f"{d}={WILDCARD if v is None else v}"
                                   for d, v in zip(m.price_dimensions, k, strict=True))
-                lines.append(f"    {cells}: {_per_unit(price * m.per, m.precision)}")
+                lines.append(f"    {cells}: {_price_text(m, k, price)}")
         for plan in self.plans:
             fees = ", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
                              for ct, v in plan.fees_nano.items()) or "none"
@@ -334,6 +353,17 @@ class Catalog:
             return str(base_units)
         whole, frac = divmod(base_units, 10**p)
         return f"{whole}.{frac:0{p}d}"
+
+
+def _price_text(m: Meter, key: tuple[str | None, ...], price: Fraction) -> str:
+    """A row's price per ``per`` units, or its tiers, in words."""
+    if key not in m.tiers:
+        return _per_unit(price * m.per, m.precision)
+    steps = ", ".join(f"{'rest' if up_to is None else 'to ' + _units(up_to, m.precision)} at "
+                      f"{_per_unit(p * m.per, m.precision)}" for up_to, p in m.tiers[key])
+    how = "graduated over the period's usage" if m.tier_mode == 0 else \
+        "volume: every unit at the tier the period's value reaches"
+    return f"{steps} ({how})"
 
 
 def _shape(key: tuple[str | None, ...]) -> tuple[bytes | None, ...]:
@@ -447,7 +477,8 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     if not isinstance(spec, dict):
         raise _err(source, where, "must be a table")
     _check_keys(spec, {"credit_type", "precision", "price_dimension", "price_dimensions", "per", "price", "prices",
-                       "aggregation", "unique_dimension", "dimension_defaults", "increment", "minimum"}, source, where)
+                       "aggregation", "unique_dimension", "dimension_defaults", "increment", "minimum", "tier_mode"},
+                source, where)
     agg = spec.get("aggregation", "sum")
     unique = spec.get("unique_dimension", "")
     if (agg == "unique_count") != bool(unique) or not isinstance(unique, str) or len(unique) > 64:
@@ -467,18 +498,27 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
     dims = _price_dimensions(spec, source, where)
     scale = NANO / Fraction(per * 10**precision)
     prices: dict[tuple[str | None, ...], Fraction] = {}
+    tiers: dict[tuple[str | None, ...], tuple[tuple[int | None, Fraction], ...]] = {}
+
+    def put(key: tuple[str | None, ...], price: Any, at: str) -> None:
+        if key in prices:
+            raise _err(source, at, "gives the same price twice (with price, or with \"*\" for the same "
+                       "dimensions)")
+        if isinstance(price, list):
+            tiers[key] = _tiers(price, precision, scale, source, at)
+            prices[key] = max(p for _, p in tiers[key])  # the dearest: what a hold covers
+        else:
+            prices[key] = parse_amount(price, source, at) * scale
+
     if "price" in spec:
-        prices[(None,) * len(dims)] = parse_amount(spec["price"], source, f"{where}.price") * scale
+        put((None,) * len(dims), spec["price"], f"{where}.price")
     by_value = spec.get("prices", {})
     if not isinstance(by_value, dict):
         raise _err(source, f"{where}.prices", "must be a table of dimension value = price")
     if by_value and not dims:
         raise _err(source, f"{where}.prices", "needs price_dimension to say which dimension selects the price")
     for key, price, at in _price_rows(by_value, dims, source, f"{where}.prices"):
-        if key in prices:
-            raise _err(source, at, "gives the same price twice (with price, or with \"*\" for the same "
-                       "dimensions)")
-        prices[key] = parse_amount(price, source, at) * scale
+        put(key, price, at)
     if not prices:
         raise _err(source, where, "needs a price, or prices by dimension value")
     if agg == "count" and precision:
@@ -497,8 +537,56 @@ def _meter(name: str, spec: Any, credit_index: dict[str, int], source: str) -> M
             raise _err(source, f"{where}.dimension_defaults.{d}", "must be a dimension value of 1 to 128 "
                        "printable characters (not *)")
     increment, minimum = _steps(spec, agg, precision, source, where)
+    mode = spec.get("tier_mode", "graduated")
+    if mode not in TIER_MODES:
+        raise _err(source, f"{where}.tier_mode", "must be graduated or volume")
+    if mode == "volume" and agg in ("sum", "count"):
+        raise _err(source, f"{where}.tier_mode", "volume tiers price a period's value at its end: for max, latest "
+                   "or unique_count meters (a sum meter's tiers are graduated, each unit at its place)")
     return Meter(name, credit_index[ct], precision, AGGREGATIONS.index(agg), dims, prices, unique,
-                 tuple(defaults.get(d) for d in dims), per, increment, minimum)
+                 tuple(defaults.get(d) for d in dims), per, increment, minimum, tiers, TIER_MODES.index(mode))
+
+
+def _tiers(rows: list, precision: int, scale: Fraction, source: str,
+           where: str) -> tuple[tuple[int | None, Fraction], ...]:
+    """A price given as tiers: [{ up_to = "100", price = "0.10" }, ..., { price = "0.05" }], each
+    tier's up_to in the meter's unit (the last tier has none: it holds for the rest)."""
+    if not rows:
+        raise _err(source, where, "a tier list needs at least one tier")
+    if len(rows) > TIERS_PER_PRICE_MAX:
+        raise _err(source, where, f"at most {TIERS_PER_PRICE_MAX} tiers")
+    out: list[tuple[int | None, Fraction]] = []
+    last = 0
+    for i, row in enumerate(rows):
+        at = f"{where}[{i}]"
+        if not isinstance(row, dict):
+            raise _err(source, at, "must be a table such as { up_to = \"100\", price = \"0.10\" }")
+        _check_keys(row, {"up_to", "price"}, source, at)
+        if "price" not in row:
+            raise _err(source, f"{at}.price", "is required")
+        price = parse_amount(row["price"], source, f"{at}.price") * scale
+        if i == len(rows) - 1:
+            if "up_to" in row:
+                raise _err(source, where, "the last tier has no up_to: it holds for the rest")
+            out.append((None, price))
+            continue
+        if "up_to" not in row:
+            raise _err(source, f"{at}.up_to", "is required (on every tier but the last)")
+        units = parse_amount(row["up_to"], source, f"{at}.up_to") * 10**precision
+        if units.denominator != 1:
+            raise _err(source, f"{at}.up_to", f"has more decimals than the meter's precision ({precision})")
+        if units <= last:
+            raise _err(source, f"{at}.up_to", f"must be above the tier before it ({_units(last, precision)})")
+        if units >= INT64_MAX:
+            raise _err(source, f"{at}.up_to", "is too large")
+        last = int(units)
+        out.append((last, price))
+    return tuple(out)
+
+
+def _units(units: int, precision: int) -> str:
+    """Smallest units as the meter's unit."""
+    return str(Fraction(units, 10**precision)) if units % 10**precision else str(units // 10**precision)
 
 
 def _steps(spec: dict, agg: str, precision: int, source: str, where: str) -> tuple[int, int]:

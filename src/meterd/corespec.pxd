@@ -31,3 +31,7 @@ cdef enum:
     QUOTE_BYTES_MAX = 64
     PRIORITY_MAX = 100
     PRICE_DIMENSIONS_MAX = 4
+
+cdef enum:
+    TIER_GRADUATED = 0
+    TIER_VOLUME = 1

@@ -54,6 +54,8 @@ DENOMINATOR_MAX = 10**15
 PRECISION_MAX = 9
 # The dimensions a meter's price table is keyed by.
 PRICE_DIMENSIONS_MAX = 4
+# Tiers of one price.
+TIERS_PER_PRICE_MAX = 16
 # A meter's minimum charge per event (catalog amounts are at most this).
 MINIMUM_NANO_MAX = 1 << 62
 # Plans, "no plan" included: an account's plan is 16 bits.
@@ -237,11 +239,15 @@ def unique_order(entry: tuple[int, bytes | int]) -> tuple[int, int, int, bytes]:
 
 # A meter as the cores take it: name, credit type, precision, price dimensions, aggregation,
 # unique dimension, per price dimension the value an event without it is priced as (or None),
-# the increment its quantities are rounded up to (smallest units; 1: none), and the least an
-# event that is not free costs (nano; 0: none).
-MeterRow = tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...], int, int]
-# A rate: its meter, a value per price dimension (None: any), amount_nano and factor.
-RateRow = tuple[int, tuple[bytes | None, ...], int, int]
+# the increment its quantities are rounded up to (smallest units; 1: none), the least an
+# event that is not free costs (nano; 0: none), and how its tiers price (TIER_GRADUATED, TIER_VOLUME).
+MeterRow = tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | None, ...], int, int, int]
+# A rate: its meter, a value per price dimension (None: any), amount_nano and factor (of its
+# dearest tier, when it has tiers), and its tiers: (up to, in smallest units (INT64_MAX: the
+# rest), amount_nano, factor), none for a rate with one price.
+RateRow = tuple[int, tuple[bytes | None, ...], int, int, tuple[tuple[int, int, int], ...]]
+TIER_GRADUATED = 0  # each unit at the tier its place in the period's usage falls in
+TIER_VOLUME = 1     # every unit of the period's value at the tier the value falls in
 
 # Per credit type: (balance, reserved, floor, remainder, degraded, alert threshold or INT64_MIN).
 CreditState = tuple[int, int, int, int, int, int]

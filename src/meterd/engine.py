@@ -86,9 +86,13 @@ class Engine:
                                    "settled_answers_per_tenant_max")
         tenants = bool(settings.data_tokens_file)  # per-tenant quotas apply
         self.decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (rpc, outcome), for metrics
-        self._wire(settings, encode, tenants)
-        self.recovery.recover()
-        self.recovery.seed()
+        try:
+            self._wire(settings, encode, tenants)
+            self.recovery.recover()
+            self.recovery.seed()
+        except BaseException:
+            self.store.close()  # a start that is refused leaves the data directory free
+            raise
 
     def _wire(self, settings: Settings, encode: Callable[[object], bytes], tenants: bool) -> None:
         store, live, clock = self.store, self.live, self.clock

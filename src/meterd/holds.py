@@ -19,8 +19,9 @@ from typing import Any
 
 from meterd import validate
 from meterd.answers import AnswerStore
+from meterd.catalog import CompiledCatalog
 from meterd.config import Settings
-from meterd.errors import LimitReached
+from meterd.errors import ConfigError, LimitReached
 from meterd.grants import Grants
 from meterd.state import HELD, Bucket, Live, Reservation, Session
 from meterd.store import Op, Store
@@ -43,14 +44,29 @@ class Holds:
 
     # ---- state -------------------------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, was: CompiledCatalog | None = None) -> None:
+        """The open holds; ``was`` is the catalog the data directory was written under."""
         self.reservations = {}
         for key, value in self.store.items("reservations"):
             self.load_reservation(key.decode(), json.loads(value))
         self.reservations_of = collections.Counter(r.tenant for r in self.reservations.values())
-        self.sessions = {key.decode(): Session(**json.loads(value)) for key, value in self.store.items("sessions")}
+        self.sessions = {key.decode(): self._load_session(json.loads(value), was)
+                         for key, value in self.store.items("sessions")}
         self.sessions_of = collections.Counter(s.tenant for s in self.sessions.values())
         self.index_expiries()
+
+    def _load_session(self, doc: dict, was: CompiledCatalog | None) -> Session:
+        """A session, its meter and credit type found by name in the catalog of now."""
+        catalog = self.live.catalog
+        meter = doc.pop("meter_name", None) or (was.meter_names[doc["meter"]] if was else None)
+        credit = doc.pop("credit_type_name", None) or (was.credit_types[doc["credit_type"]] if was else None)
+        if meter is not None:
+            if meter not in catalog.meter_index or credit not in catalog.credit_index:
+                raise ConfigError(f"{catalog.source}: meters: {meter} (in {credit}) has open sessions (session "
+                                  f"{doc['session_id']!r}); start with a catalog that has both, end them, then "
+                                  "remove it")
+            doc["meter"], doc["credit_type"] = catalog.meter_index[meter], catalog.credit_index[credit]
+        return Session(**doc)
 
     def index_expiries(self) -> None:
         self.reservation_expiry = [(r.expires_at_ms, rid) for rid, r in self.reservations.items()]
@@ -144,7 +160,8 @@ class Holds:
                 h.spared_nano += give
                 amount -= give
                 ops.append(("reservations", h.reservation_id.encode(), h.to_json(self.live.catalog))
-                           if isinstance(h, Reservation) else ("sessions", h.session_id.encode(), h.to_json()))
+                           if isinstance(h, Reservation)
+                           else ("sessions", h.session_id.encode(), h.to_json(self.live.catalog)))
         if amount:
             raise RuntimeError(f"spared {amount} nano more than the open holds of {customer_id!r} stand on")
         return ops

@@ -144,7 +144,7 @@ class Recovery:
             self.drains.carry(_drained(core.take_usage(), was))  # named by the catalog they were made under
             core = remap(self.settings, core, was, current)
         self.live.core = core
-        self._load_state()
+        self._load_state(was)
         if remapped or replayed or stored is None:
             self._snapshot_after(remapped)
         took = time.perf_counter() - started
@@ -197,7 +197,7 @@ class Recovery:
             self.journal.storage_full = exc
         self.try_recover()
 
-    def _load_state(self) -> None:
+    def _load_state(self, was: CompiledCatalog) -> None:
         self.reports.load()
         self.idem.load()
         self.settled.load()
@@ -205,7 +205,7 @@ class Recovery:
             self._migrate_answers(self.clock.now_ms())
             self.idem.load()
             self.settled.load()
-        self.holds.load()
+        self.holds.load(was)
         self.grants.load()
         if self.leases is not None:
             self.leases.load()

@@ -199,7 +199,7 @@ class Sessions:
                 REASON_INSUFFICIENT_BALANCE if idx >= 0 else REASON_UNKNOWN_CUSTOMER
             return SessionState(DENY, sid, self.live.catalog.credit_types[ct].name, True, reason)
         self.holds.add_session(s)
-        await self.journal.commit_with(hold + [("sessions", sid.encode(), s.to_json())])
+        await self.journal.commit_with(hold + [("sessions", sid.encode(), s.to_json(self.live.catalog))])
         return self._state(s, ALLOW, False)
 
     async def _open(self, sid: str, label: str) -> Session | Replay:
@@ -237,7 +237,7 @@ class Sessions:
             # The time so far is billed (submitted first: nothing awaits with a record in hand), then
             # the lease is topped up for the next interval.
             # The session's row goes with the billed time: a crash meanwhile restarts from both.
-            first = self.journal.submit_ahead(ops + [("sessions", s.session_id.encode(), s.to_json())])
+            first = self.journal.submit_ahead(ops + [("sessions", s.session_id.encode(), s.to_json(self.live.catalog))])
             ops = []
             covered = await self._covered(s)
             if covered and self.holds.sessions.get(s.session_id) is s:
@@ -256,7 +256,8 @@ class Sessions:
             ops += self.subscriptions.alert_ops() + self._close_ops(s, answer, now)
             await self.journal.commit_with(ops)
             return answer
-        ops += hold + self.subscriptions.alert_ops() + [("sessions", s.session_id.encode(), s.to_json())]
+        ops += hold + self.subscriptions.alert_ops()
+        ops.append(("sessions", s.session_id.encode(), s.to_json(self.live.catalog)))
         await self.journal.commit_with(ops)
         return self._state(s, ALLOW, False)
 

@@ -82,8 +82,11 @@ class Session:
     spared_nano: int = 0    # credits of a period that ended during its held interval, kept for it
     dims_hex: str = ""      # its dimension set, when it has more than its price dimension (hex)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+    def to_json(self, catalog: Catalog) -> bytes:
+        """Its meter and credit type by name too: a restart under a catalog that numbers
+        them otherwise finds them by name (the numbers are for older versions)."""
+        return json.dumps({**asdict(self), "meter_name": catalog.meters[self.meter].name,
+                           "credit_type_name": catalog.credit_types[self.credit_type].name}).encode()
 
 
 @dataclass
