@@ -19,6 +19,7 @@ from meterd.v1 import meter_pb2 as pb
 
 pytestmark = pytest.mark.spawns  # meterd commands
 COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "subscribe", "cancel", "change-plan", "audit",
+            "advance-clock",
             "statement", "usage", "bench", "ledger migrate", "ledger check", "ledger release-sidecar",
             "ledger allowance"]
 
@@ -260,3 +261,31 @@ def test_subscriptions_and_the_audit_trail_from_the_command_line(make_daemon):
     assert r.returncode == 0, r.stderr
     assert all(time.strftime("%Y-%m", time.gmtime(row["window_start_ms"] / 1000)) == this_month
                for row in json.loads(r.stdout))
+
+
+def test_a_test_clock_moves_a_month_ahead_and_keeps_its_time(make_daemon):
+    root = Path(__file__).resolve().parent.parent
+    d = make_daemon(catalog=str(root / "examples" / "cursor.toml"), extra_env={"METERD_TEST_CLOCK": "true"}).start()
+    data_dir = ["--data-dir", str(d.data_dir)]
+    r = meterd("subscribe", *data_dir, "--customer", "carol", "--plan", "pro")
+    assert r.returncode == 0, r.stderr
+    end = r.stdout.split(" to ")[1].split()[0].rstrip(";")  # the first period's end, to the second
+    r = meterd("advance-clock", *data_dir, "--by", "32d")
+    now = r.stdout.split()[-1]
+    assert r.returncode == 0 and r.stdout.startswith("the daemon's clock is at ") and now > end, (r.stdout, r.stderr)
+    kinds = [e["kind"] for e in json.loads(meterd("audit", *data_dir, "--customer", "carol", "--json").stdout)]
+    assert kinds.count("fee") == 2 and kinds.count("included") == 2, kinds  # the renewal happened at once
+    assert d.stop() == 0
+    d.start()  # the data directory keeps the time
+    r = meterd("advance-clock", *data_dir, "--by", "1s")
+    assert r.returncode == 0 and r.stdout.split()[-1] > now, r.stdout
+    r = meterd("advance-clock", *data_dir, "--to", "2020-01-01")
+    assert r.returncode != 0 and "is not ahead of the daemon's clock" in r.stderr and "Traceback" not in r.stderr
+    r = meterd("advance-clock", *data_dir, "--by", "soon")
+    assert r.returncode != 0 and "a duration such as 30d" in r.stderr
+
+
+def test_a_daemon_on_the_wall_clock_refuses_to_move_it(make_daemon):
+    d = make_daemon().start()
+    r = meterd("advance-clock", "--data-dir", str(d.data_dir), "--by", "1d")
+    assert r.returncode != 0 and "runs on the wall clock" in r.stderr and "Traceback" not in r.stderr, r.stderr

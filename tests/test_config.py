@@ -39,6 +39,10 @@ def test_flags_beat_environment_beat_file(tmp_path: Path):
     ({"METERD_MAP_HIGH_WATER_PERCENT": "99"}, "map_high_water_percent: must be 10 to 95"),
     ({"METERD_EVENT_LATE_MAX_S": "4000000"}, r"event_late_max_s: must be 0 to 3456000 \(40 days\)"),
     ({"METERD_EVENT_EARLY_MAX_S": "-1"}, "event_early_max_s: must be 0 to 86400"),
+    ({"METERD_TEST_CLOCK": "true", "METERD_BALANCES": "ledger", "METERD_LEDGER": "postgresql://u@db/x"},
+     r"test_clock: is for trying plans out, not with ledger \(PostgreSQL\), balances = ledger"),
+    ({"METERD_TEST_CLOCK": "true", "METERD_LISTEN": "0.0.0.0:50051"},
+     r"test_clock: is for trying plans out, not with listen \(not loopback\)"),
     ({"METERD_MAP_LOW_WATER_PERCENT": "80"}, "map_low_water_percent: must be at least 1 and less than "
                                              "map_high_water_percent"),
     # 20% of a 32 MiB map cannot hold two 4 MiB batches (one admitted under the mark, then its snapshot).

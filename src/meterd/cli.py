@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from decimal import Decimal
@@ -64,11 +65,14 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balances", choices=("local", "ledger"),
                    help="local: this sidecar's own balances (default); ledger: balances shared by every "
                    "sidecar on the ledger, each spending an escrow lease")
+    p.add_argument("--test-clock", dest="test_clock", action="store_const", const=True,
+                   help="a clock that `meterd advance-clock` moves ahead, for trying plans out (refused with "
+                   "settings that look like production)")
 
 
 def _load(args: argparse.Namespace) -> Settings:
     flags = {k: getattr(args, k, None) for k in ("data_dir", "listen", "admin_listen", "catalog", "fsync", "ledger",
-                                                 "balances")}
+                                                 "balances", "test_clock")}
     return load_settings(flags, config_path=args.config)
 
 
@@ -416,6 +420,30 @@ def cmd_change_plan(args: argparse.Namespace) -> int:
     return _subscription(args, "ChangePlan", admin_pb2.ChangePlanRequest(customer_id=args.customer, plan=args.plan))
 
 
+def cmd_advance_clock(args: argparse.Namespace) -> int:
+    """Move a test clock ahead (Admin.AdvanceClock) and say what time it is now."""
+    from meterd.v1 import admin_pb2
+
+    if bool(args.by) == bool(args.to):
+        raise SystemExit("meterd advance-clock: give --by or --to")
+    request = admin_pb2.AdvanceClockRequest(by_ms=_duration_ms(args.by, "--by") if args.by else 0,
+                                            to_ms=_date_ms(args.to, "to") if args.to else 0)
+    resp = _admin(args, "AdvanceClock", request)
+    print(f"the daemon's clock is at {_utc(resp.now_ms)}")
+    return 0
+
+
+DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _duration_ms(text: str, flag: str) -> int:
+    """30d, 12h, 90m, 45s or 500ms, as milliseconds."""
+    match = re.fullmatch(r"([0-9]{1,12})(ms|s|m|h|d)", text.strip()) if text.isascii() else None
+    if match is None:
+        raise SystemExit(f"meterd advance-clock: {flag} {text!r}: a duration such as 30d, 12h, 90m, 45s or 500ms")
+    return int(match.group(1)) * DURATION_UNITS_MS[match.group(2)]
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """A customer's audit trail on a running daemon, oldest first, a page at a time."""
     from google.protobuf import json_format
@@ -648,6 +676,14 @@ def _subscription_commands(sub: Any) -> None:
     p.add_argument("--plan", required=True, help="a plan of the catalog")
     _client_args(p)
     p.set_defaults(func=cmd_change_plan)
+    p = _command(sub, "advance-clock", "move a test clock ahead (a daemon started with --test-clock): the "
+                 "period boundaries it passes happen at once", "  meterd advance-clock --by 31d\n"
+                 "  meterd advance-clock --to 2027-01-01")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--by", help="how far: 30d, 12h, 90m, 45s or 500ms")
+    group.add_argument("--to", help="to a date or time in UTC, ahead of the daemon's clock")
+    _client_args(p)
+    p.set_defaults(func=cmd_advance_clock)
     p = _command(sub, "audit", "a customer's audit trail: every movement of its balances, oldest first",
                  "  meterd audit --customer acme\n  meterd audit --customer acme --after 120 --limit 50 --json")
     p.add_argument("--customer", required=True, help="the customer id")

@@ -39,6 +39,23 @@ class ManualClock(Clock):
         self.ms += ms
 
 
+class TestClock(Clock):
+    """The wall clock moved ahead by an offset that only grows (``test_clock = true``):
+    an operator advances it to watch period boundaries, rollovers and statements
+    happen. The offset is kept in the data directory, so a restart keeps the time."""
+
+    def __init__(self, offset_ms: int = 0) -> None:
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        return super().now_ms() + self.offset_ms
+
+    def advance(self, ms: int) -> None:
+        if ms < 0:
+            raise ValueError("a test clock does not go back")
+        self.offset_ms += ms
+
+
 def month_bounds(ms: int) -> tuple[int, int]:
     """Start and end (ms, UTC) of the calendar month holding ``ms``."""
     d = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)

@@ -129,6 +129,11 @@ class Settings:
     # off, the event is refused. (0: no timestamp, the event is of now.)
     event_late_max_s: int = 86_400
     event_early_max_s: int = 300
+    # A daemon for trying plans out: its clock is moved ahead by Admin.AdvanceClock (and
+    # `meterd advance-clock`), so periods end when told. Refused with settings that look
+    # like production: a PostgreSQL ledger, ledger balances, TLS, data tokens or a
+    # listener off loopback.
+    test_clock: bool = False
     log_level: str = "info"
     log_format: str = "json"
 
@@ -197,6 +202,26 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 def _need(cond: bool, name: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {message}")
+
+
+def _check_test_clock(s: Settings) -> None:
+    """A test clock is for trying plans out, never next to real money."""
+    if not s.test_clock:
+        return
+    production = [name for name, looks in [
+        ("ledger (PostgreSQL)", s.ledger.startswith(("postgresql:", "postgres:"))),
+        ("balances = ledger", s.balances == "ledger"),
+        ("tls_cert_file", bool(s.tls_cert_file)),
+        ("data_tokens_file", bool(s.data_tokens_file)),
+        ("listen (not loopback)", not _loopback(s.listen)),
+        ("admin_listen (not loopback)", bool(s.admin_listen) and not _loopback(s.admin_listen)),
+    ] if looks]
+    _need(not production, "test_clock", f"is for trying plans out, not with {', '.join(production)}")
+
+
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.") or address.startswith("unix:")
 
 
 def _validate(s: Settings) -> None:
@@ -276,6 +301,7 @@ def _check_timers(s: Settings) -> None:
     _check_leases(s)
     _need(1 <= s.usage_window_s <= 86_400 and 86_400 % s.usage_window_s == 0, "usage_window_s",
          "must divide a day: 1 to 86400 seconds, for example 60 or 3600")
+    _check_test_clock(s)
     _need(0 <= s.event_late_max_s <= 40 * 86_400, "event_late_max_s", "must be 0 to 3456000 (40 days)")
     _need(0 <= s.event_early_max_s <= 86_400, "event_early_max_s", "must be 0 to 86400")
     _need(len(s.sidecar_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in s.sidecar_id), "sidecar_id",

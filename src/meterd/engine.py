@@ -40,9 +40,10 @@ from meterd.admin import Admin
 from meterd.answers import AnswerStore
 from meterd.audit import Audit
 from meterd.catalog import Catalog
-from meterd.clock import Clock
+from meterd.clock import Clock, TestClock
 from meterd.config import Settings
 from meterd.drain import Drains
+from meterd.errors import Conflict, InvalidInput
 from meterd.flush import Flusher
 from meterd.grants import Grants
 from meterd.holds import Holds
@@ -56,12 +57,14 @@ from meterd.reservations import Reservations
 from meterd.sessions import Sessions
 from meterd.snapshots import Snapshots
 from meterd.state import Live
-from meterd.store import Store
+from meterd.store import Store, from_u64, u64
 from meterd.subscriptions import Subscriptions
 
 log = logging.getLogger("meterd.engine")
 
 LEASES_LISTED_MAX = 1000  # leases that GetLedgerStatus lists (leases_held counts them all)
+TEST_CLOCK_KEY = b"test_clock_offset_ms"  # in meta: how far a test clock is ahead of the wall clock
+ADVANCE_MS_MAX = 3660 * 86_400_000  # one AdvanceClock moves a test clock at most about ten years
 
 
 class Engine:
@@ -72,11 +75,12 @@ class Engine:
         """``clock`` stamps every period, expiry and record (tests move a ManualClock);
         ``encode`` is how an answer is kept for retries (the API's wire form)."""
         self.settings = settings
-        self.clock = clock or Clock()
         self.live = Live(catalog)
         self.store = Store(os.path.join(settings.data_dir, "lmdb"), settings.map_size_bytes, settings.fsync,
                            settings.group_commit_window_us, settings.group_commit_ops_max,
                            settings.map_high_water_percent, settings.map_low_water_percent)
+        offset = self.store.get("meta", TEST_CLOCK_KEY)
+        self.clock = clock or (TestClock(from_u64(offset) if offset else 0) if settings.test_clock else Clock())
         window_ms = settings.idempotency_window_s * 1000
         self.idem = AnswerStore(self.store, "idem", window_ms, settings.idempotency_keys_max,
                                 settings.idempotency_keys_per_tenant_max, "idempotency_keys_max",
@@ -179,6 +183,27 @@ class Engine:
 
     async def sweep(self) -> None:
         await self.housekeeping.sweep()
+
+    async def advance_clock(self, by_ms: int, to_ms: int) -> int:
+        """A test clock moved ahead, kept in LMDB, and what the time it passed brings done at once."""
+        if not isinstance(self.clock, TestClock):
+            raise Conflict("the daemon runs on the wall clock: start it with test_clock = true (--test-clock) to "
+                           "move its time")
+        now = self.clock.now_ms()
+        if (by_ms != 0) == (to_ms != 0) or by_ms < 0 or to_ms < 0:
+            raise InvalidInput("by_ms", "give by_ms or to_ms (one of them, above zero)")
+        step = by_ms or to_ms - now
+        if step <= 0:
+            raise InvalidInput("to_ms", f"{to_ms} is not ahead of the daemon's clock ({now})")
+        if step > ADVANCE_MS_MAX:
+            raise InvalidInput("by_ms" if by_ms else "to_ms", f"at most {ADVANCE_MS_MAX // 86_400_000} days at a time")
+        self.journal.check_writable()
+        self.clock.advance(step)
+        await self.journal.commit_with([("meta", TEST_CLOCK_KEY, u64(self.clock.offset_ms))])
+        log.info("test clock advanced by %d ms to %d", step, self.clock.now_ms())
+        await self.sweep()
+        await self.subscriptions.roll_settled()  # answered once the rolls it set off are durable
+        return self.clock.now_ms()
 
     async def run_housekeeping(self, stop: asyncio.Event, period_s: float = 0.5) -> None:
         await self.housekeeping.run(stop, period_s)

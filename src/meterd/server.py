@@ -369,6 +369,13 @@ class Servicer:
             return wire.ledger_status(self.engine).SerializeToString()
         return await self._call(run, ctx, "GetLedgerStatus")
 
+    async def advance_clock(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        async def run() -> bytes:
+            req = _parse(admin_pb2.AdvanceClockRequest, data)
+            now = await self.engine.advance_clock(req.by_ms, req.to_ms)
+            return admin_pb2.AdvanceClockResponse(now_ms=now).SerializeToString()
+        return await self._call(run, ctx, "AdvanceClock")
+
     async def _refuse(self, ctx: grpc.aio.ServicerContext, method: str) -> None:
         log.warning("Admin %s refused: not authenticated (peer %s)", method, ctx.peer())
         await _abort(Unauthenticated("Admin requires authentication: a bearer token or an allowed client "
@@ -406,7 +413,7 @@ class Servicer:
         unary = {"Grant": self.grant, "Adjust": self.adjust, "ListAudit": self.list_audit,
                  "Subscribe": self.subscribe, "Cancel": self.cancel, "ChangePlan": self.change_plan,
                  "ReloadCatalog": self.reload_catalog, "GetStatement": self.get_statement,
-                 "GetLedgerStatus": self.get_ledger_status}
+                 "GetLedgerStatus": self.get_ledger_status, "AdvanceClock": self.advance_clock}
         admin_methods = {name: grpc.unary_unary_rpc_method_handler(self._authenticated(fn), **raw)
                          for name, fn in unary.items()}
         admin_methods["Watch"] = grpc.unary_stream_rpc_method_handler(self._authenticated_stream(self.watch), **raw)

@@ -309,3 +309,17 @@ class Lease(_message.Message):
     borrowed_nano: int
     outage_allowance_nano: int
     def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., balance_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., leased_nano: _Optional[int] = ..., given_back_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., rate_nano_per_s: _Optional[int] = ..., borrowed_nano: _Optional[int] = ..., outage_allowance_nano: _Optional[int] = ...) -> None: ...
+
+class AdvanceClockRequest(_message.Message):
+    __slots__ = ("by_ms", "to_ms")
+    BY_MS_FIELD_NUMBER: _ClassVar[int]
+    TO_MS_FIELD_NUMBER: _ClassVar[int]
+    by_ms: int
+    to_ms: int
+    def __init__(self, by_ms: _Optional[int] = ..., to_ms: _Optional[int] = ...) -> None: ...
+
+class AdvanceClockResponse(_message.Message):
+    __slots__ = ("now_ms",)
+    NOW_MS_FIELD_NUMBER: _ClassVar[int]
+    now_ms: int
+    def __init__(self, now_ms: _Optional[int] = ...) -> None: ...

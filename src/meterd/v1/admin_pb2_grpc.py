@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=meterd_dot_v1_dot_admin__pb2.LedgerStatusRequest.SerializeToString,
                 response_deserializer=meterd_dot_v1_dot_admin__pb2.LedgerStatus.FromString,
                 _registered_method=True)
+        self.AdvanceClock = channel.unary_unary(
+                '/meterd.v1.Admin/AdvanceClock',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.AdvanceClockRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.AdvanceClockResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -157,6 +162,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvanceClock(self, request, context):
+        """A daemon started with test_clock: move its clock ahead, as far as told, and do
+        at once what the time it passes brings (period rolls, expiries). FAILED_PRECONDITION
+        on a daemon with the wall clock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +223,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetLedgerStatus,
                     request_deserializer=meterd_dot_v1_dot_admin__pb2.LedgerStatusRequest.FromString,
                     response_serializer=meterd_dot_v1_dot_admin__pb2.LedgerStatus.SerializeToString,
+            ),
+            'AdvanceClock': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceClock,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.AdvanceClockRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.AdvanceClockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +500,33 @@ class Admin:
             '/meterd.v1.Admin/GetLedgerStatus',
             meterd_dot_v1_dot_admin__pb2.LedgerStatusRequest.SerializeToString,
             meterd_dot_v1_dot_admin__pb2.LedgerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceClock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/AdvanceClock',
+            meterd_dot_v1_dot_admin__pb2.AdvanceClockRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.AdvanceClockResponse.FromString,
             options,
             channel_credentials,
             insecure,
