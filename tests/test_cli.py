@@ -283,6 +283,8 @@ def test_a_test_clock_moves_a_month_ahead_and_keeps_its_time(make_daemon):
     assert r.returncode != 0 and "is not ahead of the daemon's clock" in r.stderr and "Traceback" not in r.stderr
     r = meterd("advance-clock", *data_dir, "--by", "soon")
     assert r.returncode != 0 and "a duration such as 30d" in r.stderr
+    r = meterd("advance-clock", *data_dir, "--by", "999999999999d")
+    assert r.returncode != 0 and "at most 3660 days at a time" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_daemon_on_the_wall_clock_refuses_to_move_it(make_daemon):

@@ -112,7 +112,7 @@ def test_settings_dataclass_has_units_in_names():
     for name in Settings.__dataclass_fields__:
         if name.endswith(("_max", "_min", "_s", "_us", "_bytes", "_ms", "_file", "_percent")) or name in (
                 "data_dir", "listen", "admin_listen", "catalog", "fsync", "log_level", "log_format", "ledger",
-                "metrics_listen", "sidecar_id", "admin_client_names", "balances"):
+                "metrics_listen", "sidecar_id", "admin_client_names", "balances", "test_clock"):
             continue
         raise AssertionError(f"setting {name} does not say its unit or role")
 

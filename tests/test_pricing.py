@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from meterd import _fastpath_py
 from meterd.catalog import CompiledCatalog, load_catalog, parse_catalog
 from meterd.corespec import rate_mask
-from meterd.errors import ConfigError, InvalidInput
+from meterd.engine import Engine
+from meterd.errors import ConfigError, InvalidInput, NotFound
 from meterd.v1 import meter_pb2 as pb
 
 NO_COMPILED = compiled_core_unavailable()
@@ -910,3 +911,94 @@ def test_the_lambda_example_bills_its_free_tier_then_by_the_published_prices(mak
     # without the free tier, a request costs $0.20 per million
     b.grant("bob", "usd", NANO)
     assert [b.report("bob", "requests", 1).cost_nano for _ in range(3)] == [200, 200, 200]
+
+
+# ---- found by the second review ----------------------------------------------------------------
+
+MOVED = '[credit_types.usd]\nkind = "fiat"\n[credit_types.eur]\nkind = "fiat"\ncurrency = "EUR"\n' \
+        '[meters.gpu_seconds]\ncredit_type = "usd"\nprice = "0.001"\n' \
+        '[customers.acme]\nbalances = { usd = "100", eur = "100" }\n'
+
+
+def test_holds_whose_meter_moved_to_another_credit_type_at_a_restart_are_released(make, tmp_path):
+    b = make(MOVED)
+    s = b.start_session("acme", "gpu_seconds", timeout_ms=30_000)
+    a = b.authorize("acme", "gpu_seconds", 1000)
+    b.run(b.engine.close())
+    path = tmp_path / "eur.toml"
+    path.write_text(MOVED.replace('credit_type = "usd"\nprice', 'credit_type = "eur"\nprice'))
+    b.catalog = load_catalog(str(path))
+    b.engine = b._open()
+    b.advance(10_000)
+    with pytest.raises(NotFound, match="release it"):
+        b.commit(a.reservation_id, 10)
+    b.release(a.reservation_id)
+    h = b.heartbeat(s.session_id)  # its price is gone: closed, nothing billed, its hold released
+    assert (h.closed, h.cost_nano) == (True, 0)
+    b.advance(60_000)
+    b.tick()  # and the housekeeping sweep goes on
+    assert {x.credit_type: (x.balance_nano, x.reserved_nano) for x in b.balance("acme").balances} == \
+        {"usd": (100 * NANO, 0), "eur": (100 * NANO, 0)}
+
+
+def test_a_reload_that_makes_a_held_meter_a_gauge_is_refused(make):
+    b = make(MOVED)
+    b.authorize("acme", "gpu_seconds", 1000)
+    new = parse_catalog(tomllib.loads(MOVED.replace('price = "0.001"', 'price = "0.001"\naggregation = "max"')),
+                        "new.toml")
+    with pytest.raises(ConfigError, match="has open reservations priced by a row it would no longer have"):
+        b.run(b.engine.reload_catalog(new))
+
+
+def test_a_late_event_of_a_latest_meter_is_refused(make):
+    b = make('[credit_types.usd]\nkind = "fiat"\n[meters.seats]\ncredit_type = "usd"\naggregation = "latest"\n'
+             'price = "10"\n[customers.acme]\nbalances = { usd = "1000" }\n')
+    b.report("acme", "seats", 50)
+    late = pb.UsageEvent(customer_id="acme", meter="seats", quantity=3, timestamp_ms=b.now_ms - HOUR_MS)
+    with pytest.raises(InvalidInput, match="^event.timestamp_ms: a latest meter's value is its last report"):
+        b.run(b.engine.report(pb.ReportRequest(event=late).SerializeToString()))
+    now = pb.UsageEvent(customer_id="acme", meter="seats", quantity=3, timestamp_ms=b.now_ms)
+    b.run(b.engine.report(pb.ReportRequest(event=now).SerializeToString()))  # of this window: it holds
+
+
+def test_a_keyed_report_retried_after_its_time_aged_gets_its_first_answer(make):
+    b = make("openai")
+    event = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=1000, dimensions={"model": "gpt-4o"},
+                          timestamp_ms=b.now_ms - 23 * HOUR_MS, idempotency_key="call-1")
+    data = pb.ReportRequest(event=event).SerializeToString()
+    first = pb.ReportResponse.FromString(b.run(b.engine.report(data)))
+    b.advance(2 * HOUR_MS)  # now 25 h old: a new event this old is refused
+    again = pb.ReportResponse.FromString(b.run(b.engine.report(data)))
+    assert (again.cost_nano, again.duplicate) == (first.cost_nano, True)
+    assert b.bal("acme", "usd") == 10 * NANO - first.cost_nano
+
+
+def test_a_gauges_free_units_come_first_at_the_period_end(make):
+    b = make('[credit_types.usd]\nkind = "fiat"\n[meters.seats]\ncredit_type = "usd"\naggregation = "max"\n'
+             'price = [{ up_to = "10", price = "8" }, { price = "4" }]\n'
+             '[meters.flat]\ncredit_type = "usd"\naggregation = "max"\nprice = "8"\n'
+             '[plans.five_free]\nperiod = "month"\nfree = { seats = "5", flat = "5" }\n'
+             '[customers.acme]\nplan = "five_free"\nbalances = { usd = "1000" }\n')
+    b.report("acme", "seats", 12)
+    b.report("acme", "flat", 8)
+    b.advance(32 * DAY_MS)
+    b.tick()
+    charged = sorted(-e.amount_nano for e in b.audit("acme", "gauge_charged"))
+    assert charged == sorted([(5 * 8 + 2 * 4) * NANO, 3 * 8 * NANO])  # seats 6-10 at $8, 11-12 at $4; 3 flat
+
+
+def test_a_data_directory_of_a_test_clock_does_not_start_on_the_wall_clock(tmp_path, monkeypatch):
+    from meterd.clock import TestClock
+    b = Billing(tmp_path, "openai", monkeypatch, clock=TestClock(), test_clock=True)
+    b.run(b.engine.advance_clock(40 * DAY_MS, 0))
+    b.close()
+    settings = dataclasses.replace(b.settings, test_clock=False)
+    with pytest.raises(ConfigError, match="this data directory ran on a test clock, 3456000000 ms ahead"):
+        Engine(settings, b.catalog)
+    Engine(b.settings, b.catalog).store.close()  # with the test clock it starts
+
+
+def test_ledger_mode_refuses_tiers():
+    from meterd.leases import check_catalog
+    with pytest.raises(ConfigError, match="meters.gb_seconds: tiers are served in local mode only for now"):
+        check_catalog(parse_catalog(tomllib.loads(TIERS), "t"))

@@ -18,7 +18,7 @@ cdef class _Accounts(_State):
                            list keep) except -1
     cdef int _fine(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil
     cdef int _graduated(self, int32_t rate, int64_t start, int64_t end, i128 *out) noexcept nogil
-    cdef int _volume(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil
+    cdef int _volume(self, int32_t rate, int64_t quantity, int64_t units, i128 *out) noexcept nogil
     cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, bint force,
                     int64_t *cost, const char *uval, Py_ssize_t ulen) noexcept nogil
     # plans and alerts

@@ -198,15 +198,15 @@ cdef class _Accounts(_State):
         out[0] = total
         return 1 if total / self.denom[r.ct] > INT64_MAX else 0
 
-    cdef int _volume(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil:
-        """The cost of ``quantity`` units all at the tier the quantity falls in."""
+    cdef int _volume(self, int32_t rate, int64_t quantity, int64_t units, i128 *out) noexcept nogil:
+        """The cost of ``units`` (those not free) all at the tier ``quantity`` falls in."""
         cdef Rate *r = &self.rates[rate]
         cdef Tier *t = &self.tiers[r.tier_first]
         cdef int32_t k = 0
         while quantity > t.up_to and k + 1 < r.tier_count:
             k += 1
             t = &self.tiers[r.tier_first + k]
-        if i128_mul(<i128>quantity, <i128>t.amount_nano * t.factor, out):
+        if i128_mul(<i128>units, <i128>t.amount_nano * t.factor, out):
             return 1
         return 1 if out[0] / self.denom[r.ct] > INT64_MAX else 0
 
@@ -303,8 +303,9 @@ cdef class _Accounts(_State):
 
     def force_charge(self, Py_ssize_t idx, Py_ssize_t rate, int64_t quantity):
         """Debit the cost of ``quantity`` at ``rate`` with carry, whatever the
-        balance, without counting usage (a gauge's value at period end): by its
-        tiers, graduated or by volume, when it has them."""
+        balance, without counting usage (a gauge's value at period end): the plan's
+        free units first, then by its tiers, graduated or by volume (the tier
+        of the whole value), when it has them."""
         self._idx(idx)
         if rate < 0 or rate >= self.n_rates or quantity < 0:
             raise ValueError(spec.MSG_FORCE_CHARGE)
@@ -312,12 +313,14 @@ cdef class _Accounts(_State):
         cdef Py_ssize_t b = idx * self.n_ct + ct
         cdef i128 fine, total, d
         cdef int rc
+        cdef int64_t free_units = self.plan_free[self.plan_of[idx] * self.n_meters + self.rates[rate].meter]
+        cdef int64_t charged = quantity - free_units if quantity > free_units else 0  # the plan's free units first
         if self.rates[rate].tier_count == 0:
-            rc = self._fine(<int32_t>rate, quantity, &fine)
+            rc = self._fine(<int32_t>rate, charged, &fine)
         elif self.meters[self.rates[rate].meter].tier_mode == TIER_VOLUME:
-            rc = self._volume(<int32_t>rate, quantity, &fine)
+            rc = self._volume(<int32_t>rate, quantity, charged, &fine)
         else:
-            rc = self._graduated(<int32_t>rate, 0, quantity, &fine)
+            rc = self._graduated(<int32_t>rate, quantity - charged, quantity, &fine)
         if rc:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         total = fine + self.rem[b]

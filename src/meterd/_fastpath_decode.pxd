@@ -24,6 +24,7 @@ cdef enum:
     E_FIELD0 = 16
     E_PRECISION = 17
     E_EVENT_TIME = 18
+    E_LATE_LATEST = 19
 
 # UsageEvent's fields, by number (corespec.EVENT_FIELDS names them).
 cdef enum:

@@ -312,6 +312,8 @@ cdef class _Decoder(_Aggregates):
             return InvalidInput(field, spec.no_unique_message(PyBytes_FromStringAndSize(ev.detail, ev.detail_len)))
         if ev.err == E_TOO_LONG and ev.err_field == F_CUSTOMER_ID:
             return InvalidInput(field, spec.MSG_ID_TOO_LONG % self.id_max)
+        if ev.err == E_LATE_LATEST:
+            return InvalidInput(field, spec.MSG_LATE_LATEST)
         if ev.err == E_EVENT_TIME:
             return InvalidInput(field, spec.event_time_message(ev.window, self.now_ms, self.late_ms))
         if ev.err == E_TENANT:
@@ -598,6 +600,9 @@ cdef inline int _event_time(_Decoder self, Event *ev, Fields *f) noexcept nogil:
         ev.window = f.ts
         return E_EVENT_TIME
     ev.window = f.ts - f.ts % self.window_ms
+    if ev.window < self.cur_window and self.meters[ev.meter].agg == AGG_LATEST:
+        ev.err_field = F_TIMESTAMP_MS
+        return E_LATE_LATEST
     return E_OK
 
 

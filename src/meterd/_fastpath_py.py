@@ -673,11 +673,11 @@ class _Accounts(_State):
             low = up_to
         return None if total // self.denom[self.rates[rate][1]] > INT64_MAX else total
 
-    def _volume(self, rate: int, quantity: int) -> int | None:
-        """The cost of ``quantity`` units all at the tier the quantity falls in."""
+    def _volume(self, rate: int, quantity: int, units: int) -> int | None:
+        """The cost of ``units`` (those not free) all at the tier ``quantity`` falls in."""
         steps = self.tiers[rate]
         amount, factor = next(((a, f) for up_to, a, f in steps if quantity <= up_to), steps[-1][1:])
-        fine = quantity * amount * factor
+        fine = units * amount * factor
         return None if fine // self.denom[self.rates[rate][1]] > INT64_MAX else fine
 
     def _minimum(self, meter: int, quantity: int) -> int:
@@ -768,13 +768,15 @@ class _Accounts(_State):
         self._idx(idx)
         if rate < 0 or rate >= len(self.rates) or quantity < 0:
             raise ValueError(spec.MSG_FORCE_CHARGE)
-        ct = self.rates[rate][1]
+        meter, ct = self.rates[rate][:2]
+        free_units = self.free[self.plan_of[idx]][meter]
+        charged = quantity - free_units if quantity > free_units else 0  # the plan's free units first
         if not self.tiers[rate]:
-            fine = self._fine(rate, quantity)
-        elif self.meters[self.rates[rate][0]][10] == spec.TIER_VOLUME:
-            fine = self._volume(rate, quantity)
+            fine = self._fine(rate, charged)
+        elif self.meters[meter][10] == spec.TIER_VOLUME:
+            fine = self._volume(rate, quantity, charged)
         else:
-            fine = self._graduated(rate, 0, quantity)
+            fine = self._graduated(rate, quantity - charged, quantity)
         if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
         d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
@@ -1049,9 +1051,9 @@ class _Decoder(_Aggregates):
             raise _DecodeError("meter", spec.unknown_meter_message(mname))
         qty = self._event_quantity(meter, qkind, qty, dec)
         rate, qty, fine, found = self._event_rate(meter, qty, dims)
-        return cust, meter, rate, qty, fine, canonical_set(dims), found, self._event_window(ts)
+        return cust, meter, rate, qty, fine, canonical_set(dims), found, self._event_window(meter, ts)
 
-    def _event_window(self, ts: int) -> int:
+    def _event_window(self, meter: int, ts: int) -> int:
         """The usage window of an event's timestamp_ms, within the distances allowed from
         the clock, or the clock's when it has none (0)."""
         if ts == 0:
@@ -1059,7 +1061,10 @@ class _Decoder(_Aggregates):
         if (ts < self.now_ms and self.now_ms - ts > self.late_ms) or (ts > self.now_ms
                                                                       and ts - self.now_ms > self.early_ms):
             raise _DecodeError("timestamp_ms", spec.event_time_message(ts, self.now_ms, self.late_ms))
-        return ts - ts % self.window_ms
+        window = ts - ts % self.window_ms
+        if window < self.cur_window and self.aggs[meter] == AGG_LATEST:
+            raise _DecodeError("timestamp_ms", spec.MSG_LATE_LATEST)
+        return window
 
     def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes, int, int, bytes,
                                                                       dict[bytes, bytes], int]:

@@ -434,6 +434,7 @@ def cmd_advance_clock(args: argparse.Namespace) -> int:
 
 
 DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+ADVANCE_DAYS_MAX = 3660  # as the daemon's Admin.AdvanceClock allows
 
 
 def _duration_ms(text: str, flag: str) -> int:
@@ -441,7 +442,10 @@ def _duration_ms(text: str, flag: str) -> int:
     match = re.fullmatch(r"([0-9]{1,12})(ms|s|m|h|d)", text.strip()) if text.isascii() else None
     if match is None:
         raise SystemExit(f"meterd advance-clock: {flag} {text!r}: a duration such as 30d, 12h, 90m, 45s or 500ms")
-    return int(match.group(1)) * DURATION_UNITS_MS[match.group(2)]
+    ms = int(match.group(1)) * DURATION_UNITS_MS[match.group(2)]
+    if ms > ADVANCE_DAYS_MAX * DURATION_UNITS_MS["d"]:
+        raise SystemExit(f"meterd advance-clock: {flag} {text!r}: at most {ADVANCE_DAYS_MAX} days at a time")
+    return ms
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

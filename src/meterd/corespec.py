@@ -117,6 +117,8 @@ MSG_MINIMUM = "must be 0 to 2^62"
 MSG_FORCE_CHARGE = "no such rate, or a negative quantity"
 MSG_NOT_UNIQUE = "meter %d does not count distinct values"
 MSG_WINDOW = "the usage window must be at least 1 ms"
+MSG_LATE_LATEST = ("a latest meter's value is its last report: an event of an earlier usage window is refused "
+                   "(report the value of now, without timestamp_ms)")
 MSG_EVENT_TIMES = "how far an event's time may be from the clock is not negative"
 
 # Snapshots.

@@ -43,7 +43,7 @@ from meterd.catalog import Catalog
 from meterd.clock import Clock, TestClock
 from meterd.config import Settings
 from meterd.drain import Drains
-from meterd.errors import Conflict, InvalidInput
+from meterd.errors import ConfigError, Conflict, InvalidInput
 from meterd.flush import Flusher
 from meterd.grants import Grants
 from meterd.holds import Holds
@@ -80,6 +80,11 @@ class Engine:
                            settings.group_commit_window_us, settings.group_commit_ops_max,
                            settings.map_high_water_percent, settings.map_low_water_percent)
         offset = self.store.get("meta", TEST_CLOCK_KEY)
+        if offset is not None and not settings.test_clock and clock is None:
+            self.store.close()
+            raise ConfigError(f"{settings.data_dir}: this data directory ran on a test clock, "
+                              f"{from_u64(offset)} ms ahead of the wall clock: start it with test_clock = true "
+                              "(--test-clock), or use another data directory for real money")
         self.clock = clock or (TestClock(from_u64(offset) if offset else 0) if settings.test_clock else Clock())
         window_ms = settings.idempotency_window_s * 1000
         self.idem = AnswerStore(self.store, "idem", window_ms, settings.idempotency_keys_max,

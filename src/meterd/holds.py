@@ -77,7 +77,8 @@ class Holds:
         ct = catalog.credit_index.get(doc["credit_type"])
         meter = catalog.meter_index.get(doc["meter"])
         dims = None if doc.get("dims") is None else bytes.fromhex(doc["dims"])
-        rate = -1 if meter is None else validate.held_rate(self.live, meter, dims, doc["dim_value"])
+        rate = -1 if meter is None or ct is None else validate.held_rate(self.live, meter, ct, dims,
+                                                                            doc["dim_value"])
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
                                              -1 if meter is None else meter, doc["dim_value"], rate,
                                              doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""),

@@ -126,6 +126,10 @@ class Held:
 
 def check_catalog(catalog: Catalog) -> None:
     """What ledger mode does not serve yet, refused at start and at reload."""
+    for m in catalog.meters:
+        if m.tiers:
+            raise ConfigError(f"meters.{m.name}: tiers are served in local mode only for now: they price by the "
+                              "customer's usage this period, and in ledger mode each sidecar counts only its own")
     for seed in catalog.customers:
         if seed.plan:
             raise ConfigError(f"customers.{seed.customer_id}.plan: plans are served in local mode only for now "

@@ -344,10 +344,11 @@ class Recovery:
         for what, meter, ct, dims, value in holds:
             name = old.meters[meter].name
             m = new.meter_index[name]  # _check_reload made sure it is there
-            if new.credit_types[new.meters[m].credit_type].name != old.credit_types[ct].name \
-                    or validate.rate_of_hold(new, probe, m, dims, value) < 0:
+            new_ct = new.credit_index[old.credit_types[ct].name]  # and this
+            if validate.rate_of_hold(new, probe, m, new_ct, dims, value) < 0:
                 raise ConfigError(f"{new.source}: meters.{name}: has open {what} priced by a row it would no "
-                                  "longer have (or in another credit type); settle them before changing it")
+                                  "longer have (or in another credit type, or at period end); settle them before "
+                                  "changing it")
 
 
 def _drained(taken: list[tuple], compiled: CompiledCatalog) -> Drained:

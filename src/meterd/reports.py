@@ -300,7 +300,15 @@ class Reports:
         core = self.live.core
         core.set_clock(at)
         # Applies and answers in wire form, unless the event has a key.
-        out = core.report_wire(data, None if tenant is None else tenant.prefix)
+        try:
+            out = core.report_wire(data, None if tenant is None else tenant.prefix)
+        except InvalidInput as e:
+            # A keyed event accepted once, retried after its timestamp has aged past
+            # event_late_max_s, still gets its first answer.
+            replay = self._refused_replay(data, tenant) if e.field == "event.timestamp_ms" else None
+            if replay is None:
+                raise
+            return replay
         if out is None:
             return await self._report_keyed(data, tenant)
         decision, response = out
@@ -328,7 +336,8 @@ class Reports:
         return response
 
     def _refused_replay(self, data: bytes, tenant: Tenant | None) -> bytes | None:
-        """While writes are refused: the answer of a keyed Report that was remembered, or None."""
+        """The answer of a keyed Report that was remembered, or None (while writes are refused,
+        or for an event refused now that was accepted then)."""
         try:
             replay = self.idempotency.landed(*self._keyed(data, tenant))
         except MeterdError:  # a request that cannot be read, or not this token's: the refusal stands

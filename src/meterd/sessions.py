@@ -69,7 +69,8 @@ class Sessions:
             self.settled.put_ops(s.tenant, _key(s.tenant, s.session_id), b"S", b"", self.encode(answer), now)
 
     def _rate(self, s: Session) -> int:
-        return validate.held_rate(self.live, s.meter, bytes.fromhex(s.dims_hex) if s.dims_hex else None, s.dim_value)
+        dims = bytes.fromhex(s.dims_hex) if s.dims_hex else None
+        return validate.held_rate(self.live, s.meter, s.credit_type, dims, s.dim_value)
 
     def _interval_units(self, s: Session, ms: int) -> int:
         """Whole meter units in ``ms`` of time (the meter counts seconds, to its precision)."""

@@ -75,15 +75,20 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
     return meter, dimensions.get(keys[0]) if len(keys) == 1 else None, found
 
 
-def held_rate(live: Live, meter: int, dims: bytes | None, value: str | None) -> int:
-    """The rate of a reservation or session from its dimension set (-1: none)."""
-    return rate_of_hold(live.catalog, live.core, meter, dims, value)
+def held_rate(live: Live, meter: int, ct: int, dims: bytes | None, value: str | None) -> int:
+    """The rate of a reservation or session holding money in credit type ``ct`` (-1: none)."""
+    return rate_of_hold(live.catalog, live.core, meter, ct, dims, value)
 
 
-def rate_of_hold(catalog: Catalog, core: CoreAPI, meter: int, dims: bytes | None, value: str | None) -> int:
-    """The rate of a hold in a catalog and its core; a hold written by an older version
-    without a dimension set kept only its price dimension's value."""
-    keys = catalog.meters[meter].price_dimensions
+def rate_of_hold(catalog: Catalog, core: CoreAPI, meter: int, ct: int, dims: bytes | None,
+                 value: str | None) -> int:
+    """The rate of a hold in a catalog and its core: none (-1) when the meter now prices in
+    another credit type than the hold's money, or is charged at period end. A hold written by
+    an older version without a dimension set kept only its price dimension's value."""
+    spec = catalog.meters[meter]
+    if spec.credit_type != ct or spec.aggregation > 1:
+        return -1
+    keys = spec.price_dimensions
     if dims is None and value is not None and len(keys) == 1:
         return core.find_rate(meter, {keys[0].encode(): value.encode()})
     return core.find_rate(meter, {} if dims is None else _fastpath_py.set_items(dims))
