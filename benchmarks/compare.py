@@ -5,8 +5,9 @@ be shown not to regress a hot path on a noisy machine.
     python -m benchmarks.compare REV [--trials 5] [--seconds 4]
 
 REV is built in a temporary work tree (``git worktree``), the work tree of this checkout
-is the other side. Each figure is reported as the median and the min-max of the per-pair
-ratios, with a verdict only when the whole spread is on one side of 1.0.
+is the other side; both are driven by this checkout's harness (benchmarks/). Each figure
+is reported as the median and the min-max of the per-pair ratios, with a verdict only
+when the whole spread is on one side of 1.0.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def build(tree: Path) -> None:
 
 
 def run(tree: Path, code: str, *args: str) -> dict:
-    """One trial in a work tree: its own sources first on the path, and its own compiled core."""
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+    """One trial of a work tree's meterd (its sources and compiled core first on the path),
+    driven by this checkout's benchmark harness, the same for both sides."""
+    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{ROOT}")
     env.pop("METERD_NO_EXTENSIONS", None)
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=tree, env=env, capture_output=True, text=True,
                          timeout=900)

@@ -242,7 +242,9 @@ def _stream(channel: grpc.Channel, path: str, proc: int, seconds: float, batch: 
 def drive(target: str, method: str, processes: int = 2, seconds: float = 5.0, inflight: int = 16,
           batch: int = 1000) -> Run:
     """Run client processes against a meterd and sum what they measured."""
-    ctx = mp.get_context("fork")
+    # Spawned, not forked: a child forked after this process used gRPC (the server's readiness
+    # check) can hang in its first channel, and the run with it.
+    ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_client, args=(target, method, p, seconds, inflight, batch, out))
              for p in range(processes)]

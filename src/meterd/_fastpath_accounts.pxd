@@ -13,6 +13,7 @@ cdef class _Accounts(_State):
     # money and rating
     cdef inline i128 _available(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
     cdef int32_t _find_rate(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil
+    cdef int32_t _scan_rates(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil
     cdef int32_t _no_price_pos(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil
     cdef int _price_values(self, int32_t meter, object dims, const char **value, int32_t *value_len,
                            list keep) except -1

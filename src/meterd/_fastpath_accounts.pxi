@@ -98,6 +98,8 @@ cdef class _Accounts(_State):
         cdef uint64_t vh[PRICE_DIMENSIONS_MAX]
         if n == 0:
             return m.rate_default
+        if m.rate_count <= RATES_SCANNED_MAX:
+            return self._scan_rates(meter, value, value_len)
         for k in range(n):
             if value[k] != NULL:
                 present |= 1u << (n - 1 - k)
@@ -111,6 +113,24 @@ cdef class _Accounts(_State):
             if mask == 0:
                 return -1
             mask -= 1
+
+    cdef int32_t _scan_rates(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil:
+        """_find_rate for a meter with few rates: a look at each costs less than the hashes
+        (the same rate: the largest mask that matches, the first written of equal keys)."""
+        cdef Meter *m = &self.meters[meter]
+        cdef int32_t i, k, n = m.n_dims, best = -1
+        cdef Rate *r
+        for i in range(m.rate_first, m.rate_first + m.rate_count):
+            r = &self.rates[i]
+            if best >= 0 and r.mask <= self.rates[best].mask:
+                continue
+            for k in range(n):
+                if (r.mask >> (n - 1 - k)) & 1 and (value[k] == NULL or r.value_len[k] != value_len[k]
+                                                    or memcmp(r.value[k], value[k], value_len[k]) != 0):
+                    break
+            else:
+                best = i
+        return best
 
     cdef int32_t _no_price_pos(self, int32_t meter, const char **value, const int32_t *value_len) noexcept nogil:
         """The price dimension an event without a rate is refused for (corespec.no_price_position)."""

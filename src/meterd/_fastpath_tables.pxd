@@ -57,6 +57,7 @@ cdef struct Ext:
 
 
 cdef enum:
+    RATES_SCANNED_MAX = 8        # a meter with at most this many rates finds one by looking at each
     ACCOUNTS_MAX = 0x7FFFFFF0    # account indices are int32, and so are their slots
     ROWS_MAX = 0x3FFFFFFF        # other tables of int32 indices, with twice as many int32 slots
 
