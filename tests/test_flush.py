@@ -210,8 +210,11 @@ def test_the_sidecar_serves_while_the_ledger_is_away_and_catches_up(ledger_url, 
         _mend(url, tmp_path, postgres_url)
 
         def drained() -> apb.LedgerStatus | None:
+            # The last flush's rows leave LMDB in the commit that records its sequence, and the
+            # status learns the sequence just after that commit: wait for both.
             status = d.admin.GetLedgerStatus(apb.LedgerStatusRequest())
-            return status if status.backlog_usage_rows == 0 and status.backlog_entries == 0 else None
+            return status if status.backlog_usage_rows == 0 and status.backlog_entries == 0 \
+                and status.flushed_sequence >= 5 else None
 
         status = wait_until(drained, "the backlog to reach the mended ledger")
         assert (status.backlog_usage_rows, status.backlog_entries, status.last_error) == (0, 0, "")
