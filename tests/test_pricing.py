@@ -76,6 +76,14 @@ def make(request, tmp_path, monkeypatch):
         b.close()
 
 
+def assert_refused(meter: dict, message: str) -> None:
+    """A catalog with meter ``m`` as given is refused, naming the file, the key and why."""
+    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
+    with pytest.raises(ConfigError) as e:
+        parse_catalog(doc, "c.toml")
+    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+
+
 def both_cores(denominators: list, meters: list, rates: list, names: list | None = None) -> list:
     """The cores this run tests, each with the same tables and no plans."""
     return [core_class(denominators, meters, rates, dict(LIMITS), 16, [], [], [], names or [b"usd"])
@@ -201,10 +209,7 @@ def test_check_config_shows_the_table_in_the_order_rows_are_tried(tmp_path):
      "meters.m.prices.a.b c: dimension values are 1 to 128 printable characters"),
 ])
 def test_a_price_table_that_cannot_be_read_is_refused_naming_the_key(meter, message):
-    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
-    with pytest.raises(ConfigError) as e:
-        parse_catalog(doc, "c.toml")
-    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+    assert_refused(meter, message)
 
 
 def test_a_snapshot_from_before_price_tables_reads_as_the_same_catalog():
@@ -464,10 +469,7 @@ def test_a_session_is_billed_in_whole_increments_and_at_least_its_minimum(make):
      "default price"),
 ])
 def test_an_increment_or_minimum_that_cannot_hold_is_refused(meter, message):
-    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
-    with pytest.raises(ConfigError) as e:
-        parse_catalog(doc, "c.toml")
-    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+    assert_refused(meter, message)
 
 
 @settings(max_examples=200, deadline=None)
@@ -841,10 +843,7 @@ def test_volume_tiers_price_every_seat_at_the_tier_the_count_reaches(make):
     ({"price": []}, "meters.m.price: a tier list needs at least one tier"),
 ])
 def test_a_tier_list_that_cannot_hold_is_refused(meter, message):
-    doc = {"credit_types": {"usd": {}}, "meters": {"m": {"credit_type": "usd", **meter}}}
-    with pytest.raises(ConfigError) as e:
-        parse_catalog(doc, "c.toml")
-    assert str(e.value).startswith("c.toml: " + message), str(e.value)
+    assert_refused(meter, message)
 
 
 def test_check_config_shows_the_tiers(tmp_path):

@@ -585,8 +585,8 @@ def _tiers(rows: list, precision: int, scale: Fraction, source: str,
 
 
 def _units(units: int, precision: int) -> str:
-    """Smallest units as the meter's unit."""
-    return str(Fraction(units, 10**precision)) if units % 10**precision else str(units // 10**precision)
+    """Smallest units as the meter's unit, an exact decimal."""
+    return _exact(Fraction(units, 10**precision))
 
 
 def _steps(spec: dict, agg: str, precision: int, source: str, where: str) -> tuple[int, int]:
