@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from fractions import Fraction
 import random
 import struct
 
@@ -59,6 +60,18 @@ def make_core(kind: str, catalog: dict = CATALOG):
 
 def batch(events, client_id: str = "", sequence: int = 0) -> bytes:
     return pb.ReportBatchRequest(client_id=client_id, sequence=sequence, events=events).SerializeToString()
+
+
+def multi(customer="acme", parts=(), **dims) -> pb.UsageEvent:
+    """An event of several quantities: (meter, quantity) pairs."""
+    e = pb.UsageEvent(customer_id=customer, dimensions=dims)
+    for meter, quantity in parts:
+        q = e.quantities.add(meter=meter)
+        if isinstance(quantity, str):
+            q.quantity_decimal = quantity
+        else:
+            q.quantity = quantity
+    return e
 
 
 def ev(customer="acme", meter="tokens", quantity=1, **dims) -> pb.UsageEvent:
@@ -247,6 +260,13 @@ MODELS = ["gpt-4o", "tiny", "mini", "haiku", "o1", "free", "other"]
 
 
 def random_event(rng: random.Random, customers: list[str]) -> pb.UsageEvent:
+    if rng.random() < 0.15:  # one request measured by several meters of one credit type
+        meters = rng.sample(["tokens", "gpu_seconds", "calls"], rng.randrange(1, 4)) if rng.random() < 0.7 \
+            else rng.sample(["requests", "images"], rng.randrange(1, 3))
+        parts = [(m, f"{rng.randrange(0, 100)}.{rng.randrange(0, 1000):03d}" if m == "gpu_seconds"
+                  else rng.choice([0, 1, 7, rng.randrange(1, 10**6)])) for m in meters]
+        return multi(rng.choice(customers), parts, model=rng.choice(MODELS[:3] if "tokens" in meters else MODELS[3:]),
+                     hardware=rng.choice(["cpu", "h100"]))
     meter = rng.choice(["tokens", "requests", "gpu_seconds", "images", "seats", "calls", "users"])
     e = pb.UsageEvent(customer_id=rng.choice(customers), meter=meter)
     if meter in ("tokens", "requests"):
@@ -331,9 +351,10 @@ def test_both_cores_agree_on_arbitrary_bytes(data):
 
 @needs_compiled
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=6))
+@given(st.lists(st.tuples(st.integers(0, 90), st.integers(0, 255)), max_size=6))
 def test_both_cores_agree_on_mutated_batches(mutations):
     data = bytearray(batch([ev(model="gpt-4o", quantity=7), ev(meter="gpu_seconds", quantity="2.5", hardware="cpu"),
+                            multi(parts=[("tokens", 9), ("calls", 1)], model="mini"),
                             ev(meter="requests", model="haiku")], "c", 9))
     for pos, value in mutations:
         data[pos % len(data)] = value
@@ -1013,3 +1034,91 @@ def test_field_tags_protobuf_refuses_are_refused(core, tag):
     with pytest.raises(InvalidInput, match="bad varint"):
         core.apply_batch(data)
     assert core.state_bytes(0) == before and core.take_usage() == []
+
+
+# ---- one request, several quantities -------------------------------------------------------
+
+
+def test_an_event_of_several_quantities_is_allowed_or_denied_as_a_whole(core):
+    idx = core.open_account(b"one")
+    core.credit(idx, 0, 3_000_000)  # $0.003
+    core.set_alert(idx, 0, 2_000_000)
+    before = core.state_bytes(idx)
+    # 1,000 gpt-4o tokens ($0.0025) fit; with the call ($0.001) they do not: neither is charged
+    e = multi("one", [("tokens", 1000), ("calls", 1)], model="gpt-4o")
+    assert core.report(pb.ReportRequest(event=e).SerializeToString())[:2] == (pb.DECISION_DENY,
+                                                                              pb.REASON_INSUFFICIENT_BALANCE)
+    assert core.state_bytes(idx) == before and core.take_alerts() == [] and core.usage_pending() == 0
+    accepted, denied, _, details = core.apply_batch(batch([e, multi("one", [("tokens", 400), ("calls", 1)],
+                                                                    model="gpt-4o")]) + b"\x20\x01")
+    assert (accepted, denied) == (1, 1)
+    results = pb.ReportBatchResponse.FromString(details).results
+    # 400 tokens at $2.50 per 1M and a call at $0.001: one cost for the request
+    assert [(r.decision, r.cost_nano, r.balance_nano) for r in results] == [
+        (pb.DECISION_DENY, 0, 3_000_000), (pb.DECISION_ALLOW, 1_000_000 + 1_000_000, 1_000_000)]
+    assert core.take_alerts() == [(idx, 0)]
+    usage = {(u[1], u[4], u[5]) for u in core.take_usage() if u[0] == b"one"}
+    assert usage == {(0, 400, 1_000_000), (5, 1, 1_000_000)}  # each quantity on its meter's line, with its cost
+
+
+def test_the_quantities_of_an_event_carry_their_remainders_into_each_other(core):
+    idx = core.open_account(b"carry")
+    core.credit(idx, 0, 10**9)
+    # "tiny" costs $0.0001 per 1M tokens: 1/10 nano a token; gpu_seconds on cpu $0.0001 a second
+    e = multi("carry", [("tokens", 7), ("gpu_seconds", "0.004")], model="tiny", hardware="cpu")
+    costs = [core.report(pb.ReportRequest(event=e).SerializeToString())[3] for _ in range(10)]
+    # each request costs 0.7 nano + 400 nano: 4,007 nano for ten, as the exact sum
+    assert sum(costs) == Fraction(7, 10) * 10 + 400 * 10 and core.state(idx)[0][0][0] == 10**9 - sum(costs)
+
+
+def test_a_degraded_event_of_several_quantities_counts_each_and_charges_none(core):
+    idx = core.open_account(b"pro")
+    core.credit(idx, 1, 3 * 10**9)  # three requests' worth of "req"
+    core.set_plan(idx, 1)           # "slow" when "req" is empty
+    e = multi("pro", [("requests", 2), ("images", 7)], model="o1")  # 2 x 10 + 7 x 2/7 req: more than there is
+    r = core.report(pb.ReportRequest(event=e).SerializeToString())
+    assert (r[0], r[3], r[5]) == (pb.DECISION_DEGRADE, 0, b"slow")
+    cts, use, _ = core.state(idx)
+    assert (cts[1][0], cts[1][4]) == (3 * 10**9, 22 * 10**9)  # nothing charged; all of it counted degraded
+    assert (use[1], use[3]) == (2, 7)
+    # the first quantity alone would fit, the second not: still degraded whole, nothing charged
+    e = multi("pro", [("images", 7), ("requests", 1)], model="o1")
+    assert core.report(pb.ReportRequest(event=e).SerializeToString())[0] == pb.DECISION_DEGRADE
+    cts, use, _ = core.state(idx)
+    assert (cts[1][0], cts[1][4], use[1], use[3]) == (3 * 10**9, 34 * 10**9, 3, 14)
+
+
+@pytest.mark.parametrize("event,field,says", [
+    (multi(parts=[("tokens", 1), ("tokens", 2)], model="gpt-4o"), "events[1].quantities[1].meter", "more than once"),
+    (multi(parts=[("tokens", 1), ("images", 2)], model="gpt-4o"), "events[1].quantities[1].meter",
+     "credit type 'req'"),
+    (multi(parts=[("tokens", 1), ("seats", 2)], model="gpt-4o"), "events[1].quantities[1].meter", "period end"),
+    (multi(parts=[("calls", 1), ("nope", 2)]), "events[1].quantities[1].meter", "unknown meter 'nope'"),
+    (multi(parts=[("calls", 1), ("gpu_seconds", "1.0001")], hardware="cpu"),
+     "events[1].quantities[1].quantity_decimal", "precision 3"),
+    (multi(parts=[("calls", 1), ("gpu_seconds", -1)], hardware="cpu"), "events[1].quantities[1].quantity",
+     "negative"),
+    (multi(parts=[("calls", 1), ("tokens", 1)], model="o1"), "events[1].dimensions", "model='o1'"),
+    (multi(parts=[("calls", 1)] * 9), "events[1].quantities", "more than 8"),
+    (pb.UsageEvent(customer_id="acme", meter="calls", quantity=1, quantities=[pb.Quantity(meter="calls")]),
+     "events[1].meter", "not both"),
+    (pb.UsageEvent(customer_id="acme", quantity=1, quantities=[pb.Quantity(meter="calls")]),
+     "events[1].quantity", "not both"),
+])
+def test_a_bad_event_of_several_quantities_is_refused_with_its_batch(core, event, field, says):
+    before = core.state_bytes(0)
+    with pytest.raises(InvalidInput) as e:
+        core.apply_batch(batch([ev(model="gpt-4o"), event]))
+    assert e.value.field == field and says in str(e.value)
+    assert core.state_bytes(0) == before and core.usage_pending() == 0
+
+
+def test_each_quantity_counts_toward_the_batch_cap():
+    for kind in CORES:
+        core = CORES[kind](*parse_catalog(CATALOG, "test").compile(), dict(LIMITS, batch_events_max=4))
+        core.credit(core.open_account(b"acme"), 0, 10**9)
+        three = multi(parts=[("tokens", 1), ("calls", 1), ("gpu_seconds", 1)], model="mini", hardware="cpu")
+        assert core.apply_batch(batch([ev(model="mini"), three]))[:2] == (2, 0)
+        with pytest.raises(InvalidInput, match="more than 4 events in one batch") as e:
+            core.apply_batch(batch([ev(model="mini"), ev(model="mini"), three]))
+        assert e.value.field == "events"

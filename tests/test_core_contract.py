@@ -67,6 +67,8 @@ def test_codes_are_the_wire_and_the_catalog():
         corespec.AGG_SUM, corespec.AGG_COUNT, corespec.AGG_MAX, corespec.AGG_LATEST, corespec.AGG_UNIQUE]
     assert corespec.EVENT_FIELDS[1:] == tuple(f.name for f in sorted(pb.UsageEvent.DESCRIPTOR.fields,
                                                                        key=lambda f: f.number))
+    assert corespec.QUANTITY_FIELDS[1:] == tuple(f.name for f in sorted(pb.Quantity.DESCRIPTOR.fields,
+                                                                          key=lambda f: f.number))
     assert corespec.BATCH_FIELDS[1:] == tuple(pb.ReportBatchRequest.DESCRIPTOR.fields_by_number[n].name
                                               for n in (1, 2, 3))
     assert core.REASON_INSUFFICIENT_BALANCE == corespec.REASON_INSUFFICIENT_BALANCE

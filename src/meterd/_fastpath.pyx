@@ -78,15 +78,15 @@ cdef class Core(_Decoder):
     cdef object _apply_batch(self, bytes data):
         self._check()
         cdef uint64_t seq, details
-        cdef Py_ssize_t cs, cn, nev, i, olen = 0
+        cdef Py_ssize_t cs, cn, nev, nent, i, j = 0, olen = 0
         cdef const char *buf = PyBytes_AS_STRING(data)
         cdef uint32_t counts[3]  # accepted, denied, degraded
         cdef char *out
-        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev, &details)
-        self._ureserve(nev, PyBytes_GET_SIZE(data))
+        self._decode_batch(buf, PyBytes_GET_SIZE(data), &seq, &cs, &cn, &nev, &nent, &details)
+        self._ureserve(nent, PyBytes_GET_SIZE(data))
         self._xreserve(nev)
         cdef Py_ssize_t mark = self.n_agg
-        self._place_batch(nev)
+        self._place_batch(nent)
         out = <char *>malloc(nev * (BATCH_EVENT_MAX + (BATCH_RESULT_MAX if details else 0)) + 1)
         if out == NULL:
             self._agg_undo(mark)
@@ -94,25 +94,30 @@ cdef class Core(_Decoder):
         counts[0] = counts[1] = counts[2] = 0
         try:
             for i in range(nev):
-                olen += _apply_event(self, <uint32_t>i, &self.scratch[i], details != 0, out + olen, counts)
+                olen += _apply_event(self, <uint32_t>i, &self.scratch[j], details != 0, out + olen, counts)
+                j += self.scratch[j].nparts
             return counts[0], counts[1], counts[2], PyBytes_FromStringAndSize(out, olen)
         finally:
             free(out)
 
-    cdef int _place_batch(self, Py_ssize_t nev) except -1:
-        """Every event's account and aggregate, before anything is applied, so that
-        a batch over the cap on dimension sets is refused whole."""
-        cdef Py_ssize_t i, mark = self.n_agg
+    cdef int _place_batch(self, Py_ssize_t nent) except -1:
+        """Every event's account and aggregates (one for each of its quantities), before
+        anything is applied, so that a batch over the cap on dimension sets is refused whole."""
+        cdef Py_ssize_t i, k = -1, mark = self.n_agg
         cdef Event *ev
-        for i in range(nev):
+        for i in range(nent):
             ev = &self.scratch[i]
-            ev.account = _Tables._find(self, ev.cust, ev.cust_len)
+            if ev.nparts:  # the head of the next event
+                k += 1
+                ev.account = _Tables._find(self, ev.cust, ev.cust_len)
+            else:
+                ev.account = self.scratch[i - 1].account
             if ev.account >= 0:
                 ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash,
                                                ev.window, True)
                 if ev.agg < 0:
                     self._agg_undo(mark)
-                    raise self._sets_error(ev, "events[%d].dimensions" % i)
+                    raise self._sets_error(ev, "events[%d].dimensions" % k)
         return 0
 
     cdef object _sets_error(self, Event *ev, str field):
@@ -125,13 +130,13 @@ cdef class Core(_Decoder):
         ``keyless``, an event that carries an idempotency key is left alone and
         1 is returned (the caller must check the key first); else 0."""
         self._check()
-        cdef Event ev
-        _decode_report(self, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &ev)
+        cdef Event *ev = self.scratch  # room for QUANTITIES_MAX entries
+        _decode_report(self, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), ev)
         if keyless and ev.keyed:
             return 1
         self._ureserve(1, ev.ulen)
         self._xreserve(1)
-        return _apply_one(self, &ev, o)
+        return _apply_one(self, ev, o)
 
     def report(self, bytes data, bytes tenant=None):
         """Decode and apply a ReportRequest (one event).
@@ -189,10 +194,7 @@ cdef inline Py_ssize_t _apply_event(Core self, uint32_t i, Event *ev, bint detai
     if ev.account < 0:
         reason = REASON_UNKNOWN_CUSTOMER
     else:
-        reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, _minimum(self, ev), False, &cost,
-                                  ev.uval, ev.ulen)
-    if reason == REASON_NONE or reason == OUT_DEGRADED:
-        _Aggregates._agg_add(self, ev.agg, ev.quantity, cost)
+        reason = _debit_event(self, ev, &cost)
     if reason == REASON_NONE:
         counts[0] += 1
     elif reason == OUT_DEGRADED:
@@ -220,6 +222,67 @@ cdef inline int64_t _minimum(Core self, Event *ev) noexcept nogil:
     return self.meters[ev.meter].minimum if ev.quantity > 0 else 0
 
 
+cdef inline int _debit_event(Core self, Event *ev, int64_t *cost) except -1:
+    """Debit a placed event of a known customer and add it to its aggregates (see _debit)."""
+    if ev.nparts > 1:
+        return _debit_parts(self, ev, cost)
+    cdef int reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, _minimum(self, ev),
+                                       DEBIT_CHECK, cost, ev.uval, ev.ulen)
+    if reason == REASON_NONE or reason == OUT_DEGRADED:
+        _Aggregates._agg_add(self, ev.agg, ev.quantity, cost[0])
+    return reason
+
+
+cdef int _debit_parts(Core self, Event *ev, int64_t *cost) except -1:
+    """An event of several quantities, as a whole: each is debited in turn, its
+    remainder carried to the next (so that their costs add up to what their sum
+    costs), and all are charged when the balance covers them all. Else what the
+    turns did is undone, and the event is served degraded in full (each quantity
+    counted, nothing charged) or denied."""
+    cdef Py_ssize_t idx = ev.account
+    cdef int32_t ct = self.rates[ev.rate].ct, k, n = ev.nparts
+    cdef Py_ssize_t b = idx * self.n_ct + ct, u = idx * self.n_meters
+    cdef int64_t bal = self.bal[b], rem = self.rem[b], degr = _Tables._degr(self, idx, ct)
+    cdef int64_t used[QUANTITIES_MAX]
+    cdef int64_t costs[QUANTITIES_MAX]
+    cdef Py_ssize_t n_alerts = self.n_alerts
+    cdef bint lost = self.alerts_lost
+    cdef uint8_t dirty = self.dirty[idx]
+    cdef int how = DEBIT_CHECK, ok = REASON_NONE, reason = REASON_NONE
+    cdef Ext *x
+    for k in range(n):
+        used[k] = self.usage[u + ev[k].meter]
+    while True:
+        cost[0] = 0
+        for k in range(n):
+            reason = _Accounts._debit(self, idx, ev[k].rate, ev[k].quantity, ev[k].fine, _minimum(self, &ev[k]),
+                                      how, &costs[k], NULL, 0)
+            if reason != ok:
+                break
+            cost[0] += costs[k]  # no overflow: each is what the balance lost, and that did not overflow
+        if reason == ok:
+            break
+        # undo the turns
+        self.bal[b] = bal
+        self.rem[b] = rem
+        x = _Tables._xp(self, idx, ct)
+        if x != NULL:
+            x.degr = degr
+        for k in range(n):
+            self.usage[u + ev[k].meter] = used[k]
+        self.n_alerts = n_alerts
+        self.alerts_lost = lost
+        self.dirty[idx] = dirty
+        if reason != OUT_DEGRADED:  # denied (in the second turn, only an overflow)
+            cost[0] = 0
+            return reason
+        how = DEBIT_DEGRADE  # a turn was degraded: all of it is
+        ok = OUT_DEGRADED
+    for k in range(n):
+        _Aggregates._agg_add(self, ev[k].agg, ev[k].quantity, costs[k])
+    return reason
+
+
 cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
     """Apply a decoded event alone (room was made for it) into ``o``."""
     cdef int32_t ct = self.rates[ev.rate].ct
@@ -230,19 +293,21 @@ cdef inline int _apply_one(Core self, Event *ev, Outcome *o) except -1:
     o.balance = 0
     o.mode = 0
     o.priority = 0
+    cdef Py_ssize_t mark = self.n_agg
+    cdef int32_t k
     ev.account = _Tables._find(self, ev.cust, ev.cust_len)
     if ev.account < 0:
         o.decision = DECISION_DENY
         o.reason = REASON_UNKNOWN_CUSTOMER
         return 0
-    ev.agg = _Aggregates._agg_slot(self, ev.account, ev.meter, self.cbuf + ev.coff, ev.clen, ev.chash, ev.window,
-                                   True)
-    if ev.agg < 0:
-        raise self._sets_error(ev, "event.dimensions")
-    reason = _Accounts._debit(self, ev.account, ev.rate, ev.quantity, ev.fine, _minimum(self, ev), False, &o.cost,
-                              ev.uval, ev.ulen)
-    if reason == REASON_NONE or reason == OUT_DEGRADED:
-        _Aggregates._agg_add(self, ev.agg, ev.quantity, o.cost)
+    for k in range(ev.nparts):
+        ev[k].account = ev.account
+        ev[k].agg = _Aggregates._agg_slot(self, ev.account, ev[k].meter, self.cbuf + ev.coff, ev.clen, ev.chash,
+                                          ev.window, True)
+        if ev[k].agg < 0:
+            self._agg_undo(mark)
+            raise self._sets_error(ev, "event.dimensions")
+    reason = _debit_event(self, ev, &o.cost)
     o.balance = self.bal[ev.account * self.n_ct + ct]
     if reason == REASON_NONE:
         o.decision = DECISION_ALLOW
@@ -275,7 +340,8 @@ def _constants():
         "QUOTE_BYTES_MAX": QUOTE_BYTES_MAX, "PRIORITY_MAX": PRIORITY_MAX,
         "PRICE_DIMENSIONS_MAX": PRICE_DIMENSIONS_MAX, "TIER_GRADUATED": TIER_GRADUATED, "TIER_VOLUME": TIER_VOLUME,
         "EVENT_FIELDS": (F_NONE, F_CUSTOMER_ID, F_METER, F_QUANTITY, F_QUANTITY_DECIMAL, F_DIMENSIONS,
-                         F_TIMESTAMP_MS, F_IDEMPOTENCY_KEY),
+                         F_TIMESTAMP_MS, F_IDEMPOTENCY_KEY, F_QUANTITIES),
+        "QUANTITIES_MAX": QUANTITIES_MAX,
     }
 
 

@@ -2,6 +2,13 @@
 # _fastpath_accounts.pxi).
 
 
+# How _debit treats the balance.
+cdef enum:
+    DEBIT_CHECK = 0      # charge what the balance covers; else degrade (the plan's fallback) or deny
+    DEBIT_FORCE = 1      # charge whatever the balance (a settlement: the work was done)
+    DEBIT_DEGRADE = 2    # serve in the plan's fallback mode, charging nothing (the rest of a degraded event)
+
+
 cdef class _Accounts(_State):
     # low-balance alerts since take_alerts: account * n_ct + credit type
     cdef int64_t *alerts
@@ -20,7 +27,7 @@ cdef class _Accounts(_State):
     cdef int _fine(self, int32_t rate, int64_t quantity, i128 *out) noexcept nogil
     cdef int _graduated(self, int32_t rate, int64_t start, int64_t end, i128 *out) noexcept nogil
     cdef int _volume(self, int32_t rate, int64_t quantity, int64_t units, i128 *out) noexcept nogil
-    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, bint force,
+    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, int how,
                     int64_t *cost, const char *uval, Py_ssize_t ulen) noexcept nogil
     # plans and alerts
     cdef inline void _check_alert(self, Py_ssize_t idx, Py_ssize_t ct, int64_t before) noexcept nogil

@@ -245,12 +245,13 @@ cdef class _Accounts(_State):
         cdef int64_t d = self.denom[self.rates[rate].ct]
         return self.rates[rate].ct, <int64_t>((fine + d - 1) / d)
 
-    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, bint force,
+    cdef int _debit(self, Py_ssize_t idx, int32_t rate, int64_t quantity, i128 fine, int64_t minimum, int how,
                     int64_t *cost, const char *uval, Py_ssize_t ulen) noexcept nogil:
         """Apply one rated event with carry: REASON_NONE (charged), OUT_DEGRADED
         (served in the plan's fallback mode, not charged) or a denial reason.
         It costs at least ``minimum`` nano unless the plan's free units cover it
-        all. ``force`` skips the balance check; ``uval`` is a unique_count meter's value.
+        all. ``how`` is DEBIT_CHECK, DEBIT_FORCE or DEBIT_DEGRADE; ``uval`` is a
+        unique_count meter's value.
         Its calls of _ufind and _uinsert (not inline) go through the vtable, as
         when they were of this class: named as _State's, they made gcc's code for
         _debit two instructions longer per event (callgrind), unique_count or not."""
@@ -299,7 +300,7 @@ cdef class _Accounts(_State):
             use = quantity
         if use > INT64_MAX:
             return REASON_OVERFLOW
-        if not force and d > 0 and d > self._available(idx, ct):
+        if how == DEBIT_DEGRADE or (how == DEBIT_CHECK and d > 0 and d > self._available(idx, ct)):
             if self.plan_mode[self.plan_of[idx] * self.n_ct + ct] == 0:
                 return REASON_INSUFFICIENT_BALANCE
             if <i128>_Tables._degr(self, idx, ct) + d > INT64_MAX:

@@ -490,7 +490,8 @@ cdef class _Aggregates(_Accounts):
         cdef Ext *x = _Tables._xp(self, idx, ct)  # there is one when anything is reserved
         if reserved:
             x.resv -= reserved
-        if _Accounts._debit(self, idx, <int32_t>rate, quantity, fine, minimum_nano, True, &cost, NULL, 0) != REASON_NONE:
+        if _Accounts._debit(self, idx, <int32_t>rate, quantity, fine, minimum_nano, DEBIT_FORCE, &cost, NULL,
+                            0) != REASON_NONE:
             if reserved:
                 x.resv += reserved
             self._agg_undo(mark)

@@ -25,6 +25,12 @@ cdef enum:
     E_PRECISION = 17
     E_EVENT_TIME = 18
     E_LATE_LATEST = 19
+    E_BOTH = 20              # meter or quantity given with quantities
+    E_PARTS = 21             # more than QUANTITIES_MAX quantities
+    E_PART_GAUGE = 22        # a gauge among quantities
+    E_PART_TWICE = 23        # a meter twice among quantities
+    E_PART_CREDIT = 24       # quantities in two credit types
+    E_BATCH_FULL = 25        # the batch's events and quantities are more than batch_events_max
 
 # UsageEvent's fields, by number (corespec.EVENT_FIELDS names them).
 cdef enum:
@@ -36,6 +42,7 @@ cdef enum:
     F_DIMENSIONS = 5
     F_TIMESTAMP_MS = 6
     F_IDEMPOTENCY_KEY = 7
+    F_QUANTITIES = 8
 
 
 # One dimensions map entry of the event being decoded: its key and value in the
@@ -47,7 +54,10 @@ cdef struct Span:
     int32_t value_len
 
 
-# One decoded event, pointing into the caller's buffer.
+# One decoded event, pointing into the caller's buffer. An event of several
+# quantities takes as many entries, one after the other: the first (its head)
+# counts them in nparts, the others (0 there) repeat its customer, account,
+# dimension set and window with their own meter, rate, quantity, cost and aggregate.
 cdef struct Event:
     const char *cust
     int32_t cust_len
@@ -69,6 +79,8 @@ cdef struct Event:
     uint64_t chash          # its hash, for bucketing only
     int32_t agg             # its aggregate, found or made before anything is applied; -1 for none
     bint keyed              # it has an idempotency key (not empty)
+    int32_t nparts          # the head of an event: its entries (1, or its quantities); 0 for the others
+    int32_t err_part        # the quantity an error is about, or -1
 
 
 # What the field loop of an event leaves for the checks after it.
@@ -81,6 +93,7 @@ cdef struct Fields:
     Py_ssize_t dec_len
     int nspans               # dimension entries, in spans
     int64_t ts               # timestamp_ms (0: none)
+    int nparts               # quantities entries, in _Decoder.part_start and part_len
 
 
 cdef class _Decoder(_Aggregates):
@@ -91,6 +104,8 @@ cdef class _Decoder(_Aggregates):
     cdef int dim_value_max
     cdef Event *scratch          # the events of the batch being decoded
     cdef Span *spans             # the dimension entries of the event being decoded, sorted by key
+    cdef Py_ssize_t part_start[QUANTITIES_MAX]  # its quantities' messages, in the caller's buffer
+    cdef Py_ssize_t part_len[QUANTITIES_MAX]
     cdef char *cbuf              # canonical dimension sets of the events being decoded
     cdef Py_ssize_t cbuf_len
     cdef Py_ssize_t cbuf_cap
@@ -103,10 +118,11 @@ cdef class _Decoder(_Aggregates):
     cdef int _set_tenant(self, bytes tenant) except -1
     cdef int _cbuf_reserve(self, Py_ssize_t data_len) except -1
     # one UsageEvent
-    cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev) noexcept
+    cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev,
+                           Py_ssize_t room) noexcept
     cdef object _event_error(self, Event *ev, str prefix)
     # requests
     cdef int _decode_batch(self, const char *buf, Py_ssize_t end, uint64_t *seq,
                            Py_ssize_t *cid_start, Py_ssize_t *cid_len, Py_ssize_t *nev,
-                           uint64_t *details) except -1
+                           Py_ssize_t *nent, uint64_t *details) except -1
     cdef int _check_client_id(self, const char *p, Py_ssize_t n) except -1

@@ -21,6 +21,9 @@ _MESSAGES = {
     E_UTF8: spec.MSG_UTF8,
     E_TENANT: spec.MSG_TENANT,
     E_FIELD0: spec.MSG_FIELD0,
+    E_BOTH: spec.MSG_BOTH_QUANTITIES,
+    E_PARTS: spec.MSG_PARTS,
+    E_PART_GAUGE: spec.MSG_PART_GAUGE,
 }
 
 
@@ -225,7 +228,7 @@ cdef class _Decoder(_Aggregates):
                 and 0 <= self.dim_value_max <= spec.DIMENSION_VALUE_BYTES_LIMIT):
             raise ValueError(spec.MSG_DIMS_LIMITS)
         self.spans = <Span *>calloc(max(self.dims_max, 1), sizeof(Span))
-        self.scratch = <Event *>calloc(max(self.batch_max, 1), sizeof(Event))
+        self.scratch = <Event *>calloc(max(self.batch_max, QUANTITIES_MAX), sizeof(Event))
         if self.spans == NULL or self.scratch == NULL:
             raise MemoryError()
         return 0
@@ -252,11 +255,15 @@ cdef class _Decoder(_Aggregates):
 
     # ---- one UsageEvent ------------------------------------------------------------
 
-    cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev) noexcept:
-        """Decode and rate one UsageEvent; on error ev.err and ev.err_field say why.
-        Its canonical dimension set goes to cbuf, which has room (see _cbuf_reserve)."""
+    cdef int _decode_event(self, const char *buf, Py_ssize_t start, Py_ssize_t end, Event *ev,
+                           Py_ssize_t room) noexcept:
+        """Decode and rate one UsageEvent into ``ev`` (and the entries after it, for
+        its quantities: at most ``room`` in all); on error ev.err, ev.err_field and
+        ev.err_part say why. Its canonical dimension set goes to cbuf, which has
+        room (see _cbuf_reserve)."""
         cdef Fields f
         cdef int rc
+        cdef int32_t k
         ev.cust = NULL
         ev.cust_len = 0
         ev.meter = -1
@@ -271,17 +278,15 @@ cdef class _Decoder(_Aggregates):
         ev.agg = -1
         ev.keyed = False
         ev.window = self.cur_window
+        ev.nparts = 1
+        ev.err_part = -1
         rc = _event_fields(self, buf, start, end, ev, &f)
         if rc == E_OK:
             rc = _event_customer(self, ev)
-        if rc == E_OK:
-            rc = _event_meter(self, ev, &f)
-        if rc == E_OK:
-            rc = _event_quantity(self, ev, &f)
-        if rc == E_OK:
-            rc = _event_rate(self, ev, &f)
-        if rc == E_OK:
-            rc = _event_time(self, ev, &f)
+        if rc == E_OK and f.nparts > 0:
+            rc = _event_parts(self, buf, ev, &f, room)
+        elif rc == E_OK:
+            rc = _event_one(self, ev, &f)
         if rc:
             ev.err = rc
             return rc
@@ -289,10 +294,15 @@ cdef class _Decoder(_Aggregates):
         ev.chash = _hash_set(self.cbuf + ev.coff, ev.clen)
         self.cbuf_len += ev.clen
         ev.err_field = F_NONE
+        for k in range(1, ev.nparts):
+            ev[k].clen = ev.clen
+            ev[k].chash = ev.chash
         return E_OK
 
     cdef object _event_error(self, Event *ev, str prefix):
         name = spec.EVENT_FIELDS[ev.err_field]
+        if ev.err_part >= 0 and ev.err_field != F_DIMENSIONS and ev.err_field != F_TIMESTAMP_MS:  # a quantity's
+            prefix += "quantities[%d]." % ev.err_part
         field = prefix + name if name else prefix.rstrip(".") or "event"
         cdef Meter *m
         if ev.err == E_UNKNOWN_METER:
@@ -308,6 +318,14 @@ cdef class _Decoder(_Aggregates):
             m = &self.meters[ev.meter]
             return InvalidInput(field, spec.precision_message(PyBytes_FromStringAndSize(m.name, m.name_len),
                                                               m.precision))
+        if ev.err == E_PART_TWICE:
+            m = &self.meters[ev.meter]
+            return InvalidInput(field, spec.part_twice_message(PyBytes_FromStringAndSize(m.name, m.name_len)))
+        if ev.err == E_PART_CREDIT:
+            m = &self.meters[ev.meter]
+            return InvalidInput(field, spec.part_credit_message(
+                PyBytes_FromStringAndSize(m.name, m.name_len), self.credit_names[self.rates[ev.rate].ct],
+                self.credit_names[ev.detail_dim]))
         if ev.err == E_NO_UNIQUE:
             return InvalidInput(field, spec.no_unique_message(PyBytes_FromStringAndSize(ev.detail, ev.detail_len)))
         if ev.err == E_TOO_LONG and ev.err_field == F_CUSTOMER_ID:
@@ -324,13 +342,15 @@ cdef class _Decoder(_Aggregates):
 
     cdef int _decode_batch(self, const char *buf, Py_ssize_t end, uint64_t *seq,
                            Py_ssize_t *cid_start, Py_ssize_t *cid_len, Py_ssize_t *nev,
-                           uint64_t *details) except -1:
-        """Decode a ReportBatchRequest into the scratch events; raise InvalidInput."""
+                           Py_ssize_t *nent, uint64_t *details) except -1:
+        """Decode a ReportBatchRequest into the scratch events (``nev`` of them, in
+        ``nent`` entries); raise InvalidInput."""
         cdef Py_ssize_t pos = 0, s, n
         cdef uint64_t key
         cdef int wt, rc
         cdef Event *ev
         nev[0] = 0
+        nent[0] = 0
         seq[0] = 0
         details[0] = 0
         cid_start[0] = 0
@@ -356,12 +376,14 @@ cdef class _Decoder(_Aggregates):
                     cid_start[0] = s
                     cid_len[0] = n
                     continue
-                if nev[0] >= self.batch_max:
+                ev = &self.scratch[nent[0]]
+                if nent[0] >= self.batch_max or _Decoder._decode_event(self, buf, s, s + n, ev,
+                                                                        self.batch_max - nent[0]) == E_BATCH_FULL:
                     raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max)
-                ev = &self.scratch[nev[0]]
-                if _Decoder._decode_event(self, buf, s, s + n, ev) != E_OK:
+                if ev.err != E_OK:
                     raise self._event_error(ev, "events[%d]." % nev[0])
                 nev[0] += 1
+                nent[0] += ev.nparts
             elif key == 2 or key == 4:
                 if wt != 0:
                     raise InvalidInput("sequence" if key == 2 else "details", _MESSAGES[E_WIRE_TYPE])
@@ -437,13 +459,21 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
         if key == 0:
             return E_FIELD0
         if key == F_CUSTOMER_ID or key == F_METER or key == F_QUANTITY_DECIMAL or key == F_DIMENSIONS \
-                or key == F_IDEMPOTENCY_KEY:
+                or key == F_IDEMPOTENCY_KEY or key == F_QUANTITIES:
             if wt != 2:
                 ev.err_field = <int32_t>key
                 return E_WIRE_TYPE
             rc = _read_len(buf, end, &pos, &s, &n)
             if rc:
                 return rc
+            if key == F_QUANTITIES:  # decoded once the dimensions are all known
+                if f.nparts >= QUANTITIES_MAX:
+                    ev.err_field = F_QUANTITIES
+                    return E_PARTS
+                self.part_start[f.nparts] = s
+                self.part_len[f.nparts] = n
+                f.nparts += 1
+                continue
             if key == F_DIMENSIONS:
                 rc = _decode_dim(self, buf, s, s + n, ev, &f.nspans)
                 if rc:
@@ -484,6 +514,115 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
             rc = _skip(buf, end, &pos, wt)
             if rc:
                 return rc
+    return E_OK
+
+
+cdef inline int _event_one(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+    """The meter, quantity, rate and window of an event of one meter."""
+    cdef int rc = _event_meter(self, ev, f)
+    if rc == E_OK:
+        rc = _event_quantity(self, ev, f)
+    if rc == E_OK:
+        rc = _event_rate(self, ev, f)
+    if rc == E_OK:
+        rc = _event_time(self, ev, f)
+    return rc
+
+
+cdef int _event_parts(_Decoder self, const char *buf, Event *ev, Fields *f, Py_ssize_t room) noexcept nogil:
+    """An event of several quantities: each in an entry of its own from ``ev`` on,
+    rated as an event of its meter with the event's customer, dimensions and time.
+    Its meters are summed or counted, each once, and in one credit type. On an
+    error, ``ev`` is the quantity it is about (err_part)."""
+    cdef Fields pf
+    cdef Event *p
+    cdef int32_t k, j
+    cdef int rc
+    if f.mname != NULL or f.qkind != 0:
+        ev.err_field = F_METER if f.mname != NULL else (F_QUANTITY if f.qkind == 1 else F_QUANTITY_DECIMAL)
+        return E_BOTH
+    if f.nparts > room:
+        return E_BATCH_FULL
+    for k in range(f.nparts):
+        p = &ev[k]
+        if k > 0:
+            p[0] = ev[0]
+            p.nparts = 0
+        pf = f[0]
+        rc = _part_fields(buf, self.part_start[k], self.part_start[k] + self.part_len[k], p, &pf)
+        if rc == E_OK:
+            rc = _event_one(self, p, &pf)
+        if rc == E_OK and self.meters[p.meter].agg > AGG_COUNT:
+            p.err_field = F_METER
+            rc = E_PART_GAUGE
+        if rc == E_OK and k > 0 and self.rates[p.rate].ct != self.rates[ev.rate].ct:
+            p.err_field = F_METER
+            p.detail_dim = self.rates[ev.rate].ct
+            rc = E_PART_CREDIT
+        j = 0
+        while rc == E_OK and j < k:
+            if ev[j].meter == p.meter:
+                p.err_field = F_METER
+                rc = E_PART_TWICE
+            j += 1
+        if rc:
+            if k > 0:
+                ev[0] = p[0]
+            ev.err_part = k
+            return rc
+    ev.nparts = f.nparts
+    return E_OK
+
+
+cdef inline int _part_fields(const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev, Fields *f) noexcept nogil:
+    """A Quantity's field loop: its meter's name and its quantity into ``f``, as
+    _event_fields does for an event's own."""
+    cdef Py_ssize_t s, n
+    cdef uint64_t key, v
+    cdef int wt, rc
+    f.mname = NULL
+    f.mlen = 0
+    f.qkind = 0
+    f.qty = 0
+    ev.err_field = F_NONE
+    while pos < end:
+        rc = _read_tag(buf, end, &pos, &key)
+        if rc:
+            return rc
+        wt = key & 7
+        key >>= 3
+        if key == 0:
+            return E_FIELD0
+        if key == 1 or key == 3:
+            ev.err_field = F_METER if key == 1 else F_QUANTITY_DECIMAL
+            if wt != 2:
+                return E_WIRE_TYPE
+            rc = _read_len(buf, end, &pos, &s, &n)
+            if rc:
+                return rc
+            if not _utf8_ok(<const uint8_t *>buf + s, n):
+                return E_UTF8
+            if key == 1:
+                f.mname = buf + s
+                f.mlen = n
+            else:
+                f.qkind = 2
+                f.dec = buf + s
+                f.dec_len = n
+        elif key == 2:
+            ev.err_field = F_QUANTITY
+            if wt != 0:
+                return E_WIRE_TYPE
+            rc = _read_varint(buf, end, &pos, &v)
+            if rc:
+                return rc
+            f.qkind = 1
+            f.qty = <int64_t>v
+        else:
+            rc = _skip(buf, end, &pos, wt)
+            if rc:
+                return rc
+        ev.err_field = F_NONE
     return E_OK
 
 
@@ -715,6 +854,6 @@ cdef inline int _decode_report(_Decoder self, const char *buf, Py_ssize_t end, E
             raise InvalidInput("event", _MESSAGES[rc])
     if n < 0:
         raise InvalidInput("event", spec.MSG_REQUIRED)
-    if _Decoder._decode_event(self, buf, start, start + n, ev) != E_OK:
+    if _Decoder._decode_event(self, buf, start, start + n, ev, QUANTITIES_MAX) != E_OK:
         raise self._event_error(ev, "event.")
     return 0

@@ -45,6 +45,12 @@ from meterd.errors import Forbidden, InvalidInput
 
 I128_MAX = (1 << 127) - 1
 U64 = (1 << 64) - 1
+# How _debit treats the balance (as _fastpath_accounts.pxd).
+DEBIT_CHECK, DEBIT_FORCE, DEBIT_DEGRADE = 0, 1, 2
+
+
+class _BatchFull(Exception):
+    """An event's quantities do not fit in what is left of batch_events_max."""
 
 
 class _DecodeError(Exception):
@@ -709,9 +715,10 @@ class _Accounts(_State):
         d = self.denom[ct]
         return ct, (fine + d - 1) // d
 
-    def _debit(self, idx: int, rate: int, quantity: int, fine: int, minimum: int, force: bool,
+    def _debit(self, idx: int, rate: int, quantity: int, fine: int, minimum: int, how: int,
                uval: bytes = b"") -> tuple:
-        """At least ``minimum`` nano unless the plan's free units cover it all."""
+        """At least ``minimum`` nano unless the plan's free units cover it all; ``how``
+        is DEBIT_CHECK, DEBIT_FORCE or DEBIT_DEGRADE (see _fastpath_accounts.pxd)."""
         meter, ct, _, _ = self.rates[rate]
         free_units = self.free[self.plan_of[idx]][meter]
         used = start = self.usage[idx][meter]
@@ -743,7 +750,7 @@ class _Accounts(_State):
             use = old + quantity if agg in (AGG_SUM, AGG_COUNT) else max(old, quantity) if agg == AGG_MAX else quantity
         if use > INT64_MAX:
             return REASON_OVERFLOW, 0
-        if not force and d > 0 and d > self._available(idx, ct):
+        if how == DEBIT_DEGRADE or (how == DEBIT_CHECK and d > 0 and d > self._available(idx, ct)):
             if self.plans[self.plan_of[idx]][ct][0] == 0:
                 return REASON_INSUFFICIENT_BALANCE, 0
             if self.degr[idx][ct] + d > INT64_MAX:
@@ -972,7 +979,7 @@ class _Aggregates(_Accounts):
         key = self._agg_slot(idx, self.rates[rate][0], self.rate_dims[rate] if dims is None else dims,
                              self.cur_window, False, made)
         self.resv[idx][ct] -= reserved
-        reason, cost = self._debit(idx, rate, quantity, fine, minimum_nano, True)
+        reason, cost = self._debit(idx, rate, quantity, fine, minimum_nano, DEBIT_FORCE)
         if reason != REASON_NONE:
             self.resv[idx][ct] += reserved
             self._agg_undo(made)
@@ -1041,17 +1048,83 @@ class _Decoder(_Aggregates):
             raise _DecodeError("dimensions", spec.MSG_TOO_MANY)
         dims[key] = value
 
-    def _decode_event(self, buf: bytes, pos: int, end: int) -> tuple:
-        """Decode and rate one UsageEvent: (customer, meter, rate, quantity, fine,
-        canonical dimension set, distinct value)."""
-        cust, mname, qkind, qty, dec, dims, ts = self._event_fields(buf, pos, end)
+    def _decode_event(self, buf: bytes, pos: int, end: int, room: int) -> list[tuple]:
+        """Decode and rate one UsageEvent: per quantity (one, or its quantities, at
+        most ``room``), (customer, meter, rate, quantity, fine, canonical dimension
+        set, distinct value, window)."""
+        cust, mname, qkind, qty, dec, dims, ts, parts = self._event_fields(buf, pos, end)
         self._event_customer(cust)
+        if not parts:
+            return [self._event_one(cust, mname or b"", qkind, qty, dec, dims, ts)]
+        if mname is not None or qkind:
+            raise _DecodeError("meter" if mname is not None else spec.EVENT_FIELDS[2 + qkind],
+                               spec.MSG_BOTH_QUANTITIES)
+        if len(parts) > room:
+            raise _BatchFull()
+        out: list[tuple] = []
+        for k, (s, n) in enumerate(parts):
+            prefix = "quantities[%d]." % k
+            try:
+                part = self._event_one(cust, *self._part_fields(buf, s, s + n), dims, ts)
+            except _DecodeError as e:  # about this quantity, unless about the event's dimensions or time
+                raise _DecodeError(e.field if e.field in ("dimensions", "timestamp_ms")
+                                   else (prefix + e.field).rstrip("."), e.message) from None
+            meter, rate = part[1], part[2]
+            name = self.meters[meter][0]
+            if self.aggs[meter] > AGG_COUNT:
+                raise _DecodeError(prefix + "meter", spec.MSG_PART_GAUGE)
+            first = self.rates[out[0][2]][1] if out else self.rates[rate][1]
+            if self.rates[rate][1] != first:
+                raise _DecodeError(prefix + "meter", spec.part_credit_message(
+                    name, self.credit_names[self.rates[rate][1]], self.credit_names[first]))
+            if any(p[1] == meter for p in out):
+                raise _DecodeError(prefix + "meter", spec.part_twice_message(name))
+            out.append(part)
+        return out
+
+    def _event_one(self, cust: bytes, mname: bytes, qkind: int, qty: int, dec: bytes, dims: dict[bytes, bytes],
+                   ts: int) -> tuple:
+        """The meter, quantity, rate and window of an event of one meter."""
         meter = self.meter_index.get(mname)
         if meter is None:
             raise _DecodeError("meter", spec.unknown_meter_message(mname))
         qty = self._event_quantity(meter, qkind, qty, dec)
         rate, qty, fine, found = self._event_rate(meter, qty, dims)
         return cust, meter, rate, qty, fine, canonical_set(dims), found, self._event_window(meter, ts)
+
+    @staticmethod
+    def _part_fields(buf: bytes, pos: int, end: int) -> tuple[bytes, int, int, bytes]:
+        """A Quantity's field loop: (meter name, quantity kind, quantity, decimal)."""
+        mname = dec = b""
+        qkind = qty = 0
+        field = ""
+        try:
+            while pos < end:
+                field = ""
+                tag, pos = _tag(buf, pos, end)
+                wt, fn = tag & 7, tag >> 3
+                if fn == 0:
+                    raise _DecodeError("", spec.MSG_FIELD0)
+                if fn in (1, 2, 3):
+                    field = spec.QUANTITY_FIELDS[fn]
+                    if wt != (0 if fn == 2 else 2):
+                        raise _DecodeError("", spec.MSG_WIRE_TYPE)
+                    if fn == 2:
+                        v, pos = _varint(buf, pos, end)
+                        qkind, qty = 1, _signed64(v)
+                        continue
+                    s, n, pos = _length(buf, pos, end)
+                    if not _utf8_ok(buf[s:s + n]):
+                        raise _DecodeError("", spec.MSG_UTF8)
+                    if fn == 1:
+                        mname = buf[s:s + n]
+                    else:
+                        qkind, dec = 2, buf[s:s + n]
+                else:
+                    pos = _skip(buf, pos, end, wt)
+        except _DecodeError as e:
+            raise _DecodeError(field, e.message) from None
+        return mname, qkind, qty, dec
 
     def _event_window(self, meter: int, ts: int) -> int:
         """The usage window of an event's timestamp_ms, within the distances allowed from
@@ -1066,23 +1139,31 @@ class _Decoder(_Aggregates):
             raise _DecodeError("timestamp_ms", spec.MSG_LATE_LATEST)
         return window
 
-    def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes, int, int, bytes,
-                                                                      dict[bytes, bytes], int]:
-        """The field loop: (customer, meter name, quantity kind (0: none, 1:
-        quantity, 2: quantity_decimal), quantity, decimal, dimensions, timestamp).
-        As protobuf, the last occurrence of a field wins and unknown fields are skipped."""
-        cust = mname = dec = b""
+    def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes | None, int, int, bytes,
+                                                                      dict[bytes, bytes], int, list[tuple[int, int]]]:
+        """The field loop: (customer, meter name (None: not given), quantity kind
+        (0: none, 1: quantity, 2: quantity_decimal), quantity, decimal, dimensions,
+        timestamp, the quantities' messages (start, length)). As protobuf, the last
+        occurrence of a field wins and unknown fields are skipped."""
+        cust = dec = b""
+        mname: bytes | None = None
         qkind = qty = ts = 0
         dims: dict[bytes, bytes] = {}
+        parts: list[tuple[int, int]] = []
         while pos < end:
             tag, pos = _tag(buf, pos, end)
             wt, fn = tag & 7, tag >> 3
             if fn == 0:
                 raise _DecodeError("", spec.MSG_FIELD0)
-            if fn in (1, 2, 4, 5, 7):
+            if fn in (1, 2, 4, 5, 7, 8):
                 if wt != 2:
                     raise _DecodeError(spec.EVENT_FIELDS[fn], spec.MSG_WIRE_TYPE)
                 s, n, pos = _length(buf, pos, end)
+                if fn == 8:  # decoded once the dimensions are all known
+                    if len(parts) >= spec.QUANTITIES_MAX:
+                        raise _DecodeError("quantities", spec.MSG_PARTS)
+                    parts.append((s, n))
+                    continue
                 if fn == 5:
                     self._decode_dim(buf, s, s + n, dims)
                     continue
@@ -1111,7 +1192,7 @@ class _Decoder(_Aggregates):
                     ts = v
             else:
                 pos = _skip(buf, pos, end, wt)
-        return cust, mname, qkind, qty, dec, dims, ts
+        return cust, mname, qkind, qty, dec, dims, ts, parts
 
     def _event_customer(self, cust: bytes) -> None:
         """The customer id: present, short enough, printable, and the token's."""
@@ -1171,9 +1252,9 @@ class _Decoder(_Aggregates):
             raise _DecodeError("quantity", spec.MSG_OVERFLOW)
         return rate, qty, fine, found
 
-    def _event(self, buf: bytes, pos: int, end: int, prefix: str) -> tuple:
+    def _event(self, buf: bytes, pos: int, end: int, prefix: str, room: int = spec.QUANTITIES_MAX) -> list[tuple]:
         try:
-            return self._decode_event(buf, pos, end)
+            return self._decode_event(buf, pos, end, room)
         except _DecodeError as e:
             field = prefix + e.field if e.field else (prefix.rstrip(".") or "event")
             if e.message == spec.MSG_TENANT:
@@ -1185,7 +1266,8 @@ class _Decoder(_Aggregates):
         cid = b""
         seq = 0
         details = 0
-        events: list[tuple] = []
+        events: list[list[tuple]] = []
+        entries = 0  # events and the quantities of events of several, as batch_events_max counts them
         while pos < end:
             try:
                 tag, pos = _tag(buf, pos, end)
@@ -1207,9 +1289,13 @@ class _Decoder(_Aggregates):
                         raise InvalidInput("client_id", spec.MSG_UTF8)
                     cid = buf[s:s + n]
                     continue
-                if len(events) >= self.batch_max:
-                    raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max)
-                events.append(self._event(buf, s, s + n, "events[%d]." % len(events)))
+                try:
+                    if entries >= self.batch_max:
+                        raise _BatchFull()
+                    events.append(self._event(buf, s, s + n, "events[%d]." % len(events), self.batch_max - entries))
+                except _BatchFull:
+                    raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max) from None
+                entries += len(events[-1])
             elif fn == 2 or fn == 4:
                 name = "sequence" if fn == 2 else "details"
                 if wt != 0:
@@ -1285,29 +1371,22 @@ class Core(_Decoder):
         _, _, events, details = self._decode_batch(data)
         accepted = denied = degraded = 0
         out = []
-        # Every event's aggregate first, so that a batch over the cap on dimension
+        # Every event's aggregates first, so that a batch over the cap on dimension
         # sets is refused whole, with nothing applied.
         made: list = []
         slots = []
-        for i, (cust, meter, _, _, _, dims, _, window) in enumerate(events):
-            idx = self.index.get(cust, -1)
-            key = None
-            if idx >= 0:
-                key = self._agg_slot(idx, meter, dims, window, True, made)
-                if key is None:
-                    self._agg_undo(made)
-                    raise InvalidInput("events[%d].dimensions" % i, sets_message(cust, self.sets_max))
-            slots.append((idx, key))
-        for i, (_, meter, rate, qty, fine, _, uval, _) in enumerate(events):
-            idx, key = slots[i]
-            ct = self.rates[rate][1]
+        for i, parts in enumerate(events):
+            idx = self.index.get(parts[0][0], -1)
+            keys = self._place(idx, parts, made, "events[%d].dimensions" % i) if idx >= 0 else []
+            slots.append((idx, keys))
+        for i, parts in enumerate(events):
+            idx, keys = slots[i]
+            ct = self.rates[parts[0][2]][1]
             cost = mode = priority = 0
             if idx < 0:
                 reason = REASON_UNKNOWN_CUSTOMER
             else:
-                reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), False, uval)
-            if reason == REASON_NONE or reason == OUT_DEGRADED:
-                self._agg_add(key, qty, cost)  # type: ignore[arg-type]
+                reason, cost = self._debit_event(idx, parts, keys)
             if reason == REASON_NONE:
                 accepted += 1
             elif reason == OUT_DEGRADED:
@@ -1326,6 +1405,58 @@ class Core(_Decoder):
                                    self.bal[idx][ct] if idx >= 0 else 0, self.modes[mode - 1] if mode else b"",
                                    priority))
         return accepted, denied, degraded, b"".join(out)
+
+    def _place(self, idx: int, parts: list[tuple], made: list, field: str) -> list[tuple]:
+        """The aggregates of an event's quantities (made if new, added to ``made``); when
+        over dimension_sets_per_window_max, all of ``made`` is undone and the call refused."""
+        keys = []
+        for cust, meter, _, _, _, dims, _, window in parts:
+            key = self._agg_slot(idx, meter, dims, window, True, made)
+            if key is None:
+                self._agg_undo(made)
+                raise InvalidInput(field, sets_message(cust, self.sets_max))
+            keys.append(key)
+        return keys
+
+    def _debit_event(self, idx: int, parts: list[tuple], keys: list[tuple]) -> tuple[int, int]:
+        """(reason, cost) of a placed event, added to its aggregates (see _debit)."""
+        if len(parts) > 1:
+            return self._debit_parts(idx, parts, keys)
+        _, meter, rate, qty, fine, _, uval, _ = parts[0]
+        reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), DEBIT_CHECK, uval)
+        if reason == REASON_NONE or reason == OUT_DEGRADED:
+            self._agg_add(keys[0], qty, cost)
+        return reason, cost
+
+    def _debit_parts(self, idx: int, parts: list[tuple], keys: list[tuple]) -> tuple[int, int]:
+        """An event of several quantities, as a whole: each debited in turn, its remainder
+        carried to the next; all charged when the balance covers them all, else the turns
+        undone and the event served degraded in full (each counted, nothing charged) or
+        denied (see _debit_parts in _fastpath.pyx)."""
+        ct = self.rates[parts[0][2]][1]
+        saved = (self.bal[idx][ct], self.rem[idx][ct], self.degr[idx][ct],
+                 [self.usage[idx][p[1]] for p in parts], list(self.alerts), self.alerts_lost, self.dirty[idx])
+        how, ok = DEBIT_CHECK, REASON_NONE
+        while True:
+            costs = []
+            reason = ok
+            for _, meter, rate, qty, fine, _, _, _ in parts:
+                reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), how)
+                if reason != ok:
+                    break
+                costs.append(cost)
+            if reason == ok:
+                break
+            self.bal[idx][ct], self.rem[idx][ct], self.degr[idx][ct], used, self.alerts, self.alerts_lost, \
+                self.dirty[idx] = saved[0], saved[1], saved[2], saved[3], list(saved[4]), saved[5], saved[6]
+            for p, u in zip(parts, used, strict=True):
+                self.usage[idx][p[1]] = u
+            if reason != OUT_DEGRADED:  # denied (in the second turn, only an overflow)
+                return reason, 0
+            how, ok = DEBIT_DEGRADE, OUT_DEGRADED  # a turn was degraded: all of it is
+        for key, p, cost in zip(keys, parts, costs, strict=True):
+            self._agg_add(key, p[3], cost)
+        return reason, sum(costs)
 
     def report(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, int, int, bytes, int]:
         return self._tenant_call(tenant, self._report, data, False)  # type: ignore[no-any-return]
@@ -1360,19 +1491,14 @@ class Core(_Decoder):
                 raise InvalidInput("event", e.message) from None
         if n < 0:
             raise InvalidInput("event", spec.MSG_REQUIRED)
-        cust, meter, rate, qty, fine, dims, uval, window = self._event(data, s, s + n, "event.")
+        parts = self._event(data, s, s + n, "event.")
         if keyless and _has_string(data, s, s + n, 7):
             return None
-        ct = self.rates[rate][1]
-        idx = self.index.get(cust, -1)
+        ct = self.rates[parts[0][2]][1]
+        idx = self.index.get(parts[0][0], -1)
         if idx < 0:
             return DECISION_DENY, REASON_UNKNOWN_CUSTOMER, ct, 0, 0, b"", 0
-        key = self._agg_slot(idx, meter, dims, window, True, None)
-        if key is None:
-            raise InvalidInput("event.dimensions", sets_message(cust, self.sets_max))
-        reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), False, uval)
-        if reason == REASON_NONE or reason == OUT_DEGRADED:
-            self._agg_add(key, qty, cost)
+        reason, cost = self._debit_event(idx, parts, self._place(idx, parts, [], "event.dimensions"))
         balance = self.bal[idx][ct]
         if reason == REASON_NONE:
             return DECISION_ALLOW, REASON_NONE, ct, cost, balance, b"", 0

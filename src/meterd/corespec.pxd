@@ -31,6 +31,7 @@ cdef enum:
     QUOTE_BYTES_MAX = 64
     PRIORITY_MAX = 100
     PRICE_DIMENSIONS_MAX = 4
+    QUANTITIES_MAX = 8
 
 cdef enum:
     TIER_GRADUATED = 0

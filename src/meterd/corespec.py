@@ -56,6 +56,8 @@ PRECISION_MAX = 9
 PRICE_DIMENSIONS_MAX = 4
 # Tiers of one price.
 TIERS_PER_PRICE_MAX = 16
+# Meters of one event (UsageEvent.quantities) and of one reservation.
+QUANTITIES_MAX = 8
 # A meter's minimum charge per event (catalog amounts are at most this).
 MINIMUM_NANO_MAX = 1 << 62
 # Plans, "no plan" included: an account's plan is 16 bits.
@@ -72,7 +74,9 @@ INT64_MIN = -(1 << 63)
 
 # UsageEvent's fields by number (0: none), and ReportBatchRequest's header fields.
 EVENT_FIELDS = ("", "customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "timestamp_ms",
-                "idempotency_key")
+                "idempotency_key", "quantities")
+# Quantity's fields by number (0: none), as a UsageEvent's quantities[k] has them.
+QUANTITY_FIELDS = ("", "meter", "quantity", "quantity_decimal")
 BATCH_FIELDS = ("batch", "client_id", "sequence", "events")
 
 # ---- messages --------------------------------------------------------------
@@ -93,7 +97,11 @@ MSG_TOO_MANY = "too many entries"
 MSG_UTF8 = "must be valid UTF-8"
 MSG_TENANT = "is not one of this token's customers"  # raised as Forbidden
 MSG_ID_TOO_LONG = "longer than %d bytes"  # customer_id_bytes_max
-MSG_BATCH_TOO_LONG = "more than %d events in one batch"  # batch_events_max
+MSG_BATCH_TOO_LONG = "more than %d events in one batch (each quantity of an event counts as one)"  # batch_events_max
+MSG_PARTS = "more than %d quantities in one event" % QUANTITIES_MAX
+MSG_BOTH_QUANTITIES = "give meter and quantity, or quantities, not both"
+MSG_PART_GAUGE = ("a max, latest or unique_count meter is charged at period end: report it in an event of its "
+                  "own, not among quantities")
 MSG_CLIENT_ID = "must be at most %d printable ASCII characters"  # client_id_bytes_max
 MSG_EVENT_TWICE = "appears more than once in the request"
 MSG_REQUIRED = "is required"
@@ -200,6 +208,16 @@ def event_time_message(timestamp_ms: int, now_ms: int, late_ms: int) -> str:
 def no_unique_message(key: bytes) -> str:
     """A unique_count meter's event without the dimension whose values it counts."""
     return "a unique_count meter needs the %r dimension" % key.decode()
+
+
+def part_twice_message(meter: bytes) -> str:
+    return "meter %r appears more than once among the event's quantities" % _quote(meter)
+
+
+def part_credit_message(meter: bytes, credit_type: bytes, first: bytes) -> str:
+    """A quantity whose meter prices in another credit type than the event's first."""
+    return ("meter %r prices in credit type %r, the first quantity's meter in %r: the quantities of one event "
+            "are in one credit type" % (_quote(meter), credit_type.decode(), first.decode()))
 
 
 def precision_message(meter: bytes, precision: int) -> str:

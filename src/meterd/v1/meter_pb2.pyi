@@ -31,8 +31,18 @@ REASON_UNKNOWN_CUSTOMER: Reason
 REASON_OVERFLOW: Reason
 REASON_LEDGER_UNAVAILABLE: Reason
 
+class Quantity(_message.Message):
+    __slots__ = ("meter", "quantity", "quantity_decimal")
+    METER_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_DECIMAL_FIELD_NUMBER: _ClassVar[int]
+    meter: str
+    quantity: int
+    quantity_decimal: str
+    def __init__(self, meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ...) -> None: ...
+
 class UsageEvent(_message.Message):
-    __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "timestamp_ms", "idempotency_key")
+    __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "timestamp_ms", "idempotency_key", "quantities")
     class DimensionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +57,7 @@ class UsageEvent(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    QUANTITIES_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     meter: str
     quantity: int
@@ -54,7 +65,8 @@ class UsageEvent(_message.Message):
     dimensions: _containers.ScalarMap[str, str]
     timestamp_ms: int
     idempotency_key: str
-    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., timestamp_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    quantities: _containers.RepeatedCompositeFieldContainer[Quantity]
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., timestamp_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., quantities: _Optional[_Iterable[_Union[Quantity, _Mapping]]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("event",)
@@ -153,7 +165,7 @@ class ReportBatchResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., denied: _Optional[int] = ..., denials: _Optional[_Iterable[_Union[Denial, _Mapping]]] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ..., degraded: _Optional[int] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "ttl_ms", "idempotency_key")
+    __slots__ = ("customer_id", "meter", "quantity", "quantity_decimal", "dimensions", "ttl_ms", "idempotency_key", "quantities")
     class DimensionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +180,7 @@ class AuthorizeRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    QUANTITIES_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     meter: str
     quantity: int
@@ -175,7 +188,8 @@ class AuthorizeRequest(_message.Message):
     dimensions: _containers.ScalarMap[str, str]
     ttl_ms: int
     idempotency_key: str
-    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., ttl_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    quantities: _containers.RepeatedCompositeFieldContainer[Quantity]
+    def __init__(self, customer_id: _Optional[str] = ..., meter: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., ttl_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., quantities: _Optional[_Iterable[_Union[Quantity, _Mapping]]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("decision", "reason", "reservation_id", "credit_type", "reserved_nano", "available_nano", "expires_at_ms", "duplicate", "mode", "priority")
@@ -202,14 +216,16 @@ class AuthorizeResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., reservation_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., reserved_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., duplicate: _Optional[bool] = ..., mode: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("reservation_id", "quantity", "quantity_decimal")
+    __slots__ = ("reservation_id", "quantity", "quantity_decimal", "quantities")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     QUANTITY_FIELD_NUMBER: _ClassVar[int]
     QUANTITY_DECIMAL_FIELD_NUMBER: _ClassVar[int]
+    QUANTITIES_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     quantity: int
     quantity_decimal: str
-    def __init__(self, reservation_id: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ...) -> None: ...
+    quantities: _containers.RepeatedCompositeFieldContainer[Quantity]
+    def __init__(self, reservation_id: _Optional[str] = ..., quantity: _Optional[int] = ..., quantity_decimal: _Optional[str] = ..., quantities: _Optional[_Iterable[_Union[Quantity, _Mapping]]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("cost_nano", "released_nano", "balance_nano", "overrun_nano", "duplicate")
