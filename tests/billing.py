@@ -25,6 +25,12 @@ NANO = 10**9
 START_MS = 1_769_817_600_000
 
 
+def quantities(parts: dict[str, int | str]) -> list[pb.Quantity]:
+    """(meter: quantity) as a request's quantities; a str is an exact decimal."""
+    return [pb.Quantity(meter=m, quantity_decimal=q) if isinstance(q, str) else pb.Quantity(meter=m, quantity=q)
+            for m, q in parts.items()]
+
+
 class Billing:
     def __init__(self, tmp: Path, catalog: str, monkeypatch: pytest.MonkeyPatch, core: str = "compiled",
                  start_ms: int = START_MS, ledger: str = "", sidecar_id: str = "", balances: str = "local",
@@ -103,6 +109,29 @@ class Billing:
         key = (customer, r.credit_type)
         self.charged[key] = self.charged.get(key, 0) + r.cost_nano
         return r
+
+    def report_parts(self, customer: str, parts: dict[str, int | str], **dims: str) -> pb.ReportResponse:
+        """One request measured by several meters (UsageEvent.quantities)."""
+        event = pb.UsageEvent(customer_id=customer, dimensions=dims, quantities=quantities(parts))
+        r = pb.ReportResponse.FromString(self.run(self.engine.report(pb.ReportRequest(event=event)
+                                                                     .SerializeToString())))
+        key = (customer, r.credit_type)
+        self.charged[key] = self.charged.get(key, 0) + r.cost_nano
+        return r
+
+    def authorize_parts(self, customer: str, parts: dict[str, int | str], **dims: str) -> pb.AuthorizeResponse:
+        req = pb.AuthorizeRequest(customer_id=customer, dimensions=dims, quantities=quantities(parts))
+        a = pb.AuthorizeResponse.FromString(self.run(wire.authorize(self.engine, req)))
+        self.holders[a.reservation_id] = (customer, a.credit_type)
+        return a
+
+    def commit_parts(self, reservation_id: str, parts: dict[str, int | str]) -> pb.CommitResponse:
+        req = pb.CommitRequest(reservation_id=reservation_id, quantities=quantities(parts))
+        c = pb.CommitResponse.FromString(self.run(wire.commit(self.engine, req)))
+        if not c.duplicate:
+            key = self.holders[reservation_id]
+            self.charged[key] = self.charged.get(key, 0) + c.cost_nano
+        return c
 
     def batch(self, events: list[pb.UsageEvent]) -> pb.ReportBatchResponse:
         data = pb.ReportBatchRequest(events=events).SerializeToString()

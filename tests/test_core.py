@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from fractions import Fraction
 import random
 import struct
+from fractions import Fraction
 
 import pytest
 from conftest import compiled_core_unavailable

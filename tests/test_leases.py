@@ -208,6 +208,12 @@ per = 1000000
 price_dimension = "model"
 prices = { "gpt-4o" = "2.50" }
 
+[meters.output_tokens]
+credit_type = "usd"
+per = 1000000
+price_dimension = "model"
+prices = { "gpt-4o" = "10.00" }
+
 [plans.pro]
 period = "month"
 fee = { usd = "20.00" }
@@ -301,6 +307,41 @@ def test_four_sidecars_allow_exactly_what_the_balance_covers(sidecars):
     problems, b = s.escrow_check()
     assert problems == []
     assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * COST, 0)
+
+
+def test_four_sidecars_allow_exactly_the_calls_the_balance_covers_each_as_a_whole(sidecars):
+    s = sidecars(4)
+    call = {"input_tokens": 1_000, "output_tokens": 100}  # $0.0025 + $0.001: one request, one decision
+    cost = COST + 1_000_000
+    k = 23
+    s.nodes[0].grant("acme", "usd", k * cost + cost // 2)  # half a call more: never half served
+    allowed = denied = i = 0
+    while denied < 8:
+        i += 1
+        assert i < 3 * k, "the balance ran out too early, or never"
+        node = s.nodes[i % 4]
+        if i % 3 == 0:
+            ok = node.report_parts("acme", call, model="gpt-4o").decision == pb.DECISION_ALLOW
+        elif i % 3 == 1:
+            event = pb.UsageEvent(customer_id="acme", dimensions={"model": "gpt-4o"})
+            event.quantities.add(meter="input_tokens", quantity=1_000)
+            event.quantities.add(meter="output_tokens", quantity=100)
+            ok = node.batch([event]).accepted == 1
+        else:
+            a = node.authorize_parts("acme", {"input_tokens": 1_000, "output_tokens": 100}, model="gpt-4o")
+            ok = a.decision == pb.DECISION_ALLOW
+            if ok:
+                assert a.reserved_nano == cost
+                assert node.commit_parts(a.reservation_id, call).cost_nano == cost
+        allowed += ok
+        denied += not ok
+        assert denied == 0 or allowed == k, ("denied while credit was left", s.escrow_check())
+    assert allowed == k
+    for node in s.nodes:
+        node.flush()
+    problems, b = s.escrow_check()
+    assert problems == []
+    assert (b["consumed_nano"], b["available_nano"] + b["leased_nano"]) == (k * cost, cost // 2)
 
 
 def test_a_batch_with_several_events_gets_a_second_chance_for_its_denials(sidecars):

@@ -17,7 +17,7 @@ from conftest import compiled_core_unavailable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterd import _fastpath_py
+from meterd import _fastpath_py, wire
 from meterd.catalog import CompiledCatalog, load_catalog, parse_catalog
 from meterd.corespec import rate_mask
 from meterd.engine import Engine
@@ -1001,3 +1001,160 @@ def test_ledger_mode_refuses_tiers():
     from meterd.leases import check_catalog
     with pytest.raises(ConfigError, match="meters.gb_seconds: tiers are served in local mode only for now"):
         check_catalog(parse_catalog(tomllib.loads(TIERS), "t"))
+
+
+# ---- one request, rated as one -----------------------------------------------------------------
+
+TWO_CREDITS = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.requests]
+kind = "custom"
+
+[meters.input_tokens]
+credit_type = "usd"
+per = 1000000
+price = "2.50"
+
+[meters.output_tokens]
+credit_type = "usd"
+per = 1000000
+price = "10.00"
+minimum = "0.001"
+
+[meters.premium]
+credit_type = "requests"
+price = "1"
+
+[meters.seats]
+credit_type = "usd"
+price = "5"
+aggregation = "max"
+
+[customers.acme]
+balances = { usd = "1", requests = "10" }
+"""
+
+
+def test_one_call_of_input_cached_and_output_tokens_is_allowed_or_denied_whole(make):
+    b = make("openai")  # acme has $10.00
+    call = {"input_tokens": 1_000_000, "cached_input_tokens": 1_000_000, "output_tokens": 700_000}
+    r = b.report_parts("acme", call, model="gpt-4o")  # $2.50 + $1.25 + $7.00 = $10.75: more than there is
+    assert (r.decision, r.reason, r.cost_nano) == (pb.DECISION_DENY, pb.REASON_INSUFFICIENT_BALANCE, 0)
+    assert b.bal("acme", "usd") == 10 * NANO  # no part of it was charged
+    call["output_tokens"] = 600_000
+    r = b.report_parts("acme", call, model="gpt-4o")
+    cost = nano("2.50", 10**6, 1_000_000) + nano("1.25", 10**6, 1_000_000) + nano("10.00", 10**6, 600_000)
+    assert (r.decision, r.cost_nano, r.balance_nano) == (pb.DECISION_ALLOW, cost, 10 * NANO - cost)
+    b.restart(clean=False)  # replayed from the log as one event again
+    assert b.bal("acme", "usd") == 10 * NANO - cost
+    b.flush()
+    assert statement_usage(b, "2026-01") == {  # each quantity on its meter's line, in its own unit
+        "input_tokens (model=gpt-4o)": ("1000000", nano("2.50", 10**6, 1_000_000)),
+        "cached_input_tokens (model=gpt-4o)": ("1000000", nano("1.25", 10**6, 1_000_000)),
+        "output_tokens (model=gpt-4o)": ("600000", nano("10.00", 10**6, 600_000))}
+    b.check_conservation("acme")
+
+
+def test_a_batch_of_calls_decides_each_call_whole_where_single_events_split_one(make):
+    b = make("openai")  # $10: two calls of $4.50 fit, the third does not, whole
+    call = pb.UsageEvent(customer_id="acme", dimensions={"model": "gpt-4o"},
+                         quantities=[pb.Quantity(meter="input_tokens", quantity=200_000),
+                                     pb.Quantity(meter="output_tokens", quantity=400_000)])
+    r = pb.ReportBatchResponse.FromString(b.run(b.engine.report_batch(
+        pb.ReportBatchRequest(events=[call] * 3, details=True).SerializeToString())))
+    each = nano("2.50", 10**6, 200_000) + nano("10.00", 10**6, 400_000)
+    assert [(x.decision, x.cost_nano) for x in r.results] == [(pb.DECISION_ALLOW, each)] * 2 + [(pb.DECISION_DENY, 0)]
+    assert (r.accepted, r.denied, b.bal("acme", "usd")) == (2, 1, 10 * NANO - 2 * each)
+    # the same call as two events of a batch: its input is served and its output refused
+    split = b.batch([pb.UsageEvent(customer_id="acme", meter=m, quantity=q, dimensions={"model": "gpt-4o"})
+                     for m, q in (("input_tokens", 200_000), ("output_tokens", 400_000))])
+    assert (split.accepted, split.denied) == (1, 1)
+
+
+def test_authorize_holds_several_meters_and_one_commit_settles_them(make):
+    b = make(TWO_CREDITS)  # $1
+    a = b.authorize_parts("acme", {"input_tokens": 1_000, "output_tokens": 4_096})
+    held = nano("2.50", 10**6, 1_000) + nano("10.00", 10**6, 4_096)
+    assert (a.decision, a.reserved_nano, a.available_nano) == (pb.DECISION_ALLOW, held, NANO - held)
+    with pytest.raises(InvalidInput, match=r"^quantities: the reservation holds several meters \(input_tokens, "
+                                           r"output_tokens\)"):
+        b.commit(a.reservation_id, 10)
+    with pytest.raises(InvalidInput, match=r"^quantities\[1\]\.meter: meter 'premium' is not one the reservation"):
+        b.commit_parts(a.reservation_id, {"input_tokens": 1, "premium": 1})
+    with pytest.raises(InvalidInput, match=r"^quantities\[0\]\.quantity_decimal: meter 'input_tokens' counts whole"):
+        b.commit_parts(a.reservation_id, {"input_tokens": "1.5"})
+    b.restart(clean=False)  # the hold, both meters of it, survives a kill
+    c = b.commit_parts(a.reservation_id, {"input_tokens": 1_000, "output_tokens": 35})
+    # output's minimum ($0.001) is above its 35 tokens' $0.00035: each meter's own minimum holds
+    cost = nano("2.50", 10**6, 1_000) + NANO // 1000
+    assert (c.cost_nano, c.released_nano, c.balance_nano) == (cost, held - cost, NANO - cost)
+    again = b.commit_parts(a.reservation_id, {"input_tokens": 1_000, "output_tokens": 35})
+    assert again.duplicate and again.cost_nano == cost
+    b.restart(clean=False)  # both settlements replay
+    assert b.bal("acme", "usd") == NANO - cost
+    a = b.authorize_parts("acme", {"input_tokens": 1_000, "output_tokens": 1_000})
+    assert b.commit_parts(a.reservation_id, {"input_tokens": 400}).cost_nano == nano("2.50", 10**6, 400)
+    b.flush()
+    assert {k: v[0] for k, v in statement_usage(b, "2026-01").items()} == {"input_tokens": "1400",
+                                                                           "output_tokens": "35"}
+    b.check_conservation("acme")
+
+
+@pytest.mark.parametrize("parts, field, message", [
+    ({"input_tokens": 1, "premium": 1}, "quantities[1].meter", "meter 'premium' prices in credit type 'requests'"),
+    ({"input_tokens": 1, "seats": 1}, "quantities[1].meter", "charged at period end"),
+    ({"input_tokens": 1, "nope": 1}, "quantities[1].meter", "unknown meter 'nope'"),
+    ({"input_tokens": -1}, "quantities[0].quantity", "must not be negative"),
+])
+def test_several_meters_that_cannot_be_one_request_are_refused_naming_the_quantity(make, parts, field, message):
+    b = make(TWO_CREDITS)
+    for call in (lambda: b.authorize_parts("acme", parts), lambda: b.report_parts("acme", parts)):
+        with pytest.raises(InvalidInput) as e:
+            call()
+        assert e.value.field.endswith(field) and message in str(e.value), str(e.value)
+    assert b.bal("acme", "usd") == NANO and b.balance("acme").balances[0].reserved_nano == 0
+    both = pb.AuthorizeRequest(customer_id="acme", meter="input_tokens", quantity=1,
+                               quantities=[pb.Quantity(meter="output_tokens", quantity=1)])
+    with pytest.raises(InvalidInput, match="^meter: give meter and quantity, or quantities, not both"):
+        b.run(wire.authorize(b.engine, both))
+
+
+RELAX = """
+[credit_types.fast_seconds]
+kind = "custom"
+decimals = 3
+
+[meters.gpu_seconds]
+credit_type = "fast_seconds"
+precision = 3
+price = "1"
+
+[meters.upscales]
+credit_type = "fast_seconds"
+price = "4"
+
+[plans.standard]
+period = "month"
+[plans.standard.credits.fast_seconds]
+included = "60"
+fallback = "relax"
+priority_step = "10"
+
+[customers.painter]
+plan = "standard"
+"""
+
+
+def test_a_degraded_call_counts_each_quantity_and_charges_nothing(make):
+    b = make(RELAX)
+    r = b.report_parts("painter", {"gpu_seconds": "50", "upscales": 2})  # 58 of 60 fast seconds
+    assert (r.decision, r.cost_nano, r.balance_nano) == (pb.DECISION_ALLOW, 58 * NANO, 2 * NANO)
+    r = b.report_parts("painter", {"gpu_seconds": "1.5", "upscales": 1})  # 5.5: more than the 2 left
+    assert (r.decision, r.cost_nano, r.mode, r.balance_nano) == (pb.DECISION_DEGRADE, 0, "relax", 2 * NANO)
+    assert r.priority == 100  # the first 5.5 degraded seconds are under one step of 10
+    usage = {u.meter: u.quantity for u in b.balance("painter").usage}
+    assert usage == {"gpu_seconds": "51.500", "upscales": "3"}  # each quantity counted, none charged
+    r = b.report_parts("painter", {"gpu_seconds": "2"})
+    assert (r.decision, r.cost_nano) == (pb.DECISION_ALLOW, 2 * NANO)  # what is left is still spent

@@ -51,6 +51,9 @@ from meterd.v1 import meter_pb2_grpc
 log = logging.getLogger("meterd.client")
 
 Quantity = int | str | Decimal
+# A meter's name (with a quantity of its own), or several meters of one request and their
+# quantities, as {"input_tokens": 1200, "output_tokens": 300}: rated and decided as one.
+Meters = str | Mapping[str, Quantity]
 ErrorHandler = Callable[[pb.UsageEvent, str], None]
 
 # Codes after which the same batch is sent again, unchanged.
@@ -69,20 +72,40 @@ class Denied(Exception):
         self.response = response
 
 
-def usage_event(customer_id: str, meter: str, quantity: Quantity, dimensions: Mapping[str, str] | None = None,
-                idempotency_key: str = "") -> pb.UsageEvent:
-    """A UsageEvent; a ``str`` or ``Decimal`` quantity is sent as an exact decimal."""
-    event = pb.UsageEvent(customer_id=customer_id, meter=meter, dimensions=dict(dimensions or {}),
-                          idempotency_key=idempotency_key)
-    if isinstance(quantity, int):
-        event.quantity = quantity
-    else:
-        event.quantity_decimal = str(quantity)
+def usage_event(customer_id: str, meter: Meters, quantity: Quantity | None = None,
+                dimensions: Mapping[str, str] | None = None, idempotency_key: str = "") -> pb.UsageEvent:
+    """A UsageEvent of one meter and its quantity, or of several meters (a mapping of
+    each to its quantity, ``quantity`` left out); a ``str`` or ``Decimal`` quantity is
+    sent as an exact decimal."""
+    event = pb.UsageEvent(customer_id=customer_id, dimensions=dict(dimensions or {}),
+                          idempotency_key=idempotency_key, **_meter_fields(meter, quantity))
     return event
 
 
 def _quantity_fields(quantity: Quantity) -> dict[str, Any]:
     return {"quantity": quantity} if isinstance(quantity, int) else {"quantity_decimal": str(quantity)}
+
+
+def _meter_fields(meter: Meters, quantity: Quantity | None) -> dict[str, Any]:
+    """The fields of a request for one meter and its quantity, or for several (``quantities``)."""
+    if isinstance(meter, str):
+        if quantity is None:
+            raise TypeError(f"meter {meter!r} needs a quantity")
+        return {"meter": meter, **_quantity_fields(quantity)}
+    if quantity is not None:
+        raise TypeError("several meters take their quantities from the mapping, not from quantity")
+    return {"quantities": [pb.Quantity(meter=m, **_quantity_fields(q)) for m, q in meter.items()]}
+
+
+def _reserved(meter: Meters, quantity: Quantity | None) -> Quantity | Mapping[str, Quantity]:
+    """What a reservation holds, as its commit takes it."""
+    return meter if quantity is None and not isinstance(meter, str) else quantity  # type: ignore[return-value]
+
+
+def _settled_as(meter: Meters, quantity: Quantity | Mapping[str, Quantity]) -> tuple[Meters, Quantity | None]:
+    """What a degraded reservation reports when committed: its meter and the quantity, or
+    the meters' quantities."""
+    return (quantity, None) if isinstance(quantity, Mapping) else (meter, quantity)
 
 
 CLIENT_SLOTS_MAX = 4096  # batch client ids one host may hold at once, per user
@@ -267,10 +290,10 @@ class _Base:
             self.on_error(event, "not delivered before close")
 
     @staticmethod
-    def _authorize_request(customer_id: str, meter: str, quantity: Quantity, ttl_ms: int, idempotency_key: str,
-                           dimensions: dict[str, str]) -> pb.AuthorizeRequest:
-        return pb.AuthorizeRequest(customer_id=customer_id, meter=meter, dimensions=dimensions, ttl_ms=ttl_ms,
-                                   idempotency_key=idempotency_key, **_quantity_fields(quantity))
+    def _authorize_request(customer_id: str, meter: Meters, quantity: Quantity | None, ttl_ms: int,
+                           idempotency_key: str, dimensions: dict[str, str]) -> pb.AuthorizeRequest:
+        return pb.AuthorizeRequest(customer_id=customer_id, dimensions=dimensions, ttl_ms=ttl_ms,
+                                   idempotency_key=idempotency_key, **_meter_fields(meter, quantity))
 
     @staticmethod
     def _session_request(customer_id: str, meter: str, heartbeat_timeout_ms: int, session_id: str,
@@ -278,7 +301,8 @@ class _Base:
         return pb.StartSessionRequest(customer_id=customer_id, meter=meter, dimensions=dimensions,
                                       heartbeat_timeout_ms=heartbeat_timeout_ms, session_id=session_id)
 
-    def _event(self, customer_id: str, meter: str, quantity: Quantity, dimensions: dict[str, str]) -> pb.UsageEvent:
+    def _event(self, customer_id: str, meter: Meters, quantity: Quantity | None,
+               dimensions: dict[str, str]) -> pb.UsageEvent:
         if self._closing:
             raise RuntimeError("the client is closed")
         event = usage_event(customer_id, meter, quantity, dimensions)  # may raise: count it only once built
@@ -311,9 +335,10 @@ class _Reservation:
     client: Any
     response: pb.AuthorizeResponse
     customer_id: str
-    meter: str
+    meter: Meters
     dimensions: dict[str, str]
-    actual: Quantity | None = None  # what the context manager commits (default: the reserved quantity)
+    # What the context manager commits (default: the reserved quantity, or quantities).
+    actual: Quantity | Mapping[str, Quantity] | None = None
     settled: Any = None             # the CommitResponse, ReleaseResponse or (degraded) ReportResponse
 
     @property
@@ -321,7 +346,11 @@ class _Reservation:
         """Allowed in a fallback mode: nothing is held, and the usage is reported when committed."""
         return self.response.decision == pb.DECISION_DEGRADE
 
-    def _commit_request(self, quantity: Quantity) -> pb.CommitRequest:
+    def _commit_request(self, quantity: Quantity | Mapping[str, Quantity]) -> pb.CommitRequest:
+        """The real usage: a quantity of the one meter, or a mapping of the meters reserved
+        to theirs (one left out used nothing)."""
+        if isinstance(quantity, Mapping):
+            return pb.CommitRequest(reservation_id=self.response.reservation_id, **_meter_fields(quantity, None))
         return pb.CommitRequest(reservation_id=self.response.reservation_id, **_quantity_fields(quantity))
 
     def _release_request(self) -> pb.ReleaseRequest:
@@ -331,10 +360,11 @@ class _Reservation:
 class Reservation(_Reservation):
     """An ``Authorize`` in progress; commit the actual usage, or leave it to the context manager."""
 
-    def commit(self, quantity: Quantity) -> Any:
-        """Debit ``quantity`` (at most what was reserved is held; more is still recorded)."""
+    def commit(self, quantity: Quantity | Mapping[str, Quantity]) -> Any:
+        """Debit ``quantity``, or each reserved meter's quantity in a mapping (at most what was
+        reserved is held; more is still recorded)."""
         if self.degraded:
-            self.settled = self.client.report(self.customer_id, self.meter, quantity, **self.dimensions)
+            self.settled = self.client.report(self.customer_id, *_settled_as(self.meter, quantity), **self.dimensions)
         else:
             self.settled = self.client.stub.Commit(self._commit_request(quantity), **self.client._call())
         return self.settled
@@ -422,7 +452,7 @@ class MeterClient(_Base):
 
     # ---- unary calls ---------------------------------------------------------------------
 
-    def report(self, customer_id: str, meter: str, quantity: Quantity, idempotency_key: str = "",
+    def report(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, idempotency_key: str = "",
                **dimensions: str) -> pb.ReportResponse:
         """One event, answered at once with allow, degrade or deny (durable when answered)."""
         return self.stub.Report(pb.ReportRequest(event=usage_event(customer_id, meter, quantity, dimensions,
@@ -432,13 +462,13 @@ class MeterClient(_Base):
     def balance(self, customer_id: str) -> pb.GetBalanceResponse:
         return self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), **self._call())
 
-    def authorize(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+    def authorize(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, ttl_ms: int = 0,
                   idempotency_key: str = "", **dimensions: str) -> pb.AuthorizeResponse:
         return self.stub.Authorize(self._authorize_request(customer_id, meter, quantity, ttl_ms, idempotency_key,
                                                            dimensions), **self._call())
 
     @contextlib.contextmanager
-    def reserve(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+    def reserve(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, ttl_ms: int = 0,
                 idempotency_key: str = "", **dimensions: str) -> Iterator[Reservation]:
         """Authorize → work → Commit. Raises Denied if refused; releases on an exception;
         on a normal exit commits ``r.actual`` (default: the reserved quantity) unless
@@ -453,7 +483,7 @@ class MeterClient(_Base):
             r.release()
             raise
         if r.settled is None:
-            r.commit(quantity if r.actual is None else r.actual)
+            r.commit(_reserved(meter, quantity) if r.actual is None else r.actual)
 
     @contextlib.contextmanager
     def session(self, customer_id: str, meter: str, heartbeat_s: float = 10.0, heartbeat_timeout_ms: int = 0,
@@ -472,7 +502,7 @@ class MeterClient(_Base):
 
     # ---- the batcher ---------------------------------------------------------------------
 
-    def enqueue(self, customer_id: str, meter: str, quantity: Quantity, **dimensions: str) -> bool:
+    def enqueue(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, **dimensions: str) -> bool:
         """Queue one event for the next batch. False if the queue is full and on_full is 'drop'."""
         with self._idle:
             event = self._event(customer_id, meter, quantity, dimensions)
@@ -574,9 +604,10 @@ class MeterClient(_Base):
 class AsyncReservation(_Reservation):
     """``Reservation`` for AsyncMeterClient."""
 
-    async def commit(self, quantity: Quantity) -> Any:
+    async def commit(self, quantity: Quantity | Mapping[str, Quantity]) -> Any:
         if self.degraded:
-            self.settled = await self.client.report(self.customer_id, self.meter, quantity, **self.dimensions)
+            self.settled = await self.client.report(self.customer_id, *_settled_as(self.meter, quantity),
+                                                    **self.dimensions)
         else:
             self.settled = await self.client.stub.Commit(self._commit_request(quantity), **self.client._call())
         return self.settled
@@ -659,7 +690,7 @@ class AsyncMeterClient(_Base):
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def report(self, customer_id: str, meter: str, quantity: Quantity, idempotency_key: str = "",
+    async def report(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, idempotency_key: str = "",
                      **dimensions: str) -> pb.ReportResponse:
         return await self.stub.Report(pb.ReportRequest(event=usage_event(customer_id, meter, quantity, dimensions,
                                                                          idempotency_key)),
@@ -668,13 +699,13 @@ class AsyncMeterClient(_Base):
     async def balance(self, customer_id: str) -> pb.GetBalanceResponse:
         return await self.stub.GetBalance(pb.GetBalanceRequest(customer_id=customer_id), **self._call())
 
-    async def authorize(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+    async def authorize(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, ttl_ms: int = 0,
                         idempotency_key: str = "", **dimensions: str) -> pb.AuthorizeResponse:
         return await self.stub.Authorize(self._authorize_request(customer_id, meter, quantity, ttl_ms,
                                                                  idempotency_key, dimensions), **self._call())
 
     @contextlib.asynccontextmanager
-    async def reserve(self, customer_id: str, meter: str, quantity: Quantity, ttl_ms: int = 0,
+    async def reserve(self, customer_id: str, meter: Meters, quantity: Quantity | None = None, ttl_ms: int = 0,
                       idempotency_key: str = "", **dimensions: str) -> AsyncIterator[AsyncReservation]:
         """As MeterClient.reserve."""
         response = await self.authorize(customer_id, meter, quantity, ttl_ms, idempotency_key, **dimensions)
@@ -687,7 +718,7 @@ class AsyncMeterClient(_Base):
             await r.release()
             raise
         if r.settled is None:
-            await r.commit(quantity if r.actual is None else r.actual)
+            await r.commit(_reserved(meter, quantity) if r.actual is None else r.actual)
 
     @contextlib.asynccontextmanager
     async def session(self, customer_id: str, meter: str, heartbeat_s: float = 10.0, heartbeat_timeout_ms: int = 0,
@@ -704,7 +735,8 @@ class AsyncMeterClient(_Base):
         finally:
             await s.end()
 
-    async def enqueue(self, customer_id: str, meter: str, quantity: Quantity, **dimensions: str) -> bool:
+    async def enqueue(self, customer_id: str, meter: Meters, quantity: Quantity | None = None,
+                      **dimensions: str) -> bool:
         """Queue one event for the next batch. False if the queue is full and on_full is 'drop'."""
         event = self._event(customer_id, meter, quantity, dimensions)
         if self.on_full == "drop":
@@ -798,5 +830,5 @@ class AsyncMeterClient(_Base):
                 await asyncio.sleep(wait)
 
 
-__all__ = ["AsyncMeterClient", "AsyncReservation", "AsyncSession", "Denied", "MeterClient", "Reservation",
+__all__ = ["AsyncMeterClient", "AsyncReservation", "AsyncSession", "Denied", "MeterClient", "Meters", "Reservation",
            "Session", "Stats", "usage_event"]

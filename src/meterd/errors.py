@@ -21,6 +21,11 @@ class InvalidInput(MeterdError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def within(self, prefix: str) -> InvalidInput:
+        """The same error about a field inside ``prefix`` (such as ``quantities[1].``)."""
+        return InvalidInput(prefix + self.field, self.message)
 
 
 class Forbidden(MeterdError):

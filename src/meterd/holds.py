@@ -73,16 +73,23 @@ class Holds:
         heapq.heapify(self.reservation_expiry)
 
     def load_reservation(self, rid: str, doc: dict) -> None:
+        """A reservation, its meters found by name; one whose meters do not all have a price
+        now has none (rate -1): it can be released, not committed."""
         catalog = self.live.catalog
         ct = catalog.credit_index.get(doc["credit_type"])
-        meter = catalog.meter_index.get(doc["meter"])
         dims = None if doc.get("dims") is None else bytes.fromhex(doc["dims"])
-        rate = -1 if meter is None or ct is None else validate.held_rate(self.live, meter, ct, dims,
-                                                                            doc["dim_value"])
+        parts = []
+        for name in [doc["meter"], *doc.get("more_meters", [])]:
+            meter = catalog.meter_index.get(name)
+            rate = -1 if meter is None or ct is None else validate.held_rate(self.live, meter, ct, dims,
+                                                                                doc["dim_value"])
+            parts.append((-1 if meter is None else meter, rate))
+        if any(rate < 0 for _, rate in parts):
+            parts = [(meter, -1) for meter, _ in parts]
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
-                                             -1 if meter is None else meter, doc["dim_value"], rate,
+                                             parts[0][0], doc["dim_value"], parts[0][1],
                                              doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""),
-                                             doc.get("spared_nano", 0), dims)
+                                             doc.get("spared_nano", 0), dims, tuple(parts[1:]))
 
     def rename(self, old: Any, new: Any) -> None:
         """A catalog reload: holds move to the new catalog's numbers (``check_reload`` made sure they exist)."""

@@ -320,9 +320,10 @@ class Recovery:
                     raise ConfigError(f"{new.source}: credit_types: {old.credit_types[ct].name} is leased from the "
                                       f"ledger (customer {cust!r}); it stays while leases of it are held")
         for r in self.holds.reservations.values():
-            if r.meter >= 0 and old.meters[r.meter].name not in new.meter_index:
-                raise ConfigError(f"{new.source}: meters: {old.meters[r.meter].name} has open "
-                                  "reservations; settle them before removing it")
+            for m, _ in r.parts():
+                if m >= 0 and old.meters[m].name not in new.meter_index:
+                    raise ConfigError(f"{new.source}: meters: {old.meters[m].name} has open "
+                                      "reservations; settle them before removing it")
         for s in self.holds.sessions.values():
             if old.meters[s.meter].name not in new.meter_index or \
                     old.credit_types[s.credit_type].name not in new.credit_index:
@@ -337,8 +338,8 @@ class Recovery:
         """Open holds keep a price in the new catalog, in the credit type they hold money in."""
         old = self.live.catalog
         probe = _fastpath_py.Core(*new.compiled.core_args()[:3], self.settings.core_limits(), 16)
-        holds = [("reservations", r.meter, r.credit_type, r.dims, r.dim_value)
-                 for r in self.holds.reservations.values() if r.meter >= 0 and r.credit_type >= 0]
+        holds = [("reservations", m, r.credit_type, r.dims, r.dim_value)
+                 for r in self.holds.reservations.values() for m, _ in r.parts() if m >= 0 and r.credit_type >= 0]
         holds += [("sessions", s.meter, s.credit_type, bytes.fromhex(s.dims_hex) if s.dims_hex else None,
                    s.dim_value) for s in self.holds.sessions.values()]
         for what, meter, ct, dims, value in holds:

@@ -158,16 +158,19 @@ class Reports:
     # ---- ledger mode: a second chance for what the leases could not cover ------------------
 
     def _need(self, event: meter_pb2.UsageEvent) -> tuple[str, int, int] | None:
-        """The customer, credit type and cost of a denied event (None: one no lease can help)."""
+        """The customer, credit type and cost of a denied event, all its quantities together
+        (None: one no lease can help)."""
+        ct = total = 0
         try:
-            meter, _, rate = validate.rate(self.settings, self.live, event.meter, event.dimensions)
-            which = event.WhichOneof("quantity_value")
-            qty = validate.quantity(self.live, meter, Quantity(event.quantity, event.quantity_decimal
-                                                               if which == "quantity_decimal" else None))
-            ct, cost = validate.event_quote(self.live, meter, rate, qty)
+            for name, q in [(q.meter, q) for q in event.quantities] or [(event.meter, event)]:
+                meter, _, rate = validate.rate(self.settings, self.live, name, event.dimensions)
+                decimal = q.quantity_decimal if q.WhichOneof("quantity_value") == "quantity_decimal" else None
+                qty = validate.quantity(self.live, meter, Quantity(q.quantity, decimal))
+                ct, cost = validate.event_quote(self.live, meter, rate, qty)
+                total += cost
         except MeterdError:
             return None
-        return event.customer_id, ct, cost
+        return event.customer_id, ct, total
 
     def _after_wait(self, core: object) -> None:
         """After waiting for a lease: writes still taken, and the same catalog (a reload renumbers its meters)."""

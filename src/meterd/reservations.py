@@ -9,12 +9,13 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from meterd import records, validate
 from meterd.answers import entry_key
 from meterd.clock import Clock
 from meterd.config import Settings
+from meterd.corespec import INT64_MAX, part_twice_message
 from meterd.errors import InvalidInput, NotFound, Unavailable
 from meterd.holds import Holds
 from meterd.idempotency import Idempotency, Settled
@@ -63,9 +64,11 @@ class Reservations:
         self.decisions = decisions  # (rpc, outcome) counts, for metrics
         self.leases = leases        # ledger mode: what tops up a lease that cannot cover a reservation
 
-    async def authorize(self, tenant: Tenant | None, customer_id: str, meter_name: str,
-                        dimensions: Mapping[str, str], quantity: Quantity, ttl_ms: int,
-                        keyed: Keyed | None) -> Authorized | Replay:
+    async def authorize(self, tenant: Tenant | None, customer_id: str, parts: Sequence[tuple[str, Quantity]],
+                        dimensions: Mapping[str, str], ttl_ms: int, keyed: Keyed | None,
+                        listed: bool = False) -> Authorized | Replay:
+        """Hold what the meters' quantities (``parts``: (meter, quantity) each) cost at most,
+        as one amount; ``listed``: they came as AuthorizeRequest.quantities."""
         label = validate.label_of(tenant)
         owned = tenant is None or customer_id.encode().startswith(tenant.prefix)
         # While writes are refused, a remembered retry is answered; any other call gets the refusal.
@@ -74,8 +77,7 @@ class Reservations:
             return replay
         validate.check_tenant(tenant, customer_id, "customer_id")
         cust = validate.customer(self.settings, customer_id)
-        meter, value, rate = validate.rate(self.settings, self.live, meter_name, dimensions)
-        qty = validate.quantity(self.live, meter, quantity)
+        held = validate.held_parts(self.settings, self.live, parts, dimensions, listed)
         key = self.idempotency.key(label, "authorize", customer_id, keyed)
         replay = await self.idempotency.replayed(key, keyed)
         if replay is not None:
@@ -84,7 +86,10 @@ class Reservations:
         if ttl_ms > self.settings.reservation_ttl_max_s * 1000:
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         core = self.live.core
-        ct, amount = validate.event_quote(self.live, meter, rate, qty)
+        quotes = [validate.event_quote(self.live, meter, rate, qty) for meter, _, rate, qty in held]
+        ct, amount = quotes[0][0], sum(q for _, q in quotes)
+        if amount > INT64_MAX:
+            raise InvalidInput("quantities", "cost or quantity overflows 64 bits")
         self.holds.open_room("reservation", label)
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
@@ -106,8 +111,10 @@ class Reservations:
             self.decisions[("Authorize", DECISION_NAMES[refusal.decision])] += 1
             return refusal
         now = self.clock.now_ms()
+        meter, value, rate, _ = held[0]
         res = Reservation("r_" + secrets.token_hex(12), customer_id, ct, meter, value, rate, amount, now + ttl_ms,
-                          label, dims=validate.dimension_set(dimensions))
+                          label, dims=validate.dimension_set(dimensions),
+                          more=tuple((m, r) for m, _, r, _ in held[1:]))
         self.holds.add_reservation(res)
         answer = Authorized(ALLOW, self.live.catalog.credit_types[ct].name, core.available(idx, ct),
                             reservation_id=res.reservation_id, reserved_nano=amount, expires_at_ms=res.expires_at_ms)
@@ -118,6 +125,41 @@ class Reservations:
         self.decisions[("Authorize", "allow")] += 1
         await self.journal.commit_with(ops)
         return answer
+
+    def _billed(self, res: Reservation, quantity: Quantity | None,
+                parts: Sequence[tuple[str, Quantity]]) -> list[tuple[int, int]]:
+        """Per meter of a reservation, what its Commit bills: (quantity, minimum charge)."""
+        catalog = self.live.catalog
+        held = [m for m, _ in res.parts()]
+        names = [catalog.meters[m].name for m in held]
+        if quantity is not None:
+            if len(held) > 1:
+                raise InvalidInput("quantities", f"the reservation holds several meters ({', '.join(names)}): give "
+                                   "each one's quantity in quantities")
+            return [validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity))]
+        given: dict[int, int] = {}
+        for k, (name, q) in enumerate(parts):
+            if name not in names:
+                raise InvalidInput(f"quantities[{k}].meter", f"meter {name[:validate.NAME_ECHO_CHARS]!r} is not "
+                                   f"one the reservation holds ({', '.join(names)})")
+            meter = held[names.index(name)]
+            if meter in given:
+                raise InvalidInput(f"quantities[{k}].meter", part_twice_message(name.encode()))
+            given[meter] = validate.quantity(self.live, meter, q, f"quantities[{k}].")
+        return [validate.billed(self.live, m, given.get(m, 0)) for m in held]
+
+    def _check_fits(self, idx: int, res: Reservation, billed: list[tuple[int, int]]) -> None:
+        """A Commit of several meters is refused whole, before any is settled, when one would
+        overflow its usage or the balance (a quote is at least what a settlement costs)."""
+        core = self.live.core
+        cts, use, _ = core.state(idx)
+        total = 0
+        for k, ((meter, rate), (qty, minimum)) in enumerate(zip(res.parts(), billed, strict=True)):
+            if use[meter] + qty > INT64_MAX:
+                raise InvalidInput(f"quantities[{k}].quantity", "the meter's usage would overflow 64 bits")
+            total += max(core.quote(rate, qty)[1], minimum) + 1  # and a nano of carry
+        if cts[res.credit_type][0] - total < -INT64_MAX:
+            raise InvalidInput("quantities", "the balance would overflow 64 bits")
 
     def _refusal(self, customer_id: str, idx: int, ct: int, unavailable: bool = False) -> Authorized:
         """Deny, or degrade when the customer's plan has a fallback mode for this credit type.
@@ -151,29 +193,38 @@ class Reservations:
             raise NotFound(f"reservation {rid[:RESERVATION_ID_BYTES_MAX]!r} is unknown, expired or already settled")
         return key, res
 
-    async def commit(self, tenant: Tenant | None, reservation_id: str, quantity: Quantity,
-                     request: bytes) -> Committed | Replay:
+    async def commit(self, tenant: Tenant | None, reservation_id: str, quantity: Quantity | None,
+                     request: bytes, parts: Sequence[tuple[str, Quantity]] = ()) -> Committed | Replay:
+        """Settle a reservation: its one meter's ``quantity``, or ``parts`` ((meter, quantity)
+        each, as CommitRequest.quantities) of the meters it holds (a meter left out used nothing)."""
         key, res = await self._settling(b"C", tenant, reservation_id, request)
         if isinstance(res, Replay):
             return res
         if res.rate < 0:
             raise NotFound("the reservation's meter, or its price for the reservation's dimensions, is no longer "
                            "in the catalog; release it")
-        qty, minimum = validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity))
+        billed = self._billed(res, quantity, parts)
         core = self.live.core
         cust = res.customer_id.encode()
         idx = core.account(cust)
+        if len(billed) > 1:
+            self._check_fits(idx, res, billed)
         at = self.clock.now_ms()
         self.subscriptions.roll_if_due(at)
         core.set_clock(at)
-        dims = validate.settle_set(core, idx, res.meter, res.dims, cust)
-        cost, overrun = core.settle(idx, res.rate, qty, res.amount_nano, dims, minimum)
+        ops: list[Op] = []
+        cost = overrun = 0
+        for k, ((meter, rate), (qty, minimum)) in enumerate(zip(res.parts(), billed, strict=True)):
+            reserved = res.amount_nano if k == 0 else 0  # the hold goes back once, with the first
+            dims = validate.settle_set(core, idx, meter, res.dims, cust)
+            part, overrun = core.settle(idx, rate, qty, reserved, dims, minimum)
+            cost += part
+            ops.append(self.journal.log_op(records.settle(cust, rate, qty, reserved, dims, at, minimum)))
         if overrun:
             log.warning("commit overran the balance: customer=%s reservation=%s overrun_nano=%d",
                         res.customer_id, res.reservation_id, overrun)
         self.holds.forget_reservation(res)
-        ops = [self.journal.log_op(records.settle(cust, res.rate, qty, res.amount_nano, dims, at, minimum)),
-               ("reservations", res.reservation_id.encode(), None)]
+        ops.append(("reservations", res.reservation_id.encode(), None))
         ops += self.holds.spared_ops(res.customer_id, res.credit_type, res.spared_nano, cost)
         answer = Committed(cost, max(res.amount_nano - cost, 0), core.state(idx)[0][res.credit_type][0], overrun)
         ops += self.subscriptions.alert_ops()

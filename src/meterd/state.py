@@ -54,13 +54,22 @@ class Reservation:
     spared_nano: int = 0
     # Its dimension set (canonical bytes), when it has more than its price dimension: the usage is filed under it.
     dims: bytes | None = None
+    # A reservation of several meters (AuthorizeRequest.quantities): the others, (meter, rate) each.
+    more: tuple[tuple[int, int], ...] = ()
+
+    def parts(self) -> list[tuple[int, int]]:
+        """Its meters and their rates, (meter, rate) each, its own first."""
+        return [(self.meter, self.rate), *self.more]
 
     def to_json(self, catalog: Catalog) -> bytes:
-        return json.dumps({
+        doc: dict[str, object] = {
             "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
             "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
             "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant,
-            "spared_nano": self.spared_nano, "dims": None if self.dims is None else self.dims.hex()}).encode()
+            "spared_nano": self.spared_nano, "dims": None if self.dims is None else self.dims.hex()}
+        if self.more:
+            doc["more_meters"] = [catalog.meters[m].name for m, _ in self.more]
+        return json.dumps(doc).encode()
 
 
 @dataclass

@@ -5,11 +5,18 @@ field and what is wrong with it."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from meterd import _fastpath_py
 from meterd.config import Settings
-from meterd.corespec import no_price_message, no_price_position
+from meterd.corespec import (
+    MSG_PARTS,
+    QUANTITIES_MAX,
+    no_price_message,
+    no_price_position,
+    part_credit_message,
+    part_twice_message,
+)
 from meterd.errors import Forbidden, InvalidInput
 from meterd.results import Quantity
 from meterd.security import Tenant
@@ -73,6 +80,35 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
         raise InvalidInput("dimensions", no_price_message(
             meter_name.encode(), keys[at].encode() if keys else b"", values[at] if keys else None))
     return meter, dimensions.get(keys[0]) if len(keys) == 1 else None, found
+
+
+def held_parts(settings: Settings, live: Live, parts: Sequence[tuple[str, Quantity]], dimensions: Mapping[str, str],
+               listed: bool) -> list[tuple[int, str | None, int, int]]:
+    """The meters of an Authorize, as (meter, price dimension value, rate, quantity in its
+    smallest unit) each: of ``quantities`` when ``listed`` (then each once, at most
+    QUANTITIES_MAX, in one credit type), else its one meter and quantity."""
+    if listed and not parts:
+        raise InvalidInput("quantities", "give meter and quantity, or quantities")
+    if len(parts) > QUANTITIES_MAX:
+        raise InvalidInput("quantities", MSG_PARTS)
+    catalog = live.catalog
+    out: list[tuple[int, str | None, int, int]] = []
+    for k, (name, q) in enumerate(parts):
+        prefix = f"quantities[{k}]." if listed else ""
+        try:
+            meter, value, found = rate(settings, live, name, dimensions)
+            units = quantity(live, meter, q)
+        except InvalidInput as e:
+            raise e.within(prefix) if e.field != "dimensions" else e from None
+        ct = catalog.meters[meter].credit_type
+        if out and ct != catalog.meters[out[0][0]].credit_type:
+            raise InvalidInput(prefix + "meter", part_credit_message(
+                name.encode(), catalog.credit_types[ct].name.encode(),
+                catalog.credit_types[catalog.meters[out[0][0]].credit_type].name.encode()))
+        if any(m == meter for m, _, _, _ in out):
+            raise InvalidInput(prefix + "meter", part_twice_message(name.encode()))
+        out.append((meter, value, found, units))
+    return out
 
 
 def held_rate(live: Live, meter: int, ct: int, dims: bytes | None, value: str | None) -> int:

@@ -138,14 +138,25 @@ def answer(result: object, rpc: str) -> bytes:
 
 # ---- calls: a request message in, the answer's bytes out ------------------------------------
 
+def quantities(req: Any) -> list[tuple[str, Quantity]]:
+    """A request's ``quantities``, (meter, quantity) each; refused with a meter or quantity of its own."""
+    if req.quantities and (getattr(req, "meter", "") or req.WhichOneof("quantity_value")):
+        raise InvalidInput("meter" if getattr(req, "meter", "") else req.WhichOneof("quantity_value"),
+                           "give meter and quantity, or quantities, not both")
+    return [(q.meter, quantity(q)) for q in req.quantities]
+
+
 async def authorize(engine: Any, req: meter_pb2.AuthorizeRequest, tenant: Tenant | None = None) -> bytes:
-    return answer(await engine.reservations.authorize(tenant, req.customer_id, req.meter, req.dimensions,
-                                                      quantity(req), req.ttl_ms, keyed(req)), "Authorize")
+    parts = quantities(req)
+    return answer(await engine.reservations.authorize(tenant, req.customer_id, parts or [(req.meter, quantity(req))],
+                                                      req.dimensions, req.ttl_ms, keyed(req), bool(parts)),
+                  "Authorize")
 
 
 async def commit(engine: Any, req: meter_pb2.CommitRequest, tenant: Tenant | None = None) -> bytes:
-    return answer(await engine.reservations.commit(tenant, req.reservation_id, quantity(req), canonical(req)),
-                  "Commit")
+    parts = quantities(req)
+    return answer(await engine.reservations.commit(tenant, req.reservation_id, None if parts else quantity(req),
+                                                   canonical(req), parts), "Commit")
 
 
 async def release(engine: Any, req: meter_pb2.ReleaseRequest, tenant: Tenant | None = None) -> bytes:
