@@ -9,6 +9,8 @@ import os
 import re
 import threading
 from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
 
 import grpc
 import pytest
@@ -295,3 +297,25 @@ def test_a_session_closed_by_the_daemon_still_ends_with_its_final_answer(daemon)
     # EndSession after the close gets the final answer again, not NOT_FOUND.
     assert final is not None and final.closed and final.duplicate
     assert final.session_id == s.session_id and final.cost_nano == 0
+
+
+def test_the_readme_examples_of_several_quantities_run_as_written_and_charge_exactly(make_daemon):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### One request, several quantities", 1)[1].split("\n## ", 1)[0]
+    report, reserve = re.findall(r"```python\n(.*?)```", section, re.S)
+    d = make_daemon().start()  # the built-in demo catalog: customer demo holds $10.00
+    with MeterClient(d.target) as meter:
+        exec(report, {"meter": meter})  # noqa: S102 - the README's own example
+        exec(reserve, {"meter": meter})  # noqa: S102
+        usd = next(b for b in meter.balance("demo").balances if b.credit_type == "usd")
+        usage = {u.meter: u.quantity for u in meter.balance("demo").usage}
+        assert usd.reserved_nano == 0  # the hold was settled on leaving the block
+    # gpt-4o: input $2.50, cached input $1.25, output $10.00 per 1M tokens
+    call = Fraction(2_50, 100) * 1200 + Fraction(1_25, 100) * 800 + Fraction(10) * 350
+    reserved = Fraction(2_50, 100) * 1200 + Fraction(10) * 350
+    assert usd.balance_nano == 10 * 10**9 - (call + reserved) * 10**9 / 10**6
+    assert (usage["input_tokens"], usage["cached_input_tokens"], usage["output_tokens"]) == ("2400", "800", "700")
+    with MeterClient(d.target) as meter, pytest.raises(grpc.RpcError) as e:
+        meter.report("demo", {"input_tokens": 1, "requests": 1}, model="gpt-4o")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("event.quantities[1].meter: meter 'requests' prices in credit type")

@@ -286,7 +286,7 @@ cdef class _Decoder(_Aggregates):
         if rc == E_OK and f.nparts > 0:
             rc = _event_parts(self, buf, ev, &f, room)
         elif rc == E_OK:
-            rc = _event_one(self, ev, &f)
+            rc = _event_one(self, ev, &f, <char>0)
         if rc:
             ev.err = rc
             return rc
@@ -294,9 +294,8 @@ cdef class _Decoder(_Aggregates):
         ev.chash = _hash_set(self.cbuf + ev.coff, ev.clen)
         self.cbuf_len += ev.clen
         ev.err_field = F_NONE
-        for k in range(1, ev.nparts):
-            ev[k].clen = ev.clen
-            ev[k].chash = ev.chash
+        if ev.nparts > 1:
+            _parts_set(ev)
         return E_OK
 
     cdef object _event_error(self, Event *ev, str prefix):
@@ -376,11 +375,12 @@ cdef class _Decoder(_Aggregates):
                     cid_start[0] = s
                     cid_len[0] = n
                     continue
-                ev = &self.scratch[nent[0]]
-                if nent[0] >= self.batch_max or _Decoder._decode_event(self, buf, s, s + n, ev,
-                                                                        self.batch_max - nent[0]) == E_BATCH_FULL:
+                if nent[0] >= self.batch_max:
                     raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max)
-                if ev.err != E_OK:
+                ev = &self.scratch[nent[0]]
+                if _Decoder._decode_event(self, buf, s, s + n, ev, self.batch_max - nent[0]) != E_OK:
+                    if ev.err == E_BATCH_FULL:
+                        raise InvalidInput("events", spec.MSG_BATCH_TOO_LONG % self.batch_max)
                     raise self._event_error(ev, "events[%d]." % nev[0])
                 nev[0] += 1
                 nent[0] += ev.nparts
@@ -459,21 +459,13 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
         if key == 0:
             return E_FIELD0
         if key == F_CUSTOMER_ID or key == F_METER or key == F_QUANTITY_DECIMAL or key == F_DIMENSIONS \
-                or key == F_IDEMPOTENCY_KEY or key == F_QUANTITIES:
+                or key == F_IDEMPOTENCY_KEY:
             if wt != 2:
                 ev.err_field = <int32_t>key
                 return E_WIRE_TYPE
             rc = _read_len(buf, end, &pos, &s, &n)
             if rc:
                 return rc
-            if key == F_QUANTITIES:  # decoded once the dimensions are all known
-                if f.nparts >= QUANTITIES_MAX:
-                    ev.err_field = F_QUANTITIES
-                    return E_PARTS
-                self.part_start[f.nparts] = s
-                self.part_len[f.nparts] = n
-                f.nparts += 1
-                continue
             if key == F_DIMENSIONS:
                 rc = _decode_dim(self, buf, s, s + n, ev, &f.nspans)
                 if rc:
@@ -510,6 +502,19 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
                 return E_NEGATIVE
             else:
                 f.ts = <int64_t>v
+        elif key == F_QUANTITIES:  # decoded once the dimensions are all known
+            if wt != 2:
+                ev.err_field = F_QUANTITIES
+                return E_WIRE_TYPE
+            rc = _read_len(buf, end, &pos, &s, &n)
+            if rc:
+                return rc
+            if f.nparts >= QUANTITIES_MAX:
+                ev.err_field = F_QUANTITIES
+                return E_PARTS
+            self.part_start[f.nparts] = s
+            self.part_len[f.nparts] = n
+            f.nparts += 1
         else:
             rc = _skip(buf, end, &pos, wt)
             if rc:
@@ -517,15 +522,33 @@ cdef inline int _event_fields(_Decoder self, const char *buf, Py_ssize_t pos, Py
     return E_OK
 
 
-cdef inline int _event_one(_Decoder self, Event *ev, Fields *f) noexcept nogil:
-    """The meter, quantity, rate and window of an event of one meter."""
-    cdef int rc = _event_meter(self, ev, f)
+cdef void _parts_set(Event *ev) noexcept nogil:
+    """The quantities of an event share its canonical dimension set."""
+    cdef int32_t k
+    for k in range(1, ev.nparts):
+        ev[k].clen = ev.clen
+        ev[k].chash = ev.chash
+
+
+# _event_one and the helpers it calls come in two copies, one for an event's own
+# quantity (``Copy`` char, called by _decode_event) and one for each quantity of
+# an event of several (short, called by _event_parts): with one caller each, gcc
+# inlines the first into _decode_event (called from both places, it inlined neither,
+# and the hot path took about 50 more instructions an event, callgrind).
+ctypedef fused Copy:
+    char
+    short
+
+
+cdef inline int _event_one(_Decoder self, Event *ev, Fields *f, Copy copy) noexcept nogil:
+    """The meter, quantity, rate and window of an event of one meter (or of one quantity)."""
+    cdef int rc = _event_meter(self, ev, f, copy)
     if rc == E_OK:
-        rc = _event_quantity(self, ev, f)
+        rc = _event_quantity(self, ev, f, copy)
     if rc == E_OK:
-        rc = _event_rate(self, ev, f)
+        rc = _event_rate(self, ev, f, copy)
     if rc == E_OK:
-        rc = _event_time(self, ev, f)
+        rc = _event_time(self, ev, f, copy)
     return rc
 
 
@@ -551,7 +574,7 @@ cdef int _event_parts(_Decoder self, const char *buf, Event *ev, Fields *f, Py_s
         pf = f[0]
         rc = _part_fields(buf, self.part_start[k], self.part_start[k] + self.part_len[k], p, &pf)
         if rc == E_OK:
-            rc = _event_one(self, p, &pf)
+            rc = _event_one(self, p, &pf, <short>0)
         if rc == E_OK and self.meters[p.meter].agg > AGG_COUNT:
             p.err_field = F_METER
             rc = E_PART_GAUGE
@@ -641,7 +664,7 @@ cdef inline int _event_customer(_Decoder self, Event *ev) noexcept nogil:
     return E_OK
 
 
-cdef inline int _event_meter(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+cdef inline int _event_meter(_Decoder self, Event *ev, Fields *f, Copy copy) noexcept nogil:
     """The meter, by name (meters are few: a loop)."""
     cdef int32_t i
     ev.err_field = F_METER
@@ -654,7 +677,7 @@ cdef inline int _event_meter(_Decoder self, Event *ev, Fields *f) noexcept nogil
     return E_UNKNOWN_METER
 
 
-cdef inline int _event_quantity(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+cdef inline int _event_quantity(_Decoder self, Event *ev, Fields *f, Copy copy) noexcept nogil:
     """The quantity in the meter's smallest units, from either of its fields."""
     cdef Meter *m = &self.meters[ev.meter]
     cdef int rc = E_OK
@@ -671,7 +694,7 @@ cdef inline int _event_quantity(_Decoder self, Event *ev, Fields *f) noexcept no
     return rc
 
 
-cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f, Copy copy) noexcept nogil:
     """The rate (of the entries whose key is the meter's price dimension, the
     last wins, as in protobuf's map), the distinct value of a unique_count
     meter, and the cost."""
@@ -727,7 +750,7 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f) noexcept nogil:
     return E_OK
 
 
-cdef inline int _event_time(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+cdef inline int _event_time(_Decoder self, Event *ev, Fields *f, Copy copy) noexcept nogil:
     """The usage window of the event's timestamp_ms, within the distances allowed
     from the clock, or the clock's when it has none (0)."""
     if f.ts == 0:
