@@ -319,3 +319,15 @@ def test_the_readme_examples_of_several_quantities_run_as_written_and_charge_exa
         meter.report("demo", {"input_tokens": 1, "requests": 1}, model="gpt-4o")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("event.quantities[1].meter: meter 'requests' prices in credit type")
+
+
+def test_the_batcher_counts_each_quantity_toward_batch_max_as_the_daemon_does(make_daemon):
+    d = make_daemon(extra_env={"METERD_BATCH_EVENTS_MAX": "100"}).start()
+    errors: list[str] = []
+    with MeterClient(d.target, batch_max=100, linger_s=5.0, on_error=lambda e, m: errors.append(m)) as client:
+        for _ in range(100):  # 200 quantities: two batches, not one the daemon refuses whole
+            client.enqueue("demo", {"input_tokens": 10, "output_tokens": 5}, model="gpt-4o")
+        client.flush(60)
+        usage = {u.meter: u.quantity for u in client.balance("demo").usage}
+    assert errors == [] and (client.stats.acknowledged, client.stats.batches) == (100, 2)
+    assert (usage["input_tokens"], usage["output_tokens"]) == ("1000", "500")

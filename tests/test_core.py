@@ -1122,3 +1122,15 @@ def test_each_quantity_counts_toward_the_batch_cap():
         with pytest.raises(InvalidInput, match="more than 4 events in one batch") as e:
             core.apply_batch(batch([ev(model="mini"), ev(model="mini"), three]))
         assert e.value.field == "events"
+
+
+def test_an_event_whose_quantities_cost_more_than_64_bits_together_is_refused_as_an_overflow(core):
+    idx = core.open_account(b"big")
+    core.credit(idx, 0, 2**63 - 1)
+    core.set_floor(idx, 0, -(2**63 - 1))  # an overdraft as deep as 64 bits go: each cost fits, not their sum
+    before = core.state_bytes(idx)
+    e = multi("big", [("tokens", 3_600_000_000_000_000), ("gpu_seconds", "1000000000000")], model="gpt-4o",
+              hardware="h100")  # $9.0e9 and $1.525e9: 1.05e19 nano together
+    r = core.report(pb.ReportRequest(event=e).SerializeToString())
+    assert (r[0], r[1], r[3]) == (pb.DECISION_DENY, pb.REASON_OVERFLOW, 0)
+    assert core.state_bytes(idx) == before and core.usage_pending() == 0

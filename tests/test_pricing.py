@@ -1158,3 +1158,39 @@ def test_a_degraded_call_counts_each_quantity_and_charges_nothing(make):
     assert usage == {"gpu_seconds": "51.500", "upscales": "3"}  # each quantity counted, none charged
     r = b.report_parts("painter", {"gpu_seconds": "2"})
     assert (r.decision, r.cost_nano) == (pb.DECISION_ALLOW, 2 * NANO)  # what is left is still spent
+
+
+def test_a_quantity_of_several_that_overflows_is_refused_naming_it_and_a_reordered_retry_is_the_same(make):
+    b = make(STEPS)
+    big = 2**63 - 1  # fits the field, not its increment or its cost
+    for call in (lambda: b.authorize_parts("acme", {"tokens": 1, "characters": big}, model="gpt-4o"),
+                 lambda: b.report_parts("acme", {"tokens": 1, "characters": big}, model="gpt-4o")):
+        with pytest.raises(InvalidInput) as e:
+            call()
+        assert e.value.field.endswith("quantities[1].quantity"), str(e.value)
+    a = b.authorize_parts("acme", {"tokens": 10, "characters": 100}, model="gpt-4o")
+    with pytest.raises(InvalidInput) as e:
+        b.commit_parts(a.reservation_id, {"characters": 1, "tokens": big})
+    assert e.value.field == "quantities[1].quantity", str(e.value)
+    first = b.commit_parts(a.reservation_id, {"tokens": 10, "characters": 100})
+    again = b.commit_parts(a.reservation_id, {"characters": 100, "tokens": 10})  # the same, in another order
+    assert again.duplicate and again.cost_nano == first.cost_nano
+    with pytest.raises(InvalidInput, match="^quantities: reservation .* was settled before with a different"):
+        b.commit_parts(a.reservation_id, {"characters": 100, "tokens": 11})
+
+
+def test_a_reservation_whose_meter_is_gone_keeps_its_name_through_a_reload(make, tmp_path):
+    b = make(TWO_CREDITS)
+    a = b.authorize_parts("acme", {"input_tokens": 1_000, "output_tokens": 1_000})
+    without = tmp_path / "without.toml"
+    without.write_text(TWO_CREDITS.replace('[meters.output_tokens]\ncredit_type = "usd"\nper = 1000000\n'
+                                           'price = "10.00"\nminimum = "0.001"\n', ""))
+    b.catalog = load_catalog(str(without))
+    b.restart(clean=False)  # output_tokens is gone: the hold can only be released
+    b.run(b.engine.reload_catalog(load_catalog(str(without))))  # and a reload must not give it another meter
+    with pytest.raises(NotFound, match="release it"):
+        b.commit_parts(a.reservation_id, {"input_tokens": 1_000, "seats": 1})
+    doc = json.loads(b.engine.reservations.holds.reservations[a.reservation_id].to_json(b.engine.live.catalog))
+    assert (doc["meter"], doc["more_meters"]) == ("input_tokens", ["output_tokens"])
+    assert b.release(a.reservation_id).released_nano == a.reserved_nano
+    assert b.bal("acme", "usd") == NANO and b.balance("acme").balances[0].reserved_nano == 0

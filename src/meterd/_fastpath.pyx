@@ -257,9 +257,11 @@ cdef int _debit_parts(Core self, Event *ev, int64_t *cost) except -1:
         for k in range(n):
             reason = _Accounts._debit(self, idx, ev[k].rate, ev[k].quantity, ev[k].fine, _minimum(self, &ev[k]),
                                       how, &costs[k], NULL, 0)
+            if reason == ok and costs[k] > INT64_MAX - cost[0]:
+                reason = REASON_OVERFLOW  # each cost fits, and the balance (a floor far below 0): their sum not
             if reason != ok:
                 break
-            cost[0] += costs[k]  # no overflow: each is what the balance lost, and that did not overflow
+            cost[0] += costs[k]
         if reason == ok:
             break
         # undo the turns

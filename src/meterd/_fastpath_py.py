@@ -1438,10 +1438,12 @@ class Core(_Decoder):
                  [self.usage[idx][p[1]] for p in parts], list(self.alerts), self.alerts_lost, self.dirty[idx])
         how, ok = DEBIT_CHECK, REASON_NONE
         while True:
-            costs = []
+            costs: list[int] = []
             reason = ok
             for _, meter, rate, qty, fine, _, _, _ in parts:
                 reason, cost = self._debit(idx, rate, qty, fine, self._minimum(meter, qty), how)
+                if reason == ok and sum(costs) + cost > INT64_MAX:
+                    reason = REASON_OVERFLOW  # each cost fits, and the balance (a floor far below 0): their sum not
                 if reason != ok:
                     break
                 costs.append(cost)

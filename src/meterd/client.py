@@ -12,8 +12,8 @@ and duration sessions; a thread-based ``MeterClient`` and an asyncio
         with meter.session("acme", "gpu_seconds", hardware="nvidia-h100") as s:
             while not s.should_stop: step()                             # heartbeats in the background
 
-The batcher sends ``ReportBatch`` calls of at most ``batch_max`` events and
-``batch_bytes_max`` bytes, or whatever arrived within ``linger_s``, each with
+The batcher sends ``ReportBatch`` calls of at most ``batch_max`` events (each
+quantity of an event of several counting as one) and ``batch_bytes_max`` bytes, or whatever arrived within ``linger_s``, each with
 this client's ``client_id`` and the next sequence number (sequences start
 from the clock, so a process that keeps its ``client_id`` across restarts
 still moves forward). A batch is resent with the same sequence until
@@ -80,6 +80,11 @@ def usage_event(customer_id: str, meter: Meters, quantity: Quantity | None = Non
     event = pb.UsageEvent(customer_id=customer_id, dimensions=dict(dimensions or {}),
                           idempotency_key=idempotency_key, **_meter_fields(meter, quantity))
     return event
+
+
+def _entries(event: pb.UsageEvent) -> int:
+    """What an event counts toward a batch's events: 1, or each of its quantities."""
+    return len(event.quantities) or 1
 
 
 def _quantity_fields(quantity: Quantity) -> dict[str, Any]:
@@ -251,6 +256,7 @@ class _Base:
         # client_id: start from the clock (in microseconds); the daemon allows skips.
         self._sequence = time.time_ns() // 1000
         self.batch_bytes_max = batch_bytes_max
+        self._entries = 0  # what the batch being built counts toward batch_max
         self._carry: pb.UsageEvent | None = None  # an event that did not fit the last batch
         self._pending = 0  # enqueued and not yet acknowledged or dropped
         self._closing = False
@@ -267,13 +273,20 @@ class _Base:
         return {"timeout": min(self.timeout_s, left), "metadata": self.metadata, "wait_for_ready": True}
 
     def _add(self, events: list[pb.UsageEvent], size: int, event: pb.UsageEvent) -> int:
-        """Add ``event`` to the batch being built; -1 (keeping it for the next batch) when it would not fit."""
+        """Add ``event`` to the batch being built; -1 (keeping it for the next batch) when it would not
+        fit: in batch_bytes_max, or in batch_max, where each quantity of an event of several counts
+        as one (as the daemon's batch_events_max counts them)."""
         n = event.ByteSize() + 5  # the event's tag and length in the batch
-        if events and size + n > self.batch_bytes_max:
+        if events and (size + n > self.batch_bytes_max or self._entries + _entries(event) > self.batch_max):
             self._carry = event
             return -1
+        self._entries = _entries(event) + (self._entries if events else 0)
         events.append(event)
         return size + n
+
+    def _room(self, events: list[pb.UsageEvent], size: int) -> int:
+        """``size`` while the batch being built has room for another event, else -1."""
+        return size if self._entries < self.batch_max else -1
 
     def _acknowledged(self, batch: _Batch, r: pb.ReportBatchResponse) -> bool:
         """False when a first attempt is answered as a duplicate: the sequence was used before
@@ -546,7 +559,7 @@ class MeterClient(_Base):
             return [], True
         events: list[pb.UsageEvent] = []
         size, end = self._add(events, 0, first), time.monotonic() + self.linger_s
-        while len(events) < self.batch_max:
+        while (size := self._room(events, size)) >= 0:
             try:
                 event = self._queue.get(timeout=max(0.0, end - time.monotonic()))
             except queue.Empty:
@@ -782,7 +795,7 @@ class AsyncMeterClient(_Base):
             return [], True
         events: list[pb.UsageEvent] = []
         size, end = self._add(events, 0, first), time.monotonic() + self.linger_s
-        while len(events) < self.batch_max:
+        while (size := self._room(events, size)) >= 0:
             try:
                 event = await asyncio.wait_for(self._queue.get(), max(0.0, end - time.monotonic()))
             except asyncio.TimeoutError:

@@ -79,7 +79,8 @@ class Holds:
         ct = catalog.credit_index.get(doc["credit_type"])
         dims = None if doc.get("dims") is None else bytes.fromhex(doc["dims"])
         parts = []
-        for name in [doc["meter"], *doc.get("more_meters", [])]:
+        names = (doc["meter"], *doc.get("more_meters", []))
+        for name in names:
             meter = catalog.meter_index.get(name)
             rate = -1 if meter is None or ct is None else validate.held_rate(self.live, meter, ct, dims,
                                                                                 doc["dim_value"])
@@ -89,7 +90,8 @@ class Holds:
         self.reservations[rid] = Reservation(rid, doc["customer_id"], -1 if ct is None else ct,
                                              parts[0][0], doc["dim_value"], parts[0][1],
                                              doc["amount_nano"], doc["expires_at_ms"], doc.get("tenant", ""),
-                                             doc.get("spared_nano", 0), dims, tuple(parts[1:]))
+                                             doc.get("spared_nano", 0), dims, tuple(parts[1:]), names,
+                                             doc["credit_type"])
 
     def rename(self, old: Any, new: Any) -> None:
         """A catalog reload: holds move to the new catalog's numbers (``check_reload`` made sure they exist)."""

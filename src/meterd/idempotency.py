@@ -128,16 +128,16 @@ class Settled:
         self.answers = answers
         self.clock = clock
 
-    async def answer(self, key: bytes, by: bytes, request: bytes, what: str) -> Replay | None:
+    async def answer(self, key: bytes, by: bytes, request: bytes, what: str, field: str = "quantity") -> Replay | None:
         """The final answer ``what`` left when settled ``by`` (b"C", b"R" or b"S"), or None
-        when it has none in its window."""
+        when it has none in its window; ``field`` is what a retry that differs is about."""
         entry = self.answers.get(key, self.clock.now_ms())
         if entry is None:
             return None
         if entry.response[:1] != by:
             raise Conflict(f"{what} was settled by {SETTLED_BY.get(entry.response[:1], 'another call')} already")
         if entry.digest and entry.digest != digest(request):
-            raise InvalidInput("quantity", f"{what} was settled before with a different quantity")
+            raise InvalidInput(field, f"{what} was settled before with a different quantity")
         if entry.pending is not None:
             await asyncio.shield(entry.pending)  # raises if that commit failed
         return Replay(entry.response[1:])

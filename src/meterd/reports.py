@@ -285,7 +285,7 @@ class Reports:
         """A keyed Report's store key, and its key with the canonical request."""
         req = keyed_report(data)
         validate.check_tenant(tenant, req.event.customer_id, "event.customer_id")  # before any replay
-        keyed = Keyed(req.event.idempotency_key, req.SerializeToString(deterministic=True)) \
+        keyed = Keyed(req.event.idempotency_key, validate.canonical_request(req)) \
             if req.event.idempotency_key else None
         key = self.idempotency.key(validate.label_of(tenant), "report", req.event.customer_id, keyed)
         return key, keyed

@@ -86,7 +86,12 @@ class Reservations:
         if ttl_ms > self.settings.reservation_ttl_max_s * 1000:
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         core = self.live.core
-        quotes = [validate.event_quote(self.live, meter, rate, qty) for meter, _, rate, qty in held]
+        quotes = []
+        for k, (meter, _, rate, qty) in enumerate(held):
+            try:
+                quotes.append(validate.event_quote(self.live, meter, rate, qty))
+            except InvalidInput as e:
+                raise e.within(f"quantities[{k}].") if listed else e from None
         ct, amount = quotes[0][0], sum(q for _, q in quotes)
         if amount > INT64_MAX:
             raise InvalidInput("quantities", "cost or quantity overflows 64 bits")
@@ -114,7 +119,8 @@ class Reservations:
         meter, value, rate, _ = held[0]
         res = Reservation("r_" + secrets.token_hex(12), customer_id, ct, meter, value, rate, amount, now + ttl_ms,
                           label, dims=validate.dimension_set(dimensions),
-                          more=tuple((m, r) for m, _, r, _ in held[1:]))
+                          more=tuple((m, r) for m, _, r, _ in held[1:]),
+                          names=tuple(self.live.catalog.meters[m].name for m, _, _, _ in held))
         self.holds.add_reservation(res)
         answer = Authorized(ALLOW, self.live.catalog.credit_types[ct].name, core.available(idx, ct),
                             reservation_id=res.reservation_id, reserved_nano=amount, expires_at_ms=res.expires_at_ms)
@@ -127,8 +133,9 @@ class Reservations:
         return answer
 
     def _billed(self, res: Reservation, quantity: Quantity | None,
-                parts: Sequence[tuple[str, Quantity]]) -> list[tuple[int, int]]:
-        """Per meter of a reservation, what its Commit bills: (quantity, minimum charge)."""
+                parts: Sequence[tuple[str, Quantity]]) -> list[tuple[int, int, str]]:
+        """Per meter of a reservation, what its Commit bills: (quantity, minimum charge, the
+        request's field of its quantity)."""
         catalog = self.live.catalog
         held = [m for m, _ in res.parts()]
         names = [catalog.meters[m].name for m in held]
@@ -136,8 +143,10 @@ class Reservations:
             if len(held) > 1:
                 raise InvalidInput("quantities", f"the reservation holds several meters ({', '.join(names)}): give "
                                    "each one's quantity in quantities")
-            return [validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity))]
+            return [(*validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity)),
+                     "quantity")]
         given: dict[int, int] = {}
+        field: dict[int, str] = {}
         for k, (name, q) in enumerate(parts):
             if name not in names:
                 raise InvalidInput(f"quantities[{k}].meter", f"meter {name[:validate.NAME_ECHO_CHARS]!r} is not "
@@ -146,18 +155,23 @@ class Reservations:
             if meter in given:
                 raise InvalidInput(f"quantities[{k}].meter", part_twice_message(name.encode()))
             given[meter] = validate.quantity(self.live, meter, q, f"quantities[{k}].")
-        return [validate.billed(self.live, m, given.get(m, 0)) for m in held]
+            field[meter] = f"quantities[{k}].quantity"
+        fields = [field.get(m, "quantities") for m in held]
+        return [(*validate.billed(self.live, m, given.get(m, 0), f), f) for m, f in zip(held, fields, strict=True)]
 
-    def _check_fits(self, idx: int, res: Reservation, billed: list[tuple[int, int]]) -> None:
+    def _check_fits(self, idx: int, res: Reservation, billed: list[tuple[int, int, str]]) -> None:
         """A Commit of several meters is refused whole, before any is settled, when one would
         overflow its usage or the balance (a quote is at least what a settlement costs)."""
         core = self.live.core
         cts, use, _ = core.state(idx)
         total = 0
-        for k, ((meter, rate), (qty, minimum)) in enumerate(zip(res.parts(), billed, strict=True)):
+        for (meter, rate), (qty, minimum, field) in zip(res.parts(), billed, strict=True):
             if use[meter] + qty > INT64_MAX:
-                raise InvalidInput(f"quantities[{k}].quantity", "the meter's usage would overflow 64 bits")
-            total += max(core.quote(rate, qty)[1], minimum) + 1  # and a nano of carry
+                raise InvalidInput(field, "the meter's usage would overflow 64 bits")
+            try:
+                total += max(core.quote(rate, qty)[1], minimum) + 1  # and a nano of carry
+            except InvalidInput as e:
+                raise InvalidInput(field, e.message) from None
         if cts[res.credit_type][0] - total < -INT64_MAX:
             raise InvalidInput("quantities", "the balance would overflow 64 bits")
 
@@ -176,7 +190,7 @@ class Reservations:
         return Authorized(DENY, ct_name, available, reason=REASON_INSUFFICIENT_BALANCE)
 
     async def _settling(self, by: bytes, tenant: Tenant | None, rid: str,
-                        request: bytes) -> tuple[bytes, Replay | Reservation]:
+                        request: bytes, field: str = "quantity") -> tuple[bytes, Replay | Reservation]:
         """The settled-answer key of a Commit (``by`` b"C") or Release (b"R"), and the
         earlier answer if the reservation was settled the same way already, or else
         the open reservation. Answers are kept per tenant; a retry is answered even
@@ -184,7 +198,7 @@ class Reservations:
         if not rid or len(rid.encode()) > RESERVATION_ID_BYTES_MAX:
             raise NotFound(f"reservation {rid[:RESERVATION_ID_BYTES_MAX]!r} is unknown")
         key = entry_key(validate.label_of(tenant), "reservation", rid)
-        replay = await self.settled.answer(key, by, request, f"reservation {rid!r}")
+        replay = await self.settled.answer(key, by, request, f"reservation {rid!r}", field)
         if replay is not None:
             return key, replay
         self.journal.check_writable()
@@ -197,7 +211,8 @@ class Reservations:
                      request: bytes, parts: Sequence[tuple[str, Quantity]] = ()) -> Committed | Replay:
         """Settle a reservation: its one meter's ``quantity``, or ``parts`` ((meter, quantity)
         each, as CommitRequest.quantities) of the meters it holds (a meter left out used nothing)."""
-        key, res = await self._settling(b"C", tenant, reservation_id, request)
+        key, res = await self._settling(b"C", tenant, reservation_id, request,
+                                        "quantity" if quantity is not None else "quantities")
         if isinstance(res, Replay):
             return res
         if res.rate < 0:
@@ -214,7 +229,7 @@ class Reservations:
         core.set_clock(at)
         ops: list[Op] = []
         cost = overrun = 0
-        for k, ((meter, rate), (qty, minimum)) in enumerate(zip(res.parts(), billed, strict=True)):
+        for k, ((meter, rate), (qty, minimum, _)) in enumerate(zip(res.parts(), billed, strict=True)):
             reserved = res.amount_nano if k == 0 else 0  # the hold goes back once, with the first
             dims = validate.settle_set(core, idx, meter, res.dims, cust)
             part, overrun = core.settle(idx, rate, qty, reserved, dims, minimum)

@@ -56,19 +56,24 @@ class Reservation:
     dims: bytes | None = None
     # A reservation of several meters (AuthorizeRequest.quantities): the others, (meter, rate) each.
     more: tuple[tuple[int, int], ...] = ()
+    # Its meters' and credit type's names, as it was written: one not in the catalog of now (-1) keeps its name.
+    names: tuple[str, ...] = ()
+    credit_name: str = ""
 
     def parts(self) -> list[tuple[int, int]]:
         """Its meters and their rates, (meter, rate) each, its own first."""
         return [(self.meter, self.rate), *self.more]
 
     def to_json(self, catalog: Catalog) -> bytes:
+        names = [catalog.meters[m].name if m >= 0 else self.names[i] for i, (m, _) in enumerate(self.parts())]
         doc: dict[str, object] = {
-            "customer_id": self.customer_id, "credit_type": catalog.credit_types[self.credit_type].name,
-            "meter": catalog.meters[self.meter].name, "dim_value": self.dim_value,
+            "customer_id": self.customer_id,
+            "credit_type": catalog.credit_types[self.credit_type].name if self.credit_type >= 0 else self.credit_name,
+            "meter": names[0], "dim_value": self.dim_value,
             "amount_nano": self.amount_nano, "expires_at_ms": self.expires_at_ms, "tenant": self.tenant,
             "spared_nano": self.spared_nano, "dims": None if self.dims is None else self.dims.hex()}
         if self.more:
-            doc["more_meters"] = [catalog.meters[m].name for m, _ in self.more]
+            doc["more_meters"] = names[1:]
         return json.dumps(doc).encode()
 
 

@@ -5,7 +5,7 @@ field and what is wrong with it."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from meterd import _fastpath_py
 from meterd.config import Settings
@@ -109,6 +109,22 @@ def held_parts(settings: Settings, live: Live, parts: Sequence[tuple[str, Quanti
             raise InvalidInput(prefix + "meter", part_twice_message(name.encode()))
         out.append((meter, value, found, units))
     return out
+
+
+def canonical_request(msg: Any) -> bytes:
+    """A request in a canonical form, for idempotency digests: map entries sorted, and the
+    quantities of several meters too, so a retry whose client serialised them in another
+    order matches."""
+    quantities = getattr(msg, "event", msg).quantities if hasattr(msg, "event") else getattr(msg, "quantities", ())
+    if len(quantities) > 1:
+        copy = type(msg)()
+        copy.CopyFrom(msg)
+        held = copy.event.quantities if hasattr(msg, "event") else copy.quantities
+        ordered = sorted(held, key=lambda q: q.SerializeToString(deterministic=True))
+        del held[:]
+        held.extend(ordered)
+        msg = copy
+    return msg.SerializeToString(deterministic=True)  # type: ignore[no-any-return]
 
 
 def held_rate(live: Live, meter: int, ct: int, dims: bytes | None, value: str | None) -> int:

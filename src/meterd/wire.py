@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from meterd import validate
 from meterd.errors import InvalidInput
 from meterd.results import (
     Adjusted,
@@ -50,9 +51,8 @@ def parse(cls: Any, data: bytes) -> Any:
 
 
 def canonical(msg: Any) -> bytes:
-    """A request in a canonical form for idempotency digests: map entries
-    sorted, so a retry whose client serialised them in another order matches."""
-    return msg.SerializeToString(deterministic=True)
+    """A request in a canonical form for idempotency digests (see validate.canonical_request)."""
+    return validate.canonical_request(msg)
 
 
 def keyed(msg: Any) -> Keyed | None:
