@@ -136,7 +136,7 @@ def _memory_child(customers: int) -> dict:
         raise RuntimeError("the compiled core is not built: python setup.py build_ext --inplace")
     settings = Settings()
     limits = settings.core_limits()
-    denominators, meters, rates, plans, modes, free, names = load_catalog(None).compiled.core_args()
+    denominators, meters, rates, plans, modes, free, names, _ = load_catalog(None).compiled.core_args()
     batch_max = limits["batch_events_max"]
     gc.collect()
     rss_empty = _rss()

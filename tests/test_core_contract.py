@@ -109,7 +109,8 @@ def test_both_cores_have_the_api_with_its_names_and_defaults():
     assert _shape(_fastpath_py.Core.__init__) == ctor
     # The compiled constructor shows no signature: call both with every argument by its name.
     args = dict(denominators=[1], meters=[(b"calls", 0, 0, (), 0, b"", (), 1, 0, 0)], rates=[(0, (), 1, 1, ())],
-                limits=LIMITS, capacity=16, plans=[[(1, 0)]], modes=[b"slow"], free=[[0]], credit_names=[b"req"])
+                limits=LIMITS, capacity=16, plans=[[(1, 0)]], modes=[b"slow"], free=[[0]], credit_names=[b"req"],
+                conditions=[(b"size", 0, (10,), (b"small", b"large"))])
     assert list(args) == [name for name, _, _ in ctor[1:]]
     for make in CORES.values():
         assert make(**args).quote(0, 3) == (0, 3)

@@ -1194,3 +1194,125 @@ def test_a_reservation_whose_meter_is_gone_keeps_its_name_through_a_reload(make,
     assert (doc["meter"], doc["more_meters"]) == ("input_tokens", ["output_tokens"])
     assert b.release(a.reservation_id).released_nano == a.reserved_nano
     assert b.bal("acme", "usd") == NANO and b.balance("acme").balances[0].reserved_nano == 0
+
+
+# ---- per-request conditions --------------------------------------------------------------------
+
+def gemini(kind: str, tokens: int, long: bool) -> Fraction:
+    """Gemini 1.5 Flash (examples/gemini.toml), nano-USD: input $0.075 / $0.15, output $0.30 / $0.60 per 1M."""
+    price = {("input", False): "0.075", ("input", True): "0.15", ("output", False): "0.30", ("output", True): "0.60"}
+    return nano(price[(kind, long)], 10**6, Fraction(tokens))
+
+
+def test_a_prompt_above_128k_tokens_prices_the_whole_request_at_long_context_rates(make):
+    b = make("gemini")  # acme has $10.00
+    costs = []
+    for prompt, output in [(100_000, 2_000), (128_000, 1_000), (128_001, 1_000), (900_000, 8_000)]:
+        r = b.report_parts("acme", {"input_tokens": prompt, "output_tokens": output}, model="gemini-1.5-flash")
+        long = prompt > 128_000
+        assert r.decision == pb.DECISION_ALLOW
+        costs.append(gemini("input", prompt, long) + gemini("output", output, long))
+        assert r.cost_nano == int(sum(costs)) - int(sum(costs[:-1]))  # whole nanos, the rest carried
+    assert b.bal("acme", "usd") == 10 * NANO - int(sum(costs))  # sub-nano remainders carried, not lost
+    b.restart(clean=False)  # replayed with the same conditions
+    assert b.bal("acme", "usd") == 10 * NANO - int(sum(costs))
+    b.flush()
+    lines = statement_usage(b, "2026-01")  # the condition's value is on the statement's lines
+    assert lines["input_tokens (context=short, model=gemini-1.5-flash)"][0] == "228000"
+    assert lines["input_tokens (context=long, model=gemini-1.5-flash)"][0] == "1028001"
+    assert lines["output_tokens (context=long, model=gemini-1.5-flash)"][0] == "9000"
+    b.check_conservation("acme")
+
+
+def test_a_quantity_without_the_meter_its_condition_reads_and_a_request_that_sets_it_are_refused(make):
+    b = make("gemini")
+    with pytest.raises(InvalidInput, match="^event.dimensions: meter 'output_tokens' needs the 'context' "
+                                           "dimension"):
+        b.report("acme", "output_tokens", 1_000, model="gemini-1.5-flash")  # no prompt in the request
+    message = "'context' is set by meterd from the request's input_tokens: do not send it"
+    calls = [lambda: b.report_parts("acme", {"input_tokens": 1, "output_tokens": 1}, model="gemini-1.5-flash",
+                                    context="short"),
+             lambda: b.batch([pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=200_000,
+                                            dimensions={"model": "gemini-1.5-flash", "context": "short"})]),
+             lambda: b.authorize_parts("acme", {"input_tokens": 200_000}, model="gemini-1.5-flash", context="short")]
+    for call in calls:
+        with pytest.raises(InvalidInput) as e:
+            call()
+        assert e.value.field.endswith("dimensions") and message in str(e.value), str(e.value)
+    assert b.bal("acme", "usd") == 10 * NANO
+
+
+def test_authorize_holds_at_the_estimate_and_commit_prices_the_prompt_it_really_had(make):
+    b = make("gemini")
+    a = b.authorize_parts("acme", {"input_tokens": 100_000, "output_tokens": 8_192}, model="gemini-1.5-flash")
+    held = gemini("input", 100_000, False) + gemini("output", 8_192, False)
+    assert a.reserved_nano == -(-held.numerator // held.denominator)
+    b.restart(clean=False)
+    # the prompt turned out longer than the estimate: the request is a long-context one
+    c = b.commit_parts(a.reservation_id, {"input_tokens": 150_000, "output_tokens": 500})
+    cost = gemini("input", 150_000, True) + gemini("output", 500, True)
+    assert c.cost_nano == int(cost)
+    b.flush()
+    assert set(statement_usage(b, "2026-01")) == {"input_tokens (context=long, model=gemini-1.5-flash)",
+                                                  "output_tokens (context=long, model=gemini-1.5-flash)"}
+    a = b.authorize_parts("acme", {"input_tokens": 200_000, "output_tokens": 100}, model="gemini-1.5-flash")
+    c = b.commit_parts(a.reservation_id, {"input_tokens": 100_000, "output_tokens": 100})  # and shorter: short
+    second = gemini("input", 100_000, False) + gemini("output", 100, False)
+    assert c.cost_nano == int(cost + second) - int(cost)  # the first commit's sub-nano rest carried into it
+    b.check_conservation("acme")
+
+
+@pytest.mark.parametrize("condition, message", [
+    ({"quantity_of": "nope", "values": [{"up_to": "1", "value": "a"}, {"value": "b"}]},
+     "quantity_of: must name a sum"),
+    ({"quantity_of": "seats", "values": [{"up_to": "1", "value": "a"}, {"value": "b"}]},
+     "quantity_of: must name a sum"),
+    ({"quantity_of": "tokens", "values": [{"value": "b"}]}, "values: must be a list of 2 to 16"),
+    ({"quantity_of": "tokens", "values": [{"up_to": "5", "value": "a"}, {"up_to": "5", "value": "b"},
+                                           {"value": "c"}]}, "values[1].up_to: must be above the one before it"),
+    ({"quantity_of": "tokens", "values": [{"up_to": "5", "value": "a"}, {"up_to": "9", "value": "b"}]},
+     "values[1]: each value but the last has an up_to"),
+    ({"quantity_of": "tokens", "values": [{"up_to": "1.5", "value": "a"}, {"value": "b"}]},
+     "values[0].up_to: must be a quantity of tokens (at most 0 decimals)"),
+    ({"quantity_of": "tokens", "values": [{"up_to": "1", "value": "*"}, {"value": "b"}]},
+     "values[0].value: must be a dimension value"),
+])
+def test_a_condition_that_cannot_hold_is_refused_naming_the_key(condition, message):
+    doc = {"credit_types": {"usd": {"kind": "fiat"}},
+           "meters": {"tokens": {"credit_type": "usd", "price": "1", "per": 1000},
+                      "seats": {"credit_type": "usd", "price": "1", "aggregation": "max"}},
+           "conditions": {"size": condition}}
+    with pytest.raises(ConfigError) as e:
+        parse_catalog(doc, "c.toml")
+    assert str(e.value).startswith("c.toml: conditions.size.") and message in str(e.value), str(e.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300_000), st.integers(0, 5_000), st.booleans(), st.booleans()),
+                min_size=1, max_size=30))
+def test_both_cores_set_conditions_alike(events):
+    catalog = load_catalog(str(Path(__file__).parent.parent / "examples" / "gemini.toml"))
+    cores = [make(*catalog.compiled.core_args()[:3], dict(LIMITS), 16, None, None, None, None,
+                  list(catalog.compiled.conditions)) for make in CORES.values()]
+    batch = []
+    for prompt, output, together, cheat in events:
+        dims = {"model": "gemini-1.5-flash", **({"context": "short"} if cheat and prompt % 7 == 0 else {})}
+        if together:
+            batch.append(pb.UsageEvent(customer_id="acme", dimensions=dims, quantities=[
+                pb.Quantity(meter="input_tokens", quantity=prompt), pb.Quantity(meter="output_tokens",
+                                                                               quantity=output)]))
+        else:
+            batch.append(pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=prompt, dimensions=dims))
+    data = pb.ReportBatchRequest(events=batch, details=True).SerializeToString()
+    out = []
+    for core in cores:
+        core.credit(core.open_account(b"acme"), 0, 10**12)
+        try:
+            out.append((core.apply_batch(data), sorted(core.take_usage()), core.state_bytes(0)))
+        except InvalidInput as e:
+            out.append(str(e))
+    assert all(o == out[0] for o in out), out
+    if not isinstance(out[0], str):
+        for _, _, dims, _, _, _, _, _ in out[0][1]:
+            context = _fastpath_py.set_items(dims)[b"context"]
+            assert context in (b"short", b"long")

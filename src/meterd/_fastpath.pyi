@@ -5,14 +5,14 @@ built module (mypy's stubtest)."""
 
 from typing import Any, Iterable, Mapping
 
-from meterd.corespec import CreditState, MeterRow, RateRow, UsageAggregate
+from meterd.corespec import ConditionRow, CreditState, MeterRow, RateRow, UsageAggregate
 
 class Core:
     def __init__(self, denominators: list[int], meters: list[MeterRow],
                  rates: list[RateRow], limits: dict[str, int],
                  capacity: int = 1024, plans: list[list[tuple[int, int]]] | None = None,
                  modes: list[bytes] | None = None, free: list[list[int]] | None = None,
-                 credit_names: list[bytes] | None = None) -> None: ...
+                 credit_names: list[bytes] | None = None, conditions: list[ConditionRow] | None = None) -> None: ...
     def close(self) -> None: ...
     def __len__(self) -> int: ...
     def account(self, customer_id: bytes) -> int: ...

@@ -38,7 +38,7 @@ cdef class Core(_Decoder):
     """Accounts, rates and the batch decoder. See the module docstring."""
 
     def __init__(self, list denominators, list meters, list rates, dict limits, Py_ssize_t capacity=1024,
-                 list plans=None, list modes=None, list free=None, list credit_names=None):
+                 list plans=None, list modes=None, list free=None, list credit_names=None, list conditions=None):
         """Build the core for one catalog shape.
 
         ``meters``: (name, credit_type, precision, price_dimension, aggregation,
@@ -51,11 +51,12 @@ cdef class Core(_Decoder):
         plan 0 is "no plan" and always denies. ``modes``: fallback mode names,
         mode k being ``modes[k - 1]``. ``free``: per plan (from plan 1), per
         meter, the units of each period that are not charged. ``credit_names``:
-        the credit types' names, for detailed batch results.
+        the credit types' names, for detailed batch results. ``conditions``: the
+        dimensions the decoder sets from a request's quantities (corespec.ConditionRow).
         """
         self._init_accounts(denominators, meters, rates, limits, capacity, plans, modes, free, credit_names)
         self._init_aggregates(meters, rates, limits)
-        self._init_decoder(limits)
+        self._init_decoder(limits, conditions)
 
     # ---- ReportBatch -------------------------------------------------------
 
@@ -343,7 +344,8 @@ def _constants():
         "PRICE_DIMENSIONS_MAX": PRICE_DIMENSIONS_MAX, "TIER_GRADUATED": TIER_GRADUATED, "TIER_VOLUME": TIER_VOLUME,
         "EVENT_FIELDS": (F_NONE, F_CUSTOMER_ID, F_METER, F_QUANTITY, F_QUANTITY_DECIMAL, F_DIMENSIONS,
                          F_TIMESTAMP_MS, F_IDEMPOTENCY_KEY, F_QUANTITIES),
-        "QUANTITIES_MAX": QUANTITIES_MAX,
+        "QUANTITIES_MAX": QUANTITIES_MAX, "CONDITIONS_MAX": CONDITIONS_MAX,
+        "CONDITION_VALUES_MAX": CONDITION_VALUES_MAX,
     }
 
 

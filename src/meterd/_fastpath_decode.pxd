@@ -31,6 +31,7 @@ cdef enum:
     E_PART_TWICE = 23        # a meter twice among quantities
     E_PART_CREDIT = 24       # quantities in two credit types
     E_BATCH_FULL = 25        # the batch's events and quantities are more than batch_events_max
+    E_CONDITION = 26         # a request that gives a dimension a condition sets
 
 # UsageEvent's fields, by number (corespec.EVENT_FIELDS names them).
 cdef enum:
@@ -83,6 +84,17 @@ cdef struct Event:
     int32_t err_part        # the quantity an error is about, or -1
 
 
+# A condition of the catalog: the dimension meterd sets from a request's quantity of a meter.
+cdef struct Condition:
+    const char *key
+    int32_t key_len
+    int32_t meter
+    int32_t n                                # values
+    int64_t bound[CONDITION_VALUES_MAX]      # up to (inclusive) of each value but the last
+    const char *value[CONDITION_VALUES_MAX]
+    int32_t value_len[CONDITION_VALUES_MAX]
+
+
 # What the field loop of an event leaves for the checks after it.
 cdef struct Fields:
     const char *mname        # the meter's name
@@ -104,6 +116,11 @@ cdef class _Decoder(_Aggregates):
     cdef int dim_value_max
     cdef Event *scratch          # the events of the batch being decoded
     cdef Span *spans             # the dimension entries of the event being decoded, sorted by key
+    cdef Condition conds[CONDITIONS_MAX]
+    cdef int32_t n_cond
+    cdef list cond_names          # the bytes the conditions point into
+    cdef list cond_values
+    cdef list meter_names_of      # the meters' names, for the messages of conditions
     cdef Py_ssize_t part_start[QUANTITIES_MAX]  # its quantities' messages, in the caller's buffer
     cdef Py_ssize_t part_len[QUANTITIES_MAX]
     cdef char *cbuf              # canonical dimension sets of the events being decoded
@@ -114,7 +131,8 @@ cdef class _Decoder(_Aggregates):
     cdef const char *tenant_ptr
     cdef Py_ssize_t tenant_len   # -1: no restriction
 
-    cdef int _init_decoder(self, dict limits) except -1
+    cdef int _init_decoder(self, dict limits, list conditions) except -1
+    cdef int _init_conditions(self, list conditions) except -1
     cdef int _set_tenant(self, bytes tenant) except -1
     cdef int _cbuf_reserve(self, Py_ssize_t data_len) except -1
     # one UsageEvent

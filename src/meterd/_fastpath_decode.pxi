@@ -217,8 +217,8 @@ cdef class _Decoder(_Aggregates):
     def __dealloc__(self):
         free(self.scratch); free(self.spans); free(self.cbuf)
 
-    cdef int _init_decoder(self, dict limits) except -1:
-        """The request and dimension limits, and scratch room for a batch; see Core.__init__."""
+    cdef int _init_decoder(self, dict limits, list conditions) except -1:
+        """The request and dimension limits, the conditions, and scratch room for a batch; see Core.__init__."""
         self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
         self.dims_max = limits["dimensions_max"]
@@ -227,10 +227,45 @@ cdef class _Decoder(_Aggregates):
         if not (0 <= self.dims_max <= spec.DIMENSIONS_LIMIT and 1 <= self.dim_key_max <= spec.DIMENSION_KEY_BYTES_LIMIT
                 and 0 <= self.dim_value_max <= spec.DIMENSION_VALUE_BYTES_LIMIT):
             raise ValueError(spec.MSG_DIMS_LIMITS)
-        self.spans = <Span *>calloc(max(self.dims_max, 1), sizeof(Span))
+        self._init_conditions(conditions or [])
+        self.spans = <Span *>calloc(self.dims_max + CONDITIONS_MAX + 1, sizeof(Span))  # the request's, then ours
         self.scratch = <Event *>calloc(max(self.batch_max, QUANTITIES_MAX), sizeof(Event))
         if self.spans == NULL or self.scratch == NULL:
             raise MemoryError()
+        return 0
+
+    cdef int _init_conditions(self, list conditions) except -1:
+        """(dimension key, meter, bounds, values) each: see corespec.ConditionRow."""
+        cdef Condition *c
+        cdef Py_ssize_t i, k
+        cdef bytes name, value
+        if len(conditions) > CONDITIONS_MAX:
+            raise ValueError(spec.MSG_CONDITIONS)
+        self.cond_names = []
+        self.cond_values = []
+        self.meter_names_of = [PyBytes_FromStringAndSize(self.meters[i].name, self.meters[i].name_len)
+                               for i in range(self.n_meters)]
+        for i, (key, meter, bounds, values) in enumerate(conditions):
+            if not (0 < len(key) <= spec.DIMENSION_KEY_BYTES_LIMIT and 0 <= meter < self.n_meters
+                    and 2 <= len(values) <= CONDITION_VALUES_MAX and len(bounds) == len(values) - 1
+                    and all(bounds[k] < bounds[k + 1] for k in range(len(bounds) - 1))
+                    and all(0 < len(v) <= spec.DIMENSION_VALUE_BYTES_LIMIT for v in values)):
+                raise ValueError(spec.MSG_CONDITIONS)
+            c = &self.conds[i]
+            name = bytes(key)
+            self.cond_names.append(name)
+            c.key = PyBytes_AS_STRING(name)
+            c.key_len = <int32_t>len(name)
+            c.meter = <int32_t>meter
+            c.n = <int32_t>len(values)
+            for k in range(len(bounds)):
+                c.bound[k] = bounds[k]
+            for k in range(len(values)):
+                value = bytes(values[k])
+                self.cond_values.append(value)  # kept: c.value points into it
+                c.value[k] = PyBytes_AS_STRING(value)
+                c.value_len[k] = <int32_t>len(value)
+        self.n_cond = <int32_t>len(conditions)
         return 0
 
     cdef int _set_tenant(self, bytes tenant) except -1:
@@ -286,7 +321,7 @@ cdef class _Decoder(_Aggregates):
         if rc == E_OK and f.nparts > 0:
             rc = _event_parts(self, buf, ev, &f, room)
         elif rc == E_OK:
-            rc = _event_one(self, ev, &f, <char>0)
+            rc = _event_one(self, ev, &f)
         if rc:
             ev.err = rc
             return rc
@@ -317,6 +352,9 @@ cdef class _Decoder(_Aggregates):
             m = &self.meters[ev.meter]
             return InvalidInput(field, spec.precision_message(PyBytes_FromStringAndSize(m.name, m.name_len),
                                                               m.precision))
+        if ev.err == E_CONDITION:
+            return InvalidInput(field, spec.condition_message(
+                self.cond_names[ev.detail_dim], self.meter_names_of[self.conds[ev.detail_dim].meter]))
         if ev.err == E_PART_TWICE:
             m = &self.meters[ev.meter]
             return InvalidInput(field, spec.part_twice_message(PyBytes_FromStringAndSize(m.name, m.name_len)))
@@ -530,43 +568,46 @@ cdef void _parts_set(Event *ev) noexcept nogil:
         ev[k].chash = ev.chash
 
 
-# _event_one and the helpers it calls come in two copies, one for an event's own
-# quantity (``Copy`` char, called by _decode_event) and one for each quantity of
-# an event of several (short, called by _event_parts): with one caller each, gcc
-# inlines the first into _decode_event (called from both places, it inlined neither,
-# and the hot path took about 50 more instructions an event, callgrind).
+# The helpers of _event_one come in two copies, one for an event's own quantity
+# (``Copy`` char, called by _event_one) and one for each quantity of an event of
+# several (short, called by _event_parts): with one caller each, gcc inlines the
+# first into _decode_event (called from both places, it inlined neither, and the
+# hot path took about 50 more instructions an event, callgrind).
 ctypedef fused Copy:
     char
     short
 
 
-cdef inline int _event_one(_Decoder self, Event *ev, Fields *f, Copy copy) noexcept nogil:
-    """The meter, quantity, rate and window of an event of one meter (or of one quantity)."""
-    cdef int rc = _event_meter(self, ev, f, copy)
+cdef inline int _event_one(_Decoder self, Event *ev, Fields *f) noexcept nogil:
+    """The meter, quantity, conditions, rate and window of an event of one meter."""
+    cdef int rc = _event_meter(self, ev, f, <char>0)
     if rc == E_OK:
-        rc = _event_quantity(self, ev, f, copy)
+        rc = _event_quantity(self, ev, f, <char>0)
+    if rc == E_OK and self.n_cond:
+        rc = _derive(self, ev, 1, f)
     if rc == E_OK:
-        rc = _event_rate(self, ev, f, copy)
+        rc = _event_rate(self, ev, f, <char>0)
     if rc == E_OK:
-        rc = _event_time(self, ev, f, copy)
+        rc = _event_time(self, ev, f, <char>0)
     return rc
 
 
 cdef int _event_parts(_Decoder self, const char *buf, Event *ev, Fields *f, Py_ssize_t room) noexcept nogil:
     """An event of several quantities: each in an entry of its own from ``ev`` on,
-    rated as an event of its meter with the event's customer, dimensions and time.
-    Its meters are summed or counted, each once, and in one credit type. On an
-    error, ``ev`` is the quantity it is about (err_part)."""
+    rated as an event of its meter with the event's customer, dimensions (its
+    conditions' among them, from all its quantities) and time. Its meters are
+    summed or counted, each once, and in one credit type. On an error, ``ev`` is
+    the quantity it is about (err_part)."""
     cdef Fields pf
     cdef Event *p
-    cdef int32_t k, j
-    cdef int rc
+    cdef int32_t k
+    cdef int rc = E_OK
     if f.mname != NULL or f.qkind != 0:
         ev.err_field = F_METER if f.mname != NULL else (F_QUANTITY if f.qkind == 1 else F_QUANTITY_DECIMAL)
         return E_BOTH
     if f.nparts > room:
         return E_BATCH_FULL
-    for k in range(f.nparts):
+    for k in range(f.nparts):  # each quantity's meter and quantity
         p = &ev[k]
         if k > 0:
             p[0] = ev[0]
@@ -574,27 +615,92 @@ cdef int _event_parts(_Decoder self, const char *buf, Event *ev, Fields *f, Py_s
         pf = f[0]
         rc = _part_fields(buf, self.part_start[k], self.part_start[k] + self.part_len[k], p, &pf)
         if rc == E_OK:
-            rc = _event_one(self, p, &pf, <short>0)
-        if rc == E_OK and self.meters[p.meter].agg > AGG_COUNT:
-            p.err_field = F_METER
-            rc = E_PART_GAUGE
-        if rc == E_OK and k > 0 and self.rates[p.rate].ct != self.rates[ev.rate].ct:
-            p.err_field = F_METER
-            p.detail_dim = self.rates[ev.rate].ct
-            rc = E_PART_CREDIT
-        j = 0
-        while rc == E_OK and j < k:
-            if ev[j].meter == p.meter:
-                p.err_field = F_METER
-                rc = E_PART_TWICE
-            j += 1
+            rc = _event_meter(self, p, &pf, <short>0)
+        if rc == E_OK:
+            rc = _event_quantity(self, p, &pf, <short>0)
         if rc:
-            if k > 0:
-                ev[0] = p[0]
-            ev.err_part = k
+            return _part_error(ev, k, rc)
+    if self.n_cond:
+        rc = _derive(self, ev, f.nparts, f)
+        if rc:
             return rc
+    for k in range(f.nparts):  # then their rates
+        p = &ev[k]
+        rc = _event_rate(self, p, f, <short>0)
+        if rc == E_OK:
+            rc = _event_time(self, p, f, <short>0)
+        if rc == E_OK:
+            rc = _part_check(self, ev, k)
+        if rc:
+            return _part_error(ev, k, rc)
     ev.nparts = f.nparts
     return E_OK
+
+
+cdef inline int _part_error(Event *ev, int32_t k, int rc) noexcept nogil:
+    """An error about quantity ``k`` of an event: the head tells it."""
+    if k > 0:
+        ev[0] = ev[k]
+    ev.err_part = k
+    return rc
+
+
+cdef int _part_check(_Decoder self, Event *ev, int32_t k) noexcept nogil:
+    """Quantity ``k`` of an event, rated: a summed or counted meter, in the credit type of
+    the first, and not one of those before it."""
+    cdef Event *p = &ev[k]
+    cdef int32_t j
+    p.err_field = F_METER
+    if self.meters[p.meter].agg > AGG_COUNT:
+        return E_PART_GAUGE
+    if k > 0 and self.rates[p.rate].ct != self.rates[ev.rate].ct:
+        p.detail_dim = self.rates[ev.rate].ct
+        return E_PART_CREDIT
+    for j in range(k):
+        if ev[j].meter == p.meter:
+            return E_PART_TWICE
+    p.err_field = F_NONE
+    return E_OK
+
+
+cdef int _derive(_Decoder self, Event *ev, int32_t n, Fields *f) noexcept nogil:
+    """The dimensions the catalog's conditions set, from the event's quantities (``n``
+    entries from ``ev``, their meters and quantities decoded), among its spans; a
+    condition whose meter the event has not is left unset. The request may not set one."""
+    cdef int32_t c, j, v
+    cdef Condition *cond
+    cdef const char *given
+    cdef Py_ssize_t given_len
+    for c in range(self.n_cond):
+        cond = &self.conds[c]
+        given = NULL
+        _span_value(self, f.nspans, cond.key, cond.key_len, &given, &given_len)
+        if given != NULL:
+            ev.err_field = F_DIMENSIONS
+            ev.detail_dim = c
+            return E_CONDITION
+        for j in range(n):
+            if ev[j].meter == cond.meter:
+                v = 0
+                while v < cond.n - 1 and ev[j].quantity > cond.bound[v]:
+                    v += 1
+                _span_put(self, cond.key, cond.key_len, cond.value[v], cond.value_len[v], &f.nspans)
+                break
+    return E_OK
+
+
+cdef void _span_put(_Decoder self, const char *key, Py_ssize_t kn, const char *value, Py_ssize_t vn,
+                    int *nspans) noexcept nogil:
+    """A condition's entry among the spans, in key order (there is room: see _init_decoder)."""
+    cdef int i = nspans[0]
+    while i > 0 and _keycmp(key, kn, self.spans[i - 1].key, self.spans[i - 1].key_len) < 0:
+        self.spans[i] = self.spans[i - 1]
+        i -= 1
+    self.spans[i].key = key
+    self.spans[i].key_len = <int32_t>kn
+    self.spans[i].value = value
+    self.spans[i].value_len = <int32_t>vn
+    nspans[0] += 1
 
 
 cdef inline int _part_fields(const char *buf, Py_ssize_t pos, Py_ssize_t end, Event *ev, Fields *f) noexcept nogil:
@@ -704,7 +810,7 @@ cdef inline int _event_rate(_Decoder self, Event *ev, Fields *f, Copy copy) noex
     cdef const char *value[PRICE_DIMENSIONS_MAX]
     cdef int32_t value_len[PRICE_DIMENSIONS_MAX]
     cdef int32_t k
-    cdef int64_t qty = f.qty
+    cdef int64_t qty = ev.quantity
     if m.n_dims > 0:
         for k in range(m.n_dims):
             dim_value = NULL

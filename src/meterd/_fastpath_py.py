@@ -21,6 +21,8 @@ from meterd.corespec import (
     AGG_SUM,
     AGG_UNIQUE,
     ALERTS_MAX,
+    CONDITION_VALUES_MAX,
+    CONDITIONS_MAX,
     DECISION_ALLOW,
     DECISION_DEGRADE,
     DECISION_DENY,
@@ -31,6 +33,7 @@ from meterd.corespec import (
     REASON_NONE,
     REASON_OVERFLOW,
     REASON_UNKNOWN_CUSTOMER,
+    ConditionRow,
     CreditState,
     MeterRow,
     RateRow,
@@ -47,6 +50,13 @@ I128_MAX = (1 << 127) - 1
 U64 = (1 << 64) - 1
 # How _debit treats the balance (as _fastpath_accounts.pxd).
 DEBIT_CHECK, DEBIT_FORCE, DEBIT_DEGRADE = 0, 1, 2
+
+
+def _part_error(k: int, e: _DecodeError) -> _DecodeError:
+    """An error about quantity ``k`` of an event, unless about the event's dimensions or time."""
+    if e.field in ("dimensions", "timestamp_ms"):
+        return e
+    return _DecodeError(("quantities[%d]." % k + e.field).rstrip("."), e.message)
 
 
 class _BatchFull(Exception):
@@ -993,7 +1003,7 @@ class _Decoder(_Aggregates):
     """The wire decoder: UsageEvent, ReportBatchRequest and ReportRequest into
     rated events; see ``_fastpath_decode.pxi``."""
 
-    def _init_decoder(self, limits: dict[str, int]) -> None:
+    def _init_decoder(self, limits: dict[str, int], conditions: list[ConditionRow] | None = None) -> None:
         self.client_id_max = limits["client_id_bytes_max"]
         self.batch_max = limits["batch_events_max"]
         self.dims_max = limits["dimensions_max"]
@@ -1003,6 +1013,15 @@ class _Decoder(_Aggregates):
                 and 0 <= self.dim_value_max <= spec.DIMENSION_VALUE_BYTES_LIMIT):
             raise ValueError(spec.MSG_DIMS_LIMITS)
         self.tenant: bytes | None = None  # while a call runs for a data-plane token: its customer id prefix
+        self.conditions = [(bytes(key), meter, tuple(bounds), tuple(bytes(v) for v in values))
+                           for key, meter, bounds, values in conditions or []]
+        if len(self.conditions) > CONDITIONS_MAX or not all(
+                0 < len(key) <= spec.DIMENSION_KEY_BYTES_LIMIT and 0 <= meter < len(self.meters)
+                and 2 <= len(values) <= CONDITION_VALUES_MAX and len(bounds) == len(values) - 1
+                and all(a < b for a, b in zip(bounds, bounds[1:], strict=False))
+                and all(0 < len(v) <= spec.DIMENSION_VALUE_BYTES_LIMIT for v in values)
+                for key, meter, bounds, values in self.conditions):
+            raise ValueError(spec.MSG_CONDITIONS)
 
     def _tenant_call(self, tenant: bytes | None, fn: Any, *args: Any) -> Any:
         self.tenant = tenant
@@ -1051,25 +1070,35 @@ class _Decoder(_Aggregates):
     def _decode_event(self, buf: bytes, pos: int, end: int, room: int) -> list[tuple]:
         """Decode and rate one UsageEvent: per quantity (one, or its quantities, at
         most ``room``), (customer, meter, rate, quantity, fine, canonical dimension
-        set, distinct value, window)."""
+        set, distinct value, window). Every quantity's meter and quantity come first,
+        then the dimensions the conditions set from them, then the rates (as
+        _event_one and _event_parts in _fastpath_decode.pxi)."""
         cust, mname, qkind, qty, dec, dims, ts, parts = self._event_fields(buf, pos, end)
         self._event_customer(cust)
         if not parts:
-            return [self._event_one(cust, mname or b"", qkind, qty, dec, dims, ts)]
+            meter, units = self._event_units(mname or b"", qkind, qty, dec)
+            self._derive(dims, [(meter, units)])
+            return [self._event_rated(cust, meter, units, dims, ts)]
         if mname is not None or qkind:
             raise _DecodeError("meter" if mname is not None else spec.EVENT_FIELDS[2 + qkind],
                                spec.MSG_BOTH_QUANTITIES)
         if len(parts) > room:
             raise _BatchFull()
-        out: list[tuple] = []
+        units_of = []
         for k, (s, n) in enumerate(parts):
-            prefix = "quantities[%d]." % k
             try:
-                part = self._event_one(cust, *self._part_fields(buf, s, s + n), dims, ts)
-            except _DecodeError as e:  # about this quantity, unless about the event's dimensions or time
-                raise _DecodeError(e.field if e.field in ("dimensions", "timestamp_ms")
-                                   else (prefix + e.field).rstrip("."), e.message) from None
-            meter, rate = part[1], part[2]
+                units_of.append(self._event_units(*self._part_fields(buf, s, s + n)))
+            except _DecodeError as e:
+                raise _part_error(k, e) from None
+        self._derive(dims, units_of)
+        out: list[tuple] = []
+        for k, (meter, units) in enumerate(units_of):
+            try:
+                part = self._event_rated(cust, meter, units, dims, ts)
+            except _DecodeError as e:
+                raise _part_error(k, e) from None
+            prefix = "quantities[%d]." % k
+            rate = part[2]
             name = self.meters[meter][0]
             if self.aggs[meter] > AGG_COUNT:
                 raise _DecodeError(prefix + "meter", spec.MSG_PART_GAUGE)
@@ -1082,13 +1111,26 @@ class _Decoder(_Aggregates):
             out.append(part)
         return out
 
-    def _event_one(self, cust: bytes, mname: bytes, qkind: int, qty: int, dec: bytes, dims: dict[bytes, bytes],
-                   ts: int) -> tuple:
-        """The meter, quantity, rate and window of an event of one meter."""
+    def _event_units(self, mname: bytes, qkind: int, qty: int, dec: bytes) -> tuple[int, int]:
+        """The meter and the quantity (in its smallest units) of an event or of one of its quantities."""
         meter = self.meter_index.get(mname)
         if meter is None:
             raise _DecodeError("meter", spec.unknown_meter_message(mname))
-        qty = self._event_quantity(meter, qkind, qty, dec)
+        return meter, self._event_quantity(meter, qkind, qty, dec)
+
+    def _derive(self, dims: dict[bytes, bytes], units_of: list[tuple[int, int]]) -> None:
+        """The dimensions the catalog's conditions set from the event's quantities, among its
+        dimensions; one whose meter the event has not is left unset. The request may not set one."""
+        for key, meter, bounds, values in self.conditions:
+            if key in dims:
+                raise _DecodeError("dimensions", spec.condition_message(key, self.meters[meter][0]))
+            for m, units in units_of:
+                if m == meter:
+                    dims[key] = values[spec.condition_value(bounds, units)]
+                    break
+
+    def _event_rated(self, cust: bytes, meter: int, qty: int, dims: dict[bytes, bytes], ts: int) -> tuple:
+        """The rate and window of an event of one meter (or of one of its quantities)."""
         rate, qty, fine, found = self._event_rate(meter, qty, dims)
         return cust, meter, rate, qty, fine, canonical_set(dims), found, self._event_window(meter, ts)
 
@@ -1357,11 +1399,12 @@ class Core(_Decoder):
     def __init__(self, denominators: list[int], meters: list[MeterRow],
                  rates: list[RateRow], limits: dict[str, int], capacity: int = 1024,
                  plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
-                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> None:
+                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None,
+                 conditions: list[ConditionRow] | None = None) -> None:
         # As the compiled core: the tables, accounts and rating, then aggregates, then the decoder.
         self._init_accounts(denominators, meters, rates, limits, plans, modes, free, credit_names)
         self._init_aggregates(meters, rates, limits)
-        self._init_decoder(limits)
+        self._init_decoder(limits, conditions)
 
     def apply_batch(self, data: bytes, tenant: bytes | None = None) -> tuple[int, int, int, bytes]:
         return self._tenant_call(tenant, self._apply_batch, data)  # type: ignore[no-any-return]

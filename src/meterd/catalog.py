@@ -22,10 +22,13 @@ from typing import Any
 from meterd.config import _FIELDS as SETTINGS_FIELDS
 from meterd.config import CATALOG_TABLES, read_toml
 from meterd.corespec import (
+    CONDITION_VALUES_MAX,
+    CONDITIONS_MAX,
     DENOMINATOR_MAX,
     NAME_BYTES_MAX,
     PRICE_DIMENSIONS_MAX,
     TIERS_PER_PRICE_MAX,
+    ConditionRow,
     MeterRow,
     RateRow,
     rate_mask,
@@ -86,6 +89,19 @@ class Meter:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A dimension meterd sets itself, from a request's quantity of a meter (``conditions.<name>``):
+    a long-context price, say, for prompts above 128k tokens."""
+    name: str
+    meter: int                 # the summed meter whose quantity in the request decides
+    bounds: tuple[int, ...]    # up to (inclusive, in the meter's smallest units) of each value but the last
+    values: tuple[str, ...]    # one more than the bounds
+
+    def row(self) -> ConditionRow:
+        return self.name.encode(), self.meter, self.bounds, tuple(v.encode() for v in self.values)
+
+
+@dataclass(frozen=True)
 class CustomerSeed:
     customer_id: str
     balances_nano: dict[int, int]
@@ -110,11 +126,13 @@ class CompiledCatalog:
     meter_names: tuple[str, ...]
     precisions: tuple[int, ...]
     plan_names: tuple[str, ...]
+    conditions: tuple[ConditionRow, ...] = ()
 
-    def core_args(self) -> tuple[list, list, list, list, list, list, list]:
+    def core_args(self) -> tuple[list, list, list, list, list, list, list, list]:
         """The core's constructor arguments (after the limits and capacity)."""
         return (list(self.denominators), list(self.meters), list(self.rates), [list(row) for row in self.plans],
-                list(self.modes), [list(row) for row in self.free], [n.encode() for n in self.credit_types])
+                list(self.modes), [list(row) for row in self.free], [n.encode() for n in self.credit_types],
+                list(self.conditions))
 
     @functools.cached_property
     def json(self) -> bytes:
@@ -128,7 +146,9 @@ class CompiledCatalog:
             "plans": [[list(c) for c in row] for row in self.plans], "modes": [m.decode() for m in self.modes],
             "plan_names": list(self.plan_names), "free": [list(row) for row in self.free],
             "credit_types": list(self.credit_types), "meter_names": list(self.meter_names),
-            "precisions": list(self.precisions)}).encode()
+            "precisions": list(self.precisions),
+            "conditions": [[c[0].decode(), c[1], list(c[2]), [v.decode() for v in c[3]]] for c in self.conditions]}
+            ).encode()
 
     def check(self) -> None:
         """The tables agree with each other (before a snapshot stores them, and after one is read back)."""
@@ -172,7 +192,9 @@ class CompiledCatalog:
                    tuple(tuple(tuple(c) for c in row) for row in doc["plans"]),
                    tuple(m.encode() for m in doc["modes"]), tuple(tuple(row) for row in doc["free"]),
                    tuple(doc["credit_types"]), tuple(doc["meter_names"]), tuple(doc["precisions"]),
-                   tuple(doc["plan_names"]))
+                   tuple(doc["plan_names"]),
+                   tuple((c[0].encode(), c[1], tuple(c[2]), tuple(v.encode() for v in c[3]))
+                         for c in doc.get("conditions", [])))
 
 
 def _listed(dims: str | list[str]) -> list[str]:
@@ -191,6 +213,7 @@ class Catalog:
     meter_index: dict[str, int] = field(default_factory=dict)
     plan_index: dict[str, Plan] = field(default_factory=dict)
     customer_index: dict[str, CustomerSeed] = field(default_factory=dict)
+    conditions: list[Condition] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.customer_index = {c.customer_id: c for c in self.customers}
@@ -207,7 +230,8 @@ class Catalog:
                                tuple(tuple(row) for row in plans), tuple(modes),
                                tuple(tuple(row) for row in self.core_free()),
                                tuple(c.name for c in self.credit_types), tuple(m.name for m in self.meters),
-                               tuple(m.precision for m in self.meters), tuple(p.name for p in self.plans))
+                               tuple(m.precision for m in self.meters), tuple(p.name for p in self.plans),
+                               tuple(c.row() for c in self.conditions))
 
     def core_free(self) -> list[list[int]]:
         """Free units a period per plan and meter, in each meter's smallest unit."""
@@ -291,6 +315,12 @@ class Catalog:
                 cells = ", ".join(f"{d}={WILDCARD if v is None else v}"
                                   for d, v in zip(m.price_dimensions, k, strict=True))
                 lines.append(f"    {cells}: {_price_text(m, k, price)}")
+        for cond in self.conditions:
+            m = self.meters[cond.meter]
+            bands = ", ".join(f"{v} up to {_units(b, m.precision)}"
+                              for v, b in zip(cond.values, cond.bounds, strict=False))
+            lines.append(f"  condition {cond.name}: set from the request's {m.name}: {bands}, "
+                         f"else {cond.values[-1]}")
         for plan in self.plans:
             fees = ", ".join(f"{format_nano(v)} {self.credit_types[ct].name}"
                              for ct, v in plan.fees_nano.items()) or "none"
@@ -656,6 +686,56 @@ def _price_rows(table: dict, dims: tuple[str, ...], source: str, where: str,
     return rows
 
 
+def _conditions(doc: dict, catalog: Catalog, source: str) -> list[Condition]:
+    """``[conditions.<dimension>]``: quantity_of = a summed meter, values = [{ up_to = "128000",
+    value = "short" }, ..., { value = "long" }], the bounds growing, the last without one."""
+    out = []
+    table = _table(doc, "conditions", source)
+    if len(table) > CONDITIONS_MAX:
+        raise _err(source, "conditions", f"at most {CONDITIONS_MAX} conditions")
+    uniques = {m.unique_dimension for m in catalog.meters}
+    for name, spec in table.items():
+        where = f"conditions.{name}"
+        if not re.fullmatch(r"[!-~]{1,64}", name):
+            raise _err(source, where, "the dimension a condition sets is a key of 1 to 64 printable characters")
+        if not isinstance(spec, dict):
+            raise _err(source, where, "must be a table")
+        _check_keys(spec, {"quantity_of", "values"}, source, where)
+        if name in uniques:
+            raise _err(source, where, "is the dimension a unique_count meter counts the values of")
+        meter = catalog.meter_index.get(spec.get("quantity_of"))  # type: ignore[arg-type]
+        if meter is None or catalog.meters[meter].aggregation != 0:
+            raise _err(source, f"{where}.quantity_of", "must name a sum meter: the request's quantity of it decides")
+        m = catalog.meters[meter]
+        rows = spec.get("values")
+        if not isinstance(rows, list) or not 2 <= len(rows) <= CONDITION_VALUES_MAX:
+            raise _err(source, f"{where}.values", f"must be a list of 2 to {CONDITION_VALUES_MAX} values, "
+                       "[{ up_to = \"128000\", value = \"short\" }, { value = \"long\" }]")
+        bounds: list[int] = []
+        values: list[str] = []
+        for i, row in enumerate(rows):
+            at = f"{where}.values[{i}]"
+            last = i == len(rows) - 1
+            if not isinstance(row, dict) or set(row) - {"up_to", "value"} or ("up_to" in row) == last:
+                raise _err(source, at, "each value but the last has an up_to, the last has none: "
+                           "{ up_to = \"128000\", value = \"short\" }, then { value = \"long\" }")
+            value = row.get("value")
+            if not isinstance(value, str) or value == WILDCARD or not DIM_VALUE_RE.match(value):
+                raise _err(source, f"{at}.value", "must be a dimension value of 1 to 128 printable characters "
+                           "(not *)")
+            values.append(value)
+            if not last:
+                units = parse_amount(row["up_to"], source, f"{at}.up_to") * 10**m.precision
+                if units.denominator != 1 or units > INT64_MAX:
+                    raise _err(source, f"{at}.up_to", f"must be a quantity of {m.name} (at most {m.precision} "
+                               "decimals)")
+                if bounds and units <= bounds[-1]:
+                    raise _err(source, f"{at}.up_to", "must be above the one before it")
+                bounds.append(int(units))
+        out.append(Condition(name, meter, tuple(bounds), tuple(values)))
+    return out
+
+
 def _customers(doc: dict, credit_index: dict[str, int], plan_names: set[str], source: str) -> list[CustomerSeed]:
     out = []
     for cid, spec in _table(doc, "customers", source).items():
@@ -711,7 +791,7 @@ def _check_custom_decimals(catalog: Catalog) -> None:
 
 
 def parse_catalog(doc: dict, source: str) -> Catalog:
-    _check_keys(doc, {"credit_types", "meters", "customers", "plans"}, source, "catalog")
+    _check_keys(doc, {"credit_types", "meters", "customers", "plans", "conditions"}, source, "catalog")
     credit_types = _credit_types(doc, source)
     credit_index = {c.name: i for i, c in enumerate(credit_types)}
     meters = [_meter(n, s, credit_index, source) for n, s in _table(doc, "meters", source).items()]
@@ -725,6 +805,7 @@ def parse_catalog(doc: dict, source: str) -> Catalog:
     plans = parse_plans(doc, credit_index, modes, source, amount, _check_keys)
     customers = _customers(doc, credit_index, {p.name for p in plans}, source)
     catalog = Catalog(credit_types, meters, customers, source, plans, modes)
+    catalog.conditions = _conditions(doc, catalog, source)
     _check_custom_decimals(catalog)
     for plan in plans:
         for meter_name, units in plan.free_units.items():

@@ -13,10 +13,11 @@ and duration sessions; a thread-based ``MeterClient`` and an asyncio
             while not s.should_stop: step()                             # heartbeats in the background
 
 The batcher sends ``ReportBatch`` calls of at most ``batch_max`` events (each
-quantity of an event of several counting as one) and ``batch_bytes_max`` bytes, or whatever arrived within ``linger_s``, each with
-this client's ``client_id`` and the next sequence number (sequences start
-from the clock, so a process that keeps its ``client_id`` across restarts
-still moves forward). A batch is resent with the same sequence until
+quantity of an event of several counting as one) and ``batch_bytes_max``
+bytes, or whatever arrived within ``linger_s``, each with this client's
+``client_id`` and the next sequence number (sequences start from the clock,
+so a process that keeps its ``client_id`` across restarts still moves
+forward). A batch is resent with the same sequence until
 it is acknowledged, so a retry after a timeout or a daemon restart is never
 counted twice. An event the daemon rejects (the error names its index) is
 handed to ``on_error`` and the rest of its batch is resent. The queue is

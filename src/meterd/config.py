@@ -169,7 +169,7 @@ class Settings:
 
 _FIELDS = {f.name: f for f in fields(Settings)}
 # A settings file may also hold the catalog (meterd serve --config examples/openai.toml).
-CATALOG_TABLES = ("credit_types", "meters", "plans", "customers")
+CATALOG_TABLES = ("credit_types", "meters", "plans", "customers", "conditions")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:

@@ -24,6 +24,7 @@ from meterd.corespec import (
     REASON_NONE,
     REASON_OVERFLOW,
     REASON_UNKNOWN_CUSTOMER,
+    ConditionRow,
     CreditState,
     MeterRow,
     RateRow,
@@ -88,7 +89,8 @@ class CoreClass(Protocol):
     def __call__(self, denominators: list[int], meters: list[MeterRow],
                  rates: list[RateRow], limits: dict[str, int], capacity: int = 1024,
                  plans: list[list[tuple[int, int]]] | None = None, modes: list[bytes] | None = None,
-                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None) -> CoreAPI: ...
+                 free: list[list[int]] | None = None, credit_names: list[bytes] | None = None,
+                 conditions: list[ConditionRow] | None = None) -> CoreAPI: ...
 
 
 Core: CoreClass

@@ -58,6 +58,9 @@ PRICE_DIMENSIONS_MAX = 4
 TIERS_PER_PRICE_MAX = 16
 # Meters of one event (UsageEvent.quantities) and of one reservation.
 QUANTITIES_MAX = 8
+# Conditions of a catalog (dimensions the cores set from a request's quantities), and values of one.
+CONDITIONS_MAX = 4
+CONDITION_VALUES_MAX = 16
 # A meter's minimum charge per event (catalog amounts are at most this).
 MINIMUM_NANO_MAX = 1 << 62
 # Plans, "no plan" included: an account's plan is 16 bits.
@@ -155,6 +158,8 @@ MSG_RATE_RANGE = "rate %d out of range"  # rate
 MSG_METER_DIMS = "meter %d: at most %d distinct price dimensions"  # meter, PRICE_DIMENSIONS_MAX
 MSG_RATE_KEY = "rate %d: one value (or None, any value) per price dimension of its meter"  # rate
 MSG_RATES_GROUPED = "rates must be grouped by meter"
+MSG_CONDITIONS = ("at most %d conditions, each a dimension key, a summed meter and 2 to %d values with a bound "
+                  "for each but the last, growing" % (CONDITIONS_MAX, CONDITION_VALUES_MAX))
 
 
 def _quote(b: bytes) -> str:
@@ -208,6 +213,21 @@ def event_time_message(timestamp_ms: int, now_ms: int, late_ms: int) -> str:
 def no_unique_message(key: bytes) -> str:
     """A unique_count meter's event without the dimension whose values it counts."""
     return "a unique_count meter needs the %r dimension" % key.decode()
+
+
+def condition_message(key: bytes, meter: bytes) -> str:
+    """A request that gives a dimension the cores set themselves."""
+    return ("%r is set by meterd from the request's %s: do not send it" % (key.decode("utf-8", "replace"),
+                                                                         meter.decode("utf-8", "replace")))
+
+
+def condition_value(bounds: tuple[int, ...] | list[int], quantity: int) -> int:
+    """The index of a condition's value for a request's quantity: the first whose bound (up to,
+    inclusive) it does not pass, else the last."""
+    for i, bound in enumerate(bounds):
+        if quantity <= bound:
+            return i
+    return len(bounds)
 
 
 def part_twice_message(meter: bytes) -> str:
@@ -266,6 +286,9 @@ MeterRow = tuple[bytes, int, int, tuple[bytes, ...], int, bytes, tuple[bytes | N
 # dearest tier, when it has tiers), and its tiers: (up to, in smallest units (INT64_MAX: the
 # rest), amount_nano, factor), none for a rate with one price.
 RateRow = tuple[int, tuple[bytes | None, ...], int, int, tuple[tuple[int, int, int], ...]]
+# A condition: the dimension it sets, the meter whose quantity in a request decides, the bound
+# (up to, inclusive, in the meter's smallest units) of each value but the last, and the values.
+ConditionRow = tuple[bytes, int, tuple[int, ...], tuple[bytes, ...]]
 TIER_GRADUATED = 0  # each unit at the tier its place in the period's usage falls in
 TIER_VOLUME = 1     # every unit of the period's value at the tier the value falls in
 

@@ -42,9 +42,10 @@ CORE_CAPACITY_MIN = 1024  # accounts the core's table has room for before it is 
 
 def new_core(settings: Settings, compiled: CompiledCatalog, accounts: int = 0) -> Any:
     """A core for a catalog, with room for ``accounts`` and some to grow."""
-    denominators, meters, rates, plans, modes, free, names = compiled.core_args()
+    denominators, meters, rates, plans, modes, free, names, conditions = compiled.core_args()
     capacity = max(CORE_CAPACITY_MIN, accounts + accounts // 8)
-    core = core_mod.Core(denominators, meters, rates, settings.core_limits(), capacity, plans, modes, free, names)
+    core = core_mod.Core(denominators, meters, rates, settings.core_limits(), capacity, plans, modes, free, names,
+                         conditions)
     core.set_window(settings.usage_window_s * 1000)
     core.set_event_times(settings.event_late_max_s * 1000, settings.event_early_max_s * 1000)
     return core

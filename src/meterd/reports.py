@@ -162,10 +162,14 @@ class Reports:
         (None: one no lease can help)."""
         ct = total = 0
         try:
-            for name, q in [(q.meter, q) for q in event.quantities] or [(event.meter, event)]:
-                meter, _, rate = validate.rate(self.settings, self.live, name, event.dimensions)
+            units_of = []
+            for q in event.quantities or [event]:
+                meter = validate.meter_of(self.live, q.meter)
                 decimal = q.quantity_decimal if q.WhichOneof("quantity_value") == "quantity_decimal" else None
-                qty = validate.quantity(self.live, meter, Quantity(q.quantity, decimal))
+                units_of.append((meter, validate.quantity(self.live, meter, Quantity(q.quantity, decimal))))
+            dims = validate.derived(self.live, event.dimensions, units_of)
+            for q, (meter, qty) in zip(event.quantities or [event], units_of, strict=True):
+                _, _, rate = validate.rate(self.settings, self.live, q.meter, dims)
                 ct, cost = validate.event_quote(self.live, meter, rate, qty)
                 total += cost
         except MeterdError:

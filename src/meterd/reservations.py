@@ -11,7 +11,7 @@ import logging
 import secrets
 from typing import Callable, Mapping, Sequence
 
-from meterd import records, validate
+from meterd import _fastpath_py, records, validate
 from meterd.answers import entry_key
 from meterd.clock import Clock
 from meterd.config import Settings
@@ -77,7 +77,7 @@ class Reservations:
             return replay
         validate.check_tenant(tenant, customer_id, "customer_id")
         cust = validate.customer(self.settings, customer_id)
-        held = validate.held_parts(self.settings, self.live, parts, dimensions, listed)
+        held, dims = validate.held_parts(self.settings, self.live, parts, dimensions, listed)
         key = self.idempotency.key(label, "authorize", customer_id, keyed)
         replay = await self.idempotency.replayed(key, keyed)
         if replay is not None:
@@ -118,7 +118,7 @@ class Reservations:
         now = self.clock.now_ms()
         meter, value, rate, _ = held[0]
         res = Reservation("r_" + secrets.token_hex(12), customer_id, ct, meter, value, rate, amount, now + ttl_ms,
-                          label, dims=validate.dimension_set(dimensions),
+                          label, dims=validate.dimension_set(dims),
                           more=tuple((m, r) for m, _, r, _ in held[1:]),
                           names=tuple(self.live.catalog.meters[m].name for m, _, _, _ in held))
         self.holds.add_reservation(res)
@@ -133,9 +133,9 @@ class Reservations:
         return answer
 
     def _billed(self, res: Reservation, quantity: Quantity | None,
-                parts: Sequence[tuple[str, Quantity]]) -> list[tuple[int, int, str]]:
+                parts: Sequence[tuple[str, Quantity]]) -> list[tuple[int, int, str, int]]:
         """Per meter of a reservation, what its Commit bills: (quantity, minimum charge, the
-        request's field of its quantity)."""
+        request's field of its quantity, the quantity as given)."""
         catalog = self.live.catalog
         held = [m for m, _ in res.parts()]
         names = [catalog.meters[m].name for m in held]
@@ -143,8 +143,8 @@ class Reservations:
             if len(held) > 1:
                 raise InvalidInput("quantities", f"the reservation holds several meters ({', '.join(names)}): give "
                                    "each one's quantity in quantities")
-            return [(*validate.billed(self.live, res.meter, validate.quantity(self.live, res.meter, quantity)),
-                     "quantity")]
+            units = validate.quantity(self.live, res.meter, quantity)
+            return [(*validate.billed(self.live, res.meter, units), "quantity", units)]
         given: dict[int, int] = {}
         field: dict[int, str] = {}
         for k, (name, q) in enumerate(parts):
@@ -157,22 +157,40 @@ class Reservations:
             given[meter] = validate.quantity(self.live, meter, q, f"quantities[{k}].")
             field[meter] = f"quantities[{k}].quantity"
         fields = [field.get(m, "quantities") for m in held]
-        return [(*validate.billed(self.live, m, given.get(m, 0), f), f) for m, f in zip(held, fields, strict=True)]
+        return [(*validate.billed(self.live, m, given.get(m, 0), f), f, given.get(m, 0))
+                for m, f in zip(held, fields, strict=True)]
 
-    def _check_fits(self, idx: int, res: Reservation, billed: list[tuple[int, int, str]]) -> None:
+    def _rated(self, res: Reservation, used: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], bytes | None]:
+        """The rates a Commit settles at, and the dimension set it files the usage under: with
+        conditions, those of the quantities used (the prompt's real size decides the price, not
+        its estimate), where the catalog prices them; else the reservation's own."""
+        conditions = {c.name for c in self.live.catalog.conditions}
+        if not conditions:
+            return res.parts(), res.dims
+        given = {k.decode(): v.decode() for k, v in _fastpath_py.set_items(res.dims or b"").items()
+                 if k.decode() not in conditions}
+        dims = validate.derived(self.live, given, used)
+        rates = [(m, self.live.core.find_rate(m, {k.encode(): v.encode() for k, v in dims.items()}))
+                 for m, _ in used]
+        if any(r < 0 for _, r in rates):
+            return res.parts(), res.dims  # the catalog has no price for them: the held ones stand
+        return rates, validate.dimension_set(dims)
+
+    def _check_fits(self, idx: int, held: list[tuple[int, int]], billed: list[tuple[int, int, str, int]]) -> None:
         """A Commit of several meters is refused whole, before any is settled, when one would
         overflow its usage or the balance (a quote is at least what a settlement costs)."""
         core = self.live.core
         cts, use, _ = core.state(idx)
         total = 0
-        for (meter, rate), (qty, minimum, field) in zip(res.parts(), billed, strict=True):
+        ct = self.live.catalog.meters[held[0][0]].credit_type
+        for (meter, rate), (qty, minimum, field, _) in zip(held, billed, strict=True):
             if use[meter] + qty > INT64_MAX:
                 raise InvalidInput(field, "the meter's usage would overflow 64 bits")
             try:
                 total += max(core.quote(rate, qty)[1], minimum) + 1  # and a nano of carry
             except InvalidInput as e:
                 raise InvalidInput(field, e.message) from None
-        if cts[res.credit_type][0] - total < -INT64_MAX:
+        if cts[ct][0] - total < -INT64_MAX:
             raise InvalidInput("quantities", "the balance would overflow 64 bits")
 
     def _refusal(self, customer_id: str, idx: int, ct: int, unavailable: bool = False) -> Authorized:
@@ -222,16 +240,18 @@ class Reservations:
         core = self.live.core
         cust = res.customer_id.encode()
         idx = core.account(cust)
+        held, rated = self._rated(res, [(m, units) for (m, _), (_, _, _, units) in zip(res.parts(), billed,
+                                                                                      strict=True)])
         if len(billed) > 1:
-            self._check_fits(idx, res, billed)
+            self._check_fits(idx, held, billed)
         at = self.clock.now_ms()
         self.subscriptions.roll_if_due(at)
         core.set_clock(at)
         ops: list[Op] = []
         cost = overrun = 0
-        for k, ((meter, rate), (qty, minimum, _)) in enumerate(zip(res.parts(), billed, strict=True)):
+        for k, ((meter, rate), (qty, minimum, _, _)) in enumerate(zip(held, billed, strict=True)):
             reserved = res.amount_nano if k == 0 else 0  # the hold goes back once, with the first
-            dims = validate.settle_set(core, idx, meter, res.dims, cust)
+            dims = validate.settle_set(core, idx, meter, rated, cust)
             part, overrun = core.settle(idx, rate, qty, reserved, dims, minimum)
             cost += part
             ops.append(self.journal.log_op(records.settle(cust, rate, qty, reserved, dims, at, minimum)))

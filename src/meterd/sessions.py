@@ -169,6 +169,7 @@ class Sessions:
         self.journal.check_writable()
         label = validate.label_of(tenant)
         cust = validate.customer(self.settings, customer_id)
+        dimensions = validate.derived(self.live, dimensions, [])  # a session has no quantity a condition reads
         meter, value, rate = validate.rate(self.settings, self.live, meter_name, dimensions)
         timeout = heartbeat_timeout_ms or SESSION_TIMEOUT_MS
         sid = session_id or "s_" + secrets.token_hex(12)

@@ -12,6 +12,8 @@ from meterd.config import Settings
 from meterd.corespec import (
     MSG_PARTS,
     QUANTITIES_MAX,
+    condition_message,
+    condition_value,
     no_price_message,
     no_price_position,
     part_credit_message,
@@ -58,10 +60,9 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
     """The meter, its price dimension's value (when it has one: older versions read it
     back) and the rate of a held amount."""
     catalog = live.catalog
-    meter = catalog.meter_index.get(meter_name)
-    if meter is None:
-        raise InvalidInput("meter", f"unknown meter {meter_name[:NAME_ECHO_CHARS]!r}")
-    if len(dimensions) > settings.dimensions_max:
+    meter = meter_of(live, meter_name)
+    conditions = {c.name for c in catalog.conditions}
+    if sum(k not in conditions for k in dimensions) > settings.dimensions_max:  # a condition's are meterd's
         raise InvalidInput("dimensions", "too many entries")
     for k, v in dimensions.items():
         if not k or len(k.encode()) > settings.dimension_key_bytes_max \
@@ -82,22 +83,53 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
     return meter, dimensions.get(keys[0]) if len(keys) == 1 else None, found
 
 
+def meter_of(live: Live, meter_name: str) -> int:
+    meter = live.catalog.meter_index.get(meter_name)
+    if meter is None:
+        raise InvalidInput("meter", f"unknown meter {meter_name[:NAME_ECHO_CHARS]!r}")
+    return meter
+
+
+def derived(live: Live, dimensions: Mapping[str, str], units_of: Sequence[tuple[int, int]]) -> dict[str, str]:
+    """A request's dimensions with those the catalog's conditions set from its quantities
+    ((meter, quantity in its smallest units) each), as the cores set them; a condition whose
+    meter the request has not is left unset. The request may not give one."""
+    out = dict(dimensions)
+    for c in live.catalog.conditions:
+        if c.name in out:
+            raise InvalidInput("dimensions", condition_message(c.name.encode(),
+                                                               live.catalog.meters[c.meter].name.encode()))
+        for meter, units in units_of:
+            if meter == c.meter:
+                out[c.name] = c.values[condition_value(c.bounds, units)]
+                break
+    return out
+
+
 def held_parts(settings: Settings, live: Live, parts: Sequence[tuple[str, Quantity]], dimensions: Mapping[str, str],
-               listed: bool) -> list[tuple[int, str | None, int, int]]:
+               listed: bool) -> tuple[list[tuple[int, str | None, int, int]], dict[str, str]]:
     """The meters of an Authorize, as (meter, price dimension value, rate, quantity in its
     smallest unit) each: of ``quantities`` when ``listed`` (then each once, at most
-    QUANTITIES_MAX, in one credit type), else its one meter and quantity."""
+    QUANTITIES_MAX, in one credit type), else its one meter and quantity; and its
+    dimensions, the conditions' among them."""
     if listed and not parts:
         raise InvalidInput("quantities", "give meter and quantity, or quantities")
     if len(parts) > QUANTITIES_MAX:
         raise InvalidInput("quantities", MSG_PARTS)
     catalog = live.catalog
-    out: list[tuple[int, str | None, int, int]] = []
+    units_of = []
     for k, (name, q) in enumerate(parts):
+        try:
+            meter = meter_of(live, name)
+            units_of.append((meter, quantity(live, meter, q)))
+        except InvalidInput as e:
+            raise e.within(f"quantities[{k}]." if listed else "") from None
+    dims = derived(live, dimensions, units_of)
+    out: list[tuple[int, str | None, int, int]] = []
+    for k, ((name, _), (_, units)) in enumerate(zip(parts, units_of, strict=True)):
         prefix = f"quantities[{k}]." if listed else ""
         try:
-            meter, value, found = rate(settings, live, name, dimensions)
-            units = quantity(live, meter, q)
+            meter, value, found = rate(settings, live, name, dims)
         except InvalidInput as e:
             raise e.within(prefix) if e.field != "dimensions" else e from None
         ct = catalog.meters[meter].credit_type
@@ -108,7 +140,7 @@ def held_parts(settings: Settings, live: Live, parts: Sequence[tuple[str, Quanti
         if any(m == meter for m, _, _, _ in out):
             raise InvalidInput(prefix + "meter", part_twice_message(name.encode()))
         out.append((meter, value, found, units))
-    return out
+    return out, dims
 
 
 def canonical_request(msg: Any) -> bytes:
