@@ -18,8 +18,8 @@ from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
 pytestmark = pytest.mark.spawns  # meterd commands
-COMMANDS = ["serve", "check-config", "balance", "grant", "adjust", "subscribe", "cancel", "change-plan", "audit",
-            "advance-clock",
+COMMANDS = ["serve", "check-config", "balance", "report", "grant", "adjust", "subscribe", "cancel", "change-plan",
+            "audit", "advance-clock",
             "statement", "usage", "bench", "ledger migrate", "ledger check", "ledger release-sidecar",
             "ledger allowance"]
 
@@ -70,6 +70,31 @@ def test_grant_adjust_and_balance(make_daemon):
     assert r.returncode == 2 and "--amount" in r.stderr
     r = meterd("grant", "--data-dir", data_dir, "--customer", "acme")
     assert r.returncode == 2 and "--from-csv" in r.stderr
+
+
+def test_report_sends_one_event_of_one_meter_or_of_a_requests_quantities(make_daemon):
+    d = make_daemon().start()  # the built-in demo catalog: demo holds $10.00
+    r = meterd("report", "--customer", "demo", "input_tokens=1200", "--dimension", "model=gpt-4o",
+               "--target", d.target)
+    assert r.returncode == 0 and r.stdout.strip() == "DECISION_ALLOW cost 0.003 usd, balance 9.997", r.stderr
+    # one call: $0.0025 of input, $0.001 of cached input and $0.0035 of output, decided as a whole
+    r = meterd("report", "--customer", "demo", "input_tokens=1000", "cached_input_tokens=800",
+               "output_tokens=350", "--dimension", "model=gpt-4o", "--target", d.target, "--idempotency-key", "c1")
+    assert r.returncode == 0 and r.stdout.strip() == "DECISION_ALLOW cost 0.007 usd, balance 9.99", r.stderr
+    again = meterd("report", "--customer", "demo", "output_tokens=350", "input_tokens=1000",
+                   "cached_input_tokens=800", "--dimension", "model=gpt-4o", "--target", d.target,
+                   "--idempotency-key", "c1")
+    assert again.stdout.strip().endswith("(a repeat: nothing charged again)"), again.stdout
+    assert _usd(d, "demo") == 9_990_000_000
+    r = meterd("report", "--customer", "demo", "output_tokens=20000000", "--dimension", "model=gpt-4o",
+               "--target", d.target)
+    assert r.returncode == 0 and "DECISION_DENY" in r.stdout and "REASON_INSUFFICIENT_BALANCE" in r.stdout
+    r = meterd("report", "--customer", "demo", "input_tokens=1", "requests=1", "--dimension", "model=gpt-4o",
+               "--target", d.target)
+    assert r.returncode == 1 and "INVALID_ARGUMENT: event.quantities[1].meter: meter 'requests' prices in " \
+                                 "credit type" in r.stderr, r.stderr
+    r = meterd("report", "--customer", "demo", "input_tokens", "--target", d.target)
+    assert r.returncode == 2 and "METER=QUANTITY: 'input_tokens' is not KEY=VALUE" in r.stderr, r.stderr
 
 
 def test_bulk_grants_from_csv_once_each_with_progress(make_daemon, tmp_path):

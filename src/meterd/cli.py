@@ -171,6 +171,37 @@ def cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """One usage event, of one meter or of several (one request's quantities), answered at once."""
+    from meterd.v1 import meter_pb2, meter_pb2_grpc
+
+    quantities = [_pair(text, "METER=QUANTITY") for text in args.usage]
+    dims = dict(_pair(text, "--dimension") for text in args.dimension or [])
+    event = meter_pb2.UsageEvent(customer_id=args.customer, dimensions=dims, idempotency_key=args.idempotency_key)
+    if len(quantities) == 1:
+        event.meter, event.quantity_decimal = quantities[0]
+    else:
+        event.quantities.extend(meter_pb2.Quantity(meter=m, quantity_decimal=q) for m, q in quantities)
+    channel, metadata = _connect(args, admin=False)
+    with channel as ch:
+        r = meter_pb2_grpc.MeterStub(ch).Report(meter_pb2.ReportRequest(event=event), metadata=metadata)
+    said = f"{meter_pb2.Decision.Name(r.decision)} cost {_credits(r.cost_nano)} {_safe(r.credit_type)}, balance " \
+           f"{_credits(r.balance_nano)}"
+    if r.decision == meter_pb2.DECISION_DENY:
+        said += f" ({meter_pb2.Reason.Name(r.reason)})"
+    if r.decision == meter_pb2.DECISION_DEGRADE:
+        said += f" (mode {_safe(r.mode)}, priority {r.priority})"
+    print(said + (" (a repeat: nothing charged again)" if r.duplicate else ""))
+    return 0
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key or not value:
+        raise ConfigError(f"{what}: {_safe(repr(text))} is not KEY=VALUE")
+    return key, value
+
+
 def _central_balance(args: argparse.Namespace) -> int:
     """Ledger mode: a customer's balance as the ledger has it, with what sidecars hold of it."""
     from meterd.escrow import Escrow
@@ -614,6 +645,20 @@ def _balance_commands(sub: Any) -> None:
     p.add_argument("--target", help="data plane address (default: the --listen setting)")
     _client_args(p)
     p.set_defaults(func=cmd_balance)
+    p = _command(sub, "report", "report one usage event and print the decision (several METER=QUANTITY: one "
+                 "request's quantities, rated and decided as a whole)",
+                 "  meterd report --customer demo input_tokens=1200 --dimension model=gpt-4o\n"
+                 "  meterd report --customer demo input_tokens=1200 cached_input_tokens=800 output_tokens=350 "
+                 "--dimension model=gpt-4o\n"
+                 "  meterd report --customer demo gpu_seconds=2.5 --dimension hardware=nvidia-h100 "
+                 "--idempotency-key job-77")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("usage", nargs="+", metavar="METER=QUANTITY", help="a meter and its quantity (an exact decimal)")
+    p.add_argument("--dimension", action="append", metavar="KEY=VALUE", help="a dimension of the event (repeat)")
+    p.add_argument("--idempotency-key", default="", help="a retry with the same key gets the first answer")
+    p.add_argument("--target", help="data plane address (default: the --listen setting)")
+    _client_args(p)
+    p.set_defaults(func=cmd_report)
     p = _command(sub, "grant", "add credits to a customer, or to many from a CSV file (Admin)",
                  "  meterd grant --customer acme --credit-type usd --amount 25.00\n"
                  "  meterd grant --customer acme --credit-type usd --amount 25.00 --idempotency-key topup-8812\n"
