@@ -4,7 +4,7 @@ restarts, on both cores side by side; invariants checked after every step.
 Three catalogs: ElevenLabs (rollover caps, unlimited overage billed at the
 period's end), Cursor (weights, a degraded fallback, an overage spend limit
 billed early) and the hybrid (graduated overage, gauges, distinct users, free
-units, two credit types)."""
+units, two credit types, and calls of several quantities decided as a whole)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from meterd import wire
 from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.v1 import admin_pb2 as apb
+from meterd.v1 import meter_pb2 as pb
 
 CUSTOMERS = ["a", "b", "c"]
 # per catalog: the plans, the credit type grants go to, and events as (meter, dimensions, quantity range)
@@ -38,9 +39,16 @@ SETUPS = {
 }
 
 
+# per catalog: one request's quantities (UsageEvent.quantities), rated and decided as a whole
+CALLS = {"hybrid": ({"model": "gpt-4o", "hardware": "nvidia-h100"}, ["input_tokens", "output_tokens", "gpu_seconds"])}
+
+
 def steps_for(catalog: str) -> st.SearchStrategy:
     plans, _, events = SETUPS[catalog]
+    calls = [st.tuples(st.just("call"), st.sampled_from(CUSTOMERS), st.integers(0, 2_000_000),
+                       st.integers(0, 2_000_000), st.integers(0, 3000), st.integers(1, 7))] if catalog in CALLS else []
     return st.one_of(
+        *calls,
         st.tuples(st.just("report"), st.sampled_from(CUSTOMERS), st.integers(0, len(events) - 1),
                   st.integers(0, 1_000_000), st.integers(0, 9)),
         st.tuples(st.just("grant"), st.sampled_from(CUSTOMERS), st.integers(1, 500), st.integers(0, 3),
@@ -64,12 +72,12 @@ def apply(b: Billing, catalog: str, op: tuple) -> None:
             quantity = op[3] % (top + 1)
             if meter == "gpu_seconds":
                 quantity = f"{quantity}.{op[4]}"
-            r = b.report(op[1], meter, quantity, **dims)
-            if r.cost_nano:  # usage never takes a balance below its allowed overage
-                idx = b.engine.core.account(op[1].encode())
-                ct = b.catalog.credit_index[r.credit_type]
-                cts = b.engine.core.state(idx)[0][ct]
-                assert r.balance_nano - cts[1] >= cts[2], (op, r.balance_nano, cts)
+            check_floor(b, op, b.report(op[1], meter, quantity, **dims))
+        elif kind == "call":
+            dims, meters = CALLS[catalog]
+            quantities = {m: q for m, q, used in zip(meters, (op[2], op[3], f"{op[4]}.{op[5]}"),
+                                                      (True, op[5] % 2 == 1, op[5] > 3), strict=True) if used}
+            check_floor(b, op, b.report_parts(op[1], quantities, **dims))
         elif kind == "grant":
             expires = b.now_ms + op[4] * DAY_MS if op[4] else 0
             b.grant(op[1], credit, op[2] * NANO, priority=op[3], expires_at_ms=expires)
@@ -92,6 +100,15 @@ def apply(b: Billing, catalog: str, op: tuple) -> None:
             b.restart(clean=op[1])
     except (NotFound, Conflict, InvalidInput):
         pass  # for example a plan change without a subscription: refused, nothing applied
+
+
+def check_floor(b: Billing, op: tuple, r: pb.ReportResponse) -> None:
+    """Usage never takes a balance below its allowed overage."""
+    if r.cost_nano:
+        idx = b.engine.core.account(op[1].encode())
+        ct = b.catalog.credit_index[r.credit_type]
+        cts = b.engine.core.state(idx)[0][ct]
+        assert r.balance_nano - cts[1] >= cts[2], (op, r.balance_nano, cts)
 
 
 def check(b: Billing) -> None:
