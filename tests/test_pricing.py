@@ -1265,6 +1265,8 @@ def test_authorize_holds_at_the_estimate_and_commit_prices_the_prompt_it_really_
 @pytest.mark.parametrize("condition, message", [
     ({"quantity_of": "nope", "values": [{"up_to": "1", "value": "a"}, {"value": "b"}]},
      "quantity_of: must name a sum"),
+    ({"quantity_of": ["tokens"], "values": [{"up_to": "1", "value": "a"}, {"value": "b"}]},
+     "quantity_of: must name a sum"),
     ({"quantity_of": "seats", "values": [{"up_to": "1", "value": "a"}, {"value": "b"}]},
      "quantity_of: must name a sum"),
     ({"quantity_of": "tokens", "values": [{"value": "b"}]}, "values: must be a list of 2 to 16"),
@@ -1316,3 +1318,49 @@ def test_both_cores_set_conditions_alike(events):
         for _, _, dims, _, _, _, _, _ in out[0][1]:
             context = _fastpath_py.set_items(dims)[b"context"]
             assert context in (b"short", b"long")
+
+
+LONG_NAMES = """
+[credit_types.usd]
+kind = "fiat"
+
+[conditions.prompt_size]
+quantity_of = "tokens"
+values = [{ up_to = "100", value = "up_to_100_tokens" }, { value = "above_100_tokens" }]
+
+[meters.tokens]
+credit_type = "usd"
+per = 1000
+price_dimension = "prompt_size"
+prices = { up_to_100_tokens = "1", above_100_tokens = "2" }
+
+[customers.acme]
+balances = { usd = "10.00" }
+"""
+
+
+@pytest.mark.parametrize("core", list(CORES))
+def test_a_conditions_value_is_meterds_own_not_bounded_by_the_requests_limits(core, tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text(LONG_NAMES)
+    b = Billing(tmp_path / "b", str(path), monkeypatch, core=core, dimension_value_bytes_max=8)  # shorter than it
+    try:
+        assert b.report("acme", "tokens", 500).cost_nano == NANO  # 500 tokens at $2 per 1000
+        a = b.authorize_parts("acme", {"tokens": 500})  # the engine as the core: the value is not the request's
+        assert (a.decision, a.reserved_nano) == (pb.DECISION_ALLOW, NANO)
+    finally:
+        b.close()
+
+
+def test_many_small_events_with_long_condition_names_fit_the_compiled_cores_buffers():
+    catalog = parse_catalog(tomllib.loads(LONG_NAMES), "c.toml")
+    data = pb.ReportBatchRequest(events=[pb.UsageEvent(customer_id="c", meter="tokens", quantity=9)] * 8000
+                                 ).SerializeToString()  # 12 bytes an event on the wire, 44 of condition
+    out = []
+    for make in CORES.values():
+        core = make(*catalog.compiled.core_args()[:3], dict(LIMITS), 16, None, None, None, None,
+                    list(catalog.compiled.conditions))
+        core.credit(core.open_account(b"c"), 0, 10**15)
+        out.append([core.apply_batch(data) for _ in range(3)] + [sorted(core.take_usage()), core.state_bytes(0)])
+    assert all(o == out[0] for o in out)
+    assert out[0][0][:3] == (8000, 0, 0)

@@ -118,6 +118,7 @@ cdef class _Decoder(_Aggregates):
     cdef Span *spans             # the dimension entries of the event being decoded, sorted by key
     cdef Condition conds[CONDITIONS_MAX]
     cdef int32_t n_cond
+    cdef Py_ssize_t cond_room     # the most one event's condition entries take in cbuf
     cdef list cond_names          # the bytes the conditions point into
     cdef list cond_values
     cdef list meter_names_of      # the meters' names, for the messages of conditions

@@ -266,6 +266,9 @@ cdef class _Decoder(_Aggregates):
                 c.value[k] = PyBytes_AS_STRING(value)
                 c.value_len[k] = <int32_t>len(value)
         self.n_cond = <int32_t>len(conditions)
+        # the most an event's condition entries take in canonical form: a tag and three lengths of at most
+        # 3 bytes each (a key and a value are at most 64 KiB), the key and its longest value
+        self.cond_room = sum(12 + len(key) + max(len(v) for v in values) for key, _, _, values in conditions)
         return 0
 
     cdef int _set_tenant(self, bytes tenant) except -1:
@@ -280,8 +283,12 @@ cdef class _Decoder(_Aggregates):
     cdef int _cbuf_reserve(self, Py_ssize_t data_len) except -1:
         """Room in cbuf for the canonical dimension sets of a message of
         ``data_len`` bytes: an entry takes at least 5 bytes on the wire and at
-        most 2 more in canonical form (its value written even when empty)."""
+        most 2 more in canonical form (its value written even when empty); and
+        the conditions' entries of each event (an event that is rated takes at
+        least 5 bytes: its tag, length and customer id)."""
         cdef Py_ssize_t need = 2 * data_len + 64
+        if self.cond_room:
+            need += (data_len // 5 + 1) * self.cond_room
         self.cbuf_len = 0
         if need > self.cbuf_cap or (self.cbuf_cap > 1 << 22 and need < self.cbuf_cap // 8):
             self.cbuf = <char *>_resize(self.cbuf, need)

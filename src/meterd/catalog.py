@@ -703,7 +703,8 @@ def _conditions(doc: dict, catalog: Catalog, source: str) -> list[Condition]:
         _check_keys(spec, {"quantity_of", "values"}, source, where)
         if name in uniques:
             raise _err(source, where, "is the dimension a unique_count meter counts the values of")
-        meter = catalog.meter_index.get(spec.get("quantity_of"))  # type: ignore[arg-type]
+        of = spec.get("quantity_of")
+        meter = catalog.meter_index.get(of) if isinstance(of, str) else None
         if meter is None or catalog.meters[meter].aggregation != 0:
             raise _err(source, f"{where}.quantity_of", "must name a sum meter: the request's quantity of it decides")
         m = catalog.meters[meter]

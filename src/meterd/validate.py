@@ -65,6 +65,8 @@ def rate(settings: Settings, live: Live, meter_name: str, dimensions: Mapping[st
     if sum(k not in conditions for k in dimensions) > settings.dimensions_max:  # a condition's are meterd's
         raise InvalidInput("dimensions", "too many entries")
     for k, v in dimensions.items():
+        if k in conditions:
+            continue  # meterd's own, as the cores set it: the catalog bounds it, not the request's limits
         if not k or len(k.encode()) > settings.dimension_key_bytes_max \
                 or len(v.encode()) > settings.dimension_value_bytes_max:
             raise InvalidInput("dimensions", "too long" if k else "must not be empty")
