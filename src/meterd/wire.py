@@ -141,8 +141,9 @@ def answer(result: object, rpc: str) -> bytes:
 def quantities(req: Any) -> list[tuple[str, Quantity]]:
     """A request's ``quantities``, (meter, quantity) each; refused with a meter or quantity of its own."""
     if req.quantities and (getattr(req, "meter", "") or req.WhichOneof("quantity_value")):
+        own = "meter and quantity" if hasattr(req, "meter") else "quantity"
         raise InvalidInput("meter" if getattr(req, "meter", "") else req.WhichOneof("quantity_value"),
-                           "give meter and quantity, or quantities, not both")
+                           f"give {own}, or quantities, not both")
     return [(q.meter, quantity(q)) for q in req.quantities]
 
 
