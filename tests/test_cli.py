@@ -316,3 +316,12 @@ def test_a_daemon_on_the_wall_clock_refuses_to_move_it(make_daemon):
     d = make_daemon().start()
     r = meterd("advance-clock", "--data-dir", str(d.data_dir), "--by", "1d")
     assert r.returncode != 0 and "runs on the wall clock" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_text_argument_that_is_not_utf8_is_named_not_a_traceback():
+    for args in ([b"--customer", b"a\xe9", b"x=1"], [b"--customer", b"a", b"x\xe9=1"],
+                 [b"--customer", b"a", b"x=1", b"--dimension", b"model=\xe9"]):
+        r = subprocess.run([sys.executable, "-m", "meterd", "report", *args], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("meterd: ") and "must be valid UTF-8" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -1099,6 +1099,9 @@ def test_authorize_holds_several_meters_and_one_commit_settles_them(make):
     b.flush()
     assert {k: v[0] for k, v in statement_usage(b, "2026-01").items()} == {"input_tokens": "1400",
                                                                            "output_tokens": "35"}
+    events = {x["description"]: x["events"] for x in b.statement("acme", "2026-01")["lines"]
+              if x["section"] == "usage"}
+    assert events == {"input_tokens": 2, "output_tokens": 1}  # a meter that used nothing is no event
     b.check_conservation("acme")
 
 

@@ -831,8 +831,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + 13
 
 
+# Arguments that go into requests as protobuf strings, which must be valid UTF-8 (a path need not be).
+_TEXT_ARGS = ("customer", "usage", "dimension", "idempotency_key", "credit_type", "plan", "reason", "meter",
+              "source", "group_by")
+
+
+def _check_text(args: argparse.Namespace) -> str | None:
+    """The first text argument that is not valid UTF-8 (bytes a shell passed through), named as its flag."""
+    for dest in _TEXT_ARGS:
+        value = getattr(args, dest, None)
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                if isinstance(text, str):
+                    text.encode()
+            except UnicodeEncodeError:
+                return "METER=QUANTITY" if dest == "usage" else "--" + dest.replace("_", "-")
+    return None
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    bad = _check_text(args)
+    if bad is not None:
+        print(f"meterd: {bad}: must be valid UTF-8", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except InvalidInput as e:

@@ -249,8 +249,12 @@ class Reservations:
         core.set_clock(at)
         ops: list[Op] = []
         cost = overrun = 0
-        for k, ((meter, rate), (qty, minimum, _, _)) in enumerate(zip(held, billed, strict=True)):
-            reserved = res.amount_nano if k == 0 else 0  # the hold goes back once, with the first
+        # A meter of several that used nothing is not settled (nor counted as an event on its line);
+        # the hold goes back once, with the first that is.
+        settled = [k for k, (qty, _, _, _) in enumerate(billed) if qty > 0 or len(billed) == 1] or [0]
+        for k in settled:
+            (meter, rate), (qty, minimum, _, _) = held[k], billed[k]
+            reserved = res.amount_nano if k == settled[0] else 0
             dims = validate.settle_set(core, idx, meter, rated, cust)
             part, overrun = core.settle(idx, rate, qty, reserved, dims, minimum)
             cost += part
