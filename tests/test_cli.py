@@ -300,7 +300,14 @@ def test_a_test_clock_moves_a_month_ahead_and_keeps_its_time(make_daemon):
     assert r.returncode == 0 and r.stdout.startswith("the daemon's clock is at ") and now > end, (r.stdout, r.stderr)
     kinds = [e["kind"] for e in json.loads(meterd("audit", *data_dir, "--customer", "carol", "--json").stdout)]
     assert kinds.count("fee") == 2 and kinds.count("included") == 2, kinds  # the renewal happened at once
-    assert d.stop() == 0
+    r = meterd("report", "--customer", "carol", "requests=1", "--dimension", "model=gpt-4o", "--target", d.target)
+    assert r.returncode == 0 and r.stdout.startswith("DECISION_ALLOW"), (r.stdout, r.stderr)
+    assert d.stop() == 0  # its last flush
+    # statement and usage default to the month of the test clock, not of the machine's
+    r = meterd("statement", *data_dir, "--customer", "carol")
+    assert r.returncode == 0 and f"Statement for carol, {now[:7]}" in r.stdout, (now, r.stdout, r.stderr)
+    r = meterd("usage", *data_dir, "--customer", "carol", "--json")
+    assert r.returncode == 0 and [row["meter"] for row in json.loads(r.stdout)] == ["requests"], r.stdout
     d.start()  # the data directory keeps the time
     r = meterd("advance-clock", *data_dir, "--by", "1s")
     assert r.returncode == 0 and r.stdout.split()[-1] > now, r.stdout

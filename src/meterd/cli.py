@@ -567,16 +567,42 @@ def cmd_ledger_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _this_month() -> str:
-    """The current calendar month in UTC, as a period (YYYY-MM)."""
-    return time.strftime("%Y-%m", time.gmtime())
+def _this_month(args: argparse.Namespace) -> str:
+    """The current calendar month in UTC, as a period (YYYY-MM): of the data directory's test
+    clock when it ran on one (``meterd serve --test-clock``), else of the machine's clock."""
+    return time.strftime("%Y-%m", time.gmtime(time.time() + _test_clock_offset_ms(_load(args)) / 1000))
+
+
+def _test_clock_offset_ms(settings: Settings) -> int:
+    """How far the data directory's test clock is ahead of the wall clock (0: it has none, or
+    there is no data directory). Read from its LMDB, as a reader beside a running daemon."""
+    import lmdb
+
+    from meterd.engine import TEST_CLOCK_KEY
+    from meterd.store import from_u64
+
+    path = settings.store_path
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return 0
+    try:
+        env = lmdb.open(path, readonly=True, lock=True, subdir=True, max_dbs=32)
+    except lmdb.Error:
+        return 0
+    try:
+        with env.begin() as txn:
+            value = txn.get(TEST_CLOCK_KEY, db=env.open_db(b"meta", txn=txn, create=False))
+    except lmdb.Error:  # no such table: a data directory that never ran on a test clock
+        return 0
+    finally:
+        env.close()
+    return from_u64(value) if value else 0
 
 
 def cmd_statement(args: argparse.Namespace) -> int:
     from meterd.ledger import render_statement, statement
 
     with _open_ledger(args) as ledger:
-        st = statement(ledger, args.customer, args.period or _this_month())
+        st = statement(ledger, args.customer, args.period or _this_month(args))
     print(json.dumps(st, indent=2) if args.json else render_statement(_safe_all(st)))
     return 0
 
@@ -584,7 +610,7 @@ def cmd_statement(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from meterd.ledger import WINDOWS, parse_time, period_bounds, usage_query
 
-    month_start, month_end = period_bounds(_this_month())  # the default range
+    month_start, month_end = period_bounds(_this_month(args))  # the default range
     start = parse_time(args.from_, "from") if args.from_ else month_start
     end = parse_time(args.to, "to") if args.to else month_end
     groups = [g for g in (args.group_by or "").split(",") if g]

@@ -144,6 +144,11 @@ class Settings:
         return "sqlite:///" + os.path.join(os.path.abspath(self.data_dir), "ledger.sqlite3")
 
     @property
+    def store_path(self) -> str:
+        """The LMDB environment, in the data directory."""
+        return os.path.join(self.data_dir, "lmdb")
+
+    @property
     def admin_address(self) -> str:
         if self.admin_listen:
             return self.admin_listen

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 from typing import Any, AsyncIterator, Callable
 
 from meterd import wire
@@ -76,7 +75,7 @@ class Engine:
         ``encode`` is how an answer is kept for retries (the API's wire form)."""
         self.settings = settings
         self.live = Live(catalog)
-        self.store = Store(os.path.join(settings.data_dir, "lmdb"), settings.map_size_bytes, settings.fsync,
+        self.store = Store(settings.store_path, settings.map_size_bytes, settings.fsync,
                            settings.group_commit_window_us, settings.group_commit_ops_max,
                            settings.map_high_water_percent, settings.map_low_water_percent)
         offset = self.store.get("meta", TEST_CLOCK_KEY)

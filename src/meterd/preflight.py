@@ -53,7 +53,7 @@ def check_core(settings: Settings, catalog: Catalog) -> None:
 
 def check_sidecar_id(settings: Settings) -> None:
     """A data directory keeps the sidecar id it first flushed under; another one is refused."""
-    path = os.path.join(settings.data_dir, "lmdb")
+    path = settings.store_path
     if not settings.sidecar_id or not os.path.exists(os.path.join(path, "data.mdb")):
         return
     import lmdb
