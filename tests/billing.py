@@ -159,6 +159,12 @@ class Billing:
         req = apb.GrantRequest(customer_id=customer, credit_type=credit_type, amount_nano=amount_nano, **kw)
         return apb.GrantResponse.FromString(self.run(wire.grant(self.engine, req)))
 
+    def set_overdraft(self, customer: str, credit_type: str, amount_nano: int, clear: bool = False,
+                      reason: str = "credit terms") -> apb.SetOverdraftResponse:
+        req = apb.SetOverdraftRequest(customer_id=customer, credit_type=credit_type, amount_nano=amount_nano,
+                                      clear=clear, reason=reason)
+        return apb.SetOverdraftResponse.FromString(self.run(wire.set_overdraft(self.engine, req)))
+
     def subscribe(self, customer: str, plan: str, start_ms: int = 0) -> apb.Subscription:
         req = apb.SubscribeRequest(customer_id=customer, plan=plan, start_ms=start_ms)
         return apb.Subscription.FromString(self.run(wire.subscribe(self.engine, req)))

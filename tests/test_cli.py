@@ -18,8 +18,8 @@ from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
 pytestmark = pytest.mark.spawns  # meterd commands
-COMMANDS = ["serve", "check-config", "balance", "report", "grant", "adjust", "subscribe", "cancel", "change-plan",
-            "audit", "advance-clock",
+COMMANDS = ["serve", "check-config", "balance", "report", "grant", "adjust", "overdraft", "subscribe", "cancel",
+            "change-plan", "audit", "advance-clock",
             "statement", "usage", "bench", "ledger migrate", "ledger check", "ledger release-sidecar",
             "ledger allowance"]
 
@@ -95,6 +95,24 @@ def test_report_sends_one_event_of_one_meter_or_of_a_requests_quantities(make_da
                                  "credit type" in r.stderr, r.stderr
     r = meterd("report", "--customer", "demo", "input_tokens", "--target", d.target)
     assert r.returncode == 2 and "METER=QUANTITY: 'input_tokens' is not KEY=VALUE" in r.stderr, r.stderr
+
+
+def test_overdraft_sets_and_clears_a_customers_own(make_daemon):
+    d = make_daemon().start()  # the built-in demo catalog: demo holds $10.00
+    data_dir = ["--data-dir", str(d.data_dir)]
+    r = meterd("overdraft", *data_dir, "--customer", "demo", "--credit-type", "usd", "--amount", "2.50",
+               "--reason", "net-30 terms")
+    assert r.returncode == 0 and r.stdout.strip() == ("overdraft of demo in usd set to 2.5: the balance may go down "
+                                                      "to -2.5; available 12.5"), (r.stdout, r.stderr)
+    r = meterd("overdraft", *data_dir, "--customer", "demo", "--credit-type", "usd", "--clear", "--reason", "ended")
+    assert r.returncode == 0 and "cleared: the balance may go down to 0; available 10" in r.stdout, r.stderr
+    r = meterd("overdraft", *data_dir, "--customer", "demo", "--credit-type", "usd", "--reason", "x")
+    assert r.returncode == 2 and "--amount: give the overdraft, or --clear" in r.stderr, r.stderr
+    r = meterd("overdraft", *data_dir, "--customer", "ghost", "--credit-type", "usd", "--amount", "1",
+               "--reason", "x")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    kinds = [e.kind for e in d.admin.ListAudit(apb.ListAuditRequest(customer_id="demo", limit=10)).entries]
+    assert kinds.count("overdraft") == 2
 
 
 def test_bulk_grants_from_csv_once_each_with_progress(make_daemon, tmp_path):

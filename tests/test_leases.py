@@ -375,6 +375,8 @@ def test_subscriptions_are_refused_in_ledger_mode(sidecars):
     from meterd.errors import Conflict
     with pytest.raises(Conflict, match="local mode only"):
         s.nodes[0].subscribe("acme", "pro")
+    with pytest.raises(Conflict, match="local mode only"):  # and so is an overdraft of the customer's own
+        s.nodes[0].set_overdraft("acme", "usd", 10**9)
 
 
 @pytest.mark.spawns

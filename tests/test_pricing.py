@@ -1367,3 +1367,46 @@ def test_many_small_events_with_long_condition_names_fit_the_compiled_cores_buff
         out.append([core.apply_batch(data) for _ in range(3)] + [sorted(core.take_usage()), core.state_bytes(0)])
     assert all(o == out[0] for o in out)
     assert out[0][0][:3] == (8000, 0, 0)
+
+
+# ---- per-customer overrides: an overdraft of the customer's own --------------------------------
+
+def test_a_customers_own_overdraft_applies_at_once_is_audited_and_outlives_restarts_and_periods(make):
+    b = make("openai")  # acme: $10.00 on the prepaid plan, which allows no overdraft
+    r = b.set_overdraft("acme", "usd", 5 * NANO, reason="net-30 terms")
+    assert (r.floor_nano, r.available_nano) == (-5 * NANO, 15 * NANO)
+    call = {"input_tokens": 1_000_000, "output_tokens": 950_000}  # $2.50 + $9.50 = $12.00
+    assert b.report_parts("acme", call, model="gpt-4o").balance_nano == -2 * NANO  # into the overdraft
+    assert b.report("acme", "output_tokens", 400_000, model="gpt-4o").decision == pb.DECISION_DENY  # $4: past it
+    entry = b.audit("acme", "overdraft")[-1]
+    assert (entry.amount_nano, entry.balance_before_nano, entry.balance_after_nano, entry.reference) == (
+        5 * NANO, 10 * NANO, 10 * NANO, "net-30 terms")  # audited; the balance does not move
+    b.restart(clean=False)  # the floor replays from the log, the overdraft from its table
+    b.advance(40 * DAY_MS)  # and a period roll of the plan keeps it
+    b.tick()
+    usd = next(x for x in b.balance("acme").balances if x.credit_type == "usd")
+    assert usd.floor_nano == -5 * NANO
+    r = b.set_overdraft("acme", "usd", 0, clear=True, reason="terms ended")
+    assert r.floor_nano == 0 and r.available_nano < 0  # the plan's floor again: nothing more may be spent
+    assert b.report("acme", "input_tokens", 1, model="gpt-4o").decision == pb.DECISION_DENY
+    b.restart(clean=False)
+    assert next(x for x in b.balance("acme").balances if x.credit_type == "usd").floor_nano == 0
+    b.check_conservation("acme")
+
+
+@pytest.mark.parametrize("customer, credit_type, amount, clear, reason, error, field", [
+    ("nobody", "usd", NANO, False, "x", NotFound, ""),
+    ("acme", "eur", NANO, False, "x", InvalidInput, "credit_type"),
+    ("acme", "usd", -NANO, False, "x", InvalidInput, "amount_nano"),
+    ("acme", "usd", NANO, True, "x", InvalidInput, "amount_nano"),
+    ("acme", "usd", 2**62 + 1, False, "x", InvalidInput, "amount_nano"),
+    ("acme", "usd", NANO, False, " ", InvalidInput, "reason"),
+])
+def test_an_overdraft_that_cannot_be_set_is_refused_naming_why(make, customer, credit_type, amount, clear, reason,
+                                                                error, field):
+    b = make("openai")
+    with pytest.raises(error) as e:
+        b.set_overdraft(customer, credit_type, amount, clear, reason)
+    assert getattr(e.value, "field", "") == field, str(e.value)
+    assert next(x for x in b.balance("acme").balances if x.credit_type == "usd").floor_nano == 0
+    assert b.audit("acme", "overdraft") == []

@@ -17,11 +17,12 @@ from meterd.housekeeping import Housekeeping
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
 from meterd.leases import Leases
-from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Replay
+from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Overdrawn, Replay
 from meterd.state import Account, Live, Subscription
 from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, Subscriptions
 
 INT64_MAX = (1 << 63) - 1
+OVERDRAFT_NANO_MAX = 1 << 62  # as a minimum charge: an overdraft and a balance add up within 64 bits
 
 
 class Admin:
@@ -90,6 +91,34 @@ class Admin:
             ops += self.subscriptions.alert_ops()
         answer = Adjusted(after)
         ops += self.idempotency.remember(key, keyed, self.encode(answer))
+        await self.journal.commit_with(ops)
+        return answer
+
+    async def set_overdraft(self, customer_id: str, credit_type: str, amount_nano: int, clear: bool,
+                            reason: str) -> Overdrawn:
+        """The customer's own overdraft in a credit type (or none, ``clear``), over its plan's and
+        the catalog's, applied at once and audited."""
+        if self.leases is not None:
+            raise Conflict("a customer's own overdraft is local mode only: in ledger mode the ledger holds the "
+                           "balance")
+        self.journal.check_writable()
+        cust = validate.customer(self.settings, customer_id)
+        ct = self.grants.credit_type(credit_type, amount_nano)
+        if clear and amount_nano:
+            raise InvalidInput("amount_nano", "must be 0 with clear")
+        if not 0 <= amount_nano <= OVERDRAFT_NANO_MAX:
+            raise InvalidInput("amount_nano", "must be 0 to 2^62")
+        self.grants.check_adjust(1, reason)  # a reason, for the audit trail
+        core = self.live.core
+        if core.account(cust) < 0 and customer_id not in self.live.catalog.customer_index:
+            raise NotFound(f"customer {customer_id!r} has no account")
+        self.subscriptions.roll_if_due()
+        ops = self.subscriptions.overdraft_ops(customer_id, ct, None if clear else amount_nano)
+        idx = core.open_account(cust)
+        balance, _, floor, *_ = core.state(idx)[0][ct]
+        ops += self.audit.entry_ops(customer_id, "overdraft", ct, 0 if clear else amount_nano, balance, balance,
+                                    reason, source="overdraft")
+        answer = Overdrawn(floor, core.available(idx, ct))
         await self.journal.commit_with(ops)
         return answer
 

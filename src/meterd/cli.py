@@ -397,6 +397,21 @@ def cmd_adjust(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overdraft(args: argparse.Namespace) -> int:
+    from meterd.v1 import admin_pb2
+
+    if (args.amount is None) == (not args.clear):
+        raise ConfigError("--amount: give the overdraft, or --clear")
+    amount = 0 if args.clear else _nano(args.amount, "--amount")
+    resp = _admin(args, "SetOverdraft", admin_pb2.SetOverdraftRequest(
+        customer_id=args.customer, credit_type=args.credit_type, amount_nano=amount, clear=args.clear,
+        reason=args.reason))
+    said = "cleared" if args.clear else f"set to {_credits(amount)}"
+    print(f"overdraft of {_safe(args.customer)} in {_safe(args.credit_type)} {said}: the balance may go down to "
+          f"{_credits(resp.floor_nano)}; available {_credits(resp.available_nano)}")
+    return 0
+
+
 def _date_ms(text: str | None, where: str) -> int:
     """A date (YYYY-MM-DD, UTC midnight) or an ISO time, as ms; None or empty: 0 (now)."""
     from meterd.ledger import parse_time
@@ -713,6 +728,17 @@ def _balance_commands(sub: Any) -> None:
     p.add_argument("--idempotency-key", help="a repeat with the same key adjusts nothing more")
     _client_args(p)
     p.set_defaults(func=cmd_adjust)
+    p = _command(sub, "overdraft", "set how far below zero a customer's balance may go, over its plan's and the "
+                 "catalog's, or clear it (Admin)",
+                 "  meterd overdraft --customer acme --credit-type usd --amount 50.00 --reason 'net-30 terms'\n"
+                 "  meterd overdraft --customer acme --credit-type usd --clear --reason 'terms ended'")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--credit-type", required=True, help="a credit type of the catalog")
+    p.add_argument("--amount", help="the overdraft, an exact decimal of 0 or more")
+    p.add_argument("--clear", action="store_true", help="remove the customer's own overdraft")
+    p.add_argument("--reason", required=True, help="why, for the audit trail")
+    _client_args(p)
+    p.set_defaults(func=cmd_overdraft)
     _subscription_commands(sub)
 
 

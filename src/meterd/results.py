@@ -98,6 +98,13 @@ class Adjusted:
 
 
 @dataclass(frozen=True)
+class Overdrawn:
+    """A SetOverdraft's answer: the floor the balance may go down to, and what may be spent."""
+    floor_nano: int
+    available_nano: int
+
+
+@dataclass(frozen=True)
 class LeaseView:
     """Ledger mode: what a sidecar's figure of a balance is made of, and how old each part is."""
     lease_nano: int               # the lease held here, exact and current

@@ -321,6 +321,10 @@ class Servicer:
         return await self._call(lambda: wire.adjust(self.engine, _parse(admin_pb2.AdjustRequest, data)), ctx,
                                 "Adjust")
 
+    async def set_overdraft(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(lambda: wire.set_overdraft(self.engine, _parse(admin_pb2.SetOverdraftRequest, data)),
+                                ctx, "SetOverdraft")
+
     async def list_audit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             return wire.audit(self.engine, _parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
@@ -410,7 +414,8 @@ class Servicer:
             "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat, **raw),
             "EndSession": grpc.unary_unary_rpc_method_handler(self.end_session, **raw),
         })
-        unary = {"Grant": self.grant, "Adjust": self.adjust, "ListAudit": self.list_audit,
+        unary = {"Grant": self.grant, "Adjust": self.adjust, "SetOverdraft": self.set_overdraft,
+                 "ListAudit": self.list_audit,
                  "Subscribe": self.subscribe, "Cancel": self.cancel, "ChangePlan": self.change_plan,
                  "ReloadCatalog": self.reload_catalog, "GetStatement": self.get_statement,
                  "GetLedgerStatus": self.get_ledger_status, "AdvanceClock": self.advance_clock}

@@ -38,7 +38,7 @@ from meterd.metrics import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 log = logging.getLogger("meterd.store")
 
 DBS = ("meta", "log", "accounts", "clients", "idem", "reservations", "grants", "audit", "subs", "sessions", "leases",
-       "usage", "outbox", "grant_expiry", "idem_expiry", "settled", "settled_expiry")
+       "usage", "outbox", "grant_expiry", "idem_expiry", "settled", "settled_expiry", "overrides")
 # Databases whose keys are written in (nearly always) increasing order.
 APPENDED = frozenset({"idem_expiry", "settled_expiry"})
 # An op is (db, key, value): value None deletes; db "trim" deletes the keys <= key

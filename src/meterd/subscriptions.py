@@ -48,12 +48,16 @@ class Subscriptions:
         self.holds = holds
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []  # (period end, customer), soonest first
+        # customer: credit type name: its own overdraft (Admin SetOverdraft), kept in "overrides"
+        self.overdrafts: dict[str, dict[str, int]] = {}
         self.rolling: asyncio.Future | None = None  # the last period roll submitted
         grants.credited.append(self.topup_done_ops)
 
     def load(self) -> None:
         self.subs = {}
         self._boundaries = []
+        self.overdrafts = {key.decode(): json.loads(value).get("overdraft", {})
+                           for key, value in self.store.items("overrides")}
         for _, value in self.store.items("subs"):
             sub = Subscription(**json.loads(value))
             self.subs[sub.customer_id] = sub
@@ -99,9 +103,13 @@ class Subscriptions:
         return self.journal.log_op(records.account(kind, customer_id.encode(), ct, value, self.clock.now_ms()))
 
     def effective_floor(self, customer_id: str, ct: int) -> int:
-        """How far below zero a balance may go: the catalog's overdraft for the
-        customer if it names one, else the plan's (an overage limit less what
-        was billed of it early this period, or no limit in arrears), else 0."""
+        """How far below zero a balance may go: the customer's own overdraft (set by
+        Admin), else the catalog's for the customer if it names one, else the plan's
+        (an overage limit less what was billed of it early this period, or no limit
+        in arrears), else 0."""
+        own = self.overdrafts.get(customer_id, {}).get(self.live.catalog.credit_types[ct].name)
+        if own is not None:
+            return -own
         seed = self.live.catalog.customer_index.get(customer_id)
         if seed is not None and ct in seed.overdraft_nano:
             return -seed.overdraft_nano[ct]
@@ -123,6 +131,19 @@ class Subscriptions:
         elif overage is not None and overage.limit_nano is not None:
             floor = min(floor + sub.overage_billed.get(str(ct), 0), 0)  # type: ignore[union-attr]
         return floor
+
+    def overdraft_ops(self, customer_id: str, ct: int, amount_nano: int | None) -> list[Op]:
+        """Set the customer's own overdraft in credit type ``ct`` (None: clear it), and the floor it makes."""
+        own = self.overdrafts.setdefault(customer_id, {})
+        name = self.live.catalog.credit_types[ct].name
+        if amount_nano is None:
+            own.pop(name, None)
+        else:
+            own[name] = amount_nano
+        if not own:
+            del self.overdrafts[customer_id]
+        doc = json.dumps({"overdraft": own}).encode() if own else None
+        return [("overrides", customer_id.encode(), doc), *self.floor_ops(customer_id, ct)]
 
     def floor_ops(self, customer_id: str, ct: int) -> list[Op]:
         """Bring the core's floor in line with ``effective_floor``."""

@@ -23,6 +23,7 @@ from meterd.results import (
     Granted,
     Keyed,
     LedgerState,
+    Overdrawn,
     Quantity,
     Released,
     Replay,
@@ -89,6 +90,8 @@ def message(result: object) -> Any:
         return admin_pb2.GrantResponse(grant_id=result.grant_id, balance_nano=result.balance_nano)
     if isinstance(result, Adjusted):
         return admin_pb2.AdjustResponse(balance_nano=result.balance_nano)
+    if isinstance(result, Overdrawn):
+        return admin_pb2.SetOverdraftResponse(floor_nano=result.floor_nano, available_nano=result.available_nano)
     if isinstance(result, Subscription):
         return admin_pb2.Subscription(customer_id=result.customer_id, plan=result.plan, anchor_ms=result.anchor_ms,
                                       period_start_ms=result.start_ms, period_end_ms=result.end_ms,
@@ -185,6 +188,11 @@ async def grant(engine: Any, req: admin_pb2.GrantRequest) -> bytes:
 async def adjust(engine: Any, req: admin_pb2.AdjustRequest) -> bytes:
     return answer(await engine.admin.adjust(req.customer_id, req.credit_type, req.amount_nano, req.reason,
                                             keyed(req)), "Adjust")
+
+
+async def set_overdraft(engine: Any, req: admin_pb2.SetOverdraftRequest) -> bytes:
+    return encode(await engine.admin.set_overdraft(req.customer_id, req.credit_type, req.amount_nano, req.clear,
+                                                   req.reason))
 
 
 async def subscribe(engine: Any, req: admin_pb2.SubscribeRequest) -> bytes:

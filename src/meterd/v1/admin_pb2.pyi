@@ -56,6 +56,28 @@ class AdjustResponse(_message.Message):
     duplicate: bool
     def __init__(self, balance_nano: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
+class SetOverdraftRequest(_message.Message):
+    __slots__ = ("customer_id", "credit_type", "amount_nano", "clear", "reason")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    credit_type: str
+    amount_nano: int
+    clear: bool
+    reason: str
+    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., clear: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetOverdraftResponse(_message.Message):
+    __slots__ = ("floor_nano", "available_nano")
+    FLOOR_NANO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    floor_nano: int
+    available_nano: int
+    def __init__(self, floor_nano: _Optional[int] = ..., available_nano: _Optional[int] = ...) -> None: ...
+
 class ListAuditRequest(_message.Message):
     __slots__ = ("customer_id", "after_sequence", "limit")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
