@@ -22,6 +22,7 @@ from meterd.catalog import CompiledCatalog, load_catalog, parse_catalog
 from meterd.corespec import rate_mask
 from meterd.engine import Engine
 from meterd.errors import ConfigError, InvalidInput, NotFound
+from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
 NO_COMPILED = compiled_core_unavailable()
@@ -1410,3 +1411,20 @@ def test_an_overdraft_that_cannot_be_set_is_refused_naming_why(make, customer, c
     assert getattr(e.value, "field", "") == field, str(e.value)
     assert next(x for x in b.balance("acme").balances if x.credit_type == "usd").floor_nano == 0
     assert b.audit("acme", "overdraft") == []
+
+
+def test_a_customers_own_overdraft_comes_back_with_its_credit_type(make, tmp_path):
+    with_usd = ('[credit_types.usd]\nkind = "fiat"\n\n[credit_types.eur]\nkind = "fiat"\n\n'
+                '[meters.calls]\ncredit_type = "usd"\nprice = "1"\n\n[customers.acme]\nbalances = { usd = "10" }\n')
+    without = with_usd.replace('[credit_types.usd]\nkind = "fiat"\n\n', "").replace('"usd"', '"eur"').replace(
+        "{ usd", "{ eur")
+    b = make(with_usd)
+    (tmp_path / "without.toml").write_text(without)
+    b.run(wire.grant(b.engine, apb.GrantRequest(customer_id="bob", credit_type="usd", amount_nano=3 * NANO)))
+    for customer in ("acme", "bob"):  # bob: an account of a grant, with no plan, not in the catalog
+        assert b.set_overdraft(customer, "usd", 5 * NANO).floor_nano == -5 * NANO
+    b.run(b.engine.reload_catalog(load_catalog(str(tmp_path / "without.toml"))))  # usd gone
+    b.run(b.engine.reload_catalog(b.catalog))  # and back
+    b.restart(clean=False)
+    floors = {c: next(x.floor_nano for x in b.balance(c).balances if x.credit_type == "usd") for c in ("acme", "bob")}
+    assert floors == {"acme": -5 * NANO, "bob": -5 * NANO}

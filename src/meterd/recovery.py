@@ -280,6 +280,10 @@ class Recovery:
         # A changed catalog may change the floors and thresholds of every subscription's plan.
         for customer_id, sub in subs.subs.items():
             ops += subs.apply_plan_ops(customer_id, catalog.plan_index.get(sub.plan))
+        # and a customer's own overdraft is of a credit type by name: one that came back has it again
+        for customer_id in [c for c in subs.overdrafts if c not in subs.subs and c not in catalog.customer_index]:
+            for ct in range(len(catalog.credit_types)):
+                ops += subs.floor_ops(customer_id, ct)
         return ops
 
     # ---- catalog reload ---------------------------------------------------------------
