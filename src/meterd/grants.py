@@ -252,8 +252,13 @@ class Grants:
     def check_adjust(amount_nano: int, reason: str) -> None:
         if amount_nano == 0:
             raise InvalidInput("amount_nano", "must not be zero")
+        Grants.check_reason(reason)
+
+    @staticmethod
+    def check_reason(reason: str) -> None:
+        """A manual change's reason, for the audit trail."""
         if not reason.strip():
-            raise InvalidInput("reason", "is required for a manual adjustment")
+            raise InvalidInput("reason", "is required for a manual change (the audit trail says why)")
         if len(reason) > REASON_CHARS_MAX:
             raise InvalidInput("reason", f"longer than {REASON_CHARS_MAX} characters")
 

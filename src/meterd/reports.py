@@ -28,7 +28,6 @@ from meterd.results import (
     REASON_OVERFLOW,
     REASON_UNKNOWN_CUSTOMER,
     Keyed,
-    Quantity,
     Replay,
 )
 from meterd.security import Tenant
@@ -160,21 +159,12 @@ class Reports:
     def _need(self, event: meter_pb2.UsageEvent) -> tuple[str, int, int] | None:
         """The customer, credit type and cost of a denied event, all its quantities together
         (None: one no lease can help)."""
-        ct = total = 0
+        parts = [(q.meter, validate.request_quantity(q)) for q in event.quantities or [event]]
         try:
-            units_of = []
-            for q in event.quantities or [event]:
-                meter = validate.meter_of(self.live, q.meter)
-                decimal = q.quantity_decimal if q.WhichOneof("quantity_value") == "quantity_decimal" else None
-                units_of.append((meter, validate.quantity(self.live, meter, Quantity(q.quantity, decimal))))
-            dims = validate.derived(self.live, event.dimensions, units_of)
-            for q, (meter, qty) in zip(event.quantities or [event], units_of, strict=True):
-                _, _, rate = validate.rate(self.settings, self.live, q.meter, dims)
-                ct, cost = validate.event_quote(self.live, meter, rate, qty)
-                total += cost
+            held = validate.held_parts(self.settings, self.live, parts, event.dimensions, bool(event.quantities))
         except MeterdError:
             return None
-        return event.customer_id, ct, total
+        return event.customer_id, held.ct, held.amount
 
     def _after_wait(self, core: object) -> None:
         """After waiting for a lease: writes still taken, and the same catalog (a reload renumbers its meters)."""

@@ -77,7 +77,7 @@ class Reservations:
             return replay
         validate.check_tenant(tenant, customer_id, "customer_id")
         cust = validate.customer(self.settings, customer_id)
-        held, dims = validate.held_parts(self.settings, self.live, parts, dimensions, listed)
+        held = validate.held_parts(self.settings, self.live, parts, dimensions, listed)
         key = self.idempotency.key(label, "authorize", customer_id, keyed)
         replay = await self.idempotency.replayed(key, keyed)
         if replay is not None:
@@ -86,15 +86,7 @@ class Reservations:
         if ttl_ms > self.settings.reservation_ttl_max_s * 1000:
             raise InvalidInput("ttl_ms", f"above the maximum of {self.settings.reservation_ttl_max_s * 1000}")
         core = self.live.core
-        quotes = []
-        for k, (meter, _, rate, qty) in enumerate(held):
-            try:
-                quotes.append(validate.event_quote(self.live, meter, rate, qty))
-            except InvalidInput as e:
-                raise e.within(f"quantities[{k}].") if listed else e from None
-        ct, amount = quotes[0][0], sum(q for _, q in quotes)
-        if amount > INT64_MAX:
-            raise InvalidInput("quantities", "cost or quantity overflows 64 bits")
+        ct, amount = held.ct, held.amount
         self.holds.open_room("reservation", label)
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
@@ -116,11 +108,11 @@ class Reservations:
             self.decisions[("Authorize", DECISION_NAMES[refusal.decision])] += 1
             return refusal
         now = self.clock.now_ms()
-        meter, value, rate, _ = held[0]
+        meter, value, rate, _ = held.parts[0]
         res = Reservation("r_" + secrets.token_hex(12), customer_id, ct, meter, value, rate, amount, now + ttl_ms,
-                          label, dims=validate.dimension_set(dims),
-                          more=tuple((m, r) for m, _, r, _ in held[1:]),
-                          names=tuple(self.live.catalog.meters[m].name for m, _, _, _ in held))
+                          label, dims=validate.dimension_set(held.dims),
+                          more=tuple((m, r) for m, _, r, _ in held.parts[1:]),
+                          names=tuple(self.live.catalog.meters[m].name for m, _, _, _ in held.parts))
         self.holds.add_reservation(res)
         answer = Authorized(ALLOW, self.live.catalog.credit_types[ct].name, core.available(idx, ct),
                             reservation_id=res.reservation_id, reserved_nano=amount, expires_at_ms=res.expires_at_ms)

@@ -5,6 +5,7 @@ field and what is wrong with it."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from meterd import _fastpath_py
@@ -108,12 +109,29 @@ def derived(live: Live, dimensions: Mapping[str, str], units_of: Sequence[tuple[
     return out
 
 
+def request_quantity(msg: Any) -> Quantity:
+    """The quantity of a request or of one of its quantities (its ``quantity_value`` oneof)."""
+    if msg.WhichOneof("quantity_value") == "quantity_decimal":
+        return Quantity(decimal=msg.quantity_decimal)
+    return Quantity(whole=msg.quantity)
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a request of one or several meters holds: per meter (meter, price dimension value,
+    rate, quantity in its smallest unit), its dimensions (its conditions' among them), and its
+    credit type and the most it costs (each meter's quote, added)."""
+    parts: list[tuple[int, str | None, int, int]]
+    dims: dict[str, str]
+    ct: int
+    amount: int
+
+
 def held_parts(settings: Settings, live: Live, parts: Sequence[tuple[str, Quantity]], dimensions: Mapping[str, str],
-               listed: bool) -> tuple[list[tuple[int, str | None, int, int]], dict[str, str]]:
-    """The meters of an Authorize, as (meter, price dimension value, rate, quantity in its
-    smallest unit) each: of ``quantities`` when ``listed`` (then each once, at most
-    QUANTITIES_MAX, in one credit type), else its one meter and quantity; and its
-    dimensions, the conditions' among them."""
+               listed: bool) -> Held:
+    """The meters of an Authorize (or of an event a lease must cover): of ``quantities``
+    when ``listed`` (then each once, at most QUANTITIES_MAX, in one credit type), else its
+    one meter and quantity."""
     if listed and not parts:
         raise InvalidInput("quantities", "give meter and quantity, or quantities")
     if len(parts) > QUANTITIES_MAX:
@@ -142,18 +160,26 @@ def held_parts(settings: Settings, live: Live, parts: Sequence[tuple[str, Quanti
         if any(m == meter for m, _, _, _ in out):
             raise InvalidInput(prefix + "meter", part_twice_message(name.encode()))
         out.append((meter, value, found, units))
-    return out, dims
+    amount = 0
+    for k, (meter, _, found, units) in enumerate(out):
+        try:
+            amount += event_quote(live, meter, found, units)[1]
+        except InvalidInput as e:
+            raise e.within(f"quantities[{k}]." if listed else "") from None
+    if amount > INT64_MAX:
+        raise InvalidInput("quantities" if listed else "quantity", "cost or quantity overflows 64 bits")
+    return Held(out, dims, catalog.meters[out[0][0]].credit_type, amount)
 
 
 def canonical_request(msg: Any) -> bytes:
     """A request in a canonical form, for idempotency digests: map entries sorted, and the
     quantities of several meters too, so a retry whose client serialised them in another
     order matches."""
-    quantities = getattr(msg, "event", msg).quantities if hasattr(msg, "event") else getattr(msg, "quantities", ())
-    if len(quantities) > 1:
+    holder = msg.event if hasattr(msg, "event") else msg  # a ReportRequest's, or the request's own
+    if len(getattr(holder, "quantities", ())) > 1:
         copy = type(msg)()
         copy.CopyFrom(msg)
-        held = copy.event.quantities if hasattr(msg, "event") else copy.quantities
+        held = (copy.event if hasattr(msg, "event") else copy).quantities
         ordered = sorted(held, key=lambda q: q.SerializeToString(deterministic=True))
         del held[:]
         held.extend(ordered)

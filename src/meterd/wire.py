@@ -60,10 +60,7 @@ def keyed(msg: Any) -> Keyed | None:
     return Keyed(msg.idempotency_key, canonical(msg)) if msg.idempotency_key else None
 
 
-def quantity(msg: Any) -> Quantity:
-    if msg.WhichOneof("quantity_value") == "quantity_decimal":
-        return Quantity(decimal=msg.quantity_decimal)
-    return Quantity(whole=msg.quantity)
+quantity = validate.request_quantity
 
 
 # ---- results to messages ----------------------------------------------------------------
