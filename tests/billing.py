@@ -165,6 +165,12 @@ class Billing:
                                       clear=clear, reason=reason)
         return apb.SetOverdraftResponse.FromString(self.run(wire.set_overdraft(self.engine, req)))
 
+    def set_term(self, customer: str, credit_type: str, term: str, value: int = 0, clear: bool = False,
+                 reason: str = "negotiated") -> apb.SetTermResponse:
+        req = apb.SetTermRequest(customer_id=customer, credit_type=credit_type, term=term, value=value, clear=clear,
+                                 reason=reason)
+        return apb.SetTermResponse.FromString(self.run(wire.set_term(self.engine, req)))
+
     def subscribe(self, customer: str, plan: str, start_ms: int = 0) -> apb.Subscription:
         req = apb.SubscribeRequest(customer_id=customer, plan=plan, start_ms=start_ms)
         return apb.Subscription.FromString(self.run(wire.subscribe(self.engine, req)))

@@ -4,7 +4,9 @@ restarts, on both cores side by side; invariants checked after every step.
 Three catalogs: ElevenLabs (rollover caps, unlimited overage billed at the
 period's end), Cursor (weights, a degraded fallback, an overage spend limit
 billed early) and the hybrid (graduated overage, gauges, distinct users, free
-units, two credit types, and calls of several quantities decided as a whole)."""
+units, two credit types, and calls of several quantities decided as a whole).
+Each history may also set and clear a customer's own terms: an overdraft, a
+discount, a budget and included credits."""
 
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ SETUPS = {
 CALLS = {"hybrid": ({"model": "gpt-4o", "hardware": "nvidia-h100"}, ["input_tokens", "output_tokens", "gpu_seconds"])}
 
 
+# each term's values: overdraft, budget and included credits in whole units, a discount in basis points
+TERM_RANGES = {"overdraft": (300, NANO), "discount": (10_000, 1), "budget": (50, NANO), "included": (1000, NANO)}
+
+
 def steps_for(catalog: str) -> st.SearchStrategy:
     plans, _, events = SETUPS[catalog]
     calls = [st.tuples(st.just("call"), st.sampled_from(CUSTOMERS), st.integers(0, 2_000_000),
@@ -59,6 +65,9 @@ def steps_for(catalog: str) -> st.SearchStrategy:
         st.tuples(st.just("change_plan"), st.sampled_from(CUSTOMERS), st.sampled_from(plans)),
         st.tuples(st.just("resubscribe"), st.sampled_from(CUSTOMERS), st.sampled_from(plans)),
         st.tuples(st.just("restart"), st.booleans()),
+        # a customer's own terms (Admin SetTerm), set or cleared at any point of a period
+        st.tuples(st.just("term"), st.sampled_from(CUSTOMERS), st.sampled_from(sorted(TERM_RANGES)),
+                  st.integers(0, 10**6), st.booleans()),
     )
 
 
@@ -98,6 +107,9 @@ def apply(b: Billing, catalog: str, op: tuple) -> None:
             b.subscribe(op[1], op[2])
         elif kind == "restart":
             b.restart(clean=op[1])
+        elif kind == "term":
+            top, unit = TERM_RANGES[op[2]]
+            b.set_term(op[1], credit, op[2], 0 if op[4] else op[3] % (top + 1) * unit, clear=op[4])
     except (NotFound, Conflict, InvalidInput):
         pass  # for example a plan change without a subscription: refused, nothing applied
 

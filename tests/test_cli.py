@@ -18,8 +18,8 @@ from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
 pytestmark = pytest.mark.spawns  # meterd commands
-COMMANDS = ["serve", "check-config", "balance", "report", "grant", "adjust", "overdraft", "subscribe", "cancel",
-            "change-plan", "audit", "advance-clock",
+COMMANDS = ["serve", "check-config", "balance", "report", "grant", "adjust", "overdraft", "terms", "subscribe",
+            "cancel", "change-plan", "audit", "advance-clock",
             "statement", "usage", "bench", "ledger migrate", "ledger check", "ledger release-sidecar",
             "ledger allowance"]
 
@@ -113,6 +113,38 @@ def test_overdraft_sets_and_clears_a_customers_own(make_daemon):
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "Traceback" not in r.stderr, r.stderr
     kinds = [e.kind for e in d.admin.ListAudit(apb.ListAuditRequest(customer_id="demo", limit=10)).entries]
     assert kinds.count("overdraft") == 2
+
+
+def test_terms_set_list_and_clear_a_customers_discount(make_daemon):
+    d = make_daemon().start()  # the built-in demo catalog: demo holds $10.00
+    data_dir = ["--data-dir", str(d.data_dir)]
+    r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--discount", "12.5%",
+               "--reason", "annual contract")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["discount of demo in usd set to 12.5%: the balance may go down to 0; "
+                                     "available 10", "  usd                  discount   12.5%"], r.stdout
+    r = meterd("terms", "--customer", "demo", "--target", d.target)  # listed from GetBalance
+    assert r.returncode == 0 and r.stdout.split() == ["usd", "discount", "12.5%"], (r.stdout, r.stderr)
+    r = meterd("balance", "--customer", "demo", "--target", d.target)
+    assert "term  usd                  discount   12.5%" in r.stdout, r.stdout
+    for bad, words in [("12.345", "--discount: '12.345' must be a percentage from 0 to 100 with at most 2 decimals"),
+                       ("101", "must be a percentage"), ("-5", "must be a percentage"),
+                       ("1e2", "must be a percentage")]:
+        r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--discount", bad,
+                   "--reason", "x")
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+    r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--budget", "5", "--reason", "x")
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "credit_type" in r.stderr, r.stderr
+    r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--discount", "5", "--clear",
+               "discount", "--reason", "x")
+    assert r.returncode == 2 and "one of --discount, --budget, --included or --clear at a time" in r.stderr
+    r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--clear", "discount",
+               "--reason", "contract ended")
+    assert r.returncode == 0 and "discount of demo in usd cleared" in r.stdout, r.stderr
+    r = meterd("terms", "--customer", "demo", "--target", d.target)
+    assert "demo has no terms of its own" in r.stdout, r.stdout
+    kinds = [e.kind for e in d.admin.ListAudit(apb.ListAuditRequest(customer_id="demo", limit=10)).entries]
+    assert kinds.count("discount") == 2
 
 
 def test_bulk_grants_from_csv_once_each_with_progress(make_daemon, tmp_path):

@@ -92,8 +92,9 @@ def test_catalog_prices_are_exact_fractions():
                          "meters": {"r": {"credit_type": "req", "price_dimension": "model",
                                           "prices": {"haiku": "1/3", "o1": "10"}, "per": 1}}}, "x")
     denominators, _, rates = cat.compile()
-    assert denominators == [3]
-    assert rates == [(0, (b"haiku",), 10**9, 1, ()), (0, (b"o1",), 10**10, 3, ())]
+    # 1/3 and 10 have a common denominator of 3; in 1/10,000 steps, so that a discount is exact too
+    assert denominators == [3 * 10_000]
+    assert rates == [(0, (b"haiku",), 10**9, 10_000, ()), (0, (b"o1",), 10**10, 30_000, ())]
 
 
 @pytest.mark.spawns

@@ -297,6 +297,9 @@ def test_both_cores_agree_on_many_random_events():
             core.credit(idx, 1, req)
             core.set_plan(idx, plan)
             core.set_alert(idx, 0, alert)
+            n = int(c.split("-")[1])
+            if n % 10 == 7:  # a negotiated discount in one credit type or the other
+                core.set_discount(idx, n // 10 % 2, 1 + n // 10 % 9 * 1111)
     total = 0
     for round_ in range(60):
         events = [random_event(rng, customers) for _ in range(rng.randrange(1, 4000))]
@@ -1134,3 +1137,85 @@ def test_an_event_whose_quantities_cost_more_than_64_bits_together_is_refused_as
     r = core.report(pb.ReportRequest(event=e).SerializeToString())
     assert (r[0], r[1], r[3]) == (pb.DECISION_DENY, pb.REASON_OVERFLOW, 0)
     assert core.state_bytes(idx) == before and core.usage_pending() == 0
+
+
+# ---- a customer's negotiated discount -------------------------------------------------------
+
+def test_a_discount_takes_its_share_off_each_charge_exactly_with_the_remainder_carried(core):
+    core.set_discount(0, 1, 1250)  # 12.5% off the req credit type
+    before = core.state(0)[0][1][0]
+    # 7 haiku requests at 1/3 request each, then 5 images at 2/7: each at 87.5% of its price
+    core.apply_batch(batch([ev(meter="requests", model="haiku")] * 7 + [ev(meter="images")] * 5))
+    exact = (7 * Fraction(1, 3) + 5 * Fraction(2, 7)) * Fraction(7, 8) * 10**9
+    spent = before - core.state(0)[0][1][0]
+    assert spent == int(exact)  # rounded down, and what is left is carried
+    denominator = core_denominator(core, 1)
+    assert Fraction(core.state(0)[0][1][3], denominator) == exact - spent
+    assert core.discount(0, 1) == 1250 and core.discount(0, 0) == 0
+    usd = core.state(0)[0][0][0]
+    core.apply_batch(batch([ev(model="gpt-4o", quantity=1_000_000)]))  # the other credit type: the list price
+    assert usd - core.state(0)[0][0][0] == 2_500_000_000
+
+
+def core_denominator(core, ct: int) -> int:
+    return parse_catalog(CATALOG, "test").compile()[0][ct]
+
+
+def test_a_discount_applies_to_settlements_minimums_gauges_and_can_be_all_of_the_price(core):
+    core.set_discount(0, 0, 2000)  # 20% off usd
+    usd = core.state(0)[0][0][0]
+    cost, _ = core.settle(0, core.find_rate(0, {b"model": b"mini"}), 1_000_000, 0)  # $0.15 a 1M tokens
+    assert cost == 120_000_000
+    assert core.force_charge(0, core.find_rate(4, {}), 3) == 12 * 10**9  # 3 seats at $5
+    cost, _ = core.settle(0, core.find_rate(0, {b"model": b"mini"}), 1, 0, None, 10**9)  # a $1 minimum
+    assert cost == 800_000_000
+    assert usd - core.state(0)[0][0][0] == 12_920_000_000
+    core.set_discount(0, 0, 10_000)  # all of it: nothing is charged, usage still counts
+    accepted, *_ = core.apply_batch(batch([ev(model="gpt-4o", quantity=10**9)]))
+    assert accepted == 1 and core.state(0)[0][0][0] == usd - 12_920_000_000
+    core.set_discount(0, 0, 0)
+    assert core.discount(0, 0) == 0
+
+
+@pytest.mark.parametrize("value", [-1, 10_001])
+def test_a_discount_out_of_range_is_refused(core, value):
+    with pytest.raises(ValueError, match="0 to 10000"):
+        core.set_discount(0, 0, value)
+
+
+@pytest.mark.parametrize("kind", list(CORES))
+def test_a_core_whose_prices_are_not_in_discount_steps_refuses_a_discount(kind):
+    denominators, meters, rates = parse_catalog(CATALOG, "test").compile()
+    raw = [d // 10_000 for d in denominators]  # a core built from uncompiled figures
+    rates = [(m, key, amount, factor // 10_000, tuple((u, a, f // 10_000) for u, a, f in steps))
+             for m, key, amount, factor, steps in rates]
+    c = CORES[kind](raw, meters, rates, dict(LIMITS), 1024, PLANS, MODES, FREE, [b"usd", b"req"])
+    idx = c.open_account(b"acme")
+    with pytest.raises(ValueError, match="cannot be discounted exactly"):
+        c.set_discount(idx, 1, 100)
+    c.set_discount(idx, 1, 0)  # none is always possible
+
+
+@needs_compiled
+def test_a_discount_is_kept_in_snapshot_records_which_both_cores_write_alike():
+    blobs = []
+    for kind in CORES:
+        c = make_core(kind)
+        idx = c.open_account(b"acme")
+        c.credit(idx, 1, 10**10)
+        plain = c.state_bytes(idx)
+        c.set_discount(idx, 1, 3333)
+        c.apply_batch(batch([ev(meter="requests", model="haiku")] * 4))
+        blob = c.state_bytes(idx)
+        assert len(blob) == len(plain) + 2 * 8  # a discount per credit type follows
+        other = make_core(kind)
+        j = other.load_state_bytes(b"acme", blob)
+        assert other.discount(j, 1) == 3333 and other.state(j) == c.state(idx)
+        assert other.load_state_bytes(b"acme", plain) == j and other.discount(j, 1) == 0  # a record without one
+        with pytest.raises(ValueError):
+            other.load_state_bytes(b"acme", blob[:-8])  # a discount cut short
+        bad = blob[:-8] + struct.pack("<q", 10_001)
+        with pytest.raises(ValueError):
+            other.load_state_bytes(b"acme", bad)
+        blobs.append(blob)
+    assert blobs[0] == blobs[1]

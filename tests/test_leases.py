@@ -377,6 +377,8 @@ def test_subscriptions_are_refused_in_ledger_mode(sidecars):
         s.nodes[0].subscribe("acme", "pro")
     with pytest.raises(Conflict, match="local mode only"):  # and so is an overdraft of the customer's own
         s.nodes[0].set_overdraft("acme", "usd", 10**9)
+    with pytest.raises(Conflict, match="discount is local mode only"):  # and any other term of its own
+        s.nodes[0].set_term("acme", "usd", "discount", 1000)
 
 
 @pytest.mark.spawns

@@ -1428,3 +1428,137 @@ def test_a_customers_own_overdraft_comes_back_with_its_credit_type(make, tmp_pat
     b.restart(clean=False)
     floors = {c: next(x.floor_nano for x in b.balance(c).balances if x.credit_type == "usd") for c in ("acme", "bob")}
     assert floors == {"acme": -5 * NANO, "bob": -5 * NANO}
+
+
+# ---- per-customer overrides: a negotiated discount, a budget, included credits -----------------
+
+def usd_of(b: Billing, customer: str) -> pb.CreditBalance:
+    return next(x for x in b.balance(customer).balances if x.credit_type == "usd")
+
+
+def test_a_negotiated_discount_takes_its_share_off_every_price_exactly_and_outlives_restarts(make):
+    b = make("openai")  # acme: $10.00; gpt-4o $2.50 / $10.00 per 1M input / output tokens, mini $0.15 input
+    r = b.set_term("acme", "usd", "discount", 1250, reason="annual contract")  # 12.5% off
+    assert [(t.credit_type, t.term, t.value) for t in r.terms] == [("usd", "discount", 1250)]
+    off = Fraction(7, 8)
+    spent = Fraction(0)
+    call = {"input_tokens": 100_000, "output_tokens": 50_000}
+    r = b.report_parts("acme", call, model="gpt-4o")
+    spent += (100_000 * Fraction("2.50") + 50_000 * Fraction("10.00")) / 10**6 * off * NANO  # $0.65625
+    assert r.cost_nano == int(spent) == 656_250_000
+    for _ in range(3):  # 7 tokens of mini: 918.75 nano each, the 0.75 carried
+        b.report("acme", "input_tokens", 7, model="gpt-4o-mini")
+        spent += 7 * Fraction("0.15") / 10**6 * off * NANO
+    assert b.bal("acme", "usd") == 10 * NANO - int(spent)  # 2,756.25 nano for the three: 2,756 charged
+    b.restart(clean=False)  # the discount replays from the log
+    b.report("acme", "input_tokens", 7, model="gpt-4o-mini")
+    spent += 7 * Fraction("0.15") / 10**6 * off * NANO
+    assert b.bal("acme", "usd") == 10 * NANO - int(spent)  # and the carried remainder with it
+    b.run(b.engine.snapshots.snapshot())
+    b.restart(clean=False)  # now from a snapshot
+    # A hold is quoted at the discounted price: $10 of output at list is $8.75 to this customer.
+    available = usd_of(b, "acme").available_nano
+    assert 8_750_000_000 <= available < 10 * NANO
+    a = b.authorize("acme", "output_tokens", 1_000_000, model="gpt-4o")
+    assert a.decision == pb.DECISION_ALLOW and usd_of(b, "acme").reserved_nano == 8_750_000_000
+    c = b.commit(a.reservation_id, 100_000)  # $1.00 at list
+    spent += Fraction(1) * off * NANO
+    assert c.cost_nano == 875_000_000 and b.bal("acme", "usd") == 10 * NANO - int(spent)
+    entry = b.audit("acme", "discount")[-1]
+    assert (entry.amount_nano, entry.reference) == (1250, "annual contract")
+    b.set_term("acme", "usd", "discount", clear=True, reason="contract ended")
+    r = b.report("acme", "input_tokens", 1_000_000, model="gpt-4o-mini")
+    assert r.cost_nano == 150_000_000  # the list price again
+    assert b.balance("acme").terms == []
+    b.check_conservation("acme")
+
+
+def test_a_budget_raised_mid_month_never_lets_the_month_cost_more_than_it(make):
+    b = make("copilot")  # dev1 on Pro: 300 premium requests, then $0.04 each up to its budget ($0 by default)
+    for _ in range(300):
+        assert b.report("dev1", "chat_requests", 1, model="claude-3.5-sonnet").decision == pb.DECISION_ALLOW
+    assert b.report("dev1", "chat_requests", 1, model="gemini-2.0-flash").decision == pb.DECISION_DENY
+    r = b.set_term("dev1", "premium", "budget", NANO, reason="budget set")  # $1.00: 25 requests
+    assert r.floor_nano == -int(Fraction(1) / Fraction("0.04") * NANO) == -25 * NANO
+    for _ in range(16):  # 16 thinking turns of 1.25: 20 requests, $0.80
+        assert b.report("dev1", "chat_requests", 1, model="claude-3.7-sonnet-thinking").decision == pb.DECISION_ALLOW
+    r = b.set_term("dev1", "premium", "budget", NANO // 2, reason="lowered")  # $0.50: already past it
+    assert r.floor_nano == -int(Fraction(1, 2) / Fraction("0.04") * NANO) and r.available_nano < 0
+    assert b.report("dev1", "chat_requests", 1, model="gemini-2.0-flash").decision == pb.DECISION_DENY
+    b.set_term("dev1", "premium", "budget", 2 * NANO, reason="raised")  # $2.00: 50 requests in all
+    used = 20
+    while b.report("dev1", "chat_requests", 1, model="gemini-2.0-flash").decision == pb.DECISION_ALLOW:
+        used += Fraction(1, 4)
+    assert used == 50  # exactly to the budget, and not one quarter-request past it
+    b.advance(32 * DAY_MS)
+    b.tick()
+    bill = b.audit("dev1", "overage_charged")[-1]
+    assert bill.amount_nano == 50 * NANO and bill.charge_nano == int(50 * Fraction("0.04") * NANO) == 2 * NANO
+    # The next month starts with 300 requests and the same budget.
+    assert b.balance("dev1").terms[0].term == "budget"
+    assert next(x for x in b.balance("dev1").balances if x.credit_type == "premium").floor_nano == -50 * NANO
+    b.check_conservation("dev1")
+
+
+def test_a_budget_counts_what_an_early_bill_already_charged(make):
+    b = make("cursor")  # bob: $0.04 a request past 500, billed at $20, spend limit $20
+    r = b.set_term("bob", "requests", "budget", 30 * NANO, reason="raised")  # $30 in place of the plan's $20
+    assert r.floor_nano == -750 * NANO
+    for _ in range(1000):  # the pool, then $20 of overage: billed early at the threshold
+        b.report("bob", "requests", 1, model="gpt-4o")
+    b.tick()
+    early = b.audit("bob", "overage_charged")
+    assert [(e.amount_nano, e.charge_nano) for e in early] == [(500 * NANO, 20 * NANO)]
+    b.set_term("bob", "requests", "budget", 25 * NANO, reason="lowered")  # $5 left: 125 requests
+    served = 0
+    while b.report("bob", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW:
+        served += 1
+    assert served == int((25 - 20) / Fraction("0.04"))
+    b.advance(32 * DAY_MS)
+    b.tick()
+    assert sum(e.charge_nano for e in b.audit("bob", "overage_charged")) == 25 * NANO
+
+
+def test_included_credits_of_a_customers_own_are_raised_at_once_and_lowered_from_the_next_period(make):
+    b = make("copilot")
+    premium = lambda: b.bal("dev1", "premium")  # noqa: E731
+    for _ in range(100):
+        b.report("dev1", "chat_requests", 1, model="gemini-2.5-pro")
+    assert premium() == 200 * NANO
+    r = b.set_term("dev1", "premium", "included", 500 * NANO, reason="pilot")  # 200 more now
+    assert premium() == 400 * NANO and r.available_nano == 400 * NANO
+    b.set_term("dev1", "premium", "included", 400 * NANO, reason="pilot, smaller")  # not taken back now
+    assert premium() == 400 * NANO
+    b.set_term("dev1", "premium", "included", 600 * NANO, reason="pilot, larger")  # 100 above the 500 given
+    assert premium() == 500 * NANO
+    b.restart(clean=False)
+    b.advance(32 * DAY_MS)
+    b.tick()
+    assert premium() == 600 * NANO  # the next period: the customer's own amount, not the plan's 300
+    b.set_term("dev1", "premium", "included", clear=True, reason="pilot over")
+    b.advance(31 * DAY_MS)
+    b.tick()
+    assert premium() == 300 * NANO
+    kinds = [(e.kind, e.amount_nano) for e in b.audit("dev1") if e.kind == "included_amount"]
+    assert kinds == [("included_amount", 500 * NANO), ("included_amount", 400 * NANO),
+                     ("included_amount", 600 * NANO), ("included_amount", 0)]
+    b.check_conservation("dev1")
+
+
+@pytest.mark.parametrize("customer, credit_type, term, value, clear, field, words", [
+    ("acme", "usd", "rebate", 1, False, "term", "not one of"),
+    ("acme", "usd", "discount", 10_001, False, "value", "basis points"),
+    ("acme", "usd", "discount", -1, False, "value", "basis points"),
+    ("acme", "usd", "discount", 5, True, "value", "must be 0 with clear"),
+    ("acme", "usd", "budget", NANO, False, "credit_type", "no overage in usd"),
+    ("walk-in", "usd", "included", NANO, False, "credit_type", "has no plan with usd credits"),
+    ("acme", "usd", "included", -NANO, False, "value", "2^62"),
+])
+def test_a_term_that_cannot_be_set_is_refused_naming_the_field_and_changes_nothing(make, customer, credit_type, term,
+                                                                                  value, clear, field, words):
+    b = make("openai")  # acme: on the prepaid plan (usd credits, no overage); walk-in: a grant, no plan
+    b.grant("walk-in", "usd", NANO)
+    with pytest.raises(InvalidInput) as e:
+        b.set_term(customer, credit_type, term, value, clear)
+    assert e.value.field == field and words in str(e.value), str(e.value)
+    assert b.balance(customer).terms == [] and b.audit(customer, "discount") == []

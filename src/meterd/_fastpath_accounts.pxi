@@ -51,6 +51,31 @@ cdef class _Accounts(_State):
             self._xw(idx, ct).floor = floor_nano
         self.dirty[idx] = 1
 
+    def set_discount(self, Py_ssize_t idx, Py_ssize_t ct, int64_t discount):
+        """Take ``discount`` / DISCOUNT_SCALE off every charge of the account in a
+        credit type (0: none), exactly: the cost of each debit is the discounted
+        one, its remainder carried as any other."""
+        self._idx(idx); self._ct(ct)
+        if discount < 0 or discount > DISCOUNT_SCALE:
+            raise ValueError(spec.MSG_DISCOUNT)
+        cdef Py_ssize_t k, t
+        cdef bint ok = self.denom[ct] % DISCOUNT_SCALE == 0
+        for k in range(self.n_rates):
+            if self.rates[k].ct == ct:
+                ok = ok and self.rates[k].factor % DISCOUNT_SCALE == 0
+                for t in range(self.rates[k].tier_first, self.rates[k].tier_first + self.rates[k].tier_count):
+                    ok = ok and self.tiers[t].factor % DISCOUNT_SCALE == 0
+        if discount and not ok:
+            raise ValueError(spec.MSG_NOT_DISCOUNTABLE % ct)
+        if discount != 0 or self.ext[idx] >= 0:
+            self._xw(idx, ct).disc = discount
+        self.dirty[idx] = 1
+
+    def discount(self, Py_ssize_t idx, Py_ssize_t ct):
+        """The account's discount in a credit type, in 1/DISCOUNT_SCALE (0: none)."""
+        self._idx(idx); self._ct(ct)
+        return _Tables._disc(self, idx, ct)
+
     cdef inline i128 _available(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
         cdef Ext *x = _Tables._xp(self, idx, ct)
         if x == NULL:
@@ -278,6 +303,9 @@ cdef class _Accounts(_State):
                 return REASON_OVERFLOW
         if fine < <i128>minimum * self.denom[ct]:
             fine = <i128>minimum * self.denom[ct]
+        cdef Ext *x = _Tables._xp(self, idx, ct)
+        if x != NULL and x.disc != 0:  # exact: fine is a multiple of DISCOUNT_SCALE (set_discount)
+            fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - x.disc)
         cdef i128 total = fine + self.rem[b]
         cdef i128 d = total / self.denom[ct]
         cdef i128 use
@@ -344,6 +372,7 @@ cdef class _Accounts(_State):
             rc = self._graduated(<int32_t>rate, quantity - charged, quantity, &fine)
         if rc:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
+        fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - _Tables._disc(self, idx, ct))
         total = fine + self.rem[b]
         d = total / self.denom[ct]
         if <i128>self.bal[b] - d < -INT64_MAX:

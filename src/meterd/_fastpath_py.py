@@ -26,6 +26,7 @@ from meterd.corespec import (
     DECISION_ALLOW,
     DECISION_DEGRADE,
     DECISION_DENY,
+    DISCOUNT_SCALE,
     INT64_MAX,
     INT64_MIN,
     OUT_DEGRADED,
@@ -50,6 +51,7 @@ I128_MAX = (1 << 127) - 1
 U64 = (1 << 64) - 1
 # How _debit treats the balance (as _fastpath_accounts.pxd).
 DEBIT_CHECK, DEBIT_FORCE, DEBIT_DEGRADE = 0, 1, 2
+STATE_DISCOUNTED = 1 << 32  # in a state record's plan word: a discount per credit type follows (_fastpath_state.pxd)
 
 
 def _part_error(k: int, e: _DecodeError) -> _DecodeError:
@@ -306,6 +308,7 @@ class _Tables:
         self.usage: list[list[int]] = []
         self.degr: list[list[int]] = []
         self.alert: list[list[int]] = []
+        self.disc: list[list[int]] = []  # a negotiated discount, in 1/DISCOUNT_SCALE
         self.plan_of: list[int] = []
         # Per account: the distinct values of this period, (meter, bytes), or (meter, hash)
         # for a value read from a snapshot of a version that kept only hashes; and how
@@ -443,7 +446,7 @@ class _Tables:
         """A new account's row in each table of accounts, as the compiled core's
         _grow makes room for them; a layer with tables of its own per account adds
         its rows too (_Aggregates._add_rows)."""
-        for table in (self.bal, self.resv, self.floor, self.rem, self.degr):
+        for table in (self.bal, self.resv, self.floor, self.rem, self.degr, self.disc):
             table.append([0] * self.n_ct)
         self.alert.append([INT64_MIN] * self.n_ct)
         self.plan_of.append(0)
@@ -505,7 +508,11 @@ class _State(_Tables):
         uniq = self.uniques(idx)
         tail = [struct.pack("<ii", m, len(v)) + v if isinstance(v, bytes) else struct.pack("<iiQ", m, -1, v)
                 for m, v in uniq]
-        return struct.pack(self._fmt(), *[w for c in cts for w in c], *use, plan) + \
+        discounted = any(self.disc[idx])
+        if discounted:
+            tail.append(struct.pack("<%dq" % self.n_ct, *self.disc[idx]))
+        return struct.pack(self._fmt(), *[w for c in cts for w in c], *use,
+                           plan | (STATE_DISCOUNTED if discounted else 0)) + \
             struct.pack("<q", -len(uniq)) + b"".join(tail)
 
     def _state_uniques(self, data: bytes, size: int) -> list:
@@ -538,21 +545,32 @@ class _State(_Tables):
         return out
 
     def load_state_bytes(self, customer_id: bytes, data: bytes) -> int:
+        """A state record as state_bytes writes it: words, distinct values, then (bit 32
+        of the plan's word) a discount per credit type."""
         self._check()
         size = struct.calcsize(self._fmt())
-        uniq = self._state_uniques(data, size)
+        if len(data) < size:
+            raise ValueError(spec.MSG_STATE_SIZE)
         w = struct.unpack(self._fmt(), data[:size])
+        plan = w[-1] & ~STATE_DISCOUNTED
+        trailer = 8 * self.n_ct if w[-1] & STATE_DISCOUNTED else 0
+        uniq = self._state_uniques(data[:len(data) - trailer], size)
+        disc = list(struct.unpack_from("<%dq" % self.n_ct, data, len(data) - trailer)) if trailer else \
+            [0] * self.n_ct
         cts = [tuple(w[k * 6:k * 6 + 6]) for k in range(self.n_ct)]
         for k, c in enumerate(cts):
             if not (0 <= c[3] < self.denom[k]) or c[1] < 0:
                 raise ValueError(spec.MSG_STATE_RANGE)
-        if not 0 <= w[-1] < len(self.plans):
+        if not 0 <= plan < len(self.plans):
             raise ValueError(spec.MSG_STATE_PLAN)
         for meter, _ in uniq:
             if not (0 <= meter < len(self.meters) and self.aggs[meter] == AGG_UNIQUE):
                 raise ValueError(spec.MSG_STATE_UNIQUE)
+        if not all(0 <= d <= DISCOUNT_SCALE for d in disc):
+            raise ValueError(spec.MSG_STATE_RANGE)
         idx = self.open_account(customer_id)
-        self.load_state(idx, cts, list(w[self.n_ct * 6:-1]), w[-1])
+        self.load_state(idx, cts, list(w[self.n_ct * 6:-1]), plan)
+        self.disc[idx] = disc
         for meter, value in uniq:
             self.add_unique(idx, meter, value)
         return idx
@@ -626,6 +644,24 @@ class _Accounts(_State):
         self._ct(ct)
         self.floor[idx][ct] = floor_nano
         self.dirty[idx] = True
+
+    def set_discount(self, idx: int, ct: int, discount: int) -> None:
+        self._idx(idx)
+        self._ct(ct)
+        if not 0 <= discount <= DISCOUNT_SCALE:
+            raise ValueError(spec.MSG_DISCOUNT)
+        ok = self.denom[ct] % DISCOUNT_SCALE == 0 and all(
+            r[3] % DISCOUNT_SCALE == 0 and all(t[2] % DISCOUNT_SCALE == 0 for t in self.tiers[k])
+            for k, r in enumerate(self.rates) if r[1] == ct)
+        if discount and not ok:
+            raise ValueError(spec.MSG_NOT_DISCOUNTABLE % ct)
+        self.disc[idx][ct] = discount
+        self.dirty[idx] = True
+
+    def discount(self, idx: int, ct: int) -> int:
+        self._idx(idx)
+        self._ct(ct)
+        return self.disc[idx][ct]
 
     def _available(self, idx: int, ct: int) -> int:
         return self.bal[idx][ct] - self.resv[idx][ct] - self.floor[idx][ct]
@@ -747,6 +783,7 @@ class _Accounts(_State):
                 return REASON_OVERFLOW, 0
             fine = graduated
         fine = max(fine, minimum * self.denom[ct])
+        fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - self.disc[idx][ct])  # exact (set_discount)
         total = fine + self.rem[idx][ct]
         d, rem = divmod(total, self.denom[ct])
         if d > INT64_MAX or self.bal[idx][ct] - d < -INT64_MAX:
@@ -796,6 +833,7 @@ class _Accounts(_State):
             fine = self._graduated(rate, quantity - charged, quantity)
         if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
+        fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - self.disc[idx][ct])
         d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
         if self.bal[idx][ct] - d < -INT64_MAX:
             raise InvalidInput("quantity", spec.MSG_BALANCE_OVERFLOW)

@@ -16,6 +16,14 @@ cdef struct UEntry:
     int32_t next
 
 
+cdef extern from *:
+    """
+    #define METERD_STATE_DISCOUNTED (((int64_t)1) << 32)
+    """
+    # in a state record's plan word: a discount per credit type follows the record
+    const int64_t STATE_DISCOUNTED "METERD_STATE_DISCOUNTED"
+
+
 cdef class _State(_Tables):
     # distinct values of unique_count meters (per account: uhead, uepoch of _Tables)
     cdef UEntry *uent
@@ -29,7 +37,7 @@ cdef class _State(_Tables):
 
     # snapshots
     cdef Py_ssize_t _load_state(self, bytes customer_id, bytes data) except -1
-    cdef list _state_uniques(self, bytes data, Py_ssize_t words)
+    cdef list _state_uniques(self, bytes data, Py_ssize_t words, Py_ssize_t trailer)
     # distinct values
     cdef inline uint64_t _ukey(self, int32_t acct, int32_t meter, uint32_t epoch, uint64_t vhash) noexcept nogil
     cdef int32_t _ufind(self, int32_t acct, int32_t meter, uint64_t vhash, const char *val,

@@ -38,7 +38,7 @@ cdef class _State(_Tables):
             bal, resv, floor, rem, degr, alert = cts[k]
             self.bal[b + k] = bal
             self.rem[b + k] = rem
-            self._set_ext(idx, k, resv, floor, degr, alert)
+            self._set_ext(idx, k, resv, floor, degr, alert, _Tables._disc(self, idx, k))
         for k in range(self.n_meters):
             self.usage[idx * self.n_meters + k] = use[k]
         self.plan_of[idx] = plan
@@ -63,14 +63,18 @@ cdef class _State(_Tables):
         type (balance, reserved, floor, remainder, degraded, alert), then usage
         per meter, then the plan; then 0, or -n and this period's n distinct
         values, each as int32 LE meter and length and the value's bytes (length
-        -1: an 8-byte hash, a value kept by a version that kept only hashes).
+        -1: an 8-byte hash, a value kept by a version that kept only hashes);
+        then, when the plan's word has bit 32 set, a discount per credit type.
         A word n >= 0 followed by n (meter, hash) pairs is that older format,
         which _load_state still reads."""
         self._idx(idx)
         cdef Py_ssize_t k, b = idx * self.n_ct, u = idx * self.n_meters, size
         cdef list uniq = self.uniques(idx)
         cdef Py_ssize_t words = self.n_ct * 6 + self.n_meters + 1
-        size = (words + 1) * 8
+        cdef bint discounted = False
+        for k in range(self.n_ct):
+            discounted = discounted or _Tables._disc(self, idx, k) != 0
+        size = (words + 1 + (self.n_ct if discounted else 0)) * 8
         for meter, value in uniq:
             size += 8 + (len(value) if isinstance(value, bytes) else 8)
         out = PyBytes_FromStringAndSize(NULL, size)
@@ -87,7 +91,7 @@ cdef class _State(_Tables):
             w[k * 6 + 5] = _Tables._alert(self, idx, k)
         for k in range(self.n_meters):
             w[self.n_ct * 6 + k] = self.usage[u + k]
-        w[words - 1] = self.plan_of[idx]
+        w[words - 1] = self.plan_of[idx] | (STATE_DISCOUNTED if discounted else 0)
         w[words] = -len(uniq)
         for meter, value in uniq:
             head[0] = meter
@@ -102,6 +106,10 @@ cdef class _State(_Tables):
                 memcpy(p, head, 8)
                 memcpy(p + 8, &h, 8)
                 p += 16
+        if discounted:
+            for k in range(self.n_ct):
+                h = <uint64_t>_Tables._disc(self, idx, k)
+                memcpy(p + k * 8, &h, 8)
         return out
 
     def load_state_bytes(self, bytes customer_id, bytes data):
@@ -122,35 +130,48 @@ cdef class _State(_Tables):
     cdef Py_ssize_t _load_state(self, bytes customer_id, bytes data) except -1:
         cdef Py_ssize_t k, words = self.n_ct * 6 + self.n_meters + 1
         cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
-        cdef list uniq = self._state_uniques(data, words)
+        if PyBytes_GET_SIZE(data) < words * 8:
+            raise ValueError(spec.MSG_STATE_SIZE)
+        cdef int64_t plan = w[words - 1] & ~STATE_DISCOUNTED
+        cdef Py_ssize_t trailer = self.n_ct * 8 if w[words - 1] & STATE_DISCOUNTED else 0
+        cdef list uniq = self._state_uniques(data, words, trailer)
+        cdef const char *tail = PyBytes_AS_STRING(data) + PyBytes_GET_SIZE(data) - trailer
+        cdef int64_t disc = 0
         for k in range(self.n_ct):
             if not (0 <= w[k * 6 + 3] < self.denom[k]) or w[k * 6 + 1] < 0:
                 raise ValueError(spec.MSG_STATE_RANGE)
-        if not 0 <= w[words - 1] < self.n_plans:
+        if not 0 <= plan < self.n_plans:
             raise ValueError(spec.MSG_STATE_PLAN)
         for meter, value in uniq:
             if not (0 <= meter < self.n_meters and self.meters[meter].agg == AGG_UNIQUE):
                 raise ValueError(spec.MSG_STATE_UNIQUE)
+        for k in range(self.n_ct if trailer else 0):
+            memcpy(&disc, tail + k * 8, 8)
+            if not 0 <= disc <= DISCOUNT_SCALE:
+                raise ValueError(spec.MSG_STATE_RANGE)
         self._check_id(customer_id)
         cdef Py_ssize_t idx = self._insert(PyBytes_AS_STRING(customer_id), PyBytes_GET_SIZE(customer_id))
         cdef Py_ssize_t b = idx * self.n_ct, u = idx * self.n_meters
         for k in range(self.n_ct):
             self.bal[b + k] = w[k * 6]
             self.rem[b + k] = w[k * 6 + 3]
-            self._set_ext(idx, k, w[k * 6 + 1], w[k * 6 + 2], w[k * 6 + 4], w[k * 6 + 5])
+            disc = 0
+            if trailer:
+                memcpy(&disc, tail + k * 8, 8)
+            self._set_ext(idx, k, w[k * 6 + 1], w[k * 6 + 2], w[k * 6 + 4], w[k * 6 + 5], disc)
         for k in range(self.n_meters):
             self.usage[u + k] = w[self.n_ct * 6 + k]
-        self.plan_of[idx] = <uint16_t>w[words - 1]
+        self.plan_of[idx] = <uint16_t>plan
         for meter, value in uniq:
             self.add_unique(idx, meter, value)
         self.dirty[idx] = 0
         return idx
 
-    cdef list _state_uniques(self, bytes data, Py_ssize_t words):
-        """The distinct values of a state record, (meter, bytes or hash) pairs; raise
-        ValueError for a record of the wrong size."""
+    cdef list _state_uniques(self, bytes data, Py_ssize_t words, Py_ssize_t trailer):
+        """The distinct values of a state record, (meter, bytes or hash) pairs, before
+        ``trailer`` bytes (its discounts); raise ValueError for a record of the wrong size."""
         cdef const int64_t *w = <const int64_t *>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(data), k, pos
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data) - trailer, k, pos
         cdef int64_t n
         cdef int32_t head[2]
         cdef uint64_t h

@@ -47,13 +47,15 @@ cdef struct Meter:
 
 # The state of an account and credit type that most accounts never set:
 # held by reservations, an overdraft floor, degraded usage this period, a
-# low-balance threshold. An account has these rows (one per credit type) only
-# once one of them is set to other than its default (0, 0, 0, INT64_MIN).
+# low-balance threshold, a negotiated discount. An account has these rows (one
+# per credit type) only once one of them is set to other than its default
+# (0, 0, 0, INT64_MIN, 0).
 cdef struct Ext:
     int64_t resv
     int64_t floor
     int64_t degr
     int64_t alert
+    int64_t disc             # what is taken off each charge, in 1/DISCOUNT_SCALE (0: none)
 
 
 cdef enum:
@@ -140,5 +142,6 @@ cdef class _Tables:
     cdef inline int64_t _floor(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
     cdef inline int64_t _degr(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
     cdef inline int64_t _alert(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
+    cdef inline int64_t _disc(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil
     cdef int _set_ext(self, Py_ssize_t idx, Py_ssize_t ct, int64_t resv, int64_t floor, int64_t degr,
-                      int64_t alert) except -1
+                      int64_t alert, int64_t disc) except -1

@@ -405,6 +405,7 @@ cdef class _Tables:
                 self.xrows[self.n_x + k].floor = 0
                 self.xrows[self.n_x + k].degr = 0
                 self.xrows[self.n_x + k].alert = INT64_MIN
+                self.xrows[self.n_x + k].disc = 0
             self.ext[idx] = <int32_t>self.n_x
             self.n_x += self.n_ct
         return &self.xrows[self.ext[idx] + ct]
@@ -431,17 +432,22 @@ cdef class _Tables:
         cdef Ext *x = self._xp(idx, ct)
         return INT64_MIN if x == NULL else x.alert
 
+    cdef inline int64_t _disc(self, Py_ssize_t idx, Py_ssize_t ct) noexcept nogil:
+        cdef Ext *x = self._xp(idx, ct)
+        return 0 if x == NULL else x.disc
+
     cdef int _set_ext(self, Py_ssize_t idx, Py_ssize_t ct, int64_t resv, int64_t floor, int64_t degr,
-                      int64_t alert) except -1:
-        """Set all four; an account whose rows are all defaults gets none."""
+                      int64_t alert, int64_t disc) except -1:
+        """Set all five; an account whose rows are all defaults gets none."""
         cdef Ext *x
-        if self.ext[idx] < 0 and resv == 0 and floor == 0 and degr == 0 and alert == INT64_MIN:
+        if self.ext[idx] < 0 and resv == 0 and floor == 0 and degr == 0 and alert == INT64_MIN and disc == 0:
             return 0
         x = self._xw(idx, ct)
         x.resv = resv
         x.floor = floor
         x.degr = degr
         x.alert = alert
+        x.disc = disc
         return 0
 
     # ---- accounts ------------------------------------------------------------

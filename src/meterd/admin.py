@@ -11,18 +11,22 @@ from meterd import validate
 from meterd.audit import Audit
 from meterd.clock import Clock, month_bounds
 from meterd.config import Settings
+from meterd.corespec import DISCOUNT_SCALE
 from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.housekeeping import Housekeeping
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
 from meterd.leases import Leases
-from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Overdrawn, Replay
+from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Overdrawn, Replay, TermsSet
 from meterd.state import Account, Live, Subscription
-from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, Subscriptions
+from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, TERMS, Subscriptions
+from meterd.validate import NAME_ECHO_CHARS
 
 INT64_MAX = (1 << 63) - 1
 OVERDRAFT_NANO_MAX = 1 << 62  # as a minimum charge: an overdraft and a balance add up within 64 bits
+# The audit entry of each of a customer's own terms (subscriptions.TERMS) when set or cleared.
+TERM_AUDIT = {"overdraft": "overdraft", "discount": "discount", "budget": "budget", "included": "included_amount"}
 
 
 class Admin:
@@ -98,29 +102,58 @@ class Admin:
                             reason: str) -> Overdrawn:
         """The customer's own overdraft in a credit type (or none, ``clear``), over its plan's and
         the catalog's, applied at once and audited."""
+        done = await self.set_term(customer_id, credit_type, "overdraft", amount_nano, clear, reason,
+                                   field="amount_nano")
+        return Overdrawn(done.floor_nano, done.available_nano)
+
+    async def set_term(self, customer_id: str, credit_type: str, term: str, value: int, clear: bool,
+                       reason: str, field: str = "value") -> TermsSet:
+        """One of the customer's own terms (subscriptions.TERMS) in a credit type, or none
+        (``clear``): applied at once, audited, kept until cleared."""
+        if term not in TERMS:
+            raise InvalidInput("term", f"{term[:NAME_ECHO_CHARS]!r} is not one of {', '.join(TERMS)}")
         if self.leases is not None:
-            raise Conflict("a customer's own overdraft is local mode only: in ledger mode the ledger holds the "
+            raise Conflict(f"a customer's own {term} is local mode only: in ledger mode the ledger holds the "
                            "balance")
         self.journal.check_writable()
         cust = validate.customer(self.settings, customer_id)
-        ct = self.grants.credit_type(credit_type, amount_nano)
-        if clear and amount_nano:
-            raise InvalidInput("amount_nano", "must be 0 with clear")
-        if not 0 <= amount_nano <= OVERDRAFT_NANO_MAX:
-            raise InvalidInput("amount_nano", "must be 0 to 2^62")
+        ct = self.grants.credit_type(credit_type, value if term in ("overdraft", "included") else 0)
+        if clear and value:
+            raise InvalidInput(field, "must be 0 with clear")
+        top = DISCOUNT_SCALE if term == "discount" else OVERDRAFT_NANO_MAX
+        if not 0 <= value <= top:
+            raise InvalidInput(field, f"must be 0 to {top}" + (" (basis points: 1250 is 12.5%)"
+                                                               if term == "discount" else " (2^62)"))
         self.grants.check_reason(reason)
         core = self.live.core
         if core.account(cust) < 0 and customer_id not in self.live.catalog.customer_index:
             raise NotFound(f"customer {customer_id!r} has no account")
         self.subscriptions.roll_if_due()
-        ops = self.subscriptions.overdraft_ops(customer_id, ct, None if clear else amount_nano)
+        if not clear:
+            self._check_term(customer_id, term, ct)
+        ops = self.subscriptions.term_ops(customer_id, term, ct, None if clear else value)
         idx = core.open_account(cust)
         balance, _, floor, *_ = core.state(idx)[0][ct]
-        ops += self.audit.entry_ops(customer_id, "overdraft", ct, 0 if clear else amount_nano, balance, balance,
-                                    reason, source="overdraft")
-        answer = Overdrawn(floor, core.available(idx, ct))
+        ops += self.audit.entry_ops(customer_id, TERM_AUDIT[term], ct, 0 if clear else value, balance, balance,
+                                    reason, source=TERM_AUDIT[term])
+        answer = TermsSet(floor, core.available(idx, ct), self.subscriptions.terms_of(customer_id))
         await self.journal.commit_with(ops)
         return answer
+
+    def _check_term(self, customer_id: str, term: str, ct: int) -> None:
+        """A budget limits a plan's overage, and included credits are a plan's: refuse either
+        for a customer whose plan has none in the credit type."""
+        if term not in ("budget", "included"):
+            return
+        name = self.live.catalog.credit_types[ct].name
+        sub = self.subscriptions.subs.get(customer_id)
+        plan = self.live.catalog.plan_index.get(sub.plan) if sub else None
+        policy = plan.credits.get(ct) if plan else None
+        why = "a budget limits a plan's overage" if term == "budget" else "included credits are a plan's"
+        if plan is None or policy is None:
+            raise InvalidInput("credit_type", f"customer {customer_id!r} has no plan with {name} credits: {why}")
+        if term == "budget" and policy.overage is None:
+            raise InvalidInput("credit_type", f"plan {plan.name!r} has no overage in {name}: {why}")
 
     async def subscribe(self, customer_id: str, plan: str, start_ms: int,
                         keyed: Keyed | None) -> Subscription | Replay:
@@ -189,6 +222,7 @@ class Admin:
             out.balances.append(CreditBalance(catalog.credit_types[ct].name, bal, resv, floor, available, grants,
                                               lease))
         out.usage = [(catalog.meters[m].name, catalog.format_quantity(m, q)) for m, q in enumerate(use)]
+        out.terms = self.subscriptions.terms_of(customer_id)
         return out
 
     def audit_entries(self, customer_id: str, after_sequence: int, limit: int) -> list:

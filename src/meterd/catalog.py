@@ -25,6 +25,7 @@ from meterd.corespec import (
     CONDITION_VALUES_MAX,
     CONDITIONS_MAX,
     DENOMINATOR_MAX,
+    DISCOUNT_SCALE,
     NAME_BYTES_MAX,
     PRICE_DIMENSIONS_MAX,
     TIERS_PER_PRICE_MAX,
@@ -257,10 +258,11 @@ class Catalog:
                 d = denominators[m.credit_type]
                 denominators[m.credit_type] = d * price.denominator // math.gcd(d, price.denominator)
         for i, d in enumerate(denominators):
-            if d > DENOMINATOR_MAX:
+            if d > DENOMINATOR_MAX // DISCOUNT_SCALE:
                 raise ConfigError(
                     f"{self.source}: credit_types.{self.credit_types[i].name}: the prices of its meters need "
-                    f"a common denominator of {d}, above {DENOMINATOR_MAX}; simplify the prices")
+                    f"a common denominator of {d}, above {DENOMINATOR_MAX // DISCOUNT_SCALE}; simplify the prices")
+            denominators[i] = d * DISCOUNT_SCALE  # so that a customer's discount is exact (corespec)
         meters = []
         rates = []
         for mi, m in enumerate(self.meters):

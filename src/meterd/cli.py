@@ -168,6 +168,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
               f"{_credits(b.reserved_nano)}  available {_credits(b.available_nano)}")
     for u in resp.usage:
         print(f"usage {_safe(u.meter):<26} {_safe(u.quantity)}")
+    for t in resp.terms:
+        print(f"term  {_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
     return 0
 
 
@@ -409,6 +411,58 @@ def cmd_overdraft(args: argparse.Namespace) -> int:
     said = "cleared" if args.clear else f"set to {_credits(amount)}"
     print(f"overdraft of {_safe(args.customer)} in {_safe(args.credit_type)} {said}: the balance may go down to "
           f"{_credits(resp.floor_nano)}; available {_credits(resp.available_nano)}")
+    return 0
+
+
+def _basis_points(text: str, where: str) -> int:
+    """A percentage such as 12.5 or 12.5% as basis points (1250): 0 to 100, in steps of 0.01."""
+    from fractions import Fraction
+
+    raw = text.strip().removesuffix("%").strip()
+    try:
+        points = Fraction(raw) * 100 if raw and all(c in "0123456789." for c in raw) else None
+    except ValueError:
+        points = None
+    if points is None or points.denominator != 1 or not 0 <= points <= 10_000:
+        raise ConfigError(f"{where}: {_safe(repr(text.strip()))} must be a percentage from 0 to 100 with at most "
+                          "2 decimals, such as 12.5")
+    return int(points)
+
+
+def _term_text(term: str, value: int) -> str:
+    return f"{Decimal(value) / 100}%" if term == "discount" else _credits(value)
+
+
+def cmd_terms(args: argparse.Namespace) -> int:
+    """Set or clear one of a customer's own terms, or (with none given) list them."""
+    from meterd.v1 import admin_pb2, meter_pb2, meter_pb2_grpc
+
+    given = [t for t in ("discount", "budget", "included") if getattr(args, t) is not None]
+    if len(given) + bool(args.clear) > 1:
+        raise ConfigError("give one of --discount, --budget, --included or --clear at a time")
+    if not given and not args.clear:
+        channel, metadata = _connect(args, admin=False)
+        with channel as ch:
+            resp = meter_pb2_grpc.MeterStub(ch).GetBalance(meter_pb2.GetBalanceRequest(customer_id=args.customer),
+                                                           metadata=metadata)
+        for t in resp.terms:
+            print(f"{_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
+        if not resp.terms:
+            print(f"{_safe(args.customer)} has no terms of its own: its plan's and the catalog's hold")
+        return 0
+    if args.credit_type is None or args.reason is None:
+        raise ConfigError("--credit-type and --reason are needed to set or clear a term")
+    term = args.clear or given[0]
+    value = 0 if args.clear else (_basis_points(args.discount, "--discount") if term == "discount"
+                                  else _nano(getattr(args, term), f"--{term}"))
+    resp = _admin(args, "SetTerm", admin_pb2.SetTermRequest(
+        customer_id=args.customer, credit_type=args.credit_type, term=term, value=value, clear=bool(args.clear),
+        reason=args.reason))
+    said = "cleared" if args.clear else f"set to {_term_text(term, value)}"
+    print(f"{term} of {_safe(args.customer)} in {_safe(args.credit_type)} {said}: the balance may go down to "
+          f"{_credits(resp.floor_nano)}; available {_credits(resp.available_nano)}")
+    for t in resp.terms:
+        print(f"  {_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
     return 0
 
 
@@ -739,6 +793,23 @@ def _balance_commands(sub: Any) -> None:
     p.add_argument("--reason", required=True, help="why, for the audit trail")
     _client_args(p)
     p.set_defaults(func=cmd_overdraft)
+    p = _command(sub, "terms", "set, clear or list a customer's own terms, over its plan's: a discount off every "
+                 "price, a budget for overage, included credits (Admin)",
+                 "  meterd terms --customer acme --credit-type usd --discount 12.5 --reason 'annual contract'\n"
+                 "  meterd terms --customer dev1 --credit-type premium --budget 20.00 --reason 'raised by admin'\n"
+                 "  meterd terms --customer dev1 --credit-type premium --included 500 --reason 'pilot'\n"
+                 "  meterd terms --customer dev1 --credit-type premium --clear budget --reason 'back to the plan'\n"
+                 "  meterd terms --customer dev1")
+    p.add_argument("--customer", required=True, help="the customer id")
+    p.add_argument("--credit-type", help="a credit type of the catalog")
+    p.add_argument("--discount", help="a percentage off every price of the credit type's meters, such as 12.5")
+    p.add_argument("--budget", help="the most the period's overage may cost, in the money the plan prices it in")
+    p.add_argument("--included", help="the credits included each period, in place of the plan's")
+    p.add_argument("--clear", choices=("discount", "budget", "included"), help="remove one of the customer's terms")
+    p.add_argument("--reason", help="why, for the audit trail")
+    p.add_argument("--target", help="data plane address, to list the terms (default: the --listen setting)")
+    _client_args(p)
+    p.set_defaults(func=cmd_terms)
     _subscription_commands(sub)
 
 

@@ -34,6 +34,7 @@ cdef enum:
     QUANTITIES_MAX = 8
     CONDITIONS_MAX = 4
     CONDITION_VALUES_MAX = 16
+    DISCOUNT_SCALE = 10000
 
 cdef enum:
     TIER_GRADUATED = 0

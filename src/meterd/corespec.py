@@ -48,8 +48,15 @@ CUSTOMER_ID_BYTES_LIMIT = 255
 DIMENSIONS_LIMIT = 1024
 DIMENSION_KEY_BYTES_LIMIT = 65536
 DIMENSION_VALUE_BYTES_LIMIT = 65536
-# A credit type's common denominator (catalog.py simplifies prices below it).
-DENOMINATOR_MAX = 10**15
+# A negotiated discount (Core.set_discount) is in 1/DISCOUNT_SCALE of a price
+# (basis points). So that a discounted charge is exact, with its remainder
+# carried like any other, a catalog's denominators are multiples of it: the
+# catalog's own common denominator of a credit type's prices times DISCOUNT_SCALE.
+DISCOUNT_SCALE = 10_000
+# A credit type's denominator in the cores (a remainder below it is an int64);
+# catalog.py simplifies prices to a common denominator of at most
+# DENOMINATOR_MAX // DISCOUNT_SCALE.
+DENOMINATOR_MAX = 10**18
 # Decimals of a meter's quantities.
 PRECISION_MAX = 9
 # The dimensions a meter's price table is keyed by.
@@ -126,6 +133,9 @@ MSG_SETTLE_GAUGE = "a max, latest or unique_count meter is charged at period end
 MSG_SETTLE_OVERFLOW = "balance or usage would overflow"
 MSG_MINIMUM = "must be 0 to 2^62"
 MSG_FORCE_CHARGE = "no such rate, or a negative quantity"
+MSG_DISCOUNT = "a discount is 0 to %d (all of the price)" % DISCOUNT_SCALE
+MSG_NOT_DISCOUNTABLE = ("credit type %d cannot be discounted exactly: its denominator and its prices' factors "
+                        "are not multiples of DISCOUNT_SCALE (catalog.py makes them so)")
 MSG_NOT_UNIQUE = "meter %d does not count distinct values"
 MSG_WINDOW = "the usage window must be at least 1 ms"
 MSG_LATE_LATEST = ("a latest meter's value is its last report: an event of an earlier usage window is refused "

@@ -39,10 +39,11 @@ class Kind(bytes, enum.Enum):
     SETTLE_AT_LEAST = b"N"  # a hold settled at a minimum charge, under its own set or the rate's
     FORCE_CHARGE = b"Q"    # a gauge charged on its period's value
     PERIOD = b"P"          # a calendar month ended: accounts without a plan reset their usage
+    DISCOUNT = b"D"        # a customer's negotiated discount, in 1/DISCOUNT_SCALE of each charge
 
 
 ACCOUNT_KINDS = frozenset({Kind.RESERVE, Kind.RELEASE, Kind.CREDIT, Kind.FLOOR, Kind.PLAN, Kind.ALERT,
-                           Kind.RESET_USAGE})
+                           Kind.RESET_USAGE, Kind.DISCOUNT})
 
 
 def _head(kind: Kind, at_ms: int) -> bytes:
@@ -138,5 +139,7 @@ def _replay_account(core: Any, kind: Kind, body: bytes) -> None:
         core.release(idx, ct, value)
     elif kind == Kind.CREDIT:
         core.credit(idx, ct, value)
+    elif kind == Kind.DISCOUNT:
+        core.set_discount(idx, ct, value)
     else:
         core.set_floor(idx, ct, value)

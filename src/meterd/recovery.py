@@ -79,6 +79,9 @@ def remap(settings: Settings, old: Any, was: CompiledCatalog, now: CompiledCatal
         plan_name = was.plan_names[plan - 1] if plan else ""
         idx = new.open_account(old.customer_id(i))
         new.load_state(idx, new_cts, new_use, new_plans.get(plan_name, 0))
+        for k, name in enumerate(now.credit_types):
+            if name in old_ct and old.discount(i, old_ct[name]):
+                new.set_discount(idx, k, old.discount(i, old_ct[name]))
         for meter, value in old.uniques(i):  # its bytes, or a hash read from an older snapshot
             moved = new_meter.get(was.meter_names[meter])
             if moved is not None and now.meters[moved][4] == UNIQUE_COUNT and new_use[moved]:
@@ -280,10 +283,12 @@ class Recovery:
         # A changed catalog may change the floors and thresholds of every subscription's plan.
         for customer_id, sub in subs.subs.items():
             ops += subs.apply_plan_ops(customer_id, catalog.plan_index.get(sub.plan))
-        # and a customer's own overdraft is of a credit type by name: one that came back has it again
-        for customer_id in [c for c in subs.overdrafts if c not in subs.subs and c not in catalog.customer_index]:
+        # and a customer's own terms are of credit types by name: one that came back has them again
+        for customer_id in list(subs.terms):
             for ct in range(len(catalog.credit_types)):
-                ops += subs.floor_ops(customer_id, ct)
+                if customer_id not in subs.subs and customer_id not in catalog.customer_index:
+                    ops += subs.floor_ops(customer_id, ct)
+                ops += subs.discount_ops(customer_id, ct)
         return ops
 
     # ---- catalog reload ---------------------------------------------------------------

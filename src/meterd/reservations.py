@@ -90,6 +90,7 @@ class Reservations:
         self.holds.open_room("reservation", label)
         self.subscriptions.roll_if_due()
         idx = core.account(cust)
+        amount = validate.discounted(core, idx, ct, amount)
         reserved = idx >= 0 and core.reserve(idx, ct, amount)
         covered = Cover.SHORT
         if not reserved and self.leases is not None:

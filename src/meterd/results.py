@@ -105,6 +105,23 @@ class Overdrawn:
 
 
 @dataclass(frozen=True)
+class Term:
+    """One of a customer's own terms: its name (subscriptions.TERMS), credit type and value."""
+    credit_type: str
+    term: str
+    value: int
+
+
+@dataclass(frozen=True)
+class TermsSet:
+    """A SetTerm's answer: the floor and what may be spent in the credit type, and all the
+    customer's own terms after the change."""
+    floor_nano: int
+    available_nano: int
+    terms: tuple[Term, ...]
+
+
+@dataclass(frozen=True)
 class LeaseView:
     """Ledger mode: what a sidecar's figure of a balance is made of, and how old each part is."""
     lease_nano: int               # the lease held here, exact and current
@@ -147,6 +164,7 @@ class BalanceView:
     plan: str = ""
     balances: list[CreditBalance] = field(default_factory=list)
     usage: list[tuple[str, str]] = field(default_factory=list)  # (meter, exact quantity)
+    terms: tuple[Term, ...] = ()  # the customer's own (Admin SetTerm, SetOverdraft)
 
 
 @dataclass

@@ -325,6 +325,10 @@ class Servicer:
         return await self._call(lambda: wire.set_overdraft(self.engine, _parse(admin_pb2.SetOverdraftRequest, data)),
                                 ctx, "SetOverdraft")
 
+    async def set_term(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(lambda: wire.set_term(self.engine, _parse(admin_pb2.SetTermRequest, data)),
+                                ctx, "SetTerm")
+
     async def list_audit(self, data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         async def run() -> bytes:
             return wire.audit(self.engine, _parse(admin_pb2.ListAuditRequest, data)).SerializeToString()
@@ -415,7 +419,7 @@ class Servicer:
             "EndSession": grpc.unary_unary_rpc_method_handler(self.end_session, **raw),
         })
         unary = {"Grant": self.grant, "Adjust": self.adjust, "SetOverdraft": self.set_overdraft,
-                 "ListAudit": self.list_audit,
+                 "SetTerm": self.set_term, "ListAudit": self.list_audit,
                  "Subscribe": self.subscribe, "Cancel": self.cancel, "ChangePlan": self.change_plan,
                  "ReloadCatalog": self.reload_catalog, "GetStatement": self.get_statement,
                  "GetLedgerStatus": self.get_ledger_status, "AdvanceClock": self.advance_clock}

@@ -89,8 +89,8 @@ class Sessions:
         core = self.live.core
         if self._rate(s) < 0:
             return None
-        amount = self._interval_cost(s)
         idx = core.account(s.customer_id.encode())
+        amount = validate.discounted(core, idx, s.credit_type, self._interval_cost(s))
         if not core.reserve(idx, s.credit_type, amount):
             return None
         s.reserved_nano = amount

@@ -124,6 +124,9 @@ class Subscription:
     # The money billed for this period's overage, per credit type: a spend limit
     # counts it, whatever plan (and prices) it was billed under.
     overage_charged: dict[str, int] = field(default_factory=dict)
+    # The credits this period was given as its included ones, per credit type: a
+    # customer's own included amount raised mid-period adds what it is above this.
+    included: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()

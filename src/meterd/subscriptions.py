@@ -25,6 +25,7 @@ from meterd.holds import Holds
 from meterd.journal import Journal
 from meterd.plans import CreditPolicy, Plan, period_start
 from meterd.records import Kind
+from meterd.results import Term
 from meterd.state import Bucket, Live, Subscription
 from meterd.store import Op, Store
 from meterd.validate import NAME_ECHO_CHARS
@@ -32,6 +33,11 @@ from meterd.validate import NAME_ECHO_CHARS
 INT64_MIN = -(1 << 63)
 SPENT_FIRST = 0  # bucket priority of a plan's own credits: spent before grants bought separately
 SUBSCRIBE_AHEAD_MS_MAX = 366 * 86_400_000  # how far ahead a subscription's start may be given
+# A customer's own terms, over its plan's and the catalog's (Admin SetTerm): how far
+# below zero its balance may go, a discount off every price (in 1/DISCOUNT_SCALE),
+# the most its overage may cost a period (in the overage's money), the credits
+# included each period.
+TERMS = ("overdraft", "discount", "budget", "included")
 
 
 class Subscriptions:
@@ -48,16 +54,15 @@ class Subscriptions:
         self.holds = holds
         self.subs: dict[str, Subscription] = {}
         self._boundaries: list[tuple[int, str]] = []  # (period end, customer), soonest first
-        # customer: credit type name: its own overdraft (Admin SetOverdraft), kept in "overrides"
-        self.overdrafts: dict[str, dict[str, int]] = {}
+        # customer: term: credit type name: its value (Admin SetTerm, SetOverdraft), kept in "overrides"
+        self.terms: dict[str, dict[str, dict[str, int]]] = {}
         self.rolling: asyncio.Future | None = None  # the last period roll submitted
         grants.credited.append(self.topup_done_ops)
 
     def load(self) -> None:
         self.subs = {}
         self._boundaries = []
-        self.overdrafts = {key.decode(): json.loads(value).get("overdraft", {})
-                           for key, value in self.store.items("overrides")}
+        self.terms = {key.decode(): json.loads(value) for key, value in self.store.items("overrides")}
         for _, value in self.store.items("subs"):
             sub = Subscription(**json.loads(value))
             self.subs[sub.customer_id] = sub
@@ -102,12 +107,75 @@ class Subscriptions:
     def _core_op(self, kind: Kind, customer_id: str, ct: int, value: int) -> Op:
         return self.journal.log_op(records.account(kind, customer_id.encode(), ct, value, self.clock.now_ms()))
 
+    # ---- a customer's own terms ---------------------------------------------------------
+
+    def terms_of(self, customer_id: str) -> tuple[Term, ...]:
+        """The customer's own terms, in TERMS order, then by credit type."""
+        own = self.terms.get(customer_id, {})
+        return tuple(Term(ct_name, name, value) for name in TERMS
+                     for ct_name, value in sorted(own.get(name, {}).items()))
+
+    def term(self, customer_id: str, name: str, ct: int) -> int | None:
+        """The customer's own value of a term (TERMS) in credit type ``ct``, or None."""
+        return self.terms.get(customer_id, {}).get(name, {}).get(self.live.catalog.credit_types[ct].name)
+
+    def term_ops(self, customer_id: str, name: str, ct: int, value: int | None) -> list[Op]:
+        """Set (None: clear) the customer's own value of a term in credit type ``ct``, and
+        apply it at once: the floor it makes, the core's discount, or the included credits."""
+        own = self.terms.setdefault(customer_id, {})
+        values = own.setdefault(name, {})
+        ct_name = self.live.catalog.credit_types[ct].name
+        if value is None:
+            values.pop(ct_name, None)
+        else:
+            values[ct_name] = value
+        if not values:
+            del own[name]
+        if not own:
+            del self.terms[customer_id]
+        ops: list[Op] = [("overrides", customer_id.encode(), json.dumps(own).encode() if own else None)]
+        if name == "discount":
+            return ops + self.discount_ops(customer_id, ct)
+        if name == "included":
+            return ops + self.included_raise_ops(customer_id, ct)
+        return ops + self.floor_ops(customer_id, ct)
+
+    def discount_ops(self, customer_id: str, ct: int) -> list[Op]:
+        """Bring the core's discount in line with the customer's own."""
+        discount = self.term(customer_id, "discount", ct) or 0
+        idx = self.live.core.account(customer_id.encode())
+        if (self.live.core.discount(idx, ct) if idx >= 0 else 0) == discount:
+            return []
+        idx = self.live.core.open_account(customer_id.encode())
+        self.live.core.set_discount(idx, ct, discount)
+        return [self._core_op(Kind.DISCOUNT, customer_id, ct, discount)]
+
+    def included_nano(self, customer_id: str, plan: Plan, ct: int) -> int:
+        """The credits included each period: the customer's own amount, else the plan's."""
+        own = self.term(customer_id, "included", ct)
+        return plan.credits[ct].included_nano if own is None else own
+
+    def included_raise_ops(self, customer_id: str, ct: int) -> list[Op]:
+        """A customer's own included amount above what its period was given: the
+        difference now, expiring with the period. A lower one waits for the next period
+        (what a period was given is not taken back)."""
+        sub = self.subs.get(customer_id)
+        plan = self._plan_or_none(sub.plan) if sub else None
+        if sub is None or plan is None or ct not in plan.credits:
+            return []
+        given = sub.included.get(str(ct), plan.credits[ct].included_nano)
+        want = self.included_nano(customer_id, plan, ct)
+        if want <= given:
+            return []
+        sub.included[str(ct)] = want
+        return self._included_ops(sub, plan, ct, want - given) + [self._put_sub(sub)]
+
     def effective_floor(self, customer_id: str, ct: int) -> int:
         """How far below zero a balance may go: the customer's own overdraft (set by
         Admin), else the catalog's for the customer if it names one, else the plan's
         (an overage limit less what was billed of it early this period, or no limit
-        in arrears), else 0."""
-        own = self.overdrafts.get(customer_id, {}).get(self.live.catalog.credit_types[ct].name)
+        in arrears; the customer's own budget in place of the plan's limit), else 0."""
+        own = self.term(customer_id, "overdraft", ct)
         if own is not None:
             return -own
         seed = self.live.catalog.customer_index.get(customer_id)
@@ -122,6 +190,11 @@ class Subscriptions:
         overage = policy.overage
         billed = sub.overage_billed.get(str(ct), 0) if sub is not None else 0
         charged = sub.overage_charged.get(str(ct), 0) if sub is not None else 0
+        budget = self.term(customer_id, "budget", ct)
+        if overage is not None and budget is not None:
+            # The period's overage may cost at most the budget, what was billed of it
+            # counted (so a budget raised mid-period never lets the period exceed it).
+            return -overage.units_within(billed, budget - charged)
         if overage is not None and overage.spend_limit_nano is not None and (billed or charged) \
                 and charged != overage.charge(billed):
             # Billed at other prices (before a plan change): what the limit leaves of the
@@ -131,19 +204,6 @@ class Subscriptions:
         elif overage is not None and overage.limit_nano is not None:
             floor = min(floor + sub.overage_billed.get(str(ct), 0), 0)  # type: ignore[union-attr]
         return floor
-
-    def overdraft_ops(self, customer_id: str, ct: int, amount_nano: int | None) -> list[Op]:
-        """Set the customer's own overdraft in credit type ``ct`` (None: clear it), and the floor it makes."""
-        own = self.overdrafts.setdefault(customer_id, {})
-        name = self.live.catalog.credit_types[ct].name
-        if amount_nano is None:
-            own.pop(name, None)
-        else:
-            own[name] = amount_nano
-        if not own:
-            del self.overdrafts[customer_id]
-        doc = json.dumps({"overdraft": own}).encode() if own else None
-        return [("overrides", customer_id.encode(), doc), *self.floor_ops(customer_id, ct)]
 
     def floor_ops(self, customer_id: str, ct: int) -> list[Op]:
         """Bring the core's floor in line with ``effective_floor``."""
@@ -199,7 +259,8 @@ class Subscriptions:
         self.subs[customer_id] = sub
         ops = self.apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
-            ops += self._included_ops(sub, plan, ct, plan.credits[ct].included_nano)
+            sub.included[str(ct)] = self.included_nano(customer_id, plan, ct)
+            ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])
         if plan.trial_nano and not self._had_trial(customer_id):
             for ct, amount in plan.trial_nano.items():
                 add, _ = self.grants.add_bucket(customer_id, ct, amount, now + plan.trial_days * 86_400_000,
@@ -256,9 +317,11 @@ class Subscriptions:
         # counts it (the period's overage, whatever plan it was under), and its
         # graduated tiers continue from it.
         ops += self.apply_plan_ops(customer_id, new)
-        for ct, policy in new.credits.items():
-            before = old.credits[ct].included_nano if old and ct in old.credits else 0
-            ops += self._included_ops(sub, new, ct, max(policy.included_nano - before, 0) * left // length)
+        for ct in new.credits:
+            before = sub.included.get(str(ct), old.credits[ct].included_nano if old and ct in old.credits else 0)
+            after = self.included_nano(customer_id, new, ct)
+            ops += self._included_ops(sub, new, ct, max(after - before, 0) * left // length)
+            sub.included[str(ct)] = max(after, before)
         ops.append(self._put_sub(sub))
         return ops, sub
 
@@ -351,8 +414,10 @@ class Subscriptions:
         sub.n += 1
         self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
         sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.period, sub.n + 1)  # type: ignore[union-attr]
-        for ct, policy in plan.credits.items():  # type: ignore[union-attr]
-            ops += self._included_ops(sub, plan, ct, policy.included_nano)  # type: ignore[arg-type]
+        sub.included = {}
+        for ct in plan.credits:  # type: ignore[union-attr]
+            sub.included[str(ct)] = self.included_nano(sub.customer_id, plan, ct)  # type: ignore[arg-type]
+            ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])  # type: ignore[arg-type]
         ops += self._fee_ops(sub, plan)  # type: ignore[arg-type]
         ops.append(self._put_sub(sub))
         return ops
@@ -363,7 +428,8 @@ class Subscriptions:
         expiring = self._period_buckets(sub, ct, boundary, ("included", "rollover"))
         staying = sum(b.remaining_nano for b in self.grants.accounts[sub.customer_id].buckets.get(ct, [])
                       if b not in expiring)
-        incoming = 0 if ending else policy.included_nano
+        own = self.term(sub.customer_id, "included", ct)
+        incoming = 0 if ending else policy.included_nano if own is None else own
         rolled_total = 0
         r = policy.rollover
         for b in expiring:

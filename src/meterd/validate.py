@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from meterd import _fastpath_py
 from meterd.config import Settings
 from meterd.corespec import (
+    DISCOUNT_SCALE,
     MSG_PARTS,
     QUANTITIES_MAX,
     condition_message,
@@ -228,6 +229,13 @@ def event_quote(live: Live, meter: int, rate: int, units: int) -> tuple[int, int
     billed_units, minimum = billed(live, meter, units)
     ct, amount = live.core.quote(rate, billed_units)
     return ct, max(amount, minimum)
+
+
+def discounted(core: Any, idx: int, ct: int, amount: int) -> int:
+    """What a hold of ``amount`` (quoted at list prices) needs from an account with a
+    negotiated discount in the credit type: its share of it, rounded up."""
+    discount = core.discount(idx, ct) if idx >= 0 else 0
+    return -(-amount * (DISCOUNT_SCALE - discount) // DISCOUNT_SCALE) if discount else amount
 
 
 def billed(live: Live, meter: int, units: int, field: str = "quantity") -> tuple[int, int]:

@@ -28,6 +28,7 @@ from meterd.results import (
     Released,
     Replay,
     SessionState,
+    TermsSet,
 )
 from meterd.security import Tenant
 from meterd.state import Subscription
@@ -87,6 +88,10 @@ def message(result: object) -> Any:
         return admin_pb2.GrantResponse(grant_id=result.grant_id, balance_nano=result.balance_nano)
     if isinstance(result, Adjusted):
         return admin_pb2.AdjustResponse(balance_nano=result.balance_nano)
+    if isinstance(result, TermsSet):
+        return admin_pb2.SetTermResponse(floor_nano=result.floor_nano, available_nano=result.available_nano,
+                                         terms=[admin_pb2.CustomerTerm(credit_type=t.credit_type, term=t.term,
+                                                                       value=t.value) for t in result.terms])
     if isinstance(result, Overdrawn):
         return admin_pb2.SetOverdraftResponse(floor_nano=result.floor_nano, available_nano=result.available_nano)
     if isinstance(result, Subscription):
@@ -122,6 +127,8 @@ def _balance(view: BalanceView) -> meter_pb2.GetBalanceResponse:
                           priority=g.priority, source=g.source)
     for meter, q in view.usage:
         out.usage.add(meter=meter, quantity=q)
+    for t in view.terms:
+        out.terms.add(credit_type=t.credit_type, term=t.term, value=t.value)
     return out
 
 
@@ -190,6 +197,11 @@ async def adjust(engine: Any, req: admin_pb2.AdjustRequest) -> bytes:
 async def set_overdraft(engine: Any, req: admin_pb2.SetOverdraftRequest) -> bytes:
     return encode(await engine.admin.set_overdraft(req.customer_id, req.credit_type, req.amount_nano, req.clear,
                                                    req.reason))
+
+
+async def set_term(engine: Any, req: admin_pb2.SetTermRequest) -> bytes:
+    return encode(await engine.admin.set_term(req.customer_id, req.credit_type, req.term, req.value, req.clear,
+                                              req.reason))
 
 
 async def subscribe(engine: Any, req: admin_pb2.SubscribeRequest) -> bytes:

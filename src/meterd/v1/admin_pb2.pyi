@@ -78,6 +78,42 @@ class SetOverdraftResponse(_message.Message):
     available_nano: int
     def __init__(self, floor_nano: _Optional[int] = ..., available_nano: _Optional[int] = ...) -> None: ...
 
+class SetTermRequest(_message.Message):
+    __slots__ = ("customer_id", "credit_type", "term", "value", "clear", "reason")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    credit_type: str
+    term: str
+    value: int
+    clear: bool
+    reason: str
+    def __init__(self, customer_id: _Optional[str] = ..., credit_type: _Optional[str] = ..., term: _Optional[str] = ..., value: _Optional[int] = ..., clear: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetTermResponse(_message.Message):
+    __slots__ = ("floor_nano", "available_nano", "terms")
+    FLOOR_NANO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANO_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    floor_nano: int
+    available_nano: int
+    terms: _containers.RepeatedCompositeFieldContainer[CustomerTerm]
+    def __init__(self, floor_nano: _Optional[int] = ..., available_nano: _Optional[int] = ..., terms: _Optional[_Iterable[_Union[CustomerTerm, _Mapping]]] = ...) -> None: ...
+
+class CustomerTerm(_message.Message):
+    __slots__ = ("credit_type", "term", "value")
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    credit_type: str
+    term: str
+    value: int
+    def __init__(self, credit_type: _Optional[str] = ..., term: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+
 class ListAuditRequest(_message.Message):
     __slots__ = ("customer_id", "after_sequence", "limit")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]

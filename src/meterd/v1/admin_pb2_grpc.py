@@ -49,6 +49,11 @@ class AdminStub:
                 request_serializer=meterd_dot_v1_dot_admin__pb2.SetOverdraftRequest.SerializeToString,
                 response_deserializer=meterd_dot_v1_dot_admin__pb2.SetOverdraftResponse.FromString,
                 _registered_method=True)
+        self.SetTerm = channel.unary_unary(
+                '/meterd.v1.Admin/SetTerm',
+                request_serializer=meterd_dot_v1_dot_admin__pb2.SetTermRequest.SerializeToString,
+                response_deserializer=meterd_dot_v1_dot_admin__pb2.SetTermResponse.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/meterd.v1.Admin/ListAudit',
                 request_serializer=meterd_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
@@ -112,6 +117,12 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetOverdraft(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTerm(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,6 +210,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetOverdraft,
                     request_deserializer=meterd_dot_v1_dot_admin__pb2.SetOverdraftRequest.FromString,
                     response_serializer=meterd_dot_v1_dot_admin__pb2.SetOverdraftResponse.SerializeToString,
+            ),
+            'SetTerm': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTerm,
+                    request_deserializer=meterd_dot_v1_dot_admin__pb2.SetTermRequest.FromString,
+                    response_serializer=meterd_dot_v1_dot_admin__pb2.SetTermResponse.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -327,6 +343,33 @@ class Admin:
             '/meterd.v1.Admin/SetOverdraft',
             meterd_dot_v1_dot_admin__pb2.SetOverdraftRequest.SerializeToString,
             meterd_dot_v1_dot_admin__pb2.SetOverdraftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTerm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterd.v1.Admin/SetTerm',
+            meterd_dot_v1_dot_admin__pb2.SetTermRequest.SerializeToString,
+            meterd_dot_v1_dot_admin__pb2.SetTermResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -314,20 +314,32 @@ class MeterUsage(_message.Message):
     def __init__(self, meter: _Optional[str] = ..., quantity: _Optional[str] = ...) -> None: ...
 
 class GetBalanceResponse(_message.Message):
-    __slots__ = ("customer_id", "balances", "usage", "period_start_ms", "period_end_ms", "plan")
+    __slots__ = ("customer_id", "balances", "usage", "period_start_ms", "period_end_ms", "plan", "terms")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     BALANCES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     balances: _containers.RepeatedCompositeFieldContainer[CreditBalance]
     usage: _containers.RepeatedCompositeFieldContainer[MeterUsage]
     period_start_ms: int
     period_end_ms: int
     plan: str
-    def __init__(self, customer_id: _Optional[str] = ..., balances: _Optional[_Iterable[_Union[CreditBalance, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
+    terms: _containers.RepeatedCompositeFieldContainer[OwnTerm]
+    def __init__(self, customer_id: _Optional[str] = ..., balances: _Optional[_Iterable[_Union[CreditBalance, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., plan: _Optional[str] = ..., terms: _Optional[_Iterable[_Union[OwnTerm, _Mapping]]] = ...) -> None: ...
+
+class OwnTerm(_message.Message):
+    __slots__ = ("credit_type", "term", "value")
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    credit_type: str
+    term: str
+    value: int
+    def __init__(self, credit_type: _Optional[str] = ..., term: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
 
 class StartSessionRequest(_message.Message):
     __slots__ = ("customer_id", "meter", "dimensions", "heartbeat_timeout_ms", "session_id")
