@@ -1,9 +1,10 @@
 """Random sequences of usage, grants, plan changes, period boundaries and
 restarts, on both cores side by side; invariants checked after every step.
 
-Three catalogs: ElevenLabs (rollover caps, unlimited overage billed at the
+Four catalogs: ElevenLabs (rollover caps, unlimited overage billed at the
 period's end), Cursor (weights, a degraded fallback, an overage spend limit
-billed early) and the hybrid (graduated overage, gauges, distinct users, free
+billed early), Midjourney (Relax, and an annual plan whose fast time resets
+monthly) and the hybrid (graduated overage, gauges, distinct users, free
 units, two credit types, and calls of several quantities decided as a whole).
 Each history may also set and clear a customer's own terms: an overdraft, a
 discount, a budget and included credits."""
@@ -34,6 +35,8 @@ SETUPS = {
     "cursor": (["pro", "pro_usage_based"], "requests",
                [("requests", {"model": "claude-3.5-haiku"}, 3), ("requests", {"model": "o1"}, 1),
                 ("requests", {"model": "gpt-4o"}, 1)]),
+    "midjourney": (["standard", "standard_annual", "basic"], "fast_seconds",
+                   [("gpu_seconds", {"job": "image"}, 20_000), ("gpu_seconds", {"job": "turbo"}, 5000)]),
     "hybrid": (["team"], "usd",
                [("output_tokens", {"model": "gpt-4o"}, 3_000_000), ("requests", {"model": "o1"}, 1),
                 ("seats", {}, 40), ("active_users", {"user": "u"}, 0),

@@ -22,6 +22,7 @@ from meterd.catalog import CompiledCatalog, load_catalog, parse_catalog
 from meterd.corespec import rate_mask
 from meterd.engine import Engine
 from meterd.errors import ConfigError, InvalidInput, NotFound
+from meterd.plans import period_start
 from meterd.v1 import admin_pb2 as apb
 from meterd.v1 import meter_pb2 as pb
 
@@ -1562,3 +1563,67 @@ def test_a_term_that_cannot_be_set_is_refused_naming_the_field_and_changes_nothi
         b.set_term(customer, credit_type, term, value, clear)
     assert e.value.field == field and words in str(e.value), str(e.value)
     assert b.balance(customer).terms == [] and b.audit(customer, "discount") == []
+
+
+# ---- a billing period apart from the credit period: Midjourney's annual plans ------------------
+
+def test_an_annual_plan_bills_once_a_year_and_starts_its_fast_time_and_relax_priority_again_each_month(make):
+    b = make("midjourney")  # standard_annual: $288 a year, 15 fast hours (54,000 s) a month, then Relax
+    s = b.subscribe("yearly", "standard_annual")
+    anchor = s.anchor_ms
+    month = lambda k: period_start(anchor, "month", k)  # noqa: E731
+    assert (s.period_start_ms, s.period_end_ms) == (anchor, period_start(anchor, "year", 1))
+    assert (s.credit_period_start_ms, s.credit_period_end_ms) == (anchor, month(1))
+    forfeits = []
+    for k in range(13):
+        assert b.bal("yearly", "fast_seconds") == 54_000 * NANO  # each month's fast time, none carried
+        if k % 2 == 0:  # all of it, then Relax: the priority falls one step per 600 s of the month's relax time
+            b.report("yearly", "gpu_seconds", "54000", job="image")
+            relax = [b.report("yearly", "gpu_seconds", "1200", job="image") for _ in range(2)]
+            assert [(r.decision, r.mode, r.priority) for r in relax] == [(pb.DECISION_DEGRADE, "relax", 98),
+                                                                         (pb.DECISION_DEGRADE, "relax", 96)]
+        else:  # some of it: the rest is forfeited at the month's end
+            b.report("yearly", "gpu_seconds", str(54_000 - 1000 * k), job="draft")  # half price
+            forfeits.append(54_000 * NANO - (54_000 - 1000 * k) * NANO // 2)
+        b.now_ms = month(k + 1)
+        b.tick()
+    assert [e.amount_nano for e in b.audit("yearly", "expire")] == [-f for f in forfeits]
+    fees = b.audit("yearly", "fee")
+    assert [(e.charge_nano, e.reference) for e in fees] == [(288 * NANO, "standard_annual period 0"),
+                                                          (288 * NANO, "standard_annual period 1")]
+    assert fees[1].effective_ms == period_start(anchor, "year", 1) == month(12)
+    sub = b.engine.subscriptions.subs["yearly"]
+    assert (sub.n, sub.billing_n, sub.start_ms, sub.billing_end_ms) == (13, 1, month(13), period_start(anchor,
+                                                                                                   "year", 2))
+    # A cancel at the period's end waits for the year's end: the months up to it still get their fast time.
+    assert b.cancel("yearly", at_period_end=True).period_end_ms == month(24)
+    for k in range(13, 24):
+        b.now_ms = month(k + 1)
+        b.tick()
+        if k < 23:
+            assert b.bal("yearly", "fast_seconds") == 54_000 * NANO
+    assert "yearly" not in b.engine.subscriptions.subs and b.bal("yearly", "fast_seconds") == 0
+    assert len(b.audit("yearly", "fee")) == 2
+    b.check_conservation("yearly")
+
+
+def test_a_plan_change_keeps_the_billing_and_credit_periods(make):
+    b = make("midjourney")
+    b.subscribe("yearly", "standard_annual")
+    with pytest.raises(InvalidInput) as e:
+        b.change_plan("yearly", "pro")
+    assert e.value.field == "plan" and "credits every month" in str(e.value)
+
+
+@pytest.mark.parametrize("period, credit_period, words", [
+    ("month", "week", "must be 'month' (the billing period) or one whose boundaries fall on its: day"),
+    ("year", "week", "or one whose boundaries fall on its: month, day"),
+    ("day", "month", "must be 'day' (the billing period)"),
+    ("month", "quarter", "must be 'month'"),
+])
+def test_a_credit_period_must_fall_within_the_billing_period(period, credit_period, words):
+    doc = {"credit_types": {"usd": {"kind": "fiat"}}, "meters": {"calls": {"credit_type": "usd", "price": "1"}},
+           "plans": {"p": {"period": period, "credit_period": credit_period}}}
+    with pytest.raises(ConfigError) as e:
+        parse_catalog(doc, "c.toml")
+    assert str(e.value).startswith("c.toml: plans.p.credit_period: ") and words in str(e.value), str(e.value)

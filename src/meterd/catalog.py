@@ -332,9 +332,11 @@ class Catalog:
             if plan.trial_nano:
                 extra += f", a {plan.trial_days}-day trial of " + ", ".join(
                     f"{format_nano(v)} {self.credit_types[ct].name}" for ct, v in plan.trial_nano.items())
-            lines.append(f"  plan {plan.name}: every {plan.period}, fee {fees}{extra}")
+            credits = f" (credits every {plan.credit_period})" if plan.credit_period else ""
+            lines.append(f"  plan {plan.name}: every {plan.period}{credits}, fee {fees}{extra}")
             for ct, p in plan.credits.items():
-                expiry = {None: "at the period's end", 0: "never"}.get(p.expiry_days, f"after {p.expiry_days} days")
+                end = f"at each {plan.credit_period}'s end" if plan.credit_period else "at the period's end"
+                expiry = {None: end, 0: "never"}.get(p.expiry_days, f"after {p.expiry_days} days")
                 parts = [f"includes {format_nano(p.included_nano)} (expiring {expiry})"]
                 if p.rollover:
                     r = p.rollover

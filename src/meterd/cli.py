@@ -492,8 +492,11 @@ def _subscription(args: argparse.Namespace, call: str, request: Any) -> int:
 
     def day(ms: int) -> str:
         return _utc(ms) if ms else "-"
+    credits = (f", credits {day(sub.credit_period_start_ms)} to {day(sub.credit_period_end_ms)}"
+               if (sub.credit_period_start_ms, sub.credit_period_end_ms) != (sub.period_start_ms, sub.period_end_ms)
+               else "")
     print(f"{_safe(sub.customer_id)}: plan {_safe(sub.plan) or '(none)'}, period {day(sub.period_start_ms)} to "
-          f"{day(sub.period_end_ms)}"
+          f"{day(sub.period_end_ms)}{credits}"
           + (" (cancelled at the period's end)" if sub.cancel_at_period_end else "")
           + (f"; then {_safe(sub.next_plan)}" if sub.next_plan else ""))
     return 0

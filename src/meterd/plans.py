@@ -17,6 +17,10 @@ from typing import Any
 from meterd.errors import ConfigError
 
 PERIODS = ("day", "week", "month", "year")
+# A plan's credit period (its credits, usage and fallback priority start again at
+# each) within its billing period (its fee): one whose boundaries all fall on the
+# billing period's. Both are counted from the subscription's anchor.
+CREDIT_PERIODS = {"year": ("month", "day"), "month": ("day",), "week": ("day",), "day": ()}
 # What happens to a negative balance when a period ends: billed; forgiven; carried
 # (taken off the balance, so the next period's credits are whole, and billed at
 # the next period's end); or carried and repaid (the balance stays negative and
@@ -167,6 +171,13 @@ class Plan:
     trial_nano: dict[int, int] = field(default_factory=dict)
     trial_days: int = 0
     free_units: dict[str, Fraction] = field(default_factory=dict)  # meter name -> free units a period
+    credit_period: str = ""     # credits reset this often within the billing period ("": with it)
+
+    @property
+    def cycle(self) -> str:
+        """The period of the plan's credits: included credits, rollover, forfeits, overage
+        at cycle end, usage, free units and the fallback's priority hint."""
+        return self.credit_period or self.period
 
 
 # ---- period arithmetic -----------------------------------------------------------------
@@ -223,10 +234,15 @@ def parse_plans(doc: dict, credit_index: dict[str, int], modes: list[str], sourc
         where = f"plans.{name}"
         if not isinstance(spec, dict):
             raise _err(source, where, "must be a table")
-        check_keys(spec, {"period", "fee", "credits", "trial", "free"}, source, where)
+        check_keys(spec, {"period", "credit_period", "fee", "credits", "trial", "free"}, source, where)
         period = spec.get("period", "month")
         if period not in PERIODS:
             raise _err(source, f"{where}.period", f"must be one of {', '.join(PERIODS)}")
+        credit_period = spec.get("credit_period", period)
+        if credit_period != period and credit_period not in CREDIT_PERIODS[period]:
+            within = CREDIT_PERIODS[period]
+            raise _err(source, f"{where}.credit_period", f"must be {period!r} (the billing period)" +
+                       (f" or one whose boundaries fall on its: {', '.join(within)}" if within else ""))
         fees = {}
         for ct, value in _sub(spec, "fee", where, source).items():
             fees[_ct(ct, credit_index, f"{where}.fee.{ct}", source)] = amount(value, f"{where}.fee.{ct}")
@@ -247,7 +263,8 @@ def parse_plans(doc: dict, credit_index: dict[str, int], modes: list[str], sourc
         free = {}
         for meter, value in _sub(spec, "free", where, source).items():
             free[meter] = Fraction(amount(value, f"{where}.free.{meter}"), 10**9)
-        plans.append(Plan(name, len(plans) + 1, period, fees, credits, trial_nano, days, free))
+        plans.append(Plan(name, len(plans) + 1, period, fees, credits, trial_nano, days, free,
+                          "" if credit_period == period else credit_period))
     return plans
 
 

@@ -105,11 +105,14 @@ class Session:
 
 @dataclass
 class Subscription:
-    """A customer on a plan and its current period (owned by subscriptions.Subscriptions)."""
+    """A customer on a plan and its current period (owned by subscriptions.Subscriptions).
+
+    ``n``, ``start_ms`` and ``end_ms`` are of its credit period (Plan.cycle); the
+    billing period's (the fee's) are apart, the same for a plan whose credits go with it."""
     customer_id: str
     plan: str
     anchor_ms: int
-    n: int                      # index of the current period
+    n: int                      # index of the current credit period
     start_ms: int
     end_ms: int
     cancel_at_end: bool = False
@@ -127,6 +130,15 @@ class Subscription:
     # The credits this period was given as its included ones, per credit type: a
     # customer's own included amount raised mid-period adds what it is above this.
     included: dict[str, int] = field(default_factory=dict)
+    # The billing period (the fee's): its index and bounds. 0: as the credit period's
+    # (a subscription kept by a version without credit periods).
+    billing_n: int = -1
+    billing_start_ms: int = 0
+    billing_end_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.billing_end_ms == 0:
+            self.billing_n, self.billing_start_ms, self.billing_end_ms = self.n, self.start_ms, self.end_ms
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()

@@ -251,11 +251,11 @@ class Subscriptions:
         if start_ms > now:
             raise InvalidInput("start_ms", "must not be in the future")
         # An anchor in the past places the subscription in its current period; past periods are not billed.
-        n = 0
-        while period_start(start_ms, plan.period, n + 1) <= now:
-            n += 1
-        sub = Subscription(customer_id, plan.name, start_ms, n, period_start(start_ms, plan.period, n),
-                           period_start(start_ms, plan.period, n + 1))
+        n, billing_n = _current(start_ms, plan.cycle, now), _current(start_ms, plan.period, now)
+        sub = Subscription(customer_id, plan.name, start_ms, n, period_start(start_ms, plan.cycle, n),
+                           period_start(start_ms, plan.cycle, n + 1), billing_n=billing_n,
+                           billing_start_ms=period_start(start_ms, plan.period, billing_n),
+                           billing_end_ms=period_start(start_ms, plan.period, billing_n + 1))
         self.subs[customer_id] = sub
         ops = self.apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
@@ -300,18 +300,20 @@ class Subscriptions:
             raise NotFound(f"customer {customer_id!r} has no subscription")
         new = self._plan(plan_name)
         old = self._plan_or_none(sub.plan)
-        if old is not None and new.period != old.period:
-            raise InvalidInput("plan", "a plan change keeps the billing period; cancel and subscribe instead")
+        if old is not None and (new.period, new.cycle) != (old.period, old.cycle):
+            raise InvalidInput("plan", f"a plan change keeps the billing and credit periods ({old.name!r}: every "
+                               f"{old.period}, credits every {old.cycle}); cancel and subscribe instead")
         sub.next_plan = ""
         if old is not None and (new.name == old.name or _is_downgrade(old, new)):
             if new.name != old.name:
                 sub.next_plan = new.name
             return [self._put_sub(sub)], sub
-        left, length = sub.end_ms - now, sub.end_ms - sub.start_ms
+        left, length = sub.end_ms - now, sub.end_ms - sub.start_ms  # of the credit period
         ops: list[Op] = []
         for ct, policy in (old.credits.items() if old else []):
             ops += self.settle_overage_ops(customer_id, ct, policy, "plan change")
-        ops += self._fee_difference_ops(sub, old, new, left, length)
+        ops += self._fee_difference_ops(sub, old, new, sub.billing_end_ms - now,
+                                        sub.billing_end_ms - sub.billing_start_ms)
         sub.plan = new.name
         # What was billed of the period's overage stays billed: the new plan's limit
         # counts it (the period's overage, whatever plan it was under), and its
@@ -365,8 +367,8 @@ class Subscriptions:
         idx = self.live.core.account(sub.customer_id.encode())
         for ct, fee in plan.fees_nano.items():
             bal = self.live.core.state(idx)[0][ct][0] if idx >= 0 else 0
-            ops += self.audit.entry_ops(sub.customer_id, "fee", ct, 0, bal, bal, f"{plan.name} period {sub.n}",
-                                  charge=fee, charge_ct=ct)
+            ops += self.audit.entry_ops(sub.customer_id, "fee", ct, 0, bal, bal,
+                                        f"{plan.name} period {sub.billing_n}", charge=fee, charge_ct=ct)
         return ops
 
     # ---- period boundaries -------------------------------------------------------------
@@ -390,8 +392,11 @@ class Subscriptions:
             return self._roll_at(sub, plan, boundary)
 
     def _roll_at(self, sub: Subscription, plan: Plan | None, boundary: int) -> list[Op]:
+        """The end of a credit period, and of the billing period when it ends there too: only
+        then are a cancel at the period's end, a downgrade and the next fee due."""
         ops: list[Op] = []
-        ending = sub.cancel_at_end or plan is None
+        billing = boundary >= sub.billing_end_ms
+        ending = (sub.cancel_at_end and billing) or plan is None
         idx = self.live.core.account(sub.customer_id.encode())
         ops += self._gauge_ops(sub, idx)  # the ended period's gauges, before its overage is settled
         for ct, policy in (plan.credits.items() if plan else []):
@@ -405,20 +410,25 @@ class Subscriptions:
             ops += self.floor_ops(sub.customer_id, ct)  # a new period's overage allowance
         self.live.core.reset_usage(idx)
         ops.append(self._core_op(Kind.RESET_USAGE, sub.customer_id, 0, 0))
-        if ending:
+        if ending or plan is None:
             return ops + self._end_ops(sub, plan, boundary)
-        if sub.next_plan:  # a downgrade asked for during the period
+        if sub.next_plan and billing:  # a downgrade asked for during the billing period
             plan = self._plan_or_none(sub.next_plan) or plan
-            sub.plan, sub.next_plan = plan.name, ""  # type: ignore[union-attr]
+            sub.plan, sub.next_plan = plan.name, ""
             ops += self.apply_plan_ops(sub.customer_id, plan)
         sub.n += 1
         self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
-        sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.period, sub.n + 1)  # type: ignore[union-attr]
+        sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.cycle, sub.n + 1)
+        if billing:
+            sub.billing_n += 1
+            sub.billing_start_ms = boundary
+            sub.billing_end_ms = period_start(sub.anchor_ms, plan.period, sub.billing_n + 1)
         sub.included = {}
-        for ct in plan.credits:  # type: ignore[union-attr]
-            sub.included[str(ct)] = self.included_nano(sub.customer_id, plan, ct)  # type: ignore[arg-type]
-            ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])  # type: ignore[arg-type]
-        ops += self._fee_ops(sub, plan)  # type: ignore[arg-type]
+        for ct in plan.credits:
+            sub.included[str(ct)] = self.included_nano(sub.customer_id, plan, ct)
+            ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])
+        if billing:
+            ops += self._fee_ops(sub, plan)
         ops.append(self._put_sub(sub))
         return ops
 
@@ -448,7 +458,7 @@ class Subscriptions:
                                      b.grant_id, boundary)
             if rolled:
                 rolled_total += rolled
-                expires = period_start(sub.anchor_ms, self._plan(sub.plan).period,
+                expires = period_start(sub.anchor_ms, self._plan(sub.plan).cycle,
                                        sub.n + 1 + r.lifetime_periods) if r.lifetime_periods else 0  # type: ignore[union-attr]
                 add, gid = self.grants.add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
                                             credit=False, rollovers=b.rollovers + 1)
@@ -598,6 +608,14 @@ class Subscriptions:
             sub.topup_pending.remove(ct)
             return [self._put_sub(sub)]
         return []
+
+
+def _current(anchor_ms: int, period: str, now: int) -> int:
+    """The index of the period (counted from ``anchor_ms``) that ``now`` falls in."""
+    n = 0
+    while period_start(anchor_ms, period, n + 1) <= now:
+        n += 1
+    return n
 
 
 def _is_downgrade(old: Plan, new: Plan) -> bool:

@@ -96,7 +96,9 @@ def message(result: object) -> Any:
         return admin_pb2.SetOverdraftResponse(floor_nano=result.floor_nano, available_nano=result.available_nano)
     if isinstance(result, Subscription):
         return admin_pb2.Subscription(customer_id=result.customer_id, plan=result.plan, anchor_ms=result.anchor_ms,
-                                      period_start_ms=result.start_ms, period_end_ms=result.end_ms,
+                                      period_start_ms=result.billing_start_ms,
+                                      period_end_ms=result.billing_end_ms,
+                                      credit_period_start_ms=result.start_ms, credit_period_end_ms=result.end_ms,
                                       cancel_at_period_end=result.cancel_at_end, next_plan=result.next_plan)
     if isinstance(result, BalanceView):
         return _balance(result)

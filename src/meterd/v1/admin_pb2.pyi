@@ -187,7 +187,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., start_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Subscription(_message.Message):
-    __slots__ = ("customer_id", "plan", "anchor_ms", "period_start_ms", "period_end_ms", "cancel_at_period_end", "next_plan")
+    __slots__ = ("customer_id", "plan", "anchor_ms", "period_start_ms", "period_end_ms", "cancel_at_period_end", "next_plan", "credit_period_start_ms", "credit_period_end_ms")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_MS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,8 @@ class Subscription(_message.Message):
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_AT_PERIOD_END_FIELD_NUMBER: _ClassVar[int]
     NEXT_PLAN_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     plan: str
     anchor_ms: int
@@ -202,7 +204,9 @@ class Subscription(_message.Message):
     period_end_ms: int
     cancel_at_period_end: bool
     next_plan: str
-    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., anchor_ms: _Optional[int] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ..., next_plan: _Optional[str] = ...) -> None: ...
+    credit_period_start_ms: int
+    credit_period_end_ms: int
+    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., anchor_ms: _Optional[int] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ..., next_plan: _Optional[str] = ..., credit_period_start_ms: _Optional[int] = ..., credit_period_end_ms: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("customer_id", "at_period_end")
