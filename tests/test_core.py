@@ -1194,6 +1194,13 @@ def test_a_core_whose_prices_are_not_in_discount_steps_refuses_a_discount(kind):
     with pytest.raises(ValueError, match="cannot be discounted exactly"):
         c.set_discount(idx, 1, 100)
     c.set_discount(idx, 1, 0)  # none is always possible
+    # and its charges are exact, as an older version's catalog replayed on an upgrade has them
+    c.credit(idx, 0, 10**9)
+    mini = c.find_rate(0, {b"model": b"mini"})
+    c.apply_batch(batch([ev(model="mini", quantity=7)] * 3))  # $0.15 per 1M: 1,050 nano each
+    assert c.settle(idx, mini, 7, 0)[0] == 1050
+    assert c.force_charge(idx, mini, 7) == 1050
+    assert c.state(idx)[0][0][0] == 10**9 - 5 * 1050
 
 
 @needs_compiled

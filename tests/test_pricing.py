@@ -1627,3 +1627,106 @@ def test_a_credit_period_must_fall_within_the_billing_period(period, credit_peri
     with pytest.raises(ConfigError) as e:
         parse_catalog(doc, "c.toml")
     assert str(e.value).startswith("c.toml: plans.p.credit_period: ") and words in str(e.value), str(e.value)
+
+
+# ---- review: budgets, terms and periods across overdrafts, reloads and restarts ------------------
+
+def test_a_budget_also_bounds_an_overdraft_of_the_customers_own(make):
+    b = make("copilot")  # what is below zero at the period's end is billed as overage: the budget bounds it
+    for _ in range(300):
+        b.report("dev1", "chat_requests", 1, model="claude-3.5-sonnet")
+    b.set_term("dev1", "premium", "budget", NANO, reason="budget $1")  # 25 requests
+    r = b.set_term("dev1", "premium", "overdraft", 100 * NANO, reason="credit line")
+    assert r.floor_nano == -25 * NANO
+    served = 0
+    while b.report("dev1", "chat_requests", 1, model="claude-3.5-sonnet").decision == pb.DECISION_ALLOW:
+        served += 1
+    assert served == 25
+    b.advance(32 * DAY_MS)
+    b.tick()
+    assert sum(e.charge_nano for e in b.audit("dev1", "overage_charged")) == NANO
+
+
+def swapped_catalog(tmp_path: Path, name: str, first: str) -> str:
+    """An example catalog with its credit type ``first`` listed first (a reload renumbers them)."""
+    text = (Path(__file__).resolve().parent.parent / "examples" / f"{name}.toml").read_text()
+    start = text.index(f"[credit_types.{first}]")
+    end = text.index("\n[", start) + 1
+    block = text[start:end] + "\n"
+    text = text[:start] + text[end:]
+    at = text.index("[credit_types.")
+    path = tmp_path / f"{name}-swapped.toml"
+    path.write_text(text[:at] + block + text[at:])
+    return str(path)
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_catalog_that_renumbers_credit_types_keeps_a_budget_and_included_credits(make, tmp_path, restart):
+    b = make("cursor")  # bob: $0.04 a request past 500, billed early at $20; a $30 budget of its own
+    b.set_term("bob", "requests", "budget", 30 * NANO, reason="raised")
+    b.set_term("bob", "requests", "included", 600 * NANO, reason="pilot")  # 100 more now
+    for _ in range(1100):
+        b.report("bob", "requests", 1, model="gpt-4o")
+    b.tick()  # $20 billed early
+    swapped = load_catalog(swapped_catalog(tmp_path, "cursor", "requests"))
+    assert swapped.credit_index["requests"] == 0 != b.catalog.credit_index["requests"]
+    if restart:  # the catalog file changed under a stopped daemon
+        b.catalog = swapped
+        b.restart(clean=False)
+    else:
+        b.run(b.engine.reload_catalog(swapped))
+    b.set_term("bob", "requests", "included", 700 * NANO, reason="pilot, larger")  # 100 above the 600 given
+    served = 0
+    while b.report("bob", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW:
+        served += 1
+    assert served == 100 + 250  # the 100 included more, then $10 of overage: what the budget leaves
+    b.restart(clean=False)
+    b.advance(32 * DAY_MS)
+    b.tick()
+    assert sum(e.charge_nano for e in b.audit("bob", "overage_charged")) == 30 * NANO
+    assert b.bal("bob", "requests") == 700 * NANO  # the next period: the customer's own 700
+
+
+ANNUAL = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.fast]
+kind = "custom"
+
+[meters.gpu]
+credit_type = "fast"
+price = "1"
+
+[plans.small]
+period = "year"
+credit_period = "month"
+fee = { usd = "120.00" }
+
+[plans.small.credits.fast]
+included = "100"
+"""
+
+
+def test_a_plans_periods_may_not_change_under_its_customers_and_a_restart_keeps_theirs(make, tmp_path):
+    b = make(ANNUAL)
+    a = b.subscribe("c", "small").anchor_ms
+    yearly = tmp_path / "yearly.toml"
+    yearly.write_text(ANNUAL.replace('credit_period = "month"\n', ""))  # credits once a year
+    with pytest.raises(ConfigError) as e:
+        b.run(b.engine.reload_catalog(load_catalog(str(yearly))))
+    assert "plans.small: its period (every year, credits every month) may not change" in str(e.value)
+    b.catalog = load_catalog(str(yearly))  # a restart under it: the subscription keeps its own periods
+    b.restart(clean=True)
+    for k in range(1, 13):
+        b.now_ms = period_start(a, "month", k)
+        b.tick()
+        assert b.bal("c", "fast") == 100 * NANO  # each month's credits
+    assert [e.reference for e in b.audit("c", "fee")] == ["small period 0", "small period 1"]
+
+
+def test_included_credits_off_the_credit_types_steps_are_refused_naming_the_value(make):
+    b = make("copilot")  # premium has 2 decimals
+    with pytest.raises(InvalidInput) as e:
+        b.set_term("dev1", "premium", "included", 300 * NANO + 1)
+    assert e.value.field == "value" and "premium is granted in steps of 10000000 nano" in str(e.value)

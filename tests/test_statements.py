@@ -18,6 +18,7 @@ import calendar
 import pytest
 from billing import NANO, Billing
 
+from meterd.errors import InvalidInput
 from meterd.ledger import period_bounds, render_statement
 from meterd.v1 import meter_pb2 as pb
 
@@ -490,3 +491,96 @@ def test_hybrid_fee_gauges_and_graduated_overage(make):
     assert dec["lines"] == [fee("team period 1", 49 * NANO)]
     assert money(dec) == totals(fees=49 * NANO, carried_in=5_438_750)
     assert money(dec)["due_minor"] == 4900
+
+
+# ---- statements per billing period: balances from opening to closing, and the period's activity ----
+
+PERIODS = """
+[credit_types.usd]
+kind = "fiat"
+currency = "USD"
+
+[credit_types.req]
+kind = "custom"
+
+[meters.calls]
+credit_type = "req"
+price = "1"
+
+[plans.pro]
+period = "month"
+fee = { usd = "20.00" }
+free = { calls = "10" }
+
+[plans.pro.credits.req]
+included = "100"
+rollover = { max_percent = 50 }
+fallback = "slow"
+
+[customers.ann]
+plan = "pro"
+"""
+
+
+def activity(st: dict, name: str) -> list[tuple[str, int, str]]:
+    return [(x["description"], x["amount_nano"], x.get("quantity", "")) for x in st["activity"]
+            if x["section"] == name]
+
+
+def test_a_statement_per_billing_period_takes_each_balance_from_its_opening_to_its_closing(make, tmp_path):
+    (tmp_path / "periods.toml").write_text(PERIODS)
+    b = make(str(tmp_path / "periods.toml"))  # ann on pro from 2026-11-01: 100 req a month, the first 10 calls free
+    for _ in range(12):
+        b.report("ann", "calls", 1)  # 10 free, 2 req
+    b.grant("ann", "req", 30 * NANO, source="topup")
+    for _ in range(60):
+        b.report("ann", "calls", 1)  # 60 req: 38 of the included 100 are left, and the top-up's 30
+    goto(b, DEC)  # half of the 38 rolls over, half is forfeited; 100 more are included
+    assert b.bal("ann", "req") == (30 + 19 + 100) * NANO
+    served = [b.report("ann", "calls", 1).decision for _ in range(170)]
+    assert served.count(pb.DECISION_ALLOW) == 10 + 149 and served.count(pb.DECISION_DEGRADE) == 11
+    goto(b, JAN)
+    b.flush()
+
+    nov, dec = b.statement("ann", "billing-2"), b.statement("ann", "billing-1")
+    assert (nov["label"], nov["from_ms"], nov["to_ms"]) == ("pro period 0", NOV, DEC)
+    assert (dec["label"], dec["from_ms"], dec["to_ms"]) == ("pro period 1", DEC, JAN)
+    assert b.statement("ann", "billing")["label"] == "pro period 2"
+    (req,) = [x for x in nov["balances"] if x["credit_type"] == "req"]
+    assert {k: v // NANO for k, v in req.items() if k != "credit_type" and v} == {
+        "included_nano": 100, "granted_nano": 30, "used_nano": -62, "forfeited_nano": -19, "closing_nano": 49,
+        "rolled_over_nano": 19}
+    assert req["opening_nano"] == 0
+    (req,) = [x for x in dec["balances"] if x["credit_type"] == "req"]
+    assert {k: v // NANO for k, v in req.items() if k != "credit_type" and v} == {
+        "opening_nano": 49, "included_nano": 100, "used_nano": -149}
+    assert req["closing_nano"] == 0 == b.engine.core.state(0)[0][1][0] - 100 * NANO  # January's 100 aside
+    assert [d for d, _, _ in activity(nov, "grants")][1] == "grant (g_2 topup)"
+    assert [a for _, a, _ in activity(nov, "grants")] == [100 * NANO, 30 * NANO]
+    assert [(a, d.split(" (")[0]) for d, a, _ in activity(nov, "rollovers")] == [(-19 * NANO, "forfeited"),
+                                                                                (19 * NANO, "rolled over")]
+    assert activity(nov, "free_units") == [("calls: 10 of 10 free", 0, "10")]
+    assert activity(dec, "free_units") == [("calls: 10 of 10 free", 0, "10")]
+    assert activity(dec, "degraded") == [("req served in slow mode, not charged", 11 * NANO, "")]
+    assert activity(nov, "degraded") == []
+    # The month and the same range read alike; a statement in the calendar month is the same period here.
+    month = b.statement("ann", "2026-11")
+    assert b.statement("ann", "2026-11-01..2026-12-01")["balances"] == month["balances"] == nov["balances"]
+    text = render_statement(nov)
+    assert "Statement for ann, pro period 0" in text and "closing balance" in text and "Free units" in text
+
+
+@pytest.mark.parametrize("period, words", [
+    ("billing-7", "the ledger has 3 billing periods of customer 'ann'"),
+    ("2026-12-01..2026-11-01", "the range must end after it starts"),
+    ("2026-11-01..soon", "is not a month like 2026-11, a range like"),
+    ("billing-1001", "at most billing-1000"),
+    ("billing-", "is not a month like 2026-11"),
+])
+def test_a_statement_period_that_is_not_one_is_refused_naming_it(make, tmp_path, period, words):
+    (tmp_path / "periods.toml").write_text(PERIODS)
+    b = make(str(tmp_path / "periods.toml"))
+    goto(b, JAN)
+    with pytest.raises(InvalidInput) as e:
+        b.statement("ann", period)
+    assert e.value.field == "period" and words in str(e.value), str(e.value)

@@ -372,7 +372,9 @@ cdef class _Accounts(_State):
             rc = self._graduated(<int32_t>rate, quantity - charged, quantity, &fine)
         if rc:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
-        fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - _Tables._disc(self, idx, ct))
+        cdef int64_t disc = _Tables._disc(self, idx, ct)
+        if disc:  # exact (set_discount); none under a catalog of an older version's denominators
+            fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - disc)
         total = fine + self.rem[b]
         d = total / self.denom[ct]
         if <i128>self.bal[b] - d < -INT64_MAX:

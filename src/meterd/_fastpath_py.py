@@ -783,7 +783,8 @@ class _Accounts(_State):
                 return REASON_OVERFLOW, 0
             fine = graduated
         fine = max(fine, minimum * self.denom[ct])
-        fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - self.disc[idx][ct])  # exact (set_discount)
+        if self.disc[idx][ct]:  # exact (set_discount); none under a catalog of an older version's denominators
+            fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - self.disc[idx][ct])
         total = fine + self.rem[idx][ct]
         d, rem = divmod(total, self.denom[ct])
         if d > INT64_MAX or self.bal[idx][ct] - d < -INT64_MAX:
@@ -833,7 +834,8 @@ class _Accounts(_State):
             fine = self._graduated(rate, quantity - charged, quantity)
         if fine is None:
             raise InvalidInput("quantity", spec.MSG_COST_OVERFLOW)
-        fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - self.disc[idx][ct])
+        if self.disc[idx][ct]:
+            fine = fine // DISCOUNT_SCALE * (DISCOUNT_SCALE - self.disc[idx][ct])
         d, rem = divmod(fine + self.rem[idx][ct], self.denom[ct])
         if self.bal[idx][ct] - d < -INT64_MAX:
             raise InvalidInput("quantity", spec.MSG_BALANCE_OVERFLOW)

@@ -117,7 +117,10 @@ class Admin:
                            "balance")
         self.journal.check_writable()
         cust = validate.customer(self.settings, customer_id)
-        ct = self.grants.credit_type(credit_type, value if term in ("overdraft", "included") else 0)
+        try:
+            ct = self.grants.credit_type(credit_type, value if term in ("overdraft", "included") else 0)
+        except InvalidInput as e:
+            raise e if e.field != "amount_nano" else InvalidInput(field, e.message) from None
         if clear and value:
             raise InvalidInput(field, "must be 0 with clear")
         top = DISCOUNT_SCALE if term == "discount" else OVERDRAFT_NANO_MAX

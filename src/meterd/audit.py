@@ -41,15 +41,16 @@ class Audit:
     @contextlib.contextmanager
     def effective(self, ms: int) -> Iterator[None]:
         """Entries made inside belong to ``ms`` (what an ended period owes belongs to it)."""
-        self.effective_ms = ms
+        was, self.effective_ms = self.effective_ms, ms
         try:
             yield
         finally:
-            self.effective_ms = None
+            self.effective_ms = was
 
     def entry_ops(self, customer_id: str, kind: str, ct: int, amount: int, before: int, after: int,
                   reference: str, charge: int = 0, charge_ct: int = -1, source: str = "",
-                  tiers: list[tuple[int, int, str, int]] | None = None) -> list[Op]:
+                  tiers: list[tuple[int, int, str, int]] | None = None, period_end_ms: int = 0,
+                  meter: str = "", quantity: str = "") -> list[Op]:
         """An audit entry, kept per customer and queued in the outbox for the ledger."""
         self.seq += 1
         t = self.clock.now_ms()
@@ -60,7 +61,8 @@ class Audit:
                                      charge_credit_type=names[charge_ct].name if charge else "",
                                      source=source, effective_ms=t if self.effective_ms is None else self.effective_ms,
                                      tiers=[admin_pb2.ChargeTier(tier=n, units_nano=u, unit_price=p, charge_nano=c)
-                                            for n, u, p, c in tiers or []])
+                                            for n, u, p, c in tiers or []],
+                                     period_end_ms=period_end_ms, meter=meter, quantity=quantity)
         value = entry.SerializeToString()
         return [("audit", customer_id.encode() + b"\x00" + u64(self.seq), value),
                 ("outbox", u64(self.seq), value),

@@ -873,11 +873,15 @@ def _subscription_commands(sub: Any) -> None:
 
 def _ledger_commands(sub: Any) -> None:
     """statement and usage: reads of the central ledger."""
-    p = _command(sub, "statement", "what a customer owes for a month, from the central ledger",
+    p = _command(sub, "statement", "what a customer owes for a month, a range or a billing period, and how its "
+                 "balances went, from the central ledger",
                  "  meterd statement --customer demo --period 2026-11\n"
-                 "  meterd statement --customer demo --period 2026-11 --json")
+                 "  meterd statement --customer painter --period billing      # its latest billing period\n"
+                 "  meterd statement --customer painter --period billing-1    # the one before\n"
+                 "  meterd statement --customer demo --period 2026-11-14..2026-12-14 --json")
     p.add_argument("--customer", required=True, help="the customer id")
-    p.add_argument("--period", help="a calendar month in UTC, for example 2026-11 (default: this month)")
+    p.add_argument("--period", help="a calendar month in UTC (2026-11), a range (2026-11-14..2026-12-14), or "
+                   "billing, billing-1, ... (default: this month)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_statement)
     p = _command(sub, "usage", "usage from the central ledger, by window and dimension",

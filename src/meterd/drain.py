@@ -119,11 +119,17 @@ def entry_of(key: bytes, value: bytes) -> Entry:
         customer, ct, reference = value[1 + _DEDUCTED.size:].decode().split("\x00")
         return Entry(seq, at, at, customer, "deducted", "usage", ct, amount, after - amount, after, reference)
     e = admin_pb2.AuditEntry.FromString(value)
-    tiers = [{"tier": t.tier, "units_nano": t.units_nano, "unit_price": t.unit_price, "charge_nano": t.charge_nano}
-             for t in e.tiers]
+    detail: dict = {}
+    if e.tiers:
+        detail["tiers"] = [{"tier": t.tier, "units_nano": t.units_nano, "unit_price": t.unit_price,
+                            "charge_nano": t.charge_nano} for t in e.tiers]
+    if e.period_end_ms:
+        detail["period_end_ms"] = e.period_end_ms
+    if e.meter:
+        detail.update(meter=e.meter, quantity=e.quantity)
     return Entry(e.sequence, e.time_ms, e.effective_ms or e.time_ms, e.customer_id, e.kind, e.source,
                  e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano, e.reference,
-                 e.charge_nano, e.charge_credit_type, json.dumps({"tiers": tiers}) if tiers else "{}")
+                 e.charge_nano, e.charge_credit_type, json.dumps(detail) if detail else "{}")
 
 
 class Drains:

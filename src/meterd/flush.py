@@ -26,7 +26,7 @@ from meterd.drain import Drains, entry_of, row_of, settlement_of
 from meterd.errors import ConfigError, InvalidInput, Unavailable
 from meterd.escrow import Escrow
 from meterd.journal import Journal
-from meterd.ledger import CreditTypeInfo, Flush, Ledger, LedgerError, SidecarConflict, period_bounds, redact, statement
+from meterd.ledger import CreditTypeInfo, Flush, Ledger, LedgerError, SidecarConflict, check_period, redact, statement
 from meterd.results import LedgerState
 from meterd.snapshots import Snapshots
 from meterd.state import Live
@@ -317,7 +317,7 @@ class Flusher:
     async def statement(self, customer_id: str, period: str) -> dict:
         if not customer_id:
             raise InvalidInput("customer_id", "is required")
-        period_bounds(period)
+        check_period(period)
         try:
             # What this sidecar knows goes to the ledger before it is asked (a crashed flush may come first).
             for _ in range(STATEMENT_FLUSHES_MAX):

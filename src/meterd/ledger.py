@@ -612,6 +612,27 @@ class Ledger:
                           f"GROUP BY charge_credit_type", (customer_id, before_ms, *CHARGE_KINDS))
         return {r[0]: int(r[1]) for r in rows}
 
+    def movements_before(self, customer_id: str, before_ms: int) -> dict[str, int]:
+        """Per credit type, what the customer's audited movements (every entry but the
+        usage deductions, which its usage rows count) added to its balance before a time."""
+        rows = self._rows("SELECT credit_type, SUM(balance_after_nano - balance_before_nano) FROM meterd_entries "
+                          "WHERE customer_id = ? AND effective_ms < ? AND kind <> 'deducted' GROUP BY credit_type",
+                          (customer_id, before_ms))
+        return {r[0]: int(r[1]) for r in rows}
+
+    def usage_cost_before(self, customer_id: str, before_ms: int) -> dict[str, int]:
+        """Per credit type, what the customer's usage cost in the windows that start before a time."""
+        rows = self._rows("SELECT credit_type, SUM(cost_nano) FROM meterd_usage WHERE customer_id = ? "
+                          "AND window_start_ms < ? GROUP BY credit_type", (customer_id, before_ms))
+        return {r[0]: int(r[1]) for r in rows}
+
+    def entries_of_kind(self, customer_id: str, kind: str, limit: int) -> list[Entry]:
+        """The customer's latest entries of a kind, newest first, at most ``limit``."""
+        sql = ("SELECT source_sequence, time_ms, effective_ms, customer_id, kind, source, credit_type, amount_nano, "
+               "balance_before_nano, balance_after_nano, reference, charge_nano, charge_credit_type, detail "
+               "FROM meterd_entries WHERE customer_id = ? AND kind = ? ORDER BY effective_ms DESC, id DESC LIMIT ?")
+        return [Entry(*r) for r in self._rows(sql, (customer_id, kind, limit))]
+
     def totals(self) -> dict[str, int]:
         """Ledger-wide sums, for checks: events, quantity and cost over all usage rows."""
         r = self._rows("SELECT COALESCE(SUM(events), 0), COALESCE(SUM(cost_nano), 0), COUNT(*) FROM meterd_usage")[0]
@@ -625,11 +646,60 @@ def _now_ms() -> int:
 # ---- statements -----------------------------------------------------------------------------
 
 
+BILLING_PERIODS_BACK_MAX = 1000  # "billing-K": how far back a statement may go by billing period
+PERIOD_HELP = ("a month like 2026-11, a range like 2026-11-14..2026-12-14, or billing (the customer's latest "
+               "billing period) or billing-1, billing-2, ... (the ones before it)")
+
+
+def check_period(period: str) -> None:
+    """Refuse a statement period that cannot be one, before the ledger is asked."""
+    if re.fullmatch(r"billing(-[0-9]{1,4})?", period or ""):
+        if int(period[8:] or 0) > BILLING_PERIODS_BACK_MAX:
+            raise InvalidInput("period", f"{period!r}: at most billing-{BILLING_PERIODS_BACK_MAX}")
+        return
+    if ".." in (period or ""):
+        _range_bounds(period)
+        return
+    period_bounds(period)
+
+
+def _range_bounds(period: str) -> tuple[int, int]:
+    first, _, last = period.partition("..")
+    try:
+        start, end = parse_time(first, "period"), parse_time(last, "period")
+    except InvalidInput:
+        raise InvalidInput("period", f"{period[:64]!r} is not {PERIOD_HELP}") from None
+    if end <= start:
+        raise InvalidInput("period", f"{period[:64]!r}: the range must end after it starts")
+    return start, end
+
+
+def statement_bounds(ledger: Ledger, customer_id: str, period: str) -> tuple[int, int, str]:
+    """[from, to) in ms of a statement's period (PERIOD_HELP), and what to call it."""
+    check_period(period)
+    if period.startswith("billing"):
+        back = int(period[8:] or 0)
+        found = ledger.entries_of_kind(customer_id, "billing_period", back + 2)
+        if len(found) <= back:
+            raise InvalidInput("period", f"{period!r}: the ledger has {len(found)} billing periods of customer "
+                               f"{customer_id[:64]!r}")
+        e = found[back]
+        end = json.loads(e.detail or "{}").get("period_end_ms", e.effective_ms)
+        if back > 0:
+            end = min(end, found[back - 1].effective_ms)  # a plan that started again sooner
+        return e.effective_ms, end, e.reference
+    if ".." in period:
+        start, end = _range_bounds(period)
+        return start, end, period
+    start, end = period_bounds(period)
+    return start, end, period
+
+
 def period_bounds(period: str) -> tuple[int, int]:
     """[from, to) in ms for a calendar month 'YYYY-MM' in UTC."""
     m = re.fullmatch(r"([0-9]{4})-([0-9]{2})", period or "")
     if not m or not 1 <= int(m.group(2)) <= 12:
-        raise InvalidInput("period", f"{period!r} is not a month like 2026-11")
+        raise InvalidInput("period", f"{(period or '')[:64]!r} is not {PERIOD_HELP}")
     year, month = int(m.group(1)), int(m.group(2))
     if not 1970 <= year <= 9998:  # the ledger counts ms since 1970; a period ends within the calendar's years
         raise InvalidInput("period", f"{period!r} is out of range: a month from 1970-01 to 9998-12")
@@ -666,7 +736,9 @@ def _sum_usage(rows: Iterable[UsageRow], key: Callable[[UsageRow], tuple]) -> di
 
 
 def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
-    """What the customer owes for a calendar month, exactly.
+    """What the customer owes for a period (a calendar month, a range, or one of its
+    billing periods: PERIOD_HELP), exactly, and how each balance went from its opening
+    to its closing figure.
 
     Charges are what the sidecars booked: recurring fees (with prorations),
     overage by tier, and usage billed in arrears. Usage in money credit types
@@ -677,16 +749,79 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
     """
     if not customer_id:
         raise InvalidInput("customer_id", "is required")
-    start, end = period_bounds(period)
+    start, end, label = statement_bounds(ledger, customer_id, period)
     cts = ledger.credit_types()
     lines: list[dict] = []
     money: dict[str, dict[str, int]] = {}
-    _entry_lines(ledger.entries(customer_id, start, end), cts, money, lines)
-    _usage_lines(ledger.usage_rows(customer_id, start, end), cts, money, lines)
+    entries = ledger.entries(customer_id, start, end)
+    usage = ledger.usage_rows(customer_id, start, end)
+    _entry_lines(entries, cts, money, lines)
+    _usage_lines(usage, cts, money, lines)
     totals = _totals(money, cts, ledger.charges_before(customer_id, start), ledger.charges_before(customer_id, end),
                      lines)
-    return {"customer_id": customer_id, "period": period, "from_ms": start, "to_ms": end,
-            "lines": lines, "totals": totals}
+    activity: list[dict] = []
+    balances = _balances(ledger.movements_before(customer_id, start), ledger.usage_cost_before(customer_id, start),
+                         entries, usage, activity)
+    return {"customer_id": customer_id, "period": period, "label": label, "from_ms": start, "to_ms": end,
+            "lines": lines, "totals": totals, "balances": balances, "activity": activity}
+
+
+# How each kind of entry moves a balance, on a statement: what the opening balance
+# becomes the closing one through (usage is the usage rows' cost; deductions repeat it).
+BALANCE_GROUPS = {"grant": "granted", "refund": "granted", "included": "included", "adjust": "adjusted",
+                  "expire": "forfeited", "rollover_forfeited": "forfeited", "gauge_charged": "used",
+                  "overage_charged": "billed", "overage_forgiven": "billed", "deficit_carried": "billed",
+                  "usage_billed": "billed"}
+BALANCE_PARTS = ("granted", "included", "adjusted", "forfeited", "used", "billed", "other")
+
+
+def _balances(moved_before: dict[str, int], used_before: dict[str, int], entries: list[Entry],
+              usage: list[UsageRow], lines: list[dict]) -> list[dict]:
+    """Per credit type: the opening balance, each kind of movement in the period, the closing
+    balance (opening plus them all, exactly); and in ``lines`` the period's activity that
+    is not a charge: top-ups and grants, rollovers and forfeits, free units, and usage
+    served in a fallback mode."""
+    out: dict[str, dict[str, int]] = {}
+
+    def of(ct: str) -> dict[str, int]:
+        if ct not in out:
+            out[ct] = {"opening_nano": moved_before.get(ct, 0) - used_before.get(ct, 0),
+                       **{f"{p}_nano": 0 for p in BALANCE_PARTS}, "rolled_over_nano": 0}
+        return out[ct]
+
+    for ct in set(moved_before) | set(used_before):
+        of(ct)
+    for e in entries:
+        moved = e.balance_after_nano - e.balance_before_nano
+        if e.kind == "deducted":
+            continue
+        if moved:
+            of(e.credit_type)[f"{BALANCE_GROUPS.get(e.kind, 'other')}_nano"] += moved
+        if e.kind == "rolled_over":
+            of(e.credit_type)["rolled_over_nano"] += e.amount_nano
+            lines.append({"section": "rollovers", "description": f"rolled over ({e.reference})",
+                          "credit_type": e.credit_type, "amount_nano": e.amount_nano})
+        elif e.kind in ("expire", "rollover_forfeited"):
+            lines.append({"section": "rollovers", "description": f"forfeited ({e.reference})",
+                          "credit_type": e.credit_type, "amount_nano": moved})
+        elif e.kind in ("grant", "refund", "included"):
+            lines.append({"section": "grants", "description": f"{e.kind} ({e.reference})",
+                          "credit_type": e.credit_type, "amount_nano": moved})
+        elif e.kind == "free_units":
+            detail = json.loads(e.detail or "{}")
+            lines.append({"section": "free_units", "description": e.reference, "credit_type": e.credit_type,
+                          "amount_nano": 0, "quantity": detail.get("quantity", "")})
+        elif e.kind == "degraded":
+            lines.append({"section": "degraded", "description": f"{e.credit_type} {e.reference}",
+                          "credit_type": e.credit_type, "amount_nano": e.amount_nano})
+    for r in usage:
+        of(r.credit_type)["used_nano"] -= r.cost_nano
+    result = []
+    for ct in sorted(out):
+        b = out[ct]
+        b["closing_nano"] = b["opening_nano"] + sum(b[f"{p}_nano"] for p in BALANCE_PARTS)
+        result.append({"credit_type": ct, **b})
+    return result
 
 
 def _money(money: dict[str, dict[str, int]], ct: str) -> dict[str, int]:
@@ -766,7 +901,13 @@ def _totals(money: dict[str, dict[str, int]], cts: dict[str, CreditTypeInfo], be
 
 _SECTION_TITLES = {"fees": "Recurring fees", "overage": "Overage", "usage": "Usage charges",
                    "usage_billed": "Billed in arrears", "credits_applied": "Credits applied",
-                   "credits_used": "Credits used (custom units)"}
+                   "credits_used": "Credits used (custom units)", "free_units": "Free units (not charged)",
+                   "degraded": "Served in a fallback mode (not charged; what it would have cost)",
+                   "grants": "Top-ups and grants", "rollovers": "Rollovers and forfeits"}
+_BALANCE_TITLES = {"opening_nano": "opening balance", "granted_nano": "top-ups and grants",
+                   "included_nano": "included credits", "adjusted_nano": "adjustments", "forfeited_nano": "forfeited",
+                   "used_nano": "used", "billed_nano": "billed (overage and arrears settled)", "other_nano": "other",
+                   "closing_nano": "closing balance"}
 
 
 def render_statement(st: dict) -> str:
@@ -778,11 +919,12 @@ def render_statement(st: dict) -> str:
     def amount(nano: int, ct: str) -> str:
         return _fmt(nano, places.get(ct, 9))
 
-    out = [f"Statement for {st['customer_id']}, {st['period']} ({start} to {end}, UTC)", ""]
+    label = st.get("label", st["period"])
+    out = [f"Statement for {st['customer_id']}, {label} ({start} to {end}, UTC)", ""]
     width = max([8] + [len(x["credit_type"]) for x in st["lines"]])
     row = "  {:<58} {:>12} {:>%d} {:>16}" % width
     for section, title in _SECTION_TITLES.items():
-        lines = [x for x in st["lines"] if x["section"] == section]
+        lines = [x for x in st["lines"] + st.get("activity", []) if x["section"] == section]
         if not lines:
             continue
         out.append(title)
@@ -792,6 +934,12 @@ def render_statement(st: dict) -> str:
             for t in x.get("tiers", []):
                 out.append(row.format(f"  tier {t['tier']}: {_fmt(t['units_nano'])} x {t['unit_price']}"[:46], "",
                                       x["credit_type"], amount(t["charge_nano"], x["credit_type"])))
+        out.append("")
+    for b in st.get("balances", []):
+        out.append(f"Balance of {b['credit_type']}")
+        for key, title in _BALANCE_TITLES.items():
+            if b[key] or key in ("opening_nano", "closing_nano"):
+                out.append(row.format(title, "", b["credit_type"], amount(b[key], b["credit_type"])))
         out.append("")
     if not st["totals"]:
         out.append("Nothing is owed for this period.")

@@ -148,7 +148,7 @@ class Recovery:
             self.drains.carry(_drained(core.take_usage(), was))  # named by the catalog they were made under
             core = remap(self.settings, core, was, current)
         self.live.core = core
-        self._load_state(was)
+        self._load_state(was, remapped)
         if remapped or replayed or stored is None:
             self._snapshot_after(remapped)
         took = time.perf_counter() - started
@@ -158,7 +158,7 @@ class Recovery:
 
     def _snapshot_after(self, remapped: bool) -> None:
         try:
-            self.snapshots.write_now()
+            self.snapshots.write_now(self.subscriptions.renamed)  # subscriptions renumbered with the accounts
         except lmdb.MapFullError:
             if remapped:  # log records of the old catalog must not outlive it
                 raise StorageFull("the LMDB map is full: no room to move accounts onto the new catalog; "
@@ -201,7 +201,7 @@ class Recovery:
             self.journal.storage_full = exc
         self.try_recover()
 
-    def _load_state(self, was: CompiledCatalog) -> None:
+    def _load_state(self, was: CompiledCatalog, remapped: bool) -> None:
         self.reports.load()
         self.idem.load()
         self.settled.load()
@@ -213,7 +213,7 @@ class Recovery:
         self.grants.load()
         if self.leases is not None:
             self.leases.load()
-        self.subscriptions.load()
+        self.subscriptions.load(list(was.credit_types) if remapped else None)
         self.grants.index_expiries()
         self.audit.load()
         self.housekeeping.load()
@@ -303,6 +303,7 @@ class Recovery:
         async with self.snapshots.exclusive():  # a snapshot of the old catalog must not land after the switch
             await self.journal.commit_with([])  # a barrier: the writer is FIFO
             self._check_reload(new)
+            self.subscriptions.check_periods(new)
             new.compiled  # noqa: B018 - compiled (and refused, if the core cannot take it) before anything moves
             old = self.live.catalog
             self.drains.carry(_drained(self.live.core.take_usage(), old.compiled))
@@ -313,7 +314,8 @@ class Recovery:
             if self.leases is not None:
                 self.leases.rename(old, new)
             self.grants.index_expiries()
-            ops = self.seed_ops() + self.snapshots.ops_now()
+            ops = self.subscriptions.rename([c.name for c in old.credit_types])
+            ops += self.seed_ops() + self.snapshots.ops_now()
             pos = self.journal.log_pos
             await self.journal.commit_with(ops)
             self.journal.snapshot_pos = pos

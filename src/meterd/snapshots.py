@@ -102,11 +102,12 @@ class Snapshots:
         ops.append(("trim", u64(pos), None))
         return ops
 
-    def write_now(self) -> None:
-        """A snapshot committed at once, outside the writer (start-up, before the writer runs)."""
+    def write_now(self, extra: list[Op] | None = None) -> None:
+        """A snapshot committed at once, outside the writer (start-up, before the writer runs),
+        with ``extra`` ops in the same commit."""
         generation = self.drains.generation
         try:
-            self.store.write_now(self.ops_now())
+            self.store.write_now(self.ops_now() + (extra or []))
         except BaseException:
             self.live.core.mark_all_dirty()  # the marks were taken; nothing was written
             self.drains.failed(generation)

@@ -135,6 +135,10 @@ class Subscription:
     billing_n: int = -1
     billing_start_ms: int = 0
     billing_end_ms: int = 0
+    # The plan's billing and credit periods when it was subscribed to: its periods are
+    # counted in these, whatever a later catalog says ("": the plan's, as kept by an older version).
+    period: str = ""
+    cycle: str = ""
 
     def __post_init__(self) -> None:
         if self.billing_end_ms == 0:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+from typing import Any, Sequence
 
 from meterd import records
 from meterd.audit import Audit
 from meterd.catalog import format_nano
 from meterd.clock import Clock
 from meterd.corespec import relax_priority
-from meterd.errors import Conflict, InvalidInput, NotFound
+from meterd.errors import ConfigError, Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.journal import Journal
@@ -57,9 +58,14 @@ class Subscriptions:
         # customer: term: credit type name: its value (Admin SetTerm, SetOverdraft), kept in "overrides"
         self.terms: dict[str, dict[str, dict[str, int]]] = {}
         self.rolling: asyncio.Future | None = None  # the last period roll submitted
+        self.renamed: list[Op] = []  # subscriptions renumbered onto a changed catalog by load, to keep
         grants.credited.append(self.topup_done_ops)
 
-    def load(self) -> None:
+    def load(self, credit_types: Sequence[str] | None = None) -> None:
+        """Read the subscriptions back. ``credit_types``: the names of the catalog they were
+        kept under, when it numbers credit types otherwise than the current one: they are
+        renumbered, and ``renamed`` holds the ops that keep them so (for the snapshot that
+        moves the accounts onto the current catalog)."""
         self.subs = {}
         self._boundaries = []
         self.terms = {key.decode(): json.loads(value) for key, value in self.store.items("overrides")}
@@ -68,6 +74,44 @@ class Subscriptions:
             self.subs[sub.customer_id] = sub
             self._boundaries.append((sub.end_ms, sub.customer_id))
         heapq.heapify(self._boundaries)
+        self.renamed = self.rename(credit_types) if credit_types is not None else []
+
+    def rename(self, credit_types: Sequence[str]) -> list[Op]:
+        """Renumber what subscriptions keep per credit type (by its number in the catalog
+        named by ``credit_types``) to the current catalog's numbers; a credit type it lacks
+        is dropped. The ops keep every subscription that changed."""
+        index = self.live.catalog.credit_index
+        moved = {str(k): index.get(name) for k, name in enumerate(credit_types)}
+        if all(v == int(k) for k, v in moved.items()):
+            return []
+
+        def renumbered(values: dict[str, int]) -> dict[str, int]:
+            return {str(moved[k]): v for k, v in values.items() if moved.get(k) is not None}
+        ops: list[Op] = []
+        for sub in self.subs.values():
+            sub.overage_billed, sub.overage_charged = renumbered(sub.overage_billed), renumbered(sub.overage_charged)
+            sub.carried, sub.included = renumbered(sub.carried), renumbered(sub.included)
+            sub.topup_pending = [moved[str(ct)] for ct in sub.topup_pending  # type: ignore[misc]
+                                 if moved.get(str(ct)) is not None]
+            ops.append(("subs", sub.customer_id.encode(), sub.to_json()))
+        return ops
+
+    def check_periods(self, catalog: Any) -> None:
+        """Refuse a catalog that changes the billing or credit period of a plan customers are
+        on (a restart under one keeps each subscription's own periods, and says so)."""
+        for sub in self.subs.values():
+            now = catalog.plan_index.get(sub.plan)
+            if now is not None and self.periods(sub, now) != (now.period, now.cycle):
+                period, cycle = self.periods(sub, now)
+                raise ConfigError(f"{catalog.source}: plans.{sub.plan}: its period (every {period}, credits every "
+                                  f"{cycle}) may not change while customers are on it, such as "
+                                  f"{sub.customer_id!r}; add a plan with the new periods and move them to it")
+
+    @staticmethod
+    def periods(sub: Subscription, plan: Plan) -> tuple[str, str]:
+        """The billing and credit periods a subscription counts in: those of its plan when it
+        was subscribed to (a subscription kept by an older version: the plan's)."""
+        return sub.period or plan.period, sub.cycle or plan.cycle
 
     def roll_if_due(self, now: int | None = None) -> None:
         """Roll the subscriptions whose period has ended, before anything else happens.
@@ -174,27 +218,30 @@ class Subscriptions:
         """How far below zero a balance may go: the customer's own overdraft (set by
         Admin), else the catalog's for the customer if it names one, else the plan's
         (an overage limit less what was billed of it early this period, or no limit
-        in arrears; the customer's own budget in place of the plan's limit), else 0."""
+        in arrears), else 0. The customer's own budget replaces the plan's limit, and
+        bounds an overdraft too: what is below zero at the period's end is billed as overage."""
         own = self.term(customer_id, "overdraft", ct)
-        if own is not None:
-            return -own
         seed = self.live.catalog.customer_index.get(customer_id)
-        if seed is not None and ct in seed.overdraft_nano:
-            return -seed.overdraft_nano[ct]
+        if own is None and seed is not None and ct in seed.overdraft_nano:
+            own = seed.overdraft_nano[ct]
         sub = self.subs.get(customer_id)
         plan = self._plan_or_none(sub.plan) if sub else None
         policy = plan.credits.get(ct) if plan else None
-        if policy is None:
-            return 0
-        floor = policy.floor_nano
-        overage = policy.overage
+        overage = policy.overage if policy else None
         billed = sub.overage_billed.get(str(ct), 0) if sub is not None else 0
         charged = sub.overage_charged.get(str(ct), 0) if sub is not None else 0
         budget = self.term(customer_id, "budget", ct)
         if overage is not None and budget is not None:
             # The period's overage may cost at most the budget, what was billed of it
-            # counted (so a budget raised mid-period never lets the period exceed it).
-            return -overage.units_within(billed, budget - charged)
+            # counted (so a budget raised mid-period never lets the period exceed it),
+            # and an overdraft may not take it further: what is below zero is billed as overage.
+            floor = -overage.units_within(billed, budget - charged)
+            return floor if own is None else max(floor, -own)
+        if own is not None:
+            return -own
+        if policy is None:
+            return 0
+        floor = policy.floor_nano
         if overage is not None and overage.spend_limit_nano is not None and (billed or charged) \
                 and charged != overage.charge(billed):
             # Billed at other prices (before a plan change): what the limit leaves of the
@@ -255,7 +302,8 @@ class Subscriptions:
         sub = Subscription(customer_id, plan.name, start_ms, n, period_start(start_ms, plan.cycle, n),
                            period_start(start_ms, plan.cycle, n + 1), billing_n=billing_n,
                            billing_start_ms=period_start(start_ms, plan.period, billing_n),
-                           billing_end_ms=period_start(start_ms, plan.period, billing_n + 1))
+                           billing_end_ms=period_start(start_ms, plan.period, billing_n + 1),
+                           period=plan.period, cycle=plan.cycle)
         self.subs[customer_id] = sub
         ops = self.apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
@@ -267,9 +315,42 @@ class Subscriptions:
                                                 SPENT_FIRST, "trial", credit=True)
                 ops += add
             ops.append(("meta", f"trial\x00{customer_id}".encode(), b"1"))  # one trial per customer
-        ops += self._fee_ops(sub, plan)
+        ops += self._billing_period_ops(sub, plan) + self._fee_ops(sub, plan)
         ops.append(self._put_sub(sub))
         return ops, sub
+
+    def _billing_period_ops(self, sub: Subscription, plan: Plan) -> list[Op]:
+        """A billing_period entry: where a statement of the period starts and ends."""
+        ct = next(iter(plan.fees_nano), 0)
+        idx = self.live.core.account(sub.customer_id.encode())
+        bal = self.live.core.state(idx)[0][ct][0] if idx >= 0 else 0
+        with self.audit.effective(sub.billing_start_ms):
+            return self.audit.entry_ops(sub.customer_id, "billing_period", ct, 0, bal, bal,
+                                        f"{plan.name} period {sub.billing_n}", period_end_ms=sub.billing_end_ms)
+
+    def _period_usage_ops(self, sub: Subscription, plan: Plan | None, idx: int) -> list[Op]:
+        """At the end of a credit period (or a cancel): the free units each meter used, and
+        per credit type what the usage served in the fallback mode would have cost."""
+        if plan is None or idx < 0:
+            return []
+        ops: list[Op] = []
+        cts, use, _ = self.live.core.state(idx)
+        catalog = self.live.catalog
+        for m, meter in enumerate(catalog.meters):
+            free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision)
+            used = min(use[m], free)
+            if used > 0:
+                bal = cts[meter.credit_type][0]
+                ops += self.audit.entry_ops(sub.customer_id, "free_units", meter.credit_type, 0, bal, bal,
+                                            f"{meter.name}: {catalog.format_quantity(m, used)} of "
+                                            f"{catalog.format_quantity(m, free)} free", meter=meter.name,
+                                            quantity=catalog.format_quantity(m, used))
+        for ct, policy in plan.credits.items():
+            degraded = cts[ct][4]
+            if degraded > 0 and policy.fallback:
+                ops += self.audit.entry_ops(sub.customer_id, "degraded", ct, degraded, cts[ct][0], cts[ct][0],
+                                            f"served in {policy.fallback} mode, not charged")
+        return ops
 
     def _had_trial(self, customer_id: str) -> bool:
         return self.store.get("meta", f"trial\x00{customer_id}".encode()) is not None
@@ -284,6 +365,7 @@ class Subscriptions:
         plan = self._plan_or_none(sub.plan)
         idx = self.live.core.account(customer_id.encode())
         ops = self._gauge_ops(sub, idx)  # what the period used so far is charged now
+        ops += self._period_usage_ops(sub, plan, idx)
         for ct, policy in (plan.credits.items() if plan else []):
             ops += self.settle_overage_ops(customer_id, ct, policy, "cancel")
             if policy.arrears:
@@ -300,9 +382,10 @@ class Subscriptions:
             raise NotFound(f"customer {customer_id!r} has no subscription")
         new = self._plan(plan_name)
         old = self._plan_or_none(sub.plan)
-        if old is not None and (new.period, new.cycle) != (old.period, old.cycle):
+        if old is not None and (new.period, new.cycle) != self.periods(sub, old):
+            period, cycle = self.periods(sub, old)
             raise InvalidInput("plan", f"a plan change keeps the billing and credit periods ({old.name!r}: every "
-                               f"{old.period}, credits every {old.cycle}); cancel and subscribe instead")
+                               f"{period}, credits every {cycle}); cancel and subscribe instead")
         sub.next_plan = ""
         if old is not None and (new.name == old.name or _is_downgrade(old, new)):
             if new.name != old.name:
@@ -408,6 +491,7 @@ class Subscriptions:
         sub.overage_billed, sub.overage_charged = {}, {}
         for ct in (plan.credits if plan else {}):
             ops += self.floor_ops(sub.customer_id, ct)  # a new period's overage allowance
+        ops += self._period_usage_ops(sub, plan, idx)
         self.live.core.reset_usage(idx)
         ops.append(self._core_op(Kind.RESET_USAGE, sub.customer_id, 0, 0))
         if ending or plan is None:
@@ -418,17 +502,18 @@ class Subscriptions:
             ops += self.apply_plan_ops(sub.customer_id, plan)
         sub.n += 1
         self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
-        sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, plan.cycle, sub.n + 1)
+        period, cycle = self.periods(sub, plan)
+        sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, cycle, sub.n + 1)
         if billing:
             sub.billing_n += 1
             sub.billing_start_ms = boundary
-            sub.billing_end_ms = period_start(sub.anchor_ms, plan.period, sub.billing_n + 1)
+            sub.billing_end_ms = period_start(sub.anchor_ms, period, sub.billing_n + 1)
         sub.included = {}
         for ct in plan.credits:
             sub.included[str(ct)] = self.included_nano(sub.customer_id, plan, ct)
             ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])
         if billing:
-            ops += self._fee_ops(sub, plan)
+            ops += self._billing_period_ops(sub, plan) + self._fee_ops(sub, plan)
         ops.append(self._put_sub(sub))
         return ops
 
@@ -458,7 +543,7 @@ class Subscriptions:
                                      b.grant_id, boundary)
             if rolled:
                 rolled_total += rolled
-                expires = period_start(sub.anchor_ms, self._plan(sub.plan).cycle,
+                expires = period_start(sub.anchor_ms, self.periods(sub, self._plan(sub.plan))[1],
                                        sub.n + 1 + r.lifetime_periods) if r.lifetime_periods else 0  # type: ignore[union-attr]
                 add, gid = self.grants.add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
                                             credit=False, rollovers=b.rollovers + 1)

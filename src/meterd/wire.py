@@ -233,10 +233,14 @@ def ledger_status(engine: Any) -> admin_pb2.LedgerStatus:
 
 def statement(st: dict) -> admin_pb2.Statement:
     """A statement from the ledger as its protobuf message."""
-    lines = [admin_pb2.StatementLine(
-        section=x["section"], description=x["description"], credit_type=x["credit_type"],
-        amount_nano=x["amount_nano"], quantity=x.get("quantity", ""), events=x.get("events", 0),
-        tiers=[admin_pb2.ChargeTier(**t) for t in x.get("tiers", [])]) for x in st["lines"]]
+    def line(x: dict) -> admin_pb2.StatementLine:
+        return admin_pb2.StatementLine(
+            section=x["section"], description=x["description"], credit_type=x["credit_type"],
+            amount_nano=x["amount_nano"], quantity=x.get("quantity", ""), events=x.get("events", 0),
+            tiers=[admin_pb2.ChargeTier(**t) for t in x.get("tiers", [])])
     return admin_pb2.Statement(customer_id=st["customer_id"], period=st["period"], from_ms=st["from_ms"],
-                               to_ms=st["to_ms"], lines=lines,
-                               totals=[admin_pb2.StatementTotal(**t) for t in st["totals"]])
+                               to_ms=st["to_ms"], lines=[line(x) for x in st["lines"]],
+                               activity=[line(x) for x in st["activity"]],
+                               totals=[admin_pb2.StatementTotal(**t) for t in st["totals"]],
+                               balances=[admin_pb2.StatementBalance(**b) for b in st["balances"]],
+                               label=st["label"])

@@ -125,7 +125,7 @@ class ListAuditRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference", "customer_id", "charge_nano", "charge_credit_type", "source", "tiers", "effective_ms")
+    __slots__ = ("sequence", "time_ms", "kind", "credit_type", "amount_nano", "balance_before_nano", "balance_after_nano", "reference", "customer_id", "charge_nano", "charge_credit_type", "source", "tiers", "effective_ms", "period_end_ms", "meter", "quantity")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,9 @@ class AuditEntry(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    METER_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time_ms: int
     kind: str
@@ -154,7 +157,10 @@ class AuditEntry(_message.Message):
     source: str
     tiers: _containers.RepeatedCompositeFieldContainer[ChargeTier]
     effective_ms: int
-    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ..., customer_id: _Optional[str] = ..., charge_nano: _Optional[int] = ..., charge_credit_type: _Optional[str] = ..., source: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[ChargeTier, _Mapping]]] = ..., effective_ms: _Optional[int] = ...) -> None: ...
+    period_end_ms: int
+    meter: str
+    quantity: str
+    def __init__(self, sequence: _Optional[int] = ..., time_ms: _Optional[int] = ..., kind: _Optional[str] = ..., credit_type: _Optional[str] = ..., amount_nano: _Optional[int] = ..., balance_before_nano: _Optional[int] = ..., balance_after_nano: _Optional[int] = ..., reference: _Optional[str] = ..., customer_id: _Optional[str] = ..., charge_nano: _Optional[int] = ..., charge_credit_type: _Optional[str] = ..., source: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[ChargeTier, _Mapping]]] = ..., effective_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., meter: _Optional[str] = ..., quantity: _Optional[str] = ...) -> None: ...
 
 class ChargeTier(_message.Message):
     __slots__ = ("tier", "units_nano", "unit_price", "charge_nano")
@@ -300,21 +306,53 @@ class StatementTotal(_message.Message):
     due_minor: int
     def __init__(self, credit_type: _Optional[str] = ..., currency: _Optional[str] = ..., minor_decimals: _Optional[int] = ..., fees_nano: _Optional[int] = ..., overage_nano: _Optional[int] = ..., usage_nano: _Optional[int] = ..., credits_applied_nano: _Optional[int] = ..., usage_billed_nano: _Optional[int] = ..., total_nano: _Optional[int] = ..., carried_in_nano: _Optional[int] = ..., carried_out_nano: _Optional[int] = ..., due_minor: _Optional[int] = ...) -> None: ...
 
+class StatementBalance(_message.Message):
+    __slots__ = ("credit_type", "opening_nano", "granted_nano", "included_nano", "adjusted_nano", "forfeited_nano", "used_nano", "billed_nano", "other_nano", "closing_nano", "rolled_over_nano")
+    CREDIT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    OPENING_NANO_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_NANO_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_NANO_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTED_NANO_FIELD_NUMBER: _ClassVar[int]
+    FORFEITED_NANO_FIELD_NUMBER: _ClassVar[int]
+    USED_NANO_FIELD_NUMBER: _ClassVar[int]
+    BILLED_NANO_FIELD_NUMBER: _ClassVar[int]
+    OTHER_NANO_FIELD_NUMBER: _ClassVar[int]
+    CLOSING_NANO_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_OVER_NANO_FIELD_NUMBER: _ClassVar[int]
+    credit_type: str
+    opening_nano: int
+    granted_nano: int
+    included_nano: int
+    adjusted_nano: int
+    forfeited_nano: int
+    used_nano: int
+    billed_nano: int
+    other_nano: int
+    closing_nano: int
+    rolled_over_nano: int
+    def __init__(self, credit_type: _Optional[str] = ..., opening_nano: _Optional[int] = ..., granted_nano: _Optional[int] = ..., included_nano: _Optional[int] = ..., adjusted_nano: _Optional[int] = ..., forfeited_nano: _Optional[int] = ..., used_nano: _Optional[int] = ..., billed_nano: _Optional[int] = ..., other_nano: _Optional[int] = ..., closing_nano: _Optional[int] = ..., rolled_over_nano: _Optional[int] = ...) -> None: ...
+
 class Statement(_message.Message):
-    __slots__ = ("customer_id", "period", "from_ms", "to_ms", "lines", "totals")
+    __slots__ = ("customer_id", "period", "from_ms", "to_ms", "lines", "totals", "balances", "activity", "label")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     FROM_MS_FIELD_NUMBER: _ClassVar[int]
     TO_MS_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
     TOTALS_FIELD_NUMBER: _ClassVar[int]
+    BALANCES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     period: str
     from_ms: int
     to_ms: int
     lines: _containers.RepeatedCompositeFieldContainer[StatementLine]
     totals: _containers.RepeatedCompositeFieldContainer[StatementTotal]
-    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ..., from_ms: _Optional[int] = ..., to_ms: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[StatementLine, _Mapping]]] = ..., totals: _Optional[_Iterable[_Union[StatementTotal, _Mapping]]] = ...) -> None: ...
+    balances: _containers.RepeatedCompositeFieldContainer[StatementBalance]
+    activity: _containers.RepeatedCompositeFieldContainer[StatementLine]
+    label: str
+    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ..., from_ms: _Optional[int] = ..., to_ms: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[StatementLine, _Mapping]]] = ..., totals: _Optional[_Iterable[_Union[StatementTotal, _Mapping]]] = ..., balances: _Optional[_Iterable[_Union[StatementBalance, _Mapping]]] = ..., activity: _Optional[_Iterable[_Union[StatementLine, _Mapping]]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class LedgerStatusRequest(_message.Message):
     __slots__ = ()
