@@ -1708,21 +1708,45 @@ included = "100"
 """
 
 
-def test_a_plans_periods_may_not_change_under_its_customers_and_a_restart_keeps_theirs(make, tmp_path):
+@pytest.mark.parametrize("how", ["reload", "restart"])
+def test_a_plans_new_periods_apply_to_its_customers_from_the_end_of_their_billing_period(make, tmp_path, how):
     b = make(ANNUAL)
     a = b.subscribe("c", "small").anchor_ms
     yearly = tmp_path / "yearly.toml"
-    yearly.write_text(ANNUAL.replace('credit_period = "month"\n', ""))  # credits once a year
-    with pytest.raises(ConfigError) as e:
+    yearly.write_text(ANNUAL.replace('credit_period = "month"\n', ""))  # credits once a year from now on
+    if how == "reload":
         b.run(b.engine.reload_catalog(load_catalog(str(yearly))))
-    assert "plans.small: its period (every year, credits every month) may not change" in str(e.value)
-    b.catalog = load_catalog(str(yearly))  # a restart under it: the subscription keeps its own periods
-    b.restart(clean=True)
-    for k in range(1, 13):
+    else:  # the catalog file changed under a stopped daemon
+        b.catalog = load_catalog(str(yearly))
+        b.restart(clean=True)
+    for k in range(1, 12):  # the year it paid for keeps its monthly credits
         b.now_ms = period_start(a, "month", k)
         b.tick()
-        assert b.bal("c", "fast") == 100 * NANO  # each month's credits
-    assert [e.reference for e in b.audit("c", "fee")] == ["small period 0", "small period 1"]
+        assert b.bal("c", "fast") == 100 * NANO, k
+    b.now_ms = period_start(a, "year", 1)
+    b.tick()
+    sub = b.engine.subscriptions.subs["c"]
+    assert (sub.start_ms, sub.end_ms, sub.billing_end_ms) == (period_start(a, "year", 1),) + (
+        period_start(a, "year", 2),) * 2  # then one credit period a year, from the same day
+    assert (sub.n, sub.billing_n) == (12, 1)
+    b.now_ms = period_start(a, "year", 2)
+    b.tick()
+    assert [e.reference for e in b.audit("c", "fee")] == ["small period 0", "small period 1", "small period 2"]
+    assert b.bal("c", "fast") == 100 * NANO
+    b.check_conservation("c")
+
+
+def test_a_cancel_ends_the_periods_usage_so_a_new_subscription_starts_afresh(make):
+    b = make("hybrid")  # acme on team: seats (a max gauge, $8 each) charged on the period's value
+    b.report("acme", "seats", 7)
+    b.advance(DAY_MS)
+    b.cancel("acme")
+    b.subscribe("acme", "team", start_ms=b.now_ms)
+    b.report("acme", "seats", 2)
+    b.advance(32 * DAY_MS)
+    b.tick()
+    assert [(-e.amount_nano, e.reference) for e in b.audit("acme", "gauge_charged")] == [
+        (7 * 8 * NANO, "seats=7"), (2 * 8 * NANO, "seats=2")]
 
 
 def test_included_credits_off_the_credit_types_steps_are_refused_naming_the_value(make):
@@ -1730,3 +1754,49 @@ def test_included_credits_off_the_credit_types_steps_are_refused_naming_the_valu
     with pytest.raises(InvalidInput) as e:
         b.set_term("dev1", "premium", "included", 300 * NANO + 1)
     assert e.value.field == "value" and "premium is granted in steps of 10000000 nano" in str(e.value)
+
+
+TWO_PLANS = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.fast]
+kind = "custom"
+
+[meters.gpu]
+credit_type = "fast"
+price = "1"
+
+[plans.big]
+period = "month"
+fee = { usd = "50.00" }
+
+[plans.big.credits.fast]
+included = "300"
+
+[plans.small]
+period = "month"
+fee = { usd = "10.00" }
+
+[plans.small.credits.fast]
+included = "100"
+"""
+
+
+def test_a_downgrade_to_a_plan_whose_periods_changed_takes_them_at_the_boundary(make, tmp_path):
+    b = make(TWO_PLANS)
+    a = b.subscribe("c", "big").anchor_ms
+    b.change_plan("c", "small")  # a downgrade: at the month's end
+    yearly = tmp_path / "yearly.toml"
+    yearly.write_text(TWO_PLANS.replace('period = "month"\nfee = { usd = "10.00" }',
+                                        'period = "year"\nfee = { usd = "10.00" }'))
+    b.run(b.engine.reload_catalog(load_catalog(str(yearly))))
+    b.now_ms = period_start(a, "month", 1)
+    b.tick()
+    sub = b.engine.subscriptions.subs["c"]
+    assert (sub.plan, sub.period, sub.cycle) == ("small", "year", "year")
+    assert (sub.start_ms, sub.end_ms, sub.billing_end_ms) == (period_start(a, "month", 1),) + (
+        period_start(period_start(a, "month", 1), "year", 1),) * 2
+    b.run(b.engine.reload_catalog(load_catalog(str(yearly))))  # and the catalog reloads again
+    assert [(e.charge_nano, e.reference) for e in b.audit("c", "fee")] == [(50 * NANO, "big period 0"),
+                                                                         (10 * NANO, "small period 1")]

@@ -223,7 +223,12 @@ class Engine:
         return await self.flusher.flush_once()
 
     async def statement(self, customer_id: str, period: str) -> dict:
-        return await self.flusher.statement(customer_id, period)
+        """The ledger's statement; one whose period holds the present has the free units and
+        fallback usage of the credit period still running too (the ledger has them once it ends)."""
+        st = await self.flusher.statement(customer_id, period)
+        if st["from_ms"] <= self.clock.now_ms() < st["to_ms"]:
+            st["activity"] += self.subscriptions.usage_so_far(customer_id)
+        return st
 
     def ledger_status(self) -> Any:
         status = self.flusher.status()

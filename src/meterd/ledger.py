@@ -769,7 +769,8 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
 # How each kind of entry moves a balance, on a statement: what the opening balance
 # becomes the closing one through (usage is the usage rows' cost; deductions repeat it).
 BALANCE_GROUPS = {"grant": "granted", "refund": "granted", "included": "included", "adjust": "adjusted",
-                  "expire": "forfeited", "rollover_forfeited": "forfeited", "gauge_charged": "used",
+                  "expire": "forfeited", "expired": "forfeited", "rollover_forfeited": "forfeited",
+                  "gauge_charged": "used",
                   "overage_charged": "billed", "overage_forgiven": "billed", "deficit_carried": "billed",
                   "usage_billed": "billed"}
 BALANCE_PARTS = ("granted", "included", "adjusted", "forfeited", "used", "billed", "other")

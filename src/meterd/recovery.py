@@ -303,7 +303,6 @@ class Recovery:
         async with self.snapshots.exclusive():  # a snapshot of the old catalog must not land after the switch
             await self.journal.commit_with([])  # a barrier: the writer is FIFO
             self._check_reload(new)
-            self.subscriptions.check_periods(new)
             new.compiled  # noqa: B018 - compiled (and refused, if the core cannot take it) before anything moves
             old = self.live.catalog
             self.drains.carry(_drained(self.live.core.take_usage(), old.compiled))

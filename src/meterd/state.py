@@ -139,6 +139,10 @@ class Subscription:
     # counted in these, whatever a later catalog says ("": the plan's, as kept by an older version).
     period: str = ""
     cycle: str = ""
+    # The indices of the credit and billing periods that start at anchor_ms: not 0 once
+    # the plan's periods changed and the subscription took them at a billing boundary.
+    offset_n: int = 0
+    billing_offset_n: int = 0
 
     def __post_init__(self) -> None:
         if self.billing_end_ms == 0:

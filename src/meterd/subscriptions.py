@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
-from typing import Any, Sequence
+from typing import Sequence
 
 from meterd import records
 from meterd.audit import Audit
 from meterd.catalog import format_nano
 from meterd.clock import Clock
 from meterd.corespec import relax_priority
-from meterd.errors import ConfigError, Conflict, InvalidInput, NotFound
+from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.journal import Journal
@@ -96,22 +96,18 @@ class Subscriptions:
             ops.append(("subs", sub.customer_id.encode(), sub.to_json()))
         return ops
 
-    def check_periods(self, catalog: Any) -> None:
-        """Refuse a catalog that changes the billing or credit period of a plan customers are
-        on (a restart under one keeps each subscription's own periods, and says so)."""
-        for sub in self.subs.values():
-            now = catalog.plan_index.get(sub.plan)
-            if now is not None and self.periods(sub, now) != (now.period, now.cycle):
-                period, cycle = self.periods(sub, now)
-                raise ConfigError(f"{catalog.source}: plans.{sub.plan}: its period (every {period}, credits every "
-                                  f"{cycle}) may not change while customers are on it, such as "
-                                  f"{sub.customer_id!r}; add a plan with the new periods and move them to it")
-
     @staticmethod
     def periods(sub: Subscription, plan: Plan) -> tuple[str, str]:
         """The billing and credit periods a subscription counts in: those of its plan when it
-        was subscribed to (a subscription kept by an older version: the plan's)."""
+        was subscribed to, or when it last took its plan's (a subscription kept by an older
+        version: the plan's)."""
         return sub.period or plan.period, sub.cycle or plan.cycle
+
+    def _credit_start(self, sub: Subscription, plan: Plan, n: int) -> int:
+        return period_start(sub.anchor_ms, self.periods(sub, plan)[1], n - sub.offset_n)
+
+    def _billing_start(self, sub: Subscription, plan: Plan, n: int) -> int:
+        return period_start(sub.anchor_ms, self.periods(sub, plan)[0], n - sub.billing_offset_n)
 
     def roll_if_due(self, now: int | None = None) -> None:
         """Roll the subscriptions whose period has ended, before anything else happens.
@@ -328,29 +324,51 @@ class Subscriptions:
             return self.audit.entry_ops(sub.customer_id, "billing_period", ct, 0, bal, bal,
                                         f"{plan.name} period {sub.billing_n}", period_end_ms=sub.billing_end_ms)
 
-    def _period_usage_ops(self, sub: Subscription, plan: Plan | None, idx: int) -> list[Op]:
-        """At the end of a credit period (or a cancel): the free units each meter used, and
-        per credit type what the usage served in the fallback mode would have cost."""
+    def period_usage(self, sub: Subscription, plan: Plan | None, idx: int) -> list[tuple[str, int, int, str, str, str]]:
+        """The credit period's free units used per meter, and per credit type what the usage
+        served in the fallback mode would have cost, so far: (kind, credit type, amount,
+        description, meter, quantity) each."""
         if plan is None or idx < 0:
             return []
-        ops: list[Op] = []
+        out = []
         cts, use, _ = self.live.core.state(idx)
         catalog = self.live.catalog
         for m, meter in enumerate(catalog.meters):
             free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision)
             used = min(use[m], free)
             if used > 0:
-                bal = cts[meter.credit_type][0]
-                ops += self.audit.entry_ops(sub.customer_id, "free_units", meter.credit_type, 0, bal, bal,
-                                            f"{meter.name}: {catalog.format_quantity(m, used)} of "
-                                            f"{catalog.format_quantity(m, free)} free", meter=meter.name,
-                                            quantity=catalog.format_quantity(m, used))
+                quantity = catalog.format_quantity(m, used)
+                out.append(("free_units", meter.credit_type, 0,
+                            f"{meter.name}: {quantity} of {catalog.format_quantity(m, free)} free", meter.name,
+                            quantity))
         for ct, policy in plan.credits.items():
-            degraded = cts[ct][4]
-            if degraded > 0 and policy.fallback:
-                ops += self.audit.entry_ops(sub.customer_id, "degraded", ct, degraded, cts[ct][0], cts[ct][0],
-                                            f"served in {policy.fallback} mode, not charged")
+            if cts[ct][4] > 0 and policy.fallback:
+                out.append(("degraded", ct, cts[ct][4], f"served in {policy.fallback} mode, not charged", "", ""))
+        return out
+
+    def _period_usage_ops(self, sub: Subscription, plan: Plan | None, idx: int) -> list[Op]:
+        """At the end of a credit period (or a cancel): ``period_usage`` as audit entries."""
+        ops: list[Op] = []
+        for kind, ct, amount, description, meter, quantity in self.period_usage(sub, plan, idx):
+            bal = self.live.core.state(idx)[0][ct][0]
+            ops += self.audit.entry_ops(sub.customer_id, kind, ct, amount, bal, bal, description, meter=meter,
+                                        quantity=quantity)
         return ops
+
+    def usage_so_far(self, customer_id: str) -> list[dict]:
+        """The current credit period's ``period_usage`` as statement activity lines (the
+        ledger has them once the period ends)."""
+        sub = self.subs.get(customer_id)
+        if sub is None:
+            return []
+        names = self.live.catalog.credit_types
+        idx = self.live.core.account(customer_id.encode())
+        lines = []
+        for kind, ct, amount, description, _, quantity in self.period_usage(sub, self._plan_or_none(sub.plan), idx):
+            line = {"section": kind, "description": (f"{names[ct].name} " if kind == "degraded" else "") +
+                    f"{description} (this period so far)", "credit_type": names[ct].name, "amount_nano": amount}
+            lines.append(line | ({"quantity": quantity} if kind == "free_units" else {}))
+        return lines
 
     def _had_trial(self, customer_id: str) -> bool:
         return self.store.get("meta", f"trial\x00{customer_id}".encode()) is not None
@@ -370,6 +388,9 @@ class Subscriptions:
             ops += self.settle_overage_ops(customer_id, ct, policy, "cancel")
             if policy.arrears:
                 ops += self._arrears_ops(sub, ct)
+        if idx >= 0:  # the period ends here: its usage (gauges, free units, tiers, fallback) is done with
+            self.live.core.reset_usage(idx)
+            ops.append(self._core_op(Kind.RESET_USAGE, customer_id, 0, 0))
         ops += self._end_ops(sub, plan, sub.start_ms)
         return ops, sub
 
@@ -500,14 +521,18 @@ class Subscriptions:
             plan = self._plan_or_none(sub.next_plan) or plan
             sub.plan, sub.next_plan = plan.name, ""
             ops += self.apply_plan_ops(sub.customer_id, plan)
+        if billing and self.periods(sub, plan) != (plan.period, plan.cycle):
+            # The plan's periods changed (a catalog since): the subscription takes them from
+            # here, counted from this boundary, the periods' numbers going on.
+            sub.anchor_ms, sub.offset_n, sub.billing_offset_n = boundary, sub.n + 1, sub.billing_n + 1
+            sub.period, sub.cycle = plan.period, plan.cycle
         sub.n += 1
         self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
-        period, cycle = self.periods(sub, plan)
-        sub.start_ms, sub.end_ms = boundary, period_start(sub.anchor_ms, cycle, sub.n + 1)
+        sub.start_ms, sub.end_ms = boundary, self._credit_start(sub, plan, sub.n + 1)
         if billing:
             sub.billing_n += 1
             sub.billing_start_ms = boundary
-            sub.billing_end_ms = period_start(sub.anchor_ms, period, sub.billing_n + 1)
+            sub.billing_end_ms = self._billing_start(sub, plan, sub.billing_n + 1)
         sub.included = {}
         for ct in plan.credits:
             sub.included[str(ct)] = self.included_nano(sub.customer_id, plan, ct)
@@ -543,8 +568,8 @@ class Subscriptions:
                                      b.grant_id, boundary)
             if rolled:
                 rolled_total += rolled
-                expires = period_start(sub.anchor_ms, self.periods(sub, self._plan(sub.plan))[1],
-                                       sub.n + 1 + r.lifetime_periods) if r.lifetime_periods else 0  # type: ignore[union-attr]
+                life = r.lifetime_periods if r is not None else 0
+                expires = self._credit_start(sub, self._plan(sub.plan), sub.n + 1 + life) if life else 0
                 add, gid = self.grants.add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
                                             credit=False, rollovers=b.rollovers + 1)
                 bal = self.live.core.state(self.live.core.account(sub.customer_id.encode()))[0][ct][0]
