@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from fractions import Fraction
 
 import pytest
 from billing import DAY_MS, NANO, START_MS, Billing
+from hypothesis import given
+from hypothesis import strategies as st
 
-from meterd.plans import period_start
+from meterd.plans import Overage, Rollover, Tier, period_start, prorated, rollover_split
 
 
 def ms(*args: int) -> int:
@@ -75,3 +78,46 @@ def test_daily_periods_and_included_credit_expiry(b):
     assert b.bal("k", "credits") == 20 * NANO   # "never": they add up week after week
     assert b.bal("t", "credits") == 30 * NANO   # at most three days' worth alive at once
     b.check_conservation("t")
+
+
+# ---- the arithmetic of a period's end, shared by every place that rolls one -------------------
+
+ROLLOVERS = st.builds(Rollover, st.integers(0, 100), st.integers(0, 3), st.integers(0, 3),
+                      st.one_of(st.none(), st.integers(0, 10**12)), st.one_of(st.none(), st.integers(0, 10**12)))
+
+
+@given(ROLLOVERS, st.lists(st.tuples(st.integers(0, 10**12), st.integers(0, 4)), max_size=6),
+       st.integers(0, 10**12), st.integers(0, 10**12), st.booleans())
+def test_a_rollover_keeps_within_every_cap_and_never_more_than_is_left(r, expiring, staying, incoming, ending):
+    split = rollover_split(r, expiring, staying, incoming, ending)
+    assert len(split) == len(expiring)
+    assert all(0 <= rolled <= remaining * r.max_percent // 100 for rolled, (remaining, _) in
+               zip(split, expiring, strict=True))
+    assert all(rolled == 0 for rolled, (_, times) in zip(split, expiring, strict=True) if times >= r.max_count)
+    if ending:
+        assert sum(split) == 0
+    if r.max_nano is not None:
+        assert sum(split) <= max(r.max_nano, 0)
+    if r.balance_cap_nano is not None and sum(split):
+        assert staying + incoming + sum(split) <= r.balance_cap_nano
+    assert rollover_split(None, expiring, staying, incoming, ending) == [0] * len(expiring)
+
+
+TIERS = (Tier(100 * NANO, Fraction(4, 100)), Tier(None, Fraction(3, 100)))
+
+
+@given(st.integers(0, 300 * NANO), st.integers(0, 300 * NANO), st.integers(0, 300 * NANO))
+def test_overage_bills_of_a_period_add_up_to_the_charge_of_its_whole_overage(a, b, c):
+    o = Overage(None, 0, TIERS, "bill", None)
+    money = [o.bill(0, a)[0], o.bill(a, b)[0], o.bill(a + b, c)[0]]
+    assert sum(money) == o.charge(a + b + c) == -(-(min(a + b + c, 100 * NANO) * Fraction(4, 100) +
+                                                   max(a + b + c - 100 * NANO, 0) * Fraction(3, 100)) // 1)
+    assert sum(t[3] for t in o.bill(a, b)[1]) == money[1]
+
+
+@given(st.integers(0, 10**15), st.integers(1, 10**10), st.data())
+def test_a_proration_is_the_exact_share_rounded_up(amount, length, data):
+    left = data.draw(st.integers(0, length))
+    share = Fraction(amount * left, length)
+    assert prorated(amount, left, length) == -(-share // 1)
+    assert prorated(amount, length, length) == amount and prorated(amount, 0, length) == 0

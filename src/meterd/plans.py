@@ -73,6 +73,12 @@ class Overage:
                 break
         return -((-total.numerator) // total.denominator)
 
+    def bill(self, billed_nano: int, units_nano: int) -> tuple[int, list[tuple[int, int, str, int]]]:
+        """The money for ``units_nano`` more of a period's overage, after ``billed_nano`` of it
+        were billed (the graduated tiers go on from there), and its breakdown by tier."""
+        end = billed_nano + units_nano
+        return self.charge(end) - self.charge(billed_nano), self.breakdown(billed_nano, end)
+
     def breakdown(self, from_nano: int, to_nano: int) -> list[tuple[int, int, str, int]]:
         """The charge for the units from ``from_nano`` to ``to_nano`` of a
         period's overage, tier by tier: (tier, units, unit price, charge).
@@ -130,6 +136,50 @@ class Rollover:
     lifetime_periods: int       # rolled credits expire after this many periods (0: never)
     max_nano: int | None        # most that may roll at one boundary
     balance_cap_nano: int | None  # balance after the boundary may not exceed this
+
+
+def rollover_split(rollover: Rollover | None, expiring: list[tuple[int, int]], staying: int, incoming: int,
+                   ending: bool) -> list[int]:
+    """How much of each credit bucket expiring at a period's boundary rolls over, within the
+    caps; the rest of each is forfeited. ``expiring``: (what is left of it, how many times it
+    rolled over already) each, in the order they roll; ``staying``: the credit that does not
+    expire there; ``incoming``: the next period's included credits; ``ending``: the
+    subscription ends there (nothing rolls)."""
+    out: list[int] = []
+    total = 0
+    for remaining, times in expiring:
+        rolled = 0
+        if rollover is not None and not ending and times < rollover.max_count:
+            rolled = remaining * rollover.max_percent // 100
+            if rollover.max_nano is not None:
+                rolled = min(rolled, rollover.max_nano - total)
+            if rollover.balance_cap_nano is not None:
+                rolled = min(rolled, rollover.balance_cap_nano - staying - incoming - total)
+            rolled = max(rolled, 0)
+        total += rolled
+        out.append(rolled)
+    return out
+
+
+def prorated(amount_nano: int, left_ms: int, length_ms: int) -> int:
+    """The share of a period's amount for the time left of it, rounded up (in the seller's
+    favour by under a nano)."""
+    return -((-amount_nano * left_ms) // length_ms)
+
+
+def is_downgrade(old: Plan, new: Plan) -> bool:
+    """A lower fee, or the same fee and fewer included credits of some type (and more of none).
+    Anything else (an upgrade, or a plan as dear, such as turning usage-based pricing on)
+    applies at once."""
+    old_fee, new_fee = sum(old.fees_nano.values()), sum(new.fees_nano.values())
+    if new_fee != old_fee:
+        return new_fee < old_fee
+
+    def included(plan: Plan, ct: int) -> int:
+        return plan.credits[ct].included_nano if ct in plan.credits else 0
+    cts = set(old.credits) | set(new.credits)
+    return any(included(new, ct) < included(old, ct) for ct in cts) and \
+        not any(included(new, ct) > included(old, ct) for ct in cts)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.journal import Journal
-from meterd.plans import CreditPolicy, Plan, period_start
+from meterd.plans import CreditPolicy, Plan, is_downgrade, period_start, prorated, rollover_split
 from meterd.records import Kind
 from meterd.results import Term
 from meterd.state import Bucket, Live, Subscription
@@ -408,7 +408,7 @@ class Subscriptions:
             raise InvalidInput("plan", f"a plan change keeps the billing and credit periods ({old.name!r}: every "
                                f"{period}, credits every {cycle}); cancel and subscribe instead")
         sub.next_plan = ""
-        if old is not None and (new.name == old.name or _is_downgrade(old, new)):
+        if old is not None and (new.name == old.name or is_downgrade(old, new)):
             if new.name != old.name:
                 sub.next_plan = new.name
             return [self._put_sub(sub)], sub
@@ -453,7 +453,7 @@ class Subscriptions:
             diff = fee - (old.fees_nano.get(ct, 0) if old else 0)
             if diff <= 0:
                 continue
-            charge = -((-diff * left) // length)  # rounded up, in the seller's favour by under a nano
+            charge = prorated(diff, left, length)
             bal = self.live.core.state(idx)[0][ct][0]
             ops += self.audit.entry_ops(sub.customer_id, "fee", ct, 0, bal, bal, f"{new.name} upgrade proration",
                                   charge=charge, charge_ct=ct)
@@ -550,24 +550,15 @@ class Subscriptions:
                       if b not in expiring)
         own = self.term(sub.customer_id, "included", ct)
         incoming = 0 if ending else policy.included_nano if own is None else own
-        rolled_total = 0
         r = policy.rollover
-        for b in expiring:
-            rolled = 0
-            if r is not None and not ending and b.rollovers < r.max_count:
-                rolled = b.remaining_nano * r.max_percent // 100
-                if r.max_nano is not None:
-                    rolled = min(rolled, r.max_nano - rolled_total)
-                if r.balance_cap_nano is not None:
-                    rolled = min(rolled, r.balance_cap_nano - staying - incoming - rolled_total)
-                rolled = max(rolled, 0)
+        split = rollover_split(r, [(b.remaining_nano, b.rollovers) for b in expiring], staying, incoming, ending)
+        for b, rolled in zip(expiring, split, strict=True):
             forfeited = b.remaining_nano - rolled
             held = min(forfeited, self.holds.reserved_share(sub.customer_id, ct, b))
             ops += self.grants.remove_bucket(sub.customer_id, ct, b)
             ops += self._forfeit_ops(sub.customer_id, ct, forfeited, held, "rollover_forfeited" if r else "expire",
                                      b.grant_id, boundary)
             if rolled:
-                rolled_total += rolled
                 life = r.lifetime_periods if r is not None else 0
                 expires = self._credit_start(sub, self._plan(sub.plan), sub.n + 1 + life) if life else 0
                 add, gid = self.grants.add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
@@ -604,12 +595,10 @@ class Subscriptions:
         bal = self.live.core.state(idx)[0][ct][0]
         owed = sub.carried.pop(str(ct), 0)
         if owed:  # last period's carried deficit is billed now, at the prices of that overage
-            billed = sub.overage_billed.get(str(ct), 0)
-            money = policy.overage.charge(billed + owed) - policy.overage.charge(billed)
+            money, tiers = policy.overage.bill(sub.overage_billed.get(str(ct), 0), owed)
             ops += self.audit.entry_ops(sub.customer_id, "overage_charged", ct, owed, bal, bal,
                                         "carried from last period", charge=money,
-                                        charge_ct=policy.overage.price_credit_type,
-                                        tiers=policy.overage.breakdown(billed, billed + owed))
+                                        charge_ct=policy.overage.price_credit_type, tiers=tiers)
         if bal < 0:
             credit, before, after = self.grants.credit_ops(sub.customer_id, ct, -bal)
             ops += credit + self.audit.entry_ops(sub.customer_id, "deficit_carried", ct, -bal, before, after,
@@ -631,13 +620,12 @@ class Subscriptions:
         # Graduated tiers continue from what was billed earlier in the period, and
         # what was billed still counts against the period's overage limit.
         billed = sub.overage_billed.get(str(ct), 0)
-        money = policy.overage.charge(billed + deficit) - policy.overage.charge(billed)
+        money, tiers = policy.overage.bill(billed, deficit)
         sub.overage_billed[str(ct)] = billed + deficit
         sub.overage_charged[str(ct)] = sub.overage_charged.get(str(ct), 0) + money
         credit += self.floor_ops(customer_id, ct) + [self._put_sub(sub)]
         return credit + self.audit.entry_ops(customer_id, "overage_charged", ct, deficit, before, after, why,
-                                       charge=money, charge_ct=policy.overage.price_credit_type,
-                                       tiers=policy.overage.breakdown(billed, billed + deficit))
+                                       charge=money, charge_ct=policy.overage.price_credit_type, tiers=tiers)
 
     def _arrears_ops(self, sub: Subscription, ct: int) -> list[Op]:
         """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""
@@ -726,17 +714,3 @@ def _current(anchor_ms: int, period: str, now: int) -> int:
     while period_start(anchor_ms, period, n + 1) <= now:
         n += 1
     return n
-
-
-def _is_downgrade(old: Plan, new: Plan) -> bool:
-    """A lower fee, or the same fee and fewer included credits of some type (and more of none).
-    Anything else (an upgrade, or a plan as dear, such as turning usage-based pricing on)
-    applies at once."""
-    old_fee, new_fee = sum(old.fees_nano.values()), sum(new.fees_nano.values())
-    if new_fee != old_fee:
-        return new_fee < old_fee
-    def included(plan: Plan, ct: int) -> int:
-        return plan.credits[ct].included_nano if ct in plan.credits else 0
-    cts = set(old.credits) | set(new.credits)
-    return any(included(new, ct) < included(old, ct) for ct in cts) and \
-        not any(included(new, ct) > included(old, ct) for ct in cts)
