@@ -1800,3 +1800,58 @@ def test_a_downgrade_to_a_plan_whose_periods_changed_takes_them_at_the_boundary(
     b.run(b.engine.reload_catalog(load_catalog(str(yearly))))  # and the catalog reloads again
     assert [(e.charge_nano, e.reference) for e in b.audit("c", "fee")] == [(50 * NANO, "big period 0"),
                                                                          (10 * NANO, "small period 1")]
+
+
+YEARLY_ROLLOVER = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.fast]
+kind = "custom"
+
+[meters.gpu]
+credit_type = "fast"
+price = "1"
+
+[plans.p]
+period = "year"
+fee = { usd = "100.00" }
+
+[plans.p.credits.fast]
+included = "100"
+rollover = { max_percent = 100, max_count = 1, lifetime_periods = 1 }
+"""
+
+
+def test_credits_rolled_over_into_new_periods_live_for_one_of_them(make, tmp_path):
+    b = make(YEARLY_ROLLOVER)
+    a = b.subscribe("c", "p").anchor_ms
+    b.report("c", "gpu", 40)
+    monthly = tmp_path / "monthly.toml"
+    monthly.write_text(YEARLY_ROLLOVER.replace('period = "year"', 'period = "month"'))
+    b.run(b.engine.reload_catalog(load_catalog(str(monthly))))
+    b.now_ms = period_start(a, "year", 1)
+    b.tick()  # the year's 60 left roll over into the first month, and live for it alone
+    (rolled,) = [g for g in b.balance("c").balances[1].grants if g.source == "rollover"]
+    assert (rolled.remaining_nano, rolled.expires_at_ms) == (60 * NANO, period_start(a, "month", 13))
+    b.now_ms = period_start(a, "month", 13)
+    b.tick()
+    assert b.bal("c", "fast") == 200 * NANO  # the first month's 100 roll over, the 60 once rolled go, 100 more
+    assert [e.amount_nano for e in b.audit("c", "rollover_forfeited")][-1] == -60 * NANO
+
+
+def test_a_month_end_anchor_keeps_its_day_when_only_the_credit_period_changes(make, tmp_path):
+    b = make("cursor")
+    jan31 = 1_801_353_600_000  # 2027-01-31T00:00:00Z
+    b.now_ms = jan31
+    b.subscribe("eve", "pro")
+    daily = tmp_path / "daily.toml"
+    text = (Path(__file__).resolve().parent.parent / "examples" / "cursor.toml").read_text()
+    daily.write_text(text.replace('[plans.pro]\nperiod = "month"\n', '[plans.pro]\nperiod = "month"\n'
+                                  'credit_period = "day"\n'))
+    b.run(b.engine.reload_catalog(load_catalog(str(daily))))
+    b.now_ms = period_start(jan31, "month", 1)  # Feb 28: the clamped month-end
+    b.tick()
+    sub = b.engine.subscriptions.subs["eve"]
+    assert (sub.anchor_ms, sub.cycle, sub.end_ms) == (jan31, "day", period_start(jan31, "month", 1) + DAY_MS)
+    assert sub.billing_end_ms == period_start(jan31, "month", 2)  # March 31, not March 28

@@ -539,6 +539,7 @@ def test_a_statement_per_billing_period_takes_each_balance_from_its_opening_to_i
     assert b.bal("ann", "req") == (30 + 19 + 100) * NANO
     served = [b.report("ann", "calls", 1).decision for _ in range(170)]
     assert served.count(pb.DECISION_ALLOW) == 10 + 149 and served.count(pb.DECISION_DEGRADE) == 11
+    assert activity(b.statement("ann", "2026-11"), "free_units") == [("calls: 10 of 10 free", 0, "10")]  # no more
     running = b.statement("ann", "billing")  # December, still running: its free units and slow usage so far
     assert activity(running, "free_units") == [("calls: 10 of 10 free (this period so far)", 0, "10")]
     assert activity(running, "degraded") == [("req served in slow mode, not charged (this period so far)",

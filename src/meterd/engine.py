@@ -223,10 +223,12 @@ class Engine:
         return await self.flusher.flush_once()
 
     async def statement(self, customer_id: str, period: str) -> dict:
-        """The ledger's statement; one whose period holds the present has the free units and
-        fallback usage of the credit period still running too (the ledger has them once it ends)."""
+        """The ledger's statement; one whose period holds the running credit period's end has
+        that period's free units and fallback usage so far too (the ledger has them once it ends)."""
         st = await self.flusher.statement(customer_id, period)
-        if st["from_ms"] <= self.clock.now_ms() < st["to_ms"]:
+        sub = self.subscriptions.subs.get(customer_id)
+        # The running period's lines belong where its end's will (its last millisecond).
+        if sub is not None and st["from_ms"] <= sub.end_ms - 1 < st["to_ms"]:
             st["activity"] += self.subscriptions.usage_so_far(customer_id)
         return st
 

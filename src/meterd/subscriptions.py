@@ -103,6 +103,18 @@ class Subscriptions:
         version: the plan's)."""
         return sub.period or plan.period, sub.cycle or plan.cycle
 
+    def _take_periods(self, sub: Subscription, plan: Plan, boundary: int) -> None:
+        """From ``boundary`` (the end of a billing period) on, count the subscription's periods
+        in the plan's, the periods' numbers going on: from its anchor still when both periods
+        have a start there counted from it (so a month-end anchor keeps its day), else from
+        the boundary."""
+        i, j = _current(sub.anchor_ms, plan.period, boundary), _current(sub.anchor_ms, plan.cycle, boundary)
+        if period_start(sub.anchor_ms, plan.period, i) != boundary or \
+                period_start(sub.anchor_ms, plan.cycle, j) != boundary:
+            sub.anchor_ms, i, j = boundary, 0, 0
+        sub.billing_offset_n, sub.offset_n = sub.billing_n + 1 - i, sub.n + 1 - j
+        sub.period, sub.cycle = plan.period, plan.cycle
+
     def _credit_start(self, sub: Subscription, plan: Plan, n: int) -> int:
         return period_start(sub.anchor_ms, self.periods(sub, plan)[1], n - sub.offset_n)
 
@@ -501,6 +513,13 @@ class Subscriptions:
         ops: list[Op] = []
         billing = boundary >= sub.billing_end_ms
         ending = (sub.cancel_at_end and billing) or plan is None
+        if billing and not ending and plan is not None:
+            # The plan the next period is on (a downgrade waits for this boundary): when its
+            # periods are not the subscription's (a catalog changed them), they apply from here,
+            # before anything of the next periods (a rollover's lifetime) is counted in them.
+            after = self._plan_or_none(sub.next_plan) or plan if sub.next_plan else plan
+            if self.periods(sub, after) != (after.period, after.cycle):
+                self._take_periods(sub, after, boundary)
         idx = self.live.core.account(sub.customer_id.encode())
         ops += self._gauge_ops(sub, idx)  # the ended period's gauges, before its overage is settled
         for ct, policy in (plan.credits.items() if plan else []):
@@ -521,11 +540,6 @@ class Subscriptions:
             plan = self._plan_or_none(sub.next_plan) or plan
             sub.plan, sub.next_plan = plan.name, ""
             ops += self.apply_plan_ops(sub.customer_id, plan)
-        if billing and self.periods(sub, plan) != (plan.period, plan.cycle):
-            # The plan's periods changed (a catalog since): the subscription takes them from
-            # here, counted from this boundary, the periods' numbers going on.
-            sub.anchor_ms, sub.offset_n, sub.billing_offset_n = boundary, sub.n + 1, sub.billing_n + 1
-            sub.period, sub.cycle = plan.period, plan.cycle
         sub.n += 1
         self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
         sub.start_ms, sub.end_ms = boundary, self._credit_start(sub, plan, sub.n + 1)
