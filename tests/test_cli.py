@@ -133,6 +133,10 @@ def test_terms_set_list_and_clear_a_customers_discount(make_daemon):
         r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--discount", bad,
                    "--reason", "x")
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+    r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--budget", "five", "--reason", "x")
+    assert r.returncode == 2 and r.stderr.startswith("meterd: --budget:") and "Traceback" not in r.stderr, r.stderr
+    r = meterd("terms", *data_dir, "--customer", "demo", "--discount", "5", "--reason", "x")
+    assert r.returncode == 2 and "--credit-type and --reason are needed" in r.stderr, r.stderr
     r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--budget", "5", "--reason", "x")
     assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "credit_type" in r.stderr, r.stderr
     r = meterd("terms", *data_dir, "--customer", "demo", "--credit-type", "usd", "--discount", "5", "--clear",

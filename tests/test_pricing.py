@@ -1548,6 +1548,8 @@ def test_included_credits_of_a_customers_own_are_raised_at_once_and_lowered_from
 
 @pytest.mark.parametrize("customer, credit_type, term, value, clear, field, words", [
     ("acme", "usd", "rebate", 1, False, "term", "not one of"),
+    ("acme", "eur", "discount", 1000, False, "credit_type", "unknown credit type 'eur'"),
+    ("acme", "usd", "overdraft", 2**62 + 1, False, "value", "2^62"),
     ("acme", "usd", "discount", 10_001, False, "value", "basis points"),
     ("acme", "usd", "discount", -1, False, "value", "basis points"),
     ("acme", "usd", "discount", 5, True, "value", "must be 0 with clear"),
@@ -1687,7 +1689,9 @@ def test_a_catalog_that_renumbers_credit_types_keeps_a_budget_and_included_credi
     assert b.bal("bob", "requests") == 700 * NANO  # the next period: the customer's own 700
 
 
-ANNUAL = """
+def fast_plans(plans: str) -> str:
+    """A catalog of fast credits, a meter priced 1 a unit, and ``plans`` (TOML)."""
+    return """
 [credit_types.usd]
 kind = "fiat"
 
@@ -1697,7 +1701,10 @@ kind = "custom"
 [meters.gpu]
 credit_type = "fast"
 price = "1"
+""" + plans
 
+
+ANNUAL = fast_plans("""
 [plans.small]
 period = "year"
 credit_period = "month"
@@ -1705,7 +1712,7 @@ fee = { usd = "120.00" }
 
 [plans.small.credits.fast]
 included = "100"
-"""
+""")
 
 
 @pytest.mark.parametrize("how", ["reload", "restart"])
@@ -1756,17 +1763,7 @@ def test_included_credits_off_the_credit_types_steps_are_refused_naming_the_valu
     assert e.value.field == "value" and "premium is granted in steps of 10000000 nano" in str(e.value)
 
 
-TWO_PLANS = """
-[credit_types.usd]
-kind = "fiat"
-
-[credit_types.fast]
-kind = "custom"
-
-[meters.gpu]
-credit_type = "fast"
-price = "1"
-
+TWO_PLANS = fast_plans("""
 [plans.big]
 period = "month"
 fee = { usd = "50.00" }
@@ -1780,7 +1777,7 @@ fee = { usd = "10.00" }
 
 [plans.small.credits.fast]
 included = "100"
-"""
+""")
 
 
 def test_a_downgrade_to_a_plan_whose_periods_changed_takes_them_at_the_boundary(make, tmp_path):
@@ -1802,17 +1799,7 @@ def test_a_downgrade_to_a_plan_whose_periods_changed_takes_them_at_the_boundary(
                                                                          (10 * NANO, "small period 1")]
 
 
-YEARLY_ROLLOVER = """
-[credit_types.usd]
-kind = "fiat"
-
-[credit_types.fast]
-kind = "custom"
-
-[meters.gpu]
-credit_type = "fast"
-price = "1"
-
+YEARLY_ROLLOVER = fast_plans("""
 [plans.p]
 period = "year"
 fee = { usd = "100.00" }
@@ -1820,7 +1807,7 @@ fee = { usd = "100.00" }
 [plans.p.credits.fast]
 included = "100"
 rollover = { max_percent = 100, max_count = 1, lifetime_periods = 1 }
-"""
+""")
 
 
 def test_credits_rolled_over_into_new_periods_live_for_one_of_them(make, tmp_path):

@@ -18,15 +18,13 @@ from meterd.housekeeping import Housekeeping
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
 from meterd.leases import Leases
-from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Overdrawn, Replay, TermsSet
+from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Replay, TermsSet
 from meterd.state import Account, Live, Subscription
 from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, TERMS, Subscriptions
 from meterd.validate import NAME_ECHO_CHARS
 
 INT64_MAX = (1 << 63) - 1
 OVERDRAFT_NANO_MAX = 1 << 62  # as a minimum charge: an overdraft and a balance add up within 64 bits
-# The audit entry of each of a customer's own terms (subscriptions.TERMS) when set or cleared.
-TERM_AUDIT = {"overdraft": "overdraft", "discount": "discount", "budget": "budget", "included": "included_amount"}
 
 
 class Admin:
@@ -99,12 +97,11 @@ class Admin:
         return answer
 
     async def set_overdraft(self, customer_id: str, credit_type: str, amount_nano: int, clear: bool,
-                            reason: str) -> Overdrawn:
-        """The customer's own overdraft in a credit type (or none, ``clear``), over its plan's and
-        the catalog's, applied at once and audited."""
-        done = await self.set_term(customer_id, credit_type, "overdraft", amount_nano, clear, reason,
+                            reason: str) -> TermsSet:
+        """The customer's own overdraft in a credit type (or none, ``clear``): the term
+        "overdraft", with its amount in the request's field ``amount_nano``."""
+        return await self.set_term(customer_id, credit_type, "overdraft", amount_nano, clear, reason,
                                    field="amount_nano")
-        return Overdrawn(done.floor_nano, done.available_nano)
 
     async def set_term(self, customer_id: str, credit_type: str, term: str, value: int, clear: bool,
                        reason: str, field: str = "value") -> TermsSet:
@@ -137,8 +134,9 @@ class Admin:
         ops = self.subscriptions.term_ops(customer_id, term, ct, None if clear else value)
         idx = core.open_account(cust)
         balance, _, floor, *_ = core.state(idx)[0][ct]
-        ops += self.audit.entry_ops(customer_id, TERM_AUDIT[term], ct, 0 if clear else value, balance, balance,
-                                    reason, source=TERM_AUDIT[term])
+        kind = "included_amount" if term == "included" else term  # "included" is the kind of a grant
+        ops += self.audit.entry_ops(customer_id, kind, ct, 0 if clear else value, balance, balance, reason,
+                                    source=kind)
         answer = TermsSet(floor, core.available(idx, ct), self.subscriptions.terms_of(customer_id))
         await self.journal.commit_with(ops)
         return answer

@@ -168,8 +168,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
               f"{_credits(b.reserved_nano)}  available {_credits(b.available_nano)}")
     for u in resp.usage:
         print(f"usage {_safe(u.meter):<26} {_safe(u.quantity)}")
-    for t in resp.terms:
-        print(f"term  {_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
+    _print_terms(resp.terms, "term  ")
     return 0
 
 
@@ -433,6 +432,12 @@ def _term_text(term: str, value: int) -> str:
     return f"{Decimal(value) / 100}%" if term == "discount" else _credits(value)
 
 
+def _print_terms(terms: Any, prefix: str = "") -> None:
+    """A customer's own terms (OwnTerm or CustomerTerm messages), one a line."""
+    for t in terms:
+        print(f"{prefix}{_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
+
+
 def cmd_terms(args: argparse.Namespace) -> int:
     """Set or clear one of a customer's own terms, or (with none given) list them."""
     from meterd.v1 import admin_pb2, meter_pb2, meter_pb2_grpc
@@ -445,8 +450,7 @@ def cmd_terms(args: argparse.Namespace) -> int:
         with channel as ch:
             resp = meter_pb2_grpc.MeterStub(ch).GetBalance(meter_pb2.GetBalanceRequest(customer_id=args.customer),
                                                            metadata=metadata)
-        for t in resp.terms:
-            print(f"{_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
+        _print_terms(resp.terms)
         if not resp.terms:
             print(f"{_safe(args.customer)} has no terms of its own: its plan's and the catalog's hold")
         return 0
@@ -461,8 +465,7 @@ def cmd_terms(args: argparse.Namespace) -> int:
     said = "cleared" if args.clear else f"set to {_term_text(term, value)}"
     print(f"{term} of {_safe(args.customer)} in {_safe(args.credit_type)} {said}: the balance may go down to "
           f"{_credits(resp.floor_nano)}; available {_credits(resp.available_nano)}")
-    for t in resp.terms:
-        print(f"  {_safe(t.credit_type):<20} {t.term:<10} {_term_text(t.term, t.value)}")
+    _print_terms(resp.terms, "  ")
     return 0
 
 

@@ -651,16 +651,14 @@ PERIOD_HELP = ("a month like 2026-11, a range like 2026-11-14..2026-12-14, or bi
                "billing period) or billing-1, billing-2, ... (the ones before it)")
 
 
-def check_period(period: str) -> None:
-    """Refuse a statement period that cannot be one, before the ledger is asked."""
+def check_period(period: str) -> tuple[int, int] | None:
+    """Refuse a statement period that cannot be one, before the ledger is asked: [from, to)
+    in ms of a month or a range, None for a billing period (which the ledger knows)."""
     if re.fullmatch(r"billing(-[0-9]{1,4})?", period or ""):
         if int(period[8:] or 0) > BILLING_PERIODS_BACK_MAX:
             raise InvalidInput("period", f"{period!r}: at most billing-{BILLING_PERIODS_BACK_MAX}")
-        return
-    if ".." in (period or ""):
-        _range_bounds(period)
-        return
-    period_bounds(period)
+        return None
+    return _range_bounds(period) if ".." in (period or "") else period_bounds(period)
 
 
 def _range_bounds(period: str) -> tuple[int, int]:
@@ -676,23 +674,19 @@ def _range_bounds(period: str) -> tuple[int, int]:
 
 def statement_bounds(ledger: Ledger, customer_id: str, period: str) -> tuple[int, int, str]:
     """[from, to) in ms of a statement's period (PERIOD_HELP), and what to call it."""
-    check_period(period)
-    if period.startswith("billing"):
-        back = int(period[8:] or 0)
-        found = ledger.entries_of_kind(customer_id, "billing_period", back + 2)
-        if len(found) <= back:
-            raise InvalidInput("period", f"{period!r}: the ledger has {len(found)} billing periods of customer "
-                               f"{customer_id[:64]!r}")
-        e = found[back]
-        end = json.loads(e.detail or "{}").get("period_end_ms", e.effective_ms)
-        if back > 0:
-            end = min(end, found[back - 1].effective_ms)  # a plan that started again sooner
-        return e.effective_ms, end, e.reference
-    if ".." in period:
-        start, end = _range_bounds(period)
-        return start, end, period
-    start, end = period_bounds(period)
-    return start, end, period
+    fixed = check_period(period)
+    if fixed is not None:
+        return fixed[0], fixed[1], period
+    back = int(period[8:] or 0)
+    found = ledger.entries_of_kind(customer_id, "billing_period", back + 2)
+    if len(found) <= back:
+        raise InvalidInput("period", f"{period!r}: the ledger has {len(found)} billing periods of customer "
+                           f"{customer_id[:64]!r}")
+    e = found[back]
+    end = json.loads(e.detail or "{}").get("period_end_ms", e.effective_ms)
+    if back > 0:
+        end = min(end, found[back - 1].effective_ms)  # a plan that started again sooner
+    return e.effective_ms, end, e.reference
 
 
 def period_bounds(period: str) -> tuple[int, int]:
@@ -776,6 +770,14 @@ BALANCE_GROUPS = {"grant": "granted", "refund": "granted", "included": "included
 BALANCE_PARTS = ("granted", "included", "adjusted", "forfeited", "used", "billed", "other")
 
 
+def activity_line(section: str, description: str, credit_type: str, amount_nano: int, quantity: str = "") -> dict:
+    """A line of a statement's activity (StatementLine): ``quantity`` for free units, in the
+    meter's unit; fallback usage (``degraded``) says its credit type before the description."""
+    line = {"section": section, "description": f"{credit_type} {description}" if section == "degraded"
+            else description, "credit_type": credit_type, "amount_nano": amount_nano}
+    return line | ({"quantity": quantity} if section == "free_units" else {})
+
+
 def _balances(moved_before: dict[str, int], used_before: dict[str, int], entries: list[Entry],
               usage: list[UsageRow], lines: list[dict]) -> list[dict]:
     """Per credit type: the opening balance, each kind of movement in the period, the closing
@@ -800,21 +802,14 @@ def _balances(moved_before: dict[str, int], used_before: dict[str, int], entries
             of(e.credit_type)[f"{BALANCE_GROUPS.get(e.kind, 'other')}_nano"] += moved
         if e.kind == "rolled_over":
             of(e.credit_type)["rolled_over_nano"] += e.amount_nano
-            lines.append({"section": "rollovers", "description": f"rolled over ({e.reference})",
-                          "credit_type": e.credit_type, "amount_nano": e.amount_nano})
-        elif e.kind in ("expire", "rollover_forfeited"):
-            lines.append({"section": "rollovers", "description": f"forfeited ({e.reference})",
-                          "credit_type": e.credit_type, "amount_nano": moved})
-        elif e.kind in ("grant", "refund", "included"):
-            lines.append({"section": "grants", "description": f"{e.kind} ({e.reference})",
-                          "credit_type": e.credit_type, "amount_nano": moved})
-        elif e.kind == "free_units":
-            detail = json.loads(e.detail or "{}")
-            lines.append({"section": "free_units", "description": e.reference, "credit_type": e.credit_type,
-                          "amount_nano": 0, "quantity": detail.get("quantity", "")})
-        elif e.kind == "degraded":
-            lines.append({"section": "degraded", "description": f"{e.credit_type} {e.reference}",
-                          "credit_type": e.credit_type, "amount_nano": e.amount_nano})
+            lines.append(activity_line("rollovers", f"rolled over ({e.reference})", e.credit_type, e.amount_nano))
+        elif BALANCE_GROUPS.get(e.kind) == "forfeited":
+            lines.append(activity_line("rollovers", f"forfeited ({e.reference})", e.credit_type, moved))
+        elif BALANCE_GROUPS.get(e.kind) == "granted" or e.kind == "included":
+            lines.append(activity_line("grants", f"{e.kind} ({e.reference})", e.credit_type, moved))
+        elif e.kind in ("free_units", "degraded"):
+            lines.append(activity_line(e.kind, e.reference, e.credit_type, e.amount_nano,
+                                       json.loads(e.detail or "{}").get("quantity", "")))
     for r in usage:
         of(r.credit_type)["used_nano"] -= r.cost_nano
     result = []

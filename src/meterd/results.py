@@ -98,13 +98,6 @@ class Adjusted:
 
 
 @dataclass(frozen=True)
-class Overdrawn:
-    """A SetOverdraft's answer: the floor the balance may go down to, and what may be spent."""
-    floor_nano: int
-    available_nano: int
-
-
-@dataclass(frozen=True)
 class Term:
     """One of a customer's own terms: its name (subscriptions.TERMS), credit type and value."""
     credit_type: str
@@ -114,8 +107,8 @@ class Term:
 
 @dataclass(frozen=True)
 class TermsSet:
-    """A SetTerm's answer: the floor and what may be spent in the credit type, and all the
-    customer's own terms after the change."""
+    """A SetTerm's (and a SetOverdraft's) answer: the floor and what may be spent in the
+    credit type, and all the customer's own terms after the change."""
     floor_nano: int
     available_nano: int
     terms: tuple[Term, ...]

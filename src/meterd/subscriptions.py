@@ -24,7 +24,8 @@ from meterd.errors import Conflict, InvalidInput, NotFound
 from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.journal import Journal
-from meterd.plans import CreditPolicy, Plan, is_downgrade, period_start, prorated, rollover_split
+from meterd.ledger import activity_line
+from meterd.plans import DAY_MS, CreditPolicy, Plan, is_downgrade, period_start, prorated, rollover_split
 from meterd.records import Kind
 from meterd.results import Term
 from meterd.state import Bucket, Live, Subscription
@@ -202,10 +203,10 @@ class Subscriptions:
         self.live.core.set_discount(idx, ct, discount)
         return [self._core_op(Kind.DISCOUNT, customer_id, ct, discount)]
 
-    def included_nano(self, customer_id: str, plan: Plan, ct: int) -> int:
-        """The credits included each period: the customer's own amount, else the plan's."""
+    def included_nano(self, customer_id: str, policy: CreditPolicy, ct: int) -> int:
+        """The credits included each period: the customer's own amount, else the plan's (``policy``)."""
         own = self.term(customer_id, "included", ct)
-        return plan.credits[ct].included_nano if own is None else own
+        return policy.included_nano if own is None else own
 
     def included_raise_ops(self, customer_id: str, ct: int) -> list[Op]:
         """A customer's own included amount above what its period was given: the
@@ -216,7 +217,7 @@ class Subscriptions:
         if sub is None or plan is None or ct not in plan.credits:
             return []
         given = sub.included.get(str(ct), plan.credits[ct].included_nano)
-        want = self.included_nano(customer_id, plan, ct)
+        want = self.included_nano(customer_id, plan.credits[ct], ct)
         if want <= given:
             return []
         sub.included[str(ct)] = want
@@ -315,7 +316,7 @@ class Subscriptions:
         self.subs[customer_id] = sub
         ops = self.apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
-            sub.included[str(ct)] = self.included_nano(customer_id, plan, ct)
+            sub.included[str(ct)] = self.included_nano(customer_id, plan.credits[ct], ct)
             ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])
         if plan.trial_nano and not self._had_trial(customer_id):
             for ct, amount in plan.trial_nano.items():
@@ -361,8 +362,9 @@ class Subscriptions:
     def _period_usage_ops(self, sub: Subscription, plan: Plan | None, idx: int) -> list[Op]:
         """At the end of a credit period (or a cancel): ``period_usage`` as audit entries."""
         ops: list[Op] = []
+        cts = self.live.core.state(idx)[0] if idx >= 0 else []
         for kind, ct, amount, description, meter, quantity in self.period_usage(sub, plan, idx):
-            bal = self.live.core.state(idx)[0][ct][0]
+            bal = cts[ct][0]
             ops += self.audit.entry_ops(sub.customer_id, kind, ct, amount, bal, bal, description, meter=meter,
                                         quantity=quantity)
         return ops
@@ -375,12 +377,9 @@ class Subscriptions:
             return []
         names = self.live.catalog.credit_types
         idx = self.live.core.account(customer_id.encode())
-        lines = []
-        for kind, ct, amount, description, _, quantity in self.period_usage(sub, self._plan_or_none(sub.plan), idx):
-            line = {"section": kind, "description": (f"{names[ct].name} " if kind == "degraded" else "") +
-                    f"{description} (this period so far)", "credit_type": names[ct].name, "amount_nano": amount}
-            lines.append(line | ({"quantity": quantity} if kind == "free_units" else {}))
-        return lines
+        return [activity_line(kind, f"{description} (this period so far)", names[ct].name, amount, quantity)
+                for kind, ct, amount, description, _, quantity
+                in self.period_usage(sub, self._plan_or_none(sub.plan), idx)]
 
     def _had_trial(self, customer_id: str) -> bool:
         return self.store.get("meta", f"trial\x00{customer_id}".encode()) is not None
@@ -437,7 +436,7 @@ class Subscriptions:
         ops += self.apply_plan_ops(customer_id, new)
         for ct in new.credits:
             before = sub.included.get(str(ct), old.credits[ct].included_nano if old and ct in old.credits else 0)
-            after = self.included_nano(customer_id, new, ct)
+            after = self.included_nano(customer_id, new.credits[ct], ct)
             ops += self._included_ops(sub, new, ct, max(after - before, 0) * left // length)
             sub.included[str(ct)] = max(after, before)
         ops.append(self._put_sub(sub))
@@ -549,7 +548,7 @@ class Subscriptions:
             sub.billing_end_ms = self._billing_start(sub, plan, sub.billing_n + 1)
         sub.included = {}
         for ct in plan.credits:
-            sub.included[str(ct)] = self.included_nano(sub.customer_id, plan, ct)
+            sub.included[str(ct)] = self.included_nano(sub.customer_id, plan.credits[ct], ct)
             ops += self._included_ops(sub, plan, ct, sub.included[str(ct)])
         if billing:
             ops += self._billing_period_ops(sub, plan) + self._fee_ops(sub, plan)
@@ -562,8 +561,7 @@ class Subscriptions:
         expiring = self._period_buckets(sub, ct, boundary, ("included", "rollover"))
         staying = sum(b.remaining_nano for b in self.grants.accounts[sub.customer_id].buckets.get(ct, [])
                       if b not in expiring)
-        own = self.term(sub.customer_id, "included", ct)
-        incoming = 0 if ending else policy.included_nano if own is None else own
+        incoming = 0 if ending else self.included_nano(sub.customer_id, policy, ct)
         r = policy.rollover
         split = rollover_split(r, [(b.remaining_nano, b.rollovers) for b in expiring], staying, incoming, ending)
         for b, rolled in zip(expiring, split, strict=True):
@@ -723,8 +721,14 @@ class Subscriptions:
 
 
 def _current(anchor_ms: int, period: str, now: int) -> int:
-    """The index of the period (counted from ``anchor_ms``) that ``now`` falls in."""
-    n = 0
+    """The index of the period (counted from ``anchor_ms``) that ``now`` falls in: at once for
+    days and weeks, from a lower bound on the months for months and years."""
+    if now < anchor_ms:
+        return 0
+    if period in ("day", "week"):
+        return (now - anchor_ms) // (DAY_MS * (7 if period == "week" else 1))
+    months = (now - anchor_ms) // (31 * DAY_MS)  # no month is longer: a lower bound
+    n = months // 12 if period == "year" else months
     while period_start(anchor_ms, period, n + 1) <= now:
         n += 1
     return n

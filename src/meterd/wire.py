@@ -23,7 +23,6 @@ from meterd.results import (
     Granted,
     Keyed,
     LedgerState,
-    Overdrawn,
     Quantity,
     Released,
     Replay,
@@ -92,8 +91,6 @@ def message(result: object) -> Any:
         return admin_pb2.SetTermResponse(floor_nano=result.floor_nano, available_nano=result.available_nano,
                                          terms=[admin_pb2.CustomerTerm(credit_type=t.credit_type, term=t.term,
                                                                        value=t.value) for t in result.terms])
-    if isinstance(result, Overdrawn):
-        return admin_pb2.SetOverdraftResponse(floor_nano=result.floor_nano, available_nano=result.available_nano)
     if isinstance(result, Subscription):
         return admin_pb2.Subscription(customer_id=result.customer_id, plan=result.plan, anchor_ms=result.anchor_ms,
                                       period_start_ms=result.billing_start_ms,
@@ -197,8 +194,9 @@ async def adjust(engine: Any, req: admin_pb2.AdjustRequest) -> bytes:
 
 
 async def set_overdraft(engine: Any, req: admin_pb2.SetOverdraftRequest) -> bytes:
-    return encode(await engine.admin.set_overdraft(req.customer_id, req.credit_type, req.amount_nano, req.clear,
-                                                   req.reason))
+    done = await engine.admin.set_overdraft(req.customer_id, req.credit_type, req.amount_nano, req.clear, req.reason)
+    return admin_pb2.SetOverdraftResponse(floor_nano=done.floor_nano,
+                                          available_nano=done.available_nano).SerializeToString()
 
 
 async def set_term(engine: Any, req: admin_pb2.SetTermRequest) -> bytes:
