@@ -258,6 +258,20 @@ def period_start(anchor_ms: int, period: str, n: int) -> int:
     return _add_months(anchor_ms, 12 * n)
 
 
+def period_index(anchor_ms: int, period: str, now: int) -> int:
+    """The index of the period (counted from ``anchor_ms``) that ``now`` falls in: at once for
+    days and weeks, from a lower bound on the months for months and years."""
+    if now < anchor_ms:
+        return 0
+    if period in ("day", "week"):
+        return (now - anchor_ms) // (DAY_MS * (7 if period == "week" else 1))
+    months = (now - anchor_ms) // (31 * DAY_MS)  # no month is longer: a lower bound
+    n = months // 12 if period == "year" else months
+    while period_start(anchor_ms, period, n + 1) <= now:
+        n += 1
+    return n
+
+
 # ---- parsing -------------------------------------------------------------------------
 
 

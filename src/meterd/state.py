@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, overload
 
+from meterd.plans import Plan, period_index, period_start
+
 if TYPE_CHECKING:
     from meterd.catalog import Catalog
     from meterd.core import CoreAPI
@@ -150,6 +152,51 @@ class Subscription:
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def starting(cls, customer_id: str, plan: Plan, start_ms: int, now: int) -> "Subscription":
+        """A new subscription anchored at ``start_ms``: one in the past places it in its
+        current periods (past periods are not billed)."""
+        n, billing_n = period_index(start_ms, plan.cycle, now), period_index(start_ms, plan.period, now)
+        return cls(customer_id, plan.name, start_ms, n, period_start(start_ms, plan.cycle, n),
+                   period_start(start_ms, plan.cycle, n + 1), billing_n=billing_n,
+                   billing_start_ms=period_start(start_ms, plan.period, billing_n),
+                   billing_end_ms=period_start(start_ms, plan.period, billing_n + 1),
+                   period=plan.period, cycle=plan.cycle)
+
+    def periods(self, plan: Plan) -> tuple[str, str]:
+        """The billing and credit periods the subscription counts in: those of its plan when it
+        was subscribed to, or when it last took its plan's (a subscription kept by an older
+        version: the plan's)."""
+        return self.period or plan.period, self.cycle or plan.cycle
+
+    def take_periods(self, plan: Plan, boundary: int) -> None:
+        """From ``boundary`` (the end of a billing period) on, count the subscription's periods
+        in the plan's, the periods' numbers going on: from its anchor still when both periods
+        have a start there counted from it (so a month-end anchor keeps its day), else from
+        the boundary."""
+        i, j = period_index(self.anchor_ms, plan.period, boundary), period_index(self.anchor_ms, plan.cycle, boundary)
+        if period_start(self.anchor_ms, plan.period, i) != boundary or \
+                period_start(self.anchor_ms, plan.cycle, j) != boundary:
+            self.anchor_ms, i, j = boundary, 0, 0
+        self.billing_offset_n, self.offset_n = self.billing_n + 1 - i, self.n + 1 - j
+        self.period, self.cycle = plan.period, plan.cycle
+
+    def credit_start(self, plan: Plan, n: int) -> int:
+        return period_start(self.anchor_ms, self.periods(plan)[1], n - self.offset_n)
+
+    def billing_start(self, plan: Plan, n: int) -> int:
+        return period_start(self.anchor_ms, self.periods(plan)[0], n - self.billing_offset_n)
+
+    def advance(self, plan: Plan, boundary: int, billing: bool) -> None:
+        """The next credit period starts at ``boundary``, and the next billing period with it
+        when ``billing``."""
+        self.n += 1
+        self.start_ms, self.end_ms = boundary, self.credit_start(plan, self.n + 1)
+        if billing:
+            self.billing_n += 1
+            self.billing_start_ms = boundary
+            self.billing_end_ms = self.billing_start(plan, self.billing_n + 1)
 
 
 @dataclass

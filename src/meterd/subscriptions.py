@@ -25,7 +25,7 @@ from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.journal import Journal
 from meterd.ledger import activity_line
-from meterd.plans import DAY_MS, CreditPolicy, Plan, is_downgrade, period_start, prorated, rollover_split
+from meterd.plans import CreditPolicy, Plan, is_downgrade, prorated, rollover_split
 from meterd.records import Kind
 from meterd.results import Term
 from meterd.state import Bucket, Live, Subscription
@@ -96,31 +96,6 @@ class Subscriptions:
                                  if moved.get(str(ct)) is not None]
             ops.append(("subs", sub.customer_id.encode(), sub.to_json()))
         return ops
-
-    @staticmethod
-    def periods(sub: Subscription, plan: Plan) -> tuple[str, str]:
-        """The billing and credit periods a subscription counts in: those of its plan when it
-        was subscribed to, or when it last took its plan's (a subscription kept by an older
-        version: the plan's)."""
-        return sub.period or plan.period, sub.cycle or plan.cycle
-
-    def _take_periods(self, sub: Subscription, plan: Plan, boundary: int) -> None:
-        """From ``boundary`` (the end of a billing period) on, count the subscription's periods
-        in the plan's, the periods' numbers going on: from its anchor still when both periods
-        have a start there counted from it (so a month-end anchor keeps its day), else from
-        the boundary."""
-        i, j = _current(sub.anchor_ms, plan.period, boundary), _current(sub.anchor_ms, plan.cycle, boundary)
-        if period_start(sub.anchor_ms, plan.period, i) != boundary or \
-                period_start(sub.anchor_ms, plan.cycle, j) != boundary:
-            sub.anchor_ms, i, j = boundary, 0, 0
-        sub.billing_offset_n, sub.offset_n = sub.billing_n + 1 - i, sub.n + 1 - j
-        sub.period, sub.cycle = plan.period, plan.cycle
-
-    def _credit_start(self, sub: Subscription, plan: Plan, n: int) -> int:
-        return period_start(sub.anchor_ms, self.periods(sub, plan)[1], n - sub.offset_n)
-
-    def _billing_start(self, sub: Subscription, plan: Plan, n: int) -> int:
-        return period_start(sub.anchor_ms, self.periods(sub, plan)[0], n - sub.billing_offset_n)
 
     def roll_if_due(self, now: int | None = None) -> None:
         """Roll the subscriptions whose period has ended, before anything else happens.
@@ -306,13 +281,7 @@ class Subscriptions:
         plan = self._plan(plan_name)
         if start_ms > now:
             raise InvalidInput("start_ms", "must not be in the future")
-        # An anchor in the past places the subscription in its current period; past periods are not billed.
-        n, billing_n = _current(start_ms, plan.cycle, now), _current(start_ms, plan.period, now)
-        sub = Subscription(customer_id, plan.name, start_ms, n, period_start(start_ms, plan.cycle, n),
-                           period_start(start_ms, plan.cycle, n + 1), billing_n=billing_n,
-                           billing_start_ms=period_start(start_ms, plan.period, billing_n),
-                           billing_end_ms=period_start(start_ms, plan.period, billing_n + 1),
-                           period=plan.period, cycle=plan.cycle)
+        sub = Subscription.starting(customer_id, plan, start_ms, now)
         self.subs[customer_id] = sub
         ops = self.apply_plan_ops(customer_id, plan)
         for ct in plan.credits:
@@ -414,8 +383,8 @@ class Subscriptions:
             raise NotFound(f"customer {customer_id!r} has no subscription")
         new = self._plan(plan_name)
         old = self._plan_or_none(sub.plan)
-        if old is not None and (new.period, new.cycle) != self.periods(sub, old):
-            period, cycle = self.periods(sub, old)
+        if old is not None and (new.period, new.cycle) != sub.periods(old):
+            period, cycle = sub.periods(old)
             raise InvalidInput("plan", f"a plan change keeps the billing and credit periods ({old.name!r}: every "
                                f"{period}, credits every {cycle}); cancel and subscribe instead")
         sub.next_plan = ""
@@ -517,8 +486,8 @@ class Subscriptions:
             # periods are not the subscription's (a catalog changed them), they apply from here,
             # before anything of the next periods (a rollover's lifetime) is counted in them.
             after = self._plan_or_none(sub.next_plan) or plan if sub.next_plan else plan
-            if self.periods(sub, after) != (after.period, after.cycle):
-                self._take_periods(sub, after, boundary)
+            if sub.periods(after) != (after.period, after.cycle):
+                sub.take_periods(after, boundary)
         idx = self.live.core.account(sub.customer_id.encode())
         ops += self._gauge_ops(sub, idx)  # the ended period's gauges, before its overage is settled
         for ct, policy in (plan.credits.items() if plan else []):
@@ -539,13 +508,8 @@ class Subscriptions:
             plan = self._plan_or_none(sub.next_plan) or plan
             sub.plan, sub.next_plan = plan.name, ""
             ops += self.apply_plan_ops(sub.customer_id, plan)
-        sub.n += 1
         self.audit.effective_ms = boundary  # the new period's credits and fee belong to its start
-        sub.start_ms, sub.end_ms = boundary, self._credit_start(sub, plan, sub.n + 1)
-        if billing:
-            sub.billing_n += 1
-            sub.billing_start_ms = boundary
-            sub.billing_end_ms = self._billing_start(sub, plan, sub.billing_n + 1)
+        sub.advance(plan, boundary, billing)
         sub.included = {}
         for ct in plan.credits:
             sub.included[str(ct)] = self.included_nano(sub.customer_id, plan.credits[ct], ct)
@@ -572,7 +536,7 @@ class Subscriptions:
                                      b.grant_id, boundary)
             if rolled:
                 life = r.lifetime_periods if r is not None else 0
-                expires = self._credit_start(sub, self._plan(sub.plan), sub.n + 1 + life) if life else 0
+                expires = sub.credit_start(self._plan(sub.plan), sub.n + 1 + life) if life else 0
                 add, gid = self.grants.add_bucket(sub.customer_id, ct, rolled, expires, SPENT_FIRST, "rollover",
                                             credit=False, rollovers=b.rollovers + 1)
                 bal = self.live.core.state(self.live.core.account(sub.customer_id.encode()))[0][ct][0]
@@ -719,16 +683,3 @@ class Subscriptions:
             return [self._put_sub(sub)]
         return []
 
-
-def _current(anchor_ms: int, period: str, now: int) -> int:
-    """The index of the period (counted from ``anchor_ms``) that ``now`` falls in: at once for
-    days and weeks, from a lower bound on the months for months and years."""
-    if now < anchor_ms:
-        return 0
-    if period in ("day", "week"):
-        return (now - anchor_ms) // (DAY_MS * (7 if period == "week" else 1))
-    months = (now - anchor_ms) // (31 * DAY_MS)  # no month is longer: a lower bound
-    n = months // 12 if period == "year" else months
-    while period_start(anchor_ms, period, n + 1) <= now:
-        n += 1
-    return n
