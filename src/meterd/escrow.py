@@ -41,13 +41,19 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
 from meterd.ledger import Ledger, LedgerError, Settlement
 
 NEVER_MS = 1 << 62               # the burn-down order puts grants that never expire last
 ADJUST_PRIORITY = 1_000_000      # credits added by Adjust are spent after every grant
+OVERAGE_PRIORITY = ADJUST_PRIORITY + 1  # a plan's overage allowance: spent after every credit
+# Bucket sources: a plan's period credits, rolled by the plan's roll (ledger_plans), and its
+# overage allowance, of which the balance shown is net (see _Sums.headroom).
+PERIOD_SOURCES = ("included", "rollover")
+OVERAGE_SOURCE = "overage"
+NO_PERIOD = -1                   # meterd_grants.period_n of a bucket no roll looks at
 GRANTS_OPEN_MAX = 1_000          # buckets with credit left, per customer and credit type
 RECALLS_PER_HEARTBEAT_MAX = 1_000
 REFRESHES_PER_HEARTBEAT_MAX = 1_000  # changed allowances told per heartbeat, and acknowledged
@@ -116,6 +122,10 @@ class _Sums:
     entries_made: int
     allowance: int = 0           # outage_allowance_nano (set on its own, never by _put_sums)
     debts: int = 0               # what leases owe: the sum of their amounts below zero
+    # The part of the balance that is a plan's overage allowance, not a credit: its buckets'
+    # amounts less what of them expired and what of their consumption was billed. The
+    # balance shown (in entries and reads) is without it: below zero by the overage not yet billed.
+    headroom: int = 0
 
     def moved(self, before: int, after: int) -> None:
         """A lease's amount went from ``before`` to ``after``: its debt with it."""
@@ -124,6 +134,11 @@ class _Sums:
     @property
     def balance(self) -> int:
         return self.available + self.leased
+
+    @property
+    def shown(self) -> int:
+        """The balance as local mode has it: credits less the overage not yet billed."""
+        return self.balance - self.headroom
 
 
 @dataclass
@@ -137,6 +152,9 @@ class _Bucket:
     leased: int
     consumed: int
     expired: int
+    source: str = ""
+    period_n: int = NO_PERIOD    # the credit period a plan's bucket belongs to, until its roll
+    rollovers: int = 0           # how many boundaries its credits rolled over
 
     def sort_key(self) -> tuple[int, int, int]:
         return (self.priority, self.expires_at_ms or NEVER_MS, self.seq)
@@ -147,9 +165,16 @@ class _Bucket:
 
 _SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano, overdrawn_nano, grants_made, "
          "entries_made")
-_SUMS_READ = _SUMS + ", outage_allowance_nano, debts_nano"
+_SUMS_READ = _SUMS + ", outage_allowance_nano, debts_nano, headroom_nano"
 _BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
-           "expired_nano")
+           "expired_nano, source, period_n, rollovers")
+
+
+def _bucket(r: Sequence[Any]) -> _Bucket:
+    """A _Bucket from a row of _BUCKET."""
+    seq, priority, expires, amount, remaining, leased, consumed, expired = (int(v) for v in r[1:9])
+    return _Bucket(r[0], seq, priority, expires, amount, remaining, leased, consumed, expired, r[9], int(r[10]),
+                   int(r[11]))
 _LEASE = ("customer_id, credit_type, incarnation, amount_nano, leased_total_nano, returned_total_nano, "
           "consumed_total_nano, expires_at_ms, recall_ms, updated_ms")
 
@@ -207,35 +232,39 @@ class Escrow:
         invariant(s.available <= 0 or not (s.overdrawn or s.debts),
                   f"{customer_id}/{credit_type}: {s.available} available while {s.overdrawn} is overdrawn and "
                   f"leases owe {s.debts}")
+        invariant(s.headroom >= 0, f"{customer_id}/{credit_type}: overage headroom {s.headroom}")
         self._exec("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, "
                    "consumed_nano = ?, expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, "
-                   "debts_nano = ?, updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
+                   "debts_nano = ?, headroom_nano = ?, updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
                    (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
-                    s.entries_made, s.debts, now_ms, customer_id, credit_type))
+                    s.entries_made, s.debts, s.headroom, now_ms, customer_id, credit_type))
 
     def _buckets(self, customer_id: str, credit_type: str, where: str = "remaining_nano > 0",
                  params: tuple = ()) -> list[_Bucket]:
         """The customer's buckets that match ``where`` (a fixed condition, with ``params``), in burn-down order."""
         rows = self._rows(f"SELECT {_BUCKET} FROM meterd_grants WHERE customer_id = ? AND credit_type = ? AND "
                           f"({where})", (customer_id, credit_type, *params))
-        return sorted((_Bucket(r[0], *(int(v) for v in r[1:])) for r in rows), key=_Bucket.sort_key)
+        return sorted((_bucket(r) for r in rows), key=_Bucket.sort_key)
 
     def _put_bucket(self, customer_id: str, credit_type: str, b: _Bucket) -> None:
         self._exec("UPDATE meterd_grants SET amount_nano = ?, remaining_nano = ?, leased_nano = ?, consumed_nano = ?, "
-                   "expired_nano = ? WHERE customer_id = ? AND credit_type = ? AND grant_id = ?",
-                   (b.amount, b.remaining, b.leased, b.consumed, b.expired, customer_id, credit_type, b.grant_id))
+                   "expired_nano = ?, period_n = ? WHERE customer_id = ? AND credit_type = ? AND grant_id = ?",
+                   (b.amount, b.remaining, b.leased, b.consumed, b.expired, b.period_n, customer_id, credit_type,
+                    b.grant_id))
 
     def _entry(self, s: _Sums, customer_id: str, credit_type: str, kind: str, source: str, amount: int,
-               before: int, reference: str, now_ms: int) -> None:
-        """An audit entry of a central movement, with the balance (available + leased) around it.
+               before: int, reference: str, now_ms: int, charge: int = 0, charge_ct: str = "",
+               effective_ms: int | None = None, detail: dict | None = None) -> None:
+        """An audit entry of a central movement, with the balance shown (``_Sums.shown``) around it.
         Central entries are numbered per customer and credit type, under sidecar id ''."""
         s.entries_made += 1
         self._exec("INSERT INTO meterd_entries (sidecar_id, incarnation, source_sequence, flush_sequence, time_ms, "
                    "effective_ms, customer_id, kind, source, credit_type, amount_nano, balance_before_nano, "
                    "balance_after_nano, reference, charge_nano, charge_credit_type, detail) "
-                   "VALUES ('', ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, '', '{}')",
-                   (f"{len(customer_id)}:{customer_id}/{credit_type}", s.entries_made, now_ms, now_ms,
-                    customer_id, kind, source, credit_type, amount, before, s.balance, reference))
+                   "VALUES ('', ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (f"{len(customer_id)}:{customer_id}/{credit_type}", s.entries_made, now_ms,
+                    now_ms if effective_ms is None else effective_ms, customer_id, kind, source, credit_type, amount,
+                    before, s.shown, reference, charge, charge_ct, json.dumps(detail) if detail else "{}"))
 
     def _replayed(self, key: str, digest: str) -> dict | None:
         if not key:
@@ -258,16 +287,28 @@ class Escrow:
 
     def _expire(self, customer_id: str, credit_type: str, s: _Sums, now_ms: int) -> None:
         """What is left centrally of the buckets that have expired (their leased
-        parts expire as they are given back)."""
+        parts expire as they are given back). A plan's period credits and its overage
+        allowance expire here too, unaudited: their roll says what became of them."""
         for b in self._buckets(customer_id, credit_type, "remaining_nano > 0 AND expires_at_ms > 0 AND "
                                "expires_at_ms <= ?", (now_ms,)):
-            before = s.balance
-            amount, b.expired, b.remaining = b.remaining, b.expired + b.remaining, 0
+            before = s.shown
+            amount = b.remaining
+            self._expire_part(s, b, amount)
+            b.remaining -= amount
             s.available -= amount
-            s.expired += amount
             self._put_bucket(customer_id, credit_type, b)
-            self._entry(s, customer_id, credit_type, "expired", "ledger", -amount, before,
-                        f"{b.grant_id} expired", now_ms)
+            if b.period_n == NO_PERIOD:
+                self._entry(s, customer_id, credit_type, "expired", "ledger", -amount, before,
+                            f"{b.grant_id} expired", now_ms)
+
+    @staticmethod
+    def _expire_part(s: _Sums, b: _Bucket, amount: int) -> None:
+        """``amount`` of a bucket's credit expires (the caller takes it from where it was): an
+        overage allowance's expired part is no longer headroom."""
+        b.expired += amount
+        s.expired += amount
+        if b.source == OVERAGE_SOURCE:
+            s.headroom -= amount
 
     # ---- grants and adjustments ------------------------------------------------------
 
@@ -290,6 +331,16 @@ class Escrow:
         invariant(s is not None, "the balance row was just made")
         assert s is not None  # for mypy: invariant raised otherwise
         self._expire(customer_id, credit_type, s, now_ms)
+        answer = self._add_bucket(s, customer_id, credit_type, amount, expires_at_ms, priority, source, reference,
+                                  now_ms)
+        self._put_sums(customer_id, credit_type, s, now_ms)
+        return answer
+
+    def _add_bucket(self, s: _Sums, customer_id: str, credit_type: str, amount: int, expires_at_ms: int,
+                    priority: int, source: str, reference: str, now_ms: int, period_n: int = NO_PERIOD,
+                    rollovers: int = 0, kind: str = "", effective_ms: int | None = None) -> Granted:
+        """A new bucket in the (locked) sums ``s``, and its entry (of ``kind``, by default that of
+        its source); an overage allowance (OVERAGE_SOURCE) is headroom, with no entry."""
         (open_count,), = self._rows("SELECT COUNT(*) FROM meterd_grants WHERE customer_id = ? AND credit_type = ? "
                                     "AND (remaining_nano > 0 OR leased_nano > 0)", (customer_id, credit_type))
         if int(open_count) >= GRANTS_OPEN_MAX:
@@ -298,21 +349,31 @@ class Escrow:
         if s.granted + amount > INT64_MAX:
             raise InvalidInput("amount_nano", f"would take {customer_id!r}'s {credit_type} granted in all past "
                                "64 bits (9.2e18 nano)")
-        before = s.balance
-        s.grants_made += 1
-        grant_id = f"G{s.grants_made}"
-        self._exec(f"INSERT INTO meterd_grants (customer_id, credit_type, {_BUCKET}, source, reference, created_ms) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?)",
-                   (customer_id, credit_type, grant_id, s.grants_made, priority, expires_at_ms, amount, amount,
-                    source, reference, now_ms))
+        before = s.shown
+        grant_id = self._insert_bucket(s, customer_id, credit_type, amount, amount, 0, expires_at_ms, priority,
+                                       source, reference, now_ms, period_n, rollovers)
         s.granted += amount
         s.available += amount
+        if source == OVERAGE_SOURCE:
+            s.headroom += amount
         self._settle_debts(s, customer_id, credit_type, now_ms)  # what was spent beyond the balance is paid first
-        kind = source if source in ("refund", "adjust") else "grant"
-        self._entry(s, customer_id, credit_type, kind, source, amount, before,
-                    f"{grant_id} {source} {reference}".strip(), now_ms)
-        self._put_sums(customer_id, credit_type, s, now_ms)
-        return Granted(grant_id, s.balance)
+        if source != OVERAGE_SOURCE:
+            kind = kind or (source if source in ("refund", "adjust") else "grant")
+            self._entry(s, customer_id, credit_type, kind, source, amount, before,
+                        f"{grant_id} {source} {reference}".strip(), now_ms, effective_ms=effective_ms)
+        return Granted(grant_id, s.shown)
+
+    def _insert_bucket(self, s: _Sums, customer_id: str, credit_type: str, amount: int, remaining: int, leased: int,
+                       expires_at_ms: int, priority: int, source: str, reference: str, now_ms: int, period_n: int,
+                       rollovers: int) -> str:
+        """A bucket row, numbered in the sums ``s`` (the caller moves the sums); its grant id."""
+        s.grants_made += 1
+        grant_id = f"G{s.grants_made}"
+        self._exec(f"INSERT INTO meterd_grants (customer_id, credit_type, {_BUCKET}, reference, created_ms) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?)",
+                   (customer_id, credit_type, grant_id, s.grants_made, priority, expires_at_ms, amount, remaining,
+                    leased, source, period_n, rollovers, reference, now_ms))
+        return grant_id
 
     def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str, now_ms: int,
                key: str = "", digest: str = "") -> Granted:
@@ -339,7 +400,7 @@ class Escrow:
         if amount > s.available:
             raise InvalidInput("amount_nano", f"-{amount} is more than the {max(s.available, 0)} available "
                                f"centrally; {s.leased} is leased to sidecars and comes back as they return it")
-        before = s.balance
+        before = s.shown
 
         def debited(b: _Bucket, take: int) -> None:
             b.amount -= take
@@ -348,7 +409,7 @@ class Escrow:
         s.available -= amount
         self._entry(s, customer_id, credit_type, "adjust", "adjust", -amount, before, reason, now_ms)
         self._put_sums(customer_id, credit_type, s, now_ms)
-        return Granted("", s.balance)
+        return Granted("", s.shown)
 
     # ---- sidecars: admission and fencing ---------------------------------------------
 
@@ -467,7 +528,7 @@ class Escrow:
                           "FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
                           "g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE p.sidecar_id = ? AND "
                           "p.customer_id = ? AND p.credit_type = ?", (sidecar_id, customer_id, credit_type))
-        parts = [(_Bucket(r[1], *(int(v) for v in r[2:])), int(r[0])) for r in rows]
+        parts = [(_bucket(r[1:]), int(r[0])) for r in rows]
         return sorted(parts, key=lambda p: p[0].sort_key())
 
     def _put_part(self, sidecar_id: str, customer_id: str, credit_type: str, grant_id: str, amount: int) -> None:
@@ -644,8 +705,7 @@ class Escrow:
         into its buckets' remaining, or expired for a bucket past its expiry."""
         def back(b: _Bucket, take: int) -> None:
             if b.expired_at(now_ms):
-                b.expired += take
-                s.expired += take
+                self._expire_part(s, b, take)
             else:
                 b.remaining += take
                 s.available += take
@@ -736,7 +796,7 @@ class Escrow:
             # Every sidecar with a lease of it hears at its next heartbeat (a new version each time).
             self._exec("UPDATE meterd_leases SET refresh_ms = CASE WHEN refresh_ms >= ? THEN refresh_ms + 1 ELSE ? "
                        "END WHERE customer_id = ? AND credit_type = ?", (now_ms, now_ms, customer_id, credit_type))
-            self._entry(s, customer_id, credit_type, "allowance", "ledger", 0, s.balance,
+            self._entry(s, customer_id, credit_type, "allowance", "ledger", 0, s.shown,
                         f"outage allowance {s.allowance} -> {amount_nano}", now_ms)
             self._put_sums(customer_id, credit_type, s, now_ms)
         return s.allowance
@@ -774,7 +834,7 @@ class Escrow:
         for r in self._rows(f"SELECT credit_type, {_SUMS_READ}, updated_ms FROM meterd_balances WHERE "
                             "customer_id = ? ORDER BY credit_type", (customer_id,)):
             ct = r[0]
-            s = _Sums(*(int(v) for v in r[1:11]))
+            s = _Sums(*(int(v) for v in r[1:12]))
             buckets = [dataclasses.asdict(b) for b in self._buckets(customer_id, ct,
                                                                     "remaining_nano > 0 OR leased_nano > 0")]
             leases = [{"sidecar_id": row[0], "amount_nano": int(row[1]), "updated_ms": int(row[2])}
@@ -782,10 +842,11 @@ class Escrow:
                                             "customer_id = ? AND credit_type = ? AND amount_nano <> 0 ORDER BY "
                                             "sidecar_id", (customer_id, ct))]
             debts = sum(-lease["amount_nano"] for lease in leases if lease["amount_nano"] < 0)
-            out.append({"credit_type": ct, "balance_nano": s.balance, "granted_nano": s.granted,
+            out.append({"credit_type": ct, "balance_nano": s.shown, "headroom_nano": s.headroom,
+                        "granted_nano": s.granted,
                         "available_nano": s.available, "leased_nano": s.leased, "consumed_nano": s.consumed,
-                        "expired_nano": s.expired, "overdrawn_nano": max(-s.balance, 0), "lease_debts_nano": debts,
-                        "allowance_nano": s.allowance, "updated_ms": int(r[11]), "buckets": buckets,
+                        "expired_nano": s.expired, "overdrawn_nano": max(-s.shown, 0), "lease_debts_nano": debts,
+                        "allowance_nano": s.allowance, "updated_ms": int(r[12]), "buckets": buckets,
                         "leases": leases})
         return out
 

@@ -191,6 +191,36 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE INDEX meterd_leases_recalled ON meterd_leases (sidecar_id) WHERE recall_ms > 0",
         "CREATE INDEX meterd_leases_refreshed ON meterd_leases (sidecar_id) WHERE refresh_ms > 0",
     ]),
+    (4, "plans in ledger mode: subscriptions, their rolls, period buckets, overage headroom", [
+        # A customer's subscription (ledger_plans): its plan ('' once ended: the row stays, with
+        # what outlives a subscription, such as the trial taken), its credit and billing periods,
+        # and the rest of it as JSON. Every change goes through a version.
+        """CREATE TABLE meterd_subscriptions (
+            customer_id TEXT PRIMARY KEY,
+            plan TEXT NOT NULL,
+            n BIGINT NOT NULL,
+            start_ms BIGINT NOT NULL,
+            end_ms BIGINT NOT NULL,
+            billing_n BIGINT NOT NULL,
+            billing_end_ms BIGINT NOT NULL,
+            version BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            updated_ms BIGINT NOT NULL)""",
+        "CREATE INDEX meterd_subscriptions_due ON meterd_subscriptions (end_ms) WHERE plan <> ''",
+        # One row per period roll done: its primary key makes a second roll of a period (n) of a
+        # subscription (the customer's generation-th) fail.
+        """CREATE TABLE meterd_rolls (
+            customer_id TEXT NOT NULL,
+            generation BIGINT NOT NULL,
+            n BIGINT NOT NULL,
+            boundary_ms BIGINT NOT NULL,
+            plan TEXT NOT NULL,
+            rolled_ms BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, generation, n))""",
+        "ALTER TABLE meterd_grants ADD COLUMN period_n BIGINT NOT NULL DEFAULT -1",
+        "ALTER TABLE meterd_grants ADD COLUMN rollovers BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE meterd_balances ADD COLUMN headroom_nano BIGINT NOT NULL DEFAULT 0",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

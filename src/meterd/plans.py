@@ -167,6 +167,23 @@ def prorated(amount_nano: int, left_ms: int, length_ms: int) -> int:
     return -((-amount_nano * left_ms) // length_ms)
 
 
+def overage_floor(policy: CreditPolicy | None, billed_nano: int, charged_nano: int) -> int:
+    """How far below zero a credit period's balance may go on a plan's own terms, after
+    ``billed_nano`` of its overage was billed early for ``charged_nano`` of money (the balance
+    came back to zero then): the overage limit less what was billed, or, when what was billed
+    was priced otherwise (before a plan change), what the spend limit leaves of the period's
+    money in units at these prices, the graduated tiers going on from what was billed."""
+    if policy is None:
+        return 0
+    overage = policy.overage
+    if overage is not None and overage.spend_limit_nano is not None and (billed_nano or charged_nano) \
+            and charged_nano != overage.charge(billed_nano):
+        return -overage.units_within(billed_nano, overage.spend_limit_nano - charged_nano)
+    if overage is not None and overage.limit_nano is not None:
+        return min(policy.floor_nano + billed_nano, 0)
+    return policy.floor_nano
+
+
 def is_downgrade(old: Plan, new: Plan) -> bool:
     """A lower fee, or the same fee and fewer included credits of some type (and more of none).
     Anything else (an upgrade, or a plan as dear, such as turning usage-based pricing on)

@@ -11,7 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, overload
 
-from meterd.plans import Plan, period_index, period_start
+from meterd.errors import InvalidInput
+from meterd.plans import Plan, is_downgrade, period_index, period_start
 
 if TYPE_CHECKING:
     from meterd.catalog import Catalog
@@ -187,6 +188,21 @@ class Subscription:
 
     def billing_start(self, plan: Plan, n: int) -> int:
         return period_start(self.anchor_ms, self.periods(plan)[0], n - self.billing_offset_n)
+
+    def plan_change(self, old: Plan | None, new: Plan) -> bool:
+        """Ask for a change from plan ``old`` (the subscription's, None when the catalog lost it)
+        to ``new``: True when it applies now (an upgrade, or a plan as dear); a downgrade waits
+        for the billing period's end (``next_plan``). The periods must stay those counted in."""
+        if old is not None and (new.period, new.cycle) != self.periods(old):
+            period, cycle = self.periods(old)
+            raise InvalidInput("plan", f"a plan change keeps the billing and credit periods ({old.name!r}: every "
+                               f"{period}, credits every {cycle}); cancel and subscribe instead")
+        self.next_plan = ""
+        if old is not None and (new.name == old.name or is_downgrade(old, new)):
+            if new.name != old.name:
+                self.next_plan = new.name
+            return False
+        return True
 
     def advance(self, plan: Plan, boundary: int, billing: bool) -> None:
         """The next credit period starts at ``boundary``, and the next billing period with it

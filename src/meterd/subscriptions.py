@@ -25,7 +25,7 @@ from meterd.grants import Grants
 from meterd.holds import Holds
 from meterd.journal import Journal
 from meterd.ledger import activity_line
-from meterd.plans import CreditPolicy, Plan, is_downgrade, prorated, rollover_split
+from meterd.plans import CreditPolicy, Plan, overage_floor, prorated, rollover_split
 from meterd.records import Kind
 from meterd.results import Term
 from meterd.state import Bucket, Live, Subscription
@@ -223,18 +223,7 @@ class Subscriptions:
             return floor if own is None else max(floor, -own)
         if own is not None:
             return -own
-        if policy is None:
-            return 0
-        floor = policy.floor_nano
-        if overage is not None and overage.spend_limit_nano is not None and (billed or charged) \
-                and charged != overage.charge(billed):
-            # Billed at other prices (before a plan change): what the limit leaves of the
-            # period's money, in units at this plan's prices, the graduated tiers
-            # continuing from the units billed so far.
-            floor = -overage.units_within(billed, overage.spend_limit_nano - charged)
-        elif overage is not None and overage.limit_nano is not None:
-            floor = min(floor + sub.overage_billed.get(str(ct), 0), 0)  # type: ignore[union-attr]
-        return floor
+        return overage_floor(policy, billed, charged)
 
     def floor_ops(self, customer_id: str, ct: int) -> list[Op]:
         """Bring the core's floor in line with ``effective_floor``."""
@@ -383,14 +372,7 @@ class Subscriptions:
             raise NotFound(f"customer {customer_id!r} has no subscription")
         new = self._plan(plan_name)
         old = self._plan_or_none(sub.plan)
-        if old is not None and (new.period, new.cycle) != sub.periods(old):
-            period, cycle = sub.periods(old)
-            raise InvalidInput("plan", f"a plan change keeps the billing and credit periods ({old.name!r}: every "
-                               f"{period}, credits every {cycle}); cancel and subscribe instead")
-        sub.next_plan = ""
-        if old is not None and (new.name == old.name or is_downgrade(old, new)):
-            if new.name != old.name:
-                sub.next_plan = new.name
+        if not sub.plan_change(old, new):
             return [self._put_sub(sub)], sub
         left, length = sub.end_ms - now, sub.end_ms - sub.start_ms  # of the credit period
         ops: list[Op] = []

@@ -1,0 +1,579 @@
+"""Plans in ledger mode: subscriptions kept in the central ledger, and their period rolls.
+
+In ledger mode a customer's balance is the ledger's (meterd.escrow), spent by
+many sidecars through leases, so a plan's periods are the ledger's too: a
+subscription is a row of ``meterd_subscriptions``, and Subscribe, Cancel,
+ChangePlan and each period's roll are one ledger transaction each, with the
+semantics of local mode (meterd.subscriptions) and its arithmetic (meterd.plans):
+
+- a period's included credits are a bucket expiring at its boundary, leased like
+  any other; what is left at the roll rolls over within the caps or is forfeited;
+- the overage a period allows is a bucket too (OVERAGE_SOURCE), spent after
+  every credit, so sidecars lease it like credit and together stop at the limit.
+  The balance shown is without it (``_Sums.shown``): below zero by the overage not
+  billed yet, as in local mode. Usage billed in arrears is such a bucket, unlimited;
+- the roll of a credit period bills the overage by tier (or forgives, carries,
+  carries for repayment), bills usage in arrears, then gives the next period's
+  credits and, at a billing boundary, its fee.
+
+Every transaction locks the customer's balance rows first, sorted (as every
+escrow transaction does), then the subscription row; a roll inserts its
+(customer, period) into ``meterd_rolls``, so a period is rolled once: an
+interrupted roll is rolled back whole and done by the next caller.
+
+Credit that leases hold at a roll (reservations open across the boundary)
+counts as credit left, as local mode counts held credit: what is forfeited of
+it stays leased in its expired bucket (spent if the hold commits, expired when
+given back), and what rolls over is moved with its lease parts into the
+rollover bucket.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable
+
+from meterd.catalog import Catalog
+from meterd.errors import Conflict, InvalidInput, NotFound, invariant
+from meterd.escrow import NO_PERIOD, OVERAGE_PRIORITY, OVERAGE_SOURCE, PERIOD_SOURCES, Escrow, _Bucket, _Sums
+from meterd.plans import CreditPolicy, Plan, overage_floor, prorated, rollover_split
+from meterd.state import Subscription
+
+SPENT_FIRST = 0                  # a plan's own credits are spent before grants bought apart (as in local mode)
+ROOM_MAX_NANO = 1 << 62          # the overage bucket of an unlimited overage, or of usage billed in arrears
+ROLLS_PER_CALL_MAX = 1_000       # periods one roll call catches up on, per customer
+_SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
+
+
+@dataclass
+class _Row:
+    """A meterd_subscriptions row: the subscription (None once ended), its version, whether
+    the customer has had its trial credits, and how many subscriptions it has had."""
+    sub: Subscription | None
+    version: int
+    trial_taken: bool
+    generation: int = 0
+
+
+class LedgerPlans:
+    """Subscriptions and period rolls in the ledger, priced by ``catalog``; see the module docstring."""
+
+    def __init__(self, escrow: Escrow, catalog: Catalog) -> None:
+        self.escrow = escrow
+        self.ledger = escrow.ledger
+        self.catalog = catalog
+        self._lock = " FOR UPDATE" if self.ledger.dialect == "postgresql" else ""
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def _name(self, ct: int) -> str:
+        return self.catalog.credit_types[ct].name
+
+    def _plan(self, name: str) -> Plan:
+        plan = self.catalog.plan_index.get(name)
+        if plan is None:
+            raise InvalidInput("plan", f"unknown plan {name[:80]!r}")
+        return plan
+
+    def _credit_types(self, sub: Subscription | None, *plans: Plan | None) -> list[str]:
+        """The credit types a change to the subscription may write: the plans' credits and fees,
+        the one a plan without fees dates its billing periods in, and what the subscription kept."""
+        names = set(sub.included) | set(sub.carried) if sub is not None else set()
+        for plan in plans:
+            if plan is not None:
+                names |= {self._name(ct) for ct in [*plan.credits, *plan.fees_nano, self._period_ct(plan)]}
+        return sorted(names)
+
+    @staticmethod
+    def _period_ct(plan: Plan) -> int:
+        """The credit type of a plan's billing_period entries (as in local mode)."""
+        return next(iter(plan.fees_nano), 0)
+
+    def _lock_sums(self, customer_id: str, names: Iterable[str], now_ms: int) -> dict[str, _Sums]:
+        out = {}
+        for name in sorted(names):
+            s = self.escrow._sums(customer_id, name, True, now_ms)
+            assert s is not None  # made when missing
+            out[name] = s
+        return out
+
+    def _put_all(self, customer_id: str, sums: dict[str, _Sums], now_ms: int) -> None:
+        for name, s in sums.items():
+            self.escrow._put_sums(customer_id, name, s, now_ms)
+
+    def _read(self, customer_id: str, lock: bool) -> _Row:
+        rows = self.escrow._rows(f"SELECT {_SUB} FROM meterd_subscriptions WHERE customer_id = ?"
+                                 + (self._lock if lock else ""), (customer_id,))
+        if not rows:
+            return _Row(None, 0, False)
+        state = json.loads(rows[0][7])
+        sub = Subscription(**state["sub"]) if state.get("sub") else None
+        return _Row(sub, int(rows[0][6]), bool(state.get("trial_taken")), int(state.get("generation", 0)))
+
+    def _write(self, customer_id: str, row: _Row, now_ms: int) -> None:
+        """The row, at the next version (made at version 1)."""
+        sub = row.sub
+        values = (sub.plan if sub else "", sub.n if sub else 0, sub.start_ms if sub else 0, sub.end_ms if sub else 0,
+                  sub.billing_n if sub else 0, sub.billing_end_ms if sub else 0,
+                  json.dumps({"sub": sub.__dict__ if sub else None, "trial_taken": row.trial_taken,
+                              "generation": row.generation}), now_ms)
+        if row.version == 0:
+            self.escrow._exec("INSERT INTO meterd_subscriptions (plan, n, start_ms, end_ms, billing_n, billing_end_ms, "
+                              "state, updated_ms, version, customer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                              (*values, customer_id))
+        else:
+            cur = self.ledger._exec("UPDATE meterd_subscriptions SET plan = ?, n = ?, start_ms = ?, end_ms = ?, "
+                                    "billing_n = ?, billing_end_ms = ?, state = ?, updated_ms = ?, "
+                                    "version = version + 1 WHERE customer_id = ? AND version = ?",
+                                    (*values, customer_id, row.version))
+            invariant(cur.rowcount == 1, f"subscription of {customer_id!r} changed under its lock")
+        row.version += 1
+
+    def _entry(self, s: _Sums, customer_id: str, name: str, kind: str, amount: int, before: int, reference: str,
+               now_ms: int, at: int, charge: int = 0, charge_ct: str = "", detail: dict | None = None) -> None:
+        self.escrow._entry(s, customer_id, name, kind, "", amount, before, reference, now_ms, charge=charge,
+                           charge_ct=charge_ct, effective_ms=at, detail=detail)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def subscription(self, customer_id: str) -> Subscription | None:
+        with self.escrow._snapshot():
+            return self._read(customer_id, False).sub
+
+    def due(self, now_ms: int, limit: int) -> list[str]:
+        """Customers whose credit period ended at or before ``now_ms``, soonest first, at most ``limit``."""
+        return [r[0] for r in self.escrow._rows(
+            "SELECT customer_id FROM meterd_subscriptions WHERE plan <> '' AND end_ms <= ? ORDER BY end_ms, "
+            f"customer_id LIMIT {int(limit)}", (now_ms,))]
+
+    # ---- subscribe, cancel, change plan --------------------------------------------------
+
+    def subscribe(self, customer_id: str, plan_name: str, start_ms: int, now_ms: int) -> Subscription:
+        """The customer on a plan from ``start_ms`` (not in the future): its period's credits
+        and overage allowance, its trial (once per customer), its fee."""
+        plan = self._plan(plan_name)
+        if start_ms > now_ms:
+            raise InvalidInput("start_ms", "must not be in the future")
+        with self.ledger._transaction():
+            sums = self._lock_sums(customer_id, self._credit_types(None, plan), now_ms)
+            row = self._read(customer_id, True)
+            if row.sub is not None:
+                raise Conflict(f"customer {customer_id!r} is subscribed already; use ChangePlan")
+            sub = row.sub = Subscription.starting(customer_id, plan, start_ms, now_ms)
+            row.generation += 1
+            for ct, policy in plan.credits.items():
+                sub.included[self._name(ct)] = policy.included_nano
+                self._included(sums, sub, plan, ct, policy.included_nano, now_ms, now_ms)
+            self._open_allowances(sums, sub, plan, now_ms)
+            if plan.trial_nano and not row.trial_taken:
+                for ct, amount in plan.trial_nano.items():
+                    self.escrow._add_bucket(sums[self._name(ct)], customer_id, self._name(ct), amount,
+                                            now_ms + plan.trial_days * 86_400_000, SPENT_FIRST, "trial", "", now_ms)
+                row.trial_taken = True
+            self._billing_period(sums, sub, plan, now_ms, now_ms)
+            self._fees(sums, sub, plan, now_ms, now_ms)
+            self._write(customer_id, row, now_ms)
+            self._put_all(customer_id, sums, now_ms)
+        return sub
+
+    def _locked(self, customer_id: str, now_ms: int, also: Plan | None = None) -> tuple[dict[str, _Sums], _Row,
+                                                                                    Subscription, Plan | None]:
+        """Inside a transaction: the balance rows a change to the customer's subscription (and to
+        plan ``also``) may write, then the subscription, locked in that order; and its plan."""
+        first = self._read(customer_id, False).sub
+        plan = self.catalog.plan_index.get(first.plan) if first else None
+        sums = self._lock_sums(customer_id, self._credit_types(first, plan, also), now_ms)
+        row = self._read(customer_id, True)
+        if row.sub is None:
+            raise NotFound(f"customer {customer_id!r} has no subscription")
+        if first is None or row.sub.plan != first.plan:
+            raise Conflict(f"the subscription of {customer_id!r} changed meanwhile; try again")
+        return sums, row, row.sub, plan
+
+    def cancel(self, customer_id: str, at_period_end: bool, now_ms: int) -> Subscription:
+        """At the period's end (its roll ends it), or now: what is owed is billed, and the
+        period's credits go."""
+        with self.ledger._transaction():
+            sums, row, sub, plan = self._locked(customer_id, now_ms)
+            if at_period_end:
+                sub.cancel_at_end = True
+            else:
+                for ct, policy in (plan.credits.items() if plan else []):
+                    s, name = sums[self._name(ct)], self._name(ct)
+                    self._settle_overage(s, sub, name, policy, "cancel", now_ms, now_ms)
+                    if policy.arrears:
+                        self._arrears(s, sub, name, now_ms, now_ms)
+                    self._close_allowance(s, sub, name, policy, now_ms)
+                self._end(sums, row, plan, now_ms, now_ms)
+            self._write(customer_id, row, now_ms)
+            self._put_all(customer_id, sums, now_ms)
+        return sub
+
+    def change_plan(self, customer_id: str, plan_name: str, now_ms: int) -> Subscription:
+        """An upgrade now (the fee difference and the extra included credits for the time left,
+        the overage so far billed at the old prices); a downgrade at the billing period's end."""
+        new = self._plan(plan_name)
+        with self.ledger._transaction():
+            sums, row, sub, old = self._locked(customer_id, now_ms, new)
+            if sub.plan_change(old, new):
+                self._upgrade(sums, sub, old, new, now_ms)
+            self._write(customer_id, row, now_ms)
+            self._put_all(customer_id, sums, now_ms)
+        return sub
+
+    def _upgrade(self, sums: dict[str, _Sums], sub: Subscription, old: Plan | None, new: Plan, now_ms: int) -> None:
+        left, length = sub.end_ms - now_ms, sub.end_ms - sub.start_ms  # of the credit period
+        for ct, policy in (old.credits.items() if old else []):
+            self._settle_overage(sums[self._name(ct)], sub, self._name(ct), policy, "plan change", now_ms, now_ms)
+        blength = sub.billing_end_ms - sub.billing_start_ms
+        for ct, fee in new.fees_nano.items():
+            diff = fee - (old.fees_nano.get(ct, 0) if old else 0)
+            if diff > 0:
+                s = sums[self._name(ct)]
+                self._entry(s, sub.customer_id, self._name(ct), "fee", 0, s.shown, f"{new.name} upgrade proration",
+                            now_ms, now_ms, charge=prorated(diff, sub.billing_end_ms - now_ms, blength),
+                            charge_ct=self._name(ct))
+        for ct in set(old.credits if old else {}) | set(new.credits):
+            # What was billed of the period's overage stays billed: the new plan's allowance counts it.
+            self._close_allowance(sums[self._name(ct)], sub, self._name(ct), None, now_ms)
+        sub.plan = new.name
+        for ct in new.credits:
+            name = self._name(ct)
+            before = sub.included.get(name, old.credits[ct].included_nano if old and ct in old.credits else 0)
+            after = new.credits[ct].included_nano
+            self._included(sums, sub, new, ct, max(after - before, 0) * left // length, now_ms, now_ms)
+            sub.included[name] = max(after, before)
+        self._open_allowances(sums, sub, new, now_ms)
+
+    # ---- a period's credits, allowance, fee -------------------------------------------------
+
+    def _included(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, ct: int, amount: int, now_ms: int,
+                  at: int) -> None:
+        if amount <= 0:
+            return
+        days = plan.credits[ct].expiry_days
+        # Credits that live on past the period are not the period's: they are not rolled or forfeited with it.
+        source = "included" if days is None else "granted"
+        expires = sub.end_ms if days is None else (sub.start_ms + days * 86_400_000 if days else 0)
+        self.escrow._add_bucket(sums[self._name(ct)], sub.customer_id, self._name(ct), amount, expires, SPENT_FIRST,
+                                source, "", now_ms, period_n=sub.n if days is None else NO_PERIOD, kind="included",
+                                effective_ms=at)
+
+    def _open_allowances(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int) -> None:
+        """The period's overage allowance per credit type, as a bucket spent after every credit:
+        what the plan lets the balance go below zero, less what the period billed already."""
+        for ct, policy in plan.credits.items():
+            name = self._name(ct)
+            room = min(-overage_floor(policy, sub.overage_billed.get(name, 0), sub.overage_charged.get(name, 0)),
+                       ROOM_MAX_NANO)
+            if room > 0:
+                self.escrow._add_bucket(sums[name], sub.customer_id, name, room, sub.end_ms, OVERAGE_PRIORITY,
+                                        OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms, period_n=sub.n)
+
+    def _billing_period(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int, at: int) -> None:
+        """A billing_period entry: where a statement of the period starts and ends."""
+        name = self._name(self._period_ct(plan))
+        s = sums[name]
+        self.escrow._entry(s, sub.customer_id, name, "billing_period", "", 0, s.shown,
+                           f"{plan.name} period {sub.billing_n}", now_ms, effective_ms=sub.billing_start_ms,
+                           detail={"period_end_ms": sub.billing_end_ms})
+
+    def _fees(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int, at: int) -> None:
+        for ct, fee in plan.fees_nano.items():
+            s, name = sums[self._name(ct)], self._name(ct)
+            self._entry(s, sub.customer_id, name, "fee", 0, s.shown, f"{plan.name} period {sub.billing_n}", now_ms,
+                        at, charge=fee, charge_ct=name)
+
+    # ---- the roll ----------------------------------------------------------------------------
+
+    def roll(self, customer_id: str, now_ms: int) -> int:
+        """Roll each credit period of the customer's subscription that ended at or before
+        ``now_ms`` (the ledger's clock), one transaction each; returns how many were rolled
+        (0: none was due, or another caller rolled them)."""
+        rolled = 0
+        while rolled < ROLLS_PER_CALL_MAX:
+            with self.ledger._transaction():
+                first = self._read(customer_id, False).sub
+                if first is None or first.end_ms > now_ms:
+                    return rolled
+                plan = self.catalog.plan_index.get(first.plan)
+                after = self.catalog.plan_index.get(first.next_plan) if first.next_plan else None
+                sums = self._lock_sums(customer_id, self._credit_types(first, plan, after), now_ms)
+                row = self._read(customer_id, True)
+                sub = row.sub
+                if sub is None or sub.end_ms > now_ms:
+                    return rolled  # rolled or ended by another caller meanwhile
+                if (sub.plan, sub.next_plan) != (first.plan, first.next_plan):
+                    continue  # its plans changed meanwhile: lock their credit types too
+                self.escrow._exec("INSERT INTO meterd_rolls (customer_id, generation, n, boundary_ms, plan, "
+                                  "rolled_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                                  (customer_id, row.generation, sub.n, sub.end_ms, sub.plan, now_ms))
+                self._roll_at(sums, row, plan, now_ms)
+                self._write(customer_id, row, now_ms)
+                self._put_all(customer_id, sums, now_ms)
+            rolled += 1
+        return rolled
+
+    def _roll_at(self, sums: dict[str, _Sums], row: _Row, plan: Plan | None, now_ms: int) -> None:
+        """The end of a credit period, and of the billing period when it ends there too (local
+        mode's Subscriptions._roll_at, on the ledger's figures)."""
+        sub = row.sub
+        assert sub is not None  # the caller read it
+        boundary = sub.end_ms
+        billing = boundary >= sub.billing_end_ms
+        ending = (sub.cancel_at_end and billing) or plan is None
+        if billing and not ending and plan is not None:
+            after = self.catalog.plan_index.get(sub.next_plan) or plan if sub.next_plan else plan
+            if sub.periods(after) != (after.period, after.cycle):
+                sub.take_periods(after, boundary)
+        at = boundary - 1  # what the ended period owes belongs to it
+        for ct, policy in (plan.credits.items() if plan else []):
+            name = self._name(ct)
+            s = sums[name]
+            for b in self._period_buckets(sub.customer_id, name, boundary, PERIOD_SOURCES):
+                if b.expired:
+                    self._unexpire(s, b)
+                    self.escrow._put_bucket(sub.customer_id, name, b)
+            self._net(s, sub.customer_id, name)
+            self._rollover(s, sub, name, policy, boundary, ending, now_ms, at)
+            self._cycle_end_overage(s, sub, name, policy, now_ms, at)
+            if policy.arrears:
+                self._arrears(s, sub, name, now_ms, at)
+            self._close_allowance(s, sub, name, policy, now_ms)
+        sub.overage_billed, sub.overage_charged = {}, {}
+        if ending or plan is None:
+            self._end(sums, row, plan, now_ms, at)
+            return
+        if sub.next_plan and billing:  # a downgrade asked for during the billing period
+            plan = self.catalog.plan_index.get(sub.next_plan) or plan
+            sub.plan, sub.next_plan = plan.name, ""
+        sub.advance(plan, boundary, billing)
+        sub.included = {}
+        for ct, policy in plan.credits.items():
+            sub.included[self._name(ct)] = policy.included_nano
+            self._included(sums, sub, plan, ct, policy.included_nano, now_ms, boundary)
+        self._open_allowances(sums, sub, plan, now_ms)
+        if billing:
+            self._billing_period(sums, sub, plan, now_ms, boundary)
+            self._fees(sums, sub, plan, now_ms, boundary)
+
+    def _period_buckets(self, customer_id: str, name: str, boundary: int, sources: tuple[str, ...]) -> list[_Bucket]:
+        """A plan's buckets of ``sources`` not rolled yet that expire by ``boundary``, in the order they roll."""
+        buckets = self.escrow._buckets(customer_id, name, "period_n >= 0 AND expires_at_ms > 0 AND expires_at_ms <= ?",
+                                       (boundary,))
+        return sorted((b for b in buckets if b.source in sources), key=lambda b: (b.expires_at_ms, b.seq))
+
+    @staticmethod
+    def _unexpire(s: _Sums, b: _Bucket) -> None:
+        """What of a period bucket expired at its boundary, unaudited, before its roll (escrow's
+        lazy expiry, or a give-back after the boundary), is its credit left again: the roll says
+        what becomes of it."""
+        if b.expired:
+            s.expired -= b.expired
+            s.available += b.expired
+            b.remaining += b.expired
+            b.expired = 0
+
+    def _rollover(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy, boundary: int, ending: bool,
+                  now_ms: int, at: int) -> None:
+        """What is left of credits expiring at the boundary rolls over within the caps; the rest is forfeited."""
+        expiring = self._period_buckets(sub.customer_id, name, boundary, PERIOD_SOURCES)
+        ids = {b.grant_id for b in expiring}
+        staying = sum(b.remaining + b.leased for b in self.escrow._buckets(
+            sub.customer_id, name, "remaining_nano > 0 OR leased_nano > 0") if b.grant_id not in ids and
+            b.source != OVERAGE_SOURCE)
+        for b in expiring:
+            self._unexpire(s, b)
+        r = policy.rollover
+        split = rollover_split(r, [(b.remaining + b.leased, b.rollovers) for b in expiring], staying,
+                               0 if ending else policy.included_nano, ending)
+        for b, rolled in zip(expiring, split, strict=True):
+            forfeited = b.remaining + b.leased - rolled
+            held = min(forfeited, b.leased)  # stays leased in its bucket, which has expired
+            self._forfeit(s, sub.customer_id, name, b, forfeited - held, "rollover_forfeited" if r else "expire",
+                          b.grant_id, now_ms, at)
+            if rolled:
+                life = r.lifetime_periods if r is not None else 0
+                expires = sub.credit_start(self._plan(sub.plan), sub.n + 1 + life) if life else 0
+                gid = self._move(s, sub.customer_id, name, b, b.remaining, b.leased - held, expires, sub.n + 1, now_ms)
+                self._entry(s, sub.customer_id, name, "rolled_over", rolled, s.shown, f"{b.grant_id} -> {gid}",
+                            now_ms, at)
+            b.period_n = NO_PERIOD
+            self.escrow._put_bucket(sub.customer_id, name, b)
+
+    def _forfeit(self, s: _Sums, customer_id: str, name: str, b: _Bucket, amount: int, kind: str, reference: str,
+                 now_ms: int, at: int) -> None:
+        """``amount`` of a bucket's credit left centrally is taken away, audited."""
+        if amount <= 0:
+            return
+        invariant(amount <= b.remaining, f"{customer_id}/{name}: a forfeit of {amount} from {b.remaining} left")
+        before = s.shown
+        b.remaining -= amount
+        s.available -= amount
+        self.escrow._expire_part(s, b, amount)
+        self._entry(s, customer_id, name, kind, -amount, before, reference, now_ms, at)
+
+    def _move(self, s: _Sums, customer_id: str, name: str, b: _Bucket, remaining: int, leased: int, expires: int,
+              period_n: int, now_ms: int) -> str:
+        """Credit of bucket ``b`` rolls over: ``remaining`` of what is left centrally and ``leased``
+        of what leases hold of it (with their parts) move to a new rollover bucket; the sums do not
+        change. Returns the new bucket's grant id."""
+        gid = self.escrow._insert_bucket(s, customer_id, name, remaining + leased, remaining, leased, expires,
+                                         SPENT_FIRST, "rollover", f"from {b.grant_id}", now_ms, period_n,
+                                         b.rollovers + 1)
+        b.amount -= remaining + leased
+        b.remaining -= remaining
+        b.leased -= leased
+        left = leased
+        for sidecar_id, part in self.escrow._rows(
+                "SELECT sidecar_id, amount_nano FROM meterd_lease_parts WHERE customer_id = ? AND credit_type = ? AND "
+                "grant_id = ? ORDER BY sidecar_id", (customer_id, name, b.grant_id)):
+            take = min(left, int(part))
+            if take:
+                self.escrow._put_part(sidecar_id, customer_id, name, b.grant_id, int(part) - take)
+                self.escrow._put_part(sidecar_id, customer_id, name, gid, take)
+                left -= take
+        invariant(left == 0, f"{customer_id}/{name}: the parts of {b.grant_id} hold less than its {leased} leased")
+        return gid
+
+    # ---- overage, arrears ------------------------------------------------------------------
+
+    def _allowance_buckets(self, customer_id: str, name: str) -> list[_Bucket]:
+        """The credit type's overage allowance of the current period (not closed yet)."""
+        return [b for b in self.escrow._buckets(customer_id, name, "period_n >= 0") if b.source == OVERAGE_SOURCE]
+
+    def _net(self, s: _Sums, customer_id: str, name: str) -> None:
+        """Overage spent while credit was left elsewhere (at another sidecar's lease, given
+        back since) is paid from that credit first, as one balance in local mode would have:
+        the credit left centrally is spent instead, in burn-down order, and the overage
+        allowance has it back."""
+        allowance = self._allowance_buckets(customer_id, name)
+        owed = s.headroom - sum(b.remaining + b.leased for b in self._allowance_buckets(customer_id, name))
+        credit = [b for b in self.escrow._buckets(customer_id, name) if b.source != OVERAGE_SOURCE]
+        netted = min(max(owed, 0), sum(b.remaining for b in credit))
+        if netted <= 0 or not allowance:
+            return
+        left = netted
+        for b in credit:
+            take = min(left, b.remaining)
+            b.remaining -= take
+            b.consumed += take
+            left -= take
+            self.escrow._put_bucket(customer_id, name, b)
+        back = allowance[0]
+        back.consumed -= netted
+        back.remaining += netted
+        self.escrow._put_bucket(customer_id, name, back)
+
+    def _settle_overage(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy, why: str, now_ms: int,
+                        at: int) -> None:
+        """Bill (or forgive) what the customer owes below zero: the balance shown is back at zero."""
+        if policy.overage is None or s.shown >= 0:
+            return
+        self._net(s, sub.customer_id, name)
+        deficit = min(-s.shown, s.headroom)
+        if deficit <= 0:
+            return
+        before = s.shown
+        s.headroom -= deficit
+        if policy.overage.at_cycle_end == "forgive" and why in ("cycle end", "cancel"):
+            self._entry(s, sub.customer_id, name, "overage_forgiven", deficit, before, why, now_ms, at)
+            return
+        # Graduated tiers continue from what was billed earlier in the period, and what was
+        # billed still counts against the period's overage limit.
+        billed = sub.overage_billed.get(name, 0)
+        money, tiers = policy.overage.bill(billed, deficit)
+        sub.overage_billed[name] = billed + deficit
+        sub.overage_charged[name] = sub.overage_charged.get(name, 0) + money
+        self._entry(s, sub.customer_id, name, "overage_charged", deficit, before, why, now_ms, at, charge=money,
+                    charge_ct=self._name(policy.overage.price_credit_type), detail=_tiers(tiers))
+
+    def _cycle_end_overage(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy, now_ms: int,
+                           at: int) -> None:
+        if policy.overage is None or policy.overage.at_cycle_end == "carry_repay":
+            return
+        if policy.overage.at_cycle_end != "carry":
+            self._settle_overage(s, sub, name, policy, "cycle end", now_ms, at)
+            return
+        owed = sub.carried.pop(name, 0)
+        if owed:  # last period's carried deficit is billed now, at the prices of that overage
+            money, tiers = policy.overage.bill(sub.overage_billed.get(name, 0), owed)
+            self._entry(s, sub.customer_id, name, "overage_charged", owed, s.shown, "carried from last period",
+                        now_ms, at, charge=money, charge_ct=self._name(policy.overage.price_credit_type),
+                        detail=_tiers(tiers))
+        deficit = min(max(-s.shown, 0), s.headroom)
+        if deficit:
+            before = s.shown
+            s.headroom -= deficit
+            self._entry(s, sub.customer_id, name, "deficit_carried", deficit, before,
+                        "billed at the end of the next period", now_ms, at)
+            sub.carried[name] = deficit
+
+    def _arrears(self, s: _Sums, sub: Subscription, name: str, now_ms: int, at: int) -> None:
+        """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""
+        deficit = min(max(-s.shown, 0), s.headroom)
+        if deficit:
+            before = s.shown
+            s.headroom -= deficit
+            self._entry(s, sub.customer_id, name, "usage_billed", deficit, before, f"period {sub.n}", now_ms, at,
+                        charge=deficit, charge_ct=name)
+
+    def _close_allowance(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy | None,
+                         now_ms: int) -> None:
+        """The period's overage allowance ends: what it left unspent is no credit and leaves the
+        sums; with ``carry_repay``, what was spent of it and not billed becomes what the
+        customer owes (overdrawn), repaid by the next credits."""
+        for b in self._allowance_buckets(sub.customer_id, name):
+            unspent = b.remaining + b.expired
+            s.available -= b.remaining
+            s.headroom -= b.remaining
+            s.expired -= b.expired
+            s.granted -= unspent
+            b.amount -= unspent
+            b.remaining = b.expired = 0
+            b.period_n = NO_PERIOD
+            self.escrow._put_bucket(sub.customer_id, name, b)
+            self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? "
+                              "AND grant_id = ? AND (expires_at_ms = 0 OR expires_at_ms > ?)",
+                              (now_ms, sub.customer_id, name, b.grant_id, now_ms))
+            # Spent, not billed (what leases hold of it comes back expired, or is spent).
+            owed = min(max(-s.shown, 0), s.headroom - b.leased)
+            if policy is not None and policy.overage is not None and policy.overage.at_cycle_end == "carry_repay" \
+                    and owed > 0:
+                b.amount -= owed
+                b.consumed -= owed
+                s.granted -= owed
+                s.available -= owed
+                s.overdrawn += owed
+                s.headroom -= owed
+                self.escrow._put_bucket(sub.customer_id, name, b)
+
+    # ---- the end of a subscription -----------------------------------------------------------
+
+    def _end(self, sums: dict[str, _Sums], row: _Row, plan: Plan | None, now_ms: int, at: int) -> None:
+        """The subscription ends: its period credits go (what leases hold of them expires when given back)."""
+        sub = row.sub
+        assert sub is not None  # the caller read it
+        for name in self._credit_types(sub, plan):
+            s = sums[name]
+            for b in self._period_buckets(sub.customer_id, name, 1 << 62, PERIOD_SOURCES):
+                self._unexpire(s, b)
+                self._forfeit(s, sub.customer_id, name, b, b.remaining, "expire",
+                              f"{b.grant_id} subscription ended", now_ms, at)
+                b.period_n = NO_PERIOD
+                self.escrow._put_bucket(sub.customer_id, name, b)
+                self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND "
+                                  "credit_type = ? AND grant_id = ? AND expires_at_ms > ?",
+                                  (min(now_ms, b.expires_at_ms), sub.customer_id, name, b.grant_id, now_ms))
+        row.sub = None
+
+
+def _tiers(tiers: list[tuple[int, int, str, int]]) -> dict | None:
+    """An entry's detail with its charge by tier (as a sidecar's flush has it)."""
+    if not tiers:
+        return None
+    return {"tiers": [{"tier": n, "units_nano": u, "unit_price": p, "charge_nano": c} for n, u, p, c in tiers]}
+
+
+__all__ = ["LedgerPlans", "ROOM_MAX_NANO"]

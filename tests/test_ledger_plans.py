@@ -1,0 +1,424 @@
+"""Plans in ledger mode, the ledger's side (meterd.ledger_plans): subscriptions and their
+period rolls as ledger transactions, on SQLite and on a real PostgreSQL.
+
+The main check: the same history, run by a local-mode sidecar (the engine on a real
+LMDB) and by the ledger (spending through leases settled like a sidecar's flush),
+gives the same audit entries: the same kinds, amounts, balances around them, charges
+by tier and effective times; only grant ids differ."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+from billing import DAY_MS, NANO, START_MS, Billing
+
+from meterd.catalog import load_catalog
+from meterd.errors import Conflict, InvalidInput, NotFound
+from meterd.escrow import Escrow
+from meterd.ledger import Ledger, Settlement
+from meterd.ledger_plans import LedgerPlans
+
+CATALOG = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.credits]
+kind = "custom"
+
+[meters.spend_credits]                  # one unit: one nano-credit
+credit_type = "credits"
+price = "0.000000001"
+
+[meters.spend_usd]
+credit_type = "usd"
+price = "0.000000001"
+
+[plans.basic]
+fee = { usd = "10" }
+[plans.basic.credits.credits]
+included = "100"
+rollover = { max_percent = 50, max_count = 2, lifetime_periods = 2, max = "40" }
+overage = { price_in = "usd", limit = "50", tiers = [{ up_to = "20", price = "0.5" }, { price = "0.25" }] }
+
+[plans.pro]
+fee = { usd = "30" }
+[plans.pro.credits.credits]
+included = "300"
+rollover = { max_percent = 50, max_count = 2, lifetime_periods = 2, max = "40" }
+overage = { price_in = "usd", limit = "100", tiers = [{ up_to = "20", price = "0.5" }, { price = "0.25" }] }
+
+[plans.forgiving]
+fee = { usd = "5" }
+[plans.forgiving.credits.credits]
+included = "100"
+overage = { price_in = "usd", limit = "30", price = "0.1", at_cycle_end = "forgive" }
+
+[plans.carrying]
+fee = { usd = "5" }
+[plans.carrying.credits.credits]
+included = "100"
+overage = { price_in = "usd", limit = "30", price = "0.1", at_cycle_end = "carry" }
+
+[plans.repaying]
+fee = { usd = "5" }
+[plans.repaying.credits.credits]
+included = "100"
+overage = { price_in = "usd", limit = "30", price = "0.1", at_cycle_end = "carry_repay" }
+
+[plans.metered]
+[plans.metered.credits.usd]
+arrears = true
+
+[plans.trialed]
+fee = { usd = "8" }
+trial = { credits = { credits = "7" }, days = 10 }
+[plans.trialed.credits.credits]
+included = "50"
+
+[plans.spend_capped]
+fee = { usd = "20" }
+[plans.spend_capped.credits.credits]
+included = "100"
+overage = { price_in = "usd", spend_limit = "12", tiers = [{ up_to = "20", price = "0.5" }, { price = "0.25" }] }
+
+[plans.spend_capped_dear]
+fee = { usd = "40" }
+[plans.spend_capped_dear.credits.credits]
+included = "250"
+overage = { price_in = "usd", spend_limit = "12", tiers = [{ up_to = "10", price = "0.8" }, { price = "0.4" }] }
+
+[plans.annual]
+period = "year"
+credit_period = "month"
+fee = { usd = "100" }
+[plans.annual.credits.credits]
+included = "80"
+rollover = { max_percent = 100, max_count = 1 }
+"""
+
+KINDS = {"included", "grant", "billing_period", "fee", "rolled_over", "rollover_forfeited", "expire",
+         "overage_charged", "overage_forgiven", "deficit_carried", "usage_billed"}
+GRANT_ID = re.compile(r"\b(g_|G)\d+\b")
+
+
+@pytest.fixture
+def catalog_path(tmp_path):
+    path = tmp_path / "plans.toml"
+    path.write_text(CATALOG)
+    return str(path)
+
+
+class Central:
+    """The ledger's side: LedgerPlans, and one sidecar's spending as lease calls and
+    settlements (what a flush settles), on the ledger's clock."""
+
+    def __init__(self, url: str, catalog_path: str) -> None:
+        self.ledger = Ledger(url)
+        self.ledger.migrate()
+        self.escrow = Escrow(self.ledger)
+        self.plans = LedgerPlans(self.escrow, load_catalog(catalog_path))
+        self.consumed: dict[tuple[str, str], int] = {}
+
+    def spend(self, customer: str, credit_type: str, amount: int, now_ms: int) -> None:
+        """A lease of at least ``amount``, its consumption settled, the rest given back."""
+        got = self.escrow.acquire("s1", "i1", customer, credit_type, amount, amount, 1, now_ms)
+        assert got.amount_nano >= amount, got
+        key = (customer, credit_type)
+        self.consumed[key] = got.consumed_total_nano + amount
+        self.escrow.settle("s1", "i1", [Settlement(customer, credit_type, self.consumed[key])], now_ms)
+        if got.amount_nano > amount:
+            self.escrow.give_back("s1", "i1", customer, credit_type,
+                                  got.returned_total_nano + got.amount_nano - amount, now_ms)
+
+    def entries(self, customer: str) -> list[tuple]:
+        return [_shape(e.kind, e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano,
+                       e.charge_nano, e.charge_credit_type, e.effective_ms, e.reference, e.detail)
+                for e in self.ledger.entries(customer) if e.kind in KINDS]
+
+
+def _shape(kind, ct, amount, before, after, charge, charge_ct, effective, reference, tiers) -> tuple:
+    return (kind, ct, amount, before, after, charge, charge_ct, effective, GRANT_ID.sub("G", reference), tiers)
+
+
+def _local_entries(b: Billing, customer: str) -> list[tuple]:
+    out = []
+    for e in b.audit(customer):
+        if e.kind not in KINDS:
+            continue
+        tiers = [{"tier": t.tier, "units_nano": t.units_nano, "unit_price": t.unit_price,
+                  "charge_nano": t.charge_nano} for t in e.tiers]
+        detail = {"tiers": tiers} if tiers else {}
+        if e.period_end_ms:
+            detail["period_end_ms"] = e.period_end_ms
+        out.append(_shape(e.kind, e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano,
+                          e.charge_nano, e.charge_credit_type, e.effective_ms, e.reference, detail))
+    return out
+
+
+def _central_entries(c: Central, customer: str) -> list[tuple]:
+    return [t[:9] + (json.loads(t[9] or "{}"),) for t in c.entries(customer)]
+
+
+def run_both(tmp_path, monkeypatch, ledger_url: str, catalog_path: str, script: list[tuple]) -> tuple[Billing, Central]:
+    """Run ``script`` on a local sidecar and on the ledger, step by step on one clock:
+    ("subscribe", plan) ("spend", credit type, nano) ("advance", ms) ("change", plan)
+    ("cancel", at_period_end) ("grant", credit type, nano)."""
+    local = Billing(tmp_path / "local", catalog_path, monkeypatch)
+    central = Central(ledger_url, catalog_path)
+    cust = "acme"
+    meter = {"credits": "spend_credits", "usd": "spend_usd"}
+    for step in script:
+        now = local.now_ms
+        op = step[0]
+        if op == "subscribe":
+            local.subscribe(cust, step[1])
+            central.plans.subscribe(cust, step[1], now, now)
+        elif op == "spend":
+            r = local.report(cust, meter[step[1]], step[2])
+            assert r.cost_nano == step[2] and r.decision == 1, r  # ALLOW: the script stays within the plan
+            central.spend(cust, step[1], step[2], now)
+        elif op == "advance":
+            local.advance(step[1])
+            local.tick()
+            central.plans.roll(cust, local.now_ms)
+        elif op == "change":
+            local.change_plan(cust, step[1])
+            central.plans.change_plan(cust, step[1], now)
+        elif op == "cancel":
+            local.cancel(cust, at_period_end=step[1])
+            central.plans.cancel(cust, step[1], now)
+        elif op == "grant":
+            local.grant(cust, step[1], step[2])
+            central.escrow.grant(cust, step[1], step[2], 0, 0, "api", "", now)
+        else:
+            raise AssertionError(op)
+        assert _central_entries(central, cust) == _local_entries(local, cust), step
+    assert central.escrow.check() == []
+    return local, central
+
+
+MONTH = 31 * DAY_MS  # from the month-end anchor, at least one boundary
+
+
+@pytest.fixture
+def both(tmp_path, monkeypatch, ledger_url, catalog_path):
+    made = []
+
+    def run(script):
+        local, central = run_both(tmp_path / str(len(made)), monkeypatch, ledger_url, catalog_path, script)
+        made.append((local, central))
+        return local, central
+    yield run
+    for local, central in made:
+        local.close()
+        central.ledger.close()
+
+
+def test_rollover_within_caps_and_overage_by_tier_match_local_mode(both):
+    local, central = both([
+        ("subscribe", "basic"),
+        ("spend", "credits", 30 * NANO),           # 70 left: 50% is 35, within max 40
+        ("advance", MONTH),
+        ("spend", "credits", 150 * NANO),          # 100 + 35 rolled, then 15 of overage
+        ("advance", 30 * DAY_MS),
+        ("spend", "credits", 100 * NANO), ("spend", "credits", 45 * NANO),  # 45 into overage: both tiers
+        ("advance", 31 * DAY_MS),
+        ("advance", 31 * DAY_MS),                  # a period with nothing spent: 50 of 100 rolls, max 40
+    ])
+    kinds = [e[0] for e in central.entries("acme")]
+    assert kinds.count("overage_charged") == 2 and kinds.count("rolled_over") >= 2
+    tiers = [e[9] for e in _central_entries(central, "acme") if e[0] == "overage_charged"][1]["tiers"]
+    assert [t["units_nano"] for t in tiers] == [20 * NANO, 25 * NANO]
+
+
+@pytest.mark.parametrize("plan", ["forgiving", "carrying", "repaying"])
+def test_what_is_owed_at_a_period_end_matches_local_mode(both, plan):
+    both([
+        ("subscribe", plan),
+        ("spend", "credits", 120 * NANO),          # 20 below zero
+        ("advance", MONTH),
+        ("spend", "credits", 110 * NANO),
+        ("advance", 30 * DAY_MS),
+        ("advance", 31 * DAY_MS),
+    ])
+
+
+def test_usage_in_arrears_and_a_trial_once_per_customer(both):
+    both([
+        ("subscribe", "metered"),
+        ("spend", "usd", 7 * NANO + 3),
+        ("advance", MONTH),
+        ("spend", "usd", 2 * NANO),
+        ("cancel", False),                         # billed at once
+        ("subscribe", "trialed"),
+        ("spend", "credits", 30 * NANO),
+        ("cancel", False),
+        ("subscribe", "trialed"),                  # no second trial
+        ("advance", MONTH),
+    ])
+
+
+def test_upgrade_prorates_now_and_downgrade_waits_for_the_period_end(both):
+    both([
+        ("subscribe", "basic"),
+        ("advance", 10 * DAY_MS),
+        ("spend", "credits", 110 * NANO),          # 10 of overage, billed at the old prices on the upgrade
+        ("change", "pro"),
+        ("spend", "credits", 150 * NANO),
+        ("change", "basic"),                       # a downgrade: at the period's end
+        ("advance", 30 * DAY_MS),
+        ("spend", "credits", 20 * NANO),
+        ("cancel", True),
+        ("advance", 31 * DAY_MS),                  # ends
+    ])
+
+
+def test_a_spend_limit_across_an_upgrade_at_other_prices(both):
+    both([
+        ("subscribe", "spend_capped"),
+        ("spend", "credits", 110 * NANO),          # $5 of overage
+        ("change", "spend_capped_dear"),           # billed; 150 more included for the whole period left
+        ("spend", "credits", 150 * NANO),
+        ("spend", "credits", 17 * NANO),           # the $12 limit leaves $7: 17.5 at $0.40 past the first 10
+        ("advance", MONTH),
+    ])
+
+
+def test_credit_periods_within_a_billing_year_and_grants_bought_apart(both):
+    both([
+        ("subscribe", "annual"),
+        ("grant", "credits", 25 * NANO),
+        ("spend", "credits", 60 * NANO),
+        ("advance", MONTH),
+        ("spend", "credits", 10 * NANO),
+        ("advance", 30 * DAY_MS),
+        ("advance", 31 * DAY_MS),
+    ])
+
+
+def test_a_second_roll_does_nothing_and_each_period_is_rolled_once(ledger_url, catalog_path):
+    c = Central(ledger_url, catalog_path)
+    c.plans.subscribe("acme", "basic", START_MS, START_MS)
+    later = START_MS + 3 * MONTH
+    assert c.plans.due(later, 10) == ["acme"]
+    assert c.plans.roll("acme", later) == 3
+    assert c.plans.roll("acme", later) == 0
+    assert c.plans.due(later, 10) == []
+    rolls = c.ledger._rows("SELECT n FROM meterd_rolls WHERE customer_id = 'acme' ORDER BY n")
+    assert [int(r[0]) for r in rolls] == [0, 1, 2]
+    assert c.escrow.check() == []
+
+
+def test_bad_calls_are_refused_and_change_nothing(ledger_url, catalog_path):
+    c = Central(ledger_url, catalog_path)
+    with pytest.raises(InvalidInput, match="plan"):
+        c.plans.subscribe("acme", "nope", START_MS, START_MS)
+    with pytest.raises(InvalidInput, match="start_ms"):
+        c.plans.subscribe("acme", "basic", START_MS + 1, START_MS)
+    with pytest.raises(NotFound):
+        c.plans.cancel("acme", False, START_MS)
+    with pytest.raises(NotFound):
+        c.plans.change_plan("acme", "pro", START_MS)
+    c.plans.subscribe("acme", "basic", START_MS, START_MS)
+    with pytest.raises(Conflict):
+        c.plans.subscribe("acme", "pro", START_MS, START_MS)
+    with pytest.raises(InvalidInput, match="periods"):
+        c.plans.change_plan("acme", "annual", START_MS)
+    sub = c.plans.subscription("acme")
+    assert sub is not None and sub.plan == "basic" and sub.next_plan == ""
+    assert [e.kind for e in c.ledger.entries("acme")] == ["included", "billing_period", "fee"]
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_roll_killed_at_any_statement_is_done_once_by_the_next_try(ledger_url, catalog_path, monkeypatch):
+    """The connection running a roll dies at each of its statements in turn (as a kill of its
+    sidecar would leave it, COMMIT included): nothing of the roll stays, and the next caller rolls
+    the period exactly once, with the entries of a roll that was never interrupted."""
+    c = Central(ledger_url, catalog_path)
+    boundary = START_MS + MONTH
+
+    def history(customer: str) -> None:
+        c.plans.subscribe(customer, "basic", START_MS, START_MS)
+        c.spend(customer, "credits", 30 * NANO, START_MS + DAY_MS)
+        c.spend(customer, "credits", 100 * NANO, START_MS + 2 * DAY_MS)  # 30 into overage: billed by the roll
+
+    def shape(customer: str) -> list[tuple]:
+        return [(e.kind, e.credit_type, e.amount_nano, e.balance_before_nano, e.balance_after_nano, e.charge_nano,
+                 e.effective_ms, GRANT_ID.sub("G", e.reference)) for e in c.ledger.entries(customer)]
+
+    history("whole")
+    statements: list[str] = []
+    real = Ledger._exec
+
+    def counting(self, sql, params=()):
+        statements.append(sql)
+        return real(self, sql, params)
+    monkeypatch.setattr(Ledger, "_exec", counting)
+    assert c.plans.roll("whole", boundary) == 1
+    monkeypatch.setattr(Ledger, "_exec", real)
+    expected = shape("whole")
+    total = statements.index("COMMIT") + 1  # the roll's transaction (a second one finds nothing due)
+    assert total > 20 and [e[0] for e in expected].count("overage_charged") == 1
+
+    for fail_at in range(1, total + 1):
+        customer = f"cut{fail_at}"
+        history(customer)
+        seen = 0
+
+        def dying(self, sql, params=(), fail_at=fail_at):
+            nonlocal seen
+            seen += 1
+            if seen == fail_at:
+                raise Boom(sql)
+            return real(self, sql, params)
+        monkeypatch.setattr(Ledger, "_exec", dying)
+        with pytest.raises(Boom):
+            c.plans.roll(customer, boundary)
+        monkeypatch.setattr(Ledger, "_exec", real)
+        c.ledger.close()  # the process is gone: its transaction with it
+        c = Central(ledger_url, catalog_path)
+        assert c.escrow.check() == []
+        sub = c.plans.subscription(customer)
+        assert sub is not None and sub.n == 0, fail_at
+        assert c.plans.roll(customer, boundary) == 1
+        assert c.plans.roll(customer, boundary) == 0
+        assert shape(customer) == expected, fail_at
+    (rolls,), = c.ledger._rows("SELECT COUNT(*) FROM meterd_rolls")
+    assert int(rolls) == total + 1
+    c.ledger.close()
+
+
+def test_two_callers_roll_a_period_once(ledger_url, catalog_path):
+    """Callers on their own connections race for the same boundaries: each period is rolled once."""
+    first = Central(ledger_url, catalog_path)
+    for i in range(20):
+        first.plans.subscribe(f"c{i}", "basic", START_MS, START_MS)
+    later = START_MS + 2 * MONTH
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        c = Central(ledger_url, catalog_path)
+        try:
+            for i in range(20):
+                done.append(c.plans.roll(f"c{i}", later))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            c.ledger.close()
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(done) == 40  # 2 periods of 20 customers, whoever rolled them
+    (rolls,), = first.ledger._rows("SELECT COUNT(*) FROM meterd_rolls")
+    assert int(rolls) == 40
+    assert first.escrow.check() == []
