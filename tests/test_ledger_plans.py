@@ -394,8 +394,9 @@ def test_a_roll_killed_at_any_statement_is_done_once_by_the_next_try(ledger_url,
     c.ledger.close()
 
 
-def test_two_callers_roll_a_period_once(ledger_url, catalog_path):
-    """Callers on their own connections race for the same boundaries: each period is rolled once."""
+def test_callers_racing_roll_each_period_once(ledger_url, catalog_path):
+    """Two callers and a sweep on their own connections race for the same boundaries: each
+    period is rolled once."""
     first = Central(ledger_url, catalog_path)
     for i in range(20):
         first.plans.subscribe(f"c{i}", "basic", START_MS, START_MS)
@@ -412,7 +413,16 @@ def test_two_callers_roll_a_period_once(ledger_url, catalog_path):
             errors.append(exc)
         finally:
             c.ledger.close()
-    threads = [threading.Thread(target=caller) for _ in range(2)]
+    def sweeper() -> None:
+        c = Central(ledger_url, catalog_path)
+        try:
+            while (n := c.plans.roll_due(later, 3)):
+                done.append(n)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            c.ledger.close()
+    threads = [threading.Thread(target=caller) for _ in range(2)] + [threading.Thread(target=sweeper)]
     for t in threads:
         t.start()
     for t in threads:

@@ -43,6 +43,7 @@ from meterd.state import Subscription
 SPENT_FIRST = 0                  # a plan's own credits are spent before grants bought apart (as in local mode)
 ROOM_MAX_NANO = 1 << 62          # the overage bucket of an unlimited overage, or of usage billed in arrears
 ROLLS_PER_CALL_MAX = 1_000       # periods one roll call catches up on, per customer
+ROLL_LOCK_SPACE = 0x6D72         # the first key of the advisory locks of rolls (PostgreSQL)
 _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
 
 
@@ -287,13 +288,27 @@ class LedgerPlans:
 
     # ---- the roll ----------------------------------------------------------------------------
 
-    def roll(self, customer_id: str, now_ms: int) -> int:
+    def roll_due(self, now_ms: int, limit: int) -> int:
+        """Roll the periods of up to ``limit`` customers whose credit period ended by ``now_ms``
+        (what each sidecar's sweep does, a few at a time); returns how many periods it rolled.
+        On PostgreSQL a customer another caller is rolling is skipped (it will be done)."""
+        return sum(self.roll(customer_id, now_ms, skip_busy=True) for customer_id in self.due(now_ms, limit))
+
+    def roll(self, customer_id: str, now_ms: int, skip_busy: bool = False) -> int:
         """Roll each credit period of the customer's subscription that ended at or before
         ``now_ms`` (the ledger's clock), one transaction each; returns how many were rolled
-        (0: none was due, or another caller rolled them)."""
+        (0: none was due, or another caller rolled them). Callers racing for a customer wait
+        on its rows, and the later one finds nothing due; with ``skip_busy`` (PostgreSQL) a
+        caller finding another rolling it goes on at once (an advisory lock held for the
+        transaction: it only spares the wait; the row locks and meterd_rolls decide)."""
         rolled = 0
         while rolled < ROLLS_PER_CALL_MAX:
             with self.ledger._transaction():
+                if skip_busy and self.ledger.dialect == "postgresql":
+                    (free,), = self.escrow._rows("SELECT pg_try_advisory_xact_lock(?, hashtext(?))",
+                                                 (ROLL_LOCK_SPACE, customer_id))
+                    if not free:
+                        return rolled
                 first = self._read(customer_id, False).sub
                 if first is None or first.end_ms > now_ms:
                     return rolled
