@@ -879,6 +879,9 @@ class Escrow:
         parts = {(r[0], r[1]): int(r[2] or 0) for r in self._rows(
             "SELECT customer_id, credit_type, SUM(amount_nano) FROM meterd_lease_parts "
             "GROUP BY customer_id, credit_type")}
+        rooms = {(r[0], r[1]): int(r[2] or 0) for r in self._rows(
+            "SELECT customer_id, credit_type, SUM(amount_nano - expired_nano) FROM meterd_grants WHERE source = ? "
+            "GROUP BY customer_id, credit_type", (OVERAGE_SOURCE,))}
         for key in sorted(set(sums) | set(buckets) | set(leases) | set(parts)):
             name = f"{key[0]}/{key[1]}"
             s = sums.get(key)
@@ -908,6 +911,9 @@ class Escrow:
                                 f"{parts.get(key, 0)}")
             if s.overdrawn < 0:
                 problems.append(f"{name}: overdrawn {s.overdrawn} is negative")
+            if not 0 <= s.headroom <= rooms.get(key, 0):
+                problems.append(f"{name}: overage headroom {s.headroom}, not within 0 and the {rooms.get(key, 0)} its "
+                                "allowances hold")
         for r in self._rows("SELECT sidecar_id, customer_id, credit_type, amount_nano, leased_total_nano, "
                             "returned_total_nano, consumed_total_nano FROM meterd_leases WHERE amount_nano <> "
                             "leased_total_nano - returned_total_nano - consumed_total_nano"):
