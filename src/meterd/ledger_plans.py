@@ -86,6 +86,11 @@ class LedgerPlans:
                 names |= {self._name(ct) for ct in [*plan.credits, *plan.fees_nano, self._period_ct(plan)]}
         return sorted(names)
 
+    def _period_credit_types(self, customer_id: str) -> list[str]:
+        """The credit types the customer has period buckets of, not rolled yet (plans it left may have given them)."""
+        return [r[0] for r in self.escrow._rows("SELECT DISTINCT credit_type FROM meterd_grants WHERE customer_id = ? "
+                                                "AND period_n >= 0", (customer_id,))]
+
     @staticmethod
     def _period_ct(plan: Plan) -> int:
         """The credit type of a plan's billing_period entries (as in local mode)."""
@@ -184,7 +189,8 @@ class LedgerPlans:
         plan ``also``) may write, then the subscription, locked in that order; and its plan."""
         first = self._read(customer_id, False).sub
         plan = self.catalog.plan_index.get(first.plan) if first else None
-        sums = self._lock_sums(customer_id, self._credit_types(first, plan, also), now_ms)
+        sums = self._lock_sums(customer_id, self._credit_types(first, plan, also) +
+                               self._period_credit_types(customer_id), now_ms)
         row = self._read(customer_id, True)
         if row.sub is None:
             raise NotFound(f"customer {customer_id!r} has no subscription")
@@ -195,6 +201,7 @@ class LedgerPlans:
     def cancel(self, customer_id: str, at_period_end: bool, now_ms: int) -> Subscription:
         """At the period's end (its roll ends it), or now: what is owed is billed, and the
         period's credits go."""
+        self.roll(customer_id, now_ms)  # a period that ended is rolled first, as in local mode
         with self.ledger._transaction():
             sums, row, sub, plan = self._locked(customer_id, now_ms)
             if at_period_end:
@@ -205,7 +212,7 @@ class LedgerPlans:
                     self._settle_overage(s, sub, name, policy, "cancel", now_ms, now_ms)
                     if policy.arrears:
                         self._arrears(s, sub, name, now_ms, now_ms)
-                    self._close_allowance(s, sub, name, policy, now_ms)
+                    self._close_allowance(s, sub, name, now_ms)
                 self._end(sums, row, plan, now_ms, now_ms)
             self._write(customer_id, row, now_ms)
             self._put_all(customer_id, sums, now_ms)
@@ -215,6 +222,7 @@ class LedgerPlans:
         """An upgrade now (the fee difference and the extra included credits for the time left,
         the overage so far billed at the old prices); a downgrade at the billing period's end."""
         new = self._plan(plan_name)
+        self.roll(customer_id, now_ms)  # a period that ended is rolled first, as in local mode
         with self.ledger._transaction():
             sums, row, sub, old = self._locked(customer_id, now_ms, new)
             if sub.plan_change(old, new):
@@ -237,7 +245,7 @@ class LedgerPlans:
                             charge_ct=self._name(ct))
         for ct in set(old.credits if old else {}) | set(new.credits):
             # What was billed of the period's overage stays billed: the new plan's allowance counts it.
-            self._close_allowance(sums[self._name(ct)], sub, self._name(ct), None, now_ms)
+            self._close_allowance(sums[self._name(ct)], sub, self._name(ct), now_ms)
         sub.plan = new.name
         for ct in new.credits:
             name = self._name(ct)
@@ -314,7 +322,8 @@ class LedgerPlans:
                     return rolled
                 plan = self.catalog.plan_index.get(first.plan)
                 after = self.catalog.plan_index.get(first.next_plan) if first.next_plan else None
-                sums = self._lock_sums(customer_id, self._credit_types(first, plan, after), now_ms)
+                sums = self._lock_sums(customer_id, self._credit_types(first, plan, after) +
+                                       self._period_credit_types(customer_id), now_ms)
                 row = self._read(customer_id, True)
                 sub = row.sub
                 if sub is None or sub.end_ms > now_ms:
@@ -355,7 +364,17 @@ class LedgerPlans:
             self._cycle_end_overage(s, sub, name, policy, now_ms, at)
             if policy.arrears:
                 self._arrears(s, sub, name, now_ms, at)
-            self._close_allowance(s, sub, name, policy, now_ms)
+            self._close_allowance(s, sub, name, now_ms)
+        planned = {self._name(ct) for ct in (plan.credits if plan else {})}
+        for name in sorted(set(sums) - planned):
+            # Period credits of a credit type the plan no longer has (a plan change): they expire
+            # at their end like any grant (as local mode's grant expiry has it), never in silence.
+            for b in self._period_buckets(sub.customer_id, name, boundary, PERIOD_SOURCES):
+                self._unexpire(sums[name], b)
+                self._forfeit(sums[name], sub.customer_id, name, b, b.remaining, "expire", b.grant_id, now_ms,
+                              now_ms)
+                b.period_n = NO_PERIOD
+                self.escrow._put_bucket(sub.customer_id, name, b)
         sub.overage_billed, sub.overage_charged = {}, {}
         if ending or plan is None:
             self._end(sums, row, plan, now_ms, at)
@@ -534,11 +553,12 @@ class LedgerPlans:
             self._entry(s, sub.customer_id, name, "usage_billed", deficit, before, f"period {sub.n}", now_ms, at,
                         charge=deficit, charge_ct=name)
 
-    def _close_allowance(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy | None,
-                         now_ms: int) -> None:
+    def _close_allowance(self, s: _Sums, sub: Subscription, name: str, now_ms: int) -> None:
         """The period's overage allowance ends: what it left unspent is no credit and leaves the
-        sums; with ``carry_repay``, what was spent of it and not billed becomes what the
-        customer owes (overdrawn), repaid by the next credits."""
+        sums. What was spent of it and not billed (``carry_repay``'s deficit, or overage spent
+        while credit sat at a lease elsewhere) becomes what the customer owes (overdrawn), repaid
+        first by the next credit there is, as one balance in local mode would be."""
+        self._net(s, sub.customer_id, name)
         for b in self._allowance_buckets(sub.customer_id, name):
             unspent = b.remaining + b.expired
             s.available -= b.remaining
@@ -548,21 +568,23 @@ class LedgerPlans:
             b.amount -= unspent
             b.remaining = b.expired = 0
             b.period_n = NO_PERIOD
-            self.escrow._put_bucket(sub.customer_id, name, b)
-            self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? "
-                              "AND grant_id = ? AND (expires_at_ms = 0 OR expires_at_ms > ?)",
-                              (now_ms, sub.customer_id, name, b.grant_id, now_ms))
-            # Spent, not billed (what leases hold of it comes back expired, or is spent).
-            owed = min(max(-s.shown, 0), s.headroom - b.leased)
-            if policy is not None and policy.overage is not None and policy.overage.at_cycle_end == "carry_repay" \
-                    and owed > 0:
+            (held,), = self.escrow._rows("SELECT COALESCE(SUM(leased_nano), 0) FROM meterd_grants WHERE "
+                                         "customer_id = ? AND credit_type = ? AND source = ?",
+                                         (sub.customer_id, name, OVERAGE_SOURCE))
+            # What leases hold of it comes back expired (or is spent, if a hold commits).
+            owed = s.headroom - int(held)
+            if owed > 0:
                 b.amount -= owed
                 b.consumed -= owed
                 s.granted -= owed
                 s.available -= owed
                 s.overdrawn += owed
                 s.headroom -= owed
-                self.escrow._put_bucket(sub.customer_id, name, b)
+            self.escrow._put_bucket(sub.customer_id, name, b)
+            self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? "
+                              "AND grant_id = ? AND (expires_at_ms = 0 OR expires_at_ms > ?)",
+                              (now_ms, sub.customer_id, name, b.grant_id, now_ms))
+            self.escrow._settle_debts(s, sub.customer_id, name, now_ms)
 
     # ---- the end of a subscription -----------------------------------------------------------
 
@@ -570,7 +592,7 @@ class LedgerPlans:
         """The subscription ends: its period credits go (what leases hold of them expires when given back)."""
         sub = row.sub
         assert sub is not None  # the caller read it
-        for name in self._credit_types(sub, plan):
+        for name in sorted(sums):  # every credit type locked: those of its plans and of its period buckets
             s = sums[name]
             for b in self._period_buckets(sub.customer_id, name, 1 << 62, PERIOD_SOURCES):
                 self._unexpire(s, b)
