@@ -254,8 +254,9 @@ class Escrow:
 
     def _entry(self, s: _Sums, customer_id: str, credit_type: str, kind: str, source: str, amount: int,
                before: int, reference: str, now_ms: int, charge: int = 0, charge_ct: str = "",
-               effective_ms: int | None = None, detail: dict | None = None) -> None:
-        """An audit entry of a central movement, with the balance shown (``_Sums.shown``) around it.
+               effective_ms: int | None = None, detail: dict | None = None, after: int | None = None) -> None:
+        """An audit entry of a central movement, with the balance shown (``_Sums.shown``, unless
+        ``after`` says) around it.
         Central entries are numbered per customer and credit type, under sidecar id ''."""
         s.entries_made += 1
         self._exec("INSERT INTO meterd_entries (sidecar_id, incarnation, source_sequence, flush_sequence, time_ms, "
@@ -264,7 +265,8 @@ class Escrow:
                    "VALUES ('', ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (f"{len(customer_id)}:{customer_id}/{credit_type}", s.entries_made, now_ms,
                     now_ms if effective_ms is None else effective_ms, customer_id, kind, source, credit_type, amount,
-                    before, s.shown, reference, charge, charge_ct, json.dumps(detail) if detail else "{}"))
+                    before, s.shown if after is None else after, reference, charge, charge_ct,
+                    json.dumps(detail) if detail else "{}"))
 
     def _replayed(self, key: str, digest: str) -> dict | None:
         if not key:
@@ -338,11 +340,15 @@ class Escrow:
 
     def _add_bucket(self, s: _Sums, customer_id: str, credit_type: str, amount: int, expires_at_ms: int,
                     priority: int, source: str, reference: str, now_ms: int, period_n: int = NO_PERIOD,
-                    rollovers: int = 0, kind: str = "", effective_ms: int | None = None) -> Granted:
+                    rollovers: int = 0, kind: str = "", effective_ms: int | None = None,
+                    capped: bool = True) -> Granted:
         """A new bucket in the (locked) sums ``s``, and its entry (of ``kind``, by default that of
-        its source); an overage allowance (OVERAGE_SOURCE) is headroom, with no entry."""
+        its source); an overage allowance (OVERAGE_SOURCE) is headroom, with no entry. ``capped``:
+        refused past GRANTS_OPEN_MAX open buckets (a plan's roll is not: its buckets end with
+        their period, and a customer's grants must not stop its periods)."""
         (open_count,), = self._rows("SELECT COUNT(*) FROM meterd_grants WHERE customer_id = ? AND credit_type = ? "
-                                    "AND (remaining_nano > 0 OR leased_nano > 0)", (customer_id, credit_type))
+                                    "AND (remaining_nano > 0 OR leased_nano > 0)", (customer_id, credit_type)) \
+            if capped else ((0,),)
         if int(open_count) >= GRANTS_OPEN_MAX:
             raise LimitReached(f"customer {customer_id!r} has {open_count} grants of {credit_type} with credit left "
                                f"(at most {GRANTS_OPEN_MAX}); let some be spent or expire first")
@@ -702,17 +708,28 @@ class Escrow:
 
     def _give_back(self, s: _Sums, sidecar_id: str, lease: Lease, amount: int, now_ms: int) -> None:
         """Move ``amount`` out of a lease, from the end of the burn-down order:
-        into its buckets' remaining, or expired for a bucket past its expiry."""
+        into its buckets' remaining, or expired for a bucket past its expiry (audited, but for a
+        plan's period credits not rolled yet: their roll says what became of them)."""
+        expired: list[tuple[_Bucket, int]] = []
+
         def back(b: _Bucket, take: int) -> None:
             if b.expired_at(now_ms):
                 self._expire_part(s, b, take)
+                if b.period_n == NO_PERIOD and b.source != OVERAGE_SOURCE:
+                    expired.append((b, take))
             else:
                 b.remaining += take
                 s.available += take
+        before = s.shown
         moved, expires = self._move_parts(sidecar_id, lease, amount, True, back)
         invariant(moved == amount, f"lease {sidecar_id}/{lease.customer_id}/{lease.credit_type}: parts hold less "
                                    f"than its {lease.amount_nano}")
         s.leased -= amount
+        for b, take in expired:
+            self._entry(s, lease.customer_id, lease.credit_type, "expired", "ledger", -take, before,
+                        f"{b.grant_id} expired (given back by {sidecar_id})", now_ms, after=before - take)
+            before -= take
+        invariant(not expired or before == s.shown, "a give-back's expiry entries add up to its balance change")
         self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, recall_ms = 0, expires_at_ms = ?, "
                    "updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
                    (amount, expires, now_ms, sidecar_id, lease.customer_id, lease.credit_type))

@@ -96,11 +96,15 @@ class LedgerPlans:
         """The credit type of a plan's billing_period entries (as in local mode)."""
         return next(iter(plan.fees_nano), 0)
 
-    def _lock_sums(self, customer_id: str, names: Iterable[str], now_ms: int) -> dict[str, _Sums]:
+    def _lock_sums(self, customer_id: str, names: Iterable[str], now_ms: int,
+                   expire_ms: int | None = None) -> dict[str, _Sums]:
+        """The balance rows, locked in sorted order, with what expired by ``expire_ms`` (default:
+        now; a roll's boundary) taken first, so that no ended grant counts as credit left."""
         out = {}
-        for name in sorted(names):
+        for name in sorted(set(names)):
             s = self.escrow._sums(customer_id, name, True, now_ms)
             assert s is not None  # made when missing
+            self.escrow._expire(customer_id, name, s, now_ms if expire_ms is None else expire_ms)
             out[name] = s
         return out
 
@@ -267,7 +271,7 @@ class LedgerPlans:
         expires = sub.end_ms if days is None else (sub.start_ms + days * 86_400_000 if days else 0)
         self.escrow._add_bucket(sums[self._name(ct)], sub.customer_id, self._name(ct), amount, expires, SPENT_FIRST,
                                 source, "", now_ms, period_n=sub.n if days is None else NO_PERIOD, kind="included",
-                                effective_ms=at)
+                                effective_ms=at, capped=False)
 
     def _open_allowances(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int) -> None:
         """The period's overage allowance per credit type, as a bucket spent after every credit:
@@ -278,7 +282,8 @@ class LedgerPlans:
                        ROOM_MAX_NANO)
             if room > 0:
                 self.escrow._add_bucket(sums[name], sub.customer_id, name, room, sub.end_ms, OVERAGE_PRIORITY,
-                                        OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms, period_n=sub.n)
+                                        OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms, period_n=sub.n,
+                                        capped=False)
 
     def _billing_period(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int, at: int) -> None:
         """A billing_period entry: where a statement of the period starts and ends."""
@@ -323,7 +328,7 @@ class LedgerPlans:
                 plan = self.catalog.plan_index.get(first.plan)
                 after = self.catalog.plan_index.get(first.next_plan) if first.next_plan else None
                 sums = self._lock_sums(customer_id, self._credit_types(first, plan, after) +
-                                       self._period_credit_types(customer_id), now_ms)
+                                       self._period_credit_types(customer_id), now_ms, first.end_ms)
                 row = self._read(customer_id, True)
                 sub = row.sub
                 if sub is None or sub.end_ms > now_ms:
@@ -451,11 +456,23 @@ class LedgerPlans:
     def _move(self, s: _Sums, customer_id: str, name: str, b: _Bucket, remaining: int, leased: int, expires: int,
               period_n: int, now_ms: int) -> str:
         """Credit of bucket ``b`` rolls over: ``remaining`` of what is left centrally and ``leased``
-        of what leases hold of it (with their parts) move to a new rollover bucket; the sums do not
-        change. Returns the new bucket's grant id."""
-        gid = self.escrow._insert_bucket(s, customer_id, name, remaining + leased, remaining, leased, expires,
-                                         SPENT_FIRST, "rollover", f"from {b.grant_id}", now_ms, period_n,
-                                         b.rollovers + 1)
+        of what leases hold of it (with their parts) move to a rollover bucket; the sums do not
+        change. Credits that roll over for good (no lifetime) join the customer's one bucket of
+        such credits, so that an idle customer's boundaries do not pile up buckets. Returns the
+        grant id of the bucket they moved to."""
+        keep = [k for k in self.escrow._buckets(customer_id, name, "source = 'rollover' AND expires_at_ms = 0 AND "
+                                                "(remaining_nano > 0 OR leased_nano > 0)")] if not expires else []
+        if keep:
+            to = keep[0]
+            to.amount += remaining + leased
+            to.remaining += remaining
+            to.leased += leased
+            self.escrow._put_bucket(customer_id, name, to)
+            gid = to.grant_id
+        else:
+            gid = self.escrow._insert_bucket(s, customer_id, name, remaining + leased, remaining, leased, expires,
+                                             SPENT_FIRST, "rollover", f"from {b.grant_id}", now_ms,
+                                             period_n if expires else NO_PERIOD, b.rollovers + 1)
         b.amount -= remaining + leased
         b.remaining -= remaining
         b.leased -= leased
@@ -465,8 +482,11 @@ class LedgerPlans:
                 "grant_id = ? ORDER BY sidecar_id", (customer_id, name, b.grant_id)):
             take = min(left, int(part))
             if take:
+                rows = self.escrow._rows("SELECT amount_nano FROM meterd_lease_parts WHERE sidecar_id = ? AND "
+                                         "customer_id = ? AND credit_type = ? AND grant_id = ?",
+                                         (sidecar_id, customer_id, name, gid))
                 self.escrow._put_part(sidecar_id, customer_id, name, b.grant_id, int(part) - take)
-                self.escrow._put_part(sidecar_id, customer_id, name, gid, take)
+                self.escrow._put_part(sidecar_id, customer_id, name, gid, take + (int(rows[0][0]) if rows else 0))
                 left -= take
         invariant(left == 0, f"{customer_id}/{name}: the parts of {b.grant_id} hold less than its {leased} leased")
         return gid
@@ -477,15 +497,23 @@ class LedgerPlans:
         """The credit type's overage allowance of the current period (not closed yet)."""
         return [b for b in self.escrow._buckets(customer_id, name, "period_n >= 0") if b.source == OVERAGE_SOURCE]
 
+    def _unbilled(self, s: _Sums, customer_id: str, name: str) -> int:
+        """What was spent of the overage allowance and not billed yet: the headroom less what the
+        allowances hold (left, or leased). Not what leases owe beyond their parts (spent in an
+        outage): that is in no bucket, and the next credit repays it."""
+        (held,), = self.escrow._rows("SELECT COALESCE(SUM(remaining_nano + leased_nano), 0) FROM meterd_grants "
+                                     "WHERE customer_id = ? AND credit_type = ? AND source = ?",
+                                     (customer_id, name, OVERAGE_SOURCE))
+        return max(s.headroom - int(held), 0)
+
     def _net(self, s: _Sums, customer_id: str, name: str) -> None:
         """Overage spent while credit was left elsewhere (at another sidecar's lease, given
         back since) is paid from that credit first, as one balance in local mode would have:
         the credit left centrally is spent instead, in burn-down order, and the overage
         allowance has it back."""
         allowance = self._allowance_buckets(customer_id, name)
-        owed = s.headroom - sum(b.remaining + b.leased for b in self._allowance_buckets(customer_id, name))
         credit = [b for b in self.escrow._buckets(customer_id, name) if b.source != OVERAGE_SOURCE]
-        netted = min(max(owed, 0), sum(b.remaining for b in credit))
+        netted = min(self._unbilled(s, customer_id, name), sum(b.remaining for b in credit))
         if netted <= 0 or not allowance:
             return
         left = netted
@@ -506,7 +534,7 @@ class LedgerPlans:
         if policy.overage is None or s.shown >= 0:
             return
         self._net(s, sub.customer_id, name)
-        deficit = min(-s.shown, s.headroom)
+        deficit = min(-s.shown, self._unbilled(s, sub.customer_id, name))
         if deficit <= 0:
             return
         before = s.shown
@@ -536,7 +564,7 @@ class LedgerPlans:
             self._entry(s, sub.customer_id, name, "overage_charged", owed, s.shown, "carried from last period",
                         now_ms, at, charge=money, charge_ct=self._name(policy.overage.price_credit_type),
                         detail=_tiers(tiers))
-        deficit = min(max(-s.shown, 0), s.headroom)
+        deficit = min(max(-s.shown, 0), self._unbilled(s, sub.customer_id, name))
         if deficit:
             before = s.shown
             s.headroom -= deficit
@@ -546,7 +574,7 @@ class LedgerPlans:
 
     def _arrears(self, s: _Sums, sub: Subscription, name: str, now_ms: int, at: int) -> None:
         """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""
-        deficit = min(max(-s.shown, 0), s.headroom)
+        deficit = min(max(-s.shown, 0), self._unbilled(s, sub.customer_id, name))
         if deficit:
             before = s.shown
             s.headroom -= deficit
@@ -568,11 +596,9 @@ class LedgerPlans:
             b.amount -= unspent
             b.remaining = b.expired = 0
             b.period_n = NO_PERIOD
-            (held,), = self.escrow._rows("SELECT COALESCE(SUM(leased_nano), 0) FROM meterd_grants WHERE "
-                                         "customer_id = ? AND credit_type = ? AND source = ?",
-                                         (sub.customer_id, name, OVERAGE_SOURCE))
+            self.escrow._put_bucket(sub.customer_id, name, b)
             # What leases hold of it comes back expired (or is spent, if a hold commits).
-            owed = s.headroom - int(held)
+            owed = self._unbilled(s, sub.customer_id, name)
             if owed > 0:
                 b.amount -= owed
                 b.consumed -= owed
@@ -594,6 +620,7 @@ class LedgerPlans:
         assert sub is not None  # the caller read it
         for name in sorted(sums):  # every credit type locked: those of its plans and of its period buckets
             s = sums[name]
+            self._close_allowance(s, sub, name, now_ms)  # none left open, whatever plan (if any) gave it
             for b in self._period_buckets(sub.customer_id, name, 1 << 62, PERIOD_SOURCES):
                 self._unexpire(s, b)
                 self._forfeit(s, sub.customer_id, name, b, b.remaining, "expire",
