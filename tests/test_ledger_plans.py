@@ -21,7 +21,7 @@ from meterd.catalog import load_catalog
 from meterd.errors import Conflict, InvalidInput, MeterdError, NotFound
 from meterd.escrow import Escrow
 from meterd.ledger import Ledger, Settlement
-from meterd.ledger_plans import LedgerPlans
+from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS, LedgerPlans
 
 CATALOG = """
 [credit_types.usd]
@@ -620,10 +620,11 @@ def test_credit_a_lease_holds_at_a_roll_expires_audited_when_given_back(local, c
     c = central
     c.plans.subscribe("acme", "basic", START_MS, START_MS)
     a = Side(c, "s1")
-    a.acquire(100 * NANO, START_MS)                    # s1 holds it all, spends nothing
+    a.acquire(100 * NANO, START_MS)                    # s1 holds it all, spends nothing, and is gone
     boundary = c.plans.subscription("acme").end_ms
-    c.plans.roll("acme", boundary)
-    a.give_back_all(boundary + 1)
+    assert c.plans.roll("acme", boundary) == 0         # waits for s1 to settle past the boundary...
+    assert c.plans.roll("acme", boundary + PERIOD_CLOSE_GRACE_MS) == 1  # ...for so long
+    a.give_back_all(boundary + PERIOD_CLOSE_GRACE_MS + 1)
     assert shown(c) == local.bal("acme", C) == 140 * NANO
     assert sum(e.balance_after_nano - e.balance_before_nano for e in c.ledger.entries("acme")) == shown(c)
     assert [e.amount_nano for e in c.ledger.entries("acme") if e.kind == "expired"] == [-60 * NANO]

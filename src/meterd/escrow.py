@@ -751,8 +751,10 @@ class Escrow:
                                                                         consumed_total_nano), now_ms)
                 lease = self._lease(sidecar_id, customer_id, credit_type)
                 assert lease is not None  # for mypy: it was there a moment ago, under the lock
-            self._exec("UPDATE meterd_leases SET recall_ms = 0 WHERE sidecar_id = ? AND customer_id = ? AND "
-                       "credit_type = ?", (sidecar_id, customer_id, credit_type))
+            # Settled as of now: a period that ended before now may be rolled as far as this lease goes.
+            self._exec("UPDATE meterd_leases SET recall_ms = 0, settled_ms = CASE WHEN ? THEN ? ELSE settled_ms END "
+                       "WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                       (consumed_total_nano is not None, now_ms, sidecar_id, customer_id, credit_type))
             delta = returned_total_nano - lease.returned_total_nano
             if delta <= 0:
                 self._put_sums(customer_id, credit_type, s, now_ms)

@@ -220,6 +220,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE meterd_grants ADD COLUMN period_n BIGINT NOT NULL DEFAULT -1",
         "ALTER TABLE meterd_grants ADD COLUMN rollovers BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE meterd_balances ADD COLUMN headroom_nano BIGINT NOT NULL DEFAULT 0",
+        # When (by its sidecar's clock) a lease's consumption was last settled with a give-back:
+        # a period is rolled once every lease of its credits has been settled past its end.
+        "ALTER TABLE meterd_leases ADD COLUMN settled_ms BIGINT NOT NULL DEFAULT 0",
     ]),
 ]
 

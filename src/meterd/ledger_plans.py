@@ -44,6 +44,11 @@ SPENT_FIRST = 0                  # a plan's own credits are spent before grants 
 ROOM_MAX_NANO = 1 << 62          # the overage bucket of an unlimited overage, or of usage billed in arrears
 ROLLS_PER_CALL_MAX = 1_000       # periods one roll call catches up on, per customer
 ROLL_LOCK_SPACE = 0x6D72         # the first key of the advisory locks of rolls (PostgreSQL)
+# How long after a boundary a roll waits for the sidecars holding the period's credits to settle
+# them (they do at the boundary, by their clocks, within a heartbeat); past it, a lease not settled
+# is taken as its sidecar's loss of contact, and what it consumed settles later, from the credit
+# it still holds. Within it, a sidecar's clock may be behind the ledger's callers'.
+PERIOD_CLOSE_GRACE_MS = 30_000
 _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
 
 
@@ -205,7 +210,7 @@ class LedgerPlans:
     def cancel(self, customer_id: str, at_period_end: bool, now_ms: int) -> Subscription:
         """At the period's end (its roll ends it), or now: what is owed is billed, and the
         period's credits go."""
-        self.roll(customer_id, now_ms)  # a period that ended is rolled first, as in local mode
+        self.roll(customer_id, now_ms, force=True)  # a period that ended is rolled first, as in local mode
         with self.ledger._transaction():
             sums, row, sub, plan = self._locked(customer_id, now_ms)
             if at_period_end:
@@ -226,7 +231,7 @@ class LedgerPlans:
         """An upgrade now (the fee difference and the extra included credits for the time left,
         the overage so far billed at the old prices); a downgrade at the billing period's end."""
         new = self._plan(plan_name)
-        self.roll(customer_id, now_ms)  # a period that ended is rolled first, as in local mode
+        self.roll(customer_id, now_ms, force=True)  # a period that ended is rolled first, as in local mode
         with self.ledger._transaction():
             sums, row, sub, old = self._locked(customer_id, now_ms, new)
             if sub.plan_change(old, new):
@@ -304,16 +309,23 @@ class LedgerPlans:
     def roll_due(self, now_ms: int, limit: int) -> int:
         """Roll the periods of up to ``limit`` customers whose credit period ended by ``now_ms``
         (what each sidecar's sweep does, a few at a time); returns how many periods it rolled.
-        On PostgreSQL a customer another caller is rolling is skipped (it will be done)."""
-        return sum(self.roll(customer_id, now_ms, skip_busy=True) for customer_id in self.due(now_ms, limit))
+        On PostgreSQL a customer another caller is rolling is skipped (it will be done). Only
+        periods that ended PERIOD_CLOSE_GRACE_MS ago are swept: those of a boundary just passed
+        are rolled by the sidecar settling their last lease."""
+        return sum(self.roll(customer_id, now_ms, skip_busy=True)
+                   for customer_id in self.due(now_ms - PERIOD_CLOSE_GRACE_MS, limit))
 
-    def roll(self, customer_id: str, now_ms: int, skip_busy: bool = False) -> int:
+    def roll(self, customer_id: str, now_ms: int, skip_busy: bool = False, force: bool = False) -> int:
         """Roll each credit period of the customer's subscription that ended at or before
         ``now_ms`` (the ledger's clock), one transaction each; returns how many were rolled
         (0: none was due, or another caller rolled them). Callers racing for a customer wait
         on its rows, and the later one finds nothing due; with ``skip_busy`` (PostgreSQL) a
         caller finding another rolling it goes on at once (an advisory lock held for the
-        transaction: it only spares the wait; the row locks and meterd_rolls decide)."""
+        transaction: it only spares the wait; the row locks and meterd_rolls decide).
+
+        A period is rolled from settled figures: once every lease holding its credits (or its
+        overage allowance) has settled past its end, or PERIOD_CLOSE_GRACE_MS after it, or at
+        once with ``force`` (a change asked for by an operator, which cannot wait)."""
         rolled = 0
         while rolled < ROLLS_PER_CALL_MAX:
             with self.ledger._transaction():
@@ -332,16 +344,23 @@ class LedgerPlans:
                 row = self._read(customer_id, True)
                 sub = row.sub
                 if sub is None or sub.end_ms > now_ms:
-                    return rolled  # rolled or ended by another caller meanwhile
-                if (sub.plan, sub.next_plan) != (first.plan, first.next_plan):
-                    continue  # its plans changed meanwhile: lock their credit types too
-                self.escrow._exec("INSERT INTO meterd_rolls (customer_id, generation, n, boundary_ms, plan, "
-                                  "rolled_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                                  (customer_id, row.generation, sub.n, sub.end_ms, sub.plan, now_ms))
-                self._roll_at(sums, row, plan, now_ms)
-                self._write(customer_id, row, now_ms)
-                self._put_all(customer_id, sums, now_ms)
-            rolled += 1
+                    step = "done"  # rolled or ended by another caller meanwhile
+                elif (sub.plan, sub.next_plan) != (first.plan, first.next_plan):
+                    step = "again"  # its plans changed meanwhile: lock their credit types too
+                elif not force and now_ms < sub.end_ms + PERIOD_CLOSE_GRACE_MS and \
+                        self._unsettled(customer_id, sub.end_ms):
+                    step = "done"  # not settled yet: the last lease's settlement rolls it
+                else:
+                    step = "rolled"
+                    self.escrow._exec("INSERT INTO meterd_rolls (customer_id, generation, n, boundary_ms, plan, "
+                                      "rolled_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                                      (customer_id, row.generation, sub.n, sub.end_ms, sub.plan, now_ms))
+                    self._roll_at(sums, row, plan, now_ms)
+                    self._write(customer_id, row, now_ms)
+                self._put_all(customer_id, sums, now_ms)  # what expired by the boundary, in any case
+            if step == "done":
+                return rolled
+            rolled += step == "rolled"
         return rolled
 
     def _roll_at(self, sums: dict[str, _Sums], row: _Row, plan: Plan | None, now_ms: int) -> None:
@@ -396,6 +415,16 @@ class LedgerPlans:
         if billing:
             self._billing_period(sums, sub, plan, now_ms, boundary)
             self._fees(sums, sub, plan, now_ms, boundary)
+
+    def _unsettled(self, customer_id: str, boundary: int) -> bool:
+        """Some lease holds credit of a period ending by ``boundary`` and has not settled past it."""
+        (n,), = self.escrow._rows(
+            "SELECT COUNT(*) FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
+            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id JOIN meterd_leases l ON "
+            "l.sidecar_id = p.sidecar_id AND l.customer_id = p.customer_id AND l.credit_type = p.credit_type "
+            "WHERE p.customer_id = ? AND g.period_n >= 0 AND g.expires_at_ms > 0 AND g.expires_at_ms <= ? AND "
+            "l.settled_ms < ?", (customer_id, boundary, boundary))
+        return int(n) > 0
 
     def _period_buckets(self, customer_id: str, name: str, boundary: int, sources: tuple[str, ...]) -> list[_Bucket]:
         """A plan's buckets of ``sources`` not rolled yet that expire by ``boundary``, in the order they roll."""
