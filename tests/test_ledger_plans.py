@@ -8,6 +8,7 @@ by tier and effective times; only grant ids differ."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -16,12 +17,15 @@ import threading
 
 import pytest
 from billing import DAY_MS, NANO, START_MS, Billing
+from conftest import async_wait_until
 
 from meterd.catalog import load_catalog
+from meterd.clock import ManualClock
 from meterd.errors import Conflict, InvalidInput, MeterdError, NotFound
 from meterd.escrow import Escrow
 from meterd.ledger import Ledger, Settlement
 from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS, LedgerPlans
+from meterd.v1 import meter_pb2 as pb
 
 CATALOG = """
 [credit_types.usd]
@@ -753,3 +757,55 @@ def test_a_roll_ending_a_lost_plan_closes_its_arrears_allowance(central, tmp_pat
     c.plans.subscribe("acme", "metered", boundary + 1, boundary + 1)  # InvalidInput: granted past 64 bits
 
 
+
+
+# ---- sidecars at a period's end --------------------------------------------------------------
+
+
+def test_sidecars_settle_at_the_boundary_and_the_last_one_rolls_the_period(tmp_path, monkeypatch, ledger_url,
+                                                                           catalog_path):
+    """Two sidecars in ledger mode, their heartbeats running, spend one customer's plan credits
+    (and overage); past the boundary each settles its lease and gives back what is free at its
+    next heartbeat, and the last to settle rolls the period: once, from every event's cost, with
+    the entries a single local-mode sidecar makes of the same events."""
+    loop = asyncio.new_event_loop()
+    clock = ManualClock(START_MS)
+    with Ledger(ledger_url) as lg:
+        lg.migrate()
+    nodes = [Billing(tmp_path / f"s{i}", catalog_path, monkeypatch, ledger=ledger_url, sidecar_id=f"s{i}",
+                     balances="ledger", loop=loop, clock=clock, lease_heartbeat_ms=20, lease_wait_ms=5_000)
+             for i in range(2)]
+    stops = [asyncio.Event() for _ in nodes]
+    beats = [loop.create_task(node.engine.leases.run(stop)) for node, stop in zip(nodes, stops, strict=True)]
+    local = Billing(tmp_path / "local", catalog_path, monkeypatch)
+    central = Central(ledger_url, catalog_path)
+
+    def rolls() -> int:
+        (n,), = central.ledger._rows("SELECT COUNT(*) FROM meterd_rolls WHERE customer_id = 'acme'")
+        return int(n)
+    try:
+        central.plans.subscribe("acme", "basic", START_MS, START_MS)
+        local.subscribe("acme", "basic")
+        for i, amount in enumerate([20, 35, 5, 40, 12, 9]):  # 121: 21 into overage
+            assert nodes[i % 2].report("acme", "spend_credits", amount * NANO).decision == pb.DECISION_ALLOW
+            assert local.report("acme", "spend_credits", amount * NANO).decision == pb.DECISION_ALLOW
+        # Just past the boundary: within the grace, the roll waits for both sidecars to settle.
+        clock.ms = local.now_ms = central.plans.subscription("acme").end_ms + 1
+        local.tick()
+        nodes[0].run(async_wait_until(lambda: rolls() == 1, "the period's roll"))
+        assert central.plans.subscription("acme").n == 1
+        assert _central_entries(central, "acme") == _local_entries(local, "acme")
+        assert sum(n.engine.leases.counts["period_closes"] for n in nodes) >= 1
+        assert central.escrow.check() == []
+        # The next period's credits are leased as any: the new period spends them.
+        assert nodes[0].report("acme", "spend_credits", 50 * NANO).decision == pb.DECISION_ALLOW
+        assert rolls() == 1
+    finally:
+        for stop in stops:
+            stop.set()
+        loop.run_until_complete(asyncio.gather(*beats))
+        for node in nodes:
+            node.close()
+        local.close()
+        central.ledger.close()
+        loop.close()

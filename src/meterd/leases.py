@@ -37,6 +37,7 @@ import asyncio
 import collections
 import enum
 import hashlib
+import heapq
 import json
 import logging
 from typing import Any
@@ -51,6 +52,7 @@ from meterd.escrow import Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
 from meterd.ledger import Fenced
+from meterd.ledger_plans import LedgerPlans
 from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
 from meterd.results import Keyed, LeaseRow, LeaseView
@@ -65,6 +67,8 @@ SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and exp
 LOOKUPS_PER_HEARTBEAT_MAX = 5_000  # lease calls for customers not held here, per heartbeat
 LOOKUPS_PER_TENANT_MAX = 1_000   # of them, per tenant (with data-plane tokens)
 LEASE_CALL_ASKS_MAX = 64         # leases asked for in one transaction (1-10 ms each in PostgreSQL): its latency
+CLOSES_PER_HEARTBEAT_MAX = 2_000  # leases settled and given back at their credits' end, per heartbeat
+ROLLS_PER_HEARTBEAT_MAX = 20     # due period rolls a heartbeat sweeps (those whose sidecars never settled)
 
 
 class Cover(enum.Enum):
@@ -173,6 +177,10 @@ class Leases:
         self.lookups = 0         # first lease calls for customers not held here, since the last heartbeat
         self.lookups_of: collections.Counter[str] = collections.Counter()  # of them, by tenant label
         self._acknowledged: list[tuple[str, str, int]] = []  # changed allowances taken in, to tell the ledger
+        # (when, customer, credit type): leases whose soonest credit ends then (a plan's period, a
+        # grant's expiry), soonest first: each is settled and given back at that moment.
+        self._ending: list[tuple[int, str, int]] = []
+        self._settled_at_end: set[str] = set()  # customers a lease was settled for at its end: a roll may be due
 
     # ---- state ------------------------------------------------------------------------
 
@@ -294,9 +302,12 @@ class Leases:
 
     # ---- the ledger's side ------------------------------------------------------------
 
-    async def _escrow(self, method: str, *args: Any) -> Any:
+    async def _escrow(self, method: str, *args: Any, plans: bool = False) -> Any:
+        """A call of Escrow's (or, with ``plans``, of LedgerPlans') on the ledger link."""
+        catalog = self.live.catalog
+
         def call(ledger: Any) -> Any:
-            return getattr(Escrow(ledger), method)(*args)
+            return getattr(LedgerPlans(Escrow(ledger), catalog) if plans else Escrow(ledger), method)(*args)
         try:
             out = await self.link.call(call)
         except Fenced as e:
@@ -415,6 +426,8 @@ class Leases:
             h.fresh = False
             h.leased_in = h.sent_back = h.given_back = g.returned_total_nano
             h.leased_in += g.consumed_total_nano
+        if g.expires_at_ms and g.expires_at_ms != h.expires_at_ms:
+            heapq.heappush(self._ending, (g.expires_at_ms, customer_id, ct))
         h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
         h.seen_ms = self.clock.now_ms()
         if g.granted_nano:
@@ -634,11 +647,49 @@ class Leases:
             if ct is not None:
                 self.counts["recalls_answered"] += 1
                 await self.give_back(cust, ct, settle=True)
+        await self._close_ended()
         while self.seeds:
             cust, ct_name, amount = self.seeds[0]
             await self._escrow("grant", cust, ct_name, amount, 0, 0, "catalog", "initial balance",
                                self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
             self.seeds.pop(0)
+
+    async def _close_ended(self) -> None:
+        """Leases whose credits ended (a plan's period, a grant) by this sidecar's clock: what they
+        consumed is settled and what is free given back, so that nothing of an ended period is
+        spent here past this heartbeat; then the periods are rolled (once all their leases, at every
+        sidecar, have settled: the last to settle rolls), and a few whose sidecars never settled."""
+        now = self.clock.now_ms()
+        ended: set[str] = set()
+        busy: list[tuple[int, str, int]] = []
+        while self._ending and self._ending[0][0] <= now and len(ended) < CLOSES_PER_HEARTBEAT_MAX:
+            item = heapq.heappop(self._ending)
+            _, customer_id, ct = item
+            h = self.held.get((customer_id, ct))
+            if h is None or not h.expires_at_ms or h.expires_at_ms > now:
+                continue  # gone, or renewed to a later end (pushed again then)
+            if h.lock.locked():
+                busy.append(item)  # a top-up in flight: at the next heartbeat
+                continue
+            h.expires_at_ms = 0
+            await self._close(customer_id, ct)
+            ended.add(customer_id)
+        for item in busy:
+            heapq.heappush(self._ending, item)
+        ended |= self._settled_at_end
+        self._settled_at_end = set()
+        if not self.live.catalog.plan_index:
+            return
+        for customer_id in sorted(ended):
+            self.counts["period_rolls"] += await self._escrow("roll", customer_id, now, plans=True)
+        self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
+
+    async def _close(self, customer_id: str, ct: int) -> None:
+        """A lease at its credits' end: settled, and what is free given back."""
+        self.counts["period_closes"] += 1
+        await self.give_back(customer_id, ct, settle=True)
+        if len(self._settled_at_end) < CLOSES_PER_HEARTBEAT_MAX:
+            self._settled_at_end.add(customer_id)
 
     async def _take_allowances(self, allowances: list[tuple[str, str, int, int]]) -> None:
         """Outage allowances changed in the ledger: taken in (durably) before the ledger hears they were."""
@@ -701,7 +752,9 @@ class Leases:
             free = self.available(customer_id, ct)
             idle = now - h.used_ms >= idle_ms
             if (h.expires_at_ms and now >= h.expires_at_ms) or (free > 0 and idle):
-                if free > 0:
+                if h.expires_at_ms and now >= h.expires_at_ms:
+                    await self._close(customer_id, ct)
+                elif free > 0:
                     self.counts["idle_returns"] += 1
                     await self.give_back(customer_id, ct)
                 h.expires_at_ms = 0
