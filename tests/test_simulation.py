@@ -3,6 +3,10 @@ real LMDB, in one process and one event loop), clients, and faults: kills, lost
 requests and lost answers between sidecars and the ledger, ledger outages and
 clock skew. Every history is seeded; the same seed replays the same history.
 
+Customer "p" is on a plan kept in the ledger (its period's credits and overage
+allowance leased like any credit), and the clocks jump past its period boundaries:
+each period is rolled exactly once (never skipped), from what was settled.
+
 After every step it checks the conservation equation in the ledger, that nothing
 was overdrawn (zero overspend) beyond what a customer's outage allowance permits
 (the allowance times the number of sidecars), and that no sidecar's lease went
@@ -27,15 +31,26 @@ import pytest
 from billing import Billing
 from test_leases import CATALOG
 
+from meterd.catalog import load_catalog
 from meterd.clock import ManualClock
 from meterd.escrow import Escrow
 from meterd.ledger import Ledger
+from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS, LedgerPlans
 from meterd.v1 import meter_pb2 as pb
 
 SEEDS = range(2000) if os.environ.get("METERD_SOAK") else range(12)
 STEPS = 160
 T0 = 1_800_000_000_000
-CUSTOMERS = ("a", "b")
+CUSTOMERS = ("a", "b", "p")
+PLAN = """
+[plans.sim]
+fee = { usd = "1.00" }
+[plans.sim.credits.usd]
+included = "0.05"
+rollover = { max_percent = 50 }
+overage = { price_in = "usd", limit = "0.02", price = "1" }
+"""
+OVERAGE_LIMIT_NANO = 20_000_000
 PER_TOKEN_NANO = 2_500  # $2.50 per 1M tokens
 SETTINGS = {"lease_heartbeat_ms": 100, "lease_wait_ms": 2000, "lease_idle_s": 5.0, "lease_refill_horizon_s": 10.0,
             "lease_low_water_s": 2.0, "reservation_ttl_s": 5}
@@ -97,7 +112,7 @@ class Simulation:
         self.history: list[str] = []
         tmp.mkdir(parents=True, exist_ok=True)
         catalog = tmp / "catalog.toml"
-        catalog.write_text(CATALOG)
+        catalog.write_text(CATALOG + PLAN)
         with Ledger(ledger_url) as lg:
             lg.migrate()
         self.ledger = Ledger(ledger_url)
@@ -111,7 +126,7 @@ class Simulation:
         for node in self.nodes:
             self._wrap(node)
         # Customer "b" may have an outage allowance: each sidecar may spend that much beyond its lease.
-        self.allowance = {"a": 0, "b": self.rng.choice((0, 0, 1_000, 5_000)) * PER_TOKEN_NANO}
+        self.allowance = {"a": 0, "b": self.rng.choice((0, 0, 1_000, 5_000)) * PER_TOKEN_NANO, "p": 0}
         for customer, amount in self.allowance.items():
             if amount:
                 self.escrow.set_allowance(customer, "usd", amount, T0)
@@ -119,6 +134,9 @@ class Simulation:
         self.spent = dict.fromkeys(CUSTOMERS, 0)     # what clients were told they spent
         self.open: list[tuple[int, str, str, int]] = []  # reservations: sidecar, id, customer, reserved
         self.keys = 0
+        self.plans = LedgerPlans(self.escrow, load_catalog(str(catalog)))
+        self.plans.subscribe("p", "sim", T0, T0)
+        self.skews = [c.ms - T0 for c in self.clocks]
 
     def _wrap(self, node: Billing) -> None:
         self.faults.wrap(node.engine.leases.link)
@@ -142,8 +160,8 @@ class Simulation:
         i = rng.randrange(len(self.nodes))
         node = self.nodes[i]
         what = rng.choices(("report", "batch", "authorize", "settle", "beat", "flush", "advance", "sweep", "kill",
-                            "restart", "outage", "grant", "adjust"),
-                           (30, 15, 10, 10, 18, 5, 6, 3, 2, 1, 2, 4, 1))[0]
+                            "restart", "outage", "grant", "adjust", "boundary"),
+                           (30, 15, 10, 10, 18, 5, 6, 3, 2, 1, 2, 4, 1, 2))[0]
         customer = rng.choice(CUSTOMERS)
         tokens = rng.choice((100, 1_000, 4_000, 20_000))
         self.note(f"{what} at s{i} ({customer}, {tokens})")
@@ -210,6 +228,15 @@ class Simulation:
         for clock in self.clocks:
             clock.advance(ms)
 
+    def _boundary(self, i: int, node: Billing, customer: str, tokens: int) -> None:
+        """Every clock jumps to just past the plan customer's period boundary (as the ledger's
+        callers count it), each off by its own skew."""
+        sub = self.plans.subscription("p")
+        assert sub is not None
+        ms = sub.end_ms - (self.clocks[0].ms - self.skews[0]) + self.rng.randint(1, 3_000)
+        for clock in self.clocks:
+            clock.advance(max(ms, 0))
+
     def _sweep(self, i: int, node: Billing, customer: str, tokens: int) -> None:
         self.call(node, node.engine.sweep())
         self._forget_expired(i)
@@ -259,8 +286,11 @@ class Simulation:
         for customer in CUSTOMERS:
             bound = self.allowance[customer] * len(self.nodes)
             for b in self.escrow.balance(customer, 0):
-                assert b["overdrawn_nano"] <= bound, f"{customer} overspent its balance by {b['overdrawn_nano']}"
-            assert self.spent[customer] <= self.granted[customer] + bound
+                limit = bound + (OVERAGE_LIMIT_NANO if customer == "p" else 0)  # below zero: p's plan's overage
+                assert b["overdrawn_nano"] <= limit, f"{customer} overspent its balance by {b['overdrawn_nano']}"
+            if customer != "p":  # p's plan grants its period's credits, and lets it go below zero within a limit
+                assert self.spent[customer] <= self.granted[customer] + bound
+        self.check_rolls()
         for node in self.nodes:
             core = node.engine.core
             for customer in CUSTOMERS:
@@ -270,6 +300,20 @@ class Simulation:
                 h = node.engine.leases.held.get((customer, 0))
                 if h is not None:
                     assert 0 <= h.borrowed <= self.allowance[customer], f"{customer} borrowed {h.borrowed}"
+
+    def check_rolls(self, settled: bool = False) -> None:
+        """Each of p's periods rolled once, in order, none skipped; ``settled``: all of those that ended
+        (by the latest clock, past the grace) are rolled."""
+        rolled = [int(r[0]) for r in self.ledger._rows("SELECT n FROM meterd_rolls WHERE customer_id = 'p' ORDER BY n")]
+        sub = self.plans.subscription("p")
+        assert sub is not None and rolled == list(range(sub.n)), (rolled, sub.n)
+        if settled:
+            now = max(c.ms for c in self.clocks) + PERIOD_CLOSE_GRACE_MS
+            self.plans.roll("p", now)  # past the grace: whatever was never settled is rolled now
+            sub = self.plans.subscription("p")
+            assert sub is not None and sub.end_ms > now, "a period that ended was never rolled"
+            rolled = [int(r[0]) for r in self.ledger._rows("SELECT n FROM meterd_rolls WHERE customer_id = 'p'")]
+            assert sorted(rolled) == list(range(sub.n))
 
     def finish(self) -> None:
         """The faults healed: open reservations released, every lease given back, everything flushed."""
@@ -281,6 +325,7 @@ class Simulation:
             node.run(node.engine.leases.return_all())
             node.flush()
         self.check()
+        self.check_rolls(settled=True)
         for customer in CUSTOMERS:
             rows = self.escrow.balance(customer, 0)
             consumed = sum(b["consumed_nano"] for b in rows)
@@ -288,7 +333,7 @@ class Simulation:
                                                      f"were told {self.spent[customer]}"
             # What is left leased is the debt of what was spent beyond leases, when nothing was left to repay it.
             assert all(b["leased_nano"] + b["lease_debts_nano"] == 0 for b in rows), \
-                "a lease was neither settled nor given back"
+                f"a lease was neither settled nor given back: {customer} {rows}"
             assert all(b["lease_debts_nano"] <= self.allowance[customer] * len(self.nodes) for b in rows)
 
     def close(self) -> None:

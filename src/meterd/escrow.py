@@ -711,12 +711,18 @@ class Escrow:
         into its buckets' remaining, or expired for a bucket past its expiry (audited, but for a
         plan's period credits not rolled yet: their roll says what became of them)."""
         expired: list[tuple[_Bucket, int]] = []
+        unaudited = 0
 
         def back(b: _Bucket, take: int) -> None:
+            nonlocal unaudited
             if b.expired_at(now_ms):
                 self._expire_part(s, b, take)
-                if b.period_n == NO_PERIOD and b.source != OVERAGE_SOURCE:
+                if b.source == OVERAGE_SOURCE:
+                    pass  # no credit: the balance shown does not move
+                elif b.period_n == NO_PERIOD:
                     expired.append((b, take))
+                else:
+                    unaudited += take
             else:
                 b.remaining += take
                 s.available += take
@@ -725,11 +731,12 @@ class Escrow:
         invariant(moved == amount, f"lease {sidecar_id}/{lease.customer_id}/{lease.credit_type}: parts hold less "
                                    f"than its {lease.amount_nano}")
         s.leased -= amount
+        before -= unaudited
         for b, take in expired:
             self._entry(s, lease.customer_id, lease.credit_type, "expired", "ledger", -take, before,
                         f"{b.grant_id} expired (given back by {sidecar_id})", now_ms, after=before - take)
             before -= take
-        invariant(not expired or before == s.shown, "a give-back's expiry entries add up to its balance change")
+        invariant(before == s.shown, "a give-back moves the balance by what of it expired")
         self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, recall_ms = 0, expires_at_ms = ?, "
                    "updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
                    (amount, expires, now_ms, sidecar_id, lease.customer_id, lease.credit_type))
