@@ -370,12 +370,10 @@ def test_a_lease_survives_a_kill_and_what_was_spent_is_settled_once(sidecars):
     assert problems == [] and b["consumed_nano"] == 20 * COST
 
 
-def test_subscriptions_are_refused_in_ledger_mode(sidecars):
+def test_a_customers_own_terms_are_refused_in_ledger_mode(sidecars):
     s = sidecars(1)
     from meterd.errors import Conflict
-    with pytest.raises(Conflict, match="local mode only"):
-        s.nodes[0].subscribe("acme", "pro")
-    with pytest.raises(Conflict, match="local mode only"):  # and so is an overdraft of the customer's own
+    with pytest.raises(Conflict, match="local mode only"):  # an overdraft of the customer's own
         s.nodes[0].set_overdraft("acme", "usd", 10**9)
     with pytest.raises(Conflict, match="discount is local mode only"):  # and any other term of its own
         s.nodes[0].set_term("acme", "usd", "discount", 1000)

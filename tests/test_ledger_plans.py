@@ -809,3 +809,112 @@ def test_sidecars_settle_at_the_boundary_and_the_last_one_rolls_the_period(tmp_p
         local.close()
         central.ledger.close()
         loop.close()
+
+
+# ---- plans served by sidecars in ledger mode -----------------------------------------------------
+
+CAPPED = """
+[credit_types.usd]
+kind = "fiat"
+
+[credit_types.requests]
+kind = "custom"
+decimals = 3
+
+[meters.requests]
+credit_type = "requests"
+price_dimension = "model"
+prices = { "gpt-4o" = "1", "o1" = "10" }
+
+[plans.pro]
+fee = { usd = "20.00" }
+[plans.pro.credits.requests]
+included = "50"
+# $0.04 a request past the 50 included, up to a spend limit of $2.00: 50 requests more
+overage = { price = "0.04", price_in = "usd", spend_limit = "2.00" }
+
+[plans.slow_pool]
+fee = { usd = "20.00" }
+[plans.slow_pool.credits.requests]
+included = "50"
+fallback = "slow"
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch, ledger_url):
+    """N sidecars in ledger mode on one ledger, with their heartbeats running, on the CAPPED catalog."""
+    made = []
+
+    def make(n: int) -> list[Billing]:
+        loop = asyncio.new_event_loop()
+        clock = ManualClock(START_MS)
+        with Ledger(ledger_url) as lg:
+            lg.migrate()
+        path = tmp_path / "capped.toml"
+        path.write_text(CAPPED)
+        nodes = [Billing(tmp_path / f"s{i}", str(path), monkeypatch, ledger=ledger_url, sidecar_id=f"s{i}",
+                         balances="ledger", loop=loop, clock=clock, lease_heartbeat_ms=20, lease_wait_ms=5_000)
+                 for i in range(n)]
+        stops = [asyncio.Event() for _ in nodes]
+        beats = [loop.create_task(node.engine.leases.run(stop)) for node, stop in zip(nodes, stops, strict=True)]
+        made.append((loop, nodes, stops, beats))
+        return nodes
+    yield make
+    for loop, nodes, stops, beats in made:
+        for stop in stops:
+            stop.set()
+        loop.run_until_complete(asyncio.gather(*beats))
+        for node in nodes:
+            node.close()
+        loop.close()
+
+
+def test_four_sidecars_stop_exactly_at_the_spend_limit(fleet, ledger_url):
+    """Subscribed through one sidecar's Admin, spent on four: exactly the included requests and
+    what the spend limit buys are allowed, the period's roll bills the limit, and the customer's
+    next period starts whole."""
+    nodes = fleet(4)
+    sub = nodes[0].subscribe("acme", "pro")
+    assert sub.plan == "pro"
+    allowed = denied = i = 0
+    while denied < 8:
+        i += 1
+        assert i < 400, "never ran out"
+        ok = nodes[i % 4].report("acme", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+        allowed += ok
+        denied += not ok
+        assert denied == 0 or allowed == 100, ("denied while credit was left", allowed)
+    assert allowed == 100  # 50 included + $2.00 / $0.04
+    with Ledger(ledger_url) as lg:
+        plans = LedgerPlans(Escrow(lg), nodes[0].catalog)
+        boundary = plans.subscription("acme").end_ms
+        nodes[0].clock.ms = boundary + 1
+        nodes[0].run(async_wait_until(lambda: plans.subscription("acme").n == 1, "the period's roll"))
+        bills = [(e.amount_nano, e.charge_nano) for e in lg.entries("acme") if e.kind == "overage_charged"]
+        assert bills == [(50 * NANO, 2 * NANO)]
+        fees = [e.charge_nano for e in lg.entries("acme") if e.kind == "fee"]
+        assert fees == [20 * NANO, 20 * NANO]
+        assert Escrow(lg).check() == []
+    assert nodes[1].report("acme", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+
+
+def test_ledger_mode_subscribes_by_key_once_and_names_what_it_does_not_serve(fleet, ledger_url):
+    nodes = fleet(2)
+    from meterd import wire
+    from meterd.v1 import admin_pb2 as apb
+    req = apb.SubscribeRequest(customer_id="acme", plan="pro", idempotency_key="sub-1")
+    first = apb.Subscription.FromString(nodes[0].run(wire.subscribe(nodes[0].engine, req)))
+    again = apb.Subscription.FromString(nodes[1].run(wire.subscribe(nodes[1].engine, req)))  # another sidecar
+    assert first == again
+    with Ledger(ledger_url) as lg:
+        assert [e.kind for e in lg.entries("acme")].count("fee") == 1
+    with pytest.raises(Conflict, match="subscribed already"):
+        nodes[1].subscribe("acme", "pro")
+    with pytest.raises(InvalidInput, match=r"plans\.slow_pool\.credits\.requests\.fallback"):
+        nodes[0].subscribe("globex", "slow_pool")
+    with pytest.raises(InvalidInput, match=r"plans\.slow_pool\.credits\.requests\.fallback"):
+        nodes[0].change_plan("acme", "slow_pool")
+    nodes[1].cancel("acme")
+    with Ledger(ledger_url) as lg:
+        assert LedgerPlans(Escrow(lg), nodes[0].catalog).subscription("acme") is None

@@ -158,9 +158,12 @@ class Admin:
 
     async def subscribe(self, customer_id: str, plan: str, start_ms: int,
                         keyed: Keyed | None) -> Subscription | Replay:
-        self._plans_served()
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
+        if self.leases is not None:  # ledger mode: the subscription and its periods are the ledger's
+            if start_ms < 0 or start_ms > self.clock.now_ms():
+                raise InvalidInput("start_ms", "must be 0 (now) or a time in the past, in ledger mode")
+            return await self.leases.subscribe(customer_id, plan, start_ms, keyed)
         key = self.idempotency.admin_key("subscribe", customer_id, keyed)
         replay = await self.idempotency.replayed(key, keyed)
         if replay is not None:
@@ -177,27 +180,24 @@ class Admin:
         return answer
 
     async def cancel(self, customer_id: str, at_period_end: bool) -> Subscription:
-        self._plans_served()
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
+        if self.leases is not None:
+            return await self.leases.cancel(customer_id, at_period_end)
         self.subscriptions.roll_if_due()
         ops, sub = self.subscriptions.cancel_ops(customer_id, at_period_end)
         await self.journal.commit_with(ops)
         return sub
 
     async def change_plan(self, customer_id: str, plan: str) -> Subscription:
-        self._plans_served()
         self.journal.check_writable()
         validate.customer(self.settings, customer_id)
+        if self.leases is not None:
+            return await self.leases.change_plan(customer_id, plan)
         self.subscriptions.roll_if_due()
         ops, sub = self.subscriptions.change_plan_ops(customer_id, plan, self.clock.now_ms())
         await self.journal.commit_with(ops + self.subscriptions.alert_ops())
         return sub
-
-    def _plans_served(self) -> None:
-        if self.leases is not None:
-            raise Conflict("subscriptions are served in local mode only for now (balances = \"local\"); in ledger "
-                           "mode a customer's credits are granted with Grant, and shared by every sidecar")
 
     def balance(self, customer_id: str) -> BalanceView:
         core, catalog = self.live.core, self.live.catalog

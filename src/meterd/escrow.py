@@ -403,14 +403,16 @@ class Escrow:
         if s is None:
             raise NotFound(f"customer {customer_id!r} has no {credit_type} balance in the ledger")
         self._expire(customer_id, credit_type, s, now_ms)
-        if amount > s.available:
-            raise InvalidInput("amount_nano", f"-{amount} is more than the {max(s.available, 0)} available "
+        # A plan's overage allowance is no credit: it cannot be taken away.
+        room = sum(b.remaining for b in self._buckets(customer_id, credit_type) if b.source == OVERAGE_SOURCE)
+        if amount > s.available - room:
+            raise InvalidInput("amount_nano", f"-{amount} is more than the {max(s.available - room, 0)} available "
                                f"centrally; {s.leased} is leased to sidecars and comes back as they return it")
         before = s.shown
 
         def debited(b: _Bucket, take: int) -> None:
             b.amount -= take
-        self._take_remaining(s, customer_id, credit_type, amount, debited)
+        self._take_remaining(s, customer_id, credit_type, amount, debited, credit_only=True)
         s.granted -= amount
         s.available -= amount
         self._entry(s, customer_id, credit_type, "adjust", "adjust", -amount, before, reason, now_ms)
@@ -625,11 +627,14 @@ class Escrow:
         s.leased += size
 
     def _take_remaining(self, s: _Sums, customer_id: str, credit_type: str, amount: int,
-                        book: Callable[[_Bucket, int], None]) -> int:
+                        book: Callable[[_Bucket, int], None], credit_only: bool = False) -> int:
         """Take ``amount`` out of the buckets' remaining credit, in burn-down order; ``book`` says
-        where each take goes in its bucket. The buckets must hold it (the caller checked ``s``)."""
+        where each take goes in its bucket (``credit_only``: not a plan's overage allowance). The
+        buckets must hold it (the caller checked ``s``)."""
         left = amount
         for b in self._buckets(customer_id, credit_type) if amount else []:
+            if credit_only and b.source == OVERAGE_SOURCE:
+                continue
             take = min(left, b.remaining)
             if not take:
                 break

@@ -47,7 +47,7 @@ from meterd.catalog import Catalog
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.drain import settlement_value
-from meterd.errors import ConfigError, InvalidInput, LimitReached, MeterdError, NotFound, Unavailable
+from meterd.errors import ConfigError, Conflict, InvalidInput, LimitReached, MeterdError, NotFound, Unavailable
 from meterd.escrow import Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
@@ -867,11 +867,23 @@ class Leases:
         return await self._central("adjust", customer_id, credit_type, amount_nano, reason, self.clock.now_ms(), key,
                                    digest)
 
-    async def _central(self, method: str, *args: Any) -> Any:
+    async def subscribe(self, customer_id: str, plan: str, start_ms: int, keyed: Keyed | None) -> Any:
+        """Subscribe in the ledger (its periods are rolled there): idempotent there by key."""
+        key, digest = central_key("subscribe", customer_id, keyed)
+        now = self.clock.now_ms()
+        return await self._central("subscribe", customer_id, plan, start_ms or now, now, key, digest, plans=True)
+
+    async def cancel(self, customer_id: str, at_period_end: bool) -> Any:
+        return await self._central("cancel", customer_id, at_period_end, self.clock.now_ms(), plans=True)
+
+    async def change_plan(self, customer_id: str, plan: str) -> Any:
+        return await self._central("change_plan", customer_id, plan, self.clock.now_ms(), plans=True)
+
+    async def _central(self, method: str, *args: Any, plans: bool = False) -> Any:
         """A control-plane call in the ledger: its refusals stand; a ledger that fails is UNAVAILABLE."""
         try:
-            return await self._escrow(method, *args)
-        except (InvalidInput, NotFound, LimitReached):
+            return await self._escrow(method, *args, plans=plans)
+        except (InvalidInput, NotFound, LimitReached, Conflict):
             raise
         except Exception:  # noqa: BLE001 - described in last_error
             raise Unavailable(f"the ledger is unavailable: {self.last_error or 'it refused the call'}") from None

@@ -52,6 +52,18 @@ PERIOD_CLOSE_GRACE_MS = 30_000
 _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
 
 
+
+
+def _unsettled(customer: str, boundary: str) -> str:
+    """SQL for the lease parts of a customer's period credits ending by a boundary whose leases have
+    not settled past it (``customer`` and ``boundary``: SQL expressions)."""
+    return ("SELECT 1 FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
+            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id JOIN meterd_leases l ON "
+            "l.sidecar_id = p.sidecar_id AND l.customer_id = p.customer_id AND l.credit_type = p.credit_type "
+            f"WHERE p.customer_id = {customer} AND g.period_n >= 0 AND g.expires_at_ms > 0 AND "
+            f"g.expires_at_ms <= {boundary} AND l.settled_ms < {boundary}")
+
+
 @dataclass
 class _Row:
     """A meterd_subscriptions row: the subscription (None once ended), its version, whether
@@ -156,21 +168,51 @@ class LedgerPlans:
         with self.escrow._snapshot():
             return self._read(customer_id, False).sub
 
-    def due(self, now_ms: int, limit: int) -> list[str]:
-        """Customers whose credit period ended at or before ``now_ms``, soonest first, at most ``limit``."""
+    def due(self, now_ms: int, limit: int, ready: bool = False) -> list[str]:
+        """Customers whose credit period ended at or before ``now_ms``, soonest first, at most
+        ``limit``; with ``ready``, only those a roll would not wait for (``roll``)."""
+        wait = f"AND (s.end_ms <= ? OR NOT EXISTS ({_unsettled('s.customer_id', 's.end_ms')}))" if ready else ""
         return [r[0] for r in self.escrow._rows(
-            "SELECT customer_id FROM meterd_subscriptions WHERE plan <> '' AND end_ms <= ? ORDER BY end_ms, "
-            f"customer_id LIMIT {int(limit)}", (now_ms,))]
+            f"SELECT s.customer_id FROM meterd_subscriptions s WHERE s.plan <> '' AND s.end_ms <= ? {wait} "
+            f"ORDER BY s.end_ms, s.customer_id LIMIT {int(limit)}",
+            (now_ms, now_ms - PERIOD_CLOSE_GRACE_MS) if ready else (now_ms,))]
 
     # ---- subscribe, cancel, change plan --------------------------------------------------
 
-    def subscribe(self, customer_id: str, plan_name: str, start_ms: int, now_ms: int) -> Subscription:
+    def served(self, plan: Plan) -> None:
+        """Refuse a plan with what ledger mode does not serve yet, naming it."""
+        where = f"plans.{plan.name}"
+        if plan.free_units:
+            raise InvalidInput("plan", f"{where}.free: free units are served in local mode only for now (each "
+                               "sidecar would give them again)")
+        for ct, policy in plan.credits.items():
+            key = f"{where}.credits.{self._name(ct)}"
+            if policy.fallback:
+                raise InvalidInput("plan", f"{key}.fallback: a fallback mode is served in local mode only for now")
+            if policy.low_balance_nano is not None:
+                raise InvalidInput("plan", f"{key}.low_balance: automatic top-up requests are served in local mode "
+                                   "only for now")
+            if policy.overage is not None and policy.overage.bill_threshold_nano is not None:
+                raise InvalidInput("plan", f"{key}.overage.bill_threshold: early overage bills are served in local "
+                                   "mode only for now")
+            gauge = next((m.name for m in self.catalog.meters if m.credit_type == ct and m.aggregation >= 2), None)
+            if gauge is not None:
+                raise InvalidInput("plan", f"{key}: meter {gauge!r} is a gauge (max, latest or unique_count), "
+                                   "charged at a period's end in local mode only for now")
+
+    def subscribe(self, customer_id: str, plan_name: str, start_ms: int, now_ms: int, key: str = "",
+                  digest: str = "") -> Subscription:
         """The customer on a plan from ``start_ms`` (not in the future): its period's credits
-        and overage allowance, its trial (once per customer), its fee."""
+        and overage allowance, its trial (once per customer), its fee. Idempotent by ``key``
+        (with the request's ``digest``): a repeat answers what the first call did."""
         plan = self._plan(plan_name)
+        self.served(plan)
         if start_ms > now_ms:
             raise InvalidInput("start_ms", "must not be in the future")
         with self.ledger._transaction():
+            replay = self.escrow._replayed(key, digest)
+            if replay is not None:
+                return Subscription(**replay)
             sums = self._lock_sums(customer_id, self._credit_types(None, plan), now_ms)
             row = self._read(customer_id, True)
             if row.sub is not None:
@@ -190,6 +232,7 @@ class LedgerPlans:
             self._fees(sums, sub, plan, now_ms, now_ms)
             self._write(customer_id, row, now_ms)
             self._put_all(customer_id, sums, now_ms)
+            self.escrow._remember(key, digest, dict(sub.__dict__), now_ms)
         return sub
 
     def _locked(self, customer_id: str, now_ms: int, also: Plan | None = None) -> tuple[dict[str, _Sums], _Row,
@@ -231,6 +274,7 @@ class LedgerPlans:
         """An upgrade now (the fee difference and the extra included credits for the time left,
         the overage so far billed at the old prices); a downgrade at the billing period's end."""
         new = self._plan(plan_name)
+        self.served(new)
         self.roll(customer_id, now_ms, force=True)  # a period that ended is rolled first, as in local mode
         with self.ledger._transaction():
             sums, row, sub, old = self._locked(customer_id, now_ms, new)
@@ -309,11 +353,10 @@ class LedgerPlans:
     def roll_due(self, now_ms: int, limit: int) -> int:
         """Roll the periods of up to ``limit`` customers whose credit period ended by ``now_ms``
         (what each sidecar's sweep does, a few at a time); returns how many periods it rolled.
-        On PostgreSQL a customer another caller is rolling is skipped (it will be done). Only
-        periods that ended PERIOD_CLOSE_GRACE_MS ago are swept: those of a boundary just passed
-        are rolled by the sidecar settling their last lease."""
-        return sum(self.roll(customer_id, now_ms, skip_busy=True)
-                   for customer_id in self.due(now_ms - PERIOD_CLOSE_GRACE_MS, limit))
+        On PostgreSQL a customer another caller is rolling is skipped (it will be done). A
+        period is swept once no lease holds its credits unsettled, or PERIOD_CLOSE_GRACE_MS
+        after its end."""
+        return sum(self.roll(customer_id, now_ms, skip_busy=True) for customer_id in self.due(now_ms, limit, True))
 
     def roll(self, customer_id: str, now_ms: int, skip_busy: bool = False, force: bool = False) -> int:
         """Roll each credit period of the customer's subscription that ended at or before
@@ -418,13 +461,7 @@ class LedgerPlans:
 
     def _unsettled(self, customer_id: str, boundary: int) -> bool:
         """Some lease holds credit of a period ending by ``boundary`` and has not settled past it."""
-        (n,), = self.escrow._rows(
-            "SELECT COUNT(*) FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
-            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id JOIN meterd_leases l ON "
-            "l.sidecar_id = p.sidecar_id AND l.customer_id = p.customer_id AND l.credit_type = p.credit_type "
-            "WHERE p.customer_id = ? AND g.period_n >= 0 AND g.expires_at_ms > 0 AND g.expires_at_ms <= ? AND "
-            "l.settled_ms < ?", (customer_id, boundary, boundary))
-        return int(n) > 0
+        return bool(self.escrow._rows(_unsettled("?", "?") + " LIMIT 1", (customer_id, boundary, boundary)))
 
     def _period_buckets(self, customer_id: str, name: str, boundary: int, sources: tuple[str, ...]) -> list[_Bucket]:
         """A plan's buckets of ``sources`` not rolled yet that expire by ``boundary``, in the order they roll."""
