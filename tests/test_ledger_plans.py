@@ -96,6 +96,16 @@ fee = { usd = "40" }
 included = "250"
 overage = { price_in = "usd", spend_limit = "12", tiers = [{ up_to = "10", price = "0.8" }, { price = "0.4" }] }
 
+[plans.thresholded]
+fee = { usd = "20" }
+[plans.thresholded.credits.credits]
+included = "100"
+[plans.thresholded.credits.credits.overage]
+price_in = "usd"
+spend_limit = "30"
+bill_threshold = "5"
+tiers = [{ up_to = "20", price = "0.5" }, { price = "0.25" }]
+
 [plans.annual]
 period = "year"
 credit_period = "month"
@@ -220,6 +230,7 @@ def run_both(tmp_path, monkeypatch, ledger_url: str, catalog_path: str, script: 
             if r.decision == 1:  # ALLOW
                 assert r.cost_nano == step[2], r
                 central.spend(cust, step[1], step[2], now)
+                central.plans.bill_due(now, 100)  # what the sidecar's next heartbeat does
             else:  # the ledger cannot cover it either
                 assert not lenient or central.short(cust, step[1], step[2], now), (step, r)
                 assert lenient, (step, r)  # a scripted history stays within its plan
@@ -334,6 +345,22 @@ def test_a_spend_limit_across_an_upgrade_at_other_prices(both):
     ])
 
 
+def test_early_overage_bills_once_at_the_threshold_and_tiers_go_on_across_them(both):
+    local, central = both([
+        ("subscribe", "thresholded"),
+        ("spend", "credits", 100 * NANO),
+        ("spend", "credits", 4 * NANO),            # $2 owed: below the $5 threshold
+        ("spend", "credits", 8 * NANO),            # $6 owed: billed now
+        ("spend", "credits", 30 * NANO),           # 8 at $0.50, then 22 at $0.25: $9.50, billed
+        ("spend", "credits", 3 * NANO),            # $0.75: waits for the period's end
+        ("advance", MONTH),
+    ])
+    bills = [(e.amount_nano, e.charge_nano, e.reference) for e in central.ledger.entries("acme")
+             if e.kind == "overage_charged"]
+    assert bills == [(12 * NANO, 6 * NANO, "threshold"), (30 * NANO, 9_500_000_000, "threshold"),
+                     (3 * NANO, 750_000_000, "cycle end")]
+
+
 def test_credit_periods_within_a_billing_year_and_grants_bought_apart(both):
     both([
         ("subscribe", "annual"),
@@ -349,7 +376,8 @@ def test_credit_periods_within_a_billing_year_and_grants_bought_apart(both):
 # Not "trialed": a trial is a grant of its own, and the ledger expires grants lazily, at the next
 # transaction on the customer, with an entry of its own kind ("expired").
 SEEDS = int(os.environ.get("METERD_TEST_SEEDS", "40"))  # more for a longer search: METERD_TEST_SEEDS=1000
-PLANS = ["basic", "pro", "forgiving", "carrying", "repaying", "metered", "spend_capped", "spend_capped_dear"]
+PLANS = ["basic", "pro", "forgiving", "carrying", "repaying", "metered", "spend_capped", "spend_capped_dear",
+         "thresholded"]
 
 
 @pytest.mark.parametrize("seed", range(SEEDS))
@@ -833,6 +861,12 @@ included = "50"
 # $0.04 a request past the 50 included, up to a spend limit of $2.00: 50 requests more
 overage = { price = "0.04", price_in = "usd", spend_limit = "2.00" }
 
+[plans.pro_billed]
+fee = { usd = "20.00" }
+[plans.pro_billed.credits.requests]
+included = "50"
+overage = { price = "0.04", price_in = "usd", spend_limit = "2.00", bill_threshold = "1.00" }
+
 [plans.slow_pool]
 fee = { usd = "20.00" }
 [plans.slow_pool.credits.requests]
@@ -918,3 +952,28 @@ def test_ledger_mode_subscribes_by_key_once_and_names_what_it_does_not_serve(fle
     nodes[1].cancel("acme")
     with Ledger(ledger_url) as lg:
         assert LedgerPlans(Escrow(lg), nodes[0].catalog).subscription("acme") is None
+
+
+def test_an_early_bill_happens_once_centrally_whichever_sidecar_spent(fleet, ledger_url):
+    """Overage spent on two sidecars and settled by their flushes: one sidecar's heartbeat bills the
+    $1.00 threshold once (not each sidecar), and the period's end bills the rest at the same prices."""
+    nodes = fleet(2)
+    nodes[0].subscribe("acme", "pro_billed")
+    for i in range(80):  # 50 included, then 30 at $0.04: $1.20 owed
+        assert nodes[i % 2].report("acme", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+    for node in nodes:
+        node.run(node.engine.leases.return_all())  # settles what each consumed, as a recall would
+        node.flush()
+    with Ledger(ledger_url) as lg:
+        def bills() -> list[tuple[int, int, str]]:
+            return [(e.amount_nano, e.charge_nano, e.reference) for e in lg.entries("acme")
+                    if e.kind == "overage_charged"]
+        nodes[0].run(async_wait_until(lambda: bills(), "the early bill"))
+        assert bills() == [(30 * NANO, 1_200_000_000, "threshold")]
+        plans = LedgerPlans(Escrow(lg), nodes[0].catalog)
+        for i in range(10):
+            assert nodes[i % 2].report("acme", "requests", 1, model="gpt-4o").decision == pb.DECISION_ALLOW
+        nodes[0].clock.ms = plans.subscription("acme").end_ms + 1
+        nodes[0].run(async_wait_until(lambda: plans.subscription("acme").n == 1, "the period's roll"))
+        assert bills() == [(30 * NANO, 1_200_000_000, "threshold"), (10 * NANO, 400_000_000, "cycle end")]
+        assert Escrow(lg).check() == []

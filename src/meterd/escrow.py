@@ -813,6 +813,10 @@ class Escrow:
                         st.credit_type))
             if delta > lease.amount_nano:  # into debt: repaid at once from what is available, if any
                 self._settle_debts(s, st.customer_id, st.credit_type, now_ms)
+            if s.headroom and s.shown < 0:  # into a plan's overage: for the sweep of early bills (ledger_plans)
+                self._exec("INSERT INTO meterd_overage_spent (customer_id, credit_type, spent_ms) VALUES (?, ?, ?) "
+                           "ON CONFLICT (customer_id, credit_type) DO NOTHING",
+                           (st.customer_id, st.credit_type, now_ms))
 
     def set_allowance(self, customer_id: str, credit_type: str, amount_nano: int, now_ms: int) -> int:
         """The customer's outage allowance of a credit type: what each sidecar may spend beyond its

@@ -683,6 +683,7 @@ class Leases:
         for customer_id in sorted(ended):
             self.counts["period_rolls"] += await self._escrow("roll", customer_id, now, plans=True)
         self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
+        self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
 
     async def _close(self, customer_id: str, ct: int) -> None:
         """A lease at its credits' end: settled, and what is free given back."""

@@ -223,6 +223,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # When (by its sidecar's clock) a lease's consumption was last settled with a give-back:
         # a period is rolled once every lease of its credits has been settled past its end.
         "ALTER TABLE meterd_leases ADD COLUMN settled_ms BIGINT NOT NULL DEFAULT 0",
+        # Customers and credit types whose settled consumption went into a plan's overage allowance:
+        # looked at by the sweep of early overage bills (one row each, cleared once looked at).
+        """CREATE TABLE meterd_overage_spent (
+            customer_id TEXT NOT NULL,
+            credit_type TEXT NOT NULL,
+            spent_ms BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, credit_type))""",
     ]),
 ]
 

@@ -192,9 +192,6 @@ class LedgerPlans:
             if policy.low_balance_nano is not None:
                 raise InvalidInput("plan", f"{key}.low_balance: automatic top-up requests are served in local mode "
                                    "only for now")
-            if policy.overage is not None and policy.overage.bill_threshold_nano is not None:
-                raise InvalidInput("plan", f"{key}.overage.bill_threshold: early overage bills are served in local "
-                                   "mode only for now")
             gauge = next((m.name for m in self.catalog.meters if m.credit_type == ct and m.aggregation >= 2), None)
             if gauge is not None:
                 raise InvalidInput("plan", f"{key}: meter {gauge!r} is a gauge (max, latest or unique_count), "
@@ -330,9 +327,31 @@ class LedgerPlans:
             room = min(-overage_floor(policy, sub.overage_billed.get(name, 0), sub.overage_charged.get(name, 0)),
                        ROOM_MAX_NANO)
             if room > 0:
-                self.escrow._add_bucket(sums[name], sub.customer_id, name, room, sub.end_ms, OVERAGE_PRIORITY,
-                                        OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms, period_n=sub.n,
-                                        capped=False)
+                gid = self.escrow._add_bucket(sums[name], sub.customer_id, name, room, sub.end_ms, OVERAGE_PRIORITY,
+                                              OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms,
+                                              period_n=sub.n, capped=False).grant_id
+                self._carry_held_overage(sums[name], sub.customer_id, name, gid)
+
+    def _carry_held_overage(self, s: _Sums, customer_id: str, name: str, gid: str) -> None:
+        """What leases still hold of allowances that ended (open holds across a boundary or a plan
+        change) moves, with its lease parts, into the new allowance ``gid``: a hold that commits
+        spends the allowance in force, and the balance never goes further below zero than it allows."""
+        new = next(b for b in self.escrow._buckets(customer_id, name, "grant_id = ?", (gid,)))
+        for old in self.escrow._buckets(customer_id, name, "leased_nano > 0 AND period_n < 0 AND grant_id <> ?",
+                                        (gid,)):
+            if old.source != OVERAGE_SOURCE or not new.remaining:
+                continue
+            take = min(old.leased, new.remaining)
+            self._move_lease_parts(customer_id, name, old.grant_id, gid, take)
+            old.leased -= take
+            old.amount -= take
+            new.remaining -= take
+            new.leased += take
+            s.granted -= take   # the old allowance's part is gone; the new one's room holds it
+            s.available -= take
+            s.headroom -= take
+            self.escrow._put_bucket(customer_id, name, old)
+        self.escrow._put_bucket(customer_id, name, new)
 
     def _billing_period(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int, at: int) -> None:
         """A billing_period entry: where a statement of the period starts and ends."""
@@ -349,6 +368,35 @@ class LedgerPlans:
                         at, charge=fee, charge_ct=name)
 
     # ---- the roll ----------------------------------------------------------------------------
+
+    def bill_due(self, now_ms: int, limit: int) -> int:
+        """Early overage bills (``bill_threshold``): of up to ``limit`` customers whose settled
+        consumption went into their overage allowance, those that owe the threshold or more are
+        billed what they owe (the graduated tiers go on from what the period billed, so the
+        period's total is the same however its bills fall). Returns how many bills it made."""
+        bills = 0
+        for customer_id, name in self.escrow._rows(
+                "SELECT customer_id, credit_type FROM meterd_overage_spent ORDER BY spent_ms, customer_id, "
+                f"credit_type LIMIT {int(limit)}"):
+            with self.ledger._transaction():
+                first = self._read(customer_id, False).sub
+                plan = self.catalog.plan_index.get(first.plan) if first else None
+                sums = self._lock_sums(customer_id, self._credit_types(first, plan) + [name], now_ms)
+                row = self._read(customer_id, True)
+                sub = row.sub
+                ct = self.catalog.credit_index.get(name)
+                policy = plan.credits.get(ct) if plan is not None and ct is not None else None
+                threshold = policy.overage.bill_threshold_nano if policy and policy.overage else None
+                s = sums[name]
+                if sub is not None and first is not None and sub.plan == first.plan and sub.end_ms > now_ms \
+                        and threshold is not None and policy is not None and -s.shown >= threshold:
+                    self._settle_overage(s, sub, name, policy, "threshold", now_ms, now_ms)
+                    self._write(customer_id, row, now_ms)
+                    bills += 1
+                self.escrow._exec("DELETE FROM meterd_overage_spent WHERE customer_id = ? AND credit_type = ?",
+                                  (customer_id, name))
+                self._put_all(customer_id, sums, now_ms)
+        return bills
 
     def roll_due(self, now_ms: int, limit: int) -> int:
         """Roll the periods of up to ``limit`` customers whose credit period ended by ``now_ms``
@@ -542,20 +590,26 @@ class LedgerPlans:
         b.amount -= remaining + leased
         b.remaining -= remaining
         b.leased -= leased
-        left = leased
+        self._move_lease_parts(customer_id, name, b.grant_id, gid, leased)
+        return gid
+
+    def _move_lease_parts(self, customer_id: str, name: str, source: str, target: str, amount: int) -> None:
+        """``amount`` of the lease parts of bucket ``source`` become parts of bucket ``target`` (the
+        caller moves the buckets' figures), sidecar by sidecar."""
+        left = amount
         for sidecar_id, part in self.escrow._rows(
                 "SELECT sidecar_id, amount_nano FROM meterd_lease_parts WHERE customer_id = ? AND credit_type = ? AND "
-                "grant_id = ? ORDER BY sidecar_id", (customer_id, name, b.grant_id)):
+                "grant_id = ? ORDER BY sidecar_id", (customer_id, name, source)):
             take = min(left, int(part))
-            if take:
-                rows = self.escrow._rows("SELECT amount_nano FROM meterd_lease_parts WHERE sidecar_id = ? AND "
-                                         "customer_id = ? AND credit_type = ? AND grant_id = ?",
-                                         (sidecar_id, customer_id, name, gid))
-                self.escrow._put_part(sidecar_id, customer_id, name, b.grant_id, int(part) - take)
-                self.escrow._put_part(sidecar_id, customer_id, name, gid, take + (int(rows[0][0]) if rows else 0))
-                left -= take
-        invariant(left == 0, f"{customer_id}/{name}: the parts of {b.grant_id} hold less than its {leased} leased")
-        return gid
+            if not take:
+                break
+            rows = self.escrow._rows("SELECT amount_nano FROM meterd_lease_parts WHERE sidecar_id = ? AND "
+                                     "customer_id = ? AND credit_type = ? AND grant_id = ?",
+                                     (sidecar_id, customer_id, name, target))
+            self.escrow._put_part(sidecar_id, customer_id, name, source, int(part) - take)
+            self.escrow._put_part(sidecar_id, customer_id, name, target, take + (int(rows[0][0]) if rows else 0))
+            left -= take
+        invariant(left == 0, f"{customer_id}/{name}: the parts of {source} hold less than the {amount} to move")
 
     # ---- overage, arrears ------------------------------------------------------------------
 
