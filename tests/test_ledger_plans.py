@@ -977,3 +977,31 @@ def test_an_early_bill_happens_once_centrally_whichever_sidecar_spent(fleet, led
         nodes[0].run(async_wait_until(lambda: plans.subscription("acme").n == 1, "the period's roll"))
         assert bills() == [(30 * NANO, 1_200_000_000, "threshold"), (10 * NANO, 400_000_000, "cycle end")]
         assert Escrow(lg).check() == []
+
+
+@pytest.mark.spawns
+def test_the_cli_subscribes_changes_and_cancels_in_the_ledger_with_no_sidecar(tmp_path):
+    import subprocess
+    import sys
+
+    catalog = tmp_path / "capped.toml"
+    catalog.write_text(CAPPED)
+    url = f"sqlite:///{tmp_path}/ledger.db"
+
+    def meterd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "meterd", *args, "--ledger", url, "--catalog", str(catalog)],
+                              capture_output=True, text=True, timeout=60)
+
+    assert meterd("ledger", "migrate").returncode == 0
+    sub = ["subscribe", "--customer", "acme", "--plan", "pro", "--idempotency-key", "s1"]
+    first, again = meterd(*sub), meterd(*sub)
+    assert first.returncode == 0 and first.stdout.startswith("acme: plan pro, period ") and again.stdout == first.stdout
+    refused = meterd("change-plan", "--customer", "acme", "--plan", "slow_pool")
+    assert refused.returncode != 0 and "plans.slow_pool.credits.requests.fallback" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "(cancelled at the period's end)" in meterd("cancel", "--customer", "acme", "--at-period-end").stdout
+    assert meterd("cancel", "--customer", "acme").returncode == 0
+    with Ledger(url) as lg:
+        assert LedgerPlans(Escrow(lg), load_catalog(str(catalog))).subscription("acme") is None
+        assert [e.kind for e in lg.entries("acme")].count("fee") == 1
+        assert Escrow(lg).check() == []

@@ -490,8 +490,9 @@ def _utc(ms: int) -> str:
 
 
 def _subscription(args: argparse.Namespace, call: str, request: Any) -> int:
-    """Subscribe, Cancel or ChangePlan on a running daemon (Admin), and what the subscription is after it."""
-    sub = _admin(args, call, request)
+    """Subscribe, Cancel or ChangePlan on a running daemon (Admin), or with ``--ledger`` in the
+    ledger itself (ledger mode, no sidecar needed), and what the subscription is after it."""
+    sub = _central_subscription(args, call, request) if args.ledger is not None else _admin(args, call, request)
 
     def day(ms: int) -> str:
         return _utc(ms) if ms else "-"
@@ -503,6 +504,31 @@ def _subscription(args: argparse.Namespace, call: str, request: Any) -> int:
           + (" (cancelled at the period's end)" if sub.cancel_at_period_end else "")
           + (f"; then {_safe(sub.next_plan)}" if sub.next_plan else ""))
     return 0
+
+
+def _central_subscription(args: argparse.Namespace, call: str, request: Any) -> Any:
+    """Ledger mode, with no sidecar: the subscription change in one transaction of the ledger (the
+    same key through a sidecar's Admin is the same subscription)."""
+    from meterd import validate, wire
+    from meterd.escrow import Escrow
+    from meterd.leases import central_key
+    from meterd.ledger_plans import LedgerPlans
+
+    settings = _load(args)
+    validate.customer(settings, request.customer_id)
+    now = time.time_ns() // 1_000_000
+    with _open_ledger(args, settings=settings) as ledger:
+        plans = LedgerPlans(Escrow(ledger), load_catalog(settings.catalog))
+        if call == "Subscribe":
+            key, digest = central_key("subscribe", request.customer_id, wire.keyed(request))
+            if request.start_ms > now:
+                raise ConfigError("--start: must not be in the future in ledger mode")
+            sub = plans.subscribe(request.customer_id, request.plan, request.start_ms or now, now, key, digest)
+        elif call == "Cancel":
+            sub = plans.cancel(request.customer_id, request.at_period_end, now)
+        else:
+            sub = plans.change_plan(request.customer_id, request.plan, now)
+    return wire.message(sub)
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -832,10 +858,12 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
 
 
 def _subscription_commands(sub: Any) -> None:
-    """subscribe, cancel, change-plan and audit: Admin calls on a running daemon."""
+    """subscribe, cancel, change-plan and audit: Admin calls on a running daemon (subscriptions with
+    --ledger: in the ledger, for ledger mode)."""
     p = _command(sub, "subscribe", "start a customer's subscription to a plan of the catalog (Admin)",
                  "  meterd subscribe --customer acme --plan pro\n"
-                 "  meterd subscribe --customer acme --plan pro --start 2026-12-01 --idempotency-key sub-acme-1")
+                 "  meterd subscribe --customer acme --plan pro --start 2026-12-01 --idempotency-key sub-acme-1\n"
+                 "  meterd subscribe --customer acme --plan pro --ledger postgresql://meterd@db/ledger   # ledger mode")
     p.add_argument("--customer", required=True, help="the customer id")
     p.add_argument("--plan", required=True, help="a plan of the catalog")
     p.add_argument("--start", help="the periods' anchor, a date or time in UTC (default: now)")
