@@ -49,8 +49,15 @@ fee = { usd = "1.00" }
 included = "0.05"
 rollover = { max_percent = 50 }
 overage = { price_in = "usd", limit = "0.02", price = "1" }
+
+[plans.sim_plus]
+fee = { usd = "2.00" }
+[plans.sim_plus.credits.usd]
+included = "0.08"
+rollover = { max_percent = 50 }
+overage = { price_in = "usd", limit = "0.03", price = "1" }
 """
-OVERAGE_LIMIT_NANO = 20_000_000
+OVERAGE_LIMIT_NANO = 30_000_000  # the larger plan's
 PER_TOKEN_NANO = 2_500  # $2.50 per 1M tokens
 SETTINGS = {"lease_heartbeat_ms": 100, "lease_wait_ms": 2000, "lease_idle_s": 5.0, "lease_refill_horizon_s": 10.0,
             "lease_low_water_s": 2.0, "reservation_ttl_s": 5}
@@ -160,8 +167,8 @@ class Simulation:
         i = rng.randrange(len(self.nodes))
         node = self.nodes[i]
         what = rng.choices(("report", "batch", "authorize", "settle", "beat", "flush", "advance", "sweep", "kill",
-                            "restart", "outage", "grant", "adjust", "boundary"),
-                           (30, 15, 10, 10, 18, 5, 6, 3, 2, 1, 2, 4, 1, 2))[0]
+                            "restart", "outage", "grant", "adjust", "boundary", "change"),
+                           (30, 15, 10, 10, 18, 5, 6, 3, 2, 1, 2, 4, 1, 2, 1))[0]
         customer = rng.choice(CUSTOMERS)
         tokens = rng.choice((100, 1_000, 4_000, 20_000))
         self.note(f"{what} at s{i} ({customer}, {tokens})")
@@ -236,6 +243,14 @@ class Simulation:
         ms = sub.end_ms - (self.clocks[0].ms - self.skews[0]) + self.rng.randint(1, 3_000)
         for clock in self.clocks:
             clock.advance(max(ms, 0))
+
+    def _change(self, i: int, node: Billing, customer: str, tokens: int) -> None:
+        """p moves to the other plan (an upgrade at once, a downgrade at its period's end), through a
+        sidecar's Admin; the ledger may be away (refused, nothing done)."""
+        sub = self.plans.subscription("p")
+        assert sub is not None
+        other = "sim" if (sub.next_plan or sub.plan) == "sim_plus" else "sim_plus"
+        self.call(node, node.engine.admin.change_plan("p", other))
 
     def _sweep(self, i: int, node: Billing, customer: str, tokens: int) -> None:
         self.call(node, node.engine.sweep())

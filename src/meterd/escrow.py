@@ -82,6 +82,7 @@ class LeaseGrant:
     allowance_nano: int = 0      # what the sidecar may spend beyond its lease while the ledger is away
     returned_total_nano: int = 0  # running totals of the lease: given back, and consumed as settled
     consumed_total_nano: int = 0
+    headroom_nano: int = 0       # of the balance, a plan's overage allowance (not shown as balance)
 
 
 @dataclass(frozen=True)
@@ -595,8 +596,9 @@ class Escrow:
             self._exec("UPDATE meterd_leases SET recall_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
                        "sidecar_id <> ? AND amount_nano > 0 AND recall_ms = 0",
                        (now_ms, customer_id, credit_type, sidecar_id))
-        expires = min((b.expires_at_ms for b, amount in held.values() if amount and b.expires_at_ms), default=0) \
-            if size else lease.expires_at_ms
+        # A part of a grant that ended (spared for holds across it) is no end still to come.
+        expires = min((b.expires_at_ms for b, amount in held.values() if amount and b.expires_at_ms > now_ms),
+                      default=0) if size else lease.expires_at_ms
         if size:
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
                        "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ? WHERE sidecar_id = ? "
@@ -604,7 +606,8 @@ class Escrow:
                        (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
         self._put_sums(customer_id, credit_type, s, now_ms)  # expiry may have moved it, even without a lease
         return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
-                          int(elsewhere), recalled, s.allowance, lease.returned_total_nano, lease.consumed_total_nano)
+                          int(elsewhere), recalled, s.allowance, lease.returned_total_nano, lease.consumed_total_nano,
+                          s.headroom)
 
     def _draw(self, s: _Sums, sidecar_id: str, lease: Lease, size: int, held: dict[str, tuple[_Bucket, int]]) -> None:
         """Move ``size`` of the available buckets, in burn-down order, into a lease: first into
@@ -693,13 +696,23 @@ class Escrow:
         return lease
 
     def _move_parts(self, sidecar_id: str, lease: Lease, amount: int, from_end: bool,
-                    book: Callable[[_Bucket, int], None]) -> tuple[int, int]:
+                    book: Callable[[_Bucket, int], None], now_ms: int) -> tuple[int, int]:
         """Move up to ``amount`` out of a lease's parts: from the front of the burn-down order
         (consumption) or from its end (give-backs); ``book`` says where each take goes in its bucket.
-        Returns what moved and the soonest expiry of what the lease keeps (0: never)."""
+        Parts of grants that ended before the lease was last settled are what it spared for holds
+        across the end: consumed last (new spending is the new credits') and given back first
+        (expired). Returns what moved and the soonest expiry still to come of what the lease keeps
+        (0: none)."""
         parts = self._parts(sidecar_id, lease.customer_id, lease.credit_type)
+        spared: list[tuple[_Bucket, int]] = []
+        if any(0 < b.expires_at_ms <= now_ms for b, _ in parts):
+            (settled,), = self._rows("SELECT settled_ms FROM meterd_leases WHERE sidecar_id = ? AND customer_id = ? "
+                                     "AND credit_type = ?", (sidecar_id, lease.customer_id, lease.credit_type))
+            spared = [p for p in parts if 0 < p[0].expires_at_ms <= int(settled)]
+            parts = [p for p in parts if not 0 < p[0].expires_at_ms <= int(settled)]
+        order = spared + list(reversed(parts)) if from_end else parts + spared
         left, expiries = amount, []
-        for b, part in reversed(parts) if from_end else parts:
+        for b, part in order:
             take = min(left, part)
             if take:
                 b.leased -= take
@@ -707,7 +720,7 @@ class Escrow:
                 left -= take
                 self._put_bucket(lease.customer_id, lease.credit_type, b)
                 self._put_part(sidecar_id, lease.customer_id, lease.credit_type, b.grant_id, part - take)
-            if part > take and b.expires_at_ms:
+            if part > take and b.expires_at_ms > now_ms:
                 expiries.append(b.expires_at_ms)
         return amount - left, min(expiries, default=0)
 
@@ -732,7 +745,7 @@ class Escrow:
                 b.remaining += take
                 s.available += take
         before = s.shown
-        moved, expires = self._move_parts(sidecar_id, lease, amount, True, back)
+        moved, expires = self._move_parts(sidecar_id, lease, amount, True, back, now_ms)
         invariant(moved == amount, f"lease {sidecar_id}/{lease.customer_id}/{lease.credit_type}: parts hold less "
                                    f"than its {lease.amount_nano}")
         s.leased -= amount
@@ -800,10 +813,24 @@ class Escrow:
         lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
         delta = st.consumed_total_nano - lease.consumed_total_nano
         if delta > 0:
+            ended: list[tuple[_Bucket, int]] = []  # spent of an overage allowance whose period was closed
+
             def consumed(b: _Bucket, take: int) -> None:
                 b.consumed += take
+                if b.source == OVERAGE_SOURCE and b.period_n == NO_PERIOD:
+                    ended.append((b, take))
             # Beyond its parts (an outage allowance spent), the lease goes into debt: in no bucket.
-            _, expires = self._move_parts(sidecar_id, lease, delta, False, consumed)
+            _, expires = self._move_parts(sidecar_id, lease, delta, False, consumed, now_ms)
+            for b, take in ended:
+                # A hold that outlived its period's allowance (and its subscription): owed, repaid
+                # first by the next credit, as a balance below zero is in local mode.
+                b.amount -= take
+                b.consumed -= take
+                self._put_bucket(st.customer_id, st.credit_type, b)
+                s.granted -= take
+                s.available -= take
+                s.overdrawn += take
+                s.headroom -= take
             s.leased -= delta
             s.consumed += delta
             s.moved(lease.amount_nano, lease.amount_nano - delta)
@@ -811,12 +838,16 @@ class Escrow:
                        "= ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
                        (delta, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
                         st.credit_type))
-            if delta > lease.amount_nano:  # into debt: repaid at once from what is available, if any
+            if delta > lease.amount_nano or ended:  # owed: repaid at once from what is available, if any
                 self._settle_debts(s, st.customer_id, st.credit_type, now_ms)
-            if s.headroom and s.shown < 0:  # into a plan's overage: for the sweep of early bills (ledger_plans)
-                self._exec("INSERT INTO meterd_overage_spent (customer_id, credit_type, spent_ms) VALUES (?, ?, ?) "
-                           "ON CONFLICT (customer_id, credit_type) DO NOTHING",
-                           (st.customer_id, st.credit_type, now_ms))
+            if s.headroom and s.shown < 0:  # into a plan's overage: billed early once it owes the threshold
+                (bill_at,), = self._rows("SELECT COALESCE(MAX(bill_at_nano), 0) FROM meterd_grants WHERE "
+                                         "customer_id = ? AND credit_type = ? AND source = ? AND period_n >= 0",
+                                         (st.customer_id, st.credit_type, OVERAGE_SOURCE))
+                if int(bill_at) and -s.shown >= int(bill_at):  # for the sweep of early bills (ledger_plans)
+                    self._exec("INSERT INTO meterd_overage_spent (customer_id, credit_type, spent_ms) VALUES "
+                               "(?, ?, ?) ON CONFLICT (customer_id, credit_type) DO NOTHING",
+                               (st.customer_id, st.credit_type, now_ms))
 
     def set_allowance(self, customer_id: str, credit_type: str, amount_nano: int, now_ms: int) -> int:
         """The customer's outage allowance of a credit type: what each sidecar may spend beyond its

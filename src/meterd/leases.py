@@ -210,6 +210,8 @@ class Leases:
         self.of_customer = collections.defaultdict(set)
         for cust, ct in self.held:
             self.of_customer[cust].add(ct)
+        self._ending = [(h.expires_at_ms, cust, ct) for (cust, ct), h in self.held.items() if h.expires_at_ms]
+        heapq.heapify(self._ending)
 
     def seed(self, catalog: Catalog) -> None:
         """The catalog's initial balances, granted once centrally (by key) whichever sidecar starts first."""
@@ -426,9 +428,10 @@ class Leases:
             h.fresh = False
             h.leased_in = h.sent_back = h.given_back = g.returned_total_nano
             h.leased_in += g.consumed_total_nano
-        if g.expires_at_ms and g.expires_at_ms != h.expires_at_ms:
+        if g.expires_at_ms and g.expires_at_ms != h.expires_at_ms and g.expires_at_ms > self.clock.now_ms():
             heapq.heappush(self._ending, (g.expires_at_ms, customer_id, ct))
-        h.expires_at_ms, h.central_nano, h.elsewhere_nano = g.expires_at_ms, g.available_nano, g.elsewhere_nano
+        h.expires_at_ms, h.elsewhere_nano = g.expires_at_ms, g.elsewhere_nano
+        h.central_nano = g.available_nano - g.headroom_nano  # as a balance: a plan's overage allowance is none
         h.seen_ms = self.clock.now_ms()
         if g.granted_nano:
             h.last_size = g.granted_nano
@@ -671,8 +674,13 @@ class Leases:
             if h.lock.locked():
                 busy.append(item)  # a top-up in flight: at the next heartbeat
                 continue
-            h.expires_at_ms = 0
-            await self._close(customer_id, ct)
+            try:
+                await self._close(customer_id, ct, h)
+            except Exception:
+                busy.append(item)  # the ledger did not answer: closed at a later heartbeat
+                for again in busy:
+                    heapq.heappush(self._ending, again)
+                raise
             ended.add(customer_id)
         for item in busy:
             heapq.heappush(self._ending, item)
@@ -685,10 +693,14 @@ class Leases:
         self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
         self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
 
-    async def _close(self, customer_id: str, ct: int) -> None:
-        """A lease at its credits' end: settled, and what is free given back."""
+    async def _close(self, customer_id: str, ct: int, h: Held) -> None:
+        """A lease at its credits' end: settled, and what is free given back; its end is done with
+        once the ledger has it (unless an answer meanwhile gave it a new one)."""
+        end = h.expires_at_ms
         self.counts["period_closes"] += 1
         await self.give_back(customer_id, ct, settle=True)
+        if h.expires_at_ms == end:
+            h.expires_at_ms = 0
         if len(self._settled_at_end) < CLOSES_PER_HEARTBEAT_MAX:
             self._settled_at_end.add(customer_id)
 
@@ -754,11 +766,10 @@ class Leases:
             idle = now - h.used_ms >= idle_ms
             if (h.expires_at_ms and now >= h.expires_at_ms) or (free > 0 and idle):
                 if h.expires_at_ms and now >= h.expires_at_ms:
-                    await self._close(customer_id, ct)
-                elif free > 0:
+                    await self._close(customer_id, ct, h)
+                else:  # idle: what it has free comes back; its end (if any) is still to be settled at
                     self.counts["idle_returns"] += 1
                     await self.give_back(customer_id, ct)
-                h.expires_at_ms = 0
             elif idle and now - h.verified_ms >= idle_ms and self._empty(h, customer_id, ct):
                 h.verified_ms = now  # asked at most once per idle period
                 forget.append((customer_id, ct, h, h.leased_in, h.given_back, self._consumed(h, customer_id, ct)))

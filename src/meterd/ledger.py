@@ -223,6 +223,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # When (by its sidecar's clock) a lease's consumption was last settled with a give-back:
         # a period is rolled once every lease of its credits has been settled past its end.
         "ALTER TABLE meterd_leases ADD COLUMN settled_ms BIGINT NOT NULL DEFAULT 0",
+        # An overage allowance's early-bill threshold (0: none): what must be owed for the sweep to bill.
+        "ALTER TABLE meterd_grants ADD COLUMN bill_at_nano BIGINT NOT NULL DEFAULT 0",
         # Customers and credit types whose settled consumption went into a plan's overage allowance:
         # looked at by the sweep of early overage bills (one row each, cleared once looked at).
         """CREATE TABLE meterd_overage_spent (

@@ -330,6 +330,10 @@ class LedgerPlans:
                 gid = self.escrow._add_bucket(sums[name], sub.customer_id, name, room, sub.end_ms, OVERAGE_PRIORITY,
                                               OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms,
                                               period_n=sub.n, capped=False).grant_id
+                threshold = policy.overage.bill_threshold_nano if policy.overage else None
+                if threshold:  # what a settlement must leave owed to be looked at by bill_due
+                    self.escrow._exec("UPDATE meterd_grants SET bill_at_nano = ? WHERE customer_id = ? AND "
+                                      "credit_type = ? AND grant_id = ?", (threshold, sub.customer_id, name, gid))
                 self._carry_held_overage(sums[name], sub.customer_id, name, gid)
 
     def _carry_held_overage(self, s: _Sums, customer_id: str, name: str, gid: str) -> None:
@@ -731,6 +735,8 @@ class LedgerPlans:
                               "AND grant_id = ? AND (expires_at_ms = 0 OR expires_at_ms > ?)",
                               (now_ms, sub.customer_id, name, b.grant_id, now_ms))
             self.escrow._settle_debts(s, sub.customer_id, name, now_ms)
+            if b.leased:
+                self._recall(sub.customer_id, name, now_ms)
 
     # ---- the end of a subscription -----------------------------------------------------------
 
@@ -750,7 +756,14 @@ class LedgerPlans:
                 self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND "
                                   "credit_type = ? AND grant_id = ? AND expires_at_ms > ?",
                                   (min(now_ms, b.expires_at_ms), sub.customer_id, name, b.grant_id, now_ms))
+            self._recall(sub.customer_id, name, now_ms)
         row.sub = None
+
+    def _recall(self, customer_id: str, name: str, now_ms: int) -> None:
+        """Every sidecar's lease of the credit type is asked back (at its next heartbeat it settles and
+        gives back what it has free): what it holds of credits that ended is not spent on."""
+        self.escrow._exec("UPDATE meterd_leases SET recall_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
+                          "amount_nano > 0 AND recall_ms = 0", (now_ms, customer_id, name))
 
 
 def _tiers(tiers: list[tuple[int, int, str, int]]) -> dict | None:

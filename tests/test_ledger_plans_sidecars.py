@@ -1,0 +1,275 @@
+"""Plans in ledger mode at the sidecars: holds across a boundary, a cancel, leases' ends (idle,
+failed, a catalog reload), early-bill flags, balances. Each case failed on an earlier version."""
+
+from __future__ import annotations
+
+import pytest
+from billing import NANO, START_MS, Billing
+from test_ledger_plans import CAPPED, CATALOG, Central
+
+from meterd.catalog import load_catalog
+from meterd.escrow import Escrow
+from meterd.ledger import Ledger
+from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS, LedgerPlans
+from meterd.v1 import meter_pb2 as pb
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch, ledger_url):
+    """One sidecar in ledger mode on the CAPPED catalog, its heartbeat driven by the test (beat())."""
+    made = []
+
+    def make(sid: str = "s0", **settings) -> Billing:
+        path = tmp_path / "capped.toml"
+        path.write_text(CAPPED)
+        b = Billing(tmp_path / sid, str(path), monkeypatch, ledger=ledger_url, sidecar_id=sid, balances="ledger",
+                    lease_heartbeat_ms=20, lease_wait_ms=2_000, **settings)
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def plans_catalog(tmp_path):
+    path = tmp_path / "plans.toml"
+    path.write_text(CATALOG)
+    return str(path)
+
+
+@pytest.fixture
+def local(tmp_path, monkeypatch):
+    """A local-mode sidecar on the same catalog: the reference semantics."""
+    path = tmp_path / "capped_local.toml"
+    path.write_text(CAPPED)
+    b = Billing(tmp_path / "local", str(path), monkeypatch)
+    yield b
+    b.close()
+
+
+def end_of(b: Billing, lg: Ledger) -> int:
+    return LedgerPlans(Escrow(lg), b.catalog).subscription("acme").end_ms
+
+
+def rolls(lg: Ledger, customer: str = "acme") -> int:
+    (n,), = lg._rows("SELECT COUNT(*) FROM meterd_rolls WHERE customer_id = ?", (customer,))
+    return int(n)
+
+
+def gpt(b: Billing, n: int = 1) -> int:
+    return b.report("acme", "requests", n, model="gpt-4o").decision
+
+
+def beats(b: Billing, n: int = 5) -> None:
+    for _ in range(n):
+        b.run(b.engine.leases.beat())
+        b.clock.ms += 20
+
+
+def central_balance(lg: Ledger, b: Billing, ct: str = "requests") -> dict:
+    return next(x for x in Escrow(lg).balance("acme", b.clock.ms) if x["credit_type"] == ct)
+
+
+# 1. A hold open across the boundary: its credit is forfeited (spared for the hold, as local mode
+# spares it), but the sidecar's next spending is settled from the front of the burn-down order, i.e.
+# from the ended bucket's held part, and the hold's release then gives back into the new period's
+# bucket. The forfeited credit becomes new-period credit (a tenant can roll over a plan without
+# rollover this way: hold what is left at the period's end, spend, release).
+def test_a_hold_released_after_the_boundary_does_not_turn_forfeited_credit_into_new_credit(node, local,
+                                                                                            ledger_url):
+    b = node()
+    with Ledger(ledger_url) as lg:
+        for x in (b, local):
+            x.subscribe("acme", "pro")
+        end = end_of(b, lg)
+        b.clock.ms = local.now_ms = end - 1000
+        for x in (b, local):
+            assert x.authorize("acme", "requests", 5, model="gpt-4o").decision == pb.DECISION_ALLOW
+        (hold_b,), (hold_l,) = b.holders, local.holders
+        b.clock.ms = local.now_ms = end + 1
+        local.tick()
+        beats(b, 1)
+        assert rolls(lg) == 1
+        for x in (b, local):
+            for _ in range(5):
+                assert gpt(x) == pb.DECISION_ALLOW
+        b.release(hold_b)
+        local.release(hold_l)
+        local.tick()
+        b.run(b.engine.leases.return_all())
+        b.flush()
+        assert local.bal("acme", "requests") == 45 * NANO
+        assert central_balance(lg, b)["balance_nano"] == 45 * NANO  # 50: the 5 forfeited came back as new credit
+
+
+# 2. Cancel now ends the period's credits and overage allowance in the ledger only: the sidecars'
+# leases of them are neither recalled nor closed (their end is still the period's), so they go on
+# spending the cancelled plan's credits and its whole allowance, which no one ever bills.
+def test_cancel_now_stops_the_sidecars_spending_the_cancelled_plan(node, local, ledger_url):
+    b = node()
+    with Ledger(ledger_url) as lg:
+        for x in (b, local):
+            x.subscribe("acme", "pro")
+            assert gpt(x) == pb.DECISION_ALLOW  # the sidecar leases 50 included + the 50 of the allowance
+            x.cancel("acme")
+        beats(b, 3)  # a heartbeat or more after the cancel
+        allowed = {}
+        for name, x in (("ledger", b), ("local", local)):
+            n = 0
+            while n < 200 and gpt(x) == pb.DECISION_ALLOW:
+                n += 1
+            allowed[name] = n
+        b.run(b.engine.leases.return_all())
+        b.flush()
+        assert allowed == {"ledger": 0, "local": 0}  # ledger: 99 (49 included, 50 of overage)
+        assert central_balance(lg, b)["headroom_nano"] == 0  # 50: overage spent, never to be billed
+
+
+# 3. An overage hold open when the subscription ends (cancel at the period's end): its commit later
+# consumes the closed allowance, which stays as headroom: neither billed nor owed, so the next
+# grant is spent whole (local mode repays the negative balance first).
+def test_overage_committed_after_the_subscription_ended_is_repaid_by_the_next_credit(node, local, ledger_url):
+    b = node()
+    with Ledger(ledger_url) as lg:
+        for x in (b, local):
+            x.subscribe("acme", "pro")
+        end = end_of(b, lg)
+        b.clock.ms = local.now_ms = end - 1000
+        for x in (b, local):
+            assert x.report("acme", "requests", 50, model="gpt-4o").decision == pb.DECISION_ALLOW
+            assert x.authorize("acme", "requests", 10, model="gpt-4o").decision == pb.DECISION_ALLOW  # overage
+            x.cancel("acme", at_period_end=True)
+        (hold_b,), (hold_l,) = b.holders, local.holders
+        b.clock.ms = local.now_ms = end + 1
+        local.tick()
+        beats(b, 1)
+        assert rolls(lg) == 1
+        b.commit(hold_b, 10)
+        local.commit(hold_l, 10)
+        b.flush()  # the ledger knows of a commit once it is settled (ledger mode's settlement lag)
+        allowed = {}
+        for name, x in (("ledger", b), ("local", local)):
+            x.grant("acme", "requests", 20 * NANO)
+            n = 0
+            while n < 30 and gpt(x) == pb.DECISION_ALLOW:
+                n += 1
+            allowed[name] = n
+        assert allowed == {"ledger": 10, "local": 10}  # ledger: 20
+
+
+# 4. A lease's end is forgotten (Held.expires_at_ms = 0) without a close that settled: (a) by an
+# idle give-back while a hold is open, (b) by a close whose ledger call failed. The lease is then
+# never closed at the boundary, the roll waits for the 30 s grace, and meanwhile the customer has
+# no period credits on any sidecar.
+def test_a_lease_given_back_idle_with_a_hold_open_is_still_closed_at_the_boundary(node, ledger_url):
+    b = node(lease_idle_s=1.0)
+    b.subscribe("acme", "pro")
+    with Ledger(ledger_url) as lg:
+        end = end_of(b, lg)
+        b.clock.ms = end - 10_000
+        assert gpt(b) == pb.DECISION_ALLOW
+        assert b.authorize("acme", "requests", 5, model="gpt-4o").decision == pb.DECISION_ALLOW
+        beats(b, 1)
+        b.clock.ms = end - 5_000  # idle: what is free is given back, the hold stays
+        beats(b, 1)
+        assert b.engine.leases.counts["idle_returns"] == 1
+        b.clock.ms = end + 1
+        beats(b)
+        assert b.clock.ms < end + PERIOD_CLOSE_GRACE_MS
+        assert rolls(lg) == 1  # 0: the lease was never settled past the boundary
+        assert gpt(b) == pb.DECISION_ALLOW  # denied: no period credits until the grace
+
+
+def test_a_close_whose_ledger_call_failed_is_tried_again(node, ledger_url, monkeypatch):
+    b = node()
+    b.subscribe("acme", "pro")
+    real, failed = Escrow.give_back, []
+
+    def flaky(self, *args):
+        if args[-1] is not None and not failed:  # the close's give-back (it settles)
+            failed.append(1)
+            raise OSError("connection reset by peer")
+        return real(self, *args)
+    with Ledger(ledger_url) as lg:
+        end = end_of(b, lg)
+        b.clock.ms = end - 1000
+        assert b.authorize("acme", "requests", 5, model="gpt-4o").decision == pb.DECISION_ALLOW
+        b.clock.ms = end + 1
+        monkeypatch.setattr(Escrow, "give_back", flaky)
+        with pytest.raises(OSError):
+            b.run(b.engine.leases.beat())  # the heartbeat loop logs it and goes on
+        beats(b, 10)
+        assert failed and b.clock.ms < end + PERIOD_CLOSE_GRACE_MS
+        assert rolls(lg) == 1  # 0: the close was dropped (popped, and its end cleared before the call)
+
+
+# 5. The heap of ends holds credit type numbers; a catalog reload renumbers the leases (rename) but
+# not the heap, and answers with the same end push nothing new: the heartbeat never closes the lease.
+def test_the_heap_of_ends_follows_a_catalog_reload_that_renumbers_credit_types(node, ledger_url, tmp_path):
+    b = node()
+    b.subscribe("acme", "pro")
+    assert gpt(b) == pb.DECISION_ALLOW
+    swapped = CAPPED.replace('[credit_types.usd]\nkind = "fiat"\n', '').replace(
+        '[meters.requests]', '[credit_types.usd]\nkind = "fiat"\n\n[meters.requests]')
+    path = tmp_path / "swapped.toml"
+    path.write_text(swapped)
+    new = load_catalog(str(path))
+    assert [c.name for c in new.credit_types] == ["requests", "usd"]
+    b.run(b.engine.reload_catalog(new))
+    with Ledger(ledger_url) as lg:
+        b.clock.ms = end_of(b, lg) + 1
+        b.run(b.engine.leases._heartbeat())  # the heap's close (the scan meets a lease once per len(held)/2000)
+        assert b.engine.leases.counts["period_closes"] == 1  # 0
+        assert rolls(lg) == 1
+
+
+# 6. After the roll, a lease still holding a hold's part of the ended bucket is answered with that
+# bucket's (past) end: the sidecar closes it again at every heartbeat, giving back the new period's
+# credit it just leased, so that every next request waits for a top-up.
+def test_a_hold_across_the_boundary_does_not_close_the_lease_at_every_heartbeat(node, ledger_url):
+    b = node()
+    b.subscribe("acme", "pro")
+    with Ledger(ledger_url) as lg:
+        end = end_of(b, lg)
+        b.clock.ms = end - 1000
+        assert b.authorize("acme", "requests", 20, model="gpt-4o").decision == pb.DECISION_ALLOW
+        b.clock.ms = end + 1
+        beats(b, 1)
+        assert rolls(lg) == 1
+        closes = b.engine.leases.counts["period_closes"]
+        for _ in range(4):
+            assert gpt(b) == pb.DECISION_ALLOW
+            beats(b, 1)
+        assert b.engine.leases.counts["period_closes"] == closes  # one more at each heartbeat
+
+
+# 7. Every settlement below zero with an overage allowance flags the customer for early bills,
+# whether its plan has a bill_threshold or not (usage in arrears is always below zero): the sweep
+# (20 a heartbeat) spends its transactions on flags it can never bill, and early bills wait behind them.
+def test_only_customers_whose_plan_bills_early_are_flagged(ledger_url, plans_catalog):
+    c = Central(ledger_url, plans_catalog)
+    t = START_MS + 1000
+    try:
+        c.plans.subscribe("arrears", "metered", t, t)
+        c.plans.subscribe("overage", "basic", t, t)
+        c.plans.subscribe("billed", "thresholded", t, t)
+        c.spend("arrears", "usd", 3 * NANO, t)
+        c.spend("overage", "credits", 110 * NANO, t)
+        c.spend("billed", "credits", 110 * NANO, t + 1)  # 10 over: $5, the threshold
+        flagged = [r[0] for r in c.ledger._rows("SELECT customer_id FROM meterd_overage_spent ORDER BY customer_id")]
+        assert flagged == ["billed"]  # ['arrears', 'billed', 'overage']
+        assert c.plans.bill_due(t + 2, 1) == 1  # 0: the one slot went to a customer that cannot be billed early
+    finally:
+        c.ledger.close()
+
+
+# 8. GetBalance on a sidecar in ledger mode counts the overage allowance (leased here and left
+# centrally) as balance; the README says balances show it without the allowance, as local mode.
+def test_get_balance_in_ledger_mode_is_without_the_overage_allowance(node, local, ledger_url):
+    b = node()
+    for x in (b, local):
+        x.subscribe("acme", "pro")
+        assert x.report("acme", "requests", 60, model="gpt-4o").decision == pb.DECISION_ALLOW
+    assert local.bal("acme", "requests") == -10 * NANO
+    assert b.bal("acme", "requests") == -10 * NANO  # +40: 50 included + 50 allowance - 60
