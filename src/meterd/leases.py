@@ -676,19 +676,21 @@ class Leases:
                 continue
             try:
                 await self._close(customer_id, ct, h)
+                if self.live.catalog.plan_index:  # at once: its requests wait for the next period's credits
+                    self.counts["period_rolls"] += await self._escrow("roll", customer_id, now, plans=True)
             except Exception:
                 busy.append(item)  # the ledger did not answer: closed at a later heartbeat
                 for again in busy:
                     heapq.heappush(self._ending, again)
                 raise
             ended.add(customer_id)
+            self._settled_at_end.discard(customer_id)
         for item in busy:
             heapq.heappush(self._ending, item)
-        ended |= self._settled_at_end
-        self._settled_at_end = set()
+        settled, self._settled_at_end = self._settled_at_end, set()
         if not self.live.catalog.plan_index:
             return
-        for customer_id in sorted(ended):
+        for customer_id in sorted(settled):  # closed by the slice scan
             self.counts["period_rolls"] += await self._escrow("roll", customer_id, now, plans=True)
         self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
         self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
