@@ -677,7 +677,7 @@ class Leases:
             try:
                 await self._close(customer_id, ct, h)
                 if self.live.catalog.plan_index:  # at once: its requests wait for the next period's credits
-                    self.counts["period_rolls"] += await self._escrow("roll", customer_id, now, plans=True)
+                    self._rolled(customer_id, await self._escrow("roll", customer_id, now, plans=True))
             except Exception:
                 busy.append(item)  # the ledger did not answer: closed at a later heartbeat
                 for again in busy:
@@ -691,9 +691,16 @@ class Leases:
         if not self.live.catalog.plan_index:
             return
         for customer_id in sorted(settled):  # closed by the slice scan
-            self.counts["period_rolls"] += await self._escrow("roll", customer_id, now, plans=True)
+            self._rolled(customer_id, await self._escrow("roll", customer_id, now, plans=True))
         self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
         self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
+
+    def _rolled(self, customer_id: str, periods: int) -> None:
+        """The customer's periods this sidecar rolled: its new credits are there to lease at once
+        (a balance known to be spent is not any more)."""
+        self.counts["period_rolls"] += periods
+        for ct in self.of_customer.get(customer_id, ()) if periods else ():
+            self.held[(customer_id, ct)].exhausted_until = 0.0
 
     async def _close(self, customer_id: str, ct: int, h: Held) -> None:
         """A lease at its credits' end: settled, and what is free given back; its end is done with
