@@ -273,3 +273,20 @@ def test_get_balance_in_ledger_mode_is_without_the_overage_allowance(node, local
         assert x.report("acme", "requests", 60, model="gpt-4o").decision == pb.DECISION_ALLOW
     assert local.bal("acme", "requests") == -10 * NANO
     assert b.bal("acme", "requests") == -10 * NANO  # +40: 50 included + 50 allowance - 60
+
+
+def test_a_request_past_the_boundary_rolls_the_period_without_waiting_for_a_heartbeat(node, ledger_url):
+    """The balance spent, the period ended: the first request of the next period settles this
+    sidecar's lease and rolls the period itself (no heartbeat has run), and is allowed."""
+    b = node()
+    with Ledger(ledger_url) as lg:
+        b.subscribe("acme", "pro")
+        n = 0
+        while gpt(b) == pb.DECISION_ALLOW:
+            n += 1
+        assert n == 100  # 50 included, 50 of overage
+        b.clock.ms = end_of(b, lg) + 1
+        assert gpt(b) == pb.DECISION_ALLOW
+        assert rolls(lg) == 1
+        assert [e.amount_nano for e in lg.entries("acme") if e.kind == "overage_charged"] == [50 * NANO]
+        assert Escrow(lg).check() == []

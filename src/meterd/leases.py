@@ -181,6 +181,7 @@ class Leases:
         # grant's expiry), soonest first: each is settled and given back at that moment.
         self._ending: list[tuple[int, str, int]] = []
         self._settled_at_end: set[str] = set()  # customers a lease was settled for at its end: a roll may be due
+        self._on_demand: dict[str, float] = {}  # customer -> monotonic time before which no roll is asked on demand
 
     # ---- state ------------------------------------------------------------------------
 
@@ -518,7 +519,7 @@ class Leases:
             have = self.available(customer_id, ct)
             if have >= cost:
                 return Cover.COVERED
-            if h.exhausted_until > self.clock.monotonic():
+            if h.exhausted_until > self.clock.monotonic() and not await self._roll_on_demand(customer_id, ct, h):
                 return Cover.SHORT
             self._rate_at_top_up(h, customer_id, ct)
             try:  # what is borrowed is repaid first out of what comes in: asked for on top
@@ -537,6 +538,8 @@ class Leases:
             if have >= cost:
                 return Cover.COVERED
             if have + g.available_nano + g.elsewhere_nano < cost:  # the whole balance cannot cover it
+                if await self._roll_on_demand(customer_id, ct, h):
+                    continue  # the customer's next period began: its credits are there to lease
                 h.exhausted_until = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
                 self.counts["denied_exhausted"] += 1
                 return Cover.SHORT
@@ -544,6 +547,26 @@ class Leases:
                 self.counts["false_denies"] += 1  # credit was left at other sidecars' leases
                 return Cover.UNAVAILABLE
             await self.clock.sleep(poll)  # recalled leases come back at their sidecars' next heartbeat
+
+    async def _roll_on_demand(self, customer_id: str, ct: int, h: Held) -> bool:
+        """A request the whole balance cannot cover, past the end of this lease's credits (a plan's
+        period that ended): the lease is settled now, not at the next heartbeat, and the period
+        rolled if no other sidecar still holds its credits unsettled. True when it was rolled.
+        At most once per customer per heartbeat."""
+        now = self.clock.now_ms()
+        if not self.live.catalog.plan_index or not h.expires_at_ms or h.expires_at_ms > now or \
+                self._on_demand.get(customer_id, 0.0) > self.clock.monotonic():
+            return False
+        if len(self._on_demand) >= UNKNOWN_CUSTOMERS_MAX:
+            self._on_demand.pop(next(iter(self._on_demand)))
+        self._on_demand[customer_id] = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
+        try:
+            await self._close(customer_id, ct, h)
+            periods = await self._escrow("roll", customer_id, now, plans=True)
+        except Exception:  # noqa: BLE001 - the ledger away: the heartbeat closes and rolls it later
+            return False
+        self._rolled(customer_id, periods)
+        return periods > 0
 
     def _borrow(self, customer_id: str, ct: int, h: Held, cost: int) -> bool:
         """The ledger did not answer in time: credit the core with what the request lacks, if the
