@@ -969,9 +969,18 @@ def test_ledger_mode_subscribes_by_key_once_and_names_what_it_does_not_serve(fle
         nodes[0].subscribe("globex", "slow_pool")
     with pytest.raises(InvalidInput, match=r"plans\.slow_pool\.credits\.requests\.fallback"):
         nodes[0].change_plan("acme", "slow_pool")
+    with pytest.raises(InvalidInput, match="start_ms"):  # in ledger mode an anchor is now or past
+        nodes[0].subscribe("globex", "pro", start_ms=nodes[0].clock.ms + 1)
+    with pytest.raises(InvalidInput, match="unknown plan 'nope'"):
+        nodes[0].subscribe("globex", "nope")
+    with pytest.raises(InvalidInput, match="customer_id"):
+        nodes[0].subscribe("", "pro")
+    with pytest.raises(NotFound, match="no subscription"):
+        nodes[0].cancel("globex")
     nodes[1].cancel("acme")
     with Ledger(ledger_url) as lg:
         assert LedgerPlans(Escrow(lg), nodes[0].catalog).subscription("acme") is None
+        assert LedgerPlans(Escrow(lg), nodes[0].catalog).subscription("globex") is None  # nothing half-done
 
 
 def test_an_early_bill_happens_once_centrally_whichever_sidecar_spent(fleet, ledger_url):

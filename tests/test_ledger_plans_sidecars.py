@@ -71,7 +71,7 @@ def central_balance(lg: Ledger, b: Billing, ct: str = "requests") -> dict:
     return next(x for x in Escrow(lg).balance("acme", b.clock.ms) if x["credit_type"] == ct)
 
 
-# 1. A hold open across the boundary: its credit is forfeited (spared for the hold, as local mode
+# Failed before its fix: A hold open across the boundary: its credit is forfeited (spared for the hold, as local mode
 # spares it), but the sidecar's next spending is settled from the front of the burn-down order, i.e.
 # from the ended bucket's held part, and the hold's release then gives back into the new period's
 # bucket. The forfeited credit becomes new-period credit (a tenant can roll over a plan without
@@ -103,7 +103,7 @@ def test_a_hold_released_after_the_boundary_does_not_turn_forfeited_credit_into_
         assert central_balance(lg, b)["balance_nano"] == 45 * NANO  # 50: the 5 forfeited came back as new credit
 
 
-# 2. Cancel now ends the period's credits and overage allowance in the ledger only: the sidecars'
+# Failed before its fix: Cancel now ends the period's credits and overage allowance in the ledger only: the sidecars'
 # leases of them are neither recalled nor closed (their end is still the period's), so they go on
 # spending the cancelled plan's credits and its whole allowance, which no one ever bills.
 def test_cancel_now_stops_the_sidecars_spending_the_cancelled_plan(node, local, ledger_url):
@@ -126,7 +126,7 @@ def test_cancel_now_stops_the_sidecars_spending_the_cancelled_plan(node, local, 
         assert central_balance(lg, b)["headroom_nano"] == 0  # 50: overage spent, never to be billed
 
 
-# 3. An overage hold open when the subscription ends (cancel at the period's end): its commit later
+# Failed before its fix: An overage hold open when the subscription ends (cancel at the period's end): its commit later
 # consumes the closed allowance, which stays as headroom: neither billed nor owed, so the next
 # grant is spent whole (local mode repays the negative balance first).
 def test_overage_committed_after_the_subscription_ended_is_repaid_by_the_next_credit(node, local, ledger_url):
@@ -158,7 +158,7 @@ def test_overage_committed_after_the_subscription_ended_is_repaid_by_the_next_cr
         assert allowed == {"ledger": 10, "local": 10}  # ledger: 20
 
 
-# 4. A lease's end is forgotten (Held.expires_at_ms = 0) without a close that settled: (a) by an
+# Failed before its fix: A lease's end is forgotten (Held.expires_at_ms = 0) without a close that settled: (a) by an
 # idle give-back while a hold is open, (b) by a close whose ledger call failed. The lease is then
 # never closed at the boundary, the roll waits for the 30 s grace, and meanwhile the customer has
 # no period credits on any sidecar.
@@ -204,7 +204,7 @@ def test_a_close_whose_ledger_call_failed_is_tried_again(node, ledger_url, monke
         assert rolls(lg) == 1  # 0: the close was dropped (popped, and its end cleared before the call)
 
 
-# 5. The heap of ends holds credit type numbers; a catalog reload renumbers the leases (rename) but
+# Failed before its fix: The heap of ends holds credit type numbers; a catalog reload renumbers the leases (rename) but
 # not the heap, and answers with the same end push nothing new: the heartbeat never closes the lease.
 def test_the_heap_of_ends_follows_a_catalog_reload_that_renumbers_credit_types(node, ledger_url, tmp_path):
     b = node()
@@ -224,7 +224,7 @@ def test_the_heap_of_ends_follows_a_catalog_reload_that_renumbers_credit_types(n
         assert rolls(lg) == 1
 
 
-# 6. After the roll, a lease still holding a hold's part of the ended bucket is answered with that
+# Failed before its fix: After the roll, a lease still holding a hold's part of the ended bucket is answered with that
 # bucket's (past) end: the sidecar closes it again at every heartbeat, giving back the new period's
 # credit it just leased, so that every next request waits for a top-up.
 def test_a_hold_across_the_boundary_does_not_close_the_lease_at_every_heartbeat(node, ledger_url):
@@ -244,7 +244,7 @@ def test_a_hold_across_the_boundary_does_not_close_the_lease_at_every_heartbeat(
         assert b.engine.leases.counts["period_closes"] == closes  # one more at each heartbeat
 
 
-# 7. Every settlement below zero with an overage allowance flags the customer for early bills,
+# Failed before its fix: Every settlement below zero with an overage allowance flags the customer for early bills,
 # whether its plan has a bill_threshold or not (usage in arrears is always below zero): the sweep
 # (20 a heartbeat) spends its transactions on flags it can never bill, and early bills wait behind them.
 def test_only_customers_whose_plan_bills_early_are_flagged(ledger_url, plans_catalog):
@@ -264,7 +264,7 @@ def test_only_customers_whose_plan_bills_early_are_flagged(ledger_url, plans_cat
         c.ledger.close()
 
 
-# 8. GetBalance on a sidecar in ledger mode counts the overage allowance (leased here and left
+# Failed before its fix: GetBalance on a sidecar in ledger mode counts the overage allowance (leased here and left
 # centrally) as balance; the README says balances show it without the allowance, as local mode.
 def test_get_balance_in_ledger_mode_is_without_the_overage_allowance(node, local, ledger_url):
     b = node()

@@ -249,9 +249,9 @@ class Escrow:
 
     def _put_bucket(self, customer_id: str, credit_type: str, b: _Bucket) -> None:
         self._exec("UPDATE meterd_grants SET amount_nano = ?, remaining_nano = ?, leased_nano = ?, consumed_nano = ?, "
-                   "expired_nano = ?, period_n = ? WHERE customer_id = ? AND credit_type = ? AND grant_id = ?",
-                   (b.amount, b.remaining, b.leased, b.consumed, b.expired, b.period_n, customer_id, credit_type,
-                    b.grant_id))
+                   "expired_nano = ?, period_n = ?, expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
+                   "grant_id = ?", (b.amount, b.remaining, b.leased, b.consumed, b.expired, b.period_n,
+                                    b.expires_at_ms, customer_id, credit_type, b.grant_id))
 
     def _entry(self, s: _Sums, customer_id: str, credit_type: str, kind: str, source: str, amount: int,
                before: int, reference: str, now_ms: int, charge: int = 0, charge_ct: str = "",
@@ -342,11 +342,12 @@ class Escrow:
     def _add_bucket(self, s: _Sums, customer_id: str, credit_type: str, amount: int, expires_at_ms: int,
                     priority: int, source: str, reference: str, now_ms: int, period_n: int = NO_PERIOD,
                     rollovers: int = 0, kind: str = "", effective_ms: int | None = None,
-                    capped: bool = True) -> Granted:
+                    capped: bool = True, bill_at: int = 0) -> Granted:
         """A new bucket in the (locked) sums ``s``, and its entry (of ``kind``, by default that of
         its source); an overage allowance (OVERAGE_SOURCE) is headroom, with no entry. ``capped``:
         refused past GRANTS_OPEN_MAX open buckets (a plan's roll is not: its buckets end with
-        their period, and a customer's grants must not stop its periods)."""
+        their period, and a customer's grants must not stop its periods). ``bill_at``: an overage
+        allowance's early-bill threshold (0: none)."""
         (open_count,), = self._rows("SELECT COUNT(*) FROM meterd_grants WHERE customer_id = ? AND credit_type = ? "
                                     "AND (remaining_nano > 0 OR leased_nano > 0)", (customer_id, credit_type)) \
             if capped else ((0,),)
@@ -358,7 +359,7 @@ class Escrow:
                                "64 bits (9.2e18 nano)")
         before = s.shown
         grant_id = self._insert_bucket(s, customer_id, credit_type, amount, amount, 0, expires_at_ms, priority,
-                                       source, reference, now_ms, period_n, rollovers)
+                                       source, reference, now_ms, period_n, rollovers, bill_at)
         s.granted += amount
         s.available += amount
         if source == OVERAGE_SOURCE:
@@ -372,14 +373,14 @@ class Escrow:
 
     def _insert_bucket(self, s: _Sums, customer_id: str, credit_type: str, amount: int, remaining: int, leased: int,
                        expires_at_ms: int, priority: int, source: str, reference: str, now_ms: int, period_n: int,
-                       rollovers: int) -> str:
+                       rollovers: int, bill_at: int = 0) -> str:
         """A bucket row, numbered in the sums ``s`` (the caller moves the sums); its grant id."""
         s.grants_made += 1
         grant_id = f"G{s.grants_made}"
-        self._exec(f"INSERT INTO meterd_grants (customer_id, credit_type, {_BUCKET}, reference, created_ms) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?)",
+        self._exec(f"INSERT INTO meterd_grants (customer_id, credit_type, {_BUCKET}, reference, created_ms, "
+                   "bill_at_nano) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?)",
                    (customer_id, credit_type, grant_id, s.grants_made, priority, expires_at_ms, amount, remaining,
-                    leased, source, period_n, rollovers, reference, now_ms))
+                    leased, source, period_n, rollovers, reference, now_ms, bill_at))
         return grant_id
 
     def adjust(self, customer_id: str, credit_type: str, amount_nano: int, reason: str, now_ms: int,
@@ -808,6 +809,18 @@ class Escrow:
             self._settle_one(s, sidecar_id, incarnation, st, now_ms)
             self._put_sums(st.customer_id, st.credit_type, s, now_ms)
 
+    def _owe(self, s: _Sums, customer_id: str, credit_type: str, b: _Bucket, amount: int) -> None:
+        """``amount`` spent of an overage allowance ``b`` and not billed becomes what the customer
+        owes (overdrawn): out of the bucket and its headroom, repaid first by the next credit
+        (``_settle_debts``); the balance shown does not move."""
+        b.amount -= amount
+        b.consumed -= amount
+        self._put_bucket(customer_id, credit_type, b)
+        s.granted -= amount
+        s.available -= amount
+        s.overdrawn += amount
+        s.headroom -= amount
+
     def _settle_one(self, s: _Sums, sidecar_id: str, incarnation: str, st: Settlement, now_ms: int) -> None:
         """A lease's consumption up to a running total (again: nothing)."""
         lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
@@ -824,13 +837,7 @@ class Escrow:
             for b, take in ended:
                 # A hold that outlived its period's allowance (and its subscription): owed, repaid
                 # first by the next credit, as a balance below zero is in local mode.
-                b.amount -= take
-                b.consumed -= take
-                self._put_bucket(st.customer_id, st.credit_type, b)
-                s.granted -= take
-                s.available -= take
-                s.overdrawn += take
-                s.headroom -= take
+                self._owe(s, st.customer_id, st.credit_type, b, take)
             s.leased -= delta
             s.consumed += delta
             s.moved(lease.amount_nano, lease.amount_nano - delta)

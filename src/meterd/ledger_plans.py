@@ -327,13 +327,11 @@ class LedgerPlans:
             room = min(-overage_floor(policy, sub.overage_billed.get(name, 0), sub.overage_charged.get(name, 0)),
                        ROOM_MAX_NANO)
             if room > 0:
+                # bill_at: what a settlement must leave owed for bill_due to look at the customer.
+                bill_at = (policy.overage.bill_threshold_nano or 0) if policy.overage else 0
                 gid = self.escrow._add_bucket(sums[name], sub.customer_id, name, room, sub.end_ms, OVERAGE_PRIORITY,
                                               OVERAGE_SOURCE, f"{plan.name} period {sub.n}", now_ms,
-                                              period_n=sub.n, capped=False).grant_id
-                threshold = policy.overage.bill_threshold_nano if policy.overage else None
-                if threshold:  # what a settlement must leave owed to be looked at by bill_due
-                    self.escrow._exec("UPDATE meterd_grants SET bill_at_nano = ? WHERE customer_id = ? AND "
-                                      "credit_type = ? AND grant_id = ?", (threshold, sub.customer_id, name, gid))
+                                              period_n=sub.n, capped=False, bill_at=bill_at).grant_id
                 self._carry_held_overage(sums[name], sub.customer_id, name, gid)
 
     def _carry_held_overage(self, s: _Sums, customer_id: str, name: str, gid: str) -> None:
@@ -540,9 +538,7 @@ class LedgerPlans:
         staying = sum(b.remaining + b.leased for b in self.escrow._buckets(
             sub.customer_id, name, "remaining_nano > 0 OR leased_nano > 0") if b.grant_id not in ids and
             b.source != OVERAGE_SOURCE)
-        for b in expiring:
-            self._unexpire(s, b)
-        r = policy.rollover
+        r = policy.rollover  # (_roll_at has given back what the lazy expiry took of the expiring buckets)
         split = rollover_split(r, [(b.remaining + b.leased, b.rollovers) for b in expiring], staying,
                                0 if ending else policy.included_nano, ending)
         for b, rolled in zip(expiring, split, strict=True):
@@ -720,20 +716,11 @@ class LedgerPlans:
             b.amount -= unspent
             b.remaining = b.expired = 0
             b.period_n = NO_PERIOD
+            b.expires_at_ms = min(b.expires_at_ms or now_ms, now_ms)  # what leases hold of it comes back expired
             self.escrow._put_bucket(sub.customer_id, name, b)
-            # What leases hold of it comes back expired (or is spent, if a hold commits).
             owed = self._unbilled(s, sub.customer_id, name)
             if owed > 0:
-                b.amount -= owed
-                b.consumed -= owed
-                s.granted -= owed
-                s.available -= owed
-                s.overdrawn += owed
-                s.headroom -= owed
-            self.escrow._put_bucket(sub.customer_id, name, b)
-            self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? "
-                              "AND grant_id = ? AND (expires_at_ms = 0 OR expires_at_ms > ?)",
-                              (now_ms, sub.customer_id, name, b.grant_id, now_ms))
+                self.escrow._owe(s, sub.customer_id, name, b, owed)
             self.escrow._settle_debts(s, sub.customer_id, name, now_ms)
             if b.leased:
                 self._recall(sub.customer_id, name, now_ms)
@@ -752,10 +739,8 @@ class LedgerPlans:
                 self._forfeit(s, sub.customer_id, name, b, b.remaining, "expire",
                               f"{b.grant_id} subscription ended", now_ms, at)
                 b.period_n = NO_PERIOD
+                b.expires_at_ms = min(b.expires_at_ms, now_ms)  # what leases hold of it comes back expired
                 self.escrow._put_bucket(sub.customer_id, name, b)
-                self.escrow._exec("UPDATE meterd_grants SET expires_at_ms = ? WHERE customer_id = ? AND "
-                                  "credit_type = ? AND grant_id = ? AND expires_at_ms > ?",
-                                  (min(now_ms, b.expires_at_ms), sub.customer_id, name, b.grant_id, now_ms))
             self._recall(sub.customer_id, name, now_ms)
         row.sub = None
 
