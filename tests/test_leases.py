@@ -915,7 +915,7 @@ def test_a_request_that_meets_its_lease_being_forgotten_is_served_from_a_new_one
         request = asyncio.ensure_future(node.engine.report(data.SerializeToString()))
         # It waits for the lease's lock; meanwhile the lease is forgotten.
         forget = asyncio.ensure_future(leases._forget([("acme", 0, h, h.leased_in, h.given_back,
-                                                        leases._consumed(h, "acme", 0))]))
+                                                        leases._consumed(h, "acme", 0), h.degraded)]))
         return pb.ReportResponse.FromString(await request), await forget
     answer, _ = node.run(race())
     assert leases.counts["forgotten"] == 1 and leases.held[("acme", 0)] is not h

@@ -886,6 +886,14 @@ fee = { usd = "20.00" }
 [plans.slow_pool.credits.requests]
 included = "50"
 fallback = "slow"
+priority_step = "10"
+
+[plans.topped]
+fee = { usd = "20.00" }
+[plans.topped.credits.requests]
+included = "50"
+low_balance = "10"
+topup_target = "50"
 """
 
 
@@ -965,10 +973,10 @@ def test_ledger_mode_subscribes_by_key_once_and_names_what_it_does_not_serve(fle
         assert [e.kind for e in lg.entries("acme")].count("fee") == 1
     with pytest.raises(Conflict, match="subscribed already"):
         nodes[1].subscribe("acme", "pro")
-    with pytest.raises(InvalidInput, match=r"plans\.slow_pool\.credits\.requests\.fallback"):
-        nodes[0].subscribe("globex", "slow_pool")
-    with pytest.raises(InvalidInput, match=r"plans\.slow_pool\.credits\.requests\.fallback"):
-        nodes[0].change_plan("acme", "slow_pool")
+    with pytest.raises(InvalidInput, match=r"plans\.topped\.credits\.requests\.low_balance"):
+        nodes[0].subscribe("globex", "topped")
+    with pytest.raises(InvalidInput, match=r"plans\.topped\.credits\.requests\.low_balance"):
+        nodes[0].change_plan("acme", "topped")
     with pytest.raises(InvalidInput, match="start_ms"):  # in ledger mode an anchor is now or past
         nodes[0].subscribe("globex", "pro", start_ms=nodes[0].clock.ms + 1)
     with pytest.raises(InvalidInput, match="unknown plan 'nope'"):
@@ -1025,8 +1033,8 @@ def test_the_cli_subscribes_changes_and_cancels_in_the_ledger_with_no_sidecar(tm
     sub = ["subscribe", "--customer", "acme", "--plan", "pro", "--idempotency-key", "s1"]
     first, again = meterd(*sub), meterd(*sub)
     assert first.returncode == 0 and first.stdout.startswith("acme: plan pro, period ") and again.stdout == first.stdout
-    refused = meterd("change-plan", "--customer", "acme", "--plan", "slow_pool")
-    assert refused.returncode != 0 and "plans.slow_pool.credits.requests.fallback" in refused.stderr
+    refused = meterd("change-plan", "--customer", "acme", "--plan", "topped")
+    assert refused.returncode != 0 and "plans.topped.credits.requests.low_balance" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert "(cancelled at the period's end)" in meterd("cancel", "--customer", "acme", "--at-period-end").stdout
     assert meterd("cancel", "--customer", "acme").returncode == 0

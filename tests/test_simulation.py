@@ -56,6 +56,7 @@ fee = { usd = "2.00" }
 included = "0.08"
 rollover = { max_percent = 50 }
 overage = { price_in = "usd", limit = "0.03", price = "1" }
+fallback = "relax"
 """
 OVERAGE_LIMIT_NANO = 30_000_000  # the larger plan's
 PER_TOKEN_NANO = 2_500  # $2.50 per 1M tokens
@@ -186,6 +187,8 @@ class Simulation:
             if r.decision == pb.DECISION_ALLOW:
                 assert r.cost_nano == tokens * PER_TOKEN_NANO
                 self.spent[customer] += r.cost_nano
+            elif r.decision == pb.DECISION_DEGRADE:  # sim_plus's fallback: nothing charged
+                assert (customer, r.mode, r.cost_nano) == ("p", "relax", 0)
 
     def _batch(self, i: int, node: Billing, customer: str, tokens: int) -> None:
         events = [self._event(self.rng.choice(CUSTOMERS), self.rng.choice((100, 1_000, 4_000)))
@@ -198,6 +201,8 @@ class Simulation:
             for e, res in zip(events, r.results, strict=True):
                 if res.decision == pb.DECISION_ALLOW:
                     self.spent[e.customer_id] += res.cost_nano
+                elif res.decision == pb.DECISION_DEGRADE:
+                    assert (e.customer_id, res.mode, res.cost_nano) == ("p", "relax", 0)
 
     def _authorize(self, i: int, node: Billing, customer: str, tokens: int) -> None:
         from meterd import wire

@@ -27,9 +27,12 @@ INT64_MAX = (1 << 63) - 1
 # one), then precision, window, quantity, cost and events.
 _ROW = struct.Struct("<iqqqq")
 # A deduction in the outbox (its sequence is the key): "D", time, amount, balance
-# after, then the customer, credit type and reference separated by NUL. Other
-# outbox values are AuditEntry messages, which never start with "D".
+# after, then the customer, credit type and reference separated by NUL. A lease's
+# settlement (ledger mode) starts with "W" (or "S", written by earlier versions).
+# Other outbox values are AuditEntry messages, which never start with any of these
+# (as a protobuf tag, each is an invalid or deprecated wire type).
 _DEDUCTED = struct.Struct("<qqq")
+_TOTALS = struct.Struct("<qq")  # a settlement's running totals: consumed, degraded
 
 
 class Drained:
@@ -99,17 +102,23 @@ def _deducted(at_ms: int, customer: str, ct: str, cost: int, after: int, referen
     return b"D" + _DEDUCTED.pack(at_ms, -cost, after) + "\x00".join((customer, ct, reference)).encode()
 
 
-def settlement_value(customer_id: str, credit_type: str, consumed_total_nano: int) -> bytes:
-    """An outbox row of a lease's consumption (ledger mode): "S", the running total, the customer and credit type."""
-    return b"S" + struct.pack("<q", consumed_total_nano) + f"{customer_id}\x00{credit_type}".encode()
+def settlement_value(customer_id: str, credit_type: str, consumed_total_nano: int, degraded_total_nano: int) -> bytes:
+    """An outbox row of a lease's consumption (ledger mode): "W", the running totals of what was
+    consumed and of what was served in a plan's fallback mode, the customer and credit type."""
+    return b"W" + _TOTALS.pack(consumed_total_nano, degraded_total_nano) + f"{customer_id}\x00{credit_type}".encode()
 
 
 def settlement_of(value: bytes) -> Settlement | None:
-    """The settlement an outbox row holds, or None when it holds an audit entry or a deduction."""
-    if value[:1] != b"S":
+    """The settlement an outbox row holds, or None when it holds an audit entry or a deduction.
+    Rows of kind "S" (written before fallback usage was settled) hold the consumption only."""
+    if value[:1] == b"S":
+        customer, ct = value[9:].decode().split("\x00")
+        return Settlement(customer, ct, struct.unpack_from("<q", value, 1)[0])
+    if value[:1] != b"W":
         return None
-    customer, ct = value[9:].decode().split("\x00")
-    return Settlement(customer, ct, struct.unpack_from("<q", value, 1)[0])
+    consumed, degraded = _TOTALS.unpack_from(value, 1)
+    customer, ct = value[1 + _TOTALS.size:].decode().split("\x00")
+    return Settlement(customer, ct, consumed, degraded)
 
 
 def entry_of(key: bytes, value: bytes) -> Entry:

@@ -83,6 +83,9 @@ class LeaseGrant:
     returned_total_nano: int = 0  # running totals of the lease: given back, and consumed as settled
     consumed_total_nano: int = 0
     headroom_nano: int = 0       # of the balance, a plan's overage allowance (not shown as balance)
+    plan: str = ""               # the customer's plan in the ledger ('': none)
+    degraded_nano: int = 0       # the credit period's fallback usage, as settled (_Sums.degraded)
+    degraded_total_nano: int = 0  # the lease's running total of it, as settled
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Lease:
     expires_at_ms: int
     recall_ms: int
     updated_ms: int
+    degraded_total_nano: int = 0  # its sidecar's fallback usage, in all, as last settled
     acquisitions: int = 0        # lease calls that moved credit into it (read by _own_lease only)
 
 
@@ -127,6 +131,8 @@ class _Sums:
     # amounts less what of them expired and what of their consumption was billed. The
     # balance shown (in entries and reads) is without it: below zero by the overage not yet billed.
     headroom: int = 0
+    # What the credit period's usage served in a plan's fallback mode would have cost, as settled.
+    degraded: int = 0
 
     def moved(self, before: int, after: int) -> None:
         """A lease's amount went from ``before`` to ``after``: its debt with it."""
@@ -166,7 +172,7 @@ class _Bucket:
 
 _SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano, overdrawn_nano, grants_made, "
          "entries_made")
-_SUMS_READ = _SUMS + ", outage_allowance_nano, debts_nano, headroom_nano"
+_SUMS_READ = _SUMS + ", outage_allowance_nano, debts_nano, headroom_nano, degraded_nano"
 _BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
            "expired_nano, source, period_n, rollovers")
 
@@ -177,7 +183,7 @@ def _bucket(r: Sequence[Any]) -> _Bucket:
     return _Bucket(r[0], seq, priority, expires, amount, remaining, leased, consumed, expired, r[9], int(r[10]),
                    int(r[11]))
 _LEASE = ("customer_id, credit_type, incarnation, amount_nano, leased_total_nano, returned_total_nano, "
-          "consumed_total_nano, expires_at_ms, recall_ms, updated_ms")
+          "consumed_total_nano, expires_at_ms, recall_ms, updated_ms, degraded_total_nano")
 
 
 def _lease(r: tuple) -> Lease:
@@ -236,9 +242,10 @@ class Escrow:
         invariant(s.headroom >= 0, f"{customer_id}/{credit_type}: overage headroom {s.headroom}")
         self._exec("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, "
                    "consumed_nano = ?, expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, "
-                   "debts_nano = ?, headroom_nano = ?, updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
-                   (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
-                    s.entries_made, s.debts, s.headroom, now_ms, customer_id, credit_type))
+                   "debts_nano = ?, headroom_nano = ?, degraded_nano = ?, updated_ms = ? WHERE customer_id = ? AND "
+                   "credit_type = ?", (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn,
+                                       s.grants_made, s.entries_made, s.debts, s.headroom, s.degraded, now_ms,
+                                       customer_id, credit_type))
 
     def _buckets(self, customer_id: str, credit_type: str, where: str = "remaining_nano > 0",
                  params: tuple = ()) -> list[_Bucket]:
@@ -569,7 +576,15 @@ class Escrow:
             self._admit(sidecar_id, incarnation, now_ms)
             out = {(c, ct): self._acquire_one(sidecar_id, incarnation, c, ct, need, want, sharers, now_ms)
                    for c, ct, need, want in sorted(wants)}
-        return [out[(c, ct)] for c, ct, _, _ in wants]
+            plans = self._plans_of(sorted({c for c, _, _, _ in wants}))
+        return [dataclasses.replace(out[(c, ct)], plan=plans[c]) if c in plans else out[(c, ct)]
+                for c, ct, _, _ in wants]
+
+    def _plans_of(self, customers: list[str]) -> dict[str, str]:
+        """The plans the customers are on in the ledger (ledger_plans), of those on one."""
+        return {str(c): str(p) for c, p in self._rows(
+            f"SELECT customer_id, plan FROM meterd_subscriptions WHERE plan <> '' AND customer_id IN "
+            f"({', '.join('?' * len(customers))})", tuple(customers))}
 
     def _acquire_one(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, need_nano: int,
                      want_nano: int, sharers: int, now_ms: int) -> LeaseGrant:
@@ -608,7 +623,8 @@ class Escrow:
         self._put_sums(customer_id, credit_type, s, now_ms)  # expiry may have moved it, even without a lease
         return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
                           int(elsewhere), recalled, s.allowance, lease.returned_total_nano, lease.consumed_total_nano,
-                          s.headroom)
+                          s.headroom, degraded_nano=s.degraded,
+                          degraded_total_nano=lease.degraded_total_nano)
 
     def _draw(self, s: _Sums, sidecar_id: str, lease: Lease, size: int, held: dict[str, tuple[_Bucket, int]]) -> None:
         """Move ``size`` of the available buckets, in burn-down order, into a lease: first into
@@ -682,7 +698,7 @@ class Escrow:
         that was replaced is given back first (a replacement racing its lease call)."""
         # One statement: made when missing, and read (locked, in PostgreSQL, by the update).
         r, = self._rows(f"INSERT INTO meterd_leases (sidecar_id, {_LEASE}, acquisitions) VALUES "
-                        "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) "
+                        "(?, ?, ?, ?, 0, 0, 0, 0, 0, 0, ?, 0, 0) ON CONFLICT (sidecar_id, customer_id, credit_type) "
                         f"DO UPDATE SET acquisitions = meterd_leases.acquisitions RETURNING {_LEASE}, acquisitions",
                         (sidecar_id, customer_id, credit_type, incarnation, now_ms))
         lease = _lease(r)
@@ -690,10 +706,12 @@ class Escrow:
             self._take_back(s, sidecar_id, lease, now_ms)
             self._settle_debts(s, customer_id, credit_type, now_ms)
             self._exec("UPDATE meterd_leases SET incarnation = ?, amount_nano = 0, leased_total_nano = 0, "
-                       "returned_total_nano = 0, consumed_total_nano = 0, recall_ms = 0 WHERE sidecar_id = ? AND "
+                       "returned_total_nano = 0, consumed_total_nano = 0, degraded_total_nano = 0, recall_ms = 0 WHERE "
+                       "sidecar_id = ? AND "
                        "customer_id = ? AND credit_type = ?", (incarnation, sidecar_id, customer_id, credit_type))
             lease = dataclasses.replace(lease, incarnation=incarnation, amount_nano=0, leased_total_nano=0,
-                                        returned_total_nano=0, consumed_total_nano=0, recall_ms=0)
+                                        returned_total_nano=0, consumed_total_nano=0, degraded_total_nano=0,
+                                        recall_ms=0)
         return lease
 
     def _move_parts(self, sidecar_id: str, lease: Lease, amount: int, from_end: bool,
@@ -824,6 +842,11 @@ class Escrow:
     def _settle_one(self, s: _Sums, sidecar_id: str, incarnation: str, st: Settlement, now_ms: int) -> None:
         """A lease's consumption up to a running total (again: nothing)."""
         lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
+        degraded = st.degraded_total_nano - lease.degraded_total_nano
+        if st.degraded_total_nano >= 0 and degraded > 0:  # fallback usage: counted, never charged
+            s.degraded = min(s.degraded + degraded, INT64_MAX)
+            self._exec("UPDATE meterd_leases SET degraded_total_nano = ? WHERE sidecar_id = ? AND customer_id = ? AND "
+                       "credit_type = ?", (st.degraded_total_nano, sidecar_id, st.customer_id, st.credit_type))
         delta = st.consumed_total_nano - lease.consumed_total_nano
         if delta > 0:
             ended: list[tuple[_Bucket, int]] = []  # spent of an overage allowance whose period was closed
@@ -875,18 +898,18 @@ class Escrow:
         return s.allowance
 
     def settled_leases(self, sidecar_id: str, incarnation: str,
-                       leases: list[tuple[str, str, int, int, int]]) -> list[bool]:
-        """For each (customer, credit type, leased, given back, consumed) a sidecar holds: whether the
+                       leases: list[tuple[str, str, int, int, int, int]]) -> list[bool]:
+        """For each (customer, credit type, leased, given back, consumed, degraded) a sidecar holds: whether the
         ledger has exactly those running totals, and the lease holds nothing. Such a lease the sidecar
         can forget; the row stays here, and when the sidecar comes back to the customer its running
         totals go on from these (a read, of one moment)."""
         with self._snapshot():
             out = []
-            for cust, ct, leased, returned, consumed in leases:
+            for cust, ct, leased, returned, consumed, degraded in leases:
                 rows = self._rows("SELECT incarnation, amount_nano, leased_total_nano, returned_total_nano, "
-                                  "consumed_total_nano FROM meterd_leases WHERE sidecar_id = ? AND customer_id = ? "
-                                  "AND credit_type = ?", (sidecar_id, cust, ct))
-                out.append(bool(rows) and tuple(rows[0]) == (incarnation, 0, leased, returned, consumed))
+                                  "consumed_total_nano, degraded_total_nano FROM meterd_leases WHERE sidecar_id = ? "
+                                  "AND customer_id = ? AND credit_type = ?", (sidecar_id, cust, ct))
+                out.append(bool(rows) and tuple(rows[0]) == (incarnation, 0, leased, returned, consumed, degraded))
             return out
 
     def leases_of(self, sidecar_id: str) -> list[Lease]:
@@ -907,7 +930,7 @@ class Escrow:
         for r in self._rows(f"SELECT credit_type, {_SUMS_READ}, updated_ms FROM meterd_balances WHERE "
                             "customer_id = ? ORDER BY credit_type", (customer_id,)):
             ct = r[0]
-            s = _Sums(*(int(v) for v in r[1:12]))
+            s = _Sums(*(int(v) for v in r[1:13]))
             buckets = [dataclasses.asdict(b) for b in self._buckets(customer_id, ct,
                                                                     "remaining_nano > 0 OR leased_nano > 0")]
             leases = [{"sidecar_id": row[0], "amount_nano": int(row[1]), "updated_ms": int(row[2])}

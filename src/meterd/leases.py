@@ -40,12 +40,14 @@ import hashlib
 import heapq
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from meterd import records
 from meterd.catalog import Catalog
 from meterd.clock import Clock
 from meterd.config import Settings
+from meterd.corespec import relax_priority
 from meterd.drain import settlement_value
 from meterd.errors import ConfigError, Conflict, InvalidInput, LimitReached, MeterdError, NotFound, Unavailable
 from meterd.escrow import Escrow, Granted, LeaseGrant
@@ -58,6 +60,9 @@ from meterd.records import Kind
 from meterd.results import Keyed, LeaseRow, LeaseView
 from meterd.state import Live
 from meterd.store import Op, Store
+
+T = TypeVar("T")
+INT64_MAX = (1 << 63) - 1
 
 log = logging.getLogger("meterd.leases")
 
@@ -87,12 +92,13 @@ class Held:
     __slots__ = ("leased_in", "given_back", "borrowed", "allowance_nano", "sent_back", "expires_at_ms", "unit_nano",
                  "rate_nano_s", "mark_nano", "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms",
                  "exhausted_until", "uncertain", "last_size", "acquired_ms", "acquired_consumed", "asked_flush_ms",
-                 "fresh", "verified_ms", "lock")
+                 "fresh", "verified_ms", "lock", "degraded", "plan", "degraded_central", "degraded_mark")
 
     def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0, borrowed: int = 0,
-                 allowance_nano: int = 0) -> None:
+                 allowance_nano: int = 0, degraded: int = 0) -> None:
         self.leased_in = leased_in      # running totals, durable in LMDB ("leases")
         self.given_back = given_back
+        self.degraded = degraded        # and of what its plan's fallback served would have cost
         self.borrowed = borrowed        # credited beyond the lease in an outage, not yet repaid or cancelled
         self.allowance_nano = allowance_nano  # the customer's outage allowance, as the ledger last said
         self.sent_back = given_back     # what the ledger has acknowledged of given_back (-1: not known)
@@ -118,6 +124,11 @@ class Held:
         self.fresh = False
         self.verified_ms = 0            # when the ledger was last asked whether this lease can be forgotten
         self.lock = asyncio.Lock()
+        # The customer's plan in the ledger, the credit period's fallback usage there, and what the
+        # ledger has of ``degraded``, as the last answer said: the priority hint of a degraded decision.
+        self.plan = ""
+        self.degraded_central = 0
+        self.degraded_mark = 0
 
     def consumed(self, balance: int) -> int:
         """What has been spent of the lease, given its balance in the core."""
@@ -125,7 +136,7 @@ class Held:
 
     def doc(self) -> bytes:
         return json.dumps({"leased_in": self.leased_in, "given_back": self.given_back, "borrowed": self.borrowed,
-                           "allowance_nano": self.allowance_nano}).encode()
+                           "allowance_nano": self.allowance_nano, "degraded": self.degraded}).encode()
 
 
 def check_catalog(catalog: Catalog) -> None:
@@ -198,7 +209,7 @@ class Leases:
                 continue
             doc = json.loads(value)
             h = self.held[(cust, ct)] = Held(doc["leased_in"], doc["given_back"], now, doc.get("borrowed", 0),
-                                             doc.get("allowance_nano", 0))
+                                             doc.get("allowance_nano", 0), doc.get("degraded", 0))
             # Sent again at the next heartbeat: the ledger may not have heard of the last one.
             h.sent_back = -1 if h.given_back else 0
             h.uncertain = True
@@ -282,7 +293,7 @@ class Leases:
             state = core.state(idx)[0]
             for ct in sorted(cts):
                 h = self.held[(cust, ct)]
-                out.append(settlement_value(cust, names[ct].name, h.consumed(state[ct][0])))
+                out.append(settlement_value(cust, names[ct].name, h.consumed(state[ct][0]), h.degraded))
         return out
 
     def view(self, customer_id: str, ct: int) -> LeaseView | None:
@@ -302,6 +313,64 @@ class Leases:
             out.append(LeaseRow(cust, names[ct].name, self._balance(cust, ct), self.available(cust, ct), h.leased_in,
                                 h.given_back, h.expires_at_ms, h.rate_nano_s, h.borrowed, h.allowance_nano))
         return out
+
+    # ---- a plan's fallback -------------------------------------------------------------
+    # A customer's account sits on no plan in the core here (plan 0: its twin without a fallback),
+    # so that what its lease cannot cover is denied and the lease is topped up. Only what no top-up
+    # covers is served in the fallback mode: applied again with the account on its plan for that
+    # call alone, between two PLAN log records, so that a replay does the same.
+
+    def fallback(self, customer_id: str, ct: int) -> tuple[int, str, int] | None:
+        """The customer's plan (its index in the core), as the ledger last said, when it has a
+        fallback mode for the credit type: with the mode and the priority hint of the customer's
+        degraded usage this credit period: the ledger's sum (other sidecars' lags by their flush and
+        this sidecar's next lease answer) and what this sidecar has not settled of it. None: no
+        fallback (denied)."""
+        h = self.held.get((customer_id, ct))
+        plan = self.live.catalog.plan_index.get(h.plan) if h is not None and h.plan else None
+        policy = plan.credits.get(ct) if plan is not None else None
+        if h is None or plan is None or policy is None or not policy.fallback:
+            return None
+        degraded = max(h.degraded_central + h.degraded - h.degraded_mark, 0)
+        return plan.index, policy.fallback, relax_priority(degraded, policy.priority_step_nano)
+
+    def degrade(self, leases: set[tuple[str, int]],
+                apply: Callable[[], T]) -> tuple[T, Callable[[list[bytes]], list[Op]]]:
+        """``apply`` (the core's application of denied requests again) with the accounts of the
+        customers whose leases (customer, credit type) have a fallback on their plans: what their
+        balances cannot cover is served degraded. Returns its result, and what makes the ops of the
+        log records the caller writes of it: between the PLAN records, then the leases' totals."""
+        core, at = self.live.core, self.clock.now_ms()
+        plans: dict[str, int] = {}
+        for customer_id, ct in sorted(leases):
+            fb = self.fallback(customer_id, ct)
+            if fb is not None:
+                plans[customer_id] = fb[0]
+        idx = {c: core.open_account(c.encode()) for c in plans}
+        watched = [(c, ct) for c in plans for ct in sorted(self.of_customer.get(c, ()))]
+        before = [core.state(idx[c])[0][ct][4] for c, ct in watched]
+        for c, p in plans.items():
+            core.set_plan(idx[c], p)
+        try:
+            out = apply()
+        finally:
+            for c in plans:
+                core.set_plan(idx[c], 0)
+        docs: list[Op] = []
+        for (c, ct), b in zip(watched, before, strict=True):
+            delta = core.state(idx[c])[0][ct][4] - b
+            if delta > 0:
+                h = self.held[(c, ct)]
+                h.degraded = min(h.degraded + delta, INT64_MAX)  # settled with the consumption
+                docs.append(("leases", self._key(c, ct), h.doc()))
+                self.counts["degraded"] += 1
+
+        def ops(logged: list[bytes]) -> list[Op]:
+            log = self.journal.log_op
+            return [log(records.account(Kind.PLAN, c.encode(), 0, p, at)) for c, p in plans.items()] + \
+                [log(r) for r in logged] + \
+                [log(records.account(Kind.PLAN, c.encode(), 0, 0, at)) for c in plans] + docs
+        return out, ops
 
     # ---- the ledger's side ------------------------------------------------------------
 
@@ -429,10 +498,12 @@ class Leases:
             h.fresh = False
             h.leased_in = h.sent_back = h.given_back = g.returned_total_nano
             h.leased_in += g.consumed_total_nano
+            h.degraded = g.degraded_total_nano
         if g.expires_at_ms and g.expires_at_ms != h.expires_at_ms and g.expires_at_ms > self.clock.now_ms():
             heapq.heappush(self._ending, (g.expires_at_ms, customer_id, ct))
         h.expires_at_ms, h.elsewhere_nano = g.expires_at_ms, g.elsewhere_nano
         h.central_nano = g.available_nano - g.headroom_nano  # as a balance: a plan's overage allowance is none
+        h.plan, h.degraded_central, h.degraded_mark = g.plan, g.degraded_nano, g.degraded_total_nano
         h.seen_ms = self.clock.now_ms()
         if g.granted_nano:
             h.last_size = g.granted_nano
@@ -780,7 +851,7 @@ class Leases:
         now = self.clock.now_ms()
         idle_ms = self.settings.lease_idle_s * 1000
         asks: list[tuple[str, int, Held, int, int]] = []  # lease calls, made together (one transaction)
-        forget: list[tuple[str, int, Held, int, int, int]] = []  # leases that may be forgotten, asked together
+        forget: list[tuple[str, int, Held, int, int, int, int]] = []  # leases that may be forgotten, asked together
         for customer_id, ct in chosen:
             h = self.held.get((customer_id, ct))
             if h is None or h.lock.locked():
@@ -804,7 +875,8 @@ class Leases:
                     await self.give_back(customer_id, ct)
             elif idle and now - h.verified_ms >= idle_ms and self._empty(h, customer_id, ct):
                 h.verified_ms = now  # asked at most once per idle period
-                forget.append((customer_id, ct, h, h.leased_in, h.given_back, self._consumed(h, customer_id, ct)))
+                forget.append((customer_id, ct, h, h.leased_in, h.given_back, self._consumed(h, customer_id, ct),
+                               h.degraded))
             elif h.rate_nano_s and free < max(h.unit_nano, int(h.rate_nano_s * self.settings.lease_low_water_s),
                                               h.last_size // 5):
                 # Below its low-water mark (or a fifth of its last size: a rate that fell in a pause comes
@@ -822,18 +894,19 @@ class Leases:
         return not h.fresh and not h.uncertain and not h.borrowed and h.sent_back == h.given_back and \
             self._balance(customer_id, ct) == 0
 
-    async def _forget(self, leases: list[tuple[str, int, Held, int, int, int]]) -> None:
+    async def _forget(self, leases: list[tuple[str, int, Held, int, int, int, int]]) -> None:
         """Forget idle, empty leases whose running totals the ledger has exactly (all settled), so
         that a sidecar's memory and LMDB hold only the leases in use. The ledger keeps the row; a lease
         made again for the customer takes its running totals up from there (Held.fresh)."""
         names = self.live.catalog.credit_types
         try:
-            asked = [(c, names[ct].name, leased, given, consumed) for c, ct, _, leased, given, consumed in leases]
+            asked = [(c, names[ct].name, leased, given, consumed, degraded)
+                     for c, ct, _, leased, given, consumed, degraded in leases]
             settled = await self._escrow("settled_leases", *self._ids(), asked)
         except Exception:  # noqa: BLE001 - asked again after the next idle period
             return
         ops: list[Op] = []
-        for (customer_id, ct, h, leased, given, _), yes in zip(leases, settled, strict=True):
+        for (customer_id, ct, h, leased, given, _, _), yes in zip(leases, settled, strict=True):
             # Unchanged meanwhile (a reload renumbers or replaces leases; a top-up holds the lock).
             if not yes or self.held.get((customer_id, ct)) is not h or h.lock.locked() or \
                     (h.leased_in, h.given_back) != (leased, given) or not self._empty(h, customer_id, ct):

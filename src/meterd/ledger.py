@@ -233,6 +233,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             spent_ms BIGINT NOT NULL,
             PRIMARY KEY (customer_id, credit_type))""",
     ]),
+    (5, "fallback usage of plans in ledger mode", [
+        # What the credit period's usage served in a plan's fallback mode would have cost, as
+        # sidecars settled it (the priority hint of degraded answers; the roll's "degraded" entry).
+        "ALTER TABLE meterd_balances ADD COLUMN degraded_nano BIGINT NOT NULL DEFAULT 0",
+        # A lease's running total of it, as its sidecar last settled it.
+        "ALTER TABLE meterd_leases ADD COLUMN degraded_total_nano BIGINT NOT NULL DEFAULT 0",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -326,6 +333,9 @@ class Settlement:
     customer_id: str
     credit_type: str
     consumed_total_nano: int
+    # What the lease's sidecar served in the plan's fallback mode would have cost, in all (a
+    # running total; -1: not told, in an outbox row written before it was).
+    degraded_total_nano: int = -1
 
 
 @dataclass(frozen=True)

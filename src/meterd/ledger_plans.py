@@ -187,8 +187,6 @@ class LedgerPlans:
                                "sidecar would give them again)")
         for ct, policy in plan.credits.items():
             key = f"{where}.credits.{self._name(ct)}"
-            if policy.fallback:
-                raise InvalidInput("plan", f"{key}.fallback: a fallback mode is served in local mode only for now")
             if policy.low_balance_nano is not None:
                 raise InvalidInput("plan", f"{key}.low_balance: automatic top-up requests are served in local mode "
                                    "only for now")
@@ -256,6 +254,7 @@ class LedgerPlans:
             if at_period_end:
                 sub.cancel_at_end = True
             else:
+                self._period_usage(sums, sub, plan, now_ms, now_ms)
                 for ct, policy in (plan.credits.items() if plan else []):
                     s, name = sums[self._name(ct)], self._name(ct)
                     self._settle_overage(s, sub, name, policy, "cancel", now_ms, now_ms)
@@ -482,6 +481,7 @@ class LedgerPlans:
             if policy.arrears:
                 self._arrears(s, sub, name, now_ms, at)
             self._close_allowance(s, sub, name, now_ms)
+        self._period_usage(sums, sub, plan, now_ms, at)
         planned = {self._name(ct) for ct in (plan.credits if plan else {})}
         for name in sorted(set(sums) - planned):
             # Period credits of a credit type the plan no longer has (a plan change): they expire
@@ -508,6 +508,19 @@ class LedgerPlans:
         if billing:
             self._billing_period(sums, sub, plan, now_ms, boundary)
             self._fees(sums, sub, plan, now_ms, boundary)
+
+    def _period_usage(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan | None, now_ms: int,
+                      at: int) -> None:
+        """The credit period's usage is done with: what its fallback served would have cost, as
+        settled by the sidecars (a "degraded" entry per credit type, as local mode's
+        ``Subscriptions.period_usage``), starts again."""
+        for ct, policy in (plan.credits.items() if plan else []):
+            s = sums[self._name(ct)]
+            if s.degraded > 0 and policy.fallback:
+                self._entry(s, sub.customer_id, self._name(ct), "degraded", s.degraded, s.shown,
+                            f"served in {policy.fallback} mode, not charged", now_ms, at)
+        for s in sums.values():
+            s.degraded = 0
 
     def _unsettled(self, customer_id: str, boundary: int) -> bool:
         """Some lease holds credit of a period ending by ``boundary`` and has not settled past it."""

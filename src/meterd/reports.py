@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
+from typing import TypeVar
 
 from meterd import records, validate
 from meterd.clock import Clock
@@ -23,6 +25,7 @@ from meterd.leases import Cover, Leases
 from meterd.records import Kind
 from meterd.results import (
     DECISION_NAMES,
+    DEGRADE,
     DENY,
     REASON_LEDGER_UNAVAILABLE,
     REASON_OVERFLOW,
@@ -35,6 +38,8 @@ from meterd.state import ClientState, Live
 from meterd.store import Op, Store, from_u64, u64
 from meterd.subscriptions import Subscriptions
 from meterd.v1 import meter_pb2
+
+T = TypeVar("T")
 
 # The duplicate flags appended to a remembered answer (field 6 of ReportResponse,
 # field 5 of ReportBatchResponse, each a varint 1): the hot paths answer in wire form.
@@ -178,6 +183,22 @@ class Reports:
         assert self.leases is not None  # for mypy: only asked in ledger mode
         return Cover.SHORT if need is None else await self.leases.cover(*need, validate.label_of(tenant))
 
+    def _fall_back(self, event: meter_pb2.UsageEvent, core: object,
+                   apply: Callable[[], T]) -> tuple[T, Callable[[list[bytes]], list[Op]], int] | None:
+        """A denied event whose customer's plan has a fallback mode for its credit type: applied
+        again (``apply``), served degraded unless its balance now covers it. Returns its outcome,
+        what makes the ops of its log record (Leases.degrade; written even if it is still denied:
+        its account may be new) and the priority hint after it; None when there is no fallback."""
+        need = self._need(event)
+        assert self.leases is not None  # for mypy: only asked in ledger mode
+        if need is None or self.leases.fallback(need[0], need[1]) is None:
+            return None
+        self._after_wait(core)
+        self.live.core.set_clock(self.clock.now_ms())
+        out, logged = self.leases.degrade({need[:2]}, apply)
+        fb = self.leases.fallback(need[0], need[1])
+        return out, logged, fb[2] if fb is not None else 0
+
     async def _second_chance(self, data: bytes, result: bytes, tenant: Tenant | None) -> bytes | None:
         """The denied events of a batch, after their leases were topped up: applied again as
         a batch of their own (its own log record), and merged into the batch's answer.
@@ -202,8 +223,9 @@ class Reports:
         covered = await asyncio.gather(*(leases.cover(c, ct, total, label) for (c, ct), (total, _) in asked))
         away_leases = {key for (key, _), ok in zip(asked, covered, strict=True) if ok is Cover.UNAVAILABLE}
         away = {i for i, key in lease_of.items() if key in away_leases}  # events denied for want of the ledger
-        if not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in zip(asked, covered,
-                                                                                               strict=True)):
+        falling = {key for key, _ in asked if leases.fallback(*key) is not None}  # served degraded if still short
+        if not falling and not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in
+                                   zip(asked, covered, strict=True)):
             return self._unavailable(resp, away) if away else None
         self.journal.check_writable()  # events are named by their place in the batch: a reload meanwhile is harmless
         sub = meter_pb2.ReportBatchRequest(events=[req.events[i] for i in retry], details=req.details)
@@ -211,12 +233,20 @@ class Reports:
         at = self.clock.now_ms()
         core = self.live.core
         core.set_clock(at)
-        accepted, denied, degraded, details = core.apply_batch(sub_data, None if tenant is None else tenant.prefix)
+        (accepted, denied, degraded, details), logged = leases.degrade(
+            falling, lambda: core.apply_batch(sub_data, None if tenant is None else tenant.prefix))
         if not accepted:
+            if falling:  # the accounts it opened, if any, are opened again by a replay
+                self.journal.submit_ahead(logged([]))
             return self._unavailable(resp, away) if away else None
         again = meter_pb2.ReportBatchResponse.FromString(details)
-        self.journal.submit_ahead([self.journal.log_op(records.message(Kind.BATCH, sub_data, at))]
-                                  + self.subscriptions.alert_ops())
+        hint = {key: fb[2] for key in falling if (fb := leases.fallback(*key)) is not None}
+        for g in again.degradations:  # across sidecars (Leases.fallback), after the batch
+            g.priority = hint.get(lease_of.get(retry[g.index], ("", -1)), g.priority)
+        for r in again.results:
+            if r.decision == DEGRADE:
+                r.priority = hint.get(lease_of.get(retry[r.index], ("", -1)), r.priority)
+        self.journal.submit_ahead(logged([records.message(Kind.BATCH, sub_data, at)]) + self.subscriptions.alert_ops())
         self.decisions[("ReportBatch", "allow")] += accepted - degraded
         self.decisions[("ReportBatch", "degrade")] += degraded
         self.decisions[("ReportBatch", "deny")] -= accepted
@@ -309,8 +339,10 @@ class Reports:
         if out is None:
             return await self._report_keyed(data, tenant)
         decision, response = out
+        logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
         if decision == DENY and self.leases is not None:
-            covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event, tenant)
+            event = meter_pb2.ReportRequest.FromString(data).event
+            covered = await self._covered(event, tenant)
             if covered:
                 self._after_wait(core)
                 core.set_clock(self.clock.now_ms())
@@ -323,8 +355,21 @@ class Reports:
                 if answer.reason != REASON_OVERFLOW:
                     answer.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
                     response = answer.SerializeToString()
+            if decision == DENY:
+                fell = self._fall_back(event, core, lambda: core.report_wire(data, None if tenant is None
+                                                                             else tenant.prefix))
+                if fell is not None:
+                    again, logged, priority = fell
+                    assert again is not None  # for mypy: a key-less event stays key-less
+                    at = self.clock.now_ms()
+                    if again[0] != DENY:
+                        decision, response = again
+                        answer = meter_pb2.ReportResponse.FromString(response)
+                        answer.priority = priority
+                        response = answer.SerializeToString()
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
-        ops = [self.journal.log_op(records.message(Kind.REPORT, data, at))] if decision != DENY else []
+        message = [records.message(Kind.REPORT, data, at)] if decision != DENY else []
+        ops = logged(message) if logged else [self.journal.log_op(r) for r in message]
         ops += self.subscriptions.alert_ops()
         if ops:
             await self.journal.commit_with(ops)
@@ -363,13 +408,24 @@ class Reports:
             core.set_clock(at)
             decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                               else tenant.prefix)
+        logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
+        if decision == DENY and self.leases is not None:
+            fell = self._fall_back(meter_pb2.ReportRequest.FromString(data).event, core,
+                                   lambda: core.report(data, None if tenant is None else tenant.prefix))
+            if fell is not None:
+                again, logged, hint = fell
+                at = self.clock.now_ms()
+                if again[0] != DENY:
+                    decision, reason, ct, cost, balance, mode, _ = again
+                    priority = hint
         if decision == DENY and covered is Cover.UNAVAILABLE and reason != REASON_OVERFLOW:
             reason = REASON_LEDGER_UNAVAILABLE
         self.decisions[("Report", DECISION_NAMES[decision])] += 1
         response = meter_pb2.ReportResponse(
             decision=decision, reason=reason, credit_type=self.live.catalog.credit_types[ct].name,  # type: ignore[arg-type]
             cost_nano=cost, balance_nano=balance, mode=mode.decode(), priority=priority).SerializeToString()
-        ops = [self.journal.log_op(records.message(Kind.REPORT, data, at))] if decision != DENY else []
+        message = [records.message(Kind.REPORT, data, at)] if decision != DENY else []
+        ops = logged(message) if logged else [self.journal.log_op(r) for r in message]
         ops += self.subscriptions.alert_ops()
         # Nothing is kept for a customer that does not exist, nor for a refusal that a retry may not get.
         if reason not in (REASON_UNKNOWN_CUSTOMER, REASON_LEDGER_UNAVAILABLE):
