@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
-from billing import Billing
+from billing import NANO, Billing
 
-from meterd.clock import ManualClock
+from meterd import wire
+from meterd.clock import Clock, ManualClock
 from meterd.config import load_settings
 from meterd.errors import ConfigError, InvalidInput
 from meterd.escrow import Escrow, lease_size
@@ -952,3 +953,56 @@ def test_a_lease_made_again_is_not_written_before_its_first_answer(tmp_path: Pat
     assert allowed == 22  # what is left of 25, no more
     node.run(node.engine.leases.return_all())
     assert _consumed(node, ledger_url) == 25 * COST
+
+
+class SkewedClock(Clock):
+    """The machine's clock off by ``offset_ms``: a sidecar whose time synchronisation failed."""
+
+    def __init__(self, offset_ms: int = 0) -> None:
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        return super().now_ms() + self.offset_ms
+
+
+def _measured(node: Billing) -> None:
+    """One heartbeat that measured the clock (one whose ledger call took too long to tell does not)."""
+    leases = node.engine.leases
+    for _ in range(100):
+        checks = leases.counts["clock_checks"]
+        node.run(leases.beat())
+        if leases.counts["clock_checks"] > checks:
+            return
+    raise AssertionError("no heartbeat could measure the clock")
+
+
+def test_a_sidecar_whose_clock_is_off_spends_no_leased_credit_until_it_is_right(tmp_path, monkeypatch, ledger_url):
+    clock = SkewedClock(-500)  # within lease_clock_skew_max_ms (2 s): served
+    node = _one(tmp_path, ledger_url, monkeypatch, clock=clock)  # type: ignore[arg-type]
+    leases = node.engine.leases
+    with Ledger(ledger_url) as lg:
+        Escrow(lg).grant("acme", "usd", 10 * NANO, 0, 0, "test", "", clock.now_ms())
+    _measured(node)
+    assert not leases.skewed
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    assert leases.available("acme", 0) > 0  # the rest of its lease, in its core
+
+    clock.offset_ms = -5_000
+    _measured(node)
+    assert leases.skewed and abs(leases.clock_offset_ms + 5_000) <= 1_000  # measured within half the allowed skew
+    assert leases.available("acme", 0) == 0  # its lease's free credit is out of the core
+    r = node.report("acme", "input_tokens", 1_000, model="gpt-4o")
+    assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_LEDGER_UNAVAILABLE)
+    status = wire.ledger_status(node.engine)
+    assert "clock is" in status.leases_error and "lease_clock_skew_max_ms=2000" in status.leases_error
+
+    clock.offset_ms = 0
+    _measured(node)
+    assert not leases.skewed and wire.ledger_status(node.engine).leases_error == ""
+    assert node.report("acme", "input_tokens", 1_000, model="gpt-4o").decision == pb.DECISION_ALLOW
+    node.run(leases.return_all())
+    node.flush()
+    with Ledger(ledger_url) as lg:
+        (bal,) = [b for b in Escrow(lg).balance("acme", clock.now_ms()) if b["credit_type"] == "usd"]
+        assert bal["balance_nano"] == 10 * NANO - 2 * 1_000 * 2_500  # two requests of $2.50 per 1M tokens
+        assert Escrow(lg).check() == []

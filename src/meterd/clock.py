@@ -16,6 +16,10 @@ class Clock:
     """Wall-clock time in milliseconds since the epoch (UTC); and, for deadlines and
     waits, monotonic time and sleeping (a simulation replaces both)."""
 
+    # The machine's clock (or one meant to agree with it): in ledger mode, checked against the
+    # ledger's (lease_clock_skew_max_ms). Clocks that tests and test_clock move are not.
+    wall = True
+
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
 
@@ -28,6 +32,8 @@ class Clock:
 
 class ManualClock(Clock):
     """A clock that moves only when told to."""
+
+    wall = False
 
     def __init__(self, ms: int) -> None:
         self.ms = ms
@@ -43,6 +49,8 @@ class TestClock(Clock):
     """The wall clock moved ahead by an offset that only grows (``test_clock = true``):
     an operator advances it to watch period boundaries, rollovers and statements
     happen. The offset is kept in the data directory, so a restart keeps the time."""
+
+    wall = False
 
     def __init__(self, offset_ms: int = 0) -> None:
         self.offset_ms = offset_ms

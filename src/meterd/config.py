@@ -106,6 +106,11 @@ class Settings:
     # How often a sidecar asks the ledger which of its leases are wanted back.
     lease_heartbeat_ms: int = 200
     lease_idle_s: float = 30.0     # a lease not spent from for this long is given back
+    # A sidecar whose clock is further than this off the ledger's (measured at each heartbeat)
+    # spends no leased credit, and makes no lease calls, until it is back within (0: not checked).
+    # Credits that end (a plan's period, a grant's expiry) end by the sidecar's clock: this bounds
+    # how long after its end, by the ledger's, a period's credit can be spent.
+    lease_clock_skew_max_ms: int = 2_000
     leases_max: int = 100_000      # leases held at once (customers times credit types)
     # TLS for both listeners (PEM files, read again on SIGHUP). A client CA turns
     # on mutual TLS: every client must present a certificate it signed.
@@ -328,6 +333,7 @@ def _check_leases(s: Settings) -> None:
          "must be at least twice lease_heartbeat_ms, so that a recall can come back within it")
     _need(s.lease_wait_ms <= s.ledger_timeout_s * 1000, "lease_wait_ms", "must be at most ledger_timeout_s")
     _need(s.lease_idle_s > 0, "lease_idle_s", "must be positive")
+    _need(0 <= s.lease_clock_skew_max_ms <= 600_000, "lease_clock_skew_max_ms", "must be 0 (not checked) to 600000")
     _need(1 <= s.leases_max <= 10_000_000, "leases_max", "must be 1 to 10000000")
 
 

@@ -193,6 +193,8 @@ class Leases:
         self._ending: list[tuple[int, str, int]] = []
         self._settled_at_end: set[str] = set()  # customers a lease was settled for at its end: a roll may be due
         self._on_demand: dict[str, float] = {}  # customer -> monotonic time before which no roll is asked on demand
+        self.clock_offset_ms = 0  # this sidecar's clock less the ledger's, as last measured
+        self.skewed = False       # further off than lease_clock_skew_max_ms: no leased credit is spent
 
     # ---- state ------------------------------------------------------------------------
 
@@ -541,6 +543,9 @@ class Leases:
             return Cover.SHORT
         if self.fenced or self.journal.closing:
             return Cover.UNAVAILABLE
+        if self.skewed:
+            self.counts["denied_clock_skew"] += 1
+            return Cover.UNAVAILABLE
         h = self.held.get((customer_id, ct))
         if h is None:
             # A customer not held here costs a lease call: at most so many per heartbeat (and per
@@ -723,7 +728,44 @@ class Leases:
         await self._heartbeat()
         await self._look_after()
 
+    async def _check_clock(self) -> None:
+        """This sidecar's clock against the ledger's, at each heartbeat (lease_clock_skew_max_ms).
+        Further off, it takes every lease's free credit out of its core (given back, for the ledger
+        to hear of once the clock is right again) and makes no lease calls: its leases' ends, the
+        ledger's expiry of credits and its period rolls would all be off by as much."""
+        skew_max = self.settings.lease_clock_skew_max_ms
+        if not skew_max or not self.clock.wall:
+            return
+        before = self.clock.now_ms()
+        ledger_ms = await self.link.call(lambda ledger: ledger.now_ms())
+        after = self.clock.now_ms()
+        if after - before > skew_max // 2:
+            return  # the answer took too long to tell: the last measurement stands
+        self.clock_offset_ms = (before + after) // 2 - ledger_ms
+        self.counts["clock_checks"] += 1
+        skewed = abs(self.clock_offset_ms) > skew_max
+        if skewed and not self.skewed:
+            log.error("this sidecar's clock is %+d ms off the ledger's (at most %d allowed): it spends no leased "
+                      "credit until its clock is right", self.clock_offset_ms, skew_max)
+            ops: list[Op] = []
+            for (customer_id, ct), h in self.held.items():
+                ops += self._give_ops(customer_id, ct, h)[0]  # sent once the clock is right again
+            if ops:
+                self.journal.submit_ahead(ops)
+        elif self.skewed and not skewed:
+            self.last_error = ""
+            log.warning("this sidecar's clock is back within %d ms of the ledger's (%+d ms): leases are served again",
+                        skew_max, self.clock_offset_ms)
+        self.skewed = skewed
+        if skewed:
+            self.counts["clock_skewed_beats"] += 1
+            self.last_error = f"this sidecar's clock is {self.clock_offset_ms:+d} ms off the ledger's " \
+                              f"(lease_clock_skew_max_ms={skew_max}): no leased credit is spent"
+
     async def _heartbeat(self) -> None:
+        await self._check_clock()
+        if self.skewed:
+            return
         self._beats += 1
         self.lookups = 0
         self.lookups_of.clear()
@@ -843,7 +885,7 @@ class Leases:
 
     async def _look_after(self) -> None:
         keys = list(self.held)
-        if not keys:
+        if not keys or self.skewed:  # no lease calls while this sidecar's clock is off (_check_clock)
             return
         start = self._scan_from % len(keys)
         chosen = (keys[start:] + keys[:start])[:SCAN_PER_HEARTBEAT_MAX]

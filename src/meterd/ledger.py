@@ -527,6 +527,13 @@ class Ledger:
                 applied.append(version)
         return applied
 
+    def now_ms(self) -> int:
+        """The ledger's time: PostgreSQL's server clock; a SQLite ledger's is this machine's."""
+        if self.dialect == "sqlite":
+            return time.time_ns() // 1_000_000
+        (ms,), = self._rows("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint")
+        return int(ms)
+
     def check_schema(self) -> None:
         version = self.schema_version()
         if version == 0:
