@@ -129,14 +129,33 @@ def _spread(ledger: list[float], local: list[float]) -> dict:
             "pair_ratios_min": round(min(pairs), 3), "pair_ratios_max": round(max(pairs), 3)}
 
 
+def _subscribe_all(url: str, customers: int) -> float:
+    """Every bench customer subscribed to the bench plan in the ledger; returns the seconds it took."""
+    from meterd.catalog import load_catalog
+    from meterd.ledger_plans import LedgerPlans
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "catalog.toml"
+        load.bench_catalog(path, 0, plan=True)
+        catalog = load_catalog(str(path))
+    with Ledger(url) as lg:
+        plans = LedgerPlans(Escrow(lg), catalog)
+        for i in range(customers):
+            now = int(time.time() * 1000)
+            plans.subscribe(f"c{i}", "bench", now, now)
+    return time.monotonic() - started
+
+
 def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str], None],
-             customers: int = 1_000) -> dict:
+             customers: int = 1_000, plans: bool = False) -> dict:
     """Ledger mode against local mode, interleaved, on the same load: batches over ``customers``
-    customers (each sidecar's active customers; the whole suite's ingest uses 10,000)."""
+    customers (each sidecar's active customers; the whole suite's ingest uses 10,000). With
+    ``plans``: every customer on the bench plan in both modes (its included credits, and its
+    overage allowance, leased as a plan's buckets in ledger mode)."""
     load.CUSTOMERS = customers  # the client processes (forked) draw their batches' customers from it
-    url = pg.database("meterd_bench_hot")
-    progress(f"ledger: granting {customers} customers centrally")
-    granted_s = _grant_all(url, customers, BIG_NANO)
+    url = pg.database("meterd_bench_plans" if plans else "meterd_bench_hot")
+    progress(f"ledger: {'subscribing' if plans else 'granting'} {customers} customers centrally")
+    granted_s = _subscribe_all(url, customers) if plans else _grant_all(url, customers, BIG_NANO)
     ports = {"local": load.free_port(), "ledger": load.free_port()}
     envs = {"local": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['local']}"},
             "ledger": {"METERD_METRICS_LISTEN": f"127.0.0.1:{ports['ledger']}", "METERD_BALANCES": "ledger",
@@ -146,8 +165,8 @@ def hot_path(pg: Postgres, seconds: float, trials: int, progress: Callable[[str]
     report: dict[str, list[float]] = {"local": [], "ledger": []}
     h2 = not unary.available()
     request = load.report_request()
-    with load.Server("meterd", env=envs["local"], customers=customers) as local, \
-            load.Server("meterd", env=envs["ledger"], customers=customers, seeded=False) as ledger:
+    with load.Server("meterd", env=envs["local"], customers=customers, plan=plans) as local, \
+            load.Server("meterd", env=envs["ledger"], customers=customers, seeded=False, plan=plans) as ledger:
         servers = {"local": local, "ledger": ledger}
         progress("ledger: warming up the local sidecar")
         load.drive(local.target, "ReportBatch", processes=2, seconds=seconds, inflight=16, batch=1000)
@@ -372,6 +391,7 @@ def run(seconds: float, trials: int, progress: Callable[[str], None], only: str 
         return {"skipped": "psycopg is not installed: pip install '.[postgresql]'"}
     parts: dict[str, Callable[[Postgres], dict]] = {
         "hot_path": lambda pg: hot_path(pg, seconds, trials, progress),
+        "hot_path_plans": lambda pg: hot_path(pg, seconds, trials, progress, plans=True),
         "pinned": lambda pg: pinned(pg, max(trials, 7), progress),
         "ledger_load": lambda pg: ledger_load(pg, 32, 10_000, seconds, progress),
         "steady": lambda pg: steady(pg, progress),
@@ -384,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--only", choices=("hot_path", "pinned", "ledger_load", "steady", "contested"),
+    parser.add_argument("--only", choices=("hot_path", "hot_path_plans", "pinned", "ledger_load", "steady",
+                                           "contested"),
                         help="one part")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
     args = parser.parse_args(argv)

@@ -61,28 +61,43 @@ def free_port() -> int:
 # ---- servers -------------------------------------------------------------------------------
 
 
-def bench_catalog(path: Path, customers: int = CUSTOMERS) -> None:
-    """The demo catalog's meters, and customers with large balances."""
+# A plan for the runs with plans: a month's included dollars that no run spends, and an overage
+# allowance after them (leased too, in ledger mode), so that each debit goes through a plan's buckets.
+BENCH_PLAN = f"""
+[plans.bench]
+fee = {{ usd = "1.00" }}
+[plans.bench.credits.usd]
+included = "{BALANCE}"
+overage = {{ price = "1", price_in = "usd", limit = "100" }}
+"""
+
+
+def bench_catalog(path: Path, customers: int = CUSTOMERS, plan: bool = False) -> None:
+    """The demo catalog's meters, and customers with large balances (with ``plan``: the bench plan,
+    its customers on it)."""
     demo = (ROOT / "src" / "meterd" / "demo_catalog.toml").read_text()
     head = demo.split("[customers.")[0]
     with open(path, "w") as f:
-        f.write(head)
+        f.write(head + (BENCH_PLAN if plan else ""))
         for i in range(customers):
-            f.write(f'[customers.c{i}]\nbalances = {{ usd = "{BALANCE}" }}\n')
+            f.write(f'[customers.c{i}]\nplan = "bench"\n' if plan else
+                    f'[customers.c{i}]\nbalances = {{ usd = "{BALANCE}" }}\n')
 
 
 class Server:
     """A meterd daemon, or the echo server, as a subprocess on loopback."""
 
     def __init__(self, kind: str = "meterd", fsync: bool = True, customers: int = CUSTOMERS,
-                 env: dict[str, str] | None = None, seeded: bool = True) -> None:
+                 env: dict[str, str] | None = None, seeded: bool = True, plan: bool = False) -> None:
         """``env``: settings for the daemon; ``seeded``: the catalog grants the customers' balances
-        (else they are granted elsewhere, in the ledger say)."""
+        (else they are granted elsewhere, in the ledger say); ``plan``: the catalog has the bench
+        plan (its seeded customers are on it)."""
         self.kind = kind
         self.fsync = fsync
         self.customers = customers
         self.env = env or {}
         self.seeded = seeded
+        self.plan = plan
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"meterd-bench-{kind}-"))
         self.proc: subprocess.Popen | None = None
@@ -100,7 +115,7 @@ class Server:
                     "echo-durable": ["--handoff", "--durable", str(self.dir / "lmdb")]}[self.kind]
         else:
             catalog = self.dir / "catalog.toml"
-            bench_catalog(catalog, self.customers if self.seeded else 0)
+            bench_catalog(catalog, self.customers if self.seeded else 0, self.plan)
             cmd = [sys.executable, "-m", "meterd", "serve", "--data-dir", str(self.dir / "data"),
                    "--listen", self.target, "--catalog", str(catalog)]
             if not self.fsync:
@@ -179,8 +194,12 @@ def report_request() -> bytes:
 # ---- one client process --------------------------------------------------------------------------------
 
 
-def _client(target: str, method: str, proc: int, seconds: float, inflight: int, batch: int, out: Any) -> None:
-    """Runs in a child process; puts (calls, events, errors, latencies_ms, elapsed_s) on ``out``."""
+def _client(target: str, method: str, proc: int, seconds: float, inflight: int, batch: int, out: Any,
+            customers: int = CUSTOMERS) -> None:
+    """Runs in a child process; puts (calls, events, errors, latencies_ms, elapsed_s) on ``out``.
+    ``customers``: its parent's CUSTOMERS (a spawned child imports this module afresh)."""
+    global CUSTOMERS
+    CUSTOMERS = customers
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
                                                      ("grpc.max_receive_message_length", 64 << 20)])
     if method == "ReportStream":
@@ -246,7 +265,7 @@ def drive(target: str, method: str, processes: int = 2, seconds: float = 5.0, in
     # check) can hang in its first channel, and the run with it.
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(target, method, p, seconds, inflight, batch, out))
+    procs = [ctx.Process(target=_client, args=(target, method, p, seconds, inflight, batch, out, CUSTOMERS))
              for p in range(processes)]
     for p in procs:
         p.start()

@@ -230,6 +230,8 @@ class Engine:
         # The running period's lines belong where its end's will (its last millisecond).
         if sub is not None and st["from_ms"] <= sub.end_ms - 1 < st["to_ms"]:
             st["activity"] += self.subscriptions.usage_so_far(customer_id)
+        elif self.leases is not None and self.live.catalog.plan_index:  # ledger mode: the ledger's subscription
+            st["activity"] += await self.leases.usage_so_far(customer_id, st["from_ms"], st["to_ms"])
         return st
 
     def ledger_status(self) -> Any:

@@ -59,6 +59,7 @@ RECALLS_PER_HEARTBEAT_MAX = 1_000
 REFRESHES_PER_HEARTBEAT_MAX = 1_000  # changed allowances told per heartbeat, and acknowledged
 KEY_CHARS_MAX = 300
 INT64_MAX = (1 << 63) - 1
+DEGRADED_WRAP = 1 << 63  # a lease's running total of fallback usage goes on modulo this
 
 
 @dataclass(frozen=True)
@@ -779,7 +780,8 @@ class Escrow:
                    (amount, expires, now_ms, sidecar_id, lease.customer_id, lease.credit_type))
 
     def give_back(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str,
-                  returned_total_nano: int, now_ms: int, consumed_total_nano: int | None = None) -> int:
+                  returned_total_nano: int, now_ms: int, consumed_total_nano: int | None = None,
+                  degraded_total_nano: int = -1) -> int:
         """A sidecar gives back part of a lease, named by the running total it has
         given back; returns what this call moved (0 for a repeat). An answer to a
         recall also settles what the sidecar has consumed (durably) so far, so that
@@ -791,8 +793,8 @@ class Escrow:
             if s is None or lease is None or lease.incarnation != incarnation:
                 return 0
             if consumed_total_nano is not None:
-                self._settle_one(s, sidecar_id, incarnation, Settlement(customer_id, credit_type,
-                                                                        consumed_total_nano), now_ms)
+                self._settle_one(s, sidecar_id, incarnation, Settlement(customer_id, credit_type, consumed_total_nano,
+                                                                        degraded_total_nano), now_ms)
                 lease = self._lease(sidecar_id, customer_id, credit_type)
                 assert lease is not None  # for mypy: it was there a moment ago, under the lock
             # Settled as of now: a period that ended before now may be rolled as far as this lease goes.
@@ -842,7 +844,9 @@ class Escrow:
     def _settle_one(self, s: _Sums, sidecar_id: str, incarnation: str, st: Settlement, now_ms: int) -> None:
         """A lease's consumption up to a running total (again: nothing)."""
         lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
-        degraded = st.degraded_total_nano - lease.degraded_total_nano
+        # A running total modulo 2^63 (it never saturates: a figure stuck at its cap would hide
+        # every later period's fallback usage).
+        degraded = (st.degraded_total_nano - lease.degraded_total_nano) % DEGRADED_WRAP
         if st.degraded_total_nano >= 0 and degraded > 0:  # fallback usage: counted, never charged
             s.degraded = min(s.degraded + degraded, INT64_MAX)
             self._exec("UPDATE meterd_leases SET degraded_total_nano = ? WHERE sidecar_id = ? AND customer_id = ? AND "

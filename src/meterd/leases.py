@@ -50,10 +50,10 @@ from meterd.config import Settings
 from meterd.corespec import relax_priority
 from meterd.drain import settlement_value
 from meterd.errors import ConfigError, Conflict, InvalidInput, LimitReached, MeterdError, NotFound, Unavailable
-from meterd.escrow import Escrow, Granted, LeaseGrant
+from meterd.escrow import DEGRADED_WRAP, Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
-from meterd.ledger import Fenced
+from meterd.ledger import Fenced, activity_line
 from meterd.ledger_plans import LedgerPlans
 from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
@@ -62,7 +62,6 @@ from meterd.state import Live
 from meterd.store import Op, Store
 
 T = TypeVar("T")
-INT64_MAX = (1 << 63) - 1
 
 log = logging.getLogger("meterd.leases")
 
@@ -333,7 +332,7 @@ class Leases:
         policy = plan.credits.get(ct) if plan is not None else None
         if h is None or plan is None or policy is None or not policy.fallback:
             return None
-        degraded = max(h.degraded_central + h.degraded - h.degraded_mark, 0)
+        degraded = h.degraded_central + (h.degraded - h.degraded_mark) % DEGRADED_WRAP
         return plan.index, policy.fallback, relax_priority(degraded, policy.priority_step_nano)
 
     def degrade(self, leases: set[tuple[str, int]],
@@ -363,7 +362,7 @@ class Leases:
             delta = core.state(idx[c])[0][ct][4] - b
             if delta > 0:
                 h = self.held[(c, ct)]
-                h.degraded = min(h.degraded + delta, INT64_MAX)  # settled with the consumption
+                h.degraded = (h.degraded + delta) % DEGRADED_WRAP  # settled with the consumption
                 docs.append(("leases", self._key(c, ct), h.doc()))
                 self.counts["degraded"] += 1
 
@@ -627,8 +626,9 @@ class Leases:
     async def _roll_on_demand(self, customer_id: str, ct: int, h: Held) -> bool:
         """A request the whole balance cannot cover, past the end of this lease's credits (a plan's
         period that ended): the lease is settled now, not at the next heartbeat, and the period
-        rolled if no other sidecar still holds its credits unsettled. True when it was rolled.
-        At most once per customer per heartbeat."""
+        rolled if no other sidecar still holds its credits unsettled. True when the ledger is to be
+        asked again: it was rolled, by this call or another sidecar's (what this sidecar knew of the
+        spent balance is of the ended period). At most once per customer per heartbeat."""
         now = self.clock.now_ms()
         if not self.live.catalog.plan_index or not h.expires_at_ms or h.expires_at_ms > now or \
                 self._on_demand.get(customer_id, 0.0) > self.clock.monotonic():
@@ -642,7 +642,8 @@ class Leases:
         except Exception:  # noqa: BLE001 - the ledger away: the heartbeat closes and rolls it later
             return False
         self._rolled(customer_id, periods)
-        return periods > 0
+        h.exhausted_until = 0.0
+        return True
 
     def _borrow(self, customer_id: str, ct: int, h: Held, cost: int) -> bool:
         """The ledger did not answer in time: credit the core with what the request lacks, if the
@@ -689,15 +690,16 @@ class Leases:
         elif settle:
             await self.journal.barrier()
         durable = settle and generation == self.generation  # no reload from disk meanwhile
-        await self._send_back(customer_id, ct, h, consumed if durable else None)
+        await self._send_back(customer_id, ct, h, consumed if durable else None, h.degraded if durable else -1)
         return max(amount, 0)
 
-    async def _send_back(self, customer_id: str, ct: int, h: Held, consumed: int | None = None) -> None:
+    async def _send_back(self, customer_id: str, ct: int, h: Held, consumed: int | None = None,
+                         degraded: int = -1) -> None:
         if h.sent_back == h.given_back and consumed is None:
             return
         total = h.given_back
         moved = await self._escrow("give_back", *self._ids(), customer_id, self.live.catalog.credit_types[ct].name,
-                                   total, self.clock.now_ms(), consumed)
+                                   total, self.clock.now_ms(), consumed, degraded)
         h.sent_back = total
         self.counts["returned_nano"] += moved
 
@@ -1037,6 +1039,15 @@ class Leases:
 
     async def change_plan(self, customer_id: str, plan: str) -> Any:
         return await self._central("change_plan", customer_id, plan, self.clock.now_ms(), plans=True)
+
+    async def usage_so_far(self, customer_id: str, from_ms: int, to_ms: int) -> list[dict]:
+        """For a statement from ``from_ms`` to ``to_ms``: the running credit period's fallback usage
+        so far, as the ledger has it (after the sidecars' flushes), when the period ends in it."""
+        end, lines = await self._central("usage_so_far", customer_id, plans=True)
+        if not from_ms <= end - 1 < to_ms:
+            return []
+        return [activity_line("degraded", f"{description} (this period so far)", name, amount)
+                for name, amount, description in lines]
 
     async def _central(self, method: str, *args: Any, plans: bool = False) -> Any:
         """A control-plane call in the ledger: its refusals stand; a ledger that fails is UNAVAILABLE."""

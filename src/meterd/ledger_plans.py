@@ -168,6 +168,22 @@ class LedgerPlans:
         with self.escrow._snapshot():
             return self._read(customer_id, False).sub
 
+    def usage_so_far(self, customer_id: str) -> tuple[int, list[tuple[str, int, str]]]:
+        """The running credit period's end (0: no subscription) and its fallback usage so far, as
+        settled: (credit type, what it would have cost, description) each."""
+        with self.escrow._snapshot():
+            sub = self._read(customer_id, False).sub
+            plan = self.catalog.plan_index.get(sub.plan) if sub is not None else None
+            if sub is None or plan is None:
+                return 0, []
+            out = []
+            for ct, policy in plan.credits.items():
+                rows = self.escrow._rows("SELECT degraded_nano FROM meterd_balances WHERE customer_id = ? AND "
+                                         "credit_type = ?", (customer_id, self._name(ct)))
+                if policy.fallback and rows and int(rows[0][0]) > 0:
+                    out.append((self._name(ct), int(rows[0][0]), f"served in {policy.fallback} mode, not charged"))
+            return sub.end_ms, out
+
     def due(self, now_ms: int, limit: int, ready: bool = False) -> list[str]:
         """Customers whose credit period ended at or before ``now_ms``, soonest first, at most
         ``limit``; with ``ready``, only those a roll would not wait for (``roll``)."""

@@ -223,7 +223,10 @@ class Reports:
         covered = await asyncio.gather(*(leases.cover(c, ct, total, label) for (c, ct), (total, _) in asked))
         away_leases = {key for (key, _), ok in zip(asked, covered, strict=True) if ok is Cover.UNAVAILABLE}
         away = {i for i, key in lease_of.items() if key in away_leases}  # events denied for want of the ledger
-        falling = {key for key, _ in asked if leases.fallback(*key) is not None}  # served degraded if still short
+        # Served degraded if still short: those the whole balance cannot cover (not those the
+        # ledger did not answer for in time, nor those whose credit is at other sidecars' leases).
+        falling = {key for (key, _), ok in zip(asked, covered, strict=True)
+                   if ok is Cover.SHORT and leases.fallback(*key) is not None}
         if not falling and not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in
                                    zip(asked, covered, strict=True)):
             return self._unavailable(resp, away) if away else None
@@ -355,7 +358,7 @@ class Reports:
                 if answer.reason != REASON_OVERFLOW:
                     answer.reason = REASON_LEDGER_UNAVAILABLE  # type: ignore[assignment]
                     response = answer.SerializeToString()
-            if decision == DENY:
+            if decision == DENY and covered is Cover.SHORT:  # the whole balance cannot cover it
                 fell = self._fall_back(event, core, lambda: core.report_wire(data, None if tenant is None
                                                                              else tenant.prefix))
                 if fell is not None:
@@ -409,7 +412,7 @@ class Reports:
             decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                               else tenant.prefix)
         logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
-        if decision == DENY and self.leases is not None:
+        if decision == DENY and self.leases is not None and covered is Cover.SHORT:  # no balance can cover it
             fell = self._fall_back(meter_pb2.ReportRequest.FromString(data).event, core,
                                    lambda: core.report(data, None if tenant is None else tenant.prefix))
             if fell is not None:

@@ -192,7 +192,7 @@ class Reservations:
         ct_name = self.live.catalog.credit_types[ct].name
         available = self.live.core.available(idx, ct) if idx >= 0 else 0
         fallback = self.subscriptions.fallback(customer_id, ct) if idx >= 0 else None
-        if fallback is None and self.leases is not None:  # ledger mode: the plan the ledger has
+        if fallback is None and self.leases is not None and not unavailable:  # ledger mode: the ledger's plan
             fb = self.leases.fallback(customer_id, ct)
             fallback = None if fb is None else fb[1:]
         if fallback is not None:
