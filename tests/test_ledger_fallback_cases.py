@@ -150,10 +150,10 @@ def test_a_sidecar_that_found_the_balance_spent_serves_the_next_periods_requests
         s0.flush()
         end = end_of(s0, lg)
         s0.clock.ms = s1.clock.ms = end + 1
-        beats(s1, 1)
-        assert rolls(lg) == 1  # the next period's credits are there to lease
-        r = gpt(s0)
+        beats(s1, 1)  # s1 settles; the roll waits for s0, which used its lease in the period
+        r = gpt(s0)  # s0 settles on the spot, the period rolls, and the new credits serve it
         assert (r.decision, r.cost_nano) == (pb.DECISION_ALLOW, NANO), r
+        assert rolls(lg) == 1
 
 
 def test_the_running_periods_statement_shows_its_fallback_usage_so_far_as_in_local_mode(node, local, ledger_url):

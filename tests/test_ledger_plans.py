@@ -161,9 +161,17 @@ class Central:
             self.escrow.give_back("s1", "i1", customer, credit_type,
                                   got.returned_total_nano + got.amount_nano - amount, now_ms)
 
+    def close(self, customer: str, now_ms: int) -> None:
+        """What the sidecar does at a period's end: its leases of the customer settled past it."""
+        for (c, ct), consumed in self.consumed.items():
+            lease = self.escrow._lease("s1", c, ct) if c == customer else None
+            if lease is not None:
+                self.escrow.give_back("s1", "i1", c, ct, lease.returned_total_nano, now_ms, consumed)
+
     def short(self, customer: str, credit_type: str, amount: int, now_ms: int) -> bool:
         """The ledger has less than ``amount`` to lease (nothing is moved)."""
         got = self.escrow.acquire("s1", "i1", customer, credit_type, amount, amount, 1, now_ms)
+        self.consumed.setdefault((customer, credit_type), got.consumed_total_nano)
         if got.amount_nano:
             self.escrow.give_back("s1", "i1", customer, credit_type, got.returned_total_nano + got.amount_nano,
                                   now_ms)
@@ -237,6 +245,7 @@ def run_both(tmp_path, monkeypatch, ledger_url: str, catalog_path: str, script: 
         elif op == "advance":
             local.advance(step[1])
             local.tick()
+            central.close(cust, local.now_ms)
             central.plans.roll(cust, local.now_ms)
         elif op in CHANGES:
             on_local, on_central = CHANGES[op]

@@ -87,6 +87,7 @@ class LeaseGrant:
     plan: str = ""               # the customer's plan in the ledger ('': none)
     degraded_nano: int = 0       # the credit period's fallback usage, as settled (_Sums.degraded)
     degraded_total_nano: int = 0  # the lease's running total of it, as settled
+    period_end_ms: int = 0       # the end of the customer's credit period (0: on no plan)
 
 
 @dataclass(frozen=True)
@@ -578,13 +579,14 @@ class Escrow:
             out = {(c, ct): self._acquire_one(sidecar_id, incarnation, c, ct, need, want, sharers, now_ms)
                    for c, ct, need, want in sorted(wants)}
             plans = self._plans_of(sorted({c for c, _, _, _ in wants}))
-        return [dataclasses.replace(out[(c, ct)], plan=plans[c]) if c in plans else out[(c, ct)]
-                for c, ct, _, _ in wants]
+        return [dataclasses.replace(out[(c, ct)], plan=plans[c][0], period_end_ms=plans[c][1]) if c in plans
+                else out[(c, ct)] for c, ct, _, _ in wants]
 
-    def _plans_of(self, customers: list[str]) -> dict[str, str]:
-        """The plans the customers are on in the ledger (ledger_plans), of those on one."""
-        return {str(c): str(p) for c, p in self._rows(
-            f"SELECT customer_id, plan FROM meterd_subscriptions WHERE plan <> '' AND customer_id IN "
+    def _plans_of(self, customers: list[str]) -> dict[str, tuple[str, int]]:
+        """The plans the customers are on in the ledger (ledger_plans), and their credit periods'
+        ends, of those on one."""
+        return {str(c): (str(p), int(e)) for c, p, e in self._rows(
+            f"SELECT customer_id, plan, end_ms FROM meterd_subscriptions WHERE plan <> '' AND customer_id IN "
             f"({', '.join('?' * len(customers))})", tuple(customers))}
 
     def _acquire_one(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, need_nano: int,
@@ -621,6 +623,9 @@ class Escrow:
                        "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ? WHERE sidecar_id = ? "
                        "AND customer_id = ? AND credit_type = ?",
                        (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
+        if size < need_nano:  # short: its sidecar may serve the fallback (ledger_plans._unsettled waits for it)
+            self._exec("UPDATE meterd_leases SET short_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND "
+                       "credit_type = ?", (now_ms, sidecar_id, customer_id, credit_type))
         self._put_sums(customer_id, credit_type, s, now_ms)  # expiry may have moved it, even without a lease
         return LeaseGrant(True, size, lease.leased_total_nano + size, lease.amount_nano + size, expires, s.available,
                           int(elsewhere), recalled, s.allowance, lease.returned_total_nano, lease.consumed_total_nano,

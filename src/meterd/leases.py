@@ -500,9 +500,12 @@ class Leases:
             h.leased_in = h.sent_back = h.given_back = g.returned_total_nano
             h.leased_in += g.consumed_total_nano
             h.degraded = g.degraded_total_nano
-        if g.expires_at_ms and g.expires_at_ms != h.expires_at_ms and g.expires_at_ms > self.clock.now_ms():
-            heapq.heappush(self._ending, (g.expires_at_ms, customer_id, ct))
-        h.expires_at_ms, h.elsewhere_nano = g.expires_at_ms, g.elsewhere_nano
+        # A lease of a customer on a plan ends (is settled, with what it served in the fallback mode)
+        # at the credit period's end too, even when it holds nothing of its credits.
+        end = min((e for e in (g.expires_at_ms, g.period_end_ms) if e), default=0)
+        if end and end != h.expires_at_ms and end > self.clock.now_ms():
+            heapq.heappush(self._ending, (end, customer_id, ct))
+        h.expires_at_ms, h.elsewhere_nano = end, g.elsewhere_nano
         h.central_nano = g.available_nano - g.headroom_nano  # as a balance: a plan's overage allowance is none
         h.plan, h.degraded_central, h.degraded_mark = g.plan, g.degraded_nano, g.degraded_total_nano
         h.seen_ms = self.clock.now_ms()
@@ -832,6 +835,7 @@ class Leases:
             self._rolled(customer_id, await self._escrow("roll", customer_id, now, plans=True))
         self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
         self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
+        await self._escrow("audit_ended", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
 
     def _rolled(self, customer_id: str, periods: int) -> None:
         """The customer's periods this sidecar rolled: its new credits are there to lease at once

@@ -31,7 +31,7 @@ rollover bucket.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from meterd.catalog import Catalog
@@ -54,14 +54,18 @@ _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
 
 
 
-def _unsettled(customer: str, boundary: str) -> str:
-    """SQL for the lease parts of a customer's period credits ending by a boundary whose leases have
-    not settled past it (``customer`` and ``boundary``: SQL expressions)."""
+def _unsettled(customer: str, start: str, boundary: str) -> str:
+    """SQL for what of a customer's credit period from ``start`` to ``boundary`` some lease has not
+    settled past its end: parts of its period credits, or a lease that was short in it (its sidecar
+    may have served requests in the fallback mode: it settles them at the end). ``customer``,
+    ``start`` and ``boundary``: SQL expressions."""
     return ("SELECT 1 FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
             "g.credit_type = p.credit_type AND g.grant_id = p.grant_id JOIN meterd_leases l ON "
             "l.sidecar_id = p.sidecar_id AND l.customer_id = p.customer_id AND l.credit_type = p.credit_type "
             f"WHERE p.customer_id = {customer} AND g.period_n >= 0 AND g.expires_at_ms > 0 AND "
-            f"g.expires_at_ms <= {boundary} AND l.settled_ms < {boundary}")
+            f"g.expires_at_ms <= {boundary} AND l.settled_ms < {boundary} UNION ALL "
+            f"SELECT 1 FROM meterd_leases u WHERE u.customer_id = {customer} AND u.short_ms >= {start} AND "
+            f"u.short_ms < {boundary} AND u.settled_ms < {boundary}")
 
 
 @dataclass
@@ -72,6 +76,9 @@ class _Row:
     version: int
     trial_taken: bool
     generation: int = 0
+    # Of the plan it ended on, the fallback mode per credit type: what sidecars settle of its
+    # fallback usage after the end is audited under it (LedgerPlans.audit_ended).
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
 
 class LedgerPlans:
@@ -136,7 +143,8 @@ class LedgerPlans:
             return _Row(None, 0, False)
         state = json.loads(rows[0][7])
         sub = Subscription(**state["sub"]) if state.get("sub") else None
-        return _Row(sub, int(rows[0][6]), bool(state.get("trial_taken")), int(state.get("generation", 0)))
+        return _Row(sub, int(rows[0][6]), bool(state.get("trial_taken")), int(state.get("generation", 0)),
+                    state.get("fallbacks", {}))
 
     def _write(self, customer_id: str, row: _Row, now_ms: int) -> None:
         """The row, at the next version (made at version 1)."""
@@ -144,7 +152,7 @@ class LedgerPlans:
         values = (sub.plan if sub else "", sub.n if sub else 0, sub.start_ms if sub else 0, sub.end_ms if sub else 0,
                   sub.billing_n if sub else 0, sub.billing_end_ms if sub else 0,
                   json.dumps({"sub": sub.__dict__ if sub else None, "trial_taken": row.trial_taken,
-                              "generation": row.generation}), now_ms)
+                              "generation": row.generation, "fallbacks": row.fallbacks}), now_ms)
         if row.version == 0:
             self.escrow._exec("INSERT INTO meterd_subscriptions (plan, n, start_ms, end_ms, billing_n, billing_end_ms, "
                               "state, updated_ms, version, customer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
@@ -187,7 +195,8 @@ class LedgerPlans:
     def due(self, now_ms: int, limit: int, ready: bool = False) -> list[str]:
         """Customers whose credit period ended at or before ``now_ms``, soonest first, at most
         ``limit``; with ``ready``, only those a roll would not wait for (``roll``)."""
-        wait = f"AND (s.end_ms <= ? OR NOT EXISTS ({_unsettled('s.customer_id', 's.end_ms')}))" if ready else ""
+        wait = f"AND (s.end_ms <= ? OR NOT EXISTS ({_unsettled('s.customer_id', 's.start_ms', 's.end_ms')}))" \
+            if ready else ""
         return [r[0] for r in self.escrow._rows(
             f"SELECT s.customer_id FROM meterd_subscriptions s WHERE s.plan <> '' AND s.end_ms <= ? {wait} "
             f"ORDER BY s.end_ms, s.customer_id LIMIT {int(limit)}",
@@ -228,6 +237,7 @@ class LedgerPlans:
             row = self._read(customer_id, True)
             if row.sub is not None:
                 raise Conflict(f"customer {customer_id!r} is subscribed already; use ChangePlan")
+            self._audit_ended(sums, row, customer_id, now_ms)  # the last subscription's, settled since its end
             sub = row.sub = Subscription.starting(customer_id, plan, start_ms, now_ms)
             row.generation += 1
             for ct, policy in plan.credits.items():
@@ -273,6 +283,7 @@ class LedgerPlans:
                 self._period_usage(sums, sub, plan, now_ms, now_ms)
                 for ct, policy in (plan.credits.items() if plan else []):
                     s, name = sums[self._name(ct)], self._name(ct)
+                    self._net(s, sub.customer_id, name)  # credit still at leases pays the overage first
                     self._settle_overage(s, sub, name, policy, "cancel", now_ms, now_ms)
                     if policy.arrears:
                         self._arrears(s, sub, name, now_ms, now_ms)
@@ -415,6 +426,36 @@ class LedgerPlans:
                 self._put_all(customer_id, sums, now_ms)
         return bills
 
+    def audit_ended(self, now_ms: int, limit: int) -> int:
+        """Fallback usage that sidecars settled after the end of its subscription (a cancel is
+        not waited for, as a period's end is): audited, as its end audited what was settled by
+        then, for up to ``limit`` customers. Returns how many."""
+        done = 0
+        for customer_id, in self.escrow._rows(
+                "SELECT DISTINCT b.customer_id FROM meterd_balances b JOIN meterd_subscriptions s ON s.customer_id "
+                f"= b.customer_id WHERE s.plan = '' AND b.degraded_nano > 0 ORDER BY b.customer_id LIMIT {int(limit)}"):
+            with self.ledger._transaction():
+                names = [r[0] for r in self.escrow._rows("SELECT credit_type FROM meterd_balances WHERE customer_id = "
+                                                         "? AND degraded_nano > 0", (customer_id,))]
+                sums = self._lock_sums(customer_id, names, now_ms)
+                row = self._read(customer_id, True)
+                if row.sub is None:  # not subscribed again meanwhile (a subscribe audits it then)
+                    done += self._audit_ended(sums, row, customer_id, now_ms)
+                self._put_all(customer_id, sums, now_ms)
+        return done
+
+    def _audit_ended(self, sums: dict[str, _Sums], row: _Row, customer_id: str, now_ms: int) -> int:
+        """The ended subscription's fallback usage settled since its end: a "degraded" entry each (in
+        the mode of the plan it ended on), and the count starts again. Returns how many entries."""
+        made = 0
+        for name, s in sums.items():
+            if s.degraded > 0 and name in row.fallbacks:
+                self._entry(s, customer_id, name, "degraded", s.degraded, s.shown,
+                            f"served in {row.fallbacks[name]} mode, not charged", now_ms, now_ms)
+                made += 1
+            s.degraded = 0
+        return made
+
     def roll_due(self, now_ms: int, limit: int) -> int:
         """Roll the periods of up to ``limit`` customers whose credit period ended by ``now_ms``
         (what each sidecar's sweep does, a few at a time); returns how many periods it rolled.
@@ -456,7 +497,7 @@ class LedgerPlans:
                 elif (sub.plan, sub.next_plan) != (first.plan, first.next_plan):
                     step = "again"  # its plans changed meanwhile: lock their credit types too
                 elif not force and now_ms < sub.end_ms + PERIOD_CLOSE_GRACE_MS and \
-                        self._unsettled(customer_id, sub.end_ms):
+                        self._unsettled(customer_id, sub.start_ms, sub.end_ms):
                     step = "done"  # not settled yet: the last lease's settlement rolls it
                 else:
                     step = "rolled"
@@ -492,6 +533,7 @@ class LedgerPlans:
                     self._unexpire(s, b)
                     self.escrow._put_bucket(sub.customer_id, name, b)
             self._net(s, sub.customer_id, name)
+            self._burn_down(sub.customer_id, name, boundary, sub.n)
             self._rollover(s, sub, name, policy, boundary, ending, now_ms, at)
             self._cycle_end_overage(s, sub, name, policy, now_ms, at)
             if policy.arrears:
@@ -538,9 +580,34 @@ class LedgerPlans:
         for s in sums.values():
             s.degraded = 0
 
-    def _unsettled(self, customer_id: str, boundary: int) -> bool:
+    def _burn_down(self, customer_id: str, name: str, boundary: int, n: int) -> None:
+        """Credits of the ending period spent from a bucket late in the burn-down order (at one
+        sidecar's lease) while credit of an earlier one was left (at another's lease, or
+        centrally) are booked as one balance would have spent them: the earlier bucket first, so
+        that the roll's rollover and forfeits are local mode's. Only this period's spending moves
+        (buckets of period ``n``); the sums and the leases' amounts do not."""
+        buckets = sorted(self._period_buckets(customer_id, name, boundary, PERIOD_SOURCES), key=_Bucket.sort_key)
+        for i, early in enumerate(buckets):
+            for late in buckets[i + 1:]:
+                moved = min(early.remaining + early.leased, late.consumed) if late.period_n == n else 0
+                if moved <= 0:
+                    continue
+                central = min(moved, early.remaining)
+                early.remaining -= central
+                late.remaining += central
+                if moved > central:  # what leases held of the early bucket, they hold of the late one
+                    self._move_lease_parts(customer_id, name, early.grant_id, late.grant_id, moved - central)
+                    early.leased -= moved - central
+                    late.leased += moved - central
+                early.consumed += moved
+                late.consumed -= moved
+                self.escrow._put_bucket(customer_id, name, early)
+                self.escrow._put_bucket(customer_id, name, late)
+
+    def _unsettled(self, customer_id: str, start: int, boundary: int) -> bool:
         """Some lease holds credit of a period ending by ``boundary`` and has not settled past it."""
-        return bool(self.escrow._rows(_unsettled("?", "?") + " LIMIT 1", (customer_id, boundary, boundary)))
+        return bool(self.escrow._rows(f"SELECT 1 FROM ({_unsettled('?', '?', '?')}) x LIMIT 1",
+                                      (customer_id, boundary, boundary, customer_id, start, boundary, boundary)))
 
     def _period_buckets(self, customer_id: str, name: str, boundary: int, sources: tuple[str, ...]) -> list[_Bucket]:
         """A plan's buckets of ``sources`` not rolled yet that expire by ``boundary``, in the order they roll."""
@@ -656,16 +723,17 @@ class LedgerPlans:
         return max(s.headroom - int(held), 0)
 
     def _net(self, s: _Sums, customer_id: str, name: str) -> None:
-        """Overage spent while credit was left elsewhere (at another sidecar's lease, given
+        """Overage spent while credit was left elsewhere (at another sidecar's lease, or given
         back since) is paid from that credit first, as one balance in local mode would have:
         the credit left centrally is spent instead, in burn-down order, and the overage
-        allowance has it back."""
+        allowance has it back; then credit still at a lease is (that lease holds as much of the
+        allowance instead: the sums and the leases' amounts do not move)."""
         allowance = self._allowance_buckets(customer_id, name)
+        if not allowance:
+            return
         credit = [b for b in self.escrow._buckets(customer_id, name) if b.source != OVERAGE_SOURCE]
         netted = min(self._unbilled(s, customer_id, name), sum(b.remaining for b in credit))
-        if netted <= 0 or not allowance:
-            return
-        left = netted
+        left = max(netted, 0)
         for b in credit:
             take = min(left, b.remaining)
             b.remaining -= take
@@ -673,8 +741,29 @@ class LedgerPlans:
             left -= take
             self.escrow._put_bucket(customer_id, name, b)
         back = allowance[0]
-        back.consumed -= netted
-        back.remaining += netted
+        back.consumed -= max(netted, 0)
+        back.remaining += max(netted, 0)
+        left = self._unbilled(s, customer_id, name) - max(netted, 0)
+        for sidecar_id, grant_id, part in self.escrow._rows(
+                "SELECT p.sidecar_id, p.grant_id, p.amount_nano FROM meterd_lease_parts p JOIN meterd_grants g ON "
+                "g.customer_id = p.customer_id AND g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE "
+                "p.customer_id = ? AND p.credit_type = ? AND g.source <> ? AND p.amount_nano > 0 ORDER BY "
+                "p.sidecar_id, g.priority, g.seq", (customer_id, name, OVERAGE_SOURCE)) if left > 0 else []:
+            take = min(left, int(part))
+            if take <= 0:
+                break
+            b = next(c for c in self.escrow._buckets(customer_id, name, "grant_id = ?", (grant_id,)))
+            b.leased -= take
+            b.consumed += take
+            self.escrow._put_bucket(customer_id, name, b)
+            self.escrow._put_part(sidecar_id, customer_id, name, grant_id, int(part) - take)
+            (held,), = self.escrow._rows("SELECT COALESCE(SUM(amount_nano), 0) FROM meterd_lease_parts WHERE "
+                                         "sidecar_id = ? AND customer_id = ? AND credit_type = ? AND grant_id = ?",
+                                         (sidecar_id, customer_id, name, back.grant_id))
+            self.escrow._put_part(sidecar_id, customer_id, name, back.grant_id, int(held) + take)
+            back.consumed -= take
+            back.leased += take
+            left -= take
         self.escrow._put_bucket(customer_id, name, back)
 
     def _settle_overage(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy, why: str, now_ms: int,
@@ -771,6 +860,8 @@ class LedgerPlans:
                 b.expires_at_ms = min(b.expires_at_ms, now_ms)  # what leases hold of it comes back expired
                 self.escrow._put_bucket(sub.customer_id, name, b)
             self._recall(sub.customer_id, name, now_ms)
+        row.fallbacks = {self._name(ct): policy.fallback for ct, policy in (plan.credits.items() if plan else [])
+                         if policy.fallback}
         row.sub = None
 
     def _recall(self, customer_id: str, name: str, now_ms: int) -> None:
