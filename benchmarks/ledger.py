@@ -207,24 +207,27 @@ def _pin(pid: int, cpu: int) -> None:
 
 
 def pinned(pg: Postgres, trials: int, progress: Callable[[str], None], customers: int = 1_000,
-                 calls: int = 60_000) -> dict:
+           calls: int = 60_000, plans: bool = False) -> dict:
     """Unary Report and durable ReportBatch in ledger mode against local mode, interleaved, each
     sidecar pinned to CPU 0, the load generators (this process's children) and PostgreSQL's
-    processes to CPU 1."""
+    processes to CPU 1. With ``plans``: every customer on the bench plan in both modes."""
     if (os.cpu_count() or 1) < 2 or unary.available() or not shutil.which("taskset"):
         return {"skipped": "needs 2 CPUs, taskset and h2load"}
     load.CUSTOMERS = customers
-    url = pg.database("meterd_bench_pinned")
-    _grant_all(url, customers, BIG_NANO)
+    url = pg.database("meterd_bench_pinned_plans" if plans else "meterd_bench_pinned")
+    if plans:
+        _subscribe_all(url, customers)
+    else:
+        _grant_all(url, customers, BIG_NANO)
     request = load.report_request()
     calls_per_s: dict[str, list[float]] = {"local": [], "ledger": []}
     events_per_s: dict[str, list[float]] = {"local": [], "ledger": []}
     mask = os.sched_getaffinity(0)
     try:
-        with load.Server("meterd", customers=customers) as local, \
+        with load.Server("meterd", customers=customers, plan=plans) as local, \
                 load.Server("meterd", env={"METERD_BALANCES": "ledger", "METERD_LEDGER": url,
                                            "METERD_LEASE_IDLE_S": HOT_PATH_IDLE_S}, customers=customers,
-                            seeded=False) as ledger:
+                            seeded=False, plan=plans) as ledger:
             servers = {"local": local, "ledger": ledger}
             os.sched_setaffinity(0, {1})
             for server in servers.values():
@@ -393,6 +396,7 @@ def run(seconds: float, trials: int, progress: Callable[[str], None], only: str 
         "hot_path": lambda pg: hot_path(pg, seconds, trials, progress),
         "hot_path_plans": lambda pg: hot_path(pg, seconds, trials, progress, plans=True),
         "pinned": lambda pg: pinned(pg, max(trials, 7), progress),
+        "pinned_plans": lambda pg: pinned(pg, max(trials, 7), progress, plans=True),
         "ledger_load": lambda pg: ledger_load(pg, 32, 10_000, seconds, progress),
         "steady": lambda pg: steady(pg, progress),
         "contested": lambda pg: contested(pg, progress)}
@@ -404,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--only", choices=("hot_path", "hot_path_plans", "pinned", "ledger_load", "steady",
-                                           "contested"),
+    parser.add_argument("--only", choices=("hot_path", "hot_path_plans", "pinned", "pinned_plans", "ledger_load",
+                                           "steady", "contested"),
                         help="one part")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
     args = parser.parse_args(argv)
