@@ -387,6 +387,93 @@ def contested(pg: Postgres, progress: Callable[[str], None], k: int = 2_000) -> 
             "false_deny_rate": round(false / denied, 4) if denied else 0.0}
 
 
+# A sweep of period rolls in a process of its own (as other sidecars' heartbeats run them), on
+# the rolls benchmark's plan and customers: it rolls due customers until told to stop on stdin.
+ROLLER = """
+import sys, threading
+from benchmarks import rolls
+from meterd.catalog import load_catalog
+from meterd.escrow import Escrow
+from meterd.ledger import Ledger
+from meterd.ledger_plans import LedgerPlans
+url, catalog, now = sys.argv[1], sys.argv[2], int(sys.argv[3])
+stop, done = threading.Event(), [0]
+def sweep():
+    with Ledger(url) as lg:
+        plans = LedgerPlans(Escrow(lg), load_catalog(catalog))
+        while not stop.is_set() and (n := plans.roll_due(now, 20)):
+            done[0] += n
+threads = [threading.Thread(target=sweep) for _ in range(2)]
+for t in threads:
+    t.start()
+print("started", flush=True)
+sys.stdin.readline()
+stop.set()
+for t in threads:
+    t.join()
+print(done[0], flush=True)
+"""
+
+
+def roll_storm(pg: Postgres, seconds: float, trials: int, progress: Callable[[str], None],
+               customers: int = 1_000, due: int = 20_000) -> dict:
+    """The hot path of a ledger-mode sidecar (every customer on a plan) while a sweep of period
+    rolls runs on the same PostgreSQL (``due`` other customers whose boundary has passed, rolled by
+    two callers in another process), against the same load with no rolls, interleaved."""
+    from benchmarks import rolls
+    from meterd.catalog import load_catalog
+    from meterd.ledger_plans import LedgerPlans
+    load.CUSTOMERS = customers
+    url = pg.database("meterd_bench_roll_storm")
+    progress(f"ledger: roll storm, subscribing {customers} hot customers and {due} due ones")
+    _subscribe_all(url, customers)
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = Path(tmp) / "rolls.toml"
+        catalog.write_text(rolls.CATALOG)
+        rolls.url, rolls.catalog = url, load_catalog(str(catalog))
+        rolls._parallel(2, [f"r{i:07d}" for i in range(due)], rolls._subscribe)
+        boundary = LedgerPlans(Escrow(Ledger(url)), rolls.catalog).subscription("r0000000").end_ms
+        now = boundary + 60_000  # past the grace: due without waiting for sidecars
+        env = {"METERD_BALANCES": "ledger", "METERD_LEDGER": url, "METERD_LEASE_IDLE_S": HOT_PATH_IDLE_S}
+        request = load.report_request()
+        h2 = not unary.available()
+        batch: dict[str, list[float]] = {"quiet": [], "rolling": []}
+        report: dict[str, list[float]] = {"quiet": [], "rolling": []}
+        rolled: list[int] = []
+        with load.Server("meterd", env=env, customers=customers, seeded=False, plan=True) as server:
+            for _ in range(3):
+                progress("ledger: roll storm, warming up")
+                load.drive(server.target, "ReportBatch", processes=2, seconds=seconds, inflight=16, batch=1000)
+            for t in range(trials):
+                for cond in ("quiet", "rolling"):
+                    progress(f"ledger: roll storm, trial {t + 1}/{trials}, {cond}")
+                    roller = subprocess.Popen([sys.executable, "-c", ROLLER, url, str(catalog), str(now)], cwd=ROOT,
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) \
+                        if cond == "rolling" else None
+                    if roller is not None:
+                        assert roller.stdout is not None and roller.stdin is not None
+                        roller.stdout.readline()  # its connections are open and sweeping
+                    run = load.drive(server.target, "ReportBatch", processes=2, seconds=seconds, inflight=16,
+                                     batch=1000)
+                    batch[cond].append(round(run.events_per_s))
+                    if h2:
+                        u = unary.h2load(server.target, "/meterd.v1.Meter/Report", request, f"Report {cond}",
+                                         calls=int(20_000 * seconds))
+                        report[cond].append(round(u.calls_per_s))
+                    if roller is not None:
+                        out, _ = roller.communicate("stop\n", timeout=600)
+                        rolled.append(int(out.strip().splitlines()[-1]))
+        with Ledger(url) as lg:
+            problems = Escrow(lg).check()
+            (rolls_done,), = lg._rows("SELECT COUNT(*) FROM meterd_rolls")
+    out = {"hot_customers": customers, "due_customers": due, "trials": trials, "seconds": seconds,
+           "rolled_per_trial": rolled, "rolls_in_ledger": int(rolls_done), "check": problems,
+           "report_batch_x1000_events_per_s": _spread(batch["rolling"], batch["quiet"])}
+    if h2:
+        out["unary_report_calls_per_s"] = _spread(report["rolling"], report["quiet"])
+    return out
+
+
 def run(seconds: float, trials: int, progress: Callable[[str], None], only: str = "") -> dict:
     try:
         import psycopg  # noqa: F401
@@ -397,6 +484,7 @@ def run(seconds: float, trials: int, progress: Callable[[str], None], only: str 
         "hot_path_plans": lambda pg: hot_path(pg, seconds, trials, progress, plans=True),
         "pinned": lambda pg: pinned(pg, max(trials, 7), progress),
         "pinned_plans": lambda pg: pinned(pg, max(trials, 7), progress, plans=True),
+        "roll_storm": lambda pg: roll_storm(pg, seconds, trials, progress),
         "ledger_load": lambda pg: ledger_load(pg, 32, 10_000, seconds, progress),
         "steady": lambda pg: steady(pg, progress),
         "contested": lambda pg: contested(pg, progress)}
@@ -408,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--only", choices=("hot_path", "hot_path_plans", "pinned", "pinned_plans", "ledger_load",
-                                           "steady", "contested"),
+    parser.add_argument("--only", choices=("hot_path", "hot_path_plans", "pinned", "pinned_plans", "roll_storm",
+                                           "ledger_load", "steady", "contested"),
                         help="one part")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ledger.json")
     args = parser.parse_args(argv)

@@ -856,6 +856,11 @@ class Escrow:
             s.degraded = min(s.degraded + degraded, INT64_MAX)
             self._exec("UPDATE meterd_leases SET degraded_total_nano = ? WHERE sidecar_id = ? AND customer_id = ? AND "
                        "credit_type = ?", (st.degraded_total_nano, sidecar_id, st.customer_id, st.credit_type))
+            after_end = self._rows("SELECT 1 FROM meterd_subscriptions WHERE customer_id = ? AND plan = ''",
+                                   (st.customer_id,))
+            if after_end:  # after its subscription ended: for the sweep that audits it (ledger_plans.audit_ended)
+                self._exec("INSERT INTO meterd_degraded_ended (customer_id, settled_ms) VALUES (?, ?) ON CONFLICT "
+                           "(customer_id) DO NOTHING", (st.customer_id, now_ms))
         delta = st.consumed_total_nano - lease.consumed_total_nano
         if delta > 0:
             ended: list[tuple[_Bucket, int]] = []  # spent of an overage allowance whose period was closed
@@ -911,14 +916,18 @@ class Escrow:
         """For each (customer, credit type, leased, given back, consumed, degraded) a sidecar holds: whether the
         ledger has exactly those running totals, and the lease holds nothing. Such a lease the sidecar
         can forget; the row stays here, and when the sidecar comes back to the customer its running
-        totals go on from these (a read, of one moment)."""
-        with self._snapshot():
+        totals go on from these. Such a lease has settled all it served in a fallback mode: no
+        period roll waits for it any more (its short_ms is cleared)."""
+        with self.ledger._transaction():
             out = []
             for cust, ct, leased, returned, consumed, degraded in leases:
                 rows = self._rows("SELECT incarnation, amount_nano, leased_total_nano, returned_total_nano, "
                                   "consumed_total_nano, degraded_total_nano FROM meterd_leases WHERE sidecar_id = ? "
                                   "AND customer_id = ? AND credit_type = ?", (sidecar_id, cust, ct))
                 out.append(bool(rows) and tuple(rows[0]) == (incarnation, 0, leased, returned, consumed, degraded))
+                if out[-1]:
+                    self._exec("UPDATE meterd_leases SET short_ms = 0 WHERE sidecar_id = ? AND customer_id = ? AND "
+                               "credit_type = ? AND short_ms <> 0", (sidecar_id, cust, ct))
             return out
 
     def leases_of(self, sidecar_id: str) -> list[Lease]:

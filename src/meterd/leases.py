@@ -518,6 +518,8 @@ class Leases:
             return [("leases", self._key(customer_id, ct), h.doc())] if allowance_changed else []
         self.counts["leased_nano"] += arrived  # this call's grant, and any an earlier answer never brought
         repaid = min(arrived, h.borrowed)  # credit borrowed in an outage is now the ledger's: repaid first
+        if self.skewed:  # asked before the clock was found off: taken in and given back (at the next heartbeat)
+            return self._move_ops(customer_id, ct, h, leased=arrived, given=arrived - repaid, borrowed=-repaid)
         return self._move_ops(customer_id, ct, h, leased=arrived, borrowed=-repaid)
 
     def _want(self, h: Held, cost: int, ran_out: bool = False) -> int:
@@ -702,7 +704,7 @@ class Leases:
             return
         total = h.given_back
         moved = await self._escrow("give_back", *self._ids(), customer_id, self.live.catalog.credit_types[ct].name,
-                                   total, self.clock.now_ms(), consumed, degraded)
+                                   total, self._ledger_ms(), consumed, degraded)
         h.sent_back = total
         self.counts["returned_nano"] += moved
 
@@ -733,30 +735,39 @@ class Leases:
         await self._heartbeat()
         await self._look_after()
 
+    def _ledger_ms(self) -> int:
+        """The ledger's time, as this sidecar best knows it: its own clock, less the offset measured
+        when that is further off than allowed (what it then still tells the ledger is at its time)."""
+        return self.clock.now_ms() - (self.clock_offset_ms if self.skewed else 0)
+
     async def _check_clock(self) -> None:
         """This sidecar's clock against the ledger's, at each heartbeat (lease_clock_skew_max_ms).
-        Further off, it takes every lease's free credit out of its core (given back, for the ledger
-        to hear of once the clock is right again) and makes no lease calls: its leases' ends, the
-        ledger's expiry of credits and its period rolls would all be off by as much."""
+        Further off, it takes every lease's free credit out of its core and gives it back (at the
+        ledger's time), takes in nothing more, and makes no other lease or control-plane call: its
+        leases' ends, the ledger's expiry of credits and its period rolls would be off by as much.
+        A slow answer still tells: the offset lies between the clock before the call and after it,
+        less the ledger's time (taken in between); it decides once that span is on one side."""
         skew_max = self.settings.lease_clock_skew_max_ms
         if not skew_max or not self.clock.wall:
             return
         before = self.clock.now_ms()
-        ledger_ms = await self.link.call(lambda ledger: ledger.now_ms())
+        try:
+            ledger_ms = await self.link.call(lambda ledger: ledger.now_ms())
+        except Exception:  # noqa: BLE001 - the ledger away: the heartbeat's own call says so; the last check stands
+            return
         after = self.clock.now_ms()
-        if after - before > skew_max // 2:
-            return  # the answer took too long to tell: the last measurement stands
-        self.clock_offset_ms = (before + after) // 2 - ledger_ms
+        low, high = before - ledger_ms, after - ledger_ms
+        self.clock_offset_ms = (low + high) // 2
         self.counts["clock_checks"] += 1
-        skewed = abs(self.clock_offset_ms) > skew_max
+        if low > skew_max or high < -skew_max:
+            skewed = True
+        elif -skew_max <= low and high <= skew_max:
+            skewed = False
+        else:
+            return  # too slow an answer to tell: the last one stands
         if skewed and not self.skewed:
             log.error("this sidecar's clock is %+d ms off the ledger's (at most %d allowed): it spends no leased "
                       "credit until its clock is right", self.clock_offset_ms, skew_max)
-            ops: list[Op] = []
-            for (customer_id, ct), h in self.held.items():
-                ops += self._give_ops(customer_id, ct, h)[0]  # sent once the clock is right again
-            if ops:
-                self.journal.submit_ahead(ops)
         elif self.skewed and not skewed:
             self.last_error = ""
             log.warning("this sidecar's clock is back within %d ms of the ledger's (%+d ms): leases are served again",
@@ -766,6 +777,21 @@ class Leases:
             self.counts["clock_skewed_beats"] += 1
             self.last_error = f"this sidecar's clock is {self.clock_offset_ms:+d} ms off the ledger's " \
                               f"(lease_clock_skew_max_ms={skew_max}): no leased credit is spent"
+            await self._give_all_back()
+
+    async def _give_all_back(self) -> None:
+        """While this sidecar's clock is off: every lease's free credit out of the core, and given
+        back with what it consumed (so that other sidecars, and period rolls, need not wait for it)."""
+        ops: list[Op] = []
+        for (customer_id, ct), h in self.held.items():  # at once, top-ups in flight or not
+            ops += self._give_ops(customer_id, ct, h)[0]
+        if ops:
+            self.journal.submit_ahead(ops)
+        for (customer_id, ct), h in list(self.held.items()):
+            if h.lock.locked():
+                continue  # a top-up in flight (its answer is given back too): told at the next heartbeat
+            async with h.lock:
+                await self.give_back(customer_id, ct, settle=True)
 
     async def _heartbeat(self) -> None:
         await self._check_clock()
@@ -1000,13 +1026,13 @@ class Leases:
         """At shutdown: give back what every lease has free, bounded by the ledger timeout."""
         try:
             async with asyncio.timeout(self.settings.ledger_timeout_s):
-                if not self.reconciled:
+                if not self.reconciled and not self.skewed:
                     await self._reconcile()
                 failed = 0
                 for (customer_id, ct), h in list(self.held.items()):
                     try:
                         async with h.lock:
-                            if h.uncertain:
+                            if h.uncertain and not self.skewed:  # a lease call, at this sidecar's time
                                 await self._acquire(customer_id, ct, h, 0, 0)
                             await self.give_back(customer_id, ct)
                     except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -1047,14 +1073,18 @@ class Leases:
     async def usage_so_far(self, customer_id: str, from_ms: int, to_ms: int) -> list[dict]:
         """For a statement from ``from_ms`` to ``to_ms``: the running credit period's fallback usage
         so far, as the ledger has it (after the sidecars' flushes), when the period ends in it."""
-        end, lines = await self._central("usage_so_far", customer_id, plans=True)
+        end, lines = await self._central("usage_so_far", customer_id, plans=True, read=True)
         if not from_ms <= end - 1 < to_ms:
             return []
         return [activity_line("degraded", f"{description} (this period so far)", name, amount)
                 for name, amount, description in lines]
 
-    async def _central(self, method: str, *args: Any, plans: bool = False) -> Any:
-        """A control-plane call in the ledger: its refusals stand; a ledger that fails is UNAVAILABLE."""
+    async def _central(self, method: str, *args: Any, plans: bool = False, read: bool = False) -> Any:
+        """A control-plane call in the ledger: its refusals stand; a ledger that fails is UNAVAILABLE.
+        Refused while this sidecar's clock is off the ledger's (but a ``read``): it would be stamped
+        with that time."""
+        if self.skewed and not read:
+            raise Unavailable(self.last_error + "; ask another sidecar, or use meterd ... --ledger")
         try:
             return await self._escrow(method, *args, plans=plans)
         except (InvalidInput, NotFound, LimitReached, Conflict):

@@ -237,13 +237,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # What the credit period's usage served in a plan's fallback mode would have cost, as
         # sidecars settled it (the priority hint of degraded answers; the roll's "degraded" entry).
         "ALTER TABLE meterd_balances ADD COLUMN degraded_nano BIGINT NOT NULL DEFAULT 0",
-        # For the sweep of fallback usage settled after its subscription ended (few rows, if any).
-        "CREATE INDEX meterd_balances_degraded ON meterd_balances (customer_id) WHERE degraded_nano > 0",
         # A lease's running total of it, as its sidecar last settled it.
         "ALTER TABLE meterd_leases ADD COLUMN degraded_total_nano BIGINT NOT NULL DEFAULT 0",
         # When a lease call for a request last got less than the request needed: from then on its
         # sidecar may serve the customer in a fallback mode, which it settles at the period's end.
         "ALTER TABLE meterd_leases ADD COLUMN short_ms BIGINT NOT NULL DEFAULT 0",
+        # Customers whose fallback usage was settled after their subscription ended: for the sweep
+        # that audits it (one row each, cleared once audited).
+        """CREATE TABLE meterd_degraded_ended (
+            customer_id TEXT PRIMARY KEY,
+            settled_ms BIGINT NOT NULL)""",
     ]),
 ]
 

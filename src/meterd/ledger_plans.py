@@ -36,7 +36,7 @@ from typing import Iterable
 
 from meterd.catalog import Catalog
 from meterd.errors import Conflict, InvalidInput, NotFound, invariant
-from meterd.escrow import NO_PERIOD, OVERAGE_PRIORITY, OVERAGE_SOURCE, PERIOD_SOURCES, Escrow, _Bucket, _Sums
+from meterd.escrow import NEVER_MS, NO_PERIOD, OVERAGE_PRIORITY, OVERAGE_SOURCE, PERIOD_SOURCES, Escrow, _Bucket, _Sums
 from meterd.plans import CreditPolicy, Plan, overage_floor, prorated, rollover_split
 from meterd.state import Subscription
 
@@ -233,7 +233,8 @@ class LedgerPlans:
             replay = self.escrow._replayed(key, digest)
             if replay is not None:
                 return Subscription(**replay)
-            sums = self._lock_sums(customer_id, self._credit_types(None, plan), now_ms)
+            ended = self._read(customer_id, False).fallbacks  # the last subscription's, audited below
+            sums = self._lock_sums(customer_id, self._credit_types(None, plan) + list(ended), now_ms)
             row = self._read(customer_id, True)
             if row.sub is not None:
                 raise Conflict(f"customer {customer_id!r} is subscribed already; use ChangePlan")
@@ -283,7 +284,7 @@ class LedgerPlans:
                 self._period_usage(sums, sub, plan, now_ms, now_ms)
                 for ct, policy in (plan.credits.items() if plan else []):
                     s, name = sums[self._name(ct)], self._name(ct)
-                    self._net(s, sub.customer_id, name)  # credit still at leases pays the overage first
+                    self._net(s, sub.customer_id, name, now_ms)  # credit still at leases pays the overage first
                     self._settle_overage(s, sub, name, policy, "cancel", now_ms, now_ms)
                     if policy.arrears:
                         self._arrears(s, sub, name, now_ms, now_ms)
@@ -432,8 +433,7 @@ class LedgerPlans:
         then, for up to ``limit`` customers. Returns how many."""
         done = 0
         for customer_id, in self.escrow._rows(
-                "SELECT DISTINCT b.customer_id FROM meterd_balances b JOIN meterd_subscriptions s ON s.customer_id "
-                f"= b.customer_id WHERE s.plan = '' AND b.degraded_nano > 0 ORDER BY b.customer_id LIMIT {int(limit)}"):
+                f"SELECT customer_id FROM meterd_degraded_ended ORDER BY settled_ms, customer_id LIMIT {int(limit)}"):
             with self.ledger._transaction():
                 names = [r[0] for r in self.escrow._rows("SELECT credit_type FROM meterd_balances WHERE customer_id = "
                                                          "? AND degraded_nano > 0", (customer_id,))]
@@ -441,6 +441,7 @@ class LedgerPlans:
                 row = self._read(customer_id, True)
                 if row.sub is None:  # not subscribed again meanwhile (a subscribe audits it then)
                     done += self._audit_ended(sums, row, customer_id, now_ms)
+                self.escrow._exec("DELETE FROM meterd_degraded_ended WHERE customer_id = ?", (customer_id,))
                 self._put_all(customer_id, sums, now_ms)
         return done
 
@@ -448,6 +449,7 @@ class LedgerPlans:
         """The ended subscription's fallback usage settled since its end: a "degraded" entry each (in
         the mode of the plan it ended on), and the count starts again. Returns how many entries."""
         made = 0
+        self.escrow._exec("DELETE FROM meterd_degraded_ended WHERE customer_id = ?", (customer_id,))
         for name, s in sums.items():
             if s.degraded > 0 and name in row.fallbacks:
                 self._entry(s, customer_id, name, "degraded", s.degraded, s.shown,
@@ -532,7 +534,7 @@ class LedgerPlans:
                 if b.expired:
                     self._unexpire(s, b)
                     self.escrow._put_bucket(sub.customer_id, name, b)
-            self._net(s, sub.customer_id, name)
+            self._net(s, sub.customer_id, name, now_ms)
             self._burn_down(sub.customer_id, name, boundary, sub.n)
             self._rollover(s, sub, name, policy, boundary, ending, now_ms, at)
             self._cycle_end_overage(s, sub, name, policy, now_ms, at)
@@ -722,7 +724,7 @@ class LedgerPlans:
                                      (customer_id, name, OVERAGE_SOURCE))
         return max(s.headroom - int(held), 0)
 
-    def _net(self, s: _Sums, customer_id: str, name: str) -> None:
+    def _net(self, s: _Sums, customer_id: str, name: str, now_ms: int) -> None:
         """Overage spent while credit was left elsewhere (at another sidecar's lease, or given
         back since) is paid from that credit first, as one balance in local mode would have:
         the credit left centrally is spent instead, in burn-down order, and the overage
@@ -747,8 +749,10 @@ class LedgerPlans:
         for sidecar_id, grant_id, part in self.escrow._rows(
                 "SELECT p.sidecar_id, p.grant_id, p.amount_nano FROM meterd_lease_parts p JOIN meterd_grants g ON "
                 "g.customer_id = p.customer_id AND g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE "
-                "p.customer_id = ? AND p.credit_type = ? AND g.source <> ? AND p.amount_nano > 0 ORDER BY "
-                "p.sidecar_id, g.priority, g.seq", (customer_id, name, OVERAGE_SOURCE)) if left > 0 else []:
+                "p.customer_id = ? AND p.credit_type = ? AND g.source <> ? AND p.amount_nano > 0 AND (g.period_n >= 0 "
+                "OR g.expires_at_ms = 0 OR g.expires_at_ms > ?) ORDER BY p.sidecar_id, g.priority, CASE WHEN "
+                "g.expires_at_ms = 0 THEN ? ELSE g.expires_at_ms END, g.seq",  # credit not ended (or not rolled yet)
+                (customer_id, name, OVERAGE_SOURCE, now_ms, NEVER_MS)) if left > 0 else []:
             take = min(left, int(part))
             if take <= 0:
                 break
@@ -771,7 +775,7 @@ class LedgerPlans:
         """Bill (or forgive) what the customer owes below zero: the balance shown is back at zero."""
         if policy.overage is None or s.shown >= 0:
             return
-        self._net(s, sub.customer_id, name)
+        self._net(s, sub.customer_id, name, now_ms)
         deficit = min(-s.shown, self._unbilled(s, sub.customer_id, name))
         if deficit <= 0:
             return
@@ -824,7 +828,7 @@ class LedgerPlans:
         sums. What was spent of it and not billed (``carry_repay``'s deficit, or overage spent
         while credit sat at a lease elsewhere) becomes what the customer owes (overdrawn), repaid
         first by the next credit there is, as one balance in local mode would be."""
-        self._net(s, sub.customer_id, name)
+        self._net(s, sub.customer_id, name, now_ms)
         for b in self._allowance_buckets(sub.customer_id, name):
             unspent = b.remaining + b.expired
             s.available -= b.remaining
