@@ -16,6 +16,9 @@
   customers, with a short refill horizon so that a window spans several: the
   lease calls it makes per customer per refill horizon, once its leases are
   sized by the rates (the goal: about one).
+- **With plans:** ``hot_path_plans`` and ``pinned_plans``, the same with every customer on a plan
+  in both modes; ``roll_storm``, a ledger-mode sidecar's hot path while another process rolls
+  thousands of other customers' periods on the same PostgreSQL, against the same with no rolls.
 - **The contested path:** four sidecar daemons, one customer whose balance covers
   exactly K events, clients on all four until it runs out: exactly K allowed,
   how long the requests that waited for a top-up or a recall waited (from the
@@ -431,19 +434,30 @@ def roll_storm(pg: Postgres, seconds: float, trials: int, progress: Callable[[st
         catalog = Path(tmp) / "rolls.toml"
         catalog.write_text(rolls.CATALOG)
         rolls.url, rolls.catalog = url, load_catalog(str(catalog))
+        # Subscribed a day ago, so that their boundary is a month ahead by the sidecar's clock: the
+        # roller alone rolls them (at a time past it), not the sidecar's own heartbeat.
+        rolls.START_MS = int(time.time() * 1000) - 86_400_000
         rolls._parallel(2, [f"r{i:07d}" for i in range(due)], rolls._subscribe)
         boundary = LedgerPlans(Escrow(Ledger(url)), rolls.catalog).subscription("r0000000").end_ms
         now = boundary + 60_000  # past the grace: due without waiting for sidecars
-        env = {"METERD_BALANCES": "ledger", "METERD_LEDGER": url, "METERD_LEASE_IDLE_S": HOT_PATH_IDLE_S}
+        port = load.free_port()
+        env = {"METERD_BALANCES": "ledger", "METERD_LEDGER": url, "METERD_LEASE_IDLE_S": HOT_PATH_IDLE_S,
+               "METERD_METRICS_LISTEN": f"127.0.0.1:{port}"}
+
+        def _denied_of(_: Any) -> float:
+            return _denied(port)
         request = load.report_request()
         h2 = not unary.available()
         batch: dict[str, list[float]] = {"quiet": [], "rolling": []}
         report: dict[str, list[float]] = {"quiet": [], "rolling": []}
         rolled: list[int] = []
         with load.Server("meterd", env=env, customers=customers, seeded=False, plan=True) as server:
-            for _ in range(3):
+            for _ in range(30):  # until a run has no denial: every lease sized by its customer's rate
                 progress("ledger: roll storm, warming up")
+                before = _denied_of(server)
                 load.drive(server.target, "ReportBatch", processes=2, seconds=seconds, inflight=16, batch=1000)
+                if _denied_of(server) == before:
+                    break
             for t in range(trials):
                 for cond in ("quiet", "rolling"):
                     progress(f"ledger: roll storm, trial {t + 1}/{trials}, {cond}")
@@ -466,11 +480,15 @@ def roll_storm(pg: Postgres, seconds: float, trials: int, progress: Callable[[st
         with Ledger(url) as lg:
             problems = Escrow(lg).check()
             (rolls_done,), = lg._rows("SELECT COUNT(*) FROM meterd_rolls")
+    def spread(rolling: list[float], quiet: list[float]) -> dict:
+        s = _spread(rolling, quiet)  # ratios: while rolling / quiet
+        s["rolling"], s["quiet"] = s.pop("ledger"), s.pop("local")
+        return s
     out = {"hot_customers": customers, "due_customers": due, "trials": trials, "seconds": seconds,
            "rolled_per_trial": rolled, "rolls_in_ledger": int(rolls_done), "check": problems,
-           "report_batch_x1000_events_per_s": _spread(batch["rolling"], batch["quiet"])}
+           "report_batch_x1000_events_per_s": spread(batch["rolling"], batch["quiet"])}
     if h2:
-        out["unary_report_calls_per_s"] = _spread(report["rolling"], report["quiet"])
+        out["unary_report_calls_per_s"] = spread(report["rolling"], report["quiet"])
     return out
 
 

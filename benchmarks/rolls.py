@@ -11,8 +11,8 @@ figures still add up.
 
 Run: ``python -m benchmarks.rolls [--customers 100000] [--callers 1,2,4]``; it starts a
 private PostgreSQL (scripts/postgres-test-server) unless ``METERD_TEST_POSTGRES_URL`` is set.
-The effect of a roll on the hot path of running sidecars needs plans served in ledger mode
-(issue 16, steps 3 and later) and is not measured here yet.
+The effect of a roll storm on the hot path of a running sidecar is ``python -m benchmarks.ledger
+--only roll_storm``.
 """
 
 from __future__ import annotations
