@@ -772,26 +772,28 @@ class Leases:
             self.last_error = ""
             log.warning("this sidecar's clock is back within %d ms of the ledger's (%+d ms): leases are served again",
                         skew_max, self.clock_offset_ms)
+        found = skewed and not self.skewed
         self.skewed = skewed
         if skewed:
             self.counts["clock_skewed_beats"] += 1
             self.last_error = f"this sidecar's clock is {self.clock_offset_ms:+d} ms off the ledger's " \
                               f"(lease_clock_skew_max_ms={skew_max}): no leased credit is spent"
-            await self._give_all_back()
+            await self._give_all_back(settle=found)
 
-    async def _give_all_back(self) -> None:
+    async def _give_all_back(self, settle: bool) -> None:
         """While this sidecar's clock is off: every lease's free credit out of the core, and given
-        back with what it consumed (so that other sidecars, and period rolls, need not wait for it)."""
+        back (with what it consumed, when the clock is found off: so that other sidecars, and
+        period rolls, need not wait for it); at later heartbeats, what is still to be told."""
         ops: list[Op] = []
         for (customer_id, ct), h in self.held.items():  # at once, top-ups in flight or not
             ops += self._give_ops(customer_id, ct, h)[0]
         if ops:
             self.journal.submit_ahead(ops)
         for (customer_id, ct), h in list(self.held.items()):
-            if h.lock.locked():
+            if h.lock.locked() or not (settle or h.sent_back != h.given_back):
                 continue  # a top-up in flight (its answer is given back too): told at the next heartbeat
             async with h.lock:
-                await self.give_back(customer_id, ct, settle=True)
+                await self.give_back(customer_id, ct, settle=settle)
 
     async def _heartbeat(self) -> None:
         await self._check_clock()
