@@ -194,6 +194,15 @@ def test_settings_refuse_ledger_mode_without_a_shared_ledger():
         == "ledger"
 
 
+def test_settings_name_a_clock_skew_limit_out_of_range():
+    for bad in ("-1", "600001"):
+        with pytest.raises(ConfigError, match=r"lease_clock_skew_max_ms.*must be 0 \(not checked\) to 600000"):
+            load_settings({}, env={"METERD_LEASE_CLOCK_SKEW_MAX_MS": bad})
+    with pytest.raises(ConfigError, match="lease_clock_skew_max_ms"):
+        load_settings({}, env={"METERD_LEASE_CLOCK_SKEW_MAX_MS": "two seconds"})
+    assert load_settings({}, env={"METERD_LEASE_CLOCK_SKEW_MAX_MS": "0"}).lease_clock_skew_max_ms == 0
+
+
 # ---- sidecars on one ledger -----------------------------------------------------------------------
 
 COST = 2_500_000  # 1,000 gpt-4o input tokens at $2.50 per 1M, in nano-USD

@@ -1,14 +1,12 @@
 """The fallback mode in ledger mode: cases an independent review found, each of which failed
 before its fix (the docstrings say what went wrong)."""
 
-# ruff: noqa: F401, F811 - the fixtures fleet, local and node are those of the plans' other tests
+# ruff: noqa: F401, F811 - the fixtures local and node are those of the plans' other tests
 
 from __future__ import annotations
 
-import pytest
-from billing import NANO, Billing
+from billing import NANO
 from test_ledger_fallback import STEP, degraded_central
-from test_ledger_plans import CAPPED, fleet
 from test_ledger_plans_sidecars import beats, end_of, local, node, rolls
 
 from meterd.corespec import relax_priority
@@ -47,32 +45,12 @@ def test_degraded_usage_not_yet_flushed_at_the_period_end_is_audited_in_its_own_
         assert degraded_central(lg) == 0  # the new period has served nothing degraded
 
 
-@pytest.fixture
-def sidecar(tmp_path, monkeypatch, ledger_url):
-    """A sidecar in ledger mode on the CAPPED catalog, heartbeat driven by the test, waiting at
-    most 100 ms for a top-up (the node fixture's 2 s, shortened) unless told otherwise."""
-    made = []
-
-    def make(sid: str = "s0", **settings) -> Billing:
-        path = tmp_path / "capped.toml"
-        path.write_text(CAPPED)
-        settings.setdefault("lease_wait_ms", 100)
-        settings.setdefault("lease_heartbeat_ms", 20)
-        b = Billing(tmp_path / sid, str(path), monkeypatch, ledger=ledger_url, sidecar_id=sid, balances="ledger",
-                    **settings)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
-
-
 def _event(key: str = "") -> pb.UsageEvent:
     return pb.UsageEvent(customer_id="acme", meter="requests", quantity=1, dimensions={"model": "gpt-4o"},
                          idempotency_key=key)
 
 
-def test_nothing_is_served_degraded_while_another_sidecars_lease_holds_the_credit(sidecar):
+def test_nothing_is_served_degraded_while_another_sidecars_lease_holds_the_credit(node):
     """Sidecar s1 holds the customer's 49 remaining credits in its lease; s0's top-up recalls them
     but they do not come back within lease_wait_ms (Leases._cover answers Cover.UNAVAILABLE,
     'false_denies': credit is left at other sidecars). Reports.report (reports.py:358), _report_keyed
@@ -81,7 +59,7 @@ def test_nothing_is_served_degraded_while_another_sidecars_lease_holds_the_credi
     for nothing, while the customer has credit (the same goes for a ledger that does not answer).
     They should be denied LEDGER_UNAVAILABLE as before (or served from the credit), never degraded:
     the fallback is for what the whole balance cannot cover."""
-    s0, s1 = sidecar("s0"), sidecar("s1")
+    s0, s1 = node("s0", lease_wait_ms=100), node("s1", lease_wait_ms=100)
     s0.subscribe("acme", "slow_pool")
     assert gpt(s1).decision == pb.DECISION_ALLOW  # s1 leases the period's 50 credits
     assert s1.bal("acme", "requests") == 49 * NANO
@@ -132,7 +110,7 @@ def test_a_saturated_running_total_hides_every_later_periods_degraded_usage(node
         assert got == (pb.DECISION_DEGRADE, relax_priority(101 * NANO, STEP), 101 * NANO)
 
 
-def test_a_sidecar_that_found_the_balance_spent_serves_the_next_periods_requests_slow(sidecar, ledger_url):
+def test_a_sidecar_that_found_the_balance_spent_serves_the_next_periods_requests_slow(node, ledger_url):
     """s0 spent the period's credits and served a request slow: its lease is marked exhausted for a
     heartbeat (Leases._cover, h.exhausted_until). The period ends and another sidecar (s1) rolls it:
     the next period's 50 credits are in the ledger. s0's next request finds its lease exhausted,
@@ -141,8 +119,8 @@ def test_a_sidecar_that_found_the_balance_spent_serves_the_next_periods_requests
     the commit's fallback (reports.py:358) then serves it slow, for nothing, with the ended period's
     hint, although the new period's credits cover it (local mode allows it; before the commit it was
     at worst denied for that heartbeat). It should be allowed from the new period's credits."""
-    s0 = sidecar("s0", lease_heartbeat_ms=2_000, lease_wait_ms=4_000)
-    s1 = sidecar("s1", lease_heartbeat_ms=2_000, lease_wait_ms=4_000)
+    s0 = node("s0", lease_heartbeat_ms=2_000, lease_wait_ms=4_000)
+    s1 = node("s1", lease_heartbeat_ms=2_000, lease_wait_ms=4_000)
     with Ledger(ledger_url) as lg:
         s0.subscribe("acme", "slow_pool")
         assert gpt(s0, 50).decision == pb.DECISION_ALLOW

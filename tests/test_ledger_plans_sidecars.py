@@ -23,7 +23,7 @@ def node(tmp_path, monkeypatch, ledger_url):
         path = tmp_path / "capped.toml"
         path.write_text(CAPPED)
         b = Billing(tmp_path / sid, str(path), monkeypatch, ledger=ledger_url, sidecar_id=sid, balances="ledger",
-                    lease_heartbeat_ms=20, lease_wait_ms=2_000, **settings)
+                    **{"lease_heartbeat_ms": 20, "lease_wait_ms": 2_000, **settings})
         made.append(b)
         return b
     yield make

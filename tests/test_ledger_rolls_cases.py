@@ -114,12 +114,14 @@ def test_a_slow_ledger_does_not_hide_a_clock_far_off(tmp_path, monkeypatch, ledg
     leases = node.engine.leases
     with Ledger(ledger_url) as lg:
         Escrow(lg).grant("acme", "usd", 10 * 1_000_000_000, 0, 0, "test", "", time.time_ns() // 1_000_000)
-    slow_now = Ledger.now_ms
+    ledger_now = Ledger.now_ms
 
-    def now_ms(self):
-        time.sleep(1.1)
-        return slow_now(self)
-    monkeypatch.setattr(Ledger, "now_ms", now_ms)
+    def slow_answer(self):
+        """The ledger's time, read at the start of an answer that takes 1.1 s by the sidecar's clock."""
+        ms = ledger_now(self)
+        clock.offset_ms += 1_100
+        return ms
+    monkeypatch.setattr(Ledger, "now_ms", slow_answer)
     for _ in range(2):
         node.run(leases.beat())
     assert leases.skewed, f"10 s off, and not skewed ({leases.counts['clock_checks']} clock checks)"

@@ -713,8 +713,8 @@ class Escrow:
             self._settle_debts(s, customer_id, credit_type, now_ms)
             self._exec("UPDATE meterd_leases SET incarnation = ?, amount_nano = 0, leased_total_nano = 0, "
                        "returned_total_nano = 0, consumed_total_nano = 0, degraded_total_nano = 0, recall_ms = 0 WHERE "
-                       "sidecar_id = ? AND "
-                       "customer_id = ? AND credit_type = ?", (incarnation, sidecar_id, customer_id, credit_type))
+                       "sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                       (incarnation, sidecar_id, customer_id, credit_type))
             lease = dataclasses.replace(lease, incarnation=incarnation, amount_nano=0, leased_total_nano=0,
                                         returned_total_nano=0, consumed_total_nano=0, degraded_total_nano=0,
                                         recall_ms=0)

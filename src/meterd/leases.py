@@ -91,7 +91,7 @@ class Held:
     __slots__ = ("leased_in", "given_back", "borrowed", "allowance_nano", "sent_back", "expires_at_ms", "unit_nano",
                  "rate_nano_s", "mark_nano", "mark_ms", "used_ms", "central_nano", "elsewhere_nano", "seen_ms",
                  "exhausted_until", "uncertain", "last_size", "acquired_ms", "acquired_consumed", "asked_flush_ms",
-                 "fresh", "verified_ms", "lock", "degraded", "plan", "degraded_central", "degraded_mark")
+                 "fresh", "verified_ms", "lock", "degraded", "plan", "degraded_central", "degraded_settled")
 
     def __init__(self, leased_in: int = 0, given_back: int = 0, now_ms: int = 0, borrowed: int = 0,
                  allowance_nano: int = 0, degraded: int = 0) -> None:
@@ -127,7 +127,7 @@ class Held:
         # ledger has of ``degraded``, as the last answer said: the priority hint of a degraded decision.
         self.plan = ""
         self.degraded_central = 0
-        self.degraded_mark = 0
+        self.degraded_settled = 0
 
     def consumed(self, balance: int) -> int:
         """What has been spent of the lease, given its balance in the core."""
@@ -332,7 +332,7 @@ class Leases:
         policy = plan.credits.get(ct) if plan is not None else None
         if h is None or plan is None or policy is None or not policy.fallback:
             return None
-        degraded = h.degraded_central + (h.degraded - h.degraded_mark) % DEGRADED_WRAP
+        degraded = h.degraded_central + (h.degraded - h.degraded_settled) % DEGRADED_WRAP
         return plan.index, policy.fallback, relax_priority(degraded, policy.priority_step_nano)
 
     def degrade(self, leases: set[tuple[str, int]],
@@ -507,7 +507,7 @@ class Leases:
             heapq.heappush(self._ending, (end, customer_id, ct))
         h.expires_at_ms, h.elsewhere_nano = end, g.elsewhere_nano
         h.central_nano = g.available_nano - g.headroom_nano  # as a balance: a plan's overage allowance is none
-        h.plan, h.degraded_central, h.degraded_mark = g.plan, g.degraded_nano, g.degraded_total_nano
+        h.plan, h.degraded_central, h.degraded_settled = g.plan, g.degraded_nano, g.degraded_total_nano
         h.seen_ms = self.clock.now_ms()
         if g.granted_nano:
             h.last_size = g.granted_nano

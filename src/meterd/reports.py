@@ -400,9 +400,10 @@ class Reports:
         core.set_clock(at)
         decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                           else tenant.prefix)
-        if decision == DENY and self.leases is not None:
+        event = meter_pb2.ReportRequest.FromString(data).event if decision == DENY and self.leases is not None else None
+        if event is not None:
             async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
-                covered = await self._covered(meter_pb2.ReportRequest.FromString(data).event, tenant)
+                covered = await self._covered(event, tenant)
         else:
             covered = Cover.SHORT
         if covered:
@@ -412,9 +413,8 @@ class Reports:
             decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                               else tenant.prefix)
         logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
-        if decision == DENY and self.leases is not None and covered is Cover.SHORT:  # no balance can cover it
-            fell = self._fall_back(meter_pb2.ReportRequest.FromString(data).event, core,
-                                   lambda: core.report(data, None if tenant is None else tenant.prefix))
+        if decision == DENY and event is not None and covered is Cover.SHORT:  # no balance can cover it
+            fell = self._fall_back(event, core, lambda: core.report(data, None if tenant is None else tenant.prefix))
             if fell is not None:
                 again, logged, hint = fell
                 at = self.clock.now_ms()
