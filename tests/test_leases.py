@@ -437,9 +437,13 @@ def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_
     assert meterd("check-config", "--balances", "ledger").returncode == 0
     plan = tmp_path / "with-plan.toml"
     plan.write_text(CATALOG + '[customers.acme]\nplan = "pro"\n')
-    r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger", "--ledger", url,
-                        "--catalog", str(plan)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "customers.acme.plan: plans are served in local mode only" in r.stderr
+    check = [sys.executable, "-m", "meterd", "check-config", "--balances", "ledger", "--ledger", url, "--catalog",
+             str(plan)]
+    assert subprocess.run(check, capture_output=True, text=True, timeout=60).returncode == 0
+    plan.write_text(CATALOG + 'free = { input_tokens = "1000" }\n[customers.acme]\nplan = "pro"\n')
+    r = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "customers.acme.plan: plans.pro.free: free units are served in local mode only" \
+        in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "METERD_LEDGER": ""})
     assert r.returncode == 2 and "balances: ledger mode shares balances" in r.stderr

@@ -19,9 +19,9 @@ def node(tmp_path, monkeypatch, ledger_url):
     """One sidecar in ledger mode on the CAPPED catalog, its heartbeat driven by the test (beat())."""
     made = []
 
-    def make(sid: str = "s0", **settings) -> Billing:
-        path = tmp_path / "capped.toml"
-        path.write_text(CAPPED)
+    def make(sid: str = "s0", catalog: str = CAPPED, **settings) -> Billing:
+        path = tmp_path / f"capped-{sid}.toml"
+        path.write_text(catalog)
         b = Billing(tmp_path / sid, str(path), monkeypatch, ledger=ledger_url, sidecar_id=sid, balances="ledger",
                     **{"lease_heartbeat_ms": 20, "lease_wait_ms": 2_000, **settings})
         made.append(b)
@@ -290,3 +290,47 @@ def test_a_request_past_the_boundary_rolls_the_period_without_waiting_for_a_hear
         assert rolls(lg) == 1
         assert [e.amount_nano for e in lg.entries("acme") if e.kind == "overage_charged"] == [50 * NANO]
         assert Escrow(lg).check() == []
+
+
+SEEDED = CAPPED + """
+[customers.acme]
+plan = "pro"
+
+[customers.zed]
+plan = "pro"
+"""
+
+
+def test_catalog_customers_on_a_plan_are_subscribed_once_in_the_ledger(node, ledger_url, tmp_path, monkeypatch):
+    """Two sidecars start on a catalog whose customers have a plan: each customer is subscribed in
+    the ledger once, from that time, as local mode subscribes it at its first start (same balance,
+    same fee); a restart, or a customer cancelled since, is not subscribed again."""
+    path = tmp_path / "seeded_local.toml"
+    path.write_text(SEEDED)
+    local = Billing(tmp_path / "local", str(path), monkeypatch)
+    try:
+        a, b = node("s0", catalog=SEEDED), node("s1", catalog=SEEDED)
+        beats(a, 1)
+        beats(b, 1)
+        with Ledger(ledger_url) as lg:
+            plans = LedgerPlans(Escrow(lg), a.catalog)
+            for customer in ("acme", "zed"):
+                sub = plans.subscription(customer)
+                assert (sub.plan, sub.start_ms) == ("pro", START_MS)
+                assert [e.kind for e in lg.entries(customer)].count("fee") == 1
+            assert gpt(a) == gpt(local) == pb.DECISION_ALLOW
+            assert a.bal("acme", "requests") == local.bal("acme", "requests") == 49 * NANO
+            plans.cancel("zed", False, a.clock.ms)
+        b.restart()
+        beats(b, 1)
+        c = node("s2", catalog=SEEDED)  # a new sidecar on the same catalog
+        beats(c, 1)
+        assert not b.engine.leases.seed_plans and not c.engine.leases.seed_plans
+        with Ledger(ledger_url) as lg:
+            plans = LedgerPlans(Escrow(lg), a.catalog)
+            assert plans.subscription("zed") is None
+            assert plans.subscription("acme").start_ms == START_MS
+            assert [e.kind for e in lg.entries("acme")].count("fee") == 1
+            assert Escrow(lg).check() == []
+    finally:
+        local.close()

@@ -62,18 +62,6 @@ SCENARIOS = [
 ]
 
 
-def _without_customers(src: Path, dst: Path) -> None:
-    """The catalog with its customers left out: ledger mode refuses catalog customers on a plan
-    (they are subscribed through Admin instead, the same way in both modes)."""
-    out, skipping = [], False
-    for line in src.read_text().splitlines():
-        if line.startswith("["):
-            skipping = line.startswith("[customers.")
-        if not skipping:
-            out.append(line)
-    dst.write_text("\n".join(out) + "\n")
-
-
 class Both:
     """One local-mode sidecar, and four ledger-mode sidecars (heartbeats running) on one ledger,
     on the same catalog and the same time."""
@@ -90,6 +78,11 @@ class Both:
         self.beats = [self.loop.create_task(n.engine.leases.run(s)) for n, s in zip(self.nodes, self.stops,
                                                                                      strict=True)]
         self.sent = 0
+        # The catalog's customers are subscribed to their plans at the start: local mode at once, the
+        # ledger by the first sidecar's first heartbeat (at the same time here).
+        self.loop.run_until_complete(async_wait_until(
+            lambda: not any(n.engine.leases.seed_plans or n.engine.leases.seeds for n in self.nodes),
+            "the catalog's customers subscribed in the ledger"))
 
     def close(self) -> None:
         for stop in self.stops:
@@ -159,6 +152,10 @@ class Both:
         self.loop.run_until_complete(async_wait_until(lambda: self.subscription().n == n + 1, "the period's roll"))
         self._asked_again()
 
+    def rolled_all(self) -> bool:
+        with Ledger(self.ledger_url) as lg:
+            return not LedgerPlans(Escrow(lg), self.nodes[0].catalog).due(self.clock.ms, 1)
+
     def degraded_audited(self) -> bool:
         with Ledger(self.ledger_url) as lg:
             (n,), = lg._rows("SELECT COUNT(*) FROM meterd_balances WHERE degraded_nano > 0")
@@ -175,12 +172,12 @@ class Both:
 GRANT_ID = re.compile(r"\b(g_[0-9]+|G[0-9]+)\b")
 
 
-def _statement(x: Billing, period: str) -> dict:
+def _statement(x: Billing, period: str, customer: str = "acme") -> dict:
     """A statement, with grant ids (the ledger numbers its own) as '#', and its forfeits summed per
     credit type: what sidecars' leases held of the credits when the subscription ended is forfeited
     as each gives it back (an "expired" entry each), where local mode forfeits bucket by bucket at
     once. Every figure of lines, totals and balances is compared as it is."""
-    st = json.loads(GRANT_ID.sub("#", json.dumps(x.statement("acme", period))))
+    st = json.loads(GRANT_ID.sub("#", json.dumps(x.statement(customer, period))))
     activity, forfeited = [], {}
     for a in st["activity"]:
         if a["section"] == "rollovers" and a["description"].startswith("forfeited"):
@@ -193,8 +190,7 @@ def _statement(x: Billing, period: str) -> dict:
 
 @pytest.mark.parametrize("s", SCENARIOS, ids=[s.catalog for s in SCENARIOS])
 def test_local_and_ledger_mode_give_the_same_statements(s, tmp_path, monkeypatch, ledger_url):
-    catalog = tmp_path / f"{s.catalog}.toml"
-    _without_customers(ROOT / "examples" / f"{s.catalog}.toml", catalog)
+    catalog = ROOT / "examples" / f"{s.catalog}.toml"  # with its customers, each on a plan
     both = Both(tmp_path, catalog, ledger_url, monkeypatch)
     try:
         both.both("subscribe", "acme", s.plan)
@@ -225,6 +221,18 @@ def test_local_and_ledger_mode_give_the_same_statements(s, tmp_path, monkeypatch
                    "billing-3"]
         for period in periods:
             assert _statement(both.nodes[0], period) == _statement(both.local, period), period
+        # The catalog's customers, subscribed at the start and idle since: the same periods rolled,
+        # with the same rollovers, forfeits and fees.
+        both.loop.run_until_complete(async_wait_until(both.rolled_all, "every ended period rolled"))
+        seeded = [c.customer_id for c in both.local.catalog.customers if c.plan]
+        assert seeded
+        for customer in seeded:
+            with Ledger(ledger_url) as lg:  # subscribed from the start, in the ledger too
+                sub = LedgerPlans(Escrow(lg), both.local.catalog).subscription(customer)
+                assert sub is not None and sub.plan == both.local.catalog.customer_index[customer].plan, customer
+            for period in periods:
+                assert _statement(both.nodes[0], period, customer) == _statement(both.local, period, customer), \
+                    (customer, period)
         with Ledger(ledger_url) as lg:
             assert Escrow(lg).check() == []
     finally:

@@ -54,7 +54,7 @@ from meterd.escrow import DEGRADED_WRAP, Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
 from meterd.ledger import Fenced, activity_line
-from meterd.ledger_plans import LedgerPlans
+from meterd.ledger_plans import LedgerPlans, unserved
 from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
 from meterd.results import Keyed, LeaseRow, LeaseView
@@ -145,9 +145,9 @@ def check_catalog(catalog: Catalog) -> None:
             raise ConfigError(f"meters.{m.name}: tiers are served in local mode only for now: they price by the "
                               "customer's usage this period, and in ledger mode each sidecar counts only its own")
     for seed in catalog.customers:
-        if seed.plan:
-            raise ConfigError(f"customers.{seed.customer_id}.plan: plans are served in local mode only for now "
-                              "(balances = \"local\"); in ledger mode grant the customer's credits instead")
+        why = unserved(catalog, catalog.plan_index[seed.plan]) if seed.plan else None
+        if why is not None:
+            raise ConfigError(f"customers.{seed.customer_id}.plan: {why}")
         if any(seed.overdraft_nano.values()):
             raise ConfigError(f"customers.{seed.customer_id}.overdraft: an overdraft is served in local mode only "
                               "for now; in ledger mode grant the spend limit as a balance")
@@ -173,6 +173,7 @@ class Leases:
         self.reachable = False
         self.last_error = ""
         self.seeds: list[tuple[str, str, int]] = []  # catalog balances not yet granted centrally
+        self.seed_plans: list[tuple[str, str]] = []  # catalog customers' plans not yet subscribed centrally
         self._beats = 0
         self._scan_from = 0
         self.generation = 0
@@ -230,6 +231,7 @@ class Leases:
         """The catalog's initial balances, granted once centrally (by key) whichever sidecar starts first."""
         self.seeds = [(seed.customer_id, catalog.credit_types[ct].name, amount)
                       for seed in catalog.customers for ct, amount in seed.balances_nano.items() if amount > 0]
+        self.seed_plans = [(seed.customer_id, seed.plan) for seed in catalog.customers if seed.plan]
 
     def _key(self, customer_id: str, ct: int) -> bytes:
         return f"{customer_id}\x00{self.live.catalog.credit_types[ct].name}".encode()
@@ -825,6 +827,11 @@ class Leases:
             await self._escrow("grant", cust, ct_name, amount, 0, 0, "catalog", "initial balance",
                                self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
             self.seeds.pop(0)
+        while self.seed_plans:  # once per customer, by the first sidecar to start (as local mode's first start)
+            cust, plan = self.seed_plans[0]
+            if await self._escrow("seed", cust, plan, self.clock.now_ms(), plans=True):
+                self.unknown.pop(cust, None)  # its credits are there now: a request asks again at once
+            self.seed_plans.pop(0)
 
     async def _close_ended(self) -> None:
         """Leases whose credits ended (a plan's period, a grant) by this sidecar's clock: what they

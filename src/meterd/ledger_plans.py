@@ -81,6 +81,22 @@ class _Row:
     fallbacks: dict[str, str] = field(default_factory=dict)
 
 
+def unserved(catalog: Catalog, plan: Plan) -> str | None:
+    """What of ``plan`` ledger mode does not serve yet, named by its catalog key (None: all of it)."""
+    where = f"plans.{plan.name}"
+    if plan.free_units:
+        return f"{where}.free: free units are served in local mode only for now (each sidecar would give them again)"
+    for ct, policy in plan.credits.items():
+        key = f"{where}.credits.{catalog.credit_types[ct].name}"
+        if policy.low_balance_nano is not None:
+            return f"{key}.low_balance: automatic top-up requests are served in local mode only for now"
+        gauge = next((m.name for m in catalog.meters if m.credit_type == ct and m.aggregation >= 2), None)
+        if gauge is not None:
+            return (f"{key}: meter {gauge!r} is a gauge (max, latest or unique_count), charged at a period's end in "
+                    "local mode only for now")
+    return None
+
+
 class LedgerPlans:
     """Subscriptions and period rolls in the ledger, priced by ``catalog``; see the module docstring."""
 
@@ -204,27 +220,29 @@ class LedgerPlans:
 
     # ---- subscribe, cancel, change plan --------------------------------------------------
 
+    def seed(self, customer_id: str, plan_name: str, now_ms: int) -> bool:
+        """A catalog customer's plan, from ``now_ms``, unless the customer was ever subscribed
+        (as local mode subscribes it once, at the first start): whether this call subscribed it."""
+        if self._read(customer_id, False).version:
+            return False
+        try:
+            self.subscribe(customer_id, plan_name, now_ms, now_ms, once=True)
+        except Conflict:  # another sidecar seeded it meanwhile, or an operator subscribed it
+            return False
+        return True
+
     def served(self, plan: Plan) -> None:
         """Refuse a plan with what ledger mode does not serve yet, naming it."""
-        where = f"plans.{plan.name}"
-        if plan.free_units:
-            raise InvalidInput("plan", f"{where}.free: free units are served in local mode only for now (each "
-                               "sidecar would give them again)")
-        for ct, policy in plan.credits.items():
-            key = f"{where}.credits.{self._name(ct)}"
-            if policy.low_balance_nano is not None:
-                raise InvalidInput("plan", f"{key}.low_balance: automatic top-up requests are served in local mode "
-                                   "only for now")
-            gauge = next((m.name for m in self.catalog.meters if m.credit_type == ct and m.aggregation >= 2), None)
-            if gauge is not None:
-                raise InvalidInput("plan", f"{key}: meter {gauge!r} is a gauge (max, latest or unique_count), "
-                                   "charged at a period's end in local mode only for now")
+        why = unserved(self.catalog, plan)
+        if why is not None:
+            raise InvalidInput("plan", why)
 
     def subscribe(self, customer_id: str, plan_name: str, start_ms: int, now_ms: int, key: str = "",
-                  digest: str = "") -> Subscription:
+                  digest: str = "", once: bool = False) -> Subscription:
         """The customer on a plan from ``start_ms`` (not in the future): its period's credits
         and overage allowance, its trial (once per customer), its fee. Idempotent by ``key``
-        (with the request's ``digest``): a repeat answers what the first call did."""
+        (with the request's ``digest``): a repeat answers what the first call did. With ``once``
+        (a catalog customer's plan), refused with Conflict if the customer was ever subscribed."""
         plan = self._plan(plan_name)
         self.served(plan)
         if start_ms > now_ms:
@@ -238,6 +256,8 @@ class LedgerPlans:
             row = self._read(customer_id, True)
             if row.sub is not None:
                 raise Conflict(f"customer {customer_id!r} is subscribed already; use ChangePlan")
+            if once and row.version:
+                raise Conflict(f"customer {customer_id!r} was subscribed once already")
             self._audit_ended(sums, row, customer_id, now_ms)  # the last subscription's, settled since its end
             sub = row.sub = Subscription.starting(customer_id, plan, start_ms, now_ms)
             row.generation += 1
@@ -882,4 +902,4 @@ def _tiers(tiers: list[tuple[int, int, str, int]]) -> dict | None:
     return {"tiers": [{"tier": n, "units_nano": u, "unit_price": p, "charge_nano": c} for n, u, p, c in tiers]}
 
 
-__all__ = ["LedgerPlans", "ROOM_MAX_NANO"]
+__all__ = ["LedgerPlans", "ROOM_MAX_NANO", "unserved"]

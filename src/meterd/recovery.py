@@ -268,7 +268,8 @@ class Recovery:
         now = self.clock.now_ms()
         for seed in catalog.customers:
             marker = f"subscribed\x00{seed.customer_id}".encode()
-            if seed.plan and self.store.get("meta", marker) is None and seed.customer_id not in subs.subs:
+            if seed.plan and self.leases is None and self.store.get("meta", marker) is None \
+                    and seed.customer_id not in subs.subs:  # in ledger mode, subscribed centrally
                 sub_ops, _ = subs.subscribe_ops(seed.customer_id, seed.plan, now, now)
                 ops += sub_ops + [("meta", marker, b"1")]
             if seed.customer_id not in subs.subs:
