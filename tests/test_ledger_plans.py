@@ -257,6 +257,9 @@ def run_both(tmp_path, monkeypatch, ledger_url: str, catalog_path: str, script: 
                     on_central(central.plans, cust, step[1], now)
             else:
                 on_central(central.plans, cust, step[1], now)
+                if op == "cancel" and not step[1]:  # the sidecar answers the cancel's recall: the cancel ends
+                    central.close(cust, now)
+                    central.plans.roll(cust, now)
         elif op == "grant":
             local.grant(cust, step[1], step[2])
             central.escrow.grant(cust, step[1], step[2], 0, 0, "api", "", now)
@@ -903,6 +906,12 @@ fee = { usd = "20.00" }
 included = "50"
 low_balance = "10"
 topup_target = "50"
+
+[plans.freebie]
+fee = { usd = "20.00" }
+free = { requests = "5" }
+[plans.freebie.credits.requests]
+included = "50"
 """
 
 
@@ -982,10 +991,10 @@ def test_ledger_mode_subscribes_by_key_once_and_names_what_it_does_not_serve(fle
         assert [e.kind for e in lg.entries("acme")].count("fee") == 1
     with pytest.raises(Conflict, match="subscribed already"):
         nodes[1].subscribe("acme", "pro")
-    with pytest.raises(InvalidInput, match=r"plans\.topped\.credits\.requests\.low_balance"):
-        nodes[0].subscribe("globex", "topped")
-    with pytest.raises(InvalidInput, match=r"plans\.topped\.credits\.requests\.low_balance"):
-        nodes[0].change_plan("acme", "topped")
+    with pytest.raises(InvalidInput, match=r"plans\.freebie\.free: free units"):
+        nodes[0].subscribe("globex", "freebie")
+    with pytest.raises(InvalidInput, match=r"plans\.freebie\.free: free units"):
+        nodes[0].change_plan("acme", "freebie")
     with pytest.raises(InvalidInput, match="start_ms"):  # in ledger mode an anchor is now or past
         nodes[0].subscribe("globex", "pro", start_ms=nodes[0].clock.ms + 1)
     with pytest.raises(InvalidInput, match="unknown plan 'nope'"):
@@ -1042,8 +1051,8 @@ def test_the_cli_subscribes_changes_and_cancels_in_the_ledger_with_no_sidecar(tm
     sub = ["subscribe", "--customer", "acme", "--plan", "pro", "--idempotency-key", "s1"]
     first, again = meterd(*sub), meterd(*sub)
     assert first.returncode == 0 and first.stdout.startswith("acme: plan pro, period ") and again.stdout == first.stdout
-    refused = meterd("change-plan", "--customer", "acme", "--plan", "topped")
-    assert refused.returncode != 0 and "plans.topped.credits.requests.low_balance" in refused.stderr
+    refused = meterd("change-plan", "--customer", "acme", "--plan", "freebie")
+    assert refused.returncode != 0 and "plans.freebie.free: free units" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert "(cancelled at the period's end)" in meterd("cancel", "--customer", "acme", "--at-period-end").stdout
     assert meterd("cancel", "--customer", "acme").returncode == 0

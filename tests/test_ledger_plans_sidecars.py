@@ -334,3 +334,71 @@ def test_catalog_customers_on_a_plan_are_subscribed_once_in_the_ledger(node, led
             assert Escrow(lg).check() == []
     finally:
         local.close()
+
+
+def test_a_plan_asks_for_a_top_up_once_below_its_low_balance_as_local_mode_does(node, local, ledger_url):
+    """The "topped" plan asks for a top-up (to 50) below 10 requests: in the ledger, when a
+    settlement takes the balance below; once, until a credit lifts the balance back (a grant
+    through another sidecar here); with local mode's balance and amount when each event is settled."""
+    a, b = node("s0"), node("s1")
+    for x in (a, local):
+        x.subscribe("acme", "topped")
+
+    def spend(n: int) -> None:
+        for _ in range(n):
+            assert gpt(a) == gpt(local) == pb.DECISION_ALLOW
+            a.flush()
+
+    def asked() -> tuple[list, list]:
+        with Ledger(ledger_url) as lg:
+            central = [(e.balance_after_nano, e.charge_nano, e.charge_credit_type, e.reference)
+                       for e in lg.entries("acme") if e.kind == "auto_topup_requested"]
+        return central, [(e.balance_after_nano, e.charge_nano, e.charge_credit_type, e.reference)
+                         for e in local.audit("acme", "auto_topup_requested")]
+
+    spend(40)
+    assert asked() == ([], [])                                           # at 10: not below yet
+    spend(1)
+    first = (9 * NANO, 41 * NANO, "requests", "below 10")
+    assert asked() == ([first], [first])
+    spend(4)
+    assert asked() == ([first], [first])                                 # still below: asked once
+    for x in (b, local):
+        x.grant("acme", "requests", 20 * NANO)                            # 5 -> 25: re-armed
+    spend(16)
+    again = (9 * NANO, 41 * NANO, "requests", "below 10")
+    assert asked() == ([first, again], [first, again])
+    b.cancel("acme")                                                      # no plan: no more requests
+    with Ledger(ledger_url) as lg:
+        (low, target, pending), = lg._rows("SELECT low_balance_nano, topup_target_nano, topup_pending FROM "
+                                           "meterd_balances WHERE customer_id = 'acme' AND credit_type = 'requests'")
+        assert (low, target, pending) == (0, 0, 0)
+        assert Escrow(lg).check() == []
+
+
+def test_a_cancel_bills_what_the_sidecars_spent_since_their_last_flush(node, local, ledger_url):
+    """A sidecar spent 10 requests of overage and has not flushed when another sidecar's Admin
+    cancels: the cancel waits for its settlement (it answers the recall at its next heartbeat)
+    and bills those 10, as local mode's cancel does; before, they were owed and never billed."""
+    a, b = node("s0"), node("s1")
+    for x in (a, local):
+        x.subscribe("acme", "pro")
+    for _ in range(60):                                                 # 50 included, then 10 of overage
+        assert gpt(a) == gpt(local) == pb.DECISION_ALLOW
+    for x in (b, local):
+        x.cancel("acme")
+    with Ledger(ledger_url) as lg:
+        plans = LedgerPlans(Escrow(lg), a.catalog)
+        waiting = plans.subscription("acme")
+        assert waiting is not None and waiting.end_ms == b.clock.ms   # its period ends at the cancel
+        assert gpt(b) == pb.DECISION_DENY                               # and nothing more is leased of it
+        beats(a, 2)                                                     # a settles; the cancel ends
+        assert plans.subscription("acme") is None
+
+        def billed(entries) -> list[tuple]:
+            return [(e.kind, e.amount_nano, e.charge_nano, e.charge_credit_type) for e in entries
+                    if e.kind in ("overage_charged", "expire")]
+        assert billed(lg.entries("acme")) == billed(local.audit("acme"))
+        assert [e.charge_nano for e in lg.entries("acme") if e.kind == "overage_charged"] == [4 * NANO // 10]
+        assert central_balance(lg, b)["balance_nano"] == local.bal("acme", "requests") == 0
+        assert Escrow(lg).check() == []

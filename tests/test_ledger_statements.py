@@ -209,6 +209,8 @@ def test_local_and_ledger_mode_give_the_same_statements(s, tmp_path, monkeypatch
         decisions += both.events(s, s.events)                       # period 4, then a cancel midway
         both.set_time(both.clock.ms + 3 * 86_400_000)
         both.both("cancel", "acme")
+        # The sidecars answer the cancel's recall at their heartbeats; then it bills and ends.
+        both.loop.run_until_complete(async_wait_until(lambda: both.subscription() is None, "the cancel's end"))
         local, ledger = decisions[0::2], decisions[1::2]
         assert ledger == local
         denied = {"denied"} if (pb.DECISION_DENY, 0, "") in local else set()

@@ -32,6 +32,7 @@ from meterd.corespec import (
     ConditionRow,
     MeterRow,
     RateRow,
+    format_nano,
     rate_mask,
 )
 from meterd.errors import ConfigError, invariant
@@ -409,13 +410,6 @@ def _defaulted(m: Meter) -> str:
     """What an event without a price dimension is priced as, in words."""
     said = [f"{d}={v}" for d, v in zip(m.price_dimensions, m.defaults, strict=True) if v is not None]
     return f" (an event without it priced as {', '.join(said)})" if said else ""
-
-
-def format_nano(v: int) -> str:
-    """Nano-units as an exact decimal: 2500000000 -> 2.5."""
-    whole, frac = divmod(abs(v), NANO)
-    text = f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
-    return ("-" if v < 0 else "") + text
 
 
 def _per_unit(price: Fraction, precision: int) -> str:

@@ -268,6 +268,13 @@ def sets_message(customer: bytes, limit: int) -> str:
 PRIORITY_MAX = 100
 
 
+def format_nano(v: int) -> str:
+    """Nano-units as an exact decimal: 2500000000 -> 2.5."""
+    whole, frac = divmod(abs(v), 10**9)
+    text = f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+    return ("-" if v < 0 else "") + text
+
+
 def relax_priority(degraded_nano: int, step_nano: int) -> int:
     """The queue-priority hint of a degraded decision (Midjourney's relax mode):
     100, falling by one per ``step_nano`` of usage degraded this period, down to

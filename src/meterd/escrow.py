@@ -43,6 +43,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from meterd.corespec import format_nano
 from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
 from meterd.ledger import Ledger, LedgerError, Settlement
 
@@ -135,6 +136,12 @@ class _Sums:
     headroom: int = 0
     # What the credit period's usage served in a plan's fallback mode would have cost, as settled.
     degraded: int = 0
+    # A plan's automatic top-up: asked for (an auto_topup_requested entry) when a settlement takes
+    # the balance shown below ``low``, for what restores ``topup`` (0: none); once, until a credit
+    # lifts the balance to ``low`` or more (``pending`` until then).
+    low: int = 0
+    topup: int = 0
+    pending: int = 0
 
     def moved(self, before: int, after: int) -> None:
         """A lease's amount went from ``before`` to ``after``: its debt with it."""
@@ -174,7 +181,9 @@ class _Bucket:
 
 _SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano, overdrawn_nano, grants_made, "
          "entries_made")
-_SUMS_READ = _SUMS + ", outage_allowance_nano, debts_nano, headroom_nano, degraded_nano"
+_SUMS_READ = _SUMS + (", outage_allowance_nano, debts_nano, headroom_nano, degraded_nano, low_balance_nano, "
+                      "topup_target_nano, topup_pending")
+SUMS_READ = len(_SUMS_READ.split(","))
 _BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
            "expired_nano, source, period_n, rollovers")
 
@@ -244,10 +253,11 @@ class Escrow:
         invariant(s.headroom >= 0, f"{customer_id}/{credit_type}: overage headroom {s.headroom}")
         self._exec("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, "
                    "consumed_nano = ?, expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, "
-                   "debts_nano = ?, headroom_nano = ?, degraded_nano = ?, updated_ms = ? WHERE customer_id = ? AND "
-                   "credit_type = ?", (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn,
-                                       s.grants_made, s.entries_made, s.debts, s.headroom, s.degraded, now_ms,
-                                       customer_id, credit_type))
+                   "debts_nano = ?, headroom_nano = ?, degraded_nano = ?, low_balance_nano = ?, topup_target_nano = ?, "
+                   "topup_pending = ?, updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
+                   (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
+                    s.entries_made, s.debts, s.headroom, s.degraded, s.low, s.topup, s.pending, now_ms, customer_id,
+                    credit_type))
 
     def _buckets(self, customer_id: str, credit_type: str, where: str = "remaining_nano > 0",
                  params: tuple = ()) -> list[_Bucket]:
@@ -378,7 +388,17 @@ class Escrow:
             kind = kind or (source if source in ("refund", "adjust") else "grant")
             self._entry(s, customer_id, credit_type, kind, source, amount, before,
                         f"{grant_id} {source} {reference}".strip(), now_ms, effective_ms=effective_ms)
+            if s.pending and s.shown >= s.low:  # a credit that lifts the balance re-arms the top-up request
+                s.pending = 0
         return Granted(grant_id, s.shown)
+
+    def _ask_topup(self, s: _Sums, customer_id: str, credit_type: str, before: int, now_ms: int) -> None:
+        """The balance shown went from ``before`` to ``s.shown``: below a plan's low_balance, a
+        top-up is asked for (once), of what restores its topup_target, as local mode asks."""
+        if s.topup and not s.pending and before >= s.low > s.shown:
+            s.pending = 1
+            self._entry(s, customer_id, credit_type, "auto_topup_requested", "", 0, s.shown,
+                        f"below {format_nano(s.low)}", now_ms, charge=s.topup - s.shown, charge_ct=credit_type)
 
     def _insert_bucket(self, s: _Sums, customer_id: str, credit_type: str, amount: int, remaining: int, leased: int,
                        expires_at_ms: int, priority: int, source: str, reference: str, now_ms: int, period_n: int,
@@ -863,6 +883,7 @@ class Escrow:
                            "(customer_id) DO NOTHING", (st.customer_id, now_ms))
         delta = st.consumed_total_nano - lease.consumed_total_nano
         if delta > 0:
+            shown = s.shown
             ended: list[tuple[_Bucket, int]] = []  # spent of an overage allowance whose period was closed
 
             def consumed(b: _Bucket, take: int) -> None:
@@ -892,6 +913,7 @@ class Escrow:
                     self._exec("INSERT INTO meterd_overage_spent (customer_id, credit_type, spent_ms) VALUES "
                                "(?, ?, ?) ON CONFLICT (customer_id, credit_type) DO NOTHING",
                                (st.customer_id, st.credit_type, now_ms))
+            self._ask_topup(s, st.customer_id, st.credit_type, shown, now_ms)
 
     def set_allowance(self, customer_id: str, credit_type: str, amount_nano: int, now_ms: int) -> int:
         """The customer's outage allowance of a credit type: what each sidecar may spend beyond its
@@ -948,7 +970,7 @@ class Escrow:
         for r in self._rows(f"SELECT credit_type, {_SUMS_READ}, updated_ms FROM meterd_balances WHERE "
                             "customer_id = ? ORDER BY credit_type", (customer_id,)):
             ct = r[0]
-            s = _Sums(*(int(v) for v in r[1:13]))
+            s = _Sums(*(int(v) for v in r[1:SUMS_READ + 1]))
             buckets = [dataclasses.asdict(b) for b in self._buckets(customer_id, ct,
                                                                     "remaining_nano > 0 OR leased_nano > 0")]
             leases = [{"sidecar_id": row[0], "amount_nano": int(row[1]), "updated_ms": int(row[2])}
@@ -960,7 +982,7 @@ class Escrow:
                         "granted_nano": s.granted,
                         "available_nano": s.available, "leased_nano": s.leased, "consumed_nano": s.consumed,
                         "expired_nano": s.expired, "overdrawn_nano": max(-s.shown, 0), "lease_debts_nano": debts,
-                        "allowance_nano": s.allowance, "updated_ms": int(r[12]), "buckets": buckets,
+                        "allowance_nano": s.allowance, "updated_ms": int(r[SUMS_READ + 1]), "buckets": buckets,
                         "leases": leases})
         return out
 

@@ -248,6 +248,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             customer_id TEXT PRIMARY KEY,
             settled_ms BIGINT NOT NULL)""",
     ]),
+    (6, "automatic top-up requests of plans in ledger mode", [
+        # The plan's low_balance and topup_target for the credit type (target 0: none), set when the
+        # subscription changes; and whether a request is out, until a credit lifts the balance again.
+        "ALTER TABLE meterd_balances ADD COLUMN low_balance_nano BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE meterd_balances ADD COLUMN topup_target_nano BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE meterd_balances ADD COLUMN topup_pending SMALLINT NOT NULL DEFAULT 0",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -79,6 +79,12 @@ class _Row:
     # Of the plan it ended on, the fallback mode per credit type: what sidecars settle of its
     # fallback usage after the end is audited under it (LedgerPlans.audit_ended).
     fallbacks: dict[str, str] = field(default_factory=dict)
+    # A cancel that waits for the sidecars: when it was asked (its period ends then, and what the
+    # sidecars spent by then is billed once they have settled it; 0: none).
+    cancelling_ms: int = 0
+    # Meanwhile, the ends its period's buckets had (credit type, grant id): they end at the cancel,
+    # so that no sidecar leases more of them, and are put back for the cancel's forfeits, in order.
+    cancel_ends: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def unserved(catalog: Catalog, plan: Plan) -> str | None:
@@ -86,10 +92,8 @@ def unserved(catalog: Catalog, plan: Plan) -> str | None:
     where = f"plans.{plan.name}"
     if plan.free_units:
         return f"{where}.free: free units are served in local mode only for now (each sidecar would give them again)"
-    for ct, policy in plan.credits.items():
+    for ct in plan.credits:
         key = f"{where}.credits.{catalog.credit_types[ct].name}"
-        if policy.low_balance_nano is not None:
-            return f"{key}.low_balance: automatic top-up requests are served in local mode only for now"
         gauge = next((m.name for m in catalog.meters if m.credit_type == ct and m.aggregation >= 2), None)
         if gauge is not None:
             return (f"{key}: meter {gauge!r} is a gauge (max, latest or unique_count), charged at a period's end in "
@@ -148,8 +152,17 @@ class LedgerPlans:
             out[name] = s
         return out
 
-    def _put_all(self, customer_id: str, sums: dict[str, _Sums], now_ms: int) -> None:
+    def _put_all(self, customer_id: str, sums: dict[str, _Sums], now_ms: int, row: _Row | None = None) -> None:
+        """The balance rows; with the subscription's ``row``, with its plan's top-up thresholds."""
+        plan = self.catalog.plan_index.get(row.sub.plan) if row is not None and row.sub is not None else None
         for name, s in sums.items():
+            if row is not None:
+                ct = self.catalog.credit_index.get(name)
+                policy = plan.credits.get(ct) if plan is not None and ct is not None else None
+                if policy is None or policy.low_balance_nano is None or policy.topup_target_nano is None:
+                    s.low = s.topup = s.pending = 0
+                else:
+                    s.low, s.topup = policy.low_balance_nano, policy.topup_target_nano
             self.escrow._put_sums(customer_id, name, s, now_ms)
 
     def _read(self, customer_id: str, lock: bool) -> _Row:
@@ -160,7 +173,7 @@ class LedgerPlans:
         state = json.loads(rows[0][7])
         sub = Subscription(**state["sub"]) if state.get("sub") else None
         return _Row(sub, int(rows[0][6]), bool(state.get("trial_taken")), int(state.get("generation", 0)),
-                    state.get("fallbacks", {}))
+                    state.get("fallbacks", {}), int(state.get("cancelling_ms", 0)), state.get("cancel_ends", {}))
 
     def _write(self, customer_id: str, row: _Row, now_ms: int) -> None:
         """The row, at the next version (made at version 1)."""
@@ -168,7 +181,9 @@ class LedgerPlans:
         values = (sub.plan if sub else "", sub.n if sub else 0, sub.start_ms if sub else 0, sub.end_ms if sub else 0,
                   sub.billing_n if sub else 0, sub.billing_end_ms if sub else 0,
                   json.dumps({"sub": sub.__dict__ if sub else None, "trial_taken": row.trial_taken,
-                              "generation": row.generation, "fallbacks": row.fallbacks}), now_ms)
+                              "generation": row.generation, "fallbacks": row.fallbacks,
+                              "cancelling_ms": row.cancelling_ms if sub else 0,
+                              "cancel_ends": row.cancel_ends if sub else {}}), now_ms)
         if row.version == 0:
             self.escrow._exec("INSERT INTO meterd_subscriptions (plan, n, start_ms, end_ms, billing_n, billing_end_ms, "
                               "state, updated_ms, version, customer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
@@ -247,6 +262,8 @@ class LedgerPlans:
         self.served(plan)
         if start_ms > now_ms:
             raise InvalidInput("start_ms", "must not be in the future")
+        if self._read(customer_id, False).cancelling_ms:
+            self.roll(customer_id, now_ms, force=True)  # a cancel waiting for the sidecars ends first
         with self.ledger._transaction():
             replay = self.escrow._replayed(key, digest)
             if replay is not None:
@@ -273,7 +290,7 @@ class LedgerPlans:
             self._billing_period(sums, sub, plan, now_ms, now_ms)
             self._fees(sums, sub, plan, now_ms, now_ms)
             self._write(customer_id, row, now_ms)
-            self._put_all(customer_id, sums, now_ms)
+            self._put_all(customer_id, sums, now_ms, row)
             self.escrow._remember(key, digest, dict(sub.__dict__), now_ms)
         return sub
 
@@ -294,25 +311,54 @@ class LedgerPlans:
 
     def cancel(self, customer_id: str, at_period_end: bool, now_ms: int) -> Subscription:
         """At the period's end (its roll ends it), or now: what is owed is billed, and the
-        period's credits go."""
+        period's credits go. Now, while sidecars' leases hold the period's credits: its period
+        ends now and the leases are asked back, and what is owed is billed once they have
+        settled what they spent by then (as at a period's end: the roll does it, at the latest
+        PERIOD_CLOSE_GRACE_MS after the cancel)."""
         self.roll(customer_id, now_ms, force=True)  # a period that ended is rolled first, as in local mode
         with self.ledger._transaction():
             sums, row, sub, plan = self._locked(customer_id, now_ms)
             if at_period_end:
                 sub.cancel_at_end = True
-            else:
-                self._period_usage(sums, sub, plan, now_ms, now_ms)
-                for ct, policy in (plan.credits.items() if plan else []):
-                    s, name = sums[self._name(ct)], self._name(ct)
-                    self._net(s, sub.customer_id, name, now_ms)  # credit still at leases pays the overage first
-                    self._settle_overage(s, sub, name, policy, "cancel", now_ms, now_ms)
-                    if policy.arrears:
-                        self._arrears(s, sub, name, now_ms, now_ms)
-                    self._close_allowance(s, sub, name, now_ms)
-                self._end(sums, row, plan, now_ms, now_ms)
+            elif not row.cancelling_ms:
+                row.cancelling_ms = now_ms
+                if self._at_leases(customer_id, sub.start_ms, now_ms):
+                    for name in sorted(sums):  # the period ends now: its credits (leased too) and allowances
+                        for b in self.escrow._buckets(customer_id, name, "period_n >= 0 AND expires_at_ms > ?",
+                                                      (now_ms,)):
+                            row.cancel_ends.setdefault(name, {})[b.grant_id] = b.expires_at_ms
+                            b.expires_at_ms = now_ms
+                            self.escrow._put_bucket(customer_id, name, b)
+                        self._recall(customer_id, name, now_ms)
+                    sub.end_ms = now_ms
+                else:
+                    self._cancelled(sums, row, plan, now_ms)
             self._write(customer_id, row, now_ms)
-            self._put_all(customer_id, sums, now_ms)
+            self._put_all(customer_id, sums, now_ms, row)
         return sub
+
+    def _cancelled(self, sums: dict[str, _Sums], row: _Row, plan: Plan | None, now_ms: int) -> None:
+        """A cancel now, once what the sidecars spent by then is settled: its fallback usage, its
+        overage (netted against credit left) billed, arrears billed, and the subscription ends."""
+        sub, at = row.sub, row.cancelling_ms
+        assert sub is not None  # the caller read it
+        for name, ends in sorted(row.cancel_ends.items()):
+            for b in self.escrow._buckets(sub.customer_id, name, "period_n >= 0"):
+                if b.grant_id in ends:  # its end again; what expired at the cancel is credit left
+                    b.expires_at_ms = ends[b.grant_id]
+                    if b.source != OVERAGE_SOURCE and name in sums:
+                        self._unexpire(sums[name], b)
+                    self.escrow._put_bucket(sub.customer_id, name, b)
+        row.cancel_ends = {}
+        self._period_usage(sums, sub, plan, now_ms, at)
+        for ct, policy in (plan.credits.items() if plan else []):
+            s, name = sums[self._name(ct)], self._name(ct)
+            self._net(s, sub.customer_id, name, now_ms)  # credit left pays the overage first
+            self._settle_overage(s, sub, name, policy, "cancel", now_ms, at)
+            if policy.arrears:
+                self._arrears(s, sub, name, now_ms, at)
+            self._close_allowance(s, sub, name, now_ms)
+        self._end(sums, row, plan, now_ms, at)
 
     def change_plan(self, customer_id: str, plan_name: str, now_ms: int) -> Subscription:
         """An upgrade now (the fee difference and the extra included credits for the time left,
@@ -325,7 +371,7 @@ class LedgerPlans:
             if sub.plan_change(old, new):
                 self._upgrade(sums, sub, old, new, now_ms)
             self._write(customer_id, row, now_ms)
-            self._put_all(customer_id, sums, now_ms)
+            self._put_all(customer_id, sums, now_ms, row)
         return sub
 
     def _upgrade(self, sums: dict[str, _Sums], sub: Subscription, old: Plan | None, new: Plan, now_ms: int) -> None:
@@ -521,6 +567,10 @@ class LedgerPlans:
                 elif not force and now_ms < sub.end_ms + PERIOD_CLOSE_GRACE_MS and \
                         self._unsettled(customer_id, sub.start_ms, sub.end_ms):
                     step = "done"  # not settled yet: the last lease's settlement rolls it
+                elif row.cancelling_ms:
+                    step = "done"  # a cancel that waited for the sidecars: it ends the subscription
+                    self._cancelled(sums, row, plan, now_ms)
+                    self._write(customer_id, row, now_ms)
                 else:
                     step = "rolled"
                     self.escrow._exec("INSERT INTO meterd_rolls (customer_id, generation, n, boundary_ms, plan, "
@@ -528,7 +578,7 @@ class LedgerPlans:
                                       (customer_id, row.generation, sub.n, sub.end_ms, sub.plan, now_ms))
                     self._roll_at(sums, row, plan, now_ms)
                     self._write(customer_id, row, now_ms)
-                self._put_all(customer_id, sums, now_ms)  # what expired by the boundary, in any case
+                self._put_all(customer_id, sums, now_ms, row)  # what expired by the boundary, in any case
             if step == "done":
                 return rolled
             rolled += step == "rolled"
@@ -625,6 +675,16 @@ class LedgerPlans:
                 late.consumed -= moved
                 self.escrow._put_bucket(customer_id, name, early)
                 self.escrow._put_bucket(customer_id, name, late)
+
+    def _at_leases(self, customer_id: str, start: int, now_ms: int) -> bool:
+        """Some lease holds credit of the customer's running period or its overage allowance (its
+        sidecar may have spent of it since it last settled), or was short in the period since
+        ``start`` and has not settled since (it may have served the fallback mode)."""
+        return bool(self.escrow._rows(
+            "SELECT 1 FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
+            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE p.customer_id = ? AND g.period_n >= 0 "
+            "AND p.amount_nano > 0 UNION ALL SELECT 1 FROM meterd_leases u WHERE u.customer_id = ? AND "
+            "u.short_ms >= ? AND u.settled_ms < ?", (customer_id, customer_id, start, now_ms)))
 
     def _unsettled(self, customer_id: str, start: int, boundary: int) -> bool:
         """Some lease holds credit of a period ending by ``boundary`` and has not settled past it."""
