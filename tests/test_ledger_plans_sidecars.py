@@ -402,3 +402,45 @@ def test_a_cancel_bills_what_the_sidecars_spent_since_their_last_flush(node, loc
         assert [e.charge_nano for e in lg.entries("acme") if e.kind == "overage_charged"] == [4 * NANO // 10]
         assert central_balance(lg, b)["balance_nano"] == local.bal("acme", "requests") == 0
         assert Escrow(lg).check() == []
+
+
+FREE_METER = """
+[credit_types.usd]
+kind = "fiat"
+
+[meters.cache_reads]
+credit_type = "usd"
+price = "0"
+
+[meters.tokens]
+credit_type = "usd"
+price = "0.01"
+"""
+
+
+# Failed before its fix: an event that costs nothing, for a customer with a central balance, was denied
+# REASON_UNKNOWN_CUSTOMER by every sidecar that had not leased for the customer yet (local mode allows it).
+def test_a_free_event_is_served_for_a_customer_the_ledger_knows_at_a_sidecar_with_no_lease(node, ledger_url):
+    a, b = node("s0", catalog=FREE_METER), node("s1", catalog=FREE_METER)
+    a.grant("acme", "usd", 5 * NANO)
+    free = b.report("acme", "cache_reads", 1)
+    assert (free.decision, free.cost_nano) == (pb.DECISION_ALLOW, 0)
+    assert b.report("nobody", "cache_reads", 1).reason == pb.REASON_UNKNOWN_CUSTOMER  # unknown to the ledger too
+    b.restart(clean=False)                                          # the account it opened is in its log
+    assert b.report("acme", "cache_reads", 1).decision == pb.DECISION_ALLOW
+    assert b.report("acme", "tokens", 1).decision == pb.DECISION_ALLOW
+    with Ledger(ledger_url) as lg:
+        assert Escrow(lg).check() == []
+
+
+def test_gauge_meters_are_refused_in_ledger_mode_naming_the_meter(tmp_path, ledger_url):
+    """Each sidecar charged a max gauge on its own maximum at the month's end: two sidecars that
+    saw 5 seats charged 2 x 5 seats. Refused until the ledger charges gauges itself."""
+    import subprocess
+    import sys
+    path = tmp_path / "gauges.toml"
+    path.write_text(FREE_METER + '[meters.seats]\ncredit_type = "usd"\naggregation = "max"\nprice = "8.00"\n')
+    r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger", "--ledger", ledger_url,
+                        "--catalog", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "meters.seats: a gauge (max) is served in local mode only" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -184,8 +184,30 @@ _SUMS = ("granted_nano, available_nano, leased_nano, consumed_nano, expired_nano
 _SUMS_READ = _SUMS + (", outage_allowance_nano, debts_nano, headroom_nano, degraded_nano, low_balance_nano, "
                       "topup_target_nano, topup_pending")
 SUMS_READ = len(_SUMS_READ.split(","))
+SETTLE_CHUNK = 500               # settlements whose rows one read takes (two parameters each)
 _BUCKET = ("grant_id, seq, priority, expires_at_ms, amount_nano, remaining_nano, leased_nano, consumed_nano, "
            "expired_nano, source, period_n, rollovers")
+
+
+_PART_BUCKET = ", ".join("g." + c.strip() for c in _BUCKET.split(","))
+
+
+# Writes that a flush's settlements hold back (Escrow._holding_writes): one executemany each.
+_PUT_SUMS = ("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, consumed_nano = ?, "
+             "expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, debts_nano = ?, "
+             "headroom_nano = ?, degraded_nano = ?, low_balance_nano = ?, topup_target_nano = ?, topup_pending = ?, "
+             "updated_ms = ? WHERE customer_id = ? AND credit_type = ?")
+_PUT_BUCKET = ("UPDATE meterd_grants SET amount_nano = ?, remaining_nano = ?, leased_nano = ?, consumed_nano = ?, "
+               "expired_nano = ?, period_n = ?, expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
+               "grant_id = ?")
+_PUT_PART = ("INSERT INTO meterd_lease_parts (sidecar_id, customer_id, credit_type, grant_id, amount_nano) VALUES "
+             "(?, ?, ?, ?, ?) ON CONFLICT (sidecar_id, customer_id, credit_type, grant_id) DO UPDATE SET amount_nano = "
+             "excluded.amount_nano")
+_DROP_PART = ("DELETE FROM meterd_lease_parts WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ? AND "
+              "grant_id = ?")
+_SETTLED_LEASE = ("UPDATE meterd_leases SET amount_nano = amount_nano - ?, consumed_total_nano = ?, expires_at_ms = ?, "
+                  "updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?")
+_HELD_WRITES = frozenset({_PUT_SUMS, _PUT_BUCKET, _PUT_PART, _DROP_PART, _SETTLED_LEASE})
 
 
 def _bucket(r: Sequence[Any]) -> _Bucket:
@@ -224,14 +246,40 @@ class Escrow:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._lock = " FOR UPDATE" if ledger.dialect == "postgresql" else ""
+        # While settling a flush: writes held back, by statement, to go in one executemany each
+        # before the next read, the next other statement, or the end of the chunk.
+        self._held: dict[str, list[tuple]] | None = None
 
     # ---- plumbing --------------------------------------------------------------------
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        if self._held:
+            self._write_held()
         return self.ledger._rows(sql, tuple(params))
 
     def _exec(self, sql: str, params: Iterable[Any] = ()) -> None:
+        if self._held is not None and sql in _HELD_WRITES:
+            self._held.setdefault(sql, []).append(tuple(params))
+            return
+        if self._held:
+            self._write_held()
         self.ledger._exec(sql, tuple(params))
+
+    def _write_held(self) -> None:
+        """The writes held back, each statement's in the order they came (they are of distinct rows:
+        one lease, its buckets and its balance row per settlement)."""
+        held, self._held = self._held, {}
+        for sql, rows in (held or {}).items():
+            self.ledger._exec_many(sql, rows)
+
+    @contextlib.contextmanager
+    def _holding_writes(self) -> Iterator[None]:
+        self._held = {}
+        try:
+            yield
+            self._write_held()
+        finally:
+            self._held = None
 
     def _sums(self, customer_id: str, credit_type: str, create: bool, now_ms: int) -> _Sums | None:
         """The customer's sums, locked until the transaction ends; made (zero) with ``create``."""
@@ -251,11 +299,7 @@ class Escrow:
                   f"{customer_id}/{credit_type}: {s.available} available while {s.overdrawn} is overdrawn and "
                   f"leases owe {s.debts}")
         invariant(s.headroom >= 0, f"{customer_id}/{credit_type}: overage headroom {s.headroom}")
-        self._exec("UPDATE meterd_balances SET granted_nano = ?, available_nano = ?, leased_nano = ?, "
-                   "consumed_nano = ?, expired_nano = ?, overdrawn_nano = ?, grants_made = ?, entries_made = ?, "
-                   "debts_nano = ?, headroom_nano = ?, degraded_nano = ?, low_balance_nano = ?, topup_target_nano = ?, "
-                   "topup_pending = ?, updated_ms = ? WHERE customer_id = ? AND credit_type = ?",
-                   (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
+        self._exec(_PUT_SUMS, (s.granted, s.available, s.leased, s.consumed, s.expired, s.overdrawn, s.grants_made,
                     s.entries_made, s.debts, s.headroom, s.degraded, s.low, s.topup, s.pending, now_ms, customer_id,
                     credit_type))
 
@@ -267,9 +311,7 @@ class Escrow:
         return sorted((_bucket(r) for r in rows), key=_Bucket.sort_key)
 
     def _put_bucket(self, customer_id: str, credit_type: str, b: _Bucket) -> None:
-        self._exec("UPDATE meterd_grants SET amount_nano = ?, remaining_nano = ?, leased_nano = ?, consumed_nano = ?, "
-                   "expired_nano = ?, period_n = ?, expires_at_ms = ? WHERE customer_id = ? AND credit_type = ? AND "
-                   "grant_id = ?", (b.amount, b.remaining, b.leased, b.consumed, b.expired, b.period_n,
+        self._exec(_PUT_BUCKET, (b.amount, b.remaining, b.leased, b.consumed, b.expired, b.period_n,
                                     b.expires_at_ms, customer_id, credit_type, b.grant_id))
 
     def _entry(self, s: _Sums, customer_id: str, credit_type: str, kind: str, source: str, amount: int,
@@ -563,22 +605,18 @@ class Escrow:
 
     def _parts(self, sidecar_id: str, customer_id: str, credit_type: str) -> list[tuple[_Bucket, int]]:
         """A lease's parts with their buckets, in burn-down order."""
-        rows = self._rows(f"SELECT p.amount_nano, {', '.join('g.' + c.strip() for c in _BUCKET.split(','))} "
-                          "FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
-                          "g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE p.sidecar_id = ? AND "
-                          "p.customer_id = ? AND p.credit_type = ?", (sidecar_id, customer_id, credit_type))
+        rows = self._rows(f"SELECT p.amount_nano, {_PART_BUCKET} FROM meterd_lease_parts p JOIN meterd_grants g ON "
+                          "g.customer_id = p.customer_id AND g.credit_type = p.credit_type AND g.grant_id = p.grant_id "
+                          "WHERE p.sidecar_id = ? AND p.customer_id = ? AND p.credit_type = ?",
+                          (sidecar_id, customer_id, credit_type))
         parts = [(_bucket(r[1:]), int(r[0])) for r in rows]
         return sorted(parts, key=lambda p: p[0].sort_key())
 
     def _put_part(self, sidecar_id: str, customer_id: str, credit_type: str, grant_id: str, amount: int) -> None:
         if amount:
-            self._exec("INSERT INTO meterd_lease_parts (sidecar_id, customer_id, credit_type, grant_id, amount_nano) "
-                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sidecar_id, customer_id, credit_type, grant_id) "
-                       "DO UPDATE SET amount_nano = excluded.amount_nano",
-                       (sidecar_id, customer_id, credit_type, grant_id, amount))
+            self._exec(_PUT_PART, (sidecar_id, customer_id, credit_type, grant_id, amount))
         else:
-            self._exec("DELETE FROM meterd_lease_parts WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ? "
-                       "AND grant_id = ?", (sidecar_id, customer_id, credit_type, grant_id))
+            self._exec(_DROP_PART, (sidecar_id, customer_id, credit_type, grant_id))
 
     def acquire(self, sidecar_id: str, incarnation: str, customer_id: str, credit_type: str, need_nano: int,
                 want_nano: int, sharers: int, now_ms: int) -> LeaseGrant:
@@ -741,14 +779,16 @@ class Escrow:
         return lease
 
     def _move_parts(self, sidecar_id: str, lease: Lease, amount: int, from_end: bool,
-                    book: Callable[[_Bucket, int], None], now_ms: int) -> tuple[int, int]:
+                    book: Callable[[_Bucket, int], None], now_ms: int,
+                    read: list[tuple[_Bucket, int]] | None = None) -> tuple[int, int]:
         """Move up to ``amount`` out of a lease's parts: from the front of the burn-down order
         (consumption) or from its end (give-backs); ``book`` says where each take goes in its bucket.
         Parts of grants that ended before the lease was last settled are what it spared for holds
         across the end: consumed last (new spending is the new credits') and given back first
         (expired). Returns what moved and the soonest expiry still to come of what the lease keeps
         (0: none)."""
-        parts = self._parts(sidecar_id, lease.customer_id, lease.credit_type)
+        parts = self._parts(sidecar_id, lease.customer_id, lease.credit_type) if read is None else \
+            sorted(read, key=lambda p: p[0].sort_key())
         spared: list[tuple[_Bucket, int]] = []
         if any(0 < b.expires_at_ms <= now_ms for b, _ in parts):
             (settled,), = self._rows("SELECT settled_ms FROM meterd_leases WHERE sidecar_id = ? AND customer_id = ? "
@@ -847,12 +887,55 @@ class Escrow:
         self.settle(sidecar_id, incarnation, settlements, now_ms)
 
     def settle(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
-        """Consumption of leases, up to running totals (again: nothing)."""
-        for st in sorted(settlements, key=lambda x: (x.customer_id, x.credit_type)):
-            s = self._sums(st.customer_id, st.credit_type, True, now_ms)
-            assert s is not None  # made when missing
-            self._settle_one(s, sidecar_id, incarnation, st, now_ms)
+        """Consumption of leases, up to running totals (again: nothing). A flush settles many at
+        once: their balance rows (locked, in order), leases and parts are read a chunk at a time,
+        and a settlement that changes nothing writes nothing."""
+        todo = sorted(settlements, key=lambda x: (x.customer_id, x.credit_type))
+        for i in range(0, len(todo), SETTLE_CHUNK):
+            chunk = todo[i:i + SETTLE_CHUNK]
+            sums, leases, parts = self._prefetch(sidecar_id, chunk)
+            with self._holding_writes():
+                self._settle_chunk(sidecar_id, incarnation, chunk, sums, leases, parts, now_ms)
+
+    def _settle_chunk(self, sidecar_id: str, incarnation: str, chunk: list[Settlement],
+                      sums: dict[tuple[str, str], _Sums], leases: dict[tuple[str, str], Lease],
+                      parts: dict[tuple[str, str], list], now_ms: int) -> None:
+        for st in chunk:
+            key = (st.customer_id, st.credit_type)
+            lease = leases.pop(key, None)
+            s = sums.pop(key, None)
+            if s is not None and lease is not None and lease.incarnation == incarnation and \
+                    st.consumed_total_nano <= lease.consumed_total_nano and \
+                    (st.degraded_total_nano < 0 or st.degraded_total_nano == lease.degraded_total_nano):
+                continue  # settled already: a repeat
+            if s is None:
+                s = self._sums(st.customer_id, st.credit_type, True, now_ms)
+                assert s is not None  # made when missing
+            self._settle_one(s, sidecar_id, incarnation, st, now_ms, lease, parts.pop(key, []))
             self._put_sums(st.customer_id, st.credit_type, s, now_ms)
+
+    def _prefetch(self, sidecar_id: str, chunk: list[Settlement]) -> tuple[dict[tuple[str, str], _Sums],
+                                                                             dict[tuple[str, str], Lease],
+                                                                             dict[tuple[str, str], list]]:
+        """For settlements sorted by customer and credit type: their balance rows (locked in that
+        order), this sidecar's leases of them (locked after: every writer of a lease row holds its
+        customer's balance row first) and the leases' parts with their buckets, in three reads."""
+        keys = sorted({(st.customer_id, st.credit_type) for st in chunk})
+        pairs = ", ".join(["(?, ?)"] * len(keys))
+        flat = [v for k in keys for v in k]
+        sums = {(r[0], r[1]): _Sums(*(int(v) for v in r[2:])) for r in self._rows(
+            f"SELECT customer_id, credit_type, {_SUMS_READ} FROM meterd_balances WHERE (customer_id, credit_type) "
+            f"IN (VALUES {pairs}) ORDER BY customer_id, credit_type" + self._lock, flat)}
+        leases = {(r[0], r[1]): _lease(r) for r in self._rows(
+            f"SELECT {_LEASE} FROM meterd_leases WHERE sidecar_id = ? AND (customer_id, credit_type) IN "
+            f"(VALUES {pairs}) ORDER BY customer_id, credit_type" + self._lock, [sidecar_id, *flat])}
+        parts: dict[tuple[str, str], list] = {}
+        for r in self._rows(f"SELECT p.customer_id, p.credit_type, p.amount_nano, {_PART_BUCKET} FROM "
+                            "meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
+                            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE p.sidecar_id = ? AND "
+                            f"(p.customer_id, p.credit_type) IN (VALUES {pairs})", [sidecar_id, *flat]):
+            parts.setdefault((r[0], r[1]), []).append((_bucket(r[3:]), int(r[2])))
+        return sums, leases, parts
 
     def _owe(self, s: _Sums, customer_id: str, credit_type: str, b: _Bucket, amount: int) -> None:
         """``amount`` spent of an overage allowance ``b`` and not billed becomes what the customer
@@ -866,9 +949,15 @@ class Escrow:
         s.overdrawn += amount
         s.headroom -= amount
 
-    def _settle_one(self, s: _Sums, sidecar_id: str, incarnation: str, st: Settlement, now_ms: int) -> None:
-        """A lease's consumption up to a running total (again: nothing)."""
-        lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
+    def _settle_one(self, s: _Sums, sidecar_id: str, incarnation: str, st: Settlement, now_ms: int,
+                    read: Lease | None = None, parts: list[tuple[_Bucket, int]] | None = None) -> None:
+        """A lease's consumption up to a running total (again: nothing). ``read``: its lease row and
+        ``parts``, as read (locked) in this transaction, if they were."""
+        if read is not None and read.incarnation == incarnation:
+            lease = read
+        else:
+            lease = self._own_lease(sidecar_id, incarnation, st.customer_id, st.credit_type, s, now_ms)
+            parts = None  # made, or taken over from a replaced incarnation: read again
         # A running total modulo 2^63 (it never saturates: a figure stuck at its cap would hide
         # every later period's fallback usage).
         degraded = (st.degraded_total_nano - lease.degraded_total_nano) % DEGRADED_WRAP
@@ -891,7 +980,7 @@ class Escrow:
                 if b.source == OVERAGE_SOURCE and b.period_n == NO_PERIOD:
                     ended.append((b, take))
             # Beyond its parts (an outage allowance spent), the lease goes into debt: in no bucket.
-            _, expires = self._move_parts(sidecar_id, lease, delta, False, consumed, now_ms)
+            _, expires = self._move_parts(sidecar_id, lease, delta, False, consumed, now_ms, parts)
             for b, take in ended:
                 # A hold that outlived its period's allowance (and its subscription): owed, repaid
                 # first by the next credit, as a balance below zero is in local mode.
@@ -899,9 +988,7 @@ class Escrow:
             s.leased -= delta
             s.consumed += delta
             s.moved(lease.amount_nano, lease.amount_nano - delta)
-            self._exec("UPDATE meterd_leases SET amount_nano = amount_nano - ?, consumed_total_nano = ?, expires_at_ms "
-                       "= ?, updated_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
-                       (delta, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
+            self._exec(_SETTLED_LEASE, (delta, st.consumed_total_nano, expires, now_ms, sidecar_id, st.customer_id,
                         st.credit_type))
             if delta > lease.amount_nano or ended:  # owed: repaid at once from what is available, if any
                 self._settle_debts(s, st.customer_id, st.credit_type, now_ms)

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from meterd import records
-from meterd.catalog import Catalog
+from meterd.catalog import AGGREGATIONS, Catalog
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.corespec import relax_priority
@@ -144,6 +144,10 @@ def check_catalog(catalog: Catalog) -> None:
         if m.tiers:
             raise ConfigError(f"meters.{m.name}: tiers are served in local mode only for now: they price by the "
                               "customer's usage this period, and in ledger mode each sidecar counts only its own")
+        if m.aggregation >= 2:
+            raise ConfigError(f"meters.{m.name}: a gauge ({AGGREGATIONS[m.aggregation]}) is served in local mode "
+                              "only for now: it is charged on the period's value at its end, and in ledger mode "
+                              "each sidecar has only its own")
     for seed in catalog.customers:
         why = unserved(catalog, catalog.plan_index[seed.plan]) if seed.plan else None
         if why is not None:
@@ -250,6 +254,10 @@ class Leases:
         idx = core.account(customer_id.encode())
         return core.available(idx, ct) if idx >= 0 else 0
 
+    def _opened(self, customer_id: str) -> bool:
+        """The customer has an account in the core (a lease answer of the ledger's opened it)."""
+        return self.live.core.account(customer_id.encode()) >= 0
+
     def _balance(self, customer_id: str, ct: int) -> int:
         """The lease's balance in the core: what it has free and on hold."""
         core = self.live.core
@@ -268,7 +276,7 @@ class Leases:
         h.given_back += given
         h.borrowed += borrowed
         ops: list[Op] = []
-        if amount:
+        if amount or not self._opened(customer_id):  # a customer the ledger knows, with nothing leased yet, too
             core = self.live.core
             cust = customer_id.encode()
             core.credit(core.open_account(cust), ct, amount)
@@ -516,6 +524,8 @@ class Leases:
         if g.recalled:
             self.counts["recalls_asked"] += g.recalled
         arrived = g.leased_total_nano - h.leased_in
+        if arrived <= 0 and not self._opened(customer_id):  # known, nothing leased: free events are served
+            return self._move_ops(customer_id, ct, h)
         if arrived <= 0:
             return [("leases", self._key(customer_id, ct), h.doc())] if allowance_changed else []
         self.counts["leased_nano"] += arrived  # this call's grant, and any an earlier answer never brought
@@ -599,7 +609,7 @@ class Leases:
         poll = self.settings.lease_heartbeat_ms / 4000
         while True:
             have = self.available(customer_id, ct)
-            if have >= cost:
+            if have >= cost and (cost or self._opened(customer_id)):  # free: the ledger must know the customer
                 return Cover.COVERED
             if h.exhausted_until > self.clock.monotonic() and not await self._roll_on_demand(customer_id, ct, h):
                 return Cover.SHORT
@@ -617,7 +627,7 @@ class Leases:
                 self._forget_unknown(customer_id, ct)
                 return Cover.SHORT
             have = self.available(customer_id, ct)
-            if have >= cost:
+            if have >= cost and (cost or self._opened(customer_id)):
                 return Cover.COVERED
             if have + g.available_nano + g.elsewhere_nano < cost:  # the whole balance cannot cover it
                 if await self._roll_on_demand(customer_id, ct, h):

@@ -496,6 +496,14 @@ class Ledger:
     def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return list(self._exec(sql, params).fetchall())
 
+    def _exec_many(self, sql: str, rows: list[tuple]) -> None:
+        """One statement for many rows (psycopg sends them in a pipeline: one round trip)."""
+        if self.dialect == "sqlite":
+            self.conn.executemany(self._sql(sql), rows)
+        else:
+            with self.conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+
     def _begin(self) -> None:
         self._exec("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
 
