@@ -135,19 +135,20 @@ def check(b: Billing) -> None:
         sub = b.engine.subscriptions.subs.get(customer)
         plan = b.catalog.plan_index.get(sub.plan) if sub else None
         acct = b.engine.grants.accounts.get(customer)
+        # A roll is computed under the plan of the period that ended, which may not be the plan
+        # now (a downgrade takes effect at the boundary): no roll exceeds the largest cap of the
+        # plans the customer has been on.
+        rollovers = [p.credits[ct].rollover for name in b.plans_seen.get(customer, ())
+                     for p in [b.catalog.plan_index[name]] for ct in p.credits]
+        caps = [r.max_nano for r in rollovers if r is not None]
         for ct, policy in (plan.credits.items() if plan else []):
             r = policy.rollover
             if r is None or acct is None:
                 continue
             rolled = [x for x in acct.buckets.get(ct, []) if x.source == "rollover"]
             assert all(x.rollovers <= r.max_count for x in rolled)
-            if r.max_nano is not None:
-                assert sum(x.remaining_nano for x in rolled) <= r.max_nano
-        # A roll is computed under the plan of the period that ended, which may not be the plan
-        # now: no roll exceeds the largest cap of the plans the customer has been on.
-        rollovers = [p.credits[ct].rollover for name in b.plans_seen.get(customer, ())
-                     for p in [b.catalog.plan_index[name]] for ct in p.credits]
-        caps = [r.max_nano for r in rollovers if r is not None]
+            if caps and None not in caps:
+                assert sum(x.remaining_nano for x in rolled) <= max(caps)
         for e in b.audit(customer, "rolled_over"):
             if caps and None not in caps:
                 assert e.amount_nano <= max(caps)

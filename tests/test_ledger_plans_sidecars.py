@@ -369,6 +369,7 @@ def test_a_plan_asks_for_a_top_up_once_below_its_low_balance_as_local_mode_does(
     again = (9 * NANO, 41 * NANO, "requests", "below 10")
     assert asked() == ([first, again], [first, again])
     b.cancel("acme")                                                      # no plan: no more requests
+    beats(a, 2)                                                           # once a has settled, it has ended
     with Ledger(ledger_url) as lg:
         (low, target, pending), = lg._rows("SELECT low_balance_nano, topup_target_nano, topup_pending FROM "
                                            "meterd_balances WHERE customer_id = 'acme' AND credit_type = 'requests'")

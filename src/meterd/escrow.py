@@ -142,6 +142,11 @@ class _Sums:
     low: int = 0
     topup: int = 0
     pending: int = 0
+    # The balance shown when the row was read (not stored): what _put_sums compares for a top-up.
+    read_shown: int = dataclasses.field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.read_shown = self.shown
 
     def moved(self, before: int, after: int) -> None:
         """A lease's amount went from ``before`` to ``after``: its debt with it."""
@@ -246,6 +251,10 @@ class Escrow:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._lock = " FOR UPDATE" if ledger.dialect == "postgresql" else ""
+        # Rows locked together go in Python's order (code points), as every caller sorts them, whatever
+        # the database's collation (SQLite compares UTF-8 bytes: the same order).
+        self._in_code_points = 'customer_id COLLATE "C", credit_type COLLATE "C"' \
+            if ledger.dialect == "postgresql" else "customer_id, credit_type"
         # While settling a flush: writes held back, by statement, to go in one executemany each
         # before the next read, the next other statement, or the end of the chunk.
         self._held: dict[str, list[tuple]] | None = None
@@ -292,6 +301,7 @@ class Escrow:
         return _Sums(*(int(v) for v in rows[0])) if rows else None
 
     def _put_sums(self, customer_id: str, credit_type: str, s: _Sums, now_ms: int) -> None:
+        self._ask_topup(s, customer_id, credit_type, now_ms)
         invariant(s.granted == s.available + s.leased + s.consumed + s.expired,
                   f"{customer_id}/{credit_type}: granted {s.granted} != available {s.available} + leased "
                   f"{s.leased} + consumed {s.consumed} + expired {s.expired}")
@@ -364,6 +374,8 @@ class Escrow:
             if b.period_n == NO_PERIOD:
                 self._entry(s, customer_id, credit_type, "expired", "ledger", -amount, before,
                             f"{b.grant_id} expired", now_ms)
+            elif b.source != OVERAGE_SOURCE:  # a period's credits, which its roll is to say what became of:
+                s.read_shown -= amount        # no top-up is asked for them meanwhile
 
     @staticmethod
     def _expire_part(s: _Sums, b: _Bucket, amount: int) -> None:
@@ -434,9 +446,11 @@ class Escrow:
                 s.pending = 0
         return Granted(grant_id, s.shown)
 
-    def _ask_topup(self, s: _Sums, customer_id: str, credit_type: str, before: int, now_ms: int) -> None:
-        """The balance shown went from ``before`` to ``s.shown``: below a plan's low_balance, a
-        top-up is asked for (once), of what restores its topup_target, as local mode asks."""
+    def _ask_topup(self, s: _Sums, customer_id: str, credit_type: str, now_ms: int) -> None:
+        """What this transaction did took the balance shown below a plan's low_balance (a
+        settlement, a grant's expiry, a debit): a top-up is asked for (once), of what restores
+        its topup_target, as local mode asks after the change that crossed it."""
+        before, s.read_shown = s.read_shown, s.shown
         if s.topup and not s.pending and before >= s.low > s.shown:
             s.pending = 1
             self._entry(s, customer_id, credit_type, "auto_topup_requested", "", 0, s.shown,
@@ -677,10 +691,14 @@ class Escrow:
         expires = min((b.expires_at_ms for b, amount in held.values() if amount and b.expires_at_ms > now_ms),
                       default=0) if size else lease.expires_at_ms
         if size:
+            # A lease that held nothing (and was not short: it may have served a fallback) had nothing
+            # to settle: settled up to now (what it spends from now on is after a roll's, or a cancel's, time
+            # if that is before now: neither waits for a lease first taken after it).
             self._exec("UPDATE meterd_leases SET amount_nano = amount_nano + ?, leased_total_nano = leased_total_nano "
-                       "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ? WHERE sidecar_id = ? "
-                       "AND customer_id = ? AND credit_type = ?",
-                       (size, size, expires, now_ms, sidecar_id, customer_id, credit_type))
+                       "+ ?, expires_at_ms = ?, acquisitions = acquisitions + 1, updated_ms = ?, settled_ms = CASE "
+                       "WHEN amount_nano = 0 AND short_ms = 0 AND settled_ms < ? THEN ? ELSE settled_ms END "
+                       "WHERE sidecar_id = ? AND customer_id = ? AND credit_type = ?",
+                       (size, size, expires, now_ms, now_ms - 1, now_ms - 1, sidecar_id, customer_id, credit_type))
         if size < need_nano:  # short: its sidecar may serve the fallback (ledger_plans._unsettled waits for it)
             self._exec("UPDATE meterd_leases SET short_ms = ? WHERE sidecar_id = ? AND customer_id = ? AND "
                        "credit_type = ?", (now_ms, sidecar_id, customer_id, credit_type))
@@ -835,6 +853,7 @@ class Escrow:
                                    f"than its {lease.amount_nano}")
         s.leased -= amount
         before -= unaudited
+        s.read_shown -= unaudited  # as in _expire: a period's credits, for its roll
         for b, take in expired:
             self._entry(s, lease.customer_id, lease.credit_type, "expired", "ledger", -take, before,
                         f"{b.grant_id} expired (given back by {sidecar_id})", now_ms, after=before - take)
@@ -925,10 +944,10 @@ class Escrow:
         flat = [v for k in keys for v in k]
         sums = {(r[0], r[1]): _Sums(*(int(v) for v in r[2:])) for r in self._rows(
             f"SELECT customer_id, credit_type, {_SUMS_READ} FROM meterd_balances WHERE (customer_id, credit_type) "
-            f"IN (VALUES {pairs}) ORDER BY customer_id, credit_type" + self._lock, flat)}
+            f"IN (VALUES {pairs}) ORDER BY {self._in_code_points}" + self._lock, flat)}
         leases = {(r[0], r[1]): _lease(r) for r in self._rows(
             f"SELECT {_LEASE} FROM meterd_leases WHERE sidecar_id = ? AND (customer_id, credit_type) IN "
-            f"(VALUES {pairs}) ORDER BY customer_id, credit_type" + self._lock, [sidecar_id, *flat])}
+            f"(VALUES {pairs}) ORDER BY {self._in_code_points}" + self._lock, [sidecar_id, *flat])}
         parts: dict[tuple[str, str], list] = {}
         for r in self._rows(f"SELECT p.customer_id, p.credit_type, p.amount_nano, {_PART_BUCKET} FROM "
                             "meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
@@ -972,7 +991,6 @@ class Escrow:
                            "(customer_id) DO NOTHING", (st.customer_id, now_ms))
         delta = st.consumed_total_nano - lease.consumed_total_nano
         if delta > 0:
-            shown = s.shown
             ended: list[tuple[_Bucket, int]] = []  # spent of an overage allowance whose period was closed
 
             def consumed(b: _Bucket, take: int) -> None:
@@ -1000,7 +1018,6 @@ class Escrow:
                     self._exec("INSERT INTO meterd_overage_spent (customer_id, credit_type, spent_ms) VALUES "
                                "(?, ?, ?) ON CONFLICT (customer_id, credit_type) DO NOTHING",
                                (st.customer_id, st.credit_type, now_ms))
-            self._ask_topup(s, st.customer_id, st.credit_type, shown, now_ms)
 
     def set_allowance(self, customer_id: str, credit_type: str, amount_nano: int, now_ms: int) -> int:
         """The customer's outage allowance of a credit type: what each sidecar may spend beyond its

@@ -834,8 +834,12 @@ class Leases:
         await self._close_ended()
         while self.seeds:
             cust, ct_name, amount = self.seeds[0]
-            await self._escrow("grant", cust, ct_name, amount, 0, 0, "catalog", "initial balance",
-                               self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
+            try:
+                await self._escrow("grant", cust, ct_name, amount, 0, 0, "catalog", "initial balance",
+                                   self.clock.now_ms(), _central_key("seed", cust, ct_name), str(amount))
+            except (InvalidInput, LimitReached) as e:  # granted once already, of another amount (a catalog
+                # changed since: as local mode, not again), or refused: said, and not asked again at each heartbeat
+                log.warning("catalog balance of %s in %s not granted now: %s", cust, ct_name, e)
             self.seeds.pop(0)
         while self.seed_plans:  # once per customer, by the first sidecar to start (as local mode's first start)
             cust, plan = self.seed_plans[0]

@@ -56,14 +56,14 @@ _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
 
 def _unsettled(customer: str, start: str, boundary: str) -> str:
     """SQL for what of a customer's credit period from ``start`` to ``boundary`` some lease has not
-    settled past its end: parts of its period credits, or a lease that was short in it (its sidecar
-    may have served requests in the fallback mode: it settles them at the end). ``customer``,
-    ``start`` and ``boundary``: SQL expressions."""
-    return ("SELECT 1 FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
-            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id JOIN meterd_leases l ON "
-            "l.sidecar_id = p.sidecar_id AND l.customer_id = p.customer_id AND l.credit_type = p.credit_type "
-            f"WHERE p.customer_id = {customer} AND g.period_n >= 0 AND g.expires_at_ms > 0 AND "
-            f"g.expires_at_ms <= {boundary} AND l.settled_ms < {boundary} UNION ALL "
+    settled past its end: a lease holding any of the customer's credit (every lease of a customer
+    on a plan ends at the period's end, and a cancel recalls them all; credit a lease may have
+    spent unsettled is no credit left to net overage against), or a lease that was short in it
+    (its sidecar may have served requests in the fallback mode: it settles them at the end).
+    ``customer``, ``start`` and ``boundary``: SQL expressions."""
+    return ("SELECT 1 FROM meterd_lease_parts p JOIN meterd_leases l ON l.sidecar_id = p.sidecar_id AND "
+            "l.customer_id = p.customer_id AND l.credit_type = p.credit_type "
+            f"WHERE p.customer_id = {customer} AND p.amount_nano > 0 AND l.settled_ms < {boundary} UNION ALL "
             f"SELECT 1 FROM meterd_leases u WHERE u.customer_id = {customer} AND u.short_ms >= {start} AND "
             f"u.short_ms < {boundary} AND u.settled_ms < {boundary}")
 
@@ -85,6 +85,9 @@ class _Row:
     # Meanwhile, the ends its period's buckets had (credit type, grant id): they end at the cancel,
     # so that no sidecar leases more of them, and are put back for the cancel's forfeits, in order.
     cancel_ends: dict[str, dict[str, int]] = field(default_factory=dict)
+    # And per credit type the last bucket made by the cancel (its seq): credit granted after it is
+    # not the cancelled period's, and pays none of its overage.
+    cancel_seqs: dict[str, int] = field(default_factory=dict)
 
 
 def unserved(catalog: Catalog, plan: Plan) -> str | None:
@@ -173,7 +176,8 @@ class LedgerPlans:
         state = json.loads(rows[0][7])
         sub = Subscription(**state["sub"]) if state.get("sub") else None
         return _Row(sub, int(rows[0][6]), bool(state.get("trial_taken")), int(state.get("generation", 0)),
-                    state.get("fallbacks", {}), int(state.get("cancelling_ms", 0)), state.get("cancel_ends", {}))
+                    state.get("fallbacks", {}), int(state.get("cancelling_ms", 0)), state.get("cancel_ends", {}),
+                    state.get("cancel_seqs", {}))
 
     def _write(self, customer_id: str, row: _Row, now_ms: int) -> None:
         """The row, at the next version (made at version 1)."""
@@ -183,7 +187,8 @@ class LedgerPlans:
                   json.dumps({"sub": sub.__dict__ if sub else None, "trial_taken": row.trial_taken,
                               "generation": row.generation, "fallbacks": row.fallbacks,
                               "cancelling_ms": row.cancelling_ms if sub else 0,
-                              "cancel_ends": row.cancel_ends if sub else {}}), now_ms)
+                              "cancel_ends": row.cancel_ends if sub else {},
+                              "cancel_seqs": row.cancel_seqs if sub else {}}), now_ms)
         if row.version == 0:
             self.escrow._exec("INSERT INTO meterd_subscriptions (plan, n, start_ms, end_ms, billing_n, billing_end_ms, "
                               "state, updated_ms, version, customer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
@@ -263,7 +268,7 @@ class LedgerPlans:
         if start_ms > now_ms:
             raise InvalidInput("start_ms", "must not be in the future")
         if self._read(customer_id, False).cancelling_ms:
-            self.roll(customer_id, now_ms, force=True)  # a cancel waiting for the sidecars ends first
+            self.roll(customer_id, now_ms)  # a cancel waiting for the sidecars ends first, if it may
         with self.ledger._transaction():
             replay = self.escrow._replayed(key, digest)
             if replay is not None:
@@ -271,6 +276,9 @@ class LedgerPlans:
             ended = self._read(customer_id, False).fallbacks  # the last subscription's, audited below
             sums = self._lock_sums(customer_id, self._credit_types(None, plan) + list(ended), now_ms)
             row = self._read(customer_id, True)
+            if row.cancelling_ms:
+                raise Conflict(f"customer {customer_id!r} is being cancelled: its sidecars settle what they spent "
+                               f"within a heartbeat (at most {PERIOD_CLOSE_GRACE_MS // 1000} s); subscribe then")
             if row.sub is not None:
                 raise Conflict(f"customer {customer_id!r} is subscribed already; use ChangePlan")
             if once and row.version:
@@ -305,6 +313,8 @@ class LedgerPlans:
         row = self._read(customer_id, True)
         if row.sub is None:
             raise NotFound(f"customer {customer_id!r} has no subscription")
+        if row.cancelling_ms:  # cancelled: it ends once the sidecars have settled what they spent by then
+            raise NotFound(f"customer {customer_id!r} has no subscription (cancelled; its sidecars are settling)")
         if first is None or row.sub.plan != first.plan:
             raise Conflict(f"the subscription of {customer_id!r} changed meanwhile; try again")
         return sums, row, row.sub, plan
@@ -320,9 +330,10 @@ class LedgerPlans:
             sums, row, sub, plan = self._locked(customer_id, now_ms)
             if at_period_end:
                 sub.cancel_at_end = True
-            elif not row.cancelling_ms:
+            else:
                 row.cancelling_ms = now_ms
-                if self._at_leases(customer_id, sub.start_ms, now_ms):
+                if self._unsettled(customer_id, sub.start_ms, now_ms):
+                    row.cancel_seqs = {name: x.grants_made for name, x in sums.items()}
                     for name in sorted(sums):  # the period ends now: its credits (leased too) and allowances
                         for b in self.escrow._buckets(customer_id, name, "period_n >= 0 AND expires_at_ms > ?",
                                                       (now_ms,)):
@@ -353,11 +364,13 @@ class LedgerPlans:
         self._period_usage(sums, sub, plan, now_ms, at)
         for ct, policy in (plan.credits.items() if plan else []):
             s, name = sums[self._name(ct)], self._name(ct)
-            self._net(s, sub.customer_id, name, now_ms)  # credit left pays the overage first
-            self._settle_overage(s, sub, name, policy, "cancel", now_ms, at)
+            upto = row.cancel_seqs.get(name)
+            self._net(s, sub.customer_id, name, now_ms, upto)  # credit left at the cancel pays the overage first
+            self._settle_overage(s, sub, name, policy, "cancel", now_ms, at, upto)
             if policy.arrears:
-                self._arrears(s, sub, name, now_ms, at)
-            self._close_allowance(s, sub, name, now_ms)
+                self._arrears(s, sub, name, now_ms, at, upto)
+            self._close_allowance(s, sub, name, now_ms, upto)
+        row.cancel_seqs = {}
         self._end(sums, row, plan, now_ms, at)
 
     def change_plan(self, customer_id: str, plan_name: str, now_ms: int) -> Subscription:
@@ -564,7 +577,7 @@ class LedgerPlans:
                     step = "done"  # rolled or ended by another caller meanwhile
                 elif (sub.plan, sub.next_plan) != (first.plan, first.next_plan):
                     step = "again"  # its plans changed meanwhile: lock their credit types too
-                elif not force and now_ms < sub.end_ms + PERIOD_CLOSE_GRACE_MS and \
+                elif (not force or row.cancelling_ms) and now_ms < sub.end_ms + PERIOD_CLOSE_GRACE_MS and \
                         self._unsettled(customer_id, sub.start_ms, sub.end_ms):
                     step = "done"  # not settled yet: the last lease's settlement rolls it
                 elif row.cancelling_ms:
@@ -676,20 +689,10 @@ class LedgerPlans:
                 self.escrow._put_bucket(customer_id, name, early)
                 self.escrow._put_bucket(customer_id, name, late)
 
-    def _at_leases(self, customer_id: str, start: int, now_ms: int) -> bool:
-        """Some lease holds credit of the customer's running period or its overage allowance (its
-        sidecar may have spent of it since it last settled), or was short in the period since
-        ``start`` and has not settled since (it may have served the fallback mode)."""
-        return bool(self.escrow._rows(
-            "SELECT 1 FROM meterd_lease_parts p JOIN meterd_grants g ON g.customer_id = p.customer_id AND "
-            "g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE p.customer_id = ? AND g.period_n >= 0 "
-            "AND p.amount_nano > 0 UNION ALL SELECT 1 FROM meterd_leases u WHERE u.customer_id = ? AND "
-            "u.short_ms >= ? AND u.settled_ms < ?", (customer_id, customer_id, start, now_ms)))
-
     def _unsettled(self, customer_id: str, start: int, boundary: int) -> bool:
-        """Some lease holds credit of a period ending by ``boundary`` and has not settled past it."""
+        """Some lease holds credit of the customer's and has not settled past ``boundary`` (see _unsettled)."""
         return bool(self.escrow._rows(f"SELECT 1 FROM ({_unsettled('?', '?', '?')}) x LIMIT 1",
-                                      (customer_id, boundary, boundary, customer_id, start, boundary, boundary)))
+                                      (customer_id, boundary, customer_id, start, boundary, boundary)))
 
     def _period_buckets(self, customer_id: str, name: str, boundary: int, sources: tuple[str, ...]) -> list[_Bucket]:
         """A plan's buckets of ``sources`` not rolled yet that expire by ``boundary``, in the order they roll."""
@@ -804,16 +807,18 @@ class LedgerPlans:
                                      (customer_id, name, OVERAGE_SOURCE))
         return max(s.headroom - int(held), 0)
 
-    def _net(self, s: _Sums, customer_id: str, name: str, now_ms: int) -> None:
+    def _net(self, s: _Sums, customer_id: str, name: str, now_ms: int, upto: int | None = None) -> None:
         """Overage spent while credit was left elsewhere (at another sidecar's lease, or given
         back since) is paid from that credit first, as one balance in local mode would have:
         the credit left centrally is spent instead, in burn-down order, and the overage
         allowance has it back; then credit still at a lease is (that lease holds as much of the
-        allowance instead: the sums and the leases' amounts do not move)."""
+        allowance instead: the sums and the leases' amounts do not move). ``upto``: only credit of
+        buckets made by then (their seq; a cancel's: what was granted after it is not the period's)."""
         allowance = self._allowance_buckets(customer_id, name)
         if not allowance:
             return
-        credit = [b for b in self.escrow._buckets(customer_id, name) if b.source != OVERAGE_SOURCE]
+        last = (1 << 62) if upto is None else upto
+        credit = [b for b in self.escrow._buckets(customer_id, name) if b.source != OVERAGE_SOURCE and b.seq <= last]
         netted = min(self._unbilled(s, customer_id, name), sum(b.remaining for b in credit))
         left = max(netted, 0)
         for b in credit:
@@ -829,10 +834,10 @@ class LedgerPlans:
         for sidecar_id, grant_id, part in self.escrow._rows(
                 "SELECT p.sidecar_id, p.grant_id, p.amount_nano FROM meterd_lease_parts p JOIN meterd_grants g ON "
                 "g.customer_id = p.customer_id AND g.credit_type = p.credit_type AND g.grant_id = p.grant_id WHERE "
-                "p.customer_id = ? AND p.credit_type = ? AND g.source <> ? AND p.amount_nano > 0 AND (g.period_n >= 0 "
-                "OR g.expires_at_ms = 0 OR g.expires_at_ms > ?) ORDER BY p.sidecar_id, g.priority, CASE WHEN "
-                "g.expires_at_ms = 0 THEN ? ELSE g.expires_at_ms END, g.seq",  # credit not ended (or not rolled yet)
-                (customer_id, name, OVERAGE_SOURCE, now_ms, NEVER_MS)) if left > 0 else []:
+                "p.customer_id = ? AND p.credit_type = ? AND g.source <> ? AND p.amount_nano > 0 AND g.seq <= ? AND "
+                "(g.period_n >= 0 OR g.expires_at_ms = 0 OR g.expires_at_ms > ?) ORDER BY p.sidecar_id, g.priority, "
+                "CASE WHEN g.expires_at_ms = 0 THEN ? ELSE g.expires_at_ms END, g.seq",  # credit not ended
+                (customer_id, name, OVERAGE_SOURCE, last, now_ms, NEVER_MS)) if left > 0 else []:
             take = min(left, int(part))
             if take <= 0:
                 break
@@ -851,12 +856,13 @@ class LedgerPlans:
         self.escrow._put_bucket(customer_id, name, back)
 
     def _settle_overage(self, s: _Sums, sub: Subscription, name: str, policy: CreditPolicy, why: str, now_ms: int,
-                        at: int) -> None:
-        """Bill (or forgive) what the customer owes below zero: the balance shown is back at zero."""
-        if policy.overage is None or s.shown >= 0:
+                        at: int, upto: int | None = None) -> None:
+        """Bill (or forgive) what the customer owes below zero: the balance shown is back at zero.
+        ``upto``: the balance as of bucket ``upto`` (a cancel's: credit granted since pays none of it)."""
+        if policy.overage is None or self._shown(s, sub.customer_id, name, upto) >= 0:
             return
-        self._net(s, sub.customer_id, name, now_ms)
-        deficit = min(-s.shown, self._unbilled(s, sub.customer_id, name))
+        self._net(s, sub.customer_id, name, now_ms, upto)
+        deficit = min(-self._shown(s, sub.customer_id, name, upto), self._unbilled(s, sub.customer_id, name))
         if deficit <= 0:
             return
         before = s.shown
@@ -894,21 +900,30 @@ class LedgerPlans:
                         "billed at the end of the next period", now_ms, at)
             sub.carried[name] = deficit
 
-    def _arrears(self, s: _Sums, sub: Subscription, name: str, now_ms: int, at: int) -> None:
+    def _arrears(self, s: _Sums, sub: Subscription, name: str, now_ms: int, at: int, upto: int | None = None) -> None:
         """Usage billed in arrears: the period's amount is billed and the balance starts again at zero."""
-        deficit = min(max(-s.shown, 0), self._unbilled(s, sub.customer_id, name))
+        deficit = min(max(-self._shown(s, sub.customer_id, name, upto), 0), self._unbilled(s, sub.customer_id, name))
         if deficit:
             before = s.shown
             s.headroom -= deficit
             self._entry(s, sub.customer_id, name, "usage_billed", deficit, before, f"period {sub.n}", now_ms, at,
                         charge=deficit, charge_ct=name)
 
-    def _close_allowance(self, s: _Sums, sub: Subscription, name: str, now_ms: int) -> None:
+    def _shown(self, s: _Sums, customer_id: str, name: str, upto: int | None) -> int:
+        """The balance shown, without the credit left of buckets made after bucket ``upto`` (if given)."""
+        if upto is None:
+            return s.shown
+        (later,), = self.escrow._rows("SELECT COALESCE(SUM(remaining_nano + leased_nano), 0) FROM meterd_grants WHERE "
+                                      "customer_id = ? AND credit_type = ? AND seq > ? AND source <> ?",
+                                      (customer_id, name, upto, OVERAGE_SOURCE))
+        return s.shown - int(later)
+
+    def _close_allowance(self, s: _Sums, sub: Subscription, name: str, now_ms: int, upto: int | None = None) -> None:
         """The period's overage allowance ends: what it left unspent is no credit and leaves the
         sums. What was spent of it and not billed (``carry_repay``'s deficit, or overage spent
         while credit sat at a lease elsewhere) becomes what the customer owes (overdrawn), repaid
-        first by the next credit there is, as one balance in local mode would be."""
-        self._net(s, sub.customer_id, name, now_ms)
+        first by the next credit there is, as one balance in local mode would be. ``upto``: see ``_net``."""
+        self._net(s, sub.customer_id, name, now_ms, upto)
         for b in self._allowance_buckets(sub.customer_id, name):
             unspent = b.remaining + b.expired
             s.available -= b.remaining

@@ -313,6 +313,7 @@ class Recovery:
             self.grants.rename(old, new)
             if self.leases is not None:
                 self.leases.rename(old, new)
+                self.leases.seed(new)  # customers and balances it adds: once centrally, as at a start
             self.grants.index_expiries()
             ops = self.subscriptions.rename([c.name for c in old.credit_types])
             ops += self.seed_ops() + self.snapshots.ops_now()
