@@ -445,3 +445,11 @@ def test_gauge_meters_are_refused_in_ledger_mode_naming_the_meter(tmp_path, ledg
                         "--catalog", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "meters.seats: a gauge (max) is served in local mode only" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    # and so does a subscribe through the ledger with no sidecar, on that catalog
+    path.write_text(path.read_text() + '[plans.team]\nfee = { usd = "8.00" }\n')
+    r = subprocess.run([sys.executable, "-m", "meterd", "subscribe", "--customer", "acme", "--plan", "team",
+                        "--ledger", ledger_url, "--catalog", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "meters.seats: a gauge (max)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with Ledger(ledger_url) as lg:
+        lg.migrate()  # (not made by the refused call)
+        assert LedgerPlans(Escrow(lg), load_catalog(str(path))).subscription("acme") is None

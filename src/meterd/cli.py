@@ -511,14 +511,16 @@ def _central_subscription(args: argparse.Namespace, call: str, request: Any) -> 
     same key through a sidecar's Admin is the same subscription)."""
     from meterd import validate, wire
     from meterd.escrow import Escrow
-    from meterd.leases import central_key
+    from meterd.leases import central_key, check_catalog
     from meterd.ledger_plans import LedgerPlans
 
     settings = _load(args)
     validate.customer(settings, request.customer_id)
+    catalog = load_catalog(settings.catalog)
+    check_catalog(catalog)  # what sidecars in ledger mode refuse of the catalog, refused here too
     now = time.time_ns() // 1_000_000
     with _open_ledger(args, settings=settings) as ledger:
-        plans = LedgerPlans(Escrow(ledger), load_catalog(settings.catalog))
+        plans = LedgerPlans(Escrow(ledger), catalog)
         if call == "Subscribe":
             key, digest = central_key("subscribe", request.customer_id, wire.keyed(request))
             if request.start_ms > now:

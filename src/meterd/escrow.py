@@ -442,8 +442,6 @@ class Escrow:
             kind = kind or (source if source in ("refund", "adjust") else "grant")
             self._entry(s, customer_id, credit_type, kind, source, amount, before,
                         f"{grant_id} {source} {reference}".strip(), now_ms, effective_ms=effective_ms)
-            if s.pending and s.shown >= s.low:  # a credit that lifts the balance re-arms the top-up request
-                s.pending = 0
         return Granted(grant_id, s.shown)
 
     def _ask_topup(self, s: _Sums, customer_id: str, credit_type: str, now_ms: int) -> None:
@@ -451,6 +449,8 @@ class Escrow:
         settlement, a grant's expiry, a debit): a top-up is asked for (once), of what restores
         its topup_target, as local mode asks after the change that crossed it."""
         before, s.read_shown = s.read_shown, s.shown
+        if s.pending and s.shown > before and s.shown >= s.low:  # lifted back (a credit): asked again when below
+            s.pending = 0
         if s.topup and not s.pending and before >= s.low > s.shown:
             s.pending = 1
             self._entry(s, customer_id, credit_type, "auto_topup_requested", "", 0, s.shown,

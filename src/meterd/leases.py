@@ -149,7 +149,7 @@ def check_catalog(catalog: Catalog) -> None:
                               "only for now: it is charged on the period's value at its end, and in ledger mode "
                               "each sidecar has only its own")
     for seed in catalog.customers:
-        why = unserved(catalog, catalog.plan_index[seed.plan]) if seed.plan else None
+        why = unserved(catalog.plan_index[seed.plan]) if seed.plan else None
         if why is not None:
             raise ConfigError(f"customers.{seed.customer_id}.plan: {why}")
         if any(seed.overdraft_nano.values()):

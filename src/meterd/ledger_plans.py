@@ -90,17 +90,12 @@ class _Row:
     cancel_seqs: dict[str, int] = field(default_factory=dict)
 
 
-def unserved(catalog: Catalog, plan: Plan) -> str | None:
-    """What of ``plan`` ledger mode does not serve yet, named by its catalog key (None: all of it)."""
-    where = f"plans.{plan.name}"
+def unserved(plan: Plan) -> str | None:
+    """What of ``plan`` ledger mode does not serve yet, named by its catalog key (None: all of it).
+    Gauge meters and tiers are refused for the whole catalog (leases.check_catalog)."""
     if plan.free_units:
-        return f"{where}.free: free units are served in local mode only for now (each sidecar would give them again)"
-    for ct in plan.credits:
-        key = f"{where}.credits.{catalog.credit_types[ct].name}"
-        gauge = next((m.name for m in catalog.meters if m.credit_type == ct and m.aggregation >= 2), None)
-        if gauge is not None:
-            return (f"{key}: meter {gauge!r} is a gauge (max, latest or unique_count), charged at a period's end in "
-                    "local mode only for now")
+        return (f"plans.{plan.name}.free: free units are served in local mode only for now (each sidecar would "
+                "give them again)")
     return None
 
 
@@ -253,7 +248,7 @@ class LedgerPlans:
 
     def served(self, plan: Plan) -> None:
         """Refuse a plan with what ledger mode does not serve yet, naming it."""
-        why = unserved(self.catalog, plan)
+        why = unserved(plan)
         if why is not None:
             raise InvalidInput("plan", why)
 
