@@ -434,22 +434,23 @@ def test_a_free_event_is_served_for_a_customer_the_ledger_knows_at_a_sidecar_wit
         assert Escrow(lg).check() == []
 
 
-def test_gauge_meters_are_refused_in_ledger_mode_naming_the_meter(tmp_path, ledger_url):
-    """Each sidecar charged a max gauge on its own maximum at the month's end: two sidecars that
-    saw 5 seats charged 2 x 5 seats. Refused until the ledger charges gauges itself."""
+def test_a_latest_meter_is_refused_in_ledger_mode_naming_the_meter(tmp_path, ledger_url):
+    """A latest meter is charged on the period's last value, and the ledger's usage windows cannot
+    tell which sidecar's came last (max and unique_count meters, the ledger charges:
+    test_ledger_gauges.py). Refused, by the CLI's plan commands too."""
     import subprocess
     import sys
     path = tmp_path / "gauges.toml"
-    path.write_text(FREE_METER + '[meters.seats]\ncredit_type = "usd"\naggregation = "max"\nprice = "8.00"\n')
+    path.write_text(FREE_METER + '[meters.seats]\ncredit_type = "usd"\naggregation = "latest"\nprice = "8.00"\n')
     r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger", "--ledger", ledger_url,
                         "--catalog", str(path)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "meters.seats: a gauge (max) is served in local mode only" in r.stderr, r.stderr
+    assert r.returncode == 2 and "meters.seats: a latest meter is served in local mode only" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     # and so does a subscribe through the ledger with no sidecar, on that catalog
     path.write_text(path.read_text() + '[plans.team]\nfee = { usd = "8.00" }\n')
     r = subprocess.run([sys.executable, "-m", "meterd", "subscribe", "--customer", "acme", "--plan", "team",
                         "--ledger", ledger_url, "--catalog", str(path)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "meters.seats: a gauge (max)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "meters.seats: a latest meter" in r.stderr and "Traceback" not in r.stderr, r.stderr
     with Ledger(ledger_url) as lg:
         lg.migrate()  # (not made by the refused call)
         assert LedgerPlans(Escrow(lg), load_catalog(str(path))).subscription("acme") is None

@@ -43,11 +43,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from meterd.clock import month_bounds
 from meterd.corespec import format_nano
 from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
-from meterd.ledger import Ledger, LedgerError, Settlement
+from meterd.ledger import Ledger, LedgerError, Settlement, UsageRow
 
 NEVER_MS = 1 << 62               # the burn-down order puts grants that never expire last
+# How long after a calendar month's end the ledger charges the month's gauges of a customer
+# without a plan (ledger_plans.gauges_due): the sidecars flush its last windows meanwhile.
+GAUGE_GRACE_MS = 30_000
 ADJUST_PRIORITY = 1_000_000      # credits added by Adjust are spent after every grant
 OVERAGE_PRIORITY = ADJUST_PRIORITY + 1  # a plan's overage allowance: spent after every credit
 # Bucket sources: a plan's period credits, rolled by the plan's roll (ledger_plans), and its
@@ -899,11 +903,36 @@ class Escrow:
             self._put_sums(customer_id, credit_type, s, now_ms)
         return delta
 
-    def settle_flush(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
+    def settle_flush(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int,
+                     usage: Iterable[UsageRow] = ()) -> None:
         """Inside a flush's transaction (``Ledger.apply_flush``'s ``within``): the leases of a data
-        directory this flush has taken the id over from come back, then the consumption is settled."""
+        directory this flush has taken the id over from come back, then the consumption is settled,
+        then the flush's usage of gauge meters is noted for their central charge (last: a roll
+        locks the balance rows before the gauge rows)."""
         self._release_leases(sidecar_id, now_ms, other_than=incarnation)
         self.settle(sidecar_id, incarnation, settlements, now_ms)
+        self._note_gauges(usage)
+
+    def _note_gauges(self, usage: Iterable[UsageRow]) -> None:
+        """The earliest window flushed of each customer's gauge meter (max, unique_count), for
+        ``LedgerPlans._gauges`` and its sweep (``gauges_due``), in code-point order: due at once
+        if it is of windows charged already, else at the end of its month (and a grace)."""
+        first: dict[tuple[str, str], int] = {}
+        for r in usage:
+            if r.aggregation in ("max", "unique_count"):
+                key = (r.customer_id, r.meter)
+                first[key] = min(first.get(key, r.window_start_ms), r.window_start_ms)
+        if not first:
+            return
+        least = "LEAST" if self.ledger.dialect == "postgresql" else "MIN"
+        self.ledger._exec_many(
+            "INSERT INTO meterd_gauges (customer_id, meter, charged_to_ms, last_from_ms, last_value, remainder, "
+            "pending_from_ms, due_ms) VALUES (?, ?, 0, 0, 0, '0', ?, ?) ON CONFLICT (customer_id, meter) DO UPDATE "
+            f"SET pending_from_ms = {least}(meterd_gauges.pending_from_ms, excluded.pending_from_ms), due_ms = "
+            f"{least}(meterd_gauges.due_ms, CASE WHEN excluded.pending_from_ms < meterd_gauges.charged_to_ms THEN 0 "
+            "ELSE excluded.due_ms END)",
+            [(c, m, w, month_bounds(w)[1] + GAUGE_GRACE_MS) for (c, m), w in
+             sorted(first.items(), key=lambda kv: (kv[0][0].encode(), kv[0][1].encode()))])
 
     def settle(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
         """Consumption of leases, up to running totals (again: nothing). A flush settles many at

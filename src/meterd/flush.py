@@ -242,7 +242,7 @@ class Flusher:
             return ledger.apply_flush(flush)
         now = self.clock.now_ms()
         return ledger.apply_flush(flush, lambda lg: Escrow(lg).settle_flush(flush.sidecar_id, flush.incarnation,
-                                                                             flush.settlements, now))
+                                                                             flush.settlements, now, flush.usage))
 
     async def finish_flush(self, pending: dict) -> None:
         """The ledger has committed the flush: forget what it holds."""

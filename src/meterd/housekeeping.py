@@ -88,9 +88,11 @@ class Housekeeping:
         ops: list[Op] = []
         if self.period_start_ms:
             core = self.live.core
+            # In ledger mode the ledger charges them (LedgerPlans.gauges_due): this core has only
+            # what this sidecar served.
             with self.audit.effective(start - 1):  # what the ended month owes belongs to it
-                for idx in range(len(core)):  # gauges of accounts without a plan: their month ends
-                    if core.state(idx)[2] == 0:
+                for idx in range(len(core)) if self.settings.balances != "ledger" else ():
+                    if core.state(idx)[2] == 0:  # gauges of accounts without a plan: their month ends
                         ops += self.subscriptions.gauge_ops(core.customer_id(idx).decode(), idx)
             records.reset_unplanned(core)
             ops.append(self.journal.log_op(records.period(self.clock.now_ms())))

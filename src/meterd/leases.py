@@ -54,7 +54,7 @@ from meterd.escrow import DEGRADED_WRAP, Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
 from meterd.ledger import Fenced, activity_line
-from meterd.ledger_plans import LedgerPlans, unserved
+from meterd.ledger_plans import CENTRAL_GAUGES, LedgerPlans, unserved
 from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
 from meterd.results import Keyed, LeaseRow, LeaseView
@@ -144,12 +144,12 @@ def check_catalog(catalog: Catalog) -> None:
         if m.tiers:
             raise ConfigError(f"meters.{m.name}: tiers are served in local mode only for now: they price by the "
                               "customer's usage this period, and in ledger mode each sidecar counts only its own")
-        if m.aggregation >= 2:
-            raise ConfigError(f"meters.{m.name}: a gauge ({AGGREGATIONS[m.aggregation]}) is served in local mode "
-                              "only for now: it is charged on the period's value at its end, and in ledger mode "
-                              "each sidecar has only its own")
+        if AGGREGATIONS[m.aggregation] == "latest":
+            raise ConfigError(f"meters.{m.name}: a latest meter is served in local mode only for now: it is charged "
+                              "on the period's last value, and in ledger mode the ledger cannot tell which "
+                              "sidecar's came last (max and unique_count meters are charged by the ledger)")
     for seed in catalog.customers:
-        why = unserved(catalog.plan_index[seed.plan]) if seed.plan else None
+        why = unserved(catalog.plan_index[seed.plan], catalog) if seed.plan else None
         if why is not None:
             raise ConfigError(f"customers.{seed.customer_id}.plan: {why}")
         if any(seed.overdraft_nano.values()):
@@ -878,6 +878,8 @@ class Leases:
         for item in busy:
             heapq.heappush(self._ending, item)
         settled, self._settled_at_end = self._settled_at_end, set()
+        if any(AGGREGATIONS[m.aggregation] in CENTRAL_GAUGES for m in self.live.catalog.meters):
+            self.counts["gauge_charges"] += await self._escrow("gauges_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
         if not self.live.catalog.plan_index:
             return
         for customer_id in sorted(settled):  # closed by the slice scan

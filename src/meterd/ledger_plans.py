@@ -30,13 +30,27 @@ rollover bucket.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from meterd.catalog import Catalog
+from meterd import _fastpath_py
+from meterd.catalog import AGGREGATIONS, Catalog, CompiledCatalog
+from meterd.clock import month_bounds
+from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, NotFound, invariant
-from meterd.escrow import NEVER_MS, NO_PERIOD, OVERAGE_PRIORITY, OVERAGE_SOURCE, PERIOD_SOURCES, Escrow, _Bucket, _Sums
+from meterd.escrow import (
+    GAUGE_GRACE_MS,
+    NEVER_MS,
+    NO_PERIOD,
+    OVERAGE_PRIORITY,
+    OVERAGE_SOURCE,
+    PERIOD_SOURCES,
+    Escrow,
+    _Bucket,
+    _Sums,
+)
 from meterd.plans import CreditPolicy, Plan, overage_floor, prorated, rollover_split
 from meterd.state import Subscription
 
@@ -50,6 +64,11 @@ ROLL_LOCK_SPACE = 0x6D72         # the first key of the advisory locks of rolls 
 # it still holds. Within it, a sidecar's clock may be behind the ledger's callers'.
 PERIOD_CLOSE_GRACE_MS = 30_000
 _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
+# Gauge meters the ledger charges (max, unique_count: charged on the period's value, from the
+# usage windows every sidecar flushed); a latest meter's value is whichever sidecar's came last,
+# which the windows cannot tell, so ledger mode refuses it (leases.check_catalog).
+CENTRAL_GAUGES = ("max", "unique_count")
+NO_PENDING_MS = 1 << 62          # meterd_gauges.pending_from_ms and due_ms: no window flushed since the last charge
 
 
 
@@ -90,13 +109,22 @@ class _Row:
     cancel_seqs: dict[str, int] = field(default_factory=dict)
 
 
-def unserved(plan: Plan) -> str | None:
+def unserved(plan: Plan, catalog: Catalog) -> str | None:
     """What of ``plan`` ledger mode does not serve yet, named by its catalog key (None: all of it).
-    Gauge meters and tiers are refused for the whole catalog (leases.check_catalog)."""
-    if plan.free_units:
-        return (f"plans.{plan.name}.free: free units are served in local mode only for now (each sidecar would "
-                "give them again)")
+    Tiers and latest meters are refused for the whole catalog (leases.check_catalog). Free units
+    of a gauge meter are served: the ledger charges gauges, on the period's value less them."""
+    for name in plan.free_units:
+        m = catalog.meter_index.get(name)
+        if m is None or AGGREGATIONS[catalog.meters[m].aggregation] not in CENTRAL_GAUGES:
+            return (f"plans.{plan.name}.free: free units of {name} are served in local mode only for now (each "
+                    "sidecar would give them again)")
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(compiled: CompiledCatalog) -> _fastpath_py.Core:
+    """A core of the catalog with no accounts: the rates a gauge is charged at, as a core finds them."""
+    return _fastpath_py.Core(*compiled.core_args()[:3], Settings().core_limits(), 16)
 
 
 class LedgerPlans:
@@ -123,6 +151,7 @@ class LedgerPlans:
         """The credit types a change to the subscription may write: the plans' credits and fees,
         the one a plan without fees dates its billing periods in, and what the subscription kept."""
         names = set(sub.included) | set(sub.carried) if sub is not None else set()
+        names |= {self._name(self.catalog.meters[m].credit_type) for m in self._gauge_meters()}
         for plan in plans:
             if plan is not None:
                 names |= {self._name(ct) for ct in [*plan.credits, *plan.fees_nano, self._period_ct(plan)]}
@@ -248,7 +277,7 @@ class LedgerPlans:
 
     def served(self, plan: Plan) -> None:
         """Refuse a plan with what ledger mode does not serve yet, naming it."""
-        why = unserved(plan)
+        why = unserved(plan, self.catalog)
         if why is not None:
             raise InvalidInput("plan", why)
 
@@ -356,6 +385,7 @@ class LedgerPlans:
                         self._unexpire(sums[name], b)
                     self.escrow._put_bucket(sub.customer_id, name, b)
         row.cancel_ends = {}
+        self._gauges(sums, sub.customer_id, plan, at, now_ms, at)  # what the period used by the cancel
         self._period_usage(sums, sub, plan, now_ms, at)
         for ct, policy in (plan.credits.items() if plan else []):
             s, name = sums[self._name(ct)], self._name(ct)
@@ -605,13 +635,16 @@ class LedgerPlans:
             if sub.periods(after) != (after.period, after.cycle):
                 sub.take_periods(after, boundary)
         at = boundary - 1  # what the ended period owes belongs to it
+        for ct in (plan.credits if plan else {}):
+            name = self._name(ct)
+            for b in self._period_buckets(sub.customer_id, name, boundary, PERIOD_SOURCES):
+                if b.expired:
+                    self._unexpire(sums[name], b)
+                    self.escrow._put_bucket(sub.customer_id, name, b)
+        self._gauges(sums, sub.customer_id, plan, boundary, now_ms, at)  # before its overage is settled
         for ct, policy in (plan.credits.items() if plan else []):
             name = self._name(ct)
             s = sums[name]
-            for b in self._period_buckets(sub.customer_id, name, boundary, PERIOD_SOURCES):
-                if b.expired:
-                    self._unexpire(s, b)
-                    self.escrow._put_bucket(sub.customer_id, name, b)
             self._net(s, sub.customer_id, name, now_ms)
             self._burn_down(sub.customer_id, name, boundary, sub.n)
             self._rollover(s, sub, name, policy, boundary, ending, now_ms, at)
@@ -936,6 +969,130 @@ class LedgerPlans:
             self.escrow._settle_debts(s, sub.customer_id, name, now_ms)
             if b.leased:
                 self._recall(sub.customer_id, name, now_ms)
+
+    # ---- gauges -------------------------------------------------------------------------------
+    # A max or unique_count meter is charged once per period on its value, as local mode does at a
+    # roll, a cancel, or (for a customer without a plan) a calendar month's end. Each sidecar counts
+    # only what it served, so the ledger charges it, from the usage windows every sidecar flushed
+    # (the largest quantity; the distinct values of the unique dimension), windows by the start of
+    # their minute: an event in the minute of a boundary counts in the period that minute starts in.
+
+    def _gauge_meters(self) -> list[int]:
+        return [m for m, meter in enumerate(self.catalog.meters) if AGGREGATIONS[meter.aggregation] in CENTRAL_GAUGES]
+
+    def _gauge_value(self, customer_id: str, m: int, start: int, end: int) -> int:
+        """The meter's value over the usage windows from ``start`` to ``end`` (ms; end excluded)."""
+        meter = self.catalog.meters[m]
+        where = "customer_id = ? AND meter = ? AND window_start_ms >= ? AND window_start_ms < ?"
+        args = (customer_id, meter.name, start, end)
+        if meter.aggregation == AGGREGATIONS.index("max"):
+            (top,), = self.escrow._rows(f"SELECT COALESCE(MAX(quantity), 0) FROM meterd_usage WHERE {where}", args)
+            return int(top)
+        values = {json.loads(d).get(meter.unique_dimension) for d, in
+                  self.escrow._rows(f"SELECT DISTINCT dimensions FROM meterd_usage WHERE {where}", args)}
+        return len(values - {None})
+
+    def _gauges(self, sums: dict[str, _Sums], customer_id: str, plan: Plan | None, upto: int | None, now_ms: int,
+                at: int) -> None:
+        """The customer's gauges charged on their value from their last charge up to ``upto`` (a
+        boundary, a cancel, a month's start), less the plan's free units, with a "gauge_charged"
+        entry each (effective ``at``); a window of the last charge that was flushed after it is
+        charged what it adds first (``upto`` None: only that). ``sums`` holds their credit types'
+        rows, locked."""
+        probe = _probe(self.catalog.compiled)
+        for m in self._gauge_meters():
+            meter = self.catalog.meters[m]
+            rows = self.escrow._rows("SELECT charged_to_ms, last_from_ms, last_value, remainder, pending_from_ms "
+                                     "FROM meterd_gauges WHERE customer_id = ? AND meter = ?" + self._lock,
+                                     (customer_id, meter.name))
+            if not rows:
+                continue  # nothing flushed, ever
+            charged_to, last_from, last_value, remainder, pending = (int(x) for x in rows[0])
+            if upto is not None and upto <= charged_to:
+                continue
+            free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision) if plan is not None else 0
+            rate = probe.find_rate(m, {})
+            _, ct, amount, factor = probe.rates[rate]
+            denom = probe.denom[ct]
+            name = self._name(ct)
+            if pending < charged_to:  # flushed late: the last charge's windows again
+                late = self._gauge_value(customer_id, m, last_from, charged_to)
+                units = max(late - free, 0) - max(last_value - free, 0)
+                if units > 0:
+                    reference = (f"{meter.name}={self.catalog.format_quantity(m, late)} (flushed late; "
+                                 f"{self.catalog.format_quantity(m, last_value)} was charged)")
+                    remainder = self._charge_gauge(sums[name], customer_id, name, units, amount * factor, denom,
+                                                   remainder, now_ms, charged_to - 1, reference)  # its period's
+                last_value = max(late, last_value)
+            if upto is None:  # the late windows only: the period goes on
+                upto, last_from, value = charged_to, last_from, last_value
+            else:
+                value = self._gauge_value(customer_id, m, charged_to, upto)
+                charged = value - free if value > free else 0
+                if charged:
+                    remainder = self._charge_gauge(sums[name], customer_id, name, charged, amount * factor, denom,
+                                                   remainder, now_ms, at,
+                                                   f"{meter.name}={self.catalog.format_quantity(m, value)}")
+                last_from = charged_to
+            later = self.escrow._rows("SELECT 1 FROM meterd_usage WHERE customer_id = ? AND meter = ? AND "
+                                      "window_start_ms >= ? LIMIT 1", (customer_id, meter.name, upto))
+            self.escrow._exec("UPDATE meterd_gauges SET charged_to_ms = ?, last_from_ms = ?, last_value = ?, "
+                              "remainder = ?, pending_from_ms = ?, due_ms = ? WHERE customer_id = ? AND meter = ?",
+                              (upto, last_from, value, str(remainder), upto if later else NO_PENDING_MS,
+                               month_bounds(upto)[1] + GAUGE_GRACE_MS if later else NO_PENDING_MS,
+                               customer_id, meter.name))
+
+    def _charge_gauge(self, s: _Sums, customer_id: str, name: str, units: int, fine: int, denom: int,
+                      remainder: int, now_ms: int, at: int, reference: str) -> int:
+        """What ``units`` cost (``fine`` each, in 1/``denom`` nano, the remainder carried), taken
+        from the balance as one balance would pay it: its credit in burn-down order, then the
+        overage allowance (billed with the period's overage); what neither holds, the customer
+        owes (overdrawn), repaid first by the next credit. Returns the remainder."""
+        cost, remainder = divmod(units * fine + remainder, denom)
+        before = s.shown
+        for b in self._allowance_buckets(customer_id, name) if cost > s.available else []:
+            if b.expired:  # expired at the boundary (or the cancel) it belongs to: the period's overage
+                s.expired -= b.expired
+                s.available += b.expired
+                s.headroom += b.expired
+                b.remaining += b.expired
+                b.expired = 0
+                self.escrow._put_bucket(customer_id, name, b)
+        taken = min(cost, max(s.available, 0))
+
+        def spent(b: _Bucket, take: int) -> None:
+            b.consumed += take
+        self.escrow._take_remaining(s, customer_id, name, taken, spent)
+        s.available -= cost  # available is the buckets' remaining credit less what is overdrawn
+        s.consumed += cost
+        s.overdrawn += cost - taken
+        self._entry(s, customer_id, name, "gauge_charged", -cost, before, reference, now_ms, at)
+        return remainder
+
+    def gauges_due(self, now_ms: int, limit: int) -> int:
+        """Gauges of up to ``limit`` customers charged outside a roll (``meterd_gauges.due_ms``):
+        windows flushed after their period was charged (the difference they make), and a calendar
+        month's for a customer without a plan (as local mode charges them then), GAUGE_GRACE_MS
+        after it ends, so that the sidecars have flushed it. Returns how many customers it looked at."""
+        month = month_bounds(now_ms - GAUGE_GRACE_MS)[0]
+        done = 0
+        for customer_id, in self.escrow._rows(
+                "SELECT customer_id FROM meterd_gauges WHERE due_ms <= ? GROUP BY customer_id ORDER BY "
+                f"MIN(due_ms), customer_id LIMIT {int(limit)}", (now_ms,)):
+            with self.ledger._transaction():
+                first = self._read(customer_id, False).sub
+                sums = self._lock_sums(customer_id, self._credit_types(first), now_ms)
+                row = self._read(customer_id, True)
+                if row.sub is None:  # the month's end, and what was flushed late
+                    self._gauges(sums, customer_id, None, month, now_ms, month - 1)
+                else:  # a subscription's periods are charged at their rolls: only what was flushed late
+                    self._gauges(sums, customer_id, self.catalog.plan_index.get(row.sub.plan), None, now_ms, now_ms)
+                # Looked at (a meter the catalog no longer has, too): due again when a flush says so.
+                self.escrow._exec("UPDATE meterd_gauges SET due_ms = ? WHERE customer_id = ? AND due_ms <= ?",
+                                  (NO_PENDING_MS, customer_id, now_ms))
+                self._put_all(customer_id, sums, now_ms)
+                done += 1
+        return done
 
     # ---- the end of a subscription -----------------------------------------------------------
 

@@ -165,6 +165,11 @@ class Reports:
         """The customer, credit type and cost of a denied event, all its quantities together
         (None: one no lease can help)."""
         parts = [(q.meter, validate.request_quantity(q)) for q in event.quantities or [event]]
+        meter = self.live.catalog.meter_index.get(event.meter) if not event.quantities else None
+        if meter is not None and self.live.catalog.meters[meter].aggregation > 1:
+            # A gauge costs nothing when served (the ledger charges it at the period's end): the
+            # ledger has only to know the customer.
+            return event.customer_id, self.live.catalog.meters[meter].credit_type, 0
         try:
             held = validate.held_parts(self.settings, self.live, parts, event.dimensions, bool(event.quantities))
         except MeterdError:
