@@ -962,6 +962,25 @@ def test_a_late_event_of_a_latest_meter_is_refused(make):
     b.run(b.engine.report(pb.ReportRequest(event=now).SerializeToString()))  # of this window: it holds
 
 
+@pytest.mark.parametrize("aggregation,dims", [("max", {}), ("unique_count", {"user": "u1"})])
+def test_a_gauge_event_dated_before_the_previous_window_is_refused(make, aggregation, dims):
+    """A max or unique_count meter counts in the period it is served in (the period's roll charges
+    it, the ledger's in ledger mode by its windows): an event dated a day back would count in a
+    period already charged. One window back (a clock a little behind) is taken."""
+    unique = 'unique_dimension = "user"\n' if aggregation == "unique_count" else ""
+    b = make('[credit_types.usd]\nkind = "fiat"\n[meters.seats]\ncredit_type = "usd"\n'
+             f'aggregation = "{aggregation}"\n{unique}price = "10"\n[customers.acme]\nbalances = {{ usd = "1000" }}\n')
+    late = pb.UsageEvent(customer_id="acme", meter="seats", quantity=3, dimensions=dims,
+                         timestamp_ms=b.now_ms - HOUR_MS)
+    with pytest.raises(InvalidInput, match="^event.timestamp_ms: a max or unique_count meter counts in the period"):
+        b.run(b.engine.report(pb.ReportRequest(event=late).SerializeToString()))
+    window = 60_000
+    recent = pb.UsageEvent(customer_id="acme", meter="seats", quantity=3, dimensions=dims,
+                           timestamp_ms=b.now_ms - b.now_ms % window - window)
+    r = pb.ReportResponse.FromString(b.run(b.engine.report(pb.ReportRequest(event=recent).SerializeToString())))
+    assert r.decision == pb.DECISION_ALLOW
+
+
 def test_a_keyed_report_retried_after_its_time_aged_gets_its_first_answer(make):
     b = make("openai")
     event = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=1000, dimensions={"model": "gpt-4o"},

@@ -32,6 +32,7 @@ cdef enum:
     E_PART_CREDIT = 24       # quantities in two credit types
     E_BATCH_FULL = 25        # the batch's events and quantities are more than batch_events_max
     E_CONDITION = 26         # a request that gives a dimension a condition sets
+    E_LATE_GAUGE = 27        # a max or unique_count event dated before the previous usage window
 
 # UsageEvent's fields, by number (corespec.EVENT_FIELDS names them).
 cdef enum:

@@ -24,6 +24,7 @@ _MESSAGES = {
     E_BOTH: spec.MSG_BOTH_QUANTITIES,
     E_PARTS: spec.MSG_PARTS,
     E_PART_GAUGE: spec.MSG_PART_GAUGE,
+    E_LATE_GAUGE: spec.MSG_LATE_GAUGE,
 }
 
 
@@ -878,6 +879,12 @@ cdef inline int _event_time(_Decoder self, Event *ev, Fields *f, Copy copy) noex
     if ev.window < self.cur_window and self.meters[ev.meter].agg == AGG_LATEST:
         ev.err_field = F_TIMESTAMP_MS
         return E_LATE_LATEST
+    # Gauges count in the period they are served in (a roll charges them): one window of slack
+    # for clocks, no more (the ledger charges them by their windows in ledger mode).
+    if ev.window < self.cur_window - self.window_ms and (self.meters[ev.meter].agg == AGG_MAX
+                                                         or self.meters[ev.meter].agg == AGG_UNIQUE):
+        ev.err_field = F_TIMESTAMP_MS
+        return E_LATE_GAUGE
     return E_OK
 
 

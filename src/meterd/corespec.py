@@ -140,6 +140,8 @@ MSG_NOT_UNIQUE = "meter %d does not count distinct values"
 MSG_WINDOW = "the usage window must be at least 1 ms"
 MSG_LATE_LATEST = ("a latest meter's value is its last report: an event of an earlier usage window is refused "
                    "(report the value of now, without timestamp_ms)")
+MSG_LATE_GAUGE = ("a max or unique_count meter counts in the period it is served in: an event dated before the "
+                  "previous usage window is refused (report it without timestamp_ms)")
 MSG_EVENT_TIMES = "how far an event's time may be from the clock is not negative"
 
 # Snapshots.

@@ -878,15 +878,14 @@ class Leases:
         for item in busy:
             heapq.heappush(self._ending, item)
         settled, self._settled_at_end = self._settled_at_end, set()
+        if self.live.catalog.plan_index:
+            for customer_id in sorted(settled):  # closed by the slice scan
+                self._rolled(customer_id, await self._escrow("roll", customer_id, now, plans=True))
+            self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
+            self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
+            await self._escrow("audit_ended", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
         if any(AGGREGATIONS[m.aggregation] in CENTRAL_GAUGES for m in self.live.catalog.meters):
             self.counts["gauge_charges"] += await self._escrow("gauges_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
-        if not self.live.catalog.plan_index:
-            return
-        for customer_id in sorted(settled):  # closed by the slice scan
-            self._rolled(customer_id, await self._escrow("roll", customer_id, now, plans=True))
-        self.counts["period_rolls"] += await self._escrow("roll_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
-        self.counts["overage_bills"] += await self._escrow("bill_due", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
-        await self._escrow("audit_ended", now, ROLLS_PER_HEARTBEAT_MAX, plans=True)
 
     def _rolled(self, customer_id: str, periods: int) -> None:
         """The customer's periods this sidecar rolled: its new credits are there to lease at once

@@ -259,7 +259,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # Per customer and gauge meter (max, unique_count): usage windows before charged_to_ms are
         # charged (at a period's roll, a cancel, or a calendar month's end without a plan); the last
         # charge's windows and value (a window flushed late is charged the difference); the remainder
-        # of the charges below a nano-unit, in 1/denominator; the earliest window flushed since
+        # of the charges below a nano-unit, in 1/denominator (the last charge's free units in
+        # last_free); the earliest window flushed since
         # (NO_PENDING_MS: none); and when the sweep is to look at it (a window flushed late: at
         # once; otherwise the end of the month of the first window not charged, and a grace).
         """CREATE TABLE meterd_gauges (
@@ -271,6 +272,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             remainder TEXT NOT NULL,
             pending_from_ms BIGINT NOT NULL,
             due_ms BIGINT NOT NULL,
+            last_free BIGINT NOT NULL DEFAULT 0,
             PRIMARY KEY (customer_id, meter))""",
         "CREATE INDEX meterd_gauges_due ON meterd_gauges (due_ms)",
     ]),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -64,11 +65,14 @@ ROLL_LOCK_SPACE = 0x6D72         # the first key of the advisory locks of rolls 
 # it still holds. Within it, a sidecar's clock may be behind the ledger's callers'.
 PERIOD_CLOSE_GRACE_MS = 30_000
 _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
+log = logging.getLogger(__name__)
 # Gauge meters the ledger charges (max, unique_count: charged on the period's value, from the
 # usage windows every sidecar flushed); a latest meter's value is whichever sidecar's came last,
 # which the windows cannot tell, so ledger mode refuses it (leases.check_catalog).
 CENTRAL_GAUGES = ("max", "unique_count")
 NO_PENDING_MS = 1 << 62          # meterd_gauges.pending_from_ms and due_ms: no window flushed since the last charge
+GAUGE_CHARGE_MAX_NANO = 1 << 60  # the most one gauge charge takes (about 1.15e9 units of a currency)
+GAUGE_RETRY_MS = 3_600_000       # a customer whose gauges could not be charged is tried again then
 
 
 
@@ -135,6 +139,8 @@ class LedgerPlans:
         self.ledger = escrow.ledger
         self.catalog = catalog
         self._lock = " FOR UPDATE" if self.ledger.dialect == "postgresql" else ""
+        self._in_code_points = ' COLLATE "C"' if self.ledger.dialect == "postgresql" else ""
+        self._free_used: list[tuple[int, int, int]] = []  # of the last _gauges: (meter, units used, free units)
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -308,6 +314,8 @@ class LedgerPlans:
             if once and row.version:
                 raise Conflict(f"customer {customer_id!r} was subscribed once already")
             self._audit_ended(sums, row, customer_id, now_ms)  # the last subscription's, settled since its end
+            month = month_bounds(start_ms)[0]  # the months it had no plan are charged at their ends
+            self._gauges(sums, customer_id, None, month, now_ms, month - 1)
             sub = row.sub = Subscription.starting(customer_id, plan, start_ms, now_ms)
             row.generation += 1
             for ct, policy in plan.credits.items():
@@ -684,7 +692,16 @@ class LedgerPlans:
                       at: int) -> None:
         """The credit period's usage is done with: what its fallback served would have cost, as
         settled by the sidecars (a "degraded" entry per credit type, as local mode's
-        ``Subscriptions.period_usage``), starts again."""
+        ``Subscriptions.period_usage``), starts again; first the free units its gauges used
+        (``_gauges`` kept them), a "free_units" entry each."""
+        for m, used, free in self._free_used:
+            meter = self.catalog.meters[m]
+            name = self._name(meter.credit_type)
+            quantity = self.catalog.format_quantity(m, used)
+            self._entry(sums[name], sub.customer_id, name, "free_units", 0, sums[name].shown,
+                        f"{meter.name}: {quantity} of {self.catalog.format_quantity(m, free)} free", now_ms, at,
+                        detail={"meter": meter.name, "quantity": quantity})
+        self._free_used = []
         for ct, policy in (plan.credits.items() if plan else []):
             s = sums[self._name(ct)]
             if s.degraded > 0 and policy.fallback:
@@ -996,61 +1013,69 @@ class LedgerPlans:
                 at: int) -> None:
         """The customer's gauges charged on their value from their last charge up to ``upto`` (a
         boundary, a cancel, a month's start), less the plan's free units, with a "gauge_charged"
-        entry each (effective ``at``); a window of the last charge that was flushed after it is
-        charged what it adds first (``upto`` None: only that). ``sums`` holds their credit types'
-        rows, locked."""
+        entry each (effective ``at``), and the free units they used kept for ``_period_usage``; a
+        window of the last charge's that was flushed after it is charged what it adds first, at the
+        free units of that charge (``upto`` None: only that). ``sums`` holds their credit types'
+        rows, locked; the gauge rows are locked here, in code-point order (as a flush writes them)."""
         probe = _probe(self.catalog.compiled)
+        self._free_used = []
+        gauges = {r[0]: [int(x) for x in r[1:]] for r in self.escrow._rows(
+            "SELECT meter, charged_to_ms, last_from_ms, last_value, remainder, pending_from_ms, last_free FROM "
+            f"meterd_gauges WHERE customer_id = ? ORDER BY meter{self._in_code_points}{self._lock}", (customer_id,))}
         for m in self._gauge_meters():
             meter = self.catalog.meters[m]
-            rows = self.escrow._rows("SELECT charged_to_ms, last_from_ms, last_value, remainder, pending_from_ms "
-                                     "FROM meterd_gauges WHERE customer_id = ? AND meter = ?" + self._lock,
-                                     (customer_id, meter.name))
-            if not rows:
+            if meter.name not in gauges:
                 continue  # nothing flushed, ever
-            charged_to, last_from, last_value, remainder, pending = (int(x) for x in rows[0])
-            if upto is not None and upto <= charged_to:
-                continue
-            free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision) if plan is not None else 0
+            charged_to, last_from, last_value, remainder, pending, last_free = gauges[meter.name]
             rate = probe.find_rate(m, {})
             _, ct, amount, factor = probe.rates[rate]
             denom = probe.denom[ct]
             name = self._name(ct)
             if pending < charged_to:  # flushed late: the last charge's windows again
                 late = self._gauge_value(customer_id, m, last_from, charged_to)
-                units = max(late - free, 0) - max(last_value - free, 0)
+                units = max(late - last_free, 0) - max(last_value - last_free, 0)
                 if units > 0:
                     reference = (f"{meter.name}={self.catalog.format_quantity(m, late)} (flushed late; "
                                  f"{self.catalog.format_quantity(m, last_value)} was charged)")
                     remainder = self._charge_gauge(sums[name], customer_id, name, units, amount * factor, denom,
                                                    remainder, now_ms, charged_to - 1, reference)  # its period's
                 last_value = max(late, last_value)
-            if upto is None:  # the late windows only: the period goes on
-                upto, last_from, value = charged_to, last_from, last_value
-            else:
-                value = self._gauge_value(customer_id, m, charged_to, upto)
-                charged = value - free if value > free else 0
-                if charged:
+            if upto is not None and upto > charged_to:
+                last_free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision) if plan is not None else 0
+                last_from, last_value = charged_to, self._gauge_value(customer_id, m, charged_to, upto)
+                charged = last_value - last_free if last_value > last_free else 0
+                if last_value:  # an entry even when its free units cover it all, as local mode's
                     remainder = self._charge_gauge(sums[name], customer_id, name, charged, amount * factor, denom,
                                                    remainder, now_ms, at,
-                                                   f"{meter.name}={self.catalog.format_quantity(m, value)}")
-                last_from = charged_to
+                                                   f"{meter.name}={self.catalog.format_quantity(m, last_value)}")
+                if last_free and last_value:
+                    self._free_used.append((m, min(last_value, last_free), last_free))
+                charged_to = upto
             later = self.escrow._rows("SELECT 1 FROM meterd_usage WHERE customer_id = ? AND meter = ? AND "
-                                      "window_start_ms >= ? LIMIT 1", (customer_id, meter.name, upto))
+                                      "window_start_ms >= ? LIMIT 1", (customer_id, meter.name, charged_to))
             self.escrow._exec("UPDATE meterd_gauges SET charged_to_ms = ?, last_from_ms = ?, last_value = ?, "
-                              "remainder = ?, pending_from_ms = ?, due_ms = ? WHERE customer_id = ? AND meter = ?",
-                              (upto, last_from, value, str(remainder), upto if later else NO_PENDING_MS,
-                               month_bounds(upto)[1] + GAUGE_GRACE_MS if later else NO_PENDING_MS,
+                              "remainder = ?, pending_from_ms = ?, due_ms = ?, last_free = ? WHERE customer_id = ? AND "
+                              "meter = ?",
+                              (charged_to, last_from, last_value, str(remainder),
+                               charged_to if later else NO_PENDING_MS,
+                               month_bounds(charged_to)[1] + GAUGE_GRACE_MS if later else NO_PENDING_MS, last_free,
                                customer_id, meter.name))
 
     def _charge_gauge(self, s: _Sums, customer_id: str, name: str, units: int, fine: int, denom: int,
                       remainder: int, now_ms: int, at: int, reference: str) -> int:
         """What ``units`` cost (``fine`` each, in 1/``denom`` nano, the remainder carried), taken
         from the balance as one balance would pay it: its credit in burn-down order, then the
-        overage allowance (billed with the period's overage); what neither holds, the customer
-        owes (overdrawn), repaid first by the next credit. Returns the remainder."""
+        period's overage allowance (billed with the period's overage; beyond its limit too, as
+        local mode bills what its balance is below zero). Without an allowance, what the balance
+        does not hold is owed (overdrawn), repaid first by the next credit. Returns the remainder."""
         cost, remainder = divmod(units * fine + remainder, denom)
+        if cost > GAUGE_CHARGE_MAX_NANO:  # a value no price list means (the core refuses such events' prices)
+            log.error("%s: gauge charge %s (%d nano) taken as %d nano, the most one charge may be", customer_id,
+                      reference, cost, GAUGE_CHARGE_MAX_NANO)
+            cost, remainder = GAUGE_CHARGE_MAX_NANO, 0
         before = s.shown
-        for b in self._allowance_buckets(customer_id, name) if cost > s.available else []:
+        allowances = self._allowance_buckets(customer_id, name)
+        for b in allowances if cost > s.available else []:
             if b.expired:  # expired at the boundary (or the cancel) it belongs to: the period's overage
                 s.expired -= b.expired
                 s.available += b.expired
@@ -1063,9 +1088,20 @@ class LedgerPlans:
         def spent(b: _Bucket, take: int) -> None:
             b.consumed += take
         self.escrow._take_remaining(s, customer_id, name, taken, spent)
-        s.available -= cost  # available is the buckets' remaining credit less what is overdrawn
+        s.available -= taken
         s.consumed += cost
-        s.overdrawn += cost - taken
+        beyond = cost - taken
+        allowances = self._allowance_buckets(customer_id, name) if beyond else []  # as the take left them
+        if allowances:  # overage past the limit: the allowance holds it, spent, to be billed
+            b = allowances[-1]
+            b.amount += beyond
+            b.consumed += beyond
+            s.granted += beyond
+            s.headroom += beyond
+            self.escrow._put_bucket(customer_id, name, b)
+        elif beyond:
+            s.available -= beyond  # available is the buckets' remaining credit less what is overdrawn
+            s.overdrawn += beyond
         self._entry(s, customer_id, name, "gauge_charged", -cost, before, reference, now_ms, at)
         return remainder
 
@@ -1073,26 +1109,34 @@ class LedgerPlans:
         """Gauges of up to ``limit`` customers charged outside a roll (``meterd_gauges.due_ms``):
         windows flushed after their period was charged (the difference they make), and a calendar
         month's for a customer without a plan (as local mode charges them then), GAUGE_GRACE_MS
-        after it ends, so that the sidecars have flushed it. Returns how many customers it looked at."""
+        after it ends, so that the sidecars have flushed it. A customer whose charge fails is
+        logged and looked at again GAUGE_RETRY_MS later (the others go on). Returns how many
+        customers it looked at."""
         month = month_bounds(now_ms - GAUGE_GRACE_MS)[0]
-        done = 0
-        for customer_id, in self.escrow._rows(
-                "SELECT customer_id FROM meterd_gauges WHERE due_ms <= ? GROUP BY customer_id ORDER BY "
-                f"MIN(due_ms), customer_id LIMIT {int(limit)}", (now_ms,)):
-            with self.ledger._transaction():
-                first = self._read(customer_id, False).sub
-                sums = self._lock_sums(customer_id, self._credit_types(first), now_ms)
-                row = self._read(customer_id, True)
-                if row.sub is None:  # the month's end, and what was flushed late
-                    self._gauges(sums, customer_id, None, month, now_ms, month - 1)
-                else:  # a subscription's periods are charged at their rolls: only what was flushed late
-                    self._gauges(sums, customer_id, self.catalog.plan_index.get(row.sub.plan), None, now_ms, now_ms)
-                # Looked at (a meter the catalog no longer has, too): due again when a flush says so.
-                self.escrow._exec("UPDATE meterd_gauges SET due_ms = ? WHERE customer_id = ? AND due_ms <= ?",
-                                  (NO_PENDING_MS, customer_id, now_ms))
-                self._put_all(customer_id, sums, now_ms)
-                done += 1
-        return done
+        due = self.escrow._rows(f"SELECT customer_id FROM meterd_gauges WHERE due_ms <= ? ORDER BY due_ms "
+                                f"LIMIT {int(limit) * 4}", (now_ms,))
+        customers = list(dict.fromkeys(r[0] for r in due))[:limit]
+        for customer_id in customers:
+            try:
+                with self.ledger._transaction():
+                    first = self._read(customer_id, False).sub
+                    sums = self._lock_sums(customer_id, self._credit_types(first), now_ms)
+                    row = self._read(customer_id, True)
+                    if row.sub is None:  # the month's end, and what was flushed late
+                        self._gauges(sums, customer_id, None, month, now_ms, month - 1)
+                    else:  # a subscription's periods are charged at their rolls: only what was flushed late
+                        self._gauges(sums, customer_id, None, None, now_ms, now_ms)
+                    # Looked at (a meter the catalog no longer has, too): due again when a flush says so.
+                    self.escrow._exec("UPDATE meterd_gauges SET due_ms = ? WHERE customer_id = ? AND due_ms <= ?",
+                                      (NO_PENDING_MS, customer_id, now_ms))
+                    self._put_all(customer_id, sums, now_ms)
+            except Exception:  # noqa: BLE001 - one customer's failure does not stop the others' charges
+                log.exception("the gauges of %r could not be charged; trying again in %d s", customer_id,
+                              GAUGE_RETRY_MS // 1000)
+                with self.ledger._transaction():
+                    self.escrow._exec("UPDATE meterd_gauges SET due_ms = ? WHERE customer_id = ? AND due_ms <= ?",
+                                      (now_ms + GAUGE_RETRY_MS, customer_id, now_ms))
+        return len(customers)
 
     # ---- the end of a subscription -----------------------------------------------------------
 
