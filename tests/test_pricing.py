@@ -981,6 +981,21 @@ def test_a_gauge_event_dated_before_the_previous_window_is_refused(make, aggrega
     assert r.decision == pb.DECISION_ALLOW
 
 
+def test_a_backdated_gauge_event_in_the_log_is_replayed(make):
+    """The log replays what was accepted whatever the limits say now: a gauge event an older
+    meterd accepted dated a day back (here: accepted with the limits off, as a replay has them)
+    is applied again at a restart after kill -9, not refused."""
+    b = make('[credit_types.usd]\nkind = "fiat"\n[meters.seats]\ncredit_type = "usd"\naggregation = "max"\n'
+             'price = "10"\n[customers.acme]\nbalances = { usd = "1000" }\n')
+    b.engine.live.core.set_event_times(2**63 - 1, 2**63 - 1)
+    old = pb.UsageEvent(customer_id="acme", meter="seats", quantity=7, timestamp_ms=b.now_ms - 20 * HOUR_MS)
+    assert pb.ReportResponse.FromString(b.run(b.engine.report(pb.ReportRequest(event=old).SerializeToString()))) \
+        .decision == pb.DECISION_ALLOW
+    b.restart(clean=False)
+    core = b.engine.live.core
+    assert core.state(core.account(b"acme"))[1][0] == 7  # the seats' most, from the replayed event
+
+
 def test_a_keyed_report_retried_after_its_time_aged_gets_its_first_answer(make):
     b = make("openai")
     event = pb.UsageEvent(customer_id="acme", meter="input_tokens", quantity=1000, dimensions={"model": "gpt-4o"},

@@ -880,9 +880,10 @@ cdef inline int _event_time(_Decoder self, Event *ev, Fields *f, Copy copy) noex
         ev.err_field = F_TIMESTAMP_MS
         return E_LATE_LATEST
     # Gauges count in the period they are served in (a roll charges them): one window of slack
-    # for clocks, no more (the ledger charges them by their windows in ledger mode).
-    if ev.window < self.cur_window - self.window_ms and (self.meters[ev.meter].agg == AGG_MAX
-                                                         or self.meters[ev.meter].agg == AGG_UNIQUE):
+    # for clocks, no more (the ledger charges them by their windows in ledger mode). Not in a
+    # replay (no limits: what was accepted, an older meterd's too, is applied again).
+    if ev.window < self.cur_window - self.window_ms and self.late_ms != INT64_MAX and (
+            self.meters[ev.meter].agg == AGG_MAX or self.meters[ev.meter].agg == AGG_UNIQUE):
         ev.err_field = F_TIMESTAMP_MS
         return E_LATE_GAUGE
     return E_OK

@@ -1219,8 +1219,9 @@ class _Decoder(_Aggregates):
         window = ts - ts % self.window_ms
         if window < self.cur_window and self.aggs[meter] == AGG_LATEST:
             raise _DecodeError("timestamp_ms", spec.MSG_LATE_LATEST)
-        if window < self.cur_window - self.window_ms and self.aggs[meter] in (AGG_MAX, AGG_UNIQUE):
-            raise _DecodeError("timestamp_ms", spec.MSG_LATE_GAUGE)  # gauges count in the period served in
+        if window < self.cur_window - self.window_ms and self.late_ms != INT64_MAX and \
+                self.aggs[meter] in (AGG_MAX, AGG_UNIQUE):  # gauges count in the period served in (not a replay)
+            raise _DecodeError("timestamp_ms", spec.MSG_LATE_GAUGE)
         return window
 
     def _event_fields(self, buf: bytes, pos: int, end: int) -> tuple[bytes, bytes | None, int, int, bytes,
