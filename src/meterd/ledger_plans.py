@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 CENTRAL_GAUGES = ("max", "unique_count")
 NO_PENDING_MS = 1 << 62          # meterd_gauges.pending_from_ms and due_ms: no window flushed since the last charge
 GAUGE_CHARGE_MAX_NANO = 1 << 60  # the most one gauge charge takes (about 1.15e9 units of a currency)
+GAUGE_SUMS_MAX_NANO = 1 << 62    # and no gauge charge takes a balance row's sums past this
 GAUGE_RETRY_MS = 3_600_000       # a customer whose gauges could not be charged is tried again then
 
 
@@ -1069,12 +1070,18 @@ class LedgerPlans:
         local mode bills what its balance is below zero). Without an allowance, what the balance
         does not hold is owed (overdrawn), repaid first by the next credit. Returns the remainder."""
         cost, remainder = divmod(units * fine + remainder, denom)
-        if cost > GAUGE_CHARGE_MAX_NANO:  # a value no price list means (the core refuses such events' prices)
-            log.error("%s: gauge charge %s (%d nano) taken as %d nano, the most one charge may be", customer_id,
-                      reference, cost, GAUGE_CHARGE_MAX_NANO)
-            cost, remainder = GAUGE_CHARGE_MAX_NANO, 0
-        before = s.shown
         allowances = self._allowance_buckets(customer_id, name)
+        # A value no price list means: one charge takes at most GAUGE_CHARGE_MAX_NANO, and none takes
+        # the balance row's (or an allowance's) sums past GAUGE_SUMS_MAX_NANO, so that the 64-bit
+        # columns hold whatever else comes (a tenant's charges cannot stop its rolls, nor others').
+        room = GAUGE_SUMS_MAX_NANO - max([s.consumed, s.granted, s.overdrawn, s.headroom,
+                                          *(b.amount for b in allowances)])
+        most = max(min(GAUGE_CHARGE_MAX_NANO, room), 0)
+        if cost > most:
+            log.error("%s: gauge charge %s (%d nano) taken as %d nano, the most it may be", customer_id, reference,
+                      cost, most)
+            cost, remainder = most, 0
+        before = s.shown
         for b in allowances if cost > s.available else []:
             if b.expired:  # expired at the boundary (or the cancel) it belongs to: the period's overage
                 s.expired -= b.expired
