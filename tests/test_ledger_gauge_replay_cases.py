@@ -1,6 +1,7 @@
 """Gauges in ledger mode, more cases: the log replays a gauge event accepted before (under a
 wider usage window, or by an older meterd that took backdated gauge events), and one tenant's
-capped gauge charges, added up, cannot overflow its balance row and stop the heartbeats' rolls."""
+capped gauge charges, added up, cannot overflow its balance row and stop the heartbeats' rolls;
+a running period's statement has its gauges' free units so far."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from test_ledger_gauges import _catalog
 from test_ledger_statements import Both
 
 from meterd import records
+from meterd.escrow import Escrow
 from meterd.ledger import Ledger
-from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS
+from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS, LedgerPlans
 from meterd.store import u64
 from meterd.v1 import meter_pb2 as pb
 
@@ -132,3 +134,44 @@ def test_a_tenants_late_seats_do_not_stop_the_other_customers_rolls(tmp_path, mo
         for n in [*both.nodes, both.local]:
             n.close()
         both.loop.close()
+
+
+def test_a_running_periods_statement_has_the_gauges_free_units_so_far(tmp_path, monkeypatch, ledger_url):
+    """GetStatement of a period that holds the running credit period's end adds its usage so far
+    ("this period so far"): the free units its gauges used too, as local mode does (ledger mode
+    gave only its fallback usage)."""
+    from test_ledger_gauge_cases import _plans_catalog
+    from test_ledger_statements import _statement
+
+    both = Both(tmp_path, _plans_catalog(tmp_path), ledger_url, monkeypatch)
+    try:
+        both.both("subscribe", "acme", "big")
+        for x in (both.local, both.nodes[0]):
+            assert x.report("acme", "seats", 4).decision == pb.DECISION_ALLOW
+        both.flush()
+        local = _statement(both.local, "billing")
+        assert any("of 10 free (this period so far)" in a.get("description", "") for a in local["activity"])
+        assert _statement(both.nodes[0], "billing") == local
+    finally:
+        both.close()
+
+
+def test_a_customer_whose_roll_is_refused_does_not_stop_the_others(tmp_path, monkeypatch, ledger_url):
+    """A roll refused for one customer (its next period's credits would take its granted sum past
+    64 bits) is logged, and the sweep rolls the customers after it."""
+    both = Both(tmp_path, _catalog(tmp_path), ledger_url, monkeypatch)
+    try:
+        node = both.nodes[0]
+        node.subscribe("aaa", "team")  # sorts before acme, with the same period
+        with Ledger(ledger_url) as lg:  # the next period's $10 and allowance would not fit
+            (granted,), = lg._rows("SELECT granted_nano FROM meterd_balances WHERE customer_id = 'aaa' AND "
+                                   "credit_type = 'usd'")
+            Escrow(lg).grant("aaa", "usd", (1 << 63) - 1 - int(granted) - NANO, 0, 0, "api", "", both.clock.ms)
+        sub = both.subscription()
+        both.clock.ms = sub.end_ms + PERIOD_CLOSE_GRACE_MS + 1
+        both.loop.run_until_complete(async_wait_until(lambda: both.subscription().n == sub.n + 1,
+                                                      "acme's period rolled by a heartbeat", 10))
+        with Ledger(ledger_url) as lg:
+            assert LedgerPlans(Escrow(lg), node.catalog).subscription("aaa").n == sub.n  # refused, not rolled
+    finally:
+        both.close()

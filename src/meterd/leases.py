@@ -1095,13 +1095,14 @@ class Leases:
         return await self._central("change_plan", customer_id, plan, self.clock.now_ms(), plans=True)
 
     async def usage_so_far(self, customer_id: str, from_ms: int, to_ms: int) -> list[dict]:
-        """For a statement from ``from_ms`` to ``to_ms``: the running credit period's fallback usage
-        so far, as the ledger has it (after the sidecars' flushes), when the period ends in it."""
+        """For a statement from ``from_ms`` to ``to_ms``: the running credit period's usage so far
+        (its gauges' free units, its fallback usage), as the ledger has it (after the sidecars'
+        flushes), when the period ends in it."""
         end, lines = await self._central("usage_so_far", customer_id, plans=True, read=True)
         if not from_ms <= end - 1 < to_ms:
             return []
-        return [activity_line("degraded", f"{description} (this period so far)", name, amount)
-                for name, amount, description in lines]
+        return [activity_line(kind, f"{description} (this period so far)", name, amount, quantity)
+                for kind, name, amount, description, quantity in lines]
 
     async def _central(self, method: str, *args: Any, plans: bool = False, read: bool = False) -> Any:
         """A control-plane call in the ledger: its refusals stand; a ledger that fails is UNAVAILABLE.

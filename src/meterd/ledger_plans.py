@@ -40,7 +40,7 @@ from meterd import _fastpath_py
 from meterd.catalog import AGGREGATIONS, Catalog, CompiledCatalog
 from meterd.clock import month_bounds
 from meterd.config import Settings
-from meterd.errors import Conflict, InvalidInput, NotFound, invariant
+from meterd.errors import Conflict, InvalidInput, MeterdError, NotFound, invariant
 from meterd.escrow import (
     GAUGE_GRACE_MS,
     NEVER_MS,
@@ -243,20 +243,34 @@ class LedgerPlans:
         with self.escrow._snapshot():
             return self._read(customer_id, False).sub
 
-    def usage_so_far(self, customer_id: str) -> tuple[int, list[tuple[str, int, str]]]:
-        """The running credit period's end (0: no subscription) and its fallback usage so far, as
-        settled: (credit type, what it would have cost, description) each."""
+    def usage_so_far(self, customer_id: str) -> tuple[int, list[tuple[str, str, int, str, str]]]:
+        """The running credit period's end (0: no subscription) and its usage so far, as flushed and
+        settled: the free units its gauges used, then its fallback usage (what it would have
+        cost), as local mode's ``Subscriptions.period_usage``: (kind, credit type, amount,
+        description, quantity) each."""
         with self.escrow._snapshot():
             sub = self._read(customer_id, False).sub
             plan = self.catalog.plan_index.get(sub.plan) if sub is not None else None
             if sub is None or plan is None:
                 return 0, []
             out = []
+            charged = dict(self.escrow._rows("SELECT meter, charged_to_ms FROM meterd_gauges WHERE customer_id = ?",
+                                             (customer_id,)))
+            for m in self._gauge_meters():
+                meter = self.catalog.meters[m]
+                free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision)
+                used = min(self._gauge_value(customer_id, m, int(charged[meter.name]), NEVER_MS), free) \
+                    if free and meter.name in charged else 0
+                if used > 0:
+                    quantity = self.catalog.format_quantity(m, used)
+                    out.append(("free_units", self._name(meter.credit_type), 0,
+                                f"{meter.name}: {quantity} of {self.catalog.format_quantity(m, free)} free", quantity))
             for ct, policy in plan.credits.items():
                 rows = self.escrow._rows("SELECT degraded_nano FROM meterd_balances WHERE customer_id = ? AND "
                                          "credit_type = ?", (customer_id, self._name(ct)))
                 if policy.fallback and rows and int(rows[0][0]) > 0:
-                    out.append((self._name(ct), int(rows[0][0]), f"served in {policy.fallback} mode, not charged"))
+                    out.append(("degraded", self._name(ct), int(rows[0][0]),
+                                f"served in {policy.fallback} mode, not charged", ""))
             return sub.end_ms, out
 
     def due(self, now_ms: int, limit: int, ready: bool = False) -> list[str]:
@@ -576,8 +590,15 @@ class LedgerPlans:
         (what each sidecar's sweep does, a few at a time); returns how many periods it rolled.
         On PostgreSQL a customer another caller is rolling is skipped (it will be done). A
         period is swept once no lease holds its credits unsettled, or PERIOD_CLOSE_GRACE_MS
-        after its end."""
-        return sum(self.roll(customer_id, now_ms, skip_busy=True) for customer_id in self.due(now_ms, limit, True))
+        after its end. A customer whose roll is refused (a figure past 64 bits) is logged and the
+        others are rolled: one tenant cannot stop the sweep (the ledger failing still does)."""
+        rolled = 0
+        for customer_id in self.due(now_ms, limit, True):
+            try:
+                rolled += self.roll(customer_id, now_ms, skip_busy=True)
+            except MeterdError:
+                log.exception("the period of %r could not be rolled; the others are", customer_id)
+        return rolled
 
     def roll(self, customer_id: str, now_ms: int, skip_busy: bool = False, force: bool = False) -> int:
         """Roll each credit period of the customer's subscription that ended at or before
