@@ -175,3 +175,32 @@ def test_a_customer_whose_roll_is_refused_does_not_stop_the_others(tmp_path, mon
             assert LedgerPlans(Escrow(lg), node.catalog).subscription("aaa").n == sub.n  # refused, not rolled
     finally:
         both.close()
+
+
+def test_a_customer_another_sweep_holds_is_skipped_on_postgresql(tmp_path, monkeypatch, ledger_url):
+    """Sidecars sweeping gauges at once skip a customer another one is charging (an advisory lock
+    per customer), where each waited on its rows and charged nothing after."""
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("advisory locks: PostgreSQL")
+    from meterd.clock import month_bounds
+    from meterd.ledger_plans import GAUGE_LOCK_SPACE
+    both = Both(tmp_path, _catalog(tmp_path), ledger_url, monkeypatch)
+    try:
+        for stop in both.stops:  # no heartbeat sweeps: this test's calls are the sweep
+            stop.set()
+        both.loop.run_until_complete(asyncio.gather(*both.beats))
+        node = both.nodes[0]
+        node.grant("solo", "usd", 100 * NANO)
+        assert node.report("solo", "seats", 3).decision == pb.DECISION_ALLOW
+        node.flush()
+        now = month_bounds(both.clock.ms)[1] + PERIOD_CLOSE_GRACE_MS
+        with Ledger(ledger_url) as other, Ledger(ledger_url) as lg:
+            other._rows("SELECT pg_advisory_lock(?, hashtext(?))", (GAUGE_LOCK_SPACE, "solo"))
+            assert LedgerPlans(Escrow(lg), node.catalog).gauges_due(now, 10) == 1  # looked at, skipped
+            assert not lg._rows("SELECT 1 FROM meterd_entries WHERE customer_id = 'solo' AND kind = 'gauge_charged'")
+            other._rows("SELECT pg_advisory_unlock(?, hashtext(?))", (GAUGE_LOCK_SPACE, "solo"))
+            LedgerPlans(Escrow(lg), node.catalog).gauges_due(now, 10)
+            assert [r[0] for r in lg._rows("SELECT reference FROM meterd_entries WHERE customer_id = 'solo' AND "
+                                           "kind = 'gauge_charged'")] == ["seats=3"]
+    finally:
+        both.close()

@@ -59,6 +59,7 @@ SPENT_FIRST = 0                  # a plan's own credits are spent before grants 
 ROOM_MAX_NANO = 1 << 62          # the overage bucket of an unlimited overage, or of usage billed in arrears
 ROLLS_PER_CALL_MAX = 1_000       # periods one roll call catches up on, per customer
 ROLL_LOCK_SPACE = 0x6D72         # the first key of the advisory locks of rolls (PostgreSQL)
+GAUGE_LOCK_SPACE = 0x6D67        # and of the gauge sweep's, per customer: sidecars sweeping at once skip each other's
 # How long after a boundary a roll waits for the sidecars holding the period's credits to settle
 # them (they do at the boundary, by their clocks, within a heartbeat); past it, a lease not settled
 # is taken as its sidecar's loss of contact, and what it consumed settles later, from the credit
@@ -1138,8 +1139,8 @@ class LedgerPlans:
         windows flushed after their period was charged (the difference they make), and a calendar
         month's for a customer without a plan (as local mode charges them then), GAUGE_GRACE_MS
         after it ends, so that the sidecars have flushed it. A customer whose charge fails is
-        logged and looked at again GAUGE_RETRY_MS later (the others go on). Returns how many
-        customers it looked at."""
+        logged and looked at again GAUGE_RETRY_MS later (the others go on). On PostgreSQL a
+        customer another caller is sweeping is skipped. Returns how many customers it looked at."""
         month = month_bounds(now_ms - GAUGE_GRACE_MS)[0]
         due = self.escrow._rows(f"SELECT customer_id FROM meterd_gauges WHERE due_ms <= ? ORDER BY due_ms "
                                 f"LIMIT {int(limit) * 4}", (now_ms,))
@@ -1147,6 +1148,11 @@ class LedgerPlans:
         for customer_id in customers:
             try:
                 with self.ledger._transaction():
+                    if self.ledger.dialect == "postgresql":  # another sidecar's sweep has it: the next one
+                        (free,), = self.escrow._rows("SELECT pg_try_advisory_xact_lock(?, hashtext(?))",
+                                                     (GAUGE_LOCK_SPACE, customer_id))
+                        if not free:
+                            continue
                     first = self._read(customer_id, False).sub
                     sums = self._lock_sums(customer_id, self._credit_types(first), now_ms)
                     row = self._read(customer_id, True)
