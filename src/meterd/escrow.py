@@ -49,6 +49,11 @@ from meterd.errors import InvalidInput, LimitReached, NotFound, invariant
 from meterd.ledger import Ledger, LedgerError, Settlement, UsageRow
 
 NEVER_MS = 1 << 62               # the burn-down order puts grants that never expire last
+# Gauge meters the ledger charges (max, unique_count: charged on the period's value, from the
+# usage windows every sidecar flushed; ledger_plans.LedgerPlans._gauges); a latest meter's value is
+# whichever sidecar's came last, which the windows cannot tell, so ledger mode refuses it
+# (leases.check_catalog).
+CENTRAL_GAUGES = ("max", "unique_count")
 # How long after a calendar month's end the ledger charges the month's gauges of a customer
 # without a plan (ledger_plans.gauges_due): the sidecars flush its last windows meanwhile.
 GAUGE_GRACE_MS = 30_000
@@ -919,7 +924,7 @@ class Escrow:
         if it is of windows charged already, else at the end of its month (and a grace)."""
         first: dict[tuple[str, str], int] = {}
         for r in usage:
-            if r.aggregation in ("max", "unique_count"):
+            if r.aggregation in CENTRAL_GAUGES:
                 key = (r.customer_id, r.meter)
                 first[key] = min(first.get(key, r.window_start_ms), r.window_start_ms)
         if not first:

@@ -42,6 +42,7 @@ from meterd.clock import month_bounds
 from meterd.config import Settings
 from meterd.errors import Conflict, InvalidInput, MeterdError, NotFound, invariant
 from meterd.escrow import (
+    CENTRAL_GAUGES,
     GAUGE_GRACE_MS,
     NEVER_MS,
     NO_PERIOD,
@@ -67,10 +68,6 @@ GAUGE_LOCK_SPACE = 0x6D67        # and of the gauge sweep's, per customer: sidec
 PERIOD_CLOSE_GRACE_MS = 30_000
 _SUB = "plan, n, start_ms, end_ms, billing_n, billing_end_ms, version, state"
 log = logging.getLogger(__name__)
-# Gauge meters the ledger charges (max, unique_count: charged on the period's value, from the
-# usage windows every sidecar flushed); a latest meter's value is whichever sidecar's came last,
-# which the windows cannot tell, so ledger mode refuses it (leases.check_catalog).
-CENTRAL_GAUGES = ("max", "unique_count")
 NO_PENDING_MS = 1 << 62          # meterd_gauges.pending_from_ms and due_ms: no window flushed since the last charge
 GAUGE_CHARGE_MAX_NANO = 1 << 60  # the most one gauge charge takes (about 1.15e9 units of a currency)
 GAUGE_SUMS_MAX_NANO = 1 << 62    # and no gauge charge takes a balance row's sums past this
@@ -1106,11 +1103,8 @@ class LedgerPlans:
         before = s.shown
         for b in allowances if cost > s.available else []:
             if b.expired:  # expired at the boundary (or the cancel) it belongs to: the period's overage
-                s.expired -= b.expired
-                s.available += b.expired
-                s.headroom += b.expired
-                b.remaining += b.expired
-                b.expired = 0
+                s.headroom += b.expired  # headroom again, as its expiry took it out (Escrow._expire_part)
+                self._unexpire(s, b)
                 self.escrow._put_bucket(customer_id, name, b)
         taken = min(cost, max(s.available, 0))
 
