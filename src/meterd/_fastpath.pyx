@@ -245,14 +245,18 @@ cdef int _debit_parts(Core self, Event *ev, int64_t *cost) except -1:
     cdef Py_ssize_t b = idx * self.n_ct + ct, u = idx * self.n_meters
     cdef int64_t bal = self.bal[b], rem = self.rem[b], degr = _Tables._degr(self, idx, ct)
     cdef int64_t used[QUANTITIES_MAX]
+    cdef int64_t pooled[QUANTITIES_MAX]  # the parts' pools' balances (set_pools), to undo the turns
     cdef int64_t costs[QUANTITIES_MAX]
     cdef Py_ssize_t n_alerts = self.n_alerts
     cdef bint lost = self.alerts_lost
     cdef uint8_t dirty = self.dirty[idx]
     cdef int how = DEBIT_CHECK, ok = REASON_NONE, reason = REASON_NONE
     cdef Ext *x
+    cdef int32_t pool
     for k in range(n):
         used[k] = self.usage[u + ev[k].meter]
+        pool = self.meters[ev[k].meter].pool
+        pooled[k] = self.bal[idx * self.n_ct + pool] if pool >= 0 else 0
     while True:
         cost[0] = 0
         for k in range(n):
@@ -273,6 +277,9 @@ cdef int _debit_parts(Core self, Event *ev, int64_t *cost) except -1:
             x.degr = degr
         for k in range(n):
             self.usage[u + ev[k].meter] = used[k]
+            pool = self.meters[ev[k].meter].pool
+            if pool >= 0:  # each part has a meter of its own, and each pool is one meter's
+                self.bal[idx * self.n_ct + pool] = pooled[k]
         self.n_alerts = n_alerts
         self.alerts_lost = lost
         self.dirty[idx] = dirty

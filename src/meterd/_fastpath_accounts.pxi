@@ -287,7 +287,22 @@ cdef class _Accounts(_State):
         cdef int64_t free_units = self.plan_free[self.plan_of[idx] * self.n_meters + meter]
         cdef int64_t charged, start = self.usage[u]
         cdef bint tiered = self.rates[rate].tier_count > 0 and self.meters[meter].agg <= AGG_COUNT
-        if free_units > self.usage[u] and (fine > 0 or minimum > 0 or tiered):
+        cdef int32_t pool = self.meters[meter].pool
+        cdef int64_t pooled = 0
+        if pool >= 0:
+            # The free units are a balance (ledger mode: leased), taken first whatever the event costs.
+            pooled = self.bal[idx * self.n_ct + pool]
+            if pooled < 0:
+                pooled = 0
+            if pooled >= quantity:
+                pooled = quantity
+            elif how == DEBIT_CHECK and self.plan_of[idx] == 0:
+                return REASON_INSUFFICIENT_BALANCE  # strict: the pool is to be topped up first
+            if pooled:
+                self._fine(rate, quantity - pooled, &fine)  # cannot overflow: fewer units
+                if pooled == quantity:
+                    minimum = 0  # free: no minimum
+        elif free_units > self.usage[u] and (fine > 0 or minimum > 0 or tiered):
             # The plan's free units this period come first; the rest is rated as usual.
             charged = quantity - (free_units - self.usage[u]) if quantity > free_units - self.usage[u] else 0
             start = self.usage[u] + (quantity - charged)
@@ -335,6 +350,8 @@ cdef class _Accounts(_State):
                 return REASON_OVERFLOW
             _Tables._xnew(self, idx, ct).degr += <int64_t>d  # room was made by the caller
             self.usage[u] = <int64_t>use
+            if pooled:
+                self.bal[idx * self.n_ct + pool] -= pooled
             if new_value:
                 self._uinsert(<int32_t>idx, meter, vhash, uval, ulen)
             self.dirty[idx] = 1
@@ -343,6 +360,8 @@ cdef class _Accounts(_State):
         self.bal[b] -= <int64_t>d
         self.rem[b] = <int64_t>(total - d * self.denom[ct])
         self.usage[u] = <int64_t>use
+        if pooled:
+            self.bal[idx * self.n_ct + pool] -= pooled
         if new_value:
             self._uinsert(<int32_t>idx, meter, vhash, uval, ulen)
         self.dirty[idx] = 1

@@ -298,6 +298,7 @@ class _Tables:
         self._init_names(credit_names, modes)
         self._init_plans(plans, free, len(meters))
         self._init_meters(meters)
+        self.pools = [-1] * len(meters)
         self._init_rates(rates)
         self.ids: list[bytes] = []
         self.index: dict[bytes, int] = {}
@@ -348,6 +349,13 @@ class _Tables:
             if any(x < 0 for x in f):
                 raise ValueError(spec.MSG_FREE_NEGATIVE)
         self.free += [[0] * n_meters for _ in range(len(self.plans) - len(self.free))]
+
+    def set_pools(self, pools: list[int]) -> None:
+        """Per meter, the credit type that holds its free units (-1: none); see set_pools in _fastpath_tables.pxi."""
+        self._check()
+        self.pools = spec.check_pools(pools, [m[1] for m in self.meters], self.aggs,
+                                      [bool(self.tiers[r]) for r in range(len(self.rates))],
+                                      [r[0] for r in self.rates], self.n_ct)
 
     def _init_meters(self, meters: list[MeterRow]) -> None:
         # per meter: [name, ct, precision, price dimensions, rates {(mask, values): idx}, default rate,
@@ -769,7 +777,16 @@ class _Accounts(_State):
         free_units = self.free[self.plan_of[idx]][meter]
         used = start = self.usage[idx][meter]
         tiered = bool(self.tiers[rate]) and self.aggs[meter] <= AGG_COUNT
-        if free_units > used and (fine > 0 or minimum > 0 or tiered):
+        pool, pooled = self.pools[meter], 0
+        if pool >= 0:  # the free units are a balance (ledger mode: leased), taken first
+            pooled = min(quantity, max(self.bal[idx][pool], 0))
+            if pooled < quantity and how == DEBIT_CHECK and self.plan_of[idx] == 0:
+                return REASON_INSUFFICIENT_BALANCE, 0  # strict: the pool is to be topped up first
+            if pooled:
+                fine = self._fine(rate, quantity - pooled)  # type: ignore[assignment]
+                if pooled == quantity:
+                    minimum = 0  # free: no minimum
+        elif free_units > used and (fine > 0 or minimum > 0 or tiered):
             left = free_units - used
             charged = quantity - left if quantity > left else 0
             start = used + quantity - charged
@@ -805,6 +822,8 @@ class _Accounts(_State):
                 return REASON_OVERFLOW, 0
             self.degr[idx][ct] += d
             self.usage[idx][meter] = use
+            if pooled:
+                self.bal[idx][pool] -= pooled
             if new_value:
                 self._add_seen(idx, meter, uval)
             self.dirty[idx] = True
@@ -813,6 +832,8 @@ class _Accounts(_State):
         self.bal[idx][ct] -= d
         self.rem[idx][ct] = rem
         self.usage[idx][meter] = use
+        if pooled:
+            self.bal[idx][pool] -= pooled
         if new_value:
             self._add_seen(idx, meter, uval)
         self.dirty[idx] = True
@@ -1520,6 +1541,7 @@ class Core(_Decoder):
         undone and the event served degraded in full (each counted, nothing charged) or
         denied (see _debit_parts in _fastpath.pyx)."""
         ct = self.rates[parts[0][2]][1]
+        pools = [(p, self.bal[idx][p]) for p in {self.pools[part[1]] for part in parts} if p >= 0]
         saved = (self.bal[idx][ct], self.rem[idx][ct], self.degr[idx][ct],
                  [self.usage[idx][p[1]] for p in parts], list(self.alerts), self.alerts_lost, self.dirty[idx])
         how, ok = DEBIT_CHECK, REASON_NONE
@@ -1539,6 +1561,8 @@ class Core(_Decoder):
                 self.dirty[idx] = saved[0], saved[1], saved[2], saved[3], list(saved[4]), saved[5], saved[6]
             for p, u in zip(parts, used, strict=True):
                 self.usage[idx][p[1]] = u
+            for pool, b in pools:
+                self.bal[idx][pool] = b
             if reason != OUT_DEGRADED:  # denied (in the second turn, only an overflow)
                 return reason, 0
             how, ok = DEBIT_DEGRADE, OUT_DEGRADED  # a turn was degraded: all of it is

@@ -43,6 +43,7 @@ cdef struct Meter:
     int32_t rate_first
     int32_t rate_count
     int32_t rate_default     # -1: no default price (mask 0)
+    int32_t pool             # the credit type holding its free units as a balance (set_pools); -1: none
 
 
 # The state of an account and credit type that most accounts never set:

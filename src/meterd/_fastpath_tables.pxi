@@ -171,7 +171,24 @@ cdef class _Tables:
             self.meters[i].rate_first = -1
             self.meters[i].rate_count = 0
             self.meters[i].rate_default = -1
+            self.meters[i].pool = -1
         return 0
+
+    def set_pools(self, list pools):
+        """Per meter, the credit type whose balance holds its free units (-1: none): ledger
+        mode's leased pools of a plan's free units. Such a meter's events take their units
+        from that balance first (all of it, whatever they cost) and are priced for the rest;
+        on an account on plan 0 (strict) an event the balance cannot cover whole is denied
+        (REASON_INSUFFICIENT_BALANCE), so that the pool is topped up first. The plan's own
+        free units of the meter are then not given. For sum and count meters without tiers."""
+        self._check()
+        cdef Py_ssize_t i
+        checked = spec.check_pools(pools, [self.meters[i].ct for i in range(self.n_meters)],
+                                   [self.meters[i].agg for i in range(self.n_meters)],
+                                   [self.rates[i].tier_count > 0 for i in range(self.n_rates)],
+                                   [self.rates[i].meter for i in range(self.n_rates)], self.n_ct)
+        for i in range(self.n_meters):
+            self.meters[i].pool = checked[i]
 
     cdef int _init_rates(self, list rates) except -1:
         """(meter, a value or None (any) per price dimension, amount_nano, factor) per

@@ -174,6 +174,25 @@ MSG_CONDITIONS = ("at most %d conditions, each a dimension key, a summed meter a
                   "for each but the last, growing" % (CONDITIONS_MAX, CONDITION_VALUES_MAX))
 
 
+MSG_POOLS = ("pools: one entry per meter, -1 or a credit type that no meter is charged in and no other "
+             "meter's free units are held in, for a sum or count meter without tiers")
+
+
+def check_pools(pools: list[int], meter_cts: list[int], aggs: list[int], tiered: list[bool],
+                rate_meters: list[int], n_ct: int) -> list[int]:
+    """Per meter, the credit type holding its free units as a balance (-1: none), checked;
+    the same check in both cores (set_pools)."""
+    pools = [int(p) for p in pools]
+    used = [p for p in pools if p >= 0]
+    if len(pools) != len(meter_cts) or len(set(used)) != len(used) or set(used) & set(meter_cts):
+        raise ValueError(MSG_POOLS)
+    for m, p in enumerate(pools):
+        if p < -1 or p >= n_ct or (p >= 0 and (aggs[m] > AGG_COUNT or any(
+                t for t, rm in zip(tiered, rate_meters, strict=True) if rm == m))):
+            raise ValueError(MSG_POOLS)
+    return pools
+
+
 def _quote(b: bytes) -> str:
     return b[:QUOTE_BYTES_MAX].decode("utf-8", "replace")
 
