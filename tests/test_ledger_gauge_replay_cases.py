@@ -15,7 +15,8 @@ from test_ledger_gauges import _catalog
 from test_ledger_statements import Both
 
 from meterd import records
-from meterd.escrow import Escrow
+from meterd.clock import ManualClock, month_bounds
+from meterd.escrow import GAUGE_GRACE_MS, Escrow
 from meterd.ledger import Ledger
 from meterd.ledger_plans import PERIOD_CLOSE_GRACE_MS, LedgerPlans
 from meterd.store import u64
@@ -204,3 +205,54 @@ def test_a_customer_another_sweep_holds_is_skipped_on_postgresql(tmp_path, monke
                                            "kind = 'gauge_charged'")] == ["seats=3"]
     finally:
         both.close()
+
+
+# ---- a move from local mode to ledger mode ----------------------------------------------------------
+
+def test_months_a_local_mode_sidecar_charged_are_not_charged_again_in_ledger_mode(tmp_path, monkeypatch, ledger_url):
+    """A deployment moves from local mode (its sidecars flushed to the ledger, and charged their
+    gauges themselves at each month's end) to ledger mode. The ledger's first charge of a gauge took
+    every window ever flushed (charged_to 0): January's 20 seats, charged by local mode at January's
+    end, were charged again as February's most. Now the ledger charges gauges from the month ledger
+    mode began in (meterd_gauges_from)."""
+    catalog = str(_catalog(tmp_path))
+    loop = asyncio.new_event_loop()
+    old = Billing(tmp_path / "old", catalog, monkeypatch, ledger=ledger_url, sidecar_id="old", loop=loop,
+                  clock=ManualClock(START_MS))
+    old.tick()  # its month begins
+    old.grant("solo", "usd", 500 * NANO)
+    assert old.report("solo", "seats", 20).decision == pb.DECISION_ALLOW
+    _, january_end = month_bounds(START_MS)
+    old.flush()
+    old.now_ms = january_end + 1
+    old.tick()  # local mode's charge of January
+    assert [(e.reference, e.amount_nano) for e in old.audit("solo", "gauge_charged")] == [("seats=20", -160 * NANO)]
+    old.flush()
+    old.close()
+
+    clock = ManualClock(january_end + 60_000)
+    node = Billing(tmp_path / "s0", catalog, monkeypatch, ledger=ledger_url, sidecar_id="s0", balances="ledger",
+                   loop=loop, clock=clock, lease_heartbeat_ms=20, lease_wait_ms=5_000)
+    stop = asyncio.Event()
+    beat = loop.create_task(node.engine.leases.run(stop))
+    try:
+        node.grant("solo", "usd", 500 * NANO)
+        assert node.report("solo", "seats", 3).decision == pb.DECISION_ALLOW
+        node.flush()
+        _, february_end = month_bounds(clock.ms)
+        clock.ms = february_end + GAUGE_GRACE_MS
+
+        def charged() -> list[tuple[str, int]]:
+            with Ledger(ledger_url) as lg:
+                return [(r[0], int(r[1])) for r in lg._rows(
+                    "SELECT reference, amount_nano FROM meterd_entries WHERE customer_id = 'solo' AND "
+                    "kind = 'gauge_charged' ORDER BY id")]
+        loop.run_until_complete(async_wait_until(lambda: len(charged()) == 2, "February's seats charged"))
+        assert charged() == [("seats=20", -160 * NANO), ("seats=3", -24 * NANO)]  # local mode's, then the ledger's
+        with Ledger(ledger_url) as lg:
+            assert lg._rows("SELECT from_ms FROM meterd_gauges_from") == [(january_end,)]
+    finally:
+        stop.set()
+        loop.run_until_complete(beat)
+        node.close()
+        loop.close()

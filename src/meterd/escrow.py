@@ -267,6 +267,7 @@ class Escrow:
         # While settling a flush: writes held back, by statement, to go in one executemany each
         # before the next read, the next other statement, or the end of the chunk.
         self._held: dict[str, list[tuple]] | None = None
+        self._gauges_from: int | None = None  # meterd_gauges_from, once read (it never changes)
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -916,12 +917,31 @@ class Escrow:
         locks the balance rows before the gauge rows)."""
         self._release_leases(sidecar_id, now_ms, other_than=incarnation)
         self.settle(sidecar_id, incarnation, settlements, now_ms)
-        self._note_gauges(usage)
+        self._note_gauges(list(usage), now_ms)
 
-    def _note_gauges(self, usage: Iterable[UsageRow]) -> None:
+    def gauges_from(self, usage: Sequence[UsageRow] = (), now_ms: int = 0) -> int:
+        """Where the ledger's charges of gauges begin (``meterd_gauges_from``): set by the first flush
+        in ledger mode to the start of its calendar month (or of its earliest window's), read after.
+        Windows of earlier months were flushed by local-mode sidecars, which charged them themselves."""
+        if self._gauges_from is not None:
+            return self._gauges_from
+        rows = self._rows("SELECT from_ms FROM meterd_gauges_from WHERE one = 1")
+        if rows:
+            self._gauges_from = int(rows[0][0])  # kept once read committed: this transaction may not commit
+            return self._gauges_from
+        if not now_ms:
+            return 0
+        first = min([now_ms, *(r.window_start_ms for r in usage if r.aggregation in CENTRAL_GAUGES)])
+        self._exec("INSERT INTO meterd_gauges_from (one, from_ms) VALUES (1, ?) ON CONFLICT (one) DO NOTHING",
+                   (month_bounds(first)[0],))
+        return int(self._rows("SELECT from_ms FROM meterd_gauges_from WHERE one = 1")[0][0])
+
+    def _note_gauges(self, usage: Sequence[UsageRow], now_ms: int) -> None:
         """The earliest window flushed of each customer's gauge meter (max, unique_count), for
         ``LedgerPlans._gauges`` and its sweep (``gauges_due``), in code-point order: due at once
-        if it is of windows charged already, else at the end of its month (and a grace)."""
+        if it is of windows charged already, else at the end of its month (and a grace). A gauge
+        new to the ledger is charged from ``gauges_from`` (its months each at their end)."""
+        start = self.gauges_from(usage, now_ms)
         first: dict[tuple[str, str], int] = {}
         for r in usage:
             if r.aggregation in CENTRAL_GAUGES:
@@ -929,15 +949,16 @@ class Escrow:
                 first[key] = min(first.get(key, r.window_start_ms), r.window_start_ms)
         if not first:
             return
-        least = "LEAST" if self.ledger.dialect == "postgresql" else "MIN"
+        keys = sorted(first.items(), key=lambda kv: (kv[0][0].encode(), kv[0][1].encode()))
         self.ledger._exec_many(
             "INSERT INTO meterd_gauges (customer_id, meter, charged_to_ms, last_from_ms, last_value, remainder, "
-            "pending_from_ms, due_ms) VALUES (?, ?, 0, 0, 0, '0', ?, ?) ON CONFLICT (customer_id, meter) DO UPDATE "
-            f"SET pending_from_ms = {least}(meterd_gauges.pending_from_ms, excluded.pending_from_ms), due_ms = "
-            f"{least}(meterd_gauges.due_ms, CASE WHEN excluded.pending_from_ms < meterd_gauges.charged_to_ms THEN 0 "
-            "ELSE excluded.due_ms END)",
-            [(c, m, w, month_bounds(w)[1] + GAUGE_GRACE_MS) for (c, m), w in
-             sorted(first.items(), key=lambda kv: (kv[0][0].encode(), kv[0][1].encode()))])
+            "pending_from_ms, due_ms) VALUES (?, ?, ?, ?, 0, '0', ?, ?) ON CONFLICT (customer_id, meter) DO NOTHING",
+            [(c, m, start, start, w, month_bounds(start)[1] + GAUGE_GRACE_MS) for (c, m), w in keys])
+        least = "LEAST" if self.ledger.dialect == "postgresql" else "MIN"
+        self.ledger._exec_many(
+            f"UPDATE meterd_gauges SET pending_from_ms = {least}(pending_from_ms, ?), due_ms = {least}(due_ms, "
+            "CASE WHEN ? < charged_to_ms THEN 0 ELSE ? END) WHERE customer_id = ? AND meter = ?",
+            [(w, w, month_bounds(w)[1] + GAUGE_GRACE_MS, c, m) for (c, m), w in keys])
 
     def settle(self, sidecar_id: str, incarnation: str, settlements: Iterable[Settlement], now_ms: int) -> None:
         """Consumption of leases, up to running totals (again: nothing). A flush settles many at

@@ -276,6 +276,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             PRIMARY KEY (customer_id, meter))""",
         "CREATE INDEX meterd_gauges_due ON meterd_gauges (due_ms)",
     ]),
+    # Where the ledger's charges of gauges begin: the start of the calendar month of the first
+    # flush in ledger mode (or of its earliest window). Windows of earlier months are a local-mode
+    # sidecar's, which charged them itself at their months' ends.
+    (8, "where central gauge charges begin", [
+        """CREATE TABLE meterd_gauges_from (
+            one INTEGER PRIMARY KEY CHECK (one = 1),
+            from_ms BIGINT NOT NULL)""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
