@@ -441,9 +441,11 @@ def test_the_cli_grants_adjusts_reads_checks_and_releases_in_the_ledger_with_no_
              str(plan)]
     assert subprocess.run(check, capture_output=True, text=True, timeout=60).returncode == 0
     plan.write_text(CATALOG + 'free = { input_tokens = "1000" }\n[customers.acme]\nplan = "pro"\n')
+    assert subprocess.run(check, capture_output=True, text=True, timeout=60).returncode == 0  # a pool of them
+    plan.write_text(CATALOG + '[customers.acme]\nplan = "pro"\noverdraft = { usd = "5" }\n')
     r = subprocess.run(check, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "customers.acme.plan: plans.pro.free: free units of input_tokens are served in " \
-        "local mode only" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "customers.acme.overdraft: an overdraft is served in local mode only" in r.stderr \
+        and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "meterd", "check-config", "--balances", "ledger"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "METERD_LEDGER": ""})
     assert r.returncode == 2 and "balances: ledger mode shares balances" in r.stderr

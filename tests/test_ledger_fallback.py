@@ -104,7 +104,9 @@ def test_a_degraded_event_replays_as_served_after_a_kill(node, ledger_url):
         b.restart(clean=False)  # as after kill -9: the log is replayed over the last snapshot
         core = b.engine.live.core
         idx = core.account(b"acme")
-        assert core.state(idx)[2] == 0  # on no plan: what no lease covers is denied, then topped up
+        # on no plan of its own (the loose plan: its plan gives no free units): what no lease covers is
+        # denied, then topped up
+        assert core.state(idx)[2] == b.engine.live.catalog.loose_plan
         assert core.state(idx)[0][1][4] == 3 * NANO  # the three served slow, replayed as served slow
         assert b.engine.leases.held[("acme", 1)].degraded == 3 * NANO
         r = b.report("acme", "requests", 1, model="gpt-4o")

@@ -991,10 +991,10 @@ def test_ledger_mode_subscribes_by_key_once_and_names_what_it_does_not_serve(fle
         assert [e.kind for e in lg.entries("acme")].count("fee") == 1
     with pytest.raises(Conflict, match="subscribed already"):
         nodes[1].subscribe("acme", "pro")
-    with pytest.raises(InvalidInput, match=r"plans\.freebie\.free: free units"):
-        nodes[0].subscribe("globex", "freebie")
-    with pytest.raises(InvalidInput, match=r"plans\.freebie\.free: free units"):
-        nodes[0].change_plan("acme", "freebie")
+    nodes[0].subscribe("initech", "freebie")  # free units of a sum meter: a pool in the ledger
+    with Ledger(ledger_url) as lg:
+        grants = lg._rows("SELECT credit_type, amount_nano FROM meterd_grants WHERE customer_id = 'initech'")
+        assert [(r[0], int(r[1])) for r in grants if r[0] not in ("requests", "usd")] == [("free/requests", 5)]
     with pytest.raises(InvalidInput, match="start_ms"):  # in ledger mode an anchor is now or past
         nodes[0].subscribe("globex", "pro", start_ms=nodes[0].clock.ms + 1)
     with pytest.raises(InvalidInput, match="unknown plan 'nope'"):
@@ -1051,8 +1051,10 @@ def test_the_cli_subscribes_changes_and_cancels_in_the_ledger_with_no_sidecar(tm
     sub = ["subscribe", "--customer", "acme", "--plan", "pro", "--idempotency-key", "s1"]
     first, again = meterd(*sub), meterd(*sub)
     assert first.returncode == 0 and first.stdout.startswith("acme: plan pro, period ") and again.stdout == first.stdout
-    refused = meterd("change-plan", "--customer", "acme", "--plan", "freebie")
-    assert refused.returncode != 0 and "plans.freebie.free: free units" in refused.stderr
+    changed = meterd("change-plan", "--customer", "acme", "--plan", "freebie")  # its free units: a pool
+    assert changed.returncode == 0 and changed.stdout.startswith("acme: plan freebie, period "), changed.stderr
+    refused = meterd("change-plan", "--customer", "acme", "--plan", "nope")
+    assert refused.returncode != 0 and "unknown plan 'nope'" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert "(cancelled at the period's end)" in meterd("cancel", "--customer", "acme", "--at-period-end").stdout
     assert meterd("cancel", "--customer", "acme").returncode == 0

@@ -9,6 +9,7 @@ rounding; the core carries what is below one nano per account.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -36,6 +37,7 @@ from meterd.corespec import (
     rate_mask,
 )
 from meterd.errors import ConfigError, invariant
+from meterd.ledger import POOL_PREFIX
 from meterd.plans import Plan, parse_plans
 
 NANO = 10**9
@@ -43,6 +45,14 @@ INT64_MAX = (1 << 63) - 1
 AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count")
 TIER_MODES = ("graduated", "volume")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,%d}$" % (NAME_BYTES_MAX - 1))  # the cores' limit on names
+# Ledger mode holds a plan's free units of a sum or count meter as a balance that sidecars lease (a
+# "pool"): a credit type of this prefix and the meter's name, which no catalog's names can be; and a
+# plan row of its own (no fallback, no free units), on which the core prices what a pool lacks.
+LOOSE_PLAN = "/loose"
+
+
+def pool_name(meter: str) -> str:
+    return POOL_PREFIX + meter
 ID_RE = re.compile(r"^[!-~]{1,128}$")
 DIM_VALUE_RE = re.compile(r"^[!-~]{1,128}$")
 WILDCARD = "*"  # in a price table: any value of the dimension, or none
@@ -129,6 +139,7 @@ class CompiledCatalog:
     precisions: tuple[int, ...]
     plan_names: tuple[str, ...]
     conditions: tuple[ConditionRow, ...] = ()
+    pools: tuple[int, ...] = ()  # per meter, the credit type of its pool (ledger mode), or -1; () for none
 
     def core_args(self) -> tuple[list, list, list, list, list, list, list, list]:
         """The core's constructor arguments (after the limits and capacity)."""
@@ -150,7 +161,7 @@ class CompiledCatalog:
             "credit_types": list(self.credit_types), "meter_names": list(self.meter_names),
             "precisions": list(self.precisions),
             "conditions": [[c[0].decode(), c[1], list(c[2]), [v.decode() for v in c[3]]] for c in self.conditions]}
-            ).encode()
+            | ({"pools": list(self.pools)} if self.pools else {})).encode()
 
     def check(self) -> None:
         """The tables agree with each other (before a snapshot stores them, and after one is read back)."""
@@ -167,6 +178,8 @@ class CompiledCatalog:
         invariant(all(len(row) == credit_types for row in self.plans), "compiled catalog: a plan row per credit "
                   "type")
         invariant(all(len(row) == meters for row in self.free), "compiled catalog: free units per meter")
+        invariant(not self.pools or (len(self.pools) == meters and self.plan_names[-1] == LOOSE_PLAN),
+                  "compiled catalog: a pool (or none) per meter, and the loose plan last")
 
     @functools.cached_property
     def checked_json(self) -> bytes:
@@ -196,7 +209,7 @@ class CompiledCatalog:
                    tuple(doc["credit_types"]), tuple(doc["meter_names"]), tuple(doc["precisions"]),
                    tuple(doc["plan_names"]),
                    tuple((c[0].encode(), c[1], tuple(c[2]), tuple(v.encode() for v in c[3]))
-                         for c in doc.get("conditions", [])))
+                         for c in doc.get("conditions", [])), tuple(doc.get("pools", ())))
 
 
 def _listed(dims: str | list[str]) -> list[str]:
@@ -216,6 +229,7 @@ class Catalog:
     plan_index: dict[str, Plan] = field(default_factory=dict)
     customer_index: dict[str, CustomerSeed] = field(default_factory=dict)
     conditions: list[Condition] = field(default_factory=list)
+    pooled: bool = False  # for ledger mode (for_ledger): plans' free units of sum and count meters are pools
 
     def __post_init__(self) -> None:
         self.customer_index = {c.customer_id: c for c in self.customers}
@@ -223,17 +237,53 @@ class Catalog:
         self.meter_index = {m.name: i for i, m in enumerate(self.meters)}
         self.plan_index = {p.name: p for p in self.plans}
 
+    def for_ledger(self) -> Catalog:
+        """This catalog as ledger mode serves it: a pool credit type (``pool_name``) for each sum or
+        count meter a plan gives free units of, after the catalog's own, and the core's loose plan."""
+        if self.pooled:
+            return self
+        pools = [m.name for m in self.meters
+                 if AGGREGATIONS[m.aggregation] in ("sum", "count") and any(m.name in p.free_units for p in self.plans)]
+        for name in pools:
+            if len(pool_name(name)) > NAME_BYTES_MAX:
+                raise ConfigError(f"{self.source}: meters.{name}: a meter with free units has a name of at most "
+                                  f"{NAME_BYTES_MAX - len(POOL_PREFIX)} characters in ledger mode (its free units "
+                                  f"are a balance named {POOL_PREFIX}NAME)")
+        return dataclasses.replace(self, pooled=True, credit_types=[
+            *self.credit_types, *(CreditType(pool_name(name), "custom", "", 0) for name in pools)])
+
+    def pool_of(self, meter: int) -> int:
+        """The credit type of the meter's pool (ledger mode), or -1."""
+        return self.credit_index.get(pool_name(self.meters[meter].name), -1) if self.pooled else -1
+
+    @functools.cached_property
+    def pools(self) -> tuple[int, ...]:
+        """Per meter, its pool's credit type or -1; () when no meter has one."""
+        pools = tuple(self.pool_of(m) for m in range(len(self.meters)))
+        return pools if any(p >= 0 for p in pools) else ()
+
+    @functools.cached_property
+    def loose_plan(self) -> int:
+        """The core's plan (index) on which a meter's pool is taken and the rest priced; 0: no pools."""
+        return len(self.plans) + 1 if self.pools else 0
+
     @functools.cached_property
     def compiled(self) -> CompiledCatalog:
         """This catalog in the core's form, compiled once."""
         denominators, meters, rates = self.compile()
         plans, modes = self.core_plans()
+        names = [p.name for p in self.plans]
+        free = self.core_free()
+        if self.pools:
+            plans.append([(0, 0)] * len(self.credit_types))
+            free.append([0] * len(self.meters))
+            names.append(LOOSE_PLAN)
         return CompiledCatalog(tuple(denominators), tuple(meters), tuple(rates),
                                tuple(tuple(row) for row in plans), tuple(modes),
-                               tuple(tuple(row) for row in self.core_free()),
+                               tuple(tuple(row) for row in free),
                                tuple(c.name for c in self.credit_types), tuple(m.name for m in self.meters),
-                               tuple(m.precision for m in self.meters), tuple(p.name for p in self.plans),
-                               tuple(c.row() for c in self.conditions))
+                               tuple(m.precision for m in self.meters), tuple(names),
+                               tuple(c.row() for c in self.conditions), self.pools)
 
     def core_free(self) -> list[list[int]]:
         """Free units a period per plan and meter, in each meter's smallest unit."""

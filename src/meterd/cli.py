@@ -516,7 +516,7 @@ def _central_subscription(args: argparse.Namespace, call: str, request: Any) -> 
 
     settings = _load(args)
     validate.customer(settings, request.customer_id)
-    catalog = load_catalog(settings.catalog)
+    catalog = load_catalog(settings.catalog).for_ledger()
     check_catalog(catalog)  # what sidecars in ledger mode refuse of the catalog, refused here too
     now = time.time_ns() // 1_000_000
     with _open_ledger(args, settings=settings) as ledger:

@@ -74,7 +74,7 @@ class Engine:
         """``clock`` stamps every period, expiry and record (tests move a ManualClock);
         ``encode`` is how an answer is kept for retries (the API's wire form)."""
         self.settings = settings
-        self.live = Live(catalog)
+        self.live = Live(catalog.for_ledger() if settings.balances == "ledger" else catalog)
         self.store = Store(settings.store_path, settings.map_size_bytes, settings.fsync,
                            settings.group_commit_window_us, settings.group_commit_ops_max,
                            settings.map_high_water_percent, settings.map_low_water_percent)

@@ -94,7 +94,7 @@ class Housekeeping:
                 for idx in range(len(core)) if self.settings.balances != "ledger" else ():
                     if core.state(idx)[2] == 0:  # gauges of accounts without a plan: their month ends
                         ops += self.subscriptions.gauge_ops(core.customer_id(idx).decode(), idx)
-            records.reset_unplanned(core)
+            records.reset_unplanned(core, self.live.catalog.loose_plan)
             ops.append(self.journal.log_op(records.period(self.clock.now_ms())))
         self.period_start_ms = start
         ops.append(("meta", b"period_start_ms", u64(start)))

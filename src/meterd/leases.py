@@ -40,7 +40,7 @@ import hashlib
 import heapq
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from meterd import records
@@ -53,7 +53,7 @@ from meterd.errors import ConfigError, Conflict, InvalidInput, LimitReached, Met
 from meterd.escrow import DEGRADED_WRAP, Escrow, Granted, LeaseGrant
 from meterd.flush import Flusher, LedgerLink
 from meterd.journal import Journal
-from meterd.ledger import Fenced, activity_line
+from meterd.ledger import Fenced, activity_line, is_pool
 from meterd.ledger_plans import CENTRAL_GAUGES, LedgerPlans, unserved
 from meterd.metrics import WAIT_BUCKETS_MS
 from meterd.records import Kind
@@ -68,6 +68,7 @@ log = logging.getLogger("meterd.leases")
 UNKNOWN_CUSTOMERS_MAX = 10_000   # customers the ledger does not know, remembered for a heartbeat
 SHARERS_EVERY = 25               # heartbeats between two counts of the sidecars sharing the ledger
 SCAN_PER_HEARTBEAT_MAX = 2_000   # leases looked at for refill, idleness and expiry per heartbeat
+POOL_GATHERS_MAX = 3  # tries to gather what is left of a pool of free units (Leases.cover_pool)
 LOOKUPS_PER_HEARTBEAT_MAX = 5_000  # lease calls for customers not held here, per heartbeat
 LOOKUPS_PER_TENANT_MAX = 1_000   # of them, per tenant (with data-plane tokens)
 LEASE_CALL_ASKS_MAX = 64         # leases asked for in one transaction (1-10 ms each in PostgreSQL): its latency
@@ -171,6 +172,7 @@ class Leases:
         self.link = LedgerLink(settings, "meterd-lease")
         self.sharers = 1
         self.unknown: dict[str, float] = {}  # customer -> monotonic time until which the ledger is not asked again
+        self.none_of: dict[tuple[str, int], float] = {}  # the same, for a balance a known customer has none of
         self.counts: collections.Counter[str] = collections.Counter()
         self.wait_ms = [0] * (len(WAIT_BUCKETS_MS) + 1)  # sync waits by latency bucket
         self.wait_ms_sum = 0
@@ -199,6 +201,9 @@ class Leases:
         self._on_demand: dict[str, float] = {}  # customer -> monotonic time before which no roll is asked on demand
         self.clock_offset_ms = 0  # this sidecar's clock less the ledger's, as last measured
         self.skewed = False       # further off than lease_clock_skew_max_ms: no leased credit is spent
+        # Pools of free units (Catalog.for_ledger) found spent everywhere this credit period, by customer
+        # (at most UNKNOWN_CUSTOMERS_MAX customers; one forgotten is found spent again at its next event).
+        self.spent: dict[str, tuple[int, set[int]]] = {}  # customer -> (its credit period's end, pools)
 
     # ---- state ------------------------------------------------------------------------
 
@@ -345,19 +350,22 @@ class Leases:
         degraded = h.degraded_central + (h.degraded - h.degraded_settled) % DEGRADED_WRAP
         return plan.index, policy.fallback, relax_priority(degraded, policy.priority_step_nano)
 
-    def degrade(self, leases: set[tuple[str, int]],
-                apply: Callable[[], T]) -> tuple[T, Callable[[list[bytes]], list[Op]]]:
+    def degrade(self, leases: set[tuple[str, int]], apply: Callable[[], T],
+                loose: Iterable[str] = ()) -> tuple[T, Callable[[list[bytes]], list[Op]]]:
         """``apply`` (the core's application of denied requests again) with the accounts of the
         customers whose leases (customer, credit type) have a fallback on their plans: what their
-        balances cannot cover is served degraded. Returns its result, and what makes the ops of the
-        log records the caller writes of it: between the PLAN records, then the leases' totals."""
+        balances cannot cover is served degraded; and of the ``loose`` customers (a pool of free
+        units spent everywhere) on the catalog's loose plan, unless on those: priced past their
+        pools. Returns its result, and what makes the ops of the log records the caller writes of
+        it: between the PLAN records, then the leases' totals."""
         core, at = self.live.core, self.clock.now_ms()
-        plans: dict[str, int] = {}
+        plans: dict[str, int] = {c: self.live.catalog.loose_plan for c in loose}
         for customer_id, ct in sorted(leases):
             fb = self.fallback(customer_id, ct)
             if fb is not None:
                 plans[customer_id] = fb[0]
         idx = {c: core.open_account(c.encode()) for c in plans}
+        was = {c: core.state(i)[2] for c, i in idx.items()}  # plan 0, or the loose plan (_plan_ops)
         watched = [(c, ct) for c in plans for ct in sorted(self.of_customer.get(c, ()))]
         before = [core.state(idx[c])[0][ct][4] for c, ct in watched]
         for c, p in plans.items():
@@ -366,7 +374,7 @@ class Leases:
             out = apply()
         finally:
             for c in plans:
-                core.set_plan(idx[c], 0)
+                core.set_plan(idx[c], was[c])
         docs: list[Op] = []
         for (c, ct), b in zip(watched, before, strict=True):
             delta = core.state(idx[c])[0][ct][4] - b
@@ -380,7 +388,7 @@ class Leases:
             log = self.journal.log_op
             return [log(records.account(Kind.PLAN, c.encode(), 0, p, at)) for c, p in plans.items()] + \
                 [log(r) for r in logged] + \
-                [log(records.account(Kind.PLAN, c.encode(), 0, 0, at)) for c in plans] + docs
+                [log(records.account(Kind.PLAN, c.encode(), 0, was[c], at)) for c in plans] + docs
         return out, ops
 
     # ---- the ledger's side ------------------------------------------------------------
@@ -517,8 +525,14 @@ class Leases:
             heapq.heappush(self._ending, (end, customer_id, ct))
         h.expires_at_ms, h.elsewhere_nano = end, g.elsewhere_nano
         h.central_nano = g.available_nano - g.headroom_nano  # as a balance: a plan's overage allowance is none
+        plan_was = h.plan if h.seen_ms else None
         h.plan, h.degraded_central, h.degraded_settled = g.plan, g.degraded_nano, g.degraded_total_nano
         h.seen_ms = self.clock.now_ms()
+        out = self._took_in(customer_id, ct, h, g, allowance_changed)
+        # after the credit is in (the account may be opened by it)
+        return out + (self._plan_ops(customer_id) if self.live.catalog.pools and g.plan != plan_was else [])
+
+    def _took_in(self, customer_id: str, ct: int, h: Held, g: LeaseGrant, allowance_changed: bool) -> list[Op]:
         if g.granted_nano:
             h.last_size = g.granted_nano
         if g.recalled:
@@ -555,7 +569,7 @@ class Leases:
         recalled credit at most ``lease_wait_ms``. True when the lease now covers it.
         ``label``: the calling tenant's (with data-plane tokens), whose share of lookups it uses."""
         started = self.clock.monotonic()
-        if self.unknown.get(customer_id, 0.0) > started:
+        if self.unknown.get(customer_id, 0.0) > started or self.none_of.get((customer_id, ct), 0.0) > started:
             return Cover.SHORT
         if self.fenced or self.journal.closing:
             return Cover.UNAVAILABLE
@@ -605,6 +619,30 @@ class Leases:
             self.wait_ms[next((i for i, b in enumerate(WAIT_BUCKETS_MS) if waited <= b), len(WAIT_BUCKETS_MS))] += 1
         return covered
 
+    async def cover_pool(self, customer_id: str, ct: int, units: int, label: str = "") -> tuple[Cover, bool]:
+        """A plan's free units of a meter (a pool credit type, ``Catalog.for_ledger``) that events of
+        ``units`` need: topped up as credit is. When the whole pool cannot cover them, all that is
+        left of it everywhere is gathered here (other sidecars' leases of it recalled), so that the
+        events take it first and are priced for the rest, as on one sidecar. Returns how it went and
+        whether the pool is short (then the account is priced past it: Reports, the loose plan)."""
+        covered = await self.cover(customer_id, ct, units, label)
+        for _ in range(POOL_GATHERS_MAX):
+            if covered is not Cover.SHORT:
+                return covered, False
+            h = self.held.get((customer_id, ct))
+            have = self.available(customer_id, ct)
+            rest = (h.central_nano + h.elsewhere_nano) if h is not None else 0
+            if rest <= 0:
+                if have <= 0:
+                    self._spent(customer_id, ct)
+                return Cover.COVERED, True  # all there is of it, here
+            if h is not None:
+                h.exhausted_until = 0.0  # short of ``units``, not of what the ledger said is left
+            covered = await self.cover(customer_id, ct, have + rest, label)
+            if covered is Cover.COVERED:
+                return covered, True
+        return Cover.UNAVAILABLE, False  # spent elsewhere as fast as it was gathered: asked again later
+
     async def _cover(self, customer_id: str, ct: int, h: Held, cost: int, started: float, deadline: float) -> Cover:
         poll = self.settings.lease_heartbeat_ms / 4000
         while True:
@@ -624,6 +662,9 @@ class Leases:
                 self.counts["denied_ledger_away"] += 1
                 return Cover.UNAVAILABLE
             if not g.known:
+                if is_pool(self.live.catalog.credit_types[ct].name):  # the customer's plan gives no free units of it
+                    self._forget_unknown(customer_id, ct, known=True)
+                    return Cover.SHORT
                 self._forget_unknown(customer_id, ct)
                 return Cover.SHORT
             have = self.available(customer_id, ct)
@@ -682,13 +723,20 @@ class Leases:
         self.counts["borrowed_nano"] += short
         return True
 
-    def _forget_unknown(self, customer_id: str, ct: int) -> None:
+    def _forget_unknown(self, customer_id: str, ct: int, known: bool = False) -> None:
+        """A lease of a balance the ledger does not have: forgotten, and the customer not asked about
+        again for a heartbeat (with ``known``, a customer without that balance: only that balance)."""
         h = self.held.get((customer_id, ct))
         if h is not None and not h.leased_in:
             del self.held[(customer_id, ct)]
             self.of_customer[customer_id].discard(ct)
             if not self.of_customer[customer_id]:
                 del self.of_customer[customer_id]
+        if known:
+            if len(self.none_of) >= UNKNOWN_CUSTOMERS_MAX:
+                self.none_of.pop(next(iter(self.none_of)))
+            self.none_of[(customer_id, ct)] = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
+            return
         if len(self.unknown) >= UNKNOWN_CUSTOMERS_MAX:
             self.unknown.pop(next(iter(self.unknown)))
         self.unknown[customer_id] = self.clock.monotonic() + self.settings.lease_heartbeat_ms / 1000
@@ -893,6 +941,56 @@ class Leases:
         self.counts["period_rolls"] += periods
         for ct in self.of_customer.get(customer_id, ()) if periods else ():
             self.held[(customer_id, ct)].exhausted_until = 0.0
+        if periods and self.spent.pop(customer_id, None) is not None:
+            self.journal.submit_ahead(self._plan_ops(customer_id))  # the next period's pools
+
+    # ---- pools of free units --------------------------------------------------------------
+    #
+    # A plan's free units of a sum or count meter are a balance of their own in ledger mode (a pool,
+    # Catalog.for_ledger), leased like credit. An account on plan 0 in the core takes an event's units
+    # from the pool whole or is denied, so that the pool is topped up first (Reports._pools), and
+    # what is left of a pool is gathered where the event is served before the rest is priced: so
+    # the period's first free units are free whichever sidecars serve them. An account whose
+    # plan has no pools, or whose pools are all spent everywhere this credit period, sits on the
+    # catalog's loose plan (priced past its pools at once), between PLAN records.
+
+    def _plan_pools(self, plan_name: str) -> set[int]:
+        catalog = self.live.catalog
+        plan = catalog.plan_index.get(plan_name)
+        return {catalog.pool_of(m) for m, meter in enumerate(catalog.meters)
+                if plan is not None and plan.free_units.get(meter.name) and catalog.pool_of(m) >= 0}
+
+    def _plan_ops(self, customer_id: str) -> list[Op]:
+        """The customer's account on plan 0 (strict) while a pool of its plan (as the ledger last
+        said) may have free units left, else on the loose plan: a PLAN record when that changes."""
+        catalog, core = self.live.catalog, self.live.core
+        idx = core.account(customer_id.encode()) if catalog.pools else -1
+        if idx < 0:
+            return []  # opened on plan 0: its first event asks
+        plan = next((self.held[(customer_id, ct)].plan for ct in self.of_customer.get(customer_id, ())
+                     if self.held[(customer_id, ct)].seen_ms), None)
+        if plan is None:
+            return []  # nothing said yet
+        pools = self._plan_pools(plan)
+        end, spent = self.spent.get(customer_id, (0, set()))
+        if end and end <= self.clock.now_ms():  # of a credit period that ended
+            spent = set()
+            del self.spent[customer_id]
+        want = catalog.loose_plan if pools <= spent else 0
+        if core.state(idx)[2] == want:
+            return []
+        core.set_plan(idx, want)
+        return [self.journal.log_op(records.account(Kind.PLAN, customer_id.encode(), 0, want, self.clock.now_ms()))]
+
+    def _spent(self, customer_id: str, ct: int) -> None:
+        """A pool found spent everywhere (Leases.cover_pool)."""
+        if customer_id not in self.spent and len(self.spent) >= UNKNOWN_CUSTOMERS_MAX:
+            self.spent.pop(next(iter(self.spent)))
+        h = self.held.get((customer_id, ct))
+        end = h.expires_at_ms if h is not None else 0  # the credit period's end (0: on no plan)
+        was = self.spent.get(customer_id)
+        self.spent[customer_id] = (end, (was[1] if was is not None and was[0] == end else set()) | {ct})
+        self.journal.submit_ahead(self._plan_ops(customer_id))
 
     async def _close(self, customer_id: str, ct: int, h: Held) -> None:
         """A lease at its credits' end: settled, and what is free given back; its end is done with
@@ -902,6 +1000,8 @@ class Leases:
         await self.give_back(customer_id, ct, settle=True)
         if h.expires_at_ms == end:
             h.expires_at_ms = 0
+        if customer_id in self.spent and is_pool(self.live.catalog.credit_types[ct].name):
+            self.journal.submit_ahead(self._plan_ops(customer_id))  # its period ended: the next one's pools
         if len(self._settled_at_end) < CLOSES_PER_HEARTBEAT_MAX:
             self._settled_at_end.add(customer_id)
 

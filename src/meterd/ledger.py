@@ -48,6 +48,15 @@ class SchemaBehind(LedgerError):
     """The ledger's schema is older than this meterd: run `meterd ledger migrate`."""
 
 
+# Ledger mode's pools of a plan's free units (Catalog.for_ledger) are credit types of this prefix, which
+# no catalog's own can have: balances like any other in the ledger, left out of statements.
+POOL_PREFIX = "free/"
+
+
+def is_pool(credit_type: str) -> bool:
+    return credit_type.startswith(POOL_PREFIX)
+
+
 # ---- schema -------------------------------------------------------------------
 
 # Each migration is applied once, in order, in its own transaction. ``{id}``
@@ -858,15 +867,15 @@ def statement(ledger: Ledger, customer_id: str, period: str) -> dict:
     cts = ledger.credit_types()
     lines: list[dict] = []
     money: dict[str, dict[str, int]] = {}
-    entries = ledger.entries(customer_id, start, end)
+    entries = [e for e in ledger.entries(customer_id, start, end) if not is_pool(e.credit_type)]
     usage = ledger.usage_rows(customer_id, start, end)
     _entry_lines(entries, cts, money, lines)
     _usage_lines(usage, cts, money, lines)
     totals = _totals(money, cts, ledger.charges_before(customer_id, start), ledger.charges_before(customer_id, end),
                      lines)
     activity: list[dict] = []
-    balances = _balances(ledger.movements_before(customer_id, start), ledger.usage_cost_before(customer_id, start),
-                         entries, usage, activity)
+    moved = {ct: amount for ct, amount in ledger.movements_before(customer_id, start).items() if not is_pool(ct)}
+    balances = _balances(moved, ledger.usage_cost_before(customer_id, start), entries, usage, activity)
     return {"customer_id": customer_id, "period": period, "label": label, "from_ms": start, "to_ms": end,
             "lines": lines, "totals": totals, "balances": balances, "activity": activity}
 

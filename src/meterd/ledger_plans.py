@@ -115,12 +115,14 @@ class _Row:
 def unserved(plan: Plan, catalog: Catalog) -> str | None:
     """What of ``plan`` ledger mode does not serve yet, named by its catalog key (None: all of it).
     Tiers and latest meters are refused for the whole catalog (leases.check_catalog). Free units
-    of a gauge meter are served: the ledger charges gauges, on the period's value less them."""
+    are served: of a gauge meter the ledger charges the period's value less them; of a sum or
+    count meter they are a pool that sidecars lease (``Catalog.for_ledger``)."""
     for name in plan.free_units:
         m = catalog.meter_index.get(name)
-        if m is None or AGGREGATIONS[catalog.meters[m].aggregation] not in CENTRAL_GAUGES:
-            return (f"plans.{plan.name}.free: free units of {name} are served in local mode only for now (each "
-                    "sidecar would give them again)")
+        if m is None or (AGGREGATIONS[catalog.meters[m].aggregation] not in CENTRAL_GAUGES
+                         and catalog.pool_of(m) < 0):
+            return (f"plans.{plan.name}.free: free units of {name} are served in ledger mode only for a sum, "
+                    "count, max or unique_count meter")
     return None
 
 
@@ -160,7 +162,45 @@ class LedgerPlans:
         for plan in plans:
             if plan is not None:
                 names |= {self._name(ct) for ct in [*plan.credits, *plan.fees_nano, self._period_ct(plan)]}
+                names |= set(self._pools(plan))
         return sorted(names)
+
+    def _pools(self, plan: Plan | None) -> dict[str, tuple[int, int]]:
+        """The plan's free units of sum and count meters, as ledger mode holds them: per pool credit
+        type (``Catalog.for_ledger``), (meter, units a credit period)."""
+        out = {}
+        for m, meter in enumerate(self.catalog.meters):
+            pool = self.catalog.pool_of(m)
+            units = int(plan.free_units.get(meter.name, 0) * 10**meter.precision) if plan is not None else 0
+            if pool >= 0 and units > 0:
+                out[self._name(pool)] = (m, units)
+        return out
+
+    def _pool_in(self, sums: dict[str, _Sums], sub: Subscription, name: str, units: int, now_ms: int,
+                 at: int) -> None:
+        """A credit period's free units of a meter: a bucket of its pool, ending with the period."""
+        if units > 0:
+            self.escrow._add_bucket(sums[name], sub.customer_id, name, units, sub.end_ms, SPENT_FIRST, "included", "",
+                                    now_ms, period_n=sub.n, kind="included", effective_ms=at, capped=False)
+
+    def _pools_in(self, sums: dict[str, _Sums], sub: Subscription, plan: Plan, now_ms: int, at: int) -> None:
+        for name, (_, units) in self._pools(plan).items():
+            sub.included[name] = units
+            self._pool_in(sums, sub, name, units, now_ms, at)
+
+    def _pools_used(self, sub: Subscription, plan: Plan | None, boundary: int) -> None:
+        """What the credit period's pools gave, as settled (every lease of the period has settled,
+        or a roll does not wait any longer), for its "free_units" entries (``_period_usage``), out
+        of the plan's free units of each meter, as local mode's entries say."""
+        free = {m: units for m, units in self._pools(plan).values()}
+        for m in range(len(self.catalog.meters)):
+            pool = self.catalog.pool_of(m)
+            if pool < 0:
+                continue
+            used = sum(b.consumed for b in self._period_buckets(sub.customer_id, self._name(pool), boundary,
+                                                                  PERIOD_SOURCES) if b.period_n == sub.n)
+            if used > 0:
+                self._free_used.append((m, min(used, free.get(m, used)), free.get(m, used)))
 
     def _period_credit_types(self, customer_id: str) -> list[str]:
         """The credit types the customer has period buckets of, not rolled yet (plans it left may have given them)."""
@@ -334,6 +374,7 @@ class LedgerPlans:
             for ct, policy in plan.credits.items():
                 sub.included[self._name(ct)] = policy.included_nano
                 self._included(sums, sub, plan, ct, policy.included_nano, now_ms, now_ms)
+            self._pools_in(sums, sub, plan, now_ms, now_ms)
             self._open_allowances(sums, sub, plan, now_ms)
             if plan.trial_nano and not row.trial_taken:
                 for ct, amount in plan.trial_nano.items():
@@ -407,6 +448,7 @@ class LedgerPlans:
                     self.escrow._put_bucket(sub.customer_id, name, b)
         row.cancel_ends = {}
         self._gauges(sums, sub.customer_id, plan, at, now_ms, at)  # what the period used by the cancel
+        self._pools_used(sub, plan, 1 << 62)
         self._period_usage(sums, sub, plan, now_ms, at)
         for ct, policy in (plan.credits.items() if plan else []):
             s, name = sums[self._name(ct)], self._name(ct)
@@ -455,6 +497,11 @@ class LedgerPlans:
             after = new.credits[ct].included_nano
             self._included(sums, sub, new, ct, max(after - before, 0) * left // length, now_ms, now_ms)
             sub.included[name] = max(after, before)
+        for name, (_, units) in self._pools(new).items():
+            # Free units count against the new plan's at once, as local mode's period usage does.
+            before = sub.included.get(name, self._pools(old).get(name, (0, 0))[1])
+            self._pool_in(sums, sub, name, units - before, now_ms, now_ms)
+            sub.included[name] = max(units, before)
         self._open_allowances(sums, sub, new, now_ms)
 
     # ---- a period's credits, allowance, fee -------------------------------------------------
@@ -680,6 +727,7 @@ class LedgerPlans:
             if policy.arrears:
                 self._arrears(s, sub, name, now_ms, at)
             self._close_allowance(s, sub, name, now_ms)
+        self._pools_used(sub, plan, boundary)
         self._period_usage(sums, sub, plan, now_ms, at)
         planned = {self._name(ct) for ct in (plan.credits if plan else {})}
         for name in sorted(set(sums) - planned):
@@ -703,6 +751,7 @@ class LedgerPlans:
         for ct, policy in plan.credits.items():
             sub.included[self._name(ct)] = policy.included_nano
             self._included(sums, sub, plan, ct, policy.included_nano, now_ms, boundary)
+        self._pools_in(sums, sub, plan, now_ms, boundary)
         self._open_allowances(sums, sub, plan, now_ms)
         if billing:
             self._billing_period(sums, sub, plan, now_ms, boundary)
@@ -714,7 +763,7 @@ class LedgerPlans:
         settled by the sidecars (a "degraded" entry per credit type, as local mode's
         ``Subscriptions.period_usage``), starts again; first the free units its gauges used
         (``_gauges`` kept them), a "free_units" entry each."""
-        for m, used, free in self._free_used:
+        for m, used, free in sorted(self._free_used):  # in the catalog's order, as local mode's
             meter = self.catalog.meters[m]
             name = self._name(meter.credit_type)
             quantity = self.catalog.format_quantity(m, used)

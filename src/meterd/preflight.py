@@ -25,7 +25,7 @@ def preflight(settings: Settings, catalog: Catalog, create: bool = False) -> Non
     check_core(settings, catalog)
     if settings.balances == "ledger":
         from meterd.leases import check_catalog
-        check_catalog(catalog)  # what ledger mode does not serve yet, as the engine refuses it
+        check_catalog(catalog.for_ledger())  # what ledger mode does not serve yet, as the engine refuses it
     check_sidecar_id(settings)
     if settings.listen.startswith("unix:") and not os.path.isdir(os.path.dirname(settings.listen[5:]) or "."):
         raise ConfigError(f"listen: cannot listen on {settings.listen}: its directory does not exist")

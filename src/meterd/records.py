@@ -86,15 +86,17 @@ def period(at_ms: int) -> bytes:
     return _head(Kind.PERIOD, at_ms)
 
 
-def reset_unplanned(core: Any) -> None:
-    """Calendar-month reset of usage for accounts without a plan (plans roll on their own periods)."""
+def reset_unplanned(core: Any, loose: int = 0) -> None:
+    """Calendar-month reset of usage for accounts without a plan (plans roll on their own periods);
+    ``loose``: the catalog's loose plan (Catalog.loose_plan), an account on which has none either."""
     for idx in range(len(core)):
-        if core.state(idx)[2] == 0:
+        plan = core.state(idx)[2]
+        if plan == 0 or (loose and plan == loose):
             core.reset_usage(idx)
 
 
-def replay(core: Any, record: bytes) -> None:
-    """Apply one record to ``core``, at the time it was first applied."""
+def replay(core: Any, record: bytes, loose: int = 0) -> None:
+    """Apply one record to ``core``, at the time it was first applied (``loose``: reset_unplanned's)."""
     try:
         kind, body = Kind(record[:1]), record[9:]
     except ValueError:
@@ -120,7 +122,7 @@ def replay(core: Any, record: bytes) -> None:
         rate, qty = _CHARGE.unpack_from(body)
         core.force_charge(core.account(body[_CHARGE.size:]), rate, qty)
     else:
-        reset_unplanned(core)
+        reset_unplanned(core, loose)
 
 
 def _replay_account(core: Any, kind: Kind, body: bytes) -> None:

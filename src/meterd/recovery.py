@@ -48,6 +48,8 @@ def new_core(settings: Settings, compiled: CompiledCatalog, accounts: int = 0) -
                          conditions)
     core.set_window(settings.usage_window_s * 1000)
     core.set_event_times(settings.event_late_max_s * 1000, settings.event_early_max_s * 1000)
+    if compiled.pools:
+        core.set_pools(list(compiled.pools))
     return core
 
 
@@ -138,7 +140,7 @@ class Recovery:
                 # not give positions back); what the log holds is all that was acknowledged.
                 log.warning("the log skips from record %d to %d; replaying what it holds", self.journal.log_pos,
                             from_u64(key))
-            records.replay(core, record)
+            records.replay(core, record, len(was.plan_names) if was.pools else 0)  # the loose plan is the last
             self.journal.log_pos = from_u64(key)
             replayed += 1
         core.set_dimension_sets_capped(True)
@@ -301,6 +303,8 @@ class Recovery:
         happens with no await in between and is committed as one snapshot
         under the new catalog, so the log never holds records of two catalogs."""
         self.journal.check_writable()
+        if self.leases is not None:
+            new = new.for_ledger()
         async with self.snapshots.exclusive():  # a snapshot of the old catalog must not land after the switch
             await self.journal.commit_with([])  # a barrier: the writer is FIFO
             self._check_reload(new)

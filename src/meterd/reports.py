@@ -161,20 +161,62 @@ class Reports:
 
     # ---- ledger mode: a second chance for what the leases could not cover ------------------
 
-    def _need(self, event: meter_pb2.UsageEvent) -> tuple[str, int, int] | None:
-        """The customer, credit type and cost of a denied event, all its quantities together
-        (None: one no lease can help)."""
+    def _held(self, event: meter_pb2.UsageEvent) -> validate.Held | None:
+        """A denied event's meters, rates and units (None: one no lease can help)."""
         parts = [(q.meter, validate.request_quantity(q)) for q in event.quantities or [event]]
+        try:
+            return validate.held_parts(self.settings, self.live, parts, event.dimensions, bool(event.quantities))
+        except MeterdError:
+            return None
+
+    def _need(self, event: meter_pb2.UsageEvent, pools: dict[tuple[str, int], int] | None = None,
+              held: validate.Held | None = None) -> tuple[str, int, int] | None:
+        """The customer, credit type and cost of a denied event, all its quantities together
+        (None: one no lease can help). With ``pools`` (what is left of the customers' pools of
+        free units, taken from as the core will): only what they do not cover is priced."""
         meter = self.live.catalog.meter_index.get(event.meter) if not event.quantities else None
         if meter is not None and self.live.catalog.meters[meter].aggregation > 1:
             # A gauge costs nothing when served (the ledger charges it at the period's end): the
             # ledger has only to know the customer.
             return event.customer_id, self.live.catalog.meters[meter].credit_type, 0
-        try:
-            held = validate.held_parts(self.settings, self.live, parts, event.dimensions, bool(event.quantities))
-        except MeterdError:
+        held = held or self._held(event)
+        if held is None:
             return None
-        return event.customer_id, held.ct, held.amount
+        if pools is None or not any(self.live.catalog.pool_of(m) >= 0 for m, _, _, _ in held.parts):
+            return event.customer_id, held.ct, held.amount
+        amount = 0
+        for m, _, rate, units in held.parts:
+            billed = self.live.catalog.meters[m].billed(units)
+            key = (event.customer_id, self.live.catalog.pool_of(m))
+            free = min(billed, pools.get(key, 0)) if key[1] >= 0 else 0
+            if key[1] >= 0:
+                pools[key] = pools.get(key, 0) - free
+            if billed > free:
+                amount += validate.event_quote(self.live, m, rate, billed - free)[1]
+        return event.customer_id, held.ct, amount
+
+    async def _pools(self, events: list[tuple[int, meter_pb2.UsageEvent]], label: str) -> tuple[set[str], set[int]]:
+        """Denied events that take free units of pools (ledger mode, ``Catalog.for_ledger``): each
+        customer's pools topped up for them all, or gathered whole where they cannot cover them.
+        Returns the customers priced past a pool this time (the loose plan) and the events whose
+        pools the ledger could not answer for in time (denied as such)."""
+        catalog, leases = self.live.catalog, self.leases
+        assert leases is not None  # for mypy: only asked in ledger mode
+        wanted: dict[tuple[str, int], int] = {}
+        of_event: dict[int, list[tuple[str, int]]] = {}
+        for i, event in events:
+            held = self._held(event)
+            for m, _, _, units in held.parts if held is not None else ():
+                pool = catalog.pool_of(m)
+                if pool >= 0:
+                    key = (event.customer_id, pool)
+                    wanted[key] = wanted.get(key, 0) + catalog.meters[m].billed(units)
+                    of_event.setdefault(i, []).append(key)
+        asked = sorted(wanted.items())
+        got = await asyncio.gather(*(leases.cover_pool(c, p, units, label) for (c, p), units in asked))
+        loose = {c for ((c, _), _), (_, short) in zip(asked, got, strict=True) if short}
+        away_keys = {key for (key, _), (ok, _) in zip(asked, got, strict=True) if ok is not Cover.COVERED}
+        return loose, {i for i, keys in of_event.items() if away_keys & set(keys)}
 
     def _after_wait(self, core: object) -> None:
         """After waiting for a lease: writes still taken, and the same catalog (a reload renumbers its meters)."""
@@ -182,14 +224,32 @@ class Reports:
         if self.live.core is not core:
             raise Unavailable("the catalog was reloaded while this call waited for its lease; retry")
 
-    async def _covered(self, event: meter_pb2.UsageEvent, tenant: Tenant | None) -> Cover:
-        """A denied event: whether a top-up of its customer's lease now covers it."""
-        need = self._need(event)
+    async def _covered(self, event: meter_pb2.UsageEvent, tenant: Tenant | None) -> tuple[Cover, set[str]]:
+        """A denied event: whether a top-up of its customer's pools of free units and lease now
+        covers it; and the customers to price past their pools when it is applied again (``_pools``)."""
         assert self.leases is not None  # for mypy: only asked in ledger mode
-        return Cover.SHORT if need is None else await self.leases.cover(*need, validate.label_of(tenant))
+        label = validate.label_of(tenant)
+        loose: set[str] = set()
+        left = None
+        if self.live.catalog.pools:
+            loose, away = await self._pools([(0, event)], label)
+            if away:
+                return Cover.UNAVAILABLE, loose
+            left = {(event.customer_id, p): self.leases.available(event.customer_id, p)
+                    for p in self.live.catalog.pools if p >= 0}
+        need = self._need(event, left)
+        return (Cover.SHORT if need is None else await self.leases.cover(*need, label)), loose
 
-    def _fall_back(self, event: meter_pb2.UsageEvent, core: object,
-                   apply: Callable[[], T]) -> tuple[T, Callable[[list[bytes]], list[Op]], int] | None:
+    def _again(self, apply: Callable[[], T], loose: set[str]) -> tuple[T, Callable[[list[bytes]], list[Op]] | None]:
+        """A denied event applied again; with ``loose`` customers on the loose plan for it (and
+        what makes the ops of its log record, between PLAN records)."""
+        if not loose:
+            return apply(), None
+        assert self.leases is not None  # for mypy: only in ledger mode
+        return self.leases.degrade(set(), apply, loose)
+
+    def _fall_back(self, event: meter_pb2.UsageEvent, core: object, apply: Callable[[], T],
+                   loose: set[str] | None = None) -> tuple[T, Callable[[list[bytes]], list[Op]], int] | None:
         """A denied event whose customer's plan has a fallback mode for its credit type: applied
         again (``apply``), served degraded unless its balance now covers it. Returns its outcome,
         what makes the ops of its log record (Leases.degrade; written even if it is still denied:
@@ -200,7 +260,7 @@ class Reports:
             return None
         self._after_wait(core)
         self.live.core.set_clock(self.clock.now_ms())
-        out, logged = self.leases.degrade({need[:2]}, apply)
+        out, logged = self.leases.degrade({need[:2]}, apply, loose or ())
         fb = self.leases.fallback(need[0], need[1])
         return out, logged, fb[2] if fb is not None else 0
 
@@ -211,29 +271,39 @@ class Reports:
         resp = meter_pb2.ReportBatchResponse.FromString(result)
         req = meter_pb2.ReportBatchRequest.FromString(data)
         retry = [d.index for d in resp.denials if d.reason != REASON_OVERFLOW]
+        leases = self.leases
+        assert leases is not None  # for mypy: only asked in ledger mode
+        label = validate.label_of(tenant)
+        # Free units first: pools topped up (or gathered whole) before what the events then cost is asked.
+        loose: set[str] = set()
+        pool_away: set[int] = set()
+        if self.live.catalog.pools:
+            loose, pool_away = await self._pools([(i, req.events[i]) for i in retry], label)
+            retry = [i for i in retry if i not in pool_away]
+        left = {(c, p): leases.available(c, p) for c in {req.events[i].customer_id for i in retry}
+                for p in self.live.catalog.pools if p >= 0} if self.live.catalog.pools else None
         needs: dict[tuple[str, int], list[int]] = {}  # the denied events' costs, summed, and the least of them
         lease_of: dict[int, tuple[str, int]] = {}       # each denied event's lease (customer, credit type)
         for i in retry:
-            need = self._need(req.events[i])
+            need = self._need(req.events[i], left)
             if need is not None:
                 lease_of[i] = need[:2]
                 n = needs.setdefault(need[:2], [0, need[2]])
                 n[0], n[1] = n[0] + need[2], min(n[1], need[2])
-        leases = self.leases
-        assert leases is not None  # for mypy: only asked in ledger mode
         # All of them if the balance allows, else what there is: part of the batch may pass. The
         # customers' top-ups go together, in one lease transaction.
         asked = sorted(needs.items())
-        label = validate.label_of(tenant)
         covered = await asyncio.gather(*(leases.cover(c, ct, total, label) for (c, ct), (total, _) in asked))
         away_leases = {key for (key, _), ok in zip(asked, covered, strict=True) if ok is Cover.UNAVAILABLE}
-        away = {i for i, key in lease_of.items() if key in away_leases}  # events denied for want of the ledger
+        # events denied for want of the ledger
+        away = {i for i, key in lease_of.items() if key in away_leases} | pool_away
         # Served degraded if still short: those the whole balance cannot cover (not those the
         # ledger did not answer for in time, nor those whose credit is at other sidecars' leases).
         falling = {key for (key, _), ok in zip(asked, covered, strict=True)
                    if ok is Cover.SHORT and leases.fallback(*key) is not None}
-        if not falling and not any(ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in
-                                   zip(asked, covered, strict=True)):
+        if not retry or (not falling and not loose and not any(
+                ok or leases.available(c, ct) >= least for ((c, ct), (_, least)), ok in zip(asked, covered,
+                                                                                         strict=True))):
             return self._unavailable(resp, away) if away else None
         self.journal.check_writable()  # events are named by their place in the batch: a reload meanwhile is harmless
         sub = meter_pb2.ReportBatchRequest(events=[req.events[i] for i in retry], details=req.details)
@@ -242,7 +312,7 @@ class Reports:
         core = self.live.core
         core.set_clock(at)
         (accepted, denied, degraded, details), logged = leases.degrade(
-            falling, lambda: core.apply_batch(sub_data, None if tenant is None else tenant.prefix))
+            falling, lambda: core.apply_batch(sub_data, None if tenant is None else tenant.prefix), loose)
         if not accepted:
             if falling:  # the accounts it opened, if any, are opened again by a replay
                 self.journal.submit_ahead(logged([]))
@@ -350,11 +420,12 @@ class Reports:
         logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
         if decision == DENY and self.leases is not None:
             event = meter_pb2.ReportRequest.FromString(data).event
-            covered = await self._covered(event, tenant)
+            covered, loose = await self._covered(event, tenant)
             if covered:
                 self._after_wait(core)
                 core.set_clock(self.clock.now_ms())
-                out = core.report_wire(data, None if tenant is None else tenant.prefix)
+                out, logged = self._again(lambda: core.report_wire(data, None if tenant is None else tenant.prefix),
+                                          loose)
                 assert out is not None  # for mypy: a key-less event stays key-less
                 decision, response = out
                 at = self.clock.now_ms()
@@ -365,7 +436,7 @@ class Reports:
                     response = answer.SerializeToString()
             if decision == DENY and covered is Cover.SHORT:  # the whole balance cannot cover it
                 fell = self._fall_back(event, core, lambda: core.report_wire(data, None if tenant is None
-                                                                             else tenant.prefix))
+                                                                             else tenant.prefix), loose)
                 if fell is not None:
                     again, logged, priority = fell
                     assert again is not None  # for mypy: a key-less event stays key-less
@@ -406,20 +477,22 @@ class Reports:
         decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
                                                                           else tenant.prefix)
         event = meter_pb2.ReportRequest.FromString(data).event if decision == DENY and self.leases is not None else None
+        loose: set[str] = set()
         if event is not None:
             async with self.idempotency.holding(key):  # a retry of this key meanwhile waits for this answer
-                covered = await self._covered(event, tenant)
+                covered, loose = await self._covered(event, tenant)
         else:
             covered = Cover.SHORT
+        logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
         if covered:
             self._after_wait(core)
             at = self.clock.now_ms()
             core.set_clock(at)
-            decision, reason, ct, cost, balance, mode, priority = core.report(data, None if tenant is None
-                                                                              else tenant.prefix)
-        logged: Callable[[list[bytes]], list[Op]] | None = None  # the ops of an event served degraded
+            (decision, reason, ct, cost, balance, mode, priority), logged = self._again(
+                lambda: core.report(data, None if tenant is None else tenant.prefix), loose)
         if decision == DENY and event is not None and covered is Cover.SHORT:  # no balance can cover it
-            fell = self._fall_back(event, core, lambda: core.report(data, None if tenant is None else tenant.prefix))
+            fell = self._fall_back(event, core, lambda: core.report(data, None if tenant is None else tenant.prefix),
+                                   loose)
             if fell is not None:
                 again, logged, hint = fell
                 at = self.clock.now_ms()

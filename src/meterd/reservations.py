@@ -225,10 +225,20 @@ class Reservations:
                      request: bytes, parts: Sequence[tuple[str, Quantity]] = ()) -> Committed | Replay:
         """Settle a reservation: its one meter's ``quantity``, or ``parts`` ((meter, quantity)
         each, as CommitRequest.quantities) of the meters it holds (a meter left out used nothing)."""
-        key, res = await self._settling(b"C", tenant, reservation_id, request,
-                                        "quantity" if quantity is not None else "quantities")
+        field = "quantity" if quantity is not None else "quantities"
+        key, res = await self._settling(b"C", tenant, reservation_id, request, field)
         if isinstance(res, Replay):
             return res
+        if self.leases is not None and self.live.catalog.pools and res.rate >= 0:
+            # Ledger mode: the plan's free units first, as on one sidecar (Leases.cover_pool); a pool
+            # the ledger does not answer for in time gives what this sidecar holds of it.
+            for (meter, _), (qty, _, _, _) in zip(res.parts(), self._billed(res, quantity, parts), strict=True):
+                pool = self.live.catalog.pool_of(meter) if meter >= 0 else -1
+                if pool >= 0 and qty > 0:
+                    await self.leases.cover_pool(res.customer_id, pool, qty, validate.label_of(tenant))
+            key, res = await self._settling(b"C", tenant, reservation_id, request, field)  # settled meanwhile?
+            if isinstance(res, Replay):
+                return res
         if res.rate < 0:
             raise NotFound("the reservation's meter, or its price for the reservation's dimensions, is no longer "
                            "in the catalog; release it")
