@@ -6,6 +6,7 @@ customer on a plan and one without (its calendar month)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from billing import ROOT
@@ -55,19 +56,28 @@ def _history(both: Both, customer: str, period: int, n: int) -> list[tuple]:
     return out
 
 
+def three_periods_and_a_cancel(both: Both, history: Callable[[Both, str, int, int], list[tuple]],
+                               sizes: tuple[int, int]) -> list[tuple]:
+    """``history`` over three credit periods of acme (the catalog's customer, on its plan from the
+    start), then part of a fourth and a cancel: the local sidecar's decisions, which the ledger-mode
+    sidecars' are the same as."""
+    decisions = []
+    for period in range(3):
+        decisions += history(both, "acme", period, sizes[0])
+        both.boundary()
+    decisions += history(both, "acme", 3, sizes[1])
+    both.set_time(both.clock.ms + 3 * 86_400_000)
+    both.both("cancel", "acme")
+    both.loop.run_until_complete(async_wait_until(lambda: both.subscription() is None, "the cancel's end"))
+    local, ledger = decisions[0::2], decisions[1::2]
+    assert ledger == local
+    return local
+
+
 def test_gauges_in_ledger_mode_give_the_same_statements(tmp_path, monkeypatch, ledger_url):
     both = Both(tmp_path, _catalog(tmp_path), ledger_url, monkeypatch)
     try:
-        decisions = []  # acme is the catalog's customer on its team plan, subscribed at the start
-        for period in range(3):
-            decisions += _history(both, "acme", period, 40)
-            both.boundary()
-        decisions += _history(both, "acme", 3, 20)
-        both.set_time(both.clock.ms + 3 * 86_400_000)
-        both.both("cancel", "acme")
-        both.loop.run_until_complete(async_wait_until(lambda: both.subscription() is None, "the cancel's end"))
-        local, ledger = decisions[0::2], decisions[1::2]
-        assert ledger == local
+        three_periods_and_a_cancel(both, _history, (40, 20))
         charged = [e for e in both.local.audit("acme") if e.kind == "gauge_charged"]
         assert {e.reference.split("=")[0] for e in charged} == {"seats", "active_users"}
         assert len(charged) == 8  # two gauges, three rolls and the cancel: charged once each, not per sidecar

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 from billing import ROOT
-from conftest import async_wait_until
-from test_ledger_gauges import _statement
+from test_ledger_gauges import _statement, three_periods_and_a_cancel
 from test_ledger_statements import SIDECARS, Both
 
 from meterd.escrow import Escrow
@@ -47,16 +46,7 @@ def _history(both: Both, customer: str, period: int, n: int) -> list[tuple]:
 def test_free_units_in_ledger_mode_give_the_same_statements(tmp_path, monkeypatch, ledger_url):
     both = Both(tmp_path, HYBRID, ledger_url, monkeypatch)
     try:
-        decisions = []
-        for period in range(3):
-            decisions += _history(both, "acme", period, 45)
-            both.boundary()
-        decisions += _history(both, "acme", 3, 15)
-        both.set_time(both.clock.ms + 3 * 86_400_000)
-        both.both("cancel", "acme")
-        both.loop.run_until_complete(async_wait_until(lambda: both.subscription() is None, "the cancel's end"))
-        local, ledger = decisions[0::2], decisions[1::2]
-        assert ledger == local
+        local = three_periods_and_a_cancel(both, _history, (45, 15))
         free = [e for e in both.local.audit("acme") if e.kind == "free_units"]
         assert len(free) == 4 and all(e.reference.startswith("gpu_seconds: ") for e in free)
         assert sum(1 for d, cost, _ in local if d == pb.DECISION_ALLOW and cost == 0) >= 8  # the free hours
