@@ -97,3 +97,33 @@ def test_a_hold_committed_takes_the_free_units_first(tmp_path, monkeypatch, ledg
             assert committed.cost_nano == 100 * 1_525_000
     finally:
         both.close()
+
+
+def test_a_running_periods_statement_has_its_free_units_so_far(tmp_path, monkeypatch, ledger_url):
+    both = Both(tmp_path, HYBRID, ledger_url, monkeypatch)
+    try:
+        for node in both.nodes[:3]:
+            for x in (both.local, node):
+                assert x.report("acme", "gpu_seconds", "1000", hardware="nvidia-l40s").decision == pb.DECISION_ALLOW
+        both.flush()  # what the sidecars spent, settled
+        running = _statement(both.nodes[0], "billing")
+        assert running == _statement(both.local, "billing")
+        assert [a["description"] for a in running["activity"] if a["section"] == "free_units"] == \
+            ["gpu_seconds: 3000.000 of 3600.000 free (this period so far)"]
+    finally:
+        both.close()
+
+
+def test_a_pool_is_not_a_balance_of_the_customers(tmp_path, monkeypatch, ledger_url):
+    """GetBalance shows the customer's credit types only; a pool cannot be granted (it is the plan's)."""
+    from meterd.errors import InvalidInput
+
+    both = Both(tmp_path, HYBRID, ledger_url, monkeypatch)
+    try:
+        node = both.nodes[0]
+        assert node.report("acme", "gpu_seconds", "10", hardware="nvidia-h100").cost_nano == 0
+        assert {b.credit_type for b in node.balance("acme").balances} == {"usd", "requests"}
+        with pytest.raises(InvalidInput, match="unknown credit type 'free/gpu_seconds'"):
+            node.grant("acme", "free/gpu_seconds", 1000)
+    finally:
+        both.close()

@@ -18,6 +18,7 @@ from meterd.housekeeping import Housekeeping
 from meterd.idempotency import Idempotency
 from meterd.journal import Journal
 from meterd.leases import Leases
+from meterd.ledger import is_pool
 from meterd.results import Adjusted, BalanceView, CreditBalance, Granted, Keyed, Replay, TermsSet
 from meterd.state import Account, Live, Subscription
 from meterd.subscriptions import SUBSCRIBE_AHEAD_MS_MAX, TERMS, Subscriptions
@@ -215,6 +216,8 @@ class Admin:
         else:
             out = BalanceView(customer_id, *month_bounds(self.housekeeping.period_start_ms or self.clock.now_ms()))
         for ct, (bal, resv, floor, *_) in enumerate(cts):
+            if is_pool(catalog.credit_types[ct].name):
+                continue  # ledger mode's pool of a plan's free units: the plan's, not a balance of the customer's
             available = min(max(bal - resv - floor, -INT64_MAX), INT64_MAX)
             grants = self.grants.allocated(acct.buckets.get(ct, []), bal)
             lease = self.leases.view(customer_id, ct) if self.leases is not None else None

@@ -25,6 +25,7 @@ from meterd.catalog import Catalog, step_nano
 from meterd.clock import Clock
 from meterd.errors import InvalidInput
 from meterd.journal import Journal
+from meterd.ledger import is_pool
 from meterd.records import Kind
 from meterd.state import HELD, Account, Accounts, Bucket, Live
 from meterd.store import Op, Store, from_u64, u64
@@ -232,7 +233,7 @@ class Grants:
     def credit_type(self, name: str, amount_nano: int) -> int:
         catalog = self.live.catalog
         ct = catalog.credit_index.get(name)
-        if ct is None:
+        if ct is None or is_pool(name):  # a pool of a plan's free units (ledger mode): the plan's, granted by it
             raise InvalidInput("credit_type", f"unknown credit type {name[:NAME_ECHO_CHARS]!r}")
         credit = catalog.credit_types[ct]
         if amount_nano % step_nano(credit):

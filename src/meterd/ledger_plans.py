@@ -294,11 +294,18 @@ class LedgerPlans:
             out = []
             charged = dict(self.escrow._rows("SELECT meter, charged_to_ms FROM meterd_gauges WHERE customer_id = ?",
                                              (customer_id,)))
+            used_of: dict[int, int] = {}
             for m in self._gauge_meters():
                 meter = self.catalog.meters[m]
                 free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision)
-                used = min(self._gauge_value(customer_id, m, int(charged[meter.name]), NEVER_MS), free) \
+                used_of[m] = min(self._gauge_value(customer_id, m, int(charged[meter.name]), NEVER_MS), free) \
                     if free and meter.name in charged else 0
+            for name, (m, free) in self._pools(plan).items():  # as settled so far
+                used_of[m] = min(free, sum(b.consumed for b in self.escrow._buckets(
+                    customer_id, name, "period_n = ?", (sub.n,)) if b.source in PERIOD_SOURCES))
+            for m, used in sorted(used_of.items()):  # in the catalog's order, as local mode's
+                meter = self.catalog.meters[m]
+                free = int(plan.free_units.get(meter.name, 0) * 10**meter.precision)
                 if used > 0:
                     quantity = self.catalog.format_quantity(m, used)
                     out.append(("free_units", self._name(meter.credit_type), 0,
