@@ -202,7 +202,9 @@ def test_a_tenants_huge_gauge_does_not_stop_the_other_customers_rolls(tmp_path, 
         both.clock.ms = sub.end_ms + PERIOD_CLOSE_GRACE_MS + 1
         both.loop.run_until_complete(async_wait_until(lambda: both.subscription().n == sub.n + 1,
                                                       "acme's idle period rolled by a heartbeat", 10))
-        # evil's month is charged the most one charge takes (logged), owed beyond its balance
+        # evil's month is charged the most one charge takes (logged), owed beyond its balance: by the
+        # same heartbeat's gauge sweep, which runs after its rolls
+        both.loop.run_until_complete(async_wait_until(lambda: _entries(ledger_url, "evil"), "evil's month charged", 10))
         assert [a for _, a, _ in _entries(ledger_url, "evil")] == [-GAUGE_CHARGE_MAX_NANO]
         with Ledger(ledger_url) as lg:
             assert Escrow(lg).check() == []
