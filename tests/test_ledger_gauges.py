@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from billing import ROOT
+from billing import ROOT, Billing
 from conftest import async_wait_until
 from test_ledger_statements import SIDECARS, Both, _statement
 
@@ -32,28 +32,34 @@ def _catalog(tmp: Path) -> Path:
     return path
 
 
-def _history(both: Both, customer: str, period: int, n: int) -> list[tuple]:
-    """``n`` events of four meters, each to the local sidecar and to the next ledger-mode sidecar:
-    seats reported by every sidecar (the period's most at one of them), users that come back at
-    other sidecars, tokens and requests that spend the credits."""
+def spread(both: Both, n: int, event: Callable[[Billing, int], pb.ReportResponse]) -> list[tuple]:
+    """``n`` events (``event(sidecar, i)``), each to the local sidecar and to the next ledger-mode
+    sidecar, settled every ten: (decision, cost, mode) of each, local then ledger."""
     out = []
     for i in range(n):
         node = both.nodes[both.sent % SIDECARS]
         both.sent += 1
-        kind = i % 4
         for x in (both.local, node):
-            if kind == 0:
-                r = x.report(customer, "seats", 2 + (i * 7 + period) % 9)
-            elif kind == 1:
-                r = x.report(customer, "active_users", 1, user=f"u{(i * 5 + period) % 11}")
-            elif kind == 2:
-                r = x.report(customer, "input_tokens", 400_000, model="gpt-4o")
-            else:
-                r = x.report(customer, "requests", 3, model="o1")
+            r = event(x, i)
             out.append((r.decision, r.cost_nano, r.mode))
         if i % 10 == 9 or i == n - 1:
             both.settle()
     return out
+
+
+def _history(both: Both, customer: str, period: int, n: int) -> list[tuple]:
+    """``n`` events of four meters: seats reported by every sidecar (the period's most at one of
+    them), users that come back at other sidecars, tokens and requests that spend the credits."""
+    def event(x: Billing, i: int) -> pb.ReportResponse:
+        kind = i % 4
+        if kind == 0:
+            return x.report(customer, "seats", 2 + (i * 7 + period) % 9)
+        if kind == 1:
+            return x.report(customer, "active_users", 1, user=f"u{(i * 5 + period) % 11}")
+        if kind == 2:
+            return x.report(customer, "input_tokens", 400_000, model="gpt-4o")
+        return x.report(customer, "requests", 3, model="o1")
+    return spread(both, n, event)
 
 
 def three_periods_and_a_cancel(both: Both, history: Callable[[Both, str, int, int], list[tuple]],

@@ -90,6 +90,10 @@ class Meter:
         """A quantity (smallest units) as it is billed: rounded up to the increment."""
         return -(-quantity // self.increment) * self.increment
 
+    def event_units(self, quantity: int) -> int:
+        """What a reported event counts as in the core: one, for a count meter; else ``billed``."""
+        return 1 if AGGREGATIONS[self.aggregation] == "count" else self.billed(quantity)
+
     @property
     def defaults(self) -> tuple[str | None, ...]:
         return self.dimension_defaults or (None,) * len(self.price_dimensions)

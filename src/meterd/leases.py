@@ -529,8 +529,11 @@ class Leases:
         h.plan, h.degraded_central, h.degraded_settled = g.plan, g.degraded_nano, g.degraded_total_nano
         h.seen_ms = self.clock.now_ms()
         out = self._took_in(customer_id, ct, h, g, allowance_changed)
-        # after the credit is in (the account may be opened by it)
-        return out + (self._plan_ops(customer_id) if self.live.catalog.pools and g.plan != plan_was else [])
+        if not self.live.catalog.pools or g.plan == plan_was:
+            return out
+        if plan_was is not None:
+            self.spent.pop(customer_id, None)  # another plan: its pools are not known to be spent
+        return out + self._plan_ops(customer_id)  # after the credit is in (the account may be opened by it)
 
     def _took_in(self, customer_id: str, ct: int, h: Held, g: LeaseGrant, allowance_changed: bool) -> list[Op]:
         if g.granted_nano:
@@ -628,6 +631,10 @@ class Leases:
         covered = await self.cover(customer_id, ct, units, label)
         for _ in range(POOL_GATHERS_MAX):
             if covered is not Cover.SHORT:
+                return covered, False
+            if customer_id not in self.of_customer:
+                # No lease of the customer here, so not known to exist: its credit's cover says (a customer
+                # the ledger does not know is denied as such, not priced past a pool).
                 return covered, False
             h = self.held.get((customer_id, ct))
             have = self.available(customer_id, ct)

@@ -186,7 +186,7 @@ class Reports:
             return event.customer_id, held.ct, held.amount
         amount = 0
         for m, _, rate, units in held.parts:
-            billed = self.live.catalog.meters[m].billed(units)
+            billed = self.live.catalog.meters[m].event_units(units)
             key = (event.customer_id, self.live.catalog.pool_of(m))
             free = min(billed, pools.get(key, 0)) if key[1] >= 0 else 0
             if key[1] >= 0:
@@ -210,12 +210,12 @@ class Reports:
                 pool = catalog.pool_of(m)
                 if pool >= 0:
                     key = (event.customer_id, pool)
-                    wanted[key] = wanted.get(key, 0) + catalog.meters[m].billed(units)
+                    wanted[key] = wanted.get(key, 0) + catalog.meters[m].event_units(units)
                     of_event.setdefault(i, []).append(key)
         asked = sorted(wanted.items())
         got = await asyncio.gather(*(leases.cover_pool(c, p, units, label) for (c, p), units in asked))
         loose = {c for ((c, _), _), (_, short) in zip(asked, got, strict=True) if short}
-        away_keys = {key for (key, _), (ok, _) in zip(asked, got, strict=True) if ok is not Cover.COVERED}
+        away_keys = {key for (key, _), (ok, _) in zip(asked, got, strict=True) if ok is Cover.UNAVAILABLE}
         return loose, {i for i, keys in of_event.items() if away_keys & set(keys)}
 
     def _after_wait(self, core: object) -> None:
